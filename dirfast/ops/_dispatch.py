@@ -1,0 +1,158 @@
+"""The one place that picks a backend for an op call.
+
+Backends:
+
+* ``"reference"`` -- :mod:`dirfast.reference`, pure PyTorch, called directly; runs anywhere.
+* ``"cpp"`` -- the C++ CPU kernels registered for the ``CPU`` key of the ``dirfast::`` ops.
+* ``"cuda"`` -- the CUDA C++ kernels registered for the ``CUDA`` key of the same ops.
+* ``"triton"`` -- the ``dirfast::triton_<op>`` ops of :mod:`dirfast.triton` (CUDA tensors, or
+  any tensor under ``TRITON_INTERPRET=1``), imported on first use.
+* ``"auto"`` (the default) -- per device: on CPU the C++ kernels when built, on CUDA whichever
+  of CUDA C++ and Triton :data:`CUDA_PREFERENCE` lists first among the available ones; else
+  the ``dirfast::`` op itself, whose composite kernel is the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .. import _ext, reference
+from ._library import has_device_kernel, op_overload
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+OPS = ("bin_stats", "smooth_bins", "calibrate")
+
+# On a CUDA tensor, "auto" takes the first available backend of this list for each op.
+# The CUDA and Triton kernel issues measure both and record the order here.
+CUDA_PREFERENCE = {op: ("cuda", "triton") for op in OPS}
+
+_selected = "auto"
+
+
+def _triton_reason() -> str:
+    """Why the Triton backend cannot run here ("" when it can)."""
+    from .. import triton as dirfast_triton  # lazy: Triton is optional
+
+    return dirfast_triton.unavailable_reason()
+
+
+def _cpp_reason() -> str:
+    if _ext.EXTENSION is None:
+        return _ext.EXTENSION_REASON
+    missing = [op for op in OPS if not has_device_kernel(op, "CPU")]
+    if missing:
+        return f"dirfast._C has no C++ CPU kernel for {', '.join(missing)}"
+    return ""
+
+
+def _cuda_reason() -> str:
+    if _ext.EXTENSION is None:
+        return _ext.EXTENSION_REASON
+    if not _ext.cuda_compiled():
+        return "dirfast._C was built without CUDA kernels (nvcc not found at build time)"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible to torch"
+    return ""
+
+
+_REASONS: dict = {}  # availability cannot change within a process: work it out once
+
+
+def _reason(name: str) -> str:
+    """Why backend ``name`` cannot run here ("" when it can)."""
+    if name not in _REASONS:
+        finders = {"reference": lambda: "", "cpp": _cpp_reason, "cuda": _cuda_reason}
+        _REASONS[name] = finders.get(name, _triton_reason)()
+    return _REASONS[name]
+
+
+def backends() -> dict:
+    """What each backend can do on this machine.
+
+    Returns a dict from backend name (``"reference"``, ``"cpp"``, ``"triton"``, ``"cuda"``) to a
+    dict with ``available`` (usable now) and ``reason`` (why not, ``""`` when available); the
+    ``"cuda"`` entry also has ``compiled`` (CUDA kernels were built into the extension).
+    """
+    report = {}
+    for name in BACKENDS:
+        reason = _reason(name)
+        report[name] = {"available": not reason, "reason": reason}
+    report["cuda"]["compiled"] = _ext.cuda_compiled()
+    return report
+
+
+def _check_name(name) -> str:
+    if name not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    if name != "auto":
+        reason = _reason(name)
+        if reason:
+            raise RuntimeError(f"dirfast backend {name!r} is not available: {reason}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Select the backend used by every dirfast op from now on (``"auto"`` by default).
+
+    Raises ValueError for an unknown name and RuntimeError, with the reason, for a backend that
+    cannot run on this machine.
+    """
+    global _selected
+    _selected = _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend selected with :func:`set_backend` or :func:`use_backend`."""
+    return _selected
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Context manager: run the enclosed code with backend ``name``, then restore the previous."""
+    global _selected
+    previous, _selected = _selected, _check_name(name)
+    try:
+        yield name
+    finally:
+        _selected = previous
+
+
+def _on_cpu_allowed_for_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def kernel(op: str, device: torch.device):
+    """The callable that runs ``op`` on ``device`` under the selected backend."""
+    name = _selected
+    if name == "reference":
+        return getattr(reference, op)
+    if name == "auto":
+        if device.type == "cuda":
+            for candidate in CUDA_PREFERENCE[op]:
+                if not _reason(candidate):
+                    return kernel_of(candidate, op)
+        return op_overload(op)  # C++ CPU kernel when built, else the reference composite
+    if name == "cpp" and device.type != "cpu":
+        raise RuntimeError(f"dirfast backend 'cpp' runs on CPU tensors, got a tensor on {device}")
+    if name == "cuda" and device.type != "cuda":
+        raise RuntimeError(f"dirfast backend 'cuda' runs on CUDA tensors, got a tensor on {device}")
+    if name == "triton" and device.type != "cuda" and not _on_cpu_allowed_for_triton():
+        raise RuntimeError(
+            f"dirfast backend 'triton' runs on CUDA tensors (or any tensor with TRITON_INTERPRET=1), "
+            f"got a tensor on {device}"
+        )
+    return kernel_of(name, op)
+
+
+def kernel_of(name: str, op: str):
+    """The callable of backend ``name`` for ``op``, whatever the selection."""
+    if name == "reference":
+        return getattr(reference, op)
+    if name == "triton":
+        from .. import triton as dirfast_triton  # noqa: F401  (registers dirfast::triton_<op>)
+
+        return op_overload("triton_" + op)
+    return op_overload(op)

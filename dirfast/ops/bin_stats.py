@@ -1,0 +1,41 @@
+"""``dirfast::bin_stats``: per-bin count, mean and unbiased variance of feature rows."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from . import _checks, _dispatch
+from ._library import qualname, register_fallback
+
+OP = "bin_stats"
+
+register_fallback(OP, reference.bin_stats)
+
+
+@torch.library.register_fake(qualname(OP))
+def _fake(x, bin_idx, num_bins):
+    acc = reference.accumulate_dtype(x.dtype)
+    count = x.new_empty((num_bins,), dtype=torch.int64)
+    mean = x.new_empty((num_bins, x.shape[1]), dtype=acc)
+    return count, mean, torch.empty_like(mean)
+
+
+def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
+    """Count, mean and unbiased variance of the rows of ``x`` in each of ``num_bins`` bins.
+
+    Args:
+        x: features, ``[N, D]``, or dense ``[B, C, *spatial]`` with the features along dim 1.
+        bin_idx: int64/int32 bin of each row, ``[N]`` or ``[B, *spatial]``. An index outside
+            ``[0, num_bins)`` (such as -1) selects no bin and its row is ignored.
+        num_bins: the number of bins ``B`` (passed, never derived from the data, so nothing
+            waits on the GPU).
+
+    Returns:
+        ``(count, mean, var)``: int64 ``[B]``, and ``[B, D]`` in float32 (float64 for float64
+        ``x``). The variance is unbiased, and 0 where a bin holds fewer than two rows; the mean
+        is 0 in an empty bin.
+    """
+    _checks.features_and_bins(x, bin_idx)
+    _checks.num_bins(num_bins)
+    return _dispatch.kernel(OP, x.device)(x, bin_idx, num_bins)

@@ -1,0 +1,58 @@
+"""``dirfast::calibrate``: FDS whitening and re-colouring of each row with its bin's statistics."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import reference
+from . import _checks, _dispatch
+from ._library import op_overload, qualname, register_fallback
+
+OP = "calibrate"
+
+register_fallback(OP, reference.calibrate)
+
+
+@torch.library.register_fake(qualname(OP))
+def _fake(x, bin_idx, m1, v1, m2, v2, clip_min=0.1, clip_max=10.0):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bin_idx, m1, v1, m2, v2, clip_min, clip_max = inputs
+    ctx.save_for_backward(bin_idx, m1, v1, m2, v2)
+    ctx.clips = (clip_min, clip_max)
+
+
+def _backward(ctx, grad):
+    # calibrate is y = x * s[b] + t[b], so dy/dx = s[b]: the same op with both means at zero
+    # multiplies by s alone, with the same rules for rows and dimensions left unchanged.
+    bin_idx, m1, v1, m2, v2 = ctx.saved_tensors
+    zeros = torch.zeros_like(m1)
+    grad_x = op_overload(OP)(grad, bin_idx, zeros, v1, zeros, v2, *ctx.clips)
+    return grad_x, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd(qualname(OP), _backward, setup_context=_setup_context)
+
+
+def calibrate(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float = 10.0):
+    """Whiten each row with its bin's ``(m1, v1)`` and re-colour it with ``(m2, v2)``.
+
+    For a row in bin ``b``: ``(x - m1[b]) * sqrt(clamp(v2[b] / v1[b], clip_min, clip_max)) +
+    m2[b]``, with the published zero-variance rules: a bin whose ``v1`` sums below 1e-10 leaves
+    its rows unchanged, and dimensions where ``v1 == 0`` are left unchanged. Rows whose index is
+    outside ``[0, B)`` are returned unchanged. The statistics are ``[B, D]`` tensors; the
+    arithmetic is float32 (float64 for float64 statistics) and the result has the dtype and
+    shape of ``x``. Differentiable in ``x``.
+    """
+    dim = _checks.features_and_bins(x, bin_idx)
+    _checks.tensor("m1", m1)
+    if m1.dim() != 2:
+        raise ValueError(f"m1 must be [B, D], got shape {tuple(m1.shape)}")
+    for name, table in (("m1", m1), ("v1", v1), ("m2", m2), ("v2", v2)):
+        _checks.bin_table(name, table, (m1.shape[0], dim), x.device)
+    if not 0 <= clip_min <= clip_max:
+        raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, "
+                         f"got {clip_min} and {clip_max}")
+    return _dispatch.kernel(OP, x.device)(x, bin_idx, m1, v1, m2, v2, float(clip_min), float(clip_max))

@@ -1,0 +1,17 @@
+"""The schemas of the ``dirfast`` ops: defined here once.
+
+This file is plain Python with no imports on purpose: ``setup.py`` reads it to generate
+the C++ header that registers the same schemas with ``TORCH_LIBRARY`` in ``dirfast._C``,
+and :mod:`dirfast.ops` defines them from Python when the extension is not built.
+"""
+
+NAMESPACE = "dirfast"
+
+SCHEMAS = {
+    "bin_stats": "bin_stats(Tensor x, Tensor bin_idx, int num_bins) -> (Tensor, Tensor, Tensor)",
+    "smooth_bins": "smooth_bins(Tensor stats, Tensor window, str padding=\"reflect\") -> Tensor",
+    "calibrate": (
+        "calibrate(Tensor x, Tensor bin_idx, Tensor m1, Tensor v1, Tensor m2, Tensor v2, "
+        "float clip_min=0.1, float clip_max=10.0) -> Tensor"
+    ),
+}

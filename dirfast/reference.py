@@ -1,0 +1,157 @@
+"""Pure-PyTorch definitions of the three dirfast ops.
+
+These are the oracle the compiled and Triton kernels are tested against, and the fallback
+on any device where no kernel is built. They are vectorised (no Python loop over bins or
+samples) and numerically careful, but make no attempt at the single-pass speed of the kernels.
+
+Shapes: ``x`` is ``[N, D]`` with ``bin_idx`` ``[N]``, or dense ``[B, C, *spatial]`` with
+``bin_idx`` ``[B, *spatial]`` (features along dim 1, as in depth maps). An index outside
+``[0, num_bins)`` selects no bin: that row is ignored by :func:`bin_stats` and left unchanged
+by :func:`calibrate`. Arguments are validated by :mod:`dirfast.ops`, not here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["bin_stats", "smooth_bins", "calibrate", "accumulate_dtype", "PADDINGS"]
+
+PADDINGS = ("reflect", "constant", "replicate")
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype statistics are kept in: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[rows, D]``. Dense input is moved to channels-last, which copies unless the
+    tensor is already channels-last: fine for the oracle, which the kernels avoid."""
+    if x.dim() == 2:
+        return x
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def _bin_rows(bin_idx: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Flattened bin indices with every out-of-range index sent to a spare bin ``num_bins``."""
+    idx = bin_idx.reshape(-1).long()
+    return torch.where((idx >= 0) & (idx < num_bins), idx, num_bins)
+
+
+def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
+    """Per-bin count, mean and unbiased variance of the rows of ``x``.
+
+    Returns ``(count int64 [num_bins], mean [num_bins, D], var [num_bins, D])``. The variance is
+    0 where a bin holds fewer than two rows, the mean 0 where it holds none.
+
+    Uses the corrected two-pass algorithm (Chan, Golub and LeVeque): a first pass for the mean,
+    then sums of the deviations ``d`` and of ``d**2``; ``var = (S2 - S1**2 / n) / (n - 1)``
+    cancels the error of the first-pass mean, so float32 keeps its accuracy even when a bin's
+    mean is thousands of times its standard deviation.
+    """
+    acc = accumulate_dtype(x.dtype)
+    rows = _rows(x).to(acc)
+    idx = _bin_rows(bin_idx, num_bins)
+    dim = rows.shape[1]
+
+    count = torch.zeros(num_bins + 1, dtype=torch.int64, device=x.device)
+    count.index_add_(0, idx, torch.ones_like(idx))
+    n = count.to(acc).unsqueeze(1)
+
+    total = torch.zeros(num_bins + 1, dim, dtype=acc, device=x.device).index_add_(0, idx, rows)
+    mean0 = total / n.clamp(min=1)
+    dev = rows - mean0[idx]
+    s1 = torch.zeros_like(total).index_add_(0, idx, dev)
+    s2 = torch.zeros_like(total).index_add_(0, idx, dev * dev)
+
+    mean = mean0 + s1 / n.clamp(min=1)
+    var = ((s2 - s1 * s1 / n.clamp(min=1)) / (n - 1).clamp(min=1)).clamp(min=0)
+    var = torch.where(n > 1, var, torch.zeros_like(var))
+    return count[:num_bins], mean[:num_bins], var[:num_bins]
+
+
+def padded_indices(num_bins: int, ks: int, padding: str, device=None):
+    """``[num_bins, ks]`` source bins of each window tap, and whether the tap is inside.
+
+    Tap ``k`` of output bin ``b`` reads bin ``b + k - h``. Outside the range: ``"reflect"``
+    mirrors without repeating the edge (``torch.nn.functional.pad``), as often as needed when the
+    window is wider than the bins; ``"replicate"`` repeats the edge; ``"constant"`` reads zero.
+    """
+    h = (ks - 1) // 2
+    j = torch.arange(num_bins, device=device).unsqueeze(1) + torch.arange(ks, device=device) - h
+    inside = (j >= 0) & (j < num_bins)
+    if padding == "reflect":
+        if num_bins == 1:
+            j = torch.zeros_like(j)
+        else:
+            period = 2 * (num_bins - 1)
+            j = torch.remainder(j, period)
+            j = torch.where(j >= num_bins, period - j, j)
+    else:
+        j = j.clamp(0, num_bins - 1)
+    return j, inside
+
+
+def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "reflect") -> torch.Tensor:
+    """Convolve ``stats`` (``[B]`` or ``[B, D]``) with ``window`` along the bin axis.
+
+    ``out[b] = sum_k window[k] * stats[b + k - h]`` (a correlation, as ``F.conv1d``; the DIR
+    windows are symmetric, so it is also scipy's convolution). The taps are summed in the order
+    scipy.ndimage uses (centre first, then mirrored pairs from the outside in, each pair added
+    before it is weighted when the window is symmetric there), so LDS reproduces scipy's
+    float64 results bit for bit, which its integer truncation quirk depends on.
+    """
+    num_bins, ks = stats.shape[0], window.shape[0]
+    h = (ks - 1) // 2
+    w = window.to(device=stats.device, dtype=stats.dtype)
+    src, inside = padded_indices(num_bins, ks, padding, stats.device)
+    taps = stats[src]  # [B, ks] or [B, ks, D]
+    if padding == "constant":
+        mask = inside if stats.dim() == 1 else inside.unsqueeze(-1)
+        taps = torch.where(mask, taps, torch.zeros((), dtype=stats.dtype, device=stats.device))
+    # scipy treats the window as symmetric where mirrored taps differ by at most DBL_EPSILON.
+    w64 = window.to(device=stats.device, dtype=torch.float64)
+    symmetric = (w64[:h].flip(0) - w64[h + 1:]).abs() <= 2.0 ** -52
+    out = taps[:, h] * w[h]
+    for j in range(h, 0, -1):  # a loop over window taps (a handful), never over bins
+        left, right = taps[:, h - j], taps[:, h + j]
+        paired = (left + right) * w[h + j]
+        separate = left * w[h - j] + right * w[h + j]
+        out = out + torch.where(symmetric[j - 1], paired, separate)
+    return out
+
+
+def scale_shift(m1, v1, m2, v2, clip_min: float, clip_max: float, acc=None):
+    """Per-bin ``(s, t)`` with ``calibrate(x) = x * s + t``, the published rules included.
+
+    ``s = sqrt(clamp(v2 / v1, clip_min, clip_max))`` and ``t = m2 - m1 * s``; a bin whose
+    ``v1`` sums below 1e-10 is left alone (``s = 1, t = 0``), and so is every dimension where
+    ``v1 == 0``.
+    """
+    acc = acc or accumulate_dtype(m1.dtype)
+    m1, v1, m2, v2 = (t.to(acc) for t in (m1, v1, m2, v2))
+    keep = (v1.sum(dim=1, keepdim=True) < 1e-10) | (v1 == 0)
+    s = torch.sqrt(torch.clamp(v2 / torch.where(keep, torch.ones_like(v1), v1), clip_min, clip_max))
+    s = torch.where(keep, torch.ones_like(s), s)
+    t = torch.where(keep, torch.zeros_like(m1), m2 - m1 * s)
+    return s, t
+
+
+def calibrate(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float = 10.0):
+    """Whiten each row with its bin's ``(m1, v1)`` and re-colour it with ``(m2, v2)``.
+
+    Differentiable in ``x`` through ordinary autograd. Rows whose index selects no bin are
+    returned unchanged.
+    """
+    num_bins = m1.shape[0]
+    acc = torch.promote_types(accumulate_dtype(x.dtype), accumulate_dtype(m1.dtype))
+    s, t = scale_shift(m1, v1, m2, v2, clip_min, clip_max, acc)
+    # One identity row for indices outside [0, num_bins).
+    s = torch.cat([s, torch.ones_like(s[:1])])
+    t = torch.cat([t, torch.zeros_like(t[:1])])
+    idx = _bin_rows(bin_idx, num_bins).reshape(bin_idx.shape)
+    if x.dim() == 2:
+        s_rows, t_rows = s[idx], t[idx]
+    else:  # dense: gather [B, *spatial, C] and move C next to the batch axis (views only)
+        s_rows, t_rows = s[idx].movedim(-1, 1), t[idx].movedim(-1, 1)
+    return (x.to(s.dtype) * s_rows + t_rows).to(x.dtype)
