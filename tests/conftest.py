@@ -1,0 +1,32 @@
+"""pytest configuration shared by every test module.
+
+Order matters here: the Triton interpreter switch must be set before anything imports triton,
+so this module sets it first, and only asks torch whether a GPU is there (no CUDA work).
+"""
+
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    # Lets the Triton backend run (slowly, on small sizes) on a machine without a GPU.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_TESTS)
+for _path in (_ROOT, _TESTS):  # `benchmarks` (and `tests`) from the root; `testing`, `oracle` here
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    """Every test starts and ends on the default backend, whatever it selected."""
+    import dirfast
+
+    dirfast.set_backend("auto")
+    yield
+    dirfast.set_backend("auto")

@@ -1,0 +1,375 @@
+"""An independent, deliberately plain implementation of ../shared/SPEC.md.
+
+Written from the SPEC (and the published code it describes), with Python loops wherever a loop
+reads more clearly than a vectorised expression: it is the definition of correctness for the
+tests, not a fast path. Nothing here imports dirfast.
+
+The published FDS module itself (update_running_stats / update_last_epoch_stats / smooth, with
+the snapshot aliasing quirk) is not rewritten here: tests import ``PublishedFDS`` and
+``published_calibrate_mean_var`` from ``benchmarks.published``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import convolve1d, gaussian_filter1d
+from scipy.signal.windows import triang
+from scipy.stats import gmean
+
+from benchmarks.published import published_calibrate_mean_var
+
+
+# ============================================================================ kernel windows
+def lds_window(kernel: str, ks: int, sigma: float) -> np.ndarray:
+    """The published LDS ``get_lds_kernel_window`` (max-normalised; triang as scipy gives it)."""
+    assert kernel in ["gaussian", "triang", "laplace"]
+    half_ks = (ks - 1) // 2
+    if kernel == "gaussian":
+        base_kernel = [0.0] * half_ks + [1.0] + [0.0] * half_ks
+        kernel_window = gaussian_filter1d(base_kernel, sigma=sigma) / max(gaussian_filter1d(base_kernel, sigma=sigma))
+    elif kernel == "triang":
+        kernel_window = triang(ks)
+    else:
+        laplace = lambda x: np.exp(-abs(x) / sigma) / (2.0 * sigma)  # noqa: E731
+        values = [laplace(k) for k in range(-half_ks, half_ks + 1)]
+        kernel_window = np.array(values) / max(values)
+    return np.asarray(kernel_window, dtype=np.float64)
+
+
+def fds_window(kernel: str, ks: int, sigma: float) -> np.ndarray:
+    """The published FDS window: the same three shapes, normalised by their sum (float64 here;
+    the published module builds the gaussian from a float32 delta and stores float32)."""
+    assert kernel in ["gaussian", "triang", "laplace"]
+    half_ks = (ks - 1) // 2
+    if kernel == "gaussian":
+        base = np.array([0.0] * half_ks + [1.0] + [0.0] * half_ks)
+        w = gaussian_filter1d(base, sigma=sigma)
+    elif kernel == "triang":
+        w = triang(ks)
+    else:
+        w = np.array([np.exp(-abs(k) / sigma) / (2.0 * sigma) for k in range(-half_ks, half_ks + 1)])
+    return np.asarray(w, dtype=np.float64) / np.sum(w)
+
+
+# ============================================================================ binning
+def integer_bin(label, num_bins: int) -> int:
+    """SPEC: ``b(y) = min(B - 1, int(y))``; dirfast additionally clamps below at 0."""
+    return max(0, min(num_bins - 1, int(label)))
+
+
+def histogram_edges(low: float, high: float, num_bins: int, dtype=np.float64) -> np.ndarray:
+    """numpy's histogram edges for labels of ``dtype`` (float32 labels give float32 edges)."""
+    return np.histogram(np.array([], dtype=dtype), bins=num_bins, range=(low, high))[1]
+
+
+def edges_bin(label, edges: np.ndarray) -> int:
+    """The published rule: the first edge strictly greater than ``y``, minus 1; ``y`` equal to
+    the last edge goes to the last bin. Out-of-range labels are clamped (dirfast's choice)."""
+    num_bins = len(edges) - 1
+    if label == edges[-1]:
+        return num_bins - 1
+    greater = [i for i, e in enumerate(edges) if e > label]
+    if not greater:
+        return num_bins - 1
+    return min(max(greater[0] - 1, 0), num_bins - 1)
+
+
+# ============================================================================ LDS (published)
+def published_prepare_integer(labels, reweight, max_target=121, lds=False, lds_kernel="gaussian",
+                              lds_ks=5, lds_sigma=2, clip=(5, 1000)):
+    """The AgeDB-DIR / IMDB-WIKI-DIR ``_prepare_weights``, step by step.
+
+    Returns a dict with ``counts`` (c), ``effective`` (e, the array the weights index) and
+    ``weights`` (float32 array, or None for reweight="none").
+    """
+    assert reweight in {"none", "inverse", "sqrt_inv"}
+    assert reweight != "none" if lds else True, "Set reweight to 'sqrt_inv' or 'inverse' when using LDS"
+
+    value_dict = {x: 0 for x in range(max_target)}
+    for label in labels:
+        value_dict[min(max_target - 1, int(label))] += 1
+    counts = np.array([value_dict[k] for k in range(max_target)], dtype=np.int64)
+    if reweight == "sqrt_inv":
+        value_dict = {k: np.sqrt(v) for k, v in value_dict.items()}
+    elif reweight == "inverse":
+        value_dict = {k: np.clip(v, clip[0], clip[1]) for k, v in value_dict.items()}
+    num_per_label = [value_dict[min(max_target - 1, int(label))] for label in labels]
+    effective = np.asarray([v for _, v in value_dict.items()])
+    if not len(num_per_label) or reweight == "none":
+        return dict(counts=counts, effective=effective, weights=None)
+
+    if lds:
+        window = lds_window(lds_kernel, lds_ks, lds_sigma)
+        # int64 input -> int64 output: the truncation quirk of SPEC.md
+        smoothed_value = convolve1d(np.asarray([v for _, v in value_dict.items()]), weights=window, mode="constant")
+        num_per_label = [smoothed_value[min(max_target - 1, int(label))] for label in labels]
+        effective = smoothed_value
+
+    weights = [np.float32(1 / x) for x in num_per_label]
+    scaling = len(weights) / np.sum(weights)
+    weights = [scaling * x for x in weights]
+    return dict(counts=counts, effective=effective, weights=np.asarray(weights).astype(np.float32))
+
+
+def published_lds_weights_integer(labels, reweight="sqrt_inv", max_target=121, lds=False,
+                                  lds_kernel="gaussian", lds_ks=5, lds_sigma=2):
+    return published_prepare_integer(labels, reweight, max_target, lds, lds_kernel, lds_ks, lds_sigma)["weights"]
+
+
+def published_prepare_stsb(targs, reweight, lds=False, lds_kernel="gaussian", lds_ks=5, lds_sigma=2, bins=50):
+    """The STS-B-DIR ``load_tsv`` weights: np.histogram over [0, 5] with ``bins`` bins on the
+    labels as given (the published loader makes them np.float32), no clip for inverse."""
+    assert reweight in {"inverse", "sqrt_inv"}
+    targs = list(targs)
+    value_lst, bins_edges = np.histogram(targs, bins=bins, range=(0.0, 5.0))
+    counts = np.asarray(value_lst, dtype=np.int64)
+
+    def get_bin_idx(label):
+        if label == 5.0:
+            return bins - 1
+        else:
+            return np.where(bins_edges > label)[0][0] - 1
+
+    if reweight == "sqrt_inv":
+        value_lst = [np.sqrt(x) for x in value_lst]
+    num_per_label = [value_lst[get_bin_idx(label)] for label in targs]
+    effective = np.asarray(value_lst)
+
+    if lds:
+        window = lds_window(lds_kernel, lds_ks, lds_sigma)
+        smoothed_value = convolve1d(value_lst, weights=window, mode="constant")
+        num_per_label = [smoothed_value[get_bin_idx(label)] for label in targs]
+        effective = smoothed_value
+
+    weights = [np.float32(1 / x) for x in num_per_label]
+    scaling = len(weights) / np.sum(weights)
+    weights = [scaling * x for x in weights]
+    return dict(counts=counts, effective=effective, weights=np.asarray(weights).astype(np.float32),
+                bin_idx=np.array([get_bin_idx(t) for t in targs]))
+
+
+# ============================================================================ op oracles
+def _rows(x: torch.Tensor, bin_idx: torch.Tensor):
+    """``[N, D]`` rows and ``[N]`` indices; dense ``[B, C, *S]`` becomes ``[B * prod(S), C]``."""
+    if x.dim() == 2:
+        return x, bin_idx.reshape(-1)
+    return x.movedim(1, -1).reshape(-1, x.shape[1]), bin_idx.reshape(-1)
+
+
+def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
+    """Per-bin count, mean and unbiased variance (0 if count <= 1), in float64, bin by bin.
+    Rows whose index is outside [0, num_bins) belong to no bin."""
+    rows, idx = _rows(x.detach().cpu().double(), bin_idx.detach().cpu().long())
+    d = rows.shape[1]
+    count = torch.zeros(num_bins, dtype=torch.int64)
+    mean = torch.zeros(num_bins, d, dtype=torch.float64)
+    var = torch.zeros(num_bins, d, dtype=torch.float64)
+    for b in range(num_bins):
+        members = rows[idx == b]
+        n = members.shape[0]
+        count[b] = n
+        if n >= 1:
+            mean[b] = members.sum(0) / n
+        if n >= 2:
+            var[b] = ((members - mean[b]) ** 2).sum(0) / (n - 1)
+    return count, mean, var
+
+
+def reflect_index(j: int, num_bins: int) -> int:
+    """torch F.pad ``reflect`` (edge not repeated), applied again and again if needed."""
+    if num_bins == 1:
+        return 0
+    while j < 0 or j >= num_bins:
+        if j < 0:
+            j = -j
+        if j >= num_bins:
+            j = 2 * (num_bins - 1) - j
+    return j
+
+
+def _window_values(window) -> list:
+    if isinstance(window, torch.Tensor):
+        return window.detach().cpu().double().tolist()
+    return [float(v) for v in np.asarray(window, dtype=np.float64)]
+
+
+def smooth_bins(stats: torch.Tensor, window, padding: str = "reflect") -> torch.Tensor:
+    """``out[b] = sum_k window[k] * stats[b + k - h]`` with the three paddings, in float64."""
+    s = stats.detach().cpu().double()
+    w = _window_values(window)
+    squeeze = s.dim() == 1
+    if squeeze:
+        s = s.unsqueeze(1)
+    num_bins, ks = s.shape[0], len(w)
+    h = (ks - 1) // 2
+    out = torch.zeros_like(s)
+    for b in range(num_bins):
+        for k in range(ks):
+            j = b + k - h
+            if 0 <= j < num_bins:
+                src = j
+            elif padding == "constant":
+                continue
+            elif padding == "replicate":
+                src = min(max(j, 0), num_bins - 1)
+            elif padding == "reflect":
+                src = reflect_index(j, num_bins)
+            else:
+                raise ValueError(padding)
+            out[b] += w[k] * s[src]
+    return out.squeeze(1) if squeeze else out
+
+
+def fds_smooth_conv1d(stats: torch.Tensor, window) -> torch.Tensor:
+    """The published smoothing of ``[K, D]`` running stats: F.pad reflect + conv1d (needs
+    h < K, like the published code)."""
+    w = torch.tensor(_window_values(window), dtype=torch.float64)
+    h = (w.numel() - 1) // 2
+    s = stats.detach().cpu().double()
+    return F.conv1d(F.pad(s.unsqueeze(1).permute(2, 1, 0), pad=(h, h), mode="reflect"),
+                    weight=w.view(1, 1, -1), padding=0).permute(2, 1, 0).squeeze(1)
+
+
+def calibrate_mean_var(matrix, m1, v1, m2, v2, clip_min=0.1, clip_max=10):
+    """The published ``calibrate_mean_var`` (on a copy, so the caller's tensor is untouched)."""
+    return published_calibrate_mean_var(matrix.clone(), m1, v1, m2, v2, clip_min, clip_max)
+
+
+def calibrate(x, bin_idx, m1, v1, m2, v2, clip_min=0.1, clip_max=10.0) -> torch.Tensor:
+    """Bin by bin in float64, as the published smooth loop: the rows of bin ``b`` go through
+    calibrate_mean_var with that bin's statistics; rows outside [0, B) stay unchanged.
+    Returns float64 in x's layout."""
+    xd = x.detach().cpu().double()
+    m1, v1, m2, v2 = (t.detach().cpu().double() for t in (m1, v1, m2, v2))
+    num_bins = m1.shape[0]
+    rows, idx = _rows(xd, bin_idx.detach().cpu().long())
+    out = rows.clone()
+    for b in range(num_bins):
+        members = idx == b
+        if members.any():
+            out[members] = calibrate_mean_var(rows[members], m1[b], v1[b], m2[b], v2[b], clip_min, clip_max)
+    if x.dim() == 2:
+        return out
+    shape = (x.shape[0],) + tuple(x.shape[2:]) + (x.shape[1],)
+    return out.reshape(shape).movedim(-1, 1)
+
+
+def calibrate_scale(bin_idx, v1, v2, d, clip_min=0.1, clip_max=10.0) -> torch.Tensor:
+    """d(calibrate)/dx per row and dim: sqrt(clamp(v2/v1)) where calibrated, 1 where unchanged."""
+    v1, v2 = v1.detach().cpu().double(), v2.detach().cpu().double()
+    idx = bin_idx.reshape(-1).cpu().long()
+    out = torch.ones(idx.numel(), d, dtype=torch.float64)
+    for i in range(idx.numel()):
+        b = int(idx[i])
+        if b < 0 or b >= v1.shape[0] or v1[b].sum() < 1e-10:
+            continue
+        for j in range(d):
+            if v1[b, j] != 0:
+                out[i, j] = math.sqrt(min(max(float(v2[b, j] / v1[b, j]), clip_min), clip_max))
+    return out
+
+
+# ============================================================================ FDS helpers
+def fill_empty(running_mean: torch.Tensor, running_var: torch.Tensor, present_buckets, bucket_start, bucket_num):
+    """The STS-B code's fill of buckets with no sample in this update, in increasing order,
+    each from its neighbours as they are at that moment (in place, like the published code)."""
+    present = set(int(b) for b in present_buckets)
+    for bucket in range(bucket_start, bucket_num):
+        if bucket in present:
+            continue
+        k = bucket - bucket_start
+        if bucket == bucket_start:
+            running_mean[0] = running_mean[1]
+            running_var[0] = running_var[1]
+        elif bucket == bucket_num - 1:
+            running_mean[k] = running_mean[k - 1]
+            running_var[k] = running_var[k - 1]
+        else:
+            running_mean[k] = (running_mean[k - 1] + running_mean[k + 1]) / 2.0
+            running_var[k] = (running_var[k - 1] + running_var[k + 1]) / 2.0
+
+
+# ============================================================================ losses
+def _focal(diff_abs, activate, beta, gamma):
+    if activate == "tanh":
+        return torch.tanh(beta * diff_abs) ** gamma
+    return (2 * torch.sigmoid(beta * diff_abs) - 1) ** gamma
+
+
+def _reduce(loss, weights):
+    if weights is not None:
+        loss = loss * weights.expand_as(loss)
+    return torch.mean(loss)
+
+
+def weighted_mse_loss(inputs, targets, weights=None):
+    return _reduce((inputs - targets) ** 2, weights)
+
+
+def weighted_l1_loss(inputs, targets, weights=None):
+    return _reduce(torch.abs(inputs - targets), weights)
+
+
+def weighted_focal_mse_loss(inputs, targets, activate="sigmoid", beta=0.2, gamma=1, weights=None):
+    d = torch.abs(inputs - targets)
+    return _reduce(d**2 * _focal(d, activate, beta, gamma), weights)
+
+
+def weighted_focal_l1_loss(inputs, targets, activate="sigmoid", beta=0.2, gamma=1, weights=None):
+    d = torch.abs(inputs - targets)
+    return _reduce(d * _focal(d, activate, beta, gamma), weights)
+
+
+def weighted_huber_loss(inputs, targets, beta=1.0, weights=None):
+    d = torch.abs(inputs - targets)
+    loss = torch.where(d < beta, 0.5 * d**2 / beta, d - 0.5 * beta)
+    return _reduce(loss, weights)
+
+
+# ============================================================================ shot metrics
+def shot_metrics(preds, labels, train_labels, many_shot_thr=100, low_shot_thr=20):
+    """The published agedb-dir ``shot_metrics`` (numpy), plus ``overall``; a region without a
+    test sample gives NaN (where the published code divides 0 by 0 or fails in gmean)."""
+    train_labels = np.array(train_labels).astype(int)
+    preds = np.asarray(preds, dtype=np.float64).reshape(-1)
+    labels = np.asarray(labels, dtype=np.float64).reshape(-1)
+
+    train_class_count, test_class_count = [], []
+    mse_per_class, l1_per_class, l1_all_per_class = [], [], []
+    for l in np.unique(labels):
+        train_class_count.append(len(train_labels[train_labels == l]))
+        test_class_count.append(len(labels[labels == l]))
+        mse_per_class.append(np.sum((preds[labels == l] - labels[labels == l]) ** 2))
+        l1_per_class.append(np.sum(np.abs(preds[labels == l] - labels[labels == l])))
+        l1_all_per_class.append(np.abs(preds[labels == l] - labels[labels == l]))
+
+    region = {"many": defaultdict(list), "median": defaultdict(list), "low": defaultdict(list)}
+    for i in range(len(train_class_count)):
+        if train_class_count[i] > many_shot_thr:
+            r = region["many"]
+        elif train_class_count[i] < low_shot_thr:
+            r = region["low"]
+        else:
+            r = region["median"]
+        r["mse"].append(mse_per_class[i])
+        r["l1"].append(l1_per_class[i])
+        r["gmean"] += list(l1_all_per_class[i])
+        r["cnt"].append(test_class_count[i])
+
+    shot_dict = defaultdict(dict)
+    for name, r in region.items():
+        if np.sum(r["cnt"]) == 0:
+            shot_dict[name] = {"mse": float("nan"), "l1": float("nan"), "gmean": float("nan")}
+            continue
+        shot_dict[name]["mse"] = float(np.sum(r["mse"]) / np.sum(r["cnt"]))
+        shot_dict[name]["l1"] = float(np.sum(r["l1"]) / np.sum(r["cnt"]))
+        shot_dict[name]["gmean"] = float(gmean(np.hstack(r["gmean"]), axis=None).astype(float))
+    err = np.abs(preds - labels)
+    shot_dict["overall"] = {"mse": float(np.mean(err**2)), "l1": float(np.mean(err)),
+                            "gmean": float(gmean(err, axis=None))}
+    return dict(shot_dict)

@@ -1,0 +1,164 @@
+"""The package surface: backends(), set_backend / use_backend, import without optional parts."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import dirfast
+import dirfast.reference
+from testing import BACKEND_NAMES, backend_params, rand_bins, rand_features
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_public_api_names():
+    for name in ["get_lds_kernel_window", "kernel_window", "Binning", "lds_weights", "LDS", "FDS", "losses", "metrics",
+                 "ops", "backends", "set_backend", "use_backend"]:
+        assert hasattr(dirfast, name), name
+    for name in ["bin_stats", "smooth_bins", "calibrate"]:
+        assert callable(getattr(dirfast.ops, name)), name
+        assert callable(getattr(dirfast.reference, name)), name
+        assert hasattr(torch.ops.dirfast, name), name
+    for name in ["weighted_mse_loss", "weighted_l1_loss", "weighted_focal_mse_loss", "weighted_focal_l1_loss",
+                 "weighted_huber_loss"]:
+        assert callable(getattr(dirfast.losses, name)), name
+    assert callable(dirfast.metrics.shot_metrics)
+
+
+def test_backends_report():
+    report = dirfast.backends()
+    assert set(BACKEND_NAMES) <= set(report)
+    for name, info in report.items():
+        assert isinstance(info["available"], bool), name
+        assert isinstance(info["reason"], str), name
+        if not info["available"]:
+            assert info["reason"].strip(), f"{name}: unavailable without a reason"
+    assert report["reference"]["available"]
+    assert isinstance(report["cuda"]["compiled"], bool)
+    if not torch.cuda.is_available():
+        assert not report["cuda"]["available"]
+    if report["cuda"]["available"]:
+        assert report["cuda"]["compiled"]
+
+
+def test_set_backend_unknown_name():
+    with pytest.raises(ValueError, match="bogus"):
+        dirfast.set_backend("bogus")
+    with pytest.raises(ValueError, match="bogus"):
+        with dirfast.use_backend("bogus"):
+            pass
+    assert dirfast.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("name", BACKEND_NAMES)
+def test_set_backend_unavailable(name):
+    info = dirfast.backends()[name]
+    if info["available"]:
+        pytest.skip(f"{name} is available here")
+    with pytest.raises((RuntimeError, ValueError), match=name) as err:
+        dirfast.set_backend(name)
+    assert info["reason"] in str(err.value), "the error says why"
+    assert dirfast.get_backend() == "auto"
+    with pytest.raises((RuntimeError, ValueError), match=name):
+        with dirfast.use_backend(name):
+            pass
+    assert dirfast.get_backend() == "auto"
+
+
+@pytest.mark.parametrize("name", list(backend_params()))
+def test_set_backend_available(name):
+    dirfast.set_backend(name)
+    assert dirfast.get_backend() == name
+    dirfast.set_backend("auto")
+    assert dirfast.get_backend() == "auto"
+
+
+def test_use_backend_restores(monkeypatch):
+    calls = []
+    original = dirfast.reference.bin_stats
+
+    def spy(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(dirfast.reference, "bin_stats", spy)
+    x, idx = rand_features(10, 2), rand_bins(10, 3)
+    with dirfast.use_backend("reference"):
+        assert dirfast.get_backend() == "reference"
+        dirfast.ops.bin_stats(x, idx, 3)
+        with dirfast.use_backend("auto"):
+            assert dirfast.get_backend() == "auto"
+        assert dirfast.get_backend() == "reference"
+    assert len(calls) == 1, "the reference backend calls dirfast.reference directly"
+    assert dirfast.get_backend() == "auto"
+    with pytest.raises(KeyError):
+        with dirfast.use_backend("reference"):
+            raise KeyError("boom")
+    assert dirfast.get_backend() == "auto", "restored after an exception"
+    dirfast.set_backend("reference")
+    with dirfast.use_backend("auto"):
+        pass
+    assert dirfast.get_backend() == "reference", "restores the previous selection, not the default"
+
+
+def _run_python(code, **env):
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = ROOT + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env.update(env)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                         cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+CHECK_OPS = """
+    import torch
+    x = torch.arange(12.0).reshape(6, 2)
+    idx = torch.tensor([0, 0, 1, 2, -1, 2])
+    count, mean, var = dirfast.ops.bin_stats(x, idx, 3)
+    w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum")
+    sm = dirfast.ops.smooth_bins(mean, w)
+    out = dirfast.ops.calibrate(x, idx, mean, var + 1, sm, var + 2)
+    result["count"] = count.tolist()
+    result["mean"] = mean.tolist()
+    result["cuda_initialized"] = torch.cuda.is_initialized()
+"""
+
+
+def test_import_with_extension_disabled():
+    """DIRFAST_NO_EXT=1: pure Python, the ops defined from Python, cpp/cuda unavailable with a
+    reason, and the ops still work."""
+    code = textwrap.dedent("""
+        import json, dirfast
+        result = {"backends": dirfast.backends()}
+    """) + textwrap.dedent(CHECK_OPS) + "print(json.dumps(result))\n"
+    result = _run_python(code, DIRFAST_NO_EXT="1")
+    for name in ("cpp", "cuda"):
+        assert not result["backends"][name]["available"]
+        assert result["backends"][name]["reason"]
+    assert result["backends"]["reference"]["available"]
+    assert result["count"] == [2, 1, 2]
+    assert result["mean"] == [[1.0, 2.0], [4.0, 5.0], [8.0, 9.0]]
+    assert not result["cuda_initialized"]
+
+
+def test_import_without_extension_and_triton():
+    """A machine where dirfast._C was never built and Triton is missing: import works."""
+    code = textwrap.dedent("""
+        import sys, json
+        sys.modules["dirfast._C"] = None   # 'import dirfast._C' now raises ImportError
+        sys.modules["triton"] = None
+        import dirfast
+        result = {"backends": dirfast.backends()}
+    """) + textwrap.dedent(CHECK_OPS) + "print(json.dumps(result))\n"
+    result = _run_python(code)
+    for name in ("cpp", "cuda", "triton"):
+        assert not result["backends"][name]["available"], name
+        assert result["backends"][name]["reason"], name
+    assert result["count"] == [2, 1, 2]
+    assert not result["cuda_initialized"]

@@ -1,0 +1,556 @@
+"""dirfast.FDS against the published module (benchmarks.published.PublishedFDS) and SPEC.md."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import dirfast
+import oracle
+from benchmarks.published import PublishedFDS
+from testing import DEVICES, LOW_PRECISION, backend_device_params, dtype_params, gen, rand_int_labels, tol
+
+BUFFERS = ["epoch", "running_mean", "running_var", "running_mean_last_epoch", "running_var_last_epoch",
+           "smoothed_mean_last_epoch", "smoothed_var_last_epoch", "num_samples_tracked"]
+STATS_TOL = dict(rtol=2e-5, atol=2e-5)  # float32 statistics, different summation orders
+
+
+def labels_with_edges(n, bucket_start, bucket_num, seed, low=None, high=None):
+    """Integer-valued float labels over [low, high] (default: 2 beyond each end), with both
+    edge buckets present (the published module then clamps outliers into them, as dirfast)."""
+    low = bucket_start - 2 if low is None else low
+    high = bucket_num + 1 if high is None else high
+    y = rand_int_labels(n, max(low, 0), high, seed=seed)
+    y[0], y[1] = bucket_start, bucket_num - 1
+    return y
+
+
+def features(n, d, seed, dtype=torch.float32, scale=1.0):
+    x = torch.randn(n, d, generator=gen(seed), dtype=torch.float64) * scale + 0.5
+    return x.to(dtype)
+
+
+def assert_same_state(fds, pub, names=BUFFERS, **kw):
+    t = dict(STATS_TOL)
+    t.update(kw)
+    for name in names:
+        got, expected = getattr(fds, name), getattr(pub, name)
+        assert got.shape == expected.shape, name
+        torch.testing.assert_close(got.cpu().double(), expected.cpu().double(), **t, msg=lambda m: f"{name}: {m}")
+
+
+def run_schedule(fds, pub, epochs, n, d, bucket_start, bucket_num, *, dtype=torch.float32, device="cpu", seed=0,
+                 label_shape="flat", start=0):
+    """The published training loop: each epoch smooths a training batch (from start_smooth on),
+    then snapshots (update_last_epoch_stats) and updates the running statistics. Compares
+    states and smoothed outputs after every step."""
+    labels = labels_with_edges(n, bucket_start, bucket_num, seed).to(device)
+    for epoch in range(start, start + epochs):
+        x = features(n, d, seed + 10 * epoch + 1, dtype).to(device)
+        ref_in = x.float().clone()
+        got = fds.smooth(x, labels.unsqueeze(1) if label_shape == "column" else labels, epoch)
+        assert got is x, "smooth returns the tensor it was given"
+        expected = pub.smooth(ref_in, labels.unsqueeze(1), epoch)
+        torch.testing.assert_close(got.cpu().double(), expected.to(dtype).cpu().double(), **smooth_tol(dtype))
+
+        fds.update_last_epoch_stats(epoch)
+        pub.update_last_epoch_stats(epoch)
+        assert_same_state(fds, pub)
+
+        y = features(n, d, seed + 10 * epoch + 2, dtype).to(device)
+        fds.update_running_stats(y, labels if label_shape == "flat" else labels.unsqueeze(1), epoch)
+        pub.update_running_stats(y.float(), labels, epoch)
+        assert_same_state(fds, pub)
+    return labels
+
+
+def smooth_tol(dtype):
+    if dtype in LOW_PRECISION:
+        return tol(dtype)
+    return dict(rtol=2e-5, atol=5e-5)
+
+
+# =========================================================================== parity
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d", [1, 3, 8])
+@pytest.mark.parametrize("label_shape", ["flat", "column"])
+def test_fds_matches_published_defaults(device, d, label_shape):
+    bucket_num, bucket_start = 14, 3
+    fds = dirfast.FDS(d, bucket_num=bucket_num, bucket_start=bucket_start).to(device)
+    pub = PublishedFDS(d, bucket_num=bucket_num, bucket_start=bucket_start, device=device)
+    run_schedule(fds, pub, 4, 157, d, bucket_start, bucket_num, device=device, seed=d, label_shape=label_shape)
+
+
+@pytest.mark.parametrize("backend, device", list(backend_device_params()))
+def test_fds_matches_published_each_backend(backend, device):
+    """The whole published loop with every backend doing the statistics and the calibration."""
+    bucket_num, bucket_start, d = 12, 2, 5
+    with dirfast.use_backend(backend):
+        fds = dirfast.FDS(d, bucket_num=bucket_num, bucket_start=bucket_start).to(device)
+        pub = PublishedFDS(d, bucket_num=bucket_num, bucket_start=bucket_start, device=device)
+        run_schedule(fds, pub, 3, 97, d, bucket_start, bucket_num, device=device, seed=13)
+
+
+@pytest.mark.parametrize("kernel, ks, sigma", [("gaussian", 5, 2), ("triang", 5, 2), ("laplace", 5, 2),
+                                               ("gaussian", 3, 1), ("laplace", 7, 3), ("triang", 9, 1)])
+@pytest.mark.parametrize("momentum", [0.9, 0.5, None])
+def test_fds_matches_published_settings(kernel, ks, sigma, momentum):
+    bucket_num, bucket_start = 13, 0
+    kw = dict(bucket_num=bucket_num, bucket_start=bucket_start, kernel=kernel, ks=ks, sigma=sigma, momentum=momentum)
+    fds, pub = dirfast.FDS(4, **kw), PublishedFDS(4, **kw)
+    run_schedule(fds, pub, 4, 120, 4, bucket_start, bucket_num, seed=ks)
+
+
+@pytest.mark.parametrize("start_update, start_smooth", [(2, 3), (1, 1), (0, 2)])
+def test_fds_matches_published_start_epochs(start_update, start_smooth):
+    kw = dict(bucket_num=10, bucket_start=2, start_update=start_update, start_smooth=start_smooth)
+    fds, pub = dirfast.FDS(3, **kw), PublishedFDS(3, **kw)
+    assert float(fds.epoch) == start_update
+    run_schedule(fds, pub, 4, 90, 3, 2, 10, seed=4, start=start_update)
+
+
+@pytest.mark.parametrize("dtype", list(dtype_params(LOW_PRECISION)))
+def test_fds_low_precision_features(dtype):
+    """float16/bfloat16 features: statistics kept in float32, equal to the published module run
+    on the same values in float32; smooth writes the low-precision tensor in place."""
+    fds, pub = dirfast.FDS(5, bucket_num=10, bucket_start=1), PublishedFDS(5, bucket_num=10, bucket_start=1)
+    run_schedule(fds, pub, 3, 100, 5, 1, 10, dtype=dtype, seed=6)
+    for name in BUFFERS[1:]:
+        assert getattr(fds, name).dtype == torch.float32, name
+
+
+def test_fds_momentum_none_is_running_average():
+    """momentum=None: after epochs e0 < e1 < e2 a bucket's running mean is the sample-weighted
+    average of the per-epoch batch means (from start_update on)."""
+    fds = dirfast.FDS(2, bucket_num=4, bucket_start=0, momentum=None)
+    labels = torch.tensor([0.0, 0, 1, 2, 3, 3, 3])
+    batches = [features(7, 2, s) for s in (1, 2, 3)]
+    for epoch, x in enumerate(batches):
+        fds.update_last_epoch_stats(epoch)
+        fds.update_running_stats(x, labels, epoch)
+    everything = torch.cat(batches).double()
+    all_labels = labels.repeat(3)
+    for k in range(4):
+        torch.testing.assert_close(fds.running_mean[k].double(), everything[all_labels == k].mean(0), **STATS_TOL)
+    torch.testing.assert_close(fds.num_samples_tracked, torch.tensor([6.0, 3, 3, 9]))
+
+
+# =========================================================================== SPEC quirks
+def test_fds_snapshot_aliasing_default():
+    """SPEC QUIRK: running_*_last_epoch = running_* without a copy, so after the snapshot the
+    last-epoch statistics follow every later running update; the smoothed ones do not."""
+    fds = dirfast.FDS(3, bucket_num=8, bucket_start=0)
+    labels = labels_with_edges(60, 0, 8, seed=1)
+    fds.update_running_stats(features(60, 3, 1), labels, 0)
+    fds.update_last_epoch_stats(1)
+    snap_mean, snap_var = fds.running_mean.clone(), fds.running_var.clone()
+    smoothed = fds.smoothed_mean_last_epoch.clone(), fds.smoothed_var_last_epoch.clone()
+    fds.update_running_stats(features(60, 3, 2, scale=3.0), labels, 1)
+    assert not torch.allclose(fds.running_mean, snap_mean)
+    torch.testing.assert_close(fds.running_mean_last_epoch, fds.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(fds.running_var_last_epoch, fds.running_var, rtol=0, atol=0)
+    torch.testing.assert_close(fds.smoothed_mean_last_epoch, smoothed[0], rtol=0, atol=0)
+    torch.testing.assert_close(fds.smoothed_var_last_epoch, smoothed[1], rtol=0, atol=0)
+    # and the published module does the same
+    pub = PublishedFDS(3, bucket_num=8, bucket_start=0)
+    pub.update_running_stats(features(60, 3, 1), labels, 0)
+    pub.update_last_epoch_stats(1)
+    pub.update_running_stats(features(60, 3, 2, scale=3.0), labels, 1)
+    assert_same_state(fds, pub)
+
+
+def test_fds_copy_snapshot():
+    fds = dirfast.FDS(3, bucket_num=8, bucket_start=0, copy_snapshot=True)
+    labels = labels_with_edges(60, 0, 8, seed=1)
+    fds.update_running_stats(features(60, 3, 1), labels, 0)
+    fds.update_last_epoch_stats(1)
+    snap_mean, snap_var = fds.running_mean.clone(), fds.running_var.clone()
+    fds.update_running_stats(features(60, 3, 2, scale=3.0), labels, 1)
+    assert not torch.allclose(fds.running_mean, snap_mean)
+    torch.testing.assert_close(fds.running_mean_last_epoch, snap_mean, rtol=0, atol=0)
+    torch.testing.assert_close(fds.running_var_last_epoch, snap_var, rtol=0, atol=0)
+    assert fds.running_mean_last_epoch.data_ptr() != fds.running_mean.data_ptr()
+    # smooth then uses the real snapshot: compare with the oracle calibration
+    x = features(60, 3, 3)
+    expected = oracle.calibrate(x, labels.long().clamp(0, 7), snap_mean, snap_var, fds.smoothed_mean_last_epoch,
+                                fds.smoothed_var_last_epoch)
+    got = fds.smooth(x, labels.unsqueeze(1), 1)
+    torch.testing.assert_close(got.double(), expected, **smooth_tol(torch.float32))
+
+
+def test_fds_smoothed_stats_are_reflect_convolution():
+    fds = dirfast.FDS(4, bucket_num=11, bucket_start=1, kernel="laplace", ks=7, sigma=2)
+    labels = labels_with_edges(200, 1, 11, seed=2)
+    fds.update_running_stats(features(200, 4, 5), labels, 0)
+    fds.update_last_epoch_stats(1)
+    window = oracle.fds_window("laplace", 7, 2)
+    torch.testing.assert_close(fds.smoothed_mean_last_epoch.double(),
+                               oracle.fds_smooth_conv1d(fds.running_mean, window), **STATS_TOL)
+    torch.testing.assert_close(fds.smoothed_var_last_epoch.double(),
+                               oracle.fds_smooth_conv1d(fds.running_var, window), **STATS_TOL)
+
+
+@pytest.mark.parametrize("bucket_num, bucket_start, ks", [(4, 1, 9), (5, 3, 5), (4, 3, 5), (3, 0, 7)])
+def test_fds_window_wider_than_buckets(bucket_num, bucket_start, ks):
+    """K <= h (the published F.pad reflect would fail): reflection applied repeatedly; K == 1
+    smooths to the running value itself."""
+    d = 3
+    fds = dirfast.FDS(d, bucket_num=bucket_num, bucket_start=bucket_start, ks=ks)
+    labels = labels_with_edges(50, bucket_start, bucket_num, seed=3)
+    x = features(50, d, 7)
+    fds.update_running_stats(x, labels, 0)
+    buckets = labels.long().clamp(bucket_start, bucket_num - 1) - bucket_start
+    _, mean, var = oracle.bin_stats(x, buckets, bucket_num - bucket_start)
+    torch.testing.assert_close(fds.running_mean.double(), mean, **STATS_TOL)
+    torch.testing.assert_close(fds.running_var.double(), var, **STATS_TOL)
+    fds.update_last_epoch_stats(1)
+    window = oracle.fds_window("gaussian", ks, 2)
+    torch.testing.assert_close(fds.smoothed_mean_last_epoch.double(), oracle.smooth_bins(mean, window), **STATS_TOL)
+    torch.testing.assert_close(fds.smoothed_var_last_epoch.double(), oracle.smooth_bins(var, window), **STATS_TOL)
+    y = features(50, d, 8)
+    expected = oracle.calibrate(y, buckets, fds.running_mean_last_epoch, fds.running_var_last_epoch,
+                                fds.smoothed_mean_last_epoch, fds.smoothed_var_last_epoch)
+    torch.testing.assert_close(fds.smooth(y, labels, 1).double(), expected, **smooth_tol(torch.float32))
+
+
+def test_fds_smooth_returns_same_tensor_and_gradients_flow():
+    d = 4
+    fds = dirfast.FDS(d, bucket_num=9, bucket_start=2)
+    pub = PublishedFDS(d, bucket_num=9, bucket_start=2)
+    labels = labels_with_edges(80, 2, 9, seed=4)
+    for m in (fds, pub):
+        m.update_running_stats(features(80, d, 1, scale=2.0), labels, 0)
+        m.update_last_epoch_stats(1)
+    grads = []
+    for m in (fds, pub):
+        leaf = features(80, d, 2).requires_grad_(True)
+        feats = leaf * 1.0  # a non-leaf, as an encoder's output
+        out = m.smooth(feats, labels.unsqueeze(1), 1)
+        assert out is feats
+        (out * features(80, d, 3)).sum().backward()
+        grads.append(leaf.grad)
+    assert not torch.allclose(grads[0], features(80, d, 3))  # the calibration scales the gradient
+    torch.testing.assert_close(grads[0], grads[1], **STATS_TOL)
+    buckets = labels.long().clamp(2, 8) - 2
+    expected = features(80, d, 3).double() * oracle.calibrate_scale(buckets, fds.running_var_last_epoch,
+                                                                    fds.smoothed_var_last_epoch, d)
+    torch.testing.assert_close(grads[0].double(), expected, **STATS_TOL)
+
+
+def test_fds_smooth_before_start_smooth_is_identity():
+    fds = dirfast.FDS(3, bucket_num=6, bucket_start=0, start_smooth=2)
+    labels = labels_with_edges(30, 0, 6, seed=5)
+    fds.update_running_stats(features(30, 3, 1, scale=4.0), labels, 0)
+    fds.update_last_epoch_stats(1)
+    x = features(30, 3, 2)
+    before = x.clone()
+    assert fds.smooth(x, labels, 1) is x
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+    fds.smooth(x, labels, 2)
+    assert not torch.allclose(x, before)
+
+
+def test_fds_old_epoch_ignored():
+    fds = dirfast.FDS(3, bucket_num=6, bucket_start=0)
+    labels = labels_with_edges(30, 0, 6, seed=6)
+    fds.update_running_stats(features(30, 3, 1), labels, 0)
+    fds.update_last_epoch_stats(1)
+    fds.update_running_stats(features(30, 3, 2), labels, 1)
+    state = copy.deepcopy(fds.state_dict())
+    fds.update_running_stats(features(30, 3, 3, scale=5.0), labels, 0)  # epoch < self.epoch
+    for name, value in fds.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=0, msg=name)
+
+
+def test_fds_update_last_epoch_only_next_epoch():
+    fds = dirfast.FDS(2, bucket_num=6, bucket_start=0)
+    labels = labels_with_edges(30, 0, 6, seed=7)
+    fds.update_running_stats(features(30, 2, 1, scale=3.0), labels, 0)
+    for epoch in (0, 2, 5, -1):
+        fds.update_last_epoch_stats(epoch)
+        assert float(fds.epoch) == 0
+        torch.testing.assert_close(fds.smoothed_var_last_epoch, torch.ones(6, 2), rtol=0, atol=0)
+    fds.update_last_epoch_stats(1)
+    assert float(fds.epoch) == 1
+    assert not torch.allclose(fds.smoothed_var_last_epoch, torch.ones(6, 2))
+
+
+def test_fds_first_update_replaces():
+    """factor = 0 at start_update: the initial (0, 1) statistics are replaced, not blended."""
+    fds = dirfast.FDS(2, bucket_num=4, bucket_start=0, start_update=0)
+    labels = torch.tensor([0.0, 0, 0, 1, 2, 2, 3])
+    x = features(7, 2, 9)
+    fds.update_running_stats(x, labels, 0)
+    _, mean, var = oracle.bin_stats(x, labels.long(), 4)
+    torch.testing.assert_close(fds.running_mean.double(), mean, **STATS_TOL)
+    torch.testing.assert_close(fds.running_var.double(), var, **STATS_TOL)
+    assert torch.all(fds.running_var[1] == 0), "one sample: variance 0"
+
+
+def test_fds_empty_buckets_keep_values():
+    fds = dirfast.FDS(2, bucket_num=8, bucket_start=0)
+    pub = PublishedFDS(2, bucket_num=8, bucket_start=0)
+    labels0 = torch.arange(8.0).repeat(5)
+    labels1 = torch.tensor([0.0, 0, 3, 3, 3, 7, 7])  # buckets 1, 2, 4, 5, 6 empty this epoch
+    for m in (fds, pub):
+        m.update_running_stats(features(40, 2, 1), labels0, 0)
+        m.update_last_epoch_stats(1)
+    before = fds.running_mean.clone()
+    for m in (fds, pub):
+        m.update_running_stats(features(7, 2, 2), labels1, 1)
+    assert_same_state(fds, pub)
+    torch.testing.assert_close(fds.running_mean[[1, 2, 4, 5, 6]], before[[1, 2, 4, 5, 6]], rtol=0, atol=0)
+
+
+# =========================================================================== fill_empty
+def test_fds_fill_empty():
+    """STS-B rule: after the update, each bucket with no sample is filled in increasing order,
+    the first from bucket 1, the last from the one before, others with the mean of their two
+    neighbours as they are at that moment (a just-filled left neighbour counts)."""
+    bucket_num, d = 10, 3
+    kw = dict(bucket_num=bucket_num, bucket_start=0)
+    fds = dirfast.FDS(d, fill_empty=True, **kw)
+    pub = PublishedFDS(d, **kw)
+    epochs = [torch.arange(10.0).repeat(4), torch.tensor([2.0, 2, 3, 3, 3, 7, 7, 2])]  # 0,1,4,5,6,8,9 empty
+    for epoch, labels in enumerate(epochs):
+        x = features(labels.numel(), d, 20 + epoch, scale=1 + epoch)
+        fds.update_last_epoch_stats(epoch)
+        pub.update_last_epoch_stats(epoch)
+        fds.update_running_stats(x, labels, epoch)
+        pub.update_running_stats(x, labels, epoch)
+        oracle.fill_empty(pub.running_mean, pub.running_var, labels.long().tolist(), 0, bucket_num)
+        assert_same_state(fds, pub)
+    rm = fds.running_mean
+    torch.testing.assert_close(rm[9], rm[8], rtol=0, atol=0)
+    torch.testing.assert_close(rm[1], (rm[0] + rm[2]) / 2)  # 0 was filled (from old 1) before 1
+    fds2 = dirfast.FDS(1, bucket_num=6, bucket_start=0, fill_empty=True, momentum=0.0)
+    fds2.update_running_stats(torch.arange(6.0).reshape(6, 1) * 10, torch.arange(6.0), 0)
+    fds2.update_running_stats(torch.tensor([[100.0], [200.0]]), torch.tensor([1.0, 5.0]), 1)
+    # momentum 0: present buckets take the batch value; then 0 <- 1; 2 <- (1 + 3)/2; 3 <- (2 + 4)/2; 4 <- (3 + 5)/2
+    expected = [100.0, 100.0, (100 + 30) / 2, ((100 + 30) / 2 + 40) / 2, (((100 + 30) / 2 + 40) / 2 + 200) / 2, 200.0]
+    torch.testing.assert_close(fds2.running_mean[:, 0], torch.tensor(expected))
+
+
+def test_fds_fill_empty_off_by_default():
+    fds = dirfast.FDS(2, bucket_num=5, bucket_start=0)
+    fds.update_running_stats(features(3, 2, 1), torch.tensor([2.0, 2, 2]), 0)
+    torch.testing.assert_close(fds.running_mean[[0, 1, 3, 4]], torch.zeros(4, 2), rtol=0, atol=0)
+
+
+def test_fds_stsb_module():
+    """The STS-B-DIR module: 50 buckets over [0, 5] (float32 histogram edges), bucket_start 0,
+    fill_empty; against the published loop on the oracle's bucket indices plus the fill."""
+    d = 4
+    binning = dirfast.Binning.uniform(0, 5, 50)
+    fds = dirfast.FDS(d, bucket_num=50, bucket_start=0, binning=binning, fill_empty=True)
+    pub = PublishedFDS(d, bucket_num=50, bucket_start=0)
+    edges = oracle.histogram_edges(0.0, 5.0, 50, dtype=np.float32)
+    for epoch in range(3):
+        scores = np.round(np.random.default_rng(epoch).random(150) * 5, 1).astype(np.float32)  # on the edges
+        labels = torch.tensor(scores)
+        buckets = torch.tensor([float(oracle.edges_bin(s, edges)) for s in scores])
+        x = features(150, d, 30 + epoch)
+        if epoch >= 1:
+            got = fds.smooth(x.clone(), labels.unsqueeze(1), epoch)
+            torch.testing.assert_close(got, pub.smooth(x.clone(), buckets.unsqueeze(1), epoch), **smooth_tol(torch.float32))
+        fds.update_last_epoch_stats(epoch)
+        pub.update_last_epoch_stats(epoch)
+        fds.update_running_stats(x, labels, epoch)
+        pub.update_running_stats(x, buckets, epoch)
+        oracle.fill_empty(pub.running_mean, pub.running_var, buckets.long().tolist(), 0, 50)
+        assert_same_state(fds, pub)
+
+
+# =========================================================================== labels and layouts
+def test_fds_out_of_range_labels_clamped_without_edge():
+    """dirfast clamps always (SPEC): labels below bucket_start join the first bucket even when
+    no label sits on it (the published module would skip them)."""
+    fds = dirfast.FDS(2, bucket_num=8, bucket_start=3)
+    labels = torch.tensor([0.0, 1, 2, 5, 5, 6, 11, 20])
+    x = features(8, 2, 3)
+    fds.update_running_stats(x, labels, 0)
+    buckets = labels.long().clamp(3, 7) - 3
+    count, mean, var = oracle.bin_stats(x, buckets, 5)
+    torch.testing.assert_close(fds.num_samples_tracked.double(), count.double())
+    torch.testing.assert_close(fds.running_mean.double()[count > 0], mean[count > 0], **STATS_TOL)
+    torch.testing.assert_close(fds.running_var.double()[count > 0], var[count > 0], **STATS_TOL)
+
+
+def test_fds_continuous_labels_integer_binning():
+    """Default binning is int(label): fractional labels behave as their integer part."""
+    fds = dirfast.FDS(3, bucket_num=9, bucket_start=2)
+    pub = PublishedFDS(3, bucket_num=9, bucket_start=2)
+    labels = labels_with_edges(70, 2, 9, seed=8) + torch.rand(70, generator=gen(1)) * 0.99
+    for epoch in range(3):
+        x = features(70, 3, epoch)
+        if epoch:
+            torch.testing.assert_close(fds.smooth(x.clone(), labels, epoch),
+                                       pub.smooth(x.clone(), labels.floor().unsqueeze(1), epoch),
+                                       **smooth_tol(torch.float32))
+        for m in (fds, pub):
+            m.update_last_epoch_stats(epoch)
+        fds.update_running_stats(x, labels, epoch)
+        pub.update_running_stats(x, labels.floor(), epoch)
+        assert_same_state(fds, pub)
+
+
+@pytest.mark.parametrize("label_layout", ["[B,1,H,W]", "[B,H,W]"])
+@pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
+def test_fds_dense(label_layout, memory):
+    """Depth maps: features [B, C, H, W], labels [B, 1, H, W] or [B, H, W]; same statistics as
+    the published module on the flattened pixels."""
+    b, c, h, w = 2, 3, 5, 6
+    kw = dict(bucket_num=9, bucket_start=2)
+    fds, pub = dirfast.FDS(c, **kw), PublishedFDS(c, **kw)
+    labels = torch.randint(0, 11, (b, h, w), generator=gen(4)).float()
+    labels[0, 0, 0], labels[1, 4, 5] = 2, 8
+    lab = labels.unsqueeze(1) if label_layout == "[B,1,H,W]" else labels
+    flat_labels = labels.reshape(-1)
+
+    def flat(x):
+        return x.permute(0, 2, 3, 1).reshape(-1, c)
+
+    for epoch in range(3):
+        x = torch.randn(b, c, h, w, generator=gen(epoch + 10))
+        if memory == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if epoch:
+            expected = pub.smooth(flat(x).clone(), flat_labels.unsqueeze(1), epoch)
+            got = fds.smooth(x, lab, epoch)
+            assert got is x and got.shape == (b, c, h, w)
+            torch.testing.assert_close(flat(got), expected, **smooth_tol(torch.float32))
+        for m in (fds, pub):
+            m.update_last_epoch_stats(epoch)
+        y = torch.randn(b, c, h, w, generator=gen(epoch + 20))
+        fds.update_running_stats(y, lab, epoch)
+        pub.update_running_stats(flat(y), flat_labels, epoch)
+        assert_same_state(fds, pub)
+
+
+def test_fds_zero_variance_buckets():
+    """Dead features (variance 0) and a bucket with a single sample (all variances 0, sum <
+    1e-10): the published calibration leaves them unchanged; dirfast must agree."""
+    d = 4
+    kw = dict(bucket_num=6, bucket_start=0)
+    fds, pub = dirfast.FDS(d, **kw), PublishedFDS(d, **kw)
+    labels = torch.tensor([0.0, 0, 0, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5])  # bucket 1: one sample
+    x = features(14, d, 40)
+    x[:, 2] = 0.0  # a dead unit
+    for m in (fds, pub):
+        m.update_running_stats(x, labels, 0)
+        m.update_last_epoch_stats(1)
+    assert torch.all(fds.running_var_last_epoch[:, 2] == 0)
+    assert float(fds.running_var_last_epoch[1].sum()) == 0
+    y = features(14, d, 41)
+    got = fds.smooth(y.clone(), labels.unsqueeze(1), 1)
+    expected = pub.smooth(y.clone(), labels.unsqueeze(1), 1)
+    torch.testing.assert_close(got, expected, **smooth_tol(torch.float32))
+    assert torch.equal(got[3], y[3]) and torch.equal(got[:, 2], y[:, 2])
+
+
+# =========================================================================== state
+def test_fds_state_dict_matches_published():
+    for kw in (dict(), dict(bucket_num=50, bucket_start=0), dict(bucket_num=12, bucket_start=7, start_update=2)):
+        fds, pub = dirfast.FDS(16, **kw), PublishedFDS(16, **kw)
+        ours, theirs = fds.state_dict(), pub.state_dict()
+        assert set(ours) == set(theirs)
+        for name in theirs:
+            assert ours[name].shape == theirs[name].shape, name
+            torch.testing.assert_close(ours[name].double(), theirs[name].double(), rtol=0, atol=0, msg=name)
+
+
+def test_fds_loads_published_checkpoint():
+    kw = dict(bucket_num=10, bucket_start=1)
+    pub = PublishedFDS(3, **kw)
+    labels = labels_with_edges(60, 1, 10, seed=9)
+    for epoch in range(3):
+        pub.update_last_epoch_stats(epoch)
+        pub.update_running_stats(features(60, 3, epoch), labels, epoch)
+    fds = dirfast.FDS(3, **kw)
+    fds.load_state_dict(pub.state_dict())
+    assert_same_state(fds, pub, rtol=0, atol=0)
+    x = features(60, 3, 50)
+    torch.testing.assert_close(fds.smooth(x.clone(), labels, 3), pub.smooth(x.clone(), labels.unsqueeze(1), 3),
+                               **smooth_tol(torch.float32))
+
+
+def test_fds_reset():
+    kw = dict(bucket_num=7, bucket_start=1)
+    fds, pub = dirfast.FDS(2, **kw), PublishedFDS(2, **kw)
+    run_schedule(fds, pub, 3, 40, 2, 1, 7, seed=11)
+    fds.reset()
+    pub.reset()
+    assert_same_state(fds, pub, rtol=0, atol=0)
+    fresh = dirfast.FDS(2, **kw)
+    for name in BUFFERS[1:]:
+        torch.testing.assert_close(getattr(fds, name), getattr(fresh, name), rtol=0, atol=0, msg=name)
+
+
+# =========================================================================== errors
+def _snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _assert_unchanged(module, snap):
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, snap[k]), k
+
+
+def test_fds_bad_inputs_leave_state_unchanged():
+    fds = dirfast.FDS(4, bucket_num=6, bucket_start=0)
+    labels = labels_with_edges(20, 0, 6, seed=12)
+    fds.update_running_stats(features(20, 4, 1), labels, 0)
+    fds.update_last_epoch_stats(1)
+    snap = _snapshot(fds)
+    with pytest.raises(ValueError, match="feature"):
+        fds.update_running_stats(features(20, 5, 2), labels, 1)
+    _assert_unchanged(fds, snap)
+    with pytest.raises(ValueError, match="labels"):
+        fds.update_running_stats(features(20, 4, 2), labels[:19], 1)
+    _assert_unchanged(fds, snap)
+    with pytest.raises(ValueError, match="labels"):
+        fds.update_running_stats(features(20, 4, 2), labels.reshape(4, 5), 1)
+    _assert_unchanged(fds, snap)
+    with pytest.raises(ValueError, match="label"):
+        bad = labels.clone()
+        bad[3] = float("nan")
+        fds.update_running_stats(features(20, 4, 2), bad, 1)
+    _assert_unchanged(fds, snap)
+    with pytest.raises(TypeError, match="labels"):
+        fds.update_running_stats(features(20, 4, 2), labels.tolist(), 1)
+    _assert_unchanged(fds, snap)
+    x = features(20, 3, 3)
+    before = x.clone()
+    with pytest.raises(ValueError, match="feature"):
+        fds.smooth(x, labels, 1)
+    assert torch.equal(x, before)
+    _assert_unchanged(fds, snap)
+    x = features(20, 4, 3)
+    before = x.clone()
+    with pytest.raises(ValueError, match="labels"):
+        fds.smooth(x, labels[:10], 1)
+    assert torch.equal(x, before)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    (dict(feature_dim=0), "feature_dim"),
+    (dict(feature_dim=4, bucket_num=5, bucket_start=5), "bucket_start"),
+    (dict(feature_dim=4, bucket_start=-1), "bucket_start"),
+    (dict(feature_dim=4, ks=4), "ks"),
+    (dict(feature_dim=4, kernel="box"), "kernel"),
+    (dict(feature_dim=4, sigma=0), "sigma"),
+    (dict(feature_dim=4, momentum=1.5), "momentum"),
+    (dict(feature_dim=4, clip_min=2.0, clip_max=1.0), "clip"),
+    (dict(feature_dim=4, bucket_num=50, binning=dirfast.Binning.integer(40)), "binning"),
+])
+def test_fds_bad_construction(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        dirfast.FDS(**kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fds_device_mismatch():
+    fds = dirfast.FDS(2, bucket_num=5, bucket_start=0)
+    with pytest.raises(ValueError, match="device"):
+        fds.update_running_stats(torch.randn(4, 2, device="cuda"), torch.zeros(4, device="cuda"), 0)

@@ -1,0 +1,240 @@
+"""LDS: dirfast.lds_weights and dirfast.LDS against the published _prepare_weights."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import convolve1d
+
+import dirfast
+import oracle
+from testing import DEVICES, backend_device_params, gen, skewed_int_labels
+
+KERNEL_SETTINGS = [("gaussian", 5, 2), ("triang", 5, 2), ("laplace", 5, 2), ("gaussian", 3, 1), ("laplace", 7, 3),
+                   ("triang", 9, 1)]
+RTOL = 1e-6  # float32 weights; the published scaling sums float32 values in numpy
+
+
+def age_labels(n=3000, seed=3):
+    """Imbalanced integer ages in [0, 120] plus some fractional and out-of-range (> 120) ones."""
+    y = skewed_int_labels(n, 0, 120, seed=seed, dtype=torch.float64)
+    extra = torch.tensor([0.0, 0.5, 30.7, 64.99, 120.0, 120.5, 125.0, 140.0], dtype=torch.float64)
+    return torch.cat([y, extra]).float()
+
+
+def stsb_scores(n=1500, seed=4):
+    """STS-B-like float32 scores in [0, 5] with 3 decimals (so many sit on 0.1 multiples),
+    skewed, with both ends present."""
+    g = gen(seed)
+    raw = torch.rand(n, generator=g, dtype=torch.float64)
+    raw = raw**0.7 * 5
+    scores = np.round(raw.numpy(), 3)
+    scores = np.concatenate([scores, [0.0, 5.0, 3.8, 0.1, 4.6]])
+    return scores.astype(np.float32)
+
+
+# =========================================================================== lds_weights, ages
+def settings(kernels):
+    """(reweight, lds, kernel, ks, sigma): every window with LDS, one setting without."""
+    out = []
+    for reweight in ("sqrt_inv", "inverse"):
+        out += [(reweight, True) + k for k in kernels]
+        out.append((reweight, False) + kernels[0])
+    return out
+
+
+@pytest.mark.parametrize("reweight, lds, kernel, ks, sigma", settings(KERNEL_SETTINGS))
+def test_lds_weights_integer_matches_published(reweight, lds, kernel, ks, sigma):
+    labels = age_labels()
+    got = dirfast.lds_weights(labels, dirfast.Binning.integer(121), reweight=reweight, lds=lds, kernel=kernel,
+                              ks=ks, sigma=sigma)
+    expected = oracle.published_lds_weights_integer(labels.numpy(), reweight, 121, lds, kernel, ks, sigma)
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.shape == labels.shape
+    np.testing.assert_allclose(got.numpy(), expected, rtol=RTOL, atol=0)
+    assert float(got.double().mean()) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("backend, device", list(backend_device_params()))
+@pytest.mark.parametrize("kernel", ["triang", "gaussian"])
+def test_lds_inverse_each_backend(backend, device, kernel):
+    """The truncation quirk needs the smoothed counts bit for bit as scipy sums them: with the
+    triang window a run of clipped empty bins (5 each) is 15 in exact arithmetic, scipy's float64
+    sum gives 14.999999999999998 and truncates to 14; another summation order (e.g. centre
+    first, then the mirrored pairs added before weighting) gives 15.0 and a different weight."""
+    labels = age_labels(seed=14).to(device)
+    prep = oracle.published_prepare_integer(labels.cpu().numpy(), "inverse", 121, True, kernel, 5, 2)
+    with dirfast.use_backend(backend):
+        est = dirfast.LDS(dirfast.Binning.integer(121), reweight="inverse", kernel=kernel).fit(labels)
+        np.testing.assert_array_equal(est.effective.numpy(), prep["effective"])
+        got = dirfast.lds_weights(labels, dirfast.Binning.integer(121), reweight="inverse", kernel=kernel)
+    np.testing.assert_allclose(got.cpu().numpy(), prep["weights"], rtol=RTOL, atol=0)
+
+
+def test_lds_weights_defaults_are_published_defaults():
+    """Defaults: sqrt_inv, LDS on, gaussian ks=5 sigma=2, clip (5, 1000)."""
+    labels = age_labels(seed=5)
+    got = dirfast.lds_weights(labels, dirfast.Binning.integer(121))
+    expected = oracle.published_lds_weights_integer(labels.numpy(), "sqrt_inv", 121, True, "gaussian", 5, 2)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=RTOL, atol=0)
+
+
+def test_lds_weights_integer_dtype_labels_and_numpy():
+    ages = skewed_int_labels(800, 0, 120, seed=6, dtype=torch.int64)
+    expected = oracle.published_lds_weights_integer(ages.numpy(), "inverse", 121, True)
+    got = dirfast.lds_weights(ages, dirfast.Binning.integer(121), reweight="inverse")
+    np.testing.assert_allclose(got.numpy(), expected, rtol=RTOL, atol=0)
+    got_np = dirfast.lds_weights(ages.numpy(), dirfast.Binning.integer(121), reweight="inverse")
+    assert isinstance(got_np, np.ndarray) and got_np.dtype == np.float32
+    np.testing.assert_allclose(got_np, expected, rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lds_weights_device_and_shape(device):
+    labels = age_labels(500, seed=7).to(device)
+    got = dirfast.lds_weights(labels.reshape(-1, 1), dirfast.Binning.integer(121))
+    assert got.device == labels.device and got.shape == (labels.numel(), 1) and got.dtype == torch.float32
+    expected = oracle.published_lds_weights_integer(labels.cpu().numpy(), "sqrt_inv", 121, True)
+    np.testing.assert_allclose(got.cpu().numpy().reshape(-1), expected, rtol=RTOL, atol=0)
+
+
+def test_lds_inverse_truncation_quirk():
+    """SPEC QUIRK: with 'inverse' the smoothed base is an int64 array, so scipy truncates each
+    smoothed value toward zero; the published weights depend on it."""
+    labels = np.array([3] * 10 + [4] * 7 + [6] * 20 + [8] * 3, dtype=np.float32)
+    num_bins = 10
+    prep = oracle.published_prepare_integer(labels, "inverse", num_bins, lds=True)
+    # the same without truncation, to make sure this case discriminates
+    base = np.clip(np.bincount(labels.astype(int), minlength=num_bins), 5, 1000).astype(np.float64)
+    smooth = convolve1d(base, oracle.lds_window("gaussian", 5, 2), mode="constant")
+    assert not np.array_equal(np.trunc(smooth), smooth)
+    untruncated = np.float32(1 / smooth[labels.astype(int)])
+    untruncated = untruncated * (len(labels) / untruncated.sum())
+    assert np.max(np.abs(untruncated / prep["weights"] - 1)) > 1e-3
+    np.testing.assert_array_equal(prep["effective"], np.trunc(smooth))
+
+    got = dirfast.lds_weights(torch.tensor(labels), dirfast.Binning.integer(num_bins), reweight="inverse")
+    np.testing.assert_allclose(got.numpy(), prep["weights"], rtol=RTOL, atol=0)
+    lds = dirfast.LDS(dirfast.Binning.integer(num_bins), reweight="inverse").fit(torch.tensor(labels))
+    np.testing.assert_array_equal(lds.effective.numpy(), np.trunc(smooth))
+
+
+def test_lds_sqrt_inv_not_truncated():
+    labels = np.array([3] * 10 + [4] * 7 + [6] * 20 + [8] * 3, dtype=np.float32)
+    prep = oracle.published_prepare_integer(labels, "sqrt_inv", 10, lds=True)
+    assert not np.array_equal(np.trunc(prep["effective"]), prep["effective"])
+    lds = dirfast.LDS(dirfast.Binning.integer(10)).fit(torch.tensor(labels))
+    np.testing.assert_allclose(lds.effective.numpy(), prep["effective"], rtol=1e-12)
+
+
+def test_lds_weights_reweight_none():
+    labels = age_labels(300)
+    with pytest.raises(ValueError, match="reweight"):
+        dirfast.lds_weights(labels, dirfast.Binning.integer(121), reweight="none", lds=True)
+    w = dirfast.lds_weights(labels, dirfast.Binning.integer(121), reweight="none", lds=False)
+    # the published code returns no weights (None): every sample counts the same
+    assert w is None or (w.dtype == torch.float32 and torch.all(w == 1))
+
+
+def test_lds_weights_errors():
+    b = dirfast.Binning.integer(121)
+    with pytest.raises(ValueError, match="reweight"):
+        dirfast.lds_weights(age_labels(50), b, reweight="inv")
+    with pytest.raises(ValueError, match="label"):
+        dirfast.lds_weights(torch.tensor([1.0, float("nan")]), b)
+    with pytest.raises(ValueError, match="ks"):
+        dirfast.lds_weights(age_labels(50), b, ks=4)
+    with pytest.raises(ValueError, match="kernel"):
+        dirfast.lds_weights(age_labels(50), b, kernel="box")
+    with pytest.raises(TypeError, match="binning"):
+        dirfast.LDS(121)
+    with pytest.raises(ValueError, match="inverse_clip"):
+        dirfast.LDS(b, reweight="inverse", inverse_clip=(10, 5))
+
+
+# =========================================================================== STS-B
+@pytest.mark.parametrize("reweight, lds, kernel, ks, sigma", settings(KERNEL_SETTINGS[:3]))
+def test_lds_weights_stsb_matches_published(reweight, lds, kernel, ks, sigma):
+    scores = stsb_scores()
+    prep = oracle.published_prepare_stsb(scores, reweight, lds, kernel, ks, sigma)
+    got = dirfast.lds_weights(torch.tensor(scores), dirfast.Binning.uniform(0, 5, 50), reweight=reweight, lds=lds,
+                              kernel=kernel, ks=ks, sigma=sigma, inverse_clip=None)
+    np.testing.assert_allclose(got.numpy(), prep["weights"], rtol=RTOL, atol=0)
+    lds_obj = dirfast.LDS(dirfast.Binning.uniform(0, 5, 50), reweight=reweight, lds=lds, kernel=kernel, ks=ks,
+                          sigma=sigma, inverse_clip=None).fit(torch.tensor(scores))
+    np.testing.assert_array_equal(lds_obj.empirical.numpy(), prep["counts"])
+    np.testing.assert_allclose(lds_obj.effective.numpy(), prep["effective"], rtol=1e-12)
+
+
+# =========================================================================== the LDS class
+@pytest.mark.parametrize("reweight", ["sqrt_inv", "inverse"])
+@pytest.mark.parametrize("lds_on", [True, False])
+def test_lds_fit_distributions_and_weights(reweight, lds_on):
+    labels = age_labels(2000, seed=8)
+    prep = oracle.published_prepare_integer(labels.numpy(), reweight, 121, lds_on)
+    est = dirfast.LDS(dirfast.Binning.integer(121), reweight=reweight, lds=lds_on)
+    assert est.fit(labels) is est
+    assert est.empirical.dtype == torch.float64 and est.empirical.shape == (121,)
+    assert est.effective.dtype == torch.float64 and est.effective.shape == (121,)
+    np.testing.assert_array_equal(est.empirical.numpy(), prep["counts"])
+    np.testing.assert_allclose(est.effective.numpy(), prep["effective"], rtol=1e-12)
+    w = est.weights(labels)
+    assert w.dtype == torch.float32
+    np.testing.assert_allclose(w.numpy(), prep["weights"], rtol=RTOL, atol=0)
+    torch.testing.assert_close(w, dirfast.lds_weights(labels, dirfast.Binning.integer(121), reweight=reweight,
+                                                      lds=lds_on), rtol=RTOL, atol=0)
+    # any batch: the training scale, so a sub-batch gets the same weights as in the full set
+    pick = torch.randperm(labels.numel(), generator=gen(9))[:64]
+    np.testing.assert_allclose(est.weights(labels[pick]).numpy(), prep["weights"][pick.numpy()], rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lds_weights_any_device_and_shape(device):
+    labels = age_labels(600, seed=10)
+    est = dirfast.LDS(dirfast.Binning.integer(121)).fit(labels)
+    batch = labels[:24].reshape(4, 6).to(device)
+    w = est.weights(batch)
+    assert w.device == batch.device and w.shape == (4, 6) and w.dtype == torch.float32
+    torch.testing.assert_close(w.cpu().reshape(-1), est.weights(labels[:24]))
+
+
+def test_lds_update_accumulates():
+    labels = age_labels(1500, seed=11)
+    parts = [labels[:400], labels[400:401], labels[401:]]
+    streamed = dirfast.LDS(dirfast.Binning.integer(121))
+    for p in parts:
+        assert streamed.update(p) is streamed
+    fitted = dirfast.LDS(dirfast.Binning.integer(121)).fit(labels)
+    torch.testing.assert_close(streamed.empirical, fitted.empirical, rtol=0, atol=0)
+    torch.testing.assert_close(streamed.effective, fitted.effective)
+    torch.testing.assert_close(streamed.weights(labels), fitted.weights(labels))
+    # fit starts again from scratch
+    refit = dirfast.LDS(dirfast.Binning.integer(121)).fit(labels[:10]).fit(labels)
+    torch.testing.assert_close(refit.empirical, fitted.empirical, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reweight", ["sqrt_inv", "inverse"])
+def test_lds_state_dict_round_trip(reweight, tmp_path):
+    labels = age_labels(900, seed=12)
+    est = dirfast.LDS(dirfast.Binning.integer(121), reweight=reweight, kernel="laplace", ks=7, sigma=3).fit(labels)
+    path = tmp_path / "lds.pt"
+    torch.save(est.state_dict(), path)
+    other = dirfast.LDS(dirfast.Binning.integer(121), reweight=reweight, kernel="laplace", ks=7, sigma=3)
+    other.load_state_dict(torch.load(path, weights_only=False))
+    torch.testing.assert_close(other.empirical, est.empirical, rtol=0, atol=0)
+    torch.testing.assert_close(other.effective, est.effective, rtol=0, atol=0)
+    torch.testing.assert_close(other.weights(labels), est.weights(labels), rtol=0, atol=0)
+    # the state is a copy: more updates on one do not change the other
+    est.update(labels[:100])
+    assert not torch.equal(other.empirical, est.empirical)
+
+
+def test_lds_load_state_dict_mismatch():
+    est = dirfast.LDS(dirfast.Binning.integer(121)).fit(age_labels(100))
+    before = est.empirical
+    with pytest.raises(ValueError):
+        dirfast.LDS(dirfast.Binning.integer(50)).load_state_dict(est.state_dict())
+    target = dirfast.LDS(dirfast.Binning.integer(121), reweight="inverse").fit(age_labels(300, seed=1))
+    kept = target.empirical
+    with pytest.raises(ValueError):
+        target.load_state_dict(est.state_dict())
+    torch.testing.assert_close(target.empirical, kept, rtol=0, atol=0)
+    torch.testing.assert_close(est.empirical, before, rtol=0, atol=0)

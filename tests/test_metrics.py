@@ -1,0 +1,134 @@
+"""dirfast.metrics.shot_metrics against the published agedb-dir shot_metrics (oracle)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import gmean
+
+import dirfast
+import oracle
+from testing import gen, skewed_int_labels
+
+REGIONS = ["many", "median", "low", "overall"]
+METRICS = ["mse", "l1", "gmean"]
+
+
+def assert_same_metrics(got, expected, rtol=1e-6):
+    assert set(got) == set(REGIONS)
+    for region in REGIONS:
+        assert set(got[region]) == set(METRICS), region
+        for m in METRICS:
+            g, e = got[region][m], expected[region][m]
+            assert isinstance(g, float), (region, m, type(g))
+            if math.isnan(e):
+                assert math.isnan(g), (region, m, g)
+            else:
+                assert g == pytest.approx(e, rel=rtol, abs=1e-12), (region, m)
+
+
+def age_data(seed=0):
+    train = skewed_int_labels(4000, 0, 120, seed=seed, dtype=torch.float64)
+    test = skewed_int_labels(600, 0, 120, seed=seed + 1, dtype=torch.float64)
+    preds = test + torch.randn(600, generator=gen(seed + 2), dtype=torch.float64) * 5
+    return preds, test, train
+
+
+def test_age_data_has_all_regions():
+    _, test, train = age_data()
+    counts = [int((train.long() == int(l)).sum()) for l in test.unique()]
+    assert max(counts) > 100 and min(counts) < 20 and any(20 <= c <= 100 for c in counts)
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy", "torch_column", "float32"])
+def test_shot_metrics_matches_published(kind):
+    preds, test, train = age_data()
+    expected = oracle.shot_metrics(preds.numpy(), test.numpy(), train.numpy())
+    if kind == "numpy":
+        args = preds.numpy(), test.numpy(), train.numpy()
+    elif kind == "torch_column":
+        args = preds.unsqueeze(1), test.unsqueeze(1), train
+    elif kind == "float32":
+        args = preds.float(), test.float(), train.float()
+        expected = oracle.shot_metrics(preds.float().numpy(), test.float().numpy(), train.numpy())
+    else:
+        args = preds, test, train
+    got = dirfast.metrics.shot_metrics(*args)
+    assert_same_metrics(got, expected, rtol=1e-6 if kind != "float32" else 1e-5)
+
+
+@pytest.mark.parametrize("many, low", [(100, 20), (50, 5), (200, 100), (30, 30)])
+def test_shot_metrics_thresholds(many, low):
+    preds, test, train = age_data(seed=3)
+    got = dirfast.metrics.shot_metrics(preds, test, train, many_shot_thr=many, low_shot_thr=low)
+    assert_same_metrics(got, oracle.shot_metrics(preds.numpy(), test.numpy(), train.numpy(), many, low))
+
+
+def test_shot_metrics_train_labels_cast_to_int():
+    """Training labels are cast to int before counting (30.7 counts for label 30)."""
+    train = np.array([30.7] * 150 + [40.2] * 30 + [50.0] * 3)
+    test = np.array([30.0, 30.0, 40.0, 50.0])
+    preds = np.array([31.0, 28.5, 41.0, 47.0])
+    got = dirfast.metrics.shot_metrics(preds, test, train)
+    expected = oracle.shot_metrics(preds, test, train)
+    assert_same_metrics(got, expected)
+    assert got["many"]["mse"] == pytest.approx((1 + 1.5**2) / 2)
+    assert got["median"]["l1"] == pytest.approx(1.0)
+    assert got["low"]["gmean"] == pytest.approx(3.0)
+
+
+def test_shot_metrics_empty_region_is_nan():
+    train = np.array([10.0] * 150 + [11.0] * 150)
+    test = np.array([10.0, 11.0, 11.0])
+    preds = np.array([12.0, 10.5, 13.0])
+    got = dirfast.metrics.shot_metrics(preds, test, train)
+    for m in METRICS:
+        assert math.isnan(got["median"][m]) and math.isnan(got["low"][m])
+    assert_same_metrics(got, oracle.shot_metrics(preds, test, train))
+    assert got["overall"]["gmean"] == pytest.approx(gmean([2.0, 0.5, 2.0]))
+
+
+def test_shot_metrics_binning_for_continuous_labels():
+    """binning=: test and training labels grouped by bin (STS-B-DIR), errors on the values."""
+    rng = np.random.default_rng(5)
+    train = np.round(rng.random(2000) ** 3 * 5, 3).astype(np.float32)
+    test = np.round(rng.random(400) * 5, 3).astype(np.float32)
+    preds = (test + rng.normal(0, 0.5, 400)).astype(np.float32)
+    binning = dirfast.Binning.uniform(0, 5, 50)
+    got = dirfast.metrics.shot_metrics(torch.tensor(preds), torch.tensor(test), torch.tensor(train), binning=binning)
+
+    edges = oracle.histogram_edges(0.0, 5.0, 50, dtype=np.float32)
+    test_bins = np.array([oracle.edges_bin(v, edges) for v in test])
+    train_bins = np.array([oracle.edges_bin(v, edges) for v in train])
+    errors = {"many": [], "median": [], "low": []}
+    for i in range(len(test)):
+        n = int(np.sum(train_bins == test_bins[i]))
+        region = "many" if n > 100 else ("low" if n < 20 else "median")
+        errors[region].append(float(preds[i]) - float(test[i]))
+    errors["overall"] = [float(p) - float(t) for p, t in zip(preds, test)]
+    assert all(len(v) for v in errors.values())
+    for region, e in errors.items():
+        e = np.array(e)
+        assert got[region]["mse"] == pytest.approx(np.mean(e**2), rel=1e-6)
+        assert got[region]["l1"] == pytest.approx(np.mean(np.abs(e)), rel=1e-6)
+        assert got[region]["gmean"] == pytest.approx(gmean(np.abs(e)), rel=1e-6)
+
+
+def test_shot_metrics_errors():
+    with pytest.raises(ValueError, match="preds"):
+        dirfast.metrics.shot_metrics(np.array([1.0, np.nan]), np.array([1.0, 2.0]), np.array([1.0]))
+    with pytest.raises(ValueError):
+        dirfast.metrics.shot_metrics(np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0]), np.array([1.0]))
+
+
+def test_shot_metrics_exact_prediction_gmean_zero():
+    """An exact prediction makes the region's geometric mean 0 (scipy's gmean), not an error."""
+    train = np.array([10.0] * 150 + [11.0] * 50)
+    test = np.array([10.0, 10.0, 11.0])
+    preds = np.array([10.0, 12.0, 11.5])
+    got = dirfast.metrics.shot_metrics(preds, test, train)
+    assert got["many"]["gmean"] == 0.0 and got["overall"]["gmean"] == 0.0
+    with np.errstate(divide="ignore"):
+        expected = oracle.shot_metrics(preds, test, train)
+    assert_same_metrics(got, expected)

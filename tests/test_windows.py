@@ -1,0 +1,93 @@
+"""Kernel windows: dirfast.get_lds_kernel_window and dirfast.kernel_window against scipy."""
+
+import numpy as np
+import pytest
+import torch
+
+import dirfast
+import oracle
+
+KERNELS = ["gaussian", "triang", "laplace"]
+SIZES = [1, 3, 5, 7, 9, 15]
+SIGMAS = [0.5, 1, 2, 3.5]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("ks", SIZES)
+@pytest.mark.parametrize("sigma", SIGMAS)
+def test_lds_window_matches_published(kernel, ks, sigma):
+    got = dirfast.get_lds_kernel_window(kernel, ks, sigma)
+    assert isinstance(got, np.ndarray)
+    expected = oracle.lds_window(kernel, ks, sigma)
+    assert got.shape == (ks,)
+    # LDS truncates smoothed counts (SPEC quirk), so the window must match to the last bits.
+    np.testing.assert_allclose(got, expected, rtol=1e-15, atol=0)
+    assert got.max() == pytest.approx(1.0)
+
+
+def test_lds_gaussian_window_spec_fact():
+    """SPEC: ks=5, sigma=2 gives 0.858, 0.946, 1, 0.946, 0.858 (tails folded back by scipy's
+    reflect mode: NOT a sampled Gaussian)."""
+    got = dirfast.get_lds_kernel_window("gaussian", 5, 2)
+    np.testing.assert_array_equal(np.round(got, 3), [0.858, 0.946, 1.0, 0.946, 0.858])
+    sampled = np.exp(-np.arange(-2, 3) ** 2 / (2 * 2.0**2))
+    assert not np.allclose(got, sampled / sampled.max(), atol=1e-2)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("ks", [1, 3, 5, 9])
+@pytest.mark.parametrize("sigma", [1, 2, 3])
+def test_kernel_window_max_is_lds_window(kernel, ks, sigma):
+    got = dirfast.kernel_window(kernel, ks, sigma, normalize="max")
+    assert isinstance(got, torch.Tensor) and got.dtype == torch.float64 and got.shape == (ks,)
+    np.testing.assert_allclose(got.numpy(), oracle.lds_window(kernel, ks, sigma), rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("ks", [1, 3, 5, 9])
+@pytest.mark.parametrize("sigma", [1, 2, 3])
+def test_kernel_window_sum_is_fds_window(kernel, ks, sigma):
+    got = dirfast.kernel_window(kernel, ks, sigma, normalize="sum")
+    assert got.dtype == torch.float64 and got.shape == (ks,)
+    assert float(got.sum()) == pytest.approx(1.0, abs=1e-6)
+    # the published FDS gaussian is built from a float32 delta: float32-level agreement
+    np.testing.assert_allclose(got.numpy(), oracle.fds_window(kernel, ks, sigma), rtol=1e-6, atol=1e-7)
+
+
+def test_kernel_window_defaults():
+    np.testing.assert_allclose(dirfast.kernel_window().numpy(), oracle.lds_window("gaussian", 5, 2.0), rtol=1e-15)
+
+
+def test_fds_window_matches_published_module():
+    from benchmarks.published import PublishedFDS
+
+    for kernel in KERNELS:
+        for ks, sigma in [(5, 2), (3, 1), (7, 3)]:
+            expected = PublishedFDS._get_kernel_window(kernel, ks, sigma).double()
+            got = dirfast.kernel_window(kernel, ks, sigma, normalize="sum")
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("fn", ["get_lds_kernel_window", "kernel_window"])
+@pytest.mark.parametrize(
+    "kernel, ks, sigma, word",
+    [
+        ("gaussian", 4, 2, "ks"),
+        ("gaussian", 0, 2, "ks"),
+        ("gaussian", -3, 2, "ks"),
+        ("triang", 6, 2, "ks"),
+        ("box", 5, 2, "kernel"),
+        ("gaussian", 5, 0, "sigma"),
+        ("gaussian", 5, -1.0, "sigma"),
+        ("laplace", 5, 0, "sigma"),
+        ("laplace", 5, -2, "sigma"),
+    ],
+)
+def test_window_bad_arguments(fn, kernel, ks, sigma, word):
+    with pytest.raises(ValueError, match=word):
+        getattr(dirfast, fn)(kernel, ks, sigma)
+
+
+def test_kernel_window_bad_normalize():
+    with pytest.raises(ValueError, match="normalize"):
+        dirfast.kernel_window("gaussian", 5, 2, normalize="l2")
