@@ -1,0 +1,217 @@
+"""One command for the whole benchmark: ``python -m benchmarks.run [--quick] [--device cpu|cuda]
+[--threads N] [--json PATH]``.
+
+Runs every case of :mod:`benchmarks.cases` (bin_stats, calibrate and a full FDS epoch, at
+65,536 x 512 and dense 8 x 64 x 120 x 160) for every provider (the published-style loop, plain
+PyTorch, each dirfast backend available here, and ``x.clone()``), without pytest: warm-up, then
+repeated timed calls, median.  Prints a line per case as it runs, then the machine and a table:
+median time, time relative to the clone of the same features (the memory-bandwidth yardstick),
+and how many times faster than the published-style loop.  ``--json PATH`` also writes the
+results with the machine's description (PATH may be a folder: the file is then named after the
+machine, e.g. ``nvidia-h100-80gb-hbm3.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+
+import torch
+
+from . import cases as C
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="few repetitions (whole run under 2 minutes on 2 cores)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="device of the tensors (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
+    p.add_argument("--json", metavar="PATH", default=None,
+                   help="write the results as JSON to PATH (a folder: a file named after the machine)")
+    p.add_argument("--ops", default=",".join(C.OPS),
+                   help=f"comma-separated ops among {','.join(C.ALL_OPS)} (default: {','.join(C.OPS)})")
+    p.add_argument("--sizes", default=",".join(C.SIZES),
+                   help=f"comma-separated sizes NxD or BxCxHxW (default: {','.join(C.SIZES)})")
+    p.add_argument("--check", action="store_true",
+                   help="compare each provider's first output with the published-style one")
+    p.add_argument("--providers", default=None,
+                   help="comma-separated subset of providers (published, torch, clone, dirfast backends)")
+    return p.parse_args(argv)
+
+
+def _split(value, allowed, what):
+    items = [v for v in value.split(",") if v]
+    bad = [v for v in items if v not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(allowed)})")
+    return items
+
+
+def _fmt_ratio(value):
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value < 100 else f"{value:.0f}"
+
+
+def split_skipped(rows):
+    """(rows to show, footer lines): a provider skipped for the same reason in every case is
+    left out of the table and named once below it."""
+    by_provider = {}
+    for r in rows:
+        by_provider.setdefault(r["provider"], []).append(r)
+    always = {p: rs[0]["note"] for p, rs in by_provider.items()
+              if all(r["median_ms"] is None and r["note"] == rs[0]["note"] for r in rs)}
+    shown = [r for r in rows if r["provider"] not in always]
+    return shown, [f"  {p}: {note}" for p, note in always.items()]
+
+
+def format_table(rows) -> str:
+    """The result table: one block per case; skipped providers show their reason."""
+    rows, footer = split_skipped(rows)
+    header = ["case", "provider", "median ms", "x clone", "x faster than published"]
+    with_check = any(r.get("check") for r in rows)
+    if with_check:
+        header.append("check vs published")
+    lines = []
+    for r in rows:
+        if r["median_ms"] is None:
+            note = r["note"] if len(r["note"]) <= 90 else r["note"][:87] + "..."
+            lines.append([r["case"], r["provider"], "skipped", note])
+            continue
+        ms = r["median_ms"]
+        line = [r["case"], r["provider"], f"{ms:.3f}" if ms < 10 else f"{ms:.1f}",
+                _fmt_ratio(r["x_clone"]), _fmt_ratio(r["x_published"])]
+        if with_check:
+            line.append(r.get("check", ""))
+        lines.append(line)
+    widths = [max([len(h)] + [len(l[i]) for l in lines if len(l) > 4 or i < 3]) for i, h in enumerate(header)]
+
+    def fmt(cols):
+        if len(cols) == 4:  # skipped: the reason after the time column
+            return "  ".join([cols[0].ljust(widths[0]), cols[1].ljust(widths[1]),
+                              cols[2].rjust(widths[2]), cols[3]]).rstrip()
+        cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths))]
+        if with_check:
+            cells[-1] = cols[-1].ljust(widths[-1])
+        return "  ".join(cells).rstrip()
+
+    out = [fmt(header), "  ".join("-" * w for w in widths)]
+    previous = None
+    for r, line in zip(rows, lines):
+        if previous is not None and r["case"] != previous:
+            out.append("")
+        previous = r["case"]
+        out.append(fmt(line))
+    if footer:
+        out += ["", "not measured here:"] + footer
+    return "\n".join(out)
+
+
+def format_machine(info) -> str:
+    lines = [
+        f"machine: {info['platform']} ({info['node']}), Python {info['python']}",
+        f"cpu:     {info['cpu']} ({info['cpu_count']} logical cores)",
+        f"torch:   {info['torch']}, torch.get_num_threads() = {info['torch_threads']}",
+        f"load:    {info['load_average']} (1, 5, 15 min load average before the run; other work skews timings)",
+        f"gpu:     {info['gpu'] or 'none used'}",
+        f"dirfast: {info['dirfast']}",
+    ]
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    if args.quick:
+        os.environ["DIRFAST_BENCH_QUICK"] = "1"
+    quick = C.quick_mode()
+    C.apply_thread_setting(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
+    ops = _split(args.ops, C.ALL_OPS, "op")
+    sizes = [v for v in args.sizes.split(",") if v]
+    for size in sizes:
+        try:
+            C.parse_size(size)
+        except ValueError as exc:
+            raise SystemExit(str(exc))
+    wanted = args.providers.split(",") if args.providers else None
+
+    jobs = []
+    for case in C.cases(ops, sizes, [device]):
+        for provider in C.provider_names(case.op, device):
+            if wanted is None or provider in wanted:
+                jobs.append((case, provider))
+
+    info = C.machine_info(device)
+    print(f"dirfast benchmarks on {device}, {'quick' if quick else 'full'} mode, "
+          f"{info['torch_threads']} torch threads: {len(jobs)} measurements", flush=True)
+    rows = []
+    reference = {}  # case -> published output, for --check
+    started = time.perf_counter()
+    for i, (case, provider) in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {case.name} {provider} ...", end=" ", flush=True)
+        t0 = time.perf_counter()
+        try:
+            runner = C.runner(case, provider)
+            check = ""
+            if args.check and provider != C.CEILING:
+                out = C.first_output(runner)
+                if provider == "published":
+                    reference[case] = out
+                elif case in reference:
+                    diff = C.max_difference(reference[case], out)
+                    check = f"{'ok' if diff <= C.CHECK_TOLERANCE else 'MISMATCH'} {diff:.1e}"
+                out = None
+            plan = C.plan(runner, quick, provider)
+            times = C.measure(runner, plan.rounds)
+            row = C.result_row(case, provider, times)
+            row["check"] = check
+            print(f"{row['median_ms']:.3f} ms (median of {len(times)}, {time.perf_counter() - t0:.1f} s)"
+                  + (f", check vs published: {check}" if check else ""), flush=True)
+        except C.Unavailable as exc:
+            row = C.result_row(case, provider, note=str(exc))
+            print(f"skipped: {exc}", flush=True)
+        except Exception as exc:  # a failing provider must not hide the others
+            row = C.result_row(case, provider, note=f"failed: {type(exc).__name__}: {exc}")
+            print(row["note"], flush=True)
+        runner = None
+        if i == len(jobs) or jobs[i][0] != case:
+            reference.pop(case, None)
+        gc.collect()
+        rows.append(row)
+    C.add_ratios(rows)
+
+    print()
+    print(format_machine(info))
+    print(f"mode:    {'quick' if quick else 'full'}, device {device}, total {time.perf_counter() - started:.0f} s")
+    print()
+    print(format_table(rows))
+    result = {"machine": info, "device": device, "quick": quick, "results": rows}
+    if args.json:
+        path = args.json
+        if path.endswith(os.sep) or os.path.isdir(path):
+            os.makedirs(path, exist_ok=True)
+            path = os.path.join(path, C.machine_name(info) + ".json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"\nresults written to {path}")
+    return result
+
+
+def main(argv=None):
+    result = run(parse_args(argv))
+    bad = [f"{r['case']} {r['provider']}: {r['note'] or r['check']}" for r in result["results"]
+           if r["note"].startswith("failed") or r.get("check", "").startswith("MISMATCH")]
+    if bad:
+        print("\nfailed or mismatched providers:\n  " + "\n  ".join(bad))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

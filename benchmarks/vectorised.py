@@ -1,0 +1,133 @@
+"""Plain vectorised PyTorch: the "torch" provider of the benchmarks.
+
+What a PyTorch user writes without a custom kernel: no Python loop over buckets, but several
+passes over the features and gathered [N, D] temporaries (``table[bin_idx]``), and a permuted
+copy for dense [B, C, *spatial] inputs.  Same semantics as the dirfast ops (CONTRACT.md).
+"""
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["torch_bin_stats", "torch_calibrate", "TorchFDS"]
+
+
+def _rows(x, bin_idx):
+    if x.dim() == 2:
+        return x, bin_idx.reshape(-1)
+    return x.movedim(1, -1).reshape(-1, x.shape[1]), bin_idx.reshape(-1)
+
+
+def _bins_with_overflow(idx, num_bins):
+    """Bin indices with every out-of-range value sent to an extra bin ``num_bins``."""
+    idx = idx.long()
+    return torch.where((idx >= 0) & (idx < num_bins), idx, torch.full_like(idx, num_bins))
+
+
+def torch_bin_stats(x, bin_idx, num_bins):
+    """(count [B], mean [B, D], var [B, D]) by two index_add_ passes (sum, then squared
+    deviations from the bin mean: numerically sound)."""
+    rows, idx = _rows(x, bin_idx)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rows = rows.to(acc)
+    idx = _bins_with_overflow(idx, num_bins)
+    d = rows.shape[1]
+    count = torch.zeros(num_bins + 1, dtype=torch.int64, device=x.device)
+    count.index_add_(0, idx, torch.ones_like(idx))
+    total = torch.zeros(num_bins + 1, d, dtype=acc, device=x.device).index_add_(0, idx, rows)
+    mean = total / count.clamp(min=1).unsqueeze(1).to(acc)
+    dev = rows - mean[idx]
+    m2 = torch.zeros(num_bins + 1, d, dtype=acc, device=x.device).index_add_(0, idx, dev * dev)
+    var = torch.where((count > 1).unsqueeze(1), m2 / (count - 1).clamp(min=1).unsqueeze(1).to(acc),
+                      torch.zeros((), dtype=acc, device=x.device))
+    return count[:num_bins], mean[:num_bins], var[:num_bins]
+
+
+def scale_shift(m1, v1, m2, v2, clip_min=0.1, clip_max=10.0):
+    """Per-bin scale s and shift t (x' = x * s + t), identity where the published rules leave a
+    value unchanged (bin with sum(v1) < 1e-10, dimension with v1 == 0)."""
+    s = torch.sqrt(torch.clamp(v2 / v1, clip_min, clip_max))
+    t = m2 - m1 * s
+    keep = (v1.sum(1, keepdim=True) < 1e-10) | (v1 == 0)
+    return torch.where(keep, torch.ones_like(s), s), torch.where(keep, torch.zeros_like(t), t)
+
+
+def torch_calibrate(x, bin_idx, m1, v1, m2, v2, clip_min=0.1, clip_max=10.0):
+    """x * s[bin] + t[bin] with gathered [N, D] tables; rows outside [0, B) unchanged."""
+    rows, idx = _rows(x, bin_idx)
+    s, t = scale_shift(m1.float(), v1.float(), m2.float(), v2.float(), clip_min, clip_max)
+    s = torch.cat([s, torch.ones_like(s[:1])])
+    t = torch.cat([t, torch.zeros_like(t[:1])])
+    idx = _bins_with_overflow(idx, m1.shape[0])
+    out = (rows.float() * s[idx] + t[idx]).to(x.dtype)
+    if x.dim() == 2:
+        return out
+    return out.view(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
+
+
+class TorchFDS(torch.nn.Module):
+    """FDS in plain vectorised PyTorch, with the published semantics (labels clamped into the
+    bucket range, the snapshot aliasing, reflect-padded window smoothing), for the epoch
+    benchmark.  Features [N, D] with labels [N] / [N, 1], or dense [B, C, *spatial] with labels
+    [B, 1, *spatial]; the window is the published float32 one (passed in)."""
+
+    def __init__(self, feature_dim, window, bucket_num=100, bucket_start=3, start_update=0,
+                 start_smooth=1, momentum=0.9, device="cpu"):
+        super().__init__()
+        self.feature_dim, self.bucket_num, self.bucket_start = feature_dim, bucket_num, bucket_start
+        self.start_update, self.start_smooth, self.momentum = start_update, start_smooth, momentum
+        self.window = window.to(device=device, dtype=torch.float32)
+        self.half_ks = (window.numel() - 1) // 2
+        k = bucket_num - bucket_start
+        self.register_buffer("epoch", torch.zeros(1, device=device).fill_(start_update))
+        self.register_buffer("running_mean", torch.zeros(k, feature_dim, device=device))
+        self.register_buffer("running_var", torch.ones(k, feature_dim, device=device))
+        self.register_buffer("running_mean_last_epoch", torch.zeros(k, feature_dim, device=device))
+        self.register_buffer("running_var_last_epoch", torch.ones(k, feature_dim, device=device))
+        self.register_buffer("smoothed_mean_last_epoch", torch.zeros(k, feature_dim, device=device))
+        self.register_buffer("smoothed_var_last_epoch", torch.ones(k, feature_dim, device=device))
+        self.register_buffer("num_samples_tracked", torch.zeros(k, device=device))
+
+    def _buckets(self, labels, like):
+        """Bucket of each row of ``like`` (features), as int64 [N] (dense: [B, *spatial])."""
+        labels = labels.reshape(like.shape[0], *like.shape[2:]) if like.dim() > 2 else labels.reshape(-1)
+        b = labels.long().clamp(self.bucket_start, self.bucket_num - 1)
+        return b - self.bucket_start
+
+    def _smooth(self, stats):
+        padded = F.pad(stats.t().unsqueeze(1), (self.half_ks, self.half_ks), mode="reflect")
+        return F.conv1d(padded, self.window.view(1, 1, -1)).squeeze(1).t()
+
+    def update_last_epoch_stats(self, epoch):
+        if epoch == self.epoch + 1:
+            self.epoch += 1
+            self.running_mean_last_epoch = self.running_mean
+            self.running_var_last_epoch = self.running_var
+            self.smoothed_mean_last_epoch = self._smooth(self.running_mean_last_epoch)
+            self.smoothed_var_last_epoch = self._smooth(self.running_var_last_epoch)
+
+    def update_running_stats(self, features, labels, epoch):
+        if epoch < self.epoch:
+            return
+        k = self.bucket_num - self.bucket_start
+        count, mean, var = torch_bin_stats(features, self._buckets(labels, features), k)
+        present = count > 0
+        self.num_samples_tracked += count.to(self.num_samples_tracked.dtype)
+        if epoch == self.start_update:
+            factor = torch.zeros_like(self.num_samples_tracked)
+        elif self.momentum is not None:
+            factor = torch.full_like(self.num_samples_tracked, self.momentum)
+        else:
+            factor = 1 - count.to(self.num_samples_tracked.dtype) / self.num_samples_tracked.clamp(min=1)
+        factor = factor.unsqueeze(1)
+        new_mean = (1 - factor) * mean + factor * self.running_mean
+        new_var = (1 - factor) * var + factor * self.running_var
+        self.running_mean.copy_(torch.where(present.unsqueeze(1), new_mean, self.running_mean))
+        self.running_var.copy_(torch.where(present.unsqueeze(1), new_var, self.running_var))
+
+    def smooth(self, features, labels, epoch):
+        if epoch < self.start_smooth:
+            return features
+        out = torch_calibrate(features, self._buckets(labels, features), self.running_mean_last_epoch,
+                              self.running_var_last_epoch, self.smoothed_mean_last_epoch,
+                              self.smoothed_var_last_epoch)
+        return features.copy_(out)  # in place, like the published smooth
