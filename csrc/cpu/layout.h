@@ -1,0 +1,132 @@
+// How the CPU kernels walk a feature tensor x of shape [N, D] or [B, C, *spatial] in place.
+//
+// A "row" is one sample: a row of [N, D], or one pixel (b, *spatial) of a dense tensor. Rows are
+// numbered in the C order of bin_idx ([N] or [B, *spatial]). Two memory layouts are read and
+// written without a copy:
+//
+//   kRows    element (r, d) at r * row_stride + d: [N, D] row-major (row_stride may exceed D),
+//            channels-last dense tensors (x.movedim(1, -1) contiguous), any D == 1 tensor whose
+//            rows collapse to one stride;
+//   kPlanar  element (b, c, s) at b * batch_stride + c * feature_stride + s, where s runs over the
+//            flattened spatial positions with unit stride: contiguous [B, C, *spatial] (each
+//            channel plane read along the spatial axis), and column-major [N, D] (viewed as
+//            [1, D, N]).
+//
+// Anything else (e.g. a tensor sliced along its last axis) is copied once with .contiguous()
+// by the kernel, the only copy of x any kernel makes.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace dirfast {
+namespace cpu {
+
+struct Layout {
+  enum Kind { kNone, kRows, kPlanar };
+  Kind kind = kNone;
+  int64_t rows = 0;            // N, or B * prod(spatial)
+  int64_t dim = 0;             // D (features along dim 1)
+  int64_t row_stride = 0;      // kRows
+  int64_t batch = 0;           // kPlanar: B (1 for a column-major [N, D])
+  int64_t inner = 0;           // kPlanar: positions per batch item (prod(spatial), or N)
+  int64_t batch_stride = 0;    // kPlanar
+  int64_t feature_stride = 0;  // kPlanar
+};
+
+// Whether the dims `order` (outermost first) of t collapse into one dimension, ignoring dims of
+// size 1; `stride` gets the stride of the collapsed dimension (`fallback` when all have size 1).
+inline bool collapse(const at::Tensor& t, const std::vector<int64_t>& order, int64_t fallback,
+                     int64_t* stride) {
+  std::vector<int64_t> kept;
+  for (int64_t d : order) {
+    if (t.size(d) != 1) kept.push_back(d);
+  }
+  if (kept.empty()) {
+    *stride = fallback;
+    return true;
+  }
+  for (size_t i = 0; i + 1 < kept.size(); ++i) {
+    if (t.stride(kept[i]) != t.stride(kept[i + 1]) * t.size(kept[i + 1])) return false;
+  }
+  *stride = t.stride(kept.back());
+  return true;
+}
+
+// The layout of t, or kNone when it is neither (then the caller makes it contiguous).
+inline Layout classify(const at::Tensor& t) {
+  Layout layout;
+  const int64_t n = t.dim();
+  layout.dim = t.size(1);
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < n; ++d) spatial *= t.size(d);
+  layout.rows = t.size(0) * spatial;
+
+  std::vector<int64_t> row_dims{0};
+  for (int64_t d = 2; d < n; ++d) row_dims.push_back(d);
+  int64_t stride = 0;
+  if ((layout.dim <= 1 || t.stride(1) == 1) && collapse(t, row_dims, layout.dim, &stride)) {
+    layout.kind = Layout::kRows;
+    layout.row_stride = stride;
+    return layout;
+  }
+  if (n == 2) {
+    if (t.size(0) <= 1 || t.stride(0) == 1) {  // column-major [N, D]: [1, D, N]
+      layout.kind = Layout::kPlanar;
+      layout.batch = 1;
+      layout.inner = t.size(0);
+      layout.batch_stride = 0;
+      layout.feature_stride = t.stride(1);
+    }
+    return layout;
+  }
+  std::vector<int64_t> spatial_dims;
+  for (int64_t d = 2; d < n; ++d) spatial_dims.push_back(d);
+  if (collapse(t, spatial_dims, 1, &stride) && stride == 1) {
+    layout.kind = Layout::kPlanar;
+    layout.batch = t.size(0);
+    layout.inner = spatial;
+    layout.batch_stride = t.stride(0);
+    layout.feature_stride = t.stride(1);
+  }
+  return layout;
+}
+
+// A tensor with the values of x in a layout of the given kind (x itself when it already is).
+inline at::Tensor in_layout(const at::Tensor& x, Layout::Kind kind) {
+  if (classify(x).kind == kind) return x;
+  if (kind == Layout::kRows) return x.movedim(1, -1).contiguous().movedim(-1, 1);
+  return x.contiguous();
+}
+
+// The layout x is read in: its own when it has one, else that of x.contiguous().
+inline at::Tensor readable(const at::Tensor& x) {
+  return classify(x).kind == Layout::kNone ? x.contiguous() : x;
+}
+
+// The floating dtypes the ops take.
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// The argument checks of an op on (x, bin_idx), named in the messages.
+inline void check_features_and_bins(const at::Tensor& x, const at::Tensor& bin_idx,
+                                    const char* op) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got one on ", x.device());
+  TORCH_CHECK(bin_idx.device().is_cpu(), op, ": bin_idx must be a CPU tensor, got one on ",
+              bin_idx.device());
+  TORCH_CHECK(is_supported_float(x.scalar_type()), op,
+              ": x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.dim() >= 2, op, ": x must be [N, D] or [B, C, *spatial], got shape ", x.sizes());
+  TORCH_CHECK(bin_idx.scalar_type() == at::kLong || bin_idx.scalar_type() == at::kInt, op,
+              ": bin_idx must be int64 or int32, got ", bin_idx.scalar_type());
+  std::vector<int64_t> expected{x.size(0)};
+  for (int64_t d = 2; d < x.dim(); ++d) expected.push_back(x.size(d));
+  TORCH_CHECK(bin_idx.sizes() == at::IntArrayRef(expected), op, ": bin_idx must have shape ",
+              at::IntArrayRef(expected), " to match x of shape ", x.sizes(),
+              " (one index per row, features along dim 1), got ", bin_idx.sizes());
+}
+
+}  // namespace cpu
+}  // namespace dirfast

@@ -1,0 +1,93 @@
+// dirfast::smooth_bins on CPU: every column of a [B] or [B, D] table smoothed along the bins in
+// one call, with the padding modes and the summation order of src/smooth.h.
+//
+// The arithmetic is in the dtype of stats (the window is cast to it), as dirfast.reference
+// does, so float64 statistics (LDS) give the same bits as the reference and scipy. The tables
+// are small (B x D); the work is split over bins with at::parallel_for, each output element
+// computed by one thread in a fixed order, so the result does not depend on the thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "layout.h"
+#include "smooth.h"
+
+namespace dirfast {
+namespace cpu {
+namespace {
+
+Padding parse_padding(c10::string_view padding) {
+  const std::string name(padding.data(), padding.size());
+  if (name == "reflect") return Padding::kReflect;
+  if (name == "replicate") return Padding::kReplicate;
+  if (name == "constant") return Padding::kConstant;
+  TORCH_CHECK(false, "dirfast::smooth_bins: padding must be one of 'reflect', 'constant', "
+                     "'replicate', got '", name, "'");
+}
+
+at::Tensor smooth_bins_cpu(const at::Tensor& stats, const at::Tensor& window,
+                           c10::string_view padding) {
+  const char* op = "dirfast::smooth_bins";
+  TORCH_CHECK(stats.device().is_cpu(), op, ": stats must be a CPU tensor, got one on ",
+              stats.device());
+  TORCH_CHECK(window.device().is_cpu(), op, ": window must be a CPU tensor, got one on ",
+              window.device());
+  TORCH_CHECK(is_supported_float(stats.scalar_type()), op,
+              ": stats must be float16, bfloat16, float32 or float64, got ", stats.scalar_type());
+  TORCH_CHECK(is_supported_float(window.scalar_type()), op,
+              ": window must be float16, bfloat16, float32 or float64, got ", window.scalar_type());
+  TORCH_CHECK((stats.dim() == 1 || stats.dim() == 2) && stats.size(0) >= 1, op,
+              ": stats must be [B] or [B, D] with B >= 1, got shape ", stats.sizes());
+  TORCH_CHECK(window.dim() == 1 && window.size(0) % 2 == 1, op,
+              ": window must be 1-D with an odd length, got shape ", window.sizes());
+  const Padding mode = parse_padding(padding);
+
+  const int64_t num_bins = stats.size(0);
+  const int64_t columns = stats.dim() == 2 ? stats.size(1) : 1;
+  const int64_t ks = window.size(0);
+  const int64_t h = (ks - 1) / 2;
+
+  at::Tensor result = at::empty_like(stats);  // the fake kernel's strides
+  if (stats.numel() == 0) return result;
+  at::Tensor out = result.is_contiguous() ? result : at::empty(stats.sizes(), stats.options());
+  const at::Tensor src = stats.contiguous();
+  const at::Tensor w = window.to(stats.scalar_type()).contiguous();
+  const at::Tensor w64 = window.to(at::kDouble).contiguous();
+  const double* pw64 = w64.data_ptr<double>();
+  std::unique_ptr<bool[]> symmetric(new bool[h > 0 ? h : 1]);
+  for (int64_t j = 1; j <= h; ++j) {
+    symmetric[j - 1] = window_pair_symmetric(pw64[h - j], pw64[h + j]);
+  }
+
+  const auto dtype = stats.scalar_type();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dirfast::smooth_bins", [&] {
+    const scalar_t* ps = src.data_ptr<scalar_t>();
+    const scalar_t* pw = w.data_ptr<scalar_t>();
+    scalar_t* po = out.data_ptr<scalar_t>();
+    const bool* sym = symmetric.get();
+    const int64_t grain = std::max<int64_t>(1, 16384 / (columns * ks));
+    at::parallel_for(0, num_bins, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t c = 0; c < columns; ++c) {
+          po[b * columns + c] =
+              smooth_bin<scalar_t>(ps + c, columns, num_bins, b, pw, sym, h, mode);
+        }
+      }
+    });
+  });
+  if (!out.is_same(result)) result.copy_(out);
+  return result;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dirfast
+
+TORCH_LIBRARY_IMPL(dirfast, CPU, m) {
+  m.impl("smooth_bins", &dirfast::cpu::smooth_bins_cpu);
+}
