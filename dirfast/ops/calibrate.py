@@ -24,16 +24,23 @@ def _setup_context(ctx, inputs, output):
     ctx.clips = (clip_min, clip_max)
 
 
-def _backward(ctx, grad):
-    # calibrate is y = x * s[b] + t[b], so dy/dx = s[b]: the same op with both means at zero
-    # multiplies by s alone, with the same rules for rows and dimensions left unchanged.
-    bin_idx, m1, v1, m2, v2 = ctx.saved_tensors
-    zeros = torch.zeros_like(m1)
-    grad_x = op_overload(OP)(grad, bin_idx, zeros, v1, zeros, v2, *ctx.clips)
-    return grad_x, None, None, None, None, None, None, None
+def register_calibrate_autograd(op: str) -> None:
+    """Make ``dirfast::<op>``, an op with calibrate's schema, differentiable in ``x``.
+
+    calibrate is ``y = x * s[b] + t[b]``, so ``dy/dx = s[b]``: the same op with both means at
+    zero multiplies by ``s`` alone, with the same rules for rows and dimensions left unchanged.
+    The statistics are buffers and get no gradient.
+    """
+    def backward(ctx, grad):
+        bin_idx, m1, v1, m2, v2 = ctx.saved_tensors
+        zeros = torch.zeros_like(m1)
+        grad_x = op_overload(op)(grad, bin_idx, zeros, v1, zeros, v2, *ctx.clips)
+        return grad_x, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(qualname(op), backward, setup_context=_setup_context)
 
 
-torch.library.register_autograd(qualname(OP), _backward, setup_context=_setup_context)
+register_calibrate_autograd(OP)
 
 
 def calibrate(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float = 10.0):

@@ -1,0 +1,110 @@
+"""``dirfast::triton_smooth_bins``: the window convolution along the bins, in one kernel.
+
+Each program computes a ``[BLOCK_B, BLOCK_D]`` tile of the output; tap ``k`` of bin ``b`` reads
+bin ``b + k - h`` of the same column, sent back into range by the padding rule (reflect as
+often as needed, clamp, or zero). The statistics are tiny (``[B, D]``), so the kernel is one
+launch reading each value ``ks`` times from L1/L2.
+
+The taps are summed in the order of :func:`dirfast.reference.smooth_bins` (scipy's: centre
+first, then mirrored pairs from the outside in, a symmetric pair added before it is weighted)
+with fused multiply-adds disabled, so float32 and float64 results equal the reference's bit for
+bit (LDS relies on scipy's rounding). float16/bfloat16 statistics are smoothed in float32.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+
+PADDING_CODES = {"reflect": 0, "constant": 1, "replicate": 2}
+
+
+@triton.jit
+def _source(j, B, PADDING: tl.constexpr):
+    """Bin read by the (possibly out-of-range) index ``j`` under the padding rule."""
+    if PADDING == 0:  # reflect without repeating the edge, period 2(B - 1); B == 1 -> 0
+        period = tl.maximum(2 * (B - 1), 1)
+        j = ((j % period) + period) % period  # a non-negative remainder whatever % rounds to
+        j = tl.where(j >= B, period - j, j)
+    else:  # replicate, and constant (whose outside taps are masked to zero by the caller)
+        j = tl.minimum(tl.maximum(j, 0), B - 1)
+    return j
+
+
+@triton.jit
+def _tap(stats_ptr, b, d, mask, B, s_b, s_d, j_off, PADDING: tl.constexpr, ACC: tl.constexpr):
+    j = b + j_off
+    src = _source(j, B, PADDING)
+    m = mask
+    if PADDING == 1:
+        m = m & ((j >= 0) & (j < B))[:, None]
+    v = tl.load(stats_ptr + src[:, None] * s_b + d[None, :] * s_d, mask=m, other=0.0)
+    return v.to(ACC)
+
+
+@triton.jit(do_not_specialize=["B", "h"])
+def _smooth_kernel(stats_ptr, w_ptr, out_ptr, B, D, s_b, s_d, s_w, o_b, o_d, h,
+                   PADDING: tl.constexpr, ACC: tl.constexpr,
+                   BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = (b < B)[:, None] & (d < D)[None, :]
+
+    w_h = tl.load(w_ptr + h * s_w).to(ACC)
+    out = _tap(stats_ptr, b, d, mask, B, s_b, s_d, 0, PADDING, ACC) * w_h
+    for i in range(0, h):
+        j = h - i  # from the outermost pair inwards, as scipy.ndimage.correlate1d
+        w_left = tl.load(w_ptr + (h - j) * s_w)
+        w_right = tl.load(w_ptr + (h + j) * s_w)
+        # scipy treats a pair as symmetric when its weights differ by at most DBL_EPSILON
+        symmetric = tl.abs(w_left.to(tl.float64) - w_right.to(tl.float64)) <= 2.220446049250313e-16
+        left = _tap(stats_ptr, b, d, mask, B, s_b, s_d, -j, PADDING, ACC)
+        right = _tap(stats_ptr, b, d, mask, B, s_b, s_d, j, PADDING, ACC)
+        wl = w_left.to(ACC)
+        wr = w_right.to(ACC)
+        paired = (left + right) * wr
+        separate = left * wl + right * wr
+        out = out + tl.where(symmetric, paired, separate)
+    tl.store(out_ptr + b[:, None] * o_b + d[None, :] * o_d, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _blocks(num_bins: int, dim: int):
+    if _common.INTERPRET:  # one or a few programs: the interpreter pays per program
+        return min(_common.next_pow2(num_bins), 256), min(_common.next_pow2(dim), 128), 4
+    block_d = min(_common.next_pow2(dim), 128)
+    block_b = max(1, min(_common.next_pow2(num_bins), 4096 // block_d))
+    return block_b, block_d, 4
+
+
+@torch.library.custom_op("dirfast::triton_smooth_bins", mutates_args=(), device_types=("cuda", "cpu"))
+def triton_smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "reflect") -> torch.Tensor:
+    """:func:`dirfast.ops.smooth_bins` as one Triton kernel (any strides, no copies)."""
+    _common.check_device(stats, "smooth_bins")
+    if padding not in PADDING_CODES:
+        raise ValueError(f"padding must be one of {tuple(PADDING_CODES)}, got {padding!r}")
+    out = torch.empty_like(stats)
+    num_bins = stats.shape[0]
+    ks = window.shape[0]
+    dim = stats.shape[1] if stats.dim() == 2 else 1
+    if out.numel() == 0:
+        return out
+    window = window.to(stats.device)
+    s_d = stats.stride(1) if stats.dim() == 2 else 0
+    o_d = out.stride(1) if out.dim() == 2 else 0
+    block_b, block_d, warps = _blocks(num_bins, dim)
+    grid = (_common.cdiv(num_bins, block_b), _common.cdiv(dim, block_d))
+    with _common.device_guard(stats):
+        _smooth_kernel[grid](
+            stats, window, out, num_bins, dim, stats.stride(0), s_d, window.stride(0), out.stride(0), o_d,
+            (ks - 1) // 2, PADDING=PADDING_CODES[padding], ACC=_common.tl_acc(stats.dtype),
+            BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps, enable_fp_fusion=False,
+        )
+    return out
+
+
+triton_smooth_bins.register_fake(importlib.import_module("dirfast.ops.smooth_bins")._fake)
