@@ -1,0 +1,172 @@
+"""The GPU goals of the kernel issues, measured in one run: ``python -m benchmarks.gpu [--json PATH]``.
+
+For each dirfast backend available on the GPU (and the reference), against the published-style
+loop and a device-to-device copy of the same bytes:
+
+* ``calibrate`` on 2^26 float32 elements (131,072 x 512): achieved bandwidth, bytes read plus
+  written, as a fraction of the copy's;
+* ``bin_stats`` on the same tensor: read bandwidth (bytes of ``x`` once) over the copy's;
+* ``FDS.smooth`` of a [256, 2048] batch over 100 buckets: speed-up over the published loop;
+* a full FDS epoch update (``update_running_stats`` + ``update_last_epoch_stats``) of 200,000 x
+  2,048 features: speed-up over the published loop.
+
+Times are medians of CUDA-event-timed calls after a warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+
+import dirfast
+
+from .published import PublishedFDS
+
+GOALS = {  # from the Triton and CUDA kernel issues
+    "calibrate_bandwidth": 0.70,
+    "bin_stats_bandwidth": 0.60,
+    "smooth_speedup": 50.0,
+    "epoch_speedup": 8.0,
+}
+
+
+def time_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
+    """Median milliseconds of ``fn()`` on the current CUDA stream."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def _labels(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Integer labels 0..99 (buckets 3..99 with bucket_start=3), skewed like ages."""
+    ages = torch.randn(n, generator=gen) * 12 + 35
+    return ages.round().clamp(0, 99).float().cuda()
+
+
+def _backends() -> list:
+    report = dirfast.backends()
+    return [name for name in ("cuda", "triton", "reference") if report[name]["available"]]
+
+
+def bandwidth_cases(results: list) -> None:
+    gen = torch.Generator().manual_seed(0)
+    n, d, bins = 131072, 512, 97
+    x = torch.randn(n, d, generator=gen).cuda()
+    idx = torch.randint(0, bins, (n,), generator=gen).cuda()
+    stats = [torch.randn(bins, d).cuda(), torch.rand(bins, d).cuda() + 0.1,
+             torch.randn(bins, d).cuda(), torch.rand(bins, d).cuda() + 0.1]
+    nbytes = x.numel() * x.element_size()
+    copy_ms = time_ms(lambda: x.clone())
+    copy_bw = 2 * nbytes / copy_ms / 1e6  # GB/s, read + write
+    results.append({"case": "copy 131072x512", "provider": "clone", "ms": copy_ms, "GB/s": copy_bw})
+    for backend in _backends():
+        with dirfast.use_backend(backend):
+            ms = time_ms(lambda: dirfast.ops.calibrate(x, idx, *stats))
+            results.append({"case": "calibrate 131072x512", "provider": backend, "ms": ms,
+                            "GB/s": 2 * nbytes / ms / 1e6, "x copy bandwidth": (2 * nbytes / ms) / (2 * nbytes / copy_ms),
+                            "goal": GOALS["calibrate_bandwidth"]})
+            ms = time_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
+            results.append({"case": "bin_stats 131072x512", "provider": backend, "ms": ms,
+                            "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms),
+                            "goal": GOALS["bin_stats_bandwidth"]})
+
+
+def _fitted_pair(d: int, n_fit: int, gen: torch.Generator):
+    """A published and a dirfast FDS with the same statistics (one epoch of updates)."""
+    feats = torch.randn(n_fit, d, generator=gen).cuda()
+    labels = _labels(n_fit, gen)
+    published = PublishedFDS(d, device="cuda")
+    ours = dirfast.FDS(d).cuda()
+    for fds in (published, ours):
+        fds.update_running_stats(feats, labels, 0)
+        fds.update_last_epoch_stats(1)
+    return published, ours
+
+
+def smooth_cases(results: list) -> None:
+    gen = torch.Generator().manual_seed(1)
+    d = 2048
+    published, ours = _fitted_pair(d, 20000, gen)
+    batch = torch.randn(256, d, generator=gen).cuda()
+    labels = _labels(256, gen).unsqueeze(1)
+    work = batch.clone()
+    base = time_ms(lambda: published.smooth(work.copy_(batch), labels, 1))
+    results.append({"case": "FDS.smooth 256x2048", "provider": "published", "ms": base})
+    for backend in _backends():
+        with dirfast.use_backend(backend):
+            ms = time_ms(lambda: ours.smooth(work.copy_(batch), labels, 1))
+        results.append({"case": "FDS.smooth 256x2048", "provider": backend, "ms": ms,
+                        "x faster than published": base / ms, "goal": GOALS["smooth_speedup"]})
+
+
+def epoch_cases(results: list) -> None:
+    gen = torch.Generator().manual_seed(2)
+    n, d = 200000, 2048
+    feats = torch.randn(n, d, generator=gen).cuda()
+    labels = _labels(n, gen)
+    published, ours = PublishedFDS(d, device="cuda"), dirfast.FDS(d).cuda()
+
+    def epoch(fds):
+        def run():
+            fds.epoch.fill_(0)
+            fds.update_running_stats(feats, labels, 0)
+            fds.update_last_epoch_stats(1)
+        return run
+
+    base = time_ms(epoch(published), warmup=1, repeat=5)
+    results.append({"case": "FDS epoch update 200000x2048", "provider": "published", "ms": base})
+    for backend in _backends():
+        with dirfast.use_backend(backend):
+            ms = time_ms(epoch(ours), warmup=1, repeat=5)
+        results.append({"case": "FDS epoch update 200000x2048", "provider": backend, "ms": ms,
+                        "x faster than published": base / ms, "goal": GOALS["epoch_speedup"]})
+
+
+def format_rows(rows: list) -> str:
+    lines = [f"{'case':<30} {'provider':<10} {'median ms':>10} {'ratio':>8} {'goal':>6}"]
+    for row in rows:
+        ratio = row.get("x copy bandwidth", row.get("x faster than published"))
+        lines.append(f"{row['case']:<30} {row['provider']:<10} {row['ms']:>10.3f} "
+                     f"{'' if ratio is None else format(ratio, '.2f'):>8} {row.get('goal', ''):>6}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON (a folder: named after the GPU)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks.gpu needs a CUDA GPU")
+    name = torch.cuda.get_device_name(0)
+    print(f"GPU: {name}; torch {torch.__version__}; backends: {_backends()}", flush=True)
+    rows: list = []
+    for step in (bandwidth_cases, smooth_cases, epoch_cases):
+        print(f"running {step.__name__} ...", flush=True)
+        step(rows)
+    table = format_rows(rows)
+    if args.json:
+        path = args.json
+        if os.path.isdir(path):
+            slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+            path = os.path.join(path, f"gpu-goals-{slug}.json")
+        with open(path, "w") as handle:
+            json.dump({"gpu": name, "torch": torch.__version__, "rows": rows}, handle, indent=1)
+        print(f"wrote {path}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
