@@ -3,6 +3,7 @@
 # already installed): build dirfast in place, run the test suite on the GPU, run the GPU
 # benchmarks, and write the results under $OUT (default ./gpu-results), a short table last.
 #   bash benchmarks/gpu_check.sh            # about 5 minutes on one H100
+# Knobs: SKIP_BUILD=1, TESTS (paths), TESTS_K (pytest -k), TEST_TIMEOUT, BENCH_TIMEOUT (seconds).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -26,7 +27,8 @@ fi
 $PY -c "import dirfast, json; print(json.dumps(dirfast.backends(), indent=1))" 2>&1 | tee -a "$OUT/environment.txt"
 
 echo "== tests on the GPU"
-timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider ${TESTS:-tests} >"$OUT/tests.log" 2>&1
+# The GPU cases only (the CPU ones ran in CI): every test whose id names cuda or triton.
+timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -k "${TESTS_K:-cuda or triton}" ${TESTS:-tests} >"$OUT/tests.log" 2>&1
 test_rc=$?
 tail -n 25 "$OUT/tests.log"
 [ $test_rc -eq 0 ] || status=1
