@@ -51,12 +51,16 @@ def _extension_setup():
 
     generated = os.path.join(HERE, "build", "generated")
     _write_schema_header(generated)
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     extension = CppExtension(
         "dirfast._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "src"), generated],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"]},
+        # at::parallel_for is inline OpenMP in the headers: without -fopenmp every kernel
+        # silently runs on one thread.
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"] + openmp},
+        extra_link_args=openmp,
     )
 
     class OptionalBuildExtension(BuildExtension):
