@@ -190,8 +190,7 @@ def inputs(size: str, device: str) -> dict:
     else:
         x += offsets[bin_idx].movedim(-1, 1)
     count, m1, v1 = torch_bin_stats(x, bin_idx, NUM_BINS)
-    window = PublishedFDS._get_kernel_window("gaussian", 5, 2)
-    smooth = TorchFDS(1, window)._smooth  # reflect-padded window smoothing along the bins
+    smooth = PublishedFDS(1)._smooth_along_buckets  # reflect-padded window smoothing along the bins
     m2, v2 = smooth(m1), smooth(v1)
     fds_labels = ages.unsqueeze(1) if len(x_shape) > 2 else ages  # dense: [B, 1, *spatial]
     out = dict(x=x, bin_idx=bin_idx, ages=ages, fds_labels=fds_labels, m1=m1, v1=v1, m2=m2, v2=v2)
@@ -312,8 +311,7 @@ def _fds_runner(op, provider, t, device, dense):
     if provider == "published":
         run = _FDSRun(op, PublishedFDS(d, device=device, **common), x, labels, dense_published=dense)
     elif provider == "torch":
-        window = PublishedFDS._get_kernel_window("gaussian", 5, 2)
-        run = _FDSRun(op, TorchFDS(d, window, device=device, **common), x, labels)
+        run = _FDSRun(op, TorchFDS(d, device=device, **common), x, labels)
     else:
         dirfast, reason = _dirfast()
         if dirfast is None:

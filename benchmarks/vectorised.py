@@ -6,7 +6,8 @@ copy for dense [B, C, *spatial] inputs.  Same semantics as the dirfast ops (CONT
 """
 
 import torch
-import torch.nn.functional as F
+
+from .published import PublishedFDS
 
 __all__ = ["torch_bin_stats", "torch_calibrate", "TorchFDS"]
 
@@ -64,46 +65,19 @@ def torch_calibrate(x, bin_idx, m1, v1, m2, v2, clip_min=0.1, clip_max=10.0):
     return out.view(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
 
 
-class TorchFDS(torch.nn.Module):
+class TorchFDS(PublishedFDS):
     """FDS in plain vectorised PyTorch, with the published semantics (labels clamped into the
     bucket range, the snapshot aliasing, reflect-padded window smoothing), for the epoch
-    benchmark.  Features [N, D] with labels [N] / [N, 1], or dense [B, C, *spatial] with labels
-    [B, 1, *spatial]; the window is the published float32 one (passed in)."""
-
-    def __init__(self, feature_dim, window, bucket_num=100, bucket_start=3, start_update=0,
-                 start_smooth=1, momentum=0.9, device="cpu"):
-        super().__init__()
-        self.feature_dim, self.bucket_num, self.bucket_start = feature_dim, bucket_num, bucket_start
-        self.start_update, self.start_smooth, self.momentum = start_update, start_smooth, momentum
-        self.window = window.to(device=device, dtype=torch.float32)
-        self.half_ks = (window.numel() - 1) // 2
-        k = bucket_num - bucket_start
-        self.register_buffer("epoch", torch.zeros(1, device=device).fill_(start_update))
-        self.register_buffer("running_mean", torch.zeros(k, feature_dim, device=device))
-        self.register_buffer("running_var", torch.ones(k, feature_dim, device=device))
-        self.register_buffer("running_mean_last_epoch", torch.zeros(k, feature_dim, device=device))
-        self.register_buffer("running_var_last_epoch", torch.ones(k, feature_dim, device=device))
-        self.register_buffer("smoothed_mean_last_epoch", torch.zeros(k, feature_dim, device=device))
-        self.register_buffer("smoothed_var_last_epoch", torch.ones(k, feature_dim, device=device))
-        self.register_buffer("num_samples_tracked", torch.zeros(k, device=device))
+    benchmark: the published module's buffers and epoch snapshot, with the per-bucket loops of
+    ``update_running_stats`` and ``smooth`` replaced by scatter/gather over all buckets.
+    Features [N, D] with labels [N] / [N, 1], or dense [B, C, *spatial] with labels
+    [B, 1, *spatial]."""
 
     def _buckets(self, labels, like):
         """Bucket of each row of ``like`` (features), as int64 [N] (dense: [B, *spatial])."""
         labels = labels.reshape(like.shape[0], *like.shape[2:]) if like.dim() > 2 else labels.reshape(-1)
         b = labels.long().clamp(self.bucket_start, self.bucket_num - 1)
         return b - self.bucket_start
-
-    def _smooth(self, stats):
-        padded = F.pad(stats.t().unsqueeze(1), (self.half_ks, self.half_ks), mode="reflect")
-        return F.conv1d(padded, self.window.view(1, 1, -1)).squeeze(1).t()
-
-    def update_last_epoch_stats(self, epoch):
-        if epoch == self.epoch + 1:
-            self.epoch += 1
-            self.running_mean_last_epoch = self.running_mean
-            self.running_var_last_epoch = self.running_var
-            self.smoothed_mean_last_epoch = self._smooth(self.running_mean_last_epoch)
-            self.smoothed_var_last_epoch = self._smooth(self.running_var_last_epoch)
 
     def update_running_stats(self, features, labels, epoch):
         if epoch < self.epoch:

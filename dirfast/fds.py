@@ -192,7 +192,6 @@ class FDS(nn.Module):
         if epoch < self.start_smooth:
             return features
         buckets = self._buckets(features, labels, check=False)
-        calibrated = ops.calibrate(features, buckets, self.running_mean_last_epoch,
-                                   self.running_var_last_epoch, self.smoothed_mean_last_epoch,
-                                   self.smoothed_var_last_epoch, self.clip_min, self.clip_max)
-        return features.copy_(calibrated)
+        return ops.calibrate_(features, buckets, self.running_mean_last_epoch,
+                              self.running_var_last_epoch, self.smoothed_mean_last_epoch,
+                              self.smoothed_var_last_epoch, self.clip_min, self.clip_max)

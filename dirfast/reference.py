@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bin_stats", "smooth_bins", "calibrate", "accumulate_dtype", "PADDINGS"]
+__all__ = ["bin_stats", "smooth_bins", "calibrate", "calibrate_", "accumulate_dtype", "PADDINGS"]
 
 PADDINGS = ("reflect", "constant", "replicate")
 
@@ -155,3 +155,8 @@ def calibrate(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float
     else:  # dense: gather [B, *spatial, C] and move C next to the batch axis (views only)
         s_rows, t_rows = s[idx].movedim(-1, 1), t[idx].movedim(-1, 1)
     return (x.to(s.dtype) * s_rows + t_rows).to(x.dtype)
+
+
+def calibrate_(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float = 10.0) -> None:
+    """:func:`calibrate` written into ``x``."""
+    x.copy_(calibrate(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max))

@@ -382,6 +382,56 @@ def test_calibrate_gradient_is_scale(backend, device, dtype):
     torch.testing.assert_close(x.grad.cpu().double(), expected, **tol(dtype))
 
 
+# =========================================================================== calibrate_ (in place)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", list(dtype_params()))
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_calibrate_inplace_equals_out_of_place(backend, device, dtype, layout):
+    """calibrate_ writes exactly what calibrate returns into x (every layout, incl. strided
+    views, whose untouched neighbours stay as they were) and returns x itself."""
+    num_bins, d = 6, 3
+    x, idx = make_features(layout, dtype, device, num_bins, d=d, n=41, seed=50)
+    stats = calibration_stats(num_bins, d, stats_dtype(dtype), device)
+    expected = on(backend, dirfast.ops.calibrate, x, idx, *stats)
+    base = x._base if x._base is not None else x
+    outside = base.clone()
+    got = on(backend, dirfast.ops.calibrate_, x, idx, *stats)
+    assert got is x
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    mask = torch.ones_like(base, dtype=torch.bool)
+    mask.as_strided(x.shape, x.stride(), x.storage_offset() - base.storage_offset()).fill_(False)
+    torch.testing.assert_close(base[mask], outside[mask], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("layout", ["rows", "dense"])
+def test_calibrate_inplace_gradcheck(backend, device, layout):
+    """Gradients flow through the in-place form to what x was computed from."""
+    g = gen(51)
+    if layout == "rows":
+        x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+        idx = torch.tensor([0, 1, 2, 3, 4, 5, -1, 6, 2])
+    else:
+        x = torch.randn(1, 3, 2, 4, generator=g, dtype=torch.float64)
+        idx = torch.tensor([[[0, 1, 2, 3], [4, 5, -1, 3]]])
+    x, idx = x.to(device).requires_grad_(True), idx.to(device)
+    stats = calibration_stats(6, 3, torch.float64, device)
+
+    def fn(inp):
+        return on(backend, dirfast.ops.calibrate_, inp * 1.0, idx, *stats)
+
+    assert torch.autograd.gradcheck(fn, (x,), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_calibrate_inplace_rejects_overlapping_x(backend, device):
+    x = torch.randn(1, 3, device=device).expand(4, 3)
+    idx = torch.zeros(4, dtype=torch.int64, device=device)
+    stats = calibration_stats(6, 3, torch.float32, device)
+    with pytest.raises(RuntimeError, match="share memory|internal overlap|single memory location"):
+        on(backend, dirfast.ops.calibrate_, x, idx, *stats)
+
+
 # =========================================================================== opcheck
 def _opcheck_inputs(device):
     g = gen(40)
@@ -413,6 +463,7 @@ def test_opcheck_calibrate(device):
         for requires_grad in (False, True):
             xi = x.clone().requires_grad_(requires_grad)
             torch.library.opcheck(torch.ops.dirfast.calibrate.default, (xi, idx, *stats, 0.1, 10.0))
+        torch.library.opcheck(torch.ops.dirfast.calibrate_.default, (x.clone(), idx, *stats, 0.1, 10.0))
 
 
 def test_compile_fullgraph():

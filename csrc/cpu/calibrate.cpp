@@ -17,6 +17,7 @@
 // the dtype of x at the store. Elementwise, so the same bits for any number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -150,10 +151,11 @@ void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, cons
   });
 }
 
-at::Tensor calibrate_cpu(const at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
-                         const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
-                         double clip_min, double clip_max) {
-  const char* op = "dirfast::calibrate";
+// Calibrates x into y, which is either a fresh tensor shaped like x (calibrate) or x itself
+// (calibrate_: each element is read before it is written, by the same iteration).
+void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at::Tensor& bin_idx,
+                    const at::Tensor& m1, const at::Tensor& v1, const at::Tensor& m2,
+                    const at::Tensor& v2, double clip_min, double clip_max) {
   check_features_and_bins(x, bin_idx, op);
   const int64_t dim = x.size(1);
   TORCH_CHECK(m1.dim() == 2 && m1.size(1) == dim, op, ": m1 must be [B, D] with D = ", dim,
@@ -183,8 +185,7 @@ at::Tensor calibrate_cpu(const at::Tensor& x, const at::Tensor& bin_idx, const a
   const at::Tensor tm2 = m2.to(acc_type).contiguous();
   const at::Tensor tv2 = v2.to(acc_type).contiguous();
 
-  at::Tensor y = at::empty_like(x);  // the fake kernel's strides
-  if (x.numel() == 0) return y;
+  if (x.numel() == 0) return;
   at::Tensor out = y;  // where the kernel writes
   Layout ly = classify(out);
   at::Tensor xw;
@@ -214,7 +215,23 @@ at::Tensor calibrate_cpu(const at::Tensor& x, const at::Tensor& bin_idx, const a
     }
   });
   if (!out.is_same(y)) y.copy_(out);
+}
+
+at::Tensor calibrate_cpu(const at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
+                         const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
+                         double clip_min, double clip_max) {
+  at::Tensor y = at::empty_like(x);  // the fake kernel's strides
+  calibrate_into("dirfast::calibrate", x, y, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
   return y;
+}
+
+void calibrate_inplace_cpu(at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
+                           const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
+                           double clip_min, double clip_max) {
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+              "dirfast::calibrate_: x has elements that share memory (an expanded tensor); "
+              "calibrate it out of place");
+  calibrate_into("dirfast::calibrate_", x, x, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
 }
 
 }  // namespace
@@ -223,4 +240,5 @@ at::Tensor calibrate_cpu(const at::Tensor& x, const at::Tensor& bin_idx, const a
 
 TORCH_LIBRARY_IMPL(dirfast, CPU, m) {
   m.impl("calibrate", &dirfast::cpu::calibrate_cpu);
+  m.impl("calibrate_", &dirfast::cpu::calibrate_inplace_cpu);
 }

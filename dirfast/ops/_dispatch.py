@@ -23,7 +23,7 @@ from .. import _ext, reference
 from ._library import has_device_kernel, op_overload
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
-OPS = ("bin_stats", "smooth_bins", "calibrate")
+OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_")
 
 # On a CUDA tensor, "auto" takes the first available backend of this list for each op.
 # The CUDA and Triton kernel issues measure both and record the order here.

@@ -1,4 +1,5 @@
-"""``dirfast::calibrate``: FDS whitening and re-colouring of each row with its bin's statistics."""
+"""``dirfast::calibrate`` and ``dirfast::calibrate_`` (in place): FDS whitening and re-colouring
+of each row with its bin's statistics."""
 
 from __future__ import annotations
 
@@ -9,13 +10,20 @@ from . import _checks, _dispatch
 from ._library import op_overload, qualname, register_fallback
 
 OP = "calibrate"
+OP_INPLACE = "calibrate_"
 
 register_fallback(OP, reference.calibrate)
+register_fallback(OP_INPLACE, reference.calibrate_)
 
 
 @torch.library.register_fake(qualname(OP))
 def _fake(x, bin_idx, m1, v1, m2, v2, clip_min=0.1, clip_max=10.0):
     return torch.empty_like(x)
+
+
+@torch.library.register_fake(qualname(OP_INPLACE))
+def _fake_inplace(x, bin_idx, m1, v1, m2, v2, clip_min=0.1, clip_max=10.0):
+    return None
 
 
 def _setup_context(ctx, inputs, output):
@@ -53,6 +61,11 @@ def calibrate(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float
     arithmetic is float32 (float64 for float64 statistics) and the result has the dtype and
     shape of ``x``. Differentiable in ``x``.
     """
+    _check(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max)
+    return _dispatch.kernel(OP, x.device)(x, bin_idx, m1, v1, m2, v2, float(clip_min), float(clip_max))
+
+
+def _check(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max) -> None:
     dim = _checks.features_and_bins(x, bin_idx)
     _checks.tensor("m1", m1)
     if m1.dim() != 2:
@@ -62,4 +75,38 @@ def calibrate(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float
     if not 0 <= clip_min <= clip_max:
         raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, "
                          f"got {clip_min} and {clip_max}")
-    return _dispatch.kernel(OP, x.device)(x, bin_idx, m1, v1, m2, v2, float(clip_min), float(clip_max))
+
+
+class _CalibrateInPlace(torch.autograd.Function):
+    """Autograd for the in-place op (torch.library's register_autograd takes functional ops
+    only): the forward overwrites ``x``, the backward is the out-of-place op on the gradient,
+    as :func:`register_calibrate_autograd` does."""
+
+    @staticmethod
+    def forward(ctx, x, bin_idx, m1, v1, m2, v2, clip_min, clip_max):
+        _dispatch.kernel(OP_INPLACE, x.device)(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max)
+        ctx.mark_dirty(x)
+        ctx.save_for_backward(bin_idx, v1, v2)
+        ctx.clips = (clip_min, clip_max)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        bin_idx, v1, v2 = ctx.saved_tensors
+        zeros = torch.zeros_like(v1)
+        grad_x = _dispatch.kernel(OP, grad.device)(grad, bin_idx, zeros, v1, zeros, v2, *ctx.clips)
+        return grad_x, None, None, None, None, None, None, None
+
+
+def calibrate_(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float = 10.0):
+    """:func:`calibrate` written into ``x``, which is returned (one pass, no new tensor).
+
+    Differentiable in ``x`` like any in-place op: ``x`` must not be a leaf that requires grad,
+    and what autograd saved of ``x`` before must not be needed afterwards.
+    """
+    _check(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max)
+    clips = (float(clip_min), float(clip_max))
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _CalibrateInPlace.apply(x, bin_idx, m1, v1, m2, v2, *clips)
+    _dispatch.kernel(OP_INPLACE, x.device)(x, bin_idx, m1, v1, m2, v2, *clips)
+    return x

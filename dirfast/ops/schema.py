@@ -14,4 +14,9 @@ SCHEMAS = {
         "calibrate(Tensor x, Tensor bin_idx, Tensor m1, Tensor v1, Tensor m2, Tensor v2, "
         "float clip_min=0.1, float clip_max=10.0) -> Tensor"
     ),
+    # calibrate written into x: FDS.smooth calibrates the features in place.
+    "calibrate_": (
+        "calibrate_(Tensor(a!) x, Tensor bin_idx, Tensor m1, Tensor v1, Tensor m2, Tensor v2, "
+        "float clip_min=0.1, float clip_max=10.0) -> ()"
+    ),
 }

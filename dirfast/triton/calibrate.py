@@ -149,20 +149,18 @@ def tables(m1, v1, m2, v2, clip_min: float, clip_max: float, acc: torch.dtype, t
     return s, t
 
 
-@torch.library.custom_op("dirfast::triton_calibrate", mutates_args=(), device_types=("cuda", "cpu"))
-def triton_calibrate(x: torch.Tensor, bin_idx: torch.Tensor, m1: torch.Tensor, v1: torch.Tensor,
-                     m2: torch.Tensor, v2: torch.Tensor, clip_min: float = 0.1,
-                     clip_max: float = 10.0) -> torch.Tensor:
-    """:func:`dirfast.ops.calibrate` as two Triton kernels (see the module docstring)."""
-    _common.check_device(x, "calibrate")
-    out = torch.empty_like(x)
+def _launch(x, bin_idx, m1, v1, m2, v2, clip_min: float, clip_max: float, out) -> bool:
+    """Calibrate ``x`` into ``out`` (a tensor shaped like ``x``, or ``x`` itself); False, with
+    nothing written, when ``out``'s strides cannot follow the view of ``x``."""
     if x.numel() == 0:
-        return out
+        return True
     rows = _common.rows_of(x, bin_idx)
     strides = _common.out_strides(out, rows)
     if strides is None:  # the output keeps images apart that x's view folded: don't fold
         rows = _common.rows_of(x, bin_idx, fold=False)
         strides = _common.out_strides(out, rows)
+    if strides is None:
+        return False
     acc = _common.acc_dtype(x.dtype, m1.dtype)
     pixels_fast = rows.sS == 1 and rows.sC != 1
     B = m1.shape[0]
@@ -170,11 +168,38 @@ def triton_calibrate(x: torch.Tensor, bin_idx: torch.Tensor, m1: torch.Tensor, v
         s, t = tables(m1, v1, m2, v2, clip_min, clip_max, acc, transpose=pixels_fast)
         block_s, block_c, warps = _apply_sizes(rows)
         tiles = _common.cdiv(rows.S, block_s)
+        # In place, each element is loaded and stored by the same program: no other reads it.
         _apply_kernel[(rows.P * tiles, _common.cdiv(rows.C, block_c))](
             rows.x, rows.bins, s, t, out, B, rows.C, rows.S, rows.sP, rows.sC, rows.sS, rows.bP, rows.bS,
             strides[0], strides[1], strides[2], s.stride(0), s.stride(1), tiles,
             ACC=_common.tl_acc(acc), BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+    return True
+
+
+@torch.library.custom_op("dirfast::triton_calibrate", mutates_args=(), device_types=("cuda", "cpu"))
+def triton_calibrate(x: torch.Tensor, bin_idx: torch.Tensor, m1: torch.Tensor, v1: torch.Tensor,
+                     m2: torch.Tensor, v2: torch.Tensor, clip_min: float = 0.1,
+                     clip_max: float = 10.0) -> torch.Tensor:
+    """:func:`dirfast.ops.calibrate` as two Triton kernels (see the module docstring)."""
+    _common.check_device(x, "calibrate")
+    out = torch.empty_like(x)
+    if not _launch(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max, out):
+        raise RuntimeError(f"dirfast triton_calibrate: unsupported output strides {out.stride()}")
     return out
+
+
+@torch.library.custom_op("dirfast::triton_calibrate_", mutates_args=("x",), device_types=("cuda", "cpu"))
+def triton_calibrate_(x: torch.Tensor, bin_idx: torch.Tensor, m1: torch.Tensor, v1: torch.Tensor,
+                      m2: torch.Tensor, v2: torch.Tensor, clip_min: float = 0.1,
+                      clip_max: float = 10.0) -> None:
+    """:func:`dirfast.ops.calibrate_`: calibrate written into ``x`` in the same single pass
+    (through a temporary only when ``x``'s strides cannot be followed in place)."""
+    _common.check_device(x, "calibrate_")
+    if torch._debug_has_internal_overlap(x) == 1:
+        raise RuntimeError("dirfast calibrate_: x has elements that share memory (an expanded "
+                           "tensor); calibrate it out of place")
+    if not _launch(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max, x):
+        x.copy_(torch.ops.dirfast.triton_calibrate.default(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max))
 
 
 _calibrate_op = importlib.import_module("dirfast.ops.calibrate")
