@@ -81,6 +81,11 @@ class FDS(nn.Module):
             fill = 1.0 if "var" in name else 0.0
             self.register_buffer(name, torch.full((buckets, feature_dim), fill))
         self.register_buffer("num_samples_tracked", torch.zeros(buckets))
+        # Streaming accumulators of accumulate(): per-bucket count, mean and M2 (sum of squared
+        # deviations) of the features seen since the last update, merged with Chan's formula.
+        self.register_buffer("accumulated_count", torch.zeros(buckets, dtype=torch.float64))
+        self.register_buffer("accumulated_mean", torch.zeros(buckets, feature_dim))
+        self.register_buffer("accumulated_m2", torch.zeros(buckets, feature_dim))
 
     def extra_repr(self) -> str:
         return (f"feature_dim={self.feature_dim}, bucket_num={self.bucket_num}, "
@@ -136,18 +141,66 @@ class FDS(nn.Module):
         self.smoothed_var_last_epoch.copy_(ops.smooth_bins(self.running_var, window, "reflect"))
 
     @torch.no_grad()
-    def update_running_stats(self, features: torch.Tensor, labels: torch.Tensor, epoch: int) -> None:
+    def accumulate(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Add a training batch to this epoch's statistics, without gradient or host sync.
+
+        Call it in the training forward pass on the features FDS sees; then, once per epoch,
+        ``update_running_stats(epoch=epoch)`` with no features applies what was accumulated
+        (exactly as one call on all the batches' features, up to float rounding) and clears it.
+        This replaces the published recipe's extra pass over the training set; the difference is
+        that each batch's features come from the weights of that moment of the epoch, not from
+        the weights at its end.
+        """
+        buckets = self._buckets(features, labels, check=False)
+        count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
+        n_b = count.to(torch.float64)
+        m2_b = var * (n_b - 1).clamp(min=0).to(var.dtype).unsqueeze(1)
+        n_a = self.accumulated_count
+        total = n_a + n_b
+        weight_b = (n_b / total.clamp(min=1)).to(mean.dtype).unsqueeze(1)
+        cross = (n_a * n_b / total.clamp(min=1)).to(mean.dtype).unsqueeze(1)
+        delta = mean - self.accumulated_mean
+        self.accumulated_mean.add_(delta * weight_b)
+        self.accumulated_m2.add_(m2_b + delta * delta * cross)
+        self.accumulated_count.copy_(total)
+
+    def clear_accumulated(self) -> None:
+        """Drop what :meth:`accumulate` gathered since the last update."""
+        self.accumulated_count.zero_()
+        self.accumulated_mean.zero_()
+        self.accumulated_m2.zero_()
+
+    @torch.no_grad()
+    def update_running_stats(self, features: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                             epoch: int | None = None) -> None:
         """Fold this epoch's features into the running statistics of their buckets.
 
-        Ignored when ``epoch < self.epoch``. For each bucket with ``n`` samples: batch mean and
-        variance (unbiased, 0 when ``n == 1``), ``running = (1 - f) * batch + f * running`` with
-        ``f = momentum`` (or ``1 - n / tracked`` when momentum is None; 0 at ``start_update``).
-        Buckets without samples keep their values (or are filled, with ``fill_empty``).
+        ``update_running_stats(features, labels, epoch)`` as published (the whole training set's
+        features), or ``update_running_stats(epoch=epoch)`` to apply what :meth:`accumulate`
+        gathered during the epoch (then cleared). Ignored when ``epoch < self.epoch``. For each
+        bucket with ``n`` samples: mean and variance (unbiased, 0 when ``n == 1``),
+        ``running = (1 - f) * batch + f * running`` with ``f = momentum`` (or ``1 - n / tracked``
+        when momentum is None; 0 at ``start_update``). Buckets without samples keep their values
+        (or are filled, with ``fill_empty``).
         """
+        if epoch is None:
+            raise TypeError("update_running_stats() needs epoch")
+        if (features is None) != (labels is None):
+            raise ValueError("pass both features and labels, or neither (to apply what accumulate() gathered)")
         if epoch < self._epoch():
             return
-        buckets = self._buckets(features, labels, check=True)
-        count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
+        if features is None:
+            count = self.accumulated_count.round().long()
+            mean = self.accumulated_mean.clone()
+            var = self.accumulated_m2 / (self.accumulated_count - 1).clamp(min=1).to(mean.dtype).unsqueeze(1)
+            var = torch.where((count > 1).unsqueeze(1), var, torch.zeros_like(var))
+            self.clear_accumulated()
+        else:
+            buckets = self._buckets(features, labels, check=True)
+            count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
+        self._apply_epoch_stats(count, mean, var, epoch)
+
+    def _apply_epoch_stats(self, count, mean, var, epoch: int) -> None:
         n = count.to(self.num_samples_tracked.dtype)
         seen = (count > 0).unsqueeze(1)
         tracked = self.num_samples_tracked + n
@@ -164,6 +217,14 @@ class FDS(nn.Module):
             running.copy_(torch.where(seen, updated, running))
         if self.fill_empty:
             self._fill_empty_buckets(count)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A checkpoint of the published module has no streaming accumulators: start them empty.
+        for name in ("accumulated_count", "accumulated_mean", "accumulated_m2"):
+            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def _fill_empty_buckets(self, count: torch.Tensor) -> None:
         # Each fill reads the previous bucket as it is at that moment: an ordered recurrence, run

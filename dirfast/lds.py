@@ -118,11 +118,12 @@ class LDS:
                 effective = ops.smooth_bins(effective, self.window, padding="constant")
                 if self.reweight == "inverse":
                     effective = effective.trunc()  # the published integer-array quirk
-            positive = effective[effective > 0]
-            floor = positive.min() if positive.numel() else torch.ones((), dtype=torch.float64)
+            # Written without data-dependent branches, so that it also traces under torch.compile.
+            floor = torch.where(effective > 0, effective, torch.inf).amin()
+            floor = torch.where(torch.isinf(floor), torch.ones_like(floor), floor)
             per_bin = (1.0 / torch.where(effective > 0, effective, floor)).float()
             total = (self._counts * per_bin.double()).sum()
-            scale = self._counts.sum() / total if total > 0 else torch.ones((), dtype=torch.float64)
+            scale = torch.where(total > 0, self._counts.sum() / total, torch.ones_like(total))
             self._table = (effective, per_bin, scale)
         return self._table
 

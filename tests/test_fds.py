@@ -454,7 +454,8 @@ def test_fds_state_dict_matches_published():
     for kw in (dict(), dict(bucket_num=50, bucket_start=0), dict(bucket_num=12, bucket_start=7, start_update=2)):
         fds, pub = dirfast.FDS(16, **kw), PublishedFDS(16, **kw)
         ours, theirs = fds.state_dict(), pub.state_dict()
-        assert set(ours) == set(theirs)
+        # every published key, plus the streaming accumulators (a published checkpoint loads)
+        assert set(ours) == set(theirs) | {"accumulated_count", "accumulated_mean", "accumulated_m2"}
         for name in theirs:
             assert ours[name].shape == theirs[name].shape, name
             torch.testing.assert_close(ours[name].double(), theirs[name].double(), rtol=0, atol=0, msg=name)
@@ -554,3 +555,59 @@ def test_fds_device_mismatch():
     fds = dirfast.FDS(2, bucket_num=5, bucket_start=0)
     with pytest.raises(ValueError, match="device"):
         fds.update_running_stats(torch.randn(4, 2, device="cuda"), torch.zeros(4, device="cuda"), 0)
+
+
+# =========================================================================== streaming
+@pytest.mark.parametrize("momentum", [0.9, None])
+@pytest.mark.parametrize("dense", [False, True])
+def test_accumulate_equals_one_call_on_all_features(momentum, dense):
+    """accumulate() per batch, then update_running_stats(epoch=...), equals the published
+    recipe's one call on the concatenated features (within float tolerance), epoch after epoch."""
+    g = torch.Generator().manual_seed(61)
+    if dense:
+        x = torch.randn(6, 4, 5, 3, generator=g) * 2 + 50
+        labels = torch.randint(0, 12, (6, 1, 5, 3), generator=g).float()
+        batches = [(x[i:i + 2], labels[i:i + 2]) for i in range(0, 6, 2)]
+    else:
+        x = torch.randn(300, 4, generator=g) * 2 + 50  # mean 25x the std: merges must be careful
+        labels = torch.randint(0, 12, (300,), generator=g).float()
+        batches = [(x[i:i + 37], labels[i:i + 37]) for i in range(0, 300, 37)]
+    one, streamed = (dirfast.FDS(4, bucket_num=12, bucket_start=2, momentum=momentum) for _ in range(2))
+    for epoch in range(3):
+        one.update_running_stats(x, labels, epoch)
+        for xb, yb in batches:
+            streamed.accumulate(xb, yb)
+        streamed.update_running_stats(epoch=epoch)
+        assert float(streamed.accumulated_count.sum()) == 0  # cleared
+        for m in (one, streamed):
+            m.update_last_epoch_stats(epoch + 1)
+        torch.testing.assert_close(streamed.num_samples_tracked, one.num_samples_tracked, rtol=0, atol=0)
+        torch.testing.assert_close(streamed.running_mean, one.running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(streamed.running_var, one.running_var, rtol=1e-4, atol=1e-5)
+
+
+def test_accumulators_round_trip_in_state_dict():
+    g = torch.Generator().manual_seed(62)
+    fds = dirfast.FDS(3, bucket_num=8, bucket_start=1)
+    fds.accumulate(torch.randn(40, 3, generator=g), torch.randint(0, 8, (40,), generator=g).float())
+    restored = dirfast.FDS(3, bucket_num=8, bucket_start=1)
+    restored.load_state_dict(fds.state_dict())
+    for name in ("accumulated_count", "accumulated_mean", "accumulated_m2"):
+        assert torch.equal(getattr(restored, name), getattr(fds, name)), name
+    assert float(restored.accumulated_count.sum()) == 40
+
+
+def test_update_running_stats_needs_both_or_neither():
+    fds = dirfast.FDS(3, bucket_num=8, bucket_start=1)
+    before = {k: v.clone() for k, v in fds.state_dict().items()}
+    with pytest.raises(ValueError, match="features and labels"):
+        fds.update_running_stats(torch.randn(4, 3), None, epoch=0)
+    with pytest.raises(TypeError, match="epoch"):
+        fds.update_running_stats(torch.randn(4, 3), torch.zeros(4))
+    for k, v in fds.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_mismatched_checkpoint_names_the_buffer():
+    with pytest.raises(RuntimeError, match="running_mean"):
+        dirfast.FDS(8, bucket_num=10, bucket_start=1).load_state_dict(PublishedFDS(3, bucket_num=10, bucket_start=1).state_dict())
