@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ops
+from . import distributed, ops
 from .binning import Binning
 from .windows import kernel_window
 
@@ -40,6 +40,9 @@ class FDS(nn.Module):
             tensors as ``running_*`` at each epoch snapshot, so they follow later updates;
             ``True`` takes a real copy.
         clip_min, clip_max: the clamp of the variance ratio in the calibration.
+        sync, process_group: when ``torch.distributed`` runs more than one process, every update
+            combines the statistics of all ranks (in ``process_group``, default the world), so
+            each rank holds those of the whole training set; ``sync=False`` keeps them per rank.
 
     Features are ``[N, D]`` with labels ``[N]`` or ``[N, 1]``, or dense ``[B, D, *spatial]`` with
     labels ``[B, 1, *spatial]`` or ``[B, *spatial]``; float32, float16 or bfloat16 (statistics
@@ -50,7 +53,7 @@ class FDS(nn.Module):
                  start_update: int = 0, start_smooth: int = 1, kernel: str = "gaussian", ks: int = 5,
                  sigma: float = 2, momentum=0.9, *, binning: Binning | None = None,
                  fill_empty: bool = False, copy_snapshot: bool = False, clip_min: float = 0.1,
-                 clip_max: float = 10.0):
+                 clip_max: float = 10.0, sync: bool = True, process_group=None):
         super().__init__()
         for name, value, low in (("feature_dim", feature_dim, 1), ("bucket_num", bucket_num, 1),
                                  ("bucket_start", bucket_start, 0)):
@@ -71,6 +74,7 @@ class FDS(nn.Module):
         self.kernel, self.ks, self.sigma, self.half_ks = kernel, ks, sigma, (ks - 1) // 2
         self.binning, self.fill_empty, self.copy_snapshot = binning, fill_empty, copy_snapshot
         self.clip_min, self.clip_max = float(clip_min), float(clip_max)
+        self.sync, self.process_group = sync, process_group
 
         buckets = bucket_num - bucket_start
         # The published module keeps the window outside its state_dict: so does this one.
@@ -83,9 +87,12 @@ class FDS(nn.Module):
         self.register_buffer("num_samples_tracked", torch.zeros(buckets))
         # Streaming accumulators of accumulate(): per-bucket count, mean and M2 (sum of squared
         # deviations) of the features seen since the last update, merged with Chan's formula.
-        self.register_buffer("accumulated_count", torch.zeros(buckets, dtype=torch.float64))
-        self.register_buffer("accumulated_mean", torch.zeros(buckets, feature_dim))
-        self.register_buffer("accumulated_m2", torch.zeros(buckets, feature_dim))
+        # Not buffers: DistributedDataParallel broadcasts buffers from rank 0 at every forward,
+        # which would overwrite each rank's own batches. They are saved in the state_dict and
+        # moved by .to() all the same (see _ACCUMULATORS below).
+        self.accumulated_count = torch.zeros(buckets, dtype=torch.float64)
+        self.accumulated_mean = torch.zeros(buckets, feature_dim)
+        self.accumulated_m2 = torch.zeros(buckets, feature_dim)
 
     def extra_repr(self) -> str:
         return (f"feature_dim={self.feature_dim}, bucket_num={self.bucket_num}, "
@@ -198,7 +205,7 @@ class FDS(nn.Module):
         else:
             buckets = self._buckets(features, labels, check=True)
             count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
-        self._apply_epoch_stats(count, mean, var, epoch)
+        self._apply_epoch_stats(*self._synced(count, mean, var), epoch)
 
     def _apply_epoch_stats(self, count, mean, var, epoch: int) -> None:
         n = count.to(self.num_samples_tracked.dtype)
@@ -218,13 +225,44 @@ class FDS(nn.Module):
         if self.fill_empty:
             self._fill_empty_buckets(count)
 
+    _ACCUMULATORS = ("accumulated_count", "accumulated_mean", "accumulated_m2")
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in self._ACCUMULATORS:
+            setattr(self, name, fn(getattr(self, name)))
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._ACCUMULATORS:
+            value = getattr(self, name)
+            destination[prefix + name] = value if keep_vars else value.detach()
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A checkpoint of the published module has no streaming accumulators: start them empty.
-        for name in ("accumulated_count", "accumulated_mean", "accumulated_m2"):
-            state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        # A checkpoint of the published module has no streaming accumulators: they stay empty.
+        for name in self._ACCUMULATORS:
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            if key in unexpected_keys:  # nn.Module only knows parameters and buffers
+                unexpected_keys.remove(key)
+            mine, saved = getattr(self, name), state_dict[key]
+            if saved.shape != mine.shape:
+                error_msgs.append(f"size mismatch for {key}: copying a tensor with shape "
+                                  f"{tuple(saved.shape)} from checkpoint, the shape in current model is {tuple(mine.shape)}.")
+                continue
+            with torch.no_grad():
+                mine.copy_(saved)
+
+    def _synced(self, count, mean, var):
+        """The statistics of all ranks' rows, when running distributed with ``sync``."""
+        if self.sync and distributed.is_distributed(self.process_group):
+            return distributed.all_reduce_bin_stats(count, mean, var, self.process_group)
+        return count, mean, var
 
     def _fill_empty_buckets(self, count: torch.Tensor) -> None:
         # Each fill reads the previous bucket as it is at that moment: an ordered recurrence, run

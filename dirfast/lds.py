@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import ops
+from . import distributed, ops
 from .binning import Binning
 from .windows import kernel_window
 
@@ -33,6 +33,9 @@ class LDS:
         kernel, ks, sigma: the LDS window (:func:`dirfast.get_lds_kernel_window`).
         inverse_clip: ``(low, high)`` clip of the counts with ``"inverse"``; the published age
             code uses ``(5, 1000)``, the STS-B code ``None`` (no clip).
+        sync, process_group: when ``torch.distributed`` runs more than one process, the counts of
+            :meth:`fit` and :meth:`update` are summed over the ranks (each rank passes its own
+            shard of the labels); ``sync=False`` when every rank passes the whole label set.
 
     As the published code, with ``"inverse"`` the smoothed base is truncated toward zero (the
     code convolves an integer array); ``"sqrt_inv"`` is not truncated. Weights are
@@ -47,7 +50,8 @@ class LDS:
     """
 
     def __init__(self, binning: Binning, reweight: str = "sqrt_inv", lds: bool = True,
-                 kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, inverse_clip=(5, 1000)):
+                 kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, inverse_clip=(5, 1000),
+                 *, sync: bool = True, process_group=None):
         if not isinstance(binning, Binning):
             raise TypeError(f"binning must be a dirfast.Binning, got {type(binning).__name__}")
         if reweight not in REWEIGHTS:
@@ -58,6 +62,7 @@ class LDS:
             if len(inverse_clip) != 2 or not inverse_clip[0] <= inverse_clip[1]:
                 raise ValueError(f"inverse_clip must be None or (low, high) with low <= high, got {inverse_clip!r}")
         self.binning = binning
+        self.sync, self.process_group = sync, process_group
         self.reweight = reweight
         self.lds = bool(lds)
         self.inverse_clip = None if inverse_clip is None else tuple(inverse_clip)
@@ -86,7 +91,10 @@ class LDS:
         # bin_stats counts the rows of each bin on the labels' device, with the fused kernels.
         ones = torch.ones(bins.shape[0], 1, dtype=torch.float32, device=bins.device)
         count, _, _ = ops.bin_stats(ones, bins, self.binning.num_bins)
-        return count.to("cpu", torch.float64)
+        count = count.to(torch.float64)
+        if self.sync and distributed.is_distributed(self.process_group):
+            distributed.all_reduce_sum(count, self.process_group)
+        return count.cpu()
 
     def _invalidate(self) -> None:
         self._table, self._table_on = None, {}
@@ -183,7 +191,7 @@ def lds_weights(labels, binning: Binning, reweight: str = "sqrt_inv", lds: bool 
     :class:`LDS` for the arguments.
     """
     estimator = LDS(binning, reweight=reweight, lds=lds, kernel=kernel, ks=ks, sigma=sigma,
-                    inverse_clip=inverse_clip)
+                    inverse_clip=inverse_clip, sync=False)  # it is given the whole label set
     if isinstance(labels, torch.Tensor):
         return estimator.fit(labels).weights(labels)
     array = np.asarray(labels, dtype=np.float64)

@@ -1,0 +1,109 @@
+"""Two processes (gloo, CPU): FDS statistics and LDS counts of the whole training set on
+every rank, equal to the single-process result, also inside DistributedDataParallel."""
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dirfast
+
+WORLD = 2
+N, D, BUCKETS = 240, 6, 20
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _data():
+    g = torch.Generator().manual_seed(80)
+    x = torch.randn(N, D, generator=g) * 3 + 20
+    y = torch.randint(0, BUCKETS, (N,), generator=g).float()
+    return x, y
+
+
+def _single_process():
+    """Reference results, computed in this process on all the data."""
+    x, y = _data()
+    whole = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)
+    whole.update_running_stats(x, y, 0)
+    lds = dirfast.LDS(dirfast.Binning.integer(BUCKETS), reweight="inverse", inverse_clip=None).fit(y)
+    return {"running_mean": whole.running_mean, "running_var": whole.running_var,
+            "num_samples_tracked": whole.num_samples_tracked, "lds_counts": lds.empirical}
+
+
+class _Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Linear(D, D)
+        self.fds = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)
+
+    def forward(self, x, y):
+        features = self.encoder(x)
+        self.fds.accumulate(features, y)
+        return features.sum()
+
+
+def _worker(rank, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        x, y = _data()
+        shard = slice(rank * N // WORLD, (rank + 1) * N // WORLD)
+        result = {}
+        # 1. one call on each rank's shard
+        fds = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)
+        fds.update_running_stats(x[shard], y[shard], 0)
+        result.update(running_mean=fds.running_mean, running_var=fds.running_var,
+                      num_samples_tracked=fds.num_samples_tracked)
+        # 2. streaming, in batches
+        streamed = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)
+        xs, ys = x[shard], y[shard]
+        for start in range(0, xs.shape[0], 50):
+            streamed.accumulate(xs[start:start + 50], ys[start:start + 50])
+        streamed.update_running_stats(epoch=0)
+        result.update(streamed_mean=streamed.running_mean, streamed_var=streamed.running_var)
+        # 3. sync=False keeps the shard's own statistics
+        local = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2, sync=False)
+        local.update_running_stats(xs, ys, 0)
+        result.update(local_tracked=local.num_samples_tracked)
+        # 4. LDS counts
+        lds = dirfast.LDS(dirfast.Binning.integer(BUCKETS), reweight="inverse", inverse_clip=None).fit(ys)
+        result.update(lds_counts=lds.empirical)
+        # 5. inside DDP (which broadcasts buffers from rank 0 at every forward)
+        torch.manual_seed(0)
+        model = torch.nn.parallel.DistributedDataParallel(_Model())
+        for start in range(0, xs.shape[0], 40):
+            model(xs[start:start + 40], ys[start:start + 40]).backward()
+        model.module.fds.update_running_stats(epoch=0)
+        with torch.no_grad():
+            features = model.module.encoder(x)
+        result.update(ddp_mean=model.module.fds.running_mean, ddp_var=model.module.fds.running_var,
+                      ddp_features=features)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_match_one():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+    expected = _single_process()
+    for got in ranks:
+        for name in ("running_mean", "running_var", "num_samples_tracked"):
+            torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(got["streamed_mean"], expected["running_mean"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["streamed_var"], expected["running_var"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got["lds_counts"], expected["lds_counts"], rtol=0, atol=0)
+        # DDP: the statistics of the encoder's features of all the data, on every rank
+        whole = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)
+        whole.update_running_stats(got["ddp_features"], _data()[1], 0)
+        torch.testing.assert_close(got["ddp_mean"], whole.running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["ddp_var"], whole.running_var, rtol=1e-4, atol=1e-5)
+    # ranks agree bit for bit, and sync=False really kept each rank's own shard
+    for name in ("running_mean", "running_var", "streamed_mean", "ddp_mean"):
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    assert float(ranks[0]["local_tracked"].sum()) == N // WORLD
