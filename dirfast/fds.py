@@ -285,7 +285,9 @@ class FDS(nn.Module):
         Returns ``features`` untouched before ``start_smooth``. Otherwise each row becomes
         ``(x - m1) * sqrt(clamp(v2 / v1, clip_min, clip_max)) + m2`` with its bucket's last-epoch
         running (``m1, v1``) and smoothed (``m2, v2``) statistics, the published zero-variance
-        rules included. Gradients flow to the features. Labels are not checked for NaN here
+        rules included. Gradients flow to the features; as with the published module, they must
+        not be a tensor autograd saved for its backward (a ReLU's output, say), since they are
+        overwritten. Labels are not checked for NaN here
         (that would wait on the GPU every step); they are in :meth:`update_running_stats`.
         """
         if epoch < self.start_smooth:
