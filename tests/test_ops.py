@@ -345,20 +345,24 @@ def test_calibrate_large(backend, device, layout):
     torch.testing.assert_close(got.cpu().double(), oracle.calibrate(x, idx, *stats), **calibrate_tol(torch.float32))
 
 
-@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
-@pytest.mark.parametrize("layout", ["rows", "dense"])
-def test_calibrate_gradcheck(backend, device, layout):
-    # small (every input is perturbed twice), but with rows in every special bin and outside
-    g = gen(30)
+def _gradcheck_inputs(layout, device, seed):
+    """Small float64 inputs (gradcheck perturbs every element twice) with rows in every
+    special bin and outside the range; ``x`` requires grad."""
+    g = gen(seed)
     if layout == "rows":
         x = torch.randn(9, 3, generator=g, dtype=torch.float64)
         idx = torch.tensor([0, 1, 2, 3, 4, 5, -1, 6, 2])
     else:
         x = torch.randn(1, 3, 2, 4, generator=g, dtype=torch.float64)
         idx = torch.tensor([[[0, 1, 2, 3], [4, 5, -1, 3]]])
-    x, idx = x.to(device), idx.to(device)
     stats = calibration_stats(6, 3, torch.float64, device)
-    x.requires_grad_(True)
+    return x.to(device).requires_grad_(True), idx.to(device), stats
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("layout", ["rows", "dense"])
+def test_calibrate_gradcheck(backend, device, layout):
+    x, idx, stats = _gradcheck_inputs(layout, device, seed=30)
 
     def fn(inp):
         return on(backend, dirfast.ops.calibrate, inp, idx, *stats)
@@ -407,15 +411,7 @@ def test_calibrate_inplace_equals_out_of_place(backend, device, dtype, layout):
 @pytest.mark.parametrize("layout", ["rows", "dense"])
 def test_calibrate_inplace_gradcheck(backend, device, layout):
     """Gradients flow through the in-place form to what x was computed from."""
-    g = gen(51)
-    if layout == "rows":
-        x = torch.randn(9, 3, generator=g, dtype=torch.float64)
-        idx = torch.tensor([0, 1, 2, 3, 4, 5, -1, 6, 2])
-    else:
-        x = torch.randn(1, 3, 2, 4, generator=g, dtype=torch.float64)
-        idx = torch.tensor([[[0, 1, 2, 3], [4, 5, -1, 3]]])
-    x, idx = x.to(device).requires_grad_(True), idx.to(device)
-    stats = calibration_stats(6, 3, torch.float64, device)
+    x, idx, stats = _gradcheck_inputs(layout, device, seed=51)
 
     def fn(inp):
         return on(backend, dirfast.ops.calibrate_, inp * 1.0, idx, *stats)
