@@ -115,7 +115,7 @@ def tol(dtype: torch.dtype) -> dict:
 
 
 def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype mean/var come back in (CONTRACT: float64 for float64, float32 otherwise)."""
+    """The dtype mean/var come back in (float64 for float64, float32 otherwise, as dirfast.reference.accumulate_dtype)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
