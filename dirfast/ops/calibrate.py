@@ -26,24 +26,33 @@ def _fake_inplace(x, bin_idx, m1, v1, m2, v2, clip_min=0.1, clip_max=10.0):
     return None
 
 
-def _setup_context(ctx, inputs, output):
-    x, bin_idx, m1, v1, m2, v2, clip_min, clip_max = inputs
-    ctx.save_for_backward(bin_idx, m1, v1, m2, v2)
+def _save_for_grad(ctx, bin_idx, v1, v2, clip_min, clip_max) -> None:
+    ctx.save_for_backward(bin_idx, v1, v2)  # the means do not enter dy/dx
     ctx.clips = (clip_min, clip_max)
 
 
-def register_calibrate_autograd(op: str) -> None:
-    """Make ``dirfast::<op>``, an op with calibrate's schema, differentiable in ``x``.
+def _grad_x(kernel, ctx, grad):
+    """dy/dx of calibrate times ``grad``, with ``kernel`` an out-of-place calibrate.
 
     calibrate is ``y = x * s[b] + t[b]``, so ``dy/dx = s[b]``: the same op with both means at
     zero multiplies by ``s`` alone, with the same rules for rows and dimensions left unchanged.
     The statistics are buffers and get no gradient.
     """
+    bin_idx, v1, v2 = ctx.saved_tensors
+    zeros = torch.zeros_like(v1)
+    grad_x = kernel(grad, bin_idx, zeros, v1, zeros, v2, *ctx.clips)
+    return grad_x, None, None, None, None, None, None, None
+
+
+def _setup_context(ctx, inputs, output):
+    x, bin_idx, m1, v1, m2, v2, clip_min, clip_max = inputs
+    _save_for_grad(ctx, bin_idx, v1, v2, clip_min, clip_max)
+
+
+def register_calibrate_autograd(op: str) -> None:
+    """Make ``dirfast::<op>``, an op with calibrate's schema, differentiable in ``x``."""
     def backward(ctx, grad):
-        bin_idx, m1, v1, m2, v2 = ctx.saved_tensors
-        zeros = torch.zeros_like(m1)
-        grad_x = op_overload(op)(grad, bin_idx, zeros, v1, zeros, v2, *ctx.clips)
-        return grad_x, None, None, None, None, None, None, None
+        return _grad_x(op_overload(op), ctx, grad)
 
     torch.library.register_autograd(qualname(op), backward, setup_context=_setup_context)
 
@@ -86,16 +95,12 @@ class _CalibrateInPlace(torch.autograd.Function):
     def forward(ctx, x, bin_idx, m1, v1, m2, v2, clip_min, clip_max):
         _dispatch.kernel(OP_INPLACE, x.device)(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max)
         ctx.mark_dirty(x)
-        ctx.save_for_backward(bin_idx, v1, v2)
-        ctx.clips = (clip_min, clip_max)
+        _save_for_grad(ctx, bin_idx, v1, v2, clip_min, clip_max)
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        bin_idx, v1, v2 = ctx.saved_tensors
-        zeros = torch.zeros_like(v1)
-        grad_x = _dispatch.kernel(OP, grad.device)(grad, bin_idx, zeros, v1, zeros, v2, *ctx.clips)
-        return grad_x, None, None, None, None, None, None, None
+        return _grad_x(_dispatch.kernel(OP, grad.device), ctx, grad)
 
 
 def calibrate_(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float = 10.0):
