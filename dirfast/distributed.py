@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import reference
+
 __all__ = ["is_distributed", "all_reduce_bin_stats", "all_reduce_sum"]
 
 
@@ -37,8 +39,7 @@ def all_reduce_bin_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Ten
     total = packed[:, 0]
     global_mean = packed[:, 1:] / total.clamp(min=1).unsqueeze(1)
     deviation = mean.double() - global_mean
-    m2 = var.double() * (n - 1).clamp(min=0).unsqueeze(1) + n.unsqueeze(1) * deviation * deviation
+    m2 = reference.m2_from_var(n, var.double()) + n.unsqueeze(1) * deviation * deviation
     all_reduce_sum(m2, process_group)
-    global_var = m2 / (total - 1).clamp(min=1).unsqueeze(1)
-    global_var = torch.where((total > 1).unsqueeze(1), global_var, torch.zeros_like(global_var))
+    global_var = reference.var_from_m2(total, m2)
     return total.round().long(), global_mean.to(mean.dtype), global_var.to(var.dtype)

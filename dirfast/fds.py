@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import distributed, ops
+from . import distributed, ops, reference
 from .binning import Binning
 from .windows import kernel_window
 
@@ -161,7 +161,7 @@ class FDS(nn.Module):
         buckets = self._buckets(features, labels, check=False)
         count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
         n_b = count.to(torch.float64)
-        m2_b = var * (n_b - 1).clamp(min=0).to(var.dtype).unsqueeze(1)
+        m2_b = reference.m2_from_var(count, var)
         n_a = self.accumulated_count
         total = n_a + n_b
         weight_b = (n_b / total.clamp(min=1)).to(mean.dtype).unsqueeze(1)
@@ -199,8 +199,7 @@ class FDS(nn.Module):
         if features is None:
             count = self.accumulated_count.round().long()
             mean = self.accumulated_mean.clone()
-            var = self.accumulated_m2 / (self.accumulated_count - 1).clamp(min=1).to(mean.dtype).unsqueeze(1)
-            var = torch.where((count > 1).unsqueeze(1), var, torch.zeros_like(var))
+            var = reference.var_from_m2(count, self.accumulated_m2)
             self.clear_accumulated()
         else:
             buckets = self._buckets(features, labels, check=True)

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bin_stats", "smooth_bins", "calibrate", "calibrate_", "accumulate_dtype", "PADDINGS"]
+__all__ = ["bin_stats", "smooth_bins", "calibrate", "calibrate_", "accumulate_dtype", "m2_from_var",
+           "var_from_m2", "PADDINGS"]
 
 PADDINGS = ("reflect", "constant", "replicate")
 
@@ -68,6 +69,17 @@ def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
     var = ((s2 - s1 * s1 / n.clamp(min=1)) / (n - 1).clamp(min=1)).clamp(min=0)
     var = torch.where(n > 1, var, torch.zeros_like(var))
     return count[:num_bins], mean[:num_bins], var[:num_bins]
+
+
+def m2_from_var(count: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """Per-bin sums of squared deviations ``M2`` from the unbiased ``var`` of ``count`` rows."""
+    return var * (count.to(var.dtype) - 1).clamp(min=0).unsqueeze(1)
+
+
+def var_from_m2(count: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+    """The unbiased variance ``M2 / (n - 1)`` of each bin, 0 where it holds fewer than two rows."""
+    n = count.to(m2.dtype).unsqueeze(1)
+    return torch.where(n > 1, m2 / (n - 1).clamp(min=1), torch.zeros_like(m2))
 
 
 def padded_indices(num_bins: int, ks: int, padding: str, device=None):
