@@ -1,16 +1,29 @@
 """Build dirfast, with its compiled extension ``dirfast._C`` when that is possible.
 
+The CUDA kernels (src/*.cu, torch-free) are compiled with nvcc whenever nvcc is found -- on a
+machine without a GPU or with a CPU-only torch too -- into objects linked into the same extension
+with the CUDA runtime; their torch glue (csrc/cuda/*.cpp) is compiled by the host compiler. Without
+nvcc the extension holds the CPU kernels only.
+
 Switches (environment variables):
   DIRFAST_NO_EXT=1   pure Python: skip the extension.
   DIRFAST_REQUIRE_EXT=1  a failed extension build is an error instead of a warning.
-  MAX_JOBS           parallel compile jobs (torch.utils.cpp_extension).
+  FORCE_CUDA=1       a missing nvcc (or a failed CUDA compile) is an error.
+  DIRFAST_NO_CUDA=1  build without the CUDA kernels even when nvcc is found.
+  CUDA_HOME          the CUDA toolkit (else torch's guess, else nvcc on PATH).
+  TORCH_CUDA_ARCH_LIST  GPU architectures, e.g. "8.0;9.0+PTX" (the default).
+  MAX_JOBS           parallel compile jobs.
 
 Build against the installed torch: ``pip install -e . --no-build-isolation``.
 """
 
+import concurrent.futures
 import glob
 import os
+import re
 import runpy
+import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -38,6 +51,73 @@ def _write_schema_header(directory):
             handle.write(text)
 
 
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+
+
+def _find_cuda_home():
+    """The CUDA toolkit (bin/nvcc and include/cuda_runtime_api.h), or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME
+        candidates.append(CUDA_HOME)
+    except ImportError:
+        pass
+    for home in candidates:
+        if (home and os.path.exists(os.path.join(home, "bin", "nvcc"))
+                and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h"))):
+            return home
+    return None
+
+
+def _gencode_flags(arch_list):
+    """nvcc -gencode flags for TORCH_CUDA_ARCH_LIST entries such as "8.0", "9.0+PTX", "90"."""
+    flags = []
+    for entry in re.split(r"[;\s,]+", arch_list.strip()):
+        if not entry:
+            continue
+        ptx = entry.endswith("+PTX")
+        number = entry.replace("+PTX", "").replace(".", "")
+        if not number.isdigit():
+            raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot read the architecture {entry!r}")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return flags
+
+
+def _compile_cuda(cuda_home, build_dir, jobs):
+    """Compile every src/*.cu into build_dir with nvcc (only what changed); the object paths."""
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or DEFAULT_CUDA_ARCHS
+    flags = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
+             "-I", os.path.join(HERE, "src")] + _gencode_flags(archs)
+    headers = glob.glob(os.path.join(HERE, "src", "*.h")) + glob.glob(os.path.join(HERE, "src", "*.cuh"))
+    newest_header = max((os.path.getmtime(h) for h in headers), default=0)
+    stamp = os.path.join(build_dir, "flags.txt")
+    os.makedirs(build_dir, exist_ok=True)
+    same_flags = os.path.exists(stamp) and open(stamp).read() == " ".join(flags)
+
+    def compile_one(source):
+        obj = os.path.join(build_dir, os.path.basename(source)[:-3] + ".o")
+        if (same_flags and os.path.exists(obj)
+                and os.path.getmtime(obj) >= max(os.path.getmtime(source), newest_header)):
+            return obj
+        command = [nvcc] + flags + ["-c", source, "-o", obj]
+        print("dirfast:", " ".join(command), file=sys.stderr)
+        subprocess.run(command, check=True)
+        return obj
+
+    sources = sorted(glob.glob(os.path.join(HERE, "src", "*.cu")))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        objects = list(pool.map(compile_one, sources))
+    with open(stamp, "w") as handle:
+        handle.write(" ".join(flags))
+    return objects
+
+
 def _extension_setup():
     if _flag("DIRFAST_NO_EXT"):
         print("dirfast: DIRFAST_NO_EXT set, building pure Python", file=sys.stderr)
@@ -53,20 +133,48 @@ def _extension_setup():
     _write_schema_header(generated)
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]  # Apple clang has no -fopenmp
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cuda_home = None if _flag("DIRFAST_NO_CUDA") else _find_cuda_home()
+    if cuda_home is None and _flag("FORCE_CUDA"):
+        raise RuntimeError("FORCE_CUDA=1 but nvcc was not found: set CUDA_HOME or put nvcc on PATH")
+    if cuda_home is None:
+        print("dirfast: nvcc not found, building the CPU kernels only", file=sys.stderr)
     extension = CppExtension(
         "dirfast._C",
         sources=sources,
-        include_dirs=[os.path.join(HERE, "src"), generated],
+        include_dirs=[os.path.join(HERE, "src"), os.path.join(HERE, "csrc"), generated],
         # at::parallel_for is inline OpenMP in the headers: without -fopenmp every kernel
         # silently runs on one thread.
         extra_compile_args={"cxx": ["-O3", "-std=c++17"] + openmp},
         extra_link_args=openmp,
     )
 
+    def add_cuda(objects):
+        extension.sources += sorted(glob.glob("csrc/cuda/*.cpp"))
+        extension.include_dirs.append(os.path.join(cuda_home, "include"))
+        extension.extra_objects += objects
+        extension.define_macros.append(("DIRFAST_WITH_CUDA", "1"))
+        lib = os.path.join(cuda_home, "lib64")
+        if not os.path.isdir(lib):
+            lib = os.path.join(cuda_home, "lib")
+        extension.library_dirs.append(lib)
+        extension.libraries.append("cudart")
+        # Found at import when torch has not loaded a libcudart of the same soname already.
+        extension.runtime_library_dirs.append(lib)
+
     class OptionalBuildExtension(BuildExtension):
-        """Fall back to pure Python when the compiler fails, unless DIRFAST_REQUIRE_EXT is set."""
+        """Fall back to pure Python when the compiler fails, unless DIRFAST_REQUIRE_EXT is set;
+        fall back to the CPU kernels when nvcc fails, unless FORCE_CUDA is set."""
 
         def run(self):
+            if cuda_home is not None:
+                jobs = int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+                try:
+                    add_cuda(_compile_cuda(cuda_home, os.path.join(HERE, "build", "cuda"), jobs))
+                except Exception as exc:  # noqa: BLE001 - any nvcc failure
+                    if _flag("FORCE_CUDA") or _flag("DIRFAST_REQUIRE_EXT"):
+                        raise
+                    print(f"dirfast: compiling the CUDA kernels failed ({exc}); building the CPU "
+                          "kernels only", file=sys.stderr)
             try:
                 super().run()
             except Exception as exc:  # noqa: BLE001 - any build failure

@@ -8,7 +8,11 @@ loop and a device-to-device copy of the same bytes:
 * ``bin_stats`` on the same tensor: read bandwidth (bytes of ``x`` once) over the copy's;
 * ``FDS.smooth`` of a [256, 2048] batch over 100 buckets: speed-up over the published loop;
 * a full FDS epoch update (``update_running_stats`` + ``update_last_epoch_stats``) of 200,000 x
-  2,048 features: speed-up over the published loop.
+  2,048 features: speed-up over the published loop;
+* ``smooth_bins`` of a [100, 2048] table (no goal: it decides the CUDA-vs-Triton order).
+
+At the end, the per-op order of CUDA C++ and Triton that ``dirfast.ops._dispatch.CUDA_PREFERENCE``
+should hold on this GPU (the faster first).
 
 Times are medians of CUDA-event-timed calls after a warm-up.
 """
@@ -135,6 +139,32 @@ def epoch_cases(results: list) -> None:
                         "x faster than published": base / ms, "goal": GOALS["epoch_speedup"]})
 
 
+def smooth_bins_cases(results: list) -> None:
+    gen = torch.Generator().manual_seed(3)
+    stats = torch.randn(100, 2048, generator=gen).cuda()
+    window = dirfast.kernel_window("gaussian", 5, 2.0).float().cuda()
+    for backend in _backends():
+        with dirfast.use_backend(backend):
+            ms = time_ms(lambda: dirfast.ops.smooth_bins(stats, window))
+        results.append({"case": "smooth_bins 100x2048", "provider": backend, "ms": ms})
+
+
+# The case that decides each op's order in CUDA_PREFERENCE.
+DECIDING_CASE = {"bin_stats": "bin_stats 131072x512", "calibrate": "calibrate 131072x512",
+                 "calibrate_": "FDS.smooth 256x2048", "smooth_bins": "smooth_bins 100x2048"}
+
+
+def preference(rows: list) -> dict:
+    """Per op, ("cuda", "triton") ordered by the measured median time of its deciding case."""
+    order = {}
+    for op, case in DECIDING_CASE.items():
+        times = {row["provider"]: row["ms"] for row in rows if row["case"] == case}
+        measured = [name for name in ("cuda", "triton") if name in times]
+        ranked = sorted(measured, key=lambda name: times[name])
+        order[op] = tuple(ranked + [name for name in ("cuda", "triton") if name not in ranked])
+    return order
+
+
 def format_rows(rows: list) -> str:
     lines = [f"{'case':<30} {'provider':<10} {'median ms':>10} {'ratio':>8} {'goal':>6}"]
     for row in rows:
@@ -153,7 +183,7 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name(0)
     print(f"GPU: {name}; torch {torch.__version__}; backends: {_backends()}", flush=True)
     rows: list = []
-    for step in (bandwidth_cases, smooth_cases, epoch_cases):
+    for step in (bandwidth_cases, smooth_cases, smooth_bins_cases, epoch_cases):
         print(f"running {step.__name__} ...", flush=True)
         step(rows)
     table = format_rows(rows)
@@ -163,9 +193,11 @@ def main(argv=None) -> None:
             slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
             path = os.path.join(path, f"gpu-goals-{slug}.json")
         with open(path, "w") as handle:
-            json.dump({"gpu": name, "torch": torch.__version__, "rows": rows}, handle, indent=1)
+            json.dump({"gpu": name, "torch": torch.__version__, "rows": rows,
+                       "cuda_preference": preference(rows)}, handle, indent=1)
         print(f"wrote {path}")
     print(table)
+    print(f"CUDA_PREFERENCE on {name}: {preference(rows)}")
 
 
 if __name__ == "__main__":

@@ -57,11 +57,12 @@ DIRFAST_HOST_DEVICE inline int64_t padded_index(int64_t j, int64_t num_bins, Pad
 }
 
 // out[b] of one column: stats[i * stride] is bin i; w holds the ks = 2h + 1 weights in T, and
-// symmetric[j - 1] (j = 1..h) the symmetry test of the pair (w[h - j], w[h + j]).
-template <typename T>
-DIRFAST_HOST_DEVICE inline T smooth_bin(const T* stats, int64_t stride, int64_t num_bins,
-                                        int64_t b, const T* w, const bool* symmetric, int64_t h,
-                                        Padding padding) {
+// symmetric(j) (j = 1..h) says whether the pair (w[h - j], w[h + j]) passes scipy's symmetry test
+// (a lookup table on the CPU, computed from a float64 copy of the window on the GPU).
+template <typename T, typename Symmetric>
+DIRFAST_HOST_DEVICE inline T smooth_bin_with(const T* stats, int64_t stride, int64_t num_bins,
+                                             int64_t b, const T* w, Symmetric symmetric, int64_t h,
+                                             Padding padding) {
   auto tap = [&](int64_t j) -> T {
     const int64_t i = padded_index(j, num_bins, padding);
     return i < 0 ? T(0) : stats[i * stride];
@@ -70,11 +71,20 @@ DIRFAST_HOST_DEVICE inline T smooth_bin(const T* stats, int64_t stride, int64_t 
   for (int64_t j = h; j >= 1; --j) {
     const T left = tap(b - j);
     const T right = tap(b + j);
-    const T term = symmetric[j - 1] ? T((left + right) * w[h + j])
-                                    : T(T(left * w[h - j]) + T(right * w[h + j]));
+    const T term = symmetric(j) ? T((left + right) * w[h + j])
+                                : T(T(left * w[h - j]) + T(right * w[h + j]));
     out = out + term;
   }
   return out;
+}
+
+// The same with the symmetry tests in a table: symmetric[j - 1] for the pair at distance j.
+template <typename T>
+DIRFAST_HOST_DEVICE inline T smooth_bin(const T* stats, int64_t stride, int64_t num_bins,
+                                        int64_t b, const T* w, const bool* symmetric, int64_t h,
+                                        Padding padding) {
+  return smooth_bin_with(stats, stride, num_bins, b, w,
+                         [symmetric](int64_t j) { return symmetric[j - 1]; }, h, padding);
 }
 
 }  // namespace dirfast

@@ -156,26 +156,7 @@ void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, cons
 void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at::Tensor& bin_idx,
                     const at::Tensor& m1, const at::Tensor& v1, const at::Tensor& m2,
                     const at::Tensor& v2, double clip_min, double clip_max) {
-  check_features_and_bins(x, bin_idx, op);
-  const int64_t dim = x.size(1);
-  TORCH_CHECK(m1.dim() == 2 && m1.size(1) == dim, op, ": m1 must be [B, D] with D = ", dim,
-              " (x.shape[1]), got shape ", m1.sizes());
-  TORCH_CHECK(m1.size(0) < std::numeric_limits<int32_t>::max(), op,
-              ": m1 must have fewer than 2^31 - 1 bins, got ", m1.size(0));
-  const std::pair<const char*, const at::Tensor*> tables[] = {
-      {"m1", &m1}, {"v1", &v1}, {"m2", &m2}, {"v2", &v2}};
-  for (const auto& entry : tables) {
-    const at::Tensor& table = *entry.second;
-    TORCH_CHECK(table.device().is_cpu(), op, ": ", entry.first,
-                " must be a CPU tensor, got one on ", table.device());
-    TORCH_CHECK(is_supported_float(table.scalar_type()), op, ": ", entry.first,
-                " must be float16, bfloat16, float32 or float64, got ", table.scalar_type());
-    TORCH_CHECK(table.sizes() == m1.sizes(), op, ": ", entry.first, " must have shape ",
-                m1.sizes(), " (that of m1), got ", table.sizes());
-  }
-  TORCH_CHECK(clip_min >= 0 && clip_min <= clip_max, op,
-              ": clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, got ", clip_min,
-              " and ", clip_max);
+  check_calibrate_args(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max, op, c10::DeviceType::CPU);
 
   // Arithmetic dtype: as dirfast.reference.calibrate.
   const bool wide = x.scalar_type() == at::kDouble || m1.scalar_type() == at::kDouble;
@@ -186,17 +167,11 @@ void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at
   const at::Tensor tv2 = v2.to(acc_type).contiguous();
 
   if (x.numel() == 0) return;
-  at::Tensor out = y;  // where the kernel writes
-  Layout ly = classify(out);
-  at::Tensor xw;
-  if (ly.kind != Layout::kNone) xw = in_layout(x, ly.kind);
-  if (ly.kind == Layout::kNone || classify(xw).kind != ly.kind) {  // unusual strides
-    out = at::empty(x.sizes(), x.options());
-    ly = classify(out);
-    xw = x.contiguous();
-  }
-  const Layout lx = classify(xw);
-  TORCH_INTERNAL_ASSERT(lx.kind == ly.kind && lx.kind != Layout::kNone);
+  const CalibratePlan plan = plan_calibrate(x, y);
+  const at::Tensor& xw = plan.x;
+  at::Tensor out = plan.out;
+  const Layout& lx = plan.lx;
+  const Layout& ly = plan.ly;
   const at::Tensor idx = bin_idx.contiguous();
 
   const auto dtype = x.scalar_type();

@@ -21,31 +21,11 @@ namespace dirfast {
 namespace cpu {
 namespace {
 
-Padding parse_padding(c10::string_view padding) {
-  const std::string name(padding.data(), padding.size());
-  if (name == "reflect") return Padding::kReflect;
-  if (name == "replicate") return Padding::kReplicate;
-  if (name == "constant") return Padding::kConstant;
-  TORCH_CHECK(false, "dirfast::smooth_bins: padding must be one of 'reflect', 'constant', "
-                     "'replicate', got '", name, "'");
-}
-
 at::Tensor smooth_bins_cpu(const at::Tensor& stats, const at::Tensor& window,
                            c10::string_view padding) {
   const char* op = "dirfast::smooth_bins";
-  TORCH_CHECK(stats.device().is_cpu(), op, ": stats must be a CPU tensor, got one on ",
-              stats.device());
-  TORCH_CHECK(window.device().is_cpu(), op, ": window must be a CPU tensor, got one on ",
-              window.device());
-  TORCH_CHECK(is_supported_float(stats.scalar_type()), op,
-              ": stats must be float16, bfloat16, float32 or float64, got ", stats.scalar_type());
-  TORCH_CHECK(is_supported_float(window.scalar_type()), op,
-              ": window must be float16, bfloat16, float32 or float64, got ", window.scalar_type());
-  TORCH_CHECK((stats.dim() == 1 || stats.dim() == 2) && stats.size(0) >= 1, op,
-              ": stats must be [B] or [B, D] with B >= 1, got shape ", stats.sizes());
-  TORCH_CHECK(window.dim() == 1 && window.size(0) % 2 == 1, op,
-              ": window must be 1-D with an odd length, got shape ", window.sizes());
-  const Padding mode = parse_padding(padding);
+  check_smooth_bins_args(stats, window, op, c10::DeviceType::CPU);
+  const Padding mode = static_cast<Padding>(parse_padding(padding, op));
 
   const int64_t num_bins = stats.size(0);
   const int64_t columns = stats.dim() == 2 ? stats.size(1) : 1;

@@ -25,8 +25,9 @@ from ._library import has_device_kernel, op_overload
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_")
 
-# On a CUDA tensor, "auto" takes the first available backend of this list for each op.
-# The CUDA and Triton kernel issues measure both and record the order here.
+# On a CUDA tensor, "auto" takes, per op, the first available backend of its list: the faster
+# one as measured by `python -m benchmarks.gpu` (benchmarks/gpu_check.sh) on the GPU below.
+CUDA_PREFERENCE_MEASURED_ON = "not yet measured: CUDA C++ first by default"
 CUDA_PREFERENCE = {op: ("cuda", "triton") for op in OPS}
 
 _selected = "auto"
@@ -53,6 +54,9 @@ def _cuda_reason() -> str:
         return _ext.EXTENSION_REASON
     if not _ext.cuda_compiled():
         return "dirfast._C was built without CUDA kernels (nvcc not found at build time)"
+    missing = [op for op in OPS if not has_device_kernel(op, "CUDA")]
+    if missing:
+        return f"dirfast._C has no CUDA kernel for {', '.join(missing)}"
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
     return ""

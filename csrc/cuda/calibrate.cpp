@@ -1,0 +1,70 @@
+// dirfast::calibrate and dirfast::calibrate_ for CUDA tensors: checks, the layout plan shared with
+// the CPU kernel (csrc/layout.h), scratch for the s/t tables, then the kernels of
+// src/calibrate.cu on the current stream. Nothing here waits for the GPU.
+#include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
+#include <torch/library.h>
+
+#include "glue.h"
+
+namespace dirfast {
+namespace cuda {
+namespace {
+
+void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at::Tensor& bin_idx,
+                    const at::Tensor& m1, const at::Tensor& v1, const at::Tensor& m2,
+                    const at::Tensor& v2, double clip_min, double clip_max) {
+  check_calibrate_args(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max, op,
+                       c10::DeviceType::CUDA);
+  const c10::DeviceGuard guard(x.device());
+  // Arithmetic dtype: as dirfast.reference.calibrate.
+  const bool wide = x.scalar_type() == at::kDouble || m1.scalar_type() == at::kDouble;
+  const auto acc_type = wide ? at::kDouble : at::kFloat;
+  const at::Tensor tm1 = m1.to(acc_type).contiguous();
+  const at::Tensor tv1 = v1.to(acc_type).contiguous();
+  const at::Tensor tm2 = m2.to(acc_type).contiguous();
+  const at::Tensor tv2 = v2.to(acc_type).contiguous();
+  if (x.numel() == 0) return;
+
+  CalibratePlan plan = plan_calibrate(x, y);
+  const at::Tensor idx = bin_idx.contiguous();
+  const DirfastFeatures features_of_x = features(plan.x, plan.lx);
+  const DirfastBins bins_of_x = bins(idx, m1.size(0));
+  const int acc_code = wide ? DIRFAST_FLOAT64 : DIRFAST_FLOAT32;
+  at::Tensor workspace = at::empty(
+      {static_cast<int64_t>(dirfast_cuda_calibrate_workspace(features_of_x, bins_of_x, acc_code))},
+      x.options().dtype(at::kByte));
+  check_launch(dirfast_cuda_calibrate(features_of_x, output(plan.out, plan.ly), bins_of_x,
+                                      tm1.data_ptr(), tv1.data_ptr(), tm2.data_ptr(),
+                                      tv2.data_ptr(), acc_code, clip_min, clip_max,
+                                      workspace.data_ptr(), sm_count(x.device()),
+                                      current_stream(x.device())),
+               op);
+  if (!plan.out.is_same(y)) y.copy_(plan.out);
+}
+
+at::Tensor calibrate_cuda(const at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
+                          const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
+                          double clip_min, double clip_max) {
+  at::Tensor y = at::empty_like(x);  // the fake kernel's strides
+  calibrate_into("dirfast::calibrate", x, y, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
+  return y;
+}
+
+void calibrate_inplace_cuda(at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
+                            const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
+                            double clip_min, double clip_max) {
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+              "dirfast::calibrate_: x has elements that share memory (an expanded tensor); "
+              "calibrate it out of place");
+  calibrate_into("dirfast::calibrate_", x, x, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace dirfast
+
+TORCH_LIBRARY_IMPL(dirfast, CUDA, m) {
+  m.impl("calibrate", &dirfast::cuda::calibrate_cuda);
+  m.impl("calibrate_", &dirfast::cuda::calibrate_inplace_cuda);
+}

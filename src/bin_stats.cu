@@ -1,0 +1,404 @@
+// dirfast::bin_stats on CUDA: per-bucket count, mean and unbiased variance.
+//
+// Numerics: one pass, shifted sums (as the Triton kernel). Every bucket k gets a reference
+// value K[k] per feature, the features of its first row; the pass accumulates S1 = sum(x - K) and
+// S2 = sum((x - K)^2), and mean = K + S1 / n, var = (S2 - S1^2 / n) / (n - 1). The shift removes
+// the bucket's mean up to about one standard deviation, so float32 keeps the variance's relative
+// accuracy at mean/std = 1000 where the plain sum(x^2) formula loses all of it. The corrected
+// two-pass algorithm (dirfast.reference) is as accurate but reads x twice; finding the reference
+// rows costs a pass over bin_idx only (8 bytes per row against 4 D), so x is read exactly once.
+//
+// Launches (no host synchronisation; sizes come from the shapes):
+//   memset     count, reference rows, sums;
+//   hist       count[k] and the first row of k: each block counts its rows in shared memory, then
+//              adds one integer atomic per bucket it met (same-address atomics serialise);
+//   reference  K[k][f] = x[first row of k][f];
+//   accumulate rows layout (features contiguous) with few enough buckets: a block owns a tile
+//              of 64 features and a chunk of rows, and keeps privatised partial sums S1, S2 (and
+//              its tile of K) for every bucket in shared memory. A warp reads a row's 64
+//              features with one vector load per lane (8 rows in flight per warp), adds them to
+//              the row's bucket with shared-memory atomics (conflict-free: lane l owns slots l
+//              and 32 + l), and at the end the block merges its partials into the global sums
+//              with one float atomic per (bucket met, feature): rows-per-chunk times fewer
+//              atomics than elements.
+//              Otherwise (planes of pixels, or too many buckets for shared memory): every element
+//              is added to the global sums with float atomics, threads along the contiguous axis.
+//   finalize   mean and var from (count, K, S1, S2); zeros for empty buckets.
+// Counts are integer atomics: exact. The float atomics make the last bits of mean and var vary
+// from run to run; dirfast_cuda_bin_stats_sorted below is the deterministic variant.
+#include <algorithm>
+#include <type_traits>
+
+#include "cuda_common.cuh"
+#include "welford.h"
+
+namespace dirfast {
+namespace cuda {
+namespace {
+
+using ull = unsigned long long;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kTile = 64;                 // features per block of the shared-memory kernel
+constexpr int kUnroll = 8;                // rows in flight per warp
+constexpr int64_t kHistSharedBins = 2048;  // buckets the histogram keeps in shared memory (32 KiB)
+constexpr size_t kMaxShared = 112 * 1024;  // shared memory of the privatised kernel, at most
+constexpr int kSortedThreads = 128;
+
+template <typename T>
+using acc_of = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
+
+// Element (r, f) of the features.
+struct Addressing {
+  int64_t inner, stride_p, stride_s, stride_f;
+  __device__ __forceinline__ int64_t operator()(int64_t r, int64_t f) const {
+    const int64_t p = r / inner;
+    return p * stride_p + (r - p * inner) * stride_s + f * stride_f;
+  }
+};
+
+inline Addressing addressing(const DirfastFeatures& x) {
+  return Addressing{x.inner > 0 ? x.inner : 1, x.stride_p, x.stride_s, x.stride_f};
+}
+
+// ------------------------------------------------------------------------------ histogram
+// count[k] += rows of k; first[k] = max over rows of k of (rows - r): the first row, 0 for none.
+template <typename index_t>
+__global__ void hist_kernel(const index_t* __restrict__ idx, int64_t rows, int64_t num_bins,
+                            ull* __restrict__ count, ull* __restrict__ first) {
+  extern __shared__ ull hist_shared[];
+  const bool shared = num_bins <= kHistSharedBins;
+  ull* s_count = hist_shared;
+  ull* s_first = hist_shared + num_bins;
+  if (shared) {
+    for (int64_t k = threadIdx.x; k < num_bins; k += blockDim.x) s_count[k] = s_first[k] = 0;
+    __syncthreads();
+  }
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = bucket_of(idx, r, num_bins, -1);
+    if (k < 0) continue;
+    if (shared) {
+      atomicAdd(&s_count[k], ull(1));
+      atomicMax(&s_first[k], ull(rows - r));
+    } else {
+      atomicAdd(&count[k], ull(1));
+      atomicMax(&first[k], ull(rows - r));
+    }
+  }
+  if (shared) {
+    __syncthreads();
+    for (int64_t k = threadIdx.x; k < num_bins; k += blockDim.x) {
+      if (s_count[k] == 0) continue;
+      atomicAdd(&count[k], s_count[k]);
+      atomicMax(&first[k], s_first[k]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ reference
+template <typename T, typename acc_t>
+__global__ void reference_kernel(const T* __restrict__ x, Addressing at, int64_t rows,
+                                 int64_t num_bins, int64_t dim, const ull* __restrict__ first,
+                                 acc_t* __restrict__ ref) {
+  const int64_t total = num_bins * dim;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = i / dim;
+    const ull code = first[k];
+    ref[i] = code == 0 ? acc_t(0) : to_acc<acc_t>(x[at(rows - int64_t(code), i - k * dim)]);
+  }
+}
+
+// ------------------------------------------------------------------------------ accumulate
+// Shared-memory slot of the tile's features: lane l owns features 2l and 2l + 1, stored in
+// slots l and 32 + l, so a warp's 32 lanes touch 32 consecutive slots (no bank conflict).
+__device__ __forceinline__ int feature_of_slot(int slot) { return (slot % 32) * 2 + slot / 32; }
+
+template <typename T, typename acc_t, typename index_t, bool PAIR>
+__global__ void __launch_bounds__(kThreads)
+    accumulate_shared_kernel(const T* __restrict__ x, const index_t* __restrict__ idx,
+                             int64_t rows, int64_t dim, int64_t row_stride, int64_t num_bins,
+                             int64_t rows_per_block, const acc_t* __restrict__ ref,
+                             acc_t* __restrict__ sums) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  acc_t* s1 = reinterpret_cast<acc_t*>(shared_raw);  // [B][64]
+  acc_t* s2 = s1 + num_bins * kTile;                  // [B][64]
+  acc_t* sk = s2 + num_bins * kTile;                  // [B][64]: K of the tile
+  int* present = reinterpret_cast<int*>(sk + num_bins * kTile);  // [B]
+  const int64_t f0 = int64_t(blockIdx.x) * kTile;
+  for (int64_t e = threadIdx.x; e < num_bins * kTile; e += blockDim.x) {
+    const int64_t k = e / kTile;
+    const int64_t f = f0 + feature_of_slot(int(e - k * kTile));
+    s1[e] = acc_t(0);
+    s2[e] = acc_t(0);
+    sk[e] = f < dim ? ref[k * dim + f] : acc_t(0);
+  }
+  for (int64_t k = threadIdx.x; k < num_bins; k += blockDim.x) present[k] = 0;
+  __syncthreads();
+
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int64_t fa = f0 + 2 * lane;  // this lane's features: fa and fa + 1
+  const bool in0 = fa < dim;
+  const bool in1 = fa + 1 < dim;
+  const int64_t r_begin = int64_t(blockIdx.y) * rows_per_block;
+  const int64_t r_end = r_begin + rows_per_block < rows ? r_begin + rows_per_block : rows;
+  for (int64_t r0 = r_begin + warp * kUnroll; r0 < r_end; r0 += kWarps * kUnroll) {
+    int64_t k[kUnroll];
+    acc_t a[kUnroll], b[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll rows in flight
+      const int64_t r = r0 + u;
+      k[u] = r < r_end ? bucket_of(idx, r, num_bins, -1) : -1;
+      a[u] = b[u] = acc_t(0);
+      if (k[u] >= 0 && in0) {
+        const T* p = x + r * row_stride + fa;
+        if (PAIR) {  // dim and row_stride even, x aligned: in0 implies in1
+          const Vec<T, 2> v = load_vec<T, 2>(p);
+          a[u] = to_acc<acc_t>(v.v[0]);
+          b[u] = to_acc<acc_t>(v.v[1]);
+        } else {
+          a[u] = to_acc<acc_t>(p[0]);
+          if (in1) b[u] = to_acc<acc_t>(p[1]);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      if (k[u] < 0) continue;
+      const int64_t o = k[u] * kTile + lane;
+      if (in0) {
+        const acc_t d = a[u] - sk[o];
+        atomicAdd(&s1[o], d);
+        atomicAdd(&s2[o], d * d);
+      }
+      if (in1) {
+        const acc_t d = b[u] - sk[o + 32];
+        atomicAdd(&s1[o + 32], d);
+        atomicAdd(&s2[o + 32], d * d);
+      }
+      if (lane == 0) present[k[u]] = 1;
+    }
+  }
+  __syncthreads();
+  const int64_t s2_offset = num_bins * dim;
+  for (int64_t e = threadIdx.x; e < num_bins * kTile; e += blockDim.x) {
+    const int64_t k = e / kTile;
+    const int64_t f = f0 + feature_of_slot(int(e - k * kTile));
+    if (!present[k] || f >= dim) continue;
+    atomicAdd(&sums[k * dim + f], s1[e]);
+    atomicAdd(&sums[s2_offset + k * dim + f], s2[e]);
+  }
+}
+
+// Every element straight to the global sums. PIXELS: element i is (image, feature, pixel) with the
+// pixel fastest (planes of pixels, stride_s == 1); else (row, feature) with the feature fastest.
+template <typename T, typename acc_t, typename index_t, bool PIXELS>
+__global__ void accumulate_direct_kernel(const T* __restrict__ x, Addressing at,
+                                         const index_t* __restrict__ idx, int64_t rows,
+                                         int64_t dim, int64_t num_bins,
+                                         const acc_t* __restrict__ ref, acc_t* __restrict__ sums) {
+  const int64_t total = rows * dim;
+  const int64_t s2_offset = num_bins * dim;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    int64_t r, f;
+    if (PIXELS) {
+      const int64_t plane = i / at.inner;  // image * dim + feature
+      const int64_t s = i - plane * at.inner;
+      const int64_t p = plane / dim;
+      f = plane - p * dim;
+      r = p * at.inner + s;
+    } else {
+      r = i / dim;
+      f = i - r * dim;
+    }
+    const int64_t k = bucket_of(idx, r, num_bins, -1);
+    if (k < 0) continue;
+    const acc_t d = to_acc<acc_t>(x[at(r, f)]) - ref[k * dim + f];
+    atomicAdd(&sums[k * dim + f], d);
+    atomicAdd(&sums[s2_offset + k * dim + f], d * d);
+  }
+}
+
+// ------------------------------------------------------------------------------ finalize
+template <typename acc_t>
+__global__ void finalize_kernel(const ull* __restrict__ count, const acc_t* __restrict__ ref,
+                                const acc_t* __restrict__ sums, int64_t num_bins, int64_t dim,
+                                acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+  const int64_t total = num_bins * dim;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = static_cast<int64_t>(count[i / dim]);
+    if (n == 0) {
+      mean[i] = acc_t(0);
+      var[i] = acc_t(0);
+      continue;
+    }
+    const acc_t s1 = sums[i];
+    const acc_t s2 = sums[total + i];
+    const acc_t nn = static_cast<acc_t>(n);
+    mean[i] = ref[i] + s1 / nn;
+    var[i] = welford_variance<acc_t>(n, s2 - s1 * s1 / nn);  // 0 for n == 1, never negative
+  }
+}
+
+// ------------------------------------------------------------------------------ deterministic
+template <typename T, typename acc_t>
+__global__ void welford_sorted_kernel(const T* __restrict__ x, Addressing at, int64_t dim,
+                                      const int64_t* __restrict__ perm,
+                                      const int64_t* __restrict__ offsets,
+                                      acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+  const int64_t k = blockIdx.x;
+  const int64_t f = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  if (f >= dim) return;
+  const int64_t begin = offsets[k];
+  const int64_t n = offsets[k + 1] - begin;
+  acc_t m = acc_t(0), m2 = acc_t(0);
+  for (int64_t i = 0; i < n; ++i) {  // the rows of k in the sorted order: Welford, as on the CPU
+    const acc_t v = to_acc<acc_t>(x[at(perm[begin + i], f)]);
+    if (i == 0) {
+      m = v;
+    } else {
+      welford_add<acc_t>(m, m2, v, acc_t(1) / static_cast<acc_t>(i + 1));
+    }
+  }
+  mean[k * dim + f] = m;
+  var[k * dim + f] = welford_variance<acc_t>(n, m2);
+}
+
+// ------------------------------------------------------------------------------ host side
+struct Workspace {
+  ull* first;
+  void* sums;
+  void* ref;
+};
+
+size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+Workspace carve(void* base, int64_t num_bins, int64_t dim, size_t acc) {
+  char* p = static_cast<char*>(base);
+  Workspace ws;
+  ws.first = reinterpret_cast<ull*>(p);
+  p += aligned(num_bins * sizeof(ull));
+  ws.sums = p;
+  p += aligned(2 * num_bins * dim * acc);
+  ws.ref = p;
+  return ws;
+}
+
+size_t shared_bytes(int64_t num_bins, size_t acc) {
+  return static_cast<size_t>(num_bins) * (3 * kTile * acc + sizeof(int));
+}
+
+int grid_for(int64_t work, int num_sms, int per_sm = 8) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads),
+                                                                 int64_t(num_sms) * per_sm)));
+}
+
+template <typename T, typename index_t>
+cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* count, void* mean,
+                   void* var, void* workspace, int num_sms, cudaStream_t stream) {
+  using acc_t = acc_of<T>;
+  const int64_t num_bins = bins.num_bins;
+  const int64_t dim = x.dim;
+  const int64_t rows = x.rows;
+  const Workspace ws = carve(workspace, num_bins, dim, sizeof(acc_t));
+  ull* counts = reinterpret_cast<ull*>(count);
+  acc_t* sums = static_cast<acc_t*>(ws.sums);
+  acc_t* ref = static_cast<acc_t*>(ws.ref);
+  const T* px = static_cast<const T*>(x.data);
+  const index_t* idx = static_cast<const index_t*>(bins.data);
+  const Addressing at = addressing(x);
+  cudaError_t status;
+  if ((status = cudaMemsetAsync(counts, 0, num_bins * sizeof(ull), stream)) != cudaSuccess ||
+      (status = cudaMemsetAsync(ws.first, 0, num_bins * sizeof(ull), stream)) != cudaSuccess ||
+      (status = cudaMemsetAsync(sums, 0, 2 * num_bins * dim * sizeof(acc_t), stream)) != cudaSuccess) {
+    return status;
+  }
+  if (rows > 0) {
+    const size_t hist_shared = num_bins <= kHistSharedBins ? 2 * num_bins * sizeof(ull) : 0;
+    hist_kernel<index_t><<<grid_for(rows, num_sms, 4), kThreads, hist_shared, stream>>>(
+        idx, rows, num_bins, counts, ws.first);
+  }
+  const int64_t table = num_bins * dim;
+  if (rows > 0 && dim > 0) {
+    reference_kernel<T, acc_t><<<grid_for(table, num_sms), kThreads, 0, stream>>>(
+        px, at, rows, num_bins, dim, ws.first, ref);
+    const size_t shared = shared_bytes(num_bins, sizeof(acc_t));
+    if (x.stride_f == 1 && x.inner == rows && shared <= kMaxShared) {
+      const int64_t tiles = ceil_div(dim, kTile);
+      const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(4, (200 * 1024) / shared));
+      int64_t chunks = std::max<int64_t>(1, ceil_div(int64_t(num_sms) * per_sm, tiles));
+      chunks = std::min<int64_t>({chunks, ceil_div(rows, 256), 65535});
+      const int64_t rows_per_block = ceil_div(rows, chunks);
+      const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div(rows, rows_per_block)));
+      const bool pair = dim % 2 == 0 && vec_aligned<T, 2>(px, x.stride_s);
+      auto run = [&](auto kernel) {
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxShared));
+        kernel<<<grid, kThreads, shared, stream>>>(px, idx, rows, dim, x.stride_s, num_bins,
+                                                   rows_per_block, ref, sums);
+      };
+      if (pair) {
+        run(accumulate_shared_kernel<T, acc_t, index_t, true>);
+      } else {
+        run(accumulate_shared_kernel<T, acc_t, index_t, false>);
+      }
+    } else if (x.stride_s == 1 && x.stride_f != 1) {
+      accumulate_direct_kernel<T, acc_t, index_t, true>
+          <<<grid_for(rows * dim, num_sms, 16), kThreads, 0, stream>>>(px, at, idx, rows, dim,
+                                                                       num_bins, ref, sums);
+    } else {
+      accumulate_direct_kernel<T, acc_t, index_t, false>
+          <<<grid_for(rows * dim, num_sms, 16), kThreads, 0, stream>>>(px, at, idx, rows, dim,
+                                                                       num_bins, ref, sums);
+    }
+  }
+  if (table > 0) {
+    finalize_kernel<acc_t><<<grid_for(table, num_sms), kThreads, 0, stream>>>(
+        counts, ref, sums, num_bins, dim, static_cast<acc_t*>(mean), static_cast<acc_t*>(var));
+  }
+  return launched();
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace dirfast
+
+extern "C" size_t dirfast_cuda_bin_stats_workspace(DirfastFeatures x, DirfastBins bins) {
+  using namespace dirfast::cuda;
+  const size_t acc = x.dtype == DIRFAST_FLOAT64 ? 8 : 4;
+  const int64_t b = bins.num_bins, d = x.dim;
+  return aligned(b * sizeof(ull)) + aligned(2 * b * d * acc) + aligned(b * d * acc);
+}
+
+extern "C" cudaError_t dirfast_cuda_bin_stats(DirfastFeatures x, DirfastBins bins, int64_t* count,
+                                              void* mean, void* var, void* workspace, int num_sms,
+                                              cudaStream_t stream) {
+  using namespace dirfast::cuda;
+  return dispatch_dtype(x.dtype, [&](auto scalar) {
+    using T = decltype(scalar);
+    return dispatch_index(bins.is_int64, [&](auto index) {
+      return launch<T, decltype(index)>(x, bins, count, mean, var, workspace, num_sms, stream);
+    });
+  });
+}
+
+extern "C" cudaError_t dirfast_cuda_bin_stats_sorted(DirfastFeatures x, int64_t num_bins,
+                                                     const int64_t* perm, const int64_t* offsets,
+                                                     void* mean, void* var, cudaStream_t stream) {
+  using namespace dirfast::cuda;
+  if (num_bins == 0 || x.dim == 0) return cudaSuccess;
+  return dispatch_dtype(x.dtype, [&](auto scalar) {
+    using T = decltype(scalar);
+    using acc_t = acc_of<T>;
+    const dim3 grid(static_cast<unsigned>(num_bins),
+                    static_cast<unsigned>(ceil_div(x.dim, kSortedThreads)));
+    welford_sorted_kernel<T, acc_t><<<grid, kSortedThreads, 0, stream>>>(
+        static_cast<const T*>(x.data), addressing(x), x.dim, perm, offsets,
+        static_cast<acc_t*>(mean), static_cast<acc_t*>(var));
+    return launched();
+  });
+}

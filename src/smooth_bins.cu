@@ -1,0 +1,84 @@
+// dirfast::smooth_bins on CUDA: every column of a [B, columns] table smoothed along the bins,
+// one launch, one thread per output element, with the padding modes and the summation order of
+// src/smooth.h. The arithmetic is in the dtype of the table, as dirfast.reference does: float16
+// and bfloat16 values go through Rounded<H>, which rounds after every operation exactly as
+// c10::Half / c10::BFloat16 arithmetic does (compute in float, round to nearest even), so the
+// results are the bits of the CPU kernel and the reference. scipy's symmetry test of each pair
+// of taps is computed on the fly from a float64 copy of the window: nothing is read back to the
+// host, and the window may be of any length.
+#include <algorithm>
+
+#include "cuda_common.cuh"
+#include "smooth.h"
+
+namespace dirfast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// A float16 / bfloat16 value whose arithmetic rounds after each operation (c10 semantics).
+template <typename H>
+struct Rounded {
+  H v;
+  Rounded() = default;
+  __device__ Rounded(float f) : v(from_acc<H>(f)) {}
+  __device__ float value() const { return to_acc<float>(v); }
+};
+template <typename H>
+__device__ __forceinline__ Rounded<H> operator+(Rounded<H> a, Rounded<H> b) {
+  return Rounded<H>(a.value() + b.value());
+}
+template <typename H>
+__device__ __forceinline__ Rounded<H> operator*(Rounded<H> a, Rounded<H> b) {
+  return Rounded<H>(a.value() * b.value());
+}
+
+// The arithmetic type of a storage type.
+template <typename T> struct Arith { using type = T; };
+template <> struct Arith<__half> { using type = Rounded<__half>; };
+template <> struct Arith<__nv_bfloat16> { using type = Rounded<__nv_bfloat16>; };
+
+struct SymmetricPair {
+  const double* w64;
+  int64_t h;
+  __device__ bool operator()(int64_t j) const { return window_pair_symmetric(w64[h - j], w64[h + j]); }
+};
+
+template <typename A>
+__global__ void smooth_bins_kernel(const A* __restrict__ stats, A* __restrict__ out,
+                                   int64_t num_bins, int64_t columns, const A* __restrict__ w,
+                                   const double* __restrict__ w64, int64_t h, Padding padding) {
+  const int64_t total = num_bins * columns;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / columns;
+    const int64_t c = i - b * columns;
+    out[i] = smooth_bin_with<A>(stats + c, columns, num_bins, b, w, SymmetricPair{w64, h}, h,
+                                padding);
+  }
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace dirfast
+
+extern "C" cudaError_t dirfast_cuda_smooth_bins(const void* stats, void* out, int dtype,
+                                                int64_t num_bins, int64_t columns,
+                                                const void* window, const double* window64,
+                                                int64_t ks, int padding, cudaStream_t stream) {
+  using namespace dirfast::cuda;
+  const int64_t total = num_bins * columns;
+  if (total == 0) return cudaSuccess;
+  const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 65535);
+  return dispatch_dtype(dtype, [&](auto scalar) {
+    using T = decltype(scalar);
+    using A = typename Arith<T>::type;
+    static_assert(sizeof(A) == sizeof(T), "Rounded<H> must have the layout of H");
+    smooth_bins_kernel<A><<<blocks, kThreads, 0, stream>>>(
+        static_cast<const A*>(stats), static_cast<A*>(out), num_bins, columns,
+        static_cast<const A*>(window), window64, (ks - 1) / 2,
+        static_cast<dirfast::Padding>(padding));
+    return launched();
+  });
+}

@@ -1,0 +1,321 @@
+"""The CUDA C++ backend (src/*.cu, csrc/cuda/*.cpp).
+
+Without a GPU (CI): the CUDA sources compiled into dirfast._C for the architectures setup.py
+asks for, the kernels are registered for the CUDA dispatch key, and the extension loads and
+reports ``compiled: True, available: False`` with the reason. With a GPU: the kernels against
+dirfast.reference on the paths the shared tests of test_ops.py do not reach (the shared-memory
+and the direct bin_stats kernels, vectorised and scalar passes, deterministic mode, the float32
+accuracy criterion) and a CUDA-graph capture of an FDS step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import dirfast
+import dirfast.ops
+from dirfast import _ext, reference
+from dirfast.ops import _dispatch, _library
+from testing import gen, tol
+
+GPU = torch.cuda.is_available()
+COMPILED = _ext.cuda_compiled()
+needs_gpu = pytest.mark.skipif(not (GPU and COMPILED), reason="needs a CUDA GPU and the CUDA kernels")
+
+
+def _cuda_toolkit():
+    """The nvcc setup.py would have found (None when there is none)."""
+    for home in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return home
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+BUILT_WITH_CUDA_EXPECTED = (_cuda_toolkit() is not None and _ext.EXTENSION is not None
+                            and os.environ.get("DIRFAST_NO_CUDA", "0") in ("", "0"))
+
+
+# ----------------------------------------------------------------------------- build (no GPU)
+def test_cuda_kernels_compiled_when_nvcc_is_present():
+    if not BUILT_WITH_CUDA_EXPECTED:
+        pytest.skip("no CUDA toolkit here (or DIRFAST_NO_CUDA / no extension): a CPU-only build is right")
+    assert COMPILED, "nvcc is installed but dirfast._C was built without the CUDA kernels"
+    assert dirfast.backends()["cuda"]["compiled"] is True
+
+
+@pytest.mark.skipif(not COMPILED, reason="dirfast._C built without the CUDA kernels")
+@pytest.mark.parametrize("op", _dispatch.OPS)
+def test_cuda_kernels_registered_for_the_cuda_key(op):
+    assert _library.has_device_kernel(op, "CUDA")
+
+
+@pytest.mark.skipif(not COMPILED, reason="dirfast._C built without the CUDA kernels")
+def test_extension_holds_sm80_sm90_and_ptx():
+    home = _cuda_toolkit()
+    cuobjdump = shutil.which("cuobjdump") or (home and os.path.join(home, "bin", "cuobjdump"))
+    if not cuobjdump or not os.path.exists(cuobjdump):
+        pytest.skip("cuobjdump not found")
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        pytest.skip("TORCH_CUDA_ARCH_LIST chose other architectures")
+    library = _ext.EXTENSION.__file__
+    elf = subprocess.run([cuobjdump, "--list-elf", library], capture_output=True, text=True, check=True).stdout
+    ptx = subprocess.run([cuobjdump, "--list-ptx", library], capture_output=True, text=True, check=True).stdout
+    assert "sm_80" in elf and "sm_90" in elf, elf
+    assert "sm_90" in ptx or "compute_90" in ptx, ptx
+    for kernel in ("bin_stats", "calibrate", "smooth_bins"):
+        assert kernel in elf, f"no cubin from src/{kernel}.cu in {library}"
+
+
+@pytest.mark.skipif(GPU or not COMPILED, reason="checks the report on a machine without a GPU")
+def test_without_gpu_cuda_is_compiled_not_available():
+    report = dirfast.backends()["cuda"]
+    assert report == {"available": False, "compiled": True, "reason": report["reason"]}
+    assert "GPU" in report["reason"]
+    with pytest.raises(RuntimeError, match="not available"):
+        dirfast.set_backend("cuda")
+    assert dirfast.get_backend() == "auto"
+
+
+def test_cuda_preference_table_names_known_backends():
+    assert set(_dispatch.CUDA_PREFERENCE) == set(_dispatch.OPS)
+    for order in _dispatch.CUDA_PREFERENCE.values():
+        assert set(order) == {"cuda", "triton"}
+    assert _dispatch.CUDA_PREFERENCE_MEASURED_ON
+
+
+# ----------------------------------------------------------------------------- GPU
+@contextlib.contextmanager
+def deterministic(on: bool = True):
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def check_stats(got, x, idx, num_bins):
+    count, mean, var = got
+    e_count, e_mean, e_var = reference.bin_stats(x.double().cpu(), idx.cpu(), num_bins)
+    acc = reference.accumulate_dtype(x.dtype)
+    assert count.dtype == torch.int64 and mean.dtype == acc and var.dtype == acc
+    assert mean.shape == (num_bins, x.shape[1]) and mean.is_contiguous() and var.is_contiguous()
+    assert torch.equal(count.cpu(), e_count)
+    torch.testing.assert_close(mean.cpu().double(), e_mean, **tol(acc))
+    torch.testing.assert_close(var.cpu().double(), e_var, **tol(acc))
+
+
+def tables(num_bins, d, dtype=torch.float32, seed=4):
+    """(m1, v1, m2, v2) on the GPU with the published special cases in bins 0-3."""
+    g = gen(seed)
+    m1, m2 = (torch.randn(num_bins, d, generator=g, dtype=torch.float64) for _ in range(2))
+    v1, v2 = (torch.rand(num_bins, d, generator=g, dtype=torch.float64) * 3 + 0.05 for _ in range(2))
+    if num_bins >= 4:
+        v1[0] = 0
+        v1[1] = 1e-12
+        v1[2, ::2] = 0
+        v1[3] = 0.01
+        v2[3, ::2] = 5.0
+        v2[3, 1::2] = 1e-5
+    return tuple(t.to(dtype=dtype, device="cuda") for t in (m1, v1, m2, v2))
+
+
+def check_calibrate(x, idx, stats, inplace=False):
+    before = x.clone()
+    if inplace:
+        got = x
+        torch.ops.dirfast.calibrate_(x, idx, *stats)
+    else:
+        got = torch.ops.dirfast.calibrate(x, idx, *stats)
+        assert torch.equal(x, before), "the input must not change"
+        assert got.stride() == torch.empty_like(x).stride()
+    expected = reference.calibrate(before, idx, *stats)
+    t = tol(x.dtype)
+    if x.dtype == torch.float32:
+        t["atol"] = 2e-5  # x * s + t (fused) against (x - m1) * s + m2
+    torch.testing.assert_close(got, expected, **t)
+    untouched = (idx < 0) | (idx >= stats[0].shape[0])
+    assert torch.equal(got.movedim(1, -1)[untouched], before.movedim(1, -1)[untouched])
+
+
+def layouts(n=3000, d=96, seed=0):
+    """(name, x, idx) in every layout the kernels walk, and one they copy."""
+    g = gen(seed)
+    idx = torch.randint(-1, 41, (n,), generator=g).cuda()
+    base = torch.randn(n, 2 * d + 2, generator=g).cuda()
+    yield "rows", base[:, :d].contiguous(), idx
+    yield "rows_strided", base[:, :d], idx  # row stride 2d + 2: vector loads still aligned
+    yield "rows_odd_d", base[:, : d - 1].contiguous(), idx  # scalar paths
+    yield "rows_misaligned", base[:, 1 : d + 1], idx  # scalar paths
+    yield "column_major", base[:, :d].t().contiguous().t(), idx
+    yield "sliced", base[::2, 1::2][:, :d], idx[::2]  # copied once
+    dense = torch.randn(3, 24, 20, 52, generator=g).cuda()
+    idx_dense = torch.randint(-1, 41, (3, 20, 52), generator=g).cuda()
+    yield "dense", dense, idx_dense
+    yield "dense_odd", torch.randn(2, 5, 7, 9, generator=g).cuda(), torch.randint(-1, 41, (2, 7, 9), generator=g).cuda()
+    yield "channels_last", dense.contiguous(memory_format=torch.channels_last), idx_dense
+
+
+LAYOUT_NAMES = [name for name, _, _ in layouts(n=4, d=4)] if GPU else ["rows"]
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_bin_stats_layouts(layout, det):
+    name, x, idx = next(item for item in layouts() if item[0] == layout)
+    with deterministic(det):
+        check_stats(torch.ops.dirfast.bin_stats(x, idx, 40), x, idx, 40)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_bins", [1, 97, 300, 5000])  # 300, 5000: too many for shared memory
+def test_bin_stats_dtypes_and_bin_counts(dtype, num_bins):
+    g = gen(num_bins)
+    x = torch.randn(20000, 130, generator=g).to(dtype=dtype, device="cuda")
+    idx = torch.randint(-2, num_bins + 2, (20000,), generator=g).cuda().int()
+    check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins)
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", ["rows", "dense"])
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_bin_stats_variance_accuracy_at_mean_1000_std(layout, det):
+    g = gen(12)
+    if layout == "rows":
+        x = torch.randn(50000, 64, generator=g, dtype=torch.float64) + 1000.0
+        idx = torch.randint(0, 5, (50000,), generator=g)
+    else:
+        x = torch.randn(4, 16, 48, 64, generator=g, dtype=torch.float64) + 1000.0
+        idx = torch.randint(0, 5, (4, 48, 64), generator=g)
+    x, idx = x.float().cuda(), idx.cuda()
+    with deterministic(det):
+        _, mean, var = torch.ops.dirfast.bin_stats(x, idx, 5)
+    _, e_mean, e_var = reference.bin_stats(x.double().cpu(), idx.cpu(), 5)
+    rel = ((var.double().cpu() - e_var).abs() / e_var).max().item()
+    assert rel < 1e-4, f"float32 variance relative error {rel:.2e}"
+    torch.testing.assert_close(mean.double().cpu(), e_mean, rtol=1e-6, atol=0)
+
+
+@needs_gpu
+def test_bin_stats_deterministic_is_bitwise_reproducible():
+    g = gen(13)
+    x = torch.randn(30000, 200, generator=g).cuda()
+    idx = torch.randint(-1, 60, (30000,), generator=g).cuda()
+    with deterministic():
+        first = torch.ops.dirfast.bin_stats(x, idx, 60)
+        second = torch.ops.dirfast.bin_stats(x, idx, 60)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    check_stats(first, x, idx, 60)
+
+
+@needs_gpu
+def test_bin_stats_edge_cases():
+    x = torch.randn(5, 3, device="cuda")
+    idx = torch.tensor([-1, -1, 4, 7, -5], device="cuda")
+    count, mean, var = torch.ops.dirfast.bin_stats(x, idx, 4)
+    assert count.tolist() == [0] * 4 and torch.all(mean == 0) and torch.all(var == 0)
+    count, mean, var = torch.ops.dirfast.bin_stats(x[:0], idx[:0], 4)
+    assert count.tolist() == [0] * 4 and mean.shape == (4, 3) and torch.all(var == 0)
+    one = torch.randn(1, 7, device="cuda", dtype=torch.float64)
+    count, mean, var = torch.ops.dirfast.bin_stats(one, torch.zeros(1, dtype=torch.long, device="cuda"), 1)
+    assert count.tolist() == [1] and torch.equal(mean[0], one[0]) and torch.all(var == 0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("layout", LAYOUT_NAMES)
+@pytest.mark.parametrize("inplace", [False, True], ids=["out", "inplace"])
+def test_calibrate_layouts(layout, inplace):
+    name, x, idx = next(item for item in layouts(seed=3) if item[0] == layout)
+    if inplace and name == "sliced":
+        x = x.clone()  # (a view: calibrated in place through the copy-back path)
+    check_calibrate(x, idx, tables(40, x.shape[1]), inplace=inplace)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float64], ids=str)
+def test_calibrate_dtypes(dtype, stats_dtype):
+    g = gen(7)
+    x = torch.randn(4000, 72, generator=g).to(dtype=dtype, device="cuda")
+    idx = torch.randint(-1, 31, (4000,), generator=g).cuda()
+    check_calibrate(x, idx, tables(30, 72, stats_dtype))
+    xd = torch.randn(2, 8, 16, 24, generator=g).to(dtype=dtype, device="cuda")
+    check_calibrate(xd, torch.randint(-1, 31, (2, 16, 24), generator=g).cuda(), tables(30, 8, stats_dtype))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("padding", ["reflect", "constant", "replicate"])
+@pytest.mark.parametrize("num_bins, ks", [(100, 5), (7, 9), (3, 11), (1, 5), (40, 1)])
+def test_smooth_bins_bitwise_equals_reference(dtype, padding, num_bins, ks):
+    g = gen(num_bins + ks)
+    stats = torch.randn(num_bins, 33, generator=g).to(dtype)
+    window = dirfast.kernel_window("gaussian", ks, 2.0)
+    expected = reference.smooth_bins(stats, window, padding)
+    got = torch.ops.dirfast.smooth_bins(stats.cuda(), window.cuda(), padding)
+    assert got.dtype == dtype and torch.equal(got.cpu(), expected)
+    got1 = torch.ops.dirfast.smooth_bins(stats[:, 0].cuda(), window.cuda(), padding)
+    assert torch.equal(got1.cpu(), reference.smooth_bins(stats[:, 0], window, padding))
+
+
+@needs_gpu
+def test_cuda_graph_capture_of_an_fds_step():
+    """No kernel waits on the host: an FDS step, forward and backward, replays from a CUDA graph."""
+    g = gen(51)
+    x = torch.randn(256, 64, generator=g).cuda().requires_grad_(True)
+    idx = torch.randint(0, 20, (256,), generator=g).cuda()
+    w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum").float().cuda()
+
+    def step():
+        count, mean, var = dirfast.ops.bin_stats(x.detach(), idx, 20)
+        m2, v2 = dirfast.ops.smooth_bins(mean, w), dirfast.ops.smooth_bins(var, w)
+        out = dirfast.ops.calibrate(x, idx, mean, var, m2, v2)
+        out.sum().backward()
+        return out
+
+    with dirfast.use_backend("cuda"):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                x.grad = None
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        x.grad = None
+        expected, expected_grad = step().detach().clone(), x.grad.clone()
+        x.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, expected_grad)
+
+
+@needs_gpu
+def test_fds_smooth_on_the_cuda_backend_matches_reference():
+    g = gen(52)
+    fds = dirfast.FDS(48, bucket_num=30, bucket_start=0, start_update=0).cuda()
+    feats = torch.randn(2000, 48, generator=g).cuda()
+    labels = torch.randint(0, 30, (2000,), generator=g).float().cuda()
+    fds.update_running_stats(feats, labels, 1)
+    fds.update_last_epoch_stats(1)
+    batch = torch.randn(128, 48, generator=g).cuda()
+    lab = torch.randint(0, 30, (128, 1), generator=g).float().cuda()
+    with dirfast.use_backend("reference"):
+        expected = fds.smooth(batch.clone(), lab, 1)
+    with dirfast.use_backend("cuda"):
+        got = fds.smooth(batch.clone(), lab, 1)
+    torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
