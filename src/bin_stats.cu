@@ -44,6 +44,7 @@ constexpr int kTile = 64;                 // features per block of the shared-me
 constexpr int kUnroll = 8;                // rows in flight per warp
 constexpr int64_t kHistSharedBins = 2048;  // buckets the histogram keeps in shared memory (32 KiB)
 constexpr size_t kMaxShared = 112 * 1024;  // shared memory of the privatised kernel, at most
+constexpr size_t kDefaultShared = 48 * 1024;  // what a block gets without opting in
 constexpr int kSortedThreads = 128;
 
 template <typename T>
@@ -248,12 +249,13 @@ __global__ void finalize_kernel(const ull* __restrict__ count, const acc_t* __re
 // ------------------------------------------------------------------------------ deterministic
 template <typename T, typename acc_t>
 __global__ void welford_sorted_kernel(const T* __restrict__ x, Addressing at, int64_t dim,
+                                      int64_t num_bins,
                                       const int64_t* __restrict__ perm,
                                       const int64_t* __restrict__ offsets,
                                       acc_t* __restrict__ mean, acc_t* __restrict__ var) {
-  const int64_t k = blockIdx.x;
-  const int64_t f = int64_t(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t f = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (f >= dim) return;
+  for (int64_t k = blockIdx.y; k < num_bins; k += gridDim.y) {
   const int64_t begin = offsets[k];
   const int64_t n = offsets[k + 1] - begin;
   acc_t m = acc_t(0), m2 = acc_t(0);
@@ -267,6 +269,7 @@ __global__ void welford_sorted_kernel(const T* __restrict__ x, Addressing at, in
   }
   mean[k * dim + f] = m;
   var[k * dim + f] = welford_variance<acc_t>(n, m2);
+  }
 }
 
 // ------------------------------------------------------------------------------ host side
@@ -287,6 +290,34 @@ Workspace carve(void* base, int64_t num_bins, int64_t dim, size_t acc) {
   p += aligned(2 * num_bins * dim * acc);
   ws.ref = p;
   return ws;
+}
+
+// What the current device allows: shared memory per block (opt-in) and per SM, asked once.
+struct SharedLimits {
+  size_t per_block = kDefaultShared;
+  size_t per_sm = kDefaultShared;
+};
+
+SharedLimits shared_limits() {
+  static SharedLimits cache[64];
+  static bool known[64] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    cudaGetLastError();
+    return SharedLimits();
+  }
+  if (!known[device]) {
+    int per_block = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) == cudaSuccess) {
+      cache[device].per_block = static_cast<size_t>(per_block);
+      cache[device].per_sm = static_cast<size_t>(per_sm);
+    } else {
+      cudaGetLastError();  // keep the defaults; leave no error behind for launched()
+    }
+    known[device] = true;
+  }
+  return cache[device];
 }
 
 size_t shared_bytes(int64_t num_bins, size_t acc) {
@@ -328,24 +359,33 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
     reference_kernel<T, acc_t><<<grid_for(table, num_sms), kThreads, 0, stream>>>(
         px, at, rows, num_bins, dim, ws.first, ref);
     const size_t shared = shared_bytes(num_bins, sizeof(acc_t));
-    if (x.stride_f == 1 && x.inner == rows && shared <= kMaxShared) {
+    const SharedLimits limits = shared_limits();
+    bool privatised = x.stride_f == 1 && x.inner == rows &&
+                      shared <= std::min(kMaxShared, limits.per_block);
+    if (privatised) {
       const int64_t tiles = ceil_div(dim, kTile);
-      const int64_t per_sm = std::max<int64_t>(1, std::min<int64_t>(4, (200 * 1024) / shared));
+      const int64_t per_sm =
+          std::max<int64_t>(1, std::min<int64_t>(4, int64_t(limits.per_sm / (shared + 1024))));
       int64_t chunks = std::max<int64_t>(1, ceil_div(int64_t(num_sms) * per_sm, tiles));
       chunks = std::min<int64_t>({chunks, ceil_div(rows, 256), 65535});
       const int64_t rows_per_block = ceil_div(rows, chunks);
       const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(ceil_div(rows, rows_per_block)));
       const bool pair = dim % 2 == 0 && vec_aligned<T, 2>(px, x.stride_s);
       auto run = [&](auto kernel) {
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kMaxShared));
+        if (shared > kDefaultShared &&
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 static_cast<int>(shared)) != cudaSuccess) {
+          cudaGetLastError();  // not granted: the direct kernel below instead
+          return false;
+        }
         kernel<<<grid, kThreads, shared, stream>>>(px, idx, rows, dim, x.stride_s, num_bins,
                                                    rows_per_block, ref, sums);
+        return true;
       };
-      if (pair) {
-        run(accumulate_shared_kernel<T, acc_t, index_t, true>);
-      } else {
-        run(accumulate_shared_kernel<T, acc_t, index_t, false>);
-      }
+      privatised = pair ? run(accumulate_shared_kernel<T, acc_t, index_t, true>)
+                        : run(accumulate_shared_kernel<T, acc_t, index_t, false>);
+    }
+    if (privatised) {
     } else if (x.stride_s == 1 && x.stride_f != 1) {
       accumulate_direct_kernel<T, acc_t, index_t, true>
           <<<grid_for(rows * dim, num_sms, 16), kThreads, 0, stream>>>(px, at, idx, rows, dim,
@@ -394,10 +434,11 @@ extern "C" cudaError_t dirfast_cuda_bin_stats_sorted(DirfastFeatures x, int64_t 
   return dispatch_dtype(x.dtype, [&](auto scalar) {
     using T = decltype(scalar);
     using acc_t = acc_of<T>;
-    const dim3 grid(static_cast<unsigned>(num_bins),
-                    static_cast<unsigned>(ceil_div(x.dim, kSortedThreads)));
+    // Features along x (up to 2^31 - 1 blocks), buckets along y (looped past 65,535).
+    const dim3 grid(static_cast<unsigned>(ceil_div(x.dim, kSortedThreads)),
+                    static_cast<unsigned>(std::min<int64_t>(num_bins, 65535)));
     welford_sorted_kernel<T, acc_t><<<grid, kSortedThreads, 0, stream>>>(
-        static_cast<const T*>(x.data), addressing(x), x.dim, perm, offsets,
+        static_cast<const T*>(x.data), addressing(x), x.dim, num_bins, perm, offsets,
         static_cast<acc_t*>(mean), static_cast<acc_t*>(var));
     return launched();
   });

@@ -34,8 +34,24 @@ __device__ __forceinline__ Rounded<H> operator*(Rounded<H> a, Rounded<H> b) {
   return Rounded<H>(a.value() * b.value());
 }
 
+// A float / double whose products and sums are never fused into one FMA: nvcc contracts
+// a * b + c by default, even across the casts of src/smooth.h, and one rounding instead of two
+// changes the last bit -- the reference (and scipy, and the LDS truncation quirk) round twice.
+template <typename F>
+struct Unfused {
+  F v;
+  Unfused() = default;
+  __device__ Unfused(F f) : v(f) {}
+};
+__device__ __forceinline__ Unfused<float> operator+(Unfused<float> a, Unfused<float> b) { return __fadd_rn(a.v, b.v); }
+__device__ __forceinline__ Unfused<float> operator*(Unfused<float> a, Unfused<float> b) { return __fmul_rn(a.v, b.v); }
+__device__ __forceinline__ Unfused<double> operator+(Unfused<double> a, Unfused<double> b) { return __dadd_rn(a.v, b.v); }
+__device__ __forceinline__ Unfused<double> operator*(Unfused<double> a, Unfused<double> b) { return __dmul_rn(a.v, b.v); }
+
 // The arithmetic type of a storage type.
-template <typename T> struct Arith { using type = T; };
+template <typename T> struct Arith;
+template <> struct Arith<float> { using type = Unfused<float>; };
+template <> struct Arith<double> { using type = Unfused<double>; };
 template <> struct Arith<__half> { using type = Rounded<__half>; };
 template <> struct Arith<__nv_bfloat16> { using type = Rounded<__nv_bfloat16>; };
 
@@ -74,7 +90,7 @@ extern "C" cudaError_t dirfast_cuda_smooth_bins(const void* stats, void* out, in
   return dispatch_dtype(dtype, [&](auto scalar) {
     using T = decltype(scalar);
     using A = typename Arith<T>::type;
-    static_assert(sizeof(A) == sizeof(T), "Rounded<H> must have the layout of H");
+    static_assert(sizeof(A) == sizeof(T), "the arithmetic type must have the layout of T");
     smooth_bins_kernel<A><<<blocks, kThreads, 0, stream>>>(
         static_cast<const A*>(stats), static_cast<A*>(out), num_bins, columns,
         static_cast<const A*>(window), window64, (ks - 1) / 2,

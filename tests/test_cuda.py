@@ -187,6 +187,40 @@ def test_bin_stats_dtypes_and_bin_counts(dtype, num_bins):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype, num_bins", [(torch.float32, 148), (torch.float32, 149),
+                                             (torch.float64, 74), (torch.float64, 75)], ids=str)
+def test_bin_stats_at_the_shared_memory_limit(dtype, num_bins):
+    """The largest bucket count of the shared-memory kernel (112 KiB) and the first past it."""
+    g = gen(num_bins)
+    x = torch.randn(30000, 100, generator=g).to(dtype=dtype, device="cuda")
+    idx = torch.randint(-1, num_bins + 1, (30000,), generator=g).cuda()
+    check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins)
+
+
+@needs_gpu
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_one_channel_depth_maps(det):
+    """[B, 1, H, W]: one feature, rows of one element."""
+    g = gen(14)
+    x = torch.randn(4, 1, 60, 80, generator=g).cuda()
+    idx = torch.randint(-1, 51, (4, 60, 80), generator=g).cuda()
+    with deterministic(det):
+        check_stats(torch.ops.dirfast.bin_stats(x, idx, 50), x, idx, 50)
+    check_calibrate(x, idx, tables(50, 1))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("offset", [0, 1])
+def test_calibrate_low_precision_aligned_and_not(dtype, offset):
+    g = gen(15)
+    base = torch.randn(3000, 65, generator=g).to(dtype=dtype, device="cuda")
+    x = base[:, offset : offset + 64]  # 16-byte vectors only when offset == 0
+    idx = torch.randint(-1, 21, (3000,), generator=g).cuda()
+    check_calibrate(x, idx, tables(20, 64))
+
+
+@needs_gpu
 @pytest.mark.parametrize("layout", ["rows", "dense"])
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
 def test_bin_stats_variance_accuracy_at_mean_1000_std(layout, det):
@@ -267,6 +301,19 @@ def test_smooth_bins_bitwise_equals_reference(dtype, padding, num_bins, ks):
     assert got.dtype == dtype and torch.equal(got.cpu(), expected)
     got1 = torch.ops.dirfast.smooth_bins(stats[:, 0].cuda(), window.cuda(), padding)
     assert torch.equal(got1.cpu(), reference.smooth_bins(stats[:, 0], window, padding))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("padding", ["reflect", "constant", "replicate"])
+def test_smooth_bins_asymmetric_window_bitwise(dtype, padding):
+    """Pairs of unequal taps take two products and a sum, each rounded: no fused multiply-add."""
+    g = gen(16)
+    stats = torch.randn(50, 40, generator=g, dtype=torch.float64).to(dtype)
+    window = torch.tensor([0.05, 0.2, 0.3, 0.25, 0.1, 0.07, 0.03], dtype=torch.float64)
+    expected = reference.smooth_bins(stats, window, padding)
+    got = torch.ops.dirfast.smooth_bins(stats.cuda(), window.cuda(), padding)
+    assert torch.equal(got.cpu(), expected)
 
 
 @needs_gpu
