@@ -79,8 +79,8 @@ def _gencode_flags(arch_list):
         if not entry:
             continue
         ptx = entry.endswith("+PTX")
-        number = entry.replace("+PTX", "").replace(".", "")
-        if not number.isdigit():
+        number = entry.replace("+PTX", "").replace(".", "")  # "9.0a" -> "90a" (sm_90a)
+        if not re.fullmatch(r"\d+[af]?", number):
             raise ValueError(f"TORCH_CUDA_ARCH_LIST: cannot read the architecture {entry!r}")
         flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
         if ptx:

@@ -4,8 +4,8 @@
 # benchmarks (CUDA C++ and Triton side by side), and write everything under $OUT (default
 # ./gpu-results), a short table last. About 6 minutes on one H100.
 #   bash benchmarks/gpu_check.sh
-# Knobs: SKIP_BUILD=1; TORCH_CUDA_ARCH_LIST (default: this GPU's); SHARED_K (pytest -k of the
-# shared tests, default "cuda or triton"); *_TIMEOUT (seconds) for BUILD, CUDA_TESTS, BENCH,
+# Knobs: SKIP_BUILD=1; TORCH_CUDA_ARCH_LIST (default: this GPU's); SHARED_TESTS (files) and
+# SHARED_K (pytest -k, default "cuda or triton") for the shared tests; *_TIMEOUT (seconds) for BUILD, CUDA_TESTS, BENCH,
 # SHARED_TESTS.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +47,7 @@ timeout ${BENCH_TIMEOUT:-200} $PY -m benchmarks.gpu --json "$OUT" 2>&1 | tee "$O
 stamp "shared tests on the GPU"
 # The GPU cases of the shared tests (the CPU ones ran in CI): ids naming cuda or triton.
 timeout ${SHARED_TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -k "${SHARED_K:-cuda or triton}" \
-  tests/test_ops.py tests/test_fds.py tests/test_lds.py tests/test_triton.py >"$OUT/tests-shared.log" 2>&1
+  ${SHARED_TESTS:-tests/test_ops.py tests/test_fds.py tests/test_lds.py tests/test_triton.py} >"$OUT/tests-shared.log" 2>&1
 shared_rc=$?
 tail -n 15 "$OUT/tests-shared.log"
 [ $shared_rc -eq 0 ] || status=1

@@ -7,6 +7,7 @@ import torch
 
 from . import distributed, ops
 from .binning import Binning
+from .ops._dispatch import host_kernel
 from .windows import kernel_window
 
 __all__ = ["LDS", "lds_weights", "REWEIGHTS"]
@@ -123,7 +124,8 @@ class LDS:
         if self._table is None:
             effective = self._base()
             if self.lds:
-                effective = ops.smooth_bins(effective, self.window, padding="constant")
+                # A small float64 CPU table: smoothed on the CPU whatever GPU backend is selected.
+                effective = host_kernel("smooth_bins")(effective, self.window, "constant")
                 if self.reweight == "inverse":
                     effective = effective.trunc()  # the published integer-array quirk
             # Written without data-dependent branches, so that it also traces under torch.compile.

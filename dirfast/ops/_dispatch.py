@@ -151,6 +151,14 @@ def kernel(op: str, device: torch.device):
     return kernel_of(name, op)
 
 
+def host_kernel(op: str):
+    """The callable for ``op`` on a small CPU table the library keeps itself (LDS's counts):
+    the selected backend when it runs on CPU tensors, else the dispatcher's CPU kernel -- a
+    GPU backend selected for the features does not apply to that table."""
+    gpu_only = _selected == "cuda" or (_selected == "triton" and not _on_cpu_allowed_for_triton())
+    return op_overload(op) if gpu_only else kernel(op, torch.device("cpu"))
+
+
 def kernel_of(name: str, op: str):
     """The callable of backend ``name`` for ``op``, whatever the selection."""
     if name == "reference":
