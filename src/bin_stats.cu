@@ -13,7 +13,12 @@
 //   hist       count[k] and the first row of k: each block counts its rows in shared memory, then
 //              adds one integer atomic per bucket it met (same-address atomics serialise);
 //   reference  K[k][f] = x[first row of k][f];
-//   accumulate rows layout (features contiguous) with few enough buckets: a block owns a tile
+//   accumulate rows layout, 16-byte aligned rows of at least 32 vectors: the rows are grouped by
+//              bucket (a counting sort: scan of the counts, scatter of the row numbers), and a
+//              warp walks 64 consecutive grouped rows with one 16-byte load per lane and row,
+//              keeping S1 and S2 of the current bucket in registers and adding them to the
+//              global sums at each bucket change: no per-element atomics at all.
+//              Other rows layouts with few enough buckets: a block owns a tile
 //              of 64 features and a chunk of rows, and keeps privatised partial sums S1, S2 (and
 //              its tile of K) for every bucket in shared memory. A warp reads a row's 64
 //              features with one vector load per lane (8 rows in flight per warp), adds them to
@@ -25,7 +30,8 @@
 //              is added to the global sums with float atomics, threads along the contiguous axis.
 //   finalize   mean and var from (count, K, S1, S2); zeros for empty buckets.
 // Counts are integer atomics: exact. The float atomics make the last bits of mean and var vary
-// from run to run; dirfast_cuda_bin_stats_sorted below is the deterministic variant.
+// from run to run; dirfast_cuda_bin_stats_sorted below is the deterministic variant (the rows
+// grouped by a stable sort, each (bucket, feature) summed by one thread in that order).
 #include <algorithm>
 #include <type_traits>
 
@@ -224,6 +230,115 @@ __global__ void accumulate_direct_kernel(const T* __restrict__ x, Addressing at,
   }
 }
 
+// ------------------------------------------------------------------------------ grouped rows
+// Counting sort of the rows by bucket: offsets (exclusive prefix sum of the counts, one block),
+// then every row written to its bucket's range (order within a bucket: whatever the atomics give).
+constexpr int kScanThreads = 1024;
+
+__global__ void scan_kernel(const ull* __restrict__ count, int64_t num_bins, ull* __restrict__ offsets,
+                            ull* __restrict__ cursor) {
+  __shared__ ull partial[kScanThreads];
+  const int64_t per = (num_bins + kScanThreads - 1) / kScanThreads;
+  const int64_t begin = threadIdx.x * per;
+  const int64_t end = begin + per < num_bins ? begin + per : num_bins;
+  ull sum = 0;
+  for (int64_t k = begin; k < end; ++k) sum += count[k];
+  partial[threadIdx.x] = sum;
+  __syncthreads();
+  for (int step = 1; step < kScanThreads; step *= 2) {  // inclusive Hillis-Steele scan
+    const ull add = threadIdx.x >= step ? partial[threadIdx.x - step] : 0;
+    __syncthreads();
+    partial[threadIdx.x] += add;
+    __syncthreads();
+  }
+  ull running = partial[threadIdx.x] - sum;  // exclusive
+  for (int64_t k = begin; k < end; ++k) {
+    offsets[k] = running;
+    cursor[k] = running;
+    running += count[k];
+  }
+  if (threadIdx.x == kScanThreads - 1) offsets[num_bins] = partial[kScanThreads - 1];
+}
+
+template <typename index_t>
+__global__ void scatter_kernel(const index_t* __restrict__ idx, int64_t rows, int64_t num_bins,
+                               ull* __restrict__ cursor, int64_t* __restrict__ perm) {
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t k = bucket_of(idx, r, num_bins, -1);
+    if (k >= 0) perm[atomicAdd(&cursor[k], ull(1))] = r;
+  }
+}
+
+// A warp walks kGroupedRows consecutive rows of the grouped order with VEC features per lane
+// (one 16-byte load per row), keeping S1 and S2 of the current bucket in registers; when the
+// bucket changes (a bucket boundary inside the range: one or two per range) or the range ends,
+// it adds them to the global sums with one float atomic per feature. No shared memory, no
+// atomics per element, several rows in flight per lane.
+constexpr int kGroupedRows = 64;
+constexpr int kGroupedUnroll = 4;
+
+template <typename T, typename acc_t, typename index_t, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    accumulate_grouped_kernel(const T* __restrict__ x, const index_t* __restrict__ idx,
+                              int64_t dim, int64_t row_stride, int64_t num_bins,
+                              const int64_t* __restrict__ perm, const ull* __restrict__ offsets,
+                              const acc_t* __restrict__ ref, acc_t* __restrict__ sums) {
+  const int lane = threadIdx.x % 32;
+  const int64_t task = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t valid = static_cast<int64_t>(offsets[num_bins]);
+  const int64_t begin = task * kGroupedRows;
+  if (begin >= valid) return;
+  const int64_t end = begin + kGroupedRows < valid ? begin + kGroupedRows : valid;
+  const int64_t f = (int64_t(blockIdx.y) * 32 + lane) * VEC;
+  if (f >= dim) return;  // VEC divides dim: a lane's vector is all in or all out
+  const int64_t s2_offset = num_bins * dim;
+  int64_t current = -1;
+  acc_t s1[VEC], s2[VEC], k_ref[VEC];
+  auto flush = [&]() {
+    if (current < 0) return;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      atomicAdd(&sums[current * dim + f + j], s1[j]);
+      atomicAdd(&sums[s2_offset + current * dim + f + j], s2[j]);
+    }
+  };
+  for (int64_t i0 = begin; i0 < end; i0 += kGroupedUnroll) {
+    int64_t k[kGroupedUnroll];
+    Vec<T, VEC> v[kGroupedUnroll];
+#pragma unroll
+    for (int u = 0; u < kGroupedUnroll; ++u) {  // loads first: kGroupedUnroll rows in flight
+      k[u] = -1;
+      if (i0 + u < end) {
+        const int64_t r = perm[i0 + u];
+        k[u] = static_cast<int64_t>(idx[r]);
+        v[u] = load_vec<T, VEC>(x + r * row_stride + f);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kGroupedUnroll; ++u) {
+      if (k[u] < 0) continue;
+      if (k[u] != current) {
+        flush();
+        current = k[u];
+        const Vec<acc_t, VEC> kv = load_vec<acc_t, VEC>(ref + current * dim + f);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          k_ref[j] = kv.v[j];
+          s1[j] = s2[j] = acc_t(0);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const acc_t d = to_acc<acc_t>(v[u].v[j]) - k_ref[j];
+        s1[j] += d;
+        s2[j] += d * d;
+      }
+    }
+  }
+  flush();
+}
+
 // ------------------------------------------------------------------------------ finalize
 template <typename acc_t>
 __global__ void finalize_kernel(const ull* __restrict__ count, const acc_t* __restrict__ ref,
@@ -248,27 +363,32 @@ __global__ void finalize_kernel(const ull* __restrict__ count, const acc_t* __re
 
 // ------------------------------------------------------------------------------ deterministic
 template <typename T, typename acc_t>
-__global__ void welford_sorted_kernel(const T* __restrict__ x, Addressing at, int64_t dim,
-                                      int64_t num_bins,
-                                      const int64_t* __restrict__ perm,
-                                      const int64_t* __restrict__ offsets,
-                                      acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+__global__ void sorted_kernel(const T* __restrict__ x, Addressing at, int64_t dim,
+                              int64_t num_bins, const int64_t* __restrict__ perm,
+                              const int64_t* __restrict__ offsets, acc_t* __restrict__ mean,
+                              acc_t* __restrict__ var) {
   const int64_t f = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (f >= dim) return;
   for (int64_t k = blockIdx.y; k < num_bins; k += gridDim.y) {
-  const int64_t begin = offsets[k];
-  const int64_t n = offsets[k + 1] - begin;
-  acc_t m = acc_t(0), m2 = acc_t(0);
-  for (int64_t i = 0; i < n; ++i) {  // the rows of k in the sorted order: Welford, as on the CPU
-    const acc_t v = to_acc<acc_t>(x[at(perm[begin + i], f)]);
-    if (i == 0) {
-      m = v;
-    } else {
-      welford_add<acc_t>(m, m2, v, acc_t(1) / static_cast<acc_t>(i + 1));
+    const int64_t begin = offsets[k];
+    const int64_t n = offsets[k + 1] - begin;
+    if (n == 0) {
+      mean[k * dim + f] = acc_t(0);
+      var[k * dim + f] = acc_t(0);
+      continue;
     }
-  }
-  mean[k * dim + f] = m;
-  var[k * dim + f] = welford_variance<acc_t>(n, m2);
+    // The same shifted sums as the other kernels, K the bucket's first row, added in the
+    // sorted order by this one thread: the same bits on every run.
+    const acc_t shift = to_acc<acc_t>(x[at(perm[begin], f)]);
+    acc_t s1 = acc_t(0), s2 = acc_t(0);
+    for (int64_t i = 1; i < n; ++i) {
+      const acc_t d = to_acc<acc_t>(x[at(perm[begin + i], f)]) - shift;
+      s1 += d;
+      s2 += d * d;
+    }
+    const acc_t nn = static_cast<acc_t>(n);
+    mean[k * dim + f] = shift + s1 / nn;
+    var[k * dim + f] = welford_variance<acc_t>(n, s2 - s1 * s1 / nn);
   }
 }
 
@@ -277,6 +397,9 @@ struct Workspace {
   ull* first;
   void* sums;
   void* ref;
+  ull* offsets;  // [B + 1]
+  ull* cursor;   // [B]
+  int64_t* perm; // [N]
 };
 
 size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -289,6 +412,12 @@ Workspace carve(void* base, int64_t num_bins, int64_t dim, size_t acc) {
   ws.sums = p;
   p += aligned(2 * num_bins * dim * acc);
   ws.ref = p;
+  p += aligned(num_bins * dim * acc);
+  ws.offsets = reinterpret_cast<ull*>(p);
+  p += aligned((num_bins + 1) * sizeof(ull));
+  ws.cursor = reinterpret_cast<ull*>(p);
+  p += aligned(num_bins * sizeof(ull));
+  ws.perm = reinterpret_cast<int64_t*>(p);
   return ws;
 }
 
@@ -358,9 +487,23 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
   if (rows > 0 && dim > 0) {
     reference_kernel<T, acc_t><<<grid_for(table, num_sms), kThreads, 0, stream>>>(
         px, at, rows, num_bins, dim, ws.first, ref);
+    constexpr int VEC = 16 / sizeof(T);
+    const bool grouped = x.stride_f == 1 && x.inner == rows && dim % VEC == 0 &&
+                         dim >= 32 * VEC && ceil_div(dim, 32 * VEC) <= 65535 &&
+                         vec_aligned<T, VEC>(px, x.stride_s);
+    if (grouped) {
+      scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, num_bins, ws.offsets, ws.cursor);
+      scatter_kernel<index_t><<<grid_for(rows, num_sms, 4), kThreads, 0, stream>>>(
+          idx, rows, num_bins, ws.cursor, ws.perm);
+      // Row ranges along x (2^31 - 1 blocks), feature tiles along y (dim <= 65,535 * 32 * VEC).
+      const dim3 grid(static_cast<unsigned>(ceil_div(rows, int64_t(kWarps) * kGroupedRows)),
+                      static_cast<unsigned>(ceil_div(dim, 32 * VEC)));
+      accumulate_grouped_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
+          px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
+    }
     const size_t shared = shared_bytes(num_bins, sizeof(acc_t));
     const SharedLimits limits = shared_limits();
-    bool privatised = x.stride_f == 1 && x.inner == rows &&
+    bool privatised = !grouped && x.stride_f == 1 && x.inner == rows &&
                       shared <= std::min(kMaxShared, limits.per_block);
     if (privatised) {
       const int64_t tiles = ceil_div(dim, kTile);
@@ -385,7 +528,7 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
       privatised = pair ? run(accumulate_shared_kernel<T, acc_t, index_t, true>)
                         : run(accumulate_shared_kernel<T, acc_t, index_t, false>);
     }
-    if (privatised) {
+    if (grouped || privatised) {  // done above
     } else if (x.stride_s == 1 && x.stride_f != 1) {
       accumulate_direct_kernel<T, acc_t, index_t, true>
           <<<grid_for(rows * dim, num_sms, 16), kThreads, 0, stream>>>(px, at, idx, rows, dim,
@@ -411,7 +554,8 @@ extern "C" size_t dirfast_cuda_bin_stats_workspace(DirfastFeatures x, DirfastBin
   using namespace dirfast::cuda;
   const size_t acc = x.dtype == DIRFAST_FLOAT64 ? 8 : 4;
   const int64_t b = bins.num_bins, d = x.dim;
-  return aligned(b * sizeof(ull)) + aligned(2 * b * d * acc) + aligned(b * d * acc);
+  return aligned(b * sizeof(ull)) + aligned(2 * b * d * acc) + aligned(b * d * acc) +
+         aligned((b + 1) * sizeof(ull)) + aligned(b * sizeof(ull)) + aligned(x.rows * sizeof(int64_t));
 }
 
 extern "C" cudaError_t dirfast_cuda_bin_stats(DirfastFeatures x, DirfastBins bins, int64_t* count,
@@ -437,7 +581,7 @@ extern "C" cudaError_t dirfast_cuda_bin_stats_sorted(DirfastFeatures x, int64_t 
     // Features along x (up to 2^31 - 1 blocks), buckets along y (looped past 65,535).
     const dim3 grid(static_cast<unsigned>(ceil_div(x.dim, kSortedThreads)),
                     static_cast<unsigned>(std::min<int64_t>(num_bins, 65535)));
-    welford_sorted_kernel<T, acc_t><<<grid, kSortedThreads, 0, stream>>>(
+    sorted_kernel<T, acc_t><<<grid, kSortedThreads, 0, stream>>>(
         static_cast<const T*>(x.data), addressing(x), x.dim, num_bins, perm, offsets,
         static_cast<acc_t*>(mean), static_cast<acc_t*>(var));
     return launched();

@@ -61,8 +61,8 @@ cudaError_t dirfast_cuda_bin_stats(DirfastFeatures x, DirfastBins bins, int64_t*
 
 // The deterministic variant, with no float atomics: `perm` lists the rows grouped by bucket
 // (a stable sort of the indices, rows outside [0, B) last) and `offsets` (int64 [B + 1]) where
-// each bucket's rows start in it. Each (bucket, feature) is a Welford pass over its rows in
-// that order, by one thread: the same bits on every run. Writes mean and var only.
+// each bucket's rows start in it. Each (bucket, feature) is one thread's pass over its rows in
+// that order (the shifted sums above): the same bits on every run. Writes mean and var only.
 cudaError_t dirfast_cuda_bin_stats_sorted(DirfastFeatures x, int64_t num_bins, const int64_t* perm,
                                           const int64_t* offsets, void* mean, void* var,
                                           cudaStream_t stream);

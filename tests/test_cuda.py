@@ -152,6 +152,7 @@ def layouts(n=3000, d=96, seed=0):
     idx = torch.randint(-1, 41, (n,), generator=g).cuda()
     base = torch.randn(n, 2 * d + 2, generator=g).cuda()
     yield "rows", base[:, :d].contiguous(), idx
+    yield "rows_wide", torch.randn(n, 4 * d, generator=g).cuda(), idx  # the grouped bin_stats kernel
     yield "rows_strided", base[:, :d], idx  # row stride 2d + 2: vector loads still aligned
     yield "rows_odd_d", base[:, : d - 1].contiguous(), idx  # scalar paths
     yield "rows_misaligned", base[:, 1 : d + 1], idx  # scalar paths
@@ -179,9 +180,10 @@ def test_bin_stats_layouts(layout, det):
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("num_bins", [1, 97, 300, 5000])  # 300, 5000: too many for shared memory
-def test_bin_stats_dtypes_and_bin_counts(dtype, num_bins):
+@pytest.mark.parametrize("dim", [130, 256])  # 256: rows grouped by bucket (16-byte rows, >= 32 vectors)
+def test_bin_stats_dtypes_and_bin_counts(dtype, num_bins, dim):
     g = gen(num_bins)
-    x = torch.randn(20000, 130, generator=g).to(dtype=dtype, device="cuda")
+    x = torch.randn(20000, dim, generator=g).to(dtype=dtype, device="cuda")
     idx = torch.randint(-2, num_bins + 2, (20000,), generator=g).cuda().int()
     check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins)
 
@@ -225,8 +227,8 @@ def test_calibrate_low_precision_aligned_and_not(dtype, offset):
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
 def test_bin_stats_variance_accuracy_at_mean_1000_std(layout, det):
     g = gen(12)
-    if layout == "rows":
-        x = torch.randn(50000, 64, generator=g, dtype=torch.float64) + 1000.0
+    if layout == "rows":  # 128 features: the grouped kernel (atomic mode)
+        x = torch.randn(50000, 128, generator=g, dtype=torch.float64) + 1000.0
         idx = torch.randint(0, 5, (50000,), generator=g)
     else:
         x = torch.randn(4, 16, 48, 64, generator=g, dtype=torch.float64) + 1000.0

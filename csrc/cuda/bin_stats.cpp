@@ -3,7 +3,7 @@
 //
 // With torch.use_deterministic_algorithms(True) the rows are grouped by bucket first (a stable
 // sort of the indices and a searchsorted for each bucket's offset, both deterministic torch ops)
-// and the deterministic kernel makes one Welford pass per (bucket, feature) in that order.
+// and the deterministic kernel makes one pass per (bucket, feature) in that order.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
