@@ -379,11 +379,16 @@ __global__ void sorted_kernel(const T* __restrict__ x, Addressing at, int64_t di
     }
     // The same shifted sums as the other kernels, K the bucket's first row, added in the
     // sorted order by this one thread: the same bits on every run.
+    // S1 grows like n * (mean - K) when K is far from the mean; a compensated (Kahan) sum
+    // keeps its rounding from reaching the mean (one thread, sequential: nothing to lose).
     const acc_t shift = to_acc<acc_t>(x[at(perm[begin], f)]);
-    acc_t s1 = acc_t(0), s2 = acc_t(0);
+    acc_t s1 = acc_t(0), s2 = acc_t(0), carry = acc_t(0);
     for (int64_t i = 1; i < n; ++i) {
       const acc_t d = to_acc<acc_t>(x[at(perm[begin + i], f)]) - shift;
-      s1 += d;
+      const acc_t y = d - carry;
+      const acc_t t = s1 + y;
+      carry = (t - s1) - y;
+      s1 = t;
       s2 += d * d;
     }
     const acc_t nn = static_cast<acc_t>(n);
