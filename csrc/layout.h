@@ -1,4 +1,4 @@
-// How the kernels (CPU and CUDA) walk a feature tensor x of shape [N, D] or [B, C, *spatial] in place.
+// What the CPU and CUDA glue share: argument checks, outputs, and how the kernels walk a feature tensor x of shape [N, D] or [B, C, *spatial] in place.
 //
 // A "row" is one sample: a row of [N, D], or one pixel (b, *spatial) of a dense tensor. Rows are
 // numbered in the C order of bin_idx ([N] or [B, *spatial]). Two memory layouts are read and
@@ -17,6 +17,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <limits>
 #include <string>
@@ -210,6 +211,59 @@ inline int parse_padding(c10::string_view padding, const char* op) {
   if (name == "constant") return 2;
   TORCH_CHECK(false, op, ": padding must be one of 'reflect', 'constant', 'replicate', got '",
               name, "'");
+}
+
+// The outputs of bin_stats, after its argument checks: count int64 [B], mean and var [B, D] in
+// the accumulation dtype (float32 for float16 / bfloat16 / float32 x, float64 for float64).
+struct BinStatsOutputs {
+  at::Tensor count, mean, var;
+};
+
+inline BinStatsOutputs bin_stats_outputs(const at::Tensor& x, const at::Tensor& bin_idx,
+                                         int64_t num_bins, c10::DeviceType device_type) {
+  const char* op = "dirfast::bin_stats";
+  check_features_and_bins(x, bin_idx, op, device_type);
+  TORCH_CHECK(num_bins >= 1, op, ": num_bins must be at least 1, got ", num_bins);
+  TORCH_CHECK(num_bins <= std::numeric_limits<int32_t>::max(), op,
+              ": num_bins must be below 2^31, got ", num_bins);
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t dim = x.size(1);
+  return BinStatsOutputs{at::empty({num_bins}, x.options().dtype(at::kLong)),
+                         at::empty({num_bins, dim}, x.options().dtype(acc_type)),
+                         at::empty({num_bins, dim}, x.options().dtype(acc_type))};
+}
+
+// calibrate_ writes every element of x once: an expanded x (elements sharing memory) cannot be.
+inline void check_calibrate_inplace(const at::Tensor& x) {
+  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
+              "dirfast::calibrate_: x has elements that share memory (an expanded tensor); "
+              "calibrate it out of place");
+}
+
+// What smooth_bins reads and writes, after its argument checks: `result` has the strides of
+// torch.empty_like(stats) (the fake kernel's); the kernels write the contiguous `out` (result
+// itself when contiguous, else copied into it) from the contiguous `src`, with the window in
+// the dtype of stats (`w`) and in float64 (`w64`, for scipy's symmetry test).
+struct SmoothBinsPlan {
+  at::Tensor result, out, src, w, w64;
+  int64_t columns = 1;
+  int padding = 0;
+};
+
+inline SmoothBinsPlan plan_smooth_bins(const at::Tensor& stats, const at::Tensor& window,
+                                       c10::string_view padding, c10::DeviceType device_type) {
+  const char* op = "dirfast::smooth_bins";
+  check_smooth_bins_args(stats, window, op, device_type);
+  SmoothBinsPlan plan;
+  plan.padding = parse_padding(padding, op);
+  plan.result = at::empty_like(stats);
+  plan.columns = stats.dim() == 2 ? stats.size(1) : 1;
+  if (stats.numel() == 0) return plan;
+  plan.out = plan.result.is_contiguous() ? plan.result : at::empty(stats.sizes(), stats.options());
+  plan.src = stats.contiguous();
+  plan.w = window.to(stats.scalar_type()).contiguous();
+  plan.w64 = window.to(at::kDouble).contiguous();
+  return plan;
 }
 
 }  // namespace dirfast

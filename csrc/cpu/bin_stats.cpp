@@ -208,15 +208,10 @@ class BinStats {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bin_stats_cpu(const at::Tensor& x,
                                                              const at::Tensor& bin_idx,
                                                              int64_t num_bins) {
-  check_features_and_bins(x, bin_idx, "dirfast::bin_stats");
-  TORCH_CHECK(num_bins >= 1, "dirfast::bin_stats: num_bins must be at least 1, got ", num_bins);
-  TORCH_CHECK(num_bins <= std::numeric_limits<int32_t>::max(),
-              "dirfast::bin_stats: num_bins must be below 2^31, got ", num_bins);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t dim = x.size(1);
-  at::Tensor count = at::empty({num_bins}, x.options().dtype(at::kLong));
-  at::Tensor mean = at::empty({num_bins, dim}, x.options().dtype(acc_type));
-  at::Tensor var = at::empty({num_bins, dim}, x.options().dtype(acc_type));
+  BinStatsOutputs outputs = bin_stats_outputs(x, bin_idx, num_bins, c10::DeviceType::CPU);
+  at::Tensor& count = outputs.count;
+  at::Tensor& mean = outputs.mean;
+  at::Tensor& var = outputs.var;
 
   const at::Tensor xr = readable(x);  // a copy only for layouts the kernel does not walk
   const Layout layout = classify(xr);

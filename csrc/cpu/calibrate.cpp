@@ -17,7 +17,6 @@
 // the dtype of x at the store. Elementwise, so the same bits for any number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -203,9 +202,7 @@ at::Tensor calibrate_cpu(const at::Tensor& x, const at::Tensor& bin_idx, const a
 void calibrate_inplace_cpu(at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
                            const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
                            double clip_min, double clip_max) {
-  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
-              "dirfast::calibrate_: x has elements that share memory (an expanded tensor); "
-              "calibrate it out of place");
+  check_calibrate_inplace(x);
   calibrate_into("dirfast::calibrate_", x, x, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
 }
 

@@ -23,22 +23,18 @@ namespace {
 
 at::Tensor smooth_bins_cpu(const at::Tensor& stats, const at::Tensor& window,
                            c10::string_view padding) {
-  const char* op = "dirfast::smooth_bins";
-  check_smooth_bins_args(stats, window, op, c10::DeviceType::CPU);
-  const Padding mode = static_cast<Padding>(parse_padding(padding, op));
-
+  const SmoothBinsPlan plan = plan_smooth_bins(stats, window, padding, c10::DeviceType::CPU);
+  at::Tensor result = plan.result;
+  if (stats.numel() == 0) return result;
+  const Padding mode = static_cast<Padding>(plan.padding);
   const int64_t num_bins = stats.size(0);
-  const int64_t columns = stats.dim() == 2 ? stats.size(1) : 1;
+  const int64_t columns = plan.columns;
   const int64_t ks = window.size(0);
   const int64_t h = (ks - 1) / 2;
-
-  at::Tensor result = at::empty_like(stats);  // the fake kernel's strides
-  if (stats.numel() == 0) return result;
-  at::Tensor out = result.is_contiguous() ? result : at::empty(stats.sizes(), stats.options());
-  const at::Tensor src = stats.contiguous();
-  const at::Tensor w = window.to(stats.scalar_type()).contiguous();
-  const at::Tensor w64 = window.to(at::kDouble).contiguous();
-  const double* pw64 = w64.data_ptr<double>();
+  at::Tensor out = plan.out;
+  const at::Tensor& src = plan.src;
+  const at::Tensor& w = plan.w;
+  const double* pw64 = plan.w64.data_ptr<double>();
   std::unique_ptr<bool[]> symmetric(new bool[h > 0 ? h : 1]);
   for (int64_t j = 1; j <= h; ++j) {
     symmetric[j - 1] = window_pair_symmetric(pw64[h - j], pw64[h + j]);

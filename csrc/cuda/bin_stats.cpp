@@ -20,16 +20,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bin_stats_cuda(const at::Tensor& 
                                                               const at::Tensor& bin_idx,
                                                               int64_t num_bins) {
   const char* op = "dirfast::bin_stats";
-  check_features_and_bins(x, bin_idx, op, c10::DeviceType::CUDA);
-  TORCH_CHECK(num_bins >= 1, op, ": num_bins must be at least 1, got ", num_bins);
-  TORCH_CHECK(num_bins <= std::numeric_limits<int32_t>::max(), op,
-              ": num_bins must be below 2^31, got ", num_bins);
+  BinStatsOutputs outputs = bin_stats_outputs(x, bin_idx, num_bins, c10::DeviceType::CUDA);
+  at::Tensor& count = outputs.count;
+  at::Tensor& mean = outputs.mean;
+  at::Tensor& var = outputs.var;
   const c10::DeviceGuard guard(x.device());
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t dim = x.size(1);
-  at::Tensor count = at::empty({num_bins}, x.options().dtype(at::kLong));
-  at::Tensor mean = at::empty({num_bins, dim}, x.options().dtype(acc_type));
-  at::Tensor var = at::empty({num_bins, dim}, x.options().dtype(acc_type));
 
   const at::Tensor xr = readable(x);  // a copy only for layouts the kernels do not walk
   const Layout layout = classify(xr);

@@ -2,7 +2,6 @@
 // the CPU kernel (csrc/layout.h), scratch for the s/t tables, then the kernels of
 // src/calibrate.cu on the current stream. Nothing here waits for the GPU.
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include "glue.h"
@@ -54,9 +53,7 @@ at::Tensor calibrate_cuda(const at::Tensor& x, const at::Tensor& bin_idx, const 
 void calibrate_inplace_cuda(at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
                             const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
                             double clip_min, double clip_max) {
-  TORCH_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes,
-              "dirfast::calibrate_: x has elements that share memory (an expanded tensor); "
-              "calibrate it out of place");
+  check_calibrate_inplace(x);
   calibrate_into("dirfast::calibrate_", x, x, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
 }
 
