@@ -18,7 +18,7 @@ import torch
 import dirfast
 import dirfast.ops
 from dirfast import reference
-from testing import gen, tol
+from testing import check_fds_step_replays_from_a_cuda_graph, gen, tol
 
 pytestmark = pytest.mark.skipif(
     not dirfast.backends()["triton"]["available"],
@@ -495,38 +495,7 @@ def test_gpu_larger_sizes_match_reference():
 
 @needs_gpu
 def test_gpu_cuda_graph_capture_of_an_fds_step():
-    """bin_stats, smooth_bins and calibrate launch nothing that waits on the host: a whole
-    FDS-style step (forward and backward) is captured in a CUDA graph and replayed."""
-    g = gen(51)
-    x = torch.randn(256, 64, generator=g).cuda().requires_grad_(True)
-    idx = torch.randint(0, 20, (256,), generator=g).cuda()
-    w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum").float().cuda()
-
-    def step():
-        count, mean, var = dirfast.ops.bin_stats(x.detach(), idx, 20)
-        m2, v2 = dirfast.ops.smooth_bins(mean, w), dirfast.ops.smooth_bins(var, w)
-        out = dirfast.ops.calibrate(x, idx, mean, var, m2, v2)
-        out.sum().backward()
-        return out
-
-    with dirfast.use_backend("triton"):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile the kernels before capture
-                x.grad = None
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        x.grad = None
-        expected, expected_grad = step().detach().clone(), x.grad.clone()
-        x.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        graph.replay()
-        torch.cuda.synchronize()
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(x.grad, expected_grad)
+    check_fds_step_replays_from_a_cuda_graph("triton")
 
 
 @needs_gpu

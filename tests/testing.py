@@ -1,8 +1,8 @@
 """The shared test lists (devices, dtypes, backends), tolerances and input generators.
 
 Kernel issues add a backend to dirfast; every parametrised test here picks it up through
-:func:`backend_params` without edits. Nothing here touches CUDA beyond
-``torch.cuda.is_available()``.
+:func:`backend_params` without edits. Nothing here touches CUDA at import beyond
+``torch.cuda.is_available()``; the GPU checks at the end run only when a GPU test calls them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dirfast
+import dirfast.ops
 
 # ----------------------------------------------------------------------------- lists
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -167,3 +168,40 @@ def rand_stats(num_bins, d, *, dtype=torch.float32, device="cpu", seed=4):
     v1 = torch.rand(num_bins, d, generator=g, dtype=torch.float64) * 3 + 0.05
     v2 = torch.rand(num_bins, d, generator=g, dtype=torch.float64) * 3 + 0.05
     return tuple(t.to(dtype=dtype, device=device) for t in (m1, v1, m2, v2))
+
+
+# ----------------------------------------------------------------------------- GPU checks
+def check_fds_step_replays_from_a_cuda_graph(backend: str) -> None:
+    """bin_stats, smooth_bins and calibrate launch nothing that waits on the host: a whole
+    FDS-style step (forward and backward) on ``backend`` is captured in a CUDA graph, replayed,
+    and gives the output and gradient of the same step run eagerly."""
+    g = gen(51)
+    x = torch.randn(256, 64, generator=g).cuda().requires_grad_(True)
+    idx = torch.randint(0, 20, (256,), generator=g).cuda()
+    w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum").float().cuda()
+
+    def step():
+        count, mean, var = dirfast.ops.bin_stats(x.detach(), idx, 20)
+        m2, v2 = dirfast.ops.smooth_bins(mean, w), dirfast.ops.smooth_bins(var, w)
+        out = dirfast.ops.calibrate(x, idx, mean, var, m2, v2)
+        out.sum().backward()
+        return out
+
+    with dirfast.use_backend(backend):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile / load the kernels before the capture
+                x.grad = None
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        x.grad = None
+        expected, expected_grad = step().detach().clone(), x.grad.clone()
+        x.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, expected_grad)
