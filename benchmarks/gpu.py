@@ -189,6 +189,34 @@ def preference(rows: list) -> dict:
     return order
 
 
+def kernel_profile(top: int = 12) -> str:
+    """Per-kernel GPU time of one bin_stats and one calibrate call (131,072 x 512) on each GPU
+    backend, from torch.profiler: where the time of an op goes, launch by launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator().manual_seed(4)
+    n, d, bins = 131072, 512, 97
+    x = torch.randn(n, d, generator=gen).cuda()
+    idx = torch.randint(0, bins, (n,), generator=gen).cuda()
+    stats = [torch.randn(bins, d).cuda(), torch.rand(bins, d).cuda() + 0.1,
+             torch.randn(bins, d).cuda(), torch.rand(bins, d).cuda() + 0.1]
+    sections = []
+    for backend in [name for name in _backends() if name != "reference"]:
+        for label, call in (("bin_stats", lambda: dirfast.ops.bin_stats(x, idx, bins)),
+                            ("calibrate", lambda: dirfast.ops.calibrate(x, idx, *stats))):
+            with dirfast.use_backend(backend):
+                for _ in range(3):
+                    call()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        call()
+                    torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
+            sections.append(f"--- {label} on {backend} (5 calls)\n{table}")
+    return "\n".join(sections)
+
+
 def format_rows(rows: list) -> str:
     lines = [f"{'case':<30} {'provider':<13} {'median ms':>10} {'ratio':>8} {'goal':>6}"]
     for row in rows:
@@ -201,6 +229,8 @@ def format_rows(rows: list) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON (a folder: named after the GPU)")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="also write the per-kernel GPU times of bin_stats and calibrate to PATH")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu needs a CUDA GPU")
@@ -220,6 +250,14 @@ def main(argv=None) -> None:
             json.dump({"gpu": name, "torch": torch.__version__, "rows": rows,
                        "cuda_preference": preference(rows)}, handle, indent=1)
         print(f"wrote {path}")
+    if args.profile:
+        try:
+            text = kernel_profile()
+        except Exception as exc:  # noqa: BLE001 - the goals above stand without the profile
+            text = f"profiling failed: {type(exc).__name__}: {exc}"
+        with open(args.profile, "w") as handle:
+            handle.write(text + "\n")
+        print(f"wrote {args.profile}")
     print(table)
     print(f"CUDA_PREFERENCE on {name}: {preference(rows)}")
 

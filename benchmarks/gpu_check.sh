@@ -42,7 +42,7 @@ tail -n 15 "$OUT/tests-cuda.log"
 [ $cuda_rc -eq 0 ] || status=1
 
 stamp "GPU goals"
-timeout ${BENCH_TIMEOUT:-200} $PY -m benchmarks.gpu --json "$OUT" 2>&1 | tee "$OUT/gpu-goals.txt" || status=1
+timeout ${BENCH_TIMEOUT:-200} $PY -m benchmarks.gpu --json "$OUT" --profile "$OUT/kernel-profile.txt" 2>&1 | tee "$OUT/gpu-goals.txt" || status=1
 
 stamp "shared tests on the GPU"
 # The GPU cases of the shared tests (the CPU ones ran in CI): ids naming cuda or triton.

@@ -14,6 +14,7 @@ import contextlib
 import os
 import shutil
 import struct
+import subprocess
 
 import pytest
 import torch
@@ -363,3 +364,32 @@ def test_fds_smooth_on_the_cuda_backend_matches_reference():
     with dirfast.use_backend("cuda"):
         got = fds.smooth(batch.clone(), lab, 1)
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- GPU check tooling
+def test_gpu_benchmark_orders_backends_by_measured_time():
+    """benchmarks.gpu turns its measurements into the CUDA_PREFERENCE order (wall-clock rows,
+    not the graph rows), and keeps both backends when only one was measured."""
+    from benchmarks import gpu
+
+    rows = [{"case": "bin_stats 131072x512", "provider": "cuda", "ms": 0.3},
+            {"case": "bin_stats 131072x512", "provider": "triton", "ms": 0.2},
+            {"case": "bin_stats 131072x512", "provider": "cuda graph", "ms": 0.1},
+            {"case": "calibrate 131072x512", "provider": "cuda", "ms": 0.1},
+            {"case": "calibrate 131072x512", "provider": "triton", "ms": 0.4},
+            {"case": "smooth_bins 100x2048", "provider": "triton", "ms": 0.1}]
+    order = gpu.preference(rows)
+    assert order["bin_stats"] == ("triton", "cuda")
+    assert order["calibrate"] == ("cuda", "triton")
+    assert order["smooth_bins"] == ("triton", "cuda")
+    assert order["calibrate_"] == ("cuda", "triton")  # not measured: the default order
+    assert set(order) == set(_dispatch.OPS)
+    table = gpu.format_rows([{"case": "copy", "provider": "clone", "ms": 0.135},
+                             {"case": "calibrate", "provider": "cuda", "ms": 0.17,
+                              "x copy bandwidth": 0.79, "goal": 0.7}])
+    assert "0.79" in table and "0.170" in table and table.count("\n") == 2
+
+
+def test_gpu_check_script_is_valid_bash():
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
