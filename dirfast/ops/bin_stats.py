@@ -35,6 +35,9 @@ def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
         ``(count, mean, var)``: int64 ``[B]``, and ``[B, D]`` in float32 (float64 for float64
         ``x``). The variance is unbiased, and 0 where a bin holds fewer than two rows; the mean
         is 0 in an empty bin.
+
+    On a GPU the sums use float atomics (the last bits vary from run to run) unless
+    ``torch.use_deterministic_algorithms(True)`` is set, which selects a variant without them.
     """
     _checks.features_and_bins(x, bin_idx)
     _checks.num_bins(num_bins)
