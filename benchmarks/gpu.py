@@ -81,13 +81,20 @@ def _backends() -> list:
     return [name for name in ("cuda", "triton", "reference") if report[name]["available"]]
 
 
-def bandwidth_cases(results: list) -> None:
-    gen = torch.Generator().manual_seed(0)
+def bandwidth_inputs(seed: int = 0):
+    """(x, idx, bins, stats): 2^26 float32 features (131,072 x 512) over 97 buckets, and
+    calibration tables (m1, v1, m2, v2) for them."""
+    gen = torch.Generator().manual_seed(seed)
     n, d, bins = 131072, 512, 97
     x = torch.randn(n, d, generator=gen).cuda()
     idx = torch.randint(0, bins, (n,), generator=gen).cuda()
     stats = [torch.randn(bins, d).cuda(), torch.rand(bins, d).cuda() + 0.1,
              torch.randn(bins, d).cuda(), torch.rand(bins, d).cuda() + 0.1]
+    return x, idx, bins, stats
+
+
+def bandwidth_cases(results: list) -> None:
+    x, idx, bins, stats = bandwidth_inputs()
     nbytes = x.numel() * x.element_size()
     copy_ms = time_ms(lambda: x.clone())
     copy_bw = 2 * nbytes / copy_ms / 1e6  # GB/s, read + write
@@ -194,12 +201,7 @@ def kernel_profile(top: int = 12) -> str:
     backend, from torch.profiler: where the time of an op goes, launch by launch."""
     from torch.profiler import ProfilerActivity, profile
 
-    gen = torch.Generator().manual_seed(4)
-    n, d, bins = 131072, 512, 97
-    x = torch.randn(n, d, generator=gen).cuda()
-    idx = torch.randint(0, bins, (n,), generator=gen).cuda()
-    stats = [torch.randn(bins, d).cuda(), torch.rand(bins, d).cuda() + 0.1,
-             torch.randn(bins, d).cuda(), torch.rand(bins, d).cuda() + 0.1]
+    x, idx, bins, stats = bandwidth_inputs(seed=4)
     sections = []
     for backend in [name for name in _backends() if name != "reference"]:
         for label, call in (("bin_stats", lambda: dirfast.ops.bin_stats(x, idx, bins)),

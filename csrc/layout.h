@@ -240,6 +240,29 @@ inline void check_calibrate_inplace(const at::Tensor& x) {
               "calibrate it out of place");
 }
 
+// The two registered entry points of calibrate on a backend, over that backend's
+// calibrate_into(op, x, y, ...), which calibrates x into y (y may be x).
+using CalibrateInto = void (*)(const char*, const at::Tensor&, at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const at::Tensor&, double, double);
+
+template <CalibrateInto into>
+at::Tensor calibrate_out_of_place(const at::Tensor& x, const at::Tensor& bin_idx,
+                                  const at::Tensor& m1, const at::Tensor& v1, const at::Tensor& m2,
+                                  const at::Tensor& v2, double clip_min, double clip_max) {
+  at::Tensor y = at::empty_like(x);  // the fake kernel's strides
+  into("dirfast::calibrate", x, y, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
+  return y;
+}
+
+template <CalibrateInto into>
+void calibrate_in_place(at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
+                        const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
+                        double clip_min, double clip_max) {
+  check_calibrate_inplace(x);
+  into("dirfast::calibrate_", x, x, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
+}
+
 // What smooth_bins reads and writes, after its argument checks: `result` has the strides of
 // torch.empty_like(stats) (the fake kernel's); the kernels write the contiguous `out` (result
 // itself when contiguous, else copied into it) from the contiguous `src`, with the window in

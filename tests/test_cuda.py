@@ -10,7 +10,6 @@ accuracy criterion) and a CUDA-graph capture of an FDS step.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import struct
@@ -23,7 +22,7 @@ import dirfast
 import dirfast.ops
 from dirfast import _ext, reference
 from dirfast.ops import _dispatch, _library
-from testing import check_fds_step_replays_from_a_cuda_graph, gen, tol
+from testing import check_fds_step_replays_from_a_cuda_graph, deterministic, gen, tol
 
 GPU = torch.cuda.is_available()
 COMPILED = _ext.cuda_compiled()
@@ -106,16 +105,6 @@ def test_cuda_preference_table_names_known_backends():
 
 
 # ----------------------------------------------------------------------------- GPU
-@contextlib.contextmanager
-def deterministic(on: bool = True):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
 def check_stats(got, x, idx, num_bins):
     count, mean, var = got
     e_count, e_mean, e_var = reference.bin_stats(x.double().cpu(), idx.cpu(), num_bins)

@@ -18,7 +18,7 @@ import torch
 import dirfast
 import dirfast.ops
 from dirfast import reference
-from testing import check_fds_step_replays_from_a_cuda_graph, gen, tol
+from testing import check_fds_step_replays_from_a_cuda_graph, deterministic, gen, tol
 
 pytestmark = pytest.mark.skipif(
     not dirfast.backends()["triton"]["available"],
@@ -41,16 +41,6 @@ def _ops():
     import dirfast.triton  # noqa: F401  (registers the ops)
 
     return torch.ops.dirfast
-
-
-@contextlib.contextmanager
-def deterministic(on: bool = True):
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ Kernel issues add a backend to dirfast; every parametrised test here picks it up
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -168,6 +169,18 @@ def rand_stats(num_bins, d, *, dtype=torch.float32, device="cpu", seed=4):
     v1 = torch.rand(num_bins, d, generator=g, dtype=torch.float64) * 3 + 0.05
     v2 = torch.rand(num_bins, d, generator=g, dtype=torch.float64) * 3 + 0.05
     return tuple(t.to(dtype=dtype, device=device) for t in (m1, v1, m2, v2))
+
+
+# ----------------------------------------------------------------------------- modes
+@contextlib.contextmanager
+def deterministic(on: bool = True):
+    """torch.use_deterministic_algorithms(on) for the enclosed code, then as it was."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(on)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 # ----------------------------------------------------------------------------- GPU checks

@@ -191,26 +191,11 @@ void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at
   if (!out.is_same(y)) y.copy_(out);
 }
 
-at::Tensor calibrate_cpu(const at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
-                         const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
-                         double clip_min, double clip_max) {
-  at::Tensor y = at::empty_like(x);  // the fake kernel's strides
-  calibrate_into("dirfast::calibrate", x, y, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
-  return y;
-}
-
-void calibrate_inplace_cpu(at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
-                           const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
-                           double clip_min, double clip_max) {
-  check_calibrate_inplace(x);
-  calibrate_into("dirfast::calibrate_", x, x, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
-}
-
 }  // namespace
 }  // namespace cpu
 }  // namespace dirfast
 
 TORCH_LIBRARY_IMPL(dirfast, CPU, m) {
-  m.impl("calibrate", &dirfast::cpu::calibrate_cpu);
-  m.impl("calibrate_", &dirfast::cpu::calibrate_inplace_cpu);
+  m.impl("calibrate", &dirfast::calibrate_out_of_place<&dirfast::cpu::calibrate_into>);
+  m.impl("calibrate_", &dirfast::calibrate_in_place<&dirfast::cpu::calibrate_into>);
 }

@@ -42,26 +42,11 @@ void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at
   if (!plan.out.is_same(y)) y.copy_(plan.out);
 }
 
-at::Tensor calibrate_cuda(const at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
-                          const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
-                          double clip_min, double clip_max) {
-  at::Tensor y = at::empty_like(x);  // the fake kernel's strides
-  calibrate_into("dirfast::calibrate", x, y, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
-  return y;
-}
-
-void calibrate_inplace_cuda(at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
-                            const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
-                            double clip_min, double clip_max) {
-  check_calibrate_inplace(x);
-  calibrate_into("dirfast::calibrate_", x, x, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
-}
-
 }  // namespace
 }  // namespace cuda
 }  // namespace dirfast
 
 TORCH_LIBRARY_IMPL(dirfast, CUDA, m) {
-  m.impl("calibrate", &dirfast::cuda::calibrate_cuda);
-  m.impl("calibrate_", &dirfast::cuda::calibrate_inplace_cuda);
+  m.impl("calibrate", &dirfast::calibrate_out_of_place<&dirfast::cuda::calibrate_into>);
+  m.impl("calibrate_", &dirfast::calibrate_in_place<&dirfast::cuda::calibrate_into>);
 }
