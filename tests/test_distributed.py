@@ -1,6 +1,7 @@
 """Two processes (gloo, CPU): FDS statistics and LDS counts of the whole training set on
 every rank, equal to the single-process result, also inside DistributedDataParallel."""
 
+import gc
 import os
 import tempfile
 
@@ -83,18 +84,16 @@ def _worker(rank, init_file, out_dir):
         result.update(ddp_mean=model.module.fds.running_mean, ddp_var=model.module.fds.running_var,
                       ddp_features=features)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        del model  # DDP's reducer goes before the process group it talks to,
-        dist.barrier()  # and no rank tears gloo down while another still uses it
+        del model  # DDP sits in a reference cycle: collect it while its process group lives
+        gc.collect()  # (collected at interpreter exit, it aborts the worker now and then)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def test_two_processes_match_one():
     with tempfile.TemporaryDirectory() as out_dir:
-        # fork: the workers leave with os._exit, past the gloo teardown at interpreter exit that
-        # aborts a "spawn" worker now and then (torch 2.13, CPU)
-        mp.start_processes(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD,
-                           join=True, start_method="fork")
+        mp.spawn(_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
         ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
     expected = _single_process()
     for got in ranks:
