@@ -152,6 +152,7 @@ def _extension_setup():
         extension.sources += sorted(glob.glob("csrc/cuda/*.cpp"))
         extension.include_dirs.append(os.path.join(cuda_home, "include"))
         extension.extra_objects += objects
+        extension.depends += objects  # a recompiled kernel relinks the extension
         extension.define_macros.append(("DIRFAST_WITH_CUDA", "1"))
         lib = os.path.join(cuda_home, "lib64")
         if not os.path.isdir(lib):
