@@ -108,6 +108,26 @@ inline at::Tensor readable(const at::Tensor& x) {
   return classify(x).kind == Layout::kNone ? x.contiguous() : x;
 }
 
+// The statistics of calibrate in its arithmetic dtype (as dirfast.reference.calibrate: float64
+// when x or m1 is float64, else float32), contiguous.
+struct CalibrateTables {
+  bool wide = false;  // float64 arithmetic
+  at::Tensor m1, v1, m2, v2;
+};
+
+inline CalibrateTables calibrate_tables(const at::Tensor& x, const at::Tensor& m1,
+                                        const at::Tensor& v1, const at::Tensor& m2,
+                                        const at::Tensor& v2) {
+  CalibrateTables tables;
+  tables.wide = x.scalar_type() == at::kDouble || m1.scalar_type() == at::kDouble;
+  const auto acc_type = tables.wide ? at::kDouble : at::kFloat;
+  tables.m1 = m1.to(acc_type).contiguous();
+  tables.v1 = v1.to(acc_type).contiguous();
+  tables.m2 = m2.to(acc_type).contiguous();
+  tables.v2 = v2.to(acc_type).contiguous();
+  return tables;
+}
+
 // What calibrate reads and where it writes, for x and an output y shaped like it (y may be x):
 // y itself when it has a layout the kernels walk and x can be read in the same kind of layout
 // (x as it is, or copied once); otherwise a fresh contiguous output, copied into y afterwards.

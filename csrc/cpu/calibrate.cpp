@@ -157,13 +157,7 @@ void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at
                     const at::Tensor& v2, double clip_min, double clip_max) {
   check_calibrate_args(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max, op, c10::DeviceType::CPU);
 
-  // Arithmetic dtype: as dirfast.reference.calibrate.
-  const bool wide = x.scalar_type() == at::kDouble || m1.scalar_type() == at::kDouble;
-  const auto acc_type = wide ? at::kDouble : at::kFloat;
-  const at::Tensor tm1 = m1.to(acc_type).contiguous();
-  const at::Tensor tv1 = v1.to(acc_type).contiguous();
-  const at::Tensor tm2 = m2.to(acc_type).contiguous();
-  const at::Tensor tv2 = v2.to(acc_type).contiguous();
+  const CalibrateTables tables = calibrate_tables(x, m1, v1, m2, v2);
 
   if (x.numel() == 0) return;
   const CalibratePlan plan = plan_calibrate(x, y);
@@ -178,11 +172,12 @@ void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at
     auto run = [&](auto acc_tag, auto index_tag) {
       using acc_t = decltype(acc_tag);
       using index_t = decltype(index_tag);
-      calibrate_kernel<scalar_t, acc_t, index_t>(xw, lx, out, ly, idx.data_ptr<index_t>(), tm1,
-                                                 tv1, tm2, tv2, clip_min, clip_max);
+      calibrate_kernel<scalar_t, acc_t, index_t>(xw, lx, out, ly, idx.data_ptr<index_t>(),
+                                                 tables.m1, tables.v1, tables.m2, tables.v2,
+                                                 clip_min, clip_max);
     };
     const bool long_index = idx.scalar_type() == at::kLong;
-    if (wide) {
+    if (tables.wide) {
       long_index ? run(double(), int64_t()) : run(double(), int32_t());
     } else {
       long_index ? run(float(), int64_t()) : run(float(), int32_t());

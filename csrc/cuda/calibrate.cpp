@@ -16,26 +16,20 @@ void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at
   check_calibrate_args(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max, op,
                        c10::DeviceType::CUDA);
   const c10::DeviceGuard guard(x.device());
-  // Arithmetic dtype: as dirfast.reference.calibrate.
-  const bool wide = x.scalar_type() == at::kDouble || m1.scalar_type() == at::kDouble;
-  const auto acc_type = wide ? at::kDouble : at::kFloat;
-  const at::Tensor tm1 = m1.to(acc_type).contiguous();
-  const at::Tensor tv1 = v1.to(acc_type).contiguous();
-  const at::Tensor tm2 = m2.to(acc_type).contiguous();
-  const at::Tensor tv2 = v2.to(acc_type).contiguous();
+  const CalibrateTables tables = calibrate_tables(x, m1, v1, m2, v2);
   if (x.numel() == 0) return;
 
   CalibratePlan plan = plan_calibrate(x, y);
   const at::Tensor idx = bin_idx.contiguous();
   const DirfastFeatures features_of_x = features(plan.x, plan.lx);
   const DirfastBins bins_of_x = bins(idx, m1.size(0));
-  const int acc_code = wide ? DIRFAST_FLOAT64 : DIRFAST_FLOAT32;
+  const int acc_code = tables.wide ? DIRFAST_FLOAT64 : DIRFAST_FLOAT32;
   at::Tensor workspace = at::empty(
       {static_cast<int64_t>(dirfast_cuda_calibrate_workspace(features_of_x, bins_of_x, acc_code))},
       x.options().dtype(at::kByte));
   check_launch(dirfast_cuda_calibrate(features_of_x, output(plan.out, plan.ly), bins_of_x,
-                                      tm1.data_ptr(), tv1.data_ptr(), tm2.data_ptr(),
-                                      tv2.data_ptr(), acc_code, clip_min, clip_max,
+                                      tables.m1.data_ptr(), tables.v1.data_ptr(),
+                                      tables.m2.data_ptr(), tables.v2.data_ptr(), acc_code, clip_min, clip_max,
                                       workspace.data_ptr(), sm_count(x.device()),
                                       current_stream(x.device())),
                op);
