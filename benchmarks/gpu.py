@@ -9,7 +9,10 @@ loop and a device-to-device copy of the same bytes:
 * ``FDS.smooth`` of a [256, 2048] batch over 100 buckets: speed-up over the published loop;
 * a full FDS epoch update (``update_running_stats`` + ``update_last_epoch_stats``) of 200,000 x
   2,048 features: speed-up over the published loop;
-* ``smooth_bins`` of a [100, 2048] table (no goal: it decides the CUDA-vs-Triton order).
+* ``smooth_bins`` of a [100, 2048] table (no goal: it decides the CUDA-vs-Triton order);
+* ``bin_stats`` once more on the CUDA backend with the candidate grouped-rows kernel
+  (``DIRFAST_CUDA_GROUPED=prefetch``, rows "cuda prefetch"), to decide whether it replaces the
+  default one.
 
 At the end, the per-op order of CUDA C++ and Triton that ``dirfast.ops._dispatch.CUDA_PREFERENCE``
 should hold on this GPU (the faster first).
@@ -21,6 +24,7 @@ same call replayed from a CUDA graph (GPU time alone, without the per-call host 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -117,6 +121,27 @@ def bandwidth_cases(results: list) -> None:
             ms = graph_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
             results.append({"case": "bin_stats 131072x512", "provider": backend + " graph", "ms": ms,
                             "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms)})
+    if "cuda" in _backends():  # the candidate grouped-rows kernel, against the default above
+        with dirfast.use_backend("cuda"), grouped_kernel("prefetch"):
+            for provider, timer in (("cuda prefetch", time_ms), ("cuda prefetch graph", graph_ms)):
+                ms = timer(lambda: dirfast.ops.bin_stats(x, idx, bins))
+                results.append({"case": "bin_stats 131072x512", "provider": provider, "ms": ms,
+                                "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms)})
+
+
+@contextlib.contextmanager
+def grouped_kernel(name: str):
+    """Select the CUDA bin_stats kernel for rows grouped by bucket (DIRFAST_CUDA_GROUPED, read
+    by csrc/cuda/bin_stats.cpp on every call) for the duration of the block."""
+    before = os.environ.get("DIRFAST_CUDA_GROUPED")
+    os.environ["DIRFAST_CUDA_GROUPED"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["DIRFAST_CUDA_GROUPED"]
+        else:
+            os.environ["DIRFAST_CUDA_GROUPED"] = before
 
 
 def _fitted_pair(d: int, n_fit: int, gen: torch.Generator):
@@ -203,10 +228,17 @@ def kernel_profile(top: int = 12) -> str:
 
     x, idx, bins, stats = bandwidth_inputs(seed=4)
     sections = []
-    for backend in [name for name in _backends() if name != "reference"]:
+    runs = [(backend, "default") for backend in _backends() if backend != "reference"]
+    if "cuda" in _backends():
+        runs.append(("cuda", "prefetch"))
+    for backend, grouped in runs:
         for label, call in (("bin_stats", lambda: dirfast.ops.bin_stats(x, idx, bins)),
                             ("calibrate", lambda: dirfast.ops.calibrate(x, idx, *stats))):
-            with dirfast.use_backend(backend):
+            if grouped != "default" and label != "bin_stats":
+                continue
+            if grouped != "default":
+                label += f" (DIRFAST_CUDA_GROUPED={grouped})"
+            with dirfast.use_backend(backend), grouped_kernel(grouped):
                 for _ in range(3):
                     call()
                 torch.cuda.synchronize()
@@ -220,10 +252,10 @@ def kernel_profile(top: int = 12) -> str:
 
 
 def format_rows(rows: list) -> str:
-    lines = [f"{'case':<30} {'provider':<13} {'median ms':>10} {'ratio':>8} {'goal':>6}"]
+    lines = [f"{'case':<30} {'provider':<19} {'median ms':>10} {'ratio':>8} {'goal':>6}"]
     for row in rows:
         ratio = row.get("x copy bandwidth", row.get("x faster than published"))
-        lines.append(f"{row['case']:<30} {row['provider']:<13} {row['ms']:>10.3f} "
+        lines.append(f"{row['case']:<30} {row['provider']:<19} {row['ms']:>10.3f} "
                      f"{'' if ratio is None else format(ratio, '.2f'):>8} {row.get('goal', ''):>6}")
     return "\n".join(lines)
 

@@ -33,6 +33,7 @@
 // from run to run; dirfast_cuda_bin_stats_sorted below is the deterministic variant (the rows
 // grouped by a stable sort, each (bucket, feature) summed by one thread in that order).
 #include <algorithm>
+#include <climits>
 #include <type_traits>
 
 #include "cuda_common.cuh"
@@ -278,6 +279,45 @@ __global__ void scatter_kernel(const index_t* __restrict__ idx, int64_t rows, in
 constexpr int kGroupedRows = 64;
 constexpr int kGroupedUnroll = 4;
 
+// S1 and S2 of the bucket a lane is walking, for its VEC features at f: added to the global sums
+// (S1 at [bucket][f], S2 at s2_offset + [bucket][f]) when the bucket changes and at the end.
+template <typename acc_t, int VEC, typename bucket_t>
+struct BucketSums {
+  bucket_t bucket = -1;
+  acc_t s1[VEC], s2[VEC], k_ref[VEC];
+
+  __device__ __forceinline__ void flush(acc_t* sums, int64_t s2_offset, int64_t dim, int64_t f) const {
+    if (bucket < 0) return;
+    const int64_t at = int64_t(bucket) * dim + f;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      atomicAdd(&sums[at + j], s1[j]);
+      atomicAdd(&sums[s2_offset + at + j], s2[j]);
+    }
+  }
+
+  template <typename T>
+  __device__ __forceinline__ void add(bucket_t k, const Vec<T, VEC>& v, const acc_t* ref, acc_t* sums,
+                                      int64_t s2_offset, int64_t dim, int64_t f) {
+    if (k != bucket) {
+      flush(sums, s2_offset, dim, f);
+      bucket = k;
+      const Vec<acc_t, VEC> kv = load_vec<acc_t, VEC>(ref + int64_t(k) * dim + f);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        k_ref[j] = kv.v[j];
+        s1[j] = s2[j] = acc_t(0);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const acc_t d = to_acc<acc_t>(v.v[j]) - k_ref[j];
+      s1[j] += d;
+      s2[j] += d * d;
+    }
+  }
+};
+
 template <typename T, typename acc_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     accumulate_grouped_kernel(const T* __restrict__ x, const index_t* __restrict__ idx,
@@ -293,16 +333,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t f = (int64_t(blockIdx.y) * 32 + lane) * VEC;
   if (f >= dim) return;  // VEC divides dim: a lane's vector is all in or all out
   const int64_t s2_offset = num_bins * dim;
-  int64_t current = -1;
-  acc_t s1[VEC], s2[VEC], k_ref[VEC];
-  auto flush = [&]() {
-    if (current < 0) return;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      atomicAdd(&sums[current * dim + f + j], s1[j]);
-      atomicAdd(&sums[s2_offset + current * dim + f + j], s2[j]);
-    }
-  };
+  BucketSums<acc_t, VEC, int64_t> run;
   for (int64_t i0 = begin; i0 < end; i0 += kGroupedUnroll) {
     int64_t k[kGroupedUnroll];
     Vec<T, VEC> v[kGroupedUnroll];
@@ -317,26 +348,76 @@ __global__ void __launch_bounds__(kThreads)
     }
 #pragma unroll
     for (int u = 0; u < kGroupedUnroll; ++u) {
-      if (k[u] < 0) continue;
-      if (k[u] != current) {
-        flush();
-        current = k[u];
-        const Vec<acc_t, VEC> kv = load_vec<acc_t, VEC>(ref + current * dim + f);
-#pragma unroll
-        for (int j = 0; j < VEC; ++j) {
-          k_ref[j] = kv.v[j];
-          s1[j] = s2[j] = acc_t(0);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) {
-        const acc_t d = to_acc<acc_t>(v[u].v[j]) - k_ref[j];
-        s1[j] += d;
-        s2[j] += d * d;
-      }
+      if (k[u] >= 0) run.add(k[u], v[u], ref, sums, s2_offset, dim, f);
     }
   }
-  flush();
+  run.flush(sums, s2_offset, dim, f);
+}
+
+// The same walk with the warp's row numbers and buckets loaded up front (candidate, selected by
+// DIRFAST_CUDA_GROUPED=prefetch until a GPU run measures it against the kernel above): lanes load
+// the 64 entries of perm and their buckets in two coalesced rounds, and shuffles hand each row
+// number to every lane, so the feature loads of several rows are issued together without
+// waiting on a perm load first (the kernel above waits perm -> x for every group of rows).
+// Rows in flight per lane: 8 (4 for 2-byte types, whose conversions need more registers) keeps
+// every instantiation within 128 registers without spilling (ptxas -v, sm_90).
+template <typename T>
+constexpr int prefetch_unroll() { return sizeof(T) == 2 ? 4 : 8; }
+static_assert(kGroupedRows == 64, "two grouped rows per lane");
+
+template <typename T, typename acc_t, typename index_t, int VEC>
+__global__ void __launch_bounds__(kThreads, 2)  // at most 128 registers: 16 warps per SM
+    accumulate_grouped_prefetch_kernel(const T* __restrict__ x, const index_t* __restrict__ idx,
+                                       int64_t dim, int64_t row_stride, int64_t num_bins,
+                                       const int64_t* __restrict__ perm, const ull* __restrict__ offsets,
+                                       const acc_t* __restrict__ ref, acc_t* __restrict__ sums) {
+  constexpr unsigned kFullMask = 0xffffffffu;
+  constexpr int kPrefetchUnroll = prefetch_unroll<T>();
+  static_assert(kGroupedRows % kPrefetchUnroll == 0, "whole unrolled groups");
+  const int lane = threadIdx.x % 32;
+  const int64_t task = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t valid = static_cast<int64_t>(offsets[num_bins]);
+  const int64_t begin = task * kGroupedRows;
+  if (begin >= valid) return;  // the whole warp: every lane has the same task
+  const int count = static_cast<int>(valid - begin < kGroupedRows ? valid - begin : kGroupedRows);
+  // Entry j of the warp's rows sits in lane j % 32, slot j / 32. perm lists valid rows only.
+  // Buckets as int: the launcher takes this kernel only for num_bins <= INT_MAX.
+  int64_t row_slot[2];
+  int bucket_slot[2];
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int j = s * 32 + lane;
+    row_slot[s] = j < count ? perm[begin + j] : 0;
+  }
+#pragma unroll
+  for (int s = 0; s < 2; ++s) {
+    const int j = s * 32 + lane;
+    bucket_slot[s] = j < count ? static_cast<int>(idx[row_slot[s]]) : -1;
+  }
+  // Lanes past the last feature keep shuffling (every lane must take part) but load nothing.
+  const int64_t f = (int64_t(blockIdx.y) * 32 + lane) * VEC;
+  const bool active = f < dim;  // VEC divides dim: a lane's vector is all in or all out
+  const int64_t s2_offset = num_bins * dim;
+  BucketSums<acc_t, VEC, int> run;
+#pragma unroll 1
+  for (int j0 = 0; j0 < count; j0 += kPrefetchUnroll) {  // count is the same in every lane
+    int k[kPrefetchUnroll];
+    Vec<T, VEC> v[kPrefetchUnroll];
+#pragma unroll
+    for (int u = 0; u < kPrefetchUnroll; ++u) {  // all the loads first: kPrefetchUnroll rows in flight
+      const int j = j0 + u;
+      const int source = j % 32;
+      const int64_t r = __shfl_sync(kFullMask, j < 32 ? row_slot[0] : row_slot[1], source);
+      k[u] = __shfl_sync(kFullMask, j < 32 ? bucket_slot[0] : bucket_slot[1], source);
+      if (j < count && active) v[u] = load_vec<T, VEC>(x + r * row_stride + f);
+    }
+    if (!active) continue;
+#pragma unroll
+    for (int u = 0; u < kPrefetchUnroll; ++u) {
+      if (j0 + u < count) run.add(k[u], v[u], ref, sums, s2_offset, dim, f);
+    }
+  }
+  if (active) run.flush(sums, s2_offset, dim, f);
 }
 
 // ------------------------------------------------------------------------------ finalize
@@ -465,7 +546,7 @@ int grid_for(int64_t work, int num_sms, int per_sm = 8) {
 
 template <typename T, typename index_t>
 cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* count, void* mean,
-                   void* var, void* workspace, int num_sms, cudaStream_t stream) {
+                   void* var, void* workspace, int num_sms, int grouped_kernel, cudaStream_t stream) {
   using acc_t = acc_of<T>;
   const int64_t num_bins = bins.num_bins;
   const int64_t dim = x.dim;
@@ -503,8 +584,13 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
       // Row ranges along x (2^31 - 1 blocks), feature tiles along y (dim <= 65,535 * 32 * VEC).
       const dim3 grid(static_cast<unsigned>(ceil_div(rows, int64_t(kWarps) * kGroupedRows)),
                       static_cast<unsigned>(ceil_div(dim, 32 * VEC)));
-      accumulate_grouped_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
-          px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
+      if (grouped_kernel == DIRFAST_GROUPED_PREFETCH && num_bins <= INT_MAX) {
+        accumulate_grouped_prefetch_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
+            px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
+      } else {
+        accumulate_grouped_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
+            px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
+      }
     }
     const size_t shared = shared_bytes(num_bins, sizeof(acc_t));
     const SharedLimits limits = shared_limits();
@@ -565,12 +651,13 @@ extern "C" size_t dirfast_cuda_bin_stats_workspace(DirfastFeatures x, DirfastBin
 
 extern "C" cudaError_t dirfast_cuda_bin_stats(DirfastFeatures x, DirfastBins bins, int64_t* count,
                                               void* mean, void* var, void* workspace, int num_sms,
-                                              cudaStream_t stream) {
+                                              int grouped_kernel, cudaStream_t stream) {
   using namespace dirfast::cuda;
   return dispatch_dtype(x.dtype, [&](auto scalar) {
     using T = decltype(scalar);
     return dispatch_index(bins.is_int64, [&](auto index) {
-      return launch<T, decltype(index)>(x, bins, count, mean, var, workspace, num_sms, stream);
+      return launch<T, decltype(index)>(x, bins, count, mean, var, workspace, num_sms, grouped_kernel,
+                                        stream);
     });
   });
 }

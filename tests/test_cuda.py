@@ -191,6 +191,40 @@ def test_bin_stats_dtypes_and_bin_counts(dtype, num_bins, dim):
     check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins)
 
 
+GROUPED_KERNELS = ["per_row", "prefetch"]  # DIRFAST_CUDA_GROUPED (csrc/cuda/bin_stats.cpp)
+
+
+@needs_gpu
+@pytest.mark.parametrize("grouped", GROUPED_KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_bins, n", [(1, 5000), (7, 20000), (97, 20000), (3000, 2000)])
+@pytest.mark.parametrize("dim", [160, 256, 1032])  # 160, 1032: the last feature tile half empty
+def test_bin_stats_grouped_kernels(grouped, dtype, num_bins, n, dim, monkeypatch):
+    """Both kernels that walk rows grouped by bucket: a warp's 64 rows spanning one bucket, a
+    few, and many buckets of one or two rows; lanes past the last feature; rows of no bucket."""
+    monkeypatch.setenv("DIRFAST_CUDA_GROUPED", grouped)
+    g = gen(num_bins + dim)
+    x = (torch.randn(n, dim, generator=g) * 3 + 10).to(dtype=dtype, device="cuda")
+    idx = torch.randint(-2, num_bins + 2, (n,), generator=g).cuda()
+    if num_bins == 1:
+        idx[: n // 2] = 0  # one long run: every warp of the first half in the same bucket
+    check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins)
+
+
+@needs_gpu
+@pytest.mark.parametrize("grouped", GROUPED_KERNELS)
+def test_bin_stats_grouped_kernels_at_mean_1000_std(grouped, monkeypatch):
+    monkeypatch.setenv("DIRFAST_CUDA_GROUPED", grouped)
+    g = gen(21)
+    x = (torch.randn(40000, 256, generator=g, dtype=torch.float64) + 1000.0)
+    idx = torch.randint(0, 9, (40000,), generator=g)
+    _, mean, var = torch.ops.dirfast.bin_stats(x.float().cuda(), idx.cuda(), 9)
+    _, e_mean, e_var = reference.bin_stats(x.float().double(), idx, 9)
+    rel = ((var.double().cpu() - e_var).abs() / e_var).max().item()
+    assert rel < 1e-4, f"float32 variance relative error {rel:.2e}"
+    torch.testing.assert_close(mean.double().cpu(), e_mean, rtol=1e-6, atol=0)
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype, num_bins", [(torch.float32, 148), (torch.float32, 149),
                                              (torch.float64, 74), (torch.float64, 75)], ids=str)
@@ -377,6 +411,24 @@ def test_gpu_benchmark_orders_backends_by_measured_time():
                              {"case": "calibrate", "provider": "cuda", "ms": 0.17,
                               "x copy bandwidth": 0.79, "goal": 0.7}])
     assert "0.79" in table and "0.170" in table and table.count("\n") == 2
+
+
+def test_gpu_benchmark_grouped_kernel_switch_restores_the_environment(monkeypatch):
+    from benchmarks import gpu
+
+    monkeypatch.delenv("DIRFAST_CUDA_GROUPED", raising=False)
+    with gpu.grouped_kernel("prefetch"):
+        assert os.environ["DIRFAST_CUDA_GROUPED"] == "prefetch"
+    assert "DIRFAST_CUDA_GROUPED" not in os.environ
+    monkeypatch.setenv("DIRFAST_CUDA_GROUPED", "per_row")
+    with pytest.raises(RuntimeError), gpu.grouped_kernel("prefetch"):
+        raise RuntimeError("a failed measurement")
+    assert os.environ["DIRFAST_CUDA_GROUPED"] == "per_row"
+    # the candidate rows are not backends: they never enter CUDA_PREFERENCE
+    rows = [{"case": "bin_stats 131072x512", "provider": "cuda prefetch", "ms": 0.01},
+            {"case": "bin_stats 131072x512", "provider": "triton", "ms": 0.2},
+            {"case": "bin_stats 131072x512", "provider": "cuda", "ms": 0.3}]
+    assert gpu.preference(rows)["bin_stats"] == ("triton", "cuda")
 
 
 def test_gpu_check_script_is_valid_bash():

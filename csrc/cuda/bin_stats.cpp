@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -15,6 +17,14 @@
 namespace dirfast {
 namespace cuda {
 namespace {
+
+// DIRFAST_CUDA_GROUPED=prefetch selects the candidate grouped-rows kernel (read on every call, so
+// the GPU tests and benchmarks can run both in one process); anything else, the default kernel.
+int grouped_kernel() {
+  const char* choice = std::getenv("DIRFAST_CUDA_GROUPED");
+  return choice != nullptr && std::strcmp(choice, "prefetch") == 0 ? DIRFAST_GROUPED_PREFETCH
+                                                                   : DIRFAST_GROUPED_PER_ROW;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bin_stats_cuda(const at::Tensor& x,
                                                               const at::Tensor& bin_idx,
@@ -53,7 +63,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bin_stats_cuda(const at::Tensor& 
       x.options().dtype(at::kByte));
   check_launch(dirfast_cuda_bin_stats(features_of_x, bins_of_x, count.data_ptr<int64_t>(),
                                       mean.data_ptr(), var.data_ptr(), workspace.data_ptr(),
-                                      sm_count(x.device()), stream),
+                                      sm_count(x.device()), grouped_kernel(), stream),
                op);
   return std::make_tuple(count, mean, var);
 }
