@@ -10,9 +10,9 @@ loop and a device-to-device copy of the same bytes:
 * a full FDS epoch update (``update_running_stats`` + ``update_last_epoch_stats``) of 200,000 x
   2,048 features: speed-up over the published loop;
 * ``smooth_bins`` of a [100, 2048] table (no goal: it decides the CUDA-vs-Triton order);
-* ``bin_stats`` once more on the CUDA backend with the candidate grouped-rows kernel
-  (``DIRFAST_CUDA_GROUPED=prefetch``, rows "cuda prefetch"), to decide whether it replaces the
-  default one.
+* ``bin_stats`` once more on the CUDA backend with each candidate grouped-rows kernel
+  (``GROUPED_CANDIDATES``, rows "cuda p64" ... "cuda p256v"), to decide whether one replaces the
+  default kernel.
 
 At the end, the per-op order of CUDA C++ and Triton that ``dirfast.ops._dispatch.CUDA_PREFERENCE``
 should hold on this GPU (the faster first).
@@ -121,25 +121,42 @@ def bandwidth_cases(results: list) -> None:
             ms = graph_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
             results.append({"case": "bin_stats 131072x512", "provider": backend + " graph", "ms": ms,
                             "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms)})
-    if "cuda" in _backends():  # the candidate grouped-rows kernel, against the default above
-        with dirfast.use_backend("cuda"), grouped_kernel("prefetch"):
-            for provider, timer in (("cuda prefetch", time_ms), ("cuda prefetch graph", graph_ms)):
-                ms = timer(lambda: dirfast.ops.bin_stats(x, idx, bins))
-                results.append({"case": "bin_stats 131072x512", "provider": provider, "ms": ms,
-                                "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms)})
+    if "cuda" in _backends():  # the candidate grouped-rows kernels, against the default above
+        for label, options in GROUPED_CANDIDATES.items():
+            with dirfast.use_backend("cuda"), grouped_kernel(options):
+                for provider, timer in ((f"cuda {label}", time_ms), (f"cuda {label} graph", graph_ms)):
+                    ms = timer(lambda: dirfast.ops.bin_stats(x, idx, bins))
+                    results.append({"case": "bin_stats 131072x512", "provider": provider, "ms": ms,
+                                    "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms),
+                                    "DIRFAST_CUDA_GROUPED": options})
+
+
+# The candidate CUDA bin_stats kernels for rows grouped by bucket (DIRFAST_CUDA_GROUPED options,
+# csrc/cuda/bin_stats.cpp), by the label of their rows: row numbers loaded up front, 64 or 256
+# rows per warp, scalar or 16-byte atomics.
+GROUPED_CANDIDATES = {
+    "p64": "prefetch",
+    "p256": "prefetch,rows=256",
+    "p64v": "prefetch,vector_atomics",
+    "p256v": "prefetch,rows=256,vector_atomics",
+}
 
 
 @contextlib.contextmanager
-def grouped_kernel(name: str):
-    """Select the CUDA bin_stats kernel for rows grouped by bucket (DIRFAST_CUDA_GROUPED, read
-    by csrc/cuda/bin_stats.cpp on every call) for the duration of the block."""
+def grouped_kernel(options):
+    """Select the CUDA bin_stats kernel for rows grouped by bucket for the duration of the block:
+    ``options`` is a DIRFAST_CUDA_GROUPED value (read by csrc/cuda/bin_stats.cpp on every call),
+    None for the default kernel."""
     before = os.environ.get("DIRFAST_CUDA_GROUPED")
-    os.environ["DIRFAST_CUDA_GROUPED"] = name
+    if options is None:
+        os.environ.pop("DIRFAST_CUDA_GROUPED", None)
+    else:
+        os.environ["DIRFAST_CUDA_GROUPED"] = options
     try:
         yield
     finally:
         if before is None:
-            del os.environ["DIRFAST_CUDA_GROUPED"]
+            os.environ.pop("DIRFAST_CUDA_GROUPED", None)
         else:
             os.environ["DIRFAST_CUDA_GROUPED"] = before
 
@@ -228,15 +245,15 @@ def kernel_profile(top: int = 12) -> str:
 
     x, idx, bins, stats = bandwidth_inputs(seed=4)
     sections = []
-    runs = [(backend, "default") for backend in _backends() if backend != "reference"]
+    runs = [(backend, None) for backend in _backends() if backend != "reference"]
     if "cuda" in _backends():
-        runs.append(("cuda", "prefetch"))
+        runs.append(("cuda", GROUPED_CANDIDATES["p256v"]))
     for backend, grouped in runs:
         for label, call in (("bin_stats", lambda: dirfast.ops.bin_stats(x, idx, bins)),
                             ("calibrate", lambda: dirfast.ops.calibrate(x, idx, *stats))):
-            if grouped != "default" and label != "bin_stats":
+            if grouped is not None and label != "bin_stats":
                 continue
-            if grouped != "default":
+            if grouped is not None:
                 label += f" (DIRFAST_CUDA_GROUPED={grouped})"
             with dirfast.use_backend(backend), grouped_kernel(grouped):
                 for _ in range(3):
@@ -293,6 +310,9 @@ def main(argv=None) -> None:
             handle.write(text + "\n")
         print(f"wrote {args.profile}")
     print(table)
+    if any("DIRFAST_CUDA_GROUPED" in row for row in rows):
+        print("candidate bin_stats kernels (DIRFAST_CUDA_GROUPED): "
+              + "; ".join(f"{label} = {options}" for label, options in GROUPED_CANDIDATES.items()))
     print(f"CUDA_PREFERENCE on {name}: {preference(rows)}")
 
 

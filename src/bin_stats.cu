@@ -286,9 +286,25 @@ struct BucketSums {
   bucket_t bucket = -1;
   acc_t s1[VEC], s2[VEC], k_ref[VEC];
 
-  __device__ __forceinline__ void flush(acc_t* sums, int64_t s2_offset, int64_t dim, int64_t f) const {
+  // vector_atomics: 16-byte atomics where the hardware has them (sm_90: float2/float4 atomicAdd);
+  // f and dim are multiples of VEC, so every group of 4 sums is 16-byte aligned.
+  __device__ __forceinline__ void flush(acc_t* sums, int64_t s2_offset, int64_t dim, int64_t f,
+                                        bool vector_atomics = false) const {
     if (bucket < 0) return;
     const int64_t at = int64_t(bucket) * dim + f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (std::is_same<acc_t, float>::value && VEC % 4 == 0) {
+      if (vector_atomics) {
+#pragma unroll
+        for (int j = 0; j < VEC; j += 4) {
+          atomicAdd(reinterpret_cast<float4*>(&sums[at + j]), make_float4(s1[j], s1[j + 1], s1[j + 2], s1[j + 3]));
+          atomicAdd(reinterpret_cast<float4*>(&sums[s2_offset + at + j]),
+                    make_float4(s2[j], s2[j + 1], s2[j + 2], s2[j + 3]));
+        }
+        return;
+      }
+    }
+#endif
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       atomicAdd(&sums[at + j], s1[j]);
@@ -298,9 +314,9 @@ struct BucketSums {
 
   template <typename T>
   __device__ __forceinline__ void add(bucket_t k, const Vec<T, VEC>& v, const acc_t* ref, acc_t* sums,
-                                      int64_t s2_offset, int64_t dim, int64_t f) {
+                                      int64_t s2_offset, int64_t dim, int64_t f, bool vector_atomics = false) {
     if (k != bucket) {
-      flush(sums, s2_offset, dim, f);
+      flush(sums, s2_offset, dim, f, vector_atomics);
       bucket = k;
       const Vec<acc_t, VEC> kv = load_vec<acc_t, VEC>(ref + int64_t(k) * dim + f);
 #pragma unroll
@@ -354,70 +370,75 @@ __global__ void __launch_bounds__(kThreads)
   run.flush(sums, s2_offset, dim, f);
 }
 
-// The same walk with the warp's row numbers and buckets loaded up front (candidate, selected by
-// DIRFAST_CUDA_GROUPED=prefetch until a GPU run measures it against the kernel above): lanes load
-// the 64 entries of perm and their buckets in two coalesced rounds, and shuffles hand each row
-// number to every lane, so the feature loads of several rows are issued together without
-// waiting on a perm load first (the kernel above waits perm -> x for every group of rows).
+// The candidate (DirfastBinStatsTuning.prefetch, until a GPU run measures it against the kernel
+// above): a warp owns `rows_per_warp` consecutive grouped rows and takes them 64 at a time. For
+// each 64, the lanes load the row numbers and buckets in two coalesced rounds, and shuffles hand
+// each row number to every lane, so the feature loads of several rows are issued together without
+// waiting on a perm load first (the kernel above waits perm -> x for every group of rows). The
+// running sums carry over from one 64 to the next: longer ranges flush less often.
 // Rows in flight per lane: 8 (4 for 2-byte types, whose conversions need more registers) keeps
 // every instantiation within 128 registers without spilling (ptxas -v, sm_90).
 template <typename T>
 constexpr int prefetch_unroll() { return sizeof(T) == 2 ? 4 : 8; }
-static_assert(kGroupedRows == 64, "two grouped rows per lane");
+constexpr int kPrefetchBatch = 64;  // rows whose numbers a warp holds at a time: two per lane
 
 template <typename T, typename acc_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads, 2)  // at most 128 registers: 16 warps per SM
     accumulate_grouped_prefetch_kernel(const T* __restrict__ x, const index_t* __restrict__ idx,
                                        int64_t dim, int64_t row_stride, int64_t num_bins,
                                        const int64_t* __restrict__ perm, const ull* __restrict__ offsets,
-                                       const acc_t* __restrict__ ref, acc_t* __restrict__ sums) {
+                                       const acc_t* __restrict__ ref, acc_t* __restrict__ sums,
+                                       int64_t rows_per_warp, bool vector_atomics) {
   constexpr unsigned kFullMask = 0xffffffffu;
   constexpr int kPrefetchUnroll = prefetch_unroll<T>();
-  static_assert(kGroupedRows % kPrefetchUnroll == 0, "whole unrolled groups");
+  static_assert(kPrefetchBatch == 64 && kPrefetchBatch % kPrefetchUnroll == 0, "whole unrolled groups");
   const int lane = threadIdx.x % 32;
   const int64_t task = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int64_t valid = static_cast<int64_t>(offsets[num_bins]);
-  const int64_t begin = task * kGroupedRows;
+  const int64_t begin = task * rows_per_warp;
   if (begin >= valid) return;  // the whole warp: every lane has the same task
-  const int count = static_cast<int>(valid - begin < kGroupedRows ? valid - begin : kGroupedRows);
-  // Entry j of the warp's rows sits in lane j % 32, slot j / 32. perm lists valid rows only.
-  // Buckets as int: the launcher takes this kernel only for num_bins <= INT_MAX.
-  int64_t row_slot[2];
-  int bucket_slot[2];
-#pragma unroll
-  for (int s = 0; s < 2; ++s) {
-    const int j = s * 32 + lane;
-    row_slot[s] = j < count ? perm[begin + j] : 0;
-  }
-#pragma unroll
-  for (int s = 0; s < 2; ++s) {
-    const int j = s * 32 + lane;
-    bucket_slot[s] = j < count ? static_cast<int>(idx[row_slot[s]]) : -1;
-  }
+  const int64_t end = begin + rows_per_warp < valid ? begin + rows_per_warp : valid;
   // Lanes past the last feature keep shuffling (every lane must take part) but load nothing.
   const int64_t f = (int64_t(blockIdx.y) * 32 + lane) * VEC;
   const bool active = f < dim;  // VEC divides dim: a lane's vector is all in or all out
   const int64_t s2_offset = num_bins * dim;
-  BucketSums<acc_t, VEC, int> run;
+  BucketSums<acc_t, VEC, int> run;  // buckets as int: taken only for num_bins <= INT_MAX
 #pragma unroll 1
-  for (int j0 = 0; j0 < count; j0 += kPrefetchUnroll) {  // count is the same in every lane
-    int k[kPrefetchUnroll];
-    Vec<T, VEC> v[kPrefetchUnroll];
+  for (int64_t batch = begin; batch < end; batch += kPrefetchBatch) {
+    const int count = static_cast<int>(end - batch < kPrefetchBatch ? end - batch : kPrefetchBatch);
+    // Entry j of the batch sits in lane j % 32, slot j / 32. perm lists valid rows only.
+    int64_t row_slot[2];
+    int bucket_slot[2];
 #pragma unroll
-    for (int u = 0; u < kPrefetchUnroll; ++u) {  // all the loads first: kPrefetchUnroll rows in flight
-      const int j = j0 + u;
-      const int source = j % 32;
-      const int64_t r = __shfl_sync(kFullMask, j < 32 ? row_slot[0] : row_slot[1], source);
-      k[u] = __shfl_sync(kFullMask, j < 32 ? bucket_slot[0] : bucket_slot[1], source);
-      if (j < count && active) v[u] = load_vec<T, VEC>(x + r * row_stride + f);
+    for (int s = 0; s < 2; ++s) {
+      const int j = s * 32 + lane;
+      row_slot[s] = j < count ? perm[batch + j] : 0;
     }
-    if (!active) continue;
 #pragma unroll
-    for (int u = 0; u < kPrefetchUnroll; ++u) {
-      if (j0 + u < count) run.add(k[u], v[u], ref, sums, s2_offset, dim, f);
+    for (int s = 0; s < 2; ++s) {
+      const int j = s * 32 + lane;
+      bucket_slot[s] = j < count ? static_cast<int>(idx[row_slot[s]]) : -1;
+    }
+#pragma unroll 1
+    for (int j0 = 0; j0 < count; j0 += kPrefetchUnroll) {  // count is the same in every lane
+      int k[kPrefetchUnroll];
+      Vec<T, VEC> v[kPrefetchUnroll];
+#pragma unroll
+      for (int u = 0; u < kPrefetchUnroll; ++u) {  // all the loads first: kPrefetchUnroll rows in flight
+        const int j = j0 + u;
+        const int source = j % 32;
+        const int64_t r = __shfl_sync(kFullMask, j < 32 ? row_slot[0] : row_slot[1], source);
+        k[u] = __shfl_sync(kFullMask, j < 32 ? bucket_slot[0] : bucket_slot[1], source);
+        if (j < count && active) v[u] = load_vec<T, VEC>(x + r * row_stride + f);
+      }
+      if (!active) continue;
+#pragma unroll
+      for (int u = 0; u < kPrefetchUnroll; ++u) {
+        if (j0 + u < count) run.add(k[u], v[u], ref, sums, s2_offset, dim, f, vector_atomics);
+      }
     }
   }
-  if (active) run.flush(sums, s2_offset, dim, f);
+  if (active) run.flush(sums, s2_offset, dim, f, vector_atomics);
 }
 
 // ------------------------------------------------------------------------------ finalize
@@ -546,7 +567,8 @@ int grid_for(int64_t work, int num_sms, int per_sm = 8) {
 
 template <typename T, typename index_t>
 cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* count, void* mean,
-                   void* var, void* workspace, int num_sms, int grouped_kernel, cudaStream_t stream) {
+                   void* var, void* workspace, int num_sms, const DirfastBinStatsTuning& tuning,
+                   cudaStream_t stream) {
   using acc_t = acc_of<T>;
   const int64_t num_bins = bins.num_bins;
   const int64_t dim = x.dim;
@@ -559,9 +581,12 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
   const index_t* idx = static_cast<const index_t*>(bins.data);
   const Addressing at = addressing(x);
   cudaError_t status;
+  // first[] and the sums are adjacent in the workspace (carve): one memset clears both.
+  const size_t first_and_sums =
+      static_cast<size_t>(static_cast<char*>(ws.sums) - reinterpret_cast<char*>(ws.first)) +
+      2 * num_bins * dim * sizeof(acc_t);
   if ((status = cudaMemsetAsync(counts, 0, num_bins * sizeof(ull), stream)) != cudaSuccess ||
-      (status = cudaMemsetAsync(ws.first, 0, num_bins * sizeof(ull), stream)) != cudaSuccess ||
-      (status = cudaMemsetAsync(sums, 0, 2 * num_bins * dim * sizeof(acc_t), stream)) != cudaSuccess) {
+      (status = cudaMemsetAsync(ws.first, 0, first_and_sums, stream)) != cudaSuccess) {
     return status;
   }
   if (rows > 0) {
@@ -584,9 +609,13 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
       // Row ranges along x (2^31 - 1 blocks), feature tiles along y (dim <= 65,535 * 32 * VEC).
       const dim3 grid(static_cast<unsigned>(ceil_div(rows, int64_t(kWarps) * kGroupedRows)),
                       static_cast<unsigned>(ceil_div(dim, 32 * VEC)));
-      if (grouped_kernel == DIRFAST_GROUPED_PREFETCH && num_bins <= INT_MAX) {
-        accumulate_grouped_prefetch_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
-            px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
+      if (tuning.prefetch && num_bins <= INT_MAX) {
+        const int64_t rows_per_warp = tuning.rows_per_warp > 0 ? tuning.rows_per_warp : kPrefetchBatch;
+        const dim3 prefetch_grid(static_cast<unsigned>(ceil_div(rows, int64_t(kWarps) * rows_per_warp)),
+                                 grid.y);
+        accumulate_grouped_prefetch_kernel<T, acc_t, index_t, VEC><<<prefetch_grid, kThreads, 0, stream>>>(
+            px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums, rows_per_warp,
+            tuning.vector_atomics != 0);
       } else {
         accumulate_grouped_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
             px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
@@ -651,13 +680,12 @@ extern "C" size_t dirfast_cuda_bin_stats_workspace(DirfastFeatures x, DirfastBin
 
 extern "C" cudaError_t dirfast_cuda_bin_stats(DirfastFeatures x, DirfastBins bins, int64_t* count,
                                               void* mean, void* var, void* workspace, int num_sms,
-                                              int grouped_kernel, cudaStream_t stream) {
+                                              DirfastBinStatsTuning tuning, cudaStream_t stream) {
   using namespace dirfast::cuda;
   return dispatch_dtype(x.dtype, [&](auto scalar) {
     using T = decltype(scalar);
     return dispatch_index(bins.is_int64, [&](auto index) {
-      return launch<T, decltype(index)>(x, bins, count, mean, var, workspace, num_sms, grouped_kernel,
-                                        stream);
+      return launch<T, decltype(index)>(x, bins, count, mean, var, workspace, num_sms, tuning, stream);
     });
   });
 }

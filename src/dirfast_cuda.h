@@ -54,16 +54,22 @@ typedef struct DirfastBins {
 // Per-bucket count (int64 [B]), mean and unbiased variance ([B, D], float32 for float16 /
 // bfloat16 / float32 x, float64 for float64 x: the accumulation type). Shifted sums with float
 // atomics; `workspace` holds dirfast_cuda_bin_stats_workspace() bytes (any content, 256-byte
-// aligned); `num_sms` sizes the grid; `grouped_kernel` picks the kernel that walks rows grouped
-// by bucket (DirfastGroupedKernel; the other paths ignore it).
-enum DirfastGroupedKernel {
-  DIRFAST_GROUPED_PER_ROW = 0,   // each lane loads its rows' numbers as it goes (the default)
-  DIRFAST_GROUPED_PREFETCH = 1,  // a warp's row numbers loaded up front (candidate, not yet measured)
-};
+// aligned); `num_sms` sizes the grid; `tuning` picks among the kernels that walk rows grouped by
+// bucket (the other paths ignore it; zero-initialised: the default kernel).
+typedef struct DirfastBinStatsTuning {
+  // 0: each lane loads its rows' numbers as it goes (the default). 1: the candidate, which loads
+  // a warp's row numbers up front, 64 at a time (not yet measured against the default).
+  int prefetch;
+  // Candidate only: grouped rows per warp, a multiple of 64 (0: 64). Longer ranges mean fewer
+  // flushes of the running sums (float atomics) and fewer warps.
+  int rows_per_warp;
+  // Candidate only: flush float sums with 16-byte vector atomics on sm_90 and newer.
+  int vector_atomics;
+} DirfastBinStatsTuning;
 size_t dirfast_cuda_bin_stats_workspace(DirfastFeatures x, DirfastBins bins);
 cudaError_t dirfast_cuda_bin_stats(DirfastFeatures x, DirfastBins bins, int64_t* count, void* mean,
-                                   void* var, void* workspace, int num_sms, int grouped_kernel,
-                                   cudaStream_t stream);
+                                   void* var, void* workspace, int num_sms,
+                                   DirfastBinStatsTuning tuning, cudaStream_t stream);
 
 // The deterministic variant, with no float atomics: `perm` lists the rows grouped by bucket
 // (a stable sort of the indices, rows outside [0, B) last) and `offsets` (int64 [B + 1]) where

@@ -191,7 +191,8 @@ def test_bin_stats_dtypes_and_bin_counts(dtype, num_bins, dim):
     check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins)
 
 
-GROUPED_KERNELS = ["per_row", "prefetch"]  # DIRFAST_CUDA_GROUPED (csrc/cuda/bin_stats.cpp)
+# DIRFAST_CUDA_GROUPED (csrc/cuda/bin_stats.cpp): the default kernel and the candidates
+GROUPED_KERNELS = ["per_row", "prefetch", "prefetch,rows=256", "prefetch,rows=128,vector_atomics"]
 
 
 @needs_gpu
@@ -209,6 +210,15 @@ def test_bin_stats_grouped_kernels(grouped, dtype, num_bins, n, dim, monkeypatch
     if num_bins == 1:
         idx[: n // 2] = 0  # one long run: every warp of the first half in the same bucket
     check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins)
+
+
+@needs_gpu
+@pytest.mark.parametrize("options", ["prefetch,rows=100", "prefetch,rows=0", "prefech", "rows=64,fast"])
+def test_bin_stats_grouped_kernel_options_are_checked(options, monkeypatch):
+    monkeypatch.setenv("DIRFAST_CUDA_GROUPED", options)
+    x, idx = torch.randn(300, 256, device="cuda"), torch.randint(0, 3, (300,), device="cuda")
+    with pytest.raises(RuntimeError, match="DIRFAST_CUDA_GROUPED"):
+        torch.ops.dirfast.bin_stats(x, idx, 3)
 
 
 @needs_gpu
@@ -424,8 +434,12 @@ def test_gpu_benchmark_grouped_kernel_switch_restores_the_environment(monkeypatc
     with pytest.raises(RuntimeError), gpu.grouped_kernel("prefetch"):
         raise RuntimeError("a failed measurement")
     assert os.environ["DIRFAST_CUDA_GROUPED"] == "per_row"
+    with gpu.grouped_kernel(None):  # the default kernel: unset
+        assert "DIRFAST_CUDA_GROUPED" not in os.environ
+    assert os.environ["DIRFAST_CUDA_GROUPED"] == "per_row"
+    assert all(options.startswith("prefetch") for options in gpu.GROUPED_CANDIDATES.values())
     # the candidate rows are not backends: they never enter CUDA_PREFERENCE
-    rows = [{"case": "bin_stats 131072x512", "provider": "cuda prefetch", "ms": 0.01},
+    rows = [{"case": "bin_stats 131072x512", "provider": "cuda p256v", "ms": 0.01},
             {"case": "bin_stats 131072x512", "provider": "triton", "ms": 0.2},
             {"case": "bin_stats 131072x512", "provider": "cuda", "ms": 0.3}]
     assert gpu.preference(rows)["bin_stats"] == ("triton", "cuda")

@@ -7,9 +7,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
-#include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "glue.h"
@@ -18,12 +19,36 @@ namespace dirfast {
 namespace cuda {
 namespace {
 
-// DIRFAST_CUDA_GROUPED=prefetch selects the candidate grouped-rows kernel (read on every call, so
-// the GPU tests and benchmarks can run both in one process); anything else, the default kernel.
-int grouped_kernel() {
-  const char* choice = std::getenv("DIRFAST_CUDA_GROUPED");
-  return choice != nullptr && std::strcmp(choice, "prefetch") == 0 ? DIRFAST_GROUPED_PREFETCH
-                                                                   : DIRFAST_GROUPED_PER_ROW;
+// DIRFAST_CUDA_GROUPED selects the candidate grouped-rows kernel until a GPU run decides between
+// it and the default: comma-separated "prefetch", "rows=N" (rows per warp, a multiple of 64) and
+// "vector_atomics", e.g. "prefetch,rows=256,vector_atomics". Read on every call, so the GPU tests
+// and benchmarks can run every variant in one process; unset (or anything else): the default.
+DirfastBinStatsTuning tuning_from_environment() {
+  DirfastBinStatsTuning tuning{0, 0, 0};
+  const char* text = std::getenv("DIRFAST_CUDA_GROUPED");
+  if (text == nullptr) return tuning;
+  std::string options(text);
+  size_t start = 0;
+  while (start <= options.size()) {
+    const size_t comma = std::min(options.find(',', start), options.size());
+    const std::string option = options.substr(start, comma - start);
+    if (option == "prefetch") {
+      tuning.prefetch = 1;
+    } else if (option == "vector_atomics") {
+      tuning.vector_atomics = 1;
+    } else if (option.rfind("rows=", 0) == 0) {
+      const long rows = std::strtol(option.c_str() + 5, nullptr, 10);
+      TORCH_CHECK(rows > 0 && rows % 64 == 0 && rows <= 65536,
+                  "DIRFAST_CUDA_GROUPED: rows=N takes a positive multiple of 64 (at most 65536), got '",
+                  option, "'");
+      tuning.rows_per_warp = static_cast<int>(rows);
+    } else if (!option.empty() && option != "per_row") {
+      TORCH_CHECK(false, "DIRFAST_CUDA_GROUPED: unknown option '", option,
+                  "' (known: per_row, prefetch, rows=N, vector_atomics)");
+    }
+    start = comma + 1;
+  }
+  return tuning;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bin_stats_cuda(const at::Tensor& x,
@@ -63,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bin_stats_cuda(const at::Tensor& 
       x.options().dtype(at::kByte));
   check_launch(dirfast_cuda_bin_stats(features_of_x, bins_of_x, count.data_ptr<int64_t>(),
                                       mean.data_ptr(), var.data_ptr(), workspace.data_ptr(),
-                                      sm_count(x.device()), grouped_kernel(), stream),
+                                      sm_count(x.device()), tuning_from_environment(), stream),
                op);
   return std::make_tuple(count, mean, var);
 }
