@@ -11,8 +11,8 @@ loop and a device-to-device copy of the same bytes:
   2,048 features: speed-up over the published loop;
 * ``smooth_bins`` of a [100, 2048] table (no goal: it decides the CUDA-vs-Triton order);
 * ``bin_stats`` once more on the CUDA backend with each candidate grouped-rows kernel
-  (``GROUPED_CANDIDATES``, rows "cuda p64" ... "cuda p256v"), to decide whether one replaces the
-  default kernel.
+  (``GROUPED_CANDIDATES``, rows "cuda p64" ... "cuda p256v"), and on the Triton backend with other
+  tile sizes (``TRITON_CANDIDATES``), to decide whether one replaces the default.
 
 At the end, the per-op order of CUDA C++ and Triton that ``dirfast.ops._dispatch.CUDA_PREFERENCE``
 should hold on this GPU (the faster first).
@@ -121,6 +121,14 @@ def bandwidth_cases(results: list) -> None:
             ms = graph_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
             results.append({"case": "bin_stats 131072x512", "provider": backend + " graph", "ms": ms,
                             "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms)})
+    if "triton" in _backends():  # other tile sizes, against the defaults above
+        for label, (chunk_rows, tile_rows) in TRITON_CANDIDATES.items():
+            with dirfast.use_backend("triton"), triton_tiles(chunk_rows, tile_rows):
+                for provider, timer in ((f"triton {label}", time_ms), (f"triton {label} graph", graph_ms)):
+                    ms = timer(lambda: dirfast.ops.bin_stats(x, idx, bins))
+                    results.append({"case": "bin_stats 131072x512", "provider": provider, "ms": ms,
+                                    "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms),
+                                    "triton tiles": [chunk_rows, tile_rows]})
     if "cuda" in _backends():  # the candidate grouped-rows kernels, against the default above
         for label, options in GROUPED_CANDIDATES.items():
             with dirfast.use_backend("cuda"), grouped_kernel(options):
@@ -129,6 +137,31 @@ def bandwidth_cases(results: list) -> None:
                     results.append({"case": "bin_stats 131072x512", "provider": provider, "ms": ms,
                                     "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms),
                                     "DIRFAST_CUDA_GROUPED": options})
+
+
+# Tile sizes of the Triton bin_stats "csr" kernel to try beside its defaults (512-row chunks
+# of one bucket read 16 rows x 128 features at a time), by label: (rows per chunk, rows per tile).
+TRITON_CANDIDATES = {
+    "c256": (256, None),
+    "c1024": (1024, None),
+    "c512 r32": (512, 32),
+    "c256 r8": (256, 8),
+}
+
+
+@contextlib.contextmanager
+def triton_tiles(chunk_rows, tile_rows):
+    """Run the Triton bin_stats kernels with other chunk and tile sizes for the block (the
+    module's ROWS_PER_CHUNK and TILE_ROWS knobs, which the tests use too)."""
+    import importlib
+
+    module = importlib.import_module("dirfast.triton.bin_stats")
+    before = (module.ROWS_PER_CHUNK, module.TILE_ROWS)
+    module.ROWS_PER_CHUNK, module.TILE_ROWS = chunk_rows, tile_rows
+    try:
+        yield
+    finally:
+        module.ROWS_PER_CHUNK, module.TILE_ROWS = before
 
 
 # The candidate CUDA bin_stats kernels for rows grouped by bucket (DIRFAST_CUDA_GROUPED options,
@@ -310,6 +343,9 @@ def main(argv=None) -> None:
             handle.write(text + "\n")
         print(f"wrote {args.profile}")
     print(table)
+    if any("triton tiles" in row for row in rows):
+        print("candidate Triton bin_stats tiles (rows per chunk, rows per tile): "
+              + "; ".join(f"{label} = {sizes}" for label, sizes in TRITON_CANDIDATES.items()))
     if any("DIRFAST_CUDA_GROUPED" in row for row in rows):
         print("candidate bin_stats kernels (DIRFAST_CUDA_GROUPED): "
               + "; ".join(f"{label} = {options}" for label, options in GROUPED_CANDIDATES.items()))

@@ -423,7 +423,7 @@ def test_gpu_benchmark_orders_backends_by_measured_time():
     assert "0.79" in table and "0.170" in table and table.count("\n") == 2
 
 
-def test_gpu_benchmark_grouped_kernel_switch_restores_the_environment(monkeypatch):
+def test_gpu_benchmark_candidate_switches_restore_the_defaults(monkeypatch):
     from benchmarks import gpu
 
     monkeypatch.delenv("DIRFAST_CUDA_GROUPED", raising=False)
@@ -438,6 +438,14 @@ def test_gpu_benchmark_grouped_kernel_switch_restores_the_environment(monkeypatc
         assert "DIRFAST_CUDA_GROUPED" not in os.environ
     assert os.environ["DIRFAST_CUDA_GROUPED"] == "per_row"
     assert all(options.startswith("prefetch") for options in gpu.GROUPED_CANDIDATES.values())
+    import importlib
+
+    module = importlib.import_module("dirfast.triton.bin_stats")
+    before = (module.ROWS_PER_CHUNK, module.TILE_ROWS)
+    with pytest.raises(RuntimeError), gpu.triton_tiles(256, 8):
+        assert (module.ROWS_PER_CHUNK, module.TILE_ROWS) == (256, 8)
+        raise RuntimeError("a failed measurement")
+    assert (module.ROWS_PER_CHUNK, module.TILE_ROWS) == before
     # the candidate rows are not backends: they never enter CUDA_PREFERENCE
     rows = [{"case": "bin_stats 131072x512", "provider": "cuda p256v", "ms": 0.01},
             {"case": "bin_stats 131072x512", "provider": "triton", "ms": 0.2},
