@@ -271,6 +271,18 @@ def preference(rows: list) -> dict:
     return order
 
 
+def fastest_bin_stats(rows: list, backend: str):
+    """(provider, ms) of the fastest bin_stats 131072x512 row of ``backend`` -- its default or
+    one of its candidates -- by wall-clock time (the "graph" rows are GPU time alone), or None."""
+    timed = [(row["ms"], row["provider"]) for row in rows
+             if row["case"] == "bin_stats 131072x512" and row["provider"].split()[0] == backend
+             and not row["provider"].endswith(" graph")]
+    if not timed:
+        return None
+    ms, provider = min(timed)
+    return provider, ms
+
+
 def kernel_profile(top: int = 12) -> str:
     """Per-kernel GPU time of one bin_stats and one calibrate call (131,072 x 512) on each GPU
     backend, from torch.profiler: where the time of an op goes, launch by launch."""
@@ -349,6 +361,10 @@ def main(argv=None) -> None:
     if any("DIRFAST_CUDA_GROUPED" in row for row in rows):
         print("candidate bin_stats kernels (DIRFAST_CUDA_GROUPED): "
               + "; ".join(f"{label} = {options}" for label, options in GROUPED_CANDIDATES.items()))
+    for backend in ("cuda", "triton"):
+        best = fastest_bin_stats(rows, backend)
+        if best is not None:
+            print(f"fastest {backend} bin_stats: {best[0]} ({best[1]:.3f} ms)")
     print(f"CUDA_PREFERENCE on {name}: {preference(rows)}")
 
 

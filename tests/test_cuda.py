@@ -451,6 +451,46 @@ def test_gpu_benchmark_candidate_switches_restore_the_defaults(monkeypatch):
             {"case": "bin_stats 131072x512", "provider": "triton", "ms": 0.2},
             {"case": "bin_stats 131072x512", "provider": "cuda", "ms": 0.3}]
     assert gpu.preference(rows)["bin_stats"] == ("triton", "cuda")
+    rows.append({"case": "bin_stats 131072x512", "provider": "cuda p64 graph", "ms": 0.001})
+    assert gpu.fastest_bin_stats(rows, "cuda") == ("cuda p256v", 0.01)  # wall-clock rows only
+    assert gpu.fastest_bin_stats(rows, "triton") == ("triton", 0.2)
+    assert gpu.fastest_bin_stats(rows, "reference") is None
+
+
+def test_gpu_benchmark_bandwidth_cases_run_end_to_end_with_stand_ins(monkeypatch):
+    """benchmarks.gpu.bandwidth_cases on small CPU tensors, with the GPU timers and backend switch
+    replaced: every row, candidate included, is produced and formatted (GPU time is too scarce
+    to find a typo there)."""
+    import contextlib
+
+    from benchmarks import gpu
+
+    g = gen(5)
+    inputs = (torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g), 3,
+              [torch.randn(3, 8), torch.rand(3, 8) + 0.1, torch.randn(3, 8), torch.rand(3, 8) + 0.1])
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(os.environ.get("DIRFAST_CUDA_GROUPED"))
+        return 0.5
+
+    monkeypatch.setattr(gpu, "bandwidth_inputs", lambda seed=0: inputs)
+    monkeypatch.setattr(gpu, "time_ms", timer)
+    monkeypatch.setattr(gpu, "graph_ms", timer)
+    monkeypatch.setattr(gpu, "_backends", lambda: ["cuda", "triton", "reference"])
+    monkeypatch.setattr(dirfast, "use_backend", lambda name: contextlib.nullcontext())
+    monkeypatch.delenv("DIRFAST_CUDA_GROUPED", raising=False)
+    rows = []
+    gpu.bandwidth_cases(rows)
+    providers = [row["provider"] for row in rows if row["case"] == "bin_stats 131072x512"]
+    for label in list(gpu.GROUPED_CANDIDATES) + [f"{label}" for label in gpu.TRITON_CANDIDATES]:
+        backend = "cuda" if label in gpu.GROUPED_CANDIDATES else "triton"
+        assert f"{backend} {label}" in providers and f"{backend} {label} graph" in providers
+    assert set(gpu.GROUPED_CANDIDATES.values()) <= set(calls)
+    assert "DIRFAST_CUDA_GROUPED" not in os.environ
+    assert all(row["ms"] == 0.5 for row in rows)
+    assert gpu.format_rows(rows).count("\n") == len(rows)
 
 
 def test_gpu_check_script_is_valid_bash():
