@@ -376,10 +376,6 @@ __global__ void __launch_bounds__(kThreads)
 // each row number to every lane, so the feature loads of several rows are issued together without
 // waiting on a perm load first (the kernel above waits perm -> x for every group of rows). The
 // running sums carry over from one 64 to the next: longer ranges flush less often.
-// Rows in flight per lane: 8 (4 for 2-byte types, whose conversions need more registers) keeps
-// every instantiation within 128 registers without spilling (ptxas -v, sm_90).
-template <typename T>
-constexpr int prefetch_unroll() { return sizeof(T) == 2 ? 4 : 8; }
 constexpr int kPrefetchBatch = 64;  // rows whose numbers a warp holds at a time: two per lane
 
 template <typename T, typename acc_t, typename index_t, int VEC>
@@ -390,7 +386,9 @@ __global__ void __launch_bounds__(kThreads, 2)  // at most 128 registers: 16 war
                                        const acc_t* __restrict__ ref, acc_t* __restrict__ sums,
                                        int64_t rows_per_warp, bool vector_atomics) {
   constexpr unsigned kFullMask = 0xffffffffu;
-  constexpr int kPrefetchUnroll = prefetch_unroll<T>();
+  // Rows in flight per lane: 8 (4 for 2-byte types, whose conversions need more registers) keeps
+  // every instantiation within 128 registers without spilling (ptxas -v, sm_90).
+  constexpr int kPrefetchUnroll = sizeof(T) == 2 ? 4 : 8;
   static_assert(kPrefetchBatch == 64 && kPrefetchBatch % kPrefetchUnroll == 0, "whole unrolled groups");
   const int lane = threadIdx.x % 32;
   const int64_t task = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;

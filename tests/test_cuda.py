@@ -195,25 +195,62 @@ def test_bin_stats_dtypes_and_bin_counts(dtype, num_bins, dim):
 GROUPED_KERNELS = ["per_row", "prefetch", "prefetch,rows=256", "prefetch,rows=128,vector_atomics"]
 
 
+def grouped_kernel_names(call) -> set:
+    """The grouped-rows kernels that ran during call(), by name (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    names = {event.key for event in prof.key_averages()}
+    return {kernel for kernel in ("accumulate_grouped_kernel", "accumulate_grouped_prefetch_kernel")
+            if any(kernel + "<" in name or kernel + "I" in name for name in names)}
+
+
+def check_grouped(grouped, x, idx, num_bins):
+    """bin_stats against the reference, and the grouped kernel that DIRFAST_CUDA_GROUPED names ran."""
+    ran = grouped_kernel_names(lambda: check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins))
+    expected = "accumulate_grouped_kernel" if grouped == "per_row" else "accumulate_grouped_prefetch_kernel"
+    assert ran == {expected}, f"DIRFAST_CUDA_GROUPED={grouped} ran {ran or 'no grouped kernel'}"
+
+
 @needs_gpu
 @pytest.mark.parametrize("grouped", GROUPED_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("num_bins, n", [(1, 5000), (7, 20000), (97, 20000), (3000, 2000)])
-@pytest.mark.parametrize("dim", [160, 256, 1032])  # 160, 1032: the last feature tile half empty
+@pytest.mark.parametrize("dim", [264, 512, 1032])  # 264, 1032: lanes past the last feature in every dtype
 def test_bin_stats_grouped_kernels(grouped, dtype, num_bins, n, dim, monkeypatch):
-    """Both kernels that walk rows grouped by bucket: a warp's 64 rows spanning one bucket, a
-    few, and many buckets of one or two rows; lanes past the last feature; rows of no bucket."""
+    """Both kernels that walk rows grouped by bucket (rows of 16-byte vectors, dim >= 32 vectors):
+    a warp's rows in one bucket, a few, and many buckets of one or two rows; rows of no bucket."""
     monkeypatch.setenv("DIRFAST_CUDA_GROUPED", grouped)
     g = gen(num_bins + dim)
     x = (torch.randn(n, dim, generator=g) * 3 + 10).to(dtype=dtype, device="cuda")
     idx = torch.randint(-2, num_bins + 2, (n,), generator=g).cuda()
-    if num_bins == 1:
-        idx[: n // 2] = 0  # one long run: every warp of the first half in the same bucket
-    check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins)
+    check_grouped(grouped, x, idx, num_bins)
 
 
 @needs_gpu
-@pytest.mark.parametrize("options", ["prefetch,rows=100", "prefetch,rows=0", "prefech", "rows=64,fast"])
+@pytest.mark.parametrize("grouped", GROUPED_KERNELS)
+@pytest.mark.parametrize("case", ["int32_bins", "row_stride", "few_rows", "one_row"])
+def test_bin_stats_grouped_kernels_layouts(grouped, case, monkeypatch):
+    """int32 indices, rows with a stride past dim, and fewer valid rows than a warp's batch."""
+    monkeypatch.setenv("DIRFAST_CUDA_GROUPED", grouped)
+    g = gen(31)
+    n, dim, num_bins = {"few_rows": 50, "one_row": 1}.get(case, 3000), 256, 9
+    x = torch.randn(n, dim + 8, generator=g).cuda()
+    x = x[:, :dim] if case == "row_stride" else x[:, :dim].contiguous()  # 16-byte aligned rows either way
+    idx = torch.randint(-1, num_bins, (n,), generator=g).cuda()
+    if case == "int32_bins":
+        idx = idx.int()
+    if case == "one_row":
+        idx[0] = 4
+    check_grouped(grouped, x, idx, num_bins)
+
+
+@needs_gpu
+@pytest.mark.parametrize("options", ["prefetch,rows=100", "prefetch,rows=0", "prefetch,rows=64abc", "prefech",
+                                     "rows=64", "per_row,prefetch"])
 def test_bin_stats_grouped_kernel_options_are_checked(options, monkeypatch):
     monkeypatch.setenv("DIRFAST_CUDA_GROUPED", options)
     x, idx = torch.randn(300, 256, device="cuda"), torch.randint(0, 3, (300,), device="cuda")

@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <limits>
 #include <string>
@@ -20,34 +21,49 @@ namespace cuda {
 namespace {
 
 // DIRFAST_CUDA_GROUPED selects the candidate grouped-rows kernel until a GPU run decides between
-// it and the default: comma-separated "prefetch", "rows=N" (rows per warp, a multiple of 64) and
-// "vector_atomics", e.g. "prefetch,rows=256,vector_atomics". Read on every call, so the GPU tests
-// and benchmarks can run every variant in one process; unset (or anything else): the default.
+// it and the default: "per_row" (the default kernel, as when unset) or "prefetch" followed by
+// options, comma-separated: "rows=N" (rows per warp, a multiple of 64) and "vector_atomics", e.g.
+// "prefetch,rows=256,vector_atomics". Read on every call, so the GPU tests and benchmarks can run
+// every variant in one process; anything else is an error naming the variable.
 DirfastBinStatsTuning tuning_from_environment() {
   DirfastBinStatsTuning tuning{0, 0, 0};
   const char* text = std::getenv("DIRFAST_CUDA_GROUPED");
   if (text == nullptr) return tuning;
-  std::string options(text);
+  const std::string options(text);
+  bool per_row = false, candidate_option = false;
   size_t start = 0;
   while (start <= options.size()) {
     const size_t comma = std::min(options.find(',', start), options.size());
     const std::string option = options.substr(start, comma - start);
-    if (option == "prefetch") {
+    start = comma + 1;
+    if (option.empty()) continue;
+    if (option == "per_row") {
+      per_row = true;
+    } else if (option == "prefetch") {
       tuning.prefetch = 1;
     } else if (option == "vector_atomics") {
       tuning.vector_atomics = 1;
+      candidate_option = true;
     } else if (option.rfind("rows=", 0) == 0) {
-      const long rows = std::strtol(option.c_str() + 5, nullptr, 10);
-      TORCH_CHECK(rows > 0 && rows % 64 == 0 && rows <= 65536,
+      const char* digits = option.c_str() + 5;
+      char* end = nullptr;
+      const long long rows = std::strtoll(digits, &end, 10);
+      TORCH_CHECK(end != digits && *end == '\0' && std::isdigit(static_cast<unsigned char>(*digits)) &&
+                      rows > 0 && rows % 64 == 0 && rows <= 65536,
                   "DIRFAST_CUDA_GROUPED: rows=N takes a positive multiple of 64 (at most 65536), got '",
                   option, "'");
       tuning.rows_per_warp = static_cast<int>(rows);
-    } else if (!option.empty() && option != "per_row") {
+      candidate_option = true;
+    } else {
       TORCH_CHECK(false, "DIRFAST_CUDA_GROUPED: unknown option '", option,
                   "' (known: per_row, prefetch, rows=N, vector_atomics)");
     }
-    start = comma + 1;
   }
+  TORCH_CHECK(!(per_row && tuning.prefetch),
+              "DIRFAST_CUDA_GROUPED: per_row and prefetch name two different kernels, got '", options, "'");
+  TORCH_CHECK(!candidate_option || tuning.prefetch,
+              "DIRFAST_CUDA_GROUPED: rows=N and vector_atomics are options of the prefetch kernel, got '",
+              options, "'");
   return tuning;
 }
 
