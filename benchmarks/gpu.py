@@ -10,6 +10,8 @@ loop and a device-to-device copy of the same bytes:
 * a full FDS epoch update (``update_running_stats`` + ``update_last_epoch_stats``) of 200,000 x
   2,048 features: speed-up over the published loop;
 * ``smooth_bins`` of a [100, 2048] table (no goal: it decides the CUDA-vs-Triton order);
+* no goal either: calibrate and bin_stats on dense [8, 64, 120, 160] features (depth maps), and
+  bin_stats with deterministic algorithms on;
 * ``bin_stats`` once more on the CUDA backend with each candidate grouped-rows kernel
   (``GROUPED_CANDIDATES``, rows "cuda p64" ... "cuda p256v"), and on the Triton backend with other
   tile sizes (``TRITON_CANDIDATES``), to decide whether one replaces the default.
@@ -137,6 +139,49 @@ def bandwidth_cases(results: list) -> None:
                     results.append({"case": "bin_stats 131072x512", "provider": provider, "ms": ms,
                                     "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms),
                                     "DIRFAST_CUDA_GROUPED": options})
+
+
+def depth_inputs(seed: int = 0):
+    """(x, idx, bins, stats) for dense features: [8, 64, 120, 160] float32 (the CPU benchmark's
+    depth-map case) over 100 buckets that follow the image rows, as depth does, with noise."""
+    gen = torch.Generator().manual_seed(seed)
+    b, c, h, w, bins = 8, 64, 120, 160, 100
+    x = torch.randn(b, c, h, w, generator=gen).cuda()
+    rows = torch.linspace(0, 80, h).view(1, h, 1).expand(b, h, w)
+    idx = (rows + torch.randn(b, h, w, generator=gen) * 5).round().clamp(0, bins - 1).long().cuda()
+    stats = [torch.randn(bins, c).cuda(), torch.rand(bins, c).cuda() + 0.1,
+             torch.randn(bins, c).cuda(), torch.rand(bins, c).cuda() + 0.1]
+    return x, idx, bins, stats
+
+
+def layout_cases(results: list) -> None:
+    """No goal: dense [B, C, H, W] features (planes of pixels: direct atomics in bin_stats), and
+    bin_stats under torch.use_deterministic_algorithms(True), against the same copy."""
+    x, idx, bins, stats = depth_inputs()
+    nbytes = x.numel() * x.element_size()
+    copy_ms = time_ms(lambda: x.clone())
+    case = "x".join(str(n) for n in x.shape)
+    results.append({"case": f"copy {case}", "provider": "clone", "ms": copy_ms})
+    for backend in _backends():
+        with dirfast.use_backend(backend):
+            ms = time_ms(lambda: dirfast.ops.calibrate(x, idx, *stats))
+            results.append({"case": f"calibrate {case}", "provider": backend, "ms": ms,
+                            "x copy bandwidth": copy_ms / ms})
+            ms = time_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
+            results.append({"case": f"bin_stats {case}", "provider": backend, "ms": ms,
+                            "x copy bandwidth": copy_ms / (2 * ms)})
+    x, idx, bins, _ = bandwidth_inputs()
+    copy_ms = time_ms(lambda: x.clone())
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for backend in _backends():
+            with dirfast.use_backend(backend):
+                ms = time_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
+                results.append({"case": "bin_stats 131072x512 determ.", "provider": backend, "ms": ms,
+                                "x copy bandwidth": copy_ms / (2 * ms)})
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 # Tile sizes of the Triton bin_stats "csr" kernel to try beside its defaults (512-row chunks
@@ -333,7 +378,7 @@ def main(argv=None) -> None:
     name = torch.cuda.get_device_name(0)
     print(f"GPU: {name}; torch {torch.__version__}; backends: {_backends()}", flush=True)
     rows: list = []
-    for step in (bandwidth_cases, smooth_cases, smooth_bins_cases, epoch_cases):
+    for step in (bandwidth_cases, smooth_cases, smooth_bins_cases, epoch_cases, layout_cases):
         print(f"running {step.__name__} ...", flush=True)
         step(rows)
     table = format_rows(rows)

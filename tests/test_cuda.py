@@ -528,6 +528,14 @@ def test_gpu_benchmark_bandwidth_cases_run_end_to_end_with_stand_ins(monkeypatch
     assert "DIRFAST_CUDA_GROUPED" not in os.environ
     assert all(row["ms"] == 0.5 for row in rows)
     assert gpu.format_rows(rows).count("\n") == len(rows)
+    dense = (torch.randn(2, 4, 3, 5, generator=g), torch.randint(0, 3, (2, 3, 5), generator=g), 3,
+             [torch.randn(3, 4), torch.rand(3, 4) + 0.1, torch.randn(3, 4), torch.rand(3, 4) + 0.1])
+    monkeypatch.setattr(gpu, "depth_inputs", lambda seed=0: dense)
+    rows = []
+    gpu.layout_cases(rows)
+    cases = {row["case"] for row in rows}
+    assert {"calibrate 2x4x3x5", "bin_stats 2x4x3x5", "bin_stats 131072x512 determ."} <= cases
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_gpu_check_script_is_valid_bash():
