@@ -36,7 +36,7 @@ fi
 $PY -c "import dirfast, json; print(json.dumps(dirfast.backends(), indent=1))" 2>&1 | tee -a "$OUT/environment.txt"
 
 stamp "CUDA backend tests"
-timeout ${CUDA_TESTS_TIMEOUT:-150} $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$OUT/tests-cuda.log" 2>&1
+timeout ${CUDA_TESTS_TIMEOUT:-200} $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$OUT/tests-cuda.log" 2>&1
 cuda_rc=$?
 tail -n 15 "$OUT/tests-cuda.log"
 [ $cuda_rc -eq 0 ] || status=1
