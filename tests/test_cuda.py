@@ -494,8 +494,8 @@ def test_gpu_benchmark_candidate_switches_restore_the_defaults(monkeypatch):
     assert gpu.fastest_bin_stats(rows, "reference") is None
 
 
-def test_gpu_benchmark_bandwidth_cases_run_end_to_end_with_stand_ins(monkeypatch):
-    """benchmarks.gpu.bandwidth_cases on small CPU tensors, with the GPU timers and backend switch
+def test_gpu_benchmark_cases_run_end_to_end_with_stand_ins(monkeypatch):
+    """benchmarks.gpu's cases on small CPU tensors, with the GPU timers and backend switch
     replaced: every row, candidate included, is produced and formatted (GPU time is too scarce
     to find a typo there)."""
     import contextlib
@@ -520,6 +520,8 @@ def test_gpu_benchmark_bandwidth_cases_run_end_to_end_with_stand_ins(monkeypatch
     monkeypatch.delenv("DIRFAST_CUDA_GROUPED", raising=False)
     rows = []
     gpu.bandwidth_cases(rows)
+    assert {"cuda", "triton", "reference", "cuda graph", "triton graph"} <= {row["provider"] for row in rows}
+    gpu.candidate_cases(rows)
     providers = [row["provider"] for row in rows if row["case"] == "bin_stats 131072x512"]
     for label in list(gpu.GROUPED_CANDIDATES) + [f"{label}" for label in gpu.TRITON_CANDIDATES]:
         backend = "cuda" if label in gpu.GROUPED_CANDIDATES else "triton"
@@ -536,6 +538,40 @@ def test_gpu_benchmark_bandwidth_cases_run_end_to_end_with_stand_ins(monkeypatch
     cases = {row["case"] for row in rows}
     assert {"calibrate 2x4x3x5", "bin_stats 2x4x3x5", "bin_stats 131072x512 determ."} <= cases
     assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_gpu_benchmark_main_keeps_going_past_a_failed_step(monkeypatch, tmp_path, capsys):
+    """A step that raises (say, a candidate kernel that faults) is reported, the other steps'
+    rows are still written as JSON and printed, and the exit status says it failed."""
+    import json
+
+    from benchmarks import gpu
+
+    def step(case):
+        def run(rows):
+            rows.append({"case": case, "provider": "cuda", "ms": 1.0})
+        return run
+
+    def epoch_cases(rows):  # named as the step it stands in for: the report names it
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Stand-in GPU")
+    monkeypatch.setattr(gpu, "_backends", lambda: ["cuda", "reference"])
+    monkeypatch.setattr(gpu, "bandwidth_cases", step("bin_stats 131072x512"))
+    monkeypatch.setattr(gpu, "smooth_cases", step("FDS.smooth 256x2048"))
+    monkeypatch.setattr(gpu, "smooth_bins_cases", step("smooth_bins 100x2048"))
+    monkeypatch.setattr(gpu, "epoch_cases", epoch_cases)
+    monkeypatch.setattr(gpu, "layout_cases", step("bin_stats 8x64x120x160"))
+    monkeypatch.setattr(gpu, "candidate_cases", step("bin_stats 131072x512"))
+    monkeypatch.setattr(gpu, "kernel_profile", lambda: "profile table")
+    with pytest.raises(SystemExit, match="epoch_cases failed"):
+        gpu.main(["--json", str(tmp_path), "--profile", str(tmp_path / "profile.txt")])
+    saved = json.loads((tmp_path / "gpu-goals-stand-in-gpu.json").read_text())
+    assert saved["failed_steps"] == ["epoch_cases"] and len(saved["rows"]) == 5
+    assert (tmp_path / "profile.txt").read_text() == "profile table\n"
+    out = capsys.readouterr()
+    assert "FDS.smooth 256x2048" in out.out and "illegal memory access" in out.err
 
 
 def test_gpu_check_script_is_valid_bash():
