@@ -12,9 +12,10 @@ loop and a device-to-device copy of the same bytes:
 * ``smooth_bins`` of a [100, 2048] table (no goal: it decides the CUDA-vs-Triton order);
 * no goal either: calibrate and bin_stats on dense [8, 64, 120, 160] features (depth maps), and
   bin_stats with deterministic algorithms on;
-* ``bin_stats`` once more on the CUDA backend with each candidate grouped-rows kernel
-  (``GROUPED_CANDIDATES``, rows "cuda p64" ... "cuda p256v"), and on the Triton backend with other
-  tile sizes (``TRITON_CANDIDATES``), to decide whether one replaces the default.
+* ``bin_stats`` once more with the candidates that are not the default yet: on the CUDA backend
+  the grouped-rows kernels of ``CUDA_CANDIDATES`` (rows "cuda p64" ... "cuda p256vt") and the
+  planes kernel of ``CUDA_PLANE_CANDIDATES`` on the depth maps; on the Triton backend other tile
+  sizes (``TRITON_CANDIDATES``). The last lines name the fastest bin_stats of each backend.
 
 At the end, the per-op order of CUDA C++ and Triton that ``dirfast.ops._dispatch.CUDA_PREFERENCE``
 should hold on this GPU (the faster first).
@@ -183,14 +184,24 @@ def candidate_cases(results: list) -> None:
                     results.append({"case": "bin_stats 131072x512", "provider": provider, "ms": ms,
                                     "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms),
                                     "triton tiles": [chunk_rows, tile_rows]})
-    if "cuda" in _backends():  # the candidate grouped-rows kernels, against the default above
-        for label, options in GROUPED_CANDIDATES.items():
-            with dirfast.use_backend("cuda"), grouped_kernel(options):
-                for provider, timer in ((f"cuda {label}", time_ms), (f"cuda {label} graph", graph_ms)):
-                    ms = timer(lambda: dirfast.ops.bin_stats(x, idx, bins))
-                    results.append({"case": "bin_stats 131072x512", "provider": provider, "ms": ms,
-                                    "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms),
-                                    "DIRFAST_CUDA_GROUPED": options})
+    if "cuda" not in _backends():
+        return
+    for label, options in CUDA_CANDIDATES.items():  # against the default grouped-rows kernel
+        with dirfast.use_backend("cuda"), cuda_bin_stats_options(options):
+            for provider, timer in ((f"cuda {label}", time_ms), (f"cuda {label} graph", graph_ms)):
+                ms = timer(lambda: dirfast.ops.bin_stats(x, idx, bins))
+                results.append({"case": "bin_stats 131072x512", "provider": provider, "ms": ms,
+                                "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms),
+                                "DIRFAST_CUDA_BIN_STATS": options})
+    x, idx, bins, _ = depth_inputs()  # against the default kernel for planes (layout_cases)
+    copy_ms = time_ms(lambda: x.clone())
+    case = "x".join(str(n) for n in x.shape)
+    for label, options in CUDA_PLANE_CANDIDATES.items():
+        with dirfast.use_backend("cuda"), cuda_bin_stats_options(options):
+            for provider, timer in ((f"cuda {label}", time_ms), (f"cuda {label} graph", graph_ms)):
+                ms = timer(lambda: dirfast.ops.bin_stats(x, idx, bins))
+                results.append({"case": f"bin_stats {case}", "provider": provider, "ms": ms,
+                                "x copy bandwidth": copy_ms / (2 * ms), "DIRFAST_CUDA_BIN_STATS": options})
 
 
 # Tile sizes of the Triton bin_stats "csr" kernel to try beside its defaults (512-row chunks
@@ -218,34 +229,38 @@ def triton_tiles(chunk_rows, tile_rows):
         module.ROWS_PER_CHUNK, module.TILE_ROWS = before
 
 
-# The candidate CUDA bin_stats kernels for rows grouped by bucket (DIRFAST_CUDA_GROUPED options,
-# csrc/cuda/bin_stats.cpp), by the label of their rows: row numbers loaded up front, 64 or 256
-# rows per warp, scalar or 16-byte atomics.
-GROUPED_CANDIDATES = {
+# The candidate CUDA bin_stats kernels (DIRFAST_CUDA_BIN_STATS options, csrc/cuda/bin_stats.cpp) by
+# the label of their rows. On 131,072 x 512 rows, the grouped-rows kernel with the row numbers
+# loaded up front: 64 or 256 rows per warp, scalar or 16-byte ("v") atomics, feature tiles of the
+# same rows in neighbouring blocks ("t"). On dense depth-map features, per-block sums in shared
+# memory for planes of pixels.
+CUDA_CANDIDATES = {
     "p64": "prefetch",
     "p256": "prefetch,rows=256",
     "p64v": "prefetch,vector_atomics",
     "p256v": "prefetch,rows=256,vector_atomics",
+    "p256vt": "prefetch,rows=256,vector_atomics,tiles_first",
 }
+CUDA_PLANE_CANDIDATES = {"planes shared": "planes=shared"}
 
 
 @contextlib.contextmanager
-def grouped_kernel(options):
-    """Select the CUDA bin_stats kernel for rows grouped by bucket for the duration of the block:
-    ``options`` is a DIRFAST_CUDA_GROUPED value (read by csrc/cuda/bin_stats.cpp on every call),
-    None for the default kernel."""
-    before = os.environ.get("DIRFAST_CUDA_GROUPED")
+def cuda_bin_stats_options(options):
+    """Select candidate CUDA bin_stats kernels for the duration of the block: ``options`` is a
+    DIRFAST_CUDA_BIN_STATS value (read by csrc/cuda/bin_stats.cpp on every call), None for the
+    default kernels."""
+    before = os.environ.get("DIRFAST_CUDA_BIN_STATS")
     if options is None:
-        os.environ.pop("DIRFAST_CUDA_GROUPED", None)
+        os.environ.pop("DIRFAST_CUDA_BIN_STATS", None)
     else:
-        os.environ["DIRFAST_CUDA_GROUPED"] = options
+        os.environ["DIRFAST_CUDA_BIN_STATS"] = options
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("DIRFAST_CUDA_GROUPED", None)
+            os.environ.pop("DIRFAST_CUDA_BIN_STATS", None)
         else:
-            os.environ["DIRFAST_CUDA_GROUPED"] = before
+            os.environ["DIRFAST_CUDA_BIN_STATS"] = before
 
 
 def _fitted_pair(d: int, n_fit: int, gen: torch.Generator):
@@ -325,11 +340,11 @@ def preference(rows: list) -> dict:
     return order
 
 
-def fastest_bin_stats(rows: list, backend: str):
-    """(provider, ms) of the fastest bin_stats 131072x512 row of ``backend`` -- its default or
-    one of its candidates -- by wall-clock time (the "graph" rows are GPU time alone), or None."""
+def fastest_bin_stats(rows: list, backend: str, case: str = "bin_stats 131072x512"):
+    """(provider, ms) of the fastest ``case`` row of ``backend`` -- its default or one of its
+    candidates -- by wall-clock time (the "graph" rows are GPU time alone), or None."""
     timed = [(row["ms"], row["provider"]) for row in rows
-             if row["case"] == "bin_stats 131072x512" and row["provider"].split()[0] == backend
+             if row["case"] == case and row["provider"].split()[0] == backend
              and not row["provider"].endswith(" graph")]
     if not timed:
         return None
@@ -346,15 +361,15 @@ def kernel_profile(top: int = 12) -> str:
     sections = []
     runs = [(backend, None) for backend in _backends() if backend != "reference"]
     if "cuda" in _backends():
-        runs.append(("cuda", GROUPED_CANDIDATES["p256v"]))
+        runs.append(("cuda", CUDA_CANDIDATES["p256v"]))
     for backend, grouped in runs:
         for label, call in (("bin_stats", lambda: dirfast.ops.bin_stats(x, idx, bins)),
                             ("calibrate", lambda: dirfast.ops.calibrate(x, idx, *stats))):
             if grouped is not None and label != "bin_stats":
                 continue
             if grouped is not None:
-                label += f" (DIRFAST_CUDA_GROUPED={grouped})"
-            with dirfast.use_backend(backend), grouped_kernel(grouped):
+                label += f" (DIRFAST_CUDA_BIN_STATS={grouped})"
+            with dirfast.use_backend(backend), cuda_bin_stats_options(grouped):
                 for _ in range(3):
                     call()
                 torch.cuda.synchronize()
@@ -417,13 +432,14 @@ def main(argv=None) -> None:
     if any("triton tiles" in row for row in rows):
         print("candidate Triton bin_stats tiles (rows per chunk, rows per tile): "
               + "; ".join(f"{label} = {sizes}" for label, sizes in TRITON_CANDIDATES.items()))
-    if any("DIRFAST_CUDA_GROUPED" in row for row in rows):
-        print("candidate bin_stats kernels (DIRFAST_CUDA_GROUPED): "
-              + "; ".join(f"{label} = {options}" for label, options in GROUPED_CANDIDATES.items()))
-    for backend in ("cuda", "triton"):
-        best = fastest_bin_stats(rows, backend)
-        if best is not None:
-            print(f"fastest {backend} bin_stats: {best[0]} ({best[1]:.3f} ms)")
+    if any("DIRFAST_CUDA_BIN_STATS" in row for row in rows):
+        print("candidate CUDA bin_stats kernels (DIRFAST_CUDA_BIN_STATS): " + "; ".join(
+            f"{label} = {options}" for label, options in {**CUDA_CANDIDATES, **CUDA_PLANE_CANDIDATES}.items()))
+    for case in ("bin_stats 131072x512", "bin_stats 8x64x120x160"):
+        for backend in ("cuda", "triton"):
+            best = fastest_bin_stats(rows, backend, case)
+            if best is not None:
+                print(f"fastest {backend} {case}: {best[0]} ({best[1]:.3f} ms)")
     print(f"CUDA_PREFERENCE on {name}: {preference(rows)}")
     if failed:
         raise SystemExit(f"benchmarks.gpu: {', '.join(failed)} failed (traceback above)")

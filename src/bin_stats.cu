@@ -29,6 +29,9 @@
 //              Otherwise (planes of pixels, or too many buckets for shared memory): every element
 //              is added to the global sums with float atomics, threads along the contiguous axis.
 //   finalize   mean and var from (count, K, S1, S2); zeros for empty buckets.
+// Candidates, selected per call by DirfastBinStatsTuning (DIRFAST_CUDA_BIN_STATS) until a GPU run
+// of benchmarks/gpu.py decides whether they replace the defaults: accumulate_grouped_prefetch_kernel
+// for grouped rows, accumulate_planes_shared_kernel for planes of pixels (see each).
 // Counts are integer atomics: exact. The float atomics make the last bits of mean and var vary
 // from run to run; dirfast_cuda_bin_stats_sorted below is the deterministic variant (the rows
 // grouped by a stable sort, each (bucket, feature) summed by one thread in that order).
@@ -384,20 +387,25 @@ __global__ void __launch_bounds__(kThreads, 2)  // at most 128 registers: 16 war
                                        int64_t dim, int64_t row_stride, int64_t num_bins,
                                        const int64_t* __restrict__ perm, const ull* __restrict__ offsets,
                                        const acc_t* __restrict__ ref, acc_t* __restrict__ sums,
-                                       int64_t rows_per_warp, bool vector_atomics) {
+                                       int64_t rows_per_warp, bool vector_atomics, bool tiles_first) {
   constexpr unsigned kFullMask = 0xffffffffu;
   // Rows in flight per lane: 8 (4 for 2-byte types, whose conversions need more registers) keeps
   // every instantiation within 128 registers without spilling (ptxas -v, sm_90).
   constexpr int kPrefetchUnroll = sizeof(T) == 2 ? 4 : 8;
   static_assert(kPrefetchBatch == 64 && kPrefetchBatch % kPrefetchUnroll == 0, "whole unrolled groups");
   const int lane = threadIdx.x % 32;
-  const int64_t task = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  // tiles_first: the feature tiles of the same rows are neighbouring blocks (blockIdx.x), so a
+  // row's segments are read at about the same time (DRAM pages opened once) rather than a grid
+  // apart.
+  const unsigned range_block = tiles_first ? blockIdx.y : blockIdx.x;
+  const unsigned tile = tiles_first ? blockIdx.x : blockIdx.y;
+  const int64_t task = int64_t(range_block) * kWarps + threadIdx.x / 32;
   const int64_t valid = static_cast<int64_t>(offsets[num_bins]);
   const int64_t begin = task * rows_per_warp;
   if (begin >= valid) return;  // the whole warp: every lane has the same task
   const int64_t end = begin + rows_per_warp < valid ? begin + rows_per_warp : valid;
   // Lanes past the last feature keep shuffling (every lane must take part) but load nothing.
-  const int64_t f = (int64_t(blockIdx.y) * 32 + lane) * VEC;
+  const int64_t f = (int64_t(tile) * 32 + lane) * VEC;
   const bool active = f < dim;  // VEC divides dim: a lane's vector is all in or all out
   const int64_t s2_offset = num_bins * dim;
   BucketSums<acc_t, VEC, int> run;  // buckets as int: taken only for num_bins <= INT_MAX
@@ -437,6 +445,90 @@ __global__ void __launch_bounds__(kThreads, 2)  // at most 128 registers: 16 war
     }
   }
   if (active) run.flush(sums, s2_offset, dim, f, vector_atomics);
+}
+
+// ------------------------------------------------------------------------------ planes
+// The candidate for planes of pixels (DirfastBinStatsTuning.planes_shared, until a GPU run measures
+// it against accumulate_direct_kernel): a block owns a chunk of one plane (an image's feature f),
+// so its privatised sums are just S1[B], S2[B] (and the shifts K[B][f]) in shared memory. Threads
+// read consecutive pixels (coalesced). Neighbouring pixels of a depth map mostly share a bucket:
+// when a whole warp's 32 pixels do, they are summed with shuffles and added by one lane; otherwise
+// each lane adds its own with shared-memory atomics. The block merges its sums into the global ones
+// with one float atomic per (bucket met, sum). The direct kernel instead makes two global atomics
+// per element, 32 to the same address when a warp's pixels share a bucket.
+constexpr int kPlaneUnroll = 4;                            // pixels in flight per thread
+constexpr int64_t kPlaneChunk = int64_t(kThreads) * kPlaneUnroll * 4;  // pixels per block
+constexpr size_t kPlaneShared = kDefaultShared;            // no opt-in: 3 B accumulators at most
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T, typename acc_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+    accumulate_planes_shared_kernel(const T* __restrict__ x, Addressing at,
+                                    const index_t* __restrict__ idx, int64_t dim, int64_t num_bins,
+                                    int64_t chunks_per_plane, const acc_t* __restrict__ ref,
+                                    acc_t* __restrict__ sums) {
+  extern __shared__ __align__(16) unsigned char plane_shared[];
+  acc_t* s1 = reinterpret_cast<acc_t*>(plane_shared);
+  acc_t* s2 = s1 + num_bins;
+  acc_t* shift = s2 + num_bins;
+  const int64_t plane = int64_t(blockIdx.x) / chunks_per_plane;  // image * dim + feature
+  const int64_t chunk = int64_t(blockIdx.x) - plane * chunks_per_plane;
+  const int64_t p = plane / dim;
+  const int64_t f = plane - p * dim;
+  for (int64_t k = threadIdx.x; k < num_bins; k += blockDim.x) {
+    s1[k] = s2[k] = acc_t(0);
+    shift[k] = ref[k * dim + f];
+  }
+  __syncthreads();
+  const T* x_plane = x + p * at.stride_p + f * at.stride_f;  // pixel s at x_plane[s] (stride_s 1)
+  const index_t* idx_plane = idx + p * at.inner;
+  const int64_t begin = chunk * kPlaneChunk;
+  const int64_t end = begin + kPlaneChunk < at.inner ? begin + kPlaneChunk : at.inner;
+  const int lane = threadIdx.x % 32;
+  // Every lane of a warp runs the same iterations (the bounds do not depend on the lane), so the
+  // warp-wide votes and shuffles below see all 32 lanes; pixels past the end count as no bucket.
+  for (int64_t base = begin + threadIdx.x - lane; base < end; base += int64_t(kThreads) * kPlaneUnroll) {
+    int64_t k[kPlaneUnroll];
+    acc_t v[kPlaneUnroll];
+#pragma unroll
+    for (int u = 0; u < kPlaneUnroll; ++u) {  // loads first: kPlaneUnroll pixels in flight
+      const int64_t s = base + int64_t(u) * kThreads + lane;
+      k[u] = -1;
+      if (s < end) {
+        k[u] = bucket_of(idx_plane, s, num_bins, -1);
+        v[u] = to_acc<acc_t>(x_plane[s]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kPlaneUnroll; ++u) {
+      const acc_t d = k[u] >= 0 ? v[u] - shift[k[u]] : acc_t(0);
+      const int64_t k0 = __shfl_sync(0xffffffffu, k[u], 0);
+      if (__all_sync(0xffffffffu, k[u] == k0)) {
+        const acc_t d1 = warp_sum(d);
+        const acc_t d2 = warp_sum(d * d);
+        if (lane == 0 && k0 >= 0) {
+          atomicAdd(&s1[k0], d1);
+          atomicAdd(&s2[k0], d2);
+        }
+      } else if (k[u] >= 0) {
+        atomicAdd(&s1[k[u]], d);
+        atomicAdd(&s2[k[u]], d * d);
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t s2_offset = num_bins * dim;
+  for (int64_t k = threadIdx.x; k < num_bins; k += blockDim.x) {
+    if (s1[k] == acc_t(0) && s2[k] == acc_t(0)) continue;  // not met (or nothing to add)
+    atomicAdd(&sums[k * dim + f], s1[k]);
+    atomicAdd(&sums[s2_offset + k * dim + f], s2[k]);
+  }
 }
 
 // ------------------------------------------------------------------------------ finalize
@@ -609,11 +701,14 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
                       static_cast<unsigned>(ceil_div(dim, 32 * VEC)));
       if (tuning.prefetch && num_bins <= INT_MAX) {
         const int64_t rows_per_warp = tuning.rows_per_warp > 0 ? tuning.rows_per_warp : kPrefetchBatch;
-        const dim3 prefetch_grid(static_cast<unsigned>(ceil_div(rows, int64_t(kWarps) * rows_per_warp)),
-                                 grid.y);
+        const int64_t ranges = ceil_div(rows, int64_t(kWarps) * rows_per_warp);
+        // Feature tiles along x only while the row ranges fit grid.y (65,535).
+        const bool tiles_first = tuning.tiles_first && ranges <= 65535;
+        const dim3 prefetch_grid = tiles_first ? dim3(grid.y, static_cast<unsigned>(ranges))
+                                               : dim3(static_cast<unsigned>(ranges), grid.y);
         accumulate_grouped_prefetch_kernel<T, acc_t, index_t, VEC><<<prefetch_grid, kThreads, 0, stream>>>(
             px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums, rows_per_warp,
-            tuning.vector_atomics != 0);
+            tuning.vector_atomics != 0, tiles_first);
       } else {
         accumulate_grouped_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
             px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
@@ -646,8 +741,17 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
       privatised = pair ? run(accumulate_shared_kernel<T, acc_t, index_t, true>)
                         : run(accumulate_shared_kernel<T, acc_t, index_t, false>);
     }
+    const bool planes = !grouped && !privatised && x.stride_s == 1 && x.stride_f != 1;
+    const size_t plane_shared = 3 * static_cast<size_t>(num_bins) * sizeof(acc_t);
+    const int64_t chunks_per_plane = ceil_div(std::max<int64_t>(x.inner, 1), kPlaneChunk);
+    const int64_t plane_blocks = (rows / std::max<int64_t>(x.inner, 1)) * dim * chunks_per_plane;
     if (grouped || privatised) {  // done above
-    } else if (x.stride_s == 1 && x.stride_f != 1) {
+    } else if (planes && tuning.planes_shared && plane_shared <= kPlaneShared &&
+               plane_blocks <= int64_t(INT_MAX)) {
+      accumulate_planes_shared_kernel<T, acc_t, index_t>
+          <<<static_cast<unsigned>(plane_blocks), kThreads, plane_shared, stream>>>(
+              px, at, idx, dim, num_bins, chunks_per_plane, ref, sums);
+    } else if (planes) {
       accumulate_direct_kernel<T, acc_t, index_t, true>
           <<<grid_for(rows * dim, num_sms, 16), kThreads, 0, stream>>>(px, at, idx, rows, dim,
                                                                        num_bins, ref, sums);

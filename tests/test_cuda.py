@@ -191,12 +191,13 @@ def test_bin_stats_dtypes_and_bin_counts(dtype, num_bins, dim):
     check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins)
 
 
-# DIRFAST_CUDA_GROUPED (csrc/cuda/bin_stats.cpp): the default kernel and the candidates
-GROUPED_KERNELS = ["per_row", "prefetch", "prefetch,rows=256", "prefetch,rows=128,vector_atomics"]
+# DIRFAST_CUDA_BIN_STATS (csrc/cuda/bin_stats.cpp): the default kernel and the candidates
+GROUPED_KERNELS = ["per_row", "prefetch", "prefetch,rows=256", "prefetch,rows=128,vector_atomics",
+                   "prefetch,rows=256,vector_atomics,tiles_first"]
 
 
-def grouped_kernel_names(call) -> set:
-    """The grouped-rows kernels that ran during call(), by name (torch.profiler)."""
+def kernels_that_ran(call, kernels) -> set:
+    """Which of ``kernels`` (names of src/bin_stats.cu) ran during call(), from torch.profiler."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -204,15 +205,22 @@ def grouped_kernel_names(call) -> set:
         call()
         torch.cuda.synchronize()
     names = {event.key for event in prof.key_averages()}
-    return {kernel for kernel in ("accumulate_grouped_kernel", "accumulate_grouped_prefetch_kernel")
-            if any(kernel + "<" in name or kernel + "I" in name for name in names)}
+    # demangled ("kernel<float, ...>") or mangled ("...kernelIfE...") names
+    return {kernel for kernel in kernels if any(kernel + "<" in name or kernel + "I" in name for name in names)}
+
+
+def check_kernel(expected, kernels, x, idx, num_bins, options):
+    """bin_stats against the reference, and of ``kernels`` only ``expected`` ran."""
+    ran = kernels_that_ran(
+        lambda: check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins), kernels)
+    assert ran == {expected}, f"DIRFAST_CUDA_BIN_STATS={options} ran {ran or 'none'} of {kernels}"
 
 
 def check_grouped(grouped, x, idx, num_bins):
-    """bin_stats against the reference, and the grouped kernel that DIRFAST_CUDA_GROUPED names ran."""
-    ran = grouped_kernel_names(lambda: check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins))
+    """bin_stats against the reference, and the grouped kernel that DIRFAST_CUDA_BIN_STATS names ran."""
     expected = "accumulate_grouped_kernel" if grouped == "per_row" else "accumulate_grouped_prefetch_kernel"
-    assert ran == {expected}, f"DIRFAST_CUDA_GROUPED={grouped} ran {ran or 'no grouped kernel'}"
+    check_kernel(expected, ("accumulate_grouped_kernel", "accumulate_grouped_prefetch_kernel"), x, idx,
+                 num_bins, grouped)
 
 
 @needs_gpu
@@ -223,7 +231,7 @@ def check_grouped(grouped, x, idx, num_bins):
 def test_bin_stats_grouped_kernels(grouped, dtype, num_bins, n, dim, monkeypatch):
     """Both kernels that walk rows grouped by bucket (rows of 16-byte vectors, dim >= 32 vectors):
     a warp's rows in one bucket, a few, and many buckets of one or two rows; rows of no bucket."""
-    monkeypatch.setenv("DIRFAST_CUDA_GROUPED", grouped)
+    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", grouped)
     g = gen(num_bins + dim)
     x = (torch.randn(n, dim, generator=g) * 3 + 10).to(dtype=dtype, device="cuda")
     idx = torch.randint(-2, num_bins + 2, (n,), generator=g).cuda()
@@ -235,7 +243,7 @@ def test_bin_stats_grouped_kernels(grouped, dtype, num_bins, n, dim, monkeypatch
 @pytest.mark.parametrize("case", ["int32_bins", "row_stride", "few_rows", "one_row"])
 def test_bin_stats_grouped_kernels_layouts(grouped, case, monkeypatch):
     """int32 indices, rows with a stride past dim, and fewer valid rows than a warp's batch."""
-    monkeypatch.setenv("DIRFAST_CUDA_GROUPED", grouped)
+    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", grouped)
     g = gen(31)
     n, dim, num_bins = {"few_rows": 50, "one_row": 1}.get(case, 3000), 256, 9
     x = torch.randn(n, dim + 8, generator=g).cuda()
@@ -249,19 +257,63 @@ def test_bin_stats_grouped_kernels_layouts(grouped, case, monkeypatch):
 
 
 @needs_gpu
+@pytest.mark.parametrize("planes", ["planes=direct", "planes=shared"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_bins", [1, 40, 100, 5000])  # 5000: sums past 48 KiB, direct kernel
+@pytest.mark.parametrize("case", ["depth", "random", "column_major"])
+def test_bin_stats_plane_kernels(planes, dtype, num_bins, case, monkeypatch):
+    """Planes of pixels: buckets that follow the image rows (most warps in one bucket), random
+    buckets (every warp mixed), and [N, D] stored column-major (one plane per feature)."""
+    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", planes)
+    g = gen(num_bins + 7)
+    if case == "column_major":
+        x = torch.randn(3001, 24, generator=g).t().contiguous().t()
+        idx = torch.randint(-1, num_bins + 1, (3001,), generator=g)
+    else:
+        x = torch.randn(3, 24, 37, 53, generator=g) * 2 + 5
+        if case == "depth":
+            rows = torch.linspace(0, num_bins - 1, 37).view(1, 37, 1).expand(3, 37, 53)
+            idx = (rows + torch.randn(3, 37, 53, generator=g) * 0.3).round().long()
+            idx[0, :2] = -1  # no bucket
+            idx[1, -1, :10] = num_bins  # outside [0, B)
+        else:
+            idx = torch.randint(-1, num_bins + 1, (3, 37, 53), generator=g)
+    x, idx = x.to(dtype=dtype, device="cuda"), idx.cuda()
+    acc_bytes = 8 if dtype == torch.float64 else 4
+    shared = planes == "planes=shared" and 3 * num_bins * acc_bytes <= 48 * 1024
+    expected = "accumulate_planes_shared_kernel" if shared else "accumulate_direct_kernel"
+    check_kernel(expected, ("accumulate_direct_kernel", "accumulate_planes_shared_kernel"), x, idx, num_bins,
+                 planes)
+
+
+@needs_gpu
+@pytest.mark.parametrize("planes", ["planes=direct", "planes=shared"])
+def test_bin_stats_plane_kernels_at_mean_1000_std(planes, monkeypatch):
+    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", planes)
+    g = gen(23)
+    x = torch.randn(4, 16, 48, 64, generator=g, dtype=torch.float64) + 1000.0
+    idx = torch.randint(0, 5, (4, 48, 64), generator=g)
+    _, mean, var = torch.ops.dirfast.bin_stats(x.float().cuda(), idx.cuda(), 5)
+    _, e_mean, e_var = reference.bin_stats(x.float().double(), idx, 5)
+    rel = ((var.double().cpu() - e_var).abs() / e_var).max().item()
+    assert rel < 1e-4, f"float32 variance relative error {rel:.2e}"
+    torch.testing.assert_close(mean.double().cpu(), e_mean, rtol=1e-6, atol=0)
+
+
+@needs_gpu
 @pytest.mark.parametrize("options", ["prefetch,rows=100", "prefetch,rows=0", "prefetch,rows=64abc", "prefech",
-                                     "rows=64", "per_row,prefetch"])
+                                     "rows=64", "tiles_first", "per_row,prefetch", "planes=fast"])
 def test_bin_stats_grouped_kernel_options_are_checked(options, monkeypatch):
-    monkeypatch.setenv("DIRFAST_CUDA_GROUPED", options)
+    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", options)
     x, idx = torch.randn(300, 256, device="cuda"), torch.randint(0, 3, (300,), device="cuda")
-    with pytest.raises(RuntimeError, match="DIRFAST_CUDA_GROUPED"):
+    with pytest.raises(RuntimeError, match="DIRFAST_CUDA_BIN_STATS"):
         torch.ops.dirfast.bin_stats(x, idx, 3)
 
 
 @needs_gpu
 @pytest.mark.parametrize("grouped", GROUPED_KERNELS)
 def test_bin_stats_grouped_kernels_at_mean_1000_std(grouped, monkeypatch):
-    monkeypatch.setenv("DIRFAST_CUDA_GROUPED", grouped)
+    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", grouped)
     g = gen(21)
     x = (torch.randn(40000, 256, generator=g, dtype=torch.float64) + 1000.0)
     idx = torch.randint(0, 9, (40000,), generator=g)
@@ -463,18 +515,18 @@ def test_gpu_benchmark_orders_backends_by_measured_time():
 def test_gpu_benchmark_candidate_switches_restore_the_defaults(monkeypatch):
     from benchmarks import gpu
 
-    monkeypatch.delenv("DIRFAST_CUDA_GROUPED", raising=False)
-    with gpu.grouped_kernel("prefetch"):
-        assert os.environ["DIRFAST_CUDA_GROUPED"] == "prefetch"
-    assert "DIRFAST_CUDA_GROUPED" not in os.environ
-    monkeypatch.setenv("DIRFAST_CUDA_GROUPED", "per_row")
-    with pytest.raises(RuntimeError), gpu.grouped_kernel("prefetch"):
+    monkeypatch.delenv("DIRFAST_CUDA_BIN_STATS", raising=False)
+    with gpu.cuda_bin_stats_options("prefetch"):
+        assert os.environ["DIRFAST_CUDA_BIN_STATS"] == "prefetch"
+    assert "DIRFAST_CUDA_BIN_STATS" not in os.environ
+    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", "per_row")
+    with pytest.raises(RuntimeError), gpu.cuda_bin_stats_options("prefetch"):
         raise RuntimeError("a failed measurement")
-    assert os.environ["DIRFAST_CUDA_GROUPED"] == "per_row"
-    with gpu.grouped_kernel(None):  # the default kernel: unset
-        assert "DIRFAST_CUDA_GROUPED" not in os.environ
-    assert os.environ["DIRFAST_CUDA_GROUPED"] == "per_row"
-    assert all(options.startswith("prefetch") for options in gpu.GROUPED_CANDIDATES.values())
+    assert os.environ["DIRFAST_CUDA_BIN_STATS"] == "per_row"
+    with gpu.cuda_bin_stats_options(None):  # the default kernel: unset
+        assert "DIRFAST_CUDA_BIN_STATS" not in os.environ
+    assert os.environ["DIRFAST_CUDA_BIN_STATS"] == "per_row"
+    assert all(options.startswith("prefetch") for options in gpu.CUDA_CANDIDATES.values())
     import importlib
 
     module = importlib.import_module("dirfast.triton.bin_stats")
@@ -505,39 +557,41 @@ def test_gpu_benchmark_cases_run_end_to_end_with_stand_ins(monkeypatch):
     g = gen(5)
     inputs = (torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g), 3,
               [torch.randn(3, 8), torch.rand(3, 8) + 0.1, torch.randn(3, 8), torch.rand(3, 8) + 0.1])
+    dense = (torch.randn(2, 4, 3, 5, generator=g), torch.randint(0, 3, (2, 3, 5), generator=g), 3,
+             [torch.randn(3, 4), torch.rand(3, 4) + 0.1, torch.randn(3, 4), torch.rand(3, 4) + 0.1])
     calls = []
 
     def timer(fn):
         fn()
-        calls.append(os.environ.get("DIRFAST_CUDA_GROUPED"))
+        calls.append(os.environ.get("DIRFAST_CUDA_BIN_STATS"))
         return 0.5
 
     monkeypatch.setattr(gpu, "bandwidth_inputs", lambda seed=0: inputs)
+    monkeypatch.setattr(gpu, "depth_inputs", lambda seed=0: dense)
     monkeypatch.setattr(gpu, "time_ms", timer)
     monkeypatch.setattr(gpu, "graph_ms", timer)
     monkeypatch.setattr(gpu, "_backends", lambda: ["cuda", "triton", "reference"])
     monkeypatch.setattr(dirfast, "use_backend", lambda name: contextlib.nullcontext())
-    monkeypatch.delenv("DIRFAST_CUDA_GROUPED", raising=False)
+    monkeypatch.delenv("DIRFAST_CUDA_BIN_STATS", raising=False)
     rows = []
     gpu.bandwidth_cases(rows)
     assert {"cuda", "triton", "reference", "cuda graph", "triton graph"} <= {row["provider"] for row in rows}
-    gpu.candidate_cases(rows)
-    providers = [row["provider"] for row in rows if row["case"] == "bin_stats 131072x512"]
-    for label in list(gpu.GROUPED_CANDIDATES) + [f"{label}" for label in gpu.TRITON_CANDIDATES]:
-        backend = "cuda" if label in gpu.GROUPED_CANDIDATES else "triton"
-        assert f"{backend} {label}" in providers and f"{backend} {label} graph" in providers
-    assert set(gpu.GROUPED_CANDIDATES.values()) <= set(calls)
-    assert "DIRFAST_CUDA_GROUPED" not in os.environ
-    assert all(row["ms"] == 0.5 for row in rows)
-    assert gpu.format_rows(rows).count("\n") == len(rows)
-    dense = (torch.randn(2, 4, 3, 5, generator=g), torch.randint(0, 3, (2, 3, 5), generator=g), 3,
-             [torch.randn(3, 4), torch.rand(3, 4) + 0.1, torch.randn(3, 4), torch.rand(3, 4) + 0.1])
-    monkeypatch.setattr(gpu, "depth_inputs", lambda seed=0: dense)
-    rows = []
     gpu.layout_cases(rows)
     cases = {row["case"] for row in rows}
     assert {"calibrate 2x4x3x5", "bin_stats 2x4x3x5", "bin_stats 131072x512 determ."} <= cases
     assert not torch.are_deterministic_algorithms_enabled()
+    gpu.candidate_cases(rows)
+    providers = [row["provider"] for row in rows if row["case"] == "bin_stats 131072x512"]
+    for label in list(gpu.CUDA_CANDIDATES) + list(gpu.TRITON_CANDIDATES):
+        backend = "cuda" if label in gpu.CUDA_CANDIDATES else "triton"
+        assert f"{backend} {label}" in providers and f"{backend} {label} graph" in providers
+    dense_providers = [row["provider"] for row in rows if row["case"] == "bin_stats 2x4x3x5"]
+    assert all(f"cuda {label}" in dense_providers for label in gpu.CUDA_PLANE_CANDIDATES)
+    assert set(gpu.CUDA_CANDIDATES.values()) | set(gpu.CUDA_PLANE_CANDIDATES.values()) <= set(calls)
+    assert "DIRFAST_CUDA_BIN_STATS" not in os.environ
+    assert all(row["ms"] == 0.5 for row in rows)
+    assert gpu.format_rows(rows).count("\n") == len(rows)
+    assert gpu.fastest_bin_stats(rows, "cuda", "bin_stats 2x4x3x5")[1] == 0.5
 
 
 def test_gpu_benchmark_main_keeps_going_past_a_failed_step(monkeypatch, tmp_path, capsys):
