@@ -129,12 +129,17 @@ def bandwidth_cases(results: list) -> None:
 
 def depth_inputs(seed: int = 0):
     """(x, idx, bins, stats) for dense features: [8, 64, 120, 160] float32 (the CPU benchmark's
-    depth-map case) over 100 buckets that follow the image rows, as depth does, with noise."""
+    depth-map case) over 100 buckets of a smooth depth field (deeper up the image, varying along
+    the rows) with a little noise: neighbouring pixels mostly share a bucket, as in depth maps."""
     gen = torch.Generator().manual_seed(seed)
     b, c, h, w, bins = 8, 64, 120, 160, 100
     x = torch.randn(b, c, h, w, generator=gen).cuda()
-    rows = torch.linspace(0, 80, h).view(1, h, 1).expand(b, h, w)
-    idx = (rows + torch.randn(b, h, w, generator=gen) * 5).round().clamp(0, bins - 1).long().cuda()
+    rows = torch.linspace(0, 70, h).view(1, h, 1)
+    cols = 3 * torch.sin(torch.linspace(0, 3.1416, w)).view(1, 1, w)
+    tilt = torch.rand(b, 1, 1, generator=gen) * 15
+    # about 2.2 buckets per 32 neighbouring pixels; 15% of them in a single bucket
+    depth = rows + cols + tilt + torch.randn(b, h, w, generator=gen) * 0.05
+    idx = depth.round().clamp(0, bins - 1).long().cuda()
     stats = [torch.randn(bins, c).cuda(), torch.rand(bins, c).cuda() + 0.1,
              torch.randn(bins, c).cuda(), torch.rand(bins, c).cuda() + 0.1]
     return x, idx, bins, stats
@@ -379,6 +384,19 @@ def kernel_profile(top: int = 12) -> str:
                     torch.cuda.synchronize()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
             sections.append(f"--- {label} on {backend} (5 calls)\n{table}")
+    if "cuda" in _backends():  # planes of pixels: the default kernel, then the candidate
+        x, idx, bins, _ = depth_inputs()
+        for options in (None, *CUDA_PLANE_CANDIDATES.values()):
+            with dirfast.use_backend("cuda"), cuda_bin_stats_options(options):
+                for _ in range(3):
+                    dirfast.ops.bin_stats(x, idx, bins)
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        dirfast.ops.bin_stats(x, idx, bins)
+                    torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
+            sections.append(f"--- bin_stats {tuple(x.shape)} on cuda (DIRFAST_CUDA_BIN_STATS={options}, 5 calls)\n{table}")
     return "\n".join(sections)
 
 

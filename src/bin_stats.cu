@@ -747,7 +747,9 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
     const int64_t plane_blocks = (rows / std::max<int64_t>(x.inner, 1)) * dim * chunks_per_plane;
     if (grouped || privatised) {  // done above
     } else if (planes && tuning.planes_shared && plane_shared <= kPlaneShared &&
-               plane_blocks <= int64_t(INT_MAX)) {
+               x.inner >= num_bins && plane_blocks <= int64_t(INT_MAX)) {
+      // (x.inner >= num_bins: a block loads and flushes all B buckets for at most kPlaneChunk
+      // pixels; planes smaller than that are left to the direct kernel)
       accumulate_planes_shared_kernel<T, acc_t, index_t>
           <<<static_cast<unsigned>(plane_blocks), kThreads, plane_shared, stream>>>(
               px, at, idx, dim, num_bins, chunks_per_plane, ref, sums);

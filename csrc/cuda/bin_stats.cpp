@@ -33,6 +33,7 @@ DirfastBinStatsTuning tuning_from_environment() {
   if (text == nullptr) return tuning;
   const std::string options(text);
   bool per_row = false, prefetch_option = false;
+  int planes_options = 0;
   size_t start = 0;
   while (start <= options.size()) {
     const size_t comma = std::min(options.find(',', start), options.size());
@@ -61,6 +62,7 @@ DirfastBinStatsTuning tuning_from_environment() {
       prefetch_option = true;
     } else if (option == "planes=shared" || option == "planes=direct") {
       tuning.planes_shared = option == "planes=shared";
+      ++planes_options;
     } else {
       TORCH_CHECK(false, "DIRFAST_CUDA_BIN_STATS: unknown option '", option,
                   "' (known: per_row, prefetch, rows=N, vector_atomics, tiles_first, planes=direct, "
@@ -69,6 +71,7 @@ DirfastBinStatsTuning tuning_from_environment() {
   }
   TORCH_CHECK(!(per_row && tuning.prefetch),
               "DIRFAST_CUDA_BIN_STATS: per_row and prefetch name two different kernels, got '", options, "'");
+  TORCH_CHECK(planes_options <= 1, "DIRFAST_CUDA_BIN_STATS: planes= given more than once, got '", options, "'");
   TORCH_CHECK(!prefetch_option || tuning.prefetch,
               "DIRFAST_CUDA_BIN_STATS: rows=N, vector_atomics and tiles_first are options of the prefetch "
               "kernel, got '", options, "'");
