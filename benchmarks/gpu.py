@@ -14,8 +14,9 @@ loop and a device-to-device copy of the same bytes:
   bin_stats with deterministic algorithms on;
 * ``bin_stats`` once more with the candidates that are not the default yet: on the CUDA backend
   the grouped-rows kernels of ``CUDA_CANDIDATES`` (rows "cuda p64" ... "cuda p256vt") and the
-  planes kernel of ``CUDA_PLANE_CANDIDATES`` on the depth maps; on the Triton backend other tile
-  sizes (``TRITON_CANDIDATES``). The last lines name the fastest bin_stats of each backend.
+  planes kernel of ``CUDA_PLANE_CANDIDATES`` on the depth maps; on the Triton backend other chunk
+  and tile sizes and the "tiles" strategy (``TRITON_CANDIDATES``, ``TRITON_PLANE_CANDIDATES``).
+  The last lines name the fastest bin_stats of each backend.
 
 At the end, the per-op order of CUDA C++ and Triton that ``dirfast.ops._dispatch.CUDA_PREFERENCE``
 should hold on this GPU (the faster first).
@@ -176,62 +177,57 @@ def layout_cases(results: list) -> None:
 
 
 def candidate_cases(results: list) -> None:
-    """bin_stats 131072x512 with the candidates that are not the default yet (run last: a candidate
-    that faults must not take the goals' measurements down with the CUDA context)."""
-    x, idx, bins, _ = bandwidth_inputs()
-    nbytes = x.numel() * x.element_size()
-    copy_ms = time_ms(lambda: x.clone())
-    if "triton" in _backends():  # other tile sizes, against the defaults above
-        for label, (chunk_rows, tile_rows) in TRITON_CANDIDATES.items():
-            with dirfast.use_backend("triton"), triton_tiles(chunk_rows, tile_rows):
-                for provider, timer in ((f"triton {label}", time_ms), (f"triton {label} graph", graph_ms)):
+    """bin_stats with the candidates that are not the default yet, on the rows of bandwidth_cases
+    and the depth maps of layout_cases (run last: a candidate that faults must not take the goals'
+    measurements down with the CUDA context)."""
+    available = _backends()
+    for inputs, triton_candidates, cuda_candidates in (
+            (bandwidth_inputs(), TRITON_CANDIDATES, CUDA_CANDIDATES),
+            (depth_inputs(), TRITON_PLANE_CANDIDATES, CUDA_PLANE_CANDIDATES)):
+        x, idx, bins, _ = inputs
+        copy_ms = time_ms(lambda: x.clone())
+        case = "bin_stats " + "x".join(str(n) for n in x.shape)
+        runs = [("triton", label, config, "triton config", lambda config: triton_config(*config))
+                for label, config in triton_candidates.items()]
+        runs += [("cuda", label, options, "DIRFAST_CUDA_BIN_STATS", cuda_bin_stats_options)
+                 for label, options in cuda_candidates.items()]
+        for backend, label, config, key, switch in runs:
+            if backend not in available:
+                continue
+            with dirfast.use_backend(backend), switch(config):
+                for provider, timer in ((f"{backend} {label}", time_ms), (f"{backend} {label} graph", graph_ms)):
                     ms = timer(lambda: dirfast.ops.bin_stats(x, idx, bins))
-                    results.append({"case": "bin_stats 131072x512", "provider": provider, "ms": ms,
-                                    "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms),
-                                    "triton tiles": [chunk_rows, tile_rows]})
-    if "cuda" not in _backends():
-        return
-    for label, options in CUDA_CANDIDATES.items():  # against the default grouped-rows kernel
-        with dirfast.use_backend("cuda"), cuda_bin_stats_options(options):
-            for provider, timer in ((f"cuda {label}", time_ms), (f"cuda {label} graph", graph_ms)):
-                ms = timer(lambda: dirfast.ops.bin_stats(x, idx, bins))
-                results.append({"case": "bin_stats 131072x512", "provider": provider, "ms": ms,
-                                "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms),
-                                "DIRFAST_CUDA_BIN_STATS": options})
-    x, idx, bins, _ = depth_inputs()  # against the default kernel for planes (layout_cases)
-    copy_ms = time_ms(lambda: x.clone())
-    case = "x".join(str(n) for n in x.shape)
-    for label, options in CUDA_PLANE_CANDIDATES.items():
-        with dirfast.use_backend("cuda"), cuda_bin_stats_options(options):
-            for provider, timer in ((f"cuda {label}", time_ms), (f"cuda {label} graph", graph_ms)):
-                ms = timer(lambda: dirfast.ops.bin_stats(x, idx, bins))
-                results.append({"case": f"bin_stats {case}", "provider": provider, "ms": ms,
-                                "x copy bandwidth": copy_ms / (2 * ms), "DIRFAST_CUDA_BIN_STATS": options})
+                    results.append({"case": case, "provider": provider, "ms": ms,
+                                    "x copy bandwidth": copy_ms / (2 * ms), key: config})
 
 
-# Tile sizes of the Triton bin_stats "csr" kernel to try beside its defaults (512-row chunks
-# of one bucket read 16 rows x 128 features at a time), by label: (rows per chunk, rows per tile).
+# The Triton bin_stats configurations to try beside the defaults ("auto": 512-row chunks of one
+# bucket read 16 rows x 128 features at a time on rows, "direct" atomics on planes), by label:
+# (STRATEGY, rows per chunk, rows per tile) -- the module knobs the tests use too. "tiles" sorts
+# each tile's rows by bucket in registers and adds one atomic per (bucket, feature) and tile.
 TRITON_CANDIDATES = {
-    "c256": (256, None),
-    "c1024": (1024, None),
-    "c512 r32": (512, 32),
-    "c256 r8": (256, 8),
+    "c256": ("auto", 256, None),
+    "c1024": ("auto", 1024, None),
+    "c512 r32": ("auto", 512, 32),
+    "c256 r8": ("auto", 256, 8),
+    "tiles": ("tiles", None, None),
 }
+TRITON_PLANE_CANDIDATES = {"tiles": ("tiles", None, None), "tiles r256": ("tiles", None, 256)}
 
 
 @contextlib.contextmanager
-def triton_tiles(chunk_rows, tile_rows):
-    """Run the Triton bin_stats kernels with other chunk and tile sizes for the block (the
-    module's ROWS_PER_CHUNK and TILE_ROWS knobs, which the tests use too)."""
+def triton_config(strategy, chunk_rows, tile_rows):
+    """Run the Triton bin_stats kernels with another strategy, chunk and tile sizes for the block
+    (the module's STRATEGY, ROWS_PER_CHUNK and TILE_ROWS knobs)."""
     import importlib
 
     module = importlib.import_module("dirfast.triton.bin_stats")
-    before = (module.ROWS_PER_CHUNK, module.TILE_ROWS)
-    module.ROWS_PER_CHUNK, module.TILE_ROWS = chunk_rows, tile_rows
+    before = (module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS)
+    module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS = strategy, chunk_rows, tile_rows
     try:
         yield
     finally:
-        module.ROWS_PER_CHUNK, module.TILE_ROWS = before
+        module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS = before
 
 
 # The candidate CUDA bin_stats kernels (DIRFAST_CUDA_BIN_STATS options, csrc/cuda/bin_stats.cpp) by
@@ -447,9 +443,9 @@ def main(argv=None) -> None:
             handle.write(text + "\n")
         print(f"wrote {args.profile}")
     print(table)
-    if any("triton tiles" in row for row in rows):
-        print("candidate Triton bin_stats tiles (rows per chunk, rows per tile): "
-              + "; ".join(f"{label} = {sizes}" for label, sizes in TRITON_CANDIDATES.items()))
+    if any("triton config" in row for row in rows):
+        print("candidate Triton bin_stats configurations (STRATEGY, rows per chunk, rows per tile): " + "; ".join(
+            f"{label} = {config}" for label, config in {**TRITON_CANDIDATES, **TRITON_PLANE_CANDIDATES}.items()))
     if any("DIRFAST_CUDA_BIN_STATS" in row for row in rows):
         print("candidate CUDA bin_stats kernels (DIRFAST_CUDA_BIN_STATS): " + "; ".join(
             f"{label} = {options}" for label, options in {**CUDA_CANDIDATES, **CUDA_PLANE_CANDIDATES}.items()))

@@ -545,11 +545,11 @@ def test_gpu_benchmark_candidate_switches_restore_the_defaults(monkeypatch):
     import importlib
 
     module = importlib.import_module("dirfast.triton.bin_stats")
-    before = (module.ROWS_PER_CHUNK, module.TILE_ROWS)
-    with pytest.raises(RuntimeError), gpu.triton_tiles(256, 8):
-        assert (module.ROWS_PER_CHUNK, module.TILE_ROWS) == (256, 8)
+    before = (module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS)
+    with pytest.raises(RuntimeError), gpu.triton_config("tiles", 256, 8):
+        assert (module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS) == ("tiles", 256, 8)
         raise RuntimeError("a failed measurement")
-    assert (module.ROWS_PER_CHUNK, module.TILE_ROWS) == before
+    assert (module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS) == before
     # the candidate rows are not backends: they never enter CUDA_PREFERENCE
     rows = [{"case": "bin_stats 131072x512", "provider": "cuda p256v", "ms": 0.01},
             {"case": "bin_stats 131072x512", "provider": "triton", "ms": 0.2},
@@ -596,12 +596,13 @@ def test_gpu_benchmark_cases_run_end_to_end_with_stand_ins(monkeypatch):
     assert {"calibrate 2x4x3x5", "bin_stats 2x4x3x5", "bin_stats 131072x512 determ."} <= cases
     assert not torch.are_deterministic_algorithms_enabled()
     gpu.candidate_cases(rows)
-    providers = [row["provider"] for row in rows if row["case"] == "bin_stats 131072x512"]
+    providers = [row["provider"] for row in rows if row["case"] == "bin_stats 64x8"]  # the stand-in rows
     for label in list(gpu.CUDA_CANDIDATES) + list(gpu.TRITON_CANDIDATES):
         backend = "cuda" if label in gpu.CUDA_CANDIDATES else "triton"
         assert f"{backend} {label}" in providers and f"{backend} {label} graph" in providers
     dense_providers = [row["provider"] for row in rows if row["case"] == "bin_stats 2x4x3x5"]
     assert all(f"cuda {label}" in dense_providers for label in gpu.CUDA_PLANE_CANDIDATES)
+    assert all(f"triton {label} graph" in dense_providers for label in gpu.TRITON_PLANE_CANDIDATES)
     assert set(gpu.CUDA_CANDIDATES.values()) | set(gpu.CUDA_PLANE_CANDIDATES.values()) <= set(calls)
     assert "DIRFAST_CUDA_BIN_STATS" not in os.environ
     assert all(row["ms"] == 0.5 for row in rows)

@@ -184,7 +184,7 @@ def test_fds_smooth_on_triton_backend():
 
 
 # ----------------------------------------------------------------------------- bin_stats
-@pytest.mark.parametrize("strategy", ["auto", "csr", "direct"])
+@pytest.mark.parametrize("strategy", ["auto", "csr", "direct", "tiles"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_bin_stats_layouts_and_strategies(layout, strategy):
     x, idx = features(layout, torch.float32, seed=len(layout))
@@ -198,7 +198,7 @@ def test_bin_stats_layouts_and_strategies(layout, strategy):
 @pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
 def test_bin_stats_dtypes(dtype, det):
     x, idx = features("rows", dtype, n=70, d=5, seed=3)
-    for strategy in ("csr", "direct"):
+    for strategy in ("csr", "direct", "tiles"):
         with deterministic(det), bin_stats_config(strategy, rows_per_chunk=8, tile_rows=4):
             check_stats(_ops().triton_bin_stats(x, idx, 6), x, idx, 6)
     xd, idxd = features("dense", dtype, d=3, seed=4)
@@ -223,7 +223,7 @@ def test_bin_stats_sizes(n, d, num_bins, rows_per_chunk, det):
         check_stats(_ops().triton_bin_stats(x, idx, num_bins), x, idx, num_bins)
 
 
-@pytest.mark.parametrize("strategy", ["csr", "direct"])
+@pytest.mark.parametrize("strategy", ["csr", "direct", "tiles"])
 def test_bin_stats_special_bins(strategy):
     """Empty bins, single-row bins, ignored rows (-1, >= num_bins), zero-variance dims, int32."""
     x = torch.randn(12, 4, generator=gen(5), dtype=torch.float64).to(DEVICE)
@@ -241,6 +241,28 @@ def test_bin_stats_special_bins(strategy):
     torch.testing.assert_close(mean[2], x[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("pattern", ["sorted", "one_bin", "ignored_tile", "alternating", "depth"])
+def test_bin_stats_tiles_strategy_runs(pattern):
+    """The "tiles" candidate's sort and segmented sums: runs that cross tiles, a tile of a single
+    bin, a tile with no bin at all, runs of length one, and dense depth-like bins."""
+    g = gen(len(pattern))
+    n, num_bins = 200, 7
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64) * 3 + 2
+    idx = {"sorted": torch.arange(n) * num_bins // n,
+           "one_bin": torch.full((n,), 3),
+           "ignored_tile": torch.cat([torch.full((70,), -1), torch.randint(0, num_bins, (n - 70,), generator=g)]),
+           "alternating": torch.arange(n) % 2 * 5 - (torch.arange(n) % 3 == 0).long(),
+           "depth": None}[pattern]
+    if pattern == "depth":
+        x = torch.randn(2, 5, 12, 20, generator=g, dtype=torch.float64)
+        idx = (torch.linspace(0, num_bins - 1, 12).view(1, 12, 1) + torch.randn(2, 12, 20, generator=g) * 0.3
+               ).round().long()
+    x, idx = x.float().to(DEVICE), idx.to(DEVICE)
+    for tile_rows in (None, 16):
+        with bin_stats_config("tiles", tile_rows=tile_rows):
+            check_stats(_ops().triton_bin_stats(x, idx, num_bins), x, idx, num_bins)
+
+
 def test_bin_stats_all_ignored_and_empty():
     x = torch.randn(5, 3, device=DEVICE)
     idx = torch.tensor([-1, -1, 4, 7, -5], device=DEVICE)
@@ -251,7 +273,7 @@ def test_bin_stats_all_ignored_and_empty():
 
 
 @pytest.mark.parametrize("layout", ["rows", "dense"])
-@pytest.mark.parametrize("mode", ["csr", "direct", "deterministic"])
+@pytest.mark.parametrize("mode", ["csr", "direct", "tiles", "deterministic"])
 def test_bin_stats_variance_accuracy_at_mean_1000_std(layout, mode):
     """float32 variance within 1e-4 (relative) of float64 when mean/std = 1000."""
     num_bins = 4

@@ -31,6 +31,10 @@ Work decomposition (``strategy``):
   few rows each, when not deterministic): tiles of ``BLOCK_S`` consecutive rows x ``BLOCK_C``
   features are read in place, coalesced along the contiguous axis, and every element is added
   to its bin with float atomics (grouping pixels by bin would turn those reads into gathers).
+* ``"tiles"`` (a candidate for the same inputs, set through ``STRATEGY`` until a GPU run decides):
+  the tile of ``"direct"``, read the same way, with its rows sorted by bin in registers
+  (``tl.sort``, ``tl.gather``) and each bin's run summed by a segmented scan, so a tile adds one
+  float atomic per (bin it meets, feature) instead of one per element.
 
 A final small kernel turns the sums into ``mean``/``var`` for every bin (zeros for empty ones).
 Counts are integer atomics (exact and order-independent). Launches: one memset and four kernels
@@ -52,7 +56,8 @@ import triton.language as tl
 
 from . import _common
 
-# "auto", "csr" or "direct" (deterministic calls always use "csr"); tests and benchmarks set it.
+# "auto", "csr", "direct" or "tiles" (deterministic calls always use "csr"); tests and benchmarks
+# set it. "tiles" is a candidate not chosen by "auto" until a GPU run measures it (benchmarks/gpu.py).
 STRATEGY = "auto"
 # Rows per chunk of the "csr" kernels, and rows per tile inside a chunk (None: chosen per
 # device); tests set the chunk small to cut bins into several chunks. Powers of two.
@@ -218,6 +223,15 @@ def _csr_kernel(x_ptr, perm_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
     tl.store(rep_ptr + b, N - r0, mask=live & (k == 0) & (tl.program_id(1) == 0))
 
 
+@triton.jit
+def _row_offsets(r, S, sP, sS, SINGLE_P: tl.constexpr):
+    """Offsets in x of rows r (their feature 0) in the [P, C, S] view."""
+    if SINGLE_P:
+        return r * sS
+    p = r // S
+    return p * sP + (r - p * S) * sS
+
+
 @triton.jit(do_not_specialize=["N", "B", "tiles_per_p"])
 def _direct_kernel(x_ptr, bins_ptr, ws_ptr, sums_ptr, sums_off, N, B, D, S, sP, sC, sS, bP, bS, tiles_per_p,
                    ACC: tl.constexpr, SINGLE_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -231,11 +245,7 @@ def _direct_kernel(x_ptr, bins_ptr, ws_ptr, sums_ptr, sums_off, N, B, D, S, sP, 
     valid = (s < S) & (k >= 0) & (k < B)
     k = tl.where(valid, k, 0)
     r0 = N - tl.load(rep_ptr + k, mask=valid, other=0)  # the bin's first row: the shift
-    if SINGLE_P:
-        row0 = r0 * sS
-    else:
-        p0 = r0 // S
-        row0 = p0 * sP + (r0 - p0 * S) * sS
+    row0 = _row_offsets(r0, S, sP, sS, SINGLE_P)
     c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     m = valid[:, None] & (c < D)[None, :]
     v = tl.load(x_ptr + (p * sP + s * sS)[:, None] + (c * sC)[None, :], mask=m, other=0.0)
@@ -244,6 +254,52 @@ def _direct_kernel(x_ptr, bins_ptr, ws_ptr, sums_ptr, sums_off, N, B, D, S, sP, 
     dst = sums_ptr + (k * 2 * D)[:, None] + c[None, :]
     tl.atomic_add(dst, dev, mask=m, sem="relaxed")
     tl.atomic_add(dst + D, dev * dev, mask=m, sem="relaxed")
+
+
+@triton.jit
+def _segmented_add(k1, a1, b1, k2, a2, b2):
+    """Combine of a segmented sum over runs of equal keys (associative when equal keys are
+    contiguous, as after the sort in _tiles_kernel)."""
+    same = k1 == k2
+    return k2, tl.where(same, a1 + a2, a2), tl.where(same, b1 + b2, b2)
+
+
+@triton.jit(do_not_specialize=["N", "B", "tiles_per_p"])
+def _tiles_kernel(x_ptr, bins_ptr, ws_ptr, sums_ptr, sums_off, N, B, D, S, sP, sC, sS, bP, bS, tiles_per_p,
+                  ACC: tl.constexpr, SINGLE_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The tile of _direct_kernel, its rows (pixels) sorted by bin in registers first: a segmented
+    scan then sums each bin's run, and one float atomic per (bin in the tile, feature) adds it --
+    instead of one per element. Reads stay in place and coalesced; the sort key is the bin, then
+    the row's place in the tile (unique, so the order is fixed)."""
+    rep_ptr = ws_ptr + B
+    sums_ptr += sums_off
+    pid = tl.program_id(0).to(tl.int64)
+    p = pid // tiles_per_p
+    loc = tl.arange(0, BLOCK_S)
+    s = (pid - p * tiles_per_p) * BLOCK_S + loc
+    k = tl.load(bins_ptr + p * bP + s * bS, mask=s < S, other=-1).to(tl.int64)
+    k = tl.where((s < S) & (k >= 0) & (k < B), k, B)  # B: no bin, sorted last
+    ordered = tl.sort(k * BLOCK_S + loc)
+    kb = ordered // BLOCK_S  # the bins in sorted order
+    perm = (ordered - kb * BLOCK_S).to(tl.int32)
+    valid = kb < B
+    r0 = N - tl.load(rep_ptr + tl.where(valid, kb, 0), mask=valid, other=0)  # the bin's first row: the shift
+    row0 = _row_offsets(r0, S, sP, sS, SINGLE_P)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols_m = (c < D)[None, :]
+    v = tl.load(x_ptr + (p * sP + s * sS)[:, None] + (c * sC)[None, :], mask=(s < S)[:, None] & cols_m, other=0.0)
+    v = tl.gather(v, tl.broadcast_to(perm[:, None], [BLOCK_S, BLOCK_C]), axis=0)
+    m = valid[:, None] & cols_m
+    shift = tl.load(x_ptr + row0[:, None] + (c * sC)[None, :], mask=m, other=0.0)
+    dev = tl.where(m, v.to(ACC) - shift.to(ACC), 0.0)
+    keys = tl.broadcast_to(kb[:, None], [BLOCK_S, BLOCK_C])
+    _, s1, s2 = tl.associative_scan((keys, dev, dev * dev), axis=0, combine_fn=_segmented_add)
+    following = tl.gather(kb, tl.minimum(loc + 1, BLOCK_S - 1), axis=0)
+    run_end = (kb != following) | (loc == BLOCK_S - 1)
+    dst = sums_ptr + (tl.where(valid, kb, 0) * 2 * D)[:, None] + c[None, :]
+    m_end = m & run_end[:, None]
+    tl.atomic_add(dst, s1, mask=m_end, sem="relaxed")
+    tl.atomic_add(dst + D, s2, mask=m_end, sem="relaxed")
 
 
 @triton.jit(do_not_specialize=["N", "B", "S"])
@@ -318,14 +374,15 @@ def _sizes_cached(num_bins: int, dim: int, chunk_rows, tile_rows, interpret: boo
         chunk = chunk_rows or 32
         return dict(CP=16, CHUNK=chunk, R=min(chunk, tile_rows or 32), BLOCK_C=block_c, BLOCK_S=256, BLOCK_N=1024,
                     HB=hb if hb <= 1024 else 0, FIN_B=min(_common.next_pow2(num_bins), max(1, 2048 // block_c)),
-                    FIN_T=4, SCAN_B=min(_common.next_pow2(num_bins), 16384), warps=1)
+                    FIN_T=4, SCAN_B=min(_common.next_pow2(num_bins), 16384), warps=1,
+                    TILES_S=tile_rows or 64, TILES_C=min(_common.next_pow2(dim), 16))
     block_c = min(_common.next_pow2(dim), 128)
     chunk = chunk_rows or 512
     # 16 x 128 tiles measured best on an H100 (vs 32 or 64 rows: more programs in flight)
     r = min(chunk, tile_rows or max(8, min(64, 2048 // block_c)))
     return dict(CP=1, CHUNK=chunk, R=r, BLOCK_C=block_c, BLOCK_S=max(16, 8192 // block_c), BLOCK_N=1024,
                 HB=hb if hb <= 256 else 0, FIN_B=1, FIN_T=16, SCAN_B=min(_common.next_pow2(num_bins), 1024),
-                warps=4)
+                warps=4, TILES_S=tile_rows or 128, TILES_C=min(_common.next_pow2(dim), 64))
 
 
 def _sizes(num_bins: int, dim: int) -> dict:
@@ -382,7 +439,8 @@ def triton_bin_stats(x: torch.Tensor, bin_idx: torch.Tensor,
     with _common.device_guard(x):
         _hist_kernel[(_common.cdiv(N, z["BLOCK_N"]),)](
             bins, ws, N, rows.S, rows.bP, rows.bS, B,
-            WITH_REP=strategy == "direct", HB=z["HB"], SINGLE_P=single_p, BLOCK=z["BLOCK_N"], num_warps=4)
+            WITH_REP=strategy in ("direct", "tiles"), HB=z["HB"], SINGLE_P=single_p, BLOCK=z["BLOCK_N"],
+            num_warps=4)
         if D == 0:
             return ws[:B].clone(), mean, var
         if strategy == "direct":
@@ -390,6 +448,11 @@ def triton_bin_stats(x: torch.Tensor, bin_idx: torch.Tensor,
             _direct_kernel[(rows.P * tiles, col_blocks)](
                 xv, bins, ws, sums, sums_off, N, B, D, rows.S, rows.sP, rows.sC, rows.sS, rows.bP, rows.bS,
                 tiles, ACC=tl_acc, SINGLE_P=single_p, BLOCK_S=z["BLOCK_S"], BLOCK_C=z["BLOCK_C"], num_warps=8)
+        elif strategy == "tiles":
+            tiles = _common.cdiv(rows.S, z["TILES_S"])
+            _tiles_kernel[(rows.P * tiles, _common.cdiv(D, z["TILES_C"]))](
+                xv, bins, ws, sums, sums_off, N, B, D, rows.S, rows.sP, rows.sC, rows.sS, rows.bP, rows.bS,
+                tiles, ACC=tl_acc, SINGLE_P=single_p, BLOCK_S=z["TILES_S"], BLOCK_C=z["TILES_C"], num_warps=8)
         else:
             _scan_kernel[(1,)](ws, B, chunk, BLOCK_B=z["SCAN_B"], num_warps=4)
             if deterministic:  # rows grouped by bin in a reproducible order
