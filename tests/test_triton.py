@@ -263,6 +263,20 @@ def test_bin_stats_tiles_strategy_runs(pattern):
             check_stats(_ops().triton_bin_stats(x, idx, num_bins), x, idx, num_bins)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dt_id)
+@pytest.mark.parametrize("layout", ["rows", "dense"])
+def test_bin_stats_tiles_strategy_wide_features(dtype, layout):
+    """The "tiles" candidate with more features than one tile holds (two column blocks on a GPU)."""
+    g = gen(41)
+    if layout == "rows":
+        x, idx = torch.randn(150, 40, generator=g), torch.randint(-1, 9, (150,), generator=g)
+    else:
+        x, idx = torch.randn(2, 40, 6, 11, generator=g), torch.randint(-1, 9, (2, 6, 11), generator=g)
+    x, idx = x.to(dtype=dtype, device=DEVICE), idx.to(DEVICE)
+    with bin_stats_config("tiles"):
+        check_stats(_ops().triton_bin_stats(x, idx, 8), x, idx, 8)
+
+
 def test_bin_stats_all_ignored_and_empty():
     x = torch.randn(5, 3, device=DEVICE)
     idx = torch.tensor([-1, -1, 4, 7, -5], device=DEVICE)

@@ -382,7 +382,9 @@ def _sizes_cached(num_bins: int, dim: int, chunk_rows, tile_rows, interpret: boo
     r = min(chunk, tile_rows or max(8, min(64, 2048 // block_c)))
     return dict(CP=1, CHUNK=chunk, R=r, BLOCK_C=block_c, BLOCK_S=max(16, 8192 // block_c), BLOCK_N=1024,
                 HB=hb if hb <= 256 else 0, FIN_B=1, FIN_T=16, SCAN_B=min(_common.next_pow2(num_bins), 1024),
-                warps=4, TILES_S=tile_rows or 128, TILES_C=min(_common.next_pow2(dim), 64))
+                # tiles: 128 x 32 keeps the scan's scratch (3 values per element) and the registers
+                # within one H100 block for float64 (128 x 64 float64 rows needs 192 KiB; ptxas -v)
+                warps=4, TILES_S=tile_rows or 128, TILES_C=min(_common.next_pow2(dim), 32))
 
 
 def _sizes(num_bins: int, dim: int) -> dict:
