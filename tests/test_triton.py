@@ -536,3 +536,32 @@ def test_gpu_compile_inductor_fullgraph():
     with dirfast.use_backend("triton"):
         compiled = _compile_or_skip(step)
         torch.testing.assert_close(compiled(x), step(x))
+
+
+# ----------------------------------------------------------------------------- compiled for a GPU
+def test_every_kernel_compiles_for_sm90_within_its_limits(tmp_path):
+    """benchmarks/triton_compile.py: every Triton kernel, at the launch sizes the ops choose on a
+    GPU (which the interpreter runs above never use), compiled -- not run -- for sm_90 by the
+    installed Triton, in every dtype and strategy: it must compile, and fit one H100/H200 block
+    (227 KiB of shared memory, 255 registers)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    out = tmp_path / "compiled.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.triton_compile", "--json", str(out)], cwd=root,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    compiled = {(row["case"].split()[0], row["kernel"]) for row in rows}
+    expected = {("bin_stats", name) for name in ("_hist_kernel", "_scan_kernel", "_scatter_kernel", "_csr_kernel",
+                                                 "_direct_kernel", "_tiles_kernel", "_finalize_kernel")}
+    expected |= {("calibrate", "_tables_kernel"), ("calibrate", "_apply_kernel"), ("smooth_bins", "_smooth_kernel")}
+    assert compiled == expected
+    for row in rows:
+        assert row["shared_bytes"] <= 227 * 1024, row
+        if row.get("registers") is not None:  # ptxas comes with Triton's NVIDIA backend
+            assert row["registers"] <= 255, row
