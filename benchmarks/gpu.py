@@ -150,7 +150,6 @@ def layout_cases(results: list) -> None:
     """No goal: dense [B, C, H, W] features (planes of pixels: direct atomics in bin_stats), and
     bin_stats under torch.use_deterministic_algorithms(True), against the same copy."""
     x, idx, bins, stats = depth_inputs()
-    nbytes = x.numel() * x.element_size()
     copy_ms = time_ms(lambda: x.clone())
     case = "x".join(str(n) for n in x.shape)
     results.append({"case": f"copy {case}", "provider": "clone", "ms": copy_ms})
@@ -164,14 +163,20 @@ def layout_cases(results: list) -> None:
                             "x copy bandwidth": copy_ms / (2 * ms)})
     x, idx, bins, _ = bandwidth_inputs()
     copy_ms = time_ms(lambda: x.clone())
+    for backend in _backends():
+        with dirfast.use_backend(backend), deterministic_algorithms():
+            ms = time_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
+            results.append({"case": "bin_stats 131072x512 determ.", "provider": backend, "ms": ms,
+                            "x copy bandwidth": copy_ms / (2 * ms)})
+
+
+@contextlib.contextmanager
+def deterministic_algorithms():
+    """torch.use_deterministic_algorithms(True) for the block, then as it was."""
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
-        for backend in _backends():
-            with dirfast.use_backend(backend):
-                ms = time_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
-                results.append({"case": "bin_stats 131072x512 determ.", "provider": backend, "ms": ms,
-                                "x copy bandwidth": copy_ms / (2 * ms)})
+        yield
     finally:
         torch.use_deterministic_algorithms(previous)
 
@@ -359,40 +364,31 @@ def kernel_profile(top: int = 12) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     x, idx, bins, stats = bandwidth_inputs(seed=4)
+    depth_x, depth_idx, depth_bins, _ = depth_inputs()
+    # (heading, backend, DIRFAST_CUDA_BIN_STATS options, call)
+    jobs = []
+    for backend in [name for name in _backends() if name != "reference"]:
+        jobs.append((f"bin_stats on {backend}", backend, None, lambda: dirfast.ops.bin_stats(x, idx, bins)))
+        jobs.append((f"calibrate on {backend}", backend, None, lambda: dirfast.ops.calibrate(x, idx, *stats)))
+    if "cuda" in _backends():  # the candidate grouped-rows kernel; planes: the default, then the candidate
+        options = CUDA_CANDIDATES["p256v"]
+        jobs.append((f"bin_stats (DIRFAST_CUDA_BIN_STATS={options}) on cuda", "cuda", options,
+                     lambda: dirfast.ops.bin_stats(x, idx, bins)))
+        for options in (None, *CUDA_PLANE_CANDIDATES.values()):
+            jobs.append((f"bin_stats {tuple(depth_x.shape)} (DIRFAST_CUDA_BIN_STATS={options}) on cuda", "cuda",
+                         options, lambda: dirfast.ops.bin_stats(depth_x, depth_idx, depth_bins)))
     sections = []
-    runs = [(backend, None) for backend in _backends() if backend != "reference"]
-    if "cuda" in _backends():
-        runs.append(("cuda", CUDA_CANDIDATES["p256v"]))
-    for backend, grouped in runs:
-        for label, call in (("bin_stats", lambda: dirfast.ops.bin_stats(x, idx, bins)),
-                            ("calibrate", lambda: dirfast.ops.calibrate(x, idx, *stats))):
-            if grouped is not None and label != "bin_stats":
-                continue
-            if grouped is not None:
-                label += f" (DIRFAST_CUDA_BIN_STATS={grouped})"
-            with dirfast.use_backend(backend), cuda_bin_stats_options(grouped):
-                for _ in range(3):
+    for heading, backend, options, call in jobs:
+        with dirfast.use_backend(backend), cuda_bin_stats_options(options):
+            for _ in range(3):
+                call()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
                     call()
                 torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        call()
-                    torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
-            sections.append(f"--- {label} on {backend} (5 calls)\n{table}")
-    if "cuda" in _backends():  # planes of pixels: the default kernel, then the candidate
-        x, idx, bins, _ = depth_inputs()
-        for options in (None, *CUDA_PLANE_CANDIDATES.values()):
-            with dirfast.use_backend("cuda"), cuda_bin_stats_options(options):
-                for _ in range(3):
-                    dirfast.ops.bin_stats(x, idx, bins)
-                torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        dirfast.ops.bin_stats(x, idx, bins)
-                    torch.cuda.synchronize()
-            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
-            sections.append(f"--- bin_stats {tuple(x.shape)} on cuda (DIRFAST_CUDA_BIN_STATS={options}, 5 calls)\n{table}")
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top)
+        sections.append(f"--- {heading} (5 calls)\n{table}")
     return "\n".join(sections)
 
 

@@ -90,29 +90,19 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 def _cases():
     """(name, call) pairs: each op on the layouts and dtypes the GPU benchmarks and tests use, at
     sizes that pick the same kernels and launch sizes (rows enough for the "csr" strategy)."""
+    from .gpu import deterministic_algorithms, triton_config
+
     ops = torch.ops.dirfast
-    bins = importlib.import_module("dirfast.triton.bin_stats")
     gen = torch.Generator().manual_seed(0)
 
-    def strategy(name, call):
+    def within(context, call):
         def run():
-            before = bins.STRATEGY
-            bins.STRATEGY = name
-            try:
+            with context():
                 call()
-            finally:
-                bins.STRATEGY = before
         return run
 
-    def deterministic(call):
-        def run():
-            before = torch.are_deterministic_algorithms_enabled()
-            torch.use_deterministic_algorithms(True)
-            try:
-                call()
-            finally:
-                torch.use_deterministic_algorithms(before)
-        return run
+    def strategy(name, call):
+        return within(lambda: triton_config(name, None, None), call)
 
     cases = []
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
@@ -125,7 +115,7 @@ def _cases():
             cases.append((f"bin_stats rows {tag} {name}", strategy(name, lambda x=rows, i=rows_idx: ops.triton_bin_stats(x, i, 97))))
             cases.append((f"bin_stats dense {tag} {name}", strategy(name, lambda x=dense, i=dense_idx: ops.triton_bin_stats(x, i, 100))))
         cases.append((f"bin_stats rows {tag} deterministic",
-                      deterministic(lambda x=rows, i=rows_idx: ops.triton_bin_stats(x, i, 97))))
+                      within(deterministic_algorithms, lambda x=rows, i=rows_idx: ops.triton_bin_stats(x, i, 97))))
         stats = [torch.rand(97, 512, generator=gen) + 0.1 for _ in range(4)]  # m1, v1, m2, v2
         dense_stats = [torch.rand(100, 64, generator=gen) + 0.1 for _ in range(4)]
         cases.append((f"calibrate rows {tag}", lambda x=rows, i=rows_idx, s=stats: ops.triton_calibrate(x, i, *s)))
