@@ -17,41 +17,58 @@ __all__ = ["KERNELS", "get_lds_kernel_window", "kernel_window"]
 KERNELS = ("gaussian", "triang", "laplace")
 
 
+MAX_KS = 1 << 20
+MAX_SIGMA = 1e6  # a Gaussian of radius 4e6 taps (scipy's truncate=4): 64 MB of weights
+
+
 def _check(kernel, ks, sigma) -> None:
-    if kernel not in KERNELS:
+    if not isinstance(kernel, str) or kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if isinstance(ks, bool) or not isinstance(ks, (int, np.integer)) or ks < 1 or ks % 2 == 0:
-        raise ValueError(f"ks must be a positive odd int, got {ks!r}")
-    if kernel != "triang" and not (isinstance(sigma, (int, float, np.number)) and sigma > 0
-                                   and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+    if isinstance(ks, bool) or not isinstance(ks, (int, np.integer)) or not 1 <= ks <= MAX_KS or ks % 2 == 0:
+        raise ValueError(f"ks must be a positive odd int of at most {MAX_KS}, got {ks!r}")
+    if kernel == "triang":
+        return  # triang takes no sigma (the published code ignores it)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.integer, np.floating)):
+        raise TypeError(f"sigma must be a real number, got {type(sigma).__name__}")
+    if not (0 < sigma <= MAX_SIGMA):
+        raise ValueError(f"sigma must be positive and at most {MAX_SIGMA:g}, got {sigma!r}")
 
 
 def _gaussian_filter1d_of_delta(ks: int, sigma: float, dtype) -> np.ndarray:
     """``scipy.ndimage.gaussian_filter1d(delta, sigma)`` for a centred delta of length ``ks``.
 
-    scipy's defaults: radius ``int(4 * sigma + 0.5)``, weights ``exp(-x**2 / (2 sigma**2))``
-    normalised to sum 1, and mode "reflect" (the edge repeated: d c b a | a b c d | d c b a),
-    so a radius wider than the window folds the tails back in. The output has the input's dtype.
+    scipy's defaults: radius ``int(4 * sigma + 0.5)``, weights ``exp(-0.5 / sigma**2 * x**2)``
+    normalised to sum 1, and mode "reflect" (the edge repeated: d c b a | a b c d | d c b a), so
+    a radius wider than the window folds the tails back in: the reflected delta is 1 exactly at
+    the taps congruent to the centre modulo ``ks``. scipy sums a symmetric filter centre first,
+    then the mirrored pairs from the outside in, each pair added before it is weighted; that
+    order is kept (a cumulative sum is sequential), so the bits are scipy's. The output has
+    the input's dtype.
     """
     half = (ks - 1) // 2
-    radius = int(4.0 * float(sigma) + 0.5)
-    taps = np.arange(-radius, radius + 1)
-    phi = np.exp(-0.5 / (sigma * sigma) * taps ** 2)
-    phi = phi / phi.sum()
-
-    def reflected(j: int) -> float:  # the delta, extended by repeated half-sample reflection
-        j %= 2 * ks
-        return 1.0 if min(j, 2 * ks - 1 - j) == half else 0.0
-
-    # scipy's correlate1d for a symmetric filter: centre tap first, then the mirrored pairs
-    # from the outside in, each pair summed before it is weighted (the same bits as scipy).
+    sigma = float(sigma)
+    radius = int(4.0 * sigma + 0.5)
+    if radius == 0:  # a filter of one tap: the delta itself (scipy divides 0 by 0 when sigma**2 underflows)
+        phi = np.ones(1)
+    else:
+        taps = np.arange(-radius, radius + 1)
+        phi = np.exp(-0.5 / (sigma * sigma) * taps ** 2)
+        phi = phi / phi.sum()
+    weight_at = phi[radius::-1]  # weight_at[j]: the weight of the taps at distance j
     out = np.zeros(ks, dtype=np.float64)
-    for i in range(ks):
-        acc = reflected(i) * phi[radius]
-        for j in range(radius, 0, -1):
-            acc += (reflected(i - j) + reflected(i + j)) * phi[radius - j]
-        out[i] = acc
+    if radius * ks <= 1 << 22:  # a dense [ks, radius] table of pair weights
+        i = np.arange(ks)[:, None]
+        j = np.arange(radius, 0, -1)[None, :]
+        pairs = ((i - j) % ks == half).astype(np.float64) + ((i + j) % ks == half)
+        terms = np.concatenate([(np.arange(ks) == half)[:, None] * phi[radius], pairs * weight_at[j]], axis=1)
+        out[:] = np.cumsum(terms, axis=1)[:, -1]
+    else:  # wide filters: only the taps that meet the delta, per output
+        for i in range(ks):
+            j = np.arange(radius, 0, -1)
+            left, right = (j - (i - half)) % ks == 0, (j + (i - half)) % ks == 0
+            hit = left | right
+            terms = (left[hit].astype(np.float64) + right[hit]) * weight_at[j[hit]]
+            out[i] = np.cumsum(np.concatenate([[phi[radius] * (i == half)], terms]))[-1]
     return out.astype(dtype)
 
 
@@ -63,8 +80,13 @@ def _triang(ks: int) -> np.ndarray:
 
 
 def _laplace(ks: int, sigma: float) -> np.ndarray:
+    """``exp(-|k| / sigma) / (2 sigma)`` for ``k = -h..h``, as published; for a sigma so small
+    that ``1 / (2 sigma)`` overflows, the same shape without the constant (normalised away)."""
     half = (ks - 1) // 2
-    return np.array([np.exp(-abs(k) / sigma) / (2.0 * sigma) for k in np.arange(-half, half + 1)])
+    k = np.abs(np.arange(-half, half + 1))
+    with np.errstate(over="ignore"):
+        window = np.exp(-k / sigma) / (2.0 * sigma)
+        return window if np.all(np.isfinite(window)) else np.exp(-k / sigma)
 
 
 def get_lds_kernel_window(kernel: str, ks: int, sigma: float) -> np.ndarray:
