@@ -1,6 +1,6 @@
 // The dirfast:: op schemas, registered once with TORCH_LIBRARY, and the module that loads them.
 //
-// The schema strings are generated at build time from dirfast/ops/schema.py (setup.py writes
+// The schema strings are generated at build time from dirfast/_schema.py (setup.py writes
 // dirfast_schemas.h), so Python (which defines the same schemas when this extension is absent)
 // and C++ can never disagree. Kernels register themselves for their dispatch key in their
 // own files (csrc/cpu/*.cpp, csrc/cuda/*.cpp) with TORCH_LIBRARY_IMPL.

@@ -19,6 +19,8 @@
 #include <ATen/ATen.h>
 #include <ATen/MemoryOverlap.h>
 
+#include "dirfast_schemas.h"
+
 #include <limits>
 #include <string>
 #include <utility>
@@ -223,14 +225,16 @@ inline void check_smooth_bins_args(const at::Tensor& stats, const at::Tensor& wi
               ": window must be 1-D with an odd length, got shape ", window.sizes());
 }
 
-// The padding argument of smooth_bins, as the value of dirfast::Padding (src/smooth.h).
+// The padding argument of smooth_bins, as the value of dirfast::Padding (src/smooth.h): its index
+// in kPaddings (generated from dirfast/_schema.py).
 inline int parse_padding(c10::string_view padding, const char* op) {
   const std::string name(padding.data(), padding.size());
-  if (name == "reflect") return 0;
-  if (name == "replicate") return 1;
-  if (name == "constant") return 2;
-  TORCH_CHECK(false, op, ": padding must be one of 'reflect', 'constant', 'replicate', got '",
-              name, "'");
+  std::string known;
+  for (size_t i = 0; i < sizeof(kPaddings) / sizeof(kPaddings[0]); ++i) {
+    if (name == kPaddings[i]) return static_cast<int>(i);
+    known += (i ? ", '" : "'") + std::string(kPaddings[i]) + "'";
+  }
+  TORCH_CHECK(false, op, ": padding must be one of ", known, ", got '", name, "'");
 }
 
 // The outputs of bin_stats, after its argument checks: count int64 [B], mean and var [B, D] in

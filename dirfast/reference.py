@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import torch
 
+from ._schema import PADDINGS
+
 __all__ = ["bin_stats", "smooth_bins", "calibrate", "calibrate_", "accumulate_dtype", "m2_from_var",
            "var_from_m2", "PADDINGS"]
 
-PADDINGS = ("reflect", "constant", "replicate")
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,7 +88,8 @@ def padded_indices(num_bins: int, ks: int, padding: str, device=None):
 
     Tap ``k`` of output bin ``b`` reads bin ``b + k - h``. Outside the range: ``"reflect"``
     mirrors without repeating the edge (``torch.nn.functional.pad``), as often as needed when the
-    window is wider than the bins; ``"replicate"`` repeats the edge; ``"constant"`` reads zero.
+    window is wider than the bins; ``"symmetric"`` mirrors repeating the edge (scipy.ndimage's
+    "reflect"); ``"replicate"`` repeats the edge; ``"constant"`` reads zero.
     """
     h = (ks - 1) // 2
     j = torch.arange(num_bins, device=device).unsqueeze(1) + torch.arange(ks, device=device) - h
@@ -99,6 +101,10 @@ def padded_indices(num_bins: int, ks: int, padding: str, device=None):
             period = 2 * (num_bins - 1)
             j = torch.remainder(j, period)
             j = torch.where(j >= num_bins, period - j, j)
+    elif padding == "symmetric":
+        period = 2 * num_bins
+        j = torch.remainder(j, period)
+        j = torch.where(j >= num_bins, period - 1 - j, j)
     else:
         j = j.clamp(0, num_bins - 1)
     return j, inside

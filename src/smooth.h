@@ -9,6 +9,7 @@
 // with a source index j outside [0, B) resolved by the padding:
 //   reflect    mirror without repeating the edge (torch F.pad "reflect"), applied as often as
 //              needed when h >= B: period 2(B - 1); for B == 1 every index is 0;
+//   symmetric  mirror repeating the edge (scipy.ndimage "reflect"): period 2B;
 //   replicate  clamp to the edge;
 //   constant   the tap reads 0 (scipy.ndimage.convolve1d mode="constant").
 //
@@ -29,7 +30,9 @@
 
 namespace dirfast {
 
-enum class Padding : int { kReflect = 0, kReplicate = 1, kConstant = 2 };
+// The numbers are the modes' indices in dirfast/_schema.py PADDINGS (the padding argument of
+// smooth_bins is parsed against kPaddings, generated from it into dirfast_schemas.h).
+enum class Padding : int { kReflect = 0, kReplicate = 1, kConstant = 2, kSymmetric = 3 };
 
 // scipy.ndimage's symmetry test of a pair of window taps, in float64.
 DIRFAST_HOST_DEVICE inline bool window_pair_symmetric(double left, double right) {
@@ -47,6 +50,12 @@ DIRFAST_HOST_DEVICE inline int64_t padded_index(int64_t j, int64_t num_bins, Pad
       int64_t r = j % period;
       if (r < 0) r += period;
       return r >= num_bins ? period - r : r;
+    }
+    case Padding::kSymmetric: {
+      const int64_t period = 2 * num_bins;
+      int64_t r = j % period;
+      if (r < 0) r += period;
+      return r >= num_bins ? period - 1 - r : r;
     }
     case Padding::kReplicate:
       return j < 0 ? 0 : num_bins - 1;

@@ -9,7 +9,7 @@ The functions here check their arguments and call the kernel of the selected bac
 from ._dispatch import BACKENDS, backends, get_backend, set_backend, use_backend
 from .bin_stats import bin_stats
 from .calibrate import calibrate, calibrate_
-from .schema import SCHEMAS
+from .._schema import SCHEMAS
 from .smooth_bins import smooth_bins
 
 __all__ = [

@@ -1,7 +1,7 @@
 """The ``dirfast`` op namespace: schemas, and the reference as the kernel of last resort.
 
 When ``dirfast._C`` is loaded its ``TORCH_LIBRARY(dirfast, ...)`` block has already defined
-the schemas (generated from :mod:`dirfast.ops.schema`); otherwise they are defined here from
+the schemas (generated from :mod:`dirfast._schema`); otherwise they are defined here from
 the same strings. The pure-PyTorch reference is registered as the op's
 ``CompositeExplicitAutograd`` kernel: a kernel registered for a device key (the C++ CPU kernels,
 the CUDA kernels) takes precedence over it, and any device without one still works.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import _ext
-from .schema import NAMESPACE, SCHEMAS
+from .._schema import NAMESPACE, SCHEMAS
 
 LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
 

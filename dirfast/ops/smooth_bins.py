@@ -7,6 +7,7 @@ import torch
 from .. import reference
 from . import _checks, _dispatch
 from ._library import qualname, register_fallback
+from .._schema import PADDINGS
 
 OP = "smooth_bins"
 
@@ -25,7 +26,9 @@ def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "refle
     ``padding`` says what lies beyond the bins: ``"reflect"`` mirrors without repeating the edge
     bin, as ``torch.nn.functional.pad`` (FDS), and keeps mirroring when the window is wider
     than the bins; ``"constant"`` is zero, as ``scipy.ndimage.convolve1d(mode="constant")``
-    (LDS); ``"replicate"`` repeats the edge bin. The result has the dtype of ``stats``.
+    (LDS); ``"symmetric"`` mirrors repeating the edge bin, as scipy.ndimage's ``"reflect"``
+    (the NYUD2-DIR LDS); ``"replicate"`` repeats the edge bin. The result has the dtype of
+    ``stats``.
     """
     _checks.floating("stats", stats)
     _checks.floating("window", window)
@@ -33,6 +36,6 @@ def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "refle
         raise ValueError(f"stats must be [B] or [B, D] with B >= 1, got shape {tuple(stats.shape)}")
     if window.dim() != 1 or window.shape[0] % 2 == 0:
         raise ValueError(f"window must be 1-D with an odd length, got shape {tuple(window.shape)}")
-    if padding not in reference.PADDINGS:
-        raise ValueError(f"padding must be one of {reference.PADDINGS}, got {padding!r}")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     return _dispatch.kernel(OP, stats.device)(stats, window.to(stats.device), padding)

@@ -19,18 +19,26 @@ import torch
 import triton
 import triton.language as tl
 
+from .._schema import PADDINGS
 from . import _common
 
-PADDING_CODES = {"reflect": 0, "constant": 1, "replicate": 2}
+# The padding numbers of the kernel (constexpr: Triton kernels read module globals only as such).
+REFLECT = tl.constexpr(PADDINGS.index("reflect"))
+CONSTANT = tl.constexpr(PADDINGS.index("constant"))
+SYMMETRIC = tl.constexpr(PADDINGS.index("symmetric"))
 
 
 @triton.jit
 def _source(j, B, PADDING: tl.constexpr):
     """Bin read by the (possibly out-of-range) index ``j`` under the padding rule."""
-    if PADDING == 0:  # reflect without repeating the edge, period 2(B - 1); B == 1 -> 0
+    if PADDING == REFLECT:  # without repeating the edge, period 2(B - 1); B == 1 -> 0
         period = tl.maximum(2 * (B - 1), 1)
         j = ((j % period) + period) % period  # a non-negative remainder whatever % rounds to
         j = tl.where(j >= B, period - j, j)
+    elif PADDING == SYMMETRIC:  # repeating the edge, period 2B
+        period = 2 * B
+        j = ((j % period) + period) % period
+        j = tl.where(j >= B, period - 1 - j, j)
     else:  # replicate, and constant (whose outside taps are masked to zero by the caller)
         j = tl.minimum(tl.maximum(j, 0), B - 1)
     return j
@@ -41,7 +49,7 @@ def _tap(stats_ptr, b, d, mask, B, s_b, s_d, j_off, PADDING: tl.constexpr, ACC: 
     j = b + j_off
     src = _source(j, B, PADDING)
     m = mask
-    if PADDING == 1:
+    if PADDING == CONSTANT:
         m = m & ((j >= 0) & (j < B))[:, None]
     v = tl.load(stats_ptr + src[:, None] * s_b + d[None, :] * s_d, mask=m, other=0.0)
     return v.to(ACC)
@@ -85,8 +93,8 @@ def _blocks(num_bins: int, dim: int):
 def triton_smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "reflect") -> torch.Tensor:
     """:func:`dirfast.ops.smooth_bins` as one Triton kernel (any strides, no copies)."""
     _common.check_device(stats, "smooth_bins")
-    if padding not in PADDING_CODES:
-        raise ValueError(f"padding must be one of {tuple(PADDING_CODES)}, got {padding!r}")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     out = torch.empty_like(stats)
     num_bins = stats.shape[0]
     ks = window.shape[0]
@@ -101,7 +109,7 @@ def triton_smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str =
     with _common.device_guard(stats):
         _smooth_kernel[grid](
             stats, window, out, num_bins, dim, stats.stride(0), s_d, window.stride(0), out.stride(0), o_d,
-            (ks - 1) // 2, PADDING=PADDING_CODES[padding], ACC=_common.tl_acc(stats.dtype),
+            (ks - 1) // 2, PADDING=PADDINGS.index(padding), ACC=_common.tl_acc(stats.dtype),
             BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps, enable_fp_fusion=False,
         )
     return out
