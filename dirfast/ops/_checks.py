@@ -6,8 +6,11 @@ synchronisation and run unchanged under ``torch.compile``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+MAX_BINS = (1 << 31) - 2  # bin numbers (and the identity bin B of calibrate) fit an int32
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
 
@@ -47,9 +50,37 @@ def features_and_bins(x, bin_idx) -> int:
 def num_bins(value) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"num_bins must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"num_bins must be at least 1, got {value}")
+    if not 1 <= value <= MAX_BINS:
+        raise ValueError(f"num_bins must be in [1, {MAX_BINS}], got {value}")
     return value
+
+
+def clips(clip_min, clip_max) -> tuple:
+    """The clamp bounds of calibrate's variance ratio, as floats with 0 <= clip_min <= clip_max."""
+    for name, value in (("clip_min", clip_min), ("clip_max", clip_max)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if math.isnan(clip_min) or math.isnan(clip_max) or not 0 <= clip_min <= clip_max:
+        raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, "
+                         f"got {clip_min} and {clip_max}")
+    return float(clip_min), float(clip_max)
+
+
+def writable_in_place(name: str, value: torch.Tensor) -> None:
+    """Refuse, before anything is written, an in-place update that torch would reject after:
+    a tensor whose elements share memory, or one autograd forbids writing (a leaf that
+    requires grad, or a view of one). Under torch.compile, torch makes these checks itself."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._debug_has_internal_overlap(value) == 1:
+        raise RuntimeError(f"{name} has elements that share memory (an expanded tensor): it cannot be "
+                           "written in place; use the out-of-place op")
+    if torch.is_grad_enabled() and value.requires_grad:
+        base = value._base if value._is_view() else value
+        if base.is_leaf and base.requires_grad:
+            what = "a view of a leaf tensor" if base is not value else "a leaf tensor"
+            raise RuntimeError(f"{name} is {what} that requires grad: autograd forbids writing it in "
+                               "place; pass a copy (or a non-leaf tensor), or use the out-of-place op")
 
 
 def bin_table(name: str, value, shape, device) -> torch.Tensor:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 
 import torch
 
@@ -38,7 +39,14 @@ CUDA_PREFERENCE = {
     "calibrate_": ("cuda", "triton"),
 }
 
-_selected = "auto"
+# The selection belongs to the current thread: a use_backend() block in one thread never changes
+# the ops of another, and new threads start at "auto". (A threading.local, which torch.compile
+# traces and guards on, where it cannot trace a ContextVar.)
+_selection = threading.local()
+
+
+def _selected() -> str:
+    return getattr(_selection, "name", "auto")
 
 
 def _triton_reason() -> str:
@@ -107,38 +115,39 @@ def _check_name(name) -> str:
 
 
 def set_backend(name: str) -> None:
-    """Select the backend used by every dirfast op from now on (``"auto"`` by default).
+    """Select the backend of the dirfast ops called from now on in this thread (``"auto"`` by
+    default, and in every new thread).
 
     Raises ValueError for an unknown name and RuntimeError, with the reason, for a backend that
-    cannot run on this machine.
+    cannot run on this machine; the selection is then unchanged.
     """
-    global _selected
-    _selected = _check_name(name)
+    _selection.name = _check_name(name)
 
 
 def get_backend() -> str:
-    """The backend selected with :func:`set_backend` or :func:`use_backend`."""
-    return _selected
+    """The backend selected in this thread with :func:`set_backend` or :func:`use_backend`."""
+    return _selected()
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Context manager: run the enclosed code with backend ``name``, then restore the previous."""
-    global _selected
-    previous, _selected = _selected, _check_name(name)
+    """Context manager: run the enclosed code (in this thread) with backend ``name``, then
+    restore the previous selection, also when the block raises."""
+    previous, _selection.name = _selected(), _check_name(name)
     try:
         yield name
     finally:
-        _selected = previous
+        _selection.name = previous
 
 
 def _on_cpu_allowed_for_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def kernel(op: str, device: torch.device):
-    """The callable that runs ``op`` on ``device`` under the selected backend."""
-    name = _selected
+def kernel(op: str, device: torch.device, name: str | None = None):
+    """The callable that runs ``op`` on ``device`` under backend ``name`` (default: the one
+    selected in this thread)."""
+    name = _selected() if name is None else name
     if name == "reference":
         return getattr(reference, op)
     if name == "auto":
@@ -163,7 +172,8 @@ def host_kernel(op: str):
     """The callable for ``op`` on a small CPU table the library keeps itself (LDS's counts):
     the selected backend when it runs on CPU tensors, else the dispatcher's CPU kernel -- a
     GPU backend selected for the features does not apply to that table."""
-    gpu_only = _selected == "cuda" or (_selected == "triton" and not _on_cpu_allowed_for_triton())
+    name = _selected()
+    gpu_only = name == "cuda" or (name == "triton" and not _on_cpu_allowed_for_triton())
     return op_overload(op) if gpu_only else kernel(op, torch.device("cpu"))
 
 

@@ -70,20 +70,19 @@ def calibrate(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float
     arithmetic is float32 (float64 for float64 statistics) and the result has the dtype and
     shape of ``x``. Differentiable in ``x``.
     """
-    _check(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max)
-    return _dispatch.kernel(OP, x.device)(x, bin_idx, m1, v1, m2, v2, float(clip_min), float(clip_max))
+    clips = _check(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max)
+    return _dispatch.kernel(OP, x.device)(x, bin_idx, m1, v1, m2, v2, *clips)
 
 
-def _check(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max) -> None:
+def _check(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max) -> tuple:
+    """Every argument check of calibrate (shapes, dtypes, devices, clips); returns the clips."""
     dim = _checks.features_and_bins(x, bin_idx)
     _checks.tensor("m1", m1)
-    if m1.dim() != 2:
-        raise ValueError(f"m1 must be [B, D], got shape {tuple(m1.shape)}")
+    if m1.dim() != 2 or not 1 <= m1.shape[0] <= _checks.MAX_BINS:
+        raise ValueError(f"m1 must be [B, D] with 1 <= B <= {_checks.MAX_BINS}, got shape {tuple(m1.shape)}")
     for name, table in (("m1", m1), ("v1", v1), ("m2", m2), ("v2", v2)):
         _checks.bin_table(name, table, (m1.shape[0], dim), x.device)
-    if not 0 <= clip_min <= clip_max:
-        raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, "
-                         f"got {clip_min} and {clip_max}")
+    return _checks.clips(clip_min, clip_max)
 
 
 class _CalibrateInPlace(torch.autograd.Function):
@@ -93,24 +92,26 @@ class _CalibrateInPlace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bin_idx, m1, v1, m2, v2, clip_min, clip_max):
-        _dispatch.kernel(OP_INPLACE, x.device)(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max)
+        ctx.backend = _dispatch.get_backend()  # the backward runs on the forward's backend
+        _dispatch.kernel(OP_INPLACE, x.device, ctx.backend)(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max)
         ctx.mark_dirty(x)
         _save_for_grad(ctx, bin_idx, v1, v2, clip_min, clip_max)
         return x
 
     @staticmethod
     def backward(ctx, grad):
-        return _grad_x(_dispatch.kernel(OP, grad.device), ctx, grad)
+        return _grad_x(_dispatch.kernel(OP, grad.device, ctx.backend), ctx, grad)
 
 
 def calibrate_(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float = 10.0):
     """:func:`calibrate` written into ``x``, which is returned (one pass, no new tensor).
 
-    Differentiable in ``x`` like any in-place op: ``x`` must not be a leaf that requires grad,
-    and what autograd saved of ``x`` before must not be needed afterwards.
+    Differentiable in ``x`` like any in-place op: ``x`` must not be a leaf that requires grad
+    (nor a view of one) or an expanded tensor, which raise RuntimeError before anything is
+    written; and what autograd saved of ``x`` before must not be needed afterwards.
     """
-    _check(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max)
-    clips = (float(clip_min), float(clip_max))
+    clips = _check(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max)
+    _checks.writable_in_place("x", x)
     if torch.is_grad_enabled() and x.requires_grad:
         return _CalibrateInPlace.apply(x, bin_idx, m1, v1, m2, v2, *clips)
     _dispatch.kernel(OP_INPLACE, x.device)(x, bin_idx, m1, v1, m2, v2, *clips)
