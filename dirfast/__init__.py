@@ -5,7 +5,7 @@ computed by fused kernels (C++ on CPU, Triton and CUDA C++ on GPU) behind a pure
 reference. See README.md for a migration guide.
 """
 
-from . import losses, metrics, ops
+from . import losses, metrics, ops, presets
 from .binning import Binning
 from .fds import FDS
 from .lds import LDS, lds_weights
@@ -16,5 +16,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Binning", "FDS", "LDS", "backends", "get_backend", "get_lds_kernel_window", "kernel_window",
-    "lds_weights", "losses", "metrics", "ops", "set_backend", "use_backend",
+    "lds_weights", "losses", "metrics", "ops", "presets", "set_backend", "use_backend",
 ]

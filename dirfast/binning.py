@@ -1,22 +1,77 @@
-"""Mapping labels to bins, as the published DIR code does for each kind of label."""
+"""Mapping labels to bins, as the published DIR code does in each of its paths.
+
+The published code bins a label differently depending on where it is binned: the STS-B-DIR LDS
+weights (``tasks.py``) use ``np.histogram`` on the labels as they are (float64 labels against
+float64 edges), while its FDS module (``fds.py``) and evaluator (``util.py``) cast every label
+to float32 and compare it with float32 edges; the two disagree on some scores (0.6 is bin 5 for
+the weights and bin 6 for FDS). :class:`Binning` reproduces both: ``precision="labels"`` (the
+default, used by LDS) and ``precision="float32"`` (used by FDS and the shot metrics).
+"""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
 
-__all__ = ["Binning"]
+__all__ = ["Binning", "PRECISIONS"]
+
+PRECISIONS = ("labels", "float32")
+MAX_BINS = 1 << 24
+
+_NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_BINS:
+        raise ValueError(f"{name} must be an int in [1, {MAX_BINS}], got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return float(value)
+
+
+def as_label_tensor(labels, name: str = "labels") -> torch.Tensor:
+    """``labels`` as a real-valued tensor, keeping the dtype of a tensor or NumPy array (their
+    precision decides the published bins); lists become float64 or int64."""
+    if isinstance(labels, torch.Tensor):
+        tensor = labels
+    else:
+        try:
+            array = np.asarray(labels)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be a tensor or an array of real numbers ({exc})") from None
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must be real numbers, got an array of {array.dtype}")
+        tensor = torch.tensor(array.astype(array.dtype.newbyteorder("="), copy=False))
+    if tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(f"{name} must be real numbers, got {tensor.dtype}")
+    return tensor
 
 
 class Binning:
     """Maps labels to int64 bin indices in ``[0, num_bins - 1]``.
 
-    Build one with :meth:`integer` (ages: ``int(label)``), :meth:`uniform` (equal-width bins, as
-    STS-B-DIR and NYUD2-DIR), or ``Binning(edges)`` for any increasing edges. Calling it on a
-    tensor (or array-like) of labels returns int64 indices on the labels' device, clamped into
-    range: labels below the first bin join it, labels above the last join it.
+    Build one with :meth:`integer` (ages: ``int(label)``; depths: ``int(10 * label)``),
+    :meth:`uniform` (equal-width bins with numpy's histogram edges, as STS-B-DIR), or
+    ``Binning(edges)`` for any increasing edges. Calling it on labels (a tensor, array or list,
+    any shape) returns int64 indices on the labels' device, clamped into range: labels below the
+    first bin join it, labels above the last join it.
+
+    ``precision`` says how a label is compared with the edges, as the published code does in
+    each path: ``"labels"`` compares it in its own dtype, as ``np.histogram`` does (the
+    uniform edges are computed in that dtype: float64 edges for float64 and integer labels,
+    float32 edges for float32 labels); ``"float32"`` first rounds the label to float32 and
+    compares it with float32 edges, as the published FDS modules and evaluators do. LDS uses
+    ``"labels"``; FDS and :func:`dirfast.metrics.shot_metrics` use ``"float32"``. They differ
+    only for labels that float32 cannot hold exactly (float64 scores: 0.2 and 0.6 among them).
 
     Example::
 
@@ -25,40 +80,48 @@ class Binning:
     """
 
     def __init__(self, edges) -> None:
-        edges = np.asarray(edges, dtype=np.float64)
-        if edges.ndim != 1 or edges.size < 2:
-            raise ValueError(f"edges must be 1-D with at least 2 values, got shape {edges.shape}")
+        try:
+            edges = np.asarray(edges, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"edges must be a 1-D sequence of real numbers ({exc})") from None
+        if edges.ndim != 1 or not 2 <= edges.size <= MAX_BINS + 1:
+            raise ValueError(f"edges must be 1-D with 2 to {MAX_BINS + 1} values, got shape {edges.shape}")
         if not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
             raise ValueError("edges must be finite and strictly increasing")
         self._edges = edges
-        self._integer = False
-        self._edges_on = {}  # device -> edges tensor, so binning never copies from the host again
+        self._kind = "edges"
+        self._scale = 1.0
+        self._range = None
+        self._tables = {}  # (device, dtype) -> edges tensor, so binning never copies from the host again
 
     @classmethod
-    def integer(cls, num_bins: int) -> "Binning":
-        """Bins ``0 .. num_bins - 1`` of integer labels: ``bin = int(label)`` (truncated toward
-        zero, as the published age code), clamped into range."""
-        if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
-            raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
-        binning = cls(np.arange(int(num_bins) + 1, dtype=np.float64))
-        binning._integer = True
+    def integer(cls, num_bins: int, scale: float = 1.0) -> "Binning":
+        """Bins ``0 .. num_bins - 1`` of ``int(label * scale)`` (truncated toward zero), clamped
+        into range: ``Binning.integer(121)`` is the published age binning, and
+        ``Binning.integer(100, scale=10)`` the NYUD2-DIR depth buckets of 0.1 m."""
+        num_bins = _count("num_bins", num_bins)
+        scale = _real("scale", scale)
+        if scale <= 0:
+            raise ValueError(f"scale must be positive, got {scale}")
+        binning = cls(np.arange(num_bins + 1, dtype=np.float64) / scale)
+        binning._kind, binning._scale = "integer", scale
         return binning
 
     @classmethod
     def uniform(cls, low: float, high: float, num_bins: int) -> "Binning":
         """``num_bins`` equal bins over ``[low, high]`` with numpy's histogram edges.
 
-        As the published STS-B-DIR code, the edges are those ``np.histogram`` gives for float32
-        data, a label falls in the bin whose right edge is the first strictly above it, and
-        ``high`` itself goes to the last bin.
+        As ``np.histogram``, a label falls in the bin whose right edge is the first strictly
+        above it, and ``high`` itself goes to the last bin. ``Binning.uniform(0, 5, 50)`` is the
+        STS-B-DIR binning.
         """
-        if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
-            raise ValueError(f"num_bins must be a positive int, got {num_bins!r}")
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"low and high must be finite with low < high, got {low} and {high}")
-        edges = np.histogram_bin_edges(np.array([], dtype=np.float32), bins=int(num_bins),
-                                       range=(low, high))
-        return cls(edges)
+        num_bins = _count("num_bins", num_bins)
+        low, high = _real("low", low), _real("high", high)
+        if not low < high:
+            raise ValueError(f"low must be below high, got low={low} and high={high}")
+        binning = cls(np.histogram_bin_edges(np.array([], dtype=np.float64), bins=num_bins, range=(low, high)))
+        binning._kind, binning._range = "uniform", (low, high)
+        return binning
 
     @property
     def num_bins(self) -> int:
@@ -69,34 +132,105 @@ class Binning:
         """The ``num_bins + 1`` bin edges (float64 NumPy array)."""
         return self._edges.copy()
 
+    @property
+    def centers(self) -> np.ndarray:
+        """The midpoint of each bin (float64 NumPy array of ``num_bins`` values)."""
+        return (self._edges[:-1] + self._edges[1:]) / 2
+
+    @property
+    def is_integer(self) -> bool:
+        """Whether labels are binned by truncation (:meth:`integer`)."""
+        return self._kind == "integer"
+
     def __repr__(self) -> str:
-        if self._integer:
-            return f"Binning.integer({self.num_bins})"
+        if self._kind == "integer":
+            scale = "" if self._scale == 1.0 else f", scale={self._scale:g}"
+            return f"Binning.integer({self.num_bins}{scale})"
+        if self._kind == "uniform":
+            return f"Binning.uniform({self._range[0]:g}, {self._range[1]:g}, {self.num_bins})"
         return f"Binning(edges of {self.num_bins} bins over [{self._edges[0]:g}, {self._edges[-1]:g}])"
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Binning) and np.array_equal(self._edges, other._edges)
+        return (isinstance(other, Binning) and self._kind == other._kind and self._scale == other._scale
+                and np.array_equal(self._edges, other._edges))
 
-    def __call__(self, labels, check: bool = True) -> torch.Tensor:
-        """Bin indices (int64, on the labels' device) of ``labels`` (any shape).
+    __hash__ = None
 
-        With ``check`` (the default), NaN or infinite labels raise ValueError; that check reads
-        the labels on the host, so the training-path callers inside dirfast turn it off.
+    # -- binning -------------------------------------------------------------------------------
+    def _edges_tensor(self, dtype: torch.dtype, device) -> torch.Tensor:
+        """The edges labels of ``dtype`` are compared with, on ``device``."""
+        key = (device, dtype)
+        table = self._tables.get(key)
+        if table is None:
+            if self._kind == "uniform" and dtype in _NUMPY_OF:  # np.histogram's edges for such data
+                edges = np.histogram_bin_edges(np.array([], dtype=_NUMPY_OF[dtype]), bins=self.num_bins,
+                                               range=self._range)
+                table = torch.from_numpy(edges)
+            else:
+                table = torch.from_numpy(self._edges).to(dtype)
+            if dtype != torch.float64 and not bool((table[1:] > table[:-1]).all()):
+                raise ValueError(f"{self!r}: its edges are not strictly increasing in {dtype} (the range is "
+                                 f"too narrow for that precision); bin float64 labels with precision='labels'")
+            table = self._tables[key] = table.to(device)
+        return table
+
+    def _compare_dtype(self, dtype: torch.dtype, precision: str) -> torch.dtype:
+        """The dtype a label of ``dtype`` is compared (or scaled) in."""
+        if precision == "float32":
+            return torch.float32
+        if not dtype.is_floating_point:
+            return torch.float64  # as np.histogram: integers against float64 edges
+        if self._kind == "uniform":
+            return dtype  # np.histogram computes the edges in the labels' dtype
+        if self._kind == "integer":
+            return torch.float64 if dtype == torch.float64 else torch.float32
+        return torch.float64  # explicit float64 edges: np.histogram promotes the labels
+
+    def __call__(self, labels, *, precision: str = "labels", check: bool = True) -> torch.Tensor:
+        """Bin indices (int64, on the labels' device, the labels' shape) of ``labels``.
+
+        With ``check`` (the default) NaN or infinite labels raise ValueError, and fractional
+        labels given to an integer binning warn; both read the labels on the host, so the
+        training-path callers inside dirfast pass ``check=False``, where a NaN or infinite label
+        gets index -1 (no bin: the ops ignore it) and costs no synchronisation.
         """
-        if not isinstance(labels, torch.Tensor):
-            labels = torch.as_tensor(np.asarray(labels, dtype=np.float64))
-        if labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be real numbers, got {labels.dtype}")
-        # The finiteness check reads the labels on the host: skipped inside torch.compile graphs.
-        if (check and labels.is_floating_point() and not torch.compiler.is_compiling()
-                and not bool(torch.isfinite(labels).all())):
-            raise ValueError("labels must be finite: found NaN or infinite values")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        labels = as_label_tensor(labels)
+        floating = labels.is_floating_point()
+        if check and floating and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(labels).all()):
+                raise ValueError("labels must be finite: found NaN or infinite values")
+            self.warn_if_fractional(labels)
+        cmp = self._compare_dtype(labels.dtype, precision)
+        values = labels.to(cmp)
         last = self.num_bins - 1
-        if self._integer:
-            # int(label) truncates toward zero; clamp in float first so huge labels cannot overflow.
-            return labels.double().clamp(-1.0, float(last + 1)).trunc().long().clamp(0, last)
-        edges = self._edges_on.get(labels.device)
-        if edges is None:
-            edges = self._edges_on[labels.device] = torch.as_tensor(self._edges, device=labels.device)
-        idx = torch.searchsorted(edges, labels.double().contiguous(), right=True) - 1
-        return idx.clamp(0, last)
+        if self._kind == "integer":
+            if self._scale != 1.0:
+                values = values * self._scale
+            # int(label) truncates toward zero; clamp first so that huge labels cannot overflow.
+            idx = torch.nan_to_num(values, nan=0.0).clamp(-1.0, float(last + 1)).trunc().long().clamp(0, last)
+        else:
+            edges = self._edges_tensor(cmp, labels.device)
+            idx = (torch.searchsorted(edges, values.contiguous(), right=True) - 1).clamp(0, last)
+        if floating:
+            idx = torch.where(torch.isfinite(labels), idx, -1)
+        return idx
+
+    def warn_if_fractional(self, labels) -> None:
+        """Warn when an integer binning (``scale=1``) is given labels with fractional parts:
+        it truncates them, which is rarely what continuous labels (scores in [0, 5]) need.
+        Reads the labels on the host."""
+        if self._kind != "integer" or self._scale != 1.0:
+            return
+        labels = as_label_tensor(labels)
+        if not labels.is_floating_point():
+            return
+        finite = labels[torch.isfinite(labels)]
+        fractional = finite != finite.trunc()
+        if bool(fractional.any()):
+            example = float(finite[fractional][0])
+            warnings.warn(
+                f"{self!r} truncates labels to integers, but some have fractional parts (e.g. {example:g}): "
+                "continuous labels need Binning.uniform(low, high, num_bins) or a preset of dirfast.presets "
+                "(dirfast.presets.STS_B_DIR for scores in [0, 5])", UserWarning, stacklevel=3)

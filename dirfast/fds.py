@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -13,6 +16,23 @@ __all__ = ["FDS"]
 
 _BUFFERS = ("running_mean", "running_var", "running_mean_last_epoch", "running_var_last_epoch",
             "smoothed_mean_last_epoch", "smoothed_var_last_epoch")
+_ALIASES = (("running_mean_last_epoch", "running_mean"), ("running_var_last_epoch", "running_var"))
+
+
+def _int(name: str, value, low: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return float(value)
 
 
 class FDS(nn.Module):
@@ -35,7 +55,9 @@ class FDS(nn.Module):
         binning: maps labels to buckets (default ``Binning.integer(bucket_num)``: ``int(label)``).
         fill_empty: after each update, fill buckets that got no sample as the STS-B-DIR code
             does (the first from bucket 1, the last from the one before it, others with the mean
-            of their two neighbours, in increasing order).
+            of their two neighbours, in increasing order) -- but only a bucket with a neighbour
+            that got samples in this update or was just filled: an update without data changes
+            nothing, and a run of empty buckets before the first one with data keeps its values.
         copy_snapshot: ``False`` (published behaviour) makes ``running_*_last_epoch`` the same
             tensors as ``running_*`` at each epoch snapshot, so they follow later updates;
             ``True`` takes a real copy.
@@ -55,19 +77,21 @@ class FDS(nn.Module):
                  fill_empty: bool = False, copy_snapshot: bool = False, clip_min: float = 0.1,
                  clip_max: float = 10.0, sync: bool = True, process_group=None):
         super().__init__()
-        for name, value, low in (("feature_dim", feature_dim, 1), ("bucket_num", bucket_num, 1),
-                                 ("bucket_start", bucket_start, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        feature_dim, bucket_num = _int("feature_dim", feature_dim, 1), _int("bucket_num", bucket_num, 1)
+        bucket_start = _int("bucket_start", bucket_start, 0)
+        start_update, start_smooth = _int("start_update", start_update), _int("start_smooth", start_smooth)
         if bucket_start >= bucket_num:
             raise ValueError(f"bucket_start ({bucket_start}) must be below bucket_num ({bucket_num})")
-        if momentum is not None and not 0 <= momentum <= 1:
+        if momentum is not None and not 0 <= _real("momentum", momentum) <= 1:
             raise ValueError(f"momentum must be None or in [0, 1], got {momentum!r}")
+        clip_min, clip_max = _real("clip_min", clip_min), _real("clip_max", clip_max)
         if not 0 <= clip_min <= clip_max:
             raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, got {clip_min}, {clip_max}")
         binning = Binning.integer(bucket_num) if binning is None else binning
-        if not isinstance(binning, Binning) or binning.num_bins != bucket_num:
-            raise ValueError(f"binning must be a dirfast.Binning with bucket_num={bucket_num} bins, got {binning!r}")
+        if not isinstance(binning, Binning):
+            raise TypeError(f"binning must be a dirfast.Binning, got {type(binning).__name__}")
+        if binning.num_bins != bucket_num:
+            raise ValueError(f"binning must have bucket_num={bucket_num} bins, got {binning!r}")
 
         self.feature_dim, self.bucket_num, self.bucket_start = feature_dim, bucket_num, bucket_start
         self.start_update, self.start_smooth, self.momentum = start_update, start_smooth, momentum
@@ -93,6 +117,9 @@ class FDS(nn.Module):
         self.accumulated_count = torch.zeros(buckets, dtype=torch.float64)
         self.accumulated_mean = torch.zeros(buckets, feature_dim)
         self.accumulated_m2 = torch.zeros(buckets, feature_dim)
+        # Rows accumulate() left out (a NaN or infinite label, or a bucket whose batch statistics
+        # were not finite): counted on the device, never in the state_dict.
+        self.num_samples_skipped = torch.zeros((), dtype=torch.float64)
 
     def extra_repr(self) -> str:
         return (f"feature_dim={self.feature_dim}, bucket_num={self.bucket_num}, "
@@ -101,9 +128,14 @@ class FDS(nn.Module):
 
     # -- helpers -------------------------------------------------------------------------------
     def _buckets(self, features: torch.Tensor, labels, check: bool) -> torch.Tensor:
-        """Validate ``features``/``labels``; return each row's bucket in ``[0, K)``."""
-        if not isinstance(features, torch.Tensor) or features.dim() < 2:
-            raise ValueError("features must be a [N, D] or [B, D, *spatial] tensor")
+        """Validate ``features``/``labels``; return each row's bucket in ``[0, K)``, or -1 for a
+        NaN or infinite label (``check=False``; with ``check`` such labels raise)."""
+        if not isinstance(features, torch.Tensor):
+            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
+        if not features.is_floating_point():
+            raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
+        if features.dim() < 2:
+            raise ValueError(f"features must be a [N, D] or [B, D, *spatial] tensor, got shape {tuple(features.shape)}")
         if features.shape[1] != self.feature_dim:
             raise ValueError(f"features has {features.shape[1]} features along dim 1, "
                              f"this FDS was built with feature_dim={self.feature_dim}")
@@ -118,22 +150,30 @@ class FDS(nn.Module):
         if labels.device != features.device or self.running_mean.device != features.device:
             raise ValueError(f"features ({features.device}), labels ({labels.device}) and the FDS "
                              f"buffers ({self.running_mean.device}) must be on one device: call fds.to(device)")
-        bins = self.binning(labels, check=check)
-        return bins.clamp(self.bucket_start, self.bucket_num - 1) - self.bucket_start
+        bins = self.binning(labels, precision="float32", check=check)  # as the published FDS modules
+        buckets = bins.clamp(self.bucket_start, self.bucket_num - 1) - self.bucket_start
+        return torch.where(bins >= 0, buckets, -1)
 
     def _epoch(self) -> int:
         return int(self.epoch.item())
 
+    @staticmethod
+    def _check_epoch(epoch) -> int:
+        return _int("epoch", epoch)
+
     # -- the published methods -----------------------------------------------------------------
     def reset(self) -> None:
-        """Statistics back to their initial values (the epoch counter is kept, as published)."""
+        """Statistics back to their initial values, streaming accumulators cleared (the epoch
+        counter is kept, as published)."""
         for name in _BUFFERS:
             getattr(self, name).fill_(1.0 if "var" in name else 0.0)
         self.num_samples_tracked.zero_()
+        self.clear_accumulated()
 
     def update_last_epoch_stats(self, epoch: int) -> None:
         """At the first call of each new epoch (``epoch == self.epoch + 1``), snapshot the running
         statistics and smooth them across buckets (reflect padding, sum-normalised window)."""
+        epoch = self._check_epoch(epoch)
         if epoch != self._epoch() + 1:
             return
         self.epoch += 1
@@ -157,9 +197,21 @@ class FDS(nn.Module):
         This replaces the published recipe's extra pass over the training set; the difference is
         that each batch's features come from the weights of that moment of the epoch, not from
         the weights at its end.
+
+        Nothing is read on the host, so bad values are not raised here: a row with a NaN or
+        infinite label is left out, and so is a bucket's whole batch when its statistics are not
+        finite (a NaN or infinite feature); ``num_samples_skipped`` counts those rows.
         """
         buckets = self._buckets(features, labels, check=False)
         count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
+        # A bucket whose batch statistics are not finite (a NaN or infinite feature, an overflow)
+        # is left out of this batch, so that one bad value cannot poison its statistics for ever.
+        finite = (torch.isfinite(mean).all(1) & torch.isfinite(var).all(1)).unsqueeze(1)
+        kept = torch.where(finite.squeeze(1), count, 0)
+        self.num_samples_skipped.add_((count - kept).sum() + (buckets < 0).sum())
+        count = kept
+        mean = torch.where(finite, mean, 0.0)
+        var = torch.where(finite, var, 0.0)
         n_b = count.to(torch.float64)
         m2_b = reference.m2_from_var(count, var)
         n_a = self.accumulated_count
@@ -176,6 +228,7 @@ class FDS(nn.Module):
         self.accumulated_count.zero_()
         self.accumulated_mean.zero_()
         self.accumulated_m2.zero_()
+        self.num_samples_skipped.zero_()
 
     @torch.no_grad()
     def update_running_stats(self, features: torch.Tensor | None = None, labels: torch.Tensor | None = None,
@@ -189,11 +242,20 @@ class FDS(nn.Module):
         ``running = (1 - f) * batch + f * running`` with ``f = momentum`` (or ``1 - n / tracked``
         when momentum is None; 0 at ``start_update``). Buckets without samples keep their values
         (or are filled, with ``fill_empty``).
+
+        With features (the published call, which reads them on the host anyway), NaN or
+        infinite features or labels, and statistics that overflow, raise ValueError and change
+        nothing; integer binning warns about fractional labels.
         """
         if epoch is None:
             raise TypeError("update_running_stats() needs epoch")
+        epoch = self._check_epoch(epoch)
         if (features is None) != (labels is None):
             raise ValueError("pass both features and labels, or neither (to apply what accumulate() gathered)")
+        if features is not None:
+            buckets = self._buckets(features, labels, check=True)
+            if not bool(torch.isfinite(features).all()):
+                raise ValueError("features must be finite: found NaN or infinite values (nothing was updated)")
         if epoch < self._epoch():
             return
         if features is None:
@@ -202,8 +264,10 @@ class FDS(nn.Module):
             var = reference.var_from_m2(count, self.accumulated_m2)
             self.clear_accumulated()
         else:
-            buckets = self._buckets(features, labels, check=True)
             count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
+            if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+                raise ValueError("the features' statistics overflow float32 (features of magnitude near "
+                                 "1e19 or more); nothing was updated")
         self._apply_epoch_stats(*self._synced(count, mean, var), epoch)
 
     def _apply_epoch_stats(self, count, mean, var, epoch: int) -> None:
@@ -226,10 +290,25 @@ class FDS(nn.Module):
 
     _ACCUMULATORS = ("accumulated_count", "accumulated_mean", "accumulated_m2")
 
+    # -- module state: moves, checkpoints ------------------------------------------------------
+    def _aliased(self) -> list:
+        return [(alias, name) for alias, name in _ALIASES if getattr(self, alias) is getattr(self, name)]
+
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for name in self._ACCUMULATORS:
-            setattr(self, name, fn(getattr(self, name)))
+        """Moves apply to every statistic; dtype casts do not (``.half()`` must not turn float64
+        counters into float16 ones): the statistics keep their own precision, as BatchNorm's
+        counter does. The published snapshot aliasing survives the move."""
+        aliased = self._aliased()
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            return fn(t) if target.dtype == t.dtype else t.to(device=target.device)
+
+        super()._apply(move, recurse)
+        for name in self._ACCUMULATORS + ("num_samples_skipped",):
+            setattr(self, name, move(getattr(self, name)))
+        for alias, name in aliased:
+            setattr(self, alias, getattr(self, name))
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -238,24 +317,47 @@ class FDS(nn.Module):
             value = getattr(self, name)
             destination[prefix + name] = value if keep_vars else value.detach()
 
+    def _state_errors(self, state_dict, prefix: str, strict: bool) -> list:
+        """What is wrong with this module's entries of ``state_dict``, checked before anything
+        is copied (a checkpoint of the published module has no accumulators: that is fine)."""
+        errors = []
+        for name in ("epoch",) + _BUFFERS + ("num_samples_tracked",) + self._ACCUMULATORS:
+            key, mine = prefix + name, getattr(self, name)
+            if key not in state_dict:
+                if strict and name not in self._ACCUMULATORS:
+                    errors.append(f'Missing key "{key}" in the FDS state_dict.')
+                continue
+            saved = state_dict[key]
+            if not isinstance(saved, torch.Tensor):
+                errors.append(f'While copying the parameter named "{key}", expected torch.Tensor, '
+                              f"received {type(saved).__name__}.")
+            elif tuple(saved.shape) != tuple(mine.shape):
+                errors.append(f"size mismatch for {key}: copying a tensor with shape {tuple(saved.shape)} from "
+                              f"checkpoint, the shape in current model is {tuple(mine.shape)}.")
+            elif saved.is_complex() or saved.dtype == torch.bool:
+                errors.append(f"{key}: expected real numbers, got {saved.dtype}.")
+            elif saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
+                errors.append(f"{key}: the checkpoint holds NaN or infinite statistics.")
+        return errors
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        errors = self._state_errors(state_dict, prefix, strict)
+        if errors:  # a failed load changes nothing of this module
+            error_msgs.extend(errors)
+            return
+        for alias, name in self._aliased():  # each statistic gets its own tensor back
+            setattr(self, alias, getattr(self, name).clone())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        # A checkpoint of the published module has no streaming accumulators: they stay empty.
         for name in self._ACCUMULATORS:
             key = prefix + name
             if key not in state_dict:
                 continue
             if key in unexpected_keys:  # nn.Module only knows parameters and buffers
                 unexpected_keys.remove(key)
-            mine, saved = getattr(self, name), state_dict[key]
-            if saved.shape != mine.shape:
-                error_msgs.append(f"size mismatch for {key}: copying a tensor with shape "
-                                  f"{tuple(saved.shape)} from checkpoint, the shape in current model is {tuple(mine.shape)}.")
-                continue
             with torch.no_grad():
-                mine.copy_(saved)
+                getattr(self, name).copy_(state_dict[key])
 
     def _synced(self, count, mean, var):
         """The statistics of all ranks' rows, when running distributed with ``sync``."""
@@ -265,11 +367,17 @@ class FDS(nn.Module):
 
     def _fill_empty_buckets(self, count: torch.Tensor) -> None:
         # Each fill reads the previous bucket as it is at that moment: an ordered recurrence, run
-        # once per epoch over the empty buckets only.
+        # once per epoch over the empty buckets only. A bucket is filled only when a neighbour
+        # got rows in this update or was just filled from one: an epoch with no data leaves every
+        # bucket as it was.
         last = self.running_mean.shape[0] - 1
-        for k in torch.nonzero(count == 0).flatten().tolist():
+        seen = (count > 0).tolist()
+        for k in [k for k, has in enumerate(seen) if not has]:
             if last == 0:
                 break  # a single bucket has no neighbour to fill from
+            if not ((k > 0 and seen[k - 1]) or (k < last and seen[k + 1])):
+                continue
+            seen[k] = True
             for running in (self.running_mean, self.running_var):
                 if k == 0:
                     running[0] = running[1]
@@ -286,9 +394,11 @@ class FDS(nn.Module):
         running (``m1, v1``) and smoothed (``m2, v2``) statistics, the published zero-variance
         rules included. Gradients flow to the features; as with the published module, they must
         not be a tensor autograd saved for its backward (a ReLU's output, say), since they are
-        overwritten. Labels are not checked for NaN here
-        (that would wait on the GPU every step); they are in :meth:`update_running_stats`.
+        overwritten, nor a leaf that requires grad (refused before anything is written). Labels
+        are not checked on the host here (that would wait on the GPU every step): a row with a
+        NaN or infinite label is returned unchanged.
         """
+        epoch = self._check_epoch(epoch)
         if epoch < self.start_smooth:
             return features
         buckets = self._buckets(features, labels, check=False)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-from . import distributed, ops
-from .binning import Binning
-from .ops._dispatch import host_kernel
+from . import distributed, ops, reference
+from ._schema import PADDINGS
+from .binning import Binning, as_label_tensor
 from .windows import kernel_window
 
 __all__ = ["LDS", "lds_weights", "REWEIGHTS"]
@@ -15,10 +17,19 @@ __all__ = ["LDS", "lds_weights", "REWEIGHTS"]
 REWEIGHTS = ("none", "inverse", "sqrt_inv")
 
 
-def _as_labels(labels) -> torch.Tensor:
-    if isinstance(labels, torch.Tensor):
-        return labels.reshape(-1)
-    return torch.as_tensor(np.asarray(labels, dtype=np.float64)).reshape(-1)
+def _clip(inverse_clip):
+    """``None`` or a ``(low, high)`` pair of finite numbers with 0 <= low <= high."""
+    if inverse_clip is None:
+        return None
+    if isinstance(inverse_clip, (str, bytes)) or not hasattr(inverse_clip, "__len__") or len(inverse_clip) != 2:
+        raise TypeError(f"inverse_clip must be None or a pair (low, high), got {inverse_clip!r}")
+    for value in inverse_clip:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise TypeError(f"inverse_clip must hold two real numbers, got {inverse_clip!r}")
+    low, high = float(inverse_clip[0]), float(inverse_clip[1])
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
+        raise ValueError(f"inverse_clip must satisfy 0 <= low <= high (finite), got {inverse_clip!r}")
+    return tuple(inverse_clip)
 
 
 class LDS:
@@ -26,14 +37,19 @@ class LDS:
 
     Args:
         binning: a :class:`~dirfast.Binning` (``Binning.integer(121)`` for ages,
-            ``Binning.uniform(0, 5, 50)`` for STS-B-DIR).
+            ``Binning.uniform(0, 5, 50)`` for STS-B-DIR; see :mod:`dirfast.presets`).
         reweight: ``"sqrt_inv"`` (base ``sqrt(count)``), ``"inverse"`` (base ``count``, clipped
             to ``inverse_clip``) or ``"none"`` (every weight 1).
         lds: smooth the base with the kernel window (the effective distribution); without it
             the base itself is used.
         kernel, ks, sigma: the LDS window (:func:`dirfast.get_lds_kernel_window`).
         inverse_clip: ``(low, high)`` clip of the counts with ``"inverse"``; the published age
-            code uses ``(5, 1000)``, the STS-B code ``None`` (no clip).
+            code uses ``(5, 1000)``, the STS-B and NYUD2 code ``None`` (no clip).
+        padding: what the window sees beyond the bins: ``"constant"`` (zero, as the published
+            ``convolve1d(mode="constant")``) or ``"symmetric"`` (scipy's ``"reflect"``, as the
+            NYUD2-DIR code); ``"reflect"`` and ``"replicate"`` also work.
+        bucket_start: bins below it are merged into it (labels there count and weigh as
+            ``bucket_start``) and smoothing starts there, as the NYUD2-DIR code does with 7.
         sync, process_group: when ``torch.distributed`` runs more than one process, the counts of
             :meth:`fit` and :meth:`update` are summed over the ranks (each rank passes its own
             shard of the labels); ``sync=False`` when every rank passes the whole label set.
@@ -42,7 +58,8 @@ class LDS:
     code convolves an integer array); ``"sqrt_inv"`` is not truncated. Weights are
     ``1 / effective[bin]`` in float32, scaled so that they average 1 over the fitted labels.
     A bin whose effective value is 0 (possible only for labels the fit never saw) gets the
-    weight of the sparsest non-empty bin rather than an infinite one.
+    weight of the sparsest non-empty bin rather than an infinite one. Labels are binned with
+    ``precision="labels"``, as the published ``np.histogram`` calls do.
 
     Example::
 
@@ -52,46 +69,63 @@ class LDS:
 
     def __init__(self, binning: Binning, reweight: str = "sqrt_inv", lds: bool = True,
                  kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, inverse_clip=(5, 1000),
-                 *, sync: bool = True, process_group=None):
+                 *, padding: str = "constant", bucket_start: int = 0, sync: bool = True, process_group=None):
         if not isinstance(binning, Binning):
             raise TypeError(f"binning must be a dirfast.Binning, got {type(binning).__name__}")
-        if reweight not in REWEIGHTS:
+        if not isinstance(reweight, str) or reweight not in REWEIGHTS:
             raise ValueError(f"reweight must be one of {REWEIGHTS}, got {reweight!r}")
+        if not isinstance(lds, (bool, np.bool_)):
+            raise TypeError(f"lds must be a bool, got {type(lds).__name__}")
         if lds and reweight == "none":
             raise ValueError("reweight='none' cannot be combined with lds=True (there is no base to smooth)")
-        if inverse_clip is not None:
-            if len(inverse_clip) != 2 or not inverse_clip[0] <= inverse_clip[1]:
-                raise ValueError(f"inverse_clip must be None or (low, high) with low <= high, got {inverse_clip!r}")
+        if not isinstance(padding, str) or padding not in PADDINGS:
+            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        if (isinstance(bucket_start, bool) or not isinstance(bucket_start, (int, np.integer))
+                or not 0 <= bucket_start < binning.num_bins):
+            raise ValueError(f"bucket_start must be an int in [0, {binning.num_bins}), got {bucket_start!r}")
+        self.window = kernel_window(kernel, ks, sigma, normalize="max") if lds else None
         self.binning = binning
         self.sync, self.process_group = sync, process_group
         self.reweight = reweight
         self.lds = bool(lds)
-        self.inverse_clip = None if inverse_clip is None else tuple(inverse_clip)
+        self.inverse_clip = _clip(inverse_clip)
         self.kernel, self.ks, self.sigma = kernel, ks, sigma
-        self.window = kernel_window(kernel, ks, sigma, normalize="max") if lds else None
-        self._counts = torch.zeros(binning.num_bins, dtype=torch.float64)
+        self.padding, self.bucket_start = padding, int(bucket_start)
+        self._counts = torch.zeros(binning.num_bins - self.bucket_start, dtype=torch.float64)
+        self._fitted = False
         self._table = None  # (effective, float32 weight per bin, scale), derived from the counts
         self._table_on = {}
 
     # -- fitting -------------------------------------------------------------------------------
+    def _bins(self, labels, check: bool) -> torch.Tensor:
+        """Each label's row of the tables (-1 for a NaN or infinite label when not checked)."""
+        bins = self.binning(labels, precision="labels", check=check).reshape(-1)
+        return torch.where(bins >= 0, (bins - self.bucket_start).clamp(min=0), -1)
+
     def fit(self, labels) -> "LDS":
-        """Count ``labels`` (the whole training set) from scratch; returns ``self``."""
-        bins = self.binning(_as_labels(labels))
-        self._counts = self._count(bins)
+        """Count ``labels`` (the whole training set; any shape) from scratch; returns ``self``.
+
+        Raises ValueError for NaN, infinite or no labels, and leaves the fit as it was."""
+        counts = self._count(labels)
+        self._counts, self._fitted = counts, True
         self._invalidate()
         return self
 
     def update(self, labels) -> "LDS":
         """Add ``labels`` to the counts (for label streams); returns ``self``."""
-        bins = self.binning(_as_labels(labels))
-        self._counts = self._counts + self._count(bins)
+        counts = self._count(labels)
+        self._counts, self._fitted = self._counts + counts, True
         self._invalidate()
         return self
 
-    def _count(self, bins: torch.Tensor) -> torch.Tensor:
+    def _count(self, labels) -> torch.Tensor:
+        labels = as_label_tensor(labels)
+        if labels.numel() == 0:
+            raise ValueError("labels must not be empty")
+        bins = self._bins(labels, check=True)
         # bin_stats counts the rows of each bin on the labels' device, with the fused kernels.
         ones = torch.ones(bins.shape[0], 1, dtype=torch.float32, device=bins.device)
-        count, _, _ = ops.bin_stats(ones, bins, self.binning.num_bins)
+        count, _, _ = ops.bin_stats(ones, bins, self._counts.shape[0])
         count = count.to(torch.float64)
         if self.sync and distributed.is_distributed(self.process_group):
             distributed.all_reduce_sum(count, self.process_group)
@@ -103,13 +137,13 @@ class LDS:
     # -- distributions -------------------------------------------------------------------------
     @property
     def empirical(self) -> torch.Tensor:
-        """The label count of each bin (float64, ``[num_bins]``)."""
+        """The label count of each bin (float64, ``[num_bins - bucket_start]``)."""
         return self._counts.clone()
 
     @property
     def effective(self) -> torch.Tensor:
-        """The effective distribution (float64, ``[num_bins]``): the re-weighting base, smoothed
-        with the window when ``lds`` is on (and truncated, for ``"inverse"``)."""
+        """The effective distribution (float64, ``[num_bins - bucket_start]``): the re-weighting
+        base, smoothed with the window when ``lds`` is on (and truncated, for ``"inverse"``)."""
         return self._tables()[0].clone()
 
     def _base(self) -> torch.Tensor:
@@ -124,8 +158,9 @@ class LDS:
         if self._table is None:
             effective = self._base()
             if self.lds:
-                # A small float64 CPU table: smoothed on the CPU whatever GPU backend is selected.
-                effective = host_kernel("smooth_bins")(effective, self.window, "constant")
+                # A small float64 table: smoothed by the reference definition, which sums in
+                # scipy's order (the truncation below depends on those bits).
+                effective = reference.smooth_bins(effective, self.window, self.padding)
                 if self.reweight == "inverse":
                     effective = effective.trunc()  # the published integer-array quirk
             # Written without data-dependent branches, so that it also traces under torch.compile.
@@ -141,60 +176,78 @@ class LDS:
     def weights(self, labels) -> torch.Tensor:
         """Float32 weight of each label (same shape, same device), with the fitted scale.
 
-        The weights of the fitted labels average 1 and equal :func:`lds_weights`. NaN or
-        infinite labels raise ValueError.
+        The weights of the fitted labels average 1 and equal :func:`lds_weights`. Nothing is
+        read on the host (call it in the training step): a NaN or infinite label gets weight 0.
+        Raises RuntimeError before :meth:`fit`.
         """
-        if self.reweight == "none":
-            base = labels if isinstance(labels, torch.Tensor) else _as_labels(labels)
-            return torch.ones(base.shape, dtype=torch.float32, device=base.device)
-        shape = labels.shape if isinstance(labels, torch.Tensor) else np.shape(labels)
-        labels = _as_labels(labels)
+        if not self._fitted:
+            raise RuntimeError("LDS.weights() needs fitted counts: call fit(train_labels) first "
+                               "(or load_state_dict)")
+        labels = as_label_tensor(labels)
         device = labels.device
-        if device not in self._table_on:
+        table = self._table_on.get(device)
+        if table is None:
             _, per_bin, scale = self._tables()
-            self._table_on[device] = (per_bin.double() * scale).float().to(device)
-        return self._table_on[device][self.binning(labels)].reshape(shape)
+            weights = (per_bin.double() * scale).float()
+            if self.reweight == "none":
+                weights = torch.ones_like(weights)
+            table = self._table_on[device] = torch.cat([weights, weights.new_zeros(1)]).to(device)
+        bins = self._bins(labels, check=False)
+        return table[torch.where(bins >= 0, bins, table.shape[0] - 1)].reshape(labels.shape)
 
     # -- checkpoints ---------------------------------------------------------------------------
+    _SETTINGS = ("reweight", "lds", "kernel", "ks", "sigma", "inverse_clip", "padding", "bucket_start")
+
     def state_dict(self) -> dict:
         """The fitted counts and the settings they were fitted with."""
-        return {"counts": self._counts.clone(), "edges": torch.as_tensor(self.binning.edges),
-                "reweight": self.reweight, "lds": self.lds, "kernel": self.kernel, "ks": self.ks,
-                "sigma": self.sigma, "inverse_clip": self.inverse_clip}
+        state = {"counts": self._counts.clone(), "edges": torch.as_tensor(self.binning.edges), "fitted": self._fitted}
+        state.update({key: getattr(self, key) for key in self._SETTINGS})
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore counts saved by :meth:`state_dict`; the settings must match this object's."""
-        counts = torch.as_tensor(state["counts"], dtype=torch.float64)
+        """Restore counts saved by :meth:`state_dict`; the settings must match this object's.
+        Everything is checked before anything changes."""
+        if not isinstance(state, dict) or "counts" not in state:
+            raise ValueError("state must be a dict from LDS.state_dict() (it has no 'counts')")
+        try:
+            counts = torch.as_tensor(state["counts"], dtype=torch.float64).cpu()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"state_dict 'counts' is not a tensor of numbers ({exc})") from None
         if counts.shape != self._counts.shape:
             raise ValueError(f"state_dict 'counts' has shape {tuple(counts.shape)}, "
                              f"this LDS expects {tuple(self._counts.shape)}")
-        for key in ("reweight", "lds", "kernel", "ks", "sigma", "inverse_clip"):
+        if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+            raise ValueError("state_dict 'counts' must be finite and non-negative")
+        for key in self._SETTINGS:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"state_dict {key!r} is {state[key]!r}, this LDS has {getattr(self, key)!r}")
         if "edges" in state and not np.array_equal(np.asarray(state["edges"]), self.binning.edges):
             raise ValueError("state_dict 'edges' differ from this LDS's binning")
         self._counts = counts.clone()
+        self._fitted = bool(state.get("fitted", True))
         self._invalidate()
 
     def __repr__(self) -> str:
+        extra = "" if self.padding == "constant" else f", padding={self.padding!r}"
+        extra += "" if self.bucket_start == 0 else f", bucket_start={self.bucket_start}"
         return (f"LDS({self.binning!r}, reweight={self.reweight!r}, lds={self.lds}, kernel={self.kernel!r}, "
-                f"ks={self.ks}, sigma={self.sigma}, inverse_clip={self.inverse_clip}, "
+                f"ks={self.ks}, sigma={self.sigma}, inverse_clip={self.inverse_clip}{extra}, "
                 f"fitted on {int(self._counts.sum())} labels)")
 
 
 def lds_weights(labels, binning: Binning, reweight: str = "sqrt_inv", lds: bool = True,
-                kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, inverse_clip=(5, 1000)):
+                kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, inverse_clip=(5, 1000), **options):
     """Per-sample LDS loss weights of the training ``labels``, as the published code computes.
 
     Returns float32 weights averaging 1, one per label: a tensor on the labels' device, or a
-    NumPy array when ``labels`` is one (usable as scikit-learn's ``sample_weight``). With the
-    defaults and ``Binning.integer(121)`` this reproduces the AgeDB-DIR / IMDB-WIKI-DIR weights;
-    ``Binning.uniform(0, 5, 50)`` with ``inverse_clip=None`` reproduces STS-B-DIR. See
-    :class:`LDS` for the arguments.
+    NumPy array when ``labels`` is not a tensor (usable as scikit-learn's ``sample_weight``).
+    With the defaults and ``Binning.integer(121)`` this reproduces the AgeDB-DIR /
+    IMDB-WIKI-DIR weights; ``Binning.uniform(0, 5, 50)`` with ``inverse_clip=None`` reproduces
+    STS-B-DIR for labels of the same dtype as the published run's. See :class:`LDS` for the
+    arguments (``padding``, ``bucket_start`` are keyword options).
     """
     estimator = LDS(binning, reweight=reweight, lds=lds, kernel=kernel, ks=ks, sigma=sigma,
-                    inverse_clip=inverse_clip, sync=False)  # it is given the whole label set
-    if isinstance(labels, torch.Tensor):
-        return estimator.fit(labels).weights(labels)
-    array = np.asarray(labels, dtype=np.float64)
-    return estimator.fit(array).weights(array).numpy()
+                    inverse_clip=inverse_clip, sync=False, **options)  # it is given the whole label set
+    tensor = as_label_tensor(labels)
+    weights = estimator.fit(tensor).weights(tensor)
+    return weights if isinstance(labels, torch.Tensor) else weights.numpy()

@@ -1,6 +1,12 @@
-"""Weighted regression losses of the published DIR code (element loss x weight, then the mean)."""
+"""Weighted regression losses of the published DIR code (element loss x weight, then the mean).
+
+Unlike the published functions, predictions and targets must have the same shape: ``[N, 1]``
+predictions against ``[N]`` targets would broadcast to ``[N, N]`` and average the wrong thing.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -9,13 +15,41 @@ __all__ = ["weighted_mse_loss", "weighted_l1_loss", "weighted_focal_mse_loss",
            "weighted_focal_l1_loss", "weighted_huber_loss"]
 
 
+def _pair(inputs, targets) -> None:
+    for name, value in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if inputs.shape != targets.shape:
+        raise ValueError(f"inputs and targets must have the same shape, got {tuple(inputs.shape)} and "
+                         f"{tuple(targets.shape)} (reshape one: broadcasting them would average every pair)")
+
+
 def _reduce(loss: torch.Tensor, weights) -> torch.Tensor:
     if weights is not None:
+        if not isinstance(weights, torch.Tensor):
+            raise TypeError(f"weights must be None or a torch.Tensor, got {type(weights).__name__}")
+        try:
+            shape = torch.broadcast_shapes(weights.shape, loss.shape)
+        except RuntimeError:
+            shape = None
+        if shape != loss.shape:
+            raise ValueError(f"weights of shape {tuple(weights.shape)} must broadcast to the loss shape "
+                             f"{tuple(loss.shape)} (that of inputs) without enlarging it")
         loss = loss * weights.expand_as(loss)
     return torch.mean(loss)
 
 
+def _positive(name: str, value, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    return float(value)
+
+
 def _focal(diff: torch.Tensor, activate: str, beta: float, gamma: float) -> torch.Tensor:
+    beta, gamma = _positive("beta", beta), _positive("gamma", gamma, allow_zero=True)
     if activate == "tanh":
         return torch.tanh(beta * torch.abs(diff)) ** gamma
     if activate == "sigmoid":
@@ -25,29 +59,42 @@ def _focal(diff: torch.Tensor, activate: str, beta: float, gamma: float) -> torc
 
 def weighted_mse_loss(inputs, targets, weights=None):
     """Mean of ``weights * (inputs - targets) ** 2`` (weights broadcast to the loss)."""
+    _pair(inputs, targets)
     return _reduce((inputs - targets) ** 2, weights)
 
 
 def weighted_l1_loss(inputs, targets, weights=None):
     """Mean of ``weights * |inputs - targets|``."""
+    _pair(inputs, targets)
     return _reduce(F.l1_loss(inputs, targets, reduction="none"), weights)
 
 
 def weighted_focal_mse_loss(inputs, targets, weights=None, activate="sigmoid", beta=0.2, gamma=1):
     """Focal MSE: the squared error times ``(2 sigmoid(beta |d|) - 1) ** gamma`` (or
-    ``tanh(beta |d|) ** gamma`` with ``activate="tanh"``), weighted, then the mean."""
+    ``tanh(beta |d|) ** gamma`` with ``activate="tanh"``), weighted, then the mean.
+    ``beta > 0`` and ``gamma >= 0``."""
+    _pair(inputs, targets)
     diff = inputs - targets
     return _reduce(diff ** 2 * _focal(diff, activate, beta, gamma), weights)
 
 
 def weighted_focal_l1_loss(inputs, targets, weights=None, activate="sigmoid", beta=0.2, gamma=1):
     """Focal L1: the absolute error times the focal factor of :func:`weighted_focal_mse_loss`."""
+    _pair(inputs, targets)
     diff = inputs - targets
     return _reduce(F.l1_loss(inputs, targets, reduction="none") * _focal(diff, activate, beta, gamma), weights)
 
 
 def weighted_huber_loss(inputs, targets, weights=None, beta=1.0):
-    """Huber: ``0.5 d**2 / beta`` where ``d = |inputs - targets| < beta``, else ``d - 0.5 beta``."""
+    """Huber: ``0.5 d**2 / beta`` where ``d = |inputs - targets| < beta``, else ``d - 0.5 beta``.
+
+    ``beta=0`` is the L1 loss (as ``torch.nn.functional.smooth_l1_loss``; the published formula
+    would divide by zero in the backward pass); a negative ``beta`` raises ValueError.
+    """
+    _pair(inputs, targets)
+    beta = _positive("beta", beta, allow_zero=True)
     l1 = torch.abs(inputs - targets)
+    if beta == 0:
+        return _reduce(l1, weights)
     loss = torch.where(l1 < beta, 0.5 * l1 ** 2 / beta, l1 - 0.5 * beta)
     return _reduce(loss, weights)

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
-__all__ = ["shot_metrics"]
+from .binning import Binning
+
+__all__ = ["REGIONS", "shot_metrics"]
 
 
 def _numpy(name: str, values) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().cpu().double().numpy()
-    array = np.asarray(values, dtype=np.float64).reshape(-1)
+    try:
+        array = np.asarray(values, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a tensor or an array of real numbers ({exc})") from None
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} must be finite: found NaN or infinite values")
     return array
@@ -26,8 +33,35 @@ def _region(errors: np.ndarray) -> dict:
     return {"mse": float(np.mean(errors ** 2)), "l1": float(np.mean(absolute)), "gmean": gmean}
 
 
-def shot_metrics(preds, labels, train_labels, many_shot_thr: int = 100, low_shot_thr: int = 20,
-                 binning=None) -> dict:
+REGIONS = ("many", "median", "low")
+
+
+def _threshold(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or math.isnan(value):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _region_of_bins(regions, num_bins: int) -> np.ndarray:
+    """Region index (0 many, 1 median, 2 low) of each bin from ``{"many": bins, ...}``; bins
+    that no region lists are few-shot, as in the published STS-B-DIR evaluator."""
+    if not isinstance(regions, dict) or not set(regions) <= set(REGIONS):
+        raise ValueError(f"regions must be a dict with keys among {REGIONS}, got {regions!r}")
+    of_bin = np.full(num_bins, 2)
+    listed = set()
+    for index, name in enumerate(REGIONS):
+        for b in regions.get(name, ()):
+            if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= b < num_bins:
+                raise ValueError(f"regions[{name!r}] must hold bin indices in [0, {num_bins}), got {b!r}")
+            if int(b) in listed:
+                raise ValueError(f"bin {b} is listed in more than one region")
+            listed.add(int(b))
+            of_bin[b] = index
+    return of_bin
+
+
+def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low_shot_thr: int = 20,
+                 binning=None, *, regions=None) -> dict:
     """MSE, L1 and geometric-mean error over the many-, medium- and few-shot test labels.
 
     As the published code: each distinct test label is many-shot when the training set holds
@@ -37,29 +71,43 @@ def shot_metrics(preds, labels, train_labels, many_shot_thr: int = 100, low_shot
     no test sample gives NaN.
 
     With ``binning`` (a :class:`~dirfast.Binning`), labels are grouped by bin instead of by
-    exact value, which is what continuous labels need.
+    exact value, which is what continuous labels need; they are binned as the published
+    evaluators do (``precision="float32"``). ``regions`` (with ``binning``) gives the regions
+    as bin lists instead, ``{"many": [...], "median": [...], "low": [...]}`` (unlisted bins are
+    few-shot), as the published STS-B-DIR and NYUD2-DIR evaluators fix them; ``train_labels``
+    is then not needed.
 
     Returns ``{"many" | "median" | "low" | "overall": {"mse", "l1", "gmean"}}`` of floats.
     """
     preds, labels = _numpy("preds", preds), _numpy("labels", labels)
-    train = _numpy("train_labels", train_labels)
     if preds.shape != labels.shape:
         raise ValueError(f"preds and labels must have the same number of values, got {preds.size} and {labels.size}")
-    if binning is None:
-        test_keys, train_keys = labels, train.astype(int)
+    if binning is not None and not isinstance(binning, Binning):
+        raise TypeError(f"binning must be None or a dirfast.Binning, got {type(binning).__name__}")
+    if regions is not None:
+        if binning is None:
+            raise ValueError("regions are bin lists: pass the binning they refer to")
+        region = _region_of_bins(regions, binning.num_bins)[binning(labels, precision="float32").numpy()]
     else:
-        test_keys, train_keys = binning(labels).numpy(), binning(train).numpy()
-    keys, inverse = np.unique(test_keys, return_inverse=True)
-    # training count of each distinct test key (exact matches, as the published comparison)
-    sorted_train = np.sort(train_keys)
-    train_count = np.searchsorted(sorted_train, keys, side="right") - np.searchsorted(sorted_train, keys, side="left")
-    count_of_sample = train_count[inverse]
+        if train_labels is None:
+            raise TypeError("shot_metrics() needs train_labels (or regions)")
+        many, low = _threshold("many_shot_thr", many_shot_thr), _threshold("low_shot_thr", low_shot_thr)
+        if low > many:
+            raise ValueError(f"low_shot_thr ({low_shot_thr}) must not exceed many_shot_thr ({many_shot_thr}): "
+                             "the regions would overlap")
+        train = _numpy("train_labels", train_labels)
+        if binning is None:
+            test_keys, train_keys = labels, train.astype(int)
+        else:
+            test_keys = binning(labels, precision="float32").numpy()
+            train_keys = binning(train, precision="float32").numpy()
+        keys, inverse = np.unique(test_keys, return_inverse=True)
+        # training count of each distinct test key (exact matches, as the published comparison)
+        sorted_train = np.sort(train_keys)
+        train_count = np.searchsorted(sorted_train, keys, side="right") - np.searchsorted(sorted_train, keys, side="left")
+        count = train_count[inverse.reshape(-1)]
+        region = np.where(count > many, 0, np.where(count < low, 2, 1))
     errors = preds - labels
-    regions = {
-        "many": count_of_sample > many_shot_thr,
-        "median": (count_of_sample <= many_shot_thr) & (count_of_sample >= low_shot_thr),
-        "low": count_of_sample < low_shot_thr,
-    }
-    result = {name: _region(errors[mask]) for name, mask in regions.items()}
+    result = {name: _region(errors[region == index]) for index, name in enumerate(REGIONS)}
     result["overall"] = _region(errors)
     return result

@@ -307,12 +307,13 @@ def test_fds_empty_buckets_keep_values():
 def test_fds_fill_empty():
     """STS-B rule: after the update, each bucket with no sample is filled in increasing order,
     the first from bucket 1, the last from the one before, others with the mean of their two
-    neighbours as they are at that moment (a just-filled left neighbour counts)."""
+    neighbours as they are at that moment (a just-filled left neighbour counts). Where every run
+    of empty buckets follows a bucket with data, that is the published result."""
     bucket_num, d = 10, 3
     kw = dict(bucket_num=bucket_num, bucket_start=0)
     fds = dirfast.FDS(d, fill_empty=True, **kw)
     pub = PublishedFDS(d, **kw)
-    epochs = [torch.arange(10.0).repeat(4), torch.tensor([2.0, 2, 3, 3, 3, 7, 7, 2])]  # 0,1,4,5,6,8,9 empty
+    epochs = [torch.arange(10.0).repeat(4), torch.tensor([0.0, 2, 3, 3, 3, 7, 7, 2])]  # 1,4,5,6,8,9 empty
     for epoch, labels in enumerate(epochs):
         x = features(labels.numel(), d, 20 + epoch, scale=1 + epoch)
         fds.update_last_epoch_stats(epoch)
@@ -323,13 +324,28 @@ def test_fds_fill_empty():
         assert_same_state(fds, pub)
     rm = fds.running_mean
     torch.testing.assert_close(rm[9], rm[8], rtol=0, atol=0)
-    torch.testing.assert_close(rm[1], (rm[0] + rm[2]) / 2)  # 0 was filled (from old 1) before 1
+    torch.testing.assert_close(rm[1], (rm[0] + rm[2]) / 2)
     fds2 = dirfast.FDS(1, bucket_num=6, bucket_start=0, fill_empty=True, momentum=0.0)
     fds2.update_running_stats(torch.arange(6.0).reshape(6, 1) * 10, torch.arange(6.0), 0)
     fds2.update_running_stats(torch.tensor([[100.0], [200.0]]), torch.tensor([1.0, 5.0]), 1)
     # momentum 0: present buckets take the batch value; then 0 <- 1; 2 <- (1 + 3)/2; 3 <- (2 + 4)/2; 4 <- (3 + 5)/2
     expected = [100.0, 100.0, (100 + 30) / 2, ((100 + 30) / 2 + 40) / 2, (((100 + 30) / 2 + 40) / 2 + 200) / 2, 200.0]
     torch.testing.assert_close(fds2.running_mean[:, 0], torch.tensor(expected))
+    # a run before the first bucket with data keeps its values (the published code fills it)
+    fds3 = dirfast.FDS(1, bucket_num=4, bucket_start=0, fill_empty=True, momentum=0.0)
+    fds3.update_running_stats(torch.arange(4.0).reshape(4, 1), torch.arange(4.0), 0)
+    fds3.update_running_stats(torch.tensor([[9.0]]), torch.tensor([3.0]), 1)
+    torch.testing.assert_close(fds3.running_mean[:, 0], torch.tensor([0.0, 1.0, (1.0 + 9.0) / 2, 9.0]))
+
+
+def test_fds_fill_empty_needs_a_neighbour_with_data():
+    """An update without data (nothing accumulated) fills nothing: every bucket keeps its value."""
+    fds = dirfast.FDS(2, bucket_num=6, bucket_start=0, fill_empty=True)
+    fds.update_running_stats(features(60, 2, 3), torch.arange(6.0).repeat(10), 0)
+    before = fds.running_mean.clone(), fds.running_var.clone()
+    fds.update_running_stats(epoch=1)
+    torch.testing.assert_close(fds.running_mean, before[0], rtol=0, atol=0)
+    torch.testing.assert_close(fds.running_var, before[1], rtol=0, atol=0)
 
 
 def test_fds_fill_empty_off_by_default():
