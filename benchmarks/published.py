@@ -10,7 +10,8 @@ It serves two purposes:
 
 Keep it faithful: do not "fix" or vectorise anything here.  The only departures from the
 published module are that it takes a ``device`` argument instead of hard-coding ``.cuda()``,
-that the kernel window follows the statistics' device, and that it logs nothing.
+and the clip of ``calibrate_mean_var`` (which each dataset's utils.py sets) as arguments, that
+the kernel window follows the statistics' device, and that it logs nothing.
 """
 
 import numpy as np
@@ -58,8 +59,9 @@ class PublishedFDS(nn.Module):
     """
 
     def __init__(self, feature_dim, bucket_num=100, bucket_start=3, start_update=0, start_smooth=1,
-                 kernel="gaussian", ks=5, sigma=2, momentum=0.9, device="cpu"):
+                 kernel="gaussian", ks=5, sigma=2, momentum=0.9, device="cpu", clip_min=0.1, clip_max=10):
         super().__init__()
+        self.clips = (clip_min, clip_max)
         self.feature_dim = feature_dim
         self.bucket_num = bucket_num
         self.bucket_start = bucket_start
@@ -174,7 +176,7 @@ class PublishedFDS(nn.Module):
                 self.running_mean_last_epoch[k],
                 self.running_var_last_epoch[k],
                 self.smoothed_mean_last_epoch[k],
-                self.smoothed_var_last_epoch[k])
+                self.smoothed_var_last_epoch[k], *self.clips)
         return features
 
 

@@ -204,14 +204,6 @@ class FDS(nn.Module):
         """
         buckets = self._buckets(features, labels, check=False)
         count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
-        # A bucket whose batch statistics are not finite (a NaN or infinite feature, an overflow)
-        # is left out of this batch, so that one bad value cannot poison its statistics for ever.
-        finite = (torch.isfinite(mean).all(1) & torch.isfinite(var).all(1)).unsqueeze(1)
-        kept = torch.where(finite.squeeze(1), count, 0)
-        self.num_samples_skipped.add_((count - kept).sum() + (buckets < 0).sum())
-        count = kept
-        mean = torch.where(finite, mean, 0.0)
-        var = torch.where(finite, var, 0.0)
         n_b = count.to(torch.float64)
         m2_b = reference.m2_from_var(count, var)
         n_a = self.accumulated_count
@@ -219,9 +211,15 @@ class FDS(nn.Module):
         weight_b = (n_b / total.clamp(min=1)).to(mean.dtype).unsqueeze(1)
         cross = (n_a * n_b / total.clamp(min=1)).to(mean.dtype).unsqueeze(1)
         delta = mean - self.accumulated_mean
-        self.accumulated_mean.add_(delta * weight_b)
-        self.accumulated_m2.add_(m2_b + delta * delta * cross)
-        self.accumulated_count.copy_(total)
+        merged_mean = self.accumulated_mean + delta * weight_b
+        merged_m2 = self.accumulated_m2 + (m2_b + delta * delta * cross)
+        # A bucket whose merged statistics are not finite (a NaN or infinite feature, an
+        # overflow) keeps what it had: one bad batch cannot poison its statistics for ever.
+        finite = torch.isfinite(merged_mean).all(1) & torch.isfinite(merged_m2).all(1)
+        self.num_samples_skipped.add_(torch.where(finite, 0, count).sum() + (buckets < 0).sum())
+        self.accumulated_mean.copy_(torch.where(finite.unsqueeze(1), merged_mean, self.accumulated_mean))
+        self.accumulated_m2.copy_(torch.where(finite.unsqueeze(1), merged_m2, self.accumulated_m2))
+        self.accumulated_count.copy_(torch.where(finite, total, n_a))
 
     def clear_accumulated(self) -> None:
         """Drop what :meth:`accumulate` gathered since the last update."""
@@ -262,13 +260,15 @@ class FDS(nn.Module):
             count = self.accumulated_count.round().long()
             mean = self.accumulated_mean.clone()
             var = reference.var_from_m2(count, self.accumulated_m2)
-            self.clear_accumulated()
         else:
             count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
             if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
                 raise ValueError("the features' statistics overflow float32 (features of magnitude near "
                                  "1e19 or more); nothing was updated")
-        self._apply_epoch_stats(*self._synced(count, mean, var), epoch)
+        stats = self._synced(count, mean, var)
+        if features is None:
+            self.clear_accumulated()
+        self._apply_epoch_stats(*stats, epoch)
 
     def _apply_epoch_stats(self, count, mean, var, epoch: int) -> None:
         n = count.to(self.num_samples_tracked.dtype)

@@ -7,7 +7,6 @@ not a runtime dependency. The tests check them against scipy.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch

@@ -79,6 +79,89 @@ def edges_bin(label, edges: np.ndarray) -> int:
     return min(max(greater[0] - 1, 0), num_bins - 1)
 
 
+# ------------------------------------------------------- the published binning functions
+# Transcribed from YyzHarry/imbalanced-regression (MIT), with the label dtype left to the caller.
+def published_stsb_weight_bins(targs, bins=50):
+    """sts-b-dir/tasks.py ``load_tsv``: np.histogram of the labels as given, then get_bin_idx
+    (float64 labels against float64 edges, float32 against float32)."""
+    _, bins_edges = np.histogram(targs, bins=bins, range=(0.0, 5.0))
+
+    def get_bin_idx(label):
+        if label == 5.0:
+            return bins - 1
+        else:
+            return np.where(bins_edges > label)[0][0] - 1
+
+    return np.array([get_bin_idx(label) for label in targs])
+
+
+def published_stsb_fds_bucket(label, bucket_num=50, bucket_start=0):
+    """sts-b-dir/fds.py ``FDS._get_bucket_idx``: the label cast to float32, float32 edges."""
+    label = np.float32(label)
+    _, bins_edges = np.histogram(a=np.array([], dtype=np.float32), bins=bucket_num, range=(0.0, 5.0))
+    if label == 5.0:
+        return bucket_num - 1
+    else:
+        return max(np.where(bins_edges > label)[0][0] - 1, bucket_start)
+
+
+def published_stsb_eval_bin(label, num_bins=50):
+    """sts-b-dir/util.py ``STSShotAverage.get_bin_idx`` (labels arrive through ``tolist()``)."""
+    _, bins_edges = np.histogram(a=np.array([], dtype=np.float32), bins=num_bins, range=(0.0, 5.0))
+    if label == 5.0:
+        return num_bins - 1
+    else:
+        return np.where(bins_edges > label)[0][0] - 1
+
+
+# sts-b-dir/util.py STSShotAverage._shot_idx
+STSB_SHOT_BINS = {
+    "many": [0, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42, 44, 46, 48, 49],
+    "medium": [2, 4, 6, 8, 27, 35, 37],
+    "few": [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 29, 31, 33, 39, 41, 43, 45, 47],
+}
+
+
+def published_nyud2_bin(x):
+    """nyud2-dir/util.py and loaddata.py ``get_bin_idx``: ``min(int(x * np.float32(10)), 99)``."""
+    return min(int(x * np.float32(10)), 99)
+
+
+def published_nyud2_bucket_weights(train_bucket_num, reweight, lds, lds_kernel="gaussian", lds_ks=5, lds_sigma=2,
+                                   bucket_start=7, bucket_num=100):
+    """nyud2-dir/loaddata.py ``depthDataset._get_bucket_weights`` with the bucket counts given."""
+    assert reweight in {"none", "inverse", "sqrt_inv"}
+    if reweight == "none":
+        return None
+    TRAIN_BUCKET_NUM = list(train_bucket_num)
+    if lds:
+        value_lst = TRAIN_BUCKET_NUM[bucket_start:]
+        lds_kernel_window = lds_window(lds_kernel, lds_ks, lds_sigma)
+        if reweight == "sqrt_inv":
+            value_lst = np.sqrt(value_lst)
+        smoothed_value = convolve1d(np.asarray(value_lst), weights=lds_kernel_window, mode="reflect")
+        smoothed_value = [smoothed_value[0]] * bucket_start + list(smoothed_value)
+        scaling = np.sum(TRAIN_BUCKET_NUM) / np.sum(np.array(TRAIN_BUCKET_NUM) / np.array(smoothed_value))
+        bucket_weights = [np.float32(scaling / smoothed_value[bucket]) for bucket in range(bucket_num)]
+    else:
+        value_lst = [TRAIN_BUCKET_NUM[bucket_start]] * bucket_start + TRAIN_BUCKET_NUM[bucket_start:]
+        if reweight == "sqrt_inv":
+            value_lst = np.sqrt(value_lst)
+        scaling = np.sum(TRAIN_BUCKET_NUM) / np.sum(np.array(TRAIN_BUCKET_NUM) / np.array(value_lst))
+        bucket_weights = [np.float32(scaling / value_lst[bucket]) for bucket in range(bucket_num)]
+    return bucket_weights
+
+
+# nyud2-dir/util.py Evaluator.shot_idx
+NYUD2_SHOT_BINS = {
+    "many": [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27,
+             28, 29, 30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 47, 49],
+    "medium": [7, 8, 46, 48, 50, 51, 52, 53, 54, 55, 56, 58, 60, 61, 63],
+    "few": [0, 1, 2, 3, 4, 5, 6, 57, 59, 62, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77,
+            78, 79, 80, 81, 82, 83, 84, 85, 86, 87, 88, 89, 90, 91, 92, 93, 94, 95, 96, 97, 98, 99],
+}
+
+
 # ============================================================================ LDS (published)
 def published_prepare_integer(labels, reweight, max_target=121, lds=False, lds_kernel="gaussian",
                               lds_ks=5, lds_sigma=2, clip=(5, 1000)):

@@ -1,4 +1,11 @@
-"""dirfast.Binning against the published label -> bin rules (SPEC.md, Binning)."""
+"""dirfast.Binning against the published label -> bin rules of each path (SPEC.md, Binning).
+
+``precision="labels"`` is np.histogram on the labels as they are (the STS-B-DIR LDS weights,
+tasks.py); ``precision="float32"`` casts each label to float32 and compares it with float32
+edges (the STS-B-DIR fds.py and util.py). Bad arguments are in test_bad_inputs.py.
+"""
+
+import warnings
 
 import numpy as np
 import pytest
@@ -8,97 +15,138 @@ import dirfast
 import oracle
 from testing import DEVICES, gen
 
+BINNINGS = {
+    "stsb": lambda: dirfast.Binning.uniform(0, 5, 50),
+    "odd-range": lambda: dirfast.Binning.uniform(-2.0, 3.0, 7),
+    "ages": lambda: dirfast.Binning.integer(121),
+    "depth": lambda: dirfast.Binning.integer(100, scale=10),
+    "edges": lambda: dirfast.Binning([0.0, 0.1, 0.25, 1.0 / 3.0, 2.5, 10.0]),
+}
+NUMPY_DTYPES = [np.float64, np.float32, np.float16]
+
+
+def expected_bins(binning, labels: np.ndarray, precision: str) -> list:
+    """The published rule, written out: for uniform edges np.histogram's edges in the dtype
+    the label is compared in (float32 for precision="float32", else the label's own; float64
+    for integers), the first edge strictly above the label, minus 1; for integer binning
+    ``int(label * scale)`` in that dtype; clamped into range."""
+    n = binning.num_bins
+    out = []
+    for value in labels:
+        if precision == "float32":
+            value = np.float32(value)
+        elif labels.dtype.kind in "iu":
+            value = np.float64(value)
+        if binning.is_integer:
+            scale = value.dtype.type(10.0 if binning == dirfast.Binning.integer(n, scale=10) else 1.0)
+            if value.dtype == np.float16:  # torch multiplies float16 by a Python scale in float32
+                value, scale = np.float32(value), np.float32(scale)
+            out.append(min(max(int(value * scale), 0), n - 1))
+            continue
+        low, high = float(binning.edges[0]), float(binning.edges[-1])  # Python floats, as the published range
+        uniform = repr(binning).startswith("Binning.uniform")
+        edges = oracle.histogram_edges(low, high, n, dtype=value.dtype) if uniform else binning.edges.astype(
+            np.float32 if precision == "float32" else np.float64)
+        out.append(oracle.edges_bin(value, edges))
+    return out
+
+
+def edge_labels(binning, dtype) -> np.ndarray:
+    """Every edge, and the neighbouring values just below and above it, in ``dtype``."""
+    edges = binning.edges.astype(dtype)
+    below = np.nextafter(edges, np.array(-np.inf, dtype=dtype))
+    above = np.nextafter(edges, np.array(np.inf, dtype=dtype))
+    return np.concatenate([edges, below, above]).astype(dtype)
+
+
+@pytest.mark.parametrize("name", BINNINGS)
+@pytest.mark.parametrize("dtype", NUMPY_DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("precision", ["labels", "float32"])
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["numpy", "torch"])
+def test_labels_at_and_next_to_every_edge(name, dtype, precision, as_tensor):
+    binning = BINNINGS[name]()
+    labels = edge_labels(binning, dtype)
+    got = binning(torch.from_numpy(labels) if as_tensor else labels, precision=precision, check=False)
+    assert got.dtype == torch.int64 and got.shape == labels.shape
+    assert got.tolist() == expected_bins(binning, labels, precision)
+
+
+@pytest.mark.parametrize("name", BINNINGS)
+def test_integer_labels_bin_as_float64(name):
+    binning = BINNINGS[name]()
+    labels = np.arange(-3, 130, dtype=np.int64)
+    for precision in ("labels", "float32"):
+        assert binning(labels, precision=precision).tolist() == expected_bins(binning, labels, precision)
+        assert binning(torch.from_numpy(labels).int(), precision=precision).tolist() == expected_bins(
+            binning, labels, precision)
+
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.int32], ids=str)
-def test_integer_binning(device, dtype):
-    b = dirfast.Binning.integer(121)
-    assert b.num_bins == 121
-    if dtype.is_floating_point:
-        values = [0.0, 0.4, 1.0, 5.7, 30.999, 119.5, 120.0, 120.9, 121.0, 150.0, -0.5, -3.0, 1e9]
-    else:
-        values = [0, 1, 5, 30, 119, 120, 121, 150, -3, 10**6]
-    labels = torch.tensor(values, dtype=dtype, device=device)
-    got = b(labels)
-    assert got.dtype == torch.int64 and got.device == labels.device and got.shape == labels.shape
-    # SPEC: b(y) = min(B - 1, int(y)); dirfast clamps below at 0 too
-    expected = [oracle.integer_bin(v, 121) for v in labels.cpu().tolist()]
-    assert got.cpu().tolist() == expected
+def test_bfloat16_labels_against_bfloat16_edges(device):
+    """bfloat16 labels are compared with the edges rounded to bfloat16 (their own precision)."""
+    binning = dirfast.Binning.uniform(0, 5, 50)
+    labels = torch.rand(2000, generator=gen(3)).mul(5).bfloat16()
+    edges = torch.from_numpy(binning.edges).bfloat16().float()
+    expected = (torch.searchsorted(edges, labels.float(), right=True) - 1).clamp(0, 49)
+    assert torch.equal(binning(labels.to(device)).cpu(), expected)
 
 
-def test_integer_binning_random_and_shapes():
-    b = dirfast.Binning.integer(50)
-    labels = torch.rand(4, 1, 6, generator=gen(1), dtype=torch.float64) * 70 - 10
-    got = b(labels)
-    assert got.shape == labels.shape
-    expected = [oracle.integer_bin(v, 50) for v in labels.reshape(-1).tolist()]
-    assert got.reshape(-1).tolist() == expected
+def test_the_two_paths_differ_as_published():
+    """float64 scores: 0.2 is bin 2 on both paths; 0.6 is bin 5 for the LDS weights (the float64
+    edge is 0.6000000000000001) and bin 6 for FDS (float32)."""
+    binning = dirfast.Binning.uniform(0, 5, 50)
+    scores = np.array([0.2, 0.6])
+    assert binning(scores).tolist() == [2, 5] == oracle.published_stsb_weight_bins(scores).tolist()
+    assert binning(scores, precision="float32").tolist() == [2, 6] == [oracle.published_stsb_fds_bucket(s)
+                                                                      for s in scores]
+    assert binning(scores.astype(np.float32)).tolist() == [2, 6]
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_uniform_binning_stsb_float32(device):
-    """STS-B-DIR: 50 bins over [0, 5] with numpy's histogram edges. The published loader makes
-    the scores np.float32, so the edges are float32 too: 3.800 (as float32) sits ON the float32
-    edge 3.8 and goes to bin 38 (float64 edges would say 37)."""
-    b = dirfast.Binning.uniform(0, 5, 50)
-    assert b.num_bins == 50
-    scores = np.array([0.0, 0.1, 0.143, 0.2, 0.3, 0.7, 1.0, 2.5, 3.8, 3.85, 4.6, 4.9, 4.95, 4.999, 5.0],
-                      dtype=np.float32)
-    rand = (torch.rand(500, generator=gen(2), dtype=torch.float64) * 5).float().numpy()
-    grid = (np.arange(0, 501) / 100).astype(np.float32)  # every 0.01, as the 3-decimal scores
-    labels = np.concatenate([scores, rand, grid])
-    edges = oracle.histogram_edges(0.0, 5.0, 50, dtype=np.float32)
-    expected = [oracle.edges_bin(v, edges) for v in labels]
-    got = b(torch.tensor(labels, device=device))
-    assert got.dtype == torch.int64 and got.device.type == torch.device(device).type
-    assert got.cpu().tolist() == expected
-    # and it agrees with np.histogram's own counts on the same float32 data
-    counts = np.histogram(labels, bins=50, range=(0.0, 5.0))[0]
-    np.testing.assert_array_equal(np.bincount(got.cpu().numpy(), minlength=50), counts)
-    assert int(b(torch.tensor([3.8], dtype=torch.float32))[0]) == 38
+def test_shape_device_and_clamping(device):
+    binning = dirfast.Binning.uniform(0, 5, 50)
+    labels = torch.tensor([[-1.0, -0.001], [5.0, 5.001]], device=device)
+    got = binning(labels)
+    assert got.shape == (2, 2) and got.device == labels.device
+    assert got.tolist() == [[0, 0], [49, 49]]
+    labels = torch.tensor([0.0, 30.7, 120.9, 1e9, -3.0])
+    assert dirfast.Binning.integer(121)(labels, check=False).tolist() == [0, 30, 120, 120, 0]
 
 
-def test_uniform_binning_clamps():
-    b = dirfast.Binning.uniform(0, 5, 50)
-    got = b(torch.tensor([-1.0, -0.001, 5.0, 5.001, 100.0]))
-    assert got.tolist() == [0, 0, 49, 49, 49]
+def test_non_finite_labels():
+    """Checked (the default), a NaN or infinite label raises; unchecked (the training path, no
+    host sync), it gets index -1, which every op treats as no bin."""
+    for binning in (b() for b in BINNINGS.values()):
+        labels = torch.tensor([1.0, float("nan"), float("inf"), -float("inf"), 2.0])
+        with pytest.raises(ValueError, match="finite"):
+            binning(labels)
+        got = binning(labels, check=False)
+        assert got[1:4].tolist() == [-1, -1, -1]
+        assert got[0] >= 0 and got[4] >= 0
 
 
-@pytest.mark.parametrize("num_bins", [1, 3, 10])
-def test_uniform_binning_other_ranges(num_bins):
-    b = dirfast.Binning.uniform(-2.0, 3.0, num_bins)
-    labels = np.concatenate([(np.random.default_rng(3).random(200) * 5 - 2), [-2.0, 3.0]]).astype(np.float32)
-    edges = oracle.histogram_edges(-2.0, 3.0, num_bins, dtype=np.float32)
-    expected = [oracle.edges_bin(v, edges) for v in labels]
-    assert b(torch.tensor(labels)).tolist() == expected
+def test_integer_binning_warns_about_fractional_labels():
+    with pytest.warns(UserWarning, match="Binning.uniform"):
+        dirfast.Binning.integer(50)(torch.tensor([0.143, 2.0, 4.6]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dirfast.Binning.integer(50)(torch.tensor([1.0, 2.0]))  # integer-valued floats: no warning
+        dirfast.Binning.integer(50)(torch.tensor([0.143]), check=False)  # the training path reads nothing
+        dirfast.Binning.integer(100, scale=10)(torch.tensor([1.234]))  # depths: fractional by design
 
 
-def test_edges_binning():
-    edges = [0.0, 1.0, 2.5, 10.0]
-    b = dirfast.Binning(edges)
-    assert b.num_bins == 3
-    labels = [0.0, 0.5, 1.0, 2.4999, 2.5, 9.99, 10.0, -3.0, 11.0]
-    expected = [oracle.edges_bin(v, np.array(edges)) for v in labels]
-    assert expected == [0, 0, 1, 1, 2, 2, 2, 0, 2]
-    assert b(torch.tensor(labels, dtype=torch.float64)).tolist() == expected
+def test_centers_and_repr():
+    binning = dirfast.Binning.uniform(0, 5, 50)
+    np.testing.assert_allclose(binning.centers, np.arange(50) * 0.1 + 0.05)
+    assert repr(binning) == "Binning.uniform(0, 5, 50)"
+    assert repr(dirfast.Binning.integer(100, scale=10)) == "Binning.integer(100, scale=10)"
+    assert dirfast.Binning.integer(10) != dirfast.Binning([float(i) for i in range(11)])
+    assert dirfast.Binning.uniform(0, 5, 50) == dirfast.Binning.uniform(0, 5, 50)
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-@pytest.mark.parametrize("make", [lambda: dirfast.Binning.integer(10), lambda: dirfast.Binning.uniform(0, 5, 50),
-                                  lambda: dirfast.Binning([0.0, 1.0, 2.0])])
-def test_binning_rejects_non_finite(make, bad):
-    with pytest.raises(ValueError, match="label"):
-        make()(torch.tensor([1.0, bad, 2.0]))
-
-
-def test_binning_bad_construction():
-    with pytest.raises(ValueError, match="num_bins"):
-        dirfast.Binning.integer(0)
-    with pytest.raises(ValueError, match="num_bins"):
-        dirfast.Binning.uniform(0, 5, 0)
-    with pytest.raises(ValueError):
-        dirfast.Binning.uniform(5, 0, 10)
-    with pytest.raises(ValueError, match="edges"):
-        dirfast.Binning([0.0, 2.0, 1.0])
-    with pytest.raises(ValueError, match="edges"):
-        dirfast.Binning([1.0])
+def test_depth_buckets_match_the_published_rule():
+    """NYUD2-DIR: min(int(depth * float32(10)), 99) on float32 depths (util.py, loaddata.py)."""
+    depth = (torch.rand(5000, generator=gen(7), dtype=torch.float64) * 11).float()
+    depth = torch.cat([depth, torch.arange(0, 101).float() / 10])
+    expected = [oracle.published_nyud2_bin(np.float32(v)) for v in depth.tolist()]
+    assert dirfast.Binning.integer(100, scale=10)(depth, precision="float32").tolist() == expected

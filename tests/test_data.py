@@ -1,7 +1,9 @@
-"""LDS weights and shot metrics on the real AgeDB-DIR and STS-B-DIR labels.
+"""The published outputs on the real AgeDB-DIR and STS-B-DIR labels, in float64 and float32.
 
 The label files live in ../shared/data (team machines only); every test here skips cleanly
-when they are absent, as on a user's machine.
+when they are absent, as on a user's machine. The published functions are transcribed in
+oracle.py; the STS-B-DIR scores are read as the published loader reads them (np.float32) and
+as NumPy or pandas would (float64), since the published bins depend on that.
 """
 
 import csv
@@ -13,12 +15,14 @@ import torch
 
 import dirfast
 import oracle
+from dirfast.presets import AGEDB_DIR, STS_B_DIR
 from testing import gen
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data")
 AGEDB = os.path.join(DATA, "agedb-dir-labels.csv")
-STSB_TRAIN = os.path.join(DATA, "sts-b-dir", "train_new.tsv")
+STSB = os.path.join(DATA, "sts-b-dir")
+SCORE_DTYPES = [np.float64, np.float32]
 
 
 def agedb(split):
@@ -29,20 +33,17 @@ def agedb(split):
     return np.array(ages, dtype=np.int64)
 
 
-def stsb_train_scores():
-    """As the published loader: skip the header, split on tabs, column `score` as np.float32,
-    rows without a score skipped."""
-    if not os.path.isfile(STSB_TRAIN):
-        pytest.skip(f"STS-B-DIR data not found at {STSB_TRAIN}")
-    with open(STSB_TRAIN, encoding="utf-8") as fh:
+def stsb_scores(split="train", dtype=np.float32):
+    """As the published loader: skip the header, split on tabs, column `score` converted to
+    ``dtype`` (np.float32 in the published code), rows without a score skipped."""
+    path = os.path.join(STSB, f"{split}_new.tsv")
+    if not os.path.isfile(path):
+        pytest.skip(f"STS-B-DIR data not found at {path}")
+    with open(path, encoding="utf-8") as fh:
         header = fh.readline().rstrip("\n").split("\t")
         col = header.index("score")
-        scores = []
-        for line in fh:
-            row = line.strip().split("\t")
-            if len(row) > col and row[col]:
-                scores.append(np.float32(row[col]))
-    return np.array(scores, dtype=np.float32)
+        scores = [dtype(row[col]) for row in (line.strip().split("\t") for line in fh) if len(row) > col and row[col]]
+    return np.array(scores, dtype=dtype)
 
 
 CASES = [("sqrt_inv", True, "gaussian"), ("sqrt_inv", True, "triang"), ("sqrt_inv", True, "laplace"),
@@ -50,21 +51,22 @@ CASES = [("sqrt_inv", True, "gaussian"), ("sqrt_inv", True, "triang"), ("sqrt_in
          ("sqrt_inv", False, "gaussian"), ("inverse", False, "gaussian")]
 
 
+# =========================================================================== AgeDB-DIR
 @pytest.mark.parametrize("reweight, lds, kernel", CASES)
-def test_agedb_lds_weights(reweight, lds, kernel):
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64, torch.float32], ids=str)
+def test_agedb_lds_weights(reweight, lds, kernel, dtype):
     ages = agedb("train")
     assert len(ages) > 10000
     expected = oracle.published_lds_weights_integer(ages, reweight, 121, lds, kernel, 5, 2)
-    got = dirfast.lds_weights(torch.tensor(ages), dirfast.Binning.integer(121), reweight=reweight, lds=lds,
-                              kernel=kernel)
+    got = dirfast.lds_weights(torch.tensor(ages, dtype=dtype), dirfast.Binning.integer(121), reweight=reweight,
+                              lds=lds, kernel=kernel)
     assert got.dtype == torch.float32 and got.shape == (len(ages),)
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=0)
     # and through the estimator, fitted once and applied to the float targets of a batch
-    est = dirfast.LDS(dirfast.Binning.integer(121), reweight=reweight, lds=lds, kernel=kernel).fit(
-        torch.tensor(ages, dtype=torch.float32))
-    pick = torch.randperm(len(ages), generator=gen(0))[:256]
-    np.testing.assert_allclose(est.weights(torch.tensor(ages[pick.numpy()], dtype=torch.float32)).numpy(),
-                               expected[pick.numpy()], rtol=1e-6, atol=0)
+    est = AGEDB_DIR.lds(reweight=reweight, lds=lds, kernel=kernel).fit(ages)
+    pick = torch.randperm(len(ages), generator=gen(0))[:256].numpy()
+    np.testing.assert_allclose(est.weights(torch.tensor(ages[pick], dtype=torch.float32)).numpy(),
+                               expected[pick], rtol=1e-6, atol=0)
 
 
 def test_agedb_inverse_truncation_matters():
@@ -83,29 +85,76 @@ def test_agedb_inverse_truncation_matters():
 def test_agedb_shot_metrics():
     train, test = agedb("train"), agedb("test")
     preds = test + np.random.default_rng(0).normal(0, 7, len(test))
-    got = dirfast.metrics.shot_metrics(torch.tensor(preds), torch.tensor(test, dtype=torch.float64),
-                                       torch.tensor(train))
+    got = AGEDB_DIR.shot_metrics(torch.tensor(preds), torch.tensor(test, dtype=torch.float64), torch.tensor(train))
     expected = oracle.shot_metrics(preds, test, train)
     for region in ("many", "median", "low", "overall"):
         for m in ("mse", "l1", "gmean"):
             assert got[region][m] == pytest.approx(expected[region][m], rel=1e-9), (region, m)
 
 
+# =========================================================================== STS-B-DIR
+@pytest.mark.parametrize("dtype", SCORE_DTYPES, ids=lambda d: d.__name__)
+@pytest.mark.parametrize("split", ["train", "dev", "test"])
+def test_stsb_bins_of_every_path(dtype, split):
+    """Every score of every split: the LDS weights' bins (tasks.py, the scores' own dtype), the
+    FDS buckets (fds.py, float32) and the evaluator's bins (util.py, float32)."""
+    scores = stsb_scores(split, dtype)
+    binning = STS_B_DIR.lds_binning
+    np.testing.assert_array_equal(binning(scores).numpy(), oracle.published_stsb_weight_bins(scores))
+    fds_buckets = [oracle.published_stsb_fds_bucket(s) for s in scores]
+    np.testing.assert_array_equal(binning(scores, precision="float32").numpy(), fds_buckets)
+    np.testing.assert_array_equal(binning(torch.from_numpy(scores), precision="float32").numpy(),
+                                  [oracle.published_stsb_eval_bin(s) for s in torch.from_numpy(scores).float().tolist()])
+
+
+def test_stsb_float64_scores_move_bins():
+    """Read as float64, a quarter of the training scores sit in another bin for the published
+    LDS weights than for the published FDS (0.6 does, 0.2 does not): the paths must stay apart."""
+    scores = stsb_scores("train", np.float64)
+    binning = STS_B_DIR.lds_binning
+    moved = binning(scores).numpy() != binning(scores, precision="float32").numpy()
+    assert 0.2 < moved.mean() < 0.3
+
+
 @pytest.mark.parametrize("reweight, lds, kernel", CASES)
-def test_stsb_lds_weights(reweight, lds, kernel):
-    scores = stsb_train_scores()
+@pytest.mark.parametrize("dtype", SCORE_DTYPES, ids=lambda d: d.__name__)
+def test_stsb_lds_weights(reweight, lds, kernel, dtype):
+    scores = stsb_scores("train", dtype)
     assert len(scores) > 5000 and scores.min() >= 0 and scores.max() <= 5
     prep = oracle.published_prepare_stsb(scores, reweight, lds, kernel, 5, 2)
-    got = dirfast.lds_weights(torch.tensor(scores), dirfast.Binning.uniform(0, 5, 50), reweight=reweight, lds=lds,
+    got = dirfast.lds_weights(scores, dirfast.Binning.uniform(0, 5, 50), reweight=reweight, lds=lds,
                               kernel=kernel, inverse_clip=None)
-    np.testing.assert_allclose(got.numpy(), prep["weights"], rtol=1e-6, atol=0)
+    assert isinstance(got, np.ndarray) and got.dtype == np.float32
+    np.testing.assert_allclose(got, prep["weights"], rtol=1e-6, atol=0)
+    if (reweight, lds, kernel) == ("inverse", True, "gaussian"):  # the preset: the README's LDS command
+        np.testing.assert_allclose(STS_B_DIR.lds_weights(scores), prep["weights"], rtol=1e-6, atol=0)
+        est = STS_B_DIR.lds().fit(torch.from_numpy(scores))
+        np.testing.assert_array_equal(est.empirical.numpy(), prep["counts"])
 
 
-def test_stsb_bins():
-    """The published float32 edges put every 0.1-multiple score in the bin above the edge."""
-    scores = stsb_train_scores()
-    prep = oracle.published_prepare_stsb(scores, "sqrt_inv", False)
-    got = dirfast.Binning.uniform(0, 5, 50)(torch.tensor(scores))
-    np.testing.assert_array_equal(got.numpy(), prep["bin_idx"])
-    est = dirfast.LDS(dirfast.Binning.uniform(0, 5, 50), inverse_clip=None).fit(torch.tensor(scores))
-    np.testing.assert_array_equal(est.empirical.numpy(), prep["counts"])
+@pytest.mark.parametrize("dtype", SCORE_DTYPES, ids=lambda d: d.__name__)
+def test_stsb_fds_buckets(dtype):
+    """FDS counts every training score in the bucket of the published fds.py, whatever dtype
+    the scores come in."""
+    scores = stsb_scores("train", dtype)
+    fds = STS_B_DIR.fds(feature_dim=2)
+    fds.update_running_stats(torch.randn(len(scores), 2, generator=gen(1)), torch.from_numpy(scores), 0)
+    expected = np.bincount([oracle.published_stsb_fds_bucket(s) for s in scores], minlength=50)
+    np.testing.assert_array_equal(fds.num_samples_tracked.numpy(), expected)
+
+
+def test_stsb_shot_regions_are_the_published_lists():
+    """Bins with more than 100 / fewer than 30 training scores (float32 binning) are exactly
+    the many / few lists of the published STSShotAverage, so the evaluation regions agree."""
+    train, test = stsb_scores("train"), stsb_scores("test")
+    counts = np.bincount(STS_B_DIR.fds_binning(train, precision="float32").numpy(), minlength=50)
+    assert [b for b in range(50) if counts[b] > 100] == oracle.STSB_SHOT_BINS["many"]
+    assert [b for b in range(50) if counts[b] < 30] == oracle.STSB_SHOT_BINS["few"]
+    preds = test + np.random.default_rng(1).normal(0, 0.8, len(test)).astype(np.float32)
+    got = STS_B_DIR.shot_metrics(preds, test, train)
+    test_bins = np.array([oracle.published_stsb_eval_bin(v) for v in test.tolist()])
+    for region, key in (("many", "many"), ("median", "medium"), ("low", "few")):
+        mask = np.isin(test_bins, oracle.STSB_SHOT_BINS[key])
+        err = preds[mask].astype(np.float64) - test[mask]
+        assert got[region]["mse"] == pytest.approx(np.mean(err ** 2), rel=1e-9)
+        assert got[region]["l1"] == pytest.approx(np.mean(np.abs(err)), rel=1e-9)

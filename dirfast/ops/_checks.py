@@ -55,14 +55,21 @@ def num_bins(value) -> int:
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def clips(clip_min, clip_max) -> tuple:
-    """The clamp bounds of calibrate's variance ratio, as floats with 0 <= clip_min <= clip_max."""
+    """The clamp bounds of calibrate's variance ratio, as floats with 0 <= clip_min <= clip_max;
+    both within float32's range (the arithmetic's), clip_max possibly infinite (no upper clamp)."""
     for name, value in (("clip_min", clip_min), ("clip_max", clip_max)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if math.isnan(clip_min) or math.isnan(clip_max) or not 0 <= clip_min <= clip_max:
         raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, "
                          f"got {clip_min} and {clip_max}")
+    if clip_min > FLOAT32_MAX or (FLOAT32_MAX < clip_max < math.inf):
+        raise ValueError(f"clip_min and clip_max must be at most {FLOAT32_MAX:.4g} (float32), clip_max may "
+                         f"be inf; got {clip_min} and {clip_max}")
     return float(clip_min), float(clip_max)
 
 
