@@ -282,7 +282,7 @@ def _window_values(window) -> list:
 
 
 def smooth_bins(stats: torch.Tensor, window, padding: str = "reflect") -> torch.Tensor:
-    """``out[b] = sum_k window[k] * stats[b + k - h]`` with the three paddings, in float64."""
+    """``out[b] = sum_k window[k] * stats[b + k - h]`` with the four paddings, in float64."""
     s = stats.detach().cpu().double()
     w = _window_values(window)
     squeeze = s.dim() == 1
@@ -302,6 +302,9 @@ def smooth_bins(stats: torch.Tensor, window, padding: str = "reflect") -> torch.
                 src = min(max(j, 0), num_bins - 1)
             elif padding == "reflect":
                 src = reflect_index(j, num_bins)
+            elif padding == "symmetric":  # scipy.ndimage "reflect": d c b a | a b c d | d c b a
+                src = j % (2 * num_bins)
+                src = src if src < num_bins else 2 * num_bins - 1 - src
             else:
                 raise ValueError(padding)
             out[b] += w[k] * s[src]

@@ -14,6 +14,7 @@ import torch
 import dirfast
 import dirfast.ops
 import dirfast.reference as reference
+from dirfast._schema import PADDINGS
 from testing import dtype_params, gen, rand_stats, stats_dtype, stats_tol, tol
 
 _CPP = dirfast.backends()["cpp"]
@@ -22,7 +23,6 @@ if not _CPP["available"]:
 
 OPS = torch.ops.dirfast
 FLOATS = list(dtype_params())
-PADDINGS = ("reflect", "constant", "replicate")
 
 
 @contextlib.contextmanager

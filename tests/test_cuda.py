@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import dirfast
+from dirfast._schema import PADDINGS
 import dirfast.ops
 from dirfast import _ext, reference
 from dirfast.ops import _dispatch, _library
@@ -452,7 +453,7 @@ def test_calibrate_dtypes(dtype, stats_dtype):
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("padding", ["reflect", "constant", "replicate"])
+@pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("num_bins, ks", [(100, 5), (7, 9), (3, 11), (1, 5), (40, 1)])
 def test_smooth_bins_bitwise_equals_reference(dtype, padding, num_bins, ks):
     g = gen(num_bins + ks)
@@ -467,7 +468,7 @@ def test_smooth_bins_bitwise_equals_reference(dtype, padding, num_bins, ks):
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-@pytest.mark.parametrize("padding", ["reflect", "constant", "replicate"])
+@pytest.mark.parametrize("padding", PADDINGS)
 def test_smooth_bins_asymmetric_window_bitwise(dtype, padding):
     """Pairs of unequal taps take two products and a sum, each rounded: no fused multiply-add."""
     g = gen(16)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import dirfast
+from dirfast._schema import PADDINGS
 import dirfast.ops
 import oracle
 from testing import (
@@ -194,7 +195,7 @@ def random_window(ks, seed, symmetric):
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 @pytest.mark.parametrize("dtype", list(dtype_params()))
-@pytest.mark.parametrize("padding", ["reflect", "constant", "replicate"])
+@pytest.mark.parametrize("padding", PADDINGS)
 @pytest.mark.parametrize("num_bins, ks", SMOOTH_CASES)
 def test_smooth_bins_matches_oracle(backend, device, dtype, padding, num_bins, ks):
     # an asymmetric window pins down the orientation (cross-correlation, like F.conv1d)
@@ -219,7 +220,7 @@ def test_oracle_smooth_bins_agrees_with_pad_conv1d():
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
-@pytest.mark.parametrize("padding", ["reflect", "constant", "replicate"])
+@pytest.mark.parametrize("padding", PADDINGS)
 def test_smooth_bins_window_dtypes(backend, device, padding):
     """Window given in float32 or float64 for float32 stats: same result."""
     stats = torch.randn(8, 2, generator=gen(1)).to(device)
@@ -439,7 +440,7 @@ def test_opcheck_bin_stats(device):
 def test_opcheck_smooth_bins(device):
     w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum").to(device)
     for stats in (torch.randn(7, 3, device=device), torch.randn(9, dtype=torch.float64, device=device)):
-        for padding in ("reflect", "constant", "replicate"):
+        for padding in PADDINGS:
             torch.library.opcheck(torch.ops.dirfast.smooth_bins.default, (stats, w.to(stats.dtype), padding))
 
 

@@ -17,6 +17,7 @@ import torch
 
 import dirfast
 import dirfast.ops
+from dirfast._schema import PADDINGS
 from dirfast import reference
 from testing import check_fds_step_replays_from_a_cuda_graph, deterministic, gen, tol
 
@@ -30,7 +31,6 @@ DEVICE = "cuda" if GPU else "cpu"
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-PADDINGS = ["reflect", "constant", "replicate"]
 
 
 def dt_id(dtype):
