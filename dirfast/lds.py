@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from . import distributed, ops, reference
-from ._schema import PADDINGS
 from .binning import Binning, as_label_tensor
 from .windows import kernel_window
 
@@ -78,8 +77,8 @@ class LDS:
             raise TypeError(f"lds must be a bool, got {type(lds).__name__}")
         if lds and reweight == "none":
             raise ValueError("reweight='none' cannot be combined with lds=True (there is no base to smooth)")
-        if not isinstance(padding, str) or padding not in PADDINGS:
-            raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+        if not isinstance(padding, str) or padding not in ops.PADDINGS:
+            raise ValueError(f"padding must be one of {ops.PADDINGS}, got {padding!r}")
         if (isinstance(bucket_start, bool) or not isinstance(bucket_start, (int, np.integer))
                 or not 0 <= bucket_start < binning.num_bins):
             raise ValueError(f"bucket_start must be an int in [0, {binning.num_bins}), got {bucket_start!r}")

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from ._schema import PADDINGS
-
 __all__ = ["bin_stats", "smooth_bins", "calibrate", "calibrate_", "accumulate_dtype", "m2_from_var",
-           "var_from_m2", "PADDINGS"]
+           "var_from_m2"]
 
 
 
@@ -139,31 +137,32 @@ def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "refle
     return out
 
 
-def scale_shift(m1, v1, m2, v2, clip_min: float, clip_max: float, acc=None):
+def scale_shift(src_mean, src_var, dst_mean, dst_var, clip_min: float, clip_max: float, acc=None):
     """Per-bin ``(s, t)`` with ``calibrate(x) = x * s + t``, the published rules included.
 
-    ``s = sqrt(clamp(v2 / v1, clip_min, clip_max))`` and ``t = m2 - m1 * s``; a bin whose
-    ``v1`` sums below 1e-10 is left alone (``s = 1, t = 0``), and so is every dimension where
-    ``v1 == 0``.
+    ``s = sqrt(clamp(dst_var / src_var, clip_min, clip_max))`` and ``t = dst_mean - src_mean * s``;
+    a bin whose ``src_var`` sums below 1e-10 is left alone (``s = 1, t = 0``), and so is every
+    dimension where ``src_var == 0``.
     """
-    acc = acc or accumulate_dtype(m1.dtype)
-    m1, v1, m2, v2 = (t.to(acc) for t in (m1, v1, m2, v2))
-    keep = (v1.sum(dim=1, keepdim=True) < 1e-10) | (v1 == 0)
-    s = torch.sqrt(torch.clamp(v2 / torch.where(keep, torch.ones_like(v1), v1), clip_min, clip_max))
+    acc = acc or accumulate_dtype(src_mean.dtype)
+    src_mean, src_var, dst_mean, dst_var = (t.to(acc) for t in (src_mean, src_var, dst_mean, dst_var))
+    keep = (src_var.sum(dim=1, keepdim=True) < 1e-10) | (src_var == 0)
+    s = torch.sqrt(torch.clamp(dst_var / torch.where(keep, torch.ones_like(src_var), src_var), clip_min, clip_max))
     s = torch.where(keep, torch.ones_like(s), s)
-    t = torch.where(keep, torch.zeros_like(m1), m2 - m1 * s)
+    t = torch.where(keep, torch.zeros_like(src_mean), dst_mean - src_mean * s)
     return s, t
 
 
-def calibrate(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float = 10.0):
-    """Whiten each row with its bin's ``(m1, v1)`` and re-colour it with ``(m2, v2)``.
+def calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float = 0.1, clip_max: float = 10.0):
+    """Whiten each row with its bin's ``(src_mean, src_var)`` and re-colour it with
+    ``(dst_mean, dst_var)``.
 
     Differentiable in ``x`` through ordinary autograd. Rows whose index selects no bin are
     returned unchanged.
     """
-    num_bins = m1.shape[0]
-    acc = torch.promote_types(accumulate_dtype(x.dtype), accumulate_dtype(m1.dtype))
-    s, t = scale_shift(m1, v1, m2, v2, clip_min, clip_max, acc)
+    num_bins = src_mean.shape[0]
+    acc = torch.promote_types(accumulate_dtype(x.dtype), accumulate_dtype(src_mean.dtype))
+    s, t = scale_shift(src_mean, src_var, dst_mean, dst_var, clip_min, clip_max, acc)
     # One identity row for indices outside [0, num_bins).
     s = torch.cat([s, torch.ones_like(s[:1])])
     t = torch.cat([t, torch.zeros_like(t[:1])])
@@ -172,9 +171,12 @@ def calibrate(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float
         s_rows, t_rows = s[idx], t[idx]
     else:  # dense: gather [B, *spatial, C] and move C next to the batch axis (views only)
         s_rows, t_rows = s[idx].movedim(-1, 1), t[idx].movedim(-1, 1)
-    return (x.to(s.dtype) * s_rows + t_rows).to(x.dtype)
+    out = torch.empty_like(x)  # the strides of the fake kernel
+    out.copy_(x.to(s.dtype) * s_rows + t_rows)
+    return out
 
 
-def calibrate_(x, bin_idx, m1, v1, m2, v2, clip_min: float = 0.1, clip_max: float = 10.0) -> None:
+def calibrate_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float = 0.1,
+               clip_max: float = 10.0) -> None:
     """:func:`calibrate` written into ``x``."""
-    x.copy_(calibrate(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max))
+    x.copy_(calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max))

@@ -1,5 +1,6 @@
 """The package surface: backends(), set_backend / use_backend, import without optional parts."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -159,3 +160,84 @@ def test_inplace_backward_runs_on_the_forward_backend(monkeypatch):
     out.sum().backward()
     assert len(calls) == 1, "the backward called the reference"
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
+def _dirfast_imports():
+    """{module: {imported dirfast modules and (module, name) pairs}} from the source of every
+    module of the package (module-level and deferred imports alike)."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(dirfast.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if parts[-1] == "__init__" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {(alias.name, None) for alias in node.names if alias.name.startswith("dirfast")}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[:len(anchor) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                if base.startswith("dirfast"):
+                    edges |= {(base, alias.name) for alias in node.names}
+            elif isinstance(node, ast.Attribute) and node.attr == "import_module":
+                edges.add(("importlib", "import_module"))
+        modules[name] = edges
+    return modules
+
+
+def test_imports_point_one_way():
+    """Public API -> ops front end -> dispatch -> backends -> contract: no import cycle between
+    dirfast's modules, no importlib reach-back, no private name or module of another package,
+    and no backend importing the front end."""
+    modules = _dirfast_imports()
+
+    def target(base, name):
+        """The module an import binds: base.name when that is a module (the compiled dirfast._C
+        too), else base."""
+        if name and f"{base}.{name}" in modules:
+            return f"{base}.{name}"
+        package = importlib.import_module(base)
+        if name and hasattr(package, "__path__") and importlib.util.find_spec(f"{base}.{name}") is not None:
+            return f"{base}.{name}"
+        return base
+
+    graph = {m: {target(b, n) for b, n in edges if b != "importlib"} - {m} for m, edges in modules.items()}
+    for module, edges in modules.items():
+        assert ("importlib", "import_module") not in edges, f"{module} imports a module by name"
+        package = module if module in ("dirfast",) or hasattr(importlib.import_module(module), "__path__") \
+            else module.rsplit(".", 1)[0]
+        for base, name in edges:
+            if base == "importlib":
+                continue
+            imported = target(base, name)
+            parts = imported.split(".")
+            for i, part in enumerate(parts):  # a private module belongs to the package above it
+                owner = ".".join(parts[:i])
+                if part.startswith("_") and not (module == owner or module.startswith(owner + ".")):
+                    raise AssertionError(f"{module} imports {imported}, private to {owner}")
+            if name and name.startswith("_") and imported == base and base.rsplit(".", 1)[0] != package:
+                raise AssertionError(f"{module} imports the private {name} of {base}")
+        if module.startswith("dirfast.triton"):
+            assert not any(t.startswith("dirfast.ops") for t in graph[module]), f"{module} imports the front end"
+    visiting, done = set(), set()
+
+    def visit(module, path):
+        if module in done:
+            return
+        assert module not in visiting, "import cycle: " + " -> ".join(path + [module])
+        visiting.add(module)
+        for other in sorted(graph.get(module, ())):
+            if other in modules:
+                visit(other, path + [module])
+        visiting.discard(module)
+        done.add(module)
+
+    for module in sorted(modules):
+        visit(module, [])

@@ -14,7 +14,7 @@ import torch
 import dirfast
 import dirfast.ops
 import dirfast.reference as reference
-from dirfast._schema import PADDINGS
+from dirfast.ops import PADDINGS
 from testing import dtype_params, gen, rand_stats, stats_dtype, stats_tol, tol
 
 _CPP = dirfast.backends()["cpp"]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import dirfast
-from dirfast._schema import PADDINGS
+from dirfast.ops import PADDINGS
 import dirfast.ops
 from dirfast import _ext, reference
 from dirfast.ops import _dispatch, _library

@@ -21,7 +21,7 @@ import threading
 import torch
 
 from .. import _ext, reference
-from ._library import has_device_kernel, op_overload
+from ..contract import has_device_kernel, op_overload
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_")
@@ -69,7 +69,8 @@ def _cuda_reason() -> str:
     if _ext.EXTENSION is None:
         return _ext.EXTENSION_REASON
     if not _ext.cuda_compiled():
-        return "dirfast._C was built without CUDA kernels (nvcc not found at build time)"
+        return ("dirfast._C was built without CUDA kernels (a torch without CUDA, or no nvcc, at build time; "
+                "FORCE_CUDA=1 builds them)")
     missing = [op for op in OPS if not has_device_kernel(op, "CUDA")]
     if missing:
         return f"dirfast._C has no CUDA kernel for {', '.join(missing)}"
@@ -166,15 +167,6 @@ def kernel(op: str, device: torch.device, name: str | None = None):
             f"got a tensor on {device}"
         )
     return kernel_of(name, op)
-
-
-def host_kernel(op: str):
-    """The callable for ``op`` on a small CPU table the library keeps itself (LDS's counts):
-    the selected backend when it runs on CPU tensors, else the dispatcher's CPU kernel -- a
-    GPU backend selected for the features does not apply to that table."""
-    name = _selected()
-    gpu_only = name == "cuda" or (name == "triton" and not _on_cpu_allowed_for_triton())
-    return op_overload(op) if gpu_only else kernel(op, torch.device("cpu"))
 
 
 def kernel_of(name: str, op: str):

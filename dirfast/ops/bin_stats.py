@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
 from . import _checks, _dispatch
-from ._library import qualname, register_fallback
 
 OP = "bin_stats"
-
-register_fallback(OP, reference.bin_stats)
-
-
-@torch.library.register_fake(qualname(OP))
-def _fake(x, bin_idx, num_bins):
-    acc = reference.accumulate_dtype(x.dtype)
-    count = x.new_empty((num_bins,), dtype=torch.int64)
-    mean = x.new_empty((num_bins, x.shape[1]), dtype=acc)
-    return count, mean, torch.empty_like(mean)
 
 
 def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):

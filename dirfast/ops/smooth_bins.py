@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .. import reference
+from ..contract import PADDINGS
 from . import _checks, _dispatch
-from ._library import qualname, register_fallback
-from .._schema import PADDINGS
 
 OP = "smooth_bins"
-
-register_fallback(OP, reference.smooth_bins)
-
-
-@torch.library.register_fake(qualname(OP))
-def _fake(stats, window, padding="reflect"):
-    return torch.empty_like(stats)
 
 
 def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "reflect") -> torch.Tensor:

@@ -5,7 +5,7 @@ custom ops with the signatures of the ``dirfast::`` ops:
 
 * ``torch.ops.dirfast.triton_bin_stats(x, bin_idx, num_bins)`` (:mod:`.bin_stats`)
 * ``torch.ops.dirfast.triton_smooth_bins(stats, window, padding)`` (:mod:`.smooth_bins`)
-* ``torch.ops.dirfast.triton_calibrate(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max)``
+* ``torch.ops.dirfast.triton_calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max)``
   (:mod:`.calibrate`, differentiable in ``x``)
 
 Each has a fake kernel (``torch.compile(fullgraph=True)`` traces through it) and runs on CUDA

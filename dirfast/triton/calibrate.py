@@ -1,31 +1,17 @@
-"""``dirfast::triton_calibrate``: FDS re-colouring, ``y = x * s[b] + t[b]``, in one pass.
+"""``dirfast::triton_calibrate`` (and ``triton_calibrate_``): FDS re-colouring in one pass.
 
-Two kernels:
-
-1. ``_tables_kernel`` (one program per bin, ``[B, D]`` work): the scale/shift tables
-   ``s = sqrt(clamp(v2 / v1, clip_min, clip_max))``, ``t = m2 - m1 * s`` with the published
-   rules (a bin whose ``v1`` sums below 1e-10, and every dimension with ``v1 == 0``, get
-   ``s = 1, t = 0``), in float32 (float64 when ``x`` or the statistics are float64).
-2. ``_apply_kernel``: tiles of ``BLOCK_S`` rows x ``BLOCK_C`` features of ``x`` read in place
-   through its strides (``[N, D]`` rows coalesced along the features, dense
-   ``[B, C, *spatial]`` along the pixels, channels-last as rows), ``y = x * s + t`` in the
-   accumulation dtype, written in ``x``'s dtype into an output laid out like ``x``. Per element:
-   one read and one write of ``x``'s bytes, plus ``s``/``t`` gathers that hit L2 (the tables are
-   ``2 B D`` values; they are stored ``[D, B]`` when pixels are the contiguous axis, so nearby
-   pixels in nearby bins share cache lines). Rows whose bin is outside ``[0, B)`` are copied.
-
-Measured on one H100 (triton 3.6, GPU time from CUDA-graph replay): 131,072 x 512 float32 in
-207 us against 182 us for ``x.clone()`` (88% of the copy bandwidth); dense 8 x 64 x 120 x 160 in
-36 us against 34 us.
-
-Differentiable in ``x``: the gradient is the same op with both means at zero (``t = 0``), as in
-:mod:`dirfast.ops.calibrate`. No host synchronisation: CUDA-graph capturable.
+Two kernels: ``_tables_kernel`` builds the per-bin scale/shift tables
+``s = sqrt(clamp(dst_var / src_var, clip_min, clip_max))``, ``t = dst_mean - src_mean * s`` with
+the published zero-variance rules (one program per block of bins), and ``_apply_kernel`` reads
+tiles of ``x`` in place through its strides -- rows coalesced along the features, dense maps
+along the pixels, channels-last as rows -- and writes ``y = x * s[b] + t[b]`` laid out like
+``x`` (or into ``x``). Rows whose bin is outside ``[0, B)`` are copied. Differentiable in ``x``
+(the contract's autograd); no host synchronisation, so CUDA-graph capturable.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import struct
 
@@ -33,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import contract
 from . import _common
 
 
@@ -51,33 +38,33 @@ def _split(value: float):
 
 
 @triton.jit(do_not_specialize=["B"])
-def _tables_kernel(m1_ptr, v1_ptr, m2_ptr, v2_ptr, s_ptr, t_ptr, B, D,
-                   m1_b, m1_d, v1_b, v1_d, m2_b, m2_d, v2_b, v2_d, t_b, t_d,
+def _tables_kernel(src_mean_ptr, src_var_ptr, dst_mean_ptr, dst_var_ptr, s_ptr, t_ptr, B, D,
+                   sm_b, sm_d, sv_b, sv_d, dm_b, dm_d, dv_b, dv_d, t_b, t_d,
                    lo_hi, lo_lo, up_hi, up_lo,
                    ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    """s, t for BLOCK_B bins: the row sums of v1 first (the bin rule), then the tables."""
+    """s, t for BLOCK_B bins: the row sums of src_var first (the bin rule), then the tables."""
     b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     bins_m = (b < B)[:, None]
     total = tl.zeros([BLOCK_B, BLOCK_D], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         m = bins_m & (d < D)[None, :]
-        total += tl.load(v1_ptr + (b * v1_b)[:, None] + (d * v1_d)[None, :], mask=m, other=0.0).to(ACC)
+        total += tl.load(src_var_ptr + (b * sv_b)[:, None] + (d * sv_d)[None, :], mask=m, other=0.0).to(ACC)
     keep_bin = (tl.sum(total, 1) < 1e-10)[:, None]
     clip_lo = tl.cast(lo_hi, ACC) + tl.cast(lo_lo, ACC)
     clip_up = tl.cast(up_hi, ACC) + tl.cast(up_lo, ACC)
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         m = bins_m & (d < D)[None, :]
-        m1 = tl.load(m1_ptr + (b * m1_b)[:, None] + (d * m1_d)[None, :], mask=m, other=0.0).to(ACC)
-        v1 = tl.load(v1_ptr + (b * v1_b)[:, None] + (d * v1_d)[None, :], mask=m, other=1.0).to(ACC)
-        m2 = tl.load(m2_ptr + (b * m2_b)[:, None] + (d * m2_d)[None, :], mask=m, other=0.0).to(ACC)
-        v2 = tl.load(v2_ptr + (b * v2_b)[:, None] + (d * v2_d)[None, :], mask=m, other=1.0).to(ACC)
-        keep = keep_bin | (v1 == 0)
+        src_mean = tl.load(src_mean_ptr + (b * sm_b)[:, None] + (d * sm_d)[None, :], mask=m, other=0.0).to(ACC)
+        src_var = tl.load(src_var_ptr + (b * sv_b)[:, None] + (d * sv_d)[None, :], mask=m, other=1.0).to(ACC)
+        dst_mean = tl.load(dst_mean_ptr + (b * dm_b)[:, None] + (d * dm_d)[None, :], mask=m, other=0.0).to(ACC)
+        dst_var = tl.load(dst_var_ptr + (b * dv_b)[:, None] + (d * dv_d)[None, :], mask=m, other=1.0).to(ACC)
+        keep = keep_bin | (src_var == 0)
         if ACC == tl.float32:  # correctly rounded, as torch (plain float32 / and sqrt are approximate)
-            ratio = tl.div_rn(v2, tl.where(keep, 1.0, v1))
+            ratio = tl.div_rn(dst_var, tl.where(keep, 1.0, src_var))
         else:
-            ratio = v2 / tl.where(keep, 1.0, v1)
+            ratio = dst_var / tl.where(keep, 1.0, src_var)
         ratio = tl.minimum(tl.maximum(ratio, clip_lo, propagate_nan=tl.PropagateNan.ALL), clip_up,
                            propagate_nan=tl.PropagateNan.ALL)
         if ACC == tl.float32:
@@ -85,7 +72,7 @@ def _tables_kernel(m1_ptr, v1_ptr, m2_ptr, v2_ptr, s_ptr, t_ptr, B, D,
         else:
             scale = tl.sqrt(ratio)
         scale = tl.where(keep, 1.0, scale)
-        shift = tl.where(keep, 0.0, m2 - m1 * scale)
+        shift = tl.where(keep, 0.0, dst_mean - src_mean * scale)
         dst = (b * t_b)[:, None] + (d * t_d)[None, :]
         tl.store(s_ptr + dst, scale, mask=m)
         tl.store(t_ptr + dst, shift, mask=m)
@@ -94,7 +81,7 @@ def _tables_kernel(m1_ptr, v1_ptr, m2_ptr, v2_ptr, s_ptr, t_ptr, B, D,
 @triton.jit(do_not_specialize=["B", "tiles_per_p"])
 def _apply_kernel(x_ptr, bins_ptr, s_ptr, t_ptr, out_ptr, B, D, S, sP, sC, sS, bP, bS, oP, oC, oS,
                   t_b, t_d, tiles_per_p,
-                  ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+                  ACC: tl.constexpr, NARROW: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     p = pid // tiles_per_p
     s = (pid - p * tiles_per_p) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -110,7 +97,10 @@ def _apply_kernel(x_ptr, bins_ptr, s_ptr, t_ptr, out_ptr, B, D, S, sP, sC, sS, b
     table = (k * t_b)[:, None] + (c * t_d)[None, :]
     scale = tl.load(s_ptr + table, mask=mv, other=1.0)
     shift = tl.load(t_ptr + table, mask=mv, other=0.0)
-    y = (v.to(ACC) * scale + shift).to(out_ptr.dtype.element_ty)
+    y = v.to(ACC) * scale + shift
+    if NARROW:  # float64 to a 16-bit type through float32, as torch (c10) converts
+        y = y.to(tl.float32)
+    y = y.to(out_ptr.dtype.element_ty)
     y = tl.where(mv, y, v)
     tl.store(out_ptr + (p * oP + s * oS)[:, None] + (c * oC)[None, :], y, mask=m)
 
@@ -126,12 +116,13 @@ def _apply_sizes(rows: _common.Rows):
     return max(1, min(_common.next_pow2(rows.S), 8192 // block_c)), block_c, 8
 
 
-def tables(m1, v1, m2, v2, clip_min: float, clip_max: float, acc: torch.dtype, transpose: bool = False):
+def tables(src_mean, src_var, dst_mean, dst_var, clip_min: float, clip_max: float, acc: torch.dtype,
+           transpose: bool = False):
     """The ``(s, t)`` tables as ``[B, D]`` tensors (``[D, B]`` storage when ``transpose``)."""
-    B, D = m1.shape
+    B, D = src_mean.shape
     shape = (D, B) if transpose else (B, D)
-    s = torch.empty(shape, dtype=acc, device=m1.device)
-    t = torch.empty(shape, dtype=acc, device=m1.device)
+    s = torch.empty(shape, dtype=acc, device=src_mean.device)
+    t = torch.empty(shape, dtype=acc, device=src_mean.device)
     if transpose:
         s, t = s.t(), t.t()
     if s.numel() == 0:
@@ -143,13 +134,14 @@ def tables(m1, v1, m2, v2, clip_min: float, clip_max: float, acc: torch.dtype, t
         block_d = min(_common.next_pow2(D), 512)
         block_b = max(1, min(_common.next_pow2(B), 2048 // block_d))
     _tables_kernel[(_common.cdiv(B, block_b),)](
-        m1, v1, m2, v2, s, t, B, D, m1.stride(0), m1.stride(1), v1.stride(0), v1.stride(1),
-        m2.stride(0), m2.stride(1), v2.stride(0), v2.stride(1), s.stride(0), s.stride(1),
+        src_mean, src_var, dst_mean, dst_var, s, t, B, D, src_mean.stride(0), src_mean.stride(1),
+        src_var.stride(0), src_var.stride(1), dst_mean.stride(0), dst_mean.stride(1), dst_var.stride(0),
+        dst_var.stride(1), s.stride(0), s.stride(1),
         lo[0], lo[1], up[0], up[1], ACC=_common.tl_acc(acc), BLOCK_B=block_b, BLOCK_D=block_d, num_warps=4)
     return s, t
 
 
-def _launch(x, bin_idx, m1, v1, m2, v2, clip_min: float, clip_max: float, out) -> bool:
+def _launch(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float, clip_max: float, out) -> bool:
     """Calibrate ``x`` into ``out`` (a tensor shaped like ``x``, or ``x`` itself); False, with
     nothing written, when ``out``'s strides cannot follow the view of ``x``."""
     if x.numel() == 0:
@@ -161,36 +153,37 @@ def _launch(x, bin_idx, m1, v1, m2, v2, clip_min: float, clip_max: float, out) -
         strides = _common.out_strides(out, rows)
     if strides is None:
         return False
-    acc = _common.acc_dtype(x.dtype, m1.dtype)
+    acc = _common.acc_dtype(x.dtype, src_mean.dtype)
     pixels_fast = rows.sS == 1 and rows.sC != 1
-    B = m1.shape[0]
+    B = src_mean.shape[0]
     with _common.device_guard(x):
-        s, t = tables(m1, v1, m2, v2, clip_min, clip_max, acc, transpose=pixels_fast)
+        s, t = tables(src_mean, src_var, dst_mean, dst_var, clip_min, clip_max, acc, transpose=pixels_fast)
         block_s, block_c, warps = _apply_sizes(rows)
         tiles = _common.cdiv(rows.S, block_s)
         # In place, each element is loaded and stored by the same program: no other reads it.
         _apply_kernel[(rows.P * tiles, _common.cdiv(rows.C, block_c))](
             rows.x, rows.bins, s, t, out, B, rows.C, rows.S, rows.sP, rows.sC, rows.sS, rows.bP, rows.bS,
             strides[0], strides[1], strides[2], s.stride(0), s.stride(1), tiles,
-            ACC=_common.tl_acc(acc), BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
+            ACC=_common.tl_acc(acc), NARROW=acc == torch.float64 and x.element_size() == 2,
+            BLOCK_S=block_s, BLOCK_C=block_c, num_warps=warps)
     return True
 
 
 @torch.library.custom_op("dirfast::triton_calibrate", mutates_args=(), device_types=("cuda", "cpu"))
-def triton_calibrate(x: torch.Tensor, bin_idx: torch.Tensor, m1: torch.Tensor, v1: torch.Tensor,
-                     m2: torch.Tensor, v2: torch.Tensor, clip_min: float = 0.1,
+def triton_calibrate(x: torch.Tensor, bin_idx: torch.Tensor, src_mean: torch.Tensor, src_var: torch.Tensor,
+                     dst_mean: torch.Tensor, dst_var: torch.Tensor, clip_min: float = 0.1,
                      clip_max: float = 10.0) -> torch.Tensor:
     """:func:`dirfast.ops.calibrate` as two Triton kernels (see the module docstring)."""
     _common.check_device(x, "calibrate")
     out = torch.empty_like(x)
-    if not _launch(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max, out):
+    if not _launch(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max, out):
         raise RuntimeError(f"dirfast triton_calibrate: unsupported output strides {out.stride()}")
     return out
 
 
 @torch.library.custom_op("dirfast::triton_calibrate_", mutates_args=("x",), device_types=("cuda", "cpu"))
-def triton_calibrate_(x: torch.Tensor, bin_idx: torch.Tensor, m1: torch.Tensor, v1: torch.Tensor,
-                      m2: torch.Tensor, v2: torch.Tensor, clip_min: float = 0.1,
+def triton_calibrate_(x: torch.Tensor, bin_idx: torch.Tensor, src_mean: torch.Tensor, src_var: torch.Tensor,
+                      dst_mean: torch.Tensor, dst_var: torch.Tensor, clip_min: float = 0.1,
                       clip_max: float = 10.0) -> None:
     """:func:`dirfast.ops.calibrate_`: calibrate written into ``x`` in the same single pass
     (through a temporary only when ``x``'s strides cannot be followed in place)."""
@@ -198,10 +191,10 @@ def triton_calibrate_(x: torch.Tensor, bin_idx: torch.Tensor, m1: torch.Tensor, 
     if torch._debug_has_internal_overlap(x) == 1:
         raise RuntimeError("dirfast calibrate_: x has elements that share memory (an expanded "
                            "tensor); calibrate it out of place")
-    if not _launch(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max, x):
-        x.copy_(torch.ops.dirfast.triton_calibrate.default(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max))
+    if not _launch(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max, x):
+        x.copy_(torch.ops.dirfast.triton_calibrate.default(x, bin_idx, src_mean, src_var, dst_mean, dst_var,
+                                                           clip_min, clip_max))
 
 
-_calibrate_op = importlib.import_module("dirfast.ops.calibrate")
-triton_calibrate.register_fake(_calibrate_op._fake)
-_calibrate_op.register_calibrate_autograd("triton_calibrate")
+triton_calibrate.register_fake(contract.fake_calibrate)
+contract.register_calibrate_autograd("triton_calibrate")

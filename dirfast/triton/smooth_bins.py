@@ -13,13 +13,12 @@ bit (LDS relies on scipy's rounding). float16/bfloat16 statistics are smoothed i
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 import triton
 import triton.language as tl
 
-from .._schema import PADDINGS
+from .. import contract
+from ..contract import PADDINGS
 from . import _common
 
 # The padding numbers of the kernel (constexpr: Triton kernels read module globals only as such).
@@ -115,4 +114,4 @@ def triton_smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str =
     return out
 
 
-triton_smooth_bins.register_fake(importlib.import_module("dirfast.ops.smooth_bins")._fake)
+triton_smooth_bins.register_fake(contract.fake_smooth_bins)
