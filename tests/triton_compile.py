@@ -1,5 +1,5 @@
 """Compile every Triton kernel of dirfast for a GPU, on a machine without one:
-``python -m benchmarks.triton_compile [--arch 90] [--cases NAME,...] [--json PATH]``.
+``python tests/triton_compile.py [--arch 90] [--cases NAME,...] [--json PATH]``.
 
 The ops run on small CPU tensors with the launch sizes they choose on a GPU (not the
 interpreter's), and every launch is compiled -- not run -- for ``sm_<arch>`` by the installed
@@ -16,7 +16,6 @@ itself again without it.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import re
@@ -26,7 +25,7 @@ import tempfile
 
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # before triton is imported
     os.environ.pop("TRITON_INTERPRET")
-    os.execv(sys.executable, [sys.executable, "-m", "benchmarks.triton_compile", *sys.argv[1:]])
+    os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -90,19 +89,17 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 def _cases():
     """(name, call) pairs: each op on the layouts and dtypes the GPU benchmarks and tests use, at
     sizes that pick the same kernels and launch sizes (rows enough for the "csr" strategy)."""
-    from .gpu import deterministic_algorithms, triton_config
+    from dirfast.triton import bin_stats as module
+    from testing import deterministic
 
     ops = torch.ops.dirfast
     gen = torch.Generator().manual_seed(0)
 
-    def within(context, call):
+    def deterministic_call(call):
         def run():
-            with context():
+            with deterministic():
                 call()
         return run
-
-    def strategy(name, call):
-        return within(lambda: triton_config(name, None, None), call)
 
     cases = []
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
@@ -111,12 +108,14 @@ def _cases():
         rows_idx = torch.randint(0, 97, (8192,), generator=gen)
         dense = torch.randn(2, 64, 24, 32, generator=gen).to(dtype)
         dense_idx = torch.randint(0, 100, (2, 24, 32), generator=gen)
-        for name in ("csr", "direct", "tiles"):
-            cases.append((f"bin_stats rows {tag} {name}", strategy(name, lambda x=rows, i=rows_idx: ops.triton_bin_stats(x, i, 97))))
-            cases.append((f"bin_stats dense {tag} {name}", strategy(name, lambda x=dense, i=dense_idx: ops.triton_bin_stats(x, i, 100))))
+        for name in module.STRATEGIES:
+            cases.append((f"bin_stats rows {tag} {name}",
+                          lambda x=rows, i=rows_idx, s=name: module.bin_stats(x, i, 97, strategy=s)))
+            cases.append((f"bin_stats dense {tag} {name}",
+                          lambda x=dense, i=dense_idx, s=name: module.bin_stats(x, i, 100, strategy=s)))
         cases.append((f"bin_stats rows {tag} deterministic",
-                      within(deterministic_algorithms, lambda x=rows, i=rows_idx: ops.triton_bin_stats(x, i, 97))))
-        stats = [torch.rand(97, 512, generator=gen) + 0.1 for _ in range(4)]  # m1, v1, m2, v2
+                      deterministic_call(lambda x=rows, i=rows_idx: ops.triton_bin_stats(x, i, 97))))
+        stats = [torch.rand(97, 512, generator=gen) + 0.1 for _ in range(4)]  # src/dst mean and var
         dense_stats = [torch.rand(100, 64, generator=gen) + 0.1 for _ in range(4)]
         cases.append((f"calibrate rows {tag}", lambda x=rows, i=rows_idx, s=stats: ops.triton_calibrate(x, i, *s)))
         cases.append((f"calibrate dense {tag}",
@@ -131,9 +130,9 @@ def compile_all(arch: int = 90, only=None) -> list:
     """Compile every kernel launch of the cases (those whose name contains one of ``only``) for
     sm_<arch>; one row per (case, kernel)."""
     driver.set_active(_TargetOnlyDriver(arch))
-    common = importlib.import_module("dirfast.triton._common")
-    common.check_device = lambda tensor, op: None  # CPU tensors stand in for CUDA ones
-    import dirfast.triton  # noqa: F401  (registers the ops)
+    from dirfast.triton import _common, bin_stats, calibrate, smooth_bins
+
+    _common.check_device = lambda tensor, op: None  # CPU tensors stand in for CUDA ones
 
     rows, case_name = [], [""]
 
@@ -141,8 +140,7 @@ def compile_all(arch: int = 90, only=None) -> list:
         rows.append({"case": case_name[0], "kernel": kernel, "num_warps": warps,
                      "shared_bytes": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], arch)})
 
-    for module_name in ("bin_stats", "calibrate", "smooth_bins"):
-        module = importlib.import_module(f"dirfast.triton.{module_name}")
+    for module in (bin_stats, calibrate, smooth_bins):
         for name, value in list(vars(module).items()):
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 setattr(module, name, _Compile(value, record))
@@ -155,7 +153,7 @@ def compile_all(arch: int = 90, only=None) -> list:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.triton_compile", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python tests/triton_compile.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     parser.add_argument("--cases", help="comma-separated parts of case names to keep (default: all)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")

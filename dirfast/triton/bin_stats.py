@@ -1,68 +1,27 @@
 """``dirfast::triton_bin_stats``: per-bin count, mean and unbiased variance on the GPU.
 
-Numerics: one pass, shifted sums. Every bin gets a reference value ``K[b]``, the features of one
-of its own rows (the first in processing order); the kernels accumulate ``S1 = sum(x - K)`` and
-``S2 = sum((x - K)**2)``, and ``mean = K + S1 / n``, ``var = (S2 - S1**2 / n) / (n - 1)``. The
-shift cancels the bin's mean up to about one standard deviation, so the cancellation in
-``S2 - S1**2 / n`` costs a factor ``1 + z**2`` (``z`` the reference row's z-score) of float32
-precision instead of ``(mean / std)**2``: at mean/std = 1000 the variance keeps ~1e-6 relative
-accuracy, where the plain formula loses all of it. The corrected two-pass algorithm of the
-reference (first-pass mean as the shift) is as accurate but reads the features twice; picking a
-reference row costs a pass over ``bin_idx`` only (8 bytes per row instead of ``4 D`` per row),
-so this reads every feature exactly once: bytes moved per element = one read of ``x`` (plus
-``8 / D`` bytes of indices and a per-chunk write of ``8 / R`` bytes of partial sums).
-
-Work decomposition (``strategy``):
-
-* ``"csr"`` (rows ``[N, D]``, and every deterministic call): rows are grouped by bin -- a
-  counting sort on the GPU (a histogram kernel whose programs first count their 1,024 rows in
-  registers, ``tl.histogram``, then add one integer atomic per bin; a one-program scan; a
-  scatter), or ``torch.sort(stable=True)`` when deterministic algorithms are requested -- and
-  each bin is cut into chunks of ``CHUNK`` (512) rows. A program owns one chunk and a block of
-  ``BLOCK_C`` (128) features: it walks the chunk in ``[R, BLOCK_C]`` tiles (16 x 128 on a GPU;
-  each row a contiguous, coalesced, vectorised segment of ``x``), accumulates privatised
-  ``(S1, S2)`` in registers, reduces them once, and merges them with ONE float atomic per
-  feature and chunk (512 times fewer atomics than rows). Deterministic mode writes the partial
-  to its own slot instead (a bin of a single chunk straight to the bin's sums, at most
-  ``2 N / CHUNK`` slots otherwise, so the buffer is bounded by the input) and the final kernel
-  adds each bin's slots in a fixed order: no float atomics, bitwise-identical results from run
-  to run.
-* ``"direct"`` (dense ``[B, C, *spatial]`` whose pixels are the contiguous axis, or bins of a
-  few rows each, when not deterministic): tiles of ``BLOCK_S`` consecutive rows x ``BLOCK_C``
-  features are read in place, coalesced along the contiguous axis, and every element is added
-  to its bin with float atomics (grouping pixels by bin would turn those reads into gathers).
-* ``"tiles"`` (a candidate for the same inputs, set through ``STRATEGY`` until a GPU run decides):
-  the tile of ``"direct"``, read the same way, with its rows sorted by bin in registers
-  (``tl.sort``, ``tl.gather``) and each bin's run summed by a segmented scan, so a tile adds one
-  float atomic per (bin it meets, feature) instead of one per element.
-
-A final small kernel turns the sums into ``mean``/``var`` for every bin (zeros for empty ones).
-Counts are integer atomics (exact and order-independent). Launches: one memset and four kernels
-("csr"), one memset and three ("direct"). Nothing waits on the host: the number of programs is
-an upper bound fixed by the shapes, and programs past the real work do nothing.
-
-Measured on one H100 (triton 3.6, GPU time from CUDA-graph replay): 131,072 x 512 float32 with
-97 AgeDB-like bins in 185 us (x.sum() reads the same bytes in 95 us; a clone takes 182 us).
+One pass of shifted sums: every bin's reference value ``K[b]`` is one of its own rows, the kernels
+add ``S1 = sum(x - K)`` and ``S2 = sum((x - K)**2)``, and ``mean = K + S1 / n``,
+``var = (S2 - S1**2 / n) / (n - 1)``: float32 keeps the variance accurate when a bin's mean is
+far from zero, and ``x`` is read exactly once. Two work decompositions: ``"csr"`` groups the rows
+by bin (a counting sort, or a stable sort when deterministic algorithms are on) and sums chunks
+of a bin in registers with one atomic (or one slot, deterministically) per chunk and feature;
+``"direct"`` reads tiles in place (pixels of dense maps, or bins of a few rows) and adds every
+element atomically. Nothing waits on the host: grid sizes are upper bounds from the shapes.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import contract
 from . import _common
 
-# "auto", "csr", "direct" or "tiles" (deterministic calls always use "csr"); tests and benchmarks
-# set it. "tiles" is a candidate not chosen by "auto" until a GPU run measures it (benchmarks/gpu.py).
-STRATEGY = "auto"
-# Rows per chunk of the "csr" kernels, and rows per tile inside a chunk (None: chosen per
-# device); tests set the chunk small to cut bins into several chunks. Powers of two.
-ROWS_PER_CHUNK = None
-TILE_ROWS = None
+STRATEGIES = ("csr", "direct")
 
 
 # (Helpers are inlined: a nested @triton.jit call costs milliseconds under the interpreter.)
@@ -256,52 +215,6 @@ def _direct_kernel(x_ptr, bins_ptr, ws_ptr, sums_ptr, sums_off, N, B, D, S, sP, 
     tl.atomic_add(dst + D, dev * dev, mask=m, sem="relaxed")
 
 
-@triton.jit
-def _segmented_add(k1, a1, b1, k2, a2, b2):
-    """Combine of a segmented sum over runs of equal keys (associative when equal keys are
-    contiguous, as after the sort in _tiles_kernel)."""
-    same = k1 == k2
-    return k2, tl.where(same, a1 + a2, a2), tl.where(same, b1 + b2, b2)
-
-
-@triton.jit(do_not_specialize=["N", "B", "tiles_per_p"])
-def _tiles_kernel(x_ptr, bins_ptr, ws_ptr, sums_ptr, sums_off, N, B, D, S, sP, sC, sS, bP, bS, tiles_per_p,
-                  ACC: tl.constexpr, SINGLE_P: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """The tile of _direct_kernel, its rows (pixels) sorted by bin in registers first: a segmented
-    scan then sums each bin's run, and one float atomic per (bin in the tile, feature) adds it --
-    instead of one per element. Reads stay in place and coalesced; the sort key is the bin, then
-    the row's place in the tile (unique, so the order is fixed)."""
-    rep_ptr = ws_ptr + B
-    sums_ptr += sums_off
-    pid = tl.program_id(0).to(tl.int64)
-    p = pid // tiles_per_p
-    loc = tl.arange(0, BLOCK_S)
-    s = (pid - p * tiles_per_p) * BLOCK_S + loc
-    k = tl.load(bins_ptr + p * bP + s * bS, mask=s < S, other=-1).to(tl.int64)
-    k = tl.where((s < S) & (k >= 0) & (k < B), k, B)  # B: no bin, sorted last
-    ordered = tl.sort(k * BLOCK_S + loc)
-    kb = ordered // BLOCK_S  # the bins in sorted order
-    perm = (ordered - kb * BLOCK_S).to(tl.int32)
-    valid = kb < B
-    r0 = N - tl.load(rep_ptr + tl.where(valid, kb, 0), mask=valid, other=0)  # the bin's first row: the shift
-    row0 = _row_offsets(r0, S, sP, sS, SINGLE_P)
-    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cols_m = (c < D)[None, :]
-    v = tl.load(x_ptr + (p * sP + s * sS)[:, None] + (c * sC)[None, :], mask=(s < S)[:, None] & cols_m, other=0.0)
-    v = tl.gather(v, tl.broadcast_to(perm[:, None], [BLOCK_S, BLOCK_C]), axis=0)
-    m = valid[:, None] & cols_m
-    shift = tl.load(x_ptr + row0[:, None] + (c * sC)[None, :], mask=m, other=0.0)
-    dev = tl.where(m, v.to(ACC) - shift.to(ACC), 0.0)
-    keys = tl.broadcast_to(kb[:, None], [BLOCK_S, BLOCK_C])
-    _, s1, s2 = tl.associative_scan((keys, dev, dev * dev), axis=0, combine_fn=_segmented_add)
-    following = tl.gather(kb, tl.minimum(loc + 1, BLOCK_S - 1), axis=0)
-    run_end = (kb != following) | (loc == BLOCK_S - 1)
-    dst = sums_ptr + (tl.where(valid, kb, 0) * 2 * D)[:, None] + c[None, :]
-    m_end = m & run_end[:, None]
-    tl.atomic_add(dst, s1, mask=m_end, sem="relaxed")
-    tl.atomic_add(dst + D, s2, mask=m_end, sem="relaxed")
-
-
 @triton.jit(do_not_specialize=["N", "B", "S"])
 def _finalize_kernel(x_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
                      count_out_ptr, mean_ptr, var_ptr, N, B, D, S, sP, sC, sS,
@@ -364,7 +277,7 @@ def _finalize_kernel(x_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
 
 # ----------------------------------------------------------------------------------- launch
 @functools.lru_cache(maxsize=256)
-def _sizes_cached(num_bins: int, dim: int, chunk_rows, tile_rows, interpret: bool) -> dict:
+def _sizes(num_bins: int, dim: int, chunk_rows: int | None, interpret: bool) -> dict:
     """Tile sizes: on a GPU a chunk is up to CHUNK rows read R rows x BLOCK_C features at a time
     (4K-element tiles); under the interpreter, few large programs (it pays per program and per
     operation, not per element)."""
@@ -372,30 +285,18 @@ def _sizes_cached(num_bins: int, dim: int, chunk_rows, tile_rows, interpret: boo
     if interpret:
         block_c = min(_common.next_pow2(dim), 64)
         chunk = chunk_rows or 32
-        return dict(CP=16, CHUNK=chunk, R=min(chunk, tile_rows or 32), BLOCK_C=block_c, BLOCK_S=256, BLOCK_N=1024,
+        return dict(CP=16, CHUNK=chunk, R=min(chunk, 32), BLOCK_C=block_c, BLOCK_S=256, BLOCK_N=1024,
                     HB=hb if hb <= 1024 else 0, FIN_B=min(_common.next_pow2(num_bins), max(1, 2048 // block_c)),
-                    FIN_T=4, SCAN_B=min(_common.next_pow2(num_bins), 16384), warps=1,
-                    TILES_S=tile_rows or 64, TILES_C=min(_common.next_pow2(dim), 16))
+                    FIN_T=4, SCAN_B=min(_common.next_pow2(num_bins), 16384), warps=1)
     block_c = min(_common.next_pow2(dim), 128)
     chunk = chunk_rows or 512
-    # 16 x 128 tiles measured best on an H100 (vs 32 or 64 rows: more programs in flight)
-    r = min(chunk, tile_rows or max(8, min(64, 2048 // block_c)))
+    r = min(chunk, max(8, min(64, 2048 // block_c)))
     return dict(CP=1, CHUNK=chunk, R=r, BLOCK_C=block_c, BLOCK_S=max(16, 8192 // block_c), BLOCK_N=1024,
                 HB=hb if hb <= 256 else 0, FIN_B=1, FIN_T=16, SCAN_B=min(_common.next_pow2(num_bins), 1024),
-                # tiles: 128 x 32 keeps the scan's scratch (3 values per element) and the registers
-                # within one H100 block for float64 (128 x 64 float64 rows needs 192 KiB; ptxas -v)
-                warps=4, TILES_S=tile_rows or 128, TILES_C=min(_common.next_pow2(dim), 32))
+                warps=4)
 
 
-def _sizes(num_bins: int, dim: int) -> dict:
-    return _sizes_cached(num_bins, dim, ROWS_PER_CHUNK, TILE_ROWS, _common.INTERPRET)
-
-
-def _strategy(rows: _common.Rows, num_bins: int, deterministic: bool) -> str:
-    if deterministic:
-        return "csr"
-    if STRATEGY != "auto":
-        return STRATEGY
+def _strategy(rows: _common.Rows, num_bins: int) -> str:
     if rows.sS == 1 and rows.sC != 1 and rows.S > 1:
         return "direct"  # pixels are the contiguous axis: keep the reads in place
     if rows.rows < 64 * num_bins:
@@ -403,10 +304,12 @@ def _strategy(rows: _common.Rows, num_bins: int, deterministic: bool) -> str:
     return "csr"
 
 
-@torch.library.custom_op("dirfast::triton_bin_stats", mutates_args=(), device_types=("cuda", "cpu"))
-def triton_bin_stats(x: torch.Tensor, bin_idx: torch.Tensor,
-                     num_bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`dirfast.ops.bin_stats` in Triton kernels (see the module docstring)."""
+def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int, *, strategy: str | None = None,
+              chunk_rows: int | None = None):
+    """The Triton kernels of bin_stats with an explicit ``strategy`` (``"csr"`` or ``"direct"``;
+    None: chosen from the layout, and always ``"csr"`` when deterministic algorithms are on) and
+    ``"csr"`` chunk size (a power of two; None: per device). The op calls it with the defaults;
+    tests call it to reach every path."""
     _common.check_device(x, "bin_stats")
     B, D = num_bins, x.shape[1]
     acc = _common.acc_dtype(x.dtype)
@@ -416,8 +319,13 @@ def triton_bin_stats(x: torch.Tensor, bin_idx: torch.Tensor,
         return (torch.zeros(B, dtype=torch.int64, device=x.device),
                 torch.zeros((B, D), dtype=acc, device=x.device), torch.zeros((B, D), dtype=acc, device=x.device))
     deterministic = torch.are_deterministic_algorithms_enabled()
-    strategy = _strategy(rows, B, deterministic)
-    z = _sizes(B, D)
+    if deterministic:
+        strategy = "csr"
+    elif strategy is None:
+        strategy = _strategy(rows, B)
+    elif strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    z = _sizes(B, D, chunk_rows, _common.INTERPRET)
     xv, bins, chunk = rows.x, rows.bins, z["CHUNK"]
     single_p = rows.P == 1
     tl_acc = _common.tl_acc(x.dtype)
@@ -441,7 +349,7 @@ def triton_bin_stats(x: torch.Tensor, bin_idx: torch.Tensor,
     with _common.device_guard(x):
         _hist_kernel[(_common.cdiv(N, z["BLOCK_N"]),)](
             bins, ws, N, rows.S, rows.bP, rows.bS, B,
-            WITH_REP=strategy in ("direct", "tiles"), HB=z["HB"], SINGLE_P=single_p, BLOCK=z["BLOCK_N"],
+            WITH_REP=strategy == "direct", HB=z["HB"], SINGLE_P=single_p, BLOCK=z["BLOCK_N"],
             num_warps=4)
         if D == 0:
             return ws[:B].clone(), mean, var
@@ -450,11 +358,6 @@ def triton_bin_stats(x: torch.Tensor, bin_idx: torch.Tensor,
             _direct_kernel[(rows.P * tiles, col_blocks)](
                 xv, bins, ws, sums, sums_off, N, B, D, rows.S, rows.sP, rows.sC, rows.sS, rows.bP, rows.bS,
                 tiles, ACC=tl_acc, SINGLE_P=single_p, BLOCK_S=z["BLOCK_S"], BLOCK_C=z["BLOCK_C"], num_warps=8)
-        elif strategy == "tiles":
-            tiles = _common.cdiv(rows.S, z["TILES_S"])
-            _tiles_kernel[(rows.P * tiles, _common.cdiv(D, z["TILES_C"]))](
-                xv, bins, ws, sums, sums_off, N, B, D, rows.S, rows.sP, rows.sC, rows.sS, rows.bP, rows.bS,
-                tiles, ACC=tl_acc, SINGLE_P=single_p, BLOCK_S=z["TILES_S"], BLOCK_C=z["TILES_C"], num_warps=8)
         else:
             _scan_kernel[(1,)](ws, B, chunk, BLOCK_B=z["SCAN_B"], num_warps=4)
             if deterministic:  # rows grouped by bin in a reproducible order
@@ -481,4 +384,11 @@ def triton_bin_stats(x: torch.Tensor, bin_idx: torch.Tensor,
     return count_out, mean, var
 
 
-triton_bin_stats.register_fake(importlib.import_module("dirfast.ops.bin_stats")._fake)
+@torch.library.custom_op("dirfast::triton_bin_stats", mutates_args=(), device_types=("cuda", "cpu"))
+def triton_bin_stats(x: torch.Tensor, bin_idx: torch.Tensor,
+                     num_bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dirfast.ops.bin_stats` in Triton kernels (see the module docstring)."""
+    return bin_stats(x, bin_idx, num_bins)
+
+
+triton_bin_stats.register_fake(contract.fake_bin_stats)
