@@ -1,9 +1,8 @@
 """The AgeDB-DIR training age distribution, for realistic benchmark labels.
 
-``AGEDB_DIR_TRAIN_COUNTS`` maps each age to its number of training images.  It was computed
-once from the AgeDB-DIR label file of the DIR benchmark (Yang et al., ICML 2021;
-../shared/data/agedb-dir-labels.csv, the 12,208 rows with split == "train") and pasted here;
-benchmarks never read that file.
+``AGEDB_DIR_TRAIN_COUNTS`` maps each age to its number of training images: the histogram of the
+12,208 AgeDB-DIR training labels of the DIR benchmark (Yang et al., ICML 2021), computed once;
+the benchmarks read no label file.
 """
 
 import torch

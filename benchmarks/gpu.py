@@ -11,12 +11,7 @@ loop and a device-to-device copy of the same bytes:
   2,048 features: speed-up over the published loop;
 * ``smooth_bins`` of a [100, 2048] table (no goal: it decides the CUDA-vs-Triton order);
 * no goal either: calibrate and bin_stats on dense [8, 64, 120, 160] features (depth maps), and
-  bin_stats with deterministic algorithms on;
-* ``bin_stats`` once more with the candidates that are not the default yet: on the CUDA backend
-  the grouped-rows kernels of ``CUDA_CANDIDATES`` (rows "cuda p64" ... "cuda p256vt") and the
-  planes kernel of ``CUDA_PLANE_CANDIDATES`` on the depth maps; on the Triton backend other chunk
-  and tile sizes and the "tiles" strategy (``TRITON_CANDIDATES``, ``TRITON_PLANE_CANDIDATES``).
-  The last lines name the fastest bin_stats of each backend.
+  bin_stats with deterministic algorithms on.
 
 At the end, the per-op order of CUDA C++ and Triton that ``dirfast.ops._dispatch.CUDA_PREFERENCE``
 should hold on this GPU (the faster first).
@@ -28,7 +23,6 @@ same call replayed from a CUDA graph (GPU time alone, without the per-call host 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -38,7 +32,8 @@ import torch
 
 import dirfast
 
-from .published import PublishedFDS
+from published import PublishedFDS  # tests/published.py
+from testing import deterministic  # tests/testing.py
 
 GOALS = {  # from the Triton and CUDA kernel issues
     "calibrate_bandwidth": 0.70,
@@ -164,109 +159,10 @@ def layout_cases(results: list) -> None:
     x, idx, bins, _ = bandwidth_inputs()
     copy_ms = time_ms(lambda: x.clone())
     for backend in _backends():
-        with dirfast.use_backend(backend), deterministic_algorithms():
+        with dirfast.use_backend(backend), deterministic():
             ms = time_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
             results.append({"case": "bin_stats 131072x512 determ.", "provider": backend, "ms": ms,
                             "x copy bandwidth": copy_ms / (2 * ms)})
-
-
-@contextlib.contextmanager
-def deterministic_algorithms():
-    """torch.use_deterministic_algorithms(True) for the block, then as it was."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def candidate_cases(results: list) -> None:
-    """bin_stats with the candidates that are not the default yet, on the rows of bandwidth_cases
-    and the depth maps of layout_cases (run last: a candidate that faults must not take the goals'
-    measurements down with the CUDA context)."""
-    available = _backends()
-    for inputs, triton_candidates, cuda_candidates in (
-            (bandwidth_inputs(), TRITON_CANDIDATES, CUDA_CANDIDATES),
-            (depth_inputs(), TRITON_PLANE_CANDIDATES, CUDA_PLANE_CANDIDATES)):
-        x, idx, bins, _ = inputs
-        copy_ms = time_ms(lambda: x.clone())
-        case = "bin_stats " + "x".join(str(n) for n in x.shape)
-        runs = [("triton", label, config, "triton config", lambda config: triton_config(*config))
-                for label, config in triton_candidates.items()]
-        runs += [("cuda", label, options, "DIRFAST_CUDA_BIN_STATS", cuda_bin_stats_options)
-                 for label, options in cuda_candidates.items()]
-        for backend, label, config, key, switch in runs:
-            if backend not in available:
-                continue
-            with dirfast.use_backend(backend), switch(config):
-                for provider, timer in ((f"{backend} {label}", time_ms), (f"{backend} {label} graph", graph_ms)):
-                    ms = timer(lambda: dirfast.ops.bin_stats(x, idx, bins))
-                    results.append({"case": case, "provider": provider, "ms": ms,
-                                    "x copy bandwidth": copy_ms / (2 * ms), key: config})
-
-
-# The Triton bin_stats configurations to try beside the defaults ("auto": 512-row chunks of one
-# bucket read 16 rows x 128 features at a time on rows, "direct" atomics on planes), by label:
-# (STRATEGY, rows per chunk, rows per tile) -- the module knobs the tests use too. "tiles" sorts
-# each tile's rows by bucket in registers and adds one atomic per (bucket, feature) and tile.
-TRITON_CANDIDATES = {
-    "c256": ("auto", 256, None),
-    "c1024": ("auto", 1024, None),
-    "c512 r32": ("auto", 512, 32),
-    "c256 r8": ("auto", 256, 8),
-    "tiles": ("tiles", None, None),
-}
-TRITON_PLANE_CANDIDATES = {"tiles": ("tiles", None, None), "tiles r256": ("tiles", None, 256)}
-
-
-@contextlib.contextmanager
-def triton_config(strategy, chunk_rows, tile_rows):
-    """Run the Triton bin_stats kernels with another strategy, chunk and tile sizes for the block
-    (the module's STRATEGY, ROWS_PER_CHUNK and TILE_ROWS knobs)."""
-    import importlib
-
-    module = importlib.import_module("dirfast.triton.bin_stats")
-    before = (module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS)
-    module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS = strategy, chunk_rows, tile_rows
-    try:
-        yield
-    finally:
-        module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS = before
-
-
-# The candidate CUDA bin_stats kernels (DIRFAST_CUDA_BIN_STATS options, csrc/cuda/bin_stats.cpp) by
-# the label of their rows. On 131,072 x 512 rows, the grouped-rows kernel with the row numbers
-# loaded up front: 64 or 256 rows per warp, scalar or 16-byte ("v") atomics, feature tiles of the
-# same rows in neighbouring blocks ("t"). On dense depth-map features, per-block sums in shared
-# memory for planes of pixels.
-CUDA_CANDIDATES = {
-    "p64": "prefetch",
-    "p256": "prefetch,rows=256",
-    "p64v": "prefetch,vector_atomics",
-    "p256v": "prefetch,rows=256,vector_atomics",
-    "p256vt": "prefetch,rows=256,vector_atomics,tiles_first",
-}
-CUDA_PLANE_CANDIDATES = {"planes shared": "planes=shared"}
-
-
-@contextlib.contextmanager
-def cuda_bin_stats_options(options):
-    """Select candidate CUDA bin_stats kernels for the duration of the block: ``options`` is a
-    DIRFAST_CUDA_BIN_STATS value (read by csrc/cuda/bin_stats.cpp on every call), None for the
-    default kernels."""
-    before = os.environ.get("DIRFAST_CUDA_BIN_STATS")
-    if options is None:
-        os.environ.pop("DIRFAST_CUDA_BIN_STATS", None)
-    else:
-        os.environ["DIRFAST_CUDA_BIN_STATS"] = options
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("DIRFAST_CUDA_BIN_STATS", None)
-        else:
-            os.environ["DIRFAST_CUDA_BIN_STATS"] = before
 
 
 def _fitted_pair(d: int, n_fit: int, gen: torch.Generator):
@@ -346,18 +242,6 @@ def preference(rows: list) -> dict:
     return order
 
 
-def fastest_bin_stats(rows: list, backend: str, case: str = "bin_stats 131072x512"):
-    """(provider, ms) of the fastest ``case`` row of ``backend`` -- its default or one of its
-    candidates -- by wall-clock time (the "graph" rows are GPU time alone), or None."""
-    timed = [(row["ms"], row["provider"]) for row in rows
-             if row["case"] == case and row["provider"].split()[0] == backend
-             and not row["provider"].endswith(" graph")]
-    if not timed:
-        return None
-    ms, provider = min(timed)
-    return provider, ms
-
-
 def kernel_profile(top: int = 12) -> str:
     """Per-kernel GPU time of one bin_stats and one calibrate call (131,072 x 512) on each GPU
     backend, from torch.profiler: where the time of an op goes, launch by launch."""
@@ -365,21 +249,15 @@ def kernel_profile(top: int = 12) -> str:
 
     x, idx, bins, stats = bandwidth_inputs(seed=4)
     depth_x, depth_idx, depth_bins, _ = depth_inputs()
-    # (heading, backend, DIRFAST_CUDA_BIN_STATS options, call)
-    jobs = []
+    jobs = []  # (heading, backend, call)
     for backend in [name for name in _backends() if name != "reference"]:
-        jobs.append((f"bin_stats on {backend}", backend, None, lambda: dirfast.ops.bin_stats(x, idx, bins)))
-        jobs.append((f"calibrate on {backend}", backend, None, lambda: dirfast.ops.calibrate(x, idx, *stats)))
-    if "cuda" in _backends():  # the candidate grouped-rows kernel; planes: the default, then the candidate
-        options = CUDA_CANDIDATES["p256v"]
-        jobs.append((f"bin_stats (DIRFAST_CUDA_BIN_STATS={options}) on cuda", "cuda", options,
-                     lambda: dirfast.ops.bin_stats(x, idx, bins)))
-        for options in (None, *CUDA_PLANE_CANDIDATES.values()):
-            jobs.append((f"bin_stats {tuple(depth_x.shape)} (DIRFAST_CUDA_BIN_STATS={options}) on cuda", "cuda",
-                         options, lambda: dirfast.ops.bin_stats(depth_x, depth_idx, depth_bins)))
+        jobs.append((f"bin_stats on {backend}", backend, lambda: dirfast.ops.bin_stats(x, idx, bins)))
+        jobs.append((f"calibrate on {backend}", backend, lambda: dirfast.ops.calibrate(x, idx, *stats)))
+        jobs.append((f"bin_stats {tuple(depth_x.shape)} on {backend}", backend,
+                     lambda: dirfast.ops.bin_stats(depth_x, depth_idx, depth_bins)))
     sections = []
-    for heading, backend, options, call in jobs:
-        with dirfast.use_backend(backend), cuda_bin_stats_options(options):
+    for heading, backend, call in jobs:
+        with dirfast.use_backend(backend):
             for _ in range(3):
                 call()
             torch.cuda.synchronize()
@@ -413,7 +291,7 @@ def main(argv=None) -> None:
     print(f"GPU: {name}; torch {torch.__version__}; backends: {_backends()}", flush=True)
     rows: list = []
     failed = []
-    for step in (bandwidth_cases, smooth_cases, smooth_bins_cases, epoch_cases, layout_cases, candidate_cases):
+    for step in (bandwidth_cases, smooth_cases, smooth_bins_cases, epoch_cases, layout_cases):
         print(f"running {step.__name__} ...", flush=True)
         try:
             step(rows)
@@ -439,17 +317,6 @@ def main(argv=None) -> None:
             handle.write(text + "\n")
         print(f"wrote {args.profile}")
     print(table)
-    if any("triton config" in row for row in rows):
-        print("candidate Triton bin_stats configurations (STRATEGY, rows per chunk, rows per tile): " + "; ".join(
-            f"{label} = {config}" for label, config in {**TRITON_CANDIDATES, **TRITON_PLANE_CANDIDATES}.items()))
-    if any("DIRFAST_CUDA_BIN_STATS" in row for row in rows):
-        print("candidate CUDA bin_stats kernels (DIRFAST_CUDA_BIN_STATS): " + "; ".join(
-            f"{label} = {options}" for label, options in {**CUDA_CANDIDATES, **CUDA_PLANE_CANDIDATES}.items()))
-    for case in ("bin_stats 131072x512", "bin_stats 8x64x120x160"):
-        for backend in ("cuda", "triton"):
-            best = fastest_bin_stats(rows, backend, case)
-            if best is not None:
-                print(f"fastest {backend} {case}: {best[0]} ({best[1]:.3f} ms)")
     print(f"CUDA_PREFERENCE on {name}: {preference(rows)}")
     if failed:
         raise SystemExit(f"benchmarks.gpu: {', '.join(failed)} failed (traceback above)")

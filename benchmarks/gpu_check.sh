@@ -28,7 +28,7 @@ if [ -n "${SKIP_BUILD:-}" ]; then echo "skipped (SKIP_BUILD)"
 else
   # Only this GPU's architecture: a third of the nvcc time of the default sm_80 + sm_90 + PTX.
   arch=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")}
-  if ! TORCH_CUDA_ARCH_LIST=$arch FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} DIRFAST_REQUIRE_EXT=1 \
+  if ! TORCH_CUDA_ARCH_LIST=$arch FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
       timeout ${BUILD_TIMEOUT:-240} $PY setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1; then
     echo "BUILD FAILED (tail of $OUT/build.log):"; tail -n 30 "$OUT/build.log"; status=1
   fi

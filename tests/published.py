@@ -1,12 +1,12 @@
-"""Published-style Deep Imbalanced Regression code, written from ../shared/SPEC.md.
+"""Published-style Deep Imbalanced Regression code (the YyzHarry/imbalanced-regression modules, MIT).
 
 This module reproduces what the published DIR code (Yang et al., ICML 2021) computes, in the way
 it computes it: a Python loop over buckets, boolean-mask gathers and scatters, and its quirks
 (the edge-bucket rules, the snapshot aliasing, the zero-variance rules of the calibration).
 It serves two purposes:
 
-* the "published" provider of the benchmarks (what users run today), and
-* the oracle of the test suite (tests import ``PublishedFDS`` and ``published_calibrate_mean_var``).
+* the oracle of the test suite (``PublishedFDS``, ``published_calibrate_mean_var``), and
+* the "published" provider of the benchmarks (what users run today), which import it from here.
 
 Keep it faithful: do not "fix" or vectorise anything here.  The only departures from the
 published module are that it takes a ``device`` argument instead of hard-coding ``.cuda()``,
