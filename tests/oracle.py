@@ -1,12 +1,12 @@
-"""An independent, deliberately plain implementation of ../shared/SPEC.md.
+"""An independent, deliberately plain implementation of what the published DIR code computes.
 
-Written from the SPEC (and the published code it describes), with Python loops wherever a loop
+Written from the published code (YyzHarry/imbalanced-regression, MIT), with Python loops wherever a loop
 reads more clearly than a vectorised expression: it is the definition of correctness for the
 tests, not a fast path. Nothing here imports dirfast.
 
 The published FDS module itself (update_running_stats / update_last_epoch_stats / smooth, with
 the snapshot aliasing quirk) is not rewritten here: tests import ``PublishedFDS`` and
-``published_calibrate_mean_var`` from ``benchmarks.published``.
+``published_calibrate_mean_var`` from ``published.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from scipy.ndimage import convolve1d, gaussian_filter1d
 from scipy.signal.windows import triang
 from scipy.stats import gmean
 
-from benchmarks.published import published_calibrate_mean_var
+from published import published_calibrate_mean_var
 
 
 # ============================================================================ kernel windows

@@ -9,7 +9,7 @@ import torch
 
 import dirfast
 import oracle
-from benchmarks.published import PublishedFDS
+from published import PublishedFDS
 from dirfast.presets import AGEDB_DIR, IMDB_WIKI_DIR, NYUD2_DIR, STS_B_DIR
 from testing import gen
 

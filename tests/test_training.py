@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dirfast
-from benchmarks.published import PublishedFDS
+from published import PublishedFDS
 from testing import DEVICES
 
 

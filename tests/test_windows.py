@@ -59,7 +59,7 @@ def test_kernel_window_defaults():
 
 
 def test_fds_window_matches_published_module():
-    from benchmarks.published import PublishedFDS
+    from published import PublishedFDS
 
     for kernel in KERNELS:
         for ks, sigma in [(5, 2), (3, 1), (7, 3)]:

@@ -1,13 +1,15 @@
-"""The shared test lists (devices, dtypes, backends), tolerances and input generators.
+"""What the tests share: the lists (devices, dtypes, backends), tolerances, the one generator of
+feature layouts, the one check of bin statistics, and a pairwise selection of cases.
 
-Kernel issues add a backend to dirfast; every parametrised test here picks it up through
-:func:`backend_params` without edits. Nothing here touches CUDA at import beyond
-``torch.cuda.is_available()``; the GPU checks at the end run only when a GPU test calls them.
+A new backend is picked up by every parametrised test through :func:`backend_device_params`
+without edits. Nothing here touches CUDA at import beyond ``torch.cuda.is_available()``; the GPU
+checks at the end run only when a GPU test calls them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 
 import pytest
@@ -15,6 +17,8 @@ import torch
 
 import dirfast
 import dirfast.ops
+import dirfast.reference
+import oracle
 
 # ----------------------------------------------------------------------------- lists
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -169,6 +173,97 @@ def rand_stats(num_bins, d, *, dtype=torch.float32, device="cpu", seed=4):
     v1 = torch.rand(num_bins, d, generator=g, dtype=torch.float64) * 3 + 0.05
     v2 = torch.rand(num_bins, d, generator=g, dtype=torch.float64) * 3 + 0.05
     return tuple(t.to(dtype=dtype, device=device) for t in (m1, v1, m2, v2))
+
+
+# ----------------------------------------------------------------------------- layouts
+# Every memory layout a kernel may meet: read in place (rows, column-major rows, padded rows,
+# dense planes of 1-3 spatial dims, channels-last, batch-major planes) or copied first (a feature
+# stride, a sliced spatial axis). Dense layouts hold 2 x 3 x 5 = 30 pixels per channel image.
+LAYOUTS = ["rows", "rows_column_major", "rows_padded", "rows_strided", "dense", "dense_channels_last",
+           "dense_3d", "dense_5d", "dense_batch_major", "dense_sliced"]
+
+
+def features(layout: str, dtype=torch.float32, device="cpu", *, num_bins=5, n=37, d=3, seed=0, shift=0.0,
+             low=-1, high=None):
+    """``(x, bin_idx)`` in ``layout`` with indices uniform in ``[low, high)`` (default
+    ``[-1, num_bins + 1)``: rows with -1 and num_bins select no bin). Rows layouts have ``n``
+    rows; dense ones ``2 x 15`` pixels, except dense_3d (3 x 10) and dense_5d (2 x 2 x 3 x 5)."""
+    high = num_bins + 1 if high is None else high
+    g = gen(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) + shift
+
+    if layout == "rows":
+        x = rand(n, d)
+    elif layout == "rows_column_major":  # read in place as [1, D, N]
+        x = rand(d, n).t()
+    elif layout == "rows_padded":  # row stride > D: read in place
+        x = rand(n, d + 2)[:, 1:-1]
+    elif layout == "rows_strided":  # every other row, feature stride 2: copied
+        x = rand(2 * n, 2 * d)[::2, ::2]
+    elif layout == "dense":
+        x = rand(2, d, 3, 5)
+    elif layout == "dense_channels_last":  # the rows layout of dense features: read in place
+        x = rand(2, d, 3, 5).contiguous(memory_format=torch.channels_last)
+    elif layout == "dense_3d":
+        x = rand(3, d, 10)
+    elif layout == "dense_5d":
+        x = rand(2, d, 2, 3, 5)
+    elif layout == "dense_batch_major":  # [C, B, HW] in memory: planes with their own strides
+        x = rand(d, 2, 3, 5).transpose(0, 1)
+    elif layout == "dense_sliced":  # spatial stride 2: copied
+        x = rand(2, d, 3, 10)[..., ::2]
+    else:
+        raise ValueError(layout)
+    shape = (x.shape[0],) + tuple(x.shape[2:])
+    idx = torch.randint(low, high, shape, generator=g)
+    if layout == "rows_strided":
+        idx = torch.randint(low, high, (2 * n,), generator=g)[::2]  # a strided bin_idx too
+    return x.to(dtype=dtype, device=device), idx.to(device)
+
+
+def check_bin_stats(result, x, idx, num_bins, *, against="oracle"):
+    """The one check of ``bin_stats`` output: dtypes, shapes and device, the counts exactly, the
+    mean and variance within the dtype's tolerance of the float64 loop oracle (or, for inputs
+    too large for it, ``against="reference"``), empty bins 0, single-row bins variance 0."""
+    count, mean, var = result
+    sd = stats_dtype(x.dtype)
+    assert count.dtype == torch.int64 and count.shape == (num_bins,)
+    assert mean.dtype == sd and var.dtype == sd, (mean.dtype, var.dtype)
+    assert mean.shape == (num_bins, x.shape[1]) and var.shape == (num_bins, x.shape[1])
+    assert count.device == x.device and mean.device == x.device and var.device == x.device
+    if against == "oracle":
+        e_count, e_mean, e_var = oracle.bin_stats(x, idx, num_bins)
+    else:
+        e_count, e_mean, e_var = (t.cpu().double() for t in dirfast.reference.bin_stats(x.cpu().double(), idx.cpu(),
+                                                                                       num_bins))
+    count, mean, var = count.cpu(), mean.cpu(), var.cpu()
+    torch.testing.assert_close(count, e_count.long(), rtol=0, atol=0)
+    t = stats_tol(x.dtype)
+    torch.testing.assert_close(mean.double(), e_mean, **t)
+    torch.testing.assert_close(var.double(), e_var, **t)
+    assert torch.all(mean[count == 0] == 0) and torch.all(var[count <= 1] == 0) and torch.all(var >= 0)
+
+
+def pairwise(*factors):
+    """Cases covering every pair of values of any two factors (a greedy all-pairs design): the
+    full product adds nothing when the factors act on separate parts of a kernel."""
+    factors = [list(f) for f in factors]
+    if len(factors) < 2:
+        return [tuple(c) for c in itertools.product(*factors)]
+    uncovered = {(i, a, j, b) for i, j in itertools.combinations(range(len(factors)), 2)
+                 for a in range(len(factors[i])) for b in range(len(factors[j]))}
+    cases = []
+    while uncovered:
+        best, best_gain = None, -1
+        for combo in itertools.product(*(range(len(f)) for f in factors)):
+            gain = sum((i, combo[i], j, combo[j]) in uncovered for i, j in itertools.combinations(range(len(factors)), 2))
+            if gain > best_gain:
+                best, best_gain = combo, gain
+        cases.append(tuple(factors[i][k] for i, k in enumerate(best)))
+        uncovered -= {(i, best[i], j, best[j]) for i, j in itertools.combinations(range(len(factors)), 2)}
+    return cases
 
 
 # ----------------------------------------------------------------------------- modes
