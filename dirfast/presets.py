@@ -3,16 +3,10 @@
 The published scripts (YyzHarry/imbalanced-regression, MIT) set LDS, FDS and the evaluation
 differently per dataset, and nothing in the module signatures says so: the FDS clip, the
 binning of continuous labels, the fill of empty buckets, the shot regions. A :class:`Preset`
-holds them all, each value cited from the file it comes from::
-
-    from dirfast.presets import STS_B_DIR
-
-    weights = STS_B_DIR.lds_weights(train_scores)      # tasks.py
-    fds = STS_B_DIR.fds(feature_dim=1200)              # fds.py with util.py's clip
-    STS_B_DIR.shot_metrics(preds, test_scores, train_scores)
-
-The LDS and FDS windows are those of each README's LDS / FDS command (``--lds_ks 5
---lds_sigma 2``, ``--fds_ks 5 --fds_sigma 2``); the argparse defaults of some train.py differ.
+holds them all, each value cited from the file it comes from (``STS_B_DIR.lds_weights(scores)``,
+``STS_B_DIR.fds(feature_dim)``, ``STS_B_DIR.shot_metrics(preds, labels, train_labels)``). The
+windows are those of each README's LDS / FDS command (gaussian, ks 5, sigma 2); the argparse
+defaults of some train.py differ.
 """
 
 from __future__ import annotations

@@ -27,10 +27,7 @@ BACKENDS = ("reference", "cpp", "triton", "cuda")
 OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_")
 
 # On a CUDA tensor, "auto" takes, per op, the first available backend of its list: the faster
-# one as measured by `python -m benchmarks.gpu` (benchmarks/gpu_check.sh) on the GPU below.
-# Median ms there, CUDA C++ vs Triton: calibrate 131072x512 0.170 vs 0.273; bin_stats 131072x512
-# 0.168 vs 0.402; FDS.smooth 256x2048 (calibrate_) 0.140 vs 0.293; smooth_bins 100x2048 0.035 vs
-# 0.126 (benchmarks/results/h200/gpu-goals-nvidia-h200.json).
+# one as measured by benchmarks/gpu_check.sh on the GPU below (benchmarks/results/h200/).
 CUDA_PREFERENCE_MEASURED_ON = "NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0 (2026-11-27)"
 CUDA_PREFERENCE = {
     "bin_stats": ("cuda", "triton"),

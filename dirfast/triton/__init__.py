@@ -1,17 +1,11 @@
 """Triton kernels of the dirfast ops (imported lazily; Triton is optional).
 
-Importing this package never fails. When Triton imports, it registers three ``torch.library``
-custom ops with the signatures of the ``dirfast::`` ops:
-
-* ``torch.ops.dirfast.triton_bin_stats(x, bin_idx, num_bins)`` (:mod:`.bin_stats`)
-* ``torch.ops.dirfast.triton_smooth_bins(stats, window, padding)`` (:mod:`.smooth_bins`)
-* ``torch.ops.dirfast.triton_calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max)``
-  (:mod:`.calibrate`, differentiable in ``x``)
-
-Each has a fake kernel (``torch.compile(fullgraph=True)`` traces through it) and runs on CUDA
-tensors, or on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1`` set before Triton
-is imported), which is how CI tests them. None of them synchronises with the host, so a
-training step that calls them can be captured in a CUDA graph.
+Importing this package never fails. When Triton imports, it registers the ``torch.library``
+custom ops ``dirfast::triton_bin_stats``, ``triton_smooth_bins``, ``triton_calibrate`` and
+``triton_calibrate_`` with the signatures, fakes and autograd of the ``dirfast::`` ops
+(:mod:`dirfast.contract`). They run on CUDA tensors, or on CPU tensors under Triton's
+interpreter (``TRITON_INTERPRET=1`` set before Triton is imported), and never synchronise with
+the host, so a training step that calls them can be captured in a CUDA graph.
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
-"""Helpers shared by the Triton kernels: layouts, launch sizes, device guards.
+"""Helpers shared by the Triton kernels: the canonical strided view, launch sizes, device guards.
 
-Every op sees its features through one canonical strided view, so a kernel never needs a copy
-of a dense or channels-last tensor:
-
-* ``x`` is read as ``[P, C, S]`` with strides ``(sP, sC, sS)``: ``P`` outer "images", ``C``
-  features, ``S`` rows per image. Row ``r`` (the order of ``bin_idx.reshape(-1)``) is
-  ``(p, s) = divmod(r, S)`` and feature ``c`` of it lives at ``p * sP + s * sS + c * sC``.
-* ``[N, D]`` rows are ``P = 1, S = N`` (``sS`` the row stride, ``sC`` usually 1: coalesced
-  along the features); dense ``[B, C, *spatial]`` is ``P = B`` and ``S = prod(spatial)``
-  (``sS`` usually 1: coalesced along the pixels); a channels-last tensor folds ``P`` into ``S``
-  and becomes rows again.
-* ``bin_idx`` is read as ``[P, S]`` with strides ``(bP, bS)``.
-
-Triton specialises integer arguments equal to 1 (and multiples of 16), so whichever stride is
-1 becomes the contiguous, vectorised axis of the kernel's tiles without a second kernel.
-Spatial dimensions that cannot be merged into one stride (a sliced dense tensor) are the one
-case that is copied (``.contiguous()``): a rare layout, and documented here.
+Every op sees its features as ``x[P, C, S]`` with strides ``(sP, sC, sS)`` and ``bin_idx[P, S]``:
+``[N, D]`` rows are ``P = 1, S = N``; dense ``[B, C, *spatial]`` is ``P = B, S = prod(spatial)``;
+a channels-last tensor folds ``P`` into ``S`` and becomes rows. Triton specialises integer
+arguments equal to 1, so whichever stride is 1 becomes the contiguous, vectorised axis of the
+tiles without a second kernel; spatial dims that cannot merge into one stride (a sliced dense
+tensor) are the one layout that is copied.
 """
 
 from __future__ import annotations
