@@ -29,14 +29,10 @@
 //              Otherwise (planes of pixels, or too many buckets for shared memory): every element
 //              is added to the global sums with float atomics, threads along the contiguous axis.
 //   finalize   mean and var from (count, K, S1, S2); zeros for empty buckets.
-// Candidates, selected per call by DirfastBinStatsTuning (DIRFAST_CUDA_BIN_STATS) until a GPU run
-// of benchmarks/gpu.py decides whether they replace the defaults: accumulate_grouped_prefetch_kernel
-// for grouped rows, accumulate_planes_shared_kernel for planes of pixels (see each).
 // Counts are integer atomics: exact. The float atomics make the last bits of mean and var vary
 // from run to run; dirfast_cuda_bin_stats_sorted below is the deterministic variant (the rows
 // grouped by a stable sort, each (bucket, feature) summed by one thread in that order).
 #include <algorithm>
-#include <climits>
 #include <type_traits>
 
 #include "cuda_common.cuh"
@@ -284,30 +280,14 @@ constexpr int kGroupedUnroll = 4;
 
 // S1 and S2 of the bucket a lane is walking, for its VEC features at f: added to the global sums
 // (S1 at [bucket][f], S2 at s2_offset + [bucket][f]) when the bucket changes and at the end.
-template <typename acc_t, int VEC, typename bucket_t>
+template <typename acc_t, int VEC>
 struct BucketSums {
-  bucket_t bucket = -1;
+  int64_t bucket = -1;
   acc_t s1[VEC], s2[VEC], k_ref[VEC];
 
-  // vector_atomics: 16-byte atomics where the hardware has them (sm_90: float2/float4 atomicAdd);
-  // f and dim are multiples of VEC, so every group of 4 sums is 16-byte aligned.
-  __device__ __forceinline__ void flush(acc_t* sums, int64_t s2_offset, int64_t dim, int64_t f,
-                                        bool vector_atomics = false) const {
+  __device__ __forceinline__ void flush(acc_t* sums, int64_t s2_offset, int64_t dim, int64_t f) const {
     if (bucket < 0) return;
-    const int64_t at = int64_t(bucket) * dim + f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (std::is_same<acc_t, float>::value && VEC % 4 == 0) {
-      if (vector_atomics) {
-#pragma unroll
-        for (int j = 0; j < VEC; j += 4) {
-          atomicAdd(reinterpret_cast<float4*>(&sums[at + j]), make_float4(s1[j], s1[j + 1], s1[j + 2], s1[j + 3]));
-          atomicAdd(reinterpret_cast<float4*>(&sums[s2_offset + at + j]),
-                    make_float4(s2[j], s2[j + 1], s2[j + 2], s2[j + 3]));
-        }
-        return;
-      }
-    }
-#endif
+    const int64_t at = bucket * dim + f;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       atomicAdd(&sums[at + j], s1[j]);
@@ -316,12 +296,12 @@ struct BucketSums {
   }
 
   template <typename T>
-  __device__ __forceinline__ void add(bucket_t k, const Vec<T, VEC>& v, const acc_t* ref, acc_t* sums,
-                                      int64_t s2_offset, int64_t dim, int64_t f, bool vector_atomics = false) {
+  __device__ __forceinline__ void add(int64_t k, const Vec<T, VEC>& v, const acc_t* ref, acc_t* sums,
+                                      int64_t s2_offset, int64_t dim, int64_t f) {
     if (k != bucket) {
-      flush(sums, s2_offset, dim, f, vector_atomics);
+      flush(sums, s2_offset, dim, f);
       bucket = k;
-      const Vec<acc_t, VEC> kv = load_vec<acc_t, VEC>(ref + int64_t(k) * dim + f);
+      const Vec<acc_t, VEC> kv = load_vec<acc_t, VEC>(ref + k * dim + f);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         k_ref[j] = kv.v[j];
@@ -352,7 +332,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t f = (int64_t(blockIdx.y) * 32 + lane) * VEC;
   if (f >= dim) return;  // VEC divides dim: a lane's vector is all in or all out
   const int64_t s2_offset = num_bins * dim;
-  BucketSums<acc_t, VEC, int64_t> run;
+  BucketSums<acc_t, VEC> run;
   for (int64_t i0 = begin; i0 < end; i0 += kGroupedUnroll) {
     int64_t k[kGroupedUnroll];
     Vec<T, VEC> v[kGroupedUnroll];
@@ -371,164 +351,6 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   run.flush(sums, s2_offset, dim, f);
-}
-
-// The candidate (DirfastBinStatsTuning.prefetch, until a GPU run measures it against the kernel
-// above): a warp owns `rows_per_warp` consecutive grouped rows and takes them 64 at a time. For
-// each 64, the lanes load the row numbers and buckets in two coalesced rounds, and shuffles hand
-// each row number to every lane, so the feature loads of several rows are issued together without
-// waiting on a perm load first (the kernel above waits perm -> x for every group of rows). The
-// running sums carry over from one 64 to the next: longer ranges flush less often.
-constexpr int kPrefetchBatch = 64;  // rows whose numbers a warp holds at a time: two per lane
-
-template <typename T, typename acc_t, typename index_t, int VEC>
-__global__ void __launch_bounds__(kThreads, 2)  // at most 128 registers: 16 warps per SM
-    accumulate_grouped_prefetch_kernel(const T* __restrict__ x, const index_t* __restrict__ idx,
-                                       int64_t dim, int64_t row_stride, int64_t num_bins,
-                                       const int64_t* __restrict__ perm, const ull* __restrict__ offsets,
-                                       const acc_t* __restrict__ ref, acc_t* __restrict__ sums,
-                                       int64_t rows_per_warp, bool vector_atomics, bool tiles_first) {
-  constexpr unsigned kFullMask = 0xffffffffu;
-  // Rows in flight per lane: 8 (4 for 2-byte types, whose conversions need more registers) keeps
-  // every instantiation within 128 registers without spilling (ptxas -v, sm_90).
-  constexpr int kPrefetchUnroll = sizeof(T) == 2 ? 4 : 8;
-  static_assert(kPrefetchBatch == 64 && kPrefetchBatch % kPrefetchUnroll == 0, "whole unrolled groups");
-  const int lane = threadIdx.x % 32;
-  // tiles_first: the feature tiles of the same rows are neighbouring blocks (blockIdx.x), so a
-  // row's segments are read at about the same time (DRAM pages opened once) rather than a grid
-  // apart.
-  const unsigned range_block = tiles_first ? blockIdx.y : blockIdx.x;
-  const unsigned tile = tiles_first ? blockIdx.x : blockIdx.y;
-  const int64_t task = int64_t(range_block) * kWarps + threadIdx.x / 32;
-  const int64_t valid = static_cast<int64_t>(offsets[num_bins]);
-  const int64_t begin = task * rows_per_warp;
-  if (begin >= valid) return;  // the whole warp: every lane has the same task
-  const int64_t end = begin + rows_per_warp < valid ? begin + rows_per_warp : valid;
-  // Lanes past the last feature keep shuffling (every lane must take part) but load nothing.
-  const int64_t f = (int64_t(tile) * 32 + lane) * VEC;
-  const bool active = f < dim;  // VEC divides dim: a lane's vector is all in or all out
-  const int64_t s2_offset = num_bins * dim;
-  BucketSums<acc_t, VEC, int> run;  // buckets as int: taken only for num_bins <= INT_MAX
-#pragma unroll 1
-  for (int64_t batch = begin; batch < end; batch += kPrefetchBatch) {
-    const int count = static_cast<int>(end - batch < kPrefetchBatch ? end - batch : kPrefetchBatch);
-    // Entry j of the batch sits in lane j % 32, slot j / 32. perm lists valid rows only.
-    int64_t row_slot[2];
-    int bucket_slot[2];
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const int j = s * 32 + lane;
-      row_slot[s] = j < count ? perm[batch + j] : 0;
-    }
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const int j = s * 32 + lane;
-      bucket_slot[s] = j < count ? static_cast<int>(idx[row_slot[s]]) : -1;
-    }
-#pragma unroll 1
-    for (int j0 = 0; j0 < count; j0 += kPrefetchUnroll) {  // count is the same in every lane
-      int k[kPrefetchUnroll];
-      Vec<T, VEC> v[kPrefetchUnroll];
-#pragma unroll
-      for (int u = 0; u < kPrefetchUnroll; ++u) {  // all the loads first: kPrefetchUnroll rows in flight
-        const int j = j0 + u;
-        const int source = j % 32;
-        const int64_t r = __shfl_sync(kFullMask, j < 32 ? row_slot[0] : row_slot[1], source);
-        k[u] = __shfl_sync(kFullMask, j < 32 ? bucket_slot[0] : bucket_slot[1], source);
-        if (j < count && active) v[u] = load_vec<T, VEC>(x + r * row_stride + f);
-      }
-      if (!active) continue;
-#pragma unroll
-      for (int u = 0; u < kPrefetchUnroll; ++u) {
-        if (j0 + u < count) run.add(k[u], v[u], ref, sums, s2_offset, dim, f, vector_atomics);
-      }
-    }
-  }
-  if (active) run.flush(sums, s2_offset, dim, f, vector_atomics);
-}
-
-// ------------------------------------------------------------------------------ planes
-// The candidate for planes of pixels (DirfastBinStatsTuning.planes_shared, until a GPU run measures
-// it against accumulate_direct_kernel): a block owns a chunk of one plane (an image's feature f),
-// so its privatised sums are just S1[B], S2[B] (and the shifts K[B][f]) in shared memory. Threads
-// read consecutive pixels (coalesced). Neighbouring pixels of a depth map mostly share a bucket:
-// when a whole warp's 32 pixels do, they are summed with shuffles and added by one lane; otherwise
-// each lane adds its own with shared-memory atomics. The block merges its sums into the global ones
-// with one float atomic per (bucket met, sum). The direct kernel instead makes two global atomics
-// per element, 32 to the same address when a warp's pixels share a bucket.
-constexpr int kPlaneUnroll = 4;                            // pixels in flight per thread
-constexpr int64_t kPlaneChunk = int64_t(kThreads) * kPlaneUnroll * 4;  // pixels per block
-constexpr size_t kPlaneShared = kDefaultShared;            // no opt-in: 3 B accumulators at most
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-template <typename T, typename acc_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-    accumulate_planes_shared_kernel(const T* __restrict__ x, Addressing at,
-                                    const index_t* __restrict__ idx, int64_t dim, int64_t num_bins,
-                                    int64_t chunks_per_plane, const acc_t* __restrict__ ref,
-                                    acc_t* __restrict__ sums) {
-  extern __shared__ __align__(16) unsigned char plane_shared[];
-  acc_t* s1 = reinterpret_cast<acc_t*>(plane_shared);
-  acc_t* s2 = s1 + num_bins;
-  acc_t* shift = s2 + num_bins;
-  const int64_t plane = int64_t(blockIdx.x) / chunks_per_plane;  // image * dim + feature
-  const int64_t chunk = int64_t(blockIdx.x) - plane * chunks_per_plane;
-  const int64_t p = plane / dim;
-  const int64_t f = plane - p * dim;
-  for (int64_t k = threadIdx.x; k < num_bins; k += blockDim.x) {
-    s1[k] = s2[k] = acc_t(0);
-    shift[k] = ref[k * dim + f];
-  }
-  __syncthreads();
-  const T* x_plane = x + p * at.stride_p + f * at.stride_f;  // pixel s at x_plane[s] (stride_s 1)
-  const index_t* idx_plane = idx + p * at.inner;
-  const int64_t begin = chunk * kPlaneChunk;
-  const int64_t end = begin + kPlaneChunk < at.inner ? begin + kPlaneChunk : at.inner;
-  const int lane = threadIdx.x % 32;
-  // Every lane of a warp runs the same iterations (the bounds do not depend on the lane), so the
-  // warp-wide votes and shuffles below see all 32 lanes; pixels past the end count as no bucket.
-  for (int64_t base = begin + threadIdx.x - lane; base < end; base += int64_t(kThreads) * kPlaneUnroll) {
-    int64_t k[kPlaneUnroll];
-    acc_t v[kPlaneUnroll];
-#pragma unroll
-    for (int u = 0; u < kPlaneUnroll; ++u) {  // loads first: kPlaneUnroll pixels in flight
-      const int64_t s = base + int64_t(u) * kThreads + lane;
-      k[u] = -1;
-      if (s < end) {
-        k[u] = bucket_of(idx_plane, s, num_bins, -1);
-        v[u] = to_acc<acc_t>(x_plane[s]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kPlaneUnroll; ++u) {
-      const acc_t d = k[u] >= 0 ? v[u] - shift[k[u]] : acc_t(0);
-      const int64_t k0 = __shfl_sync(0xffffffffu, k[u], 0);
-      if (__all_sync(0xffffffffu, k[u] == k0)) {
-        const acc_t d1 = warp_sum(d);
-        const acc_t d2 = warp_sum(d * d);
-        if (lane == 0 && k0 >= 0) {
-          atomicAdd(&s1[k0], d1);
-          atomicAdd(&s2[k0], d2);
-        }
-      } else if (k[u] >= 0) {
-        atomicAdd(&s1[k[u]], d);
-        atomicAdd(&s2[k[u]], d * d);
-      }
-    }
-  }
-  __syncthreads();
-  const int64_t s2_offset = num_bins * dim;
-  for (int64_t k = threadIdx.x; k < num_bins; k += blockDim.x) {
-    if (s1[k] == acc_t(0) && s2[k] == acc_t(0)) continue;  // not met (or nothing to add)
-    atomicAdd(&sums[k * dim + f], s1[k]);
-    atomicAdd(&sums[s2_offset + k * dim + f], s2[k]);
-  }
 }
 
 // ------------------------------------------------------------------------------ finalize
@@ -657,8 +479,7 @@ int grid_for(int64_t work, int num_sms, int per_sm = 8) {
 
 template <typename T, typename index_t>
 cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* count, void* mean,
-                   void* var, void* workspace, int num_sms, const DirfastBinStatsTuning& tuning,
-                   cudaStream_t stream) {
+                   void* var, void* workspace, int num_sms, cudaStream_t stream) {
   using acc_t = acc_of<T>;
   const int64_t num_bins = bins.num_bins;
   const int64_t dim = x.dim;
@@ -699,20 +520,8 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
       // Row ranges along x (2^31 - 1 blocks), feature tiles along y (dim <= 65,535 * 32 * VEC).
       const dim3 grid(static_cast<unsigned>(ceil_div(rows, int64_t(kWarps) * kGroupedRows)),
                       static_cast<unsigned>(ceil_div(dim, 32 * VEC)));
-      if (tuning.prefetch && num_bins <= INT_MAX) {
-        const int64_t rows_per_warp = tuning.rows_per_warp > 0 ? tuning.rows_per_warp : kPrefetchBatch;
-        const int64_t ranges = ceil_div(rows, int64_t(kWarps) * rows_per_warp);
-        // Feature tiles along x only while the row ranges fit grid.y (65,535).
-        const bool tiles_first = tuning.tiles_first && ranges <= 65535;
-        const dim3 prefetch_grid = tiles_first ? dim3(grid.y, static_cast<unsigned>(ranges))
-                                               : dim3(static_cast<unsigned>(ranges), grid.y);
-        accumulate_grouped_prefetch_kernel<T, acc_t, index_t, VEC><<<prefetch_grid, kThreads, 0, stream>>>(
-            px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums, rows_per_warp,
-            tuning.vector_atomics != 0, tiles_first);
-      } else {
-        accumulate_grouped_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
-            px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
-      }
+      accumulate_grouped_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
+          px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
     }
     const size_t shared = shared_bytes(num_bins, sizeof(acc_t));
     const SharedLimits limits = shared_limits();
@@ -742,17 +551,7 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
                         : run(accumulate_shared_kernel<T, acc_t, index_t, false>);
     }
     const bool planes = !grouped && !privatised && x.stride_s == 1 && x.stride_f != 1;
-    const size_t plane_shared = 3 * static_cast<size_t>(num_bins) * sizeof(acc_t);
-    const int64_t chunks_per_plane = ceil_div(std::max<int64_t>(x.inner, 1), kPlaneChunk);
-    const int64_t plane_blocks = (rows / std::max<int64_t>(x.inner, 1)) * dim * chunks_per_plane;
     if (grouped || privatised) {  // done above
-    } else if (planes && tuning.planes_shared && plane_shared <= kPlaneShared &&
-               x.inner >= num_bins && plane_blocks <= int64_t(INT_MAX)) {
-      // (x.inner >= num_bins: a block loads and flushes all B buckets for at most kPlaneChunk
-      // pixels; planes smaller than that are left to the direct kernel)
-      accumulate_planes_shared_kernel<T, acc_t, index_t>
-          <<<static_cast<unsigned>(plane_blocks), kThreads, plane_shared, stream>>>(
-              px, at, idx, dim, num_bins, chunks_per_plane, ref, sums);
     } else if (planes) {
       accumulate_direct_kernel<T, acc_t, index_t, true>
           <<<grid_for(rows * dim, num_sms, 16), kThreads, 0, stream>>>(px, at, idx, rows, dim,
@@ -784,12 +583,12 @@ extern "C" size_t dirfast_cuda_bin_stats_workspace(DirfastFeatures x, DirfastBin
 
 extern "C" cudaError_t dirfast_cuda_bin_stats(DirfastFeatures x, DirfastBins bins, int64_t* count,
                                               void* mean, void* var, void* workspace, int num_sms,
-                                              DirfastBinStatsTuning tuning, cudaStream_t stream) {
+                                              cudaStream_t stream) {
   using namespace dirfast::cuda;
   return dispatch_dtype(x.dtype, [&](auto scalar) {
     using T = decltype(scalar);
     return dispatch_index(bins.is_int64, [&](auto index) {
-      return launch<T, decltype(index)>(x, bins, count, mean, var, workspace, num_sms, tuning, stream);
+      return launch<T, decltype(index)>(x, bins, count, mean, var, workspace, num_sms, stream);
     });
   });
 }
