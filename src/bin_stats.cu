@@ -412,34 +412,6 @@ __global__ void sorted_kernel(const T* __restrict__ x, Addressing at, int64_t di
 }
 
 // ------------------------------------------------------------------------------ host side
-struct Workspace {
-  ull* first;
-  void* sums;
-  void* ref;
-  ull* offsets;  // [B + 1]
-  ull* cursor;   // [B]
-  int64_t* perm; // [N]
-};
-
-size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
-Workspace carve(void* base, int64_t num_bins, int64_t dim, size_t acc) {
-  char* p = static_cast<char*>(base);
-  Workspace ws;
-  ws.first = reinterpret_cast<ull*>(p);
-  p += aligned(num_bins * sizeof(ull));
-  ws.sums = p;
-  p += aligned(2 * num_bins * dim * acc);
-  ws.ref = p;
-  p += aligned(num_bins * dim * acc);
-  ws.offsets = reinterpret_cast<ull*>(p);
-  p += aligned((num_bins + 1) * sizeof(ull));
-  ws.cursor = reinterpret_cast<ull*>(p);
-  p += aligned(num_bins * sizeof(ull));
-  ws.perm = reinterpret_cast<int64_t*>(p);
-  return ws;
-}
-
 // What the current device allows: shared memory per block (opt-in) and per SM, asked once.
 struct SharedLimits {
   size_t per_block = kDefaultShared;
@@ -472,6 +444,69 @@ size_t shared_bytes(int64_t num_bins, size_t acc) {
   return static_cast<size_t>(num_bins) * (3 * kTile * acc + sizeof(int));
 }
 
+// The accumulate pass of a call, from the shapes, strides and alignment of x and the shared
+// memory of the device: the one decision behind both the workspace size and launch().
+enum class Pass {
+  kNone,        // no rows or no features: nothing to accumulate
+  kGrouped,     // 16-byte aligned rows of at least 32 vectors: rows grouped by bucket
+  kPrivatised,  // other rows, B small enough for shared memory (else, if the opt-in is refused, kRows)
+  kPlanes,      // planes of pixels: direct atomics along the pixels
+  kRows,        // rows: direct atomics along the features
+};
+
+template <typename T>
+Pass choose_pass(const DirfastFeatures& x, int64_t num_bins, const SharedLimits& limits) {
+  if (x.rows <= 0 || x.dim <= 0) return Pass::kNone;
+  constexpr int VEC = 16 / sizeof(T);
+  const bool rows = x.stride_f == 1 && x.inner == x.rows;
+  if (rows && x.dim % VEC == 0 && x.dim >= 32 * VEC && ceil_div(x.dim, 32 * VEC) <= 65535 &&
+      vec_aligned<T, VEC>(x.data, x.stride_s)) {
+    return Pass::kGrouped;
+  }
+  if (rows && shared_bytes(num_bins, sizeof(acc_of<T>)) <= std::min(kMaxShared, limits.per_block)) {
+    return Pass::kPrivatised;
+  }
+  return x.stride_s == 1 && x.stride_f != 1 ? Pass::kPlanes : Pass::kRows;
+}
+
+// The workspace of a call taking `pass`, 256-byte aligned pieces: first[B] (the histogram's first
+// rows) and the sums S1, S2 [2][B][D] next to it (one memset clears both), the reference rows
+// K [B][D]; for the grouped pass only, the counting sort's offsets [B + 1], cursor [B] and the
+// grouped row numbers perm [N].
+struct Workspace {
+  ull* first;
+  void* sums;
+  void* ref;
+  ull* offsets;
+  ull* cursor;
+  int64_t* perm;
+};
+
+size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Carves the workspace at `base` (nullptr: only its size, returned in *bytes).
+Workspace carve(void* base, int64_t num_bins, int64_t dim, int64_t rows, size_t acc, Pass pass,
+                size_t* bytes = nullptr) {
+  char* const start = static_cast<char*>(base);
+  size_t at = 0;
+  auto take = [&](size_t size) {
+    char* piece = start == nullptr ? nullptr : start + at;
+    at += aligned(size);
+    return piece;
+  };
+  Workspace ws{};
+  ws.first = reinterpret_cast<ull*>(take(num_bins * sizeof(ull)));
+  ws.sums = take(2 * num_bins * dim * acc);
+  ws.ref = take(num_bins * dim * acc);
+  if (pass == Pass::kGrouped) {
+    ws.offsets = reinterpret_cast<ull*>(take((num_bins + 1) * sizeof(ull)));
+    ws.cursor = reinterpret_cast<ull*>(take(num_bins * sizeof(ull)));
+    ws.perm = reinterpret_cast<int64_t*>(take(rows * sizeof(int64_t)));
+  }
+  if (bytes != nullptr) *bytes = at;
+  return ws;
+}
+
 int grid_for(int64_t work, int num_sms, int per_sm = 8) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads),
                                                                  int64_t(num_sms) * per_sm)));
@@ -484,7 +519,9 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
   const int64_t num_bins = bins.num_bins;
   const int64_t dim = x.dim;
   const int64_t rows = x.rows;
-  const Workspace ws = carve(workspace, num_bins, dim, sizeof(acc_t));
+  const SharedLimits limits = shared_limits();
+  const Pass pass = choose_pass<T>(x, num_bins, limits);
+  const Workspace ws = carve(workspace, num_bins, dim, rows, sizeof(acc_t), pass);
   ull* counts = reinterpret_cast<ull*>(count);
   acc_t* sums = static_cast<acc_t*>(ws.sums);
   acc_t* ref = static_cast<acc_t*>(ws.ref);
@@ -506,14 +543,12 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
         idx, rows, num_bins, counts, ws.first);
   }
   const int64_t table = num_bins * dim;
-  if (rows > 0 && dim > 0) {
+  if (pass != Pass::kNone) {
     reference_kernel<T, acc_t><<<grid_for(table, num_sms), kThreads, 0, stream>>>(
         px, at, rows, num_bins, dim, ws.first, ref);
-    constexpr int VEC = 16 / sizeof(T);
-    const bool grouped = x.stride_f == 1 && x.inner == rows && dim % VEC == 0 &&
-                         dim >= 32 * VEC && ceil_div(dim, 32 * VEC) <= 65535 &&
-                         vec_aligned<T, VEC>(px, x.stride_s);
-    if (grouped) {
+    bool privatised = false;
+    if (pass == Pass::kGrouped) {
+      constexpr int VEC = 16 / sizeof(T);
       scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, num_bins, ws.offsets, ws.cursor);
       scatter_kernel<index_t><<<grid_for(rows, num_sms, 4), kThreads, 0, stream>>>(
           idx, rows, num_bins, ws.cursor, ws.perm);
@@ -522,12 +557,8 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
                       static_cast<unsigned>(ceil_div(dim, 32 * VEC)));
       accumulate_grouped_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
           px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
-    }
-    const size_t shared = shared_bytes(num_bins, sizeof(acc_t));
-    const SharedLimits limits = shared_limits();
-    bool privatised = !grouped && x.stride_f == 1 && x.inner == rows &&
-                      shared <= std::min(kMaxShared, limits.per_block);
-    if (privatised) {
+    } else if (pass == Pass::kPrivatised) {
+      const size_t shared = shared_bytes(num_bins, sizeof(acc_t));
       const int64_t tiles = ceil_div(dim, kTile);
       const int64_t per_sm =
           std::max<int64_t>(1, std::min<int64_t>(4, int64_t(limits.per_sm / (shared + 1024))));
@@ -550,13 +581,11 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
       privatised = pair ? run(accumulate_shared_kernel<T, acc_t, index_t, true>)
                         : run(accumulate_shared_kernel<T, acc_t, index_t, false>);
     }
-    const bool planes = !grouped && !privatised && x.stride_s == 1 && x.stride_f != 1;
-    if (grouped || privatised) {  // done above
-    } else if (planes) {
+    if (pass == Pass::kPlanes) {
       accumulate_direct_kernel<T, acc_t, index_t, true>
           <<<grid_for(rows * dim, num_sms, 16), kThreads, 0, stream>>>(px, at, idx, rows, dim,
                                                                        num_bins, ref, sums);
-    } else {
+    } else if (pass == Pass::kRows || (pass == Pass::kPrivatised && !privatised)) {
       accumulate_direct_kernel<T, acc_t, index_t, false>
           <<<grid_for(rows * dim, num_sms, 16), kThreads, 0, stream>>>(px, at, idx, rows, dim,
                                                                        num_bins, ref, sums);
@@ -575,10 +604,14 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
 
 extern "C" size_t dirfast_cuda_bin_stats_workspace(DirfastFeatures x, DirfastBins bins) {
   using namespace dirfast::cuda;
-  const size_t acc = x.dtype == DIRFAST_FLOAT64 ? 8 : 4;
-  const int64_t b = bins.num_bins, d = x.dim;
-  return aligned(b * sizeof(ull)) + aligned(2 * b * d * acc) + aligned(b * d * acc) +
-         aligned((b + 1) * sizeof(ull)) + aligned(b * sizeof(ull)) + aligned(x.rows * sizeof(int64_t));
+  size_t bytes = 0;
+  dispatch_dtype(x.dtype, [&](auto scalar) {
+    using T = decltype(scalar);
+    const Pass pass = choose_pass<T>(x, bins.num_bins, shared_limits());
+    carve(nullptr, bins.num_bins, x.dim, x.rows, sizeof(acc_of<T>), pass, &bytes);
+    return cudaSuccess;
+  });
+  return bytes;
 }
 
 extern "C" cudaError_t dirfast_cuda_bin_stats(DirfastFeatures x, DirfastBins bins, int64_t* count,
