@@ -111,22 +111,22 @@ inline at::Tensor readable(const at::Tensor& x) {
 }
 
 // The statistics of calibrate in its arithmetic dtype (as dirfast.reference.calibrate: float64
-// when x or m1 is float64, else float32), contiguous.
+// when x or src_mean is float64, else float32), contiguous.
 struct CalibrateTables {
   bool wide = false;  // float64 arithmetic
-  at::Tensor m1, v1, m2, v2;
+  at::Tensor src_mean, src_var, dst_mean, dst_var;
 };
 
-inline CalibrateTables calibrate_tables(const at::Tensor& x, const at::Tensor& m1,
-                                        const at::Tensor& v1, const at::Tensor& m2,
-                                        const at::Tensor& v2) {
+inline CalibrateTables calibrate_tables(const at::Tensor& x, const at::Tensor& src_mean,
+                                        const at::Tensor& src_var, const at::Tensor& dst_mean,
+                                        const at::Tensor& dst_var) {
   CalibrateTables tables;
-  tables.wide = x.scalar_type() == at::kDouble || m1.scalar_type() == at::kDouble;
+  tables.wide = x.scalar_type() == at::kDouble || src_mean.scalar_type() == at::kDouble;
   const auto acc_type = tables.wide ? at::kDouble : at::kFloat;
-  tables.m1 = m1.to(acc_type).contiguous();
-  tables.v1 = v1.to(acc_type).contiguous();
-  tables.m2 = m2.to(acc_type).contiguous();
-  tables.v2 = v2.to(acc_type).contiguous();
+  tables.src_mean = src_mean.to(acc_type).contiguous();
+  tables.src_var = src_var.to(acc_type).contiguous();
+  tables.dst_mean = dst_mean.to(acc_type).contiguous();
+  tables.dst_var = dst_var.to(acc_type).contiguous();
   return tables;
 }
 
@@ -180,27 +180,31 @@ inline void check_features_and_bins(const at::Tensor& x, const at::Tensor& bin_i
               " (one index per row, features along dim 1), got ", bin_idx.sizes());
 }
 
-// The arguments of calibrate / calibrate_: the tables m1, v1, m2, v2 are [B, D] on the device of x.
+// The arguments of calibrate / calibrate_: the tables src_mean, src_var, dst_mean, dst_var are
+// [B, D] on the device of x.
 inline void check_calibrate_args(const at::Tensor& x, const at::Tensor& bin_idx,
-                                 const at::Tensor& m1, const at::Tensor& v1, const at::Tensor& m2,
-                                 const at::Tensor& v2, double clip_min, double clip_max,
-                                 const char* op, c10::DeviceType device_type) {
+                                 const at::Tensor& src_mean, const at::Tensor& src_var,
+                                 const at::Tensor& dst_mean, const at::Tensor& dst_var,
+                                 double clip_min, double clip_max, const char* op,
+                                 c10::DeviceType device_type) {
   check_features_and_bins(x, bin_idx, op, device_type);
   const int64_t dim = x.size(1);
-  TORCH_CHECK(m1.dim() == 2 && m1.size(1) == dim, op, ": m1 must be [B, D] with D = ", dim,
-              " (x.shape[1]), got shape ", m1.sizes());
-  TORCH_CHECK(m1.size(0) < std::numeric_limits<int32_t>::max(), op,
-              ": m1 must have fewer than 2^31 - 1 bins, got ", m1.size(0));
+  TORCH_CHECK(src_mean.dim() == 2 && src_mean.size(1) == dim, op,
+              ": src_mean must be [B, D] with D = ", dim, " (x.shape[1]), got shape ",
+              src_mean.sizes());
+  TORCH_CHECK(src_mean.size(0) < std::numeric_limits<int32_t>::max(), op,
+              ": src_mean must have fewer than 2^31 - 1 bins, got ", src_mean.size(0));
   const std::pair<const char*, const at::Tensor*> tables[] = {
-      {"m1", &m1}, {"v1", &v1}, {"m2", &m2}, {"v2", &v2}};
+      {"src_mean", &src_mean}, {"src_var", &src_var},
+      {"dst_mean", &dst_mean}, {"dst_var", &dst_var}};
   for (const auto& entry : tables) {
     const at::Tensor& table = *entry.second;
     TORCH_CHECK(table.device() == x.device(), op, ": ", entry.first,
                 " must be on the device of x (", x.device(), "), got one on ", table.device());
     TORCH_CHECK(is_supported_float(table.scalar_type()), op, ": ", entry.first,
                 " must be float16, bfloat16, float32 or float64, got ", table.scalar_type());
-    TORCH_CHECK(table.sizes() == m1.sizes(), op, ": ", entry.first, " must have shape ",
-                m1.sizes(), " (that of m1), got ", table.sizes());
+    TORCH_CHECK(table.sizes() == src_mean.sizes(), op, ": ", entry.first, " must have shape ",
+                src_mean.sizes(), " (that of src_mean), got ", table.sizes());
   }
   TORCH_CHECK(clip_min >= 0 && clip_min <= clip_max, op,
               ": clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, got ", clip_min,
@@ -272,19 +276,22 @@ using CalibrateInto = void (*)(const char*, const at::Tensor&, at::Tensor&, cons
 
 template <CalibrateInto into>
 at::Tensor calibrate_out_of_place(const at::Tensor& x, const at::Tensor& bin_idx,
-                                  const at::Tensor& m1, const at::Tensor& v1, const at::Tensor& m2,
-                                  const at::Tensor& v2, double clip_min, double clip_max) {
+                                  const at::Tensor& src_mean, const at::Tensor& src_var,
+                                  const at::Tensor& dst_mean, const at::Tensor& dst_var,
+                                  double clip_min, double clip_max) {
   at::Tensor y = at::empty_like(x);  // the fake kernel's strides
-  into("dirfast::calibrate", x, y, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
+  into("dirfast::calibrate", x, y, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min,
+       clip_max);
   return y;
 }
 
 template <CalibrateInto into>
-void calibrate_in_place(at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& m1,
-                        const at::Tensor& v1, const at::Tensor& m2, const at::Tensor& v2,
-                        double clip_min, double clip_max) {
+void calibrate_in_place(at::Tensor& x, const at::Tensor& bin_idx, const at::Tensor& src_mean,
+                        const at::Tensor& src_var, const at::Tensor& dst_mean,
+                        const at::Tensor& dst_var, double clip_min, double clip_max) {
   check_calibrate_inplace(x);
-  into("dirfast::calibrate_", x, x, bin_idx, m1, v1, m2, v2, clip_min, clip_max);
+  into("dirfast::calibrate_", x, x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min,
+       clip_max);
 }
 
 // What smooth_bins reads and writes, after its argument checks: `result` has the strides of

@@ -69,13 +69,14 @@ cudaError_t dirfast_cuda_bin_stats_sorted(DirfastFeatures x, int64_t num_bins, c
 
 // ---------------------------------------------------------------------------------- calibrate
 // y = x * s[b] + t[b] (src/calibrate.h); y is laid out like x (the same fast case, its own
-// strides) and may be x itself (in place). The
-// statistics m1, v1, m2, v2 are contiguous [B, D] of `acc_dtype` (float32 or float64), the
-// arithmetic type. `workspace` holds dirfast_cuda_calibrate_workspace() bytes.
+// strides) and may be x itself (in place). The statistics the rows are whitened with (src_mean,
+// src_var) and re-coloured with (dst_mean, dst_var) are contiguous [B, D] of `acc_dtype` (float32
+// or float64), the arithmetic type. `workspace` holds dirfast_cuda_calibrate_workspace() bytes.
 size_t dirfast_cuda_calibrate_workspace(DirfastFeatures x, DirfastBins bins, int acc_dtype);
-cudaError_t dirfast_cuda_calibrate(DirfastFeatures x, DirfastOutput y, DirfastBins bins, const void* m1,
-                                   const void* v1, const void* m2, const void* v2, int acc_dtype,
-                                   double clip_min, double clip_max, void* workspace, int num_sms,
+cudaError_t dirfast_cuda_calibrate(DirfastFeatures x, DirfastOutput y, DirfastBins bins,
+                                   const void* src_mean, const void* src_var, const void* dst_mean,
+                                   const void* dst_var, int acc_dtype, double clip_min,
+                                   double clip_max, void* workspace, int num_sms,
                                    cudaStream_t stream);
 
 // -------------------------------------------------------------------------------- smooth_bins

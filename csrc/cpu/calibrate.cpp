@@ -13,7 +13,7 @@
 //     contiguous along the spatial axis) with s and t gathered from that channel's row.
 // y has the strides of torch.empty_like(x) (the fake kernel's); x is read in place when its
 // layout is one of the two (otherwise it is copied once into y's layout). Arithmetic in
-// float32, or float64 when x or m1 is float64 (as dirfast.reference.calibrate), cast back to
+// float32, or float64 when x or src_mean is float64 (as dirfast.reference.calibrate), cast back to
 // the dtype of x at the store. Elementwise, so the same bits for any number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -57,10 +57,10 @@ inline void apply_plane(scalar_t* DIRFAST_RESTRICT y, const scalar_t* DIRFAST_RE
 
 template <typename scalar_t, typename acc_t, typename index_t>
 void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, const Layout& ly,
-                      const index_t* idx, const at::Tensor& m1, const at::Tensor& v1,
-                      const at::Tensor& m2, const at::Tensor& v2, double clip_min,
+                      const index_t* idx, const at::Tensor& src_mean, const at::Tensor& src_var,
+                      const at::Tensor& dst_mean, const at::Tensor& dst_var, double clip_min,
                       double clip_max) {
-  const int64_t num_bins = m1.size(0);
+  const int64_t num_bins = src_mean.size(0);
   const int64_t dim = lx.dim;
   const int64_t rows = lx.rows;
   const bool planar = lx.kind == Layout::kPlanar;
@@ -87,10 +87,10 @@ void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, cons
       if (k < num_bins) used[k] = 1;
     }
   }
-  const acc_t* pm1 = m1.data_ptr<acc_t>();
-  const acc_t* pv1 = v1.data_ptr<acc_t>();
-  const acc_t* pm2 = m2.data_ptr<acc_t>();
-  const acc_t* pv2 = v2.data_ptr<acc_t>();
+  const acc_t* p_src_mean = src_mean.data_ptr<acc_t>();
+  const acc_t* p_src_var = src_var.data_ptr<acc_t>();
+  const acc_t* p_dst_mean = dst_mean.data_ptr<acc_t>();
+  const acc_t* p_dst_var = dst_var.data_ptr<acc_t>();
   const acc_t lo = static_cast<acc_t>(clip_min);
   const acc_t hi = static_cast<acc_t>(clip_max);
   at::parallel_for(0, num_bins + 1, std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1)),
@@ -105,8 +105,9 @@ void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, cons
                          }
                        } else if (used.empty() || used[k]) {
                          const int64_t o = k * dim;
-                         calibrate_bucket<acc_t>(pm1 + o, pv1 + o, pm2 + o, pv2 + o, dim, lo, hi,
-                                                 sk, tk, feature_step);
+                         calibrate_bucket<acc_t>(p_src_mean + o, p_src_var + o, p_dst_mean + o,
+                                                 p_dst_var + o, dim, lo, hi, sk, tk,
+                                                 feature_step);
                        }
                      }
                    });
@@ -153,11 +154,13 @@ void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, cons
 // Calibrates x into y, which is either a fresh tensor shaped like x (calibrate) or x itself
 // (calibrate_: each element is read before it is written, by the same iteration).
 void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at::Tensor& bin_idx,
-                    const at::Tensor& m1, const at::Tensor& v1, const at::Tensor& m2,
-                    const at::Tensor& v2, double clip_min, double clip_max) {
-  check_calibrate_args(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max, op, c10::DeviceType::CPU);
+                    const at::Tensor& src_mean, const at::Tensor& src_var,
+                    const at::Tensor& dst_mean, const at::Tensor& dst_var, double clip_min,
+                    double clip_max) {
+  check_calibrate_args(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max, op,
+                       c10::DeviceType::CPU);
 
-  const CalibrateTables tables = calibrate_tables(x, m1, v1, m2, v2);
+  const CalibrateTables tables = calibrate_tables(x, src_mean, src_var, dst_mean, dst_var);
 
   if (x.numel() == 0) return;
   const CalibratePlan plan = plan_calibrate(x, y);
@@ -173,8 +176,9 @@ void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at
       using acc_t = decltype(acc_tag);
       using index_t = decltype(index_tag);
       calibrate_kernel<scalar_t, acc_t, index_t>(xw, lx, out, ly, idx.data_ptr<index_t>(),
-                                                 tables.m1, tables.v1, tables.m2, tables.v2,
-                                                 clip_min, clip_max);
+                                                 tables.src_mean, tables.src_var,
+                                                 tables.dst_mean, tables.dst_var, clip_min,
+                                                 clip_max);
     };
     const bool long_index = idx.scalar_type() == at::kLong;
     if (tables.wide) {
