@@ -18,7 +18,7 @@
 //   bound fits in max(64 MiB, the size of the mean and var outputs); with the usual DIR bucket
 //   counts (B <= a few hundred) it is a few MiB (16 x 97 x 512 x 8 bytes = 6.4 MB for the
 //   65,536 x 512 benchmark).
-// * Layouts (csrc/cpu/layout.h). Rows layout ([N, D], channels-last): each row is read where it
+// * Layouts (csrc/layout.h). Rows layout ([N, D], channels-last): each row is read where it
 //   is. Planar layout (contiguous [B, C, *spatial]): a tile of T pixels is read channel plane by
 //   channel plane (four planes at a time), contiguously along the spatial axis, and transposed
 //   into a small per-chunk buffer ([T, C], 256 KiB: L2-resident), whose rows then take the same
@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "layout.h"
+#include "plans.h"
 #include "welford.h"
 
 namespace dirfast {

@@ -27,7 +27,9 @@
 #include <vector>
 
 #include "calibrate.h"
+#include "checks.h"
 #include "layout.h"
+#include "plans.h"
 
 namespace dirfast {
 namespace cpu {

@@ -14,7 +14,7 @@
 #include <memory>
 #include <string>
 
-#include "layout.h"
+#include "plans.h"
 #include "smooth.h"
 
 namespace dirfast {

@@ -10,6 +10,8 @@
 #include <tuple>
 
 #include "glue.h"
+#include "layout.h"
+#include "plans.h"
 
 namespace dirfast {
 namespace cuda {

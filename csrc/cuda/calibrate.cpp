@@ -1,10 +1,12 @@
 // dirfast::calibrate and dirfast::calibrate_ for CUDA tensors: checks, the layout plan shared with
-// the CPU kernel (csrc/layout.h), scratch for the s/t tables, then the kernels of
+// the CPU kernel (csrc/plans.h), scratch for the s/t tables, then the kernels of
 // src/calibrate.cu on the current stream. Nothing here waits for the GPU.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "glue.h"
+#include "plans.h"
 
 namespace dirfast {
 namespace cuda {
