@@ -33,7 +33,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <memory>
 #include <tuple>
 #include <vector>
