@@ -1,19 +1,9 @@
 // How the kernels walk a feature tensor x of shape [N, D] or [B, C, *spatial] in place.
 //
 // A "row" is one sample: a row of [N, D], or one pixel (b, *spatial) of a dense tensor. Rows are
-// numbered in the C order of bin_idx ([N] or [B, *spatial]). Two memory layouts are read and
-// written without a copy:
-//
-//   kRows    element (r, d) at r * row_stride + d: [N, D] row-major (row_stride may exceed D),
-//            channels-last dense tensors (x.movedim(1, -1) contiguous), any D == 1 tensor whose
-//            rows collapse to one stride;
-//   kPlanar  element (b, c, s) at b * batch_stride + c * feature_stride + s, where s runs over the
-//            flattened spatial positions with unit stride: contiguous [B, C, *spatial] (each
-//            channel plane read along the spatial axis), and column-major [N, D] (viewed as
-//            [1, D, N]).
-//
-// Anything else (e.g. a tensor sliced along its last axis) is copied once with .contiguous()
-// by the kernel, the only copy of x any kernel makes.
+// numbered in the C order of bin_idx ([N] or [B, *spatial]). Two memory layouts (Layout below)
+// are read and written without a copy; anything else (e.g. a tensor sliced along its last axis)
+// is copied once with .contiguous() by the kernel, the only copy of x any kernel makes.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,6 +12,14 @@
 
 namespace dirfast {
 
+// The layout a kernel reads a tensor in (kNone: neither, copied first):
+//   kRows    element (r, d) at r * row_stride + d: [N, D] row-major (row_stride may exceed D),
+//            channels-last dense tensors (x.movedim(1, -1) contiguous), any D == 1 tensor whose
+//            rows collapse to one stride;
+//   kPlanar  element (b, c, s) at b * batch_stride + c * feature_stride + s, where s runs over the
+//            flattened spatial positions with unit stride: contiguous [B, C, *spatial] (each
+//            channel plane read along the spatial axis), and column-major [N, D] (viewed as
+//            [1, D, N]).
 struct Layout {
   enum Kind { kNone, kRows, kPlanar };
   Kind kind = kNone;

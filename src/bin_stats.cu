@@ -1,37 +1,12 @@
-// dirfast::bin_stats on CUDA: per-bucket count, mean and unbiased variance.
+// dirfast::bin_stats on CUDA: per-bucket count, mean and unbiased variance, x read once.
 //
-// Numerics: one pass, shifted sums (as the Triton kernel). Every bucket k gets a reference
-// value K[k] per feature, the features of its first row; the pass accumulates S1 = sum(x - K) and
-// S2 = sum((x - K)^2), and mean = K + S1 / n, var = (S2 - S1^2 / n) / (n - 1). The shift removes
-// the bucket's mean up to about one standard deviation, so float32 keeps the variance's relative
-// accuracy at mean/std = 1000 where the plain sum(x^2) formula loses all of it. The corrected
-// two-pass algorithm (dirfast.reference) is as accurate but reads x twice; finding the reference
-// rows costs a pass over bin_idx only (8 bytes per row against 4 D), so x is read exactly once.
-//
-// Launches (no host synchronisation; sizes come from the shapes):
-//   memset     count, reference rows, sums;
-//   hist       count[k] and the first row of k: each block counts its rows in shared memory, then
-//              adds one integer atomic per bucket it met (same-address atomics serialise);
-//   reference  K[k][f] = x[first row of k][f];
-//   accumulate rows layout, 16-byte aligned rows of at least 32 vectors: the rows are grouped by
-//              bucket (a counting sort: scan of the counts, scatter of the row numbers), and a
-//              warp walks 64 consecutive grouped rows with one 16-byte load per lane and row,
-//              keeping S1 and S2 of the current bucket in registers and adding them to the
-//              global sums at each bucket change: no per-element atomics at all.
-//              Other rows layouts with few enough buckets: a block owns a tile
-//              of 64 features and a chunk of rows, and keeps privatised partial sums S1, S2 (and
-//              its tile of K) for every bucket in shared memory. A warp reads a row's 64
-//              features with one vector load per lane (8 rows in flight per warp), adds them to
-//              the row's bucket with shared-memory atomics (conflict-free: lane l owns slots l
-//              and 32 + l), and at the end the block merges its partials into the global sums
-//              with one float atomic per (bucket met, feature): rows-per-chunk times fewer
-//              atomics than elements.
-//              Otherwise (planes of pixels, or too many buckets for shared memory): every element
-//              is added to the global sums with float atomics, threads along the contiguous axis.
-//   finalize   mean and var from (count, K, S1, S2); zeros for empty buckets.
-// Counts are integer atomics: exact. The float atomics make the last bits of mean and var vary
-// from run to run; dirfast_cuda_bin_stats_sorted below is the deterministic variant (the rows
-// grouped by a stable sort, each (bucket, feature) summed by one thread in that order).
+// Shifted sums: each bucket k has a reference row K[k] (its first row); one pass accumulates
+// S1 = sum(x - K) and S2 = sum((x - K)^2), then mean = K + S1 / n, var = (S2 - S1^2 / n) / (n - 1).
+// The shift keeps float32's relative accuracy at mean/std = 1000, where sum(x^2) loses all of it,
+// and costs a pass over bin_idx only. Launches, no host synchronisation: memset, hist (counts and
+// first rows), reference (K), one accumulate pass (choose_pass below), finalize. Counts are exact
+// integer atomics; the float atomics vary the last bits of mean and var from run to run, so
+// dirfast_cuda_bin_stats_sorted is the deterministic variant (one thread per (bucket, feature)).
 #include <algorithm>
 #include <type_traits>
 
@@ -71,6 +46,8 @@ inline Addressing addressing(const DirfastFeatures& x) {
 
 // ------------------------------------------------------------------------------ histogram
 // count[k] += rows of k; first[k] = max over rows of k of (rows - r): the first row, 0 for none.
+// Each block counts its rows in shared memory, then adds one integer atomic per bucket it met
+// (same-address atomics serialise).
 template <typename index_t>
 __global__ void hist_kernel(const index_t* __restrict__ idx, int64_t rows, int64_t num_bins,
                             ull* __restrict__ count, ull* __restrict__ first) {
@@ -105,6 +82,9 @@ __global__ void hist_kernel(const index_t* __restrict__ idx, int64_t rows, int64
 }
 
 // ------------------------------------------------------------------------------ reference
+// K[k][f] = x[first row of k][f] (0 for an empty bucket). The two-pass algorithm
+// (dirfast.reference) is as accurate but reads x twice; this reads bin_idx (8 bytes per row)
+// and B rows of x.
 template <typename T, typename acc_t>
 __global__ void reference_kernel(const T* __restrict__ x, Addressing at, int64_t rows,
                                  int64_t num_bins, int64_t dim, const ull* __restrict__ first,
@@ -119,6 +99,12 @@ __global__ void reference_kernel(const T* __restrict__ x, Addressing at, int64_t
 }
 
 // ------------------------------------------------------------------------------ accumulate
+// Privatised rows: a block owns a tile of 64 features and a chunk of rows, and keeps partial
+// sums S1, S2 (and its tile of K) for every bucket in shared memory. A warp reads a row's 64
+// features with one vector load per lane (kUnroll rows in flight), adds them to the row's bucket
+// with shared-memory atomics, and at the end the block adds its partials to the global sums with
+// one float atomic per (bucket met, feature): rows-per-chunk times fewer atomics than elements.
+//
 // Shared-memory slot of the tile's features: lane l owns features 2l and 2l + 1, stored in
 // slots l and 32 + l, so a warp's 32 lanes touch 32 consecutive slots (no bank conflict).
 __device__ __forceinline__ int feature_of_slot(int slot) { return (slot % 32) * 2 + slot / 32; }
@@ -200,8 +186,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Every element straight to the global sums. PIXELS: element i is (image, feature, pixel) with the
-// pixel fastest (planes of pixels, stride_s == 1); else (row, feature) with the feature fastest.
+// Every element straight to the global sums with float atomics, threads along the contiguous
+// axis (planes of pixels, or rows with too many buckets for shared memory). PIXELS: element i is
+// (image, feature, pixel) with the pixel fastest (planes of pixels, stride_s == 1); else
+// (row, feature) with the feature fastest.
 template <typename T, typename acc_t, typename index_t, bool PIXELS>
 __global__ void accumulate_direct_kernel(const T* __restrict__ x, Addressing at,
                                          const index_t* __restrict__ idx, int64_t rows,
@@ -270,11 +258,11 @@ __global__ void scatter_kernel(const index_t* __restrict__ idx, int64_t rows, in
   }
 }
 
-// A warp walks kGroupedRows consecutive rows of the grouped order with VEC features per lane
-// (one 16-byte load per row), keeping S1 and S2 of the current bucket in registers; when the
-// bucket changes (a bucket boundary inside the range: one or two per range) or the range ends,
-// it adds them to the global sums with one float atomic per feature. No shared memory, no
-// atomics per element, several rows in flight per lane.
+// Rows grouped by bucket: a warp walks kGroupedRows consecutive rows of the grouped order with
+// VEC features per lane (one 16-byte load per row), keeping S1 and S2 of the current bucket in
+// registers; when the bucket changes (a bucket boundary inside the range: one or two per range)
+// or the range ends, it adds them to the global sums with one float atomic per feature. No shared
+// memory, no atomics per element, several rows in flight per lane.
 constexpr int kGroupedRows = 64;
 constexpr int kGroupedUnroll = 4;
 
@@ -285,7 +273,8 @@ struct BucketSums {
   int64_t bucket = -1;
   acc_t s1[VEC], s2[VEC], k_ref[VEC];
 
-  __device__ __forceinline__ void flush(acc_t* sums, int64_t s2_offset, int64_t dim, int64_t f) const {
+  __device__ __forceinline__ void flush(acc_t* sums, int64_t s2_offset, int64_t dim,
+                                        int64_t f) const {
     if (bucket < 0) return;
     const int64_t at = bucket * dim + f;
 #pragma unroll
@@ -296,8 +285,8 @@ struct BucketSums {
   }
 
   template <typename T>
-  __device__ __forceinline__ void add(int64_t k, const Vec<T, VEC>& v, const acc_t* ref, acc_t* sums,
-                                      int64_t s2_offset, int64_t dim, int64_t f) {
+  __device__ __forceinline__ void add(int64_t k, const Vec<T, VEC>& v, const acc_t* ref,
+                                      acc_t* sums, int64_t s2_offset, int64_t dim, int64_t f) {
     if (k != bucket) {
       flush(sums, s2_offset, dim, f);
       bucket = k;
@@ -354,6 +343,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ------------------------------------------------------------------------------ finalize
+// mean and var from (count, K, S1, S2); zeros for empty buckets.
 template <typename acc_t>
 __global__ void finalize_kernel(const ull* __restrict__ count, const acc_t* __restrict__ ref,
                                 const acc_t* __restrict__ sums, int64_t num_bins, int64_t dim,
@@ -449,7 +439,7 @@ size_t shared_bytes(int64_t num_bins, size_t acc) {
 enum class Pass {
   kNone,        // no rows or no features: nothing to accumulate
   kGrouped,     // 16-byte aligned rows of at least 32 vectors: rows grouped by bucket
-  kPrivatised,  // other rows, B small enough for shared memory (else, if the opt-in is refused, kRows)
+  kPrivatised,  // other rows, B small enough for shared memory (kRows if the opt-in is refused)
   kPlanes,      // planes of pixels: direct atomics along the pixels
   kRows,        // rows: direct atomics along the features
 };

@@ -1,19 +1,11 @@
 // dirfast::calibrate on CUDA: y = x * s[b] + t[b] in one pass over x.
 //
-// Two launches, no host synchronisation:
-//   1. scale_shift_kernel: the per-bucket tables s and t (src/calibrate.h, the published
-//      zero-variance rules included) for B + 1 buckets, the last one the identity (s = 1,
-//      t = -0.0) taken by rows whose index is outside [0, B) -- so the pass has no branch.
-//      One block per bucket: a block-wide sum of src_var decides the bucket-wide rule.
-//   2. the pass over x, which reads each element once and writes it once:
-//      * rows (stride_f == 1: [N, D] row-major, channels-last): a block is (threads over the
-//        features of a row) x (rows); a row's bucket is read once and its s/t rows are
-//        L2-resident; x, y, s and t move in 16-byte vectors when the strides allow it;
-//      * planes (stride_s == 1: contiguous [P, C, *spatial]): a thread takes VEC consecutive
-//        pixels of one image, reads their buckets once, then walks a tile of channel planes
-//        with 16-byte loads and stores along the pixels, s and t gathered from a
-//        feature-major table ([D, B + 1]: one channel's values side by side).
-// y may be x (calibrate_): every element is read and then written by the same thread.
+// Two launches, no host synchronisation: scale_shift_kernel computes the per-bucket tables s and
+// t (src/calibrate.h, the published zero-variance rules included) for B + 1 buckets, the last one
+// the identity (s = 1, t = -0.0) taken by rows whose index is outside [0, B), so the pass has no
+// branch; then one pass over x in rows or planes reads each element once and writes it once,
+// in 16-byte vectors when the strides allow it. y may be x (calibrate_): every element is read
+// and then written by the same thread.
 #include <algorithm>
 
 #include "calibrate.h"
@@ -27,6 +19,7 @@ constexpr int kTableThreads = 256;
 constexpr int kThreads = 256;
 constexpr int kPlanarChannelsPerBlock = 16;
 
+// One block per bucket: a block-wide sum of src_var decides the bucket-wide rule.
 template <typename acc_t>
 __global__ void scale_shift_kernel(const acc_t* __restrict__ src_mean,
                                    const acc_t* __restrict__ src_var,
@@ -67,7 +60,9 @@ __global__ void scale_shift_kernel(const acc_t* __restrict__ src_mean,
   }
 }
 
-// Rows: blockDim = (threads over the VEC-vectors of a row, rows per block).
+// Rows (stride_f == 1: [N, D] row-major, channels-last): blockDim = (threads over the
+// VEC-vectors of a row, rows per block); a row's bucket is read once and its s/t rows are
+// L2-resident.
 template <typename T, typename acc_t, typename index_t, int VEC>
 __global__ void calibrate_rows_kernel(const T* x, T* y, const index_t* __restrict__ idx,
                                       int64_t rows, int64_t dim, int64_t x_row_stride,
@@ -96,7 +91,9 @@ __global__ void calibrate_rows_kernel(const T* x, T* y, const index_t* __restric
   }
 }
 
-// Planes: a thread owns VEC consecutive pixels of one image and a tile of channels.
+// Planes (stride_s == 1: contiguous [P, C, *spatial]): a thread owns VEC consecutive pixels of
+// one image, reads their buckets once, then walks a tile of channel planes along the pixels, s
+// and t gathered from a feature-major table ([D, B + 1]: one channel's values side by side).
 template <typename T, typename acc_t, typename index_t, int VEC>
 __global__ void calibrate_planes_kernel(const T* x, T* y, const index_t* __restrict__ idx,
                                         int64_t images, int64_t inner, int64_t dim,

@@ -1,18 +1,13 @@
 // The FDS calibration as a per-bucket affine map: calibrate(x) = x * s + t.
 //
 // Torch-free and header-only, shared by the CPU kernel (csrc/cpu/calibrate.cpp) and the CUDA
-// kernels. For a bucket with statistics (src_mean, src_var) to whiten with and (dst_mean,
-// dst_var) to re-colour with:
+// kernel (src/calibrate.cu). For a bucket with statistics (src_mean, src_var) to whiten with and
+// (dst_mean, dst_var) to re-colour with:
 //
 //   s = sqrt(clamp(dst_var / src_var, clip_min, clip_max)),   t = dst_mean - src_mean * s,
 //
-// so (x - src_mean) * s + dst_mean == x * s + t up to rounding. The published zero-variance rules
-// leave values unchanged (s = 1, t = -0.0: x * 1 + -0.0 is x exactly, the sign of a zero included):
-//   * every dimension of a bucket whose src_var sums below 1e-10;
-//   * each dimension where src_var == 0.
-// The arithmetic order is that of dirfast.reference.scale_shift (divide, clamp, sqrt, then
-// dst_mean - src_mean * s). The results agree with it up to the rounding of the square root:
-// std::sqrt is correctly rounded, torch's vectorised CPU sqrt is not always (1 ulp on some inputs).
+// so (x - src_mean) * s + dst_mean == x * s + t up to rounding; the published zero-variance
+// rules leave some values unchanged (calibrate_bucket).
 #pragma once
 
 #include "macros.h"
@@ -40,7 +35,9 @@ DIRFAST_HOST_DEVICE inline bool calibrate_bucket_unchanged(const acc_t* src_var,
 }
 
 // s and t of one dimension of a bucket that is not left alone as a whole (src_var == 0:
-// unchanged).
+// unchanged). The arithmetic order is that of dirfast.reference.scale_shift (divide, clamp, sqrt,
+// then dst_mean - src_mean * s). The results agree with it up to the rounding of the square root:
+// std::sqrt is correctly rounded, torch's vectorised CPU sqrt is not always (1 ulp on some inputs).
 template <typename acc_t>
 DIRFAST_HOST_DEVICE inline void calibrate_scale_shift(acc_t src_mean, acc_t src_var,
                                                       acc_t dst_mean, acc_t dst_var,
@@ -55,7 +52,10 @@ DIRFAST_HOST_DEVICE inline void calibrate_scale_shift(acc_t src_mean, acc_t src_
 }
 
 // s and t of every dimension of one bucket (rows of D values); s and t may have any stride, so
-// a kernel can store them bucket-major ([B, D]) or feature-major ([D, B]).
+// a kernel can store them bucket-major ([B, D]) or feature-major ([D, B]). The published
+// zero-variance rules leave values unchanged (s = 1, t = -0.0: x * 1 + -0.0 is x exactly, the
+// sign of a zero included) in every dimension of a bucket whose src_var sums below 1e-10, and in
+// each dimension where src_var == 0.
 template <typename acc_t>
 DIRFAST_HOST_DEVICE inline void calibrate_bucket(const acc_t* src_mean, const acc_t* src_var,
                                                  const acc_t* dst_mean, const acc_t* dst_var,

@@ -3,12 +3,6 @@
 // tensors, allocates outputs and scratch with the caching allocator, takes the current stream,
 // and calls these. Every launcher only enqueues work on `stream` (no host synchronisation, no
 // allocation), so the calls can be captured in a CUDA graph; each returns the launch status.
-//
-// A feature tensor is described by strides, as in the CPU layout (csrc/layout.h): row r (a
-// sample of [N, D], or a pixel of [P, C, *spatial]) is p = r / inner, s = r % inner, and its
-// feature f sits at  p * stride_p + s * stride_s + f * stride_f  (elements). Two cases are fast:
-//   stride_f == 1  rows of features ([N, D] row-major, channels-last), inner == rows;
-//   stride_s == 1  planes of pixels (contiguous [P, C, *spatial]; column-major [N, D]).
 // bin_idx is contiguous, one index per row; rows whose index is outside [0, num_bins) select no
 // bucket (bin_stats ignores them, calibrate leaves them unchanged).
 #pragma once
@@ -25,6 +19,11 @@ extern "C" {
 // Element types of features and statistics.
 enum DirfastDtype { DIRFAST_FLOAT32 = 0, DIRFAST_FLOAT64 = 1, DIRFAST_FLOAT16 = 2, DIRFAST_BFLOAT16 = 3 };
 
+// A feature tensor is described by strides, as in the CPU layout (csrc/layout.h): row r (a
+// sample of [N, D], or a pixel of [P, C, *spatial]) is p = r / inner, s = r % inner, and its
+// feature f sits at  p * stride_p + s * stride_s + f * stride_f  (elements). Two cases are fast:
+//   stride_f == 1  rows of features ([N, D] row-major, channels-last), inner == rows;
+//   stride_s == 1  planes of pixels (contiguous [P, C, *spatial]; column-major [N, D]).
 typedef struct DirfastFeatures {
   const void* data;  // x (read only)
   int dtype;         // DirfastDtype

@@ -1,20 +1,12 @@
 // dirfast::calibrate on CPU: y = x * s[b] + t[b] in one pass over x.
 //
-// The per-bucket scale s and shift t (src/calibrate.h: the published zero-variance rules
-// included) are computed once, for B + 1 buckets: the extra bucket is the identity (s = 1,
-// t = -0.0, which gives back every value exactly), taken by rows whose index is outside
-// [0, B), so the pass has no branch. (With more buckets than rows, only the buckets in use are
-// computed.) Then:
-//   * rows layout ([N, D], channels-last): each row reads its bucket's s and t (L2-resident
-//     for the usual bucket counts) and the inner loop over D vectorises;
-//   * planar layout (contiguous [B, C, *spatial], column-major [N, D]): s and t are stored
-//     feature-major ([D, B + 1]); a task takes a tile of pixels of one batch item, resolves
-//     their buckets once, then streams each channel plane of the tile (read x, write y,
-//     contiguous along the spatial axis) with s and t gathered from that channel's row.
-// y has the strides of torch.empty_like(x) (the fake kernel's); x is read in place when its
-// layout is one of the two (otherwise it is copied once into y's layout). Arithmetic in
-// float32, or float64 when x or src_mean is float64 (as dirfast.reference.calibrate), cast back to
-// the dtype of x at the store. Elementwise, so the same bits for any number of threads.
+// The per-bucket scale s and shift t (src/calibrate.h, the published zero-variance rules
+// included) are computed once, for B + 1 buckets: the extra one is the identity (s = 1,
+// t = -0.0, which gives back every value exactly), taken by rows whose index is outside [0, B),
+// so the pass has no branch. x is read in place in both layouts of csrc/layout.h (others are
+// copied once); y has the strides of torch.empty_like(x) (the fake kernel's). Arithmetic in
+// float32, or float64 when x or src_mean is float64 (as dirfast.reference.calibrate), cast back
+// to the dtype of x at the store; elementwise, so the same bits for any number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -70,9 +62,10 @@ void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, cons
     return (k >= 0 && k < num_bins) ? k : num_bins;
   };
 
-  // s and t of B + 1 buckets: bucket-major [B + 1, D] for the rows layout, feature-major
-  // [D, B + 1] for the planar one (a channel's values side by side). One allocation each, left
-  // uninitialised: with more buckets than rows only the buckets in use are computed.
+  // s and t of B + 1 buckets: bucket-major [B + 1, D] for the rows layout (each row reads its
+  // bucket's s and t, L2-resident for the usual bucket counts, and the loop over D vectorises),
+  // feature-major [D, B + 1] for the planar one (a channel's values side by side). One allocation
+  // each, left uninitialised: with more buckets than rows only the buckets in use are computed.
   const int64_t entries = (num_bins + 1) * dim;
   std::unique_ptr<acc_t[]> scale(new acc_t[entries > 0 ? entries : 1]);
   std::unique_ptr<acc_t[]> shift(new acc_t[entries > 0 ? entries : 1]);
