@@ -21,18 +21,33 @@ inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// The checks every op makes of its tensors, each naming the tensor (`name`) in its message: t on
+// `device_type`; t on the device of `ref`; t of a floating dtype the ops take.
+inline void check_device_type(const at::Tensor& t, const char* name, const char* op,
+                              c10::DeviceType device_type) {
+  TORCH_CHECK(t.device().type() == device_type, op, ": ", name, " must be a ",
+              c10::DeviceTypeName(device_type), " tensor, got one on ", t.device());
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref,
+                              const char* ref_name, const char* op) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " must be on the device of ", ref_name,
+              " (", ref.device(), "), got one on ", t.device());
+}
+
+inline void check_float(const at::Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
+              " must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+}
+
 // The argument checks of an op on (x, bin_idx), named in the messages; both on `device_type`
 // (and on one device).
 inline void check_features_and_bins(const at::Tensor& x, const at::Tensor& bin_idx,
                                     const char* op,
                                     c10::DeviceType device_type = c10::DeviceType::CPU) {
-  const std::string where = c10::DeviceTypeName(device_type);
-  TORCH_CHECK(x.device().type() == device_type, op, ": x must be a ", where,
-              " tensor, got one on ", x.device());
-  TORCH_CHECK(bin_idx.device() == x.device(), op, ": bin_idx must be on the device of x (",
-              x.device(), "), got one on ", bin_idx.device());
-  TORCH_CHECK(is_supported_float(x.scalar_type()), op,
-              ": x must be float16, bfloat16, float32 or float64, got ", x.scalar_type());
+  check_device_type(x, "x", op, device_type);
+  check_same_device(bin_idx, "bin_idx", x, "x", op);
+  check_float(x, "x", op);
   TORCH_CHECK(x.dim() >= 2, op, ": x must be [N, D] or [B, C, *spatial], got shape ", x.sizes());
   TORCH_CHECK(bin_idx.scalar_type() == at::kLong || bin_idx.scalar_type() == at::kInt, op,
               ": bin_idx must be int64 or int32, got ", bin_idx.scalar_type());
@@ -62,10 +77,8 @@ inline void check_calibrate_args(const at::Tensor& x, const at::Tensor& bin_idx,
       {"dst_mean", &dst_mean}, {"dst_var", &dst_var}};
   for (const auto& entry : tables) {
     const at::Tensor& table = *entry.second;
-    TORCH_CHECK(table.device() == x.device(), op, ": ", entry.first,
-                " must be on the device of x (", x.device(), "), got one on ", table.device());
-    TORCH_CHECK(is_supported_float(table.scalar_type()), op, ": ", entry.first,
-                " must be float16, bfloat16, float32 or float64, got ", table.scalar_type());
+    check_same_device(table, entry.first, x, "x", op);
+    check_float(table, entry.first, op);
     TORCH_CHECK(table.sizes() == src_mean.sizes(), op, ": ", entry.first, " must have shape ",
                 src_mean.sizes(), " (that of src_mean), got ", table.sizes());
   }
@@ -77,15 +90,10 @@ inline void check_calibrate_args(const at::Tensor& x, const at::Tensor& bin_idx,
 // The arguments of smooth_bins: stats [B] or [B, D], an odd 1-D window, on one device.
 inline void check_smooth_bins_args(const at::Tensor& stats, const at::Tensor& window,
                                    const char* op, c10::DeviceType device_type) {
-  const std::string where = c10::DeviceTypeName(device_type);
-  TORCH_CHECK(stats.device().type() == device_type, op, ": stats must be a ", where,
-              " tensor, got one on ", stats.device());
-  TORCH_CHECK(window.device() == stats.device(), op, ": window must be on the device of stats (",
-              stats.device(), "), got one on ", window.device());
-  TORCH_CHECK(is_supported_float(stats.scalar_type()), op,
-              ": stats must be float16, bfloat16, float32 or float64, got ", stats.scalar_type());
-  TORCH_CHECK(is_supported_float(window.scalar_type()), op,
-              ": window must be float16, bfloat16, float32 or float64, got ", window.scalar_type());
+  check_device_type(stats, "stats", op, device_type);
+  check_same_device(window, "window", stats, "stats", op);
+  check_float(stats, "stats", op);
+  check_float(window, "window", op);
   TORCH_CHECK((stats.dim() == 1 || stats.dim() == 2) && stats.size(0) >= 1, op,
               ": stats must be [B] or [B, D] with B >= 1, got shape ", stats.sizes());
   TORCH_CHECK(window.dim() == 1 && window.size(0) % 2 == 1, op,
