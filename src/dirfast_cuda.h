@@ -81,7 +81,7 @@ cudaError_t dirfast_cuda_calibrate(DirfastFeatures x, DirfastOutput y, DirfastBi
 // -------------------------------------------------------------------------------- smooth_bins
 // out[b, c] = sum_k w[k] stats[b + k - h, c] (src/smooth.h) for contiguous [B, columns] stats
 // and out of `dtype`; `window` holds the ks taps in `dtype`, `window64` the same in float64
-// (scipy's symmetry test); padding 0 reflect, 1 replicate, 2 constant.
+// (scipy's symmetry test); padding 0 reflect, 1 replicate, 2 constant, 3 symmetric.
 cudaError_t dirfast_cuda_smooth_bins(const void* stats, void* out, int dtype, int64_t num_bins,
                                      int64_t columns, const void* window, const double* window64,
                                      int64_t ks, int padding, cudaStream_t stream);
