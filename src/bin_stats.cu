@@ -1,42 +1,13 @@
-// dirfast::bin_stats on CUDA: per-bucket count, mean and unbiased variance.
+// dirfast::bin_stats on CUDA: per-bucket count, mean and unbiased variance, x read once.
 //
-// Numerics: one pass, shifted sums (as the Triton kernel). Every bucket k gets a reference
-// value K[k] per feature, the features of its first row; the pass accumulates S1 = sum(x - K) and
-// S2 = sum((x - K)^2), and mean = K + S1 / n, var = (S2 - S1^2 / n) / (n - 1). The shift removes
-// the bucket's mean up to about one standard deviation, so float32 keeps the variance's relative
-// accuracy at mean/std = 1000 where the plain sum(x^2) formula loses all of it. The corrected
-// two-pass algorithm (dirfast.reference) is as accurate but reads x twice; finding the reference
-// rows costs a pass over bin_idx only (8 bytes per row against 4 D), so x is read exactly once.
-//
-// Launches (no host synchronisation; sizes come from the shapes):
-//   memset     count, reference rows, sums;
-//   hist       count[k] and the first row of k: each block counts its rows in shared memory, then
-//              adds one integer atomic per bucket it met (same-address atomics serialise);
-//   reference  K[k][f] = x[first row of k][f];
-//   accumulate rows layout, 16-byte aligned rows of at least 32 vectors: the rows are grouped by
-//              bucket (a counting sort: scan of the counts, scatter of the row numbers), and a
-//              warp walks 64 consecutive grouped rows with one 16-byte load per lane and row,
-//              keeping S1 and S2 of the current bucket in registers and adding them to the
-//              global sums at each bucket change: no per-element atomics at all.
-//              Other rows layouts with few enough buckets: a block owns a tile
-//              of 64 features and a chunk of rows, and keeps privatised partial sums S1, S2 (and
-//              its tile of K) for every bucket in shared memory. A warp reads a row's 64
-//              features with one vector load per lane (8 rows in flight per warp), adds them to
-//              the row's bucket with shared-memory atomics (conflict-free: lane l owns slots l
-//              and 32 + l), and at the end the block merges its partials into the global sums
-//              with one float atomic per (bucket met, feature): rows-per-chunk times fewer
-//              atomics than elements.
-//              Otherwise (planes of pixels, or too many buckets for shared memory): every element
-//              is added to the global sums with float atomics, threads along the contiguous axis.
-//   finalize   mean and var from (count, K, S1, S2); zeros for empty buckets.
-// Candidates, selected per call by DirfastBinStatsTuning (DIRFAST_CUDA_BIN_STATS) until a GPU run
-// of benchmarks/gpu.py decides whether they replace the defaults: accumulate_grouped_prefetch_kernel
-// for grouped rows, accumulate_planes_shared_kernel for planes of pixels (see each).
-// Counts are integer atomics: exact. The float atomics make the last bits of mean and var vary
-// from run to run; dirfast_cuda_bin_stats_sorted below is the deterministic variant (the rows
-// grouped by a stable sort, each (bucket, feature) summed by one thread in that order).
+// Shifted sums: each bucket k has a reference row K[k] (its first row); one pass accumulates
+// S1 = sum(x - K) and S2 = sum((x - K)^2), then mean = K + S1 / n, var = (S2 - S1^2 / n) / (n - 1).
+// The shift keeps float32's relative accuracy at mean/std = 1000, where sum(x^2) loses all of it,
+// and costs a pass over bin_idx only. Launches, no host synchronisation: memset, hist (counts and
+// first rows), reference (K), one accumulate pass (choose_pass below), finalize. Counts are exact
+// integer atomics; the float atomics vary the last bits of mean and var from run to run, so
+// dirfast_cuda_bin_stats_sorted is the deterministic variant (one thread per (bucket, feature)).
 #include <algorithm>
-#include <climits>
 #include <type_traits>
 
 #include "cuda_common.cuh"
@@ -75,6 +46,8 @@ inline Addressing addressing(const DirfastFeatures& x) {
 
 // ------------------------------------------------------------------------------ histogram
 // count[k] += rows of k; first[k] = max over rows of k of (rows - r): the first row, 0 for none.
+// Each block counts its rows in shared memory, then adds one integer atomic per bucket it met
+// (same-address atomics serialise).
 template <typename index_t>
 __global__ void hist_kernel(const index_t* __restrict__ idx, int64_t rows, int64_t num_bins,
                             ull* __restrict__ count, ull* __restrict__ first) {
@@ -109,6 +82,9 @@ __global__ void hist_kernel(const index_t* __restrict__ idx, int64_t rows, int64
 }
 
 // ------------------------------------------------------------------------------ reference
+// K[k][f] = x[first row of k][f] (0 for an empty bucket). The two-pass algorithm
+// (dirfast.reference) is as accurate but reads x twice; this reads bin_idx (8 bytes per row)
+// and B rows of x.
 template <typename T, typename acc_t>
 __global__ void reference_kernel(const T* __restrict__ x, Addressing at, int64_t rows,
                                  int64_t num_bins, int64_t dim, const ull* __restrict__ first,
@@ -123,6 +99,12 @@ __global__ void reference_kernel(const T* __restrict__ x, Addressing at, int64_t
 }
 
 // ------------------------------------------------------------------------------ accumulate
+// Privatised rows: a block owns a tile of 64 features and a chunk of rows, and keeps partial
+// sums S1, S2 (and its tile of K) for every bucket in shared memory. A warp reads a row's 64
+// features with one vector load per lane (kUnroll rows in flight), adds them to the row's bucket
+// with shared-memory atomics, and at the end the block adds its partials to the global sums with
+// one float atomic per (bucket met, feature): rows-per-chunk times fewer atomics than elements.
+//
 // Shared-memory slot of the tile's features: lane l owns features 2l and 2l + 1, stored in
 // slots l and 32 + l, so a warp's 32 lanes touch 32 consecutive slots (no bank conflict).
 __device__ __forceinline__ int feature_of_slot(int slot) { return (slot % 32) * 2 + slot / 32; }
@@ -204,8 +186,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Every element straight to the global sums. PIXELS: element i is (image, feature, pixel) with the
-// pixel fastest (planes of pixels, stride_s == 1); else (row, feature) with the feature fastest.
+// Every element straight to the global sums with float atomics, threads along the contiguous
+// axis (planes of pixels, or rows with too many buckets for shared memory). PIXELS: element i is
+// (image, feature, pixel) with the pixel fastest (planes of pixels, stride_s == 1); else
+// (row, feature) with the feature fastest.
 template <typename T, typename acc_t, typename index_t, bool PIXELS>
 __global__ void accumulate_direct_kernel(const T* __restrict__ x, Addressing at,
                                          const index_t* __restrict__ idx, int64_t rows,
@@ -274,40 +258,25 @@ __global__ void scatter_kernel(const index_t* __restrict__ idx, int64_t rows, in
   }
 }
 
-// A warp walks kGroupedRows consecutive rows of the grouped order with VEC features per lane
-// (one 16-byte load per row), keeping S1 and S2 of the current bucket in registers; when the
-// bucket changes (a bucket boundary inside the range: one or two per range) or the range ends,
-// it adds them to the global sums with one float atomic per feature. No shared memory, no
-// atomics per element, several rows in flight per lane.
+// Rows grouped by bucket: a warp walks kGroupedRows consecutive rows of the grouped order with
+// VEC features per lane (one 16-byte load per row), keeping S1 and S2 of the current bucket in
+// registers; when the bucket changes (a bucket boundary inside the range: one or two per range)
+// or the range ends, it adds them to the global sums with one float atomic per feature. No shared
+// memory, no atomics per element, several rows in flight per lane.
 constexpr int kGroupedRows = 64;
 constexpr int kGroupedUnroll = 4;
 
 // S1 and S2 of the bucket a lane is walking, for its VEC features at f: added to the global sums
 // (S1 at [bucket][f], S2 at s2_offset + [bucket][f]) when the bucket changes and at the end.
-template <typename acc_t, int VEC, typename bucket_t>
+template <typename acc_t, int VEC>
 struct BucketSums {
-  bucket_t bucket = -1;
+  int64_t bucket = -1;
   acc_t s1[VEC], s2[VEC], k_ref[VEC];
 
-  // vector_atomics: 16-byte atomics where the hardware has them (sm_90: float2/float4 atomicAdd);
-  // f and dim are multiples of VEC, so every group of 4 sums is 16-byte aligned.
-  __device__ __forceinline__ void flush(acc_t* sums, int64_t s2_offset, int64_t dim, int64_t f,
-                                        bool vector_atomics = false) const {
+  __device__ __forceinline__ void flush(acc_t* sums, int64_t s2_offset, int64_t dim,
+                                        int64_t f) const {
     if (bucket < 0) return;
-    const int64_t at = int64_t(bucket) * dim + f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if constexpr (std::is_same<acc_t, float>::value && VEC % 4 == 0) {
-      if (vector_atomics) {
-#pragma unroll
-        for (int j = 0; j < VEC; j += 4) {
-          atomicAdd(reinterpret_cast<float4*>(&sums[at + j]), make_float4(s1[j], s1[j + 1], s1[j + 2], s1[j + 3]));
-          atomicAdd(reinterpret_cast<float4*>(&sums[s2_offset + at + j]),
-                    make_float4(s2[j], s2[j + 1], s2[j + 2], s2[j + 3]));
-        }
-        return;
-      }
-    }
-#endif
+    const int64_t at = bucket * dim + f;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
       atomicAdd(&sums[at + j], s1[j]);
@@ -316,12 +285,12 @@ struct BucketSums {
   }
 
   template <typename T>
-  __device__ __forceinline__ void add(bucket_t k, const Vec<T, VEC>& v, const acc_t* ref, acc_t* sums,
-                                      int64_t s2_offset, int64_t dim, int64_t f, bool vector_atomics = false) {
+  __device__ __forceinline__ void add(int64_t k, const Vec<T, VEC>& v, const acc_t* ref,
+                                      acc_t* sums, int64_t s2_offset, int64_t dim, int64_t f) {
     if (k != bucket) {
-      flush(sums, s2_offset, dim, f, vector_atomics);
+      flush(sums, s2_offset, dim, f);
       bucket = k;
-      const Vec<acc_t, VEC> kv = load_vec<acc_t, VEC>(ref + int64_t(k) * dim + f);
+      const Vec<acc_t, VEC> kv = load_vec<acc_t, VEC>(ref + k * dim + f);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         k_ref[j] = kv.v[j];
@@ -352,7 +321,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t f = (int64_t(blockIdx.y) * 32 + lane) * VEC;
   if (f >= dim) return;  // VEC divides dim: a lane's vector is all in or all out
   const int64_t s2_offset = num_bins * dim;
-  BucketSums<acc_t, VEC, int64_t> run;
+  BucketSums<acc_t, VEC> run;
   for (int64_t i0 = begin; i0 < end; i0 += kGroupedUnroll) {
     int64_t k[kGroupedUnroll];
     Vec<T, VEC> v[kGroupedUnroll];
@@ -373,165 +342,8 @@ __global__ void __launch_bounds__(kThreads)
   run.flush(sums, s2_offset, dim, f);
 }
 
-// The candidate (DirfastBinStatsTuning.prefetch, until a GPU run measures it against the kernel
-// above): a warp owns `rows_per_warp` consecutive grouped rows and takes them 64 at a time. For
-// each 64, the lanes load the row numbers and buckets in two coalesced rounds, and shuffles hand
-// each row number to every lane, so the feature loads of several rows are issued together without
-// waiting on a perm load first (the kernel above waits perm -> x for every group of rows). The
-// running sums carry over from one 64 to the next: longer ranges flush less often.
-constexpr int kPrefetchBatch = 64;  // rows whose numbers a warp holds at a time: two per lane
-
-template <typename T, typename acc_t, typename index_t, int VEC>
-__global__ void __launch_bounds__(kThreads, 2)  // at most 128 registers: 16 warps per SM
-    accumulate_grouped_prefetch_kernel(const T* __restrict__ x, const index_t* __restrict__ idx,
-                                       int64_t dim, int64_t row_stride, int64_t num_bins,
-                                       const int64_t* __restrict__ perm, const ull* __restrict__ offsets,
-                                       const acc_t* __restrict__ ref, acc_t* __restrict__ sums,
-                                       int64_t rows_per_warp, bool vector_atomics, bool tiles_first) {
-  constexpr unsigned kFullMask = 0xffffffffu;
-  // Rows in flight per lane: 8 (4 for 2-byte types, whose conversions need more registers) keeps
-  // every instantiation within 128 registers without spilling (ptxas -v, sm_90).
-  constexpr int kPrefetchUnroll = sizeof(T) == 2 ? 4 : 8;
-  static_assert(kPrefetchBatch == 64 && kPrefetchBatch % kPrefetchUnroll == 0, "whole unrolled groups");
-  const int lane = threadIdx.x % 32;
-  // tiles_first: the feature tiles of the same rows are neighbouring blocks (blockIdx.x), so a
-  // row's segments are read at about the same time (DRAM pages opened once) rather than a grid
-  // apart.
-  const unsigned range_block = tiles_first ? blockIdx.y : blockIdx.x;
-  const unsigned tile = tiles_first ? blockIdx.x : blockIdx.y;
-  const int64_t task = int64_t(range_block) * kWarps + threadIdx.x / 32;
-  const int64_t valid = static_cast<int64_t>(offsets[num_bins]);
-  const int64_t begin = task * rows_per_warp;
-  if (begin >= valid) return;  // the whole warp: every lane has the same task
-  const int64_t end = begin + rows_per_warp < valid ? begin + rows_per_warp : valid;
-  // Lanes past the last feature keep shuffling (every lane must take part) but load nothing.
-  const int64_t f = (int64_t(tile) * 32 + lane) * VEC;
-  const bool active = f < dim;  // VEC divides dim: a lane's vector is all in or all out
-  const int64_t s2_offset = num_bins * dim;
-  BucketSums<acc_t, VEC, int> run;  // buckets as int: taken only for num_bins <= INT_MAX
-#pragma unroll 1
-  for (int64_t batch = begin; batch < end; batch += kPrefetchBatch) {
-    const int count = static_cast<int>(end - batch < kPrefetchBatch ? end - batch : kPrefetchBatch);
-    // Entry j of the batch sits in lane j % 32, slot j / 32. perm lists valid rows only.
-    int64_t row_slot[2];
-    int bucket_slot[2];
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const int j = s * 32 + lane;
-      row_slot[s] = j < count ? perm[batch + j] : 0;
-    }
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-      const int j = s * 32 + lane;
-      bucket_slot[s] = j < count ? static_cast<int>(idx[row_slot[s]]) : -1;
-    }
-#pragma unroll 1
-    for (int j0 = 0; j0 < count; j0 += kPrefetchUnroll) {  // count is the same in every lane
-      int k[kPrefetchUnroll];
-      Vec<T, VEC> v[kPrefetchUnroll];
-#pragma unroll
-      for (int u = 0; u < kPrefetchUnroll; ++u) {  // all the loads first: kPrefetchUnroll rows in flight
-        const int j = j0 + u;
-        const int source = j % 32;
-        const int64_t r = __shfl_sync(kFullMask, j < 32 ? row_slot[0] : row_slot[1], source);
-        k[u] = __shfl_sync(kFullMask, j < 32 ? bucket_slot[0] : bucket_slot[1], source);
-        if (j < count && active) v[u] = load_vec<T, VEC>(x + r * row_stride + f);
-      }
-      if (!active) continue;
-#pragma unroll
-      for (int u = 0; u < kPrefetchUnroll; ++u) {
-        if (j0 + u < count) run.add(k[u], v[u], ref, sums, s2_offset, dim, f, vector_atomics);
-      }
-    }
-  }
-  if (active) run.flush(sums, s2_offset, dim, f, vector_atomics);
-}
-
-// ------------------------------------------------------------------------------ planes
-// The candidate for planes of pixels (DirfastBinStatsTuning.planes_shared, until a GPU run measures
-// it against accumulate_direct_kernel): a block owns a chunk of one plane (an image's feature f),
-// so its privatised sums are just S1[B], S2[B] (and the shifts K[B][f]) in shared memory. Threads
-// read consecutive pixels (coalesced). Neighbouring pixels of a depth map mostly share a bucket:
-// when a whole warp's 32 pixels do, they are summed with shuffles and added by one lane; otherwise
-// each lane adds its own with shared-memory atomics. The block merges its sums into the global ones
-// with one float atomic per (bucket met, sum). The direct kernel instead makes two global atomics
-// per element, 32 to the same address when a warp's pixels share a bucket.
-constexpr int kPlaneUnroll = 4;                            // pixels in flight per thread
-constexpr int64_t kPlaneChunk = int64_t(kThreads) * kPlaneUnroll * 4;  // pixels per block
-constexpr size_t kPlaneShared = kDefaultShared;            // no opt-in: 3 B accumulators at most
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-template <typename T, typename acc_t, typename index_t>
-__global__ void __launch_bounds__(kThreads)
-    accumulate_planes_shared_kernel(const T* __restrict__ x, Addressing at,
-                                    const index_t* __restrict__ idx, int64_t dim, int64_t num_bins,
-                                    int64_t chunks_per_plane, const acc_t* __restrict__ ref,
-                                    acc_t* __restrict__ sums) {
-  extern __shared__ __align__(16) unsigned char plane_shared[];
-  acc_t* s1 = reinterpret_cast<acc_t*>(plane_shared);
-  acc_t* s2 = s1 + num_bins;
-  acc_t* shift = s2 + num_bins;
-  const int64_t plane = int64_t(blockIdx.x) / chunks_per_plane;  // image * dim + feature
-  const int64_t chunk = int64_t(blockIdx.x) - plane * chunks_per_plane;
-  const int64_t p = plane / dim;
-  const int64_t f = plane - p * dim;
-  for (int64_t k = threadIdx.x; k < num_bins; k += blockDim.x) {
-    s1[k] = s2[k] = acc_t(0);
-    shift[k] = ref[k * dim + f];
-  }
-  __syncthreads();
-  const T* x_plane = x + p * at.stride_p + f * at.stride_f;  // pixel s at x_plane[s] (stride_s 1)
-  const index_t* idx_plane = idx + p * at.inner;
-  const int64_t begin = chunk * kPlaneChunk;
-  const int64_t end = begin + kPlaneChunk < at.inner ? begin + kPlaneChunk : at.inner;
-  const int lane = threadIdx.x % 32;
-  // Every lane of a warp runs the same iterations (the bounds do not depend on the lane), so the
-  // warp-wide votes and shuffles below see all 32 lanes; pixels past the end count as no bucket.
-  for (int64_t base = begin + threadIdx.x - lane; base < end; base += int64_t(kThreads) * kPlaneUnroll) {
-    int64_t k[kPlaneUnroll];
-    acc_t v[kPlaneUnroll];
-#pragma unroll
-    for (int u = 0; u < kPlaneUnroll; ++u) {  // loads first: kPlaneUnroll pixels in flight
-      const int64_t s = base + int64_t(u) * kThreads + lane;
-      k[u] = -1;
-      if (s < end) {
-        k[u] = bucket_of(idx_plane, s, num_bins, -1);
-        v[u] = to_acc<acc_t>(x_plane[s]);
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < kPlaneUnroll; ++u) {
-      const acc_t d = k[u] >= 0 ? v[u] - shift[k[u]] : acc_t(0);
-      const int64_t k0 = __shfl_sync(0xffffffffu, k[u], 0);
-      if (__all_sync(0xffffffffu, k[u] == k0)) {
-        const acc_t d1 = warp_sum(d);
-        const acc_t d2 = warp_sum(d * d);
-        if (lane == 0 && k0 >= 0) {
-          atomicAdd(&s1[k0], d1);
-          atomicAdd(&s2[k0], d2);
-        }
-      } else if (k[u] >= 0) {
-        atomicAdd(&s1[k[u]], d);
-        atomicAdd(&s2[k[u]], d * d);
-      }
-    }
-  }
-  __syncthreads();
-  const int64_t s2_offset = num_bins * dim;
-  for (int64_t k = threadIdx.x; k < num_bins; k += blockDim.x) {
-    if (s1[k] == acc_t(0) && s2[k] == acc_t(0)) continue;  // not met (or nothing to add)
-    atomicAdd(&sums[k * dim + f], s1[k]);
-    atomicAdd(&sums[s2_offset + k * dim + f], s2[k]);
-  }
-}
-
 // ------------------------------------------------------------------------------ finalize
+// mean and var from (count, K, S1, S2); zeros for empty buckets.
 template <typename acc_t>
 __global__ void finalize_kernel(const ull* __restrict__ count, const acc_t* __restrict__ ref,
                                 const acc_t* __restrict__ sums, int64_t num_bins, int64_t dim,
@@ -590,34 +402,6 @@ __global__ void sorted_kernel(const T* __restrict__ x, Addressing at, int64_t di
 }
 
 // ------------------------------------------------------------------------------ host side
-struct Workspace {
-  ull* first;
-  void* sums;
-  void* ref;
-  ull* offsets;  // [B + 1]
-  ull* cursor;   // [B]
-  int64_t* perm; // [N]
-};
-
-size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
-Workspace carve(void* base, int64_t num_bins, int64_t dim, size_t acc) {
-  char* p = static_cast<char*>(base);
-  Workspace ws;
-  ws.first = reinterpret_cast<ull*>(p);
-  p += aligned(num_bins * sizeof(ull));
-  ws.sums = p;
-  p += aligned(2 * num_bins * dim * acc);
-  ws.ref = p;
-  p += aligned(num_bins * dim * acc);
-  ws.offsets = reinterpret_cast<ull*>(p);
-  p += aligned((num_bins + 1) * sizeof(ull));
-  ws.cursor = reinterpret_cast<ull*>(p);
-  p += aligned(num_bins * sizeof(ull));
-  ws.perm = reinterpret_cast<int64_t*>(p);
-  return ws;
-}
-
 // What the current device allows: shared memory per block (opt-in) and per SM, asked once.
 struct SharedLimits {
   size_t per_block = kDefaultShared;
@@ -650,6 +434,69 @@ size_t shared_bytes(int64_t num_bins, size_t acc) {
   return static_cast<size_t>(num_bins) * (3 * kTile * acc + sizeof(int));
 }
 
+// The accumulate pass of a call, from the shapes, strides and alignment of x and the shared
+// memory of the device: the one decision behind both the workspace size and launch().
+enum class Pass {
+  kNone,        // no rows or no features: nothing to accumulate
+  kGrouped,     // 16-byte aligned rows of at least 32 vectors: rows grouped by bucket
+  kPrivatised,  // other rows, B small enough for shared memory (kRows if the opt-in is refused)
+  kPlanes,      // planes of pixels: direct atomics along the pixels
+  kRows,        // rows: direct atomics along the features
+};
+
+template <typename T>
+Pass choose_pass(const DirfastFeatures& x, int64_t num_bins, const SharedLimits& limits) {
+  if (x.rows <= 0 || x.dim <= 0) return Pass::kNone;
+  constexpr int VEC = 16 / sizeof(T);
+  const bool rows = x.stride_f == 1 && x.inner == x.rows;
+  if (rows && x.dim % VEC == 0 && x.dim >= 32 * VEC && ceil_div(x.dim, 32 * VEC) <= 65535 &&
+      vec_aligned<T, VEC>(x.data, x.stride_s)) {
+    return Pass::kGrouped;
+  }
+  if (rows && shared_bytes(num_bins, sizeof(acc_of<T>)) <= std::min(kMaxShared, limits.per_block)) {
+    return Pass::kPrivatised;
+  }
+  return x.stride_s == 1 && x.stride_f != 1 ? Pass::kPlanes : Pass::kRows;
+}
+
+// The workspace of a call taking `pass`, 256-byte aligned pieces: first[B] (the histogram's first
+// rows) and the sums S1, S2 [2][B][D] next to it (one memset clears both), the reference rows
+// K [B][D]; for the grouped pass only, the counting sort's offsets [B + 1], cursor [B] and the
+// grouped row numbers perm [N].
+struct Workspace {
+  ull* first;
+  void* sums;
+  void* ref;
+  ull* offsets;
+  ull* cursor;
+  int64_t* perm;
+};
+
+size_t aligned(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Carves the workspace at `base` (nullptr: only its size, returned in *bytes).
+Workspace carve(void* base, int64_t num_bins, int64_t dim, int64_t rows, size_t acc, Pass pass,
+                size_t* bytes = nullptr) {
+  char* const start = static_cast<char*>(base);
+  size_t at = 0;
+  auto take = [&](size_t size) {
+    char* piece = start == nullptr ? nullptr : start + at;
+    at += aligned(size);
+    return piece;
+  };
+  Workspace ws{};
+  ws.first = reinterpret_cast<ull*>(take(num_bins * sizeof(ull)));
+  ws.sums = take(2 * num_bins * dim * acc);
+  ws.ref = take(num_bins * dim * acc);
+  if (pass == Pass::kGrouped) {
+    ws.offsets = reinterpret_cast<ull*>(take((num_bins + 1) * sizeof(ull)));
+    ws.cursor = reinterpret_cast<ull*>(take(num_bins * sizeof(ull)));
+    ws.perm = reinterpret_cast<int64_t*>(take(rows * sizeof(int64_t)));
+  }
+  if (bytes != nullptr) *bytes = at;
+  return ws;
+}
+
 int grid_for(int64_t work, int num_sms, int per_sm = 8) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(ceil_div(work, kThreads),
                                                                  int64_t(num_sms) * per_sm)));
@@ -657,13 +504,14 @@ int grid_for(int64_t work, int num_sms, int per_sm = 8) {
 
 template <typename T, typename index_t>
 cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* count, void* mean,
-                   void* var, void* workspace, int num_sms, const DirfastBinStatsTuning& tuning,
-                   cudaStream_t stream) {
+                   void* var, void* workspace, int num_sms, cudaStream_t stream) {
   using acc_t = acc_of<T>;
   const int64_t num_bins = bins.num_bins;
   const int64_t dim = x.dim;
   const int64_t rows = x.rows;
-  const Workspace ws = carve(workspace, num_bins, dim, sizeof(acc_t));
+  const SharedLimits limits = shared_limits();
+  const Pass pass = choose_pass<T>(x, num_bins, limits);
+  const Workspace ws = carve(workspace, num_bins, dim, rows, sizeof(acc_t), pass);
   ull* counts = reinterpret_cast<ull*>(count);
   acc_t* sums = static_cast<acc_t*>(ws.sums);
   acc_t* ref = static_cast<acc_t*>(ws.ref);
@@ -685,40 +533,22 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
         idx, rows, num_bins, counts, ws.first);
   }
   const int64_t table = num_bins * dim;
-  if (rows > 0 && dim > 0) {
+  if (pass != Pass::kNone) {
     reference_kernel<T, acc_t><<<grid_for(table, num_sms), kThreads, 0, stream>>>(
         px, at, rows, num_bins, dim, ws.first, ref);
-    constexpr int VEC = 16 / sizeof(T);
-    const bool grouped = x.stride_f == 1 && x.inner == rows && dim % VEC == 0 &&
-                         dim >= 32 * VEC && ceil_div(dim, 32 * VEC) <= 65535 &&
-                         vec_aligned<T, VEC>(px, x.stride_s);
-    if (grouped) {
+    bool privatised = false;
+    if (pass == Pass::kGrouped) {
+      constexpr int VEC = 16 / sizeof(T);
       scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, num_bins, ws.offsets, ws.cursor);
       scatter_kernel<index_t><<<grid_for(rows, num_sms, 4), kThreads, 0, stream>>>(
           idx, rows, num_bins, ws.cursor, ws.perm);
       // Row ranges along x (2^31 - 1 blocks), feature tiles along y (dim <= 65,535 * 32 * VEC).
       const dim3 grid(static_cast<unsigned>(ceil_div(rows, int64_t(kWarps) * kGroupedRows)),
                       static_cast<unsigned>(ceil_div(dim, 32 * VEC)));
-      if (tuning.prefetch && num_bins <= INT_MAX) {
-        const int64_t rows_per_warp = tuning.rows_per_warp > 0 ? tuning.rows_per_warp : kPrefetchBatch;
-        const int64_t ranges = ceil_div(rows, int64_t(kWarps) * rows_per_warp);
-        // Feature tiles along x only while the row ranges fit grid.y (65,535).
-        const bool tiles_first = tuning.tiles_first && ranges <= 65535;
-        const dim3 prefetch_grid = tiles_first ? dim3(grid.y, static_cast<unsigned>(ranges))
-                                               : dim3(static_cast<unsigned>(ranges), grid.y);
-        accumulate_grouped_prefetch_kernel<T, acc_t, index_t, VEC><<<prefetch_grid, kThreads, 0, stream>>>(
-            px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums, rows_per_warp,
-            tuning.vector_atomics != 0, tiles_first);
-      } else {
-        accumulate_grouped_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
-            px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
-      }
-    }
-    const size_t shared = shared_bytes(num_bins, sizeof(acc_t));
-    const SharedLimits limits = shared_limits();
-    bool privatised = !grouped && x.stride_f == 1 && x.inner == rows &&
-                      shared <= std::min(kMaxShared, limits.per_block);
-    if (privatised) {
+      accumulate_grouped_kernel<T, acc_t, index_t, VEC><<<grid, kThreads, 0, stream>>>(
+          px, idx, dim, x.stride_s, num_bins, ws.perm, ws.offsets, ref, sums);
+    } else if (pass == Pass::kPrivatised) {
+      const size_t shared = shared_bytes(num_bins, sizeof(acc_t));
       const int64_t tiles = ceil_div(dim, kTile);
       const int64_t per_sm =
           std::max<int64_t>(1, std::min<int64_t>(4, int64_t(limits.per_sm / (shared + 1024))));
@@ -741,23 +571,11 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
       privatised = pair ? run(accumulate_shared_kernel<T, acc_t, index_t, true>)
                         : run(accumulate_shared_kernel<T, acc_t, index_t, false>);
     }
-    const bool planes = !grouped && !privatised && x.stride_s == 1 && x.stride_f != 1;
-    const size_t plane_shared = 3 * static_cast<size_t>(num_bins) * sizeof(acc_t);
-    const int64_t chunks_per_plane = ceil_div(std::max<int64_t>(x.inner, 1), kPlaneChunk);
-    const int64_t plane_blocks = (rows / std::max<int64_t>(x.inner, 1)) * dim * chunks_per_plane;
-    if (grouped || privatised) {  // done above
-    } else if (planes && tuning.planes_shared && plane_shared <= kPlaneShared &&
-               x.inner >= num_bins && plane_blocks <= int64_t(INT_MAX)) {
-      // (x.inner >= num_bins: a block loads and flushes all B buckets for at most kPlaneChunk
-      // pixels; planes smaller than that are left to the direct kernel)
-      accumulate_planes_shared_kernel<T, acc_t, index_t>
-          <<<static_cast<unsigned>(plane_blocks), kThreads, plane_shared, stream>>>(
-              px, at, idx, dim, num_bins, chunks_per_plane, ref, sums);
-    } else if (planes) {
+    if (pass == Pass::kPlanes) {
       accumulate_direct_kernel<T, acc_t, index_t, true>
           <<<grid_for(rows * dim, num_sms, 16), kThreads, 0, stream>>>(px, at, idx, rows, dim,
                                                                        num_bins, ref, sums);
-    } else {
+    } else if (pass == Pass::kRows || (pass == Pass::kPrivatised && !privatised)) {
       accumulate_direct_kernel<T, acc_t, index_t, false>
           <<<grid_for(rows * dim, num_sms, 16), kThreads, 0, stream>>>(px, at, idx, rows, dim,
                                                                        num_bins, ref, sums);
@@ -776,20 +594,24 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
 
 extern "C" size_t dirfast_cuda_bin_stats_workspace(DirfastFeatures x, DirfastBins bins) {
   using namespace dirfast::cuda;
-  const size_t acc = x.dtype == DIRFAST_FLOAT64 ? 8 : 4;
-  const int64_t b = bins.num_bins, d = x.dim;
-  return aligned(b * sizeof(ull)) + aligned(2 * b * d * acc) + aligned(b * d * acc) +
-         aligned((b + 1) * sizeof(ull)) + aligned(b * sizeof(ull)) + aligned(x.rows * sizeof(int64_t));
+  size_t bytes = 0;
+  dispatch_dtype(x.dtype, [&](auto scalar) {
+    using T = decltype(scalar);
+    const Pass pass = choose_pass<T>(x, bins.num_bins, shared_limits());
+    carve(nullptr, bins.num_bins, x.dim, x.rows, sizeof(acc_of<T>), pass, &bytes);
+    return cudaSuccess;
+  });
+  return bytes;
 }
 
 extern "C" cudaError_t dirfast_cuda_bin_stats(DirfastFeatures x, DirfastBins bins, int64_t* count,
                                               void* mean, void* var, void* workspace, int num_sms,
-                                              DirfastBinStatsTuning tuning, cudaStream_t stream) {
+                                              cudaStream_t stream) {
   using namespace dirfast::cuda;
   return dispatch_dtype(x.dtype, [&](auto scalar) {
     using T = decltype(scalar);
     return dispatch_index(bins.is_int64, [&](auto index) {
-      return launch<T, decltype(index)>(x, bins, count, mean, var, workspace, num_sms, tuning, stream);
+      return launch<T, decltype(index)>(x, bins, count, mean, var, workspace, num_sms, stream);
     });
   });
 }

@@ -1,19 +1,11 @@
 // dirfast::calibrate on CUDA: y = x * s[b] + t[b] in one pass over x.
 //
-// Two launches, no host synchronisation:
-//   1. scale_shift_kernel: the per-bucket tables s and t (src/calibrate.h, the published
-//      zero-variance rules included) for B + 1 buckets, the last one the identity (s = 1,
-//      t = -0.0) taken by rows whose index is outside [0, B) -- so the pass has no branch.
-//      One block per bucket: a block-wide sum of v1 decides the bucket-wide rule.
-//   2. the pass over x, which reads each element once and writes it once:
-//      * rows (stride_f == 1: [N, D] row-major, channels-last): a block is (threads over the
-//        features of a row) x (rows); a row's bucket is read once and its s/t rows are
-//        L2-resident; x, y, s and t move in 16-byte vectors when the strides allow it;
-//      * planes (stride_s == 1: contiguous [P, C, *spatial]): a thread takes VEC consecutive
-//        pixels of one image, reads their buckets once, then walks a tile of channel planes
-//        with 16-byte loads and stores along the pixels, s and t gathered from a
-//        feature-major table ([D, B + 1]: one channel's values side by side).
-// y may be x (calibrate_): every element is read and then written by the same thread.
+// Two launches, no host synchronisation: scale_shift_kernel computes the per-bucket tables s and
+// t (src/calibrate.h, the published zero-variance rules included) for B + 1 buckets, the last one
+// the identity (s = 1, t = -0.0) taken by rows whose index is outside [0, B), so the pass has no
+// branch; then one pass over x in rows or planes reads each element once and writes it once,
+// in 16-byte vectors when the strides allow it. y may be x (calibrate_): every element is read
+// and then written by the same thread.
 #include <algorithm>
 
 #include "calibrate.h"
@@ -27,19 +19,22 @@ constexpr int kTableThreads = 256;
 constexpr int kThreads = 256;
 constexpr int kPlanarChannelsPerBlock = 16;
 
+// One block per bucket: a block-wide sum of src_var decides the bucket-wide rule.
 template <typename acc_t>
-__global__ void scale_shift_kernel(const acc_t* __restrict__ m1, const acc_t* __restrict__ v1,
-                                   const acc_t* __restrict__ m2, const acc_t* __restrict__ v2,
+__global__ void scale_shift_kernel(const acc_t* __restrict__ src_mean,
+                                   const acc_t* __restrict__ src_var,
+                                   const acc_t* __restrict__ dst_mean,
+                                   const acc_t* __restrict__ dst_var,
                                    int64_t num_bins, int64_t dim, acc_t lo, acc_t hi,
                                    acc_t* __restrict__ s, acc_t* __restrict__ t,
                                    int64_t bucket_step, int64_t feature_step) {
   __shared__ acc_t warp_sums[kTableThreads / 32];
   __shared__ bool unchanged;
   for (int64_t k = blockIdx.x; k <= num_bins; k += gridDim.x) {
-    // The bucket-wide rule: sum(v1) < 1e-10 (the identity bucket B always).
+    // The bucket-wide rule: sum(src_var) < 1e-10 (the identity bucket B always).
     acc_t sum = acc_t(0);
     if (k < num_bins) {
-      for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) sum += v1[k * dim + d];
+      for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) sum += src_var[k * dim + d];
     }
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xffffffffu, sum, offset);
     if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
@@ -55,7 +50,8 @@ __global__ void scale_shift_kernel(const acc_t* __restrict__ m1, const acc_t* __
       acc_t sd = acc_t(1), td = -acc_t(0);
       if (!unchanged) {
         const int64_t o = k * dim + d;
-        calibrate_scale_shift<acc_t>(m1[o], v1[o], m2[o], v2[o], lo, hi, sd, td);
+        calibrate_scale_shift<acc_t>(src_mean[o], src_var[o], dst_mean[o], dst_var[o], lo, hi, sd,
+                                     td);
       }
       s[k * bucket_step + d * feature_step] = sd;
       t[k * bucket_step + d * feature_step] = td;
@@ -64,7 +60,9 @@ __global__ void scale_shift_kernel(const acc_t* __restrict__ m1, const acc_t* __
   }
 }
 
-// Rows: blockDim = (threads over the VEC-vectors of a row, rows per block).
+// Rows (stride_f == 1: [N, D] row-major, channels-last): blockDim = (threads over the
+// VEC-vectors of a row, rows per block); a row's bucket is read once and its s/t rows are
+// L2-resident.
 template <typename T, typename acc_t, typename index_t, int VEC>
 __global__ void calibrate_rows_kernel(const T* x, T* y, const index_t* __restrict__ idx,
                                       int64_t rows, int64_t dim, int64_t x_row_stride,
@@ -93,7 +91,9 @@ __global__ void calibrate_rows_kernel(const T* x, T* y, const index_t* __restric
   }
 }
 
-// Planes: a thread owns VEC consecutive pixels of one image and a tile of channels.
+// Planes (stride_s == 1: contiguous [P, C, *spatial]): a thread owns VEC consecutive pixels of
+// one image, reads their buckets once, then walks a tile of channel planes along the pixels, s
+// and t gathered from a feature-major table ([D, B + 1]: one channel's values side by side).
 template <typename T, typename acc_t, typename index_t, int VEC>
 __global__ void calibrate_planes_kernel(const T* x, T* y, const index_t* __restrict__ idx,
                                         int64_t images, int64_t inner, int64_t dim,
@@ -130,9 +130,10 @@ __global__ void calibrate_planes_kernel(const T* x, T* y, const index_t* __restr
 }
 
 template <typename T, typename acc_t, typename index_t>
-cudaError_t launch(const DirfastFeatures& x, const DirfastOutput& out, const DirfastBins& bins, const acc_t* m1,
-                   const acc_t* v1, const acc_t* m2, const acc_t* v2, double clip_min,
-                   double clip_max, acc_t* s, acc_t* t, int num_sms, cudaStream_t stream) {
+cudaError_t launch(const DirfastFeatures& x, const DirfastOutput& out, const DirfastBins& bins,
+                   const acc_t* src_mean, const acc_t* src_var, const acc_t* dst_mean,
+                   const acc_t* dst_var, double clip_min, double clip_max, acc_t* s, acc_t* t,
+                   int num_sms, cudaStream_t stream) {
   const int64_t num_bins = bins.num_bins;
   const int64_t dim = x.dim;
   // Rows when the features are contiguous; otherwise the glue passes planes (stride_s == 1).
@@ -141,8 +142,8 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastOutput& out, const Dir
   const int64_t feature_step = planes ? num_bins + 1 : 1;
   const int table_blocks = static_cast<int>(num_bins + 1 < 65535 ? num_bins + 1 : 65535);
   scale_shift_kernel<acc_t><<<table_blocks, kTableThreads, 0, stream>>>(
-      m1, v1, m2, v2, num_bins, dim, static_cast<acc_t>(clip_min), static_cast<acc_t>(clip_max),
-      s, t, bucket_step, feature_step);
+      src_mean, src_var, dst_mean, dst_var, num_bins, dim, static_cast<acc_t>(clip_min),
+      static_cast<acc_t>(clip_max), s, t, bucket_step, feature_step);
   if (x.rows == 0 || dim == 0) return launched();
 
   const T* px = static_cast<const T*>(x.data);
@@ -207,10 +208,10 @@ extern "C" size_t dirfast_cuda_calibrate_workspace(DirfastFeatures x, DirfastBin
 }
 
 extern "C" cudaError_t dirfast_cuda_calibrate(DirfastFeatures x, DirfastOutput y, DirfastBins bins,
-                                              const void* m1, const void* v1, const void* m2,
-                                              const void* v2, int acc_dtype, double clip_min,
-                                              double clip_max, void* workspace, int num_sms,
-                                              cudaStream_t stream) {
+                                              const void* src_mean, const void* src_var,
+                                              const void* dst_mean, const void* dst_var,
+                                              int acc_dtype, double clip_min, double clip_max,
+                                              void* workspace, int num_sms, cudaStream_t stream) {
   using namespace dirfast::cuda;
   char* s = static_cast<char*>(workspace);
   char* t = s + table_bytes(x, bins, acc_dtype);
@@ -220,15 +221,15 @@ extern "C" cudaError_t dirfast_cuda_calibrate(DirfastFeatures x, DirfastOutput y
       using index_t = decltype(index);
       if (acc_dtype == DIRFAST_FLOAT64) {
         return launch<T, double, index_t>(
-            x, y, bins, static_cast<const double*>(m1),
-            static_cast<const double*>(v1), static_cast<const double*>(m2),
-            static_cast<const double*>(v2), clip_min, clip_max, reinterpret_cast<double*>(s),
+            x, y, bins, static_cast<const double*>(src_mean),
+            static_cast<const double*>(src_var), static_cast<const double*>(dst_mean),
+            static_cast<const double*>(dst_var), clip_min, clip_max, reinterpret_cast<double*>(s),
             reinterpret_cast<double*>(t), num_sms, stream);
       }
       return launch<T, float, index_t>(
-          x, y, bins, static_cast<const float*>(m1),
-          static_cast<const float*>(v1), static_cast<const float*>(m2),
-          static_cast<const float*>(v2), clip_min, clip_max, reinterpret_cast<float*>(s),
+          x, y, bins, static_cast<const float*>(src_mean),
+          static_cast<const float*>(src_var), static_cast<const float*>(dst_mean),
+          static_cast<const float*>(dst_var), clip_min, clip_max, reinterpret_cast<float*>(s),
           reinterpret_cast<float*>(t), num_sms, stream);
     });
   });

@@ -3,12 +3,6 @@
 // tensors, allocates outputs and scratch with the caching allocator, takes the current stream,
 // and calls these. Every launcher only enqueues work on `stream` (no host synchronisation, no
 // allocation), so the calls can be captured in a CUDA graph; each returns the launch status.
-//
-// A feature tensor is described by strides, as in the CPU layout (csrc/layout.h): row r (a
-// sample of [N, D], or a pixel of [P, C, *spatial]) is p = r / inner, s = r % inner, and its
-// feature f sits at  p * stride_p + s * stride_s + f * stride_f  (elements). Two cases are fast:
-//   stride_f == 1  rows of features ([N, D] row-major, channels-last), inner == rows;
-//   stride_s == 1  planes of pixels (contiguous [P, C, *spatial]; column-major [N, D]).
 // bin_idx is contiguous, one index per row; rows whose index is outside [0, num_bins) select no
 // bucket (bin_stats ignores them, calibrate leaves them unchanged).
 #pragma once
@@ -25,6 +19,11 @@ extern "C" {
 // Element types of features and statistics.
 enum DirfastDtype { DIRFAST_FLOAT32 = 0, DIRFAST_FLOAT64 = 1, DIRFAST_FLOAT16 = 2, DIRFAST_BFLOAT16 = 3 };
 
+// A feature tensor is described by strides, as in the CPU layout (csrc/layout.h): row r (a
+// sample of [N, D], or a pixel of [P, C, *spatial]) is p = r / inner, s = r % inner, and its
+// feature f sits at  p * stride_p + s * stride_s + f * stride_f  (elements). Two cases are fast:
+//   stride_f == 1  rows of features ([N, D] row-major, channels-last), inner == rows;
+//   stride_s == 1  planes of pixels (contiguous [P, C, *spatial]; column-major [N, D]).
 typedef struct DirfastFeatures {
   const void* data;  // x (read only)
   int dtype;         // DirfastDtype
@@ -54,27 +53,10 @@ typedef struct DirfastBins {
 // Per-bucket count (int64 [B]), mean and unbiased variance ([B, D], float32 for float16 /
 // bfloat16 / float32 x, float64 for float64 x: the accumulation type). Shifted sums with float
 // atomics; `workspace` holds dirfast_cuda_bin_stats_workspace() bytes (any content, 256-byte
-// aligned); `num_sms` sizes the grid; `tuning` selects candidate kernels that are not the default
-// yet (zero-initialised: the defaults; see DIRFAST_CUDA_BIN_STATS in csrc/cuda/bin_stats.cpp).
-typedef struct DirfastBinStatsTuning {
-  // Rows grouped by bucket. 0: each lane loads its rows' numbers as it goes (the default). 1: the
-  // candidate, which loads a warp's row numbers up front, 64 at a time.
-  int prefetch;
-  // Candidate only: grouped rows per warp, a multiple of 64 (0: 64). Longer ranges mean fewer
-  // flushes of the running sums (float atomics) and fewer warps.
-  int rows_per_warp;
-  // Candidate only: flush float sums with 16-byte vector atomics on sm_90 and newer.
-  int vector_atomics;
-  // Candidate only: the feature tiles of the same rows in neighbouring blocks.
-  int tiles_first;
-  // Planes of pixels. 0: every element added to the global sums (the default). 1: the candidate
-  // with per-block sums in shared memory and warp-wide sums of pixels sharing a bucket.
-  int planes_shared;
-} DirfastBinStatsTuning;
+// aligned); `num_sms` sizes the grid.
 size_t dirfast_cuda_bin_stats_workspace(DirfastFeatures x, DirfastBins bins);
 cudaError_t dirfast_cuda_bin_stats(DirfastFeatures x, DirfastBins bins, int64_t* count, void* mean,
-                                   void* var, void* workspace, int num_sms,
-                                   DirfastBinStatsTuning tuning, cudaStream_t stream);
+                                   void* var, void* workspace, int num_sms, cudaStream_t stream);
 
 // The deterministic variant, with no float atomics: `perm` lists the rows grouped by bucket
 // (a stable sort of the indices, rows outside [0, B) last) and `offsets` (int64 [B + 1]) where
@@ -86,19 +68,20 @@ cudaError_t dirfast_cuda_bin_stats_sorted(DirfastFeatures x, int64_t num_bins, c
 
 // ---------------------------------------------------------------------------------- calibrate
 // y = x * s[b] + t[b] (src/calibrate.h); y is laid out like x (the same fast case, its own
-// strides) and may be x itself (in place). The
-// statistics m1, v1, m2, v2 are contiguous [B, D] of `acc_dtype` (float32 or float64), the
-// arithmetic type. `workspace` holds dirfast_cuda_calibrate_workspace() bytes.
+// strides) and may be x itself (in place). The statistics the rows are whitened with (src_mean,
+// src_var) and re-coloured with (dst_mean, dst_var) are contiguous [B, D] of `acc_dtype` (float32
+// or float64), the arithmetic type. `workspace` holds dirfast_cuda_calibrate_workspace() bytes.
 size_t dirfast_cuda_calibrate_workspace(DirfastFeatures x, DirfastBins bins, int acc_dtype);
-cudaError_t dirfast_cuda_calibrate(DirfastFeatures x, DirfastOutput y, DirfastBins bins, const void* m1,
-                                   const void* v1, const void* m2, const void* v2, int acc_dtype,
-                                   double clip_min, double clip_max, void* workspace, int num_sms,
+cudaError_t dirfast_cuda_calibrate(DirfastFeatures x, DirfastOutput y, DirfastBins bins,
+                                   const void* src_mean, const void* src_var, const void* dst_mean,
+                                   const void* dst_var, int acc_dtype, double clip_min,
+                                   double clip_max, void* workspace, int num_sms,
                                    cudaStream_t stream);
 
 // -------------------------------------------------------------------------------- smooth_bins
 // out[b, c] = sum_k w[k] stats[b + k - h, c] (src/smooth.h) for contiguous [B, columns] stats
 // and out of `dtype`; `window` holds the ks taps in `dtype`, `window64` the same in float64
-// (scipy's symmetry test); padding 0 reflect, 1 replicate, 2 constant.
+// (scipy's symmetry test); padding 0 reflect, 1 replicate, 2 constant, 3 symmetric.
 cudaError_t dirfast_cuda_smooth_bins(const void* stats, void* out, int dtype, int64_t num_bins,
                                      int64_t columns, const void* window, const double* window64,
                                      int64_t ks, int padding, cudaStream_t stream);

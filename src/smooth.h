@@ -1,27 +1,12 @@
 // Smoothing of per-bin statistics along the bin axis with a window (LDS and FDS).
 //
 // Torch-free and header-only, shared by the CPU kernel (csrc/cpu/smooth_bins.cpp) and the CUDA
-// kernels. For bins 0..B-1 and an odd window w of length ks = 2h + 1 (cross-correlation, as
-// F.conv1d; the DIR windows are symmetric, so it is also scipy's convolution):
-//
-//   out[b] = sum_k w[k] * stats[b + k - h]
-//
-// with a source index j outside [0, B) resolved by the padding:
-//   reflect    mirror without repeating the edge (torch F.pad "reflect"), applied as often as
-//              needed when h >= B: period 2(B - 1); for B == 1 every index is 0;
-//   symmetric  mirror repeating the edge (scipy.ndimage "reflect"): period 2B;
-//   replicate  clamp to the edge;
-//   constant   the tap reads 0 (scipy.ndimage.convolve1d mode="constant").
-//
-// The taps are summed in the order dirfast.reference.smooth_bins (and scipy.ndimage) use, so
-// the results are the same bits in the same dtype -- LDS depends on that for an integer
-// truncation quirk of the published code:
-//   out = stats[b] * w[h];
-//   for j = h, ..., 1:
-//     out += symmetric[j] ? (left + right) * w[h + j] : left * w[h - j] + right * w[h + j]
-// where left/right are the taps at b - j and b + j, and symmetric[j] says whether w[h - j] and
-// w[h + j] differ by at most 2^-52 in float64 (scipy's test). Every operation rounds to T, the
-// stats dtype (c10::Half and c10::BFloat16 arithmetic rounds after each operation too).
+// kernel (src/smooth_bins.cu). For bins 0..B-1 and an odd window w of length ks = 2h + 1
+// (cross-correlation, as F.conv1d; the DIR windows are symmetric, so it is also scipy's
+// convolution): out[b] = sum_k w[k] * stats[b + k - h], an index outside [0, B) resolved by the
+// padding. The taps are summed in the order of dirfast.reference.smooth_bins and scipy.ndimage,
+// so the results are the same bits in the same dtype: LDS depends on that for an integer
+// truncation quirk of the published code.
 #pragma once
 
 #include "macros.h"
@@ -40,7 +25,12 @@ DIRFAST_HOST_DEVICE inline bool window_pair_symmetric(double left, double right)
   return diff <= 2.220446049250313e-16;  // 2^-52
 }
 
-// The bin a tap at index j reads, or -1 for a zero tap (constant padding).
+// The bin a tap at index j reads, or -1 for a zero tap (constant padding):
+//   reflect    mirror without repeating the edge (torch F.pad "reflect"), applied as often as
+//              needed when h >= B: period 2(B - 1); for B == 1 every index is 0;
+//   symmetric  mirror repeating the edge (scipy.ndimage "reflect"): period 2B;
+//   replicate  clamp to the edge;
+//   constant   the tap reads 0 (scipy.ndimage.convolve1d mode="constant").
 DIRFAST_HOST_DEVICE inline int64_t padded_index(int64_t j, int64_t num_bins, Padding padding) {
   if (j >= 0 && j < num_bins) return j;
   switch (padding) {
@@ -67,7 +57,13 @@ DIRFAST_HOST_DEVICE inline int64_t padded_index(int64_t j, int64_t num_bins, Pad
 
 // out[b] of one column: stats[i * stride] is bin i; w holds the ks = 2h + 1 weights in T, and
 // symmetric(j) (j = 1..h) says whether the pair (w[h - j], w[h + j]) passes scipy's symmetry test
-// (a lookup table on the CPU, computed from a float64 copy of the window on the GPU).
+// (a lookup table on the CPU, computed from a float64 copy of the window on the GPU). The order:
+//   out = stats[b] * w[h];
+//   for j = h, ..., 1:
+//     out += symmetric(j) ? (left + right) * w[h + j] : left * w[h - j] + right * w[h + j]
+// where left/right are the taps at b - j and b + j, and symmetric(j) says whether w[h - j] and
+// w[h + j] differ by at most 2^-52 in float64 (scipy's test). Every operation rounds to T, the
+// stats dtype (c10::Half and c10::BFloat16 arithmetic rounds after each operation too).
 template <typename T, typename Symmetric>
 DIRFAST_HOST_DEVICE inline T smooth_bin_with(const T* stats, int64_t stride, int64_t num_bins,
                                              int64_t b, const T* w, Symmetric symmetric, int64_t h,

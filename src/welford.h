@@ -1,8 +1,8 @@
 // Welford's running (count, mean, M2) and Chan's merge of two such partials.
 //
-// Torch-free and header-only, shared by the C++ CPU kernels (csrc/cpu/bin_stats.cpp) and the
-// CUDA kernels: every function is DIRFAST_HOST_DEVICE. M2 is the sum of squared deviations from
-// the mean; the unbiased variance is M2 / (n - 1). Accumulate in float (float16, bfloat16 and
+// Torch-free and header-only (every function DIRFAST_HOST_DEVICE): the CPU kernel
+// (csrc/cpu/bin_stats.cpp) uses all of it, the CUDA kernels (src/bin_stats.cu) welford_variance.
+// M2 is the sum of squared deviations from the mean; the unbiased variance is M2 / (n - 1). Accumulate in float (float16, bfloat16 and
 // float32 inputs) or double (float64 inputs): `acc_t` below.
 //
 // Numerics: Welford's update never forms sum(x^2) - n*mean^2, so a float32 variance keeps its
@@ -17,45 +17,6 @@
 
 namespace dirfast {
 
-// ------------------------------------------------------------------------------ one value
-// Adds the n-th sample x (n >= 1) to (mean, m2); inv_n = 1 / n, computed once per row by the
-// caller (the whole row shares n). For n == 1 this sets mean = x and leaves m2 unchanged (0).
-template <typename acc_t>
-DIRFAST_HOST_DEVICE inline void welford_add(acc_t& mean, acc_t& m2, acc_t x, acc_t inv_n) {
-  const acc_t delta = x - mean;
-  mean += delta * inv_n;
-  m2 += delta * (x - mean);
-}
-
-// The two weights of Chan's merge of partial a (na samples) with partial b (nb samples):
-// frac_b = nb / (na + nb) and cross = na * nb / (na + nb), computed in double once per
-// (bucket, partial) and rounded to acc_t.
-template <typename acc_t>
-struct ChanWeights {
-  acc_t frac_b;
-  acc_t cross;
-};
-
-template <typename acc_t>
-DIRFAST_HOST_DEVICE inline ChanWeights<acc_t> chan_weights(int64_t na, int64_t nb) {
-  const double n = static_cast<double>(na) + static_cast<double>(nb);
-  ChanWeights<acc_t> w;
-  w.frac_b = static_cast<acc_t>(static_cast<double>(nb) / n);
-  w.cross = static_cast<acc_t>(static_cast<double>(na) * static_cast<double>(nb) / n);
-  return w;
-}
-
-// Merges partial b into partial a (both with at least one sample): Chan, Golub and LeVeque,
-//   delta = mean_b - mean_a;  mean = mean_a + delta * nb / n;
-//   M2 = M2_a + M2_b + delta^2 * na * nb / n.
-template <typename acc_t>
-DIRFAST_HOST_DEVICE inline void chan_merge(acc_t& mean_a, acc_t& m2_a, acc_t mean_b, acc_t m2_b,
-                                           ChanWeights<acc_t> w) {
-  const acc_t delta = mean_b - mean_a;
-  mean_a += delta * w.frac_b;
-  m2_a += m2_b + delta * delta * w.cross;
-}
-
 // The unbiased variance of n samples with sum of squared deviations m2: 0 when n <= 1.
 template <typename acc_t>
 DIRFAST_HOST_DEVICE inline acc_t welford_variance(int64_t n, acc_t m2) {
@@ -65,9 +26,8 @@ DIRFAST_HOST_DEVICE inline acc_t welford_variance(int64_t n, acc_t m2) {
 }
 
 // ------------------------------------------------------------------------------ rows of D
-// The same, on a row of D features at once: the loops have no dependence between features and
-// take restrict pointers, so the compiler vectorises them (CPU); a CUDA thread calls the scalar
-// forms above instead.
+// Welford's update and Chan's merge on a row of D features at once (the CPU kernel): the loops
+// have no dependence between features and take restrict pointers, so the compiler vectorises them.
 
 // First sample of a bucket: mean = x, m2 = 0.
 template <typename acc_t, typename in_t>
@@ -95,7 +55,28 @@ DIRFAST_HOST_DEVICE inline void welford_row_add(acc_t* DIRFAST_RESTRICT mean,
   }
 }
 
-// Partial b merged into partial a, D features.
+// The two weights of Chan's merge of partial a (na samples) with partial b (nb samples):
+// frac_b = nb / (na + nb) and cross = na * nb / (na + nb), computed in double once per
+// (bucket, partial) and rounded to acc_t.
+template <typename acc_t>
+struct ChanWeights {
+  acc_t frac_b;
+  acc_t cross;
+};
+
+template <typename acc_t>
+DIRFAST_HOST_DEVICE inline ChanWeights<acc_t> chan_weights(int64_t na, int64_t nb) {
+  const double n = static_cast<double>(na) + static_cast<double>(nb);
+  ChanWeights<acc_t> w;
+  w.frac_b = static_cast<acc_t>(static_cast<double>(nb) / n);
+  w.cross = static_cast<acc_t>(static_cast<double>(na) * static_cast<double>(nb) / n);
+  return w;
+}
+
+// Partial b (nb samples) merged into partial a (na samples, both at least one), D features:
+// Chan, Golub and LeVeque,
+//   delta = mean_b - mean_a;  mean = mean_a + delta * nb / n;
+//   M2 = M2_a + M2_b + delta^2 * na * nb / n.
 template <typename acc_t>
 DIRFAST_HOST_DEVICE inline void chan_merge_row(acc_t* DIRFAST_RESTRICT mean_a,
                                                acc_t* DIRFAST_RESTRICT m2_a,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import subprocess
 
 import pytest
 import torch
@@ -212,9 +211,8 @@ def test_bin_stats_dtypes_and_bin_counts(dtype, num_bins, dim):
     check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins)
 
 
-# DIRFAST_CUDA_BIN_STATS (csrc/cuda/bin_stats.cpp): the default kernel and the candidates
-GROUPED_KERNELS = ["per_row", "prefetch", "prefetch,rows=256", "prefetch,rows=128,vector_atomics",
-                   "prefetch,rows=256,vector_atomics,tiles_first"]
+# The accumulate kernels of src/bin_stats.cu: one of them runs per call.
+ACCUMULATE_KERNELS = ("accumulate_grouped_kernel", "accumulate_shared_kernel", "accumulate_direct_kernel")
 
 
 def kernels_that_ran(call, kernels) -> set:
@@ -230,41 +228,35 @@ def kernels_that_ran(call, kernels) -> set:
     return {kernel for kernel in kernels if any(kernel + "<" in name or kernel + "I" in name for name in names)}
 
 
-def check_kernel(expected, kernels, x, idx, num_bins, options, atomics_per_address=None):
-    """bin_stats against the reference, and of ``kernels`` only ``expected`` ran."""
+def check_kernel(expected, x, idx, num_bins, atomics_per_address=None):
+    """bin_stats against the reference, and of the accumulate kernels only ``expected`` ran."""
     ran = kernels_that_ran(lambda: check_stats(torch.ops.dirfast.bin_stats(x, idx, num_bins), x, idx, num_bins,
-                                               atomics_per_address), kernels)
-    assert ran == {expected}, f"DIRFAST_CUDA_BIN_STATS={options} ran {ran or 'none'} of {kernels}"
+                                               atomics_per_address), ACCUMULATE_KERNELS)
+    assert ran == {expected}, f"ran {ran or 'none'} of {ACCUMULATE_KERNELS}"
 
 
-def check_grouped(grouped, x, idx, num_bins):
-    """bin_stats against the reference, and the grouped kernel that DIRFAST_CUDA_BIN_STATS names ran."""
-    expected = "accumulate_grouped_kernel" if grouped == "per_row" else "accumulate_grouped_prefetch_kernel"
-    check_kernel(expected, ("accumulate_grouped_kernel", "accumulate_grouped_prefetch_kernel"), x, idx,
-                 num_bins, grouped)
+def check_grouped(x, idx, num_bins):
+    """bin_stats against the reference, and the grouped kernel ran."""
+    check_kernel("accumulate_grouped_kernel", x, idx, num_bins)
 
 
 @needs_gpu
-@pytest.mark.parametrize("grouped", GROUPED_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("num_bins, n", [(1, 5000), (7, 20000), (97, 20000), (3000, 2000)])
 @pytest.mark.parametrize("dim", [264, 512, 1032])  # 264, 1032: lanes past the last feature in every dtype
-def test_bin_stats_grouped_kernels(grouped, dtype, num_bins, n, dim, monkeypatch):
-    """Both kernels that walk rows grouped by bucket (rows of 16-byte vectors, dim >= 32 vectors):
+def test_bin_stats_grouped_kernels(dtype, num_bins, n, dim):
+    """The kernel that walks rows grouped by bucket (rows of 16-byte vectors, dim >= 32 vectors):
     a warp's rows in one bucket, a few, and many buckets of one or two rows; rows of no bucket."""
-    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", grouped)
     g = gen(num_bins + dim)
     x = (torch.randn(n, dim, generator=g) * 3 + 10).to(dtype=dtype, device="cuda")
     idx = torch.randint(-2, num_bins + 2, (n,), generator=g).cuda()
-    check_grouped(grouped, x, idx, num_bins)
+    check_grouped(x, idx, num_bins)
 
 
 @needs_gpu
-@pytest.mark.parametrize("grouped", GROUPED_KERNELS)
 @pytest.mark.parametrize("case", ["int32_bins", "row_stride", "few_rows", "one_row"])
-def test_bin_stats_grouped_kernels_layouts(grouped, case, monkeypatch):
-    """int32 indices, rows with a stride past dim, and fewer valid rows than a warp's batch."""
-    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", grouped)
+def test_bin_stats_grouped_kernels_layouts(case):
+    """int32 indices, rows with a stride past dim, and fewer valid rows than a warp's range."""
     g = gen(31)
     n, dim, num_bins = {"few_rows": 50, "one_row": 1}.get(case, 3000), 256, 9
     x = torch.randn(n, dim + 8, generator=g).cuda()
@@ -274,20 +266,17 @@ def test_bin_stats_grouped_kernels_layouts(grouped, case, monkeypatch):
         idx = idx.int()
     if case == "one_row":
         idx[0] = 4
-    check_grouped(grouped, x, idx, num_bins)
+    check_grouped(x, idx, num_bins)
 
 
 @needs_gpu
-@pytest.mark.parametrize("planes", ["planes=direct", "planes=shared"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("num_bins", [1, 40, 100, 5000])  # 5000: sums past 48 KiB, direct kernel
+@pytest.mark.parametrize("num_bins", [1, 40, 100, 5000])
 @pytest.mark.parametrize("case", ["depth", "depth_odd_width", "random", "column_major"])
-def test_bin_stats_plane_kernels(planes, dtype, num_bins, case, monkeypatch):
+def test_bin_stats_plane_kernels(dtype, num_bins, case):
     """Planes of pixels: buckets that follow the image rows, 64 pixels wide (nearly every warp's
-    32 pixels in one bucket: the warp-wide sums) or 53 wide with noise (warps straddling rows and
-    buckets), random buckets (every warp mixed), and [N, D] stored column-major (one plane per
-    feature)."""
-    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", planes)
+    32 pixels in one bucket) or 53 wide with noise (warps straddling rows and buckets), random
+    buckets (every warp mixed), and [N, D] stored column-major (one plane per feature)."""
     g = gen(num_bins + 7)
     if case == "column_major":
         x = (torch.randn(3001, 24, generator=g) * 2 + 5).t().contiguous().t()
@@ -304,39 +293,19 @@ def test_bin_stats_plane_kernels(planes, dtype, num_bins, case, monkeypatch):
             idx[0, :2] = -1  # no bucket
             idx[1, -1, :10] = num_bins  # outside [0, B)
     x, idx = x.to(dtype=dtype, device="cuda"), idx.cuda()
-    inner = x.shape[0] if x.dim() == 2 else x.shape[2] * x.shape[3]
-    acc_bytes = 8 if dtype == torch.float64 else 4
-    shared = planes == "planes=shared" and 3 * num_bins * acc_bytes <= 48 * 1024 and inner >= num_bins
-    expected = "accumulate_planes_shared_kernel" if shared else "accumulate_direct_kernel"
     largest_bucket = int(torch.bincount(idx[(idx >= 0) & (idx < num_bins)].flatten().cpu(), minlength=1).max())
-    check_kernel(expected, ("accumulate_direct_kernel", "accumulate_planes_shared_kernel"), x, idx, num_bins,
-                 planes, atomics_per_address=largest_bucket)
+    check_kernel("accumulate_direct_kernel", x, idx, num_bins, atomics_per_address=largest_bucket)
 
 
 @needs_gpu
-@pytest.mark.parametrize("planes", ["planes=direct", "planes=shared"])
-def test_bin_stats_plane_kernels_at_mean_1000_std(planes, monkeypatch):
-    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", planes)
+def test_bin_stats_plane_kernels_at_mean_1000_std():
     g = gen(23)
     x = torch.randn(4, 16, 48, 64, generator=g, dtype=torch.float64) + 1000.0
     check_float32_accuracy(x, torch.randint(0, 5, (4, 48, 64), generator=g), 5)
 
 
 @needs_gpu
-@pytest.mark.parametrize("options", ["prefetch,rows=100", "prefetch,rows=0", "prefetch,rows=64abc", "prefech",
-                                     "rows=64", "tiles_first", "per_row,prefetch", "planes=fast",
-                                     "planes=shared,planes=direct"])
-def test_bin_stats_grouped_kernel_options_are_checked(options, monkeypatch):
-    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", options)
-    x, idx = torch.randn(300, 256, device="cuda"), torch.randint(0, 3, (300,), device="cuda")
-    with pytest.raises(RuntimeError, match="DIRFAST_CUDA_BIN_STATS"):
-        torch.ops.dirfast.bin_stats(x, idx, 3)
-
-
-@needs_gpu
-@pytest.mark.parametrize("grouped", GROUPED_KERNELS)
-def test_bin_stats_grouped_kernels_at_mean_1000_std(grouped, monkeypatch):
-    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", grouped)
+def test_bin_stats_grouped_kernels_at_mean_1000_std():
     g = gen(21)
     x = torch.randn(40000, 256, generator=g, dtype=torch.float64) + 1000.0
     check_float32_accuracy(x, torch.randint(0, 9, (40000,), generator=g), 9)
@@ -499,149 +468,3 @@ def test_fds_smooth_on_the_cuda_backend_matches_reference():
     with dirfast.use_backend("cuda"):
         got = fds.smooth(batch.clone(), lab, 1)
     torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
-
-
-# ----------------------------------------------------------------------------- GPU check tooling
-def test_gpu_benchmark_orders_backends_by_measured_time():
-    """benchmarks.gpu turns its measurements into the CUDA_PREFERENCE order (wall-clock rows,
-    not the graph rows), and keeps both backends when only one was measured."""
-    from benchmarks import gpu
-
-    rows = [{"case": "bin_stats 131072x512", "provider": "cuda", "ms": 0.3},
-            {"case": "bin_stats 131072x512", "provider": "triton", "ms": 0.2},
-            {"case": "bin_stats 131072x512", "provider": "cuda graph", "ms": 0.1},
-            {"case": "calibrate 131072x512", "provider": "cuda", "ms": 0.1},
-            {"case": "calibrate 131072x512", "provider": "triton", "ms": 0.4},
-            {"case": "smooth_bins 100x2048", "provider": "triton", "ms": 0.1}]
-    order = gpu.preference(rows)
-    assert order["bin_stats"] == ("triton", "cuda")
-    assert order["calibrate"] == ("cuda", "triton")
-    assert order["smooth_bins"] == ("triton", "cuda")
-    assert order["calibrate_"] == ("cuda", "triton")  # not measured: the default order
-    assert set(order) == set(_dispatch.OPS)
-    table = gpu.format_rows([{"case": "copy", "provider": "clone", "ms": 0.135},
-                             {"case": "calibrate", "provider": "cuda", "ms": 0.17,
-                              "x copy bandwidth": 0.79, "goal": 0.7}])
-    assert "0.79" in table and "0.170" in table and table.count("\n") == 2
-
-
-def test_gpu_benchmark_candidate_switches_restore_the_defaults(monkeypatch):
-    from benchmarks import gpu
-
-    monkeypatch.delenv("DIRFAST_CUDA_BIN_STATS", raising=False)
-    with gpu.cuda_bin_stats_options("prefetch"):
-        assert os.environ["DIRFAST_CUDA_BIN_STATS"] == "prefetch"
-    assert "DIRFAST_CUDA_BIN_STATS" not in os.environ
-    monkeypatch.setenv("DIRFAST_CUDA_BIN_STATS", "per_row")
-    with pytest.raises(RuntimeError), gpu.cuda_bin_stats_options("prefetch"):
-        raise RuntimeError("a failed measurement")
-    assert os.environ["DIRFAST_CUDA_BIN_STATS"] == "per_row"
-    with gpu.cuda_bin_stats_options(None):  # the default kernel: unset
-        assert "DIRFAST_CUDA_BIN_STATS" not in os.environ
-    assert os.environ["DIRFAST_CUDA_BIN_STATS"] == "per_row"
-    assert all(options.startswith("prefetch") for options in gpu.CUDA_CANDIDATES.values())
-    import importlib
-
-    module = importlib.import_module("dirfast.triton.bin_stats")
-    before = (module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS)
-    with pytest.raises(RuntimeError), gpu.triton_config("tiles", 256, 8):
-        assert (module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS) == ("tiles", 256, 8)
-        raise RuntimeError("a failed measurement")
-    assert (module.STRATEGY, module.ROWS_PER_CHUNK, module.TILE_ROWS) == before
-    # the candidate rows are not backends: they never enter CUDA_PREFERENCE
-    rows = [{"case": "bin_stats 131072x512", "provider": "cuda p256v", "ms": 0.01},
-            {"case": "bin_stats 131072x512", "provider": "triton", "ms": 0.2},
-            {"case": "bin_stats 131072x512", "provider": "cuda", "ms": 0.3}]
-    assert gpu.preference(rows)["bin_stats"] == ("triton", "cuda")
-    rows.append({"case": "bin_stats 131072x512", "provider": "cuda p64 graph", "ms": 0.001})
-    assert gpu.fastest_bin_stats(rows, "cuda") == ("cuda p256v", 0.01)  # wall-clock rows only
-    assert gpu.fastest_bin_stats(rows, "triton") == ("triton", 0.2)
-    assert gpu.fastest_bin_stats(rows, "reference") is None
-
-
-def test_gpu_benchmark_cases_run_end_to_end_with_stand_ins(monkeypatch):
-    """benchmarks.gpu's cases on small CPU tensors, with the GPU timers and backend switch
-    replaced: every row, candidate included, is produced and formatted (GPU time is too scarce
-    to find a typo there)."""
-    import contextlib
-
-    from benchmarks import gpu
-
-    g = gen(5)
-    inputs = (torch.randn(64, 8, generator=g), torch.randint(0, 3, (64,), generator=g), 3,
-              [torch.randn(3, 8), torch.rand(3, 8) + 0.1, torch.randn(3, 8), torch.rand(3, 8) + 0.1])
-    dense = (torch.randn(2, 4, 3, 5, generator=g), torch.randint(0, 3, (2, 3, 5), generator=g), 3,
-             [torch.randn(3, 4), torch.rand(3, 4) + 0.1, torch.randn(3, 4), torch.rand(3, 4) + 0.1])
-    calls = []
-
-    def timer(fn):
-        fn()
-        calls.append(os.environ.get("DIRFAST_CUDA_BIN_STATS"))
-        return 0.5
-
-    monkeypatch.setattr(gpu, "bandwidth_inputs", lambda seed=0: inputs)
-    monkeypatch.setattr(gpu, "depth_inputs", lambda seed=0: dense)
-    monkeypatch.setattr(gpu, "time_ms", timer)
-    monkeypatch.setattr(gpu, "graph_ms", timer)
-    monkeypatch.setattr(gpu, "_backends", lambda: ["cuda", "triton", "reference"])
-    monkeypatch.setattr(dirfast, "use_backend", lambda name: contextlib.nullcontext())
-    monkeypatch.delenv("DIRFAST_CUDA_BIN_STATS", raising=False)
-    rows = []
-    gpu.bandwidth_cases(rows)
-    assert {"cuda", "triton", "reference", "cuda graph", "triton graph"} <= {row["provider"] for row in rows}
-    gpu.layout_cases(rows)
-    cases = {row["case"] for row in rows}
-    assert {"calibrate 2x4x3x5", "bin_stats 2x4x3x5", "bin_stats 131072x512 determ."} <= cases
-    assert not torch.are_deterministic_algorithms_enabled()
-    gpu.candidate_cases(rows)
-    providers = [row["provider"] for row in rows if row["case"] == "bin_stats 64x8"]  # the stand-in rows
-    for label in list(gpu.CUDA_CANDIDATES) + list(gpu.TRITON_CANDIDATES):
-        backend = "cuda" if label in gpu.CUDA_CANDIDATES else "triton"
-        assert f"{backend} {label}" in providers and f"{backend} {label} graph" in providers
-    dense_providers = [row["provider"] for row in rows if row["case"] == "bin_stats 2x4x3x5"]
-    assert all(f"cuda {label}" in dense_providers for label in gpu.CUDA_PLANE_CANDIDATES)
-    assert all(f"triton {label} graph" in dense_providers for label in gpu.TRITON_PLANE_CANDIDATES)
-    assert set(gpu.CUDA_CANDIDATES.values()) | set(gpu.CUDA_PLANE_CANDIDATES.values()) <= set(calls)
-    assert "DIRFAST_CUDA_BIN_STATS" not in os.environ
-    assert all(row["ms"] == 0.5 for row in rows)
-    assert gpu.format_rows(rows).count("\n") == len(rows)
-    assert gpu.fastest_bin_stats(rows, "cuda", "bin_stats 2x4x3x5")[1] == 0.5
-
-
-def test_gpu_benchmark_main_keeps_going_past_a_failed_step(monkeypatch, tmp_path, capsys):
-    """A step that raises (say, a candidate kernel that faults) is reported, the other steps'
-    rows are still written as JSON and printed, and the exit status says it failed."""
-    import json
-
-    from benchmarks import gpu
-
-    def step(case):
-        def run(rows):
-            rows.append({"case": case, "provider": "cuda", "ms": 1.0})
-        return run
-
-    def epoch_cases(rows):  # named as the step it stands in for: the report names it
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Stand-in GPU")
-    monkeypatch.setattr(gpu, "_backends", lambda: ["cuda", "reference"])
-    monkeypatch.setattr(gpu, "bandwidth_cases", step("bin_stats 131072x512"))
-    monkeypatch.setattr(gpu, "smooth_cases", step("FDS.smooth 256x2048"))
-    monkeypatch.setattr(gpu, "smooth_bins_cases", step("smooth_bins 100x2048"))
-    monkeypatch.setattr(gpu, "epoch_cases", epoch_cases)
-    monkeypatch.setattr(gpu, "layout_cases", step("bin_stats 8x64x120x160"))
-    monkeypatch.setattr(gpu, "candidate_cases", step("bin_stats 131072x512"))
-    monkeypatch.setattr(gpu, "kernel_profile", lambda: "profile table")
-    with pytest.raises(SystemExit, match="epoch_cases failed"):
-        gpu.main(["--json", str(tmp_path), "--profile", str(tmp_path / "profile.txt")])
-    saved = json.loads((tmp_path / "gpu-goals-stand-in-gpu.json").read_text())
-    assert saved["failed_steps"] == ["epoch_cases"] and len(saved["rows"]) == 5
-    assert (tmp_path / "profile.txt").read_text() == "profile table\n"
-    out = capsys.readouterr()
-    assert "FDS.smooth 256x2048" in out.out and "illegal memory access" in out.err
-
-
-def test_gpu_check_script_is_valid_bash():
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu_check.sh")
-    assert subprocess.run(["bash", "-n", script]).returncode == 0

@@ -1,30 +1,12 @@
 // dirfast::bin_stats on CPU: per-bucket count, mean and unbiased variance in one pass over x.
 //
-// Design
-// ------
-// * Chunks. The rows (samples; pixels of a dense tensor) are cut into K contiguous chunks, K a
-//   function of the shapes only (at most kMaxChunks, fewer for small inputs or when the partials
-//   would exceed the memory bound below), never of the thread count. at::parallel_for hands out
-//   whole chunks; each chunk is reduced by one thread, row after row, with Welford's update into
-//   its own partial (count, mean, M2) per bucket. The partials are then merged bucket by bucket
-//   (in parallel over buckets) with Chan's formula in chunk order 0, 1, ..., K - 1. Every
-//   floating-point operation therefore happens in the same order whatever the number of
-//   threads: the same bits for 1 thread or 64, run after run.
-// * Memory. A chunk's partial is sparse: a slot is given to a bucket the first time the chunk
-//   meets it (slot_of: one int32 per bucket), and the slots are one allocation that is written
-//   only as far as it is used (untouched pages cost no memory). A chunk holds at most
-//   min(B, rows of the chunk) slots of 2 * D accumulators, so the partials take at most
-//   K * min(B, ceil(rows / K)) * 2 * D * sizeof(acc) + K * B * 4 bytes. K is lowered until that
-//   bound fits in max(64 MiB, the size of the mean and var outputs); with the usual DIR bucket
-//   counts (B <= a few hundred) it is a few MiB (16 x 97 x 512 x 8 bytes = 6.4 MB for the
-//   65,536 x 512 benchmark).
-// * Layouts (csrc/cpu/layout.h). Rows layout ([N, D], channels-last): each row is read where it
-//   is. Planar layout (contiguous [B, C, *spatial]): a tile of T pixels is read channel plane by
-//   channel plane (four planes at a time), contiguously along the spatial axis, and transposed
-//   into a small per-chunk buffer ([T, C], 256 KiB: L2-resident), whose rows then take the same
-//   Welford update. Other layouts are made contiguous first.
-// * Accumulation in float32 for float16/bfloat16/float32 x, float64 for float64 x; every offset
-//   is int64, so tensors past 2^31 elements are safe.
+// The rows are cut into chunks whose number depends on the shapes only, never on the thread
+// count; each chunk is reduced by one thread with Welford's update into its own sparse partial
+// per bucket, and the partials are merged with Chan's formula in chunk order. Every
+// floating-point operation therefore happens in the same order whatever the number of threads:
+// the same bits for 1 thread or 64, run after run. x is read in place in both layouts of
+// csrc/layout.h (other layouts are made contiguous first); accumulation is in float32 for
+// float16 / bfloat16 / float32 x and float64 for float64 x, every offset int64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,12 +15,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <memory>
 #include <tuple>
 #include <vector>
 
 #include "layout.h"
+#include "plans.h"
 #include "welford.h"
 
 namespace dirfast {
@@ -50,7 +32,9 @@ constexpr int64_t kMinChunkElements = 1 << 15;     // elements a chunk gets, at 
 constexpr int64_t kMinBudgetBytes = int64_t(64) << 20;  // partials may take this much, at least
 constexpr int64_t kTileBytes = int64_t(256) << 10;  // transposed tile buffer (planar layout)
 
-// One chunk's partial statistics: sparse over buckets.
+// One chunk's partial statistics, sparse over buckets: a slot is given to a bucket the first time
+// the chunk meets it (slot_of: one int32 per bucket), and the slots are one allocation written
+// only as far as it is used (untouched pages cost no memory).
 template <typename acc_t>
 struct Partial {
   std::vector<int32_t> slot_of;      // bucket -> slot, -1 when the chunk has no row of it
@@ -62,6 +46,11 @@ struct Partial {
   acc_t* m2(int64_t slot, int64_t dim) { return data.get() + slot * 2 * dim + dim; }
 };
 
+// K, the number of chunks: at most kMaxChunks, fewer for small inputs, and lowered until the
+// partials' bound fits in max(64 MiB, the size of the mean and var outputs). A chunk holds at most
+// min(B, rows of the chunk) slots of 2 * D accumulators, so the partials take at most
+// K * min(B, ceil(rows / K)) * 2 * D * sizeof(acc) + K * B * 4 bytes: a few MiB for the usual
+// DIR bucket counts (B <= a few hundred).
 int64_t chunk_count(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_bytes) {
   const int64_t d = std::max<int64_t>(dim, 1);
   int64_t k = std::min<int64_t>(kMaxChunks, std::max<int64_t>(1, rows * d / kMinChunkElements));
@@ -169,6 +158,10 @@ class BinStats {
     }
   }
 
+  // Rows layout ([N, D], channels-last): each row is read where it is. Planar layout (contiguous
+  // [B, C, *spatial]): a tile of pixels is read channel plane by channel plane (four planes at a
+  // time), contiguously along the spatial axis, and transposed into a small per-chunk buffer
+  // ([tile, C], 256 KiB: L2-resident), whose rows then take the same Welford update.
   void reduce_chunk(Partial<acc_t>& part, int64_t row_begin, int64_t row_end) {
     const int64_t capacity =
         std::max<int64_t>(1, std::min<int64_t>(num_bins_, row_end - row_begin));

@@ -1,20 +1,12 @@
 // dirfast::calibrate on CPU: y = x * s[b] + t[b] in one pass over x.
 //
-// The per-bucket scale s and shift t (src/calibrate.h: the published zero-variance rules
-// included) are computed once, for B + 1 buckets: the extra bucket is the identity (s = 1,
-// t = -0.0, which gives back every value exactly), taken by rows whose index is outside
-// [0, B), so the pass has no branch. (With more buckets than rows, only the buckets in use are
-// computed.) Then:
-//   * rows layout ([N, D], channels-last): each row reads its bucket's s and t (L2-resident
-//     for the usual bucket counts) and the inner loop over D vectorises;
-//   * planar layout (contiguous [B, C, *spatial], column-major [N, D]): s and t are stored
-//     feature-major ([D, B + 1]); a task takes a tile of pixels of one batch item, resolves
-//     their buckets once, then streams each channel plane of the tile (read x, write y,
-//     contiguous along the spatial axis) with s and t gathered from that channel's row.
-// y has the strides of torch.empty_like(x) (the fake kernel's); x is read in place when its
-// layout is one of the two (otherwise it is copied once into y's layout). Arithmetic in
-// float32, or float64 when x or m1 is float64 (as dirfast.reference.calibrate), cast back to
-// the dtype of x at the store. Elementwise, so the same bits for any number of threads.
+// The per-bucket scale s and shift t (src/calibrate.h, the published zero-variance rules
+// included) are computed once, for B + 1 buckets: the extra one is the identity (s = 1,
+// t = -0.0, which gives back every value exactly), taken by rows whose index is outside [0, B),
+// so the pass has no branch. x is read in place in both layouts of csrc/layout.h (others are
+// copied once); y has the strides of torch.empty_like(x) (the fake kernel's). Arithmetic in
+// float32, or float64 when x or src_mean is float64 (as dirfast.reference.calibrate), cast back
+// to the dtype of x at the store; elementwise, so the same bits for any number of threads.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -22,12 +14,13 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <limits>
 #include <memory>
 #include <vector>
 
 #include "calibrate.h"
+#include "checks.h"
 #include "layout.h"
+#include "plans.h"
 
 namespace dirfast {
 namespace cpu {
@@ -57,10 +50,10 @@ inline void apply_plane(scalar_t* DIRFAST_RESTRICT y, const scalar_t* DIRFAST_RE
 
 template <typename scalar_t, typename acc_t, typename index_t>
 void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, const Layout& ly,
-                      const index_t* idx, const at::Tensor& m1, const at::Tensor& v1,
-                      const at::Tensor& m2, const at::Tensor& v2, double clip_min,
+                      const index_t* idx, const at::Tensor& src_mean, const at::Tensor& src_var,
+                      const at::Tensor& dst_mean, const at::Tensor& dst_var, double clip_min,
                       double clip_max) {
-  const int64_t num_bins = m1.size(0);
+  const int64_t num_bins = src_mean.size(0);
   const int64_t dim = lx.dim;
   const int64_t rows = lx.rows;
   const bool planar = lx.kind == Layout::kPlanar;
@@ -69,9 +62,10 @@ void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, cons
     return (k >= 0 && k < num_bins) ? k : num_bins;
   };
 
-  // s and t of B + 1 buckets: bucket-major [B + 1, D] for the rows layout, feature-major
-  // [D, B + 1] for the planar one (a channel's values side by side). One allocation each, left
-  // uninitialised: with more buckets than rows only the buckets in use are computed.
+  // s and t of B + 1 buckets: bucket-major [B + 1, D] for the rows layout (each row reads its
+  // bucket's s and t, L2-resident for the usual bucket counts, and the loop over D vectorises),
+  // feature-major [D, B + 1] for the planar one (a channel's values side by side). One allocation
+  // each, left uninitialised: with more buckets than rows only the buckets in use are computed.
   const int64_t entries = (num_bins + 1) * dim;
   std::unique_ptr<acc_t[]> scale(new acc_t[entries > 0 ? entries : 1]);
   std::unique_ptr<acc_t[]> shift(new acc_t[entries > 0 ? entries : 1]);
@@ -87,10 +81,10 @@ void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, cons
       if (k < num_bins) used[k] = 1;
     }
   }
-  const acc_t* pm1 = m1.data_ptr<acc_t>();
-  const acc_t* pv1 = v1.data_ptr<acc_t>();
-  const acc_t* pm2 = m2.data_ptr<acc_t>();
-  const acc_t* pv2 = v2.data_ptr<acc_t>();
+  const acc_t* p_src_mean = src_mean.data_ptr<acc_t>();
+  const acc_t* p_src_var = src_var.data_ptr<acc_t>();
+  const acc_t* p_dst_mean = dst_mean.data_ptr<acc_t>();
+  const acc_t* p_dst_var = dst_var.data_ptr<acc_t>();
   const acc_t lo = static_cast<acc_t>(clip_min);
   const acc_t hi = static_cast<acc_t>(clip_max);
   at::parallel_for(0, num_bins + 1, std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1)),
@@ -105,8 +99,9 @@ void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, cons
                          }
                        } else if (used.empty() || used[k]) {
                          const int64_t o = k * dim;
-                         calibrate_bucket<acc_t>(pm1 + o, pv1 + o, pm2 + o, pv2 + o, dim, lo, hi,
-                                                 sk, tk, feature_step);
+                         calibrate_bucket<acc_t>(p_src_mean + o, p_src_var + o, p_dst_mean + o,
+                                                 p_dst_var + o, dim, lo, hi, sk, tk,
+                                                 feature_step);
                        }
                      }
                    });
@@ -153,11 +148,13 @@ void calibrate_kernel(const at::Tensor& x, const Layout& lx, at::Tensor& y, cons
 // Calibrates x into y, which is either a fresh tensor shaped like x (calibrate) or x itself
 // (calibrate_: each element is read before it is written, by the same iteration).
 void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at::Tensor& bin_idx,
-                    const at::Tensor& m1, const at::Tensor& v1, const at::Tensor& m2,
-                    const at::Tensor& v2, double clip_min, double clip_max) {
-  check_calibrate_args(x, bin_idx, m1, v1, m2, v2, clip_min, clip_max, op, c10::DeviceType::CPU);
+                    const at::Tensor& src_mean, const at::Tensor& src_var,
+                    const at::Tensor& dst_mean, const at::Tensor& dst_var, double clip_min,
+                    double clip_max) {
+  check_calibrate_args(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max, op,
+                       c10::DeviceType::CPU);
 
-  const CalibrateTables tables = calibrate_tables(x, m1, v1, m2, v2);
+  const CalibrateTables tables = calibrate_tables(x, src_mean, src_var, dst_mean, dst_var);
 
   if (x.numel() == 0) return;
   const CalibratePlan plan = plan_calibrate(x, y);
@@ -173,8 +170,9 @@ void calibrate_into(const char* op, const at::Tensor& x, at::Tensor& y, const at
       using acc_t = decltype(acc_tag);
       using index_t = decltype(index_tag);
       calibrate_kernel<scalar_t, acc_t, index_t>(xw, lx, out, ly, idx.data_ptr<index_t>(),
-                                                 tables.m1, tables.v1, tables.m2, tables.v2,
-                                                 clip_min, clip_max);
+                                                 tables.src_mean, tables.src_var,
+                                                 tables.dst_mean, tables.dst_var, clip_min,
+                                                 clip_max);
     };
     const bool long_index = idx.scalar_type() == at::kLong;
     if (tables.wide) {

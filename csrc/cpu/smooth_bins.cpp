@@ -12,9 +12,8 @@
 
 #include <cstdint>
 #include <memory>
-#include <string>
 
-#include "layout.h"
+#include "plans.h"
 #include "smooth.h"
 
 namespace dirfast {

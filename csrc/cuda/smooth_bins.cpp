@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "glue.h"
+#include "plans.h"
 
 namespace dirfast {
 namespace cuda {
