@@ -33,11 +33,25 @@ SCHEMAS = {
         "calibrate_(Tensor(a!) x, Tensor bin_idx, Tensor src_mean, Tensor src_var, Tensor dst_mean, "
         "Tensor dst_var, float clip_min=0.1, float clip_max=10.0) -> ()"
     ),
+    # log sum_k w_k N(x; mean_k, var_k) (+ log(2 pi) / 2) for every element of x: Balanced MSE.
+    "mixture_logpdf": "mixture_logpdf(Tensor x, Tensor means, Tensor variances, Tensor log_weights) -> Tensor",
+    "mixture_logpdf_backward": (
+        "mixture_logpdf_backward(Tensor grad, Tensor x, Tensor out, Tensor means, Tensor variances, "
+        "Tensor log_weights) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
 }
 
+def _defined(op: str) -> bool:
+    try:
+        getattr(getattr(torch.ops, NAMESPACE), op)
+    except AttributeError:
+        return False
+    return True
+
+
 LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
-if _ext.EXTENSION is None:  # dirfast._C defines the same schemas when it is loaded
-    for _schema in SCHEMAS.values():
+for _op, _schema in SCHEMAS.items():  # dirfast._C defines them when it is loaded (and is up to date)
+    if not _defined(_op):
         LIBRARY.define(_schema)
 for _op in SCHEMAS:
     LIBRARY.impl(_op, getattr(reference, _op), "CompositeExplicitAutograd")
@@ -77,8 +91,19 @@ def fake_calibrate_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min=0
     return None
 
 
+def fake_mixture_logpdf(x, means, variances, log_weights):
+    return torch.empty_like(x, dtype=reference.mixture_dtype(x, means, variances, log_weights),
+                            memory_format=torch.contiguous_format)
+
+
+def fake_mixture_logpdf_backward(grad, x, out, means, variances, log_weights):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(means),
+            torch.empty_like(variances), torch.empty_like(log_weights))
+
+
 for _op, _fake in (("bin_stats", fake_bin_stats), ("smooth_bins", fake_smooth_bins),
-                   ("calibrate", fake_calibrate), ("calibrate_", fake_calibrate_)):
+                   ("calibrate", fake_calibrate), ("calibrate_", fake_calibrate_),
+                   ("mixture_logpdf", fake_mixture_logpdf), ("mixture_logpdf_backward", fake_mixture_logpdf_backward)):
     torch.library.register_fake(qualname(_op), _fake)
 
 
@@ -112,6 +137,24 @@ def register_calibrate_autograd(op: str) -> None:
 
 
 register_calibrate_autograd("calibrate")
+
+
+def register_mixture_autograd(op: str, backward_op: str) -> None:
+    """Make ``dirfast::<op>`` (mixture_logpdf's schema) differentiable in all four inputs through
+    ``dirfast::<backward_op>``, which recomputes each element's responsibilities from the saved
+    output instead of keeping an [N, K] matrix."""
+    def setup_context(ctx, inputs, output):
+        x, means, variances, log_weights = inputs
+        ctx.save_for_backward(x, output, means, variances, log_weights)
+
+    def backward(ctx, grad):
+        x, out, means, variances, log_weights = ctx.saved_tensors
+        return op_overload(backward_op)(grad.contiguous(), x, out, means, variances, log_weights)
+
+    torch.library.register_autograd(qualname(op), backward, setup_context=setup_context)
+
+
+register_mixture_autograd("mixture_logpdf", "mixture_logpdf_backward")
 
 
 class CalibrateInPlace(torch.autograd.Function):

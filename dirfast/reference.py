@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["bin_stats", "smooth_bins", "calibrate", "calibrate_", "accumulate_dtype", "m2_from_var",
-           "var_from_m2"]
+__all__ = ["bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf", "mixture_logpdf_backward",
+           "accumulate_dtype", "mixture_dtype", "m2_from_var", "var_from_m2"]
 
 
 
@@ -180,3 +180,60 @@ def calibrate_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float
                clip_max: float = 10.0) -> None:
     """:func:`calibrate` written into ``x``."""
     x.copy_(calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max))
+
+
+def mixture_dtype(*tensors) -> torch.dtype:
+    """The dtype mixture_logpdf computes and returns in: float64 when any input is, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _mixture_chunks(x, means, variances, log_weights):
+    """(flat x in the arithmetic dtype, per-component terms as a function of an x chunk, chunk
+    length): the [chunk, K] matrix of ``log w_k - log(v_k) / 2 - (x - m_k)^2 / (2 v_k)`` is built
+    a bounded number of elements at a time."""
+    acc = mixture_dtype(x, means, variances, log_weights)
+    m, v, lw = means.to(acc), variances.to(acc), log_weights.to(acc)
+    const = lw - 0.5 * torch.log(v)
+
+    def terms(xs):
+        return const - 0.5 * (xs.unsqueeze(1) - m) ** 2 / v
+
+    return x.reshape(-1).to(acc), terms, max(1, (1 << 22) // max(m.shape[0], 1))
+
+
+def mixture_logpdf(x, means, variances, log_weights):
+    """``log sum_k w_k N(x; m_k, v_k) + log(2 pi) / 2`` for every element of ``x`` (any shape), with
+    ``w_k = exp(log_weights[k])``; float32 (float64 when an input is). The log-sum-exp over the K
+    components, element by element, that Balanced MSE's BNI and GAI terms need."""
+    flat, terms, chunk = _mixture_chunks(x, means, variances, log_weights)
+    out = torch.cat([_log_sum_exp(terms(part)) for part in flat.split(chunk)]) if flat.numel() else flat
+    return out.reshape(x.shape)
+
+
+def _log_sum_exp(terms):
+    """logsumexp over dim 1, whose gradient is 0 (not NaN) in a row of -inf terms (density 0)."""
+    none = torch.isneginf(terms.amax(1))
+    return torch.where(none, -torch.inf, torch.logsumexp(torch.where(none.unsqueeze(1), 0, terms), dim=1))
+
+
+def mixture_logpdf_backward(grad, x, out, means, variances, log_weights):
+    """The gradients of :func:`mixture_logpdf` in x, means, variances and log_weights, from the
+    responsibilities ``r_k = exp(term_k - out)`` of each element."""
+    flat, terms, chunk = _mixture_chunks(x, means, variances, log_weights)
+    acc = flat.dtype
+    m, v = means.to(acc), variances.to(acc)
+    g_all, o_all = grad.reshape(-1).to(acc), out.reshape(-1).to(acc)
+    grad_x = torch.empty_like(flat)
+    grad_m, grad_v, grad_w = (torch.zeros(m.shape, dtype=acc, device=flat.device) for _ in range(3))
+    for start in range(0, flat.numel(), chunk):
+        xs, g, o = flat[start:start + chunk], g_all[start:start + chunk], o_all[start:start + chunk]
+        none = torch.isneginf(o)  # density 0: no responsibilities, zero gradients
+        g, o = torch.where(none, 0, g), torch.where(none, 0, o)
+        gr = g.unsqueeze(1) * torch.exp(terms(xs) - o.unsqueeze(1))  # [chunk, K]
+        d = (xs.unsqueeze(1) - m) / v
+        grad_x[start:start + chunk] = -(gr * d).sum(1)
+        grad_m += (gr * d).sum(0)
+        grad_v += (gr * (0.5 * d * d - 0.5 / v)).sum(0)
+        grad_w += gr.sum(0)
+    return (grad_x.reshape(x.shape).to(x.dtype), grad_m.to(means.dtype), grad_v.to(variances.dtype),
+            grad_w.to(log_weights.dtype))

@@ -459,3 +459,32 @@ def shot_metrics(preds, labels, train_labels, many_shot_thr=100, low_shot_thr=20
     shot_dict["overall"] = {"mse": float(np.mean(err**2)), "l1": float(np.mean(err)),
                             "gmean": float(gmean(err, axis=None))}
     return dict(shot_dict)
+
+
+# ---------------------------------------------------------------------------- mixture_logpdf
+def mixture_logpdf(x, means, variances, log_weights):
+    """``log sum_k exp(lw_k) exp(-(x - m_k)^2 / (2 v_k)) / sqrt(v_k)`` and its gradients in x, m,
+    v and lw, element by element in Python floats (max-shifted), as float64 tensors."""
+    xs, ms, vs, lws = (t.detach().double().cpu().reshape(-1).tolist() for t in (x, means, variances, log_weights))
+    out, gx = [], []
+    gm, gv, gw = [0.0] * len(ms), [0.0] * len(ms), [0.0] * len(ms)
+    for xi in xs:
+        terms = [lw - 0.5 * math.log(v) - (xi - m) ** 2 / (2 * v) for m, v, lw in zip(ms, vs, lws)]
+        top = max(terms)
+        if top == -math.inf:
+            out.append(-math.inf)
+            gx.append(0.0)
+            continue
+        value = top + math.log(math.fsum(math.exp(t - top) for t in terms))
+        out.append(value)
+        g = 0.0
+        for k, (m, v, t) in enumerate(zip(ms, vs, terms)):
+            r = math.exp(t - value)
+            d = (xi - m) / v
+            g -= r * d
+            gm[k] += r * d
+            gv[k] += r * (0.5 * d * d - 0.5 / v)
+            gw[k] += r
+        gx.append(g)
+    as_t = lambda values, like: torch.tensor(values, dtype=torch.float64).reshape(like.shape)  # noqa: E731
+    return as_t(out, x), (as_t(gx, x), as_t(gm, means), as_t(gv, variances), as_t(gw, log_weights))

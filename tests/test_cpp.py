@@ -1,7 +1,8 @@
 """What is particular to the C++ CPU kernels (csrc/cpu/*.cpp): chunks of rows merged in a fixed
 order (large inputs, more bins than rows, one bucket for every row), the planar tiles of dense
 inputs across chunks, unchanged values keeping their bits, smooth_bins giving the reference's
-bits in every dtype, and the same bits for any number of threads. The op contract they share
+bits in every dtype, mixture_logpdf's chunks of elements, and the same bits for any number of
+threads. The op contract they share
 with every backend is tested in test_ops.py.
 """
 
@@ -128,6 +129,24 @@ def test_smooth_bins_same_bits_as_reference(dtype, padding):
             same_bits(OPS.smooth_bins(stats, w, padding), reference.smooth_bins(stats, w, padding))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_mixture_logpdf_across_chunks(dtype):
+    """Elements over several chunks of 16,384 with a partial last lane group: the values and the
+    four gradients of the reference, the component gradients summed chunk by chunk."""
+    g = gen(13)
+    x = (torch.randn(2 * 16384 + 37, generator=g, dtype=torch.float64) * 3).to(dtype)
+    means = torch.linspace(-5, 5, 33, dtype=dtype)
+    variances, log_weights = (torch.rand(33, generator=g) + 0.1).to(dtype), torch.randn(33, generator=g).to(dtype)
+    out = OPS.mixture_logpdf(x, means, variances, log_weights)
+    grad = torch.rand(x.shape, generator=g).to(dtype)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, reference.mixture_logpdf(x, means, variances, log_weights), **tolerance)
+    for got, expected in zip(OPS.mixture_logpdf_backward(grad, x, out, means, variances, log_weights),
+                             reference.mixture_logpdf_backward(grad, x, out, means, variances, log_weights)):
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(got / scale, expected / scale, **tolerance)
+
+
 def test_bitwise_deterministic_across_threads():
     g = gen(12)
     rows = torch.randn(70001, 24, generator=g) * 3 + 100
@@ -142,6 +161,10 @@ def test_bitwise_deterministic_across_threads():
             count, mean, var = OPS.bin_stats(x, idx, 97)
             m2, v2 = OPS.smooth_bins(mean, w, "reflect"), OPS.smooth_bins(var, w, "reflect")
             out += [count, mean, var, m2, v2, OPS.calibrate(x, idx, mean, var, m2, v2, 0.1, 10.0)]
+        y = rows[:, 0] / 30
+        density = OPS.mixture_logpdf(y, mean[:, 0] / 30, var[:, 0] / 900 + 0.1, torch.zeros(97))
+        out += [density, *OPS.mixture_logpdf_backward(torch.ones_like(y), y, density, mean[:, 0] / 30,
+                                                      var[:, 0] / 900 + 0.1, torch.zeros(97))]
         return out
 
     results = []

@@ -1,5 +1,5 @@
-"""The op contract on every backend: bin_stats, smooth_bins, calibrate and calibrate_ against the
-float64 loop oracle (tests/oracle.py), over the shared layouts and dtypes (tests/testing.py),
+"""The op contract on every backend: bin_stats, smooth_bins, calibrate, calibrate_ and
+mixture_logpdf against the float64 loop oracle (tests/oracle.py), over the shared layouts and dtypes (tests/testing.py),
 with opcheck and torch.compile once per backend.
 
 What is particular to one backend (its paths, its limits, its bitwise guarantees) lives in that
@@ -17,6 +17,9 @@ from testing import (DEVICES, FLOAT_DTYPES, LAYOUTS, backend_device_params, chec
                      pairwise, rand_bins, rand_features, rand_stats, stats_dtype, tol)
 
 BACKEND_DEVICE = list(backend_device_params(include_auto=False))
+# mixture_logpdf runs on the backends that have a kernel for it (dirfast.backends() says which).
+MIXTURE_BACKEND_DEVICE = [p for p in BACKEND_DEVICE
+                          if "mixture_logpdf" in dirfast.backends().get(p.values[0], {}).get("ops", ("mixture_logpdf",))]
 DTYPES = [pytest.param(d, id=str(d).replace("torch.", "")) for d in FLOAT_DTYPES]
 PADDINGS = dirfast.ops.PADDINGS
 
@@ -320,6 +323,94 @@ def test_calibrate_gradient_is_the_scale(backend, device, dtype):
     torch.testing.assert_close(x.grad.cpu().double(), expected, **tol(dtype))
 
 
+# =========================================================================== mixture_logpdf
+def mixture_inputs(shape, k, dtype, device, seed, table_dtype=None):
+    g = gen(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
+    means = torch.linspace(-4, 4, k, dtype=torch.float64) + 0.1 * torch.randn(k, generator=g, dtype=torch.float64)
+    variances = torch.rand(k, generator=g, dtype=torch.float64) * 2 + 0.05
+    log_weights = torch.log_softmax(torch.randn(k, generator=g, dtype=torch.float64), 0)
+    table_dtype = table_dtype or (torch.float64 if dtype == torch.float64 else torch.float32)
+    return (x.to(device, dtype), means.to(device, table_dtype), variances.to(device, table_dtype),
+            log_weights.to(device, table_dtype))
+
+
+def check_mixture(backend, inputs, x_tol=None):
+    """Value and the four gradients (upstream gradient 1) against the oracle."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = on(backend, dirfast.ops.mixture_logpdf, *leaves)
+    expected, expected_grads = oracle.mixture_logpdf(*inputs)
+    accumulate = torch.float64 if torch.float64 in [t.dtype for t in inputs] else torch.float32
+    assert out.dtype == accumulate and out.shape == inputs[0].shape and out.device == inputs[0].device
+    torch.testing.assert_close(out.cpu().double(), expected, **(x_tol or tol(accumulate)))
+    with dirfast.use_backend(backend):
+        out.backward(torch.ones_like(out))
+    for leaf, grad in zip(leaves, expected_grads):
+        assert leaf.grad.dtype == leaf.dtype
+        scale = max(1.0, float(grad.abs().max()))
+        grad_tol = tol(leaf.dtype) if leaf.dtype in (torch.float16, torch.bfloat16) else x_tol or tol(accumulate)
+        torch.testing.assert_close(leaf.grad.cpu().double() / scale, grad / scale, **grad_tol)
+
+
+@pytest.mark.parametrize("backend, device", MIXTURE_BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape, k", [((1,), 1), ((37,), 5), ((300, 1), 100), ((2, 1, 9, 13), 17), ((4100,), 3)])
+def test_mixture_logpdf(backend, device, dtype, shape, k):
+    check_mixture(backend, mixture_inputs(shape, k, dtype, device, seed=k))
+
+
+@pytest.mark.parametrize("backend, device", MIXTURE_BACKEND_DEVICE)
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_mixture_logpdf_low_precision_predictions(backend, device, x_dtype):
+    """16-bit predictions are read exactly and computed in float32 (the output is float32)."""
+    check_mixture(backend, mixture_inputs((2, 1, 5, 7), 9, x_dtype, device, seed=50))
+
+
+@pytest.mark.parametrize("backend, device", MIXTURE_BACKEND_DEVICE)
+def test_mixture_logpdf_layouts(backend, device):
+    """Non-contiguous predictions (channels-last depth maps, a transposed view) give the values of
+    their contiguous copy, in the predictions' shape."""
+    x, m, v, lw = mixture_inputs((2, 3, 6, 5), 7, torch.float32, device, seed=51)
+    for view in (x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3), x[:, 1:2]):
+        torch.testing.assert_close(on(backend, dirfast.ops.mixture_logpdf, view, m, v, lw),
+                                   on(backend, dirfast.ops.mixture_logpdf, view.contiguous(), m, v, lw))
+        check_mixture(backend, (view, m, v, lw))
+
+
+@pytest.mark.parametrize("backend, device", MIXTURE_BACKEND_DEVICE)
+def test_mixture_logpdf_special_values(backend, device):
+    """Components of weight 0 (log-weight -inf) drop out; predictions far from every component
+    (terms of -1e6) stay finite (the log-sum-exp is max-shifted); no elements, no work; every
+    weight 0 gives -inf and zero gradients (not NaN)."""
+    x, m, v, lw = mixture_inputs((64,), 6, torch.float32, device, seed=52)
+    lw = lw.clone()
+    lw[[1, 4]] = -torch.inf
+    check_mixture(backend, (x, m, v, lw))
+    far = torch.tensor([-3000.0, 0.0, 2500.0], dtype=torch.float64, device=device)
+    check_mixture(backend, (far, m.double(), v.double(), torch.zeros_like(lw).double()))
+    far32 = far.float().requires_grad_()  # float32 terms of -1e6 carry rounding of ~0.1: values only
+    out = on(backend, dirfast.ops.mixture_logpdf, far32, m, v, torch.zeros_like(lw))
+    torch.testing.assert_close(out.double(), oracle.mixture_logpdf(far, m, v, torch.zeros_like(lw))[0], rtol=1e-6, atol=0)
+    with dirfast.use_backend(backend):
+        out.sum().backward()
+    assert bool(torch.isfinite(far32.grad).all())
+    empty = on(backend, dirfast.ops.mixture_logpdf, x[:0], m, v, lw)
+    assert empty.shape == (0,)
+    xs = x[:5].clone().requires_grad_()
+    none = on(backend, dirfast.ops.mixture_logpdf, xs, m, v, torch.full_like(lw, -torch.inf))
+    assert bool(torch.isneginf(none).all())
+    with dirfast.use_backend(backend):
+        none.sum().backward()
+    assert torch.equal(xs.grad, torch.zeros_like(xs))
+
+
+@pytest.mark.parametrize("backend, device", MIXTURE_BACKEND_DEVICE)
+def test_mixture_logpdf_gradcheck(backend, device):
+    inputs = [t.detach().requires_grad_() for t in mixture_inputs((3, 1, 2, 4), 4, torch.float64, device, seed=53)]
+    with dirfast.use_backend(backend):
+        assert torch.autograd.gradcheck(dirfast.ops.mixture_logpdf, inputs)
+
+
 # =========================================================================== opcheck, compile
 def op_implementations():
     """Each registered implementation of the ops: the dirfast:: ops on every device (the C++ or
@@ -331,16 +422,19 @@ def op_implementations():
     yield pytest.param("triton", "cuda" if torch.cuda.is_available() else "cpu", id="triton", marks=marks)
 
 
+OP_NAMES = ("bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf", "mixture_logpdf_backward")
+
+
 @pytest.mark.parametrize("ops, device", list(op_implementations()))
 def test_opcheck(ops, device):
     """torch.library.opcheck: schemas, fake kernels, autograd registration and aliasing."""
     if ops == "triton":
         from dirfast import triton as _  # noqa: F401  (registers the ops)
 
-        names = {name: f"triton_{name}" for name in ("bin_stats", "smooth_bins", "calibrate", "calibrate_")}
+        names = {name: f"triton_{name}" for name in OP_NAMES}
         ops = torch.ops.dirfast
     else:
-        names = {name: name for name in ("bin_stats", "smooth_bins", "calibrate", "calibrate_")}
+        names = {name: name for name in OP_NAMES}
     g = gen(40)
     cases = [(torch.randn(23, 3, generator=g), torch.randint(-1, 5, (23,), generator=g)),
              (torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64), torch.randint(-1, 5, (2, 4, 5), generator=g)),
@@ -358,6 +452,12 @@ def test_opcheck(ops, device):
     for stats in (torch.randn(7, 3, device=device), torch.randn(9, dtype=torch.float64, device=device)):
         for padding in PADDINGS:
             torch.library.opcheck(getattr(ops, names["smooth_bins"]).default, (stats, w.to(stats.dtype), padding))
+    for shape, dtype in (((11,), torch.float32), ((2, 1, 3, 4), torch.float64), ((5, 3), torch.float16)):
+        x, m, v, lw = mixture_inputs(shape, 6, dtype, device, seed=43)
+        torch.library.opcheck(getattr(ops, names["mixture_logpdf"]).default, (x.requires_grad_(), m, v, lw))
+        out = getattr(ops, names["mixture_logpdf"])(x.detach(), m, v, lw)
+        torch.library.opcheck(getattr(ops, names["mixture_logpdf_backward"]).default,
+                              (torch.ones_like(out), x.detach(), out, m, v, lw))
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
@@ -379,4 +479,24 @@ def test_compile_fullgraph(backend, device):
         got = compiled(x, idx)
         expected = step(x, idx)
     for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend, device", MIXTURE_BACKEND_DEVICE)
+def test_compile_fullgraph_mixture(backend, device):
+    """Balanced MSE's balancing term, forward and backward, traced whole by torch.compile."""
+    x, m, v, lw = mixture_inputs((2, 1, 4, 5), 8, torch.float32, device, seed=44)
+    noise = torch.tensor(0.5, device=device)
+
+    def step(x, noise):
+        return dirfast.ops.mixture_logpdf(x, m, v + noise, lw).mean()
+
+    grads = []
+    with dirfast.use_backend(backend):
+        for fn in (torch.compile(step, backend="aot_eager", fullgraph=True), step):
+            xs, ns = x.clone().requires_grad_(), noise.clone().requires_grad_()
+            loss = fn(xs, ns)
+            loss.backward()
+            grads.append((loss.detach(), xs.grad, ns.grad))
+    for a, b in zip(*grads):
         torch.testing.assert_close(a, b)

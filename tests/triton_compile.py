@@ -123,6 +123,13 @@ def _cases():
         table = torch.rand(100, 2048, generator=gen).to(dtype)
         window = torch.tensor([0.25, 0.5, 0.25], dtype=dtype)
         cases.append((f"smooth_bins {tag}", lambda t=table, w=window: ops.triton_smooth_bins(t, w, "reflect")))
+        for k in (8, 100):  # GAI's components, BNI's NYUD2-DIR bins
+            pred = torch.rand(2, 1, 24, 32, generator=gen).to(dtype) * 10
+            tables = [torch.rand(k, generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+                      + 0.1 for _ in range(3)]
+            cases.append((f"mixture_logpdf K={k} {tag}", lambda x=pred, t=tables: ops.triton_mixture_logpdf(x, *t)))
+            cases.append((f"mixture_logpdf_backward K={k} {tag}", lambda x=pred, t=tables: ops.triton_mixture_logpdf_backward(
+                torch.ones(x.shape, dtype=t[0].dtype), x, torch.zeros(x.shape, dtype=t[0].dtype), *t)))
     return cases
 
 
@@ -130,7 +137,7 @@ def compile_all(arch: int = 90, only=None) -> list:
     """Compile every kernel launch of the cases (those whose name contains one of ``only``) for
     sm_<arch>; one row per (case, kernel)."""
     driver.set_active(_TargetOnlyDriver(arch))
-    from dirfast.triton import _common, bin_stats, calibrate, smooth_bins
+    from dirfast.triton import _common, bin_stats, calibrate, mixture_logpdf, smooth_bins
 
     _common.check_device = lambda tensor, op: None  # CPU tensors stand in for CUDA ones
 
@@ -140,7 +147,7 @@ def compile_all(arch: int = 90, only=None) -> list:
         rows.append({"case": case_name[0], "kernel": kernel, "num_warps": warps,
                      "shared_bytes": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], arch)})
 
-    for module in (bin_stats, calibrate, smooth_bins):
+    for module in (bin_stats, calibrate, mixture_logpdf, smooth_bins):
         for name, value in list(vars(module).items()):
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 setattr(module, name, _Compile(value, record))

@@ -11,9 +11,10 @@ from ..contract import PADDINGS, SCHEMAS
 from ._dispatch import BACKENDS, backends, get_backend, set_backend, use_backend
 from .bin_stats import bin_stats
 from .calibrate import calibrate, calibrate_
+from .mixture_logpdf import mixture_logpdf
 from .smooth_bins import smooth_bins
 
 __all__ = [
     "BACKENDS", "PADDINGS", "SCHEMAS", "backends", "bin_stats", "calibrate", "calibrate_", "get_backend",
-    "set_backend", "smooth_bins", "use_backend",
+    "mixture_logpdf", "set_backend", "smooth_bins", "use_backend",
 ]

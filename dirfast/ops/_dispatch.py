@@ -24,7 +24,10 @@ from .. import _ext, reference
 from ..contract import has_device_kernel, op_overload
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
-OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_")
+OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf", "mixture_logpdf_backward")
+# The CUDA C++ kernels cover the FDS ops; on a GPU mixture_logpdf runs on Triton (a CUDA C++
+# kernel is worth adding only if measured faster).
+CUDA_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_")
 
 # On a CUDA tensor, "auto" takes, per op, the first available backend of its list: the faster
 # one as measured by benchmarks/gpu_check.sh on the GPU below (benchmarks/results/h200/).
@@ -34,6 +37,7 @@ CUDA_PREFERENCE = {
     "smooth_bins": ("cuda", "triton"),
     "calibrate": ("cuda", "triton"),
     "calibrate_": ("cuda", "triton"),
+    "mixture_logpdf": ("triton",),  # its only GPU kernel (the reference builds [N, K] per chunk)
 }
 
 # The selection belongs to the current thread: a use_backend() block in one thread never changes
@@ -68,7 +72,7 @@ def _cuda_reason() -> str:
     if not _ext.cuda_compiled():
         return ("dirfast._C was built without CUDA kernels (a torch without CUDA, or no nvcc, at build time; "
                 "FORCE_CUDA=1 builds them)")
-    missing = [op for op in OPS if not has_device_kernel(op, "CUDA")]
+    missing = [op for op in CUDA_OPS if not has_device_kernel(op, "CUDA")]
     if missing:
         return f"dirfast._C has no CUDA kernel for {', '.join(missing)}"
     if not torch.cuda.is_available():
@@ -91,13 +95,15 @@ def backends() -> dict:
     """What each backend can do on this machine.
 
     Returns a dict from backend name (``"reference"``, ``"cpp"``, ``"triton"``, ``"cuda"``) to a
-    dict with ``available`` (usable now) and ``reason`` (why not, ``""`` when available); the
-    ``"cuda"`` entry also has ``compiled`` (CUDA kernels were built into the extension).
+    dict with ``available`` (usable now), ``reason`` (why not, ``""`` when available) and ``ops``
+    (the ``dirfast.ops`` it has kernels for); the ``"cuda"`` entry also has ``compiled`` (CUDA
+    kernels were built into the extension).
     """
     report = {}
     for name in BACKENDS:
         reason = _reason(name)
-        report[name] = {"available": not reason, "reason": reason}
+        ops = CUDA_OPS if name == "cuda" else tuple(op for op in OPS if not op.endswith("_backward"))
+        report[name] = {"available": not reason, "reason": reason, "ops": ops}
     report["cuda"]["compiled"] = _ext.cuda_compiled()
     return report
 
@@ -158,6 +164,9 @@ def kernel(op: str, device: torch.device, name: str | None = None):
         raise RuntimeError(f"dirfast backend 'cpp' runs on CPU tensors, got a tensor on {device}")
     if name == "cuda" and device.type != "cuda":
         raise RuntimeError(f"dirfast backend 'cuda' runs on CUDA tensors, got a tensor on {device}")
+    if name == "cuda" and op not in CUDA_OPS:
+        raise RuntimeError(f"dirfast backend 'cuda' has no kernel for {op} (the 'auto' and 'triton' backends run it "
+                           "on the GPU)")
     if name == "triton" and device.type != "cuda" and not _on_cpu_allowed_for_triton():
         raise RuntimeError(
             f"dirfast backend 'triton' runs on CUDA tensors (or any tensor with TRITON_INTERPRET=1), "

@@ -60,7 +60,7 @@ def _register() -> None:
     reason = _triton_reason()
     if reason:
         raise RuntimeError(reason)
-    from . import bin_stats, calibrate, smooth_bins  # noqa: F401
+    from . import bin_stats, calibrate, mixture_logpdf, smooth_bins  # noqa: F401
 
 
 try:
