@@ -1,11 +1,11 @@
-"""dirfast: fast Deep Imbalanced Regression (LDS and FDS) for PyTorch.
+"""dirfast: fast Deep Imbalanced Regression (LDS, FDS and Balanced MSE) for PyTorch.
 
 An accelerated drop-in for the published DIR code (Yang et al., ICML 2021): the same numbers,
 computed by fused kernels (C++ on CPU, Triton and CUDA C++ on GPU) behind a pure-PyTorch
 reference. See README.md for a migration guide.
 """
 
-from . import losses, metrics, ops, presets
+from . import losses, metrics, mixture, ops, presets
 from .binning import Binning
 from .fds import FDS
 from .lds import LDS, lds_weights
@@ -16,5 +16,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Binning", "FDS", "LDS", "backends", "get_backend", "get_lds_kernel_window", "kernel_window",
-    "lds_weights", "losses", "metrics", "ops", "presets", "set_backend", "use_backend",
+    "lds_weights", "losses", "metrics", "mixture", "ops", "presets", "set_backend", "use_backend",
 ]

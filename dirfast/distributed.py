@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from . import reference
 
-__all__ = ["is_distributed", "all_reduce_bin_stats", "all_reduce_sum"]
+__all__ = ["is_distributed", "all_gather_rows", "all_reduce_bin_stats", "all_reduce_sum"]
 
 
 def is_distributed(process_group=None) -> bool:
@@ -43,3 +43,21 @@ def all_reduce_bin_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Ten
     all_reduce_sum(m2, process_group)
     global_var = reference.var_from_m2(total, m2)
     return total.round().long(), global_mean.to(mean.dtype), global_var.to(var.dtype)
+
+
+def all_gather_rows(tensor: torch.Tensor, process_group=None):
+    """The rows of ``tensor`` from every rank, concatenated in rank order (ranks may hold
+    different numbers of rows), and the index of this rank's first row in the result.
+
+    Not differentiable: the result is for a prior (Balanced MSE's BMC targets), not for a loss
+    term that needs the other ranks' gradients."""
+    world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
+    rows = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    sizes = [torch.zeros_like(rows) for _ in range(world)]
+    dist.all_gather(sizes, rows, group=process_group)
+    sizes = [int(size) for size in sizes]
+    padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=process_group)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]), sum(sizes[:rank])

@@ -1,4 +1,5 @@
-"""Weighted regression losses of the published DIR code (element loss x weight, then the mean).
+"""Regression losses for imbalanced targets: the weighted losses of the published DIR code
+(element loss x weight, then the mean) and Balanced MSE (:mod:`dirfast.balanced_mse`).
 
 Unlike the published functions, predictions and targets must have the same shape: ``[N, 1]``
 predictions against ``[N]`` targets would broadcast to ``[N, N]`` and average the wrong thing.
@@ -11,8 +12,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .balanced_mse import BMCLoss, BNILoss, GAILoss, bmc_loss, bni_loss, gai_loss
+
 __all__ = ["weighted_mse_loss", "weighted_l1_loss", "weighted_focal_mse_loss",
-           "weighted_focal_l1_loss", "weighted_huber_loss"]
+           "weighted_focal_l1_loss", "weighted_huber_loss",
+           "bmc_loss", "bni_loss", "gai_loss", "BMCLoss", "BNILoss", "GAILoss"]
 
 
 def _pair(inputs, targets) -> None:

@@ -92,6 +92,12 @@ OP_CASES = [
     Bad("calibrate clip beyond float32", lambda: ops.calibrate(X, IDX, M1, V1, M2, V2, 1e300, 1e301), ValueError, "clip"),
     Bad("calibrate clip str", lambda: ops.calibrate(X, IDX, M1, V1, M2, V2, "0.1"), TypeError, "clip_min"),
     Bad("calibrate clip bool", lambda: ops.calibrate(X, IDX, M1, V1, M2, V2, 0.1, True), TypeError, "clip_max"),
+    Bad("mixture_logpdf x int", lambda: ops.mixture_logpdf(IDX, W, W, W), TypeError, "x must be float"),
+    Bad("mixture_logpdf x list", lambda: ops.mixture_logpdf([1.0], W, W, W), TypeError, "x must be a torch.Tensor"),
+    Bad("mixture_logpdf means 2-D", lambda: ops.mixture_logpdf(X, W[:, None], W, W), ValueError, "means"),
+    Bad("mixture_logpdf no components", lambda: ops.mixture_logpdf(X, W[:0], W[:0], W[:0]), ValueError, "means"),
+    Bad("mixture_logpdf variances short", lambda: ops.mixture_logpdf(X, W, W[:2], W), ValueError, "variances"),
+    Bad("mixture_logpdf log_weights int", lambda: ops.mixture_logpdf(X, W, W, W.long()), TypeError, "log_weights"),
     Bad("calibrate_ expanded x", lambda: ops.calibrate_(torch.zeros(1, 3).expand(8, 3), IDX, M1, V1, M2, V2),
         RuntimeError, "share memory"),
     Bad("calibrate_ leaf requiring grad", lambda: ops.calibrate_(X.clone().requires_grad_(), IDX, M1, V1, M2, V2),
@@ -122,6 +128,10 @@ DISPATCHER_CASES = [
     Bad("stats 3-D", lambda: OPS.smooth_bins(torch.ones(2, 2, 2), W, "reflect"), RuntimeError, "stats"),
     Bad("calibrate_ expanded x", lambda: OPS.calibrate_(torch.zeros(1, 3).expand(8, 3), IDX, M1, V1, M2, V2),
         RuntimeError, "share memory"),
+    Bad("mixture x int", lambda: OPS.mixture_logpdf(IDX, W, W, W), RuntimeError, "x must be float"),
+    Bad("mixture means 2-D", lambda: OPS.mixture_logpdf(X, W[:, None], W, W), RuntimeError, "means"),
+    Bad("mixture variances short", lambda: OPS.mixture_logpdf(X, W, W[:2], W), RuntimeError, "variances"),
+    Bad("mixture backward grad shape", lambda: OPS.mixture_logpdf_backward(X[:2], X, X, W, W, W), RuntimeError, "grad"),
 ]
 
 
@@ -422,7 +432,7 @@ def test_fds_statistics_keep_their_dtype(cast):
 P, T = torch.randn(8, 1, generator=gen(12)), torch.randn(8, 1, generator=gen(13))
 LOSS_CASES = [
     Bad(f"{name} {what}", (lambda fn=getattr(dirfast.losses, name), a=a: fn(*a)), error, match)
-    for name in dirfast.losses.__all__
+    for name in dirfast.losses.__all__ if name.startswith("weighted_")
     for what, a, error, match in [
         ("[N, 1] vs [N]", (P, T[:, 0]), ValueError, "same shape"),
         ("numpy inputs", (P.numpy(), T), TypeError, "inputs"),
@@ -440,6 +450,49 @@ LOSS_CASES = [
     Bad("focal gamma negative", lambda: dirfast.losses.weighted_focal_l1_loss(P, T, gamma=-1), ValueError, "gamma"),
     Bad("focal activate", lambda: dirfast.losses.weighted_focal_l1_loss(P, T, activate="relu"), ValueError, "activate"),
 ]
+
+
+L = dirfast.losses
+C10, W10 = torch.linspace(-3, 3, 10), torch.ones(10)
+GMM = {"means": torch.zeros(2, 1), "variances": torch.ones(2, 1, 1), "weights": torch.tensor([0.5, 0.5])}
+BALANCED_CASES = [
+    Bad("bmc [N, 1] vs [N]", lambda: L.bmc_loss(P, T[:, 0], 1.0), ValueError, "same shape"),
+    Bad("bmc [B, 1, H, W]", lambda: L.bmc_loss(torch.zeros(2, 1, 3, 3), torch.zeros(2, 1, 3, 3), 1.0), ValueError,
+        r"pred must be \[N\] or \[N, d\]"),
+    Bad("bmc empty", lambda: L.bmc_loss(P[:0], T[:0], 1.0), ValueError, "empty"),
+    Bad("bmc int pred", lambda: L.bmc_loss(P.long(), T, 1.0), TypeError, "pred"),
+    Bad("bmc noise_var 0", lambda: L.bmc_loss(P, T, 0.0), ValueError, "noise_var"),
+    Bad("bmc noise_var NaN", lambda: L.bmc_loss(P, T, float("nan")), ValueError, "noise_var"),
+    Bad("bmc noise_var str", lambda: L.bmc_loss(P, T, "1"), TypeError, "noise_var"),
+    Bad("bmc noise_var [2]", lambda: L.bmc_loss(P, T, torch.ones(2)), ValueError, "noise_var"),
+    Bad("bmc all_ranks 1", lambda: L.bmc_loss(P, T, 1.0, all_ranks=1), TypeError, "all_ranks"),
+    Bad("bni weights shape", lambda: L.bni_loss(P, T, 1.0, C10, W10[:9]), ValueError, "bucket_weights"),
+    Bad("bni centers 2-D", lambda: L.bni_loss(P, T, 1.0, C10[:, None], W10), ValueError, "bucket_centers"),
+    Bad("bni centers str", lambda: L.bni_loss(P, T, 1.0, "abc", W10), TypeError, "bucket_centers"),
+    Bad("bni module negative weight", lambda: L.BNILoss(1.0, C10, -W10), ValueError, "bucket_weights"),
+    Bad("bni module init 0", lambda: L.BNILoss(0.0, C10, W10), ValueError, "init_noise_sigma"),
+    Bad("bni from_lds unfitted", lambda: L.BNILoss.from_lds(dirfast.LDS(dirfast.Binning.integer(5))), RuntimeError,
+        "fitted"),
+    Bad("bni from_lds not an LDS", lambda: L.BNILoss.from_lds([1, 2]), TypeError, "lds"),
+    Bad("gai gmm path", lambda: L.GAILoss(1.0, "gmm.pkl"), TypeError, "joblib.load"),
+    Bad("gai gmm missing key", lambda: L.gai_loss(P, T, {"means": GMM["means"]}, 1.0), ValueError, "gmm"),
+    Bad("gai gmm negative variance", lambda: L.gai_loss(P, T, dict(GMM, variances=-GMM["variances"]), 1.0),
+        ValueError, "variances"),
+    Bad("gai gmm weights shape", lambda: L.gai_loss(P, T, dict(GMM, weights=torch.ones(3)), 1.0), ValueError, "means"),
+    Bad("gai 2-D mixture on [N, 1]", lambda: L.gai_loss(P, T, {"means": torch.zeros(2, 2), "variances": torch.ones(2, 2),
+                                                               "weights": torch.ones(2)}, 1.0), ValueError, r"\[N, 2\]"),
+    Bad("gai learn_noise 1", lambda: L.GAILoss(1.0, GMM, learn_noise=1), TypeError, "learn_noise"),
+    Bad("fit_gmm NaN", lambda: dirfast.mixture.fit_gmm(torch.tensor([1.0, float("nan"), 2.0]), 1), ValueError, "finite"),
+    Bad("fit_gmm too few labels", lambda: dirfast.mixture.fit_gmm(torch.ones(3), 4), ValueError, "at least"),
+    Bad("fit_gmm components 0", lambda: dirfast.mixture.fit_gmm(torch.ones(3), 0), ValueError, "num_components"),
+    Bad("fit_gmm empty", lambda: dirfast.mixture.fit_gmm(torch.ones(0), 1), ValueError, "empty"),
+]
+
+
+@pytest.mark.parametrize("case", BALANCED_CASES, ids=repr)
+def test_balanced_mse_rejects(case):
+    with pytest.raises(case.error, match=case.match):
+        case.call()
 
 
 @pytest.mark.parametrize("case", LOSS_CASES, ids=repr)

@@ -1,5 +1,6 @@
 """Two processes (gloo, CPU): FDS statistics and LDS counts of the whole training set on
-every rank, equal to the single-process result, also inside DistributedDataParallel."""
+every rank, equal to the single-process result, also inside DistributedDataParallel; BMC's
+prior gathered from both ranks."""
 
 import gc
 import os
@@ -24,6 +25,15 @@ def _data():
     x = torch.randn(N, D, generator=g) * 3 + 20
     y = torch.randint(0, BUCKETS, (N,), generator=g).float()
     return x, y
+
+
+BMC_SPLIT = 37  # rank 0 holds 37 rows of the BMC batch, rank 1 the other 63
+
+
+def _bmc_data():
+    g = torch.Generator().manual_seed(81)
+    target = torch.rand(100, 2, generator=g) * 10
+    return target + torch.randn(100, 2, generator=g), target
 
 
 def _single_process():
@@ -83,6 +93,15 @@ def _worker(rank, init_file, out_dir):
             features = model.module.encoder(x)
         result.update(ddp_mean=model.module.fds.running_mean, ddp_var=model.module.fds.running_var,
                       ddp_features=features)
+        # 6. BMC with the targets of every rank as its prior (shards of unequal sizes)
+        pred, target = _bmc_data()
+        rows = slice(0, BMC_SPLIT) if rank == 0 else slice(BMC_SPLIT, None)
+        local_pred = pred[rows].clone().requires_grad_()
+        noise_var = torch.tensor(0.7, requires_grad=True)
+        loss = dirfast.losses.bmc_loss(local_pred, target[rows], noise_var, all_ranks=True)
+        loss.backward()
+        alone = dirfast.losses.bmc_loss(pred[rows], target[rows], 0.7)  # all_ranks off: the local prior
+        result.update(bmc_loss=loss.detach(), bmc_grad=local_pred.grad, bmc_noise_grad=noise_var.grad, bmc_alone=alone)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         del model  # DDP sits in a reference cycle: collect it while its process group lives
         gc.collect()  # (collected at interpreter exit, it aborts the worker now and then)
@@ -107,6 +126,19 @@ def test_two_processes_match_one():
         whole.update_running_stats(got["ddp_features"], _data()[1], 0)
         torch.testing.assert_close(got["ddp_mean"], whole.running_mean, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["ddp_var"], whole.running_var, rtol=1e-4, atol=1e-5)
+    # BMC over the ranks: each rank's rows against all 100 targets (labels offset by the rank's first row)
+    pred, target = _bmc_data()
+    for rank, rows in ((0, slice(0, BMC_SPLIT)), (1, slice(BMC_SPLIT, None))):
+        local_pred = pred[rows].clone().requires_grad_()
+        noise_var = torch.tensor(0.7, requires_grad=True)
+        logits = -0.5 * (local_pred.unsqueeze(1) - target.unsqueeze(0)).pow(2).sum(-1) / noise_var
+        labels = torch.arange(rows.indices(100)[0], rows.indices(100)[1])
+        expected_loss = torch.nn.functional.cross_entropy(logits, labels) * (2 * noise_var).detach()
+        expected_loss.backward()
+        torch.testing.assert_close(ranks[rank]["bmc_loss"], expected_loss.detach())
+        torch.testing.assert_close(ranks[rank]["bmc_grad"], local_pred.grad)
+        torch.testing.assert_close(ranks[rank]["bmc_noise_grad"], noise_var.grad)
+        assert not torch.allclose(ranks[rank]["bmc_alone"], expected_loss.detach())  # the gather changed the prior
     # ranks agree bit for bit, and sync=False really kept each rank's own shard
     for name in ("running_mean", "running_var", "streamed_mean", "ddp_mean"):
         assert torch.equal(ranks[0][name], ranks[1][name]), name

@@ -1,0 +1,316 @@
+"""Balanced MSE (Ren et al., "Balanced MSE for Imbalanced Visual Regression", CVPR 2022).
+
+Adapted from the published code (github.com/jiawei-ren/BalancedMSE, MIT licence, Copyright (c)
+2022 Jiawei Ren): the same losses and gradients, on any device, for targets of any dimension,
+without the N x K matrix of BNI and GAI (:func:`dirfast.ops.mixture_logpdf` is fused), with an
+optional all-gather of BMC's prior over the ranks of ``torch.distributed``.
+
+Each loss is the negative log-likelihood of the target under the balanced predictive
+distribution: the MSE term ``|pred - target|^2 / (2 noise_var)`` plus a balancing term, the log
+of the training-label prior convolved with the noise, evaluated at the prediction; the sum is
+scaled by ``2 noise_var`` (detached) so that its gradient in ``pred`` has the scale of MSE's. The
+prior is the batch's targets (BMC), a label histogram (BNI) or a Gaussian mixture (GAI).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import distributed, ops
+from .lds import LDS
+from .mixture import GaussianMixture, fit_gmm
+
+__all__ = ["bmc_loss", "bni_loss", "gai_loss", "BMCLoss", "BNILoss", "GAILoss"]
+
+
+# -- checks ------------------------------------------------------------------------------------
+def _pair(pred, target) -> None:
+    for name, value in (("pred", pred), ("target", target)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    if pred.device != target.device:
+        raise ValueError(f"pred is on {pred.device} but target is on {target.device}")
+    if pred.numel() == 0:
+        raise ValueError("pred and target must not be empty")
+
+
+def _noise_var(noise_var, pred: torch.Tensor) -> torch.Tensor:
+    """A positive number or a one-element floating tensor (a learnable ``noise_sigma ** 2``); a
+    tensor's value is not read on the host, so it is not checked."""
+    if isinstance(noise_var, torch.Tensor):
+        if noise_var.numel() != 1 or not noise_var.is_floating_point():
+            raise ValueError(f"noise_var must be a one-element floating tensor, got shape "
+                             f"{tuple(noise_var.shape)} and {noise_var.dtype}")
+        if noise_var.device != pred.device:
+            raise ValueError(f"noise_var is on {noise_var.device} but pred is on {pred.device} (move the loss "
+                             f"module with .to(device))")
+        return noise_var.reshape(())
+    if isinstance(noise_var, bool) or not isinstance(noise_var, (int, float, np.integer, np.floating)):
+        raise TypeError(f"noise_var must be a positive number or a tensor, got {type(noise_var).__name__}")
+    if not math.isfinite(noise_var) or noise_var <= 0:
+        raise ValueError(f"noise_var must be finite and > 0, got {noise_var!r}")
+    return torch.tensor(float(noise_var), dtype=_acc(pred), device=pred.device)
+
+
+def _acc(pred: torch.Tensor) -> torch.dtype:
+    """The dtype the balancing terms are computed in: float64 for float64 predictions, else float32."""
+    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+
+
+def _rows(name: str, pred: torch.Tensor) -> torch.Tensor:
+    """``pred`` as ``[N, d]``: ``[N]`` is one dimension."""
+    if pred.dim() == 1:
+        return pred.unsqueeze(1)
+    if pred.dim() != 2:
+        raise ValueError(f"{name} must be [N] or [N, d] (one row per sample), got shape {tuple(pred.shape)}")
+    return pred
+
+
+def _vector(name: str, value, device, dtype) -> torch.Tensor:
+    try:
+        value = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else np.asarray(value, np.float64))
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a 1-D array of real numbers ({exc})") from None
+    if value.dim() != 1 or value.numel() == 0 or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+        raise ValueError(f"{name} must be a non-empty 1-D array of real numbers, got shape {tuple(value.shape)}")
+    return value.to(device=device, dtype=dtype)
+
+
+def _scaled_mean(loss: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
+    return (loss * (2 * noise_var).detach()).mean()
+
+
+# -- functional --------------------------------------------------------------------------------
+def bmc_loss(pred, target, noise_var, *, all_ranks: bool = False, process_group=None) -> torch.Tensor:
+    """Batch-based Monte-Carlo Balanced MSE: the batch's targets are the label prior.
+
+    Args:
+        pred, target: ``[N]``, ``[N, 1]`` or ``[N, d]`` (targets of d dimensions, with an isotropic
+            noise covariance ``noise_var * I``, as the published multi-dimensional form).
+        noise_var: the noise variance, a positive number or a one-element tensor (learnable).
+        all_ranks: with ``torch.distributed`` running, the prior is the targets of every rank
+            (an all-gather; the gradient flows through this rank's predictions only). Off by
+            default, as the published code; it helps when per-rank batches are small.
+        process_group: the group to gather over (default: the whole world).
+
+    Builds an ``[N, N * ranks]`` matrix: it is for batches of samples, not for every pixel of a
+    depth map (use :func:`bni_loss` or :func:`gai_loss` there).
+    """
+    _pair(pred, target)
+    if not isinstance(all_ranks, bool):
+        raise TypeError(f"all_ranks must be a bool, got {type(all_ranks).__name__}")
+    pred_rows, target_rows = _rows("pred", pred), _rows("target", target)
+    noise_var = _noise_var(noise_var, pred)
+    prior, first = target_rows.detach(), 0
+    if all_ranks and distributed.is_distributed(process_group):
+        prior, first = distributed.all_gather_rows(prior, process_group)
+    if pred_rows.shape[1] == 1:
+        distance = (pred_rows - prior.T).pow(2)  # the published 1-D form, [N, M]
+    else:
+        distance = (pred_rows.unsqueeze(1) - prior.unsqueeze(0)).pow(2).sum(-1)
+    logits = -0.5 * distance / noise_var
+    labels = torch.arange(first, first + pred_rows.shape[0], device=pred.device)
+    return F.cross_entropy(logits, labels) * (2 * noise_var).detach()
+
+
+def bni_loss(pred, target, noise_var, bucket_centers, bucket_weights) -> torch.Tensor:
+    """Bin-based numerical integration Balanced MSE: a label histogram is the prior.
+
+    Args:
+        pred, target: scalar predictions and labels of any one shape (a depth map
+            ``[B, 1, H, W]`` goes in as it is; every element is a sample).
+        noise_var: the noise variance, a positive number or a one-element tensor (learnable).
+        bucket_centers, bucket_weights: the histogram, ``[K]`` each (weights need not sum to 1:
+            that only shifts the loss by a constant; a weight of 0 drops its bin).
+
+    The balancing term runs in :func:`dirfast.ops.mixture_logpdf`, without an N x K matrix.
+    """
+    _pair(pred, target)
+    noise_var = _noise_var(noise_var, pred)
+    acc = _acc(pred)
+    centers = _vector("bucket_centers", bucket_centers, pred.device, acc)
+    weights = _vector("bucket_weights", bucket_weights, pred.device, acc)
+    if weights.shape != centers.shape:
+        raise ValueError(f"bucket_weights must have the shape of bucket_centers {tuple(centers.shape)}, "
+                         f"got {tuple(weights.shape)}")
+    mse_term = F.mse_loss(pred, target, reduction="none") / 2 / noise_var
+    # sum_k w_k exp(-(pred - c_k)^2 / (2 nv)) = sqrt(nv) * (the op's mixture density with v_k = nv)
+    variances = noise_var.to(acc).expand(centers.shape)
+    balancing_term = ops.mixture_logpdf(pred, centers, variances, torch.log(weights)) + 0.5 * torch.log(noise_var)
+    return _scaled_mean(mse_term + balancing_term, noise_var)
+
+
+def gai_loss(pred, target, gmm, noise_var) -> torch.Tensor:
+    """Gaussian-mixture analytic integration Balanced MSE: a Gaussian mixture is the prior.
+
+    Args:
+        pred, target: for a mixture of scalar labels, any one shape (every element a sample);
+            for a mixture in d > 1 dimensions, ``[N, d]``.
+        gmm: a :class:`dirfast.mixture.GaussianMixture` (:func:`dirfast.mixture.fit_gmm`), or a
+            dict with ``means``, ``variances`` and ``weights`` (the published pickle's contents).
+        noise_var: the noise variance, a positive number or a one-element tensor (learnable).
+
+    Scalar labels use :func:`dirfast.ops.mixture_logpdf` (no N x K matrix); in d dimensions the
+    mixture's covariances plus ``noise_var * I`` are factorised once per call.
+    """
+    _pair(pred, target)
+    if isinstance(gmm, (str, bytes)):
+        raise TypeError("gmm must be a GaussianMixture or a dict, not a path: load the published pickle "
+                        "with joblib.load(path), or fit one with dirfast.mixture.fit_gmm(train_labels)")
+    gmm = gmm if isinstance(gmm, GaussianMixture) else GaussianMixture.from_dict(gmm)
+    tables = (gmm.means.to(pred.device), gmm.variances.to(pred.device), gmm.weights.to(pred.device))
+    return _gai(pred, target, *tables, _noise_var(noise_var, pred))
+
+
+def _gai(pred, target, means, covariances, weights, noise_var) -> torch.Tensor:
+    """gai_loss with the mixture as tensors on pred's device: means [K, d], covariances [K, d, d]."""
+    acc = _acc(pred)
+    log_weights = torch.log(weights.to(acc))
+    d = means.shape[1]
+    if d == 1:
+        mse_term = F.mse_loss(pred, target, reduction="none") / 2 / noise_var + 0.5 * torch.log(noise_var)
+        variances = covariances.reshape(-1).to(acc) + noise_var.to(acc)
+        balancing_term = ops.mixture_logpdf(pred, means.reshape(-1).to(acc), variances, log_weights)
+        return _scaled_mean(mse_term + balancing_term, noise_var)
+    if pred.dim() != 2 or pred.shape[1] != d:
+        raise ValueError(f"pred must be [N, {d}] for a mixture in {d} dimensions, got shape {tuple(pred.shape)}")
+    mse_term = (pred - target).pow(2).sum(1) / 2 / noise_var + 0.5 * d * torch.log(noise_var)
+    eye = torch.eye(d, dtype=acc, device=pred.device)
+    chol = torch.linalg.cholesky(covariances.to(acc) + noise_var.to(acc) * eye)  # [K, d, d]
+    diff = (pred.to(acc).unsqueeze(1) - means.to(acc)).unsqueeze(-1)  # [N, K, d, 1]
+    z = torch.linalg.solve_triangular(chol.expand(pred.shape[0], -1, -1, -1), diff, upper=False)
+    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    balancing_term = torch.logsumexp(log_weights - 0.5 * (log_det + z.pow(2).sum((-2, -1))), dim=1)
+    return _scaled_mean(mse_term + balancing_term, noise_var)
+
+
+# -- modules -----------------------------------------------------------------------------------
+class _BalancedMSE(torch.nn.Module):
+    """A learnable noise scale ``noise_sigma`` (a 0-dim float32 parameter, as published)."""
+
+    def __init__(self, init_noise_sigma: float, learn_noise: bool) -> None:
+        super().__init__()
+        if (isinstance(init_noise_sigma, bool) or not isinstance(init_noise_sigma, (int, float, np.floating))
+                or not math.isfinite(init_noise_sigma) or init_noise_sigma <= 0):
+            raise ValueError(f"init_noise_sigma must be a finite number > 0, got {init_noise_sigma!r}")
+        if not isinstance(learn_noise, bool):
+            raise TypeError(f"learn_noise must be a bool, got {type(learn_noise).__name__}")
+        self.noise_sigma = torch.nn.Parameter(torch.tensor(float(init_noise_sigma)), requires_grad=learn_noise)
+
+    @property
+    def noise_var(self) -> torch.Tensor:
+        return self.noise_sigma ** 2
+
+    def extra_repr(self) -> str:
+        return f"noise_sigma={float(self.noise_sigma.detach()):.4g}, learn_noise={self.noise_sigma.requires_grad}"
+
+
+class BMCLoss(_BalancedMSE):
+    """:func:`bmc_loss` with a learnable noise scale. The published training gives
+    ``noise_sigma`` its own learning rate: ``optimizer.add_param_group({"params":
+    [criterion.noise_sigma], "lr": 1e-2})``; ``learn_noise=False`` keeps it fixed."""
+
+    def __init__(self, init_noise_sigma: float = 1.0, *, learn_noise: bool = True, all_ranks: bool = False,
+                 process_group=None) -> None:
+        super().__init__(init_noise_sigma, learn_noise)
+        if not isinstance(all_ranks, bool):
+            raise TypeError(f"all_ranks must be a bool, got {type(all_ranks).__name__}")
+        self.all_ranks, self.process_group = all_ranks, process_group
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return bmc_loss(pred, target, self.noise_var, all_ranks=self.all_ranks, process_group=self.process_group)
+
+
+class BNILoss(_BalancedMSE):
+    """:func:`bni_loss` with a learnable noise scale; the histogram is kept as buffers (they move
+    with ``.to(device)``). :meth:`from_lds` takes it from a fitted :class:`~dirfast.LDS`."""
+
+    def __init__(self, init_noise_sigma: float, bucket_centers, bucket_weights, *, learn_noise: bool = True) -> None:
+        super().__init__(init_noise_sigma, learn_noise)
+        centers = _vector("bucket_centers", bucket_centers, "cpu", torch.float64)
+        weights = _vector("bucket_weights", bucket_weights, "cpu", torch.float64)
+        if weights.shape != centers.shape:
+            raise ValueError(f"bucket_weights must have the shape of bucket_centers {tuple(centers.shape)}, "
+                             f"got {tuple(weights.shape)}")
+        if not (torch.isfinite(centers).all() and torch.isfinite(weights).all()) or bool((weights < 0).any()) \
+                or not float(weights.sum()) > 0:
+            raise ValueError("bucket_centers must be finite and bucket_weights finite, non-negative, not all 0")
+        self.register_buffer("bucket_centers", centers)
+        self.register_buffer("bucket_weights", weights)
+
+    @classmethod
+    def from_lds(cls, lds: LDS, init_noise_sigma: float = 1.0, *, smoothed: bool = False,
+                 learn_noise: bool = True) -> "BNILoss":
+        """The prior of a fitted LDS, as the published ``get_bucket_info``: its label counts
+        (the published default), or with ``smoothed=True`` its effective distribution (with
+        ``reweight="inverse"``, the truncated smoothed counts of the published ``--lds``),
+        normalised, without empty bins.
+
+        The centres are the bins' integers for ``Binning.integer(n)`` (ages, as the IMDB-WIKI-DIR
+        code) and the bin midpoints otherwise (0.05, 0.15, ... for NYUD2-DIR depths). Bins below
+        the LDS's ``bucket_start`` get the first smoothed bin's weight, as the NYUD2-DIR code."""
+        if not isinstance(lds, LDS):
+            raise TypeError(f"lds must be a dirfast.LDS, got {type(lds).__name__}")
+        if not isinstance(smoothed, bool):
+            raise TypeError(f"smoothed must be a bool, got {type(smoothed).__name__}")
+        if not lds._fitted:
+            raise RuntimeError("BNILoss.from_lds needs a fitted LDS: call lds.fit(train_labels) first")
+        binning = lds.binning
+        unit = binning.is_integer and np.array_equal(binning.edges, np.arange(binning.num_bins + 1))
+        centers = torch.as_tensor(binning.edges[:-1] if unit else binning.centers)
+        weights = lds.effective if smoothed else lds.empirical
+        weights = torch.cat([weights[:1].expand(lds.bucket_start), weights])
+        keep = weights > 0
+        if not bool(keep.any()):
+            raise ValueError("the LDS distribution is 0 in every bin")
+        return cls(init_noise_sigma, centers[keep], weights[keep] / weights[keep].sum(), learn_noise=learn_noise)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return bni_loss(pred, target, self.noise_var, self.bucket_centers, self.bucket_weights)
+
+    def extra_repr(self) -> str:
+        return f"{self.bucket_centers.numel()} buckets, " + super().extra_repr()
+
+
+class GAILoss(_BalancedMSE):
+    """:func:`gai_loss` with a learnable noise scale. ``gmm`` is a
+    :class:`~dirfast.mixture.GaussianMixture` or the published pickle's dict (load it with
+    ``joblib.load``); :meth:`from_labels` fits one from the training labels."""
+
+    def __init__(self, init_noise_sigma: float, gmm, *, learn_noise: bool = True) -> None:
+        super().__init__(init_noise_sigma, learn_noise)
+        if isinstance(gmm, (str, bytes)):
+            raise TypeError("gmm must be a GaussianMixture or a dict, not a path: load the published pickle "
+                            "with joblib.load(path), or fit one with GAILoss.from_labels(train_labels)")
+        gmm = gmm if isinstance(gmm, GaussianMixture) else GaussianMixture.from_dict(gmm)
+        self.register_buffer("gmm_means", gmm.means)
+        self.register_buffer("gmm_variances", gmm.variances)
+        self.register_buffer("gmm_weights", gmm.weights)
+
+    @property
+    def gmm(self) -> GaussianMixture:
+        """The mixture (a CPU float64 copy of the buffers)."""
+        return GaussianMixture(self.gmm_means, self.gmm_variances, self.gmm_weights)
+
+    @classmethod
+    def from_labels(cls, labels, num_components: int = 8, init_noise_sigma: float = 1.0, *,
+                    learn_noise: bool = True, **fit_options) -> "GAILoss":
+        """Fit the mixture with :func:`dirfast.mixture.fit_gmm` (K = 8 as the published age code)."""
+        return cls(init_noise_sigma, fit_gmm(labels, num_components, **fit_options), learn_noise=learn_noise)
+
+    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        _pair(pred, target)
+        noise_var = _noise_var(self.noise_var, pred)
+        return _gai(pred, target, self.gmm_means, self.gmm_variances, self.gmm_weights, noise_var)
+
+    def extra_repr(self) -> str:
+        return f"{self.gmm_weights.numel()} components in {self.gmm_means.shape[1]} dimensions, " + super().extra_repr()

@@ -1,0 +1,238 @@
+"""Balanced MSE (dirfast.losses.bmc_loss / bni_loss / gai_loss and their modules) against the
+published functions (tests/published_balanced_mse.py): losses and gradients in the predictions
+and the noise scale, 1-D and multi-dimensional; the priors built from LDS and fitted mixtures."""
+
+import numpy as np
+import pytest
+import torch
+
+import dirfast
+import published_balanced_mse as published
+from dirfast.losses import BMCLoss, BNILoss, GAILoss, bmc_loss, bni_loss, gai_loss
+from dirfast.mixture import GaussianMixture, fit_gmm
+from testing import DEVICES, gen
+
+TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def batch(shape, seed, device, dtype):
+    g = gen(seed)
+    target = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 1
+    pred = target + torch.randn(*shape, generator=g, dtype=torch.float64)
+    return pred.to(device, dtype).requires_grad_(), target.to(device, dtype)
+
+
+def mixture(k, d, seed):
+    """A random mixture as the published pickle holds it (scikit-learn's full covariances)."""
+    g = gen(seed)
+    a = torch.randn(k, d, d, generator=g, dtype=torch.float64)
+    weights = torch.rand(k, generator=g, dtype=torch.float64) + 0.1
+    return {"means": torch.randn(k, d, generator=g, dtype=torch.float64) * 2,
+            "variances": a @ a.transpose(1, 2) + 0.3 * torch.eye(d, dtype=torch.float64),
+            "weights": weights / weights.sum()}  # scikit-learn's weights sum to 1
+
+
+def compare(ours, theirs, pred, sigma, dtype):
+    """Loss, d loss / d pred and d loss / d sigma of two formulations at the same inputs."""
+    results = []
+    for fn in (ours, theirs):
+        p = pred.detach().clone().requires_grad_()
+        s = sigma.detach().clone().requires_grad_()
+        loss = fn(p, s ** 2)
+        loss.backward()
+        results.append((loss.detach(), p.grad, s.grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got.to(dtype), expected.to(dtype), **TOL[dtype])
+
+
+def sigma_like(pred, value=0.8):
+    return torch.tensor(value, dtype=pred.dtype, device=pred.device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 3])
+def test_bmc_matches_published(device, dtype, d):
+    pred, target = batch((48, d), seed=d, device=device, dtype=dtype)
+    theirs = published.bmc_loss if d == 1 else published.bmc_loss_md
+    compare(lambda p, nv: bmc_loss(p, target, nv), lambda p, nv: theirs(p, target, nv), pred, sigma_like(pred), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bmc_md_form_reduces_to_1d(device):
+    pred, target = batch((32, 1), seed=4, device=device, dtype=torch.float64)
+    torch.testing.assert_close(bmc_loss(pred, target, 0.5), published.bmc_loss_md(pred, target, torch.tensor(0.5)))
+    torch.testing.assert_close(bmc_loss(pred.reshape(-1), target.reshape(-1), 0.5), bmc_loss(pred, target, 0.5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bni_matches_published(device, dtype):
+    pred, target = batch((300, 1), seed=5, device=device, dtype=dtype)
+    centers = torch.linspace(-4, 6, 41, dtype=torch.float64)
+    weights = torch.rand(41, generator=gen(6), dtype=torch.float64)
+    weights[[3, 17]] = 0  # empty buckets: log 0 in the published code
+    theirs_tables = centers.to(device, dtype), weights.to(device, dtype)
+    compare(lambda p, nv: bni_loss(p, target, nv, centers, weights),
+            lambda p, nv: published.bni_loss(p, target, nv, *theirs_tables), pred, sigma_like(pred), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_gai_matches_published(device, dtype):
+    pred, target = batch((300, 1), seed=7, device=device, dtype=dtype)
+    gmm = mixture(5, 1, seed=8)
+    theirs_gmm = {k: v.to(device, dtype) for k, v in gmm.items()}
+    compare(lambda p, nv: gai_loss(p, target, gmm, nv), lambda p, nv: published.gai_loss(p, target, theirs_gmm, nv),
+            pred, sigma_like(pred), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("d", [1, 2, 4])
+def test_gai_md_matches_published(device, dtype, d):
+    pred, target = batch((64, d), seed=9 + d, device=device, dtype=dtype)
+    gmm = mixture(3, d, seed=10 + d)
+    theirs_gmm = {k: v.to(device, dtype) for k, v in gmm.items()}
+    compare(lambda p, nv: gai_loss(p, target, gmm, nv), lambda p, nv: published.gai_loss_md(p, target, theirs_gmm, nv),
+            pred, sigma_like(pred), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_predictions_go_in_as_they_are(device):
+    """A [B, 1, H, W] depth map gives the loss of its flattened [N, 1] pixels (as the published
+    NYUD2-DIR training reshapes them), without an N x K matrix."""
+    pred, target = batch((2, 1, 12, 10), seed=11, device=device, dtype=torch.float32)
+    centers, weights = torch.linspace(0.05, 9.95, 100), torch.rand(100, generator=gen(12)) + 0.01
+    gmm = mixture(4, 1, seed=13)
+    flat = pred.detach().reshape(-1, 1), target.reshape(-1, 1)
+    nv = torch.tensor(0.6, device=device)
+    torch.testing.assert_close(bni_loss(pred, target, nv, centers, weights),
+                               published.bni_loss(*flat, nv, centers.to(device), weights.to(device)))
+    torch.testing.assert_close(gai_loss(pred, target, gmm, nv),
+                               published.gai_loss(*flat, {k: v.to(device).float() for k, v in gmm.items()}, nv))
+
+
+@pytest.mark.parametrize("name", ["bmc", "bni", "gai"])
+def test_modules_learn_the_noise_scale(name):
+    """The module's loss is the functional one at noise_sigma ** 2; its gradient reaches
+    noise_sigma, unless learn_noise=False; the prior moves with .to() (buffers)."""
+    pred, target = batch((40, 1), seed=14, device="cpu", dtype=torch.float32)
+    centers, weights = torch.arange(-3.0, 5.0), torch.rand(8, generator=gen(15)) + 0.1
+    gmm = fit_gmm(target.reshape(-1), 2)
+    make = {"bmc": lambda **kw: BMCLoss(1.5, **kw), "bni": lambda **kw: BNILoss(1.5, centers, weights, **kw),
+            "gai": lambda **kw: GAILoss(1.5, gmm, **kw)}[name]
+    functional = {"bmc": lambda nv: bmc_loss(pred, target, nv), "bni": lambda nv: bni_loss(pred, target, nv, centers, weights),
+                  "gai": lambda nv: gai_loss(pred, target, gmm, nv)}[name]
+    module = make()
+    loss = module(pred, target)
+    torch.testing.assert_close(loss, functional(torch.tensor(1.5) ** 2))
+    loss.backward()
+    assert module.noise_sigma.grad is not None and torch.isfinite(module.noise_sigma.grad)
+    assert make(learn_noise=False).noise_sigma.requires_grad is False
+    assert {n for n, _ in module.named_parameters()} == {"noise_sigma"}
+    assert module.double().noise_sigma.dtype == torch.float64
+
+
+def test_noise_scale_converges_on_its_own_gradient():
+    """With the predictions fixed at the targets plus N(0, 0.5^2) noise and a flat prior, the
+    learned noise_sigma approaches the true noise scale (the point of learning it)."""
+    g = gen(16)
+    target = torch.rand(4096, 1, generator=g) * 20
+    pred = target + 0.5 * torch.randn(4096, 1, generator=g)
+    criterion = BNILoss(2.0, torch.arange(-5.0, 26.0, 0.25), torch.ones(124))
+    opt = torch.optim.Adam(criterion.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        criterion(pred, target).backward()
+        opt.step()
+    assert abs(float(criterion.noise_sigma.detach()) - 0.5) < 0.05
+
+
+# -- priors --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("lds", [False, True])
+def test_bni_from_lds_matches_imdb_wiki_bucket_info(lds):
+    ages = np.clip(np.random.default_rng(17).gamma(6, 6, 3000).round(), 0, 130)
+    window = dirfast.get_lds_kernel_window("gaussian", 5, 2) if lds else None
+    centers, weights = published.imdb_wiki_bucket_info(ages, window)
+    fitted = dirfast.LDS(dirfast.Binning.integer(121), reweight="inverse", lds=lds, inverse_clip=None,
+                         sigma=2).fit(ages[ages < 121])  # the published loop skips ages >= 121
+    module = BNILoss.from_lds(fitted, smoothed=lds)
+    np.testing.assert_array_equal(module.bucket_centers.numpy(), centers)
+    np.testing.assert_allclose(module.bucket_weights.numpy(), weights, rtol=1e-12)
+
+
+@pytest.mark.parametrize("lds", [False, True])
+def test_bni_from_lds_matches_nyud2_bucket_info(lds):
+    rng = np.random.default_rng(18)
+    depths = np.concatenate([rng.uniform(0.7, 10, 20000), rng.normal(2.5, 0.4, 30000).clip(0.7, 9.99)])
+    counts = np.bincount((depths * 10).astype(int), minlength=100).tolist()
+    window = dirfast.get_lds_kernel_window("gaussian", 5, 2) if lds else None
+    centers, weights = published.nyud2_bucket_info(counts, 7, window)
+    fitted = dirfast.LDS(dirfast.Binning.integer(100, scale=10), reweight="inverse", lds=lds, inverse_clip=None,
+                         padding="symmetric", bucket_start=7).fit(torch.from_numpy(depths))
+    module = BNILoss.from_lds(fitted, smoothed=lds)
+    keep = weights > 0
+    np.testing.assert_allclose(module.bucket_centers.numpy(), centers[keep], rtol=1e-12)
+    np.testing.assert_allclose(module.bucket_weights.numpy(), weights[keep], rtol=1e-12)
+
+
+def test_fit_gmm_recovers_a_mixture():
+    g = gen(19)
+    labels = torch.cat([torch.randn(40000, generator=g) * 3 + 20, torch.randn(20000, generator=g) * 1 + 45,
+                        torch.randn(40000, generator=g) * 6 + 70])
+    fit = fit_gmm(labels, 3)
+    order = torch.argsort(fit.means.reshape(-1))
+    torch.testing.assert_close(fit.means.reshape(-1)[order], torch.tensor([20.0, 45, 70], dtype=torch.float64), atol=0.15, rtol=0)
+    torch.testing.assert_close(fit.variances.reshape(-1)[order].sqrt(), torch.tensor([3.0, 1, 6], dtype=torch.float64), atol=0.15, rtol=0)
+    torch.testing.assert_close(fit.weights[order], torch.tensor([0.4, 0.2, 0.4], dtype=torch.float64), atol=0.01, rtol=0)
+    assert torch.equal(fit_gmm(labels, 3).means, fit.means)  # deterministic
+
+
+def test_fit_gmm_on_the_histogram_is_em_on_the_samples():
+    """Integer labels (one histogram bin per value) give the samples' maximum-likelihood fit:
+    the histogram fit's likelihood is not below that of EM on the individual labels."""
+    ages = torch.from_numpy(np.random.default_rng(20).gamma(5, 7, 5000).round())
+    binned = fit_gmm(ages, 4, tol=1e-8, max_iter=500)
+    samples = fit_gmm(torch.stack([ages, torch.zeros_like(ages)], 1), 4, tol=1e-8, max_iter=500)  # EM per sample
+    one_dim = GaussianMixture(samples.means[:, :1], samples.variances[:, :1, :1], samples.weights)
+    assert binned.log_prob(ages).mean() >= one_dim.log_prob(ages).mean() - 1e-3
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_fit_gmm_in_several_dimensions(d):
+    g = gen(21 + d)
+    centres = torch.eye(d, dtype=torch.float64) * 8
+    labels = torch.cat([torch.randn(3000, d, generator=g, dtype=torch.float64) * 0.5 + c for c in centres[:2]])
+    fit = fit_gmm(labels, 2)
+    order = torch.argsort(fit.means[:, 0], descending=True)
+    torch.testing.assert_close(fit.means[order], centres[:2], atol=0.05, rtol=0)
+    torch.testing.assert_close(fit.variances[order], 0.25 * torch.eye(d, dtype=torch.float64).expand(2, d, d), atol=0.03, rtol=0)
+
+
+def test_gai_accepts_the_published_pickle_layouts():
+    """scikit-learn's means_ [K, 1] and covariances_ [K, 1, 1] (the published pickle), or flat
+    [K] tables, or a GaussianMixture: the same loss."""
+    pred, target = batch((20, 1), seed=22, device="cpu", dtype=torch.float64)
+    full = mixture(3, 1, seed=23)
+    flat = {k: v.reshape(-1) for k, v in full.items()}
+    expected = gai_loss(pred, target, GaussianMixture.from_dict(full), 0.7)
+    for gmm in (full, flat, {k: v.numpy() for k, v in full.items()}):
+        torch.testing.assert_close(gai_loss(pred, target, gmm, 0.7), expected)
+
+
+@pytest.mark.parametrize("name", ["bmc", "bni", "gai"])
+def test_modules_compile_fullgraph(name):
+    """torch.compile(fullgraph=True) traces each loss module whole, backward included."""
+    pred, target = batch((40, 1), seed=24, device="cpu", dtype=torch.float32)
+    module = {"bmc": lambda: BMCLoss(), "bni": lambda: BNILoss(1.0, torch.linspace(-3, 5, 17), torch.rand(17) + 0.1),
+              "gai": lambda: GAILoss(1.0, mixture(3, 1, seed=25))}[name]()
+    results = []
+    for fn in (torch.compile(module, backend="aot_eager", fullgraph=True), module):
+        p = pred.detach().clone().requires_grad_()
+        module.zero_grad()
+        loss = fn(p, target)
+        loss.backward()
+        results.append((loss.detach(), p.grad, module.noise_sigma.grad.clone()))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
