@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh
 # Knobs: SKIP_BUILD=1; TORCH_CUDA_ARCH_LIST (default: this GPU's); SHARED_TESTS (files) and
 # SHARED_K (pytest -k, default "cuda or triton") for the shared tests; *_TIMEOUT (seconds) for BUILD, CUDA_TESTS, BENCH,
-# SHARED_TESTS.
+# SHARED_TESTS, BMSE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -44,10 +44,13 @@ tail -n 15 "$OUT/tests-cuda.log"
 stamp "GPU goals"
 timeout ${BENCH_TIMEOUT:-200} $PY -m benchmarks.gpu --json "$OUT" --profile "$OUT/kernel-profile.txt" 2>&1 | tee "$OUT/gpu-goals.txt" || status=1
 
+stamp "Balanced MSE [8, 1, 240, 320] K=100 against the published formulation"
+timeout ${BMSE_TIMEOUT:-120} $PY -m benchmarks.balanced_mse --device cuda --json "$OUT/balanced-mse.json" 2>&1 | tee "$OUT/balanced-mse.txt" || status=1
+
 stamp "shared tests on the GPU"
 # The GPU cases of the shared tests (the CPU ones ran in CI): ids naming cuda or triton.
 timeout ${SHARED_TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -k "${SHARED_K:-cuda or triton}" \
-  ${SHARED_TESTS:-tests/test_ops.py tests/test_fds.py tests/test_lds.py tests/test_triton.py} >"$OUT/tests-shared.log" 2>&1
+  ${SHARED_TESTS:-tests/test_ops.py tests/test_fds.py tests/test_lds.py tests/test_triton.py tests/test_balanced_mse.py} >"$OUT/tests-shared.log" 2>&1
 shared_rc=$?
 tail -n 15 "$OUT/tests-shared.log"
 [ $shared_rc -eq 0 ] || status=1
@@ -56,4 +59,5 @@ stamp "summary (cuda tests rc=$cuda_rc, shared tests rc=$shared_rc)"
 grep -E "passed|failed" "$OUT/tests-cuda.log" | tail -n 1
 grep -E "passed|failed" "$OUT/tests-shared.log" | tail -n 1
 sed -n "/^case /,\$p" "$OUT/gpu-goals.txt"
+sed -n "/^loss /,\$p" "$OUT/balanced-mse.txt"
 exit $status

@@ -1,4 +1,4 @@
-"""dirfast.FDS against the published module (benchmarks.published.PublishedFDS) and SPEC.md."""
+"""dirfast.FDS against the published module (tests/published.py PublishedFDS) and SPEC.md."""
 
 import copy
 

@@ -1,5 +1,5 @@
 """dirfast.presets: the published settings of each dataset, checked against the published code
-(the transcriptions in oracle.py and benchmarks.published.PublishedFDS)."""
+(the transcriptions in oracle.py and tests/published.py PublishedFDS)."""
 
 import warnings
 

@@ -1,0 +1,203 @@
+"""Balanced MSE's dense case side by side: ``python -m benchmarks.balanced_mse [--device cpu|cuda]
+[--threads N] [--quick] [--json PATH]``.
+
+BNI and GAI on ``[8, 1, 240, 320]`` depth predictions with K = 100 components, forward plus
+backward (in the predictions and the noise scale), for the published formulation
+(tests/published_balanced_mse.py: the ``[N, K]`` matrix), dirfast's loss on each backend that
+runs here (its fused ``mixture_logpdf``), and a clone of the predictions plus its backward-sized
+copy (the bandwidth yardstick). Per provider: median time, peak memory above the inputs (CPU:
+the process's resident high-water mark, reset before each provider after freed heap memory is
+returned to the system; CUDA: ``max_memory_allocated``),
+and both as ratios to the published formulation. One process, one sitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import statistics
+import time
+
+import published_balanced_mse as published  # tests/ is on the path (benchmarks/__init__.py)
+import torch
+
+import dirfast
+from dirfast.losses import bni_loss, gai_loss
+
+SHAPE, K = (8, 1, 240, 320), 100
+
+
+def inputs(device: str, seed: int = 7, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    target = (torch.rand(shape, generator=g) * 9 + 0.7)
+    pred = target + 0.3 * torch.randn(shape, generator=g)
+    centers = torch.linspace(0.05, 9.95, K)
+    weights = torch.rand(K, generator=g) + 0.05
+    weights = weights / weights.sum()
+    gmm = {"means": torch.linspace(0.5, 9.5, K).reshape(K, 1), "variances": torch.full((K, 1, 1), 0.2),
+           "weights": weights}
+    move = lambda t: t.to(device)  # noqa: E731
+    return move(pred), move(target), move(centers), move(weights), {k: move(v) for k, v in gmm.items()}
+
+
+def providers(device: str) -> list:
+    """(name, loss kind, callable(pred, target, sigma, centers, weights, gmm) -> loss)."""
+    rows = []
+    for kind in ("bni", "gai"):
+        if kind == "bni":
+            rows.append(("published", kind, lambda p, t, s, c, w, g: published.bni_loss(
+                p.reshape(-1, 1), t.reshape(-1, 1), s ** 2, c, w)))
+        else:
+            rows.append(("published", kind, lambda p, t, s, c, w, g: published.gai_loss(
+                p.reshape(-1, 1), t.reshape(-1, 1), g, s ** 2)))
+        for backend, info in dirfast.backends().items():
+            if not info["available"] or "mixture_logpdf" not in info["ops"]:
+                continue
+            if backend == "triton" and device != "cuda":
+                continue  # the interpreter is a correctness tool, not a provider
+            call = (lambda p, t, s, c, w, g: bni_loss(p, t, s ** 2, c, w)) if kind == "bni" else \
+                (lambda p, t, s, c, w, g: gai_loss(p, t, g, s ** 2))
+            rows.append((f"dirfast-{backend}", kind, _on(backend, call)))
+        rows.append(("clone", kind, lambda p, t, s, c, w, g: (p.clone() * s).sum()))
+    return rows
+
+
+def _on(backend, call):
+    def run(*args):
+        with dirfast.use_backend(backend):
+            loss = call(*args)
+            return loss
+    return run
+
+
+def _peak_reset(device: str) -> int:
+    """Reset the peak-memory counter; return the current memory (bytes) it is measured above."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    ctypes.CDLL(None).malloc_trim(0)  # freed heap back to the system, so RSS is what is in use
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets VmHWM to the current RSS
+    return _status_kb("VmRSS") * 1024
+
+
+def _peak(device: str) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _status_kb("VmHWM") * 1024
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def measure(name, kind, fn, data, device, rounds):
+    pred, target, centers, weights, gmm = data
+    sigma = torch.tensor(1.0, device=device, requires_grad=True)
+
+    def step():
+        p = pred.detach().requires_grad_()
+        loss = fn(p, target, sigma, centers, weights, gmm)
+        loss.backward()
+        return loss.detach(), p.grad
+
+    loss, grad = step()  # warm-up, and the values compared with the published ones
+    base = _peak_reset(device)
+    times = []
+    for _ in range(rounds):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = _peak(device) - base
+    return {"kind": kind, "provider": name, "median_ms": statistics.median(times) * 1e3, "rounds": rounds,
+            "peak_bytes": max(peak, 0), "loss": float(loss), "grad": grad}
+
+
+def run(device: str, quick: bool, shape=SHAPE) -> list:
+    data = inputs(device, shape=shape)
+    rows, reference = [], {}
+    for name, kind, fn in providers(device):
+        rounds = 3 if quick else (5 if name == "published" and device == "cpu" else 15)
+        print(f"  {kind} {name} ...", flush=True)
+        row = measure(name, kind, fn, data, device, rounds)
+        grad = row.pop("grad")
+        if name == "published":
+            reference[kind] = (row["loss"], grad)
+        elif name != "clone":
+            ref_loss, ref_grad = reference[kind]
+            row["max_grad_difference"] = float((grad - ref_grad).abs().max() / ref_grad.abs().max())
+            row["loss_difference"] = abs(row["loss"] - ref_loss)
+        rows.append(row)
+    for row in rows:
+        published_row = next(r for r in rows if r["kind"] == row["kind"] and r["provider"] == "published")
+        row["x faster than published"] = published_row["median_ms"] / row["median_ms"]
+        row["memory / published"] = row["peak_bytes"] / max(published_row["peak_bytes"], 1)
+    return rows
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def format_rows(rows) -> str:
+    lines = [f"{'loss':<5} {'provider':<17} {'median ms':>10} {'x faster':>9} {'peak MB':>9} {'mem/published':>14}"
+             f" {'|grad diff|':>12}"]
+    for r in rows:
+        diff = r.get("max_grad_difference")
+        lines.append(f"{r['kind']:<5} {r['provider']:<17} {r['median_ms']:>10.1f} {r['x faster than published']:>9.2f} "
+                     f"{r['peak_bytes'] / 2**20:>9.1f} {r['memory / published']:>14.4f} "
+                     f"{'' if diff is None else format(diff, '.1e'):>12}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.balanced_mse", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
+    parser.add_argument("--quick", action="store_true", help="3 timed rounds per provider")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--shape", default=",".join(map(str, SHAPE)), help="predictions' shape (default 8,1,240,320)")
+    args = parser.parse_args(argv)
+    try:
+        shape = tuple(int(v) for v in args.shape.split(","))
+    except ValueError:
+        raise SystemExit(f"--shape must be integers separated by commas, got {args.shape!r}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = (torch.cuda.get_device_name(0) if args.device == "cuda" else
+               f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    print(f"Balanced MSE {list(shape)} K={K} forward+backward on {args.device} ({machine}); torch {torch.__version__}",
+          flush=True)
+    rows = run(args.device, args.quick, shape)
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": args.device, "machine": machine, "torch": torch.__version__, "shape": shape, "K": K,
+                       "rows": rows}, handle, indent=1)
+        print(f"wrote {os.path.abspath(args.json)}")
+
+
+if __name__ == "__main__":
+    main()
