@@ -35,6 +35,29 @@ def _real(name: str, value) -> float:
     return float(value)
 
 
+def _saved_for_backward_by(tensor: torch.Tensor):
+    """The name of the autograd node that produced ``tensor`` (or its base) and saved it for its
+    backward, which an in-place write would break; None when there is none or grad is off.
+    (Not checked under torch.compile, which cannot trace the inspection of autograd nodes; there
+    the compiler raises autograd's own error.)"""
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and tensor.requires_grad):
+        return None
+    for t in (tensor, tensor._base):
+        node = getattr(t, "grad_fn", None)
+        if node is None:
+            continue
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                saved = getattr(node, name)
+            except RuntimeError:  # already freed, or not a tensor the node can give back
+                continue
+            if isinstance(saved, torch.Tensor) and saved.data_ptr() == t.data_ptr() and saved.shape == t.shape:
+                return type(node).__name__
+    return None
+
+
 class FDS(nn.Module):
     """Feature distribution smoothing (Yang et al., ICML 2021), vectorised over buckets.
 
@@ -386,22 +409,34 @@ class FDS(nn.Module):
                 else:
                     running[k] = (running[k - 1] + running[k + 1]) / 2.0
 
-    def smooth(self, features: torch.Tensor, labels: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Calibrate ``features`` in place with last epoch's statistics and return them.
+    def smooth(self, features: torch.Tensor, labels: torch.Tensor, epoch: int, *, inplace: bool = True) -> torch.Tensor:
+        """Calibrate ``features`` with last epoch's statistics: in place (the default, as published)
+        and return them, or with ``inplace=False`` into a new tensor.
 
         Returns ``features`` untouched before ``start_smooth``. Otherwise each row becomes
         ``(x - m1) * sqrt(clamp(v2 / v1, clip_min, clip_max)) + m2`` with its bucket's last-epoch
         running (``m1, v1``) and smoothed (``m2, v2``) statistics, the published zero-variance
-        rules included. Gradients flow to the features; as with the published module, they must
-        not be a tensor autograd saved for its backward (a ReLU's output, say), since they are
-        overwritten, nor a leaf that requires grad (refused before anything is written). Labels
-        are not checked on the host here (that would wait on the GPU every step): a row with a
-        NaN or infinite label is returned unchanged.
+        rules included. Gradients flow to the features. In place, they must not be a tensor
+        autograd saved for its backward -- the output of a ReLU, sigmoid or tanh is one, and is
+        refused with a RuntimeError before anything is written -- nor a leaf that requires grad;
+        ``inplace=False`` takes any features. Labels are not checked on the host here (that would
+        wait on the GPU every step): a row with a NaN or infinite label is returned unchanged.
         """
+        if not isinstance(inplace, bool):
+            raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
         epoch = self._check_epoch(epoch)
         if epoch < self.start_smooth:
             return features
         buckets = self._buckets(features, labels, check=False)
-        return ops.calibrate_(features, buckets, self.running_mean_last_epoch,
-                              self.running_var_last_epoch, self.smoothed_mean_last_epoch,
-                              self.smoothed_var_last_epoch, self.clip_min, self.clip_max)
+        stats = (self.running_mean_last_epoch, self.running_var_last_epoch, self.smoothed_mean_last_epoch,
+                 self.smoothed_var_last_epoch, self.clip_min, self.clip_max)
+        if not inplace:
+            return ops.calibrate(features, buckets, *stats)
+        producer = _saved_for_backward_by(features)
+        if producer is not None:
+            raise RuntimeError(
+                f"FDS.smooth would overwrite features that autograd saved for the backward of {producer} "
+                f"(the output of a ReLU, sigmoid, tanh, ...), and the backward pass would fail: call "
+                f"smooth(features, labels, epoch, inplace=False) to calibrate into a new tensor, or smooth "
+                f"before that activation")
+        return ops.calibrate_(features, buckets, *stats)

@@ -360,6 +360,7 @@ FDS_CASES = [  # (id, call(fds), error, match); each also checks that the failed
     ("epoch float", lambda f: f.update_last_epoch_stats(2.0), TypeError, "epoch"),
     ("epoch str", lambda f: f.smooth(GOOD_X.clone(), GOOD_Y, "2"), TypeError, "epoch"),
     ("smooth a leaf requiring grad", lambda f: f.smooth(GOOD_X.clone().requires_grad_(), GOOD_Y, 2), RuntimeError, "leaf"),
+    ("smooth inplace 1", lambda f: f.smooth(GOOD_X.clone(), GOOD_Y, 2, inplace=1), TypeError, "inplace"),
     ("load shape", lambda f: f.load_state_dict(dict(f.state_dict(), running_mean=torch.ones(3, 4))), RuntimeError,
      "running_mean"),
     ("load NaN", lambda f: f.load_state_dict(dict(f.state_dict(), running_var=torch.full((18, 4), float("nan")))),

@@ -237,6 +237,42 @@ def test_fds_smooth_returns_same_tensor_and_gradients_flow():
     torch.testing.assert_close(grads[0].double(), expected, **STATS_TOL)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fds_smooth_out_of_place_follows_a_relu(device):
+    """inplace=False returns a new tensor with the in-place result and its gradients, leaves the
+    features as they were, and works on a ReLU's output, which the in-place form refuses (with a
+    hint naming inplace=False) before writing anything."""
+    d = 4
+    fds = dirfast.FDS(d, bucket_num=9, bucket_start=2).to(device)
+    labels = labels_with_edges(80, 2, 9, seed=4).to(device)
+    fds.update_running_stats(features(80, d, 1, scale=2.0).to(device), labels, 0)
+    fds.update_last_epoch_stats(1)
+    weight = torch.randn(d, d, generator=gen(6)).to(device)
+    results = []
+    for inplace, activation in ((True, lambda t: t * 1.0), (False, lambda t: t * 1.0), (False, torch.relu)):
+        leaf = features(80, d, 2).to(device).requires_grad_(True)
+        feats = activation(leaf @ weight)
+        before = feats.detach().clone()
+        out = fds.smooth(feats, labels, 1, inplace=inplace)
+        assert (out is feats) == inplace
+        if not inplace:
+            torch.testing.assert_close(feats, before, rtol=0, atol=0)
+        (out * features(80, d, 3).to(device)).sum().backward()
+        results.append((out.detach(), leaf.grad))
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    relu_out = torch.relu(features(80, d, 2).to(device).requires_grad_(True) @ weight)
+    torch.testing.assert_close(results[2][0], oracle.calibrate(
+        relu_out.detach().cpu(), labels.cpu().long().clamp(2, 8) - 2, *(t.cpu() for t in (
+            fds.running_mean_last_epoch, fds.running_var_last_epoch, fds.smoothed_mean_last_epoch,
+            fds.smoothed_var_last_epoch))).float().to(device), **STATS_TOL)
+    before = relu_out.detach().clone()
+    with pytest.raises(RuntimeError, match="inplace=False"):
+        fds.smooth(relu_out, labels, 1)
+    torch.testing.assert_close(relu_out.detach(), before, rtol=0, atol=0)
+    with torch.no_grad():  # nothing to break without autograd: in place as published
+        assert fds.smooth(relu_out.detach(), labels, 1) is not None
+
+
 def test_fds_smooth_before_start_smooth_is_identity():
     fds = dirfast.FDS(3, bucket_num=6, bucket_start=0, start_smooth=2)
     labels = labels_with_edges(30, 0, 6, seed=5)
