@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-__all__ = ["Binning", "PRECISIONS"]
+__all__ = ["Binning", "GridBinning", "PRECISIONS"]
 
 PRECISIONS = ("labels", "float32")
 MAX_BINS = 1 << 24
@@ -234,3 +234,77 @@ class Binning:
                 f"{self!r} truncates labels to integers, but some have fractional parts (e.g. {example:g}): "
                 "continuous labels need Binning.uniform(low, high, num_bins) or a preset of dirfast.presets "
                 "(dirfast.presets.STS_B_DIR for scores in [0, 5])", UserWarning, stacklevel=3)
+
+
+class GridBinning:
+    """Labels with several dimensions to bins of a product grid: one :class:`Binning` per
+    dimension, the bins numbered row-major (the last dimension varies fastest), as
+    ``numpy.ravel_multi_index`` does.
+
+    Calling it on labels ``[..., d]`` returns int64 indices ``[...]`` in ``[0, num_bins)`` on the
+    labels' device (-1 where a coordinate is NaN or infinite, with ``check=False``). LDS, FDS and
+    :func:`dirfast.metrics.shot_metrics` take one in place of a ``Binning``; on one dimension
+    they give the results of that dimension's ``Binning``, bit for bit.
+
+    Example::
+
+        >>> grid = GridBinning(Binning.uniform(0, 1, 4), Binning.integer(3))
+        >>> grid(torch.tensor([[0.1, 2.0], [0.9, 0.0]]))
+        tensor([ 2, 9])
+    """
+
+    def __init__(self, *binnings: Binning) -> None:
+        if len(binnings) == 1 and isinstance(binnings[0], (list, tuple)):
+            binnings = tuple(binnings[0])
+        if not binnings:
+            raise ValueError("GridBinning needs at least one Binning (one per label dimension)")
+        for index, binning in enumerate(binnings):
+            if not isinstance(binning, Binning):
+                raise TypeError(f"binnings[{index}] must be a dirfast.Binning, got {type(binning).__name__}")
+        shape = tuple(b.num_bins for b in binnings)
+        if math.prod(shape) > MAX_BINS:
+            raise ValueError(f"the grid has {math.prod(shape)} bins ({' x '.join(map(str, shape))}), "
+                             f"more than {MAX_BINS}")
+        self.binnings = tuple(binnings)
+        self.shape = shape
+        self._strides = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+
+    @property
+    def ndim(self) -> int:
+        """The number of label dimensions ``d``."""
+        return len(self.binnings)
+
+    @property
+    def num_bins(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def centers(self) -> np.ndarray:
+        """The centre of each grid bin, ``[num_bins, d]`` (float64), in bin order."""
+        axes = np.meshgrid(*(b.centers for b in self.binnings), indexing="ij")
+        return np.stack([a.reshape(-1) for a in axes], axis=1)
+
+    def __repr__(self) -> str:
+        return f"GridBinning({', '.join(repr(b) for b in self.binnings)})"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, GridBinning) and self.binnings == other.binnings
+
+    __hash__ = None
+
+    def __call__(self, labels, *, precision: str = "labels", check: bool = True) -> torch.Tensor:
+        """Row-major grid indices of ``labels`` ``[..., d]``, each coordinate binned by its
+        dimension's ``Binning`` (same ``precision`` and ``check`` rules)."""
+        labels = as_label_tensor(labels)
+        if labels.dim() == 0 or labels.shape[-1] != self.ndim:
+            raise ValueError(f"labels must be [..., {self.ndim}] (one coordinate per grid dimension), "
+                             f"got shape {tuple(labels.shape)}")
+        index = None
+        for axis, (binning, stride) in enumerate(zip(self.binnings, self._strides)):
+            bins = binning(labels[..., axis], precision=precision, check=check)
+            index = bins * stride if index is None else torch.where((index < 0) | (bins < 0), -1, index + bins * stride)
+        return index
+
+    def unravel(self, index: torch.Tensor) -> torch.Tensor:
+        """The per-dimension bin numbers ``[..., d]`` of grid indices ``index``."""
+        return torch.stack([(index // stride) % n for stride, n in zip(self._strides, self.shape)], dim=-1)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import distributed, ops, reference
-from .binning import Binning
+from .binning import Binning, GridBinning
 from .windows import kernel_window
 
 __all__ = ["FDS"]
@@ -75,7 +75,10 @@ class FDS(nn.Module):
         start_update, start_smooth: the first epoch that updates, and that smooths.
         kernel, ks, sigma: the smoothing window, normalised to sum 1.
         momentum: running-average momentum; ``None`` averages over all epochs.
-        binning: maps labels to buckets (default ``Binning.integer(bucket_num)``: ``int(label)``).
+        binning: maps labels to buckets (default ``Binning.integer(bucket_num)``: ``int(label)``);
+            a :class:`~dirfast.GridBinning` keeps buckets over a grid of labels ``[N, d]`` with
+            several dimensions (``bucket_num=grid.num_bins, bucket_start=0``; features ``[N, D]``),
+            smoothed along each grid axis in turn.
         fill_empty: after each update, fill buckets that got no sample as the STS-B-DIR code
             does (the first from bucket 1, the last from the one before it, others with the mean
             of their two neighbours, in increasing order) -- but only a bucket with a neighbour
@@ -111,10 +114,14 @@ class FDS(nn.Module):
         if not 0 <= clip_min <= clip_max:
             raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, got {clip_min}, {clip_max}")
         binning = Binning.integer(bucket_num) if binning is None else binning
-        if not isinstance(binning, Binning):
-            raise TypeError(f"binning must be a dirfast.Binning, got {type(binning).__name__}")
+        if not isinstance(binning, (Binning, GridBinning)):
+            raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
         if binning.num_bins != bucket_num:
-            raise ValueError(f"binning must have bucket_num={bucket_num} bins, got {binning!r}")
+            raise ValueError(f"binning must have bucket_num={bucket_num} bins, got {binning!r}"
+                             + (f" (pass bucket_num={binning.num_bins})" if isinstance(binning, GridBinning) else ""))
+        if isinstance(binning, GridBinning) and (bucket_start or fill_empty):
+            raise ValueError("a GridBinning needs bucket_start=0 and fill_empty=False (both are rules for one "
+                             "label dimension)")
 
         self.feature_dim, self.bucket_num, self.bucket_start = feature_dim, bucket_num, bucket_start
         self.start_update, self.start_smooth, self.momentum = start_update, start_smooth, momentum
@@ -164,10 +171,15 @@ class FDS(nn.Module):
                              f"this FDS was built with feature_dim={self.feature_dim}")
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-        if labels.dim() == features.dim() and labels.shape[1] == 1:
+        if isinstance(self.binning, GridBinning):
+            expected = (features.shape[0], self.binning.ndim)
+            if features.dim() != 2 or tuple(labels.shape) != expected:
+                raise ValueError(f"with a GridBinning, features must be [N, D] and labels [N, {self.binning.ndim}]; "
+                                 f"got features {tuple(features.shape)} and labels {tuple(labels.shape)}")
+        elif labels.dim() == features.dim() and labels.shape[1] == 1:
             labels = labels.squeeze(1)  # [N, 1] or [B, 1, *spatial]
         expected = (features.shape[0],) + tuple(features.shape[2:])
-        if tuple(labels.shape) != expected:
+        if not isinstance(self.binning, GridBinning) and tuple(labels.shape) != expected:
             raise ValueError(f"labels must have shape {expected} (or with a singleton dim 1) "
                              f"to match features of shape {tuple(features.shape)}, got {tuple(labels.shape)}")
         if labels.device != features.device or self.running_mean.device != features.device:
@@ -206,9 +218,21 @@ class FDS(nn.Module):
         else:  # published: the "last epoch" names now share the running tensors
             self.running_mean_last_epoch = self.running_mean
             self.running_var_last_epoch = self.running_var
-        window = self.kernel_window
-        self.smoothed_mean_last_epoch.copy_(ops.smooth_bins(self.running_mean, window, "reflect"))
-        self.smoothed_var_last_epoch.copy_(ops.smooth_bins(self.running_var, window, "reflect"))
+        self.smoothed_mean_last_epoch.copy_(self._smooth(self.running_mean))
+        self.smoothed_var_last_epoch.copy_(self._smooth(self.running_var))
+
+    def _smooth(self, stats: torch.Tensor) -> torch.Tensor:
+        """``[K, D]`` statistics smoothed along the buckets (reflect padding), or along each axis
+        of a grid in turn (on one axis, the very call of the 1-D case)."""
+        if not isinstance(self.binning, GridBinning):
+            return ops.smooth_bins(stats, self.kernel_window, "reflect")
+        shape = self.binning.shape
+        grid = stats.reshape(shape + (self.feature_dim,))
+        for axis in range(len(shape)):
+            moved = grid.movedim(axis, 0)
+            smoothed = ops.smooth_bins(moved.reshape(shape[axis], -1), self.kernel_window, "reflect")
+            grid = smoothed.reshape(moved.shape).movedim(0, axis)
+        return grid.reshape(stats.shape)
 
     @torch.no_grad()
     def accumulate(self, features: torch.Tensor, labels: torch.Tensor) -> None:

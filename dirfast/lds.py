@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import distributed, ops, reference
-from .binning import Binning, as_label_tensor
+from .binning import Binning, GridBinning, as_label_tensor
 from .windows import kernel_window
 
 __all__ = ["LDS", "lds_weights", "REWEIGHTS"]
@@ -36,7 +36,9 @@ class LDS:
 
     Args:
         binning: a :class:`~dirfast.Binning` (``Binning.integer(121)`` for ages,
-            ``Binning.uniform(0, 5, 50)`` for STS-B-DIR; see :mod:`dirfast.presets`).
+            ``Binning.uniform(0, 5, 50)`` for STS-B-DIR; see :mod:`dirfast.presets`), or a
+            :class:`~dirfast.GridBinning` for labels ``[N, d]`` with several dimensions: the
+            window then smooths along each grid axis in turn (separably).
         reweight: ``"sqrt_inv"`` (base ``sqrt(count)``), ``"inverse"`` (base ``count``, clipped
             to ``inverse_clip``) or ``"none"`` (every weight 1).
         lds: smooth the base with the kernel window (the effective distribution); without it
@@ -69,8 +71,8 @@ class LDS:
     def __init__(self, binning: Binning, reweight: str = "sqrt_inv", lds: bool = True,
                  kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, inverse_clip=(5, 1000),
                  *, padding: str = "constant", bucket_start: int = 0, sync: bool = True, process_group=None):
-        if not isinstance(binning, Binning):
-            raise TypeError(f"binning must be a dirfast.Binning, got {type(binning).__name__}")
+        if not isinstance(binning, (Binning, GridBinning)):
+            raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
         if not isinstance(reweight, str) or reweight not in REWEIGHTS:
             raise ValueError(f"reweight must be one of {REWEIGHTS}, got {reweight!r}")
         if not isinstance(lds, (bool, np.bool_)):
@@ -82,6 +84,8 @@ class LDS:
         if (isinstance(bucket_start, bool) or not isinstance(bucket_start, (int, np.integer))
                 or not 0 <= bucket_start < binning.num_bins):
             raise ValueError(f"bucket_start must be an int in [0, {binning.num_bins}), got {bucket_start!r}")
+        if isinstance(binning, GridBinning) and bucket_start:
+            raise ValueError("bucket_start must be 0 with a GridBinning (there is no first bin to merge into)")
         self.window = kernel_window(kernel, ks, sigma, normalize="max") if lds else None
         self.binning = binning
         self.sync, self.process_group = sync, process_group
@@ -159,7 +163,7 @@ class LDS:
             if self.lds:
                 # A small float64 table: smoothed by the reference definition, which sums in
                 # scipy's order (the truncation below depends on those bits).
-                effective = reference.smooth_bins(effective, self.window, self.padding)
+                effective = self._smooth(effective)
                 if self.reweight == "inverse":
                     effective = effective.trunc()  # the published integer-array quirk
             # Written without data-dependent branches, so that it also traces under torch.compile.
@@ -170,6 +174,23 @@ class LDS:
             scale = torch.where(total > 0, self._counts.sum() / total, torch.ones_like(total))
             self._table = (effective, per_bin, scale)
         return self._table
+
+    def _smooth(self, table: torch.Tensor) -> torch.Tensor:
+        """The window along the bins, or along each axis of a grid in turn (on one axis, the
+        very call of the 1-D case)."""
+        if not isinstance(self.binning, GridBinning):
+            return reference.smooth_bins(table, self.window, self.padding)
+        shape = self.binning.shape
+        grid = table.reshape(shape)
+        for axis in range(len(shape)):
+            moved = grid.movedim(axis, 0)
+            smoothed = reference.smooth_bins(moved.reshape(shape[axis], -1), self.window, self.padding)
+            grid = smoothed.reshape(moved.shape).movedim(0, axis)
+        return grid.reshape(-1)
+
+    def _label_shape(self, labels: torch.Tensor) -> tuple:
+        """The shape of the weights of ``labels``: theirs, less the coordinates of a grid."""
+        return tuple(labels.shape[:-1]) if isinstance(self.binning, GridBinning) else tuple(labels.shape)
 
     # -- weights -------------------------------------------------------------------------------
     def weights(self, labels) -> torch.Tensor:
@@ -192,14 +213,14 @@ class LDS:
                 weights = torch.ones_like(weights)
             table = self._table_on[device] = torch.cat([weights, weights.new_zeros(1)]).to(device)
         bins = self._bins(labels, check=False)
-        return table[torch.where(bins >= 0, bins, table.shape[0] - 1)].reshape(labels.shape)
+        return table[torch.where(bins >= 0, bins, table.shape[0] - 1)].reshape(self._label_shape(labels))
 
     # -- checkpoints ---------------------------------------------------------------------------
     _SETTINGS = ("reweight", "lds", "kernel", "ks", "sigma", "inverse_clip", "padding", "bucket_start")
 
     def state_dict(self) -> dict:
         """The fitted counts and the settings they were fitted with."""
-        state = {"counts": self._counts.clone(), "edges": torch.as_tensor(self.binning.edges), "fitted": self._fitted}
+        state = {"counts": self._counts.clone(), "edges": self._edges(), "fitted": self._fitted}
         state.update({key: getattr(self, key) for key in self._SETTINGS})
         return state
 
@@ -220,11 +241,17 @@ class LDS:
         for key in self._SETTINGS:
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"state_dict {key!r} is {state[key]!r}, this LDS has {getattr(self, key)!r}")
-        if "edges" in state and not np.array_equal(np.asarray(state["edges"]), self.binning.edges):
+        if "edges" in state and not _same_edges(state["edges"], self._edges()):
             raise ValueError("state_dict 'edges' differ from this LDS's binning")
         self._counts = counts.clone()
         self._fitted = bool(state.get("fitted", True))
         self._invalidate()
+
+    def _edges(self):
+        """The bin edges: a tensor, or one per dimension of a grid."""
+        if isinstance(self.binning, GridBinning):
+            return [torch.as_tensor(b.edges) for b in self.binning.binnings]
+        return torch.as_tensor(self.binning.edges)
 
     def __repr__(self) -> str:
         extra = "" if self.padding == "constant" else f", padding={self.padding!r}"
@@ -232,6 +259,16 @@ class LDS:
         return (f"LDS({self.binning!r}, reweight={self.reweight!r}, lds={self.lds}, kernel={self.kernel!r}, "
                 f"ks={self.ks}, sigma={self.sigma}, inverse_clip={self.inverse_clip}{extra}, "
                 f"fitted on {int(self._counts.sum())} labels)")
+
+
+def _same_edges(saved, edges) -> bool:
+    if isinstance(edges, list):
+        return (isinstance(saved, (list, tuple)) and len(saved) == len(edges)
+                and all(np.array_equal(np.asarray(a), b.numpy()) for a, b in zip(saved, edges)))
+    try:
+        return np.array_equal(np.asarray(saved), edges.numpy())
+    except (TypeError, ValueError):
+        return False
 
 
 def lds_weights(labels, binning: Binning, reweight: str = "sqrt_inv", lds: bool = True,

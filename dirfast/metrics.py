@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from .binning import Binning
+from .binning import Binning, GridBinning
 
 __all__ = ["REGIONS", "shot_metrics"]
 
@@ -22,6 +22,13 @@ def _numpy(name: str, values) -> np.ndarray:
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} must be finite: found NaN or infinite values")
     return array
+
+
+def _rows(name: str, values: np.ndarray, dim: int) -> np.ndarray:
+    """Flat values as ``[N, dim]`` rows (a GridBinning's labels)."""
+    if values.size % dim:
+        raise ValueError(f"{name} must be [N, {dim}] for a grid of {dim} dimensions, got {values.size} values")
+    return values.reshape(-1, dim)
 
 
 def _region(errors: np.ndarray) -> dict:
@@ -77,13 +84,21 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
     few-shot), as the published STS-B-DIR and NYUD2-DIR evaluators fix them; ``train_labels``
     is then not needed.
 
+    With a :class:`~dirfast.GridBinning` (labels with ``d`` dimensions), ``preds``, ``labels``
+    and ``train_labels`` are ``[N, d]``, the regions are grid bins, and each sample's error is
+    its Euclidean distance to the label (``"mse"`` is the mean squared distance); on one
+    dimension this is the 1-D result.
+
     Returns ``{"many" | "median" | "low" | "overall": {"mse", "l1", "gmean"}}`` of floats.
     """
     preds, labels = _numpy("preds", preds), _numpy("labels", labels)
     if preds.shape != labels.shape:
         raise ValueError(f"preds and labels must have the same number of values, got {preds.size} and {labels.size}")
-    if binning is not None and not isinstance(binning, Binning):
-        raise TypeError(f"binning must be None or a dirfast.Binning, got {type(binning).__name__}")
+    if binning is not None and not isinstance(binning, (Binning, GridBinning)):
+        raise TypeError(f"binning must be None or a dirfast.Binning or GridBinning, got {type(binning).__name__}")
+    grid = isinstance(binning, GridBinning)
+    if grid:
+        preds, labels = _rows("preds", preds, binning.ndim), _rows("labels", labels, binning.ndim)
     if regions is not None:
         if binning is None:
             raise ValueError("regions are bin lists: pass the binning they refer to")
@@ -96,6 +111,8 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
             raise ValueError(f"low_shot_thr ({low_shot_thr}) must not exceed many_shot_thr ({many_shot_thr}): "
                              "the regions would overlap")
         train = _numpy("train_labels", train_labels)
+        if grid:
+            train = _rows("train_labels", train, binning.ndim)
         if binning is None:
             test_keys, train_keys = labels, train.astype(int)
         else:
@@ -108,6 +125,8 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
         count = train_count[inverse.reshape(-1)]
         region = np.where(count > many, 0, np.where(count < low, 2, 1))
     errors = preds - labels
+    if grid:  # one Euclidean distance per sample (on one dimension, the signed error itself)
+        errors = errors[:, 0] if binning.ndim == 1 else np.sqrt(np.sum(errors ** 2, axis=1))
     result = {name: _region(errors[region == index]) for index, name in enumerate(REGIONS)}
     result["overall"] = _region(errors)
     return result

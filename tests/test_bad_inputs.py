@@ -227,6 +227,38 @@ def test_window_edge_cases_are_finite_and_fast():
     assert torch.isfinite(wide).all() and float(wide.min()) > 0.999999
 
 
+# =========================================================================== grids of several dimensions
+U10 = dirfast.Binning.uniform(0, 10, 10)
+GRID = dirfast.GridBinning(U10, dirfast.Binning.integer(4))
+GRID_Y = torch.rand(16, 2, generator=gen(40)) * 4
+GRID_CASES = [
+    Bad("grid of nothing", lambda: dirfast.GridBinning(), ValueError, "at least one"),
+    Bad("grid of edges", lambda: dirfast.GridBinning(U10, [0, 1, 2]), TypeError, r"binnings\[1\]"),
+    Bad("grid too large", lambda: dirfast.GridBinning(*[dirfast.Binning.integer(4096)] * 3), ValueError, "more than"),
+    Bad("grid labels [N]", lambda: GRID(GRID_Y[:, 0]), ValueError, r"\[\.\.\., 2\]"),
+    Bad("grid labels [N, 3]", lambda: GRID(torch.zeros(4, 3)), ValueError, r"\[\.\.\., 2\]"),
+    Bad("grid LDS bucket_start", lambda: dirfast.LDS(GRID, bucket_start=1), ValueError, "bucket_start"),
+    Bad("grid LDS labels [N]", lambda: dirfast.LDS(GRID).fit(GRID_Y[:, 0]), ValueError, "labels"),
+    Bad("grid FDS bucket_num", lambda: dirfast.FDS(3, bucket_num=10, bucket_start=0, binning=GRID), ValueError,
+        "bucket_num=40"),
+    Bad("grid FDS bucket_start", lambda: dirfast.FDS(3, bucket_num=40, binning=GRID), ValueError, "bucket_start=0"),
+    Bad("grid FDS fill_empty", lambda: dirfast.FDS(3, bucket_num=40, bucket_start=0, binning=GRID, fill_empty=True),
+        ValueError, "fill_empty"),
+    Bad("grid FDS labels [N]", lambda: dirfast.FDS(3, bucket_num=40, bucket_start=0, binning=GRID).update_running_stats(
+        torch.randn(16, 3), GRID_Y[:, 0], 0), ValueError, r"labels \[N, 2\]"),
+    Bad("grid FDS dense features", lambda: dirfast.FDS(3, bucket_num=40, bucket_start=0, binning=GRID).accumulate(
+        torch.randn(2, 3, 4, 4), torch.zeros(2, 2, 4, 4)), ValueError, r"features must be \[N, D\]"),
+    Bad("grid shot_metrics odd size", lambda: dirfast.metrics.shot_metrics(torch.zeros(5), torch.zeros(5), GRID_Y,
+        binning=GRID), ValueError, r"\[N, 2\]"),
+]
+
+
+@pytest.mark.parametrize("case", GRID_CASES, ids=repr)
+def test_grids_reject(case):
+    with pytest.raises(case.error, match=case.match):
+        case.call()
+
+
 # =========================================================================== LDS
 AGES = torch.randint(0, 100, (300,), generator=gen(2)).float()
 INT121 = dirfast.Binning.integer(121)

@@ -22,7 +22,7 @@ EXAMPLES = _examples()
 
 def test_readme_has_the_examples():
     names = {param.id for param in EXAMPLES}
-    assert {"presets", "training-loop", "distributed", "epoch-hooks", "depth-maps", "balanced-mse", "fds-after-relu"} <= names, names
+    assert {"presets", "training-loop", "distributed", "epoch-hooks", "depth-maps", "balanced-mse", "fds-after-relu", "several-dimensions"} <= names, names
 
 
 @pytest.mark.parametrize("code", EXAMPLES)
