@@ -7,6 +7,7 @@ reference. See README.md for a migration guide.
 
 from . import losses, metrics, mixture, ops, presets
 from .binning import Binning, GridBinning
+from .density import DenseWeight, density_weights
 from .fds import FDS
 from .lds import LDS, lds_weights
 from .ops import backends, get_backend, set_backend, use_backend
@@ -15,6 +16,7 @@ from .windows import get_lds_kernel_window, kernel_window
 __version__ = "0.1.0"
 
 __all__ = [
-    "Binning", "FDS", "GridBinning", "LDS", "backends", "get_backend", "get_lds_kernel_window", "kernel_window",
-    "lds_weights", "losses", "metrics", "mixture", "ops", "presets", "set_backend", "use_backend",
+    "Binning", "DenseWeight", "FDS", "GridBinning", "LDS", "backends", "density_weights", "get_backend",
+    "get_lds_kernel_window", "kernel_window", "lds_weights", "losses", "metrics", "mixture", "ops", "presets",
+    "set_backend", "use_backend",
 ]

@@ -16,6 +16,8 @@ import warnings
 import numpy as np
 import torch
 
+from .bandwidth import BIN_WIDTH_RULES, rule_width
+
 __all__ = ["Binning", "GridBinning", "PRECISIONS"]
 
 PRECISIONS = ("labels", "float32")
@@ -234,6 +236,36 @@ class Binning:
                 f"{self!r} truncates labels to integers, but some have fractional parts (e.g. {example:g}): "
                 "continuous labels need Binning.uniform(low, high, num_bins) or a preset of dirfast.presets "
                 "(dirfast.presets.STS_B_DIR for scores in [0, 5])", UserWarning, stacklevel=3)
+
+    @classmethod
+    def auto(cls, labels, rule: str = "fd", max_bins: int = 1000) -> "Binning":
+        """Equal bins over ``[min, max]`` of ``labels``, as many as the width from ``rule`` needs.
+
+        ``rule``: ``"fd"`` (Freedman–Diaconis, ``2 IQR n^(-1/3)``, as
+        ``numpy.histogram_bin_edges(labels, bins="fd")``), or ``"silverman"`` / ``"scott"`` (the
+        bandwidths of :class:`dirfast.DenseWeight` as the width). The count is
+        ``ceil((max - min) / width)``, at most ``max_bins``. A width of 0 (an IQR of 0, or all
+        labels equal) gives one bin, as numpy does; all labels equal to ``v`` give
+        ``Binning.uniform(v - 0.5, v + 0.5, 1)``. Raises ValueError for no, NaN or infinite labels.
+        """
+        if not isinstance(rule, str) or rule not in BIN_WIDTH_RULES:
+            raise ValueError(f"rule must be one of {BIN_WIDTH_RULES}, got {rule!r}")
+        if isinstance(max_bins, bool) or not isinstance(max_bins, (int, np.integer)):
+            raise TypeError(f"max_bins must be an int, got {type(max_bins).__name__}")
+        max_bins = _count("max_bins", max_bins)
+        values = as_label_tensor(labels).reshape(-1).to(torch.float64)
+        if values.numel() == 0:
+            raise ValueError("labels must not be empty")
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError("labels must be finite: found NaN or infinite values")
+        low, high = float(values.min()), float(values.max())
+        if low == high:
+            return cls.uniform(low - 0.5, high + 0.5, 1)
+        width = float(rule_width(values, rule))
+        if not width > 0:
+            return cls.uniform(low, high, 1)
+        bins_needed = (high - low) / width  # inf for a subnormal width
+        return cls.uniform(low, high, max_bins if bins_needed >= max_bins else math.ceil(bins_needed))
 
 
 class GridBinning:

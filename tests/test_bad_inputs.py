@@ -617,3 +617,74 @@ def test_backend_selection_is_local_to_the_thread():
 def test_preset_rejects_unknown_settings():
     with pytest.raises(TypeError, match="bogus"):
         STS_B_DIR.fds(4, bogus=1)
+
+
+# =========================================================================== DenseWeight, Binning.auto
+DENSE = dirfast.DenseWeight(alpha=0.5).fit(AGES)
+DENSE_STATE = DENSE.state_dict()
+DENSE_CASES = [
+    Bad("alpha str", lambda: dirfast.DenseWeight(alpha="1"), TypeError, "alpha"),
+    Bad("alpha bool", lambda: dirfast.DenseWeight(alpha=True), TypeError, "alpha"),
+    Bad("alpha negative", lambda: dirfast.density_weights(AGES, alpha=-1.0), ValueError, "alpha"),
+    Bad("alpha NaN", lambda: dirfast.DenseWeight(alpha=float("nan")), ValueError, "alpha"),
+    Bad("eps zero", lambda: dirfast.DenseWeight(eps=0.0), ValueError, "eps"),
+    Bad("eps above 1", lambda: dirfast.density_weights(AGES, eps=2.0), ValueError, "eps"),
+    Bad("eps None", lambda: dirfast.DenseWeight(eps=None), TypeError, "eps"),
+    Bad("bandwidth unknown rule", lambda: dirfast.DenseWeight(bandwidth="isj"), ValueError, "bandwidth"),
+    Bad("bandwidth zero", lambda: dirfast.DenseWeight(bandwidth=0.0), ValueError, "bandwidth"),
+    Bad("bandwidth negative", lambda: dirfast.density_weights(AGES, bandwidth=-1), ValueError, "bandwidth"),
+    Bad("bandwidth inf", lambda: dirfast.DenseWeight(bandwidth=float("inf")), ValueError, "bandwidth"),
+    Bad("bandwidth None", lambda: dirfast.DenseWeight(bandwidth=None), TypeError, "bandwidth"),
+    Bad("bandwidth bool", lambda: dirfast.DenseWeight(bandwidth=True), TypeError, "bandwidth"),
+    Bad("bandwidth list", lambda: dirfast.DenseWeight(bandwidth=[1.0]), TypeError, "bandwidth"),
+    Bad("grid_size float", lambda: dirfast.DenseWeight(grid_size=4096.0), TypeError, "grid_size"),
+    Bad("grid_size bool", lambda: dirfast.DenseWeight(grid_size=True), TypeError, "grid_size"),
+    Bad("grid_size too small", lambda: dirfast.DenseWeight(grid_size=8), ValueError, "grid_size"),
+    Bad("grid_size too large", lambda: dirfast.density_weights(AGES, grid_size=1 << 20), ValueError, "grid_size"),
+    Bad("fit empty", lambda: DENSE.fit(torch.ones(0)), ValueError, "empty"),
+    Bad("fit NaN", lambda: DENSE.fit(torch.tensor([1.0, float("nan")])), ValueError, "finite"),
+    Bad("fit inf", lambda: DENSE.fit(np.array([1.0, np.inf])), ValueError, "finite"),
+    Bad("fit str", lambda: DENSE.fit("abc"), TypeError, "labels"),
+    Bad("fit None", lambda: DENSE.fit(None), TypeError, "labels"),
+    Bad("fit complex", lambda: DENSE.fit(torch.ones(3, dtype=torch.complex64)), TypeError, "labels"),
+    Bad("fit all equal (rule)", lambda: DENSE.fit(torch.full((5,), 3.0)), ValueError, "bandwidth"),
+    Bad("fit one label (rule)", lambda: dirfast.density_weights([4.0], bandwidth="scott"), ValueError, "bandwidth"),
+    Bad("weights before fit", lambda: dirfast.DenseWeight().weights(AGES), RuntimeError, "fit"),
+    Bad("density before fit", lambda: dirfast.DenseWeight().density(AGES), RuntimeError, "fit"),
+    Bad("weights str", lambda: DENSE.weights("x"), TypeError, "labels"),
+    Bad("load not a dict", lambda: DENSE.load_state_dict("state"), ValueError, "state"),
+    Bad("load empty dict", lambda: DENSE.load_state_dict({}), ValueError, "fitted"),
+    Bad("load other alpha", lambda: DENSE.load_state_dict(dirfast.DenseWeight().fit(AGES).state_dict()),
+        ValueError, "alpha"),
+    Bad("load other bandwidth", lambda: DENSE.load_state_dict(dict(DENSE_STATE, bandwidth="scott")),
+        ValueError, "bandwidth"),
+    Bad("load no density", lambda: DENSE.load_state_dict({k: v for k, v in DENSE_STATE.items() if k != "density"}),
+        ValueError, "density"),
+    Bad("load density shape", lambda: DENSE.load_state_dict(dict(DENSE_STATE, density=torch.zeros(5))),
+        ValueError, "density"),
+    Bad("load density above 1", lambda: DENSE.load_state_dict(dict(DENSE_STATE, density=DENSE_STATE["density"] + 1)),
+        ValueError, "density"),
+    Bad("load density NaN", lambda: DENSE.load_state_dict(
+        dict(DENSE_STATE, density=torch.full_like(DENSE_STATE["density"], float("nan")))), ValueError, "density"),
+    Bad("load step str", lambda: DENSE.load_state_dict(dict(DENSE_STATE, step="x")), ValueError, "not a number"),
+    Bad("load step negative", lambda: DENSE.load_state_dict(dict(DENSE_STATE, step=-1.0)), ValueError, "step"),
+    Bad("load low inf", lambda: DENSE.load_state_dict(dict(DENSE_STATE, low=float("inf"))), ValueError, "low"),
+    Bad("auto rule unknown", lambda: dirfast.Binning.auto(AGES, rule="sturges"), ValueError, "rule"),
+    Bad("auto rule None", lambda: dirfast.Binning.auto(AGES, rule=None), ValueError, "rule"),
+    Bad("auto max_bins 0", lambda: dirfast.Binning.auto(AGES, max_bins=0), ValueError, "max_bins"),
+    Bad("auto max_bins float", lambda: dirfast.Binning.auto(AGES, max_bins=10.0), TypeError, "max_bins"),
+    Bad("auto max_bins bool", lambda: dirfast.Binning.auto(AGES, max_bins=True), TypeError, "max_bins"),
+    Bad("auto empty", lambda: dirfast.Binning.auto([]), ValueError, "empty"),
+    Bad("auto NaN", lambda: dirfast.Binning.auto(torch.tensor([1.0, float("nan")])), ValueError, "finite"),
+    Bad("auto str", lambda: dirfast.Binning.auto("abc"), TypeError, "labels"),
+]
+
+
+@pytest.mark.parametrize("case", DENSE_CASES, ids=repr)
+def test_density_rejects_and_changes_nothing(case):
+    """Each bad call raises its error naming the argument, and the fitted DENSE stays as it was."""
+    weights, density = DENSE.weights(AGES), DENSE.density(AGES)
+    with pytest.raises(case.error, match=case.match):
+        case.call()
+    assert torch.equal(DENSE.weights(AGES), weights) and torch.equal(DENSE.density(AGES), density)
+    assert DENSE.state_dict().keys() == DENSE_STATE.keys() and DENSE.fitted_bandwidth == DENSE_STATE["fitted_bandwidth"]

@@ -22,7 +22,8 @@ EXAMPLES = _examples()
 
 def test_readme_has_the_examples():
     names = {param.id for param in EXAMPLES}
-    assert {"presets", "training-loop", "distributed", "epoch-hooks", "depth-maps", "balanced-mse", "fds-after-relu", "several-dimensions"} <= names, names
+    assert {"presets", "training-loop", "distributed", "epoch-hooks", "depth-maps", "balanced-mse",
+            "fds-after-relu", "several-dimensions", "density-weights"} <= names, names
 
 
 @pytest.mark.parametrize("code", EXAMPLES)

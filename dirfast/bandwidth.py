@@ -1,0 +1,54 @@
+"""Rules of thumb for a kernel bandwidth or a bin width, computed from 1-D labels.
+
+:class:`dirfast.DenseWeight` takes its default bandwidth from here and
+:meth:`dirfast.Binning.auto` its bin width; both import this module, which imports neither.
+Every rule takes a non-empty 1-D float64 tensor of finite labels (the callers check) and returns
+a 0-D float64 tensor on the labels' device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["BANDWIDTH_RULES", "BIN_WIDTH_RULES", "silverman", "scott", "freedman_diaconis", "rule_width"]
+
+BANDWIDTH_RULES = ("silverman", "scott")
+BIN_WIDTH_RULES = ("fd",) + BANDWIDTH_RULES
+
+
+def silverman(values: torch.Tensor) -> torch.Tensor:
+    """``1.06 * std * n^(-1/5)`` with the population standard deviation: Silverman's
+    normal-reference rule (1986, eq. 3.28), the bandwidth the denseweight package uses by default."""
+    return 1.06 * values.std(correction=0) * values.numel() ** -0.2
+
+
+def scott(values: torch.Tensor) -> torch.Tensor:
+    """``std * n^(-1/5)`` with the sample standard deviation: Scott's rule as
+    ``scipy.stats.gaussian_kde(bw_method="scott")`` applies it (0 for a single label)."""
+    if values.numel() < 2:
+        return values.new_zeros(())
+    return values.std(correction=1) * values.numel() ** -0.2
+
+
+def _quantile(ordered: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q`` quantile of sorted values, interpolated linearly as ``numpy.percentile`` does."""
+    position = q * (ordered.numel() - 1)
+    below = int(position)
+    above = min(below + 1, ordered.numel() - 1)
+    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
+
+
+def freedman_diaconis(values: torch.Tensor) -> torch.Tensor:
+    """``2 * IQR * n^(-1/3)``: the Freedman–Diaconis bin width, as ``numpy.histogram_bin_edges(bins="fd")``."""
+    ordered = values.sort().values
+    return 2.0 * (_quantile(ordered, 0.75) - _quantile(ordered, 0.25)) * values.numel() ** (-1.0 / 3.0)
+
+
+_RULES = {"silverman": silverman, "scott": scott, "fd": freedman_diaconis}
+
+
+def rule_width(values: torch.Tensor, rule: str) -> torch.Tensor:
+    """The width ``rule`` (one of :data:`BIN_WIDTH_RULES`) gives for ``values``."""
+    if not isinstance(rule, str) or rule not in _RULES:
+        raise ValueError(f"rule must be one of {BIN_WIDTH_RULES}, got {rule!r}")
+    return _RULES[rule](values)
