@@ -464,3 +464,34 @@ class FDS(nn.Module):
                 f"smooth(features, labels, epoch, inplace=False) to calibrate into a new tensor, or smooth "
                 f"before that activation")
         return ops.calibrate_(features, buckets, *stats)
+
+    # -- diagnostics ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def diagnostics(self) -> dict:
+        """What :meth:`smooth` does to each bucket now: a table of 1-D CPU tensors, one row per
+        bucket ``bucket_start .. bucket_num - 1``.
+
+        ``"bucket"`` (int64) and ``"count"`` (``num_samples_tracked``: the samples of every update
+        so far); then, between the last-epoch running statistics ``m1, v1`` and the smoothed ones
+        ``m2, v2`` that :meth:`smooth` uses: ``"mean_distance"`` ``||m1 - m2||``, ``"mean_cosine"``
+        their cosine similarity, ``"var_distance"`` and ``"var_cosine"`` the same for the variance
+        vectors (the paper's analysis of FDS, Sec. 3.2; a cosine is NaN where a vector is zero),
+        and ``"scale_mean"``, ``"scale_min"``, ``"scale_max"``: the per-feature factor
+        ``sqrt(clamp(v2 / v1, clip_min, clip_max))`` that :meth:`smooth` multiplies by (1 where the
+        zero-variance rules leave a feature alone), summarised over the features. Values are
+        float64. Large distances and factors far from 1 show the buckets that smoothing moves.
+        """
+        running_mean, running_var = self.running_mean_last_epoch, self.running_var_last_epoch
+        smoothed_mean, smoothed_var = self.smoothed_mean_last_epoch, self.smoothed_var_last_epoch
+        scale, _ = reference.scale_shift(running_mean, running_var, smoothed_mean, smoothed_var,
+                                         self.clip_min, self.clip_max)
+        scale = scale.double().cpu()
+        table = {"bucket": torch.arange(self.bucket_start, self.bucket_num),
+                 "count": self.num_samples_tracked.double().cpu()}
+        for name, running, smoothed in (("mean", running_mean, smoothed_mean), ("var", running_var, smoothed_var)):
+            running, smoothed = running.double().cpu(), smoothed.double().cpu()
+            table[f"{name}_distance"] = (running - smoothed).norm(dim=1)
+            norms = running.norm(dim=1) * smoothed.norm(dim=1)  # 0 / 0 is NaN: no direction to compare
+            table[f"{name}_cosine"] = ((running * smoothed).sum(dim=1) / norms).clamp(-1.0, 1.0)
+        table.update(scale_mean=scale.mean(dim=1), scale_min=scale.amin(dim=1), scale_max=scale.amax(dim=1))
+        return table

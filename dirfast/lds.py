@@ -260,6 +260,31 @@ class LDS:
                 f"ks={self.ks}, sigma={self.sigma}, inverse_clip={self.inverse_clip}{extra}, "
                 f"fitted on {int(self._counts.sum())} labels)")
 
+    # -- diagnostics ---------------------------------------------------------------------------
+    def diagnostics(self) -> dict:
+        """The fitted distributions and weights: a table of 1-D CPU tensors, one row per bin
+        ``bucket_start .. num_bins - 1`` (the rows of :attr:`empirical`).
+
+        ``"bin"`` (int64), ``"center"`` (the binning's centre of that bin), ``"count"`` (the
+        label count, :attr:`empirical`), ``"empirical_density"`` (the counts over their sum),
+        ``"effective_density"`` (:attr:`effective` over its sum: the distribution the weights
+        invert) and ``"weight"`` (what :meth:`weights` gives a label of that bin). Float64
+        values. Raises RuntimeError before :meth:`fit`, as :meth:`weights` does.
+        """
+        if not self._fitted:
+            raise RuntimeError("LDS.diagnostics() needs fitted counts: call fit(train_labels) first "
+                               "(or load_state_dict)")
+        effective, per_bin, scale = self._tables()
+        counts = self._counts.clone()
+        if self.reweight == "none":
+            weight = torch.ones_like(counts)
+        else:  # the float32 weights of weights(), in float64
+            weight = (per_bin.double() * scale).float().double()
+        return {"bin": torch.arange(self.bucket_start, self.binning.num_bins),
+                "center": torch.from_numpy(self.binning.centers[self.bucket_start:]),
+                "count": counts, "empirical_density": counts / counts.sum(),
+                "effective_density": effective / effective.sum(), "weight": weight}
+
 
 def _same_edges(saved, edges) -> bool:
     if isinstance(edges, list):

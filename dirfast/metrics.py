@@ -1,4 +1,5 @@
-"""Shot-region evaluation of the published DIR code: many-, medium- and few-shot errors."""
+"""Shot-region evaluation of the published DIR code (many-, medium- and few-shot errors), and
+bin-uniform ("balanced") errors."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from .binning import Binning, GridBinning
 
-__all__ = ["REGIONS", "shot_metrics"]
+__all__ = ["REGIONS", "shot_metrics", "balanced_mae", "balanced_mse"]
 
 
 def _numpy(name: str, values) -> np.ndarray:
@@ -130,3 +131,42 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
     result = {name: _region(errors[region == index]) for index, name in enumerate(REGIONS)}
     result["overall"] = _region(errors)
     return result
+
+
+def _balanced_error(preds, labels, binning, power: int) -> float:
+    """The mean over the bins holding test labels of each bin's mean ``error ** power``."""
+    preds, labels = _numpy("preds", preds), _numpy("labels", labels)
+    if preds.shape != labels.shape:
+        raise ValueError(f"preds and labels must have the same number of values, got {preds.size} and {labels.size}")
+    if labels.size == 0:
+        raise ValueError("preds and labels must not be empty: a balanced error needs at least one bin")
+    if not isinstance(binning, (Binning, GridBinning)):
+        raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
+    if isinstance(binning, GridBinning):  # one Euclidean distance per sample, as in shot_metrics
+        preds, labels = _rows("preds", preds, binning.ndim), _rows("labels", labels, binning.ndim)
+        errors = np.sqrt(np.sum((preds - labels) ** 2, axis=1))
+    else:
+        errors = np.abs(preds - labels)
+    bins = binning(labels, precision="float32").numpy()
+    total = np.bincount(bins, weights=errors ** power, minlength=binning.num_bins)
+    count = np.bincount(bins, minlength=binning.num_bins)
+    seen = count > 0
+    return float(np.mean(total[seen] / count[seen]))
+
+
+def balanced_mae(preds, labels, binning) -> float:
+    """Bin-uniform ("balanced") mean absolute error: every bin that holds test ``labels`` weighs
+    the same, whatever its number of samples, as on a test set with uniform labels.
+
+    The mean over those bins of each bin's mean ``|pred - label|``. Labels are binned as in
+    :func:`shot_metrics` (``precision="float32"``); with a :class:`~dirfast.GridBinning`,
+    ``preds`` and ``labels`` are ``[N, d]`` and the error is the Euclidean distance. NaN or
+    infinite values, differing sizes and no values at all raise ValueError.
+    """
+    return _balanced_error(preds, labels, binning, 1)
+
+
+def balanced_mse(preds, labels, binning) -> float:
+    """Bin-uniform ("balanced") mean squared error: :func:`balanced_mae` with each bin's mean
+    squared error."""
+    return _balanced_error(preds, labels, binning, 2)

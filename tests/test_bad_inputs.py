@@ -545,6 +545,7 @@ def test_huber_beta_zero_is_l1_with_finite_gradients():
 
 TRAIN, TEST = np.arange(300) % 50, np.arange(60) % 50 + 0.0
 SM = dirfast.metrics.shot_metrics
+BMAE, BMSE, INT50 = dirfast.metrics.balanced_mae, dirfast.metrics.balanced_mse, dirfast.Binning.integer(50)
 METRIC_CASES = [
     Bad("thresholds inverted", lambda: SM(TEST, TEST, TRAIN, many_shot_thr=10, low_shot_thr=20), ValueError, "low_shot_thr"),
     Bad("threshold str", lambda: SM(TEST, TEST, TRAIN, many_shot_thr="100"), TypeError, "many_shot_thr"),
@@ -563,6 +564,14 @@ METRIC_CASES = [
                                       regions={"many": [1], "low": [1]}), ValueError, "more than one region"),
     Bad("regions unknown name", lambda: SM(TEST, TEST, binning=dirfast.Binning.integer(50), regions={"few": [1]}),
         ValueError, "regions"),
+    Bad("balanced binning missing", lambda: BMAE(TEST, TEST, None), TypeError, "binning"),
+    Bad("balanced binning str", lambda: BMSE(TEST, TEST, "fd"), TypeError, "binning"),
+    Bad("balanced sizes differ", lambda: BMAE(TEST[:5], TEST, INT50), ValueError, "preds and labels"),
+    Bad("balanced empty", lambda: BMSE([], [], INT50), ValueError, "empty"),
+    Bad("balanced labels NaN", lambda: BMAE(TEST, TEST * np.nan, INT50), ValueError, "labels"),
+    Bad("balanced preds str", lambda: BMSE("abc", TEST, INT50), TypeError, "preds"),
+    Bad("balanced grid odd size", lambda: BMAE(torch.zeros(5), torch.zeros(5), GRID), ValueError,
+        r"preds must be \[N, 2\]"),
 ]
 
 

@@ -23,7 +23,7 @@ EXAMPLES = _examples()
 def test_readme_has_the_examples():
     names = {param.id for param in EXAMPLES}
     assert {"presets", "training-loop", "distributed", "epoch-hooks", "depth-maps", "balanced-mse",
-            "fds-after-relu", "several-dimensions", "density-weights"} <= names, names
+            "fds-after-relu", "several-dimensions", "density-weights", "diagnostics"} <= names, names
 
 
 @pytest.mark.parametrize("code", EXAMPLES)

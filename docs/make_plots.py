@@ -1,0 +1,88 @@
+"""Draw the README's diagnostics plots on the real AgeDB-DIR training ages.
+
+    python docs/make_plots.py [--labels CSV] [--out DIR]
+
+Writes ``agedb-label-distribution.png`` (the published AgeDB-DIR LDS: empirical and effective
+label density, weights) and ``agedb-fds-diagnostics.png`` (the published AgeDB-DIR FDS after
+two epochs of synthetic features that depend smoothly on the age, plus noise) into ``--out``
+(default docs/images). The labels file (columns ``age,split``) is on team machines only, at
+../shared/data/agedb-dir-labels.csv beside the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's dirfast, wherever the script is run from
+
+try:
+    import matplotlib
+except ImportError:
+    sys.exit("make_plots: needs matplotlib (pip install matplotlib)")
+matplotlib.use("Agg")
+
+import torch  # noqa: E402
+
+import dirfast.plot  # noqa: E402
+from dirfast.presets import AGEDB_DIR  # noqa: E402
+
+LABELS = os.path.join(ROOT, "..", "shared", "data", "agedb-dir-labels.csv")
+OUT = os.path.join(ROOT, "docs", "images")
+FEATURE_DIM = 32
+DPI = 100
+
+
+def training_ages(path: str) -> torch.Tensor:
+    """The ``split == "train"`` ages of the labels file, as float32."""
+    with open(path, newline="") as handle:
+        ages = [float(row["age"]) for row in csv.DictReader(handle) if row["split"] == "train"]
+    return torch.tensor(ages)
+
+
+def synthetic_features(ages: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """``[N, FEATURE_DIM]`` features whose mean and spread vary smoothly with the age, plus
+    noise: the per-bucket estimates are noisy where ages are rare, which smoothing evens out."""
+    frequencies = torch.linspace(0.5, 3.0, FEATURE_DIM)
+    phases = torch.linspace(0.0, 3.0, FEATURE_DIM)
+    signal = torch.sin(ages[:, None] / 100 * frequencies * torch.pi + phases)
+    spread = 0.5 + ages[:, None] / 100
+    return signal + spread * torch.randn(ages.shape[0], FEATURE_DIM, generator=generator)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--labels", default=LABELS, help="the AgeDB-DIR labels CSV (age,split)")
+    parser.add_argument("--out", default=OUT, help="the folder the PNG files go to")
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.labels):
+        print(f"make_plots: the AgeDB-DIR labels are not at {os.path.abspath(args.labels)} (they are on team "
+              "machines only); pass --labels PATH", file=sys.stderr)
+        return 1
+    ages = training_ages(args.labels)
+    os.makedirs(args.out, exist_ok=True)
+
+    lds = AGEDB_DIR.lds().fit(ages)
+    ax, _ = dirfast.plot.plot_label_distribution(lds)
+    ax.set_title(f"AgeDB-DIR training ages ({len(ages)}): LDS, sqrt_inv, gaussian ks=5 sigma=2")
+    ax.set_xlabel("age")
+    ax.figure.savefig(os.path.join(args.out, "agedb-label-distribution.png"), dpi=DPI)
+
+    fds = AGEDB_DIR.fds(feature_dim=FEATURE_DIM)
+    generator = torch.Generator().manual_seed(0)
+    for epoch in range(2):  # the published order at the end of each epoch
+        fds.update_last_epoch_stats(epoch)
+        fds.update_running_stats(synthetic_features(ages, generator), ages, epoch)
+    axes = dirfast.plot.plot_fds_diagnostics(fds)
+    axes[0].set_title(f"AgeDB-DIR FDS after 2 epochs ({FEATURE_DIM} synthetic features: smooth in age + noise)")
+    axes[-1].set_xlabel("bucket (age)")
+    axes[0].figure.savefig(os.path.join(args.out, "agedb-fds-diagnostics.png"), dpi=DPI)
+    print(f"make_plots: wrote agedb-label-distribution.png and agedb-fds-diagnostics.png to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
