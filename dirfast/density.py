@@ -150,7 +150,7 @@ class DenseWeight:
 
     def _scaled_density(self, labels, what: str) -> torch.Tensor:
         fit = self._require_fit(what)
-        labels = as_label_tensor(labels)
+        labels = as_label_tensor(labels).detach()  # weights are constants of the loss, as LDS's
         table = self._table_on.get(labels.device)
         if table is None:
             table = self._table_on[labels.device] = fit["density"].to(labels.device)

@@ -134,6 +134,7 @@ def test_weights_keep_shape_device_and_need_no_fit_device(device):
     assert weights[:3].tolist() == [0.0, 0.0, 0.0] and bool(density[:3].isnan().all())
     assert density[3:].tolist() == [0.0, 0.0]
     torch.testing.assert_close(weights[3:], estimator.weights(torch.tensor([1e9, -1e9])))
+    assert not estimator.weights(batch.requires_grad_()).requires_grad, "weights are constants, as LDS's"
 
 
 def test_weights_read_nothing_on_the_host():
