@@ -199,6 +199,16 @@ def test_fit_gmm_on_the_histogram_is_em_on_the_samples():
     assert binned.log_prob(ages).mean() >= one_dim.log_prob(ages).mean() - 1e-3
 
 
+def test_fit_gmm_keeps_the_spread_inside_each_bin():
+    """One component on a coarse histogram: by the law of total variance, the between-bin
+    variance plus each bin's own spread is the labels' variance, exactly (continuous labels,
+    8 bins)."""
+    labels = torch.from_numpy(np.random.default_rng(22).normal(3.0, 2.0, 4000))
+    fit = fit_gmm(labels, 1, num_bins=8, reg_covar=0.0)
+    assert fit.means.item() == pytest.approx(labels.mean().item(), rel=1e-12)
+    assert fit.variances.item() == pytest.approx(labels.var(correction=0).item(), rel=1e-9)
+
+
 @pytest.mark.parametrize("d", [2, 3])
 def test_fit_gmm_in_several_dimensions(d):
     g = gen(21 + d)
