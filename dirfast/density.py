@@ -117,6 +117,10 @@ class DenseWeight:
         low = float(values.min()) - GRID_PAD * bandwidth
         step = (float(values.max()) + GRID_PAD * bandwidth - low) / (self.grid_size - 1)
         sigma = bandwidth / step  # in grid steps
+        if not (math.isfinite(bandwidth) and math.isfinite(low) and math.isfinite(step) and step > 0
+                and math.isfinite(sigma)):
+            raise ValueError(f"labels span [{float(values.min()):g}, {float(values.max()):g}]: with bandwidth "
+                             f"{bandwidth:g} the density grid overflows float64; rescale the labels")
         if sigma < MIN_STEPS_PER_BANDWIDTH:
             warnings.warn(f"the bandwidth {bandwidth:g} spans only {sigma:.2g} grid steps of {step:g}: the density "
                           "is coarse; raise grid_size or the bandwidth", UserWarning, stacklevel=2)
