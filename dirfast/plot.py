@@ -17,10 +17,12 @@ from .binning import GridBinning
 from .fds import FDS
 from .lds import LDS
 
-__all__ = ["plot_label_distribution", "plot_fds_diagnostics", "FDS_PANELS"]
+__all__ = ["plot_label_distribution", "plot_grid_distribution", "plot_fds_diagnostics", "FDS_PANELS", "GRID_PANELS"]
 
 # The panels of plot_fds_diagnostics, top to bottom.
 FDS_PANELS = ("count", "cosine", "distance", "scale")
+# The panels of plot_grid_distribution, left to right: columns of LDS.diagnostics().
+GRID_PANELS = ("empirical_density", "effective_density", "weight")
 
 
 def _pyplot():
@@ -45,14 +47,13 @@ def plot_label_distribution(lds: LDS, ax=None):
 
     Draws into ``ax`` (a matplotlib Axes; default a new figure). Returns ``(ax, weight_ax)``,
     the Axes of the densities and the twin Axes of the weights. Raises RuntimeError before
-    ``lds.fit``, and ValueError for an LDS over a GridBinning (use ``lds.diagnostics()``, whose
-    columns reshape to ``grid.shape``).
+    ``lds.fit``, and ValueError for an LDS over a GridBinning (see :func:`plot_grid_distribution`).
     """
     if not isinstance(lds, LDS):
         raise TypeError(f"lds must be a dirfast.LDS, got {type(lds).__name__}")
     if isinstance(lds.binning, GridBinning):
         raise ValueError("plot_label_distribution draws labels with one dimension, and this LDS is over a "
-                         "GridBinning: plot the columns of lds.diagnostics() reshaped to lds.binning.shape")
+                         "GridBinning: plot_grid_distribution draws a grid of two dimensions")
     table = lds.diagnostics()
     plt = _pyplot()
     if ax is None:
@@ -76,6 +77,47 @@ def plot_label_distribution(lds: LDS, ax=None):
     return ax, weight_ax
 
 
+def _check_axes_list(value, count: int) -> list:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != count:
+        raise TypeError(f"axes must be None or a sequence of {count} matplotlib Axes, got {value!r}")
+    for index, ax in enumerate(value):
+        _check_axes(f"axes[{index}]", ax)
+    return list(value)
+
+
+def plot_grid_distribution(lds: LDS, axes=None):
+    """Draw a fitted LDS over a :class:`~dirfast.GridBinning` of two dimensions as three maps
+    (:data:`GRID_PANELS`): the empirical label density, the effective density and the weights
+    (logarithmic colours), dimension 0 across and dimension 1 up, over the bins' edges.
+
+    Draws into ``axes`` (three matplotlib Axes; default a new figure). Returns the list of the
+    three Axes. Raises ValueError for an LDS over a ``Binning`` or a grid of another dimension.
+    """
+    if not isinstance(lds, LDS):
+        raise TypeError(f"lds must be a dirfast.LDS, got {type(lds).__name__}")
+    if not isinstance(lds.binning, GridBinning) or lds.binning.ndim != 2:
+        raise ValueError("plot_grid_distribution draws an LDS over a GridBinning of two dimensions, got "
+                         f"{lds.binning!r} (plot_label_distribution draws one dimension)")
+    table = lds.diagnostics()
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    if axes is None:
+        _, axes = plt.subplots(1, len(GRID_PANELS), figsize=(13, 4), layout="constrained")
+    axes = _check_axes_list(axes, len(GRID_PANELS))
+    first, second = lds.binning.binnings
+    extent = (first.edges[0], first.edges[-1], second.edges[0], second.edges[-1])
+    for ax, name in zip(axes, GRID_PANELS):
+        values = table[name].reshape(lds.binning.shape).numpy().T  # rows: dimension 1, drawn upwards
+        norm = LogNorm() if name == "weight" else None
+        image = ax.imshow(values, origin="lower", extent=extent, aspect="auto", norm=norm, interpolation="nearest")
+        ax.figure.colorbar(image, ax=ax)
+        ax.set_title(name.replace("_", " "))
+        ax.set_xlabel("dimension 0")
+        ax.set_ylabel("dimension 1")
+    return axes
+
+
 def plot_fds_diagnostics(fds: FDS, axes=None):
     """Draw :meth:`FDS.diagnostics` per bucket, in four panels (:data:`FDS_PANELS`): the samples
     tracked, the cosine similarity and the L2 distance between the running and smoothed mean
@@ -91,12 +133,7 @@ def plot_fds_diagnostics(fds: FDS, axes=None):
     plt = _pyplot()
     if axes is None:
         _, axes = plt.subplots(len(FDS_PANELS), 1, figsize=(9, 9), sharex=True, layout="constrained")
-    else:
-        if isinstance(axes, (str, bytes)) or not hasattr(axes, "__len__") or len(axes) != len(FDS_PANELS):
-            raise TypeError(f"axes must be None or a sequence of {len(FDS_PANELS)} matplotlib Axes, got {axes!r}")
-        for index, ax in enumerate(axes):
-            _check_axes(f"axes[{index}]", ax)
-    count_ax, cosine_ax, distance_ax, scale_ax = axes = list(axes)
+    count_ax, cosine_ax, distance_ax, scale_ax = axes = _check_axes_list(axes, len(FDS_PANELS))
     buckets = table["bucket"]
     count_ax.bar(buckets, table["count"], width=1.0, color="tab:blue", label="samples tracked")
     count_ax.set_ylabel("samples tracked")

@@ -106,11 +106,43 @@ def test_fds_diagnostics_draw_into_given_axes():
     assert [id(ax) for ax in drawn] == [id(ax) for ax in axes.reshape(-1)] and all(ax.has_data() for ax in drawn)
 
 
+def fitted_grid_lds(reweight="sqrt_inv"):
+    grid = dirfast.GridBinning(dirfast.Binning.uniform(0, 1, 5), dirfast.Binning.uniform(-1, 1, 3))
+    points = torch.rand(800, 2, generator=torch.Generator().manual_seed(0)) ** 2 * torch.tensor([1.0, 2.0]) - \
+        torch.tensor([0.0, 1.0])
+    return dirfast.LDS(grid, reweight=reweight, lds=reweight != "none").fit(points)
+
+
+def test_grid_distribution_draws_the_lds_table(tmp_path):
+    lds = fitted_grid_lds()
+    table = lds.diagnostics()
+    axes = dirfast.plot.plot_grid_distribution(lds)
+    rendered(axes[0].figure, tmp_path, "grid.png")
+    assert len(axes) == len(dirfast.plot.GRID_PANELS) == 3
+    for ax, name in zip(axes, dirfast.plot.GRID_PANELS):
+        (image,) = ax.get_images()
+        drawn = np.asarray(image.get_array())
+        assert drawn.shape == (3, 5), "dimension 1 up, dimension 0 across"
+        for i in range(5):
+            for j in range(3):
+                assert drawn[j, i] == table[name][i * 3 + j].item(), (name, i, j)
+        assert image.get_extent() == [0.0, 1.0, -1.0, 1.0] and image.origin == "lower"
+        assert type(image.norm).__name__ == ("LogNorm" if name == "weight" else "Normalize")
+    flat = dirfast.plot.plot_grid_distribution(fitted_grid_lds("none"))  # equal weights: a flat map
+    assert np.all(np.asarray(flat[2].get_images()[0].get_array()) == 1.0)
+
+
 def test_the_plots_reject_a_grid_lds_and_wrong_axes():
-    grid = dirfast.GridBinning(dirfast.Binning.integer(3), dirfast.Binning.integer(4))
-    lds = dirfast.LDS(grid).fit(torch.tensor([[0.0, 1.0], [2.0, 3.0]]))
-    with pytest.raises(ValueError, match="GridBinning"):
+    lds = fitted_grid_lds()
+    with pytest.raises(ValueError, match="plot_grid_distribution"):
         dirfast.plot.plot_label_distribution(lds)
+    with pytest.raises(ValueError, match="two dimensions"):
+        dirfast.plot.plot_grid_distribution(fitted_lds())
+    cube = dirfast.GridBinning(*[dirfast.Binning.integer(2)] * 3)
+    with pytest.raises(ValueError, match="two dimensions"):
+        dirfast.plot.plot_grid_distribution(dirfast.LDS(cube).fit(torch.zeros(4, 3)))
+    with pytest.raises(TypeError, match="axes must be None or a sequence of 3"):
+        dirfast.plot.plot_grid_distribution(lds, axes=plt.subplots(1, 2)[1])
     with pytest.raises(TypeError, match="axes"):
         dirfast.plot.plot_fds_diagnostics(trained_fds(), axes=plt.subplots(1, 3)[1])
 
@@ -120,9 +152,10 @@ def test_the_plots_reject_a_grid_lds_and_wrong_axes():
     (lambda: dirfast.plot.plot_label_distribution(trained_fds()), "lds must be a dirfast.LDS"),
     (lambda: dirfast.plot.plot_label_distribution(fitted_lds(), ax="left"), "ax must be a matplotlib Axes"),
     (lambda: dirfast.plot.plot_fds_diagnostics(fitted_lds()), "fds must be a dirfast.FDS"),
+    (lambda: dirfast.plot.plot_grid_distribution(None), "lds must be a dirfast.LDS"),
     (lambda: dirfast.plot.plot_fds_diagnostics(trained_fds(), axes="abcd"), "axes must be None or a sequence"),
     (lambda: dirfast.plot.plot_fds_diagnostics(trained_fds(), axes=[1, 2, 3, 4]), r"axes\[0\] must be"),
-], ids=["lds str", "lds an FDS", "ax str", "fds an LDS", "axes str", "axes of ints"])
+], ids=["lds str", "lds an FDS", "ax str", "fds an LDS", "grid lds None", "axes str", "axes of ints"])
 def test_the_plots_name_a_bad_argument(call, match):
     with pytest.raises(TypeError, match=match):
         call()
