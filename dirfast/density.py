@@ -18,7 +18,6 @@ import torch
 from . import ops
 from .bandwidth import BANDWIDTH_RULES, rule_width
 from .binning import _real, as_label_tensor
-from .windows import kernel_window
 
 __all__ = ["DenseWeight", "density_weights", "BANDWIDTH_RULES"]
 
@@ -46,6 +45,17 @@ def _grid_size(value) -> int:
     if not MIN_GRID <= value <= MAX_GRID:
         raise ValueError(f"grid_size must be in [{MIN_GRID}, {MAX_GRID}], got {value}")
     return int(value)
+
+
+def _gaussian_window(sigma: float, device) -> torch.Tensor:
+    """scipy's ``gaussian_filter1d`` kernel in float64: ``exp(-k^2 / (2 sigma^2))`` for ``|k|`` up
+    to ``int(4 sigma + 0.5)``, summing to 1. (``kernel_window`` filters a delta of the window's
+    length, which gives these taps here, but in float32 and in time that grows as its length
+    squared: 30 ms at the ~800 taps of a default fit.)"""
+    radius = int(4.0 * sigma + 0.5)
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+    window = torch.exp(-0.5 * (taps / sigma) ** 2)
+    return window / window.sum()
 
 
 def _interpolate(table: torch.Tensor, low: float, step: float, labels: torch.Tensor) -> torch.Tensor:
@@ -142,9 +152,7 @@ class DenseWeight:
         shares = torch.cat([1 - right_share, right_share])[:, None]
         count, mean, _ = ops.bin_stats(shares, points, self.grid_size)
         mass = count.to(torch.float64) * mean[:, 0]
-        radius = int(4.0 * sigma + 0.5)  # the window of scipy's gaussian_filter1d, untruncated
-        window = kernel_window("gaussian", 2 * radius + 1, sigma, normalize="sum")
-        return ops.smooth_bins(mass, window, padding="constant")
+        return ops.smooth_bins(mass, _gaussian_window(sigma, mass.device), padding="constant")
 
     # -- weights -------------------------------------------------------------------------------
     def _require_fit(self, what: str) -> dict:
