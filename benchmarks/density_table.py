@@ -5,7 +5,8 @@ Fits :class:`dirfast.DenseWeight` (defaults: alpha 1, Silverman's bandwidth, 409
 the AgeDB-DIR training ages and the STS-B-DIR training scores (read from ../shared/data, float64),
 and, when the package is installed, ``denseweight.DenseWeight`` with its defaults on the same
 labels. Prints a markdown table of p' and the weights at a few labels, and the largest and median
-differences over all training labels for alpha 0.5, 1 and 2; writes the same text to ``--out``
+differences over all training labels for alpha 0.5, 1 and 2, then (with the package) the median
+times of fitting and of the weights, side by side; writes the same text to ``--out``
 (default ``benchmarks/results/density-weights.md``). Prints a notice and writes nothing when the
 label files are absent.
 """
@@ -15,11 +16,14 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import statistics
+import time
 
 import numpy as np
 import torch
 
 import dirfast
+from benchmarks.cases import cpu_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "..", "shared", "data")
@@ -102,6 +106,30 @@ def table(name: str, labels: np.ndarray, points, package_class) -> list:
     return lines + [""]
 
 
+def median_ms(call, rounds: int = 9) -> float:
+    """Median wall time of ``call()`` in ms, after one warm-up call."""
+    call()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def timing(name: str, labels: np.ndarray, package_class) -> str:
+    """A markdown row: fitting and weighing ``labels``, dirfast and the package, medians and ratios."""
+    tensor = torch.from_numpy(labels)
+    ours = dirfast.DenseWeight().fit(tensor)
+    theirs = package_class(alpha=1.0)
+    theirs.fit(labels)
+    fit = (median_ms(lambda: dirfast.DenseWeight().fit(tensor)),
+           median_ms(lambda: package_class(alpha=1.0).fit(labels)))
+    weigh = (median_ms(lambda: ours.weights(tensor)), median_ms(lambda: theirs.eval(labels)))
+    return (f"| {name} | {labels.size} | {fit[0]:.2f} | {fit[1]:.2f} | {fit[1] / fit[0]:.1f}x | {weigh[0]:.2f} | "
+            f"{weigh[1]:.2f} | {weigh[1] / weigh[0]:.1f}x |")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=OUT, help="where to write the markdown (default: %(default)s)")
@@ -120,6 +148,14 @@ def main(argv=None) -> int:
               "(range + 9 bandwidths) / 4095), dirfast interpolates between grid points; dirfast's p' is within "
               "1e-4 of the exact Gaussian KDE (tests/test_density.py). Near the densest labels the weight "
               "1 - alpha p' is close to 0, so a small difference in p' is a large relative one there.", ""]
+    if package_class is not None:
+        lines += [f"### Time: median of 9 calls, ms ({cpu_model()}, {torch.get_num_threads()} threads, "
+                  f"torch {torch.__version__})", "",
+                  "Fitting on the training labels, then the weights of those labels (dirfast's `weights`, the "
+                  "package's `eval`).", "",
+                  "| labels | n | fit, dirfast | fit, denseweight | dirfast faster | weights, dirfast | "
+                  "weights, denseweight | dirfast faster |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+                  timing("AgeDB-DIR ages", ages, package_class), timing("STS-B-DIR scores", scores, package_class), ""]
     text = "\n".join(lines)
     print(text)
     with open(args.out, "w") as handle:
