@@ -18,7 +18,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -26,6 +25,7 @@ import published_balanced_mse as published  # tests/ is on the path (benchmarks/
 import torch
 
 import dirfast
+from benchmarks.cases import cpu_model
 from dirfast.losses import bni_loss, gai_loss
 
 SHAPE, K = (8, 1, 240, 320), 100
@@ -150,17 +150,6 @@ def run(device: str, quick: bool, shape=SHAPE) -> list:
     return rows
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def format_rows(rows) -> str:
     lines = [f"{'loss':<5} {'provider':<17} {'median ms':>10} {'x faster':>9} {'peak MB':>9} {'mem/published':>14}"
              f" {'|grad diff|':>12}"]
@@ -187,7 +176,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = (torch.cuda.get_device_name(0) if args.device == "cuda" else
-               f"{_cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+               f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
     print(f"Balanced MSE {list(shape)} K={K} forward+backward on {args.device} ({machine}); torch {torch.__version__}",
           flush=True)
     rows = run(args.device, args.quick, shape)
@@ -196,7 +185,7 @@ def main(argv=None) -> None:
         with open(args.json, "w") as handle:
             json.dump({"device": args.device, "machine": machine, "torch": torch.__version__, "shape": shape, "K": K,
                        "rows": rows}, handle, indent=1)
-        print(f"wrote {os.path.abspath(args.json)}")
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
