@@ -340,3 +340,13 @@ class GridBinning:
     def unravel(self, index: torch.Tensor) -> torch.Tensor:
         """The per-dimension bin numbers ``[..., d]`` of grid indices ``index``."""
         return torch.stack([(index // stride) % n for stride, n in zip(self._strides, self.shape)], dim=-1)
+
+    def along_each_axis(self, table: torch.Tensor, smooth) -> torch.Tensor:
+        """``table`` (``[num_bins, ...]``, one row per grid bin) with ``smooth`` (a 1-D smoothing
+        along dim 0 of ``[n, M]``) applied along each grid axis in turn: the separable smoothing
+        LDS and FDS use over a grid."""
+        grid = table.reshape(self.shape + tuple(table.shape[1:]))
+        for axis, length in enumerate(self.shape):
+            moved = grid.movedim(axis, 0)
+            grid = smooth(moved.reshape(length, -1)).reshape(moved.shape).movedim(0, axis)
+        return grid.reshape(table.shape)

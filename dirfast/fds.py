@@ -226,13 +226,7 @@ class FDS(nn.Module):
         of a grid in turn (on one axis, the very call of the 1-D case)."""
         if not isinstance(self.binning, GridBinning):
             return ops.smooth_bins(stats, self.kernel_window, "reflect")
-        shape = self.binning.shape
-        grid = stats.reshape(shape + (self.feature_dim,))
-        for axis in range(len(shape)):
-            moved = grid.movedim(axis, 0)
-            smoothed = ops.smooth_bins(moved.reshape(shape[axis], -1), self.kernel_window, "reflect")
-            grid = smoothed.reshape(moved.shape).movedim(0, axis)
-        return grid.reshape(stats.shape)
+        return self.binning.along_each_axis(stats, lambda rows: ops.smooth_bins(rows, self.kernel_window, "reflect"))
 
     @torch.no_grad()
     def accumulate(self, features: torch.Tensor, labels: torch.Tensor) -> None:

@@ -180,13 +180,7 @@ class LDS:
         very call of the 1-D case)."""
         if not isinstance(self.binning, GridBinning):
             return reference.smooth_bins(table, self.window, self.padding)
-        shape = self.binning.shape
-        grid = table.reshape(shape)
-        for axis in range(len(shape)):
-            moved = grid.movedim(axis, 0)
-            smoothed = reference.smooth_bins(moved.reshape(shape[axis], -1), self.window, self.padding)
-            grid = smoothed.reshape(moved.shape).movedim(0, axis)
-        return grid.reshape(-1)
+        return self.binning.along_each_axis(table, lambda rows: reference.smooth_bins(rows, self.window, self.padding))
 
     def _label_shape(self, labels: torch.Tensor) -> tuple:
         """The shape of the weights of ``labels``: theirs, less the coordinates of a grid."""
