@@ -182,6 +182,16 @@ class LDS:
             return reference.smooth_bins(table, self.window, self.padding)
         return self.binning.along_each_axis(table, lambda rows: reference.smooth_bins(rows, self.window, self.padding))
 
+    def _require_fit(self, what: str) -> None:
+        if not self._fitted:
+            raise RuntimeError(f"LDS.{what}() needs fitted counts: call fit(train_labels) first (or load_state_dict)")
+
+    def _bin_weights(self) -> torch.Tensor:
+        """The float32 weight of a label in each bin (CPU), with the fitted scale."""
+        _, per_bin, scale = self._tables()
+        weights = (per_bin.double() * scale).float()
+        return torch.ones_like(weights) if self.reweight == "none" else weights
+
     def _label_shape(self, labels: torch.Tensor) -> tuple:
         """The shape of the weights of ``labels``: theirs, less the coordinates of a grid."""
         return tuple(labels.shape[:-1]) if isinstance(self.binning, GridBinning) else tuple(labels.shape)
@@ -194,17 +204,12 @@ class LDS:
         read on the host (call it in the training step): a NaN or infinite label gets weight 0.
         Raises RuntimeError before :meth:`fit`.
         """
-        if not self._fitted:
-            raise RuntimeError("LDS.weights() needs fitted counts: call fit(train_labels) first "
-                               "(or load_state_dict)")
+        self._require_fit("weights")
         labels = as_label_tensor(labels)
         device = labels.device
         table = self._table_on.get(device)
         if table is None:
-            _, per_bin, scale = self._tables()
-            weights = (per_bin.double() * scale).float()
-            if self.reweight == "none":
-                weights = torch.ones_like(weights)
+            weights = self._bin_weights()
             table = self._table_on[device] = torch.cat([weights, weights.new_zeros(1)]).to(device)
         bins = self._bins(labels, check=False)
         return table[torch.where(bins >= 0, bins, table.shape[0] - 1)].reshape(self._label_shape(labels))
@@ -265,19 +270,13 @@ class LDS:
         invert) and ``"weight"`` (what :meth:`weights` gives a label of that bin). Float64
         values. Raises RuntimeError before :meth:`fit`, as :meth:`weights` does.
         """
-        if not self._fitted:
-            raise RuntimeError("LDS.diagnostics() needs fitted counts: call fit(train_labels) first "
-                               "(or load_state_dict)")
-        effective, per_bin, scale = self._tables()
+        self._require_fit("diagnostics")
+        effective = self._tables()[0]
         counts = self._counts.clone()
-        if self.reweight == "none":
-            weight = torch.ones_like(counts)
-        else:  # the float32 weights of weights(), in float64
-            weight = (per_bin.double() * scale).float().double()
         return {"bin": torch.arange(self.bucket_start, self.binning.num_bins),
                 "center": torch.from_numpy(self.binning.centers[self.bucket_start:]),
                 "count": counts, "empirical_density": counts / counts.sum(),
-                "effective_density": effective / effective.sum(), "weight": weight}
+                "effective_density": effective / effective.sum(), "weight": self._bin_weights().double()}
 
 
 def _same_edges(saved, edges) -> bool:
