@@ -32,6 +32,20 @@ def _rows(name: str, values: np.ndarray, dim: int) -> np.ndarray:
     return values.reshape(-1, dim)
 
 
+def _samples(preds, labels, binning):
+    """``(labels, errors)`` of one set of samples, checked: the labels as ``[N, d]`` rows for a
+    GridBinning, and one error per sample (``pred - label`` on one dimension, the Euclidean
+    distance over a grid of several)."""
+    preds, labels = _numpy("preds", preds), _numpy("labels", labels)
+    if preds.shape != labels.shape:
+        raise ValueError(f"preds and labels must have the same number of values, got {preds.size} and {labels.size}")
+    if not isinstance(binning, GridBinning):
+        return labels, preds - labels
+    preds, labels = _rows("preds", preds, binning.ndim), _rows("labels", labels, binning.ndim)
+    errors = preds - labels
+    return labels, errors[:, 0] if binning.ndim == 1 else np.sqrt(np.sum(errors ** 2, axis=1))
+
+
 def _region(errors: np.ndarray) -> dict:
     if errors.size == 0:
         return {"mse": float("nan"), "l1": float("nan"), "gmean": float("nan")}
@@ -92,14 +106,9 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
 
     Returns ``{"many" | "median" | "low" | "overall": {"mse", "l1", "gmean"}}`` of floats.
     """
-    preds, labels = _numpy("preds", preds), _numpy("labels", labels)
-    if preds.shape != labels.shape:
-        raise ValueError(f"preds and labels must have the same number of values, got {preds.size} and {labels.size}")
+    labels, errors = _samples(preds, labels, binning)
     if binning is not None and not isinstance(binning, (Binning, GridBinning)):
         raise TypeError(f"binning must be None or a dirfast.Binning or GridBinning, got {type(binning).__name__}")
-    grid = isinstance(binning, GridBinning)
-    if grid:
-        preds, labels = _rows("preds", preds, binning.ndim), _rows("labels", labels, binning.ndim)
     if regions is not None:
         if binning is None:
             raise ValueError("regions are bin lists: pass the binning they refer to")
@@ -112,7 +121,7 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
             raise ValueError(f"low_shot_thr ({low_shot_thr}) must not exceed many_shot_thr ({many_shot_thr}): "
                              "the regions would overlap")
         train = _numpy("train_labels", train_labels)
-        if grid:
+        if isinstance(binning, GridBinning):
             train = _rows("train_labels", train, binning.ndim)
         if binning is None:
             test_keys, train_keys = labels, train.astype(int)
@@ -125,9 +134,6 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
         train_count = np.searchsorted(sorted_train, keys, side="right") - np.searchsorted(sorted_train, keys, side="left")
         count = train_count[inverse.reshape(-1)]
         region = np.where(count > many, 0, np.where(count < low, 2, 1))
-    errors = preds - labels
-    if grid:  # one Euclidean distance per sample (on one dimension, the signed error itself)
-        errors = errors[:, 0] if binning.ndim == 1 else np.sqrt(np.sum(errors ** 2, axis=1))
     result = {name: _region(errors[region == index]) for index, name in enumerate(REGIONS)}
     result["overall"] = _region(errors)
     return result
@@ -135,20 +141,13 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
 
 def _balanced_error(preds, labels, binning, power: int) -> float:
     """The mean over the bins holding test labels of each bin's mean ``error ** power``."""
-    preds, labels = _numpy("preds", preds), _numpy("labels", labels)
-    if preds.shape != labels.shape:
-        raise ValueError(f"preds and labels must have the same number of values, got {preds.size} and {labels.size}")
+    labels, errors = _samples(preds, labels, binning)
     if labels.size == 0:
         raise ValueError("preds and labels must not be empty: a balanced error needs at least one bin")
     if not isinstance(binning, (Binning, GridBinning)):
         raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
-    if isinstance(binning, GridBinning):  # one Euclidean distance per sample, as in shot_metrics
-        preds, labels = _rows("preds", preds, binning.ndim), _rows("labels", labels, binning.ndim)
-        errors = np.sqrt(np.sum((preds - labels) ** 2, axis=1))
-    else:
-        errors = np.abs(preds - labels)
     bins = binning(labels, precision="float32").numpy()
-    total = np.bincount(bins, weights=errors ** power, minlength=binning.num_bins)
+    total = np.bincount(bins, weights=np.abs(errors) ** power, minlength=binning.num_bins)
     count = np.bincount(bins, minlength=binning.num_bins)
     seen = count > 0
     return float(np.mean(total[seen] / count[seen]))
