@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import distributed, ops
 from .lds import LDS
-from .mixture import GaussianMixture, fit_gmm
+from .mixture import GaussianMixture, fit_gmm, log_component_densities
 
 __all__ = ["bmc_loss", "bni_loss", "gai_loss", "BMCLoss", "BNILoss", "GAILoss"]
 
@@ -85,6 +85,16 @@ def _vector(name: str, value, device, dtype) -> torch.Tensor:
     return value.to(device=device, dtype=dtype)
 
 
+def _histogram(bucket_centers, bucket_weights, device, dtype):
+    """BNI's prior: ``bucket_centers`` and ``bucket_weights`` as 1-D tensors of one length."""
+    centers = _vector("bucket_centers", bucket_centers, device, dtype)
+    weights = _vector("bucket_weights", bucket_weights, device, dtype)
+    if weights.shape != centers.shape:
+        raise ValueError(f"bucket_weights must have the shape of bucket_centers {tuple(centers.shape)}, "
+                         f"got {tuple(weights.shape)}")
+    return centers, weights
+
+
 def _scaled_mean(loss: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
     return (loss * (2 * noise_var).detach()).mean()
 
@@ -137,11 +147,7 @@ def bni_loss(pred, target, noise_var, bucket_centers, bucket_weights) -> torch.T
     _pair(pred, target)
     noise_var = _noise_var(noise_var, pred)
     acc = _acc(pred)
-    centers = _vector("bucket_centers", bucket_centers, pred.device, acc)
-    weights = _vector("bucket_weights", bucket_weights, pred.device, acc)
-    if weights.shape != centers.shape:
-        raise ValueError(f"bucket_weights must have the shape of bucket_centers {tuple(centers.shape)}, "
-                         f"got {tuple(weights.shape)}")
+    centers, weights = _histogram(bucket_centers, bucket_weights, pred.device, acc)
     mse_term = F.mse_loss(pred, target, reduction="none") / 2 / noise_var
     # sum_k w_k exp(-(pred - c_k)^2 / (2 nv)) = sqrt(nv) * (the op's mixture density with v_k = nv)
     variances = noise_var.to(acc).expand(centers.shape)
@@ -174,22 +180,20 @@ def gai_loss(pred, target, gmm, noise_var) -> torch.Tensor:
 def _gai(pred, target, means, covariances, weights, noise_var) -> torch.Tensor:
     """gai_loss with the mixture as tensors on pred's device: means [K, d], covariances [K, d, d]."""
     acc = _acc(pred)
-    log_weights = torch.log(weights.to(acc))
     d = means.shape[1]
     if d == 1:
         mse_term = F.mse_loss(pred, target, reduction="none") / 2 / noise_var + 0.5 * torch.log(noise_var)
         variances = covariances.reshape(-1).to(acc) + noise_var.to(acc)
-        balancing_term = ops.mixture_logpdf(pred, means.reshape(-1).to(acc), variances, log_weights)
+        balancing_term = ops.mixture_logpdf(pred, means.reshape(-1).to(acc), variances, torch.log(weights.to(acc)))
         return _scaled_mean(mse_term + balancing_term, noise_var)
     if pred.dim() != 2 or pred.shape[1] != d:
         raise ValueError(f"pred must be [N, {d}] for a mixture in {d} dimensions, got shape {tuple(pred.shape)}")
     mse_term = (pred - target).pow(2).sum(1) / 2 / noise_var + 0.5 * d * torch.log(noise_var)
     eye = torch.eye(d, dtype=acc, device=pred.device)
-    chol = torch.linalg.cholesky(covariances.to(acc) + noise_var.to(acc) * eye)  # [K, d, d]
-    diff = (pred.to(acc).unsqueeze(1) - means.to(acc)).unsqueeze(-1)  # [N, K, d, 1]
-    z = torch.linalg.solve_triangular(chol.expand(pred.shape[0], -1, -1, -1), diff, upper=False)
-    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    balancing_term = torch.logsumexp(log_weights - 0.5 * (log_det + z.pow(2).sum((-2, -1))), dim=1)
+    # log of (2 pi)^(d/2) sum_k w_k N(pred; mean_k, cov_k + nv I): the published term, which omits 2 pi
+    log_densities = log_component_densities(pred.to(acc), weights.to(acc), means.to(acc),
+                                            covariances.to(acc) + noise_var.to(acc) * eye)
+    balancing_term = torch.logsumexp(log_densities, dim=1) + 0.5 * d * math.log(2 * math.pi)
     return _scaled_mean(mse_term + balancing_term, noise_var)
 
 
@@ -236,11 +240,7 @@ class BNILoss(_BalancedMSE):
 
     def __init__(self, init_noise_sigma: float, bucket_centers, bucket_weights, *, learn_noise: bool = True) -> None:
         super().__init__(init_noise_sigma, learn_noise)
-        centers = _vector("bucket_centers", bucket_centers, "cpu", torch.float64)
-        weights = _vector("bucket_weights", bucket_weights, "cpu", torch.float64)
-        if weights.shape != centers.shape:
-            raise ValueError(f"bucket_weights must have the shape of bucket_centers {tuple(centers.shape)}, "
-                             f"got {tuple(weights.shape)}")
+        centers, weights = _histogram(bucket_centers, bucket_weights, "cpu", torch.float64)
         if not (torch.isfinite(centers).all() and torch.isfinite(weights).all()) or bool((weights < 0).any()) \
                 or not float(weights.sum()) > 0:
             raise ValueError("bucket_centers must be finite and bucket_weights finite, non-negative, not all 0")

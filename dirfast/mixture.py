@@ -77,7 +77,7 @@ class GaussianMixture:
     def log_prob(self, x) -> torch.Tensor:
         """The mixture's log density at each row of ``x`` (``[N, d]``, or ``[N]`` when d = 1)."""
         x = torch.as_tensor(x, dtype=torch.float64).reshape(-1, self.dim)
-        return torch.logsumexp(_log_terms(x, self.weights, self.means, self.variances), dim=1)
+        return torch.logsumexp(log_component_densities(x, self.weights, self.means, self.variances), dim=1)
 
     def state_dict(self) -> dict:
         return {"means": self.means.clone(), "variances": self.variances.clone(), "weights": self.weights.clone()}
@@ -176,7 +176,7 @@ def _em(points, counts, spread, k, max_iter, tol, reg_covar) -> GaussianMixture:
     previous = -math.inf
     for _ in range(max_iter):
         weights, means, covs = _m_step(points, counts, spread, resp, reg_covar, eye)
-        log_terms = _log_terms(points, weights, means, covs)
+        log_terms = log_component_densities(points, weights, means, covs)
         log_norm = torch.logsumexp(log_terms, dim=1)
         resp = torch.exp(log_terms - log_norm[:, None])
         current = float((counts * log_norm).sum() / total)
@@ -199,8 +199,10 @@ def _m_step(points, counts, spread, resp, reg_covar, eye):
     return nk / counts.sum(), means, covs
 
 
-def _log_terms(points, weights, means, covs):
-    """``log w_k + log N(point; mean_k, cov_k)`` for every point and component: ``[G, K]``."""
+def log_component_densities(points, weights, means, covs):
+    """``log w_k + log N(point; mean_k, cov_k)`` for every point ``[G, d]`` and component: ``[G, K]``
+    (differentiable; in the dtype of its inputs). EM's E-step, the mixture's density and GAI's
+    balancing term in d dimensions."""
     chol = torch.linalg.cholesky(covs)
     diff = (points[:, None, :] - means[None]).unsqueeze(-1)
     z = torch.linalg.solve_triangular(chol.expand(points.shape[0], -1, -1, -1), diff, upper=False)
