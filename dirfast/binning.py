@@ -58,6 +58,17 @@ def as_label_tensor(labels, name: str = "labels") -> torch.Tensor:
     return tensor
 
 
+def finite_label_values(labels) -> torch.Tensor:
+    """``labels`` (any shape) as a flat float64 tensor, refused when empty or not all finite:
+    what the estimators fitted on a whole training set (Binning.auto, DenseWeight, fit_gmm) take."""
+    values = as_label_tensor(labels).detach().reshape(-1).to(torch.float64)
+    if values.numel() == 0:
+        raise ValueError("labels must not be empty")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError("labels must be finite: found NaN or infinite values")
+    return values
+
+
 class Binning:
     """Maps labels to int64 bin indices in ``[0, num_bins - 1]``.
 
@@ -253,11 +264,7 @@ class Binning:
         if isinstance(max_bins, bool) or not isinstance(max_bins, (int, np.integer)):
             raise TypeError(f"max_bins must be an int, got {type(max_bins).__name__}")
         max_bins = _count("max_bins", max_bins)
-        values = as_label_tensor(labels).reshape(-1).to(torch.float64)
-        if values.numel() == 0:
-            raise ValueError("labels must not be empty")
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError("labels must be finite: found NaN or infinite values")
+        values = finite_label_values(labels)
         low, high = float(values.min()), float(values.max())
         if low == high:
             return cls.uniform(low - 0.5, high + 0.5, 1)

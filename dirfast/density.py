@@ -17,7 +17,7 @@ import torch
 
 from . import ops
 from .bandwidth import BANDWIDTH_RULES, rule_width
-from .binning import _real, as_label_tensor
+from .binning import _real, as_label_tensor, finite_label_values
 
 __all__ = ["DenseWeight", "density_weights", "BANDWIDTH_RULES"]
 
@@ -112,11 +112,7 @@ class DenseWeight:
 
         Raises ValueError for no, NaN or infinite labels, or when a rule gives bandwidth 0 (all
         labels equal), and leaves the fit as it was."""
-        values = as_label_tensor(labels).reshape(-1).to(torch.float64)
-        if values.numel() == 0:
-            raise ValueError("labels must not be empty")
-        if not bool(torch.isfinite(values).all()):
-            raise ValueError("labels must be finite: found NaN or infinite values")
+        values = finite_label_values(labels)
         if isinstance(self.bandwidth, str):
             bandwidth = float(rule_width(values, self.bandwidth))
             if not bandwidth > 0:

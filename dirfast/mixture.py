@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from . import ops
-from .binning import Binning, as_label_tensor
+from .binning import Binning, as_label_tensor, finite_label_values
 
 __all__ = ["GaussianMixture", "fit_gmm"]
 
@@ -126,30 +126,25 @@ def fit_gmm(labels, num_components: int = 8, *, max_iter: int = 100, tol: float 
     num_components = _count("num_components", num_components, 1)
     max_iter = _count("max_iter", max_iter, 1)
     num_bins = _count("num_bins", num_bins, 1)
-    for name, value, positive in (("tol", tol, False), ("reg_covar", reg_covar, False)):
+    for name, value in (("tol", tol), ("reg_covar", reg_covar)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     labels = as_label_tensor(labels)
+    values = finite_label_values(labels)
     if labels.dim() == 2 and labels.shape[1] > 1:
-        points = labels.detach().to(torch.float64).cpu()
+        points = values.reshape(labels.shape).cpu()
         counts = torch.ones(points.shape[0], dtype=torch.float64)
         spread = None
     else:
-        points, counts, spread = _histogram(labels.reshape(-1), num_bins)
-    if not bool(torch.isfinite(points).all()):
-        raise ValueError("labels must be finite (no NaN or infinity)")
+        points, counts, spread = _histogram(values, num_bins)
     if counts.sum() < num_components:
         raise ValueError(f"fitting {num_components} components needs at least as many labels, got {int(counts.sum())}")
     return _em(points, counts, spread, num_components, max_iter, float(tol), float(reg_covar))
 
 
-def _histogram(labels: torch.Tensor, num_bins: int):
-    """Occupied bins of scalar labels: (mean [G, 1], count [G], within-bin variance [G, 1, 1])."""
-    if labels.numel() == 0:
-        raise ValueError("labels must not be empty")
-    if not bool(torch.isfinite(labels).all()):
-        raise ValueError("labels must be finite (no NaN or infinity)")
-    values = labels.to(torch.float64)
+def _histogram(values: torch.Tensor, num_bins: int):
+    """Occupied bins of scalar labels (flat, float64, finite): (mean [G, 1], count [G],
+    within-bin variance [G, 1, 1])."""
     low, high = float(values.min()), float(values.max())
     if low == high:
         high = low + 1.0
