@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import contract
+from .. import contract, reference
 from . import _common
 
 
@@ -94,7 +94,7 @@ def triton_mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch
                           log_weights: torch.Tensor) -> torch.Tensor:
     """:func:`dirfast.ops.mixture_logpdf` in one Triton kernel (see the module docstring)."""
     _common.check_device(x, "mixture_logpdf")
-    acc = torch.float64 if torch.float64 in (x.dtype, means.dtype, variances.dtype, log_weights.dtype) else torch.float32
+    acc = reference.mixture_dtype(x, means, variances, log_weights)
     out = torch.empty(x.shape, dtype=acc, device=x.device)
     n = x.numel()
     if n == 0:
