@@ -2,7 +2,7 @@
 [--out PATH]``.
 
 Fits :class:`dirfast.DenseWeight` (defaults: alpha 1, Silverman's bandwidth, 4096 grid points) on
-the AgeDB-DIR training ages and the STS-B-DIR training scores (read from ../shared/data, float64),
+the AgeDB-DIR training ages and the STS-B-DIR training scores (``tests/real_labels.py``, float64),
 and, when the package is installed, ``denseweight.DenseWeight`` with its defaults on the same
 labels. Prints a markdown table of p' and the weights at a few labels, and the largest and median
 differences over all training labels for alpha 0.5, 1 and 2, then (with the package) the median
@@ -14,43 +14,22 @@ label files are absent.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import time
 
 import numpy as np
+import real_labels  # tests/ is on the path (benchmarks/__init__.py)
 import torch
 
 import dirfast
 from benchmarks.cases import cpu_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "..", "shared", "data")
-AGEDB = os.path.join(DATA, "agedb-dir-labels.csv")
-STSB_TRAIN = os.path.join(DATA, "sts-b-dir", "train_new.tsv")
 OUT = os.path.join(ROOT, "benchmarks", "results", "density-weights.md")
 AGES = [0, 5, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
 SCORES = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
 ALPHAS = [0.5, 1.0, 2.0]
-
-
-def agedb_train_ages():
-    """The AgeDB-DIR training ages (float64), or None when the file is absent."""
-    if not os.path.isfile(AGEDB):
-        return None
-    with open(AGEDB, newline="") as handle:
-        return np.array([float(row["age"]) for row in csv.DictReader(handle) if row["split"] == "train"])
-
-
-def stsb_train_scores():
-    """The STS-B-DIR training scores (float64; rows without a score skipped), or None when absent."""
-    if not os.path.isfile(STSB_TRAIN):
-        return None
-    with open(STSB_TRAIN, encoding="utf-8") as handle:
-        column = handle.readline().rstrip("\n").split("\t").index("score")
-        rows = (line.strip().split("\t") for line in handle)
-        return np.array([float(row[column]) for row in rows if len(row) > column and row[column]])
 
 
 def package():
@@ -106,38 +85,48 @@ def table(name: str, labels: np.ndarray, points, package_class) -> list:
     return lines + [""]
 
 
-def median_ms(call, rounds: int = 9) -> float:
-    """Median wall time of ``call()`` in ms, after one warm-up call."""
+def median_ms(call, rounds: int = 15) -> float:
+    """Median wall time of one ``call()`` in ms, over ``rounds`` timings after a warm-up call;
+    calls under about 10 ms are timed in blocks that fill 10 ms (a lone sub-millisecond call is
+    at the mercy of the timer and the thread pool)."""
+    start = time.perf_counter()
     call()
+    calls = max(1, int(0.01 / max(time.perf_counter() - start, 1e-6)))
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
+        for _ in range(calls):
+            call()
+        times.append((time.perf_counter() - start) / calls)
     return 1e3 * statistics.median(times)
 
 
 def timing(name: str, labels: np.ndarray, package_class) -> str:
-    """A markdown row: fitting and weighing ``labels``, dirfast and the package, medians and ratios."""
+    """A markdown row: fitting and weighing ``labels``, dirfast and the package, medians and ratios.
+
+    dirfast is timed first, after a pause: the package's numerical libraries leave their worker
+    threads spinning for a while after each call, and on 2 cores those take the CPU from the
+    next measurement (which made dirfast's weights up to 5x slower at random)."""
     tensor = torch.from_numpy(labels)
+    time.sleep(1.0)
     ours = dirfast.DenseWeight().fit(tensor)
+    mine = (median_ms(lambda: dirfast.DenseWeight().fit(tensor)), median_ms(lambda: ours.weights(tensor)))
     theirs = package_class(alpha=1.0)
     theirs.fit(labels)
-    fit = (median_ms(lambda: dirfast.DenseWeight().fit(tensor)),
-           median_ms(lambda: package_class(alpha=1.0).fit(labels)))
-    weigh = (median_ms(lambda: ours.weights(tensor)), median_ms(lambda: theirs.eval(labels)))
-    return (f"| {name} | {labels.size} | {fit[0]:.2f} | {fit[1]:.2f} | {fit[1] / fit[0]:.1f}x | {weigh[0]:.2f} | "
-            f"{weigh[1]:.2f} | {weigh[1] / weigh[0]:.1f}x |")
+    package = (median_ms(lambda: package_class(alpha=1.0).fit(labels)), median_ms(lambda: theirs.eval(labels)))
+    return (f"| {name} | {labels.size} | {mine[0]:.2f} | {package[0]:.2f} | {package[0] / mine[0]:.1f}x | "
+            f"{mine[1]:.2f} | {package[1]:.2f} | {package[1] / mine[1]:.1f}x |")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=OUT, help="where to write the markdown (default: %(default)s)")
     args = parser.parse_args(argv)
-    ages, scores = agedb_train_ages(), stsb_train_scores()
+    ages, scores = real_labels.agedb_ages("train"), real_labels.stsb_scores("train", np.float64)
     if ages is None or scores is None:
-        print(f"label files not found under {DATA}: nothing to compare")
+        print(f"label files not found under {real_labels.DATA}: nothing to compare")
         return 0
+    ages = ages.astype(np.float64)  # as a user's NumPy or pandas reads them
     package_class = package()
     lines = ["## DenseWeight: dirfast next to the denseweight package", "",
              "Weights at a few labels (alpha 1, eps 1e-6, defaults of both; the weights average 1 over the "
@@ -149,7 +138,7 @@ def main(argv=None) -> int:
               "1e-4 of the exact Gaussian KDE (tests/test_density.py). Near the densest labels the weight "
               "1 - alpha p' is close to 0, so a small difference in p' is a large relative one there.", ""]
     if package_class is not None:
-        lines += [f"### Time: median of 9 calls, ms ({cpu_model()}, {torch.get_num_threads()} threads, "
+        lines += [f"### Time: median of 15 timings, ms ({cpu_model()}, {torch.get_num_threads()} threads, "
                   f"torch {torch.__version__})", "",
                   "Fitting on the training labels, then the weights of those labels (dirfast's `weights`, the "
                   "package's `eval`).", "",

@@ -12,12 +12,11 @@ two epochs of synthetic features that depend smoothly on the age, plus noise) in
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # this checkout's dirfast, wherever the script is run from
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # this checkout's dirfast and its label reader
 
 try:
     import matplotlib
@@ -28,19 +27,12 @@ matplotlib.use("Agg")
 import torch  # noqa: E402
 
 import dirfast.plot  # noqa: E402
+import real_labels  # noqa: E402
 from dirfast.presets import AGEDB_DIR  # noqa: E402
 
-LABELS = os.path.join(ROOT, "..", "shared", "data", "agedb-dir-labels.csv")
 OUT = os.path.join(ROOT, "docs", "images")
 FEATURE_DIM = 32
 DPI = 100
-
-
-def training_ages(path: str) -> torch.Tensor:
-    """The ``split == "train"`` ages of the labels file, as float32."""
-    with open(path, newline="") as handle:
-        ages = [float(row["age"]) for row in csv.DictReader(handle) if row["split"] == "train"]
-    return torch.tensor(ages)
 
 
 def synthetic_features(ages: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -55,14 +47,15 @@ def synthetic_features(ages: torch.Tensor, generator: torch.Generator) -> torch.
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--labels", default=LABELS, help="the AgeDB-DIR labels CSV (age,split)")
+    parser.add_argument("--labels", default=real_labels.AGEDB, help="the AgeDB-DIR labels CSV (age,split)")
     parser.add_argument("--out", default=OUT, help="the folder the PNG files go to")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.labels):
+    ages = real_labels.agedb_ages("train", args.labels)
+    if ages is None:
         print(f"make_plots: the AgeDB-DIR labels are not at {os.path.abspath(args.labels)} (they are on team "
               "machines only); pass --labels PATH", file=sys.stderr)
         return 1
-    ages = training_ages(args.labels)
+    ages = torch.from_numpy(ages).float()
     os.makedirs(args.out, exist_ok=True)
 
     lds = AGEDB_DIR.lds().fit(ages)

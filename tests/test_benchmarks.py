@@ -1,5 +1,6 @@
-"""The benchmark commands run (tiny sizes): benchmarks.run, benchmarks.balanced_mse and one
-training run of every method of benchmarks.accuracy. What they measure is not asserted here."""
+"""The benchmark commands run (tiny sizes): benchmarks.run, benchmarks.balanced_mse, one
+training run of every method of benchmarks.accuracy, and benchmarks.density_table. What they
+measure is not asserted here."""
 
 import os
 import subprocess
@@ -7,7 +8,8 @@ import sys
 
 import pytest
 
-from benchmarks import accuracy
+import real_labels
+from benchmarks import accuracy, density_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,3 +37,32 @@ def test_accuracy_method_trains(method):
     """Each method of the accuracy benchmark beats a constant prediction of 5 (test MSE 100 / 12)."""
     result = accuracy.run_one(("normal", 0, method, "fast"))
     assert result["method"] == method and 0 <= result["test_mse"] < 100 / 12
+
+
+def train_ages():
+    ages, scores = real_labels.agedb_ages("train"), real_labels.stsb_scores("train")
+    if ages is None or scores is None:
+        pytest.skip(f"the AgeDB-DIR or STS-B-DIR labels are not under {real_labels.DATA}")
+    return ages
+
+
+def test_density_table_runs(tmp_path):
+    train_ages()
+    out = tmp_path / "table.md"
+    stdout = run_module("benchmarks.density_table", "--out", str(out))
+    text = out.read_text()
+    assert text.rstrip("\n") == stdout.rstrip("\n") and "| 30 |" in text and "| 2.5 |" in text
+
+
+def test_density_table_without_the_package_or_the_labels(tmp_path, monkeypatch, capsys):
+    ages = train_ages()
+    monkeypatch.setattr(density_table, "package", lambda: None)
+    out = tmp_path / "table.md"
+    assert density_table.main(["--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.count("not installed") == 2 and f"| 30 | {int((ages == 30).sum())} |" in text
+    assert "denseweight's bandwidth" not in text and "### Time" not in text
+    monkeypatch.setattr(real_labels, "agedb_ages", lambda *args, **kwargs: None)
+    capsys.readouterr()
+    assert density_table.main(["--out", str(tmp_path / "none.md")]) == 0
+    assert "not found" in capsys.readouterr().out and not (tmp_path / "none.md").exists()

@@ -6,44 +6,32 @@ oracle.py; the STS-B-DIR scores are read as the published loader reads them (np.
 as NumPy or pandas would (float64), since the published bins depend on that.
 """
 
-import csv
-import os
-
 import numpy as np
 import pytest
 import torch
 
 import dirfast
 import oracle
+import real_labels
 from dirfast.presets import AGEDB_DIR, STS_B_DIR
 from testing import gen
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "..", "shared", "data")
-AGEDB = os.path.join(DATA, "agedb-dir-labels.csv")
-STSB = os.path.join(DATA, "sts-b-dir")
 SCORE_DTYPES = [np.float64, np.float32]
 
 
 def agedb(split):
-    if not os.path.isfile(AGEDB):
-        pytest.skip(f"AgeDB-DIR labels not found at {AGEDB}")
-    with open(AGEDB, newline="") as fh:
-        ages = [int(row["age"]) for row in csv.DictReader(fh) if row["split"] == split]
-    return np.array(ages, dtype=np.int64)
+    ages = real_labels.agedb_ages(split)
+    if ages is None:
+        pytest.skip(f"AgeDB-DIR labels not found at {real_labels.AGEDB}")
+    return ages
 
 
 def stsb_scores(split="train", dtype=np.float32):
-    """As the published loader: skip the header, split on tabs, column `score` converted to
-    ``dtype`` (np.float32 in the published code), rows without a score skipped."""
-    path = os.path.join(STSB, f"{split}_new.tsv")
-    if not os.path.isfile(path):
-        pytest.skip(f"STS-B-DIR data not found at {path}")
-    with open(path, encoding="utf-8") as fh:
-        header = fh.readline().rstrip("\n").split("\t")
-        col = header.index("score")
-        scores = [dtype(row[col]) for row in (line.strip().split("\t") for line in fh) if len(row) > col and row[col]]
-    return np.array(scores, dtype=dtype)
+    """The published loader's reading (:func:`real_labels.stsb_scores`), or a skip."""
+    scores = real_labels.stsb_scores(split, dtype)
+    if scores is None:
+        pytest.skip(f"STS-B-DIR data not found at {real_labels.stsb_path(split)}")
+    return scores
 
 
 CASES = [("sqrt_inv", True, "gaussian"), ("sqrt_inv", True, "triang"), ("sqrt_inv", True, "laplace"),

@@ -10,9 +10,6 @@ at the coarsest case here (32 grid steps per bandwidth). Observed: at most 1.3e-
 """
 
 import math
-import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -21,11 +18,10 @@ import torch
 from scipy.stats import gaussian_kde
 
 import dirfast
-from benchmarks import density_table
+import real_labels
 from dirfast import bandwidth
 from testing import DEVICES
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DENSITY_ATOL = 5e-4
 
 
@@ -264,11 +260,12 @@ def test_auto_edge_cases_follow_numpy():
 
 
 # =========================================================================== the denseweight package
-def real_labels(which):
-    labels = density_table.agedb_train_ages() if which == "agedb" else density_table.stsb_train_scores()
+def training_labels(which):
+    """The real training labels in float64 (as NumPy or pandas read them), or a skip."""
+    labels = real_labels.agedb_ages("train") if which == "agedb" else real_labels.stsb_scores("train", np.float64)
     if labels is None:
-        pytest.skip(f"{which} labels not found under {density_table.DATA}")
-    return labels
+        pytest.skip(f"{which} labels not found under {real_labels.DATA}")
+    return labels.astype(np.float64)
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])
@@ -280,7 +277,7 @@ def test_matches_the_denseweight_package(which, alpha):
     its grid steps times the slope of p'; dirfast's p' read at those same grid points matches the
     package's within DENSITY_ATOL. The weights then differ by at most alpha |d p'| s (1 + w)."""
     package = pytest.importorskip("denseweight", reason="the denseweight package (requirements-dev.txt) is not installed")
-    labels = real_labels(which)
+    labels = training_labels(which)
     theirs = package.DenseWeight(alpha=alpha)
     package_weights = theirs.fit(labels)
     ours = dirfast.DenseWeight(alpha=alpha).fit(torch.from_numpy(labels))
@@ -297,27 +294,3 @@ def test_matches_the_denseweight_package(which, alpha):
     scale = float(ours.weights(torch.tensor([1e12])))  # a label where p' = 0 weighs the scale itself
     np.testing.assert_array_less(np.abs(weights - package_weights), alpha * lag * scale * (1 + package_weights) + 1e-6)
     assert np.median(np.abs(weights - package_weights) / package_weights) < 2e-3
-
-
-def test_density_table_runs(tmp_path):
-    real_labels("agedb"), real_labels("stsb")
-    out = tmp_path / "table.md"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
-    result = subprocess.run([sys.executable, "-m", "benchmarks.density_table", "--out", str(out)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    text = out.read_text()
-    assert text.rstrip("\n") == result.stdout.rstrip("\n") and "| 30 |" in text and "| 2.5 |" in text
-
-
-def test_density_table_without_the_package_or_the_labels(tmp_path, monkeypatch, capsys):
-    ages, _ = real_labels("agedb"), real_labels("stsb")
-    monkeypatch.setattr(density_table, "package", lambda: None)
-    out = tmp_path / "table.md"
-    assert density_table.main(["--out", str(out)]) == 0
-    text = out.read_text()
-    assert text.count("not installed") == 2 and f"| 30 | {int((ages == 30).sum())} |" in text and "denseweight's bandwidth" not in text
-    monkeypatch.setattr(density_table, "AGEDB", str(tmp_path / "absent.csv"))
-    capsys.readouterr()
-    assert density_table.main(["--out", str(tmp_path / "none.md")]) == 0
-    assert "not found" in capsys.readouterr().out and not (tmp_path / "none.md").exists()

@@ -1,0 +1,40 @@
+"""The real AgeDB-DIR and STS-B-DIR labels of ../shared/data (team machines only; a user's
+clone has none): one reader each, for the tests, the benchmarks and docs/make_plots.py. Each
+returns None when its file is absent, so that every caller decides how to say so."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "..", "shared", "data")
+AGEDB = os.path.join(DATA, "agedb-dir-labels.csv")
+STSB = os.path.join(DATA, "sts-b-dir")
+
+
+def agedb_ages(split: str = "train", path: str = AGEDB):
+    """The ages of ``split`` (int64) from the labels file (columns ``age,split``), or None."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, newline="") as handle:
+        return np.array([int(row["age"]) for row in csv.DictReader(handle) if row["split"] == split], dtype=np.int64)
+
+
+def stsb_path(split: str = "train") -> str:
+    return os.path.join(STSB, f"{split}_new.tsv")
+
+
+def stsb_scores(split: str = "train", dtype=np.float32):
+    """The scores of ``split``, or None, as the published loader reads them: skip the header,
+    split on tabs, column ``score`` converted to ``dtype`` (np.float32 in the published code;
+    float64 as NumPy or pandas would), rows without a score skipped."""
+    path = stsb_path(split)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        column = handle.readline().rstrip("\n").split("\t").index("score")
+        rows = (line.strip().split("\t") for line in handle)
+        return np.array([dtype(row[column]) for row in rows if len(row) > column and row[column]], dtype=dtype)
