@@ -1,4 +1,5 @@
-"""Every README block that starts with "# example:" runs, as a script, to completion."""
+"""Every README block that starts with "# example:" runs, as a script, to completion and without
+a warning."""
 
 import os
 import re
@@ -34,3 +35,4 @@ def test_readme_example_runs(code, tmp_path):
     result = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "Warning" not in result.stderr, f"the example prints a warning:\n{result.stderr}"
