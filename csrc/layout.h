@@ -1,21 +1,21 @@
-// How the kernels walk a feature tensor x of shape [N, D] or [B, C, *spatial] in place.
+// The one C++ model of how the kernels walk a feature tensor x of shape [N, D] or
+// [B, C, *spatial] in place, on CPU and on CUDA.
 //
 // A "row" is one sample: a row of [N, D], or one pixel (b, *spatial) of a dense tensor. Rows are
-// numbered in the C order of bin_idx ([N] or [B, *spatial]). Two memory layouts (Layout below)
-// are read and written without a copy; anything else (e.g. a tensor sliced along its last axis)
-// is copied once with .contiguous() by the kernel, the only copy of x any kernel makes.
+// numbered in the C order of bin_idx ([N] or [B, *spatial]). Two memory layouts are read and
+// written without a copy; anything else (e.g. a tensor sliced along its last axis) is copied once
+// by the kernel, the only copy of x any kernel makes.
 #pragma once
 
-#include <ATen/ATen.h>
-
 #include <vector>
+
+#include "dirfast.h"
 
 namespace dirfast {
 
 // The layout a kernel reads a tensor in (kNone: neither, copied first):
 //   kRows    element (r, d) at r * row_stride + d: [N, D] row-major (row_stride may exceed D),
-//            channels-last dense tensors (x.movedim(1, -1) contiguous), any D == 1 tensor whose
-//            rows collapse to one stride;
+//            channels-last dense tensors, any D == 1 tensor whose rows collapse to one stride;
 //   kPlanar  element (b, c, s) at b * batch_stride + c * feature_stride + s, where s runs over the
 //            flattened spatial positions with unit stride: contiguous [B, C, *spatial] (each
 //            channel plane read along the spatial axis), and column-major [N, D] (viewed as
@@ -34,7 +34,7 @@ struct Layout {
 
 // Whether the dims `order` (outermost first) of t collapse into one dimension, ignoring dims of
 // size 1; `stride` gets the stride of the collapsed dimension (`fallback` when all have size 1).
-inline bool collapse(const at::Tensor& t, const std::vector<int64_t>& order, int64_t fallback,
+inline bool collapse(const Tensor& t, const std::vector<int64_t>& order, int64_t fallback,
                      int64_t* stride) {
   std::vector<int64_t> kept;
   for (int64_t d : order) {
@@ -52,7 +52,7 @@ inline bool collapse(const at::Tensor& t, const std::vector<int64_t>& order, int
 }
 
 // The layout of t, or kNone when it is neither (then the caller makes it contiguous).
-inline Layout classify(const at::Tensor& t) {
+inline Layout classify(const Tensor& t) {
   Layout layout;
   const int64_t n = t.dim();
   layout.dim = t.size(1);
@@ -91,15 +91,40 @@ inline Layout classify(const at::Tensor& t) {
 }
 
 // A tensor with the values of x in a layout of the given kind (x itself when it already is).
-inline at::Tensor in_layout(const at::Tensor& x, Layout::Kind kind) {
+inline Tensor in_layout(const Tensor& x, Layout::Kind kind) {
   if (classify(x).kind == kind) return x;
-  if (kind == Layout::kRows) return x.movedim(1, -1).contiguous().movedim(-1, 1);
-  return x.contiguous();
+  if (kind == Layout::kRows) {
+    return movedim(torch::stable::contiguous(movedim(x, 1, -1)), -1, 1);
+  }
+  return torch::stable::contiguous(x);
 }
 
-// The layout x is read in: its own when it has one, else that of x.contiguous().
-inline at::Tensor readable(const at::Tensor& x) {
-  return classify(x).kind == Layout::kNone ? x.contiguous() : x;
+// The layout x is read in: its own when it has one, else that of a contiguous copy.
+inline Tensor readable(const Tensor& x) {
+  return classify(x).kind == Layout::kNone ? torch::stable::contiguous(x) : x;
+}
+
+// What an elementwise kernel reads and where it writes, for x and an output y shaped like it (y
+// may be x): y itself when it has a layout the kernels walk and x can be read in the same kind of
+// layout (x as it is, or copied once); otherwise a fresh contiguous output, which the caller
+// copies into y afterwards (`out` is then not y).
+struct InOut {
+  Tensor x, out;
+  Layout lx, ly;
+};
+
+inline InOut plan_in_out(const Tensor& x, const Tensor& y) {
+  InOut plan{x, y, {}, classify(y)};
+  if (plan.ly.kind != Layout::kNone) plan.x = in_layout(x, plan.ly.kind);
+  if (plan.ly.kind == Layout::kNone || classify(plan.x).kind != plan.ly.kind) {  // odd strides
+    plan.out = empty_sized_like(x, x.scalar_type());
+    plan.ly = classify(plan.out);
+    plan.x = torch::stable::contiguous(x);
+  }
+  plan.lx = classify(plan.x);
+  STD_TORCH_CHECK(plan.lx.kind == plan.ly.kind && plan.lx.kind != Layout::kNone,
+                  "dirfast: internal error: no common layout for x and its output");
+  return plan;
 }
 
 }  // namespace dirfast

@@ -1,7 +1,7 @@
 // The FDS calibration as a per-bucket affine map: calibrate(x) = x * s + t.
 //
 // Torch-free and header-only, shared by the CPU kernel (csrc/cpu/calibrate.cpp) and the CUDA
-// kernel (src/calibrate.cu). For a bucket with statistics (src_mean, src_var) to whiten with and
+// kernel (csrc/cuda/calibrate.cu). For a bucket with statistics (src_mean, src_var) to whiten with and
 // (dst_mean, dst_var) to re-colour with:
 //
 //   s = sqrt(clamp(dst_var / src_var, clip_min, clip_max)),   t = dst_mean - src_mean * s,
@@ -35,7 +35,7 @@ DIRFAST_HOST_DEVICE inline bool calibrate_bucket_unchanged(const acc_t* src_var,
 }
 
 // s and t of one dimension of a bucket that is not left alone as a whole (src_var == 0:
-// unchanged). The arithmetic order is that of dirfast.reference.scale_shift (divide, clamp, sqrt,
+// unchanged). The arithmetic order is that of dirfast.ops.calibrate.scale_shift (divide, clamp, sqrt,
 // then dst_mean - src_mean * s). The results agree with it up to the rounding of the square root:
 // std::sqrt is correctly rounded, torch's vectorised CPU sqrt is not always (1 ulp on some inputs).
 template <typename acc_t>

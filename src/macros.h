@@ -17,3 +17,12 @@
 #define DIRFAST_RESTRICT __restrict__
 #endif
 #endif
+
+// Keeps a hot loop in a function of its own: inlined into a large caller it can be scheduled worse.
+#ifndef DIRFAST_NOINLINE
+#if defined(_MSC_VER) && !defined(__CUDACC__)
+#define DIRFAST_NOINLINE __declspec(noinline)
+#else
+#define DIRFAST_NOINLINE __attribute__((noinline))
+#endif
+#endif

@@ -1,10 +1,10 @@
 // Smoothing of per-bin statistics along the bin axis with a window (LDS and FDS).
 //
 // Torch-free and header-only, shared by the CPU kernel (csrc/cpu/smooth_bins.cpp) and the CUDA
-// kernel (src/smooth_bins.cu). For bins 0..B-1 and an odd window w of length ks = 2h + 1
+// kernel (csrc/cuda/smooth_bins.cu). For bins 0..B-1 and an odd window w of length ks = 2h + 1
 // (cross-correlation, as F.conv1d; the DIR windows are symmetric, so it is also scipy's
 // convolution): out[b] = sum_k w[k] * stats[b + k - h], an index outside [0, B) resolved by the
-// padding. The taps are summed in the order of dirfast.reference.smooth_bins and scipy.ndimage,
+// padding. The taps are summed in the order of the reference (dirfast.ops.smooth_bins) and scipy.ndimage,
 // so the results are the same bits in the same dtype: LDS depends on that for an integer
 // truncation quirk of the published code.
 #pragma once
@@ -15,9 +15,11 @@
 
 namespace dirfast {
 
-// The numbers are the modes' indices in dirfast/_schema.py PADDINGS (the padding argument of
-// smooth_bins is parsed against kPaddings, generated from it into dirfast_schemas.h).
+// The padding modes, numbered as in dirfast.ops.smooth_bins.PADDINGS (the Triton kernel's
+// numbers); kPaddingNames[mode] is the name the op's `padding` argument takes.
 enum class Padding : int { kReflect = 0, kReplicate = 1, kConstant = 2, kSymmetric = 3 };
+constexpr const char* kPaddingNames[] = {"reflect", "replicate", "constant", "symmetric"};
+constexpr int kNumPaddings = 4;
 
 // scipy.ndimage's symmetry test of a pair of window taps, in float64.
 DIRFAST_HOST_DEVICE inline bool window_pair_symmetric(double left, double right) {

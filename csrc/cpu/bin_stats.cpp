@@ -7,20 +7,14 @@
 // the same bits for 1 thread or 64, run after run. x is read in place in both layouts of
 // csrc/layout.h (other layouts are made contiguous first); accumulation is in float32 for
 // float16 / bfloat16 / float32 x and float64 for float64 x, every offset int64.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
 #include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <tuple>
 #include <vector>
 
+#include "checks.h"
 #include "layout.h"
-#include "plans.h"
 #include "welford.h"
 
 namespace dirfast {
@@ -66,25 +60,25 @@ int64_t chunk_count(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_byt
 
 template <typename scalar_t, typename index_t>
 class BinStats {
-  using acc_t = at::opmath_type<scalar_t>;
+  using acc_t = opmath_t<scalar_t>;
 
  public:
-  BinStats(const at::Tensor& x, const Layout& layout, const index_t* idx, int64_t num_bins)
-      : x_(x.data_ptr<scalar_t>()), layout_(layout), idx_(idx), num_bins_(num_bins),
+  BinStats(const Tensor& x, const Layout& layout, const index_t* idx, int64_t num_bins)
+      : x_(x.const_data_ptr<scalar_t>()), layout_(layout), idx_(idx), num_bins_(num_bins),
         dim_(layout.dim) {}
 
-  void run(int64_t* count_out, acc_t* mean_out, acc_t* var_out) {
+  DIRFAST_NOINLINE void run(int64_t* count_out, acc_t* mean_out, acc_t* var_out) {
     const int64_t rows = layout_.rows;
     const int64_t chunks = chunk_count(rows, dim_, num_bins_, sizeof(acc_t));
     std::vector<Partial<acc_t>> parts(chunks);
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         reduce_chunk(parts[c], rows * c / chunks, rows * (c + 1) / chunks);
       }
     });
     const int64_t dim = dim_;
     const int64_t grain = std::max<int64_t>(1, 4096 / (std::max<int64_t>(dim, 1) * chunks));
-    at::parallel_for(0, num_bins_, grain, [&](int64_t begin, int64_t end) {
+    torch::stable::parallel_for(0, num_bins_, grain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         acc_t* mean = mean_out + k * dim;
         acc_t* m2 = var_out + k * dim;  // holds M2 until the end
@@ -162,7 +156,7 @@ class BinStats {
   // [B, C, *spatial]): a tile of pixels is read channel plane by channel plane (four planes at a
   // time), contiguously along the spatial axis, and transposed into a small per-chunk buffer
   // ([tile, C], 256 KiB: L2-resident), whose rows then take the same Welford update.
-  void reduce_chunk(Partial<acc_t>& part, int64_t row_begin, int64_t row_end) {
+  DIRFAST_NOINLINE void reduce_chunk(Partial<acc_t>& part, int64_t row_begin, int64_t row_end) {
     const int64_t capacity =
         std::max<int64_t>(1, std::min<int64_t>(num_bins_, row_end - row_begin));
     part.slot_of.assign(num_bins_, -1);
@@ -198,28 +192,31 @@ class BinStats {
   int64_t dim_;
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bin_stats_cpu(const at::Tensor& x,
-                                                             const at::Tensor& bin_idx,
-                                                             int64_t num_bins) {
-  BinStatsOutputs outputs = bin_stats_outputs(x, bin_idx, num_bins, c10::DeviceType::CPU);
-  at::Tensor& count = outputs.count;
-  at::Tensor& mean = outputs.mean;
-  at::Tensor& var = outputs.var;
+std::tuple<Tensor, Tensor, Tensor> bin_stats_cpu(const Tensor& x, const Tensor& bin_idx,
+                                                 int64_t num_bins, bool deterministic) {
+  (void)deterministic;  // the CPU kernel is deterministic either way
+  const char* op = "dirfast::bin_stats";
+  check_features_and_bins(x, bin_idx, op, torch::headeronly::DeviceType::CPU);
+  STD_TORCH_CHECK(num_bins >= 1 && num_bins < (int64_t(1) << 31) - 1, op,
+                  ": num_bins must be in [1, 2^31 - 2], got ", num_bins);
+  const ScalarType acc = acc_type({x.scalar_type()});
+  const int64_t dim = x.size(1);
+  Tensor count = empty({num_bins}, ScalarType::Long, x);
+  Tensor mean = empty({num_bins, dim}, acc, x);
+  Tensor var = empty({num_bins, dim}, acc, x);
 
-  const at::Tensor xr = readable(x);  // a copy only for layouts the kernel does not walk
+  const Tensor xr = readable(x);  // a copy only for layouts the kernel does not walk
   const Layout layout = classify(xr);
-  TORCH_INTERNAL_ASSERT(layout.kind != Layout::kNone);
-  const at::Tensor idx = bin_idx.contiguous();
-  const auto dtype = x.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dirfast::bin_stats", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (idx.scalar_type() == at::kLong) {
-      BinStats<scalar_t, int64_t>(xr, layout, idx.data_ptr<int64_t>(), num_bins)
-          .run(count.data_ptr<int64_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
-    } else {
-      BinStats<scalar_t, int32_t>(xr, layout, idx.data_ptr<int32_t>(), num_bins)
-          .run(count.data_ptr<int64_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>());
-    }
+  const Tensor idx = torch::stable::contiguous(bin_idx);
+  dispatch_float(x.scalar_type(), op, [&](auto scalar) {
+    using scalar_t = decltype(scalar);
+    using acc_t = opmath_t<scalar_t>;
+    dispatch_index(idx.scalar_type(), [&](auto index) {
+      using index_t = decltype(index);
+      BinStats<scalar_t, index_t>(xr, layout, idx.const_data_ptr<index_t>(), num_bins)
+          .run(count.mutable_data_ptr<int64_t>(), mean.mutable_data_ptr<acc_t>(),
+               var.mutable_data_ptr<acc_t>());
+    });
   });
   return std::make_tuple(count, mean, var);
 }
@@ -228,6 +225,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bin_stats_cpu(const at::Tensor& x
 }  // namespace cpu
 }  // namespace dirfast
 
-TORCH_LIBRARY_IMPL(dirfast, CPU, m) {
-  m.impl("bin_stats", &dirfast::cpu::bin_stats_cpu);
+STABLE_TORCH_LIBRARY_IMPL(dirfast, CPU, m) {
+  m.impl("bin_stats", TORCH_BOX(&dirfast::cpu::bin_stats_cpu));
 }

@@ -1,68 +1,61 @@
 // dirfast::smooth_bins on CPU: every column of a [B] or [B, D] table smoothed along the bins in
 // one call, with the padding modes and the summation order of src/smooth.h.
 //
-// The arithmetic is in the dtype of stats (the window is cast to it), as dirfast.reference
-// does, so float64 statistics (LDS) give the same bits as the reference and scipy. The tables
-// are small (B x D); the work is split over bins with at::parallel_for, each output element
-// computed by one thread in a fixed order, so the result does not depend on the thread count.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
-
-#include <cstdint>
+// The arithmetic is in the dtype of stats (the window is cast to it), as the reference does, so
+// float64 statistics (LDS) give the same bits as the reference and scipy. The tables are small
+// (B x D); the work is split over bins, each output element computed by one thread in a fixed
+// order, so the result does not depend on the thread count.
+#include <algorithm>
 #include <memory>
+#include <string_view>
 
-#include "plans.h"
+#include "checks.h"
 #include "smooth.h"
 
 namespace dirfast {
 namespace cpu {
 namespace {
 
-at::Tensor smooth_bins_cpu(const at::Tensor& stats, const at::Tensor& window,
-                           c10::string_view padding) {
-  const SmoothBinsPlan plan = plan_smooth_bins(stats, window, padding, c10::DeviceType::CPU);
-  at::Tensor result = plan.result;
-  if (stats.numel() == 0) return result;
-  const Padding mode = static_cast<Padding>(plan.padding);
-  const int64_t num_bins = stats.size(0);
-  const int64_t columns = plan.columns;
-  const int64_t ks = window.size(0);
-  const int64_t h = (ks - 1) / 2;
-  at::Tensor out = plan.out;
-  const at::Tensor& src = plan.src;
-  const at::Tensor& w = plan.w;
-  const double* pw64 = plan.w64.data_ptr<double>();
+constexpr const char* kOp = "dirfast::smooth_bins";
+
+template <typename T>
+DIRFAST_NOINLINE void smooth_columns(const T* stats, T* out, int64_t num_bins, int64_t columns,
+                                     const T* w, const bool* symmetric, int64_t h,
+                                     Padding padding) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / (columns * (2 * h + 1)));
+  torch::stable::parallel_for(0, num_bins, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t c = 0; c < columns; ++c) {
+        out[b * columns + c] = smooth_bin<T>(stats + c, columns, num_bins, b, w, symmetric, h, padding);
+      }
+    }
+  });
+}
+
+Tensor smooth_bins_cpu(const Tensor& stats, const Tensor& window, std::string_view padding) {
+  check_smooth_bins_args(stats, window, kOp, torch::headeronly::DeviceType::CPU);
+  const Padding mode = parse_padding(padding, kOp);
+  const int64_t h = (window.size(0) - 1) / 2;
+  const Tensor w64 = contiguous_as(window, ScalarType::Double);  // scipy's symmetry test, in float64
   std::unique_ptr<bool[]> symmetric(new bool[h > 0 ? h : 1]);
   for (int64_t j = 1; j <= h; ++j) {
-    symmetric[j - 1] = window_pair_symmetric(pw64[h - j], pw64[h + j]);
+    symmetric[j - 1] = window_pair_symmetric(w64.const_data_ptr<double>()[h - j], w64.const_data_ptr<double>()[h + j]);
   }
-
-  const auto dtype = stats.scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dirfast::smooth_bins", [&] {
-    const scalar_t* ps = src.data_ptr<scalar_t>();
-    const scalar_t* pw = w.data_ptr<scalar_t>();
-    scalar_t* po = out.data_ptr<scalar_t>();
-    const bool* sym = symmetric.get();
-    const int64_t grain = std::max<int64_t>(1, 16384 / (columns * ks));
-    at::parallel_for(0, num_bins, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t c = 0; c < columns; ++c) {
-          po[b * columns + c] =
-              smooth_bin<scalar_t>(ps + c, columns, num_bins, b, pw, sym, h, mode);
-        }
-      }
+  return write_like(stats, [&](const Tensor& out) {
+    const Tensor src = torch::stable::contiguous(stats);
+    const Tensor w = contiguous_as(window, stats.scalar_type());
+    dispatch_float(stats.scalar_type(), kOp, [&](auto scalar) {
+      using T = decltype(scalar);
+      smooth_columns<T>(src.const_data_ptr<T>(), out.mutable_data_ptr<T>(), stats.size(0),
+                        stats.dim() == 2 ? stats.size(1) : 1, w.const_data_ptr<T>(), symmetric.get(), h, mode);
     });
   });
-  if (!out.is_same(result)) result.copy_(out);
-  return result;
 }
 
 }  // namespace
 }  // namespace cpu
 }  // namespace dirfast
 
-TORCH_LIBRARY_IMPL(dirfast, CPU, m) {
-  m.impl("smooth_bins", &dirfast::cpu::smooth_bins_cpu);
+STABLE_TORCH_LIBRARY_IMPL(dirfast, CPU, m) {
+  m.impl("smooth_bins", TORCH_BOX(&dirfast::cpu::smooth_bins_cpu));
 }

@@ -1,14 +1,16 @@
 // dirfast::smooth_bins on CUDA: every column of a [B, columns] table smoothed along the bins,
 // one launch, one thread per output element, with the padding modes and the summation order of
-// src/smooth.h. The arithmetic is in the dtype of the table, as dirfast.reference does: float16
+// src/smooth.h. The arithmetic is in the dtype of the table, as the reference does: float16
 // and bfloat16 values go through Rounded<H>, which rounds after every operation exactly as
 // c10::Half / c10::BFloat16 arithmetic does (compute in float, round to nearest even), so the
 // results are the bits of the CPU kernel and the reference. scipy's symmetry test of each pair
 // of taps is computed on the fly from a float64 copy of the window: nothing is read back to the
 // host, and the window may be of any length.
 #include <algorithm>
+#include <string_view>
 
-#include "cuda_common.cuh"
+#include "checks.h"
+#include "common.cuh"
 #include "smooth.h"
 
 namespace dirfast {
@@ -75,26 +77,34 @@ __global__ void smooth_bins_kernel(const A* __restrict__ stats, A* __restrict__ 
   }
 }
 
+Tensor smooth_bins_cuda(const Tensor& stats, const Tensor& window, std::string_view padding) {
+  const char* op = "dirfast::smooth_bins";
+  check_smooth_bins_args(stats, window, op, torch::headeronly::DeviceType::CUDA);
+  const Padding mode = parse_padding(padding, op);
+  const auto guard = device_guard(stats);
+  return write_like(stats, [&](const Tensor& out) {
+    const Tensor src = torch::stable::contiguous(stats);
+    const Tensor w = contiguous_as(window, stats.scalar_type());
+    const Tensor w64 = contiguous_as(window, ScalarType::Double);  // scipy's symmetry test, on the fly
+    const int64_t num_bins = stats.size(0), columns = stats.dim() == 2 ? stats.size(1) : 1;
+    const int64_t blocks = std::min<int64_t>(ceil_div(num_bins * columns, kThreads), 65535);
+    const cudaStream_t stream = current_stream(stats);
+    dispatch_cuda_float(stats.scalar_type(), op, [&](auto scalar) {
+      using T = decltype(scalar);
+      using A = typename Arith<T>::type;
+      static_assert(sizeof(A) == sizeof(T), "the arithmetic type must have the layout of T");
+      smooth_bins_kernel<A><<<blocks, kThreads, 0, stream>>>(
+          static_cast<const A*>(src.const_data_ptr()), static_cast<A*>(out.mutable_data_ptr()), num_bins, columns,
+          static_cast<const A*>(w.const_data_ptr()), w64.const_data_ptr<double>(), (window.size(0) - 1) / 2, mode);
+    });
+    check_launch(op);
+  });
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace dirfast
 
-extern "C" cudaError_t dirfast_cuda_smooth_bins(const void* stats, void* out, int dtype,
-                                                int64_t num_bins, int64_t columns,
-                                                const void* window, const double* window64,
-                                                int64_t ks, int padding, cudaStream_t stream) {
-  using namespace dirfast::cuda;
-  const int64_t total = num_bins * columns;
-  if (total == 0) return cudaSuccess;
-  const int64_t blocks = std::min<int64_t>(ceil_div(total, kThreads), 65535);
-  return dispatch_dtype(dtype, [&](auto scalar) {
-    using T = decltype(scalar);
-    using A = typename Arith<T>::type;
-    static_assert(sizeof(A) == sizeof(T), "the arithmetic type must have the layout of T");
-    smooth_bins_kernel<A><<<blocks, kThreads, 0, stream>>>(
-        static_cast<const A*>(stats), static_cast<A*>(out), num_bins, columns,
-        static_cast<const A*>(window), window64, (ks - 1) / 2,
-        static_cast<dirfast::Padding>(padding));
-    return launched();
-  });
+STABLE_TORCH_LIBRARY_IMPL(dirfast, CUDA, m) {
+  m.impl("smooth_bins", TORCH_BOX(&dirfast::cuda::smooth_bins_cuda));
 }

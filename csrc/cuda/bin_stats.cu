@@ -8,9 +8,11 @@
 // integer atomics; the float atomics vary the last bits of mean and var from run to run, so
 // dirfast_cuda_bin_stats_sorted is the deterministic variant (one thread per (bucket, feature)).
 #include <algorithm>
+#include <tuple>
 #include <type_traits>
 
-#include "cuda_common.cuh"
+#include "checks.h"
+#include "common.cuh"
 #include "welford.h"
 
 namespace dirfast {
@@ -40,7 +42,7 @@ struct Addressing {
   }
 };
 
-inline Addressing addressing(const DirfastFeatures& x) {
+inline Addressing addressing(const Features& x) {
   return Addressing{x.inner > 0 ? x.inner : 1, x.stride_p, x.stride_s, x.stride_f};
 }
 
@@ -423,7 +425,7 @@ SharedLimits shared_limits() {
       cache[device].per_block = static_cast<size_t>(per_block);
       cache[device].per_sm = static_cast<size_t>(per_sm);
     } else {
-      cudaGetLastError();  // keep the defaults; leave no error behind for launched()
+      cudaGetLastError();  // keep the defaults; leave no error behind for check_launch()
     }
     known[device] = true;
   }
@@ -445,7 +447,7 @@ enum class Pass {
 };
 
 template <typename T>
-Pass choose_pass(const DirfastFeatures& x, int64_t num_bins, const SharedLimits& limits) {
+Pass choose_pass(const Features& x, int64_t num_bins, const SharedLimits& limits) {
   if (x.rows <= 0 || x.dim <= 0) return Pass::kNone;
   constexpr int VEC = 16 / sizeof(T);
   const bool rows = x.stride_f == 1 && x.inner == x.rows;
@@ -503,10 +505,9 @@ int grid_for(int64_t work, int num_sms, int per_sm = 8) {
 }
 
 template <typename T, typename index_t>
-cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* count, void* mean,
-                   void* var, void* workspace, int num_sms, cudaStream_t stream) {
+void launch(const Features& x, const index_t* idx, int64_t num_bins, int64_t* count, void* mean, void* var,
+            void* workspace, int num_sms, cudaStream_t stream) {
   using acc_t = acc_of<T>;
-  const int64_t num_bins = bins.num_bins;
   const int64_t dim = x.dim;
   const int64_t rows = x.rows;
   const SharedLimits limits = shared_limits();
@@ -516,17 +517,14 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
   acc_t* sums = static_cast<acc_t*>(ws.sums);
   acc_t* ref = static_cast<acc_t*>(ws.ref);
   const T* px = static_cast<const T*>(x.data);
-  const index_t* idx = static_cast<const index_t*>(bins.data);
   const Addressing at = addressing(x);
-  cudaError_t status;
   // first[] and the sums are adjacent in the workspace (carve): one memset clears both.
   const size_t first_and_sums =
       static_cast<size_t>(static_cast<char*>(ws.sums) - reinterpret_cast<char*>(ws.first)) +
       2 * num_bins * dim * sizeof(acc_t);
-  if ((status = cudaMemsetAsync(counts, 0, num_bins * sizeof(ull), stream)) != cudaSuccess ||
-      (status = cudaMemsetAsync(ws.first, 0, first_and_sums, stream)) != cudaSuccess) {
-    return status;
-  }
+  STD_TORCH_CHECK(cudaMemsetAsync(counts, 0, num_bins * sizeof(ull), stream) == cudaSuccess &&
+                      cudaMemsetAsync(ws.first, 0, first_and_sums, stream) == cudaSuccess,
+                  "dirfast::bin_stats: cudaMemsetAsync failed");
   if (rows > 0) {
     const size_t hist_shared = num_bins <= kHistSharedBins ? 2 * num_bins * sizeof(ull) : 0;
     hist_kernel<index_t><<<grid_for(rows, num_sms, 4), kThreads, hist_shared, stream>>>(
@@ -585,51 +583,106 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastBins& bins, int64_t* c
     finalize_kernel<acc_t><<<grid_for(table, num_sms), kThreads, 0, stream>>>(
         counts, ref, sums, num_bins, dim, static_cast<acc_t*>(mean), static_cast<acc_t*>(var));
   }
-  return launched();
+}
+
+
+// keys[r] = the bucket of row r, num_bins for a row that selects none (sorted last).
+template <typename index_t>
+__global__ void keys_kernel(const index_t* __restrict__ idx, int64_t rows, int64_t num_bins,
+                            int64_t* __restrict__ keys) {
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < rows;
+       r += int64_t(gridDim.x) * blockDim.x) {
+    keys[r] = bucket_of(idx, r, num_bins, num_bins);
+  }
+}
+
+// The row numbers in the order of a stable sort of keys (torch's sort, through the dispatcher).
+Tensor stable_order(const Tensor& keys) {
+  using torch::stable::detail::from;
+  std::array<StableIValue, 4> stack{from(keys), from(std::optional<bool>(true)), from(int64_t(0)), from(false)};
+  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::sort", "stable", stack.data(), TORCH_ABI_VERSION));
+  const Tensor values = torch::stable::detail::to<Tensor>(stack[0]);  // released with this scope
+  return torch::stable::detail::to<Tensor>(stack[1]);
+}
+
+// The deterministic variant, with no float atomics: the counts (exact integer atomics) and each
+// bucket's first position in the grouped order (a scan), the rows grouped by a stable sort of
+// their buckets, then one thread's pass per (bucket, feature) in that order (sorted_kernel).
+template <typename T, typename index_t>
+void launch_sorted(const Features& x, const index_t* idx, int64_t num_bins, int64_t* count, void* mean,
+                   void* var, const Tensor& like, int num_sms, cudaStream_t stream) {
+  using acc_t = acc_of<T>;
+  const int64_t rows = x.rows;
+  Tensor scratch = empty({3 * num_bins + 1}, ScalarType::Long, like);  // first[B], offsets[B + 1], cursor[B]
+  ull* counts = reinterpret_cast<ull*>(count);
+  ull* first = reinterpret_cast<ull*>(scratch.mutable_data_ptr<int64_t>());
+  ull* offsets = first + num_bins;
+  STD_TORCH_CHECK(cudaMemsetAsync(counts, 0, num_bins * sizeof(ull), stream) == cudaSuccess &&
+                      cudaMemsetAsync(first, 0, num_bins * sizeof(ull), stream) == cudaSuccess,
+                  "dirfast::bin_stats: cudaMemsetAsync failed");
+  Tensor keys = empty({rows}, ScalarType::Long, like);
+  if (rows > 0) {
+    const size_t hist_shared = num_bins <= kHistSharedBins ? 2 * num_bins * sizeof(ull) : 0;
+    hist_kernel<index_t><<<grid_for(rows, num_sms, 4), kThreads, hist_shared, stream>>>(idx, rows, num_bins,
+                                                                                         counts, first);
+    keys_kernel<index_t><<<grid_for(rows, num_sms, 4), kThreads, 0, stream>>>(idx, rows, num_bins,
+                                                                              keys.mutable_data_ptr<int64_t>());
+  }
+  scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, num_bins, offsets, offsets + num_bins + 1);
+  check_launch("dirfast::bin_stats");
+  if (x.dim == 0) return;
+  const Tensor perm = torch::stable::contiguous(stable_order(keys));
+  // Features along x (up to 2^31 - 1 blocks), buckets along y (looped past 65,535).
+  const dim3 grid(static_cast<unsigned>(ceil_div(x.dim, kSortedThreads)),
+                  static_cast<unsigned>(std::min<int64_t>(num_bins, 65535)));
+  sorted_kernel<T, acc_t><<<grid, kSortedThreads, 0, stream>>>(
+      static_cast<const T*>(x.data), addressing(x), x.dim, num_bins, perm.const_data_ptr<int64_t>(),
+      reinterpret_cast<const int64_t*>(offsets), static_cast<acc_t*>(mean), static_cast<acc_t*>(var));
+}
+
+std::tuple<Tensor, Tensor, Tensor> bin_stats_cuda(const Tensor& x, const Tensor& bin_idx, int64_t num_bins,
+                                                  bool deterministic) {
+  const char* op = "dirfast::bin_stats";
+  check_features_and_bins(x, bin_idx, op, torch::headeronly::DeviceType::CUDA);
+  STD_TORCH_CHECK(num_bins >= 1 && num_bins < (int64_t(1) << 31) - 1, op,
+                  ": num_bins must be in [1, 2^31 - 2], got ", num_bins);
+  const auto guard = device_guard(x);
+  const ScalarType acc = acc_type({x.scalar_type()});
+  Tensor count = empty({num_bins}, ScalarType::Long, x);
+  Tensor mean = empty({num_bins, x.size(1)}, acc, x);
+  Tensor var = empty({num_bins, x.size(1)}, acc, x);
+  const Tensor xr = readable(x);  // a copy only for layouts the kernels do not walk
+  const Features fx = features(xr, classify(xr));
+  const Tensor idx = torch::stable::contiguous(bin_idx);
+  const int num_sms = sm_count(x);
+  const cudaStream_t stream = current_stream(x);
+  dispatch_cuda_float(x.scalar_type(), op, [&](auto scalar) {
+    using T = decltype(scalar);
+    dispatch_index(idx.scalar_type(), [&](auto index) {
+      using index_t = decltype(index);
+      const index_t* pi = idx.const_data_ptr<index_t>();
+      int64_t* pc = count.mutable_data_ptr<int64_t>();
+      if (deterministic) {
+        launch_sorted<T, index_t>(fx, pi, num_bins, pc, mean.mutable_data_ptr(), var.mutable_data_ptr(), x,
+                                  num_sms, stream);
+        return;
+      }
+      const Pass pass = choose_pass<T>(fx, num_bins, shared_limits());
+      size_t bytes = 0;
+      carve(nullptr, num_bins, fx.dim, fx.rows, sizeof(acc_of<T>), pass, &bytes);
+      Tensor workspace = empty({static_cast<int64_t>(bytes)}, ScalarType::Byte, x);
+      launch<T, index_t>(fx, pi, num_bins, pc, mean.mutable_data_ptr(), var.mutable_data_ptr(),
+                         workspace.mutable_data_ptr(), num_sms, stream);
+    });
+  });
+  check_launch(op);
+  return std::make_tuple(count, mean, var);
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace dirfast
 
-extern "C" size_t dirfast_cuda_bin_stats_workspace(DirfastFeatures x, DirfastBins bins) {
-  using namespace dirfast::cuda;
-  size_t bytes = 0;
-  dispatch_dtype(x.dtype, [&](auto scalar) {
-    using T = decltype(scalar);
-    const Pass pass = choose_pass<T>(x, bins.num_bins, shared_limits());
-    carve(nullptr, bins.num_bins, x.dim, x.rows, sizeof(acc_of<T>), pass, &bytes);
-    return cudaSuccess;
-  });
-  return bytes;
-}
-
-extern "C" cudaError_t dirfast_cuda_bin_stats(DirfastFeatures x, DirfastBins bins, int64_t* count,
-                                              void* mean, void* var, void* workspace, int num_sms,
-                                              cudaStream_t stream) {
-  using namespace dirfast::cuda;
-  return dispatch_dtype(x.dtype, [&](auto scalar) {
-    using T = decltype(scalar);
-    return dispatch_index(bins.is_int64, [&](auto index) {
-      return launch<T, decltype(index)>(x, bins, count, mean, var, workspace, num_sms, stream);
-    });
-  });
-}
-
-extern "C" cudaError_t dirfast_cuda_bin_stats_sorted(DirfastFeatures x, int64_t num_bins,
-                                                     const int64_t* perm, const int64_t* offsets,
-                                                     void* mean, void* var, cudaStream_t stream) {
-  using namespace dirfast::cuda;
-  if (num_bins == 0 || x.dim == 0) return cudaSuccess;
-  return dispatch_dtype(x.dtype, [&](auto scalar) {
-    using T = decltype(scalar);
-    using acc_t = acc_of<T>;
-    // Features along x (up to 2^31 - 1 blocks), buckets along y (looped past 65,535).
-    const dim3 grid(static_cast<unsigned>(ceil_div(x.dim, kSortedThreads)),
-                    static_cast<unsigned>(std::min<int64_t>(num_bins, 65535)));
-    sorted_kernel<T, acc_t><<<grid, kSortedThreads, 0, stream>>>(
-        static_cast<const T*>(x.data), addressing(x), x.dim, num_bins, perm, offsets,
-        static_cast<acc_t*>(mean), static_cast<acc_t*>(var));
-    return launched();
-  });
+STABLE_TORCH_LIBRARY_IMPL(dirfast, CUDA, m) {
+  m.impl("bin_stats", TORCH_BOX(&dirfast::cuda::bin_stats_cuda));
 }

@@ -9,7 +9,8 @@
 #include <algorithm>
 
 #include "calibrate.h"
-#include "cuda_common.cuh"
+#include "checks.h"
+#include "common.cuh"
 
 namespace dirfast {
 namespace cuda {
@@ -130,11 +131,10 @@ __global__ void calibrate_planes_kernel(const T* x, T* y, const index_t* __restr
 }
 
 template <typename T, typename acc_t, typename index_t>
-cudaError_t launch(const DirfastFeatures& x, const DirfastOutput& out, const DirfastBins& bins,
-                   const acc_t* src_mean, const acc_t* src_var, const acc_t* dst_mean,
-                   const acc_t* dst_var, double clip_min, double clip_max, acc_t* s, acc_t* t,
-                   int num_sms, cudaStream_t stream) {
-  const int64_t num_bins = bins.num_bins;
+void launch(const Features& x, const Output& out, const index_t* idx, int64_t num_bins,
+            const acc_t* src_mean, const acc_t* src_var, const acc_t* dst_mean,
+            const acc_t* dst_var, double clip_min, double clip_max, acc_t* s, acc_t* t,
+            int num_sms, cudaStream_t stream) {
   const int64_t dim = x.dim;
   // Rows when the features are contiguous; otherwise the glue passes planes (stride_s == 1).
   const bool planes = !(x.stride_f == 1 && x.inner == x.rows);
@@ -144,11 +144,10 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastOutput& out, const Dir
   scale_shift_kernel<acc_t><<<table_blocks, kTableThreads, 0, stream>>>(
       src_mean, src_var, dst_mean, dst_var, num_bins, dim, static_cast<acc_t>(clip_min),
       static_cast<acc_t>(clip_max), s, t, bucket_step, feature_step);
-  if (x.rows == 0 || dim == 0) return launched();
+  if (x.rows == 0 || dim == 0) return;
 
   const T* px = static_cast<const T*>(x.data);
   T* y = static_cast<T*>(out.data);
-  const index_t* idx = static_cast<const index_t*>(bins.data);
   const int64_t max_blocks = int64_t(num_sms) * 16;
   constexpr int VEC = 16 / sizeof(T);
   if (!planes) {
@@ -166,7 +165,7 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastOutput& out, const Dir
       calibrate_rows_kernel<T, acc_t, index_t, 1><<<blocks, block, 0, stream>>>(
           px, y, idx, x.rows, dim, x.stride_s, out.stride_s, s, t, num_bins);
     }
-    return launched();
+    return;
   }
   const int64_t images = x.rows / x.inner;
   const int64_t channels_per_block =
@@ -189,48 +188,65 @@ cudaError_t launch(const DirfastFeatures& x, const DirfastOutput& out, const Dir
         px, y, idx, images, x.inner, dim, x.stride_p, x.stride_f, out.stride_p, out.stride_f, s, t, num_bins,
         channels_per_block);
   }
-  return launched();
 }
 
-size_t table_bytes(const DirfastFeatures& x, const DirfastBins& bins, int acc_dtype) {
-  const size_t acc = acc_dtype == DIRFAST_FLOAT64 ? 8 : 4;
-  const size_t entries = static_cast<size_t>((bins.num_bins + 1) * (x.dim > 0 ? x.dim : 1));
-  return (entries * acc + 255) / 256 * 256;  // s, then t at a 256-byte boundary
+// Checks the arguments, then calibrates x into y: a fresh tensor shaped like x (calibrate) or x
+// itself (calibrate_: every element is read and then written by the same thread).
+void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin_idx, const Tensor& src_mean,
+                    const Tensor& src_var, const Tensor& dst_mean, const Tensor& dst_var, double clip_min,
+                    double clip_max) {
+  check_calibrate_args(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max, op,
+                       torch::headeronly::DeviceType::CUDA);
+  if (x.get() == y.get()) check_writable_in_place(x, op);
+  const auto guard = device_guard(x);
+  const ScalarType acc = acc_type({x.scalar_type(), src_mean.scalar_type()});
+  const Tensor m1 = contiguous_as(src_mean, acc), v1 = contiguous_as(src_var, acc);
+  const Tensor m2 = contiguous_as(dst_mean, acc), v2 = contiguous_as(dst_var, acc);
+  if (x.numel() == 0) return;
+  const InOut plan = plan_in_out(x, y);
+  const Tensor idx = torch::stable::contiguous(bin_idx);
+  const int64_t num_bins = src_mean.size(0);
+  // s and t tables of B + 1 buckets (the last one the identity), filled by scale_shift_kernel.
+  Tensor s = empty({(num_bins + 1) * std::max<int64_t>(x.size(1), 1)}, acc, x);
+  Tensor t = empty({(num_bins + 1) * std::max<int64_t>(x.size(1), 1)}, acc, x);
+  const Features fx = features(plan.x, plan.lx);
+  const Output fy = output(plan.out, plan.ly);
+  const int num_sms = sm_count(x);
+  const cudaStream_t stream = current_stream(x);
+  dispatch_cuda_float(x.scalar_type(), op, [&](auto scalar) {
+    using T = decltype(scalar);
+    dispatch_acc(acc, [&](auto acc_scalar) {
+      using acc_t = decltype(acc_scalar);
+      dispatch_index(idx.scalar_type(), [&](auto index) {
+        using index_t = decltype(index);
+        launch<T, acc_t, index_t>(fx, fy, idx.const_data_ptr<index_t>(), num_bins, m1.const_data_ptr<acc_t>(),
+                                  v1.const_data_ptr<acc_t>(), m2.const_data_ptr<acc_t>(), v2.const_data_ptr<acc_t>(),
+                                  clip_min, clip_max, s.mutable_data_ptr<acc_t>(), t.mutable_data_ptr<acc_t>(),
+                                  num_sms, stream);
+      });
+    });
+  });
+  check_launch(op);
+  if (plan.out.get() != y.get()) torch::stable::copy_(y, plan.out);
+}
+
+Tensor calibrate_cuda(const Tensor& x, const Tensor& bin_idx, const Tensor& src_mean, const Tensor& src_var,
+                     const Tensor& dst_mean, const Tensor& dst_var, double clip_min, double clip_max) {
+  Tensor y = torch::stable::empty_like(x);  // the fake kernel's strides
+  calibrate_into("dirfast::calibrate", x, y, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max);
+  return y;
+}
+
+void calibrate_inplace_cuda(Tensor x, const Tensor& bin_idx, const Tensor& src_mean, const Tensor& src_var,
+                           const Tensor& dst_mean, const Tensor& dst_var, double clip_min, double clip_max) {
+  calibrate_into("dirfast::calibrate_", x, x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max);
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace dirfast
 
-extern "C" size_t dirfast_cuda_calibrate_workspace(DirfastFeatures x, DirfastBins bins,
-                                                   int acc_dtype) {
-  return 2 * dirfast::cuda::table_bytes(x, bins, acc_dtype);
-}
-
-extern "C" cudaError_t dirfast_cuda_calibrate(DirfastFeatures x, DirfastOutput y, DirfastBins bins,
-                                              const void* src_mean, const void* src_var,
-                                              const void* dst_mean, const void* dst_var,
-                                              int acc_dtype, double clip_min, double clip_max,
-                                              void* workspace, int num_sms, cudaStream_t stream) {
-  using namespace dirfast::cuda;
-  char* s = static_cast<char*>(workspace);
-  char* t = s + table_bytes(x, bins, acc_dtype);
-  return dispatch_dtype(x.dtype, [&](auto scalar) {
-    using T = decltype(scalar);
-    return dispatch_index(bins.is_int64, [&](auto index) {
-      using index_t = decltype(index);
-      if (acc_dtype == DIRFAST_FLOAT64) {
-        return launch<T, double, index_t>(
-            x, y, bins, static_cast<const double*>(src_mean),
-            static_cast<const double*>(src_var), static_cast<const double*>(dst_mean),
-            static_cast<const double*>(dst_var), clip_min, clip_max, reinterpret_cast<double*>(s),
-            reinterpret_cast<double*>(t), num_sms, stream);
-      }
-      return launch<T, float, index_t>(
-          x, y, bins, static_cast<const float*>(src_mean),
-          static_cast<const float*>(src_var), static_cast<const float*>(dst_mean),
-          static_cast<const float*>(dst_var), clip_min, clip_max, reinterpret_cast<float*>(s),
-          reinterpret_cast<float*>(t), num_sms, stream);
-    });
-  });
+STABLE_TORCH_LIBRARY_IMPL(dirfast, CUDA, m) {
+  m.impl("calibrate", TORCH_BOX(&dirfast::cuda::calibrate_cuda));
+  m.impl("calibrate_", TORCH_BOX(&dirfast::cuda::calibrate_inplace_cuda));
 }
