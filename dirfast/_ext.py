@@ -1,35 +1,49 @@
-"""Loading of the compiled extension ``dirfast._C``, which may be absent.
+"""Loading of the compiled kernels, which may be absent or unusable here.
 
-dirfast must import on any machine: without a compiler, with ``DIRFAST_NO_EXT=1``, or with an
-extension built against another torch. Whatever goes wrong here is kept as a reason string for
+``dirfast._C`` (CPU) and ``dirfast._C_cuda`` (CUDA) are built on torch's stable ABI for torch
+>= 2.10. dirfast imports on any machine: whatever keeps a module from loading (not built, an
+older torch, a torch without CUDA, a CUDA runtime that does not match) is kept as a reason for
 :func:`dirfast.backends` instead of being raised.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import importlib
 
-__all__ = ["EXTENSION", "EXTENSION_REASON", "cuda_compiled"]
+import torch
+
+MIN_TORCH = "2.10"
+
+CPU = CUDA = None  # the loaded modules
+CPU_REASON = CUDA_REASON = "not loaded yet"
 
 
-def _load():
-    if os.environ.get("DIRFAST_NO_EXT", "0") not in ("", "0"):
-        return None, "the compiled extension is disabled by DIRFAST_NO_EXT"
-    if importlib.util.find_spec(f"{__package__}._C") is None:
-        return None, "dirfast._C is not built (no compiler at install time, or DIRFAST_NO_EXT=1 then)"
+def _import(name: str):
+    """(module, "") or (None, why not)."""
+    if torch.__version__ < MIN_TORCH:
+        return None, f"dirfast's compiled kernels need torch >= {MIN_TORCH}, found {torch.__version__}"
     try:
-        from . import _C  # registers the dirfast:: schemas and compiled kernels
-    except ImportError as exc:
-        return None, f"dirfast._C failed to import ({exc}); rebuild dirfast"
-    except Exception as exc:  # e.g. an undefined symbol: built against another torch
-        return None, f"dirfast._C failed to load ({type(exc).__name__}: {exc}); rebuild dirfast"
-    return _C, ""
+        return importlib.import_module(f"{__package__}.{name}"), ""
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.{name}":
+            return None, f"dirfast.{name} failed to import ({exc})"
+        return None, f"dirfast.{name} is not built"
+    except (ImportError, OSError) as exc:  # e.g. a CUDA runtime library that is not there
+        return None, f"dirfast.{name} failed to load ({exc})"
 
 
-EXTENSION, EXTENSION_REASON = _load()
-
-
-def cuda_compiled() -> bool:
-    """Whether CUDA C++ kernels were compiled into the extension."""
-    return bool(getattr(EXTENSION, "cuda_compiled", False))
+def load() -> None:
+    """Load the compiled kernels (once): they register for the ops dirfast.ops has defined."""
+    global CPU, CPU_REASON, CUDA, CUDA_REASON
+    if CPU_REASON != "not loaded yet":
+        return
+    CPU, CPU_REASON = _import("_C")
+    if CPU is None and CPU_REASON.endswith("is not built"):
+        CPU_REASON += " (installed without a compiler, or with DIRFAST_NO_EXT=1): reinstall dirfast to build it"
+    if torch.version.cuda is None:
+        CUDA, CUDA_REASON = None, "the installed torch has no CUDA"
+    else:
+        CUDA, CUDA_REASON = _import("_C_cuda")
+        if CUDA is None and CUDA_REASON.endswith("is not built"):
+            CUDA_REASON += (" (installed without nvcc, or without a GPU build; FORCE_CUDA=1 builds it): the Triton "
+                            "kernels run on the GPU")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from . import reference
+from ._moments import m2_from_var, var_from_m2
 
 __all__ = ["is_distributed", "all_gather_rows", "all_reduce_bin_stats", "all_reduce_sum"]
 
@@ -39,9 +39,9 @@ def all_reduce_bin_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Ten
     total = packed[:, 0]
     global_mean = packed[:, 1:] / total.clamp(min=1).unsqueeze(1)
     deviation = mean.double() - global_mean
-    m2 = reference.m2_from_var(n, var.double()) + n.unsqueeze(1) * deviation * deviation
+    m2 = m2_from_var(n, var.double()) + n.unsqueeze(1) * deviation * deviation
     all_reduce_sum(m2, process_group)
-    global_var = reference.var_from_m2(total, m2)
+    global_var = var_from_m2(total, m2)
     return total.round().long(), global_mean.to(mean.dtype), global_var.to(var.dtype)
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import distributed, ops, reference
+from . import distributed, ops
+from ._moments import m2_from_var, var_from_m2
+from .ops.calibrate import scale_shift
 from .binning import Binning, GridBinning
 from .windows import kernel_window
 
@@ -246,7 +248,7 @@ class FDS(nn.Module):
         buckets = self._buckets(features, labels, check=False)
         count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
         n_b = count.to(torch.float64)
-        m2_b = reference.m2_from_var(count, var)
+        m2_b = m2_from_var(count, var)
         n_a = self.accumulated_count
         total = n_a + n_b
         weight_b = (n_b / total.clamp(min=1)).to(mean.dtype).unsqueeze(1)
@@ -300,7 +302,7 @@ class FDS(nn.Module):
         if features is None:
             count = self.accumulated_count.round().long()
             mean = self.accumulated_mean.clone()
-            var = reference.var_from_m2(count, self.accumulated_m2)
+            var = var_from_m2(count, self.accumulated_m2)
         else:
             count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
             if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
@@ -477,7 +479,7 @@ class FDS(nn.Module):
         """
         running_mean, running_var = self.running_mean_last_epoch, self.running_var_last_epoch
         smoothed_mean, smoothed_var = self.smoothed_mean_last_epoch, self.smoothed_var_last_epoch
-        scale, _ = reference.scale_shift(running_mean, running_var, smoothed_mean, smoothed_var,
+        scale, _ = scale_shift(running_mean, running_var, smoothed_mean, smoothed_var,
                                          self.clip_min, self.clip_max)
         scale = scale.double().cpu()
         table = {"bucket": torch.arange(self.bucket_start, self.bucket_num),

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import torch
 
-from . import distributed, ops, reference
+from . import distributed, ops
+from .ops.smooth_bins import reference as smooth_reference
 from .binning import Binning, GridBinning, as_label_tensor
 from .windows import kernel_window
 
@@ -179,8 +180,8 @@ class LDS:
         """The window along the bins, or along each axis of a grid in turn (on one axis, the
         very call of the 1-D case)."""
         if not isinstance(self.binning, GridBinning):
-            return reference.smooth_bins(table, self.window, self.padding)
-        return self.binning.along_each_axis(table, lambda rows: reference.smooth_bins(rows, self.window, self.padding))
+            return smooth_reference(table, self.window, self.padding)
+        return self.binning.along_each_axis(table, lambda rows: smooth_reference(rows, self.window, self.padding))
 
     def _require_fit(self, what: str) -> None:
         if not self._fitted:

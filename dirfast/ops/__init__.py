@@ -1,20 +1,25 @@
-"""The fused operations every dirfast backend implements: the front end.
+"""The fused operations of dirfast, one module each, all ``torch.library`` ops in the ``dirfast``
+namespace (``torch.ops.dirfast.<name>``) with fake kernels, so ``torch.compile(fullgraph=True)``
+and ``torch.export`` see through them.
 
-Each is a ``torch.library`` op in the ``dirfast`` namespace (``torch.ops.dirfast.<name>``,
-defined in :mod:`dirfast.contract`) with a fake kernel, so ``torch.compile(fullgraph=True)`` and
-``torch.export`` see through it. The functions here check their arguments and call the kernel of
-the selected backend (:func:`set_backend`, :func:`use_backend`); :func:`backends` says which can
-run here.
+Each module holds its op's whole Python story: the schema, the argument checks of the public
+function, the fake kernel, the autograd, the pure-PyTorch reference and the Triton entry. The
+compiled kernels (``dirfast._C`` on CPU, ``dirfast._C_cuda`` on CUDA) register themselves for the
+same ops when they load; :func:`backends` says what can run here.
 """
 
-from ..contract import PADDINGS, SCHEMAS
+from .. import _ext
+from . import _common
 from ._dispatch import BACKENDS, backends, get_backend, set_backend, use_backend
 from .bin_stats import bin_stats
-from .calibrate import calibrate, calibrate_
+from .smooth_bins import PADDINGS, smooth_bins
+from .calibrate import calibrate, calibrate_  # noqa: I001 (the order of definition is the order reported)
 from .mixture_logpdf import mixture_logpdf
-from .smooth_bins import smooth_bins
+
+_ext.load()  # after the schemas: the compiled kernels register for them
+_common.register_triton_for_cuda()
 
 __all__ = [
-    "BACKENDS", "PADDINGS", "SCHEMAS", "backends", "bin_stats", "calibrate", "calibrate_", "get_backend",
-    "mixture_logpdf", "set_backend", "smooth_bins", "use_backend",
+    "BACKENDS", "PADDINGS", "backends", "bin_stats", "calibrate", "calibrate_", "get_backend", "mixture_logpdf",
+    "set_backend", "smooth_bins", "use_backend",
 ]

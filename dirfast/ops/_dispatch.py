@@ -1,48 +1,37 @@
-"""The one place that picks a backend for an op call.
+"""The backends of the dirfast ops: what can run here, and the override tests and benchmarks use.
 
-Backends:
+By default (``"auto"``) every op call goes through torch's dispatcher, which picks the kernel
+registered for the device: the C++ kernels on CPU (the reference without them), the CUDA kernels
+on a GPU (Triton without them). :func:`use_backend` / :func:`set_backend` override that for the
+current thread, to run and compare one backend's kernels:
 
-* ``"reference"`` -- :mod:`dirfast.reference`, pure PyTorch, called directly; runs anywhere.
-* ``"cpp"`` -- the C++ CPU kernels registered for the ``CPU`` key of the ``dirfast::`` ops.
-* ``"cuda"`` -- the CUDA C++ kernels registered for the ``CUDA`` key of the same ops.
-* ``"triton"`` -- the ``dirfast::triton_<op>`` ops of :mod:`dirfast.triton` (CUDA tensors, or
-  any tensor under ``TRITON_INTERPRET=1``), imported on first use.
-* ``"auto"`` (the default) -- per device: on CPU the C++ kernels when built, on CUDA whichever
-  of CUDA C++ and Triton :data:`CUDA_PREFERENCE` lists first among the available ones; else
-  the ``dirfast::`` op itself, whose composite kernel is the reference.
+* ``"reference"`` -- the pure-PyTorch definition of each op, on any device;
+* ``"cpp"`` -- the compiled CPU kernels (``dirfast._C``), CPU tensors;
+* ``"cuda"`` -- the compiled CUDA kernels (``dirfast._C_cuda``), CUDA tensors;
+* ``"triton"`` -- the Triton kernels: CUDA tensors, or any tensor under Triton's interpreter
+  (``TRITON_INTERPRET=1`` set before Triton is imported).
+
+The compiled backends are the dispatcher's own kernels; the reference and Triton ones are called
+directly, with the op's backward run on the same backend.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 
 import torch
 
-from .. import _ext, reference
-from ..contract import has_device_kernel, op_overload
+from .. import _ext
+from ._common import OPS
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
-OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf", "mixture_logpdf_backward")
-# The CUDA C++ kernels cover the FDS ops; on a GPU mixture_logpdf runs on Triton (a CUDA C++
-# kernel is worth adding only if measured faster).
+# The ops with a compiled CUDA kernel (on a GPU the others run on Triton).
 CUDA_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_")
-
-# On a CUDA tensor, "auto" takes, per op, the first available backend of its list: the faster
-# one as measured by benchmarks/gpu_check.sh on the GPU below (benchmarks/results/h200/).
-CUDA_PREFERENCE_MEASURED_ON = "NVIDIA H200, torch 2.11.0+cu130, triton 3.6.0 (2026-11-27)"
-CUDA_PREFERENCE = {
-    "bin_stats": ("cuda", "triton"),
-    "smooth_bins": ("cuda", "triton"),
-    "calibrate": ("cuda", "triton"),
-    "calibrate_": ("cuda", "triton"),
-    "mixture_logpdf": ("triton",),  # its only GPU kernel (the reference builds [N, K] per chunk)
-}
 
 # The selection belongs to the current thread: a use_backend() block in one thread never changes
 # the ops of another, and new threads start at "auto". (A threading.local, which torch.compile
-# traces and guards on, where it cannot trace a ContextVar.)
+# traces and guards on.)
 _selection = threading.local()
 
 
@@ -50,44 +39,39 @@ def _selected() -> str:
     return getattr(_selection, "name", "auto")
 
 
+def _public_ops() -> tuple:
+    return tuple(name for name in OPS if not name.endswith("_backward"))
+
+
 def _triton_reason() -> str:
-    """Why the Triton backend cannot run here ("" when it can)."""
     from .. import triton as dirfast_triton  # lazy: Triton is optional
 
     return dirfast_triton.unavailable_reason()
 
 
 def _cpp_reason() -> str:
-    if _ext.EXTENSION is None:
-        return _ext.EXTENSION_REASON
-    missing = [op for op in OPS if not has_device_kernel(op, "CPU")]
-    if missing:
-        return f"dirfast._C has no C++ CPU kernel for {', '.join(missing)}"
-    return ""
+    if _ext.CPU is None:
+        return _ext.CPU_REASON
+    missing = [op.name for op in OPS.values() if not op.has_kernel("CPU")]
+    return f"dirfast._C has no CPU kernel for {', '.join(missing)}" if missing else ""
 
 
 def _cuda_reason() -> str:
-    if _ext.EXTENSION is None:
-        return _ext.EXTENSION_REASON
-    if not _ext.cuda_compiled():
-        return ("dirfast._C was built without CUDA kernels (a torch without CUDA, or no nvcc, at build time; "
-                "FORCE_CUDA=1 builds them)")
-    missing = [op for op in CUDA_OPS if not has_device_kernel(op, "CUDA")]
-    if missing:
-        return f"dirfast._C has no CUDA kernel for {', '.join(missing)}"
+    if _ext.CUDA is None:
+        return _ext.CUDA_REASON
     if not torch.cuda.is_available():
         return "no CUDA GPU is visible to torch"
     return ""
 
 
-_REASONS: dict = {}  # availability cannot change within a process: work it out once
+_REASONS: dict = {}  # availability cannot change within a process: worked out once
 
 
 def _reason(name: str) -> str:
     """Why backend ``name`` cannot run here ("" when it can)."""
     if name not in _REASONS:
-        finders = {"reference": lambda: "", "cpp": _cpp_reason, "cuda": _cuda_reason}
-        _REASONS[name] = finders.get(name, _triton_reason)()
+        finders = {"reference": lambda: "", "cpp": _cpp_reason, "cuda": _cuda_reason, "triton": _triton_reason}
+        _REASONS[name] = finders[name]()
     return _REASONS[name]
 
 
@@ -96,15 +80,15 @@ def backends() -> dict:
 
     Returns a dict from backend name (``"reference"``, ``"cpp"``, ``"triton"``, ``"cuda"``) to a
     dict with ``available`` (usable now), ``reason`` (why not, ``""`` when available) and ``ops``
-    (the ``dirfast.ops`` it has kernels for); the ``"cuda"`` entry also has ``compiled`` (CUDA
-    kernels were built into the extension).
+    (the ``dirfast.ops`` it has kernels for); the ``"cuda"`` entry also has ``compiled`` (the CUDA
+    kernels were built and load with this torch).
     """
     report = {}
     for name in BACKENDS:
         reason = _reason(name)
-        ops = CUDA_OPS if name == "cuda" else tuple(op for op in OPS if not op.endswith("_backward"))
-        report[name] = {"available": not reason, "reason": reason, "ops": ops}
-    report["cuda"]["compiled"] = _ext.cuda_compiled()
+        report[name] = {"available": not reason, "reason": reason,
+                        "ops": CUDA_OPS if name == "cuda" else _public_ops()}
+    report["cuda"]["compiled"] = _ext.CUDA is not None
     return report
 
 
@@ -144,43 +128,72 @@ def use_backend(name: str):
         _selection.name = previous
 
 
-def _on_cpu_allowed_for_triton() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def kernel(op: str, device: torch.device, name: str | None = None):
-    """The callable that runs ``op`` on ``device`` under backend ``name`` (default: the one
-    selected in this thread)."""
-    name = _selected() if name is None else name
-    if name == "reference":
-        return getattr(reference, op)
-    if name == "auto":
-        if device.type == "cuda":
-            for candidate in CUDA_PREFERENCE[op]:
-                if not _reason(candidate):
-                    return kernel_of(candidate, op)
-        return op_overload(op)  # C++ CPU kernel when built, else the reference composite
+def _allowed(name: str, op: str, device: torch.device) -> None:
     if name == "cpp" and device.type != "cpu":
         raise RuntimeError(f"dirfast backend 'cpp' runs on CPU tensors, got a tensor on {device}")
     if name == "cuda" and device.type != "cuda":
         raise RuntimeError(f"dirfast backend 'cuda' runs on CUDA tensors, got a tensor on {device}")
     if name == "cuda" and op not in CUDA_OPS:
-        raise RuntimeError(f"dirfast backend 'cuda' has no kernel for {op} (the 'auto' and 'triton' backends run it "
-                           "on the GPU)")
-    if name == "triton" and device.type != "cuda" and not _on_cpu_allowed_for_triton():
-        raise RuntimeError(
-            f"dirfast backend 'triton' runs on CUDA tensors (or any tensor with TRITON_INTERPRET=1), "
-            f"got a tensor on {device}"
-        )
-    return kernel_of(name, op)
+        raise RuntimeError(f"dirfast backend 'cuda' has no kernel for {op} (on a GPU, the 'auto' and 'triton' "
+                           "backends run it)")
 
 
-def kernel_of(name: str, op: str):
-    """The callable of backend ``name`` for ``op``, whatever the selection."""
-    if name == "reference":
-        return getattr(reference, op)
-    if name == "triton":
-        from .. import triton as dirfast_triton  # noqa: F401  (registers dirfast::triton_<op>)
+def kernels(device: torch.device, name: str | None = None):
+    """A function from op name to the callable that runs it on ``device`` under backend ``name``
+    (default: this thread's selection): the dispatcher's op, or a backend's own function."""
+    name = _selected() if name is None else name
 
-        return op_overload("triton_" + op)
-    return op_overload(op)
+    def kernel(op: str):
+        if name in ("auto", "cpp", "cuda"):
+            if name != "auto":
+                _allowed(name, op, device)
+            return OPS[op].overload
+        if name == "reference":
+            return OPS[op].reference
+        return OPS[op].triton
+
+    return kernel
+
+
+# -------------------------------------------------------------------------------- autograd
+# An op's backward is written once, in terms of a function from op name to kernel (ctx.kernel):
+# through the dispatcher it calls the dispatcher's ops; under a selected backend, that
+# backend's own functions (_OnBackend), so a backward runs where its forward ran.
+_AUTOGRAD: dict = {}  # op name -> (setup_context, backward)
+
+
+def register_autograd(op: str, setup_context, backward) -> None:
+    """Make ``dirfast::<op>`` differentiable: ``setup_context(ctx, inputs, output)`` saves what
+    ``backward(ctx, *grads)`` needs; the backward calls kernels through ``ctx.kernel(name)``."""
+    _AUTOGRAD[op] = (setup_context, backward)
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, inputs, output)
+        ctx.kernel = kernels(inputs[0].device, "auto")
+
+    torch.library.register_autograd(OPS[op].qualname, backward, setup_context=setup)
+
+
+class _OnBackend(torch.autograd.Function):
+    """A differentiable op run by a selected backend's own function, its backward on the same."""
+
+    @staticmethod
+    def forward(ctx, op, kernel, *args):
+        output = kernel(op)(*args)
+        _AUTOGRAD[op][0](ctx, args, output)
+        ctx.kernel, ctx.op = kernel, op
+        return output
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, None) + tuple(_AUTOGRAD[ctx.op][1](ctx, *grads))
+
+
+def call(op: str, device: torch.device, *args):
+    """Run ``op`` on ``args`` (on ``device``) with this thread's backend."""
+    kernel = kernels(device)
+    if _selected() in ("auto", "cpp", "cuda") or op not in _AUTOGRAD:
+        return kernel(op)(*args)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return _OnBackend.apply(op, kernel, *args)
+    return kernel(op)(*args)

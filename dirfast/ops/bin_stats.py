@@ -1,12 +1,16 @@
-"""``dirfast::bin_stats``: per-bin count, mean and unbiased variance of feature rows."""
+"""``dirfast::bin_stats``: per-bin count, mean and unbiased variance of feature rows.
+
+Kernels: the reference below; ``csrc/cpu/bin_stats.cpp``; ``csrc/cuda/bin_stats.cu``;
+``dirfast/triton/bin_stats.py``.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from . import _checks, _dispatch
+from . import _checks, _common, _dispatch
 
-OP = "bin_stats"
+SCHEMA = "bin_stats(Tensor x, Tensor bin_idx, int num_bins, bool deterministic=False) -> (Tensor, Tensor, Tensor)"
 
 
 def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
@@ -29,4 +33,61 @@ def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
     """
     _checks.features_and_bins(x, bin_idx)
     _checks.num_bins(num_bins)
-    return _dispatch.kernel(OP, x.device)(x, bin_idx, num_bins)
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    return _dispatch.call("bin_stats", x.device, x, bin_idx, num_bins, deterministic)
+
+
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``[rows, D]`` (dense input moved to channels-last: a copy unless it already is)."""
+    return x if x.dim() == 2 else x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def bin_rows(bin_idx: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Flattened bin indices with every out-of-range index sent to a spare bin ``num_bins``."""
+    idx = bin_idx.reshape(-1).long()
+    return torch.where((idx >= 0) & (idx < num_bins), idx, num_bins)
+
+
+def reference(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int, deterministic: bool = False):
+    """The definition, in PyTorch: the corrected two-pass algorithm (Chan, Golub and LeVeque).
+
+    A first pass for the mean, then sums of the deviations ``d`` and of ``d**2``;
+    ``var = (S2 - S1**2 / n) / (n - 1)`` cancels the error of the first-pass mean, so float32
+    keeps its accuracy even when a bin's mean is thousands of times its standard deviation.
+    Deterministic whatever ``deterministic`` says.
+    """
+    acc = _common.acc_dtype(x.dtype)
+    values = rows(x).to(acc)
+    idx = bin_rows(bin_idx, num_bins)
+    dim = values.shape[1]
+
+    count = torch.zeros(num_bins + 1, dtype=torch.int64, device=x.device)
+    count.index_add_(0, idx, torch.ones_like(idx))
+    n = count.to(acc).unsqueeze(1)
+
+    total = torch.zeros(num_bins + 1, dim, dtype=acc, device=x.device).index_add_(0, idx, values)
+    mean0 = total / n.clamp(min=1)
+    dev = values - mean0[idx]
+    s1 = torch.zeros_like(total).index_add_(0, idx, dev)
+    s2 = torch.zeros_like(total).index_add_(0, idx, dev * dev)
+
+    mean = mean0 + s1 / n.clamp(min=1)
+    var = ((s2 - s1 * s1 / n.clamp(min=1)) / (n - 1).clamp(min=1)).clamp(min=0)
+    var = torch.where(n > 1, var, torch.zeros_like(var))
+    return count[:num_bins], mean[:num_bins], var[:num_bins]
+
+
+def _fake(x, bin_idx, num_bins, deterministic=False):
+    acc = _common.acc_dtype(x.dtype)
+    count = x.new_empty((num_bins,), dtype=torch.int64)
+    mean = x.new_empty((num_bins, x.shape[1]), dtype=acc)
+    return count, mean, torch.empty_like(mean)
+
+
+def _triton(x, bin_idx, num_bins, deterministic=False):
+    from ..triton import bin_stats as kernels
+
+    return kernels.bin_stats(x, bin_idx, num_bins, deterministic=deterministic)
+
+
+_common.define(SCHEMA, reference, _fake, _triton)

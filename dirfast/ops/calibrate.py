@@ -1,15 +1,21 @@
 """``dirfast::calibrate`` and ``dirfast::calibrate_`` (in place): FDS whitening and re-colouring
-of each row with its bin's statistics."""
+of each row with its bin's statistics.
+
+Kernels: the reference below; ``csrc/cpu/calibrate.cpp``; ``csrc/cuda/calibrate.cu``;
+``dirfast/triton/calibrate.py``.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..contract import CalibrateInPlace
-from . import _checks, _dispatch
+from . import _checks, _common, _dispatch
+from .bin_stats import bin_rows
 
-OP = "calibrate"
-OP_INPLACE = "calibrate_"
+_ARGS = ("Tensor bin_idx, Tensor src_mean, Tensor src_var, Tensor dst_mean, Tensor dst_var, "
+         "float clip_min=0.1, float clip_max=10.0")
+SCHEMA = f"calibrate(Tensor x, {_ARGS}) -> Tensor"
+SCHEMA_INPLACE = f"calibrate_(Tensor(a!) x, {_ARGS}) -> ()"  # FDS.smooth calibrates in place
 
 
 def calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float = 0.1, clip_max: float = 10.0):
@@ -24,7 +30,7 @@ def calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float 
     has the dtype and shape of ``x``. Differentiable in ``x``.
     """
     clips = _check(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max)
-    return _dispatch.kernel(OP, x.device)(x, bin_idx, src_mean, src_var, dst_mean, dst_var, *clips)
+    return _dispatch.call("calibrate", x.device, x, bin_idx, src_mean, src_var, dst_mean, dst_var, *clips)
 
 
 def calibrate_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float = 0.1, clip_max: float = 10.0):
@@ -36,11 +42,11 @@ def calibrate_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float
     """
     clips = _check(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max)
     _checks.writable_in_place("x", x)
-    inplace = _dispatch.kernel(OP_INPLACE, x.device)
+    kernel = _dispatch.kernels(x.device)
     args = (x, bin_idx, src_mean, src_var, dst_mean, dst_var, *clips)
     if torch.is_grad_enabled() and x.requires_grad:
-        return CalibrateInPlace.apply(inplace, _dispatch.kernel(OP, x.device), *args)
-    inplace(*args)
+        return _CalibrateInPlace.apply(kernel, *args)
+    kernel("calibrate_")(*args)
     return x
 
 
@@ -54,3 +60,110 @@ def _check(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max)
     for name, table in (("src_mean", src_mean), ("src_var", src_var), ("dst_mean", dst_mean), ("dst_var", dst_var)):
         _checks.bin_table(name, table, (src_mean.shape[0], dim), x.device)
     return _checks.clips(clip_min, clip_max)
+
+
+def scale_shift(src_mean, src_var, dst_mean, dst_var, clip_min: float, clip_max: float, acc=None):
+    """Per-bin ``(s, t)`` with ``calibrate(x) = x * s + t``, the published rules included.
+
+    ``s = sqrt(clamp(dst_var / src_var, clip_min, clip_max))`` and ``t = dst_mean - src_mean * s``;
+    a bin whose ``src_var`` sums below 1e-10 is left alone (``s = 1, t = 0``), and so is every
+    dimension where ``src_var == 0``.
+    """
+    acc = acc or _common.acc_dtype(src_mean.dtype)
+    src_mean, src_var, dst_mean, dst_var = (t.to(acc) for t in (src_mean, src_var, dst_mean, dst_var))
+    keep = (src_var.sum(dim=1, keepdim=True) < 1e-10) | (src_var == 0)
+    s = torch.sqrt(torch.clamp(dst_var / torch.where(keep, torch.ones_like(src_var), src_var), clip_min, clip_max))
+    s = torch.where(keep, torch.ones_like(s), s)
+    t = torch.where(keep, torch.zeros_like(src_mean), dst_mean - src_mean * s)
+    return s, t
+
+
+def reference(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float = 0.1, clip_max: float = 10.0):
+    """The definition, in PyTorch: ``x * s[b] + t[b]`` with :func:`scale_shift`'s tables; rows
+    whose index selects no bin are returned unchanged."""
+    num_bins = src_mean.shape[0]
+    acc = _common.acc_dtype(x.dtype, src_mean.dtype)
+    s, t = scale_shift(src_mean, src_var, dst_mean, dst_var, clip_min, clip_max, acc)
+    # One identity row for indices outside [0, num_bins).
+    s = torch.cat([s, torch.ones_like(s[:1])])
+    t = torch.cat([t, torch.zeros_like(t[:1])])
+    idx = bin_rows(bin_idx, num_bins).reshape(bin_idx.shape)
+    if x.dim() == 2:
+        s_rows, t_rows = s[idx], t[idx]
+    else:  # dense: gather [B, *spatial, C] and move C next to the batch axis (views only)
+        s_rows, t_rows = s[idx].movedim(-1, 1), t[idx].movedim(-1, 1)
+    out = torch.empty_like(x)  # the strides of the fake kernel
+    out.copy_(x.to(s.dtype) * s_rows + t_rows)
+    return out
+
+
+def reference_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float = 0.1,
+               clip_max: float = 10.0) -> None:
+    """:func:`reference` written into ``x``."""
+    x.copy_(reference(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max))
+
+
+def _fake(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min=0.1, clip_max=10.0):
+    return torch.empty_like(x)
+
+
+def _fake_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min=0.1, clip_max=10.0):
+    return None
+
+
+def _triton(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min=0.1, clip_max=10.0):
+    from ..triton import calibrate as kernels
+
+    return kernels.calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max)
+
+
+def _triton_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min=0.1, clip_max=10.0):
+    from ..triton import calibrate as kernels
+
+    kernels.calibrate_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max)
+
+
+_common.define(SCHEMA, reference, _fake, _triton)
+_common.define(SCHEMA_INPLACE, reference_, _fake_, _triton_)
+
+
+# -------------------------------------------------------------------------------- autograd
+# y = x * s[b] + t[b], so dy/dx = s[b]: calibrate with both means at zero multiplies by s alone,
+# with the same rules for rows and dimensions left unchanged. The statistics are buffers and get
+# no gradient.
+def _save(ctx, inputs) -> None:
+    _, bin_idx, _, src_var, _, dst_var, clip_min, clip_max = inputs
+    ctx.save_for_backward(bin_idx, src_var, dst_var)  # the means do not enter dy/dx
+    ctx.clips = (clip_min, clip_max)
+
+
+def _grad_x(ctx, grad):
+    bin_idx, src_var, dst_var = ctx.saved_tensors
+    zeros = torch.zeros_like(src_var)
+    return ctx.kernel("calibrate")(grad, bin_idx, zeros, src_var, zeros, dst_var, *ctx.clips)
+
+
+def _backward(ctx, grad):
+    return (_grad_x(ctx, grad),) + (None,) * 7
+
+
+_dispatch.register_autograd("calibrate", lambda ctx, inputs, output: _save(ctx, inputs), _backward)
+
+
+class _CalibrateInPlace(torch.autograd.Function):
+    """Autograd of the in-place op (register_autograd takes functional ops only): the forward
+    overwrites ``x`` with one backend's ``calibrate_``, the backward is that backend's
+    ``calibrate``."""
+
+    @staticmethod
+    def forward(ctx, kernel, *args):
+        x = args[0]
+        kernel("calibrate_")(*args)
+        ctx.mark_dirty(x)
+        ctx.kernel = kernel
+        _save(ctx, args)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, _grad_x(ctx, grad)) + (None,) * 7

@@ -1,13 +1,19 @@
 """``dirfast::mixture_logpdf``: the log density of a 1-D Gaussian mixture at every element of a
-tensor, without an [N, K] matrix (Balanced MSE's BNI and GAI terms on dense predictions)."""
+tensor, without an [N, K] matrix (Balanced MSE's BNI and GAI terms on dense predictions).
+
+Kernels: the reference below; ``csrc/cpu/mixture_logpdf.cpp``; ``dirfast/triton/mixture_logpdf.py``
+(on a GPU, the CUDA kernel).
+"""
 
 from __future__ import annotations
 
 import torch
 
-from . import _checks, _dispatch
+from . import _checks, _common, _dispatch
 
-OP = "mixture_logpdf"
+_ARGS = "Tensor means, Tensor variances, Tensor log_weights"
+SCHEMA = f"mixture_logpdf(Tensor x, {_ARGS}) -> Tensor"
+SCHEMA_BACKWARD = f"mixture_logpdf_backward(Tensor grad, Tensor x, Tensor out, {_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)"
 
 
 def mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
@@ -18,12 +24,24 @@ def mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor
     Args:
         x: predictions of any shape (a depth map ``[B, 1, H, W]`` goes in as it is).
         means, variances, log_weights: the K components, 1-D tensors of one length on the
-            device of ``x`` (variances positive; a weight of 0 is a log-weight of -inf).
+            device of ``x``.
 
     Returns:
         A tensor shaped like ``x``, float32 (float64 when an input is float64), differentiable
         in all four inputs. The log-sum-exp runs element by element over the K components, so
-        memory is O(N + K) forward and backward; values are not checked (no host sync).
+        memory is O(N + K) forward and backward.
+
+    Values are not checked (that would wait on the GPU); on every backend they mean:
+
+    * a NaN element of ``x`` gives NaN; ``x = +-inf`` gives ``-inf`` (density 0);
+    * a component with a mean that is not finite, a variance that is NaN, not positive or
+      infinite, or a log-weight that is NaN or ``+inf`` makes the mixture invalid: every output
+      is NaN;
+    * a log-weight of ``-inf`` is a weight of 0: the component is left out, and with every
+      weight 0 each output is ``-inf``;
+    * positive subnormal variances are valid and computed in full.
+
+    An output of ``-inf`` gets zero gradients; a NaN output, NaN gradients.
     """
     _checks.floating("x", x)
     _checks.tensor("means", means)
@@ -31,4 +49,110 @@ def mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor
         raise ValueError(f"means must be 1-D with at least one component, got shape {tuple(means.shape)}")
     for name, value in (("means", means), ("variances", variances), ("log_weights", log_weights)):
         _checks.bin_table(name, value, means.shape, x.device)
-    return _dispatch.kernel(OP, x.device)(x, means, variances, log_weights)
+    return _dispatch.call("mixture_logpdf", x.device, x, means, variances, log_weights)
+
+
+def components(means, variances, log_weights, acc: torch.dtype):
+    """The components as every kernel uses them, in ``acc``: means ``m``, inverse standard
+    deviations ``s = 1 / sqrt(v)`` and ``c = log w + log s``, so that the term of component k at
+    ``x`` is ``c - z**2 / 2`` with ``z = (x - m) * s`` (a subnormal variance keeps a finite ``s``).
+    ``c`` is NaN for an invalid component (see :func:`mixture_logpdf`)."""
+    m, v, lw = means.to(acc), variances.to(acc), log_weights.to(acc)
+    root = torch.sqrt(v)
+    valid = torch.isfinite(m) & (v > 0) & torch.isfinite(v) & ~torch.isnan(lw) & (lw != torch.inf)
+    return m, 1.0 / root, torch.where(valid, lw - torch.log(root), torch.nan)
+
+
+def _chunks(x, means, variances, log_weights):
+    """(flat x in the arithmetic dtype, the [chunk, K] terms of an x chunk, z of an x chunk, the
+    components, the chunk length): the [chunk, K] matrices stay a bounded size."""
+    acc = _common.acc_dtype(x.dtype, means.dtype, variances.dtype, log_weights.dtype)
+    m, s, c = components(means, variances, log_weights, acc)
+
+    def z_of(xs):
+        return (xs.unsqueeze(1) - m) * s
+
+    def terms(xs):
+        return c - 0.5 * z_of(xs) ** 2
+
+    return x.reshape(-1).to(acc), terms, z_of, (m, s, c), max(1, (1 << 22) // max(m.shape[0], 1))
+
+
+def _log_sum_exp(terms):
+    """logsumexp over dim 1: -inf for a row of -inf terms (density 0), NaN for a row with a NaN."""
+    top = terms.amax(1)
+    shift = torch.where(torch.isneginf(top), 0, top)  # amax propagates NaN, and NaN stays NaN
+    return shift + torch.log(torch.exp(terms - shift.unsqueeze(1)).sum(1))
+
+
+def reference(x, means, variances, log_weights):
+    """The definition, in PyTorch, a bounded chunk of elements at a time."""
+    flat, terms, _, _, chunk = _chunks(x, means, variances, log_weights)
+    out = torch.cat([_log_sum_exp(terms(part)) for part in flat.split(chunk)]) if flat.numel() else flat
+    return out.reshape(x.shape)
+
+
+def reference_backward(grad, x, out, means, variances, log_weights):
+    """The gradients of :func:`reference` in x, means, variances and log_weights, from the
+    responsibilities ``r_k = grad * exp(term_k - out)`` of each element, a chunk at a time."""
+    flat, terms, z_of, (m, s, c), chunk = _chunks(x, means, variances, log_weights)
+    acc = flat.dtype
+    g_all, o_all = grad.reshape(-1).to(acc), out.reshape(-1).to(acc)
+    grad_x = torch.empty_like(flat)
+    grad_m, grad_v, grad_w = (torch.zeros(m.shape, dtype=acc, device=flat.device) for _ in range(3))
+    for start in range(0, flat.numel(), chunk):
+        xs, g, o = flat[start:start + chunk], g_all[start:start + chunk], o_all[start:start + chunk]
+        none = torch.isneginf(o)  # density 0: no responsibilities, zero gradients
+        g, o = torch.where(none, 0, g), torch.where(none, 0, o)
+        r = g.unsqueeze(1) * torch.exp(terms(xs) - o.unsqueeze(1))  # [chunk, K]
+        z = z_of(xs)
+        zero = r == 0  # a zero responsibility adds nothing, also where z is infinite
+        rz = torch.where(zero, 0, r * z * s)
+        grad_x[start:start + chunk] = -rz.sum(1)
+        grad_m += rz.sum(0)
+        grad_v += torch.where(zero, 0, 0.5 * r * (z * z - 1) * (s * s)).sum(0)
+        grad_w += r.sum(0)
+    return (grad_x.reshape(x.shape).to(x.dtype), grad_m.to(means.dtype), grad_v.to(variances.dtype),
+            grad_w.to(log_weights.dtype))
+
+
+def _fake(x, means, variances, log_weights):
+    dtype = _common.acc_dtype(x.dtype, means.dtype, variances.dtype, log_weights.dtype)
+    return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _fake_backward(grad, x, out, means, variances, log_weights):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(means),
+            torch.empty_like(variances), torch.empty_like(log_weights))
+
+
+def _triton(x, means, variances, log_weights):
+    from ..triton import mixture_logpdf as kernels
+
+    return kernels.mixture_logpdf(x, means, variances, log_weights)
+
+
+def _triton_backward(grad, x, out, means, variances, log_weights):
+    from ..triton import mixture_logpdf as kernels
+
+    return kernels.mixture_logpdf_backward(grad, x, out, means, variances, log_weights)
+
+
+_common.define(SCHEMA, reference, _fake, _triton)
+_common.define(SCHEMA_BACKWARD, reference_backward, _fake_backward, _triton_backward)
+
+
+# -------------------------------------------------------------------------------- autograd
+# The backward recomputes each element's responsibilities from the saved output instead of
+# keeping an [N, K] matrix.
+def _save(ctx, inputs, output) -> None:
+    x, means, variances, log_weights = inputs
+    ctx.save_for_backward(x, output, means, variances, log_weights)
+
+
+def _backward(ctx, grad):
+    x, out, means, variances, log_weights = ctx.saved_tensors
+    return ctx.kernel("mixture_logpdf_backward")(grad.contiguous(), x, out, means, variances, log_weights)
+
+
+_dispatch.register_autograd("mixture_logpdf", _save, _backward)

@@ -1,13 +1,19 @@
-"""``dirfast::smooth_bins``: convolution of per-bin statistics with a window along the bins."""
+"""``dirfast::smooth_bins``: convolution of per-bin statistics with a window along the bins.
+
+Kernels: the reference below; ``csrc/cpu/smooth_bins.cpp``; ``csrc/cuda/smooth_bins.cu``;
+``dirfast/triton/smooth_bins.py``.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ..contract import PADDINGS
-from . import _checks, _dispatch
+from . import _checks, _common, _dispatch
 
-OP = "smooth_bins"
+SCHEMA = 'smooth_bins(Tensor stats, Tensor window, str padding="reflect") -> Tensor'
+
+# The padding modes; a mode's number (its index here) is what the kernels receive (src/smooth.h).
+PADDINGS = ("reflect", "replicate", "constant", "symmetric")
 
 
 def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "reflect") -> torch.Tensor:
@@ -29,4 +35,75 @@ def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "refle
         raise ValueError(f"window must be 1-D with an odd length, got shape {tuple(window.shape)}")
     if padding not in PADDINGS:
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
-    return _dispatch.kernel(OP, stats.device)(stats, window.to(stats.device), padding)
+    return _dispatch.call("smooth_bins", stats.device, stats, window.to(stats.device), padding)
+
+
+def padded_indices(num_bins: int, ks: int, padding: str, device=None):
+    """``[num_bins, ks]`` source bins of each window tap, and whether the tap is inside.
+
+    Tap ``k`` of output bin ``b`` reads bin ``b + k - h``. Outside the range: ``"reflect"``
+    mirrors without repeating the edge, as often as needed when the window is wider than the
+    bins; ``"symmetric"`` mirrors repeating the edge; ``"replicate"`` repeats the edge;
+    ``"constant"`` reads zero.
+    """
+    h = (ks - 1) // 2
+    j = torch.arange(num_bins, device=device).unsqueeze(1) + torch.arange(ks, device=device) - h
+    inside = (j >= 0) & (j < num_bins)
+    if padding == "reflect":
+        if num_bins == 1:
+            j = torch.zeros_like(j)
+        else:
+            period = 2 * (num_bins - 1)
+            j = torch.remainder(j, period)
+            j = torch.where(j >= num_bins, period - j, j)
+    elif padding == "symmetric":
+        period = 2 * num_bins
+        j = torch.remainder(j, period)
+        j = torch.where(j >= num_bins, period - 1 - j, j)
+    else:
+        j = j.clamp(0, num_bins - 1)
+    return j, inside
+
+
+def reference(stats: torch.Tensor, window: torch.Tensor, padding: str = "reflect") -> torch.Tensor:
+    """The definition, in PyTorch: a correlation along the bins (as ``F.conv1d``; the DIR windows
+    are symmetric, so it is also scipy's convolution).
+
+    The taps are summed in the order scipy.ndimage uses (centre first, then mirrored pairs from
+    the outside in, each pair added before it is weighted when the window is symmetric there),
+    so LDS reproduces scipy's float64 results bit for bit, which its integer truncation quirk
+    depends on.
+    """
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    num_bins, ks = stats.shape[0], window.shape[0]
+    h = (ks - 1) // 2
+    w = window.to(device=stats.device, dtype=stats.dtype)
+    src, inside = padded_indices(num_bins, ks, padding, stats.device)
+    taps = stats[src]  # [B, ks] or [B, ks, D]
+    if padding == "constant":
+        mask = inside if stats.dim() == 1 else inside.unsqueeze(-1)
+        taps = torch.where(mask, taps, torch.zeros((), dtype=stats.dtype, device=stats.device))
+    # scipy treats the window as symmetric where mirrored taps differ by at most DBL_EPSILON.
+    w64 = window.to(device=stats.device, dtype=torch.float64)
+    symmetric = (w64[:h].flip(0) - w64[h + 1:]).abs() <= 2.0 ** -52
+    out = taps[:, h] * w[h]
+    for j in range(h, 0, -1):  # a loop over window taps (a handful), never over bins
+        left, right = taps[:, h - j], taps[:, h + j]
+        paired = (left + right) * w[h + j]
+        separate = left * w[h - j] + right * w[h + j]
+        out = out + torch.where(symmetric[j - 1], paired, separate)
+    return out
+
+
+def _fake(stats, window, padding="reflect"):
+    return torch.empty_like(stats)
+
+
+def _triton(stats, window, padding="reflect"):
+    from ..triton import smooth_bins as kernels
+
+    return kernels.smooth_bins(stats, window, padding)
+
+
+_common.define(SCHEMA, reference, _fake, _triton)

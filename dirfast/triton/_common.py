@@ -17,6 +17,8 @@ from typing import NamedTuple
 import torch
 import triton.language as tl
 
+from ..ops._common import acc_dtype
+
 
 def interpret() -> bool:
     """Whether Triton runs under its CPU interpreter (``TRITON_INTERPRET=1``)."""
@@ -31,7 +33,7 @@ def check_device(t: torch.Tensor, op: str) -> None:
     """A Triton op runs on CUDA tensors, or on any tensor under the interpreter."""
     if t.device.type != "cuda" and not INTERPRET:
         raise RuntimeError(
-            f"dirfast::triton_{op} runs on CUDA tensors (or any tensor with TRITON_INTERPRET=1 set "
+            f"dirfast {op} (Triton) runs on CUDA tensors (or any tensor with TRITON_INTERPRET=1 set "
             f"before Triton is imported), got a tensor on {t.device}"
         )
 
@@ -51,13 +53,8 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 when any of ``dtypes`` is float64, else float32 (the contract's rule)."""
-    return torch.float64 if torch.float64 in dtypes else torch.float32
-
-
 def tl_acc(*dtypes: torch.dtype):
-    """The Triton dtype of :func:`acc_dtype` (a constexpr argument of the kernels)."""
+    """The Triton dtype of the ops' accumulation rule (a constexpr argument of the kernels)."""
     return tl.float64 if acc_dtype(*dtypes) == torch.float64 else tl.float32
 
 

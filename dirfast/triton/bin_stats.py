@@ -1,10 +1,10 @@
-"""``dirfast::triton_bin_stats``: per-bin count, mean and unbiased variance on the GPU.
+"""The Triton kernels of ``dirfast::bin_stats``: per-bin count, mean and unbiased variance on the GPU.
 
 One pass of shifted sums: every bin's reference value ``K[b]`` is one of its own rows, the kernels
 add ``S1 = sum(x - K)`` and ``S2 = sum((x - K)**2)``, and ``mean = K + S1 / n``,
 ``var = (S2 - S1**2 / n) / (n - 1)``: float32 keeps the variance accurate when a bin's mean is
 far from zero, and ``x`` is read exactly once. Two work decompositions: ``"csr"`` groups the rows
-by bin (a counting sort, or a stable sort when deterministic algorithms are on) and sums chunks
+by bin (a counting sort, or a stable sort for the deterministic variant) and sums chunks
 of a bin in registers with one atomic (or one slot, deterministically) per chunk and feature;
 ``"direct"`` reads tiles in place (pixels of dense maps, or bins of a few rows) and adds every
 element atomically. Nothing waits on the host: grid sizes are upper bounds from the shapes.
@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import contract
 from . import _common
 
 STRATEGIES = ("csr", "direct")
@@ -304,12 +303,12 @@ def _strategy(rows: _common.Rows, num_bins: int) -> str:
     return "csr"
 
 
-def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int, *, strategy: str | None = None,
-              chunk_rows: int | None = None):
-    """The Triton kernels of bin_stats with an explicit ``strategy`` (``"csr"`` or ``"direct"``;
-    None: chosen from the layout, and always ``"csr"`` when deterministic algorithms are on) and
-    ``"csr"`` chunk size (a power of two; None: per device). The op calls it with the defaults;
-    tests call it to reach every path."""
+def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int, deterministic: bool = False, *,
+              strategy: str | None = None, chunk_rows: int | None = None):
+    """:func:`dirfast.ops.bin_stats` in Triton kernels; ``deterministic`` sums without float
+    atomics (always ``"csr"``). Tests name a ``strategy`` (``"csr"`` or ``"direct"``; None: chosen
+    from the layout) and a ``"csr"`` chunk size (a power of two; None: per device) to reach
+    every path."""
     _common.check_device(x, "bin_stats")
     B, D = num_bins, x.shape[1]
     acc = _common.acc_dtype(x.dtype)
@@ -318,7 +317,6 @@ def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int, *, strategy
     if N == 0:
         return (torch.zeros(B, dtype=torch.int64, device=x.device),
                 torch.zeros((B, D), dtype=acc, device=x.device), torch.zeros((B, D), dtype=acc, device=x.device))
-    deterministic = torch.are_deterministic_algorithms_enabled()
     if deterministic:
         strategy = "csr"
     elif strategy is None:
@@ -382,13 +380,3 @@ def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int, *, strategy
             DETERMINISTIC=deterministic and strategy == "csr", ACC=tl_acc, SINGLE_P=single_p,
             BLOCK_B=z["FIN_B"], BLOCK_T=z["FIN_T"], BLOCK_C=z["BLOCK_C"], num_warps=4)
     return count_out, mean, var
-
-
-@torch.library.custom_op("dirfast::triton_bin_stats", mutates_args=(), device_types=("cuda", "cpu"))
-def triton_bin_stats(x: torch.Tensor, bin_idx: torch.Tensor,
-                     num_bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`dirfast.ops.bin_stats` in Triton kernels (see the module docstring)."""
-    return bin_stats(x, bin_idx, num_bins)
-
-
-triton_bin_stats.register_fake(contract.fake_bin_stats)

@@ -1,4 +1,4 @@
-"""``dirfast::triton_calibrate`` (and ``triton_calibrate_``): FDS re-colouring in one pass.
+"""The Triton kernels of ``dirfast::calibrate`` (and ``calibrate_``): FDS re-colouring in one pass.
 
 Two kernels: ``_tables_kernel`` builds the per-bin scale/shift tables
 ``s = sqrt(clamp(dst_var / src_var, clip_min, clip_max))``, ``t = dst_mean - src_mean * s`` with
@@ -6,7 +6,7 @@ the published zero-variance rules (one program per block of bins), and ``_apply_
 tiles of ``x`` in place through its strides -- rows coalesced along the features, dense maps
 along the pixels, channels-last as rows -- and writes ``y = x * s[b] + t[b]`` laid out like
 ``x`` (or into ``x``). Rows whose bin is outside ``[0, B)`` are copied. Differentiable in ``x``
-(the contract's autograd); no host synchronisation, so CUDA-graph capturable.
+(the op's autograd); no host synchronisation, so CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import contract
 from . import _common
 
 
@@ -169,22 +168,18 @@ def _launch(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float, c
     return True
 
 
-@torch.library.custom_op("dirfast::triton_calibrate", mutates_args=(), device_types=("cuda", "cpu"))
-def triton_calibrate(x: torch.Tensor, bin_idx: torch.Tensor, src_mean: torch.Tensor, src_var: torch.Tensor,
-                     dst_mean: torch.Tensor, dst_var: torch.Tensor, clip_min: float = 0.1,
-                     clip_max: float = 10.0) -> torch.Tensor:
+def calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float = 0.1,
+              clip_max: float = 10.0) -> torch.Tensor:
     """:func:`dirfast.ops.calibrate` as two Triton kernels (see the module docstring)."""
     _common.check_device(x, "calibrate")
     out = torch.empty_like(x)
     if not _launch(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max, out):
-        raise RuntimeError(f"dirfast triton_calibrate: unsupported output strides {out.stride()}")
+        raise RuntimeError(f"dirfast calibrate (Triton): unsupported output strides {out.stride()}")
     return out
 
 
-@torch.library.custom_op("dirfast::triton_calibrate_", mutates_args=("x",), device_types=("cuda", "cpu"))
-def triton_calibrate_(x: torch.Tensor, bin_idx: torch.Tensor, src_mean: torch.Tensor, src_var: torch.Tensor,
-                      dst_mean: torch.Tensor, dst_var: torch.Tensor, clip_min: float = 0.1,
-                      clip_max: float = 10.0) -> None:
+def calibrate_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float = 0.1,
+               clip_max: float = 10.0) -> None:
     """:func:`dirfast.ops.calibrate_`: calibrate written into ``x`` in the same single pass
     (through a temporary only when ``x``'s strides cannot be followed in place)."""
     _common.check_device(x, "calibrate_")
@@ -192,9 +187,4 @@ def triton_calibrate_(x: torch.Tensor, bin_idx: torch.Tensor, src_mean: torch.Te
         raise RuntimeError("dirfast calibrate_: x has elements that share memory (an expanded "
                            "tensor); calibrate it out of place")
     if not _launch(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max, x):
-        x.copy_(torch.ops.dirfast.triton_calibrate.default(x, bin_idx, src_mean, src_var, dst_mean, dst_var,
-                                                           clip_min, clip_max))
-
-
-triton_calibrate.register_fake(contract.fake_calibrate)
-contract.register_calibrate_autograd("triton_calibrate")
+        x.copy_(calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max))

@@ -1,9 +1,11 @@
-"""``dirfast::triton_mixture_logpdf``: the Gaussian-mixture log density of every element, and its
-backward, in Triton.
+"""The Triton kernels of ``dirfast::mixture_logpdf``: the Gaussian-mixture log density of every
+element, and its backward.
 
 A program takes BLOCK elements and walks the K components BLOCK_K at a time with a running
-maximum (an online log-sum-exp), so nothing of size N x K exists. The backward recomputes each
-element's responsibilities from the saved output; the components' gradients are summed per
+maximum (an online log-sum-exp), so nothing of size N x K exists. The components come as
+:func:`dirfast.ops.mixture_logpdf.components` gives them (``m``, ``s = 1 / sqrt(v)``, ``c``, NaN
+for an invalid one), with the same non-finite rules as every backend. The backward recomputes
+each element's responsibilities from the saved output; the components' gradients are summed per
 program into a [programs, 3, K] buffer that a final sum reduces in a fixed order (no float
 atomics: the same bits on every run). No host synchronisation: CUDA-graph capturable.
 """
@@ -14,42 +16,44 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import contract, reference
+from ..ops._common import acc_dtype
+from ..ops.mixture_logpdf import components
 from . import _common
 
 
 @triton.jit
-def _terms(x, m_ptr, h_ptr, c_ptr, k0, K, BLOCK_K: tl.constexpr):
-    """Components k0 .. k0 + BLOCK_K: the [BLOCK, BLOCK_K] terms c - h d^2, d = x - m, h, and
-    which components exist (a missing one has the term -inf)."""
+def _terms(x, m_ptr, s_ptr, c_ptr, k0, K, BLOCK_K: tl.constexpr):
+    """Components k0 .. k0 + BLOCK_K: the [BLOCK, BLOCK_K] terms c - z^2 / 2, z = (x - m) s, the
+    scales s, and which components exist (a missing one has the term -inf)."""
     kk = k0 + tl.arange(0, BLOCK_K)
     live = kk < K
     m = tl.load(m_ptr + kk, mask=live, other=0.0)
-    h = tl.load(h_ptr + kk, mask=live, other=0.0)
+    s = tl.load(s_ptr + kk, mask=live, other=0.0)
     c = tl.load(c_ptr + kk, mask=live, other=float("-inf"))
-    d = x[:, None] - m[None, :]
-    return c[None, :] - h[None, :] * d * d, d, h, kk, live
+    z = (x[:, None] - m[None, :]) * s[None, :]
+    return c[None, :] - 0.5 * z * z, z, s, kk, live
 
 
 @triton.jit
-def _forward_kernel(x_ptr, m_ptr, h_ptr, c_ptr, out_ptr, N, K,
+def _forward_kernel(x_ptr, m_ptr, s_ptr, c_ptr, out_ptr, N, K,
                     ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(ACC)
     top = tl.full([BLOCK], float("-inf"), ACC)
     total = tl.zeros([BLOCK], ACC)
     for k0 in range(0, K, BLOCK_K):
-        t, d, h, kk, live = _terms(x, m_ptr, h_ptr, c_ptr, k0, K, BLOCK_K)
+        t, z, s, kk, live = _terms(x, m_ptr, s_ptr, c_ptr, k0, K, BLOCK_K)
         new_top = tl.maximum(top, tl.max(t, 1))
         safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # no -inf - -inf
         total = total * tl.exp(top - safe) + tl.sum(tl.exp(t - safe[:, None]), 1)
         top = new_top
+    # log 0 = -inf (density 0); a NaN term has made total NaN
     out = tl.where(top == float("-inf"), 0.0, top) + tl.log(total)
     tl.store(out_ptr + offs, out, mask=offs < N)
 
 
 @triton.jit
-def _backward_kernel(grad_ptr, x_ptr, out_ptr, m_ptr, h_ptr, c_ptr, grad_x_ptr, part_ptr, N, K,
+def _backward_kernel(grad_ptr, x_ptr, out_ptr, m_ptr, s_ptr, c_ptr, grad_x_ptr, part_ptr, N, K,
                      ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -62,74 +66,65 @@ def _backward_kernel(grad_ptr, x_ptr, out_ptr, m_ptr, h_ptr, c_ptr, grad_x_ptr, 
     out = tl.where(none, 0.0, out)
     grad_x = tl.zeros([BLOCK], ACC)
     for k0 in range(0, K, BLOCK_K):
-        t, d, h, kk, live = _terms(x, m_ptr, h_ptr, c_ptr, k0, K, BLOCK_K)
+        t, z, s, kk, live = _terms(x, m_ptr, s_ptr, c_ptr, k0, K, BLOCK_K)
         r = g[:, None] * tl.exp(t - out[:, None])
         r = tl.where(live[None, :] & rows[:, None], r, 0.0)
-        rd = r * (2.0 * h[None, :]) * d
-        grad_x -= tl.sum(rd, 1)
+        zero = r == 0.0  # a zero responsibility adds nothing, also where z is infinite
+        rz = tl.where(zero, 0.0, r * z * s[None, :])
+        grad_x -= tl.sum(rz, 1)
         base = part_ptr + pid * 3 * K + kk
-        tl.store(base, tl.sum(rd, 0), mask=live)
-        tl.store(base + K, tl.sum(r * (2.0 * h[None, :] * h[None, :] * d * d - h[None, :]), 0), mask=live)
+        tl.store(base, tl.sum(rz, 0), mask=live)
+        gv = tl.where(zero, 0.0, 0.5 * r * (z * z - 1.0) * (s[None, :] * s[None, :]))
+        tl.store(base + K, tl.sum(gv, 0), mask=live)
         tl.store(base + 2 * K, tl.sum(r, 0), mask=live)
     tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=rows)
 
 
 def _components(means, variances, log_weights, acc):
-    """(means, h = 1 / (2 v), c = log w - log(v) / 2) in the arithmetic dtype, contiguous."""
-    v = variances.to(acc)
-    return means.to(acc).contiguous(), (0.5 / v).contiguous(), (log_weights.to(acc) - 0.5 * torch.log(v)).contiguous()
+    return tuple(t.contiguous() for t in components(means, variances, log_weights, acc))
 
 
 def _sizes(k: int, acc: torch.dtype):
-    """(BLOCK elements, BLOCK_K components, warps): tiles of 2,048 terms (1,024 in float64),
-    which compile for sm_90 without register spills (tests/triton_compile.py: 256 x 32 tiles
-    spilled 704 bytes per thread in the float32 backward, 4.5 KB in float64)."""
+    """(BLOCK elements, BLOCK_K components, warps): tiles of 2,048 terms (1,024 in float64), which
+    compile for sm_90 without register spills (tests/triton_compile.py checks it)."""
     if _common.INTERPRET:
         return 1024, min(_common.next_pow2(k), 128), 1
     return (256 if acc == torch.float32 else 128), min(_common.next_pow2(k), 8), 4
 
 
-@torch.library.custom_op("dirfast::triton_mixture_logpdf", mutates_args=(), device_types=("cuda", "cpu"))
-def triton_mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
-                          log_weights: torch.Tensor) -> torch.Tensor:
+def mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
+                   log_weights: torch.Tensor) -> torch.Tensor:
     """:func:`dirfast.ops.mixture_logpdf` in one Triton kernel (see the module docstring)."""
     _common.check_device(x, "mixture_logpdf")
-    acc = reference.mixture_dtype(x, means, variances, log_weights)
+    acc = acc_dtype(x.dtype, means.dtype, variances.dtype, log_weights.dtype)
     out = torch.empty(x.shape, dtype=acc, device=x.device)
     n = x.numel()
     if n == 0:
         return out
-    m, h, c = _components(means, variances, log_weights, acc)
+    m, s, c = _components(means, variances, log_weights, acc)
     block, block_k, warps = _sizes(m.numel(), acc)
     with _common.device_guard(x):
-        _forward_kernel[(_common.cdiv(n, block),)](x.contiguous(), m, h, c, out, n, m.numel(), ACC=_common.tl_acc(acc),
+        _forward_kernel[(_common.cdiv(n, block),)](x.contiguous(), m, s, c, out, n, m.numel(), ACC=_common.tl_acc(acc),
                                                    BLOCK=block, BLOCK_K=block_k, num_warps=warps)
     return out
 
 
-@torch.library.custom_op("dirfast::triton_mixture_logpdf_backward", mutates_args=(), device_types=("cuda", "cpu"))
-def triton_mixture_logpdf_backward(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor, means: torch.Tensor,
-                                   variances: torch.Tensor, log_weights: torch.Tensor
-                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of :func:`triton_mixture_logpdf` in its four inputs."""
+def mixture_logpdf_backward(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor, means: torch.Tensor,
+                            variances: torch.Tensor, log_weights: torch.Tensor):
+    """The gradients of :func:`mixture_logpdf` in its four inputs."""
     _common.check_device(x, "mixture_logpdf_backward")
     acc = out.dtype
     k, n = means.numel(), x.numel()
-    m, h, c = _components(means, variances, log_weights, acc)
+    m, s, c = _components(means, variances, log_weights, acc)
     block, block_k, warps = _sizes(k, acc)
     programs = _common.cdiv(n, block)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     parts = torch.zeros((max(programs, 1), 3, k), dtype=acc, device=x.device)
     if n:
         with _common.device_guard(x):
-            _backward_kernel[(programs,)](grad.to(acc).contiguous(), x.contiguous(), out.contiguous(), m, h, c,
+            _backward_kernel[(programs,)](grad.to(acc).contiguous(), x.contiguous(), out.contiguous(), m, s, c,
                                           grad_x, parts, n, k, ACC=_common.tl_acc(acc), BLOCK=block, BLOCK_K=block_k,
                                           num_warps=warps)
-    totals = parts.sum(0)  # separate copies: a custom op's outputs may not alias one another
+    totals = parts.sum(0)  # separate copies: an op's outputs may not alias one another
     return (grad_x, totals[0].to(means.dtype, copy=True), totals[1].to(variances.dtype, copy=True),
             totals[2].to(log_weights.dtype, copy=True))
-
-
-triton_mixture_logpdf.register_fake(contract.fake_mixture_logpdf)
-triton_mixture_logpdf_backward.register_fake(contract.fake_mixture_logpdf_backward)
-contract.register_mixture_autograd("triton_mixture_logpdf", "triton_mixture_logpdf_backward")

@@ -1,4 +1,4 @@
-"""``dirfast::triton_smooth_bins``: the window convolution along the bins, in one kernel.
+"""The Triton kernel of ``dirfast::smooth_bins``: the window convolution along the bins, in one kernel.
 
 Each program computes a ``[BLOCK_B, BLOCK_D]`` tile of the output; tap ``k`` of bin ``b`` reads
 bin ``b + k - h`` of the same column, sent back into range by the padding rule (reflect as
@@ -17,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import contract
-from ..contract import PADDINGS
+from ..ops.smooth_bins import PADDINGS
 from . import _common
 
 # The padding numbers of the kernel (constexpr: Triton kernels read module globals only as such).
@@ -88,8 +87,7 @@ def _blocks(num_bins: int, dim: int):
     return block_b, block_d, 4
 
 
-@torch.library.custom_op("dirfast::triton_smooth_bins", mutates_args=(), device_types=("cuda", "cpu"))
-def triton_smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "reflect") -> torch.Tensor:
+def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "reflect") -> torch.Tensor:
     """:func:`dirfast.ops.smooth_bins` as one Triton kernel (any strides, no copies)."""
     _common.check_device(stats, "smooth_bins")
     if padding not in PADDINGS:
@@ -113,5 +111,3 @@ def triton_smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str =
         )
     return out
 
-
-triton_smooth_bins.register_fake(contract.fake_smooth_bins)

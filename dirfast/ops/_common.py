@@ -1,0 +1,67 @@
+"""What every dirfast op shares: the ``dirfast`` library, the accumulation-dtype rule, and the
+registration of an op (schema, fake, reference, Triton entry) with ``torch.library``.
+
+torch's dispatcher is the one dispatcher: each op's reference is its ``CompositeExplicitAutograd``
+kernel, which a compiled kernel registered for a device key (the C++ CPU kernels, the CUDA
+kernels) takes precedence over; on a GPU without compiled CUDA kernels the op's Triton entry is
+registered for the CUDA key (:func:`register_triton_for_cuda`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+NAMESPACE = "dirfast"
+LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype every op accumulates in: float64 when any of ``dtypes`` is float64, else float32
+    (float16 and bfloat16 are computed in float32). The C++ kernels apply the same rule."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+class Op(NamedTuple):
+    """An op's implementations besides the compiled kernels: the pure-PyTorch reference (its
+    definition) and the Triton entry (None when it has none)."""
+
+    name: str
+    reference: Callable
+    triton: Callable | None
+
+    @property
+    def qualname(self) -> str:
+        return f"{NAMESPACE}::{self.name}"
+
+    @property
+    def overload(self):
+        """``torch.ops.dirfast.<name>.default``: the call through torch's dispatcher."""
+        return getattr(getattr(torch.ops, NAMESPACE), self.name).default
+
+    def has_kernel(self, dispatch_key: str) -> bool:
+        """Whether a kernel is registered for ``dispatch_key`` itself (not the composite)."""
+        return torch._C._dispatch_has_kernel_for_dispatch_key(self.qualname, dispatch_key)
+
+
+OPS: dict = {}  # name -> Op, in the order the ops are defined
+
+
+def define(schema: str, reference: Callable, fake: Callable, triton: Callable | None = None) -> Op:
+    """Define ``dirfast::<op>`` from ``schema`` with its reference (the composite kernel, on any
+    device without a compiled one) and its fake kernel; returns the :class:`Op`."""
+    name = schema.split("(", 1)[0]
+    LIBRARY.define(schema)
+    LIBRARY.impl(name, reference, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIBRARY)
+    OPS[name] = Op(name, reference, triton)
+    return OPS[name]
+
+
+def register_triton_for_cuda() -> None:
+    """Make each op's Triton entry its CUDA kernel where no compiled CUDA kernel is registered
+    (the entries import Triton on their first call)."""
+    for op in OPS.values():
+        if op.triton is not None and not op.has_kernel("CUDA"):
+            LIBRARY.impl(op.name, op.triton, "CUDA")
