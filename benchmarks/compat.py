@@ -1,0 +1,110 @@
+"""Whether one built wheel works with other torch releases: the stable-ABI promise, checked.
+
+Builds the dirfast wheel once (against the torch installed here), then for each torch release
+asked for: a fresh virtualenv, that torch (from the package registry: several GB each), the
+wheel, and the op-contract tests run against the installed package. Prints a Markdown table
+(and writes it with ``--out``). Not part of CI: the installs are large and slow.
+
+    python -m benchmarks.compat --torch 2.10.0 2.14.1 [--out benchmarks/results/compat.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONTRACT_TESTS = ["test_bin_stats.py", "test_smooth_bins.py", "test_calibrate.py", "test_mixture_logpdf.py",
+                  "test_backends.py"]
+TEST_DEPENDENCIES = ["numpy", "scipy", "pytest"]
+
+
+def run(command, **kwargs) -> subprocess.CompletedProcess:
+    print("+", " ".join(command), flush=True)
+    return subprocess.run(command, text=True, capture_output=True, **kwargs)
+
+
+def build_wheel(folder: str) -> str:
+    """The wheel of this checkout, built against the torch of this interpreter."""
+    done = run([sys.executable, "-m", "pip", "wheel", ROOT, "--no-deps", "--no-build-isolation", "-w", folder])
+    if done.returncode:
+        sys.exit(f"building the wheel failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return glob.glob(os.path.join(folder, "dirfast-*.whl"))[0]
+
+
+def check(torch_version: str, wheel: str, work: str) -> dict:
+    """Install ``torch_version`` and the wheel in a fresh virtualenv; run the contract tests."""
+    venv = os.path.join(work, f"venv-{torch_version}")
+    python = os.path.join(venv, "bin", "python")
+    row = {"torch": torch_version, "install": "", "cpp backend": "", "tests": "", "seconds": 0.0}
+    start = time.perf_counter()
+    run([sys.executable, "-m", "venv", venv])
+    # Pin this torch for every later install too (the registry may cap or offer others).
+    constraint = os.path.join(work, f"constraint-{torch_version}.txt")
+    with open(constraint, "w") as handle:
+        handle.write(f"torch=={torch_version}\n")
+    env = dict(os.environ, PIP_CONSTRAINT=constraint)
+    done = run([python, "-m", "pip", "install", "-q", f"torch=={torch_version}", wheel] + TEST_DEPENDENCIES, env=env)
+    if done.returncode:
+        row["install"] = "failed: " + done.stderr.strip().splitlines()[-1][:200]
+        return row
+    row["install"] = "ok"
+    probe = run([python, "-c", "import dirfast, torch; b = dirfast.backends()['cpp']; "
+                 "print(torch.__version__, b['available'], b['reason'])"], cwd=work)
+    row["cpp backend"] = probe.stdout.strip() or probe.stderr.strip().splitlines()[-1][:200]
+    # The tests run from a copy outside the checkout, so `import dirfast` is the installed wheel.
+    tests = os.path.join(work, f"tests-{torch_version}")
+    shutil.copytree(os.path.join(ROOT, "tests"), tests)
+    done = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not triton"] + CONTRACT_TESTS,
+               cwd=tests, env=dict(os.environ, PYTHONPATH=""))
+    summary = [line for line in done.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
+    row["tests"] = summary[-1].strip("= ") if summary else f"exit {done.returncode}: {done.stdout[-300:]}"
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def table(rows, wheel: str) -> str:
+    import torch
+
+    lines = [f"Wheel `{os.path.basename(wheel)}`, built against torch {torch.__version__} "
+             f"(`python -m benchmarks.compat`).", "",
+             "| torch | install | `backends()['cpp']` (torch, available, reason) | op-contract tests | seconds |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['torch']} | {row['install']} | {row['cpp backend']} | {row['tests']} | "
+                     f"{row['seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--torch", nargs="+", required=True, help="torch releases to check, e.g. 2.10.0 2.14.1")
+    parser.add_argument("--out", help="also write the Markdown table to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the virtualenvs (in the printed folder)")
+    args = parser.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="dirfast-compat-")
+    print("working in", work, flush=True)
+    try:
+        wheel = build_wheel(work)
+        rows = [check(version, wheel, work) for version in args.torch]
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    text = table(rows, wheel)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text)
+    return 0 if all(row["install"] == "ok" and "failed" not in row["tests"] and "exit" not in row["tests"]
+                    for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
