@@ -8,7 +8,6 @@ states the policies tested here.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -602,25 +601,6 @@ def test_backend_selection_rejects(case):
         with pytest.raises(case.error, match=case.match):
             case.call()
         assert dirfast.get_backend() == "reference", "a failed selection changes nothing"
-
-
-def test_backend_selection_is_local_to_the_thread():
-    """A use_backend block in one thread does not switch the ops of another."""
-    seen, inside, release = {}, threading.Event(), threading.Event()
-
-    def worker():
-        with dirfast.use_backend("reference"):
-            inside.set()
-            release.wait(10)
-            seen["worker"] = dirfast.get_backend()
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    inside.wait(10)
-    seen["main"] = dirfast.get_backend()
-    release.set()
-    thread.join()
-    assert seen == {"main": "auto", "worker": "reference"}
 
 
 def test_preset_rejects_unknown_settings():

@@ -8,6 +8,9 @@ import torch
 import dirfast
 import oracle
 from published import PublishedFDS
+from test_bin_stats import loop_bin_stats
+from test_calibrate import loop_calibrate, loop_calibrate_scale
+from test_smooth_bins import fds_smooth_conv1d, loop_smooth_bins
 from testing import DEVICES, LOW_PRECISION, backend_device_params, dtype_params, gen, rand_int_labels, tol
 
 BUFFERS = ["epoch", "running_mean", "running_var", "running_mean_last_epoch", "running_var_last_epoch",
@@ -172,7 +175,7 @@ def test_fds_copy_snapshot():
     assert fds.running_mean_last_epoch.data_ptr() != fds.running_mean.data_ptr()
     # smooth then uses the real snapshot: compare with the oracle calibration
     x = features(60, 3, 3)
-    expected = oracle.calibrate(x, labels.long().clamp(0, 7), snap_mean, snap_var, fds.smoothed_mean_last_epoch,
+    expected = loop_calibrate(x, labels.long().clamp(0, 7), snap_mean, snap_var, fds.smoothed_mean_last_epoch,
                                 fds.smoothed_var_last_epoch)
     got = fds.smooth(x, labels.unsqueeze(1), 1)
     torch.testing.assert_close(got.double(), expected, **smooth_tol(torch.float32))
@@ -185,9 +188,9 @@ def test_fds_smoothed_stats_are_reflect_convolution():
     fds.update_last_epoch_stats(1)
     window = oracle.fds_window("laplace", 7, 2)
     torch.testing.assert_close(fds.smoothed_mean_last_epoch.double(),
-                               oracle.fds_smooth_conv1d(fds.running_mean, window), **STATS_TOL)
+                               fds_smooth_conv1d(fds.running_mean, window), **STATS_TOL)
     torch.testing.assert_close(fds.smoothed_var_last_epoch.double(),
-                               oracle.fds_smooth_conv1d(fds.running_var, window), **STATS_TOL)
+                               fds_smooth_conv1d(fds.running_var, window), **STATS_TOL)
 
 
 @pytest.mark.parametrize("bucket_num, bucket_start, ks", [(4, 1, 9), (5, 3, 5), (4, 3, 5), (3, 0, 7)])
@@ -200,15 +203,15 @@ def test_fds_window_wider_than_buckets(bucket_num, bucket_start, ks):
     x = features(50, d, 7)
     fds.update_running_stats(x, labels, 0)
     buckets = labels.long().clamp(bucket_start, bucket_num - 1) - bucket_start
-    _, mean, var = oracle.bin_stats(x, buckets, bucket_num - bucket_start)
+    _, mean, var = loop_bin_stats(x, buckets, bucket_num - bucket_start)
     torch.testing.assert_close(fds.running_mean.double(), mean, **STATS_TOL)
     torch.testing.assert_close(fds.running_var.double(), var, **STATS_TOL)
     fds.update_last_epoch_stats(1)
     window = oracle.fds_window("gaussian", ks, 2)
-    torch.testing.assert_close(fds.smoothed_mean_last_epoch.double(), oracle.smooth_bins(mean, window), **STATS_TOL)
-    torch.testing.assert_close(fds.smoothed_var_last_epoch.double(), oracle.smooth_bins(var, window), **STATS_TOL)
+    torch.testing.assert_close(fds.smoothed_mean_last_epoch.double(), loop_smooth_bins(mean, window), **STATS_TOL)
+    torch.testing.assert_close(fds.smoothed_var_last_epoch.double(), loop_smooth_bins(var, window), **STATS_TOL)
     y = features(50, d, 8)
-    expected = oracle.calibrate(y, buckets, fds.running_mean_last_epoch, fds.running_var_last_epoch,
+    expected = loop_calibrate(y, buckets, fds.running_mean_last_epoch, fds.running_var_last_epoch,
                                 fds.smoothed_mean_last_epoch, fds.smoothed_var_last_epoch)
     torch.testing.assert_close(fds.smooth(y, labels, 1).double(), expected, **smooth_tol(torch.float32))
 
@@ -232,7 +235,7 @@ def test_fds_smooth_returns_same_tensor_and_gradients_flow():
     assert not torch.allclose(grads[0], features(80, d, 3))  # the calibration scales the gradient
     torch.testing.assert_close(grads[0], grads[1], **STATS_TOL)
     buckets = labels.long().clamp(2, 8) - 2
-    expected = features(80, d, 3).double() * oracle.calibrate_scale(buckets, fds.running_var_last_epoch,
+    expected = features(80, d, 3).double() * loop_calibrate_scale(buckets, fds.running_var_last_epoch,
                                                                     fds.smoothed_var_last_epoch, d)
     torch.testing.assert_close(grads[0].double(), expected, **STATS_TOL)
 
@@ -261,7 +264,7 @@ def test_fds_smooth_out_of_place_follows_a_relu(device):
         results.append((out.detach(), leaf.grad))
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
     relu_out = torch.relu(features(80, d, 2).to(device).requires_grad_(True) @ weight)
-    torch.testing.assert_close(results[2][0], oracle.calibrate(
+    torch.testing.assert_close(results[2][0], loop_calibrate(
         relu_out.detach().cpu(), labels.cpu().long().clamp(2, 8) - 2, *(t.cpu() for t in (
             fds.running_mean_last_epoch, fds.running_var_last_epoch, fds.smoothed_mean_last_epoch,
             fds.smoothed_var_last_epoch))).float().to(device), **STATS_TOL)
@@ -317,7 +320,7 @@ def test_fds_first_update_replaces():
     labels = torch.tensor([0.0, 0, 0, 1, 2, 2, 3])
     x = features(7, 2, 9)
     fds.update_running_stats(x, labels, 0)
-    _, mean, var = oracle.bin_stats(x, labels.long(), 4)
+    _, mean, var = loop_bin_stats(x, labels.long(), 4)
     torch.testing.assert_close(fds.running_mean.double(), mean, **STATS_TOL)
     torch.testing.assert_close(fds.running_var.double(), var, **STATS_TOL)
     assert torch.all(fds.running_var[1] == 0), "one sample: variance 0"
@@ -397,7 +400,7 @@ def test_fds_out_of_range_labels_clamped_without_edge():
     x = features(8, 2, 3)
     fds.update_running_stats(x, labels, 0)
     buckets = labels.long().clamp(3, 7) - 3
-    count, mean, var = oracle.bin_stats(x, buckets, 5)
+    count, mean, var = loop_bin_stats(x, buckets, 5)
     torch.testing.assert_close(fds.num_samples_tracked.double(), count.double())
     torch.testing.assert_close(fds.running_mean.double()[count > 0], mean[count > 0], **STATS_TOL)
     torch.testing.assert_close(fds.running_var.double()[count > 0], var[count > 0], **STATS_TOL)

@@ -8,8 +8,10 @@ import torch
 from scipy.ndimage import convolve1d
 
 import dirfast
-import oracle
 from dirfast import Binning, GridBinning
+from test_bin_stats import loop_bin_stats
+from test_calibrate import loop_calibrate
+from test_smooth_bins import fds_smooth_conv1d
 from testing import DEVICES, gen
 
 B0, B1, B2 = Binning.uniform(0, 10, 12), Binning.integer(7), Binning.uniform(-1, 1, 5)
@@ -120,17 +122,17 @@ def test_fds_grid_statistics_and_smoothing(device):
     grid = GridBinning(B0, B1)
     fds = fed_fds(grid, y.to(device), x.to(device), grid.num_bins)
     flat = torch.from_numpy(np.ravel_multi_index(numpy_bins(y.double(), (B0, B1)), grid.shape))
-    count, mean, var = oracle.bin_stats(x, flat, grid.num_bins)
+    count, mean, var = loop_bin_stats(x, flat, grid.num_bins)
     torch.testing.assert_close(fds.num_samples_tracked.cpu().double(), count.double())
     torch.testing.assert_close(fds.running_mean.cpu().double(), mean, rtol=1e-5, atol=1e-5)
     mean_var = torch.where((count > 0).unsqueeze(1), var, torch.ones_like(var))  # empty buckets keep var 1
     for stats, smoothed in ((mean, fds.smoothed_mean_last_epoch), (mean_var, fds.smoothed_var_last_epoch)):
         cube = stats.reshape(12, 7, 4)
-        along0 = torch.stack([oracle.fds_smooth_conv1d(cube[:, j], fds.kernel_window) for j in range(7)], 1)
-        both = torch.stack([oracle.fds_smooth_conv1d(along0[i], fds.kernel_window) for i in range(12)], 0)
+        along0 = torch.stack([fds_smooth_conv1d(cube[:, j], fds.kernel_window) for j in range(7)], 1)
+        both = torch.stack([fds_smooth_conv1d(along0[i], fds.kernel_window) for i in range(12)], 0)
         torch.testing.assert_close(smoothed.cpu().double(), both.reshape(-1, 4), rtol=1e-5, atol=1e-5)
     out = fds.smooth(x.to(device).clone(), y.to(device), 1)
-    expected = oracle.calibrate(x, flat, fds.running_mean_last_epoch.cpu(), fds.running_var_last_epoch.cpu(),
+    expected = loop_calibrate(x, flat, fds.running_mean_last_epoch.cpu(), fds.running_var_last_epoch.cpu(),
                                 fds.smoothed_mean_last_epoch.cpu(), fds.smoothed_var_last_epoch.cpu())
     torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-5)
 

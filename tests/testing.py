@@ -1,102 +1,70 @@
-"""What the tests share: the lists (devices, dtypes, backends), tolerances, the one generator of
-feature layouts, the one check of bin statistics, and a pairwise selection of cases.
+"""What the tests share: the lists (devices, dtypes, backends), tolerances, the generators of
+features and statistics (one for every memory layout), a pairwise selection of cases, and the
+switches (backend, deterministic mode) a test runs under.
 
 A new backend is picked up by every parametrised test through :func:`backend_device_params`
-without edits. Nothing here touches CUDA at import beyond ``torch.cuda.is_available()``; the GPU
-checks at the end run only when a GPU test calls them.
+without edits. Nothing here touches CUDA beyond ``torch.cuda.is_available()``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import os
 
 import pytest
 import torch
 
 import dirfast
-import dirfast.ops
-import dirfast.reference
-import oracle
 
 # ----------------------------------------------------------------------------- lists
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+GPU = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if GPU else [])
 
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # Every backend dirfast knows of, in a fixed order; later issues only make more of them available.
-BACKEND_NAMES = ["reference", "cpp", "triton", "cuda"]
+BACKEND_NAMES = list(dirfast.ops.BACKENDS)
 
 
-def backend_info() -> dict:
-    return dirfast.backends()
-
-
-def _all_backend_names() -> list:
-    names = list(BACKEND_NAMES)
-    for name in backend_info():  # anything new that dirfast reports, too
-        if name not in names:
-            names.append(name)
-    return names
-
-
-BACKENDS = [name for name, info in backend_info().items() if info.get("available")]
-
-
-def _backend_skip_reason(name: str):
-    info = backend_info().get(name)
+def _skip_reason(name: str):
+    """Why backend ``name`` cannot run here (dirfast's own reason), or None."""
+    info = dirfast.backends().get(name)
     if info is None:
         return f"backend {name!r} not reported by dirfast.backends()"
-    if not info.get("available"):
-        return f"backend {name!r} unavailable: {info.get('reason', '')}"
+    if not info["available"]:
+        return f"backend {name!r} unavailable: {info['reason']}"
     return None
 
 
 def backend_params():
-    """One ``pytest.param`` per backend name; unavailable ones are skipped with the reason
+    """One ``pytest.param`` per backend name; an unavailable one is skipped with the reason
     dirfast gives, so a missing backend shows up as a skip, never silently disappears."""
-    for name in _all_backend_names():
-        reason = _backend_skip_reason(name)
-        marks = [pytest.mark.skip(reason=reason)] if reason else []
-        yield pytest.param(name, id=name, marks=marks)
+    for name in BACKEND_NAMES:
+        reason = _skip_reason(name)
+        yield pytest.param(name, id=name, marks=[pytest.mark.skip(reason=reason)] if reason else [])
 
 
 def backend_devices(name: str) -> list:
-    """The devices a backend runs on, from dirfast.backends() when it says so."""
-    info = backend_info().get(name, {})
-    if "devices" in info:
-        return [d for d in info["devices"] if d in DEVICES or d == "cpu"]
-    if name == "cpp":
-        return ["cpu"]
-    if name == "cuda":
-        return ["cuda"]
-    if name == "triton":
-        if torch.cuda.is_available():
-            return ["cuda"]
-        return ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else []
-    return list(DEVICES)
+    """The devices of this machine a backend runs on (Triton: the GPU, else the CPU under its
+    interpreter, which conftest.py switches on)."""
+    return {"cpp": ["cpu"], "cuda": ["cuda"], "triton": ["cuda" if GPU else "cpu"]}.get(name, DEVICES)
 
 
 def backend_device_params(include_auto=True):
     """``(backend, device)`` pairs: every backend on every device of this machine it supports;
     unavailable backends appear once, skipped with their reason. ``"auto"`` (the default
-    selection: the ``torch.ops.dirfast`` dispatcher path) is included on every device."""
+    selection: torch's dispatcher) is included on every device."""
     if include_auto:
-        for dev in DEVICES:
-            yield pytest.param("auto", dev, id=f"auto-{dev}")
-    for name in _all_backend_names():
-        reason = _backend_skip_reason(name)
+        for device in DEVICES:
+            yield pytest.param("auto", device, id=f"auto-{device}")
+    for name in BACKEND_NAMES:
+        reason = _skip_reason(name)
         if reason:
             yield pytest.param(name, "cpu", id=f"{name}-na", marks=[pytest.mark.skip(reason=reason)])
             continue
-        devices = backend_devices(name)
-        if not devices:
-            yield pytest.param(name, "cpu", id=f"{name}-nodevice",
-                               marks=[pytest.mark.skip(reason=f"{name}: no device here")])
-        for dev in devices:
-            yield pytest.param(name, dev, id=f"{name}-{dev}")
+        for device in backend_devices(name):
+            yield pytest.param(name, device, id=f"{name}-{device}")
 
 
 def dtype_params(dtypes=None):
@@ -104,10 +72,22 @@ def dtype_params(dtypes=None):
         yield pytest.param(dt, id=str(dt).replace("torch.", ""))
 
 
+def interpreted(backend: str, device) -> bool:
+    """Whether ``backend`` on ``device`` runs Triton under its (slow) CPU interpreter: such cases
+    keep their sizes small."""
+    return backend == "triton" and torch.device(device).type == "cpu"
+
+
+def on(backend: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with ``backend`` selected."""
+    with dirfast.use_backend(backend):
+        return fn(*args, **kwargs)
+
+
 # ----------------------------------------------------------------------------- tolerances
-# DESIGN rule 9: per dtype.  Statistics of float16/bfloat16 inputs are float32 (the inputs are
-# exact in float32), so the *stats* tolerance only depends on the accumulation dtype; outputs
-# written back in a low precision dtype get that dtype's tolerance.
+# DESIGN rule 9: per dtype. Statistics of float16/bfloat16 inputs are float32 (the inputs are
+# exact in float32), so their tolerance is the accumulation dtype's; outputs written back in a
+# low precision dtype get that dtype's tolerance.
 _TOL = {
     torch.float64: dict(rtol=1e-10, atol=1e-12),
     torch.float32: dict(rtol=2e-5, atol=2e-6),
@@ -120,13 +100,20 @@ def tol(dtype: torch.dtype) -> dict:
     return dict(_TOL[dtype])
 
 
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype mean/var come back in (float64 for float64, float32 otherwise, as dirfast.reference.accumulate_dtype)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def stats_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute and return statistics in: float64 when an input is float64,
+    else float32 (dirfast.ops._common.acc_dtype, restated here so a change to it is caught)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def stats_tol(dtype: torch.dtype) -> dict:
-    return tol(stats_dtype(dtype))
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal values, dtypes and shapes, the sign of zeros (and NaN positions) included."""
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    a, b = a.cpu(), b.cpu()
+    assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.isnan(), b.isnan())
+                                 and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0)))
+    if a.is_floating_point():
+        assert torch.equal(torch.signbit(a), torch.signbit(b))
 
 
 # ----------------------------------------------------------------------------- generators
@@ -223,29 +210,6 @@ def features(layout: str, dtype=torch.float32, device="cpu", *, num_bins=5, n=37
     return x.to(dtype=dtype, device=device), idx.to(device)
 
 
-def check_bin_stats(result, x, idx, num_bins, *, against="oracle"):
-    """The one check of ``bin_stats`` output: dtypes, shapes and device, the counts exactly, the
-    mean and variance within the dtype's tolerance of the float64 loop oracle (or, for inputs
-    too large for it, ``against="reference"``), empty bins 0, single-row bins variance 0."""
-    count, mean, var = result
-    sd = stats_dtype(x.dtype)
-    assert count.dtype == torch.int64 and count.shape == (num_bins,)
-    assert mean.dtype == sd and var.dtype == sd, (mean.dtype, var.dtype)
-    assert mean.shape == (num_bins, x.shape[1]) and var.shape == (num_bins, x.shape[1])
-    assert count.device == x.device and mean.device == x.device and var.device == x.device
-    if against == "oracle":
-        e_count, e_mean, e_var = oracle.bin_stats(x, idx, num_bins)
-    else:
-        e_count, e_mean, e_var = (t.cpu().double() for t in dirfast.reference.bin_stats(x.cpu().double(), idx.cpu(),
-                                                                                       num_bins))
-    count, mean, var = count.cpu(), mean.cpu(), var.cpu()
-    torch.testing.assert_close(count, e_count.long(), rtol=0, atol=0)
-    t = stats_tol(x.dtype)
-    torch.testing.assert_close(mean.double(), e_mean, **t)
-    torch.testing.assert_close(var.double(), e_var, **t)
-    assert torch.all(mean[count == 0] == 0) and torch.all(var[count <= 1] == 0) and torch.all(var >= 0)
-
-
 def pairwise(*factors):
     """Cases covering every pair of values of any two factors (a greedy all-pairs design): the
     full product adds nothing when the factors act on separate parts of a kernel."""
@@ -268,48 +232,21 @@ def pairwise(*factors):
 
 # ----------------------------------------------------------------------------- modes
 @contextlib.contextmanager
-def deterministic(on: bool = True):
-    """torch.use_deterministic_algorithms(on) for the enclosed code, then as it was."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(on)
+def _setting(get, set_, value):
+    """``set_(value)`` for the enclosed code, then back to what ``get()`` said before."""
+    previous = get()
+    set_(value)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous)
+        set_(previous)
 
 
-# ----------------------------------------------------------------------------- GPU checks
-def check_fds_step_replays_from_a_cuda_graph(backend: str) -> None:
-    """bin_stats, smooth_bins and calibrate launch nothing that waits on the host: a whole
-    FDS-style step (forward and backward) on ``backend`` is captured in a CUDA graph, replayed,
-    and gives the output and gradient of the same step run eagerly."""
-    g = gen(51)
-    x = torch.randn(256, 64, generator=g).cuda().requires_grad_(True)
-    idx = torch.randint(0, 20, (256,), generator=g).cuda()
-    w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum").float().cuda()
+def deterministic(on: bool = True):
+    """torch.use_deterministic_algorithms(on) for the enclosed code, then as it was."""
+    return _setting(torch.are_deterministic_algorithms_enabled, torch.use_deterministic_algorithms, on)
 
-    def step():
-        count, mean, var = dirfast.ops.bin_stats(x.detach(), idx, 20)
-        m2, v2 = dirfast.ops.smooth_bins(mean, w), dirfast.ops.smooth_bins(var, w)
-        out = dirfast.ops.calibrate(x, idx, mean, var, m2, v2)
-        out.sum().backward()
-        return out
 
-    with dirfast.use_backend(backend):
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # compile / load the kernels before the capture
-                x.grad = None
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        x.grad = None
-        expected, expected_grad = step().detach().clone(), x.grad.clone()
-        x.grad = None
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        graph.replay()
-        torch.cuda.synchronize()
-    torch.testing.assert_close(out, expected)
-    torch.testing.assert_close(x.grad, expected_grad)
+def num_threads(n: int):
+    """torch.set_num_threads(n) for the enclosed code, then as it was."""
+    return _setting(torch.get_num_threads, torch.set_num_threads, n)

@@ -23,6 +23,9 @@ import subprocess
 import sys
 import tempfile
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # dirfast from this checkout, installed or not
+    sys.path.insert(0, ROOT)
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):  # before triton is imported
     os.environ.pop("TRITON_INTERPRET")
     os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
@@ -89,18 +92,9 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 def _cases():
     """(name, call) pairs: each op on the layouts and dtypes the GPU benchmarks and tests use, at
     sizes that pick the same kernels and launch sizes (rows enough for the "csr" strategy)."""
-    from dirfast.triton import bin_stats as module
-    from testing import deterministic
+    from dirfast.triton import bin_stats, calibrate, mixture_logpdf, smooth_bins
 
-    ops = torch.ops.dirfast
     gen = torch.Generator().manual_seed(0)
-
-    def deterministic_call(call):
-        def run():
-            with deterministic():
-                call()
-        return run
-
     cases = []
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         tag = str(dtype).replace("torch.", "")
@@ -108,27 +102,28 @@ def _cases():
         rows_idx = torch.randint(0, 97, (8192,), generator=gen)
         dense = torch.randn(2, 64, 24, 32, generator=gen).to(dtype)
         dense_idx = torch.randint(0, 100, (2, 24, 32), generator=gen)
-        for name in module.STRATEGIES:
+        for name in bin_stats.STRATEGIES:
             cases.append((f"bin_stats rows {tag} {name}",
-                          lambda x=rows, i=rows_idx, s=name: module.bin_stats(x, i, 97, strategy=s)))
+                          lambda x=rows, i=rows_idx, s=name: bin_stats.bin_stats(x, i, 97, strategy=s)))
             cases.append((f"bin_stats dense {tag} {name}",
-                          lambda x=dense, i=dense_idx, s=name: module.bin_stats(x, i, 100, strategy=s)))
+                          lambda x=dense, i=dense_idx, s=name: bin_stats.bin_stats(x, i, 100, strategy=s)))
         cases.append((f"bin_stats rows {tag} deterministic",
-                      deterministic_call(lambda x=rows, i=rows_idx: ops.triton_bin_stats(x, i, 97))))
+                      lambda x=rows, i=rows_idx: bin_stats.bin_stats(x, i, 97, deterministic=True)))
         stats = [torch.rand(97, 512, generator=gen) + 0.1 for _ in range(4)]  # src/dst mean and var
         dense_stats = [torch.rand(100, 64, generator=gen) + 0.1 for _ in range(4)]
-        cases.append((f"calibrate rows {tag}", lambda x=rows, i=rows_idx, s=stats: ops.triton_calibrate(x, i, *s)))
+        cases.append((f"calibrate rows {tag}", lambda x=rows, i=rows_idx, s=stats: calibrate.calibrate(x, i, *s)))
         cases.append((f"calibrate dense {tag}",
-                      lambda x=dense, i=dense_idx, s=dense_stats: ops.triton_calibrate(x, i, *s)))
+                      lambda x=dense, i=dense_idx, s=dense_stats: calibrate.calibrate(x, i, *s)))
         table = torch.rand(100, 2048, generator=gen).to(dtype)
         window = torch.tensor([0.25, 0.5, 0.25], dtype=dtype)
-        cases.append((f"smooth_bins {tag}", lambda t=table, w=window: ops.triton_smooth_bins(t, w, "reflect")))
+        cases.append((f"smooth_bins {tag}", lambda t=table, w=window: smooth_bins.smooth_bins(t, w, "reflect")))
         for k in (8, 100):  # GAI's components, BNI's NYUD2-DIR bins
             pred = torch.rand(2, 1, 24, 32, generator=gen).to(dtype) * 10
             tables = [torch.rand(k, generator=gen, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
                       + 0.1 for _ in range(3)]
-            cases.append((f"mixture_logpdf K={k} {tag}", lambda x=pred, t=tables: ops.triton_mixture_logpdf(x, *t)))
-            cases.append((f"mixture_logpdf_backward K={k} {tag}", lambda x=pred, t=tables: ops.triton_mixture_logpdf_backward(
+            cases.append((f"mixture_logpdf K={k} {tag}",
+                          lambda x=pred, t=tables: mixture_logpdf.mixture_logpdf(x, *t)))
+            cases.append((f"mixture_logpdf_backward K={k} {tag}", lambda x=pred, t=tables: mixture_logpdf.mixture_logpdf_backward(
                 torch.ones(x.shape, dtype=t[0].dtype), x, torch.zeros(x.shape, dtype=t[0].dtype), *t)))
     return cases
 

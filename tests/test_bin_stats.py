@@ -1,0 +1,429 @@
+"""``dirfast::bin_stats``: the contract every backend meets, against a float64 loop oracle (or
+the float64 reference for inputs too large for it), then what only one backend has: Triton's
+strategies and chunk sizes, the CUDA kernels' paths at GPU sizes.
+
+Bad arguments are in test_bad_inputs.py; bitwise reproducibility across thread counts, opcheck
+and torch.compile in test_backends.py.
+"""
+
+import functools
+
+import pytest
+import torch
+
+import dirfast
+from dirfast.ops.bin_stats import reference
+from testing import (FLOAT_DTYPES, GPU, LAYOUTS, backend_device_params, backend_devices, deterministic, dtype_params,
+                     features, gen, interpreted, on, pairwise, rand_bins, rand_features, same_bits, stats_dtype, tol)
+
+BACKEND_DEVICE = list(backend_device_params())
+
+
+# =========================================================================== the oracle
+def loop_rows(x: torch.Tensor, bin_idx: torch.Tensor):
+    """``[N, D]`` rows and ``[N]`` indices; dense ``[B, C, *S]`` becomes ``[B * prod(S), C]``."""
+    if x.dim() == 2:
+        return x, bin_idx.reshape(-1)
+    return x.movedim(1, -1).reshape(-1, x.shape[1]), bin_idx.reshape(-1)
+
+
+def loop_bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
+    """Per-bin count, mean and unbiased variance (0 if count <= 1), in float64, bin by bin.
+    Rows whose index is outside [0, num_bins) belong to no bin."""
+    rows, idx = loop_rows(x.detach().cpu().double(), bin_idx.detach().cpu().long())
+    d = rows.shape[1]
+    count = torch.zeros(num_bins, dtype=torch.int64)
+    mean = torch.zeros(num_bins, d, dtype=torch.float64)
+    var = torch.zeros(num_bins, d, dtype=torch.float64)
+    for b in range(num_bins):
+        members = rows[idx == b]
+        n = members.shape[0]
+        count[b] = n
+        if n >= 1:
+            mean[b] = members.sum(0) / n
+        if n >= 2:
+            var[b] = ((members - mean[b]) ** 2).sum(0) / (n - 1)
+    return count, mean, var
+
+
+def check_bin_stats(result, x, idx, num_bins, *, against="oracle", expected=None, atomics_per_address=None):
+    """The one check of a ``bin_stats`` result: dtypes, shapes, device and contiguity, the counts
+    exactly, the mean and variance within the accumulation dtype's tolerance of the float64 loop
+    oracle (``against="reference"``: the float64 reference, for inputs too large for the loop;
+    or the ``expected`` statistics given), empty bins 0, variance 0 in bins of one row and never
+    negative.
+
+    ``atomics_per_address``: the float32 sums of one (bin, feature) come from up to that many
+    float atomics in some order (the GPU kernels for planes), so their rounding grows with it,
+    about sqrt(n) half-ulps; the tolerance follows (1e-6 sqrt(n))."""
+    count, mean, var = result
+    acc = stats_dtype(x.dtype)
+    assert count.dtype == torch.int64 and count.shape == (num_bins,)
+    assert mean.dtype == acc and var.dtype == acc, (mean.dtype, var.dtype)
+    assert mean.shape == (num_bins, x.shape[1]) and var.shape == (num_bins, x.shape[1])
+    assert mean.is_contiguous() and var.is_contiguous()
+    assert count.device == x.device and mean.device == x.device and var.device == x.device
+    if expected is not None:
+        e_count, e_mean, e_var = expected
+    elif against == "oracle":
+        e_count, e_mean, e_var = loop_bin_stats(x, idx, num_bins)
+    else:
+        e_count, e_mean, e_var = reference(x.detach().cpu().double(), idx.cpu(), num_bins)
+    count, mean, var = count.cpu(), mean.cpu(), var.cpu()
+    assert torch.equal(count, e_count)
+    t = tol(acc)
+    if atomics_per_address and acc == torch.float32:
+        t = {"rtol": max(t["rtol"], 1e-6 * atomics_per_address ** 0.5), "atol": max(t["atol"], 1e-5)}
+    torch.testing.assert_close(mean.double(), e_mean, **t)
+    torch.testing.assert_close(var.double(), e_var, **t)
+    assert torch.all(mean[count == 0] == 0) and torch.all(var[count <= 1] == 0) and torch.all(var >= 0)
+
+
+# =========================================================================== every backend
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype, layout, d", pairwise(FLOAT_DTYPES, LAYOUTS, [1, 5]),
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_layouts_and_dtypes(backend, device, dtype, layout, d):
+    """Every memory layout (read in place or copied) in every dtype, one feature or a block of
+    four feature planes and one more, rows with indices -1 and B among them."""
+    x, idx = features(layout, dtype, device, num_bins=6, n=41, d=d, seed=d)
+    check_bin_stats(on(backend, dirfast.ops.bin_stats, x, idx, 6), x, idx, 6)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("n, d, num_bins", [(1, 1, 1), (2, 1, 1), (7, 5, 1), (37, 3, 1), (129, 17, 11), (300, 2, 97),
+                                            (64, 130, 3)])
+def test_sizes(backend, device, n, d, num_bins):
+    """One row, one bin, more bins than rows, and more features than a tile holds (130)."""
+    x, idx = features("rows", torch.float32, device, num_bins=num_bins, n=n, d=d, seed=n)
+    check_bin_stats(on(backend, dirfast.ops.bin_stats, x, idx, num_bins), x, idx, num_bins)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_special_bins(backend, device):
+    """Empty bins, bins of one row (whose mean is that row, exactly), ignored rows, an input
+    whose rows all select no bin, an empty input, features of dimension 0, int32 indices."""
+    x = rand_features(8, 4, device=device, seed=5)
+    idx = torch.tensor([5, 2, 5, 7, -1, 5, 7, 5], device=device)  # bin 2: 1 row; 5: 4; 7: 2
+    for index in (idx, idx.int()):
+        count, mean, var = on(backend, dirfast.ops.bin_stats, x, index, 9)
+        check_bin_stats((count, mean, var), x, idx, 9)
+        assert count.tolist() == [0, 0, 1, 0, 0, 4, 0, 2, 0]
+        assert torch.equal(mean[2], x[1])
+    count, mean, var = on(backend, dirfast.ops.bin_stats, x, torch.tensor([-1, 9, 12, -5, 9, 9, -1, 10], device=device), 9)
+    assert count.sum() == 0 and torch.all(mean == 0) and torch.all(var == 0)
+    count, mean, var = on(backend, dirfast.ops.bin_stats, x[:0], idx[:0], 4)
+    assert count.tolist() == [0] * 4 and mean.shape == (4, 4) and torch.all(mean == 0) and torch.all(var == 0)
+    count, mean, var = on(backend, dirfast.ops.bin_stats, x[:, :0], idx, 9)
+    assert count.tolist() == [0, 0, 1, 0, 0, 4, 0, 2, 0] and mean.shape == (9, 0) and var.shape == (9, 0)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", list(dtype_params()))
+def test_zero_variance_dimension(backend, device, dtype):
+    """A dead (all-zero) feature has variance exactly 0 (calibrate then leaves it alone, as the
+    published code does); a constant non-zero feature has variance ~0."""
+    x = rand_features(30, 4, dtype=dtype, device=device, seed=7)
+    x[:, 1] = 0
+    x[:, 3] = 0.1
+    idx = rand_bins(30, 3, device=device, seed=8)
+    count, mean, var = on(backend, dirfast.ops.bin_stats, x, idx, 3)
+    assert torch.all(var[:, 1] == 0) and torch.all(var[:, 3].abs() < 1e-12)
+    check_bin_stats((count, mean, var), x, idx, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _large_cases(small: bool):
+    """(x, idx, num_bins, float64 reference statistics) with many rows: chunks of rows merged in
+    a fixed order, more bins than rows, every row in one bin, dense tiles cut across images
+    (``small``: fewer and smaller, for Triton's interpreter, where the chunk size is a parameter
+    instead: test_triton_strategies)."""
+    g = gen(50)
+    if small:
+        cases = [(torch.randn(4001, 7, generator=g) + 3, torch.randint(-1, 98, (4001,), generator=g), 97),
+                 (torch.randn(2, 5, 31, 37, generator=g), torch.randint(-1, 12, (2, 31, 37), generator=g), 11)]
+    else:
+        cases = [(torch.randn(70001, 8, generator=g) + 3, torch.randint(-1, 98, (70001,), generator=g), 97),
+                 (torch.randn(30001, 1, generator=g), torch.randint(-1, 65537, (30001,), generator=g), 65536),
+                 (torch.randn(50000, 5, generator=g), torch.zeros(50000, dtype=torch.int64), 3),
+                 (torch.randn(4, 7, 101, 103, generator=g).bfloat16(), torch.randint(-1, 12, (4, 101, 103), generator=g),
+                  11),
+                 (torch.randn(3, 5, 61, 67, generator=g, dtype=torch.float64) + 3,
+                  torch.randint(-1, 98, (3, 61, 67), generator=g), 97)]
+    return [(x, idx, num_bins, reference(x.double(), idx, num_bins)) for x, idx, num_bins in cases]
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_large_inputs(backend, device):
+    """Enough elements for the kernels' multi-chunk, multi-program paths and their merges; a bin
+    of one row, wherever that row lies, has that row as its mean, exactly."""
+    for x, idx, num_bins, expected in _large_cases(interpreted(backend, device)):
+        x, idx = x.to(device), idx.to(device)
+        count, mean, var = on(backend, dirfast.ops.bin_stats, x, idx, num_bins)
+        check_bin_stats((count, mean, var), x, idx, num_bins, expected=expected)
+        one = (count == 1).cpu()
+        assert torch.equal(mean.cpu()[one].double(), expected[1][one])
+
+
+@functools.lru_cache(maxsize=None)
+def _far_from_zero(shape):
+    """float32 features ``shape`` ([N, D] or dense) whose 4 bins have mean / std = 1000, their
+    bins, and the float64 reference's mean and variance of those float32 values."""
+    x = (torch.randn(*shape, generator=gen(11), dtype=torch.float64) + 1000.0).float()
+    idx = torch.randint(0, 4, shape[:1] + shape[2:], generator=gen(12))
+    return x, idx, reference(x.double(), idx, 4)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("layout", ["rows", "dense"])
+@pytest.mark.parametrize("det", [False, True], ids=["default", "deterministic"])
+def test_float32_accuracy_at_mean_1000_std(backend, device, layout, det):
+    """The accuracy criterion: float32 variance within 1e-4 (relative) and the mean within 1e-6
+    of float64 sums of the same float32 values when a bin's mean is 1000 times its standard
+    deviation (a naive sum of squares loses every digit), in either mode."""
+    if interpreted(backend, device):
+        shape = (1500, 4) if layout == "rows" else (2, 4, 24, 32)
+    elif torch.device(device).type == "cuda":  # the grouped-rows and the plane kernels
+        shape = (40000, 256) if layout == "rows" else (4, 16, 48, 64)
+    else:  # bins spread over every chunk of the C++ kernels
+        shape = (48000, 16) if layout == "rows" else (4, 16, 100, 120)
+    x, idx, (_, e_mean, e_var) = _far_from_zero(shape)
+    with deterministic(det):
+        count, mean, var = on(backend, dirfast.ops.bin_stats, x.to(device), idx.to(device), 4)
+    assert torch.all(count.cpu() > 100) and torch.all(e_var > 0.5)
+    assert ((var.cpu().double() - e_var).abs() / e_var).max() < 1e-4
+    assert ((mean.cpu().double() - e_mean).abs() / e_mean.abs()).max() < 1e-6
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("layout", ["rows", "dense"])
+def test_deterministic_mode_is_bitwise_reproducible(backend, device, layout):
+    """torch.use_deterministic_algorithms(True): two runs give the same bits (on a GPU, no
+    float atomics), and the right statistics."""
+    if torch.device(device).type == "cuda":
+        g = gen(13)
+        x = torch.randn(30000, 200, generator=g).cuda() if layout == "rows" else torch.randn(4, 32, 60, 80, generator=g).cuda()
+        idx = torch.randint(-1, 61, (x.shape[0],) + tuple(x.shape[2:]), generator=g).cuda()
+        against = "reference"
+    else:
+        x, idx = features(layout, torch.float32, device, num_bins=60, n=200, d=5, seed=13)
+        against = "oracle"
+    with deterministic():
+        first = on(backend, dirfast.ops.bin_stats, x, idx, 60)
+        second = on(backend, dirfast.ops.bin_stats, x, idx, 60)
+    for a, b in zip(first, second):
+        same_bits(a, b)
+    check_bin_stats(first, x, idx, 60, against=against)
+
+
+# =========================================================================== Triton only
+needs_triton = pytest.mark.skipif(not dirfast.backends()["triton"]["available"],
+                                  reason=f"triton unavailable: {dirfast.backends()['triton']['reason']}")
+TRITON_DEVICE = backend_devices("triton")[0]
+
+
+def triton_bin_stats(x, idx, num_bins, deterministic=False, **path):
+    from dirfast.triton import bin_stats as kernels
+
+    return kernels.bin_stats(x, idx, num_bins, deterministic, **path)
+
+
+@needs_triton
+@pytest.mark.parametrize("strategy", ["csr", "direct"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_triton_strategies(layout, strategy):
+    """Both work decompositions on every layout, with chunks of 4 and 8 rows (bins cut in
+    several chunks), whatever the layout would choose."""
+    x, idx = features(layout, torch.float32, TRITON_DEVICE, num_bins=6, seed=len(layout))
+    for chunk_rows in (4, 8):
+        check_bin_stats(triton_bin_stats(x, idx, 6, strategy=strategy, chunk_rows=chunk_rows), x, idx, 6)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", list(dtype_params()))
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_triton_dtypes_and_modes(dtype, det):
+    """Every dtype in the atomic and the deterministic variants, bins of one chunk and of
+    several."""
+    x, idx = features("rows", dtype, TRITON_DEVICE, num_bins=6, n=70, d=5, seed=3)
+    check_bin_stats(triton_bin_stats(x, idx, 6, det, chunk_rows=4), x, idx, 6)
+    check_bin_stats(triton_bin_stats(x, idx, 6, det), x, idx, 6)
+
+
+@needs_triton
+def test_triton_rejects_an_unknown_strategy():
+    """A misspelt strategy is an error, not a silent fallback."""
+    x, idx = features("rows", torch.float32, TRITON_DEVICE)
+    with pytest.raises(ValueError, match="strategy"):
+        triton_bin_stats(x, idx, 5, strategy="tiles")
+
+
+# =========================================================================== CUDA kernels only
+needs_cuda = pytest.mark.skipif(not dirfast.backends()["cuda"]["available"],
+                                reason=f"cuda unavailable: {dirfast.backends()['cuda']['reason']}")
+GPU_LAYOUTS = ["rows", "rows_wide", "rows_strided", "rows_odd_d", "rows_misaligned", "column_major", "sliced",
+               "dense", "dense_odd", "channels_last"]
+
+
+def gpu_layout(name: str, n=3000, d=96, seed=0):
+    """``(x, idx)`` on the GPU in a layout the CUDA kernels walk in their own way (vector loads,
+    scalar tails, planes), or one they copy (``sliced``); 40 bins and indices -1 and 40."""
+    g = gen(seed)
+    idx = torch.randint(-1, 41, (n,), generator=g).cuda()
+    base = torch.randn(n, 2 * d + 2, generator=g).cuda()
+    dense = torch.randn(3, 24, 20, 52, generator=g).cuda()
+    idx_dense = torch.randint(-1, 41, (3, 20, 52), generator=g).cuda()
+    return {
+        "rows": lambda: (base[:, :d].contiguous(), idx),
+        "rows_wide": lambda: (torch.randn(n, 4 * d, generator=g).cuda(), idx),  # the grouped kernel
+        "rows_strided": lambda: (base[:, :d], idx),  # row stride 2d + 2: vector loads still aligned
+        "rows_odd_d": lambda: (base[:, : d - 1].contiguous(), idx),  # scalar paths
+        "rows_misaligned": lambda: (base[:, 1 : d + 1], idx),  # scalar paths
+        "column_major": lambda: (base[:, :d].t().contiguous().t(), idx),
+        "sliced": lambda: (base[::2, 1::2][:, :d], idx[::2]),  # copied once
+        "dense": lambda: (dense, idx_dense),
+        "dense_odd": lambda: (torch.randn(2, 5, 7, 9, generator=g).cuda(), torch.randint(-1, 41, (2, 7, 9), generator=g).cuda()),
+        "channels_last": lambda: (dense.contiguous(memory_format=torch.channels_last), idx_dense),
+    }[name]()
+
+
+# The accumulate kernels of csrc/cuda/bin_stats.cu: one of them runs per call.
+ACCUMULATE_KERNELS = ("accumulate_grouped_kernel", "accumulate_shared_kernel", "accumulate_direct_kernel")
+
+
+def check_cuda_kernel(expected, x, idx, num_bins, atomics_per_address=None):
+    """The CUDA bin_stats against the reference, and of the accumulate kernels only ``expected``
+    ran (torch.profiler's kernel names, demangled or mangled)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        result = on("cuda", dirfast.ops.bin_stats, x, idx, num_bins)
+        torch.cuda.synchronize()
+    check_bin_stats(result, x, idx, num_bins, against="reference", atomics_per_address=atomics_per_address)
+    names = {event.key for event in prof.key_averages()}
+    ran = {k for k in ACCUMULATE_KERNELS if any(k + "<" in name or k + "I" in name for name in names)}
+    assert ran == {expected}, f"ran {ran or 'none'} of {ACCUMULATE_KERNELS}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("layout", GPU_LAYOUTS)
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_cuda_layouts(layout, det):
+    """Every layout the CUDA kernels walk in their own way (or copy), in either mode."""
+    x, idx = gpu_layout(layout)
+    with deterministic(det):
+        check_bin_stats(on("cuda", dirfast.ops.bin_stats, x, idx, 40), x, idx, 40, against="reference")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", list(dtype_params()))
+@pytest.mark.parametrize("num_bins", [1, 97, 300, 5000])  # 300, 5000: too many for shared memory
+@pytest.mark.parametrize("dim", [130, 256])  # 256: rows grouped by bin (16-byte rows, >= 32 vectors)
+def test_cuda_dtypes_and_bin_counts(dtype, num_bins, dim):
+    """Every dtype with int32 indices, bins that fit shared memory and bins that do not."""
+    g = gen(num_bins)
+    x = torch.randn(20000, dim, generator=g).to(dtype=dtype, device="cuda")
+    idx = torch.randint(-2, num_bins + 2, (20000,), generator=g).cuda().int()
+    check_bin_stats(on("cuda", dirfast.ops.bin_stats, x, idx, num_bins), x, idx, num_bins, against="reference")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", list(dtype_params()))
+@pytest.mark.parametrize("num_bins, n", [(1, 5000), (7, 20000), (97, 20000), (3000, 2000)])
+@pytest.mark.parametrize("dim", [264, 512, 1032])  # 264, 1032: lanes past the last feature in every dtype
+def test_cuda_grouped_kernel(dtype, num_bins, n, dim):
+    """The kernel that walks rows grouped by bin (rows of 16-byte vectors, dim >= 32 vectors): a
+    warp's rows in one bin, a few, and many bins of one or two rows; rows of no bin."""
+    g = gen(num_bins + dim)
+    x = (torch.randn(n, dim, generator=g) * 3 + 10).to(dtype=dtype, device="cuda")
+    idx = torch.randint(-2, num_bins + 2, (n,), generator=g).cuda()
+    check_cuda_kernel("accumulate_grouped_kernel", x, idx, num_bins)
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", ["int32_bins", "row_stride", "few_rows", "one_row"])
+def test_cuda_grouped_kernel_layouts(case):
+    """int32 indices, rows with a stride past dim, and fewer valid rows than a warp's range."""
+    g = gen(31)
+    n, dim, num_bins = {"few_rows": 50, "one_row": 1}.get(case, 3000), 256, 9
+    x = torch.randn(n, dim + 8, generator=g).cuda()
+    x = x[:, :dim] if case == "row_stride" else x[:, :dim].contiguous()  # 16-byte aligned rows either way
+    idx = torch.randint(-1, num_bins, (n,), generator=g).cuda()
+    if case == "int32_bins":
+        idx = idx.int()
+    if case == "one_row":
+        idx[0] = 4
+    check_cuda_kernel("accumulate_grouped_kernel", x, idx, num_bins)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", list(dtype_params()))
+@pytest.mark.parametrize("num_bins", [1, 40, 100, 5000])
+@pytest.mark.parametrize("case", ["depth", "depth_odd_width", "random", "column_major"])
+def test_cuda_plane_kernel(dtype, num_bins, case):
+    """Planes of pixels: bins that follow the image rows, 64 pixels wide (nearly every warp's 32
+    pixels in one bin) or 53 wide with noise (warps straddling rows and bins), random bins
+    (every warp mixed), and [N, D] stored column-major (one plane per feature)."""
+    g = gen(num_bins + 7)
+    if case == "column_major":
+        x = (torch.randn(3001, 24, generator=g) * 2 + 5).t().contiguous().t()
+        idx = torch.randint(-1, num_bins + 1, (3001,), generator=g)
+    else:
+        width = 64 if case == "depth" else 53
+        x = torch.randn(3, 24, 37, width, generator=g) * 2 + 5
+        rows = torch.linspace(0, num_bins - 1, 37).view(1, 37, 1).expand(3, 37, width)
+        if case == "random":
+            idx = torch.randint(-1, num_bins + 1, (3, 37, width), generator=g)
+        else:
+            noise = 0.01 if case == "depth" else 0.3
+            idx = (rows + torch.randn(3, 37, width, generator=g) * noise).round().long()
+            idx[0, :2] = -1  # no bin
+            idx[1, -1, :10] = num_bins  # outside [0, B)
+    x, idx = x.to(dtype=dtype, device="cuda"), idx.cuda()
+    largest_bin = int(torch.bincount(idx[(idx >= 0) & (idx < num_bins)].flatten().cpu(), minlength=1).max())
+    check_cuda_kernel("accumulate_direct_kernel", x, idx, num_bins, atomics_per_address=largest_bin)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype, num_bins", [(torch.float32, 148), (torch.float32, 149),
+                                             (torch.float64, 74), (torch.float64, 75)], ids=str)
+def test_cuda_at_the_shared_memory_limit(dtype, num_bins):
+    """The largest bin count of the shared-memory kernel (112 KiB) and the first past it. Past
+    the limit every element is a float atomic on S1 = sum(x - K): its rounding grows with
+    n * |mean - K| (K, the first row, may be 3 std from the mean), so a float32 mean near 0 carries
+    an absolute error of a few 1e-6 at n ~ 200, as many float32 ulps of the data's scale."""
+    g = gen(num_bins)
+    x = torch.randn(30000, 100, generator=g).to(dtype=dtype, device="cuda")
+    idx = torch.randint(-1, num_bins + 1, (30000,), generator=g).cuda()
+    count, mean, var = on("cuda", dirfast.ops.bin_stats, x, idx, num_bins)
+    e_count, e_mean, e_var = reference(x.double().cpu(), idx.cpu(), num_bins)
+    assert torch.equal(count.cpu(), e_count)
+    mean_tol = dict(rtol=2e-5, atol=1e-5) if (dtype, num_bins) == (torch.float32, 149) else tol(dtype)
+    torch.testing.assert_close(mean.cpu().double(), e_mean, **mean_tol)
+    torch.testing.assert_close(var.cpu().double(), e_var, **tol(dtype))
+
+
+@needs_cuda
+@pytest.mark.parametrize("det", [False, True], ids=["atomic", "deterministic"])
+def test_cuda_one_channel_depth_maps(det):
+    """[B, 1, H, W]: one feature, rows of one element."""
+    g = gen(14)
+    x = torch.randn(4, 1, 60, 80, generator=g).cuda()
+    idx = torch.randint(-1, 51, (4, 60, 80), generator=g).cuda()
+    with deterministic(det):
+        check_bin_stats(on("cuda", dirfast.ops.bin_stats, x, idx, 50), x, idx, 50, against="reference")
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@needs_triton
+def test_triton_gpu_sizes():
+    """Triton on a GPU at its launch sizes: several column blocks, both modes, dense maps."""
+    g = gen(50)
+    x = torch.randn(20000, 300, generator=g).cuda()
+    idx = torch.randint(-1, 101, (20000,), generator=g).cuda()
+    for det in (False, True):
+        check_bin_stats(triton_bin_stats(x, idx, 100, det), x, idx, 100, against="reference")
+    xd = torch.randn(4, 32, 60, 80, generator=g).cuda()
+    idxd = torch.randint(-1, 97, (4, 60, 80), generator=g).cuda()
+    check_bin_stats(triton_bin_stats(xd, idxd, 97), xd, idxd, 97, against="reference")

@@ -1,0 +1,316 @@
+"""``dirfast::mixture_logpdf``: the contract every backend with a kernel for it meets, against a
+float64 loop oracle that writes out the documented non-finite rules (or the float64 reference
+for inputs too large for it): values and the four gradients, layouts and dtypes, weights of 0,
+invalid components, infinite and NaN predictions, subnormal variances; and the reference's
+memory, O(N + K) forward and backward.
+
+Bad arguments are in test_bad_inputs.py; opcheck, torch.compile and the backend a backward runs
+on in test_backends.py.
+"""
+
+import functools
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import dirfast
+from dirfast.ops.mixture_logpdf import reference, reference_backward
+from testing import backend_device_params, gen, interpreted, on, stats_dtype, tol
+
+BACKEND_DEVICE = [p for p in backend_device_params()
+                  if p.values[0] == "auto" or "mixture_logpdf" in dirfast.backends()[p.values[0]]["ops"]]
+
+
+# =========================================================================== the oracle
+def loop_mixture_logpdf(x, means, variances, log_weights):
+    """``log sum_k exp(lw_k) exp(-(x - m_k)^2 / (2 v_k)) / sqrt(v_k)`` and its gradients in x, m,
+    v and lw (upstream gradient 1), element by element in Python floats (max-shifted), as
+    float64 tensors; with the documented rules written out: an invalid component (mean not
+    finite; variance NaN, <= 0 or +inf; log-weight NaN or +inf) makes everything NaN; a NaN
+    element gives NaN (and NaN component gradients); a log-weight of -inf leaves the component
+    out; an element of density 0 (x = +-inf, or every weight 0) gives -inf and adds no gradient."""
+    xs, ms, vs, lws = (t.detach().double().cpu().reshape(-1).tolist() for t in (x, means, variances, log_weights))
+    k_all = len(ms)
+    invalid = any(not math.isfinite(m) or not 0 < v < math.inf or math.isnan(lw) or lw == math.inf
+                  for m, v, lw in zip(ms, vs, lws))
+    out, gx = [], []
+    gm, gv, gw = [0.0] * k_all, [0.0] * k_all, [0.0] * k_all
+    for xi in xs:
+        if invalid or math.isnan(xi):
+            out.append(math.nan)
+            gx.append(math.nan)
+            gm, gv, gw = [math.nan] * k_all, [math.nan] * k_all, [math.nan] * k_all
+            continue
+        terms = {k: lws[k] - 0.5 * math.log(vs[k]) - (xi - ms[k]) * (xi - ms[k]) / (2 * vs[k])
+                 for k in range(k_all) if lws[k] != -math.inf}
+        top = max(terms.values(), default=-math.inf)
+        if top == -math.inf:
+            out.append(-math.inf)
+            gx.append(0.0)
+            continue
+        value = top + math.log(math.fsum(math.exp(t - top) for t in terms.values()))
+        out.append(value)
+        g = 0.0
+        for k, t in terms.items():
+            r = math.exp(t - value)
+            if r == 0:  # adds nothing, also where (x - m) / v overflows
+                continue
+            d = (xi - ms[k]) / vs[k]
+            g -= r * d
+            gm[k] += r * d
+            gv[k] += r * (0.5 * d * d - 0.5 / vs[k])
+            gw[k] += r
+        gx.append(g)
+
+    def as_tensor(values, like):
+        return torch.tensor(values, dtype=torch.float64).reshape(like.shape)
+
+    return as_tensor(out, x), (as_tensor(gx, x), as_tensor(gm, means), as_tensor(gv, variances),
+                               as_tensor(gw, log_weights))
+
+
+def mixture_inputs(shape, k, dtype, device, seed, table_dtype=None):
+    g = gen(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64) * 3
+    means = torch.linspace(-4, 4, k, dtype=torch.float64) + 0.1 * torch.randn(k, generator=g, dtype=torch.float64)
+    variances = torch.rand(k, generator=g, dtype=torch.float64) * 2 + 0.05
+    log_weights = torch.log_softmax(torch.randn(k, generator=g, dtype=torch.float64), 0)
+    table_dtype = table_dtype or stats_dtype(dtype)
+    return (x.to(device, dtype), means.to(device, table_dtype), variances.to(device, table_dtype),
+            log_weights.to(device, table_dtype))
+
+
+def run(backend, inputs):
+    """The output and the gradients of the four inputs (upstream gradient 1) on ``backend``."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    with dirfast.use_backend(backend):
+        out = dirfast.ops.mixture_logpdf(*leaves)
+        out.backward(torch.ones_like(out))
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def check_mixture(backend, inputs, value_tol=None, grads=(0, 1, 2, 3)):
+    """The value and the gradients numbered in ``grads`` (x, means, variances, log_weights)
+    against the oracle, NaN and infinities where it has them; gradients relative to their
+    largest finite magnitude. Returns the output."""
+    out, got_grads = run(backend, inputs)
+    expected, expected_grads = loop_mixture_logpdf(*inputs)
+    acc = stats_dtype(*(t.dtype for t in inputs))
+    assert out.dtype == acc and out.shape == inputs[0].shape and out.device == inputs[0].device
+    torch.testing.assert_close(out.cpu().double(), expected, equal_nan=True, **(value_tol or tol(acc)))
+    for i in grads:
+        leaf, grad, want = inputs[i], got_grads[i], expected_grads[i]
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+        finite = want[torch.isfinite(want)]
+        scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+        grad_tol = tol(leaf.dtype) if leaf.dtype in (torch.float16, torch.bfloat16) else value_tol or tol(acc)
+        torch.testing.assert_close(grad.cpu().double() / scale, want / scale, equal_nan=True, **grad_tol)
+    return out
+
+
+# =========================================================================== every backend
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("shape, k", [((1,), 1), ((37,), 5), ((300, 1), 100), ((2, 1, 9, 13), 17), ((4100,), 3)])
+def test_values_and_gradients(backend, device, dtype, shape, k):
+    """Values and the four gradients, one component or many, any shape of predictions."""
+    check_mixture(backend, mixture_inputs(shape, k, dtype, device, seed=k))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("x_dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_predictions(backend, device, x_dtype):
+    """16-bit predictions are read exactly and computed in float32 (the output is float32, the
+    gradient of x in x's dtype)."""
+    check_mixture(backend, mixture_inputs((2, 1, 5, 7), 9, x_dtype, device, seed=50))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_layouts(backend, device):
+    """Non-contiguous predictions (channels-last depth maps, a transposed view, a channel slice)
+    give the values of their contiguous copy, in the predictions' shape."""
+    x, m, v, lw = mixture_inputs((2, 3, 6, 5), 7, torch.float32, device, seed=51)
+    for view in (x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3), x[:, 1:2]):
+        torch.testing.assert_close(on(backend, dirfast.ops.mixture_logpdf, view, m, v, lw),
+                                   on(backend, dirfast.ops.mixture_logpdf, view.contiguous(), m, v, lw))
+        check_mixture(backend, (view, m, v, lw))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_far_predictions_and_no_elements(backend, device):
+    """Predictions far from every component (terms of -1e6) stay finite (the log-sum-exp is
+    max-shifted), in float64 to the oracle's precision and in float32 to its rounding of such
+    terms; no elements, no work."""
+    _, m, v, _ = mixture_inputs((1,), 6, torch.float64, device, seed=52)
+    far = torch.tensor([-3000.0, 0.0, 2500.0], dtype=torch.float64, device=device)
+    check_mixture(backend, (far, m, v, torch.zeros_like(m)))
+    far32 = far.float()  # float32 terms of -1e6 carry rounding of ~0.1: values to 1e-6 relative
+    out, grads = run(backend, (far32, m.float(), v.float(), torch.zeros_like(m).float()))
+    torch.testing.assert_close(out.double(), loop_mixture_logpdf(far, m, v, torch.zeros_like(m))[0], rtol=1e-6, atol=0)
+    assert all(bool(torch.isfinite(g).all()) for g in grads)
+    empty = on(backend, dirfast.ops.mixture_logpdf, far32[:0], m.float(), v.float(), m.float())
+    assert empty.shape == (0,) and empty.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_gradcheck(backend, device):
+    """The four gradients in float64, by finite differences (under Triton's interpreter in
+    gradcheck's fast mode, a random projection of the Jacobian)."""
+    inputs = [t.detach().requires_grad_() for t in mixture_inputs((3, 1, 2, 4), 4, torch.float64, device, seed=53)]
+    with dirfast.use_backend(backend):
+        assert torch.autograd.gradcheck(dirfast.ops.mixture_logpdf, inputs, fast_mode=interpreted(backend, device))
+
+
+INF, NAN = math.inf, math.nan
+# (name, index of the component changed, which table, its value): each makes the mixture invalid.
+INVALID = [("mean_inf", 0, INF), ("mean_-inf", 0, -INF), ("mean_nan", 0, NAN), ("variance_0", 1, 0.0),
+           ("variance_negative", 1, -1.0), ("variance_inf", 1, INF), ("variance_nan", 1, NAN),
+           ("log_weight_nan", 2, NAN), ("log_weight_+inf", 2, INF)]
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("name, table, value", INVALID, ids=[case[0] for case in INVALID])
+def test_an_invalid_component_makes_every_output_nan(backend, device, dtype, name, table, value):
+    """One bad component among five (also an infinite prediction among the elements): every
+    output and every gradient is NaN."""
+    inputs = list(mixture_inputs((9,), 5, dtype, device, seed=54))
+    inputs[0][3] = INF
+    inputs[1 + table] = inputs[1 + table].clone()
+    inputs[1 + table][2] = value
+    out = check_mixture(backend, inputs)
+    assert bool(torch.isnan(out).all())
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("k", [3, 8])  # 3: not a power of two (kernels pad the components)
+def test_infinite_and_nan_predictions(backend, device, dtype, k):
+    """x = +-inf has density 0: -inf with a zero gradient, and the other elements' values and
+    component gradients as without it; a NaN x gives NaN there (and NaN component gradients)."""
+    x, m, v, lw = mixture_inputs((6,), k, dtype, device, seed=55)
+    x[1], x[4] = INF, -INF
+    out = check_mixture(backend, (x, m, v, lw))
+    assert bool(torch.isneginf(out[[1, 4]]).all()) and bool(torch.isfinite(out[[0, 2, 3, 5]]).all())
+    x[2] = NAN
+    out = check_mixture(backend, (x, m, v, lw))
+    assert bool(torch.isnan(out[2])) and bool(torch.isneginf(out[[1, 4]]).all())
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_weights_of_zero(backend, device, dtype):
+    """A log-weight of -inf leaves its component out (its gradients 0); with every weight 0 each
+    output is -inf with zero gradients, not NaN."""
+    x, m, v, lw = mixture_inputs((64,), 6, dtype, device, seed=52)
+    lw[[1, 4]] = -INF
+    check_mixture(backend, (x, m, v, lw))
+    _, grads = run(backend, (x, m, v, lw))
+    assert all(bool((g[[1, 4]] == 0).all()) for g in grads[1:])
+    out = check_mixture(backend, (x[:5], m, v, torch.full_like(lw, -INF)))
+    assert bool(torch.isneginf(out).all())
+    _, grads = run(backend, (x[:5], m, v, torch.full_like(lw, -INF)))
+    assert all(bool((g == 0).all()) for g in grads)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype, tiny, step", [(torch.float32, 1e-40, 1e-20), (torch.float64, 1e-310, 1e-155)], ids=str)
+def test_subnormal_variances(backend, device, dtype, tiny, step):
+    """A positive subnormal variance is a valid, very narrow component, computed in full: near
+    its mean it dominates the density (values far above 0), elsewhere it adds nothing; the
+    gradients in x, the means and the log-weights, and in the other variances, are the oracle's
+    (the subnormal variance's own gradient, of order 1 / v, overflows the dtype and is left
+    out)."""
+    x = torch.tensor([0.0, step, 3 * step, 0.5, -2.0, 4.0], dtype=dtype, device=device)
+    m = torch.tensor([0.0, 1.0, -1.0], dtype=dtype, device=device)
+    v = torch.tensor([tiny, 0.5, 2.0], dtype=dtype, device=device)
+    lw = torch.tensor([-1.0, -0.5, -2.0], dtype=dtype, device=device)
+    assert 0 < float(v[0]) < torch.finfo(dtype).tiny
+    out = check_mixture(backend, (x, m, v, lw), grads=(0, 1, 3))
+    assert bool((out[:3] > 30).all()) and bool(torch.isfinite(out).all())
+    _, grads = run(backend, (x, m, v, lw))
+    torch.testing.assert_close(grads[2][1:].cpu().double(), loop_mixture_logpdf(x, m, v, lw)[1][2][1:], **tol(dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _many(dtype, small):
+    """Inputs (x, means, variances, log-weights, upstream gradient) in ``dtype`` and the float64
+    reference's output and gradients on those values: elements over several of each kernel's
+    chunks (16,384 in C++, 2^22 / K terms in the reference) with a partial last one, 300
+    components (``small``: fewer, for Triton's interpreter)."""
+    n, k = (3000, 100) if small else (16384 + 37, 300)
+    g = gen(13)
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * 3).to(dtype)
+    m = torch.linspace(-5, 5, k, dtype=torch.float64).to(dtype)
+    v, lw = (torch.rand(k, generator=g) + 0.1).to(dtype), torch.randn(k, generator=g).to(dtype)
+    upstream = torch.rand(n, generator=g).to(dtype)
+    x64, m64, v64, lw64 = (t.double() for t in (x, m, v, lw))
+    expected = reference(x64, m64, v64, lw64)
+    return (x, m, v, lw, upstream), (expected, *reference_backward(upstream.double(), x64, expected, m64, v64, lw64))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_many_elements_and_components(backend, device, dtype):
+    """Many elements and components: the float64 reference's values and gradients, the
+    component gradients summed chunk by chunk."""
+    (*tables, upstream), (expected, *expected_grads) = _many(dtype, interpreted(backend, device))
+    inputs = [t.to(device, copy=True).requires_grad_() for t in tables]
+    with dirfast.use_backend(backend):
+        out = dirfast.ops.mixture_logpdf(*inputs)
+        out.backward(upstream.to(device))
+    t = tol(dtype) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.detach().cpu().double(), expected, **t)
+    for leaf, want in zip(inputs, expected_grads):
+        scale = float(want.abs().max())
+        torch.testing.assert_close(leaf.grad.cpu().double() / scale, want / scale, **t)
+
+
+# =========================================================================== the reference's memory
+class PeakLiveBytes(TorchDispatchMode):
+    """The peak, over the ops run while active, of the bytes held by the storages those ops
+    created and that are still alive (on any device, without allocator statistics): a weak
+    reference per storage, checked after every op."""
+
+    def __init__(self, *inputs):
+        super().__init__()
+        self.known = {t.untyped_storage()._cdata for t in inputs}  # the inputs are not counted
+        self.live, self.peak = {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage._cdata not in self.known and storage._cdata not in self.live:
+                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+        self.live = {key: (ref, size) for key, (ref, size) in self.live.items() if not ref.expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+def test_reference_memory_is_o_of_n_plus_k():
+    """The reference keeps no [N, K] matrix, forward or backward: with K = 512, going from
+    N = 20,000 to 60,000 elements adds a few bytes per element (its O(N) vectors), not the
+    2 KiB per element of the [N, K] float32 terms or of chunks' matrices kept for later, and
+    the peak stays within a few [chunk, K] matrices."""
+    k = 512
+    peaks = {}
+    for n in (20000, 60000):
+        x, m, v, lw = mixture_inputs((n,), k, torch.float32, "cpu", seed=56)
+        with PeakLiveBytes(x, m, v, lw) as forward:
+            out = reference(x, m, v, lw)
+        grad = torch.ones_like(out)
+        with PeakLiveBytes(grad, x, out, m, v, lw) as backward:
+            reference_backward(grad, x, out, m, v, lw)
+        peaks[n] = (forward.peak, backward.peak)
+    matrix = 4 * 8192 * k  # one [chunk, K] float32 matrix (chunks of 2^22 / K elements)
+    for i, name in enumerate(("forward", "backward")):
+        per_element = (peaks[60000][i] - peaks[20000][i]) / 40000
+        assert per_element <= 64, f"{name}: {per_element:.0f} bytes more per element"
+        assert peaks[60000][i] <= 10 * matrix, f"{name}: peak {peaks[60000][i]} bytes"

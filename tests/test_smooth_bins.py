@@ -1,0 +1,170 @@
+"""``dirfast::smooth_bins``: the contract every backend meets, against a float64 loop oracle, the
+reference's bits and scipy where scipy is the definition; then what only the compiled kernels
+promise (the reference's bits in 16-bit dtypes too).
+
+Bad arguments are in test_bad_inputs.py; opcheck and torch.compile in test_backends.py.
+"""
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import convolve1d
+
+import dirfast
+from dirfast.ops.smooth_bins import PADDINGS, reference
+from testing import FLOAT_DTYPES, backend_device_params, dtype_params, gen, on, pairwise, same_bits, tol
+
+BACKEND_DEVICE = list(backend_device_params())
+
+
+# =========================================================================== the oracle
+def reflect_index(j: int, num_bins: int) -> int:
+    """torch F.pad ``reflect`` (edge not repeated), applied again and again if needed."""
+    if num_bins == 1:
+        return 0
+    while j < 0 or j >= num_bins:
+        if j < 0:
+            j = -j
+        if j >= num_bins:
+            j = 2 * (num_bins - 1) - j
+    return j
+
+
+def _window_values(window) -> list:
+    if isinstance(window, torch.Tensor):
+        return window.detach().cpu().double().tolist()
+    return [float(v) for v in np.asarray(window, dtype=np.float64)]
+
+
+def loop_smooth_bins(stats: torch.Tensor, window, padding: str = "reflect") -> torch.Tensor:
+    """``out[b] = sum_k window[k] * stats[b + k - h]`` with the four paddings, in float64, tap by
+    tap."""
+    s = stats.detach().cpu().double()
+    w = _window_values(window)
+    squeeze = s.dim() == 1
+    if squeeze:
+        s = s.unsqueeze(1)
+    num_bins, ks = s.shape[0], len(w)
+    h = (ks - 1) // 2
+    out = torch.zeros_like(s)
+    for b in range(num_bins):
+        for k in range(ks):
+            j = b + k - h
+            if 0 <= j < num_bins:
+                src = j
+            elif padding == "constant":
+                continue
+            elif padding == "replicate":
+                src = min(max(j, 0), num_bins - 1)
+            elif padding == "reflect":
+                src = reflect_index(j, num_bins)
+            elif padding == "symmetric":  # scipy.ndimage "reflect": d c b a | a b c d | d c b a
+                src = j % (2 * num_bins)
+                src = src if src < num_bins else 2 * num_bins - 1 - src
+            else:
+                raise ValueError(padding)
+            out[b] += w[k] * s[src]
+    return out.squeeze(1) if squeeze else out
+
+
+def fds_smooth_conv1d(stats: torch.Tensor, window) -> torch.Tensor:
+    """The published smoothing of ``[K, D]`` running stats: F.pad reflect + conv1d, in float64
+    (needs h < K, like the published code)."""
+    w = torch.tensor(_window_values(window), dtype=torch.float64)
+    h = (w.numel() - 1) // 2
+    s = stats.detach().cpu().double()
+    return F.conv1d(F.pad(s.unsqueeze(1).permute(2, 1, 0), pad=(h, h), mode="reflect"),
+                    weight=w.view(1, 1, -1), padding=0).permute(2, 1, 0).squeeze(1)
+
+
+def window(ks, seed, symmetric):
+    w = torch.rand(ks, generator=gen(seed), dtype=torch.float64) + 0.1
+    return (w + w.flip(0)) / 2 if symmetric else w
+
+
+def test_oracle_agrees_with_pad_conv1d():
+    """The loop oracle's reflect padding is torch's F.pad reflect where that one works."""
+    stats = torch.randn(9, 4, generator=gen(3), dtype=torch.float64)
+    w = window(5, seed=2, symmetric=False)
+    torch.testing.assert_close(loop_smooth_bins(stats, w, "reflect"), fds_smooth_conv1d(stats, w))
+
+
+# =========================================================================== every backend
+SMOOTH_CASES = [(10, 5), (7, 3), (6, 1), (4, 7), (3, 9), (2, 5), (2, 3), (1, 5), (1, 1), (5, 11), (97, 5)]
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(dtype, padding, case):
+    """(table, window, the oracle's float64 result): tables [B, D], [B] and non-contiguous, with
+    an asymmetric and a symmetric window of each length."""
+    num_bins, ks = case
+    g = gen(num_bins)
+    out = []
+    for symmetric in (False, True):
+        w = window(ks, ks, symmetric)
+        for stats in (torch.randn(num_bins, 3, generator=g), torch.randn(num_bins, generator=g),
+                      torch.randn(4, num_bins, generator=g).t()):
+            stats = stats.to(dtype)
+            out.append((stats, w, loop_smooth_bins(stats, w, padding)))
+    return out
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype, padding, case", pairwise(FLOAT_DTYPES, PADDINGS, SMOOTH_CASES),
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_values_and_bits(backend, device, dtype, padding, case):
+    """Tables [B, D], [B] and non-contiguous, windows wider than the bins, asymmetric windows
+    (which pin the orientation: a correlation, as F.conv1d) and symmetric ones (scipy's order of
+    summation): float32 and float64 give the reference's bits, float16 and bfloat16 the oracle's
+    values within their precision; the result has the dtype, shape and device of the table."""
+    for stats, w, expected in _tables(dtype, padding, case):
+        stats, w = stats.to(device), w.to(device)
+        got = on(backend, dirfast.ops.smooth_bins, stats, w, padding)
+        assert got.dtype == dtype and got.shape == stats.shape and got.device == stats.device
+        if dtype in (torch.float32, torch.float64):
+            same_bits(got, reference(stats.cpu(), w.cpu(), padding))
+        torch.testing.assert_close(got.cpu().double(), expected, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_scipy_where_scipy_is_the_definition(backend, device):
+    """padding="constant" is the LDS convolution, scipy.ndimage.convolve1d(mode="constant"), and
+    "symmetric" its mode="reflect" (the NYUD2-DIR LDS), to the bit in float64; the window may be
+    given in float32 or float64; one bin under reflect padding gets the window's sum."""
+    base = torch.rand(30, generator=gen(4), dtype=torch.float64) * 50
+    for w in (dirfast.kernel_window("gaussian", 5, 2.0), window(7, seed=8, symmetric=True)):  # LDS's, and another
+        for padding, mode in (("constant", "constant"), ("symmetric", "reflect")):
+            got = on(backend, dirfast.ops.smooth_bins, base.to(device), w.to(device), padding)
+            assert torch.equal(got.cpu(), torch.as_tensor(convolve1d(base.numpy(), weights=w.numpy(), mode=mode)))
+    stats = torch.randn(8, 2, generator=gen(1)).to(device)
+    w64 = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum").to(device)
+    torch.testing.assert_close(on(backend, dirfast.ops.smooth_bins, stats, w64),
+                               on(backend, dirfast.ops.smooth_bins, stats, w64.float()))
+    one = torch.tensor([[2.0, -3.0]], dtype=torch.float64, device=device)
+    w7 = window(7, seed=9, symmetric=False).to(device)
+    torch.testing.assert_close(on(backend, dirfast.ops.smooth_bins, one, w7, "reflect"), one * w7.sum())
+
+
+# =========================================================================== compiled kernels only
+COMPILED = [p for p in backend_device_params(include_auto=False) if p.values[0] in ("cpp", "cuda")]
+
+
+@pytest.mark.parametrize("backend, device", COMPILED)
+@pytest.mark.parametrize("dtype", list(dtype_params()))
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_compiled_kernels_give_the_reference_bits_in_every_dtype(backend, device, dtype, padding):
+    """The C++ and CUDA kernels round every operation to the dtype as the reference does, so
+    float16 and bfloat16 tables get its bits too; pairs of unequal taps take two products and a
+    sum, each rounded (no fused multiply-add)."""
+    g = gen(5)
+    asymmetric = torch.tensor([0.05, 0.2, 0.3, 0.25, 0.1, 0.07, 0.03], dtype=torch.float64)
+    for num_bins, ks in ((100, 5), (10, 5), (7, 9), (4, 7), (3, 11), (1, 3), (40, 1)):
+        for w in (torch.rand(ks, generator=g, dtype=torch.float64) + 0.1, dirfast.kernel_window("gaussian", ks, 2.0),
+                  asymmetric):
+            stats = torch.randn(num_bins, 33, generator=g).to(dtype)
+            for table in (stats, stats[:, 0]):
+                got = on(backend, dirfast.ops.smooth_bins, table.to(device), w.to(device), padding)
+                same_bits(got, reference(table, w, padding))
