@@ -1,0 +1,660 @@
+"""The backends of the ops, and what every op shares through them: the ``backends()`` report, the
+selection (``set_backend`` / ``use_backend``), torch's dispatcher picking the compiled kernels,
+dirfast without its extension or without Triton, opcheck of every registered implementation,
+torch.compile through the dispatcher, the backend a backward runs on, the same bits for any
+number of CPU threads, the direction of imports, the Triton kernels compiled for sm_90, the CUDA
+build, and (on a GPU) a CUDA-graph replay.
+
+What each op computes, on every backend, is in tests/test_<op>.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import glob
+import importlib
+import importlib.util
+import json
+import os
+import pathlib
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+import torch
+
+import dirfast
+from dirfast import _ext
+from dirfast.ops import PADDINGS, _dispatch
+from dirfast.ops._common import OPS
+from test_calibrate import calibration_stats
+from test_mixture_logpdf import mixture_inputs
+from testing import (BACKEND_NAMES, DEVICES, GPU, backend_device_params, backend_params, gen, num_threads, on,
+                     rand_bins, rand_features, same_bits)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+PUBLIC_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf")
+needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+
+
+def backend_available(name: str) -> bool:
+    return dirfast.backends()[name]["available"]
+
+
+def _run_python(code: str) -> dict:
+    """Run ``code`` in a fresh interpreter (dirfast and the test helpers importable, no Triton
+    interpreter switch unless set here) and return the JSON it prints last."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, TESTS, os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# =========================================================================== the report and the selection
+def test_public_api_names():
+    """The names users and the kernels' registrations rely on exist."""
+    for name in ["get_lds_kernel_window", "kernel_window", "Binning", "lds_weights", "LDS", "FDS", "losses", "metrics",
+                 "ops", "backends", "set_backend", "get_backend", "use_backend"]:
+        assert hasattr(dirfast, name), name
+    for name in PUBLIC_OPS:
+        assert callable(getattr(dirfast.ops, name)), name
+        assert hasattr(torch.ops.dirfast, name), name
+        assert OPS[name].reference is not None and OPS[name].overload is getattr(torch.ops.dirfast, name).default
+    assert set(_dispatch.BACKENDS) == set(BACKEND_NAMES)
+
+
+def test_backends_report():
+    """Every backend says whether it is available and, when not, why; the reference always is;
+    each lists the ops it has kernels for; cuda says whether its kernels were compiled."""
+    report = dirfast.backends()
+    assert list(report) == list(_dispatch.BACKENDS)
+    for name, info in report.items():
+        assert isinstance(info["available"], bool) and isinstance(info["reason"], str), name
+        assert bool(info["reason"].strip()) != info["available"], f"{name}: {info}"
+        assert set(info["ops"]) <= set(PUBLIC_OPS), name
+    assert report["reference"]["available"] and set(report["reference"]["ops"]) == set(PUBLIC_OPS)
+    assert set(report["cpp"]["ops"]) == set(report["triton"]["ops"]) == set(PUBLIC_OPS)
+    assert "mixture_logpdf" not in report["cuda"]["ops"]  # on a GPU the dispatcher runs it on Triton
+    assert report["cuda"]["compiled"] == (_ext.CUDA is not None)
+    assert report["cpp"]["available"] == (_ext.CPU is not None)
+    if not GPU:
+        assert not report["cuda"]["available"]
+    if report["cuda"]["available"]:
+        assert report["cuda"]["compiled"]
+
+
+@pytest.mark.parametrize("name", list(backend_params()))
+def test_set_backend(name):
+    """An available backend can be selected, and "auto" selected back."""
+    dirfast.set_backend(name)
+    assert dirfast.get_backend() == name
+    dirfast.set_backend("auto")
+    assert dirfast.get_backend() == "auto"
+
+
+def test_use_backend_nests_and_restores():
+    """use_backend restores the selection it found, also when its block raises, and nests."""
+    assert dirfast.get_backend() == "auto"
+    with dirfast.use_backend("reference") as selected:
+        assert selected == "reference" and dirfast.get_backend() == "reference"
+        with dirfast.use_backend("auto"):
+            assert dirfast.get_backend() == "auto"
+        assert dirfast.get_backend() == "reference"
+    assert dirfast.get_backend() == "auto"
+    with pytest.raises(KeyError):
+        with dirfast.use_backend("reference"):
+            raise KeyError("boom")
+    assert dirfast.get_backend() == "auto", "restored after an exception"
+    dirfast.set_backend("reference")
+    with dirfast.use_backend("auto"):
+        pass
+    assert dirfast.get_backend() == "reference", "restores the previous selection, not the default"
+
+
+def test_selection_is_local_to_the_thread():
+    """A selection in one thread does not switch the ops of another, and a new thread starts at
+    "auto" whatever the thread that started it selected."""
+    seen, inside, release = {}, threading.Event(), threading.Event()
+
+    def worker():
+        seen["worker start"] = dirfast.get_backend()
+        with dirfast.use_backend("reference"):
+            inside.set()
+            release.wait(10)
+            seen["worker"] = dirfast.get_backend()
+
+    thread = threading.Thread(target=worker)
+    dirfast.set_backend("reference")
+    thread.start()
+    inside.wait(10)
+    dirfast.set_backend("auto")
+    seen["main"] = dirfast.get_backend()
+    release.set()
+    thread.join()
+    assert seen == {"worker start": "auto", "main": "auto", "worker": "reference"}
+
+
+def _op_calls():
+    """One call of each public op on small CPU inputs (calibrate_ on a copy)."""
+    x, idx = rand_features(12, 3, seed=1), rand_bins(12, 4, seed=2)
+    stats = calibration_stats(4, 3, torch.float32)
+    w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum")
+    mixture = mixture_inputs((7,), 3, torch.float32, "cpu", seed=3)
+    return {"bin_stats": lambda: dirfast.ops.bin_stats(x, idx, 4),
+            "smooth_bins": lambda: dirfast.ops.smooth_bins(stats[0], w),
+            "calibrate": lambda: dirfast.ops.calibrate(x, idx, *stats),
+            "calibrate_": lambda: dirfast.ops.calibrate_(x.clone(), idx, *stats),
+            "mixture_logpdf": lambda: dirfast.ops.mixture_logpdf(*mixture)}
+
+
+@pytest.fixture
+def spies(monkeypatch):
+    """Replace every op's reference and Triton entry (what the "reference" and "triton" backends
+    call) by a recording wrapper; returns the record of (backend, op) calls."""
+    calls = []
+
+    def spy(backend, name, fn):
+        def recorded(*args, **kwargs):
+            calls.append((backend, name))
+            return fn(*args, **kwargs)
+        return recorded
+
+    for name, op in list(OPS.items()):
+        triton = spy("triton", name, op.triton) if op.triton is not None else None
+        monkeypatch.setitem(OPS, name, op._replace(reference=spy("reference", name, op.reference), triton=triton))
+    return calls
+
+
+@pytest.mark.parametrize("backend, device", [p for p in backend_device_params() if p.values[1] == "cpu"])
+def test_each_backend_runs_its_own_kernels(backend, device, spies):
+    """"reference" and "triton" call the op's own function (and nothing else); "auto" and "cpp"
+    go through torch's dispatcher (the kernels registered with it), calling neither."""
+    for name, call in _op_calls().items():
+        spies.clear()
+        on(backend, call)
+        assert spies == ([(backend, name)] if backend in ("reference", "triton") else []), name
+
+
+@pytest.mark.skipif(not backend_available("cuda"), reason=f"cuda: {dirfast.backends()['cuda']['reason']}")
+def test_cuda_backend_checks_device_and_op():
+    """The compiled-kernel overrides run only on their device, and "cuda" only the ops it has."""
+    x = torch.randn(3, device="cuda")
+    with pytest.raises(RuntimeError, match="no kernel for mixture_logpdf"):
+        on("cuda", dirfast.ops.mixture_logpdf, x, x, x.abs() + 1, x)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        on("cuda", dirfast.ops.smooth_bins, x.cpu(), x.cpu())
+
+
+@pytest.mark.skipif(not backend_available("cpp"), reason=f"cpp: {dirfast.backends()['cpp']['reason']}")
+def test_cpp_backend_runs_on_cpu_tensors_only():
+    """The "cpp" override refuses tensors of another device instead of running another kernel."""
+    x = torch.ones(3, 2, device="meta")
+    with pytest.raises(RuntimeError, match="CPU tensors"):
+        on("cpp", dirfast.ops.smooth_bins, x, torch.ones(3, device="meta"))
+
+
+def _registered_at(op, key: str) -> str:
+    """Where torch's dispatcher has ``op``'s kernel for ``key`` from ("" when it has none)."""
+    for line in torch._C._dispatch_dump(op.qualname).splitlines():
+        if line.startswith(f"{key}: registered at "):
+            return line
+    return ""
+
+
+def test_the_dispatcher_runs_the_compiled_kernels():
+    """torch.library is the one dispatcher: every op's reference is its composite kernel; on CPU
+    the C++ kernels are registered for every op when dirfast._C is built; on CUDA every op has a
+    kernel: the compiled one where dirfast._C_cuda has it, else the op's Triton entry."""
+    for name, op in OPS.items():
+        assert op.has_kernel("CompositeExplicitAutograd"), name
+        assert op.has_kernel("CPU") == (_ext.CPU is not None), name
+        if _ext.CPU is not None:
+            assert "csrc" in _registered_at(op, "CPU"), _registered_at(op, "CPU")
+        assert op.has_kernel("CUDA") and op.triton is not None, name
+        from_triton = os.path.join("dirfast", "ops", "_common.py") in _registered_at(op, "CUDA")
+        assert from_triton == (_ext.CUDA is None or name not in _dispatch.CUDA_OPS), _registered_at(op, "CUDA")
+
+
+# =========================================================================== without optional parts
+def test_import_without_the_extension():
+    """A dirfast._C that cannot be imported (never built): dirfast imports, cpp and cuda say why
+    they are unavailable, the ops run on the reference (registered for every device, with no
+    CPU kernel), torch.library.opcheck passes on each, and CUDA is never initialised."""
+    result = _run_python("""
+        import sys, json
+        sys.modules["dirfast._C"] = None  # 'import dirfast._C' now fails
+        import torch, dirfast
+        from dirfast.ops._common import OPS
+        result = {"backends": dirfast.backends(), "cpu": [n for n, op in OPS.items() if op.has_kernel("CPU")]}
+        x = torch.arange(12.0).reshape(6, 2)
+        idx = torch.tensor([0, 0, 1, 2, -1, 2])
+        count, mean, var = dirfast.ops.bin_stats(x, idx, 3)
+        result["count"], result["mean"] = count.tolist(), mean.tolist()
+        import test_backends
+        test_backends.opcheck_every_op("cpu")
+        result["cuda_initialized"] = torch.cuda.is_initialized()
+        print(json.dumps(result))
+    """)
+    for name in ("cpp", "cuda"):
+        assert not result["backends"][name]["available"] and result["backends"][name]["reason"], name
+    assert "dirfast._C is not built" in result["backends"]["cpp"]["reason"]
+    assert result["backends"]["reference"]["available"] and result["cpu"] == []
+    assert result["count"] == [2, 1, 2] and result["mean"] == [[1.0, 2.0], [4.0, 5.0], [8.0, 9.0]]
+    assert not result["cuda_initialized"]
+
+
+def test_import_without_triton():
+    """Triton missing: dirfast imports, the triton backend says why, the ops run; a Triton older
+    than dirfast needs is reported as such."""
+    result = _run_python("""
+        import sys, json, types
+        sys.modules["triton"] = None  # 'import triton' now fails
+        import torch, dirfast
+        result = {"backends": dirfast.backends()}
+        _, mean, _ = dirfast.ops.bin_stats(torch.ones(4, 2), torch.zeros(4, dtype=torch.long), 1)
+        result["mean"] = mean.tolist()
+        sys.modules["triton"] = types.SimpleNamespace(__version__="3.5.1")
+        import dirfast.triton
+        result["old"] = dirfast.triton.unavailable_reason()
+        print(json.dumps(result))
+    """)
+    triton = result["backends"]["triton"]
+    assert not triton["available"] and "triton is not importable" in triton["reason"]
+    assert result["backends"]["reference"]["available"] and result["mean"] == [[1.0, 1.0]]
+    from dirfast.triton import MIN_TRITON
+
+    assert "3.5.1 is too old" in result["old"] and MIN_TRITON in result["old"]
+
+
+# =========================================================================== opcheck, compile
+def opcheck_every_op(device: str) -> None:
+    """torch.library.opcheck (schema, fake kernel, autograd registration, aliasing) of every
+    ``dirfast::`` op as registered for ``device``, on rows, dense float64 and channels-last inputs,
+    int64 and int32 indices, both bin_stats modes, every padding, and 16-bit predictions."""
+    ops = torch.ops.dirfast
+    g = gen(40)
+    cases = [(torch.randn(23, 3, generator=g), torch.randint(-1, 5, (23,), generator=g)),
+             (torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64), torch.randint(-1, 5, (2, 4, 5), generator=g)),
+             (torch.randn(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last),
+              torch.randint(-1, 5, (2, 4, 5), generator=g, dtype=torch.int32))]
+    for i, (x, idx) in enumerate(cases):
+        x, idx = x.to(device), idx.to(device)
+        for det in (False, True) if i == 0 else (False,):
+            torch.library.opcheck(ops.bin_stats.default, (x, idx, 5, det))
+        stats = calibration_stats(5, 3, torch.float64 if x.dtype == torch.float64 else torch.float32, device)
+        for requires_grad in (False, True):
+            torch.library.opcheck(ops.calibrate.default, (x.clone().requires_grad_(requires_grad), idx, *stats, 0.1, 10.0))
+        torch.library.opcheck(ops.calibrate_.default, (x.clone(), idx, *stats, 0.1, 10.0))
+    w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum").to(device)
+    for stats in (torch.randn(7, 3, device=device), torch.randn(9, dtype=torch.float64, device=device)):
+        for padding in PADDINGS if stats.dim() == 2 else PADDINGS[:1]:
+            torch.library.opcheck(ops.smooth_bins.default, (stats, w.to(stats.dtype), padding))
+    for shape, dtype in (((11,), torch.float32), ((2, 1, 3, 4), torch.float64), ((5, 3), torch.float16)):
+        x, m, v, lw = mixture_inputs(shape, 6, dtype, device, seed=43)
+        torch.library.opcheck(ops.mixture_logpdf.default, (x.requires_grad_(), m, v, lw))
+        out = ops.mixture_logpdf(x.detach(), m, v, lw)
+        torch.library.opcheck(ops.mixture_logpdf_backward.default, (torch.ones_like(out), x.detach(), out, m, v, lw))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    """Every op as the dispatcher runs it on this device (the C++ or CUDA kernels, or Triton on
+    a GPU without them); the composite reference is checked in test_import_without_the_extension,
+    and the Triton functions against the reference in each op's tests."""
+    opcheck_every_op(device)
+
+
+COMPILE_CASES = [p for p in backend_device_params() if p.values[0] in ("auto", "cpp", "cuda")]
+
+
+@pytest.mark.parametrize("backend, device", COMPILE_CASES)
+def test_compile_fullgraph_fds_step(backend, device):
+    """The fake kernels let torch.compile(fullgraph=True) trace a whole FDS step through the
+    dispatcher, in-place calibration and the backward included, with the results of eager."""
+    x = rand_features(20, 3, seed=41, device=device)
+    idx = rand_bins(20, 5, seed=42, device=device)
+    w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum").float().to(device)
+
+    def step(x, idx):
+        count, mean, var = dirfast.ops.bin_stats(x.detach(), idx, 5)
+        m2, v2 = dirfast.ops.smooth_bins(mean, w), dirfast.ops.smooth_bins(var, w)
+        y = x * 2.0
+        dirfast.ops.calibrate_(y, idx, mean, var, m2, v2)
+        return count, dirfast.ops.calibrate(x, idx, mean, var, m2, v2), y
+
+    results = []
+    with dirfast.use_backend(backend):
+        for fn in (torch.compile(step, backend="aot_eager", fullgraph=True), step):
+            leaf = x.clone().requires_grad_()
+            count, out, y = fn(leaf, idx)
+            (out * out).sum().backward(retain_graph=True)
+            (y * y).sum().backward()
+            results.append((count, out.detach(), y.detach(), leaf.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend, device", [p for p in COMPILE_CASES if p.values[0] != "cuda"])
+def test_compile_fullgraph_mixture_term(backend, device):
+    """Balanced MSE's balancing term, forward and backward, traced whole by torch.compile through
+    the dispatcher, with the loss and gradients of eager."""
+    x, m, v, lw = mixture_inputs((2, 1, 4, 5), 8, torch.float32, device, seed=44)
+    noise = torch.tensor(0.5, device=device)
+
+    def step(x, noise):
+        return dirfast.ops.mixture_logpdf(x, m, v + noise, lw).mean()
+
+    results = []
+    with dirfast.use_backend(backend):
+        for fn in (torch.compile(step, backend="aot_eager", fullgraph=True), step):
+            xs, ns = x.clone().requires_grad_(), noise.clone().requires_grad_()
+            loss = fn(xs, ns)
+            loss.backward()
+            results.append((loss.detach(), xs.grad, ns.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+@needs_gpu
+def test_compile_inductor_on_gpu():
+    """torch.compile's default compiler on a GPU, the dirfast op between two of its kernels."""
+    x = torch.randn(512, 64, device="cuda")
+    idx = torch.randint(0, 10, (512,), device="cuda")
+    stats = calibration_stats(10, 64, torch.float32, "cuda")
+
+    def step(x):
+        return torch.relu(dirfast.ops.calibrate(x * 2, idx, *stats))
+
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(x), step(x))
+
+
+# =========================================================================== backward on the forward's backend
+BACKWARD_OPS = {"calibrate": "calibrate", "calibrate_": "calibrate", "mixture_logpdf": "mixture_logpdf_backward"}
+
+
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] in ("reference", "triton")])
+@pytest.mark.parametrize("op", list(BACKWARD_OPS))
+def test_backward_runs_on_the_forward_backend(op, backend, spies):
+    """A differentiable op's backward (calibrate_'s in-place one included) runs on the backend of
+    its forward, whatever is selected by then, with the gradient of the dispatcher's path; and a
+    forward through the dispatcher keeps its backward there."""
+    device = "cuda" if backend == "triton" and GPU else "cpu"
+    if op == "mixture_logpdf":
+        x, *tables = mixture_inputs((9,), 4, torch.float32, device, seed=45)
+    else:
+        x, tables = rand_features(9, 3, seed=45, device=device), (rand_bins(9, 4, seed=46, device=device),
+                                                                   *calibration_stats(4, 3, torch.float32, device))
+
+    def forward(leaf):
+        return getattr(dirfast.ops, op)(leaf * 1.0 if op == "calibrate_" else leaf, *tables)
+
+    grads = []
+    for selected in (backend, "auto"):
+        leaf = x.clone().requires_grad_()
+        with dirfast.use_backend(selected):
+            out = forward(leaf)
+        spies.clear()
+        with dirfast.use_backend("reference" if selected == "auto" else "auto"):
+            out.sum().backward()
+        assert spies == ([(backend, BACKWARD_OPS[op])] if selected == backend else []), selected
+        grads.append(leaf.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# =========================================================================== the CPU kernels' bits
+@pytest.mark.skipif(not backend_available("cpp"), reason=f"cpp: {dirfast.backends()['cpp']['reason']}")
+def test_cpu_kernels_give_the_same_bits_for_any_thread_count():
+    """bin_stats, smooth_bins, calibrate and mixture_logpdf (forward and backward) on rows, dense
+    maps and float16 give the same bits with 1, 2 or 3 threads: chunks merge in a fixed order."""
+    g = gen(12)
+    rows = torch.randn(70001, 24, generator=g) * 3 + 100
+    rows_idx = torch.randint(-1, 98, (70001,), generator=g)
+    dense = torch.randn(3, 16, 97, 101, generator=g)
+    dense_idx = torch.randint(-1, 98, (3, 97, 101), generator=g)
+    w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum")
+    ops = torch.ops.dirfast
+
+    def run():
+        out = []
+        for x, idx in ((rows, rows_idx), (dense, dense_idx), (rows.half(), rows_idx.int())):
+            count, mean, var = ops.bin_stats(x, idx, 97)
+            m2, v2 = ops.smooth_bins(mean, w, "reflect"), ops.smooth_bins(var, w, "reflect")
+            out += [count, mean, var, m2, v2, ops.calibrate(x, idx, mean, var, m2, v2, 0.1, 10.0)]
+        y, tables = rows[:, 0] / 30, (mean[:, 0] / 30, var[:, 0] / 900 + 0.1, torch.zeros(97))
+        density = ops.mixture_logpdf(y, *tables)
+        return out + [density, *ops.mixture_logpdf_backward(torch.ones_like(y), y, density, *tables)]
+
+    results = []
+    for threads in (1, 2, 3, 2):
+        with num_threads(threads):
+            results.append(run())
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            same_bits(a, b)
+
+
+# =========================================================================== imports
+def _dirfast_imports() -> dict:
+    """{module: {(imported module, imported name or None)}} from the source of every module of
+    the package, module-level and deferred imports alike."""
+    root = pathlib.Path(dirfast.__file__).parent
+    modules = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if parts[-1] == "__init__" else name.rsplit(".", 1)[0]
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                edges |= {(alias.name, None) for alias in node.names if alias.name.startswith("dirfast")}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    base = ".".join(anchor[:len(anchor) - node.level + 1] + ([base] if base else []))
+                if base.startswith("dirfast"):
+                    edges |= {(base, alias.name) for alias in node.names}
+            elif isinstance(node, ast.Attribute) and node.attr == "import_module":
+                edges.add(("importlib", "import_module"))
+        modules[name] = edges
+    return modules
+
+
+# The layers, from the top: the public API, the ops (and the loader of their compiled kernels),
+# the kernels. What every op and kernel shares (the accumulation-dtype rule) is dirfast.ops._common.
+SHARED = "dirfast.ops._common"
+
+
+def _layer(module: str) -> int:
+    if module.startswith(("dirfast.triton", "dirfast._C")):
+        return 2
+    return 1 if module.startswith("dirfast.ops") or module == "dirfast._ext" else 0
+
+
+def test_imports_point_one_way():
+    """Public API -> ops -> kernels: no module imports from a layer above its own (the kernels
+    may use the ops' shared dirfast.ops._common), none imports a private module or name of
+    another package, only the loader of the compiled kernels (dirfast._ext) imports by name, and
+    there is no import cycle, deferred imports included."""
+    modules = _dirfast_imports()
+
+    def target(base, name):
+        """The module an import binds: base.name when that is a module, else base."""
+        if name and f"{base}.{name}" in modules:
+            return f"{base}.{name}"
+        package = importlib.import_module(base)
+        if name and hasattr(package, "__path__") and importlib.util.find_spec(f"{base}.{name}") is not None:
+            return f"{base}.{name}"
+        return base
+
+    graph, problems = {}, []
+    for module, edges in sorted(modules.items()):
+        package = module if hasattr(importlib.import_module(module), "__path__") else module.rsplit(".", 1)[0]
+        graph[module] = set()
+        for base, name in sorted(edges, key=str):
+            if base == "importlib":
+                if module != "dirfast._ext":
+                    problems.append(f"{module} imports a module by name")
+                continue
+            imported = target(base, name)
+            graph[module].add(imported)
+            if _layer(imported) < _layer(module) and not (imported == SHARED and _layer(module) == 2):
+                problems.append(f"{module} (layer {_layer(module)}) imports {imported} (layer {_layer(imported)})")
+            parts = imported.split(".")
+            for i, part in enumerate(parts):  # a private module belongs to the package above it
+                owner = ".".join(parts[:i])
+                if part.startswith("_") and not (module == owner or module.startswith(owner + ".")) \
+                        and imported != SHARED:
+                    problems.append(f"{module} imports {imported}, private to {owner}")
+            if name and name.startswith("_") and imported == base and base.rsplit(".", 1)[0] != package:
+                problems.append(f"{module} imports the private {name} of {base}")
+    visiting, done = [], set()
+
+    def visit(module):
+        if module in done or module not in graph:
+            return
+        if module in visiting:
+            problems.append("import cycle: " + " -> ".join(visiting[visiting.index(module):] + [module]))
+            return
+        visiting.append(module)
+        for other in sorted(graph[module] - {module}):
+            visit(other)
+        visiting.pop()
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module)
+    assert not problems, "\n".join(problems)
+
+
+# =========================================================================== Triton compiled for a GPU
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_every_triton_kernel_compiles_for_sm90_within_its_limits(tmp_path):
+    """tests/triton_compile.py: every Triton kernel, at the launch sizes the ops choose on a GPU
+    (which the interpreter runs never use), compiled -- not run -- for sm_90 by the installed
+    Triton, in every dtype and strategy: it must compile, and fit one H100/H200 block (227 KiB of
+    shared memory, 255 registers, no spills in the mixture kernels, whose tiles are sized not to
+    spill)."""
+    out = tmp_path / "compiled.json"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, os.path.join(TESTS, "triton_compile.py"), "--json", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    compiled = {(row["case"].split()[0], row["kernel"]) for row in rows}
+    expected = {("bin_stats", name) for name in ("_hist_kernel", "_scan_kernel", "_scatter_kernel", "_csr_kernel",
+                                                 "_direct_kernel", "_finalize_kernel")}
+    expected |= {("calibrate", "_tables_kernel"), ("calibrate", "_apply_kernel"), ("smooth_bins", "_smooth_kernel"),
+                 ("mixture_logpdf", "_forward_kernel"), ("mixture_logpdf_backward", "_backward_kernel")}
+    assert compiled == expected
+    for row in rows:
+        assert row["shared_bytes"] <= 227 * 1024, row
+        if row.get("registers") is not None:  # ptxas comes with Triton's NVIDIA backend
+            assert row["registers"] <= 255, row
+            if row["case"].startswith("mixture_logpdf"):
+                assert row["spill_bytes"] == 0, row
+
+
+# =========================================================================== the CUDA build
+def _nvcc_found() -> bool:
+    homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    return shutil.which("nvcc") is not None or any(h and os.path.exists(os.path.join(h, "bin", "nvcc")) for h in homes)
+
+
+def test_cuda_kernels_built_when_torch_has_cuda():
+    """A build with a compiler, for a torch with CUDA, on a machine with nvcc, has the CUDA
+    kernels and loads them (on a CPU-only torch, a CPU-only build is right)."""
+    if _ext.CPU is None or torch.version.cuda is None or not _nvcc_found():
+        pytest.skip("a CPU-only build is right here (no compiled extension, a torch without CUDA, or no nvcc)")
+    assert _ext.CUDA is not None, _ext.CUDA_REASON
+    assert dirfast.backends()["cuda"]["compiled"]
+
+
+def fatbinaries(path):
+    """The device code linked into a shared library: one list of (kind, sm) per fat binary in
+    it, kind "cubin" (machine code) or "ptx". Reads nvcc's fat-binary container directly (a
+    16-byte header -- magic 0xBA55ED50, version, header size, payload size -- then entries of
+    kind, header size and payload size, the architecture at byte 28), so no CUDA tool is needed."""
+    data = open(path, "rb").read()
+    magic = struct.pack("<I", 0xBA55ED50)
+    binaries, position = [], data.find(magic)
+    while position >= 0:
+        _, _, header, size = struct.unpack_from("<IHHQ", data, position)
+        entries, entry, end = [], position + header, position + header + size
+        while entry < end:
+            kind, _, entry_header, entry_size = struct.unpack_from("<HHIQ", data, entry)
+            arch = struct.unpack_from("<I", data, entry + 28)[0]
+            entries.append(({1: "ptx", 2: "cubin"}.get(kind, str(kind)), arch))
+            entry += entry_header + entry_size
+        binaries.append(entries)
+        position = data.find(magic, max(end, position + 4))
+    return binaries
+
+
+@pytest.mark.skipif(_ext.CUDA is None, reason=f"dirfast._C_cuda: {_ext.CUDA_REASON}")
+def test_cuda_extension_holds_sm80_sm90_and_ptx_of_every_source():
+    """dirfast._C_cuda carries machine code for sm_80 and sm_90 and PTX for later GPUs, from
+    every CUDA source."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        pytest.skip("TORCH_CUDA_ARCH_LIST chose other architectures")
+    sources = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
+    if not sources:
+        pytest.skip("no CUDA sources next to this dirfast (an installed wheel)")
+    binaries = fatbinaries(_ext.CUDA.__file__)
+    assert len(binaries) == len(sources), binaries
+    for entries in binaries:
+        assert {("cubin", 80), ("cubin", 90), ("ptx", 90)} <= set(entries), entries
+
+
+@pytest.mark.skipif(GPU or _ext.CUDA is None, reason="checks the report of compiled CUDA kernels without a GPU")
+def test_without_a_gpu_cuda_is_compiled_not_available():
+    """Compiled CUDA kernels on a machine without a GPU: reported compiled, not available, and why."""
+    report = dirfast.backends()["cuda"]
+    assert report["compiled"] and not report["available"] and "GPU" in report["reason"]
+
+
+# =========================================================================== CUDA graphs (GPU)
+@needs_gpu
+@pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] in ("cuda", "triton")] + ["auto"])
+def test_fds_step_replays_from_a_cuda_graph(backend):
+    """bin_stats, smooth_bins and calibrate launch nothing that waits on the host: a whole
+    FDS-style step (forward and backward) is captured in a CUDA graph, replayed, and gives the
+    output and gradient of the same step run eagerly."""
+    g = gen(51)
+    x = torch.randn(256, 64, generator=g).cuda().requires_grad_(True)
+    idx = torch.randint(0, 20, (256,), generator=g).cuda()
+    w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum").float().cuda()
+
+    def step():
+        count, mean, var = dirfast.ops.bin_stats(x.detach(), idx, 20)
+        m2, v2 = dirfast.ops.smooth_bins(mean, w), dirfast.ops.smooth_bins(var, w)
+        out = dirfast.ops.calibrate(x, idx, mean, var, m2, v2)
+        out.sum().backward()
+        return out
+
+    with dirfast.use_backend(backend):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile / load the kernels before the capture
+                x.grad = None
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        x.grad = None
+        expected, expected_grad = step().detach().clone(), x.grad.clone()
+        x.grad = None
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, expected_grad)
