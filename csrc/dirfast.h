@@ -150,7 +150,7 @@ inline Tensor empty_sized_like(const Tensor& like, ScalarType dtype) {
 
 // t in `dtype` and contiguous (t itself when it already is both).
 inline Tensor contiguous_as(const Tensor& t, ScalarType dtype) {
-  return contiguous_as(t, dtype);
+  return torch::stable::contiguous(torch::stable::to(t, dtype));
 }
 
 // A tensor with the strides of torch.empty_like(like) (a fake kernel's), written by write(out)
