@@ -15,8 +15,7 @@
 
 namespace dirfast {
 
-// The padding modes, numbered as in dirfast.ops.smooth_bins.PADDINGS (the Triton kernel's
-// numbers); kPaddingNames[mode] is the name the op's `padding` argument takes.
+// The padding modes, numbered as in dirfast.ops._common.PADDINGS (the Triton kernel's numbers); kPaddingNames[mode] is the name the op's `padding` argument takes.
 enum class Padding : int { kReflect = 0, kReplicate = 1, kConstant = 2, kSymmetric = 3 };
 constexpr const char* kPaddingNames[] = {"reflect", "replicate", "constant", "symmetric"};
 constexpr int kNumPaddings = 4;

@@ -17,6 +17,11 @@ NAMESPACE = "dirfast"
 LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 
+# The padding modes of smooth_bins; a mode's number (its index here) is what its kernels receive
+# (src/smooth.h numbers them the same).
+PADDINGS = ("reflect", "replicate", "constant", "symmetric")
+
+
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype every op accumulates in: float64 when any of ``dtypes`` is float64, else float32
     (float16 and bfloat16 are computed in float32). The C++ kernels apply the same rule."""

@@ -129,13 +129,16 @@ def _fake_backward(grad, x, out, means, variances, log_weights):
 def _triton(x, means, variances, log_weights):
     from ..triton import mixture_logpdf as kernels
 
-    return kernels.mixture_logpdf(x, means, variances, log_weights)
+    acc = _common.acc_dtype(x.dtype, means.dtype, variances.dtype, log_weights.dtype)
+    return kernels.mixture_logpdf(x, *components(means, variances, log_weights, acc))
 
 
 def _triton_backward(grad, x, out, means, variances, log_weights):
     from ..triton import mixture_logpdf as kernels
 
-    return kernels.mixture_logpdf_backward(grad, x, out, means, variances, log_weights)
+    grad_x, grad_m, grad_v, grad_w = kernels.mixture_logpdf_backward(
+        grad, x, out, *components(means, variances, log_weights, out.dtype))
+    return grad_x, grad_m.to(means.dtype), grad_v.to(variances.dtype), grad_w.to(log_weights.dtype)
 
 
 _common.define(SCHEMA, reference, _fake, _triton)

@@ -9,11 +9,9 @@ from __future__ import annotations
 import torch
 
 from . import _checks, _common, _dispatch
+from ._common import PADDINGS
 
 SCHEMA = 'smooth_bins(Tensor stats, Tensor window, str padding="reflect") -> Tensor'
-
-# The padding modes; a mode's number (its index here) is what the kernels receive (src/smooth.h).
-PADDINGS = ("reflect", "replicate", "constant", "symmetric")
 
 
 def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "reflect") -> torch.Tensor:

@@ -2,9 +2,10 @@
 element, and its backward.
 
 A program takes BLOCK elements and walks the K components BLOCK_K at a time with a running
-maximum (an online log-sum-exp), so nothing of size N x K exists. The components come as
-:func:`dirfast.ops.mixture_logpdf.components` gives them (``m``, ``s = 1 / sqrt(v)``, ``c``, NaN
-for an invalid one), with the same non-finite rules as every backend. The backward recomputes
+maximum (an online log-sum-exp), so nothing of size N x K exists. The components come in the
+arithmetic dtype as ``dirfast.ops.mixture_logpdf.components`` gives them (``m``,
+``s = 1 / sqrt(v)``, ``c``, NaN for an invalid one), so every backend has the same non-finite
+rules. The backward recomputes
 each element's responsibilities from the saved output; the components' gradients are summed per
 program into a [programs, 3, K] buffer that a final sum reduces in a fixed order (no float
 atomics: the same bits on every run). No host synchronisation: CUDA-graph capturable.
@@ -16,8 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import acc_dtype
-from ..ops.mixture_logpdf import components
 from . import _common
 
 
@@ -31,7 +30,8 @@ def _terms(x, m_ptr, s_ptr, c_ptr, k0, K, BLOCK_K: tl.constexpr):
     s = tl.load(s_ptr + kk, mask=live, other=0.0)
     c = tl.load(c_ptr + kk, mask=live, other=float("-inf"))
     z = (x[:, None] - m[None, :]) * s[None, :]
-    return c[None, :] - 0.5 * z * z, z, s, kk, live
+    t = tl.where(live[None, :], c[None, :] - 0.5 * z * z, float("-inf"))  # no NaN from a padding lane
+    return t, z, s, kk, live
 
 
 @triton.jit
@@ -80,10 +80,6 @@ def _backward_kernel(grad_ptr, x_ptr, out_ptr, m_ptr, s_ptr, c_ptr, grad_x_ptr, 
     tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=rows)
 
 
-def _components(means, variances, log_weights, acc):
-    return tuple(t.contiguous() for t in components(means, variances, log_weights, acc))
-
-
 def _sizes(k: int, acc: torch.dtype):
     """(BLOCK elements, BLOCK_K components, warps): tiles of 2,048 terms (1,024 in float64), which
     compile for sm_90 without register spills (tests/triton_compile.py checks it)."""
@@ -92,16 +88,16 @@ def _sizes(k: int, acc: torch.dtype):
     return (256 if acc == torch.float32 else 128), min(_common.next_pow2(k), 8), 4
 
 
-def mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
-                   log_weights: torch.Tensor) -> torch.Tensor:
-    """:func:`dirfast.ops.mixture_logpdf` in one Triton kernel (see the module docstring)."""
+def mixture_logpdf(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """:func:`dirfast.ops.mixture_logpdf` in one Triton kernel, from the components ``m``, ``s``,
+    ``c`` in the arithmetic dtype (see the module docstring)."""
     _common.check_device(x, "mixture_logpdf")
-    acc = acc_dtype(x.dtype, means.dtype, variances.dtype, log_weights.dtype)
+    acc = m.dtype
     out = torch.empty(x.shape, dtype=acc, device=x.device)
     n = x.numel()
     if n == 0:
         return out
-    m, s, c = _components(means, variances, log_weights, acc)
+    m, s, c = m.contiguous(), s.contiguous(), c.contiguous()
     block, block_k, warps = _sizes(m.numel(), acc)
     with _common.device_guard(x):
         _forward_kernel[(_common.cdiv(n, block),)](x.contiguous(), m, s, c, out, n, m.numel(), ACC=_common.tl_acc(acc),
@@ -109,13 +105,14 @@ def mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor
     return out
 
 
-def mixture_logpdf_backward(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor, means: torch.Tensor,
-                            variances: torch.Tensor, log_weights: torch.Tensor):
-    """The gradients of :func:`mixture_logpdf` in its four inputs."""
+def mixture_logpdf_backward(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor, m: torch.Tensor,
+                            s: torch.Tensor, c: torch.Tensor):
+    """The gradients of :func:`mixture_logpdf` in x (its dtype) and in the means, variances and
+    log-weights (the arithmetic dtype)."""
     _common.check_device(x, "mixture_logpdf_backward")
     acc = out.dtype
-    k, n = means.numel(), x.numel()
-    m, s, c = _components(means, variances, log_weights, acc)
+    k, n = m.numel(), x.numel()
+    m, s, c = m.contiguous(), s.contiguous(), c.contiguous()
     block, block_k, warps = _sizes(k, acc)
     programs = _common.cdiv(n, block)
     grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -126,5 +123,4 @@ def mixture_logpdf_backward(grad: torch.Tensor, x: torch.Tensor, out: torch.Tens
                                           grad_x, parts, n, k, ACC=_common.tl_acc(acc), BLOCK=block, BLOCK_K=block_k,
                                           num_warps=warps)
     totals = parts.sum(0)  # separate copies: an op's outputs may not alias one another
-    return (grad_x, totals[0].to(means.dtype, copy=True), totals[1].to(variances.dtype, copy=True),
-            totals[2].to(log_weights.dtype, copy=True))
+    return grad_x, totals[0].clone(), totals[1].clone(), totals[2].clone()

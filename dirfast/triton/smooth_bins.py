@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.smooth_bins import PADDINGS
+from ..ops._common import PADDINGS
 from . import _common
 
 # The padding numbers of the kernel (constexpr: Triton kernels read module globals only as such).
