@@ -195,3 +195,13 @@ def test_lds_state_dict_round_trip(reweight, tmp_path):
     est.update(labels[:100])
     assert not torch.equal(other.empirical, est.empirical)
 
+
+def test_load_refuses_a_state_fitted_on_nothing():
+    """All-zero counts marked fitted made diagnostics() NaN: such a state is refused, and the
+    LDS keeps its fit."""
+    est = dirfast.LDS(dirfast.Binning.integer(121)).fit(age_labels(300, seed=14))
+    before = est.state_dict()
+    with pytest.raises(ValueError, match="are all 0"):
+        est.load_state_dict(dict(before, counts=torch.zeros(121, dtype=torch.float64)))
+    assert torch.equal(est.empirical, before["counts"])
+    assert all(torch.isfinite(column).all() for column in est.diagnostics().values())
