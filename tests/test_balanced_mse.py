@@ -337,6 +337,15 @@ def test_from_dict_asks_for_the_covariance_type_when_the_shape_does_not_tell():
         GaussianMixture.from_dict(gmm, covariance_type="full")
 
 
+def test_mixture_weights_are_normalised():
+    """Weights that do not sum to 1 are normalised: the GAI loss does not shift by log(sum)."""
+    gmm = mixture(3, 1, seed=32)
+    scaled = dict(gmm, weights=gmm["weights"] * 7)
+    torch.testing.assert_close(GaussianMixture.from_dict(scaled).weights, gmm["weights"])
+    pred, target = batch((24, 1), seed=33, device="cpu", dtype=torch.float64)
+    torch.testing.assert_close(gai_loss(pred, target, scaled, 0.5), gai_loss(pred, target, gmm, 0.5))
+
+
 def test_fit_gmm_of_equal_labels():
     """Equal labels are one occupied bin, whatever their magnitude (1.7e18 + 1 == 1.7e18 had
     made an empty range); with reg_covar=0 their variance is singular, which says so."""

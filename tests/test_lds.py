@@ -196,6 +196,31 @@ def test_lds_state_dict_round_trip(reweight, tmp_path):
     assert not torch.equal(other.empirical, est.empirical)
 
 
+def test_bins_the_fit_never_saw_weigh_as_the_sparsest_bin():
+    """Without smoothing, a bin with no training label has effective value 0: its labels get the
+    weight of the sparsest non-empty bin (not an infinite one, nor the densest bin's)."""
+    labels = torch.tensor([1.0] * 9 + [2.0] * 4 + [3.0])
+    for reweight in ("sqrt_inv", "inverse"):
+        est = dirfast.LDS(dirfast.Binning.integer(10), reweight=reweight, lds=False, inverse_clip=None).fit(labels)
+        weights = est.weights(torch.tensor([7.0, 3.0, 1.0]))
+        assert weights[0] == weights[1] and weights[1] > weights[2], reweight
+
+
+def test_state_dict_keeps_the_settings_of_the_fit():
+    """A state carries every setting its counts were smoothed with: a symmetric-padded LDS's
+    state does not load into a constant-padded one (its weights differ at the edges)."""
+    labels = age_labels(500, seed=13)
+    symmetric = dirfast.LDS(dirfast.Binning.integer(121), padding="symmetric").fit(labels)
+    state = symmetric.state_dict()
+    for key, value in (("padding", "symmetric"), ("bucket_start", 0), ("sigma", 2.0), ("reweight", "sqrt_inv")):
+        assert state[key] == value
+    constant = dirfast.LDS(dirfast.Binning.integer(121))
+    with pytest.raises(ValueError, match="padding"):
+        constant.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="fit"):  # still unfitted
+        constant.weights(labels)
+
+
 def test_load_refuses_a_state_fitted_on_nothing():
     """All-zero counts marked fitted made diagnostics() NaN: such a state is refused, and the
     LDS keeps its fit."""
