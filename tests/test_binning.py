@@ -1,4 +1,4 @@
-"""dirfast.Binning against the published label -> bin rules of each path (SPEC.md, Binning).
+"""dirfast.Binning against the published label -> bin rules of each path.
 
 ``precision="labels"`` is np.histogram on the labels as they are (the STS-B-DIR LDS weights,
 tasks.py); ``precision="float32"`` casts each label to float32 and compares it with float32

@@ -84,7 +84,7 @@ def test_lds_weights_device_and_shape(device):
 
 
 def test_lds_inverse_truncation_quirk():
-    """SPEC QUIRK: with 'inverse' the smoothed base is an int64 array, so scipy truncates each
+    """Published quirk: with 'inverse' the smoothed base is an int64 array, so scipy truncates each
     smoothed value toward zero; the published weights depend on it."""
     labels = np.array([3] * 10 + [4] * 7 + [6] * 20 + [8] * 3, dtype=np.float32)
     num_bins = 10
