@@ -204,7 +204,8 @@ class LDS(FittedEstimator):
         except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
             raise ValueError(f"state_dict 'counts' is not a tensor of numbers ({exc})") from None
         if counts.shape != (self._num_rows,):
-            raise ValueError(f"state_dict 'counts' has shape {tuple(counts.shape)}, this LDS expects ({self._num_rows},)")
+            raise ValueError(f"state_dict 'counts' has shape {tuple(counts.shape)}, this LDS expects "
+                             f"({self._num_rows},)")
         if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
             raise ValueError("state_dict 'counts' must be finite and non-negative")
         if fitted != bool(counts.sum() > 0):

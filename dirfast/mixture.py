@@ -159,7 +159,8 @@ def fit_gmm(labels, num_components: int = 8, *, max_iter: int = 100, tol: float 
     else:
         points, counts, spread = _histogram(values, num_bins)
     if counts.sum() < num_components:
-        raise ValueError(f"num_components ({num_components}) must not exceed the number of labels ({int(counts.sum())})")
+        raise ValueError(f"num_components ({num_components}) must not exceed the number of labels "
+                         f"({int(counts.sum())})")
     try:
         return _em(points, counts, spread, num_components, max_iter, tol, reg_covar)
     except torch.linalg.LinAlgError:
