@@ -20,7 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import _validate as validate
 from . import distributed, ops
+from .binning import GridBinning
 from .lds import LDS
 from .mixture import GaussianMixture, fit_gmm, log_component_densities
 
@@ -29,11 +31,8 @@ __all__ = ["bmc_loss", "bni_loss", "gai_loss", "BMCLoss", "BNILoss", "GAILoss"]
 
 # -- checks ------------------------------------------------------------------------------------
 def _pair(pred, target) -> None:
-    for name, value in (("pred", pred), ("target", target)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-        if not value.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    validate.floating("pred", pred)
+    validate.floating("target", target)
     if pred.shape != target.shape:
         raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
                          f"{tuple(target.shape)}")
@@ -43,27 +42,47 @@ def _pair(pred, target) -> None:
         raise ValueError("pred and target must not be empty")
 
 
+def _acc(pred: torch.Tensor) -> torch.dtype:
+    """The dtype the balancing terms are computed in: float64 for float64 predictions, else float32."""
+    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+
+
+def _variance_range(dtype: torch.dtype) -> tuple:
+    """The noise variances ``dtype`` computes a loss with: from sqrt(tiny) to sqrt(max), so that
+    the variance, its square and its products with errors of the dtype's range stay finite."""
+    info = torch.finfo(dtype)
+    return math.sqrt(info.tiny), math.sqrt(info.max)
+
+
 def _noise_var(noise_var, pred: torch.Tensor) -> torch.Tensor:
-    """A positive number or a one-element floating tensor (a learnable ``noise_sigma ** 2``); a
-    tensor's value is not read on the host, so it is not checked."""
+    """A positive number within :func:`_variance_range` of the dtype the loss of ``pred`` is
+    computed in, or a one-element floating tensor (a learnable ``noise_sigma ** 2``), whose value
+    is not read on the host, so not checked."""
     if isinstance(noise_var, torch.Tensor):
-        if noise_var.numel() != 1 or not noise_var.is_floating_point():
-            raise ValueError(f"noise_var must be a one-element floating tensor, got shape "
-                             f"{tuple(noise_var.shape)} and {noise_var.dtype}")
+        validate.floating("noise_var", noise_var)
+        if noise_var.numel() != 1:
+            raise ValueError(f"noise_var must be a number or a one-element tensor, got shape {tuple(noise_var.shape)}")
         if noise_var.device != pred.device:
             raise ValueError(f"noise_var is on {noise_var.device} but pred is on {pred.device} (move the loss "
                              f"module with .to(device))")
         return noise_var.reshape(())
-    if isinstance(noise_var, bool) or not isinstance(noise_var, (int, float, np.integer, np.floating)):
-        raise TypeError(f"noise_var must be a positive number or a tensor, got {type(noise_var).__name__}")
-    if not math.isfinite(noise_var) or noise_var <= 0:
-        raise ValueError(f"noise_var must be finite and > 0, got {noise_var!r}")
-    return torch.tensor(float(noise_var), dtype=_acc(pred), device=pred.device)
+    acc = _acc(pred)
+    value = validate.real("noise_var", noise_var)
+    low, high = _variance_range(acc)
+    if not low <= value <= high:
+        raise ValueError(f"noise_var must be in [{low:.3g}, {high:.3g}] for {pred.dtype} predictions (the loss is "
+                         f"computed in {acc}, which must hold it and its square), got {value!r}")
+    return torch.tensor(value, dtype=acc, device=pred.device)
 
 
-def _acc(pred: torch.Tensor) -> torch.dtype:
-    """The dtype the balancing terms are computed in: float64 for float64 predictions, else float32."""
-    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+def _noise_sigma(name: str, value, dtype: torch.dtype) -> float:
+    """A noise scale whose square, the noise variance, is within :func:`_variance_range` of ``dtype``."""
+    value = validate.real(name, value)
+    low, high = _variance_range(dtype)
+    if not math.sqrt(low) <= value <= math.sqrt(high):
+        raise ValueError(f"{name} must be in [{math.sqrt(low):.3g}, {math.sqrt(high):.3g}]: its square, the noise "
+                         f"variance, must be in [{low:.3g}, {high:.3g}] for {dtype}; got {value!r}")
+    return value
 
 
 def _rows(name: str, pred: torch.Tensor) -> torch.Tensor:
@@ -75,24 +94,33 @@ def _rows(name: str, pred: torch.Tensor) -> torch.Tensor:
     return pred
 
 
-def _vector(name: str, value, device, dtype) -> torch.Tensor:
-    try:
-        value = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else np.asarray(value, np.float64))
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a 1-D array of real numbers ({exc})") from None
-    if value.dim() != 1 or value.numel() == 0 or not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+def _vector(name: str, value) -> torch.Tensor:
+    value = validate.readable(name, validate.real_tensor(name, value)).detach()
+    if value.dim() != 1 or value.numel() == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array of real numbers, got shape {tuple(value.shape)}")
-    return value.to(device=device, dtype=dtype)
+    return value
 
 
-def _histogram(bucket_centers, bucket_weights, device, dtype):
-    """BNI's prior: ``bucket_centers`` and ``bucket_weights`` as 1-D tensors of one length."""
-    centers = _vector("bucket_centers", bucket_centers, device, dtype)
-    weights = _vector("bucket_weights", bucket_weights, device, dtype)
+def _histogram(bucket_centers, bucket_weights):
+    """BNI's prior, checked (read on the host): finite ``bucket_centers``, and ``bucket_weights``
+    of the same length, finite, non-negative and not all 0."""
+    centers, weights = _vector("bucket_centers", bucket_centers), _vector("bucket_weights", bucket_weights)
     if weights.shape != centers.shape:
         raise ValueError(f"bucket_weights must have the shape of bucket_centers {tuple(centers.shape)}, "
                          f"got {tuple(weights.shape)}")
+    if not bool(torch.isfinite(centers).all()):
+        raise ValueError("bucket_centers must be finite")
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or not float(weights.sum()) > 0:
+        raise ValueError("bucket_weights must be finite, non-negative and not all 0")
     return centers, weights
+
+
+def _mixture(gmm) -> GaussianMixture:
+    """GAI's prior: a GaussianMixture, or one from the published pickle's dict."""
+    if isinstance(gmm, (str, bytes)):
+        raise TypeError("gmm must be a GaussianMixture or a dict, not a path: load the published pickle "
+                        "with joblib.load(path), or fit one with dirfast.mixture.fit_gmm(train_labels)")
+    return gmm if isinstance(gmm, GaussianMixture) else GaussianMixture.from_dict(gmm)
 
 
 def _scaled_mean(loss: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
@@ -116,8 +144,7 @@ def bmc_loss(pred, target, noise_var, *, all_ranks: bool = False, process_group=
     depth map (use :func:`bni_loss` or :func:`gai_loss` there).
     """
     _pair(pred, target)
-    if not isinstance(all_ranks, bool):
-        raise TypeError(f"all_ranks must be a bool, got {type(all_ranks).__name__}")
+    validate.boolean("all_ranks", all_ranks)
     pred_rows, target_rows = _rows("pred", pred), _rows("target", target)
     noise_var = _noise_var(noise_var, pred)
     prior, first = target_rows.detach(), 0
@@ -140,14 +167,20 @@ def bni_loss(pred, target, noise_var, bucket_centers, bucket_weights) -> torch.T
             ``[B, 1, H, W]`` goes in as it is; every element is a sample).
         noise_var: the noise variance, a positive number or a one-element tensor (learnable).
         bucket_centers, bucket_weights: the histogram, ``[K]`` each (weights need not sum to 1:
-            that only shifts the loss by a constant; a weight of 0 drops its bin).
+            that only shifts the loss by a constant; a weight of 0 drops its bin). Checked on the
+            host, as :class:`BNILoss` checks them once; finite centres, non-negative weights.
 
     The balancing term runs in :func:`dirfast.ops.mixture_logpdf`, without an N x K matrix.
     """
     _pair(pred, target)
     noise_var = _noise_var(noise_var, pred)
+    return _bni(pred, target, noise_var, *_histogram(bucket_centers, bucket_weights))
+
+
+def _bni(pred, target, noise_var, centers, weights) -> torch.Tensor:
+    """bni_loss with a checked histogram."""
     acc = _acc(pred)
-    centers, weights = _histogram(bucket_centers, bucket_weights, pred.device, acc)
+    centers, weights = centers.to(pred.device, acc), weights.to(pred.device, acc)
     mse_term = F.mse_loss(pred, target, reduction="none") / 2 / noise_var
     # sum_k w_k exp(-(pred - c_k)^2 / (2 nv)) = sqrt(nv) * (the op's mixture density with v_k = nv)
     variances = noise_var.to(acc).expand(centers.shape)
@@ -169,10 +202,7 @@ def gai_loss(pred, target, gmm, noise_var) -> torch.Tensor:
     mixture's covariances plus ``noise_var * I`` are factorised once per call.
     """
     _pair(pred, target)
-    if isinstance(gmm, (str, bytes)):
-        raise TypeError("gmm must be a GaussianMixture or a dict, not a path: load the published pickle "
-                        "with joblib.load(path), or fit one with dirfast.mixture.fit_gmm(train_labels)")
-    gmm = gmm if isinstance(gmm, GaussianMixture) else GaussianMixture.from_dict(gmm)
+    gmm = _mixture(gmm)
     tables = (gmm.means.to(pred.device), gmm.variances.to(pred.device), gmm.weights.to(pred.device))
     return _gai(pred, target, *tables, _noise_var(noise_var, pred))
 
@@ -203,12 +233,9 @@ class _BalancedMSE(torch.nn.Module):
 
     def __init__(self, init_noise_sigma: float, learn_noise: bool) -> None:
         super().__init__()
-        if (isinstance(init_noise_sigma, bool) or not isinstance(init_noise_sigma, (int, float, np.floating))
-                or not math.isfinite(init_noise_sigma) or init_noise_sigma <= 0):
-            raise ValueError(f"init_noise_sigma must be a finite number > 0, got {init_noise_sigma!r}")
-        if not isinstance(learn_noise, bool):
-            raise TypeError(f"learn_noise must be a bool, got {type(learn_noise).__name__}")
-        self.noise_sigma = torch.nn.Parameter(torch.tensor(float(init_noise_sigma)), requires_grad=learn_noise)
+        init_noise_sigma = _noise_sigma("init_noise_sigma", init_noise_sigma, torch.float32)
+        learn_noise = validate.boolean("learn_noise", learn_noise)
+        self.noise_sigma = torch.nn.Parameter(torch.tensor(init_noise_sigma), requires_grad=learn_noise)
 
     @property
     def noise_var(self) -> torch.Tensor:
@@ -216,6 +243,28 @@ class _BalancedMSE(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"noise_sigma={float(self.noise_sigma.detach()):.4g}, learn_noise={self.noise_sigma.requires_grad}"
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Every entry is checked, values too, before any is copied: a failed load changes nothing."""
+        current = {name: value for name, value in {**self._parameters, **self._buffers}.items() if value is not None}
+        errors = validate.checkpoint_errors(state_dict, prefix, current, strict, type(self).__name__)
+        if not errors:
+            errors = self._value_errors({name: state_dict.get(prefix + name, mine).detach().cpu().double()
+                                         for name, mine in current.items()}, prefix)
+        if errors:
+            error_msgs.extend(errors)
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _value_errors(self, values: dict, prefix: str) -> list:
+        """What is wrong with the values a load would give (float64 CPU copies, by name)."""
+        try:
+            _noise_sigma(prefix + "noise_sigma", float(values["noise_sigma"]), self.noise_sigma.dtype)
+        except ValueError as exc:
+            return [str(exc)]
+        return []
 
 
 class BMCLoss(_BalancedMSE):
@@ -226,8 +275,7 @@ class BMCLoss(_BalancedMSE):
     def __init__(self, init_noise_sigma: float = 1.0, *, learn_noise: bool = True, all_ranks: bool = False,
                  process_group=None) -> None:
         super().__init__(init_noise_sigma, learn_noise)
-        if not isinstance(all_ranks, bool):
-            raise TypeError(f"all_ranks must be a bool, got {type(all_ranks).__name__}")
+        validate.boolean("all_ranks", all_ranks)
         self.all_ranks, self.process_group = all_ranks, process_group
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -239,11 +287,8 @@ class BNILoss(_BalancedMSE):
     with ``.to(device)``). :meth:`from_lds` takes it from a fitted :class:`~dirfast.LDS`."""
 
     def __init__(self, init_noise_sigma: float, bucket_centers, bucket_weights, *, learn_noise: bool = True) -> None:
+        centers, weights = (t.cpu().to(torch.float64) for t in _histogram(bucket_centers, bucket_weights))
         super().__init__(init_noise_sigma, learn_noise)
-        centers, weights = _histogram(bucket_centers, bucket_weights, "cpu", torch.float64)
-        if not (torch.isfinite(centers).all() and torch.isfinite(weights).all()) or bool((weights < 0).any()) \
-                or not float(weights.sum()) > 0:
-            raise ValueError("bucket_centers must be finite and bucket_weights finite, non-negative, not all 0")
         self.register_buffer("bucket_centers", centers)
         self.register_buffer("bucket_weights", weights)
 
@@ -260,9 +305,11 @@ class BNILoss(_BalancedMSE):
         the LDS's ``bucket_start`` get the first smoothed bin's weight, as the NYUD2-DIR code."""
         if not isinstance(lds, LDS):
             raise TypeError(f"lds must be a dirfast.LDS, got {type(lds).__name__}")
-        if not isinstance(smoothed, bool):
-            raise TypeError(f"smoothed must be a bool, got {type(smoothed).__name__}")
-        if not lds._fitted:
+        validate.boolean("smoothed", smoothed)
+        if isinstance(lds.binning, GridBinning):
+            raise ValueError("lds must be over a Binning: BNI's histogram has one dimension, and this LDS is over a "
+                             "GridBinning (GAILoss.from_labels fits a prior in several dimensions)")
+        if lds._fit is None:
             raise RuntimeError("BNILoss.from_lds needs a fitted LDS: call lds.fit(train_labels) first")
         binning = lds.binning
         unit = binning.is_integer and np.array_equal(binning.edges, np.arange(binning.num_bins + 1))
@@ -275,10 +322,18 @@ class BNILoss(_BalancedMSE):
         return cls(init_noise_sigma, centers[keep], weights[keep] / weights[keep].sum(), learn_noise=learn_noise)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return bni_loss(pred, target, self.noise_var, self.bucket_centers, self.bucket_weights)
+        _pair(pred, target)
+        return _bni(pred, target, _noise_var(self.noise_var, pred), self.bucket_centers, self.bucket_weights)
 
     def extra_repr(self) -> str:
         return f"{self.bucket_centers.numel()} buckets, " + super().extra_repr()
+
+    def _value_errors(self, values: dict, prefix: str) -> list:
+        try:
+            _histogram(values["bucket_centers"], values["bucket_weights"])
+        except ValueError as exc:
+            return [f"{prefix}{exc}"]
+        return super()._value_errors(values, prefix)
 
 
 class GAILoss(_BalancedMSE):
@@ -288,10 +343,7 @@ class GAILoss(_BalancedMSE):
 
     def __init__(self, init_noise_sigma: float, gmm, *, learn_noise: bool = True) -> None:
         super().__init__(init_noise_sigma, learn_noise)
-        if isinstance(gmm, (str, bytes)):
-            raise TypeError("gmm must be a GaussianMixture or a dict, not a path: load the published pickle "
-                            "with joblib.load(path), or fit one with GAILoss.from_labels(train_labels)")
-        gmm = gmm if isinstance(gmm, GaussianMixture) else GaussianMixture.from_dict(gmm)
+        gmm = _mixture(gmm)
         self.register_buffer("gmm_means", gmm.means)
         self.register_buffer("gmm_variances", gmm.variances)
         self.register_buffer("gmm_weights", gmm.weights)
@@ -314,3 +366,10 @@ class GAILoss(_BalancedMSE):
 
     def extra_repr(self) -> str:
         return f"{self.gmm_weights.numel()} components in {self.gmm_means.shape[1]} dimensions, " + super().extra_repr()
+
+    def _value_errors(self, values: dict, prefix: str) -> list:
+        try:
+            GaussianMixture(values["gmm_means"], values["gmm_variances"], values["gmm_weights"])
+        except ValueError as exc:
+            return [f"{prefix}gmm_*: {exc}"]
+        return super()._value_errors(values, prefix)

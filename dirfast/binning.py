@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 import torch
 
+from . import _validate as validate
 from .bandwidth import BIN_WIDTH_RULES, rule_width
 
 __all__ = ["Binning", "GridBinning", "PRECISIONS"]
@@ -26,47 +27,19 @@ MAX_BINS = 1 << 24
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_BINS:
-        raise ValueError(f"{name} must be an int in [1, {MAX_BINS}], got {value!r}")
-    return int(value)
-
-
-def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    return float(value)
-
-
-def as_label_tensor(labels, name: str = "labels") -> torch.Tensor:
-    """``labels`` as a real-valued tensor, keeping the dtype of a tensor or NumPy array (their
-    precision decides the published bins); lists become float64 or int64."""
-    if isinstance(labels, torch.Tensor):
-        tensor = labels
-    else:
+def _uniform_edges(low: float, high: float, num_bins: int, dtype=np.float64) -> np.ndarray:
+    """numpy's histogram edges of ``num_bins`` equal bins over ``[low, high]`` for data of
+    ``dtype``; ValueError when that dtype cannot hold them (a range too narrow or too wide)."""
+    with np.errstate(over="ignore", invalid="ignore"):
         try:
-            array = np.asarray(labels)
-        except Exception as exc:  # ragged lists and the like
-            raise TypeError(f"{name} must be a tensor or an array of real numbers ({exc})") from None
-        if array.dtype.kind not in "iuf":
-            raise TypeError(f"{name} must be real numbers, got an array of {array.dtype}")
-        tensor = torch.tensor(array.astype(array.dtype.newbyteorder("="), copy=False))
-    if tensor.is_complex() or tensor.dtype == torch.bool:
-        raise TypeError(f"{name} must be real numbers, got {tensor.dtype}")
-    return tensor
-
-
-def finite_label_values(labels) -> torch.Tensor:
-    """``labels`` (any shape) as a flat float64 tensor, refused when empty or not all finite:
-    what the estimators fitted on a whole training set (Binning.auto, DenseWeight, fit_gmm) take."""
-    values = as_label_tensor(labels).detach().reshape(-1).to(torch.float64)
-    if values.numel() == 0:
-        raise ValueError("labels must not be empty")
-    if not bool(torch.isfinite(values).all()):
-        raise ValueError("labels must be finite: found NaN or infinite values")
-    return values
+            edges = np.histogram_bin_edges(np.array([], dtype=dtype), bins=num_bins, range=(low, high))
+        except ValueError:  # numpy: "Too many bins for data range"
+            edges = None
+    if edges is None or not (np.all(np.isfinite(edges)) and np.all(np.diff(edges) > 0)):
+        raise ValueError(f"low={low:g} and high={high:g} give {num_bins} equal bins no {np.dtype(dtype).name} edges "
+                         f"that strictly increase (the range is too narrow or too wide for that precision): widen "
+                         f"or rescale the range, or use fewer bins")
+    return edges
 
 
 class Binning:
@@ -93,10 +66,8 @@ class Binning:
     """
 
     def __init__(self, edges) -> None:
-        try:
-            edges = np.asarray(edges, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"edges must be a 1-D sequence of real numbers ({exc})") from None
+        edges = validate.readable("edges", validate.real_tensor("edges", edges)).detach().cpu()
+        edges = edges.to(torch.float64).numpy().copy()
         if edges.ndim != 1 or not 2 <= edges.size <= MAX_BINS + 1:
             raise ValueError(f"edges must be 1-D with 2 to {MAX_BINS + 1} values, got shape {edges.shape}")
         if not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
@@ -112,10 +83,8 @@ class Binning:
         """Bins ``0 .. num_bins - 1`` of ``int(label * scale)`` (truncated toward zero), clamped
         into range: ``Binning.integer(121)`` is the published age binning, and
         ``Binning.integer(100, scale=10)`` the NYUD2-DIR depth buckets of 0.1 m."""
-        num_bins = _count("num_bins", num_bins)
-        scale = _real("scale", scale)
-        if scale <= 0:
-            raise ValueError(f"scale must be positive, got {scale}")
+        num_bins = validate.integer("num_bins", num_bins, 1, MAX_BINS)
+        scale = validate.positive("scale", scale)
         binning = cls(np.arange(num_bins + 1, dtype=np.float64) / scale)
         binning._kind, binning._scale = "integer", scale
         return binning
@@ -128,11 +97,11 @@ class Binning:
         above it, and ``high`` itself goes to the last bin. ``Binning.uniform(0, 5, 50)`` is the
         STS-B-DIR binning.
         """
-        num_bins = _count("num_bins", num_bins)
-        low, high = _real("low", low), _real("high", high)
+        num_bins = validate.integer("num_bins", num_bins, 1, MAX_BINS)
+        low, high = validate.real("low", low), validate.real("high", high)
         if not low < high:
             raise ValueError(f"low must be below high, got low={low} and high={high}")
-        binning = cls(np.histogram_bin_edges(np.array([], dtype=np.float64), bins=num_bins, range=(low, high)))
+        binning = cls(_uniform_edges(low, high, num_bins))
         binning._kind, binning._range = "uniform", (low, high)
         return binning
 
@@ -176,14 +145,16 @@ class Binning:
         table = self._tables.get(key)
         if table is None:
             if self._kind == "uniform" and dtype in _NUMPY_OF:  # np.histogram's edges for such data
-                edges = np.histogram_bin_edges(np.array([], dtype=_NUMPY_OF[dtype]), bins=self.num_bins,
-                                               range=self._range)
-                table = torch.from_numpy(edges)
+                try:
+                    table = torch.from_numpy(_uniform_edges(*self._range, self.num_bins, _NUMPY_OF[dtype]))
+                except ValueError:
+                    table = None
             else:
                 table = torch.from_numpy(self._edges).to(dtype)
-            if dtype != torch.float64 and not bool((table[1:] > table[:-1]).all()):
-                raise ValueError(f"{self!r}: its edges are not strictly increasing in {dtype} (the range is "
-                                 f"too narrow for that precision); bin float64 labels with precision='labels'")
+            if table is None or (dtype != torch.float64 and not bool((table[1:] > table[:-1]).all())):
+                raise ValueError(f"{self!r} cannot bin labels in {dtype}: its edges are not strictly increasing in "
+                                 f"that precision (the range is too narrow); bin float64 labels with "
+                                 f"precision='labels', or widen the range")
             table = self._tables[key] = table.to(device)
         return table
 
@@ -207,12 +178,12 @@ class Binning:
         training-path callers inside dirfast pass ``check=False``, where a NaN or infinite label
         gets index -1 (no bin: the ops ignore it) and costs no synchronisation.
         """
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        labels = as_label_tensor(labels)
+        validate.choice("precision", precision, PRECISIONS)
+        validate.boolean("check", check)
+        labels = validate.real_tensor("labels", labels)
         floating = labels.is_floating_point()
         if check and floating and not torch.compiler.is_compiling():
-            if not bool(torch.isfinite(labels).all()):
+            if not bool(torch.isfinite(validate.readable("labels", labels)).all()):
                 raise ValueError("labels must be finite: found NaN or infinite values")
             self.warn_if_fractional(labels)
         cmp = self._compare_dtype(labels.dtype, precision)
@@ -236,7 +207,7 @@ class Binning:
         Reads the labels on the host."""
         if self._kind != "integer" or self._scale != 1.0:
             return
-        labels = as_label_tensor(labels)
+        labels = validate.readable("labels", validate.real_tensor("labels", labels))
         if not labels.is_floating_point():
             return
         finite = labels[torch.isfinite(labels)]
@@ -259,12 +230,9 @@ class Binning:
         labels equal) gives one bin, as numpy does; all labels equal to ``v`` give
         ``Binning.uniform(v - 0.5, v + 0.5, 1)``. Raises ValueError for no, NaN or infinite labels.
         """
-        if not isinstance(rule, str) or rule not in BIN_WIDTH_RULES:
-            raise ValueError(f"rule must be one of {BIN_WIDTH_RULES}, got {rule!r}")
-        if isinstance(max_bins, bool) or not isinstance(max_bins, (int, np.integer)):
-            raise TypeError(f"max_bins must be an int, got {type(max_bins).__name__}")
-        max_bins = _count("max_bins", max_bins)
-        values = finite_label_values(labels)
+        validate.choice("rule", rule, BIN_WIDTH_RULES)
+        max_bins = validate.integer("max_bins", max_bins, 1, MAX_BINS)
+        values = validate.finite_values("labels", labels)
         low, high = float(values.min()), float(values.max())
         if low == high:
             return cls.uniform(low - 0.5, high + 0.5, 1)
@@ -296,13 +264,13 @@ class GridBinning:
         if len(binnings) == 1 and isinstance(binnings[0], (list, tuple)):
             binnings = tuple(binnings[0])
         if not binnings:
-            raise ValueError("GridBinning needs at least one Binning (one per label dimension)")
+            raise ValueError("binnings must hold at least one Binning (one per label dimension)")
         for index, binning in enumerate(binnings):
             if not isinstance(binning, Binning):
                 raise TypeError(f"binnings[{index}] must be a dirfast.Binning, got {type(binning).__name__}")
         shape = tuple(b.num_bins for b in binnings)
         if math.prod(shape) > MAX_BINS:
-            raise ValueError(f"the grid has {math.prod(shape)} bins ({' x '.join(map(str, shape))}), "
+            raise ValueError(f"binnings make a grid of {math.prod(shape)} bins ({' x '.join(map(str, shape))}), "
                              f"more than {MAX_BINS}")
         self.binnings = tuple(binnings)
         self.shape = shape
@@ -334,7 +302,7 @@ class GridBinning:
     def __call__(self, labels, *, precision: str = "labels", check: bool = True) -> torch.Tensor:
         """Row-major grid indices of ``labels`` ``[..., d]``, each coordinate binned by its
         dimension's ``Binning`` (same ``precision`` and ``check`` rules)."""
-        labels = as_label_tensor(labels)
+        labels = validate.real_tensor("labels", labels)
         if labels.dim() == 0 or labels.shape[-1] != self.ndim:
             raise ValueError(f"labels must be [..., {self.ndim}] (one coordinate per grid dimension), "
                              f"got shape {tuple(labels.shape)}")
@@ -345,13 +313,22 @@ class GridBinning:
         return index
 
     def unravel(self, index: torch.Tensor) -> torch.Tensor:
-        """The per-dimension bin numbers ``[..., d]`` of grid indices ``index``."""
+        """The per-dimension bin numbers ``[..., d]`` of grid indices ``index`` (an integer tensor)."""
+        validate.tensor("index", index)
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+            raise TypeError(f"index must be an integer tensor, got {index.dtype}")
         return torch.stack([(index // stride) % n for stride, n in zip(self._strides, self.shape)], dim=-1)
 
     def along_each_axis(self, table: torch.Tensor, smooth) -> torch.Tensor:
         """``table`` (``[num_bins, ...]``, one row per grid bin) with ``smooth`` (a 1-D smoothing
         along dim 0 of ``[n, M]``) applied along each grid axis in turn: the separable smoothing
         LDS and FDS use over a grid."""
+        validate.tensor("table", table)
+        if table.dim() == 0 or table.shape[0] != self.num_bins:
+            raise ValueError(f"table must have one row per grid bin, [{self.num_bins}, ...], got shape "
+                             f"{tuple(table.shape)}")
+        if not callable(smooth):
+            raise TypeError(f"smooth must be a function of [n, M] tables, got {type(smooth).__name__}")
         grid = table.reshape(self.shape + tuple(table.shape[1:]))
         for axis, length in enumerate(self.shape):
             moved = grid.movedim(axis, 0)

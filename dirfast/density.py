@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
 import torch
 
+from . import _validate as validate
 from . import ops
+from ._estimator import FittedEstimator
 from .bandwidth import BANDWIDTH_RULES, rule_width
-from .binning import _real, as_label_tensor, finite_label_values
 
 __all__ = ["DenseWeight", "density_weights", "BANDWIDTH_RULES"]
 
@@ -29,29 +29,16 @@ MIN_STEPS_PER_BANDWIDTH = 2.0  # below this the grid cannot follow the kernel: w
 def _bandwidth(value):
     """``"silverman"``, ``"scott"`` or a positive finite real number."""
     if isinstance(value, str):
-        if value not in BANDWIDTH_RULES:
-            raise ValueError(f"bandwidth must be one of {BANDWIDTH_RULES} or a positive number, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"bandwidth must be a str or a real number, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"bandwidth must be positive and finite, got {value!r}")
-    return float(value)
-
-
-def _grid_size(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"grid_size must be an int, got {type(value).__name__}")
-    if not MIN_GRID <= value <= MAX_GRID:
-        raise ValueError(f"grid_size must be in [{MIN_GRID}, {MAX_GRID}], got {value}")
-    return int(value)
+        return validate.choice("bandwidth", value, BANDWIDTH_RULES)
+    if isinstance(value, bool) or not isinstance(value, validate.REAL_TYPES):
+        raise TypeError(f"bandwidth must be one of {BANDWIDTH_RULES} or a real number, got {type(value).__name__}")
+    return validate.positive("bandwidth", value)
 
 
 def _gaussian_window(sigma: float, device) -> torch.Tensor:
     """scipy's ``gaussian_filter1d`` kernel in float64: ``exp(-k^2 / (2 sigma^2))`` for ``|k|`` up
-    to ``int(4 sigma + 0.5)``, summing to 1. (``kernel_window`` filters a delta of the window's
-    length, which gives these taps here, but in float32 and in time that grows as its length
-    squared: 30 ms at the ~800 taps of a default fit.)"""
+    to ``int(4 sigma + 0.5)``, summing to 1. (``kernel_window`` gives these taps too, but in
+    float32 and in time quadratic in the window's length.)"""
     radius = int(4.0 * sigma + 0.5)
     taps = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
     window = torch.exp(-0.5 * (taps / sigma) ** 2)
@@ -73,7 +60,7 @@ def _interpolate(table: torch.Tensor, low: float, step: float, labels: torch.Ten
     return torch.where(torch.isfinite(labels), value, torch.nan)
 
 
-class DenseWeight:
+class DenseWeight(FittedEstimator):
     """DenseWeight (Steininger et al., Machine Learning 2021), fitted on the training labels.
 
     Args:
@@ -95,24 +82,17 @@ class DenseWeight:
     """
 
     def __init__(self, alpha: float = 1.0, eps: float = 1e-6, bandwidth="silverman", *, grid_size: int = 4096):
-        alpha, eps = _real("alpha", alpha), _real("eps", eps)
-        if alpha < 0:
-            raise ValueError(f"alpha must be non-negative, got {alpha}")
-        if not 0 < eps <= 1:
-            raise ValueError(f"eps must be in (0, 1], got {eps}")
-        self.alpha, self.eps = alpha, eps
-        self.bandwidth = _bandwidth(bandwidth)
-        self.grid_size = _grid_size(grid_size)
-        self._fit = None  # dict(low, step, density, scale, bandwidth) once fitted
-        self._table_on = {}
+        alpha, eps = validate.real("alpha", alpha, 0.0), validate.real("eps", eps, 0.0, 1.0, above=True)
+        bandwidth = _bandwidth(bandwidth)
+        grid_size = validate.integer("grid_size", grid_size, MIN_GRID, MAX_GRID)
+        super().__init__()  # the fit: dict(low, step, density, scale, fitted_bandwidth)
+        self.alpha, self.eps, self.bandwidth, self.grid_size = alpha, eps, bandwidth, grid_size
 
     # -- fitting -------------------------------------------------------------------------------
-    def fit(self, labels) -> "DenseWeight":
-        """Estimate the density of ``labels`` (the whole training set; any shape); returns ``self``.
-
-        Raises ValueError for no, NaN or infinite labels, or when a rule gives bandwidth 0 (all
-        labels equal), and leaves the fit as it was."""
-        values = finite_label_values(labels)
+    def _fit_labels(self, labels) -> dict:
+        """The density of ``labels``; ValueError for no, NaN or infinite labels, or when a rule
+        gives bandwidth 0 (all labels equal)."""
+        values = validate.finite_values("labels", labels)
         if isinstance(self.bandwidth, str):
             bandwidth = float(rule_width(values, self.bandwidth))
             if not bandwidth > 0:
@@ -129,15 +109,13 @@ class DenseWeight:
                              f"{bandwidth:g} the density grid overflows float64; rescale the labels")
         if sigma < MIN_STEPS_PER_BANDWIDTH:
             warnings.warn(f"the bandwidth {bandwidth:g} spans only {sigma:.2g} grid steps of {step:g}: the density "
-                          "is coarse; raise grid_size or the bandwidth", UserWarning, stacklevel=2)
+                          "is coarse; raise grid_size or the bandwidth", UserWarning, stacklevel=3)
         density = self._kde(values, low, step, sigma)
         span = (density.max() - density.min()).clamp(min=torch.finfo(torch.float64).tiny)
         density = (density - density.min()) / span
         floor = (1 - self.alpha * _interpolate(density, low, step, values)).clamp(min=self.eps)
-        self._fit = dict(low=low, step=step, density=density.cpu(), scale=1.0 / float(floor.mean()),
-                         fitted_bandwidth=bandwidth)
-        self._table_on = {}
-        return self
+        return dict(low=low, step=step, density=density.cpu(), scale=1.0 / float(floor.mean()),
+                    fitted_bandwidth=bandwidth)
 
     def _kde(self, values: torch.Tensor, low: float, step: float, sigma: float) -> torch.Tensor:
         """The unnormalised Gaussian KDE of ``values`` at the grid points (float64, on their device)."""
@@ -151,18 +129,13 @@ class DenseWeight:
         return ops.smooth_bins(mass, _gaussian_window(sigma, mass.device), padding="constant")
 
     # -- weights -------------------------------------------------------------------------------
-    def _require_fit(self, what: str) -> dict:
-        if self._fit is None:
-            raise RuntimeError(f"DenseWeight.{what}() needs a fit: call fit(train_labels) first (or load_state_dict)")
-        return self._fit
+    def _table(self) -> torch.Tensor:
+        return self._fit["density"]
 
     def _scaled_density(self, labels, what: str) -> torch.Tensor:
         fit = self._require_fit(what)
-        labels = as_label_tensor(labels).detach()  # weights are constants of the loss, as LDS's
-        table = self._table_on.get(labels.device)
-        if table is None:
-            table = self._table_on[labels.device] = fit["density"].to(labels.device)
-        return _interpolate(table, fit["low"], fit["step"], labels.to(torch.float64))
+        labels = validate.real_tensor("labels", labels).detach()  # weights are constants of the loss, as LDS's
+        return _interpolate(self._table_on(labels.device), fit["low"], fit["step"], labels.to(torch.float64))
 
     def density(self, labels) -> torch.Tensor:
         """The scaled density ``p'`` in ``[0, 1]`` at each label (float32, same shape and device):
@@ -187,43 +160,34 @@ class DenseWeight:
     # -- checkpoints ---------------------------------------------------------------------------
     _SETTINGS = ("alpha", "eps", "bandwidth", "grid_size")
 
-    def state_dict(self) -> dict:
-        """The fitted grid density and scale, and the settings they were fitted with."""
-        state = {key: getattr(self, key) for key in self._SETTINGS}
-        state["fitted"] = self._fit is not None
-        if self._fit is not None:
-            state.update({key: value for key, value in self._fit.items() if key != "density"})
-            state["density"] = self._fit["density"].clone()
+    def _fit_state(self) -> dict:
+        if self._fit is None:
+            return {}
+        state = {key: value for key, value in self._fit.items() if key != "density"}
+        state["density"] = self._fit["density"].clone()
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a fit saved by :meth:`state_dict`; the settings must match this object's.
-        Everything is checked before anything changes."""
-        if not isinstance(state, dict) or "fitted" not in state:
-            raise ValueError("state must be a dict from DenseWeight.state_dict() (it has no 'fitted')")
-        for key in self._SETTINGS:
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"state_dict {key!r} is {state[key]!r}, this DenseWeight has {getattr(self, key)!r}")
-        if not state["fitted"]:
-            self._fit, self._table_on = None, {}
-            return
+    def _fit_from_state(self, state, fitted: bool):
+        if not fitted:
+            return None
         try:
             density = torch.as_tensor(state["density"], dtype=torch.float64).cpu()
             numbers = {key: float(state[key]) for key in ("low", "step", "scale", "fitted_bandwidth")}
         except KeyError as exc:
             raise ValueError(f"state_dict has no {exc.args[0]!r}") from None
-        except (TypeError, ValueError, RuntimeError) as exc:
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
             raise ValueError(f"state_dict holds a value that is not a number ({exc})") from None
         if density.shape != (self.grid_size,):
             raise ValueError(f"state_dict 'density' has shape {tuple(density.shape)}, "
                              f"this DenseWeight expects ({self.grid_size},)")
         if not bool(((density >= 0) & (density <= 1)).all()):
             raise ValueError("state_dict 'density' must lie in [0, 1]")
-        if not all(math.isfinite(value) for value in numbers.values()) or min(
-                numbers["step"], numbers["scale"], numbers["fitted_bandwidth"]) <= 0:
-            raise ValueError("state_dict 'low' must be finite and 'step', 'scale', 'fitted_bandwidth' positive and finite")
-        self._fit = dict(numbers, density=density.clone())
-        self._table_on = {}
+        top = numbers["low"] + numbers["step"] * (self.grid_size - 1)
+        if not (math.isfinite(top) and min(numbers["step"], numbers["scale"], numbers["fitted_bandwidth"]) > 0
+                and all(math.isfinite(value) for value in numbers.values())):
+            raise ValueError("state_dict 'low' must be finite and 'step', 'scale', 'fitted_bandwidth' positive and "
+                             "finite, with a grid float64 holds")
+        return dict(numbers, density=density.clone())
 
     def __repr__(self) -> str:
         fitted = "not fitted" if self._fit is None else f"fitted bandwidth {self._fit['fitted_bandwidth']:g}"
@@ -239,6 +203,6 @@ def density_weights(labels, alpha: float = 1.0, eps: float = 1e-6, bandwidth="si
     NumPy array when ``labels`` is not a tensor (usable as scikit-learn's ``sample_weight``).
     """
     estimator = DenseWeight(alpha, eps, bandwidth, grid_size=grid_size)
-    tensor = as_label_tensor(labels)
+    tensor = validate.real_tensor("labels", labels)
     weights = estimator.fit(tensor).weights(tensor)
     return weights if isinstance(labels, torch.Tensor) else weights.numpy()

@@ -1,9 +1,10 @@
 """Combining per-bucket statistics across the processes of ``torch.distributed``.
 
 Each rank sees its own shard of the training set; FDS and LDS must hold the statistics of the
-whole set on every rank, identically. Counts and sums are added with ``all_reduce``; the
-variance is combined from each rank's M2 (sum of squared deviations) around the global mean,
-so it is as accurate as one pass over all the rows.
+whole set on every rank, identically. Counts are added with ``all_reduce``; per-bucket
+statistics are gathered from every rank and merged in rank order with Chan's formula (the one
+FDS folds its batches with), so they are as accurate as one pass over all the rows and equal,
+bit for bit, on every rank.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._moments import m2_from_var, var_from_m2
+from ._moments import chan_merge, m2_from_var, var_from_m2
 
 __all__ = ["is_distributed", "all_gather_rows", "all_reduce_bin_stats", "all_reduce_sum"]
 
@@ -28,21 +29,18 @@ def all_reduce_sum(tensor: torch.Tensor, process_group=None) -> torch.Tensor:
 
 
 def all_reduce_bin_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, process_group=None):
-    """Per-bucket ``(count, mean, unbiased var)`` of every rank's rows, from each rank's own.
-
-    Two collectives, in float64: the counts and sums, then the M2 terms
-    ``var_r * (n_r - 1) + n_r * (mean_r - mean)**2`` around the global mean.
-    """
+    """Per-bucket ``(count, mean, unbiased var)`` of every rank's rows, from each rank's own:
+    one all-gather of each rank's count, mean and M2, merged in float64."""
     n = count.to(torch.float64)
-    packed = torch.cat([n.unsqueeze(1), mean.double() * n.unsqueeze(1)], dim=1)
-    all_reduce_sum(packed, process_group)
-    total = packed[:, 0]
-    global_mean = packed[:, 1:] / total.clamp(min=1).unsqueeze(1)
-    deviation = mean.double() - global_mean
-    m2 = m2_from_var(n, var.double()) + n.unsqueeze(1) * deviation * deviation
-    all_reduce_sum(m2, process_group)
-    global_var = var_from_m2(total, m2)
-    return total.round().long(), global_mean.to(mean.dtype), global_var.to(var.dtype)
+    packed = torch.cat([n.unsqueeze(1), mean.double(), m2_from_var(n, var.double())], dim=1)
+    parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(process_group))]
+    dist.all_gather(parts, packed, group=process_group)
+    dim = mean.shape[1]
+    total, merged_mean, merged_m2 = parts[0][:, 0], parts[0][:, 1:1 + dim], parts[0][:, 1 + dim:]
+    for part in parts[1:]:
+        total, merged_mean, merged_m2 = chan_merge(total, merged_mean, merged_m2,
+                                                   part[:, 0], part[:, 1:1 + dim], part[:, 1 + dim:])
+    return total.round().long(), merged_mean.to(mean.dtype), var_from_m2(total, merged_m2).to(var.dtype)
 
 
 def all_gather_rows(tensor: torch.Tensor, process_group=None):

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 from torch import nn
 
+from . import _validate as validate
 from . import distributed, ops
-from ._moments import m2_from_var, var_from_m2
+from ._autograd import in_place_refusal
+from ._moments import chan_merge, m2_from_var, var_from_m2
 from .ops.calibrate import scale_shift
 from .binning import Binning, GridBinning
 from .windows import kernel_window
@@ -19,45 +20,6 @@ __all__ = ["FDS"]
 _BUFFERS = ("running_mean", "running_var", "running_mean_last_epoch", "running_var_last_epoch",
             "smoothed_mean_last_epoch", "smoothed_var_last_epoch")
 _ALIASES = (("running_mean_last_epoch", "running_mean"), ("running_var_last_epoch", "running_var"))
-
-
-def _int(name: str, value, low: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if low is not None and value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def _real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if math.isnan(value):
-        raise ValueError(f"{name} must not be NaN")
-    return float(value)
-
-
-def _saved_for_backward_by(tensor: torch.Tensor):
-    """The name of the autograd node that produced ``tensor`` (or its base) and saved it for its
-    backward, which an in-place write would break; None when there is none or grad is off.
-    (Not checked under torch.compile, which cannot trace the inspection of autograd nodes; there
-    the compiler raises autograd's own error.)"""
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and tensor.requires_grad):
-        return None
-    for t in (tensor, tensor._base):
-        node = getattr(t, "grad_fn", None)
-        if node is None:
-            continue
-        for name in dir(node):
-            if not name.startswith("_saved_"):
-                continue
-            try:
-                saved = getattr(node, name)
-            except RuntimeError:  # already freed, or not a tensor the node can give back
-                continue
-            if isinstance(saved, torch.Tensor) and saved.data_ptr() == t.data_ptr() and saved.shape == t.shape:
-                return type(node).__name__
-    return None
 
 
 class FDS(nn.Module):
@@ -105,16 +67,24 @@ class FDS(nn.Module):
                  fill_empty: bool = False, copy_snapshot: bool = False, clip_min: float = 0.1,
                  clip_max: float = 10.0, sync: bool = True, process_group=None):
         super().__init__()
-        feature_dim, bucket_num = _int("feature_dim", feature_dim, 1), _int("bucket_num", bucket_num, 1)
-        bucket_start = _int("bucket_start", bucket_start, 0)
-        start_update, start_smooth = _int("start_update", start_update), _int("start_smooth", start_smooth)
+        feature_dim = validate.integer("feature_dim", feature_dim, 1)
+        bucket_num = validate.integer("bucket_num", bucket_num, 1)
+        bucket_start = validate.integer("bucket_start", bucket_start, 0)
+        start_update, start_smooth = validate.integer("start_update", start_update), \
+            validate.integer("start_smooth", start_smooth)
         if bucket_start >= bucket_num:
             raise ValueError(f"bucket_start ({bucket_start}) must be below bucket_num ({bucket_num})")
-        if momentum is not None and not 0 <= _real("momentum", momentum) <= 1:
-            raise ValueError(f"momentum must be None or in [0, 1], got {momentum!r}")
-        clip_min, clip_max = _real("clip_min", clip_min), _real("clip_max", clip_max)
-        if not 0 <= clip_min <= clip_max:
-            raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, got {clip_min}, {clip_max}")
+        if momentum is not None:
+            validate.real("momentum", momentum, 0.0, 1.0)
+        clip_min = validate.real("clip_min", clip_min, 0.0, validate.FLOAT32_MAX)
+        clip_max = validate.real("clip_max", clip_max, finite=False)
+        if not clip_min <= clip_max:
+            raise ValueError(f"clip_min and clip_max must satisfy clip_min <= clip_max, got {clip_min} and {clip_max}")
+        if validate.FLOAT32_MAX < clip_max < math.inf:
+            raise ValueError(f"clip_max must be at most {validate.FLOAT32_MAX:.4g} (float32) or inf, got {clip_max!r}")
+        fill_empty, copy_snapshot = validate.boolean("fill_empty", fill_empty), \
+            validate.boolean("copy_snapshot", copy_snapshot)
+        sync = validate.boolean("sync", sync)
         binning = Binning.integer(bucket_num) if binning is None else binning
         if not isinstance(binning, (Binning, GridBinning)):
             raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
@@ -124,17 +94,17 @@ class FDS(nn.Module):
         if isinstance(binning, GridBinning) and (bucket_start or fill_empty):
             raise ValueError("a GridBinning needs bucket_start=0 and fill_empty=False (both are rules for one "
                              "label dimension)")
+        # The published module keeps the window outside its state_dict: so does this one.
+        window = kernel_window(kernel, ks, sigma, normalize="sum").float()
 
         self.feature_dim, self.bucket_num, self.bucket_start = feature_dim, bucket_num, bucket_start
         self.start_update, self.start_smooth, self.momentum = start_update, start_smooth, momentum
         self.kernel, self.ks, self.sigma, self.half_ks = kernel, ks, sigma, (ks - 1) // 2
         self.binning, self.fill_empty, self.copy_snapshot = binning, fill_empty, copy_snapshot
-        self.clip_min, self.clip_max = float(clip_min), float(clip_max)
+        self.clip_min, self.clip_max = clip_min, clip_max
         self.sync, self.process_group = sync, process_group
 
         buckets = bucket_num - bucket_start
-        # The published module keeps the window outside its state_dict: so does this one.
-        window = kernel_window(kernel, ks, sigma, normalize="sum").float()
         self.register_buffer("kernel_window", window, persistent=False)
         self.register_buffer("epoch", torch.zeros(1).fill_(start_update))
         for name in _BUFFERS:
@@ -162,17 +132,13 @@ class FDS(nn.Module):
     def _buckets(self, features: torch.Tensor, labels, check: bool) -> torch.Tensor:
         """Validate ``features``/``labels``; return each row's bucket in ``[0, K)``, or -1 for a
         NaN or infinite label (``check=False``; with ``check`` such labels raise)."""
-        if not isinstance(features, torch.Tensor):
-            raise TypeError(f"features must be a torch.Tensor, got {type(features).__name__}")
-        if not features.is_floating_point():
-            raise TypeError(f"features must be a floating-point tensor, got {features.dtype}")
+        validate.floating("features", features)
         if features.dim() < 2:
             raise ValueError(f"features must be a [N, D] or [B, D, *spatial] tensor, got shape {tuple(features.shape)}")
         if features.shape[1] != self.feature_dim:
             raise ValueError(f"features has {features.shape[1]} features along dim 1, "
                              f"this FDS was built with feature_dim={self.feature_dim}")
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        validate.tensor("labels", labels)
         if isinstance(self.binning, GridBinning):
             expected = (features.shape[0], self.binning.ndim)
             if features.dim() != 2 or tuple(labels.shape) != expected:
@@ -196,7 +162,7 @@ class FDS(nn.Module):
 
     @staticmethod
     def _check_epoch(epoch) -> int:
-        return _int("epoch", epoch)
+        return validate.integer("epoch", epoch)
 
     # -- the published methods -----------------------------------------------------------------
     def reset(self) -> None:
@@ -247,15 +213,9 @@ class FDS(nn.Module):
         """
         buckets = self._buckets(features, labels, check=False)
         count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
-        n_b = count.to(torch.float64)
-        m2_b = m2_from_var(count, var)
         n_a = self.accumulated_count
-        total = n_a + n_b
-        weight_b = (n_b / total.clamp(min=1)).to(mean.dtype).unsqueeze(1)
-        cross = (n_a * n_b / total.clamp(min=1)).to(mean.dtype).unsqueeze(1)
-        delta = mean - self.accumulated_mean
-        merged_mean = self.accumulated_mean + delta * weight_b
-        merged_m2 = self.accumulated_m2 + (m2_b + delta * delta * cross)
+        total, merged_mean, merged_m2 = chan_merge(n_a, self.accumulated_mean, self.accumulated_m2,
+                                                   count.to(torch.float64), mean, m2_from_var(count, var))
         # A bucket whose merged statistics are not finite (a NaN or infinite feature, an
         # overflow) keeps what it had: one bad batch cannot poison its statistics for ever.
         finite = torch.isfinite(merged_mean).all(1) & torch.isfinite(merged_m2).all(1)
@@ -360,32 +320,13 @@ class FDS(nn.Module):
             value = getattr(self, name)
             destination[prefix + name] = value if keep_vars else value.detach()
 
-    def _state_errors(self, state_dict, prefix: str, strict: bool) -> list:
-        """What is wrong with this module's entries of ``state_dict``, checked before anything
-        is copied (a checkpoint of the published module has no accumulators: that is fine)."""
-        errors = []
-        for name in ("epoch",) + _BUFFERS + ("num_samples_tracked",) + self._ACCUMULATORS:
-            key, mine = prefix + name, getattr(self, name)
-            if key not in state_dict:
-                if strict and name not in self._ACCUMULATORS:
-                    errors.append(f'Missing key "{key}" in the FDS state_dict.')
-                continue
-            saved = state_dict[key]
-            if not isinstance(saved, torch.Tensor):
-                errors.append(f'While copying the parameter named "{key}", expected torch.Tensor, '
-                              f"received {type(saved).__name__}.")
-            elif tuple(saved.shape) != tuple(mine.shape):
-                errors.append(f"size mismatch for {key}: copying a tensor with shape {tuple(saved.shape)} from "
-                              f"checkpoint, the shape in current model is {tuple(mine.shape)}.")
-            elif saved.is_complex() or saved.dtype == torch.bool:
-                errors.append(f"{key}: expected real numbers, got {saved.dtype}.")
-            elif saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
-                errors.append(f"{key}: the checkpoint holds NaN or infinite statistics.")
-        return errors
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        errors = self._state_errors(state_dict, prefix, strict)
+        # Every key, shape and value is checked before anything is copied (a checkpoint of the
+        # published module has no accumulators: that is fine).
+        names = ("epoch",) + _BUFFERS + ("num_samples_tracked",) + self._ACCUMULATORS
+        current = {name: getattr(self, name) for name in names}
+        errors = validate.checkpoint_errors(state_dict, prefix, current, strict, "FDS", optional=self._ACCUMULATORS)
         if errors:  # a failed load changes nothing of this module
             error_msgs.extend(errors)
             return
@@ -442,8 +383,7 @@ class FDS(nn.Module):
         ``inplace=False`` takes any features. Labels are not checked on the host here (that would
         wait on the GPU every step): a row with a NaN or infinite label is returned unchanged.
         """
-        if not isinstance(inplace, bool):
-            raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+        validate.boolean("inplace", inplace)
         epoch = self._check_epoch(epoch)
         if epoch < self.start_smooth:
             return features
@@ -452,13 +392,11 @@ class FDS(nn.Module):
                  self.smoothed_var_last_epoch, self.clip_min, self.clip_max)
         if not inplace:
             return ops.calibrate(features, buckets, *stats)
-        producer = _saved_for_backward_by(features)
-        if producer is not None:
-            raise RuntimeError(
-                f"FDS.smooth would overwrite features that autograd saved for the backward of {producer} "
-                f"(the output of a ReLU, sigmoid, tanh, ...), and the backward pass would fail: call "
-                f"smooth(features, labels, epoch, inplace=False) to calibrate into a new tensor, or smooth "
-                f"before that activation")
+        refusal = in_place_refusal("features", features)
+        if refusal is not None:
+            raise RuntimeError(f"FDS.smooth cannot calibrate features in place: {refusal}. Call smooth(features, "
+                               f"labels, epoch, inplace=False) to calibrate into a new tensor, or smooth before "
+                               f"that activation")
         return ops.calibrate_(features, buckets, *stats)
 
     # -- diagnostics ---------------------------------------------------------------------------

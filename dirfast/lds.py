@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from . import _validate as validate
 from . import distributed, ops
+from ._estimator import FittedEstimator
+from .binning import Binning, GridBinning
 from .ops.smooth_bins import reference as smooth_reference
-from .binning import Binning, GridBinning, as_label_tensor
 from .windows import kernel_window
 
 __all__ = ["LDS", "lds_weights", "REWEIGHTS"]
@@ -17,22 +17,7 @@ __all__ = ["LDS", "lds_weights", "REWEIGHTS"]
 REWEIGHTS = ("none", "inverse", "sqrt_inv")
 
 
-def _clip(inverse_clip):
-    """``None`` or a ``(low, high)`` pair of finite numbers with 0 <= low <= high."""
-    if inverse_clip is None:
-        return None
-    if isinstance(inverse_clip, (str, bytes)) or not hasattr(inverse_clip, "__len__") or len(inverse_clip) != 2:
-        raise TypeError(f"inverse_clip must be None or a pair (low, high), got {inverse_clip!r}")
-    for value in inverse_clip:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise TypeError(f"inverse_clip must hold two real numbers, got {inverse_clip!r}")
-    low, high = float(inverse_clip[0]), float(inverse_clip[1])
-    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
-        raise ValueError(f"inverse_clip must satisfy 0 <= low <= high (finite), got {inverse_clip!r}")
-    return tuple(inverse_clip)
-
-
-class LDS:
+class LDS(FittedEstimator):
     """Label distribution smoothing, fitted on the training labels, applied to any batch.
 
     Args:
@@ -74,31 +59,25 @@ class LDS:
                  *, padding: str = "constant", bucket_start: int = 0, sync: bool = True, process_group=None):
         if not isinstance(binning, (Binning, GridBinning)):
             raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
-        if not isinstance(reweight, str) or reweight not in REWEIGHTS:
-            raise ValueError(f"reweight must be one of {REWEIGHTS}, got {reweight!r}")
-        if not isinstance(lds, (bool, np.bool_)):
-            raise TypeError(f"lds must be a bool, got {type(lds).__name__}")
+        validate.choice("reweight", reweight, REWEIGHTS)
+        lds = validate.boolean("lds", lds)
         if lds and reweight == "none":
             raise ValueError("reweight='none' cannot be combined with lds=True (there is no base to smooth)")
-        if not isinstance(padding, str) or padding not in ops.PADDINGS:
-            raise ValueError(f"padding must be one of {ops.PADDINGS}, got {padding!r}")
-        if (isinstance(bucket_start, bool) or not isinstance(bucket_start, (int, np.integer))
-                or not 0 <= bucket_start < binning.num_bins):
-            raise ValueError(f"bucket_start must be an int in [0, {binning.num_bins}), got {bucket_start!r}")
+        validate.choice("padding", padding, ops.PADDINGS)
+        bucket_start = validate.integer("bucket_start", bucket_start, 0, binning.num_bins - 1)
         if isinstance(binning, GridBinning) and bucket_start:
             raise ValueError("bucket_start must be 0 with a GridBinning (there is no first bin to merge into)")
-        self.window = kernel_window(kernel, ks, sigma, normalize="max") if lds else None
+        window = kernel_window(kernel, ks, sigma, normalize="max")  # checks the settings, also unused ones
+        super().__init__()
+        self.window = window if lds else None
         self.binning = binning
-        self.sync, self.process_group = sync, process_group
+        self.sync, self.process_group = validate.boolean("sync", sync), process_group
         self.reweight = reweight
-        self.lds = bool(lds)
-        self.inverse_clip = _clip(inverse_clip)
+        self.lds = lds
+        self.inverse_clip = None if inverse_clip is None else validate.pair("inverse_clip", inverse_clip)
         self.kernel, self.ks, self.sigma = kernel, ks, sigma
-        self.padding, self.bucket_start = padding, int(bucket_start)
-        self._counts = torch.zeros(binning.num_bins - self.bucket_start, dtype=torch.float64)
-        self._fitted = False
-        self._table = None  # (effective, float32 weight per bin, scale), derived from the counts
-        self._table_on = {}
+        self.padding, self.bucket_start = padding, bucket_start
+        self._derived = None  # (effective, float32 weight per bin, scale), derived from the counts
 
     # -- fitting -------------------------------------------------------------------------------
     def _bins(self, labels, check: bool) -> torch.Tensor:
@@ -106,37 +85,37 @@ class LDS:
         bins = self.binning(labels, precision="labels", check=check).reshape(-1)
         return torch.where(bins >= 0, (bins - self.bucket_start).clamp(min=0), -1)
 
-    def fit(self, labels) -> "LDS":
-        """Count ``labels`` (the whole training set; any shape) from scratch; returns ``self``.
-
-        Raises ValueError for NaN, infinite or no labels, and leaves the fit as it was."""
-        counts = self._count(labels)
-        self._counts, self._fitted = counts, True
-        self._invalidate()
-        return self
-
     def update(self, labels) -> "LDS":
         """Add ``labels`` to the counts (for label streams); returns ``self``."""
-        counts = self._count(labels)
-        self._counts, self._fitted = self._counts + counts, True
-        self._invalidate()
+        self._set_fit(self._counts + self._fit_labels(labels))
         return self
 
-    def _count(self, labels) -> torch.Tensor:
-        labels = as_label_tensor(labels)
+    def _fit_labels(self, labels) -> torch.Tensor:
+        """The count of ``labels`` in each row of the tables; ValueError for NaN, infinite or no labels."""
+        labels = validate.real_tensor("labels", labels)
         if labels.numel() == 0:
             raise ValueError("labels must not be empty")
         bins = self._bins(labels, check=True)
         # bin_stats counts the rows of each bin on the labels' device, with the fused kernels.
         ones = torch.ones(bins.shape[0], 1, dtype=torch.float32, device=bins.device)
-        count, _, _ = ops.bin_stats(ones, bins, self._counts.shape[0])
+        count, _, _ = ops.bin_stats(ones, bins, self._num_rows)
         count = count.to(torch.float64)
         if self.sync and distributed.is_distributed(self.process_group):
             distributed.all_reduce_sum(count, self.process_group)
         return count.cpu()
 
-    def _invalidate(self) -> None:
-        self._table, self._table_on = None, {}
+    def _set_fit(self, counts) -> None:
+        super()._set_fit(counts)
+        self._derived = None
+
+    @property
+    def _num_rows(self) -> int:
+        return self.binning.num_bins - self.bucket_start
+
+    @property
+    def _counts(self) -> torch.Tensor:
+        """The label count of each row (0 before a fit)."""
+        return self._fit if self._fit is not None else torch.zeros(self._num_rows, dtype=torch.float64)
 
     # -- distributions -------------------------------------------------------------------------
     @property
@@ -159,7 +138,7 @@ class LDS:
         return counts if self.reweight == "inverse" else torch.ones_like(counts)
 
     def _tables(self):
-        if self._table is None:
+        if self._derived is None:
             effective = self._base()
             if self.lds:
                 # A small float64 table: smoothed by the reference definition, which sums in
@@ -173,8 +152,8 @@ class LDS:
             per_bin = (1.0 / torch.where(effective > 0, effective, floor)).float()
             total = (self._counts * per_bin.double()).sum()
             scale = torch.where(total > 0, self._counts.sum() / total, torch.ones_like(total))
-            self._table = (effective, per_bin, scale)
-        return self._table
+            self._derived = (effective, per_bin, scale)
+        return self._derived
 
     def _smooth(self, table: torch.Tensor) -> torch.Tensor:
         """The window along the bins, or along each axis of a grid in turn (on one axis, the
@@ -182,10 +161,6 @@ class LDS:
         if not isinstance(self.binning, GridBinning):
             return smooth_reference(table, self.window, self.padding)
         return self.binning.along_each_axis(table, lambda rows: smooth_reference(rows, self.window, self.padding))
-
-    def _require_fit(self, what: str) -> None:
-        if not self._fitted:
-            raise RuntimeError(f"LDS.{what}() needs fitted counts: call fit(train_labels) first (or load_state_dict)")
 
     def _bin_weights(self) -> torch.Tensor:
         """The float32 weight of a label in each bin (CPU), with the fitted scale."""
@@ -206,46 +181,40 @@ class LDS:
         Raises RuntimeError before :meth:`fit`.
         """
         self._require_fit("weights")
-        labels = as_label_tensor(labels)
-        device = labels.device
-        table = self._table_on.get(device)
-        if table is None:
-            weights = self._bin_weights()
-            table = self._table_on[device] = torch.cat([weights, weights.new_zeros(1)]).to(device)
+        labels = validate.real_tensor("labels", labels)
+        table = self._table_on(labels.device)
         bins = self._bins(labels, check=False)
         return table[torch.where(bins >= 0, bins, table.shape[0] - 1)].reshape(self._label_shape(labels))
+
+    def _table(self) -> torch.Tensor:
+        """The weight of each row, then 0 (the weight of a NaN or infinite label)."""
+        weights = self._bin_weights()
+        return torch.cat([weights, weights.new_zeros(1)])
 
     # -- checkpoints ---------------------------------------------------------------------------
     _SETTINGS = ("reweight", "lds", "kernel", "ks", "sigma", "inverse_clip", "padding", "bucket_start")
 
-    def state_dict(self) -> dict:
-        """The fitted counts and the settings they were fitted with."""
-        state = {"counts": self._counts.clone(), "edges": self._edges(), "fitted": self._fitted}
-        state.update({key: getattr(self, key) for key in self._SETTINGS})
-        return state
+    def _fit_state(self) -> dict:
+        return {"counts": self._counts.clone(), "edges": self._edges()}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore counts saved by :meth:`state_dict`; the settings must match this object's.
-        Everything is checked before anything changes."""
-        if not isinstance(state, dict) or "counts" not in state:
+    def _fit_from_state(self, state, fitted: bool):
+        if "counts" not in state:
             raise ValueError("state must be a dict from LDS.state_dict() (it has no 'counts')")
         try:
             counts = torch.as_tensor(state["counts"], dtype=torch.float64).cpu()
-        except (TypeError, ValueError, RuntimeError) as exc:
+        except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
             raise ValueError(f"state_dict 'counts' is not a tensor of numbers ({exc})") from None
-        if counts.shape != self._counts.shape:
-            raise ValueError(f"state_dict 'counts' has shape {tuple(counts.shape)}, "
-                             f"this LDS expects {tuple(self._counts.shape)}")
+        if counts.shape != (self._num_rows,):
+            raise ValueError(f"state_dict 'counts' has shape {tuple(counts.shape)}, this LDS expects "
+                             f"({self._num_rows},)")
         if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
             raise ValueError("state_dict 'counts' must be finite and non-negative")
-        for key in self._SETTINGS:
-            if key in state and state[key] != getattr(self, key):
-                raise ValueError(f"state_dict {key!r} is {state[key]!r}, this LDS has {getattr(self, key)!r}")
+        if fitted != bool(counts.sum() > 0):
+            raise ValueError("state_dict 'counts' are all 0 but 'fitted' is True: nothing was fitted" if fitted
+                             else "state_dict 'fitted' is False but 'counts' are not all 0")
         if "edges" in state and not _same_edges(state["edges"], self._edges()):
             raise ValueError("state_dict 'edges' differ from this LDS's binning")
-        self._counts = counts.clone()
-        self._fitted = bool(state.get("fitted", True))
-        self._invalidate()
+        return counts.clone() if fitted else None
 
     def _edges(self):
         """The bin edges: a tensor, or one per dimension of a grid."""
@@ -303,6 +272,6 @@ def lds_weights(labels, binning: Binning, reweight: str = "sqrt_inv", lds: bool 
     """
     estimator = LDS(binning, reweight=reweight, lds=lds, kernel=kernel, ks=ks, sigma=sigma,
                     inverse_clip=inverse_clip, sync=False, **options)  # it is given the whole label set
-    tensor = as_label_tensor(labels)
+    tensor = validate.real_tensor("labels", labels)
     weights = estimator.fit(tensor).weights(tensor)
     return weights if isinstance(labels, torch.Tensor) else weights.numpy()

@@ -7,11 +7,10 @@ predictions against ``[N]`` targets would broadcast to ``[N, N]`` and average th
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
+from . import _validate as validate
 from .balanced_mse import BMCLoss, BNILoss, GAILoss, bmc_loss, bni_loss, gai_loss
 
 __all__ = ["weighted_mse_loss", "weighted_l1_loss", "weighted_focal_mse_loss",
@@ -20,18 +19,20 @@ __all__ = ["weighted_mse_loss", "weighted_l1_loss", "weighted_focal_mse_loss",
 
 
 def _pair(inputs, targets) -> None:
-    for name, value in (("inputs", inputs), ("targets", targets)):
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    validate.floating("inputs", inputs)
+    validate.floating("targets", targets)
     if inputs.shape != targets.shape:
         raise ValueError(f"inputs and targets must have the same shape, got {tuple(inputs.shape)} and "
                          f"{tuple(targets.shape)} (reshape one: broadcasting them would average every pair)")
+    if inputs.device != targets.device:
+        raise ValueError(f"inputs is on {inputs.device} but targets is on {targets.device}")
+    if inputs.numel() == 0:
+        raise ValueError("inputs and targets must not be empty (their mean would be NaN)")
 
 
 def _reduce(loss: torch.Tensor, weights) -> torch.Tensor:
     if weights is not None:
-        if not isinstance(weights, torch.Tensor):
-            raise TypeError(f"weights must be None or a torch.Tensor, got {type(weights).__name__}")
+        validate.tensor("weights", weights)
         try:
             shape = torch.broadcast_shapes(weights.shape, loss.shape)
         except RuntimeError:
@@ -43,22 +44,12 @@ def _reduce(loss: torch.Tensor, weights) -> torch.Tensor:
     return torch.mean(loss)
 
 
-def _positive(name: str, value, allow_zero: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
-    return float(value)
-
-
 def _focal(diff: torch.Tensor, activate: str, beta: float, gamma: float) -> torch.Tensor:
-    beta, gamma = _positive("beta", beta), _positive("gamma", gamma, allow_zero=True)
+    beta, gamma = validate.positive("beta", beta), validate.real("gamma", gamma, 0.0)
+    validate.choice("activate", activate, ("sigmoid", "tanh"))
     if activate == "tanh":
         return torch.tanh(beta * torch.abs(diff)) ** gamma
-    if activate == "sigmoid":
-        return (2 * torch.sigmoid(beta * torch.abs(diff)) - 1) ** gamma
-    raise ValueError(f"activate must be 'sigmoid' or 'tanh', got {activate!r}")
+    return (2 * torch.sigmoid(beta * torch.abs(diff)) - 1) ** gamma
 
 
 def weighted_mse_loss(inputs, targets, weights=None):
@@ -96,7 +87,7 @@ def weighted_huber_loss(inputs, targets, weights=None, beta=1.0):
     would divide by zero in the backward pass); a negative ``beta`` raises ValueError.
     """
     _pair(inputs, targets)
-    beta = _positive("beta", beta, allow_zero=True)
+    beta = validate.real("beta", beta, 0.0)
     l1 = torch.abs(inputs - targets)
     if beta == 0:
         return _reduce(l1, weights)

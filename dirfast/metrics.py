@@ -3,45 +3,47 @@ bin-uniform ("balanced") errors."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 
+from . import _validate as validate
 from .binning import Binning, GridBinning
 
 __all__ = ["REGIONS", "shot_metrics", "balanced_mae", "balanced_mse"]
 
 
-def _numpy(name: str, values) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        values = values.detach().cpu().double().numpy()
-    try:
-        array = np.asarray(values, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a tensor or an array of real numbers ({exc})") from None
+def _values(name: str, values) -> np.ndarray:
+    """``values`` as a float64 array of their own shape, refused when not all finite."""
+    tensor = validate.readable(name, validate.real_tensor(name, values))
+    array = tensor.detach().cpu().to(torch.float64).numpy()
     if not np.all(np.isfinite(array)):
         raise ValueError(f"{name} must be finite: found NaN or infinite values")
     return array
 
 
 def _rows(name: str, values: np.ndarray, dim: int) -> np.ndarray:
-    """Flat values as ``[N, dim]`` rows (a GridBinning's labels)."""
-    if values.size % dim:
-        raise ValueError(f"{name} must be [N, {dim}] for a grid of {dim} dimensions, got {values.size} values")
-    return values.reshape(-1, dim)
+    """``values`` as the ``[N, dim]`` rows of a GridBinning's labels (``[N]`` too when dim is 1)."""
+    if values.ndim == 2 and values.shape[1] == dim:
+        return values
+    if values.ndim == 1 and dim == 1:
+        return values[:, None]
+    raise ValueError(f"{name} must be [N, {dim}] for a grid of {dim} dimensions, got shape {values.shape}")
 
 
 def _samples(preds, labels, binning):
     """``(labels, errors)`` of one set of samples, checked: the labels as ``[N, d]`` rows for a
-    GridBinning, and one error per sample (``pred - label`` on one dimension, the Euclidean
-    distance over a grid of several)."""
-    preds, labels = _numpy("preds", preds), _numpy("labels", labels)
-    if preds.shape != labels.shape:
-        raise ValueError(f"preds and labels must have the same number of values, got {preds.size} and {labels.size}")
+    GridBinning (flat otherwise), and one error per sample (``pred - label`` on one dimension,
+    the Euclidean distance over a grid of several)."""
+    preds, labels = _values("preds", preds), _values("labels", labels)
     if not isinstance(binning, GridBinning):
+        preds, labels = preds.reshape(-1), labels.reshape(-1)
+        if preds.shape != labels.shape:
+            raise ValueError(f"preds and labels must have the same number of values, got {preds.size} and "
+                             f"{labels.size}")
         return labels, preds - labels
     preds, labels = _rows("preds", preds, binning.ndim), _rows("labels", labels, binning.ndim)
+    if preds.shape != labels.shape:
+        raise ValueError(f"preds and labels must have the same shape, got {preds.shape} and {labels.shape}")
     errors = preds - labels
     return labels, errors[:, 0] if binning.ndim == 1 else np.sqrt(np.sum(errors ** 2, axis=1))
 
@@ -58,26 +60,21 @@ def _region(errors: np.ndarray) -> dict:
 REGIONS = ("many", "median", "low")
 
 
-def _threshold(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or math.isnan(value):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
-
-
 def _region_of_bins(regions, num_bins: int) -> np.ndarray:
     """Region index (0 many, 1 median, 2 low) of each bin from ``{"many": bins, ...}``; bins
     that no region lists are few-shot, as in the published STS-B-DIR evaluator."""
-    if not isinstance(regions, dict) or not set(regions) <= set(REGIONS):
-        raise ValueError(f"regions must be a dict with keys among {REGIONS}, got {regions!r}")
+    if not isinstance(regions, dict):
+        raise TypeError(f"regions must be a dict of bin lists, got {type(regions).__name__}")
+    if not set(regions) <= set(REGIONS):
+        raise ValueError(f"regions must have keys among {REGIONS}, got {list(regions)!r}")
     of_bin = np.full(num_bins, 2)
     listed = set()
     for index, name in enumerate(REGIONS):
         for b in regions.get(name, ()):
-            if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or not 0 <= b < num_bins:
-                raise ValueError(f"regions[{name!r}] must hold bin indices in [0, {num_bins}), got {b!r}")
-            if int(b) in listed:
-                raise ValueError(f"bin {b} is listed in more than one region")
-            listed.add(int(b))
+            b = validate.integer(f"regions[{name!r}]", b, 0, num_bins - 1)
+            if b in listed:
+                raise ValueError(f"regions list bin {b} in more than one region")
+            listed.add(b)
             of_bin[b] = index
     return of_bin
 
@@ -106,9 +103,9 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
 
     Returns ``{"many" | "median" | "low" | "overall": {"mse", "l1", "gmean"}}`` of floats.
     """
-    labels, errors = _samples(preds, labels, binning)
     if binning is not None and not isinstance(binning, (Binning, GridBinning)):
         raise TypeError(f"binning must be None or a dirfast.Binning or GridBinning, got {type(binning).__name__}")
+    labels, errors = _samples(preds, labels, binning)
     if regions is not None:
         if binning is None:
             raise ValueError("regions are bin lists: pass the binning they refer to")
@@ -116,13 +113,12 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
     else:
         if train_labels is None:
             raise TypeError("shot_metrics() needs train_labels (or regions)")
-        many, low = _threshold("many_shot_thr", many_shot_thr), _threshold("low_shot_thr", low_shot_thr)
+        many, low = validate.real("many_shot_thr", many_shot_thr), validate.real("low_shot_thr", low_shot_thr)
         if low > many:
             raise ValueError(f"low_shot_thr ({low_shot_thr}) must not exceed many_shot_thr ({many_shot_thr}): "
                              "the regions would overlap")
-        train = _numpy("train_labels", train_labels)
-        if isinstance(binning, GridBinning):
-            train = _rows("train_labels", train, binning.ndim)
+        train = _values("train_labels", train_labels)
+        train = _rows("train_labels", train, binning.ndim) if isinstance(binning, GridBinning) else train.reshape(-1)
         if binning is None:
             test_keys, train_keys = labels, train.astype(int)
         else:
@@ -141,11 +137,11 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
 
 def _balanced_error(preds, labels, binning, power: int) -> float:
     """The mean over the bins holding test labels of each bin's mean ``error ** power``."""
+    if not isinstance(binning, (Binning, GridBinning)):
+        raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
     labels, errors = _samples(preds, labels, binning)
     if labels.size == 0:
         raise ValueError("preds and labels must not be empty: a balanced error needs at least one bin")
-    if not isinstance(binning, (Binning, GridBinning)):
-        raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
     bins = binning(labels, precision="float32").numpy()
     total = np.bincount(bins, weights=np.abs(errors) ** power, minlength=binning.num_bins)
     count = np.bincount(bins, minlength=binning.num_bins)

@@ -12,13 +12,15 @@ from __future__ import annotations
 import math
 from typing import Mapping
 
-import numpy as np
 import torch
 
+from . import _validate as validate
 from . import ops
-from .binning import Binning, as_label_tensor, finite_label_values
+from .binning import MAX_BINS, Binning
 
-__all__ = ["GaussianMixture", "fit_gmm"]
+__all__ = ["GaussianMixture", "fit_gmm", "COVARIANCE_TYPES"]
+
+COVARIANCE_TYPES = ("full", "diag", "spherical", "tied")  # scikit-learn's layouts of covariances_
 
 
 class GaussianMixture:
@@ -30,27 +32,27 @@ class GaussianMixture:
     ``covariances_`` of any covariance type).
     """
 
-    def __init__(self, means, variances, weights) -> None:
+    def __init__(self, means, variances, weights, *, covariance_type: str | None = None) -> None:
         def table(name, value):
-            try:
-                return torch.as_tensor(np.asarray(value, dtype=np.float64) if not isinstance(value, torch.Tensor)
-                                       else value.detach().cpu(), dtype=torch.float64).clone()
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"{name} must be an array of real numbers ({exc})") from None
+            value = validate.readable(name, validate.real_tensor(name, value))
+            return value.detach().cpu().to(torch.float64).clone()
 
         means, variances, weights = table("means", means), table("variances", variances), table("weights", weights)
+        if covariance_type is not None:
+            validate.choice("covariance_type", covariance_type, COVARIANCE_TYPES)
         if weights.dim() != 1 or weights.numel() == 0:
             raise ValueError(f"weights must be 1-D with at least one component, got shape {tuple(weights.shape)}")
         k = weights.shape[0]
         if means.dim() == 1:
             means = means.unsqueeze(1)
-        if means.dim() != 2 or means.shape[0] != k:
+        if means.dim() != 2 or means.shape[0] != k or means.shape[1] == 0:
             raise ValueError(f"means must be [K] or [K, d] with K={k} (the length of weights), got shape "
                              f"{tuple(means.shape)}")
         d = means.shape[1]
-        variances = _covariances(variances, k, d)
-        if not (torch.isfinite(means).all() and torch.isfinite(variances).all() and torch.isfinite(weights).all()):
-            raise ValueError("means, variances and weights must be finite")
+        variances = _covariances(variances, k, d, covariance_type)
+        for name, value in (("means", means), ("variances", variances), ("weights", weights)):
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{name} must be finite")
         if bool((weights < 0).any()) or not float(weights.sum()) > 0:
             raise ValueError("weights must be non-negative with a positive sum")
         try:
@@ -60,11 +62,22 @@ class GaussianMixture:
         self.means, self.variances, self.weights = means, variances, weights / weights.sum()
 
     @classmethod
-    def from_dict(cls, gmm: Mapping) -> "GaussianMixture":
-        """From a mapping with ``means``, ``variances`` and ``weights`` (the published pickle)."""
-        if not isinstance(gmm, Mapping) or not {"means", "variances", "weights"} <= set(gmm):
-            raise ValueError("gmm must be a GaussianMixture or a dict with 'means', 'variances' and 'weights'")
-        return cls(gmm["means"], gmm["variances"], gmm["weights"])
+    def from_dict(cls, gmm: Mapping, *, covariance_type: str | None = None) -> "GaussianMixture":
+        """From a mapping with ``means``, ``variances`` and ``weights`` (the published pickle).
+        ``covariance_type`` (scikit-learn's: ``"full"``, ``"diag"``, ``"spherical"``, ``"tied"``)
+        says how ``variances`` is laid out; it is needed only when the shape does not tell."""
+        if not isinstance(gmm, Mapping):
+            raise TypeError(f"gmm must be a GaussianMixture or a dict with 'means', 'variances' and 'weights', "
+                            f"got {type(gmm).__name__}")
+        missing = [key for key in ("means", "variances", "weights") if key not in gmm]
+        if missing:
+            raise ValueError(f"gmm must hold 'means', 'variances' and 'weights'; it has no {missing[0]!r}")
+        if covariance_type is not None:
+            validate.choice("covariance_type", covariance_type, COVARIANCE_TYPES)
+        try:
+            return cls(gmm["means"], gmm["variances"], gmm["weights"], covariance_type=covariance_type)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"gmm: {exc}") from None
 
     @property
     def num_components(self) -> int:
@@ -75,8 +88,13 @@ class GaussianMixture:
         return self.means.shape[1]
 
     def log_prob(self, x) -> torch.Tensor:
-        """The mixture's log density at each row of ``x`` (``[N, d]``, or ``[N]`` when d = 1)."""
-        x = torch.as_tensor(x, dtype=torch.float64).reshape(-1, self.dim)
+        """The mixture's log density (float64, CPU) at each row of ``x``: ``[N, d]``; for d = 1
+        any shape, every element a point."""
+        x = validate.readable("x", validate.real_tensor("x", x)).detach().cpu().to(torch.float64)
+        if self.dim > 1 and (x.dim() != 2 or x.shape[1] != self.dim):
+            raise ValueError(f"x must be [N, {self.dim}] for a mixture in {self.dim} dimensions, got shape "
+                             f"{tuple(x.shape)}")
+        x = x.reshape(-1, self.dim)
         return torch.logsumexp(log_component_densities(x, self.weights, self.means, self.variances), dim=1)
 
     def state_dict(self) -> dict:
@@ -86,25 +104,30 @@ class GaussianMixture:
         return f"GaussianMixture({self.num_components} components, dim={self.dim})"
 
 
-def _covariances(variances: torch.Tensor, k: int, d: int) -> torch.Tensor:
+def _covariances(variances: torch.Tensor, k: int, d: int, covariance_type: str | None) -> torch.Tensor:
     """``[K, d, d]`` covariances from scikit-learn's full ``[K, d, d]``, diagonal ``[K, d]``,
-    spherical ``[K]`` or tied ``[d, d]`` layouts (d = 1: any of ``[K]``, ``[K, 1]``, ``[K, 1, 1]``)."""
+    spherical ``[K]`` or tied ``[d, d]`` layouts (d = 1: any of ``[K]``, ``[K, 1]``, ``[K, 1, 1]``).
+    With K == d > 1 a ``[d, d]`` table is diagonal or tied: ``covariance_type`` must say which."""
+    layouts = {"full": (k, d, d), "diag": (k, d), "spherical": (k,), "tied": (d, d)}
     shape = tuple(variances.shape)
-    if shape == (k, d, d):
-        return variances
-    if shape == (k, d):
+    if covariance_type is None:
+        fits = [name for name, layout in layouts.items() if layout == shape]
+        if not fits:
+            raise ValueError(f"variances must be [K, d, d], [K, d], [K] or [d, d] with K={k}, d={d}, got shape {shape}")
+        if d > 1 and len(fits) > 1:
+            raise ValueError(f"variances of shape {shape} are either {' or '.join(fits)} covariances (K = d = {d}): "
+                             f"pass covariance_type={fits[0]!r} or {fits[1]!r}")
+        covariance_type = fits[0]
+    elif shape != layouts[covariance_type]:
+        raise ValueError(f"variances of shape {shape} are not covariance_type={covariance_type!r}, whose shape is "
+                         f"{layouts[covariance_type]}")
+    if covariance_type == "diag":
         return torch.diag_embed(variances)
-    if shape == (k,):
+    if covariance_type == "spherical":
         return variances[:, None, None] * torch.eye(d, dtype=torch.float64)
-    if shape == (d, d):
+    if covariance_type == "tied":
         return variances.expand(k, d, d).clone()
-    raise ValueError(f"variances must be [K, d, d], [K, d], [K] or [d, d] with K={k}, d={d}, got shape {shape}")
-
-
-def _count(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
+    return variances
 
 
 def fit_gmm(labels, num_components: int = 8, *, max_iter: int = 100, tol: float = 1e-3,
@@ -123,14 +146,12 @@ def fit_gmm(labels, num_components: int = 8, *, max_iter: int = 100, tol: float 
     Starts from the label quantiles (means of K equal-count groups), so the same labels give the
     same mixture on every run.
     """
-    num_components = _count("num_components", num_components, 1)
-    max_iter = _count("max_iter", max_iter, 1)
-    num_bins = _count("num_bins", num_bins, 1)
-    for name, value in (("tol", tol), ("reg_covar", reg_covar)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    labels = as_label_tensor(labels)
-    values = finite_label_values(labels)
+    num_components = validate.integer("num_components", num_components, 1)
+    max_iter = validate.integer("max_iter", max_iter, 1)
+    num_bins = validate.integer("num_bins", num_bins, 1, MAX_BINS)
+    tol, reg_covar = validate.real("tol", tol, 0.0), validate.real("reg_covar", reg_covar, 0.0)
+    labels = validate.real_tensor("labels", labels)
+    values = validate.finite_values("labels", labels)
     if labels.dim() == 2 and labels.shape[1] > 1:
         points = values.reshape(labels.shape).cpu()
         counts = torch.ones(points.shape[0], dtype=torch.float64)
@@ -138,16 +159,24 @@ def fit_gmm(labels, num_components: int = 8, *, max_iter: int = 100, tol: float 
     else:
         points, counts, spread = _histogram(values, num_bins)
     if counts.sum() < num_components:
-        raise ValueError(f"fitting {num_components} components needs at least as many labels, got {int(counts.sum())}")
-    return _em(points, counts, spread, num_components, max_iter, float(tol), float(reg_covar))
+        raise ValueError(f"num_components ({num_components}) must not exceed the number of labels "
+                         f"({int(counts.sum())})")
+    try:
+        return _em(points, counts, spread, num_components, max_iter, tol, reg_covar)
+    except torch.linalg.LinAlgError:
+        shape = "are all equal" if points.shape[1] == 1 else "are all equal or lie on a line or plane"
+        raise ValueError(f"a component's covariance is singular (the labels it holds {shape}) and "
+                         f"reg_covar={reg_covar:g} does not lift it: pass reg_covar > 0 (scikit-learn's default "
+                         f"is 1e-6)") from None
 
 
 def _histogram(values: torch.Tensor, num_bins: int):
     """Occupied bins of scalar labels (flat, float64, finite): (mean [G, 1], count [G],
     within-bin variance [G, 1, 1])."""
     low, high = float(values.min()), float(values.max())
-    if low == high:
-        high = low + 1.0
+    if low == high:  # one occupied bin, whatever the magnitude of the labels
+        return values[:1].reshape(1, 1).cpu(), torch.tensor([float(values.numel())], dtype=torch.float64), \
+            torch.zeros(1, 1, 1, dtype=torch.float64)
     bins = Binning.uniform(low, high, num_bins)(values)
     count, mean, var = ops.bin_stats(values.reshape(-1, 1), bins, num_bins)
     count = count.to(torch.float64).cpu()

@@ -152,4 +152,4 @@ def get(name: str) -> Preset:
     for preset_name, preset in PRESETS.items():
         if key(name) == key(preset_name):
             return preset
-    raise ValueError(f"unknown dataset {name!r}: the presets are {list(PRESETS)}")
+    raise ValueError(f"name must be one of the presets {list(PRESETS)}, got {name!r}")

@@ -7,30 +7,25 @@ not a runtime dependency. The tests check them against scipy.
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
+
+from . import _validate as validate
 
 __all__ = ["KERNELS", "get_lds_kernel_window", "kernel_window"]
 
 KERNELS = ("gaussian", "triang", "laplace")
-
 
 MAX_KS = 1 << 20
 MAX_SIGMA = 1e6  # a Gaussian of radius 4e6 taps (scipy's truncate=4): 64 MB of weights
 
 
 def _check(kernel, ks, sigma) -> None:
-    if not isinstance(kernel, str) or kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if isinstance(ks, bool) or not isinstance(ks, (int, np.integer)) or not 1 <= ks <= MAX_KS or ks % 2 == 0:
-        raise ValueError(f"ks must be a positive odd int of at most {MAX_KS}, got {ks!r}")
-    if kernel == "triang":
-        return  # triang takes no sigma (the published code ignores it)
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.integer, np.floating)):
-        raise TypeError(f"sigma must be a real number, got {type(sigma).__name__}")
-    if not (0 < sigma <= MAX_SIGMA):
-        raise ValueError(f"sigma must be positive and at most {MAX_SIGMA:g}, got {sigma!r}")
+    validate.choice("kernel", kernel, KERNELS)
+    if validate.integer("ks", ks, 1, MAX_KS) % 2 == 0:
+        raise ValueError(f"ks must be odd, got {ks!r}")
+    if kernel != "triang":  # triang takes no sigma (the published code ignores it)
+        validate.real("sigma", sigma, 0.0, MAX_SIGMA, above=True)
 
 
 def _gaussian_filter1d_of_delta(ks: int, sigma: float, dtype) -> np.ndarray:
@@ -126,8 +121,7 @@ def kernel_window(kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
     Raises ValueError for an unknown kernel, an even or non-positive ``ks``, a non-positive
     ``sigma``, or an unknown ``normalize``.
     """
-    if normalize not in ("max", "sum"):
-        raise ValueError(f"normalize must be 'max' or 'sum', got {normalize!r}")
+    validate.choice("normalize", normalize, ("max", "sum"))
     _check(kernel, ks, sigma)
     window = get_lds_kernel_window(kernel, ks, sigma) if normalize == "max" else _fds_window(kernel, ks, sigma)
     return torch.as_tensor(np.asarray(window, dtype=np.float64))

@@ -2,6 +2,8 @@
 published functions (tests/published_balanced_mse.py): losses and gradients in the predictions
 and the noise scale, 1-D and multi-dimensional; the priors built from LDS and fitted mixtures."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -246,3 +248,113 @@ def test_modules_compile_fullgraph(name):
         results.append((loss.detach(), p.grad, module.noise_sigma.grad.clone()))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+# -- the functions check what the modules check ---------------------------------------------------
+@pytest.mark.parametrize("name, centers, weights", [
+    ("negative weight", [0.0, 1.0, 2.0], [1.0, -1.0, 1.0]), ("NaN weight", [0.0, 1.0, 2.0], [1.0, float("nan"), 1.0]),
+    ("all weights 0", [0.0, 1.0, 2.0], [0.0, 0.0, 0.0]), ("NaN centre", [0.0, float("nan"), 2.0], [1.0, 1.0, 1.0])])
+def test_bni_loss_refuses_the_histograms_its_module_refuses(name, centers, weights):
+    """bni_loss used to return -inf or NaN where BNILoss raised: both raise, with one message."""
+    pred, target = batch((16, 1), seed=26, device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="bucket_") as functional:
+        bni_loss(pred, target, 1.0, torch.tensor(centers), torch.tensor(weights))
+    with pytest.raises(ValueError) as module:
+        BNILoss(1.0, torch.tensor(centers), torch.tensor(weights))
+    assert str(functional.value) == str(module.value)
+
+
+LOSSES = {"bmc": lambda p, t, nv: bmc_loss(p, t, nv),
+          "bni": lambda p, t, nv: bni_loss(p, t, nv, torch.linspace(-4, 6, 21), torch.ones(21)),
+          "gai": lambda p, t, nv: gai_loss(p, t, mixture(3, 1, seed=27), nv)}
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_noise_var_is_checked_against_the_prediction_dtype(name):
+    """A float32 loss cannot hold noise_var 1e39 (inf) or 1e-50 (0): refused there, valid with
+    float64 predictions. The float32 range's ends, sqrt(tiny) and sqrt(max), give finite losses."""
+    loss = LOSSES[name]
+    pred32, target32 = batch((32, 1), seed=28, device="cpu", dtype=torch.float32)
+    pred64, target64 = batch((32, 1), seed=28, device="cpu", dtype=torch.float64)
+    for value in (1e39, 1e-50):
+        with pytest.raises(ValueError, match="noise_var"):
+            loss(pred32, target32, value)
+        assert torch.isfinite(loss(pred64, target64, value))
+    info = torch.finfo(torch.float32)
+    for value in (math.sqrt(info.tiny), math.sqrt(info.max)):
+        assert torch.isfinite(loss(pred32, target32, value))
+
+
+@pytest.mark.parametrize("make", [lambda s: BMCLoss(s), lambda s: BNILoss(s, torch.arange(3.0), torch.ones(3)),
+                                  lambda s: GAILoss(s, mixture(2, 1, seed=29))], ids=["bmc", "bni", "gai"])
+def test_module_noise_sigma_is_checked_against_its_float32_parameter(make):
+    """noise_sigma is a float32 parameter, and its square the noise variance: 1e20 squared
+    overflows float32 (the loss was inf), 1e-25 squared underflows it (NaN)."""
+    for sigma in (1e20, 1e-25):
+        with pytest.raises(ValueError, match="init_noise_sigma"):
+            make(sigma)
+    pred, target = batch((32, 1), seed=30, device="cpu", dtype=torch.float32)
+    info = torch.finfo(torch.float32)
+    for sigma in (info.tiny ** 0.25, info.max ** 0.25):
+        assert torch.isfinite(make(sigma)(pred, target))
+
+
+def test_bni_from_lds_refuses_a_grid():
+    """BNI's histogram has one dimension; an LDS over a GridBinning raised an AttributeError."""
+    grid = dirfast.GridBinning(dirfast.Binning.integer(3), dirfast.Binning.integer(4))
+    lds = dirfast.LDS(grid).fit(torch.tensor([[1.0, 2.0], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="lds must be over a Binning"):
+        BNILoss.from_lds(lds)
+
+
+# -- mixtures ------------------------------------------------------------------------------------------
+def test_log_prob_takes_rows_of_the_mixture_dimension():
+    """A 2-D mixture at x [4, 3] gave 6 values (the 12 numbers read as rows of 2): refused."""
+    gmm = GaussianMixture(torch.zeros(2, 2), torch.ones(2, 2), torch.ones(2), covariance_type="diag")
+    x = torch.randn(4, 2, generator=gen(31), dtype=torch.float64)
+    assert gmm.log_prob(x).shape == (4,)
+    for bad in (torch.randn(4, 3), x[:, 0], x.T):
+        with pytest.raises(ValueError, match=r"x must be \[N, 2\]"):
+            gmm.log_prob(bad)
+    scalar = GaussianMixture(torch.zeros(2), torch.ones(2), torch.ones(2))
+    assert scalar.log_prob(torch.zeros(3, 4)).shape == (12,)  # d = 1: every element a point
+
+
+def test_from_dict_asks_for_the_covariance_type_when_the_shape_does_not_tell():
+    """[d, d] variances with K == d are diagonal [K, d] or tied [d, d] covariances: from_dict
+    read them as diagonal; now it asks, and each type gives its covariances."""
+    table = torch.tensor([[1.0, 0.5], [0.5, 2.0]], dtype=torch.float64)
+    gmm = {"means": torch.zeros(2, 2), "variances": table, "weights": torch.ones(2)}
+    with pytest.raises(ValueError, match="covariance_type"):
+        GaussianMixture.from_dict(gmm)
+    tied = GaussianMixture.from_dict(gmm, covariance_type="tied")
+    assert torch.equal(tied.variances, table.expand(2, 2, 2))
+    diag = GaussianMixture.from_dict(gmm, covariance_type="diag")
+    assert torch.equal(diag.variances, torch.diag_embed(table))
+    three = GaussianMixture.from_dict(dict(gmm, means=torch.zeros(3, 2), weights=torch.ones(3)))  # K != d: tied
+    assert torch.equal(three.variances, table.expand(3, 2, 2))
+    with pytest.raises(ValueError, match="covariance_type='full'"):
+        GaussianMixture.from_dict(gmm, covariance_type="full")
+
+
+def test_mixture_weights_are_normalised():
+    """Weights that do not sum to 1 are normalised: the GAI loss does not shift by log(sum)."""
+    gmm = mixture(3, 1, seed=32)
+    scaled = dict(gmm, weights=gmm["weights"] * 7)
+    torch.testing.assert_close(GaussianMixture.from_dict(scaled).weights, gmm["weights"])
+    pred, target = batch((24, 1), seed=33, device="cpu", dtype=torch.float64)
+    torch.testing.assert_close(gai_loss(pred, target, scaled, 0.5), gai_loss(pred, target, gmm, 0.5))
+
+
+def test_fit_gmm_of_equal_labels():
+    """Equal labels are one occupied bin, whatever their magnitude (1.7e18 + 1 == 1.7e18 had
+    made an empty range); with reg_covar=0 their variance is singular, which says so."""
+    for value in (3.0, 1.7e18):
+        fit = fit_gmm(torch.full((100,), value, dtype=torch.float64), 2)
+        assert float(fit.log_prob(torch.tensor([value], dtype=torch.float64))) > 0  # all the mass, variance reg_covar
+        assert float((fit.weights * fit.means.reshape(-1)).sum()) == pytest.approx(value, rel=1e-12)
+    with pytest.raises(ValueError, match="reg_covar > 0"):
+        fit_gmm(torch.full((100,), 3.0, dtype=torch.float64), 1, reg_covar=0)
+    line = torch.arange(100.0, dtype=torch.float64)
+    with pytest.raises(ValueError, match="reg_covar > 0"):
+        fit_gmm(torch.stack([line, 2 * line], 1), 2, reg_covar=0)

@@ -1,4 +1,4 @@
-"""dirfast.Binning against the published label -> bin rules of each path (SPEC.md, Binning).
+"""dirfast.Binning against the published label -> bin rules of each path.
 
 ``precision="labels"`` is np.histogram on the labels as they are (the STS-B-DIR LDS weights,
 tasks.py); ``precision="float32"`` casts each label to float32 and compares it with float32
@@ -150,3 +150,17 @@ def test_depth_buckets_match_the_published_rule():
     depth = torch.cat([depth, torch.arange(0, 101).float() / 10])
     expected = [oracle.published_nyud2_bin(np.float32(v)) for v in depth.tolist()]
     assert dirfast.Binning.integer(100, scale=10)(depth, precision="float32").tolist() == expected
+
+
+def test_ranges_a_precision_cannot_hold_say_so():
+    """numpy's "Too many bins for data range" and NaN bin counts became dirfast errors that say
+    what is wrong and what to do."""
+    narrow = dirfast.Binning.uniform(1.0, 1.0 + 1e-9, 10)  # float64 edges: fine
+    assert narrow(torch.tensor([1.0 + 5e-10], dtype=torch.float64)).tolist() == [5]
+    with pytest.raises(ValueError, match="precision='labels', or widen the range"):
+        narrow(torch.tensor([1.0], dtype=torch.float64), precision="float32")
+    for low, high in ((1.0, 1.0 + 1e-15), (-1e308, 1e308)):
+        with pytest.raises(ValueError, match=r"low=.* and high=.*: widen or rescale the range"):
+            dirfast.Binning.uniform(low, high, 10)
+    with pytest.raises(ValueError, match="labels span .*: rescale them"):
+        dirfast.Binning.auto(torch.tensor([-1e308, 0.0, 1e308], dtype=torch.float64))

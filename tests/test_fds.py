@@ -1,4 +1,4 @@
-"""dirfast.FDS against the published module (tests/published.py PublishedFDS) and SPEC.md."""
+"""dirfast.FDS against the published module (tests/published.py PublishedFDS) and its quirks."""
 
 import copy
 
@@ -138,9 +138,9 @@ def test_fds_momentum_none_is_running_average():
     torch.testing.assert_close(fds.num_samples_tracked, torch.tensor([6.0, 3, 3, 9]))
 
 
-# =========================================================================== SPEC quirks
+# =========================================================================== published quirks
 def test_fds_snapshot_aliasing_default():
-    """SPEC QUIRK: running_*_last_epoch = running_* without a copy, so after the snapshot the
+    """Published quirk: running_*_last_epoch = running_* without a copy, so after the snapshot the
     last-epoch statistics follow every later running update; the smoothed ones do not."""
     fds = dirfast.FDS(3, bucket_num=8, bucket_start=0)
     labels = labels_with_edges(60, 0, 8, seed=1)
@@ -393,8 +393,9 @@ def test_fds_fill_empty_off_by_default():
 
 
 def test_fds_out_of_range_labels_clamped_without_edge():
-    """dirfast clamps always (SPEC): labels below bucket_start join the first bucket even when
-    no label sits on it (the published module would skip them)."""
+    """dirfast clamps always, where it differs from the published code on purpose: labels below
+    bucket_start join the first bucket even when no label sits on it (the published module would
+    skip them)."""
     fds = dirfast.FDS(2, bucket_num=8, bucket_start=3)
     labels = torch.tensor([0.0, 1, 2, 5, 5, 6, 11, 20])
     x = features(8, 2, 3)

@@ -159,3 +159,21 @@ def test_shot_metrics_over_a_grid():
         assert got[name]["gmean"] == pytest.approx(np.exp(np.mean(np.log(values))), rel=1e-12)
     one = dirfast.metrics.shot_metrics(preds[:, :1], test[:, :1], train[:, :1], 400, 300, GridBinning(B0))
     assert one == dirfast.metrics.shot_metrics(preds[:, 0], test[:, 0], train[:, 0], 400, 300, B0)  # no empty region
+
+
+def test_grid_metrics_check_shapes_before_flattening():
+    """Over a grid of d dimensions every array is [N, d]: a transposed [d, N] prediction, training
+    labels [N, 3] for a 2-D grid, or [N, 4] on a 2-D grid held the right number of values and
+    gave numbers; they are refused, each naming its argument."""
+    grid = GridBinning(B0, B1)
+    test, train = labels(40, seed=11, dims=2), labels(300, seed=12, dims=2)
+    preds = test + 0.1
+    sm, bmae, bmse = dirfast.metrics.shot_metrics, dirfast.metrics.balanced_mae, dirfast.metrics.balanced_mse
+    for call, name in ((lambda: sm(preds.T, test, train, binning=grid), "preds"),
+                       (lambda: bmae(preds.T, test, grid), "preds"),
+                       (lambda: sm(preds, test, torch.cat([train, train[:, :1]], 1), binning=grid), "train_labels"),
+                       (lambda: bmse(preds.reshape(-1, 4), test.reshape(-1, 4), grid), "preds")):
+        with pytest.raises(ValueError, match=fr"{name} must be \[N, 2\]"):
+            call()
+    one = GridBinning(B0)  # one dimension: [N] is [N, 1]
+    assert bmae(preds[:, 0], test[:, 0], one) == bmae(preds[:, :1], test[:, :1], one)

@@ -84,7 +84,7 @@ def test_lds_weights_device_and_shape(device):
 
 
 def test_lds_inverse_truncation_quirk():
-    """SPEC QUIRK: with 'inverse' the smoothed base is an int64 array, so scipy truncates each
+    """Published quirk: with 'inverse' the smoothed base is an int64 array, so scipy truncates each
     smoothed value toward zero; the published weights depend on it."""
     labels = np.array([3] * 10 + [4] * 7 + [6] * 20 + [8] * 3, dtype=np.float32)
     num_bins = 10
@@ -195,3 +195,38 @@ def test_lds_state_dict_round_trip(reweight, tmp_path):
     est.update(labels[:100])
     assert not torch.equal(other.empirical, est.empirical)
 
+
+def test_bins_the_fit_never_saw_weigh_as_the_sparsest_bin():
+    """Without smoothing, a bin with no training label has effective value 0: its labels get the
+    weight of the sparsest non-empty bin (not an infinite one, nor the densest bin's)."""
+    labels = torch.tensor([1.0] * 9 + [2.0] * 4 + [3.0])
+    for reweight in ("sqrt_inv", "inverse"):
+        est = dirfast.LDS(dirfast.Binning.integer(10), reweight=reweight, lds=False, inverse_clip=None).fit(labels)
+        weights = est.weights(torch.tensor([7.0, 3.0, 1.0]))
+        assert weights[0] == weights[1] and weights[1] > weights[2], reweight
+
+
+def test_state_dict_keeps_the_settings_of_the_fit():
+    """A state carries every setting its counts were smoothed with: a symmetric-padded LDS's
+    state does not load into a constant-padded one (its weights differ at the edges)."""
+    labels = age_labels(500, seed=13)
+    symmetric = dirfast.LDS(dirfast.Binning.integer(121), padding="symmetric").fit(labels)
+    state = symmetric.state_dict()
+    for key, value in (("padding", "symmetric"), ("bucket_start", 0), ("sigma", 2.0), ("reweight", "sqrt_inv")):
+        assert state[key] == value
+    constant = dirfast.LDS(dirfast.Binning.integer(121))
+    with pytest.raises(ValueError, match="padding"):
+        constant.load_state_dict(state)
+    with pytest.raises(RuntimeError, match="fit"):  # still unfitted
+        constant.weights(labels)
+
+
+def test_load_refuses_a_state_fitted_on_nothing():
+    """All-zero counts marked fitted made diagnostics() NaN: such a state is refused, and the
+    LDS keeps its fit."""
+    est = dirfast.LDS(dirfast.Binning.integer(121)).fit(age_labels(300, seed=14))
+    before = est.state_dict()
+    with pytest.raises(ValueError, match="are all 0"):
+        est.load_state_dict(dict(before, counts=torch.zeros(121, dtype=torch.float64)))
+    assert torch.equal(est.empirical, before["counts"])
+    assert all(torch.isfinite(column).all() for column in est.diagnostics().values())

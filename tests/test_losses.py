@@ -1,4 +1,4 @@
-"""dirfast.losses against the SPEC formulas (oracle) and the published signatures."""
+"""dirfast.losses against the published formulas (oracle) and the published signatures."""
 
 import inspect
 

@@ -115,6 +115,17 @@ def test_shot_metrics_binning_for_continuous_labels():
         assert got[region]["gmean"] == pytest.approx(gmean(np.abs(e)), rel=1e-6)
 
 
+def test_shot_metrics_unlisted_bins_are_few_shot():
+    """With fixed regions (regions=), a bin no region lists is few-shot, as the published
+    STS-B-DIR evaluator counts it: not medium-shot."""
+    binning = dirfast.Binning.integer(10)
+    labels = np.array([1.0, 2.0, 5.0, 7.0])
+    preds = labels + np.array([1.0, 2.0, 3.0, 4.0])
+    got = dirfast.metrics.shot_metrics(preds, labels, binning=binning, regions={"many": [1], "median": [2]})
+    assert got["many"]["l1"] == 1.0 and got["median"]["l1"] == 2.0
+    assert got["low"]["l1"] == pytest.approx(3.5)  # bins 5 and 7, unlisted
+
+
 def test_shot_metrics_exact_prediction_gmean_zero():
     """An exact prediction makes the region's geometric mean 0 (scipy's gmean), not an error."""
     train = np.array([10.0] * 150 + [11.0] * 50)

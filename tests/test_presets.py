@@ -58,6 +58,14 @@ def test_stsb_fds_is_the_published_module():
             torch.testing.assert_close(getattr(fds, name), getattr(pub, name), rtol=2e-5, atol=2e-5)
 
 
+def test_agedb_lds_weights():
+    """AgeDB-DIR's LDS smooths all 121 age bins (datasets.py _prepare_weights): its LDS starts at
+    bin 0, not at FDS's bucket_start of 3, so ages 0 to 2 keep bins of their own."""
+    ages = np.concatenate([np.random.default_rng(9).integers(0, 101, 2000), [0, 1, 1, 2]]).astype(np.float32)
+    expected = oracle.published_lds_weights_integer(ages, "sqrt_inv", lds=True)
+    np.testing.assert_allclose(AGEDB_DIR.lds_weights(ages), expected, rtol=1e-6, atol=0)
+
+
 def nyud2_depths(counts):
     """Depths with ``counts[b]`` pixels in each 0.1 m bucket b (at the bucket's centre)."""
     return torch.cat([torch.full((int(c),), (b + 0.5) / 10) for b, c in enumerate(counts) if c])

@@ -20,13 +20,13 @@ def test_lds_window_matches_published(kernel, ks, sigma):
     assert isinstance(got, np.ndarray)
     expected = oracle.lds_window(kernel, ks, sigma)
     assert got.shape == (ks,)
-    # LDS truncates smoothed counts (SPEC quirk), so the window must match to the last bits.
+    # LDS truncates smoothed counts (a quirk of the published code), so the window must match to the last bits.
     np.testing.assert_allclose(got, expected, rtol=1e-15, atol=0)
     assert got.max() == pytest.approx(1.0)
 
 
 def test_lds_gaussian_window_spec_fact():
-    """SPEC: ks=5, sigma=2 gives 0.858, 0.946, 1, 0.946, 0.858 (tails folded back by scipy's
+    """The published window: ks=5, sigma=2 gives 0.858, 0.946, 1, 0.946, 0.858 (tails folded back by scipy's
     reflect mode: NOT a sampled Gaussian)."""
     got = dirfast.get_lds_kernel_window("gaussian", 5, 2)
     np.testing.assert_array_equal(np.round(got, 3), [0.858, 0.946, 1.0, 0.946, 0.858])

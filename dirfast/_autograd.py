@@ -1,0 +1,43 @@
+"""Whether autograd allows an in-place write to a tensor, asked before anything is written."""
+
+from __future__ import annotations
+
+import torch
+
+
+def in_place_refusal(name: str, tensor: torch.Tensor):
+    """Why writing ``tensor`` in place would fail, now or in the backward pass (None when it
+    would not): a leaf that requires grad (or a view of one), or a tensor autograd saved."""
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and tensor.requires_grad):
+        return None
+    base = tensor._base if tensor._is_view() else tensor
+    if base.is_leaf:
+        return f"{name} is a leaf tensor that requires grad (or a view of one): autograd forbids writing it in place"
+    producer = saved_for_backward_by(tensor)
+    if producer is not None:
+        return (f"{name} was saved by autograd for the backward of {producer} (the output of a ReLU, sigmoid, "
+                f"tanh, ...): writing it in place would make the backward pass fail")
+    return None
+
+
+def saved_for_backward_by(tensor: torch.Tensor):
+    """The name of the autograd node that produced ``tensor`` (or its base) and saved it for its
+    backward, which an in-place write would break; None when there is none or grad is off.
+    (Not checked under torch.compile, which cannot trace the inspection of autograd nodes; there
+    the compiler raises autograd's own error.)"""
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and tensor.requires_grad):
+        return None
+    for t in (tensor, tensor._base):
+        node = getattr(t, "grad_fn", None)
+        if node is None:
+            continue
+        for name in dir(node):
+            if not name.startswith("_saved_"):
+                continue
+            try:
+                saved = getattr(node, name)
+            except RuntimeError:  # already freed, or not a tensor the node can give back
+                continue
+            if isinstance(saved, torch.Tensor) and saved.data_ptr() == t.data_ptr() and saved.shape == t.shape:
+                return type(node).__name__
+    return None

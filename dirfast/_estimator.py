@@ -1,0 +1,74 @@
+"""What the estimators fitted on the training labels (LDS, DenseWeight) share: a fit that
+replaces the previous one whole, a table derived from it and kept on each device it is asked
+for, and a state dict of the fit with the settings it was made with, loaded only once every
+value in it has been checked."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate as validate
+
+
+class FittedEstimator:
+    """A fit (``None`` before :meth:`fit`) and the per-device tables derived from it.
+
+    A subclass names its settings in ``_SETTINGS`` and implements ``_fit_labels(labels)`` (the
+    fit of the training labels, checked), ``_table()`` (the CPU table its per-sample values
+    are read from), ``_fit_state()`` and ``_fit_from_state(state, fitted)`` (the fit as state
+    dict entries, and back, checked: ValueError naming the key at fault; None when not fitted).
+    """
+
+    _SETTINGS: tuple = ()
+
+    def __init__(self) -> None:
+        self._fit = None
+        self._tables_on = {}  # device -> the table there, so no call copies it from the host again
+
+    def fit(self, labels):
+        """Fit ``labels`` (the whole training set; any shape) from scratch; returns ``self``.
+        A failed fit leaves the previous one as it was."""
+        self._set_fit(self._fit_labels(labels))
+        return self
+
+    def _set_fit(self, fit) -> None:
+        self._fit, self._tables_on = fit, {}
+
+    def _require_fit(self, what: str):
+        if self._fit is None:
+            raise RuntimeError(f"{type(self).__name__}.{what}() needs a fit: call fit(train_labels) first "
+                               "(or load_state_dict)")
+        return self._fit
+
+    def _table_on(self, device) -> torch.Tensor:
+        table = self._tables_on.get(device)
+        if table is None:
+            table = self._tables_on[device] = self._table().to(device)
+        return table
+
+    def state_dict(self) -> dict:
+        """The fit and the settings it was made with."""
+        state = {key: getattr(self, key) for key in self._SETTINGS}
+        state["fitted"] = self._fit is not None
+        state.update(self._fit_state())
+        return state
+
+    def load_state_dict(self, state) -> None:
+        """Restore a fit saved by :meth:`state_dict`; its settings must be this object's. Every
+        value is checked before anything changes: a failed load leaves the object as it was."""
+        owner = type(self).__name__
+        validate.state_mapping(state, owner)
+        for key in self._SETTINGS:
+            if key in state and _differs(state[key], getattr(self, key)):
+                raise ValueError(f"state_dict {key!r} is {state[key]!r}, this {owner} has {getattr(self, key)!r}")
+        fitted = state.get("fitted", True)
+        if not isinstance(fitted, bool):
+            raise ValueError(f"state_dict 'fitted' must be a bool, got {fitted!r}")
+        self._set_fit(self._fit_from_state(state, fitted))
+
+
+def _differs(saved, setting) -> bool:
+    try:
+        return bool(saved != setting)
+    except (TypeError, ValueError, RuntimeError):  # a tensor or an array saved in its place
+        return True

@@ -1,0 +1,175 @@
+"""The argument checks of dirfast's API, with one rule for the error a mistake gets.
+
+- **TypeError for a wrong type**: a str or None where a number belongs, a float or a bool where
+  an int belongs, a list where a tensor belongs, a tensor or array whose dtype is of the wrong
+  kind (integer, bool or complex where real floating values belong).
+- **ValueError for a wrong value or shape**: NaN or infinite, out of range, empty, the wrong
+  number of dimensions or elements, a tensor on another device (or on the meta device where
+  its values must be read), and an option that is not among those offered, whatever its type
+  (``kernel=3`` is an unknown kernel, as ``kernel="box"``).
+- A state dict that is not a mapping is a TypeError; a wrong entry in one (a missing key, a
+  tensor of another shape, a NaN, a setting that differs) is a ValueError, or the RuntimeError
+  of ``nn.Module.load_state_dict`` for a module.
+- RuntimeError only for a call the object's state does not allow yet (weights before a fit).
+
+Every message names the argument and says what it must be. A check runs before anything
+changes, so a failed call leaves every object as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import numpy as np
+import torch
+
+REAL_TYPES = (int, float, np.integer, np.floating)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _type_name(value) -> str:
+    return type(value).__name__
+
+
+def integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """An int (a bool is not one) in ``[low, high]``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {_type_name(value)}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if low is not None and high is not None else \
+            f">= {low}" if low is not None else f"<= {high}"
+        raise ValueError(f"{name} must be an int {bounds}, got {value!r}")
+    return int(value)
+
+
+def real(name: str, value, low: float | None = None, high: float | None = None, *,
+         above: bool = False, finite: bool = True) -> float:
+    """A real number (a bool is not one), not NaN, finite unless ``finite=False``, at least
+    ``low`` (above it with ``above``) and at most ``high``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, REAL_TYPES):
+        raise TypeError(f"{name} must be a real number, got {_type_name(value)}")
+    value = float(value)
+    if math.isnan(value) or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if above else value < low):
+        raise ValueError(f"{name} must be {'>' if above else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+    return value
+
+
+def positive(name: str, value) -> float:
+    """A finite real number above 0."""
+    return real(name, value, 0.0, above=True)
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
+    return bool(value)
+
+
+def choice(name: str, value, options):
+    """One of ``options`` (str): anything else is an unknown option, a ValueError."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+    return value
+
+
+def pair(name: str, value) -> tuple:
+    """``(low, high)``: two finite real numbers with ``0 <= low <= high``."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (low, high), got {value!r}")
+    low, high = (real(name, v) for v in value)
+    if not 0 <= low <= high:
+        raise ValueError(f"{name} must satisfy 0 <= low <= high, got {tuple(value)!r}")
+    return tuple(value)
+
+
+def tensor(name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(value)}")
+    return value
+
+
+def floating(name: str, value) -> torch.Tensor:
+    """A tensor of floating-point values."""
+    if not tensor(name, value).is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    return value
+
+
+def readable(name: str, value: torch.Tensor) -> torch.Tensor:
+    """A tensor whose values can be read (not on the meta device)."""
+    if value.is_meta:
+        raise ValueError(f"{name} is on the meta device, which holds no values to read")
+    return value
+
+
+def real_tensor(name: str, value) -> torch.Tensor:
+    """``value`` (a tensor, NumPy array or sequence of real numbers) as a real-valued tensor,
+    keeping the dtype of a tensor or array (their precision decides the published bins); lists
+    become float64 or int64."""
+    if not isinstance(value, torch.Tensor):
+        try:
+            array = np.asarray(value)
+        except Exception as exc:  # ragged lists and the like
+            raise TypeError(f"{name} must be a tensor or an array of real numbers ({exc})") from None
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must be real numbers, got an array of {array.dtype}")
+        value = torch.tensor(array.astype(array.dtype.newbyteorder("="), copy=False))
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be real numbers, got {value.dtype}")
+    return value
+
+
+def finite_values(name: str, value) -> torch.Tensor:
+    """``value`` (any shape) as a flat float64 tensor, refused when empty, not all finite, or
+    spread over more than float64 can subtract: what an estimator fitted on a whole training
+    set takes."""
+    values = readable(name, real_tensor(name, value)).detach().reshape(-1).to(torch.float64)
+    if values.numel() == 0:
+        raise ValueError(f"{name} must not be empty")
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"{name} must be finite: found NaN or infinite values")
+    low, high = float(values.min()), float(values.max())
+    if not math.isfinite(high - low):
+        raise ValueError(f"{name} span [{low:g}, {high:g}], a range float64 cannot hold: rescale them")
+    return values
+
+
+def state_mapping(value, owner: str) -> Mapping:
+    """A state dict (any mapping) given to ``owner.load_state_dict``."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"state must be a dict from {owner}.state_dict(), got {_type_name(value)}")
+    return value
+
+
+def checkpoint_errors(state_dict: Mapping, prefix: str, current: Mapping, strict: bool, owner: str,
+                      optional=()) -> list:
+    """What is wrong with a module's entries of ``state_dict`` (``current``: name -> tensor),
+    checked before anything is copied: missing keys (``strict``; never those of ``optional``),
+    values that are not tensors of real numbers of the current shape, or not finite. Messages
+    in the words of ``nn.Module.load_state_dict``."""
+    errors = []
+    for name, mine in current.items():
+        key = prefix + name
+        if key not in state_dict:
+            if strict and name not in optional:
+                errors.append(f'Missing key "{key}" in the {owner} state_dict.')
+            continue
+        saved = state_dict[key]
+        if not isinstance(saved, torch.Tensor):
+            errors.append(f'While copying the parameter named "{key}", expected torch.Tensor, '
+                          f"received {_type_name(saved)}.")
+        elif tuple(saved.shape) != tuple(mine.shape):
+            errors.append(f"size mismatch for {key}: copying a tensor with shape {tuple(saved.shape)} from "
+                          f"checkpoint, the shape in current model is {tuple(mine.shape)}.")
+        elif saved.is_complex() or saved.dtype == torch.bool:
+            errors.append(f"{key}: expected real numbers, got {saved.dtype}.")
+        elif saved.is_meta:
+            errors.append(f"{key}: the checkpoint holds a meta tensor, without values.")
+        elif saved.is_floating_point() and not bool(torch.isfinite(saved).all()):
+            errors.append(f"{key}: the checkpoint holds NaN or infinite values.")
+    return errors
