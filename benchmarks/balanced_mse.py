@@ -3,7 +3,7 @@
 
 BNI and GAI on ``[8, 1, 240, 320]`` depth predictions with K = 100 components, forward plus
 backward (in the predictions and the noise scale), for the published formulation
-(tests/published_balanced_mse.py: the ``[N, K]`` matrix), dirfast's loss on each backend that
+(benchmarks/published_balanced_mse.py: the ``[N, K]`` matrix), dirfast's loss on each backend that
 runs here (its fused ``mixture_logpdf``), and a clone of the predictions plus its backward-sized
 copy (the bandwidth yardstick). Per provider: median time, peak memory above the inputs (CPU:
 the process's resident high-water mark, reset before each provider after freed heap memory is
@@ -21,10 +21,10 @@ import os
 import statistics
 import time
 
-import published_balanced_mse as published  # tests/ is on the path (benchmarks/__init__.py)
 import torch
 
 import dirfast
+from benchmarks import published_balanced_mse as published
 from benchmarks.cases import cpu_model
 from dirfast.losses import bni_loss, gai_loss
 

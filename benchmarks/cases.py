@@ -2,7 +2,7 @@
 
 A *case* is an op at a size on a device; a *provider* is one implementation of it:
 
-* ``"published"`` -- the published-style per-bucket Python loop (``tests/published.py``, the tests' oracle);
+* ``"published"`` -- the published-style per-bucket Python loop (:mod:`benchmarks.published`);
 * ``"torch"`` -- plain vectorised PyTorch (:mod:`benchmarks.vectorised`);
 * one entry per dirfast backend available for the device (``"reference"``, ``"cpp"``,
   ``"triton"``, ``"cuda"``), called through ``dirfast.ops.<op>`` / ``dirfast.FDS`` inside
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from . import agedb
-from published import PublishedFDS, published_bin_stats, published_calibrate  # tests/published.py
+from .published import PublishedFDS, published_bin_stats, published_calibrate
 from .vectorised import TorchFDS, torch_bin_stats, torch_calibrate
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 [--out PATH]``.
 
 Fits :class:`dirfast.DenseWeight` (defaults: alpha 1, Silverman's bandwidth, 4096 grid points) on
-the AgeDB-DIR training ages and the STS-B-DIR training scores (``tests/real_labels.py``, float64),
+the AgeDB-DIR training ages and the STS-B-DIR training scores (``benchmarks/real_labels.py``, float64),
 and, when the package is installed, ``denseweight.DenseWeight`` with its defaults on the same
 labels. Prints a markdown table of p' and the weights at a few labels, and the largest and median
 differences over all training labels for alpha 0.5, 1 and 2, then (with the package) the median
@@ -19,10 +19,10 @@ import statistics
 import time
 
 import numpy as np
-import real_labels  # tests/ is on the path (benchmarks/__init__.py)
 import torch
 
 import dirfast
+from benchmarks import real_labels
 from benchmarks.cases import cpu_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

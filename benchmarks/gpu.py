@@ -23,6 +23,7 @@ same call replayed from a CUDA graph (GPU time alone, without the per-call host 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -32,8 +33,7 @@ import torch
 
 import dirfast
 
-from published import PublishedFDS  # tests/published.py
-from testing import deterministic  # tests/testing.py
+from benchmarks.published import PublishedFDS
 
 GOALS = {  # from the Triton and CUDA kernel issues
     "calibrate_bandwidth": 0.70,
@@ -41,6 +41,17 @@ GOALS = {  # from the Triton and CUDA kernel issues
     "smooth_speedup": 50.0,
     "epoch_speedup": 8.0,
 }
+
+
+@contextlib.contextmanager
+def deterministic():
+    """torch.use_deterministic_algorithms(True) for the enclosed code, then as it was."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 def time_ms(fn, warmup: int = 3, repeat: int = 20) -> float:

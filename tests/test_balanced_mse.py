@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dirfast
-import published_balanced_mse as published
+from benchmarks import published_balanced_mse as published
 from dirfast.losses import BMCLoss, BNILoss, GAILoss, bmc_loss, bni_loss, gai_loss
 from dirfast.mixture import GaussianMixture, fit_gmm
 from testing import DEVICES, gen

@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-import real_labels
-from benchmarks import accuracy, density_table
+from benchmarks import accuracy, density_table, real_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

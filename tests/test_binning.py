@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dirfast
-import oracle
+from benchmarks import published as oracle
 from testing import DEVICES, gen
 
 BINNINGS = {

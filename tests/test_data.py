@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import dirfast
-import oracle
-import real_labels
+from benchmarks import published as oracle
+from benchmarks import real_labels
 from dirfast.presets import AGEDB_DIR, STS_B_DIR
 from testing import gen
 

@@ -7,7 +7,7 @@ import torch
 
 import dirfast
 import oracle
-from published import PublishedFDS
+from benchmarks.published import PublishedFDS
 from testing import DEVICES, LOW_PRECISION, backend_device_params, dtype_params, gen, rand_int_labels, tol
 
 BUFFERS = ["epoch", "running_mean", "running_var", "running_mean_last_epoch", "running_var_last_epoch",

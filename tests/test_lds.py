@@ -6,7 +6,7 @@ import torch
 from scipy.ndimage import convolve1d
 
 import dirfast
-import oracle
+from benchmarks import published as oracle
 from testing import DEVICES, gen, skewed_int_labels
 
 KERNEL_SETTINGS = [("gaussian", 5, 2), ("triang", 5, 2), ("laplace", 5, 2), ("gaussian", 3, 1), ("laplace", 7, 3),

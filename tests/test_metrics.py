@@ -8,7 +8,7 @@ import torch
 from scipy.stats import gmean
 
 import dirfast
-import oracle
+from benchmarks import published as oracle
 from testing import gen, skewed_int_labels
 
 REGIONS = ["many", "median", "low", "overall"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import dirfast
-import oracle
-from published import PublishedFDS
+from benchmarks import published as oracle
+from benchmarks.published import PublishedFDS
 from dirfast.presets import AGEDB_DIR, IMDB_WIKI_DIR, NYUD2_DIR, STS_B_DIR
 from testing import gen
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dirfast
-import oracle
+from benchmarks import published as oracle
 
 KERNELS = ["gaussian", "triang", "laplace"]
 SIZES = [1, 3, 5, 7, 9, 15]
@@ -59,7 +59,7 @@ def test_kernel_window_defaults():
 
 
 def test_fds_window_matches_published_module():
-    from published import PublishedFDS
+    from benchmarks.published import PublishedFDS
 
     for kernel in KERNELS:
         for ks, sigma in [(5, 2), (3, 1), (7, 3)]:

@@ -1,5 +1,5 @@
 """The real AgeDB-DIR and STS-B-DIR labels of ../shared/data (team machines only; a user's
-clone has none): one reader each, for the tests, the benchmarks and docs/make_plots.py. Each
+clone has none): one reader each, for the tests, benchmarks.density_table and docs/make_plots.py. Each
 returns None when its file is absent, so that every caller decides how to say so."""
 
 from __future__ import annotations
