@@ -23,7 +23,7 @@ import torch
 
 import dirfast
 from benchmarks import real_labels
-from benchmarks.cases import cpu_model
+from benchmarks.timing import cpu_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "results", "density-weights.md")
