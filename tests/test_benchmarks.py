@@ -89,12 +89,12 @@ def train_ages():
 def test_density_table_runs(tmp_path):
     train_ages()
     out = tmp_path / "table.md"
-    stdout = run_module("benchmarks.density_table", "--out", str(out))
+    stdout = run_module("benchmarks.density_table", "--quick", "--out", str(out))
     text = out.read_text()
     assert text.rstrip("\n") == stdout.rstrip("\n") and "| 30 |" in text and "| 2.5 |" in text
 
 
-def test_density_table_without_the_package_or_the_labels(tmp_path, monkeypatch, capsys):
+def test_density_table_without_the_package(tmp_path, monkeypatch):
     ages = train_ages()
     monkeypatch.setattr(density_table, "package", lambda: None)
     out = tmp_path / "table.md"
@@ -102,7 +102,17 @@ def test_density_table_without_the_package_or_the_labels(tmp_path, monkeypatch, 
     text = out.read_text()
     assert text.count("not installed") == 2 and f"| 30 | {int((ages == 30).sum())} |" in text
     assert "denseweight's bandwidth" not in text and "### Time" not in text
-    monkeypatch.setattr(real_labels, "agedb_ages", lambda *args, **kwargs: None)
-    capsys.readouterr()
-    assert density_table.main(["--out", str(tmp_path / "none.md")]) == 0
-    assert "not found" in capsys.readouterr().out and not (tmp_path / "none.md").exists()
+
+
+def test_tools_need_the_label_files_and_say_so(tmp_path, capsys):
+    """Without the team's label files (an empty --data), density_table and make_plots exit 1
+    with one line and write nothing; their --help names the label files."""
+    with pytest.raises(SystemExit):
+        density_table.main(["--help"])
+    assert "real label files" in capsys.readouterr().out
+    assert density_table.main(["--data", str(tmp_path), "--out", str(tmp_path / "table.md")]) == 1
+    message = capsys.readouterr().err
+    assert len(message.strip().splitlines()) == 1 and "--data" in message
+    result = run_python("docs/make_plots.py", "--data", str(tmp_path), "--out", str(tmp_path / "images"))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not list(tmp_path.iterdir())
