@@ -1,12 +1,8 @@
-"""dirfast's benchmarks (``python -m benchmarks.run``, ``python -m benchmarks.gpu``).
+"""dirfast's benchmarks: ``python -m benchmarks.run``, ``benchmarks.balanced_mse``,
+``benchmarks.gpu``, ``benchmarks.density_table`` (all timed by :mod:`benchmarks.timing`) and the
+pytest-benchmark suites ``benchmarks/bench_*.py``.
 
-The published-style providers are the tests' oracle, ``tests/published.py``, imported from there
-(references are imported from the tests, not rewritten): the tests folder goes on the path here.
+The published code they compare with is transcribed once, in :mod:`benchmarks.published` and
+:mod:`benchmarks.published_balanced_mse`; the tests import it from here (imports point one way:
+tests -> benchmarks -> dirfast).
 """
-
-import os
-import sys
-
-_TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-if _TESTS not in sys.path:
-    sys.path.append(_TESTS)

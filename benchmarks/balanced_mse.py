@@ -3,30 +3,29 @@
 
 BNI and GAI on ``[8, 1, 240, 320]`` depth predictions with K = 100 components, forward plus
 backward (in the predictions and the noise scale), for the published formulation
-(tests/published_balanced_mse.py: the ``[N, K]`` matrix), dirfast's loss on each backend that
+(:mod:`benchmarks.published_balanced_mse`: the ``[N, K]`` matrix), dirfast's loss on each backend that
 runs here (its fused ``mixture_logpdf``), and a clone of the predictions plus its backward-sized
-copy (the bandwidth yardstick). Per provider: median time, peak memory above the inputs (CPU:
-the process's resident high-water mark, reset before each provider after freed heap memory is
-returned to the system; CUDA: ``max_memory_allocated``),
-and both as ratios to the published formulation. One process, one sitting.
+copy (the bandwidth yardstick). Per provider: median time (:mod:`benchmarks.timing`, the
+providers of a loss side by side), peak memory of one warm call above the memory in use before
+it (CPU: the process's resident high-water mark, reset after freed heap memory is returned to
+the system; CUDA: ``max_memory_allocated``), and both as ratios to the published formulation.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import gc
 import json
-import os
-import statistics
-import time
 
-import published_balanced_mse as published  # tests/ is on the path (benchmarks/__init__.py)
 import torch
 
 import dirfast
-from benchmarks.cases import cpu_model
 from dirfast.losses import bni_loss, gai_loss
+
+from . import published_balanced_mse as published
+from . import timing
 
 SHAPE, K = (8, 1, 240, 320), 100
 
@@ -102,7 +101,8 @@ def _status_kb(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}")
 
 
-def measure(name, kind, fn, data, device, rounds):
+def _step(fn, data, device):
+    """One forward and backward of ``fn`` on ``data``: (loss, gradient in the predictions)."""
     pred, target, centers, weights, gmm = data
     sigma = torch.tensor(1.0, device=device, requires_grad=True)
 
@@ -111,38 +111,43 @@ def measure(name, kind, fn, data, device, rounds):
         loss = fn(p, target, sigma, centers, weights, gmm)
         loss.backward()
         return loss.detach(), p.grad
+    return step
 
-    loss, grad = step()  # warm-up, and the values compared with the published ones
+
+def peak_memory(step, device):
+    """(peak bytes above the memory in use before, loss, gradient) of one warm call of ``step``."""
+    step()
     base = _peak_reset(device)
-    times = []
-    for _ in range(rounds):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    peak = _peak(device) - base
-    return {"kind": kind, "provider": name, "median_ms": statistics.median(times) * 1e3, "rounds": rounds,
-            "peak_bytes": max(peak, 0), "loss": float(loss), "grad": grad}
+    loss, grad = step()
+    return max(_peak(device) - base, 0), loss, grad
 
 
 def run(device: str, quick: bool, shape=SHAPE) -> list:
+    """Per loss kind: each provider's values and peak memory, one at a time, then their times
+    side by side (:func:`benchmarks.timing.compare`)."""
     data = inputs(device, shape=shape)
-    rows, reference = [], {}
-    for name, kind, fn in providers(device):
-        rounds = 3 if quick else (5 if name == "published" and device == "cpu" else 15)
-        print(f"  {kind} {name} ...", flush=True)
-        row = measure(name, kind, fn, data, device, rounds)
-        grad = row.pop("grad")
-        if name == "published":
-            reference[kind] = (row["loss"], grad)
-        elif name != "clone":
-            ref_loss, ref_grad = reference[kind]
-            row["max_grad_difference"] = float((grad - ref_grad).abs().max() / ref_grad.abs().max())
-            row["loss_difference"] = abs(row["loss"] - ref_loss)
-        rows.append(row)
+    rows = []
+    for kind in ("bni", "gai"):
+        steps = {name: _step(fn, data, device) for name, k, fn in providers(device) if k == kind}
+        kind_rows, reference = {}, None
+        for name, step in steps.items():
+            print(f"  {kind} {name}: values and peak memory ...", flush=True)
+            peak, loss, grad = peak_memory(step, device)
+            row = {"kind": kind, "provider": name, "peak_bytes": peak, "loss": float(loss)}
+            if name == "published":
+                reference = (row["loss"], grad)
+            elif name != "clone":
+                row["max_grad_difference"] = float((grad - reference[1]).abs().max() / reference[1].abs().max())
+                row["loss_difference"] = abs(row["loss"] - reference[0])
+            kind_rows[name] = row
+            grad = None
+        print(f"  {kind}: timing {', '.join(steps)} side by side ...", flush=True)
+        contenders = {name: timing.Contender(step, device=device) for name, step in steps.items()}
+        for name, timed in timing.compare(contenders, timing.rules(quick)).items():
+            if isinstance(timed, Exception):
+                raise RuntimeError(f"{kind} {name} failed") from timed
+            kind_rows[name].update(median_ms=timed.median_ms, rounds=len(timed.samples), calls_per_round=timed.inner)
+        rows += kind_rows.values()
     for row in rows:
         published_row = next(r for r in rows if r["kind"] == row["kind"] and r["provider"] == "published")
         row["x faster than published"] = published_row["median_ms"] / row["median_ms"]
@@ -165,7 +170,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.balanced_mse", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
-    parser.add_argument("--quick", action="store_true", help="3 timed rounds per provider")
+    parser.add_argument("--quick", action="store_true", help="shorter measurements (benchmarks.timing.QUICK)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     parser.add_argument("--shape", default=",".join(map(str, SHAPE)), help="predictions' shape (default 8,1,240,320)")
     args = parser.parse_args(argv)
@@ -175,18 +180,25 @@ def main(argv=None) -> None:
         raise SystemExit(f"--shape must be integers separated by commas, got {args.shape!r}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
-    machine = (torch.cuda.get_device_name(0) if args.device == "cuda" else
-               f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads")
+    info = timing.machine_info(args.device)
+    machine = (info["gpu"] if args.device == "cuda" else
+               f"{info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} threads")
     print(f"Balanced MSE {list(shape)} K={K} forward+backward on {args.device} ({machine}); torch {torch.__version__}",
           flush=True)
+    load_before = timing.load_report(args.device)[0]
+    print(load_before, flush=True)
     rows = run(args.device, args.quick, shape)
+    load_after, busy_after = timing.load_report(args.device, running=True)
     print(format_rows(rows))
+    print(load_before)
+    print(load_after)
     if args.json:
+        info.update(load_average_after=timing.load_average(), busy_after=busy_after)
         with open(args.json, "w") as handle:
             json.dump({"device": args.device, "machine": machine, "torch": torch.__version__, "shape": shape, "K": K,
-                       "rows": rows}, handle, indent=1)
+                       "info": info, "rules": dataclasses.asdict(timing.rules(args.quick)), "rows": rows},
+                      handle, indent=1)
         print(f"wrote {args.json}")
-
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
-"""Benchmark cases and providers, shared by the pytest-benchmark suites and ``benchmarks.run``.
+"""Benchmark cases, inputs and providers, shared by the pytest-benchmark suites and ``benchmarks.run``.
 
 A *case* is an op at a size on a device; a *provider* is one implementation of it:
 
-* ``"published"`` -- the published-style per-bucket Python loop (``tests/published.py``, the tests' oracle);
+* ``"published"`` -- the published-style per-bucket Python loop (:mod:`benchmarks.published`);
 * ``"torch"`` -- plain vectorised PyTorch (:mod:`benchmarks.vectorised`);
 * one entry per dirfast backend available for the device (``"reference"``, ``"cpp"``,
   ``"triton"``, ``"cuda"``), called through ``dirfast.ops.<op>`` / ``dirfast.FDS`` inside
@@ -12,8 +12,8 @@ A *case* is an op at a size on a device; a *provider* is one implementation of i
 
 A kernel issue adds a backend to dirfast; it appears here with no change to this file (a
 backend name this file does not know is tried on every device; benchmarks.run reports a provider
-that raises as "failed" and goes on, pytest reports it as an error).  Sizes, ops and repetition
-rules are defined once, here.
+that raises as "failed" and goes on, pytest reports it as an error).  Sizes and ops are defined
+once, here; how long to measure is :mod:`benchmarks.timing`'s.
 
 Dense inputs [B, C, *spatial] go to the published-style providers the way the published NYUD2-DIR
 code feeds its FDS: a channels-last copy [B * H * W, C], the per-bucket loop, and a permuted view
@@ -25,15 +25,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import platform
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
-from . import agedb
-from published import PublishedFDS, published_bin_stats, published_calibrate  # tests/published.py
+from . import agedb, timing
+from .published import PublishedFDS, published_bin_stats, published_calibrate
+from .timing import Contender
 from .vectorised import TorchFDS, torch_bin_stats, torch_calibrate
 
 # ---------------------------------------------------------------------------------------------
@@ -198,28 +196,11 @@ def inputs(size: str, device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Providers: each returns a Runner (the timed call, an untimed setup before each call)
+# Providers: each gives a timing.Contender (the timed call, an untimed setup before each call)
 
 
 class Unavailable(Exception):
     """The provider cannot run this case here (the message says why)."""
-
-
-@dataclass
-class Runner:
-    fn: object  # the timed call
-    setup: object = None  # untimed, before each call (or None)
-    device: str = "cpu"
-
-    def timed(self):
-        """fn, followed by a device synchronisation on GPU."""
-        if self.device == "cuda":
-            def call():
-                out = self.fn()
-                torch.cuda.synchronize()
-                return out
-            return call
-        return self.fn
 
 
 def _op_fn(op, provider, t, device):
@@ -321,22 +302,22 @@ def _fds_runner(op, provider, t, device, dense):
         with dirfast.use_backend(provider):
             fds = dirfast.FDS(d, **common).to(device)
         run = _FDSRun(op, fds, x, labels, backend=provider)
-    return Runner(run, run.setup, device)
+    return Contender(run, run.setup, device)
 
 
-def runner(case: Case, provider: str) -> Runner:
-    """The Runner of ``provider`` on ``case``; raises Unavailable (with the reason)."""
+def runner(case: Case, provider: str) -> Contender:
+    """The contender of ``provider`` on ``case``; raises Unavailable (with the reason)."""
     reason = unavailable_reason(case.op, case.device, provider)
     if reason:
         raise Unavailable(reason)
     t = inputs(case.size, case.device)
     if provider == CEILING:
         x = t["x"]
-        return Runner(lambda: x.clone(), None, case.device)
+        return Contender(lambda: x.clone(), None, case.device)
     try:
         if case.op in ("fds_epoch", "fds_smooth"):
             return _fds_runner(case.op, provider, t, case.device, case.dense)
-        return Runner(_op_fn(case.op, provider, t, case.device), None, case.device)
+        return Contender(_op_fn(case.op, provider, t, case.device), None, case.device)
     except Unavailable:
         raise
     except Exception as exc:
@@ -344,73 +325,12 @@ def runner(case: Case, provider: str) -> Runner:
 
 
 # ---------------------------------------------------------------------------------------------
-# How often to repeat: a time budget per provider, fewer repeats for slow ones
+# Results
 
 
-@dataclass(frozen=True)
-class Plan:
-    rounds: int
-    warmup: int
-
-
-BUDGET_S = {True: 0.3, False: 3.0}  # measured time per provider, quick / full
-MIN_ROUNDS = {True: 1, False: 3}
-MAX_ROUNDS = {True: 15, False: 200}
-
-
-def plan(run: Runner, quick: bool | None = None, provider: str | None = None) -> Plan:
-    """Warm up (one call; a second when the first is fast, to pass one-time costs), then pick
-    the number of timed rounds that fits the budget.
-
-    Quick mode on CPU times the published-style loop once, with no warm-up: it is seconds long,
-    made of plain eager PyTorch calls with nothing to initialise on first use (on a GPU it
-    still warms up, as its first call loads kernels)."""
-    quick = quick_mode() if quick is None else quick
-    if quick and provider == "published" and run.device == "cpu":
-        return Plan(1, 0)
-    call = run.timed()
-    warmup = 0
-    while True:
-        if run.setup is not None:
-            run.setup()
-        t0 = time.perf_counter()
-        call()
-        elapsed = time.perf_counter() - t0
-        warmup += 1
-        if warmup >= 2 or elapsed > BUDGET_S[quick] / 4:
-            break
-    rounds = int(BUDGET_S[quick] / max(elapsed, 1e-6))
-    return Plan(max(MIN_ROUNDS[quick], min(MAX_ROUNDS[quick], rounds)), warmup)
-
-
-def measure(run: Runner, rounds: int) -> list:
-    """Seconds of each of ``rounds`` timed calls (setup untimed).  On a GPU, CUDA events
-    around the call on an idle device (wall time on the GPU's clock, host gaps included)."""
-    times = []
-    cuda = run.device == "cuda"
-    for _ in range(rounds):
-        if run.setup is not None:
-            run.setup()
-        if cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            run.fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            run.fn()
-            times.append(time.perf_counter() - t0)
-    return times
-
-
-def first_output(run: Runner):
+def first_output(run: Contender):
     """Run one call (after its setup) and return a copy of its output, for --check."""
-    if run.setup is not None:
-        run.setup()
-    out = run.timed()()
+    out = run.call()
     if isinstance(out, torch.Tensor):
         return out.detach().clone()
     return tuple(o.detach().clone() for o in out)
@@ -435,18 +355,15 @@ def max_difference(ref, out) -> float:
 CHECK_TOLERANCE = 1e-4
 
 
-def median(times) -> float:
-    return statistics.median(times)
-
-
-def result_row(case: Case, provider: str, times=None, note: str = "") -> dict:
+def result_row(case: Case, provider: str, timed: timing.Timing | None = None, note: str = "") -> dict:
     """One result: median and min in ms (None when the provider did not run), with a note."""
     return {
         "case": case.name if case.device == "cpu" else f"{case.name} {case.device}",
         "op": case.op, "size": case.size, "device": case.device, "provider": provider,
-        "median_ms": 1e3 * median(times) if times else None,
-        "min_ms": 1e3 * min(times) if times else None,
-        "rounds": len(times) if times else 0,
+        "median_ms": timed.median_ms if timed else None,
+        "min_ms": timed.min_ms if timed else None,
+        "rounds": len(timed.samples) if timed else 0,
+        "calls_per_round": timed.inner if timed else 0,
         "note": note,
     }
 
@@ -479,59 +396,21 @@ def pytest_params(op: str) -> list:
 
 
 def pytest_bench(benchmark, case: Case, provider: str) -> None:
-    """Measure ``provider`` on ``case`` with the pytest-benchmark fixture (pedantic mode: the
-    same warm-up and round count as benchmarks.run)."""
+    """Measure ``provider`` on ``case`` with the pytest-benchmark fixture (its own timer, in
+    pedantic mode) for the rounds and calls per round of :func:`benchmarks.timing.calibrate`
+    (one call per round where a setup must run before each)."""
     import pytest
 
     benchmark.group = case.group
     benchmark.extra_info.update(op=case.op, size=case.size, device=case.device, provider=provider)
     try:
-        run = runner(case, provider)
+        contender = runner(case, provider)
     except Unavailable as exc:
         pytest.skip(str(exc))
-    p = plan(run, provider=provider)
-    benchmark.pedantic(run.timed(), setup=run.setup, rounds=p.rounds, iterations=1, warmup_rounds=0)
+    rules = timing.rules(quick_mode())
+    inner = 1 if contender.setup is not None else timing.calibrate(contender, rules)
+    benchmark.pedantic(contender.waited, setup=contender.setup, rounds=rules.repeats, iterations=inner,
+                       warmup_rounds=1)
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
     if stats is not None and getattr(stats, "data", None):
-        RESULTS.append(result_row(case, provider, list(stats.data)))
-
-
-# ---------------------------------------------------------------------------------------------
-# The machine
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: str = "cpu") -> dict:
-    info = {
-        "node": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "gpu": torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else None,
-    }
-    dirfast, reason = _dirfast()
-    info["dirfast"] = getattr(dirfast, "__version__", "?") if dirfast is not None else reason
-    return info
-
-
-def machine_name(info: dict) -> str:
-    """A file-name-safe name of the measuring device (the GPU, else the CPU model)."""
-    name = info.get("gpu") or info.get("cpu") or "machine"
-    safe = "".join(c if c.isalnum() else "-" for c in name)
-    while "--" in safe:
-        safe = safe.replace("--", "-")
-    return safe.strip("-").lower() + ("" if info.get("gpu") else f"-{info.get('torch_threads')}t")
+        RESULTS.append(result_row(case, provider, timing.Timing(list(stats.data), inner)))

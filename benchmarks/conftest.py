@@ -3,9 +3,11 @@
     pytest benchmarks/ [--quick] [--bench-device cpu|cuda] [--bench-threads N]
 
 ``--quick`` (or DIRFAST_BENCH_QUICK=1) shrinks the repetitions; the other two set
-DIRFAST_BENCH_DEVICE and DIRFAST_BENCH_THREADS.  pytest-benchmark prints one table per group
-(op, size, device); a last table gives the ratios to x.clone() and to the published-style loop,
-as ``python -m benchmarks.run`` does.
+DIRFAST_BENCH_DEVICE and DIRFAST_BENCH_THREADS.  Cases, inputs and providers are
+:mod:`benchmarks.cases`'; the timer is pytest-benchmark's, for the rounds of
+:mod:`benchmarks.timing`'s rules.  pytest-benchmark prints one table per group (op, size,
+device); a last table gives the ratios to x.clone() and to the published-style loop, as
+``python -m benchmarks.run`` does, with the load average.
 """
 
 import os
@@ -55,15 +57,20 @@ def pytest_collect_file(file_path, parent):
     return None
 
 
-def pytest_benchmark_update_machine_info(config, machine_info):
+def _device():
     from benchmarks import cases
 
-    devices = cases.devices()
-    machine_info["dirfast"] = cases.machine_info("cuda" if "cuda" in devices else "cpu")
+    return "cuda" if "cuda" in cases.devices() else "cpu"
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    from benchmarks import timing
+
+    machine_info["dirfast"] = timing.machine_info(_device())
 
 
 def pytest_terminal_summary(terminalreporter):
-    from benchmarks import cases
+    from benchmarks import cases, timing
     from benchmarks.run import format_table
 
     if not cases.RESULTS:
@@ -71,3 +78,4 @@ def pytest_terminal_summary(terminalreporter):
     rows = cases.add_ratios([dict(r) for r in cases.RESULTS])
     terminalreporter.write_sep("-", "dirfast: median ms, x clone, x faster than published")
     terminalreporter.write_line(format_table(rows))
+    terminalreporter.write_line(timing.load_report(_device(), running=True)[0])

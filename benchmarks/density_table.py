@@ -1,29 +1,29 @@
-"""DenseWeight on the real labels next to the denseweight package: ``python -m benchmarks.density_table
-[--out PATH]``.
+"""DenseWeight on the team's real labels next to the denseweight package: ``python -m
+benchmarks.density_table [--data DIR] [--out PATH]``.
 
+Needs the team's real label files (``--data DIR``, default ``../shared/data`` beside the
+checkout; team machines only): without them it exits with status 1 and writes nothing.
 Fits :class:`dirfast.DenseWeight` (defaults: alpha 1, Silverman's bandwidth, 4096 grid points) on
-the AgeDB-DIR training ages and the STS-B-DIR training scores (``tests/real_labels.py``, float64),
-and, when the package is installed, ``denseweight.DenseWeight`` with its defaults on the same
-labels. Prints a markdown table of p' and the weights at a few labels, and the largest and median
-differences over all training labels for alpha 0.5, 1 and 2, then (with the package) the median
-times of fitting and of the weights, side by side; writes the same text to ``--out``
-(default ``benchmarks/results/density-weights.md``). Prints a notice and writes nothing when the
-label files are absent.
+the AgeDB-DIR training ages and the STS-B-DIR training scores (:mod:`benchmarks.real_labels`,
+float64), and, when the package is installed, ``denseweight.DenseWeight`` with its defaults on the
+same labels. Prints a markdown table of p' and the weights at a few labels, and the largest and
+median differences over all training labels for alpha 0.5, 1 and 2, then (with the package) the
+median times of fitting and of the weights, side by side (:mod:`benchmarks.timing`); writes the
+same text to ``--out`` (default ``benchmarks/results/density-weights.md``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+import sys
 
 import numpy as np
-import real_labels  # tests/ is on the path (benchmarks/__init__.py)
 import torch
 
 import dirfast
-from benchmarks.cases import cpu_model
+
+from . import real_labels, timing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "benchmarks", "results", "density-weights.md")
@@ -85,47 +85,43 @@ def table(name: str, labels: np.ndarray, points, package_class) -> list:
     return lines + [""]
 
 
-def median_ms(call, rounds: int = 15) -> float:
-    """Median wall time of one ``call()`` in ms, over ``rounds`` timings after a warm-up call;
-    calls under about 10 ms are timed in blocks that fill 10 ms (a lone sub-millisecond call is
-    at the mercy of the timer and the thread pool)."""
-    start = time.perf_counter()
-    call()
-    calls = max(1, int(0.01 / max(time.perf_counter() - start, 1e-6)))
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        times.append((time.perf_counter() - start) / calls)
-    return 1e3 * statistics.median(times)
-
-
-def timing(name: str, labels: np.ndarray, package_class) -> str:
-    """A markdown row: fitting and weighing ``labels``, dirfast and the package, medians and ratios.
-
-    dirfast is timed first, after a pause: the package's numerical libraries leave their worker
-    threads spinning for a while after each call, and on 2 cores those take the CPU from the
-    next measurement (which made dirfast's weights up to 5x slower at random)."""
+def timing_row(name: str, labels: np.ndarray, package_class, rules: timing.Rules = timing.FULL) -> str:
+    """A markdown row: fitting and weighing ``labels``, dirfast and the package, medians of
+    interleaved rounds (:func:`benchmarks.timing.compare`) and ratios."""
     tensor = torch.from_numpy(labels)
-    time.sleep(1.0)
     ours = dirfast.DenseWeight().fit(tensor)
-    mine = (median_ms(lambda: dirfast.DenseWeight().fit(tensor)), median_ms(lambda: ours.weights(tensor)))
     theirs = package_class(alpha=1.0)
     theirs.fit(labels)
-    package = (median_ms(lambda: package_class(alpha=1.0).fit(labels)), median_ms(lambda: theirs.eval(labels)))
-    return (f"| {name} | {labels.size} | {mine[0]:.2f} | {package[0]:.2f} | {package[0] / mine[0]:.1f}x | "
-            f"{mine[1]:.2f} | {package[1]:.2f} | {package[1] / mine[1]:.1f}x |")
+    calls = {"fit, dirfast": lambda: dirfast.DenseWeight().fit(tensor),
+             "fit, package": lambda: package_class(alpha=1.0).fit(labels),
+             "weights, dirfast": lambda: ours.weights(tensor), "weights, package": lambda: theirs.eval(labels)}
+    ms = {}
+    for key, timed in timing.compare({k: timing.Contender(fn) for k, fn in calls.items()}, rules).items():
+        if isinstance(timed, Exception):
+            raise RuntimeError(f"{name}: {key} failed") from timed
+        ms[key] = timed.median_ms
+    fit, weights = (ms["fit, dirfast"], ms["fit, package"]), (ms["weights, dirfast"], ms["weights, package"])
+    return (f"| {name} | {labels.size} | {fit[0]:.2f} | {fit[1]:.2f} | {fit[1] / fit[0]:.1f}x | "
+            f"{weights[0]:.2f} | {weights[1]:.2f} | {weights[1] / weights[0]:.1f}x |")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.density_table",
+        description="DenseWeight on the team's real labels next to the denseweight package. Needs the team's "
+                    "real label files (--data DIR; team machines only): without them it exits with status 1.")
+    parser.add_argument("--data", metavar="DIR", default=real_labels.DATA, help=real_labels.DATA_HELP)
     parser.add_argument("--out", default=OUT, help="where to write the markdown (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="shorter measurements (benchmarks.timing.QUICK)")
     args = parser.parse_args(argv)
-    ages, scores = real_labels.agedb_ages("train"), real_labels.stsb_scores("train", np.float64)
+    rules = timing.rules(args.quick)
+    ages = real_labels.agedb_ages("train", real_labels.agedb_path(args.data))
+    scores = real_labels.stsb_scores("train", np.float64, data=args.data)
     if ages is None or scores is None:
-        print(f"label files not found under {real_labels.DATA}: nothing to compare")
-        return 0
+        missing = real_labels.agedb_path(args.data) if ages is None else real_labels.stsb_path("train", args.data)
+        print(f"density_table: nothing to compare: {missing} not found (the team's label files; pass --data DIR)",
+              file=sys.stderr)
+        return 1
     ages = ages.astype(np.float64)  # as a user's NumPy or pandas reads them
     package_class = package()
     lines = ["## DenseWeight: dirfast next to the denseweight package", "",
@@ -138,13 +134,16 @@ def main(argv=None) -> int:
               "1e-4 of the exact Gaussian KDE (tests/test_density.py). Near the densest labels the weight "
               "1 - alpha p' is close to 0, so a small difference in p' is a large relative one there.", ""]
     if package_class is not None:
-        lines += [f"### Time: median of 15 timings, ms ({cpu_model()}, {torch.get_num_threads()} threads, "
-                  f"torch {torch.__version__})", "",
+        info, load_before = timing.machine_info(), timing.load_report()[0]
+        rows = [timing_row("AgeDB-DIR ages", ages, package_class, rules),
+                timing_row("STS-B-DIR scores", scores, package_class, rules)]
+        lines += [f"### Time: median of {rules.repeats} interleaved rounds, ms ({info['cpu']}, "
+                  f"{info['torch_threads']} threads, torch {torch.__version__})", "",
                   "Fitting on the training labels, then the weights of those labels (dirfast's `weights`, the "
                   "package's `eval`).", "",
                   "| labels | n | fit, dirfast | fit, denseweight | dirfast faster | weights, dirfast | "
                   "weights, denseweight | dirfast faster |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-                  timing("AgeDB-DIR ages", ages, package_class), timing("STS-B-DIR scores", scores, package_class), ""]
+                  *rows, "", "```", load_before, timing.load_report(running=True)[0], "```", ""]
     text = "\n".join(lines)
     print(text)
     with open(args.out, "w") as handle:

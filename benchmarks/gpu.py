@@ -16,24 +16,29 @@ loop and a device-to-device copy of the same bytes:
 At the end, the per-op order of CUDA C++ and Triton that ``dirfast.ops._dispatch.CUDA_PREFERENCE``
 should hold on this GPU (the faster first).
 
-Times are medians of CUDA-event-timed calls after a warm-up; the "<backend> graph" rows time the
-same call replayed from a CUDA graph (GPU time alone, without the per-call host overhead).
+Times come from :mod:`benchmarks.timing`: each case's contenders side by side, medians of
+interleaved rounds of CUDA-event-timed blocks.  The "<backend> graph" rows time the same call
+replayed from a CUDA graph (GPU time alone, without the per-call host overhead).
+``--device cpu --scale 512 --quick`` runs this script on the CPU backends at 1/512 of the rows:
+a smoke test of the script, not a measurement.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
-import statistics
 import traceback
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 
 import dirfast
 
-from published import PublishedFDS  # tests/published.py
-from testing import deterministic  # tests/testing.py
+from . import cases, timing
+from .published import PublishedFDS
 
 GOALS = {  # from the Triton and CUDA kernel issues
     "calibrate_bandwidth": 0.70,
@@ -42,26 +47,65 @@ GOALS = {  # from the Triton and CUDA kernel issues
     "epoch_speedup": 8.0,
 }
 
-
-def time_ms(fn, warmup: int = 3, repeat: int = 20) -> float:
-    """Median milliseconds of ``fn()`` on the current CUDA stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+# GPU time is scarce: about half a second of measurement per contender (--quick: timing.QUICK).
+RULES = timing.Rules(repeats=11, min_block_s=0.005, budget_s=0.5)
+BACKEND_ORDER = ("cuda", "triton", "cpp", "reference")
 
 
-def graph_ms(fn) -> float:
-    """Median milliseconds of one call captured in a CUDA graph and replayed: the GPU time of
-    its kernels without the host's per-call overhead (argument checks, allocations, launches)."""
+@dataclass(frozen=True)
+class Where:
+    """The device, the factor the row counts are divided by (1 on a GPU) and how long to measure."""
+
+    device: str = "cuda"
+    scale: int = 1
+    rules: timing.Rules = RULES
+
+    def rows(self, n: int) -> int:
+        return max(2, n // self.scale)
+
+    def pixels(self, n: int) -> int:
+        return max(2, n // math.isqrt(self.scale))
+
+    def backends(self) -> list:
+        """The dirfast backends that run on this device, fastest kind first."""
+        runs = [name for name, reason in cases.dirfast_backends(self.device).items() if not reason]
+        return sorted(runs, key=lambda name: BACKEND_ORDER.index(name) if name in BACKEND_ORDER else len(BACKEND_ORDER))
+
+    def graph_backends(self) -> list:
+        return [name for name in self.backends() if name != "reference"] if self.device == "cuda" else []
+
+    @property
+    def bandwidth_case(self) -> str:
+        return f"{self.rows(131072)}x512"
+
+    @property
+    def smooth_case(self) -> str:
+        return f"{self.rows(256)}x2048"
+
+
+def _on(backend: str, fn):
+    """``fn()`` under ``dirfast.use_backend(backend)``."""
+    def call():
+        with dirfast.use_backend(backend):
+            return fn()
+    return call
+
+
+def _deterministic(fn):
+    """``fn()`` under ``torch.use_deterministic_algorithms(True)``, then as it was."""
+    def call():
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            return fn()
+        finally:
+            torch.use_deterministic_algorithms(previous)
+    return call
+
+
+def _graph(fn):
+    """The replay of one call of ``fn`` captured in a CUDA graph: the GPU time of its kernels
+    without the host's per-call overhead (argument checks, allocations, launches)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -71,134 +115,149 @@ def graph_ms(fn) -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fn()
-    return time_ms(graph.replay)
+    return graph.replay
 
 
-def _labels(n: int, gen: torch.Generator) -> torch.Tensor:
+def time_ms(calls: dict, where: Where) -> dict:
+    """Name -> median ms of each call, all timed side by side; a failure is raised."""
+    contenders = {name: timing.Contender(fn, device=where.device) for name, fn in calls.items()}
+    out = {}
+    for name, timed in timing.compare(contenders, where.rules).items():
+        if isinstance(timed, Exception):
+            raise RuntimeError(f"{name} failed") from timed
+        out[name] = timed.median_ms
+    return out
+
+
+def _labels(n: int, gen: torch.Generator, device: str) -> torch.Tensor:
     """Integer labels 0..99 (buckets 3..99 with bucket_start=3), skewed like ages."""
     ages = torch.randn(n, generator=gen) * 12 + 35
-    return ages.round().clamp(0, 99).float().cuda()
+    return ages.round().clamp(0, 99).float().to(device)
 
 
-def _backends() -> list:
-    report = dirfast.backends()
-    return [name for name in ("cuda", "triton", "reference") if report[name]["available"]]
+def _stats(bins: int, d: int, device: str):
+    """Calibration tables (m1, v1, m2, v2), variances at least 0.1."""
+    return [torch.randn(bins, d).to(device), torch.rand(bins, d).to(device) + 0.1,
+            torch.randn(bins, d).to(device), torch.rand(bins, d).to(device) + 0.1]
 
 
-def bandwidth_inputs(seed: int = 0):
+def bandwidth_inputs(where: Where, seed: int = 0):
     """(x, idx, bins, stats): 2^26 float32 features (131,072 x 512) over 97 buckets, and
     calibration tables (m1, v1, m2, v2) for them."""
     gen = torch.Generator().manual_seed(seed)
-    n, d, bins = 131072, 512, 97
-    x = torch.randn(n, d, generator=gen).cuda()
-    idx = torch.randint(0, bins, (n,), generator=gen).cuda()
-    stats = [torch.randn(bins, d).cuda(), torch.rand(bins, d).cuda() + 0.1,
-             torch.randn(bins, d).cuda(), torch.rand(bins, d).cuda() + 0.1]
-    return x, idx, bins, stats
+    n, d, bins = where.rows(131072), 512, 97
+    x = torch.randn(n, d, generator=gen).to(where.device)
+    idx = torch.randint(0, bins, (n,), generator=gen).to(where.device)
+    return x, idx, bins, _stats(bins, d, where.device)
 
 
-def bandwidth_cases(results: list) -> None:
-    x, idx, bins, stats = bandwidth_inputs()
+def _op_calls(x, idx, bins, stats, backends, wrap=lambda fn: fn, suffix=""):
+    """{(op, provider): call} of calibrate and bin_stats on each backend."""
+    calls = {}
+    for backend in backends:
+        calls[("calibrate", backend + suffix)] = wrap(_on(backend, lambda: dirfast.ops.calibrate(x, idx, *stats)))
+        calls[("bin_stats", backend + suffix)] = wrap(_on(backend, lambda: dirfast.ops.bin_stats(x, idx, bins)))
+    return calls
+
+
+def bandwidth_cases(results: list, where: Where) -> None:
+    x, idx, bins, stats = bandwidth_inputs(where)
     nbytes = x.numel() * x.element_size()
-    copy_ms = time_ms(lambda: x.clone())
-    copy_bw = 2 * nbytes / copy_ms / 1e6  # GB/s, read + write
-    results.append({"case": "copy 131072x512", "provider": "clone", "ms": copy_ms, "GB/s": copy_bw})
-    for backend in _backends():
-        with dirfast.use_backend(backend):
-            ms = time_ms(lambda: dirfast.ops.calibrate(x, idx, *stats))
-            results.append({"case": "calibrate 131072x512", "provider": backend, "ms": ms,
-                            "GB/s": 2 * nbytes / ms / 1e6, "x copy bandwidth": (2 * nbytes / ms) / (2 * nbytes / copy_ms),
-                            "goal": GOALS["calibrate_bandwidth"]})
-            ms = time_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
-            results.append({"case": "bin_stats 131072x512", "provider": backend, "ms": ms,
-                            "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms),
-                            "goal": GOALS["bin_stats_bandwidth"]})
-    for backend in [name for name in _backends() if name != "reference"]:  # GPU time alone
-        with dirfast.use_backend(backend):
-            ms = graph_ms(lambda: dirfast.ops.calibrate(x, idx, *stats))
-            results.append({"case": "calibrate 131072x512", "provider": backend + " graph", "ms": ms,
-                            "GB/s": 2 * nbytes / ms / 1e6, "x copy bandwidth": (2 * nbytes / ms) / (2 * nbytes / copy_ms)})
-            ms = graph_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
-            results.append({"case": "bin_stats 131072x512", "provider": backend + " graph", "ms": ms,
-                            "GB/s": nbytes / ms / 1e6, "x copy bandwidth": (nbytes / ms) / (2 * nbytes / copy_ms)})
+    calls = {("copy", "clone"): lambda: x.clone()}
+    calls.update(_op_calls(x, idx, bins, stats, where.backends()))
+    calls.update(_op_calls(x, idx, bins, stats, where.graph_backends(), _graph, " graph"))  # GPU time alone
+    ms = time_ms(calls, where)
+    copy_ms = ms.pop(("copy", "clone"))
+    case = where.bandwidth_case
+    results.append({"case": f"copy {case}", "provider": "clone", "ms": copy_ms, "GB/s": 2 * nbytes / copy_ms / 1e6})
+    for (op, provider), t in ms.items():
+        moved = 2 * nbytes if op == "calibrate" else nbytes  # calibrate reads and writes, bin_stats reads
+        row = {"case": f"{op} {case}", "provider": provider, "ms": t, "GB/s": moved / t / 1e6,
+               "x copy bandwidth": (moved / t) / (2 * nbytes / copy_ms)}
+        if not provider.endswith(" graph"):
+            row["goal"] = GOALS[f"{op}_bandwidth"]
+        results.append(row)
 
 
-def depth_inputs(seed: int = 0):
+def depth_inputs(where: Where, seed: int = 0):
     """(x, idx, bins, stats) for dense features: [8, 64, 120, 160] float32 (the CPU benchmark's
     depth-map case) over 100 buckets of a smooth depth field (deeper up the image, varying along
     the rows) with a little noise: neighbouring pixels mostly share a bucket, as in depth maps."""
     gen = torch.Generator().manual_seed(seed)
-    b, c, h, w, bins = 8, 64, 120, 160, 100
-    x = torch.randn(b, c, h, w, generator=gen).cuda()
+    b, c, h, w, bins = 8, 64, where.pixels(120), where.pixels(160), 100
+    x = torch.randn(b, c, h, w, generator=gen).to(where.device)
     rows = torch.linspace(0, 70, h).view(1, h, 1)
     cols = 3 * torch.sin(torch.linspace(0, 3.1416, w)).view(1, 1, w)
     tilt = torch.rand(b, 1, 1, generator=gen) * 15
     # about 2.2 buckets per 32 neighbouring pixels; 15% of them in a single bucket
     depth = rows + cols + tilt + torch.randn(b, h, w, generator=gen) * 0.05
-    idx = depth.round().clamp(0, bins - 1).long().cuda()
-    stats = [torch.randn(bins, c).cuda(), torch.rand(bins, c).cuda() + 0.1,
-             torch.randn(bins, c).cuda(), torch.rand(bins, c).cuda() + 0.1]
-    return x, idx, bins, stats
+    idx = depth.round().clamp(0, bins - 1).long().to(where.device)
+    return x, idx, bins, _stats(bins, c, where.device)
 
 
-def layout_cases(results: list) -> None:
+def layout_cases(results: list, where: Where) -> None:
     """No goal: dense [B, C, H, W] features (planes of pixels: direct atomics in bin_stats), and
     bin_stats under torch.use_deterministic_algorithms(True), against the same copy."""
-    x, idx, bins, stats = depth_inputs()
-    copy_ms = time_ms(lambda: x.clone())
+    x, idx, bins, stats = depth_inputs(where)
     case = "x".join(str(n) for n in x.shape)
+    calls = {("copy", "clone"): lambda: x.clone()}
+    calls.update(_op_calls(x, idx, bins, stats, where.backends()))
+    ms = time_ms(calls, where)
+    copy_ms = ms.pop(("copy", "clone"))
     results.append({"case": f"copy {case}", "provider": "clone", "ms": copy_ms})
-    for backend in _backends():
-        with dirfast.use_backend(backend):
-            ms = time_ms(lambda: dirfast.ops.calibrate(x, idx, *stats))
-            results.append({"case": f"calibrate {case}", "provider": backend, "ms": ms,
-                            "x copy bandwidth": copy_ms / ms})
-            ms = time_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
-            results.append({"case": f"bin_stats {case}", "provider": backend, "ms": ms,
-                            "x copy bandwidth": copy_ms / (2 * ms)})
-    x, idx, bins, _ = bandwidth_inputs()
-    copy_ms = time_ms(lambda: x.clone())
-    for backend in _backends():
-        with dirfast.use_backend(backend), deterministic():
-            ms = time_ms(lambda: dirfast.ops.bin_stats(x, idx, bins))
-            results.append({"case": "bin_stats 131072x512 determ.", "provider": backend, "ms": ms,
-                            "x copy bandwidth": copy_ms / (2 * ms)})
+    for (op, provider), t in ms.items():
+        ratio = copy_ms / t if op == "calibrate" else copy_ms / (2 * t)
+        results.append({"case": f"{op} {case}", "provider": provider, "ms": t, "x copy bandwidth": ratio})
+    x, idx, bins, _ = bandwidth_inputs(where)
+    calls = {"clone": lambda: x.clone()}
+    for backend in where.backends():
+        calls[backend] = _deterministic(_on(backend, lambda: dirfast.ops.bin_stats(x, idx, bins)))
+    ms = time_ms(calls, where)
+    copy_ms = ms.pop("clone")
+    for provider, t in ms.items():
+        results.append({"case": f"bin_stats {where.bandwidth_case} determ.", "provider": provider, "ms": t,
+                        "x copy bandwidth": copy_ms / (2 * t)})
 
 
-def _fitted_pair(d: int, n_fit: int, gen: torch.Generator):
+def _fitted_pair(d: int, n_fit: int, gen: torch.Generator, device: str):
     """A published and a dirfast FDS with the same statistics (one epoch of updates)."""
-    feats = torch.randn(n_fit, d, generator=gen).cuda()
-    labels = _labels(n_fit, gen)
-    published = PublishedFDS(d, device="cuda")
-    ours = dirfast.FDS(d).cuda()
+    feats = torch.randn(n_fit, d, generator=gen).to(device)
+    labels = _labels(n_fit, gen, device)
+    published = PublishedFDS(d, device=device)
+    ours = dirfast.FDS(d).to(device)
     for fds in (published, ours):
         fds.update_running_stats(feats, labels, 0)
         fds.update_last_epoch_stats(1)
     return published, ours
 
 
-def smooth_cases(results: list) -> None:
+def _speedups(results: list, case: str, ms: dict, goal: float) -> None:
+    base = ms.pop("published")
+    results.append({"case": case, "provider": "published", "ms": base})
+    for provider, t in ms.items():
+        results.append({"case": case, "provider": provider, "ms": t, "x faster than published": base / t,
+                        "goal": goal})
+
+
+def smooth_cases(results: list, where: Where) -> None:
     gen = torch.Generator().manual_seed(1)
     d = 2048
-    published, ours = _fitted_pair(d, 20000, gen)
-    batch = torch.randn(256, d, generator=gen).cuda()
-    labels = _labels(256, gen).unsqueeze(1)
+    published, ours = _fitted_pair(d, where.rows(20000), gen, where.device)
+    batch = torch.randn(where.rows(256), d, generator=gen).to(where.device)
+    labels = _labels(batch.shape[0], gen, where.device).unsqueeze(1)
     work = batch.clone()
-    base = time_ms(lambda: published.smooth(work.copy_(batch), labels, 1))
-    results.append({"case": "FDS.smooth 256x2048", "provider": "published", "ms": base})
-    for backend in _backends():
-        with dirfast.use_backend(backend):
-            ms = time_ms(lambda: ours.smooth(work.copy_(batch), labels, 1))
-        results.append({"case": "FDS.smooth 256x2048", "provider": backend, "ms": ms,
-                        "x faster than published": base / ms, "goal": GOALS["smooth_speedup"]})
+    calls = {"published": lambda: published.smooth(work.copy_(batch), labels, 1)}
+    for backend in where.backends():
+        calls[backend] = _on(backend, lambda: ours.smooth(work.copy_(batch), labels, 1))
+    _speedups(results, f"FDS.smooth {where.smooth_case}", time_ms(calls, where), GOALS["smooth_speedup"])
 
 
-def epoch_cases(results: list) -> None:
+def epoch_cases(results: list, where: Where) -> None:
     gen = torch.Generator().manual_seed(2)
-    n, d = 200000, 2048
-    feats = torch.randn(n, d, generator=gen).cuda()
-    labels = _labels(n, gen)
-    published, ours = PublishedFDS(d, device="cuda"), dirfast.FDS(d).cuda()
+    n, d = where.rows(200000), 2048
+    feats = torch.randn(n, d, generator=gen).to(where.device)
+    labels = _labels(n, gen, where.device)
+    published, ours = PublishedFDS(d, device=where.device), dirfast.FDS(d).to(where.device)
 
     def epoch(fds):
         def run():
@@ -207,34 +266,30 @@ def epoch_cases(results: list) -> None:
             fds.update_last_epoch_stats(1)
         return run
 
-    base = time_ms(epoch(published), warmup=1, repeat=5)
-    results.append({"case": "FDS epoch update 200000x2048", "provider": "published", "ms": base})
-    for backend in _backends():
-        with dirfast.use_backend(backend):
-            ms = time_ms(epoch(ours), warmup=1, repeat=5)
-        results.append({"case": "FDS epoch update 200000x2048", "provider": backend, "ms": ms,
-                        "x faster than published": base / ms, "goal": GOALS["epoch_speedup"]})
+    calls = {"published": epoch(published)}
+    calls.update({backend: _on(backend, epoch(ours)) for backend in where.backends()})
+    _speedups(results, f"FDS epoch update {n}x{d}", time_ms(calls, where), GOALS["epoch_speedup"])
 
 
-def smooth_bins_cases(results: list) -> None:
+def smooth_bins_cases(results: list, where: Where) -> None:
     gen = torch.Generator().manual_seed(3)
-    stats = torch.randn(100, 2048, generator=gen).cuda()
-    window = dirfast.kernel_window("gaussian", 5, 2.0).float().cuda()
-    for backend in _backends():
-        with dirfast.use_backend(backend):
-            ms = time_ms(lambda: dirfast.ops.smooth_bins(stats, window))
-        results.append({"case": "smooth_bins 100x2048", "provider": backend, "ms": ms})
+    stats = torch.randn(100, 2048, generator=gen).to(where.device)
+    window = dirfast.kernel_window("gaussian", 5, 2.0).float().to(where.device)
+    calls = {backend: _on(backend, lambda: dirfast.ops.smooth_bins(stats, window)) for backend in where.backends()}
+    for provider, t in time_ms(calls, where).items():
+        results.append({"case": "smooth_bins 100x2048", "provider": provider, "ms": t})
 
 
-# The case that decides each op's order in CUDA_PREFERENCE.
-DECIDING_CASE = {"bin_stats": "bin_stats 131072x512", "calibrate": "calibrate 131072x512",
-                 "calibrate_": "FDS.smooth 256x2048", "smooth_bins": "smooth_bins 100x2048"}
+def deciding_cases(where: Where) -> dict:
+    """The case that decides each op's order in CUDA_PREFERENCE."""
+    return {"bin_stats": f"bin_stats {where.bandwidth_case}", "calibrate": f"calibrate {where.bandwidth_case}",
+            "calibrate_": f"FDS.smooth {where.smooth_case}", "smooth_bins": "smooth_bins 100x2048"}
 
 
-def preference(rows: list) -> dict:
+def preference(rows: list, where: Where = Where()) -> dict:
     """Per op, ("cuda", "triton") ordered by the measured median time of its deciding case."""
     order = {}
-    for op, case in DECIDING_CASE.items():
+    for op, case in deciding_cases(where).items():
         times = {row["provider"]: row["ms"] for row in rows if row["case"] == case}
         measured = [name for name in ("cuda", "triton") if name in times]
         ranked = sorted(measured, key=lambda name: times[name])
@@ -242,15 +297,15 @@ def preference(rows: list) -> dict:
     return order
 
 
-def kernel_profile(top: int = 12) -> str:
+def kernel_profile(where: Where, top: int = 12) -> str:
     """Per-kernel GPU time of one bin_stats and one calibrate call (131,072 x 512) on each GPU
     backend, from torch.profiler: where the time of an op goes, launch by launch."""
     from torch.profiler import ProfilerActivity, profile
 
-    x, idx, bins, stats = bandwidth_inputs(seed=4)
-    depth_x, depth_idx, depth_bins, _ = depth_inputs()
+    x, idx, bins, stats = bandwidth_inputs(where, seed=4)
+    depth_x, depth_idx, depth_bins, _ = depth_inputs(where)
     jobs = []  # (heading, backend, call)
-    for backend in [name for name in _backends() if name != "reference"]:
+    for backend in where.graph_backends():
         jobs.append((f"bin_stats on {backend}", backend, lambda: dirfast.ops.bin_stats(x, idx, bins)))
         jobs.append((f"calibrate on {backend}", backend, lambda: dirfast.ops.calibrate(x, idx, *stats)))
         jobs.append((f"bin_stats {tuple(depth_x.shape)} on {backend}", backend,
@@ -284,40 +339,56 @@ def main(argv=None) -> None:
     parser.add_argument("--json", metavar="PATH", help="write the rows as JSON (a folder: named after the GPU)")
     parser.add_argument("--profile", metavar="PATH",
                         help="also write the per-kernel GPU times of bin_stats and calibrate to PATH")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu only to smoke-test this script (with --scale)")
+    parser.add_argument("--scale", type=int, default=1, help="divide the row counts by this (default 1)")
+    parser.add_argument("--quick", action="store_true", help="shorter measurements (benchmarks.timing.QUICK)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    where = Where(args.device, max(1, args.scale), timing.QUICK if args.quick else RULES)
+    if where.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmarks.gpu needs a CUDA GPU")
-    name = torch.cuda.get_device_name(0)
-    print(f"GPU: {name}; torch {torch.__version__}; backends: {_backends()}", flush=True)
+    if args.profile and where.device != "cuda":
+        raise SystemExit("benchmarks.gpu: --profile needs the GPU")
+    info = timing.machine_info(where.device)
+    name = info["gpu"] or f"{info['cpu']} (smoke test, rows / {where.scale})"
+    print(f"{'GPU' if info['gpu'] else 'CPU'}: {name}; torch {torch.__version__}; backends: {where.backends()}",
+          flush=True)
+    load_before = timing.load_report(where.device)[0]
+    print(load_before, flush=True)
     rows: list = []
     failed = []
     for step in (bandwidth_cases, smooth_cases, smooth_bins_cases, epoch_cases, layout_cases):
         print(f"running {step.__name__} ...", flush=True)
         try:
-            step(rows)
+            step(rows, where)
         except Exception:  # noqa: BLE001 - GPU time is scarce: keep the other steps' rows
             traceback.print_exc()
             failed.append(step.__name__)
+    load_after, busy_after = timing.load_report(where.device, running=True)
     table = format_rows(rows)
     if args.json:
         path = args.json
         if os.path.isdir(path):
             slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
             path = os.path.join(path, f"gpu-goals-{slug}.json")
+        info.update(load_average_after=timing.load_average(), busy_after=busy_after)
         with open(path, "w") as handle:
-            json.dump({"gpu": name, "torch": torch.__version__, "rows": rows, "failed_steps": failed,
-                       "cuda_preference": preference(rows)}, handle, indent=1)
+            json.dump({"gpu": name, "torch": torch.__version__, "machine": info, "rules": dataclasses.asdict(where.rules),
+                       "rows": rows, "failed_steps": failed, "cuda_preference": preference(rows, where)},
+                      handle, indent=1)
         print(f"wrote {path}")
     if args.profile:
         try:
-            text = kernel_profile()
+            text = kernel_profile(where)
         except Exception as exc:  # noqa: BLE001 - the goals above stand without the profile
             text = f"profiling failed: {type(exc).__name__}: {exc}"
         with open(args.profile, "w") as handle:
             handle.write(text + "\n")
         print(f"wrote {args.profile}")
     print(table)
-    print(f"CUDA_PREFERENCE on {name}: {preference(rows)}")
+    print(load_before)
+    print(load_after)
+    print(f"CUDA_PREFERENCE on {name}: {preference(rows, where)}")
     if failed:
         raise SystemExit(f"benchmarks.gpu: {', '.join(failed)} failed (traceback above)")
 

@@ -3,8 +3,9 @@
 
 Runs every case of :mod:`benchmarks.cases` (bin_stats, calibrate and a full FDS epoch, at
 65,536 x 512 and dense 8 x 64 x 120 x 160) for every provider (the published-style loop, plain
-PyTorch, each dirfast backend available here, and ``x.clone()``), without pytest: warm-up, then
-repeated timed calls, median.  Prints a line per case as it runs, then the machine and a table:
+PyTorch, each dirfast backend available here, and ``x.clone()``), without pytest, timed side by
+side by :mod:`benchmarks.timing`.  Prints each case as it runs, then the machine, the load
+average before and after (with a warning when the machine was busy) and a table:
 median time, time relative to the clone of the same features (the memory-bandwidth yardstick),
 and how many times faster than the published-style loop.  ``--json PATH`` also writes the
 results with the machine's description (PATH may be a folder: the file is then named after the
@@ -14,6 +15,7 @@ machine, e.g. ``nvidia-h100-80gb-hbm3.json``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -23,6 +25,7 @@ import time
 import torch
 
 from . import cases as C
+from . import timing
 
 
 def parse_args(argv=None):
@@ -112,22 +115,49 @@ def format_table(rows) -> str:
     return "\n".join(out)
 
 
-def format_machine(info) -> str:
-    lines = [
-        f"machine: {info['platform']} ({info['node']}), Python {info['python']}",
-        f"cpu:     {info['cpu']} ({info['cpu_count']} logical cores)",
-        f"torch:   {info['torch']}, torch.get_num_threads() = {info['torch_threads']}",
-        f"load:    {info['load_average']} (1, 5, 15 min load average before the run; other work skews timings)",
-        f"gpu:     {info['gpu'] or 'none used'}",
-        f"dirfast: {info['dirfast']}",
-    ]
-    return "\n".join(lines)
+def _measure_case(case, providers, rules, check):
+    """Rows of every provider of ``case``, the runnable ones timed side by side."""
+    rows, contenders, reference = {}, {}, None
+    for provider in providers:
+        try:
+            contender = C.runner(case, provider)
+            note = ""
+            if check and provider != C.CEILING:
+                out = C.first_output(contender)
+                if provider == "published":
+                    reference = out
+                elif reference is not None:
+                    diff = C.max_difference(reference, out)
+                    note = f"{'ok' if diff <= C.CHECK_TOLERANCE else 'MISMATCH'} {diff:.1e}"
+            contenders[provider] = contender
+            rows[provider] = {"check": note}
+        except C.Unavailable as exc:
+            rows[provider] = C.result_row(case, provider, note=str(exc))
+        except Exception as exc:  # a failing provider must not hide the others
+            rows[provider] = C.result_row(case, provider, note=f"failed: {type(exc).__name__}: {exc}")
+    for provider, timed in timing.compare(contenders, rules).items():
+        check_note = rows[provider]["check"]
+        if isinstance(timed, Exception):
+            rows[provider] = C.result_row(case, provider, note=f"failed: {type(timed).__name__}: {timed}")
+        else:
+            rows[provider] = C.result_row(case, provider, timed)
+        rows[provider]["check"] = check_note
+    return [rows[p] for p in providers]
+
+
+def _progress(row) -> str:
+    if row["median_ms"] is None:
+        return f"  {row['provider']}: {'skipped: ' if not row['note'].startswith('failed') else ''}{row['note']}"
+    calls = row["calls_per_round"]
+    return (f"  {row['provider']}: {row['median_ms']:.3f} ms (median of {row['rounds']} rounds of {calls} "
+            f"call{'s' if calls > 1 else ''})" + (f", check vs published: {row['check']}" if row.get("check") else ""))
 
 
 def run(args) -> dict:
     if args.quick:
         os.environ["DIRFAST_BENCH_QUICK"] = "1"
     quick = C.quick_mode()
+    rules = timing.rules(quick)
     C.apply_thread_setting(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -140,63 +170,43 @@ def run(args) -> dict:
         except ValueError as exc:
             raise SystemExit(str(exc))
     wanted = args.providers.split(",") if args.providers else None
+    jobs = [(case, [p for p in C.provider_names(case.op, device) if wanted is None or p in wanted])
+            for case in C.cases(ops, sizes, [device])]
 
-    jobs = []
-    for case in C.cases(ops, sizes, [device]):
-        for provider in C.provider_names(case.op, device):
-            if wanted is None or provider in wanted:
-                jobs.append((case, provider))
-
-    info = C.machine_info(device)
-    print(f"dirfast benchmarks on {device}, {'quick' if quick else 'full'} mode, "
-          f"{info['torch_threads']} torch threads: {len(jobs)} measurements", flush=True)
+    info = timing.machine_info(device)
+    load_before, _ = timing.load_report(device)
+    print(f"dirfast benchmarks on {device}, {'quick' if quick else 'full'} mode, {info['torch_threads']} torch "
+          f"threads: {len(jobs)} cases, contenders interleaved, median of {rules.repeats} rounds", flush=True)
+    print(load_before, flush=True)
     rows = []
-    reference = {}  # case -> published output, for --check
     started = time.perf_counter()
-    for i, (case, provider) in enumerate(jobs, 1):
-        print(f"[{i}/{len(jobs)}] {case.name} {provider} ...", end=" ", flush=True)
+    for i, (case, providers) in enumerate(jobs, 1):
+        print(f"[{i}/{len(jobs)}] {case.name} ...", flush=True)
         t0 = time.perf_counter()
-        try:
-            runner = C.runner(case, provider)
-            check = ""
-            if args.check and provider != C.CEILING:
-                out = C.first_output(runner)
-                if provider == "published":
-                    reference[case] = out
-                elif case in reference:
-                    diff = C.max_difference(reference[case], out)
-                    check = f"{'ok' if diff <= C.CHECK_TOLERANCE else 'MISMATCH'} {diff:.1e}"
-                out = None
-            plan = C.plan(runner, quick, provider)
-            times = C.measure(runner, plan.rounds)
-            row = C.result_row(case, provider, times)
-            row["check"] = check
-            print(f"{row['median_ms']:.3f} ms (median of {len(times)}, {time.perf_counter() - t0:.1f} s)"
-                  + (f", check vs published: {check}" if check else ""), flush=True)
-        except C.Unavailable as exc:
-            row = C.result_row(case, provider, note=str(exc))
-            print(f"skipped: {exc}", flush=True)
-        except Exception as exc:  # a failing provider must not hide the others
-            row = C.result_row(case, provider, note=f"failed: {type(exc).__name__}: {exc}")
-            print(row["note"], flush=True)
-        runner = None
-        if i == len(jobs) or jobs[i][0] != case:
-            reference.pop(case, None)
+        case_rows = _measure_case(case, providers, rules, args.check)
+        for row in case_rows:
+            print(_progress(row), flush=True)
+        print(f"  ({time.perf_counter() - t0:.1f} s)", flush=True)
+        rows += case_rows
         gc.collect()
-        rows.append(row)
     C.add_ratios(rows)
+    load_after, busy_after = timing.load_report(device, running=True)
 
     print()
-    print(format_machine(info))
-    print(f"mode:    {'quick' if quick else 'full'}, device {device}, total {time.perf_counter() - started:.0f} s")
+    print(timing.format_machine(info))
+    print(load_before)
+    print(load_after)
+    print(f"mode:    {'quick' if quick else 'full'}, device {device}, median of {rules.repeats} interleaved rounds, "
+          f"total {time.perf_counter() - started:.0f} s")
     print()
     print(format_table(rows))
-    result = {"machine": info, "device": device, "quick": quick, "results": rows}
+    info.update(load_average_after=timing.load_average(), busy_after=busy_after)
+    result = {"machine": info, "device": device, "quick": quick, "rules": dataclasses.asdict(rules), "results": rows}
     if args.json:
         path = args.json
         if path.endswith(os.sep) or os.path.isdir(path):
             os.makedirs(path, exist_ok=True)
-            path = os.path.join(path, C.machine_name(info) + ".json")
+            path = os.path.join(path, timing.machine_name(info) + ".json")
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
         print(f"\nresults written to {path}")

@@ -7,7 +7,7 @@ copy for dense [B, C, *spatial] inputs.  Same semantics as the dirfast ops (dirf
 
 import torch
 
-from published import PublishedFDS  # tests/published.py (on the path: benchmarks/__init__.py)
+from .published import PublishedFDS
 
 __all__ = ["torch_bin_stats", "torch_calibrate", "TorchFDS"]
 

@@ -1,12 +1,13 @@
-"""Draw the README's diagnostics plots on the real AgeDB-DIR training ages.
+"""Draw the README's diagnostics plots on the team's real AgeDB-DIR training ages.
 
-    python docs/make_plots.py [--labels CSV] [--out DIR]
+    python docs/make_plots.py [--data DIR | --labels CSV] [--out DIR]
 
 Writes ``agedb-label-distribution.png`` (the published AgeDB-DIR LDS: empirical and effective
 label density, weights) and ``agedb-fds-diagnostics.png`` (the published AgeDB-DIR FDS after
 two epochs of synthetic features that depend smoothly on the age, plus noise) into ``--out``
-(default docs/images). The labels file (columns ``age,split``) is on team machines only, at
-../shared/data/agedb-dir-labels.csv beside the repository.
+(default docs/images). Needs the team's labels file (columns ``age,split``; team machines only):
+``agedb-dir-labels.csv`` in ``--data DIR`` (default ../shared/data beside the checkout), or
+``--labels CSV``; without it, exits with status 1 and draws nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # this checkout's dirfast and its label reader
+sys.path.insert(0, ROOT)  # this checkout's dirfast and benchmarks (the label reader)
 
 try:
     import matplotlib
@@ -27,7 +28,7 @@ matplotlib.use("Agg")
 import torch  # noqa: E402
 
 import dirfast.plot  # noqa: E402
-import real_labels  # noqa: E402
+from benchmarks import real_labels  # noqa: E402
 from dirfast.presets import AGEDB_DIR  # noqa: E402
 
 OUT = os.path.join(ROOT, "docs", "images")
@@ -46,14 +47,20 @@ def synthetic_features(ages: torch.Tensor, generator: torch.Generator) -> torch.
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--labels", default=real_labels.AGEDB, help="the AgeDB-DIR labels CSV (age,split)")
-    parser.add_argument("--out", default=OUT, help="the folder the PNG files go to")
+    parser = argparse.ArgumentParser(
+        prog="python docs/make_plots.py",
+        description="Draw the README's diagnostics plots. Needs the team's real AgeDB-DIR labels file "
+                    "(team machines only): without it, exits with status 1.")
+    parser.add_argument("--data", metavar="DIR", default=real_labels.DATA, help=real_labels.DATA_HELP)
+    parser.add_argument("--labels", metavar="CSV", default=None,
+                        help="the AgeDB-DIR labels CSV (age,split) itself (default: agedb-dir-labels.csv in --data)")
+    parser.add_argument("--out", default=OUT, help="the folder the PNG files go to (default: %(default)s)")
     args = parser.parse_args(argv)
-    ages = real_labels.agedb_ages("train", args.labels)
+    labels = args.labels or real_labels.agedb_path(args.data)
+    ages = real_labels.agedb_ages("train", labels)
     if ages is None:
-        print(f"make_plots: the AgeDB-DIR labels are not at {os.path.abspath(args.labels)} (they are on team "
-              "machines only); pass --labels PATH", file=sys.stderr)
+        print(f"make_plots: nothing to draw: {os.path.abspath(labels)} not found (the team's labels file; pass "
+              "--data DIR or --labels CSV)", file=sys.stderr)
         return 1
     ages = torch.from_numpy(ages).float()
     os.makedirs(args.out, exist_ok=True)

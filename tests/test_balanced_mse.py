@@ -1,5 +1,5 @@
 """Balanced MSE (dirfast.losses.bmc_loss / bni_loss / gai_loss and their modules) against the
-published functions (tests/published_balanced_mse.py): losses and gradients in the predictions
+published functions (benchmarks/published_balanced_mse.py): losses and gradients in the predictions
 and the noise scale, 1-D and multi-dimensional; the priors built from LDS and fitted mixtures."""
 
 import math
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dirfast
-import published_balanced_mse as published
+from benchmarks import published_balanced_mse as published
 from dirfast.losses import BMCLoss, BNILoss, GAILoss, bmc_loss, bni_loss, gai_loss
 from dirfast.mixture import GaussianMixture, fit_gmm
 from testing import DEVICES, gen

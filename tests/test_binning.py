@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dirfast
-import oracle
+from benchmarks import published
 from testing import DEVICES, gen
 
 BINNINGS = {
@@ -45,9 +45,9 @@ def expected_bins(binning, labels: np.ndarray, precision: str) -> list:
             continue
         low, high = float(binning.edges[0]), float(binning.edges[-1])  # Python floats, as the published range
         uniform = repr(binning).startswith("Binning.uniform")
-        edges = oracle.histogram_edges(low, high, n, dtype=value.dtype) if uniform else binning.edges.astype(
+        edges = published.histogram_edges(low, high, n, dtype=value.dtype) if uniform else binning.edges.astype(
             np.float32 if precision == "float32" else np.float64)
-        out.append(oracle.edges_bin(value, edges))
+        out.append(published.edges_bin(value, edges))
     return out
 
 
@@ -96,8 +96,8 @@ def test_the_two_paths_differ_as_published():
     edge is 0.6000000000000001) and bin 6 for FDS (float32)."""
     binning = dirfast.Binning.uniform(0, 5, 50)
     scores = np.array([0.2, 0.6])
-    assert binning(scores).tolist() == [2, 5] == oracle.published_stsb_weight_bins(scores).tolist()
-    assert binning(scores, precision="float32").tolist() == [2, 6] == [oracle.published_stsb_fds_bucket(s)
+    assert binning(scores).tolist() == [2, 5] == published.published_stsb_weight_bins(scores).tolist()
+    assert binning(scores, precision="float32").tolist() == [2, 6] == [published.published_stsb_fds_bucket(s)
                                                                       for s in scores]
     assert binning(scores.astype(np.float32)).tolist() == [2, 6]
 
@@ -148,7 +148,7 @@ def test_depth_buckets_match_the_published_rule():
     """NYUD2-DIR: min(int(depth * float32(10)), 99) on float32 depths (util.py, loaddata.py)."""
     depth = (torch.rand(5000, generator=gen(7), dtype=torch.float64) * 11).float()
     depth = torch.cat([depth, torch.arange(0, 101).float() / 10])
-    expected = [oracle.published_nyud2_bin(np.float32(v)) for v in depth.tolist()]
+    expected = [published.published_nyud2_bin(np.float32(v)) for v in depth.tolist()]
     assert dirfast.Binning.integer(100, scale=10)(depth, precision="float32").tolist() == expected
 
 

@@ -2,7 +2,7 @@
 
 The label files live in ../shared/data (team machines only); every test here skips cleanly
 when they are absent, as on a user's machine. The published functions are transcribed in
-oracle.py; the STS-B-DIR scores are read as the published loader reads them (np.float32) and
+benchmarks/published.py; the STS-B-DIR scores are read as the published loader reads them (np.float32) and
 as NumPy or pandas would (float64), since the published bins depend on that.
 """
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import dirfast
-import oracle
-import real_labels
+from benchmarks import published
+from benchmarks import real_labels
 from dirfast.presets import AGEDB_DIR, STS_B_DIR
 from testing import gen
 
@@ -45,7 +45,7 @@ CASES = [("sqrt_inv", True, "gaussian"), ("sqrt_inv", True, "triang"), ("sqrt_in
 def test_agedb_lds_weights(reweight, lds, kernel, dtype):
     ages = agedb("train")
     assert len(ages) > 10000
-    expected = oracle.published_lds_weights_integer(ages, reweight, 121, lds, kernel, 5, 2)
+    expected = published.published_lds_weights_integer(ages, reweight, 121, lds, kernel, 5, 2)
     got = dirfast.lds_weights(torch.tensor(ages, dtype=dtype), dirfast.Binning.integer(121), reweight=reweight,
                               lds=lds, kernel=kernel)
     assert got.dtype == torch.float32 and got.shape == (len(ages),)
@@ -60,11 +60,11 @@ def test_agedb_lds_weights(reweight, lds, kernel, dtype):
 def test_agedb_inverse_truncation_matters():
     """On the real ages the truncation quirk changes the published inverse-LDS weights."""
     ages = agedb("train")
-    prep = oracle.published_prepare_integer(ages, "inverse", 121, lds=True)
+    prep = published.published_prepare_integer(ages, "inverse", 121, lds=True)
     base = np.clip(np.bincount(ages, minlength=121), 5, 1000).astype(np.float64)
     from scipy.ndimage import convolve1d
 
-    smooth = convolve1d(base, oracle.lds_window("gaussian", 5, 2), mode="constant")
+    smooth = convolve1d(base, published.lds_window("gaussian", 5, 2), mode="constant")
     assert not np.array_equal(prep["effective"], smooth)
     est = dirfast.LDS(dirfast.Binning.integer(121), reweight="inverse").fit(torch.tensor(ages))
     np.testing.assert_array_equal(est.effective.numpy(), prep["effective"])
@@ -74,7 +74,7 @@ def test_agedb_shot_metrics():
     train, test = agedb("train"), agedb("test")
     preds = test + np.random.default_rng(0).normal(0, 7, len(test))
     got = AGEDB_DIR.shot_metrics(torch.tensor(preds), torch.tensor(test, dtype=torch.float64), torch.tensor(train))
-    expected = oracle.shot_metrics(preds, test, train)
+    expected = published.shot_metrics(preds, test, train)
     for region in ("many", "median", "low", "overall"):
         for m in ("mse", "l1", "gmean"):
             assert got[region][m] == pytest.approx(expected[region][m], rel=1e-9), (region, m)
@@ -88,11 +88,11 @@ def test_stsb_bins_of_every_path(dtype, split):
     FDS buckets (fds.py, float32) and the evaluator's bins (util.py, float32)."""
     scores = stsb_scores(split, dtype)
     binning = STS_B_DIR.lds_binning
-    np.testing.assert_array_equal(binning(scores).numpy(), oracle.published_stsb_weight_bins(scores))
-    fds_buckets = [oracle.published_stsb_fds_bucket(s) for s in scores]
+    np.testing.assert_array_equal(binning(scores).numpy(), published.published_stsb_weight_bins(scores))
+    fds_buckets = [published.published_stsb_fds_bucket(s) for s in scores]
     np.testing.assert_array_equal(binning(scores, precision="float32").numpy(), fds_buckets)
     np.testing.assert_array_equal(binning(torch.from_numpy(scores), precision="float32").numpy(),
-                                  [oracle.published_stsb_eval_bin(s) for s in torch.from_numpy(scores).float().tolist()])
+                                  [published.published_stsb_eval_bin(s) for s in torch.from_numpy(scores).float().tolist()])
 
 
 def test_stsb_float64_scores_move_bins():
@@ -109,7 +109,7 @@ def test_stsb_float64_scores_move_bins():
 def test_stsb_lds_weights(reweight, lds, kernel, dtype):
     scores = stsb_scores("train", dtype)
     assert len(scores) > 5000 and scores.min() >= 0 and scores.max() <= 5
-    prep = oracle.published_prepare_stsb(scores, reweight, lds, kernel, 5, 2)
+    prep = published.published_prepare_stsb(scores, reweight, lds, kernel, 5, 2)
     got = dirfast.lds_weights(scores, dirfast.Binning.uniform(0, 5, 50), reweight=reweight, lds=lds,
                               kernel=kernel, inverse_clip=None)
     assert isinstance(got, np.ndarray) and got.dtype == np.float32
@@ -127,7 +127,7 @@ def test_stsb_fds_buckets(dtype):
     scores = stsb_scores("train", dtype)
     fds = STS_B_DIR.fds(feature_dim=2)
     fds.update_running_stats(torch.randn(len(scores), 2, generator=gen(1)), torch.from_numpy(scores), 0)
-    expected = np.bincount([oracle.published_stsb_fds_bucket(s) for s in scores], minlength=50)
+    expected = np.bincount([published.published_stsb_fds_bucket(s) for s in scores], minlength=50)
     np.testing.assert_array_equal(fds.num_samples_tracked.numpy(), expected)
 
 
@@ -136,13 +136,13 @@ def test_stsb_shot_regions_are_the_published_lists():
     the many / few lists of the published STSShotAverage, so the evaluation regions agree."""
     train, test = stsb_scores("train"), stsb_scores("test")
     counts = np.bincount(STS_B_DIR.fds_binning(train, precision="float32").numpy(), minlength=50)
-    assert [b for b in range(50) if counts[b] > 100] == oracle.STSB_SHOT_BINS["many"]
-    assert [b for b in range(50) if counts[b] < 30] == oracle.STSB_SHOT_BINS["few"]
+    assert [b for b in range(50) if counts[b] > 100] == published.STSB_SHOT_BINS["many"]
+    assert [b for b in range(50) if counts[b] < 30] == published.STSB_SHOT_BINS["few"]
     preds = test + np.random.default_rng(1).normal(0, 0.8, len(test)).astype(np.float32)
     got = STS_B_DIR.shot_metrics(preds, test, train)
-    test_bins = np.array([oracle.published_stsb_eval_bin(v) for v in test.tolist()])
+    test_bins = np.array([published.published_stsb_eval_bin(v) for v in test.tolist()])
     for region, key in (("many", "many"), ("median", "medium"), ("low", "few")):
-        mask = np.isin(test_bins, oracle.STSB_SHOT_BINS[key])
+        mask = np.isin(test_bins, published.STSB_SHOT_BINS[key])
         err = preds[mask].astype(np.float64) - test[mask]
         assert got[region]["mse"] == pytest.approx(np.mean(err ** 2), rel=1e-9)
         assert got[region]["l1"] == pytest.approx(np.mean(np.abs(err)), rel=1e-9)

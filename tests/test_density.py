@@ -18,7 +18,7 @@ import torch
 from scipy.stats import gaussian_kde
 
 import dirfast
-import real_labels
+from benchmarks import real_labels
 from dirfast import bandwidth
 from testing import DEVICES
 

@@ -1,4 +1,4 @@
-"""dirfast.FDS against the published module (tests/published.py PublishedFDS) and its quirks."""
+"""dirfast.FDS against the published module (benchmarks/published.py PublishedFDS) and its quirks."""
 
 import copy
 
@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import dirfast
-import oracle
-from published import PublishedFDS
+
+from benchmarks import published
+from benchmarks.published import PublishedFDS
 from test_bin_stats import loop_bin_stats
 from test_calibrate import loop_calibrate, loop_calibrate_scale
 from test_smooth_bins import fds_smooth_conv1d, loop_smooth_bins
@@ -186,7 +187,7 @@ def test_fds_smoothed_stats_are_reflect_convolution():
     labels = labels_with_edges(200, 1, 11, seed=2)
     fds.update_running_stats(features(200, 4, 5), labels, 0)
     fds.update_last_epoch_stats(1)
-    window = oracle.fds_window("laplace", 7, 2)
+    window = published.fds_window("laplace", 7, 2)
     torch.testing.assert_close(fds.smoothed_mean_last_epoch.double(),
                                fds_smooth_conv1d(fds.running_mean, window), **STATS_TOL)
     torch.testing.assert_close(fds.smoothed_var_last_epoch.double(),
@@ -207,7 +208,7 @@ def test_fds_window_wider_than_buckets(bucket_num, bucket_start, ks):
     torch.testing.assert_close(fds.running_mean.double(), mean, **STATS_TOL)
     torch.testing.assert_close(fds.running_var.double(), var, **STATS_TOL)
     fds.update_last_epoch_stats(1)
-    window = oracle.fds_window("gaussian", ks, 2)
+    window = published.fds_window("gaussian", ks, 2)
     torch.testing.assert_close(fds.smoothed_mean_last_epoch.double(), loop_smooth_bins(mean, window), **STATS_TOL)
     torch.testing.assert_close(fds.smoothed_var_last_epoch.double(), loop_smooth_bins(var, window), **STATS_TOL)
     y = features(50, d, 8)
@@ -358,7 +359,7 @@ def test_fds_fill_empty():
         pub.update_last_epoch_stats(epoch)
         fds.update_running_stats(x, labels, epoch)
         pub.update_running_stats(x, labels, epoch)
-        oracle.fill_empty(pub.running_mean, pub.running_var, labels.long().tolist(), 0, bucket_num)
+        published.fill_empty(pub.running_mean, pub.running_var, labels.long().tolist(), 0, bucket_num)
         assert_same_state(fds, pub)
     rm = fds.running_mean
     torch.testing.assert_close(rm[9], rm[8], rtol=0, atol=0)

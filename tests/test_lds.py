@@ -6,7 +6,7 @@ import torch
 from scipy.ndimage import convolve1d
 
 import dirfast
-import oracle
+from benchmarks import published
 from testing import DEVICES, gen, skewed_int_labels
 
 KERNEL_SETTINGS = [("gaussian", 5, 2), ("triang", 5, 2), ("laplace", 5, 2), ("gaussian", 3, 1), ("laplace", 7, 3),
@@ -50,7 +50,7 @@ def test_lds_weights_integer_matches_published(reweight, lds, kernel, ks, sigma)
     labels = age_labels()
     got = dirfast.lds_weights(labels, dirfast.Binning.integer(121), reweight=reweight, lds=lds, kernel=kernel,
                               ks=ks, sigma=sigma)
-    expected = oracle.published_lds_weights_integer(labels.numpy(), reweight, 121, lds, kernel, ks, sigma)
+    expected = published.published_lds_weights_integer(labels.numpy(), reweight, 121, lds, kernel, ks, sigma)
     assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.shape == labels.shape
     np.testing.assert_allclose(got.numpy(), expected, rtol=RTOL, atol=0)
     assert float(got.double().mean()) == pytest.approx(1.0, rel=1e-5)
@@ -60,13 +60,13 @@ def test_lds_weights_defaults_are_published_defaults():
     """Defaults: sqrt_inv, LDS on, gaussian ks=5 sigma=2, clip (5, 1000)."""
     labels = age_labels(seed=5)
     got = dirfast.lds_weights(labels, dirfast.Binning.integer(121))
-    expected = oracle.published_lds_weights_integer(labels.numpy(), "sqrt_inv", 121, True, "gaussian", 5, 2)
+    expected = published.published_lds_weights_integer(labels.numpy(), "sqrt_inv", 121, True, "gaussian", 5, 2)
     np.testing.assert_allclose(got.numpy(), expected, rtol=RTOL, atol=0)
 
 
 def test_lds_weights_integer_dtype_labels_and_numpy():
     ages = skewed_int_labels(800, 0, 120, seed=6, dtype=torch.int64)
-    expected = oracle.published_lds_weights_integer(ages.numpy(), "inverse", 121, True)
+    expected = published.published_lds_weights_integer(ages.numpy(), "inverse", 121, True)
     got = dirfast.lds_weights(ages, dirfast.Binning.integer(121), reweight="inverse")
     np.testing.assert_allclose(got.numpy(), expected, rtol=RTOL, atol=0)
     got_np = dirfast.lds_weights(ages.numpy(), dirfast.Binning.integer(121), reweight="inverse")
@@ -79,7 +79,7 @@ def test_lds_weights_device_and_shape(device):
     labels = age_labels(500, seed=7).to(device)
     got = dirfast.lds_weights(labels.reshape(-1, 1), dirfast.Binning.integer(121))
     assert got.device == labels.device and got.shape == (labels.numel(), 1) and got.dtype == torch.float32
-    expected = oracle.published_lds_weights_integer(labels.cpu().numpy(), "sqrt_inv", 121, True)
+    expected = published.published_lds_weights_integer(labels.cpu().numpy(), "sqrt_inv", 121, True)
     np.testing.assert_allclose(got.cpu().numpy().reshape(-1), expected, rtol=RTOL, atol=0)
 
 
@@ -88,10 +88,10 @@ def test_lds_inverse_truncation_quirk():
     smoothed value toward zero; the published weights depend on it."""
     labels = np.array([3] * 10 + [4] * 7 + [6] * 20 + [8] * 3, dtype=np.float32)
     num_bins = 10
-    prep = oracle.published_prepare_integer(labels, "inverse", num_bins, lds=True)
+    prep = published.published_prepare_integer(labels, "inverse", num_bins, lds=True)
     # the same without truncation, to make sure this case discriminates
     base = np.clip(np.bincount(labels.astype(int), minlength=num_bins), 5, 1000).astype(np.float64)
-    smooth = convolve1d(base, oracle.lds_window("gaussian", 5, 2), mode="constant")
+    smooth = convolve1d(base, published.lds_window("gaussian", 5, 2), mode="constant")
     assert not np.array_equal(np.trunc(smooth), smooth)
     untruncated = np.float32(1 / smooth[labels.astype(int)])
     untruncated = untruncated * (len(labels) / untruncated.sum())
@@ -106,7 +106,7 @@ def test_lds_inverse_truncation_quirk():
 
 def test_lds_sqrt_inv_not_truncated():
     labels = np.array([3] * 10 + [4] * 7 + [6] * 20 + [8] * 3, dtype=np.float32)
-    prep = oracle.published_prepare_integer(labels, "sqrt_inv", 10, lds=True)
+    prep = published.published_prepare_integer(labels, "sqrt_inv", 10, lds=True)
     assert not np.array_equal(np.trunc(prep["effective"]), prep["effective"])
     lds = dirfast.LDS(dirfast.Binning.integer(10)).fit(torch.tensor(labels))
     np.testing.assert_allclose(lds.effective.numpy(), prep["effective"], rtol=1e-12)
@@ -123,7 +123,7 @@ def test_lds_weights_reweight_none():
 @pytest.mark.parametrize("reweight, lds, kernel, ks, sigma", settings(KERNEL_SETTINGS[:3]))
 def test_lds_weights_stsb_matches_published(reweight, lds, kernel, ks, sigma):
     scores = stsb_scores()
-    prep = oracle.published_prepare_stsb(scores, reweight, lds, kernel, ks, sigma)
+    prep = published.published_prepare_stsb(scores, reweight, lds, kernel, ks, sigma)
     got = dirfast.lds_weights(torch.tensor(scores), dirfast.Binning.uniform(0, 5, 50), reweight=reweight, lds=lds,
                               kernel=kernel, ks=ks, sigma=sigma, inverse_clip=None)
     np.testing.assert_allclose(got.numpy(), prep["weights"], rtol=RTOL, atol=0)
@@ -138,7 +138,7 @@ def test_lds_weights_stsb_matches_published(reweight, lds, kernel, ks, sigma):
 @pytest.mark.parametrize("lds_on", [True, False])
 def test_lds_fit_distributions_and_weights(reweight, lds_on):
     labels = age_labels(2000, seed=8)
-    prep = oracle.published_prepare_integer(labels.numpy(), reweight, 121, lds_on)
+    prep = published.published_prepare_integer(labels.numpy(), reweight, 121, lds_on)
     est = dirfast.LDS(dirfast.Binning.integer(121), reweight=reweight, lds=lds_on)
     assert est.fit(labels) is est
     assert est.empirical.dtype == torch.float64 and est.empirical.shape == (121,)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import dirfast
-import oracle
+from benchmarks import published as oracle
 from testing import DEVICES, gen
 
 LOSSES = ["weighted_mse_loss", "weighted_l1_loss", "weighted_focal_mse_loss", "weighted_focal_l1_loss",

@@ -1,4 +1,4 @@
-"""dirfast.metrics.shot_metrics against the published agedb-dir shot_metrics (oracle)."""
+"""dirfast.metrics.shot_metrics against the published agedb-dir shot_metrics (benchmarks/published.py)."""
 
 import math
 
@@ -8,7 +8,7 @@ import torch
 from scipy.stats import gmean
 
 import dirfast
-import oracle
+from benchmarks import published
 from testing import gen, skewed_int_labels
 
 REGIONS = ["many", "median", "low", "overall"]
@@ -44,14 +44,14 @@ def test_age_data_has_all_regions():
 @pytest.mark.parametrize("kind", ["torch", "numpy", "torch_column", "float32"])
 def test_shot_metrics_matches_published(kind):
     preds, test, train = age_data()
-    expected = oracle.shot_metrics(preds.numpy(), test.numpy(), train.numpy())
+    expected = published.shot_metrics(preds.numpy(), test.numpy(), train.numpy())
     if kind == "numpy":
         args = preds.numpy(), test.numpy(), train.numpy()
     elif kind == "torch_column":
         args = preds.unsqueeze(1), test.unsqueeze(1), train
     elif kind == "float32":
         args = preds.float(), test.float(), train.float()
-        expected = oracle.shot_metrics(preds.float().numpy(), test.float().numpy(), train.numpy())
+        expected = published.shot_metrics(preds.float().numpy(), test.float().numpy(), train.numpy())
     else:
         args = preds, test, train
     got = dirfast.metrics.shot_metrics(*args)
@@ -62,7 +62,7 @@ def test_shot_metrics_matches_published(kind):
 def test_shot_metrics_thresholds(many, low):
     preds, test, train = age_data(seed=3)
     got = dirfast.metrics.shot_metrics(preds, test, train, many_shot_thr=many, low_shot_thr=low)
-    assert_same_metrics(got, oracle.shot_metrics(preds.numpy(), test.numpy(), train.numpy(), many, low))
+    assert_same_metrics(got, published.shot_metrics(preds.numpy(), test.numpy(), train.numpy(), many, low))
 
 
 def test_shot_metrics_train_labels_cast_to_int():
@@ -71,7 +71,7 @@ def test_shot_metrics_train_labels_cast_to_int():
     test = np.array([30.0, 30.0, 40.0, 50.0])
     preds = np.array([31.0, 28.5, 41.0, 47.0])
     got = dirfast.metrics.shot_metrics(preds, test, train)
-    expected = oracle.shot_metrics(preds, test, train)
+    expected = published.shot_metrics(preds, test, train)
     assert_same_metrics(got, expected)
     assert got["many"]["mse"] == pytest.approx((1 + 1.5**2) / 2)
     assert got["median"]["l1"] == pytest.approx(1.0)
@@ -85,7 +85,7 @@ def test_shot_metrics_empty_region_is_nan():
     got = dirfast.metrics.shot_metrics(preds, test, train)
     for m in METRICS:
         assert math.isnan(got["median"][m]) and math.isnan(got["low"][m])
-    assert_same_metrics(got, oracle.shot_metrics(preds, test, train))
+    assert_same_metrics(got, published.shot_metrics(preds, test, train))
     assert got["overall"]["gmean"] == pytest.approx(gmean([2.0, 0.5, 2.0]))
 
 
@@ -98,9 +98,9 @@ def test_shot_metrics_binning_for_continuous_labels():
     binning = dirfast.Binning.uniform(0, 5, 50)
     got = dirfast.metrics.shot_metrics(torch.tensor(preds), torch.tensor(test), torch.tensor(train), binning=binning)
 
-    edges = oracle.histogram_edges(0.0, 5.0, 50, dtype=np.float32)
-    test_bins = np.array([oracle.edges_bin(v, edges) for v in test])
-    train_bins = np.array([oracle.edges_bin(v, edges) for v in train])
+    edges = published.histogram_edges(0.0, 5.0, 50, dtype=np.float32)
+    test_bins = np.array([published.edges_bin(v, edges) for v in test])
+    train_bins = np.array([published.edges_bin(v, edges) for v in train])
     errors = {"many": [], "median": [], "low": []}
     for i in range(len(test)):
         n = int(np.sum(train_bins == test_bins[i]))
@@ -134,5 +134,5 @@ def test_shot_metrics_exact_prediction_gmean_zero():
     got = dirfast.metrics.shot_metrics(preds, test, train)
     assert got["many"]["gmean"] == 0.0 and got["overall"]["gmean"] == 0.0
     with np.errstate(divide="ignore"):
-        expected = oracle.shot_metrics(preds, test, train)
+        expected = published.shot_metrics(preds, test, train)
     assert_same_metrics(got, expected)

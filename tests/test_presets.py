@@ -1,5 +1,5 @@
 """dirfast.presets: the published settings of each dataset, checked against the published code
-(the transcriptions in oracle.py and tests/published.py PublishedFDS)."""
+(the transcriptions in benchmarks/published.py)."""
 
 import warnings
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import dirfast
-import oracle
-from published import PublishedFDS
+from benchmarks import published
+from benchmarks.published import PublishedFDS
 from dirfast.presets import AGEDB_DIR, IMDB_WIKI_DIR, NYUD2_DIR, STS_B_DIR
 from testing import gen
 
@@ -30,7 +30,7 @@ def test_fds_settings(preset, bucket_num, bucket_start, clips, fill):
     assert (fds.bucket_num, fds.bucket_start) == (bucket_num, bucket_start)
     assert (fds.clip_min, fds.clip_max) == clips and fds.fill_empty is fill
     assert fds.momentum == 0.9 and (fds.start_update, fds.start_smooth) == (0, 1)
-    np.testing.assert_allclose(fds.kernel_window.numpy(), oracle.fds_window("gaussian", 5, 2), rtol=1e-6)
+    np.testing.assert_allclose(fds.kernel_window.numpy(), published.fds_window("gaussian", 5, 2), rtol=1e-6)
     assert preset.fds(feature_dim=8, sigma=1).sigma == 1  # any setting can be overridden
 
 
@@ -43,7 +43,7 @@ def test_stsb_fds_is_the_published_module():
     pub = PublishedFDS(d, bucket_num=50, bucket_start=0, clip_min=0.5, clip_max=2.0)
     for epoch in range(3):
         scores = np.round(np.random.default_rng(epoch).random(150) * 5, 1)  # float64, on the edges
-        buckets = torch.tensor([float(oracle.published_stsb_fds_bucket(s)) for s in scores])
+        buckets = torch.tensor([float(published.published_stsb_fds_bucket(s)) for s in scores])
         x = torch.randn(150, d, generator=gen(30 + epoch)) * 2 + 0.5
         if epoch >= 1:
             got = fds.smooth(x.clone(), torch.from_numpy(scores).unsqueeze(1), epoch)
@@ -52,7 +52,7 @@ def test_stsb_fds_is_the_published_module():
         pub.update_last_epoch_stats(epoch)
         fds.update_running_stats(x, torch.from_numpy(scores), epoch)
         pub.update_running_stats(x, buckets, epoch)
-        oracle.fill_empty(pub.running_mean, pub.running_var, buckets.long().tolist(), 0, 50)
+        published.fill_empty(pub.running_mean, pub.running_var, buckets.long().tolist(), 0, 50)
         for name in ("running_mean", "running_var", "smoothed_mean_last_epoch", "smoothed_var_last_epoch",
                      "num_samples_tracked"):
             torch.testing.assert_close(getattr(fds, name), getattr(pub, name), rtol=2e-5, atol=2e-5)
@@ -62,7 +62,7 @@ def test_agedb_lds_weights():
     """AgeDB-DIR's LDS smooths all 121 age bins (datasets.py _prepare_weights): its LDS starts at
     bin 0, not at FDS's bucket_start of 3, so ages 0 to 2 keep bins of their own."""
     ages = np.concatenate([np.random.default_rng(9).integers(0, 101, 2000), [0, 1, 1, 2]]).astype(np.float32)
-    expected = oracle.published_lds_weights_integer(ages, "sqrt_inv", lds=True)
+    expected = published.published_lds_weights_integer(ages, "sqrt_inv", lds=True)
     np.testing.assert_allclose(AGEDB_DIR.lds_weights(ages), expected, rtol=1e-6, atol=0)
 
 
@@ -76,12 +76,12 @@ def test_nyud2_lds_weights(reweight, lds):
     """loaddata.py _get_bucket_weights: counts from bucket 7 on, smoothed with scipy's reflect
     mode, no clip, buckets below 7 weighted as 7; each pixel's weight is its bucket's."""
     counts = np.concatenate([np.zeros(7, dtype=np.int64), np.random.default_rng(3).integers(1, 60, 93)])
-    expected = oracle.published_nyud2_bucket_weights(counts, reweight, lds)
+    expected = published.published_nyud2_bucket_weights(counts, reweight, lds)
     est = NYUD2_DIR.lds(reweight=reweight, lds=lds).fit(nyud2_depths(counts))
     centres = (torch.arange(100, dtype=torch.float32) + 0.5) / 10
     np.testing.assert_allclose(est.weights(centres).numpy(), expected, rtol=1e-6, atol=0)
     depth_map = torch.rand(2, 1, 8, 9, generator=gen(4)) * 11  # [B, 1, H, W]: weights of the same shape
-    bins = [oracle.published_nyud2_bin(np.float32(v)) for v in depth_map.reshape(-1).tolist()]
+    bins = [published.published_nyud2_bin(np.float32(v)) for v in depth_map.reshape(-1).tolist()]
     np.testing.assert_allclose(est.weights(depth_map).reshape(-1).numpy(), np.array(expected)[bins], rtol=1e-6)
 
 
@@ -98,9 +98,9 @@ def test_nyud2_shot_regions():
     depth = torch.rand(4000, generator=gen(6)) * 10
     preds = depth + torch.randn(4000, generator=gen(7)) * 0.3
     got = NYUD2_DIR.shot_metrics(preds, depth)
-    bins = np.array([oracle.published_nyud2_bin(np.float32(v)) for v in depth.tolist()])
+    bins = np.array([published.published_nyud2_bin(np.float32(v)) for v in depth.tolist()])
     for region, key in (("many", "many"), ("median", "medium"), ("low", "few")):
-        mask = np.isin(bins, oracle.NYUD2_SHOT_BINS[key])
+        mask = np.isin(bins, published.NYUD2_SHOT_BINS[key])
         err = (preds - depth).double().numpy()[mask]
         assert got[region]["mse"] == pytest.approx(np.mean(err ** 2), rel=1e-9)
 

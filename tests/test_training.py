@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dirfast
-from published import PublishedFDS
+from benchmarks.published import PublishedFDS
 from testing import DEVICES
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dirfast
-import oracle
+from benchmarks import published
 
 KERNELS = ["gaussian", "triang", "laplace"]
 SIZES = [1, 3, 5, 7, 9, 15]
@@ -18,7 +18,7 @@ SIGMAS = [0.5, 1, 2, 3.5]
 def test_lds_window_matches_published(kernel, ks, sigma):
     got = dirfast.get_lds_kernel_window(kernel, ks, sigma)
     assert isinstance(got, np.ndarray)
-    expected = oracle.lds_window(kernel, ks, sigma)
+    expected = published.lds_window(kernel, ks, sigma)
     assert got.shape == (ks,)
     # LDS truncates smoothed counts (a quirk of the published code), so the window must match to the last bits.
     np.testing.assert_allclose(got, expected, rtol=1e-15, atol=0)
@@ -40,7 +40,7 @@ def test_lds_gaussian_window_spec_fact():
 def test_kernel_window_max_is_lds_window(kernel, ks, sigma):
     got = dirfast.kernel_window(kernel, ks, sigma, normalize="max")
     assert isinstance(got, torch.Tensor) and got.dtype == torch.float64 and got.shape == (ks,)
-    np.testing.assert_allclose(got.numpy(), oracle.lds_window(kernel, ks, sigma), rtol=1e-15, atol=0)
+    np.testing.assert_allclose(got.numpy(), published.lds_window(kernel, ks, sigma), rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -51,15 +51,15 @@ def test_kernel_window_sum_is_fds_window(kernel, ks, sigma):
     assert got.dtype == torch.float64 and got.shape == (ks,)
     assert float(got.sum()) == pytest.approx(1.0, abs=1e-6)
     # the published FDS gaussian is built from a float32 delta: float32-level agreement
-    np.testing.assert_allclose(got.numpy(), oracle.fds_window(kernel, ks, sigma), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.numpy(), published.fds_window(kernel, ks, sigma), rtol=1e-6, atol=1e-7)
 
 
 def test_kernel_window_defaults():
-    np.testing.assert_allclose(dirfast.kernel_window().numpy(), oracle.lds_window("gaussian", 5, 2.0), rtol=1e-15)
+    np.testing.assert_allclose(dirfast.kernel_window().numpy(), published.lds_window("gaussian", 5, 2.0), rtol=1e-15)
 
 
 def test_fds_window_matches_published_module():
-    from published import PublishedFDS
+    from benchmarks.published import PublishedFDS
 
     for kernel in KERNELS:
         for ks, sigma in [(5, 2), (3, 1), (7, 3)]:

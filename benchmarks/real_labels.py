@@ -1,6 +1,10 @@
-"""The real AgeDB-DIR and STS-B-DIR labels of ../shared/data (team machines only; a user's
-clone has none): one reader each, for the tests, the benchmarks and docs/make_plots.py. Each
-returns None when its file is absent, so that every caller decides how to say so."""
+"""The team's real AgeDB-DIR and STS-B-DIR label files (team machines only; a user's clone has
+none): one reader each, for the tests, ``benchmarks.density_table`` and ``docs/make_plots.py``.
+
+``DATA`` is the team's folder, ``../shared/data`` beside the checkout; the tools take another
+with ``--data DIR``.  Each reader returns None when its file is absent, so that every caller
+decides how to say so (a test skips, a tool exits non-zero).
+"""
 
 from __future__ import annotations
 
@@ -10,9 +14,16 @@ import os
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DATA = os.path.join(ROOT, "..", "shared", "data")
-AGEDB = os.path.join(DATA, "agedb-dir-labels.csv")
-STSB = os.path.join(DATA, "sts-b-dir")
+DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
+DATA_HELP = ("the folder of the team's real label files (agedb-dir-labels.csv, sts-b-dir/train_new.tsv; on "
+             "team machines only; default: %(default)s)")
+
+
+def agedb_path(data: str = DATA) -> str:
+    return os.path.join(data, "agedb-dir-labels.csv")
+
+
+AGEDB = agedb_path()
 
 
 def agedb_ages(split: str = "train", path: str = AGEDB):
@@ -23,15 +34,15 @@ def agedb_ages(split: str = "train", path: str = AGEDB):
         return np.array([int(row["age"]) for row in csv.DictReader(handle) if row["split"] == split], dtype=np.int64)
 
 
-def stsb_path(split: str = "train") -> str:
-    return os.path.join(STSB, f"{split}_new.tsv")
+def stsb_path(split: str = "train", data: str = DATA) -> str:
+    return os.path.join(data, "sts-b-dir", f"{split}_new.tsv")
 
 
-def stsb_scores(split: str = "train", dtype=np.float32):
+def stsb_scores(split: str = "train", dtype=np.float32, data: str = DATA):
     """The scores of ``split``, or None, as the published loader reads them: skip the header,
     split on tabs, column ``score`` converted to ``dtype`` (np.float32 in the published code;
     float64 as NumPy or pandas would), rows without a score skipped."""
-    path = stsb_path(split)
+    path = stsb_path(split, data)
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as handle:

@@ -1,0 +1,263 @@
+"""The one timer of every benchmark command, and the machine it ran on.
+
+:func:`compare` times contenders side by side under one set of :class:`Rules`:
+
+* each contender is called once to warm up (allocations, kernel loading, compilation), then
+  calibrated: ``inner`` calls make one *block*, at least ``min_block_s`` long and the
+  contender's share of ``budget_s`` per repeat, so that every sample is long enough to time;
+* then ``repeats`` rounds (at least 3): each round times one block of every contender, in an
+  order rotated by one each round, so that a change of load hits every contender alike;
+* a contender's time is the median over the rounds of block time / ``inner``.  No ratio rests
+  on a single sample.  On a GPU every block is timed by CUDA events after a synchronisation;
+  an untimed ``setup`` runs before each call.
+
+:func:`load_report` gives the load average with a warning when other work shares the cores
+(timings on a busy machine are not worth comparing); :func:`machine_info` the machine.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+MIN_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Rules:
+    """How long to measure: ``repeats`` rounds; blocks of at least ``min_block_s`` seconds and
+    ``budget_s / repeats`` (a contender's measured time is then about ``budget_s``)."""
+
+    repeats: int
+    min_block_s: float
+    budget_s: float
+
+    def __post_init__(self):
+        if self.repeats < MIN_REPEATS:
+            raise ValueError(f"repeats must be at least {MIN_REPEATS} (a median needs them), got {self.repeats}")
+
+
+QUICK = Rules(repeats=3, min_block_s=0.005, budget_s=0.1)
+FULL = Rules(repeats=7, min_block_s=0.02, budget_s=3.0)
+
+
+def rules(quick: bool) -> Rules:
+    return QUICK if quick else FULL
+
+
+@dataclass
+class Contender:
+    """One thing to time: ``fn()`` (timed), ``setup()`` (untimed, before each call), and the
+    device whose work ``fn`` launches ("cuda..." is synchronised)."""
+
+    fn: Callable[[], object]
+    setup: Optional[Callable[[], object]] = None
+    device: str = "cpu"
+
+    @property
+    def cuda(self) -> bool:
+        return str(self.device).startswith("cuda")
+
+    def waited(self):
+        """``fn()``, waited for on a GPU (what a timer other than this module's should call)."""
+        out = self.fn()
+        if self.cuda:
+            torch.cuda.synchronize()
+        return out
+
+    def call(self):
+        """One call after its setup, waited for: its output."""
+        if self.setup is not None:
+            self.setup()
+        return self.waited()
+
+
+@dataclass
+class Timing:
+    """Seconds per call, one sample per round, each the mean of a block of ``inner`` calls."""
+
+    samples: list = field(default_factory=list)
+    inner: int = 1
+
+    @property
+    def median_ms(self) -> float:
+        return 1e3 * statistics.median(self.samples)
+
+    @property
+    def min_ms(self) -> float:
+        return 1e3 * min(self.samples)
+
+
+def _block(c: Contender, n: int) -> float:
+    """Seconds taken by ``n`` calls of ``c`` (setups excluded), with the garbage collector off."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        if c.cuda:
+            return _cuda_block(c, n)
+        if c.setup is None:
+            start = time.perf_counter()
+            for _ in range(n):
+                c.fn()
+            return time.perf_counter() - start
+        total = 0.0
+        for _ in range(n):
+            c.setup()
+            start = time.perf_counter()
+            c.fn()
+            total += time.perf_counter() - start
+        return total
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _cuda_block(c: Contender, n: int) -> float:
+    """CUDA events around the block (around each call when there is a setup to leave out)."""
+    def events():
+        return torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    total = 0.0
+    for _ in range(n if c.setup is not None else 1):
+        if c.setup is not None:
+            c.setup()
+        torch.cuda.synchronize()
+        start, end = events()
+        start.record()
+        for _ in range(1 if c.setup is not None else n):
+            c.fn()
+        end.record()
+        end.synchronize()
+        total += start.elapsed_time(end) / 1e3
+    return total
+
+
+def calibrate(c: Contender, rules: Rules) -> int:
+    """Warm ``c`` up, then the number of calls per block: blocks of 1, 2, 4, ... calls until one
+    takes ``min_block_s``, scaled up to the contender's share of the budget."""
+    _block(c, 1)
+    target = max(rules.min_block_s, rules.budget_s / rules.repeats)
+    n = 1
+    while True:
+        elapsed = _block(c, n)
+        if elapsed >= rules.min_block_s or n >= 10**6:
+            return max(n, math.ceil(target * n / max(elapsed, 1e-9)))
+        n *= 2
+
+
+def compare(contenders: dict, rules: Rules) -> dict:
+    """Name -> :class:`Timing` of each contender, interleaved as the module docstring says; a
+    contender that raises gets the exception instead and leaves the later rounds."""
+    out, inner = {}, {}
+    for name, c in contenders.items():
+        try:
+            inner[name] = calibrate(c, rules)
+            out[name] = Timing(inner=inner[name])
+        except Exception as exc:  # a failing contender must not hide the others
+            out[name] = exc
+    names = list(inner)
+    for r in range(rules.repeats):
+        k = r % len(names) if names else 0
+        for name in names[k:] + names[:k]:
+            if isinstance(out[name], Exception):
+                continue
+            try:
+                out[name].samples.append(_block(contenders[name], inner[name]) / inner[name])
+            except Exception as exc:
+                out[name] = exc
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine
+
+
+def cores_used(device: str = "cpu") -> int:
+    """CPU cores a benchmark keeps busy: torch's threads on CPU, one host thread for a GPU."""
+    return torch.get_num_threads() if device == "cpu" else 1
+
+
+def load_average():
+    """(1, 5, 15 min) load average, or None where the platform has none."""
+    return tuple(round(v, 2) for v in os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def load_report(device: str = "cpu", running: bool = False):
+    """(line, busy): the load average, and whether other work shares the cores.
+
+    Busy when the 1-minute load, less this benchmark's own cores when ``running`` (at the end
+    of a run), exceeds by half a core the cores the benchmark leaves free."""
+    load, cores, used = load_average(), os.cpu_count() or 1, cores_used(device)
+    if load is None:
+        return "load:    unknown on this platform", False
+    others = load[0] - (used if running else 0)
+    busy = others > max(cores - used, 0) + 0.5
+    line = (f"load:    {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min, {'after' if running else 'before'} "
+            f"the run; {cores} cores, {used} used here)")
+    if busy:
+        line += ("\nWARNING: the machine is busy (other work holds about "
+                 f"{max(others, 0):.1f} cores): these timings are skewed, compare them with care")
+    return line, busy
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """The machine, the software and the load before the run (for printing and JSON files)."""
+    info = {
+        "node": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "load_average": load_average(),
+        "busy": load_report(device)[1],
+        "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") and torch.cuda.is_available() else None,
+    }
+    try:
+        import dirfast
+
+        info["dirfast"] = getattr(dirfast, "__version__", "?")
+    except Exception as exc:  # the baselines are measured without dirfast too
+        info["dirfast"] = f"import dirfast failed: {type(exc).__name__}: {exc}"
+    return info
+
+
+def format_machine(info: dict) -> str:
+    """The machine and the software in a few lines (the load is :func:`load_report`'s)."""
+    lines = [
+        f"machine: {info['platform']} ({info['node']}), Python {info['python']}",
+        f"cpu:     {info['cpu']} ({info['cpu_count']} logical cores)",
+        f"torch:   {info['torch']}, torch.get_num_threads() = {info['torch_threads']}",
+        f"gpu:     {info['gpu'] or 'none used'}",
+        f"dirfast: {info['dirfast']}",
+    ]
+    return "\n".join(lines)
+
+
+def machine_name(info: dict) -> str:
+    """A file-name-safe name of the measuring device (the GPU, else the CPU model and threads)."""
+    name = info.get("gpu") or info.get("cpu") or "machine"
+    safe = "".join(c if c.isalnum() else "-" for c in name)
+    while "--" in safe:
+        safe = safe.replace("--", "-")
+    return safe.strip("-").lower() + ("" if info.get("gpu") else f"-{info.get('torch_threads')}t")
