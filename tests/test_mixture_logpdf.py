@@ -218,6 +218,8 @@ def test_weights_of_zero(backend, device, dtype):
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 @pytest.mark.parametrize("dtype, tiny, step", [(torch.float32, 1e-40, 1e-20), (torch.float64, 1e-310, 1e-155)], ids=str)
+# the gradient in a subnormal variance overflows (it is of order 1 / v): NumPy says so under Triton's interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered in reduce:RuntimeWarning")
 def test_subnormal_variances(backend, device, dtype, tiny, step):
     """A positive subnormal variance is a valid, very narrow component, computed in full: near
     its mean it dominates the density (values far above 0), elsewhere it adds nothing; the
