@@ -36,7 +36,11 @@ fi
 $PY -c "import dirfast, json; print(json.dumps(dirfast.backends(), indent=1))" 2>&1 | tee -a "$OUT/environment.txt"
 
 stamp "CUDA backend tests"
-timeout ${CUDA_TESTS_TIMEOUT:-200} $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$OUT/tests-cuda.log" 2>&1
+# The op contracts on the GPU: every case of the op tests that names cuda (the CUDA C++ kernels,
+# "auto" on the GPU, the CUDA-only paths, the CUDA graph and deterministic checks).
+timeout ${CUDA_TESTS_TIMEOUT:-200} $PY -m pytest -q -p no:cacheprovider -k "cuda" \
+  tests/test_bin_stats.py tests/test_smooth_bins.py tests/test_calibrate.py tests/test_mixture_logpdf.py \
+  tests/test_backends.py >"$OUT/tests-cuda.log" 2>&1
 cuda_rc=$?
 tail -n 15 "$OUT/tests-cuda.log"
 [ $cuda_rc -eq 0 ] || status=1
@@ -48,9 +52,10 @@ stamp "Balanced MSE [8, 1, 240, 320] K=100 against the published formulation"
 timeout ${BMSE_TIMEOUT:-120} $PY -m benchmarks.balanced_mse --device cuda --json "$OUT/balanced-mse.json" 2>&1 | tee "$OUT/balanced-mse.txt" || status=1
 
 stamp "shared tests on the GPU"
-# The GPU cases of the shared tests (the CPU ones ran in CI): ids naming cuda or triton.
-timeout ${SHARED_TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -k "${SHARED_K:-cuda or triton}" \
-  ${SHARED_TESTS:-tests/test_ops.py tests/test_fds.py tests/test_lds.py tests/test_triton.py tests/test_balanced_mse.py} >"$OUT/tests-shared.log" 2>&1
+# The Triton cases of the op tests and the GPU cases of the API tests (the CPU ones ran in CI).
+timeout ${SHARED_TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -k "${SHARED_K:-triton or (cuda and not cpu)}" \
+  ${SHARED_TESTS:-tests/test_bin_stats.py tests/test_smooth_bins.py tests/test_calibrate.py tests/test_mixture_logpdf.py \
+  tests/test_fds.py tests/test_lds.py tests/test_balanced_mse.py} >"$OUT/tests-shared.log" 2>&1
 shared_rc=$?
 tail -n 15 "$OUT/tests-shared.log"
 [ $shared_rc -eq 0 ] || status=1
