@@ -69,6 +69,25 @@ DIRFAST_NOINLINE void scale_shift_tables(const acc_t* src_mean, const acc_t* src
   });
 }
 
+// One row: y = x * s + t along the D features (restrict parameters: the loop vectorises).
+template <typename T, typename acc_t>
+inline void apply_row(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, const acc_t* DIRFAST_RESTRICT s,
+                      const acc_t* DIRFAST_RESTRICT t, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) {
+    y[d] = static_cast<T>(calibrate_apply<acc_t>(static_cast<acc_t>(x[d]), s[d], t[d]));
+  }
+}
+
+// One channel plane of a tile: y[i] = x[i] * s[bucket[i]] + t[bucket[i]].
+template <typename T, typename acc_t>
+inline void apply_plane(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, const acc_t* DIRFAST_RESTRICT s,
+                        const acc_t* DIRFAST_RESTRICT t, const int32_t* DIRFAST_RESTRICT bucket, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    const int32_t k = bucket[i];
+    y[i] = static_cast<T>(calibrate_apply<acc_t>(static_cast<acc_t>(x[i]), s[k], t[k]));
+  }
+}
+
 // Rows layout: each row reads its bucket's s and t rows.
 template <typename T, typename acc_t, typename index_t>
 DIRFAST_NOINLINE void apply_rows(const T* x, int64_t x_stride, T* y, int64_t y_stride,
@@ -78,13 +97,7 @@ DIRFAST_NOINLINE void apply_rows(const T* x, int64_t x_stride, T* y, int64_t y_s
   torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t o = bucket_of(idx, r, num_bins) * dim;
-      const T* DIRFAST_RESTRICT xr = x + r * x_stride;
-      T* DIRFAST_RESTRICT yr = y + r * y_stride;
-      const acc_t* DIRFAST_RESTRICT sr = s + o;
-      const acc_t* DIRFAST_RESTRICT tr = t + o;
-      for (int64_t d = 0; d < dim; ++d) {
-        yr[d] = static_cast<T>(calibrate_apply<acc_t>(static_cast<acc_t>(xr[d]), sr[d], tr[d]));
-      }
+      apply_row<T, acc_t>(y + r * y_stride, x + r * x_stride, s + o, t + o, dim);
     }
   });
 }
@@ -111,14 +124,8 @@ DIRFAST_NOINLINE void apply_planes(const T* x, const Layout& lx, T* y, const Lay
       const T* xb = x + b * lx.batch_stride + s0;
       T* yb = y + b * ly.batch_stride + s0;
       for (int64_t c = 0; c < dim; ++c) {
-        const T* DIRFAST_RESTRICT xc = xb + c * lx.feature_stride;
-        T* DIRFAST_RESTRICT yc = yb + c * ly.feature_stride;
-        const acc_t* DIRFAST_RESTRICT sc = s + c * feature_step;
-        const acc_t* DIRFAST_RESTRICT tc = t + c * feature_step;
-        const int32_t* DIRFAST_RESTRICT kb = bucket.get();
-        for (int64_t i = 0; i < len; ++i) {
-          yc[i] = static_cast<T>(calibrate_apply<acc_t>(static_cast<acc_t>(xc[i]), sc[kb[i]], tc[kb[i]]));
-        }
+        apply_plane<T, acc_t>(yb + c * ly.feature_stride, xb + c * lx.feature_stride, s + c * feature_step,
+                              t + c * feature_step, bucket.get(), len);
       }
     }
   });

@@ -1,0 +1,175 @@
+"""How many behaviour changes the test suite catches: a mutation check, run by hand.
+
+Each mutation below changes one behaviour of dirfast (a line of its code, as it reads in this
+tree or in the tree before the ops moved to one module each). For each one the runner copies the
+tree, applies the mutation and runs the test suite, the files that cover the mutated code first,
+stopping at the first failure: a failure kills the mutation; a green suite means it survived.
+
+    python tests/mutations.py [--tree PATH] [--only ID ...] [--timeout SECONDS]
+
+The tree is this checkout by default; its compiled extension (built in place) is copied with it.
+Prints one line per mutation and the count of survivors; exits 1 if any survived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Mutation(NamedTuple):
+    id: str
+    what: str
+    edits: tuple  # (path, old, new) alternatives: the first whose old text is in its file is applied
+    tests: tuple  # the test files that cover the mutated code, run first
+
+
+M = Mutation
+MUTATIONS = [
+    # The five that survived the suite of the lean-core round (issue 22).
+    M("preset-lds-bucket-start", "Preset.lds() given bucket_start instead of lds_bucket_start",
+      (("dirfast/presets.py", "bucket_start=self.lds_bucket_start)", "bucket_start=self.bucket_start)"),),
+      ("test_presets.py", "test_data.py")),
+    M("lds-floor-densest", "the weight floor of bins the fit never saw taken from the densest bin",
+      (("dirfast/lds.py", "floor = torch.where(effective > 0, effective, torch.inf).amin()",
+        "floor = torch.where(effective > 0, effective, -torch.inf).amax()"),),
+      ("test_lds.py",)),
+    M("lds-settings-padding", "padding dropped from LDS's saved settings",
+      (("dirfast/lds.py", '"inverse_clip", "padding", "bucket_start")', '"inverse_clip", "bucket_start")'),),
+      ("test_lds.py",)),
+    M("regions-unlisted-medium", "shot_metrics(regions=...) counting unlisted bins as medium-shot",
+      (("dirfast/metrics.py", "of_bin = np.full(num_bins, 2)", "of_bin = np.full(num_bins, 1)"),),
+      ("test_metrics.py", "test_presets.py")),
+    M("mixture-weights-unnormalised", "GaussianMixture weights not normalised",
+      (("dirfast/mixture.py", "self.weights = means, variances, weights / weights.sum()",
+        "self.weights = means, variances, weights"),),
+      ("test_balanced_mse.py",)),
+    # Our own, across the API and the ops.
+    M("fds-momentum-none", "FDS with momentum=None weighs the old statistics by n / tracked",
+      (("dirfast/fds.py", "factor = 1 - n / tracked.clamp(min=1)", "factor = n / tracked.clamp(min=1)"),),
+      ("test_fds.py",)),
+    M("fds-fill-left", "fill_empty takes the left neighbour instead of the mean of both",
+      (("dirfast/fds.py", "running[k] = (running[k - 1] + running[k + 1]) / 2.0", "running[k] = running[k - 1]"),),
+      ("test_fds.py", "test_presets.py")),
+    M("fds-snapshot-copy", "the published snapshot aliasing replaced by a copy",
+      (("dirfast/fds.py", "self.running_mean_last_epoch = self.running_mean\n",
+        "self.running_mean_last_epoch = self.running_mean.clone()\n"),),
+      ("test_fds.py",)),
+    M("bin-stats-biased-variance", "the reference variance divided by n instead of n - 1",
+      (("dirfast/ops/bin_stats.py", "/ (n - 1).clamp(min=1)).clamp(min=0)", "/ n.clamp(min=1)).clamp(min=0)"),
+       ("dirfast/reference.py", "/ (n - 1).clamp(min=1)).clamp(min=0)", "/ n.clamp(min=1)).clamp(min=0)")),
+      ("test_bin_stats.py", "test_ops.py")),
+    M("calibrate-threshold", "a bucket left alone below a variance sum of 1e-3 instead of 1e-10",
+      (("dirfast/ops/calibrate.py", "< 1e-10) | (src_var == 0)", "< 1e-3) | (src_var == 0)"),
+       ("dirfast/reference.py", "< 1e-10) | (src_var == 0)", "< 1e-3) | (src_var == 0)")),
+      ("test_calibrate.py", "test_ops.py")),
+    M("calibrate-backward-unclipped", "calibrate's gradient without the variance-ratio clamp",
+      (("dirfast/ops/calibrate.py", "zeros, src_var, zeros, dst_var, *ctx.clips)",
+        'zeros, src_var, zeros, dst_var, 0.0, float("inf"))'),
+       ("dirfast/contract.py", "zeros, src_var, zeros, dst_var, *ctx.clips)",
+        'zeros, src_var, zeros, dst_var, 0.0, float("inf"))')),
+      ("test_calibrate.py", "test_ops.py", "test_fds.py")),
+    M("smooth-reflect-repeats-edge", "reflect padding repeating the edge bin (scipy's reflect)",
+      (("dirfast/ops/smooth_bins.py", "j = torch.where(j >= num_bins, period - j, j)",
+        "j = torch.where(j >= num_bins, period - 1 - j, j)"),
+       ("dirfast/reference.py", "j = torch.where(j >= num_bins, period - j, j)",
+        "j = torch.where(j >= num_bins, period - 1 - j, j)")),
+      ("test_smooth_bins.py", "test_ops.py")),
+    M("mixture-grad-weights-halved", "the reference gradient in the log-weights halved",
+      (("dirfast/ops/mixture_logpdf.py", "grad_w += r.sum(0)", "grad_w += 0.5 * r.sum(0)"),
+       ("dirfast/reference.py", "grad_w += gr.sum(0)", "grad_w += 0.5 * gr.sum(0)")),
+      ("test_mixture_logpdf.py", "test_ops.py")),
+    M("focal-sigmoid", "focal losses with sigmoid(beta |d|) instead of 2 sigmoid(beta |d|) - 1",
+      (("dirfast/losses.py", "return (2 * torch.sigmoid(beta * torch.abs(diff)) - 1) ** gamma",
+        "return torch.sigmoid(beta * torch.abs(diff)) ** gamma"),),
+      ("test_losses.py",)),
+    M("huber-no-half", "Huber's quadratic part without its 1/2",
+      (("dirfast/losses.py", "0.5 * l1 ** 2 / beta", "l1 ** 2 / beta"),),
+      ("test_losses.py",)),
+    M("lds-no-truncation", "the published integer truncation of the inverse re-weighting dropped",
+      (("dirfast/lds.py", "effective = effective.trunc()", "effective = effective"),),
+      ("test_lds.py", "test_data.py")),
+    M("binning-edges-left", "edge binning with the first edge at or above the label (right=False)",
+      (("dirfast/binning.py", "idx = (torch.searchsorted(edges, values.contiguous(), right=True) - 1)",
+        "idx = (torch.searchsorted(edges, values.contiguous(), right=False) - 1)"),),
+      ("test_binning.py", "test_data.py")),
+    M("density-no-floor", "DenseWeight without its eps floor",
+      (("dirfast/density.py", "values)).clamp(min=self.eps)", "values))"),),
+      ("test_density.py",)),
+    M("gmean-arithmetic", "the shot metrics' geometric mean replaced by the arithmetic one",
+      (("dirfast/metrics.py", "gmean = float(np.exp(np.mean(np.log(absolute))))", "gmean = float(np.mean(absolute))"),),
+      ("test_metrics.py", "test_data.py")),
+    M("use-backend-no-restore", "use_backend not restoring the previous selection",
+      (("dirfast/ops/_dispatch.py", "        _selection.name = previous\n", "        pass\n"),),
+      ("test_backends.py", "test_api.py")),
+]
+
+
+def _copy_tree(tree: str, into: str) -> str:
+    dst = os.path.join(into, "tree")
+    shutil.copytree(tree, dst, symlinks=True,
+                    ignore=shutil.ignore_patterns(".git", "build", "__pycache__", ".pytest_cache", ".benchmarks"))
+    return dst
+
+
+def _apply(mutation: Mutation, tree: str) -> str:
+    """Apply the mutation's first applicable edit; return the file it changed ("" when none applies)."""
+    for path, old, new in mutation.edits:
+        full = os.path.join(tree, path)
+        if not os.path.exists(full):
+            continue
+        with open(full) as handle:
+            text = handle.read()
+        if text.count(old) == 1:
+            with open(full, "w") as handle:
+                handle.write(text.replace(old, new))
+            return path
+    return ""
+
+
+def run(mutation: Mutation, tree: str, timeout: float) -> tuple:
+    """(outcome, seconds): "killed", "survived", "not applicable" or "timeout"."""
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="dirfast-mutation-") as work:
+        copy = _copy_tree(tree, work)
+        if not _apply(mutation, copy):
+            return "not applicable", 0.0
+        tests = os.path.join(copy, "tests")
+        first = [name for name in mutation.tests if os.path.exists(os.path.join(tests, name))]
+        rest = sorted(name for name in os.listdir(tests) if name.startswith("test_") and name.endswith(".py")
+                      and name not in first)
+        env = dict(os.environ, PYTHONPATH=copy, PYTHONDONTWRITEBYTECODE="1")
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *first, *rest],
+                                  cwd=tests, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "timeout", time.perf_counter() - start
+    return ("survived" if done.returncode == 0 else "killed"), time.perf_counter() - start
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", default=ROOT, help="the checkout to mutate (default: this one)")
+    parser.add_argument("--only", nargs="+", help="mutation ids to run (default: all)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per mutation")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.only or m.id in args.only]
+    survivors = 0
+    for mutation in chosen:
+        outcome, seconds = run(mutation, args.tree, args.timeout)
+        survivors += outcome == "survived"
+        print(f"{outcome:15s} {seconds:6.0f} s  {mutation.id}: {mutation.what}", flush=True)
+    print(f"{len(chosen)} mutations, {survivors} survived (tree: {args.tree})")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
