@@ -254,20 +254,21 @@ class FDS(nn.Module):
         if (features is None) != (labels is None):
             raise ValueError("pass both features and labels, or neither (to apply what accumulate() gathered)")
         if features is not None:
-            buckets = self._buckets(features, labels, check=True)
-            if not bool(torch.isfinite(features).all()):
-                raise ValueError("features must be finite: found NaN or infinite values (nothing was updated)")
+            buckets = self._buckets(features, labels, check=True)  # every row in a bucket, or an error
+            count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
+            # A NaN or infinite feature makes its bucket's statistics non-finite: the features
+            # themselves are read again only to say which of the two errors it is.
+            if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+                if not bool(torch.isfinite(features).all()):
+                    raise ValueError("features must be finite: found NaN or infinite values (nothing was updated)")
+                raise ValueError("the features' statistics overflow float32 (features of magnitude near "
+                                 "1e19 or more); nothing was updated")
         if epoch < self._epoch():
             return
         if features is None:
             count = self.accumulated_count.round().long()
             mean = self.accumulated_mean.clone()
             var = var_from_m2(count, self.accumulated_m2)
-        else:
-            count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
-            if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-                raise ValueError("the features' statistics overflow float32 (features of magnitude near "
-                                 "1e19 or more); nothing was updated")
         stats = self._synced(count, mean, var)
         if features is None:
             self.clear_accumulated()
