@@ -68,7 +68,8 @@ def calibration_stats(num_bins, d, dtype, device="cpu", seed=4):
     """Random statistics with the published special cases in the first bins (num_bins >= 4):
     bin 0: src_var == 0 everywhere (sum < 1e-10: unchanged); bin 1: src_var tiny but not zero,
     summing below 1e-10 (unchanged); bin 2: some dims with src_var == 0 (those unchanged); bin 3:
-    ratios far outside [0.1, 10] (clipped)."""
+    ratios far outside [0.1, 10] (clipped); with num_bins >= 5, bin 4: src_var 1e-10 in every dim,
+    summing to at least 1e-10 (calibrated: the threshold is that sum, not a larger one)."""
     src_mean, src_var, dst_mean, dst_var = rand_stats(num_bins, d, dtype=torch.float64, seed=seed)
     if num_bins >= 4:
         src_var[0] = 0
@@ -77,6 +78,8 @@ def calibration_stats(num_bins, d, dtype, device="cpu", seed=4):
         src_var[3] = 0.01
         dst_var[3, : (d + 1) // 2] = 5.0  # ratio 500 -> clipped to 10
         dst_var[3, (d + 1) // 2:] = 1e-5  # ratio 1e-3 -> clipped to 0.1
+    if num_bins >= 5:
+        src_var[4] = 1e-10
     return tuple(t.to(dtype=dtype, device=device) for t in (src_mean, src_var, dst_mean, dst_var))
 
 

@@ -49,7 +49,8 @@ def _tables_kernel(src_mean_ptr, src_var_ptr, dst_mean_ptr, dst_var_ptr, s_ptr, 
         d = d0 + tl.arange(0, BLOCK_D)
         m = bins_m & (d < D)[None, :]
         total += tl.load(src_var_ptr + (b * sv_b)[:, None] + (d * sv_d)[None, :], mask=m, other=0.0).to(ACC)
-    keep_bin = (tl.sum(total, 1) < 1e-10)[:, None]
+    # the threshold in the arithmetic dtype (a plain literal is a float32 constant)
+    keep_bin = (tl.sum(total, 1) < tl.full([BLOCK_B], 1e-10, ACC))[:, None]
     clip_lo = tl.cast(lo_hi, ACC) + tl.cast(lo_lo, ACC)
     clip_up = tl.cast(up_hi, ACC) + tl.cast(up_lo, ACC)
     for d0 in range(0, D, BLOCK_D):
