@@ -13,8 +13,8 @@ loop and a device-to-device copy of the same bytes:
 * no goal either: calibrate and bin_stats on dense [8, 64, 120, 160] features (depth maps), and
   bin_stats with deterministic algorithms on.
 
-At the end, the per-op order of CUDA C++ and Triton that ``dirfast.ops._dispatch.CUDA_PREFERENCE``
-should hold on this GPU (the faster first).
+At the end, per op, CUDA C++ and Triton in the order of their measured speed (the faster first):
+on a GPU the dispatcher runs the CUDA C++ kernel where it is built, which this line checks.
 
 Times come from :mod:`benchmarks.timing`: each case's contenders side by side, medians of
 interleaved rounds of CUDA-event-timed blocks.  The "<backend> graph" rows time the same call
@@ -281,7 +281,7 @@ def smooth_bins_cases(results: list, where: Where) -> None:
 
 
 def deciding_cases(where: Where) -> dict:
-    """The case that decides each op's order in CUDA_PREFERENCE."""
+    """The case that decides each op's order of GPU backends."""
     return {"bin_stats": f"bin_stats {where.bandwidth_case}", "calibrate": f"calibrate {where.bandwidth_case}",
             "calibrate_": f"FDS.smooth {where.smooth_case}", "smooth_bins": "smooth_bins 100x2048"}
 
@@ -388,7 +388,7 @@ def main(argv=None) -> None:
     print(table)
     print(load_before)
     print(load_after)
-    print(f"CUDA_PREFERENCE on {name}: {preference(rows, where)}")
+    print(f"GPU backends by speed on {name}: {preference(rows, where)}")
     if failed:
         raise SystemExit(f"benchmarks.gpu: {', '.join(failed)} failed (traceback above)")
 

@@ -2,7 +2,7 @@
 
 What a PyTorch user writes without a custom kernel: no Python loop over buckets, but several
 passes over the features and gathered [N, D] temporaries (``table[bin_idx]``), and a permuted
-copy for dense [B, C, *spatial] inputs.  Same semantics as the dirfast ops (dirfast/reference.py).
+copy for dense [B, C, *spatial] inputs.  Same semantics as the dirfast ops (their references, dirfast/ops/<op>.py).
 """
 
 import torch

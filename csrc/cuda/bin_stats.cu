@@ -6,7 +6,8 @@
 // and costs a pass over bin_idx only. Launches, no host synchronisation: memset, hist (counts and
 // first rows), reference (K), one accumulate pass (choose_pass below), finalize. Counts are exact
 // integer atomics; the float atomics vary the last bits of mean and var from run to run, so
-// dirfast_cuda_bin_stats_sorted is the deterministic variant (one thread per (bucket, feature)).
+// launch_sorted is the deterministic variant (one thread per (bucket, feature)), which the op
+// runs when its `deterministic` argument says so (torch.use_deterministic_algorithms).
 #include <algorithm>
 #include <tuple>
 #include <type_traits>
@@ -85,7 +86,7 @@ __global__ void hist_kernel(const index_t* __restrict__ idx, int64_t rows, int64
 
 // ------------------------------------------------------------------------------ reference
 // K[k][f] = x[first row of k][f] (0 for an empty bucket). The two-pass algorithm
-// (dirfast.reference) is as accurate but reads x twice; this reads bin_idx (8 bytes per row)
+// (the reference, dirfast.ops.bin_stats) is as accurate but reads x twice; this reads bin_idx (8 bytes per row)
 // and B rows of x.
 template <typename T, typename acc_t>
 __global__ void reference_kernel(const T* __restrict__ x, Addressing at, int64_t rows,

@@ -5,7 +5,7 @@ bin ``b + k - h`` of the same column, sent back into range by the padding rule (
 often as needed, clamp, or zero). The statistics are tiny (``[B, D]``), so the kernel is one
 launch reading each value ``ks`` times from L1/L2.
 
-The taps are summed in the order of :func:`dirfast.reference.smooth_bins` (scipy's: centre
+The taps are summed in the order of :func:`dirfast.ops.smooth_bins.reference` (scipy's: centre
 first, then mirrored pairs from the outside in, a symmetric pair added before it is weighted)
 with fused multiply-adds disabled, so float32 and float64 results equal the reference's bit for
 bit (LDS relies on scipy's rounding). float16/bfloat16 statistics are smoothed in float32.
