@@ -14,7 +14,6 @@ same text to ``--out`` (default ``benchmarks/results/density-weights.md``).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -106,11 +105,8 @@ def timing_row(name: str, labels: np.ndarray, package_class, rules: timing.Rules
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.density_table",
-        description="DenseWeight on the team's real labels next to the denseweight package. Needs the team's "
-                    "real label files (--data DIR; team machines only): without them it exits with status 1.")
-    parser.add_argument("--data", metavar="DIR", default=real_labels.DATA, help=real_labels.DATA_HELP)
+    parser = real_labels.parser("python -m benchmarks.density_table",
+                                "DenseWeight on the team's real labels next to the denseweight package.")
     parser.add_argument("--out", default=OUT, help="where to write the markdown (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="shorter measurements (benchmarks.timing.QUICK)")
     args = parser.parse_args(argv)

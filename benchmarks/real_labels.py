@@ -8,6 +8,7 @@ decides how to say so (a test skips, a tool exits non-zero).
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 
@@ -15,8 +16,17 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.normpath(os.path.join(ROOT, "..", "shared", "data"))
-DATA_HELP = ("the folder of the team's real label files (agedb-dir-labels.csv, sts-b-dir/train_new.tsv; on "
-             "team machines only; default: %(default)s)")
+_DATA_HELP = ("the folder of the team's real label files (agedb-dir-labels.csv, sts-b-dir/train_new.tsv; on "
+              "team machines only; default: %(default)s)")
+
+
+def parser(prog: str, what: str):
+    """The argument parser of a tool that reads the team's real label files: its ``--help`` says
+    so, and ``--data DIR`` says where they are (default: ``../shared/data`` beside the checkout)."""
+    tool = argparse.ArgumentParser(prog=prog, description=f"{what} Needs the team's real label files (--data DIR; "
+                                                           "team machines only): without them it exits with status 1.")
+    tool.add_argument("--data", metavar="DIR", default=DATA, help=_DATA_HELP)
+    return tool
 
 
 def agedb_path(data: str = DATA) -> str:

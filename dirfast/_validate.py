@@ -100,6 +100,20 @@ def floating(name: str, value) -> torch.Tensor:
     return value
 
 
+def prediction_pair(pred_name: str, pred, target_name: str, target) -> None:
+    """Predictions and targets of a loss: floating, of one shape (broadcasting ``[N, 1]`` against
+    ``[N]`` would average every pair), on one device, not empty (the mean would be NaN)."""
+    floating(pred_name, pred)
+    floating(target_name, target)
+    if pred.shape != target.shape:
+        raise ValueError(f"{pred_name} and {target_name} must have the same shape, got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)} (reshape one: broadcasting them would average every pair)")
+    if pred.device != target.device:
+        raise ValueError(f"{pred_name} is on {pred.device} but {target_name} is on {target.device}")
+    if pred.numel() == 0:
+        raise ValueError(f"{pred_name} and {target_name} must not be empty (their mean would be NaN)")
+
+
 def readable(name: str, value: torch.Tensor) -> torch.Tensor:
     """A tensor whose values can be read (not on the meta device)."""
     if value.is_meta:

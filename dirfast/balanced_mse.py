@@ -30,21 +30,9 @@ __all__ = ["bmc_loss", "bni_loss", "gai_loss", "BMCLoss", "BNILoss", "GAILoss"]
 
 
 # -- checks ------------------------------------------------------------------------------------
-def _pair(pred, target) -> None:
-    validate.floating("pred", pred)
-    validate.floating("target", target)
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
-    if pred.device != target.device:
-        raise ValueError(f"pred is on {pred.device} but target is on {target.device}")
-    if pred.numel() == 0:
-        raise ValueError("pred and target must not be empty")
-
-
 def _acc(pred: torch.Tensor) -> torch.dtype:
-    """The dtype the balancing terms are computed in: float64 for float64 predictions, else float32."""
-    return torch.float64 if pred.dtype == torch.float64 else torch.float32
+    """The dtype the balancing terms are computed in: the ops' rule for the predictions' dtype."""
+    return ops.acc_dtype(pred.dtype)
 
 
 def _variance_range(dtype: torch.dtype) -> tuple:
@@ -143,7 +131,7 @@ def bmc_loss(pred, target, noise_var, *, all_ranks: bool = False, process_group=
     Builds an ``[N, N * ranks]`` matrix: it is for batches of samples, not for every pixel of a
     depth map (use :func:`bni_loss` or :func:`gai_loss` there).
     """
-    _pair(pred, target)
+    validate.prediction_pair("pred", pred, "target", target)
     validate.boolean("all_ranks", all_ranks)
     pred_rows, target_rows = _rows("pred", pred), _rows("target", target)
     noise_var = _noise_var(noise_var, pred)
@@ -172,7 +160,7 @@ def bni_loss(pred, target, noise_var, bucket_centers, bucket_weights) -> torch.T
 
     The balancing term runs in :func:`dirfast.ops.mixture_logpdf`, without an N x K matrix.
     """
-    _pair(pred, target)
+    validate.prediction_pair("pred", pred, "target", target)
     noise_var = _noise_var(noise_var, pred)
     return _bni(pred, target, noise_var, *_histogram(bucket_centers, bucket_weights))
 
@@ -201,7 +189,7 @@ def gai_loss(pred, target, gmm, noise_var) -> torch.Tensor:
     Scalar labels use :func:`dirfast.ops.mixture_logpdf` (no N x K matrix); in d dimensions the
     mixture's covariances plus ``noise_var * I`` are factorised once per call.
     """
-    _pair(pred, target)
+    validate.prediction_pair("pred", pred, "target", target)
     gmm = _mixture(gmm)
     tables = (gmm.means.to(pred.device), gmm.variances.to(pred.device), gmm.weights.to(pred.device))
     return _gai(pred, target, *tables, _noise_var(noise_var, pred))
@@ -322,7 +310,7 @@ class BNILoss(_BalancedMSE):
         return cls(init_noise_sigma, centers[keep], weights[keep] / weights[keep].sum(), learn_noise=learn_noise)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _pair(pred, target)
+        validate.prediction_pair("pred", pred, "target", target)
         return _bni(pred, target, _noise_var(self.noise_var, pred), self.bucket_centers, self.bucket_weights)
 
     def extra_repr(self) -> str:
@@ -360,7 +348,7 @@ class GAILoss(_BalancedMSE):
         return cls(init_noise_sigma, fit_gmm(labels, num_components, **fit_options), learn_noise=learn_noise)
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        _pair(pred, target)
+        validate.prediction_pair("pred", pred, "target", target)
         noise_var = _noise_var(self.noise_var, pred)
         return _gai(pred, target, self.gmm_means, self.gmm_variances, self.gmm_weights, noise_var)
 

@@ -18,18 +18,6 @@ __all__ = ["weighted_mse_loss", "weighted_l1_loss", "weighted_focal_mse_loss",
            "bmc_loss", "bni_loss", "gai_loss", "BMCLoss", "BNILoss", "GAILoss"]
 
 
-def _pair(inputs, targets) -> None:
-    validate.floating("inputs", inputs)
-    validate.floating("targets", targets)
-    if inputs.shape != targets.shape:
-        raise ValueError(f"inputs and targets must have the same shape, got {tuple(inputs.shape)} and "
-                         f"{tuple(targets.shape)} (reshape one: broadcasting them would average every pair)")
-    if inputs.device != targets.device:
-        raise ValueError(f"inputs is on {inputs.device} but targets is on {targets.device}")
-    if inputs.numel() == 0:
-        raise ValueError("inputs and targets must not be empty (their mean would be NaN)")
-
-
 def _reduce(loss: torch.Tensor, weights) -> torch.Tensor:
     if weights is not None:
         validate.tensor("weights", weights)
@@ -54,13 +42,13 @@ def _focal(diff: torch.Tensor, activate: str, beta: float, gamma: float) -> torc
 
 def weighted_mse_loss(inputs, targets, weights=None):
     """Mean of ``weights * (inputs - targets) ** 2`` (weights broadcast to the loss)."""
-    _pair(inputs, targets)
+    validate.prediction_pair("inputs", inputs, "targets", targets)
     return _reduce((inputs - targets) ** 2, weights)
 
 
 def weighted_l1_loss(inputs, targets, weights=None):
     """Mean of ``weights * |inputs - targets|``."""
-    _pair(inputs, targets)
+    validate.prediction_pair("inputs", inputs, "targets", targets)
     return _reduce(F.l1_loss(inputs, targets, reduction="none"), weights)
 
 
@@ -68,14 +56,14 @@ def weighted_focal_mse_loss(inputs, targets, weights=None, activate="sigmoid", b
     """Focal MSE: the squared error times ``(2 sigmoid(beta |d|) - 1) ** gamma`` (or
     ``tanh(beta |d|) ** gamma`` with ``activate="tanh"``), weighted, then the mean.
     ``beta > 0`` and ``gamma >= 0``."""
-    _pair(inputs, targets)
+    validate.prediction_pair("inputs", inputs, "targets", targets)
     diff = inputs - targets
     return _reduce(diff ** 2 * _focal(diff, activate, beta, gamma), weights)
 
 
 def weighted_focal_l1_loss(inputs, targets, weights=None, activate="sigmoid", beta=0.2, gamma=1):
     """Focal L1: the absolute error times the focal factor of :func:`weighted_focal_mse_loss`."""
-    _pair(inputs, targets)
+    validate.prediction_pair("inputs", inputs, "targets", targets)
     diff = inputs - targets
     return _reduce(F.l1_loss(inputs, targets, reduction="none") * _focal(diff, activate, beta, gamma), weights)
 
@@ -86,7 +74,7 @@ def weighted_huber_loss(inputs, targets, weights=None, beta=1.0):
     ``beta=0`` is the L1 loss (as ``torch.nn.functional.smooth_l1_loss``; the published formula
     would divide by zero in the backward pass); a negative ``beta`` raises ValueError.
     """
-    _pair(inputs, targets)
+    validate.prediction_pair("inputs", inputs, "targets", targets)
     beta = validate.real("beta", beta, 0.0)
     l1 = torch.abs(inputs - targets)
     if beta == 0:

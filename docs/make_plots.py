@@ -12,7 +12,6 @@ two epochs of synthetic features that depend smoothly on the age, plus noise) in
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -47,11 +46,7 @@ def synthetic_features(ages: torch.Tensor, generator: torch.Generator) -> torch.
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python docs/make_plots.py",
-        description="Draw the README's diagnostics plots. Needs the team's real AgeDB-DIR labels file "
-                    "(team machines only): without it, exits with status 1.")
-    parser.add_argument("--data", metavar="DIR", default=real_labels.DATA, help=real_labels.DATA_HELP)
+    parser = real_labels.parser("python docs/make_plots.py", "Draw the README's diagnostics plots.")
     parser.add_argument("--labels", metavar="CSV", default=None,
                         help="the AgeDB-DIR labels CSV (age,split) itself (default: agedb-dir-labels.csv in --data)")
     parser.add_argument("--out", default=OUT, help="the folder the PNG files go to (default: %(default)s)")

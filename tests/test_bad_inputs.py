@@ -652,6 +652,9 @@ API = {
     "dirfast.presets.get": Entry(dirfast.presets.get, {"name": (CHOICE[:3], "AgeDB-DIR")}),
     **{f"dirfast.presets.{name}": CONSTANT for name in ("AGEDB_DIR", "IMDB_WIKI_DIR", "STS_B_DIR", "NYUD2_DIR", "PRESETS")},
     **{f"dirfast.ops.{name}": CONSTANT for name in ("BACKENDS", "PADDINGS")},
+    "dirfast.ops.acc_dtype": Entry(lambda dtypes: dirfast.ops.acc_dtype(*dtypes), {"dtypes": ((
+        Bad("a string", lambda v: ("float32",), TypeError), Bad("a tensor", lambda v: (torch.zeros(1),), TypeError),
+        Bad("None", lambda v: (None,), TypeError)), (torch.float16, torch.float64))}),
     # ----------------------------------------------------------------------- plots
     "dirfast.plot.plot_label_distribution": Entry(dirfast.plot.plot_label_distribution, {
         "lds": ((Bad("not an LDS", lambda v: "lds", TypeError), Bad("unfitted", lambda v: dirfast.LDS(INT121), RuntimeError),

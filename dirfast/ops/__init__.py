@@ -10,6 +10,7 @@ same ops when they load; :func:`backends` says what can run here.
 
 from .. import _ext
 from . import _common
+from ._common import acc_dtype
 from ._dispatch import BACKENDS, backends, get_backend, set_backend, use_backend
 from .bin_stats import bin_stats
 from .smooth_bins import PADDINGS, smooth_bins
@@ -20,6 +21,6 @@ _ext.load()  # after the schemas: the compiled kernels register for them
 _common.register_triton_for_cuda()
 
 __all__ = [
-    "BACKENDS", "PADDINGS", "backends", "bin_stats", "calibrate", "calibrate_", "get_backend", "mixture_logpdf",
+    "BACKENDS", "PADDINGS", "acc_dtype", "backends", "bin_stats", "calibrate", "calibrate_", "get_backend", "mixture_logpdf",
     "set_backend", "smooth_bins", "use_backend",
 ]

@@ -23,8 +23,12 @@ PADDINGS = ("reflect", "replicate", "constant", "symmetric")
 
 
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """The dtype every op accumulates in: float64 when any of ``dtypes`` is float64, else float32
-    (float16 and bfloat16 are computed in float32). The C++ kernels apply the same rule."""
+    """The dtype the ops compute in for inputs of ``dtypes``: float64 when any of them is
+    float64, else float32 (float16 and bfloat16 are computed in float32). The C++ kernels apply
+    the same rule (csrc/dirfast.h)."""
+    for dtype in dtypes:
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtypes must be torch.dtype values, got {type(dtype).__name__}")
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 

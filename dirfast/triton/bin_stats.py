@@ -23,8 +23,14 @@ from . import _common
 STRATEGIES = ("csr", "direct")
 
 
-# (Helpers are inlined: a nested @triton.jit call costs milliseconds under the interpreter.)
-# SINGLE_P: the view has one "image" (rows, channels-last): row r sits at r * sS, no division.
+@triton.jit
+def _row_offsets(r, S, sP, sS, SINGLE_P: tl.constexpr):
+    """Offsets of rows r in a [P, (C,) S] view with strides sP, sS (their feature 0 in x, their index
+    in bin_idx); SINGLE_P: one image, row r at r * sS, no division."""
+    if SINGLE_P:
+        return r * sS
+    p = r // S
+    return p * sP + (r - p * S) * sS
 
 
 @triton.jit(do_not_specialize=["N", "S", "B"])
@@ -37,11 +43,7 @@ def _hist_kernel(bins_ptr, ws_ptr, N, S, bP, bS, B,
     count_ptr = ws_ptr
     rep_ptr = ws_ptr + B
     r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    if SINGLE_P:
-        src = r * bS
-    else:
-        p = r // S
-        src = p * bP + (r - p * S) * bS
+    src = _row_offsets(r, S, bP, bS, SINGLE_P)
     k = tl.load(bins_ptr + src, mask=r < N, other=-1).to(tl.int64)
     valid = (r < N) & (k >= 0) & (k < B)
     if HB > 0:  # HB > B: bin HB - 1 collects the rows that select no bin
@@ -92,11 +94,7 @@ def _scatter_kernel(bins_ptr, ws_ptr, perm_ptr, N, S, bP, bS, B,
     """perm[cursor[b]++] = row: rows grouped by bin (in an arbitrary order within a bin)."""
     cursor_ptr = ws_ptr + 3 * B + 1
     r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    if SINGLE_P:
-        src = r * bS
-    else:
-        p = r // S
-        src = p * bP + (r - p * S) * bS
+    src = _row_offsets(r, S, bP, bS, SINGLE_P)
     k = tl.load(bins_ptr + src, mask=r < N, other=-1).to(tl.int64)
     valid = (r < N) & (k >= 0) & (k < B)
     k = tl.where(valid, k, 0)
@@ -138,11 +136,7 @@ def _csr_kernel(x_ptr, perm_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
     cols_m = (c < D)[None, :]
     # the shift: the bin's first grouped row
     r0 = tl.load(perm_ptr + start, mask=live, other=0)
-    if SINGLE_P:
-        row0 = r0 * sS
-    else:
-        p0 = r0 // S
-        row0 = p0 * sP + (r0 - p0 * S) * sS
+    row0 = _row_offsets(r0, S, sP, sS, SINGLE_P)
     m_shift = live[:, None] & cols_m
     shift = tl.load(x_ptr + row0[:, None] + (c * sC)[None, :], mask=m_shift, other=0.0).to(ACC)
 
@@ -152,11 +146,7 @@ def _csr_kernel(x_ptr, perm_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
         q = first[:, None] + q0 + tl.arange(0, R)[None, :]
         rows_m = q < last[:, None]
         r = tl.load(perm_ptr + q, mask=rows_m, other=0)
-        if SINGLE_P:
-            row = r * sS
-        else:
-            p = r // S
-            row = p * sP + (r - p * S) * sS
+        row = _row_offsets(r, S, sP, sS, SINGLE_P)
         m = rows_m[:, :, None] & cols_m[None, :, :]
         v = tl.load(x_ptr + row[:, :, None] + (c * sC)[None, None, :], mask=m, other=0.0)
         dev = tl.where(m, v.to(ACC) - shift[:, None, :], 0.0)
@@ -179,15 +169,6 @@ def _csr_kernel(x_ptr, perm_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
         tl.atomic_add(sums_ptr + dst, s1, mask=m_shift, sem="relaxed")
         tl.atomic_add(sums_ptr + dst + D, s2, mask=m_shift, sem="relaxed")
     tl.store(rep_ptr + b, N - r0, mask=live & (k == 0) & (tl.program_id(1) == 0))
-
-
-@triton.jit
-def _row_offsets(r, S, sP, sS, SINGLE_P: tl.constexpr):
-    """Offsets in x of rows r (their feature 0) in the [P, C, S] view."""
-    if SINGLE_P:
-        return r * sS
-    p = r // S
-    return p * sP + (r - p * S) * sS
 
 
 @triton.jit(do_not_specialize=["N", "B", "tiles_per_p"])
@@ -233,11 +214,7 @@ def _finalize_kernel(x_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
     n = tl.load(count_ptr + b, mask=bins_m, other=0)
     tl.store(count_out_ptr + b, n, mask=bins_m & (tl.program_id(1) == 0))
     r0 = N - tl.load(rep_ptr + b, mask=bins_m, other=0)
-    if SINGLE_P:
-        row0 = r0 * sS
-    else:
-        p0 = r0 // S
-        row0 = p0 * sP + (r0 - p0 * S) * sS
+    row0 = _row_offsets(r0, S, sP, sS, SINGLE_P)
     has = m & (n > 0)[:, None]
     shift = tl.load(x_ptr + row0[:, None] + (c * sC)[None, :], mask=has, other=0.0).to(ACC)
     src = (b * 2 * D)[:, None] + c[None, :]
