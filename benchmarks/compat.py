@@ -84,9 +84,12 @@ def check(torch_version: str, wheel: str, work: str) -> dict:
                  "print(torch.__version__, b['available'], b['reason'])"], cwd=work)
     row["cpp backend"] = probe.stdout.strip() or probe.stderr.strip().splitlines()[-1][:200]
     # The tests run from a copy outside the checkout, so `import dirfast` is the installed wheel.
-    tests = os.path.join(work, f"tests-{torch_version}")
+    tests = os.path.join(work, f"checkout-{torch_version}", "tests")
     shutil.copytree(os.path.join(ROOT, "tests"), tests)
-    done = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "not triton"] + CONTRACT_TESTS,
+    # Not the Triton cases (Triton's interpreter is slow), nor the check that a build made here has
+    # the CUDA kernels when this machine could compile them (the wheel was built elsewhere).
+    done = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
+                "not triton and not cuda_kernels_built"] + CONTRACT_TESTS,
                cwd=tests, env=dict(os.environ, PYTHONPATH=""))
     summary = [line for line in done.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
     row["tests"] = summary[-1].strip("= ") if summary else f"exit {done.returncode}: {done.stdout[-300:]}"

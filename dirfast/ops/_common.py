@@ -33,24 +33,21 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 class Op(NamedTuple):
-    """An op's implementations besides the compiled kernels: the pure-PyTorch reference (its
-    definition) and the Triton entry (None when it has none)."""
+    """An op: its name; the pure-PyTorch reference (its definition); its Triton entry (None when
+    it has none); and ``overload``, ``torch.ops.dirfast.<name>.default``, the call through torch's
+    dispatcher (a plain field: torch.compile traces it on every torch dirfast supports)."""
 
     name: str
     reference: Callable
     triton: Callable | None
+    overload: object
 
     @property
     def qualname(self) -> str:
         return f"{NAMESPACE}::{self.name}"
 
-    @property
-    def overload(self):
-        """``torch.ops.dirfast.<name>.default``: the call through torch's dispatcher."""
-        return getattr(getattr(torch.ops, NAMESPACE), self.name).default
-
     def has_kernel(self, dispatch_key: str) -> bool:
-        """Whether a kernel is registered for ``dispatch_key`` itself (not the composite)."""
+        """Whether a kernel is registered for ``dispatch_key`` itself (not only the composite)."""
         return torch._C._dispatch_has_kernel_for_dispatch_key(self.qualname, dispatch_key)
 
 
@@ -64,7 +61,7 @@ def define(schema: str, reference: Callable, fake: Callable, triton: Callable | 
     LIBRARY.define(schema)
     LIBRARY.impl(name, reference, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIBRARY)
-    OPS[name] = Op(name, reference, triton)
+    OPS[name] = Op(name, reference, triton, getattr(getattr(torch.ops, NAMESPACE), name).default)
     return OPS[name]
 
 

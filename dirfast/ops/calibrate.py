@@ -45,6 +45,11 @@ def calibrate_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float
     kernel = _dispatch.kernels(x.device)
     args = (x, bin_idx, src_mean, src_var, dst_mean, dst_var, *clips)
     if torch.is_grad_enabled() and x.requires_grad:
+        if torch.compiler.is_compiling():
+            # Traced, an in-place op is made functional and written back anyway: the functional op
+            # with its registered autograd, copied into x (torch 2.10 traces _CalibrateInPlace's
+            # backward wrongly).
+            return x.copy_(_dispatch.call("calibrate", x.device, *args))
         return _CalibrateInPlace.apply(kernel, *args)
     kernel("calibrate_")(*args)
     return x
