@@ -37,10 +37,9 @@ Tensor smooth_bins_cpu(const Tensor& stats, const Tensor& window, std::string_vi
   const Padding mode = parse_padding(padding, kOp);
   const int64_t h = (window.size(0) - 1) / 2;
   const Tensor w64 = contiguous_as(window, ScalarType::Double);  // scipy's symmetry test, in float64
+  const double* pw64 = w64.const_data_ptr<double>();
   std::unique_ptr<bool[]> symmetric(new bool[h > 0 ? h : 1]);
-  for (int64_t j = 1; j <= h; ++j) {
-    symmetric[j - 1] = window_pair_symmetric(w64.const_data_ptr<double>()[h - j], w64.const_data_ptr<double>()[h + j]);
-  }
+  for (int64_t j = 1; j <= h; ++j) symmetric[j - 1] = window_pair_symmetric(pw64[h - j], pw64[h + j]);
   return write_like(stats, [&](const Tensor& out) {
     const Tensor src = torch::stable::contiguous(stats);
     const Tensor w = contiguous_as(window, stats.scalar_type());

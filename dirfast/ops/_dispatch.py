@@ -138,13 +138,17 @@ def _allowed(name: str, op: str, device: torch.device) -> None:
                            "backends run it)")
 
 
+# The selections that run the dispatcher's ops (its own autograd included).
+_DISPATCHED = ("auto", "cpp", "cuda")
+
+
 def kernels(device: torch.device, name: str | None = None):
     """A function from op name to the callable that runs it on ``device`` under backend ``name``
     (default: this thread's selection): the dispatcher's op, or a backend's own function."""
     name = _selected() if name is None else name
 
     def kernel(op: str):
-        if name in ("auto", "cpp", "cuda"):
+        if name in _DISPATCHED:
             if name != "auto":
                 _allowed(name, op, device)
             return OPS[op].overload
@@ -192,8 +196,7 @@ class _OnBackend(torch.autograd.Function):
 def call(op: str, device: torch.device, *args):
     """Run ``op`` on ``args`` (on ``device``) with this thread's backend."""
     kernel = kernels(device)
-    if _selected() in ("auto", "cpp", "cuda") or op not in _AUTOGRAD:
-        return kernel(op)(*args)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+    if (_selected() not in _DISPATCHED and op in _AUTOGRAD and torch.is_grad_enabled()
+            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
         return _OnBackend.apply(op, kernel, *args)
     return kernel(op)(*args)
