@@ -1,0 +1,196 @@
+"""``dirfast::rnc_loss``: the per-anchor Rank-N-Contrast loss (Zha et al., NeurIPS 2023) in
+O(m^2 log m + m^2 D) time and O(m) memory per anchor, where the published code takes O(m^3) time
+and builds an [m, m, D] tensor.
+
+For anchor row ``i`` and every other row ``j`` of the m rows: the L1 label distance ``d_ij``,
+the logit ``s_ij = -||z_i - z_j|| / temperature`` and ``S_ij``, the sum of ``exp(s_ik)`` over
+the rows ``k != i`` at least as far from ``i`` in label as ``j`` (``j`` itself included).
+``out = -1/(m-1) * sum_{j != i} (s_ij - log S_ij)``. Sorting the row by label distance makes
+every ``S_ij`` a suffix sum (a tie group shares the suffix starting at its first member), taken
+as a suffix log-sum-exp so no temperature overflows or underflows it.
+
+Kernels: the reference below; ``csrc/cpu/rnc_loss.cpp``; ``dirfast/triton/rnc_loss.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import _checks, _common, _dispatch
+
+_ARGS = "Tensor features, Tensor labels, float temperature, int offset, int count"
+SCHEMA = f"rnc_loss({_ARGS}) -> Tensor"
+SCHEMA_BACKWARD = f"rnc_loss_backward(Tensor grad, {_ARGS}) -> Tensor"
+
+
+def rnc_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0, offset: int = 0,
+             count: int | None = None) -> torch.Tensor:
+    """The Rank-N-Contrast loss of each anchor row ``offset .. offset + count - 1`` against all
+    ``m`` rows (the keys).
+
+    Args:
+        features: ``[m, D]`` floating features (any strides); the gradient flows to every row.
+        labels: ``[m, L]`` floating labels, ``L >= 1``; two rows are ``sum_k |y_ik - y_jk|``
+            apart. Constant (no gradient).
+        temperature: a finite real number > 0 dividing the feature distances.
+        offset, count: the anchors, ``0 <= offset``, ``0 <= count``, ``offset + count <= m``;
+            ``count=None`` means ``m - offset`` (under DDP: the local rows among gathered keys).
+
+    Returns:
+        ``[count]`` per-anchor losses, float32 (float64 if an input is float64); 0 when
+        ``m == 1``. The published loss on ``n`` rows is ``rnc_loss(z, y).mean()``.
+
+    Values are not checked (no host synchronisation): NaN features give NaN. Two identical
+    feature rows are exactly 0 apart, and a zero distance passes no gradient (as torch's norm).
+    """
+    _check_pair(features, labels)
+    temperature = _temperature(temperature)
+    m = features.shape[0]
+    offset = _integer("offset", offset)
+    if not 0 <= offset <= m:
+        raise ValueError(f"offset must be in [0, {m}] (the rows of features), got {offset}")
+    count = m - offset if count is None else _integer("count", count)
+    if not 0 <= count <= m - offset:
+        raise ValueError(f"count must be in [0, {m - offset}] (offset + count <= {m} rows), got {count}")
+    return _dispatch.call("rnc_loss", features.device, features, labels, temperature, offset, count)
+
+
+def _check_pair(features, labels) -> None:
+    _checks.floating("features", features)
+    _checks.floating("labels", labels)
+    if features.dim() != 2:
+        raise ValueError(f"features must be [m, D], got shape {tuple(features.shape)}")
+    if labels.dim() != 2 or labels.shape[0] != features.shape[0] or labels.shape[1] < 1:
+        raise ValueError(f"labels must be [m, L] with m = {features.shape[0]} (the rows of features) and L >= 1, "
+                         f"got shape {tuple(labels.shape)}")
+    if labels.device != features.device:
+        raise ValueError(f"labels is on {labels.device} but features is on {features.device}")
+
+
+def _temperature(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"temperature must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
+    return value
+
+
+def _integer(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+# -------------------------------------------------------------------------------- reference
+def _rows(features, labels, temperature, offset, count):
+    """Per chunk of anchors ``[a0, a1)``: ``(a0, a1, z, za, dist, s, order, d_sorted, keep)`` --
+    the features in the arithmetic dtype, the anchors' features, their distances to every row
+    ``[c, m]``, the logits sorted by label distance (the anchor itself first, at -inf), the
+    sorting order, the sorted label distances and which sorted entries are not the anchor.
+    Chunks of about 2^20 pairs keep the [c, m] matrices a bounded size."""
+    acc = _common.acc_dtype(features.dtype, labels.dtype)
+    z, y = features.to(acc), labels.to(acc)
+    m = z.shape[0]
+    chunk = max(1, (1 << 20) // max(m, 1))
+    for a0 in range(0, count, chunk):
+        a1 = min(count, a0 + chunk)
+        za, ya = z[offset + a0:offset + a1], y[offset + a0:offset + a1]
+        dist = torch.cdist(za, z, compute_mode="donot_use_mm_for_euclid_dist")
+        d = (ya[:, None, 0] - y[None, :, 0]).abs()
+        for k in range(1, y.shape[1]):  # in label order, as every kernel: ties are exact ties
+            d = d + (ya[:, None, k] - y[None, :, k]).abs()
+        rows = torch.arange(offset + a0, offset + a1, device=z.device)
+        is_self = torch.arange(m, device=z.device)[None, :] == rows[:, None]
+        d = d.masked_fill(is_self, -math.inf)
+        s = (-dist / temperature).masked_fill(is_self, -math.inf)
+        d_sorted, order = torch.sort(d, dim=1, stable=True)
+        yield a0, a1, z, za, dist, s.gather(1, order), order, d_sorted, order != rows[:, None]
+
+
+def _log_s(s_sorted, d_sorted):
+    """``log S`` at each sorted entry: the suffix log-sum-exp from the first entry of its tie group."""
+    suffix = torch.logcumsumexp(s_sorted.flip(1), 1).flip(1)
+    return suffix.gather(1, torch.searchsorted(d_sorted, d_sorted, side="left"))
+
+
+def reference(features, labels, temperature, offset, count):
+    """The definition in PyTorch, a chunk of anchors at a time (sort, suffix log-sum-exp)."""
+    acc = _common.acc_dtype(features.dtype, labels.dtype)
+    m = features.shape[0]
+    out = torch.zeros(count, dtype=acc, device=features.device)
+    if m < 2:
+        return out
+    for a0, a1, _, _, _, s_sorted, _, d_sorted, keep in _rows(features, labels, temperature, offset, count):
+        terms = torch.where(keep, s_sorted - _log_s(s_sorted, d_sorted), 0)
+        out[a0:a1] = terms.sum(1) / -(m - 1)
+    return out
+
+
+def reference_backward(grad, features, labels, temperature, offset, count):
+    """The gradient in ``features`` of ``sum_a grad[a] * out[a]``: per anchor, with
+    ``c = grad[a] / (m - 1)``, ``dL/ds_k = c * (exp(s_k) * sum_{j: d_j <= d_k} 1 / S_j - 1)`` (a
+    prefix log-sum-exp of ``-log S`` to the end of k's tie group), then through the distances to
+    the anchor and the key rows: ``w_k = dL/ds_k / (t r_k)`` (0 where ``r_k = 0``), the anchor
+    gets ``sum_k w_k (z_k - z_i)`` and each key ``w_k (z_i - z_k)``."""
+    acc = _common.acc_dtype(features.dtype, labels.dtype)
+    m = features.shape[0]
+    total = torch.zeros(features.shape, dtype=acc, device=features.device)
+    if m < 2:
+        return total.to(features.dtype)
+    g = grad.to(acc) / (m - 1)
+    for a0, a1, z, za, dist, s_sorted, order, d_sorted, keep in _rows(features, labels, temperature, offset, count):
+        inverse = torch.where(keep, -_log_s(s_sorted, d_sorted), -math.inf)
+        last = torch.searchsorted(d_sorted, d_sorted, side="right") - 1
+        weight = torch.exp(s_sorted + torch.logcumsumexp(inverse, 1).gather(1, last))
+        g_sorted = torch.where(keep, g[a0:a1, None] * (weight - 1), 0)
+        g_s = torch.zeros_like(g_sorted).scatter_(1, order, g_sorted)
+        w = torch.where(dist == 0, 0, g_s / (temperature * dist))  # NaN distances stay NaN
+        total[offset + a0:offset + a1] += w @ z - w.sum(1, keepdim=True) * za
+        total += w.t() @ za - w.sum(0)[:, None] * z
+    return total.to(features.dtype)
+
+
+def _fake(features, labels, temperature, offset, count):
+    return features.new_empty((count,), dtype=_common.acc_dtype(features.dtype, labels.dtype))
+
+
+def _fake_backward(grad, features, labels, temperature, offset, count):
+    return torch.empty_like(features, memory_format=torch.contiguous_format)
+
+
+def _triton(features, labels, temperature, offset, count):
+    from ..triton import rnc_loss as kernels
+
+    return kernels.rnc_loss(features, labels, temperature, offset, count)
+
+
+def _triton_backward(grad, features, labels, temperature, offset, count):
+    from ..triton import rnc_loss as kernels
+
+    return kernels.rnc_loss_backward(grad, features, labels, temperature, offset, count)
+
+
+_common.define(SCHEMA, reference, _fake, _triton)
+_common.define(SCHEMA_BACKWARD, reference_backward, _fake_backward, _triton_backward)
+
+
+# -------------------------------------------------------------------------------- autograd
+# The backward recomputes the distances and sorts (nothing of size m x m is saved); only the
+# features get a gradient.
+def _save(ctx, inputs, output) -> None:
+    features, labels, temperature, offset, count = inputs
+    ctx.save_for_backward(features, labels)
+    ctx.args = (temperature, offset, count)
+
+
+def _backward(ctx, grad):
+    features, labels = ctx.saved_tensors
+    grad_features = ctx.kernel("rnc_loss_backward")(grad.contiguous(), features, labels, *ctx.args)
+    return grad_features, None, None, None, None
+
+
+_dispatch.register_autograd("rnc_loss", _save, _backward)
