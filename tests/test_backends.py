@@ -38,7 +38,7 @@ from testing import (BACKEND_NAMES, DEVICES, GPU, backend_device_params, backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
-PUBLIC_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf")
+PUBLIC_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf", "rnc_loss")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 
 
@@ -151,7 +151,8 @@ def _op_calls():
             "smooth_bins": lambda: dirfast.ops.smooth_bins(stats[0], w),
             "calibrate": lambda: dirfast.ops.calibrate(x, idx, *stats),
             "calibrate_": lambda: dirfast.ops.calibrate_(x.clone(), idx, *stats),
-            "mixture_logpdf": lambda: dirfast.ops.mixture_logpdf(*mixture)}
+            "mixture_logpdf": lambda: dirfast.ops.mixture_logpdf(*mixture),
+            "rnc_loss": lambda: dirfast.ops.rnc_loss(x, idx[:, None].float(), 2.0, 3, 6)}
 
 
 @pytest.fixture
@@ -301,6 +302,12 @@ def opcheck_every_op(device: str) -> None:
         torch.library.opcheck(ops.mixture_logpdf.default, (x.requires_grad_(), m, v, lw))
         out = ops.mixture_logpdf(x.detach(), m, v, lw)
         torch.library.opcheck(ops.mixture_logpdf_backward.default, (torch.ones_like(out), x.detach(), out, m, v, lw))
+    for (m, d, L), dtype in (((9, 4, 1), torch.float32), ((7, 3, 2), torch.float64), ((6, 5, 1), torch.bfloat16)):
+        z, y = torch.randn(m, d, generator=g).to(device, dtype), torch.randint(0, 3, (m, L), generator=g).to(device, dtype)
+        for offset, count in ((0, m), (2, 3)):
+            torch.library.opcheck(ops.rnc_loss.default, (z.clone().requires_grad_(), y, 1.5, offset, count))
+            grad = torch.rand(count, generator=g).to(device, torch.float64 if dtype == torch.float64 else torch.float32)
+            torch.library.opcheck(ops.rnc_loss_backward.default, (grad, z, y, 1.5, offset, count))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -376,7 +383,8 @@ def test_compile_inductor_on_gpu():
 
 
 # =========================================================================== backward on the forward's backend
-BACKWARD_OPS = {"calibrate": "calibrate", "calibrate_": "calibrate", "mixture_logpdf": "mixture_logpdf_backward"}
+BACKWARD_OPS = {"calibrate": "calibrate", "calibrate_": "calibrate", "mixture_logpdf": "mixture_logpdf_backward",
+                "rnc_loss": "rnc_loss_backward"}
 
 
 @pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] in ("reference", "triton")])
@@ -388,6 +396,8 @@ def test_backward_runs_on_the_forward_backend(op, backend, spies):
     device = "cuda" if backend == "triton" and GPU else "cpu"
     if op == "mixture_logpdf":
         x, *tables = mixture_inputs((9,), 4, torch.float32, device, seed=45)
+    elif op == "rnc_loss":
+        x, tables = rand_features(9, 3, seed=45, device=device), (rand_bins((9, 1), 4, seed=46, device=device).float(),)
     else:
         x, tables = rand_features(9, 3, seed=45, device=device), (rand_bins(9, 4, seed=46, device=device),
                                                                    *calibration_stats(4, 3, torch.float32, device))
@@ -551,6 +561,8 @@ def test_every_triton_kernel_compiles_for_sm90_within_its_limits(tmp_path):
                                                  "_direct_kernel", "_finalize_kernel")}
     expected |= {("calibrate", "_tables_kernel"), ("calibrate", "_apply_kernel"), ("smooth_bins", "_smooth_kernel"),
                  ("mixture_logpdf", "_forward_kernel"), ("mixture_logpdf_backward", "_backward_kernel")}
+    expected |= {("rnc_loss", name) for name in ("_pairs_kernel", "_suffix_kernel", "_terms_kernel")}
+    expected |= {("rnc_loss_backward", name) for name in ("_pairs_kernel", "_suffix_kernel", "_weights_kernel")}
     assert compiled == expected
     for row in rows:
         assert row["shared_bytes"] <= 227 * 1024, row

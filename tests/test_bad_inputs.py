@@ -549,6 +549,14 @@ API = {
                                    Bad("meta", lambda v: v.to("meta"), ValueError)), PRED),
         "means": (COMPONENTS, CENTERS), "variances": (COMPONENTS, COUNTS), "log_weights": (COMPONENTS, COUNTS.log())},
         expect={("x", "NaN"): OTHERS_SAME}, named_as={"means": "means|variances"}),
+    "dirfast.ops.rnc_loss": Entry(ops.rnc_loss, {
+        "features": (FLOAT_TENSOR + (Bad("fewer rows", lambda v: v[:-1], ValueError),), X8),
+        "labels": (FLOAT_TENSOR + (Bad("[m]", lambda v: v[:, 0], ValueError), Bad("[m, 0]", lambda v: v[:, :0], ValueError),
+                                   Bad("two labels", lambda v: torch.cat([v, v], 1), FINITE)), Y8[:, None]),
+        "temperature": (POSITIVE, 2.0),
+        "offset": (NON_NEGATIVE_INT + (Bad("beyond m", lambda v: 9, ValueError), Bad("m", lambda v: 8, ValueError)), 2),
+        "count": (NON_NEGATIVE_INT + (Bad("past the rows", lambda v: 7, ValueError), Bad("0", lambda v: 0, EMPTY)), 6)},
+        expect={("count", "None"): SAME}),
     # ----------------------------------------------------------------------- losses
     **{f"dirfast.losses.{name}": Entry(getattr(dirfast.losses, name), dict(
         {"inputs": (FLOAT_TENSOR[:-3] + (Bad("empty", lambda v: v[:0], ValueError),
@@ -820,6 +828,13 @@ DISPATCHER_CASES = [  # torch.ops.dirfast called directly: the C++ kernels check
     ("mixture means 2-D", lambda: OPS.mixture_logpdf(X, W[:, None], W, W), "means"),
     ("mixture variances short", lambda: OPS.mixture_logpdf(X, W, W[:2], W), "variances"),
     ("mixture backward grad shape", lambda: OPS.mixture_logpdf_backward(X[:2], X, X, W, W, W), "grad"),
+    ("rnc features 1-D", lambda: OPS.rnc_loss(X[:, 0], X[:, :1], 2.0, 0, 8), "features"),
+    ("rnc labels rows", lambda: OPS.rnc_loss(X, X[:5, :1], 2.0, 0, 8), "labels"),
+    ("rnc labels int", lambda: OPS.rnc_loss(X, IDX[:, None], 2.0, 0, 8), "labels must be float"),
+    ("rnc temperature 0", lambda: OPS.rnc_loss(X, X[:, :1], 0.0, 0, 8), "temperature"),
+    ("rnc offset negative", lambda: OPS.rnc_loss(X, X[:, :1], 2.0, -1, 8), "offset"),
+    ("rnc count past the rows", lambda: OPS.rnc_loss(X, X[:, :1], 2.0, 3, 6), "count"),
+    ("rnc backward grad shape", lambda: OPS.rnc_loss_backward(X[:3, 0], X, X[:, :1], 2.0, 0, 8), "grad"),
 ]
 
 
@@ -833,13 +848,14 @@ def test_dispatcher_rejects(name, call, match):
 @pytest.mark.parametrize("backend", AVAILABLE)
 def test_ops_fail_alike_on_every_backend(backend):
     """The front end checks before any backend runs: each backend rejects the same inputs."""
-    for entry_name in ("dirfast.ops.bin_stats", "dirfast.ops.calibrate", "dirfast.ops.mixture_logpdf"):
+    for entry_name in ("dirfast.ops.bin_stats", "dirfast.ops.calibrate", "dirfast.ops.mixture_logpdf", "dirfast.ops.rnc_loss"):
         entry = API[entry_name]
         for argument, (kind, good) in entry.args.items():
             for bad in kind:
-                if isinstance(bad.expect, type):
+                expect = entry.expect.get((argument, bad.name), bad.expect)
+                if isinstance(expect, type):
                     _, kwargs = _fresh(entry, argument, bad.make(copy.deepcopy(good)))
-                    with dirfast.use_backend(backend), pytest.raises(bad.expect):
+                    with dirfast.use_backend(backend), pytest.raises(expect):
                         _call(entry, None, kwargs)
 
 

@@ -92,7 +92,7 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 def _cases():
     """(name, call) pairs: each op on the layouts and dtypes the GPU benchmarks and tests use, at
     sizes that pick the same kernels and launch sizes (rows enough for the "csr" strategy)."""
-    from dirfast.triton import bin_stats, calibrate, mixture_logpdf, smooth_bins
+    from dirfast.triton import bin_stats, calibrate, mixture_logpdf, rnc_loss, smooth_bins
 
     gen = torch.Generator().manual_seed(0)
     cases = []
@@ -125,6 +125,10 @@ def _cases():
                           lambda x=pred, t=tables: mixture_logpdf.mixture_logpdf(x, *t)))
             cases.append((f"mixture_logpdf_backward K={k} {tag}", lambda x=pred, t=tables: mixture_logpdf.mixture_logpdf_backward(
                 torch.ones(x.shape, dtype=t[0].dtype), x, torch.zeros(x.shape, dtype=t[0].dtype), *t)))
+        z, y = torch.randn(512, 128, generator=gen).to(dtype), torch.randint(0, 100, (512, 1), generator=gen).to(dtype)
+        cases.append((f"rnc_loss {tag}", lambda z=z, y=y: rnc_loss.rnc_loss(z, y, 2.0, 0, 512)))
+        cases.append((f"rnc_loss_backward {tag}", lambda z=z, y=y: rnc_loss.rnc_loss_backward(
+            torch.ones(512, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32), z, y, 2.0, 0, 512)))
     return cases
 
 
@@ -132,7 +136,7 @@ def compile_all(arch: int = 90, only=None) -> list:
     """Compile every kernel launch of the cases (those whose name contains one of ``only``) for
     sm_<arch>; one row per (case, kernel)."""
     driver.set_active(_TargetOnlyDriver(arch))
-    from dirfast.triton import _common, bin_stats, calibrate, mixture_logpdf, smooth_bins
+    from dirfast.triton import _common, bin_stats, calibrate, mixture_logpdf, rnc_loss, smooth_bins
 
     _common.check_device = lambda tensor, op: None  # CPU tensors stand in for CUDA ones
 
@@ -142,7 +146,7 @@ def compile_all(arch: int = 90, only=None) -> list:
         rows.append({"case": case_name[0], "kernel": kernel, "num_warps": warps,
                      "shared_bytes": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], arch)})
 
-    for module in (bin_stats, calibrate, mixture_logpdf, smooth_bins):
+    for module in (bin_stats, calibrate, mixture_logpdf, rnc_loss, smooth_bins):
         for name, value in list(vars(module).items()):
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 setattr(module, name, _Compile(value, record))

@@ -228,13 +228,17 @@ void sort_keys(const Problem<acc_t>& pb, int64_t i, Key<acc_t>* keys) {
 }
 
 // For anchor row i: the distances r, logits s, the keys sorted by label distance, and log S of
-// each sorted key (shared by its tie group). Returns the number of keys, m - 1.
+// each sorted key (shared by its tie group). A pair whose label distance is NaN gets a NaN
+// distance, so a NaN label makes every loss it reaches NaN. Returns the number of keys, m - 1.
 template <typename acc_t>
 DIRFAST_NOINLINE int64_t sorted_row(const Problem<acc_t>& pb, int64_t i, Row<acc_t>& row) {
   distances(pb.Z + i * pb.D, pb.Z, pb.m, pb.D, row.r.data());
   for (int64_t k = 0; k < pb.m; ++k) row.s[k] = -row.r[k] / pb.temperature;
   sort_keys(pb, i, row.keys.data());
   const int64_t n = pb.m - 1;
+  for (int64_t p = n - 1; p >= 0 && std::isnan(row.keys[p].d); --p) {  // a NaN label: the pair's distance is NaN
+    row.r[row.keys[p].k] = row.s[row.keys[p].k] = std::numeric_limits<acc_t>::quiet_NaN();
+  }
   // From the end, a tie group at a time: S of a group is the sum over it and every key after it.
   RunningLse<acc_t> suffix;
   for (int64_t end = n; end > 0;) {

@@ -43,7 +43,7 @@ def rnc_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 
         ``[count]`` per-anchor losses, float32 (float64 if an input is float64); 0 when
         ``m == 1``. The published loss on ``n`` rows is ``rnc_loss(z, y).mean()``.
 
-    Values are not checked (no host synchronisation): NaN features give NaN. Two identical
+    Values are not checked (no host synchronisation): NaN features or labels give NaN. Two identical
     feature rows are exactly 0 apart, and a zero distance passes no gradient (as torch's norm).
     """
     _check_pair(features, labels)
@@ -105,6 +105,7 @@ def _rows(features, labels, temperature, offset, count):
             d = d + (ya[:, None, k] - y[None, :, k]).abs()
         rows = torch.arange(offset + a0, offset + a1, device=z.device)
         is_self = torch.arange(m, device=z.device)[None, :] == rows[:, None]
+        dist = torch.where(torch.isnan(d), math.nan, dist)  # a NaN label: NaN pairs, NaN losses
         d = d.masked_fill(is_self, -math.inf)
         s = (-dist / temperature).masked_fill(is_self, -math.inf)
         d_sorted, order = torch.sort(d, dim=1, stable=True)
@@ -114,7 +115,8 @@ def _rows(features, labels, temperature, offset, count):
 def _log_s(s_sorted, d_sorted):
     """``log S`` at each sorted entry: the suffix log-sum-exp from the first entry of its tie group."""
     suffix = torch.logcumsumexp(s_sorted.flip(1), 1).flip(1)
-    return suffix.gather(1, torch.searchsorted(d_sorted, d_sorted, side="left"))
+    start = torch.searchsorted(d_sorted, d_sorted, side="left").clamp_(max=d_sorted.shape[1] - 1)  # NaN: past the end
+    return suffix.gather(1, start)
 
 
 def reference(features, labels, temperature, offset, count):
