@@ -86,16 +86,19 @@ def _integer(name: str, value) -> int:
 
 
 # -------------------------------------------------------------------------------- reference
+CHUNK_PAIRS = 1 << 20  # anchors x keys per chunk of the reference: its [c, m] matrices stay this size
+
+
 def _rows(features, labels, temperature, offset, count):
     """Per chunk of anchors ``[a0, a1)``: ``(a0, a1, z, za, dist, s, order, d_sorted, keep)`` --
     the features in the arithmetic dtype, the anchors' features, their distances to every row
     ``[c, m]``, the logits sorted by label distance (the anchor itself first, at -inf), the
     sorting order, the sorted label distances and which sorted entries are not the anchor.
-    Chunks of about 2^20 pairs keep the [c, m] matrices a bounded size."""
+    Chunks of about CHUNK_PAIRS pairs keep the [c, m] matrices a bounded size."""
     acc = _common.acc_dtype(features.dtype, labels.dtype)
     z, y = features.to(acc), labels.to(acc)
     m = z.shape[0]
-    chunk = max(1, (1 << 20) // max(m, 1))
+    chunk = max(1, CHUNK_PAIRS // max(m, 1))
     for a0 in range(0, count, chunk):
         a1 = min(count, a0 + chunk)
         za, ya = z[offset + a0:offset + a1], y[offset + a0:offset + a1]
