@@ -303,7 +303,8 @@ def opcheck_every_op(device: str) -> None:
         out = ops.mixture_logpdf(x.detach(), m, v, lw)
         torch.library.opcheck(ops.mixture_logpdf_backward.default, (torch.ones_like(out), x.detach(), out, m, v, lw))
     for (m, d, L), dtype in (((9, 4, 1), torch.float32), ((7, 3, 2), torch.float64), ((6, 5, 1), torch.bfloat16)):
-        z, y = torch.randn(m, d, generator=g).to(device, dtype), torch.randint(0, 3, (m, L), generator=g).to(device, dtype)
+        z = torch.randn(m, d, generator=g).to(device, dtype)
+        y = torch.randint(0, 3, (m, L), generator=g).to(device, dtype)
         for offset, count in ((0, m), (2, 3)):
             torch.library.opcheck(ops.rnc_loss.default, (z.clone().requires_grad_(), y, 1.5, offset, count))
             grad = torch.rand(count, generator=g).to(device, torch.float64 if dtype == torch.float64 else torch.float32)

@@ -551,7 +551,8 @@ API = {
         expect={("x", "NaN"): OTHERS_SAME}, named_as={"means": "means|variances"}),
     "dirfast.ops.rnc_loss": Entry(ops.rnc_loss, {
         "features": (FLOAT_TENSOR + (Bad("fewer rows", lambda v: v[:-1], ValueError),), X8),
-        "labels": (FLOAT_TENSOR + (Bad("[m]", lambda v: v[:, 0], ValueError), Bad("[m, 0]", lambda v: v[:, :0], ValueError),
+        "labels": (FLOAT_TENSOR + (Bad("[m]", lambda v: v[:, 0], ValueError),
+                                   Bad("[m, 0]", lambda v: v[:, :0], ValueError),
                                    Bad("two labels", lambda v: torch.cat([v, v], 1), FINITE)), Y8[:, None]),
         "temperature": (POSITIVE, 2.0),
         "offset": (NON_NEGATIVE_INT + (Bad("beyond m", lambda v: 9, ValueError), Bad("m", lambda v: 8, ValueError)), 2),
@@ -848,7 +849,8 @@ def test_dispatcher_rejects(name, call, match):
 @pytest.mark.parametrize("backend", AVAILABLE)
 def test_ops_fail_alike_on_every_backend(backend):
     """The front end checks before any backend runs: each backend rejects the same inputs."""
-    for entry_name in ("dirfast.ops.bin_stats", "dirfast.ops.calibrate", "dirfast.ops.mixture_logpdf", "dirfast.ops.rnc_loss"):
+    for entry_name in ("dirfast.ops.bin_stats", "dirfast.ops.calibrate", "dirfast.ops.mixture_logpdf",
+                       "dirfast.ops.rnc_loss"):
         entry = API[entry_name]
         for argument, (kind, good) in entry.args.items():
             for bad in kind:

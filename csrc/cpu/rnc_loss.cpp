@@ -4,7 +4,8 @@
 //
 // Per anchor i (one task each, rows computed independently): the exact distances r_k =
 // ||z_i - z_k|| (a vectorised difference norm, so identical rows are exactly 0 apart), logits
-// s_k = -r_k / t, the L1 label distances d_k, and the keys k != i sorted by (d_k, k). Walking the
+// s_k = -r_k / t, the L1 label distances d_k, and the keys k != i in order of d_k (with one finite
+// label, a merge outwards from i in the rows' label order, sorted once; else a sort by (d_k, k)). Walking the
 // sorted keys from the end, one tie group at a time, a running log-sum-exp (rescaled whenever the
 // maximum grows: no temperature overflows or underflows it) gives log S of the group, shared by
 // its members; out = -1/(m-1) sum_k (s_k - log S_k).
@@ -158,7 +159,8 @@ struct Problem {
     by_label.resize(m);
     place.resize(m);
     for (int64_t k = 0; k < m; ++k) by_label[k] = k;
-    std::sort(by_label.begin(), by_label.end(), [&](int64_t a, int64_t b) { return Y[a] < Y[b] || (Y[a] == Y[b] && a < b); });
+    std::sort(by_label.begin(), by_label.end(),
+              [&](int64_t a, int64_t b) { return Y[a] < Y[b] || (Y[a] == Y[b] && a < b); });
     for (int64_t q = 0; q < m; ++q) place[by_label[q]] = q;
   }
 };
