@@ -6,8 +6,9 @@
 // Then one fused pass per anchor, in one thread: the L1 label and prediction distances, the
 // positive and negative masks, each term's exponent and coefficient (into per-thread rows of
 // length m), the shift (the largest exponent among the terms, and 0 for the exp(0) terms), and
-// the sums. Float32 exponentials run 16 lanes at a time as GCC vectors (Cephes' polynomial, as
-// mixture_logpdf.cpp). The backward recomputes the same pass, writes each anchor's coefficients
+// the sums. In float32 the masks and the exponentials (Cephes' polynomial, as mixture_logpdf.cpp)
+// run 8 keys at a time as GCC vectors, compiled for AVX-512, AVX2 and the baseline. The backward
+// recomputes the same pass, writes each anchor's coefficients
 // G_aj = grad_a d out_a / d prod_aj / tau over its cosine row, and turns them into the gradient
 // of q with GEMMs: (G + G^T) q when the anchors are at least half the rows, else G^T q_anchors
 // and G q added to the anchors' rows; then the normalisation's backward per row. Every sum is
@@ -27,7 +28,8 @@ namespace dirfast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kLanes = 16;  // one AVX-512 float vector; the rows are padded to a multiple
+constexpr int64_t kLanes = 16;  // keys per step of the row pass; the rows are padded to a multiple
+constexpr int64_t kVec = 8;     // float32 lanes of the exponentials: one AVX2 register (16 spill there)
 constexpr double kEps = 1e-12;  // F.normalize's
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
@@ -72,10 +74,10 @@ bool check_conr_args(const Tensor& features, const Tensor& labels, const Tensor&
 }
 
 // ---------------------------------------------------------------------------- exponentials
-// float32: 16 lanes as one GCC vector with Cephes' expf polynomial (about 1 ulp; as in
+// float32: 8 lanes as one GCC vector with Cephes' expf polynomial (about 1 ulp; as in
 // mixture_logpdf.cpp: inputs below -87.3 give 2^-126 instead of 0, -inf gives 0, NaN stays NaN).
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(4)));
+typedef float vf __attribute__((vector_size(kVec * sizeof(float)), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(kVec * sizeof(int32_t)), aligned(4)));
 
 inline vf splat(float value) { return vf{} + value; }
 
@@ -108,43 +110,37 @@ inline vf load_vf(const float* p) {
 
 inline void store_vf(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
 
-// sum_j coef[j] exp(x[j] - top) over n (a multiple of kLanes) padded entries.
-DIRFAST_CLONES float sum_terms(const float* x, const float* coef, float top, int64_t n) {
+// terms[j] = coef[j] exp(x[j] - top) over n (a multiple of kLanes) padded entries; returns their sum.
+DIRFAST_CLONES float sum_terms(const float* x, const float* coef, float top, int64_t n, float* terms) {
   vf sum = splat(0.0f);
-  for (int64_t j = 0; j < n; j += kLanes) sum += load_vf(coef + j) * vexp(load_vf(x + j) - top);
-  float lanes[kLanes];
+  for (int64_t j = 0; j < n; j += kVec) {
+    const vf term = load_vf(coef + j) * vexp(load_vf(x + j) - top);
+    store_vf(terms + j, term);
+    sum += term;
+  }
+  float lanes[kVec];
   store_vf(lanes, sum);
   float total = 0.0f;
-  for (int64_t t = 0; t < kLanes; ++t) total += lanes[t];
+  for (int64_t t = 0; t < kVec; ++t) total += lanes[t];
   return total;
 }
 
-double sum_terms(const double* x, const double* coef, double top, int64_t n) {
+double sum_terms(const double* x, const double* coef, double top, int64_t n, double* terms) {
   double lanes[4] = {0.0, 0.0, 0.0, 0.0};
   for (int64_t j = 0; j < n; j += 4) {
-    for (int64_t t = 0; t < 4; ++t) lanes[t] += coef[j + t] * std::exp(x[j + t] - top);
+    for (int64_t t = 0; t < 4; ++t) {
+      terms[j + t] = coef[j + t] * std::exp(x[j + t] - top);
+      lanes[t] += terms[j + t];
+    }
   }
   return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 }
 
-// g[j] = scale coef[j] exp(x[j] - top) - minus pos[j] over the first m entries.
-DIRFAST_CLONES void write_coefficients(const float* x, const float* coef, const float* pos, float top, float scale,
-                                       float minus, int64_t m, float* g) {
-  float lanes[kLanes];
-  for (int64_t j = 0; j < m; j += kLanes) {
-    const vf value = scale * load_vf(coef + j) * vexp(load_vf(x + j) - top) - minus * load_vf(pos + j);
-    if (j + kLanes <= m) {
-      store_vf(g + j, value);
-    } else {
-      store_vf(lanes, value);
-      std::copy(lanes, lanes + (m - j), g + j);
-    }
-  }
-}
-
-void write_coefficients(const double* x, const double* coef, const double* pos, double top, double scale,
-                        double minus, int64_t m, double* g) {
-  for (int64_t j = 0; j < m; ++j) g[j] = scale * coef[j] * std::exp(x[j] - top) - minus * pos[j];
+// g[j] = scale terms[j] - minus pos[j] over the first m entries.
+template <typename acc_t>
+DIRFAST_NOINLINE void write_coefficients(const acc_t* DIRFAST_RESTRICT terms, const acc_t* DIRFAST_RESTRICT pos,
+                                         acc_t scale, acc_t minus, int64_t m, acc_t* DIRFAST_RESTRICT g) {
+  for (int64_t j = 0; j < m; ++j) g[j] = scale * terms[j] - minus * pos[j];
 }
 
 // ---------------------------------------------------------------------------- one anchor
@@ -162,13 +158,13 @@ struct Problem {
 };
 
 // Per-thread rows of `padded` entries: the distances, each term's exponent x (-inf outside the
-// sum), its coefficient (0 outside) and whether it is a positive (1 or 0).
+// sum), its coefficient (0 outside), whether it is a positive (1 or 0), and the shifted terms.
 template <typename acc_t>
 struct Scratch {
-  std::vector<acc_t> labels, preds, x, coef, pos;
+  std::vector<acc_t> labels, preds, x, coef, pos, terms;
   explicit Scratch(int64_t padded)
       : labels(padded), preds(padded), x(padded, -std::numeric_limits<acc_t>::infinity()), coef(padded, acc_t(0)),
-        pos(padded, acc_t(0)) {}
+        pos(padded, acc_t(0)), terms(padded) {}
 };
 
 template <typename acc_t>
@@ -192,43 +188,125 @@ DIRFAST_NOINLINE void l1_row(const acc_t* DIRFAST_RESTRICT values_t, int64_t num
   }
 }
 
-// The masks, exponents and coefficients of keys [begin, end), with per-lane running maxima and
-// sums (kLanes lanes, combined by the caller in a fixed order).
+// Per-lane running sums of an anchor's row: the shift (largest exponent), the sum of the
+// positives' products, and the numbers of positives and negatives (exact in acc_t: m < 2^24).
 template <typename acc_t>
-DIRFAST_NOINLINE void classify(const Problem<acc_t>& pb, const acc_t* DIRFAST_RESTRICT cosine, int64_t i,
-                               acc_t weight, Scratch<acc_t>& s, acc_t* DIRFAST_RESTRICT top,
-                               acc_t* DIRFAST_RESTRICT sum_prod, int32_t* DIRFAST_RESTRICT n_pos,
-                               int32_t* DIRFAST_RESTRICT n_neg) {
+struct Lanes {
+  acc_t top[kLanes], sum_prod[kLanes], n_pos[kLanes], n_neg[kLanes];
+};
+
+// Keys [j0, j0 + n) of anchor i (n <= kLanes, lane t = j - j0): each exponent, coefficient and
+// positive flag into the scratch rows, and the lanes' sums. The self pair has a NaN label
+// distance (anchor_pass sets it), so it is in neither set. Written without branches, in locals,
+// so that the compiler vectorises the lanes.
+template <bool kExpPush, typename acc_t>
+inline __attribute__((always_inline)) void classify_keys(
+    const acc_t* DIRFAST_RESTRICT cosine, const acc_t* DIRFAST_RESTRICT dl, const acc_t* DIRFAST_RESTRICT dp,
+    acc_t* DIRFAST_RESTRICT x, acc_t* DIRFAST_RESTRICT coef, acc_t* DIRFAST_RESTRICT pos, int64_t n, acc_t inv_tau,
+    acc_t w, acc_t e, acc_t weight, acc_t* DIRFAST_RESTRICT top, acc_t* DIRFAST_RESTRICT sum_prod,
+    acc_t* DIRFAST_RESTRICT n_pos, acc_t* DIRFAST_RESTRICT n_neg) {
   const acc_t minus_inf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t w = pb.w, tau = pb.tau, e = pb.e;
-  const bool exp_push = pb.exp_push;
-  const acc_t* DIRFAST_RESTRICT dl = s.labels.data();
-  const acc_t* DIRFAST_RESTRICT dp = s.preds.data();
-  acc_t* DIRFAST_RESTRICT x = s.x.data();
-  acc_t* DIRFAST_RESTRICT coef = s.coef.data();
-  acc_t* DIRFAST_RESTRICT pos = s.pos.data();
-  for (int64_t j0 = 0; j0 < pb.m; j0 += kLanes) {
-    const int64_t lanes = std::min(kLanes, pb.m - j0);
-    for (int64_t t = 0; t < lanes; ++t) {
-      const int64_t j = j0 + t;
-      const acc_t prod = cosine[j] / tau;
-      const acc_t l = dl[j];
-      const bool is_pos = l <= w && j != i;
-      const bool is_neg = l > w && dp[j] <= w;
-      const acc_t coef_neg = exp_push ? weight : weight * (e * l);
-      const acc_t x_neg = exp_push ? prod + e * l : prod;
-      const bool member = is_pos || (is_neg && coef_neg != acc_t(0));
-      const acc_t xj = is_pos ? prod : (member ? x_neg : minus_inf);
-      x[j] = xj;
-      coef[j] = is_pos ? acc_t(1) : (member ? coef_neg : acc_t(0));
-      pos[j] = is_pos ? acc_t(1) : acc_t(0);
-      top[t] = xj > top[t] ? xj : top[t];
-      sum_prod[t] += is_pos ? prod : acc_t(0);
-      n_pos[t] += is_pos;
-      n_neg[t] += is_neg;
-    }
+  for (int64_t t = 0; t < n; ++t) {
+    const acc_t prod = cosine[t] * inv_tau;
+    const acc_t l = dl[t];
+    const bool is_pos = l <= w;
+    const bool is_neg = (l > w) & (dp[t] <= w);
+    const acc_t coef_neg = kExpPush ? weight : weight * (e * l);
+    const acc_t x_neg = kExpPush ? prod + e * l : prod;
+    const bool member_neg = is_neg & (coef_neg != acc_t(0));
+    const acc_t xj = is_pos ? prod : (member_neg ? x_neg : minus_inf);
+    const acc_t p = is_pos ? acc_t(1) : acc_t(0);
+    x[t] = xj;
+    coef[t] = is_pos ? acc_t(1) : (member_neg ? coef_neg : acc_t(0));
+    pos[t] = p;
+    top[t] = xj > top[t] ? xj : top[t];
+    sum_prod[t] += is_pos ? prod : acc_t(0);
+    n_pos[t] += p;
+    n_neg[t] += is_neg ? acc_t(1) : acc_t(0);
   }
 }
+
+template <bool kExpPush, typename acc_t>
+inline __attribute__((always_inline)) void classify_row(const acc_t* cosine, const acc_t* dl, const acc_t* dp,
+                                                        acc_t* x, acc_t* coef, acc_t* pos, int64_t m, acc_t inv_tau,
+                                                        acc_t w, acc_t e, acc_t weight, Lanes<acc_t>& lanes) {
+  acc_t top[kLanes], sum_prod[kLanes], n_pos[kLanes], n_neg[kLanes];
+  for (int64_t t = 0; t < kLanes; ++t) {
+    top[t] = -std::numeric_limits<acc_t>::infinity();
+    sum_prod[t] = n_pos[t] = n_neg[t] = acc_t(0);
+  }
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= m; j0 += kLanes) {
+    classify_keys<kExpPush>(cosine + j0, dl + j0, dp + j0, x + j0, coef + j0, pos + j0, kLanes, inv_tau, w, e, weight,
+                            top, sum_prod, n_pos, n_neg);
+  }
+  classify_keys<kExpPush>(cosine + j0, dl + j0, dp + j0, x + j0, coef + j0, pos + j0, m - j0, inv_tau, w, e, weight,
+                          top, sum_prod, n_pos, n_neg);
+  for (int64_t t = 0; t < kLanes; ++t) {
+    lanes.top[t] = top[t];
+    lanes.sum_prod[t] = sum_prod[t];
+    lanes.n_pos[t] = n_pos[t];
+    lanes.n_neg[t] = n_neg[t];
+  }
+}
+
+// float32: the same, 8 keys per GCC vector (lanes 8..15 of `lanes` stay neutral).
+template <bool kExpPush>
+inline __attribute__((always_inline)) void classify_row_vf(const float* cosine, const float* dl, const float* dp,
+                                                           float* x, float* coef, float* pos, int64_t m, float inv_tau,
+                                                           float w, float e, float weight, Lanes<float>& lanes) {
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  vf top = splat(minus_inf), sum_prod = splat(0.0f), n_pos = splat(0.0f), n_neg = splat(0.0f);
+  const vf one = splat(1.0f), zero = splat(0.0f), none = splat(minus_inf);
+  int64_t j0 = 0;
+  for (; j0 + kVec <= m; j0 += kVec) {
+    const vf prod = load_vf(cosine + j0) * inv_tau;
+    const vf l = load_vf(dl + j0);
+    const vi is_pos = l <= w;
+    const vi is_neg = (l > w) & (load_vf(dp + j0) <= w);
+    const vf coef_neg = kExpPush ? splat(weight) : weight * (e * l);
+    const vf x_neg = kExpPush ? prod + e * l : prod;
+    const vi member_neg = is_neg & (coef_neg != 0.0f);
+    const vf xj = is_pos ? prod : (member_neg ? x_neg : none);
+    const vf p = is_pos ? one : zero;
+    store_vf(x + j0, xj);
+    store_vf(coef + j0, is_pos ? one : (member_neg ? coef_neg : zero));
+    store_vf(pos + j0, p);
+    top = xj > top ? xj : top;
+    sum_prod += is_pos ? prod : zero;
+    n_pos += p;
+    n_neg += is_neg ? one : zero;
+  }
+  float lane_top[kLanes], lane_sum[kLanes], lane_pos[kLanes], lane_neg[kLanes];
+  for (int64_t t = kVec; t < kLanes; ++t) {
+    lane_top[t] = minus_inf;
+    lane_sum[t] = lane_pos[t] = lane_neg[t] = 0.0f;
+  }
+  store_vf(lane_top, top);
+  store_vf(lane_sum, sum_prod);
+  store_vf(lane_pos, n_pos);
+  store_vf(lane_neg, n_neg);
+  classify_keys<kExpPush>(cosine + j0, dl + j0, dp + j0, x + j0, coef + j0, pos + j0, m - j0, inv_tau, w, e, weight,
+                          lane_top, lane_sum, lane_pos, lane_neg);
+  for (int64_t t = 0; t < kLanes; ++t) {
+    lanes.top[t] = lane_top[t];
+    lanes.sum_prod[t] = lane_sum[t];
+    lanes.n_pos[t] = lane_pos[t];
+    lanes.n_neg[t] = lane_neg[t];
+  }
+}
+
+// One function per type and push, cloned for AVX-512 / AVX2 / the baseline.
+#define DIRFAST_CLASSIFY(NAME, T, ROW, EXP_PUSH)                                                         \
+  DIRFAST_CLONES DIRFAST_NOINLINE void NAME(const T* cosine, const T* dl, const T* dp, T* x, T* coef, T* pos, \
+                                            int64_t m, T inv_tau, T w, T e, T weight, Lanes<T>& lanes) { \
+    ROW<EXP_PUSH>(cosine, dl, dp, x, coef, pos, m, inv_tau, w, e, weight, lanes);                       \
+  }
+DIRFAST_CLASSIFY(classify_exp, float, classify_row_vf, true)
+DIRFAST_CLASSIFY(classify_linear, float, classify_row_vf, false)
+DIRFAST_CLASSIFY(classify_exp, double, classify_row, true)
+DIRFAST_CLASSIFY(classify_linear, double, classify_row, false)
+#undef DIRFAST_CLASSIFY
 
 // The anchor a's pass: fills the scratch rows and returns its sums.
 template <typename acc_t>
@@ -236,29 +314,28 @@ Anchor<acc_t> anchor_pass(const Problem<acc_t>& pb, int64_t a, Scratch<acc_t>& s
   const int64_t i = pb.offset + a;
   l1_row(pb.labels_t, pb.num_labels, pb.m, i, s.labels.data());
   l1_row(pb.preds_t, pb.num_labels, pb.m, i, s.preds.data());
-  acc_t top[kLanes], sum_prod[kLanes];
-  int32_t n_pos[kLanes], n_neg[kLanes];
-  for (int64_t t = 0; t < kLanes; ++t) {
-    top[t] = -std::numeric_limits<acc_t>::infinity();
-    sum_prod[t] = acc_t(0);
-    n_pos[t] = n_neg[t] = 0;
-  }
-  classify(pb, pb.cosine + a * pb.m, i, pb.weights[i], s, top, sum_prod, n_pos, n_neg);
+  s.labels[i] = std::numeric_limits<acc_t>::quiet_NaN();  // the anchor is never its own partner
+  Lanes<acc_t> lanes;
+  using Classify = void (*)(const acc_t*, const acc_t*, const acc_t*, acc_t*, acc_t*, acc_t*, int64_t, acc_t, acc_t,
+                            acc_t, acc_t, Lanes<acc_t>&);
+  const Classify classify = pb.exp_push ? static_cast<Classify>(classify_exp) : static_cast<Classify>(classify_linear);
+  classify(pb.cosine + a * pb.m, s.labels.data(), s.preds.data(), s.x.data(), s.coef.data(), s.pos.data(), pb.m,
+           acc_t(1) / pb.tau, pb.w, pb.e, pb.weights[i], lanes);
   Anchor<acc_t> r{};
   r.top = -std::numeric_limits<acc_t>::infinity();
   r.sum_prod = acc_t(0);
-  int64_t pos_count = 0, neg_count = 0;
+  acc_t pos_count = 0, neg_count = 0;
   for (int64_t t = 0; t < kLanes; ++t) {
-    r.top = top[t] > r.top ? top[t] : r.top;
-    r.sum_prod += sum_prod[t];
-    pos_count += n_pos[t];
-    neg_count += n_neg[t];
+    r.top = lanes.top[t] > r.top ? lanes.top[t] : r.top;
+    r.sum_prod += lanes.sum_prod[t];
+    pos_count += lanes.n_pos[t];
+    neg_count += lanes.n_neg[t];
   }
   if (pb.exp0_terms && r.top < acc_t(0)) r.top = acc_t(0);  // the exp(0) terms
   if (r.top == -std::numeric_limits<acc_t>::infinity()) r.top = acc_t(0);
-  r.total = sum_terms(s.x.data(), s.coef.data(), r.top, pb.padded);
-  if (pb.exp0_terms) r.total += static_cast<acc_t>(pb.m - pos_count) * std::exp(-r.top);
-  r.n_pos = static_cast<acc_t>(pos_count);
+  r.total = sum_terms(s.x.data(), s.coef.data(), r.top, pb.padded, s.terms.data());
+  if (pb.exp0_terms) r.total += (static_cast<acc_t>(pb.m) - pos_count) * std::exp(-r.top);
+  r.n_pos = pos_count;
   r.div = r.n_pos + (pb.anchor_in_divisor ? acc_t(1) : acc_t(0));
   r.valid = pos_count > 0 && neg_count > 0;
   return r;
@@ -288,8 +365,7 @@ DIRFAST_NOINLINE void backward_rows(const Problem<acc_t>& pb, int64_t count, con
         continue;
       }
       const acc_t g = grad[a] / pb.tau;
-      write_coefficients(s.x.data(), s.coef.data(), s.pos.data(), r.top, g * r.n_pos / (r.div * r.total),
-                         g / r.div, pb.m, row);
+      write_coefficients(s.terms.data(), s.pos.data(), g * r.n_pos / (r.div * r.total), g / r.div, pb.m, row);
     }
   });
 }
@@ -350,15 +426,30 @@ DIRFAST_NOINLINE void normalize_backward_rows(const acc_t* grad_q, const acc_t* 
 }
 
 // H[r][c] = G(r, c) + G(c, r), G(r, .) the coefficient row of anchor r - offset (0 for a row
-// that is no anchor): grad_q = H q.
+// that is no anchor): grad_q = H q. The transposed reads go a kTile x kTile tile at a time.
+constexpr int64_t kTile = 32;
+
 template <typename acc_t>
 DIRFAST_NOINLINE void symmetrize(const acc_t* g, int64_t m, int64_t offset, int64_t count, acc_t* h) {
-  torch::stable::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(m, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      acc_t* hr = h + r * m;
-      const bool anchor = r >= offset && r < offset + count;
-      for (int64_t c = 0; c < m; ++c) hr[c] = anchor ? g[(r - offset) * m + c] : acc_t(0);
-      for (int64_t c = offset; c < offset + count; ++c) hr[c] += g[(c - offset) * m + r];
+  const int64_t tiles = (m + kTile - 1) / kTile;
+  torch::stable::parallel_for(0, tiles, std::max<int64_t>(1, 512 / std::max<int64_t>(m, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t rb = b * kTile; rb < std::min(m, e * kTile); rb += kTile) {
+      const int64_t r_end = std::min(m, rb + kTile);
+      for (int64_t r = rb; r < r_end; ++r) {
+        acc_t* hr = h + r * m;
+        if (r >= offset && r < offset + count) {
+          std::copy(g + (r - offset) * m, g + (r - offset + 1) * m, hr);
+        } else {
+          std::fill(hr, hr + m, acc_t(0));
+        }
+      }
+      for (int64_t cb = offset; cb < offset + count; cb += kTile) {
+        const int64_t c_end = std::min(offset + count, cb + kTile);
+        for (int64_t r = rb; r < r_end; ++r) {
+          acc_t* hr = h + r * m;
+          for (int64_t c = cb; c < c_end; ++c) hr[c] += g[(c - offset) * m + r];
+        }
+      }
     }
   });
 }
