@@ -32,13 +32,14 @@ from dirfast import _ext
 from dirfast.ops import PADDINGS, _dispatch
 from dirfast.ops._common import OPS
 from test_calibrate import calibration_stats
+from test_conr_loss import conr_inputs
 from test_mixture_logpdf import mixture_inputs
 from testing import (BACKEND_NAMES, DEVICES, GPU, backend_device_params, backend_params, gen, num_threads, on,
                      rand_bins, rand_features, same_bits)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
-PUBLIC_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf", "rnc_loss")
+PUBLIC_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf", "rnc_loss", "conr_loss")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 
 
@@ -152,7 +153,8 @@ def _op_calls():
             "calibrate": lambda: dirfast.ops.calibrate(x, idx, *stats),
             "calibrate_": lambda: dirfast.ops.calibrate_(x.clone(), idx, *stats),
             "mixture_logpdf": lambda: dirfast.ops.mixture_logpdf(*mixture),
-            "rnc_loss": lambda: dirfast.ops.rnc_loss(x, idx[:, None].float(), 2.0, 3, 6)}
+            "rnc_loss": lambda: dirfast.ops.rnc_loss(x, idx[:, None].float(), 2.0, 3, 6),
+            "conr_loss": lambda: dirfast.ops.conr_loss(*conr_inputs(6, 3, 1, torch.float32, seed=4))}
 
 
 @pytest.fixture
@@ -385,7 +387,8 @@ def test_compile_inductor_on_gpu():
 
 # =========================================================================== backward on the forward's backend
 BACKWARD_OPS = {"calibrate": "calibrate", "calibrate_": "calibrate", "mixture_logpdf": "mixture_logpdf_backward",
-                "rnc_loss": "rnc_loss_backward"}
+                "rnc_loss": "rnc_loss_backward",
+                "conr_loss": "conr_loss_backward"}
 
 
 @pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] in ("reference", "triton")])
@@ -399,6 +402,8 @@ def test_backward_runs_on_the_forward_backend(op, backend, spies):
         x, *tables = mixture_inputs((9,), 4, torch.float32, device, seed=45)
     elif op == "rnc_loss":
         x, tables = rand_features(9, 3, seed=45, device=device), (rand_bins((9, 1), 4, seed=46, device=device).float(),)
+    elif op == "conr_loss":
+        x, *tables = conr_inputs(9, 3, 1, torch.float32, device, seed=45)
     else:
         x, tables = rand_features(9, 3, seed=45, device=device), (rand_bins(9, 4, seed=46, device=device),
                                                                    *calibration_stats(4, 3, torch.float32, device))
@@ -561,7 +566,8 @@ def test_every_triton_kernel_compiles_for_sm90_within_its_limits(tmp_path):
     expected = {("bin_stats", name) for name in ("_hist_kernel", "_scan_kernel", "_scatter_kernel", "_csr_kernel",
                                                  "_direct_kernel", "_finalize_kernel")}
     expected |= {("calibrate", "_tables_kernel"), ("calibrate", "_apply_kernel"), ("smooth_bins", "_smooth_kernel"),
-                 ("mixture_logpdf", "_forward_kernel"), ("mixture_logpdf_backward", "_backward_kernel")}
+                 ("mixture_logpdf", "_forward_kernel"), ("mixture_logpdf_backward", "_backward_kernel"),
+                 ("conr_loss", "_conr_kernel"), ("conr_loss_backward", "_conr_kernel")}
     expected |= {("rnc_loss", name) for name in ("_pairs_kernel", "_suffix_kernel", "_terms_kernel")}
     expected |= {("rnc_loss_backward", name) for name in ("_pairs_kernel", "_suffix_kernel", "_weights_kernel")}
     assert compiled == expected

@@ -377,6 +377,9 @@ def loss_module_methods() -> dict:
 
 
 CONSTANT = Entry(lambda: None)  # data, not a callable: nothing to check
+CONR_LABELS = torch.tensor([[0.0], [0.5], [3.0], [3.2], [6.0], [0.2], [3.1], [6.5]])  # anchor 0 has pairs of both kinds
+NO_PAIRS = Outcome("a NaN label or prediction: its row in no (negative) pair, anchor 0 at 0, all finite",
+                   lambda got, good: (assert_same(got[:1], torch.zeros(1)), _finite(got, good)))
 
 API = {
     # ----------------------------------------------------------------------- binning, windows
@@ -558,6 +561,13 @@ API = {
         "offset": (NON_NEGATIVE_INT + (Bad("beyond m", lambda v: 9, ValueError), Bad("m", lambda v: 8, ValueError)), 2),
         "count": (NON_NEGATIVE_INT + (Bad("past the rows", lambda v: 7, ValueError), Bad("0", lambda v: 0, EMPTY)), 6)},
         expect={("count", "None"): SAME}),
+    "dirfast.ops.conr_loss": Entry(ops.conr_loss, {
+        "features": (FLOAT_TENSOR, X8), "labels": (FLOAT_TENSOR, CONR_LABELS), "preds": (FLOAT_TENSOR, CONR_LABELS * 0.3),
+        "weights": (FLOAT_TENSOR, torch.rand(8, generator=gen(16)) + 0.5), "w": (NON_NEGATIVE, 1.0), "tau": (POSITIVE, 0.07),
+        "e": (REAL, 0.01), "push": (CHOICE, "exp"), "exp0_terms": (BOOL, True), "anchor_in_divisor": (BOOL, False),
+        "offset": (NON_NEGATIVE_INT + (Bad("past the rows", lambda v: 9, ValueError),), 0),
+        "count": (NON_NEGATIVE_INT + (Bad("past the rows", lambda v: 9, ValueError),), 8)},
+        expect={("labels", "NaN"): NO_PAIRS, ("preds", "NaN"): NO_PAIRS, ("count", "None"): SAME}),
     # ----------------------------------------------------------------------- losses
     **{f"dirfast.losses.{name}": Entry(getattr(dirfast.losses, name), dict(
         {"inputs": (FLOAT_TENSOR[:-3] + (Bad("empty", lambda v: v[:0], ValueError),
@@ -836,6 +846,17 @@ DISPATCHER_CASES = [  # torch.ops.dirfast called directly: the C++ kernels check
     ("rnc offset negative", lambda: OPS.rnc_loss(X, X[:, :1], 2.0, -1, 8), "offset"),
     ("rnc count past the rows", lambda: OPS.rnc_loss(X, X[:, :1], 2.0, 3, 6), "count"),
     ("rnc backward grad shape", lambda: OPS.rnc_loss_backward(X[:3, 0], X, X[:, :1], 2.0, 0, 8), "grad"),
+    ("conr labels short", lambda: OPS.conr_loss(X, X[:5, :1], X[:5, :1], X[:, 0], 1.0, 0.07, 0.01, "exp", True, False, 0, 8),
+     "labels"),
+    ("conr weights [m, 1]", lambda: OPS.conr_loss(X, X[:, :1], X[:, :1], X[:, :1], 1.0, 0.07, 0.01, "exp", True, False, 0, 8),
+     "weights"),
+    ("conr push unknown", lambda: OPS.conr_loss(X, X[:, :1], X[:, :1], X[:, 0], 1.0, 0.07, 0.01, "cos", True, False, 0, 8),
+     "push"),
+    ("conr tau 0", lambda: OPS.conr_loss(X, X[:, :1], X[:, :1], X[:, 0], 1.0, 0.0, 0.01, "exp", True, False, 0, 8), "tau"),
+    ("conr count past the rows", lambda: OPS.conr_loss(X, X[:, :1], X[:, :1], X[:, 0], 1.0, 0.07, 0.01, "exp", True, False,
+                                                        2, 7), "count"),
+    ("conr backward grad shape", lambda: OPS.conr_loss_backward(X[:, 0], X, X[:, :1], X[:, :1], X[:, 0], 1.0, 0.07, 0.01,
+                                                                "exp", True, False, 0, 5), "grad"),
 ]
 
 

@@ -92,7 +92,7 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 def _cases():
     """(name, call) pairs: each op on the layouts and dtypes the GPU benchmarks and tests use, at
     sizes that pick the same kernels and launch sizes (rows enough for the "csr" strategy)."""
-    from dirfast.triton import bin_stats, calibrate, mixture_logpdf, rnc_loss, smooth_bins
+    from dirfast.triton import bin_stats, calibrate, conr_loss, mixture_logpdf, rnc_loss, smooth_bins
 
     gen = torch.Generator().manual_seed(0)
     cases = []
@@ -129,6 +129,12 @@ def _cases():
         cases.append((f"rnc_loss {tag}", lambda z=z, y=y: rnc_loss.rnc_loss(z, y, 2.0, 0, 512)))
         cases.append((f"rnc_loss_backward {tag}", lambda z=z, y=y: rnc_loss.rnc_loss_backward(
             torch.ones(512, dtype=torch.float64 if z.dtype == torch.float64 else torch.float32), z, y, 2.0, 0, 512)))
+        conr = (torch.randn(512, 512, generator=gen).to(dtype), torch.rand(512, 1, generator=gen).to(dtype) * 50,
+                torch.rand(512, 1, generator=gen).to(dtype) * 50, torch.rand(512, generator=gen).to(dtype))
+        options = (1.0, 0.07, 0.01, True, True, False, 0, 512)
+        cases.append((f"conr_loss {tag}", lambda t=conr: conr_loss.conr_loss(*t, *options)))
+        cases.append((f"conr_loss_backward {tag}", lambda t=conr: conr_loss.conr_loss_backward(
+            torch.ones(512, dtype=torch.float64 if dtype == torch.float64 else torch.float32), *t, *options)))
     return cases
 
 
@@ -136,7 +142,7 @@ def compile_all(arch: int = 90, only=None) -> list:
     """Compile every kernel launch of the cases (those whose name contains one of ``only``) for
     sm_<arch>; one row per (case, kernel)."""
     driver.set_active(_TargetOnlyDriver(arch))
-    from dirfast.triton import _common, bin_stats, calibrate, mixture_logpdf, rnc_loss, smooth_bins
+    from dirfast.triton import _common, bin_stats, calibrate, conr_loss, mixture_logpdf, rnc_loss, smooth_bins
 
     _common.check_device = lambda tensor, op: None  # CPU tensors stand in for CUDA ones
 
@@ -146,7 +152,7 @@ def compile_all(arch: int = 90, only=None) -> list:
         rows.append({"case": case_name[0], "kernel": kernel, "num_warps": warps,
                      "shared_bytes": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], arch)})
 
-    for module in (bin_stats, calibrate, mixture_logpdf, rnc_loss, smooth_bins):
+    for module in (bin_stats, calibrate, conr_loss, mixture_logpdf, rnc_loss, smooth_bins):
         for name, value in list(vars(module).items()):
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 setattr(module, name, _Compile(value, record))

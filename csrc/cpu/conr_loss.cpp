@@ -1,0 +1,572 @@
+// dirfast::conr_loss on CPU: the per-anchor ConR losses and their feature gradients
+// (dirfast/ops/conr_loss.py has the definition).
+//
+// The rows are normalised once (q = z / max(||z||, 1e-12)); the cosine rows of the anchors,
+// q_a . q_j for every key j, are one aten::mm (torch's GEMM, called through the dispatcher).
+// Then one fused pass per anchor, in one thread: the L1 label and prediction distances, the
+// positive and negative masks, each term's exponent and coefficient (into per-thread rows of
+// length m), the shift (the largest exponent among the terms, and 0 for the exp(0) terms), and
+// the sums. In float32 the masks and the exponentials (Cephes' polynomial, as mixture_logpdf.cpp)
+// run 8 keys at a time as GCC vectors, compiled for AVX-512, AVX2 and the baseline. The backward
+// recomputes the same pass, writes each anchor's coefficients
+// G_aj = grad_a d out_a / d prod_aj / tau over its cosine row, and turns them into the gradient
+// of q with GEMMs: (G + G^T) q when the anchors are at least half the rows, else G^T q_anchors
+// and G q added to the anchors' rows; then the normalisation's backward per row. Every sum is
+// made by one thread in a fixed order: the same bits for any number of threads.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "checks.h"
+
+namespace dirfast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kLanes = 16;  // keys per step of the row pass; the rows are padded to a multiple
+constexpr int64_t kVec = 8;     // float32 lanes of the exponentials: one AVX2 register (16 spill there)
+constexpr double kEps = 1e-12;  // F.normalize's
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
+#define DIRFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DIRFAST_CLONES
+#endif
+
+// ---------------------------------------------------------------------------- arguments
+// The op's checks (the Python front end makes the same ones first); returns whether the push
+// is "exp".
+bool check_conr_args(const Tensor& features, const Tensor& labels, const Tensor& preds, const Tensor& weights,
+                     double w, double tau, double e, std::string_view push, int64_t offset, int64_t count,
+                     const char* op) {
+  check_device_type(features, "features", op, torch::headeronly::DeviceType::CPU);
+  check_float(features, "features", op);
+  STD_TORCH_CHECK(features.dim() == 2, op, ": features must be [m, D], got shape ", shape_of(features));
+  const int64_t m = features.size(0);
+  const char* names[] = {"labels", "preds", "weights"};
+  const Tensor* tensors[] = {&labels, &preds, &weights};
+  for (int k = 0; k < 3; ++k) {
+    check_same_device(*tensors[k], names[k], features, "features", op);
+    check_float(*tensors[k], names[k], op);
+  }
+  STD_TORCH_CHECK(labels.dim() == 2 && labels.size(0) == m && labels.size(1) >= 1, op,
+                  ": labels must be [m, L] with m = ", m, " (features.shape[0]) and L >= 1, got shape ",
+                  shape_of(labels));
+  STD_TORCH_CHECK(preds.dim() == 2 && preds.size(0) == labels.size(0) && preds.size(1) == labels.size(1), op,
+                  ": preds must have the shape of labels ", shape_of(labels), ", got ", shape_of(preds));
+  STD_TORCH_CHECK(weights.dim() == 1 && weights.size(0) == m, op, ": weights must have shape [", m,
+                  "] (one weight per row of features), got ", shape_of(weights));
+  STD_TORCH_CHECK(std::isfinite(w) && w >= 0, op, ": w must be a finite number >= 0, got ", w);
+  STD_TORCH_CHECK(std::isfinite(tau) && tau > 0, op, ": tau must be a finite number > 0, got ", tau);
+  STD_TORCH_CHECK(std::isfinite(e), op, ": e must be a finite number, got ", e);
+  STD_TORCH_CHECK(push == "exp" || push == "linear", op, ": push must be one of 'exp', 'linear', got '",
+                  std::string(push), "'");
+  STD_TORCH_CHECK(offset >= 0 && offset <= m, op, ": offset must be in [0, ", m, "] (features.shape[0]), got ",
+                  offset);
+  STD_TORCH_CHECK(count >= 0 && count <= m - offset, op, ": count must be in [0, ", m - offset,
+                  "] (features.shape[0] - offset), got ", count);
+  return push == "exp";
+}
+
+// ---------------------------------------------------------------------------- exponentials
+// float32: 8 lanes as one GCC vector with Cephes' expf polynomial (about 1 ulp; as in
+// mixture_logpdf.cpp: inputs below -87.3 give 2^-126 instead of 0, -inf gives 0, NaN stays NaN).
+typedef float vf __attribute__((vector_size(kVec * sizeof(float)), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(kVec * sizeof(int32_t)), aligned(4)));
+
+inline vf splat(float value) { return vf{} + value; }
+
+inline vf vexp(vf x) {
+  const vi minus_inf = x == -std::numeric_limits<float>::infinity();
+  x = x < -87.3f ? splat(-87.3f) : x;
+  x = x > 88.3f ? splat(88.3f) : x;
+  const vf fx = x * 1.44269504088896341f + 0.5f;
+  vf n = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
+  n = n > fx ? n - 1.0f : n;
+  x = x - n * 0.693359375f;
+  x = x - n * -2.12194440e-4f;
+  vf y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * (x * x) + x + 1.0f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  const vf result = y * (vf)bits;
+  return minus_inf ? splat(0.0f) : result;
+}
+
+inline vf load_vf(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void store_vf(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+
+// terms[j] = coef[j] exp(x[j] - top) over n (a multiple of kLanes) padded entries; returns their sum.
+DIRFAST_CLONES float sum_terms(const float* x, const float* coef, float top, int64_t n, float* terms) {
+  vf sum = splat(0.0f);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const vf term = load_vf(coef + j) * vexp(load_vf(x + j) - top);
+    store_vf(terms + j, term);
+    sum += term;
+  }
+  float lanes[kVec];
+  store_vf(lanes, sum);
+  float total = 0.0f;
+  for (int64_t t = 0; t < kVec; ++t) total += lanes[t];
+  return total;
+}
+
+double sum_terms(const double* x, const double* coef, double top, int64_t n, double* terms) {
+  double lanes[4] = {0.0, 0.0, 0.0, 0.0};
+  for (int64_t j = 0; j < n; j += 4) {
+    for (int64_t t = 0; t < 4; ++t) {
+      terms[j + t] = coef[j + t] * std::exp(x[j + t] - top);
+      lanes[t] += terms[j + t];
+    }
+  }
+  return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+}
+
+// g[j] = scale terms[j] - minus pos[j] over the first m entries.
+template <typename acc_t>
+DIRFAST_NOINLINE void write_coefficients(const acc_t* DIRFAST_RESTRICT terms, const acc_t* DIRFAST_RESTRICT pos,
+                                         acc_t scale, acc_t minus, int64_t m, acc_t* DIRFAST_RESTRICT g) {
+  for (int64_t j = 0; j < m; ++j) g[j] = scale * terms[j] - minus * pos[j];
+}
+
+// ---------------------------------------------------------------------------- one anchor
+// What an anchor's row pass needs: the cosine rows [count, m], the labels and predictions
+// transposed ([L, m], acc), the weights (acc) and the options in acc.
+template <typename acc_t>
+struct Problem {
+  const acc_t* cosine;
+  const acc_t* labels_t;
+  const acc_t* preds_t;
+  const acc_t* weights;
+  int64_t m, padded, num_labels, offset;
+  acc_t w, tau, e;
+  bool exp_push, exp0_terms, anchor_in_divisor;
+};
+
+// Per-thread rows of `padded` entries: the distances, each term's exponent x (-inf outside the
+// sum), its coefficient (0 outside), whether it is a positive (1 or 0), and the shifted terms.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> labels, preds, x, coef, pos, terms;
+  explicit Scratch(int64_t padded)
+      : labels(padded), preds(padded), x(padded, -std::numeric_limits<acc_t>::infinity()), coef(padded, acc_t(0)),
+        pos(padded, acc_t(0)), terms(padded) {}
+};
+
+template <typename acc_t>
+struct Anchor {
+  acc_t top, total, sum_prod, n_pos, div;
+  bool valid;
+  acc_t loss() const {
+    return valid ? (n_pos * (top + std::log(total)) - sum_prod) / div : acc_t(0);
+  }
+};
+
+// dist[j] = sum_k |v[k][i] - v[k][j]|, the columns in order.
+template <typename acc_t>
+DIRFAST_NOINLINE void l1_row(const acc_t* DIRFAST_RESTRICT values_t, int64_t num_labels, int64_t m, int64_t i,
+                             acc_t* DIRFAST_RESTRICT dist) {
+  std::fill(dist, dist + m, acc_t(0));
+  for (int64_t k = 0; k < num_labels; ++k) {
+    const acc_t* column = values_t + k * m;
+    const acc_t anchor = column[i];
+    for (int64_t j = 0; j < m; ++j) dist[j] += std::abs(anchor - column[j]);
+  }
+}
+
+// Per-lane running sums of an anchor's row: the shift (largest exponent), the sum of the
+// positives' products, and the numbers of positives and negatives (exact in acc_t: m < 2^24).
+template <typename acc_t>
+struct Lanes {
+  acc_t top[kLanes], sum_prod[kLanes], n_pos[kLanes], n_neg[kLanes];
+};
+
+// Keys [j0, j0 + n) of anchor i (n <= kLanes, lane t = j - j0): each exponent, coefficient and
+// positive flag into the scratch rows, and the lanes' sums. The self pair has a NaN label
+// distance (anchor_pass sets it), so it is in neither set. Written without branches, in locals,
+// so that the compiler vectorises the lanes.
+template <bool kExpPush, typename acc_t>
+inline __attribute__((always_inline)) void classify_keys(
+    const acc_t* DIRFAST_RESTRICT cosine, const acc_t* DIRFAST_RESTRICT dl, const acc_t* DIRFAST_RESTRICT dp,
+    acc_t* DIRFAST_RESTRICT x, acc_t* DIRFAST_RESTRICT coef, acc_t* DIRFAST_RESTRICT pos, int64_t n, acc_t inv_tau,
+    acc_t w, acc_t e, acc_t weight, acc_t* DIRFAST_RESTRICT top, acc_t* DIRFAST_RESTRICT sum_prod,
+    acc_t* DIRFAST_RESTRICT n_pos, acc_t* DIRFAST_RESTRICT n_neg) {
+  const acc_t minus_inf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t t = 0; t < n; ++t) {
+    const acc_t prod = cosine[t] * inv_tau;
+    const acc_t l = dl[t];
+    const bool is_pos = l <= w;
+    const bool is_neg = (l > w) & (dp[t] <= w);
+    const acc_t coef_neg = kExpPush ? weight : weight * (e * l);
+    const acc_t x_neg = kExpPush ? prod + e * l : prod;
+    const bool member_neg = is_neg & (coef_neg != acc_t(0));
+    const acc_t xj = is_pos ? prod : (member_neg ? x_neg : minus_inf);
+    const acc_t p = is_pos ? acc_t(1) : acc_t(0);
+    x[t] = xj;
+    coef[t] = is_pos ? acc_t(1) : (member_neg ? coef_neg : acc_t(0));
+    pos[t] = p;
+    top[t] = xj > top[t] ? xj : top[t];
+    sum_prod[t] += is_pos ? prod : acc_t(0);
+    n_pos[t] += p;
+    n_neg[t] += is_neg ? acc_t(1) : acc_t(0);
+  }
+}
+
+template <bool kExpPush, typename acc_t>
+inline __attribute__((always_inline)) void classify_row(const acc_t* cosine, const acc_t* dl, const acc_t* dp,
+                                                        acc_t* x, acc_t* coef, acc_t* pos, int64_t m, acc_t inv_tau,
+                                                        acc_t w, acc_t e, acc_t weight, Lanes<acc_t>& lanes) {
+  acc_t top[kLanes], sum_prod[kLanes], n_pos[kLanes], n_neg[kLanes];
+  for (int64_t t = 0; t < kLanes; ++t) {
+    top[t] = -std::numeric_limits<acc_t>::infinity();
+    sum_prod[t] = n_pos[t] = n_neg[t] = acc_t(0);
+  }
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= m; j0 += kLanes) {
+    classify_keys<kExpPush>(cosine + j0, dl + j0, dp + j0, x + j0, coef + j0, pos + j0, kLanes, inv_tau, w, e, weight,
+                            top, sum_prod, n_pos, n_neg);
+  }
+  classify_keys<kExpPush>(cosine + j0, dl + j0, dp + j0, x + j0, coef + j0, pos + j0, m - j0, inv_tau, w, e, weight,
+                          top, sum_prod, n_pos, n_neg);
+  for (int64_t t = 0; t < kLanes; ++t) {
+    lanes.top[t] = top[t];
+    lanes.sum_prod[t] = sum_prod[t];
+    lanes.n_pos[t] = n_pos[t];
+    lanes.n_neg[t] = n_neg[t];
+  }
+}
+
+// float32: the same, 8 keys per GCC vector (lanes 8..15 of `lanes` stay neutral).
+template <bool kExpPush>
+inline __attribute__((always_inline)) void classify_row_vf(const float* cosine, const float* dl, const float* dp,
+                                                           float* x, float* coef, float* pos, int64_t m, float inv_tau,
+                                                           float w, float e, float weight, Lanes<float>& lanes) {
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+  vf top = splat(minus_inf), sum_prod = splat(0.0f), n_pos = splat(0.0f), n_neg = splat(0.0f);
+  const vf one = splat(1.0f), zero = splat(0.0f), none = splat(minus_inf);
+  int64_t j0 = 0;
+  for (; j0 + kVec <= m; j0 += kVec) {
+    const vf prod = load_vf(cosine + j0) * inv_tau;
+    const vf l = load_vf(dl + j0);
+    const vi is_pos = l <= w;
+    const vi is_neg = (l > w) & (load_vf(dp + j0) <= w);
+    const vf coef_neg = kExpPush ? splat(weight) : weight * (e * l);
+    const vf x_neg = kExpPush ? prod + e * l : prod;
+    const vi member_neg = is_neg & (coef_neg != 0.0f);
+    const vf xj = is_pos ? prod : (member_neg ? x_neg : none);
+    const vf p = is_pos ? one : zero;
+    store_vf(x + j0, xj);
+    store_vf(coef + j0, is_pos ? one : (member_neg ? coef_neg : zero));
+    store_vf(pos + j0, p);
+    top = xj > top ? xj : top;
+    sum_prod += is_pos ? prod : zero;
+    n_pos += p;
+    n_neg += is_neg ? one : zero;
+  }
+  float lane_top[kLanes], lane_sum[kLanes], lane_pos[kLanes], lane_neg[kLanes];
+  for (int64_t t = kVec; t < kLanes; ++t) {
+    lane_top[t] = minus_inf;
+    lane_sum[t] = lane_pos[t] = lane_neg[t] = 0.0f;
+  }
+  store_vf(lane_top, top);
+  store_vf(lane_sum, sum_prod);
+  store_vf(lane_pos, n_pos);
+  store_vf(lane_neg, n_neg);
+  classify_keys<kExpPush>(cosine + j0, dl + j0, dp + j0, x + j0, coef + j0, pos + j0, m - j0, inv_tau, w, e, weight,
+                          lane_top, lane_sum, lane_pos, lane_neg);
+  for (int64_t t = 0; t < kLanes; ++t) {
+    lanes.top[t] = lane_top[t];
+    lanes.sum_prod[t] = lane_sum[t];
+    lanes.n_pos[t] = lane_pos[t];
+    lanes.n_neg[t] = lane_neg[t];
+  }
+}
+
+// One function per type and push, cloned for AVX-512 / AVX2 / the baseline.
+#define DIRFAST_CLASSIFY(NAME, T, ROW, EXP_PUSH)                                                         \
+  DIRFAST_CLONES DIRFAST_NOINLINE void NAME(const T* cosine, const T* dl, const T* dp, T* x, T* coef, T* pos, \
+                                            int64_t m, T inv_tau, T w, T e, T weight, Lanes<T>& lanes) { \
+    ROW<EXP_PUSH>(cosine, dl, dp, x, coef, pos, m, inv_tau, w, e, weight, lanes);                       \
+  }
+DIRFAST_CLASSIFY(classify_exp, float, classify_row_vf, true)
+DIRFAST_CLASSIFY(classify_linear, float, classify_row_vf, false)
+DIRFAST_CLASSIFY(classify_exp, double, classify_row, true)
+DIRFAST_CLASSIFY(classify_linear, double, classify_row, false)
+#undef DIRFAST_CLASSIFY
+
+// The anchor a's pass: fills the scratch rows and returns its sums.
+template <typename acc_t>
+Anchor<acc_t> anchor_pass(const Problem<acc_t>& pb, int64_t a, Scratch<acc_t>& s) {
+  const int64_t i = pb.offset + a;
+  l1_row(pb.labels_t, pb.num_labels, pb.m, i, s.labels.data());
+  l1_row(pb.preds_t, pb.num_labels, pb.m, i, s.preds.data());
+  s.labels[i] = std::numeric_limits<acc_t>::quiet_NaN();  // the anchor is never its own partner
+  Lanes<acc_t> lanes;
+  using Classify = void (*)(const acc_t*, const acc_t*, const acc_t*, acc_t*, acc_t*, acc_t*, int64_t, acc_t, acc_t,
+                            acc_t, acc_t, Lanes<acc_t>&);
+  const Classify classify = pb.exp_push ? static_cast<Classify>(classify_exp) : static_cast<Classify>(classify_linear);
+  classify(pb.cosine + a * pb.m, s.labels.data(), s.preds.data(), s.x.data(), s.coef.data(), s.pos.data(), pb.m,
+           acc_t(1) / pb.tau, pb.w, pb.e, pb.weights[i], lanes);
+  Anchor<acc_t> r{};
+  r.top = -std::numeric_limits<acc_t>::infinity();
+  r.sum_prod = acc_t(0);
+  acc_t pos_count = 0, neg_count = 0;
+  for (int64_t t = 0; t < kLanes; ++t) {
+    r.top = lanes.top[t] > r.top ? lanes.top[t] : r.top;
+    r.sum_prod += lanes.sum_prod[t];
+    pos_count += lanes.n_pos[t];
+    neg_count += lanes.n_neg[t];
+  }
+  if (pb.exp0_terms && r.top < acc_t(0)) r.top = acc_t(0);  // the exp(0) terms
+  if (r.top == -std::numeric_limits<acc_t>::infinity()) r.top = acc_t(0);
+  r.total = sum_terms(s.x.data(), s.coef.data(), r.top, pb.padded, s.terms.data());
+  if (pb.exp0_terms) r.total += (static_cast<acc_t>(pb.m) - pos_count) * std::exp(-r.top);
+  r.n_pos = pos_count;
+  r.div = r.n_pos + (pb.anchor_in_divisor ? acc_t(1) : acc_t(0));
+  r.valid = pos_count > 0 && neg_count > 0;
+  return r;
+}
+
+// About 64k pair evaluations per task: a small batch runs on one thread.
+int64_t grain_rows(int64_t m) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(m, 1)); }
+
+template <typename acc_t>
+DIRFAST_NOINLINE void forward_rows(const Problem<acc_t>& pb, int64_t count, acc_t* out) {
+  torch::stable::parallel_for(0, count, grain_rows(pb.m), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> s(pb.padded);
+    for (int64_t a = begin; a < end; ++a) out[a] = anchor_pass(pb, a, s).loss();
+  });
+}
+
+// Overwrites each cosine row with its coefficients G_aj / tau.
+template <typename acc_t>
+DIRFAST_NOINLINE void backward_rows(const Problem<acc_t>& pb, int64_t count, const acc_t* grad, acc_t* coefficients) {
+  torch::stable::parallel_for(0, count, grain_rows(pb.m), [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> s(pb.padded);
+    for (int64_t a = begin; a < end; ++a) {
+      const Anchor<acc_t> r = anchor_pass(pb, a, s);
+      acc_t* row = coefficients + a * pb.m;
+      if (!r.valid) {
+        std::fill(row, row + pb.m, acc_t(0));
+        continue;
+      }
+      const acc_t g = grad[a] / pb.tau;
+      write_coefficients(s.terms.data(), s.pos.data(), g * r.n_pos / (r.div * r.total), g / r.div, pb.m, row);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------- rows of q
+// q = z / max(||z||, eps) per row (acc, contiguous [m, D]); the norms into `norms`.
+template <typename T, typename acc_t>
+DIRFAST_NOINLINE void normalize_rows(const T* z, int64_t m, int64_t d, acc_t* q, acc_t* norms) {
+  torch::stable::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* zr = z + r * d;
+      acc_t* qr = q + r * d;
+      acc_t lanes[8] = {};
+      int64_t k = 0;
+      for (; k + 8 <= d; k += 8) {
+        for (int64_t t = 0; t < 8; ++t) {
+          qr[k + t] = static_cast<acc_t>(zr[k + t]);
+          lanes[t] += qr[k + t] * qr[k + t];
+        }
+      }
+      for (; k < d; ++k) {
+        qr[k] = static_cast<acc_t>(zr[k]);
+        lanes[0] += qr[k] * qr[k];
+      }
+      const acc_t norm = std::sqrt(((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                                   ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
+      norms[r] = norm;
+      const acc_t denominator = std::max(norm, static_cast<acc_t>(kEps));
+      for (k = 0; k < d; ++k) qr[k] /= denominator;
+    }
+  });
+}
+
+// grad_z = (grad_q - q (q . grad_q)) / ||z||, or grad_q / eps for a row of norm below eps.
+template <typename acc_t, typename T>
+DIRFAST_NOINLINE void normalize_backward_rows(const acc_t* grad_q, const acc_t* q, const acc_t* norms, int64_t m,
+                                              int64_t d, T* grad_z) {
+  torch::stable::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const acc_t* gr = grad_q + r * d;
+      const acc_t* qr = q + r * d;
+      T* out = grad_z + r * d;
+      if (!(norms[r] >= static_cast<acc_t>(kEps))) {
+        for (int64_t k = 0; k < d; ++k) out[k] = static_cast<T>(gr[k] / static_cast<acc_t>(kEps));
+        continue;
+      }
+      acc_t lanes[8] = {};
+      int64_t k = 0;
+      for (; k + 8 <= d; k += 8) {
+        for (int64_t t = 0; t < 8; ++t) lanes[t] += qr[k + t] * gr[k + t];
+      }
+      for (; k < d; ++k) lanes[0] += qr[k] * gr[k];
+      const acc_t along = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+      const acc_t norm = norms[r];
+      for (k = 0; k < d; ++k) out[k] = static_cast<T>((gr[k] - qr[k] * along) / norm);
+    }
+  });
+}
+
+// H[r][c] = G(r, c) + G(c, r), G(r, .) the coefficient row of anchor r - offset (0 for a row
+// that is no anchor): grad_q = H q. The transposed reads go a kTile x kTile tile at a time.
+constexpr int64_t kTile = 32;
+
+template <typename acc_t>
+DIRFAST_NOINLINE void symmetrize(const acc_t* g, int64_t m, int64_t offset, int64_t count, acc_t* h) {
+  const int64_t tiles = (m + kTile - 1) / kTile;
+  torch::stable::parallel_for(0, tiles, std::max<int64_t>(1, 512 / std::max<int64_t>(m, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t rb = b * kTile; rb < std::min(m, e * kTile); rb += kTile) {
+      const int64_t r_end = std::min(m, rb + kTile);
+      for (int64_t r = rb; r < r_end; ++r) {
+        acc_t* hr = h + r * m;
+        if (r >= offset && r < offset + count) {
+          std::copy(g + (r - offset) * m, g + (r - offset + 1) * m, hr);
+        } else {
+          std::fill(hr, hr + m, acc_t(0));
+        }
+      }
+      for (int64_t cb = offset; cb < offset + count; cb += kTile) {
+        const int64_t c_end = std::min(offset + count, cb + kTile);
+        for (int64_t r = rb; r < r_end; ++r) {
+          acc_t* hr = h + r * m;
+          for (int64_t c = cb; c < c_end; ++c) hr[c] += g[(c - offset) * m + r];
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------- the ops
+inline Tensor mm(const Tensor& a, const Tensor& b) {
+  using torch::stable::detail::from;
+  return call_aten<2>("aten::mm", "", {from(a), from(b)});
+}
+
+// The normalised rows (acc, [m, D]), their norms ([m]), the cosine rows of the anchors
+// ([count, m]) and the transposed labels and predictions ([L, m]), all contiguous in acc.
+struct Prepared {
+  Tensor q, norms, cosine, labels_t, preds_t, weights;
+};
+
+Prepared prepare(const Tensor& features, const Tensor& labels, const Tensor& preds, const Tensor& weights,
+                 ScalarType acc, int64_t offset, int64_t count, const char* op) {
+  const int64_t m = features.size(0), d = features.size(1);
+  Tensor q = empty({m, d}, acc, features);
+  Tensor norms = empty({m}, acc, features);
+  const Tensor z = torch::stable::contiguous(features);
+  dispatch_acc(acc, [&](auto acc_scalar) {
+    using acc_t = decltype(acc_scalar);
+    dispatch_float(z.scalar_type(), op, [&](auto scalar) {
+      using T = decltype(scalar);
+      normalize_rows<T, acc_t>(z.const_data_ptr<T>(), m, d, q.mutable_data_ptr<acc_t>(), norms.mutable_data_ptr<acc_t>());
+    });
+  });
+  Tensor anchors = torch::stable::narrow(q, 0, offset, count);
+  Tensor cosine = torch::stable::contiguous(mm(anchors, torch::stable::transpose(q, 0, 1)));
+  return {q, norms, cosine,
+          contiguous_as(torch::stable::transpose(labels, 0, 1), acc),
+          contiguous_as(torch::stable::transpose(preds, 0, 1), acc), contiguous_as(weights, acc)};
+}
+
+template <typename acc_t>
+Problem<acc_t> problem(const Prepared& p, int64_t m, int64_t offset, double w, double tau, double e, bool exp_push,
+                       bool exp0_terms, bool anchor_in_divisor) {
+  return {p.cosine.const_data_ptr<acc_t>(), p.labels_t.const_data_ptr<acc_t>(), p.preds_t.const_data_ptr<acc_t>(),
+          p.weights.const_data_ptr<acc_t>(), m, (m + kLanes - 1) / kLanes * kLanes, p.labels_t.size(0), offset,
+          static_cast<acc_t>(w), static_cast<acc_t>(tau), static_cast<acc_t>(e), exp_push, exp0_terms,
+          anchor_in_divisor};
+}
+
+Tensor conr_loss_cpu(const Tensor& features, const Tensor& labels, const Tensor& preds, const Tensor& weights,
+                     double w, double tau, double e, std::string_view push, bool exp0_terms, bool anchor_in_divisor,
+                     int64_t offset, int64_t count) {
+  const char* op = "dirfast::conr_loss";
+  const bool exp_push = check_conr_args(features, labels, preds, weights, w, tau, e, push, offset, count, op);
+  const ScalarType acc = acc_type({features.scalar_type(), labels.scalar_type(), preds.scalar_type(),
+                                   weights.scalar_type()});
+  Tensor out = empty({count}, acc, features);
+  if (count == 0) return out;
+  const Prepared p = prepare(features, labels, preds, weights, acc, offset, count, op);
+  const int64_t m = features.size(0);
+  dispatch_acc(acc, [&](auto acc_scalar) {
+    using acc_t = decltype(acc_scalar);
+    forward_rows(problem<acc_t>(p, m, offset, w, tau, e, exp_push, exp0_terms, anchor_in_divisor), count,
+                 out.mutable_data_ptr<acc_t>());
+  });
+  return out;
+}
+
+Tensor conr_loss_backward_cpu(const Tensor& grad, const Tensor& features, const Tensor& labels, const Tensor& preds,
+                              const Tensor& weights, double w, double tau, double e, std::string_view push,
+                              bool exp0_terms, bool anchor_in_divisor, int64_t offset, int64_t count) {
+  const char* op = "dirfast::conr_loss_backward";
+  const bool exp_push = check_conr_args(features, labels, preds, weights, w, tau, e, push, offset, count, op);
+  check_same_device(grad, "grad", features, "features", op);
+  check_float(grad, "grad", op);
+  STD_TORCH_CHECK(grad.dim() == 1 && grad.size(0) == count, op, ": grad must have shape [", count,
+                  "] (count), got ", shape_of(grad));
+  const ScalarType acc = acc_type({features.scalar_type(), labels.scalar_type(), preds.scalar_type(),
+                                   weights.scalar_type()});
+  const int64_t m = features.size(0), d = features.size(1);
+  Tensor result = empty({m, d}, features.scalar_type(), features);
+  if (count == 0 || d == 0) {
+    torch::stable::zero_(result);
+    return result;
+  }
+  const Prepared p = prepare(features, labels, preds, weights, acc, offset, count, op);
+  const Tensor g = contiguous_as(grad, acc);
+  Tensor coefficients = p.cosine;  // overwritten row by row
+  Tensor grad_q;
+  dispatch_acc(acc, [&](auto acc_scalar) {
+    using acc_t = decltype(acc_scalar);
+    backward_rows(problem<acc_t>(p, m, offset, w, tau, e, exp_push, exp0_terms, anchor_in_divisor), count,
+                  g.const_data_ptr<acc_t>(), coefficients.mutable_data_ptr<acc_t>());
+    if (2 * count >= m) {  // one [m, m] GEMM costs no more than two [count, m] ones
+      Tensor h = empty({m, m}, acc, features);
+      symmetrize(coefficients.const_data_ptr<acc_t>(), m, offset, count, h.mutable_data_ptr<acc_t>());
+      grad_q = mm(h, p.q);
+    } else {
+      Tensor q = p.q;
+      Tensor anchors = torch::stable::narrow(q, 0, offset, count);
+      grad_q = torch::stable::contiguous(mm(torch::stable::transpose(coefficients, 0, 1), anchors));
+      const Tensor own = torch::stable::contiguous(mm(coefficients, p.q));
+      acc_t* gq = grad_q.mutable_data_ptr<acc_t>() + offset * d;
+      const acc_t* po = own.const_data_ptr<acc_t>();
+      for (int64_t k = 0; k < count * d; ++k) gq[k] += po[k];
+    }
+    grad_q = torch::stable::contiguous(grad_q);
+    dispatch_float(features.scalar_type(), op, [&](auto scalar) {
+      using T = decltype(scalar);
+      normalize_backward_rows<acc_t, T>(grad_q.const_data_ptr<acc_t>(), p.q.const_data_ptr<acc_t>(),
+                                        p.norms.const_data_ptr<acc_t>(), m, d, result.mutable_data_ptr<T>());
+    });
+  });
+  return result;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace dirfast
+
+STABLE_TORCH_LIBRARY_IMPL(dirfast, CPU, m) {
+  m.impl("conr_loss", TORCH_BOX(&dirfast::cpu::conr_loss_cpu));
+  m.impl("conr_loss_backward", TORCH_BOX(&dirfast::cpu::conr_loss_backward_cpu));
+}

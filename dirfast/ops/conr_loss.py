@@ -1,0 +1,248 @@
+"""``dirfast::conr_loss``: the per-anchor losses of ConR (Keramati, Meng, Evans, ICLR 2024), the
+contrastive regulariser that pulls features of similar labels together and pushes apart features
+whose predictions are similar but whose labels are not, without the [N, N] masks and float
+temporaries of the published vectorised code.
+
+Kernels: the reference below; ``csrc/cpu/conr_loss.cpp``; ``dirfast/triton/conr_loss.py`` (on a
+GPU). The forward needs the cosine rows of the anchors (one matrix product) and one fused pass
+per anchor; the backward recomputes them, writes each anchor's coefficients
+``G_aj = grad_a * d out_a / d prod_aj`` into a [count, m] buffer, and turns them into feature
+gradients with matrix products.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import _checks, _common, _dispatch
+
+PUSHES = ("exp", "linear")
+EPS = 1e-12  # F.normalize's: a row of norm below it is divided by EPS instead
+
+_ARGS = ("Tensor features, Tensor labels, Tensor preds, Tensor weights, float w, float tau, float e, str push, "
+         "bool exp0_terms, bool anchor_in_divisor, int offset, int count")
+SCHEMA = f"conr_loss({_ARGS}) -> Tensor"
+SCHEMA_BACKWARD = f"conr_loss_backward(Tensor grad, {_ARGS}) -> Tensor"
+
+
+def conr_loss(features: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor, weights: torch.Tensor,
+              w: float = 1.0, tau: float = 0.07, e: float = 0.01, push: str = "exp", exp0_terms: bool = True,
+              anchor_in_divisor: bool = False, offset: int = 0, count: int | None = None) -> torch.Tensor:
+    """The ConR loss of each anchor: rows ``offset .. offset + count - 1`` of ``features``
+    against all ``m`` rows (the keys; under DDP the anchors are the local rows of a gathered
+    batch).
+
+    With ``q_j = z_j / max(||z_j||, 1e-12)``, ``prod_ij = q_i . q_j / tau``, the L1 distances
+    ``l_ij`` of the labels and ``p_ij`` of the predictions, the positives
+    ``P(i) = {j != i : l_ij <= w}`` and negatives ``Q(i) = {j : l_ij > w, p_ij <= w}``:
+    ``out_i = -1/div_i sum_{j in P(i)} (prod_ij - log(pos_i + neg_i))`` with
+    ``neg_i = sum_{Q(i)} push_ij exp(prod_ij)``, ``push_ij = weights_i exp(e l_ij)``
+    (``push="exp"``, the AgeDB-DIR / IMDB-WIKI-DIR code) or ``weights_i e l_ij``
+    (``"linear"``, NYUD2-DIR), ``pos_i = sum_{P(i)} exp(prod_ij)`` plus ``m - |P(i)|`` when
+    ``exp0_terms`` (the published masking adds exp(0) = 1 for each non-positive, the anchor
+    included), and ``div_i = |P(i)|`` (+1 with ``anchor_in_divisor``, NYUD2-DIR's).
+
+    Args:
+        features: ``[m, D]`` floating, any strides.
+        labels, preds: ``[m, L]`` floating (one shape), on the device of ``features``.
+        weights: ``[m]`` floating, the per-row (LDS) weights.
+        w: the label and prediction threshold, finite, >= 0. tau: the temperature, finite, > 0.
+        e: the pushing strength, finite. push: ``"exp"`` or ``"linear"``.
+        exp0_terms, anchor_in_divisor: the published variants above (bools).
+        offset, count: the anchors (``count=None``: up to the last row).
+
+    Returns:
+        ``[count]`` per-anchor losses, float32 (float64 when an input is float64); only
+        ``features`` gets a gradient (the masks depend on labels and predictions only).
+
+    An anchor with no negatives gives 0 (as published); one with no positives gives 0 too (the
+    published code would give 0/0 = NaN). ``log(pos + neg)`` is computed shifted by the largest
+    exponent among its terms (``prod``, ``prod + e l`` for an exp push, and 0 for the exp(0)
+    terms), a negative term counting only when its push is not 0, so a small ``tau`` does not
+    overflow. Values are not checked: a NaN feature gives NaN in every anchor whose pairs it is
+    in; a NaN label puts its row in no pair, a NaN prediction in no negative pair.
+    """
+    _checks.floating("features", features)
+    if features.dim() != 2:
+        raise ValueError(f"features must be [m, D], got shape {tuple(features.shape)}")
+    m = features.shape[0]
+    _checks.floating("labels", labels)
+    if labels.dim() != 2 or labels.shape[0] != m or labels.shape[1] < 1:
+        raise ValueError(f"labels must be [m, L] with m = {m} (features.shape[0]) and L >= 1, got shape "
+                         f"{tuple(labels.shape)}")
+    _checks.floating("preds", preds)
+    if preds.shape != labels.shape:
+        raise ValueError(f"preds must have the shape of labels {tuple(labels.shape)}, got {tuple(preds.shape)}")
+    _checks.floating("weights", weights)
+    if tuple(weights.shape) != (m,):
+        raise ValueError(f"weights must have shape ({m},) (one weight per row of features), got "
+                         f"{tuple(weights.shape)}")
+    for name, value in (("labels", labels), ("preds", preds), ("weights", weights)):
+        if value.device != features.device:
+            raise ValueError(f"{name} is on {value.device} but features is on {features.device}")
+    w = _real("w", w, low=0.0)
+    tau = _real("tau", tau, low=0.0, above=True)
+    e = _real("e", e)
+    if not isinstance(push, str) or push not in PUSHES:
+        raise ValueError(f"push must be one of {PUSHES}, got {push!r}")
+    exp0_terms, anchor_in_divisor = _bool("exp0_terms", exp0_terms), _bool("anchor_in_divisor", anchor_in_divisor)
+    offset = _int("offset", offset)
+    if not 0 <= offset <= m:
+        raise ValueError(f"offset must be in [0, {m}] (features.shape[0]), got {offset}")
+    count = m - offset if count is None else _int("count", count)
+    if not 0 <= count <= m - offset:
+        raise ValueError(f"count must be in [0, {m - offset}] (features.shape[0] - offset), got {count}")
+    return _dispatch.call("conr_loss", features.device, features, labels, preds, weights, w, tau, e, push,
+                          exp0_terms, anchor_in_divisor, offset, count)
+
+
+def _real(name: str, value, low=None, above=False) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if above else value < low):
+        raise ValueError(f"{name} must be {'>' if above else '>='} {low}, got {value!r}")
+    return value
+
+
+def _bool(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _int(name: str, value) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+# -------------------------------------------------------------------------------- reference
+def normalized(features: torch.Tensor, acc: torch.dtype):
+    """``(q, norms)``: the rows over ``max(norm, EPS)`` in ``acc`` (F.normalize), and the norms."""
+    z = features.to(acc)
+    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    return z / norms.clamp_min(EPS), norms
+
+
+def l1_distances(values: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """``[count, m]`` L1 distances of the anchor rows to every row, summed over the label
+    columns in order (as every kernel sums them)."""
+    dist = torch.zeros(anchors.shape[0], values.shape[0], dtype=values.dtype, device=values.device)
+    for k in range(values.shape[1]):
+        dist = dist + (anchors[:, k:k + 1] - values[:, k]).abs()
+    return dist
+
+
+def _rows(features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor, offset, count):
+    """The [count, m] pieces of the anchors' losses: the normalised rows and their norms,
+    ``prod``, the positives, each term's exponent ``x`` (-inf outside the sum) and coefficient,
+    the shifted terms and, per anchor, |P|, the divisor, the log of the sum, and validity."""
+    acc = _common.acc_dtype(features.dtype, labels.dtype, preds.dtype, weights.dtype)
+    m, device = features.shape[0], features.device
+    q, norms = normalized(features, acc)
+    qa = q[offset:offset + count]
+    prod = (qa @ q.T) / tau
+    y, p = labels.to(acc), preds.to(acc)
+    l = l1_distances(y, y[offset:offset + count])
+    d = l1_distances(p, p[offset:offset + count])
+    self_pair = torch.arange(m, device=device) == torch.arange(offset, offset + count, device=device)[:, None]
+    pos = (l <= w) & ~self_pair  # a Python float compares in acc, as the kernels do
+    neg = (l > w) & (d <= w)
+    wt = weights.to(acc)[offset:offset + count, None]
+    coef_neg, x_neg = (wt.expand_as(l), prod + e * l) if push == "exp" else (wt * (e * l), prod)
+    member = pos | (neg & (coef_neg != 0))
+    x = torch.where(pos, prod, torch.where(member, x_neg, -math.inf))
+    coef = torch.where(pos, 1.0, torch.where(member, coef_neg, 0.0)).to(acc)
+    n_pos, n_neg = pos.sum(1).to(acc), neg.sum(1)
+    top = x.amax(1) if m else torch.zeros(count, dtype=acc, device=device)
+    if exp0_terms:
+        top = top.clamp_min(0.0)
+    top = torch.where(top == -math.inf, 0.0, top)
+    terms = coef * torch.exp(x - top[:, None])
+    total = terms.sum(1)
+    if exp0_terms:
+        total = total + (m - n_pos) * torch.exp(-top)
+    log_total = top + torch.log(total)
+    div = n_pos + (1.0 if anchor_in_divisor else 0.0)
+    valid = (n_pos > 0) & (n_neg > 0)
+    return q, norms, prod, pos, terms, total, n_pos, div, log_total, valid
+
+
+def reference(features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor, offset, count):
+    """The definition (see :func:`conr_loss`), on [count, m] matrices."""
+    _, _, prod, pos, _, _, n_pos, div, log_total, valid = _rows(
+        features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor, offset, count)
+    sum_prod = torch.where(pos, prod, 0.0).sum(1)
+    return torch.where(valid, (n_pos * log_total - sum_prod) / div, 0.0)
+
+
+def reference_backward(grad, features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor,
+                       offset, count):
+    """The gradient of ``sum_a grad[a] out[a]`` in ``features``: ``G_aj = grad_a (|P| / div
+    r_aj - [j in P] / div)`` with ``r_aj`` each term's share of the sum, then through
+    ``prod = q_a . q_j / tau`` (both rows) and the normalisation."""
+    q, norms, _, pos, terms, total, n_pos, div, _, valid = _rows(
+        features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor, offset, count)
+    g = grad.to(q.dtype)[:, None]
+    coefficients = g * ((n_pos / div)[:, None] * (terms / total[:, None]) - pos / div[:, None])
+    coefficients = torch.where(valid[:, None], coefficients, 0.0) / tau
+    grad_q = coefficients.T @ q[offset:offset + count]
+    grad_q[offset:offset + count] += coefficients @ q
+    return normalized_backward(grad_q, q, norms).to(features.dtype)
+
+
+def normalized_backward(grad_q, q, norms):
+    """The gradient in ``z`` of ``q = z / max(||z||, EPS)``."""
+    along = (q * grad_q).sum(1, keepdim=True)
+    return torch.where(norms >= EPS, (grad_q - q * along) / norms, grad_q / EPS)
+
+
+def _fake(features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor, offset, count):
+    acc = _common.acc_dtype(features.dtype, labels.dtype, preds.dtype, weights.dtype)
+    return features.new_empty((count,), dtype=acc)
+
+
+def _fake_backward(grad, features, *args):
+    return features.new_empty(features.shape)
+
+
+def _triton(features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor, offset, count):
+    from ..triton import conr_loss as kernels
+
+    return kernels.conr_loss(features, labels, preds, weights, w, tau, e, push == "exp", exp0_terms,
+                             anchor_in_divisor, offset, count)
+
+
+def _triton_backward(grad, features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor,
+                     offset, count):
+    from ..triton import conr_loss as kernels
+
+    return kernels.conr_loss_backward(grad, features, labels, preds, weights, w, tau, e, push == "exp", exp0_terms,
+                                      anchor_in_divisor, offset, count)
+
+
+_common.define(SCHEMA, reference, _fake, _triton)
+_common.define(SCHEMA_BACKWARD, reference_backward, _fake_backward, _triton_backward)
+
+
+# -------------------------------------------------------------------------------- autograd
+# Nothing of size [count, m] is kept: the backward recomputes the cosine rows.
+def _save(ctx, inputs, output) -> None:
+    features, labels, preds, weights, *options = inputs
+    ctx.save_for_backward(features, labels, preds, weights)
+    ctx.options = options
+
+
+def _backward(ctx, grad):
+    features, labels, preds, weights = ctx.saved_tensors
+    grad_features = ctx.kernel("conr_loss_backward")(grad.contiguous(), features, labels, preds, weights, *ctx.options)
+    return (grad_features,) + (None,) * 11
+
+
+_dispatch.register_autograd("conr_loss", _save, _backward)
