@@ -16,11 +16,12 @@ from .bin_stats import bin_stats
 from .smooth_bins import PADDINGS, smooth_bins
 from .calibrate import calibrate, calibrate_  # noqa: I001 (the order of definition is the order reported)
 from .mixture_logpdf import mixture_logpdf
+from .ranksim_loss import ranksim_loss
 
 _ext.load()  # after the schemas: the compiled kernels register for them
 _common.register_triton_for_cuda()
 
 __all__ = [
     "BACKENDS", "PADDINGS", "acc_dtype", "backends", "bin_stats", "calibrate", "calibrate_", "get_backend", "mixture_logpdf",
-    "set_backend", "smooth_bins", "use_backend",
+    "ranksim_loss", "set_backend", "smooth_bins", "use_backend",
 ]
