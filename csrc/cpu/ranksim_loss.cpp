@@ -111,19 +111,78 @@ RANKSIM_CLONES void dots(const double* a, const double* keys, int64_t d_size, in
 
 // ---------------------------------------------------------------------------- ranks
 // rank[p] = the 0-based position of v[p] in the order (value descending, NaN first, then index
-// ascending): a strict total order, also with NaN, so std::sort is well defined.
-template <typename acc_t>
-DIRFAST_NOINLINE void descending_ranks(const acc_t* v, int64_t n, int32_t* order, int32_t* rank) {
-  std::iota(order, order + n, 0);
-  std::sort(order, order + n, [v](int32_t a, int32_t b) {
-    const acc_t va = v[a], vb = v[b];
-    if (va > vb) return true;
-    if (va < vb) return false;
-    const bool na = std::isnan(va), nb = std::isnan(vb);
-    if (na != nb) return na;
-    return a < b;
-  });
-  for (int64_t p = 0; p < n; ++p) rank[order[p]] = static_cast<int32_t>(p);
+// ascending): each value becomes an unsigned key that sorts ascending in that order (-0 as +0,
+// every NaN as one NaN above +inf), so the sort compares integers: a strict total order, also
+// with NaN. float32: key and index packed in one uint64; float64: a (key, index) pair.
+inline uint32_t descending_bits(float v) {
+  if (std::isnan(v)) v = std::numeric_limits<float>::quiet_NaN();
+  v = v + 0.0f;  // -0 -> +0
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return ~((b & 0x80000000u) ? ~b : (b | 0x80000000u));
+}
+
+inline uint64_t descending_bits(double v) {
+  if (std::isnan(v)) v = std::numeric_limits<double>::quiet_NaN();
+  v = v + 0.0;
+  uint64_t b;
+  std::memcpy(&b, &v, sizeof(b));
+  return ~((b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull));
+}
+
+struct SortScratch {
+  std::vector<uint64_t> packed;                       // float32
+  std::vector<std::pair<uint64_t, int32_t>> pairs;   // float64
+};
+
+DIRFAST_NOINLINE void descending_ranks(const float* v, int64_t n, SortScratch& scratch, int32_t* rank) {
+  scratch.packed.resize(n);
+  for (int64_t p = 0; p < n; ++p) scratch.packed[p] = (uint64_t(descending_bits(v[p])) << 32) | uint64_t(p);
+  std::sort(scratch.packed.begin(), scratch.packed.end());
+  for (int64_t p = 0; p < n; ++p) rank[scratch.packed[p] & 0xffffffffu] = static_cast<int32_t>(p);
+}
+
+DIRFAST_NOINLINE void descending_ranks(const double* v, int64_t n, SortScratch& scratch, int32_t* rank) {
+  scratch.pairs.resize(n);
+  for (int64_t p = 0; p < n; ++p) scratch.pairs[p] = {descending_bits(v[p]), static_cast<int32_t>(p)};
+  std::sort(scratch.pairs.begin(), scratch.pairs.end());
+  for (int64_t p = 0; p < n; ++p) rank[scratch.pairs[p].second] = static_cast<int32_t>(p);
+}
+
+// out[j] = sum_p w[p] rows[p][j] for j < d (rows [n, d] row-major, p ascending): 32 outputs at a
+// time held in registers over p, so the result of each j is one fixed sequence of multiply-adds.
+template <typename T, int W>
+inline void combine_impl(const T* w, const T* rows, int64_t n, int64_t d, T* out) {
+  typedef T V __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T))));
+  int64_t j = 0;
+  for (; j + 4 * W <= d; j += 4 * W) {
+    V s0 = V{}, s1 = V{}, s2 = V{}, s3 = V{};
+    for (int64_t p = 0; p < n; ++p) {
+      const T* r = rows + p * d + j;
+      const T wp = w[p];
+      s0 += wp * load_v<V>(r);
+      s1 += wp * load_v<V>(r + W);
+      s2 += wp * load_v<V>(r + 2 * W);
+      s3 += wp * load_v<V>(r + 3 * W);
+    }
+    std::memcpy(out + j, &s0, sizeof(V));
+    std::memcpy(out + j + W, &s1, sizeof(V));
+    std::memcpy(out + j + 2 * W, &s2, sizeof(V));
+    std::memcpy(out + j + 3 * W, &s3, sizeof(V));
+  }
+  for (; j < d; ++j) {
+    T s = 0;
+    for (int64_t p = 0; p < n; ++p) s += w[p] * rows[p * d + j];
+    out[j] = s;
+  }
+}
+
+RANKSIM_CLONES void combine(const float* w, const float* rows, int64_t n, int64_t d, float* out) {
+  combine_impl<float, 8>(w, rows, n, d, out);
+}
+
+RANKSIM_CLONES void combine(const double* w, const double* rows, int64_t n, int64_t d, double* out) {
+  combine_impl<double, 4>(w, rows, n, d, out);
 }
 
 // ---------------------------------------------------------------------------- shared setup
@@ -172,9 +231,9 @@ struct Problem {
 template <typename acc_t>
 struct RowBuffers {
   std::vector<acc_t> cos, neg_dist, work;
-  std::vector<int32_t> order, rank_cos, rank_dist, rank_work;
-  explicit RowBuffers(int64_t n)
-      : cos(n), neg_dist(n), work(n), order(n), rank_cos(n), rank_dist(n), rank_work(n) {}
+  std::vector<int32_t> rank_cos, rank_dist, rank_work;
+  SortScratch scratch;
+  explicit RowBuffers(int64_t n) : cos(n), neg_dist(n), work(n), rank_cos(n), rank_dist(n), rank_work(n) {}
 };
 
 // The cosine row of anchor row i, its negated label distances and both rank rows; true when a
@@ -192,8 +251,8 @@ DIRFAST_NOINLINE bool row_terms(const Problem<acc_t>& pb, int64_t i, RowBuffers<
     buf.neg_dist[p] = -dist;
     bad = bad || std::isnan(dist) || std::isnan(buf.cos[p]);
   }
-  descending_ranks(buf.cos.data(), n, buf.order.data(), buf.rank_cos.data());
-  descending_ranks(buf.neg_dist.data(), n, buf.order.data(), buf.rank_dist.data());
+  descending_ranks(buf.cos.data(), n, buf.scratch, buf.rank_cos.data());
+  descending_ranks(buf.neg_dist.data(), n, buf.scratch, buf.rank_dist.data());
   return bad;
 }
 
@@ -245,16 +304,12 @@ DIRFAST_NOINLINE void surrogate_rows(const Problem<acc_t>& pb, int64_t offset, i
         const acc_t diff = static_cast<acc_t>(buf.rank_cos[p] + 1) / size - static_cast<acc_t>(buf.rank_dist[p] + 1) / size;
         buf.work[p] = buf.cos[p] + lambda * (g2 * diff / size);
       }
-      descending_ranks(buf.work.data(), n, buf.order.data(), buf.rank_work.data());
+      descending_ranks(buf.work.data(), n, buf.scratch, buf.rank_work.data());
       for (int64_t p = 0; p < n; ++p) {
         const acc_t moved = static_cast<acc_t>(buf.rank_cos[p] + 1) / size - static_cast<acc_t>(buf.rank_work[p] + 1) / size;
         row[p] = bad ? std::numeric_limits<acc_t>::quiet_NaN() : -moved / denom;
       }
-      for (int64_t p = 0; p < n; ++p) {  // grad_q of the anchor: sum_j dC_aj q_j
-        const acc_t w = row[p];
-        const acc_t* kp = &pb.keys[p * d];
-        for (int64_t j = 0; j < d; ++j) ga[j] += w * kp[j];
-      }
+      combine(row, pb.keys.data(), n, d, ga);  // grad_q of the anchor: sum_j dC_aj q_j
     }
   });
 }
@@ -266,14 +321,10 @@ DIRFAST_NOINLINE void key_gradients(const Problem<acc_t>& pb, int64_t offset, in
   const int64_t n = pb.size, d = pb.d;
   torch::stable::parallel_for(0, n, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, count * d)),
                               [&](int64_t first, int64_t last) {
+    std::vector<acc_t> column(count);
     for (int64_t p = first; p < last; ++p) {
-      acc_t* gk = grad_key + p * d;
-      std::fill(gk, gk + d, acc_t(0));
-      for (int64_t a = 0; a < count; ++a) {
-        const acc_t w = d_cos[a * n + p];
-        const acc_t* qa = &pb.q[(offset + a) * d];
-        for (int64_t j = 0; j < d; ++j) gk[j] += w * qa[j];
-      }
+      for (int64_t a = 0; a < count; ++a) column[a] = d_cos[a * n + p];
+      combine(column.data(), &pb.q[offset * d], count, d, grad_key + p * d);
     }
   });
 }
