@@ -122,7 +122,7 @@ def _rows(features, labels, keep, offset, count):
     return acc, q, norm, size, kept, anchors_kept, chunk
 
 
-def _row_terms(q, labels, keep, kept, size, start, stop, acc):
+def _row_terms(q, labels, keep, size, start, stop, acc):
     """For anchor rows start .. stop - 1: C, rn(C), rn(-l), and whether a kept key's C or l is NaN."""
     rows = torch.arange(start, stop, device=q.device)
     cos = q[start:stop] @ q.T
@@ -139,7 +139,7 @@ def reference(features, labels, keep, lambda_val, offset, count):
     parts = []
     for start in range(offset, offset + count, chunk):
         stop = min(start + chunk, offset + count)
-        _, rn_c, rn_l, bad = _row_terms(q, labels, keep, kept, size, start, stop, acc)
+        _, rn_c, rn_l, bad = _row_terms(q, labels, keep, size, start, stop, acc)
         diff = rn_c - rn_l
         loss = (diff * diff * kept).sum(1) / size
         loss = torch.where(bad, torch.nan, loss)
@@ -162,7 +162,7 @@ def reference_backward(grad, features, labels, keep, lambda_val, offset, count):
     grad_q = torch.zeros_like(q)
     for start in range(offset, offset + count, chunk):
         stop = min(start + chunk, offset + count)
-        cos, rn_c, rn_l, bad = _row_terms(q, labels, keep, kept, size, start, stop, acc)
+        cos, rn_c, rn_l, bad = _row_terms(q, labels, keep, size, start, stop, acc)
         g = g_all[start - offset:stop - offset].unsqueeze(1)
         shifted = cos + lambda_val * (g * 2 * (rn_c - rn_l) / size)
         rn_shifted = (ranks(shifted, keep) + 1).to(acc) / size
