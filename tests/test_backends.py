@@ -39,7 +39,8 @@ from testing import (BACKEND_NAMES, DEVICES, GPU, backend_device_params, backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
-PUBLIC_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf", "rnc_loss", "conr_loss")
+PUBLIC_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf", "rnc_loss", "conr_loss",
+              "ranksim_loss")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 
 
@@ -148,13 +149,15 @@ def _op_calls():
     stats = calibration_stats(4, 3, torch.float32)
     w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum")
     mixture = mixture_inputs((7,), 3, torch.float32, "cpu", seed=3)
+    labels = rand_features(12, 1, seed=4)
     return {"bin_stats": lambda: dirfast.ops.bin_stats(x, idx, 4),
             "smooth_bins": lambda: dirfast.ops.smooth_bins(stats[0], w),
             "calibrate": lambda: dirfast.ops.calibrate(x, idx, *stats),
             "calibrate_": lambda: dirfast.ops.calibrate_(x.clone(), idx, *stats),
             "mixture_logpdf": lambda: dirfast.ops.mixture_logpdf(*mixture),
             "rnc_loss": lambda: dirfast.ops.rnc_loss(x, idx[:, None].float(), 2.0, 3, 6),
-            "conr_loss": lambda: dirfast.ops.conr_loss(*conr_inputs(6, 3, 1, torch.float32, seed=4))}
+            "conr_loss": lambda: dirfast.ops.conr_loss(*conr_inputs(6, 3, 1, torch.float32, seed=4)),
+            "ranksim_loss": lambda: dirfast.ops.ranksim_loss(x, labels, idx >= 0, 2.0, 1, 8)}
 
 
 @pytest.fixture
@@ -311,6 +314,11 @@ def opcheck_every_op(device: str) -> None:
             torch.library.opcheck(ops.rnc_loss.default, (z.clone().requires_grad_(), y, 1.5, offset, count))
             grad = torch.rand(count, generator=g).to(device, torch.float64 if dtype == torch.float64 else torch.float32)
             torch.library.opcheck(ops.rnc_loss_backward.default, (grad, z, y, 1.5, offset, count))
+    for dtype in (torch.float32, torch.float64):
+        x, y, keep = torch.randn(9, 4, generator=g).to(device, dtype), torch.randn(9, 2, generator=g).to(device), \
+            (torch.rand(9, generator=g) < 0.7).to(device)
+        torch.library.opcheck(ops.ranksim_loss.default, (x.requires_grad_(), y, keep, 2.0, 2, 6))
+        torch.library.opcheck(ops.ranksim_loss_backward.default, (torch.ones(6, device=device), x.detach(), y, keep, 2.0, 2, 6))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -388,7 +396,8 @@ def test_compile_inductor_on_gpu():
 # =========================================================================== backward on the forward's backend
 BACKWARD_OPS = {"calibrate": "calibrate", "calibrate_": "calibrate", "mixture_logpdf": "mixture_logpdf_backward",
                 "rnc_loss": "rnc_loss_backward",
-                "conr_loss": "conr_loss_backward"}
+                "conr_loss": "conr_loss_backward",
+                "ranksim_loss": "ranksim_loss_backward"}
 
 
 @pytest.mark.parametrize("backend", [p for p in backend_params() if p.values[0] in ("reference", "triton")])
@@ -404,6 +413,9 @@ def test_backward_runs_on_the_forward_backend(op, backend, spies):
         x, tables = rand_features(9, 3, seed=45, device=device), (rand_bins((9, 1), 4, seed=46, device=device).float(),)
     elif op == "conr_loss":
         x, *tables = conr_inputs(9, 3, 1, torch.float32, device, seed=45)
+    elif op == "ranksim_loss":
+        x, tables = rand_features(9, 3, seed=45, device=device), (rand_features(9, 1, seed=46, device=device),
+                                                                   torch.ones(9, dtype=torch.bool, device=device))
     else:
         x, tables = rand_features(9, 3, seed=45, device=device), (rand_bins(9, 4, seed=46, device=device),
                                                                    *calibration_stats(4, 3, torch.float32, device))

@@ -295,6 +295,7 @@ INT121, INT100, U10 = dirfast.Binning.integer(121), dirfast.Binning.integer(100)
 GRID = dirfast.GridBinning(U10, dirfast.Binning.integer(4))
 GRID_Y = torch.stack([torch.rand(16, generator=gen(40)) * 10, torch.randint(0, 4, (16,), generator=gen(41)).float()], 1)
 X8, Y8 = torch.randn(8, 4, generator=gen(7)), torch.randint(0, 22, (8,), generator=gen(8)).float()
+KEEP8 = torch.tensor([True, True, False, True, True, True, True, False])
 IDX = torch.tensor([0, 1, 2, -1, 5, 0, 1, 2])
 STAT = torch.zeros(3, 4), torch.ones(3, 4), torch.zeros(3, 4), torch.full((3, 4), 2.0)
 PRED, TARGET = torch.randn(8, 1, generator=gen(12)), torch.randn(8, 1, generator=gen(13))
@@ -568,6 +569,19 @@ API = {
         "offset": (NON_NEGATIVE_INT + (Bad("past the rows", lambda v: 9, ValueError),), 0),
         "count": (NON_NEGATIVE_INT + (Bad("past the rows", lambda v: 9, ValueError),), 8)},
         expect={("labels", "NaN"): NO_PAIRS, ("preds", "NaN"): NO_PAIRS, ("count", "None"): SAME}),
+    "dirfast.ops.ranksim_loss": Entry(ops.ranksim_loss, {
+        "features": (FLOAT_TENSOR + (Bad("fewer rows", lambda v: v[:-1], ValueError),), X8),
+        "labels": (FLOAT_TENSOR + (Bad("[m]", lambda v: v[:, 0], ValueError), Bad("fewer rows", lambda v: v[:-1], ValueError)),
+                   Y8[:, None]),
+        "keep": (NOT_A_TENSOR + (
+            Bad("float", lambda v: v.float(), TypeError), Bad("int64", lambda v: v.long(), TypeError),
+            Bad("fewer", lambda v: v[:-1], ValueError), Bad("[m, 1]", lambda v: v[:, None], ValueError),
+            Bad("meta", lambda v: v.to("meta"), ValueError), Bad("non-contiguous", _strided, SAME)), KEEP8),
+        "lambda_val": (POSITIVE, 2.0),
+        "offset": (NON_NEGATIVE_INT + (Bad("beyond m", lambda v: 9, ValueError),), 1),
+        "count": (NON_NEGATIVE_INT + (Bad("beyond m - offset", lambda v: 8, ValueError),), 6)},
+        expect={("keep", "None"): FINITE, ("count", "None"): FINITE, ("offset", "numpy int"): TypeError,
+                ("count", "numpy int"): TypeError}),
     # ----------------------------------------------------------------------- losses
     **{f"dirfast.losses.{name}": Entry(getattr(dirfast.losses, name), dict(
         {"inputs": (FLOAT_TENSOR[:-3] + (Bad("empty", lambda v: v[:0], ValueError),
@@ -857,6 +871,12 @@ DISPATCHER_CASES = [  # torch.ops.dirfast called directly: the C++ kernels check
                                                         2, 7), "count"),
     ("conr backward grad shape", lambda: OPS.conr_loss_backward(X[:, 0], X, X[:, :1], X[:, :1], X[:, 0], 1.0, 0.07, 0.01,
                                                                 "exp", True, False, 0, 5), "grad"),
+    ("ranksim keep float", lambda: OPS.ranksim_loss(X, Y8[:, None], KEEP8.float(), 2.0, 0, 8), "keep must be a bool"),
+    ("ranksim labels rows", lambda: OPS.ranksim_loss(X, Y8[:5, None], KEEP8, 2.0, 0, 8), "labels must be"),
+    ("ranksim count", lambda: OPS.ranksim_loss(X, Y8[:, None], KEEP8, 2.0, 3, 6), "count must be"),
+    ("ranksim lambda 0", lambda: OPS.ranksim_loss(X, Y8[:, None], KEEP8, 0.0, 0, 8), "lambda_val"),
+    ("ranksim backward grad shape",
+     lambda: OPS.ranksim_loss_backward(torch.ones(3), X, Y8[:, None], KEEP8, 2.0, 0, 8), "grad must have"),
 ]
 
 
@@ -871,7 +891,7 @@ def test_dispatcher_rejects(name, call, match):
 def test_ops_fail_alike_on_every_backend(backend):
     """The front end checks before any backend runs: each backend rejects the same inputs."""
     for entry_name in ("dirfast.ops.bin_stats", "dirfast.ops.calibrate", "dirfast.ops.mixture_logpdf",
-                       "dirfast.ops.rnc_loss"):
+                       "dirfast.ops.rnc_loss", "dirfast.ops.conr_loss", "dirfast.ops.ranksim_loss"):
         entry = API[entry_name]
         for argument, (kind, good) in entry.args.items():
             for bad in kind:

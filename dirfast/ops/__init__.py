@@ -18,11 +18,12 @@ from .calibrate import calibrate, calibrate_  # noqa: I001 (the order of definit
 from .mixture_logpdf import mixture_logpdf
 from .rnc_loss import rnc_loss
 from .conr_loss import conr_loss
+from .ranksim_loss import ranksim_loss
 
 _ext.load()  # after the schemas: the compiled kernels register for them
 _common.register_triton_for_cuda()
 
 __all__ = [
     "BACKENDS", "PADDINGS", "acc_dtype", "backends", "bin_stats", "calibrate", "calibrate_", "conr_loss", "get_backend",
-    "mixture_logpdf", "rnc_loss", "set_backend", "smooth_bins", "use_backend",
+    "mixture_logpdf", "ranksim_loss", "rnc_loss", "set_backend", "smooth_bins", "use_backend",
 ]

@@ -28,7 +28,7 @@ def unavailable_reason() -> str:
     if TorchVersion(version) < MIN_TRITON:
         return f"triton {version} is too old: dirfast needs triton >= {MIN_TRITON}"
     try:
-        from . import bin_stats, calibrate, conr_loss, mixture_logpdf, rnc_loss, smooth_bins  # noqa: F401
+        from . import bin_stats, calibrate, conr_loss, mixture_logpdf, ranksim_loss, rnc_loss, smooth_bins  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - dirfast must import whatever Triton does
         return f"the Triton kernels failed to load ({type(exc).__name__}: {exc})"
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
