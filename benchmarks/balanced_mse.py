@@ -7,16 +7,13 @@ backward (in the predictions and the noise scale), for the published formulation
 runs here (its fused ``mixture_logpdf``), and a clone of the predictions plus its backward-sized
 copy (the bandwidth yardstick). Per provider: median time (:mod:`benchmarks.timing`, the
 providers of a loss side by side), peak memory of one warm call above the memory in use before
-it (CPU: the process's resident high-water mark, reset after freed heap memory is returned to
-the system; CUDA: ``max_memory_allocated``), and both as ratios to the published formulation.
+it (:func:`benchmarks.timing.peak_memory`), and both as ratios to the published formulation.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
-import gc
 import json
 
 import torch
@@ -73,34 +70,6 @@ def _on(backend, call):
     return run
 
 
-def _peak_reset(device: str) -> int:
-    """Reset the peak-memory counter; return the current memory (bytes) it is measured above."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    ctypes.CDLL(None).malloc_trim(0)  # freed heap back to the system, so RSS is what is in use
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # resets VmHWM to the current RSS
-    return _status_kb("VmRSS") * 1024
-
-
-def _peak(device: str) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return _status_kb("VmHWM") * 1024
-
-
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key}")
-
-
 def _step(fn, data, device):
     """One forward and backward of ``fn`` on ``data``: (loss, gradient in the predictions)."""
     pred, target, centers, weights, gmm = data
@@ -114,14 +83,6 @@ def _step(fn, data, device):
     return step
 
 
-def peak_memory(step, device):
-    """(peak bytes above the memory in use before, loss, gradient) of one warm call of ``step``."""
-    step()
-    base = _peak_reset(device)
-    loss, grad = step()
-    return max(_peak(device) - base, 0), loss, grad
-
-
 def run(device: str, quick: bool, shape=SHAPE) -> list:
     """Per loss kind: each provider's values and peak memory, one at a time, then their times
     side by side (:func:`benchmarks.timing.compare`)."""
@@ -132,7 +93,7 @@ def run(device: str, quick: bool, shape=SHAPE) -> list:
         kind_rows, reference = {}, None
         for name, step in steps.items():
             print(f"  {kind} {name}: values and peak memory ...", flush=True)
-            peak, loss, grad = peak_memory(step, device)
+            peak, loss, grad = timing.peak_memory(step, device)
             row = {"kind": kind, "provider": name, "peak_bytes": peak, "loss": float(loss)}
             if name == "published":
                 reference = (row["loss"], grad)

@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh
 # Knobs: SKIP_BUILD=1; TORCH_CUDA_ARCH_LIST (default: this GPU's); SHARED_TESTS (files) and
 # SHARED_K (pytest -k, default "cuda or triton") for the shared tests; *_TIMEOUT (seconds) for BUILD, CUDA_TESTS, BENCH,
-# SHARED_TESTS, BMSE.
+# SHARED_TESTS, BMSE, PAIRWISE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -51,10 +51,14 @@ timeout ${BENCH_TIMEOUT:-200} $PY -m benchmarks.gpu --json "$OUT" --profile "$OU
 stamp "Balanced MSE [8, 1, 240, 320] K=100 against the published formulation"
 timeout ${BMSE_TIMEOUT:-120} $PY -m benchmarks.balanced_mse --device cuda --json "$OUT/balanced-mse.json" 2>&1 | tee "$OUT/balanced-mse.txt" || status=1
 
+stamp "pairwise regularisers (RnC, ConR, RankSim) against the published formulations, n up to 4096"
+timeout ${PAIRWISE_TIMEOUT:-150} $PY -m benchmarks.pairwise --device cuda --quick --sweep --json "$OUT/pairwise.json" 2>&1 | tee "$OUT/pairwise.txt" || status=1
+
 stamp "shared tests on the GPU"
 # The Triton cases of the op tests and the GPU cases of the API tests (the CPU ones ran in CI).
 timeout ${SHARED_TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -k "${SHARED_K:-triton or (cuda and not cpu)}" \
   ${SHARED_TESTS:-tests/test_bin_stats.py tests/test_smooth_bins.py tests/test_calibrate.py tests/test_mixture_logpdf.py \
+  tests/test_rnc_loss.py tests/test_conr_loss.py tests/test_ranksim_loss.py tests/test_pairwise.py \
   tests/test_fds.py tests/test_lds.py tests/test_balanced_mse.py} >"$OUT/tests-shared.log" 2>&1
 shared_rc=$?
 tail -n 15 "$OUT/tests-shared.log"
@@ -65,4 +69,5 @@ grep -E "passed|failed" "$OUT/tests-cuda.log" | tail -n 1
 grep -E "passed|failed" "$OUT/tests-shared.log" | tail -n 1
 sed -n "/^case /,\$p" "$OUT/gpu-goals.txt"
 sed -n "/^loss /,\$p" "$OUT/balanced-mse.txt"
+sed -n "/^loss /,\$p" "$OUT/pairwise.txt"
 exit $status

@@ -12,11 +12,13 @@
   an untimed ``setup`` runs before each call.
 
 :func:`load_report` gives the load average with a warning when other work shares the cores
-(timings on a busy machine are not worth comparing); :func:`machine_info` the machine.
+(timings on a busy machine are not worth comparing); :func:`machine_info` the machine;
+:func:`peak_memory` the peak memory of one call.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import math
 import os
@@ -261,3 +263,42 @@ def machine_name(info: dict) -> str:
     while "--" in safe:
         safe = safe.replace("--", "-")
     return safe.strip("-").lower() + ("" if info.get("gpu") else f"-{info.get('torch_threads')}t")
+
+
+# ------------------------------------------------------------------------------ memory
+def _peak_reset(device: str) -> int:
+    """Reset the peak-memory counter; return the current memory (bytes) it is measured above."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    ctypes.CDLL(None).malloc_trim(0)  # freed heap back to the system, so RSS is what is in use
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # resets VmHWM to the current RSS
+    return _status_kb("VmRSS") * 1024
+
+
+def _peak(device: str) -> int:
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _status_kb("VmHWM") * 1024
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def peak_memory(step, device):
+    """``(peak bytes above the memory in use before, *what step returns)`` of one warm call of
+    ``step``. CPU: the process's resident high-water mark, reset after freed heap memory is
+    returned to the system; CUDA: ``max_memory_allocated``."""
+    step()
+    base = _peak_reset(device)
+    result = step()
+    return (max(_peak(device) - base, 0),) + tuple(result)

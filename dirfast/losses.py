@@ -1,5 +1,6 @@
 """Regression losses for imbalanced targets: the weighted losses of the published DIR code
-(element loss x weight, then the mean) and Balanced MSE (:mod:`dirfast.balanced_mse`).
+(element loss x weight, then the mean), Balanced MSE (:mod:`dirfast.balanced_mse`) and the
+pairwise regularisers Rank-N-Contrast, ConR and RankSim (:mod:`dirfast.pairwise`).
 
 Unlike the published functions, predictions and targets must have the same shape: ``[N, 1]``
 predictions against ``[N]`` targets would broadcast to ``[N, N]`` and average the wrong thing.
@@ -12,10 +13,12 @@ import torch.nn.functional as F
 
 from . import _validate as validate
 from .balanced_mse import BMCLoss, BNILoss, GAILoss, bmc_loss, bni_loss, gai_loss
+from .pairwise import ConRLoss, RankSimLoss, RnCLoss, conr_loss, ranksim_loss, rnc_loss
 
 __all__ = ["weighted_mse_loss", "weighted_l1_loss", "weighted_focal_mse_loss",
            "weighted_focal_l1_loss", "weighted_huber_loss",
-           "bmc_loss", "bni_loss", "gai_loss", "BMCLoss", "BNILoss", "GAILoss"]
+           "bmc_loss", "bni_loss", "gai_loss", "BMCLoss", "BNILoss", "GAILoss",
+           "rnc_loss", "conr_loss", "ranksim_loss", "RnCLoss", "ConRLoss", "RankSimLoss"]
 
 
 def _reduce(loss: torch.Tensor, weights) -> torch.Tensor:

@@ -19,8 +19,23 @@ from .binning import Binning
 from .fds import FDS
 from .lds import LDS
 from .metrics import shot_metrics
+from .pairwise import ConRLoss
 
-__all__ = ["Preset", "AGEDB_DIR", "IMDB_WIKI_DIR", "STS_B_DIR", "NYUD2_DIR", "PRESETS", "get"]
+__all__ = ["Preset", "ConRSetting", "AGEDB_DIR", "IMDB_WIKI_DIR", "STS_B_DIR", "NYUD2_DIR", "PRESETS", "get"]
+
+
+@dataclass(frozen=True)
+class ConRSetting:
+    """The published ConR arguments of one dataset (``ConR(..., w, weights, t, e)``), and the
+    form of its function (see :func:`dirfast.losses.conr_loss`)."""
+
+    w: float
+    t: float
+    e: float
+    form: str = "published"
+
+    def __post_init__(self):
+        ConRLoss(self.w, self.t, self.e, self.form)  # the loss's own checks, before the setting exists
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,8 @@ class Preset:
     many_shot_thr: float = 100
     low_shot_thr: float = 20
     shot_regions: dict | None = field(default=None, hash=False)
+    # ConR (Keramati et al., ICLR 2024): None where it published no setting
+    conr_setting: ConRSetting | None = None
 
     def lds(self, **overrides) -> LDS:
         """An (unfitted) :class:`~dirfast.LDS` with this dataset's settings."""
@@ -84,6 +101,14 @@ class Preset:
         settings.update(overrides)
         return FDS(feature_dim, **settings)
 
+    def conr(self, **overrides) -> ConRLoss:
+        """A :class:`~dirfast.losses.ConRLoss` with this dataset's published ConR arguments."""
+        if self.conr_setting is None:
+            raise ValueError(f"ConR published no setting for {self.name}: build dirfast.losses.ConRLoss directly")
+        settings = dict(w=self.conr_setting.w, t=self.conr_setting.t, e=self.conr_setting.e, form=self.conr_setting.form)
+        settings.update(overrides)
+        return ConRLoss(**settings)
+
     def shot_metrics(self, preds, labels, train_labels=None) -> dict:
         """Many-, medium- and few-shot errors as this dataset's published evaluation defines them."""
         if self.shot_regions is not None:
@@ -101,14 +126,14 @@ AGEDB_DIR = Preset(
     name="AgeDB-DIR", lds_binning=Binning.integer(121), fds_binning=Binning.integer(100),
     reweight="sqrt_inv", lds_kernel="gaussian", lds_ks=5, lds_sigma=2.0, inverse_clip=(5, 1000),
     bucket_num=100, bucket_start=3, clip_min=0.1, clip_max=10.0,
-    many_shot_thr=100, low_shot_thr=20)
+    many_shot_thr=100, low_shot_thr=20, conr_setting=ConRSetting(w=1.0, t=0.07, e=0.01))
 
-# imdb-wiki-dir: the same files as agedb-dir; train.py has bucket_start=0.
+# imdb-wiki-dir: the same files as agedb-dir; train.py has bucket_start=0. ConR: t=0.07 is used.
 IMDB_WIKI_DIR = Preset(
     name="IMDB-WIKI-DIR", lds_binning=Binning.integer(121), fds_binning=Binning.integer(100),
     reweight="sqrt_inv", lds_kernel="gaussian", lds_ks=5, lds_sigma=2.0, inverse_clip=(5, 1000),
     bucket_num=100, bucket_start=0, clip_min=0.1, clip_max=10.0,
-    many_shot_thr=100, low_shot_thr=20)
+    many_shot_thr=100, low_shot_thr=20, conr_setting=ConRSetting(w=1.0, t=0.07, e=0.01))
 
 # sts-b-dir: tasks.py (np.histogram over [0, 5] with bucket_num=50 bins, no clip),
 # README.md (--reweight inverse --lds --lds_ks 5 --lds_sigma 2; --fds_ks 5 --fds_sigma 2),
@@ -127,12 +152,13 @@ STS_B_DIR = Preset(
 # with convolve1d(mode="reflect"), bins below 7 weighted as bin 7, no clip), README.md
 # (--reweight inverse --lds --lds_ks 5 --lds_sigma 2; --fds_ks 5 --fds_sigma 2), train.py
 # (bucket_num=100, bucket_start=7, fds_mmt=0.9), util.py (calibrate_mean_var clip_min=0.2,
-# clip_max=5).
+# clip_max=5). ConR (SPEC.md): ConR(feature, depth, output, weights, w=0.2, t=0.07, e=0.2), per image.
 NYUD2_DIR = Preset(
     name="NYUD2-DIR", lds_binning=Binning.integer(100, scale=10.0), fds_binning=Binning.integer(100, scale=10.0),
     reweight="inverse", lds_kernel="gaussian", lds_ks=5, lds_sigma=2.0, inverse_clip=None,
     lds_padding="symmetric", lds_bucket_start=7,
     bucket_num=100, bucket_start=7, clip_min=0.2, clip_max=5.0,
+    conr_setting=ConRSetting(w=0.2, t=0.07, e=0.2, form="nyud2"),
     bin_shots=True, shot_regions={
         "many": [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32,
                  33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 47, 49],

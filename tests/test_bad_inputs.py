@@ -377,10 +377,50 @@ def loss_module_methods() -> dict:
     return entries
 
 
+def pairwise_module_methods() -> dict:
+    """forward, extra_repr and load_state_dict of the pairwise regularisers' modules (no state)."""
+    views, labels = torch.randn(4, 2, 3, generator=gen(17)), torch.tensor([[1.0], [2.0], [2.0], [5.0]])
+    rows = views.reshape(8, 3)
+    modules = {"RnCLoss": (lambda: dirfast.losses.RnCLoss(), {"features": (FLOAT_TENSOR + PAIRWISE_FEATURES, views),
+                                                              "labels": (PAIRWISE_LABELS, labels)}),
+               "ConRLoss": (lambda: dirfast.losses.ConRLoss(), {"features": (FLOAT_TENSOR + PAIRWISE_FEATURES, rows),
+                                                                "targets": (PAIRWISE_LABELS, CONR_LABELS),
+                                                                "preds": (PAIRWISE_LABELS, CONR_LABELS * 0.3)}),
+               "RankSimLoss": (lambda: dirfast.losses.RankSimLoss(), {"features": (FLOAT_TENSOR + PAIRWISE_FEATURES, rows),
+                                                                      "targets": (PAIRWISE_LABELS, CONR_LABELS)})}
+    entries = {}
+    for name, (make, args) in modules.items():
+        path = f"dirfast.losses.{name}"
+        entries[f"{path}.forward"] = method("forward", make, args, expect=CONR_EXPECT if name == "ConRLoss" else PAIRWISE_EXPECT)
+        entries[f"{path}.extra_repr"] = method("extra_repr", make)
+        entries[f"{path}.load_state_dict"] = method("load_state_dict", make, {"state_dict": (
+            (STATE[0], Bad("empty", lambda v: {}, SAME), Bad("a key", lambda v: {"w": torch.ones(1)}, RuntimeError)), {})})
+    return entries
+
+
 CONSTANT = Entry(lambda: None)  # data, not a callable: nothing to check
 CONR_LABELS = torch.tensor([[0.0], [0.5], [3.0], [3.2], [6.0], [0.2], [3.1], [6.5]])  # anchor 0 has pairs of both kinds
 NO_PAIRS = Outcome("a NaN label or prediction: its row in no (negative) pair, anchor 0 at 0, all finite",
                    lambda got, good: (assert_same(got[:1], torch.zeros(1)), _finite(got, good)))
+
+# The pairwise regularisers: features of a batch (NaN gives NaN, low precision is computed in
+# float32) and its labels (integer labels are numbers too).
+PAIRWISE_FEATURES = (Bad("no samples", lambda v: v[:0], ValueError),)
+PAIRWISE_LABELS = NOT_A_TENSOR + (
+    Bad("int64", lambda v: v.long(), FINITE), Bad("complex", lambda v: v.to(torch.complex64), TypeError),
+    Bad("bool", lambda v: v != 0, TypeError), Bad("NaN", lambda v: _set_first(v, NAN), FINITE),
+    Bad("non-contiguous", _strided, SAME), Bad("fewer", lambda v: v[:-1], ValueError),
+    Bad("0-d", lambda v: v.reshape(-1)[0], ValueError), Bad("3-D", lambda v: v[None], ValueError),
+    Bad("meta", lambda v: v.to("meta"), ValueError))
+PAIRWISE_EXPECT = {("features", "extra dim"): ValueError, ("labels", "NaN"): NAN_OUT, ("targets", "NaN"): NAN_OUT}
+# ConR: a NaN label or prediction puts its row in no pair (the others' losses stay finite)
+CONR_EXPECT = {**PAIRWISE_EXPECT, ("targets", "NaN"): FINITE, ("preds", "NaN"): FINITE}
+CONR_WEIGHTS = (Bad("str", lambda v: "w", TypeError), Bad("None", lambda v: None, TypeError),
+                Bad("bool", lambda v: True, TypeError), Bad("NaN", lambda v: NAN, ValueError),
+                Bad("int tensor", lambda v: torch.ones(8, dtype=torch.long), TypeError),
+                Bad("[N, 2]", lambda v: torch.ones(8, 2), ValueError), Bad("fewer", lambda v: torch.ones(7), ValueError),
+                Bad("tensor [N]", lambda v: torch.rand(8, generator=gen(18)) + 0.5, FINITE))
+GENERATOR = (Bad("int", lambda v: 3, TypeError), Bad("str", lambda v: "seed", TypeError))
 
 API = {
     # ----------------------------------------------------------------------- binning, windows
@@ -671,6 +711,31 @@ API = {
         "max_iter": (COUNT, 20), "tol": (NON_NEGATIVE, 1e-3), "reg_covar": (NON_NEGATIVE, 1e-6),
         "num_bins": (BIN_COUNT, 512)}),
     "dirfast.mixture.COVARIANCE_TYPES": CONSTANT,
+    # ----------------------------------------------------------------------- pairwise regularisers
+    "dirfast.losses.rnc_loss": Entry(dirfast.losses.rnc_loss, {
+        "features": (FLOAT_TENSOR + PAIRWISE_FEATURES + (Bad("[N, D]", lambda v: v[:, 0], ValueError),),
+                     torch.randn(4, 2, 3, generator=gen(17))),
+        "labels": (PAIRWISE_LABELS, torch.tensor([[1.0], [2.0], [2.0], [5.0]])), "temperature": (POSITIVE, 2.0),
+        "all_ranks": (BOOL, False)}, expect=PAIRWISE_EXPECT),
+    "dirfast.losses.conr_loss": Entry(dirfast.losses.conr_loss, {
+        "features": (FLOAT_TENSOR + PAIRWISE_FEATURES, X8), "targets": (PAIRWISE_LABELS, CONR_LABELS),
+        "preds": (PAIRWISE_LABELS + (Bad("[N, 2]", lambda v: torch.cat([v, v], 1), ValueError),), CONR_LABELS * 0.3),
+        "w": (NON_NEGATIVE, 1.0), "weights": (CONR_WEIGHTS, 1.0), "t": (POSITIVE, 0.07), "e": (REAL, 0.01),
+        "form": (CHOICE, "published"), "all_ranks": (BOOL, False)},
+        expect=CONR_EXPECT),
+    "dirfast.losses.ranksim_loss": Entry(dirfast.losses.ranksim_loss, {
+        "features": (FLOAT_TENSOR + PAIRWISE_FEATURES, X8), "targets": (PAIRWISE_LABELS, CONR_LABELS),
+        "lambda_val": (POSITIVE, 2.0), "generator": (GENERATOR, None), "all_ranks": (BOOL, False)},
+        expect=PAIRWISE_EXPECT),
+    "dirfast.losses.RnCLoss": Entry(dirfast.losses.RnCLoss, {
+        "temperature": (POSITIVE, 2.0), "label_diff": (CHOICE, "l1"), "feature_sim": (CHOICE, "l2"),
+        "all_ranks": (BOOL, False)}),
+    "dirfast.losses.ConRLoss": Entry(dirfast.losses.ConRLoss, {
+        "w": (NON_NEGATIVE, 1.0), "t": (POSITIVE, 0.07), "e": (REAL, 0.01), "form": (CHOICE, "paper"),
+        "all_ranks": (BOOL, False)}),
+    "dirfast.losses.RankSimLoss": Entry(dirfast.losses.RankSimLoss, {"lambda_val": (POSITIVE, 2.0),
+                                                                     "all_ranks": (BOOL, False)}),
+    **pairwise_module_methods(),
     # ----------------------------------------------------------------------- presets
     "dirfast.presets.Preset": Entry(lambda **kw: dataclasses.replace(AGEDB_DIR, **kw).lds(), {
         "lds_binning": (BINNING, INT121), "reweight": (CHOICE, "sqrt_inv"), "lds_ks": (COUNT, 5),
@@ -682,6 +747,11 @@ API = {
     "dirfast.presets.Preset.fds": method("fds", lambda: STS_B_DIR, {"feature_dim": (COUNT, 4)}),
     "dirfast.presets.Preset.shot_metrics": method("shot_metrics", lambda: STS_B_DIR, {
         "preds": (EVAL_VALUES, TEST / 10), "labels": (EVAL_VALUES, TEST / 10), "train_labels": (EVAL_VALUES, TRAIN / 10)}),
+    "dirfast.presets.Preset.conr": method("conr", lambda: AGEDB_DIR, {"overrides": ((
+        Bad("unknown setting", lambda v: {"bogus": 1}, TypeError), Bad("t 0", lambda v: {"t": 0.0}, ValueError)), {})},
+        named_as={"overrides": "bogus|t"}),
+    "dirfast.presets.ConRSetting": Entry(dirfast.presets.ConRSetting, {
+        "w": (NON_NEGATIVE, 1.0), "t": (POSITIVE, 0.07), "e": (REAL, 0.01), "form": (CHOICE, "published")}),
     "dirfast.presets.get": Entry(dirfast.presets.get, {"name": (CHOICE[:3], "AgeDB-DIR")}),
     **{f"dirfast.presets.{name}": CONSTANT for name in ("AGEDB_DIR", "IMDB_WIKI_DIR", "STS_B_DIR", "NYUD2_DIR", "PRESETS")},
     **{f"dirfast.ops.{name}": CONSTANT for name in ("BACKENDS", "PADDINGS")},

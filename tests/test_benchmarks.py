@@ -34,6 +34,16 @@ def test_benchmarks_balanced_mse():
     assert "published" in out and "dirfast-reference" in out and "load:" in out
 
 
+def test_benchmarks_pairwise():
+    from benchmarks import pairwise
+
+    for loss in ("rnc", "conr", "ranksim"):
+        rows = pairwise.run_case(loss, 16, 4, "cpu", quick=True, with_compiled=False)
+        assert [row["provider"] for row in rows][0] == "published" and len(rows) >= 2
+        for row in rows[1:]:  # every provider computes the published loss and gradient
+            assert row["value_difference"] < 1e-5 and row["max_grad_difference"] < 1e-4, row
+
+
 def test_benchmarks_gpu_script_runs_on_the_cpu():
     out = run_module("benchmarks.gpu", "--device", "cpu", "--scale", "4096", "--quick")
     assert "FDS epoch update" in out and "published" in out and "GPU backends by speed" in out

@@ -115,3 +115,17 @@ def test_fds_default_binning_warns_about_continuous_labels():
         warnings.simplefilter("error")
         STS_B_DIR.fds(4).update_running_stats(torch.randn(100, 4), scores, 0)
         STS_B_DIR.lds().fit(scores)
+
+
+def test_conr_settings_are_the_published_ones():
+    """ConR per dataset (SPEC.md): AgeDB-DIR's function uses t = 0.07 whatever its t (0.2) says;
+    NYUD2-DIR's is the per-image form; STS-B-DIR has none."""
+    from dirfast.presets import AGEDB_DIR, IMDB_WIKI_DIR, NYUD2_DIR, STS_B_DIR
+
+    for preset, expected in ((AGEDB_DIR, (1.0, 0.07, 0.01, "published")), (IMDB_WIKI_DIR, (1.0, 0.07, 0.01, "published")),
+                             (NYUD2_DIR, (0.2, 0.07, 0.2, "nyud2"))):
+        loss = preset.conr()
+        assert (loss.w, loss.t, loss.e, loss.form) == expected, preset.name
+    assert AGEDB_DIR.conr(w=2.0).w == 2.0
+    with pytest.raises(ValueError, match="STS-B-DIR"):
+        STS_B_DIR.conr()
