@@ -580,6 +580,8 @@ def test_every_triton_kernel_compiles_for_sm90_within_its_limits(tmp_path):
     expected |= {("calibrate", "_tables_kernel"), ("calibrate", "_apply_kernel"), ("smooth_bins", "_smooth_kernel"),
                  ("mixture_logpdf", "_forward_kernel"), ("mixture_logpdf_backward", "_backward_kernel"),
                  ("conr_loss", "_conr_kernel"), ("conr_loss_backward", "_conr_kernel")}
+    expected |= {("ranksim_loss", name) for name in ("_rank_kernel", "_row_kernel")}
+    expected |= {("ranksim_loss_backward", name) for name in ("_rank_kernel", "_row_kernel", "_surrogate_kernel")}
     expected |= {("rnc_loss", name) for name in ("_pairs_kernel", "_suffix_kernel", "_terms_kernel")}
     expected |= {("rnc_loss_backward", name) for name in ("_pairs_kernel", "_suffix_kernel", "_weights_kernel")}
     assert compiled == expected

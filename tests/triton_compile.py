@@ -92,7 +92,7 @@ def _ptxas_report(ptx: str, arch: int) -> dict:
 def _cases():
     """(name, call) pairs: each op on the layouts and dtypes the GPU benchmarks and tests use, at
     sizes that pick the same kernels and launch sizes (rows enough for the "csr" strategy)."""
-    from dirfast.triton import bin_stats, calibrate, conr_loss, mixture_logpdf, rnc_loss, smooth_bins
+    from dirfast.triton import bin_stats, calibrate, conr_loss, mixture_logpdf, ranksim_loss, rnc_loss, smooth_bins
 
     gen = torch.Generator().manual_seed(0)
     cases = []
@@ -135,6 +135,11 @@ def _cases():
         cases.append((f"conr_loss {tag}", lambda t=conr: conr_loss.conr_loss(*t, *options)))
         cases.append((f"conr_loss_backward {tag}", lambda t=conr: conr_loss.conr_loss_backward(
             torch.ones(512, dtype=torch.float64 if dtype == torch.float64 else torch.float32), *t, *options)))
+        rank = (torch.randn(256, 512, generator=gen).to(dtype), torch.randperm(1024, generator=gen)[:256, None].to(dtype),
+                torch.ones(256, dtype=torch.bool))
+        cases.append((f"ranksim_loss {tag}", lambda t=rank: ranksim_loss.ranksim_loss(*t, 2.0, 0, 256)))
+        cases.append((f"ranksim_loss_backward {tag}", lambda t=rank: ranksim_loss.ranksim_loss_backward(
+            torch.ones(256, dtype=torch.float64 if dtype == torch.float64 else torch.float32), *t, 2.0, 0, 256)))
     return cases
 
 
@@ -142,7 +147,7 @@ def compile_all(arch: int = 90, only=None) -> list:
     """Compile every kernel launch of the cases (those whose name contains one of ``only``) for
     sm_<arch>; one row per (case, kernel)."""
     driver.set_active(_TargetOnlyDriver(arch))
-    from dirfast.triton import _common, bin_stats, calibrate, conr_loss, mixture_logpdf, rnc_loss, smooth_bins
+    from dirfast.triton import _common, bin_stats, calibrate, conr_loss, mixture_logpdf, ranksim_loss, rnc_loss, smooth_bins
 
     _common.check_device = lambda tensor, op: None  # CPU tensors stand in for CUDA ones
 
@@ -152,7 +157,7 @@ def compile_all(arch: int = 90, only=None) -> list:
         rows.append({"case": case_name[0], "kernel": kernel, "num_warps": warps,
                      "shared_bytes": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], arch)})
 
-    for module in (bin_stats, calibrate, conr_loss, mixture_logpdf, rnc_loss, smooth_bins):
+    for module in (bin_stats, calibrate, conr_loss, mixture_logpdf, ranksim_loss, rnc_loss, smooth_bins):
         for name, value in list(vars(module).items()):
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 setattr(module, name, _Compile(value, record))
