@@ -24,7 +24,7 @@ EXAMPLES = _examples()
 def test_readme_has_the_examples():
     names = {param.id for param in EXAMPLES}
     assert {"presets", "training-loop", "distributed", "epoch-hooks", "depth-maps", "balanced-mse",
-            "fds-after-relu", "several-dimensions", "density-weights", "diagnostics"} <= names, names
+            "fds-after-relu", "several-dimensions", "density-weights", "diagnostics", "pairwise-regularisers"} <= names, names
 
 
 @pytest.mark.parametrize("code", EXAMPLES)
