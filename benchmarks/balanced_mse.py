@@ -13,8 +13,6 @@ it (:func:`benchmarks.timing.peak_memory`), and both as ratios to the published 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 
 import torch
 
@@ -129,37 +127,17 @@ def format_rows(rows) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.balanced_mse", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
-    parser.add_argument("--quick", action="store_true", help="shorter measurements (benchmarks.timing.QUICK)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    timing.add_command_arguments(parser)
     parser.add_argument("--shape", default=",".join(map(str, SHAPE)), help="predictions' shape (default 8,1,240,320)")
     args = parser.parse_args(argv)
     try:
         shape = tuple(int(v) for v in args.shape.split(","))
     except ValueError:
         raise SystemExit(f"--shape must be integers separated by commas, got {args.shape!r}") from None
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = timing.machine_info(args.device)
-    machine = (info["gpu"] if args.device == "cuda" else
-               f"{info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} threads")
-    print(f"Balanced MSE {list(shape)} K={K} forward+backward on {args.device} ({machine}); torch {torch.__version__}",
-          flush=True)
-    load_before = timing.load_report(args.device)[0]
-    print(load_before, flush=True)
+    run_ = timing.Run(args, f"Balanced MSE {list(shape)} K={K} forward+backward")
     rows = run(args.device, args.quick, shape)
-    load_after, busy_after = timing.load_report(args.device, running=True)
-    print(format_rows(rows))
-    print(load_before)
-    print(load_after)
-    if args.json:
-        info.update(load_average_after=timing.load_average(), busy_after=busy_after)
-        with open(args.json, "w") as handle:
-            json.dump({"device": args.device, "machine": machine, "torch": torch.__version__, "shape": shape, "K": K,
-                       "info": info, "rules": dataclasses.asdict(timing.rules(args.quick)), "rows": rows},
-                      handle, indent=1)
-        print(f"wrote {args.json}")
+    run_.finish(format_rows(rows), rows, shape=shape, K=K)
+
 
 if __name__ == "__main__":
     main()

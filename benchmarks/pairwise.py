@@ -14,8 +14,6 @@ dirfast and for the published code where it finishes in reasonable time and memo
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 
 import torch
 
@@ -150,42 +148,23 @@ def format_rows(rows) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.pairwise", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
-    parser.add_argument("--quick", action="store_true", help="shorter measurements (benchmarks.timing.QUICK)")
+    timing.add_command_arguments(parser)
     parser.add_argument("--sweep", action="store_true", help=f"also n in {SWEEP_N} at D = {SWEEP_D}")
     parser.add_argument("--losses", default="rnc,conr,ranksim", help="which losses (default all three)")
     parser.add_argument("--no-compiled", action="store_true", help="leave out torch.compile of the reference")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     losses = args.losses.split(",")
     unknown = set(losses) - {"rnc", "conr", "ranksim"}
     if unknown:
         raise SystemExit(f"--losses must be among rnc, conr, ranksim, got {sorted(unknown)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    info = timing.machine_info(args.device)
-    machine = (info["gpu"] if args.device == "cuda" else
-               f"{info['cpu']}, {info['cpu_count']} cores, {info['torch_threads']} threads")
-    print(f"pairwise regularisers, forward+backward on {args.device} ({machine}); torch {torch.__version__}", flush=True)
-    load_before = timing.load_report(args.device)[0]
-    print(load_before, flush=True)
+    run = timing.Run(args, "pairwise regularisers, forward+backward")
     cases = [case for case in CASES if case[0] in losses]
     if args.sweep:
         cases += [(loss, n, SWEEP_D) for loss in losses for n in SWEEP_N]
     rows = []
     for loss, n, d in cases:
         rows += run_case(loss, n, d, args.device, args.quick, with_compiled=not args.no_compiled and (loss, n, d) in CASES)
-    load_after, busy_after = timing.load_report(args.device, running=True)
-    print(format_rows(rows))
-    print(load_before)
-    print(load_after)
-    if args.json:
-        info.update(load_average_after=timing.load_average(), busy_after=busy_after)
-        with open(args.json, "w") as handle:
-            json.dump({"device": args.device, "machine": machine, "torch": torch.__version__, "info": info,
-                       "rules": dataclasses.asdict(timing.rules(args.quick)), "rows": rows}, handle, indent=1)
-        print(f"wrote {args.json}")
+    run.finish(format_rows(rows), rows)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
+import dataclasses
 import gc
+import json
 import math
 import os
 import platform
@@ -263,6 +266,43 @@ def machine_name(info: dict) -> str:
     while "--" in safe:
         safe = safe.replace("--", "-")
     return safe.strip("-").lower() + ("" if info.get("gpu") else f"-{info.get('torch_threads')}t")
+
+
+# ------------------------------------------------------------------------------ a command's frame
+def add_command_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every side-by-side command takes: --device, --threads, --quick, --json."""
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
+    parser.add_argument("--quick", action="store_true", help="shorter measurements (benchmarks.timing.QUICK)")
+    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+
+
+class Run:
+    """One run of a command: sets the threads, prints ``title`` with the machine and the load
+    before; :meth:`finish` prints the table and the load before and after, and writes the JSON."""
+
+    def __init__(self, args, title: str) -> None:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.args, self.info = args, machine_info(args.device)
+        self.machine = (self.info["gpu"] if args.device == "cuda" else
+                        f"{self.info['cpu']}, {self.info['cpu_count']} cores, {self.info['torch_threads']} threads")
+        print(f"{title} on {args.device} ({self.machine}); torch {torch.__version__}", flush=True)
+        self.load_before = load_report(args.device)[0]
+        print(self.load_before, flush=True)
+
+    def finish(self, table: str, rows: list, **extra) -> None:
+        load_after, busy_after = load_report(self.args.device, running=True)
+        print(table)
+        print(self.load_before)
+        print(load_after)
+        if self.args.json:
+            self.info.update(load_average_after=load_average(), busy_after=busy_after)
+            with open(self.args.json, "w") as handle:
+                json.dump({"device": self.args.device, "machine": self.machine, "torch": torch.__version__, **extra,
+                           "info": self.info, "rules": dataclasses.asdict(rules(self.args.quick)), "rows": rows},
+                          handle, indent=1)
+            print(f"wrote {self.args.json}")
 
 
 # ------------------------------------------------------------------------------ memory
