@@ -339,15 +339,10 @@ struct Problem {
     q.resize(m * d);
     norm.resize(m);
     position.assign(m, -1);
-    torch::stable::parallel_for(0, m, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)),
-                                [&](int64_t first, int64_t last) {
-      for (int64_t r = first; r < last; ++r) {
-        norm[r] = std::sqrt(sum_of_squares(pz + r * d, d));
-        const acc_t scale = std::max(norm[r], static_cast<acc_t>(kNormEps));
-        for (int64_t j = 0; j < d; ++j) q[r * d + j] = pz[r * d + j] / scale;
-      }
-    });
     for (int64_t r = 0; r < m; ++r) {
+      norm[r] = std::sqrt(sum_of_squares(pz + r * d, d));
+      const acc_t scale = std::max(norm[r], static_cast<acc_t>(kNormEps));
+      for (int64_t j = 0; j < d; ++j) q[r * d + j] = pz[r * d + j] / scale;
       if (pk[r]) {
         position[r] = static_cast<int64_t>(kept.size());
         kept.push_back(r);
@@ -478,11 +473,61 @@ DIRFAST_NOINLINE bool row_terms(const Problem<acc_t>& pb, int64_t i, const acc_t
   return bad;
 }
 
-// body(anchor index t into pb.anchors, its similarity row, buffers) for every kept anchor, a
-// tile of kTileRows anchors a step.
+// The similarity matrix [M, M_pad] when every key is an anchor (anchor t is key t, the
+// published use): C is symmetric, and q_i . q_j and q_j . q_i are the same chain of multiply-adds
+// (the products commute), so only the 48 x 48 blocks on and above the diagonal are computed and
+// the rest copied (by the task of each row, before it reads the row) -- half the multiply-adds,
+// the same bits.
+constexpr int64_t kBlock = 48;  // a multiple of kTileRows and of kPad
+
+template <typename acc_t>
+DIRFAST_NOINLINE std::vector<acc_t> similarity_matrix(const Problem<acc_t>& pb) {
+  const int64_t n = pb.size, np = pb.size_pad, d = pb.d;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (row block, column block), column >= row
+  for (int64_t rb = 0; rb < blocks; ++rb) {
+    for (int64_t cb = rb; cb < blocks; ++cb) tasks.emplace_back(rb, cb);
+  }
+  std::vector<acc_t> c(n * np);
+  const int64_t block_madds = kBlock * kBlock * std::max<int64_t>(d, 1);
+  torch::stable::parallel_for(0, static_cast<int64_t>(tasks.size()),
+                              std::max<int64_t>(1, (int64_t(1) << 16) / block_madds), [&](int64_t first, int64_t last) {
+    std::vector<acc_t> spill(kBlock);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t r0 = tasks[task].first * kBlock, c0 = tasks[task].second * kBlock;
+      const int64_t width = std::min(kBlock, np - c0);  // a multiple of kPad
+      for (int64_t t0 = r0; t0 < std::min(r0 + kBlock, n); t0 += kTileRows) {
+        const acc_t* rows[kTileRows];
+        acc_t* outs[kTileRows];
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const int64_t row = t0 + r;
+          rows[r] = &pb.keys[std::min(row, n - 1) * d];
+          outs[r] = row < n ? &c[row * np + c0] : spill.data();
+        }
+        tile(rows, pb.keys_t.data() + c0 * d, d, width, outs);
+      }
+    }
+  });
+  return c;
+}
+
+// body(anchor index t into pb.anchors, its similarity row, buffers) for every kept anchor:
+// from the symmetric matrix when every key is an anchor, else a tile of kTileRows anchors a step.
 template <typename acc_t, typename Body>
 void for_each_anchor(const Problem<acc_t>& pb, Body&& body) {
   const int64_t na = static_cast<int64_t>(pb.anchors.size());
+  if (na == pb.size) {
+    std::vector<acc_t> c = similarity_matrix(pb);
+    const int64_t np = pb.size_pad;
+    torch::stable::parallel_for(0, na, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, na)), [&](int64_t first, int64_t last) {
+      RowBuffers<acc_t> buf(pb);
+      for (int64_t t = first; t < last; ++t) {
+        for (int64_t j = 0; j < t / kBlock * kBlock; ++j) c[t * np + j] = c[j * np + t];  // (j, t) is above the diagonal
+        body(t, &c[t * np], buf);
+      }
+    });
+    return;
+  }
   const int64_t tiles = (na + kTileRows - 1) / kTileRows;
   torch::stable::parallel_for(0, tiles, pb.grain(), [&](int64_t first, int64_t last) {
     RowBuffers<acc_t> buf(pb);
@@ -538,28 +583,62 @@ DIRFAST_NOINLINE void surrogate_rows(const Problem<acc_t>& pb, int64_t offset, c
   });
 }
 
-// grad_q of the kept rows, [M, D_pad]: key p gets sum_j dC_pj q_j when it is an anchor (its
-// anchor part) plus sum_a dC_ap q_a (its key part). When every key is an anchor (the published
-// use: all rows anchors), both are one product, (dC + dC^T) keys; else two, dC keys for the
-// anchors and dC^T q_anchors for the keys, each of about na M D multiply-adds.
+// grad_z of row r from its grad_q (gq, D values; null: zero): the backward of F.normalize.
 template <typename acc_t>
-DIRFAST_NOINLINE std::vector<acc_t> key_gradients(const Problem<acc_t>& pb, const std::vector<acc_t>& d_cos) {
+inline void normalize_row(const Problem<acc_t>& pb, int64_t r, const acc_t* gq, acc_t* grad_z) {
+  const int64_t d = pb.d;
+  const acc_t* qr = &pb.q[r * d];
+  acc_t* out = grad_z + r * d;
+  acc_t inner = 0;
+  if (gq) {
+    for (int64_t j = 0; j < d; ++j) inner += qr[j] * gq[j];
+  } else {
+    for (int64_t j = 0; j < d; ++j) inner += qr[j] * acc_t(0);  // NaN for a NaN row, as the reference
+  }
+  for (int64_t j = 0; j < d; ++j) {
+    const acc_t g = gq ? gq[j] : acc_t(0);
+    out[j] = pb.norm[r] >= static_cast<acc_t>(kNormEps) ? (g - qr[j] * inner) / pb.norm[r]
+                                                        : g / static_cast<acc_t>(kNormEps);
+  }
+}
+
+// grad_z from the surrogate rows dC ([na, M]). grad_q of kept row p is sum_j dC_pj q_j when it is
+// an anchor (its anchor part) plus sum_a dC_ap q_a (its key part). When every key is an anchor
+// (the published use) both are one product, (dC + dC^T) keys, a tile of kTileRows rows of
+// dC + dC^T built, multiplied and normalised in one task; else two products, dC keys for the
+// anchors and dC^T q_anchors for the keys (each about na M D multiply-adds), then the normalising.
+template <typename acc_t>
+DIRFAST_NOINLINE void feature_gradients(const Problem<acc_t>& pb, const std::vector<acc_t>& d_cos, acc_t* grad_z) {
   const int64_t n = pb.size, d = pb.d, dp = pb.d_pad, na = static_cast<int64_t>(pb.anchors.size());
-  std::vector<acc_t> grad_q(n * dp, acc_t(0));
+  for (int64_t r = 0; r < pb.m; ++r) {
+    if (pb.position[r] < 0) normalize_row(pb, r, static_cast<const acc_t*>(nullptr), grad_z);
+  }
   std::vector<const acc_t*> key_rows(n);
   for (int64_t p = 0; p < n; ++p) key_rows[p] = &pb.keys[p * d];
   const std::vector<acc_t> keys_b = pack_rows(key_rows.data(), n, d, dp);
   if (na == n) {  // anchor t is key t
-    std::vector<acc_t> w(n * n);
-    torch::stable::parallel_for(0, n, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, n)), [&](int64_t first, int64_t last) {
-      for (int64_t p = first; p < last; ++p) {
-        for (int64_t j = 0; j < n; ++j) w[p * n + j] = d_cos[p * n + j] + d_cos[j * n + p];
+    const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kTileRows * n * dp));
+    torch::stable::parallel_for(0, tiles, grain, [&](int64_t first, int64_t last) {
+      std::vector<acc_t> w(kTileRows * n), gq(kTileRows * dp);
+      for (int64_t t = first; t < last; ++t) {
+        const acc_t* rows[kTileRows];
+        acc_t* outs[kTileRows];
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const int64_t p = std::min(t * kTileRows + r, n - 1);  // a short last tile repeats its last row
+          for (int64_t j = 0; j < n; ++j) w[r * n + j] = d_cos[p * n + j] + d_cos[j * n + p];
+          rows[r] = &w[r * n];
+          outs[r] = &gq[r * dp];
+        }
+        tile(rows, keys_b.data(), n, dp, outs);
+        for (int64_t r = 0; r < kTileRows && t * kTileRows + r < n; ++r) {
+          normalize_row(pb, pb.kept[t * kTileRows + r], outs[r], grad_z);
+        }
       }
     });
-    product(w.data(), n, n, keys_b, n, dp, grad_q.data());
-    return grad_q;
+    return;
   }
-  std::vector<acc_t> grad_anchor(na * dp), d_cos_t(n * na);
+  std::vector<acc_t> grad_q(n * dp), grad_anchor(na * dp), d_cos_t(n * na);
   product(d_cos.data(), n, na, keys_b, n, dp, grad_anchor.data());
   for (int64_t t = 0; t < na; ++t) {
     for (int64_t p = 0; p < n; ++p) d_cos_t[p * na + t] = d_cos[t * n + p];
@@ -573,28 +652,9 @@ DIRFAST_NOINLINE std::vector<acc_t> key_gradients(const Problem<acc_t>& pb, cons
     const acc_t* ga = &grad_anchor[t * dp];
     for (int64_t j = 0; j < d; ++j) g[j] = ga[j] + g[j];
   }
-  return grad_q;
-}
-
-// grad_z of every row from grad_q (zero for the rows not kept): the backward of F.normalize.
-template <typename acc_t>
-DIRFAST_NOINLINE void normalize_backward(const Problem<acc_t>& pb, const std::vector<acc_t>& grad_q, acc_t* grad_z) {
-  const int64_t d = pb.d, dp = pb.d_pad;
-  torch::stable::parallel_for(0, pb.m, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)),
+  torch::stable::parallel_for(0, n, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)),
                               [&](int64_t first, int64_t last) {
-    const std::vector<acc_t> zero(d, acc_t(0));
-    for (int64_t r = first; r < last; ++r) {
-      const acc_t* gq = pb.position[r] >= 0 ? &grad_q[pb.position[r] * dp] : zero.data();
-      const acc_t* qr = &pb.q[r * d];
-      acc_t inner = 0;
-      for (int64_t j = 0; j < d; ++j) inner += qr[j] * gq[j];
-      acc_t* out = grad_z + r * d;
-      if (pb.norm[r] >= static_cast<acc_t>(kNormEps)) {
-        for (int64_t j = 0; j < d; ++j) out[j] = (gq[j] - qr[j] * inner) / pb.norm[r];
-      } else {
-        for (int64_t j = 0; j < d; ++j) out[j] = gq[j] / static_cast<acc_t>(kNormEps);
-      }
-    }
+    for (int64_t p = first; p < last; ++p) normalize_row(pb, pb.kept[p], &grad_q[p * dp], grad_z);
   });
 }
 
@@ -631,7 +691,7 @@ Tensor ranksim_loss_backward_cpu(const Tensor& grad, const Tensor& features, con
     const Problem<acc_t> pb(features, labels, keep, acc, offset, count);
     std::vector<acc_t> d_cos(pb.anchors.size() * pb.size);
     surrogate_rows(pb, offset, gc.const_data_ptr<acc_t>(), lambda_val, d_cos.data());
-    normalize_backward(pb, key_gradients(pb, d_cos), grad_z.mutable_data_ptr<acc_t>());
+    feature_gradients(pb, d_cos, grad_z.mutable_data_ptr<acc_t>());
   });
   return torch::stable::to(grad_z, features.scalar_type());
 }
