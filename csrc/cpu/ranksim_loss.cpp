@@ -1,15 +1,17 @@
 // dirfast::ranksim_loss on CPU: RankSim's per-anchor rank-similarity loss and its blackbox
 // backward (dirfast/ops/ranksim_loss.py states the definition), without an [m, m, D] tensor.
 //
-// The features are normalised once (q = z / max(||z||, 1e-12)) and the kept rows gathered into
-// one [M, D] block of keys. Each anchor row is then independent work for one thread: its cosine
-// row (dot products four keys at a time over GCC vectors, the same arithmetic for every key, so
-// identical rows tie exactly), its label distances, and the ranks of both rows by one std::sort
-// each with the (value descending, key index ascending) order -- NaN first -- O(M log M) per
-// row. The backward recomputes these, sorts the shifted row C + lambda G, keeps the surrogate
-// row dC in a [count, M] buffer, and forms grad_q of the anchors (sum_j dC_aj q_j, per anchor)
-// and of the keys (sum_a dC_aj q_a, per key, anchors in order): no sum depends on the threads,
-// so any number of threads gives the same bits.
+// The features are normalised once and the kept rows gathered into [M, D] keys. Similarities
+// come from 6 x 16 register tiles of FMA products, one fixed multiply-add chain per value, so
+// identical keys tie exactly; when every key is an anchor (the published use) the matrix is
+// symmetric and only its upper blocks are computed. Per anchor row (one thread each): the
+// label-distance ranks -- for 1-D finite labels a merge outward from the anchor in one global
+// sort of the labels, O(M), else a sort -- and the similarity ranks, by a bucket pass and an
+// insertion sort (comparison sorts of ~256 floats mispredict most branches); the order is
+// (value descending, NaN first, key index ascending). The backward recomputes these, ranks the
+// shifted row C + lambda G, and forms grad_q with (dC + dC^T) keys (or dC keys and
+// dC^T q_anchors when not every key is an anchor), fused with the F.normalize backward. No
+// value depends on how the rows are split, so any number of threads gives the same bits.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
