@@ -232,11 +232,27 @@ def _one_per_label(labels: torch.Tensor, generator) -> torch.Tensor:
 
 
 def _highest_priority(labels: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
-    index = torch.arange(priority.shape[0], device=priority.device)
-    same = (labels[:, None, :] == labels[None, :, :]).all(-1)  # [n, n]
-    beaten = (priority[None, :] > priority[:, None]) | ((priority[None, :] == priority[:, None])
-                                                       & (index[None, :] < index[:, None]))
-    return ~(same & beaten).any(1)
+    """Row i is kept when no row j of the same label row (every column ==: a NaN matches
+    nothing, -0 matches +0) has priority[j] > priority[i], or an equal priority and j < i. By
+    sorts of n values, no [n, n] temporary (and no host read): the rows put in label order by
+    stable sorts on each column, last first, so equal label rows are adjacent; a row starts a
+    group where it differs from the previous one; then rows ordered by (group, priority
+    descending, index) -- stable sorts from index order -- and the first of each group kept."""
+    n = priority.shape[0]
+    device = priority.device
+    y = labels + 0.0  # -0 -> +0, so that the sorts cannot separate equal labels
+    order = torch.arange(n, device=device)
+    for k in reversed(range(y.shape[1])):
+        order = order[torch.sort(y[order, k], stable=True).indices]
+    ordered = y[order]
+    starts = torch.ones(n, dtype=torch.bool, device=device)
+    starts[1:] = (ordered[1:] != ordered[:-1]).any(1)
+    group = torch.empty(n, dtype=torch.int64, device=device).scatter_(0, order, torch.cumsum(starts, 0))
+    by = torch.sort(priority, descending=True, stable=True).indices
+    by = by[torch.sort(group[by], stable=True).indices]
+    first = torch.ones(n, dtype=torch.bool, device=device)
+    first[1:] = group[by[1:]] != group[by[:-1]]
+    return torch.zeros(n, dtype=torch.bool, device=device).scatter_(0, by, first)
 
 
 def ranksim_loss(features, targets, lambda_val=2.0, generator: torch.Generator | None = None, *,

@@ -290,6 +290,49 @@ def test_compile_fullgraph(backend):
         torch.testing.assert_close(a, b)
 
 
+def _cpp_path_inputs(path):
+    """Inputs that send the C++ kernel down one of its paths (see csrc/cpu/ranksim_loss.cpp)."""
+    g = gen(40)
+    m, d = 100, 24
+    features = torch.randn(m, d, generator=g)
+    labels = torch.randperm(4 * m, generator=g)[:m].float()[:, None] / 4
+    keep = torch.ones(m, dtype=torch.bool)
+    offset, count = 0, m
+    if path == "clustered":  # 90 rows within a bucket or two: an insertion sort past its budget
+        # +-1 entries, D = 1024: every similarity a multiple of 2 / 1024, exact in any order
+        d = 1024
+        features = torch.randint(0, 2, (m, d), generator=g).float() * 2 - 1
+        flips = torch.rand(90, d, generator=g) < torch.rand(90, 1, generator=g) * 0.003
+        features[:90] = torch.where(flips, -features[0], features[0])
+    elif path == "infinite label":  # 1-D labels with an infinity: distances and a sort per row
+        labels[7] = math.inf
+    elif path == "several labels":
+        labels = torch.randint(0, 30, (m, 2), generator=g).float()
+    elif path == "some anchors":  # not every key an anchor: no symmetric matrix, two products
+        keep = torch.rand(m, generator=g) < 0.9
+        offset, count = 10, 70
+    elif path == "duplicate labels":  # ties in label distance on one side and on both sides
+        labels = torch.randint(0, 12, (m, 1), generator=g).float() / 2
+    return features, labels, keep, offset, count
+
+
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"], reason="the C++ kernels are not built here")
+@pytest.mark.parametrize("path", ["plain", "clustered", "infinite label", "several labels", "some anchors",
+                                  "duplicate labels"])
+def test_cpp_paths_match_the_reference(path):
+    """Each path of the C++ kernel (M >= 64: the bucketed rank sort; its std::sort hand-over;
+    the label merge or the per-row distances; the symmetric or the general similarities and
+    gradient products) against the reference, in float32."""
+    features, labels, keep, offset, count = _cpp_path_inputs(path)
+    upstream = torch.rand(count, generator=gen(41)) + 0.5
+    out, grad = run("cpp", features, labels, keep, 2.0, offset, count, upstream)
+    torch.testing.assert_close(out, reference(features, labels, keep, 2.0, offset, count), equal_nan=True,
+                               **tol(torch.float32))
+    want = reference_backward(upstream, features, labels, keep, 2.0, offset, count)
+    assert torch.equal(torch.isnan(grad), torch.isnan(want))
+    close_grads(torch.nan_to_num(grad), torch.nan_to_num(want), torch.float32, torch.float32)
+
+
 @pytest.mark.skipif(not dirfast.backends()["cpp"]["available"], reason="the C++ kernels are not built here")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_cpp_same_bits_for_any_thread_count(dtype):

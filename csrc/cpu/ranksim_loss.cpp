@@ -1,15 +1,17 @@
 // dirfast::ranksim_loss on CPU: RankSim's per-anchor rank-similarity loss and its blackbox
 // backward (dirfast/ops/ranksim_loss.py states the definition), without an [m, m, D] tensor.
 //
-// The features are normalised once (q = z / max(||z||, 1e-12)) and the kept rows gathered into
-// one [M, D] block of keys. Each anchor row is then independent work for one thread: its cosine
-// row (dot products four keys at a time over GCC vectors, the same arithmetic for every key, so
-// identical rows tie exactly), its label distances, and the ranks of both rows by one std::sort
-// each with the (value descending, key index ascending) order -- NaN first -- O(M log M) per
-// row. The backward recomputes these, sorts the shifted row C + lambda G, keeps the surrogate
-// row dC in a [count, M] buffer, and forms grad_q of the anchors (sum_j dC_aj q_j, per anchor)
-// and of the keys (sum_a dC_aj q_a, per key, anchors in order): no sum depends on the threads,
-// so any number of threads gives the same bits.
+// The features are normalised once and the kept rows gathered into [M, D] keys. Similarities
+// come from 6 x 16 register tiles of FMA products, one fixed multiply-add chain per value, so
+// identical keys tie exactly; when every key is an anchor (the published use) the matrix is
+// symmetric and only its upper blocks are computed. Per anchor row (one thread each): the
+// label-distance ranks -- for 1-D finite labels a merge outward from the anchor in one global
+// sort of the labels, O(M), else a sort -- and the similarity ranks, by a bucket pass and an
+// insertion sort (comparison sorts of ~256 floats mispredict most branches); the order is
+// (value descending, NaN first, key index ascending). The backward recomputes these, ranks the
+// shifted row C + lambda G, and forms grad_q with (dC + dC^T) keys (or dC keys and
+// dC^T q_anchors when not every key is an anchor), fused with the F.normalize backward. No
+// value depends on how the rows are split, so any number of threads gives the same bits.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,7 +30,7 @@ constexpr double kNormEps = 1e-12;   // F.normalize's eps
 constexpr double kLambdaEps = 1e-8;  // the published backward divides by lambda + 1e-8
 
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
-#define RANKSIM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define RANKSIM_CLONES __attribute__((target_clones("fma", "default")))
 #else
 #define RANKSIM_CLONES
 #endif
@@ -59,12 +61,30 @@ void check_ranksim_args(const Tensor& features, const Tensor& labels, const Tens
                   "] (m - offset), got ", count);
 }
 
-// ---------------------------------------------------------------------------- dot products
-// out[p] = a . keys[p] for p < n (keys [n, D] row-major), four keys at a time: a vector
-// accumulator per key, summed lane by lane in order, then the tail. A last group of fewer than
-// four keys repeats its last key (computed and dropped), so every key gets the same arithmetic.
+// ---------------------------------------------------------------------------- products
+// out[r][c] = sum_k a[r][k] b[k][c] for kTileRows rows a[r] (kdim values each) and the columns
+// c < ncols of a b packed by panels of P = 2 W columns (panel j at b + j * P * kdim, its row k
+// P values): one multiply-add per k, in k order, for every (r, c) in 6 x P register tiles -- the
+// same arithmetic for every row and column, so identical keys get identical similarities, and
+// no value depends on how the rows are split across threads.
 typedef float vf8 __attribute__((vector_size(8 * sizeof(float)), aligned(4)));
 typedef double vd4 __attribute__((vector_size(4 * sizeof(double)), aligned(8)));
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  using type = vf8;
+  static constexpr int width = 8;
+};
+template <>
+struct Vec<double> {
+  using type = vd4;
+  static constexpr int width = 4;
+};
+
+constexpr int64_t kTileRows = 6;
+constexpr int64_t kPad = 16;  // packed columns padded to a multiple of both panel widths (16, 8)
 
 template <typename V, typename T>
 inline V load_v(const T* p) {
@@ -73,53 +93,135 @@ inline V load_v(const T* p) {
   return v;
 }
 
-template <typename V, typename T, int W>
-inline void dots_impl(const T* a, const T* keys, int64_t d_size, int64_t n, T* out) {
-  for (int64_t p = 0; p < n; p += 4) {
-    const T* k[4];
-    for (int t = 0; t < 4; ++t) k[t] = keys + std::min(p + t, n - 1) * d_size;
-    V s0 = V{}, s1 = V{}, s2 = V{}, s3 = V{};
-    int64_t d = 0;
-    for (; d + W <= d_size; d += W) {
-      const V va = load_v<V>(a + d);
-      s0 += va * load_v<V>(k[0] + d);
-      s1 += va * load_v<V>(k[1] + d);
-      s2 += va * load_v<V>(k[2] + d);
-      s3 += va * load_v<V>(k[3] + d);
+template <typename T>
+__attribute__((always_inline)) inline void tile_impl(const T* const* a, const T* b, int64_t kdim, int64_t ncols, T* const* out) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  const T *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+  for (int64_t c = 0; c < ncols; c += 2 * W) {
+    const T* bp = b + c * kdim;
+    V s00 = V{}, s01 = V{}, s10 = V{}, s11 = V{}, s20 = V{}, s21 = V{};
+    V s30 = V{}, s31 = V{}, s40 = V{}, s41 = V{}, s50 = V{}, s51 = V{};
+    for (int64_t k = 0; k < kdim; ++k) {
+      const V b0 = load_v<V>(bp + k * 2 * W), b1 = load_v<V>(bp + k * 2 * W + W);
+      T x = a0[k];
+      s00 += x * b0;
+      s01 += x * b1;
+      x = a1[k];
+      s10 += x * b0;
+      s11 += x * b1;
+      x = a2[k];
+      s20 += x * b0;
+      s21 += x * b1;
+      x = a3[k];
+      s30 += x * b0;
+      s31 += x * b1;
+      x = a4[k];
+      s40 += x * b0;
+      s41 += x * b1;
+      x = a5[k];
+      s50 += x * b0;
+      s51 += x * b1;
     }
-    T r[4] = {0, 0, 0, 0};
-    for (int lane = 0; lane < W; ++lane) {
-      r[0] += s0[lane];
-      r[1] += s1[lane];
-      r[2] += s2[lane];
-      r[3] += s3[lane];
+    const V s[kTileRows][2] = {{s00, s01}, {s10, s11}, {s20, s21}, {s30, s31}, {s40, s41}, {s50, s51}};
+    for (int r = 0; r < kTileRows; ++r) {
+      std::memcpy(out[r] + c, &s[r][0], sizeof(V));
+      std::memcpy(out[r] + c + W, &s[r][1], sizeof(V));
     }
-    for (; d < d_size; ++d) {
-      for (int t = 0; t < 4; ++t) r[t] += a[d] * k[t][d];
-    }
-    for (int t = 0; t < 4 && p + t < n; ++t) out[p + t] = r[t];
   }
 }
 
-RANKSIM_CLONES void dots(const float* a, const float* keys, int64_t d_size, int64_t n, float* out) {
-  dots_impl<vf8, float, 8>(a, keys, d_size, n, out);
+RANKSIM_CLONES void tile(const float* const* a, const float* b, int64_t kdim, int64_t ncols, float* const* out) {
+  tile_impl<float>(a, b, kdim, ncols, out);
 }
 
-RANKSIM_CLONES void dots(const double* a, const double* keys, int64_t d_size, int64_t n, double* out) {
-  dots_impl<vd4, double, 4>(a, keys, d_size, n, out);
+RANKSIM_CLONES void tile(const double* const* a, const double* b, int64_t kdim, int64_t ncols, double* const* out) {
+  tile_impl<double>(a, b, kdim, ncols, out);
+}
+
+// sum_j x[j]^2 for j < n: W lanes of partial sums, added lane by lane, then the tail.
+template <typename T>
+__attribute__((always_inline)) inline T sum_of_squares_impl(const T* x, int64_t n) {
+  using V = typename Vec<T>::type;
+  constexpr int W = Vec<T>::width;
+  V s = V{};
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const V v = load_v<V>(x + j);
+    s += v * v;
+  }
+  T total = 0;
+  for (int lane = 0; lane < W; ++lane) total += s[lane];
+  for (; j < n; ++j) total += x[j] * x[j];
+  return total;
+}
+
+RANKSIM_CLONES float sum_of_squares(const float* x, int64_t n) { return sum_of_squares_impl(x, n); }
+RANKSIM_CLONES double sum_of_squares(const double* x, int64_t n) { return sum_of_squares_impl(x, n); }
+
+inline int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
+
+// b[k][c] = src[c][k] (src [n, len] row-major; c < n, zero up to npad) packed by panels.
+template <typename T>
+std::vector<T> pack_transposed(const T* src, int64_t n, int64_t len, int64_t npad) {
+  constexpr int64_t P = 2 * Vec<T>::width;
+  std::vector<T> b(npad * len, T(0));
+  for (int64_t c0 = 0; c0 < n; c0 += P) {  // P source rows at a time: P reads in order, writes in order
+    T* panel = &b[c0 * len];
+    const int64_t w = std::min(P, n - c0);
+    for (int64_t k = 0; k < len; ++k) {
+      for (int64_t c = 0; c < w; ++c) panel[k * P + c] = src[(c0 + c) * len + k];
+    }
+  }
+  return b;
+}
+
+// b[k][c] = rows[k][c] (rows[k] len values; c < len, zero up to lenpad) packed by panels.
+template <typename T>
+std::vector<T> pack_rows(const T* const* rows, int64_t n, int64_t len, int64_t lenpad) {
+  constexpr int64_t P = 2 * Vec<T>::width;
+  std::vector<T> b(lenpad * n, T(0));
+  for (int64_t c0 = 0; c0 < len; c0 += P) {
+    T* panel = &b[c0 * n];
+    const int64_t w = std::min(P, len - c0);
+    for (int64_t k = 0; k < n; ++k) std::copy(rows[k] + c0, rows[k] + c0 + w, panel + k * P);
+  }
+  return b;
+}
+
+// out[r] = sum_k a[r][k] b[k] for r < nrows (a[r] = a + r * lda, out [nrows, ncols]), b packed.
+template <typename T>
+void product(const T* a, int64_t lda, int64_t nrows, const std::vector<T>& b, int64_t kdim, int64_t ncols, T* out) {
+  if (nrows == 0) return;
+  const int64_t tiles = (nrows + kTileRows - 1) / kTileRows;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kTileRows * kdim * ncols));
+  torch::stable::parallel_for(0, tiles, grain, [&](int64_t first, int64_t last) {
+    std::vector<T> spill(ncols);
+    for (int64_t t = first; t < last; ++t) {
+      const T* rows[kTileRows];
+      T* outs[kTileRows];
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        const int64_t row = t * kTileRows + r;
+        rows[r] = a + std::min(row, nrows - 1) * lda;  // a short last tile repeats its last row
+        outs[r] = row < nrows ? out + row * ncols : spill.data();
+      }
+      tile(rows, b.data(), kdim, ncols, outs);
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------- ranks
 // rank[p] = the 0-based position of v[p] in the order (value descending, NaN first, then index
 // ascending): each value becomes an unsigned key that sorts ascending in that order (-0 as +0,
 // every NaN as one NaN above +inf), so the sort compares integers: a strict total order, also
-// with NaN. float32: key and index packed in one uint64; float64: a (key, index) pair.
+// with NaN.
 inline uint32_t descending_bits(float v) {
-  if (std::isnan(v)) v = std::numeric_limits<float>::quiet_NaN();
   v = v + 0.0f;  // -0 -> +0
   uint32_t b;
   std::memcpy(&b, &v, sizeof(b));
-  return ~((b & 0x80000000u) ? ~b : (b | 0x80000000u));
+  b = v != v ? 0x7fc00000u : b;  // one NaN
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(b) >> 31) | 0x80000000u;
+  return ~(b ^ flip);  // without branches: the signs of the values are unpredictable
 }
 
 inline uint64_t descending_bits(double v) {
@@ -131,69 +233,101 @@ inline uint64_t descending_bits(double v) {
 }
 
 struct SortScratch {
-  std::vector<uint64_t> packed;                       // float32
+  std::vector<uint64_t> packed;                      // float32: key << 32 | index
   std::vector<std::pair<uint64_t, int32_t>> pairs;   // float64
+  std::vector<uint32_t> bucket, count;               // float32 bucket pass
 };
 
-DIRFAST_NOINLINE void descending_ranks(const float* v, int64_t n, SortScratch& scratch, int32_t* rank) {
-  scratch.packed.resize(n);
-  for (int64_t p = 0; p < n; ++p) scratch.packed[p] = (uint64_t(descending_bits(v[p])) << 32) | uint64_t(p);
-  std::sort(scratch.packed.begin(), scratch.packed.end());
-  for (int64_t p = 0; p < n; ++p) rank[scratch.packed[p] & 0xffffffffu] = static_cast<int32_t>(p);
-}
+// float32: the packed keys (key << 32 | index, all distinct) put in order. From kBucketMin
+// finite values with a spread, a bucket pass first: 2 n buckets over mean +- 3 standard
+// deviations (the rest in the end buckets), filled in index order, then an insertion sort,
+// which only moves keys within a bucket -- O(n) for the similarity rows, which are bell-shaped
+// (an O(n log n) sort of 256 keys mispredicts most of its branches). An insertion sort that
+// moves more than 8 n keys (a skewed row) hands over to std::sort; so do short rows, rows with a NaN or an
+// infinity, and flat rows.
+constexpr int64_t kBucketMin = 64;
 
-DIRFAST_NOINLINE void descending_ranks(const double* v, int64_t n, SortScratch& scratch, int32_t* rank) {
-  scratch.pairs.resize(n);
-  for (int64_t p = 0; p < n; ++p) scratch.pairs[p] = {descending_bits(v[p]), static_cast<int32_t>(p)};
-  std::sort(scratch.pairs.begin(), scratch.pairs.end());
-  for (int64_t p = 0; p < n; ++p) rank[scratch.pairs[p].second] = static_cast<int32_t>(p);
-}
-
-// out[j] = sum_p w[p] rows[p][j] for j < d (rows [n, d] row-major, p ascending): 32 outputs at a
-// time held in registers over p, so the result of each j is one fixed sequence of multiply-adds.
-template <typename T, int W>
-inline void combine_impl(const T* w, const T* rows, int64_t n, int64_t d, T* out) {
-  typedef T V __attribute__((vector_size(W * sizeof(T)), aligned(sizeof(T))));
-  int64_t j = 0;
-  for (; j + 4 * W <= d; j += 4 * W) {
-    V s0 = V{}, s1 = V{}, s2 = V{}, s3 = V{};
-    for (int64_t p = 0; p < n; ++p) {
-      const T* r = rows + p * d + j;
-      const T wp = w[p];
-      s0 += wp * load_v<V>(r);
-      s1 += wp * load_v<V>(r + W);
-      s2 += wp * load_v<V>(r + 2 * W);
-      s3 += wp * load_v<V>(r + 3 * W);
+DIRFAST_NOINLINE void descending_ranks(const float* v, int64_t n, SortScratch& s, int32_t* rank) {
+  s.packed.resize(n);
+  uint64_t* o = s.packed.data();
+  vf8 sum8 = vf8{}, squares8 = vf8{};  // the moments only place the buckets
+  int64_t p0 = 0;
+  for (; p0 + 8 <= n; p0 += 8) {
+    const vf8 x = load_v<vf8>(v + p0);
+    sum8 += x;
+    squares8 += x * x;
+  }
+  float sum = 0, squares = 0;
+  for (int lane = 0; lane < 8; ++lane) {
+    sum += sum8[lane];
+    squares += squares8[lane];
+  }
+  for (; p0 < n; ++p0) {
+    sum += v[p0];
+    squares += v[p0] * v[p0];
+  }
+  const bool nan = !std::isfinite(sum) || !std::isfinite(squares);  // a NaN or an infinity
+  const float mean = sum / static_cast<float>(n);
+  const float sd = std::sqrt(std::max(squares / static_cast<float>(n) - mean * mean, 0.0f));
+  int64_t buckets = 1;
+  while (buckets < 2 * n) buckets <<= 1;
+  const float low = mean - 3 * sd, scale = static_cast<float>(buckets) / (6 * sd);
+  if (n < kBucketMin || nan || !(scale > 0) || !std::isfinite(scale) || !std::isfinite(low)) {
+    for (int64_t p = 0; p < n; ++p) o[p] = (uint64_t(descending_bits(v[p])) << 32) | uint64_t(p);
+    std::sort(o, o + n);
+  } else {
+    s.bucket.resize(n);
+    s.count.assign(buckets + 1, 0);
+    uint32_t* b = s.bucket.data();
+    uint32_t* c = s.count.data();
+    const float top = static_cast<float>(buckets - 1);
+    for (int64_t p = 0; p < n; ++p) {  // descending: the largest values in bucket 0
+      b[p] = static_cast<uint32_t>(buckets - 1) - static_cast<uint32_t>(std::min(std::max((v[p] - low) * scale, 0.0f), top));
     }
-    std::memcpy(out + j, &s0, sizeof(V));
-    std::memcpy(out + j + W, &s1, sizeof(V));
-    std::memcpy(out + j + 2 * W, &s2, sizeof(V));
-    std::memcpy(out + j + 3 * W, &s3, sizeof(V));
+    for (int64_t p = 0; p < n; ++p) ++c[b[p] + 1];
+    for (int64_t k = 1; k <= buckets; ++k) c[k] += c[k - 1];
+    for (int64_t p = 0; p < n; ++p) o[c[b[p]]++] = (uint64_t(descending_bits(v[p])) << 32) | uint64_t(p);
+    int64_t moves = 0;
+    for (int64_t t = 1; t < n; ++t) {
+      const uint64_t x = o[t];
+      int64_t u = t;
+      for (; u > 0 && o[u - 1] > x; --u) o[u] = o[u - 1];
+      o[u] = x;
+      moves += t - u;
+      if (moves > 8 * n) {
+        std::sort(o, o + n);
+        break;
+      }
+    }
   }
-  for (; j < d; ++j) {
-    T s = 0;
-    for (int64_t p = 0; p < n; ++p) s += w[p] * rows[p * d + j];
-    out[j] = s;
-  }
+  for (int64_t p = 0; p < n; ++p) rank[o[p] & 0xffffffffu] = static_cast<int32_t>(p);
 }
 
-RANKSIM_CLONES void combine(const float* w, const float* rows, int64_t n, int64_t d, float* out) {
-  combine_impl<float, 8>(w, rows, n, d, out);
-}
-
-RANKSIM_CLONES void combine(const double* w, const double* rows, int64_t n, int64_t d, double* out) {
-  combine_impl<double, 4>(w, rows, n, d, out);
+DIRFAST_NOINLINE void descending_ranks(const double* v, int64_t n, SortScratch& s, int32_t* rank) {
+  s.pairs.resize(n);
+  for (int64_t p = 0; p < n; ++p) s.pairs[p] = {descending_bits(v[p]), static_cast<int32_t>(p)};
+  std::sort(s.pairs.begin(), s.pairs.end());
+  for (int64_t p = 0; p < n; ++p) rank[s.pairs[p].second] = static_cast<int32_t>(p);
 }
 
 // ---------------------------------------------------------------------------- shared setup
 template <typename acc_t>
 struct Problem {
   int64_t m = 0, d = 0, labels_dim = 0, size = 0;  // size = M, the kept rows
+  int64_t size_pad = 0, d_pad = 0;                 // M and D rounded up to kPad
   std::vector<acc_t> q, norm, keys, y;             // q [m, D]; keys [M, D] the kept rows of q; y [m, L]
   std::vector<int64_t> kept;                       // the kept rows, ascending
   std::vector<int64_t> position;                   // row -> its position among the kept rows, or -1
+  std::vector<int64_t> anchors;                    // the kept rows among offset .. offset + count - 1
+  std::vector<acc_t> keys_t;                       // keys^T [D, M] packed for `product`/`tile`
+  // 1-D labels, every kept one finite: the kept keys sorted by (label, position) once, and the
+  // slot of each key in that order (see label_ranks).
+  bool sorted_labels = false;
+  std::vector<acc_t> sorted_value;
+  std::vector<int32_t> sorted_key, slot;
 
-  Problem(const Tensor& features, const Tensor& labels, const Tensor& keep, ScalarType acc) {
+  Problem(const Tensor& features, const Tensor& labels, const Tensor& keep, ScalarType acc, int64_t offset,
+          int64_t count) {
     const Tensor z = contiguous_as(features, acc);
     const Tensor yt = contiguous_as(labels, acc);
     const Tensor kt = torch::stable::contiguous(keep);
@@ -208,52 +342,204 @@ struct Problem {
     norm.resize(m);
     position.assign(m, -1);
     for (int64_t r = 0; r < m; ++r) {
-      acc_t sum = 0;
-      for (int64_t j = 0; j < d; ++j) sum += pz[r * d + j] * pz[r * d + j];
-      norm[r] = std::sqrt(sum);
+      norm[r] = std::sqrt(sum_of_squares(pz + r * d, d));
       const acc_t scale = std::max(norm[r], static_cast<acc_t>(kNormEps));
       for (int64_t j = 0; j < d; ++j) q[r * d + j] = pz[r * d + j] / scale;
       if (pk[r]) {
         position[r] = static_cast<int64_t>(kept.size());
         kept.push_back(r);
+        if (r >= offset && r < offset + count) anchors.push_back(r);
       }
     }
     size = static_cast<int64_t>(kept.size());
+    size_pad = round_up(size, kPad);
+    d_pad = round_up(d, kPad);
     keys.resize(size * d);
     for (int64_t p = 0; p < size; ++p) std::copy(&q[kept[p] * d], &q[kept[p] * d] + d, &keys[p * d]);
+    keys_t = pack_transposed(keys.data(), size, d, size_pad);
+
+    sorted_labels = labels_dim == 1;
+    for (int64_t p = 0; p < size && sorted_labels; ++p) sorted_labels = std::isfinite(y[kept[p]]);
+    if (sorted_labels) {
+      sorted_key.resize(size);
+      std::iota(sorted_key.begin(), sorted_key.end(), 0);
+      std::sort(sorted_key.begin(), sorted_key.end(), [&](int32_t a, int32_t b) {
+        const acc_t ya = y[kept[a]], yb = y[kept[b]];
+        return ya < yb || (ya == yb && a < b);
+      });
+      sorted_value.resize(size);
+      slot.resize(size);
+      for (int64_t s = 0; s < size; ++s) {
+        sorted_value[s] = y[kept[sorted_key[s]]];
+        slot[sorted_key[s]] = static_cast<int32_t>(s);
+      }
+    }
   }
 
-  // Anchors per task: a task of at least ~2^16 multiply-adds, so small inputs run on one thread.
-  int64_t grain() const { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, size * (d + 16))); }
+  // Anchor tiles per task: a task of at least ~2^16 multiply-adds, so small inputs run on one thread.
+  int64_t grain() const {
+    return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kTileRows * size * (d + 16)));
+  }
 };
 
-// Per-thread buffers of one anchor row.
+// Per-thread buffers: the similarities of one tile of anchors and the rows of one anchor.
 template <typename acc_t>
 struct RowBuffers {
-  std::vector<acc_t> cos, neg_dist, work;
-  std::vector<int32_t> rank_cos, rank_dist, rank_work;
+  std::vector<acc_t> cos, neg_dist, work, order_dist;
+  std::vector<int32_t> rank_cos, rank_dist, rank_work, order_key;
   SortScratch scratch;
-  explicit RowBuffers(int64_t n) : cos(n), neg_dist(n), work(n), rank_cos(n), rank_dist(n), rank_work(n) {}
+  explicit RowBuffers(const Problem<acc_t>& pb)
+      : cos(kTileRows * pb.size_pad), neg_dist(pb.size), work(pb.size), order_dist(pb.size), rank_cos(pb.size),
+        rank_dist(pb.size), rank_work(pb.size), order_key(pb.size) {}
 };
 
-// The cosine row of anchor row i, its negated label distances and both rank rows; true when a
-// value of either row is NaN.
+// The similarity rows of the anchors first .. first + kTileRows - 1 (anchor indices into
+// pb.anchors; a short last tile repeats its last anchor) into buf.cos, kTileRows rows of M_pad.
 template <typename acc_t>
-DIRFAST_NOINLINE bool row_terms(const Problem<acc_t>& pb, int64_t i, RowBuffers<acc_t>& buf) {
-  const int64_t n = pb.size, L = pb.labels_dim;
-  dots(&pb.q[i * pb.d], pb.keys.data(), pb.d, n, buf.cos.data());
-  const acc_t* yi = &pb.y[i * L];
-  bool bad = false;
-  for (int64_t p = 0; p < n; ++p) {
-    const acc_t* yj = &pb.y[pb.kept[p] * L];
-    acc_t dist = 0;
-    for (int64_t k = 0; k < L; ++k) dist += std::abs(yi[k] - yj[k]);
-    buf.neg_dist[p] = -dist;
-    bad = bad || std::isnan(dist) || std::isnan(buf.cos[p]);
+void similarity_tile(const Problem<acc_t>& pb, int64_t first, RowBuffers<acc_t>& buf) {
+  const int64_t na = static_cast<int64_t>(pb.anchors.size());
+  const acc_t* rows[kTileRows];
+  acc_t* outs[kTileRows];
+  for (int64_t r = 0; r < kTileRows; ++r) {
+    rows[r] = &pb.keys[pb.position[pb.anchors[std::min(first + r, na - 1)]] * pb.d];
+    outs[r] = &buf.cos[r * pb.size_pad];
   }
-  descending_ranks(buf.cos.data(), n, buf.scratch, buf.rank_cos.data());
-  descending_ranks(buf.neg_dist.data(), n, buf.scratch, buf.rank_dist.data());
+  tile(rows, pb.keys_t.data(), pb.d, pb.size_pad, outs);
+}
+
+// rank_dist of a 1-D finite label row from the global order: the keys come in increasing
+// distance by a merge outward from the anchor's slot (left and right, each side monotone in
+// |y_i - y_j| as rounding is monotone), O(M) instead of a sort; runs of equal distance are
+// then put in key order, the tie rule.
+template <typename acc_t>
+void label_ranks(const Problem<acc_t>& pb, int64_t key, RowBuffers<acc_t>& buf) {
+  const int64_t n = pb.size;
+  const acc_t* v = pb.sorted_value.data();
+  const int32_t* ks = pb.sorted_key.data();
+  acc_t* od = buf.order_dist.data();
+  int32_t* ok = buf.order_key.data();
+  const int64_t s0 = pb.slot[key];
+  const acc_t yi = v[s0];
+  od[0] = 0;
+  ok[0] = static_cast<int32_t>(key);
+  int64_t l = s0 - 1, r = s0 + 1, t = 1;
+  while (l >= 0 && r < n) {  // without branches: the side taken is unpredictable
+    const acc_t dl = std::abs(yi - v[l]), dr = std::abs(yi - v[r]);
+    const int64_t left = dl <= dr;
+    const int64_t from = r + left * (l - r);
+    od[t] = left ? dl : dr;
+    ok[t] = ks[from];
+    l -= left;
+    r += 1 - left;
+    ++t;
+  }
+  for (; l >= 0; --l, ++t) {
+    od[t] = std::abs(yi - v[l]);
+    ok[t] = ks[l];
+  }
+  for (; r < n; ++r, ++t) {
+    od[t] = std::abs(yi - v[r]);
+    ok[t] = ks[r];
+  }
+  for (int64_t a = 1; a < n; ++a) {
+    if (od[a] != od[a - 1]) continue;
+    int64_t b = a + 1;
+    while (b < n && od[b] == od[a]) ++b;
+    std::sort(ok + a - 1, ok + b);
+    a = b;
+  }
+  for (int64_t p = 0; p < n; ++p) buf.rank_dist[ok[p]] = static_cast<int32_t>(p);
+}
+
+// The label-distance ranks and similarity ranks of anchor row i, whose similarity row is cos;
+// true when a value of either row is NaN.
+template <typename acc_t>
+DIRFAST_NOINLINE bool row_terms(const Problem<acc_t>& pb, int64_t i, const acc_t* cos, RowBuffers<acc_t>& buf) {
+  const int64_t n = pb.size, L = pb.labels_dim;
+  bool bad = false;
+  for (int64_t p = 0; p < n; ++p) bad |= cos[p] != cos[p];
+  if (pb.sorted_labels) {
+    label_ranks(pb, pb.position[i], buf);
+  } else {
+    const acc_t* yi = &pb.y[i * L];
+    for (int64_t p = 0; p < n; ++p) {
+      const acc_t* yj = &pb.y[pb.kept[p] * L];
+      acc_t dist = 0;
+      for (int64_t k = 0; k < L; ++k) dist += std::abs(yi[k] - yj[k]);
+      buf.neg_dist[p] = -dist;
+      bad = bad || std::isnan(dist);
+    }
+    descending_ranks(buf.neg_dist.data(), n, buf.scratch, buf.rank_dist.data());
+  }
+  descending_ranks(cos, n, buf.scratch, buf.rank_cos.data());
   return bad;
+}
+
+// The similarity matrix [M, M_pad] when every key is an anchor (anchor t is key t, the
+// published use): C is symmetric, and q_i . q_j and q_j . q_i are the same chain of multiply-adds
+// (the products commute), so only the 48 x 48 blocks on and above the diagonal are computed and
+// the rest copied (by the task of each row, before it reads the row) -- half the multiply-adds,
+// the same bits.
+constexpr int64_t kBlock = 48;  // a multiple of kTileRows and of kPad
+
+template <typename acc_t>
+DIRFAST_NOINLINE std::vector<acc_t> similarity_matrix(const Problem<acc_t>& pb) {
+  const int64_t n = pb.size, np = pb.size_pad, d = pb.d;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+  std::vector<std::pair<int64_t, int64_t>> tasks;  // (row block, column block), column >= row
+  for (int64_t rb = 0; rb < blocks; ++rb) {
+    for (int64_t cb = rb; cb < blocks; ++cb) tasks.emplace_back(rb, cb);
+  }
+  std::vector<acc_t> c(n * np);
+  const int64_t block_madds = kBlock * kBlock * std::max<int64_t>(d, 1);
+  torch::stable::parallel_for(0, static_cast<int64_t>(tasks.size()),
+                              std::max<int64_t>(1, (int64_t(1) << 16) / block_madds), [&](int64_t first, int64_t last) {
+    std::vector<acc_t> spill(kBlock);
+    for (int64_t task = first; task < last; ++task) {
+      const int64_t r0 = tasks[task].first * kBlock, c0 = tasks[task].second * kBlock;
+      const int64_t width = std::min(kBlock, np - c0);  // a multiple of kPad
+      for (int64_t t0 = r0; t0 < std::min(r0 + kBlock, n); t0 += kTileRows) {
+        const acc_t* rows[kTileRows];
+        acc_t* outs[kTileRows];
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const int64_t row = t0 + r;
+          rows[r] = &pb.keys[std::min(row, n - 1) * d];
+          outs[r] = row < n ? &c[row * np + c0] : spill.data();
+        }
+        tile(rows, pb.keys_t.data() + c0 * d, d, width, outs);
+      }
+    }
+  });
+  return c;
+}
+
+// body(anchor index t into pb.anchors, its similarity row, buffers) for every kept anchor:
+// from the symmetric matrix when every key is an anchor, else a tile of kTileRows anchors a step.
+template <typename acc_t, typename Body>
+void for_each_anchor(const Problem<acc_t>& pb, Body&& body) {
+  const int64_t na = static_cast<int64_t>(pb.anchors.size());
+  if (na == pb.size) {
+    std::vector<acc_t> c = similarity_matrix(pb);
+    const int64_t np = pb.size_pad;
+    torch::stable::parallel_for(0, na, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, na)), [&](int64_t first, int64_t last) {
+      RowBuffers<acc_t> buf(pb);
+      for (int64_t t = first; t < last; ++t) {
+        for (int64_t j = 0; j < t / kBlock * kBlock; ++j) c[t * np + j] = c[j * np + t];  // (j, t) is above the diagonal
+        body(t, &c[t * np], buf);
+      }
+    });
+    return;
+  }
+  const int64_t tiles = (na + kTileRows - 1) / kTileRows;
+  torch::stable::parallel_for(0, tiles, pb.grain(), [&](int64_t first, int64_t last) {
+    RowBuffers<acc_t> buf(pb);
+    for (int64_t tl = first; tl < last; ++tl) {
+      similarity_tile(pb, tl * kTileRows, buf);
+      for (int64_t r = 0; r < kTileRows && tl * kTileRows + r < na; ++r) {
+        body(tl * kTileRows + r, &buf.cos[r * pb.size_pad], buf);
+      }
+    }
+  });
 }
 
 // ---------------------------------------------------------------------------- forward
@@ -261,100 +547,116 @@ template <typename acc_t>
 DIRFAST_NOINLINE void forward_rows(const Problem<acc_t>& pb, int64_t offset, int64_t count, acc_t* out) {
   const int64_t n = pb.size;
   const acc_t size = static_cast<acc_t>(n);
-  torch::stable::parallel_for(0, count, pb.grain(), [&](int64_t first, int64_t last) {
-    RowBuffers<acc_t> buf(n);
-    for (int64_t a = first; a < last; ++a) {
-      const int64_t i = offset + a;
-      if (pb.position[i] < 0) {
-        out[a] = 0;
-        continue;
-      }
-      const bool bad = row_terms(pb, i, buf);
-      acc_t total = 0;
-      for (int64_t p = 0; p < n; ++p) {
-        const acc_t diff = static_cast<acc_t>(buf.rank_cos[p] + 1) / size - static_cast<acc_t>(buf.rank_dist[p] + 1) / size;
-        total += diff * diff;
-      }
-      out[a] = bad ? std::numeric_limits<acc_t>::quiet_NaN() : total / size;
+  std::fill(out, out + count, acc_t(0));
+  for_each_anchor(pb, [&](int64_t t, const acc_t* cos, RowBuffers<acc_t>& buf) {
+    const int64_t i = pb.anchors[t];
+    const bool bad = row_terms(pb, i, cos, buf);
+    acc_t total = 0;
+    for (int64_t p = 0; p < n; ++p) {
+      const acc_t diff = static_cast<acc_t>(buf.rank_cos[p] + 1) / size - static_cast<acc_t>(buf.rank_dist[p] + 1) / size;
+      total += diff * diff;
     }
+    out[i - offset] = bad ? std::numeric_limits<acc_t>::quiet_NaN() : total / size;
   });
 }
 
 // ---------------------------------------------------------------------------- backward
-// The surrogate row dC of every kept anchor ([count, M], zero rows for the others) and the
-// anchors' part of grad_q ([count, D]).
+// The surrogate row dC of every kept anchor ([na, M], row t the anchor pb.anchors[t]).
 template <typename acc_t>
-DIRFAST_NOINLINE void surrogate_rows(const Problem<acc_t>& pb, int64_t offset, int64_t count, const acc_t* grad,
-                                     double lambda_val, acc_t* d_cos, acc_t* grad_anchor) {
-  const int64_t n = pb.size, d = pb.d;
+DIRFAST_NOINLINE void surrogate_rows(const Problem<acc_t>& pb, int64_t offset, const acc_t* grad, double lambda_val,
+                                     acc_t* d_cos) {
+  const int64_t n = pb.size;
   const acc_t size = static_cast<acc_t>(n);
   const acc_t lambda = static_cast<acc_t>(lambda_val), denom = static_cast<acc_t>(lambda_val + kLambdaEps);
-  torch::stable::parallel_for(0, count, pb.grain(), [&](int64_t first, int64_t last) {
-    RowBuffers<acc_t> buf(n);
-    for (int64_t a = first; a < last; ++a) {
-      acc_t* row = d_cos + a * n;
-      acc_t* ga = grad_anchor + a * d;
-      std::fill(row, row + n, acc_t(0));
-      std::fill(ga, ga + d, acc_t(0));
-      const int64_t i = offset + a;
-      if (pb.position[i] < 0) continue;
-      const bool bad = row_terms(pb, i, buf);
-      const acc_t g2 = grad[a] * acc_t(2);
-      for (int64_t p = 0; p < n; ++p) {  // C' = C + lambda G, as the reference rounds it
-        const acc_t diff = static_cast<acc_t>(buf.rank_cos[p] + 1) / size - static_cast<acc_t>(buf.rank_dist[p] + 1) / size;
-        buf.work[p] = buf.cos[p] + lambda * (g2 * diff / size);
-      }
-      descending_ranks(buf.work.data(), n, buf.scratch, buf.rank_work.data());
-      for (int64_t p = 0; p < n; ++p) {
-        const acc_t moved = static_cast<acc_t>(buf.rank_cos[p] + 1) / size - static_cast<acc_t>(buf.rank_work[p] + 1) / size;
-        row[p] = bad ? std::numeric_limits<acc_t>::quiet_NaN() : -moved / denom;
-      }
-      combine(row, pb.keys.data(), n, d, ga);  // grad_q of the anchor: sum_j dC_aj q_j
+  for_each_anchor(pb, [&](int64_t t, const acc_t* cos, RowBuffers<acc_t>& buf) {
+    const int64_t i = pb.anchors[t];
+    acc_t* row = d_cos + t * n;
+    const bool bad = row_terms(pb, i, cos, buf);
+    const acc_t g2 = grad[i - offset] * acc_t(2);
+    for (int64_t p = 0; p < n; ++p) {  // C' = C + lambda G, as the reference rounds it
+      const acc_t diff = static_cast<acc_t>(buf.rank_cos[p] + 1) / size - static_cast<acc_t>(buf.rank_dist[p] + 1) / size;
+      buf.work[p] = cos[p] + lambda * (g2 * diff / size);
+    }
+    descending_ranks(buf.work.data(), n, buf.scratch, buf.rank_work.data());
+    for (int64_t p = 0; p < n; ++p) {
+      const acc_t moved = static_cast<acc_t>(buf.rank_cos[p] + 1) / size - static_cast<acc_t>(buf.rank_work[p] + 1) / size;
+      row[p] = bad ? std::numeric_limits<acc_t>::quiet_NaN() : -moved / denom;
     }
   });
 }
 
-// The keys' part of grad_q: sum over the anchors, in order, of dC_aj q_a ([M, D]).
+// grad_z of row r from its grad_q (gq, D values; null: zero): the backward of F.normalize.
 template <typename acc_t>
-DIRFAST_NOINLINE void key_gradients(const Problem<acc_t>& pb, int64_t offset, int64_t count, const acc_t* d_cos,
-                                    acc_t* grad_key) {
-  const int64_t n = pb.size, d = pb.d;
-  torch::stable::parallel_for(0, n, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, count * d)),
-                              [&](int64_t first, int64_t last) {
-    std::vector<acc_t> column(count);
-    for (int64_t p = first; p < last; ++p) {
-      for (int64_t a = 0; a < count; ++a) column[a] = d_cos[a * n + p];
-      combine(column.data(), &pb.q[offset * d], count, d, grad_key + p * d);
-    }
-  });
-}
-
-// grad_z of every row from grad_q = (anchor part) + (key part): the backward of F.normalize.
-template <typename acc_t>
-DIRFAST_NOINLINE void normalize_backward(const Problem<acc_t>& pb, int64_t offset, int64_t count,
-                                         const acc_t* grad_anchor, const acc_t* grad_key, acc_t* grad_z) {
+inline void normalize_row(const Problem<acc_t>& pb, int64_t r, const acc_t* gq, acc_t* grad_z) {
   const int64_t d = pb.d;
-  torch::stable::parallel_for(0, pb.m, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)),
+  const acc_t* qr = &pb.q[r * d];
+  acc_t* out = grad_z + r * d;
+  acc_t inner = 0;
+  if (gq) {
+    for (int64_t j = 0; j < d; ++j) inner += qr[j] * gq[j];
+  } else {
+    for (int64_t j = 0; j < d; ++j) inner += qr[j] * acc_t(0);  // NaN for a NaN row, as the reference
+  }
+  for (int64_t j = 0; j < d; ++j) {
+    const acc_t g = gq ? gq[j] : acc_t(0);
+    out[j] = pb.norm[r] >= static_cast<acc_t>(kNormEps) ? (g - qr[j] * inner) / pb.norm[r]
+                                                        : g / static_cast<acc_t>(kNormEps);
+  }
+}
+
+// grad_z from the surrogate rows dC ([na, M]). grad_q of kept row p is sum_j dC_pj q_j when it is
+// an anchor (its anchor part) plus sum_a dC_ap q_a (its key part). When every key is an anchor
+// (the published use) both are one product, (dC + dC^T) keys, a tile of kTileRows rows of
+// dC + dC^T built, multiplied and normalised in one task; else two products, dC keys for the
+// anchors and dC^T q_anchors for the keys (each about na M D multiply-adds), then the normalising.
+template <typename acc_t>
+DIRFAST_NOINLINE void feature_gradients(const Problem<acc_t>& pb, const std::vector<acc_t>& d_cos, acc_t* grad_z) {
+  const int64_t n = pb.size, d = pb.d, dp = pb.d_pad, na = static_cast<int64_t>(pb.anchors.size());
+  for (int64_t r = 0; r < pb.m; ++r) {
+    if (pb.position[r] < 0) normalize_row(pb, r, static_cast<const acc_t*>(nullptr), grad_z);
+  }
+  std::vector<const acc_t*> key_rows(n);
+  for (int64_t p = 0; p < n; ++p) key_rows[p] = &pb.keys[p * d];
+  const std::vector<acc_t> keys_b = pack_rows(key_rows.data(), n, d, dp);
+  if (na == n) {  // anchor t is key t
+    const int64_t tiles = (n + kTileRows - 1) / kTileRows;
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kTileRows * n * dp));
+    torch::stable::parallel_for(0, tiles, grain, [&](int64_t first, int64_t last) {
+      std::vector<acc_t> w(kTileRows * n), gq(kTileRows * dp);
+      for (int64_t t = first; t < last; ++t) {
+        const acc_t* rows[kTileRows];
+        acc_t* outs[kTileRows];
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const int64_t p = std::min(t * kTileRows + r, n - 1);  // a short last tile repeats its last row
+          for (int64_t j = 0; j < n; ++j) w[r * n + j] = d_cos[p * n + j] + d_cos[j * n + p];
+          rows[r] = &w[r * n];
+          outs[r] = &gq[r * dp];
+        }
+        tile(rows, keys_b.data(), n, dp, outs);
+        for (int64_t r = 0; r < kTileRows && t * kTileRows + r < n; ++r) {
+          normalize_row(pb, pb.kept[t * kTileRows + r], outs[r], grad_z);
+        }
+      }
+    });
+    return;
+  }
+  std::vector<acc_t> grad_q(n * dp), grad_anchor(na * dp), d_cos_t(n * na);
+  product(d_cos.data(), n, na, keys_b, n, dp, grad_anchor.data());
+  for (int64_t t = 0; t < na; ++t) {
+    for (int64_t p = 0; p < n; ++p) d_cos_t[p * na + t] = d_cos[t * n + p];
+  }
+  std::vector<const acc_t*> anchor_rows(na);
+  for (int64_t t = 0; t < na; ++t) anchor_rows[t] = &pb.keys[pb.position[pb.anchors[t]] * d];
+  const std::vector<acc_t> anchors_b = pack_rows(anchor_rows.data(), na, d, dp);
+  product(d_cos_t.data(), na, n, anchors_b, na, dp, grad_q.data());
+  for (int64_t t = 0; t < na; ++t) {
+    acc_t* g = &grad_q[pb.position[pb.anchors[t]] * dp];
+    const acc_t* ga = &grad_anchor[t * dp];
+    for (int64_t j = 0; j < d; ++j) g[j] = ga[j] + g[j];
+  }
+  torch::stable::parallel_for(0, n, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)),
                               [&](int64_t first, int64_t last) {
-    std::vector<acc_t> gq(d);
-    for (int64_t r = first; r < last; ++r) {
-      std::fill(gq.begin(), gq.end(), acc_t(0));
-      if (r >= offset && r < offset + count) {
-        for (int64_t j = 0; j < d; ++j) gq[j] = grad_anchor[(r - offset) * d + j];
-      }
-      if (pb.position[r] >= 0) {
-        for (int64_t j = 0; j < d; ++j) gq[j] += grad_key[pb.position[r] * d + j];
-      }
-      const acc_t* qr = &pb.q[r * d];
-      acc_t inner = 0;
-      for (int64_t j = 0; j < d; ++j) inner += qr[j] * gq[j];
-      acc_t* out = grad_z + r * d;
-      if (pb.norm[r] >= static_cast<acc_t>(kNormEps)) {
-        for (int64_t j = 0; j < d; ++j) out[j] = (gq[j] - qr[j] * inner) / pb.norm[r];
-      } else {
-        for (int64_t j = 0; j < d; ++j) out[j] = gq[j] / static_cast<acc_t>(kNormEps);
-      }
-    }
+    for (int64_t p = first; p < last; ++p) normalize_row(pb, pb.kept[p], &grad_q[p * dp], grad_z);
   });
 }
 
@@ -367,7 +669,7 @@ Tensor ranksim_loss_cpu(const Tensor& features, const Tensor& labels, const Tens
   if (count == 0) return out;
   dispatch_acc(acc, [&](auto acc_scalar) {
     using acc_t = decltype(acc_scalar);
-    const Problem<acc_t> pb(features, labels, keep, acc);
+    const Problem<acc_t> pb(features, labels, keep, acc, offset, count);
     forward_rows(pb, offset, count, out.mutable_data_ptr<acc_t>());
   });
   return out;
@@ -388,11 +690,10 @@ Tensor ranksim_loss_backward_cpu(const Tensor& grad, const Tensor& features, con
   const Tensor gc = contiguous_as(grad, acc);
   dispatch_acc(acc, [&](auto acc_scalar) {
     using acc_t = decltype(acc_scalar);
-    const Problem<acc_t> pb(features, labels, keep, acc);
-    std::vector<acc_t> d_cos(count * pb.size), grad_anchor(count * d), grad_key(pb.size * d);
-    surrogate_rows(pb, offset, count, gc.const_data_ptr<acc_t>(), lambda_val, d_cos.data(), grad_anchor.data());
-    key_gradients(pb, offset, count, d_cos.data(), grad_key.data());
-    normalize_backward(pb, offset, count, grad_anchor.data(), grad_key.data(), grad_z.mutable_data_ptr<acc_t>());
+    const Problem<acc_t> pb(features, labels, keep, acc, offset, count);
+    std::vector<acc_t> d_cos(pb.anchors.size() * pb.size);
+    surrogate_rows(pb, offset, gc.const_data_ptr<acc_t>(), lambda_val, d_cos.data());
+    feature_gradients(pb, d_cos, grad_z.mutable_data_ptr<acc_t>());
   });
   return torch::stable::to(grad_z, features.scalar_type());
 }
