@@ -286,6 +286,79 @@ def test_gradcheck(backend, device):
                 lambda f: dirfast.ops.conr_loss(f, labels, preds, weights, *variant, offset, count), (leaf,))
 
 
+# =========================================================================== the C++ kernel's two paths
+def member_share(tensors, options):
+    """The share of the count x m pairs in an anchor's sums (a positive, or a negative of
+    non-zero push): the C++ kernel takes its sparse path at most 20%, its GEMM path above."""
+    _, labels, preds, weights = (t.double() for t in tensors)
+    w, _, e, push, _, _, offset, count = options
+    l = torch.cdist(labels[offset:offset + count], labels, p=1)
+    d = torch.cdist(preds[offset:offset + count], preds, p=1)
+    l[torch.arange(count), torch.arange(offset, offset + count)] = math.nan  # the self pair
+    coef = weights[offset:offset + count, None] * (1.0 if push == "exp" else e * l)
+    member = (l <= w) | ((l > w) & (d <= w) & (coef != 0))
+    return float(member.double().mean()) if member.numel() else 0.0
+
+
+# (m, D, L, offset, count, spread): the sparse path (labels spread wide: few pairs within w)
+# with all rows, subsets, D below, at and off a multiple of the vector width, members in runs
+# not a multiple of four; and the GEMM path (labels close) at the same sizes
+SPARSE = [(200, 37, 1, 0, 200, 60), (150, 16, 2, 30, 70, 16), (97, 5, 1, 96, 1, 60), (64, 64, 3, 0, 20, 7)]
+DENSE = [(200, 37, 1, 0, 200, 2), (150, 16, 1, 30, 70, 2), (64, 64, 1, 0, 20, 2)]
+
+
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"], reason="the C++ kernels are not built here")
+@pytest.mark.parametrize("m, d, num_labels, offset, count, spread", SPARSE + DENSE)
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cpp_paths_match_the_reference(m, d, num_labels, offset, count, spread, variant, dtype):
+    """Both paths of the C++ kernel (sparse dot products over the members, or GEMMs over all
+    pairs, chosen by the members' share) give the reference's values and gradients."""
+    tensors = conr_inputs(m, d, num_labels, dtype, seed=m + d + variant, spread=spread)
+    options = VARIANTS[variant] + (offset, count)
+    share = member_share(tensors, options)
+    assert share < 0.18 if (m, d, num_labels, offset, count, spread) in SPARSE else share > 0.3
+    upstream = torch.randn(count, generator=gen(20), dtype=dtype)
+    out, grad = run("cpp", tensors, options, upstream)
+    want, want_grad = expected(tensors, options, upstream)
+    assert bool((want != 0).any())  # anchors with pairs
+    torch.testing.assert_close(out, want, **tol(dtype))
+    assert_grad_close(grad, want_grad, dtype)
+
+
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"], reason="the C++ kernels are not built here")
+@pytest.mark.parametrize("spread", [40, 2], ids=["sparse", "gemm"])
+def test_cpp_paths_special_rows(spread):
+    """On both paths: identical and zero rows, a NaN label (its row in no pair), zero weights (no
+    negatives), a small temperature, float16 features; and a NaN feature (NaN in the anchors it
+    is paired with and its own; the values only, as test_nan_inputs)."""
+    m = 120
+    tensors = conr_inputs(m, 20, 1, torch.float64, seed=21, spread=spread)
+    features, labels, preds, weights = (t.clone() for t in tensors)
+    features[3] = features[1]
+    features[6] = 0.0
+    labels[12, 0] = math.nan
+    weights[15:30] = 0.0
+    special = (features, labels, preds, weights)
+    for tensors_, options_ in ((special, VARIANTS[0] + (0, m)), (special, VARIANTS[3] + (5, 60)),
+                               (tuple(t.float() for t in tensors), (1.0, 0.004, 0.01, "exp", True, False, 0, m)),
+                               ((tensors[0].half(),) + tensors[1:], VARIANTS[2] + (10, 50))):
+        share = member_share(tensors_, options_)
+        assert share < 0.18 if spread == 40 else share > 0.3
+        out, grad = run("cpp", tensors_, options_)
+        want, want_grad = expected(tensors_, options_)
+        assert bool(torch.isfinite(out).all()) and bool((out != 0).any())
+        torch.testing.assert_close(out, want, **tol(out.dtype))
+        assert_grad_close(grad, want_grad, tensors_[0].dtype)
+    out, _ = run("cpp", special, VARIANTS[0] + (0, m))
+    assert out[12] == 0
+    features[9, 2] = math.nan
+    out, _ = run("cpp", special, VARIANTS[0] + (0, m))
+    torch.testing.assert_close(out, expected(special, VARIANTS[0] + (0, m))[0], equal_nan=True,
+                               **tol(torch.float64))
+    assert bool(torch.isnan(out[9])) and bool(torch.isfinite(out).any())
+
+
 # =========================================================================== the op's registration
 def test_opcheck():
     """torch.library.opcheck of the forward and backward ops as the dispatcher runs them here
@@ -322,15 +395,21 @@ def test_compile_fullgraph(backend):
 
 @pytest.mark.skipif(not dirfast.backends()["cpp"]["available"], reason="the C++ kernels are not built here")
 def test_cpp_same_bits_for_any_thread_count():
-    """Forward and backward (both gradient paths: all anchors, and a subset of under half the
-    rows) give the same bits with 1 and 2 threads, rows spread over several tasks."""
-    tensors = conr_inputs(600, 24, 2, torch.float32, seed=16, spread=40)
+    """Forward and backward give the same bits with 1 and 2 threads, rows spread over several
+    tasks, on both paths (sparse: labels spread over 0..40; GEMM: over 0..2) and both GEMM
+    gradient paths (all anchors, and a subset of under half the rows)."""
     upstream = torch.rand(600, generator=gen(17))
     ops = torch.ops.dirfast
+    cases = [(conr_inputs(600, 24, 2, torch.float32, seed=16, spread=40), VARIANTS[0] + (0, 600)),
+             (conr_inputs(600, 24, 2, torch.float32, seed=16, spread=40), VARIANTS[2] + (100, 250)),
+             (conr_inputs(600, 24, 1, torch.float32, seed=16, spread=2), VARIANTS[0] + (0, 600)),
+             (conr_inputs(600, 24, 1, torch.float32, seed=16, spread=2), VARIANTS[2] + (100, 250))]
+    assert [member_share(t, o) < 0.1 for t, o in cases] == [True, True, False, False]
+    assert [member_share(t, o) > 0.5 for t, o in cases] == [False, False, True, True]
 
     def run_all():
         results = []
-        for options in (VARIANTS[0] + (0, 600), VARIANTS[2] + (100, 250)):
+        for tensors, options in cases:
             g = upstream[:options[-1]]
             results += [ops.conr_loss(*tensors, *options), ops.conr_loss_backward(g, *tensors, *options)]
         return results

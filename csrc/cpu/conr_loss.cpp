@@ -1,18 +1,24 @@
 // dirfast::conr_loss on CPU: the per-anchor ConR losses and their feature gradients
 // (dirfast/ops/conr_loss.py has the definition).
 //
-// The rows are normalised once (q = z / max(||z||, 1e-12)); the cosine rows of the anchors,
-// q_a . q_j for every key j, are one aten::mm (torch's GEMM, called through the dispatcher).
-// Then one fused pass per anchor, in one thread: the L1 label and prediction distances, the
-// positive and negative masks, each term's exponent and coefficient (into per-thread rows of
-// length m), the shift (the largest exponent among the terms, and 0 for the exp(0) terms), and
-// the sums. In float32 the masks and the exponentials (Cephes' polynomial, as mixture_logpdf.cpp)
-// run 8 keys at a time as GCC vectors, compiled for AVX-512, AVX2 and the baseline. The backward
-// recomputes the same pass, writes each anchor's coefficients
-// G_aj = grad_a d out_a / d prod_aj / tau over its cosine row, and turns them into the gradient
-// of q with GEMMs: (G + G^T) q when the anchors are at least half the rows, else G^T q_anchors
-// and G q added to the anchors' rows; then the normalisation's backward per row. Every sum is
-// made by one thread in a fixed order: the same bits for any number of threads.
+// The rows are normalised once (q = z / max(||z||, 1e-12)). Only the members of an anchor's sums
+// (its positives, and its negatives of non-zero push) need prod_aj = q_a . q_j / tau, and with
+// real labels (integer ages, w = 1) they are a few percent of the pairs; so one pass over the
+// label and prediction masks counts them, and the kernel takes one of two paths by their share
+// (kSparseDensity below):
+// - sparse: per anchor, the members' keys are compacted, their dot products computed (four keys
+//   at a time) and the sums made over them; the backward writes the members' coefficients
+//   G_aj = grad_a d out_a / d prod_aj / tau as sparse rows, transposes them (a counting sort),
+//   and sums grad_q[r] = sum_c (G(r, c) + G(c, r)) q_c over the member pairs only. No GEMM.
+// - GEMM: the cosine rows of the anchors are one aten::mm (torch's GEMM, called through the
+//   dispatcher), then one fused pass per anchor over all keys (masks, exponents, coefficients,
+//   shift and sums as 8-lane GCC vectors in float32); the backward writes the coefficients over
+//   the cosine rows and turns them into the gradient of q with GEMMs: (G + G^T) q when the anchors
+//   are at least half the rows, else G^T q_anchors and G q added to the anchors' rows.
+// Both paths share the sums (the shift is the largest exponent among the terms, and 0 for the
+// exp(0) terms; exponentials by Cephes' polynomial in float32, compiled for AVX-512, AVX2 and the
+// baseline) and end with the normalisation's backward per row. Every sum is made by one thread
+// in a fixed order: the same bits for any number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -148,11 +154,12 @@ DIRFAST_NOINLINE void write_coefficients(const acc_t* DIRFAST_RESTRICT terms, co
 // transposed ([L, m], acc), the weights (acc) and the options in acc.
 template <typename acc_t>
 struct Problem {
-  const acc_t* cosine;
+  const acc_t* cosine;  // the GEMM path's [count, m] rows; null on the sparse path
+  const acc_t* q;       // the normalised rows [m, d] (the sparse path's dot products)
   const acc_t* labels_t;
   const acc_t* preds_t;
   const acc_t* weights;
-  int64_t m, padded, num_labels, offset;
+  int64_t m, d, padded, num_labels, offset;
   acc_t w, tau, e;
   bool exp_push, exp0_terms, anchor_in_divisor;
 };
@@ -370,6 +377,295 @@ DIRFAST_NOINLINE void backward_rows(const Problem<acc_t>& pb, int64_t count, con
   });
 }
 
+// ---------------------------------------------------------------------------- the sparse path
+// Only the members of an anchor's sums (its positives, and its negatives of non-zero push) need
+// prod_aj: when they are a small share of the pairs, their dot products are computed one by one
+// instead of the [count, m] GEMM, and the gradient is a sum over the same pairs.
+
+// Whether key j is in anchor i's sums, from the label and prediction distances (the self pair has
+// a NaN label distance: in neither set). One predicate for the count pass and the anchor pass.
+template <bool kExpPush, typename acc_t>
+inline __attribute__((always_inline)) bool is_member(acc_t l, acc_t p, acc_t w, acc_t e, acc_t weight) {
+  const bool is_pos = l <= w;
+  const bool is_neg = (l > w) & (p <= w);
+  const acc_t coef_neg = kExpPush ? weight : weight * (e * l);
+  return is_pos | (is_neg & (coef_neg != acc_t(0)));
+}
+
+template <bool kExpPush, typename acc_t>
+DIRFAST_NOINLINE int64_t count_members(const acc_t* DIRFAST_RESTRICT dl, const acc_t* DIRFAST_RESTRICT dp,
+                                       int64_t m, acc_t w, acc_t e, acc_t weight) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < m; ++j) n += is_member<kExpPush>(dl[j], dp[j], w, e, weight) ? 1 : 0;
+  return n;
+}
+
+// The members' keys in order into idx and their label distances into ml; returns how many, and
+// the numbers of positives and negatives (negatives of zero push included, as the GEMM path).
+template <bool kExpPush, typename acc_t>
+DIRFAST_NOINLINE int64_t compact_members(const acc_t* DIRFAST_RESTRICT dl, const acc_t* DIRFAST_RESTRICT dp,
+                                         int64_t m, acc_t w, acc_t e, acc_t weight, int32_t* DIRFAST_RESTRICT idx,
+                                         acc_t* DIRFAST_RESTRICT ml, acc_t& n_pos, acc_t& n_neg) {
+  int64_t k = 0, pos = 0, neg = 0;
+  for (int64_t j = 0; j < m; ++j) {
+    const acc_t l = dl[j];
+    idx[k] = static_cast<int32_t>(j);
+    ml[k] = l;
+    k += is_member<kExpPush>(l, dp[j], w, e, weight) ? 1 : 0;
+    pos += l <= w ? 1 : 0;
+    neg += (l > w) & (dp[j] <= w) ? 1 : 0;
+  }
+  n_pos = static_cast<acc_t>(pos);
+  n_neg = static_cast<acc_t>(neg);
+  return k;
+}
+
+// 32-byte GCC vectors of acc_t for the dot products and the gradient's sums.
+template <typename acc_t>
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32), aligned(4)));
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32), aligned(8)));
+};
+
+template <typename V, typename acc_t>
+inline V load_v(const acc_t* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename V, typename acc_t>
+inline acc_t hsum(V v) {
+  constexpr int64_t n = sizeof(V) / sizeof(acc_t);
+  acc_t lanes[n];
+  std::memcpy(lanes, &v, sizeof(v));
+  acc_t total = 0;
+  for (int64_t t = 0; t < n; ++t) total += lanes[t];
+  return total;
+}
+
+// out[t] = anchor . q[idx[t]] for t < k, four keys at a time (two accumulators each).
+template <typename acc_t>
+inline __attribute__((always_inline)) void dot_keys_impl(const acc_t* DIRFAST_RESTRICT anchor, const acc_t* q,
+                                                         int64_t d, const int32_t* idx, int64_t k,
+                                                         acc_t* DIRFAST_RESTRICT out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t n = sizeof(V) / sizeof(acc_t);
+  int64_t t = 0;
+  for (; t + 4 <= k; t += 4) {
+    const acc_t* r[4] = {q + idx[t] * d, q + idx[t + 1] * d, q + idx[t + 2] * d, q + idx[t + 3] * d};
+    V s[4][2] = {};
+    int64_t c = 0;
+    for (; c + 2 * n <= d; c += 2 * n) {
+      const V x0 = load_v<V>(anchor + c), x1 = load_v<V>(anchor + c + n);
+      for (int u = 0; u < 4; ++u) {
+        s[u][0] += x0 * load_v<V>(r[u] + c);
+        s[u][1] += x1 * load_v<V>(r[u] + c + n);
+      }
+    }
+    for (int u = 0; u < 4; ++u) {
+      acc_t total = hsum<V, acc_t>(s[u][0] + s[u][1]);
+      for (int64_t cc = c; cc < d; ++cc) total += anchor[cc] * r[u][cc];
+      out[t + u] = total;
+    }
+  }
+  for (; t < k; ++t) {
+    const acc_t* r = q + idx[t] * d;
+    V s0 = {}, s1 = {};
+    int64_t c = 0;
+    for (; c + 2 * n <= d; c += 2 * n) {
+      s0 += load_v<V>(anchor + c) * load_v<V>(r + c);
+      s1 += load_v<V>(anchor + c + n) * load_v<V>(r + c + n);
+    }
+    acc_t total = hsum<V, acc_t>(s0 + s1);
+    for (; c < d; ++c) total += anchor[c] * r[c];
+    out[t] = total;
+  }
+}
+
+// out[c] += sum_t val[t] q[idx[t]][c] over t < k in order, four rows at a time.
+template <typename acc_t>
+inline __attribute__((always_inline)) void gather_rows_impl(const acc_t* q, int64_t d, const int32_t* idx,
+                                                            const acc_t* val, int64_t k, acc_t* DIRFAST_RESTRICT out) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int64_t n = sizeof(V) / sizeof(acc_t);
+  int64_t t = 0;
+  for (; t + 4 <= k; t += 4) {
+    const acc_t* r0 = q + idx[t] * d;
+    const acc_t* r1 = q + idx[t + 1] * d;
+    const acc_t* r2 = q + idx[t + 2] * d;
+    const acc_t* r3 = q + idx[t + 3] * d;
+    const acc_t v0 = val[t], v1 = val[t + 1], v2 = val[t + 2], v3 = val[t + 3];
+    int64_t c = 0;
+    for (; c + n <= d; c += n) {
+      const V sum = (v0 * load_v<V>(r0 + c) + v1 * load_v<V>(r1 + c)) +
+                    (v2 * load_v<V>(r2 + c) + v3 * load_v<V>(r3 + c));
+      const V o = load_v<V>(out + c) + sum;
+      std::memcpy(out + c, &o, sizeof(o));
+    }
+    for (; c < d; ++c) out[c] += (v0 * r0[c] + v1 * r1[c]) + (v2 * r2[c] + v3 * r3[c]);
+  }
+  for (; t < k; ++t) {
+    const acc_t* r = q + idx[t] * d;
+    const acc_t v = val[t];
+    for (int64_t c = 0; c < d; ++c) out[c] += v * r[c];
+  }
+}
+
+#define DIRFAST_SPARSE_KERNELS(T)                                                                             \
+  DIRFAST_CLONES DIRFAST_NOINLINE void dot_keys(const T* anchor, const T* q, int64_t d, const int32_t* idx,  \
+                                                int64_t k, T* out) {                                         \
+    dot_keys_impl(anchor, q, d, idx, k, out);                                                                 \
+  }                                                                                                           \
+  DIRFAST_CLONES DIRFAST_NOINLINE void gather_rows(const T* q, int64_t d, const int32_t* idx, const T* val,   \
+                                                   int64_t k, T* out) {                                      \
+    gather_rows_impl(q, d, idx, val, k, out);                                                                 \
+  }
+DIRFAST_SPARSE_KERNELS(float)
+DIRFAST_SPARSE_KERNELS(double)
+#undef DIRFAST_SPARSE_KERNELS
+
+// The members of each anchor's sums (one pass over the masks, no dot products): counts[a].
+template <typename acc_t>
+int64_t member_counts(const Problem<acc_t>& pb, int64_t count, int64_t* counts) {
+  torch::stable::parallel_for(0, count, grain_rows(pb.m), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> dl(pb.m), dp(pb.m);
+    for (int64_t a = begin; a < end; ++a) {
+      const int64_t i = pb.offset + a;
+      l1_row(pb.labels_t, pb.num_labels, pb.m, i, dl.data());
+      l1_row(pb.preds_t, pb.num_labels, pb.m, i, dp.data());
+      dl[i] = std::numeric_limits<acc_t>::quiet_NaN();
+      counts[a] = pb.exp_push ? count_members<true>(dl.data(), dp.data(), pb.m, pb.w, pb.e, pb.weights[i])
+                              : count_members<false>(dl.data(), dp.data(), pb.m, pb.w, pb.e, pb.weights[i]);
+    }
+  });
+  int64_t total = 0;
+  for (int64_t a = 0; a < count; ++a) total += counts[a];
+  return total;
+}
+
+// The sparse path's scratch rows (padded entries): the distances, the members' keys and label
+// distances, and each member's exponent, coefficient, positive flag and shifted term.
+template <typename acc_t>
+struct SparseScratch {
+  std::vector<acc_t> labels, preds, ml, x, coef, pos, terms;
+  std::vector<int32_t> idx;
+  explicit SparseScratch(int64_t padded)
+      : labels(padded), preds(padded), ml(padded), x(padded), coef(padded), pos(padded), terms(padded),
+        idx(padded) {}
+};
+
+// The anchor a's pass over its members only: the same sums as anchor_pass, the member keys in
+// s.idx[0, k) and their terms and positive flags in s.terms / s.pos.
+template <typename acc_t>
+Anchor<acc_t> sparse_anchor_pass(const Problem<acc_t>& pb, int64_t a, SparseScratch<acc_t>& s, int64_t& k) {
+  const int64_t i = pb.offset + a;
+  l1_row(pb.labels_t, pb.num_labels, pb.m, i, s.labels.data());
+  l1_row(pb.preds_t, pb.num_labels, pb.m, i, s.preds.data());
+  s.labels[i] = std::numeric_limits<acc_t>::quiet_NaN();  // the anchor is never its own partner
+  const acc_t weight = pb.weights[i], w = pb.w, e = pb.e, inv_tau = acc_t(1) / pb.tau;
+  acc_t pos_count, neg_count;
+  k = pb.exp_push ? compact_members<true>(s.labels.data(), s.preds.data(), pb.m, w, e, weight, s.idx.data(),
+                                          s.ml.data(), pos_count, neg_count)
+                  : compact_members<false>(s.labels.data(), s.preds.data(), pb.m, w, e, weight, s.idx.data(),
+                                           s.ml.data(), pos_count, neg_count);
+  dot_keys(pb.q + i * pb.d, pb.q, pb.d, s.idx.data(), k, s.x.data());
+  Anchor<acc_t> r{};
+  r.top = -std::numeric_limits<acc_t>::infinity();
+  r.sum_prod = acc_t(0);
+  for (int64_t t = 0; t < k; ++t) {
+    const acc_t prod = s.x[t] * inv_tau;
+    const acc_t l = s.ml[t];
+    const bool is_pos = l <= w;
+    const acc_t xt = is_pos ? prod : (pb.exp_push ? prod + e * l : prod);
+    s.x[t] = xt;
+    s.coef[t] = is_pos ? acc_t(1) : (pb.exp_push ? weight : weight * (e * l));
+    s.pos[t] = is_pos ? acc_t(1) : acc_t(0);
+    r.top = xt > r.top ? xt : r.top;
+    r.sum_prod += is_pos ? prod : acc_t(0);
+  }
+  const int64_t padded = (k + kLanes - 1) / kLanes * kLanes;
+  for (int64_t t = k; t < padded; ++t) {
+    s.x[t] = -std::numeric_limits<acc_t>::infinity();
+    s.coef[t] = acc_t(0);
+  }
+  if (pb.exp0_terms && r.top < acc_t(0)) r.top = acc_t(0);  // the exp(0) terms
+  if (r.top == -std::numeric_limits<acc_t>::infinity()) r.top = acc_t(0);
+  r.total = sum_terms(s.x.data(), s.coef.data(), r.top, padded, s.terms.data());
+  if (pb.exp0_terms) r.total += (static_cast<acc_t>(pb.m) - pos_count) * std::exp(-r.top);
+  r.n_pos = pos_count;
+  r.div = r.n_pos + (pb.anchor_in_divisor ? acc_t(1) : acc_t(0));
+  r.valid = pos_count > 0 && neg_count > 0;
+  return r;
+}
+
+template <typename acc_t>
+DIRFAST_NOINLINE void sparse_forward_rows(const Problem<acc_t>& pb, int64_t count, acc_t* out) {
+  torch::stable::parallel_for(0, count, grain_rows(pb.m), [&](int64_t begin, int64_t end) {
+    SparseScratch<acc_t> s(pb.padded);
+    int64_t k;
+    for (int64_t a = begin; a < end; ++a) out[a] = sparse_anchor_pass(pb, a, s, k).loss();
+  });
+}
+
+// grad_q = H q with H[r][c] = G(r, c) + G(c, r) over the member pairs only: each anchor's
+// coefficients G_aj / tau as rows (offsets[a] .. offsets[a + 1] of keys / values, keys in
+// order), transposed by a counting sort (anchors in order), then per row of q its own row's sum
+// and its column's, in that fixed order.
+template <typename acc_t>
+DIRFAST_NOINLINE void sparse_backward(const Problem<acc_t>& pb, int64_t count, const int64_t* offsets,
+                                      const acc_t* grad, acc_t* grad_q) {
+  const int64_t m = pb.m, d = pb.d, nnz = offsets[count];
+  std::vector<int32_t> keys(nnz), anchors(nnz);
+  std::vector<acc_t> values(nnz), values_t(nnz);
+  torch::stable::parallel_for(0, count, grain_rows(pb.m), [&](int64_t begin, int64_t end) {
+    SparseScratch<acc_t> s(pb.padded);
+    int64_t k;
+    for (int64_t a = begin; a < end; ++a) {
+      const Anchor<acc_t> r = sparse_anchor_pass(pb, a, s, k);
+      const int64_t o = offsets[a];
+      const int64_t n = std::min(k, offsets[a + 1] - o);  // k == counts[a]: the same predicate
+      std::copy(s.idx.data(), s.idx.data() + n, keys.data() + o);
+      if (!r.valid) {
+        std::fill(values.data() + o, values.data() + o + n, acc_t(0));
+        continue;
+      }
+      const acc_t g = grad[a] / pb.tau;
+      write_coefficients(s.terms.data(), s.pos.data(), g * r.n_pos / (r.div * r.total), g / r.div, n,
+                         values.data() + o);
+    }
+  });
+  std::vector<int64_t> column(m + 1, 0);
+  for (int64_t t = 0; t < nnz; ++t) ++column[keys[t] + 1];
+  for (int64_t r = 0; r < m; ++r) column[r + 1] += column[r];
+  {
+    std::vector<int64_t> next(column.begin(), column.end() - 1);
+    for (int64_t a = 0; a < count; ++a) {
+      for (int64_t t = offsets[a]; t < offsets[a + 1]; ++t) {
+        const int64_t slot = next[keys[t]]++;
+        anchors[slot] = static_cast<int32_t>(pb.offset + a);
+        values_t[slot] = values[t];
+      }
+    }
+  }
+  torch::stable::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      acc_t* out = grad_q + r * d;
+      std::fill(out, out + d, acc_t(0));
+      const int64_t a = r - pb.offset;
+      if (a >= 0 && a < count) {
+        gather_rows(pb.q, d, keys.data() + offsets[a], values.data() + offsets[a], offsets[a + 1] - offsets[a], out);
+      }
+      gather_rows(pb.q, d, anchors.data() + column[r], values_t.data() + column[r], column[r + 1] - column[r], out);
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------- rows of q
 // q = z / max(||z||, eps) per row (acc, contiguous [m, D]); the norms into `norms`.
 template <typename T, typename acc_t>
@@ -460,39 +756,66 @@ inline Tensor mm(const Tensor& a, const Tensor& b) {
   return call_aten<2>("aten::mm", "", {from(a), from(b)});
 }
 
-// The normalised rows (acc, [m, D]), their norms ([m]), the cosine rows of the anchors
-// ([count, m]) and the transposed labels and predictions ([L, m]), all contiguous in acc.
-struct Prepared {
-  Tensor q, norms, cosine, labels_t, preds_t, weights;
-};
+// The path, chosen by the members' share of the count x m pairs (counted in one pass over the
+// masks): the sparse path at most kSparseDensity, the GEMM path above. Measured on a 2-core EPYC
+// (2 threads, float32, forward + backward, m = 512 .. 1024, D = 128 .. 512, all rows or a
+// quarter as anchors), the two cost the same at about 24% members: one dot product and two
+// gradient sums per member against three GEMMs over all pairs. The margin keeps the GEMM path
+// where they are close. (Published ConR batches, integer ages and w = 1, have about 5%.)
+constexpr double kSparseDensity = 0.2;
 
-Prepared prepare(const Tensor& features, const Tensor& labels, const Tensor& preds, const Tensor& weights,
-                 ScalarType acc, int64_t offset, int64_t count, const char* op) {
-  const int64_t m = features.size(0), d = features.size(1);
-  Tensor q = empty({m, d}, acc, features);
-  Tensor norms = empty({m}, acc, features);
-  const Tensor z = torch::stable::contiguous(features);
-  dispatch_acc(acc, [&](auto acc_scalar) {
-    using acc_t = decltype(acc_scalar);
-    dispatch_float(z.scalar_type(), op, [&](auto scalar) {
-      using T = decltype(scalar);
-      normalize_rows<T, acc_t>(z.const_data_ptr<T>(), m, d, q.mutable_data_ptr<acc_t>(), norms.mutable_data_ptr<acc_t>());
-    });
-  });
-  Tensor anchors = torch::stable::narrow(q, 0, offset, count);
-  Tensor cosine = torch::stable::contiguous(mm(anchors, torch::stable::transpose(q, 0, 1)));
-  return {q, norms, cosine,
-          contiguous_as(torch::stable::transpose(labels, 0, 1), acc),
-          contiguous_as(torch::stable::transpose(preds, 0, 1), acc), contiguous_as(weights, acc)};
-}
+// The normalised rows (acc, [m, D]), their norms ([m]), the transposed labels and predictions
+// ([L, m], acc) and the weights, all contiguous in acc; the cosine rows of the anchors ([count,
+// m]) only on the GEMM path.
+struct Prepared {
+  Tensor q, norms, labels_t, preds_t, weights, cosine;
+  bool sparse;
+  std::vector<int64_t> offsets;  // the sparse path's member rows: anchor a's are offsets[a] .. [a + 1]
+};
 
 template <typename acc_t>
 Problem<acc_t> problem(const Prepared& p, int64_t m, int64_t offset, double w, double tau, double e, bool exp_push,
                        bool exp0_terms, bool anchor_in_divisor) {
-  return {p.cosine.const_data_ptr<acc_t>(), p.labels_t.const_data_ptr<acc_t>(), p.preds_t.const_data_ptr<acc_t>(),
-          p.weights.const_data_ptr<acc_t>(), m, (m + kLanes - 1) / kLanes * kLanes, p.labels_t.size(0), offset,
-          static_cast<acc_t>(w), static_cast<acc_t>(tau), static_cast<acc_t>(e), exp_push, exp0_terms,
-          anchor_in_divisor};
+  return {p.sparse ? nullptr : p.cosine.const_data_ptr<acc_t>(), p.q.const_data_ptr<acc_t>(),
+          p.labels_t.const_data_ptr<acc_t>(), p.preds_t.const_data_ptr<acc_t>(), p.weights.const_data_ptr<acc_t>(),
+          m, p.q.size(1), (m + kLanes - 1) / kLanes * kLanes, p.labels_t.size(0), offset, static_cast<acc_t>(w),
+          static_cast<acc_t>(tau), static_cast<acc_t>(e), exp_push, exp0_terms, anchor_in_divisor};
+}
+
+// Normalises the rows, counts the members of every anchor's sums (one pass over the masks) and
+// picks the path by their density; the GEMM path's cosine rows.
+Prepared prepare(const Tensor& features, const Tensor& labels, const Tensor& preds, const Tensor& weights,
+                 ScalarType acc, int64_t offset, int64_t count, double w, double tau, double e, bool exp_push,
+                 const char* op) {
+  const int64_t m = features.size(0), d = features.size(1);
+  Prepared p;
+  p.q = empty({m, d}, acc, features);
+  p.norms = empty({m}, acc, features);
+  const Tensor z = torch::stable::contiguous(features);
+  p.labels_t = contiguous_as(torch::stable::transpose(labels, 0, 1), acc);
+  p.preds_t = contiguous_as(torch::stable::transpose(preds, 0, 1), acc);
+  p.weights = contiguous_as(weights, acc);
+  p.sparse = true;  // no cosine yet
+  int64_t members = 0;
+  p.offsets.assign(count + 1, 0);
+  dispatch_acc(acc, [&](auto acc_scalar) {
+    using acc_t = decltype(acc_scalar);
+    dispatch_float(z.scalar_type(), op, [&](auto scalar) {
+      using T = decltype(scalar);
+      normalize_rows<T, acc_t>(z.const_data_ptr<T>(), m, d, p.q.mutable_data_ptr<acc_t>(),
+                               p.norms.mutable_data_ptr<acc_t>());
+    });
+    members = member_counts(problem<acc_t>(p, m, offset, w, tau, e, exp_push, false, false), count,
+                            p.offsets.data() + 1);
+  });
+  p.sparse = static_cast<double>(members) <= kSparseDensity * static_cast<double>(count) * static_cast<double>(m);
+  if (p.sparse) {
+    for (int64_t a = 0; a < count; ++a) p.offsets[a + 1] += p.offsets[a];
+  } else {
+    Tensor anchors = torch::stable::narrow(p.q, 0, offset, count);
+    p.cosine = torch::stable::contiguous(mm(anchors, torch::stable::transpose(p.q, 0, 1)));
+  }
+  return p;
 }
 
 Tensor conr_loss_cpu(const Tensor& features, const Tensor& labels, const Tensor& preds, const Tensor& weights,
@@ -504,12 +827,16 @@ Tensor conr_loss_cpu(const Tensor& features, const Tensor& labels, const Tensor&
                                    weights.scalar_type()});
   Tensor out = empty({count}, acc, features);
   if (count == 0) return out;
-  const Prepared p = prepare(features, labels, preds, weights, acc, offset, count, op);
+  const Prepared p = prepare(features, labels, preds, weights, acc, offset, count, w, tau, e, exp_push, op);
   const int64_t m = features.size(0);
   dispatch_acc(acc, [&](auto acc_scalar) {
     using acc_t = decltype(acc_scalar);
-    forward_rows(problem<acc_t>(p, m, offset, w, tau, e, exp_push, exp0_terms, anchor_in_divisor), count,
-                 out.mutable_data_ptr<acc_t>());
+    const Problem<acc_t> pb = problem<acc_t>(p, m, offset, w, tau, e, exp_push, exp0_terms, anchor_in_divisor);
+    if (p.sparse) {
+      sparse_forward_rows(pb, count, out.mutable_data_ptr<acc_t>());
+    } else {
+      forward_rows(pb, count, out.mutable_data_ptr<acc_t>());
+    }
   });
   return out;
 }
@@ -531,28 +858,33 @@ Tensor conr_loss_backward_cpu(const Tensor& grad, const Tensor& features, const 
     torch::stable::zero_(result);
     return result;
   }
-  const Prepared p = prepare(features, labels, preds, weights, acc, offset, count, op);
+  const Prepared p = prepare(features, labels, preds, weights, acc, offset, count, w, tau, e, exp_push, op);
   const Tensor g = contiguous_as(grad, acc);
-  Tensor coefficients = p.cosine;  // overwritten row by row
   Tensor grad_q;
   dispatch_acc(acc, [&](auto acc_scalar) {
     using acc_t = decltype(acc_scalar);
-    backward_rows(problem<acc_t>(p, m, offset, w, tau, e, exp_push, exp0_terms, anchor_in_divisor), count,
-                  g.const_data_ptr<acc_t>(), coefficients.mutable_data_ptr<acc_t>());
-    if (2 * count >= m) {  // one [m, m] GEMM costs no more than two [count, m] ones
-      Tensor h = empty({m, m}, acc, features);
-      symmetrize(coefficients.const_data_ptr<acc_t>(), m, offset, count, h.mutable_data_ptr<acc_t>());
-      grad_q = mm(h, p.q);
+    const Problem<acc_t> pb = problem<acc_t>(p, m, offset, w, tau, e, exp_push, exp0_terms, anchor_in_divisor);
+    if (p.sparse) {
+      grad_q = empty({m, d}, acc, features);
+      sparse_backward(pb, count, p.offsets.data(), g.const_data_ptr<acc_t>(), grad_q.mutable_data_ptr<acc_t>());
     } else {
-      Tensor q = p.q;
-      Tensor anchors = torch::stable::narrow(q, 0, offset, count);
-      grad_q = torch::stable::contiguous(mm(torch::stable::transpose(coefficients, 0, 1), anchors));
-      const Tensor own = torch::stable::contiguous(mm(coefficients, p.q));
-      acc_t* gq = grad_q.mutable_data_ptr<acc_t>() + offset * d;
-      const acc_t* po = own.const_data_ptr<acc_t>();
-      for (int64_t k = 0; k < count * d; ++k) gq[k] += po[k];
+      Tensor coefficients = p.cosine;  // overwritten row by row
+      backward_rows(pb, count, g.const_data_ptr<acc_t>(), coefficients.mutable_data_ptr<acc_t>());
+      if (2 * count >= m) {  // one [m, m] GEMM costs no more than two [count, m] ones
+        Tensor h = empty({m, m}, acc, features);
+        symmetrize(coefficients.const_data_ptr<acc_t>(), m, offset, count, h.mutable_data_ptr<acc_t>());
+        grad_q = mm(h, p.q);
+      } else {
+        Tensor q = p.q;
+        Tensor anchors = torch::stable::narrow(q, 0, offset, count);
+        grad_q = torch::stable::contiguous(mm(torch::stable::transpose(coefficients, 0, 1), anchors));
+        const Tensor own = torch::stable::contiguous(mm(coefficients, p.q));
+        acc_t* gq = grad_q.mutable_data_ptr<acc_t>() + offset * d;
+        const acc_t* po = own.const_data_ptr<acc_t>();
+        for (int64_t k = 0; k < count * d; ++k) gq[k] += po[k];
+      }
+      grad_q = torch::stable::contiguous(grad_q);
     }
-    grad_q = torch::stable::contiguous(grad_q);
     dispatch_float(features.scalar_type(), op, [&](auto scalar) {
       using T = decltype(scalar);
       normalize_backward_rows<acc_t, T>(grad_q.const_data_ptr<acc_t>(), p.q.const_data_ptr<acc_t>(),
