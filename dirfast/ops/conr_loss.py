@@ -4,10 +4,11 @@ whose predictions are similar but whose labels are not, without the [N, N] masks
 temporaries of the published vectorised code.
 
 Kernels: the reference below; ``csrc/cpu/conr_loss.cpp``; ``dirfast/triton/conr_loss.py`` (on a
-GPU). The forward needs the cosine rows of the anchors (one matrix product) and one fused pass
-per anchor; the backward recomputes them, writes each anchor's coefficients
-``G_aj = grad_a * d out_a / d prod_aj`` into a [count, m] buffer, and turns them into feature
-gradients with matrix products.
+GPU). The forward needs the cosine of each anchor with its members (its positives and
+negatives) and one fused pass per anchor; the backward recomputes them and turns each anchor's
+coefficients ``G_aj = grad_a * d out_a / d prod_aj`` into feature gradients. Where the members
+are a small share of the pairs (real labels: a few percent), the C++ kernel takes only their dot
+products, as sparse rows; otherwise the cosine rows and the gradients are matrix products.
 """
 
 from __future__ import annotations
