@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "vexp.h"
 
 namespace dirfast {
 namespace cpu {
@@ -87,26 +88,7 @@ typedef int32_t vi __attribute__((vector_size(kVec * sizeof(int32_t)), aligned(4
 
 inline vf splat(float value) { return vf{} + value; }
 
-inline vf vexp(vf x) {
-  const vi minus_inf = x == -std::numeric_limits<float>::infinity();
-  x = x < -87.3f ? splat(-87.3f) : x;
-  x = x > 88.3f ? splat(88.3f) : x;
-  const vf fx = x * 1.44269504088896341f + 0.5f;
-  vf n = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
-  n = n > fx ? n - 1.0f : n;
-  x = x - n * 0.693359375f;
-  x = x - n * -2.12194440e-4f;
-  vf y = splat(1.9875691500e-4f);
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * (x * x) + x + 1.0f;
-  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  const vf result = y * (vf)bits;
-  return minus_inf ? splat(0.0f) : result;
-}
+inline vf vexp(vf x) { return dirfast::vexp<vf, vi>(x); }
 
 inline vf load_vf(const float* p) {
   vf v;
