@@ -4,9 +4,30 @@
 // scalar std::exp per element.
 #pragma once
 
+#include <cstdint>
+#include <cstring>
 #include <limits>
 
 namespace dirfast {
+
+// Lanes floats (and int32s) as one GCC vector, at any alignment of the memory they come from.
+template <int64_t Lanes>
+struct FloatVec {
+  typedef float f __attribute__((vector_size(Lanes * sizeof(float)), aligned(4)));
+  typedef int32_t i __attribute__((vector_size(Lanes * sizeof(int32_t)), aligned(4)));
+};
+
+template <typename VF>
+inline VF load_vec(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename VF>
+inline void store_vec(float* p, VF v) {
+  std::memcpy(p, &v, sizeof(v));
+}
 
 // VF: the float vector type, VI: the int32 vector of the same lane count.
 template <typename VF, typename VI>

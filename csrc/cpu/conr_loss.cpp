@@ -83,20 +83,12 @@ bool check_conr_args(const Tensor& features, const Tensor& labels, const Tensor&
 // ---------------------------------------------------------------------------- exponentials
 // float32: 8 lanes as one GCC vector with Cephes' expf polynomial (about 1 ulp; as in
 // mixture_logpdf.cpp: inputs below -87.3 give 2^-126 instead of 0, -inf gives 0, NaN stays NaN).
-typedef float vf __attribute__((vector_size(kVec * sizeof(float)), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(kVec * sizeof(int32_t)), aligned(4)));
-
+using vf = FloatVec<kVec>::f;
+using vi = FloatVec<kVec>::i;
 inline vf splat(float value) { return vf{} + value; }
-
 inline vf vexp(vf x) { return dirfast::vexp<vf, vi>(x); }
-
-inline vf load_vf(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store_vf(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf load_vf(const float* p) { return load_vec<vf>(p); }
+inline void store_vf(float* p, vf v) { store_vec(p, v); }
 
 // terms[j] = coef[j] exp(x[j] - top) over n (a multiple of kLanes) padded entries; returns their sum.
 DIRFAST_CLONES float sum_terms(const float* x, const float* coef, float top, int64_t n, float* terms) {

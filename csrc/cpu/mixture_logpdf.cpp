@@ -38,20 +38,12 @@ constexpr int64_t kChunk = int64_t(1) << 14;  // elements per task: fixed, so re
 // float32: 16 lanes as one GCC vector (AVX-512 in the avx512f clone, two AVX2 or four SSE
 // registers in the others), with Cephes' expf polynomial (about 1 ulp on [-87.3, 88.3]; inputs
 // below give 2^-126 instead of 0, and -inf gives 0). float64: plain loops and std::exp.
-typedef float vf __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
-typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t)), aligned(4)));
-
+using vf = FloatVec<kLanes>::f;
+using vi = FloatVec<kLanes>::i;
 inline vf splat(float value) { return vf{} + value; }
-
 inline vf vexp(vf x) { return dirfast::vexp<vf, vi>(x); }
-
-inline vf load_vf(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store_vf(float* p, vf v) { std::memcpy(p, &v, sizeof(v)); }
+inline vf load_vf(const float* p) { return load_vec<vf>(p); }
+inline void store_vf(float* p, vf v) { store_vec(p, v); }
 
 // The components in the arithmetic type: means m, inverse standard deviations s = 1 / sqrt(v),
 // and c = log w + log s; c is NaN for a component whose parameters are invalid (a mean that is
