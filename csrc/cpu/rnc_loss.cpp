@@ -32,7 +32,9 @@ namespace cpu {
 namespace {
 
 // x86-64-v3 (AVX2 + FMA) or the baseline: the lane-wise fused multiply-adds below become one
-// vfmadd there and libm's fma here, with the same bits.
+// vfmadd there and libm's fma here, with the same bits. No other a * b + c is fused (g++ would in
+// the x86-64-v3 clone), so both clones round alike.
+#pragma GCC optimize("fp-contract=off")
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
 #define DIRFAST_RNC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
