@@ -1,20 +1,23 @@
 // dirfast::rnc_loss on CPU: the Rank-N-Contrast loss of each anchor row against all m rows, and
-// its gradient in the features, in O(m^2 log m + m^2 D) time and O(m) memory per anchor (the
-// backward O(count m) in all).
+// its gradient in the features, in O(m^2 log m + m^2 D) time and O(count m) memory.
 //
-// Per anchor i (one task each, rows computed independently): the exact distances r_k =
-// ||z_i - z_k|| (a vectorised difference norm, so identical rows are exactly 0 apart), logits
-// s_k = -r_k / t, the L1 label distances d_k, and the keys k != i in order of d_k (with one finite
-// label, a merge outwards from i in the rows' label order, sorted once; else a sort by (d_k, k)). Walking the
-// sorted keys from the end, one tie group at a time, a running log-sum-exp (rescaled whenever the
-// maximum grows: no temperature overflows or underflows it) gives log S of the group, shared by
-// its members; out = -1/(m-1) sum_k (s_k - log S_k).
-// The backward recomputes that, then walks the groups from the start with a running log-sum-exp
-// of -log S (the prefix sums sum_{j: d_j <= d_k} 1 / S_j), giving dL/ds_k = c (exp(s_k) P_k - 1)
-// with c = grad / (m - 1), and the weights w_k = dL/ds_k / (t r_k) (0 where r_k = 0) into a
-// [count, m] matrix. A second pass over the m rows adds, in a fixed order, sum_p b_rp (z_p - z_r)
-// with b_rp = w[r][p] + w[p][r]: the anchor's and the keys' shares. Every sum has an order fixed
-// by the inputs, so the bits do not depend on the number of threads.
+// Both passes first fill the anchors' distances r_ik = ||z_i - z_k|| ([count, m]) by tiles of 32
+// anchors x 32 keys, 2 x 4 pairs at a time in registers (exact difference norms, the squares
+// accumulated by FMA in 32-byte vectors, so identical rows are exactly 0 apart); a pair of two
+// anchors is computed once and written to both rows (it is the same bits either way).
+// Then per anchor i (one task each): logits s_k = -r_k / t, the L1 label distances d_k, and the
+// keys k != i in order of d_k (with one finite label, a merge outwards from i in the rows' label
+// order, sorted once; else a sort by (d_k, k)). log S of each tie group is a suffix log-sum-exp:
+// the terms exp(s_k - M_k), M_k the running maximum from the end, vectorised, then summed from
+// the end (rescaled where the maximum grows: no temperature overflows or underflows it);
+// out = -1/(m-1) sum_k (s_k - log S_k).
+// The backward walks the groups from the start with a running log-sum-exp of -log S (the prefix
+// sums sum_{j: d_j <= d_k} 1 / S_j), giving dL/ds_k = c (exp(s_k) P_k - 1) with c = grad / (m - 1),
+// and the weights w_k = dL/ds_k / (t r_k) (0 where r_k = 0) into a [count, m] matrix. A second
+// pass adds to each row r, in the order of p, b_rp (z_p - z_r) with b_rp = w[r][p] + w[p][r] (the
+// anchor's and the keys' shares), 3 rows x 2 vectors in registers per partner.
+// Every sum has an order fixed by the inputs and every clone computes the same bits (FMA is
+// std::fma lane by lane where the CPU has none), so the bits do not depend on threads or CPU.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,8 +31,12 @@ namespace dirfast {
 namespace cpu {
 namespace {
 
+// x86-64-v3 (AVX2 + FMA) or the baseline: the lane-wise fused multiply-adds below become one
+// vfmadd there and libm's fma here, with the same bits. No other a * b + c is fused (g++ would in
+// the x86-64-v3 clone), so both clones round alike.
+#pragma GCC optimize("fp-contract=off")
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
-#define DIRFAST_RNC_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define DIRFAST_RNC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define DIRFAST_RNC_CLONES
 #endif
@@ -56,10 +63,8 @@ void check_rnc_args(const Tensor& features, const Tensor& labels, double tempera
                   "] (offset + count <= ", m, " rows), got ", count);
 }
 
-// ---------------------------------------------------------------------------- distances
-// out[k] = ||zi - Z[k]|| for the m rows of Z [m, D]: four rows at a time against one load of zi,
-// the squares summed in 32-byte vectors (8 floats or 4 doubles: one AVX register), the lanes then
-// added in a fixed order, the tail element by element (every clone computes the same bits).
+// ---------------------------------------------------------------------------- vectors
+// 32-byte vectors (8 floats or 4 doubles: one AVX register).
 template <typename T>
 struct Lanes {
   static constexpr int64_t n = 32 / sizeof(T);
@@ -73,63 +78,239 @@ __attribute__((always_inline)) inline typename Lanes<T>::vec load(const T* p) {
   return v;
 }
 
-// The squared norm: the lanes of acc in order, then the tail D % lanes of (zi - zk).
 template <typename T>
-__attribute__((always_inline)) inline T finish(typename Lanes<T>::vec acc, const T* zi, const T* zk, int64_t full,
-                                               int64_t D) {
-  T lanes[Lanes<T>::n];
-  std::memcpy(lanes, &acc, sizeof(acc));
-  T total = 0;
-  for (int64_t t = 0; t < Lanes<T>::n; ++t) total += lanes[t];
+__attribute__((always_inline)) inline void store(T* p, typename Lanes<T>::vec v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+__attribute__((always_inline)) inline typename Lanes<T>::vec splat(T c) {
+  typename Lanes<T>::vec v;
+#pragma GCC unroll 8
+  for (int l = 0; l < Lanes<T>::n; ++l) v[l] = c;
+  return v;
+}
+
+// a * b + c rounded once, lane by lane (one instruction where the clone has FMA).
+template <typename T>
+__attribute__((always_inline)) inline typename Lanes<T>::vec vfma(typename Lanes<T>::vec a, typename Lanes<T>::vec b,
+                                                                  typename Lanes<T>::vec c) {
+  typename Lanes<T>::vec r;
+#pragma GCC unroll 8
+  for (int l = 0; l < Lanes<T>::n; ++l) r[l] = std::fma(a[l], b[l], c[l]);
+  return r;
+}
+
+// The lanes of v added pairwise, neighbours first: ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + ...).
+template <typename T>
+__attribute__((always_inline)) inline T lane_sum(typename Lanes<T>::vec v) {
+  T t[Lanes<T>::n];
+  std::memcpy(t, &v, sizeof(v));
+  for (int64_t width = Lanes<T>::n; width > 1; width /= 2) {
+    for (int64_t l = 0; l < width / 2; ++l) t[l] = t[2 * l] + t[2 * l + 1];
+  }
+  return t[0];
+}
+
+// ---------------------------------------------------------------------------- distances
+// The distance of one pair: the squares by lane, the lanes by lane_sum, then the tail D % lanes.
+template <typename T>
+__attribute__((always_inline)) inline T pair_distance(const T* zi, const T* zk, int64_t D) {
+  using V = typename Lanes<T>::vec;
+  constexpr int64_t n = Lanes<T>::n;
+  const int64_t full = D - D % n;
+  V acc{};
+  for (int64_t j = 0; j < full; j += n) {
+    const V d = load(zi + j) - load(zk + j);
+    acc = vfma<T>(d, d, acc);
+  }
+  T total = lane_sum<T>(acc);
   for (int64_t j = full; j < D; ++j) {
-    const T diff = zi[j] - zk[j];
-    total += diff * diff;
+    const T d = zi[j] - zk[j];
+    total = std::fma(d, d, total);
   }
   return std::sqrt(total);
 }
 
+// The 8 pairs of anchors zi, zi + D and keys zk .. zk + 3D, out[4 a + q]: the same bits as
+// pair_distance (each lane's squares in the order of j, then lane_sum, then the tail).
 template <typename T>
-__attribute__((always_inline)) inline void distances_body(const T* zi, const T* Z, int64_t m, int64_t D, T* out) {
+__attribute__((always_inline)) inline void block_distances(const T* zi, const T* zk, int64_t D, T* out) {
   using V = typename Lanes<T>::vec;
   constexpr int64_t n = Lanes<T>::n;
   const int64_t full = D - D % n;
-  int64_t k = 0;
-  for (; k + 4 <= m; k += 4) {
-    const T* z0 = Z + k * D;
-    V a0{}, a1{}, a2{}, a3{};
-    for (int64_t j = 0; j < full; j += n) {
-      const V x = load(zi + j);
-      const V d0 = x - load(z0 + j), d1 = x - load(z0 + D + j), d2 = x - load(z0 + 2 * D + j),
-              d3 = x - load(z0 + 3 * D + j);
-      a0 += d0 * d0;
-      a1 += d1 * d1;
-      a2 += d2 * d2;
-      a3 += d3 * d3;
+  V acc[8] = {};
+  for (int64_t j = 0; j < full; j += n) {
+    const V x0 = load(zi + j), x1 = load(zi + D + j);
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      const V y = load(zk + q * D + j);
+      const V d0 = x0 - y, d1 = x1 - y;
+      acc[q] = vfma<T>(d0, d0, acc[q]);
+      acc[4 + q] = vfma<T>(d1, d1, acc[4 + q]);
     }
-    out[k] = finish<T>(a0, zi, z0, full, D);
-    out[k + 1] = finish<T>(a1, zi, z0 + D, full, D);
-    out[k + 2] = finish<T>(a2, zi, z0 + 2 * D, full, D);
-    out[k + 3] = finish<T>(a3, zi, z0 + 3 * D, full, D);
   }
-  for (; k < m; ++k) {
-    const T* zk = Z + k * D;
-    V acc{};
-    for (int64_t j = 0; j < full; j += n) {
-      const V diff = load(zi + j) - load(zk + j);
-      acc += diff * diff;
+  if constexpr (n == 8) {  // lane_sum of all 8 at once, as haddps does it
+    auto hadd = [](V a, V b) {
+      return __builtin_shufflevector(a, b, 0, 2, 8, 10, 4, 6, 12, 14) +
+             __builtin_shufflevector(a, b, 1, 3, 9, 11, 5, 7, 13, 15);
+    };
+    const V g0 = hadd(hadd(acc[0], acc[1]), hadd(acc[2], acc[3]));
+    const V g1 = hadd(hadd(acc[4], acc[5]), hadd(acc[6], acc[7]));
+    const V total = __builtin_shufflevector(g0, g1, 0, 1, 2, 3, 8, 9, 10, 11) +
+                    __builtin_shufflevector(g0, g1, 4, 5, 6, 7, 12, 13, 14, 15);
+    store(out, total);
+  } else {
+    for (int p = 0; p < 8; ++p) out[p] = lane_sum<T>(acc[p]);
+  }
+  for (int p = 0; p < 8; ++p) {
+    const T* a = zi + (p / 4) * D;
+    const T* k = zk + (p % 4) * D;
+    T total = out[p];
+    for (int64_t j = full; j < D; ++j) {
+      const T d = a[j] - k[j];
+      total = std::fma(d, d, total);
     }
-    out[k] = finish<T>(acc, zi, zk, full, D);
+    out[p] = total;
+  }
+  for (int p = 0; p < 8; ++p) out[p] = std::sqrt(out[p]);
+}
+
+// One tile: anchors [i0, i1) x keys [k0, k1) into R [count, m] (row i - offset), and the keys
+// k < mirror_end also into row k - offset (they are anchors too).
+template <typename T>
+__attribute__((always_inline)) inline void tile_body(const T* Z, int64_t m, int64_t D, int64_t offset, int64_t i0,
+                                                     int64_t i1, int64_t k0, int64_t k1, int64_t mirror_end, T* R) {
+  T out[8];
+  for (int64_t i = i0; i < i1; i += 2) {
+    T* ri = R + (i - offset) * m;
+    if (i + 1 < i1) {
+      T* rj = ri + m;
+      int64_t k = k0;
+      for (; k + 4 <= k1; k += 4) {
+        block_distances(Z + i * D, Z + k * D, D, out);
+        for (int q = 0; q < 4; ++q) {
+          ri[k + q] = out[q];
+          rj[k + q] = out[4 + q];
+          if (k + q < mirror_end) {
+            R[(k + q - offset) * m + i] = out[q];
+            R[(k + q - offset) * m + i + 1] = out[4 + q];
+          }
+        }
+      }
+      for (; k < k1; ++k) {
+        ri[k] = pair_distance(Z + i * D, Z + k * D, D);
+        rj[k] = pair_distance(Z + (i + 1) * D, Z + k * D, D);
+        if (k < mirror_end) {
+          R[(k - offset) * m + i] = ri[k];
+          R[(k - offset) * m + i + 1] = rj[k];
+        }
+      }
+    } else {
+      for (int64_t k = k0; k < k1; ++k) {
+        ri[k] = pair_distance(Z + i * D, Z + k * D, D);
+        if (k < mirror_end) R[(k - offset) * m + i] = ri[k];
+      }
+    }
   }
 }
 
-DIRFAST_RNC_CLONES DIRFAST_NOINLINE void distances(const float* zi, const float* Z, int64_t m, int64_t D,
-                                                   float* out) {
-  distances_body(zi, Z, m, D, out);
+DIRFAST_RNC_CLONES DIRFAST_NOINLINE void tile(const float* Z, int64_t m, int64_t D, int64_t offset, int64_t i0,
+                                              int64_t i1, int64_t k0, int64_t k1, int64_t mirror_end, float* R) {
+  tile_body(Z, m, D, offset, i0, i1, k0, k1, mirror_end, R);
 }
 
-DIRFAST_RNC_CLONES DIRFAST_NOINLINE void distances(const double* zi, const double* Z, int64_t m, int64_t D,
-                                                   double* out) {
-  distances_body(zi, Z, m, D, out);
+DIRFAST_RNC_CLONES DIRFAST_NOINLINE void tile(const double* Z, int64_t m, int64_t D, int64_t offset, int64_t i0,
+                                              int64_t i1, int64_t k0, int64_t k1, int64_t mirror_end, double* R) {
+  tile_body(Z, m, D, offset, i0, i1, k0, k1, mirror_end, R);
+}
+
+struct Tile {
+  int64_t i0, i1, k0, k1, mirror_end;
+};
+
+// R[a][k] = ||z_{offset + a} - z_k|| for the count anchors and the m keys. Blocks of 32 rows;
+// tile (I, K) pairs the anchors of block I with the keys of block K: all of them when K >= I (and
+// when K > I the keys that are anchors get the pair in their row too), only the keys below
+// offset when K < I (the others came from tile (K, I)). The tiles are independent.
+template <typename acc_t>
+void fill_distances(const acc_t* Z, int64_t m, int64_t D, int64_t offset, int64_t count, acc_t* R) {
+  constexpr int64_t B = 32;
+  std::vector<Tile> tiles;
+  for (int64_t I = offset / B; I * B < offset + count; ++I) {
+    const int64_t i0 = std::max(I * B, offset), i1 = std::min((I + 1) * B, offset + count);
+    for (int64_t K = 0; K * B < m; ++K) {
+      const int64_t k0 = K * B, k1 = std::min(k0 + B, m);
+      if (K < I) {
+        if (k0 < offset) tiles.push_back(Tile{i0, i1, k0, std::min(k1, offset), k0});
+      } else {
+        tiles.push_back(Tile{i0, i1, k0, k1, K > I ? offset + count : k0});
+      }
+    }
+  }
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (B * B * (D + 4)));
+  torch::stable::parallel_for(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      const Tile& x = tiles[t];
+      tile(Z, m, D, offset, x.i0, x.i1, x.k0, x.k1, x.mirror_end, R);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------- exp
+// out[p] = exp(x[p]); float: 8 lanes at a time by a Cody-Waite reduction and Cephes' degree-6
+// polynomial (about 1 ulp; 0 below -103, inf above 88.72, NaN stays NaN), plain + and *
+// only (the same bits in every clone). double: std::exp.
+template <typename T>
+__attribute__((always_inline)) inline void exp_body(const T* x, T* out, int64_t count);
+
+template <>
+__attribute__((always_inline)) inline void exp_body<float>(const float* x, float* out, int64_t count) {
+  using V = Lanes<float>::vec;
+  typedef int32_t I __attribute__((vector_size(32), aligned(4)));
+  const auto splat = [](float v) { return V{v, v, v, v, v, v, v, v}; };
+  const auto pow2 = [](I k) {  // 2^k for -126 <= k <= 127
+    const I bits = (k + 127) << 23;
+    V v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  };
+  int64_t p = 0;
+  for (; p + 8 <= count; p += 8) {
+    const V v = load(x + p);
+    V c = v < splat(-103.0f) ? splat(-103.0f) : v;
+    c = c > splat(88.72f) ? splat(88.72f) : c;
+    const V big = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+    const V k = (c * splat(1.44269504088896341f) + big) - big;
+    const V r = (c - k * splat(0.693359375f)) - k * splat(-2.12194440e-4f);
+    V q = splat(1.9875691500e-4f);
+    q = q * r + splat(1.3981999507e-3f);
+    q = q * r + splat(8.3334519073e-3f);
+    q = q * r + splat(4.1665795894e-2f);
+    q = q * r + splat(1.6666665459e-1f);
+    q = q * r + splat(5.0000001201e-1f);
+    const V e = q * (r * r) + r + splat(1.0f);
+    const I n = __builtin_convertvector(k, I), half = n >> 1;  // -149 <= n <= 128: 2^n in two factors
+    V y = (e * pow2(half)) * pow2(n - half);
+    y = v < splat(-103.0f) ? splat(0.0f) : y;
+    y = v > splat(88.72f) ? splat(std::numeric_limits<float>::infinity()) : y;
+    y = v != v ? v : y;
+    store(out + p, y);
+  }
+  for (; p < count; ++p) out[p] = std::exp(x[p]);
+}
+
+template <>
+__attribute__((always_inline)) inline void exp_body<double>(const double* x, double* out, int64_t count) {
+  for (int64_t p = 0; p < count; ++p) out[p] = std::exp(x[p]);
+}
+
+DIRFAST_RNC_CLONES DIRFAST_NOINLINE void exp_of(const float* x, float* out, int64_t count) {
+  exp_body(x, out, count);
+}
+
+DIRFAST_RNC_CLONES DIRFAST_NOINLINE void exp_of(const double* x, double* out, int64_t count) {
+  exp_body(x, out, count);
 }
 
 // ---------------------------------------------------------------------------- one anchor
@@ -140,15 +321,17 @@ struct Key {
 };
 
 // The inputs in the arithmetic type: features Z [m, D], labels Y [m, L]; with one label (L = 1)
-// and every label finite, the rows in label order (by_label) and each row's place in it, so that
-// a row's keys come sorted by label distance from a merge instead of a sort.
+// and every label finite, the rows in label order (row[q + 1] the q-th, q = place[k] for row k)
+// and their labels (label[q + 1]) between two sentinels, -inf and +inf, so that a row's keys come
+// sorted by label distance from a merge instead of a sort.
 template <typename acc_t>
 struct Problem {
   const acc_t* Z;
   const acc_t* Y;
   int64_t m, D, L;
   acc_t temperature;
-  std::vector<int64_t> by_label, place;
+  std::vector<int64_t> row, place;
+  std::vector<acc_t> label;
 
   Problem(const acc_t* z, const acc_t* y, int64_t m_, int64_t d, int64_t l, acc_t t)
       : Z(z), Y(y), m(m_), D(d), L(l), temperature(t) {
@@ -156,21 +339,29 @@ struct Problem {
     for (int64_t k = 0; k < m; ++k) {
       if (!std::isfinite(Y[k])) return;
     }
-    by_label.resize(m);
-    place.resize(m);
+    std::vector<int64_t> by_label(m);
     for (int64_t k = 0; k < m; ++k) by_label[k] = k;
     std::sort(by_label.begin(), by_label.end(),
               [&](int64_t a, int64_t b) { return Y[a] < Y[b] || (Y[a] == Y[b] && a < b); });
-    for (int64_t q = 0; q < m; ++q) place[by_label[q]] = q;
+    row.assign(m + 2, 0);
+    place.resize(m);
+    label.resize(m + 2);
+    label[0] = -std::numeric_limits<acc_t>::infinity();
+    label[m + 1] = std::numeric_limits<acc_t>::infinity();
+    for (int64_t q = 0; q < m; ++q) {
+      place[by_label[q]] = q;
+      row[q + 1] = by_label[q];
+      label[q + 1] = Y[by_label[q]];
+    }
   }
 };
 
-// The scratch of one thread, for rows of m keys.
+// The scratch of one thread, for rows of m keys; the arrays are in the keys' sorted order.
 template <typename acc_t>
 struct Row {
-  std::vector<acc_t> r, s, log_s;
+  std::vector<acc_t> r, s, top, x, e, log_s;
   std::vector<Key<acc_t>> keys;
-  explicit Row(int64_t m) : r(m), s(m), log_s(m), keys(m) {}
+  explicit Row(int64_t m) : r(m), s(m), top(m), x(m), e(m), log_s(m), keys(m) {}
 };
 
 // A running log-sum-exp: value = top + log(sum). add(v) keeps sum's terms <= 1 (rescaled when
@@ -191,34 +382,37 @@ struct RunningLse {
 };
 
 // The keys k != i of anchor i in order of label distance d_k = sum_l |y_il - y_kl| (summed in label
-// order, as every kernel does, so ties are exact ties), NaN distances last. With one finite label:
-// a merge of the rows below i and above i in label order, outwards (O(m)); else a sort by (d, k).
+// order, as every kernel does, so ties are exact ties), NaN distances last, and rk[p] = r[keys[p].k].
+// With one finite label: a merge of the rows below i and above i in label order, outwards, without
+// branches (O(m)); else a sort by (d, k).
 template <typename acc_t>
-void sort_keys(const Problem<acc_t>& pb, int64_t i, Key<acc_t>* keys) {
+void sort_keys(const Problem<acc_t>& pb, int64_t i, const acc_t* r, Key<acc_t>* keys, acc_t* rk) {
   const acc_t* yi = pb.Y + i * pb.L;
-  if (!pb.by_label.empty()) {
-    int64_t below = pb.place[i] - 1, above = pb.place[i] + 1, n = 0;
-    while (below >= 0 || above < pb.m) {
-      const int64_t kb = below >= 0 ? pb.by_label[below] : -1, ka = above < pb.m ? pb.by_label[above] : -1;
-      const acc_t db = kb >= 0 ? std::abs(yi[0] - pb.Y[kb]) : std::numeric_limits<acc_t>::infinity();
-      const acc_t da = ka >= 0 ? std::abs(yi[0] - pb.Y[ka]) : std::numeric_limits<acc_t>::infinity();
-      if (ka < 0 || (kb >= 0 && db <= da)) {
-        keys[n++] = Key<acc_t>{db, kb};
-        --below;
-      } else {
-        keys[n++] = Key<acc_t>{da, ka};
-        ++above;
-      }
+  const int64_t n = pb.m - 1;
+  if (!pb.row.empty()) {
+    const acc_t y = yi[0];
+    const acc_t* label = pb.label.data();
+    const int64_t* row = pb.row.data();
+    int64_t below = pb.place[i], above = pb.place[i] + 2;  // in the padded order
+    for (int64_t p = 0; p < n; ++p) {
+      const acc_t db = y - label[below], da = label[above] - y;  // |y - y_k| exactly; inf at a sentinel
+      // no branch (a coin toss for the predictor): masks select the side
+      const int64_t take_below = -static_cast<int64_t>(db <= da);
+      const int64_t q = above ^ ((below ^ above) & take_below), k = row[q];
+      keys[p] = Key<acc_t>{da < db ? da : db, k};
+      rk[p] = r[k];
+      below += take_below;
+      above += 1 + take_below;
     }
     return;
   }
-  int64_t n = 0;
+  int64_t c = 0;
   for (int64_t k = 0; k < pb.m; ++k) {
     if (k == i) continue;
     const acc_t* yk = pb.Y + k * pb.L;
     acc_t d = std::abs(yi[0] - yk[0]);
     for (int64_t l = 1; l < pb.L; ++l) d += std::abs(yi[l] - yk[l]);
-    keys[n++] = Key<acc_t>{d, k};
+    keys[c++] = Key<acc_t>{d, k};
   }
   std::sort(keys, keys + n, [](const Key<acc_t>& a, const Key<acc_t>& b) {
     if (a.d < b.d) return true;
@@ -227,27 +421,49 @@ void sort_keys(const Problem<acc_t>& pb, int64_t i, Key<acc_t>* keys) {
     if (nan_a != nan_b) return nan_b;  // a total order: NaN after every number
     return a.k < b.k;
   });
+  for (int64_t p = 0; p < n; ++p) rk[p] = r[keys[p].k];
 }
 
-// For anchor row i: the distances r, logits s, the keys sorted by label distance, and log S of
-// each sorted key (shared by its tie group). A pair whose label distance is NaN gets a NaN
-// distance, so a NaN label makes every loss it reaches NaN. Returns the number of keys, m - 1.
+// For anchor row i with distances r (its row of R): the keys sorted by label distance, their
+// distances r and logits s (sorted) and log S of each sorted key (shared by its tie group). A pair whose label
+// distance is NaN gets a NaN distance, so a NaN label makes every loss it reaches NaN. Returns the
+// number of keys, m - 1.
 template <typename acc_t>
-DIRFAST_NOINLINE int64_t sorted_row(const Problem<acc_t>& pb, int64_t i, Row<acc_t>& row) {
-  distances(pb.Z + i * pb.D, pb.Z, pb.m, pb.D, row.r.data());
-  for (int64_t k = 0; k < pb.m; ++k) row.s[k] = -row.r[k] / pb.temperature;
-  sort_keys(pb, i, row.keys.data());
+DIRFAST_NOINLINE int64_t sorted_row(const Problem<acc_t>& pb, int64_t i, const acc_t* r, Row<acc_t>& row) {
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
+  acc_t* rk = row.r.data();
+  sort_keys(pb, i, r, row.keys.data(), rk);
   const int64_t n = pb.m - 1;
   for (int64_t p = n - 1; p >= 0 && std::isnan(row.keys[p].d); --p) {  // a NaN label: the pair's distance is NaN
-    row.r[row.keys[p].k] = row.s[row.keys[p].k] = std::numeric_limits<acc_t>::quiet_NaN();
+    rk[p] = std::numeric_limits<acc_t>::quiet_NaN();
   }
-  // From the end, a tie group at a time: S of a group is the sum over it and every key after it.
-  RunningLse<acc_t> suffix;
+  acc_t* s = row.s.data();
+  acc_t* top = row.top.data();
+  acc_t* x = row.x.data();
+  for (int64_t p = 0; p < n; ++p) s[p] = -rk[p] / pb.temperature;
+  // top[p]: the largest logit from p to the end (NaN logits skipped); x[p] = s[p] - top[p] <= 0.
+  acc_t running = -inf;
+  for (int64_t p = n - 1; p >= 0; --p) {
+    running = s[p] > running ? s[p] : running;
+    top[p] = running;
+  }
+  for (int64_t p = 0; p < n; ++p) x[p] = s[p] == -inf ? -inf : s[p] - top[p];
+  exp_of(x, row.e.data(), n);
+  // From the end, a tie group at a time: S of a group is the sum over it and every key after it,
+  // kept as exp(level) * sum, the level the largest logit so far.
+  const acc_t* e = row.e.data();
+  acc_t level = -inf, sum = 0;
   for (int64_t end = n; end > 0;) {
     int64_t start = end - 1;
     while (start > 0 && row.keys[start - 1].d == row.keys[end - 1].d) --start;
-    for (int64_t p = end - 1; p >= start; --p) suffix.add(row.s[row.keys[p].k], acc_t(1));
-    const acc_t log_s = suffix.value();
+    for (int64_t p = end - 1; p >= start; --p) {
+      if (top[p] != level) {  // a new maximum (top only grows towards the start)
+        if (level != -inf) sum *= std::exp(level - top[p]);
+        level = top[p];
+      }
+      sum += e[p];
+    }
+    const acc_t log_s = level + std::log(sum);
     for (int64_t p = start; p < end; ++p) row.log_s[p] = log_s;
     end = start;
   }
@@ -255,14 +471,14 @@ DIRFAST_NOINLINE int64_t sorted_row(const Problem<acc_t>& pb, int64_t i, Row<acc
 }
 
 template <typename acc_t>
-DIRFAST_NOINLINE void forward_rows(const Problem<acc_t>& pb, acc_t* out, int64_t offset, int64_t count,
+DIRFAST_NOINLINE void forward_rows(const Problem<acc_t>& pb, acc_t* R, acc_t* out, int64_t offset, int64_t count,
                                    int64_t grain) {
   torch::stable::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
     Row<acc_t> row(pb.m);
     for (int64_t a = first; a < last; ++a) {
-      const int64_t n = sorted_row(pb, offset + a, row);
+      const int64_t n = sorted_row(pb, offset + a, R + a * pb.m, row);
       acc_t total = 0;
-      for (int64_t p = 0; p < n; ++p) total += row.s[row.keys[p].k] - row.log_s[p];
+      for (int64_t p = 0; p < n; ++p) total += row.s[p] - row.log_s[p];
       out[a] = total / -acc_t(n);
     }
   });
@@ -271,14 +487,14 @@ DIRFAST_NOINLINE void forward_rows(const Problem<acc_t>& pb, acc_t* out, int64_t
 // Phase 1 of the backward: w[a][k] = dL/ds_k / (t r_k) for anchor a (0 for the anchor itself and
 // where r_k = 0), with dL/ds_k = c (exp(s_k) sum_{j: d_j <= d_k} 1 / S_j - 1), c = grad[a] / (m - 1).
 template <typename acc_t>
-DIRFAST_NOINLINE void backward_weights(const Problem<acc_t>& pb, const acc_t* grad, acc_t* w, int64_t offset,
-                                       int64_t count, int64_t grain) {
+DIRFAST_NOINLINE void backward_weights(const Problem<acc_t>& pb, acc_t* R, const acc_t* grad, acc_t* w,
+                                       int64_t offset, int64_t count, int64_t grain) {
   const int64_t m = pb.m;
   torch::stable::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
     Row<acc_t> row(m);
     for (int64_t a = first; a < last; ++a) {
       const int64_t i = offset + a;
-      const int64_t n = sorted_row(pb, i, row);
+      const int64_t n = sorted_row(pb, i, R + a * m, row);
       const acc_t c = grad[a] / acc_t(n);
       acc_t* wa = w + a * m;
       wa[i] = 0;
@@ -288,71 +504,144 @@ DIRFAST_NOINLINE void backward_weights(const Problem<acc_t>& pb, const acc_t* gr
         while (end < n && row.keys[end].d == row.keys[start].d) ++end;
         prefix.add(-row.log_s[start], acc_t(end - start));  // one S for the whole group
         const acc_t log_p = prefix.value();
-        for (int64_t p = start; p < end; ++p) {
-          const int64_t k = row.keys[p].k;
-          const acc_t ds = c * (std::exp(row.s[k] + log_p) - acc_t(1));
-          wa[k] = row.r[k] == 0 ? acc_t(0) : ds / (pb.temperature * row.r[k]);
-        }
+        for (int64_t p = start; p < end; ++p) row.x[p] = row.s[p] + log_p;
         start = end;
       }
+      exp_of(row.x.data(), row.e.data(), n);
+      for (int64_t p = 0; p < n; ++p) {  // in place of x: w in the sorted order
+        const acc_t ds = c * (row.e[p] - acc_t(1)), rk = row.r[p];
+        row.x[p] = rk == 0 ? acc_t(0) : ds / (pb.temperature * rk);
+      }
+      for (int64_t p = 0; p < n; ++p) wa[row.keys[p].k] = row.x[p];
     }
   });
 }
 
-// Phase 2: grad[r] = sum_p b_rp (z_p - z_r), b_rp = w[r][p] (r an anchor) + w[p][r] (p an anchor),
-// four partners p at a time in the order of p.
-template <typename acc_t>
-__attribute__((always_inline)) inline void add_pairs_body(const acc_t* DIRFAST_RESTRICT zr,
-                                                          const acc_t* DIRFAST_RESTRICT zp, const acc_t* b,
-                                                          int64_t partners, acc_t* DIRFAST_RESTRICT acc, int64_t D) {
-  int64_t p = 0;
-  for (; p + 4 <= partners; p += 4) {
-    const acc_t* z0 = zp + p * D;
-    const acc_t b0 = b[p], b1 = b[p + 1], b2 = b[p + 2], b3 = b[p + 3];
-    for (int64_t j = 0; j < D; ++j) {
-      const acc_t x = zr[j];
-      acc[j] += (b0 * (z0[j] - x) + b1 * (z0[D + j] - x)) + (b2 * (z0[2 * D + j] - x) + b3 * (z0[3 * D + j] - x));
+// Phase 2: grad[r] = sum_p b_rp (z_p - z_r) for R rows r (b: R rows of partners), the terms in
+// the order of p, each a fused multiply-add; 2 vectors of R rows in registers, then 1, then the
+// tail element by element. grad's rows hold the sum so far (the partners come in chunks).
+template <typename T, int Rows>
+__attribute__((always_inline)) inline void add_pairs_rows(const T* const* zr, const T* Z, const T* const* b,
+                                                          int64_t p0, int64_t p1, T* const* grad, int64_t D) {
+  using V = typename Lanes<T>::vec;
+  constexpr int64_t n = Lanes<T>::n;
+  int64_t j = 0;
+  for (; j + 2 * n <= D; j += 2 * n) {
+    V x0[Rows], x1[Rows], a0[Rows], a1[Rows];
+#pragma GCC unroll 4
+    for (int q = 0; q < Rows; ++q) {
+      x0[q] = load(zr[q] + j);
+      x1[q] = load(zr[q] + j + n);
+      a0[q] = load(grad[q] + j);
+      a1[q] = load(grad[q] + j + n);
+    }
+    for (int64_t p = p0; p < p1; ++p) {
+      const V y0 = load(Z + p * D + j), y1 = load(Z + p * D + j + n);
+  #pragma GCC unroll 4
+    for (int q = 0; q < Rows; ++q) {
+        const V bq = splat<T>(b[q][p]);
+        a0[q] = vfma<T>(bq, y0 - x0[q], a0[q]);
+        a1[q] = vfma<T>(bq, y1 - x1[q], a1[q]);
+      }
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < Rows; ++q) {
+      store(grad[q] + j, a0[q]);
+      store(grad[q] + j + n, a1[q]);
     }
   }
-  for (; p < partners; ++p) {
-    for (int64_t j = 0; j < D; ++j) acc[j] += b[p] * (zp[p * D + j] - zr[j]);
+  for (; j + n <= D; j += n) {
+    V x0[Rows], a0[Rows];
+#pragma GCC unroll 4
+    for (int q = 0; q < Rows; ++q) {
+      x0[q] = load(zr[q] + j);
+      a0[q] = load(grad[q] + j);
+    }
+    for (int64_t p = p0; p < p1; ++p) {
+      const V y0 = load(Z + p * D + j);
+  #pragma GCC unroll 4
+    for (int q = 0; q < Rows; ++q) a0[q] = vfma<T>(splat<T>(b[q][p]), y0 - x0[q], a0[q]);
+    }
+#pragma GCC unroll 4
+    for (int q = 0; q < Rows; ++q) store(grad[q] + j, a0[q]);
+  }
+  for (; j < D; ++j) {
+#pragma GCC unroll 4
+    for (int q = 0; q < Rows; ++q) {
+      T acc = grad[q][j];
+      for (int64_t p = p0; p < p1; ++p) acc = std::fma(b[q][p], Z[p * D + j] - zr[q][j], acc);
+      grad[q][j] = acc;
+    }
   }
 }
 
-DIRFAST_RNC_CLONES DIRFAST_NOINLINE void add_pairs(const float* zr, const float* zp, const float* b, int64_t partners,
-                                                   float* acc, int64_t D) {
-  add_pairs_body(zr, zp, b, partners, acc, D);
+// Rows [r0, r1) against partners [p0, p1): b is [r1 - r0] rows of partners (indexed by p), ldb apart.
+template <typename T>
+__attribute__((always_inline)) inline void add_pairs_body(const T* Z, const T* b, int64_t ldb, int64_t r0, int64_t r1,
+                                                          int64_t p0, int64_t p1, T* grad, int64_t D) {
+  int64_t r = r0;
+  for (; r + 3 <= r1; r += 3) {
+    const T* zr[3] = {Z + r * D, Z + (r + 1) * D, Z + (r + 2) * D};
+    const T* br[3] = {b + (r - r0) * ldb, b + (r + 1 - r0) * ldb, b + (r + 2 - r0) * ldb};
+    T* gr[3] = {grad + r * D, grad + (r + 1) * D, grad + (r + 2) * D};
+    add_pairs_rows<T, 3>(zr, Z, br, p0, p1, gr, D);
+  }
+  for (; r < r1; ++r) {
+    const T* zr[1] = {Z + r * D};
+    const T* br[1] = {b + (r - r0) * ldb};
+    T* gr[1] = {grad + r * D};
+    add_pairs_rows<T, 1>(zr, Z, br, p0, p1, gr, D);
+  }
 }
 
-DIRFAST_RNC_CLONES DIRFAST_NOINLINE void add_pairs(const double* zr, const double* zp, const double* b,
-                                                   int64_t partners, double* acc, int64_t D) {
-  add_pairs_body(zr, zp, b, partners, acc, D);
+DIRFAST_RNC_CLONES DIRFAST_NOINLINE void add_pairs(const float* Z, const float* b, int64_t ldb, int64_t r0, int64_t r1,
+                                                   int64_t p0, int64_t p1, float* grad, int64_t D) {
+  add_pairs_body(Z, b, ldb, r0, r1, p0, p1, grad, D);
 }
 
+DIRFAST_RNC_CLONES DIRFAST_NOINLINE void add_pairs(const double* Z, const double* b, int64_t ldb, int64_t r0,
+                                                   int64_t r1, int64_t p0, int64_t p1, double* grad, int64_t D) {
+  add_pairs_body(Z, b, ldb, r0, r1, p0, p1, grad, D);
+}
+
+// Blocks of up to 32 rows, each of anchors only or of other rows only (the partners p where b_rp
+// may be nonzero: every row for an anchor, the anchors for the others); per block b in a
+// thread's buffer (w's columns read 32 at a time), then the partners 64 at a time.
 template <typename acc_t>
 DIRFAST_NOINLINE void backward_rows(const acc_t* Z, const acc_t* w, acc_t* grad, int64_t m, int64_t D,
-                                    int64_t offset, int64_t count, int64_t grain) {
-  torch::stable::parallel_for(0, m, grain, [&](int64_t first, int64_t last) {
-    std::vector<acc_t> b(m);
-    for (int64_t r = first; r < last; ++r) {
-      acc_t* acc = grad + r * D;
-      std::fill(acc, acc + D, acc_t(0));
-      const bool anchor = r >= offset && r < offset + count;
-      const int64_t lo = anchor ? 0 : offset, hi = anchor ? m : offset + count;  // p where b_rp may be nonzero
-      for (int64_t p = lo; p < hi; ++p) {
-        acc_t coefficient = anchor ? w[(r - offset) * m + p] : acc_t(0);
-        if (p >= offset && p < offset + count) coefficient += w[(p - offset) * m + r];
-        b[p - lo] = coefficient;
+                                    int64_t offset, int64_t count) {
+  constexpr int64_t B = 32, P = 64;
+  std::vector<std::pair<int64_t, int64_t>> blocks;
+  for (const auto& [lo, hi] : {std::pair<int64_t, int64_t>{0, offset}, {offset, offset + count},
+                               {offset + count, m}}) {
+    for (int64_t r0 = lo; r0 < hi; r0 += B) blocks.emplace_back(r0, std::min(r0 + B, hi));
+  }
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (B * m * (D + 4)));
+  torch::stable::parallel_for(0, static_cast<int64_t>(blocks.size()), grain, [&](int64_t first, int64_t last) {
+    // b's rows are ldb apart, an odd number of 16 elements, so that the column writes below do
+    // not all fall into the same few cache sets.
+    const int64_t ldb = (m + 15) / 16 % 2 ? (m + 15) / 16 * 16 : (m + 15) / 16 * 16 + 16;
+    std::vector<acc_t> b(B * ldb);
+    for (int64_t t = first; t < last; ++t) {
+      const auto [r0, r1] = blocks[t];
+      const bool anchor = r0 >= offset && r0 < offset + count;
+      const int64_t lo = anchor ? 0 : offset, hi = anchor ? m : offset + count;
+      for (int64_t r = r0; r < r1; ++r) {
+        acc_t* br = b.data() + (r - r0) * ldb;
+        for (int64_t p = lo; p < hi; ++p) br[p] = anchor ? w[(r - offset) * m + p] : acc_t(0);
       }
-      add_pairs(Z + r * D, Z + lo * D, b.data(), hi - lo, acc, D);
+      for (int64_t p = std::max(lo, offset); p < std::min(hi, offset + count); ++p) {
+        const acc_t* wp = w + (p - offset) * m;
+        for (int64_t r = r0; r < r1; ++r) b[(r - r0) * ldb + p] += wp[r];
+      }
+      std::fill(grad + r0 * D, grad + r1 * D, acc_t(0));
+      for (int64_t p0 = lo; p0 < hi; p0 += P) add_pairs(Z, b.data(), ldb, r0, r1, p0, std::min(p0 + P, hi), grad, D);
     }
   });
 }
 
-// Rows per task: about 2^15 multiply-adds at least, so small inputs run on one thread.
-int64_t grain_for(int64_t m, int64_t D) {
-  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, m * (D + 16)));
-}
+// Anchors per task in the row passes: about 2^15 steps at least, so small inputs run on one thread.
+int64_t grain_for(int64_t m) { return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, m * 16)); }
 
 Tensor rnc_loss_cpu(const Tensor& features, const Tensor& labels, double temperature, int64_t offset, int64_t count) {
   const char* op = "dirfast::rnc_loss";
@@ -362,11 +651,13 @@ Tensor rnc_loss_cpu(const Tensor& features, const Tensor& labels, double tempera
   const int64_t m = features.size(0), D = features.size(1), L = labels.size(1);
   if (count == 0 || m < 2) return out;
   const Tensor z = contiguous_as(features, acc), y = contiguous_as(labels, acc);
+  Tensor r = torch::stable::new_empty(features, {count, m}, acc);
   dispatch_acc(acc, [&](auto acc_scalar) {
     using acc_t = decltype(acc_scalar);
     const Problem<acc_t> pb(z.const_data_ptr<acc_t>(), y.const_data_ptr<acc_t>(), m, D, L,
                             static_cast<acc_t>(temperature));
-    forward_rows<acc_t>(pb, out.mutable_data_ptr<acc_t>(), offset, count, grain_for(m, D));
+    fill_distances(pb.Z, m, D, offset, count, r.mutable_data_ptr<acc_t>());
+    forward_rows<acc_t>(pb, r.mutable_data_ptr<acc_t>(), out.mutable_data_ptr<acc_t>(), offset, count, grain_for(m));
   });
   return out;
 }
@@ -383,16 +674,17 @@ Tensor rnc_loss_backward_cpu(const Tensor& grad, const Tensor& features, const T
   const int64_t m = features.size(0), D = features.size(1), L = labels.size(1);
   if (count == 0 || m < 2 || D == 0) return torch::stable::new_zeros(features, {m, D});
   const Tensor z = contiguous_as(features, acc), y = contiguous_as(labels, acc), g = contiguous_as(grad, acc);
+  Tensor r = torch::stable::new_empty(features, {count, m}, acc);
   Tensor w = torch::stable::new_empty(features, {count, m}, acc);
   Tensor total = torch::stable::new_empty(features, {m, D}, acc);
   dispatch_acc(acc, [&](auto acc_scalar) {
     using acc_t = decltype(acc_scalar);
     const acc_t* pz = z.const_data_ptr<acc_t>();
     const Problem<acc_t> pb(pz, y.const_data_ptr<acc_t>(), m, D, L, static_cast<acc_t>(temperature));
-    backward_weights<acc_t>(pb, g.const_data_ptr<acc_t>(), w.mutable_data_ptr<acc_t>(), offset, count,
-                            grain_for(m, D));
-    backward_rows<acc_t>(pz, w.const_data_ptr<acc_t>(), total.mutable_data_ptr<acc_t>(), m, D, offset, count,
-                         grain_for(m, D));
+    fill_distances(pz, m, D, offset, count, r.mutable_data_ptr<acc_t>());
+    backward_weights<acc_t>(pb, r.mutable_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), w.mutable_data_ptr<acc_t>(),
+                            offset, count, grain_for(m));
+    backward_rows<acc_t>(pz, w.const_data_ptr<acc_t>(), total.mutable_data_ptr<acc_t>(), m, D, offset, count);
   });
   return torch::stable::to(total, features.scalar_type());
 }
