@@ -17,6 +17,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <utility>
 #include <numeric>
 #include <vector>
 
@@ -161,11 +163,36 @@ RANKSIM_CLONES double sum_of_squares(const double* x, int64_t n) { return sum_of
 
 inline int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
 
+// An allocator whose value-less construct() leaves the element uninitialised: Buffer<T>(n) is
+// a vector of n values to be written, not zeroed first (the large buffers below are written
+// whole; zeroing them was a serial memset of ~2 MB per call, while the other threads wait).
+template <typename T>
+struct NoInit : std::allocator<T> {
+  template <typename U>
+  struct rebind {
+    using other = NoInit<U>;
+  };
+  NoInit() = default;
+  template <typename U>
+  NoInit(const NoInit<U>&) {}
+  template <typename U>
+  void construct(U* p) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+template <typename T>
+using Buffer = std::vector<T, NoInit<T>>;
+
 // b[k][c] = src[c][k] (src [n, len] row-major; c < n, zero up to npad) packed by panels.
 template <typename T>
-std::vector<T> pack_transposed(const T* src, int64_t n, int64_t len, int64_t npad) {
+Buffer<T> pack_transposed(const T* src, int64_t n, int64_t len, int64_t npad) {
   constexpr int64_t P = 2 * Vec<T>::width;
-  std::vector<T> b(npad * len, T(0));
+  Buffer<T> b(npad * len);
+  std::fill(b.begin() + std::min(npad, round_up(n, P)) * len, b.end(), T(0));  // whole panels of padding
   // P source rows at a time: P reads in order, writes in order; the panels in parallel (copies).
   torch::stable::parallel_for(0, (n + P - 1) / P, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, P * len)),
                               [&](int64_t first, int64_t last) {
@@ -174,6 +201,7 @@ std::vector<T> pack_transposed(const T* src, int64_t n, int64_t len, int64_t npa
       const int64_t w = std::min(P, n - c0);
       for (int64_t k = 0; k < len; ++k) {
         for (int64_t c = 0; c < w; ++c) panel[k * P + c] = src[(c0 + c) * len + k];
+        for (int64_t c = w; c < P; ++c) panel[k * P + c] = T(0);  // the padding of a last panel
       }
     }
   });
@@ -182,16 +210,20 @@ std::vector<T> pack_transposed(const T* src, int64_t n, int64_t len, int64_t npa
 
 // b[k][c] = rows[k][c] (rows[k] len values; c < len, zero up to lenpad) packed by panels.
 template <typename T>
-std::vector<T> pack_rows(const T* const* rows, int64_t n, int64_t len, int64_t lenpad) {
+Buffer<T> pack_rows(const T* const* rows, int64_t n, int64_t len, int64_t lenpad) {
   constexpr int64_t P = 2 * Vec<T>::width;
-  std::vector<T> b(lenpad * n, T(0));
+  Buffer<T> b(lenpad * n);
+  std::fill(b.begin() + std::min(lenpad, round_up(len, P)) * n, b.end(), T(0));  // whole panels of padding
   // The panels in parallel (copies only).
   torch::stable::parallel_for(0, (len + P - 1) / P, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, P * n)),
                               [&](int64_t first, int64_t last) {
     for (int64_t c0 = first * P; c0 < std::min(len, last * P); c0 += P) {
       T* panel = &b[c0 * n];
       const int64_t w = std::min(P, len - c0);
-      for (int64_t k = 0; k < n; ++k) std::copy(rows[k] + c0, rows[k] + c0 + w, panel + k * P);
+      for (int64_t k = 0; k < n; ++k) {
+        std::copy(rows[k] + c0, rows[k] + c0 + w, panel + k * P);
+        std::fill(panel + k * P + w, panel + (k + 1) * P, T(0));  // the padding of a last panel
+      }
     }
   });
   return b;
@@ -199,7 +231,7 @@ std::vector<T> pack_rows(const T* const* rows, int64_t n, int64_t len, int64_t l
 
 // out[r] = sum_k a[r][k] b[k] for r < nrows (a[r] = a + r * lda, out [nrows, ncols]), b packed.
 template <typename T>
-void product(const T* a, int64_t lda, int64_t nrows, const std::vector<T>& b, int64_t kdim, int64_t ncols, T* out) {
+void product(const T* a, int64_t lda, int64_t nrows, const Buffer<T>& b, int64_t kdim, int64_t ncols, T* out) {
   if (nrows == 0) return;
   const int64_t tiles = (nrows + kTileRows - 1) / kTileRows;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kTileRows * kdim * ncols));
@@ -323,11 +355,12 @@ template <typename acc_t>
 struct Problem {
   int64_t m = 0, d = 0, labels_dim = 0, size = 0;  // size = M, the kept rows
   int64_t size_pad = 0, d_pad = 0;                 // M and D rounded up to kPad
-  std::vector<acc_t> q, norm, keys, y;             // q [m, D]; keys [M, D] the kept rows of q; y [m, L]
+  Buffer<acc_t> q, keys;                           // q [m, D]; keys [M, D] the kept rows of q
+  std::vector<acc_t> norm, y;                      // y [m, L]
   std::vector<int64_t> kept;                       // the kept rows, ascending
   std::vector<int64_t> position;                   // row -> its position among the kept rows, or -1
   std::vector<int64_t> anchors;                    // the kept rows among offset .. offset + count - 1
-  std::vector<acc_t> keys_t;                       // keys^T [D, M] packed for `product`/`tile`
+  Buffer<acc_t> keys_t;                            // keys^T [D, M] packed for `product`/`tile`
   // 1-D labels, every kept one finite: the kept keys sorted by (label, position) once, and the
   // slot of each key in that order (see label_ranks).
   bool sorted_labels = false;
@@ -499,14 +532,14 @@ DIRFAST_NOINLINE bool row_terms(const Problem<acc_t>& pb, int64_t i, const acc_t
 constexpr int64_t kBlock = 48;  // a multiple of kTileRows and of kPad
 
 template <typename acc_t>
-DIRFAST_NOINLINE std::vector<acc_t> similarity_matrix(const Problem<acc_t>& pb) {
+DIRFAST_NOINLINE Buffer<acc_t> similarity_matrix(const Problem<acc_t>& pb) {
   const int64_t n = pb.size, np = pb.size_pad, d = pb.d;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (row block, column block), column >= row
   for (int64_t rb = 0; rb < blocks; ++rb) {
     for (int64_t cb = rb; cb < blocks; ++cb) tasks.emplace_back(rb, cb);
   }
-  std::vector<acc_t> c(n * np);
+  Buffer<acc_t> c(n * np);  // every value written below
   const int64_t block_madds = kBlock * kBlock * std::max<int64_t>(d, 1);
   torch::stable::parallel_for(0, static_cast<int64_t>(tasks.size()),
                               std::max<int64_t>(1, (int64_t(1) << 16) / block_madds), [&](int64_t first, int64_t last) {
@@ -535,7 +568,7 @@ template <typename acc_t, typename Body>
 void for_each_anchor(const Problem<acc_t>& pb, Body&& body) {
   const int64_t na = static_cast<int64_t>(pb.anchors.size());
   if (na == pb.size) {
-    std::vector<acc_t> c = similarity_matrix(pb);
+    Buffer<acc_t> c = similarity_matrix(pb);
     const int64_t np = pb.size_pad;
     torch::stable::parallel_for(0, na, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, na)), [&](int64_t first, int64_t last) {
       RowBuffers<acc_t> buf(pb);
@@ -626,14 +659,14 @@ inline void normalize_row(const Problem<acc_t>& pb, int64_t r, const acc_t* gq, 
 // dC + dC^T built, multiplied and normalised in one task; else two products, dC keys for the
 // anchors and dC^T q_anchors for the keys (each about na M D multiply-adds), then the normalising.
 template <typename acc_t>
-DIRFAST_NOINLINE void feature_gradients(const Problem<acc_t>& pb, const std::vector<acc_t>& d_cos, acc_t* grad_z) {
+DIRFAST_NOINLINE void feature_gradients(const Problem<acc_t>& pb, const Buffer<acc_t>& d_cos, acc_t* grad_z) {
   const int64_t n = pb.size, d = pb.d, dp = pb.d_pad, na = static_cast<int64_t>(pb.anchors.size());
   for (int64_t r = 0; r < pb.m; ++r) {
     if (pb.position[r] < 0) normalize_row(pb, r, static_cast<const acc_t*>(nullptr), grad_z);
   }
   std::vector<const acc_t*> key_rows(n);
   for (int64_t p = 0; p < n; ++p) key_rows[p] = &pb.keys[p * d];
-  const std::vector<acc_t> keys_b = pack_rows(key_rows.data(), n, d, dp);
+  const Buffer<acc_t> keys_b = pack_rows(key_rows.data(), n, d, dp);
   if (na == n) {  // anchor t is key t
     const int64_t tiles = (n + kTileRows - 1) / kTileRows;
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kTileRows * n * dp));
@@ -663,7 +696,7 @@ DIRFAST_NOINLINE void feature_gradients(const Problem<acc_t>& pb, const std::vec
   }
   std::vector<const acc_t*> anchor_rows(na);
   for (int64_t t = 0; t < na; ++t) anchor_rows[t] = &pb.keys[pb.position[pb.anchors[t]] * d];
-  const std::vector<acc_t> anchors_b = pack_rows(anchor_rows.data(), na, d, dp);
+  const Buffer<acc_t> anchors_b = pack_rows(anchor_rows.data(), na, d, dp);
   product(d_cos_t.data(), na, n, anchors_b, na, dp, grad_q.data());
   for (int64_t t = 0; t < na; ++t) {
     acc_t* g = &grad_q[pb.position[pb.anchors[t]] * dp];
@@ -707,7 +740,7 @@ Tensor ranksim_loss_backward_cpu(const Tensor& grad, const Tensor& features, con
   dispatch_acc(acc, [&](auto acc_scalar) {
     using acc_t = decltype(acc_scalar);
     const Problem<acc_t> pb(features, labels, keep, acc, offset, count);
-    std::vector<acc_t> d_cos(pb.anchors.size() * pb.size);
+    Buffer<acc_t> d_cos(pb.anchors.size() * pb.size);  // every value written by surrogate_rows
     surrogate_rows(pb, offset, gc.const_data_ptr<acc_t>(), lambda_val, d_cos.data());
     feature_gradients(pb, d_cos, grad_z.mutable_data_ptr<acc_t>());
   });
