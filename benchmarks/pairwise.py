@@ -136,8 +136,8 @@ def run_case(loss: str, n: int, d: int, device: str, quick: bool, with_compiled:
 
 def format_rows(rows) -> str:
     lines = [f"{'loss':<8} {'n':>5} {'D':>4} {'provider':<19} {'median ms':>10} {'x faster':>9} {'peak MB':>9} "
-             f"{'mem ratio':>10} {'|value diff|':>12} {'|grad diff|':>12}   (ratios against {rows[0]['first']} "
-             "of each case)"]
+             f"{'mem ratio':>10} {'|value diff|':>12} {'|grad diff|':>12}   (ratios and differences against the "
+             "first provider of each case: the published code where it runs)"]
     for r in rows:
         diffs = [r.get("value_difference"), r.get("max_grad_difference")]
         lines.append(f"{r['loss']:<8} {r['n']:>5} {r['D']:>4} {r['provider']:<19} {r['median_ms']:>10.2f} "
