@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 MAX_BINS = (1 << 31) - 2  # bin numbers (and the identity bin B of calibrate) fit an int32
@@ -97,3 +98,55 @@ def bin_table(name: str, value, shape, device) -> torch.Tensor:
     if value.device != device:
         raise ValueError(f"{name} is on {value.device} but x is on {device}")
     return value
+
+
+# ---------------------------------------------------------------------------- the pairwise ops
+def real(name: str, value, low: float | None = None, above: bool = False) -> float:
+    """A finite real number (a bool is not one), at least ``low`` (above it with ``above``)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if above else value < low):
+        raise ValueError(f"{name} must be {'>' if above else '>='} {low}, got {value!r}")
+    return value
+
+
+def boolean(name: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def integer(name: str, value) -> int:
+    """An int or NumPy integer (a bool is not one)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def features_and_labels(features, labels) -> int:
+    """``features`` [m, D] and ``labels`` [m, L] (L >= 1), floating, on one device; returns m."""
+    floating("features", features)
+    floating("labels", labels)
+    if features.dim() != 2:
+        raise ValueError(f"features must be [m, D], got shape {tuple(features.shape)}")
+    m = features.shape[0]
+    if labels.dim() != 2 or labels.shape[0] != m or labels.shape[1] < 1:
+        raise ValueError(f"labels must be [m, L] with m = {m} (features.shape[0]) and L >= 1, got shape "
+                         f"{tuple(labels.shape)}")
+    if labels.device != features.device:
+        raise ValueError(f"labels is on {labels.device} but features is on {features.device}")
+    return m
+
+
+def anchors(m: int, offset: int, count) -> int:
+    """The anchor rows ``offset .. offset + count - 1`` of m rows (ints, type-checked by the
+    caller): in range; returns count (None: every row from ``offset``)."""
+    if not 0 <= offset <= m:
+        raise ValueError(f"offset must be in [0, {m}] (features.shape[0]), got {offset}")
+    count = m - offset if count is None else count
+    if not 0 <= count <= m - offset:
+        raise ValueError(f"count must be in [0, {m - offset}] (features.shape[0] - offset), got {count}")
+    return count

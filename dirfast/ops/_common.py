@@ -71,3 +71,32 @@ def register_triton_for_cuda() -> None:
     for op in OPS.values():
         if op.triton is not None and not op.has_kernel("CUDA"):
             LIBRARY.impl(op.name, op.triton, "CUDA")
+
+
+# ---------------------------------------------------------------- row arithmetic of the pairwise ops
+# F.normalize of the feature rows, its backward, and the L1 distances of label rows: written once for
+# the references and the Triton entries of conr_loss and ranksim_loss, so every backend computes them alike.
+NORMALIZE_EPS = 1e-12  # F.normalize's: a row of norm below it is divided by it instead
+
+
+def normalize_rows(features: torch.Tensor, acc: torch.dtype):
+    """``(q, norms)``: the rows of ``features`` in ``acc`` over ``max(norm, NORMALIZE_EPS)``, and the norms
+    ``[m, 1]``."""
+    z = features.to(acc)
+    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
+    return z / norms.clamp_min(NORMALIZE_EPS), norms
+
+
+def normalize_rows_backward(grad_q: torch.Tensor, q: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """The gradient in ``z`` of ``q = z / max(||z||, NORMALIZE_EPS)`` from the gradient in ``q``."""
+    along = (q * grad_q).sum(1, keepdim=True)
+    return torch.where(norms >= NORMALIZE_EPS, (grad_q - q * along) / norms, grad_q / NORMALIZE_EPS)
+
+
+def l1_distances(values: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """``[count, m]`` L1 distances of the anchor rows to every row of ``values``, summed over the
+    label columns in order (as every kernel sums them)."""
+    dist = torch.zeros(anchors.shape[0], values.shape[0], dtype=values.dtype, device=values.device)
+    for k in range(values.shape[1]):  # the label dimensions (few), not the rows
+        dist += (anchors[:, k:k + 1] - values[:, k]).abs()
+    return dist

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from . import _checks, _common, _dispatch
 
 PUSHES = ("exp", "linear")
-EPS = 1e-12  # F.normalize's: a row of norm below it is divided by EPS instead
 
 _ARGS = ("Tensor features, Tensor labels, Tensor preds, Tensor weights, float w, float tau, float e, str push, "
          "bool exp0_terms, bool anchor_in_divisor, int offset, int count")
@@ -66,14 +64,7 @@ def conr_loss(features: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
     overflow. Values are not checked: a NaN feature gives NaN in every anchor whose pairs it is
     in; a NaN label puts its row in no pair, a NaN prediction in no negative pair.
     """
-    _checks.floating("features", features)
-    if features.dim() != 2:
-        raise ValueError(f"features must be [m, D], got shape {tuple(features.shape)}")
-    m = features.shape[0]
-    _checks.floating("labels", labels)
-    if labels.dim() != 2 or labels.shape[0] != m or labels.shape[1] < 1:
-        raise ValueError(f"labels must be [m, L] with m = {m} (features.shape[0]) and L >= 1, got shape "
-                         f"{tuple(labels.shape)}")
+    m = _checks.features_and_labels(features, labels)
     _checks.floating("preds", preds)
     if preds.shape != labels.shape:
         raise ValueError(f"preds must have the shape of labels {tuple(labels.shape)}, got {tuple(preds.shape)}")
@@ -81,77 +72,35 @@ def conr_loss(features: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
     if tuple(weights.shape) != (m,):
         raise ValueError(f"weights must have shape ({m},) (one weight per row of features), got "
                          f"{tuple(weights.shape)}")
-    for name, value in (("labels", labels), ("preds", preds), ("weights", weights)):
+    for name, value in (("preds", preds), ("weights", weights)):
         if value.device != features.device:
             raise ValueError(f"{name} is on {value.device} but features is on {features.device}")
-    w = _real("w", w, low=0.0)
-    tau = _real("tau", tau, low=0.0, above=True)
-    e = _real("e", e)
+    w = _checks.real("w", w, low=0.0)
+    tau = _checks.real("tau", tau, low=0.0, above=True)
+    e = _checks.real("e", e)
     if not isinstance(push, str) or push not in PUSHES:
         raise ValueError(f"push must be one of {PUSHES}, got {push!r}")
-    exp0_terms, anchor_in_divisor = _bool("exp0_terms", exp0_terms), _bool("anchor_in_divisor", anchor_in_divisor)
-    offset = _int("offset", offset)
-    if not 0 <= offset <= m:
-        raise ValueError(f"offset must be in [0, {m}] (features.shape[0]), got {offset}")
-    count = m - offset if count is None else _int("count", count)
-    if not 0 <= count <= m - offset:
-        raise ValueError(f"count must be in [0, {m - offset}] (features.shape[0] - offset), got {count}")
+    exp0_terms = _checks.boolean("exp0_terms", exp0_terms)
+    anchor_in_divisor = _checks.boolean("anchor_in_divisor", anchor_in_divisor)
+    offset = _checks.integer("offset", offset)
+    count = _checks.anchors(m, offset, None if count is None else _checks.integer("count", count))
     return _dispatch.call("conr_loss", features.device, features, labels, preds, weights, w, tau, e, push,
                           exp0_terms, anchor_in_divisor, offset, count)
 
 
-def _real(name: str, value, low=None, above=False) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value <= low if above else value < low):
-        raise ValueError(f"{name} must be {'>' if above else '>='} {low}, got {value!r}")
-    return value
-
-
-def _bool(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return bool(value)
-
-
-def _int(name: str, value) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
-
-
 # -------------------------------------------------------------------------------- reference
-def normalized(features: torch.Tensor, acc: torch.dtype):
-    """``(q, norms)``: the rows over ``max(norm, EPS)`` in ``acc`` (F.normalize), and the norms."""
-    z = features.to(acc)
-    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
-    return z / norms.clamp_min(EPS), norms
-
-
-def l1_distances(values: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """``[count, m]`` L1 distances of the anchor rows to every row, summed over the label
-    columns in order (as every kernel sums them)."""
-    dist = torch.zeros(anchors.shape[0], values.shape[0], dtype=values.dtype, device=values.device)
-    for k in range(values.shape[1]):
-        dist = dist + (anchors[:, k:k + 1] - values[:, k]).abs()
-    return dist
-
-
 def _rows(features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor, offset, count):
     """The [count, m] pieces of the anchors' losses: the normalised rows and their norms,
     ``prod``, the positives, each term's exponent ``x`` (-inf outside the sum) and coefficient,
     the shifted terms and, per anchor, |P|, the divisor, the log of the sum, and validity."""
     acc = _common.acc_dtype(features.dtype, labels.dtype, preds.dtype, weights.dtype)
     m, device = features.shape[0], features.device
-    q, norms = normalized(features, acc)
+    q, norms = _common.normalize_rows(features, acc)
     qa = q[offset:offset + count]
     prod = (qa @ q.T) / tau
     y, p = labels.to(acc), preds.to(acc)
-    l = l1_distances(y, y[offset:offset + count])
-    d = l1_distances(p, p[offset:offset + count])
+    l = _common.l1_distances(y, y[offset:offset + count])
+    d = _common.l1_distances(p, p[offset:offset + count])
     self_pair = torch.arange(m, device=device) == torch.arange(offset, offset + count, device=device)[:, None]
     pos = (l <= w) & ~self_pair  # a Python float compares in acc, as the kernels do
     neg = (l > w) & (d <= w)
@@ -195,13 +144,7 @@ def reference_backward(grad, features, labels, preds, weights, w, tau, e, push, 
     coefficients = torch.where(valid[:, None], coefficients, 0.0) / tau
     grad_q = coefficients.T @ q[offset:offset + count]
     grad_q[offset:offset + count] += coefficients @ q
-    return normalized_backward(grad_q, q, norms).to(features.dtype)
-
-
-def normalized_backward(grad_q, q, norms):
-    """The gradient in ``z`` of ``q = z / max(||z||, EPS)``."""
-    along = (q * grad_q).sum(1, keepdim=True)
-    return torch.where(norms >= EPS, (grad_q - q * along) / norms, grad_q / EPS)
+    return _common.normalize_rows_backward(grad_q, q, norms).to(features.dtype)
 
 
 def _fake(features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor, offset, count):

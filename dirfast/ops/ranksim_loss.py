@@ -23,7 +23,6 @@ from . import _checks, _common, _dispatch
 _ARGS = "Tensor features, Tensor labels, Tensor keep, float lambda_val, int offset, int count"
 SCHEMA = f"ranksim_loss({_ARGS}) -> Tensor"
 SCHEMA_BACKWARD = f"ranksim_loss_backward(Tensor grad, {_ARGS}) -> Tensor"
-EPS = 1e-12          # F.normalize's eps
 LAMBDA_EPS = 1e-8    # the published backward divides by lambda + 1e-8
 
 
@@ -45,16 +44,7 @@ def ranksim_loss(features: torch.Tensor, labels: torch.Tensor, keep: torch.Tenso
         published loss is ``out.sum()`` with every row an anchor. An anchor with a NaN among its
         similarities or label distances gives NaN (and NaN gradients).
     """
-    _checks.floating("features", features)
-    _checks.floating("labels", labels)
-    if features.dim() != 2:
-        raise ValueError(f"features must be [m, D], got shape {tuple(features.shape)}")
-    m = features.shape[0]
-    if labels.dim() != 2 or labels.shape[0] != m or labels.shape[1] < 1:
-        raise ValueError(f"labels must be [m, L] with m = {m} (features.shape[0]) and L >= 1, "
-                         f"got shape {tuple(labels.shape)}")
-    if labels.device != features.device:
-        raise ValueError(f"labels is on {labels.device} but features is on {features.device}")
+    m = _checks.features_and_labels(features, labels)
     if keep is None:
         keep = torch.ones(m, dtype=torch.bool, device=features.device)
     _checks.tensor("keep", keep)
@@ -73,31 +63,11 @@ def ranksim_loss(features: torch.Tensor, labels: torch.Tensor, keep: torch.Tenso
             continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 0 <= offset <= m:
-        raise ValueError(f"offset must be in [0, {m}] (m = features.shape[0]), got {offset}")
-    count = m - offset if count is None else count
-    if not 0 <= count <= m - offset:
-        raise ValueError(f"count must be in [0, {m - offset}] (m - offset), got {count}")
+    count = _checks.anchors(m, offset, count)
     return _dispatch.call("ranksim_loss", features.device, features, labels, keep, float(lambda_val), offset, count)
 
 
 # -------------------------------------------------------------------------------- reference
-def normalized(features, acc):
-    """(q = F.normalize(features) in ``acc``, the row norms ``||z||``)."""
-    z = features.to(acc)
-    norm = torch.linalg.vector_norm(z, dim=1)
-    return z / norm.clamp_min(EPS).unsqueeze(1), norm
-
-
-def label_distances(labels, rows, acc):
-    """``l[a, j] = sum_k |y[rows[a], k] - y[j, k]|`` ([len(rows), m]), summed over k in order."""
-    y = labels.to(acc)
-    out = torch.zeros(rows.shape[0], y.shape[0], dtype=acc, device=y.device)
-    for k in range(y.shape[1]):  # the label dimensions (few), not the rows
-        out += (y[rows, k].unsqueeze(1) - y[:, k]).abs()
-    return out
-
-
 def ranks(values, keep):
     """The 0-based descending rank of each entry of each row of ``values`` among the kept
     columns (ties: the lower column first; NaN ranks above everything); garbage where
@@ -113,7 +83,7 @@ def _rows(features, labels, keep, offset, count):
     flags of the keys (as 0/1) and of the anchors, and the chunks of anchor rows (bounded
     [chunk, m] temporaries)."""
     acc = _common.acc_dtype(features.dtype, labels.dtype)
-    q, norm = normalized(features, acc)
+    q, norm = _common.normalize_rows(features, acc)
     m = features.shape[0]
     kept = keep.to(acc)
     size = kept.sum()
@@ -124,9 +94,8 @@ def _rows(features, labels, keep, offset, count):
 
 def _row_terms(q, labels, keep, size, start, stop, acc):
     """For anchor rows start .. stop - 1: C, rn(C), rn(-l), and whether a kept key's C or l is NaN."""
-    rows = torch.arange(start, stop, device=q.device)
     cos = q[start:stop] @ q.T
-    dist = label_distances(labels, rows, acc)
+    dist = _common.l1_distances(labels.to(acc), labels[start:stop].to(acc))
     rn_c = (ranks(cos, keep) + 1).to(acc) / size
     rn_l = (ranks(-dist, keep) + 1).to(acc) / size
     bad = ((torch.isnan(cos) | torch.isnan(dist)) & keep).any(1)
@@ -147,12 +116,6 @@ def reference(features, labels, keep, lambda_val, offset, count):
     return torch.cat(parts) if parts else torch.zeros(0, dtype=acc, device=features.device)
 
 
-def normalize_backward(grad_q, q, norm):
-    """The gradient in z of q = z / max(||z||, eps) from the gradient in q."""
-    inner = (q * grad_q).sum(1, keepdim=True)
-    return torch.where((norm >= EPS).unsqueeze(1), (grad_q - q * inner) / norm.unsqueeze(1), grad_q / EPS)
-
-
 def reference_backward(grad, features, labels, keep, lambda_val, offset, count):
     """The gradient in features of ``sum_a grad[a] out[a]``: per kept anchor row the blackbox
     surrogate ``dC_ij = -(rn(C_i)_j - rn(C_i + lambda G_i)_j) / (lambda + 1e-8)`` with ``G`` the
@@ -171,7 +134,7 @@ def reference_backward(grad, features, labels, keep, lambda_val, offset, count):
         d_cos = torch.where(anchors_kept[start - offset:stop - offset].unsqueeze(1) & keep, d_cos, 0)
         grad_q[start:stop] += d_cos @ q
         grad_q += d_cos.T @ q[start:stop]
-    return normalize_backward(grad_q, q, norm).to(features.dtype)
+    return _common.normalize_rows_backward(grad_q, q, norm).to(features.dtype)
 
 
 def _fake(features, labels, keep, lambda_val, offset, count):

@@ -15,7 +15,6 @@ Kernels: the reference below; ``csrc/cpu/rnc_loss.cpp``; ``dirfast/triton/rnc_lo
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
@@ -46,43 +45,11 @@ def rnc_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 
     Values are not checked (no host synchronisation): NaN features or labels give NaN. Two identical
     feature rows are exactly 0 apart, and a zero distance passes no gradient (as torch's norm).
     """
-    _check_pair(features, labels)
-    temperature = _temperature(temperature)
-    m = features.shape[0]
-    offset = _integer("offset", offset)
-    if not 0 <= offset <= m:
-        raise ValueError(f"offset must be in [0, {m}] (the rows of features), got {offset}")
-    count = m - offset if count is None else _integer("count", count)
-    if not 0 <= count <= m - offset:
-        raise ValueError(f"count must be in [0, {m - offset}] (offset + count <= {m} rows), got {count}")
+    m = _checks.features_and_labels(features, labels)
+    temperature = _checks.real("temperature", temperature, 0.0, above=True)
+    offset = _checks.integer("offset", offset)
+    count = _checks.anchors(m, offset, None if count is None else _checks.integer("count", count))
     return _dispatch.call("rnc_loss", features.device, features, labels, temperature, offset, count)
-
-
-def _check_pair(features, labels) -> None:
-    _checks.floating("features", features)
-    _checks.floating("labels", labels)
-    if features.dim() != 2:
-        raise ValueError(f"features must be [m, D], got shape {tuple(features.shape)}")
-    if labels.dim() != 2 or labels.shape[0] != features.shape[0] or labels.shape[1] < 1:
-        raise ValueError(f"labels must be [m, L] with m = {features.shape[0]} (the rows of features) and L >= 1, "
-                         f"got shape {tuple(labels.shape)}")
-    if labels.device != features.device:
-        raise ValueError(f"labels is on {labels.device} but features is on {features.device}")
-
-
-def _temperature(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"temperature must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {value!r}")
-    return value
-
-
-def _integer(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return int(value)
 
 
 # -------------------------------------------------------------------------------- reference

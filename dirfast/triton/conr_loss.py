@@ -16,10 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import acc_dtype
+from ..ops._common import acc_dtype, normalize_rows, normalize_rows_backward
 from . import _common
 
-EPS = 1e-12  # F.normalize's
 
 
 @triton.jit
@@ -111,9 +110,7 @@ def _prepare(features, labels, preds, weights, w, tau, e, offset, count):
     """The arithmetic dtype, the normalised rows and their norms, the anchors' cosine rows, the
     transposed labels and predictions, the weights and the parameters, all contiguous."""
     acc = acc_dtype(features.dtype, labels.dtype, preds.dtype, weights.dtype)
-    z = features.to(acc)
-    norms = torch.linalg.vector_norm(z, dim=1, keepdim=True)
-    q = z / norms.clamp_min(EPS)
+    q, norms = normalize_rows(features, acc)
     cosine = torch.mm(q[offset:offset + count], q.T).contiguous()
     params = torch.full((3,), w, dtype=acc, device=features.device)
     params[1], params[2] = tau, e  # fills on the device: no copy from the host
@@ -163,6 +160,4 @@ def conr_loss_backward(grad, features, labels, preds, weights, w, tau, e, push_e
     else:
         grad_q = coefficients.T @ q[offset:offset + count]
         grad_q[offset:offset + count] += coefficients @ q
-    along = (q * grad_q).sum(1, keepdim=True)
-    grad_z = torch.where(norms >= EPS, (grad_q - q * along) / norms, grad_q / EPS)
-    return grad_z.to(features.dtype)
+    return normalize_rows_backward(grad_q, q, norms).to(features.dtype)

@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._common import l1_distances, normalize_rows, normalize_rows_backward
 from . import _common
 
-EPS = 1e-12          # F.normalize's eps
-LAMBDA_EPS = 1e-8    # the published backward divides by lambda + 1e-8
+LAMBDA_EPS = 1e-8    # the published backward divides by lambda + 1e-8 (the same as dirfast.ops.ranksim_loss)
 
 
 @triton.jit
@@ -36,7 +36,6 @@ def _rank_kernel(order_ptr, keep_ptr, rank_ptr, n, BLOCK: tl.constexpr):
         before = tl.cumsum(kept, 0) - kept + carry
         tl.store(rank_ptr + row * n + key, before, mask=live)
         carry += tl.sum(kept, 0)
-
 
 @triton.jit
 def _row_kernel(cos_ptr, dist_ptr, rank_c_ptr, rank_l_ptr, keep_ptr, size_ptr, grad_ptr, lam_ptr, out_ptr,
@@ -71,7 +70,6 @@ def _row_kernel(cos_ptr, dist_ptr, rank_c_ptr, rank_l_ptr, keep_ptr, size_ptr, g
     if SHIFT:
         tl.store(bad_ptr + row, bad.to(tl.int32))
 
-
 @triton.jit
 def _surrogate_kernel(order_ptr, keep_ptr, rank_c_ptr, bad_ptr, size_ptr, denom_ptr, d_cos_ptr, n, offset,
                       ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -97,10 +95,8 @@ def _surrogate_kernel(order_ptr, keep_ptr, rank_c_ptr, bad_ptr, size_ptr, denom_
         d = tl.where((kept_i != 0) & anchor_kept, d, 0.0)
         tl.store(d_cos_ptr + row * n + key, d, mask=live)
 
-
 def _block(n: int) -> int:
     return min(_common.next_pow2(max(n, 1)), 1024)
-
 
 def _ranks(values: torch.Tensor, keep_i: torch.Tensor) -> torch.Tensor:
     """[count, m] int32 descending ranks among the kept keys (ties by key index)."""
@@ -111,23 +107,17 @@ def _ranks(values: torch.Tensor, keep_i: torch.Tensor) -> torch.Tensor:
         _rank_kernel[(count,)](order, keep_i, rank, n, BLOCK=_block(n))
     return rank
 
-
 def _setup(features, labels, keep, offset, count):
     """The glue both directions share: acc, q, the norms, the anchors' cosine and label-distance
     rows, keep as int32, M as a device tensor, and the rank rows of C and -l."""
     acc = _common.acc_dtype(features.dtype, labels.dtype)
-    z = features.to(acc)
-    norm = torch.linalg.vector_norm(z, dim=1)
-    q = z / norm.clamp_min(EPS).unsqueeze(1)
+    q, norm = normalize_rows(features, acc)
     cos = (q[offset:offset + count] @ q.T).contiguous()
     y = labels.to(acc)
-    dist = torch.zeros_like(cos)
-    for k in range(y.shape[1]):  # the label dimensions (few), summed in order as the other kernels do
-        dist += (y[offset:offset + count, k].unsqueeze(1) - y[:, k]).abs()
+    dist = l1_distances(y, y[offset:offset + count])
     keep_i = keep.to(torch.int32).contiguous()
     size = keep_i.sum(dtype=torch.int32).reshape(1)
     return acc, q, norm, cos, dist, keep_i, size, _ranks(cos, keep_i), _ranks(-dist, keep_i)
-
 
 def ranksim_loss(features, labels, keep, lambda_val: float, offset: int, count: int) -> torch.Tensor:
     """:func:`dirfast.ops.ranksim_loss` with Triton's per-row kernels."""
@@ -143,17 +133,14 @@ def ranksim_loss(features, labels, keep, lambda_val: float, offset: int, count: 
                               SHIFT=False, ACC=_common.tl_acc(acc), BLOCK=_block(n))
     return out
 
-
 def ranksim_loss_backward(grad, features, labels, keep, lambda_val: float, offset: int, count: int) -> torch.Tensor:
     """The gradient in features of ``sum_a grad[a] out[a]`` (features' dtype)."""
     _common.check_device(features, "ranksim_loss_backward")
     acc = _common.acc_dtype(features.dtype, labels.dtype)
     m = features.shape[0]
     if count == 0:
-        z = features.to(acc)
-        norm = torch.linalg.vector_norm(z, dim=1, keepdim=True)
-        q = z / norm.clamp_min(EPS)
-        return _normalize_backward(torch.zeros_like(q), q, norm.squeeze(1)).to(features.dtype)
+        q, norm = normalize_rows(features, acc)
+        return normalize_rows_backward(torch.zeros_like(q), q, norm).to(features.dtype)
     _, q, norm, cos, dist, keep_i, size, rank_c, rank_l = _setup(features, labels, keep, offset, count)
     n = m
     dev = features.device
@@ -173,9 +160,4 @@ def ranksim_loss_backward(grad, features, labels, keep, lambda_val: float, offse
     grad_q = torch.zeros_like(q)
     grad_q[offset:offset + count] = d_cos @ q
     grad_q += d_cos.T @ q[offset:offset + count]
-    return _normalize_backward(grad_q, q, norm).to(features.dtype)
-
-
-def _normalize_backward(grad_q, q, norm):
-    inner = (q * grad_q).sum(1, keepdim=True)
-    return torch.where((norm >= EPS).unsqueeze(1), (grad_q - q * inner) / norm.unsqueeze(1), grad_q / EPS)
+    return normalize_rows_backward(grad_q, q, norm).to(features.dtype)
