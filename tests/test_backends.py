@@ -34,8 +34,8 @@ from dirfast.ops._common import OPS
 from test_calibrate import calibration_stats
 from test_conr_loss import conr_inputs
 from test_mixture_logpdf import mixture_inputs
-from testing import (BACKEND_NAMES, DEVICES, GPU, backend_device_params, backend_params, gen, num_threads, on,
-                     rand_bins, rand_features, same_bits)
+from testing import (BACKEND_NAMES, DEVICES, GPU, backend_device_params, backend_params, gen, on,
+                     rand_bins, rand_features, same_bits_for_threads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -459,13 +459,7 @@ def test_cpu_kernels_give_the_same_bits_for_any_thread_count():
         density = ops.mixture_logpdf(y, *tables)
         return out + [density, *ops.mixture_logpdf_backward(torch.ones_like(y), y, density, *tables)]
 
-    results = []
-    for threads in (1, 2, 3, 2):
-        with num_threads(threads):
-            results.append(run())
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            same_bits(a, b)
+    same_bits_for_threads(run, (1, 2, 3, 2))
 
 
 # =========================================================================== imports

@@ -15,7 +15,7 @@ import torch
 import dirfast
 from dirfast.ops.conr_loss import reference, reference_backward
 from test_mixture_logpdf import PeakLiveBytes
-from testing import backend_device_params, gen, interpreted, num_threads, on, same_bits, stats_dtype, tol
+from testing import backend_device_params, gen, interpreted, on, same_bits_for_threads, stats_dtype, tol
 
 BACKEND_DEVICE = [p for p in backend_device_params()
                   if p.values[0] == "auto" or "conr_loss" in dirfast.backends()[p.values[0]]["ops"]]
@@ -414,13 +414,7 @@ def test_cpp_same_bits_for_any_thread_count():
             results += [ops.conr_loss(*tensors, *options), ops.conr_loss_backward(g, *tensors, *options)]
         return results
 
-    runs = []
-    for threads in (1, 2, 1):
-        with num_threads(threads):
-            runs.append(run_all())
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            same_bits(a, b)
+    same_bits_for_threads(run_all, (1, 2, 1))
 
 
 # =========================================================================== memory

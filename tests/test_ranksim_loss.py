@@ -18,7 +18,7 @@ import torch
 import dirfast
 from dirfast.ops.ranksim_loss import reference, reference_backward
 from test_mixture_logpdf import PeakLiveBytes
-from testing import backend_device_params, gen, interpreted, num_threads, same_bits, stats_dtype, tol
+from testing import backend_device_params, gen, interpreted, same_bits_for_threads, stats_dtype, tol
 
 BACKEND_DEVICE = [p for p in backend_device_params()
                   if p.values[0] == "auto" or "ranksim_loss" in dirfast.backends()[p.values[0]]["ops"]]
@@ -340,13 +340,8 @@ def test_cpp_same_bits_for_any_thread_count(dtype):
     features, labels, flags = make_inputs(96, 40, 1, "some", dtype, seed=29, label_range=30)
     upstream = torch.rand(90, generator=gen(30)).to(dtype)
     ops = torch.ops.dirfast
-    results = []
-    for threads in (1, 2):
-        with num_threads(threads):
-            results.append((ops.ranksim_loss(features, labels, flags, 2.0, 3, 90),
-                            ops.ranksim_loss_backward(upstream, features, labels, flags, 2.0, 3, 90)))
-    for a, b in zip(*results):
-        same_bits(a, b)
+    same_bits_for_threads(lambda: (ops.ranksim_loss(features, labels, flags, 2.0, 3, 90),
+                                   ops.ranksim_loss_backward(upstream, features, labels, flags, 2.0, 3, 90)))
 
 
 def test_reference_never_holds_m_by_m_by_d():

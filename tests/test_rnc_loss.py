@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import dirfast
 from dirfast.ops.rnc_loss import reference, reference_backward
-from testing import backend_device_params, gen, interpreted, num_threads, same_bits, stats_dtype, tol
+from testing import backend_device_params, gen, interpreted, same_bits_for_threads, stats_dtype, tol
 
 BACKEND_DEVICE = [p for p in backend_device_params()  # "cuda" has no kernel for it: on a GPU it runs on Triton
                   if p.values[0] == "auto" or "rnc_loss" in dirfast.backends()[p.values[0]]["ops"]]
@@ -260,13 +260,7 @@ def test_cpp_same_bits_for_any_thread_count():
             out.append(ops.rnc_loss_backward(upstream[:count], z, labels, 2.0, offset, count))
         return out
 
-    results = []
-    for threads in (1, 2, 3):
-        with num_threads(threads):
-            results.append(once())
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            same_bits(a, b)
+    same_bits_for_threads(once, (1, 2, 3))
 
 
 @pytest.mark.parametrize("backend, device", [p for p in NOT_INTERPRETED

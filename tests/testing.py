@@ -250,3 +250,15 @@ def deterministic(on: bool = True):
 def num_threads(n: int):
     """torch.set_num_threads(n) for the enclosed code, then as it was."""
     return _setting(torch.get_num_threads, torch.set_num_threads, n)
+
+
+def same_bits_for_threads(run, threads=(1, 2)) -> None:
+    """``run()`` (a list of tensors) gives the same bits under each thread count of ``threads``."""
+    results = []
+    for n in threads:
+        with num_threads(n):
+            results.append(list(run()))
+    for other in results[1:]:
+        assert len(other) == len(results[0])
+        for a, b in zip(results[0], other):
+            same_bits(a, b)
