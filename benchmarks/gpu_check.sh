@@ -4,7 +4,8 @@
 # benchmarks (CUDA C++ and Triton side by side), and write everything under $OUT (default
 # ./gpu-results), a short table last. About 6 minutes on one H100.
 #   bash benchmarks/gpu_check.sh
-# Knobs: SKIP_BUILD=1; TORCH_CUDA_ARCH_LIST (default: this GPU's); SHARED_TESTS (files) and
+# Knobs: SKIP_BUILD=1 (use the modules in dirfast/ as they are; the build runs anyway when
+# dirfast._C_cuda does not load); JOBS (pytest-xdist workers, default 8, when xdist is there); TORCH_CUDA_ARCH_LIST (default: this GPU's); SHARED_TESTS (files) and
 # SHARED_K (pytest -k, default "cuda or triton") for the shared tests; *_TIMEOUT (seconds) for BUILD, CUDA_TESTS, BENCH,
 # SHARED_TESTS, BMSE, PAIRWISE.
 set -uo pipefail
@@ -24,7 +25,8 @@ stamp environment
 } 2>&1 | tee "$OUT/environment.txt"
 
 stamp build
-if [ -n "${SKIP_BUILD:-}" ]; then echo "skipped (SKIP_BUILD)"
+if [ -n "${SKIP_BUILD:-}" ] && $PY -c "import torch, dirfast._C_cuda" 2>"$OUT/build.log"; then
+  echo "skipped (SKIP_BUILD, and the carried dirfast._C_cuda loads)"
 else
   # Only this GPU's architecture: a third of the nvcc time of the default sm_80 + sm_90 + PTX.
   arch=${TORCH_CUDA_ARCH_LIST:-$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability(0))")}
@@ -35,34 +37,40 @@ else
 fi
 $PY -c "import dirfast, json; print(json.dumps(dirfast.backends(), indent=1))" 2>&1 | tee -a "$OUT/environment.txt"
 
+# Tests: in parallel where pytest-xdist is installed (the Triton compiles are CPU-bound), each test
+# stopped after a minute where pytest-timeout is.
+PYTEST="$PY -m pytest -q -p no:cacheprovider"
+$PY -c "import xdist" 2>/dev/null && PYTEST="$PYTEST -n ${JOBS:-8}"
+$PY -c "import pytest_timeout" 2>/dev/null && PYTEST="$PYTEST --timeout 60"
+
 stamp "CUDA backend tests"
 # The op contracts on the GPU: every case of the op tests that names cuda (the CUDA C++ kernels,
 # "auto" on the GPU, the CUDA-only paths, the CUDA graph and deterministic checks).
-timeout ${CUDA_TESTS_TIMEOUT:-200} $PY -m pytest -q -p no:cacheprovider -k "cuda" \
+timeout ${CUDA_TESTS_TIMEOUT:-150} $PYTEST -k "cuda" \
   tests/test_bin_stats.py tests/test_smooth_bins.py tests/test_calibrate.py tests/test_mixture_logpdf.py \
   tests/test_backends.py >"$OUT/tests-cuda.log" 2>&1
 cuda_rc=$?
 tail -n 15 "$OUT/tests-cuda.log"
 [ $cuda_rc -eq 0 ] || status=1
 
-stamp "GPU goals"
-timeout ${BENCH_TIMEOUT:-200} $PY -m benchmarks.gpu --json "$OUT" --profile "$OUT/kernel-profile.txt" 2>&1 | tee "$OUT/gpu-goals.txt" || status=1
-
-stamp "Balanced MSE [8, 1, 240, 320] K=100 against the published formulation"
-timeout ${BMSE_TIMEOUT:-120} $PY -m benchmarks.balanced_mse --device cuda --json "$OUT/balanced-mse.json" 2>&1 | tee "$OUT/balanced-mse.txt" || status=1
-
-stamp "pairwise regularisers (RnC, ConR, RankSim) against the published formulations, n up to 4096"
-timeout ${PAIRWISE_TIMEOUT:-150} $PY -m benchmarks.pairwise --device cuda --quick --sweep --json "$OUT/pairwise.json" 2>&1 | tee "$OUT/pairwise.txt" || status=1
-
 stamp "shared tests on the GPU"
 # The Triton cases of the op tests and the GPU cases of the API tests (the CPU ones ran in CI).
-timeout ${SHARED_TESTS_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider -k "${SHARED_K:-triton or (cuda and not cpu)}" \
+timeout ${SHARED_TESTS_TIMEOUT:-180} $PYTEST -k "${SHARED_K:-triton or (cuda and not cpu)}" \
   ${SHARED_TESTS:-tests/test_bin_stats.py tests/test_smooth_bins.py tests/test_calibrate.py tests/test_mixture_logpdf.py \
   tests/test_rnc_loss.py tests/test_conr_loss.py tests/test_ranksim_loss.py tests/test_pairwise.py \
   tests/test_fds.py tests/test_lds.py tests/test_balanced_mse.py} >"$OUT/tests-shared.log" 2>&1
 shared_rc=$?
 tail -n 15 "$OUT/tests-shared.log"
 [ $shared_rc -eq 0 ] || status=1
+
+stamp "GPU goals"
+timeout ${BENCH_TIMEOUT:-120} $PY -m benchmarks.gpu --json "$OUT" --profile "$OUT/kernel-profile.txt" 2>&1 | tee "$OUT/gpu-goals.txt" || status=1
+
+stamp "Balanced MSE [8, 1, 240, 320] K=100 against the published formulation"
+timeout ${BMSE_TIMEOUT:-60} $PY -m benchmarks.balanced_mse --device cuda --json "$OUT/balanced-mse.json" 2>&1 | tee "$OUT/balanced-mse.txt" || status=1
+
+stamp "pairwise regularisers (RnC, ConR, RankSim) against the published formulations, n up to 4096"
+timeout ${PAIRWISE_TIMEOUT:-90} $PY -m benchmarks.pairwise --device cuda --quick --sweep --json "$OUT/pairwise.json" 2>&1 | tee "$OUT/pairwise.txt" || status=1
 
 stamp "summary (cuda tests rc=$cuda_rc, shared tests rc=$shared_rc)"
 grep -E "passed|failed" "$OUT/tests-cuda.log" | tail -n 1
