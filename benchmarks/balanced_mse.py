@@ -20,7 +20,7 @@ import dirfast
 from dirfast.losses import bni_loss, gai_loss
 
 from . import published_balanced_mse as published
-from . import timing
+from . import cases, timing
 
 SHAPE, K = (8, 1, 240, 320), 100
 
@@ -49,10 +49,8 @@ def providers(device: str) -> list:
             rows.append(("published", kind, lambda p, t, s, c, w, g: published.gai_loss(
                 p.reshape(-1, 1), t.reshape(-1, 1), g, s ** 2)))
         for backend, info in dirfast.backends().items():
-            if not info["available"] or "mixture_logpdf" not in info["ops"]:
-                continue
-            if backend == "triton" and device != "cuda":
-                continue  # the interpreter is a correctness tool, not a provider
+            if not info["available"] or "mixture_logpdf" not in info["ops"] or device not in cases.BACKEND_DEVICES[backend]:
+                continue  # runs on other devices (Triton on a CPU: its interpreter, a correctness tool)
             call = (lambda p, t, s, c, w, g: bni_loss(p, t, s ** 2, c, w)) if kind == "bni" else \
                 (lambda p, t, s, c, w, g: gai_loss(p, t, g, s ** 2))
             rows.append((f"dirfast-{backend}", kind, _on(backend, call)))

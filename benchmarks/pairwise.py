@@ -21,7 +21,7 @@ import dirfast
 from dirfast.losses import conr_loss, ranksim_loss, rnc_loss
 
 from . import published_pairwise as published
-from . import timing
+from . import cases, timing
 
 # (loss, rows n, D): the goals
 CASES = [("rnc", 512, 128), ("rnc", 512, 512), ("conr", 512, 512), ("ranksim", 256, 512)]
@@ -78,10 +78,8 @@ def providers(loss: str, n: int, device: str, with_compiled: bool = True) -> dic
     if n <= PUBLISHED_MAX_N[loss]:
         rows["published"] = _published(loss)
     for backend, info in dirfast.backends().items():
-        if not info["available"] or f"{loss}_loss" not in info["ops"]:
-            continue
-        if backend == "triton" and device != "cuda":
-            continue  # the interpreter is a correctness tool, not a provider
+        if not info["available"] or f"{loss}_loss" not in info["ops"] or device not in cases.BACKEND_DEVICES[backend]:
+            continue  # runs on other devices (Triton on a CPU: its interpreter, a correctness tool)
         rows[f"dirfast-{backend}"] = _on(backend, _dirfast(loss))
     if with_compiled:
         rows["compiled reference"] = _compiled_reference(loss)

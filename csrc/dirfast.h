@@ -13,6 +13,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Exception.h>
 #include <torch/headeronly/util/Half.h>
+#include <torch/headeronly/util/shim_utils.h>
 
 #include <array>
 #include <cstdint>
@@ -130,7 +131,7 @@ inline std::string device_of(const Tensor& t) {
 template <size_t N>
 Tensor call_aten(const char* name, const char* overload, std::array<StableIValue, N> stack) {
   static_assert(N >= 1, "an ATen op returns through stack[0]");
-  STABLE_TORCH_ERROR_CODE_CHECK(
+  TORCH_ERROR_CODE_CHECK(
       torch_call_dispatcher(name, overload, stack.data(), TORCH_ABI_VERSION));
   return torch::stable::detail::to<Tensor>(stack[0]);
 }

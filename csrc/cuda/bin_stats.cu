@@ -601,7 +601,7 @@ __global__ void keys_kernel(const index_t* __restrict__ idx, int64_t rows, int64
 Tensor stable_order(const Tensor& keys) {
   using torch::stable::detail::from;
   std::array<StableIValue, 4> stack{from(keys), from(std::optional<bool>(true)), from(int64_t(0)), from(false)};
-  STABLE_TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::sort", "stable", stack.data(), TORCH_ABI_VERSION));
+  TORCH_ERROR_CODE_CHECK(torch_call_dispatcher("aten::sort", "stable", stack.data(), TORCH_ABI_VERSION));
   const Tensor values = torch::stable::detail::to<Tensor>(stack[0]);  // released with this scope
   return torch::stable::detail::to<Tensor>(stack[1]);
 }

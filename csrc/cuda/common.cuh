@@ -91,7 +91,7 @@ void dispatch_cuda_float(ScalarType t, const char* op, Body&& body) {
 // The stream torch launches on for the device of t (the current stream: CUDA graphs capture it).
 inline cudaStream_t current_stream(const Tensor& t) {
   void* stream = nullptr;
-  STABLE_TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(t.get_device_index(), &stream));
   return static_cast<cudaStream_t>(stream);
 }
 
