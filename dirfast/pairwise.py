@@ -227,7 +227,9 @@ def _one_per_label(labels: torch.Tensor, generator) -> torch.Tensor:
     the host: each row gets a random priority, and a row is kept when no row of the same label
     has a higher one (ties in priority go to the lower index)."""
     n = labels.shape[0]
-    priority = torch.rand(n, generator=generator, device=labels.device, dtype=torch.float64)
+    # uniform_ rather than torch.rand(n, generator=...): the same numbers, and torch 2.11's
+    # rand.generator cannot trace a symbolic n under torch.compile.
+    priority = torch.empty(n, device=labels.device, dtype=torch.float64).uniform_(generator=generator)
     return _highest_priority(labels, priority)
 
 

@@ -54,8 +54,10 @@ def check_bin_stats(result, x, idx, num_bins, *, against="oracle", expected=None
     negative.
 
     ``atomics_per_address``: the float32 sums of one (bin, feature) come from up to that many
-    float atomics in some order (the GPU kernels for planes), so their rounding grows with it,
-    about sqrt(n) half-ulps; the tolerance follows (1e-6 sqrt(n))."""
+    float additions in some order (the GPU kernels), so their rounding grows with it: about
+    sqrt(n) half-ulps for float32 x (1e-6 sqrt(n)); for float16 / bfloat16 x every term is exact
+    and the roundings of the running sum do not cancel (seen on an H200), so up to n ulps
+    (1.2e-7 n)."""
     count, mean, var = result
     acc = stats_dtype(x.dtype)
     assert count.dtype == torch.int64 and count.shape == (num_bins,)
@@ -73,7 +75,8 @@ def check_bin_stats(result, x, idx, num_bins, *, against="oracle", expected=None
     assert torch.equal(count, e_count)
     t = tol(acc)
     if atomics_per_address and acc == torch.float32:
-        t = {"rtol": max(t["rtol"], 1e-6 * atomics_per_address ** 0.5), "atol": max(t["atol"], 1e-5)}
+        growth = 1.2e-7 * atomics_per_address if x.element_size() == 2 else 1e-6 * atomics_per_address ** 0.5
+        t = {"rtol": max(t["rtol"], growth), "atol": max(t["atol"], 1e-5)}
     torch.testing.assert_close(mean.double(), e_mean, **t)
     torch.testing.assert_close(var.double(), e_var, **t)
     assert torch.all(mean[count == 0] == 0) and torch.all(var[count <= 1] == 0) and torch.all(var >= 0)
@@ -338,7 +341,8 @@ def test_cuda_grouped_kernel(dtype, num_bins, n, dim):
     g = gen(num_bins + dim)
     x = (torch.randn(n, dim, generator=g) * 3 + 10).to(dtype=dtype, device="cuda")
     idx = torch.randint(-2, num_bins + 2, (n,), generator=g).cuda()
-    check_cuda_kernel("accumulate_grouped_kernel", x, idx, num_bins)
+    largest_bin = int(torch.bincount(idx[(idx >= 0) & (idx < num_bins)].cpu(), minlength=1).max())
+    check_cuda_kernel("accumulate_grouped_kernel", x, idx, num_bins, atomics_per_address=largest_bin)
 
 
 @needs_cuda
