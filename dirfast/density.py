@@ -1,9 +1,9 @@
 """DenseWeight: loss weights that fall with the density of the labels (Steininger et al., 2021).
 
 The density ``p`` of the training labels is a Gaussian kernel density estimate on a fine uniform
-grid, built from the existing ops: the labels are split between their two nearest grid points
-(linear binning) and summed per point with :func:`dirfast.ops.bin_stats`, then convolved with
-a Gaussian window by :func:`dirfast.ops.smooth_bins`. ``p`` is scaled to ``[0, 1]`` and a
+grid: the labels are split between their two nearest grid points (linear binning, two
+``bincount``), then convolved with a Gaussian window, through an FFT when the window is long and
+by :func:`dirfast.ops.smooth_bins` when it is short. ``p`` is scaled to ``[0, 1]`` and a
 label's weight is ``max(1 - alpha * p'(y), eps)``, divided by the mean over the training labels.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import torch
 
 from . import _validate as validate
@@ -38,11 +39,18 @@ def _bandwidth(value):
 def _gaussian_window(sigma: float, device) -> torch.Tensor:
     """scipy's ``gaussian_filter1d`` kernel in float64: ``exp(-k^2 / (2 sigma^2))`` for ``|k|`` up
     to ``int(4 sigma + 0.5)``, summing to 1. (``kernel_window`` gives these taps too, but in
-    float32 and in time quadratic in the window's length.)"""
+    float32 and in time quadratic in the window's length.) Built in NumPy: torch's ``exp``
+    starts threads even for a few hundred taps."""
     radius = int(4.0 * sigma + 0.5)
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
-    window = torch.exp(-0.5 * (taps / sigma) ** 2)
-    return window / window.sum()
+    window = np.exp(-0.5 * (np.arange(-radius, radius + 1, dtype=np.float64) / sigma) ** 2)
+    return torch.from_numpy(window / window.sum()).to(device)
+
+
+def _floor(position: torch.Tensor) -> torch.Tensor:
+    """``position.floor()`` for ``position >= 0`` (below 0 its truncation, which the callers
+    clamp to 0 as they would the floor), without ``floor``: that starts threads on a few thousand
+    elements."""
+    return position - position.frac()
 
 
 def _interpolate(table: torch.Tensor, low: float, step: float, labels: torch.Tensor) -> torch.Tensor:
@@ -52,12 +60,80 @@ def _interpolate(table: torch.Tensor, low: float, step: float, labels: torch.Ten
     position = (labels - low) / step
     inside = (position >= 0) & (position <= last)
     position = torch.nan_to_num(position, nan=0.0).clamp(0, last)
-    left = position.floor().clamp(max=last - 1)
+    left = _floor(position).clamp(max=last - 1)
     fraction = position - left
-    left = left.long()
-    value = table[left] * (1 - fraction) + table[left + 1] * fraction
-    value = torch.where(inside, value, 0.0)
+    index = left.long().reshape(-1)  # index_select: indexing and take start threads on a few thousand elements
+    below, above = (table.index_select(0, i).view(labels.shape) for i in (index, index + 1))
+    value = torch.where(inside, below * (1 - fraction) + above * fraction, 0.0)
     return torch.where(torch.isfinite(labels), value, torch.nan)
+
+
+def _linear_binning(values: torch.Tensor, low: float, step: float, grid_size: int):
+    """The labels split between the two ends of their grid cells: per label its cell (int64
+    ``left``, the point at or below it, at most ``grid_size - 2``) and its share of the point
+    above (``position - left``, float64); per cell the labels in it and the sum of their shares
+    of the point above (float64, ``grid_size - 1`` each)."""
+    position = values.sub(low).div_(step)  # one new tensor for the positions and the shares
+    left = _floor(position).clamp_(0, grid_size - 2)
+    right_share = position.sub_(left)
+    left = left.long()
+    count = torch.bincount(left, minlength=grid_size - 1).to(torch.float64)
+    return left, right_share, count, torch.bincount(left, weights=right_share, minlength=grid_size - 1)
+
+
+def _kde(count: torch.Tensor, right: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The unnormalised Gaussian KDE at the grid points of the labels binned by
+    :func:`_linear_binning` (float64, on their device)."""
+    mass = torch.zeros(count.shape[0] + 1, dtype=torch.float64, device=count.device)
+    mass[:-1] = count - right
+    mass[1:] += right
+    return _convolve(mass, _gaussian_window(sigma, mass.device))
+
+
+def _mean_floor(base: torch.Tensor, eps: float, left, right_share, count, right) -> float:
+    """The mean over the labels binned by :func:`_linear_binning` of ``max(b(y), eps)``, ``b``
+    interpolated linearly between its values ``base`` at the grid points. Where ``b`` stays on
+    one side of ``eps`` over a cell, the cell's sum follows from its count and shares; only the
+    labels in the few cells where ``b`` crosses ``eps`` are read one by one."""
+    below, above = base[:-1], base[1:]
+    over_below, over_above = below >= eps, above >= eps
+    sums = torch.where(over_below & over_above, (count - right) * below + right * above,
+                       torch.where(over_below | over_above, 0.0, eps * count))
+    total = sums.sum()
+    crossing = over_below ^ over_above
+    if bool(crossing.any()):
+        rows = crossing.index_select(0, left).nonzero().flatten()
+        cells = left.index_select(0, rows)
+        values = torch.addcmul(below.index_select(0, cells), (above - below).index_select(0, cells),
+                               right_share.index_select(0, rows))
+        total = total + values.clamp_(min=eps).sum()
+    return float(total) / left.numel()
+
+
+FFT_MIN_TAPS = 64  # from this window length on, an FFT convolves a grid faster than smooth_bins
+
+
+def _convolve(mass: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """``mass`` (zero beyond the grid) convolved with the symmetric ``window``, output on the
+    grid: ``smooth_bins(..., padding="constant")``, through an FFT when the window is long."""
+    if window.shape[0] < FFT_MIN_TAPS:
+        return ops.smooth_bins(mass, window, padding="constant")
+    return _fft_convolve(mass, window)
+
+
+def _fft_convolve(mass: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """The convolution of :func:`_convolve` as a circular one of a power-of-two length: long
+    enough that no mass wraps around onto the grid within the window's reach (the labels' zero
+    margins count towards it, so a default grid of 4096 points needs no padding)."""
+    size, radius = mass.shape[0], (window.shape[0] - 1) // 2
+    occupied = torch.nonzero(mass).flatten()
+    first, last = (int(v) for v in torch.aminmax(occupied)) if occupied.numel() else (0, 0)
+    length = 1 << (max(size, last + radius + 1, size - first + radius) - 1).bit_length()
+    taps = torch.zeros(length, dtype=window.dtype, device=window.device)
+    taps[:radius + 1] = window[radius:]  # tap k sits at k mod length
+    taps[length - radius:] = window[:radius]
+    out = torch.fft.irfft(torch.fft.rfft(mass, length) * torch.fft.rfft(taps), length)
+    return out[:size]
 
 
 class DenseWeight(FittedEstimator):
@@ -100,33 +176,23 @@ class DenseWeight(FittedEstimator):
                                  "pass a positive bandwidth")
         else:
             bandwidth = self.bandwidth
-        low = float(values.min()) - GRID_PAD * bandwidth
-        step = (float(values.max()) + GRID_PAD * bandwidth - low) / (self.grid_size - 1)
+        smallest, largest = (float(v) for v in torch.aminmax(values))
+        low = smallest - GRID_PAD * bandwidth
+        step = (largest + GRID_PAD * bandwidth - low) / (self.grid_size - 1)
         sigma = bandwidth / step  # in grid steps
         if not (math.isfinite(bandwidth) and math.isfinite(low) and math.isfinite(step) and step > 0
                 and math.isfinite(sigma)):
-            raise ValueError(f"labels span [{float(values.min()):g}, {float(values.max()):g}]: with bandwidth "
+            raise ValueError(f"labels span [{smallest:g}, {largest:g}]: with bandwidth "
                              f"{bandwidth:g} the density grid overflows float64; rescale the labels")
         if sigma < MIN_STEPS_PER_BANDWIDTH:
             warnings.warn(f"the bandwidth {bandwidth:g} spans only {sigma:.2g} grid steps of {step:g}: the density "
                           "is coarse; raise grid_size or the bandwidth", UserWarning, stacklevel=3)
-        density = self._kde(values, low, step, sigma)
-        span = (density.max() - density.min()).clamp(min=torch.finfo(torch.float64).tiny)
-        density = (density - density.min()) / span
-        floor = (1 - self.alpha * _interpolate(density, low, step, values)).clamp(min=self.eps)
-        return dict(low=low, step=step, density=density.cpu(), scale=1.0 / float(floor.mean()),
-                    fitted_bandwidth=bandwidth)
-
-    def _kde(self, values: torch.Tensor, low: float, step: float, sigma: float) -> torch.Tensor:
-        """The unnormalised Gaussian KDE of ``values`` at the grid points (float64, on their device)."""
-        position = (values - low) / step
-        left = position.floor().clamp(0, self.grid_size - 2)
-        right_share = position - left
-        points = torch.cat([left, left + 1]).long()
-        shares = torch.cat([1 - right_share, right_share])[:, None]
-        count, mean, _ = ops.bin_stats(shares, points, self.grid_size)
-        mass = count.to(torch.float64) * mean[:, 0]
-        return ops.smooth_bins(mass, _gaussian_window(sigma, mass.device), padding="constant")
+        binned = _linear_binning(values, low, step, self.grid_size)
+        density = _kde(*binned[2:], sigma)
+        bottom, top = torch.aminmax(density)
+        density = (density - bottom) / (top - bottom).clamp(min=torch.finfo(torch.float64).tiny)
+        scale = 1.0 / _mean_floor(1 - self.alpha * density, self.eps, *binned)
+        return dict(low=low, step=step, density=density.cpu(), scale=scale, fitted_bandwidth=bandwidth)
 
     # -- weights -------------------------------------------------------------------------------
     def _table(self) -> torch.Tensor:

@@ -20,7 +20,8 @@ from scipy.stats import gaussian_kde
 import dirfast
 from benchmarks import real_labels
 from dirfast import bandwidth
-from testing import DEVICES
+from dirfast import density as density_module
+from testing import DEVICES, same_bits_for_threads
 
 DENSITY_ATOL = 5e-4
 
@@ -180,6 +181,84 @@ def test_coarse_grid_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dirfast.DenseWeight(bandwidth=0.5).fit(torch.tensor([0.0, 1.0, 10.0]))
+
+
+def binned_fit(labels: torch.Tensor, estimator) -> tuple:
+    """(p' on the grid, the scale) of a fitted ``estimator`` computed the direct way: linear binning
+    by ``ops.bin_stats``, the window by ``ops.smooth_bins`` and p' at the labels by ``_interpolate``."""
+    fit, size = estimator._fit, estimator.grid_size
+    values = labels.reshape(-1).double()
+    position = (values - fit["low"]) / fit["step"]
+    left = position.floor().clamp(0, size - 2)
+    shares = torch.cat([1 - (position - left), position - left])[:, None]
+    count, mean, _ = dirfast.ops.bin_stats(shares, torch.cat([left, left + 1]).long(), size)
+    window = density_module._gaussian_window(estimator.fitted_bandwidth / fit["step"], values.device)
+    kde = dirfast.ops.smooth_bins(count.double() * mean[:, 0], window, padding="constant")
+    scaled = (kde - kde.min()) / (kde.max() - kde.min())
+    floor = (1 - estimator.alpha * density_module._interpolate(scaled, fit["low"], fit["step"], values))
+    return scaled, 1 / float(floor.clamp(min=estimator.eps).mean())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("alpha, eps", [(0.5, 1e-6), (1.0, 1e-6), (1.5, 1e-3), (30.0, 1e-2)])
+@pytest.mark.parametrize("name, grid_size", [("normal", 4096), ("integers", 4096), ("mixture-with-outlier", 1000),
+                                             ("normal", 256), ("exponential-float32", 300)])
+def test_fit_matches_the_direct_binning_and_convolution(name, grid_size, alpha, eps, device):
+    """The fit (two bincounts, an FFT for a long window, smooth_bins for a short one, the mean
+    weight from the cells' sums) against bin_stats, smooth_bins and _interpolate at every label:
+    the same density and scale to rounding. Both convolutions are taken; 1 - alpha p' crosses
+    eps in no cell (alpha 0.5), at the peak (1), and at both modes of a mixture (30)."""
+    labels = torch.from_numpy(LABELS[name]).to(device)
+    estimator = dirfast.DenseWeight(alpha=alpha, eps=eps, grid_size=grid_size).fit(labels)
+    scaled, scale = binned_fit(labels, estimator)
+    torch.testing.assert_close(estimator._fit["density"], scaled.cpu(), rtol=0, atol=1e-13)
+    assert estimator._fit["scale"] == pytest.approx(scale, rel=1e-13)
+
+
+def test_the_fits_above_take_every_path():
+    """The fits of the test above include windows on both sides of FFT_MIN_TAPS, and cells where
+    1 - alpha p' crosses eps: none, the two at one peak, more."""
+    long_window, crossings = set(), set()
+    for name, grid_size in [("normal", 4096), ("normal", 256), ("exponential-float32", 300)]:
+        estimator = dirfast.DenseWeight(grid_size=grid_size).fit(torch.from_numpy(LABELS[name]))
+        long_window.add(density_module._gaussian_window(estimator.fitted_bandwidth / estimator._fit["step"],
+                                                        "cpu").numel() >= density_module.FFT_MIN_TAPS)
+    for alpha, eps in [(0.5, 1e-6), (1.0, 1e-6), (30.0, 1e-2)]:
+        estimator = dirfast.DenseWeight(alpha=alpha, eps=eps).fit(torch.from_numpy(LABELS["mixture-with-outlier"]))
+        over = 1 - alpha * estimator._fit["density"] >= eps
+        crossings.add(min(int((over[1:] ^ over[:-1]).sum()), 3))
+    assert long_window == {True, False} and crossings == {0, 2, 3}
+
+
+@pytest.mark.parametrize("size, taps", [(64, 65), (100, 99), (4096, 665), (4096, 8193), (1000, 101), (17, 65)])
+@pytest.mark.parametrize("margin", [0, 3, 40])
+def test_fft_convolution_is_smooth_bins(size, taps, margin):
+    """The FFT convolution equals smooth_bins with zero padding, for mass up to the grid's ends
+    (the FFT is padded) or with zero margins (it is not), windows shorter and longer than the grid."""
+    g = torch.Generator().manual_seed(size + taps + margin)
+    mass = torch.rand(size, dtype=torch.float64, generator=g) * 100
+    mass[:min(margin, size)] = 0
+    mass[size - min(margin, size):] = 0
+    window = density_module._gaussian_window((taps - 1) / 8, "cpu")
+    assert window.numel() == taps
+    expected = dirfast.ops.smooth_bins(mass, window, padding="constant")
+    torch.testing.assert_close(density_module._fft_convolve(mass, window), expected, rtol=0,
+                               atol=1e-14 * float(expected.abs().max()) + 1e-300)
+    chosen = expected if taps < density_module.FFT_MIN_TAPS else density_module._fft_convolve(mass, window)
+    assert torch.equal(density_module._convolve(mass, window), chosen)
+
+
+def test_fit_has_the_same_bits_for_any_thread_count():
+    """Labels enough for torch to split the passes over them between threads; a given bandwidth
+    (torch's std, behind the rules, sums in an order that depends on the threads)."""
+    labels = torch.from_numpy(np.random.default_rng(3).gamma(3.0, 10.0, 200_000))
+    for grid_size in (4096, 512):  # the FFT, smooth_bins
+
+        def run():
+            estimator = dirfast.DenseWeight(bandwidth=1.6, grid_size=grid_size).fit(labels)
+            return [estimator._fit["density"], torch.tensor(estimator._fit["scale"]), estimator.weights(labels)]
+
+        same_bits_for_threads(run)
 
 
 def test_refit_replaces_and_state_dict_round_trips():
