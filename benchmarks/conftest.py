@@ -6,8 +6,8 @@
 DIRFAST_BENCH_DEVICE and DIRFAST_BENCH_THREADS.  Cases, inputs and providers are
 :mod:`benchmarks.cases`'; the timer is pytest-benchmark's, for the rounds of
 :mod:`benchmarks.timing`'s rules.  pytest-benchmark prints one table per group (op, size,
-device); a last table gives the ratios to x.clone() and to the published-style loop, as
-``python -m benchmarks.run`` does, with the load average.
+device); a last table gives the ratios to x.clone(), to the op's yardstick, to the published-style
+loop and to the strongest alternative, as ``python -m benchmarks.run`` does, with the load average.
 """
 
 import os
@@ -76,6 +76,6 @@ def pytest_terminal_summary(terminalreporter):
     if not cases.RESULTS:
         return
     rows = cases.add_ratios([dict(r) for r in cases.RESULTS])
-    terminalreporter.write_sep("-", "dirfast: median ms, x clone, x faster than published")
+    terminalreporter.write_sep("-", "dirfast: median ms and ratios (as benchmarks.run)")
     terminalreporter.write_line(format_table(rows))
     terminalreporter.write_line(timing.load_report(_device(), running=True)[0])

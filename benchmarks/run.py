@@ -1,15 +1,19 @@
 """One command for the whole benchmark: ``python -m benchmarks.run [--quick] [--device cpu|cuda]
-[--threads N] [--json PATH]``.
+[--threads N] [--json PATH] [--bins 97,1000,10000] [--K 10,100,1000] [--labels 12208,1000000]``.
 
-Runs every case of :mod:`benchmarks.cases` (bin_stats, calibrate and a full FDS epoch, at
-65,536 x 512 and dense 8 x 64 x 120 x 160) for every provider (the published-style loop, plain
-PyTorch, each dirfast backend available here, and ``x.clone()``), without pytest, timed side by
-side by :mod:`benchmarks.timing`.  Prints each case as it runs, then the machine, the load
-average before and after (with a warning when the machine was busy) and a table:
-median time, time relative to the clone of the same features (the memory-bandwidth yardstick),
-and how many times faster than the published-style loop.  ``--json PATH`` also writes the
-results with the machine's description (PATH may be a folder: the file is then named after the
-machine, e.g. ``nvidia-h100-80gb-hbm3.json``).
+Runs every case of :mod:`benchmarks.cases` -- bin_stats, calibrate and calibrate_ at 65,536 x 512
+(over 97, 1,000 and 10,000 bins) and dense 8 x 64 x 120 x 160, a full FDS epoch, mixture_logpdf
+on a depth batch for K = 10, 100 and 1,000, and DenseWeight on 12,208 and 1,000,000 labels --
+for every provider (the published-style loop, plain PyTorch, the same under torch.compile,
+each dirfast backend available here, and the yardsticks), without pytest, timed side by side by
+:mod:`benchmarks.timing`.  Compiled formulations (and FFTKDE's density) are checked against the
+reference before they are timed.  Prints each case as it runs, then the machine, the load
+average before and after (with a warning when the machine was busy) and a table: median time,
+time relative to the clone of the same features (the memory-bandwidth yardstick) and to the
+op's own yardstick, how many times faster than the published-style loop and than the strongest
+alternative (torch.compile; FFTKDE for density).  ``--json PATH`` also writes the results with
+the machine's description (PATH may be a folder: the file is then named after the machine,
+e.g. ``nvidia-h100-80gb-hbm3.json``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import gc
 import json
 import os
 import sys
+import textwrap
 import time
 
 import torch
@@ -30,7 +35,7 @@ from . import timing
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="few repetitions (whole run under 2 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="few repetitions (the same cases)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
                    help="device of the tensors (default: cuda when a GPU is visible, else cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads(N) first")
@@ -40,10 +45,21 @@ def parse_args(argv=None):
                    help=f"comma-separated ops among {','.join(C.ALL_OPS)} (default: {','.join(C.OPS)})")
     p.add_argument("--sizes", default=",".join(C.SIZES),
                    help=f"comma-separated sizes NxD or BxCxHxW (default: {','.join(C.SIZES)})")
+    p.add_argument("--bins", default=",".join(map(str, C.BINS)),
+                   help="comma-separated bin counts of bin_stats, calibrate and calibrate_ on NxD sizes "
+                        "(default: %(default)s)")
+    p.add_argument("--K", dest="ks", default=",".join(map(str, C.KS)),
+                   help="comma-separated mixture component counts of mixture_logpdf (default: %(default)s)")
+    p.add_argument("--mixture-sizes", default=",".join(C.MIXTURE_SIZES),
+                   help="comma-separated prediction shapes of mixture_logpdf (default: %(default)s)")
+    p.add_argument("--labels", default=",".join(map(str, C.LABEL_COUNTS)),
+                   help="comma-separated label counts of density (default: %(default)s)")
     p.add_argument("--check", action="store_true",
-                   help="compare each provider's first output with the published-style one")
+                   help="compare each provider's first output with the published-style one "
+                        "(compiled formulations are always checked against the reference)")
     p.add_argument("--providers", default=None,
-                   help="comma-separated subset of providers (published, torch, clone, dirfast backends)")
+                   help="comma-separated subset of providers (published, torch, compiled, dirfast backends, "
+                        "clone, read pass, ...)")
     return p.parse_args(argv)
 
 
@@ -53,6 +69,17 @@ def _split(value, allowed, what):
     if bad:
         raise SystemExit(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(allowed)})")
     return items
+
+
+def _counts(value, what):
+    """Positive integers from a comma-separated option."""
+    try:
+        counts = [int(v) for v in value.split(",") if v]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise SystemExit(f"{what} takes comma-separated positive integers, got {value!r}")
+    return counts
 
 
 def _fmt_ratio(value):
@@ -73,13 +100,23 @@ def split_skipped(rows):
     return shown, [f"  {p}: {note}" for p, note in always.items()]
 
 
+COLUMNS = [("x clone", "x_clone"), ("x yardstick", "x_yardstick"), ("x faster than published", "x_published"),
+           ("x faster than alternative", "x_alternative")]
+LEGEND = ("x clone: time / x.clone() of the features; x yardstick: time / the op's own yardstick (bin_stats: read "
+          "pass x.sum(); calibrate_: in-place pass x.mul_(1); mixture_logpdf: exp limit, float32 exp of N x K values "
+          "on one thread / threads, its inverse the fraction of the exp limit); x faster than alternative: time of "
+          "torch.compile of the vectorised formulation (density: KDEpy's FFTKDE) / time.")
+
+
 def format_table(rows) -> str:
-    """The result table: one block per case; skipped providers show their reason."""
+    """The result table: one block per case; skipped providers show their reason; a ratio column
+    no row has is left out."""
     rows, footer = split_skipped(rows)
-    header = ["case", "provider", "median ms", "x clone", "x faster than published"]
+    columns = [(h, key) for h, key in COLUMNS if any(r.get(key) for r in rows)]
+    header = ["case", "provider", "median ms"] + [h for h, _ in columns]
     with_check = any(r.get("check") for r in rows)
     if with_check:
-        header.append("check vs published")
+        header.append("check")
     lines = []
     for r in rows:
         if r["median_ms"] is None:
@@ -87,15 +124,15 @@ def format_table(rows) -> str:
             lines.append([r["case"], r["provider"], "skipped", note])
             continue
         ms = r["median_ms"]
-        line = [r["case"], r["provider"], f"{ms:.3f}" if ms < 10 else f"{ms:.1f}",
-                _fmt_ratio(r["x_clone"]), _fmt_ratio(r["x_published"])]
+        line = [r["case"], r["provider"], f"{ms:.3f}" if ms < 10 else f"{ms:.1f}"]
+        line += [_fmt_ratio(r.get(key)) for _, key in columns]
         if with_check:
             line.append(r.get("check", ""))
         lines.append(line)
     widths = [max([len(h)] + [len(l[i]) for l in lines if len(l) > 4 or i < 3]) for i, h in enumerate(header)]
 
     def fmt(cols):
-        if len(cols) == 4:  # skipped: the reason after the time column
+        if len(cols) == 4 and cols[2] == "skipped":  # skipped: the reason after the time column
             return "  ".join([cols[0].ljust(widths[0]), cols[1].ljust(widths[1]),
                               cols[2].rjust(widths[2]), cols[3]]).rstrip()
         cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths))]
@@ -110,25 +147,28 @@ def format_table(rows) -> str:
             out.append("")
         previous = r["case"]
         out.append(fmt(line))
+    out += [""] + textwrap.wrap(LEGEND, 110)
     if footer:
         out += ["", "not measured here:"] + footer
     return "\n".join(out)
 
 
 def _measure_case(case, providers, rules, check):
-    """Rows of every provider of ``case``, the runnable ones timed side by side."""
+    """Rows of every provider of ``case``, the runnable ones timed side by side; compiled
+    formulations and FFTKDE are checked first (C.verify), a mismatch fails the provider."""
     rows, contenders, reference = {}, {}, None
     for provider in providers:
         try:
             contender = C.runner(case, provider)
-            note = ""
-            if check and provider != C.CEILING:
+            note = C.verify(case, provider, contender)
+            if check and provider not in C.YARDSTICKS and C.checkable(case.op):
                 out = C.first_output(contender)
                 if provider == "published":
                     reference = out
                 elif reference is not None:
                     diff = C.max_difference(reference, out)
-                    note = f"{'ok' if diff <= C.CHECK_TOLERANCE else 'MISMATCH'} {diff:.1e}"
+                    note = f"{'ok' if diff <= C.CHECK_TOLERANCE else 'MISMATCH'} {diff:.1e}" + (
+                        f"; {note}" if note else "")
             contenders[provider] = contender
             rows[provider] = {"check": note}
         except C.Unavailable as exc:
@@ -140,7 +180,7 @@ def _measure_case(case, providers, rules, check):
         if isinstance(timed, Exception):
             rows[provider] = C.result_row(case, provider, note=f"failed: {type(timed).__name__}: {timed}")
         else:
-            rows[provider] = C.result_row(case, provider, timed)
+            rows[provider] = C.result_row(case, provider, C.scaled(contenders[provider], timed))
         rows[provider]["check"] = check_note
     return [rows[p] for p in providers]
 
@@ -150,7 +190,7 @@ def _progress(row) -> str:
         return f"  {row['provider']}: {'skipped: ' if not row['note'].startswith('failed') else ''}{row['note']}"
     calls = row["calls_per_round"]
     return (f"  {row['provider']}: {row['median_ms']:.3f} ms (median of {row['rounds']} rounds of {calls} "
-            f"call{'s' if calls > 1 else ''})" + (f", check vs published: {row['check']}" if row.get("check") else ""))
+            f"call{'s' if calls > 1 else ''})" + (f", check: {row['check']}" if row.get("check") else ""))
 
 
 def run(args) -> dict:
@@ -164,14 +204,17 @@ def run(args) -> dict:
         raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
     ops = _split(args.ops, C.ALL_OPS, "op")
     sizes = [v for v in args.sizes.split(",") if v]
-    for size in sizes:
+    mixture_sizes = [v for v in args.mixture_sizes.split(",") if v]
+    for size in sizes + mixture_sizes:
         try:
             C.parse_size(size)
         except ValueError as exc:
             raise SystemExit(str(exc))
+    bins, ks, labels = (_counts(value, what) for value, what in ((args.bins, "--bins"), (args.ks, "--K"),
+                                                                  (args.labels, "--labels")))
     wanted = args.providers.split(",") if args.providers else None
     jobs = [(case, [p for p in C.provider_names(case.op, device) if wanted is None or p in wanted])
-            for case in C.cases(ops, sizes, [device])]
+            for case in C.cases(ops, sizes, [device], bins, ks, mixture_sizes, labels)]
 
     info = timing.machine_info(device)
     load_before, _ = timing.load_report(device)

@@ -1,4 +1,5 @@
-"""Plain vectorised PyTorch: the "torch" provider of the benchmarks.
+"""Plain vectorised PyTorch: the "torch" provider of the benchmarks, and under
+``torch.compile`` (inductor) its "compiled" provider.
 
 What a PyTorch user writes without a custom kernel: no Python loop over buckets, but several
 passes over the features and gathered [N, D] temporaries (``table[bin_idx]``), and a permuted
@@ -9,7 +10,7 @@ import torch
 
 from .published import PublishedFDS
 
-__all__ = ["torch_bin_stats", "torch_calibrate", "TorchFDS"]
+__all__ = ["torch_bin_stats", "torch_calibrate", "torch_calibrate_", "torch_mixture_logpdf", "TorchFDS"]
 
 
 def _rows(x, bin_idx):
@@ -63,6 +64,39 @@ def torch_calibrate(x, bin_idx, m1, v1, m2, v2, clip_min=0.1, clip_max=10.0):
     if x.dim() == 2:
         return out
     return out.view(x.shape[0], *x.shape[2:], x.shape[1]).movedim(-1, 1)
+
+
+def torch_calibrate_(x, bin_idx, m1, v1, m2, v2, clip_min=0.1, clip_max=10.0):
+    """:func:`torch_calibrate` written into ``x`` (float32 features), which is returned: the
+    gathered tables multiplied and added in place (dense: through a channels-last view)."""
+    s, t = scale_shift(m1.float(), v1.float(), m2.float(), v2.float(), clip_min, clip_max)
+    s = torch.cat([s, torch.ones_like(s[:1])])
+    t = torch.cat([t, torch.zeros_like(t[:1])])
+    idx = _bins_with_overflow(bin_idx, m1.shape[0])
+    rows = x if x.dim() == 2 else x.movedim(1, -1)  # [..., D], a view of x
+    rows.mul_(s[idx]).add_(t[idx])
+    return x
+
+
+def torch_mixture_logpdf(x, means, variances, log_weights, chunk=None):
+    """``log sum_k w_k N(x; m_k, v_k) + log(2 pi) / 2`` of every element by ``torch.logsumexp``
+    over an [elements, K] matrix (``chunk`` elements at a time, or all at once), float32 for
+    float32 inputs; an invalid component (mean not finite, variance not positive and finite,
+    log-weight NaN or +inf) makes every output NaN, as in dirfast.ops.mixture_logpdf."""
+    acc = torch.promote_types(torch.promote_types(x.dtype, means.dtype),
+                              torch.promote_types(variances.dtype, log_weights.dtype))
+    m, v, lw = means.to(acc), variances.to(acc), log_weights.to(acc)
+    root = torch.sqrt(v)
+    valid = torch.isfinite(m) & (v > 0) & torch.isfinite(v) & ~torch.isnan(lw) & (lw != torch.inf)
+    inv, c = 1.0 / root, torch.where(valid, lw - torch.log(root), torch.nan)
+    flat = x.reshape(-1).to(acc)
+
+    def part(xs):
+        z = (xs.unsqueeze(1) - m) * inv
+        return torch.logsumexp(c - 0.5 * z * z, dim=1)
+
+    out = part(flat) if chunk is None or flat.numel() <= chunk else torch.cat([part(p) for p in flat.split(chunk)])
+    return out.reshape(x.shape)
 
 
 class TorchFDS(PublishedFDS):

@@ -2,13 +2,15 @@
 on the CPU, one training run of every method of benchmarks.accuracy, benchmarks.density_table,
 and the rules of their one timer (benchmarks.timing). What they measure is not asserted here."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
-from benchmarks import accuracy, density_table, real_labels, timing
+from benchmarks import accuracy, density_table, real_labels, timing, vectorised
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,8 +27,83 @@ def run_module(*args):
 
 
 def test_benchmarks_run():
-    out = run_module("benchmarks.run", "--quick", "--ops", "bin_stats,calibrate", "--sizes", "512x8", "--check")
-    assert "published" in out and "clone" in out
+    out = run_module("benchmarks.run", "--quick", "--ops", "bin_stats,calibrate,calibrate_,fds_epoch", "--sizes",
+                     "512x8", "--bins", "97,300", "--check")
+    table = out[out.index("case "):]
+    for row in ("published", "torch", "compiled", "cpp", "clone", "read pass", "in-place pass", "300 bins",
+                "x yardstick", "x faster than alternative"):
+        assert row in table, row
+    assert table.count("vs reference") == 6, "every compiled formulation is checked before it is timed"
+    assert "MISMATCH" not in out and "failed" not in out
+
+
+def test_benchmarks_run_mixture_and_density():
+    out = run_module("benchmarks.run", "--quick", "--ops", "mixture_logpdf,density", "--mixture-sizes", "64x30",
+                     "--K", "4,9", "--labels", "500", "--providers", "published,torch,compiled,cpp,exp limit,FFTKDE,"
+                     "dirfast,dirfast fit")
+    table = out[out.index("case "):]
+    for row in ("mixture_logpdf 64x30 K=4", "mixture_logpdf 64x30 K=9", "exp limit", "density 500 labels",
+                "dirfast fit"):
+        assert row in table, row
+    assert table.count("vs reference") == 2 and "failed" not in out
+    assert ("p' ok" in table) == (importlib.util.find_spec("KDEpy") is not None), "FFTKDE's density is checked"
+
+
+def test_a_compiled_formulation_that_differs_fails_and_is_not_timed(monkeypatch):
+    from benchmarks import alternatives, cases, run
+
+    wrong = lambda x, *rest: vectorised.torch_calibrate(x * 1.01, *rest)  # noqa: E731
+    monkeypatch.setattr(alternatives, "compiled", lambda op: wrong)
+    case = cases.Case("calibrate", "64x4", "cpu", bins=5)
+    rows = run._measure_case(case, ["torch", "compiled"], timing.Rules(3, 0.0, 0.0), check=False)
+    assert rows[0]["median_ms"] is not None
+    assert rows[1]["median_ms"] is None and rows[1]["note"].startswith("failed: Mismatch")
+
+
+def test_the_vectorised_formulations_are_the_references():
+    """The "torch" (and so the "compiled") formulations of calibrate_ and mixture_logpdf give the
+    dirfast references, dense inputs, rows outside the bins and invalid components included."""
+    import dirfast
+
+    g = torch.Generator().manual_seed(0)
+    x, bins = torch.randn(3, 4, 5, 6, generator=g), torch.randint(-1, 8, (3, 5, 6), generator=g)
+    stats = [torch.randn(7, 4, generator=g), torch.rand(7, 4, generator=g), torch.randn(7, 4, generator=g),
+             torch.rand(7, 4, generator=g)]
+    stats[1][2] = 0  # a bin left unchanged
+    expected = dirfast.ops.calibrate(x, bins, *stats)
+    work = x.clone()
+    assert vectorised.torch_calibrate_(work, bins, *stats) is work
+    torch.testing.assert_close(work, expected)
+    means, variances = torch.linspace(-1, 1, 5), torch.rand(5, generator=g) + 0.1
+    log_weights = torch.randn(5, generator=g)
+    for lw, v in ((log_weights, variances), (torch.full((5,), -torch.inf), variances),
+                  (log_weights, torch.where(torch.arange(5) == 2, 0.0, variances))):
+        with dirfast.use_backend("reference"):
+            expected = dirfast.ops.mixture_logpdf(x, means, v, lw)
+        for chunk in (None, 7):
+            got = vectorised.torch_mixture_logpdf(x, means, v, lw, chunk)
+            torch.testing.assert_close(got, expected, equal_nan=True)
+
+
+def test_the_exp_limit_is_scaled_to_the_whole_work():
+    from benchmarks import alternatives, cases
+
+    limit = alternatives.ExpLimit(10 * alternatives.ExpLimit.CHUNK * alternatives.ExpLimit.REPEATS)
+    assert limit.factor == 10 / torch.get_num_threads()
+    threads = torch.get_num_threads()
+    limit()
+    assert torch.get_num_threads() == threads, "one thread while it runs, then the threads of the run"
+    timed = cases.scaled(timing.Contender(limit), timing.Timing([1.0, 2.0, 3.0]))
+    assert timed.median_ms == pytest.approx(2e3 * limit.factor)
+
+
+def test_the_sweeps_name_their_cases():
+    from benchmarks import cases
+
+    found = [case.name for case in cases.cases(("bin_stats", "fds_epoch", "mixture_logpdf", "density"),
+                                                ["64x4", "2x4x3x3"], ["cpu"], [97, 300], [5], ["2x1x3x3"], [100])]
+    assert found == ["bin_stats 64x4", "bin_stats 64x4 300 bins", "bin_stats 2x4x3x3", "fds_epoch 64x4",
+                     "fds_epoch 2x4x3x3", "mixture_logpdf 2x1x3x3 K=5", "density 100 labels"]
 
 
 def test_benchmarks_balanced_mse():
