@@ -61,12 +61,15 @@ def test_a_compiled_formulation_that_differs_fails_and_is_not_timed(monkeypatch)
 
 
 def test_the_vectorised_formulations_are_the_references():
-    """The "torch" (and so the "compiled") formulations of calibrate_ and mixture_logpdf give the
-    dirfast references, dense inputs, rows outside the bins and invalid components included."""
+    """The "torch" and "compiled" formulations of bin_stats (one pass), calibrate_ and
+    mixture_logpdf give the dirfast references, dense inputs, rows outside the bins and invalid
+    components included."""
     import dirfast
 
     g = torch.Generator().manual_seed(0)
     x, bins = torch.randn(3, 4, 5, 6, generator=g), torch.randint(-1, 8, (3, 5, 6), generator=g)
+    for got, expected in zip(vectorised.torch_bin_stats_moments(x, bins, 7), dirfast.ops.bin_stats(x, bins, 7)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     stats = [torch.randn(7, 4, generator=g), torch.rand(7, 4, generator=g), torch.randn(7, 4, generator=g),
              torch.rand(7, 4, generator=g)]
     stats[1][2] = 0  # a bin left unchanged
