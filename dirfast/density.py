@@ -54,17 +54,18 @@ def _floor(position: torch.Tensor) -> torch.Tensor:
 
 
 def _interpolate(table: torch.Tensor, low: float, step: float, labels: torch.Tensor) -> torch.Tensor:
-    """``table`` (values at ``low + k * step``) interpolated linearly at ``labels`` (float64, any
-    shape): 0 outside the grid, NaN at a NaN or infinite label. Reads nothing on the host."""
-    last = table.shape[0] - 1
-    position = (labels - low) / step
+    """The values ``table[0]`` at ``low + k * step`` (``table[1]``: the step to the next one)
+    interpolated linearly at ``labels`` (float64, any shape): 0 outside the grid, NaN at a NaN or
+    infinite label. Reads nothing on the host."""
+    last = table.shape[1] - 1
+    position = (labels - low).div_(step)
     inside = (position >= 0) & (position <= last)
-    position = torch.nan_to_num(position, nan=0.0).clamp(0, last)
-    left = _floor(position).clamp(max=last - 1)
-    fraction = position - left
+    position = position.nan_to_num_(0.0).clamp_(0, last)
+    left = _floor(position).clamp_(max=last - 1)
+    fraction = position.sub_(left).reshape(-1)
     index = left.long().reshape(-1)  # index_select: indexing and take start threads on a few thousand elements
-    below, above = (table.index_select(0, i).view(labels.shape) for i in (index, index + 1))
-    value = torch.where(inside, below * (1 - fraction) + above * fraction, 0.0)
+    value = torch.addcmul(table[0].index_select(0, index), table[1].index_select(0, index), fraction)
+    value = torch.where(inside, value.view(labels.shape), 0.0)
     return torch.where(torch.isfinite(labels), value, torch.nan)
 
 
@@ -196,7 +197,9 @@ class DenseWeight(FittedEstimator):
 
     # -- weights -------------------------------------------------------------------------------
     def _table(self) -> torch.Tensor:
-        return self._fit["density"]
+        """p' at the grid points and its step to the next point (0 after the last): [2, grid_size]."""
+        density = self._fit["density"]
+        return torch.stack([density, torch.cat([density[1:] - density[:-1], density.new_zeros(1)])])
 
     def _scaled_density(self, labels, what: str) -> torch.Tensor:
         fit = self._require_fit(what)
@@ -214,9 +217,9 @@ class DenseWeight(FittedEstimator):
         The weights of the fitted labels average 1 and equal :func:`density_weights`. Nothing is
         read on the host (call it in the training step): a NaN or infinite label gets weight 0.
         Raises RuntimeError before :meth:`fit`."""
-        density = self._scaled_density(labels, "weights")
-        weights = (1 - self.alpha * density).clamp(min=self.eps) * self._fit["scale"]
-        return torch.where(torch.isnan(density), 0.0, weights).float()
+        weights = self._scaled_density(labels, "weights").mul_(-self.alpha).add_(1)  # 1 - alpha p', NaN kept
+        weights = weights.clamp_(min=self.eps).mul_(self._fit["scale"])
+        return torch.where(torch.isnan(weights), 0.0, weights).float()
 
     @property
     def fitted_bandwidth(self):

@@ -185,18 +185,19 @@ def test_coarse_grid_warns():
 
 def binned_fit(labels: torch.Tensor, estimator) -> tuple:
     """(p' on the grid, the scale) of a fitted ``estimator`` computed the direct way: linear binning
-    by ``ops.bin_stats``, the window by ``ops.smooth_bins`` and p' at the labels by ``_interpolate``."""
+    by ``ops.bin_stats``, the window by ``ops.smooth_bins`` and p' interpolated at every label."""
     fit, size = estimator._fit, estimator.grid_size
     values = labels.reshape(-1).double()
     position = (values - fit["low"]) / fit["step"]
     left = position.floor().clamp(0, size - 2)
-    shares = torch.cat([1 - (position - left), position - left])[:, None]
-    count, mean, _ = dirfast.ops.bin_stats(shares, torch.cat([left, left + 1]).long(), size)
+    right = position - left
+    count, mean, _ = dirfast.ops.bin_stats(torch.cat([1 - right, right])[:, None], torch.cat([left, left + 1]).long(),
+                                           size)
     window = density_module._gaussian_window(estimator.fitted_bandwidth / fit["step"], values.device)
     kde = dirfast.ops.smooth_bins(count.double() * mean[:, 0], window, padding="constant")
     scaled = (kde - kde.min()) / (kde.max() - kde.min())
-    floor = (1 - estimator.alpha * density_module._interpolate(scaled, fit["low"], fit["step"], values))
-    return scaled, 1 / float(floor.clamp(min=estimator.eps).mean())
+    at_labels = scaled[left.long()] * (1 - right) + scaled[left.long() + 1] * right
+    return scaled, 1 / float((1 - estimator.alpha * at_labels).clamp(min=estimator.eps).mean())
 
 
 @pytest.mark.parametrize("device", DEVICES)
