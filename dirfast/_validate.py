@@ -145,9 +145,10 @@ def finite_values(name: str, value) -> torch.Tensor:
     values = readable(name, real_tensor(name, value)).detach().reshape(-1).to(torch.float64)
     if values.numel() == 0:
         raise ValueError(f"{name} must not be empty")
-    if not bool(torch.isfinite(values).all()):
+    # One pass: a NaN makes both ends NaN and an infinity is an end.
+    low, high = (float(v) for v in torch.aminmax(values))
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"{name} must be finite: found NaN or infinite values")
-    low, high = float(values.min()), float(values.max())
     if not math.isfinite(high - low):
         raise ValueError(f"{name} span [{low:g}, {high:g}], a range float64 cannot hold: rescale them")
     return values
