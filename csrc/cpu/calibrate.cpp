@@ -33,7 +33,10 @@ namespace dirfast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kGrainElements = 1 << 14;  // values of work below which a loop runs on one thread
+// The least work a thread is given (so small work runs on one thread): elements of x to
+// calibrate, or values of s and t to compute (each a divide and a square root).
+constexpr int64_t kGrainElements = int64_t(1) << 18;
+constexpr int64_t kGrainTableValues = int64_t(1) << 16;
 constexpr int64_t kPlanarTile = 4096;        // pixels per task (planar layout)
 // Rows are grouped by bucket when the tables would take more than this (they no longer stay in
 // the last-level cache) and a row is at least kGroupedRowBytes long (a row read out of order
@@ -142,7 +145,7 @@ DIRFAST_NOINLINE void scale_shift_tables(const acc_t* src_mean, const acc_t* src
     }
   }
   const int64_t columns = num_bins + 1;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
+  const int64_t grain = std::max<int64_t>(1, kGrainTableValues / std::max<int64_t>(dim, 1));
   torch::stable::parallel_for(0, num_bins + 1, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> buffer(planar ? new acc_t[2 * dim] : nullptr);
     for (int64_t k = begin; k < end; ++k) {

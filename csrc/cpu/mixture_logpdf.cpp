@@ -44,7 +44,7 @@ constexpr int64_t kChunk = int64_t(1) << 14;  // elements per task: fixed, so re
 #endif
 
 constexpr int64_t kBufferedBytes = 16 << 10;  // float32 forward: terms kept from the max pass per vector
-constexpr int64_t kForwardGrainExps = int64_t(1) << 16;  // exponentials below which the forward runs on one thread
+constexpr int64_t kGrainExps = int64_t(1) << 17;  // the least exponentials a thread is given
 
 // The float32 backward: 16 lanes as one GCC vector (AVX-512 in the avx512f clone, two AVX2 or
 // four SSE registers in the others), with Cephes' expf polynomial (about 1 ulp on [-87.3, 88.3];
@@ -251,7 +251,7 @@ inline void load_lanes(const in_t* src, int64_t begin, int64_t end, acc_t* dst) 
 
 template <typename T, typename acc_t>
 DIRFAST_NOINLINE void forward_all(const T* px, acc_t* po, int64_t n, const Components<acc_t>& comp) {
-  const int64_t grain = std::max<int64_t>(kLanes, kForwardGrainExps / comp.size());
+  const int64_t grain = std::max<int64_t>(kLanes, kGrainExps / comp.size());
   if constexpr (std::is_same_v<acc_t, float>) {
     const int lanes = float_lanes();
     torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
@@ -280,7 +280,8 @@ template <typename T, typename acc_t>
 DIRFAST_NOINLINE void backward_all(const T* px, const acc_t* po, const acc_t* pg, acc_t* pgx, double* partials,
                                    int64_t n, const Components<acc_t>& comp) {
   const int64_t k = comp.size();
-  torch::stable::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t first, int64_t last) {
+  const int64_t grain = std::max<int64_t>(1, kGrainExps / (kChunk * k));  // in chunks
+  torch::stable::parallel_for(0, (n + kChunk - 1) / kChunk, grain, [&](int64_t first, int64_t last) {
     std::vector<acc_t> sums(3 * k * kLanes);
     acc_t xs[kLanes], os[kLanes], gs[kLanes], gx[kLanes];
     for (int64_t chunk = first; chunk < last; ++chunk) {
