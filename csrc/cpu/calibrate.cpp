@@ -93,15 +93,16 @@ inline bool bucket_unchanged(const acc_t* src_var, int64_t dim) {
   return sum < static_cast<acc_t>(kCalibrateMinVarianceSum);
 }
 
-// s and t of every dimension of one bucket into s[0, D) and t[0, D): calibrate_scale_shift's
-// arithmetic (src/calibrate.h), a vector at a time; a bucket whose src_var sums below 1e-10 gets
-// the identity.
+// s and t of every dimension of bucket k into s[0, D) and t[0, D): calibrate_scale_shift's
+// arithmetic (src/calibrate.h), a vector at a time. The identity for the bucket k = B of rows
+// outside [0, B), and for a bucket whose src_var sums below 1e-10.
 template <typename acc_t>
 inline void bucket_scale_shift(const acc_t* DIRFAST_RESTRICT src_mean, const acc_t* DIRFAST_RESTRICT src_var,
                                const acc_t* DIRFAST_RESTRICT dst_mean, const acc_t* DIRFAST_RESTRICT dst_var,
-                               int64_t dim, acc_t lo, acc_t hi, acc_t* DIRFAST_RESTRICT s,
-                               acc_t* DIRFAST_RESTRICT t) {
-  if (bucket_unchanged(src_var, dim)) {
+                               int64_t k, int64_t num_bins, int64_t dim, acc_t lo, acc_t hi,
+                               acc_t* DIRFAST_RESTRICT s, acc_t* DIRFAST_RESTRICT t) {
+  const int64_t o = k * dim;
+  if (k == num_bins || bucket_unchanged(src_var + o, dim)) {
     std::fill(s, s + dim, acc_t(1));
     std::fill(t, t + dim, -acc_t(0));
     return;
@@ -111,17 +112,18 @@ inline void bucket_scale_shift(const acc_t* DIRFAST_RESTRICT src_mean, const acc
   const v one = v{} + acc_t(1), minus_zero = -v{};
   int64_t d = 0;
   for (; d + V::kLanes <= dim; d += V::kLanes) {
-    const v var = V::load(src_var + d);
+    const v var = V::load(src_var + o + d);
     const auto unchanged = var == acc_t(0);
-    v ratio = V::load(dst_var + d) / (unchanged ? one : var);
+    v ratio = V::load(dst_var + o + d) / (unchanged ? one : var);
     ratio = ratio < lo ? v{} + lo : (ratio > hi ? v{} + hi : ratio);  // clamp_nan
     const v root = V::sqrt(ratio);
-    const v shift = V::load(dst_mean + d) - V::load(src_mean + d) * root;
+    const v shift = V::load(dst_mean + o + d) - V::load(src_mean + o + d) * root;
     V::store(s + d, unchanged ? one : root);
     V::store(t + d, unchanged ? minus_zero : shift);
   }
   for (; d < dim; ++d) {
-    calibrate_scale_shift<acc_t>(src_mean[d], src_var[d], dst_mean[d], dst_var[d], lo, hi, s[d], t[d]);
+    calibrate_scale_shift<acc_t>(src_mean[o + d], src_var[o + d], dst_mean[o + d], dst_var[o + d], lo, hi, s[d],
+                                 t[d]);
   }
 }
 
@@ -152,13 +154,7 @@ DIRFAST_NOINLINE void scale_shift_tables(const acc_t* src_mean, const acc_t* src
       if (k < num_bins && !used.empty() && !used[k]) continue;
       acc_t* sk = planar ? buffer.get() : st + 2 * k * dim;
       acc_t* tk = sk + dim;
-      if (k == num_bins) {
-        std::fill(sk, sk + dim, acc_t(1));
-        std::fill(tk, tk + dim, -acc_t(0));
-      } else {
-        const int64_t o = k * dim;
-        bucket_scale_shift<acc_t>(src_mean + o, src_var + o, dst_mean + o, dst_var + o, dim, lo, hi, sk, tk);
-      }
+      bucket_scale_shift<acc_t>(src_mean, src_var, dst_mean, dst_var, k, num_bins, dim, lo, hi, sk, tk);
       if (planar) {
         for (int64_t d = 0; d < dim; ++d) {
           st[d * columns + k] = sk[d];
@@ -233,13 +229,7 @@ DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y
     for (int64_t p = begin; p < end; ++k) {
       const int64_t stop = std::min(end, first[k + 1]);
       if (p == stop) continue;  // an empty bucket
-      if (k == num_bins) {
-        std::fill(s, s + dim, acc_t(1));
-        std::fill(t, t + dim, -acc_t(0));
-      } else {
-        const int64_t o = k * dim;
-        bucket_scale_shift<acc_t>(src_mean + o, src_var + o, dst_mean + o, dst_var + o, dim, lo, hi, s, t);
-      }
+      bucket_scale_shift<acc_t>(src_mean, src_var, dst_mean, dst_var, k, num_bins, dim, lo, hi, s, t);
       for (; p < stop; ++p) {
         const int64_t r = order[p];
 #if defined(__GNUC__)
