@@ -32,7 +32,7 @@ inline void store_vec(float* p, VF v) {
 // exp on [-87.3, 88.3]; inputs below give 2^-126 instead of 0, -inf gives 0, NaN stays NaN.
 // VF: the float vector type, VI: the int32 vector of the same lane count.
 template <typename VF, typename VI>
-inline VF vexp(VF x) {
+__attribute__((always_inline)) inline VF vexp(VF x) {
   const VI minus_inf = x == -std::numeric_limits<float>::infinity();
   x = x < -87.3f ? VF{} - 87.3f : x;
   x = x > 88.3f ? VF{} + 88.3f : x;

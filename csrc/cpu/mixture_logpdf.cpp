@@ -9,9 +9,10 @@
 // multiply-adds) in the machine's vector width: AVX-512, AVX2 + FMA or the baseline (libm's fmaf
 // there), chosen at run time, with the same bits. The float64 forward uses plain loops and
 // std::exp. The backward takes elements kLanes at a time (converted to the arithmetic type in a
-// small buffer), recomputes each element's responsibilities r_k = exp(term_k - out) and sums the
-// component gradients per fixed chunk of elements, the chunks then added in order: the same bits
-// for any number of threads.
+// small buffer; in float32 as kLanes / W vectors of the machine's width W, with vexp, the same
+// bits for every width), recomputes each element's responsibilities r_k = exp(term_k - out) and
+// sums the component gradients per fixed chunk of elements, the chunks then added in order: the
+// same bits for any number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -35,26 +36,15 @@ namespace {
 constexpr int64_t kLanes = 16;          // elements computed together by the backward and in float64
 constexpr int64_t kChunk = int64_t(1) << 14;  // elements per task: fixed, so results do not depend on threads
 
+// Float32 code for AVX-512, AVX2 + FMA and the baseline, chosen at run time (x86-64 with g++).
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
-#define DIRFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #define DIRFAST_MIXTURE_ISAS 1
 #else
-#define DIRFAST_CLONES
 #define DIRFAST_MIXTURE_ISAS 0
 #endif
 
 constexpr int64_t kBufferedBytes = 16 << 10;  // float32 forward: terms kept from the max pass per vector
 constexpr int64_t kGrainExps = int64_t(1) << 17;  // the least exponentials a thread is given
-
-// The float32 backward: 16 lanes as one GCC vector (AVX-512 in the avx512f clone, two AVX2 or
-// four SSE registers in the others), with Cephes' expf polynomial (about 1 ulp on [-87.3, 88.3];
-// inputs below give 2^-126 instead of 0, and -inf gives 0). float64: plain loops and std::exp.
-using vf = FloatVec<kLanes>::f;
-using vi = FloatVec<kLanes>::i;
-inline vf splat(float value) { return vf{} + value; }
-inline vf vexp(vf x) { return dirfast::vexp<vf, vi>(x); }
-inline vf load_vf(const float* p) { return load_vec<vf>(p); }
-inline void store_vf(float* p, vf v) { store_vec(p, v); }
 
 // The components in the arithmetic type: means m, inverse standard deviations s = 1 / sqrt(v),
 // and c = log w + log s; c is NaN for a component whose parameters are invalid (a mean that is
@@ -197,25 +187,70 @@ void forward_lanes(const double* xs, double* out, const double* m, const double*
 // The backward of kLanes elements, with r_k = g exp(term_k - out): gx[t] = -sum_k r_k z s_k, and per
 // component the sums over the lanes of r_k times (z s_k, (z^2 - 1) s_k^2 / 2, 1) added to gm, gv,
 // gw [k][lane]. An element of density 0 (out = -inf) has no responsibilities, and a zero
-// responsibility adds nothing (not 0 * inf): its gradients are 0.
-DIRFAST_CLONES void backward_lanes(const float* xs_in, const float* out_in, const float* g_in, float* gx_out,
-                                   const float* m, const float* s, const float* c, int64_t k, float* gm, float* gv,
-                                   float* gw) {
-  const vf xs = load_vf(xs_in), out = load_vf(out_in);
-  const vi none = out == -std::numeric_limits<float>::infinity();
-  const vf g = none ? splat(0.0f) : load_vf(g_in), shift = none ? splat(0.0f) : out;
-  vf gx = splat(0.0f);
-  for (int64_t j = 0; j < k; ++j) {
-    const vf z = (xs - m[j]) * s[j];
-    const vf r = g * vexp(c[j] - 0.5f * z * z - shift);
-    const vi zero = r == 0.0f;
-    const vf rz = zero ? splat(0.0f) : r * z * s[j];
-    gx -= rz;
-    store_vf(gm + j * kLanes, load_vf(gm + j * kLanes) + rz);
-    store_vf(gv + j * kLanes, load_vf(gv + j * kLanes) + (zero ? splat(0.0f) : 0.5f * r * (z * z - 1.0f) * (s[j] * s[j])));
-    store_vf(gw + j * kLanes, load_vf(gw + j * kLanes) + r);
+// responsibility adds nothing (not 0 * inf): its gradients are 0. Float32: kLanes / W vectors.
+template <int W>
+__attribute__((always_inline)) inline void backward_block(const float* xs_in, const float* out_in, const float* g_in,
+                                                          float* gx_out, const float* m, const float* s,
+                                                          const float* c, int64_t k, float* gm, float* gv, float* gw) {
+  using vf = typename FloatVec<W>::f;
+  using vi = typename FloatVec<W>::i;
+  constexpr int V = kLanes / W;  // vectors of W lanes
+  vf xs[V], g[V], shift[V], gx[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    xs[v] = load_vec<vf>(xs_in + v * W);
+    const vf out = load_vec<vf>(out_in + v * W);
+    const vi none = out == -std::numeric_limits<float>::infinity();
+    g[v] = none ? vf{} : load_vec<vf>(g_in + v * W);
+    shift[v] = none ? vf{} : out;
+    gx[v] = vf{};
   }
-  store_vf(gx_out, gx);
+  for (int64_t j = 0; j < k; ++j) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const vf z = (xs[v] - m[j]) * s[j];
+      const vf r = g[v] * vexp<vf, vi>(c[j] - 0.5f * z * z - shift[v]);
+      const vi zero = r == 0.0f;
+      const vf rz = zero ? vf{} : r * z * s[j];
+      gx[v] -= rz;
+      const int64_t o = j * kLanes + v * W;
+      store_vec(gm + o, load_vec<vf>(gm + o) + rz);
+      store_vec(gv + o, load_vec<vf>(gv + o) + (zero ? vf{} : 0.5f * r * (z * z - 1.0f) * (s[j] * s[j])));
+      store_vec(gw + o, load_vec<vf>(gw + o) + r);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) store_vec(gx_out + v * W, gx[v]);
+}
+
+#if DIRFAST_MIXTURE_ISAS
+__attribute__((target("avx512f"))) DIRFAST_NOINLINE void backward_lanes_avx512(
+    const float* xs, const float* out, const float* g, float* gx, const float* m, const float* s, const float* c,
+    int64_t k, float* gm, float* gv, float* gw) {
+  backward_block<16>(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+}
+
+__attribute__((target("avx2,fma"))) DIRFAST_NOINLINE void backward_lanes_avx2(
+    const float* xs, const float* out, const float* g, float* gx, const float* m, const float* s, const float* c,
+    int64_t k, float* gm, float* gv, float* gw) {
+  backward_block<8>(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+}
+#endif
+
+DIRFAST_NOINLINE void backward_lanes_baseline(const float* xs, const float* out, const float* g, float* gx,
+                                              const float* m, const float* s, const float* c, int64_t k, float* gm,
+                                              float* gv, float* gw) {
+  backward_block<4>(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+}
+
+void backward_lanes(const float* xs, const float* out, const float* g, float* gx, const float* m, const float* s,
+                    const float* c, int64_t k, float* gm, float* gv, float* gw) {
+#if DIRFAST_MIXTURE_ISAS
+  const int lanes = float_lanes();
+  if (lanes == 16) return backward_lanes_avx512(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+  if (lanes == 8) return backward_lanes_avx2(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+#endif
+  backward_lanes_baseline(xs, out, g, gx, m, s, c, k, gm, gv, gw);
 }
 
 void backward_lanes(const double* xs, const double* out, const double* g, double* gx, const double* m,
