@@ -288,6 +288,23 @@ def test_cpp_many_bins_rows_grouped(dtype, table_dtype):
     same_bits_for_threads(lambda: [on("cpp", dirfast.ops.calibrate, x, idx, *stats)])
 
 
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
+                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+@pytest.mark.parametrize("layout", ["rows", "dense"])
+def test_cpp_tables_larger_than_the_index(layout):
+    """More table values than rows (B x D > rows): the C++ kernel computes only the buckets some
+    row uses, in both table layouts; the reference's values, rows of no bin bit for bit."""
+    x, idx = features(layout, torch.float32, num_bins=500, n=40, d=6, seed=70)
+    idx.view(-1)[:2] = torch.tensor([-1, 500])
+    stats = calibration_stats(500, 6, torch.float32)
+    got = on("cpp", dirfast.ops.calibrate, x, idx, *stats)
+    torch.testing.assert_close(got, reference(x, idx, *stats), **calibrate_tol(torch.float32))
+    (gx, flat), (xx, _) = loop_rows(got, idx), loop_rows(x, idx)
+    keep = (flat < 0) | (flat >= 500)
+    assert int(keep.sum()) >= 2
+    same_bits(gx[keep], xx[keep])
+
+
 # =========================================================================== Triton only
 @pytest.mark.skipif(not dirfast.backends()["triton"]["available"],
                     reason=f"triton unavailable: {dirfast.backends()['triton']['reason']}")

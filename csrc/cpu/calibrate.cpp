@@ -131,27 +131,29 @@ inline void bucket_scale_shift(const acc_t* DIRFAST_RESTRICT src_mean, const acc
 // the sign of a zero included), taken by rows whose index is outside [0, B). Rows layout
 // (planar false): bucket k's s then t in st[2 k D, 2 (k + 1) D), one contiguous piece per row to
 // read. Planar layout: feature-major, s[d (B + 1) + k] and t likewise at st + D (B + 1), a
-// channel's values side by side. Buckets no row uses are skipped (left uninitialised) when the
-// tables are larger than the index.
+// channel's values side by side. When the tables are larger than the index, only the buckets
+// some row uses (and B) are computed, the others left uninitialised.
 template <typename acc_t, typename index_t>
 DIRFAST_NOINLINE void scale_shift_tables(const acc_t* src_mean, const acc_t* src_var,
                                          const acc_t* dst_mean, const acc_t* dst_var,
                                          int64_t num_bins, int64_t dim, acc_t lo, acc_t hi,
                                          const index_t* idx, int64_t rows, bool planar, acc_t* st) {
-  std::vector<uint8_t> used;
+  std::vector<int64_t> listed;  // the buckets to compute, when not all
   if (num_bins * dim > rows) {
-    used.assign(num_bins, 0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t k = bucket_of(idx, r, num_bins);
-      if (k < num_bins) used[k] = 1;
+    std::vector<uint8_t> used(num_bins + 1, 0);
+    for (int64_t r = 0; r < rows; ++r) used[bucket_of(idx, r, num_bins)] = 1;
+    used[num_bins] = 1;
+    for (int64_t k = 0; k <= num_bins; ++k) {
+      if (used[k]) listed.push_back(k);
     }
   }
+  const int64_t count = listed.empty() ? num_bins + 1 : static_cast<int64_t>(listed.size());
   const int64_t columns = num_bins + 1;
   const int64_t grain = std::max<int64_t>(1, kGrainTableValues / std::max<int64_t>(dim, 1));
-  torch::stable::parallel_for(0, num_bins + 1, grain, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> buffer(planar ? new acc_t[2 * dim] : nullptr);
-    for (int64_t k = begin; k < end; ++k) {
-      if (k < num_bins && !used.empty() && !used[k]) continue;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t k = listed.empty() ? i : listed[i];
       acc_t* sk = planar ? buffer.get() : st + 2 * k * dim;
       acc_t* tk = sk + dim;
       bucket_scale_shift<acc_t>(src_mean, src_var, dst_mean, dst_var, k, num_bins, dim, lo, hi, sk, tk);
