@@ -1,7 +1,7 @@
-// exp on a GCC float vector of any lane count, with Cephes' expf polynomial: about 1 ulp on
-// [-87.3, 88.3]; inputs below give 2^-126 instead of 0, -inf gives 0, NaN stays NaN. What the
-// float32 kernels that sum many exponentials use (mixture_logpdf, conr_loss) instead of a
-// scalar std::exp per element.
+// exp and log on a GCC float vector of any lane count, with Cephes' expf and logf polynomials
+// (about 1 ulp). What the float32 kernels that sum many exponentials use (mixture_logpdf,
+// conr_loss) instead of a scalar std::exp or std::log per element. A vector wider than the
+// machine's registers has its comparisons done lane by lane by g++: use the native width.
 #pragma once
 
 #include <cstdint>
@@ -29,9 +29,10 @@ inline void store_vec(float* p, VF v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// exp on [-87.3, 88.3]; inputs below give 2^-126 instead of 0, -inf gives 0, NaN stays NaN.
 // VF: the float vector type, VI: the int32 vector of the same lane count.
 template <typename VF, typename VI>
-inline VF vexp(VF x) {
+__attribute__((always_inline)) inline VF vexp(VF x) {
   const VI minus_inf = x == -std::numeric_limits<float>::infinity();
   x = x < -87.3f ? VF{} - 87.3f : x;
   x = x > 88.3f ? VF{} + 88.3f : x;
@@ -50,6 +51,67 @@ inline VF vexp(VF x) {
   const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
   const VF result = y * (VF)bits;  // a cast between vector types reinterprets the bits
   return minus_inf ? VF{} : result;
+}
+
+// a * b + c rounded once, lane by lane: one instruction in code compiled for FMA, libm's fmaf
+// otherwise, with the same bits.
+template <typename VF>
+__attribute__((always_inline)) inline VF vfma(VF a, VF b, VF c) {
+  VF r;
+#pragma GCC unroll 16
+  for (int l = 0; l < static_cast<int>(sizeof(VF) / sizeof(float)); ++l) r[l] = __builtin_fmaf(a[l], b[l], c[l]);
+  return r;
+}
+
+// exp of a log-sum-exp term after its max shift (x <= 0, or a little above by rounding, or NaN),
+// with vexp's polynomial evaluated by fused multiply-adds: inputs below -87.3 (-inf included)
+// give at least 2^-126 instead of 0, which a sum that has the max term's 1 in it does not feel;
+// NaN stays NaN. n is rounded to nearest by adding 1.5 * 2^23, whose low bits are then n.
+template <typename VF, typename VI>
+__attribute__((always_inline)) inline VF vexp_shifted(VF x) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  const VF k = VF{};
+  x = x < -87.3f ? k - 87.3f : x;
+  const VF shifted = vfma(x, k + 1.44269504088896341f, k + kRound);
+  const VF n = shifted - kRound;
+  x = vfma(n, k - 0.693359375f, x);
+  x = vfma(n, k + 2.12194440e-4f, x);
+  VF y = vfma(k + 1.9875691500e-4f, x, k + 1.3981999507e-3f);
+  y = vfma(y, x, k + 8.3334519073e-3f);
+  y = vfma(y, x, k + 4.1665795894e-2f);
+  y = vfma(y, x, k + 1.6666665459e-1f);
+  y = vfma(y, x, k + 5.0000001201e-1f);
+  y = vfma(y, x * x, x) + 1.0f;  // in [0.7, 1.5), at least 1 where n = -126: y 2^n is normal
+  const VI pow2 = ((VI)shifted - (0x4b400000 - 127)) << 23;  // 0x4b400000: the bits of kRound
+  return y * (VF)pow2;
+}
+
+// log of positive normal numbers (and NaN, which stays NaN): Cephes' logf by fused
+// multiply-adds, x = 2^e m with m in [sqrt(1/2), sqrt(2)).
+template <typename VF, typename VI>
+__attribute__((always_inline)) inline VF vlog_normal(VF x) {
+  const VF k = VF{};
+  const VI bits = (VI)x;
+  VI e = (bits >> 23) - 126;                         // x = 2^e m, m in [0.5, 1)
+  VF m = (VF)((bits & 0x007fffff) | 0x3f000000);
+  const VI small = m < 0.707106781186547524f;
+  e = e + small;                                     // (a true comparison is -1)
+  m = m - 1.0f + (small ? m : k);
+  const VF z = m * m;
+  VF y = vfma(k + 7.0376836292e-2f, m, k - 1.1514610310e-1f);
+  y = vfma(y, m, k + 1.1676998740e-1f);
+  y = vfma(y, m, k - 1.2420140846e-1f);
+  y = vfma(y, m, k + 1.4249322787e-1f);
+  y = vfma(y, m, k - 1.6668057665e-1f);
+  y = vfma(y, m, k + 2.0000714765e-1f);
+  y = vfma(y, m, k - 2.4999993993e-1f);
+  y = vfma(y, m, k + 3.3333331174e-1f);
+  y = y * m * z;
+  const VF fe = __builtin_convertvector(e, VF);
+  y = vfma(fe, k - 2.12194440e-4f, y);
+  y = vfma(k - 0.5f, z, y);
+  const VF result = vfma(fe, k + 0.693359375f, m + y);
+  return x == x ? result : x;
 }
 
 }  // namespace dirfast

@@ -16,7 +16,8 @@ import dirfast
 from dirfast.ops.calibrate import reference
 from test_bin_stats import GPU_LAYOUTS, gpu_layout, loop_rows
 from testing import (FLOAT_DTYPES, LAYOUTS, backend_device_params, backend_devices, dtype_params, features, gen,
-                     interpreted, on, pairwise, rand_bins, rand_features, rand_stats, same_bits, stats_dtype, tol)
+                     interpreted, on, pairwise, rand_bins, rand_features, rand_stats, same_bits, same_bits_for_threads,
+                     stats_dtype, tol)
 
 BACKEND_DEVICE = list(backend_device_params())
 
@@ -260,6 +261,48 @@ def test_cpp_unchanged_values_keep_their_bits(layout):
     same_bits(gx[keep], xx[keep])
     same_bits(gx[flat == 2][:, ::2], xx[flat == 2][:, ::2])
     assert not torch.equal(gx[flat == 4], xx[flat == 4])
+
+
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
+                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+@pytest.mark.parametrize("dtype, table_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float64)],
+                         ids=str)
+def test_cpp_many_bins_rows_grouped(dtype, table_dtype):
+    """Tables of more than 16 MB and rows of at least 512 bytes: the C++ kernel groups the rows
+    by bin (2 x 2,101 x 1,024 float32 values here, and twice that in float64). The reference's
+    values on padded rows, rows of no bin and the values left alone bit for bit, in place equal
+    to out of place, and the same bits for 1 and 2 threads."""
+    num_bins, n, d = 2100, 3000, 1024
+    stats = calibration_stats(num_bins, d, table_dtype)
+    x = rand_features(n, d + 8, dtype=dtype, seed=40)[:, :d]  # rows 1,032 apart
+    idx = rand_bins(n, num_bins + 1, low=-1, seed=41)
+    idx[:8] = torch.tensor([0, 1, 2, 3, 4, -1, num_bins, 0])
+    got = on("cpp", dirfast.ops.calibrate, x, idx, *stats)
+    torch.testing.assert_close(got, reference(x, idx, *stats), **calibrate_tol(dtype))
+    keep = (idx < 0) | (idx >= num_bins) | (idx == 0)  # (bin 1's 1,024 variances of 1e-12 sum above 1e-10)
+    same_bits(got[keep], x[keep])
+    same_bits(got[idx == 2][:, ::2], x[idx == 2][:, ::2])
+    inplace = x.clone()
+    on("cpp", dirfast.ops.calibrate_, inplace, idx, *stats)
+    same_bits(inplace, got)
+    same_bits_for_threads(lambda: [on("cpp", dirfast.ops.calibrate, x, idx, *stats)])
+
+
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
+                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+@pytest.mark.parametrize("layout", ["rows", "dense"])
+def test_cpp_tables_larger_than_the_index(layout):
+    """More table values than rows (B x D > rows): the C++ kernel computes only the buckets some
+    row uses, in both table layouts; the reference's values, rows of no bin bit for bit."""
+    x, idx = features(layout, torch.float32, num_bins=500, n=40, d=6, seed=70)
+    idx.view(-1)[:2] = torch.tensor([-1, 500])
+    stats = calibration_stats(500, 6, torch.float32)
+    got = on("cpp", dirfast.ops.calibrate, x, idx, *stats)
+    torch.testing.assert_close(got, reference(x, idx, *stats), **calibrate_tol(torch.float32))
+    (gx, flat), (xx, _) = loop_rows(got, idx), loop_rows(x, idx)
+    keep = (flat < 0) | (flat >= 500)
+    assert int(keep.sum()) >= 2
+    same_bits(gx[keep], xx[keep])
 
 
 # =========================================================================== Triton only

@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_leaves
 
 import dirfast
 from dirfast.ops.mixture_logpdf import reference, reference_backward
-from testing import backend_device_params, gen, interpreted, on, stats_dtype, tol
+from testing import backend_device_params, gen, interpreted, on, same_bits_for_threads, stats_dtype, tol
 
 BACKEND_DEVICE = [p for p in backend_device_params()
                   if p.values[0] == "auto" or "mixture_logpdf" in dirfast.backends()[p.values[0]]["ops"]]
@@ -269,6 +269,23 @@ def test_many_elements_and_components(backend, device, dtype):
     for leaf, want in zip(inputs, expected_grads):
         scale = float(want.abs().max())
         torch.testing.assert_close(leaf.grad.cpu().double() / scale, want / scale, **t)
+
+
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
+                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpp_float32_forward_beyond_its_term_buffer(x_dtype):
+    """The C++ float32 forward keeps at most 16 KiB of terms per vector of elements from its max
+    pass (256 to 1,024 components by vector width) and recomputes the others: 1,100 components,
+    elements in a partial last vector, infinite and NaN elements among them; the float64
+    reference's values, and the same bits for 1 and 2 threads."""
+    x, m, v, lw = mixture_inputs((3000 + 5,), 1100, torch.float32, "cpu", seed=60)
+    x[-3:] = torch.tensor([math.inf, math.nan, -math.inf])
+    x = x.to(x_dtype)
+    out = on("cpp", dirfast.ops.mixture_logpdf, x, m, v, lw)
+    expected = reference(x.double(), m.double(), v.double(), lw.double())
+    torch.testing.assert_close(out.double(), expected, equal_nan=True, rtol=1e-5, atol=1e-5)
+    same_bits_for_threads(lambda: [on("cpp", dirfast.ops.mixture_logpdf, x, m, v, lw)])
 
 
 # =========================================================================== the reference's memory

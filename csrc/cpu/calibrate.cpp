@@ -1,28 +1,49 @@
 // dirfast::calibrate and dirfast::calibrate_ on CPU: y = x * s[b] + t[b] in one pass over x.
 //
 // The per-bucket scale s and shift t (src/calibrate.h, the published zero-variance rules
-// included) are computed once, for B + 1 buckets: the extra one is the identity (s = 1,
-// t = -0.0, which gives back every value exactly), taken by rows whose index is outside [0, B),
-// so the pass has no branch. x is read in place in both layouts of csrc/layout.h (others are
-// copied once); calibrate's y has the strides of torch.empty_like(x) (the fake kernel's),
-// calibrate_ writes into x (each element read before it is written, by the same iteration).
-// Arithmetic in float32, or float64 when x or src_mean is float64, cast back to the dtype of x
-// at the store; elementwise, so the same bits for any number of threads.
+// included) are computed once per bucket, for B + 1 buckets: the extra one is the identity
+// (s = 1, t = -0.0, which gives back every value exactly), taken by rows whose index is outside
+// [0, B). Two ways through the rows layout: while the s and t tables of all buckets would stay
+// cached, they are written first and each row reads its bucket's piece; beyond that, the rows are
+// grouped by bucket (a counting sort) and each bucket's s and t are computed into a small buffer
+// just before its rows, so no table goes through memory and each bucket's statistics are read
+// once. The planar layout reads feature-major tables. x is read in place in both layouts of
+// csrc/layout.h (others are copied once); calibrate's y has the strides of torch.empty_like(x)
+// (the fake kernel's), calibrate_ writes into x (each element read before it is written, by the
+// same iteration). Arithmetic in float32, or float64 when x or src_mean is float64, cast back to
+// the dtype of x at the store; elementwise, so the same bits for any number of threads and either
+// way through the rows.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "calibrate.h"
 #include "checks.h"
 #include "layout.h"
 
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
+
 namespace dirfast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kPlanarTile = 4096;  // pixels per task (planar layout)
-constexpr int64_t kRowsGrainElements = 1 << 14;
+// The least work a thread is given (so small work runs on one thread): elements of x to
+// calibrate, or values of s and t to compute (each a divide and a square root).
+constexpr int64_t kGrainElements = int64_t(1) << 18;
+constexpr int64_t kGrainTableValues = int64_t(1) << 16;
+constexpr int64_t kPlanarTile = 4096;        // pixels per task (planar layout)
+// Rows are grouped by bucket when the tables would take more than this (they no longer stay in
+// the last-level cache) and a row is at least kGroupedRowBytes long (a row read out of order
+// costs little more than one read in order).
+constexpr int64_t kGroupedTableBytes = int64_t(16) << 20;
+constexpr int64_t kGroupedRowBytes = 512;
+constexpr int64_t kAhead = 2;  // grouped rows: a row is prefetched this many rows before its turn
 
 // The bucket of row r: its index when in [0, B), else the identity bucket B.
 template <typename index_t>
@@ -31,39 +52,119 @@ inline int64_t bucket_of(const index_t* idx, int64_t r, int64_t num_bins) {
   return (k >= 0 && k < num_bins) ? k : num_bins;
 }
 
-// s and t of B + 1 buckets: bucket-major [B + 1, D] for the rows layout (each row reads its
-// bucket's s and t, and the loop over D vectorises), feature-major [D, B + 1] for the planar one
-// (a channel's values side by side). With more buckets than rows, only the buckets in use.
+// 16-byte vectors of acc_t (4 floats or 2 doubles) for the tables, with their square root: g++
+// keeps std::sqrt a scalar call (errno), and does not vectorise these loops by itself (selects
+// on comparisons that may trap).
+template <typename acc_t>
+struct Vec16 {
+  typedef acc_t v __attribute__((vector_size(16), aligned(alignof(acc_t))));
+  static constexpr int64_t kLanes = 16 / sizeof(acc_t);
+  static v load(const acc_t* p) {
+    v r;
+    std::memcpy(&r, p, sizeof(r));
+    return r;
+  }
+  static void store(acc_t* p, v r) { std::memcpy(p, &r, sizeof(r)); }
+  static v sqrt(v x) {
+#if defined(__SSE2__)
+    if constexpr (std::is_same_v<acc_t, float>) {
+      return reinterpret_cast<v>(_mm_sqrt_ps(reinterpret_cast<__m128>(x)));
+    } else {
+      return reinterpret_cast<v>(_mm_sqrt_pd(reinterpret_cast<__m128d>(x)));
+    }
+#else
+    for (int64_t i = 0; i < kLanes; ++i) x[i] = std::sqrt(x[i]);
+    return x;
+#endif
+  }
+};
+
+// The published bucket-wide rule: src_var sums below 1e-10 (in a fixed order: four vector
+// partial sums, which do not wait on each other, then they, their lanes and the tail in order).
+template <typename acc_t>
+inline bool bucket_unchanged(const acc_t* src_var, int64_t dim) {
+  using V = Vec16<acc_t>;
+  typename V::v part[4] = {};
+  int64_t d = 0;
+  for (; d + 4 * V::kLanes <= dim; d += 4 * V::kLanes) {
+    for (int64_t j = 0; j < 4; ++j) part[j] += V::load(src_var + d + j * V::kLanes);
+  }
+  const typename V::v lanes = (part[0] + part[1]) + (part[2] + part[3]);
+  acc_t sum = acc_t(0);
+  for (int64_t i = 0; i < V::kLanes; ++i) sum += lanes[i];
+  for (; d < dim; ++d) sum += src_var[d];
+  return sum < static_cast<acc_t>(kCalibrateMinVarianceSum);
+}
+
+// s and t of every dimension of bucket k into s[0, D) and t[0, D): calibrate_scale_shift's
+// arithmetic (src/calibrate.h), a vector at a time. The identity for the bucket k = B of rows
+// outside [0, B), and for a bucket whose src_var sums below 1e-10.
+template <typename acc_t>
+inline void bucket_scale_shift(const acc_t* DIRFAST_RESTRICT src_mean, const acc_t* DIRFAST_RESTRICT src_var,
+                               const acc_t* DIRFAST_RESTRICT dst_mean, const acc_t* DIRFAST_RESTRICT dst_var,
+                               int64_t k, int64_t num_bins, int64_t dim, acc_t lo, acc_t hi,
+                               acc_t* DIRFAST_RESTRICT s, acc_t* DIRFAST_RESTRICT t) {
+  const int64_t o = k * dim;
+  if (k == num_bins || bucket_unchanged(src_var + o, dim)) {
+    std::fill(s, s + dim, acc_t(1));
+    std::fill(t, t + dim, -acc_t(0));
+    return;
+  }
+  using V = Vec16<acc_t>;
+  using v = typename V::v;
+  const v one = v{} + acc_t(1), minus_zero = -v{};
+  int64_t d = 0;
+  for (; d + V::kLanes <= dim; d += V::kLanes) {
+    const v var = V::load(src_var + o + d);
+    const auto unchanged = var == acc_t(0);
+    v ratio = V::load(dst_var + o + d) / (unchanged ? one : var);
+    ratio = ratio < lo ? v{} + lo : (ratio > hi ? v{} + hi : ratio);  // clamp_nan
+    const v root = V::sqrt(ratio);
+    const v shift = V::load(dst_mean + o + d) - V::load(src_mean + o + d) * root;
+    V::store(s + d, unchanged ? one : root);
+    V::store(t + d, unchanged ? minus_zero : shift);
+  }
+  for (; d < dim; ++d) {
+    calibrate_scale_shift<acc_t>(src_mean[o + d], src_var[o + d], dst_mean[o + d], dst_var[o + d], lo, hi, s[d],
+                                 t[d]);
+  }
+}
+
+// The s and t of B + 1 buckets, the last the identity (s = 1, t = -0.0: x * 1 + -0.0 is x exactly,
+// the sign of a zero included), taken by rows whose index is outside [0, B). Rows layout
+// (planar false): bucket k's s then t in st[2 k D, 2 (k + 1) D), one contiguous piece per row to
+// read. Planar layout: feature-major, s[d (B + 1) + k] and t likewise at st + D (B + 1), a
+// channel's values side by side. When the tables are larger than the index, only the buckets
+// some row uses (and B) are computed, the others left uninitialised.
 template <typename acc_t, typename index_t>
 DIRFAST_NOINLINE void scale_shift_tables(const acc_t* src_mean, const acc_t* src_var,
                                          const acc_t* dst_mean, const acc_t* dst_var,
                                          int64_t num_bins, int64_t dim, acc_t lo, acc_t hi,
-                                         const index_t* idx, int64_t rows, bool planar, acc_t* s,
-                                         acc_t* t) {
-  const int64_t bucket_step = planar ? 1 : dim;
-  const int64_t feature_step = planar ? num_bins + 1 : 1;
-  std::vector<uint8_t> used;
-  if (num_bins > rows) {
-    used.assign(num_bins, 0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t k = bucket_of(idx, r, num_bins);
-      if (k < num_bins) used[k] = 1;
+                                         const index_t* idx, int64_t rows, bool planar, acc_t* st) {
+  std::vector<int64_t> listed;  // the buckets to compute, when not all
+  if (num_bins * dim > rows) {
+    std::vector<uint8_t> used(num_bins + 1, 0);
+    for (int64_t r = 0; r < rows; ++r) used[bucket_of(idx, r, num_bins)] = 1;
+    used[num_bins] = 1;
+    for (int64_t k = 0; k <= num_bins; ++k) {
+      if (used[k]) listed.push_back(k);
     }
   }
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(dim, 1));
-  torch::stable::parallel_for(0, num_bins + 1, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      acc_t* sk = s + k * bucket_step;
-      acc_t* tk = t + k * bucket_step;
-      if (k == num_bins) {  // the identity, for indices outside [0, B)
+  const int64_t count = listed.empty() ? num_bins + 1 : static_cast<int64_t>(listed.size());
+  const int64_t columns = num_bins + 1;
+  const int64_t grain = std::max<int64_t>(1, kGrainTableValues / std::max<int64_t>(dim, 1));
+  torch::stable::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<acc_t[]> buffer(planar ? new acc_t[2 * dim] : nullptr);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t k = listed.empty() ? i : listed[i];
+      acc_t* sk = planar ? buffer.get() : st + 2 * k * dim;
+      acc_t* tk = sk + dim;
+      bucket_scale_shift<acc_t>(src_mean, src_var, dst_mean, dst_var, k, num_bins, dim, lo, hi, sk, tk);
+      if (planar) {
         for (int64_t d = 0; d < dim; ++d) {
-          sk[d * feature_step] = acc_t(1);
-          tk[d * feature_step] = -acc_t(0);
+          st[d * columns + k] = sk[d];
+          st[(dim + d) * columns + k] = tk[d];
         }
-      } else if (used.empty() || used[k]) {
-        const int64_t o = k * dim;
-        calibrate_bucket<acc_t>(src_mean + o, src_var + o, dst_mean + o, dst_var + o, dim, lo, hi,
-                                sk, tk, feature_step);
       }
     }
   });
@@ -88,16 +189,62 @@ inline void apply_plane(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, cons
   }
 }
 
-// Rows layout: each row reads its bucket's s and t rows.
+// Rows layout with tables: each row reads its bucket's piece.
 template <typename T, typename acc_t, typename index_t>
 DIRFAST_NOINLINE void apply_rows(const T* x, int64_t x_stride, T* y, int64_t y_stride,
                                  const index_t* idx, int64_t rows, int64_t dim, int64_t num_bins,
-                                 const acc_t* s, const acc_t* t) {
-  const int64_t grain = std::max<int64_t>(1, kRowsGrainElements / std::max<int64_t>(dim, 1));
+                                 const acc_t* st) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
   torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t o = bucket_of(idx, r, num_bins) * dim;
-      apply_row<T, acc_t>(y + r * y_stride, x + r * x_stride, s + o, t + o, dim);
+      const acc_t* sk = st + 2 * bucket_of(idx, r, num_bins) * dim;
+      apply_row<T, acc_t>(y + r * y_stride, x + r * x_stride, sk, sk + dim, dim);
+    }
+  });
+}
+
+// The rows listed bucket by bucket (a stable counting sort): bucket k's rows are
+// order[first[k], first[k + 1]), the identity bucket B's last.
+template <typename index_t>
+DIRFAST_NOINLINE void group_rows(const index_t* idx, int64_t rows, int64_t num_bins,
+                                 std::vector<int64_t>& order, std::vector<int64_t>& first) {
+  first.assign(num_bins + 2, 0);
+  for (int64_t r = 0; r < rows; ++r) ++first[bucket_of(idx, r, num_bins) + 1];
+  for (int64_t k = 0; k <= num_bins; ++k) first[k + 1] += first[k];
+  std::vector<int64_t> next(first.begin(), first.end() - 1);
+  order.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) order[next[bucket_of(idx, r, num_bins)]++] = r;
+}
+
+// Rows layout grouped by bucket: a task takes a range of the grouped rows and computes the s and
+// t of each bucket it meets into a buffer of its own (a bucket two tasks share is computed by
+// both, alike). The rows come out of order: each is prefetched kAhead rows before its turn.
+template <typename T, typename acc_t>
+DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y_stride,
+                                   const int64_t* order, const int64_t* first, int64_t rows,
+                                   int64_t dim, int64_t num_bins, const acc_t* src_mean,
+                                   const acc_t* src_var, const acc_t* dst_mean,
+                                   const acc_t* dst_var, acc_t lo, acc_t hi) {
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
+  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<acc_t[]> buffer(new acc_t[2 * dim]);
+    acc_t* s = buffer.get();
+    acc_t* t = s + dim;
+    int64_t k = std::upper_bound(first, first + num_bins + 2, begin) - first - 1;
+    for (int64_t p = begin; p < end; ++k) {
+      const int64_t stop = std::min(end, first[k + 1]);
+      if (p == stop) continue;  // an empty bucket
+      bucket_scale_shift<acc_t>(src_mean, src_var, dst_mean, dst_var, k, num_bins, dim, lo, hi, s, t);
+      for (; p < stop; ++p) {
+        const int64_t r = order[p];
+#if defined(__GNUC__)
+        if (p + kAhead < end) {
+          const T* ahead = x + order[p + kAhead] * x_stride;
+          for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(ahead + d, 1);
+        }
+#endif
+        apply_row<T, acc_t>(y + r * y_stride, x + r * x_stride, s, t, dim);
+      }
     }
   });
 }
@@ -106,26 +253,28 @@ DIRFAST_NOINLINE void apply_rows(const T* x, int64_t x_stride, T* y, int64_t y_s
 // then each channel plane of the tile is streamed with s and t gathered from the channel's row.
 template <typename T, typename acc_t, typename index_t>
 DIRFAST_NOINLINE void apply_planes(const T* x, const Layout& lx, T* y, const Layout& ly,
-                                   const index_t* idx, int64_t num_bins, const acc_t* s,
-                                   const acc_t* t) {
+                                   const index_t* idx, int64_t num_bins, const acc_t* st) {
   const int64_t inner = lx.inner;
   const int64_t dim = lx.dim;
-  const int64_t feature_step = num_bins + 1;
-  const int64_t tiles = (inner + kPlanarTile - 1) / kPlanarTile;
-  torch::stable::parallel_for(0, lx.batch * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<int32_t[]> bucket(new int32_t[kPlanarTile]);
+  const int64_t columns = num_bins + 1;
+  const acc_t* t = st + dim * columns;
+  const int64_t tile = std::min(kPlanarTile, inner);
+  const int64_t tiles = (inner + tile - 1) / tile;
+  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(tile * dim, 1));
+  torch::stable::parallel_for(0, lx.batch * tiles, grain, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<int32_t[]> bucket(new int32_t[tile]);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles;
-      const int64_t s0 = (task - b * tiles) * kPlanarTile;
-      const int64_t len = std::min<int64_t>(kPlanarTile, inner - s0);
+      const int64_t s0 = (task - b * tiles) * tile;
+      const int64_t len = std::min<int64_t>(tile, inner - s0);
       for (int64_t i = 0; i < len; ++i) {
         bucket[i] = static_cast<int32_t>(bucket_of(idx, b * inner + s0 + i, num_bins));
       }
       const T* xb = x + b * lx.batch_stride + s0;
       T* yb = y + b * ly.batch_stride + s0;
       for (int64_t c = 0; c < dim; ++c) {
-        apply_plane<T, acc_t>(yb + c * ly.feature_stride, xb + c * lx.feature_stride, s + c * feature_step,
-                              t + c * feature_step, bucket.get(), len);
+        apply_plane<T, acc_t>(yb + c * ly.feature_stride, xb + c * lx.feature_stride, st + c * columns,
+                              t + c * columns, bucket.get(), len);
       }
     }
   });
@@ -156,21 +305,29 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
       dispatch_index(idx.scalar_type(), [&](auto index) {
         using index_t = decltype(index);
         const index_t* pi = idx.const_data_ptr<index_t>();
-        const int64_t entries = std::max<int64_t>((num_bins + 1) * dim, 1);
-        std::unique_ptr<acc_t[]> s(new acc_t[entries]);  // left uninitialised: see scale_shift_tables
-        std::unique_ptr<acc_t[]> t(new acc_t[entries]);
-        scale_shift_tables<acc_t, index_t>(m1.const_data_ptr<acc_t>(), v1.const_data_ptr<acc_t>(),
-                                           m2.const_data_ptr<acc_t>(), v2.const_data_ptr<acc_t>(),
-                                           num_bins, dim, static_cast<acc_t>(clip_min),
-                                           static_cast<acc_t>(clip_max), pi, plan.lx.rows, planar,
-                                           s.get(), t.get());
+        const acc_t lo = static_cast<acc_t>(clip_min), hi = static_cast<acc_t>(clip_max);
         const T* px = plan.x.const_data_ptr<T>();
         T* py = plan.out.mutable_data_ptr<T>();
+        const int64_t entries = std::max<int64_t>(2 * (num_bins + 1) * dim, 1);
+        const bool grouped = !planar && entries * static_cast<int64_t>(sizeof(acc_t)) > kGroupedTableBytes &&
+                             dim * static_cast<int64_t>(sizeof(T)) >= kGroupedRowBytes;
+        if (grouped) {
+          std::vector<int64_t> order, first;
+          group_rows<index_t>(pi, plan.lx.rows, num_bins, order, first);
+          apply_groups<T, acc_t>(px, plan.lx.row_stride, py, plan.ly.row_stride, order.data(), first.data(),
+                                 plan.lx.rows, dim, num_bins, m1.const_data_ptr<acc_t>(), v1.const_data_ptr<acc_t>(),
+                                 m2.const_data_ptr<acc_t>(), v2.const_data_ptr<acc_t>(), lo, hi);
+          return;
+        }
+        std::unique_ptr<acc_t[]> st(new acc_t[entries]);  // left uninitialised: see scale_shift_tables
+        scale_shift_tables<acc_t, index_t>(m1.const_data_ptr<acc_t>(), v1.const_data_ptr<acc_t>(),
+                                           m2.const_data_ptr<acc_t>(), v2.const_data_ptr<acc_t>(), num_bins, dim,
+                                           lo, hi, pi, plan.lx.rows, planar, st.get());
         if (planar) {
-          apply_planes<T, acc_t, index_t>(px, plan.lx, py, plan.ly, pi, num_bins, s.get(), t.get());
+          apply_planes<T, acc_t, index_t>(px, plan.lx, py, plan.ly, pi, num_bins, st.get());
         } else {
-          apply_rows<T, acc_t, index_t>(px, plan.lx.row_stride, py, plan.ly.row_stride, pi,
-                                        plan.lx.rows, dim, num_bins, s.get(), t.get());
+          apply_rows<T, acc_t, index_t>(px, plan.lx.row_stride, py, plan.ly.row_stride, pi, plan.lx.rows, dim,
+                                        num_bins, st.get());
         }
       });
     });

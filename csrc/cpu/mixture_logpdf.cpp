@@ -4,46 +4,47 @@
 // With s_k = 1 / sqrt(v_k) and c_k = log w_k + log s_k, z = (x - m_k) s_k, term_k(x) = c_k - z^2 / 2
 // and out = max_k term + log sum_k exp(term_k - max) (the reference's formulation: a subnormal
 // variance keeps a finite s_k). A component with invalid parameters gets c_k = NaN, so every
-// output is NaN (dirfast.ops.mixture_logpdf documents the rule). Elements are taken kLanes at a
-// time (converted to the arithmetic type in a small buffer); float32 computes the lanes as one
-// GCC vector with a polynomial exp (Cephes, about 1 ulp), compiled for AVX-512, AVX2 and the
-// baseline with run-time selection; float64 uses plain loops and std::exp. The backward
-// recomputes each element's responsibilities r_k = exp(term_k - out) and sums the component
-// gradients per fixed chunk of elements, the chunks then added in order: the same bits for any
-// number of threads.
+// output is NaN (dirfast.ops.mixture_logpdf documents the rule). The float32 forward computes a
+// vector of elements at a time with polynomial exp and log (Cephes, about 1 ulp, by explicit fused
+// multiply-adds) in the machine's vector width: AVX-512, AVX2 + FMA or the baseline (libm's fmaf
+// there), chosen at run time, with the same bits. The float64 forward uses plain loops and
+// std::exp. The backward takes elements kLanes at a time (converted to the arithmetic type in a
+// small buffer; in float32 as kLanes / W vectors of the machine's width W, with vexp, the same
+// bits for every width), recomputes each element's responsibilities r_k = exp(term_k - out) and
+// sums the component gradients per fixed chunk of elements, the chunks then added in order: the
+// same bits for any number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
 #include "vexp.h"
 
+// No a * b + c is fused but by vfma (g++ would fuse others in the AVX2 + FMA and AVX-512 code):
+// every vector width rounds alike.
+#pragma GCC optimize("fp-contract=off")
+
 namespace dirfast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kLanes = 16;          // elements computed together (one AVX-512 float vector)
+constexpr int64_t kLanes = 16;          // elements computed together by the backward and in float64
 constexpr int64_t kChunk = int64_t(1) << 14;  // elements per task: fixed, so results do not depend on threads
 
+// Float32 code for AVX-512, AVX2 + FMA and the baseline, chosen at run time (x86-64 with g++).
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
-#define DIRFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define DIRFAST_MIXTURE_ISAS 1
 #else
-#define DIRFAST_CLONES
+#define DIRFAST_MIXTURE_ISAS 0
 #endif
 
-// float32: 16 lanes as one GCC vector (AVX-512 in the avx512f clone, two AVX2 or four SSE
-// registers in the others), with Cephes' expf polynomial (about 1 ulp on [-87.3, 88.3]; inputs
-// below give 2^-126 instead of 0, and -inf gives 0). float64: plain loops and std::exp.
-using vf = FloatVec<kLanes>::f;
-using vi = FloatVec<kLanes>::i;
-inline vf splat(float value) { return vf{} + value; }
-inline vf vexp(vf x) { return dirfast::vexp<vf, vi>(x); }
-inline vf load_vf(const float* p) { return load_vec<vf>(p); }
-inline void store_vf(float* p, vf v) { store_vec(p, v); }
+constexpr int64_t kBufferedBytes = 16 << 10;  // float32 forward: terms kept from the max pass per vector
+constexpr int64_t kGrainExps = int64_t(1) << 17;  // the least exponentials a thread is given
 
 // The components in the arithmetic type: means m, inverse standard deviations s = 1 / sqrt(v),
 // and c = log w + log s; c is NaN for a component whose parameters are invalid (a mean that is
@@ -74,27 +75,90 @@ struct Components {
   int64_t size() const { return static_cast<int64_t>(m.size()); }
 };
 
-// out[t] for kLanes values xs[t]: -inf where every term is -inf (density 0), NaN where a term is.
-DIRFAST_CLONES void forward_lanes(const float* xs_in, float* out, const float* m, const float* s, const float* c,
-                                  int64_t k) {
-  const vf xs = load_vf(xs_in);
-  vf top = splat(-std::numeric_limits<float>::infinity());
+// out[t] for the W float32 values xs[t] (one native vector): -inf where every term is -inf
+// (density 0), NaN where a term or x is NaN. The max term's exponential is 1, so the sum is at least
+// 1 except where there is no max (every term -inf or NaN).
+template <int W>
+__attribute__((always_inline)) inline void forward_vector(const float* xs_in, float* out, const float* m,
+                                                          const float* s, const float* c, int64_t k) {
+  using vf = typename FloatVec<W>::f;
+  using vi = typename FloatVec<W>::i;
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  const vf xs = load_vec<vf>(xs_in);
+  constexpr int64_t kBuffered = kBufferedBytes / sizeof(vf);
+  vf terms[kBuffered];  // the first terms, for the second pass
+  const int64_t buffered = std::min(k, kBuffered);
+  vf top = vf{} - inf;
   for (int64_t j = 0; j < k; ++j) {
     const vf z = (xs - m[j]) * s[j];
-    const vf term = c[j] - 0.5f * z * z;
+    const vf term = vfma(-0.5f * z, z, vf{} + c[j]);
+    if (j < buffered) terms[j] = term;
     top = term > top ? term : top;
   }
-  const vi none = top == -std::numeric_limits<float>::infinity();
-  const vf shift = none ? splat(0.0f) : top;
-  vf sum = splat(0.0f);
-  for (int64_t j = 0; j < k; ++j) {
+  const vi none = top == -inf;
+  const vf shift = none ? vf{} : top;
+  vf sum = vf{};
+  for (int64_t j = 0; j < buffered; ++j) sum += vexp_shifted<vf, vi>(terms[j] - shift);
+  for (int64_t j = buffered; j < k; ++j) {
     const vf z = (xs - m[j]) * s[j];
-    sum += vexp(c[j] - 0.5f * z * z - shift);
+    sum += vexp_shifted<vf, vi>(vfma(-0.5f * z, z, vf{} + c[j]) - shift);
   }
-  float sums[kLanes], shifts[kLanes];
-  store_vf(sums, sum);
-  store_vf(shifts, shift);
-  for (int64_t i = 0; i < kLanes; ++i) out[i] = shifts[i] + std::log(sums[i]);  // log 0 = -inf
+  const vf value = shift + vlog_normal<vf, vi>(sum);
+  store_vec(out, (none & (sum == sum)) ? vf{} - inf : value);
+}
+
+// Elements [begin, end) of x, W at a time (16-bit x converted first; the slots past the end
+// repeat the last value, computed and dropped).
+template <int W, typename T>
+__attribute__((always_inline)) inline void forward_range(const T* px, float* po, int64_t begin, int64_t end,
+                                                         const float* m, const float* s, const float* c, int64_t k) {
+  int64_t i = begin;
+  if constexpr (std::is_same_v<T, float>) {
+    for (; i + W <= end; i += W) forward_vector<W>(px + i, po + i, m, s, c, k);
+  }
+  float xs[W], lanes[W];
+  for (; i < end; i += W) {
+    const int64_t n = std::min<int64_t>(W, end - i);
+    for (int64_t t = 0; t < W; ++t) xs[t] = static_cast<float>(px[i + std::min(t, n - 1)]);
+    forward_vector<W>(xs, lanes, m, s, c, k);
+    std::copy(lanes, lanes + n, po + i);
+  }
+}
+
+#if DIRFAST_MIXTURE_ISAS
+template <typename T>
+__attribute__((target("avx512f"))) DIRFAST_NOINLINE void forward_range_avx512(const T* px, float* po, int64_t begin,
+                                                                               int64_t end, const float* m,
+                                                                               const float* s, const float* c,
+                                                                               int64_t k) {
+  forward_range<16, T>(px, po, begin, end, m, s, c, k);
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) DIRFAST_NOINLINE void forward_range_avx2(const T* px, float* po, int64_t begin,
+                                                                              int64_t end, const float* m,
+                                                                              const float* s, const float* c,
+                                                                              int64_t k) {
+  forward_range<8, T>(px, po, begin, end, m, s, c, k);
+}
+#endif
+
+template <typename T>
+DIRFAST_NOINLINE void forward_range_baseline(const T* px, float* po, int64_t begin, int64_t end, const float* m,
+                                             const float* s, const float* c, int64_t k) {
+  forward_range<4, T>(px, po, begin, end, m, s, c, k);
+}
+
+// The widest of the three the machine has (16, 8 or 4 float32 lanes).
+inline int float_lanes() {
+#if DIRFAST_MIXTURE_ISAS
+  static const int lanes = __builtin_cpu_supports("avx512f")                                   ? 16
+                           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 8
+                                                                                               : 4;
+  return lanes;
+#else
+  return 4;
+#endif
 }
 
 void forward_lanes(const double* xs, double* out, const double* m, const double* s, const double* c, int64_t k) {
@@ -123,25 +187,70 @@ void forward_lanes(const double* xs, double* out, const double* m, const double*
 // The backward of kLanes elements, with r_k = g exp(term_k - out): gx[t] = -sum_k r_k z s_k, and per
 // component the sums over the lanes of r_k times (z s_k, (z^2 - 1) s_k^2 / 2, 1) added to gm, gv,
 // gw [k][lane]. An element of density 0 (out = -inf) has no responsibilities, and a zero
-// responsibility adds nothing (not 0 * inf): its gradients are 0.
-DIRFAST_CLONES void backward_lanes(const float* xs_in, const float* out_in, const float* g_in, float* gx_out,
-                                   const float* m, const float* s, const float* c, int64_t k, float* gm, float* gv,
-                                   float* gw) {
-  const vf xs = load_vf(xs_in), out = load_vf(out_in);
-  const vi none = out == -std::numeric_limits<float>::infinity();
-  const vf g = none ? splat(0.0f) : load_vf(g_in), shift = none ? splat(0.0f) : out;
-  vf gx = splat(0.0f);
-  for (int64_t j = 0; j < k; ++j) {
-    const vf z = (xs - m[j]) * s[j];
-    const vf r = g * vexp(c[j] - 0.5f * z * z - shift);
-    const vi zero = r == 0.0f;
-    const vf rz = zero ? splat(0.0f) : r * z * s[j];
-    gx -= rz;
-    store_vf(gm + j * kLanes, load_vf(gm + j * kLanes) + rz);
-    store_vf(gv + j * kLanes, load_vf(gv + j * kLanes) + (zero ? splat(0.0f) : 0.5f * r * (z * z - 1.0f) * (s[j] * s[j])));
-    store_vf(gw + j * kLanes, load_vf(gw + j * kLanes) + r);
+// responsibility adds nothing (not 0 * inf): its gradients are 0. Float32: kLanes / W vectors.
+template <int W>
+__attribute__((always_inline)) inline void backward_block(const float* xs_in, const float* out_in, const float* g_in,
+                                                          float* gx_out, const float* m, const float* s,
+                                                          const float* c, int64_t k, float* gm, float* gv, float* gw) {
+  using vf = typename FloatVec<W>::f;
+  using vi = typename FloatVec<W>::i;
+  constexpr int V = kLanes / W;  // vectors of W lanes
+  vf xs[V], g[V], shift[V], gx[V];
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) {
+    xs[v] = load_vec<vf>(xs_in + v * W);
+    const vf out = load_vec<vf>(out_in + v * W);
+    const vi none = out == -std::numeric_limits<float>::infinity();
+    g[v] = none ? vf{} : load_vec<vf>(g_in + v * W);
+    shift[v] = none ? vf{} : out;
+    gx[v] = vf{};
   }
-  store_vf(gx_out, gx);
+  for (int64_t j = 0; j < k; ++j) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const vf z = (xs[v] - m[j]) * s[j];
+      const vf r = g[v] * vexp<vf, vi>(c[j] - 0.5f * z * z - shift[v]);
+      const vi zero = r == 0.0f;
+      const vf rz = zero ? vf{} : r * z * s[j];
+      gx[v] -= rz;
+      const int64_t o = j * kLanes + v * W;
+      store_vec(gm + o, load_vec<vf>(gm + o) + rz);
+      store_vec(gv + o, load_vec<vf>(gv + o) + (zero ? vf{} : 0.5f * r * (z * z - 1.0f) * (s[j] * s[j])));
+      store_vec(gw + o, load_vec<vf>(gw + o) + r);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) store_vec(gx_out + v * W, gx[v]);
+}
+
+#if DIRFAST_MIXTURE_ISAS
+__attribute__((target("avx512f"))) DIRFAST_NOINLINE void backward_lanes_avx512(
+    const float* xs, const float* out, const float* g, float* gx, const float* m, const float* s, const float* c,
+    int64_t k, float* gm, float* gv, float* gw) {
+  backward_block<16>(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+}
+
+__attribute__((target("avx2,fma"))) DIRFAST_NOINLINE void backward_lanes_avx2(
+    const float* xs, const float* out, const float* g, float* gx, const float* m, const float* s, const float* c,
+    int64_t k, float* gm, float* gv, float* gw) {
+  backward_block<8>(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+}
+#endif
+
+DIRFAST_NOINLINE void backward_lanes_baseline(const float* xs, const float* out, const float* g, float* gx,
+                                              const float* m, const float* s, const float* c, int64_t k, float* gm,
+                                              float* gv, float* gw) {
+  backward_block<4>(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+}
+
+void backward_lanes(const float* xs, const float* out, const float* g, float* gx, const float* m, const float* s,
+                    const float* c, int64_t k, float* gm, float* gv, float* gw) {
+#if DIRFAST_MIXTURE_ISAS
+  const int lanes = float_lanes();
+  if (lanes == 16) return backward_lanes_avx512(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+  if (lanes == 8) return backward_lanes_avx2(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+#endif
+  backward_lanes_baseline(xs, out, g, gx, m, s, c, k, gm, gv, gw);
 }
 
 void backward_lanes(const double* xs, const double* out, const double* g, double* gx, const double* m,
@@ -177,18 +286,28 @@ inline void load_lanes(const in_t* src, int64_t begin, int64_t end, acc_t* dst) 
 
 template <typename T, typename acc_t>
 DIRFAST_NOINLINE void forward_all(const T* px, acc_t* po, int64_t n, const Components<acc_t>& comp) {
-  torch::stable::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t first, int64_t last) {
-    acc_t xs[kLanes], lanes[kLanes];
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      const int64_t end = std::min(n, (chunk + 1) * kChunk);
-      for (int64_t i = chunk * kChunk; i < end; i += kLanes) {
+  const int64_t grain = std::max<int64_t>(kLanes, kGrainExps / comp.size());
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const int lanes = float_lanes();
+    torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      const float *m = comp.m.data(), *s = comp.s.data(), *c = comp.c.data();
+#if DIRFAST_MIXTURE_ISAS
+      if (lanes == 16) return forward_range_avx512<T>(px, po, begin, end, m, s, c, comp.size());
+      if (lanes == 8) return forward_range_avx2<T>(px, po, begin, end, m, s, c, comp.size());
+#endif
+      forward_range_baseline<T>(px, po, begin, end, m, s, c, comp.size());
+    });
+  } else {
+    torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      acc_t xs[kLanes], lanes[kLanes];
+      for (int64_t i = begin; i < end; i += kLanes) {
         const int64_t stop = std::min(end, i + kLanes);
         load_lanes(px, i, stop, xs);
         forward_lanes(xs, lanes, comp.m.data(), comp.s.data(), comp.c.data(), comp.size());
         std::copy(lanes, lanes + (stop - i), po + i);
       }
-    }
-  });
+    });
+  }
 }
 
 // grad_x of every element, and per chunk of elements the component sums [chunk][3][k] in double.
@@ -196,7 +315,8 @@ template <typename T, typename acc_t>
 DIRFAST_NOINLINE void backward_all(const T* px, const acc_t* po, const acc_t* pg, acc_t* pgx, double* partials,
                                    int64_t n, const Components<acc_t>& comp) {
   const int64_t k = comp.size();
-  torch::stable::parallel_for(0, (n + kChunk - 1) / kChunk, 1, [&](int64_t first, int64_t last) {
+  const int64_t grain = std::max<int64_t>(1, kGrainExps / (kChunk * k));  // in chunks
+  torch::stable::parallel_for(0, (n + kChunk - 1) / kChunk, grain, [&](int64_t first, int64_t last) {
     std::vector<acc_t> sums(3 * k * kLanes);
     acc_t xs[kLanes], os[kLanes], gs[kLanes], gx[kLanes];
     for (int64_t chunk = first; chunk < last; ++chunk) {

@@ -22,7 +22,8 @@ template <typename T>
 DIRFAST_NOINLINE void smooth_columns(const T* stats, T* out, int64_t num_bins, int64_t columns,
                                      const T* w, const bool* symmetric, int64_t h,
                                      Padding padding) {
-  const int64_t grain = std::max<int64_t>(1, 16384 / (columns * (2 * h + 1)));
+  // At least 2^17 window taps per thread: small tables run on one thread.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (columns * (2 * h + 1)));
   torch::stable::parallel_for(0, num_bins, grain, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       for (int64_t c = 0; c < columns; ++c) {
