@@ -14,7 +14,8 @@ import torch
 import dirfast
 from dirfast.ops.bin_stats import reference
 from testing import (FLOAT_DTYPES, GPU, LAYOUTS, backend_device_params, backend_devices, deterministic, dtype_params,
-                     features, gen, interpreted, on, pairwise, rand_bins, rand_features, same_bits, stats_dtype, tol)
+                     features, gen, interpreted, on, pairwise, rand_bins, rand_features, same_bits, same_bits_for_threads,
+                     stats_dtype, tol)
 
 BACKEND_DEVICE = list(backend_device_params())
 
@@ -217,6 +218,42 @@ def test_deterministic_mode_is_bitwise_reproducible(backend, device, layout):
     for a, b in zip(first, second):
         same_bits(a, b)
     check_bin_stats(first, x, idx, 60, against=against)
+
+
+# =========================================================================== C++ kernel only
+needs_cpp = pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
+                               reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_rows_case(way: str, dtype: torch.dtype):
+    """Rows ([N, D]) inputs for the ways the C++ kernel finds a bucket's rows: "gathered" (bucket
+    tables far larger than a cache: rows gathered bucket by bucket), "scanned" (small tables and
+    short rows: x read in order by every task) and "either" (small tables, long rows: scanned by
+    one thread, gathered by several). In each, one bucket holds most rows, so that it is cut into
+    several segments (N / 16 rows each) that 2 and 3 threads split between them; indices -1 and B
+    select no bucket."""
+    g = gen(60)
+    n, d, num_bins = {"gathered": (16000, 512, 4000), "scanned": (20000, 24, 10), "either": (8000, 128, 10)}[way]
+    idx = torch.randint(-1, num_bins + 1, (n,), generator=g)
+    idx[torch.rand(n, generator=g) < 0.6] = 7
+    x = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 5).to(dtype)
+    return x, idx, num_bins, reference(x.double(), idx, num_bins)
+
+
+@needs_cpp
+@pytest.mark.parametrize("way", ["gathered", "scanned", "either"])
+@pytest.mark.parametrize("dtype", list(dtype_params()))
+def test_cpp_rows_ways(way, dtype):
+    """Each way of the C++ kernel for rows, each dtype, int64 and int32 indices: the reference's
+    statistics, and the same bits for 1, 2 and 3 threads (whichever way each takes)."""
+    x, idx, num_bins, expected = _cpp_rows_case(way, dtype)
+    assert int((idx == 7).sum()) > 3 * x.shape[0] / 16  # bucket 7: several segments
+    result = on("cpp", dirfast.ops.bin_stats, x, idx, num_bins)
+    check_bin_stats(result, x, idx, num_bins, expected=expected)
+    same_bits_for_threads(lambda: on("cpp", dirfast.ops.bin_stats, x, idx.int(), num_bins), (1, 2, 3))
+    for a, b in zip(result, on("cpp", dirfast.ops.bin_stats, x, idx.int(), num_bins)):
+        same_bits(a, b)
 
 
 # =========================================================================== Triton only

@@ -1,12 +1,19 @@
 // dirfast::bin_stats on CPU: per-bucket count, mean and unbiased variance in one pass over x.
 //
-// The rows are cut into chunks whose number depends on the shapes only, never on the thread
-// count; each chunk is reduced by one thread with Welford's update into its own sparse partial
-// per bucket, and the partials are merged with Chan's formula in chunk order. Every
-// floating-point operation therefore happens in the same order whatever the number of threads:
-// the same bits for 1 thread or 64, run after run. x is read in place in both layouts of
-// csrc/layout.h (other layouts are made contiguous first); accumulation is in float32 for
-// float16 / bfloat16 / float32 x and float64 for float64 x, every offset int64.
+// Every bucket's rows take Welford's update in row order, in pieces cut at points fixed by the
+// shapes (and the data), never by the thread count, and the pieces are merged with Chan's
+// formula in a fixed order: the same bits for 1 thread or 64, run after run.
+//   Rows layout ([N, D], channels-last): a bucket's rows are cut into segments of at most `seg`
+//     rows (by rank within the bucket), so that one large bucket still splits over threads; a
+//     task takes a range of segments, bucket by bucket. It finds their rows in one of two ways
+//     that give the same bits: it scans x in order when all segments' accumulators fit in cache
+//     (few buckets or few features), or it gathers each segment's rows through the row numbers
+//     sorted by bucket, the segment's accumulators staying in L1 (many buckets).
+//   Planar layout (contiguous [B, C, *spatial]): the pixels are cut into chunks, each reduced by
+//     one task into its own dense table of buckets, and the tables merged in chunk order.
+// x is read in place in both layouts of csrc/layout.h (other layouts are made contiguous first);
+// accumulation is in float32 for float16 / bfloat16 / float32 x and float64 for float64 x, every
+// offset int64.
 #include <algorithm>
 #include <cstdint>
 #include <memory>
@@ -21,43 +28,200 @@ namespace dirfast {
 namespace cpu {
 namespace {
 
-constexpr int64_t kMaxChunks = 16;                 // chunks of rows, at most
-constexpr int64_t kMinChunkElements = 1 << 15;     // elements a chunk gets, at least
-constexpr int64_t kMinBudgetBytes = int64_t(64) << 20;  // partials may take this much, at least
-constexpr int64_t kTileBytes = int64_t(256) << 10;  // transposed tile buffer (planar layout)
+// x86-64-v3 (AVX2 + FMA) or the baseline for the row loops; no a * b + c is fused, so both
+// clones give the same bits.
+#pragma GCC optimize("fp-contract=off")
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
+#define DIRFAST_BIN_STATS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DIRFAST_BIN_STATS_CLONES
+#endif
 
-// One chunk's partial statistics, sparse over buckets: a slot is given to a bucket the first time
-// the chunk meets it (slot_of: one int32 per bucket), and the slots are one allocation written
-// only as far as it is used (untouched pages cost no memory).
-template <typename acc_t>
-struct Partial {
-  std::vector<int32_t> slot_of;      // bucket -> slot, -1 when the chunk has no row of it
-  std::unique_ptr<int64_t[]> count;  // per slot
-  std::unique_ptr<acc_t[]> data;     // per slot: D means, then D M2s
-  int64_t used = 0;
+constexpr int64_t kMaxChunks = 16;                      // chunks (planar), segments per bucket
+constexpr int64_t kMinChunkElements = 1 << 15;          // elements a chunk gets, at least
+constexpr int64_t kPartialShare = 4;                    // chunk tables: at most x's bytes / this
+constexpr int64_t kMinPartialBytes = int64_t(1) << 20;  // ... or this much
+constexpr int64_t kTileBytes = int64_t(256) << 10;      // transposed tile buffer (planar)
+constexpr int64_t kScanTableBytes = int64_t(6) << 20;   // largest scanned table (rows)
+constexpr int64_t kGatherRowBytes = 256;                // shortest row gathered by several tasks
+constexpr int64_t kPrefetchBytes = 8192;                // rows prefetched this far ahead
+constexpr int64_t kMinTaskElements = 1 << 15;           // elements a parallel task gets, at least
+constexpr int64_t kMinFinishElements = 1 << 20;         // ... of the final pass over buckets
 
-  acc_t* mean(int64_t slot, int64_t dim) { return data.get() + slot * 2 * dim; }
-  acc_t* m2(int64_t slot, int64_t dim) { return data.get() + slot * 2 * dim + dim; }
-};
+// Bytes of one dense table: count, mean and M2 of every bucket.
+int64_t table_bytes(int64_t num_bins, int64_t dim, int64_t acc_bytes) {
+  return num_bins * (2 * dim * acc_bytes + 8);
+}
 
-// K, the number of chunks: at most kMaxChunks, fewer for small inputs, and lowered until the
-// partials' bound fits in max(64 MiB, the size of the mean and var outputs). A chunk holds at most
-// min(B, rows of the chunk) slots of 2 * D accumulators, so the partials take at most
-// K * min(B, ceil(rows / K)) * 2 * D * sizeof(acc) + K * B * 4 bytes: a few MiB for the usual
-// DIR bucket counts (B <= a few hundred).
-int64_t chunk_count(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_bytes) {
+// Chunks of pixels (planar layout): at most kMaxChunks of at least kMinChunkElements elements each,
+// fewer while the tables of chunks 1.. (chunk 0 writes into the outputs) would take more than
+// max(kMinPartialBytes, x's bytes in acc_t / kPartialShare).
+int64_t planar_chunks(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_bytes) {
   const int64_t d = std::max<int64_t>(dim, 1);
   int64_t k = std::min<int64_t>(kMaxChunks, std::max<int64_t>(1, rows * d / kMinChunkElements));
   k = std::max<int64_t>(1, std::min<int64_t>(k, rows));
-  const int64_t budget = std::max<int64_t>(kMinBudgetBytes, 2 * num_bins * dim * acc_bytes);
-  auto bytes = [&](int64_t chunks) {
-    const int64_t slots = std::min<int64_t>(num_bins, (rows + chunks - 1) / chunks);
-    return chunks * (slots * (2 * dim * acc_bytes + 8) + num_bins * 4);
-  };
-  while (k > 1 && bytes(k) > budget) --k;
+  const int64_t budget = std::max<int64_t>(kMinPartialBytes, rows * d * acc_bytes / kPartialShare);
+  const int64_t table = table_bytes(num_bins, dim, acc_bytes);
+  while (k > 1 && (k - 1) * table > budget) --k;
   return k;
 }
 
+// Rows of a bucket's segment (rows layout): a bucket with more rows is reduced in several
+// segments, so that one large bucket still splits over threads.
+int64_t segment_rows(int64_t rows, int64_t dim) {
+  const int64_t d = std::max<int64_t>(dim, 1);
+  return std::max<int64_t>({1, (rows + kMaxChunks - 1) / kMaxChunks, (kMinChunkElements + d - 1) / d});
+}
+
+// ------------------------------------------------------------------------------ row loops
+// Welford's update of a dense table (count, mean, M2: `dim` accumulators per bucket) with the n
+// rows of x (`stride` apart: the transposed tiles of the planar layout) whose buckets are
+// idx[0 .. n); rows of no bucket are skipped.
+template <typename acc_t, typename in_t, typename index_t>
+inline void scatter_rows_body(const in_t* x, int64_t stride, int64_t dim, const index_t* idx,
+                              int64_t n, int64_t num_bins, int64_t* count, acc_t* mean,
+                              acc_t* m2) {
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t k = static_cast<int64_t>(idx[r]);
+    if (k < 0 || k >= num_bins) continue;  // selects no bucket
+    const in_t* row = x + r * stride;
+    const int64_t c = ++count[k];
+    if (c == 1) {
+      welford_row_init<acc_t, in_t>(mean + k * dim, m2 + k * dim, row, dim);
+    } else {
+      welford_row_add<acc_t, in_t>(mean + k * dim, m2 + k * dim, row, dim,
+                                   acc_t(1) / static_cast<acc_t>(c));
+    }
+  }
+}
+
+// Rows prefetched ahead of the one taken when rows of `row_bytes` are read in a jumping order.
+inline int64_t prefetch_rows(int64_t row_bytes) {
+  return std::max<int64_t>(1, std::min<int64_t>(16, kPrefetchBytes / std::max<int64_t>(row_bytes, 1)));
+}
+
+// Welford's mean and M2 of the n >= 1 rows of x listed at `list` (row numbers, rows `stride`
+// apart), into mean and m2, four rows per pass over the accumulators. The list jumps around x:
+// the first cache line of the row `ahead` places further in the list (up to `list_end`) is
+// prefetched for each row taken (the hardware fetches the rest of the row), and the first
+// `ahead` rows' too when `warm_up` (a task's first list). The prefetches are written out here,
+// not in a helper: g++ finds a function that only prefetches free of side effects and drops it.
+template <typename acc_t, typename in_t>
+inline void reduce_list_body(const in_t* x, int64_t stride, int64_t dim, const int64_t* list,
+                             int64_t n, const int64_t* list_end, bool warm_up,
+                             acc_t* DIRFAST_RESTRICT mean, acc_t* DIRFAST_RESTRICT m2) {
+  const int64_t ahead = prefetch_rows(dim * static_cast<int64_t>(sizeof(in_t)));
+  const int64_t* last = list_end - 1;
+  for (int64_t i = warm_up ? 0 : ahead; i <= ahead; ++i) {
+    __builtin_prefetch(x + *std::min(list + i, last) * stride);
+  }
+  welford_row_init<acc_t, in_t>(mean, m2, x + list[0] * stride, dim);
+  int64_t i = 1;
+  for (; i + 4 <= n; i += 4) {
+    for (int64_t j = 0; j < 4; ++j) __builtin_prefetch(x + *std::min(list + i + ahead + j, last) * stride);
+    const acc_t inv[4] = {acc_t(1) / static_cast<acc_t>(i + 1), acc_t(1) / static_cast<acc_t>(i + 2),
+                          acc_t(1) / static_cast<acc_t>(i + 3), acc_t(1) / static_cast<acc_t>(i + 4)};
+    welford_row_add4<acc_t, in_t>(mean, m2, x + list[i] * stride, x + list[i + 1] * stride,
+                                  x + list[i + 2] * stride, x + list[i + 3] * stride, dim, inv);
+  }
+  for (; i < n; ++i) {
+    __builtin_prefetch(x + *std::min(list + i + ahead, last) * stride);
+    welford_row_add<acc_t, in_t>(mean, m2, x + list[i] * stride, dim,
+                                 acc_t(1) / static_cast<acc_t>(i + 1));
+  }
+}
+
+// A bucket as a scan meets its rows: how many it met so far, and its first segment.
+struct Cursor {
+  int64_t rank;
+  int64_t first;
+};
+
+// The rows of segments [s0, s1), found by reading all `rows` rows of x in order: a row of
+// bucket k (k_lo <= k < k_lo + cursors) is the i-th of its bucket, i = cursor[k - k_lo].rank,
+// so it belongs to segment first + i / seg, of which it is the (i % seg + 1)-th row. Each
+// segment's rows take Welford's update in row order, into table + s * 2 * dim (D means, D M2s).
+template <typename acc_t, typename in_t, typename index_t>
+inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const index_t* idx,
+                           int64_t rows, int64_t k_lo, int64_t cursors, Cursor* cursor,
+                           int64_t s0, int64_t s1, int64_t seg, acc_t* table) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t j = static_cast<uint64_t>(static_cast<int64_t>(idx[r]) - k_lo);
+    if (j >= static_cast<uint64_t>(cursors)) continue;  // another task's bucket, or no bucket
+    Cursor& c = cursor[j];
+    const int64_t i = c.rank++;
+    const int64_t s = c.first + (i < seg ? 0 : i / seg);
+    if (s < s0 || s >= s1) continue;  // another task's segment of the bucket
+    const int64_t n = (i < seg ? i : i % seg) + 1;
+    const in_t* row = x + r * stride;
+    acc_t* mean = table + s * 2 * dim;
+    if (n == 1) {
+      welford_row_init<acc_t, in_t>(mean, mean + dim, row, dim);
+    } else {
+      welford_row_add<acc_t, in_t>(mean, mean + dim, row, dim, acc_t(1) / static_cast<acc_t>(n));
+    }
+  }
+}
+
+// M2 of n >= 1 rows turned into the unbiased variance in place (welford_variance).
+template <typename acc_t>
+inline void variance_row_body(acc_t* m2, int64_t dim, int64_t n) {
+  if (n <= 1) {
+    std::fill(m2, m2 + dim, acc_t(0));
+    return;
+  }
+  const acc_t denominator = static_cast<acc_t>(n - 1);
+  for (int64_t d = 0; d < dim; ++d) {
+    const acc_t var = m2[d] / denominator;
+    m2[d] = var > acc_t(0) ? var : acc_t(0);
+  }
+}
+
+// The compiled loops: one overload per (input, accumulator, index) type, each with its clones.
+#define DIRFAST_SCATTER_ROWS(in_t, acc_t, index_t)                                              \
+  DIRFAST_BIN_STATS_CLONES DIRFAST_NOINLINE void scatter_rows(                                  \
+      const in_t* x, int64_t stride, int64_t dim, const index_t* idx, int64_t n,               \
+      int64_t num_bins, int64_t* count, acc_t* mean, acc_t* m2) {                              \
+    scatter_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, n, num_bins, count, mean, m2); \
+  }
+#define DIRFAST_REDUCE_LIST(in_t, acc_t)                                                  \
+  DIRFAST_BIN_STATS_CLONES DIRFAST_NOINLINE void reduce_list(                             \
+      const in_t* x, int64_t stride, int64_t dim, const int64_t* list, int64_t n,        \
+      const int64_t* list_end, bool warm_up, acc_t* mean, acc_t* m2) {                    \
+    reduce_list_body<acc_t, in_t>(x, stride, dim, list, n, list_end, warm_up, mean, m2); \
+  }
+#define DIRFAST_SCAN_ROWS(in_t, acc_t, index_t)                                                \
+  DIRFAST_BIN_STATS_CLONES DIRFAST_NOINLINE void scan_rows(                                    \
+      const in_t* x, int64_t stride, int64_t dim, const index_t* idx, int64_t rows,           \
+      int64_t k_lo, int64_t cursors, Cursor* cursor, int64_t s0, int64_t s1, int64_t seg,     \
+      acc_t* table) {                                                                          \
+    scan_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, rows, k_lo, cursors, cursor, s0, \
+                                         s1, seg, table);                                      \
+  }
+#define DIRFAST_ROW_LOOPS(in_t, acc_t)    \
+  DIRFAST_SCAN_ROWS(in_t, acc_t, int64_t) \
+  DIRFAST_SCAN_ROWS(in_t, acc_t, int32_t) \
+  DIRFAST_REDUCE_LIST(in_t, acc_t)
+DIRFAST_ROW_LOOPS(float, float)
+DIRFAST_ROW_LOOPS(double, double)
+DIRFAST_ROW_LOOPS(c10::Half, float)
+DIRFAST_ROW_LOOPS(c10::BFloat16, float)
+DIRFAST_SCATTER_ROWS(float, float, int64_t)  // planar tiles, transposed to acc_t
+DIRFAST_SCATTER_ROWS(float, float, int32_t)
+DIRFAST_SCATTER_ROWS(double, double, int64_t)
+DIRFAST_SCATTER_ROWS(double, double, int32_t)
+DIRFAST_BIN_STATS_CLONES DIRFAST_NOINLINE void variance_row(float* m2, int64_t dim, int64_t n) {
+  variance_row_body(m2, dim, n);
+}
+DIRFAST_BIN_STATS_CLONES DIRFAST_NOINLINE void variance_row(double* m2, int64_t dim, int64_t n) {
+  variance_row_body(m2, dim, n);
+}
+#undef DIRFAST_ROW_LOOPS
+#undef DIRFAST_REDUCE_LIST
+#undef DIRFAST_SCAN_ROWS
+#undef DIRFAST_SCATTER_ROWS
+
+// ------------------------------------------------------------------------------ the kernel
 template <typename scalar_t, typename index_t>
 class BinStats {
   using acc_t = opmath_t<scalar_t>;
@@ -68,63 +232,60 @@ class BinStats {
         dim_(layout.dim) {}
 
   DIRFAST_NOINLINE void run(int64_t* count_out, acc_t* mean_out, acc_t* var_out) {
+    if (layout_.kind == Layout::kRows) {
+      run_rows(count_out, mean_out, var_out);
+    } else {
+      run_planar(count_out, mean_out, var_out);
+    }
+  }
+
+ private:
+  // ---------------------------------------------------------------------------- planar
+  DIRFAST_NOINLINE void run_planar(int64_t* count_out, acc_t* mean_out, acc_t* var_out) {
     const int64_t rows = layout_.rows;
-    const int64_t chunks = chunk_count(rows, dim_, num_bins_, sizeof(acc_t));
-    std::vector<Partial<acc_t>> parts(chunks);
+    const int64_t dim = dim_;
+    const int64_t bins = num_bins_;
+    const int64_t chunks = planar_chunks(rows, dim, bins, sizeof(acc_t));
+    // Chunk c's table: counts[c], and mean / M2 in the outputs (c = 0) or in `extra` (written
+    // only where the chunk has rows: untouched pages cost no memory).
+    std::unique_ptr<int64_t[]> counts(new int64_t[chunks * bins]());
+    std::unique_ptr<acc_t[]> extra(new acc_t[std::max<int64_t>((chunks - 1) * bins * 2 * dim, 1)]);
+    auto mean_of = [&](int64_t c) {
+      return c == 0 ? mean_out : extra.get() + (c - 1) * bins * 2 * dim;
+    };
+    auto m2_of = [&](int64_t c) { return c == 0 ? var_out : mean_of(c) + bins * dim; };
     torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        reduce_chunk(parts[c], rows * c / chunks, rows * (c + 1) / chunks);
+        reduce_chunk(rows * c / chunks, rows * (c + 1) / chunks, counts.get() + c * bins,
+                     mean_of(c), m2_of(c));
       }
     });
-    const int64_t dim = dim_;
-    const int64_t grain = std::max<int64_t>(1, 4096 / (std::max<int64_t>(dim, 1) * chunks));
-    torch::stable::parallel_for(0, num_bins_, grain, [&](int64_t begin, int64_t end) {
+    const int64_t grain = std::max<int64_t>(1, kMinFinishElements / (std::max<int64_t>(dim, 1) * chunks));
+    torch::stable::parallel_for(0, bins, grain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         acc_t* mean = mean_out + k * dim;
         acc_t* m2 = var_out + k * dim;  // holds M2 until the end
         int64_t n = 0;
         // Chunk order, fixed: the result does not depend on the threads.
         for (int64_t c = 0; c < chunks; ++c) {
-          Partial<acc_t>& part = parts[c];
-          const int32_t slot = part.slot_of[k];
-          if (slot < 0) continue;
-          const int64_t nb = part.count[slot];
+          const int64_t nb = counts[c * bins + k];
+          if (nb == 0) continue;
+          const acc_t* mean_b = mean_of(c) + k * dim;
+          const acc_t* m2_b = m2_of(c) + k * dim;
           if (n == 0) {
-            std::copy(part.mean(slot, dim), part.mean(slot, dim) + dim, mean);
-            std::copy(part.m2(slot, dim), part.m2(slot, dim) + dim, m2);
+            if (c != 0) {
+              std::copy(mean_b, mean_b + dim, mean);
+              std::copy(m2_b, m2_b + dim, m2);
+            }
           } else {
-            chan_merge_row<acc_t>(mean, m2, part.mean(slot, dim), part.m2(slot, dim), dim,
-                                  chan_weights<acc_t>(n, nb));
+            chan_merge_row<acc_t>(mean, m2, mean_b, m2_b, dim, chan_weights<acc_t>(n, nb));
           }
           n += nb;
         }
         count_out[k] = n;
-        if (n == 0) {
-          std::fill(mean, mean + dim, acc_t(0));
-          std::fill(m2, m2 + dim, acc_t(0));
-        } else {
-          for (int64_t d = 0; d < dim; ++d) m2[d] = welford_variance<acc_t>(n, m2[d]);
-        }
+        finish(k, n, mean, m2, mean_out, var_out);
       }
     });
-  }
-
- private:
-  // Welford update of `part` with row r, whose values are at `values` (in scalar_t or acc_t).
-  template <typename in_t>
-  inline void add_row(Partial<acc_t>& part, int64_t r, const in_t* values) {
-    const int64_t k = static_cast<int64_t>(idx_[r]);
-    if (k < 0 || k >= num_bins_) return;  // selects no bucket
-    int32_t& slot = part.slot_of[k];
-    if (slot < 0) {
-      slot = static_cast<int32_t>(part.used++);
-      part.count[slot] = 1;
-      welford_row_init<acc_t, in_t>(part.mean(slot, dim_), part.m2(slot, dim_), values, dim_);
-    } else {
-      const int64_t n = ++part.count[slot];
-      welford_row_add<acc_t, in_t>(part.mean(slot, dim_), part.m2(slot, dim_), values, dim_,
-                                   acc_t(1) / static_cast<acc_t>(n));
-    }
   }
 
   // buf[i * dim + c] = src[c * stride + i] for the len pixels of a tile: each channel plane is
@@ -152,22 +313,12 @@ class BinStats {
     }
   }
 
-  // Rows layout ([N, D], channels-last): each row is read where it is. Planar layout (contiguous
-  // [B, C, *spatial]): a tile of pixels is read channel plane by channel plane (four planes at a
-  // time), contiguously along the spatial axis, and transposed into a small per-chunk buffer
-  // ([tile, C], 256 KiB: L2-resident), whose rows then take the same Welford update.
-  DIRFAST_NOINLINE void reduce_chunk(Partial<acc_t>& part, int64_t row_begin, int64_t row_end) {
-    const int64_t capacity =
-        std::max<int64_t>(1, std::min<int64_t>(num_bins_, row_end - row_begin));
-    part.slot_of.assign(num_bins_, -1);
-    part.count.reset(new int64_t[capacity]);
-    part.data.reset(new acc_t[capacity * 2 * std::max<int64_t>(dim_, 1)]);  // not initialised
-    if (layout_.kind == Layout::kRows) {
-      const int64_t stride = layout_.row_stride;
-      for (int64_t r = row_begin; r < row_end; ++r) add_row(part, r, x_ + r * stride);
-      return;
-    }
-    // Planar: tiles of pixels within one batch item, transposed to [tile, D] rows.
+  // Pixels [row_begin, row_end) into one chunk's table: a tile of pixels is read channel plane
+  // by channel plane (four planes at a time), contiguously along the spatial axis, and
+  // transposed into a small buffer ([tile, C], 256 KiB: L2-resident), whose rows then take
+  // Welford's update.
+  DIRFAST_NOINLINE void reduce_chunk(int64_t row_begin, int64_t row_end, int64_t* count,
+                                     acc_t* mean, acc_t* m2) {
     const int64_t dim = dim_;
     const int64_t inner = layout_.inner;
     const int64_t tile = std::max<int64_t>(
@@ -180,9 +331,145 @@ class BinStats {
       const int64_t s = r - b * inner;
       const int64_t len = std::min<int64_t>({tile, inner - s, row_end - r});
       transpose_tile(buf, x_ + b * layout_.batch_stride + s, layout_.feature_stride, dim, len);
-      for (int64_t i = 0; i < len; ++i) add_row(part, r + i, buf + i * dim);
+      scatter_rows(static_cast<const acc_t*>(buf), dim, dim, idx_ + r, len, num_bins_, count, mean,
+                   m2);
       r += len;
     }
+  }
+
+  // ---------------------------------------------------------------------------- rows
+  DIRFAST_NOINLINE void run_rows(int64_t* count_out, acc_t* mean_out, acc_t* var_out) {
+    const int64_t rows = layout_.rows;
+    const int64_t dim = dim_;
+    const int64_t bins = num_bins_;
+    std::fill(count_out, count_out + bins, int64_t(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t k = static_cast<int64_t>(idx_[r]);
+      if (k >= 0 && k < bins) ++count_out[k];
+    }
+    // Bucket k's rows, in row order, take positions [start[k], start[k + 1]) of the sorted order
+    // and are cut every `seg` rows into segments, numbered [seg_first[k], seg_first[k + 1]).
+    std::vector<int64_t> start(bins + 1);
+    start[0] = 0;
+    for (int64_t k = 0; k < bins; ++k) start[k + 1] = start[k] + count_out[k];
+    const int64_t valid = start[bins];
+    const int64_t seg = segment_rows(rows, dim);
+    std::vector<int64_t> seg_start, seg_bin, seg_first(bins + 1);
+    seg_start.reserve(std::min<int64_t>(bins, valid) + valid / seg + 1);
+    seg_bin.reserve(std::min<int64_t>(bins, valid) + valid / seg);
+    for (int64_t k = 0; k < bins; ++k) {
+      seg_first[k] = static_cast<int64_t>(seg_start.size());
+      for (int64_t p = start[k]; p < start[k + 1]; p += seg) {
+        seg_start.push_back(p);
+        seg_bin.push_back(k);
+      }
+    }
+    const int64_t segments = static_cast<int64_t>(seg_start.size());
+    seg_first[bins] = segments;
+    seg_start.push_back(valid);
+
+    // Each task takes the segments that start in its range of sorted positions, and finds their
+    // rows in one of two ways (the same bits either way, so the choice may follow the threads):
+    // scanned, x read in order, when the segments' accumulators fit in cache, and rows are small
+    // or one task does all (several tasks would each read all of bin_idx and skip through x);
+    // otherwise gathered through the row numbers sorted by bucket (stable).
+    const int64_t stride = 2 * std::max<int64_t>(dim, 1);
+    int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(dim, 1));
+    const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t tasks = std::min<int64_t>(torch::stable::get_num_threads(), (valid + grain - 1) / grain);
+    const bool gather = segments * stride * static_cast<int64_t>(sizeof(acc_t)) > kScanTableBytes ||
+                        (tasks > 1 && row_bytes >= kGatherRowBytes);
+    if (!gather) {  // no more scanning tasks than x's rows weigh indices
+      const int64_t scans = std::max<int64_t>(2, row_bytes / static_cast<int64_t>(sizeof(index_t)));
+      grain = std::max<int64_t>(grain, (valid + scans - 1) / scans);
+    }
+    // Scanned: every segment's mean and M2 side by side in `table`. Gathered: a bucket's first
+    // segment accumulates into its rows of the outputs, later ones into `table`.
+    auto in_outputs = [&](int64_t s) { return gather && s == seg_first[seg_bin[s]]; };
+    int64_t stored = 0;
+    for (int64_t s = 0; s < segments; ++s) stored += !in_outputs(s);
+    std::unique_ptr<acc_t[]> table(new acc_t[std::max<int64_t>(stored * stride, 1)]);
+    std::vector<acc_t*> seg_mean(segments), seg_m2(segments);
+    for (int64_t s = 0, slot = 0; s < segments; ++s) {
+      const int64_t k = seg_bin[s];
+      seg_mean[s] = in_outputs(s) ? mean_out + k * dim : table.get() + stride * slot++;
+      seg_m2[s] = in_outputs(s) ? var_out + k * dim : seg_mean[s] + dim;
+    }
+    std::unique_ptr<int64_t[]> order;
+    if (gather) {
+      order.reset(new int64_t[std::max<int64_t>(valid, 1)]);
+      std::vector<int64_t> next(start.begin(), start.end() - 1);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t k = static_cast<int64_t>(idx_[r]);
+        if (k >= 0 && k < bins) order[next[k]++] = r;
+      }
+    }
+
+    torch::stable::parallel_for(0, valid, grain, [&](int64_t begin, int64_t end) {
+      const int64_t* first = seg_start.data();
+      const int64_t s0 = std::lower_bound(first, first + segments, begin) - first;
+      const int64_t s1 = std::lower_bound(first, first + segments, end) - first;
+      if (s0 == s1) return;
+      if (gather) {
+        for (int64_t s = s0; s < s1; ++s) {
+          reduce_list(x_, layout_.row_stride, dim, order.get() + seg_start[s],
+                      seg_start[s + 1] - seg_start[s], order.get() + valid, s == s0, seg_mean[s],
+                      seg_m2[s]);
+        }
+      } else {
+        const int64_t k_lo = seg_bin[s0];
+        const int64_t cursors = seg_bin[s1 - 1] - k_lo + 1;
+        std::unique_ptr<Cursor[]> cursor(new Cursor[cursors]);
+        for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, seg_first[k_lo + j]};
+        scan_rows(x_, layout_.row_stride, dim, idx_, rows, k_lo, cursors, cursor.get(), s0, s1,
+                  seg, table.get());
+      }
+      // Buckets of one segment are done (while their accumulators are in cache).
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t k = seg_bin[s];
+        if (seg_first[k + 1] - seg_first[k] == 1) finish(k, count_out[k], seg_mean[s], seg_m2[s], mean_out, var_out);
+      }
+    });
+
+    // Empty buckets, and the segments of the others merged in order (fixed: the result does not
+    // depend on the threads).
+    const int64_t finish_grain = std::max<int64_t>(1, kMinFinishElements / std::max<int64_t>(dim, 1));
+    torch::stable::parallel_for(0, bins, finish_grain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t s0 = seg_first[k];
+        const int64_t s1 = seg_first[k + 1];
+        if (s1 - s0 == 1) continue;
+        acc_t* mean = mean_out + k * dim;
+        acc_t* m2 = var_out + k * dim;
+        if (s1 > s0 && seg_mean[s0] != mean) {
+          std::copy(seg_mean[s0], seg_mean[s0] + dim, mean);
+          std::copy(seg_m2[s0], seg_m2[s0] + dim, m2);
+        }
+        int64_t n = std::min<int64_t>(count_out[k], seg);
+        for (int64_t s = s0 + 1; s < s1; ++s) {
+          const int64_t nb = seg_start[s + 1] - seg_start[s];
+          chan_merge_row<acc_t>(mean, m2, seg_mean[s], seg_m2[s], dim, chan_weights<acc_t>(n, nb));
+          n += nb;
+        }
+        finish(k, n, mean, m2, mean_out, var_out);
+      }
+    });
+  }
+
+  // Bucket k of n rows, whose mean and M2 are at mean and m2: its mean and unbiased variance in
+  // the outputs (both 0 when the bucket is empty).
+  void finish(int64_t k, int64_t n, const acc_t* mean, const acc_t* m2, acc_t* mean_out,
+              acc_t* var_out) const {
+    acc_t* mean_k = mean_out + k * dim_;
+    acc_t* var_k = var_out + k * dim_;
+    if (n == 0) {
+      std::fill(mean_k, mean_k + dim_, acc_t(0));
+      std::fill(var_k, var_k + dim_, acc_t(0));
+      return;
+    }
+    if (mean != mean_k) std::copy(mean, mean + dim_, mean_k);
+    if (m2 != var_k) std::copy(m2, m2 + dim_, var_k);
+    variance_row(var_k, dim_, n);
   }
 
   const scalar_t* x_;
