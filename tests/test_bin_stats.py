@@ -227,14 +227,14 @@ needs_cpp = pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
 
 @functools.lru_cache(maxsize=None)
 def _cpp_rows_case(way: str, dtype: torch.dtype):
-    """Rows ([N, D]) inputs for the ways the C++ kernel finds a bucket's rows: "gathered" (bucket
-    tables far larger than a cache: rows gathered bucket by bucket), "scanned" (small tables and
-    short rows: x read in order by every task) and "either" (small tables, long rows: scanned by
-    one thread, gathered by several). In each, one bucket holds most rows, so that it is cut into
-    several segments (N / 16 rows each) that 2 and 3 threads split between them; indices -1 and B
-    select no bucket."""
+    """Rows ([N, D]) inputs for the ways of the C++ kernel: "gathered" (long rows, bucket tables
+    far larger than a cache: rows gathered bucket by bucket), "either" (long rows, small tables:
+    x scanned in order by one thread, rows gathered by several) and "chunked" (short rows: chunks
+    of rows into tables merged in order). In each, one bucket holds most rows, so that it is cut
+    into several segments (N / 16 rows each) or spans every chunk, split between 2 and 3 threads;
+    indices -1 and B select no bucket."""
     g = gen(60)
-    n, d, num_bins = {"gathered": (16000, 512, 4000), "scanned": (20000, 24, 10), "either": (8000, 128, 10)}[way]
+    n, d, num_bins = {"gathered": (16000, 512, 4000), "either": (8000, 128, 10), "chunked": (20000, 24, 10)}[way]
     idx = torch.randint(-1, num_bins + 1, (n,), generator=g)
     idx[torch.rand(n, generator=g) < 0.6] = 7
     x = (torch.randn(n, d, generator=g, dtype=torch.float64) * 2 + 5).to(dtype)
@@ -242,7 +242,7 @@ def _cpp_rows_case(way: str, dtype: torch.dtype):
 
 
 @needs_cpp
-@pytest.mark.parametrize("way", ["gathered", "scanned", "either"])
+@pytest.mark.parametrize("way", ["gathered", "either", "chunked"])
 @pytest.mark.parametrize("dtype", list(dtype_params()))
 def test_cpp_rows_ways(way, dtype):
     """Each way of the C++ kernel for rows, each dtype, int64 and int32 indices: the reference's

@@ -1,16 +1,17 @@
 // dirfast::bin_stats on CPU: per-bucket count, mean and unbiased variance in one pass over x.
 //
 // Every bucket's rows take Welford's update in row order, in pieces cut at points fixed by the
-// shapes (and the data), never by the thread count, and the pieces are merged with Chan's
-// formula in a fixed order: the same bits for 1 thread or 64, run after run.
-//   Rows layout ([N, D], channels-last): a bucket's rows are cut into segments of at most `seg`
-//     rows (by rank within the bucket), so that one large bucket still splits over threads; a
-//     task takes a range of segments, bucket by bucket. It finds their rows in one of two ways
-//     that give the same bits: it scans x in order when all segments' accumulators fit in cache
-//     (few buckets or few features), or it gathers each segment's rows through the row numbers
-//     sorted by bucket, the segment's accumulators staying in L1 (many buckets).
-//   Planar layout (contiguous [B, C, *spatial]): the pixels are cut into chunks, each reduced by
-//     one task into its own dense table of buckets, and the tables merged in chunk order.
+// shapes and bin_idx, never by the thread count, and the pieces are merged with Chan's formula
+// in a fixed order: the same bits for 1 thread or 64, run after run.
+//   Long rows ([N, D] or channels-last, rows of 256 bytes or more): a bucket's rows are cut by
+//     rank into segments of at most `seg` rows, so that one large bucket still splits over
+//     threads; a task takes a range of segments, bucket by bucket. One task alone scans x in
+//     order when all segments' accumulators fit in cache; otherwise each task gathers its
+//     segments' rows through the row numbers sorted by bucket, a segment's accumulators staying
+//     in L1. Both ways give the same bits.
+//   Short rows, and the planar layout ([B, C, *spatial], read in transposed tiles): the rows are
+//     cut into chunks, each reduced in order by one task into its own dense table of buckets,
+//     and the tables merged in chunk order.
 // x is read in place in both layouts of csrc/layout.h (other layouts are made contiguous first);
 // accumulation is in float32 for float16 / bfloat16 / float32 x and float64 for float64 x, every
 // offset int64.
@@ -37,13 +38,13 @@ namespace {
 #define DIRFAST_BIN_STATS_CLONES
 #endif
 
-constexpr int64_t kMaxChunks = 16;                      // chunks (planar), segments per bucket
+constexpr int64_t kMaxChunks = 16;                      // chunks, segments per bucket
 constexpr int64_t kMinChunkElements = 1 << 15;          // elements a chunk gets, at least
 constexpr int64_t kPartialShare = 4;                    // chunk tables: at most x's bytes / this
 constexpr int64_t kMinPartialBytes = int64_t(1) << 20;  // ... or this much
 constexpr int64_t kTileBytes = int64_t(256) << 10;      // transposed tile buffer (planar)
 constexpr int64_t kScanTableBytes = int64_t(6) << 20;   // largest scanned table (rows)
-constexpr int64_t kGatherRowBytes = 256;                // shortest row gathered by several tasks
+constexpr int64_t kLongRowBytes = 256;                  // shorter rows are read in chunks
 constexpr int64_t kPrefetchBytes = 8192;                // rows prefetched this far ahead
 constexpr int64_t kMinTaskElements = 1 << 15;           // elements a parallel task gets, at least
 constexpr int64_t kMinFinishElements = 1 << 20;         // ... of the final pass over buckets
@@ -53,10 +54,10 @@ int64_t table_bytes(int64_t num_bins, int64_t dim, int64_t acc_bytes) {
   return num_bins * (2 * dim * acc_bytes + 8);
 }
 
-// Chunks of pixels (planar layout): at most kMaxChunks of at least kMinChunkElements elements each,
+// Chunks of rows (chunked way): at most kMaxChunks of at least kMinChunkElements elements each,
 // fewer while the tables of chunks 1.. (chunk 0 writes into the outputs) would take more than
 // max(kMinPartialBytes, x's bytes in acc_t / kPartialShare).
-int64_t planar_chunks(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_bytes) {
+int64_t chunk_count(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_bytes) {
   const int64_t d = std::max<int64_t>(dim, 1);
   int64_t k = std::min<int64_t>(kMaxChunks, std::max<int64_t>(1, rows * d / kMinChunkElements));
   k = std::max<int64_t>(1, std::min<int64_t>(k, rows));
@@ -198,18 +199,16 @@ inline void variance_row_body(acc_t* m2, int64_t dim, int64_t n) {
     scan_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, rows, k_lo, cursors, cursor, s0, \
                                          s1, seg, table);                                      \
   }
-#define DIRFAST_ROW_LOOPS(in_t, acc_t)    \
-  DIRFAST_SCAN_ROWS(in_t, acc_t, int64_t) \
-  DIRFAST_SCAN_ROWS(in_t, acc_t, int32_t) \
+#define DIRFAST_ROW_LOOPS(in_t, acc_t)       \
+  DIRFAST_SCATTER_ROWS(in_t, acc_t, int64_t) \
+  DIRFAST_SCATTER_ROWS(in_t, acc_t, int32_t) \
+  DIRFAST_SCAN_ROWS(in_t, acc_t, int64_t)    \
+  DIRFAST_SCAN_ROWS(in_t, acc_t, int32_t)    \
   DIRFAST_REDUCE_LIST(in_t, acc_t)
 DIRFAST_ROW_LOOPS(float, float)
 DIRFAST_ROW_LOOPS(double, double)
 DIRFAST_ROW_LOOPS(c10::Half, float)
 DIRFAST_ROW_LOOPS(c10::BFloat16, float)
-DIRFAST_SCATTER_ROWS(float, float, int64_t)  // planar tiles, transposed to acc_t
-DIRFAST_SCATTER_ROWS(float, float, int32_t)
-DIRFAST_SCATTER_ROWS(double, double, int64_t)
-DIRFAST_SCATTER_ROWS(double, double, int32_t)
 DIRFAST_BIN_STATS_CLONES DIRFAST_NOINLINE void variance_row(float* m2, int64_t dim, int64_t n) {
   variance_row_body(m2, dim, n);
 }
@@ -232,20 +231,21 @@ class BinStats {
         dim_(layout.dim) {}
 
   DIRFAST_NOINLINE void run(int64_t* count_out, acc_t* mean_out, acc_t* var_out) {
-    if (layout_.kind == Layout::kRows) {
+    const int64_t row_bytes = dim_ * static_cast<int64_t>(sizeof(scalar_t));
+    if (layout_.kind == Layout::kRows && row_bytes >= kLongRowBytes) {
       run_rows(count_out, mean_out, var_out);
     } else {
-      run_planar(count_out, mean_out, var_out);
+      run_chunked(count_out, mean_out, var_out);
     }
   }
 
  private:
-  // ---------------------------------------------------------------------------- planar
-  DIRFAST_NOINLINE void run_planar(int64_t* count_out, acc_t* mean_out, acc_t* var_out) {
+  // ---------------------------------------------------------------------------- chunked
+  DIRFAST_NOINLINE void run_chunked(int64_t* count_out, acc_t* mean_out, acc_t* var_out) {
     const int64_t rows = layout_.rows;
     const int64_t dim = dim_;
     const int64_t bins = num_bins_;
-    const int64_t chunks = planar_chunks(rows, dim, bins, sizeof(acc_t));
+    const int64_t chunks = chunk_count(rows, dim, bins, sizeof(acc_t));
     // Chunk c's table: counts[c], and mean / M2 in the outputs (c = 0) or in `extra` (written
     // only where the chunk has rows: untouched pages cost no memory).
     std::unique_ptr<int64_t[]> counts(new int64_t[chunks * bins]());
@@ -313,13 +313,19 @@ class BinStats {
     }
   }
 
-  // Pixels [row_begin, row_end) into one chunk's table: a tile of pixels is read channel plane
-  // by channel plane (four planes at a time), contiguously along the spatial axis, and
-  // transposed into a small buffer ([tile, C], 256 KiB: L2-resident), whose rows then take
-  // Welford's update.
+  // Rows [row_begin, row_end) into one chunk's table. Rows layout: each row read where it is.
+  // Planar layout: a tile of pixels is read channel plane by channel plane (four planes at a
+  // time), contiguously along the spatial axis, and transposed into a small buffer ([tile, C],
+  // 256 KiB: L2-resident), whose rows then take the same update.
   DIRFAST_NOINLINE void reduce_chunk(int64_t row_begin, int64_t row_end, int64_t* count,
                                      acc_t* mean, acc_t* m2) {
     const int64_t dim = dim_;
+    if (layout_.kind == Layout::kRows) {
+      const int64_t stride = layout_.row_stride;
+      scatter_rows(x_ + row_begin * stride, stride, dim, idx_ + row_begin, row_end - row_begin,
+                   num_bins_, count, mean, m2);
+      return;
+    }
     const int64_t inner = layout_.inner;
     const int64_t tile = std::max<int64_t>(
         16, std::min<int64_t>(4096, kTileBytes / (std::max<int64_t>(dim, 1) * sizeof(acc_t))));
@@ -369,20 +375,13 @@ class BinStats {
     seg_start.push_back(valid);
 
     // Each task takes the segments that start in its range of sorted positions, and finds their
-    // rows in one of two ways (the same bits either way, so the choice may follow the threads):
-    // scanned, x read in order, when the segments' accumulators fit in cache, and rows are small
-    // or one task does all (several tasks would each read all of bin_idx and skip through x);
-    // otherwise gathered through the row numbers sorted by bucket (stable).
+    // rows in one of two ways that give the same bits (so the choice may follow the threads):
+    // one task alone scans x in order when all segments' accumulators fit in cache; otherwise
+    // each task gathers its rows through the row numbers sorted by bucket (stable).
     const int64_t stride = 2 * std::max<int64_t>(dim, 1);
-    int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(dim, 1));
-    const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(scalar_t));
+    const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(dim, 1));
     const int64_t tasks = std::min<int64_t>(torch::stable::get_num_threads(), (valid + grain - 1) / grain);
-    const bool gather = segments * stride * static_cast<int64_t>(sizeof(acc_t)) > kScanTableBytes ||
-                        (tasks > 1 && row_bytes >= kGatherRowBytes);
-    if (!gather) {  // no more scanning tasks than x's rows weigh indices
-      const int64_t scans = std::max<int64_t>(2, row_bytes / static_cast<int64_t>(sizeof(index_t)));
-      grain = std::max<int64_t>(grain, (valid + scans - 1) / scans);
-    }
+    const bool gather = tasks > 1 || segments * stride * static_cast<int64_t>(sizeof(acc_t)) > kScanTableBytes;
     // Scanned: every segment's mean and M2 side by side in `table`. Gathered: a bucket's first
     // segment accumulates into its rows of the outputs, later ones into `table`.
     auto in_outputs = [&](int64_t s) { return gather && s == seg_first[seg_bin[s]]; };
