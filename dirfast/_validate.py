@@ -142,6 +142,12 @@ def finite_values(name: str, value) -> torch.Tensor:
     """``value`` (any shape) as a flat float64 tensor, refused when empty, not all finite, or
     spread over more than float64 can subtract: what an estimator fitted on a whole training
     set takes."""
+    return finite_values_and_span(name, value)[0]
+
+
+def finite_values_and_span(name: str, value) -> tuple:
+    """:func:`finite_values` with the smallest and largest value (Python floats) that its check
+    has read: for the callers that need them, without another pass."""
     values = readable(name, real_tensor(name, value)).detach().reshape(-1).to(torch.float64)
     if values.numel() == 0:
         raise ValueError(f"{name} must not be empty")
@@ -151,7 +157,7 @@ def finite_values(name: str, value) -> torch.Tensor:
         raise ValueError(f"{name} must be finite: found NaN or infinite values")
     if not math.isfinite(high - low):
         raise ValueError(f"{name} span [{low:g}, {high:g}], a range float64 cannot hold: rescale them")
-    return values
+    return values, low, high
 
 
 def state_mapping(value, owner: str) -> Mapping:

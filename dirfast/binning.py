@@ -232,8 +232,7 @@ class Binning:
         """
         validate.choice("rule", rule, BIN_WIDTH_RULES)
         max_bins = validate.integer("max_bins", max_bins, 1, MAX_BINS)
-        values = validate.finite_values("labels", labels)
-        low, high = float(values.min()), float(values.max())
+        values, low, high = validate.finite_values_and_span("labels", labels)
         if low == high:
             return cls.uniform(low - 0.5, high + 0.5, 1)
         width = float(rule_width(values, rule))

@@ -169,7 +169,7 @@ class DenseWeight(FittedEstimator):
     def _fit_labels(self, labels) -> dict:
         """The density of ``labels``; ValueError for no, NaN or infinite labels, or when a rule
         gives bandwidth 0 (all labels equal)."""
-        values = validate.finite_values("labels", labels)
+        values, smallest, largest = validate.finite_values_and_span("labels", labels)
         if isinstance(self.bandwidth, str):
             bandwidth = float(rule_width(values, self.bandwidth))
             if not bandwidth > 0:
@@ -177,7 +177,6 @@ class DenseWeight(FittedEstimator):
                                  "pass a positive bandwidth")
         else:
             bandwidth = self.bandwidth
-        smallest, largest = (float(v) for v in torch.aminmax(values))
         low = smallest - GRID_PAD * bandwidth
         step = (largest + GRID_PAD * bandwidth - low) / (self.grid_size - 1)
         sigma = bandwidth / step  # in grid steps
