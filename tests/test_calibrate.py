@@ -169,6 +169,26 @@ def test_mixed_dtypes(backend, device, x_dtype, table_dtype):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("layout", ["rows", "dense"])
+def test_statistics_in_any_strides(backend, device, layout):
+    """Tables in other strides give the bits of their contiguous copies: transposed (as the
+    published smoothing leaves them), every other column of a wider table, one row broadcast to
+    every bin; 19 bins, so blocks of bins end part-way."""
+    x, idx = features(layout, torch.float32, device, num_bins=19, n=70, d=6, low=-1, high=20, seed=80)
+    stats = calibration_stats(19, 6, torch.float32, device)
+    wide = calibration_stats(19, 12, torch.float32, device, seed=5)
+    expected = on(backend, dirfast.ops.calibrate, x, idx, *stats)
+    transposed = [t.t().contiguous().t() for t in stats]
+    same_bits(on(backend, dirfast.ops.calibrate, x, idx, *transposed), expected)
+    columns = [t[:, ::2] for t in wide]
+    same_bits(on(backend, dirfast.ops.calibrate, x, idx, *columns),
+              on(backend, dirfast.ops.calibrate, x, idx, *(t.contiguous() for t in columns)))
+    broadcast = [t[5:6].expand(19, 6) for t in stats]
+    same_bits(on(backend, dirfast.ops.calibrate, x, idx, *broadcast),
+              on(backend, dirfast.ops.calibrate, x, idx, *(t.contiguous() for t in broadcast)))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 def test_sizes(backend, device):
     """One bin, one row, many rows and bins, more bins than rows or pixels, an empty input."""
     cases = [(5, 2, 1), (1, 1, 1), (300, 2, 4096)]
@@ -271,7 +291,7 @@ def test_cpp_many_bins_rows_grouped(dtype, table_dtype):
     """Tables of more than 16 MB and rows of at least 512 bytes: the C++ kernel groups the rows
     by bin (2 x 2,101 x 1,024 float32 values here, and twice that in float64). The reference's
     values on padded rows, rows of no bin and the values left alone bit for bit, in place equal
-    to out of place, and the same bits for 1 and 2 threads."""
+    to out of place, with transposed tables, and the same bits for 1 and 2 threads."""
     num_bins, n, d = 2100, 3000, 1024
     stats = calibration_stats(num_bins, d, table_dtype)
     x = rand_features(n, d + 8, dtype=dtype, seed=40)[:, :d]  # rows 1,032 apart
@@ -285,7 +305,10 @@ def test_cpp_many_bins_rows_grouped(dtype, table_dtype):
     inplace = x.clone()
     on("cpp", dirfast.ops.calibrate_, inplace, idx, *stats)
     same_bits(inplace, got)
-    same_bits_for_threads(lambda: [on("cpp", dirfast.ops.calibrate, x, idx, *stats)])
+    transposed = [t.t().contiguous().t() for t in stats]  # read a block of bins at a time
+    same_bits(on("cpp", dirfast.ops.calibrate, x, idx, *transposed), got)
+    same_bits_for_threads(lambda: [on("cpp", dirfast.ops.calibrate, x, idx, *stats),
+                                   on("cpp", dirfast.ops.calibrate, x, idx, *transposed)])
 
 
 @pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],

@@ -7,7 +7,7 @@
 // cached, they are written first and each row reads its bucket's piece; beyond that, the rows are
 // grouped by bucket (a counting sort) and each bucket's s and t are computed into a small buffer
 // just before its rows, so no table goes through memory and each bucket's statistics are read
-// once. The planar layout reads feature-major tables. x is read in place in both layouts of
+// once. The statistics are read in their own strides (BucketRows), not copied. The planar layout reads feature-major tables. x is read in place in both layouts of
 // csrc/layout.h (others are copied once); calibrate's y has the strides of torch.empty_like(x)
 // (the fake kernel's), calibrate_ writes into x (each element read before it is written, by the
 // same iteration). Arithmetic in float32, or float64 when x or src_mean is float64, cast back to
@@ -51,6 +51,71 @@ inline int64_t bucket_of(const index_t* idx, int64_t r, int64_t num_bins) {
   const int64_t k = static_cast<int64_t>(idx[r]);
   return (k >= 0 && k < num_bins) ? k : num_bins;
 }
+
+// A [B, D] statistics table read a bucket at a time, buckets in ascending order, by one task. A
+// table whose features are contiguous is read in place; any other (the published smoothing leaves
+// its tables transposed, [D, B] in memory) is copied kBlockBuckets buckets at a time into the
+// task's buffer, a cache line per feature per block when transposed: at many buckets a
+// contiguous copy of the whole table (fresh pages, written and read again) took longer than the
+// op itself.
+template <typename acc_t>
+class BucketRows {
+ public:
+  static constexpr int64_t kBlockBuckets = 32 / sizeof(acc_t);  // half a line (two blocks in L1)
+
+  BucketRows(const acc_t* data, int64_t bucket_stride, int64_t feature_stride, int64_t num_bins, int64_t dim)
+      : data_(data), bucket_stride_(bucket_stride), feature_stride_(feature_stride), num_bins_(num_bins),
+        dim_(dim), block_(feature_stride == 1 ? nullptr : new acc_t[kBlockBuckets * dim]) {}
+
+  // The D values of bucket k in [0, B), contiguous.
+  const acc_t* operator()(int64_t k) {
+    if (!block_) return data_ + k * bucket_stride_;
+    if (k < first_ || k >= first_ + kBlockBuckets) fill(k - k % kBlockBuckets);
+    return block_.get() + (k - first_) * dim_;
+  }
+
+ private:
+  void fill(int64_t first) {
+    first_ = first;
+    const int64_t n = std::min(kBlockBuckets, num_bins_ - first);
+    acc_t* DIRFAST_RESTRICT block = block_.get();
+    for (int64_t d = 0; d < dim_; ++d) {
+      const acc_t* column = data_ + first * bucket_stride_ + d * feature_stride_;
+#if defined(__GNUC__)
+      __builtin_prefetch(column + n * bucket_stride_);  // the next block's line of this feature
+#endif
+      for (int64_t j = 0; j < n; ++j) block[j * dim_ + d] = column[j * bucket_stride_];
+    }
+  }
+
+  const acc_t* data_;
+  int64_t bucket_stride_, feature_stride_, num_bins_, dim_;
+  std::unique_ptr<acc_t[]> block_;
+  int64_t first_ = -kBlockBuckets;  // the block's first bucket (none yet)
+};
+
+// The four statistics tables of a call (src_mean, src_var, dst_mean, dst_var), each in acc_t with
+// its own strides.
+struct Statistics {
+  const Tensor* tables[4];
+  int64_t num_bins, dim;
+};
+
+// One task's readers of the four tables.
+template <typename acc_t>
+class BucketStatistics {
+ public:
+  explicit BucketStatistics(const Statistics& stats)
+      : src_mean(reader(stats, 0)), src_var(reader(stats, 1)), dst_mean(reader(stats, 2)),
+        dst_var(reader(stats, 3)) {}
+  BucketRows<acc_t> src_mean, src_var, dst_mean, dst_var;
+
+ private:
+  static BucketRows<acc_t> reader(const Statistics& stats, int i) {
+    const Tensor& t = *stats.tables[i];
+    return BucketRows<acc_t>(t.const_data_ptr<acc_t>(), t.stride(0), t.stride(1), stats.num_bins, stats.dim);
+  }
+};
 
 // 16-byte vectors of acc_t (4 floats or 2 doubles) for the tables, with their square root: g++
 // keeps std::sqrt a scalar call (errno), and does not vectorise these loops by itself (selects
@@ -100,33 +165,33 @@ inline bool bucket_unchanged(const acc_t* src_var, int64_t dim) {
 // arithmetic (src/calibrate.h), a vector at a time. The identity for the bucket k = B of rows
 // outside [0, B), and for a bucket whose src_var sums below 1e-10.
 template <typename acc_t>
-inline void bucket_scale_shift(const acc_t* DIRFAST_RESTRICT src_mean, const acc_t* DIRFAST_RESTRICT src_var,
-                               const acc_t* DIRFAST_RESTRICT dst_mean, const acc_t* DIRFAST_RESTRICT dst_var,
-                               int64_t k, int64_t num_bins, int64_t dim, acc_t lo, acc_t hi,
-                               acc_t* DIRFAST_RESTRICT s, acc_t* DIRFAST_RESTRICT t) {
-  const int64_t o = k * dim;
-  if (k == num_bins || bucket_unchanged(src_var + o, dim)) {
+inline void bucket_scale_shift(BucketStatistics<acc_t>& stats, int64_t k, int64_t num_bins, int64_t dim, acc_t lo,
+                               acc_t hi, acc_t* DIRFAST_RESTRICT s, acc_t* DIRFAST_RESTRICT t) {
+  const acc_t* DIRFAST_RESTRICT src_var = k == num_bins ? nullptr : stats.src_var(k);
+  if (k == num_bins || bucket_unchanged(src_var, dim)) {
     std::fill(s, s + dim, acc_t(1));
     std::fill(t, t + dim, -acc_t(0));
     return;
   }
+  const acc_t* DIRFAST_RESTRICT src_mean = stats.src_mean(k);
+  const acc_t* DIRFAST_RESTRICT dst_mean = stats.dst_mean(k);
+  const acc_t* DIRFAST_RESTRICT dst_var = stats.dst_var(k);
   using V = Vec16<acc_t>;
   using v = typename V::v;
   const v one = v{} + acc_t(1), minus_zero = -v{};
   int64_t d = 0;
   for (; d + V::kLanes <= dim; d += V::kLanes) {
-    const v var = V::load(src_var + o + d);
+    const v var = V::load(src_var + d);
     const auto unchanged = var == acc_t(0);
-    v ratio = V::load(dst_var + o + d) / (unchanged ? one : var);
+    v ratio = V::load(dst_var + d) / (unchanged ? one : var);
     ratio = ratio < lo ? v{} + lo : (ratio > hi ? v{} + hi : ratio);  // clamp_nan
     const v root = V::sqrt(ratio);
-    const v shift = V::load(dst_mean + o + d) - V::load(src_mean + o + d) * root;
+    const v shift = V::load(dst_mean + d) - V::load(src_mean + d) * root;
     V::store(s + d, unchanged ? one : root);
     V::store(t + d, unchanged ? minus_zero : shift);
   }
   for (; d < dim; ++d) {
-    calibrate_scale_shift<acc_t>(src_mean[o + d], src_var[o + d], dst_mean[o + d], dst_var[o + d], lo, hi, s[d],
-                                 t[d]);
+    calibrate_scale_shift<acc_t>(src_mean[d], src_var[d], dst_mean[d], dst_var[d], lo, hi, s[d], t[d]);
   }
 }
 
@@ -137,9 +202,7 @@ inline void bucket_scale_shift(const acc_t* DIRFAST_RESTRICT src_mean, const acc
 // channel's values side by side. When the tables are larger than the index, only the buckets
 // some row uses (and B) are computed, the others left uninitialised.
 template <typename acc_t, typename index_t>
-DIRFAST_NOINLINE void scale_shift_tables(const acc_t* src_mean, const acc_t* src_var,
-                                         const acc_t* dst_mean, const acc_t* dst_var,
-                                         int64_t num_bins, int64_t dim, acc_t lo, acc_t hi,
+DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, int64_t num_bins, int64_t dim, acc_t lo, acc_t hi,
                                          const index_t* idx, int64_t rows, bool planar, acc_t* st) {
   std::vector<int64_t> listed;  // the buckets to compute, when not all
   if (num_bins * dim > rows) {
@@ -155,11 +218,12 @@ DIRFAST_NOINLINE void scale_shift_tables(const acc_t* src_mean, const acc_t* src
   const int64_t grain = std::max<int64_t>(1, kGrainTableValues / std::max<int64_t>(dim, 1));
   torch::stable::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> buffer(planar ? new acc_t[2 * dim] : nullptr);
+    BucketStatistics<acc_t> reader(stats);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t k = listed.empty() ? i : listed[i];
       acc_t* sk = planar ? buffer.get() : st + 2 * k * dim;
       acc_t* tk = sk + dim;
-      bucket_scale_shift<acc_t>(src_mean, src_var, dst_mean, dst_var, k, num_bins, dim, lo, hi, sk, tk);
+      bucket_scale_shift<acc_t>(reader, k, num_bins, dim, lo, hi, sk, tk);
       if (planar) {
         for (int64_t d = 0; d < dim; ++d) {
           st[d * columns + k] = sk[d];
@@ -222,19 +286,19 @@ DIRFAST_NOINLINE void group_rows(const index_t* idx, int64_t rows, int64_t num_b
 template <typename T, typename acc_t>
 DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y_stride,
                                    const int64_t* order, const int64_t* first, int64_t rows,
-                                   int64_t dim, int64_t num_bins, const acc_t* src_mean,
-                                   const acc_t* src_var, const acc_t* dst_mean,
-                                   const acc_t* dst_var, acc_t lo, acc_t hi) {
+                                   int64_t dim, int64_t num_bins, const Statistics& stats, acc_t lo,
+                                   acc_t hi) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
   torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     std::unique_ptr<acc_t[]> buffer(new acc_t[2 * dim]);
+    BucketStatistics<acc_t> reader(stats);
     acc_t* s = buffer.get();
     acc_t* t = s + dim;
     int64_t k = std::upper_bound(first, first + num_bins + 2, begin) - first - 1;
     for (int64_t p = begin; p < end; ++k) {
       const int64_t stop = std::min(end, first[k + 1]);
       if (p == stop) continue;  // an empty bucket
-      bucket_scale_shift<acc_t>(src_mean, src_var, dst_mean, dst_var, k, num_bins, dim, lo, hi, s, t);
+      bucket_scale_shift<acc_t>(reader, k, num_bins, dim, lo, hi, s, t);
       for (; p < stop; ++p) {
         const int64_t r = order[p];
 #if defined(__GNUC__)
@@ -289,8 +353,9 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
                        torch::headeronly::DeviceType::CPU);
   if (x.get() == y.get()) check_writable_in_place(x, op);
   const ScalarType acc = acc_type({x.scalar_type(), src_mean.scalar_type()});
-  const Tensor m1 = contiguous_as(src_mean, acc), v1 = contiguous_as(src_var, acc);
-  const Tensor m2 = contiguous_as(dst_mean, acc), v2 = contiguous_as(dst_var, acc);
+  // In acc's dtype, in their own strides (BucketRows).
+  const Tensor m1 = torch::stable::to(src_mean, acc), v1 = torch::stable::to(src_var, acc);
+  const Tensor m2 = torch::stable::to(dst_mean, acc), v2 = torch::stable::to(dst_var, acc);
   if (x.numel() == 0) return;
   const InOut plan = plan_in_out(x, y);
   const Tensor idx = torch::stable::contiguous(bin_idx);
@@ -306,6 +371,7 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
         using index_t = decltype(index);
         const index_t* pi = idx.const_data_ptr<index_t>();
         const acc_t lo = static_cast<acc_t>(clip_min), hi = static_cast<acc_t>(clip_max);
+        const Statistics stats{{&m1, &v1, &m2, &v2}, num_bins, dim};
         const T* px = plan.x.const_data_ptr<T>();
         T* py = plan.out.mutable_data_ptr<T>();
         const int64_t entries = std::max<int64_t>(2 * (num_bins + 1) * dim, 1);
@@ -315,14 +381,11 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
           std::vector<int64_t> order, first;
           group_rows<index_t>(pi, plan.lx.rows, num_bins, order, first);
           apply_groups<T, acc_t>(px, plan.lx.row_stride, py, plan.ly.row_stride, order.data(), first.data(),
-                                 plan.lx.rows, dim, num_bins, m1.const_data_ptr<acc_t>(), v1.const_data_ptr<acc_t>(),
-                                 m2.const_data_ptr<acc_t>(), v2.const_data_ptr<acc_t>(), lo, hi);
+                                 plan.lx.rows, dim, num_bins, stats, lo, hi);
           return;
         }
         std::unique_ptr<acc_t[]> st(new acc_t[entries]);  // left uninitialised: see scale_shift_tables
-        scale_shift_tables<acc_t, index_t>(m1.const_data_ptr<acc_t>(), v1.const_data_ptr<acc_t>(),
-                                           m2.const_data_ptr<acc_t>(), v2.const_data_ptr<acc_t>(), num_bins, dim,
-                                           lo, hi, pi, plan.lx.rows, planar, st.get());
+        scale_shift_tables<acc_t, index_t>(stats, num_bins, dim, lo, hi, pi, plan.lx.rows, planar, st.get());
         if (planar) {
           apply_planes<T, acc_t, index_t>(px, plan.lx, py, plan.ly, pi, num_bins, st.get());
         } else {
