@@ -54,17 +54,11 @@ def ranksim_loss(features: torch.Tensor, labels: torch.Tensor, keep: torch.Tenso
         raise ValueError(f"keep must have shape ({m},) (one flag per row of features), got {tuple(keep.shape)}")
     if keep.device != features.device:
         raise ValueError(f"keep is on {keep.device} but features is on {features.device}")
-    if isinstance(lambda_val, bool) or not isinstance(lambda_val, (int, float)):
-        raise TypeError(f"lambda_val must be a real number, got {type(lambda_val).__name__}")
-    if not (math.isfinite(lambda_val) and lambda_val > 0):
-        raise ValueError(f"lambda_val must be a finite real > 0, got {lambda_val}")
-    for name, value in (("offset", offset), ("count", count)):
-        if name == "count" and value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    lambda_val = _checks.real("lambda_val", lambda_val, 0.0, above=True)
+    offset = _checks.integer("offset", offset)
+    count = None if count is None else _checks.integer("count", count)
     count = _checks.anchors(m, offset, count)
-    return _dispatch.call("ranksim_loss", features.device, features, labels, keep, float(lambda_val), offset, count)
+    return _dispatch.call("ranksim_loss", features.device, features, labels, keep, lambda_val, offset, count)
 
 
 # -------------------------------------------------------------------------------- reference
