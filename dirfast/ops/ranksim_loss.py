@@ -14,8 +14,6 @@ Kernels: the reference below; ``csrc/cpu/ranksim_loss.cpp``; ``dirfast/triton/ra
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import _checks, _common, _dispatch
