@@ -6,8 +6,9 @@ one ``cp310-abi3`` wheel serves every CPython >= 3.10 and every torch >= 2.10. A
 fails the install with the compiler's message.
 
 ``dirfast._C_cuda``, the CUDA kernels (csrc/cuda/*.cu, on the same stable footing), is built
-when the installed torch has CUDA and nvcc is found, or when FORCE_CUDA=1 asks for it (then a
-missing nvcc is an error). Without it, dirfast runs its Triton kernels on a GPU.
+when the installed torch has CUDA and an nvcc of the same major CUDA version is found, or when
+FORCE_CUDA=1 asks for it (then a missing nvcc is an error). Without it, dirfast runs its Triton
+kernels on a GPU.
 
 Switches (environment variables, read here only):
   DIRFAST_NO_EXT=1      pure Python: no compiled kernels (dirfast runs its reference kernels).
@@ -19,7 +20,9 @@ Switches (environment variables, read here only):
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -51,11 +54,29 @@ def _cuda_home():
                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None, "/usr/local/cuda"):
         if (home and os.path.exists(os.path.join(home, "bin", "nvcc"))
                 and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h"))):
-            return home
+            return _matching_toolkit(home, torch.version.cuda)
     if _flag("FORCE_CUDA"):
         raise RuntimeError("FORCE_CUDA=1 but nvcc was not found: set CUDA_HOME or put nvcc on PATH")
     _say("nvcc not found: building without the CUDA kernels (Triton runs on the GPU); set CUDA_HOME, or "
          "FORCE_CUDA=1 to require them")
+    return None
+
+
+def _matching_toolkit(home, torch_cuda):
+    """``home``, or None when its nvcc's major CUDA version differs from torch's (torch's build
+    refuses that pair: without FORCE_CUDA=1 the install goes on without the CUDA kernels)."""
+    if not torch_cuda or _flag("FORCE_CUDA"):
+        return home
+    nvcc = os.path.join(home, "bin", "nvcc")
+    try:
+        found = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                                                             timeout=60).stdout)
+    except (OSError, subprocess.SubprocessError):
+        found = None
+    if found is None or found.group(1) == torch_cuda.split(".")[0]:
+        return home
+    _say(f"{nvcc} is CUDA {found.group(1)}, torch was built with CUDA {torch_cuda}: building without the CUDA "
+         f"kernels (Triton runs on the GPU); set CUDA_HOME to a CUDA {torch_cuda.split('.')[0]} toolkit to build them")
     return None
 
 
