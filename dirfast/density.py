@@ -115,9 +115,11 @@ def _mean_floor(base: torch.Tensor, eps: float, values, low: float, step: float,
         first, last = int(cells[0]) - 1, int(cells[-1]) + 2
         for part in validate.chunks(values):
             position = part.sub(low).div_(step)
-            cell, share = _split(position[(position >= first) & (position < last)], base.shape[0])
-            total = total + torch.addcmul(start.index_select(0, cell), rise.index_select(0, cell),
-                                          share).clamp_(min=0).sum()
+            near = (position >= first) & (position < last)
+            if bool(near.any()):  # (a chunk without such labels adds nothing)
+                cell, share = _split(position[near], base.shape[0])
+                total = total + torch.addcmul(start.index_select(0, cell), rise.index_select(0, cell),
+                                              share).clamp_(min=0).sum()
     return float(total) / values.numel()
 
 
