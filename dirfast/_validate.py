@@ -138,6 +138,17 @@ def real_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
+CHUNK = 32767  # elements a pass over labels on the CPU takes at a time (see chunks)
+
+
+def chunks(values: torch.Tensor) -> tuple:
+    """A 1-D tensor as consecutive views of at most :data:`CHUNK` elements on the CPU (whole
+    elsewhere). Below torch's parallel grain (32768 elements) no op on a chunk starts threads:
+    on a busy machine each parallel region waits for every core, and a reduction over chunks in
+    a fixed order has the same bits for any thread count."""
+    return values.split(CHUNK) if values.device.type == "cpu" else (values,)
+
+
 def finite_values(name: str, value) -> torch.Tensor:
     """``value`` (any shape) as a flat float64 tensor, refused when empty, not all finite, or
     spread over more than float64 can subtract: what an estimator fitted on a whole training
@@ -148,11 +159,17 @@ def finite_values(name: str, value) -> torch.Tensor:
 def finite_values_and_span(name: str, value) -> tuple:
     """:func:`finite_values` with the smallest and largest value (Python floats) that its check
     has read: for the callers that need them, without another pass."""
-    values = readable(name, real_tensor(name, value)).detach().reshape(-1).to(torch.float64)
+    values = readable(name, real_tensor(name, value)).detach().reshape(-1)
     if values.numel() == 0:
         raise ValueError(f"{name} must not be empty")
+    if values.dtype != torch.float64:
+        wide = torch.empty(values.shape, dtype=torch.float64, device=values.device)
+        for part, source in zip(chunks(wide), chunks(values)):
+            part.copy_(source)
+        values = wide
     # One pass: a NaN makes both ends NaN and an infinity is an end.
-    low, high = (float(v) for v in torch.aminmax(values))
+    ends = torch.stack([end for part in chunks(values) for end in torch.aminmax(part)])
+    low, high = (float(v) for v in torch.aminmax(ends))
     if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError(f"{name} must be finite: found NaN or infinite values")
     if not math.isfinite(high - low):

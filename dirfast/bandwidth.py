@@ -10,16 +10,28 @@ from __future__ import annotations
 
 import torch
 
+from ._validate import chunks
+
 __all__ = ["BANDWIDTH_RULES", "BIN_WIDTH_RULES", "silverman", "scott", "freedman_diaconis", "rule_width"]
 
 BANDWIDTH_RULES = ("silverman", "scott")
 BIN_WIDTH_RULES = ("fd",) + BANDWIDTH_RULES
 
 
+def _std(values: torch.Tensor, correction: int) -> torch.Tensor:
+    """``values.std(correction=...)`` in two passes over its :func:`chunks
+    <dirfast._validate.chunks>` (the mean, then the squared deviations from it): the same bits for
+    any thread count, which torch's std, split between threads from 32768 values on, is not."""
+    parts = chunks(values)
+    mean = sum(part.sum() for part in parts) / values.numel()
+    m2 = sum((part - mean).square_().sum() for part in parts)
+    return (m2 / (values.numel() - correction)).sqrt()
+
+
 def silverman(values: torch.Tensor) -> torch.Tensor:
     """``1.06 * std * n^(-1/5)`` with the population standard deviation: Silverman's
     normal-reference rule (1986, eq. 3.28), the bandwidth the denseweight package uses by default."""
-    return 1.06 * values.std(correction=0) * values.numel() ** -0.2
+    return 1.06 * _std(values, 0) * values.numel() ** -0.2
 
 
 def scott(values: torch.Tensor) -> torch.Tensor:
@@ -27,7 +39,7 @@ def scott(values: torch.Tensor) -> torch.Tensor:
     ``scipy.stats.gaussian_kde(bw_method="scott")`` applies it (0 for a single label)."""
     if values.numel() < 2:
         return values.new_zeros(())
-    return values.std(correction=1) * values.numel() ** -0.2
+    return _std(values, 1) * values.numel() ** -0.2
 
 
 def _quantile(ordered: torch.Tensor, q: float) -> torch.Tensor:

@@ -69,17 +69,24 @@ def _interpolate(table: torch.Tensor, low: float, step: float, labels: torch.Ten
     return torch.where(torch.isfinite(labels), value, torch.nan)
 
 
+def _split(position: torch.Tensor, grid_size: int):
+    """Grid positions of labels (float64, overwritten) as their cells (int64, the point at or
+    below each, at most ``grid_size - 2``) and their shares of the point above (``position -
+    cell``, float64). Truncation is the floor at ``position >= 0`` and clamped to 0 as it below."""
+    cell = position.long().clamp_(0, grid_size - 2)
+    return cell, position.sub_(cell)
+
+
 def _linear_binning(values: torch.Tensor, low: float, step: float, grid_size: int):
-    """The labels split between the two ends of their grid cells: per label its cell (int64
-    ``left``, the point at or below it, at most ``grid_size - 2``) and its share of the point
-    above (``position - left``, float64); per cell the labels in it and the sum of their shares
-    of the point above (float64, ``grid_size - 1`` each)."""
-    position = values.sub(low).div_(step)  # one new tensor for the positions and the shares
-    left = _floor(position).clamp_(0, grid_size - 2)
-    right_share = position.sub_(left)
-    left = left.long()
-    count = torch.bincount(left, minlength=grid_size - 1).to(torch.float64)
-    return left, right_share, count, torch.bincount(left, weights=right_share, minlength=grid_size - 1)
+    """Per grid cell, the labels in it and the sum of their shares of the point above (float64,
+    ``grid_size - 1`` each), a chunk of labels at a time (see :func:`~dirfast._validate.chunks`):
+    nothing label-sized is kept."""
+    counts, rights = [], []
+    for part in validate.chunks(values):
+        cell, share = _split(part.sub(low).div_(step), grid_size)
+        counts.append(torch.bincount(cell, minlength=grid_size - 1))
+        rights.append(torch.bincount(cell, weights=share, minlength=grid_size - 1))
+    return sum(counts).to(torch.float64), sum(rights)
 
 
 def _kde(count: torch.Tensor, right: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -91,24 +98,29 @@ def _kde(count: torch.Tensor, right: torch.Tensor, sigma: float) -> torch.Tensor
     return _convolve(mass, _gaussian_window(sigma, mass.device))
 
 
-def _mean_floor(base: torch.Tensor, eps: float, left, right_share, count, right) -> float:
-    """The mean over the labels binned by :func:`_linear_binning` of ``max(b(y), eps)``, ``b``
-    interpolated linearly between its values ``base`` at the grid points. Where ``b`` stays on
-    one side of ``eps`` over a cell, the cell's sum follows from its count and shares; only the
-    labels in the few cells where ``b`` crosses ``eps`` are read one by one."""
+def _mean_floor(base: torch.Tensor, eps: float, values, low: float, step: float, count, right) -> float:
+    """The mean over ``values`` binned by :func:`_linear_binning` (``count``, ``right``) of ``max(b(y),
+    eps)``, ``b`` interpolated linearly between its values ``base`` at the grid points. Where
+    ``b`` stays on one side of ``eps`` over a cell, the cell's sum follows from its count and
+    shares. Where it crosses ``eps`` (a few cells, as a rule), the labels within a cell of the
+    first and the last such cell are binned again, a chunk at a time, and add ``max(b - eps, 0)``,
+    set to 0 in every other cell."""
     below, above = base[:-1], base[1:]
     over_below, over_above = below >= eps, above >= eps
-    sums = torch.where(over_below & over_above, (count - right) * below + right * above,
-                       torch.where(over_below | over_above, 0.0, eps * count))
-    total = sums.sum()
+    total = torch.where(over_below & over_above, (count - right) * below + right * above, eps * count).sum()
     crossing = over_below ^ over_above
-    if bool(crossing.any()):
-        rows = crossing.index_select(0, left).nonzero().flatten()
-        cells = left.index_select(0, rows)
-        values = torch.addcmul(below.index_select(0, cells), (above - below).index_select(0, cells),
-                               right_share.index_select(0, rows))
-        total = total + values.clamp_(min=eps).sum()
-    return float(total) / left.numel()
+    cells = crossing.nonzero().flatten()
+    if cells.numel():
+        start, rise = torch.where(crossing, below - eps, -1.0), torch.where(crossing, above - below, 0.0)
+        first, last = int(cells[0]) - 1, int(cells[-1]) + 2
+        for part in validate.chunks(values):
+            position = part.sub(low).div_(step)
+            near = (position >= first) & (position < last)
+            if bool(near.any()):  # (a chunk without such labels adds nothing)
+                cell, share = _split(position[near], base.shape[0])
+                total = total + torch.addcmul(start.index_select(0, cell), rise.index_select(0, cell),
+                                              share).clamp_(min=0).sum()
+    return float(total) / values.numel()
 
 
 FFT_MIN_TAPS = 64  # from this window length on, an FFT convolves a grid faster than smooth_bins
@@ -188,10 +200,10 @@ class DenseWeight(FittedEstimator):
             warnings.warn(f"the bandwidth {bandwidth:g} spans only {sigma:.2g} grid steps of {step:g}: the density "
                           "is coarse; raise grid_size or the bandwidth", UserWarning, stacklevel=3)
         binned = _linear_binning(values, low, step, self.grid_size)
-        density = _kde(*binned[2:], sigma)
+        density = _kde(*binned, sigma)
         bottom, top = torch.aminmax(density)
         density = (density - bottom) / (top - bottom).clamp(min=torch.finfo(torch.float64).tiny)
-        scale = 1.0 / _mean_floor(1 - self.alpha * density, self.eps, *binned)
+        scale = 1.0 / _mean_floor(1 - self.alpha * density, self.eps, values, low, step, *binned)
         return dict(low=low, step=step, density=density.cpu(), scale=scale, fitted_bandwidth=bandwidth)
 
     # -- weights -------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from scipy.stats import gaussian_kde
 
 import dirfast
 from benchmarks import real_labels
+from dirfast import _validate as validate
 from dirfast import bandwidth
 from dirfast import density as density_module
 from testing import DEVICES, same_bits_for_threads
@@ -250,16 +251,39 @@ def test_fft_convolution_is_smooth_bins(size, taps, margin):
 
 
 def test_fit_has_the_same_bits_for_any_thread_count():
-    """Labels enough for torch to split the passes over them between threads; a given bandwidth
-    (torch's std, behind the rules, sums in an order that depends on the threads)."""
+    """Labels enough for torch to split a pass over them between threads (the fit takes them a
+    chunk at a time, so none is split), float64 and float32, a given bandwidth and the rules
+    (their std sums the chunks in a fixed order)."""
     labels = torch.from_numpy(np.random.default_rng(3).gamma(3.0, 10.0, 200_000))
-    for grid_size in (4096, 512):  # the FFT, smooth_bins
+    for grid_size, bandwidth_, dtype in [(4096, 1.6, torch.float64), (512, 1.6, torch.float64),  # the FFT, smooth_bins
+                                         (4096, "silverman", torch.float32), (4096, "scott", torch.float64)]:
 
         def run():
-            estimator = dirfast.DenseWeight(bandwidth=1.6, grid_size=grid_size).fit(labels)
-            return [estimator._fit["density"], torch.tensor(estimator._fit["scale"]), estimator.weights(labels)]
+            estimator = dirfast.DenseWeight(bandwidth=bandwidth_, grid_size=grid_size).fit(labels.to(dtype))
+            return [estimator._fit["density"], torch.tensor([estimator._fit[key] for key in
+                                                             ("scale", "low", "step", "fitted_bandwidth")]),
+                    estimator.weights(labels)]
 
         same_bits_for_threads(run)
+
+
+@pytest.mark.parametrize("name", list(LABELS))
+def test_a_fit_in_chunks_is_the_fit_in_one(name, monkeypatch):
+    """The labels a few hundred at a time (instead of 32767): the same rules, span, density and
+    scale to rounding, also where 1 - alpha p' crosses eps in several cells (alpha 30)."""
+    labels = torch.from_numpy(LABELS[name])
+    fits = []
+    for chunk in (validate.CHUNK, 333):
+        monkeypatch.setattr(validate, "CHUNK", chunk)
+        fits.append([dirfast.DenseWeight(alpha=alpha, eps=1e-2, bandwidth=rule).fit(labels)._fit
+                     for alpha in (1.0, 30.0) for rule in ("silverman", "scott")])
+        y = labels.double().numpy()
+        assert float(bandwidth.silverman(labels.double())) == pytest.approx(1.06 * np.std(y) * y.size ** -0.2,
+                                                                            rel=1e-12)
+    for whole, chunked in zip(*fits):
+        torch.testing.assert_close(chunked["density"], whole["density"], rtol=0, atol=1e-13)
+        for key in ("scale", "low", "step", "fitted_bandwidth"):
+            assert chunked[key] == pytest.approx(whole[key], rel=1e-13)
 
 
 def test_refit_replaces_and_state_dict_round_trips():
