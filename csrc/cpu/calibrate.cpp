@@ -378,9 +378,20 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
         const bool grouped = !planar && entries * static_cast<int64_t>(sizeof(acc_t)) > kGroupedTableBytes &&
                              dim * static_cast<int64_t>(sizeof(T)) >= kGroupedRowBytes;
         if (grouped) {
+          // Out of place, x is first copied into the output in row order and calibrated there: writing
+          // a fresh output a row at a time in bucket order (page faults and reads for ownership out of
+          // order) took longer than the copy.
+          const T* source = px;
+          int64_t source_stride = plan.lx.row_stride;
+          if (px != py) {
+            Tensor out = plan.out;
+            torch::stable::copy_(out, plan.x);
+            source = py;
+            source_stride = plan.ly.row_stride;
+          }
           std::vector<int64_t> order, first;
           group_rows<index_t>(pi, plan.lx.rows, num_bins, order, first);
-          apply_groups<T, acc_t>(px, plan.lx.row_stride, py, plan.ly.row_stride, order.data(), first.data(),
+          apply_groups<T, acc_t>(source, source_stride, py, plan.ly.row_stride, order.data(), first.data(),
                                  plan.lx.rows, dim, num_bins, stats, lo, hi);
           return;
         }
