@@ -34,6 +34,8 @@ import torch.nn.functional as F
 import dirfast
 from dirfast.losses import BMCLoss, BNILoss, GAILoss, weighted_mse_loss
 
+from .timing import shown_path
+
 Y_LOW, Y_HIGH, NOISE_SIGMA = 0.0, 10.0, 1.0
 NUM_TRAIN = NUM_VAL = NUM_TEST = 1024
 BATCH = 256
@@ -163,7 +165,7 @@ def main(argv=None) -> None:
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"protocol": args.protocol, "epochs": epochs, "lr": lr, "results": results}, handle, indent=1)
-        print(f"wrote {args.json}")
+        print(f"wrote {shown_path(args.json)}")
 
 
 if __name__ == "__main__":

@@ -376,7 +376,7 @@ def main(argv=None) -> None:
             json.dump({"gpu": name, "torch": torch.__version__, "machine": info, "rules": dataclasses.asdict(where.rules),
                        "rows": rows, "failed_steps": failed, "cuda_preference": preference(rows, where)},
                       handle, indent=1)
-        print(f"wrote {path}")
+        print(f"wrote {timing.shown_path(path)}")
     if args.profile:
         try:
             text = kernel_profile(where)
@@ -384,7 +384,7 @@ def main(argv=None) -> None:
             text = f"profiling failed: {type(exc).__name__}: {exc}"
         with open(args.profile, "w") as handle:
             handle.write(text + "\n")
-        print(f"wrote {args.profile}")
+        print(f"wrote {timing.shown_path(args.profile)}")
     print(table)
     print(load_before)
     print(load_after)

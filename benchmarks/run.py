@@ -252,7 +252,7 @@ def run(args) -> dict:
             path = os.path.join(path, timing.machine_name(info) + ".json")
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
-        print(f"\nresults written to {path}")
+        print(f"\nresults written to {timing.shown_path(path)}")
     return result
 
 

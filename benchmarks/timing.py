@@ -190,6 +190,16 @@ def cores_used(device: str = "cpu") -> int:
     return torch.get_num_threads() if device == "cpu" else 1
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def shown_path(path: str) -> str:
+    """``path`` as a result prints it: relative to the checkout when inside it (results are
+    committed, and read in other checkouts), else as given."""
+    full = os.path.abspath(path)
+    return os.path.relpath(full, ROOT) if full.startswith(ROOT + os.sep) else path
+
+
 def load_average():
     """(1, 5, 15 min) load average, or None where the platform has none."""
     return tuple(round(v, 2) for v in os.getloadavg()) if hasattr(os, "getloadavg") else None
@@ -302,7 +312,7 @@ class Run:
                 json.dump({"device": self.args.device, "machine": self.machine, "torch": torch.__version__, **extra,
                            "info": self.info, "rules": dataclasses.asdict(rules(self.args.quick)), "rows": rows},
                           handle, indent=1)
-            print(f"wrote {self.args.json}")
+            print(f"wrote {shown_path(self.args.json)}")
 
 
 # ------------------------------------------------------------------------------ memory
