@@ -4,7 +4,8 @@
 // A "row" is one sample: a row of [N, D], or one pixel (b, *spatial) of a dense tensor. Rows are
 // numbered in the C order of bin_idx ([N] or [B, *spatial]). Two memory layouts are read and
 // written without a copy; anything else (e.g. a tensor sliced along its last axis) is copied once
-// by the kernel, the only copy of x any kernel makes.
+// by the kernel, the only copy of x any kernel makes (besides calibrate's out-of-place copy of x
+// into its output when it visits the rows bucket by bucket).
 #pragma once
 
 #include <vector>
@@ -125,6 +126,19 @@ inline InOut plan_in_out(const Tensor& x, const Tensor& y) {
   STD_TORCH_CHECK(plan.lx.kind == plan.ly.kind && plan.lx.kind != Layout::kNone,
                   "dirfast: internal error: no common layout for x and its output");
   return plan;
+}
+
+// The rows listed bucket by bucket, in row order within a bucket (the placing pass of a stable
+// counting sort): row r goes to order[start[k] ...] for its bucket k = bucket_of(r), given each
+// bucket's first position start[k] (its counts' prefix sum); a row of bucket -1 is left out.
+template <typename BucketOf>
+inline void list_rows_by_bucket(int64_t rows, const int64_t* start, int64_t buckets, BucketOf&& bucket_of,
+                                int64_t* order) {
+  std::vector<int64_t> next(start, start + buckets);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t k = bucket_of(r);
+    if (k >= 0) order[next[k]++] = r;
+  }
 }
 
 }  // namespace dirfast

@@ -397,11 +397,10 @@ class BinStats {
     std::unique_ptr<int64_t[]> order;
     if (gather) {
       order.reset(new int64_t[std::max<int64_t>(valid, 1)]);
-      std::vector<int64_t> next(start.begin(), start.end() - 1);
-      for (int64_t r = 0; r < rows; ++r) {
+      list_rows_by_bucket(rows, start.data(), bins, [&](int64_t r) {
         const int64_t k = static_cast<int64_t>(idx_[r]);
-        if (k >= 0 && k < bins) order[next[k]++] = r;
-      }
+        return k >= 0 && k < bins ? k : int64_t(-1);
+      }, order.get());
     }
 
     torch::stable::parallel_for(0, valid, grain, [&](int64_t begin, int64_t end) {

@@ -7,12 +7,13 @@
 // cached, they are written first and each row reads its bucket's piece; beyond that, the rows are
 // grouped by bucket (a counting sort) and each bucket's s and t are computed into a small buffer
 // just before its rows, so no table goes through memory and each bucket's statistics are read
-// once. The statistics are read in their own strides (BucketRows), not copied. The planar layout reads feature-major tables. x is read in place in both layouts of
-// csrc/layout.h (others are copied once); calibrate's y has the strides of torch.empty_like(x)
-// (the fake kernel's), calibrate_ writes into x (each element read before it is written, by the
-// same iteration). Arithmetic in float32, or float64 when x or src_mean is float64, cast back to
-// the dtype of x at the store; elementwise, so the same bits for any number of threads and either
-// way through the rows.
+// once; out of place, x is first copied into y in row order and calibrated there. The
+// statistics are read in their own strides (BucketRows), not copied. The planar layout reads
+// feature-major tables. x is read in place in both layouts of csrc/layout.h (others are copied
+// once); calibrate's y has the strides of torch.empty_like(x) (the fake kernel's), calibrate_
+// writes into x (each element read before it is written, by the same iteration). Arithmetic in
+// float32, or float64 when x or src_mean is float64, cast back to the dtype of x at the store;
+// elementwise, so the same bits for any number of threads and either way through the rows.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -275,9 +276,9 @@ DIRFAST_NOINLINE void group_rows(const index_t* idx, int64_t rows, int64_t num_b
   first.assign(num_bins + 2, 0);
   for (int64_t r = 0; r < rows; ++r) ++first[bucket_of(idx, r, num_bins) + 1];
   for (int64_t k = 0; k <= num_bins; ++k) first[k + 1] += first[k];
-  std::vector<int64_t> next(first.begin(), first.end() - 1);
   order.resize(rows);
-  for (int64_t r = 0; r < rows; ++r) order[next[bucket_of(idx, r, num_bins)]++] = r;
+  list_rows_by_bucket(rows, first.data(), num_bins + 1, [&](int64_t r) { return bucket_of(idx, r, num_bins); },
+                      order.data());
 }
 
 // Rows layout grouped by bucket: a task takes a range of the grouped rows and computes the s and
