@@ -46,11 +46,12 @@ def _gaussian_window(sigma: float, device) -> torch.Tensor:
     return torch.from_numpy(window / window.sum()).to(device)
 
 
-def _floor(position: torch.Tensor) -> torch.Tensor:
-    """``position.floor()`` for ``position >= 0`` (below 0 its truncation, which the callers
-    clamp to 0 as they would the floor), without ``floor``: that starts threads on a few thousand
-    elements."""
-    return position - position.frac()
+def _split(position: torch.Tensor, grid_size: int):
+    """Grid positions of labels (float64, overwritten) as their cells (int64, the point at or
+    below each, at most ``grid_size - 2``) and their shares of the point above (``position -
+    cell``, float64). Truncation is the floor at ``position >= 0`` and clamped to 0 as it below."""
+    cell = position.long().clamp_(0, grid_size - 2)
+    return cell, position.sub_(cell)
 
 
 def _interpolate(table: torch.Tensor, low: float, step: float, labels: torch.Tensor) -> torch.Tensor:
@@ -60,21 +61,11 @@ def _interpolate(table: torch.Tensor, low: float, step: float, labels: torch.Ten
     last = table.shape[1] - 1
     position = (labels - low).div_(step)
     inside = (position >= 0) & (position <= last)
-    position = position.nan_to_num_(0.0).clamp_(0, last)
-    left = _floor(position).clamp_(max=last - 1)
-    fraction = position.sub_(left).reshape(-1)
-    index = left.long().reshape(-1)  # index_select: indexing and take start threads on a few thousand elements
+    index, fraction = _split(position.nan_to_num_(0.0).clamp_(0, last), last + 1)
+    index, fraction = index.reshape(-1), fraction.reshape(-1)  # index_select: indexing and take start threads
     value = torch.addcmul(table[0].index_select(0, index), table[1].index_select(0, index), fraction)
     value = torch.where(inside, value.view(labels.shape), 0.0)
     return torch.where(torch.isfinite(labels), value, torch.nan)
-
-
-def _split(position: torch.Tensor, grid_size: int):
-    """Grid positions of labels (float64, overwritten) as their cells (int64, the point at or
-    below each, at most ``grid_size - 2``) and their shares of the point above (``position -
-    cell``, float64). Truncation is the floor at ``position >= 0`` and clamped to 0 as it below."""
-    cell = position.long().clamp_(0, grid_size - 2)
-    return cell, position.sub_(cell)
 
 
 def _linear_binning(values: torch.Tensor, low: float, step: float, grid_size: int):
