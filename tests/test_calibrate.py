@@ -170,20 +170,23 @@ def test_mixed_dtypes(backend, device, x_dtype, table_dtype):
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 @pytest.mark.parametrize("layout", ["rows", "dense"])
-def test_statistics_in_any_strides(backend, device, layout):
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.float64], ids=str)
+def test_statistics_in_any_strides(backend, device, layout, table_dtype):
     """Tables in other strides give the bits of their contiguous copies: transposed (as the
     published smoothing leaves them), every other column of a wider table, one row broadcast to
-    every bin; 19 bins, so blocks of bins end part-way."""
-    x, idx = features(layout, torch.float32, device, num_bins=19, n=70, d=6, low=-1, high=20, seed=80)
-    stats = calibration_stats(19, 6, torch.float32, device)
-    wide = calibration_stats(19, 12, torch.float32, device, seed=5)
+    every bin; 150 bins and 7 features, so blocks of bins (and of features) end part-way."""
+    num_bins, d = 150, 7
+    x, idx = features(layout, torch.float32, device, num_bins=num_bins, n=300, d=d, low=-1, high=num_bins + 1,
+                      seed=80)
+    stats = calibration_stats(num_bins, d, table_dtype, device)
+    wide = calibration_stats(num_bins, 2 * d, table_dtype, device, seed=5)
     expected = on(backend, dirfast.ops.calibrate, x, idx, *stats)
     transposed = [t.t().contiguous().t() for t in stats]
     same_bits(on(backend, dirfast.ops.calibrate, x, idx, *transposed), expected)
     columns = [t[:, ::2] for t in wide]
     same_bits(on(backend, dirfast.ops.calibrate, x, idx, *columns),
               on(backend, dirfast.ops.calibrate, x, idx, *(t.contiguous() for t in columns)))
-    broadcast = [t[5:6].expand(19, 6) for t in stats]
+    broadcast = [t[5:6].expand(num_bins, d) for t in stats]
     same_bits(on(backend, dirfast.ops.calibrate, x, idx, *broadcast),
               on(backend, dirfast.ops.calibrate, x, idx, *(t.contiguous() for t in broadcast)))
 

@@ -34,6 +34,16 @@ namespace dirfast {
 namespace cpu {
 namespace {
 
+// x86-64-v3 (AVX2 + FMA) or the baseline for the row loops: 32-byte loads and stores keep more
+// lines in flight than 16-byte ones (the yardstick, torch's own elementwise loops, is AVX2 too).
+// No x * s + t is fused, so both clones give the same bits.
+#pragma GCC optimize("fp-contract=off")
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
+#define DIRFAST_CALIBRATE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DIRFAST_CALIBRATE_CLONES
+#endif
+
 // The least work a thread is given (so small work runs on one thread): elements of x to
 // calibrate, or values of s and t to compute (each a divide and a square root).
 constexpr int64_t kGrainElements = int64_t(1) << 18;
@@ -55,42 +65,82 @@ inline int64_t bucket_of(const index_t* idx, int64_t r, int64_t num_bins) {
 
 // A [B, D] statistics table read a bucket at a time, buckets in ascending order, by one task. A
 // table whose features are contiguous is read in place; any other (the published smoothing leaves
-// its tables transposed, [D, B] in memory) is copied kBlockBuckets buckets at a time into the
-// task's buffer, a cache line per feature per block when transposed: at many buckets a
-// contiguous copy of the whole table (fresh pages, written and read again) took longer than the
-// op itself.
+// its tables transposed, [D, B] in memory) is copied 256 bytes of buckets at a time into the
+// task's buffer, four lines per feature per block (16-byte transposes when the buckets are
+// contiguous), left to the hardware prefetcher: at many buckets a contiguous copy of the whole
+// table (fresh pages, written and read again) took longer than the op itself; blocks of 32 or 64
+// bytes, or software prefetches of the next block, took longer than these. The buffer's rows
+// are padded by a line: rows 2 KiB apart would all fall in the same few L1 sets.
 template <typename acc_t>
 class BucketRows {
  public:
-  static constexpr int64_t kBlockBuckets = 32 / sizeof(acc_t);  // half a line (two blocks in L1)
+  static constexpr int64_t kBlockBuckets = 256 / sizeof(acc_t);
 
   BucketRows(const acc_t* data, int64_t bucket_stride, int64_t feature_stride, int64_t num_bins, int64_t dim)
       : data_(data), bucket_stride_(bucket_stride), feature_stride_(feature_stride), num_bins_(num_bins),
-        dim_(dim), block_(feature_stride == 1 ? nullptr : new acc_t[kBlockBuckets * dim]) {}
+        dim_(dim), row_(dim + 64 / sizeof(acc_t)),
+        block_(feature_stride == 1 ? nullptr : new acc_t[kBlockBuckets * row_]) {}
 
   // The D values of bucket k in [0, B), contiguous.
   const acc_t* operator()(int64_t k) {
     if (!block_) return data_ + k * bucket_stride_;
     if (k < first_ || k >= first_ + kBlockBuckets) fill(k - k % kBlockBuckets);
-    return block_.get() + (k - first_) * dim_;
+    return block_.get() + (k - first_) * row_;
   }
 
  private:
   void fill(int64_t first) {
     first_ = first;
     const int64_t n = std::min(kBlockBuckets, num_bins_ - first);
+    const acc_t* base = data_ + first * bucket_stride_;
     acc_t* DIRFAST_RESTRICT block = block_.get();
-    for (int64_t d = 0; d < dim_; ++d) {
-      const acc_t* column = data_ + first * bucket_stride_ + d * feature_stride_;
+    int64_t d = 0;
+#if defined(__SSE2__)
+    if (bucket_stride_ == 1) d = transpose_lines(base, n, block);
+#endif
+    for (; d < dim_; ++d) {
+      const acc_t* column = base + d * feature_stride_;
 #if defined(__GNUC__)
       __builtin_prefetch(column + n * bucket_stride_);  // the next block's line of this feature
 #endif
-      for (int64_t j = 0; j < n; ++j) block[j * dim_ + d] = column[j * bucket_stride_];
+      for (int64_t j = 0; j < n; ++j) block[j * row_ + d] = column[j * bucket_stride_];
     }
   }
 
+#if defined(__SSE2__)
+  // Buckets contiguous: the features a 16-byte transpose at a time (4 x 4 floats, 2 x 2 doubles),
+  // the block's buckets in full vectors; returns the first feature left to the scalar loop.
+  int64_t transpose_lines(const acc_t* base, int64_t n, acc_t* DIRFAST_RESTRICT block) const {
+    constexpr int64_t L = 16 / sizeof(acc_t);
+    const int64_t n_full = n - n % L;
+    int64_t d = 0;
+    for (; d + L <= dim_; d += L) {
+      const acc_t* c = base + d * feature_stride_;
+      for (int64_t j = 0; j < n_full; j += L) {
+        if constexpr (std::is_same_v<acc_t, float>) {
+          __m128 r0 = _mm_loadu_ps(c + j), r1 = _mm_loadu_ps(c + feature_stride_ + j);
+          __m128 r2 = _mm_loadu_ps(c + 2 * feature_stride_ + j), r3 = _mm_loadu_ps(c + 3 * feature_stride_ + j);
+          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+          _mm_storeu_ps(block + j * row_ + d, r0);
+          _mm_storeu_ps(block + (j + 1) * row_ + d, r1);
+          _mm_storeu_ps(block + (j + 2) * row_ + d, r2);
+          _mm_storeu_ps(block + (j + 3) * row_ + d, r3);
+        } else {
+          const __m128d r0 = _mm_loadu_pd(c + j), r1 = _mm_loadu_pd(c + feature_stride_ + j);
+          _mm_storeu_pd(block + j * row_ + d, _mm_unpacklo_pd(r0, r1));
+          _mm_storeu_pd(block + (j + 1) * row_ + d, _mm_unpackhi_pd(r0, r1));
+        }
+      }
+      for (int64_t j = n_full; j < n; ++j) {
+        for (int64_t i = 0; i < L; ++i) block[j * row_ + d + i] = c[i * feature_stride_ + j];
+      }
+    }
+    return d;
+  }
+#endif
+
   const acc_t* data_;
-  int64_t bucket_stride_, feature_stride_, num_bins_, dim_;
+  int64_t bucket_stride_, feature_stride_, num_bins_, dim_, row_;
   std::unique_ptr<acc_t[]> block_;
   int64_t first_ = -kBlockBuckets;  // the block's first bucket (none yet)
 };
@@ -145,55 +195,60 @@ struct Vec16 {
   }
 };
 
-// The published bucket-wide rule: src_var sums below 1e-10 (in a fixed order: four vector
-// partial sums, which do not wait on each other, then they, their lanes and the tail in order).
+// s and t of one vector of dimensions: calibrate_scale_shift's arithmetic (src/calibrate.h).
 template <typename acc_t>
-inline bool bucket_unchanged(const acc_t* src_var, int64_t dim) {
-  using V = Vec16<acc_t>;
-  typename V::v part[4] = {};
-  int64_t d = 0;
-  for (; d + 4 * V::kLanes <= dim; d += 4 * V::kLanes) {
-    for (int64_t j = 0; j < 4; ++j) part[j] += V::load(src_var + d + j * V::kLanes);
-  }
-  const typename V::v lanes = (part[0] + part[1]) + (part[2] + part[3]);
-  acc_t sum = acc_t(0);
-  for (int64_t i = 0; i < V::kLanes; ++i) sum += lanes[i];
-  for (; d < dim; ++d) sum += src_var[d];
-  return sum < static_cast<acc_t>(kCalibrateMinVarianceSum);
-}
-
-// s and t of every dimension of bucket k into s[0, D) and t[0, D): calibrate_scale_shift's
-// arithmetic (src/calibrate.h), a vector at a time. The identity for the bucket k = B of rows
-// outside [0, B), and for a bucket whose src_var sums below 1e-10.
-template <typename acc_t>
-inline void bucket_scale_shift(BucketStatistics<acc_t>& stats, int64_t k, int64_t num_bins, int64_t dim, acc_t lo,
-                               acc_t hi, acc_t* DIRFAST_RESTRICT s, acc_t* DIRFAST_RESTRICT t) {
-  const acc_t* DIRFAST_RESTRICT src_var = k == num_bins ? nullptr : stats.src_var(k);
-  if (k == num_bins || bucket_unchanged(src_var, dim)) {
-    std::fill(s, s + dim, acc_t(1));
-    std::fill(t, t + dim, -acc_t(0));
-    return;
-  }
-  const acc_t* DIRFAST_RESTRICT src_mean = stats.src_mean(k);
-  const acc_t* DIRFAST_RESTRICT dst_mean = stats.dst_mean(k);
-  const acc_t* DIRFAST_RESTRICT dst_var = stats.dst_var(k);
+inline void scale_shift_lanes(const acc_t* src_mean, typename Vec16<acc_t>::v var, const acc_t* dst_mean,
+                              const acc_t* dst_var, acc_t lo, acc_t hi, acc_t* s, acc_t* t) {
   using V = Vec16<acc_t>;
   using v = typename V::v;
   const v one = v{} + acc_t(1), minus_zero = -v{};
-  int64_t d = 0;
-  for (; d + V::kLanes <= dim; d += V::kLanes) {
-    const v var = V::load(src_var + d);
-    const auto unchanged = var == acc_t(0);
-    v ratio = V::load(dst_var + d) / (unchanged ? one : var);
-    ratio = ratio < lo ? v{} + lo : (ratio > hi ? v{} + hi : ratio);  // clamp_nan
-    const v root = V::sqrt(ratio);
-    const v shift = V::load(dst_mean + d) - V::load(src_mean + d) * root;
-    V::store(s + d, unchanged ? one : root);
-    V::store(t + d, unchanged ? minus_zero : shift);
+  const auto unchanged = var == acc_t(0);
+  v ratio = V::load(dst_var) / (unchanged ? one : var);
+  ratio = ratio < lo ? v{} + lo : (ratio > hi ? v{} + hi : ratio);  // clamp_nan
+  const v root = V::sqrt(ratio);
+  const v shift = V::load(dst_mean) - V::load(src_mean) * root;
+  V::store(s, unchanged ? one : root);
+  V::store(t, unchanged ? minus_zero : shift);
+}
+
+// s and t of every dimension of bucket k into s[0, D) and t[0, D), a vector at a time, in the
+// same pass as the published bucket-wide rule: a bucket whose src_var sums below 1e-10 is the
+// identity (s = 1, t = -0.0), as is the bucket k = B of rows outside [0, B). The sum goes in a
+// fixed order: four vector partial sums (which do not wait on each other), then they, their lanes
+// and the tail in order.
+template <typename acc_t>
+inline void bucket_scale_shift(BucketStatistics<acc_t>& stats, int64_t k, int64_t num_bins, int64_t dim, acc_t lo,
+                               acc_t hi, acc_t* DIRFAST_RESTRICT s, acc_t* DIRFAST_RESTRICT t) {
+  if (k < num_bins) {
+    const acc_t* DIRFAST_RESTRICT src_var = stats.src_var(k);
+    const acc_t* DIRFAST_RESTRICT src_mean = stats.src_mean(k);
+    const acc_t* DIRFAST_RESTRICT dst_mean = stats.dst_mean(k);
+    const acc_t* DIRFAST_RESTRICT dst_var = stats.dst_var(k);
+    using V = Vec16<acc_t>;
+    constexpr int64_t L = V::kLanes;
+    typename V::v part[4] = {};
+    int64_t d = 0;
+    for (; d + 4 * L <= dim; d += 4 * L) {
+      for (int64_t j = 0; j < 4; ++j) {
+        const int64_t e = d + j * L;
+        const typename V::v var = V::load(src_var + e);
+        part[j] += var;
+        scale_shift_lanes<acc_t>(src_mean + e, var, dst_mean + e, dst_var + e, lo, hi, s + e, t + e);
+      }
+    }
+    const typename V::v lanes = (part[0] + part[1]) + (part[2] + part[3]);
+    acc_t sum = acc_t(0);
+    for (int64_t i = 0; i < L; ++i) sum += lanes[i];
+    for (int64_t e = d; e < dim; ++e) sum += src_var[e];
+    if (!(sum < static_cast<acc_t>(kCalibrateMinVarianceSum))) {
+      for (; d < dim; ++d) {
+        calibrate_scale_shift<acc_t>(src_mean[d], src_var[d], dst_mean[d], dst_var[d], lo, hi, s[d], t[d]);
+      }
+      return;
+    }
   }
-  for (; d < dim; ++d) {
-    calibrate_scale_shift<acc_t>(src_mean[d], src_var[d], dst_mean[d], dst_var[d], lo, hi, s[d], t[d]);
-  }
+  std::fill(s, s + dim, acc_t(1));
+  std::fill(t, t + dim, -acc_t(0));
 }
 
 // The s and t of B + 1 buckets, the last the identity (s = 1, t = -0.0: x * 1 + -0.0 is x exactly,
@@ -237,7 +292,7 @@ DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, int64_t num_bi
 
 // One row: y = x * s + t along the D features (restrict parameters: the loop vectorises).
 template <typename T, typename acc_t>
-inline void apply_row(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, const acc_t* DIRFAST_RESTRICT s,
+DIRFAST_CALIBRATE_CLONES DIRFAST_NOINLINE void apply_row(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, const acc_t* DIRFAST_RESTRICT s,
                       const acc_t* DIRFAST_RESTRICT t, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
     y[d] = static_cast<T>(calibrate_apply<acc_t>(static_cast<acc_t>(x[d]), s[d], t[d]));
@@ -283,7 +338,8 @@ DIRFAST_NOINLINE void group_rows(const index_t* idx, int64_t rows, int64_t num_b
 
 // Rows layout grouped by bucket: a task takes a range of the grouped rows and computes the s and
 // t of each bucket it meets into a buffer of its own (a bucket two tasks share is computed by
-// both, alike). The rows come out of order: each is prefetched kAhead rows before its turn.
+// both, alike). The rows come out of order: each is prefetched kAhead rows before its turn,
+// non-temporally (a row is read and written once; the outer caches are left to the statistics).
 template <typename T, typename acc_t>
 DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y_stride,
                                    const int64_t* order, const int64_t* first, int64_t rows,
@@ -305,7 +361,7 @@ DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y
 #if defined(__GNUC__)
         if (p + kAhead < end) {
           const T* ahead = x + order[p + kAhead] * x_stride;
-          for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(ahead + d, 1);
+          for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(ahead + d, 1, 0);
         }
 #endif
         apply_row<T, acc_t>(y + r * y_stride, x + r * x_stride, s, t, dim);
