@@ -23,6 +23,7 @@
 
 #include "checks.h"
 #include "layout.h"
+#include "parallel.h"
 #include "welford.h"
 
 namespace dirfast {
@@ -254,10 +255,12 @@ class BinStats {
       return c == 0 ? mean_out : extra.get() + (c - 1) * bins * 2 * dim;
     };
     auto m2_of = [&](int64_t c) { return c == 0 ? var_out : mean_of(c) + bins * dim; };
-    torch::stable::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        reduce_chunk(rows * c / chunks, rows * (c + 1) / chunks, counts.get() + c * bins,
-                     mean_of(c), m2_of(c));
+    parallel_for_pieces(chunks, 1, [&](auto next) {
+      for (int64_t begin, end; next(begin, end);) {
+        for (int64_t c = begin; c < end; ++c) {
+          reduce_chunk(rows * c / chunks, rows * (c + 1) / chunks, counts.get() + c * bins,
+                       mean_of(c), m2_of(c));
+        }
       }
     });
     const int64_t grain = std::max<int64_t>(1, kMinFinishElements / (std::max<int64_t>(dim, 1) * chunks));
@@ -403,29 +406,31 @@ class BinStats {
       }, order.get());
     }
 
-    torch::stable::parallel_for(0, valid, grain, [&](int64_t begin, int64_t end) {
-      const int64_t* first = seg_start.data();
-      const int64_t s0 = std::lower_bound(first, first + segments, begin) - first;
-      const int64_t s1 = std::lower_bound(first, first + segments, end) - first;
-      if (s0 == s1) return;
-      if (gather) {
-        for (int64_t s = s0; s < s1; ++s) {
-          reduce_list(x_, layout_.row_stride, dim, order.get() + seg_start[s],
-                      seg_start[s + 1] - seg_start[s], order.get() + valid, s == s0, seg_mean[s],
-                      seg_m2[s]);
+    parallel_for_pieces(valid, grain, [&](auto next) {
+      for (int64_t begin, end; next(begin, end);) {
+        const int64_t* first = seg_start.data();
+        const int64_t s0 = std::lower_bound(first, first + segments, begin) - first;
+        const int64_t s1 = std::lower_bound(first, first + segments, end) - first;
+        if (s0 == s1) continue;
+        if (gather) {
+          for (int64_t s = s0; s < s1; ++s) {
+            reduce_list(x_, layout_.row_stride, dim, order.get() + seg_start[s],
+                        seg_start[s + 1] - seg_start[s], order.get() + valid, s == s0, seg_mean[s],
+                        seg_m2[s]);
+          }
+        } else {
+          const int64_t k_lo = seg_bin[s0];
+          const int64_t cursors = seg_bin[s1 - 1] - k_lo + 1;
+          std::unique_ptr<Cursor[]> cursor(new Cursor[cursors]);
+          for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, seg_first[k_lo + j]};
+          scan_rows(x_, layout_.row_stride, dim, idx_, rows, k_lo, cursors, cursor.get(), s0, s1,
+                    seg, table.get());
         }
-      } else {
-        const int64_t k_lo = seg_bin[s0];
-        const int64_t cursors = seg_bin[s1 - 1] - k_lo + 1;
-        std::unique_ptr<Cursor[]> cursor(new Cursor[cursors]);
-        for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, seg_first[k_lo + j]};
-        scan_rows(x_, layout_.row_stride, dim, idx_, rows, k_lo, cursors, cursor.get(), s0, s1,
-                  seg, table.get());
-      }
-      // Buckets of one segment are done (while their accumulators are in cache).
-      for (int64_t s = s0; s < s1; ++s) {
-        const int64_t k = seg_bin[s];
-        if (seg_first[k + 1] - seg_first[k] == 1) finish(k, count_out[k], seg_mean[s], seg_m2[s], mean_out, var_out);
+        // Buckets of one segment are done (while their accumulators are in cache).
+        for (int64_t s = s0; s < s1; ++s) {
+          const int64_t k = seg_bin[s];
+          if (seg_first[k + 1] - seg_first[k] == 1) finish(k, count_out[k], seg_mean[s], seg_m2[s], mean_out, var_out);
+        }
       }
     });
 

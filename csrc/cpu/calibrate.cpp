@@ -25,6 +25,7 @@
 #include "calibrate.h"
 #include "checks.h"
 #include "layout.h"
+#include "parallel.h"
 
 #if defined(__SSE2__)
 #include <immintrin.h>
@@ -315,10 +316,12 @@ DIRFAST_NOINLINE void apply_rows(const T* x, int64_t x_stride, T* y, int64_t y_s
                                  const index_t* idx, int64_t rows, int64_t dim, int64_t num_bins,
                                  const acc_t* st) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
-  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const acc_t* sk = st + 2 * bucket_of(idx, r, num_bins) * dim;
-      apply_row<T, acc_t>(y + r * y_stride, x + r * x_stride, sk, sk + dim, dim);
+  parallel_for_pieces(rows, grain, [&](auto next) {
+    for (int64_t begin, end; next(begin, end);) {
+      for (int64_t r = begin; r < end; ++r) {
+        const acc_t* sk = st + 2 * bucket_of(idx, r, num_bins) * dim;
+        apply_row<T, acc_t>(y + r * y_stride, x + r * x_stride, sk, sk + dim, dim);
+      }
     }
   });
 }
@@ -336,8 +339,8 @@ DIRFAST_NOINLINE void group_rows(const index_t* idx, int64_t rows, int64_t num_b
                       order.data());
 }
 
-// Rows layout grouped by bucket: a task takes a range of the grouped rows and computes the s and
-// t of each bucket it meets into a buffer of its own (a bucket two tasks share is computed by
+// Rows layout grouped by bucket: a thread takes pieces of the grouped rows and computes the s and t
+// of each bucket it meets into a buffer of its own (a bucket two pieces share is computed for
 // both, alike). The rows come out of order: each is prefetched kAhead rows before its turn,
 // non-temporally (a row is read and written once; the outer caches are left to the statistics).
 template <typename T, typename acc_t>
@@ -346,25 +349,27 @@ DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y
                                    int64_t dim, int64_t num_bins, const Statistics& stats, acc_t lo,
                                    acc_t hi) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
-  torch::stable::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(rows, grain, [&](auto next) {
     std::unique_ptr<acc_t[]> buffer(new acc_t[2 * dim]);
     BucketStatistics<acc_t> reader(stats);
     acc_t* s = buffer.get();
     acc_t* t = s + dim;
-    int64_t k = std::upper_bound(first, first + num_bins + 2, begin) - first - 1;
-    for (int64_t p = begin; p < end; ++k) {
-      const int64_t stop = std::min(end, first[k + 1]);
-      if (p == stop) continue;  // an empty bucket
-      bucket_scale_shift<acc_t>(reader, k, num_bins, dim, lo, hi, s, t);
-      for (; p < stop; ++p) {
-        const int64_t r = order[p];
+    for (int64_t begin, end; next(begin, end);) {
+      int64_t k = std::upper_bound(first, first + num_bins + 2, begin) - first - 1;
+      for (int64_t p = begin; p < end; ++k) {
+        const int64_t stop = std::min(end, first[k + 1]);
+        if (p == stop) continue;  // an empty bucket
+        bucket_scale_shift<acc_t>(reader, k, num_bins, dim, lo, hi, s, t);
+        for (; p < stop; ++p) {
+          const int64_t r = order[p];
 #if defined(__GNUC__)
-        if (p + kAhead < end) {
-          const T* ahead = x + order[p + kAhead] * x_stride;
-          for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(ahead + d, 1, 0);
-        }
+          if (p + kAhead < end) {
+            const T* ahead = x + order[p + kAhead] * x_stride;
+            for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(ahead + d, 1, 0);
+          }
 #endif
-        apply_row<T, acc_t>(y + r * y_stride, x + r * x_stride, s, t, dim);
+          apply_row<T, acc_t>(y + r * y_stride, x + r * x_stride, s, t, dim);
+        }
       }
     }
   });
@@ -382,20 +387,22 @@ DIRFAST_NOINLINE void apply_planes(const T* x, const Layout& lx, T* y, const Lay
   const int64_t tile = std::min(kPlanarTile, inner);
   const int64_t tiles = (inner + tile - 1) / tile;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(tile * dim, 1));
-  torch::stable::parallel_for(0, lx.batch * tiles, grain, [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(lx.batch * tiles, grain, [&](auto next) {
     std::unique_ptr<int32_t[]> bucket(new int32_t[tile]);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / tiles;
-      const int64_t s0 = (task - b * tiles) * tile;
-      const int64_t len = std::min<int64_t>(tile, inner - s0);
-      for (int64_t i = 0; i < len; ++i) {
-        bucket[i] = static_cast<int32_t>(bucket_of(idx, b * inner + s0 + i, num_bins));
-      }
-      const T* xb = x + b * lx.batch_stride + s0;
-      T* yb = y + b * ly.batch_stride + s0;
-      for (int64_t c = 0; c < dim; ++c) {
-        apply_plane<T, acc_t>(yb + c * ly.feature_stride, xb + c * lx.feature_stride, st + c * columns,
-                              t + c * columns, bucket.get(), len);
+    for (int64_t begin, end; next(begin, end);) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / tiles;
+        const int64_t s0 = (task - b * tiles) * tile;
+        const int64_t len = std::min<int64_t>(tile, inner - s0);
+        for (int64_t i = 0; i < len; ++i) {
+          bucket[i] = static_cast<int32_t>(bucket_of(idx, b * inner + s0 + i, num_bins));
+        }
+        const T* xb = x + b * lx.batch_stride + s0;
+        T* yb = y + b * ly.batch_stride + s0;
+        for (int64_t c = 0; c < dim; ++c) {
+          apply_plane<T, acc_t>(yb + c * ly.feature_stride, xb + c * lx.feature_stride, st + c * columns,
+                                t + c * columns, bucket.get(), len);
+        }
       }
     }
   });

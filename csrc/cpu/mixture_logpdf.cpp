@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "parallel.h"
 #include "vexp.h"
 
 // No a * b + c is fused but by vfma (g++ would fuse others in the AVX2 + FMA and AVX-512 code):
@@ -289,22 +290,32 @@ DIRFAST_NOINLINE void forward_all(const T* px, acc_t* po, int64_t n, const Compo
   const int64_t grain = std::max<int64_t>(kLanes, kGrainExps / comp.size());
   if constexpr (std::is_same_v<acc_t, float>) {
     const int lanes = float_lanes();
-    torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    parallel_for_pieces(n, grain, [&](auto next) {
       const float *m = comp.m.data(), *s = comp.s.data(), *c = comp.c.data();
+      for (int64_t begin, end; next(begin, end);) {
 #if DIRFAST_MIXTURE_ISAS
-      if (lanes == 16) return forward_range_avx512<T>(px, po, begin, end, m, s, c, comp.size());
-      if (lanes == 8) return forward_range_avx2<T>(px, po, begin, end, m, s, c, comp.size());
+        if (lanes == 16) {
+          forward_range_avx512<T>(px, po, begin, end, m, s, c, comp.size());
+          continue;
+        }
+        if (lanes == 8) {
+          forward_range_avx2<T>(px, po, begin, end, m, s, c, comp.size());
+          continue;
+        }
 #endif
-      forward_range_baseline<T>(px, po, begin, end, m, s, c, comp.size());
+        forward_range_baseline<T>(px, po, begin, end, m, s, c, comp.size());
+      }
     });
   } else {
-    torch::stable::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    parallel_for_pieces(n, grain, [&](auto next) {
       acc_t xs[kLanes], lanes[kLanes];
-      for (int64_t i = begin; i < end; i += kLanes) {
-        const int64_t stop = std::min(end, i + kLanes);
-        load_lanes(px, i, stop, xs);
-        forward_lanes(xs, lanes, comp.m.data(), comp.s.data(), comp.c.data(), comp.size());
-        std::copy(lanes, lanes + (stop - i), po + i);
+      for (int64_t begin, end; next(begin, end);) {
+        for (int64_t i = begin; i < end; i += kLanes) {
+          const int64_t stop = std::min(end, i + kLanes);
+          load_lanes(px, i, stop, xs);
+          forward_lanes(xs, lanes, comp.m.data(), comp.s.data(), comp.c.data(), comp.size());
+          std::copy(lanes, lanes + (stop - i), po + i);
+        }
       }
     });
   }
@@ -316,29 +327,31 @@ DIRFAST_NOINLINE void backward_all(const T* px, const acc_t* po, const acc_t* pg
                                    int64_t n, const Components<acc_t>& comp) {
   const int64_t k = comp.size();
   const int64_t grain = std::max<int64_t>(1, kGrainExps / (kChunk * k));  // in chunks
-  torch::stable::parallel_for(0, (n + kChunk - 1) / kChunk, grain, [&](int64_t first, int64_t last) {
+  parallel_for_pieces((n + kChunk - 1) / kChunk, grain, [&](auto next) {
     std::vector<acc_t> sums(3 * k * kLanes);
     acc_t xs[kLanes], os[kLanes], gs[kLanes], gx[kLanes];
-    for (int64_t chunk = first; chunk < last; ++chunk) {
-      std::fill(sums.begin(), sums.end(), acc_t(0));
-      acc_t* gm = sums.data();
-      acc_t* gv = gm + k * kLanes;
-      acc_t* gw = gv + k * kLanes;
-      const int64_t end = std::min(n, (chunk + 1) * kChunk);
-      for (int64_t i = chunk * kChunk; i < end; i += kLanes) {
-        const int64_t stop = std::min(end, i + kLanes);
-        load_lanes(px, i, stop, xs);
-        load_lanes(po, i, stop, os);
-        load_lanes(pg, i, stop, gs);
-        for (int64_t t = stop - i; t < kLanes; ++t) gs[t] = acc_t(0);  // the repeated slots add nothing
-        backward_lanes(xs, os, gs, gx, comp.m.data(), comp.s.data(), comp.c.data(), k, gm, gv, gw);
-        std::copy(gx, gx + (stop - i), pgx + i);
-      }
-      double* dst = partials + chunk * 3 * k;
-      for (int64_t j = 0; j < 3 * k; ++j) {
-        double total = 0;
-        for (int64_t t = 0; t < kLanes; ++t) total += static_cast<double>(sums[j * kLanes + t]);
-        dst[j] = total;
+    for (int64_t first, last; next(first, last);) {
+      for (int64_t chunk = first; chunk < last; ++chunk) {
+        std::fill(sums.begin(), sums.end(), acc_t(0));
+        acc_t* gm = sums.data();
+        acc_t* gv = gm + k * kLanes;
+        acc_t* gw = gv + k * kLanes;
+        const int64_t end = std::min(n, (chunk + 1) * kChunk);
+        for (int64_t i = chunk * kChunk; i < end; i += kLanes) {
+          const int64_t stop = std::min(end, i + kLanes);
+          load_lanes(px, i, stop, xs);
+          load_lanes(po, i, stop, os);
+          load_lanes(pg, i, stop, gs);
+          for (int64_t t = stop - i; t < kLanes; ++t) gs[t] = acc_t(0);  // the repeated slots add nothing
+          backward_lanes(xs, os, gs, gx, comp.m.data(), comp.s.data(), comp.c.data(), k, gm, gv, gw);
+          std::copy(gx, gx + (stop - i), pgx + i);
+        }
+        double* dst = partials + chunk * 3 * k;
+        for (int64_t j = 0; j < 3 * k; ++j) {
+          double total = 0;
+          for (int64_t t = 0; t < kLanes; ++t) total += static_cast<double>(sums[j * kLanes + t]);
+          dst[j] = total;
+        }
       }
     }
   });
