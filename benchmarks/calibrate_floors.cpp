@@ -5,9 +5,10 @@
 //
 // Prints medians of 11 single-threaded runs of: an in-place pass in row order (the yardstick,
 // as x.mul_(1)); the same rows visited in a random order (the grouped path's order: rows grouped
-// by bucket are scattered over x), with the next rows prefetched; rows in order each reading its
-// bucket's s and t from a 40 MB table at random (the table path); and the s and t of every
-// bucket streamed from four [B, D] statistics tables (divide, clamp, square root).
+// by bucket are scattered over x), the next rows prefetched non-temporally as the kernel does;
+// rows in order each reading its bucket's s and t from a 40 MB table at random (the table
+// path); and the s and t of every bucket streamed from four [B, D] statistics tables (divide,
+// clamp, square root).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -55,7 +56,7 @@ int main() {
   const double shuffled = median_ms([&] {
     for (long p = 0; p < kRows; ++p) {
       if (p + 2 < kRows) {
-        for (long d = 0; d < kDim; d += 16) __builtin_prefetch(&x[order[p + 2] * kDim + d], 1);
+        for (long d = 0; d < kDim; d += 16) __builtin_prefetch(&x[order[p + 2] * kDim + d], 1, 0);
       }
       apply(&x[order[p] * kDim], st.data(), st.data() + kDim);
     }
