@@ -293,12 +293,29 @@ DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, int64_t num_bi
 
 // One row: y = x * s + t along the D features (restrict parameters: the loop vectorises).
 template <typename T, typename acc_t>
-DIRFAST_CALIBRATE_CLONES DIRFAST_NOINLINE void apply_row(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, const acc_t* DIRFAST_RESTRICT s,
-                      const acc_t* DIRFAST_RESTRICT t, int64_t dim) {
+inline void apply_row_body(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, const acc_t* DIRFAST_RESTRICT s,
+                           const acc_t* DIRFAST_RESTRICT t, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
     y[d] = static_cast<T>(calibrate_apply<acc_t>(static_cast<acc_t>(x[d]), s[d], t[d]));
   }
 }
+
+// apply_row_body in both clones, one overload per (x dtype, accumulation dtype) pair (the
+// clones' ifunc is made per function, as in the other kernels, not per template).
+#define DIRFAST_CALIBRATE_APPLY_ROW(T, acc_t)                                                            \
+  DIRFAST_CALIBRATE_CLONES DIRFAST_NOINLINE void apply_row(T* y, const T* x, const acc_t* s, const acc_t* t, \
+                                                           int64_t dim) {                                  \
+    apply_row_body<T, acc_t>(y, x, s, t, dim);                                                           \
+  }
+DIRFAST_CALIBRATE_APPLY_ROW(float, float)
+DIRFAST_CALIBRATE_APPLY_ROW(float, double)
+DIRFAST_CALIBRATE_APPLY_ROW(double, float)
+DIRFAST_CALIBRATE_APPLY_ROW(double, double)
+DIRFAST_CALIBRATE_APPLY_ROW(c10::Half, float)
+DIRFAST_CALIBRATE_APPLY_ROW(c10::Half, double)
+DIRFAST_CALIBRATE_APPLY_ROW(c10::BFloat16, float)
+DIRFAST_CALIBRATE_APPLY_ROW(c10::BFloat16, double)
+#undef DIRFAST_CALIBRATE_APPLY_ROW
 
 // One channel plane of a tile: y[i] = x[i] * s[bucket[i]] + t[bucket[i]].
 template <typename T, typename acc_t>
@@ -320,7 +337,7 @@ DIRFAST_NOINLINE void apply_rows(const T* x, int64_t x_stride, T* y, int64_t y_s
     for (int64_t begin, end; next(begin, end);) {
       for (int64_t r = begin; r < end; ++r) {
         const acc_t* sk = st + 2 * bucket_of(idx, r, num_bins) * dim;
-        apply_row<T, acc_t>(y + r * y_stride, x + r * x_stride, sk, sk + dim, dim);
+        apply_row(y + r * y_stride, x + r * x_stride, sk, sk + dim, dim);
       }
     }
   });
@@ -368,7 +385,7 @@ DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y
             for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(ahead + d, 1, 0);
           }
 #endif
-          apply_row<T, acc_t>(y + r * y_stride, x + r * x_stride, s, t, dim);
+          apply_row(y + r * y_stride, x + r * x_stride, s, t, dim);
         }
       }
     }
