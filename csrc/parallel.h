@@ -2,10 +2,10 @@
 //
 // torch's parallel_for gives each thread one equal share up front, so a call lasts as long as its
 // slowest thread: where another process holds one of the cores, the thread on it runs at part
-// speed, and two threads took longer than one (bin_stats at 97 buckets: 20.5 ms on 2 threads with
-// the other core busy, 13.9 ms on 1). parallel_for_pieces cuts the range into about
-// kPiecesPerThread pieces per thread (none shorter than `grain`), and a thread takes the next
-// piece when it is done with its last, so a thread held back takes fewer.
+// speed, and two threads took longer than one (benchmarks/results/cpu/busy-core-pieces.txt).
+// parallel_for_pieces cuts the range into about kPiecesPerThread pieces per thread (none shorter
+// than `grain`), and a thread takes the next piece when it is done with its last, so a thread
+// held back takes fewer.
 //
 // body(next) runs once per thread; next(begin, end) yields that thread's pieces, in ascending
 // order, until it returns false (state such as buffers is set up once per thread, before the
