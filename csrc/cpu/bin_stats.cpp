@@ -264,29 +264,31 @@ class BinStats {
       }
     });
     const int64_t grain = std::max<int64_t>(1, kMinFinishElements / (std::max<int64_t>(dim, 1) * chunks));
-    torch::stable::parallel_for(0, bins, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        acc_t* mean = mean_out + k * dim;
-        acc_t* m2 = var_out + k * dim;  // holds M2 until the end
-        int64_t n = 0;
-        // Chunk order, fixed: the result does not depend on the threads.
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t nb = counts[c * bins + k];
-          if (nb == 0) continue;
-          const acc_t* mean_b = mean_of(c) + k * dim;
-          const acc_t* m2_b = m2_of(c) + k * dim;
-          if (n == 0) {
-            if (c != 0) {
-              std::copy(mean_b, mean_b + dim, mean);
-              std::copy(m2_b, m2_b + dim, m2);
+    parallel_for_pieces(bins, grain, [&](auto next) {
+      for (int64_t begin, end; next(begin, end);) {
+        for (int64_t k = begin; k < end; ++k) {
+          acc_t* mean = mean_out + k * dim;
+          acc_t* m2 = var_out + k * dim;  // holds M2 until the end
+          int64_t n = 0;
+          // Chunk order, fixed: the result does not depend on the threads.
+          for (int64_t c = 0; c < chunks; ++c) {
+            const int64_t nb = counts[c * bins + k];
+            if (nb == 0) continue;
+            const acc_t* mean_b = mean_of(c) + k * dim;
+            const acc_t* m2_b = m2_of(c) + k * dim;
+            if (n == 0) {
+              if (c != 0) {
+                std::copy(mean_b, mean_b + dim, mean);
+                std::copy(m2_b, m2_b + dim, m2);
+              }
+            } else {
+              chan_merge_row<acc_t>(mean, m2, mean_b, m2_b, dim, chan_weights<acc_t>(n, nb));
             }
-          } else {
-            chan_merge_row<acc_t>(mean, m2, mean_b, m2_b, dim, chan_weights<acc_t>(n, nb));
+            n += nb;
           }
-          n += nb;
+          count_out[k] = n;
+          finish(k, n, mean, m2, mean_out, var_out);
         }
-        count_out[k] = n;
-        finish(k, n, mean, m2, mean_out, var_out);
       }
     });
   }
@@ -437,24 +439,26 @@ class BinStats {
     // Empty buckets, and the segments of the others merged in order (fixed: the result does not
     // depend on the threads).
     const int64_t finish_grain = std::max<int64_t>(1, kMinFinishElements / std::max<int64_t>(dim, 1));
-    torch::stable::parallel_for(0, bins, finish_grain, [&](int64_t begin, int64_t end) {
-      for (int64_t k = begin; k < end; ++k) {
-        const int64_t s0 = seg_first[k];
-        const int64_t s1 = seg_first[k + 1];
-        if (s1 - s0 == 1) continue;
-        acc_t* mean = mean_out + k * dim;
-        acc_t* m2 = var_out + k * dim;
-        if (s1 > s0 && seg_mean[s0] != mean) {
-          std::copy(seg_mean[s0], seg_mean[s0] + dim, mean);
-          std::copy(seg_m2[s0], seg_m2[s0] + dim, m2);
+    parallel_for_pieces(bins, finish_grain, [&](auto next) {
+      for (int64_t begin, end; next(begin, end);) {
+        for (int64_t k = begin; k < end; ++k) {
+          const int64_t s0 = seg_first[k];
+          const int64_t s1 = seg_first[k + 1];
+          if (s1 - s0 == 1) continue;
+          acc_t* mean = mean_out + k * dim;
+          acc_t* m2 = var_out + k * dim;
+          if (s1 > s0 && seg_mean[s0] != mean) {
+            std::copy(seg_mean[s0], seg_mean[s0] + dim, mean);
+            std::copy(seg_m2[s0], seg_m2[s0] + dim, m2);
+          }
+          int64_t n = std::min<int64_t>(count_out[k], seg);
+          for (int64_t s = s0 + 1; s < s1; ++s) {
+            const int64_t nb = seg_start[s + 1] - seg_start[s];
+            chan_merge_row<acc_t>(mean, m2, seg_mean[s], seg_m2[s], dim, chan_weights<acc_t>(n, nb));
+            n += nb;
+          }
+          finish(k, n, mean, m2, mean_out, var_out);
         }
-        int64_t n = std::min<int64_t>(count_out[k], seg);
-        for (int64_t s = s0 + 1; s < s1; ++s) {
-          const int64_t nb = seg_start[s + 1] - seg_start[s];
-          chan_merge_row<acc_t>(mean, m2, seg_mean[s], seg_m2[s], dim, chan_weights<acc_t>(n, nb));
-          n += nb;
-        }
-        finish(k, n, mean, m2, mean_out, var_out);
       }
     });
   }

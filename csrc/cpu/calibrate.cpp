@@ -273,18 +273,20 @@ DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, int64_t num_bi
   const int64_t count = listed.empty() ? num_bins + 1 : static_cast<int64_t>(listed.size());
   const int64_t columns = num_bins + 1;
   const int64_t grain = std::max<int64_t>(1, kGrainTableValues / std::max<int64_t>(dim, 1));
-  torch::stable::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(count, grain, [&](auto next) {
     std::unique_ptr<acc_t[]> buffer(planar ? new acc_t[2 * dim] : nullptr);
     BucketStatistics<acc_t> reader(stats);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t k = listed.empty() ? i : listed[i];
-      acc_t* sk = planar ? buffer.get() : st + 2 * k * dim;
-      acc_t* tk = sk + dim;
-      bucket_scale_shift<acc_t>(reader, k, num_bins, dim, lo, hi, sk, tk);
-      if (planar) {
-        for (int64_t d = 0; d < dim; ++d) {
-          st[d * columns + k] = sk[d];
-          st[(dim + d) * columns + k] = tk[d];
+    for (int64_t begin, end; next(begin, end);) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t k = listed.empty() ? i : listed[i];
+        acc_t* sk = planar ? buffer.get() : st + 2 * k * dim;
+        acc_t* tk = sk + dim;
+        bucket_scale_shift<acc_t>(reader, k, num_bins, dim, lo, hi, sk, tk);
+        if (planar) {
+          for (int64_t d = 0; d < dim; ++d) {
+            st[d * columns + k] = sk[d];
+            st[(dim + d) * columns + k] = tk[d];
+          }
         }
       }
     }
