@@ -440,7 +440,8 @@ def test_backward_runs_on_the_forward_backend(op, backend, spies):
 @pytest.mark.skipif(not backend_available("cpp"), reason=f"cpp: {dirfast.backends()['cpp']['reason']}")
 def test_cpu_kernels_give_the_same_bits_for_any_thread_count():
     """bin_stats, smooth_bins, calibrate and mixture_logpdf (forward and backward) on rows, dense
-    maps and float16 give the same bits with 1, 2 or 3 threads: chunks merge in a fixed order."""
+    maps and float16 give the same bits with 1, 2 or 3 threads: chunks merge in a fixed order, and
+    the pieces threads take (more of them, cut elsewhere, for each thread count) change nothing."""
     g = gen(12)
     rows = torch.randn(70001, 24, generator=g) * 3 + 100
     rows_idx = torch.randint(-1, 98, (70001,), generator=g)
@@ -455,6 +456,7 @@ def test_cpu_kernels_give_the_same_bits_for_any_thread_count():
             count, mean, var = ops.bin_stats(x, idx, 97)
             m2, v2 = ops.smooth_bins(mean, w, "reflect"), ops.smooth_bins(var, w, "reflect")
             out += [count, mean, var, m2, v2, ops.calibrate(x, idx, mean, var, m2, v2, 0.1, 10.0)]
+        out.append(ops.smooth_bins(torch.randn(3001, 64, generator=gen(13)), w, "reflect"))  # several pieces
         y, tables = rows[:, 0] / 30, (mean[:, 0] / 30, var[:, 0] / 900 + 0.1, torch.zeros(97))
         density = ops.mixture_logpdf(y, *tables)
         return out + [density, *ops.mixture_logpdf_backward(torch.ones_like(y), y, density, *tables)]
