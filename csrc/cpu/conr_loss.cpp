@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "parallel.h"
 #include "vexp.h"
 
 namespace dirfast {
@@ -327,26 +328,30 @@ int64_t grain_rows(int64_t m) { return std::max<int64_t>(1, (int64_t(1) << 16) /
 
 template <typename acc_t>
 DIRFAST_NOINLINE void forward_rows(const Problem<acc_t>& pb, int64_t count, acc_t* out) {
-  torch::stable::parallel_for(0, count, grain_rows(pb.m), [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(count, grain_rows(pb.m), [&](auto next) {
     Scratch<acc_t> s(pb.padded);
-    for (int64_t a = begin; a < end; ++a) out[a] = anchor_pass(pb, a, s).loss();
+    for (int64_t begin, end; next(begin, end);) {
+      for (int64_t a = begin; a < end; ++a) out[a] = anchor_pass(pb, a, s).loss();
+    }
   });
 }
 
 // Overwrites each cosine row with its coefficients G_aj / tau.
 template <typename acc_t>
 DIRFAST_NOINLINE void backward_rows(const Problem<acc_t>& pb, int64_t count, const acc_t* grad, acc_t* coefficients) {
-  torch::stable::parallel_for(0, count, grain_rows(pb.m), [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(count, grain_rows(pb.m), [&](auto next) {
     Scratch<acc_t> s(pb.padded);
-    for (int64_t a = begin; a < end; ++a) {
-      const Anchor<acc_t> r = anchor_pass(pb, a, s);
-      acc_t* row = coefficients + a * pb.m;
-      if (!r.valid) {
-        std::fill(row, row + pb.m, acc_t(0));
-        continue;
+    for (int64_t begin, end; next(begin, end);) {
+      for (int64_t a = begin; a < end; ++a) {
+        const Anchor<acc_t> r = anchor_pass(pb, a, s);
+        acc_t* row = coefficients + a * pb.m;
+        if (!r.valid) {
+          std::fill(row, row + pb.m, acc_t(0));
+          continue;
+        }
+        const acc_t g = grad[a] / pb.tau;
+        write_coefficients(s.terms.data(), s.pos.data(), g * r.n_pos / (r.div * r.total), g / r.div, pb.m, row);
       }
-      const acc_t g = grad[a] / pb.tau;
-      write_coefficients(s.terms.data(), s.pos.data(), g * r.n_pos / (r.div * r.total), g / r.div, pb.m, row);
     }
   });
 }
@@ -507,15 +512,17 @@ DIRFAST_SPARSE_KERNELS(double)
 // The members of each anchor's sums (one pass over the masks, no dot products): counts[a].
 template <typename acc_t>
 int64_t member_counts(const Problem<acc_t>& pb, int64_t count, int64_t* counts) {
-  torch::stable::parallel_for(0, count, grain_rows(pb.m), [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(count, grain_rows(pb.m), [&](auto next) {
     std::vector<acc_t> dl(pb.m), dp(pb.m);
-    for (int64_t a = begin; a < end; ++a) {
-      const int64_t i = pb.offset + a;
-      l1_row(pb.labels_t, pb.num_labels, pb.m, i, dl.data());
-      l1_row(pb.preds_t, pb.num_labels, pb.m, i, dp.data());
-      dl[i] = std::numeric_limits<acc_t>::quiet_NaN();
-      counts[a] = pb.exp_push ? count_members<true>(dl.data(), dp.data(), pb.m, pb.w, pb.e, pb.weights[i])
-                              : count_members<false>(dl.data(), dp.data(), pb.m, pb.w, pb.e, pb.weights[i]);
+    for (int64_t begin, end; next(begin, end);) {
+      for (int64_t a = begin; a < end; ++a) {
+        const int64_t i = pb.offset + a;
+        l1_row(pb.labels_t, pb.num_labels, pb.m, i, dl.data());
+        l1_row(pb.preds_t, pb.num_labels, pb.m, i, dp.data());
+        dl[i] = std::numeric_limits<acc_t>::quiet_NaN();
+        counts[a] = pb.exp_push ? count_members<true>(dl.data(), dp.data(), pb.m, pb.w, pb.e, pb.weights[i])
+                                : count_members<false>(dl.data(), dp.data(), pb.m, pb.w, pb.e, pb.weights[i]);
+      }
     }
   });
   int64_t total = 0;
@@ -580,10 +587,12 @@ Anchor<acc_t> sparse_anchor_pass(const Problem<acc_t>& pb, int64_t a, SparseScra
 
 template <typename acc_t>
 DIRFAST_NOINLINE void sparse_forward_rows(const Problem<acc_t>& pb, int64_t count, acc_t* out) {
-  torch::stable::parallel_for(0, count, grain_rows(pb.m), [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(count, grain_rows(pb.m), [&](auto next) {
     SparseScratch<acc_t> s(pb.padded);
     int64_t k;
-    for (int64_t a = begin; a < end; ++a) out[a] = sparse_anchor_pass(pb, a, s, k).loss();
+    for (int64_t begin, end; next(begin, end);) {
+      for (int64_t a = begin; a < end; ++a) out[a] = sparse_anchor_pass(pb, a, s, k).loss();
+    }
   });
 }
 
@@ -597,21 +606,23 @@ DIRFAST_NOINLINE void sparse_backward(const Problem<acc_t>& pb, int64_t count, c
   const int64_t m = pb.m, d = pb.d, nnz = offsets[count];
   std::vector<int32_t> keys(nnz), anchors(nnz);
   std::vector<acc_t> values(nnz), values_t(nnz);
-  torch::stable::parallel_for(0, count, grain_rows(pb.m), [&](int64_t begin, int64_t end) {
+  parallel_for_pieces(count, grain_rows(pb.m), [&](auto next) {
     SparseScratch<acc_t> s(pb.padded);
     int64_t k;
-    for (int64_t a = begin; a < end; ++a) {
-      const Anchor<acc_t> r = sparse_anchor_pass(pb, a, s, k);
-      const int64_t o = offsets[a];
-      const int64_t n = std::min(k, offsets[a + 1] - o);  // k == counts[a]: the same predicate
-      std::copy(s.idx.data(), s.idx.data() + n, keys.data() + o);
-      if (!r.valid) {
-        std::fill(values.data() + o, values.data() + o + n, acc_t(0));
-        continue;
+    for (int64_t begin, end; next(begin, end);) {
+      for (int64_t a = begin; a < end; ++a) {
+        const Anchor<acc_t> r = sparse_anchor_pass(pb, a, s, k);
+        const int64_t o = offsets[a];
+        const int64_t n = std::min(k, offsets[a + 1] - o);  // k == counts[a]: the same predicate
+        std::copy(s.idx.data(), s.idx.data() + n, keys.data() + o);
+        if (!r.valid) {
+          std::fill(values.data() + o, values.data() + o + n, acc_t(0));
+          continue;
+        }
+        const acc_t g = grad[a] / pb.tau;
+        write_coefficients(s.terms.data(), s.pos.data(), g * r.n_pos / (r.div * r.total), g / r.div, n,
+                           values.data() + o);
       }
-      const acc_t g = grad[a] / pb.tau;
-      write_coefficients(s.terms.data(), s.pos.data(), g * r.n_pos / (r.div * r.total), g / r.div, n,
-                         values.data() + o);
     }
   });
   std::vector<int64_t> column(m + 1, 0);
@@ -627,15 +638,17 @@ DIRFAST_NOINLINE void sparse_backward(const Problem<acc_t>& pb, int64_t count, c
       }
     }
   }
-  torch::stable::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      acc_t* out = grad_q + r * d;
-      std::fill(out, out + d, acc_t(0));
-      const int64_t a = r - pb.offset;
-      if (a >= 0 && a < count) {
-        gather_rows(pb.q, d, keys.data() + offsets[a], values.data() + offsets[a], offsets[a + 1] - offsets[a], out);
+  parallel_for_pieces(m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](auto next) {
+    for (int64_t b, e; next(b, e);) {
+      for (int64_t r = b; r < e; ++r) {
+        acc_t* out = grad_q + r * d;
+        std::fill(out, out + d, acc_t(0));
+        const int64_t a = r - pb.offset;
+        if (a >= 0 && a < count) {
+          gather_rows(pb.q, d, keys.data() + offsets[a], values.data() + offsets[a], offsets[a + 1] - offsets[a], out);
+        }
+        gather_rows(pb.q, d, anchors.data() + column[r], values_t.data() + column[r], column[r + 1] - column[r], out);
       }
-      gather_rows(pb.q, d, anchors.data() + column[r], values_t.data() + column[r], column[r + 1] - column[r], out);
     }
   });
 }
@@ -644,27 +657,29 @@ DIRFAST_NOINLINE void sparse_backward(const Problem<acc_t>& pb, int64_t count, c
 // q = z / max(||z||, eps) per row (acc, contiguous [m, D]); the norms into `norms`.
 template <typename T, typename acc_t>
 DIRFAST_NOINLINE void normalize_rows(const T* z, int64_t m, int64_t d, acc_t* q, acc_t* norms) {
-  torch::stable::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const T* zr = z + r * d;
-      acc_t* qr = q + r * d;
-      acc_t lanes[8] = {};
-      int64_t k = 0;
-      for (; k + 8 <= d; k += 8) {
-        for (int64_t t = 0; t < 8; ++t) {
-          qr[k + t] = static_cast<acc_t>(zr[k + t]);
-          lanes[t] += qr[k + t] * qr[k + t];
+  parallel_for_pieces(m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](auto next) {
+    for (int64_t b, e; next(b, e);) {
+      for (int64_t r = b; r < e; ++r) {
+        const T* zr = z + r * d;
+        acc_t* qr = q + r * d;
+        acc_t lanes[8] = {};
+        int64_t k = 0;
+        for (; k + 8 <= d; k += 8) {
+          for (int64_t t = 0; t < 8; ++t) {
+            qr[k + t] = static_cast<acc_t>(zr[k + t]);
+            lanes[t] += qr[k + t] * qr[k + t];
+          }
         }
+        for (; k < d; ++k) {
+          qr[k] = static_cast<acc_t>(zr[k]);
+          lanes[0] += qr[k] * qr[k];
+        }
+        const acc_t norm = std::sqrt(((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                                     ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
+        norms[r] = norm;
+        const acc_t denominator = std::max(norm, static_cast<acc_t>(kEps));
+        for (k = 0; k < d; ++k) qr[k] /= denominator;
       }
-      for (; k < d; ++k) {
-        qr[k] = static_cast<acc_t>(zr[k]);
-        lanes[0] += qr[k] * qr[k];
-      }
-      const acc_t norm = std::sqrt(((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                                   ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
-      norms[r] = norm;
-      const acc_t denominator = std::max(norm, static_cast<acc_t>(kEps));
-      for (k = 0; k < d; ++k) qr[k] /= denominator;
     }
   });
 }
@@ -673,24 +688,26 @@ DIRFAST_NOINLINE void normalize_rows(const T* z, int64_t m, int64_t d, acc_t* q,
 template <typename acc_t, typename T>
 DIRFAST_NOINLINE void normalize_backward_rows(const acc_t* grad_q, const acc_t* q, const acc_t* norms, int64_t m,
                                               int64_t d, T* grad_z) {
-  torch::stable::parallel_for(0, m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const acc_t* gr = grad_q + r * d;
-      const acc_t* qr = q + r * d;
-      T* out = grad_z + r * d;
-      if (!(norms[r] >= static_cast<acc_t>(kEps))) {
-        for (int64_t k = 0; k < d; ++k) out[k] = static_cast<T>(gr[k] / static_cast<acc_t>(kEps));
-        continue;
+  parallel_for_pieces(m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](auto next) {
+    for (int64_t b, e; next(b, e);) {
+      for (int64_t r = b; r < e; ++r) {
+        const acc_t* gr = grad_q + r * d;
+        const acc_t* qr = q + r * d;
+        T* out = grad_z + r * d;
+        if (!(norms[r] >= static_cast<acc_t>(kEps))) {
+          for (int64_t k = 0; k < d; ++k) out[k] = static_cast<T>(gr[k] / static_cast<acc_t>(kEps));
+          continue;
+        }
+        acc_t lanes[8] = {};
+        int64_t k = 0;
+        for (; k + 8 <= d; k += 8) {
+          for (int64_t t = 0; t < 8; ++t) lanes[t] += qr[k + t] * gr[k + t];
+        }
+        for (; k < d; ++k) lanes[0] += qr[k] * gr[k];
+        const acc_t along = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        const acc_t norm = norms[r];
+        for (k = 0; k < d; ++k) out[k] = static_cast<T>((gr[k] - qr[k] * along) / norm);
       }
-      acc_t lanes[8] = {};
-      int64_t k = 0;
-      for (; k + 8 <= d; k += 8) {
-        for (int64_t t = 0; t < 8; ++t) lanes[t] += qr[k + t] * gr[k + t];
-      }
-      for (; k < d; ++k) lanes[0] += qr[k] * gr[k];
-      const acc_t along = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-      const acc_t norm = norms[r];
-      for (k = 0; k < d; ++k) out[k] = static_cast<T>((gr[k] - qr[k] * along) / norm);
     }
   });
 }
@@ -702,22 +719,24 @@ constexpr int64_t kTile = 32;
 template <typename acc_t>
 DIRFAST_NOINLINE void symmetrize(const acc_t* g, int64_t m, int64_t offset, int64_t count, acc_t* h) {
   const int64_t tiles = (m + kTile - 1) / kTile;
-  torch::stable::parallel_for(0, tiles, std::max<int64_t>(1, 512 / std::max<int64_t>(m, 1)), [&](int64_t b, int64_t e) {
-    for (int64_t rb = b * kTile; rb < std::min(m, e * kTile); rb += kTile) {
-      const int64_t r_end = std::min(m, rb + kTile);
-      for (int64_t r = rb; r < r_end; ++r) {
-        acc_t* hr = h + r * m;
-        if (r >= offset && r < offset + count) {
-          std::copy(g + (r - offset) * m, g + (r - offset + 1) * m, hr);
-        } else {
-          std::fill(hr, hr + m, acc_t(0));
-        }
-      }
-      for (int64_t cb = offset; cb < offset + count; cb += kTile) {
-        const int64_t c_end = std::min(offset + count, cb + kTile);
+  parallel_for_pieces(tiles, std::max<int64_t>(1, 512 / std::max<int64_t>(m, 1)), [&](auto next) {
+    for (int64_t b, e; next(b, e);) {
+      for (int64_t rb = b * kTile; rb < std::min(m, e * kTile); rb += kTile) {
+        const int64_t r_end = std::min(m, rb + kTile);
         for (int64_t r = rb; r < r_end; ++r) {
           acc_t* hr = h + r * m;
-          for (int64_t c = cb; c < c_end; ++c) hr[c] += g[(c - offset) * m + r];
+          if (r >= offset && r < offset + count) {
+            std::copy(g + (r - offset) * m, g + (r - offset + 1) * m, hr);
+          } else {
+            std::fill(hr, hr + m, acc_t(0));
+          }
+        }
+        for (int64_t cb = offset; cb < offset + count; cb += kTile) {
+          const int64_t c_end = std::min(offset + count, cb + kTile);
+          for (int64_t r = rb; r < r_end; ++r) {
+            acc_t* hr = h + r * m;
+            for (int64_t c = cb; c < c_end; ++c) hr[c] += g[(c - offset) * m + r];
+          }
         }
       }
     }

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "parallel.h"
 
 namespace dirfast {
 namespace cpu {
@@ -194,14 +195,16 @@ Buffer<T> pack_transposed(const T* src, int64_t n, int64_t len, int64_t npad) {
   Buffer<T> b(npad * len);
   std::fill(b.begin() + std::min(npad, round_up(n, P)) * len, b.end(), T(0));  // whole panels of padding
   // P source rows at a time: P reads in order, writes in order; the panels in parallel (copies).
-  torch::stable::parallel_for(0, (n + P - 1) / P, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, P * len)),
-                              [&](int64_t first, int64_t last) {
-    for (int64_t c0 = first * P; c0 < std::min(n, last * P); c0 += P) {
-      T* panel = &b[c0 * len];
-      const int64_t w = std::min(P, n - c0);
-      for (int64_t k = 0; k < len; ++k) {
-        for (int64_t c = 0; c < w; ++c) panel[k * P + c] = src[(c0 + c) * len + k];
-        for (int64_t c = w; c < P; ++c) panel[k * P + c] = T(0);  // the padding of a last panel
+  parallel_for_pieces((n + P - 1) / P,
+                      std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, P * len)), [&](auto next) {
+    for (int64_t first, last; next(first, last);) {
+      for (int64_t c0 = first * P; c0 < std::min(n, last * P); c0 += P) {
+        T* panel = &b[c0 * len];
+        const int64_t w = std::min(P, n - c0);
+        for (int64_t k = 0; k < len; ++k) {
+          for (int64_t c = 0; c < w; ++c) panel[k * P + c] = src[(c0 + c) * len + k];
+          for (int64_t c = w; c < P; ++c) panel[k * P + c] = T(0);  // the padding of a last panel
+        }
       }
     }
   });
@@ -215,14 +218,16 @@ Buffer<T> pack_rows(const T* const* rows, int64_t n, int64_t len, int64_t lenpad
   Buffer<T> b(lenpad * n);
   std::fill(b.begin() + std::min(lenpad, round_up(len, P)) * n, b.end(), T(0));  // whole panels of padding
   // The panels in parallel (copies only).
-  torch::stable::parallel_for(0, (len + P - 1) / P, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, P * n)),
-                              [&](int64_t first, int64_t last) {
-    for (int64_t c0 = first * P; c0 < std::min(len, last * P); c0 += P) {
-      T* panel = &b[c0 * n];
-      const int64_t w = std::min(P, len - c0);
-      for (int64_t k = 0; k < n; ++k) {
-        std::copy(rows[k] + c0, rows[k] + c0 + w, panel + k * P);
-        std::fill(panel + k * P + w, panel + (k + 1) * P, T(0));  // the padding of a last panel
+  parallel_for_pieces((len + P - 1) / P,
+                      std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, P * n)), [&](auto next) {
+    for (int64_t first, last; next(first, last);) {
+      for (int64_t c0 = first * P; c0 < std::min(len, last * P); c0 += P) {
+        T* panel = &b[c0 * n];
+        const int64_t w = std::min(P, len - c0);
+        for (int64_t k = 0; k < n; ++k) {
+          std::copy(rows[k] + c0, rows[k] + c0 + w, panel + k * P);
+          std::fill(panel + k * P + w, panel + (k + 1) * P, T(0));  // the padding of a last panel
+        }
       }
     }
   });
@@ -235,17 +240,19 @@ void product(const T* a, int64_t lda, int64_t nrows, const Buffer<T>& b, int64_t
   if (nrows == 0) return;
   const int64_t tiles = (nrows + kTileRows - 1) / kTileRows;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kTileRows * kdim * ncols));
-  torch::stable::parallel_for(0, tiles, grain, [&](int64_t first, int64_t last) {
+  parallel_for_pieces(tiles, grain, [&](auto next) {
     std::vector<T> spill(ncols);
-    for (int64_t t = first; t < last; ++t) {
-      const T* rows[kTileRows];
-      T* outs[kTileRows];
-      for (int64_t r = 0; r < kTileRows; ++r) {
-        const int64_t row = t * kTileRows + r;
-        rows[r] = a + std::min(row, nrows - 1) * lda;  // a short last tile repeats its last row
-        outs[r] = row < nrows ? out + row * ncols : spill.data();
+    for (int64_t first, last; next(first, last);) {
+      for (int64_t t = first; t < last; ++t) {
+        const T* rows[kTileRows];
+        T* outs[kTileRows];
+        for (int64_t r = 0; r < kTileRows; ++r) {
+          const int64_t row = t * kTileRows + r;
+          rows[r] = a + std::min(row, nrows - 1) * lda;  // a short last tile repeats its last row
+          outs[r] = row < nrows ? out + row * ncols : spill.data();
+        }
+        tile(rows, b.data(), kdim, ncols, outs);
       }
-      tile(rows, b.data(), kdim, ncols, outs);
     }
   });
 }
@@ -396,13 +403,14 @@ struct Problem {
     // The normalising and the gather of the keys, row by row in one parallel region (each row's
     // values are computed the same way on any thread): serial, they were a good part of a call
     // at M = 256, D = 512 on 2 threads.
-    torch::stable::parallel_for(0, m, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)),
-                                [&](int64_t first, int64_t last) {
-      for (int64_t r = first; r < last; ++r) {
-        norm[r] = std::sqrt(sum_of_squares(pz + r * d, d));
-        const acc_t scale = std::max(norm[r], static_cast<acc_t>(kNormEps));
-        for (int64_t j = 0; j < d; ++j) q[r * d + j] = pz[r * d + j] / scale;
-        if (position[r] >= 0) std::copy(&q[r * d], &q[r * d] + d, &keys[position[r] * d]);
+    parallel_for_pieces(m, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)), [&](auto next) {
+      for (int64_t first, last; next(first, last);) {
+        for (int64_t r = first; r < last; ++r) {
+          norm[r] = std::sqrt(sum_of_squares(pz + r * d, d));
+          const acc_t scale = std::max(norm[r], static_cast<acc_t>(kNormEps));
+          for (int64_t j = 0; j < d; ++j) q[r * d + j] = pz[r * d + j] / scale;
+          if (position[r] >= 0) std::copy(&q[r * d], &q[r * d] + d, &keys[position[r] * d]);
+        }
       }
     });
     keys_t = pack_transposed(keys.data(), size, d, size_pad);
@@ -536,30 +544,32 @@ DIRFAST_NOINLINE Buffer<acc_t> similarity_matrix(const Problem<acc_t>& pb) {
   const int64_t n = pb.size, np = pb.size_pad, d = pb.d;
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   // Tasks of one tile of kTileRows rows by one column block on or above the diagonal, all about
-  // the same cost: parallel_for hands each thread one contiguous range of tasks, and tasks of a
-  // whole row block (fewer to the right) left the first thread with ~60% of the work on 2 threads.
+  // the same cost: a piece is a contiguous range of tasks, and tasks of a whole row block (fewer to
+  // the right) had left the first thread with ~60% of the work on 2 threads.
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (first row of the tile, column block), column >= row
   for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
     for (int64_t cb = t0 / kBlock; cb < blocks; ++cb) tasks.emplace_back(t0, cb);
   }
   Buffer<acc_t> c(n * np);  // every value written below
   const int64_t tile_madds = kTileRows * kBlock * std::max<int64_t>(d, 1);
-  torch::stable::parallel_for(0, static_cast<int64_t>(tasks.size()),
-                              std::max<int64_t>(1, (int64_t(1) << 16) / tile_madds), [&](int64_t first, int64_t last) {
+  parallel_for_pieces(static_cast<int64_t>(tasks.size()),
+                      std::max<int64_t>(1, (int64_t(1) << 16) / tile_madds), [&](auto next) {
     std::vector<acc_t> spill(kBlock);
-    for (int64_t task = first; task < last; ++task) {
-      const int64_t c0 = tasks[task].second * kBlock;
-      const int64_t width = std::min(kBlock, np - c0);  // a multiple of kPad
-      {
-        const int64_t t0 = tasks[task].first;
-        const acc_t* rows[kTileRows];
-        acc_t* outs[kTileRows];
-        for (int64_t r = 0; r < kTileRows; ++r) {
-          const int64_t row = t0 + r;
-          rows[r] = &pb.keys[std::min(row, n - 1) * d];
-          outs[r] = row < n ? &c[row * np + c0] : spill.data();
+    for (int64_t first, last; next(first, last);) {
+      for (int64_t task = first; task < last; ++task) {
+        const int64_t c0 = tasks[task].second * kBlock;
+        const int64_t width = std::min(kBlock, np - c0);  // a multiple of kPad
+        {
+          const int64_t t0 = tasks[task].first;
+          const acc_t* rows[kTileRows];
+          acc_t* outs[kTileRows];
+          for (int64_t r = 0; r < kTileRows; ++r) {
+            const int64_t row = t0 + r;
+            rows[r] = &pb.keys[std::min(row, n - 1) * d];
+            outs[r] = row < n ? &c[row * np + c0] : spill.data();
+          }
+          tile(rows, pb.keys_t.data() + c0 * d, d, width, outs);
         }
-        tile(rows, pb.keys_t.data() + c0 * d, d, width, outs);
       }
     }
   });
@@ -574,22 +584,26 @@ void for_each_anchor(const Problem<acc_t>& pb, Body&& body) {
   if (na == pb.size) {
     Buffer<acc_t> c = similarity_matrix(pb);
     const int64_t np = pb.size_pad;
-    torch::stable::parallel_for(0, na, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, na)), [&](int64_t first, int64_t last) {
+    parallel_for_pieces(na, std::max<int64_t>(1, 1024 / std::max<int64_t>(1, na)), [&](auto next) {
       RowBuffers<acc_t> buf(pb);
-      for (int64_t t = first; t < last; ++t) {
-        for (int64_t j = 0; j < t / kBlock * kBlock; ++j) c[t * np + j] = c[j * np + t];  // (j, t) is above the diagonal
-        body(t, &c[t * np], buf);
+      for (int64_t first, last; next(first, last);) {
+        for (int64_t t = first; t < last; ++t) {
+          for (int64_t j = 0; j < t / kBlock * kBlock; ++j) c[t * np + j] = c[j * np + t];  // (j, t) is above the diagonal
+          body(t, &c[t * np], buf);
+        }
       }
     });
     return;
   }
   const int64_t tiles = (na + kTileRows - 1) / kTileRows;
-  torch::stable::parallel_for(0, tiles, pb.grain(), [&](int64_t first, int64_t last) {
+  parallel_for_pieces(tiles, pb.grain(), [&](auto next) {
     RowBuffers<acc_t> buf(pb);
-    for (int64_t tl = first; tl < last; ++tl) {
-      similarity_tile(pb, tl * kTileRows, buf);
-      for (int64_t r = 0; r < kTileRows && tl * kTileRows + r < na; ++r) {
-        body(tl * kTileRows + r, &buf.cos[r * pb.size_pad], buf);
+    for (int64_t first, last; next(first, last);) {
+      for (int64_t tl = first; tl < last; ++tl) {
+        similarity_tile(pb, tl * kTileRows, buf);
+        for (int64_t r = 0; r < kTileRows && tl * kTileRows + r < na; ++r) {
+          body(tl * kTileRows + r, &buf.cos[r * pb.size_pad], buf);
+        }
       }
     }
   });
@@ -674,20 +688,22 @@ DIRFAST_NOINLINE void feature_gradients(const Problem<acc_t>& pb, const Buffer<a
   if (na == n) {  // anchor t is key t
     const int64_t tiles = (n + kTileRows - 1) / kTileRows;
     const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, kTileRows * n * dp));
-    torch::stable::parallel_for(0, tiles, grain, [&](int64_t first, int64_t last) {
+    parallel_for_pieces(tiles, grain, [&](auto next) {
       std::vector<acc_t> w(kTileRows * n), gq(kTileRows * dp);
-      for (int64_t t = first; t < last; ++t) {
-        const acc_t* rows[kTileRows];
-        acc_t* outs[kTileRows];
-        for (int64_t r = 0; r < kTileRows; ++r) {
-          const int64_t p = std::min(t * kTileRows + r, n - 1);  // a short last tile repeats its last row
-          for (int64_t j = 0; j < n; ++j) w[r * n + j] = d_cos[p * n + j] + d_cos[j * n + p];
-          rows[r] = &w[r * n];
-          outs[r] = &gq[r * dp];
-        }
-        tile(rows, keys_b.data(), n, dp, outs);
-        for (int64_t r = 0; r < kTileRows && t * kTileRows + r < n; ++r) {
-          normalize_row(pb, pb.kept[t * kTileRows + r], outs[r], grad_z);
+      for (int64_t first, last; next(first, last);) {
+        for (int64_t t = first; t < last; ++t) {
+          const acc_t* rows[kTileRows];
+          acc_t* outs[kTileRows];
+          for (int64_t r = 0; r < kTileRows; ++r) {
+            const int64_t p = std::min(t * kTileRows + r, n - 1);  // a short last tile repeats its last row
+            for (int64_t j = 0; j < n; ++j) w[r * n + j] = d_cos[p * n + j] + d_cos[j * n + p];
+            rows[r] = &w[r * n];
+            outs[r] = &gq[r * dp];
+          }
+          tile(rows, keys_b.data(), n, dp, outs);
+          for (int64_t r = 0; r < kTileRows && t * kTileRows + r < n; ++r) {
+            normalize_row(pb, pb.kept[t * kTileRows + r], outs[r], grad_z);
+          }
         }
       }
     });
@@ -707,9 +723,10 @@ DIRFAST_NOINLINE void feature_gradients(const Problem<acc_t>& pb, const Buffer<a
     const acc_t* ga = &grad_anchor[t * dp];
     for (int64_t j = 0; j < d; ++j) g[j] = ga[j] + g[j];
   }
-  torch::stable::parallel_for(0, n, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)),
-                              [&](int64_t first, int64_t last) {
-    for (int64_t p = first; p < last; ++p) normalize_row(pb, pb.kept[p], &grad_q[p * dp], grad_z);
+  parallel_for_pieces(n, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)), [&](auto next) {
+    for (int64_t first, last; next(first, last);) {
+      for (int64_t p = first; p < last; ++p) normalize_row(pb, pb.kept[p], &grad_q[p * dp], grad_z);
+    }
   });
 }
 

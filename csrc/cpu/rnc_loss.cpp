@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "parallel.h"
 
 namespace dirfast {
 namespace cpu {
@@ -249,10 +250,12 @@ void fill_distances(const acc_t* Z, int64_t m, int64_t D, int64_t offset, int64_
     }
   }
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (B * B * (D + 4)));
-  torch::stable::parallel_for(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t first, int64_t last) {
-    for (int64_t t = first; t < last; ++t) {
-      const Tile& x = tiles[t];
-      tile(Z, m, D, offset, x.i0, x.i1, x.k0, x.k1, x.mirror_end, R);
+  parallel_for_pieces(static_cast<int64_t>(tiles.size()), grain, [&](auto next) {
+    for (int64_t first, last; next(first, last);) {
+      for (int64_t t = first; t < last; ++t) {
+        const Tile& x = tiles[t];
+        tile(Z, m, D, offset, x.i0, x.i1, x.k0, x.k1, x.mirror_end, R);
+      }
     }
   });
 }
@@ -473,13 +476,15 @@ DIRFAST_NOINLINE int64_t sorted_row(const Problem<acc_t>& pb, int64_t i, const a
 template <typename acc_t>
 DIRFAST_NOINLINE void forward_rows(const Problem<acc_t>& pb, acc_t* R, acc_t* out, int64_t offset, int64_t count,
                                    int64_t grain) {
-  torch::stable::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
+  parallel_for_pieces(count, grain, [&](auto next) {
     Row<acc_t> row(pb.m);
-    for (int64_t a = first; a < last; ++a) {
-      const int64_t n = sorted_row(pb, offset + a, R + a * pb.m, row);
-      acc_t total = 0;
-      for (int64_t p = 0; p < n; ++p) total += row.s[p] - row.log_s[p];
-      out[a] = total / -acc_t(n);
+    for (int64_t first, last; next(first, last);) {
+      for (int64_t a = first; a < last; ++a) {
+        const int64_t n = sorted_row(pb, offset + a, R + a * pb.m, row);
+        acc_t total = 0;
+        for (int64_t p = 0; p < n; ++p) total += row.s[p] - row.log_s[p];
+        out[a] = total / -acc_t(n);
+      }
     }
   });
 }
@@ -490,29 +495,31 @@ template <typename acc_t>
 DIRFAST_NOINLINE void backward_weights(const Problem<acc_t>& pb, acc_t* R, const acc_t* grad, acc_t* w,
                                        int64_t offset, int64_t count, int64_t grain) {
   const int64_t m = pb.m;
-  torch::stable::parallel_for(0, count, grain, [&](int64_t first, int64_t last) {
+  parallel_for_pieces(count, grain, [&](auto next) {
     Row<acc_t> row(m);
-    for (int64_t a = first; a < last; ++a) {
-      const int64_t i = offset + a;
-      const int64_t n = sorted_row(pb, i, R + a * m, row);
-      const acc_t c = grad[a] / acc_t(n);
-      acc_t* wa = w + a * m;
-      wa[i] = 0;
-      RunningLse<acc_t> prefix;  // log sum of 1 / S_j over the groups so far
-      for (int64_t start = 0; start < n;) {
-        int64_t end = start + 1;
-        while (end < n && row.keys[end].d == row.keys[start].d) ++end;
-        prefix.add(-row.log_s[start], acc_t(end - start));  // one S for the whole group
-        const acc_t log_p = prefix.value();
-        for (int64_t p = start; p < end; ++p) row.x[p] = row.s[p] + log_p;
-        start = end;
+    for (int64_t first, last; next(first, last);) {
+      for (int64_t a = first; a < last; ++a) {
+        const int64_t i = offset + a;
+        const int64_t n = sorted_row(pb, i, R + a * m, row);
+        const acc_t c = grad[a] / acc_t(n);
+        acc_t* wa = w + a * m;
+        wa[i] = 0;
+        RunningLse<acc_t> prefix;  // log sum of 1 / S_j over the groups so far
+        for (int64_t start = 0; start < n;) {
+          int64_t end = start + 1;
+          while (end < n && row.keys[end].d == row.keys[start].d) ++end;
+          prefix.add(-row.log_s[start], acc_t(end - start));  // one S for the whole group
+          const acc_t log_p = prefix.value();
+          for (int64_t p = start; p < end; ++p) row.x[p] = row.s[p] + log_p;
+          start = end;
+        }
+        exp_of(row.x.data(), row.e.data(), n);
+        for (int64_t p = 0; p < n; ++p) {  // in place of x: w in the sorted order
+          const acc_t ds = c * (row.e[p] - acc_t(1)), rk = row.r[p];
+          row.x[p] = rk == 0 ? acc_t(0) : ds / (pb.temperature * rk);
+        }
+        for (int64_t p = 0; p < n; ++p) wa[row.keys[p].k] = row.x[p];
       }
-      exp_of(row.x.data(), row.e.data(), n);
-      for (int64_t p = 0; p < n; ++p) {  // in place of x: w in the sorted order
-        const acc_t ds = c * (row.e[p] - acc_t(1)), rk = row.r[p];
-        row.x[p] = rk == 0 ? acc_t(0) : ds / (pb.temperature * rk);
-      }
-      for (int64_t p = 0; p < n; ++p) wa[row.keys[p].k] = row.x[p];
     }
   });
 }
@@ -617,25 +624,27 @@ DIRFAST_NOINLINE void backward_rows(const acc_t* Z, const acc_t* w, acc_t* grad,
     for (int64_t r0 = lo; r0 < hi; r0 += B) blocks.emplace_back(r0, std::min(r0 + B, hi));
   }
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (B * m * (D + 4)));
-  torch::stable::parallel_for(0, static_cast<int64_t>(blocks.size()), grain, [&](int64_t first, int64_t last) {
+  parallel_for_pieces(static_cast<int64_t>(blocks.size()), grain, [&](auto next) {
     // b's rows are ldb apart, an odd number of 16 elements, so that the column writes below do
     // not all fall into the same few cache sets.
     const int64_t ldb = (m + 15) / 16 % 2 ? (m + 15) / 16 * 16 : (m + 15) / 16 * 16 + 16;
     std::vector<acc_t> b(B * ldb);
-    for (int64_t t = first; t < last; ++t) {
-      const auto [r0, r1] = blocks[t];
-      const bool anchor = r0 >= offset && r0 < offset + count;
-      const int64_t lo = anchor ? 0 : offset, hi = anchor ? m : offset + count;
-      for (int64_t r = r0; r < r1; ++r) {
-        acc_t* br = b.data() + (r - r0) * ldb;
-        for (int64_t p = lo; p < hi; ++p) br[p] = anchor ? w[(r - offset) * m + p] : acc_t(0);
+    for (int64_t first, last; next(first, last);) {
+      for (int64_t t = first; t < last; ++t) {
+        const auto [r0, r1] = blocks[t];
+        const bool anchor = r0 >= offset && r0 < offset + count;
+        const int64_t lo = anchor ? 0 : offset, hi = anchor ? m : offset + count;
+        for (int64_t r = r0; r < r1; ++r) {
+          acc_t* br = b.data() + (r - r0) * ldb;
+          for (int64_t p = lo; p < hi; ++p) br[p] = anchor ? w[(r - offset) * m + p] : acc_t(0);
+        }
+        for (int64_t p = std::max(lo, offset); p < std::min(hi, offset + count); ++p) {
+          const acc_t* wp = w + (p - offset) * m;
+          for (int64_t r = r0; r < r1; ++r) b[(r - r0) * ldb + p] += wp[r];
+        }
+        std::fill(grad + r0 * D, grad + r1 * D, acc_t(0));
+        for (int64_t p0 = lo; p0 < hi; p0 += P) add_pairs(Z, b.data(), ldb, r0, r1, p0, std::min(p0 + P, hi), grad, D);
       }
-      for (int64_t p = std::max(lo, offset); p < std::min(hi, offset + count); ++p) {
-        const acc_t* wp = w + (p - offset) * m;
-        for (int64_t r = r0; r < r1; ++r) b[(r - r0) * ldb + p] += wp[r];
-      }
-      std::fill(grad + r0 * D, grad + r1 * D, acc_t(0));
-      for (int64_t p0 = lo; p0 < hi; p0 += P) add_pairs(Z, b.data(), ldb, r0, r1, p0, std::min(p0 + P, hi), grad, D);
     }
   });
 }
