@@ -316,6 +316,28 @@ def test_cpp_many_bins_rows_grouped(dtype, table_dtype):
 
 @pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
                     reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+@pytest.mark.parametrize("channels", [8, 21])
+def test_cpp_dense_float32_channel_blocks(channels):
+    """Dense float32 maps on the CPU go 8 channels x 8 pixels at a time where AVX2 runs (the
+    leftover channels and pixels one at a time): the oracle's values, and the bits of the same
+    maps channels-last (read as rows), in place and out of place; 21 channels and 105 pixels per
+    map leave both kinds of leftovers, on 1 and 2 threads."""
+    g = gen(90)
+    x = torch.randn(3, channels, 15, 7, generator=g) * 2 + 1
+    idx = torch.randint(-1, 12, (3, 15, 7), generator=g)
+    stats = calibration_stats(11, channels, torch.float32)
+    got = on("cpp", dirfast.ops.calibrate, x, idx, *stats)
+    check_calibrate(got, x, idx, stats)
+    rows = on("cpp", dirfast.ops.calibrate, x.contiguous(memory_format=torch.channels_last), idx, *stats)
+    same_bits(got, rows)
+    inplace = x.clone()
+    on("cpp", dirfast.ops.calibrate_, inplace, idx, *stats)
+    same_bits(inplace, got)
+    same_bits_for_threads(lambda: [on("cpp", dirfast.ops.calibrate, x, idx, *stats)])
+
+
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
+                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
 @pytest.mark.parametrize("layout", ["rows", "dense"])
 def test_cpp_tables_larger_than_the_index(layout):
     """More table values than rows (B x D > rows): the C++ kernel computes only the buckets some
