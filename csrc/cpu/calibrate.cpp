@@ -8,8 +8,9 @@
 // grouped by bucket (a counting sort) and each bucket's s and t are computed into a small buffer
 // just before its rows, so no table goes through memory and each bucket's statistics are read
 // once; out of place, x is first copied into y in row order and calibrated there. The
-// statistics are read in their own strides (BucketRows), not copied. The planar layout reads
-// feature-major tables. x is read in place in both layouts of csrc/layout.h (others are copied
+// statistics are read in their own strides (BucketRows), not copied. The planar layout goes 8
+// channels x 8 pixels at a time from the bucket-major table (float32 where AVX2 runs), else a
+// plane at a time from a feature-major one. x is read in place in both layouts of csrc/layout.h (others are copied
 // once); calibrate's y has the strides of torch.empty_like(x) (the fake kernel's), calibrate_
 // writes into x (each element read before it is written, by the same iteration). Arithmetic in
 // float32, or float64 when x or src_mean is float64, cast back to the dtype of x at the store;
@@ -101,9 +102,6 @@ class BucketRows {
 #endif
     for (; d < dim_; ++d) {
       const acc_t* column = base + d * feature_stride_;
-#if defined(__GNUC__)
-      __builtin_prefetch(column + n * bucket_stride_);  // the next block's line of this feature
-#endif
       for (int64_t j = 0; j < n; ++j) block[j * row_ + d] = column[j * bucket_stride_];
     }
   }
@@ -253,14 +251,14 @@ inline void bucket_scale_shift(BucketStatistics<acc_t>& stats, int64_t k, int64_
 }
 
 // The s and t of B + 1 buckets, the last the identity (s = 1, t = -0.0: x * 1 + -0.0 is x exactly,
-// the sign of a zero included), taken by rows whose index is outside [0, B). Rows layout
-// (planar false): bucket k's s then t in st[2 k D, 2 (k + 1) D), one contiguous piece per row to
-// read. Planar layout: feature-major, s[d (B + 1) + k] and t likewise at st + D (B + 1), a
-// channel's values side by side. When the tables are larger than the index, only the buckets
+// the sign of a zero included), taken by rows whose index is outside [0, B). Bucket-major
+// (feature_major false): bucket k's s then t in st[2 k D, 2 (k + 1) D), one contiguous piece per
+// row (or pixel) to read. Feature-major (the planar layout's plane loop): s[d (B + 1) + k] and t
+// likewise at st + D (B + 1), a channel's values side by side. When the tables are larger than the index, only the buckets
 // some row uses (and B) are computed, the others left uninitialised.
 template <typename acc_t, typename index_t>
 DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, int64_t num_bins, int64_t dim, acc_t lo, acc_t hi,
-                                         const index_t* idx, int64_t rows, bool planar, acc_t* st) {
+                                         const index_t* idx, int64_t rows, bool feature_major, acc_t* st) {
   std::vector<int64_t> listed;  // the buckets to compute, when not all
   if (num_bins * dim > rows) {
     std::vector<uint8_t> used(num_bins + 1, 0);
@@ -274,15 +272,15 @@ DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, int64_t num_bi
   const int64_t columns = num_bins + 1;
   const int64_t grain = std::max<int64_t>(1, kGrainTableValues / std::max<int64_t>(dim, 1));
   parallel_for_pieces(count, grain, [&](auto next) {
-    std::unique_ptr<acc_t[]> buffer(planar ? new acc_t[2 * dim] : nullptr);
+    std::unique_ptr<acc_t[]> buffer(feature_major ? new acc_t[2 * dim] : nullptr);
     BucketStatistics<acc_t> reader(stats);
     for (int64_t begin, end; next(begin, end);) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t k = listed.empty() ? i : listed[i];
-        acc_t* sk = planar ? buffer.get() : st + 2 * k * dim;
+        acc_t* sk = feature_major ? buffer.get() : st + 2 * k * dim;
         acc_t* tk = sk + dim;
         bucket_scale_shift<acc_t>(reader, k, num_bins, dim, lo, hi, sk, tk);
-        if (planar) {
+        if (feature_major) {
           for (int64_t d = 0; d < dim; ++d) {
             st[d * columns + k] = sk[d];
             st[(dim + d) * columns + k] = tk[d];
@@ -473,10 +471,11 @@ __attribute__((target("avx2"))) DIRFAST_NOINLINE void apply_tile_f32(float* y, i
 #endif
 
 // Planar layout: a task is a tile of pixels of one batch item; their buckets are resolved once,
-// then each channel plane of the tile is streamed with s and t gathered from the channel's row.
+// then the tile goes by apply_tile_f32 (st bucket-major), or each channel plane of the tile is
+// streamed with s and t gathered from the channel's row (st feature-major).
 template <typename T, typename acc_t, typename index_t>
 DIRFAST_NOINLINE void apply_planes(const T* x, const Layout& lx, T* y, const Layout& ly,
-                                   const index_t* idx, int64_t num_bins, const acc_t* st) {
+                                   const index_t* idx, int64_t num_bins, const acc_t* st, bool feature_major) {
   const int64_t inner = lx.inner;
   const int64_t dim = lx.dim;
   const int64_t columns = num_bins + 1;
@@ -484,7 +483,6 @@ DIRFAST_NOINLINE void apply_planes(const T* x, const Layout& lx, T* y, const Lay
   const int64_t tile = std::min(kPlanarTile, inner);
   const int64_t tiles = (inner + tile - 1) / tile;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(tile * dim, 1));
-  const bool blocks = planar_blocks<T, acc_t>();  // st is bucket-major, else feature-major
   parallel_for_pieces(lx.batch * tiles, grain, [&](auto next) {
     std::unique_ptr<int32_t[]> bucket(new int32_t[tile]);
     for (int64_t begin, end; next(begin, end);) {
@@ -499,7 +497,7 @@ DIRFAST_NOINLINE void apply_planes(const T* x, const Layout& lx, T* y, const Lay
         T* yb = y + b * ly.batch_stride + s0;
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__)
         if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
-          if (blocks) {
+          if (!feature_major) {
             apply_tile_f32(yb, ly.feature_stride, xb, lx.feature_stride, st, bucket.get(), len, dim);
             continue;
           }
@@ -569,7 +567,7 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
         const bool feature_major = planar && !planar_blocks<T, acc_t>();
         scale_shift_tables<acc_t, index_t>(stats, num_bins, dim, lo, hi, pi, plan.lx.rows, feature_major, st.get());
         if (planar) {
-          apply_planes<T, acc_t, index_t>(px, plan.lx, py, plan.ly, pi, num_bins, st.get());
+          apply_planes<T, acc_t, index_t>(px, plan.lx, py, plan.ly, pi, num_bins, st.get(), feature_major);
         } else {
           apply_rows<T, acc_t, index_t>(px, plan.lx.row_stride, py, plan.ly.row_stride, pi, plan.lx.rows, dim,
                                         num_bins, st.get());
