@@ -46,6 +46,12 @@ def _gaussian_window(sigma: float, device) -> torch.Tensor:
     return torch.from_numpy(window / window.sum()).to(device)
 
 
+def _grid_position(labels: torch.Tensor, low: float, step: float) -> torch.Tensor:
+    """Where ``labels`` lie on the grid ``low + k * step``, in steps: a new tensor, which callers
+    overwrite."""
+    return labels.sub(low).div_(step)
+
+
 def _split(position: torch.Tensor, grid_size: int):
     """Grid positions of labels (float64, overwritten) as their cells (int64, the point at or
     below each, at most ``grid_size - 2``) and their shares of the point above (``position -
@@ -59,7 +65,7 @@ def _interpolate(table: torch.Tensor, low: float, step: float, labels: torch.Ten
     interpolated linearly at ``labels`` (float64, any shape): 0 outside the grid, NaN at a NaN or
     infinite label. Reads nothing on the host."""
     last = table.shape[1] - 1
-    position = (labels - low).div_(step)
+    position = _grid_position(labels, low, step)
     inside = (position >= 0) & (position <= last)
     index, fraction = _split(position.nan_to_num_(0.0).clamp_(0, last), last + 1)
     index, fraction = index.reshape(-1), fraction.reshape(-1)  # index_select: indexing and take start threads
@@ -74,7 +80,7 @@ def _linear_binning(values: torch.Tensor, low: float, step: float, grid_size: in
     nothing label-sized is kept."""
     counts, rights = [], []
     for part in validate.chunks(values):
-        cell, share = _split(part.sub(low).div_(step), grid_size)
+        cell, share = _split(_grid_position(part, low, step), grid_size)
         counts.append(torch.bincount(cell, minlength=grid_size - 1))
         rights.append(torch.bincount(cell, weights=share, minlength=grid_size - 1))
     return sum(counts).to(torch.float64), sum(rights)
@@ -105,7 +111,7 @@ def _mean_floor(base: torch.Tensor, eps: float, values, low: float, step: float,
         start, rise = torch.where(crossing, below - eps, -1.0), torch.where(crossing, above - below, 0.0)
         first, last = int(cells[0]) - 1, int(cells[-1]) + 2
         for part in validate.chunks(values):
-            position = part.sub(low).div_(step)
+            position = _grid_position(part, low, step)
             near = (position >= first) & (position < last)
             if bool(near.any()):  # (a chunk without such labels adds nothing)
                 cell, share = _split(position[near], base.shape[0])

@@ -148,7 +148,7 @@ class BucketRows {
 };
 
 // The four statistics tables of a call (src_mean, src_var, dst_mean, dst_var), each in acc_t with
-// its own strides.
+// its own strides, and their shape [B, D] (num_bins, dim).
 struct Statistics {
   const Tensor* tables[4];
   int64_t num_bins, dim;
@@ -260,8 +260,9 @@ inline void bucket_scale_shift(BucketStatistics<acc_t>& stats, int64_t k, int64_
 // likewise at st + D (B + 1), a channel's values side by side. When the tables are larger than the index, only the buckets
 // some row uses (and B) are computed, the others left uninitialised.
 template <typename acc_t, typename index_t>
-DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, int64_t num_bins, int64_t dim, acc_t lo, acc_t hi,
-                                         const index_t* idx, int64_t rows, bool feature_major, acc_t* st) {
+DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, acc_t lo, acc_t hi, const index_t* idx, int64_t rows,
+                                         bool feature_major, acc_t* st) {
+  const int64_t num_bins = stats.num_bins, dim = stats.dim;
   std::vector<int64_t> listed;  // the buckets to compute, when not all
   if (num_bins * dim > rows) {
     std::vector<uint8_t> used(num_bins + 1, 0);
@@ -395,8 +396,8 @@ DIRFAST_NOINLINE void group_rows(const index_t* idx, int64_t rows, int64_t num_b
 template <typename T, typename acc_t>
 DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y_stride,
                                    const int64_t* order, const int64_t* first, int64_t rows,
-                                   int64_t dim, int64_t num_bins, const Statistics& stats, acc_t lo,
-                                   acc_t hi, bool streamed) {
+                                   const Statistics& stats, acc_t lo, acc_t hi, bool streamed) {
+  const int64_t num_bins = stats.num_bins, dim = stats.dim;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
   parallel_for_pieces(rows, grain, [&](auto next) {
     std::unique_ptr<acc_t[]> buffer(new acc_t[2 * dim]);
@@ -605,12 +606,12 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
           std::vector<int64_t> order, first;
           group_rows<index_t>(pi, plan.lx.rows, num_bins, order, first);
           apply_groups<T, acc_t>(source, source_stride, py, plan.ly.row_stride, order.data(), first.data(),
-                                 plan.lx.rows, dim, num_bins, stats, lo, hi, streamed);
+                                 plan.lx.rows, stats, lo, hi, streamed);
           return;
         }
         std::unique_ptr<acc_t[]> st(new acc_t[entries]);  // left uninitialised: see scale_shift_tables
         const bool feature_major = planar && !planar_blocks<T, acc_t>();
-        scale_shift_tables<acc_t, index_t>(stats, num_bins, dim, lo, hi, pi, plan.lx.rows, feature_major, st.get());
+        scale_shift_tables<acc_t, index_t>(stats, lo, hi, pi, plan.lx.rows, feature_major, st.get());
         if (planar) {
           apply_planes<T, acc_t, index_t>(px, plan.lx, py, plan.ly, pi, num_bins, st.get(), feature_major);
         } else {
