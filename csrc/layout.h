@@ -5,7 +5,7 @@
 // numbered in the C order of bin_idx ([N] or [B, *spatial]). Two memory layouts are read and
 // written without a copy; anything else (e.g. a tensor sliced along its last axis) is copied once
 // by the kernel, the only copy of x any kernel makes (besides calibrate's out-of-place copy of x
-// into its output when it visits rows of a dtype other than float32 bucket by bucket).
+// into its output when it visits the rows bucket by bucket).
 #pragma once
 
 #include <vector>

@@ -316,23 +316,6 @@ def test_cpp_many_bins_rows_grouped(dtype, table_dtype):
 
 @pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
                     reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
-def test_cpp_output_on_huge_pages():
-    """An output of at least 32 MiB is advised onto huge pages before it is written (csrc/pages.h):
-    the reference's values, and the bits of the in-place call, for rows through the tables and the
-    grouped rows (8,200 x 1,024 float32, 97 and 2,100 bins)."""
-    x = rand_features(8200, 1024, seed=42)
-    for num_bins in (97, 2100):
-        stats = calibration_stats(num_bins, 1024, torch.float32)
-        idx = rand_bins(8200, num_bins, seed=43)
-        got = on("cpp", dirfast.ops.calibrate, x, idx, *stats)
-        torch.testing.assert_close(got, reference(x, idx, *stats), **calibrate_tol(torch.float32))
-        inplace = x.clone()
-        on("cpp", dirfast.ops.calibrate_, inplace, idx, *stats)
-        same_bits(got, inplace)
-
-
-@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
-                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
 @pytest.mark.parametrize("channels", [8, 21])
 def test_cpp_dense_float32_channel_blocks(channels):
     """Dense float32 maps on the CPU go 8 channels x 8 pixels at a time where AVX2 runs (the

@@ -7,16 +7,14 @@
 // cached, they are written first and each row reads its bucket's piece; beyond that, the rows are
 // grouped by bucket (a counting sort) and each bucket's s and t are computed into a small buffer
 // just before its rows, so no table goes through memory and each bucket's statistics are read
-// once; out of place, float32 rows go into y with non-temporal stores, other dtypes are first
-// copied into y in row order and calibrated there. The statistics are read in their own strides
-// (BucketRows), not copied. The planar layout goes 8 channels x 8 pixels at a time from the
-// bucket-major table (float32 where AVX2 runs), else a plane at a time from a feature-major one.
-// x is read in place in both layouts of csrc/layout.h (others are copied once); calibrate's y
-// has the strides of torch.empty_like(x) (the fake kernel's), on huge pages when large
-// (csrc/pages.h); calibrate_ writes into x (each element read before it is written, by the same
-// iteration). Arithmetic in float32, or float64 when x or src_mean is float64, cast back to the
-// dtype of x at the store; elementwise, so the same bits for any number of threads and either way
-// through the rows.
+// once; out of place, x is first copied into y in row order and calibrated there. The
+// statistics are read in their own strides (BucketRows), not copied. The planar layout goes 8
+// channels x 8 pixels at a time from the bucket-major table (float32 where AVX2 runs), else a
+// plane at a time from a feature-major one. x is read in place in both layouts of csrc/layout.h (others are copied
+// once); calibrate's y has the strides of torch.empty_like(x) (the fake kernel's), calibrate_
+// writes into x (each element read before it is written, by the same iteration). Arithmetic in
+// float32, or float64 when x or src_mean is float64, cast back to the dtype of x at the store;
+// elementwise, so the same bits for any number of threads and either way through the rows.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -28,7 +26,6 @@
 #include "calibrate.h"
 #include "checks.h"
 #include "layout.h"
-#include "pages.h"
 #include "parallel.h"
 
 #if defined(__SSE2__)
@@ -321,34 +318,6 @@ DIRFAST_CALIBRATE_APPLY_ROW(c10::BFloat16, float)
 DIRFAST_CALIBRATE_APPLY_ROW(c10::BFloat16, double)
 #undef DIRFAST_CALIBRATE_APPLY_ROW
 
-// Whether calibrate's grouped rows of (T, acc_t) go straight into the fresh output y
-// (apply_row_streamed) rather than into a copy of x made first: float32, on a CPU with AVX, y's
-// rows 32-byte aligned.
-template <typename T, typename acc_t>
-bool streamable_rows(const T* y, int64_t y_stride, int64_t dim) {
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__)
-  static const bool avx = __builtin_cpu_supports("avx");
-  return std::is_same_v<T, float> && std::is_same_v<acc_t, float> && avx &&
-         reinterpret_cast<uintptr_t>(y) % 32 == 0 && y_stride % 8 == 0 && dim % 8 == 0;
-#else
-  return false;
-#endif
-}
-
-// A float32 row into a fresh output with non-temporal stores (streamable_rows): the grouped rows
-// visit the output out of order, and an ordinary store would first read each line of it
-// (32-byte stores: 16-byte ones took longer). The same multiply then add as calibrate_apply: the
-// same bits.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__)
-__attribute__((target("avx"))) DIRFAST_NOINLINE void apply_row_streamed(float* y, const float* x, const float* s,
-                                                                       const float* t, int64_t dim) {
-  for (int64_t d = 0; d < dim; d += 8) {
-    _mm256_stream_ps(y + d, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + d), _mm256_loadu_ps(s + d)),
-                                          _mm256_loadu_ps(t + d)));
-  }
-}
-#endif
-
 // One channel plane of a tile: y[i] = x[i] * s[bucket[i]] + t[bucket[i]].
 template <typename T, typename acc_t>
 inline void apply_plane(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, const acc_t* DIRFAST_RESTRICT s,
@@ -392,11 +361,10 @@ DIRFAST_NOINLINE void group_rows(const index_t* idx, int64_t rows, int64_t num_b
 // of each bucket it meets into a buffer of its own (a bucket two pieces share is computed for
 // both, alike). The rows come out of order: each is prefetched kAhead rows before its turn,
 // non-temporally (a row is read and written once; the outer caches are left to the statistics).
-// `streamed`: x is not y, and y's rows are written by apply_row_streamed.
 template <typename T, typename acc_t>
 DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y_stride,
                                    const int64_t* order, const int64_t* first, int64_t rows,
-                                   const Statistics& stats, acc_t lo, acc_t hi, bool streamed) {
+                                   const Statistics& stats, acc_t lo, acc_t hi) {
   const int64_t num_bins = stats.num_bins, dim = stats.dim;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
   parallel_for_pieces(rows, grain, [&](auto next) {
@@ -418,21 +386,10 @@ DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y
             for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(ahead + d, 1, 0);
           }
 #endif
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__)
-          if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
-            if (streamed) {
-              apply_row_streamed(y + r * y_stride, x + r * x_stride, s, t, dim);
-              continue;
-            }
-          }
-#endif
           apply_row(y + r * y_stride, x + r * x_stride, s, t, dim);
         }
       }
     }
-#if defined(__SSE2__)
-    if (streamed) _mm_sfence();  // the non-temporal stores are visible before the call returns
-#endif
   });
 }
 
@@ -590,14 +547,12 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
         const bool grouped = !planar && entries * static_cast<int64_t>(sizeof(acc_t)) > kGroupedTableBytes &&
                              dim * static_cast<int64_t>(sizeof(T)) >= kGroupedRowBytes;
         if (grouped) {
-          // Out of place, the rows go straight into the output with non-temporal stores where they
-          // can (float32); otherwise x is first copied into the output in row order and calibrated
-          // there: ordinary stores into a fresh output out of order read each line first, and took
-          // longer than the copy.
+          // Out of place, x is first copied into the output in row order and calibrated there: writing
+          // a fresh output a row at a time in bucket order (page faults and reads for ownership out of
+          // order) took longer than the copy.
           const T* source = px;
           int64_t source_stride = plan.lx.row_stride;
-          const bool streamed = px != py && streamable_rows<T, acc_t>(py, plan.ly.row_stride, dim);
-          if (px != py && !streamed) {
+          if (px != py) {
             Tensor out = plan.out;
             torch::stable::copy_(out, plan.x);
             source = py;
@@ -606,7 +561,7 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
           std::vector<int64_t> order, first;
           group_rows<index_t>(pi, plan.lx.rows, num_bins, order, first);
           apply_groups<T, acc_t>(source, source_stride, py, plan.ly.row_stride, order.data(), first.data(),
-                                 plan.lx.rows, stats, lo, hi, streamed);
+                                 plan.lx.rows, stats, lo, hi);
           return;
         }
         std::unique_ptr<acc_t[]> st(new acc_t[entries]);  // left uninitialised: see scale_shift_tables
@@ -626,7 +581,7 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
 
 Tensor calibrate_cpu(const Tensor& x, const Tensor& bin_idx, const Tensor& src_mean, const Tensor& src_var,
                      const Tensor& dst_mean, const Tensor& dst_var, double clip_min, double clip_max) {
-  Tensor y = empty_output_like(x);  // the fake kernel's strides; huge pages where large
+  Tensor y = torch::stable::empty_like(x);  // the fake kernel's strides
   calibrate_into("dirfast::calibrate", x, y, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max);
   return y;
 }
