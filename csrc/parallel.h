@@ -9,8 +9,9 @@
 //
 // body(next) runs once per thread; next(begin, end) yields that thread's pieces, in ascending
 // order, until it returns false (state such as buffers is set up once per thread, before the
-// loop). For work whose result does not depend on how [0, n) is split. One thread, or a range of
-// one piece: body runs on the caller, its one piece [0, n).
+// loop); parallel_for_ranges, for loops with no such state, calls body(begin, end) per piece. For
+// work whose result does not depend on how [0, n) is split. One thread, or a range of one piece:
+// body runs on the caller, its one piece [0, n).
 #pragma once
 
 #include <algorithm>
@@ -49,6 +50,15 @@ void parallel_for_pieces(int64_t n, int64_t grain, const Body& body) {
       end = std::min(n, begin + piece);
       return true;
     });
+  });
+}
+
+// parallel_for_pieces for a loop with no per-thread state: body(begin, end) for each piece, torch's
+// parallel_for's contract.
+template <typename Body>
+void parallel_for_ranges(int64_t n, int64_t grain, const Body& body) {
+  parallel_for_pieces(n, grain, [&](auto next) {
+    for (int64_t begin, end; next(begin, end);) body(begin, end);
   });
 }
 

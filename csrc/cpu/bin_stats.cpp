@@ -255,40 +255,36 @@ class BinStats {
       return c == 0 ? mean_out : extra.get() + (c - 1) * bins * 2 * dim;
     };
     auto m2_of = [&](int64_t c) { return c == 0 ? var_out : mean_of(c) + bins * dim; };
-    parallel_for_pieces(chunks, 1, [&](auto next) {
-      for (int64_t begin, end; next(begin, end);) {
-        for (int64_t c = begin; c < end; ++c) {
-          reduce_chunk(rows * c / chunks, rows * (c + 1) / chunks, counts.get() + c * bins,
-                       mean_of(c), m2_of(c));
-        }
+    parallel_for_ranges(chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        reduce_chunk(rows * c / chunks, rows * (c + 1) / chunks, counts.get() + c * bins,
+                     mean_of(c), m2_of(c));
       }
     });
     const int64_t grain = std::max<int64_t>(1, kMinFinishElements / (std::max<int64_t>(dim, 1) * chunks));
-    parallel_for_pieces(bins, grain, [&](auto next) {
-      for (int64_t begin, end; next(begin, end);) {
-        for (int64_t k = begin; k < end; ++k) {
-          acc_t* mean = mean_out + k * dim;
-          acc_t* m2 = var_out + k * dim;  // holds M2 until the end
-          int64_t n = 0;
-          // Chunk order, fixed: the result does not depend on the threads.
-          for (int64_t c = 0; c < chunks; ++c) {
-            const int64_t nb = counts[c * bins + k];
-            if (nb == 0) continue;
-            const acc_t* mean_b = mean_of(c) + k * dim;
-            const acc_t* m2_b = m2_of(c) + k * dim;
-            if (n == 0) {
-              if (c != 0) {
-                std::copy(mean_b, mean_b + dim, mean);
-                std::copy(m2_b, m2_b + dim, m2);
-              }
-            } else {
-              chan_merge_row<acc_t>(mean, m2, mean_b, m2_b, dim, chan_weights<acc_t>(n, nb));
+    parallel_for_ranges(bins, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        acc_t* mean = mean_out + k * dim;
+        acc_t* m2 = var_out + k * dim;  // holds M2 until the end
+        int64_t n = 0;
+        // Chunk order, fixed: the result does not depend on the threads.
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t nb = counts[c * bins + k];
+          if (nb == 0) continue;
+          const acc_t* mean_b = mean_of(c) + k * dim;
+          const acc_t* m2_b = m2_of(c) + k * dim;
+          if (n == 0) {
+            if (c != 0) {
+              std::copy(mean_b, mean_b + dim, mean);
+              std::copy(m2_b, m2_b + dim, m2);
             }
-            n += nb;
+          } else {
+            chan_merge_row<acc_t>(mean, m2, mean_b, m2_b, dim, chan_weights<acc_t>(n, nb));
           }
-          count_out[k] = n;
-          finish(k, n, mean, m2, mean_out, var_out);
+          n += nb;
         }
+        count_out[k] = n;
+        finish(k, n, mean, m2, mean_out, var_out);
       }
     });
   }
@@ -408,57 +404,53 @@ class BinStats {
       }, order.get());
     }
 
-    parallel_for_pieces(valid, grain, [&](auto next) {
-      for (int64_t begin, end; next(begin, end);) {
-        const int64_t* first = seg_start.data();
-        const int64_t s0 = std::lower_bound(first, first + segments, begin) - first;
-        const int64_t s1 = std::lower_bound(first, first + segments, end) - first;
-        if (s0 == s1) continue;
-        if (gather) {
-          for (int64_t s = s0; s < s1; ++s) {
-            reduce_list(x_, layout_.row_stride, dim, order.get() + seg_start[s],
-                        seg_start[s + 1] - seg_start[s], order.get() + valid, s == s0, seg_mean[s],
-                        seg_m2[s]);
-          }
-        } else {
-          const int64_t k_lo = seg_bin[s0];
-          const int64_t cursors = seg_bin[s1 - 1] - k_lo + 1;
-          std::unique_ptr<Cursor[]> cursor(new Cursor[cursors]);
-          for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, seg_first[k_lo + j]};
-          scan_rows(x_, layout_.row_stride, dim, idx_, rows, k_lo, cursors, cursor.get(), s0, s1,
-                    seg, table.get());
-        }
-        // Buckets of one segment are done (while their accumulators are in cache).
+    parallel_for_ranges(valid, grain, [&](int64_t begin, int64_t end) {
+      const int64_t* first = seg_start.data();
+      const int64_t s0 = std::lower_bound(first, first + segments, begin) - first;
+      const int64_t s1 = std::lower_bound(first, first + segments, end) - first;
+      if (s0 == s1) return;  // no segment starts in this piece
+      if (gather) {
         for (int64_t s = s0; s < s1; ++s) {
-          const int64_t k = seg_bin[s];
-          if (seg_first[k + 1] - seg_first[k] == 1) finish(k, count_out[k], seg_mean[s], seg_m2[s], mean_out, var_out);
+          reduce_list(x_, layout_.row_stride, dim, order.get() + seg_start[s],
+                      seg_start[s + 1] - seg_start[s], order.get() + valid, s == s0, seg_mean[s],
+                      seg_m2[s]);
         }
+      } else {
+        const int64_t k_lo = seg_bin[s0];
+        const int64_t cursors = seg_bin[s1 - 1] - k_lo + 1;
+        std::unique_ptr<Cursor[]> cursor(new Cursor[cursors]);
+        for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, seg_first[k_lo + j]};
+        scan_rows(x_, layout_.row_stride, dim, idx_, rows, k_lo, cursors, cursor.get(), s0, s1,
+                  seg, table.get());
+      }
+      // Buckets of one segment are done (while their accumulators are in cache).
+      for (int64_t s = s0; s < s1; ++s) {
+        const int64_t k = seg_bin[s];
+        if (seg_first[k + 1] - seg_first[k] == 1) finish(k, count_out[k], seg_mean[s], seg_m2[s], mean_out, var_out);
       }
     });
 
     // Empty buckets, and the segments of the others merged in order (fixed: the result does not
     // depend on the threads).
     const int64_t finish_grain = std::max<int64_t>(1, kMinFinishElements / std::max<int64_t>(dim, 1));
-    parallel_for_pieces(bins, finish_grain, [&](auto next) {
-      for (int64_t begin, end; next(begin, end);) {
-        for (int64_t k = begin; k < end; ++k) {
-          const int64_t s0 = seg_first[k];
-          const int64_t s1 = seg_first[k + 1];
-          if (s1 - s0 == 1) continue;
-          acc_t* mean = mean_out + k * dim;
-          acc_t* m2 = var_out + k * dim;
-          if (s1 > s0 && seg_mean[s0] != mean) {
-            std::copy(seg_mean[s0], seg_mean[s0] + dim, mean);
-            std::copy(seg_m2[s0], seg_m2[s0] + dim, m2);
-          }
-          int64_t n = std::min<int64_t>(count_out[k], seg);
-          for (int64_t s = s0 + 1; s < s1; ++s) {
-            const int64_t nb = seg_start[s + 1] - seg_start[s];
-            chan_merge_row<acc_t>(mean, m2, seg_mean[s], seg_m2[s], dim, chan_weights<acc_t>(n, nb));
-            n += nb;
-          }
-          finish(k, n, mean, m2, mean_out, var_out);
+    parallel_for_ranges(bins, finish_grain, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t s0 = seg_first[k];
+        const int64_t s1 = seg_first[k + 1];
+        if (s1 - s0 == 1) continue;
+        acc_t* mean = mean_out + k * dim;
+        acc_t* m2 = var_out + k * dim;
+        if (s1 > s0 && seg_mean[s0] != mean) {
+          std::copy(seg_mean[s0], seg_mean[s0] + dim, mean);
+          std::copy(seg_m2[s0], seg_m2[s0] + dim, m2);
         }
+        int64_t n = std::min<int64_t>(count_out[k], seg);
+        for (int64_t s = s0 + 1; s < s1; ++s) {
+          const int64_t nb = seg_start[s + 1] - seg_start[s];
+          chan_merge_row<acc_t>(mean, m2, seg_mean[s], seg_m2[s], dim, chan_weights<acc_t>(n, nb));
+          n += nb;
+        }
+        finish(k, n, mean, m2, mean_out, var_out);
       }
     });
   }

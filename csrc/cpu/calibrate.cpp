@@ -334,12 +334,10 @@ DIRFAST_NOINLINE void apply_rows(const T* x, int64_t x_stride, T* y, int64_t y_s
                                  const index_t* idx, int64_t rows, int64_t dim, int64_t num_bins,
                                  const acc_t* st) {
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
-  parallel_for_pieces(rows, grain, [&](auto next) {
-    for (int64_t begin, end; next(begin, end);) {
-      for (int64_t r = begin; r < end; ++r) {
-        const acc_t* sk = st + 2 * bucket_of(idx, r, num_bins) * dim;
-        apply_row(y + r * y_stride, x + r * x_stride, sk, sk + dim, dim);
-      }
+  parallel_for_ranges(rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const acc_t* sk = st + 2 * bucket_of(idx, r, num_bins) * dim;
+      apply_row(y + r * y_stride, x + r * x_stride, sk, sk + dim, dim);
     }
   });
 }

@@ -638,17 +638,15 @@ DIRFAST_NOINLINE void sparse_backward(const Problem<acc_t>& pb, int64_t count, c
       }
     }
   }
-  parallel_for_pieces(m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](auto next) {
-    for (int64_t b, e; next(b, e);) {
-      for (int64_t r = b; r < e; ++r) {
-        acc_t* out = grad_q + r * d;
-        std::fill(out, out + d, acc_t(0));
-        const int64_t a = r - pb.offset;
-        if (a >= 0 && a < count) {
-          gather_rows(pb.q, d, keys.data() + offsets[a], values.data() + offsets[a], offsets[a + 1] - offsets[a], out);
-        }
-        gather_rows(pb.q, d, anchors.data() + column[r], values_t.data() + column[r], column[r + 1] - column[r], out);
+  parallel_for_ranges(m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      acc_t* out = grad_q + r * d;
+      std::fill(out, out + d, acc_t(0));
+      const int64_t a = r - pb.offset;
+      if (a >= 0 && a < count) {
+        gather_rows(pb.q, d, keys.data() + offsets[a], values.data() + offsets[a], offsets[a + 1] - offsets[a], out);
       }
+      gather_rows(pb.q, d, anchors.data() + column[r], values_t.data() + column[r], column[r + 1] - column[r], out);
     }
   });
 }
@@ -657,29 +655,27 @@ DIRFAST_NOINLINE void sparse_backward(const Problem<acc_t>& pb, int64_t count, c
 // q = z / max(||z||, eps) per row (acc, contiguous [m, D]); the norms into `norms`.
 template <typename T, typename acc_t>
 DIRFAST_NOINLINE void normalize_rows(const T* z, int64_t m, int64_t d, acc_t* q, acc_t* norms) {
-  parallel_for_pieces(m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](auto next) {
-    for (int64_t b, e; next(b, e);) {
-      for (int64_t r = b; r < e; ++r) {
-        const T* zr = z + r * d;
-        acc_t* qr = q + r * d;
-        acc_t lanes[8] = {};
-        int64_t k = 0;
-        for (; k + 8 <= d; k += 8) {
-          for (int64_t t = 0; t < 8; ++t) {
-            qr[k + t] = static_cast<acc_t>(zr[k + t]);
-            lanes[t] += qr[k + t] * qr[k + t];
-          }
+  parallel_for_ranges(m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const T* zr = z + r * d;
+      acc_t* qr = q + r * d;
+      acc_t lanes[8] = {};
+      int64_t k = 0;
+      for (; k + 8 <= d; k += 8) {
+        for (int64_t t = 0; t < 8; ++t) {
+          qr[k + t] = static_cast<acc_t>(zr[k + t]);
+          lanes[t] += qr[k + t] * qr[k + t];
         }
-        for (; k < d; ++k) {
-          qr[k] = static_cast<acc_t>(zr[k]);
-          lanes[0] += qr[k] * qr[k];
-        }
-        const acc_t norm = std::sqrt(((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
-                                     ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
-        norms[r] = norm;
-        const acc_t denominator = std::max(norm, static_cast<acc_t>(kEps));
-        for (k = 0; k < d; ++k) qr[k] /= denominator;
       }
+      for (; k < d; ++k) {
+        qr[k] = static_cast<acc_t>(zr[k]);
+        lanes[0] += qr[k] * qr[k];
+      }
+      const acc_t norm = std::sqrt(((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                                   ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])));
+      norms[r] = norm;
+      const acc_t denominator = std::max(norm, static_cast<acc_t>(kEps));
+      for (k = 0; k < d; ++k) qr[k] /= denominator;
     }
   });
 }
@@ -688,26 +684,24 @@ DIRFAST_NOINLINE void normalize_rows(const T* z, int64_t m, int64_t d, acc_t* q,
 template <typename acc_t, typename T>
 DIRFAST_NOINLINE void normalize_backward_rows(const acc_t* grad_q, const acc_t* q, const acc_t* norms, int64_t m,
                                               int64_t d, T* grad_z) {
-  parallel_for_pieces(m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](auto next) {
-    for (int64_t b, e; next(b, e);) {
-      for (int64_t r = b; r < e; ++r) {
-        const acc_t* gr = grad_q + r * d;
-        const acc_t* qr = q + r * d;
-        T* out = grad_z + r * d;
-        if (!(norms[r] >= static_cast<acc_t>(kEps))) {
-          for (int64_t k = 0; k < d; ++k) out[k] = static_cast<T>(gr[k] / static_cast<acc_t>(kEps));
-          continue;
-        }
-        acc_t lanes[8] = {};
-        int64_t k = 0;
-        for (; k + 8 <= d; k += 8) {
-          for (int64_t t = 0; t < 8; ++t) lanes[t] += qr[k + t] * gr[k + t];
-        }
-        for (; k < d; ++k) lanes[0] += qr[k] * gr[k];
-        const acc_t along = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-        const acc_t norm = norms[r];
-        for (k = 0; k < d; ++k) out[k] = static_cast<T>((gr[k] - qr[k] * along) / norm);
+  parallel_for_ranges(m, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const acc_t* gr = grad_q + r * d;
+      const acc_t* qr = q + r * d;
+      T* out = grad_z + r * d;
+      if (!(norms[r] >= static_cast<acc_t>(kEps))) {
+        for (int64_t k = 0; k < d; ++k) out[k] = static_cast<T>(gr[k] / static_cast<acc_t>(kEps));
+        continue;
       }
+      acc_t lanes[8] = {};
+      int64_t k = 0;
+      for (; k + 8 <= d; k += 8) {
+        for (int64_t t = 0; t < 8; ++t) lanes[t] += qr[k + t] * gr[k + t];
+      }
+      for (; k < d; ++k) lanes[0] += qr[k] * gr[k];
+      const acc_t along = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+      const acc_t norm = norms[r];
+      for (k = 0; k < d; ++k) out[k] = static_cast<T>((gr[k] - qr[k] * along) / norm);
     }
   });
 }
@@ -719,24 +713,22 @@ constexpr int64_t kTile = 32;
 template <typename acc_t>
 DIRFAST_NOINLINE void symmetrize(const acc_t* g, int64_t m, int64_t offset, int64_t count, acc_t* h) {
   const int64_t tiles = (m + kTile - 1) / kTile;
-  parallel_for_pieces(tiles, std::max<int64_t>(1, 512 / std::max<int64_t>(m, 1)), [&](auto next) {
-    for (int64_t b, e; next(b, e);) {
-      for (int64_t rb = b * kTile; rb < std::min(m, e * kTile); rb += kTile) {
-        const int64_t r_end = std::min(m, rb + kTile);
+  parallel_for_ranges(tiles, std::max<int64_t>(1, 512 / std::max<int64_t>(m, 1)), [&](int64_t b, int64_t e) {
+    for (int64_t rb = b * kTile; rb < std::min(m, e * kTile); rb += kTile) {
+      const int64_t r_end = std::min(m, rb + kTile);
+      for (int64_t r = rb; r < r_end; ++r) {
+        acc_t* hr = h + r * m;
+        if (r >= offset && r < offset + count) {
+          std::copy(g + (r - offset) * m, g + (r - offset + 1) * m, hr);
+        } else {
+          std::fill(hr, hr + m, acc_t(0));
+        }
+      }
+      for (int64_t cb = offset; cb < offset + count; cb += kTile) {
+        const int64_t c_end = std::min(offset + count, cb + kTile);
         for (int64_t r = rb; r < r_end; ++r) {
           acc_t* hr = h + r * m;
-          if (r >= offset && r < offset + count) {
-            std::copy(g + (r - offset) * m, g + (r - offset + 1) * m, hr);
-          } else {
-            std::fill(hr, hr + m, acc_t(0));
-          }
-        }
-        for (int64_t cb = offset; cb < offset + count; cb += kTile) {
-          const int64_t c_end = std::min(offset + count, cb + kTile);
-          for (int64_t r = rb; r < r_end; ++r) {
-            acc_t* hr = h + r * m;
-            for (int64_t c = cb; c < c_end; ++c) hr[c] += g[(c - offset) * m + r];
-          }
+          for (int64_t c = cb; c < c_end; ++c) hr[c] += g[(c - offset) * m + r];
         }
       }
     }

@@ -195,16 +195,14 @@ Buffer<T> pack_transposed(const T* src, int64_t n, int64_t len, int64_t npad) {
   Buffer<T> b(npad * len);
   std::fill(b.begin() + std::min(npad, round_up(n, P)) * len, b.end(), T(0));  // whole panels of padding
   // P source rows at a time: P reads in order, writes in order; the panels in parallel (copies).
-  parallel_for_pieces((n + P - 1) / P,
-                      std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, P * len)), [&](auto next) {
-    for (int64_t first, last; next(first, last);) {
-      for (int64_t c0 = first * P; c0 < std::min(n, last * P); c0 += P) {
-        T* panel = &b[c0 * len];
-        const int64_t w = std::min(P, n - c0);
-        for (int64_t k = 0; k < len; ++k) {
-          for (int64_t c = 0; c < w; ++c) panel[k * P + c] = src[(c0 + c) * len + k];
-          for (int64_t c = w; c < P; ++c) panel[k * P + c] = T(0);  // the padding of a last panel
-        }
+  parallel_for_ranges((n + P - 1) / P,
+                      std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, P * len)), [&](int64_t first, int64_t last) {
+    for (int64_t c0 = first * P; c0 < std::min(n, last * P); c0 += P) {
+      T* panel = &b[c0 * len];
+      const int64_t w = std::min(P, n - c0);
+      for (int64_t k = 0; k < len; ++k) {
+        for (int64_t c = 0; c < w; ++c) panel[k * P + c] = src[(c0 + c) * len + k];
+        for (int64_t c = w; c < P; ++c) panel[k * P + c] = T(0);  // the padding of a last panel
       }
     }
   });
@@ -218,16 +216,14 @@ Buffer<T> pack_rows(const T* const* rows, int64_t n, int64_t len, int64_t lenpad
   Buffer<T> b(lenpad * n);
   std::fill(b.begin() + std::min(lenpad, round_up(len, P)) * n, b.end(), T(0));  // whole panels of padding
   // The panels in parallel (copies only).
-  parallel_for_pieces((len + P - 1) / P,
-                      std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, P * n)), [&](auto next) {
-    for (int64_t first, last; next(first, last);) {
-      for (int64_t c0 = first * P; c0 < std::min(len, last * P); c0 += P) {
-        T* panel = &b[c0 * n];
-        const int64_t w = std::min(P, len - c0);
-        for (int64_t k = 0; k < n; ++k) {
-          std::copy(rows[k] + c0, rows[k] + c0 + w, panel + k * P);
-          std::fill(panel + k * P + w, panel + (k + 1) * P, T(0));  // the padding of a last panel
-        }
+  parallel_for_ranges((len + P - 1) / P,
+                      std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, P * n)), [&](int64_t first, int64_t last) {
+    for (int64_t c0 = first * P; c0 < std::min(len, last * P); c0 += P) {
+      T* panel = &b[c0 * n];
+      const int64_t w = std::min(P, len - c0);
+      for (int64_t k = 0; k < n; ++k) {
+        std::copy(rows[k] + c0, rows[k] + c0 + w, panel + k * P);
+        std::fill(panel + k * P + w, panel + (k + 1) * P, T(0));  // the padding of a last panel
       }
     }
   });
@@ -403,14 +399,12 @@ struct Problem {
     // The normalising and the gather of the keys, row by row in one parallel region (each row's
     // values are computed the same way on any thread): serial, they were a good part of a call
     // at M = 256, D = 512 on 2 threads.
-    parallel_for_pieces(m, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)), [&](auto next) {
-      for (int64_t first, last; next(first, last);) {
-        for (int64_t r = first; r < last; ++r) {
-          norm[r] = std::sqrt(sum_of_squares(pz + r * d, d));
-          const acc_t scale = std::max(norm[r], static_cast<acc_t>(kNormEps));
-          for (int64_t j = 0; j < d; ++j) q[r * d + j] = pz[r * d + j] / scale;
-          if (position[r] >= 0) std::copy(&q[r * d], &q[r * d] + d, &keys[position[r] * d]);
-        }
+    parallel_for_ranges(m, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)), [&](int64_t first, int64_t last) {
+      for (int64_t r = first; r < last; ++r) {
+        norm[r] = std::sqrt(sum_of_squares(pz + r * d, d));
+        const acc_t scale = std::max(norm[r], static_cast<acc_t>(kNormEps));
+        for (int64_t j = 0; j < d; ++j) q[r * d + j] = pz[r * d + j] / scale;
+        if (position[r] >= 0) std::copy(&q[r * d], &q[r * d] + d, &keys[position[r] * d]);
       }
     });
     keys_t = pack_transposed(keys.data(), size, d, size_pad);
@@ -723,10 +717,8 @@ DIRFAST_NOINLINE void feature_gradients(const Problem<acc_t>& pb, const Buffer<a
     const acc_t* ga = &grad_anchor[t * dp];
     for (int64_t j = 0; j < d; ++j) g[j] = ga[j] + g[j];
   }
-  parallel_for_pieces(n, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)), [&](auto next) {
-    for (int64_t first, last; next(first, last);) {
-      for (int64_t p = first; p < last; ++p) normalize_row(pb, pb.kept[p], &grad_q[p * dp], grad_z);
-    }
+  parallel_for_ranges(n, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)), [&](int64_t first, int64_t last) {
+    for (int64_t p = first; p < last; ++p) normalize_row(pb, pb.kept[p], &grad_q[p * dp], grad_z);
   });
 }
 

@@ -250,12 +250,10 @@ void fill_distances(const acc_t* Z, int64_t m, int64_t D, int64_t offset, int64_
     }
   }
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / (B * B * (D + 4)));
-  parallel_for_pieces(static_cast<int64_t>(tiles.size()), grain, [&](auto next) {
-    for (int64_t first, last; next(first, last);) {
-      for (int64_t t = first; t < last; ++t) {
-        const Tile& x = tiles[t];
-        tile(Z, m, D, offset, x.i0, x.i1, x.k0, x.k1, x.mirror_end, R);
-      }
+  parallel_for_ranges(static_cast<int64_t>(tiles.size()), grain, [&](int64_t first, int64_t last) {
+    for (int64_t t = first; t < last; ++t) {
+      const Tile& x = tiles[t];
+      tile(Z, m, D, offset, x.i0, x.i1, x.k0, x.k1, x.mirror_end, R);
     }
   });
 }

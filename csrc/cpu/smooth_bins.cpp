@@ -25,12 +25,10 @@ DIRFAST_NOINLINE void smooth_columns(const T* stats, T* out, int64_t num_bins, i
                                      Padding padding) {
   // At least 2^17 window taps per thread: small tables run on one thread.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 17) / (columns * (2 * h + 1)));
-  parallel_for_pieces(num_bins, grain, [&](auto next) {
-    for (int64_t begin, end; next(begin, end);) {
-      for (int64_t b = begin; b < end; ++b) {
-        for (int64_t c = 0; c < columns; ++c) {
-          out[b * columns + c] = smooth_bin<T>(stats + c, columns, num_bins, b, w, symmetric, h, padding);
-        }
+  parallel_for_ranges(num_bins, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t c = 0; c < columns; ++c) {
+        out[b * columns + c] = smooth_bin<T>(stats + c, columns, num_bins, b, w, symmetric, h, padding);
       }
     }
   });
