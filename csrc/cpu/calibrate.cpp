@@ -10,11 +10,12 @@
 // once; out of place, x is first copied into y in row order and calibrated there. The
 // statistics are read in their own strides (BucketRows), not copied. The planar layout goes 8
 // channels x 8 pixels at a time from the bucket-major table (float32 where AVX2 runs), else a
-// plane at a time from a feature-major one. x is read in place in both layouts of csrc/layout.h (others are copied
-// once); calibrate's y has the strides of torch.empty_like(x) (the fake kernel's), calibrate_
-// writes into x (each element read before it is written, by the same iteration). Arithmetic in
-// float32, or float64 when x or src_mean is float64, cast back to the dtype of x at the store;
-// elementwise, so the same bits for any number of threads and either way through the rows.
+// plane at a time from a feature-major one. x is read in place in both layouts of
+// csrc/layout.h (others are copied once); calibrate's y has the strides of torch.empty_like(x)
+// (the fake kernel's), calibrate_ writes into x (each element read before it is written, by the
+// same iteration). Arithmetic in float32, or float64 when x or src_mean is float64, cast back to
+// the dtype of x at the store; elementwise, so the same bits for any number of threads and either
+// way through the rows.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -254,8 +255,8 @@ inline void bucket_scale_shift(BucketStatistics<acc_t>& stats, int64_t k, int64_
 // the sign of a zero included), taken by rows whose index is outside [0, B). Bucket-major
 // (feature_major false): bucket k's s then t in st[2 k D, 2 (k + 1) D), one contiguous piece per
 // row (or pixel) to read. Feature-major (the planar layout's plane loop): s[d (B + 1) + k] and t
-// likewise at st + D (B + 1), a channel's values side by side. When the tables are larger than the index, only the buckets
-// some row uses (and B) are computed, the others left uninitialised.
+// likewise at st + D (B + 1), a channel's values side by side. When the tables are larger than
+// the index, only the buckets some row uses (and B) are computed, the others left uninitialised.
 template <typename acc_t, typename index_t>
 DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, acc_t lo, acc_t hi, const index_t* idx, int64_t rows,
                                          bool feature_major, acc_t* st) {

@@ -290,21 +290,13 @@ DIRFAST_NOINLINE void forward_all(const T* px, acc_t* po, int64_t n, const Compo
   const int64_t grain = std::max<int64_t>(kLanes, kGrainExps / comp.size());
   if constexpr (std::is_same_v<acc_t, float>) {
     const int lanes = float_lanes();
-    parallel_for_pieces(n, grain, [&](auto next) {
-      const float *m = comp.m.data(), *s = comp.s.data(), *c = comp.c.data();
-      for (int64_t begin, end; next(begin, end);) {
+    const float *m = comp.m.data(), *s = comp.s.data(), *c = comp.c.data();
+    parallel_for_ranges(n, grain, [&](int64_t begin, int64_t end) {
 #if DIRFAST_MIXTURE_ISAS
-        if (lanes == 16) {
-          forward_range_avx512<T>(px, po, begin, end, m, s, c, comp.size());
-          continue;
-        }
-        if (lanes == 8) {
-          forward_range_avx2<T>(px, po, begin, end, m, s, c, comp.size());
-          continue;
-        }
+      if (lanes == 16) return forward_range_avx512<T>(px, po, begin, end, m, s, c, comp.size());
+      if (lanes == 8) return forward_range_avx2<T>(px, po, begin, end, m, s, c, comp.size());
 #endif
-        forward_range_baseline<T>(px, po, begin, end, m, s, c, comp.size());
-      }
+      forward_range_baseline<T>(px, po, begin, end, m, s, c, comp.size());
     });
   } else {
     parallel_for_pieces(n, grain, [&](auto next) {
