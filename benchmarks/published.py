@@ -284,6 +284,15 @@ def published_stsb_eval_bin(label, num_bins=50):
         return np.where(bins_edges > label)[0][0] - 1
 
 
+def published_stsb_gmean(pred, label):
+    """sts-b-dir/util.py ``STSShotAverage.get_metric``'s G-mean of one region: zero absolute
+    errors (exact predictions) count as 1e-10."""
+    diff = np.abs(pred - label)
+    if diff[diff == 0.0].size:
+        diff[diff == 0.0] += 1e-10
+    return gmean(diff)
+
+
 # sts-b-dir/util.py STSShotAverage._shot_idx
 STSB_SHOT_BINS = {
     "many": [0, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 38, 40, 42, 44, 46, 48, 49],

@@ -48,12 +48,12 @@ def _samples(preds, labels, binning):
     return labels, errors[:, 0] if binning.ndim == 1 else np.sqrt(np.sum(errors ** 2, axis=1))
 
 
-def _region(errors: np.ndarray) -> dict:
+def _region(errors: np.ndarray, exact_error: float) -> dict:
     if errors.size == 0:
         return {"mse": float("nan"), "l1": float("nan"), "gmean": float("nan")}
     absolute = np.abs(errors)
-    with np.errstate(divide="ignore"):  # an exact prediction makes the geometric mean 0
-        gmean = float(np.exp(np.mean(np.log(absolute))))
+    with np.errstate(divide="ignore"):  # with exact_error 0, an exact prediction makes the geometric mean 0
+        gmean = float(np.exp(np.mean(np.log(np.where(absolute == 0, exact_error, absolute)))))
     return {"mse": float(np.mean(errors ** 2)), "l1": float(np.mean(absolute)), "gmean": gmean}
 
 
@@ -80,7 +80,7 @@ def _region_of_bins(regions, num_bins: int) -> np.ndarray:
 
 
 def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low_shot_thr: int = 20,
-                 binning=None, *, regions=None) -> dict:
+                 binning=None, *, regions=None, exact_error: float = 0.0) -> dict:
     """MSE, L1 and geometric-mean error over the many-, medium- and few-shot test labels.
 
     As the published code: each distinct test label is many-shot when the training set holds
@@ -101,10 +101,16 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
     its Euclidean distance to the label (``"mse"`` is the mean squared distance); on one
     dimension this is the 1-D result.
 
+    ``exact_error`` is what the zero error of an exact prediction counts as in the geometric
+    mean: 0 makes its region's ``"gmean"`` 0, as scipy's ``gmean`` in the AgeDB-DIR and
+    IMDB-WIKI-DIR evaluators; the STS-B-DIR evaluator counts it as 1e-10 (``STS_B_DIR`` does).
+    MSE and L1 are not affected.
+
     Returns ``{"many" | "median" | "low" | "overall": {"mse", "l1", "gmean"}}`` of floats.
     """
     if binning is not None and not isinstance(binning, (Binning, GridBinning)):
         raise TypeError(f"binning must be None or a dirfast.Binning or GridBinning, got {type(binning).__name__}")
+    exact_error = validate.real("exact_error", exact_error, 0)
     labels, errors = _samples(preds, labels, binning)
     if regions is not None:
         if binning is None:
@@ -130,8 +136,8 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
         train_count = np.searchsorted(sorted_train, keys, side="right") - np.searchsorted(sorted_train, keys, side="left")
         count = train_count[inverse.reshape(-1)]
         region = np.where(count > many, 0, np.where(count < low, 2, 1))
-    result = {name: _region(errors[region == index]) for index, name in enumerate(REGIONS)}
-    result["overall"] = _region(errors)
+    result = {name: _region(errors[region == index], exact_error) for index, name in enumerate(REGIONS)}
+    result["overall"] = _region(errors, exact_error)
     return result
 
 

@@ -74,6 +74,7 @@ class Preset:
     many_shot_thr: float = 100
     low_shot_thr: float = 20
     shot_regions: dict | None = field(default=None, hash=False)
+    exact_error: float = 0.0         # an exact prediction's error in the G-mean (shot_metrics)
     # ConR (Keramati et al., ICLR 2024): None where it published no setting
     conr_setting: ConRSetting | None = None
 
@@ -112,9 +113,10 @@ class Preset:
     def shot_metrics(self, preds, labels, train_labels=None) -> dict:
         """Many-, medium- and few-shot errors as this dataset's published evaluation defines them."""
         if self.shot_regions is not None:
-            return shot_metrics(preds, labels, binning=self.fds_binning, regions=self.shot_regions)
+            return shot_metrics(preds, labels, binning=self.fds_binning, regions=self.shot_regions,
+                                exact_error=self.exact_error)
         return shot_metrics(preds, labels, train_labels, self.many_shot_thr, self.low_shot_thr,
-                            binning=self.fds_binning if self.bin_shots else None)
+                            binning=self.fds_binning if self.bin_shots else None, exact_error=self.exact_error)
 
 
 # agedb-dir: datasets.py (_prepare_weights: max_target=121, int(label), clip 5..1000),
@@ -145,7 +147,7 @@ STS_B_DIR = Preset(
     name="STS-B-DIR", lds_binning=Binning.uniform(0.0, 5.0, 50), fds_binning=Binning.uniform(0.0, 5.0, 50),
     reweight="inverse", lds_kernel="gaussian", lds_ks=5, lds_sigma=2.0, inverse_clip=None,
     bucket_num=50, bucket_start=0, clip_min=0.5, clip_max=2.0, fill_empty=True,
-    bin_shots=True, many_shot_thr=100, low_shot_thr=30)
+    bin_shots=True, many_shot_thr=100, low_shot_thr=30, exact_error=1e-10)
 
 # nyud2-dir: util.py and loaddata.py (bin = int(depth * float32(10)), 100 bins; the shot lists
 # of Evaluator), loaddata.py (_get_bucket_weights: the counts from bucket_start=7 on, smoothed

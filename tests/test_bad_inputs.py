@@ -670,7 +670,8 @@ API = {
         "regions": ((Bad("a list", lambda v: [1, 2], TypeError), Bad("unknown name", lambda v: {"few": [1]}, ValueError),
                      Bad("bin past the bins", lambda v: {"many": [100]}, ValueError),
                      Bad("bin a float", lambda v: {"many": [1.5]}, TypeError),
-                     Bad("bin in two regions", lambda v: {"many": [1], "low": [1]}, ValueError)), None)}),
+                     Bad("bin in two regions", lambda v: {"many": [1], "low": [1]}, ValueError)), None),
+        "exact_error": (NON_NEGATIVE, 0.0)}),
     "dirfast.metrics.shot_metrics over a grid": Entry(dirfast.metrics.shot_metrics, {
         "preds": (GRID_VALUES, GRID_Y + 0.1), "labels": (GRID_VALUES, GRID_Y),
         "train_labels": (GRID_VALUES + (Bad("[N, 3]", lambda v: torch.cat([v, v[:, :1]], 1), ValueError),), GRID_Y),

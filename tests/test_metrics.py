@@ -126,6 +126,20 @@ def test_shot_metrics_unlisted_bins_are_few_shot():
     assert got["low"]["l1"] == pytest.approx(3.5)  # bins 5 and 7, unlisted
 
 
+def test_shot_metrics_exact_error():
+    """exact_error replaces the zero errors of exact predictions in the geometric mean only."""
+    train = np.array([10.0] * 150 + [11.0] * 50)
+    test = np.array([10.0, 10.0, 11.0, 11.0])
+    preds = np.array([10.0, 12.0, 11.5, 11.0])
+    got = dirfast.metrics.shot_metrics(preds, test, train, exact_error=1e-3)
+    plain = dirfast.metrics.shot_metrics(preds, test, train)
+    assert got["many"]["gmean"] == pytest.approx(math.sqrt(1e-3 * 2.0), rel=1e-12)
+    assert got["median"]["gmean"] == pytest.approx(math.sqrt(1e-3 * 0.5), rel=1e-12)
+    assert got["overall"]["gmean"] == pytest.approx((1e-3 * 2.0 * 0.5 * 1e-3) ** 0.25, rel=1e-12)
+    for region in got:  # "low" is empty: NaN in both
+        np.testing.assert_equal((got[region]["mse"], got[region]["l1"]), (plain[region]["mse"], plain[region]["l1"]))
+
+
 def test_shot_metrics_exact_prediction_gmean_zero():
     """An exact prediction makes the region's geometric mean 0 (scipy's gmean), not an error."""
     train = np.array([10.0] * 150 + [11.0] * 50)
