@@ -47,7 +47,8 @@ class FDS(nn.Module):
             does (the first from bucket 1, the last from the one before it, others with the mean
             of their two neighbours, in increasing order) -- but only a bucket with a neighbour
             that got samples in this update or was just filled: an update without data changes
-            nothing, and a run of empty buckets before the first one with data keeps its values.
+            nothing, and of a run of empty buckets before the first one with data, only the one
+            next to it is filled (the mean of its two neighbours, the one below unchanged).
         copy_snapshot: ``False`` (published behaviour) makes ``running_*_last_epoch`` the same
             tensors as ``running_*`` at each epoch snapshot, so they follow later updates;
             ``True`` takes a real copy.
@@ -200,12 +201,14 @@ class FDS(nn.Module):
     def accumulate(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """Add a training batch to this epoch's statistics, without gradient or host sync.
 
-        Call it in the training forward pass on the features FDS sees; then, once per epoch,
+        Call it in the training forward pass on the features :meth:`smooth` returns (the
+        published recipe's extra pass runs the model in training mode, so its statistics are of
+        calibrated features once smoothing starts); then, once per epoch,
         ``update_running_stats(epoch=epoch)`` with no features applies what was accumulated
         (exactly as one call on all the batches' features, up to float rounding) and clears it.
-        This replaces the published recipe's extra pass over the training set; the difference is
-        that each batch's features come from the weights of that moment of the epoch, not from
-        the weights at its end.
+        This replaces that extra pass over the training set; the difference is that each
+        batch's features come from the weights of that moment of the epoch, not from the
+        weights at its end.
 
         Nothing is read on the host, so bad values are not raised here: a row with a NaN or
         infinite label is left out, and so is a bucket's whole batch when its statistics are not

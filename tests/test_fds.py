@@ -549,6 +549,36 @@ def test_accumulate_equals_one_call_on_all_features(momentum, dense):
         torch.testing.assert_close(streamed.running_var, one.running_var, rtol=1e-4, atol=1e-5)
 
 
+def test_accumulating_smoothed_features_is_the_published_recipe():
+    """The README loop (smooth each batch, then accumulate what it returns) gathers the statistics
+    of the published end-of-epoch pass, which runs the model in training mode and so collects
+    calibrated features once smoothing starts: with fixed features (a frozen encoder), epoch
+    after epoch, the running statistics agree; accumulated before smooth, they do not."""
+    g = torch.Generator().manual_seed(63)
+    labels = torch.randint(3, 30, (400, 1), generator=g).float()
+    x = torch.randn(30, 6, generator=g)[labels.long().squeeze(1)] * 3 + torch.randn(400, 6, generator=g) \
+        * (0.5 + 0.05 * labels)
+    kw = dict(bucket_num=30, bucket_start=3)
+    pub, after, before = PublishedFDS(6, **kw), dirfast.FDS(6, **kw), dirfast.FDS(6, **kw)
+    for epoch in range(4):
+        for rows in torch.randperm(400, generator=g).split(64):
+            features = after.smooth(x[rows].clone(), labels[rows], epoch)
+            after.accumulate(features, labels[rows])
+            features = x[rows].clone()
+            before.accumulate(features, labels[rows])
+            before.smooth(features, labels[rows], epoch)
+        passed = torch.cat([x[rows].clone() if epoch < pub.start_smooth else pub.smooth(x[rows].clone(), labels[rows], epoch)
+                            for rows in torch.arange(400).split(64)])
+        pub.update_last_epoch_stats(epoch)
+        pub.update_running_stats(passed, labels.squeeze(1), epoch)
+        for fds in (after, before):
+            fds.update_last_epoch_stats(epoch)
+            fds.update_running_stats(epoch=epoch)
+        torch.testing.assert_close(after.running_mean, pub.running_mean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(after.running_var, pub.running_var, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(before.running_mean, pub.running_mean, rtol=1e-3, atol=1e-3)
+
+
 def test_accumulators_round_trip_in_state_dict():
     g = torch.Generator().manual_seed(62)
     fds = dirfast.FDS(3, bucket_num=8, bucket_start=1)

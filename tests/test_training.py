@@ -20,8 +20,8 @@ class Regressor(torch.nn.Module):
     def forward(self, x, labels, epoch: int):
         features = self.encoder(x)
         if self.training:
-            self.fds.accumulate(features, labels)
             features = self.fds.smooth(features, labels, epoch)
+            self.fds.accumulate(features, labels)
         return self.head(features)
 
 
