@@ -67,3 +67,20 @@ def test_fds_window_matches_published_module():
             got = dirfast.kernel_window(kernel, ks, sigma, normalize="sum")
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
 
+
+
+@pytest.mark.parametrize("ks,sigma", [(101, 2e4), (9, 3e3), (1001, 55.5)])
+def test_wide_gaussian_window_is_scipys(ks, sigma):
+    """A Gaussian far wider than the window (its tails folded back many times) keeps scipy's bits."""
+    from scipy.ndimage import gaussian_filter1d
+
+    delta = np.zeros(ks)
+    delta[ks // 2] = 1.0
+    expected = gaussian_filter1d(delta, sigma)
+    np.testing.assert_array_equal(dirfast.get_lds_kernel_window("gaussian", ks, sigma), expected / expected.max())
+
+
+@pytest.mark.parametrize("sigma,error", [("x", TypeError), (float("nan"), ValueError), (0.0, ValueError)])
+def test_triang_checks_the_sigma_it_ignores(sigma, error):
+    with pytest.raises(error, match="sigma"):
+        dirfast.kernel_window("triang", 5, sigma)
