@@ -228,13 +228,15 @@ class Binning:
         bandwidths of :class:`dirfast.DenseWeight` as the width). The count is
         ``ceil((max - min) / width)``, at most ``max_bins``. A width of 0 (an IQR of 0, or all
         labels equal) gives one bin, as numpy does; all labels equal to ``v`` give
-        ``Binning.uniform(v - 0.5, v + 0.5, 1)``. Raises ValueError for no, NaN or infinite labels.
+        ``Binning.uniform(v - 0.5, v + 0.5, 1)`` (wider where ``v`` is so large that 0.5 would
+        round away). Raises ValueError for no, NaN or infinite labels.
         """
         validate.choice("rule", rule, BIN_WIDTH_RULES)
         max_bins = validate.integer("max_bins", max_bins, 1, MAX_BINS)
         values, low, high = validate.finite_values_and_span("labels", labels)
         if low == high:
-            return cls.uniform(low - 0.5, high + 0.5, 1)
+            pad = max(0.5, 4 * math.ulp(low))
+            return cls.uniform(low - pad, high + pad, 1)
         width = float(rule_width(values, rule))
         if not width > 0:
             return cls.uniform(low, high, 1)

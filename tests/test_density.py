@@ -356,6 +356,8 @@ def test_auto_edge_cases_follow_numpy():
         expected = np.histogram_bin_edges(np.asarray(labels, dtype=np.float64), bins="fd")
         np.testing.assert_array_equal(dirfast.Binning.auto(labels).edges, expected)
     assert dirfast.Binning.auto([3.0, 3.0], rule="silverman") == dirfast.Binning.uniform(2.5, 3.5, 1)
+    huge = torch.tensor([1e16, 1e16], dtype=torch.float64)  # 1e16 +- 0.5 rounds to 1e16: a wider bin
+    assert dirfast.Binning.auto(huge).num_bins == 1 and dirfast.Binning.auto(huge)(huge).tolist() == [0, 0]
     subnormal_width = [0.0] * 10 + [1e-308] * 10 + [1e10]  # IQR 1e-308: range / width overflows to inf
     assert dirfast.Binning.auto(subnormal_width, max_bins=7).num_bins == 7
     many = np.random.default_rng(2).normal(size=100000)
