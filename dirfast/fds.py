@@ -12,14 +12,22 @@ from . import distributed, ops
 from ._autograd import in_place_refusal
 from ._moments import chan_merge, m2_from_var, var_from_m2
 from .ops.calibrate import scale_shift
-from .binning import Binning, GridBinning
+from .binning import MAX_BINS, Binning, GridBinning
 from .windows import kernel_window
 
 __all__ = ["FDS"]
 
+# The epoch counter is a float32 buffer (as published): it holds every whole epoch in this range exactly.
+EPOCH_LIMIT = 1 << 24
+# Elements of each [K, D] statistic: a bound that keeps the buffers allocatable and their sizes in range.
+MAX_TABLE = 1 << 31
+
 _BUFFERS = ("running_mean", "running_var", "running_mean_last_epoch", "running_var_last_epoch",
             "smoothed_mean_last_epoch", "smoothed_var_last_epoch")
 _ALIASES = (("running_mean_last_epoch", "running_mean"), ("running_var_last_epoch", "running_var"))
+# Checkpoint entries that are variances, sums of squared deviations or counts: never negative.
+_NON_NEGATIVE = ("running_var", "running_var_last_epoch", "smoothed_var_last_epoch", "num_samples_tracked",
+                 "accumulated_count", "accumulated_m2")
 
 
 class FDS(nn.Module):
@@ -36,7 +44,11 @@ class FDS(nn.Module):
         feature_dim: the feature size ``D`` (dim 1 of the features).
         bucket_num, bucket_start: statistics are kept for buckets ``bucket_start .. bucket_num - 1``
             (``K = bucket_num - bucket_start`` rows); labels outside join the edge buckets.
-        start_update, start_smooth: the first epoch that updates, and that smooths.
+            ``bucket_num`` is at most ``2**24`` (as a :class:`~dirfast.Binning`'s bins) and
+            ``feature_dim * K`` at most ``2**31`` (the elements of each statistic).
+        start_update, start_smooth: the first epoch that updates, and that smooths. Epochs, these
+            and those passed to the methods, are ints in ``[-2**24, 2**24]``: the epoch counter is
+            a float32 buffer (as published), exact over that range.
         kernel, ks, sigma: the smoothing window, normalised to sum 1.
         momentum: running-average momentum; ``None`` averages over all epochs.
         binning: maps labels to buckets (default ``Binning.integer(bucket_num)``: ``int(label)``);
@@ -68,13 +80,17 @@ class FDS(nn.Module):
                  fill_empty: bool = False, copy_snapshot: bool = False, clip_min: float = 0.1,
                  clip_max: float = 10.0, sync: bool = True, process_group=None):
         super().__init__()
-        feature_dim = validate.integer("feature_dim", feature_dim, 1)
-        bucket_num = validate.integer("bucket_num", bucket_num, 1)
+        feature_dim = validate.integer("feature_dim", feature_dim, 1, MAX_TABLE)
+        bucket_num = validate.integer("bucket_num", bucket_num, 1, MAX_BINS)
         bucket_start = validate.integer("bucket_start", bucket_start, 0)
-        start_update, start_smooth = validate.integer("start_update", start_update), \
-            validate.integer("start_smooth", start_smooth)
+        start_update, start_smooth = (validate.integer(name, value, -EPOCH_LIMIT, EPOCH_LIMIT) for name, value
+                                      in (("start_update", start_update), ("start_smooth", start_smooth)))
         if bucket_start >= bucket_num:
             raise ValueError(f"bucket_start ({bucket_start}) must be below bucket_num ({bucket_num})")
+        if feature_dim * (bucket_num - bucket_start) > MAX_TABLE:
+            raise ValueError(f"feature_dim * (bucket_num - bucket_start) must be at most {MAX_TABLE} (the elements "
+                             f"of each statistic), got feature_dim={feature_dim} with "
+                             f"{bucket_num - bucket_start} buckets")
         if momentum is not None:
             validate.real("momentum", momentum, 0.0, 1.0)
         clip_min = validate.real("clip_min", clip_min, 0.0, validate.FLOAT32_MAX)
@@ -133,13 +149,23 @@ class FDS(nn.Module):
     def _buckets(self, features: torch.Tensor, labels, check: bool) -> torch.Tensor:
         """Validate ``features``/``labels``; return each row's bucket in ``[0, K)``, or -1 for a
         NaN or infinite label (``check=False``; with ``check`` such labels raise)."""
+        return self._bin(self._check_batch(features, labels), check)
+
+    def _bin(self, labels: torch.Tensor, check: bool) -> torch.Tensor:
+        bins = self.binning(labels, precision="float32", check=check)  # as the published FDS modules
+        buckets = bins.clamp(self.bucket_start, self.bucket_num - 1) - self.bucket_start
+        return torch.where(bins >= 0, buckets, -1)
+
+    def _check_batch(self, features: torch.Tensor, labels) -> torch.Tensor:
+        """The type, shape and device checks of a batch (metadata only: no host sync); returns the
+        labels without their singleton dim 1."""
         validate.floating("features", features)
         if features.dim() < 2:
             raise ValueError(f"features must be a [N, D] or [B, D, *spatial] tensor, got shape {tuple(features.shape)}")
         if features.shape[1] != self.feature_dim:
             raise ValueError(f"features has {features.shape[1]} features along dim 1, "
                              f"this FDS was built with feature_dim={self.feature_dim}")
-        validate.tensor("labels", labels)
+        validate.real_tensor("labels", validate.tensor("labels", labels))  # a tensor of real numbers
         if isinstance(self.binning, GridBinning):
             expected = (features.shape[0], self.binning.ndim)
             if features.dim() != 2 or tuple(labels.shape) != expected:
@@ -154,16 +180,14 @@ class FDS(nn.Module):
         if labels.device != features.device or self.running_mean.device != features.device:
             raise ValueError(f"features ({features.device}), labels ({labels.device}) and the FDS "
                              f"buffers ({self.running_mean.device}) must be on one device: call fds.to(device)")
-        bins = self.binning(labels, precision="float32", check=check)  # as the published FDS modules
-        buckets = bins.clamp(self.bucket_start, self.bucket_num - 1) - self.bucket_start
-        return torch.where(bins >= 0, buckets, -1)
+        return labels
 
     def _epoch(self) -> int:
         return int(self.epoch.item())
 
     @staticmethod
     def _check_epoch(epoch) -> int:
-        return validate.integer("epoch", epoch)
+        return validate.integer("epoch", epoch, -EPOCH_LIMIT, EPOCH_LIMIT)
 
     # -- the published methods -----------------------------------------------------------------
     def reset(self) -> None:
@@ -327,12 +351,20 @@ class FDS(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # Every key, shape and value is checked before anything is copied (a checkpoint of the
-        # published module has no accumulators: that is fine).
+        # published module has no accumulators: that is fine). nn.Module.load_state_dict passes
+        # strict=True here whatever its own strict: missing keys go to missing_keys, as BatchNorm's
+        # do, and it raises for them (strict=True) or returns them (strict=False). A load that is
+        # missing a key or has a bad entry changes nothing of this module: no partial statistics.
         names = ("epoch",) + _BUFFERS + ("num_samples_tracked",) + self._ACCUMULATORS
         current = {name: getattr(self, name) for name in names}
-        errors = validate.checkpoint_errors(state_dict, prefix, current, strict, "FDS", optional=self._ACCUMULATORS)
-        if errors:  # a failed load changes nothing of this module
+        missing = [prefix + name for name in names if name not in self._ACCUMULATORS and prefix + name not in state_dict]
+        errors = validate.checkpoint_errors(state_dict, prefix, current, False, "FDS")
+        errors += self._value_errors(state_dict, prefix, current)
+        if missing or errors:
+            missing_keys.extend(missing)
             error_msgs.extend(errors)
+            unexpected_keys.extend(key for key in state_dict  # what super() would report, had it run
+                                   if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] not in current)
             return
         for alias, name in self._aliased():  # each statistic gets its own tensor back
             setattr(self, alias, getattr(self, name).clone())
@@ -346,6 +378,28 @@ class FDS(nn.Module):
                 unexpected_keys.remove(key)
             with torch.no_grad():
                 getattr(self, name).copy_(state_dict[key])
+
+    @staticmethod
+    def _value_errors(state_dict, prefix: str, current: dict) -> list:
+        """What checkpoint_errors does not check: values beyond the range of this module's dtype
+        (a float64 1e39 is inf once copied), negative variances or counts, an epoch that is not a
+        whole number in ``[-2**24, 2**24]``. Entries it reports (or missing) are skipped."""
+        errors = []
+        for name, mine in current.items():
+            key = prefix + name
+            saved = state_dict.get(key)
+            if not isinstance(saved, torch.Tensor) or tuple(saved.shape) != tuple(mine.shape) or saved.is_meta \
+                    or saved.is_complex() or saved.dtype == torch.bool or not bool(torch.isfinite(saved).all()):
+                continue
+            value = saved.detach().to(mine.dtype)
+            if not bool(torch.isfinite(value).all()):
+                errors.append(f"{key}: the checkpoint holds values beyond the range of {mine.dtype}.")
+            elif name in _NON_NEGATIVE and bool((value < 0).any()):
+                errors.append(f"{key}: the checkpoint holds negative values (a variance or count is never negative).")
+            elif name == "epoch" and not bool(((value == value.round()) & (value.abs() <= EPOCH_LIMIT)).all()):
+                errors.append(f"{key}: the checkpoint's epoch must be a whole number in [-{EPOCH_LIMIT}, {EPOCH_LIMIT}], "
+                              f"got {saved.tolist()}.")
+        return errors
 
     def _synced(self, count, mean, var):
         """The statistics of all ranks' rows, when running distributed with ``sync``."""
@@ -378,7 +432,8 @@ class FDS(nn.Module):
         """Calibrate ``features`` with last epoch's statistics: in place (the default, as published)
         and return them, or with ``inplace=False`` into a new tensor.
 
-        Returns ``features`` untouched before ``start_smooth``. Otherwise each row becomes
+        Returns ``features`` untouched before ``start_smooth`` (their type, shape and device, and
+        the labels', are checked at every epoch). Otherwise each row becomes
         ``(x - m1) * sqrt(clamp(v2 / v1, clip_min, clip_max)) + m2`` with its bucket's last-epoch
         running (``m1, v1``) and smoothed (``m2, v2``) statistics, the published zero-variance
         rules included. Gradients flow to the features. In place, they must not be a tensor
@@ -389,9 +444,10 @@ class FDS(nn.Module):
         """
         validate.boolean("inplace", inplace)
         epoch = self._check_epoch(epoch)
+        labels = self._check_batch(features, labels)  # at every epoch: a mistake shows before start_smooth
         if epoch < self.start_smooth:
             return features
-        buckets = self._buckets(features, labels, check=False)
+        buckets = self._bin(labels, check=False)
         stats = (self.running_mean_last_epoch, self.running_var_last_epoch, self.smoothed_mean_last_epoch,
                  self.smoothed_var_last_epoch, self.clip_min, self.clip_max)
         if not inplace:

@@ -508,6 +508,72 @@ def test_fds_loads_published_checkpoint():
                                **smooth_tol(torch.float32))
 
 
+class FDSNet(torch.nn.Module):
+    """A model holding an FDS, as a training script does (``fds=False``: the same model without it)."""
+
+    def __init__(self, fds: bool = True):
+        super().__init__()
+        self.enc = torch.nn.Linear(4, 8)
+        if fds:
+            self.fds = dirfast.FDS(8, bucket_num=20, bucket_start=0)
+
+
+def fds_snapshot(fds):
+    """Every statistic of ``fds`` (the accumulators too) and its snapshot aliasing."""
+    state = {name: value.clone() for name, value in fds.state_dict().items()}
+    return state, fds.running_mean_last_epoch is fds.running_mean
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("checkpoint", ["without FDS", "FDS without running_var"])
+def test_fds_missing_keys_are_the_parents_to_report(strict, checkpoint):
+    """As for BatchNorm: nn.Module.load_state_dict lists the FDS keys a checkpoint lacks -- in its
+    RuntimeError with strict=True, in missing_keys with strict=False -- and the FDS keeps its whole
+    state (none of the keys present is loaded into it)."""
+    model = FDSNet()
+    g = torch.Generator().manual_seed(64)
+    model.fds.update_running_stats(torch.randn(50, 8, generator=g), torch.randint(0, 20, (50,), generator=g).float(), 0)
+    model.fds.accumulate(torch.randn(10, 8, generator=g), torch.randint(0, 20, (10,), generator=g).float())
+    before = fds_snapshot(model.fds)
+    state = FDSNet(fds=checkpoint != "without FDS").state_dict()
+    if checkpoint != "without FDS":
+        del state["fds.running_var"]
+        state["fds.bogus"] = torch.zeros(1)
+        missing, unexpected = ["fds.running_var"], ["fds.bogus"]
+    else:
+        missing, unexpected = [f"fds.{name}" for name in BUFFERS], []
+    if strict:
+        with pytest.raises(RuntimeError) as info:
+            model.load_state_dict(state)
+        assert all(key in str(info.value) for key in missing + unexpected)
+    else:
+        result = model.load_state_dict(state, strict=False)
+        assert sorted(result.missing_keys) == sorted(missing) and result.unexpected_keys == unexpected
+        assert torch.equal(model.enc.weight, state["enc.weight"])  # the rest of the model loaded
+    after = fds_snapshot(model.fds)
+    assert after[1] == before[1] and after[0].keys() == before[0].keys()
+    for name, value in before[0].items():
+        assert torch.equal(after[0][name], value), name
+
+
+def test_fds_loads_statistics_float32_holds():
+    """A float64 checkpoint loads cast to float32 when its values fit, the largest float32 and
+    zero variances and counts included; the epoch counter holds [-2**24, 2**24] exactly. (What
+    is refused is in tests/test_bad_inputs.py.)"""
+    source = dirfast.FDS(2, bucket_num=4, bucket_start=0)
+    state = {name: value.double() for name, value in source.state_dict().items()}
+    biggest = torch.finfo(torch.float32).max
+    state["running_mean"] = torch.full((4, 2), float(biggest), dtype=torch.float64)
+    state["running_var"] = torch.zeros(4, 2, dtype=torch.float64)
+    state["epoch"] = torch.tensor([2.0 ** 24], dtype=torch.float64)
+    fds = dirfast.FDS(2, bucket_num=4, bucket_start=0)
+    fds.load_state_dict(state)
+    assert fds.running_mean.dtype == torch.float32 and bool((fds.running_mean == biggest).all())
+    assert not fds.running_var.any() and not fds.num_samples_tracked.any() and fds.epoch.item() == 2 ** 24
+    for epoch in (-2 ** 24, 2 ** 24):
+        assert dirfast.FDS(2, bucket_num=4, start_update=epoch).epoch.item() == epoch
+
+
 def test_fds_reset():
     kw = dict(bucket_num=7, bucket_start=1)
     fds, pub = dirfast.FDS(2, **kw), PublishedFDS(2, **kw)
