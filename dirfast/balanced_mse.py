@@ -111,6 +111,18 @@ def _mixture(gmm) -> GaussianMixture:
     return gmm if isinstance(gmm, GaussianMixture) else GaussianMixture.from_dict(gmm)
 
 
+def _magnitude(*tables: torch.Tensor) -> float:
+    """The largest absolute value of host tables (CPU float64): what the loss's dtype must hold."""
+    return max(float(t.abs().max()) for t in tables)
+
+
+def _check_fits(what: str, magnitude: float, acc: torch.dtype) -> None:
+    """Refuse a prior whose values (up to ``magnitude``) overflow ``acc``, the loss's dtype."""
+    if acc != torch.float64 and magnitude > validate.FLOAT32_MAX:
+        raise ValueError(f"{what} must fit in {acc}, the dtype the loss of these predictions is computed in; "
+                         f"got a value of magnitude {magnitude:.3g} (use float64 predictions or rescale the labels)")
+
+
 def _scaled_mean(loss: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
     return (loss * (2 * noise_var).detach()).mean()
 
@@ -135,6 +147,8 @@ def bmc_loss(pred, target, noise_var, *, all_ranks: bool = False, process_group=
     validate.boolean("all_ranks", all_ranks)
     pred_rows, target_rows = _rows("pred", pred), _rows("target", target)
     noise_var = _noise_var(noise_var, pred)
+    acc = _acc(pred)
+    pred_rows, target_rows = pred_rows.to(acc), target_rows.to(acc)  # float16 would overflow
     prior, first = target_rows.detach(), 0
     if all_ranks and distributed.is_distributed(process_group):
         prior, first = distributed.all_gather_rows(prior, process_group)
@@ -162,17 +176,22 @@ def bni_loss(pred, target, noise_var, bucket_centers, bucket_weights) -> torch.T
     """
     validate.prediction_pair("pred", pred, "target", target)
     noise_var = _noise_var(noise_var, pred)
-    return _bni(pred, target, noise_var, *_histogram(bucket_centers, bucket_weights))
+    centers, weights = _histogram(bucket_centers, bucket_weights)
+    _check_fits("bucket_centers", _magnitude(centers.to(torch.float64)), _acc(pred))
+    return _bni(pred, target, noise_var, centers, weights)
 
 
 def _bni(pred, target, noise_var, centers, weights) -> torch.Tensor:
-    """bni_loss with a checked histogram."""
+    """bni_loss with a checked histogram (computed in the accumulation dtype; the weights' log
+    is taken in their own dtype, so float64 weights beyond float32's range are exact)."""
     acc = _acc(pred)
-    centers, weights = centers.to(pred.device, acc), weights.to(pred.device, acc)
+    pred, target = pred.to(acc), target.to(acc)
+    log_weights = torch.log(weights.to(pred.device)).to(acc)
+    centers = centers.to(pred.device, acc)
     mse_term = F.mse_loss(pred, target, reduction="none") / 2 / noise_var
     # sum_k w_k exp(-(pred - c_k)^2 / (2 nv)) = sqrt(nv) * (the op's mixture density with v_k = nv)
     variances = noise_var.to(acc).expand(centers.shape)
-    balancing_term = ops.mixture_logpdf(pred, centers, variances, torch.log(weights)) + 0.5 * torch.log(noise_var)
+    balancing_term = ops.mixture_logpdf(pred, centers, variances, log_weights) + 0.5 * torch.log(noise_var)
     return _scaled_mean(mse_term + balancing_term, noise_var)
 
 
@@ -191,27 +210,31 @@ def gai_loss(pred, target, gmm, noise_var) -> torch.Tensor:
     """
     validate.prediction_pair("pred", pred, "target", target)
     gmm = _mixture(gmm)
+    _check_fits("gmm means and variances", _magnitude(gmm.means, gmm.variances), _acc(pred))
     tables = (gmm.means.to(pred.device), gmm.variances.to(pred.device), gmm.weights.to(pred.device))
     return _gai(pred, target, *tables, _noise_var(noise_var, pred))
 
 
 def _gai(pred, target, means, covariances, weights, noise_var) -> torch.Tensor:
-    """gai_loss with the mixture as tensors on pred's device: means [K, d], covariances [K, d, d]."""
+    """gai_loss with the mixture as tensors on pred's device: means [K, d], covariances [K, d, d]
+    (computed in the accumulation dtype)."""
     acc = _acc(pred)
+    pred, target = pred.to(acc), target.to(acc)
+    log_weights = torch.log(weights).to(acc)
     d = means.shape[1]
     if d == 1:
         mse_term = F.mse_loss(pred, target, reduction="none") / 2 / noise_var + 0.5 * torch.log(noise_var)
         variances = covariances.reshape(-1).to(acc) + noise_var.to(acc)
-        balancing_term = ops.mixture_logpdf(pred, means.reshape(-1).to(acc), variances, torch.log(weights.to(acc)))
+        balancing_term = ops.mixture_logpdf(pred, means.reshape(-1).to(acc), variances, log_weights)
         return _scaled_mean(mse_term + balancing_term, noise_var)
     if pred.dim() != 2 or pred.shape[1] != d:
         raise ValueError(f"pred must be [N, {d}] for a mixture in {d} dimensions, got shape {tuple(pred.shape)}")
     mse_term = (pred - target).pow(2).sum(1) / 2 / noise_var + 0.5 * d * torch.log(noise_var)
     eye = torch.eye(d, dtype=acc, device=pred.device)
     # log of (2 pi)^(d/2) sum_k w_k N(pred; mean_k, cov_k + nv I): the published term, which omits 2 pi
-    log_densities = log_component_densities(pred.to(acc), weights.to(acc), means.to(acc),
+    log_densities = log_component_densities(pred, torch.ones_like(log_weights), means.to(acc),
                                             covariances.to(acc) + noise_var.to(acc) * eye)
-    balancing_term = torch.logsumexp(log_densities, dim=1) + 0.5 * d * math.log(2 * math.pi)
+    balancing_term = torch.logsumexp(log_densities + log_weights, dim=1) + 0.5 * d * math.log(2 * math.pi)
     return _scaled_mean(mse_term + balancing_term, noise_var)
 
 
@@ -234,17 +257,32 @@ class _BalancedMSE(torch.nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        """Every entry is checked, values too, before any is copied: a failed load changes nothing."""
+        """Every entry is checked, values too, before any is copied: a failed load changes nothing.
+        Missing keys go to ``missing_keys`` (nn.Module raises for them only with ``strict=True``),
+        and then nothing is loaded: the loss's entries go together."""
         current = {name: value for name, value in {**self._parameters, **self._buffers}.items() if value is not None}
-        errors = validate.checkpoint_errors(state_dict, prefix, current, strict, type(self).__name__)
-        if not errors:
-            errors = self._value_errors({name: state_dict.get(prefix + name, mine).detach().cpu().double()
-                                         for name, mine in current.items()}, prefix)
+        errors = validate.checkpoint_errors(state_dict, prefix, current, False, type(self).__name__)
+        missing = [prefix + name for name in current if prefix + name not in state_dict]
+        if not errors and not missing:
+            values = {name: state_dict[prefix + name].detach().cpu().double() for name in current}
+            errors = self._value_errors(values, prefix)
         if errors:
             error_msgs.extend(errors)
             return
+        if missing:  # load none of this module's entries; report unexpected keys as nn.Module does
+            own = {prefix + name for name in current}
+            others = {key: value for key, value in state_dict.items() if key not in own}
+            super()._load_from_state_dict(others, prefix, local_metadata, strict, [], unexpected_keys, error_msgs)
+            missing_keys.extend(missing)
+            return
+        failed = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if len(error_msgs) == failed:
+            self._loaded(values)
+
+    def _loaded(self, values: dict) -> None:
+        """Called after a load with the loaded values (float64 CPU copies, by name)."""
 
     def _value_errors(self, values: dict, prefix: str) -> list:
         """What is wrong with the values a load would give (float64 CPU copies, by name)."""
@@ -275,10 +313,11 @@ class BNILoss(_BalancedMSE):
     with ``.to(device)``). :meth:`from_lds` takes it from a fitted :class:`~dirfast.LDS`."""
 
     def __init__(self, init_noise_sigma: float, bucket_centers, bucket_weights, *, learn_noise: bool = True) -> None:
-        centers, weights = (t.cpu().to(torch.float64) for t in _histogram(bucket_centers, bucket_weights))
+        centers, weights = (t.to("cpu", torch.float64, copy=True) for t in _histogram(bucket_centers, bucket_weights))
         super().__init__(init_noise_sigma, learn_noise)
         self.register_buffer("bucket_centers", centers)
         self.register_buffer("bucket_weights", weights)
+        self._loaded({"bucket_centers": centers})
 
     @classmethod
     def from_lds(cls, lds: LDS, init_noise_sigma: float = 1.0, *, smoothed: bool = False,
@@ -311,6 +350,7 @@ class BNILoss(_BalancedMSE):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         validate.prediction_pair("pred", pred, "target", target)
+        _check_fits("bucket_centers", self._largest, _acc(pred))
         return _bni(pred, target, _noise_var(self.noise_var, pred), self.bucket_centers, self.bucket_weights)
 
     def extra_repr(self) -> str:
@@ -323,6 +363,9 @@ class BNILoss(_BalancedMSE):
             return [f"{prefix}{exc}"]
         return super()._value_errors(values, prefix)
 
+    def _loaded(self, values: dict) -> None:
+        self._largest = _magnitude(values["bucket_centers"])  # read once here, not in forward
+
 
 class GAILoss(_BalancedMSE):
     """:func:`gai_loss` with a learnable noise scale. ``gmm`` is a
@@ -332,9 +375,10 @@ class GAILoss(_BalancedMSE):
     def __init__(self, init_noise_sigma: float, gmm, *, learn_noise: bool = True) -> None:
         super().__init__(init_noise_sigma, learn_noise)
         gmm = _mixture(gmm)
-        self.register_buffer("gmm_means", gmm.means)
-        self.register_buffer("gmm_variances", gmm.variances)
-        self.register_buffer("gmm_weights", gmm.weights)
+        self.register_buffer("gmm_means", gmm.means.clone())
+        self.register_buffer("gmm_variances", gmm.variances.clone())
+        self.register_buffer("gmm_weights", gmm.weights.clone())
+        self._loaded({"gmm_means": gmm.means, "gmm_variances": gmm.variances})
 
     @property
     def gmm(self) -> GaussianMixture:
@@ -350,6 +394,7 @@ class GAILoss(_BalancedMSE):
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         validate.prediction_pair("pred", pred, "target", target)
         noise_var = _noise_var(self.noise_var, pred)
+        _check_fits("gmm means and variances", self._largest, _acc(pred))
         return _gai(pred, target, self.gmm_means, self.gmm_variances, self.gmm_weights, noise_var)
 
     def extra_repr(self) -> str:
@@ -361,3 +406,6 @@ class GAILoss(_BalancedMSE):
         except ValueError as exc:
             return [f"{prefix}gmm_*: {exc}"]
         return super()._value_errors(values, prefix)
+
+    def _loaded(self, values: dict) -> None:
+        self._largest = _magnitude(values["gmm_means"], values["gmm_variances"])  # read once, not in forward

@@ -23,7 +23,9 @@ __all__ = ["weighted_mse_loss", "weighted_l1_loss", "weighted_focal_mse_loss",
 
 def _reduce(loss: torch.Tensor, weights) -> torch.Tensor:
     if weights is not None:
-        validate.tensor("weights", weights)
+        validate.floating("weights", weights)
+        if weights.device != loss.device:
+            raise ValueError(f"weights is on {weights.device} but inputs are on {loss.device}")
         try:
             shape = torch.broadcast_shapes(weights.shape, loss.shape)
         except RuntimeError:
@@ -74,13 +76,15 @@ def weighted_focal_l1_loss(inputs, targets, weights=None, activate="sigmoid", be
 def weighted_huber_loss(inputs, targets, weights=None, beta=1.0):
     """Huber: ``0.5 d**2 / beta`` where ``d = |inputs - targets| < beta``, else ``d - 0.5 beta``.
 
-    ``beta=0`` is the L1 loss (as ``torch.nn.functional.smooth_l1_loss``; the published formula
-    would divide by zero in the backward pass); a negative ``beta`` raises ValueError.
+    ``beta=0`` (or a ``beta`` that rounds to 0 in the inputs' dtype) is the L1 loss (as
+    ``torch.nn.functional.smooth_l1_loss``; the published formula would divide by zero in the
+    backward pass); a negative ``beta`` raises ValueError.
     """
     validate.prediction_pair("inputs", inputs, "targets", targets)
     beta = validate.real("beta", beta, 0.0)
     l1 = torch.abs(inputs - targets)
-    if beta == 0:
+    info = torch.finfo(l1.dtype)
+    if beta <= info.tiny * info.eps / 2:  # 0 in the loss's dtype (half its smallest subnormal): 0/0 gradients
         return _reduce(l1, weights)
     loss = torch.where(l1 < beta, 0.5 * l1 ** 2 / beta, l1 - 0.5 * beta)
     return _reduce(loss, weights)

@@ -55,10 +55,19 @@ class GaussianMixture:
                 raise ValueError(f"{name} must be finite")
         if bool((weights < 0).any()) or not float(weights.sum()) > 0:
             raise ValueError("weights must be non-negative with a positive sum")
+        # Symmetric up to rounding (scikit-learn's covariances_ differ in the last bits): the lower
+        # triangle, which the Cholesky factor reads, is kept and mirrored.
+        scale = torch.diagonal(variances, dim1=-2, dim2=-1).abs().sqrt()
+        tolerance = 1e-4 * scale[:, :, None] * scale[:, None, :]
+        if bool(((variances - variances.transpose(-2, -1)).abs() > tolerance).any()):
+            raise ValueError("variances must be symmetric (covariance matrices)")
+        variances = variances.tril() + variances.tril(-1).transpose(-2, -1)
         try:
             torch.linalg.cholesky(variances)
         except RuntimeError:
             raise ValueError("variances must be positive (covariances positive definite)") from None
+        if not math.isfinite(float(weights.sum())):  # the sum overflows float64: scale by the largest first
+            weights = weights / weights.max()
         self.means, self.variances, self.weights = means, variances, weights / weights.sum()
 
     @classmethod

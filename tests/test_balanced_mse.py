@@ -358,3 +358,85 @@ def test_fit_gmm_of_equal_labels():
     line = torch.arange(100.0, dtype=torch.float64)
     with pytest.raises(ValueError, match="reg_covar > 0"):
         fit_gmm(torch.stack([line, 2 * line], 1), 2, reg_covar=0)
+
+
+# -- state dicts and priors -------------------------------------------------------------------------
+MODULES = {"bmc": lambda: BMCLoss(0.8), "bni": lambda: BNILoss(0.8, torch.arange(3.0), torch.ones(3)),
+           "gai": lambda: GAILoss(0.8, mixture(2, 1, seed=34))}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_missing_keys_are_reported_not_loaded(name):
+    """As BatchNorm: missing keys go to missing_keys (strict=False loads, strict=True raises
+    nn.Module's RuntimeError); the loss loads none of its entries when one is missing."""
+    loss = MODULES[name]()
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    assert loss.load_state_dict({}, strict=False).missing_keys == list(before)
+    other = {k: v + 1 if k != "noise_sigma" else v * 2 for k, v in before.items()}
+    partial = dict(list(other.items())[:-1])
+    result = loss.load_state_dict(partial, strict=False)
+    assert result.missing_keys == list(before)[-1:] and result.unexpected_keys == []
+    with pytest.raises(RuntimeError, match="Missing key"):
+        loss.load_state_dict(partial)
+    for key, value in loss.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    model = torch.nn.ModuleDict({"head": torch.nn.Linear(2, 1), "loss": loss})
+    result = model.load_state_dict({f"head.{k}": torch.zeros_like(v) for k, v in model.head.state_dict().items()},
+                                   strict=False)
+    assert result.missing_keys == [f"loss.{k}" for k in before] and not model.head.weight.any()
+
+
+def test_modules_copy_the_callers_prior():
+    """A load writes into the module's buffers, never into the caller's tensors or mixture."""
+    centers, weights = torch.linspace(-3, 3, 10, dtype=torch.float64), torch.ones(10, dtype=torch.float64)
+    bni = BNILoss(1.0, centers, weights)
+    bni.load_state_dict(BNILoss(1.0, centers + 5, weights * 2).state_dict())
+    assert torch.equal(centers, torch.linspace(-3, 3, 10, dtype=torch.float64)) and torch.equal(weights, torch.ones(10))
+    gmm = GaussianMixture.from_dict(mixture(2, 1, seed=35))
+    saved = gmm.state_dict()
+    gai = GAILoss(1.0, gmm)
+    gai.load_state_dict(GAILoss(1.0, mixture(2, 1, seed=36)).state_dict())
+    for key, value in saved.items():
+        assert torch.equal(getattr(gmm, key), value), key
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_is_computed_in_float32(name, dtype):
+    """float16 predictions with a small noise_var gave NaN (BMC) or inf (BNI, GAI): the loss is
+    computed in float32, as the predictions cast to float32 give."""
+    pred, target = batch((32, 1), seed=37, device="cpu", dtype=torch.float32)
+    pred, target = pred.detach().to(dtype), target.to(dtype)
+    for noise_var in (1e-6, 1e-8, 0.7):
+        got, expected = LOSSES[name](pred, target, noise_var), LOSSES[name](pred.float(), target.float(), noise_var)
+        assert torch.isfinite(got)
+        torch.testing.assert_close(got, expected)
+
+
+def test_module_priors_beyond_float32_are_refused_for_float32_predictions():
+    """A float64 centre, mean or variance beyond float32's range made NaN losses: ValueError for
+    float32 predictions (checked without reading the buffers), a loss for float64 ones; a load
+    updates the check."""
+    pred, target = batch((16, 1), seed=38, device="cpu", dtype=torch.float32)
+    big = torch.tensor([1e39, 0.0, 1.0], dtype=torch.float64)
+    modules = {"bucket_centers": BNILoss(1.0, big, torch.ones(3)),
+               "gmm": GAILoss(1.0, {"means": torch.zeros(3), "variances": big.abs() + 1, "weights": torch.ones(3)})}
+    for words, module in modules.items():
+        with pytest.raises(ValueError, match=words):
+            module(pred, target)
+        assert torch.isfinite(module(pred.double(), target.double()))
+    bni = BNILoss(1.0, torch.arange(3.0), torch.ones(3))
+    bni.load_state_dict(modules["bucket_centers"].state_dict())
+    with pytest.raises(ValueError, match="bucket_centers"):
+        bni(pred, target)
+
+
+def test_covariances_must_be_symmetric():
+    """An asymmetric covariance was read by its lower triangle: refused; one asymmetric in the
+    last bits (scikit-learn's covariances_) is kept, mirrored from its lower triangle."""
+    cov = torch.tensor([[[2.0, 0.5], [0.5, 1.0]]], dtype=torch.float64)
+    with pytest.raises(ValueError, match="variances must be symmetric"):
+        GaussianMixture(torch.zeros(1, 2), cov.triu(), torch.ones(1))
+    rounded = cov.clone()
+    rounded[0, 0, 1] = torch.nextafter(rounded[0, 0, 1], torch.tensor(1.0, dtype=torch.float64))
+    assert torch.equal(GaussianMixture(torch.zeros(1, 2), rounded, torch.ones(1)).variances, cov)

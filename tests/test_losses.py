@@ -98,3 +98,15 @@ def test_published_signatures():
         assert list(params)[:2] == ["inputs", "targets"], name
         got = {k: p.default for k, p in params.items() if p.default is not inspect.Parameter.empty}
         assert got == defaults, name
+
+
+@pytest.mark.parametrize("dtype, beta", [(torch.float32, 1e-320), (torch.float16, 1e-8)])
+def test_huber_beta_that_rounds_to_zero_is_l1(dtype, beta):
+    """A beta > 0 that is 0 in the inputs' dtype divided 0 by 0 in the backward pass: it is L1."""
+    pred, target, _ = inputs((25, 1), seed=11, dtype=dtype)
+    a, b = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    huber = dirfast.losses.weighted_huber_loss(a, target, beta=beta)
+    l1 = dirfast.losses.weighted_l1_loss(b, target)
+    huber.backward()
+    l1.backward()
+    assert torch.equal(huber, l1) and torch.equal(a.grad, b.grad)
