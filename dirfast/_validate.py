@@ -64,6 +64,18 @@ def positive(name: str, value) -> float:
     return real(name, value, 0.0, above=True)
 
 
+def in_dtype(name: str, value: float, dtype: torch.dtype, *, reciprocal: bool = False) -> float:
+    """``value`` (a float :func:`real` returned) finite in ``dtype``, the dtype a computation
+    runs in, and ``1 / value`` too with ``reciprocal``: beyond them it would be inf there, and
+    the result NaN."""
+    big = float(torch.finfo(dtype).max)
+    if abs(value) > big or (reciprocal and abs(value) < 1.0 / big):
+        bound = f"in [{1.0 / big:.4g}, {big:.4g}] (it and 1/{name}" if reciprocal else \
+            f"at most {big:.4g} in magnitude (it"
+        raise ValueError(f"{name} must be {bound} finite in {dtype}, the dtype of the computation), got {value!r}")
+    return value
+
+
 def boolean(name: str, value) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {_type_name(value)}")
@@ -78,9 +90,11 @@ def choice(name: str, value, options):
 
 
 def pair(name: str, value) -> tuple:
-    """``(low, high)``: two finite real numbers with ``0 <= low <= high``."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
-        raise TypeError(f"{name} must be a pair (low, high), got {value!r}")
+    """``(low, high)``: a tuple, list or 1-D array of two finite real numbers with
+    ``0 <= low <= high`` (a dict or a set, which have no order of their own, is not one)."""
+    if not (isinstance(value, (tuple, list)) or (isinstance(value, np.ndarray) and value.ndim == 1)) \
+            or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (low, high): a tuple, list or array of two numbers, got {value!r}")
     low, high = (real(name, v) for v in value)
     if not 0 <= low <= high:
         raise ValueError(f"{name} must satisfy 0 <= low <= high, got {tuple(value)!r}")
@@ -132,6 +146,9 @@ def real_tensor(name: str, value) -> torch.Tensor:
             raise TypeError(f"{name} must be a tensor or an array of real numbers ({exc})") from None
         if array.dtype.kind not in "iuf":
             raise TypeError(f"{name} must be real numbers, got an array of {array.dtype}")
+        if array.dtype.kind == "f" and array.dtype.itemsize > 8:  # torch has no longdouble
+            raise TypeError(f"{name} must be float16, float32 or float64 values, got an array of {array.dtype} "
+                            "(convert it with .astype(np.float64))")
         value = torch.tensor(array.astype(array.dtype.newbyteorder("="), copy=False))
     if value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must be real numbers, got {value.dtype}")

@@ -3,6 +3,8 @@ bin-uniform ("balanced") errors."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
@@ -33,17 +35,21 @@ def _rows(name: str, values: np.ndarray, dim: int) -> np.ndarray:
 def _samples(preds, labels, binning):
     """``(labels, errors)`` of one set of samples, checked: the labels as ``[N, d]`` rows for a
     GridBinning (flat otherwise), and one error per sample (``pred - label`` on one dimension,
-    the Euclidean distance over a grid of several)."""
+    the Euclidean distance over a grid of several); no samples at all is an error."""
     preds, labels = _values("preds", preds), _values("labels", labels)
     if not isinstance(binning, GridBinning):
         preds, labels = preds.reshape(-1), labels.reshape(-1)
         if preds.shape != labels.shape:
             raise ValueError(f"preds and labels must have the same number of values, got {preds.size} and "
                              f"{labels.size}")
+        if labels.size == 0:
+            raise ValueError("preds and labels must not be empty")
         return labels, preds - labels
     preds, labels = _rows("preds", preds, binning.ndim), _rows("labels", labels, binning.ndim)
     if preds.shape != labels.shape:
         raise ValueError(f"preds and labels must have the same shape, got {preds.shape} and {labels.shape}")
+    if labels.shape[0] == 0:
+        raise ValueError("preds and labels must not be empty")
     errors = preds - labels
     return labels, errors[:, 0] if binning.ndim == 1 else np.sqrt(np.sum(errors ** 2, axis=1))
 
@@ -70,7 +76,10 @@ def _region_of_bins(regions, num_bins: int) -> np.ndarray:
     of_bin = np.full(num_bins, 2)
     listed = set()
     for index, name in enumerate(REGIONS):
-        for b in regions.get(name, ()):
+        bins = regions.get(name, ())
+        if isinstance(bins, (str, bytes, dict)) or not isinstance(bins, Iterable):
+            raise TypeError(f"regions[{name!r}] must be a list of bins, got {type(bins).__name__}")
+        for b in bins:
             b = validate.integer(f"regions[{name!r}]", b, 0, num_bins - 1)
             if b in listed:
                 raise ValueError(f"regions list bin {b} in more than one region")
@@ -87,7 +96,7 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
     more than ``many_shot_thr`` samples of it (training labels cast to int), few-shot
     (``"low"``) below ``low_shot_thr``, medium-shot (``"median"``) otherwise. Each region's
     errors are averaged over its test samples; ``"overall"`` is over all of them. A region with
-    no test sample gives NaN.
+    no test sample gives NaN; no test samples at all is a ValueError.
 
     With ``binning`` (a :class:`~dirfast.Binning`), labels are grouped by bin instead of by
     exact value, which is what continuous labels need; they are binned as the published
@@ -146,8 +155,6 @@ def _balanced_error(preds, labels, binning, power: int) -> float:
     if not isinstance(binning, (Binning, GridBinning)):
         raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
     labels, errors = _samples(preds, labels, binning)
-    if labels.size == 0:
-        raise ValueError("preds and labels must not be empty: a balanced error needs at least one bin")
     bins = binning(labels, precision="float32").numpy()
     total = np.bincount(bins, weights=np.abs(errors) ** power, minlength=binning.num_bins)
     count = np.bincount(bins, minlength=binning.num_bins)

@@ -84,7 +84,9 @@ def rnc_loss(features, labels, temperature=2.0, *, all_ranks: bool = False, proc
         features: ``[bs, 2, D]``, two augmented views of each sample (any number of views
             works: they are stacked, ``n = views * bs`` rows).
         labels: ``[bs]`` or ``[bs, label_dim]``; the label distance is L1.
-        temperature: of the logits ``-||z_i - z_j|| / temperature``.
+        temperature: of the logits ``-||z_i - z_j|| / temperature``; it and ``1 / temperature``
+            must be finite in the dtype the loss is computed in (float32, float64 for float64
+            inputs): ``temperature >= 2.94e-39`` in float32.
         all_ranks: pair this rank's rows with the rows of every rank (torch.distributed).
 
     Returns the mean over anchors ``i`` and partners ``j != i`` of ``-(s_ij - log S_ij)``, where
@@ -96,7 +98,10 @@ def rnc_loss(features, labels, temperature=2.0, *, all_ranks: bool = False, proc
     temperature = validate.positive("temperature", temperature)
     all_ranks = validate.boolean("all_ranks", all_ranks)
     bs, views = features.shape[0], features.shape[1]
+    if views == 0:
+        raise ValueError("features must hold at least one view: [bs, views, D] with views >= 1")
     y = _labels("labels", labels, bs, features.device, features.dtype)
+    validate.in_dtype("temperature", temperature, ops.acc_dtype(features.dtype, y.dtype), reciprocal=True)
     z = features.transpose(0, 1).reshape(views * bs, features.shape[2])  # view 0's rows, then view 1's
     y = y.repeat(views, 1)
     keys, first = _keys(z, all_ranks, process_group)
@@ -107,12 +112,15 @@ def rnc_loss(features, labels, temperature=2.0, *, all_ranks: bool = False, proc
 class RnCLoss(nn.Module):
     """Rank-N-Contrast as the published module: ``RnCLoss(temperature=2, label_diff="l1",
     feature_sim="l2")(features, labels)`` (see :func:`rnc_loss`). Only the published label
-    distance (``"l1"``) and feature similarity (``"l2"``: negative Euclidean distance) exist."""
+    distance (``"l1"``) and feature similarity (``"l2"``: negative Euclidean distance) exist.
+    ``temperature`` is refused here when no dtype can compute with it (float64), in ``forward``
+    when the batch's dtype cannot (as :func:`rnc_loss`)."""
 
     def __init__(self, temperature=2, label_diff="l1", feature_sim="l2", *, all_ranks: bool = False,
                  process_group=None):
         super().__init__()
-        self.temperature = validate.positive("temperature", temperature)
+        temperature = validate.positive("temperature", temperature)
+        self.temperature = validate.in_dtype("temperature", temperature, torch.float64, reciprocal=True)
         self.label_diff = validate.choice("label_diff", label_diff, ("l1",))
         self.feature_sim = validate.choice("feature_sim", feature_sim, ("l2",))
         self.all_ranks, self.process_group = validate.boolean("all_ranks", all_ranks), process_group
@@ -140,9 +148,11 @@ def _per_sample(name: str, value, n: int, device, dtype, dense: bool) -> torch.T
 
 
 def _sample_weights(weights, n: int, device, dtype, dense: bool) -> torch.Tensor:
-    """ConR's ``weights``: a real number (1: unweighted) or one weight per sample."""
+    """ConR's ``weights``: a real number (1: unweighted; >= 0 and finite in ``dtype``) or one
+    weight per sample (its values are not read)."""
     if not isinstance(weights, torch.Tensor):
-        return torch.full((n,), validate.real("weights", weights), dtype=dtype, device=device)
+        value = validate.in_dtype("weights", validate.real("weights", weights, 0.0), dtype)
+        return torch.full((n,), value, dtype=dtype, device=device)
     if dense:
         return _per_sample("weights", weights, n, device, dtype, True).reshape(n)
     validate.floating("weights", weights)
@@ -152,6 +162,12 @@ def _sample_weights(weights, n: int, device, dtype, dense: bool) -> torch.Tensor
     if weights.device != device:
         raise ValueError(f"weights is on {weights.device} but features are on {device}")
     return weights.reshape(n)
+
+
+def _push_strength(e, push: str) -> float:
+    """ConR's ``e``: a finite number, >= 0 for the linear push (a negative pushing weight would
+    make the sum in the log negative)."""
+    return validate.real("e", e, 0.0 if push == "linear" else None)
 
 
 def conr_loss(features, targets, preds, w=1.0, weights=1.0, t=0.07, e=0.01, *, form: str = "published",
@@ -167,15 +183,21 @@ def conr_loss(features, targets, preds, w=1.0, weights=1.0, t=0.07, e=0.01, *, f
             views concatenated, as published.
         targets, preds: ``[N]``, ``[N, 1]`` or ``[N, L]`` (L1 distance); ``preds`` get no
             gradient (the published code detaches them). NYUD2: any ``[N, *]``, averaged per image.
-        w: the label (and prediction) window. weights: a number or the per-sample LDS weights.
+        w: the label (and prediction) window. weights: a number (>= 0) or the per-sample LDS
+            weights (>= 0; their values are not read).
         t: the temperature. The published AgeDB-DIR function ignores its ``t`` (default 0.2) and
             uses 0.07, the default here; ``dirfast.presets.AGEDB_DIR.conr`` says so.
-        e: the pushing strength.
+        e: the pushing strength (>= 0 for ``"nyud2"``, whose linear push ``weights_i * e * l_ij``
+            would be negative).
         form: ``"published"`` (AgeDB-DIR / IMDB-WIKI-DIR: the positive sum counts ``exp(0) = 1``
             for every non-positive, the anchor included), ``"paper"`` (the paper's equation,
             without those terms), or ``"nyud2"`` (per-image labels, predictions and weights; a
             linear pushing weight ``weights_i * e * l_ij``; a divisor that counts the anchor;
             an unweighted mean).
+
+    ``t`` and ``1 / t`` (the logits are cosines over ``t``), ``e`` and a number ``weights`` must
+    be finite in the dtype the loss is computed in (float32, float64 for float64 inputs): in
+    float32, ``t >= 2.94e-39`` and ``|e|, weights <= 3.4e38``.
 
     Returns the mean over anchors of ``weights_i * loss_i`` (``"nyud2"``: of ``loss_i``). An anchor
     without negatives adds 0, as published; one without positives adds 0 too, where the
@@ -184,7 +206,7 @@ def conr_loss(features, targets, preds, w=1.0, weights=1.0, t=0.07, e=0.01, *, f
     form = validate.choice("form", form, tuple(CONR_FORMS))
     push, exp0_terms, anchor_in_divisor, weighted, dense = CONR_FORMS[form]
     features = _features(features, "flat" if dense else "rows")
-    w, t, e = validate.real("w", w, 0.0), validate.positive("t", t), validate.real("e", e)
+    w, t, e = validate.real("w", w, 0.0), validate.positive("t", t), _push_strength(e, push)
     all_ranks = validate.boolean("all_ranks", all_ranks)
     n = features.shape[0]
     z = features.reshape(n, -1)
@@ -192,6 +214,9 @@ def conr_loss(features, targets, preds, w=1.0, weights=1.0, t=0.07, e=0.01, *, f
     p = _per_sample("preds", preds, n, z.device, z.dtype, dense).detach()
     if p.shape != y.shape:
         raise ValueError(f"preds must have the shape of targets ({tuple(targets.shape)}), got {tuple(preds.shape)}")
+    acc = ops.acc_dtype(z.dtype, y.dtype, p.dtype)
+    validate.in_dtype("t", t, acc, reciprocal=True)
+    validate.in_dtype("e", e, acc)
     weight = _sample_weights(weights, n, z.device, ops.acc_dtype(z.dtype, y.dtype), dense)
     keys, first = _keys(z, all_ranks, process_group)
     others = [_keys(value, all_ranks, process_group)[0] for value in (y, p, weight.detach())]
@@ -203,13 +228,16 @@ def conr_loss(features, targets, preds, w=1.0, weights=1.0, t=0.07, e=0.01, *, f
 class ConRLoss(nn.Module):
     """ConR as a module: ``ConRLoss(w=1.0, t=0.07, e=0.01, form="published")(features, targets,
     preds, weights=1.0)`` (see :func:`conr_loss`; ``dirfast.presets.<DATASET>.conr()`` builds
-    the published setting of each dataset)."""
+    the published setting of each dataset). ``t`` and ``e`` are refused here when no dtype can
+    compute with them (float64), in ``forward`` when the batch's dtype cannot (as :func:`conr_loss`)."""
 
     def __init__(self, w=1.0, t=0.07, e=0.01, form: str = "published", *, all_ranks: bool = False,
                  process_group=None):
         super().__init__()
-        self.w, self.t, self.e = validate.real("w", w, 0.0), validate.positive("t", t), validate.real("e", e)
-        self.form = validate.choice("form", form, tuple(CONR_FORMS))
+        form = validate.choice("form", form, tuple(CONR_FORMS))
+        w, t, e = validate.real("w", w, 0.0), validate.positive("t", t), _push_strength(e, CONR_FORMS[form][0])
+        self.w, self.t = w, validate.in_dtype("t", t, torch.float64, reciprocal=True)
+        self.e, self.form = e, form
         self.all_ranks, self.process_group = validate.boolean("all_ranks", all_ranks), process_group
 
     def forward(self, features, targets, preds, weights=1.0):
@@ -272,6 +300,8 @@ def ranksim_loss(features, targets, lambda_val=2.0, generator: torch.Generator |
     Args:
         features: ``[N, D]`` or ``[N, *]`` (flattened per sample).
         targets: ``[N]`` or ``[N, L]`` (L1 label distance).
+        lambda_val: > 0, finite in the dtype the loss is computed in (float32, float64 for
+            float64 inputs): at most 3.4e38 in float32.
         generator: a ``torch.Generator`` on the features' device for the subsample.
         all_ranks: rank against the rows of every rank (torch.distributed); each rank's loss is
             the sum over its own kept rows.
@@ -284,6 +314,7 @@ def ranksim_loss(features, targets, lambda_val=2.0, generator: torch.Generator |
     n = features.shape[0]
     z = features.reshape(n, -1)
     y = _labels("targets", targets, n, z.device, z.dtype)
+    validate.in_dtype("lambda_val", lambda_val, ops.acc_dtype(z.dtype, y.dtype))
     if generator is not None and generator.device.type != z.device.type:
         raise ValueError(f"generator is on {generator.device} but features are on {z.device}")
     keys, first = _keys(z, all_ranks, process_group)

@@ -89,6 +89,19 @@ def test_shot_metrics_empty_region_is_nan():
     assert got["overall"]["gmean"] == pytest.approx(gmean([2.0, 0.5, 2.0]))
 
 
+def test_no_samples_at_all_is_an_error():
+    """An empty region gives NaN, but no test samples at all is a ValueError, in every metric."""
+    empty, grid = np.array([]), dirfast.GridBinning(dirfast.Binning.integer(4), dirfast.Binning.integer(4))
+    calls = [lambda: dirfast.metrics.shot_metrics(empty, empty, np.arange(5.0)),
+             lambda: dirfast.metrics.shot_metrics(empty, empty, binning=dirfast.Binning.integer(5),
+                                                  regions={"many": [1]}),
+             lambda: dirfast.metrics.balanced_mae(empty, empty, dirfast.Binning.integer(5)),
+             lambda: dirfast.metrics.balanced_mse(np.zeros((0, 2)), np.zeros((0, 2)), grid)]
+    for call in calls:
+        with pytest.raises(ValueError, match="preds and labels must not be empty"):
+            call()
+
+
 def test_shot_metrics_binning_for_continuous_labels():
     """binning=: test and training labels grouped by bin (STS-B-DIR), errors on the values."""
     rng = np.random.default_rng(5)

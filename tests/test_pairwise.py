@@ -168,6 +168,42 @@ def test_conr_sample_without_positives_adds_zero():
                                conr_loss(features, targets, preds, 1.0, weights, form="paper") * n / (n + 1), **F64)
 
 
+def test_scalars_must_be_finite_in_the_dtype_of_the_loss():
+    """``t`` (and ``1/t``), ``e``, a number ``weights`` and RnC's ``temperature`` must be finite in
+    the dtype the loss is computed in: refused on float32 inputs, computed on float64 ones. A
+    module refuses at construction what float64 cannot hold, at forward what the batch's dtype
+    cannot, as the function does."""
+    features, targets, preds, weights = _conr_batch(bs=4, seed=5)
+    views, labels = features.reshape(4, 2, -1), targets[:4, 0]
+    for kwargs in ({"t": 1e-40}, {"e": 1e39}, {"weights": 1e39}):
+        name = next(iter(kwargs))
+        with pytest.raises(ValueError, match=f"{name} must be .*float32"):
+            conr_loss(features.float(), targets.float(), preds.float(), **kwargs)
+        assert torch.isfinite(conr_loss(features, targets, preds, **kwargs))
+    with pytest.raises(ValueError, match="temperature must be .*float32"):
+        rnc_loss(views.float(), labels.float(), 1e-39)
+    assert torch.isfinite(rnc_loss(views, labels, 1e-39))
+    module = RnCLoss(temperature=1e-39)  # float64 holds it
+    with pytest.raises(ValueError, match="temperature"):
+        module(views.float(), labels.float())
+    torch.testing.assert_close(module(views, labels), rnc_loss(views, labels, 1e-39), **F64)
+    with pytest.raises(ValueError, match="lambda_val must be .*float32"):
+        ranksim_loss(features.float(), targets.float(), 1e39)
+    assert torch.isfinite(ranksim_loss(features, targets, 1e39))
+
+
+def test_conr_linear_push_needs_a_non_negative_e():
+    """The NYUD2 form pushes with ``weights_i * e * l_ij``: a negative ``e`` would make the sum in
+    the log negative (NaN), so it is refused; the exp push takes any finite ``e``."""
+    features, targets, preds, _ = _conr_batch(bs=4, seed=6)
+    with pytest.raises(ValueError, match="e must be >= 0"):
+        conr_loss(features, targets, preds, e=-0.01, form="nyud2")
+    with pytest.raises(ValueError, match="e must be >= 0"):
+        ConRLoss(e=-0.01, form="nyud2")
+    assert torch.isfinite(conr_loss(features, targets, preds, e=-0.01, form="published"))
+    assert ConRLoss(e=-0.01, form="paper").e == -0.01
+
+
 # =========================================================================== RankSim
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("lambda_val", [2.0, 0.5])

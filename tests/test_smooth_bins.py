@@ -148,6 +148,16 @@ def test_scipy_where_scipy_is_the_definition(backend, device):
     torch.testing.assert_close(on(backend, dirfast.ops.smooth_bins, one, w7, "reflect"), one * w7.sum())
 
 
+def test_window_moves_to_the_stats_device_but_meta_holds_no_values():
+    """A window is moved to the device of ``stats``; one on the meta device is refused (it has no
+    values to move), unless ``stats`` is on meta too, where only shapes are computed."""
+    stats, window = torch.randn(6, 2, generator=gen(6)), torch.ones(3) / 3
+    with pytest.raises(ValueError, match="window is on the meta device"):
+        dirfast.ops.smooth_bins(stats, window.to("meta"))
+    out = dirfast.ops.smooth_bins(stats.to("meta"), window.to("meta"))
+    assert out.is_meta and out.shape == stats.shape
+
+
 # =========================================================================== compiled kernels only
 COMPILED = [p for p in backend_device_params(include_auto=False) if p.values[0] in ("cpp", "cuda")]
 

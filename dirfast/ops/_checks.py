@@ -101,8 +101,11 @@ def bin_table(name: str, value, shape, device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- the pairwise ops
-def real(name: str, value, low: float | None = None, above: bool = False) -> float:
-    """A finite real number (a bool is not one), at least ``low`` (above it with ``above``)."""
+def real(name: str, value, low: float | None = None, above: bool = False, *, dtype: torch.dtype | None = None,
+         reciprocal: bool = False) -> float:
+    """A finite real number (a bool is not one), at least ``low`` (above it with ``above``); with
+    ``dtype`` (the dtype the op computes in), finite there too, and ``1 / value`` with
+    ``reciprocal``: beyond that range it would be inf in the kernel, and the loss NaN."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
@@ -110,6 +113,11 @@ def real(name: str, value, low: float | None = None, above: bool = False) -> flo
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if above else value < low):
         raise ValueError(f"{name} must be {'>' if above else '>='} {low}, got {value!r}")
+    if dtype is not None:
+        big = float(torch.finfo(dtype).max)
+        if abs(value) > big or (reciprocal and abs(value) < 1.0 / big):
+            held = f"it and 1/{name}" if reciprocal else "it"
+            raise ValueError(f"{name} must leave {held} finite in {dtype}, the dtype the op computes in, got {value!r}")
     return value
 
 

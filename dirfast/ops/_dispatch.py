@@ -93,7 +93,7 @@ def backends() -> dict:
 
 
 def _check_name(name) -> str:
-    if name not in BACKENDS + ("auto",):
+    if not isinstance(name, str) or name not in BACKENDS + ("auto",):  # any other type is an unknown name too
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
     if name != "auto":
         reason = _reason(name)

@@ -75,9 +75,10 @@ def conr_loss(features: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
     for name, value in (("preds", preds), ("weights", weights)):
         if value.device != features.device:
             raise ValueError(f"{name} is on {value.device} but features is on {features.device}")
-    w = _checks.real("w", w, low=0.0)
-    tau = _checks.real("tau", tau, low=0.0, above=True)
-    e = _checks.real("e", e)
+    acc = _common.acc_dtype(features.dtype, labels.dtype, preds.dtype)
+    w = _checks.real("w", w, low=0.0, dtype=acc)
+    tau = _checks.real("tau", tau, low=0.0, above=True, dtype=acc, reciprocal=True)
+    e = _checks.real("e", e, dtype=acc)
     if not isinstance(push, str) or push not in PUSHES:
         raise ValueError(f"push must be one of {PUSHES}, got {push!r}")
     exp0_terms = _checks.boolean("exp0_terms", exp0_terms)

@@ -52,7 +52,8 @@ def ranksim_loss(features: torch.Tensor, labels: torch.Tensor, keep: torch.Tenso
         raise ValueError(f"keep must have shape ({m},) (one flag per row of features), got {tuple(keep.shape)}")
     if keep.device != features.device:
         raise ValueError(f"keep is on {keep.device} but features is on {features.device}")
-    lambda_val = _checks.real("lambda_val", lambda_val, 0.0, above=True)
+    lambda_val = _checks.real("lambda_val", lambda_val, 0.0, above=True,
+                              dtype=_common.acc_dtype(features.dtype, labels.dtype))
     offset = _checks.integer("offset", offset)
     count = None if count is None else _checks.integer("count", count)
     count = _checks.anchors(m, offset, count)

@@ -46,7 +46,8 @@ def rnc_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 
     feature rows are exactly 0 apart, and a zero distance passes no gradient (as torch's norm).
     """
     m = _checks.features_and_labels(features, labels)
-    temperature = _checks.real("temperature", temperature, 0.0, above=True)
+    temperature = _checks.real("temperature", temperature, 0.0, above=True,
+                               dtype=_common.acc_dtype(features.dtype, labels.dtype), reciprocal=True)
     offset = _checks.integer("offset", offset)
     count = _checks.anchors(m, offset, None if count is None else _checks.integer("count", count))
     return _dispatch.call("rnc_loss", features.device, features, labels, temperature, offset, count)

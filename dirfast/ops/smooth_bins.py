@@ -23,7 +23,8 @@ def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "refle
     than the bins; ``"constant"`` is zero, as ``scipy.ndimage.convolve1d(mode="constant")``
     (LDS); ``"symmetric"`` mirrors repeating the edge bin, as scipy.ndimage's ``"reflect"``
     (the NYUD2-DIR LDS); ``"replicate"`` repeats the edge bin. The result has the dtype of
-    ``stats``.
+    ``stats``. ``window`` is moved to the device of ``stats``; a window on the meta device,
+    which holds no values, is refused unless ``stats`` is there too.
     """
     _checks.floating("stats", stats)
     _checks.floating("window", window)
@@ -31,7 +32,9 @@ def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "refle
         raise ValueError(f"stats must be [B] or [B, D] with B >= 1, got shape {tuple(stats.shape)}")
     if window.dim() != 1 or window.shape[0] % 2 == 0:
         raise ValueError(f"window must be 1-D with an odd length, got shape {tuple(window.shape)}")
-    if padding not in PADDINGS:
+    if window.is_meta and not stats.is_meta:
+        raise ValueError(f"window is on the meta device, which holds no values to read (stats are on {stats.device})")
+    if not isinstance(padding, str) or padding not in PADDINGS:  # any other type is an unknown padding too
         raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
     return _dispatch.call("smooth_bins", stats.device, stats, window.to(stats.device), padding)
 
