@@ -183,7 +183,8 @@ def scalars(good_type: type, **extra) -> tuple:
 COUNT = scalars(int, zero=(0, ValueError), negative=(-1, ValueError))
 BIN_COUNT = COUNT + (Bad("2^40", lambda v: 2 ** 40, ValueError),)
 NON_NEGATIVE_INT = scalars(int, negative=(-1, ValueError))
-EPOCH = scalars(int)
+EPOCH = scalars(int, **{"2^24 + 1 (float32 epochs are exact to 2^24)": (2 ** 24 + 1, ValueError),
+                         "-2^24 - 1": (-2 ** 24 - 1, ValueError)})
 REAL = scalars(float, NaN=(NAN, ValueError), inf=(INF, ValueError), minus_inf=(-INF, ValueError))
 POSITIVE = REAL + (Bad("0", lambda v: 0.0, ValueError), Bad("negative", lambda v: -1.0, ValueError))
 NON_NEGATIVE = REAL + (Bad("negative", lambda v: -1.0, ValueError),)
@@ -471,7 +472,9 @@ API = {
     "dirfast.LDS": Entry(dirfast.LDS, {
         "binning": (BINNING + (Bad("None", lambda v: None, TypeError),), INT121), "reweight": (CHOICE, "sqrt_inv"),
         "lds": (BOOL, True), "kernel": (CHOICE, "gaussian"), "ks": (COUNT + (Bad("even", lambda v: 4, ValueError),), 5),
-        "sigma": (POSITIVE, 2.0), "inverse_clip": (PAIR, (5, 1000)), "padding": (CHOICE, "constant"),
+        "sigma": (POSITIVE, 2.0), "inverse_clip": (PAIR + (
+            Bad("dict", lambda v: {v[0]: "a", v[1]: "b"}, TypeError), Bad("set", lambda v: set(v), TypeError)), (5, 1000)),
+        "padding": (CHOICE, "constant"),
         "bucket_start": (NON_NEGATIVE_INT + (Bad("past the bins", lambda v: 121, ValueError),), 3),
         "sync": (BOOL, True)}),
     "dirfast.LDS.fit": method("fit", lambda: dirfast.LDS(INT121), {"labels": (FIT_LABELS, AGES)}),
@@ -523,7 +526,9 @@ API = {
         "grid_size": (COUNT + (Bad("below 16", lambda v: 8, ValueError),), 1024)}),
     # ----------------------------------------------------------------------- FDS
     "dirfast.FDS": Entry(dirfast.FDS, {
-        "feature_dim": (COUNT, 4), "bucket_num": (COUNT, 20),
+        "feature_dim": (COUNT + (Bad("2^62", lambda v: 2 ** 62, ValueError),
+                                 Bad("2^31 by 18 buckets (over 2^31 elements)", lambda v: 2 ** 31, ValueError)), 4),
+        "bucket_num": (BIN_COUNT, 20),
         "bucket_start": (NON_NEGATIVE_INT + (Bad("at bucket_num", lambda v: 20, ValueError),), 2),
         "start_update": (EPOCH, 0), "start_smooth": (EPOCH, 1), "kernel": (CHOICE, "gaussian"),
         "ks": (COUNT + (Bad("even", lambda v: 4, ValueError),), 5), "sigma": (POSITIVE, 2.0),
@@ -551,21 +556,37 @@ API = {
                      X8),
         "labels": (FDS_LABELS, Y8), "epoch": (EPOCH, 2), "inplace": (BOOL, True)}, expect={
         ("features", "NaN"): NAN_OUT, ("labels", "NaN"): FINITE}),
+    # Before start_smooth the features come back untouched, their type and shape checked all the same.
+    "dirfast.FDS.smooth over an epoch before start_smooth": method("smooth", trained_fds, {
+        "features": (FEATURES, X8), "labels": (FDS_LABELS, Y8), "epoch": (EPOCH, 0), "inplace": (BOOL, True)},
+        expect={("features", "NaN"): NAN_OUT, ("labels", "NaN"): SAME}),
     "dirfast.FDS.update_last_epoch_stats": method("update_last_epoch_stats", trained_fds, {"epoch": (EPOCH, 2)}),
     "dirfast.FDS.reset": method("reset", trained_fds),
     "dirfast.FDS.clear_accumulated": method("clear_accumulated", trained_fds),
     "dirfast.FDS.diagnostics": method("diagnostics", trained_fds),
     "dirfast.FDS.extra_repr": method("extra_repr", trained_fds),
     "dirfast.FDS.load_state_dict": method("load_state_dict", trained_fds, {
-        "state_dict": (STATE, trained_fds(seed=20).state_dict())},
+        "state_dict": (STATE + (
+            Bad("float64 beyond float32", lambda v: dict(v, running_mean=_set_first(v["running_mean"].double(), 1e39)),
+                RuntimeError),
+            Bad("negative running_var", lambda v: dict(v, running_var=_set_first(v["running_var"], -1.0)), RuntimeError),
+            Bad("negative num_samples_tracked", lambda v: dict(v, num_samples_tracked=_set_first(
+                v["num_samples_tracked"], -1.0)), RuntimeError),
+            Bad("negative accumulated_count", lambda v: dict(v, accumulated_count=_set_first(
+                v["accumulated_count"], -1.0)), RuntimeError),
+            Bad("fractional epoch", lambda v: dict(v, epoch=v["epoch"] + 0.5), RuntimeError),
+            Bad("epoch beyond 2^24", lambda v: dict(v, epoch=torch.full((1,), 2.0 ** 25)), RuntimeError)),
+            trained_fds(seed=20).state_dict())},
         optional=("accumulated_count", "accumulated_mean", "accumulated_m2")),
     # ----------------------------------------------------------------------- backends
     "dirfast.backends": Entry(dirfast.backends),
     "dirfast.get_backend": Entry(dirfast.get_backend),
     "dirfast.set_backend": Entry(dirfast.set_backend, {"name": (CHOICE + tuple(
-        Bad(f"{name} (unavailable)", lambda v, name=name: name, RuntimeError) for name in UNAVAILABLE), "reference")},
+        Bad(f"{name} (unavailable)", lambda v, name=name: name, RuntimeError) for name in UNAVAILABLE) + (
+        Bad("numpy array", lambda v: np.array([v]), ValueError),), "reference")},
         named_as={"name": "backend"}),
-    "dirfast.use_backend": Entry(lambda name: dirfast.use_backend(name).__enter__(), {"name": (CHOICE, "reference")},
+    "dirfast.use_backend": Entry(lambda name: dirfast.use_backend(name).__enter__(), {"name": (CHOICE + (
+        Bad("numpy array of two", lambda v: np.array([v, "x"]), ValueError),), "reference")},
                                  named_as={"name": "backend"}),
     # ----------------------------------------------------------------------- ops
     "dirfast.ops.bin_stats": Entry(ops.bin_stats, {
@@ -573,7 +594,9 @@ API = {
             Bad("2^40", lambda v: 2 ** 40, ValueError),), 3)}, expect={
         ("num_bins", "numpy int"): TypeError, ("x", "0-d"): ValueError, ("x", "extra dim"): ValueError}),
     "dirfast.ops.smooth_bins": Entry(ops.smooth_bins, {
-        "stats": (FLOAT_TENSOR, STAT[1]), "window": (WINDOW, torch.ones(3) / 3), "padding": (CHOICE, "reflect")},
+        "stats": (FLOAT_TENSOR, STAT[1]),
+        "window": (WINDOW + (Bad("meta", lambda v: v.to("meta"), ValueError),), torch.ones(3) / 3),
+        "padding": (CHOICE + (Bad("numpy array", lambda v: np.array([v, "x"]), ValueError),), "reflect")},
         expect={("stats", "meta"): META}),
     "dirfast.ops.calibrate": Entry(ops.calibrate, {
         "x": (FLOAT_TENSOR, X8), "bin_idx": (INDEX_TENSOR, IDX), "src_mean": (BIN_TABLE, STAT[0]),
@@ -598,14 +621,16 @@ API = {
         "labels": (FLOAT_TENSOR + (Bad("[m]", lambda v: v[:, 0], ValueError),
                                    Bad("[m, 0]", lambda v: v[:, :0], ValueError),
                                    Bad("two labels", lambda v: torch.cat([v, v], 1), FINITE)), Y8[:, None]),
-        "temperature": (POSITIVE, 2.0),
+        "temperature": (POSITIVE + (Bad("1/t overflows float32", lambda v: 1e-39, ValueError),), 2.0),
         "offset": (NON_NEGATIVE_INT + (Bad("beyond m", lambda v: 9, ValueError), Bad("m", lambda v: 8, ValueError)), 2),
         "count": (NON_NEGATIVE_INT + (Bad("past the rows", lambda v: 7, ValueError), Bad("0", lambda v: 0, EMPTY)), 6)},
         expect={("count", "None"): SAME}),
     "dirfast.ops.conr_loss": Entry(ops.conr_loss, {
         "features": (FLOAT_TENSOR, X8), "labels": (FLOAT_TENSOR, CONR_LABELS), "preds": (FLOAT_TENSOR, CONR_LABELS * 0.3),
-        "weights": (FLOAT_TENSOR, torch.rand(8, generator=gen(16)) + 0.5), "w": (NON_NEGATIVE, 1.0), "tau": (POSITIVE, 0.07),
-        "e": (REAL, 0.01), "push": (CHOICE, "exp"), "exp0_terms": (BOOL, True), "anchor_in_divisor": (BOOL, False),
+        "weights": (FLOAT_TENSOR, torch.rand(8, generator=gen(16)) + 0.5), "w": (NON_NEGATIVE, 1.0),
+        "tau": (POSITIVE + (Bad("1/tau overflows float32", lambda v: 1e-40, ValueError),), 0.07),
+        "e": (REAL + (Bad("beyond float32", lambda v: 1e300, ValueError),), 0.01), "push": (CHOICE, "exp"),
+        "exp0_terms": (BOOL, True), "anchor_in_divisor": (BOOL, False),
         "offset": (NON_NEGATIVE_INT + (Bad("past the rows", lambda v: 9, ValueError),), 0),
         "count": (NON_NEGATIVE_INT + (Bad("past the rows", lambda v: 9, ValueError),), 8)},
         expect={("labels", "NaN"): NO_PAIRS, ("preds", "NaN"): NO_PAIRS, ("count", "None"): SAME}),
@@ -617,7 +642,7 @@ API = {
             Bad("float", lambda v: v.float(), TypeError), Bad("int64", lambda v: v.long(), TypeError),
             Bad("fewer", lambda v: v[:-1], ValueError), Bad("[m, 1]", lambda v: v[:, None], ValueError),
             Bad("meta", lambda v: v.to("meta"), ValueError), Bad("non-contiguous", _strided, SAME)), KEEP8),
-        "lambda_val": (POSITIVE, 2.0),
+        "lambda_val": (POSITIVE + (Bad("beyond float32", lambda v: 1e300, ValueError),), 2.0),
         "offset": (NON_NEGATIVE_INT + (Bad("beyond m", lambda v: 9, ValueError),), 1),
         "count": (NON_NEGATIVE_INT + (Bad("beyond m - offset", lambda v: 8, ValueError),), 6)},
         expect={("keep", "None"): FINITE, ("count", "None"): FINITE}),
@@ -627,8 +652,10 @@ API = {
                                          Bad("[N] against [N, 1]", lambda v: v[:, 0], ValueError),
                                          Bad("meta", lambda v: v.to("meta"), ValueError)), PRED),
          "targets": (FLOAT_TENSOR[:-3] + (Bad("[N] against [N, 1]", lambda v: v[:, 0], ValueError),), TARGET),
-         "weights": (WEIGHTS, torch.rand(8, 1, generator=gen(9)))},
-        **({"beta": (NON_NEGATIVE, 1.0)} if name == "weighted_huber_loss" else {}),
+         "weights": (WEIGHTS + WRONG_DTYPE + (Bad("meta", lambda v: v.to("meta"), ValueError),),
+                     torch.rand(8, 1, generator=gen(9)))},
+        **({"beta": (NON_NEGATIVE + (Bad("1e-320 (0 in float32: L1)", lambda v: 1e-320, FINITE),), 1.0)}
+           if name == "weighted_huber_loss" else {}),
         **({"activate": (CHOICE, "tanh"), "beta": (POSITIVE, 0.2), "gamma": (NON_NEGATIVE, 1.0)}
            if "focal" in name else {})),
         expect={("targets", "NaN"): NAN_OUT})
@@ -642,10 +669,16 @@ API = {
         "pred": (FLOAT_TENSOR[:-3] + (Bad("[N] against [N, 1]", lambda v: v[:, 0], ValueError),
                                       Bad("meta", lambda v: v.to("meta"), ValueError)), PRED),
         "target": (FLOAT_TENSOR[:-3], TARGET), "noise_var": (NOISE_VAR, 0.7),
-        "bucket_centers": (HISTOGRAM, CENTERS), "bucket_weights": (HISTOGRAM_WEIGHTS, COUNTS)}),
+        "bucket_centers": (HISTOGRAM + (Bad("float64 1e39 (beyond float32)", lambda v: _set_first(v.double(), 1e39),
+                                            ValueError),), CENTERS),
+        "bucket_weights": (HISTOGRAM_WEIGHTS + (Bad("float64 1e39 (its log fits)", lambda v: _set_first(v.double(), 1e39),
+                                                    FINITE),), COUNTS)}),
     "dirfast.losses.gai_loss": Entry(dirfast.losses.gai_loss, {
         "pred": (FLOAT_TENSOR[:-3] + (Bad("[N] against [N, 1]", lambda v: v[:, 0], ValueError),), PRED),
-        "target": (FLOAT_TENSOR[:-3], TARGET), "gmm": (GMM, GMM2), "noise_var": (NOISE_VAR, 0.7)}),
+        "target": (FLOAT_TENSOR[:-3], TARGET), "noise_var": (NOISE_VAR, 0.7),
+        "gmm": (GMM + (Bad("float64 variance 1e39 (beyond float32)",
+                           lambda v: dict(v, variances=_set_first(v["variances"].double(), 1e39)),
+                           ValueError),), GMM2)}),
     "dirfast.losses.BMCLoss": Entry(BMCLoss, {
         "init_noise_sigma": (NOISE_SIGMA, 1.0), "learn_noise": (BOOL, True), "all_ranks": (BOOL, False)}),
     "dirfast.losses.BNILoss": Entry(BNILoss, {
@@ -664,12 +697,14 @@ API = {
     # ----------------------------------------------------------------------- metrics
     "dirfast.metrics.shot_metrics": Entry(dirfast.metrics.shot_metrics, {
         "preds": (EVAL_VALUES + (Bad("fewer", lambda v: v[:-1], ValueError),), TEST + 0.5),
-        "labels": (EVAL_VALUES, TEST), "train_labels": (EVAL_VALUES, TRAIN),
+        "labels": (EVAL_VALUES + (Bad("longdouble", lambda v: np.asarray(v, dtype=np.longdouble), TypeError),), TEST),
+        "train_labels": (EVAL_VALUES, TRAIN),
         "many_shot_thr": (REAL + (Bad("below low_shot_thr", lambda v: 10, ValueError),), 100),
         "low_shot_thr": (REAL, 20), "binning": (BINNING, INT100),
         "regions": ((Bad("a list", lambda v: [1, 2], TypeError), Bad("unknown name", lambda v: {"few": [1]}, ValueError),
                      Bad("bin past the bins", lambda v: {"many": [100]}, ValueError),
                      Bad("bin a float", lambda v: {"many": [1.5]}, TypeError),
+                     Bad("a bin, not a list", lambda v: {"many": 5}, TypeError),
                      Bad("bin in two regions", lambda v: {"many": [1], "low": [1]}, ValueError)), None),
         "exact_error": (NON_NEGATIVE, 0.0)}),
     "dirfast.metrics.shot_metrics over a grid": Entry(dirfast.metrics.shot_metrics, {
@@ -692,12 +727,18 @@ API = {
         "variances": (NOT_REAL + NON_FINITE + (Bad("negative", lambda v: -v, ValueError),
                                                Bad("other K", lambda v: v[:-1], ValueError)), GMM2["variances"]),
         "weights": (NOT_REAL + NON_FINITE + (Bad("negative", lambda v: -v, ValueError), Bad("0-d", lambda v: v[0], ValueError),
-                                             Bad("all 0", lambda v: v * 0, ValueError)), GMM2["weights"]),
+                                             Bad("all 0", lambda v: v * 0, ValueError),
+                                             Bad("sum beyond float64", lambda v: torch.full((2,), 1e308, dtype=torch.float64),
+                                                 Outcome("normalised", lambda got, good: assert_same(got.weights, good.weights)))),
+                      GMM2["weights"]),
         "covariance_type": (CHOICE[:3] + (Bad("not the shape's", lambda v: "diag", ValueError),), "full")},
         expect={("covariance_type", "None"): SAME}),
     "dirfast.mixture.GaussianMixture.from_dict": Entry(GaussianMixture.from_dict, {
         "gmm": (GMM + (Bad("[d, d] with K == d", lambda v: {"means": torch.zeros(2, 2), "variances": torch.eye(2),
-                                                            "weights": torch.ones(2)}, ValueError),), GMM2),
+                                                            "weights": torch.ones(2)}, ValueError),
+                       Bad("asymmetric covariance", lambda v: {"means": torch.zeros(1, 2), "weights": torch.ones(1),
+                                                               "variances": torch.tensor([[[1.0, 5.0], [0.0, 1.0]]])},
+                           ValueError)), GMM2),
         "covariance_type": ((CHOICE[0], CHOICE[2]), None)}),
     "dirfast.mixture.GaussianMixture.log_prob": method("log_prob", lambda: GaussianMixture(
         torch.zeros(2, 2), torch.ones(2, 2), torch.ones(2), covariance_type="diag"), {"x": (NOT_REAL + LAYOUTS + (
@@ -713,25 +754,33 @@ API = {
     "dirfast.mixture.COVARIANCE_TYPES": CONSTANT,
     # ----------------------------------------------------------------------- pairwise regularisers
     "dirfast.losses.rnc_loss": Entry(dirfast.losses.rnc_loss, {
-        "features": (FLOAT_TENSOR + PAIRWISE_FEATURES + (Bad("[N, D]", lambda v: v[:, 0], ValueError),),
+        "features": (FLOAT_TENSOR + PAIRWISE_FEATURES + (Bad("[N, D]", lambda v: v[:, 0], ValueError),
+                                                         Bad("no views", lambda v: v[:, :0], ValueError)),
                      torch.randn(4, 2, 3, generator=gen(17))),
-        "labels": (PAIRWISE_LABELS, torch.tensor([[1.0], [2.0], [2.0], [5.0]])), "temperature": (POSITIVE, 2.0),
+        "labels": (PAIRWISE_LABELS, torch.tensor([[1.0], [2.0], [2.0], [5.0]])),
+        "temperature": (POSITIVE + (Bad("1e-39 (1/temperature beyond float32)", lambda v: 1e-39, ValueError),), 2.0),
         "all_ranks": (BOOL, False)}, expect=PAIRWISE_EXPECT),
     "dirfast.losses.conr_loss": Entry(dirfast.losses.conr_loss, {
         "features": (FLOAT_TENSOR + PAIRWISE_FEATURES, X8), "targets": (PAIRWISE_LABELS, CONR_LABELS),
         "preds": (PAIRWISE_LABELS + (Bad("[N, 2]", lambda v: torch.cat([v, v], 1), ValueError),), CONR_LABELS * 0.3),
-        "w": (NON_NEGATIVE, 1.0), "weights": (CONR_WEIGHTS, 1.0), "t": (POSITIVE, 0.07), "e": (REAL, 0.01),
+        "w": (NON_NEGATIVE, 1.0),
+        "weights": (CONR_WEIGHTS + (Bad("negative", lambda v: -1.0, ValueError),
+                                    Bad("1e300 (beyond float32)", lambda v: 1e300, ValueError)), 1.0),
+        "t": (POSITIVE + (Bad("1e-40 (1/t beyond float32)", lambda v: 1e-40, ValueError),), 0.07),
+        "e": (REAL + (Bad("1e300 (beyond float32)", lambda v: 1e300, ValueError),), 0.01),
         "form": (CHOICE, "published"), "all_ranks": (BOOL, False)},
         expect=CONR_EXPECT),
     "dirfast.losses.ranksim_loss": Entry(dirfast.losses.ranksim_loss, {
         "features": (FLOAT_TENSOR + PAIRWISE_FEATURES, X8), "targets": (PAIRWISE_LABELS, CONR_LABELS),
-        "lambda_val": (POSITIVE, 2.0), "generator": (GENERATOR, None), "all_ranks": (BOOL, False)},
+        "lambda_val": (POSITIVE + (Bad("1e300 (beyond float32)", lambda v: 1e300, ValueError),), 2.0),
+        "generator": (GENERATOR, None), "all_ranks": (BOOL, False)},
         expect=PAIRWISE_EXPECT),
     "dirfast.losses.RnCLoss": Entry(dirfast.losses.RnCLoss, {
-        "temperature": (POSITIVE, 2.0), "label_diff": (CHOICE, "l1"), "feature_sim": (CHOICE, "l2"),
+        "temperature": (POSITIVE + (Bad("1e-320 (1/temperature beyond float64)", lambda v: 1e-320, ValueError),), 2.0), "label_diff": (CHOICE, "l1"), "feature_sim": (CHOICE, "l2"),
         "all_ranks": (BOOL, False)}),
     "dirfast.losses.ConRLoss": Entry(dirfast.losses.ConRLoss, {
-        "w": (NON_NEGATIVE, 1.0), "t": (POSITIVE, 0.07), "e": (REAL, 0.01), "form": (CHOICE, "paper"),
+        "w": (NON_NEGATIVE, 1.0), "t": (POSITIVE + (Bad("1e-320 (1/t beyond float64)", lambda v: 1e-320, ValueError),), 0.07),
+        "e": (REAL, 0.01), "form": (CHOICE, "paper"),
         "all_ranks": (BOOL, False)}),
     "dirfast.losses.RankSimLoss": Entry(dirfast.losses.RankSimLoss, {"lambda_val": (POSITIVE, 2.0),
                                                                      "all_ranks": (BOOL, False)}),
