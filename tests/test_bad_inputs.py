@@ -1048,7 +1048,7 @@ def test_failed_calibrate_inplace_writes_nothing():
 
 def test_window_edge_cases_are_finite_and_fast():
     """A sigma so small that scipy divides 0 by 0 gives the delta; a very wide Gaussian (its
-    radius 4 sigma far beyond the window) is folded in closed form, at once."""
+    radius 4 sigma far beyond the window) has its taps folded onto the window."""
     for kernel in ("gaussian", "laplace"):
         assert dirfast.kernel_window(kernel, 5, 1e-300).tolist() == [0, 0, 1, 0, 0]
         assert dirfast.kernel_window(kernel, 5, 1e-300, normalize="sum").tolist() == [0, 0, 1, 0, 0]
