@@ -161,6 +161,9 @@ def fit_gmm(labels, num_components: int = 8, *, max_iter: int = 100, tol: float 
     tol, reg_covar = validate.real("tol", tol, 0.0), validate.real("reg_covar", reg_covar, 0.0)
     labels = validate.real_tensor("labels", labels)
     values = validate.finite_values("labels", labels)
+    if float(values.abs().max()) > _LARGEST_LABEL:
+        raise ValueError(f"labels must lie within +-{_LARGEST_LABEL:g}, got {float(values.abs().max()):g}: EM squares "
+                         "them, which would overflow float64; rescale them")
     if labels.dim() == 2 and labels.shape[1] > 1:
         points = values.reshape(labels.shape).cpu()
         counts = torch.ones(points.shape[0], dtype=torch.float64)
@@ -179,6 +182,9 @@ def fit_gmm(labels, num_components: int = 8, *, max_iter: int = 100, tol: float 
                          f"is 1e-6)") from None
 
 
+_LARGEST_LABEL = 1e150  # squared, and summed over many labels, still finite in float64
+
+
 def _histogram(values: torch.Tensor, num_bins: int):
     """Occupied bins of scalar labels (flat, float64, finite): (mean [G, 1], count [G],
     within-bin variance [G, 1, 1])."""
@@ -186,6 +192,8 @@ def _histogram(values: torch.Tensor, num_bins: int):
     if low == high:  # one occupied bin, whatever the magnitude of the labels
         return values[:1].reshape(1, 1).cpu(), torch.tensor([float(values.numel())], dtype=torch.float64), \
             torch.zeros(1, 1, 1, dtype=torch.float64)
+    # a span of a few ulps holds fewer distinct edges than num_bins: as many bins as it can
+    num_bins = max(1, min(num_bins, int((high - low) / (4 * math.ulp(max(abs(low), abs(high)))))))
     bins = Binning.uniform(low, high, num_bins)(values)
     count, mean, var = ops.bin_stats(values.reshape(-1, 1), bins, num_bins)
     count = count.to(torch.float64).cpu()

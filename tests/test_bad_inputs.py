@@ -747,7 +747,9 @@ API = {
     "dirfast.mixture.GaussianMixture.state_dict": method("state_dict", lambda: GaussianMixture(**GMM2)),
     "dirfast.mixture.fit_gmm": Entry(dirfast.mixture.fit_gmm, {
         "labels": (FIT_LABELS + (Bad("spanning +-1e308", lambda v: torch.tensor([-1e308, 1e308], dtype=torch.float64),
-                                     ValueError),), AGES),
+                                     ValueError),
+                                 Bad("squares overflow", lambda v: torch.tensor([1e200, 2e200, 3e200], dtype=torch.float64),
+                                     ValueError)), AGES),
         "num_components": (COUNT + (Bad("above the labels", lambda v: 400, ValueError),), 2),
         "max_iter": (COUNT, 20), "tol": (NON_NEGATIVE, 1e-3), "reg_covar": (NON_NEGATIVE, 1e-6),
         "num_bins": (BIN_COUNT, 512)}),

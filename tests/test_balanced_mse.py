@@ -346,6 +346,14 @@ def test_mixture_weights_are_normalised():
     torch.testing.assert_close(gai_loss(pred, target, scaled, 0.5), gai_loss(pred, target, gmm, 0.5))
 
 
+def test_fit_gmm_of_labels_a_few_ulps_apart():
+    """A span too narrow for num_bins distinct edges is binned as finely as it allows (it raised
+    an error about a range the caller never passed)."""
+    labels = 1.0 + torch.tensor([0.0, 1e-13, 1e-13, 2e-13] * 25, dtype=torch.float64)
+    fit = fit_gmm(labels, 1)
+    assert float(fit.means) == pytest.approx(float(labels.mean()), rel=1e-15)
+
+
 def test_fit_gmm_of_equal_labels():
     """Equal labels are one occupied bin, whatever their magnitude (1.7e18 + 1 == 1.7e18 had
     made an empty range); with reg_covar=0 their variance is singular, which says so."""
