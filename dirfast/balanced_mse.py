@@ -183,10 +183,11 @@ def bni_loss(pred, target, noise_var, bucket_centers, bucket_weights) -> torch.T
 
 def _bni(pred, target, noise_var, centers, weights) -> torch.Tensor:
     """bni_loss with a checked histogram (computed in the accumulation dtype; the weights' log
-    is taken in their own dtype, so float64 weights beyond float32's range are exact)."""
+    is taken in the wider of theirs and that one, so float64 weights beyond float32's range are
+    exact and narrow weights lose nothing)."""
     acc = _acc(pred)
     pred, target = pred.to(acc), target.to(acc)
-    log_weights = torch.log(weights.to(pred.device)).to(acc)
+    log_weights = torch.log(weights.to(pred.device, torch.promote_types(weights.dtype, acc))).to(acc)
     centers = centers.to(pred.device, acc)
     mse_term = F.mse_loss(pred, target, reduction="none") / 2 / noise_var
     # sum_k w_k exp(-(pred - c_k)^2 / (2 nv)) = sqrt(nv) * (the op's mixture density with v_k = nv)

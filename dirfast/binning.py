@@ -42,6 +42,13 @@ def _uniform_edges(low: float, high: float, num_bins: int, dtype=np.float64) -> 
     return edges
 
 
+def _number(value) -> str:
+    """A float as short as it reads (5, not 5.0) where that is exact, else all its digits: a repr
+    must give back the same bins (1e8 + 0.5 is not 1e+08)."""
+    short = f"{float(value):g}"
+    return short if float(short) == float(value) else repr(float(value))
+
+
 class Binning:
     """Maps labels to int64 bin indices in ``[0, num_bins - 1]``.
 
@@ -126,11 +133,11 @@ class Binning:
 
     def __repr__(self) -> str:
         if self._kind == "integer":
-            scale = "" if self._scale == 1.0 else f", scale={self._scale:g}"
+            scale = "" if self._scale == 1.0 else f", scale={_number(self._scale)}"
             return f"Binning.integer({self.num_bins}{scale})"
         if self._kind == "uniform":
-            return f"Binning.uniform({self._range[0]:g}, {self._range[1]:g}, {self.num_bins})"
-        return f"Binning(edges of {self.num_bins} bins over [{self._edges[0]:g}, {self._edges[-1]:g}])"
+            return f"Binning.uniform({_number(self._range[0])}, {_number(self._range[1])}, {self.num_bins})"
+        return f"Binning(edges of {self.num_bins} bins over [{_number(self._edges[0])}, {_number(self._edges[-1])}])"
 
     def __eq__(self, other) -> bool:
         return (isinstance(other, Binning) and self._kind == other._kind and self._scale == other._scale

@@ -448,3 +448,14 @@ def test_covariances_must_be_symmetric():
     rounded = cov.clone()
     rounded[0, 0, 1] = torch.nextafter(rounded[0, 0, 1], torch.tensor(1.0, dtype=torch.float64))
     assert torch.equal(GaussianMixture(torch.zeros(1, 2), rounded, torch.ones(1)).variances, cov)
+
+
+def test_bni_loss_takes_the_weights_log_in_the_wider_dtype():
+    """float32 weights with float64 predictions give the loss of the same weights in float64
+    (their log is taken in float64, as BNILoss's float64 buffers are)."""
+    g = gen(71)
+    pred, target = torch.randn(32, 1, generator=g, dtype=torch.float64), torch.randn(32, 1, generator=g, dtype=torch.float64)
+    centers, weights = torch.linspace(-3, 3, 10), torch.rand(10, generator=g) + 0.1
+    narrow = bni_loss(pred, target, 1.0, centers, weights)
+    assert torch.equal(narrow, bni_loss(pred, target, 1.0, centers.double(), weights.double()))
+    assert torch.equal(narrow, BNILoss(1.0, centers, weights)(pred, target))

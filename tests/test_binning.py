@@ -140,6 +140,8 @@ def test_centers_and_repr():
     np.testing.assert_allclose(binning.centers, np.arange(50) * 0.1 + 0.05)
     assert repr(binning) == "Binning.uniform(0, 5, 50)"
     assert repr(dirfast.Binning.integer(100, scale=10)) == "Binning.integer(100, scale=10)"
+    wide = dirfast.Binning.auto(torch.tensor([1e8, 1e8], dtype=torch.float64))  # edges 1e8 -+ 0.5: every digit
+    assert eval(repr(wide), {"Binning": dirfast.Binning}) == wide
     assert dirfast.Binning.integer(10) != dirfast.Binning([float(i) for i in range(11)])
     assert dirfast.Binning.uniform(0, 5, 50) == dirfast.Binning.uniform(0, 5, 50)
 
