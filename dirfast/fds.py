@@ -244,8 +244,11 @@ class FDS(nn.Module):
         total, merged_mean, merged_m2 = chan_merge(n_a, self.accumulated_mean, self.accumulated_m2,
                                                    count.to(torch.float64), mean, m2_from_var(count, var))
         # A bucket whose merged statistics are not finite (a NaN or infinite feature, an
-        # overflow) keeps what it had: one bad batch cannot poison its statistics for ever.
-        finite = torch.isfinite(merged_mean).all(1) & torch.isfinite(merged_m2).all(1)
+        # overflow), or would not be in the running statistics' dtype (float64 features beyond
+        # float32), keeps what it had: one bad batch cannot poison its statistics for ever.
+        held = self.running_mean.dtype
+        finite = torch.isfinite(merged_mean.to(held)).all(1) & torch.isfinite(merged_m2).all(1) \
+            & torch.isfinite(var_from_m2(total, merged_m2).to(held)).all(1)
         self.num_samples_skipped.add_(torch.where(finite, 0, count).sum() + (buckets < 0).sum())
         self.accumulated_mean.copy_(torch.where(finite.unsqueeze(1), merged_mean, self.accumulated_mean))
         self.accumulated_m2.copy_(torch.where(finite.unsqueeze(1), merged_m2, self.accumulated_m2))
@@ -283,9 +286,11 @@ class FDS(nn.Module):
         if features is not None:
             buckets = self._buckets(features, labels, check=True)  # every row in a bucket, or an error
             count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
-            # A NaN or infinite feature makes its bucket's statistics non-finite: the features
-            # themselves are read again only to say which of the two errors it is.
-            if not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+            # A NaN or infinite feature makes its bucket's statistics non-finite (as does one
+            # beyond what the running statistics' float32 holds): the features themselves are
+            # read again only to say which of the two errors it is.
+            held = self.running_mean.dtype
+            if not bool(torch.isfinite(mean.to(held)).all() & torch.isfinite(var.to(held)).all()):
                 if not bool(torch.isfinite(features).all()):
                     raise ValueError("features must be finite: found NaN or infinite values (nothing was updated)")
                 raise ValueError("the features' statistics overflow float32 (features of magnitude near "

@@ -544,7 +544,8 @@ API = {
                                           Bad("inf (no upper clamp)", lambda v: INF, FINITE)), 10.0),
         "sync": (BOOL, True)}, expect={("momentum", "None"): FINITE}),
     "dirfast.FDS.update_running_stats": method("update_running_stats", trained_fds, {
-        "features": (FEATURES + (Bad("overflowing float32 statistics", lambda v: v * 1e30, ValueError),), X8),
+        "features": (FEATURES + (Bad("overflowing float32 statistics", lambda v: v * 1e30, ValueError),
+                                 Bad("float64, statistics beyond float32", lambda v: v.double() * 1e30, ValueError)), X8),
         "labels": (FDS_LABELS, Y8), "epoch": (EPOCH, 2)},
         expect={("features", "None"): ValueError, ("labels", "None"): ValueError}),
     "dirfast.FDS.accumulate": method("accumulate", trained_fds, {
@@ -1058,13 +1059,15 @@ def test_window_edge_cases_are_finite_and_fast():
     assert torch.isfinite(wide).all() and float(wide.min()) > 0.999999
 
 
-def test_fds_keeps_statistics_finite_on_the_training_path():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fds_keeps_statistics_finite_on_the_training_path(dtype):
     """accumulate() reads nothing on the host: a row with a NaN label and a bucket whose batch
-    holds a NaN or overflowing feature are left out (and counted), the rest goes in."""
+    holds a NaN or overflowing feature (in float32, the statistics' dtype, whatever the
+    features') are left out (and counted), the rest goes in."""
     fds = trained_fds()
     fds.clear_accumulated()
     y = torch.tensor([5.0, 5.0, 6.0, 6.0, NAN, 7.0, 7.0, 8.0])
-    x = torch.randn(8, 4, generator=gen(10))
+    x = torch.randn(8, 4, generator=gen(10), dtype=dtype)
     x[0, 1] = NAN              # bucket of label 5: left out
     x[5] = 3e38                # bucket of label 7: its statistics overflow, left out
     fds.accumulate(x, y)
