@@ -154,13 +154,15 @@ STS_B_DIR = Preset(
 # with convolve1d(mode="reflect"), bins below 7 weighted as bin 7, no clip), README.md
 # (--reweight inverse --lds --lds_ks 5 --lds_sigma 2; --fds_ks 5 --fds_sigma 2), train.py
 # (bucket_num=100, bucket_start=7, fds_mmt=0.9), util.py (calibrate_mean_var clip_min=0.2,
-# clip_max=5). ConR (SPEC.md): ConR(feature, depth, output, weights, w=0.2, t=0.07, e=0.2), per image.
+# clip_max=5). ConR (SPEC.md): ConR(feature, depth, output, weights, w=0.2, t=0.07, e=0.2), per image,
+# called by the ConR repository's nyud2-dir/train.py with t=args.t (default 0.2; its README's
+# command "train.py --conr -w 0.2 --beta 0.2 -e 0.2" leaves it), so the published runs use t = 0.2.
 NYUD2_DIR = Preset(
     name="NYUD2-DIR", lds_binning=Binning.integer(100, scale=10.0), fds_binning=Binning.integer(100, scale=10.0),
     reweight="inverse", lds_kernel="gaussian", lds_ks=5, lds_sigma=2.0, inverse_clip=None,
     lds_padding="symmetric", lds_bucket_start=7,
     bucket_num=100, bucket_start=7, clip_min=0.2, clip_max=5.0,
-    conr_setting=ConRSetting(w=0.2, t=0.07, e=0.2, form="nyud2"),
+    conr_setting=ConRSetting(w=0.2, t=0.2, e=0.2, form="nyud2"),
     bin_shots=True, shot_regions={
         "many": [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31, 32,
                  33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 47, 49],

@@ -119,11 +119,12 @@ def test_fds_default_binning_warns_about_continuous_labels():
 
 def test_conr_settings_are_the_published_ones():
     """ConR per dataset (SPEC.md): AgeDB-DIR's function uses t = 0.07 whatever its t (0.2) says;
-    NYUD2-DIR's is the per-image form; STS-B-DIR has none."""
+    NYUD2-DIR's is the per-image form, called by its train.py with t = 0.2 (the -t default);
+    STS-B-DIR has none."""
     from dirfast.presets import AGEDB_DIR, IMDB_WIKI_DIR, NYUD2_DIR, STS_B_DIR
 
     for preset, expected in ((AGEDB_DIR, (1.0, 0.07, 0.01, "published")), (IMDB_WIKI_DIR, (1.0, 0.07, 0.01, "published")),
-                             (NYUD2_DIR, (0.2, 0.07, 0.2, "nyud2"))):
+                             (NYUD2_DIR, (0.2, 0.2, 0.2, "nyud2"))):
         loss = preset.conr()
         assert (loss.w, loss.t, loss.e, loss.form) == expected, preset.name
     assert AGEDB_DIR.conr(w=2.0).w == 2.0
