@@ -6,9 +6,9 @@ nothing here is copied from it: each function is the SPEC's description of what 
 code computes, in the published *formulation* (the same tensors, loops and host reads), so that
 its time and memory are those of the published code. Do not vectorise anything here.
 
-Two choices the SPEC leaves open: RankSim's ``torch.argsort`` is called with ``stable=True``
-(the published one is not stable: between tied values its result is unspecified, and a stable
-sort is one of its possible orders, the one dirfast documents); RankSim's subsample is drawn with
+Two choices the SPEC leaves open: RankSim's ``torch.argsort`` calls are made with ``stable=True``
+(the AgeDB-DIR one is not stable: between tied values its result is unspecified; the STS-B-DIR
+code sorts stably, the order dirfast documents); RankSim's subsample is drawn with
 Python's ``random`` as published, so a test compares on batches of unique labels (no draw).
 """
 
@@ -111,8 +111,9 @@ def conr_loss_nyud2(feature, depth, output, weights, w=0.2, t=0.07, e=0.2):
 
 # ------------------------------------------------------------------------------ RankSim
 def rank(seq):
-    """0-based position of each entry of each row when sorted in descending order."""
-    return torch.argsort(torch.argsort(seq, descending=True, stable=True), stable=True)
+    """0-based position of each entry of each row when sorted in descending order: the published
+    ``argsort(argsort(seq).flip(1))`` with stable sorts (ties: the later entry first)."""
+    return torch.argsort(torch.argsort(seq, stable=True).flip(1), stable=True)
 
 
 def rank_normalised(seq):

@@ -293,8 +293,9 @@ def ranksim_loss(features, targets, lambda_val=2.0, generator: torch.Generator |
     device from ``generator`` (reproducible; no host read); then each kept row's ranking of the
     cosine similarities is matched to its ranking of the label distances: the SUM over kept rows
     of the mean squared difference of the normalised ranks. Ties (equal similarities, or labels
-    at equal distance on either side) rank in index order, deterministically; the published
-    ``argsort`` is not stable. The backward is the published blackbox differentiation of the
+    at equal distance on either side) rank the later row first, deterministically: the published
+    ranking with a stable sort, as the STS-B-DIR code sorts (the AgeDB-DIR ``argsort`` is not
+    stable). The backward is the published blackbox differentiation of the
     ranks, with ``lambda_val`` its interpolation strength (train.py's ``--interpolation_lambda``).
 
     Args:

@@ -209,7 +209,8 @@ def test_conr_linear_push_needs_a_non_negative_e():
 @pytest.mark.parametrize("lambda_val", [2.0, 0.5])
 def test_ranksim_matches_published_on_unique_labels(device, lambda_val):
     """Unique labels (no subsample): values and the blackbox gradient, ties in label distance
-    (labels at equal distance on either side) ranked in index order as a stable argsort does."""
+    (labels at equal distance on either side) ranked as the published ranking with a stable sort
+    ranks them (the later first)."""
     g = gen(10)
     m = 12
     features = torch.randn(m, 7, generator=g, dtype=torch.float64).to(device)

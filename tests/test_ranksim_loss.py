@@ -3,7 +3,8 @@ definition (values, and the blackbox backward transcribed formula by formula, wi
 through C = q q^T and F.normalize left to torch.autograd on per-row scalars); every backend
 against the reference (sizes, label dims, anchor subsets, kept subsets, count = 0, m = 1 and 2,
 every dtype, non-contiguous inputs) and against the oracle on inputs whose arithmetic is exact
-(identical feature rows, tied label distances: real ties, broken by key index everywhere); NaN;
+(identical feature rows, tied label distances: real ties, broken by key index everywhere, the
+higher first); NaN;
 opcheck; torch.compile; the C++ kernel's bits for any thread count; the reference's memory.
 
 gradcheck does not apply: the ranks are piecewise constant and the backward is a surrogate.
@@ -27,7 +28,8 @@ BACKEND_DEVICE = [p for p in backend_device_params()
 # =========================================================================== the oracle
 def loop_ranksim(features, labels, keep, lambda_val, offset, count, grad):
     """(out, gradient in features) of RankSim from the definition, in float64 Python loops: per
-    anchor, ranks by counting (``#{k : v_k > v_j or v_k == v_j and k < j}`` over the kept keys),
+    anchor, ranks by counting (``#{k : v_k > v_j or v_k == v_j and k > j}`` over the kept keys:
+    the later of tied keys first, as the published ranking with a stable sort),
     the loss, and the surrogate ``dC`` of the blackbox backward; then torch.autograd through
     ``sum dC_ij q_i . q_j`` with ``q`` each row's F.normalize."""
     z = features.detach().double().cpu()
@@ -41,7 +43,7 @@ def loop_ranksim(features, labels, keep, lambda_val, offset, count, grad):
     q = [[v / max(math.sqrt(sum(w * w for w in row)), 1e-12) for v in row] for row in rows]
 
     def rn(v):
-        return {j: (sum(1 for k in kept if v[k] > v[j] or (v[k] == v[j] and k < j)) + 1) / size for j in kept}
+        return {j: (sum(1 for k in kept if v[k] > v[j] or (v[k] == v[j] and k > j)) + 1) / size for j in kept}
 
     out, d_cos = [], {}
     for a in range(count):
@@ -176,7 +178,7 @@ def test_backends_match_the_reference(backend, device, dtype, case):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_exact_ties_match_the_oracle(backend, device, dtype):
     """Identical feature rows and tied label distances, in exact arithmetic: every backend
-    breaks the ties by key index as the oracle does, in every dtype (16-bit inputs computed in
+    breaks the ties by key index (the higher first) as the oracle does, in every dtype (16-bit inputs computed in
     float32, the gradient returned in their dtype); anchors a subset, lambda 2 and 0.5."""
     features, labels, flags = exact_inputs(dtype, device, seed=20)
     upstream = torch.tensor([1.0, 0.5, 2.0, 1.0, 1.0, 0.25, 1.0, 4.0], dtype=dtype, device=device)

@@ -8,7 +8,8 @@
 // label-distance ranks -- for 1-D finite labels a merge outward from the anchor in one global
 // sort of the labels, O(M), else a sort -- and the similarity ranks, by a bucket pass and an
 // insertion sort (comparison sorts of ~256 floats mispredict most branches); the order is
-// (value descending, NaN first, key index ascending). The backward recomputes these, ranks the
+// (value descending, NaN first, key index descending: the published ranking's, with a stable
+// sort, ranks the later of tied keys first). The backward recomputes these, ranks the
 // shifted row C + lambda G, and forms grad_q with (dC + dC^T) keys (or dC keys and
 // dC^T q_anchors when not every key is an anchor), fused with the F.normalize backward. No
 // value depends on how the rows are split, so any number of threads gives the same bits.
@@ -16,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <utility>
@@ -276,13 +278,13 @@ inline uint64_t descending_bits(double v) {
 }
 
 struct SortScratch {
-  std::vector<uint64_t> packed;                      // float32: key << 32 | index
+  std::vector<uint64_t> packed;                      // float32: key << 32 | (n - 1 - index)
   std::vector<std::pair<uint64_t, int32_t>> pairs;   // float64
   std::vector<uint32_t> bucket, count;               // float32 bucket pass
 };
 
-// float32: the packed keys (key << 32 | index, all distinct) put in order. From kBucketMin
-// finite values with a spread, a bucket pass first: 2 n buckets over mean +- 3 standard
+// float32: the packed keys (key << 32 | (n - 1 - index), all distinct; ties by index
+// descending) put in order. From kBucketMin finite values with a spread, a bucket pass first: 2 n buckets over mean +- 3 standard
 // deviations (the rest in the end buckets), filled in index order, then an insertion sort,
 // which only moves keys within a bucket -- O(n) for the similarity rows, which are bell-shaped
 // (an O(n log n) sort of 256 keys mispredicts most of its branches). An insertion sort that
@@ -316,7 +318,7 @@ DIRFAST_NOINLINE void descending_ranks(const float* v, int64_t n, SortScratch& s
   while (buckets < 2 * n) buckets <<= 1;
   const float low = mean - 3 * sd, scale = static_cast<float>(buckets) / (6 * sd);
   if (n < kBucketMin || nan || !(scale > 0) || !std::isfinite(scale) || !std::isfinite(low)) {
-    for (int64_t p = 0; p < n; ++p) o[p] = (uint64_t(descending_bits(v[p])) << 32) | uint64_t(p);
+    for (int64_t p = 0; p < n; ++p) o[p] = (uint64_t(descending_bits(v[p])) << 32) | uint64_t(n - 1 - p);
     std::sort(o, o + n);
   } else {
     s.bucket.resize(n);
@@ -329,7 +331,7 @@ DIRFAST_NOINLINE void descending_ranks(const float* v, int64_t n, SortScratch& s
     }
     for (int64_t p = 0; p < n; ++p) ++c[b[p] + 1];
     for (int64_t k = 1; k <= buckets; ++k) c[k] += c[k - 1];
-    for (int64_t p = 0; p < n; ++p) o[c[b[p]]++] = (uint64_t(descending_bits(v[p])) << 32) | uint64_t(p);
+    for (int64_t p = 0; p < n; ++p) o[c[b[p]]++] = (uint64_t(descending_bits(v[p])) << 32) | uint64_t(n - 1 - p);
     int64_t moves = 0;
     for (int64_t t = 1; t < n; ++t) {
       const uint64_t x = o[t];
@@ -343,14 +345,14 @@ DIRFAST_NOINLINE void descending_ranks(const float* v, int64_t n, SortScratch& s
       }
     }
   }
-  for (int64_t p = 0; p < n; ++p) rank[o[p] & 0xffffffffu] = static_cast<int32_t>(p);
+  for (int64_t p = 0; p < n; ++p) rank[n - 1 - int64_t(o[p] & 0xffffffffu)] = static_cast<int32_t>(p);
 }
 
 DIRFAST_NOINLINE void descending_ranks(const double* v, int64_t n, SortScratch& s, int32_t* rank) {
   s.pairs.resize(n);
-  for (int64_t p = 0; p < n; ++p) s.pairs[p] = {descending_bits(v[p]), static_cast<int32_t>(p)};
+  for (int64_t p = 0; p < n; ++p) s.pairs[p] = {descending_bits(v[p]), static_cast<int32_t>(n - 1 - p)};
   std::sort(s.pairs.begin(), s.pairs.end());
-  for (int64_t p = 0; p < n; ++p) rank[s.pairs[p].second] = static_cast<int32_t>(p);
+  for (int64_t p = 0; p < n; ++p) rank[n - 1 - s.pairs[p].second] = static_cast<int32_t>(p);
 }
 
 // ---------------------------------------------------------------------------- shared setup
@@ -461,7 +463,7 @@ void similarity_tile(const Problem<acc_t>& pb, int64_t first, RowBuffers<acc_t>&
 // rank_dist of a 1-D finite label row from the global order: the keys come in increasing
 // distance by a merge outward from the anchor's slot (left and right, each side monotone in
 // |y_i - y_j| as rounding is monotone), O(M) instead of a sort; runs of equal distance are
-// then put in key order, the tie rule.
+// then put in descending key order, the tie rule.
 template <typename acc_t>
 void label_ranks(const Problem<acc_t>& pb, int64_t key, RowBuffers<acc_t>& buf) {
   const int64_t n = pb.size;
@@ -496,7 +498,7 @@ void label_ranks(const Problem<acc_t>& pb, int64_t key, RowBuffers<acc_t>& buf) 
     if (od[a] != od[a - 1]) continue;
     int64_t b = a + 1;
     while (b < n && od[b] == od[a]) ++b;
-    std::sort(ok + a - 1, ok + b);
+    std::sort(ok + a - 1, ok + b, std::greater<int32_t>());
     a = b;
   }
   for (int64_t p = 0; p < n; ++p) buf.rank_dist[ok[p]] = static_cast<int32_t>(p);

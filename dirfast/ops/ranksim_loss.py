@@ -6,8 +6,9 @@ For a kept anchor ``i``, over the kept keys ``K`` (``M = |K|``, the anchor itsel
 ``C_ij = q_i . q_j`` with ``q = F.normalize(z)``, ``l_ij = sum_k |y_ik - y_jk|``,
 ``rn(v) = (rank(v) + 1) / M`` with ``rank`` the 0-based DESCENDING rank among the kept keys,
 and ``out = (1/M) sum_j (rn(C_i)_j - rn(-l_i)_j)^2``; an anchor that is not kept gives 0.
-Ties are broken by key index (the lower index ranks first), so every backend gives the same
-ranks; the published code uses torch.argsort, which leaves ties unspecified.
+Ties are broken by key index, the higher index first, so every backend gives the same ranks:
+the published ranking ``argsort(argsort(v).flip(1))`` with a stable sort (the STS-B-DIR code's;
+the AgeDB-DIR one's torch.argsort is not stable, which leaves its ties unspecified).
 
 Kernels: the reference below; ``csrc/cpu/ranksim_loss.cpp``; ``dirfast/triton/ranksim_loss.py``.
 """
@@ -63,9 +64,10 @@ def ranksim_loss(features: torch.Tensor, labels: torch.Tensor, keep: torch.Tenso
 # -------------------------------------------------------------------------------- reference
 def ranks(values, keep):
     """The 0-based descending rank of each entry of each row of ``values`` among the kept
-    columns (ties: the lower column first; NaN ranks above everything); garbage where
+    columns (ties: the higher column first; NaN ranks above everything); garbage where
     ``keep`` is False."""
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices
+    last = values.shape[1] - 1
+    order = last - torch.sort(values.flip(1), dim=1, descending=True, stable=True).indices
     kept = keep[order].to(torch.int64)
     before = torch.cumsum(kept, 1) - kept  # kept columns sorted before each position
     return torch.empty_like(order).scatter_(1, order, before)

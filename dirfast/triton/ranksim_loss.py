@@ -2,7 +2,7 @@
 backward (``dirfast.ops.ranksim_loss`` states the definition).
 
 Glue in PyTorch: the normalised features, the cosine rows ``C = q[anchors] q^T`` (torch.mm), the
-label distances, the per-row orders (torch.sort(stable=True), descending: ties by key index),
+label distances, the per-row orders (descending, ties by key index, the higher first: _order),
 the products of the backward and F.normalize's backward. The per-row work is Triton, one
 program per anchor row walking the row BLOCK keys at a time: the ranks among the kept keys (a
 running prefix count of kept keys along each order, scattered back to the keys), the loss, the
@@ -98,9 +98,14 @@ def _surrogate_kernel(order_ptr, keep_ptr, rank_c_ptr, bad_ptr, size_ptr, denom_
 def _block(n: int) -> int:
     return min(_common.next_pow2(max(n, 1)), 1024)
 
+def _order(values: torch.Tensor) -> torch.Tensor:
+    """Each row's columns in descending order of value, ties by column index, the higher first."""
+    last = values.shape[1] - 1
+    return (last - torch.sort(values.flip(1), dim=1, descending=True, stable=True).indices).contiguous()
+
 def _ranks(values: torch.Tensor, keep_i: torch.Tensor) -> torch.Tensor:
-    """[count, m] int32 descending ranks among the kept keys (ties by key index)."""
-    order = torch.sort(values, dim=1, descending=True, stable=True).indices.contiguous()
+    """[count, m] int32 descending ranks among the kept keys (ties by key index, the higher first)."""
+    order = _order(values)
     rank = torch.empty(values.shape, dtype=torch.int32, device=values.device)
     count, n = values.shape
     with _common.device_guard(values):
@@ -154,7 +159,7 @@ def ranksim_loss_backward(grad, features, labels, keep, lambda_val: float, offse
     with _common.device_guard(features):
         _row_kernel[(count,)](cos, dist, rank_c, rank_l, keep_i, size, g, lam, out, shifted, bad, n, offset,
                               SHIFT=True, ACC=tacc, BLOCK=block)
-        order = torch.sort(shifted, dim=1, descending=True, stable=True).indices.contiguous()
+        order = _order(shifted)
         d_cos = torch.empty_like(cos)
         _surrogate_kernel[(count,)](order, keep_i, rank_c, bad, size, denom, d_cos, n, offset, ACC=tacc, BLOCK=block)
     grad_q = torch.zeros_like(q)
