@@ -285,6 +285,17 @@ def _highest_priority(labels: torch.Tensor, priority: torch.Tensor) -> torch.Ten
     return torch.zeros(n, dtype=torch.bool, device=device).scatter_(0, by, first)
 
 
+def _published_order(z, y, keep):
+    """The rows in the published subset's order: where a label repeats, the code keeps one row per
+    label in ascending label order (``torch.unique``); with every label distinct, the batch as it
+    is. Ties rank by position, so the order matters; chosen on the device (no host read)."""
+    n = y.shape[0]
+    repeats = keep.sum() < n
+    by_label = torch.sort(y[:, 0], stable=True).indices
+    order = torch.where(repeats, by_label, torch.arange(n, device=y.device))
+    return z[order], y[order], keep[order]
+
+
 def ranksim_loss(features, targets, lambda_val=2.0, generator: torch.Generator | None = None, *,
                  all_ranks: bool = False, process_group=None) -> torch.Tensor:
     """RankSim (Gong, Mori, Tung, ICML 2022): the published ``batchwise_ranking_regularizer``.
@@ -295,7 +306,8 @@ def ranksim_loss(features, targets, lambda_val=2.0, generator: torch.Generator |
     of the mean squared difference of the normalised ranks. Ties (equal similarities, or labels
     at equal distance on either side) rank the later row first, deterministically: the published
     ranking with a stable sort, as the STS-B-DIR code sorts (the AgeDB-DIR ``argsort`` is not
-    stable). The backward is the published blackbox differentiation of the
+    stable), the kept rows in the published order (by label where a label repeats, as its
+    ``torch.unique`` lists them; scalar labels, one process). The backward is the published blackbox differentiation of the
     ranks, with ``lambda_val`` its interpolation strength (train.py's ``--interpolation_lambda``).
 
     Args:
@@ -322,6 +334,8 @@ def ranksim_loss(features, targets, lambda_val=2.0, generator: torch.Generator |
     if keys is z:
         keep = _one_per_label(y, generator)
         key_labels = y
+        if y.shape[1] == 1:  # the published subset lists its rows by label (torch.unique), which decides ties
+            keys, key_labels, keep = _published_order(keys, key_labels, keep)
     else:  # every rank draws its own priorities; all ranks then agree on the kept rows
         priority = torch.rand(n, generator=generator, device=z.device, dtype=torch.float64)
         key_labels, _ = _keys(y, True, process_group)

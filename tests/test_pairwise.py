@@ -222,8 +222,9 @@ def test_ranksim_matches_published_on_unique_labels(device, lambda_val):
 
 
 def test_ranksim_subsample_keeps_one_row_per_label_reproducibly():
-    """With repeated labels the loss is the published loss on one row per label, the row drawn
-    from ``generator``: the same seed, the same rows; other seeds, other rows."""
+    """With repeated labels the loss is the published loss on one row per label in label order
+    (ties between labels at equal distance ranked as there), the row drawn from ``generator``: the
+    same seed, the same rows; other seeds, other rows."""
     g = gen(11)
     features = torch.randn(20, 5, generator=g, dtype=torch.float64)
     targets = torch.randint(0, 6, (20, 1), generator=g).double()
@@ -233,7 +234,9 @@ def test_ranksim_subsample_keeps_one_row_per_label_reproducibly():
         assert sorted(targets[keep, 0].tolist()) == sorted(set(targets[:, 0].tolist()))
         kept.add(tuple(keep.tolist()))
         value = ranksim_loss(features, targets, 2.0, torch.Generator().manual_seed(seed))
-        torch.testing.assert_close(value, published.ranksim_loss(features[keep], targets[keep], 2.0).double(),
+        rows = keep.nonzero()[:, 0]
+        rows = rows[torch.sort(targets[rows, 0]).indices]  # the published subset lists them by label
+        torch.testing.assert_close(value, published.ranksim_loss(features[rows], targets[rows], 2.0).double(),
                                    rtol=1e-6, atol=1e-7)
         again = ranksim_loss(features, targets, 2.0, torch.Generator().manual_seed(seed))
         assert torch.equal(value, again)
