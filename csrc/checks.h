@@ -4,6 +4,7 @@
 #pragma once
 
 #include <string>
+#include <tuple>
 #include <string_view>
 
 #include "dirfast.h"
@@ -46,6 +47,20 @@ inline void check_features_and_bins(const Tensor& x, const Tensor& bin_idx, cons
   STD_TORCH_CHECK(match, op, ": bin_idx must have the shape of x without dim 1 (x has shape ",
                   shape_of(x), ": one index per row, features along dim 1), got ",
                   shape_of(bin_idx));
+}
+
+// bin_stats' outputs, like x: count [num_bins] int64, mean and var [num_bins, D] in acc. A num_bins
+// beyond the index range, or too large for memory, is named in the error.
+inline std::tuple<Tensor, Tensor, Tensor> bin_stats_outputs(const Tensor& x, int64_t num_bins, ScalarType acc,
+                                                            const char* op) {
+  STD_TORCH_CHECK(num_bins >= 1 && num_bins < (int64_t(1) << 31) - 1, op,
+                  ": num_bins must be in [1, 2^31 - 2], got ", num_bins);
+  try {
+    return {empty({num_bins}, ScalarType::Long, x), empty({num_bins, x.size(1)}, acc, x),
+            empty({num_bins, x.size(1)}, acc, x)};
+  } catch (const std::exception& e) {
+    STD_TORCH_CHECK(false, op, ": num_bins = ", num_bins, " is too many for memory: ", e.what());
+  }
 }
 
 // calibrate's statistics: src_mean, src_var, dst_mean, dst_var, each [B, D] of a floating dtype

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <initializer_list>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <type_traits>
 
@@ -141,8 +142,38 @@ inline Tensor movedim(const Tensor& t, int64_t source, int64_t destination) {
   return call_aten<3>("aten::movedim", "int", {from(t), from(source), from(destination)});
 }
 
+// Bytes per element of the dtypes the kernels allocate.
+inline int64_t element_size(ScalarType t) {
+  switch (t) {
+    case ScalarType::Double:
+    case ScalarType::Long: return 8;
+    case ScalarType::Float:
+    case ScalarType::Int: return 4;
+    case ScalarType::Half:
+    case ScalarType::BFloat16: return 2;
+    default: return 1;
+  }
+}
+
+// torch::stable::new_empty(like, sizes, dtype). A failure says what could not be allocated:
+// built for torch 2.10's stable ABI, torch's own message ("not enough memory") does not come
+// back through the C shim, only "... API call failed at <header>, line ...".
 inline Tensor empty(std::initializer_list<int64_t> sizes, ScalarType dtype, const Tensor& like) {
-  return torch::stable::new_empty(like, torch::headeronly::IntHeaderOnlyArrayRef(sizes), dtype);
+  try {
+    return torch::stable::new_empty(like, torch::headeronly::IntHeaderOnlyArrayRef(sizes), dtype);
+  } catch (const std::exception&) {
+    std::ostringstream what;
+    double bytes = static_cast<double>(element_size(dtype));
+    what << "could not allocate a [";
+    for (auto it = sizes.begin(); it != sizes.end(); ++it) {
+      what << (it == sizes.begin() ? "" : ", ") << *it;
+      bytes *= static_cast<double>(*it);
+    }
+    what.precision(3);
+    what << "] " << dtype_name(dtype) << " tensor (" << bytes / double(int64_t(1) << 30) << " GiB) on "
+         << device_of(like);
+    throw std::runtime_error(what.str());
+  }
 }
 
 inline Tensor empty_sized_like(const Tensor& like, ScalarType dtype) {

@@ -964,6 +964,9 @@ DISPATCHER_CASES = [  # torch.ops.dirfast called directly: the C++ kernels check
     ("bin_idx float", lambda: OPS.bin_stats(X, IDX.float(), 3), "bin_idx"),
     ("bin_idx short", lambda: OPS.bin_stats(X, IDX[:5], 3), "bin_idx"),
     ("num_bins 0", lambda: OPS.bin_stats(X, IDX, 0), "num_bins"),
+    # [2^31 - 2, 2^20] float32 tables (8 PiB) fit no address space, whatever the overcommit policy
+    ("num_bins beyond memory", lambda: OPS.bin_stats(torch.zeros(1, 2**20), torch.zeros(1, dtype=torch.long), 2**31 - 2),
+     r"num_bins = 2147483646 is too many for memory: could not allocate a \[2147483646, 1048576\] torch.float32"),
     ("m1 D", lambda: OPS.calibrate(X, IDX, M1[:, :2], V1, M2, V2), "src_mean"),
     ("v2 bins", lambda: OPS.calibrate(X, IDX, M1, V1, M2, V2[:2]), "dst_var"),
     ("clips reversed", lambda: OPS.calibrate(X, IDX, M1, V1, M2, V2, 2.0, 1.0), "clip_min"),

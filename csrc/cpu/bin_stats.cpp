@@ -483,13 +483,9 @@ std::tuple<Tensor, Tensor, Tensor> bin_stats_cpu(const Tensor& x, const Tensor& 
   (void)deterministic;  // the CPU kernel is deterministic either way
   const char* op = "dirfast::bin_stats";
   check_features_and_bins(x, bin_idx, op, torch::headeronly::DeviceType::CPU);
-  STD_TORCH_CHECK(num_bins >= 1 && num_bins < (int64_t(1) << 31) - 1, op,
-                  ": num_bins must be in [1, 2^31 - 2], got ", num_bins);
   const ScalarType acc = acc_type({x.scalar_type()});
-  const int64_t dim = x.size(1);
-  Tensor count = empty({num_bins}, ScalarType::Long, x);
-  Tensor mean = empty({num_bins, dim}, acc, x);
-  Tensor var = empty({num_bins, dim}, acc, x);
+  const std::tuple<Tensor, Tensor, Tensor> outputs = bin_stats_outputs(x, num_bins, acc, op);
+  Tensor count = std::get<0>(outputs), mean = std::get<1>(outputs), var = std::get<2>(outputs);
 
   const Tensor xr = readable(x);  // a copy only for layouts the kernel does not walk
   const Layout layout = classify(xr);

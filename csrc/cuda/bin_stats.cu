@@ -645,13 +645,10 @@ std::tuple<Tensor, Tensor, Tensor> bin_stats_cuda(const Tensor& x, const Tensor&
                                                   bool deterministic) {
   const char* op = "dirfast::bin_stats";
   check_features_and_bins(x, bin_idx, op, torch::headeronly::DeviceType::CUDA);
-  STD_TORCH_CHECK(num_bins >= 1 && num_bins < (int64_t(1) << 31) - 1, op,
-                  ": num_bins must be in [1, 2^31 - 2], got ", num_bins);
   const auto guard = device_guard(x);
   const ScalarType acc = acc_type({x.scalar_type()});
-  Tensor count = empty({num_bins}, ScalarType::Long, x);
-  Tensor mean = empty({num_bins, x.size(1)}, acc, x);
-  Tensor var = empty({num_bins, x.size(1)}, acc, x);
+  const std::tuple<Tensor, Tensor, Tensor> outputs = bin_stats_outputs(x, num_bins, acc, op);
+  Tensor count = std::get<0>(outputs), mean = std::get<1>(outputs), var = std::get<2>(outputs);
   const Tensor xr = readable(x);  // a copy only for layouts the kernels do not walk
   const Features fx = features(xr, classify(xr));
   const Tensor idx = torch::stable::contiguous(bin_idx);
