@@ -2,8 +2,8 @@
 backward (``dirfast.ops.ranksim_loss`` states the definition).
 
 Glue in PyTorch: the normalised features, the cosine rows ``C = q[anchors] q^T`` (torch.mm), the
-label distances, the per-row orders (descending, ties by key index, the higher first: _order),
-the products of the backward and F.normalize's backward. The per-row work is Triton, one
+label distances, the per-row orders (the reference's descending_order: ties by key index, the
+higher first), the products of the backward and F.normalize's backward. The per-row work is Triton, one
 program per anchor row walking the row BLOCK keys at a time: the ranks among the kept keys (a
 running prefix count of kept keys along each order, scattered back to the keys), the loss, the
 shifted row ``C + lambda G``, and the surrogate gradient ``dC`` from the order of the shifted
@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ..ops._common import l1_distances, normalize_rows, normalize_rows_backward
+from ..ops.ranksim_loss import descending_order
 from . import _common
 
 LAMBDA_EPS = 1e-8    # the published backward divides by lambda + 1e-8 (the same as dirfast.ops.ranksim_loss)
@@ -98,14 +99,9 @@ def _surrogate_kernel(order_ptr, keep_ptr, rank_c_ptr, bad_ptr, size_ptr, denom_
 def _block(n: int) -> int:
     return min(_common.next_pow2(max(n, 1)), 1024)
 
-def _order(values: torch.Tensor) -> torch.Tensor:
-    """Each row's columns in descending order of value, ties by column index, the higher first."""
-    last = values.shape[1] - 1
-    return (last - torch.sort(values.flip(1), dim=1, descending=True, stable=True).indices).contiguous()
-
 def _ranks(values: torch.Tensor, keep_i: torch.Tensor) -> torch.Tensor:
     """[count, m] int32 descending ranks among the kept keys (ties by key index, the higher first)."""
-    order = _order(values)
+    order = descending_order(values).contiguous()
     rank = torch.empty(values.shape, dtype=torch.int32, device=values.device)
     count, n = values.shape
     with _common.device_guard(values):
@@ -159,7 +155,7 @@ def ranksim_loss_backward(grad, features, labels, keep, lambda_val: float, offse
     with _common.device_guard(features):
         _row_kernel[(count,)](cos, dist, rank_c, rank_l, keep_i, size, g, lam, out, shifted, bad, n, offset,
                               SHIFT=True, ACC=tacc, BLOCK=block)
-        order = _order(shifted)
+        order = descending_order(shifted).contiguous()
         d_cos = torch.empty_like(cos)
         _surrogate_kernel[(count,)](order, keep_i, rank_c, bad, size, denom, d_cos, n, offset, ACC=tacc, BLOCK=block)
     grad_q = torch.zeros_like(q)
