@@ -11,8 +11,6 @@ import math
 import numpy as np
 import torch
 
-from .. import _validate
-
 MAX_BINS = (1 << 31) - 2  # bin numbers (and the identity bin B of calibrate) fit an int32
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32)
@@ -116,7 +114,10 @@ def real(name: str, value, low: float | None = None, above: bool = False, *, dty
     if low is not None and (value <= low if above else value < low):
         raise ValueError(f"{name} must be {'>' if above else '>='} {low}, got {value!r}")
     if dtype is not None:
-        _validate.in_dtype(name, value, dtype, reciprocal=reciprocal)
+        big = float(torch.finfo(dtype).max)
+        if abs(value) > big or (reciprocal and abs(value) < 1.0 / big):
+            held = f"it and 1/{name}" if reciprocal else "it"
+            raise ValueError(f"{name} must leave {held} finite in {dtype}, the dtype the op computes in, got {value!r}")
     return value
 
 
