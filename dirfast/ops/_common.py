@@ -100,3 +100,10 @@ def l1_distances(values: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     for k in range(values.shape[1]):  # the label dimensions (few), not the rows
         dist += (anchors[:, k:k + 1] - values[:, k]).abs()
     return dist
+
+
+def descending_order(values: torch.Tensor) -> torch.Tensor:
+    """Each row's columns in descending order of value (NaN first), ties by column index, the
+    higher first (RankSim's tie rule): a stable descending sort of the flipped row."""
+    last = values.shape[1] - 1
+    return last - torch.sort(values.flip(1), dim=1, descending=True, stable=True).indices

@@ -62,18 +62,11 @@ def ranksim_loss(features: torch.Tensor, labels: torch.Tensor, keep: torch.Tenso
 
 
 # -------------------------------------------------------------------------------- reference
-def descending_order(values):
-    """Each row's columns in descending order of value (NaN first), ties by column index, the
-    higher first: a stable descending sort of the flipped row."""
-    last = values.shape[1] - 1
-    return last - torch.sort(values.flip(1), dim=1, descending=True, stable=True).indices
-
-
 def ranks(values, keep):
     """The 0-based descending rank of each entry of each row of ``values`` among the kept
     columns (ties: the higher column first; NaN ranks above everything); garbage where
     ``keep`` is False."""
-    order = descending_order(values)
+    order = _common.descending_order(values)
     kept = keep[order].to(torch.int64)
     before = torch.cumsum(kept, 1) - kept  # kept columns sorted before each position
     return torch.empty_like(order).scatter_(1, order, before)

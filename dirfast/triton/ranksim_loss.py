@@ -2,8 +2,8 @@
 backward (``dirfast.ops.ranksim_loss`` states the definition).
 
 Glue in PyTorch: the normalised features, the cosine rows ``C = q[anchors] q^T`` (torch.mm), the
-label distances, the per-row orders (the reference's descending_order: ties by key index, the
-higher first), the products of the backward and F.normalize's backward. The per-row work is Triton, one
+label distances, the per-row orders (ops._common.descending_order: ties by key index, the higher
+first), the products of the backward and F.normalize's backward. The per-row work is Triton, one
 program per anchor row walking the row BLOCK keys at a time: the ranks among the kept keys (a
 running prefix count of kept keys along each order, scattered back to the keys), the loss, the
 shifted row ``C + lambda G``, and the surrogate gradient ``dC`` from the order of the shifted
@@ -17,8 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import l1_distances, normalize_rows, normalize_rows_backward
-from ..ops.ranksim_loss import descending_order
+from ..ops._common import descending_order, l1_distances, normalize_rows, normalize_rows_backward
 from . import _common
 
 LAMBDA_EPS = 1e-8    # the published backward divides by lambda + 1e-8 (the same as dirfast.ops.ranksim_loss)
