@@ -353,6 +353,32 @@ def test_cpp_tables_larger_than_the_index(layout):
     same_bits(gx[keep], xx[keep])
 
 
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
+                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+@pytest.mark.parametrize("layout, num_bins, d, index_dtype, table_dtype", [
+    ("rows", 2000, 7, torch.int64, torch.float32),
+    ("rows", 2000, 7, torch.int32, torch.float64),
+    ("dense", 5000, 8, torch.int64, torch.float32),
+    ("rows", 2500, 1024, torch.int64, torch.float32),  # uncopied, tables of this size group the rows
+], ids=str)
+def test_cpp_few_of_many_bins_with_transposed_tables(layout, num_bins, d, index_dtype, table_dtype):
+    """Indices under one in 16 of the bins, tables transposed (the published smoothing's): the C++
+    kernel copies the met bins' statistics out first; the bits of the contiguous tables, in place
+    and out, for 1 and 2 threads, the published special bins and indices of no bin included."""
+    x, idx = features(layout, torch.float32, num_bins=num_bins, n=60, d=d, seed=71)
+    idx = idx.to(index_dtype)
+    idx.view(-1)[:8] = torch.tensor([0, 1, 2, 3, 4, -1, num_bins, num_bins - 1])
+    stats = calibration_stats(num_bins, d, table_dtype)
+    transposed = [t.t().contiguous().t() for t in stats]
+    expected = on("cpp", dirfast.ops.calibrate, x, idx, *stats)
+    torch.testing.assert_close(expected, reference(x, idx, *stats), **calibrate_tol(torch.float32))
+    same_bits_for_threads(lambda: [on("cpp", dirfast.ops.calibrate, x, idx, *transposed)])
+    same_bits(on("cpp", dirfast.ops.calibrate, x, idx, *transposed), expected)
+    inplace = x.clone()
+    on("cpp", dirfast.ops.calibrate_, inplace, idx, *transposed)
+    same_bits(inplace, expected)
+
+
 # =========================================================================== Triton only
 @pytest.mark.skipif(not dirfast.backends()["triton"]["available"],
                     reason=f"triton unavailable: {dirfast.backends()['triton']['reason']}")
