@@ -58,9 +58,11 @@ ALL_OPS = OPS + EXTRA_OPS
 BIN_OPS = ("bin_stats", "calibrate", "calibrate_")  # the ops of the bins sweep
 COMPILED_OPS = tuple(alternatives.FORMULATIONS)
 
-# The default sizes: a training set's features [N, D], and a dense batch [B, C, H, W] with
-# per-pixel buckets [B, H, W].  Any other "AxB[xC...]" size can be named (see parse_size).
-SIZES = ("65536x512", "8x64x120x160")
+# The default sizes: a training set's features [N, D], a training batch's (FDS.smooth runs on one
+# per step: a call's fixed costs and the s and t of each bucket it meets show here), and a dense
+# batch [B, C, H, W] with per-pixel buckets [B, H, W].  Any other "AxB[xC...]" size can be named
+# (see parse_size).
+SIZES = ("65536x512", "256x512", "8x64x120x160")
 # Bins of the sweep on [N, D] sizes: 97 are the AgeDB-DIR buckets (ages from that distribution),
 # other counts are drawn uniformly. Dense sizes and the FDS ops keep the 97 buckets.
 BINS = (97, 1000, 10000)
