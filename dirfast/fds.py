@@ -239,20 +239,38 @@ class FDS(nn.Module):
         finite (a NaN or infinite feature); ``num_samples_skipped`` counts those rows.
         """
         buckets = self._buckets(features, labels, check=False)
-        count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
-        n_a = self.accumulated_count
-        total, merged_mean, merged_m2 = chan_merge(n_a, self.accumulated_mean, self.accumulated_m2,
-                                                   count.to(torch.float64), mean, m2_from_var(count, var))
+        num_buckets = self.running_mean.shape[0]
+        count, mean, var = ops.bin_stats(features.detach(), buckets, num_buckets)
+        rows = buckets.reshape(-1)
+        # A batch of fewer rows than buckets (a training batch against a grid of buckets) merges
+        # only its rows' buckets, gathered a row at a time: whole tables would cost every bucket
+        # each step (256 rows, 10,000 buckets: 234 ms). Rows of one bucket compute and write the
+        # same values; a row of no bucket takes bucket 0's, as bucket 0's own rows would.
+        at = rows.clamp(min=0) if rows.numel() < num_buckets else None
+
+        def part(t):
+            return t if at is None else t[at]
+
+        count, mean, var = part(count), part(mean), part(var)
+        n_a, mean_a, m2_a = part(self.accumulated_count), part(self.accumulated_mean), part(self.accumulated_m2)
+        total, merged_mean, merged_m2 = chan_merge(n_a, mean_a, m2_a, count.to(torch.float64), mean,
+                                                   m2_from_var(count, var))
         # A bucket whose merged statistics are not finite (a NaN or infinite feature, an
         # overflow), or would not be in the running statistics' dtype (float64 features beyond
         # float32), keeps what it had: one bad batch cannot poison its statistics for ever.
         held = self.running_mean.dtype
         finite = torch.isfinite(merged_mean.to(held)).all(1) & torch.isfinite(merged_m2).all(1) \
             & torch.isfinite(var_from_m2(total, merged_m2).to(held)).all(1)
-        self.num_samples_skipped.add_(torch.where(finite, 0, count).sum() + (buckets < 0).sum())
-        self.accumulated_mean.copy_(torch.where(finite.unsqueeze(1), merged_mean, self.accumulated_mean))
-        self.accumulated_m2.copy_(torch.where(finite.unsqueeze(1), merged_m2, self.accumulated_m2))
-        self.accumulated_count.copy_(torch.where(finite, total, n_a))
+        skipped = torch.where(finite, 0, count).sum() if at is None else ((rows >= 0) & ~finite).sum()
+        self.num_samples_skipped.add_(skipped + (buckets < 0).sum())
+        updates = ((self.accumulated_mean, torch.where(finite.unsqueeze(1), merged_mean, mean_a)),
+                   (self.accumulated_m2, torch.where(finite.unsqueeze(1), merged_m2, m2_a)),
+                   (self.accumulated_count, torch.where(finite, total, n_a)))
+        for accumulator, value in updates:
+            if at is None:
+                accumulator.copy_(value)
+            else:
+                accumulator.index_put_((at,), value.to(accumulator.dtype))
 
     def clear_accumulated(self) -> None:
         """Drop what :meth:`accumulate` gathered since the last update."""
