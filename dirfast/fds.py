@@ -244,8 +244,9 @@ class FDS(nn.Module):
         rows = buckets.reshape(-1)
         # A batch of fewer rows than buckets (a training batch against a grid of buckets) merges
         # only its rows' buckets, gathered a row at a time: whole tables would cost every bucket
-        # each step (256 rows, 10,000 buckets: 234 ms). Rows of one bucket compute and write the
-        # same values; a row of no bucket takes bucket 0's, as bucket 0's own rows would.
+        # each step (256 rows, 10,000 buckets: 164-201 ms, benchmarks/results/cpu/
+        # fds-accumulate-batch.txt). Rows of one bucket compute and write the same values; a row
+        # of no bucket takes bucket 0's, as bucket 0's own rows would.
         at = rows.clamp(min=0) if rows.numel() < num_buckets else None
 
         def part(t):

@@ -67,6 +67,20 @@ inline int64_t bucket_of(const index_t* idx, int64_t r, int64_t num_bins) {
   return (k >= 0 && k < num_bins) ? k : num_bins;
 }
 
+// The buckets some of the n indices select, ascending; the identity bucket B last, when listed
+// (always with `identity`).
+template <typename index_t>
+std::vector<int64_t> met_buckets(const index_t* idx, int64_t n, int64_t num_bins, bool identity) {
+  std::vector<uint8_t> used(num_bins + 1, 0);
+  for (int64_t r = 0; r < n; ++r) used[bucket_of(idx, r, num_bins)] = 1;
+  used[num_bins] = identity;
+  std::vector<int64_t> met;
+  for (int64_t k = 0; k <= num_bins; ++k) {
+    if (used[k]) met.push_back(k);
+  }
+  return met;
+}
+
 // A [B, D] statistics table read a bucket at a time, buckets in ascending order, by one task. A
 // table whose features are contiguous is read in place; any other (the published smoothing leaves
 // its tables transposed, [D, B] in memory) is copied 256 bytes of buckets at a time into the
@@ -182,19 +196,10 @@ class MetBuckets {
 
   MetBuckets(const Statistics& stats, const index_t* idx, int64_t n) {
     const int64_t num_bins = stats.num_bins, dim = stats.dim;
-    std::vector<int32_t> slot(num_bins, -1);  // 0 marks a met bucket until it gets its slot
-    for (int64_t r = 0; r < n; ++r) {
-      const int64_t k = bucket_of(idx, r, num_bins);
-      if (k < num_bins) slot[k] = 0;
-    }
-    std::vector<int64_t> met;
-    for (int64_t k = 0; k < num_bins; ++k) {
-      if (slot[k] == 0) {
-        slot[k] = static_cast<int32_t>(met.size());
-        met.push_back(k);
-      }
-    }
+    const std::vector<int64_t> met = met_buckets(idx, n, num_bins, false);
     const int64_t count = static_cast<int64_t>(met.size());
+    std::vector<int32_t> slot(num_bins);  // read for met buckets only
+    for (int64_t j = 0; j < count; ++j) slot[met[j]] = static_cast<int32_t>(j);
     renumbered_.resize(n);
     for (int64_t r = 0; r < n; ++r) {
       const int64_t k = bucket_of(idx, r, num_bins);
@@ -343,14 +348,7 @@ DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, acc_t lo, acc_
                                          bool feature_major, acc_t* st) {
   const int64_t num_bins = stats.num_bins, dim = stats.dim;
   std::vector<int64_t> listed;  // the buckets to compute, when not all
-  if (num_bins * dim > rows) {
-    std::vector<uint8_t> used(num_bins + 1, 0);
-    for (int64_t r = 0; r < rows; ++r) used[bucket_of(idx, r, num_bins)] = 1;
-    used[num_bins] = 1;
-    for (int64_t k = 0; k <= num_bins; ++k) {
-      if (used[k]) listed.push_back(k);
-    }
-  }
+  if (num_bins * dim > rows) listed = met_buckets(idx, rows, num_bins, true);
   const int64_t count = listed.empty() ? num_bins + 1 : static_cast<int64_t>(listed.size());
   const int64_t columns = num_bins + 1;
   const int64_t grain = std::max<int64_t>(1, kGrainTableValues / std::max<int64_t>(dim, 1));
