@@ -10,7 +10,7 @@ from torch import nn
 from . import _validate as validate
 from . import distributed, ops
 from ._autograd import in_place_refusal
-from ._moments import chan_merge, m2_from_var, var_from_m2
+from ._moments import chan_merge, m2_from_var, rows_finite, var_from_m2
 from .ops.calibrate import scale_shift
 from .binning import MAX_BINS, Binning, GridBinning
 from .windows import kernel_window
@@ -28,6 +28,17 @@ _ALIASES = (("running_mean_last_epoch", "running_mean"), ("running_var_last_epoc
 # Checkpoint entries that are variances, sums of squared deviations or counts: never negative.
 _NON_NEGATIVE = ("running_var", "running_var_last_epoch", "smoothed_var_last_epoch", "num_samples_tracked",
                  "accumulated_count", "accumulated_m2")
+
+
+def _distinct_ranks(keys: torch.Tensor) -> torch.Tensor:
+    """Each key's rank among the distinct values of the 1-D ``keys`` (0 for the smallest), with no
+    host sync (``torch.unique`` reads its output size on the host)."""
+    ordered, order = keys.sort(stable=True)
+    new = torch.ones_like(ordered, dtype=torch.bool)
+    new[1:] = ordered[1:] != ordered[:-1]
+    ranks = torch.empty_like(keys)
+    ranks[order] = new.cumsum(0) - 1
+    return ranks
 
 
 class FDS(nn.Module):
@@ -240,19 +251,27 @@ class FDS(nn.Module):
         """
         buckets = self._buckets(features, labels, check=False)
         num_buckets = self.running_mean.shape[0]
-        count, mean, var = ops.bin_stats(features.detach(), buckets, num_buckets)
         rows = buckets.reshape(-1)
-        # A batch of fewer rows than buckets (a training batch against a grid of buckets) merges
-        # only its rows' buckets, gathered a row at a time: whole tables would cost every bucket
-        # each step (256 rows, 10,000 buckets: 164-201 ms, benchmarks/results/cpu/
-        # fds-accumulate-batch.txt). Rows of one bucket compute and write the same values; a row
-        # of no bucket takes bucket 0's, as bucket 0's own rows would.
-        at = rows.clamp(min=0) if rows.numel() < num_buckets else None
+        # A batch of fewer rows than buckets (a training batch against a grid of buckets) costs
+        # its rows, not every bucket: its statistics are taken over the buckets it meets, numbered
+        # in order (the CPU and reference bin_stats give a bucket the same bits either way), and
+        # merged a row at a time into the accumulators gathered at the rows' buckets (256 x 512
+        # against 10,000 buckets: 164-201 ms a step with whole tables, 4.5-9.5 ms now; benchmarks/
+        # results/cpu/fds-accumulate-met-buckets.txt). Rows of one bucket compute and write the
+        # same values; a row of no bucket takes bucket 0's, as bucket 0's own rows would.
+        if rows.numel() < num_buckets:
+            at = rows.clamp(min=0)
+            met = _distinct_ranks(at)
+            count, mean, var = ops.bin_stats(features.detach(), torch.where(rows >= 0, met, -1).view(buckets.shape),
+                                             max(rows.numel(), 1))
+            count, mean, var = count[met], mean[met], var[met]
+        else:
+            at = None
+            count, mean, var = ops.bin_stats(features.detach(), buckets, num_buckets)
 
         def part(t):
             return t if at is None else t[at]
 
-        count, mean, var = part(count), part(mean), part(var)
         n_a, mean_a, m2_a = part(self.accumulated_count), part(self.accumulated_mean), part(self.accumulated_m2)
         total, merged_mean, merged_m2 = chan_merge(n_a, mean_a, m2_a, count.to(torch.float64), mean,
                                                    m2_from_var(count, var))
@@ -260,8 +279,8 @@ class FDS(nn.Module):
         # overflow), or would not be in the running statistics' dtype (float64 features beyond
         # float32), keeps what it had: one bad batch cannot poison its statistics for ever.
         held = self.running_mean.dtype
-        finite = torch.isfinite(merged_mean.to(held)).all(1) & torch.isfinite(merged_m2).all(1) \
-            & torch.isfinite(var_from_m2(total, merged_m2).to(held)).all(1)
+        finite = rows_finite(merged_mean.to(held)) & rows_finite(merged_m2) \
+            & rows_finite(var_from_m2(total, merged_m2).to(held))
         skipped = torch.where(finite, 0, count).sum() if at is None else ((rows >= 0) & ~finite).sum()
         self.num_samples_skipped.add_(skipped + (buckets < 0).sum())
         updates = ((self.accumulated_mean, torch.where(finite.unsqueeze(1), merged_mean, mean_a)),

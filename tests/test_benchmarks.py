@@ -1,6 +1,7 @@
-"""The benchmark commands run (tiny sizes): benchmarks.run, benchmarks.balanced_mse, benchmarks.gpu
-on the CPU, one training run of every method of benchmarks.accuracy, benchmarks.density_table,
-and the rules of their one timer (benchmarks.timing). What they measure is not asserted here."""
+"""The benchmark commands run (tiny sizes): benchmarks.run, benchmarks.balanced_mse,
+benchmarks.fds_accumulate, benchmarks.gpu on the CPU, one training run of every method of
+benchmarks.accuracy, benchmarks.density_table, and the rules of their one timer
+(benchmarks.timing). What they measure is not asserted here."""
 
 import importlib.util
 import os
@@ -112,6 +113,14 @@ def test_the_sweeps_name_their_cases():
 def test_benchmarks_balanced_mse():
     out = run_module("benchmarks.balanced_mse", "--quick", "--shape", "2,1,8,10")
     assert "published" in out and "dirfast-reference" in out and "load:" in out
+
+
+def test_benchmarks_fds_accumulate():
+    out = run_module("benchmarks.fds_accumulate", "--quick", "--size", "64x8")
+    table = out[out.index("size "):]
+    for k in ("97", "1000", "10000"):
+        for row in ("accumulate cpp", "accumulate reference", "bin_stats, all buckets", "clone"):
+            assert any(line.split()[1:2] == [k] and row in line for line in table.splitlines()), (k, row)
 
 
 def test_benchmarks_pairwise():

@@ -617,10 +617,10 @@ def test_accumulate_equals_one_call_on_all_features(momentum, dense):
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_accumulate_a_batch_smaller_than_the_buckets_merges_only_its_buckets(dense):
-    """A batch of fewer rows than buckets merges its rows' buckets alone: the bits of the
-    whole-table merge (the same batch padded past the bucket count with rows of NaN label), the
-    rows of a bucket with an infinite feature and of no bucket counted as skipped, batch after
-    batch."""
+    """A batch of fewer rows than buckets takes its statistics over the buckets it meets and
+    merges those alone: the bits of the whole-table merge (the same batch padded past the bucket
+    count with rows of NaN label), the rows of a bucket with an infinite feature and of no bucket
+    counted as skipped, batch after batch."""
     g = torch.Generator().manual_seed(64)
     small, padded = (dirfast.FDS(4, bucket_num=50, bucket_start=2) for _ in range(2))
     for step in range(4):

@@ -1,0 +1,92 @@
+"""FDS.accumulate on a training batch: ``python -m benchmarks.fds_accumulate [--device cpu|cuda]
+[--threads N] [--quick] [--size NxD] [--json PATH]``.
+
+``FDS.accumulate`` runs every training step (the streaming replacement of the published extra pass
+over the training set), so its cost is per batch, and with many buckets (a ``GridBinning`` of two
+targets of 100 bins has 10,000) most buckets meet no row of a batch. For a float32 batch (default
+256 x 512, labels uniform over the buckets) against 97, 1,000 and 10,000 buckets, side by side
+(:mod:`benchmarks.timing`): ``FDS(D, bucket_num=K).accumulate`` on each dirfast backend that runs
+here; ``bin_stats`` of the batch over all K buckets (the per-bucket statistics a whole-table step
+starts from, before any merge); and ``x.clone()`` of the batch (one read and one write of its
+bytes). Ratios are to the clone.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import dirfast
+
+from . import cases, timing
+
+BUCKETS = (97, 1000, 10000)
+
+
+def inputs(size: str, num_buckets: int, device: str, seed: int = cases.SEED):
+    """A float32 batch [N, D] and labels uniform over the buckets [0, num_buckets)."""
+    (n, d), _ = cases.parse_size(size)
+    g = torch.Generator().manual_seed(seed + num_buckets)
+    x = torch.randn(n, d, generator=g)
+    labels = torch.randint(0, num_buckets, (n,), generator=g).float()
+    return x.to(device), labels.to(device)
+
+
+def providers(x, labels, num_buckets: int, device: str) -> dict:
+    rows = {}
+    for backend, info in dirfast.backends().items():
+        if not info["available"] or device not in cases.BACKEND_DEVICES.get(backend, (device,)):
+            continue
+        with dirfast.use_backend(backend):
+            fds = dirfast.FDS(x.shape[1], bucket_num=num_buckets, bucket_start=0).to(device)
+
+        def step(fds=fds, backend=backend):
+            with dirfast.use_backend(backend):
+                fds.accumulate(x, labels)
+        rows[f"accumulate {backend}"] = step
+    buckets = labels.long()
+    rows["bin_stats, all buckets"] = lambda: dirfast.ops.bin_stats(x, buckets, num_buckets)
+    rows["clone"] = lambda: x.clone()
+    return rows
+
+
+def run_case(size: str, num_buckets: int, device: str, quick: bool) -> list:
+    x, labels = inputs(size, num_buckets, device)
+    steps = providers(x, labels, num_buckets, device)
+    print(f"  {size} K={num_buckets}: timing {', '.join(steps)} side by side ...", flush=True)
+    contenders = {name: timing.Contender(fn, device=device) for name, fn in steps.items()}
+    rows = []
+    for name, timed in timing.compare(contenders, timing.rules(quick)).items():
+        if isinstance(timed, Exception):
+            raise RuntimeError(f"{name} failed at K={num_buckets}") from timed
+        rows.append({"size": size, "buckets": num_buckets, "provider": name, "median_ms": timed.median_ms,
+                     "rounds": len(timed.samples), "calls_per_round": timed.inner})
+    clone = next(r["median_ms"] for r in rows if r["provider"] == "clone")
+    for row in rows:
+        row["x clone"] = row["median_ms"] / clone
+    return rows
+
+
+def format_rows(rows) -> str:
+    lines = [f"{'size':<10} {'buckets':>7} {'provider':<24} {'median ms':>10} {'x clone':>9}"]
+    for r in rows:
+        lines.append(f"{r['size']:<10} {r['buckets']:>7} {r['provider']:<24} {r['median_ms']:>10.3f} {r['x clone']:>9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.fds_accumulate", description=__doc__.split("\n\n")[0])
+    timing.add_command_arguments(parser)
+    parser.add_argument("--size", default="256x512", help="the batch, NxD (default 256x512)")
+    args = parser.parse_args(argv)
+    cases.parse_size(args.size)  # a bad size fails before anything runs
+    run = timing.Run(args, "FDS.accumulate on a training batch")
+    rows = []
+    for k in BUCKETS:
+        rows += run_case(args.size, k, args.device, args.quick)
+    run.finish(format_rows(rows), rows)
+
+
+if __name__ == "__main__":
+    main()
