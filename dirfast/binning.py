@@ -185,6 +185,13 @@ class Binning:
         training-path callers inside dirfast pass ``check=False``, where a NaN or infinite label
         gets index -1 (no bin: the ops ignore it) and costs no synchronisation.
         """
+        return self._bins_from(labels, precision, check, 0)
+
+    def _bins_from(self, labels, precision: str, check: bool, first: int) -> torch.Tensor:
+        """``__call__`` with the bins below ``first`` joined to it and counted from it (FDS's
+        ``bucket_start``): bin ``b`` becomes ``max(b, first) - first``, -1 stays -1. In floating
+        point until the last step for an integer binning: torch's int64 clamps, comparisons and
+        selects took most of FDS.smooth's binning (benchmarks/results/cpu/binning-ops.txt)."""
         validate.choice("precision", precision, PRECISIONS)
         validate.boolean("check", check)
         labels = validate.real_tensor("labels", labels)
@@ -199,11 +206,18 @@ class Binning:
         if self._kind == "integer":
             if self._scale != 1.0:
                 values = values * self._scale
-            # int(label) truncates toward zero; clamp first so that huge labels cannot overflow.
-            idx = torch.nan_to_num(values, nan=0.0).clamp(-1.0, float(last + 1)).trunc().long().clamp(0, last)
-        else:
-            edges = self._edges_tensor(cmp, labels.device)
-            idx = (torch.searchsorted(edges, values.contiguous(), right=True) - 1).clamp(0, last)
+            # int(label) truncates toward zero (clamped first, so that huge labels cannot overflow;
+            # bins are below 2**24, exact in float32); a NaN stays NaN through the clamp.
+            idx = values.clamp(float(first), float(last)).trunc_()
+            if first:
+                idx.sub_(first)
+            if floating:  # labels - labels is NaN exactly where a label is NaN or infinite
+                idx.add_((labels - labels).to(idx.dtype)).nan_to_num_(nan=-1.0)
+            return idx.long()
+        edges = self._edges_tensor(cmp, labels.device)
+        idx = (torch.searchsorted(edges, values.contiguous(), right=True) - 1).clamp(first, last)
+        if first:
+            idx.sub_(first)
         if floating:
             idx = torch.where(torch.isfinite(labels), idx, -1)
         return idx

@@ -163,9 +163,10 @@ class FDS(nn.Module):
         return self._bin(self._check_batch(features, labels), check)
 
     def _bin(self, labels: torch.Tensor, check: bool) -> torch.Tensor:
-        bins = self.binning(labels, precision="float32", check=check)  # as the published FDS modules
-        buckets = bins.clamp(self.bucket_start, self.bucket_num - 1) - self.bucket_start
-        return torch.where(bins >= 0, buckets, -1)
+        if isinstance(self.binning, GridBinning):  # its bins are the buckets (bucket_start is 0)
+            return self.binning(labels, precision="float32", check=check)
+        # as the published FDS modules: labels in float32, buckets below bucket_start joined to it
+        return self.binning._bins_from(labels, "float32", check, self.bucket_start)
 
     def _check_batch(self, features: torch.Tensor, labels) -> torch.Tensor:
         """The type, shape and device checks of a batch (metadata only: no host sync); returns the

@@ -125,6 +125,24 @@ def test_non_finite_labels():
         assert got[0] >= 0 and got[4] >= 0
 
 
+@pytest.mark.parametrize("name", BINNINGS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64, torch.int64], ids=str)
+def test_bins_counted_from_a_first_bin_as_fds_buckets_them(name, dtype):
+    """FDS's buckets (bucket_start = first): every bin below ``first`` joins it, the bins count
+    from it, and a label of no bin (NaN, infinite) stays -1, as clamping the bins would give;
+    labels far out of range, negative fractions and signed zeros included."""
+    binning = BINNINGS[name]()
+    g = gen(7)
+    labels = torch.cat([torch.randn(300, generator=g, dtype=torch.float64) * binning.num_bins / 2 + 1,
+                        torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30, -0.5, -0.0, 0.0, 1e300])])
+    labels = labels.to(dtype) if dtype.is_floating_point else labels.nan_to_num(0.0, 0.0, 0.0).clamp(-500, 500).to(dtype)
+    for precision in ("labels", "float32"):
+        bins = binning(labels, precision=precision, check=False)
+        for first in sorted({0, 1, 3, binning.num_bins - 1}):
+            want = torch.where(bins >= 0, bins.clamp(first, binning.num_bins - 1) - first, -1)
+            assert torch.equal(binning._bins_from(labels, precision, False, first), want), (precision, first)
+
+
 def test_integer_binning_warns_about_fractional_labels():
     with pytest.warns(UserWarning, match="Binning.uniform"):
         dirfast.Binning.integer(50)(torch.tensor([0.143, 2.0, 4.6]))
