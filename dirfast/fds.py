@@ -257,7 +257,7 @@ class FDS(nn.Module):
         # its rows, not every bucket: its statistics are taken over the buckets it meets, numbered
         # in order (the CPU and reference bin_stats give a bucket the same bits either way), and
         # merged a row at a time into the accumulators gathered at the rows' buckets (256 x 512
-        # against 10,000 buckets: 164-201 ms a step with whole tables, 4.5-9.5 ms now; benchmarks/
+        # against 10,000 buckets: 164-201 ms a step with whole tables, 4.1-6.0 ms now; benchmarks/
         # results/cpu/fds-accumulate-met-buckets.txt). Rows of one bucket compute and write the
         # same values; a row of no bucket takes bucket 0's, as bucket 0's own rows would.
         if rows.numel() < num_buckets:
