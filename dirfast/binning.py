@@ -206,9 +206,10 @@ class Binning:
         if self._kind == "integer":
             if self._scale != 1.0:
                 values = values * self._scale
-            # int(label) truncates toward zero (clamped first, so that huge labels cannot overflow;
-            # bins are below 2**24, exact in float32); a NaN stays NaN through the clamp.
-            idx = values.clamp(float(first), float(last)).trunc_()
+            # int(label) truncates toward zero: clamped first (huge labels cannot overflow; bins are
+            # below 2**24, exact in float32), the values are then at least first >= 0, where floor
+            # truncates (and is vectorised: trunc took 4x longer). A NaN stays NaN through both.
+            idx = values.clamp(float(first), float(last)).floor_()
             if first:
                 idx.sub_(first)
             if floating:  # labels - labels is NaN exactly where a label is NaN or infinite
@@ -333,6 +334,13 @@ class GridBinning:
             bins = binning(labels[..., axis], precision=precision, check=check)
             index = bins * stride if index is None else torch.where((index < 0) | (bins < 0), -1, index + bins * stride)
         return index
+
+    def _bins_from(self, labels, precision: str, check: bool, first: int) -> torch.Tensor:
+        """``__call__``: a grid's bins count from 0 (Binning._bins_from's ``first``, which FDS and
+        LDS refuse with a grid)."""
+        if first:
+            raise ValueError(f"a GridBinning's bins count from 0, got first={first}")
+        return self(labels, precision=precision, check=check)
 
     def unravel(self, index: torch.Tensor) -> torch.Tensor:
         """The per-dimension bin numbers ``[..., d]`` of grid indices ``index`` (an integer tensor)."""

@@ -163,8 +163,6 @@ class FDS(nn.Module):
         return self._bin(self._check_batch(features, labels), check)
 
     def _bin(self, labels: torch.Tensor, check: bool) -> torch.Tensor:
-        if isinstance(self.binning, GridBinning):  # its bins are the buckets (bucket_start is 0)
-            return self.binning(labels, precision="float32", check=check)
         # as the published FDS modules: labels in float32, buckets below bucket_start joined to it
         return self.binning._bins_from(labels, "float32", check, self.bucket_start)
 

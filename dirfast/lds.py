@@ -82,8 +82,7 @@ class LDS(FittedEstimator):
     # -- fitting -------------------------------------------------------------------------------
     def _bins(self, labels, check: bool) -> torch.Tensor:
         """Each label's row of the tables (-1 for a NaN or infinite label when not checked)."""
-        bins = self.binning(labels, precision="labels", check=check).reshape(-1)
-        return torch.where(bins >= 0, (bins - self.bucket_start).clamp(min=0), -1)
+        return self.binning._bins_from(labels, "labels", check, self.bucket_start).reshape(-1)
 
     def update(self, labels) -> "LDS":
         """Add ``labels`` to the counts (for label streams); returns ``self``."""
@@ -184,7 +183,7 @@ class LDS(FittedEstimator):
         labels = validate.real_tensor("labels", labels)
         table = self._table_on(labels.device)
         bins = self._bins(labels, check=False)
-        return table[torch.where(bins >= 0, bins, table.shape[0] - 1)].reshape(self._label_shape(labels))
+        return table[bins].reshape(self._label_shape(labels))  # bin -1: the table's last row
 
     def _table(self) -> torch.Tensor:
         """The weight of each row, then 0 (the weight of a NaN or infinite label)."""
