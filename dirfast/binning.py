@@ -336,10 +336,8 @@ class GridBinning:
         return index
 
     def _bins_from(self, labels, precision: str, check: bool, first: int) -> torch.Tensor:
-        """``__call__``: a grid's bins count from 0 (Binning._bins_from's ``first``, which FDS and
-        LDS refuse with a grid)."""
-        if first:
-            raise ValueError(f"a GridBinning's bins count from 0, got first={first}")
+        """``__call__``, for FDS and LDS as Binning._bins_from: with a grid their ``bucket_start``,
+        ``first``, is 0 (both refuse any other at construction)."""
         return self(labels, precision=precision, check=check)
 
     def unravel(self, index: torch.Tensor) -> torch.Tensor:
