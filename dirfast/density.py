@@ -71,7 +71,7 @@ def _interpolate(table: torch.Tensor, low: float, step: float, labels: torch.Ten
     index, fraction = index.reshape(-1), fraction.reshape(-1)  # index_select: indexing and take start threads
     value = torch.addcmul(table[0].index_select(0, index), table[1].index_select(0, index), fraction)
     value = torch.where(inside, value.view(labels.shape), 0.0)
-    return torch.where(torch.isfinite(labels), value, torch.nan)
+    return value.add_(labels - labels)  # + NaN at a NaN or infinite label, + 0 elsewhere (isfinite is 4 ops)
 
 
 def _linear_binning(values: torch.Tensor, low: float, step: float, grid_size: int):
@@ -226,8 +226,7 @@ class DenseWeight(FittedEstimator):
         read on the host (call it in the training step): a NaN or infinite label gets weight 0.
         Raises RuntimeError before :meth:`fit`."""
         weights = self._scaled_density(labels, "weights").mul_(-self.alpha).add_(1)  # 1 - alpha p', NaN kept
-        weights = weights.clamp_(min=self.eps).mul_(self._fit["scale"])
-        return torch.where(torch.isnan(weights), 0.0, weights).float()
+        return weights.clamp_(min=self.eps).mul_(self._fit["scale"]).nan_to_num_(nan=0.0).float()
 
     @property
     def fitted_bandwidth(self):
