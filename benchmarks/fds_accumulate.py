@@ -1,5 +1,5 @@
 """FDS.accumulate on a training batch: ``python -m benchmarks.fds_accumulate [--device cpu|cuda]
-[--threads N] [--quick] [--size NxD] [--json PATH]``.
+[--threads N] [--quick] [--size NxD] [--buckets 97,1000,10000] [--json PATH]``.
 
 ``FDS.accumulate`` runs every training step (the streaming replacement of the published extra pass
 over the training set), so its cost is per batch, and with many buckets (a ``GridBinning`` of two
@@ -75,15 +75,27 @@ def format_rows(rows) -> str:
     return "\n".join(lines)
 
 
+def _bucket_counts(text: str) -> tuple:
+    try:
+        counts = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"bucket counts must be positive integers, comma-separated, got {text!r}")
+    return counts
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fds_accumulate", description=__doc__.split("\n\n")[0])
     timing.add_command_arguments(parser)
     parser.add_argument("--size", default="256x512", help="the batch, NxD (default 256x512)")
+    parser.add_argument("--buckets", type=_bucket_counts, default=BUCKETS,
+                        help="bucket counts, comma-separated (default 97,1000,10000)")
     args = parser.parse_args(argv)
     cases.parse_size(args.size)  # a bad size fails before anything runs
     run = timing.Run(args, "FDS.accumulate on a training batch")
     rows = []
-    for k in BUCKETS:
+    for k in args.buckets:
         rows += run_case(args.size, k, args.device, args.quick)
     run.finish(format_rows(rows), rows)
 
