@@ -81,6 +81,17 @@ def parse_size(size: str):
         raise ValueError(f"size must look like NxD or BxCxHxW, got {size!r}")
     return dims, (dims[0],) + dims[2:]
 
+
+def parse_counts(value: str, what: str) -> list:
+    """Positive integers from a comma-separated option (``what`` names it in the error)."""
+    try:
+        counts = [int(v) for v in value.split(",") if v]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ValueError(f"{what} takes comma-separated positive integers, got {value!r}")
+    return counts
+
 NUM_BINS = agedb.NUM_BUCKETS  # 97: ages 3..99 with FDS bucket_num=100, bucket_start=3
 SEED = 20210706
 

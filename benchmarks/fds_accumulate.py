@@ -75,27 +75,21 @@ def format_rows(rows) -> str:
     return "\n".join(lines)
 
 
-def _bucket_counts(text: str) -> tuple:
-    try:
-        counts = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        counts = ()
-    if not counts or min(counts) < 1:
-        raise argparse.ArgumentTypeError(f"bucket counts must be positive integers, comma-separated, got {text!r}")
-    return counts
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fds_accumulate", description=__doc__.split("\n\n")[0])
     timing.add_command_arguments(parser)
     parser.add_argument("--size", default="256x512", help="the batch, NxD (default 256x512)")
-    parser.add_argument("--buckets", type=_bucket_counts, default=BUCKETS,
+    parser.add_argument("--buckets", default=",".join(map(str, BUCKETS)),
                         help="bucket counts, comma-separated (default 97,1000,10000)")
     args = parser.parse_args(argv)
-    cases.parse_size(args.size)  # a bad size fails before anything runs
+    try:  # a bad size or count fails before anything runs
+        cases.parse_size(args.size)
+        buckets = cases.parse_counts(args.buckets, "--buckets")
+    except ValueError as exc:
+        parser.error(str(exc))
     run = timing.Run(args, "FDS.accumulate on a training batch")
     rows = []
-    for k in args.buckets:
+    for k in buckets:
         rows += run_case(args.size, k, args.device, args.quick)
     run.finish(format_rows(rows), rows)
 

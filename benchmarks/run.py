@@ -72,14 +72,11 @@ def _split(value, allowed, what):
 
 
 def _counts(value, what):
-    """Positive integers from a comma-separated option."""
+    """Positive integers from a comma-separated option (cases.parse_counts), or exit saying why."""
     try:
-        counts = [int(v) for v in value.split(",") if v]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise SystemExit(f"{what} takes comma-separated positive integers, got {value!r}")
-    return counts
+        return C.parse_counts(value, what)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def _fmt_ratio(value):
