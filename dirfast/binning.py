@@ -25,6 +25,7 @@ PRECISIONS = ("labels", "float32")
 MAX_BINS = 1 << 24
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+_TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the dtypes labels are compared in
 
 
 def _uniform_edges(low: float, high: float, num_bins: int, dtype=np.float64) -> np.ndarray:
@@ -40,6 +41,39 @@ def _uniform_edges(low: float, high: float, num_bins: int, dtype=np.float64) -> 
                          f"that strictly increase (the range is too narrow or too wide for that precision): widen "
                          f"or rescale the range, or use fewer bins")
     return edges
+
+
+def _checked_edges(edges) -> np.ndarray:
+    """``edges`` as a float64 NumPy array, or ValueError naming what is wrong with them."""
+    edges = validate.readable("edges", validate.real_tensor("edges", edges)).detach().cpu()
+    edges = edges.to(torch.float64).numpy().copy()
+    if edges.ndim != 1 or not 2 <= edges.size <= MAX_BINS + 1:
+        raise ValueError(f"edges must be 1-D with 2 to {MAX_BINS + 1} values, got shape {edges.shape}")
+    if not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
+        raise ValueError("edges must be finite and strictly increasing")
+    return edges
+
+
+def _arithmetic_guess(edges: np.ndarray):
+    """``(origin, per_unit)`` when ``floor((label - origin) * per_unit)``, computed in the edges'
+    dtype (float32 or float64), is within one bin of every such label's bin, else None (edges
+    too uneven: the caller searches them).
+
+    The guess and the bin both grow with the label, so over a bin [e_i, e_(i+1)) their largest
+    gap is at its two ends, e_i and the float just below e_(i+1): checking those 2n values in
+    the same arithmetic as torch's (IEEE, no fused multiply-add) proves the bound for every
+    label. Labels out of range are clamped to the first or last bin either way."""
+    kind = edges.dtype.type
+    n = edges.size - 1
+    origin = edges[0]
+    bins = np.arange(n)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        per_unit = kind(n / (float(edges[-1]) - float(origin)))
+        at_start = np.floor((edges[:-1] - origin) * per_unit)
+        at_end = np.floor((np.nextafter(edges[1:], kind(-np.inf)) - origin) * per_unit)
+    # the guess grows with the label, so at_start <= at_end: these two bound the gap both ways (NaN fails them)
+    within_one = np.isfinite(per_unit) and per_unit > 0 and np.all(at_start >= bins - 1) and np.all(at_end <= bins + 1)
+    return (float(origin), float(per_unit)) if within_one else None
 
 
 def _number(value) -> str:
@@ -73,17 +107,16 @@ class Binning:
     """
 
     def __init__(self, edges) -> None:
-        edges = validate.readable("edges", validate.real_tensor("edges", edges)).detach().cpu()
-        edges = edges.to(torch.float64).numpy().copy()
-        if edges.ndim != 1 or not 2 <= edges.size <= MAX_BINS + 1:
-            raise ValueError(f"edges must be 1-D with 2 to {MAX_BINS + 1} values, got shape {edges.shape}")
-        if not np.all(np.isfinite(edges)) or not np.all(np.diff(edges) > 0):
-            raise ValueError("edges must be finite and strictly increasing")
-        self._edges = edges
-        self._kind = "edges"
-        self._scale = 1.0
-        self._range = None
-        self._tables = {}  # (device, dtype) -> edges tensor, so binning never copies from the host again
+        self._setup(_checked_edges(edges), "edges")
+
+    def _setup(self, edges: np.ndarray, kind: str, scale: float = 1.0, range_=None) -> None:
+        self._edges, self._kind, self._scale, self._range = edges, kind, scale, range_
+        # The edges each label dtype is compared with, built here: built inside torch.compile's
+        # tracing, they would break the graph. Then one copy per device, so binning never copies
+        # from the host again.
+        dtypes = () if kind == "integer" else _TABLE_DTYPES if kind == "uniform" else (torch.float32, torch.float64)
+        self._host_tables = {dtype: self._host_table(dtype) for dtype in dtypes}
+        self._tables = {}  # (device, dtype) -> (edges there, arithmetic guess)
 
     @classmethod
     def integer(cls, num_bins: int, scale: float = 1.0) -> "Binning":
@@ -92,8 +125,8 @@ class Binning:
         ``Binning.integer(100, scale=10)`` the NYUD2-DIR depth buckets of 0.1 m."""
         num_bins = validate.integer("num_bins", num_bins, 1, MAX_BINS)
         scale = validate.positive("scale", scale)
-        binning = cls(np.arange(num_bins + 1, dtype=np.float64) / scale)
-        binning._kind, binning._scale = "integer", scale
+        binning = cls.__new__(cls)
+        binning._setup(_checked_edges(np.arange(num_bins + 1, dtype=np.float64) / scale), "integer", scale=scale)
         return binning
 
     @classmethod
@@ -108,8 +141,8 @@ class Binning:
         low, high = validate.real("low", low), validate.real("high", high)
         if not low < high:
             raise ValueError(f"low must be below high, got low={low} and high={high}")
-        binning = cls(_uniform_edges(low, high, num_bins))
-        binning._kind, binning._range = "uniform", (low, high)
+        binning = cls.__new__(cls)
+        binning._setup(_checked_edges(_uniform_edges(low, high, num_bins)), "uniform", range_=(low, high))
         return binning
 
     @property
@@ -146,24 +179,33 @@ class Binning:
     __hash__ = None
 
     # -- binning -------------------------------------------------------------------------------
-    def _edges_tensor(self, dtype: torch.dtype, device) -> torch.Tensor:
-        """The edges labels of ``dtype`` are compared with, on ``device``."""
+    def _host_table(self, dtype: torch.dtype):
+        """``(edges, guess)``: the edges labels of ``dtype`` are compared with (CPU) and the
+        arithmetic guess of their bins (:func:`_arithmetic_guess`; None where searching is
+        needed); or, where that dtype cannot hold the edges, the message to raise."""
+        if self._kind == "uniform" and dtype in _NUMPY_OF:  # np.histogram's edges for such data
+            try:
+                table = torch.from_numpy(_uniform_edges(*self._range, self.num_bins, _NUMPY_OF[dtype]))
+            except ValueError:
+                table = None
+        else:
+            table = torch.from_numpy(self._edges).to(dtype)
+        if table is None or (dtype != torch.float64 and not bool((table[1:] > table[:-1]).all())):
+            return (f"{self!r} cannot bin labels in {dtype}: its edges are not strictly increasing in that "
+                    f"precision (the range is too narrow); bin float64 labels with precision='labels', or widen "
+                    f"the range")
+        return table, _arithmetic_guess(table.numpy()) if dtype in (torch.float32, torch.float64) else None
+
+    def _edges_tensor(self, dtype: torch.dtype, device) -> tuple:
+        """``(edges, guess)`` of :meth:`_host_table`, the edges on ``device``."""
         key = (device, dtype)
-        table = self._tables.get(key)
-        if table is None:
-            if self._kind == "uniform" and dtype in _NUMPY_OF:  # np.histogram's edges for such data
-                try:
-                    table = torch.from_numpy(_uniform_edges(*self._range, self.num_bins, _NUMPY_OF[dtype]))
-                except ValueError:
-                    table = None
-            else:
-                table = torch.from_numpy(self._edges).to(dtype)
-            if table is None or (dtype != torch.float64 and not bool((table[1:] > table[:-1]).all())):
-                raise ValueError(f"{self!r} cannot bin labels in {dtype}: its edges are not strictly increasing in "
-                                 f"that precision (the range is too narrow); bin float64 labels with "
-                                 f"precision='labels', or widen the range")
-            table = self._tables[key] = table.to(device)
-        return table
+        cached = self._tables.get(key)
+        if cached is None:
+            host = self._host_tables[dtype]
+            if isinstance(host, str):
+                raise ValueError(host)
+            cached = self._tables[key] = (host[0].to(device), host[1])
+        return cached
 
     def _compare_dtype(self, dtype: torch.dtype, precision: str) -> torch.dtype:
         """The dtype a label of ``dtype`` is compared (or scaled) in."""
@@ -189,39 +231,56 @@ class Binning:
 
     def _bins_from(self, labels, precision: str, check: bool, first: int) -> torch.Tensor:
         """``__call__`` with the bins below ``first`` joined to it and counted from it (FDS's
-        ``bucket_start``): bin ``b`` becomes ``max(b, first) - first``, -1 stays -1. In floating
-        point until the last step for an integer binning: torch's int64 clamps, comparisons and
-        selects took most of FDS.smooth's binning (benchmarks/results/cpu/binning-ops.txt)."""
+        ``bucket_start``): bin ``b`` becomes ``max(b, first) - first``, -1 stays -1."""
+        labels = self._checked(labels, precision, check)
+        return self._float_bins(labels, precision, first).nan_to_num_(nan=-1.0).long()
+
+    def _checked(self, labels, precision: str, check: bool) -> torch.Tensor:
+        """``labels`` as a tensor, the arguments validated; with ``check``, NaN or infinite labels
+        raise and fractional ones given to an integer binning warn (reading them on the host)."""
         validate.choice("precision", precision, PRECISIONS)
         validate.boolean("check", check)
         labels = validate.real_tensor("labels", labels)
-        floating = labels.is_floating_point()
-        if check and floating and not torch.compiler.is_compiling():
+        if check and labels.is_floating_point() and not torch.compiler.is_compiling():
             if not bool(torch.isfinite(validate.readable("labels", labels)).all()):
                 raise ValueError("labels must be finite: found NaN or infinite values")
             self.warn_if_fractional(labels)
+        return labels
+
+    def _float_bins(self, labels: torch.Tensor, precision: str, first: int) -> torch.Tensor:
+        """The bins of ``labels`` counted from ``first``, as whole numbers in a float tensor
+        (float32 or float64: exact, bins are below 2**24), NaN where a label is NaN or infinite.
+
+        Floating point until the caller's one conversion to int64: torch's int64 clamps,
+        comparisons and selects took most of FDS.smooth's binning, and its binary search 40-60 ns
+        a label (benchmarks/results/cpu/binning-ops.txt)."""
         cmp = self._compare_dtype(labels.dtype, precision)
         values = labels.to(cmp)
         last = self.num_bins - 1
         if self._kind == "integer":
             if self._scale != 1.0:
                 values = values * self._scale
-            # int(label) truncates toward zero: clamped first (huge labels cannot overflow; bins are
-            # below 2**24, exact in float32), the values are then at least first >= 0, where floor
-            # truncates (and is vectorised: trunc took 4x longer). A NaN stays NaN through both.
-            idx = values.clamp(float(first), float(last)).floor_()
-            if first:
-                idx.sub_(first)
-            if floating:  # labels - labels is NaN exactly where a label is NaN or infinite
-                idx.add_((labels - labels).to(idx.dtype)).nan_to_num_(nan=-1.0)
-            return idx.long()
-        edges = self._edges_tensor(cmp, labels.device)
-        idx = (torch.searchsorted(edges, values.contiguous(), right=True) - 1).clamp(first, last)
+            # int(label) truncates toward zero: clamped first (huge labels cannot overflow), the
+            # values are then at least first >= 0, where floor truncates (and is vectorised: trunc
+            # took 4x longer). A NaN stays NaN through both.
+            bins = values.clamp(float(first), float(last)).floor_()
+        else:
+            edges, guess = self._edges_tensor(cmp, labels.device)
+            if guess is None:
+                bins = torch.searchsorted(edges, values.contiguous(), right=True).to(
+                    torch.float64 if cmp == torch.float64 else torch.float32).sub_(1)
+            else:  # the guess is within one bin (proved for these edges): one step fixes it
+                origin, per_unit = guess
+                bins = (values - origin).mul_(per_unit).floor_().clamp_(0.0, float(last)).nan_to_num_(0.0)
+                at = bins.long()
+                step = torch.take(edges[1:], at).le_(values)  # 1 where the label is past the guessed bin
+                bins.add_(step).sub_(torch.take(edges, at, out=step).gt_(values))  # -1 where before it
+            bins.clamp_(float(first), float(last))
         if first:
-            idx.sub_(first)
-        if floating:
-            idx = torch.where(torch.isfinite(labels), idx, -1)
-        return idx
+            bins.sub_(first)
+        if labels.is_floating_point():  # labels - labels is NaN exactly where a label is NaN or infinite
+            bins.add_(labels - labels)
+        return bins
 
     def warn_if_fractional(self, labels) -> None:
         """Warn when an integer binning (``scale=1``) is given labels with fractional parts:
@@ -329,11 +388,13 @@ class GridBinning:
         if labels.dim() == 0 or labels.shape[-1] != self.ndim:
             raise ValueError(f"labels must be [..., {self.ndim}] (one coordinate per grid dimension), "
                              f"got shape {tuple(labels.shape)}")
-        index = None
+        index = None  # in floating point (exact: below 2**24), NaN where any coordinate has no bin
         for axis, (binning, stride) in enumerate(zip(self.binnings, self._strides)):
-            bins = binning(labels[..., axis], precision=precision, check=check)
-            index = bins * stride if index is None else torch.where((index < 0) | (bins < 0), -1, index + bins * stride)
-        return index
+            bins = binning._float_bins(binning._checked(labels[..., axis], precision, check), precision, 0)
+            if stride != 1:
+                bins.mul_(stride)
+            index = bins if index is None else index + bins
+        return index.nan_to_num_(nan=-1.0).long()
 
     def _bins_from(self, labels, precision: str, check: bool, first: int) -> torch.Tensor:
         """``__call__``, for FDS and LDS as Binning._bins_from: with a grid their ``bucket_start``,

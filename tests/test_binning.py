@@ -71,6 +71,46 @@ def test_labels_at_and_next_to_every_edge(name, dtype, precision, as_tensor):
     assert got.tolist() == expected_bins(binning, labels, precision)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_arithmetic_bins_are_the_searched_bins(dtype):
+    """Where Binning proved its arithmetic guess within one bin of every label's bin
+    (_arithmetic_guess), it bins by the guess and one step against the edges: labels at, next
+    to and between the edges of uniform binnings, wide and one-float-narrow bins, far out of
+    range and not finite, get the bins a search of the same edges gives. Uneven edges are
+    searched."""
+    g = gen(11)
+    one = float(np.spacing(np.ones(1, _numpy(dtype)))[0])
+    cases = [(0, 5, 50), (-2, 3, 7), (0, 1, 1), (-1e6, 1e6, 99991), (1, 1 + 64 * one, 64), (1, 1 + 100 * one, 37),
+             (1e-30, 3e-30, 1000), (-7.3, -7.1, 3)] + [
+        (low, low + width, max(1, min(n, int(width / (abs(low) + width) * 2 ** 20))))  # bins of 8 floats or more
+        for low, width, n in zip((torch.randn(8, generator=g) * 100).tolist(),
+                                 (10 ** torch.empty(8).uniform_(-3, 4, generator=g)).tolist(),
+                                 torch.randint(1, 5000, (8,), generator=g).tolist())]
+    proved = 0
+    for low, high, n in cases:
+        binning = dirfast.Binning.uniform(low, high, n)
+        edges, guess = binning._edges_tensor(dtype, torch.device("cpu"))
+        proved += guess is not None
+        inside = torch.rand(3000, generator=g, dtype=torch.float64).mul(1.2 * (high - low)).add(low - 0.1 * (high - low))
+        labels = torch.cat([torch.from_numpy(edge_labels(binning, _numpy(dtype))).to(dtype), inside.to(dtype),
+                            torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30], dtype=dtype)])
+        want = (torch.searchsorted(edges, labels, right=True) - 1).clamp(0, n - 1)
+        want = torch.where(torch.isfinite(labels), want, -1)
+        assert torch.equal(binning(labels, check=False), want), (low, high, n)
+    assert proved >= len(cases) - 2  # the guess is the rule, not the exception
+    for uneven in ([0.0, 0.1, 0.25, 1.0 / 3.0, 2.5, 10.0], [0.0, 7.0, 8.0, 9.0, 10.0]):  # guesses behind, ahead
+        binning = dirfast.Binning(uneven)
+        edges, guess = binning._edges_tensor(dtype, torch.device("cpu"))
+        labels = torch.linspace(-1, 11, 1201, dtype=dtype)
+        assert guess is None
+        assert torch.equal(binning(labels), (torch.searchsorted(edges, labels.to(edges.dtype), right=True) - 1).clamp(
+            0, binning.num_bins - 1))
+
+
+def _numpy(dtype: torch.dtype):
+    return np.float32 if dtype == torch.float32 else np.float64
+
+
 @pytest.mark.parametrize("name", BINNINGS)
 def test_integer_labels_bin_as_float64(name):
     binning = BINNINGS[name]()

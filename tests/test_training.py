@@ -53,8 +53,11 @@ def test_compiled_training_step_matches_eager(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_lds_weights(device):
-    lds = dirfast.LDS(dirfast.Binning.integer(121)).fit(torch.randint(0, 100, (500,)).float())
+@pytest.mark.parametrize("binning", [dirfast.Binning.integer(121), dirfast.Binning.uniform(0, 120, 60)], ids=repr)
+def test_compiled_lds_weights(device, binning):
+    """LDS.weights compiles with fullgraph=True, also on the first float32 labels a binning
+    fitted on float64 labels sees (its float32 edges are built with it, not while tracing)."""
+    lds = dirfast.LDS(binning).fit(torch.randint(0, 100, (500,)).double())
     y = torch.randint(0, 120, (64,), device=device).float()
     weights = torch.compile(lambda t: lds.weights(t), fullgraph=True)(y)
     torch.testing.assert_close(weights, lds.weights(y), rtol=0, atol=0)
