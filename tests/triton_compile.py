@@ -143,9 +143,9 @@ def _cases():
     return cases
 
 
-def compile_all(arch: int = 90, only=None) -> list:
-    """Compile every kernel launch of the cases (those whose name contains one of ``only``) for
-    sm_<arch>; one row per (case, kernel)."""
+def compile_all(arch: int = 90, only=None, shard=(0, 1)) -> list:
+    """Compile every kernel launch of the cases (those whose name contains one of ``only``; of
+    those, every ``shard[1]``-th from the ``shard[0]``-th) for sm_<arch>; one row per (case, kernel)."""
     driver.set_active(_TargetOnlyDriver(arch))
     from dirfast.triton import _common, bin_stats, calibrate, conr_loss, mixture_logpdf, ranksim_loss, rnc_loss, smooth_bins
 
@@ -161,9 +161,8 @@ def compile_all(arch: int = 90, only=None) -> list:
         for name, value in list(vars(module).items()):
             if isinstance(value, triton.runtime.jit.JITFunction) and name.endswith("_kernel"):
                 setattr(module, name, _Compile(value, record))
-    for name, call in _cases():
-        if only and not any(part in name for part in only):
-            continue
+    cases = [(name, call) for name, call in _cases() if not only or any(part in name for part in only)]
+    for name, call in cases[shard[0]::shard[1]]:
         case_name[0] = name
         call()
     return rows
@@ -173,10 +172,18 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python tests/triton_compile.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100/H200)")
     parser.add_argument("--cases", help="comma-separated parts of case names to keep (default: all)")
+    parser.add_argument("--shard", default="0/1", metavar="K/N",
+                        help="compile every N-th case from the K-th (0 <= K < N), to share the cases among processes")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = parser.parse_args(argv)
     only = [part for part in (args.cases or "").split(",") if part]
-    rows = compile_all(args.arch, only)
+    try:
+        shard = tuple(int(part) for part in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
+    rows = compile_all(args.arch, only, shard)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"triton": triton.__version__, "arch": args.arch, "rows": rows}, handle, indent=1)
