@@ -128,6 +128,20 @@ def prediction_pair(pred_name: str, pred, target_name: str, target) -> None:
         raise ValueError(f"{pred_name} and {target_name} must not be empty (their mean would be NaN)")
 
 
+def weights_for(name: str, weights, loss: torch.Tensor) -> torch.Tensor:
+    """Floating ``weights`` on ``loss``'s device that broadcast to its shape without enlarging it
+    (each of their trailing dimensions 1 or ``loss``'s); a shape check in Python, as
+    ``torch.broadcast_shapes`` took 30 us, as long as a small loss itself."""
+    floating(name, weights)
+    if weights.device != loss.device:
+        raise ValueError(f"{name} is on {weights.device} but inputs are on {loss.device}")
+    shape, target = weights.shape, loss.shape
+    if len(shape) > len(target) or any(w not in (1, t) for w, t in zip(reversed(shape), reversed(target))):
+        raise ValueError(f"{name} of shape {tuple(shape)} must broadcast to the loss shape {tuple(target)} (that of "
+                         f"inputs) without enlarging it")
+    return weights
+
+
 def readable(name: str, value: torch.Tensor) -> torch.Tensor:
     """A tensor whose values can be read (not on the meta device)."""
     if value.is_meta:

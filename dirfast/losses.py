@@ -23,17 +23,7 @@ __all__ = ["weighted_mse_loss", "weighted_l1_loss", "weighted_focal_mse_loss",
 
 def _reduce(loss: torch.Tensor, weights) -> torch.Tensor:
     if weights is not None:
-        validate.floating("weights", weights)
-        if weights.device != loss.device:
-            raise ValueError(f"weights is on {weights.device} but inputs are on {loss.device}")
-        try:
-            shape = torch.broadcast_shapes(weights.shape, loss.shape)
-        except RuntimeError:
-            shape = None
-        if shape != loss.shape:
-            raise ValueError(f"weights of shape {tuple(weights.shape)} must broadcast to the loss shape "
-                             f"{tuple(loss.shape)} (that of inputs) without enlarging it")
-        loss = loss * weights.expand_as(loss)
+        loss = loss * validate.weights_for("weights", weights, loss)
     return torch.mean(loss)
 
 

@@ -84,6 +84,22 @@ def test_weights_broadcast_dense():
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_weights_broadcast_without_enlarging_the_loss(name):
+    """Weights of any shape that broadcasts to the loss's without enlarging it weigh it as their
+    expansion does; any other shape (one that would enlarge the loss: [N] against [N, 1] is
+    [N, N]) is a ValueError naming weights."""
+    pred, target, full = inputs((2, 1, 4, 5), seed=11)
+    for shape in [(), (1,), (5,), (4, 1), (1, 4, 5), (2, 1, 1, 1), (1, 1, 1, 1), (2, 1, 4, 5)]:
+        weights = full[tuple(slice(0, 1) if n == 1 else slice(None) for n in (1,) * (4 - len(shape)) + shape)]
+        weights = weights.reshape(shape)
+        expected = getattr(oracle, name)(pred, target, weights=weights.expand(pred.shape).contiguous())
+        torch.testing.assert_close(getattr(dirfast.losses, name)(pred, target, weights=weights), expected)
+    for shape in [(3,), (4,), (2, 4, 5), (1, 2, 1, 4, 5), (3, 1, 4, 5), (2, 2, 4, 5)]:
+        with pytest.raises(ValueError, match=r"weights of shape .* must broadcast to the loss shape"):
+            getattr(dirfast.losses, name)(pred, target, weights=torch.ones(shape, dtype=pred.dtype))
+
+
 def test_published_signatures():
     """Argument names and defaults of the published loss.py."""
     expected = {
