@@ -26,6 +26,10 @@ MAX_BINS = 1 << 24
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 _TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the dtypes labels are compared in
+# Labels from which a CPU binning guesses bins by arithmetic (_arithmetic_guess): its dozen torch
+# ops cost more than the search below 2,000-4,000 labels on this 2-core host, and are 3-4x faster
+# from 16,384 (benchmarks/results/cpu/binning-ops.txt). On a GPU the search stays (not measured).
+_GUESS_FROM = 4096
 
 
 def _uniform_edges(low: float, high: float, num_bins: int, dtype=np.float64) -> np.ndarray:
@@ -232,8 +236,8 @@ class Binning:
     def _bins_from(self, labels, precision: str, check: bool, first: int) -> torch.Tensor:
         """``__call__`` with the bins below ``first`` joined to it and counted from it (FDS's
         ``bucket_start``): bin ``b`` becomes ``max(b, first) - first``, -1 stays -1."""
-        labels = self._checked(labels, precision, check)
-        return self._float_bins(labels, precision, first).nan_to_num_(nan=-1.0).long()
+        bins = self._bins(self._checked(labels, precision, check), precision, first)
+        return bins.nan_to_num_(nan=-1.0).long() if bins.is_floating_point() else bins
 
     def _checked(self, labels, precision: str, check: bool) -> torch.Tensor:
         """``labels`` as a tensor, the arguments validated; with ``check``, NaN or infinite labels
@@ -247,39 +251,42 @@ class Binning:
             self.warn_if_fractional(labels)
         return labels
 
-    def _float_bins(self, labels: torch.Tensor, precision: str, first: int) -> torch.Tensor:
-        """The bins of ``labels`` counted from ``first``, as whole numbers in a float tensor
-        (float32 or float64: exact, bins are below 2**24), NaN where a label is NaN or infinite.
+    def _bins(self, labels: torch.Tensor, precision: str, first: int) -> torch.Tensor:
+        """The bins of ``labels`` counted from ``first``: where the edges are searched, int64 with
+        -1 where a label is NaN or infinite; otherwise whole numbers in a float tensor (float32
+        or float64: exact, bins are below 2**24) with NaN there, for the caller's one conversion.
 
-        Floating point until the caller's one conversion to int64: torch's int64 clamps,
-        comparisons and selects took most of FDS.smooth's binning, and its binary search 40-60 ns
-        a label (benchmarks/results/cpu/binning-ops.txt)."""
+        Floating point where it pays: torch's int64 clamps, comparisons and selects took most of
+        FDS.smooth's binning, and its binary search 40-60 ns a label; on few labels the search's
+        fewer ops win (benchmarks/results/cpu/binning-ops.txt)."""
         cmp = self._compare_dtype(labels.dtype, precision)
         values = labels.to(cmp)
         last = self.num_bins - 1
         if self._kind == "integer":
-            if self._scale != 1.0:
-                values = values * self._scale
             # int(label) truncates toward zero: clamped first (huge labels cannot overflow), the
             # values are then at least first >= 0, where floor truncates (and is vectorised: trunc
             # took 4x longer). A NaN stays NaN through both.
-            bins = values.clamp(float(first), float(last)).floor_()
+            if self._scale != 1.0:
+                bins = (values * self._scale).clamp_(float(first), float(last)).floor_()
+            else:
+                bins = values.clamp(float(first), float(last)).floor_()
         else:
             edges, guess = self._edges_tensor(cmp, labels.device)
-            if guess is None:
-                bins = torch.searchsorted(edges, values.contiguous(), right=True).to(
-                    torch.float64 if cmp == torch.float64 else torch.float32).sub_(1)
-            else:  # the guess is within one bin (proved for these edges): one step fixes it
-                origin, per_unit = guess
-                bins = (values - origin).mul_(per_unit).floor_().clamp_(0.0, float(last)).nan_to_num_(0.0)
-                at = bins.long()
-                step = torch.take(edges[1:], at).le_(values)  # 1 where the label is past the guessed bin
-                bins.add_(step).sub_(torch.take(edges, at, out=step).gt_(values))  # -1 where before it
+            if guess is None or labels.numel() < _GUESS_FROM or labels.device.type != "cpu":
+                bins = (torch.searchsorted(edges, values.contiguous(), right=True) - 1).clamp_(first, last)
+                if first:
+                    bins.sub_(first)
+                return torch.where(torch.isfinite(labels), bins, -1) if labels.is_floating_point() else bins
+            origin, per_unit = guess  # within one bin of the label's bin (proved for these edges): one step fixes it
+            bins = (values - origin).mul_(per_unit).floor_().clamp_(0.0, float(last)).nan_to_num_(0.0)
+            at = bins.long()
+            step = torch.take(edges[1:], at).le_(values)  # 1 where the label is past the guessed bin
+            bins.add_(step).sub_(torch.take(edges, at, out=step).gt_(values))  # -1 where before it
             bins.clamp_(float(first), float(last))
         if first:
             bins.sub_(first)
-        if labels.is_floating_point():  # labels - labels is NaN exactly where a label is NaN or infinite
-            bins.add_(labels - labels)
+        if labels.is_floating_point():  # + labels * 0: NaN exactly where a label is NaN or infinite, else 0
+            bins.add_(labels, alpha=0)
         return bins
 
     def warn_if_fractional(self, labels) -> None:
@@ -390,7 +397,9 @@ class GridBinning:
                              f"got shape {tuple(labels.shape)}")
         index = None  # in floating point (exact: below 2**24), NaN where any coordinate has no bin
         for axis, (binning, stride) in enumerate(zip(self.binnings, self._strides)):
-            bins = binning._float_bins(binning._checked(labels[..., axis], precision, check), precision, 0)
+            bins = binning._bins(binning._checked(labels[..., axis], precision, check), precision, 0)
+            if not bins.is_floating_point():  # searched: -1 for no bin
+                bins = bins.to(torch.float32).masked_fill_(bins < 0, float("nan"))
             if stride != 1:
                 bins.mul_(stride)
             index = bins if index is None else index + bins

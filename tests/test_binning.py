@@ -13,6 +13,7 @@ import torch
 
 import dirfast
 from benchmarks import published
+from dirfast import binning as binning_module
 from testing import DEVICES, gen
 
 BINNINGS = {
@@ -74,10 +75,10 @@ def test_labels_at_and_next_to_every_edge(name, dtype, precision, as_tensor):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_arithmetic_bins_are_the_searched_bins(dtype):
     """Where Binning proved its arithmetic guess within one bin of every label's bin
-    (_arithmetic_guess), it bins by the guess and one step against the edges: labels at, next
-    to and between the edges of uniform binnings, wide and one-float-narrow bins, far out of
-    range and not finite, get the bins a search of the same edges gives. Uneven edges are
-    searched."""
+    (_arithmetic_guess), it bins many labels on CPU by the guess and one step against the edges:
+    labels at, next to and between the edges of uniform binnings, wide and one-float-narrow
+    bins, far out of range and not finite, get the bins a search of the same edges gives.
+    Uneven edges are searched."""
     g = gen(11)
     one = float(np.spacing(np.ones(1, _numpy(dtype)))[0])
     cases = [(0, 5, 50), (-2, 3, 7), (0, 1, 1), (-1e6, 1e6, 99991), (1, 1 + 64 * one, 64), (1, 1 + 100 * one, 37),
@@ -91,7 +92,7 @@ def test_arithmetic_bins_are_the_searched_bins(dtype):
         binning = dirfast.Binning.uniform(low, high, n)
         edges, guess = binning._edges_tensor(dtype, torch.device("cpu"))
         proved += guess is not None
-        inside = torch.rand(3000, generator=g, dtype=torch.float64).mul(1.2 * (high - low)).add(low - 0.1 * (high - low))
+        inside = torch.rand(binning_module._GUESS_FROM, generator=g, dtype=torch.float64).mul(1.2 * (high - low)).add(low - 0.1 * (high - low))
         labels = torch.cat([torch.from_numpy(edge_labels(binning, _numpy(dtype))).to(dtype), inside.to(dtype),
                             torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -1e30], dtype=dtype)])
         want = (torch.searchsorted(edges, labels, right=True) - 1).clamp(0, n - 1)
