@@ -55,17 +55,7 @@ def run_case(size: str, num_buckets: int, device: str, quick: bool) -> list:
     x, labels = inputs(size, num_buckets, device)
     steps = providers(x, labels, num_buckets, device)
     print(f"  {size} K={num_buckets}: timing {', '.join(steps)} side by side ...", flush=True)
-    contenders = {name: timing.Contender(fn, device=device) for name, fn in steps.items()}
-    rows = []
-    for name, timed in timing.compare(contenders, timing.rules(quick)).items():
-        if isinstance(timed, Exception):
-            raise RuntimeError(f"{name} failed at K={num_buckets}") from timed
-        rows.append({"size": size, "buckets": num_buckets, "provider": name, "median_ms": timed.median_ms,
-                     "rounds": len(timed.samples), "calls_per_round": timed.inner})
-    clone = next(r["median_ms"] for r in rows if r["provider"] == "clone")
-    for row in rows:
-        row["x clone"] = row["median_ms"] / clone
-    return rows
+    return timing.side_by_side(steps, device, quick, f"K={num_buckets}", size=size, buckets=num_buckets)
 
 
 def format_rows(rows) -> str:

@@ -181,6 +181,23 @@ def compare(contenders: dict, rules: Rules) -> dict:
     return out
 
 
+def side_by_side(steps: dict, device: str, quick: bool, what: str, **fields) -> list:
+    """Rows of ``steps`` (name -> callable, one of them "clone") timed side by side with
+    :func:`compare`: ``fields``, ``provider``, ``median_ms``, ``rounds``, ``calls_per_round`` and
+    ``x clone`` (time / the clone's). A step that fails raises, naming it and ``what``."""
+    timed = compare({name: Contender(fn, device=device) for name, fn in steps.items()}, rules(quick))
+    rows = []
+    for name, result in timed.items():
+        if isinstance(result, Exception):
+            raise RuntimeError(f"{name} failed: {what}") from result
+        rows.append({**fields, "provider": name, "median_ms": result.median_ms, "rounds": len(result.samples),
+                     "calls_per_round": result.inner})
+    clone = next(row["median_ms"] for row in rows if row["provider"] == "clone")
+    for row in rows:
+        row["x clone"] = row["median_ms"] / clone
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------
 # The machine
 

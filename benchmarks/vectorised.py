@@ -10,7 +10,8 @@ import torch
 
 from .published import PublishedFDS
 
-__all__ = ["torch_bin_stats", "torch_bin_stats_moments", "torch_calibrate", "torch_calibrate_", "torch_mixture_logpdf", "TorchFDS"]
+__all__ = ["torch_bin_stats", "torch_bin_stats_moments", "torch_calibrate", "torch_calibrate_", "torch_mixture_logpdf",
+           "torch_bins", "torch_integer_bins", "TorchFDS"]
 
 
 def _rows(x, bin_idx):
@@ -23,6 +24,20 @@ def _bins_with_overflow(idx, num_bins):
     """Bin indices with every out-of-range value sent to an extra bin ``num_bins``."""
     idx = idx.long()
     return torch.where((idx >= 0) & (idx < num_bins), idx, torch.full_like(idx, num_bins))
+
+
+def torch_bins(labels, edges):
+    """The bin of each label against increasing ``edges`` as ``np.histogram`` places it (the
+    first edge above it, minus 1; the last edge in the last bin), clamped into range, -1 where a
+    label is NaN or infinite: ``torch.bucketize``, a binary search per label."""
+    bins = (torch.bucketize(labels, edges, right=True) - 1).clamp_(0, edges.numel() - 2)
+    return torch.where(torch.isfinite(labels), bins, -1)
+
+
+def torch_integer_bins(labels, num_bins: int, scale: float = 1.0):
+    """``int(label * scale)`` clamped into ``[0, num_bins)``, -1 where a label is NaN or infinite."""
+    bins = (labels * scale).clamp(0, num_bins - 1).trunc().nan_to_num(0.0).long()
+    return torch.where(torch.isfinite(labels), bins, -1)
 
 
 def torch_bin_stats(x, bin_idx, num_bins):

@@ -1,5 +1,5 @@
 """The benchmark commands run (tiny sizes): benchmarks.run, benchmarks.balanced_mse,
-benchmarks.fds_accumulate, benchmarks.gpu on the CPU, one training run of every method of
+benchmarks.fds_accumulate, benchmarks.binning, benchmarks.gpu on the CPU, one training run of every method of
 benchmarks.accuracy, benchmarks.density_table, and the rules of their one timer
 (benchmarks.timing). What they measure is not asserted here."""
 
@@ -48,6 +48,23 @@ def test_benchmarks_run_mixture_and_density():
         assert row in table, row
     assert table.count("vs reference") == 2 and "failed" not in out
     assert ("p' ok" in table) == (importlib.util.find_spec("KDEpy") is not None), "FFTKDE's density is checked"
+
+
+def test_benchmarks_binning(capsys):
+    """benchmarks.binning on a few labels, in this process: a uniform, an integer and a grid
+    case, every provider checked against dirfast's bins before it is timed; a --cases that
+    matches nothing is a usage error."""
+    from benchmarks import binning
+
+    binning.main(["--quick", "--labels", "300", "--cases", "float32 (FDS),ages,grid"])
+    table = capsys.readouterr().out
+    for row in ("STS-B scores float32 (FDS)", "ages float32, integer(121)", "two targets, 100 x 100 grid"):
+        for provider in ("dirfast", "torch", "compiled", "numpy", "clone"):
+            assert f"{row}" in table and f" {provider} " in table, (row, provider)
+    assert table.count("    300 ") == 15
+    with pytest.raises(SystemExit):
+        binning.main(["--cases", "no such case"])
+    assert "matches none of" in capsys.readouterr().err
 
 
 def test_a_compiled_formulation_that_differs_fails_and_is_not_timed(monkeypatch):
