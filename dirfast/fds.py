@@ -277,9 +277,8 @@ class FDS(nn.Module):
         # A bucket whose merged statistics are not finite (a NaN or infinite feature, an
         # overflow), or would not be in the running statistics' dtype (float64 features beyond
         # float32), keeps what it had: one bad batch cannot poison its statistics for ever.
-        held = self.running_mean.dtype
-        finite = rows_finite(merged_mean.to(held)) & rows_finite(merged_m2) \
-            & rows_finite(var_from_m2(total, merged_m2).to(held))
+        held = self.running_mean.dtype  # the accumulators' too; the variance M2 / (n - 1) <= M2 fits where M2 does
+        finite = rows_finite(merged_mean.to(held)) & rows_finite(merged_m2.to(held))
         skipped = torch.where(finite, 0, count).sum() if at is None else ((rows >= 0) & ~finite).sum()
         self.num_samples_skipped.add_(skipped + (buckets < 0).sum())
         updates = ((self.accumulated_mean, torch.where(finite.unsqueeze(1), merged_mean, mean_a)),

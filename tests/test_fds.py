@@ -647,6 +647,22 @@ def test_accumulate_a_batch_smaller_than_the_buckets_merges_only_its_buckets(den
     assert int(small.num_samples_skipped) > 4  # the NaN labels and the infinite feature's bucket
 
 
+@pytest.mark.parametrize("rows", [3, 64])
+def test_accumulate_leaves_out_a_bucket_its_dtype_cannot_hold(rows):
+    """float64 features in a float32 FDS: a bucket whose merged M2 float32 cannot hold is left
+    as it was, its rows skipped, even where its variance M2 / (n - 1) would fit (3 rows: M2 4.5e38,
+    variance 2.25e38); the other buckets merge. Whole tables (64 rows) and met buckets (3 rows)."""
+    fds = dirfast.FDS(2, bucket_num=4, bucket_start=0)
+    x = torch.ones(rows, 2, dtype=torch.float64)
+    y = torch.full((rows,), 1.0)
+    x[:3, 0], y[:3] = torch.tensor([0.0, 0.0, 2.6e19], dtype=torch.float64), 2.0
+    fds.accumulate(x, y)
+    assert bool(torch.isfinite(fds.accumulated_m2).all()) and bool(torch.isfinite(fds.accumulated_mean).all())
+    assert fds.accumulated_count.tolist() == [0.0, rows - 3.0, 0.0, 0.0] and int(fds.num_samples_skipped) == 3
+    fds.update_running_stats(epoch=0)
+    assert bool(torch.isfinite(fds.running_var).all())
+
+
 def test_accumulating_smoothed_features_is_the_published_recipe():
     """The README loop (smooth each batch, then accumulate what it returns) gathers the statistics
     of the published end-of-epoch pass, which runs the model in training mode and so collects
