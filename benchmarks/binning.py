@@ -30,21 +30,22 @@ LABEL_COUNTS = (65536, 614400)  # a large batch of scalar labels; a depth batch 
 ALTERNATIVES = ("torch", "compiled", "numpy")
 
 
-def _uniform_case(low, high, num_bins, dtype, precision="labels"):
+def _uniform_case(device, low, high, num_bins, dtype, precision="labels"):
     binning = dirfast.Binning.uniform(low, high, num_bins)
     compare = torch.float32 if precision == "float32" else dtype
-    edges = torch.from_numpy(np.histogram_bin_edges(np.array([], dtype=np.float32 if compare == torch.float32
-                                                             else np.float64), bins=num_bins, range=(low, high)))
+    host_edges = np.histogram_bin_edges(np.array([], dtype=np.float32 if compare == torch.float32 else np.float64),
+                                        bins=num_bins, range=(low, high))
+    edges = torch.from_numpy(host_edges).to(device)
 
     def make(n, g):
         return torch.rand(n, generator=g, dtype=torch.float64).mul_(1.04 * (high - low)).add_(low - 0.02 * (high - low)).to(dtype)
     return {"binning": lambda labels: binning(labels, precision=precision, check=False),
-            "torch": lambda labels: torch_bins(labels.to(compare), edges.to(labels.device)),
-            "numpy": lambda labels: _numpy_searched(labels.to(compare).cpu().numpy(), edges.numpy()),
+            "torch": lambda labels: torch_bins(labels.to(compare), edges),
+            "numpy": lambda labels: _numpy_searched(labels.to(compare).cpu().numpy(), host_edges),
             "make": make}
 
 
-def _integer_case(num_bins, scale, high):
+def _integer_case(device, num_bins, scale, high):
     binning = dirfast.Binning.integer(num_bins, scale=scale)
     return {"binning": lambda labels: binning(labels, precision="float32", check=False),
             "torch": lambda labels: torch_integer_bins(labels, num_bins, scale),
@@ -52,19 +53,19 @@ def _integer_case(num_bins, scale, high):
             "make": lambda n, g: torch.rand(n, generator=g).mul_(high)}
 
 
-def _grid_case():
-    axes = (dirfast.Binning.uniform(0, 1, 100), dirfast.Binning.integer(100))
-    grid = dirfast.GridBinning(*axes)
-    edges = torch.from_numpy(np.histogram_bin_edges(np.array([], dtype=np.float32), bins=100, range=(0, 1)))
+def _grid_case(device):
+    grid = dirfast.GridBinning(dirfast.Binning.uniform(0, 1, 100), dirfast.Binning.integer(100))
+    host_edges = np.histogram_bin_edges(np.array([], dtype=np.float32), bins=100, range=(0, 1))
+    edges = torch.from_numpy(host_edges).to(device)
 
     def torch_grid(labels):
-        first = torch_bins(labels[:, 0].contiguous(), edges.to(labels.device))  # bucketize wants it contiguous
+        first = torch_bins(labels[:, 0].contiguous(), edges)  # bucketize wants it contiguous
         second = torch_integer_bins(labels[:, 1], 100)
         return torch.where((first < 0) | (second < 0), -1, first * 100 + second)
 
     def numpy_grid(labels):
         values = labels.cpu().numpy()
-        return _numpy_searched(values[:, 0], edges.numpy()) * 100 + np.clip(values[:, 1].astype(np.int64), 0, 99)
+        return _numpy_searched(values[:, 0], host_edges) * 100 + np.clip(values[:, 1].astype(np.int64), 0, 99)
     return {"binning": lambda labels: grid(labels, check=False), "torch": torch_grid, "numpy": numpy_grid,
             "make": lambda n, g: torch.rand(n, 2, generator=g) * torch.tensor([1.0, 100.0])}
 
@@ -73,18 +74,19 @@ def _numpy_searched(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
 
 
-CASES = {
-    "STS-B scores float64, uniform(0, 5, 50)": lambda: _uniform_case(0, 5, 50, torch.float64),
-    "STS-B scores float32 (FDS), uniform(0, 5, 50)": lambda: _uniform_case(0, 5, 50, torch.float32, "float32"),
-    "depths float32, uniform(0, 10, 100)": lambda: _uniform_case(0, 10, 100, torch.float32),
-    "depths float32, integer(100, scale=10)": lambda: _integer_case(100, 10.0, 11.0),
-    "ages float32, integer(121)": lambda: _integer_case(121, 1.0, 130.0),
+CASES = {  # name -> the case's functions for a device
+    "STS-B scores float64, uniform(0, 5, 50)": lambda device: _uniform_case(device, 0, 5, 50, torch.float64),
+    "STS-B scores float32 (FDS), uniform(0, 5, 50)": lambda device: _uniform_case(device, 0, 5, 50, torch.float32,
+                                                                                  "float32"),
+    "depths float32, uniform(0, 10, 100)": lambda device: _uniform_case(device, 0, 10, 100, torch.float32),
+    "depths float32, integer(100, scale=10)": lambda device: _integer_case(device, 100, 10.0, 11.0),
+    "ages float32, integer(121)": lambda device: _integer_case(device, 121, 1.0, 130.0),
     "two targets, 100 x 100 grid": _grid_case,
 }
 
 
 def run_case(name: str, count: int, device: str, quick: bool) -> list:
-    case = CASES[name]()
+    case = CASES[name](device)
     labels = case["make"](count, torch.Generator().manual_seed(cases.SEED + count)).to(device)
     expected = case["binning"](labels).cpu()
     compiled = torch.compile(case["torch"], dynamic=False)

@@ -7,7 +7,7 @@
 # Knobs: SKIP_BUILD=1 (use the modules in dirfast/ as they are; the build runs anyway when
 # dirfast._C_cuda does not load); JOBS (pytest-xdist workers, default 8, when xdist is there); TORCH_CUDA_ARCH_LIST (default: this GPU's); SHARED_TESTS (files) and
 # SHARED_K (pytest -k, default "cuda or triton") for the shared tests; *_TIMEOUT (seconds) for BUILD, CUDA_TESTS, BENCH,
-# SHARED_TESTS, BMSE, PAIRWISE.
+# SHARED_TESTS, BMSE, PAIRWISE, BINNING.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -72,10 +72,15 @@ timeout ${BMSE_TIMEOUT:-60} $PY -m benchmarks.balanced_mse --device cuda --json 
 stamp "pairwise regularisers (RnC, ConR, RankSim) against the published formulations, n up to 4096"
 timeout ${PAIRWISE_TIMEOUT:-90} $PY -m benchmarks.pairwise --device cuda --quick --sweep --json "$OUT/pairwise.json" 2>&1 | tee "$OUT/pairwise.txt" || status=1
 
+stamp "label binning of a depth batch (614,400 labels) beside torch.bucketize, compiled, and numpy"
+# On a GPU dirfast searches the edges (its arithmetic guess is measured on CPU only): this says which wins there.
+timeout ${BINNING_TIMEOUT:-90} $PY -m benchmarks.binning --device cuda --quick --labels 614400 --json "$OUT/binning.json" 2>&1 | tee "$OUT/binning.txt" || status=1
+
 stamp "summary (cuda tests rc=$cuda_rc, shared tests rc=$shared_rc)"
 grep -E "passed|failed" "$OUT/tests-cuda.log" | tail -n 1
 grep -E "passed|failed" "$OUT/tests-shared.log" | tail -n 1
 sed -n "/^case /,\$p" "$OUT/gpu-goals.txt"
 sed -n "/^loss /,\$p" "$OUT/balanced-mse.txt"
 sed -n "/^loss /,\$p" "$OUT/pairwise.txt"
+sed -n "/^case /,\$p" "$OUT/binning.txt"
 exit $status
