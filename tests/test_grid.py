@@ -39,12 +39,13 @@ def numpy_bins(y, binnings):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_grid_bins_are_row_major(device):
-    y = labels(500, seed=1)
+@pytest.mark.parametrize("n", [500, 5000])  # below and above binning._GUESS_FROM: searched and guessed uniform bins
+def test_grid_bins_are_row_major(device, n):
+    y = labels(n, seed=1)
     grid = GridBinning(B0, B1, B2)
     expected = np.ravel_multi_index(numpy_bins(y, (B0, B1, B2)), grid.shape)
     got = grid(y.to(device))
-    assert got.device.type == device and got.shape == (500,)
+    assert got.device.type == device and got.shape == (n,)
     np.testing.assert_array_equal(got.cpu().numpy(), expected)
     np.testing.assert_array_equal(grid.unravel(got).cpu().numpy(), np.stack(numpy_bins(y, (B0, B1, B2)), 1))
     centers = grid.centers
@@ -52,7 +53,7 @@ def test_grid_bins_are_row_major(device):
     np.testing.assert_array_equal(centers[expected[7]], [B0.centers[numpy_bins(y, (B0,))[0][7]],
                                                         B1.centers[numpy_bins(y[:, 1:2], (B1,))[0][7]],
                                                         B2.centers[numpy_bins(y[:, 2:], (B2,))[0][7]]])
-    batch = grid(y.reshape(5, 100, 3))  # any leading shape
+    batch = grid(y.reshape(5, n // 5, 3))  # any leading shape
     np.testing.assert_array_equal(batch.reshape(-1).numpy(), expected)
     nan = y.clone()
     nan[3, 1] = float("nan")
