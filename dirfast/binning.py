@@ -187,8 +187,8 @@ class Binning:
         """``(edges, guess)``: the edges labels of ``dtype`` are compared with (CPU) and the
         arithmetic guess of their bins (:func:`_arithmetic_guess`; None where searching is
         needed); or, where that dtype cannot hold the edges, the message to raise."""
-        if self._kind == "uniform" and dtype in _NUMPY_OF:  # np.histogram's edges for such data
-            try:
+        if self._kind == "uniform" and dtype in (torch.float16, torch.float32):  # np.histogram's edges for such
+            try:  # data (float64's are the binning's own)
                 table = torch.from_numpy(_uniform_edges(*self._range, self.num_bins, _NUMPY_OF[dtype]))
             except ValueError:
                 table = None
