@@ -7,7 +7,7 @@
 # Knobs: SKIP_BUILD=1 (use the modules in dirfast/ as they are; the build runs anyway when
 # dirfast._C_cuda does not load); JOBS (pytest-xdist workers, default 8, when xdist is there); TORCH_CUDA_ARCH_LIST (default: this GPU's); SHARED_TESTS (files) and
 # SHARED_K (pytest -k, default "cuda or triton") for the shared tests; *_TIMEOUT (seconds) for BUILD, CUDA_TESTS, BENCH,
-# SHARED_TESTS, BMSE, PAIRWISE, BINNING.
+# SHARED_TESTS, BMSE, PAIRWISE, BINNING, ACCUMULATE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-results}
@@ -47,7 +47,7 @@ stamp "CUDA backend tests"
 # The op contracts on the GPU: every case of the op tests that names cuda (the CUDA C++ kernels,
 # "auto" on the GPU, the CUDA-only paths, the CUDA graph and deterministic checks).
 timeout ${CUDA_TESTS_TIMEOUT:-150} $PYTEST -k "cuda" \
-  tests/test_bin_stats.py tests/test_smooth_bins.py tests/test_calibrate.py tests/test_mixture_logpdf.py \
+  tests/test_bin_stats.py tests/test_accumulate_bin_stats.py tests/test_smooth_bins.py tests/test_calibrate.py tests/test_mixture_logpdf.py \
   tests/test_backends.py >"$OUT/tests-cuda.log" 2>&1
 cuda_rc=$?
 tail -n 15 "$OUT/tests-cuda.log"
@@ -56,7 +56,7 @@ tail -n 15 "$OUT/tests-cuda.log"
 stamp "shared tests on the GPU"
 # The Triton cases of the op tests and the GPU cases of the API tests (the CPU ones ran in CI).
 timeout ${SHARED_TESTS_TIMEOUT:-180} $PYTEST -k "${SHARED_K:-triton or (cuda and not cpu)}" \
-  ${SHARED_TESTS:-tests/test_bin_stats.py tests/test_smooth_bins.py tests/test_calibrate.py tests/test_mixture_logpdf.py \
+  ${SHARED_TESTS:-tests/test_bin_stats.py tests/test_accumulate_bin_stats.py tests/test_smooth_bins.py tests/test_calibrate.py tests/test_mixture_logpdf.py \
   tests/test_rnc_loss.py tests/test_conr_loss.py tests/test_ranksim_loss.py tests/test_pairwise.py \
   tests/test_fds.py tests/test_lds.py tests/test_balanced_mse.py} >"$OUT/tests-shared.log" 2>&1
 shared_rc=$?
@@ -76,6 +76,10 @@ stamp "label binning of a depth batch (614,400 labels) beside torch.bucketize, c
 # On a GPU dirfast searches the edges (its arithmetic guess is measured on CPU only): this says which wins there.
 timeout ${BINNING_TIMEOUT:-90} $PY -m benchmarks.binning --device cuda --quick --labels 614400 --json "$OUT/binning.json" 2>&1 | tee "$OUT/binning.txt" || status=1
 
+stamp "FDS.accumulate on a 256 x 512 batch against 10,000 buckets beside the PyTorch a user writes, compiled"
+# On a GPU the op is its composite (bin_stats on the GPU, the merge in torch ops): this says whether that keeps up.
+timeout ${ACCUMULATE_TIMEOUT:-90} $PY -m benchmarks.fds_accumulate --device cuda --quick --buckets 10000 --json "$OUT/fds-accumulate.json" 2>&1 | tee "$OUT/fds-accumulate.txt" || status=1
+
 stamp "summary (cuda tests rc=$cuda_rc, shared tests rc=$shared_rc)"
 grep -E "passed|failed" "$OUT/tests-cuda.log" | tail -n 1
 grep -E "passed|failed" "$OUT/tests-shared.log" | tail -n 1
@@ -83,4 +87,5 @@ sed -n "/^case /,\$p" "$OUT/gpu-goals.txt"
 sed -n "/^loss /,\$p" "$OUT/balanced-mse.txt"
 sed -n "/^loss /,\$p" "$OUT/pairwise.txt"
 sed -n "/^case /,\$p" "$OUT/binning.txt"
+sed -n "/^size /,\$p" "$OUT/fds-accumulate.txt"
 exit $status

@@ -11,7 +11,7 @@ import torch
 from .published import PublishedFDS
 
 __all__ = ["torch_bin_stats", "torch_bin_stats_moments", "torch_calibrate", "torch_calibrate_", "torch_mixture_logpdf",
-           "torch_bins", "torch_integer_bins", "TorchFDS"]
+           "torch_bins", "torch_integer_bins", "torch_fds_accumulate", "TorchFDS"]
 
 
 def _rows(x, bin_idx):
@@ -76,6 +76,29 @@ def torch_bin_stats_moments(x, bin_idx, num_bins):
     var = torch.where(n > 1, (squares - n * mean * mean) / (n - 1).clamp(min=1), torch.zeros((), dtype=acc,
                                                                                               device=x.device))
     return count[:num_bins], mean[:num_bins], var[:num_bins]
+
+
+def torch_fds_accumulate(count, mean, m2, x, labels):
+    """``FDS(D, bucket_num=K, bucket_start=0).accumulate(x, labels)`` on float32 rows [N, D] as a
+    user writes it: buckets ``int(label)`` clamped into range, the batch's count, sums and squared
+    deviations per bucket by ``index_add_`` over all K buckets, and Chan's merge into the running
+    tables (``count`` float64 [K], ``mean`` and ``m2`` float32 [K, D]) in place. No rule for
+    non-finite values: a NaN feature makes its bucket NaN."""
+    num_bins, d = mean.shape
+    idx = labels.long().clamp(0, num_bins - 1)
+    n_b = torch.zeros(num_bins, dtype=torch.float64, device=x.device).index_add_(
+        0, idx, torch.ones(idx.shape[0], dtype=torch.float64, device=x.device))
+    total = torch.zeros(num_bins, d, dtype=x.dtype, device=x.device).index_add_(0, idx, x)
+    mean_b = total / n_b.clamp(min=1).to(x.dtype).unsqueeze(1)
+    dev = x - mean_b[idx]
+    m2_b = torch.zeros(num_bins, d, dtype=x.dtype, device=x.device).index_add_(0, idx, dev * dev)
+    n = count + n_b
+    delta = mean_b - mean
+    share = (n_b / n.clamp(min=1)).to(x.dtype).unsqueeze(1)
+    cross = (count * n_b / n.clamp(min=1)).to(x.dtype).unsqueeze(1)
+    mean.add_(delta * share)
+    m2.add_(m2_b + delta * delta * cross)
+    count.copy_(n)
 
 
 def scale_shift(m1, v1, m2, v2, clip_min=0.1, clip_max=10.0):

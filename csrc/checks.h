@@ -6,6 +6,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <utility>
 
 #include "dirfast.h"
 #include "smooth.h"
@@ -95,6 +96,55 @@ inline void check_writable_in_place(const Tensor& x, const char* op) {
   STD_TORCH_CHECK(!has_internal_overlap(x), op,
                   ": x has elements that share memory (an expanded tensor); calibrate it out of "
                   "place");
+}
+
+// Whether the memory spans of two tensors (from their first to their last element) overlap.
+inline bool spans_overlap(const Tensor& a, const Tensor& b) {
+  auto span = [](const Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const char* first = static_cast<const char*>(t.data_ptr());
+    return std::pair<const char*, const char*>{first, first + (last + 1) * static_cast<int64_t>(t.element_size())};
+  };
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// accumulate_bin_stats_: count [B] float64, mean and m2 [B, D] of one dtype (float32 or float64),
+// D = x.shape[1], all on the device of x, each writable and apart from the others; and x against
+// bin_idx as bin_stats takes them.
+inline void check_accumulate_args(const Tensor& count, const Tensor& mean, const Tensor& m2, const Tensor& x,
+                                  const Tensor& bin_idx, const char* op, torch::headeronly::DeviceType device_type) {
+  check_features_and_bins(x, bin_idx, op, device_type);
+  STD_TORCH_CHECK(count.scalar_type() == ScalarType::Double, op, ": count must be torch.float64, got ",
+                  dtype_name(count.scalar_type()));
+  STD_TORCH_CHECK(count.dim() == 1 && count.size(0) >= 1 && count.size(0) < (int64_t(1) << 31) - 1, op,
+                  ": count must be [B] with between 1 and 2^31 - 2 bins, got shape ", shape_of(count));
+  const char* names[] = {"count", "mean", "m2"};
+  const Tensor* tables[] = {&count, &mean, &m2};
+  for (int i = 0; i < 3; ++i) {
+    check_same_device(*tables[i], names[i], x, "x", op);
+    STD_TORCH_CHECK(!has_internal_overlap(*tables[i]), op, ": ", names[i],
+                    " has elements that share memory (an expanded tensor): it cannot be written in place");
+  }
+  for (int i = 1; i < 3; ++i) {
+    STD_TORCH_CHECK(tables[i]->scalar_type() == ScalarType::Float || tables[i]->scalar_type() == ScalarType::Double,
+                    op, ": ", names[i], " must be torch.float32 or torch.float64, got ",
+                    dtype_name(tables[i]->scalar_type()));
+    STD_TORCH_CHECK(tables[i]->dim() == 2 && tables[i]->size(0) == count.size(0) && tables[i]->size(1) == x.size(1),
+                    op, ": ", names[i], " must be [B, D] = [", count.size(0), ", ", x.size(1),
+                    "] (B from count, D = x.shape[1]), got shape ", shape_of(*tables[i]));
+  }
+  STD_TORCH_CHECK(m2.scalar_type() == mean.scalar_type(), op, ": m2 must have the dtype of mean (",
+                  dtype_name(mean.scalar_type()), "), got ", dtype_name(m2.scalar_type()));
+  for (int i = 0; i < 3; ++i) {
+    for (int j = i + 1; j < 3; ++j) {
+      STD_TORCH_CHECK(!spans_overlap(*tables[i], *tables[j]), op, ": ", names[i], " and ", names[j],
+                      " share memory: each must be a tensor of its own");
+    }
+  }
 }
 
 // smooth_bins: stats [B] or [B, D] with B >= 1, an odd 1-D window, both floating, one device.

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ._moments import chan_merge, m2_from_var, var_from_m2
+from .ops.accumulate_bin_stats import chan_merge, m2_from_var, var_from_m2
 
 __all__ = ["is_distributed", "all_gather_rows", "all_reduce_bin_stats", "all_reduce_sum"]
 

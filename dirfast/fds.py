@@ -10,7 +10,7 @@ from torch import nn
 from . import _validate as validate
 from . import distributed, ops
 from ._autograd import in_place_refusal
-from ._moments import chan_merge, m2_from_var, rows_finite, var_from_m2
+from .ops.accumulate_bin_stats import var_from_m2
 from .ops.calibrate import scale_shift
 from .binning import MAX_BINS, Binning, GridBinning
 from .windows import kernel_window
@@ -28,17 +28,6 @@ _ALIASES = (("running_mean_last_epoch", "running_mean"), ("running_var_last_epoc
 # Checkpoint entries that are variances, sums of squared deviations or counts: never negative.
 _NON_NEGATIVE = ("running_var", "running_var_last_epoch", "smoothed_var_last_epoch", "num_samples_tracked",
                  "accumulated_count", "accumulated_m2")
-
-
-def _distinct_ranks(keys: torch.Tensor) -> torch.Tensor:
-    """Each key's rank among the distinct values of the 1-D ``keys`` (0 for the smallest), with no
-    host sync (``torch.unique`` reads its output size on the host)."""
-    ordered, order = keys.sort(stable=True)
-    new = torch.ones_like(ordered, dtype=torch.bool)
-    new[1:] = ordered[1:] != ordered[:-1]
-    ranks = torch.empty_like(keys)
-    ranks[order] = new.cumsum(0) - 1
-    return ranks
 
 
 class FDS(nn.Module):
@@ -249,46 +238,9 @@ class FDS(nn.Module):
         finite (a NaN or infinite feature); ``num_samples_skipped`` counts those rows.
         """
         buckets = self._buckets(features, labels, check=False)
-        num_buckets = self.running_mean.shape[0]
-        rows = buckets.reshape(-1)
-        # A batch of fewer rows than buckets (a training batch against a grid of buckets) costs
-        # its rows, not every bucket: its statistics are taken over the buckets it meets, numbered
-        # in order (the CPU and reference bin_stats give a bucket the same bits either way), and
-        # merged a row at a time into the accumulators gathered at the rows' buckets (256 x 512
-        # against 10,000 buckets: 164-201 ms a step with whole tables, 4.1-6.0 ms now; benchmarks/
-        # results/cpu/fds-accumulate-met-buckets.txt). Rows of one bucket compute and write the
-        # same values; a row of no bucket takes bucket 0's, as bucket 0's own rows would.
-        if rows.numel() < num_buckets:
-            at = rows.clamp(min=0)
-            met = _distinct_ranks(at)
-            count, mean, var = ops.bin_stats(features.detach(), torch.where(rows >= 0, met, -1).view(buckets.shape),
-                                             max(rows.numel(), 1))
-            count, mean, var = count[met], mean[met], var[met]
-        else:
-            at = None
-            count, mean, var = ops.bin_stats(features.detach(), buckets, num_buckets)
-
-        def part(t):
-            return t if at is None else t[at]
-
-        n_a, mean_a, m2_a = part(self.accumulated_count), part(self.accumulated_mean), part(self.accumulated_m2)
-        total, merged_mean, merged_m2 = chan_merge(n_a, mean_a, m2_a, count.to(torch.float64), mean,
-                                                   m2_from_var(count, var))
-        # A bucket whose merged statistics are not finite (a NaN or infinite feature, an
-        # overflow), or would not be in the running statistics' dtype (float64 features beyond
-        # float32), keeps what it had: one bad batch cannot poison its statistics for ever.
-        held = self.running_mean.dtype  # the accumulators' too; the variance M2 / (n - 1) <= M2 fits where M2 does
-        finite = rows_finite(merged_mean.to(held)) & rows_finite(merged_m2.to(held))
-        skipped = torch.where(finite, 0, count).sum() if at is None else ((rows >= 0) & ~finite).sum()
-        self.num_samples_skipped.add_(skipped + (buckets < 0).sum())
-        updates = ((self.accumulated_mean, torch.where(finite.unsqueeze(1), merged_mean, mean_a)),
-                   (self.accumulated_m2, torch.where(finite.unsqueeze(1), merged_m2, m2_a)),
-                   (self.accumulated_count, torch.where(finite, total, n_a)))
-        for accumulator, value in updates:
-            if at is None:
-                accumulator.copy_(value)
-            else:
-                accumulator.index_put_((at,), value.to(accumulator.dtype))
+        skipped = ops.accumulate_bin_stats_(self.accumulated_count, self.accumulated_mean, self.accumulated_m2,
+                                            features, buckets)
+        self.num_samples_skipped.add_(skipped)
 
     def clear_accumulated(self) -> None:
         """Drop what :meth:`accumulate` gathered since the last update."""

@@ -39,8 +39,8 @@ from testing import (BACKEND_NAMES, DEVICES, GPU, backend_device_params, backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
-PUBLIC_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf", "rnc_loss", "conr_loss",
-              "ranksim_loss")
+PUBLIC_OPS = ("bin_stats", "accumulate_bin_stats_", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf",
+              "rnc_loss", "conr_loss", "ranksim_loss")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 
 
@@ -150,7 +150,9 @@ def _op_calls():
     w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum")
     mixture = mixture_inputs((7,), 3, torch.float32, "cpu", seed=3)
     labels = rand_features(12, 1, seed=4)
+    running = (torch.zeros(4, dtype=torch.float64), torch.zeros(4, 3), torch.zeros(4, 3))
     return {"bin_stats": lambda: dirfast.ops.bin_stats(x, idx, 4),
+            "accumulate_bin_stats_": lambda: dirfast.ops.accumulate_bin_stats_(*running, x, idx),
             "smooth_bins": lambda: dirfast.ops.smooth_bins(stats[0], w),
             "calibrate": lambda: dirfast.ops.calibrate(x, idx, *stats),
             "calibrate_": lambda: dirfast.ops.calibrate_(x.clone(), idx, *stats),
@@ -180,12 +182,15 @@ def spies(monkeypatch):
 
 @pytest.mark.parametrize("backend, device", [p for p in backend_device_params() if p.values[1] == "cpu"])
 def test_each_backend_runs_its_own_kernels(backend, device, spies):
-    """"reference" and "triton" call the op's own function (and nothing else); "auto" and "cpp"
-    go through torch's dispatcher (the kernels registered with it), calling neither."""
+    """"reference" and "triton" call the op's own function (and nothing else but the ops it is
+    composed of, on the same backend); "auto" and "cpp" go through torch's dispatcher (the
+    kernels registered with it), calling neither."""
+    composed_of = {"accumulate_bin_stats_": ["bin_stats"]}
     for name, call in _op_calls().items():
         spies.clear()
         on(backend, call)
-        assert spies == ([(backend, name)] if backend in ("reference", "triton") else []), name
+        expected = [(backend, op) for op in [name] + composed_of.get(name, [])]
+        assert spies == (expected if backend in ("reference", "triton") else []), name
 
 
 @pytest.mark.skipif(not backend_available("cuda"), reason=f"cuda: {dirfast.backends()['cuda']['reason']}")
@@ -294,6 +299,10 @@ def opcheck_every_op(device: str) -> None:
         x, idx = x.to(device), idx.to(device)
         for det in (False, True) if i == 0 else (False,):
             torch.library.opcheck(ops.bin_stats.default, (x, idx, 5, det))
+        for bins, held in ((5, torch.float32), (40, torch.float64)) if i == 0 else ((5, torch.float32),):
+            running = (torch.randint(0, 4, (bins,), generator=g).double(), torch.randn(bins, 3, generator=g).to(held),
+                       torch.rand(bins, 3, generator=g).to(held))
+            torch.library.opcheck(ops.accumulate_bin_stats_.default, (*(t.to(device) for t in running), x, idx))
         stats = calibration_stats(5, 3, torch.float64 if x.dtype == torch.float64 else torch.float32, device)
         for requires_grad in (False, True):
             torch.library.opcheck(ops.calibrate.default, (x.clone().requires_grad_(requires_grad), idx, *stats, 0.1, 10.0))
@@ -335,26 +344,30 @@ COMPILE_CASES = [p for p in backend_device_params() if p.values[0] in ("auto", "
 @pytest.mark.parametrize("backend, device", COMPILE_CASES)
 def test_compile_fullgraph_fds_step(backend, device):
     """The fake kernels let torch.compile(fullgraph=True) trace a whole FDS step through the
-    dispatcher, in-place calibration and the backward included, with the results of eager."""
+    dispatcher, in-place calibration, the running tables' update and the backward included, with
+    the results of eager."""
     x = rand_features(20, 3, seed=41, device=device)
     idx = rand_bins(20, 5, seed=42, device=device)
     w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum").float().to(device)
 
-    def step(x, idx):
+    def step(x, idx, running):
         count, mean, var = dirfast.ops.bin_stats(x.detach(), idx, 5)
         m2, v2 = dirfast.ops.smooth_bins(mean, w), dirfast.ops.smooth_bins(var, w)
         y = x * 2.0
         dirfast.ops.calibrate_(y, idx, mean, var, m2, v2)
-        return count, dirfast.ops.calibrate(x, idx, mean, var, m2, v2), y
+        skipped = dirfast.ops.accumulate_bin_stats_(*running, x, idx)
+        return count, dirfast.ops.calibrate(x, idx, mean, var, m2, v2), y, skipped
 
     results = []
     with dirfast.use_backend(backend):
         for fn in (torch.compile(step, backend="aot_eager", fullgraph=True), step):
             leaf = x.clone().requires_grad_()
-            count, out, y = fn(leaf, idx)
+            running = (torch.ones(5, dtype=torch.float64, device=device), torch.zeros(5, 3, device=device),
+                       torch.ones(5, 3, device=device))
+            count, out, y, skipped = fn(leaf, idx, running)
             (out * out).sum().backward(retain_graph=True)
             (y * y).sum().backward()
-            results.append((count, out.detach(), y.detach(), leaf.grad))
+            results.append((count, out.detach(), y.detach(), leaf.grad, skipped, *running))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
 
@@ -439,8 +452,8 @@ def test_backward_runs_on_the_forward_backend(op, backend, spies):
 # =========================================================================== the CPU kernels' bits
 @pytest.mark.skipif(not backend_available("cpp"), reason=f"cpp: {dirfast.backends()['cpp']['reason']}")
 def test_cpu_kernels_give_the_same_bits_for_any_thread_count():
-    """bin_stats, smooth_bins, calibrate and mixture_logpdf (forward and backward) on rows, dense
-    maps and float16 give the same bits with 1, 2 or 3 threads: chunks merge in a fixed order, and
+    """bin_stats, accumulate_bin_stats_, smooth_bins, calibrate and mixture_logpdf (forward and
+    backward) on rows, dense maps and float16 give the same bits with 1, 2 or 3 threads: chunks merge in a fixed order, and
     the pieces threads take (more of them, cut elsewhere, for each thread count) change nothing."""
     g = gen(12)
     rows = torch.randn(70001, 24, generator=g) * 3 + 100
@@ -456,7 +469,13 @@ def test_cpu_kernels_give_the_same_bits_for_any_thread_count():
             count, mean, var = ops.bin_stats(x, idx, 97)
             m2, v2 = ops.smooth_bins(mean, w, "reflect"), ops.smooth_bins(var, w, "reflect")
             out += [count, mean, var, m2, v2, ops.calibrate(x, idx, mean, var, m2, v2, 0.1, 10.0)]
+            # merged into running tables; most rows in one bin (its rows reduced in several segments)
+            running = (count.double() + 3, mean - 1, var * 5)
+            out += [ops.accumulate_bin_stats_(*running, x, idx.clamp(max=3)), *running]
         out.append(ops.smooth_bins(torch.randn(3001, 64, generator=gen(13)), w, "reflect"))  # several pieces
+        long_rows = torch.randn(20001, 64, generator=gen(14)) + 10  # rows grouped by bin, one bin in several pieces
+        running = (torch.ones(4, dtype=torch.float64), torch.zeros(4, 64), torch.ones(4, 64))
+        out += [ops.accumulate_bin_stats_(*running, long_rows, rows_idx[:20001].clamp(max=3)), *running]
         y, tables = rows[:, 0] / 30, (mean[:, 0] / 30, var[:, 0] / 900 + 0.1, torch.zeros(97))
         density = ops.mixture_logpdf(y, *tables)
         return out + [density, *ops.mixture_logpdf_backward(torch.ones_like(y), y, density, *tables)]

@@ -252,6 +252,12 @@ INDEX_TENSOR = NOT_A_TENSOR + (
 BIN_TABLE = NOT_A_TENSOR + WRONG_DTYPE + (
     Bad("fewer bins", lambda v: v[:-1], ValueError), Bad("1-D", lambda v: v[:, 0], ValueError),
     Bad("meta", lambda v: v.to("meta"), ValueError), Bad("non-contiguous", _strided, SAME))
+# The running tables of accumulate_bin_stats_, written in place.
+TABLE_IN_PLACE = (
+    Bad("fewer bins", lambda v: v[:-1], ValueError), Bad("meta", lambda v: v.to("meta"), ValueError),
+    Bad("non-contiguous", _strided, SAME), Bad("expanded", lambda v: v[:1].expand_as(v), RuntimeError),
+    Bad("a leaf requiring grad", lambda v: v.clone().requires_grad_(), RuntimeError))
+RUNNING_TABLE = NOT_A_TENSOR + WRONG_DTYPE + (Bad("float16", lambda v: v.half(), TypeError),) + TABLE_IN_PLACE
 COMPONENTS = NOT_A_TENSOR + WRONG_DTYPE + (
     Bad("fewer", lambda v: v[:-1], ValueError), Bad("2-D", lambda v: v[:, None], ValueError),
     Bad("meta", lambda v: v.to("meta"), ValueError), Bad("non-contiguous", _strided, SAME))
@@ -299,6 +305,20 @@ X8, Y8 = torch.randn(8, 4, generator=gen(7)), torch.randint(0, 22, (8,), generat
 KEEP8 = torch.tensor([True, True, False, True, True, True, True, False])
 IDX = torch.tensor([0, 1, 2, -1, 5, 0, 1, 2])
 STAT = torch.zeros(3, 4), torch.ones(3, 4), torch.zeros(3, 4), torch.full((3, 4), 2.0)
+RUNNING = torch.tensor([0.0, 2.0, 5.0], dtype=torch.float64), torch.randn(3, 4, generator=gen(17)), torch.rand(3, 4, generator=gen(18))
+
+
+def accumulate_bin_stats_(count, mean, m2, x, bin_idx):
+    """ops.accumulate_bin_stats_, returning the tables it writes with the rows it left out; a call
+    that fails must leave every table it was given as it was."""
+    tables = [t for t in (count, mean, m2) if isinstance(t, torch.Tensor) and not t.is_meta]
+    before = [t.detach().clone() for t in tables]
+    try:
+        return ops.accumulate_bin_stats_(count, mean, m2, x, bin_idx), count, mean, m2
+    except Exception:
+        for table, old in zip(tables, before):
+            assert torch.equal(table.detach(), old), "a failed accumulate_bin_stats_ changed a table"
+        raise
 PRED, TARGET = torch.randn(8, 1, generator=gen(12)), torch.randn(8, 1, generator=gen(13))
 CENTERS, COUNTS = torch.linspace(-3, 3, 10), torch.rand(10, generator=gen(14)) + 0.1
 GMM2 = {"means": torch.tensor([[-1.0], [1.0]]), "variances": torch.ones(2, 1, 1), "weights": torch.tensor([0.5, 0.5])}
@@ -594,6 +614,13 @@ API = {
         "x": (FLOAT_TENSOR, X8), "bin_idx": (INDEX_TENSOR, IDX), "num_bins": (COUNT + (
             Bad("2^40", lambda v: 2 ** 40, ValueError),), 3)}, expect={
         ("num_bins", "numpy int"): TypeError, ("x", "0-d"): ValueError, ("x", "extra dim"): ValueError}),
+    "dirfast.ops.accumulate_bin_stats_": Entry(accumulate_bin_stats_, {
+        "count": (NOT_A_TENSOR + WRONG_DTYPE + (Bad("float32", lambda v: v.float(), TypeError),
+                                                Bad("2-D", lambda v: v[:, None], ValueError)) + TABLE_IN_PLACE, RUNNING[0]),
+        "mean": (RUNNING_TABLE + (Bad("other D", lambda v: v[:, :2], ValueError),), RUNNING[1]),
+        "m2": (RUNNING_TABLE + (Bad("float64 (mean is float32)", lambda v: v.double(), TypeError),), RUNNING[2]),
+        "x": (FLOAT_TENSOR, X8), "bin_idx": (INDEX_TENSOR, IDX)},
+        expect={("x", "NaN"): FINITE}),
     "dirfast.ops.smooth_bins": Entry(ops.smooth_bins, {
         "stats": (FLOAT_TENSOR, STAT[1]),
         "window": (WINDOW + (Bad("meta", lambda v: v.to("meta"), ValueError),), torch.ones(3) / 3),
@@ -967,6 +994,11 @@ DISPATCHER_CASES = [  # torch.ops.dirfast called directly: the C++ kernels check
     # [2^31 - 2, 2^20] float32 tables (8 PiB) fit no address space, whatever the overcommit policy
     ("num_bins beyond memory", lambda: OPS.bin_stats(torch.zeros(1, 2**20), torch.zeros(1, dtype=torch.long), 2**31 - 2),
      r"num_bins = 2147483646 is too many for memory: could not allocate a \[2147483646, 1048576\] torch.float32"),
+    ("count float32", lambda: OPS.accumulate_bin_stats_(RUNNING[0].float(), *RUNNING[1:], X8, IDX), "count must be"),
+    ("mean D", lambda: OPS.accumulate_bin_stats_(RUNNING[0], RUNNING[1][:, :3], RUNNING[2], X8, IDX), "mean must be"),
+    ("m2 float64", lambda: OPS.accumulate_bin_stats_(*RUNNING[:2], RUNNING[2].double(), X8, IDX), "m2 must"),
+    ("m2 expanded", lambda: OPS.accumulate_bin_stats_(*RUNNING[:2], RUNNING[2][:1].expand(3, 4), X8, IDX), "m2 has"),
+    ("mean and m2 one tensor", lambda: OPS.accumulate_bin_stats_(*RUNNING[:2], RUNNING[1], X8, IDX), "share memory"),
     ("m1 D", lambda: OPS.calibrate(X, IDX, M1[:, :2], V1, M2, V2), "src_mean"),
     ("v2 bins", lambda: OPS.calibrate(X, IDX, M1, V1, M2, V2[:2]), "dst_var"),
     ("clips reversed", lambda: OPS.calibrate(X, IDX, M1, V1, M2, V2, 2.0, 1.0), "clip_min"),
@@ -1015,8 +1047,8 @@ def test_dispatcher_rejects(name, call, match):
 @pytest.mark.parametrize("backend", AVAILABLE)
 def test_ops_fail_alike_on_every_backend(backend):
     """The front end checks before any backend runs: each backend rejects the same inputs."""
-    for entry_name in ("dirfast.ops.bin_stats", "dirfast.ops.calibrate", "dirfast.ops.mixture_logpdf",
-                       "dirfast.ops.rnc_loss", "dirfast.ops.conr_loss", "dirfast.ops.ranksim_loss"):
+    for entry_name in ("dirfast.ops.bin_stats", "dirfast.ops.accumulate_bin_stats_", "dirfast.ops.calibrate",
+                       "dirfast.ops.mixture_logpdf", "dirfast.ops.rnc_loss", "dirfast.ops.conr_loss", "dirfast.ops.ranksim_loss"):
         entry = API[entry_name]
         for argument, (kind, good) in entry.args.items():
             for bad in kind:

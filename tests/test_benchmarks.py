@@ -137,7 +137,7 @@ def test_benchmarks_fds_accumulate():
     out = run_module("benchmarks.fds_accumulate", "--quick", "--size", "64x8", "--buckets", "40,300")
     table = out[out.index("size "):]
     for k in ("40", "300"):  # fewer rows than buckets, and more
-        for row in ("accumulate cpp", "accumulate reference", "bin_stats, all buckets", "clone"):
+        for row in ("accumulate cpp", "accumulate reference", "torch", "compiled", "bin_stats, all buckets", "clone"):
             assert any(line.split()[1:2] == [k] and row in line for line in table.splitlines()), (k, row)
 
 

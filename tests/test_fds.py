@@ -615,54 +615,6 @@ def test_accumulate_equals_one_call_on_all_features(momentum, dense):
         torch.testing.assert_close(streamed.running_var, one.running_var, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("dense", [False, True])
-def test_accumulate_a_batch_smaller_than_the_buckets_merges_only_its_buckets(dense):
-    """A batch of fewer rows than buckets takes its statistics over the buckets it meets and
-    merges those alone: the bits of the whole-table merge (the same batch padded past the bucket
-    count with rows of NaN label), the rows of a bucket with an infinite feature and of no bucket
-    counted as skipped, batch after batch."""
-    g = torch.Generator().manual_seed(64)
-    small, padded = (dirfast.FDS(4, bucket_num=50, bucket_start=2) for _ in range(2))
-    for step in range(4):
-        if dense:
-            x = torch.randn(1, 4, 2, 3, generator=g) * 2 + 30
-            y = torch.randint(0, 12, (1, 1, 2, 3), generator=g).float()
-            y[0, 0, 0, :2] = torch.tensor([float("nan"), 7.0])
-            pad_x, pad_y = torch.randn(9, 4, 2, 3, generator=g), torch.full((9, 1, 2, 3), float("nan"))
-        else:
-            x = torch.randn(12, 4, generator=g) * 2 + 30
-            y = torch.randint(0, 12, (12,), generator=g).float()  # repeated buckets
-            y[:2] = torch.tensor([float("nan"), 7.0])
-            pad_x, pad_y = torch.randn(40, 4, generator=g), torch.full((40,), float("nan"))
-        if step == 2:  # bucket 0 (label 0), which the row of NaN label also gathers, is not finite: it keeps its own
-            if dense:
-                y[0, 0, 1, 0], x[0, 1, 1, 0] = 0.0, float("inf")
-            else:
-                y[2], x[2, 1] = 0.0, float("inf")
-        small.accumulate(x, y)
-        padded.accumulate(torch.cat([x, pad_x]), torch.cat([y, pad_y]))
-        for name in ("accumulated_count", "accumulated_mean", "accumulated_m2"):
-            assert torch.equal(getattr(small, name), getattr(padded, name)), (step, name)
-        assert int(small.num_samples_skipped) + pad_y.numel() * (step + 1) == int(padded.num_samples_skipped)
-    assert int(small.num_samples_skipped) > 4  # the NaN labels and the infinite feature's bucket
-
-
-@pytest.mark.parametrize("rows", [3, 64])
-def test_accumulate_leaves_out_a_bucket_its_dtype_cannot_hold(rows):
-    """float64 features in a float32 FDS: a bucket whose merged M2 float32 cannot hold is left
-    as it was, its rows skipped, even where its variance M2 / (n - 1) would fit (3 rows: M2 4.5e38,
-    variance 2.25e38); the other buckets merge. Whole tables (64 rows) and met buckets (3 rows)."""
-    fds = dirfast.FDS(2, bucket_num=4, bucket_start=0)
-    x = torch.ones(rows, 2, dtype=torch.float64)
-    y = torch.full((rows,), 1.0)
-    x[:3, 0], y[:3] = torch.tensor([0.0, 0.0, 2.6e19], dtype=torch.float64), 2.0
-    fds.accumulate(x, y)
-    assert bool(torch.isfinite(fds.accumulated_m2).all()) and bool(torch.isfinite(fds.accumulated_mean).all())
-    assert fds.accumulated_count.tolist() == [0.0, rows - 3.0, 0.0, 0.0] and int(fds.num_samples_skipped) == 3
-    fds.update_running_stats(epoch=0)
-    assert bool(torch.isfinite(fds.running_var).all())
-
-
 def test_accumulating_smoothed_features_is_the_published_recipe():
     """The README loop (smooth each batch, then accumulate what it returns) gathers the statistics
     of the published end-of-epoch pass, which runs the model in training mode and so collects

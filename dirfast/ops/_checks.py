@@ -91,6 +91,48 @@ def writable_in_place(name: str, value: torch.Tensor) -> None:
                                "place; pass a copy (or a non-leaf tensor), or use the out-of-place op")
 
 
+def _span(t: torch.Tensor) -> tuple:
+    """The addresses from the first element of ``t`` to just past its last."""
+    first = t.data_ptr()
+    if t.is_contiguous():
+        return first, first + t.numel() * t.element_size()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return first, first + (last + 1) * t.element_size()
+
+
+def running_moments(count, mean, m2, x) -> None:
+    """Running per-bin tables written in place: ``count`` float64 ``[B]``, ``mean`` and ``m2``
+    ``[B, D]`` of one dtype, float32 or float64 (D = x.shape[1]), on the device of ``x``, each
+    writable and apart from the others."""
+    tensor("count", count)
+    if count.dtype != torch.float64:
+        raise TypeError(f"count must be torch.float64, got {count.dtype}")
+    if count.dim() != 1 or not 1 <= count.shape[0] <= MAX_BINS:
+        raise ValueError(f"count must be [B] with 1 <= B <= {MAX_BINS}, got shape {tuple(count.shape)}")
+    shape = (count.shape[0], x.shape[1])
+    for name, table in (("mean", mean), ("m2", m2)):
+        tensor(name, table)
+        if table.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be torch.float32 or torch.float64, got {table.dtype}")
+        if tuple(table.shape) != shape:
+            raise ValueError(f"{name} must be [B, D] = {list(shape)} (B from count, D = x.shape[1]), "
+                             f"got shape {tuple(table.shape)}")
+    if m2.dtype != mean.dtype:
+        raise TypeError(f"m2 must have the dtype of mean ({mean.dtype}), got {m2.dtype}")
+    tables = (("count", count), ("mean", mean), ("m2", m2))
+    for name, table in tables:
+        if table.device != x.device:
+            raise ValueError(f"{name} is on {table.device} but x is on {x.device}")
+        writable_in_place(name, table)
+    if torch.compiler.is_compiling():
+        return
+    spans = [(name, _span(table)) for name, table in tables if table.numel()]
+    for i, (name, (a0, a1)) in enumerate(spans):
+        for other_name, (b0, b1) in spans[i + 1:]:
+            if a0 < b1 and b0 < a1:
+                raise ValueError(f"{name} and {other_name} share memory: each must be a tensor of its own")
+
+
 def bin_table(name: str, value, shape, device) -> torch.Tensor:
     floating(name, value)
     if tuple(value.shape) != tuple(shape):
