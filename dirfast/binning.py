@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from . import _validate as validate
+from . import ops
 from .bandwidth import BIN_WIDTH_RULES, rule_width
 
 __all__ = ["Binning", "GridBinning", "PRECISIONS"]
@@ -252,9 +253,10 @@ class Binning:
         return labels
 
     def _bins(self, labels: torch.Tensor, precision: str, first: int) -> torch.Tensor:
-        """The bins of ``labels`` counted from ``first``: where the edges are searched, int64 with
-        -1 where a label is NaN or infinite; otherwise whole numbers in a float tensor (float32
-        or float64: exact, bins are below 2**24) with NaN there, for the caller's one conversion.
+        """The bins of ``labels`` counted from ``first``: for an integer binning or where the edges
+        are searched, int64 with -1 where a label is NaN or infinite; where uniform bins are
+        guessed, whole numbers in a float tensor (float32 or float64: exact, bins are below 2**24)
+        with NaN there, for the caller's one conversion.
 
         Floating point where it pays: torch's int64 clamps, comparisons and selects took most of
         FDS.smooth's binning, and its binary search 40-60 ns a label; on few labels the search's
@@ -262,27 +264,20 @@ class Binning:
         cmp = self._compare_dtype(labels.dtype, precision)
         values = labels.to(cmp)
         last = self.num_bins - 1
-        if self._kind == "integer":
-            # int(label) truncates toward zero: clamped first (huge labels cannot overflow), the
-            # values are then at least first >= 0, where floor truncates (and is vectorised: trunc
-            # took 4x longer). A NaN stays NaN through both.
-            if self._scale != 1.0:
-                bins = (values * self._scale).clamp_(float(first), float(last)).floor_()
-            else:
-                bins = values.clamp(float(first), float(last)).floor_()
-        else:
-            edges, guess = self._edges_tensor(cmp, labels.device)
-            if guess is None or labels.numel() < _GUESS_FROM or labels.device.type != "cpu":
-                bins = (torch.searchsorted(edges, values.contiguous(), right=True) - 1).clamp_(first, last)
-                if first:
-                    bins.sub_(first)
-                return torch.where(torch.isfinite(labels), bins, -1) if labels.is_floating_point() else bins
-            origin, per_unit = guess  # within one bin of the label's bin (proved for these edges): one step fixes it
-            bins = (values - origin).mul_(per_unit).floor_().clamp_(0.0, float(last)).nan_to_num_(0.0)
-            at = bins.long()
-            step = torch.take(edges[1:], at).le_(values)  # 1 where the label is past the guessed bin
-            bins.add_(step).sub_(torch.take(edges, at, out=step).gt_(values))  # -1 where before it
-            bins.clamp_(float(first), float(last))
+        if self._kind == "integer":  # int(label * scale): one pass (ops.integer_bins)
+            return ops.integer_bins(values, self.num_bins, self._scale, first)
+        edges, guess = self._edges_tensor(cmp, labels.device)
+        if guess is None or labels.numel() < _GUESS_FROM or labels.device.type != "cpu":
+            bins = (torch.searchsorted(edges, values.contiguous(), right=True) - 1).clamp_(first, last)
+            if first:
+                bins.sub_(first)
+            return torch.where(torch.isfinite(labels), bins, -1) if labels.is_floating_point() else bins
+        origin, per_unit = guess  # within one bin of the label's bin (proved for these edges): one step fixes it
+        bins = (values - origin).mul_(per_unit).floor_().clamp_(0.0, float(last)).nan_to_num_(0.0)
+        at = bins.long()
+        step = torch.take(edges[1:], at).le_(values)  # 1 where the label is past the guessed bin
+        bins.add_(step).sub_(torch.take(edges, at, out=step).gt_(values))  # -1 where before it
+        bins.clamp_(float(first), float(last))
         if first:
             bins.sub_(first)
         if labels.is_floating_point():  # + labels * 0: NaN exactly where a label is NaN or infinite, else 0

@@ -39,8 +39,8 @@ from testing import (BACKEND_NAMES, DEVICES, GPU, backend_device_params, backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
-PUBLIC_OPS = ("bin_stats", "accumulate_bin_stats_", "smooth_bins", "calibrate", "calibrate_", "mixture_logpdf",
-              "rnc_loss", "conr_loss", "ranksim_loss")
+PUBLIC_OPS = ("bin_stats", "accumulate_bin_stats_", "integer_bins", "smooth_bins", "calibrate", "calibrate_",
+              "mixture_logpdf", "rnc_loss", "conr_loss", "ranksim_loss")
 needs_gpu = pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
 
 
@@ -153,6 +153,7 @@ def _op_calls():
     running = (torch.zeros(4, dtype=torch.float64), torch.zeros(4, 3), torch.zeros(4, 3))
     return {"bin_stats": lambda: dirfast.ops.bin_stats(x, idx, 4),
             "accumulate_bin_stats_": lambda: dirfast.ops.accumulate_bin_stats_(*running, x, idx),
+            "integer_bins": lambda: dirfast.ops.integer_bins(labels[:, 0] * 10, 4, 0.5, 1),
             "smooth_bins": lambda: dirfast.ops.smooth_bins(stats[0], w),
             "calibrate": lambda: dirfast.ops.calibrate(x, idx, *stats),
             "calibrate_": lambda: dirfast.ops.calibrate_(x.clone(), idx, *stats),
@@ -307,6 +308,9 @@ def opcheck_every_op(device: str) -> None:
         for requires_grad in (False, True):
             torch.library.opcheck(ops.calibrate.default, (x.clone().requires_grad_(requires_grad), idx, *stats, 0.1, 10.0))
         torch.library.opcheck(ops.calibrate_.default, (x.clone(), idx, *stats, 0.1, 10.0))
+    for labels, scale, first in ((torch.randn(23, generator=g) * 5, 1.0, 0), (torch.randn(2, 1, 4, 5, generator=g,
+                                  dtype=torch.float64).abs() * 9, 2.5, 2), (torch.randn(7, 3, generator=g).t(), 0.5, 0)):
+        torch.library.opcheck(ops.integer_bins.default, (labels.to(device), 5, scale, first))
     w = dirfast.kernel_window("gaussian", 5, 2.0, normalize="sum").to(device)
     for stats in (torch.randn(7, 3, device=device), torch.randn(9, dtype=torch.float64, device=device)):
         for padding in PADDINGS if stats.dim() == 2 else PADDINGS[:1]:
@@ -452,8 +456,8 @@ def test_backward_runs_on_the_forward_backend(op, backend, spies):
 # =========================================================================== the CPU kernels' bits
 @pytest.mark.skipif(not backend_available("cpp"), reason=f"cpp: {dirfast.backends()['cpp']['reason']}")
 def test_cpu_kernels_give_the_same_bits_for_any_thread_count():
-    """bin_stats, accumulate_bin_stats_, smooth_bins, calibrate and mixture_logpdf (forward and
-    backward) on rows, dense maps and float16 give the same bits with 1, 2 or 3 threads: chunks merge in a fixed order, and
+    """bin_stats, accumulate_bin_stats_, integer_bins, smooth_bins, calibrate and mixture_logpdf
+    (forward and backward) on rows, dense maps and float16 give the same bits with 1, 2 or 3 threads: chunks merge in a fixed order, and
     the pieces threads take (more of them, cut elsewhere, for each thread count) change nothing."""
     g = gen(12)
     rows = torch.randn(70001, 24, generator=g) * 3 + 100
@@ -473,6 +477,7 @@ def test_cpu_kernels_give_the_same_bits_for_any_thread_count():
             running = (count.double() + 3, mean - 1, var * 5)
             out += [ops.accumulate_bin_stats_(*running, x, idx.clamp(max=3)), *running]
         out.append(ops.smooth_bins(torch.randn(3001, 64, generator=gen(13)), w, "reflect"))  # several pieces
+        out.append(ops.integer_bins(rows.reshape(-1) * 3, 97, 0.5, 2))  # several pieces
         long_rows = torch.randn(20001, 64, generator=gen(14)) + 10  # rows grouped by bin, one bin in several pieces
         running = (torch.ones(4, dtype=torch.float64), torch.zeros(4, 64), torch.ones(4, 64))
         out += [ops.accumulate_bin_stats_(*running, long_rows, rows_idx[:20001].clamp(max=3)), *running]

@@ -305,6 +305,7 @@ X8, Y8 = torch.randn(8, 4, generator=gen(7)), torch.randint(0, 22, (8,), generat
 KEEP8 = torch.tensor([True, True, False, True, True, True, True, False])
 IDX = torch.tensor([0, 1, 2, -1, 5, 0, 1, 2])
 STAT = torch.zeros(3, 4), torch.ones(3, 4), torch.zeros(3, 4), torch.full((3, 4), 2.0)
+EXACT_LABELS = torch.tensor([0.5, 3.25, 7.5, 12.0, 15.75, 2.0, 9.5, 1.0])  # exact in float16 and bfloat16
 RUNNING = torch.tensor([0.0, 2.0, 5.0], dtype=torch.float64), torch.randn(3, 4, generator=gen(17)), torch.rand(3, 4, generator=gen(18))
 
 
@@ -621,6 +622,14 @@ API = {
         "m2": (RUNNING_TABLE + (Bad("float64 (mean is float32)", lambda v: v.double(), TypeError),), RUNNING[2]),
         "x": (FLOAT_TENSOR, X8), "bin_idx": (INDEX_TENSOR, IDX)},
         expect={("x", "NaN"): FINITE}),
+    "dirfast.ops.integer_bins": Entry(ops.integer_bins, {
+        "labels": (NOT_A_TENSOR + WRONG_DTYPE + (
+            Bad("NaN", lambda v: _set_first(v, NAN), OTHERS_SAME), Bad("inf", lambda v: _set_first(v, INF), OTHERS_SAME),
+            Bad("non-contiguous", _strided, SAME), Bad("float16", lambda v: v.half(), SAME),
+            Bad("bfloat16", lambda v: v.bfloat16(), SAME), Bad("meta", lambda v: v.to("meta"), META)), EXACT_LABELS),
+        "num_bins": (COUNT + (Bad("2^24 + 1", lambda v: 2 ** 24 + 1, ValueError),), 12),
+        "scale": (POSITIVE + (Bad("beyond float32", lambda v: 1e39, ValueError),), 0.5),
+        "first": (NON_NEGATIVE_INT + (Bad("num_bins", lambda v: 12, ValueError),), 2)}),
     "dirfast.ops.smooth_bins": Entry(ops.smooth_bins, {
         "stats": (FLOAT_TENSOR, STAT[1]),
         "window": (WINDOW + (Bad("meta", lambda v: v.to("meta"), ValueError),), torch.ones(3) / 3),
@@ -999,6 +1008,10 @@ DISPATCHER_CASES = [  # torch.ops.dirfast called directly: the C++ kernels check
     ("m2 float64", lambda: OPS.accumulate_bin_stats_(*RUNNING[:2], RUNNING[2].double(), X8, IDX), "m2 must"),
     ("m2 expanded", lambda: OPS.accumulate_bin_stats_(*RUNNING[:2], RUNNING[2][:1].expand(3, 4), X8, IDX), "m2 has"),
     ("mean and m2 one tensor", lambda: OPS.accumulate_bin_stats_(*RUNNING[:2], RUNNING[1], X8, IDX), "share memory"),
+    ("integer_bins labels int", lambda: OPS.integer_bins(IDX, 12, 1.0, 0), "labels must be float"),
+    ("integer_bins num_bins 0", lambda: OPS.integer_bins(Y8, 0, 1.0, 0), "num_bins"),
+    ("integer_bins first past num_bins", lambda: OPS.integer_bins(Y8, 12, 1.0, 12), "first"),
+    ("integer_bins scale 0", lambda: OPS.integer_bins(Y8, 12, 0.0, 0), "scale"),
     ("m1 D", lambda: OPS.calibrate(X, IDX, M1[:, :2], V1, M2, V2), "src_mean"),
     ("v2 bins", lambda: OPS.calibrate(X, IDX, M1, V1, M2, V2[:2]), "dst_var"),
     ("clips reversed", lambda: OPS.calibrate(X, IDX, M1, V1, M2, V2, 2.0, 1.0), "clip_min"),
@@ -1047,7 +1060,8 @@ def test_dispatcher_rejects(name, call, match):
 @pytest.mark.parametrize("backend", AVAILABLE)
 def test_ops_fail_alike_on_every_backend(backend):
     """The front end checks before any backend runs: each backend rejects the same inputs."""
-    for entry_name in ("dirfast.ops.bin_stats", "dirfast.ops.accumulate_bin_stats_", "dirfast.ops.calibrate",
+    for entry_name in ("dirfast.ops.bin_stats", "dirfast.ops.accumulate_bin_stats_", "dirfast.ops.integer_bins",
+                       "dirfast.ops.calibrate",
                        "dirfast.ops.mixture_logpdf", "dirfast.ops.rnc_loss", "dirfast.ops.conr_loss", "dirfast.ops.ranksim_loss"):
         entry = API[entry_name]
         for argument, (kind, good) in entry.args.items():

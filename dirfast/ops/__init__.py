@@ -13,6 +13,7 @@ from . import _common
 from ._common import acc_dtype
 from ._dispatch import BACKENDS, backends, get_backend, set_backend, use_backend
 from .bin_stats import bin_stats
+from .integer_bins import integer_bins
 from .accumulate_bin_stats import accumulate_bin_stats_
 from .smooth_bins import PADDINGS, smooth_bins
 from .calibrate import calibrate, calibrate_  # noqa: I001 (the order of definition is the order reported)
@@ -26,6 +27,6 @@ _common.register_triton_for_cuda()
 
 __all__ = [
     "BACKENDS", "PADDINGS", "acc_dtype", "accumulate_bin_stats_", "backends", "bin_stats", "calibrate", "calibrate_",
-    "conr_loss", "get_backend", "mixture_logpdf", "ranksim_loss", "rnc_loss", "set_backend", "smooth_bins",
+    "conr_loss", "get_backend", "integer_bins", "mixture_logpdf", "ranksim_loss", "rnc_loss", "set_backend", "smooth_bins",
     "use_backend",
 ]
