@@ -181,10 +181,12 @@ def compare(contenders: dict, rules: Rules) -> dict:
     return out
 
 
-def side_by_side(steps: dict, device: str, quick: bool, what: str, **fields) -> list:
+def side_by_side(steps: dict, device: str, quick: bool, what: str, alternatives=(), **fields) -> list:
     """Rows of ``steps`` (name -> callable, one of them "clone") timed side by side with
-    :func:`compare`: ``fields``, ``provider``, ``median_ms``, ``rounds``, ``calls_per_round`` and
-    ``x clone`` (time / the clone's). A step that fails raises, naming it and ``what``."""
+    :func:`compare`: ``fields``, ``provider``, ``median_ms``, ``rounds``, ``calls_per_round``,
+    ``x clone`` (time / the clone's) and, with ``alternatives`` (names of steps without dirfast),
+    ``x faster than alternative`` (the fastest of them / time). A step that fails raises, naming it
+    and ``what``."""
     timed = compare({name: Contender(fn, device=device) for name, fn in steps.items()}, rules(quick))
     rows = []
     for name, result in timed.items():
@@ -193,8 +195,11 @@ def side_by_side(steps: dict, device: str, quick: bool, what: str, **fields) -> 
         rows.append({**fields, "provider": name, "median_ms": result.median_ms, "rounds": len(result.samples),
                      "calls_per_round": result.inner})
     clone = next(row["median_ms"] for row in rows if row["provider"] == "clone")
+    best = min((row["median_ms"] for row in rows if row["provider"] in alternatives), default=None)
     for row in rows:
         row["x clone"] = row["median_ms"] / clone
+        if best is not None:
+            row["x faster than alternative"] = best / row["median_ms"]
     return rows
 
 

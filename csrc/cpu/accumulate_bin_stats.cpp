@@ -40,7 +40,8 @@ namespace {
 constexpr int64_t kMaxSegments = 16;             // segments of the largest bucket, at most
 constexpr int64_t kMinSegmentElements = 1 << 15;  // elements a segment may hold, at least
 constexpr int64_t kMinTaskElements = 1 << 15;     // elements a parallel task gets, at least
-constexpr int64_t kCountingSortRows = 4;         // counting sort while buckets <= this x rows (+ 4096)
+constexpr int64_t kCountingSortRows = 4;         // a counting sort while buckets <= this x rows
+constexpr int64_t kCountingSortSlack = 4096;     // ... + this (few buckets: a small array)
 constexpr int64_t kLongRowBytes = 256;           // rows this long are gathered by bucket (as bin_stats)
 constexpr int64_t kPrefetchBytes = 8192;         // gathered rows prefetched this far ahead
 
@@ -56,7 +57,7 @@ Grouped group_by_bucket(const index_t* idx, int64_t rows, int64_t num_bins) {
     const int64_t k = static_cast<int64_t>(idx[r]);
     return (k >= 0 && k < num_bins) ? k : int64_t(-1);
   };
-  if (num_bins <= kCountingSortRows * rows + 4096) {
+  if (num_bins <= kCountingSortRows * rows + kCountingSortSlack) {
     std::vector<int64_t> first(num_bins + 1, 0);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t k = bucket(r);
@@ -223,8 +224,9 @@ bool merge_bucket(const Running<held_t>& run, int64_t k, int64_t n, const acc_t*
   return true;
 }
 
+// The grouped path: the moments of each met bucket's rows, merged into the running tables.
 template <typename scalar_t, typename acc_t, typename held_t, typename index_t>
-int64_t accumulate(const scalar_t* x, int64_t stride, int64_t rows, const index_t* idx, int64_t num_bins,
+int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, const index_t* idx, int64_t num_bins,
                    const Running<held_t>& run) {
   const int64_t dim = run.dim;
   const Grouped g = group_by_bucket(idx, rows, num_bins);
@@ -384,8 +386,8 @@ Tensor accumulate_bin_stats_cpu(Tensor count, Tensor mean, Tensor m2, const Tens
       }
       dispatch_index(idx.scalar_type(), [&](auto index) {
         using index_t = decltype(index);
-        left_out = accumulate<scalar_t, acc_t, held_t, index_t>(xr.const_data_ptr<scalar_t>(), layout.row_stride,
-                                                                rows, idx.const_data_ptr<index_t>(), num_bins, run);
+        left_out = accumulate_grouped<scalar_t, acc_t, held_t, index_t>(
+            xr.const_data_ptr<scalar_t>(), layout.row_stride, rows, idx.const_data_ptr<index_t>(), num_bins, run);
       });
     });
   });
