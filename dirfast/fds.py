@@ -137,7 +137,9 @@ class FDS(nn.Module):
         self.accumulated_mean = torch.zeros(buckets, feature_dim)
         self.accumulated_m2 = torch.zeros(buckets, feature_dim)
         # Rows accumulate() left out (a NaN or infinite label, or a bucket whose batch statistics
-        # were not finite): counted on the device, never in the state_dict.
+        # were not finite): counted on the device, never in the state_dict. Written through a 1-D
+        # view: under torch.compile (aot_eager, inductor; torch 2.13) an in-place update of a 0-dim
+        # tensor attribute is dropped, one of a view of it is kept.
         self.num_samples_skipped = torch.zeros((), dtype=torch.float64)
 
     def extra_repr(self) -> str:
@@ -240,14 +242,14 @@ class FDS(nn.Module):
         buckets = self._buckets(features, labels, check=False)
         skipped = ops.accumulate_bin_stats_(self.accumulated_count, self.accumulated_mean, self.accumulated_m2,
                                             features, buckets)
-        self.num_samples_skipped.add_(skipped)
+        self.num_samples_skipped.view(1).add_(skipped)  # through a view: see __init__
 
     def clear_accumulated(self) -> None:
         """Drop what :meth:`accumulate` gathered since the last update."""
         self.accumulated_count.zero_()
         self.accumulated_mean.zero_()
         self.accumulated_m2.zero_()
-        self.num_samples_skipped.zero_()
+        self.num_samples_skipped.view(1).zero_()
 
     @torch.no_grad()
     def update_running_stats(self, features: torch.Tensor | None = None, labels: torch.Tensor | None = None,

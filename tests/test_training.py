@@ -53,6 +53,32 @@ def test_compiled_training_step_matches_eager(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_compiled_accumulate_keeps_every_statistic(device):
+    """FDS.accumulate and clear_accumulated compiled with fullgraph=True (aot_eager: torch's
+    functionalization, without inductor's compile time) write what eager writes, the 0-dim count
+    of rows left out included (a NaN label, a bucket with an infinite feature): torch drops an
+    in-place update of a 0-dim tensor attribute there, not of a 1-D view of it."""
+    x = torch.randn(32, 8, device=device)
+    y = torch.randint(0, 20, (32,), device=device).float()
+    y[0], x[1, 2] = float("nan"), float("inf")
+    fdss = [dirfast.FDS(8, bucket_num=20, bucket_start=2).to(device) for _ in range(2)]
+    states = []
+    for fds, compiled in zip(fdss, (False, True)):
+        options = dict(fullgraph=True, backend="aot_eager")
+        accumulate = torch.compile(fds.accumulate, **options) if compiled else fds.accumulate
+        clear = torch.compile(fds.clear_accumulated, **options) if compiled else fds.clear_accumulated
+        accumulate(x, y)
+        accumulate(x, y)
+        states.append([getattr(fds, name).clone() for name in ("num_samples_skipped", "accumulated_count",
+                                                               "accumulated_mean", "accumulated_m2")])
+        clear()
+        assert int(fds.num_samples_skipped) == 0 and not fds.accumulated_count.any(), compiled
+    for eager, compiled in zip(*states):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+    assert int(states[0][0]) > 2  # the NaN label's row and the infinite feature's bucket, twice
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("binning, backend", [(dirfast.Binning.integer(121), "inductor"),
                                               (dirfast.Binning.uniform(0, 120, 60), "eager")], ids=["integer", "uniform"])
 def test_compiled_lds_weights(device, binning, backend):
