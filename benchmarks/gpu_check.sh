@@ -2,7 +2,7 @@
 # One command on a machine with one NVIDIA GPU and no network (torch, triton, nvcc, pytest
 # already installed): build dirfast in place with its CUDA kernels, run the GPU tests, run the GPU
 # benchmarks (CUDA C++ and Triton side by side), and write everything under $OUT (default
-# ./gpu-results), a short table last. About 6 minutes on one H100.
+# ./gpu-results), a short table last. About 6 minutes on one H100 (measured before the FDS.accumulate step, at most 90 s more, was added).
 #   bash benchmarks/gpu_check.sh
 # Knobs: SKIP_BUILD=1 (use the modules in dirfast/ as they are; the build runs anyway when
 # dirfast._C_cuda does not load); JOBS (pytest-xdist workers, default 8, when xdist is there); TORCH_CUDA_ARCH_LIST (default: this GPU's); SHARED_TESTS (files) and
