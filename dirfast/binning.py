@@ -19,11 +19,11 @@ import torch
 from . import _validate as validate
 from . import ops
 from .bandwidth import BIN_WIDTH_RULES, rule_width
+from .ops.integer_bins import MAX_BINS  # bins are computed in float32, exact up to there
 
 __all__ = ["Binning", "GridBinning", "PRECISIONS"]
 
 PRECISIONS = ("labels", "float32")
-MAX_BINS = 1 << 24
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 _TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the dtypes labels are compared in
