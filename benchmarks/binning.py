@@ -101,14 +101,6 @@ def run_case(name: str, count: int, device: str, quick: bool) -> list:
     return timing.side_by_side(steps, device, quick, f"{name}, {count} labels", ALTERNATIVES, case=name, labels=count)
 
 
-def format_rows(rows) -> str:
-    lines = [f"{'case':<46} {'labels':>7} {'provider':<9} {'median ms':>10} {'x clone':>8} {'x faster than alt.':>19}"]
-    for r in rows:
-        lines.append(f"{r['case']:<46} {r['labels']:>7} {r['provider']:<9} {r['median_ms']:>10.3f} {r['x clone']:>8.1f} "
-                     f"{r['x faster than alternative']:>19.2f}")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.binning", description=__doc__.split("\n\n")[0])
     timing.add_command_arguments(parser)
@@ -129,7 +121,7 @@ def main(argv=None) -> None:
     for count in counts:
         for name in names:
             rows += run_case(name, count, args.device, args.quick)
-    run.finish(format_rows(rows), rows)
+    run.finish(timing.side_by_side_table(rows, [("case", "<46"), ("labels", ">7"), ("provider", "<9")]), rows)
 
 
 if __name__ == "__main__":

@@ -83,14 +83,6 @@ def run_case(size: str, num_buckets: int, device: str, quick: bool) -> list:
     return timing.side_by_side(steps, device, quick, f"K={num_buckets}", ALTERNATIVES, size=size, buckets=num_buckets)
 
 
-def format_rows(rows) -> str:
-    lines = [f"{'size':<10} {'buckets':>7} {'provider':<24} {'median ms':>10} {'x clone':>9} {'x faster than alt.':>19}"]
-    for r in rows:
-        lines.append(f"{r['size']:<10} {r['buckets']:>7} {r['provider']:<24} {r['median_ms']:>10.3f} "
-                     f"{r['x clone']:>9.1f} {r['x faster than alternative']:>19.2f}")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fds_accumulate", description=__doc__.split("\n\n")[0])
     timing.add_command_arguments(parser)
@@ -107,7 +99,7 @@ def main(argv=None) -> None:
     rows = []
     for k in buckets:
         rows += run_case(args.size, k, args.device, args.quick)
-    run.finish(format_rows(rows), rows)
+    run.finish(timing.side_by_side_table(rows, [("size", "<10"), ("buckets", ">7"), ("provider", "<24")]), rows)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,19 @@ def side_by_side(steps: dict, device: str, quick: bool, what: str, alternatives=
     return rows
 
 
+def side_by_side_table(rows, leading) -> str:
+    """Rows of :func:`side_by_side` as a table: the ``leading`` columns ((key, format spec) pairs,
+    e.g. ``("size", "<10")``), then the median, the ratio to the clone and, where the rows have
+    it, the ratio of the fastest alternative."""
+    alternatives = any("x faster than alternative" in r for r in rows)
+    head = " ".join(f"{key:{spec}}" for key, spec in leading) + f" {'median ms':>10} {'x clone':>9}"
+    lines = [head + (f" {'x faster than alt.':>19}" if alternatives else "")]
+    for r in rows:
+        line = " ".join(f"{r[key]:{spec}}" for key, spec in leading) + f" {r['median_ms']:>10.3f} {r['x clone']:>9.1f}"
+        lines.append(line + (f" {r['x faster than alternative']:>19.2f}" if alternatives else ""))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # The machine
 
