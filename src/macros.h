@@ -26,3 +26,14 @@
 #define DIRFAST_NOINLINE __attribute__((noinline))
 #endif
 #endif
+
+// A hot loop compiled twice, for x86-64-v3 (AVX2, FMA) and for the baseline, the clone chosen when
+// the library loads (g++ on x86-64 Linux; elsewhere one build). A kernel that uses it turns off the
+// contraction of a * b + c where its bits must not depend on the clone.
+#ifndef DIRFAST_V3_CLONES
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__) && !defined(__CUDACC__)
+#define DIRFAST_V3_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define DIRFAST_V3_CLONES
+#endif
+#endif

@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "bucket_rows.h"
 #include "checks.h"
 #include "layout.h"
 #include "parallel.h"
@@ -37,13 +38,8 @@ namespace {
 // No a * b + c is fused: the same bits on every CPU.
 #pragma GCC optimize("fp-contract=off")
 
-constexpr int64_t kMaxSegments = 16;             // segments of the largest bucket, at most
-constexpr int64_t kMinSegmentElements = 1 << 15;  // elements a segment may hold, at least
-constexpr int64_t kMinTaskElements = 1 << 15;     // elements a parallel task gets, at least
-constexpr int64_t kCountingSortRows = 4;         // a counting sort while buckets <= this x rows
-constexpr int64_t kCountingSortSlack = 4096;     // ... + this (few buckets: a small array)
-constexpr int64_t kLongRowBytes = 256;           // rows this long are gathered by bucket (as bin_stats)
-constexpr int64_t kPrefetchBytes = 8192;         // gathered rows prefetched this far ahead
+constexpr int64_t kCountingSortRows = 4;      // a counting sort while buckets <= this x rows
+constexpr int64_t kCountingSortSlack = 4096;  // ... + this (few buckets: a small array)
 
 // The rows of each met bucket, in row order: bucket met[j]'s rows are order[start[j], start[j + 1]).
 struct Grouped {
@@ -94,30 +90,6 @@ Grouped group_by_bucket(const index_t* idx, int64_t rows, int64_t num_bins) {
   return g;
 }
 
-// Welford's mean and M2 of the n >= 1 rows of x listed at `list` (rows `stride` apart), four rows
-// per pass over the accumulators.
-template <typename acc_t, typename in_t>
-inline void reduce_rows_body(const in_t* x, int64_t stride, int64_t dim, const int64_t* list, int64_t n, acc_t* mean,
-                             acc_t* m2) {
-  // The list jumps around x: the first line of the row `ahead` places on is prefetched (the
-  // hardware fetches the rest of a row once it is read), as bin_stats does.
-  const int64_t ahead = std::max<int64_t>(1, std::min<int64_t>(16, kPrefetchBytes / std::max<int64_t>(dim * sizeof(in_t), 1)));
-  for (int64_t i = 0; i < std::min(ahead, n); ++i) __builtin_prefetch(x + list[i] * stride);
-  welford_row_init<acc_t, in_t>(mean, m2, x + list[0] * stride, dim);
-  int64_t i = 1;
-  for (; i + 4 <= n; i += 4) {
-    for (int64_t j = 0; j < 4; ++j) __builtin_prefetch(x + list[std::min(i + ahead + j, n - 1)] * stride);
-    const acc_t inv[4] = {acc_t(1) / static_cast<acc_t>(i + 1), acc_t(1) / static_cast<acc_t>(i + 2),
-                          acc_t(1) / static_cast<acc_t>(i + 3), acc_t(1) / static_cast<acc_t>(i + 4)};
-    welford_row_add4<acc_t, in_t>(mean, m2, x + list[i] * stride, x + list[i + 1] * stride, x + list[i + 2] * stride,
-                                  x + list[i + 3] * stride, dim, inv);
-  }
-  for (; i < n; ++i) {
-    __builtin_prefetch(x + list[std::min(i + ahead, n - 1)] * stride);
-    welford_row_add<acc_t, in_t>(mean, m2, x + list[i] * stride, dim, acc_t(1) / static_cast<acc_t>(i + 1));
-  }
-}
-
 // The merged mean and M2 of one feature: Chan's formula in acc_t, rounded to held_t.
 template <typename acc_t, typename held_t>
 inline void chan_merge_value(held_t mean_a, held_t m2_a, acc_t mean_b, acc_t m2_b, acc_t share, acc_t cross,
@@ -161,40 +133,28 @@ inline void merge_row_body(held_t* DIRFAST_RESTRICT mean_a, held_t* DIRFAST_REST
 }
 
 // The compiled loops in both clones (x86-64-v3 and the baseline), one overload per type pair.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
-#define DIRFAST_ACCUMULATE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DIRFAST_ACCUMULATE_CLONES
-#endif
-#define DIRFAST_REDUCE_ROWS(in_t, acc_t)                                                                      \
-  DIRFAST_ACCUMULATE_CLONES DIRFAST_NOINLINE void reduce_rows(const in_t* x, int64_t stride, int64_t dim,     \
-                                                              const int64_t* list, int64_t n, acc_t* mean,   \
-                                                              acc_t* m2) {                                   \
-    reduce_rows_body<acc_t, in_t>(x, stride, dim, list, n, mean, m2);                                        \
+#define DIRFAST_MERGE_ROW(acc_t, held_t)                                                               \
+  DIRFAST_V3_CLONES DIRFAST_NOINLINE bool merge_row_finite(const held_t* mean_a, const held_t* m2_a,   \
+                                                           const acc_t* mean_b, const acc_t* m2_b,     \
+                                                           int64_t dim, acc_t share, acc_t cross) {    \
+    return merge_row_finite_body<acc_t, held_t>(mean_a, m2_a, mean_b, m2_b, dim, share, cross);        \
+  }                                                                                                    \
+  DIRFAST_V3_CLONES DIRFAST_NOINLINE void merge_row(held_t* mean_a, held_t* m2_a, const acc_t* mean_b, \
+                                                    const acc_t* m2_b, int64_t dim, acc_t share,       \
+                                                    acc_t cross) {                                     \
+    merge_row_body<acc_t, held_t>(mean_a, m2_a, mean_b, m2_b, dim, share, cross);                      \
   }
-#define DIRFAST_MERGE_ROW(acc_t, held_t)                                                                       \
-  DIRFAST_ACCUMULATE_CLONES DIRFAST_NOINLINE bool merge_row_finite(const held_t* mean_a, const held_t* m2_a,   \
-                                                                   const acc_t* mean_b, const acc_t* m2_b,     \
-                                                                   int64_t dim, acc_t share, acc_t cross) {    \
-    return merge_row_finite_body<acc_t, held_t>(mean_a, m2_a, mean_b, m2_b, dim, share, cross);                \
-  }                                                                                                            \
-  DIRFAST_ACCUMULATE_CLONES DIRFAST_NOINLINE void merge_row(held_t* mean_a, held_t* m2_a, const acc_t* mean_b, \
-                                                            const acc_t* m2_b, int64_t dim, acc_t share,       \
-                                                            acc_t cross) {                                     \
-    merge_row_body<acc_t, held_t>(mean_a, m2_a, mean_b, m2_b, dim, share, cross);                              \
-  }
-DIRFAST_REDUCE_ROWS(float, float)
-DIRFAST_REDUCE_ROWS(float, double)
-DIRFAST_REDUCE_ROWS(double, double)
-DIRFAST_REDUCE_ROWS(c10::Half, float)
-DIRFAST_REDUCE_ROWS(c10::Half, double)
-DIRFAST_REDUCE_ROWS(c10::BFloat16, float)
-DIRFAST_REDUCE_ROWS(c10::BFloat16, double)
+DIRFAST_REDUCE_LIST(float, float)
+DIRFAST_REDUCE_LIST(float, double)
+DIRFAST_REDUCE_LIST(double, double)
+DIRFAST_REDUCE_LIST(c10::Half, float)
+DIRFAST_REDUCE_LIST(c10::Half, double)
+DIRFAST_REDUCE_LIST(c10::BFloat16, float)
+DIRFAST_REDUCE_LIST(c10::BFloat16, double)
 DIRFAST_MERGE_ROW(float, float)
 DIRFAST_MERGE_ROW(double, float)
 DIRFAST_MERGE_ROW(double, double)
 #undef DIRFAST_MERGE_ROW
-#undef DIRFAST_REDUCE_ROWS
 
 // The running tables of a call: count [B] float64, mean and M2 [B, D] in held_t, contiguous.
 template <typename held_t>
@@ -232,29 +192,15 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
   const Grouped g = group_by_bucket(idx, rows, num_bins);
   const int64_t valid = static_cast<int64_t>(g.order.size());
   const int64_t met = static_cast<int64_t>(g.met.size());
-  // Segments: met bucket j's rows cut every `seg` rows; segment s covers sorted positions
-  // [seg_start[s], seg_start[s + 1]) of bucket j = seg_bucket[s]; bucket j's are [seg_first[j], seg_first[j + 1]).
+  // Met bucket j's rows cut into segments (segs.group[s] is j: an index into g.met).
   const int64_t d1 = std::max<int64_t>(dim, 1);
-  const int64_t seg = std::max<int64_t>({1, (rows + kMaxSegments - 1) / kMaxSegments, (kMinSegmentElements + d1 - 1) / d1});
-  std::vector<int64_t> seg_start, seg_bucket, seg_first(met + 1);
-  seg_start.reserve(met + valid / seg + 1);
-  seg_bucket.reserve(met + valid / seg);
-  for (int64_t j = 0; j < met; ++j) {
-    seg_first[j] = static_cast<int64_t>(seg_start.size());
-    for (int64_t p = g.start[j]; p < g.start[j + 1]; p += seg) {
-      seg_start.push_back(p);
-      seg_bucket.push_back(j);
-    }
-  }
-  const int64_t segments = static_cast<int64_t>(seg_start.size());
-  seg_first[met] = segments;
-  seg_start.push_back(valid);
+  const Segments segs(g.start.data(), met, segment_rows(rows, dim));
+  const int64_t segments = segs.count();
   // The moments of the segments of buckets with more than one, side by side (2 D values each).
   std::vector<int64_t> slot(segments, -1);
   int64_t stored = 0;
   for (int64_t s = 0; s < segments; ++s) {
-    const int64_t j = seg_bucket[s];
-    if (seg_first[j + 1] - seg_first[j] > 1) slot[s] = stored++;
+    if (!segs.whole(s)) slot[s] = stored++;
   }
   std::unique_ptr<acc_t[]> table(new acc_t[std::max<int64_t>(stored * 2 * d1, 1)]);
   std::atomic<int64_t> skipped{rows - valid};
@@ -265,14 +211,13 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
     std::unique_ptr<acc_t[]> moments(new acc_t[2 * d1]);
     int64_t left_out = 0;
     for (int64_t begin, end; next(begin, end);) {
-      const int64_t* first = seg_start.data();
-      const int64_t s0 = std::lower_bound(first, first + segments, begin) - first;
-      const int64_t s1 = std::lower_bound(first, first + segments, end) - first;
+      const auto [s0, s1] = segs.starting_in(begin, end);
       for (int64_t s = s0; s < s1; ++s) {
-        const int64_t n = seg_start[s + 1] - seg_start[s];
+        const int64_t n = segs.rows(s);
         acc_t* mean = slot[s] < 0 ? moments.get() : table.get() + slot[s] * 2 * d1;
-        reduce_rows(x, stride, dim, g.order.data() + seg_start[s], n, mean, mean + d1);
-        if (slot[s] < 0 && !merge_bucket<acc_t, held_t>(run, g.met[seg_bucket[s]], n, mean, mean + d1)) {
+        reduce_list(x, stride, dim, g.order.data() + segs.start[s], n, g.order.data() + valid, s == s0, mean,
+                    mean + d1);
+        if (slot[s] < 0 && !merge_bucket<acc_t, held_t>(run, g.met[segs.group[s]], n, mean, mean + d1)) {
           left_out += n;
         }
       }
@@ -284,18 +229,18 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
   // then into the tables.
   std::vector<int64_t> split;
   for (int64_t j = 0; j < met; ++j) {
-    if (seg_first[j + 1] - seg_first[j] > 1) split.push_back(j);
+    if (segs.first[j + 1] - segs.first[j] > 1) split.push_back(j);
   }
   parallel_for_pieces(static_cast<int64_t>(split.size()), 1, [&](auto next) {
     int64_t left_out = 0;
     for (int64_t begin, end; next(begin, end);) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t j = split[i];
-        const int64_t s0 = seg_first[j], s1 = seg_first[j + 1];
+        const int64_t s0 = segs.first[j], s1 = segs.first[j + 1];
         acc_t* mean = table.get() + slot[s0] * 2 * d1;
-        int64_t n = seg_start[s0 + 1] - seg_start[s0];
+        int64_t n = segs.rows(s0);
         for (int64_t s = s0 + 1; s < s1; ++s) {
-          const int64_t nb = seg_start[s + 1] - seg_start[s];
+          const int64_t nb = segs.rows(s);
           const acc_t* other = table.get() + slot[s] * 2 * d1;
           chan_merge_row<acc_t>(mean, mean + d1, other, other + d1, dim, chan_weights<acc_t>(n, nb));
           n += nb;

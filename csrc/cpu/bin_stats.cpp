@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "bucket_rows.h"
 #include "checks.h"
 #include "layout.h"
 #include "parallel.h"
@@ -33,21 +34,13 @@ namespace {
 // x86-64-v3 (AVX2 + FMA) or the baseline for the row loops; no a * b + c is fused, so both
 // clones give the same bits.
 #pragma GCC optimize("fp-contract=off")
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
-#define DIRFAST_BIN_STATS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DIRFAST_BIN_STATS_CLONES
-#endif
 
-constexpr int64_t kMaxChunks = 16;                      // chunks, segments per bucket
+constexpr int64_t kMaxChunks = 16;                      // chunks of rows, at most
 constexpr int64_t kMinChunkElements = 1 << 15;          // elements a chunk gets, at least
 constexpr int64_t kPartialShare = 4;                    // chunk tables: at most x's bytes / this
 constexpr int64_t kMinPartialBytes = int64_t(1) << 20;  // ... or this much
 constexpr int64_t kTileBytes = int64_t(256) << 10;      // transposed tile buffer (planar)
 constexpr int64_t kScanTableBytes = int64_t(6) << 20;   // largest scanned table (rows)
-constexpr int64_t kLongRowBytes = 256;                  // shorter rows are read in chunks
-constexpr int64_t kPrefetchBytes = 8192;                // rows prefetched this far ahead
-constexpr int64_t kMinTaskElements = 1 << 15;           // elements a parallel task gets, at least
 constexpr int64_t kMinFinishElements = 1 << 20;         // ... of the final pass over buckets
 
 // Bytes of one dense table: count, mean and M2 of every bucket.
@@ -66,13 +59,6 @@ int64_t chunk_count(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_byt
   const int64_t table = table_bytes(num_bins, dim, acc_bytes);
   while (k > 1 && (k - 1) * table > budget) --k;
   return k;
-}
-
-// Rows of a bucket's segment (rows layout): a bucket with more rows is reduced in several
-// segments, so that one large bucket still splits over threads.
-int64_t segment_rows(int64_t rows, int64_t dim) {
-  const int64_t d = std::max<int64_t>(dim, 1);
-  return std::max<int64_t>({1, (rows + kMaxChunks - 1) / kMaxChunks, (kMinChunkElements + d - 1) / d});
 }
 
 // ------------------------------------------------------------------------------ row loops
@@ -94,42 +80,6 @@ inline void scatter_rows_body(const in_t* x, int64_t stride, int64_t dim, const 
       welford_row_add<acc_t, in_t>(mean + k * dim, m2 + k * dim, row, dim,
                                    acc_t(1) / static_cast<acc_t>(c));
     }
-  }
-}
-
-// Rows prefetched ahead of the one taken when rows of `row_bytes` are read in a jumping order.
-inline int64_t prefetch_rows(int64_t row_bytes) {
-  return std::max<int64_t>(1, std::min<int64_t>(16, kPrefetchBytes / std::max<int64_t>(row_bytes, 1)));
-}
-
-// Welford's mean and M2 of the n >= 1 rows of x listed at `list` (row numbers, rows `stride`
-// apart), into mean and m2, four rows per pass over the accumulators. The list jumps around x:
-// the first cache line of the row `ahead` places further in the list (up to `list_end`) is
-// prefetched for each row taken (the hardware fetches the rest of the row), and the first
-// `ahead` rows' too when `warm_up` (a task's first list). The prefetches are written out here,
-// not in a helper: g++ finds a function that only prefetches free of side effects and drops it.
-template <typename acc_t, typename in_t>
-inline void reduce_list_body(const in_t* x, int64_t stride, int64_t dim, const int64_t* list,
-                             int64_t n, const int64_t* list_end, bool warm_up,
-                             acc_t* DIRFAST_RESTRICT mean, acc_t* DIRFAST_RESTRICT m2) {
-  const int64_t ahead = prefetch_rows(dim * static_cast<int64_t>(sizeof(in_t)));
-  const int64_t* last = list_end - 1;
-  for (int64_t i = warm_up ? 0 : ahead; i <= ahead; ++i) {
-    __builtin_prefetch(x + *std::min(list + i, last) * stride);
-  }
-  welford_row_init<acc_t, in_t>(mean, m2, x + list[0] * stride, dim);
-  int64_t i = 1;
-  for (; i + 4 <= n; i += 4) {
-    for (int64_t j = 0; j < 4; ++j) __builtin_prefetch(x + *std::min(list + i + ahead + j, last) * stride);
-    const acc_t inv[4] = {acc_t(1) / static_cast<acc_t>(i + 1), acc_t(1) / static_cast<acc_t>(i + 2),
-                          acc_t(1) / static_cast<acc_t>(i + 3), acc_t(1) / static_cast<acc_t>(i + 4)};
-    welford_row_add4<acc_t, in_t>(mean, m2, x + list[i] * stride, x + list[i + 1] * stride,
-                                  x + list[i + 2] * stride, x + list[i + 3] * stride, dim, inv);
-  }
-  for (; i < n; ++i) {
-    __builtin_prefetch(x + *std::min(list + i + ahead, last) * stride);
-    welford_row_add<acc_t, in_t>(mean, m2, x + list[i] * stride, dim,
-                                 acc_t(1) / static_cast<acc_t>(i + 1));
   }
 }
 
@@ -181,21 +131,15 @@ inline void variance_row_body(acc_t* m2, int64_t dim, int64_t n) {
 
 // The compiled loops: one overload per (input, accumulator, index) type, each with its clones.
 #define DIRFAST_SCATTER_ROWS(in_t, acc_t, index_t)                                              \
-  DIRFAST_BIN_STATS_CLONES DIRFAST_NOINLINE void scatter_rows(                                  \
-      const in_t* x, int64_t stride, int64_t dim, const index_t* idx, int64_t n,               \
-      int64_t num_bins, int64_t* count, acc_t* mean, acc_t* m2) {                              \
+  DIRFAST_V3_CLONES DIRFAST_NOINLINE void scatter_rows(                                         \
+      const in_t* x, int64_t stride, int64_t dim, const index_t* idx, int64_t n,                \
+      int64_t num_bins, int64_t* count, acc_t* mean, acc_t* m2) {                               \
     scatter_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, n, num_bins, count, mean, m2); \
   }
-#define DIRFAST_REDUCE_LIST(in_t, acc_t)                                                  \
-  DIRFAST_BIN_STATS_CLONES DIRFAST_NOINLINE void reduce_list(                             \
-      const in_t* x, int64_t stride, int64_t dim, const int64_t* list, int64_t n,        \
-      const int64_t* list_end, bool warm_up, acc_t* mean, acc_t* m2) {                    \
-    reduce_list_body<acc_t, in_t>(x, stride, dim, list, n, list_end, warm_up, mean, m2); \
-  }
 #define DIRFAST_SCAN_ROWS(in_t, acc_t, index_t)                                                \
-  DIRFAST_BIN_STATS_CLONES DIRFAST_NOINLINE void scan_rows(                                    \
-      const in_t* x, int64_t stride, int64_t dim, const index_t* idx, int64_t rows,           \
-      int64_t k_lo, int64_t cursors, Cursor* cursor, int64_t s0, int64_t s1, int64_t seg,     \
+  DIRFAST_V3_CLONES DIRFAST_NOINLINE void scan_rows(                                           \
+      const in_t* x, int64_t stride, int64_t dim, const index_t* idx, int64_t rows,            \
+      int64_t k_lo, int64_t cursors, Cursor* cursor, int64_t s0, int64_t s1, int64_t seg,      \
       acc_t* table) {                                                                          \
     scan_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, rows, k_lo, cursors, cursor, s0, \
                                          s1, seg, table);                                      \
@@ -210,14 +154,13 @@ DIRFAST_ROW_LOOPS(float, float)
 DIRFAST_ROW_LOOPS(double, double)
 DIRFAST_ROW_LOOPS(c10::Half, float)
 DIRFAST_ROW_LOOPS(c10::BFloat16, float)
-DIRFAST_BIN_STATS_CLONES DIRFAST_NOINLINE void variance_row(float* m2, int64_t dim, int64_t n) {
+DIRFAST_V3_CLONES DIRFAST_NOINLINE void variance_row(float* m2, int64_t dim, int64_t n) {
   variance_row_body(m2, dim, n);
 }
-DIRFAST_BIN_STATS_CLONES DIRFAST_NOINLINE void variance_row(double* m2, int64_t dim, int64_t n) {
+DIRFAST_V3_CLONES DIRFAST_NOINLINE void variance_row(double* m2, int64_t dim, int64_t n) {
   variance_row_body(m2, dim, n);
 }
 #undef DIRFAST_ROW_LOOPS
-#undef DIRFAST_REDUCE_LIST
 #undef DIRFAST_SCAN_ROWS
 #undef DIRFAST_SCATTER_ROWS
 
@@ -355,25 +298,14 @@ class BinStats {
       if (k >= 0 && k < bins) ++count_out[k];
     }
     // Bucket k's rows, in row order, take positions [start[k], start[k + 1]) of the sorted order
-    // and are cut every `seg` rows into segments, numbered [seg_first[k], seg_first[k + 1]).
+    // and are cut every `seg` rows into segments (segs.group[s] is the bucket of segment s).
     std::vector<int64_t> start(bins + 1);
     start[0] = 0;
     for (int64_t k = 0; k < bins; ++k) start[k + 1] = start[k] + count_out[k];
     const int64_t valid = start[bins];
     const int64_t seg = segment_rows(rows, dim);
-    std::vector<int64_t> seg_start, seg_bin, seg_first(bins + 1);
-    seg_start.reserve(std::min<int64_t>(bins, valid) + valid / seg + 1);
-    seg_bin.reserve(std::min<int64_t>(bins, valid) + valid / seg);
-    for (int64_t k = 0; k < bins; ++k) {
-      seg_first[k] = static_cast<int64_t>(seg_start.size());
-      for (int64_t p = start[k]; p < start[k + 1]; p += seg) {
-        seg_start.push_back(p);
-        seg_bin.push_back(k);
-      }
-    }
-    const int64_t segments = static_cast<int64_t>(seg_start.size());
-    seg_first[bins] = segments;
-    seg_start.push_back(valid);
+    const Segments segs(start.data(), bins, seg);
+    const int64_t segments = segs.count();
 
     // Each task takes the segments that start in its range of sorted positions, and finds their
     // rows in one of two ways that give the same bits (so the choice may follow the threads):
@@ -385,13 +317,13 @@ class BinStats {
     const bool gather = tasks > 1 || segments * stride * static_cast<int64_t>(sizeof(acc_t)) > kScanTableBytes;
     // Scanned: every segment's mean and M2 side by side in `table`. Gathered: a bucket's first
     // segment accumulates into its rows of the outputs, later ones into `table`.
-    auto in_outputs = [&](int64_t s) { return gather && s == seg_first[seg_bin[s]]; };
+    auto in_outputs = [&](int64_t s) { return gather && s == segs.first[segs.group[s]]; };
     int64_t stored = 0;
     for (int64_t s = 0; s < segments; ++s) stored += !in_outputs(s);
     std::unique_ptr<acc_t[]> table(new acc_t[std::max<int64_t>(stored * stride, 1)]);
     std::vector<acc_t*> seg_mean(segments), seg_m2(segments);
     for (int64_t s = 0, slot = 0; s < segments; ++s) {
-      const int64_t k = seg_bin[s];
+      const int64_t k = segs.group[s];
       seg_mean[s] = in_outputs(s) ? mean_out + k * dim : table.get() + stride * slot++;
       seg_m2[s] = in_outputs(s) ? var_out + k * dim : seg_mean[s] + dim;
     }
@@ -405,28 +337,24 @@ class BinStats {
     }
 
     parallel_for_ranges(valid, grain, [&](int64_t begin, int64_t end) {
-      const int64_t* first = seg_start.data();
-      const int64_t s0 = std::lower_bound(first, first + segments, begin) - first;
-      const int64_t s1 = std::lower_bound(first, first + segments, end) - first;
+      const auto [s0, s1] = segs.starting_in(begin, end);
       if (s0 == s1) return;  // no segment starts in this piece
       if (gather) {
         for (int64_t s = s0; s < s1; ++s) {
-          reduce_list(x_, layout_.row_stride, dim, order.get() + seg_start[s],
-                      seg_start[s + 1] - seg_start[s], order.get() + valid, s == s0, seg_mean[s],
-                      seg_m2[s]);
+          reduce_list(x_, layout_.row_stride, dim, order.get() + segs.start[s], segs.rows(s), order.get() + valid,
+                      s == s0, seg_mean[s], seg_m2[s]);
         }
       } else {
-        const int64_t k_lo = seg_bin[s0];
-        const int64_t cursors = seg_bin[s1 - 1] - k_lo + 1;
+        const int64_t k_lo = segs.group[s0];
+        const int64_t cursors = segs.group[s1 - 1] - k_lo + 1;
         std::unique_ptr<Cursor[]> cursor(new Cursor[cursors]);
-        for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, seg_first[k_lo + j]};
+        for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, segs.first[k_lo + j]};
         scan_rows(x_, layout_.row_stride, dim, idx_, rows, k_lo, cursors, cursor.get(), s0, s1,
                   seg, table.get());
       }
       // Buckets of one segment are done (while their accumulators are in cache).
       for (int64_t s = s0; s < s1; ++s) {
-        const int64_t k = seg_bin[s];
-        if (seg_first[k + 1] - seg_first[k] == 1) finish(k, count_out[k], seg_mean[s], seg_m2[s], mean_out, var_out);
+        if (segs.whole(s)) finish(segs.group[s], count_out[segs.group[s]], seg_mean[s], seg_m2[s], mean_out, var_out);
       }
     });
 
@@ -435,8 +363,8 @@ class BinStats {
     const int64_t finish_grain = std::max<int64_t>(1, kMinFinishElements / std::max<int64_t>(dim, 1));
     parallel_for_ranges(bins, finish_grain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
-        const int64_t s0 = seg_first[k];
-        const int64_t s1 = seg_first[k + 1];
+        const int64_t s0 = segs.first[k];
+        const int64_t s1 = segs.first[k + 1];
         if (s1 - s0 == 1) continue;
         acc_t* mean = mean_out + k * dim;
         acc_t* m2 = var_out + k * dim;
@@ -446,7 +374,7 @@ class BinStats {
         }
         int64_t n = std::min<int64_t>(count_out[k], seg);
         for (int64_t s = s0 + 1; s < s1; ++s) {
-          const int64_t nb = seg_start[s + 1] - seg_start[s];
+          const int64_t nb = segs.rows(s);
           chan_merge_row<acc_t>(mean, m2, seg_mean[s], seg_m2[s], dim, chan_weights<acc_t>(n, nb));
           n += nb;
         }

@@ -42,11 +42,6 @@ namespace {
 // lines in flight than 16-byte ones (the yardstick, torch's own elementwise loops, is AVX2 too).
 // No x * s + t is fused, so both clones give the same bits.
 #pragma GCC optimize("fp-contract=off")
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
-#define DIRFAST_CALIBRATE_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DIRFAST_CALIBRATE_CLONES
-#endif
 
 // The least work a thread is given (so small work runs on one thread): elements of x to
 // calibrate, or values of s and t to compute (each a divide and a square root).
@@ -383,10 +378,10 @@ inline void apply_row_body(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, c
 
 // apply_row_body in both clones, one overload per (x dtype, accumulation dtype) pair (the
 // clones' ifunc is made per function, as in the other kernels, not per template).
-#define DIRFAST_CALIBRATE_APPLY_ROW(T, acc_t)                                                            \
-  DIRFAST_CALIBRATE_CLONES DIRFAST_NOINLINE void apply_row(T* y, const T* x, const acc_t* s, const acc_t* t, \
-                                                           int64_t dim) {                                  \
-    apply_row_body<T, acc_t>(y, x, s, t, dim);                                                           \
+#define DIRFAST_CALIBRATE_APPLY_ROW(T, acc_t)                                                         \
+  DIRFAST_V3_CLONES DIRFAST_NOINLINE void apply_row(T* y, const T* x, const acc_t* s, const acc_t* t, \
+                                                    int64_t dim) {                                    \
+    apply_row_body<T, acc_t>(y, x, s, t, dim);                                                        \
   }
 DIRFAST_CALIBRATE_APPLY_ROW(float, float)
 DIRFAST_CALIBRATE_APPLY_ROW(float, double)

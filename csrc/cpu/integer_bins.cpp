@@ -22,11 +22,6 @@ constexpr int64_t kGrainLabels = int64_t(1) << 16;  // the least labels a thread
 
 // x86-64-v3 (AVX2) or the baseline: the loop below vectorises in both (no floor call: the clamped
 // values are at least first >= 0, where the truncating conversion floors).
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
-#define DIRFAST_INTEGER_BINS_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DIRFAST_INTEGER_BINS_CLONES
-#endif
 
 // bins[i] of labels [begin, end): clamp(label * scale) into [lo, hi] (NaN to lo, unused), then
 // truncated, counted from `first`; -1 where the label is NaN or infinite (label - label is not 0).
@@ -42,11 +37,11 @@ inline void bin_labels_body(const T* DIRFAST_RESTRICT labels, int64_t* DIRFAST_R
   }
 }
 
-#define DIRFAST_BIN_LABELS(T, acc_t)                                                                         \
-  DIRFAST_INTEGER_BINS_CLONES DIRFAST_NOINLINE void bin_labels(const T* labels, int64_t* bins, int64_t begin, \
-                                                               int64_t end, acc_t scale, bool scaled, acc_t lo, \
-                                                               acc_t hi, int64_t first) {                      \
-    bin_labels_body<T, acc_t>(labels, bins, begin, end, scale, scaled, lo, hi, first);                        \
+#define DIRFAST_BIN_LABELS(T, acc_t)                                                                  \
+  DIRFAST_V3_CLONES DIRFAST_NOINLINE void bin_labels(const T* labels, int64_t* bins, int64_t begin,   \
+                                                     int64_t end, acc_t scale, bool scaled, acc_t lo, \
+                                                     acc_t hi, int64_t first) {                       \
+    bin_labels_body<T, acc_t>(labels, bins, begin, end, scale, scaled, lo, hi, first);                \
   }
 DIRFAST_BIN_LABELS(float, float)
 DIRFAST_BIN_LABELS(double, double)

@@ -36,11 +36,6 @@ namespace {
 // vfmadd there and libm's fma here, with the same bits. No other a * b + c is fused (g++ would in
 // the x86-64-v3 clone), so both clones round alike.
 #pragma GCC optimize("fp-contract=off")
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
-#define DIRFAST_RNC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define DIRFAST_RNC_CLONES
-#endif
 
 // ---------------------------------------------------------------------------- checks
 // features [m, D] and labels [m, L >= 1], floating, on the CPU; temperature finite > 0; the
@@ -216,13 +211,13 @@ __attribute__((always_inline)) inline void tile_body(const T* Z, int64_t m, int6
   }
 }
 
-DIRFAST_RNC_CLONES DIRFAST_NOINLINE void tile(const float* Z, int64_t m, int64_t D, int64_t offset, int64_t i0,
-                                              int64_t i1, int64_t k0, int64_t k1, int64_t mirror_end, float* R) {
+DIRFAST_V3_CLONES DIRFAST_NOINLINE void tile(const float* Z, int64_t m, int64_t D, int64_t offset, int64_t i0,
+                                             int64_t i1, int64_t k0, int64_t k1, int64_t mirror_end, float* R) {
   tile_body(Z, m, D, offset, i0, i1, k0, k1, mirror_end, R);
 }
 
-DIRFAST_RNC_CLONES DIRFAST_NOINLINE void tile(const double* Z, int64_t m, int64_t D, int64_t offset, int64_t i0,
-                                              int64_t i1, int64_t k0, int64_t k1, int64_t mirror_end, double* R) {
+DIRFAST_V3_CLONES DIRFAST_NOINLINE void tile(const double* Z, int64_t m, int64_t D, int64_t offset, int64_t i0,
+                                             int64_t i1, int64_t k0, int64_t k1, int64_t mirror_end, double* R) {
   tile_body(Z, m, D, offset, i0, i1, k0, k1, mirror_end, R);
 }
 
@@ -306,11 +301,11 @@ __attribute__((always_inline)) inline void exp_body<double>(const double* x, dou
   for (int64_t p = 0; p < count; ++p) out[p] = std::exp(x[p]);
 }
 
-DIRFAST_RNC_CLONES DIRFAST_NOINLINE void exp_of(const float* x, float* out, int64_t count) {
+DIRFAST_V3_CLONES DIRFAST_NOINLINE void exp_of(const float* x, float* out, int64_t count) {
   exp_body(x, out, count);
 }
 
-DIRFAST_RNC_CLONES DIRFAST_NOINLINE void exp_of(const double* x, double* out, int64_t count) {
+DIRFAST_V3_CLONES DIRFAST_NOINLINE void exp_of(const double* x, double* out, int64_t count) {
   exp_body(x, out, count);
 }
 
@@ -599,13 +594,13 @@ __attribute__((always_inline)) inline void add_pairs_body(const T* Z, const T* b
   }
 }
 
-DIRFAST_RNC_CLONES DIRFAST_NOINLINE void add_pairs(const float* Z, const float* b, int64_t ldb, int64_t r0, int64_t r1,
-                                                   int64_t p0, int64_t p1, float* grad, int64_t D) {
+DIRFAST_V3_CLONES DIRFAST_NOINLINE void add_pairs(const float* Z, const float* b, int64_t ldb, int64_t r0, int64_t r1,
+                                                  int64_t p0, int64_t p1, float* grad, int64_t D) {
   add_pairs_body(Z, b, ldb, r0, r1, p0, p1, grad, D);
 }
 
-DIRFAST_RNC_CLONES DIRFAST_NOINLINE void add_pairs(const double* Z, const double* b, int64_t ldb, int64_t r0,
-                                                   int64_t r1, int64_t p0, int64_t p1, double* grad, int64_t D) {
+DIRFAST_V3_CLONES DIRFAST_NOINLINE void add_pairs(const double* Z, const double* b, int64_t ldb, int64_t r0,
+                                                  int64_t r1, int64_t p0, int64_t p1, double* grad, int64_t D) {
   add_pairs_body(Z, b, ldb, r0, r1, p0, p1, grad, D);
 }
 
