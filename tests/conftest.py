@@ -7,7 +7,17 @@ so this module sets it first, and only asks torch whether a GPU is there (no CUD
 import os
 import sys
 
-import torch
+# Under pytest-xdist (`-n 2`, the README's test command) each worker, and each process it starts,
+# gets its share of the cores as torch threads: two workers of 2 threads each on 2 cores ran the
+# compute-heavy tests up to 3x slower. The thread-count tests set their own counts.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(_share)
 
 if not torch.cuda.is_available():
     # Lets the Triton backend run (slowly, on small sizes) on a machine without a GPU.
