@@ -32,6 +32,14 @@ for _path in (_ROOT, _TESTS):  # `benchmarks` (and `tests`) from the root; `test
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """The tests hold no pytest-benchmark case (those are in benchmarks/, run by
+    `pytest benchmarks`): its plugin is told so, rather than warn, in every xdist worker, that it
+    turns benchmarks off."""
+    if hasattr(config.option, "benchmark_disable"):
+        config.option.benchmark_disable = True
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     """Every test starts and ends on the default backend, whatever it selected."""
