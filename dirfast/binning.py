@@ -17,9 +17,8 @@ import numpy as np
 import torch
 
 from . import _validate as validate
-from . import ops
 from .bandwidth import BIN_WIDTH_RULES, rule_width
-from .ops.integer_bins import MAX_BINS  # bins are computed in float32, exact up to there
+from .ops.integer_bins import MAX_BINS, integer_bins_unchecked  # MAX_BINS: bins are computed in float32, exact up to there
 
 __all__ = ["Binning", "GridBinning", "PRECISIONS"]
 
@@ -264,8 +263,8 @@ class Binning:
         cmp = self._compare_dtype(labels.dtype, precision)
         values = labels.to(cmp)
         last = self.num_bins - 1
-        if self._kind == "integer":  # int(label * scale): one pass (ops.integer_bins)
-            return ops.integer_bins(values, self.num_bins, self._scale, first)
+        if self._kind == "integer":  # int(label * scale): one pass (the integer_bins op)
+            return integer_bins_unchecked(values, self.num_bins, self._scale, first)
         edges, guess = self._edges_tensor(cmp, labels.device)
         if guess is None or labels.numel() < _GUESS_FROM or labels.device.type != "cpu":
             bins = (torch.searchsorted(edges, values.contiguous(), right=True) - 1).clamp_(first, last)

@@ -33,6 +33,13 @@ def integer_bins(labels: torch.Tensor, num_bins: int, scale: float = 1.0, first:
     first = _checks.integer("first", first)
     if not 0 <= first < num_bins:
         raise ValueError(f"first must be in [0, {num_bins}) (num_bins), got {first}")
+    return integer_bins_unchecked(labels, num_bins, scale, first)
+
+
+def integer_bins_unchecked(labels: torch.Tensor, num_bins: int, scale: float, first: int) -> torch.Tensor:
+    """:func:`integer_bins` for a caller that has checked its arguments (a Binning, at its
+    construction and on each call's labels): the Python checks, a third of its time on a batch of
+    256 labels, are not made twice. The C++ kernel checks them all the same."""
     return _dispatch.call("integer_bins", labels.device, labels, num_bins, scale, first)
 
 
