@@ -11,7 +11,7 @@ from . import _validate as validate
 from . import distributed, ops
 from ._autograd import in_place_refusal
 from .ops.accumulate_bin_stats import accumulate_unchecked_, var_from_m2
-from .ops.calibrate import scale_shift
+from .ops.calibrate import calibrate_unchecked, calibrate_unchecked_, scale_shift
 from .binning import MAX_BINS, Binning, GridBinning
 from .windows import kernel_window
 
@@ -446,13 +446,13 @@ class FDS(nn.Module):
         stats = (self.running_mean_last_epoch, self.running_var_last_epoch, self.smoothed_mean_last_epoch,
                  self.smoothed_var_last_epoch, self.clip_min, self.clip_max)
         if not inplace:
-            return ops.calibrate(features, buckets, *stats)
+            return calibrate_unchecked(features, buckets, *stats)
         refusal = in_place_refusal("features", features)
         if refusal is not None:
             raise RuntimeError(f"FDS.smooth cannot calibrate features in place: {refusal}. Call smooth(features, "
                                f"labels, epoch, inplace=False) to calibrate into a new tensor, or smooth before "
                                f"that activation")
-        return ops.calibrate_(features, buckets, *stats)
+        return calibrate_unchecked_(features, buckets, *stats)
 
     # -- diagnostics ---------------------------------------------------------------------------
     @torch.no_grad()
