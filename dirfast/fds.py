@@ -10,7 +10,7 @@ from torch import nn
 from . import _validate as validate
 from . import distributed, ops
 from ._autograd import in_place_refusal
-from .ops.accumulate_bin_stats import accumulate_unchecked_, var_from_m2
+from .ops.accumulate_bin_stats import accumulate_bin_stats_unchecked_, var_from_m2
 from .ops.calibrate import calibrate_unchecked, calibrate_unchecked_, scale_shift
 from .binning import MAX_BINS, Binning, GridBinning
 from .windows import kernel_window
@@ -240,8 +240,8 @@ class FDS(nn.Module):
         finite (a NaN or infinite feature); ``num_samples_skipped`` counts those rows.
         """
         buckets = self._buckets(features, labels, check=False)
-        skipped = accumulate_unchecked_(self.accumulated_count, self.accumulated_mean, self.accumulated_m2,
-                                        features, buckets)
+        skipped = accumulate_bin_stats_unchecked_(self.accumulated_count, self.accumulated_mean,
+                                                  self.accumulated_m2, features, buckets)
         self.num_samples_skipped.view(1).add_(skipped)  # through a view: see __init__
 
     def clear_accumulated(self) -> None:

@@ -41,10 +41,10 @@ def accumulate_bin_stats_(count: torch.Tensor, mean: torch.Tensor, m2: torch.Ten
     """
     _checks.features_and_bins(x, bin_idx)
     _checks.running_moments(count, mean, m2, x)
-    return accumulate_unchecked_(count, mean, m2, x, bin_idx)
+    return accumulate_bin_stats_unchecked_(count, mean, m2, x, bin_idx)
 
 
-def accumulate_unchecked_(count, mean, m2, x, bin_idx) -> torch.Tensor:
+def accumulate_bin_stats_unchecked_(count, mean, m2, x, bin_idx) -> torch.Tensor:
     """:func:`accumulate_bin_stats_` for a caller that has checked its arguments (FDS.accumulate:
     its batch, the bins of its binning, its own tables): the Python checks, a tenth of a 256 x 512
     step, are not made twice. The C++ kernel checks them all the same."""
