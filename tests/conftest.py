@@ -11,7 +11,8 @@ import sys
 # gets its share of the cores as torch threads: two workers of 2 threads each on 2 cores ran the
 # compute-heavy tests up to 3x slower. The thread-count tests set their own counts.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
-    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    _share = max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
     os.environ["OMP_NUM_THREADS"] = str(_share)
 
 import torch  # noqa: E402
