@@ -2,7 +2,7 @@
 :mod:`benchmarks.cases`:
 
 * ``compiled(op)`` -- ``torch.compile(dynamic=False)`` (inductor) of a vectorised formulation
-  of :mod:`benchmarks.vectorised` (:data:`FORMULATIONS`);
+  of :mod:`benchmarks.vectorised` (:data:`FORMULATIONS`, and ``TorchFDS.smooth``);
 * ``fftkde_weights`` -- KDEpy's ``FFTKDE`` used as a user would for DenseWeight: Silverman's
   bandwidth, ``FFTKDE(kernel="gaussian", bw).fit(labels).evaluate(4096)``, p' scaled to [0, 1],
   ``np.interp`` at the labels and the DenseWeight formula (KDEpy is GPL: it is only run here);
@@ -32,12 +32,13 @@ class Missing(Exception):
     """An optional package is not installed (the message names it)."""
 
 
-def compiled(op: str):
-    """The vectorised formulation of ``op`` under ``torch.compile(dynamic=False)``. Dynamo's
-    caches are emptied first: the recompile limit counts every shape a function was compiled
-    for, and each case compiles its own."""
+def compiled(op):
+    """The vectorised formulation of ``op`` (its name in FORMULATIONS, or the function itself:
+    FDS.smooth's is the method of a ``TorchFDS``) under ``torch.compile(dynamic=False)``.
+    Dynamo's caches are emptied first: the recompile limit counts every shape a function was
+    compiled for, and each case compiles its own."""
     torch._dynamo.reset()
-    return torch.compile(FORMULATIONS[op], dynamic=False)
+    return torch.compile(FORMULATIONS[op] if isinstance(op, str) else op, dynamic=False)
 
 
 def kdepy():

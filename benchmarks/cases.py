@@ -56,7 +56,7 @@ OPS = ("bin_stats", "calibrate", "calibrate_", "fds_epoch", "mixture_logpdf", "d
 EXTRA_OPS = ("fds_smooth",)
 ALL_OPS = OPS + EXTRA_OPS
 BIN_OPS = ("bin_stats", "calibrate", "calibrate_")  # the ops of the bins sweep
-COMPILED_OPS = tuple(alternatives.FORMULATIONS)
+COMPILED_OPS = tuple(alternatives.FORMULATIONS) + ("fds_smooth",)  # fds_smooth: TorchFDS.smooth compiled
 
 # The default sizes: a training set's features [N, D], a training batch's (FDS.smooth runs on one
 # per step: a call's fixed costs and the s and t of each bucket it meets show here), and a dense
@@ -483,8 +483,11 @@ def _fds_runner(op, provider, t, device, dense):
         return Contender(lambda: x.clone(), None, device)
     if provider == "published":
         run = _FDSRun(op, PublishedFDS(d, device=device, **common), x, labels, dense_published=dense)
-    elif provider == "torch":
-        run = _FDSRun(op, TorchFDS(d, device=device, **common), x, labels)
+    elif provider in ("torch", "compiled"):
+        fds = TorchFDS(d, device=device, **common)
+        if provider == "compiled":  # fds_smooth: the vectorised smooth, one module's method, compiled
+            fds.smooth = alternatives.compiled(fds.smooth)
+        run = _FDSRun(op, fds, x, labels)
     else:
         dirfast, reason = _dirfast()
         if dirfast is None:
@@ -518,10 +521,12 @@ def runner(case: Case, provider: str) -> Contender:
 
 
 def reference_output(case: Case):
-    """What the op must give: dirfast's reference backend (calibrate's for calibrate_), or
-    the vectorised formulation where dirfast does not import."""
-    args = _args(case)
+    """What the op must give: dirfast's reference backend (calibrate's for calibrate_; for
+    fds_smooth, dirfast.FDS on it), or the vectorised formulation where dirfast does not import."""
     dirfast, _ = _dirfast()
+    if case.op == "fds_smooth":
+        return first_output(runner(case, "torch" if dirfast is None else "reference"))
+    args = _args(case)
     if dirfast is None:
         return {"bin_stats": torch_bin_stats, "calibrate": torch_calibrate, "calibrate_": torch_calibrate,
                 "mixture_logpdf": torch_mixture_logpdf}[case.op](*args)

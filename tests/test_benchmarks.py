@@ -28,13 +28,13 @@ def run_module(*args):
 
 
 def test_benchmarks_run():
-    out = run_module("benchmarks.run", "--quick", "--ops", "bin_stats,calibrate,calibrate_,fds_epoch", "--sizes",
-                     "512x8", "--bins", "97,300", "--check")
+    out = run_module("benchmarks.run", "--quick", "--ops", "bin_stats,calibrate,calibrate_,fds_epoch,fds_smooth",
+                     "--sizes", "512x8", "--bins", "97,300", "--check")
     table = out[out.index("case "):]
     for row in ("published", "torch", "compiled", "cpp", "clone", "read pass", "in-place pass", "300 bins",
                 "x yardstick", "x faster than alternative"):
         assert row in table, row
-    assert table.count("vs reference") == 6, "every compiled formulation is checked before it is timed"
+    assert table.count("vs reference") == 7, "every compiled formulation is checked before it is timed"
     assert "MISMATCH" not in out and "failed" not in out
 
 
