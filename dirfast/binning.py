@@ -261,7 +261,7 @@ class Binning:
         FDS.smooth's binning, and its binary search 40-60 ns a label; on few labels the search's
         fewer ops win (benchmarks/results/cpu/binning-ops.txt)."""
         cmp = self._compare_dtype(labels.dtype, precision)
-        values = labels.to(cmp)
+        values = labels if labels.dtype == cmp else labels.to(cmp)  # (a no-op .to costs a few us)
         last = self.num_bins - 1
         if self._kind == "integer":  # int(label * scale): one pass (the integer_bins op)
             return integer_bins_unchecked(values, self.num_bins, self._scale, first)

@@ -195,8 +195,9 @@ class _OnBackend(torch.autograd.Function):
 
 def call(op: str, device: torch.device, *args):
     """Run ``op`` on ``args`` (on ``device``) with this thread's backend."""
-    kernel = kernels(device)
-    if (_selected() not in _DISPATCHED and op in _AUTOGRAD and torch.is_grad_enabled()
+    name = _selected()
+    kernel = kernels(device, name)
+    if (name not in _DISPATCHED and op in _AUTOGRAD and torch.is_grad_enabled()
             and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
         return _OnBackend.apply(op, kernel, *args)
     return kernel(op)(*args)
