@@ -18,7 +18,8 @@ import torch
 
 from . import _validate as validate
 from .bandwidth import BIN_WIDTH_RULES, rule_width
-from .ops.integer_bins import MAX_BINS, integer_bins_unchecked  # MAX_BINS: bins are computed in float32, exact up to there
+# MAX_BINS: bins are computed in float32, exact up to there
+from .ops.integer_bins import MAX_BINS, integer_bins_unchecked
 
 __all__ = ["Binning", "GridBinning", "PRECISIONS"]
 

@@ -7,7 +7,7 @@ so this module sets it first, and only asks torch whether a GPU is there (no CUD
 import os
 import sys
 
-# Under pytest-xdist (`-n 2`, the README's test command) each worker, and each process it starts,
+# Under pytest-xdist (`-n auto`, the README's test command) each worker, and each process it starts,
 # gets its share of the cores as torch threads: two workers of 2 threads each on 2 cores ran the
 # compute-heavy tests up to 3x slower. The thread-count tests set their own counts.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):

@@ -47,7 +47,7 @@ def accumulate_bin_stats_(count: torch.Tensor, mean: torch.Tensor, m2: torch.Ten
 def accumulate_bin_stats_unchecked_(count, mean, m2, x, bin_idx) -> torch.Tensor:
     """:func:`accumulate_bin_stats_` for a caller that has checked its arguments (FDS.accumulate:
     its batch, the bins of its binning, its own tables): the Python checks, a tenth of a 256 x 512
-    step, are not made twice. The C++ kernel checks them all the same."""
+    step, are not made twice. The compiled kernels check them all the same."""
     return _dispatch.call("accumulate_bin_stats_", x.device, count, mean, m2, x.detach(), bin_idx)
 
 

@@ -46,7 +46,7 @@ def calibrate_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float
 
 # For a caller that has checked the arguments (FDS.smooth: its batch, the bins of its binning, its
 # own statistics and clips): the Python checks, an eighth of a 256 x 512 step, are not made twice.
-# The C++ kernel checks them all the same.
+# The compiled kernels check them all the same.
 def calibrate_unchecked(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float, clip_max: float):
     """:func:`calibrate` without its argument checks."""
     return _dispatch.call("calibrate", x.device, x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max)
