@@ -299,11 +299,9 @@ Tensor accumulate_bin_stats_cpu(Tensor count, Tensor mean, Tensor m2, const Tens
   check_accumulate_args(count, mean, m2, x, bin_idx, op, torch::headeronly::DeviceType::CPU);
   Tensor skipped = empty({}, ScalarType::Long, x);
   const int64_t num_bins = count.size(0);
-  // (contiguous() is a dispatcher call, a few microseconds, even for a tensor that already is.)
-  auto contiguous = [](const Tensor& t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); };
-  const Tensor idx = contiguous(bin_idx);
+  const Tensor idx = made_contiguous(bin_idx);
   // The tables written in place, or through contiguous copies written back at the end.
-  Tensor count_c = contiguous(count), mean_c = contiguous(mean), m2_c = contiguous(m2);
+  Tensor count_c = made_contiguous(count), mean_c = made_contiguous(mean), m2_c = made_contiguous(m2);
   // Long rows, or fewer rows than buckets: grouped by bucket (a batch against many buckets costs
   // its rows). Otherwise (dense planes, short rows, many rows per bucket): bin_stats, then the merge.
   const Layout given = classify(x);
@@ -312,7 +310,7 @@ Tensor accumulate_bin_stats_cpu(Tensor count, Tensor mean, Tensor m2, const Tens
                                            x.size(1) * static_cast<int64_t>(x.element_size()) >= kLongRowBytes);
   const bool wide = x.scalar_type() == ScalarType::Double || mean.scalar_type() == ScalarType::Double;
   const Tensor xr = grouped ? in_layout(x, Layout::kRows)  // x itself when it is rows already
-                            : (wide ? torch::stable::to(x, ScalarType::Double) : x);  // acc_t's moments
+                            : (wide ? in_dtype(x, ScalarType::Double) : x);  // acc_t's moments
   const Layout layout = classify(xr);
   std::array<Tensor, 3> batch;
   if (!grouped) batch = bin_stats_of(xr, idx, num_bins);

@@ -417,7 +417,7 @@ std::tuple<Tensor, Tensor, Tensor> bin_stats_cpu(const Tensor& x, const Tensor& 
 
   const Tensor xr = readable(x);  // a copy only for layouts the kernel does not walk
   const Layout layout = classify(xr);
-  const Tensor idx = torch::stable::contiguous(bin_idx);
+  const Tensor idx = made_contiguous(bin_idx);
   dispatch_float(x.scalar_type(), op, [&](auto scalar) {
     using scalar_t = decltype(scalar);
     using acc_t = opmath_t<scalar_t>;

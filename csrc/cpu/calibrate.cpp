@@ -596,11 +596,11 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
   if (x.get() == y.get()) check_writable_in_place(x, op);
   const ScalarType acc = acc_type({x.scalar_type(), src_mean.scalar_type()});
   // In acc's dtype, in their own strides (BucketRows).
-  const Tensor m1 = torch::stable::to(src_mean, acc), v1 = torch::stable::to(src_var, acc);
-  const Tensor m2 = torch::stable::to(dst_mean, acc), v2 = torch::stable::to(dst_var, acc);
+  const Tensor m1 = in_dtype(src_mean, acc), v1 = in_dtype(src_var, acc);
+  const Tensor m2 = in_dtype(dst_mean, acc), v2 = in_dtype(dst_var, acc);
   if (x.numel() == 0) return;
   const InOut plan = plan_in_out(x, y);
-  const Tensor idx = torch::stable::contiguous(bin_idx);
+  const Tensor idx = made_contiguous(bin_idx);
   const int64_t dim = plan.lx.dim;
   const bool planar = plan.lx.kind == Layout::kPlanar;
 

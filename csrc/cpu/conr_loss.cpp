@@ -776,7 +776,7 @@ Prepared prepare(const Tensor& features, const Tensor& labels, const Tensor& pre
   Prepared p;
   p.q = empty({m, d}, acc, features);
   p.norms = empty({m}, acc, features);
-  const Tensor z = torch::stable::contiguous(features);
+  const Tensor z = made_contiguous(features);
   p.labels_t = contiguous_as(torch::stable::transpose(labels, 0, 1), acc);
   p.preds_t = contiguous_as(torch::stable::transpose(preds, 0, 1), acc);
   p.weights = contiguous_as(weights, acc);

@@ -58,7 +58,7 @@ Tensor integer_bins_cpu(const Tensor& labels, int64_t num_bins, double scale, in
   STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, kOp, ": scale must be a finite number > 0, got ", scale);
   Tensor bins = empty_sized_like(labels, ScalarType::Long);  // contiguous, as the fake kernel's
   if (labels.numel() == 0) return bins;
-  const Tensor src = labels.is_contiguous() ? labels : torch::stable::contiguous(labels);
+  const Tensor src = made_contiguous(labels);
   dispatch_float(labels.scalar_type(), kOp, [&](auto scalar) {
     using T = decltype(scalar);
     using acc_t = opmath_t<T>;

@@ -355,7 +355,7 @@ Tensor mixture_logpdf_cpu(const Tensor& x, const Tensor& means, const Tensor& va
   const ScalarType acc = acc_type({x.scalar_type(), means.scalar_type(), variances.scalar_type(),
                                    log_weights.scalar_type()});
   Tensor out = empty_sized_like(x, acc);
-  const Tensor xc = torch::stable::contiguous(x);
+  const Tensor xc = made_contiguous(x);
   const int64_t n = xc.numel();
   if (n == 0) return out;
   dispatch_acc(acc, [&](auto acc_scalar) {
@@ -380,7 +380,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixture_logpdf_backward_cpu(
                   " and ", shape_of(out));
   const ScalarType acc = acc_type({x.scalar_type(), means.scalar_type(), variances.scalar_type(),
                                    log_weights.scalar_type()});
-  const Tensor xc = torch::stable::contiguous(x);
+  const Tensor xc = made_contiguous(x);
   const Tensor gc = contiguous_as(grad, acc);
   const Tensor oc = contiguous_as(out, acc);
   const int64_t n = xc.numel(), k = means.numel();

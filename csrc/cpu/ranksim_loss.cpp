@@ -376,7 +376,7 @@ struct Problem {
           int64_t count) {
     const Tensor z = contiguous_as(features, acc);
     const Tensor yt = contiguous_as(labels, acc);
-    const Tensor kt = torch::stable::contiguous(keep);
+    const Tensor kt = made_contiguous(keep);
     m = features.size(0);
     d = features.size(1);
     labels_dim = labels.size(1);

@@ -43,7 +43,7 @@ Tensor smooth_bins_cpu(const Tensor& stats, const Tensor& window, std::string_vi
   std::unique_ptr<bool[]> symmetric(new bool[h > 0 ? h : 1]);
   for (int64_t j = 1; j <= h; ++j) symmetric[j - 1] = window_pair_symmetric(pw64[h - j], pw64[h + j]);
   return write_like(stats, [&](const Tensor& out) {
-    const Tensor src = torch::stable::contiguous(stats);
+    const Tensor src = made_contiguous(stats);
     const Tensor w = contiguous_as(window, stats.scalar_type());
     dispatch_float(stats.scalar_type(), kOp, [&](auto scalar) {
       using T = decltype(scalar);
