@@ -19,12 +19,12 @@ namespace {
 
 constexpr const char* kOp = "dirfast::integer_bins";
 constexpr int64_t kGrainLabels = int64_t(1) << 16;  // the least labels a thread is given
-
-// x86-64-v3 (AVX2) or the baseline: the loop below vectorises in both (no floor call: the clamped
-// values are at least first >= 0, where the truncating conversion floors).
+constexpr int64_t kMaxBins = int64_t(1) << 24;     // MAX_BINS of dirfast/ops/integer_bins.py: exact in float32
 
 // bins[i] of labels [begin, end): clamp(label * scale) into [lo, hi] (NaN to lo, unused), then
 // truncated, counted from `first`; -1 where the label is NaN or infinite (label - label is not 0).
+// It vectorises in both clones: no floor call, the clamped values being at least first >= 0,
+// where the truncating conversion floors.
 template <typename T, typename acc_t>
 inline void bin_labels_body(const T* DIRFAST_RESTRICT labels, int64_t* DIRFAST_RESTRICT bins, int64_t begin,
                             int64_t end, acc_t scale, bool scaled, acc_t lo, acc_t hi, int64_t first) {
@@ -52,8 +52,7 @@ DIRFAST_BIN_LABELS(c10::BFloat16, float)
 Tensor integer_bins_cpu(const Tensor& labels, int64_t num_bins, double scale, int64_t first) {
   check_device_type(labels, "labels", kOp, torch::headeronly::DeviceType::CPU);
   check_float(labels, "labels", kOp);
-  STD_TORCH_CHECK(num_bins >= 1 && num_bins <= (int64_t(1) << 24), kOp, ": num_bins must be in [1, 2^24], got ",
-                  num_bins);
+  STD_TORCH_CHECK(num_bins >= 1 && num_bins <= kMaxBins, kOp, ": num_bins must be in [1, 2^24], got ", num_bins);
   STD_TORCH_CHECK(first >= 0 && first < num_bins, kOp, ": first must be in [0, num_bins), got ", first);
   STD_TORCH_CHECK(std::isfinite(scale) && scale > 0, kOp, ": scale must be a finite number > 0, got ", scale);
   Tensor bins = empty_sized_like(labels, ScalarType::Long);  // contiguous, as the fake kernel's

@@ -8,7 +8,6 @@ reference takes six).
 
 from __future__ import annotations
 
-
 import torch
 
 from . import _checks, _common, _dispatch
