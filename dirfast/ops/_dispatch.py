@@ -197,7 +197,15 @@ def call(op: str, device: torch.device, *args):
     """Run ``op`` on ``args`` (on ``device``) with this thread's backend."""
     name = _selected()
     kernel = kernels(device, name)
-    if (name not in _DISPATCHED and op in _AUTOGRAD and torch.is_grad_enabled()
-            and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
-        return _OnBackend.apply(op, kernel, *args)
-    return kernel(op)(*args)
+    if op not in _AUTOGRAD:
+        return kernel(op)(*args)
+    needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    if name not in _DISPATCHED:
+        return _OnBackend.apply(op, kernel, *args) if needs_grad else kernel(op)(*args)
+    if needs_grad or torch.compiler.is_compiling():
+        return kernel(op)(*args)
+    # The dispatcher's autograd kernel of a differentiable op is Python (torch.library's), about
+    # 20 us a call even where no gradient is needed; it then only runs the kernel below autograd,
+    # which is done here directly.
+    with torch._C._AutoDispatchBelowAutograd():
+        return kernel(op)(*args)
