@@ -9,10 +9,10 @@
 // multiply-adds) in the machine's vector width: AVX-512, AVX2 + FMA or the baseline (libm's fmaf
 // there), chosen at run time, with the same bits. The float64 forward uses plain loops and
 // std::exp. The backward takes elements kLanes at a time (converted to the arithmetic type in a
-// small buffer; in float32 as kLanes / W vectors of the machine's width W, with vexp, the same
-// bits for every width), recomputes each element's responsibilities r_k = exp(term_k - out) and
-// sums the component gradients per fixed chunk of elements, the chunks then added in order: the
-// same bits for any number of threads.
+// small buffer; in float32 as kLanes / W vectors of the machine's width W, by fused multiply-adds
+// and vexp_shifted, as term_k - out <= 0: the same bits for every width), recomputes each
+// element's responsibilities r_k = exp(term_k - out) and sums the component gradients per fixed
+// chunk of elements, the chunks then added in order: the same bits for any number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -207,16 +207,18 @@ __attribute__((always_inline)) inline void backward_block(const float* xs_in, co
     gx[v] = vf{};
   }
   for (int64_t j = 0; j < k; ++j) {
+    const float half_s2 = 0.5f * s[j] * s[j];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
       const vf z = (xs[v] - m[j]) * s[j];
-      const vf r = g[v] * vexp<vf, vi>(c[j] - 0.5f * z * z - shift[v]);
+      const vf arg = vfma(-0.5f * z, z, c[j] - shift[v]);  // term - out <= 0, but for rounding
+      const vf r = arg == -std::numeric_limits<float>::infinity() ? vf{} : g[v] * vexp_shifted<vf, vi>(arg);
       const vi zero = r == 0.0f;
       const vf rz = zero ? vf{} : r * z * s[j];
       gx[v] -= rz;
       const int64_t o = j * kLanes + v * W;
       store_vec(gm + o, load_vec<vf>(gm + o) + rz);
-      store_vec(gv + o, load_vec<vf>(gv + o) + (zero ? vf{} : 0.5f * r * (z * z - 1.0f) * (s[j] * s[j])));
+      store_vec(gv + o, load_vec<vf>(gv + o) + (zero ? vf{} : r * vfma(z, z, vf{} - 1.0f) * half_s2));
       store_vec(gw + o, load_vec<vf>(gw + o) + r);
     }
   }
