@@ -101,6 +101,29 @@ def test_gai_md_matches_published(device, dtype, d):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_target_gradients(device):
+    """BNI and GAI give targets that require grad the published gradient (their MSE term's);
+    BMC's prior is detached, as before the matrix-free form: no gradient."""
+    pred, target = batch((40, 1), seed=38, device=device, dtype=torch.float64)
+    centers, weights = torch.linspace(-4, 6, 21, dtype=torch.float64), torch.rand(21, generator=gen(39)) + 0.1
+    gmm = mixture(3, 1, seed=40)
+    theirs_gmm = {k: v.to(device) for k, v in gmm.items()}
+    pairs = [(lambda p, t: bni_loss(p, t, 0.7, centers, weights),
+              lambda p, t: published.bni_loss(p, t, torch.tensor(0.7), centers.to(device), weights.to(device))),
+             (lambda p, t: gai_loss(p, t, gmm, 0.7), lambda p, t: published.gai_loss(p, t, theirs_gmm, torch.tensor(0.7)))]
+    for ours, theirs in pairs:
+        grads = []
+        for fn in (ours, theirs):
+            t = target.detach().clone().requires_grad_()
+            fn(pred.detach(), t).backward()
+            grads.append(t.grad)
+        torch.testing.assert_close(grads[0], grads[1], **TOL[torch.float64])
+    t = target.detach().clone().requires_grad_()
+    bmc_loss(pred, t, 0.7).backward()
+    assert t.grad is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_dense_predictions_go_in_as_they_are(device):
     """A [B, 1, H, W] depth map gives the loss of its flattened [N, 1] pixels (as the published
     NYUD2-DIR training reshapes them), without an N x K matrix."""

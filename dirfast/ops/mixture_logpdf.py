@@ -52,6 +52,20 @@ def mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor
     return _dispatch.call("mixture_logpdf", x.device, x, means, variances, log_weights)
 
 
+# For a caller that has checked the arguments and runs its own autograd (Balanced MSE's 1-D losses,
+# one autograd node for the whole loss): the op and its backward on a given backend.
+def mixture_logpdf_unchecked(x, means, variances, log_weights):
+    """:func:`mixture_logpdf` without its argument checks, on this thread's backend."""
+    return _dispatch.call("mixture_logpdf", x.device, x, means, variances, log_weights)
+
+
+def mixture_logpdf_backward_unchecked(grad, x, out, means, variances, log_weights, backend: str):
+    """The gradients of ``grad``-weighted :func:`mixture_logpdf` outputs ``out`` in x, means,
+    variances and log_weights, on ``backend`` (the one the forward ran on)."""
+    kernel = _dispatch.kernels(x.device, backend)("mixture_logpdf_backward")
+    return kernel(grad, x, out, means, variances, log_weights)
+
+
 def components(means, variances, log_weights, acc: torch.dtype):
     """The components as every kernel uses them, in ``acc``: means ``m``, inverse standard
     deviations ``s = 1 / sqrt(v)`` and ``c = log w + log s``, so that the term of component k at
