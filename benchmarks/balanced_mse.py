@@ -1,13 +1,16 @@
-"""Balanced MSE's dense case side by side: ``python -m benchmarks.balanced_mse [--device cpu|cuda]
-[--threads N] [--quick] [--json PATH]``.
+"""Balanced MSE side by side: ``python -m benchmarks.balanced_mse [--device cpu|cuda] [--threads N]
+[--quick] [--shape B,1,H,W] [--batches N,...] [--json PATH]``.
 
-BNI and GAI on ``[8, 1, 240, 320]`` depth predictions with K = 100 components, forward plus
-backward (in the predictions and the noise scale), for the published formulation
-(:mod:`benchmarks.published_balanced_mse`: the ``[N, K]`` matrix), dirfast's loss on each backend that
-runs here (its fused ``mixture_logpdf``), and a clone of the predictions plus its backward-sized
-copy (the bandwidth yardstick). Per provider: median time (:mod:`benchmarks.timing`, the
-providers of a loss side by side), peak memory of one warm call above the memory in use before
-it (:func:`benchmarks.timing.peak_memory`), and both as ratios to the published formulation.
+BMC on scalar batches (``--batches``, default 256 and 4,096 samples: a training batch, and the
+prior of 16 ranks' batches gathered), BNI and GAI on ``[8, 1, 240, 320]`` depth predictions with
+K = 100 components, each forward plus backward (in the predictions and the noise scale), for the
+published formulation (:mod:`benchmarks.published_balanced_mse`: the ``[N, K]`` or ``[N, N]``
+matrix), that formulation under ``torch.compile`` (the strongest plain-PyTorch alternative),
+dirfast's loss on each backend that runs here (its fused ``mixture_logpdf``), and a clone of the
+predictions plus its backward-sized copy (the bandwidth yardstick). Per provider: median time
+(:mod:`benchmarks.timing`, the providers of a case side by side), peak memory of one warm call
+above the memory in use before it (:func:`benchmarks.timing.peak_memory`), both as ratios to the
+published formulation, and the largest gradient difference from it (checked before timing).
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ import argparse
 import torch
 
 import dirfast
-from dirfast.losses import bni_loss, gai_loss
+from dirfast.losses import bmc_loss, bni_loss, gai_loss
 
 from . import published_balanced_mse as published
-from . import cases, timing
+from . import alternatives, cases, timing
 
 SHAPE, K = (8, 1, 240, 320), 100
+BMC_BATCHES = (256, 4096)
+KINDS = ("bmc", "bni", "gai")
+# A provider's loss and gradient against the published ones, relative to the largest gradient
+# (float32: the sums run in another order)
+GRAD_TOLERANCE = 1e-4
 
 
 def inputs(device: str, seed: int = 7, shape=SHAPE):
@@ -38,23 +46,32 @@ def inputs(device: str, seed: int = 7, shape=SHAPE):
     return move(pred), move(target), move(centers), move(weights), {k: move(v) for k, v in gmm.items()}
 
 
-def providers(device: str) -> list:
-    """(name, loss kind, callable(pred, target, sigma, centers, weights, gmm) -> loss)."""
-    rows = []
-    for kind in ("bni", "gai"):
-        if kind == "bni":
-            rows.append(("published", kind, lambda p, t, s, c, w, g: published.bni_loss(
-                p.reshape(-1, 1), t.reshape(-1, 1), s ** 2, c, w)))
-        else:
-            rows.append(("published", kind, lambda p, t, s, c, w, g: published.gai_loss(
-                p.reshape(-1, 1), t.reshape(-1, 1), g, s ** 2)))
-        for backend, info in dirfast.backends().items():
-            if not info["available"] or "mixture_logpdf" not in info["ops"] or device not in cases.BACKEND_DEVICES[backend]:
-                continue  # runs on other devices (Triton on a CPU: its interpreter, a correctness tool)
-            call = (lambda p, t, s, c, w, g: bni_loss(p, t, s ** 2, c, w)) if kind == "bni" else \
-                (lambda p, t, s, c, w, g: gai_loss(p, t, g, s ** 2))
-            rows.append((f"dirfast-{backend}", kind, _on(backend, call)))
-        rows.append(("clone", kind, lambda p, t, s, c, w, g: (p.clone() * s).sum()))
+def case_shapes(shape=SHAPE, batches=BMC_BATCHES) -> list:
+    """(loss kind, predictions' shape) of each case: BMC at each batch size, BNI and GAI at ``shape``."""
+    return [("bmc", (n, 1)) for n in batches] + [("bni", tuple(shape)), ("gai", tuple(shape))]
+
+
+def _published(kind: str):
+    """The published loss of ``kind`` on (pred, target, sigma, centers, weights, gmm)."""
+    return {"bmc": lambda p, t, s, c, w, g: published.bmc_loss(p.reshape(-1, 1), t.reshape(-1, 1), s ** 2),
+            "bni": lambda p, t, s, c, w, g: published.bni_loss(p.reshape(-1, 1), t.reshape(-1, 1), s ** 2, c, w),
+            "gai": lambda p, t, s, c, w, g: published.gai_loss(p.reshape(-1, 1), t.reshape(-1, 1), g, s ** 2)}[kind]
+
+
+def providers(device: str, kind: str, with_compiled: bool = True) -> list:
+    """(name, callable(pred, target, sigma, centers, weights, gmm) -> loss) of each provider of
+    ``kind``: published, compiled (``with_compiled``), dirfast on each backend here, clone."""
+    rows = [("published", _published(kind))]
+    if with_compiled:
+        rows.append(("compiled", alternatives.compiled(_published(kind))))
+    call = {"bmc": lambda p, t, s, c, w, g: bmc_loss(p, t, s ** 2),
+            "bni": lambda p, t, s, c, w, g: bni_loss(p, t, s ** 2, c, w),
+            "gai": lambda p, t, s, c, w, g: gai_loss(p, t, g, s ** 2)}[kind]
+    for backend, info in dirfast.backends().items():
+        if not info["available"] or "mixture_logpdf" not in info["ops"] or device not in cases.BACKEND_DEVICES[backend]:
+            continue  # runs on other devices (Triton on a CPU: its interpreter, a correctness tool)
+        rows.append((f"dirfast-{backend}", _on(backend, call)))
+    rows.append(("clone", lambda p, t, s, c, w, g: (p.clone() * s).sum()))
     return rows
 
 
@@ -79,62 +96,80 @@ def _step(fn, data, device):
     return step
 
 
-def run(device: str, quick: bool, shape=SHAPE) -> list:
-    """Per loss kind: each provider's values and peak memory, one at a time, then their times
-    side by side (:func:`benchmarks.timing.compare`)."""
-    data = inputs(device, shape=shape)
+def run(device: str, quick: bool, shape=SHAPE, batches=BMC_BATCHES, with_compiled: bool = True) -> list:
+    """Per case: each provider's values and peak memory, one at a time (a provider whose loss or
+    gradient differs from the published ones raises), then their times side by side
+    (:func:`benchmarks.timing.compare`)."""
     rows = []
-    for kind in ("bni", "gai"):
-        steps = {name: _step(fn, data, device) for name, k, fn in providers(device) if k == kind}
-        kind_rows, reference = {}, None
+    for kind, case_shape in case_shapes(shape, batches):
+        data = inputs(device, shape=case_shape)
+        case = f"{kind} {'x'.join(map(str, case_shape))}"
+        steps = {name: _step(fn, data, device) for name, fn in providers(device, kind, with_compiled)}
+        case_rows, reference = {}, None
         for name, step in steps.items():
-            print(f"  {kind} {name}: values and peak memory ...", flush=True)
+            print(f"  {case} {name}: values and peak memory ...", flush=True)
             peak, loss, grad = timing.peak_memory(step, device)
-            row = {"kind": kind, "provider": name, "peak_bytes": peak, "loss": float(loss)}
+            row = {"kind": kind, "shape": list(case_shape), "provider": name, "peak_bytes": peak, "loss": float(loss)}
             if name == "published":
                 reference = (row["loss"], grad)
             elif name != "clone":
                 row["max_grad_difference"] = float((grad - reference[1]).abs().max() / reference[1].abs().max())
                 row["loss_difference"] = abs(row["loss"] - reference[0])
-            kind_rows[name] = row
+                if not (row["max_grad_difference"] <= GRAD_TOLERANCE
+                        and row["loss_difference"] <= GRAD_TOLERANCE * max(abs(reference[0]), 1.0)):
+                    raise RuntimeError(f"{case} {name}: gradient {row['max_grad_difference']:.2e} and loss "
+                                       f"{row['loss_difference']:.2e} from the published ones (relative "
+                                       f"tolerance {GRAD_TOLERANCE})")
+            case_rows[name] = row
             grad = None
-        print(f"  {kind}: timing {', '.join(steps)} side by side ...", flush=True)
+        print(f"  {case}: timing {', '.join(steps)} side by side ...", flush=True)
         contenders = {name: timing.Contender(step, device=device) for name, step in steps.items()}
         for name, timed in timing.compare(contenders, timing.rules(quick)).items():
             if isinstance(timed, Exception):
-                raise RuntimeError(f"{kind} {name} failed") from timed
-            kind_rows[name].update(median_ms=timed.median_ms, rounds=len(timed.samples), calls_per_round=timed.inner)
-        rows += kind_rows.values()
-    for row in rows:
-        published_row = next(r for r in rows if r["kind"] == row["kind"] and r["provider"] == "published")
-        row["x faster than published"] = published_row["median_ms"] / row["median_ms"]
-        row["memory / published"] = row["peak_bytes"] / max(published_row["peak_bytes"], 1)
+                raise RuntimeError(f"{case} {name} failed") from timed
+            case_rows[name].update(median_ms=timed.median_ms, rounds=len(timed.samples), calls_per_round=timed.inner)
+        for row in case_rows.values():
+            row["x faster than published"] = case_rows["published"]["median_ms"] / row["median_ms"]
+            row["memory / published"] = row["peak_bytes"] / max(case_rows["published"]["peak_bytes"], 1)
+        rows += case_rows.values()
     return rows
 
 
 def format_rows(rows) -> str:
-    lines = [f"{'loss':<5} {'provider':<17} {'median ms':>10} {'x faster':>9} {'peak MB':>9} {'mem/published':>14}"
-             f" {'|grad diff|':>12}"]
+    lines = [f"{'case':<16} {'provider':<17} {'median ms':>10} {'x faster':>9} {'x compiled':>10} {'peak MB':>9} "
+             f"{'mem/published':>14} {'|grad diff|':>12}"]
     for r in rows:
         diff = r.get("max_grad_difference")
-        lines.append(f"{r['kind']:<5} {r['provider']:<17} {r['median_ms']:>10.1f} {r['x faster than published']:>9.2f} "
-                     f"{r['peak_bytes'] / 2**20:>9.1f} {r['memory / published']:>14.4f} "
+        compiled = next((c for c in rows if c["provider"] == "compiled" and c["kind"] == r["kind"]
+                         and c["shape"] == r["shape"]), None)
+        versus = "" if compiled is None else format(compiled["median_ms"] / r["median_ms"], ".2f")
+        case = f"{r['kind']} {'x'.join(map(str, r['shape']))}"
+        lines.append(f"{case:<16} {r['provider']:<17} {r['median_ms']:>10.2f} {r['x faster than published']:>9.2f} "
+                     f"{versus:>10} {r['peak_bytes'] / 2**20:>9.1f} {r['memory / published']:>14.4f} "
                      f"{'' if diff is None else format(diff, '.1e'):>12}")
     return "\n".join(lines)
+
+
+def _integers(option: str, text: str) -> tuple:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise SystemExit(f"{option} must be integers separated by commas, got {text!r}") from None
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.balanced_mse", description=__doc__.split("\n\n")[0])
     timing.add_command_arguments(parser)
-    parser.add_argument("--shape", default=",".join(map(str, SHAPE)), help="predictions' shape (default 8,1,240,320)")
+    parser.add_argument("--shape", default=",".join(map(str, SHAPE)),
+                        help="BNI's and GAI's predictions' shape (default 8,1,240,320)")
+    parser.add_argument("--batches", default=",".join(map(str, BMC_BATCHES)),
+                        help="BMC's batch sizes (default 256,4096)")
     args = parser.parse_args(argv)
-    try:
-        shape = tuple(int(v) for v in args.shape.split(","))
-    except ValueError:
-        raise SystemExit(f"--shape must be integers separated by commas, got {args.shape!r}") from None
-    run_ = timing.Run(args, f"Balanced MSE {list(shape)} K={K} forward+backward")
-    rows = run(args.device, args.quick, shape)
-    run_.finish(format_rows(rows), rows, shape=shape, K=K)
+    shape, batches = _integers("--shape", args.shape), _integers("--batches", args.batches)
+    run_ = timing.Run(args, f"Balanced MSE, BMC on {list(batches)} samples, BNI and GAI on {list(shape)} with "
+                            f"K={K}, forward+backward")
+    rows = run(args.device, args.quick, shape, batches)
+    run_.finish(format_rows(rows), rows, shape=shape, batches=batches, K=K)
 
 
 if __name__ == "__main__":

@@ -129,8 +129,13 @@ def test_the_sweeps_name_their_cases():
 
 
 def test_benchmarks_balanced_mse():
-    out = run_module("benchmarks.balanced_mse", "--quick", "--shape", "2,1,8,10")
-    assert "published" in out and "dirfast-reference" in out and "load:" in out
+    out = run_module("benchmarks.balanced_mse", "--quick", "--shape", "2,1,8,10", "--batches", "16")
+    table = out[out.index("case "):]
+    for case in ("bmc 16x1", "bni 2x1x8x10", "gai 2x1x8x10"):
+        for provider in ("published", "compiled", "dirfast-reference", "dirfast-cpp", "clone"):
+            assert any(line.startswith(case) and line.split()[2] == provider for line in table.splitlines()), \
+                (case, provider)
+    assert "load:" in out
 
 
 def test_benchmarks_fds_accumulate():
