@@ -2,8 +2,9 @@
 
 Adapted from the published code (github.com/jiawei-ren/BalancedMSE, MIT licence, Copyright (c)
 2022 Jiawei Ren): the same losses and gradients, on any device, for targets of any dimension,
-without the N x K matrix of BNI and GAI (:func:`dirfast.ops.mixture_logpdf` is fused), with an
-optional all-gather of BMC's prior over the ranks of ``torch.distributed``.
+without the N x K matrix of BNI and GAI nor BMC's N x N on scalar targets
+(:func:`dirfast.ops.mixture_logpdf` is fused), with an optional all-gather of BMC's prior over
+the ranks of ``torch.distributed``.
 
 Each loss is the negative log-likelihood of the target under the balanced predictive
 distribution: the MSE term ``|pred - target|^2 / (2 noise_var)`` plus a balancing term, the log

@@ -49,7 +49,7 @@ def mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor
         raise ValueError(f"means must be 1-D with at least one component, got shape {tuple(means.shape)}")
     for name, value in (("means", means), ("variances", variances), ("log_weights", log_weights)):
         _checks.bin_table(name, value, means.shape, x.device)
-    return _dispatch.call("mixture_logpdf", x.device, x, means, variances, log_weights)
+    return mixture_logpdf_unchecked(x, means, variances, log_weights)
 
 
 # For a caller that has checked the arguments and runs its own autograd (Balanced MSE's 1-D losses,
