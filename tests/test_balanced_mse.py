@@ -12,7 +12,7 @@ import dirfast
 from benchmarks import published_balanced_mse as published
 from dirfast.losses import BMCLoss, BNILoss, GAILoss, bmc_loss, bni_loss, gai_loss
 from dirfast.mixture import GaussianMixture, fit_gmm
-from testing import DEVICES, gen
+from testing import DEVICES, backend_device_params, gen
 
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
@@ -98,6 +98,23 @@ def test_gai_md_matches_published(device, dtype, d):
     theirs_gmm = {k: v.to(device, dtype) for k, v in gmm.items()}
     compare(lambda p, nv: gai_loss(p, target, gmm, nv), lambda p, nv: published.gai_loss_md(p, target, theirs_gmm, nv),
             pred, sigma_like(pred), dtype)
+
+
+@pytest.mark.parametrize("backend, device", list(backend_device_params()))
+def test_scalar_losses_on_every_backend(backend, device):
+    """BMC, BNI and GAI on scalar targets run the mixture's forward and backward on the selected
+    backend: the published loss and gradients on each."""
+    pred, target = batch((24, 1), seed=41, device=device, dtype=torch.float32)
+    centers, weights = torch.linspace(-4, 6, 11), torch.rand(11, generator=gen(42)) + 0.1
+    gmm = mixture(3, 1, seed=43)
+    theirs_gmm = {k: v.to(device, torch.float32) for k, v in gmm.items()}
+    pairs = [(lambda p, nv: bmc_loss(p, target, nv), lambda p, nv: published.bmc_loss(p, target, nv)),
+             (lambda p, nv: bni_loss(p, target, nv, centers, weights),
+              lambda p, nv: published.bni_loss(p, target, nv, centers.to(device), weights.to(device))),
+             (lambda p, nv: gai_loss(p, target, gmm, nv), lambda p, nv: published.gai_loss(p, target, theirs_gmm, nv))]
+    with dirfast.use_backend(backend):
+        for ours, theirs in pairs:
+            compare(ours, theirs, pred, sigma_like(pred), torch.float32)
 
 
 @pytest.mark.parametrize("device", DEVICES)
