@@ -127,7 +127,8 @@ def test_target_gradients(device):
     theirs_gmm = {k: v.to(device) for k, v in gmm.items()}
     pairs = [(lambda p, t: bni_loss(p, t, 0.7, centers, weights),
               lambda p, t: published.bni_loss(p, t, torch.tensor(0.7), centers.to(device), weights.to(device))),
-             (lambda p, t: gai_loss(p, t, gmm, 0.7), lambda p, t: published.gai_loss(p, t, theirs_gmm, torch.tensor(0.7)))]
+             (lambda p, t: gai_loss(p, t, gmm, 0.7),
+              lambda p, t: published.gai_loss(p, t, theirs_gmm, torch.tensor(0.7)))]
     for ours, theirs in pairs:
         grads = []
         for fn in (ours, theirs):
