@@ -146,15 +146,16 @@ class _ScalarBalancedMSE(torch.autograd.Function):
         v = noise_var.to(acc)
         components = (means, variances + v, log_weights)
         densities = mixture_logpdf_unchecked(flat, *components)
-        ctx.save_for_backward(flat, diff, v, densities, *components)
+        mean_square = diff.square().mean()
+        ctx.save_for_backward(flat, diff, mean_square, v, densities, *components)
         ctx.backend, ctx.shape = ops.get_backend(), pred.shape
         ctx.dtypes = pred.dtype, target.dtype, noise_var.dtype
-        return diff.square().mean() + v * torch.log(v) + 2 * v * densities.mean()
+        return mean_square + v * torch.log(v) + 2 * v * densities.mean()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        flat, diff, v, densities, means, variances, log_weights = ctx.saved_tensors
+        flat, diff, mean_square, v, densities, means, variances, log_weights = ctx.saved_tensors
         n = flat.numel()
         # d loss / d mixture_logpdf(pred_i) = 2 v' / n: the kernel gives the gradients of the sum
         weight = (grad * 2 * v / n).to(flat.dtype)
@@ -166,7 +167,7 @@ class _ScalarBalancedMSE(torch.autograd.Function):
         grad_target = (-grad_diff).reshape(ctx.shape).to(target_dtype) if ctx.needs_input_grad[1] else None
         grad_noise = None
         if ctx.needs_input_grad[2]:  # mean(d^2) / (2 v) + log(v) / 2, and the mixture through each variance + v
-            grad_noise = (weight * n * (0.5 / v - diff.square().mean() / (2 * v * v)) + grad_var.sum()).to(noise_dtype)
+            grad_noise = (weight * n * (0.5 / v - mean_square / (2 * v * v)) + grad_var.sum()).to(noise_dtype)
         return grad_pred, grad_target, grad_noise, None, None, None
 
 
