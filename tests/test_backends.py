@@ -320,6 +320,7 @@ def opcheck_every_op(device: str) -> None:
         torch.library.opcheck(ops.mixture_logpdf.default, (x.requires_grad_(), m, v, lw))
         out = ops.mixture_logpdf(x.detach(), m, v, lw)
         torch.library.opcheck(ops.mixture_logpdf_backward.default, (torch.ones_like(out), x.detach(), out, m, v, lw))
+        torch.library.opcheck(ops.mixture_logpdf_with_grads.default, (x.detach(), m, v, lw))
     for (m, d, L), dtype in (((9, 4, 1), torch.float32), ((7, 3, 2), torch.float64), ((6, 5, 1), torch.bfloat16)):
         z = torch.randn(m, d, generator=g).to(device, dtype)
         y = torch.randint(0, 3, (m, L), generator=g).to(device, dtype)
@@ -457,7 +458,7 @@ def test_backward_runs_on_the_forward_backend(op, backend, spies):
 @pytest.mark.skipif(not backend_available("cpp"), reason=f"cpp: {dirfast.backends()['cpp']['reason']}")
 def test_cpu_kernels_give_the_same_bits_for_any_thread_count():
     """bin_stats, accumulate_bin_stats_, integer_bins, smooth_bins, calibrate and mixture_logpdf
-    (forward and backward) on rows, dense maps and float16 give the same bits with 1, 2 or 3 threads: chunks merge in a fixed order, and
+    (forward, backward, and with gradients) on rows, dense maps and float16 give the same bits with 1, 2 or 3 threads: chunks merge in a fixed order, and
     the pieces threads take (more of them, cut elsewhere, for each thread count) change nothing."""
     g = gen(12)
     rows = torch.randn(70001, 24, generator=g) * 3 + 100
@@ -483,7 +484,8 @@ def test_cpu_kernels_give_the_same_bits_for_any_thread_count():
         out += [ops.accumulate_bin_stats_(*running, long_rows, rows_idx[:20001].clamp(max=3)), *running]
         y, tables = rows[:, 0] / 30, (mean[:, 0] / 30, var[:, 0] / 900 + 0.1, torch.zeros(97))
         density = ops.mixture_logpdf(y, *tables)
-        return out + [density, *ops.mixture_logpdf_backward(torch.ones_like(y), y, density, *tables)]
+        return out + [density, *ops.mixture_logpdf_backward(torch.ones_like(y), y, density, *tables),
+                      *ops.mixture_logpdf_with_grads(y, *tables)]
 
     same_bits_for_threads(run, (1, 2, 3, 2))
 
@@ -604,6 +606,7 @@ def test_every_triton_kernel_compiles_for_sm90_within_its_limits(tmp_path):
                                                  "_direct_kernel", "_finalize_kernel")}
     expected |= {("calibrate", "_tables_kernel"), ("calibrate", "_apply_kernel"), ("smooth_bins", "_smooth_kernel"),
                  ("mixture_logpdf", "_forward_kernel"), ("mixture_logpdf_backward", "_backward_kernel"),
+                 ("mixture_logpdf_with_grads", "_forward_kernel"),
                  ("conr_loss", "_conr_kernel"), ("conr_loss_backward", "_conr_kernel")}
     expected |= {("ranksim_loss", name) for name in ("_rank_kernel", "_row_kernel")}
     expected |= {("ranksim_loss_backward", name) for name in ("_rank_kernel", "_row_kernel", "_surrogate_kernel")}

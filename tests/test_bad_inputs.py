@@ -1023,6 +1023,8 @@ DISPATCHER_CASES = [  # torch.ops.dirfast called directly: the C++ kernels check
     ("mixture means 2-D", lambda: OPS.mixture_logpdf(X, W[:, None], W, W), "means"),
     ("mixture variances short", lambda: OPS.mixture_logpdf(X, W, W[:2], W), "variances"),
     ("mixture backward grad shape", lambda: OPS.mixture_logpdf_backward(X[:2], X, X, W, W, W), "grad"),
+    ("mixture with grads x int", lambda: OPS.mixture_logpdf_with_grads(IDX, W, W, W), "x must be float"),
+    ("mixture with grads log_weights short", lambda: OPS.mixture_logpdf_with_grads(X, W, W, W[:2]), "log_weights"),
     ("rnc features 1-D", lambda: OPS.rnc_loss(X[:, 0], X[:, :1], 2.0, 0, 8), "features"),
     ("rnc labels rows", lambda: OPS.rnc_loss(X, X[:5, :1], 2.0, 0, 8), "labels"),
     ("rnc labels int", lambda: OPS.rnc_loss(X, IDX[:, None], 2.0, 0, 8), "labels must be float"),

@@ -1,8 +1,10 @@
 """``dirfast::mixture_logpdf``: the contract every backend with a kernel for it meets, against a
 float64 loop oracle that writes out the documented non-finite rules (or the float64 reference
 for inputs too large for it): values and the four gradients, layouts and dtypes, weights of 0,
-invalid components, infinite and NaN predictions, subnormal variances; and the reference's
-memory, O(N + K) forward and backward.
+invalid components, infinite and NaN predictions, subnormal variances; the same cases for
+``mixture_logpdf_with_grads`` (the value with each element's gradients in x and in a variance
+added to every component, in one pass); and the reference's memory, O(N + K) forward and
+backward.
 
 Bad arguments are in test_bad_inputs.py; opcheck, torch.compile and the backend a backward runs
 on in test_backends.py.
@@ -17,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import dirfast
-from dirfast.ops.mixture_logpdf import reference, reference_backward
+from dirfast.ops.mixture_logpdf import (mixture_logpdf_with_grads_unchecked, reference, reference_backward,
+                                        reference_with_grads)
 from testing import backend_device_params, gen, interpreted, on, same_bits_for_threads, stats_dtype, tol
 
 BACKEND_DEVICE = [p for p in backend_device_params()
@@ -26,9 +29,9 @@ BACKEND_DEVICE = [p for p in backend_device_params()
 
 # =========================================================================== the oracle
 def loop_mixture_logpdf(x, means, variances, log_weights):
-    """``log sum_k exp(lw_k) exp(-(x - m_k)^2 / (2 v_k)) / sqrt(v_k)`` and its gradients in x, m,
-    v and lw (upstream gradient 1), element by element in Python floats (max-shifted), as
-    float64 tensors; with the documented rules written out: an invalid component (mean not
+    """``log sum_k exp(lw_k) exp(-(x - m_k)^2 / (2 v_k)) / sqrt(v_k)``, its gradients in x, m, v
+    and lw (upstream gradient 1), and each element's gradient in a variance added to every
+    component, element by element in Python floats (max-shifted), as float64 tensors; with the documented rules written out: an invalid component (mean not
     finite; variance NaN, <= 0 or +inf; log-weight NaN or +inf) makes everything NaN; a NaN
     element gives NaN (and NaN component gradients); a log-weight of -inf leaves the component
     out; an element of density 0 (x = +-inf, or every weight 0) gives -inf and adds no gradient."""
@@ -36,12 +39,13 @@ def loop_mixture_logpdf(x, means, variances, log_weights):
     k_all = len(ms)
     invalid = any(not math.isfinite(m) or not 0 < v < math.inf or math.isnan(lw) or lw == math.inf
                   for m, v, lw in zip(ms, vs, lws))
-    out, gx = [], []
+    out, gx, gshift = [], [], []
     gm, gv, gw = [0.0] * k_all, [0.0] * k_all, [0.0] * k_all
     for xi in xs:
         if invalid or math.isnan(xi):
             out.append(math.nan)
             gx.append(math.nan)
+            gshift.append(math.nan)
             gm, gv, gw = [math.nan] * k_all, [math.nan] * k_all, [math.nan] * k_all
             continue
         terms = {k: lws[k] - 0.5 * math.log(vs[k]) - (xi - ms[k]) * (xi - ms[k]) / (2 * vs[k])
@@ -50,10 +54,11 @@ def loop_mixture_logpdf(x, means, variances, log_weights):
         if top == -math.inf:
             out.append(-math.inf)
             gx.append(0.0)
+            gshift.append(0.0)
             continue
         value = top + math.log(math.fsum(math.exp(t - top) for t in terms.values()))
         out.append(value)
-        g = 0.0
+        g, shift = 0.0, 0.0
         for k, t in terms.items():
             r = math.exp(t - value)
             if r == 0:  # adds nothing, also where (x - m) / v overflows
@@ -62,14 +67,16 @@ def loop_mixture_logpdf(x, means, variances, log_weights):
             g -= r * d
             gm[k] += r * d
             gv[k] += r * (0.5 * d * d - 0.5 / vs[k])
+            shift += r * (0.5 * d * d - 0.5 / vs[k])
             gw[k] += r
         gx.append(g)
+        gshift.append(shift)
 
     def as_tensor(values, like):
         return torch.tensor(values, dtype=torch.float64).reshape(like.shape)
 
     return as_tensor(out, x), (as_tensor(gx, x), as_tensor(gm, means), as_tensor(gv, variances),
-                               as_tensor(gw, log_weights))
+                               as_tensor(gw, log_weights)), as_tensor(gshift, x)
 
 
 def mixture_inputs(shape, k, dtype, device, seed, table_dtype=None):
@@ -92,22 +99,36 @@ def run(backend, inputs):
     return out.detach(), [leaf.grad for leaf in leaves]
 
 
+def _close_to_largest(got, want, tolerance):
+    """``got`` against the oracle's ``want``, NaN and infinities where it has them, relative to
+    the largest finite magnitude of ``want`` (at least 1)."""
+    finite = want[torch.isfinite(want)]
+    scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
+    torch.testing.assert_close(got.cpu().double() / scale, want / scale, equal_nan=True, **tolerance)
+
+
 def check_mixture(backend, inputs, value_tol=None, grads=(0, 1, 2, 3)):
     """The value and the gradients numbered in ``grads`` (x, means, variances, log_weights)
     against the oracle, NaN and infinities where it has them; gradients relative to their
-    largest finite magnitude. Returns the output."""
+    largest finite magnitude. The same for ``mixture_logpdf_with_grads``: the value, each
+    element's gradient in x and (with 2 in ``grads``) in a variance added to every component.
+    Returns the output."""
     out, got_grads = run(backend, inputs)
-    expected, expected_grads = loop_mixture_logpdf(*inputs)
+    expected, expected_grads, expected_shift = loop_mixture_logpdf(*inputs)
     acc = stats_dtype(*(t.dtype for t in inputs))
+    value_tol = value_tol or tol(acc)
     assert out.dtype == acc and out.shape == inputs[0].shape and out.device == inputs[0].device
-    torch.testing.assert_close(out.cpu().double(), expected, equal_nan=True, **(value_tol or tol(acc)))
+    torch.testing.assert_close(out.cpu().double(), expected, equal_nan=True, **value_tol)
     for i in grads:
         leaf, grad, want = inputs[i], got_grads[i], expected_grads[i]
         assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
-        finite = want[torch.isfinite(want)]
-        scale = max(1.0, float(finite.abs().max())) if finite.numel() else 1.0
-        grad_tol = tol(leaf.dtype) if leaf.dtype in (torch.float16, torch.bfloat16) else value_tol or tol(acc)
-        torch.testing.assert_close(grad.cpu().double() / scale, want / scale, equal_nan=True, **grad_tol)
+        _close_to_largest(grad, want, tol(leaf.dtype) if leaf.dtype in (torch.float16, torch.bfloat16) else value_tol)
+    fused = on(backend, mixture_logpdf_with_grads_unchecked, *inputs)
+    assert all(t.dtype == acc and t.shape == inputs[0].shape and t.device == inputs[0].device for t in fused)
+    torch.testing.assert_close(fused[0].cpu().double(), expected, equal_nan=True, **value_tol)
+    _close_to_largest(fused[1], expected_grads[0], value_tol)
+    if 2 in grads:
+        _close_to_largest(fused[2], expected_shift, value_tol)
     return out
 
 
@@ -251,24 +272,26 @@ def _many(dtype, small):
     upstream = torch.rand(n, generator=g).to(dtype)
     x64, m64, v64, lw64 = (t.double() for t in (x, m, v, lw))
     expected = reference(x64, m64, v64, lw64)
-    return (x, m, v, lw, upstream), (expected, *reference_backward(upstream.double(), x64, expected, m64, v64, lw64))
+    backward = reference_backward(upstream.double(), x64, expected, m64, v64, lw64)
+    return (x, m, v, lw, upstream), (expected, *backward), reference_with_grads(x64, m64, v64, lw64)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_many_elements_and_components(backend, device, dtype):
     """Many elements and components: the float64 reference's values and gradients, the
-    component gradients summed chunk by chunk."""
-    (*tables, upstream), (expected, *expected_grads) = _many(dtype, interpreted(backend, device))
+    component gradients summed chunk by chunk; the fused op's values and element gradients."""
+    (*tables, upstream), (expected, *expected_grads), expected_fused = _many(dtype, interpreted(backend, device))
     inputs = [t.to(device, copy=True).requires_grad_() for t in tables]
     with dirfast.use_backend(backend):
         out = dirfast.ops.mixture_logpdf(*inputs)
         out.backward(upstream.to(device))
+        fused = mixture_logpdf_with_grads_unchecked(*(t.detach() for t in inputs))
     t = tol(dtype) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.detach().cpu().double(), expected, **t)
-    for leaf, want in zip(inputs, expected_grads):
+    for got, want in [*((leaf.grad, want) for leaf, want in zip(inputs, expected_grads)), *zip(fused, expected_fused)]:
         scale = float(want.abs().max())
-        torch.testing.assert_close(leaf.grad.cpu().double() / scale, want / scale, **t)
+        torch.testing.assert_close(got.cpu().double() / scale, want / scale, **t)
 
 
 @pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
@@ -278,14 +301,20 @@ def test_cpp_float32_forward_beyond_its_term_buffer(x_dtype):
     """The C++ float32 forward keeps at most 16 KiB of terms per vector of elements from its max
     pass (256 to 1,024 components by vector width) and recomputes the others: 1,100 components,
     elements in a partial last vector, infinite and NaN elements among them; the float64
-    reference's values, and the same bits for 1 and 2 threads."""
+    reference's values (and, with the element gradients, the fused op's), and the same bits for
+    1 and 2 threads."""
     x, m, v, lw = mixture_inputs((3000 + 5,), 1100, torch.float32, "cpu", seed=60)
     x[-3:] = torch.tensor([math.inf, math.nan, -math.inf])
     x = x.to(x_dtype)
     out = on("cpp", dirfast.ops.mixture_logpdf, x, m, v, lw)
-    expected = reference(x.double(), m.double(), v.double(), lw.double())
-    torch.testing.assert_close(out.double(), expected, equal_nan=True, rtol=1e-5, atol=1e-5)
-    same_bits_for_threads(lambda: [on("cpp", dirfast.ops.mixture_logpdf, x, m, v, lw)])
+    fused = on("cpp", mixture_logpdf_with_grads_unchecked, x, m, v, lw)
+    tables64 = (m.double(), v.double(), lw.double())
+    expected = reference_with_grads(x.double(), *tables64)
+    torch.testing.assert_close(reference(x.double(), *tables64), expected[0], equal_nan=True)
+    for got, want in zip((out, *fused), (expected[0], *expected)):
+        torch.testing.assert_close(got.double(), want, equal_nan=True, rtol=1e-5, atol=1e-5)
+    same_bits_for_threads(lambda: [on("cpp", dirfast.ops.mixture_logpdf, x, m, v, lw),
+                                   *on("cpp", mixture_logpdf_with_grads_unchecked, x, m, v, lw)])
 
 
 # =========================================================================== the reference's memory
@@ -314,7 +343,7 @@ class PeakLiveBytes(TorchDispatchMode):
 
 
 def test_reference_memory_is_o_of_n_plus_k():
-    """The reference keeps no [N, K] matrix, forward or backward: with K = 512, going from
+    """The reference keeps no [N, K] matrix, forward, backward or fused: with K = 512, going from
     N = 20,000 to 60,000 elements adds a few bytes per element (its O(N) vectors), not the
     2 KiB per element of the [N, K] float32 terms or of chunks' matrices kept for later, and
     the peak stays within a few [chunk, K] matrices."""
@@ -327,9 +356,11 @@ def test_reference_memory_is_o_of_n_plus_k():
         grad = torch.ones_like(out)
         with PeakLiveBytes(grad, x, out, m, v, lw) as backward:
             reference_backward(grad, x, out, m, v, lw)
-        peaks[n] = (forward.peak, backward.peak)
+        with PeakLiveBytes(x, m, v, lw) as fused:
+            reference_with_grads(x, m, v, lw)
+        peaks[n] = (forward.peak, backward.peak, fused.peak)
     matrix = 4 * 8192 * k  # one [chunk, K] float32 matrix (chunks of 2^22 / K elements)
-    for i, name in enumerate(("forward", "backward")):
+    for i, name in enumerate(("forward", "backward", "fused")):
         per_element = (peaks[60000][i] - peaks[20000][i]) / 40000
         assert per_element <= 64, f"{name}: {per_element:.0f} bytes more per element"
         assert peaks[60000][i] <= 10 * matrix, f"{name}: peak {peaks[60000][i]} bytes"

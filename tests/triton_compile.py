@@ -125,6 +125,8 @@ def _cases():
                           lambda x=pred, t=tables: mixture_logpdf.mixture_logpdf(x, *t)))
             cases.append((f"mixture_logpdf_backward K={k} {tag}", lambda x=pred, t=tables: mixture_logpdf.mixture_logpdf_backward(
                 torch.ones(x.shape, dtype=t[0].dtype), x, torch.zeros(x.shape, dtype=t[0].dtype), *t)))
+            cases.append((f"mixture_logpdf_with_grads K={k} {tag}",
+                          lambda x=pred, t=tables: mixture_logpdf.mixture_logpdf_with_grads(x, *t)))
         z, y = torch.randn(512, 128, generator=gen).to(dtype), torch.randint(0, 100, (512, 1), generator=gen).to(dtype)
         cases.append((f"rnc_loss {tag}", lambda z=z, y=y: rnc_loss.rnc_loss(z, y, 2.0, 0, 512)))
         cases.append((f"rnc_loss_backward {tag}", lambda z=z, y=y: rnc_loss.rnc_loss_backward(

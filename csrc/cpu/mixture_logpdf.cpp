@@ -76,12 +76,35 @@ struct Components {
   int64_t size() const { return static_cast<int64_t>(m.size()); }
 };
 
+// One component's term of a vector of elements, shifted by their max (arg = term - max <= 0 but for
+// rounding), added to the sum of exponentials e and, with kGrads, to the sums of e z s and of
+// e (z^2 - 1) s^2 / 2 (an e of 0 adds nothing to them, not 0 * inf).
+template <int W, bool kGrads>
+__attribute__((always_inline)) inline void add_term(typename FloatVec<W>::f arg, typename FloatVec<W>::f z, float s,
+                                                    typename FloatVec<W>::f& sum, typename FloatVec<W>::f& along_x,
+                                                    typename FloatVec<W>::f& along_v) {
+  using vf = typename FloatVec<W>::f;
+  using vi = typename FloatVec<W>::i;
+  if constexpr (kGrads) {
+    const vf e = arg == -std::numeric_limits<float>::infinity() ? vf{} : vexp_shifted<vf, vi>(arg);
+    const vi zero = e == 0.0f;
+    sum += e;
+    along_x += zero ? vf{} : e * z * s;
+    along_v += zero ? vf{} : e * vfma(z, z, vf{} - 1.0f) * (0.5f * s * s);
+  } else {
+    sum += vexp_shifted<vf, vi>(arg);
+  }
+}
+
 // out[t] for the W float32 values xs[t] (one native vector): -inf where every term is -inf
 // (density 0), NaN where a term or x is NaN. The max term's exponential is 1, so the sum is at least
-// 1 except where there is no max (every term -inf or NaN).
-template <int W>
-__attribute__((always_inline)) inline void forward_vector(const float* xs_in, float* out, const float* m,
-                                                          const float* s, const float* c, int64_t k) {
+// 1 except where there is no max (every term -inf or NaN). kGrads: also gx[t] = -sum_k e_k z s_k /
+// sum and gv[t] = sum_k e_k (z^2 - 1) s_k^2 / 2 / sum from the same exponentials e_k (the backward's
+// gradient in x and its variance gradients summed over the components, for an upstream gradient of
+// 1); both 0 where the density is 0.
+template <int W, bool kGrads>
+__attribute__((always_inline)) inline void forward_vector(const float* xs_in, float* out, float* gx, float* gv,
+                                                          const float* m, const float* s, const float* c, int64_t k) {
   using vf = typename FloatVec<W>::f;
   using vi = typename FloatVec<W>::i;
   constexpr float inf = std::numeric_limits<float>::infinity();
@@ -98,56 +121,70 @@ __attribute__((always_inline)) inline void forward_vector(const float* xs_in, fl
   }
   const vi none = top == -inf;
   const vf shift = none ? vf{} : top;
-  vf sum = vf{};
-  for (int64_t j = 0; j < buffered; ++j) sum += vexp_shifted<vf, vi>(terms[j] - shift);
+  vf sum = vf{}, along_x = vf{}, along_v = vf{};
+  for (int64_t j = 0; j < buffered; ++j) {
+    // z is recomputed only where it is used (kGrads); the plain forward's loop stays exp and add
+    add_term<W, kGrads>(terms[j] - shift, kGrads ? (xs - m[j]) * s[j] : vf{}, s[j], sum, along_x, along_v);
+  }
   for (int64_t j = buffered; j < k; ++j) {
     const vf z = (xs - m[j]) * s[j];
-    sum += vexp_shifted<vf, vi>(vfma(-0.5f * z, z, vf{} + c[j]) - shift);
+    add_term<W, kGrads>(vfma(-0.5f * z, z, vf{} + c[j]) - shift, z, s[j], sum, along_x, along_v);
   }
-  const vf value = shift + vlog_normal<vf, vi>(sum);
-  store_vec(out, (none & (sum == sum)) ? vf{} - inf : value);
+  const vi empty = none & (sum == sum);  // density 0
+  store_vec(out, empty ? vf{} - inf : shift + vlog_normal<vf, vi>(sum));
+  if constexpr (kGrads) {
+    store_vec(gx, empty ? vf{} : (vf{} - along_x) / sum);
+    store_vec(gv, empty ? vf{} : along_v / sum);
+  }
 }
 
 // Elements [begin, end) of x, W at a time (16-bit x converted first; the slots past the end
-// repeat the last value, computed and dropped).
-template <int W, typename T>
-__attribute__((always_inline)) inline void forward_range(const T* px, float* po, int64_t begin, int64_t end,
-                                                         const float* m, const float* s, const float* c, int64_t k) {
+// repeat the last value, computed and dropped). kGrads: also gx and gv, as forward_vector.
+template <int W, bool kGrads, typename T>
+__attribute__((always_inline)) inline void forward_range(const T* px, float* po, float* pgx, float* pgv, int64_t begin,
+                                                         int64_t end, const float* m, const float* s, const float* c,
+                                                         int64_t k) {
   int64_t i = begin;
   if constexpr (std::is_same_v<T, float>) {
-    for (; i + W <= end; i += W) forward_vector<W>(px + i, po + i, m, s, c, k);
+    for (; i + W <= end; i += W) {
+      forward_vector<W, kGrads>(px + i, po + i, kGrads ? pgx + i : nullptr, kGrads ? pgv + i : nullptr, m, s, c, k);
+    }
   }
-  float xs[W], lanes[W];
+  float xs[W], lanes[3][W];
   for (; i < end; i += W) {
     const int64_t n = std::min<int64_t>(W, end - i);
     for (int64_t t = 0; t < W; ++t) xs[t] = static_cast<float>(px[i + std::min(t, n - 1)]);
-    forward_vector<W>(xs, lanes, m, s, c, k);
-    std::copy(lanes, lanes + n, po + i);
+    forward_vector<W, kGrads>(xs, lanes[0], lanes[1], lanes[2], m, s, c, k);
+    std::copy(lanes[0], lanes[0] + n, po + i);
+    if constexpr (kGrads) {
+      std::copy(lanes[1], lanes[1] + n, pgx + i);
+      std::copy(lanes[2], lanes[2] + n, pgv + i);
+    }
   }
 }
 
 #if DIRFAST_MIXTURE_ISAS
-template <typename T>
-__attribute__((target("avx512f"))) DIRFAST_NOINLINE void forward_range_avx512(const T* px, float* po, int64_t begin,
-                                                                               int64_t end, const float* m,
-                                                                               const float* s, const float* c,
-                                                                               int64_t k) {
-  forward_range<16, T>(px, po, begin, end, m, s, c, k);
+template <bool kGrads, typename T>
+__attribute__((target("avx512f"))) DIRFAST_NOINLINE void forward_range_avx512(const T* px, float* po, float* pgx,
+                                                                               float* pgv, int64_t begin, int64_t end,
+                                                                               const float* m, const float* s,
+                                                                               const float* c, int64_t k) {
+  forward_range<16, kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
 }
 
-template <typename T>
-__attribute__((target("avx2,fma"))) DIRFAST_NOINLINE void forward_range_avx2(const T* px, float* po, int64_t begin,
-                                                                              int64_t end, const float* m,
-                                                                              const float* s, const float* c,
-                                                                              int64_t k) {
-  forward_range<8, T>(px, po, begin, end, m, s, c, k);
+template <bool kGrads, typename T>
+__attribute__((target("avx2,fma"))) DIRFAST_NOINLINE void forward_range_avx2(const T* px, float* po, float* pgx,
+                                                                              float* pgv, int64_t begin, int64_t end,
+                                                                              const float* m, const float* s,
+                                                                              const float* c, int64_t k) {
+  forward_range<8, kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
 }
 #endif
 
-template <typename T>
-DIRFAST_NOINLINE void forward_range_baseline(const T* px, float* po, int64_t begin, int64_t end, const float* m,
-                                             const float* s, const float* c, int64_t k) {
-  forward_range<4, T>(px, po, begin, end, m, s, c, k);
+template <bool kGrads, typename T>
+DIRFAST_NOINLINE void forward_range_baseline(const T* px, float* po, float* pgx, float* pgv, int64_t begin,
+                                             int64_t end, const float* m, const float* s, const float* c, int64_t k) {
+  forward_range<4, kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
 }
 
 // The widest of the three the machine has (16, 8 or 4 float32 lanes).
@@ -162,9 +199,13 @@ inline int float_lanes() {
 #endif
 }
 
-void forward_lanes(const double* xs, double* out, const double* m, const double* s, const double* c, int64_t k) {
-  double top[kLanes], sum[kLanes];
-  for (int64_t t = 0; t < kLanes; ++t) top[t] = -std::numeric_limits<double>::infinity();
+// float64, kLanes elements: forward_vector's values in plain loops with std::exp and std::log.
+template <bool kGrads>
+void forward_lanes(const double* xs, double* out, double* gx, double* gv, const double* m, const double* s,
+                   const double* c, int64_t k) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  double top[kLanes], sum[kLanes], along_x[kLanes], along_v[kLanes];
+  for (int64_t t = 0; t < kLanes; ++t) top[t] = -inf;
   for (int64_t j = 0; j < k; ++j) {
     for (int64_t t = 0; t < kLanes; ++t) {
       const double z = (xs[t] - m[j]) * s[j];
@@ -173,16 +214,30 @@ void forward_lanes(const double* xs, double* out, const double* m, const double*
     }
   }
   for (int64_t t = 0; t < kLanes; ++t) {
-    sum[t] = 0.0;
-    if (top[t] == -std::numeric_limits<double>::infinity()) top[t] = 0.0;
+    sum[t] = along_x[t] = along_v[t] = 0.0;
+    if (top[t] == -inf) top[t] = 0.0;
   }
   for (int64_t j = 0; j < k; ++j) {
     for (int64_t t = 0; t < kLanes; ++t) {
       const double z = (xs[t] - m[j]) * s[j];
-      sum[t] += std::exp(c[j] - 0.5 * z * z - top[t]);
+      const double e = std::exp(c[j] - 0.5 * z * z - top[t]);
+      sum[t] += e;
+      if constexpr (kGrads) {
+        if (e != 0.0) {
+          along_x[t] += e * z * s[j];
+          along_v[t] += 0.5 * e * (z * z - 1.0) * (s[j] * s[j]);
+        }
+      }
     }
   }
-  for (int64_t t = 0; t < kLanes; ++t) out[t] = top[t] + std::log(sum[t]);
+  for (int64_t t = 0; t < kLanes; ++t) {
+    out[t] = top[t] + std::log(sum[t]);
+    if constexpr (kGrads) {
+      const bool empty = out[t] == -inf;
+      gx[t] = empty ? 0.0 : -along_x[t] / sum[t];
+      gv[t] = empty ? 0.0 : along_v[t] / sum[t];
+    }
+  }
 }
 
 // The backward of kLanes elements, with r_k = g exp(term_k - out): gx[t] = -sum_k r_k z s_k, and per
@@ -287,28 +342,35 @@ inline void load_lanes(const in_t* src, int64_t begin, int64_t end, acc_t* dst) 
   for (int64_t t = 0; t < kLanes; ++t) dst[t] = static_cast<acc_t>(src[begin + std::min(t, n - 1)]);
 }
 
-template <typename T, typename acc_t>
-DIRFAST_NOINLINE void forward_all(const T* px, acc_t* po, int64_t n, const Components<acc_t>& comp) {
+// out (and with kGrads gx and gv) of every element, in pieces of at least kGrainExps terms.
+template <bool kGrads, typename T, typename acc_t>
+DIRFAST_NOINLINE void forward_all(const T* px, acc_t* po, acc_t* pgx, acc_t* pgv, int64_t n,
+                                  const Components<acc_t>& comp) {
   const int64_t grain = std::max<int64_t>(kLanes, kGrainExps / comp.size());
   if constexpr (std::is_same_v<acc_t, float>) {
     const int lanes = float_lanes();
     const float *m = comp.m.data(), *s = comp.s.data(), *c = comp.c.data();
     parallel_for_ranges(n, grain, [&](int64_t begin, int64_t end) {
 #if DIRFAST_MIXTURE_ISAS
-      if (lanes == 16) return forward_range_avx512<T>(px, po, begin, end, m, s, c, comp.size());
-      if (lanes == 8) return forward_range_avx2<T>(px, po, begin, end, m, s, c, comp.size());
+      if (lanes == 16) return forward_range_avx512<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, comp.size());
+      if (lanes == 8) return forward_range_avx2<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, comp.size());
 #endif
-      forward_range_baseline<T>(px, po, begin, end, m, s, c, comp.size());
+      forward_range_baseline<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, comp.size());
     });
   } else {
     parallel_for_pieces(n, grain, [&](auto next) {
-      acc_t xs[kLanes], lanes[kLanes];
+      acc_t xs[kLanes], lanes[3][kLanes];
       for (int64_t begin, end; next(begin, end);) {
         for (int64_t i = begin; i < end; i += kLanes) {
           const int64_t stop = std::min(end, i + kLanes);
           load_lanes(px, i, stop, xs);
-          forward_lanes(xs, lanes, comp.m.data(), comp.s.data(), comp.c.data(), comp.size());
-          std::copy(lanes, lanes + (stop - i), po + i);
+          forward_lanes<kGrads>(xs, lanes[0], lanes[1], lanes[2], comp.m.data(), comp.s.data(), comp.c.data(),
+                                comp.size());
+          std::copy(lanes[0], lanes[0] + (stop - i), po + i);
+          if constexpr (kGrads) {
+            std::copy(lanes[1], lanes[1] + (stop - i), pgx + i);
+            std::copy(lanes[2], lanes[2] + (stop - i), pgv + i);
+          }
         }
       }
     });
@@ -351,24 +413,46 @@ DIRFAST_NOINLINE void backward_all(const T* px, const acc_t* po, const acc_t* pg
   });
 }
 
-Tensor mixture_logpdf_cpu(const Tensor& x, const Tensor& means, const Tensor& variances, const Tensor& log_weights) {
-  const char* op = "dirfast::mixture_logpdf";
-  check_mixture_args(x, means, variances, log_weights, op, torch::headeronly::DeviceType::CPU);
-  const ScalarType acc = acc_type({x.scalar_type(), means.scalar_type(), variances.scalar_type(),
-                                   log_weights.scalar_type()});
-  Tensor out = empty_sized_like(x, acc);
+// The forward, with the per-element gradients when gx is given (an empty tensor otherwise).
+template <bool kGrads>
+void run_forward(const Tensor& x, const Tensor& means, const Tensor& variances, const Tensor& log_weights,
+                 ScalarType acc, const char* op, Tensor& out, Tensor& gx, Tensor& gv) {
   const Tensor xc = made_contiguous(x);
   const int64_t n = xc.numel();
-  if (n == 0) return out;
+  if (n == 0) return;
   dispatch_acc(acc, [&](auto acc_scalar) {
     using acc_t = decltype(acc_scalar);
     const Components<acc_t> comp(means, variances, log_weights, acc);
     dispatch_float(xc.scalar_type(), op, [&](auto scalar) {
       using T = decltype(scalar);
-      forward_all<T, acc_t>(xc.const_data_ptr<T>(), out.mutable_data_ptr<acc_t>(), n, comp);
+      forward_all<kGrads, T, acc_t>(xc.const_data_ptr<T>(), out.mutable_data_ptr<acc_t>(),
+                                    kGrads ? gx.mutable_data_ptr<acc_t>() : nullptr,
+                                    kGrads ? gv.mutable_data_ptr<acc_t>() : nullptr, n, comp);
     });
   });
+}
+
+ScalarType mixture_acc(const Tensor& x, const Tensor& means, const Tensor& variances, const Tensor& log_weights) {
+  return acc_type({x.scalar_type(), means.scalar_type(), variances.scalar_type(), log_weights.scalar_type()});
+}
+
+Tensor mixture_logpdf_cpu(const Tensor& x, const Tensor& means, const Tensor& variances, const Tensor& log_weights) {
+  const char* op = "dirfast::mixture_logpdf";
+  check_mixture_args(x, means, variances, log_weights, op, torch::headeronly::DeviceType::CPU);
+  const ScalarType acc = mixture_acc(x, means, variances, log_weights);
+  Tensor out = empty_sized_like(x, acc), none;
+  run_forward<false>(x, means, variances, log_weights, acc, op, out, none, none);
   return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> mixture_logpdf_with_grads_cpu(const Tensor& x, const Tensor& means,
+                                                                 const Tensor& variances, const Tensor& log_weights) {
+  const char* op = "dirfast::mixture_logpdf_with_grads";
+  check_mixture_args(x, means, variances, log_weights, op, torch::headeronly::DeviceType::CPU);
+  const ScalarType acc = mixture_acc(x, means, variances, log_weights);
+  Tensor out = empty_sized_like(x, acc), gx = empty_sized_like(x, acc), gv = empty_sized_like(x, acc);
+  run_forward<true>(x, means, variances, log_weights, acc, op, out, gx, gv);
+  return std::make_tuple(out, gx, gv);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> mixture_logpdf_backward_cpu(
@@ -380,8 +464,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixture_logpdf_backward_cpu(
                       out.dim() == x.dim(),
                   op, ": grad and out must have the shape of x ", shape_of(x), ", got ", shape_of(grad),
                   " and ", shape_of(out));
-  const ScalarType acc = acc_type({x.scalar_type(), means.scalar_type(), variances.scalar_type(),
-                                   log_weights.scalar_type()});
+  const ScalarType acc = mixture_acc(x, means, variances, log_weights);
   const Tensor xc = made_contiguous(x);
   const Tensor gc = contiguous_as(grad, acc);
   const Tensor oc = contiguous_as(out, acc);
@@ -423,4 +506,5 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixture_logpdf_backward_cpu(
 STABLE_TORCH_LIBRARY_IMPL(dirfast, CPU, m) {
   m.impl("mixture_logpdf", TORCH_BOX(&dirfast::cpu::mixture_logpdf_cpu));
   m.impl("mixture_logpdf_backward", TORCH_BOX(&dirfast::cpu::mixture_logpdf_backward_cpu));
+  m.impl("mixture_logpdf_with_grads", TORCH_BOX(&dirfast::cpu::mixture_logpdf_with_grads_cpu));
 }

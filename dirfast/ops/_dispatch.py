@@ -39,8 +39,13 @@ def _selected() -> str:
     return getattr(_selection, "name", "auto")
 
 
+# The ops that are parts of a public one: its backward, and the forward with gradients that the
+# Balanced MSE losses call.
+_PART_SUFFIXES = ("_backward", "_with_grads")
+
+
 def _public_ops() -> tuple:
-    return tuple(name for name in OPS if not name.endswith("_backward"))
+    return tuple(name for name in OPS if not name.endswith(_PART_SUFFIXES))
 
 
 def _triton_reason() -> str:

@@ -1,5 +1,7 @@
 """``dirfast::mixture_logpdf``: the log density of a 1-D Gaussian mixture at every element of a
-tensor, without an [N, K] matrix (Balanced MSE's BNI and GAI terms on dense predictions).
+tensor, without an [N, K] matrix (Balanced MSE's BNI and GAI terms on dense predictions); its
+backward; and ``mixture_logpdf_with_grads``, the density with its per-element gradients in one
+pass (the Balanced MSE losses, whose upstream gradient is one scalar).
 
 Kernels: the reference below; ``csrc/cpu/mixture_logpdf.cpp``; ``dirfast/triton/mixture_logpdf.py``
 (on a GPU, the CUDA kernel).
@@ -14,6 +16,7 @@ from . import _checks, _common, _dispatch
 _ARGS = "Tensor means, Tensor variances, Tensor log_weights"
 SCHEMA = f"mixture_logpdf(Tensor x, {_ARGS}) -> Tensor"
 SCHEMA_BACKWARD = f"mixture_logpdf_backward(Tensor grad, Tensor x, Tensor out, {_ARGS}) -> (Tensor, Tensor, Tensor, Tensor)"
+SCHEMA_WITH_GRADS = f"mixture_logpdf_with_grads(Tensor x, {_ARGS}) -> (Tensor, Tensor, Tensor)"
 
 
 def mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor,
@@ -53,17 +56,19 @@ def mixture_logpdf(x: torch.Tensor, means: torch.Tensor, variances: torch.Tensor
 
 
 # For a caller that has checked the arguments and runs its own autograd (Balanced MSE's 1-D losses,
-# one autograd node for the whole loss): the op and its backward on a given backend.
+# one autograd node for the whole loss): the op, and the op with its per-element gradients.
 def mixture_logpdf_unchecked(x, means, variances, log_weights):
     """:func:`mixture_logpdf` without its argument checks, on this thread's backend."""
     return _dispatch.call("mixture_logpdf", x.device, x, means, variances, log_weights)
 
 
-def mixture_logpdf_backward_unchecked(grad, x, out, means, variances, log_weights, backend: str):
-    """The gradients of ``grad``-weighted :func:`mixture_logpdf` outputs ``out`` in x, means,
-    variances and log_weights, on ``backend`` (the one the forward ran on)."""
-    kernel = _dispatch.kernels(x.device, backend)("mixture_logpdf_backward")
-    return kernel(grad, x, out, means, variances, log_weights)
+def mixture_logpdf_with_grads_unchecked(x, means, variances, log_weights):
+    """``(out, grad_x, grad_shift)``, each shaped like ``x`` in the arithmetic dtype, on this
+    thread's backend: :func:`mixture_logpdf`, and per element its derivatives in ``x`` and in a
+    variance ``t`` added to every component (``sum_k d out / d variances[k]``), in the forward's
+    pass over the components. For a loss whose upstream gradient is one scalar (a mean), this
+    replaces the backward's second pass; not differentiable itself."""
+    return _dispatch.call("mixture_logpdf_with_grads", x.device, x, means, variances, log_weights)
 
 
 def components(means, variances, log_weights, acc: torch.dtype):
@@ -106,6 +111,14 @@ def reference(x, means, variances, log_weights):
     return out.reshape(x.shape)
 
 
+def _gradient_terms(r, z, s):
+    """The [chunk, K] terms of the gradients of responsibilities ``r``: ``r z s`` (in a mean; in x
+    negated) and ``r (z^2 - 1) s^2 / 2`` (in a variance). A zero responsibility adds nothing, also
+    where z is infinite."""
+    zero = r == 0
+    return torch.where(zero, 0, r * z * s), torch.where(zero, 0, 0.5 * r * (z * z - 1) * (s * s))
+
+
 def reference_backward(grad, x, out, means, variances, log_weights):
     """The gradients of :func:`reference` in x, means, variances and log_weights, from the
     responsibilities ``r_k = grad * exp(term_k - out)`` of each element, a chunk at a time."""
@@ -119,15 +132,29 @@ def reference_backward(grad, x, out, means, variances, log_weights):
         none = torch.isneginf(o)  # density 0: no responsibilities, zero gradients
         g, o = torch.where(none, 0, g), torch.where(none, 0, o)
         r = g.unsqueeze(1) * torch.exp(terms(xs) - o.unsqueeze(1))  # [chunk, K]
-        z = z_of(xs)
-        zero = r == 0  # a zero responsibility adds nothing, also where z is infinite
-        rz = torch.where(zero, 0, r * z * s)
+        rz, rv = _gradient_terms(r, z_of(xs), s)
         grad_x[start:start + chunk] = -rz.sum(1)
         grad_m += rz.sum(0)
-        grad_v += torch.where(zero, 0, 0.5 * r * (z * z - 1) * (s * s)).sum(0)
+        grad_v += rv.sum(0)
         grad_w += r.sum(0)
     return (grad_x.reshape(x.shape).to(x.dtype), grad_m.to(means.dtype), grad_v.to(variances.dtype),
             grad_w.to(log_weights.dtype))
+
+
+def reference_with_grads(x, means, variances, log_weights):
+    """:func:`reference` and, per element, its gradients in x and in a variance added to every
+    component (the backward's terms with an upstream gradient of 1, summed over the components)."""
+    flat, terms, z_of, (m, s, c), chunk = _chunks(x, means, variances, log_weights)
+    out, grad_x, grad_shift = (torch.empty_like(flat) for _ in range(3))
+    for start in range(0, flat.numel(), chunk):
+        xs = flat[start:start + chunk]
+        t = terms(xs)
+        o = _log_sum_exp(t)
+        r = torch.exp(t - torch.where(torch.isneginf(o), 0, o).unsqueeze(1))  # density 0: every r is 0
+        rz, rv = _gradient_terms(r, z_of(xs), s)
+        part = slice(start, start + chunk)
+        out[part], grad_x[part], grad_shift[part] = o, -rz.sum(1), rv.sum(1)
+    return tuple(t.reshape(x.shape) for t in (out, grad_x, grad_shift))
 
 
 def _fake(x, means, variances, log_weights):
@@ -135,16 +162,24 @@ def _fake(x, means, variances, log_weights):
     return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
 
 
+def _fake_with_grads(x, means, variances, log_weights):
+    return tuple(_fake(x, means, variances, log_weights) for _ in range(3))
+
+
 def _fake_backward(grad, x, out, means, variances, log_weights):
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(means),
             torch.empty_like(variances), torch.empty_like(log_weights))
 
 
-def _triton(x, means, variances, log_weights):
-    from ..triton import mixture_logpdf as kernels
+def _triton_entry(kernel: str):
+    """The Triton entry of the forward ``kernel`` of :mod:`dirfast.triton.mixture_logpdf`, given
+    the components in the arithmetic dtype."""
+    def run(x, means, variances, log_weights):
+        from ..triton import mixture_logpdf as kernels
 
-    acc = _common.acc_dtype(x.dtype, means.dtype, variances.dtype, log_weights.dtype)
-    return kernels.mixture_logpdf(x, *components(means, variances, log_weights, acc))
+        acc = _common.acc_dtype(x.dtype, means.dtype, variances.dtype, log_weights.dtype)
+        return getattr(kernels, kernel)(x, *components(means, variances, log_weights, acc))
+    return run
 
 
 def _triton_backward(grad, x, out, means, variances, log_weights):
@@ -155,8 +190,9 @@ def _triton_backward(grad, x, out, means, variances, log_weights):
     return grad_x, grad_m.to(means.dtype), grad_v.to(variances.dtype), grad_w.to(log_weights.dtype)
 
 
-_common.define(SCHEMA, reference, _fake, _triton)
+_common.define(SCHEMA, reference, _fake, _triton_entry("mixture_logpdf"))
 _common.define(SCHEMA_BACKWARD, reference_backward, _fake_backward, _triton_backward)
+_common.define(SCHEMA_WITH_GRADS, reference_with_grads, _fake_with_grads, _triton_entry("mixture_logpdf_with_grads"))
 
 
 # -------------------------------------------------------------------------------- autograd

@@ -1,5 +1,5 @@
 """The Triton kernels of ``dirfast::mixture_logpdf``: the Gaussian-mixture log density of every
-element, and its backward.
+element (with its per-element gradients: ``mixture_logpdf_with_grads``), and its backward.
 
 A program takes BLOCK elements and walks the K components BLOCK_K at a time with a running
 maximum (an online log-sum-exp), so nothing of size N x K exists. The components come in the
@@ -35,21 +35,37 @@ def _terms(x, m_ptr, s_ptr, c_ptr, k0, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _forward_kernel(x_ptr, m_ptr, s_ptr, c_ptr, out_ptr, N, K,
-                    ACC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+def _forward_kernel(x_ptr, m_ptr, s_ptr, c_ptr, out_ptr, grad_x_ptr, grad_shift_ptr, N, K, ACC: tl.constexpr,
+                    BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, WITH_GRADS: tl.constexpr):
+    """The log density; WITH_GRADS also its gradients in x and in a variance added to every
+    component, whose sums over the components are rescaled with the running maximum as the sum
+    of exponentials is."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < N, other=0.0).to(ACC)
     top = tl.full([BLOCK], float("-inf"), ACC)
     total = tl.zeros([BLOCK], ACC)
+    along_x = tl.zeros([BLOCK], ACC)
+    along_v = tl.zeros([BLOCK], ACC)
     for k0 in range(0, K, BLOCK_K):
         t, z, s, kk, live = _terms(x, m_ptr, s_ptr, c_ptr, k0, K, BLOCK_K)
         new_top = tl.maximum(top, tl.max(t, 1))
         safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # no -inf - -inf
-        total = total * tl.exp(top - safe) + tl.sum(tl.exp(t - safe[:, None]), 1)
+        rescale = tl.exp(top - safe)
+        e = tl.exp(t - safe[:, None])
+        total = total * rescale + tl.sum(e, 1)
+        if WITH_GRADS:
+            zero = e == 0.0  # adds nothing, also where z is infinite
+            along_x = along_x * rescale + tl.sum(tl.where(zero, 0.0, e * z * s[None, :]), 1)
+            half_s2 = 0.5 * s[None, :] * s[None, :]
+            along_v = along_v * rescale + tl.sum(tl.where(zero, 0.0, e * (z * z - 1.0) * half_s2), 1)
         top = new_top
     # log 0 = -inf (density 0); a NaN term has made total NaN
     out = tl.where(top == float("-inf"), 0.0, top) + tl.log(total)
     tl.store(out_ptr + offs, out, mask=offs < N)
+    if WITH_GRADS:
+        empty = out == float("-inf")  # zero gradients
+        tl.store(grad_x_ptr + offs, tl.where(empty, 0.0, -along_x / total), mask=offs < N)
+        tl.store(grad_shift_ptr + offs, tl.where(empty, 0.0, along_v / total), mask=offs < N)
 
 
 @triton.jit
@@ -88,21 +104,35 @@ def _sizes(k: int, acc: torch.dtype):
     return (256 if acc == torch.float32 else 128), min(_common.next_pow2(k), 8), 4
 
 
+def _forward(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor, c: torch.Tensor, with_grads: bool) -> list:
+    """[out] or [out, grad_x, grad_shift], each shaped like x in the arithmetic dtype."""
+    acc = m.dtype
+    outs = [torch.empty(x.shape, dtype=acc, device=x.device) for _ in range(3 if with_grads else 1)]
+    n = x.numel()
+    if n == 0:
+        return outs
+    m, s, c = m.contiguous(), s.contiguous(), c.contiguous()
+    block, block_k, warps = _sizes(m.numel(), acc)
+    pointers = outs * 3 if not with_grads else outs  # unused ones point at the output: never written
+    with _common.device_guard(x):
+        _forward_kernel[(_common.cdiv(n, block),)](x.contiguous(), m, s, c, *pointers[:3], n, m.numel(),
+                                                   ACC=_common.tl_acc(acc), BLOCK=block, BLOCK_K=block_k,
+                                                   WITH_GRADS=with_grads, num_warps=warps)
+    return outs
+
+
 def mixture_logpdf(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """:func:`dirfast.ops.mixture_logpdf` in one Triton kernel, from the components ``m``, ``s``,
     ``c`` in the arithmetic dtype (see the module docstring)."""
     _common.check_device(x, "mixture_logpdf")
-    acc = m.dtype
-    out = torch.empty(x.shape, dtype=acc, device=x.device)
-    n = x.numel()
-    if n == 0:
-        return out
-    m, s, c = m.contiguous(), s.contiguous(), c.contiguous()
-    block, block_k, warps = _sizes(m.numel(), acc)
-    with _common.device_guard(x):
-        _forward_kernel[(_common.cdiv(n, block),)](x.contiguous(), m, s, c, out, n, m.numel(), ACC=_common.tl_acc(acc),
-                                                   BLOCK=block, BLOCK_K=block_k, num_warps=warps)
-    return out
+    return _forward(x, m, s, c, False)[0]
+
+
+def mixture_logpdf_with_grads(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor, c: torch.Tensor):
+    """``dirfast::mixture_logpdf_with_grads`` in one Triton kernel: the log density and its
+    per-element gradients in x and in a variance added to every component."""
+    _common.check_device(x, "mixture_logpdf_with_grads")
+    return tuple(_forward(x, m, s, c, True))
 
 
 def mixture_logpdf_backward(grad: torch.Tensor, x: torch.Tensor, out: torch.Tensor, m: torch.Tensor,
