@@ -26,7 +26,7 @@ from . import distributed, ops
 from .binning import GridBinning
 from .lds import LDS
 from .mixture import GaussianMixture, fit_gmm, log_component_densities
-from .ops.mixture_logpdf import mixture_logpdf_backward_unchecked, mixture_logpdf_unchecked
+from .ops.mixture_logpdf import mixture_logpdf_unchecked, mixture_logpdf_with_grads_unchecked
 
 __all__ = ["bmc_loss", "bni_loss", "gai_loss", "BMCLoss", "BNILoss", "GAILoss"]
 
@@ -132,10 +132,13 @@ def _scaled_mean(loss: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
 class _ScalarBalancedMSE(torch.autograd.Function):
     """The 1-D losses in one autograd node: with ``v = noise_var`` and ``d = pred - target``,
     ``2 v' (mean(d^2) / (2 v) + log(v) / 2 + mean(mixture_logpdf(pred; means, variances + v,
-    log_weights)))``, ``v'`` the detached ``v``. BNI (variances 0, the histogram), GAI (the
-    mixture's) and BMC (variances 0, the batch's targets at weight 1) are this loss, as the
-    published terms rearranged. One node instead of a dozen small ones: on a batch of 256, the
-    per-op costs of autograd were most of the step. The tables get no gradient; pred any shape.
+    log_weights)))``, ``v'`` the detached ``v``. BNI (variances None: 0, the histogram), GAI (the
+    mixture's) and BMC (variances None, the batch's targets at weight 1) are this loss, as the
+    published terms rearranged. One node instead of a dozen small ones (on a batch of 256, the
+    per-op costs of autograd were most of the step); where a gradient is wanted, the forward's
+    pass over the components also gives each element's gradients (the loss is a mean, so its
+    upstream gradient is one scalar), and the backward only scales them. The tables get no
+    gradient; pred any shape.
     """
 
     @staticmethod
@@ -144,30 +147,32 @@ class _ScalarBalancedMSE(torch.autograd.Function):
         flat = pred.reshape(-1).to(acc)
         diff = flat - target.reshape(-1).to(acc)  # in acc: float16 would round it
         v = noise_var.to(acc)
-        components = (means, variances + v, log_weights)
-        densities = mixture_logpdf_unchecked(flat, *components)
-        mean_square = diff.square().mean()
-        ctx.save_for_backward(flat, diff, mean_square, v, densities, *components)
-        ctx.backend, ctx.shape = ops.get_backend(), pred.shape
-        ctx.dtypes = pred.dtype, target.dtype, noise_var.dtype
-        return mean_square + v * torch.log(v) + 2 * v * densities.mean()
+        # variances None: each component's is the noise's (BNI's bins, BMC's targets)
+        components = (means, v.expand(means.shape) if variances is None else variances + v, log_weights)
+        mean_square = torch.dot(diff, diff) / diff.numel()
+        if any(ctx.needs_input_grad[:3]):
+            densities, grad_x, grad_shift = mixture_logpdf_with_grads_unchecked(flat, *components)
+            ctx.save_for_backward(diff, mean_square, v, grad_x, grad_shift)
+            ctx.shape, ctx.dtypes = pred.shape, (pred.dtype, target.dtype, noise_var.dtype)
+        else:
+            densities = mixture_logpdf_unchecked(flat, *components)
+        # (few operations: on a small batch each costs about as much as its kernel)
+        return torch.addcmul(mean_square, v, torch.add(torch.log(v), densities.mean(), alpha=2))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        flat, diff, mean_square, v, densities, means, variances, log_weights = ctx.saved_tensors
-        n = flat.numel()
-        # d loss / d mixture_logpdf(pred_i) = 2 v' / n: the kernel gives the gradients of the sum
-        weight = (grad * 2 * v / n).to(flat.dtype)
-        grad_mix, _, grad_var, _ = mixture_logpdf_backward_unchecked(
-            weight.expand(n).contiguous(), flat, densities, means, variances, log_weights, ctx.backend)
-        grad_diff = diff * (weight / v)
+        diff, mean_square, v, grad_x, grad_shift = ctx.saved_tensors
+        n = diff.numel()
+        unit = grad * (2 / n)  # d loss / d pred_i = (d_i + v grad_x_i) 2 / n
         pred_dtype, target_dtype, noise_dtype = ctx.dtypes
-        grad_pred = (grad_diff + grad_mix).reshape(ctx.shape).to(pred_dtype) if ctx.needs_input_grad[0] else None
-        grad_target = (-grad_diff).reshape(ctx.shape).to(target_dtype) if ctx.needs_input_grad[1] else None
-        grad_noise = None
-        if ctx.needs_input_grad[2]:  # mean(d^2) / (2 v) + log(v) / 2, and the mixture through each variance + v
-            grad_noise = (weight * n * (0.5 / v - mean_square / (2 * v * v)) + grad_var.sum()).to(noise_dtype)
+        grad_pred = grad_target = grad_noise = None
+        if ctx.needs_input_grad[0]:
+            grad_pred = torch.addcmul(diff, grad_x, v).mul_(unit).reshape(ctx.shape).to(pred_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_target = (diff * -unit).reshape(ctx.shape).to(target_dtype)
+        if ctx.needs_input_grad[2]:  # 1 - mean(d^2) / v, and the mixture through each variance + v
+            grad_noise = (torch.addcmul(1 - mean_square / v, v, grad_shift.sum(), value=2 / n) * grad).to(noise_dtype)
         return grad_pred, grad_target, grad_noise, None, None, None
 
 
@@ -202,8 +207,7 @@ def bmc_loss(pred, target, noise_var, *, all_ranks: bool = False, process_group=
         # noise_var), without the matrix: its log-sum-exp is a mixture of M equal-weight components
         # at the prior (as BNI's at its bucket centres), and the target gets no gradient.
         means = prior.reshape(-1)
-        variances, log_weights = torch.zeros_like(means), torch.zeros_like(means)  # two: torch.compile
-        return _ScalarBalancedMSE.apply(pred_rows, target_rows.detach(), noise_var, means, variances, log_weights)
+        return _ScalarBalancedMSE.apply(pred_rows, target_rows.detach(), noise_var, means, None, torch.zeros_like(means))
     distance = (pred_rows.unsqueeze(1) - prior.unsqueeze(0)).pow(2).sum(-1)
     logits = -0.5 * distance / noise_var
     labels = torch.arange(first, first + pred_rows.shape[0], device=pred.device)
@@ -237,7 +241,7 @@ def _bni(pred, target, noise_var, centers, weights) -> torch.Tensor:
     acc = _acc(pred)
     log_weights = torch.log(weights.to(pred.device, torch.promote_types(weights.dtype, acc))).to(acc)
     centers = centers.to(pred.device, acc)
-    return _ScalarBalancedMSE.apply(pred, target, noise_var, centers, torch.zeros_like(centers), log_weights)
+    return _ScalarBalancedMSE.apply(pred, target, noise_var, centers, None, log_weights)
 
 
 def gai_loss(pred, target, gmm, noise_var) -> torch.Tensor:
