@@ -148,21 +148,23 @@ class _ScalarBalancedMSE(torch.autograd.Function):
         diff = flat - target.reshape(-1).to(acc)  # in acc: float16 would round it
         v = noise_var.to(acc)
         # variances None: each component's is the noise's (BNI's bins, BMC's targets)
-        components = (means, v.expand(means.shape) if variances is None else variances + v, log_weights)
-        mean_square = torch.dot(diff, diff) / diff.numel()
+        components = (means, v.expand(means.shape[0]) if variances is None else variances + v, log_weights)
+        square_sum = torch.dot(diff, diff)
         if any(ctx.needs_input_grad[:3]):
             densities, grad_x, grad_shift = mixture_logpdf_with_grads_unchecked(flat, *components)
-            ctx.save_for_backward(diff, mean_square, v, grad_x, grad_shift)
+            ctx.save_for_backward(diff, square_sum, v, grad_x, grad_shift)
             ctx.shape, ctx.dtypes = pred.shape, (pred.dtype, target.dtype, noise_var.dtype)
         else:
             densities = mixture_logpdf_unchecked(flat, *components)
-        # (few operations: on a small batch each costs about as much as its kernel)
-        return torch.addcmul(mean_square, v, torch.add(torch.log(v), densities.mean(), alpha=2))
+        # v (log(v) + 2 mean(mixture)) + mean(d^2), in few operations: on a small batch each costs
+        # about as much as its kernel (Python numbers as alpha, not tensors)
+        n = diff.numel()
+        return torch.add(torch.add(torch.log(v), densities.sum(), alpha=2 / n).mul_(v), square_sum, alpha=1 / n)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        diff, mean_square, v, grad_x, grad_shift = ctx.saved_tensors
+        diff, square_sum, v, grad_x, grad_shift = ctx.saved_tensors
         n = diff.numel()
         unit = grad * (2 / n)  # d loss / d pred_i = (d_i + v grad_x_i) 2 / n
         pred_dtype, target_dtype, noise_dtype = ctx.dtypes
@@ -172,7 +174,8 @@ class _ScalarBalancedMSE(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_target = (diff * -unit).reshape(ctx.shape).to(target_dtype)
         if ctx.needs_input_grad[2]:  # 1 - mean(d^2) / v, and the mixture through each variance + v
-            grad_noise = (torch.addcmul(1 - mean_square / v, v, grad_shift.sum(), value=2 / n) * grad).to(noise_dtype)
+            noise_unit = torch.addcmul(1 - square_sum / (n * v), v, grad_shift.sum(), value=2 / n)
+            grad_noise = (noise_unit * grad).to(noise_dtype)
         return grad_pred, grad_target, grad_noise, None, None, None
 
 
