@@ -245,8 +245,10 @@ def log_component_densities(points, weights, means, covs):
     (differentiable; in the dtype of its inputs). EM's E-step, the mixture's density and GAI's
     balancing term in d dimensions."""
     chol = torch.linalg.cholesky(covs)
-    diff = (points[:, None, :] - means[None]).unsqueeze(-1)
-    z = torch.linalg.solve_triangular(chol.expand(points.shape[0], -1, -1, -1), diff, upper=False)
-    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
     d = points.shape[1]
-    return torch.log(weights) - 0.5 * (log_det + (z ** 2).sum((-2, -1)) + d * math.log(2 * math.pi))
+    # one triangular solve per component with every point a right-hand side ([K, d, G]), as torch's
+    # MultivariateNormal batches it: a solve per (point, component) pair is a tiny solve each
+    diff = (points[None] - means[:, None]).transpose(1, 2)
+    z = torch.linalg.solve_triangular(chol, diff, upper=False)  # L^-1 (point - mean)
+    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return torch.log(weights) - 0.5 * (log_det + (z ** 2).sum(1).T + d * math.log(2 * math.pi))
