@@ -4,7 +4,8 @@ Adapted from the published code (github.com/jiawei-ren/BalancedMSE, MIT licence,
 2022 Jiawei Ren): the same losses and gradients, on any device, for targets of any dimension,
 without the N x K matrix of BNI and GAI nor BMC's N x N on scalar targets
 (:func:`dirfast.ops.mixture_logpdf` is fused), with an optional all-gather of BMC's prior over
-the ranks of ``torch.distributed``.
+the ranks of ``torch.distributed``. Each loss is one autograd node whose forward also forms the
+gradients (the loss is a mean: one scalar upstream gradient), so its backward only scales them.
 
 Each loss is the negative log-likelihood of the target under the balanced predictive
 distribution: the MSE term ``|pred - target|^2 / (2 noise_var)`` plus a balancing term, the log
@@ -19,13 +20,12 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import _validate as validate
 from . import distributed, ops
 from .binning import GridBinning
 from .lds import LDS
-from .mixture import GaussianMixture, fit_gmm, log_component_densities
+from .mixture import GaussianMixture, fit_gmm
 from .ops.mixture_logpdf import mixture_logpdf_unchecked, mixture_logpdf_with_grads_unchecked
 
 __all__ = ["bmc_loss", "bni_loss", "gai_loss", "BMCLoss", "BNILoss", "GAILoss"]
@@ -42,6 +42,10 @@ def _variance_range(dtype: torch.dtype) -> tuple:
     the variance, its square and its products with errors of the dtype's range stay finite."""
     info = torch.finfo(dtype)
     return math.sqrt(info.tiny), math.sqrt(info.max)
+
+
+# BMC in d > 1 dimensions: the rows of a block against the whole prior hold about this many distances
+_BLOCK_ELEMENTS = 1 << 20
 
 
 def _noise_var(noise_var, pred: torch.Tensor) -> torch.Tensor:
@@ -125,20 +129,51 @@ def _check_fits(what: str, magnitude: float, acc: torch.dtype) -> None:
                          f"got a value of magnitude {magnitude:.3g} (use float64 predictions or rescale the labels)")
 
 
-def _scaled_mean(loss: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
-    return (loss * (2 * noise_var).detach()).mean()
+class _BalancedMSENode(torch.autograd.Function):
+    """The backward shared by the loss nodes below. Their loss is ``2 v' (mean(|d|^2) / (2 v) +
+    dims log(v) / 2 + mean(b))``, ``v = noise_var``, ``v'`` its detached value, ``d = pred -
+    target`` and ``b`` a row's balancing term; it is a mean, so its upstream gradient is one
+    scalar and the forward, where a gradient is wanted, saves each row's ``db/dpred``
+    (``grad_x``) and the sum over rows of ``db/dv`` (``grad_shift``): the backward only scales."""
+
+    @staticmethod
+    def _save(ctx, pred, target, noise_var, diff, square_sum, v, grad_x, grad_shift, dims):
+        ctx.save_for_backward(diff, square_sum, v, grad_x, grad_shift)
+        ctx.shape, ctx.dims = pred.shape, dims
+        ctx.dtypes = pred.dtype, target.dtype, noise_var.dtype
+
+    @staticmethod
+    def _loss(densities, square_sum, v, n, dims):
+        """``v (dims log(v) + 2 mean(densities)) + |d|^2 / n`` for ``n`` rows, in few operations: on a
+        small batch each costs about as much as its kernel (Python numbers as alpha, not tensors)."""
+        return torch.add(torch.add(torch.log(v), densities.sum(), alpha=2 / (n * dims)).mul_(dims * v), square_sum,
+                         alpha=1 / n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        diff, square_sum, v, grad_x, grad_shift = ctx.saved_tensors
+        n = diff.shape[0]
+        unit = grad * (2 / n)  # d loss / d pred_i = (d_i + v grad_x_i) 2 / n
+        pred_dtype, target_dtype, noise_dtype = ctx.dtypes
+        grad_pred = grad_target = grad_noise = None
+        if ctx.needs_input_grad[0]:
+            grad_pred = torch.addcmul(diff, grad_x, v).mul_(unit).reshape(ctx.shape).to(pred_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_target = (diff * -unit).reshape(ctx.shape).to(target_dtype)
+        if ctx.needs_input_grad[2]:  # dims - mean(|d|^2) / v, and the balancing term through v
+            noise_unit = torch.addcmul(ctx.dims - square_sum / (n * v), v, grad_shift, value=2 / n)
+            grad_noise = (noise_unit * grad).to(noise_dtype)
+        return (grad_pred, grad_target, grad_noise, *[None] * (len(ctx.needs_input_grad) - 3))
 
 
-class _ScalarBalancedMSE(torch.autograd.Function):
-    """The 1-D losses in one autograd node: with ``v = noise_var`` and ``d = pred - target``,
-    ``2 v' (mean(d^2) / (2 v) + log(v) / 2 + mean(mixture_logpdf(pred; means, variances + v,
-    log_weights)))``, ``v'`` the detached ``v``. BNI (variances None: 0, the histogram), GAI (the
-    mixture's) and BMC (variances None, the batch's targets at weight 1) are this loss, as the
-    published terms rearranged. One node instead of a dozen small ones (on a batch of 256, the
-    per-op costs of autograd were most of the step); where a gradient is wanted, the forward's
-    pass over the components also gives each element's gradients (the loss is a mean, so its
-    upstream gradient is one scalar), and the backward only scales them. The tables get no
-    gradient; pred any shape.
+class _ScalarBalancedMSE(_BalancedMSENode):
+    """The 1-D losses in one autograd node, the balancing term ``mixture_logpdf(pred; means,
+    variances + v, log_weights)``: BNI (variances None: 0, the histogram), GAI (the mixture's)
+    and BMC (variances None, the batch's targets at weight 1) are this loss, as the published
+    terms rearranged. One node instead of a dozen small ones (on a batch of 256, the per-op costs
+    of autograd were most of the step); the fused op gives each element's gradients in the
+    forward's pass over the components. The tables get no gradient; pred any shape.
     """
 
     @staticmethod
@@ -152,31 +187,81 @@ class _ScalarBalancedMSE(torch.autograd.Function):
         square_sum = torch.dot(diff, diff)
         if any(ctx.needs_input_grad[:3]):
             densities, grad_x, grad_shift = mixture_logpdf_with_grads_unchecked(flat, *components)
-            ctx.save_for_backward(diff, square_sum, v, grad_x, grad_shift)
-            ctx.shape, ctx.dtypes = pred.shape, (pred.dtype, target.dtype, noise_var.dtype)
+            _BalancedMSENode._save(ctx, pred, target, noise_var, diff, square_sum, v, grad_x, grad_shift.sum(), 1)
         else:
             densities = mixture_logpdf_unchecked(flat, *components)
-        # v (log(v) + 2 mean(mixture)) + mean(d^2), in few operations: on a small batch each costs
-        # about as much as its kernel (Python numbers as alpha, not tensors)
-        n = diff.numel()
-        return torch.add(torch.add(torch.log(v), densities.sum(), alpha=2 / n).mul_(v), square_sum, alpha=1 / n)
+        return _BalancedMSENode._loss(densities, square_sum, v, diff.numel(), 1)
+
+
+class _MixtureBalancedMSE(_BalancedMSENode):
+    """GAI in d > 1 dimensions in one autograd node: with the components' covariances ``S_k + v I
+    = L_k L_k^T`` and ``z_k = L_k^-1 (pred - mean_k)``, the balancing term is ``log sum_k w_k
+    |L_k|^-1 exp(-|z_k|^2 / 2)`` (the published one, which omits 2 pi); its gradients, from ``y_k
+    = L_k^-T z_k`` and the responsibilities ``r``: ``-sum_k r_k y_k`` in pred, ``sum_k r_k
+    (|y_k|^2 - tr((S_k + v I)^-1)) / 2`` in v. ``L_k^-1`` once per call, then one product per
+    component with every row a column (tiny solves per row and component, or products with d
+    innermost, ran 5-10x slower). The mixture gets no gradient; pred and target ``[N, d]`` in
+    the accumulation dtype.
+    """
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        diff, square_sum, v, grad_x, grad_shift = ctx.saved_tensors
-        n = diff.numel()
-        unit = grad * (2 / n)  # d loss / d pred_i = (d_i + v grad_x_i) 2 / n
-        pred_dtype, target_dtype, noise_dtype = ctx.dtypes
-        grad_pred = grad_target = grad_noise = None
-        if ctx.needs_input_grad[0]:
-            grad_pred = torch.addcmul(diff, grad_x, v).mul_(unit).reshape(ctx.shape).to(pred_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_target = (diff * -unit).reshape(ctx.shape).to(target_dtype)
-        if ctx.needs_input_grad[2]:  # 1 - mean(d^2) / v, and the mixture through each variance + v
-            noise_unit = torch.addcmul(1 - square_sum / (n * v), v, grad_shift.sum(), value=2 / n)
-            grad_noise = (noise_unit * grad).to(noise_dtype)
-        return grad_pred, grad_target, grad_noise, None, None, None
+    def forward(ctx, pred, target, noise_var, means, covariances, log_weights):
+        n, dims = pred.shape
+        diff = pred - target
+        v = noise_var.to(pred.dtype)
+        eye = torch.eye(dims, dtype=pred.dtype, device=pred.device)
+        chol = torch.linalg.cholesky(covariances + v * eye)
+        inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)  # L_k^-1, [K, d, d]
+        # z_k = L_k^-1 (pred - mean_k) as one product per component with the rows as columns ([K, d, N])
+        z = torch.bmm(inverse, pred.T[None] - means[:, :, None])
+        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # [K]
+        terms = (log_weights - 0.5 * log_det)[:, None] - 0.5 * (z * z).sum(1)  # [K, N]
+        densities = torch.logsumexp(terms, 0)
+        square_sum = (diff * diff).sum()
+        if any(ctx.needs_input_grad[:3]):
+            r = torch.exp(terms - densities)  # [K, N]
+            y = torch.bmm(inverse.transpose(1, 2), z)  # L_k^-T z_k = (S_k + v I)^-1 (pred - mean_k)
+            grad_x = -(y * r[:, None]).sum(0).T
+            trace = inverse.square().sum((1, 2))  # tr((S_k + v I)^-1)
+            grad_shift = 0.5 * (r * ((y * y).sum(1) - trace[:, None])).sum()
+            _BalancedMSENode._save(ctx, pred, target, noise_var, diff, square_sum, v, grad_x, grad_shift, dims)
+        return _BalancedMSENode._loss(densities, square_sum, v, n, dims)
+
+
+class _BatchBalancedMSE(_BalancedMSENode):
+    """BMC on targets of d > 1 dimensions in one autograd node, a block of rows at a time against
+    the whole prior (``[rows, M]`` in memory, not the matrix form's ``[N, M, d]``): with ``D_ij =
+    |pred_i - prior_j|^2``, the published cross-entropy over the logits ``-D_ij / (2 v)`` (row
+    i's own target its class) is this loss with the balancing term ``log sum_j exp(-D_ij / (2 v))
+    - d log(v) / 2``; its gradients, from each row's softmax ``r``: ``(sum_j r_ij prior_j -
+    pred_i) / v`` in pred and ``sum_j r_ij D_ij / (2 v^2) - d / (2 v)`` in v. The prior gets no
+    gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, pred, target, noise_var, prior):
+        n, dims = pred.shape
+        diff = pred - target
+        v = noise_var.to(pred.dtype)
+        wanted = any(ctx.needs_input_grad[:3])
+        rows = max(1, _BLOCK_ELEMENTS // (prior.shape[0] * dims))
+        lse, grad_x, weighted = [], [], 0
+        for start in range(0, n, rows):
+            part = pred[start:start + rows]
+            distance = (part[:, None] - prior[None]).square_().sum(-1)  # [rows, M]
+            logits = distance / (-2 * v)
+            lse.append(torch.logsumexp(logits, 1))
+            if wanted:
+                r = torch.exp(logits - lse[-1][:, None])
+                grad_x.append((r @ prior - part) / v)
+                weighted = weighted + (r * distance).sum()
+        densities = torch.cat(lse) - 0.5 * dims * torch.log(v)
+        square_sum = (diff * diff).sum()
+        if wanted:
+            grad_shift = weighted / (2 * v * v) - n * dims / (2 * v)
+            _BalancedMSENode._save(ctx, pred, target, noise_var, diff, square_sum, v, torch.cat(grad_x), grad_shift,
+                                   dims)
+        return _BalancedMSENode._loss(densities, square_sum, v, n, dims)
 
 
 # -- functional --------------------------------------------------------------------------------
@@ -193,8 +278,9 @@ def bmc_loss(pred, target, noise_var, *, all_ranks: bool = False, process_group=
         process_group: the group to gather over (default: the whole world).
 
     Scalar targets run in :func:`dirfast.ops.mixture_logpdf` (no matrix, O(N * N * ranks)
-    work); targets of d > 1 dimensions build the ``[N, N * ranks]`` matrix. Either way it is for
-    batches of samples, not every pixel of a depth map (use :func:`bni_loss` or :func:`gai_loss`).
+    work); targets of d > 1 dimensions a block of rows of the ``[N, N * ranks]`` matrix at a
+    time. Either way it is for batches of samples, not every pixel of a depth map (use
+    :func:`bni_loss` or :func:`gai_loss`).
     """
     validate.prediction_pair("pred", pred, "target", target)
     validate.boolean("all_ranks", all_ranks)
@@ -202,19 +288,16 @@ def bmc_loss(pred, target, noise_var, *, all_ranks: bool = False, process_group=
     noise_var = _noise_var(noise_var, pred)
     acc = _acc(pred)
     pred_rows, target_rows = pred_rows.to(acc), target_rows.to(acc)  # float16 would overflow
-    prior, first = target_rows.detach(), 0
+    prior = target_rows.detach()
     if all_ranks and distributed.is_distributed(process_group):
-        prior, first = distributed.all_gather_rows(prior, process_group)
+        prior, _ = distributed.all_gather_rows(prior, process_group)  # this rank's rows among them
     if pred_rows.shape[1] == 1:
         # The published 1-D form, cross-entropy over the [N, M] logits -(pred_i - prior_j)^2 / (2
         # noise_var), without the matrix: its log-sum-exp is a mixture of M equal-weight components
         # at the prior (as BNI's at its bucket centres), and the target gets no gradient.
         means = prior.reshape(-1)
         return _ScalarBalancedMSE.apply(pred_rows, target_rows.detach(), noise_var, means, None, torch.zeros_like(means))
-    distance = (pred_rows.unsqueeze(1) - prior.unsqueeze(0)).pow(2).sum(-1)
-    logits = -0.5 * distance / noise_var
-    labels = torch.arange(first, first + pred_rows.shape[0], device=pred.device)
-    return F.cross_entropy(logits, labels) * (2 * noise_var).detach()
+    return _BatchBalancedMSE.apply(pred_rows, target_rows.detach(), noise_var, prior)
 
 
 def bni_loss(pred, target, noise_var, bucket_centers, bucket_weights) -> torch.Tensor:
@@ -279,13 +362,7 @@ def _gai(pred, target, means, covariances, weights, noise_var) -> torch.Tensor:
                                         covariances.reshape(-1).to(acc), log_weights)
     if pred.dim() != 2 or pred.shape[1] != d:
         raise ValueError(f"pred must be [N, {d}] for a mixture in {d} dimensions, got shape {tuple(pred.shape)}")
-    mse_term = (pred - target).pow(2).sum(1) / 2 / noise_var + 0.5 * d * torch.log(noise_var)
-    eye = torch.eye(d, dtype=acc, device=pred.device)
-    # log of (2 pi)^(d/2) sum_k w_k N(pred; mean_k, cov_k + nv I): the published term, which omits 2 pi
-    log_densities = log_component_densities(pred, torch.ones_like(log_weights), means.to(acc),
-                                            covariances.to(acc) + noise_var.to(acc) * eye)
-    balancing_term = torch.logsumexp(log_densities + log_weights, dim=1) + 0.5 * d * math.log(2 * math.pi)
-    return _scaled_mean(mse_term + balancing_term, noise_var)
+    return _MixtureBalancedMSE.apply(pred, target, noise_var, means.to(acc), covariances.to(acc), log_weights)
 
 
 # -- modules -----------------------------------------------------------------------------------

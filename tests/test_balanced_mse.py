@@ -63,6 +63,19 @@ def test_bmc_matches_published(device, dtype, d):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_bmc_md_over_several_row_blocks(device):
+    """BMC in d > 1 dimensions takes a block of rows at a time against the whole prior: 700 rows
+    of 3 dimensions are two blocks (and a partial one on its own), the published loss and
+    gradients."""
+    from dirfast import balanced_mse
+
+    pred, target = batch((700, 3), seed=44, device=device, dtype=torch.float64)
+    assert balanced_mse._BLOCK_ELEMENTS // (700 * 3) < 700  # more than one block
+    compare(lambda p, nv: bmc_loss(p, target, nv), lambda p, nv: published.bmc_loss_md(p, target, nv), pred,
+            sigma_like(pred), torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_bmc_md_form_reduces_to_1d(device):
     pred, target = batch((32, 1), seed=4, device=device, dtype=torch.float64)
     torch.testing.assert_close(bmc_loss(pred, target, 0.5), published.bmc_loss_md(pred, target, torch.tensor(0.5)))
@@ -121,21 +134,24 @@ def test_scalar_losses_on_every_backend(backend, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_target_gradients(device):
-    """BNI and GAI give targets that require grad the published gradient (their MSE term's);
-    BMC's prior is detached, as before the matrix-free form: no gradient."""
+    """BNI and GAI (in 1 and 2 dimensions) give targets that require grad the published gradient
+    (their MSE term's); BMC's prior is detached, as before the matrix-free form: no gradient."""
     pred, target = batch((40, 1), seed=38, device=device, dtype=torch.float64)
+    pred2, target2 = batch((40, 2), seed=41, device=device, dtype=torch.float64)
     centers, weights = torch.linspace(-4, 6, 21, dtype=torch.float64), torch.rand(21, generator=gen(39)) + 0.1
-    gmm = mixture(3, 1, seed=40)
-    theirs_gmm = {k: v.to(device) for k, v in gmm.items()}
-    pairs = [(lambda p, t: bni_loss(p, t, 0.7, centers, weights),
-              lambda p, t: published.bni_loss(p, t, torch.tensor(0.7), centers.to(device), weights.to(device))),
-             (lambda p, t: gai_loss(p, t, gmm, 0.7),
-              lambda p, t: published.gai_loss(p, t, theirs_gmm, torch.tensor(0.7)))]
-    for ours, theirs in pairs:
+    gmm, gmm2 = mixture(3, 1, seed=40), mixture(3, 2, seed=42)
+    theirs_gmm, theirs_gmm2 = ({k: v.to(device) for k, v in g.items()} for g in (gmm, gmm2))
+    nv = torch.tensor(0.7, dtype=torch.float64, device=device)
+    pairs = [(pred, target, lambda p, t: bni_loss(p, t, 0.7, centers, weights),
+              lambda p, t: published.bni_loss(p, t, nv, centers.to(device), weights.to(device))),
+             (pred, target, lambda p, t: gai_loss(p, t, gmm, 0.7), lambda p, t: published.gai_loss(p, t, theirs_gmm, nv)),
+             (pred2, target2, lambda p, t: gai_loss(p, t, gmm2, 0.7),
+              lambda p, t: published.gai_loss_md(p, t, theirs_gmm2, nv))]
+    for p, target_rows, ours, theirs in pairs:
         grads = []
         for fn in (ours, theirs):
-            t = target.detach().clone().requires_grad_()
-            fn(pred.detach(), t).backward()
+            t = target_rows.detach().clone().requires_grad_()
+            fn(p.detach(), t).backward()
             grads.append(t.grad)
         torch.testing.assert_close(grads[0], grads[1], **TOL[torch.float64])
     t = target.detach().clone().requires_grad_()
@@ -276,12 +292,13 @@ def test_gai_accepts_the_published_pickle_layouts():
         torch.testing.assert_close(gai_loss(pred, target, gmm, 0.7), expected)
 
 
-@pytest.mark.parametrize("name", ["bmc", "bni", "gai"])
+@pytest.mark.parametrize("name", ["bmc", "bni", "gai", "gai-2d"])
 def test_modules_compile_fullgraph(name):
     """torch.compile(fullgraph=True) traces each loss module whole, backward included."""
-    pred, target = batch((40, 1), seed=24, device="cpu", dtype=torch.float32)
+    pred, target = batch((40, 2 if name == "gai-2d" else 1), seed=24, device="cpu", dtype=torch.float32)
     module = {"bmc": lambda: BMCLoss(), "bni": lambda: BNILoss(1.0, torch.linspace(-3, 5, 17), torch.rand(17) + 0.1),
-              "gai": lambda: GAILoss(1.0, mixture(3, 1, seed=25))}[name]()
+              "gai": lambda: GAILoss(1.0, mixture(3, 1, seed=25)),
+              "gai-2d": lambda: GAILoss(1.0, mixture(3, 2, seed=25))}[name]()
     results = []
     for fn in (torch.compile(module, backend="aot_eager", fullgraph=True), module):
         p = pred.detach().clone().requires_grad_()
