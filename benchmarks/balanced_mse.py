@@ -1,12 +1,15 @@
 """Balanced MSE side by side: ``python -m benchmarks.balanced_mse [--device cpu|cuda] [--threads N]
-[--quick] [--shape B,1,H,W] [--batches N,...] [--json PATH]``.
+[--quick] [--shape B,1,H,W] [--batches N,...] [--md-rows N,N] [--dims D] [--json PATH]``.
 
 BMC on scalar batches (``--batches``, default 256 and 4,096 samples: a training batch, and the
 prior of 16 ranks' batches gathered), BNI and GAI on ``[8, 1, 240, 320]`` depth predictions with
-K = 100 components, each forward plus backward (in the predictions and the noise scale), for the
-published formulation (:mod:`benchmarks.published_balanced_mse`: the ``[N, K]`` or ``[N, N]``
-matrix), that formulation under ``torch.compile`` (the strongest plain-PyTorch alternative),
-dirfast's loss on each backend that runs here (its fused ``mixture_logpdf``), and a clone of the
+K = 100 components, and BMC and GAI on targets of ``--dims`` dimensions (default 2: 4,096 and
+65,536 rows, ``--md-rows``; GAI with K = 8 full-covariance components), each forward plus
+backward (in the predictions and the noise scale), for the published formulation
+(:mod:`benchmarks.published_balanced_mse`: the ``[N, K]`` or ``[N, N]`` matrix, its
+``MultivariateNormal`` forms in d dimensions), that formulation under ``torch.compile`` (the
+strongest plain-PyTorch alternative), dirfast's loss on each backend that runs here (its fused
+``mixture_logpdf``; one ``dirfast`` row in d dimensions, plain PyTorch), and a clone of the
 predictions plus its backward-sized copy (the bandwidth yardstick). Per provider: median time
 (:mod:`benchmarks.timing`, the providers of a case side by side), peak memory of one warm call
 above the memory in use before it (:func:`benchmarks.timing.peak_memory`), both as ratios to the
@@ -27,6 +30,7 @@ from . import alternatives, cases, timing
 
 SHAPE, K = (8, 1, 240, 320), 100
 BMC_BATCHES = (256, 4096)
+MD_ROWS, DIMS, K_MD = (4096, 65536), 2, 8  # BMC's and GAI's rows in d dimensions, GAI's components
 KINDS = ("bmc", "bni", "gai")
 # A provider's loss and gradient against the published ones, relative to the largest gradient
 # (float32: the sums run in another order)
@@ -40,34 +44,55 @@ def inputs(device: str, seed: int = 7, shape=SHAPE):
     centers = torch.linspace(0.05, 9.95, K)
     weights = torch.rand(K, generator=g) + 0.05
     weights = weights / weights.sum()
-    gmm = {"means": torch.linspace(0.5, 9.5, K).reshape(K, 1), "variances": torch.full((K, 1, 1), 0.2),
-           "weights": weights}
+    if dims_of(shape) == 1:
+        gmm = {"means": torch.linspace(0.5, 9.5, K).reshape(K, 1), "variances": torch.full((K, 1, 1), 0.2),
+               "weights": weights}
+    else:  # K_MD full covariances in d dimensions
+        d = dims_of(shape)
+        a = torch.randn(K_MD, d, d, generator=g) * 0.3
+        mixture_weights = torch.rand(K_MD, generator=g) + 0.1
+        gmm = {"means": torch.rand(K_MD, d, generator=g) * 9 + 0.5,
+               "variances": a @ a.transpose(1, 2) + 0.2 * torch.eye(d), "weights": mixture_weights / mixture_weights.sum()}
     move = lambda t: t.to(device)  # noqa: E731
     return move(pred), move(target), move(centers), move(weights), {k: move(v) for k, v in gmm.items()}
 
 
-def case_shapes(shape=SHAPE, batches=BMC_BATCHES) -> list:
-    """(loss kind, predictions' shape) of each case: BMC at each batch size, BNI and GAI at ``shape``."""
-    return [("bmc", (n, 1)) for n in batches] + [("bni", tuple(shape)), ("gai", tuple(shape))]
+def dims_of(shape) -> int:
+    """The targets' dimensions: d for a ``[N, d]`` case of more than one, else 1 (scalar targets)."""
+    return shape[1] if len(shape) == 2 and shape[1] > 1 else 1
 
 
-def _published(kind: str):
-    """The published loss of ``kind`` on (pred, target, sigma, centers, weights, gmm)."""
+def case_shapes(shape=SHAPE, batches=BMC_BATCHES, md_rows=MD_ROWS, dims=DIMS) -> list:
+    """(loss kind, predictions' shape) of each case: BMC at each batch size, BNI and GAI at ``shape``,
+    BMC and GAI on ``md_rows`` rows of ``dims`` dimensions (none for ``dims`` 1)."""
+    cases = [("bmc", (n, 1)) for n in batches] + [("bni", tuple(shape)), ("gai", tuple(shape))]
+    return cases + ([("bmc", (md_rows[0], dims)), ("gai", (md_rows[1], dims))] if dims > 1 else [])
+
+
+def _published(kind: str, dims: int = 1):
+    """The published loss of ``kind`` on (pred, target, sigma, centers, weights, gmm) for targets
+    of ``dims`` dimensions."""
+    if dims > 1:
+        return {"bmc": lambda p, t, s, c, w, g: published.bmc_loss_md(p, t, s ** 2),
+                "gai": lambda p, t, s, c, w, g: published.gai_loss_md(p, t, g, s ** 2)}[kind]
     return {"bmc": lambda p, t, s, c, w, g: published.bmc_loss(p.reshape(-1, 1), t.reshape(-1, 1), s ** 2),
             "bni": lambda p, t, s, c, w, g: published.bni_loss(p.reshape(-1, 1), t.reshape(-1, 1), s ** 2, c, w),
             "gai": lambda p, t, s, c, w, g: published.gai_loss(p.reshape(-1, 1), t.reshape(-1, 1), g, s ** 2)}[kind]
 
 
-def providers(device: str, kind: str, with_compiled: bool = True) -> list:
+def providers(device: str, kind: str, with_compiled: bool = True, dims: int = 1) -> list:
     """(name, callable(pred, target, sigma, centers, weights, gmm) -> loss) of each provider of
-    ``kind``: published, compiled (``with_compiled``), dirfast on each backend here, clone."""
-    rows = [("published", _published(kind))]
+    ``kind`` on targets of ``dims`` dimensions: published, compiled (``with_compiled``), dirfast
+    on each backend here (one row in d dimensions: no dirfast op runs there), clone."""
+    rows = [("published", _published(kind, dims))]
     if with_compiled:
-        rows.append(("compiled", alternatives.compiled(_published(kind))))
+        rows.append(("compiled", alternatives.compiled(_published(kind, dims))))
     call = {"bmc": lambda p, t, s, c, w, g: bmc_loss(p, t, s ** 2),
             "bni": lambda p, t, s, c, w, g: bni_loss(p, t, s ** 2, c, w),
             "gai": lambda p, t, s, c, w, g: gai_loss(p, t, g, s ** 2)}[kind]
-    for backend, info in dirfast.backends().items():
+    if dims > 1:
+        rows.append(("dirfast", call))
+    for backend, info in dirfast.backends().items() if dims == 1 else ():
         if not info["available"] or "mixture_logpdf" not in info["ops"] or device not in cases.BACKEND_DEVICES[backend]:
             continue  # runs on other devices (Triton on a CPU: its interpreter, a correctness tool)
         rows.append((f"dirfast-{backend}", _on(backend, call)))
@@ -96,15 +121,17 @@ def _step(fn, data, device):
     return step
 
 
-def run(device: str, quick: bool, shape=SHAPE, batches=BMC_BATCHES, with_compiled: bool = True) -> list:
+def run(device: str, quick: bool, shape=SHAPE, batches=BMC_BATCHES, with_compiled: bool = True, md_rows=MD_ROWS,
+        dims=DIMS) -> list:
     """Per case: each provider's values and peak memory, one at a time (a provider whose loss or
     gradient differs from the published ones raises), then their times side by side
     (:func:`benchmarks.timing.compare`)."""
     rows = []
-    for kind, case_shape in case_shapes(shape, batches):
+    for kind, case_shape in case_shapes(shape, batches, md_rows, dims):
         data = inputs(device, shape=case_shape)
         case = f"{kind} {'x'.join(map(str, case_shape))}"
-        steps = {name: _step(fn, data, device) for name, fn in providers(device, kind, with_compiled)}
+        named = providers(device, kind, with_compiled, dims_of(case_shape))
+        steps = {name: _step(fn, data, device) for name, fn in named}
         case_rows, reference = {}, None
         for name, step in steps.items():
             print(f"  {case} {name}: values and peak memory ...", flush=True)
@@ -164,12 +191,21 @@ def main(argv=None) -> None:
                         help="BNI's and GAI's predictions' shape (default 8,1,240,320)")
     parser.add_argument("--batches", default=",".join(map(str, BMC_BATCHES)),
                         help="BMC's batch sizes (default 256,4096)")
+    parser.add_argument("--md-rows", default=",".join(map(str, MD_ROWS)),
+                        help="BMC's and GAI's rows in d dimensions (default 4096,65536)")
+    parser.add_argument("--dims", type=int, default=DIMS, help="their dimensions (default 2; 1 leaves them out)")
     args = parser.parse_args(argv)
     shape, batches = _integers("--shape", args.shape), _integers("--batches", args.batches)
+    md_rows = _integers("--md-rows", args.md_rows)
+    if len(md_rows) != 2 or args.dims < 1:
+        raise SystemExit(f"--md-rows must be two integers (BMC's rows, GAI's) and --dims at least 1, got "
+                         f"{args.md_rows!r} and {args.dims}")
     run_ = timing.Run(args, f"Balanced MSE, BMC on {list(batches)} samples, BNI and GAI on {list(shape)} with "
-                            f"K={K}, forward+backward")
-    rows = run(args.device, args.quick, shape, batches)
-    run_.finish(format_rows(rows), rows, shape=shape, batches=batches, K=K)
+                            f"K={K}" + (f", BMC and GAI on {list(md_rows)} rows of {args.dims} dimensions (GAI K="
+                                        f"{K_MD})" if args.dims > 1 else "") + ", forward+backward")
+    rows = run(args.device, args.quick, shape, batches, md_rows=md_rows, dims=args.dims)
+    run_.finish(format_rows(rows), rows, shape=shape, batches=batches, K=K, md_rows=md_rows, dims=args.dims,
+                K_md=K_MD)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Balanced MSE forward plus backward, as benchmarks/balanced_mse.py measures it (which also
 measures peak memory and the compiled formulation): BMC on a batch of 256, BNI and GAI on
-[8, 1, 240, 320] predictions with K = 100; the published formulation, dirfast on each backend
-here, and a clone.
+[8, 1, 240, 320] predictions with K = 100, BMC on 256 and GAI on 65,536 rows of 2 dimensions;
+the published formulation, dirfast on each backend here, and a clone.
 Run: pytest benchmarks/bench_balanced_mse.py
 """
 
@@ -11,12 +11,13 @@ import torch
 from benchmarks import balanced_mse
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CASES = balanced_mse.case_shapes(batches=balanced_mse.BMC_BATCHES[:1])
+CASES = balanced_mse.case_shapes(batches=balanced_mse.BMC_BATCHES[:1], md_rows=(256, 65536))
 
 
 @pytest.mark.parametrize("kind, shape, name, fn", [
     pytest.param(kind, shape, name, fn, id=f"{kind}-{name}")
-    for kind, shape in CASES for name, fn in balanced_mse.providers(DEVICE, kind, with_compiled=False)])
+    for kind, shape in CASES
+    for name, fn in balanced_mse.providers(DEVICE, kind, with_compiled=False, dims=balanced_mse.dims_of(shape))])
 def test_balanced_mse(benchmark, kind, shape, name, fn):
     pred, target, centers, weights, gmm = balanced_mse.inputs(DEVICE, shape=shape)
     sigma = torch.tensor(1.0, device=DEVICE, requires_grad=True)

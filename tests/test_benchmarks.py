@@ -129,10 +129,13 @@ def test_the_sweeps_name_their_cases():
 
 
 def test_benchmarks_balanced_mse():
-    out = run_module("benchmarks.balanced_mse", "--quick", "--shape", "2,1,8,10", "--batches", "16")
+    out = run_module("benchmarks.balanced_mse", "--quick", "--shape", "2,1,8,10", "--batches", "16", "--md-rows",
+                     "12,20", "--dims", "3")
     table = out[out.index("case "):]
-    for case in ("bmc 16x1", "bni 2x1x8x10", "gai 2x1x8x10"):
-        for provider in ("published", "compiled", "dirfast-reference", "dirfast-cpp", "clone"):
+    scalar = ("published", "compiled", "dirfast-reference", "dirfast-cpp", "clone")
+    for case, names in [*((case, scalar) for case in ("bmc 16x1", "bni 2x1x8x10", "gai 2x1x8x10")),
+                        *((case, ("published", "compiled", "dirfast", "clone")) for case in ("bmc 12x3", "gai 20x3"))]:
+        for provider in names:
             assert any(line.startswith(case) and line.split()[2] == provider for line in table.splitlines()), \
                 (case, provider)
     assert "load:" in out
