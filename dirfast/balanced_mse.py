@@ -133,14 +133,24 @@ class _BalancedMSENode(torch.autograd.Function):
     """The backward shared by the loss nodes below. Their loss is ``2 v' (mean(|d|^2) / (2 v) +
     dims log(v) / 2 + mean(b))``, ``v = noise_var``, ``v'`` its detached value, ``d = pred -
     target`` and ``b`` a row's balancing term; it is a mean, so its upstream gradient is one
-    scalar and the forward, where a gradient is wanted, saves each row's ``db/dpred``
-    (``grad_x``) and the sum over rows of ``db/dv`` (``grad_shift``): the backward only scales."""
+    scalar, and the forward, where a gradient is wanted, saves the gradients for an upstream 1
+    (``pred_direction``, the one in pred over ``2 / n``, and ``noise_direction``, the one in v):
+    the backward only scales them."""
 
     @staticmethod
-    def _save(ctx, pred, target, noise_var, diff, square_sum, v, grad_x, grad_shift, dims):
-        ctx.save_for_backward(diff, square_sum, v, grad_x, grad_shift)
-        ctx.shape, ctx.dims = pred.shape, dims
-        ctx.dtypes = pred.dtype, target.dtype, noise_var.dtype
+    def _save(ctx, pred, target, noise_var, diff, pred_direction, noise_direction):
+        ctx.save_for_backward(diff, pred_direction, noise_direction)
+        ctx.shape, ctx.dtypes = pred.shape, (pred.dtype, target.dtype, noise_var.dtype)
+
+    @staticmethod
+    def _directions(ctx, diff, square_sum, v, grad_x, grad_shift, dims):
+        """(pred_direction, noise_direction) from each row's ``db/dpred`` (``grad_x``) and the sum
+        over rows of ``db/dv`` (``grad_shift``): ``d + v grad_x``, and ``dims - |d|^2 / (n v) +
+        (2 / n) v grad_shift`` where the noise wants a gradient."""
+        noise = None
+        if ctx.needs_input_grad[2]:
+            noise = torch.addcmul(dims - square_sum / (diff.shape[0] * v), v, grad_shift, value=2 / diff.shape[0])
+        return torch.addcmul(diff, grad_x, v), noise
 
     @staticmethod
     def _loss(densities, square_sum, v, n, dims):
@@ -152,18 +162,16 @@ class _BalancedMSENode(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        diff, square_sum, v, grad_x, grad_shift = ctx.saved_tensors
-        n = diff.shape[0]
-        unit = grad * (2 / n)  # d loss / d pred_i = (d_i + v grad_x_i) 2 / n
+        diff, pred_direction, noise_direction = ctx.saved_tensors
+        unit = grad * (2 / diff.shape[0])
         pred_dtype, target_dtype, noise_dtype = ctx.dtypes
         grad_pred = grad_target = grad_noise = None
         if ctx.needs_input_grad[0]:
-            grad_pred = torch.addcmul(diff, grad_x, v).mul_(unit).reshape(ctx.shape).to(pred_dtype)
+            grad_pred = (pred_direction * unit).reshape(ctx.shape).to(pred_dtype)
         if ctx.needs_input_grad[1]:
             grad_target = (diff * -unit).reshape(ctx.shape).to(target_dtype)
-        if ctx.needs_input_grad[2]:  # dims - mean(|d|^2) / v, and the balancing term through v
-            noise_unit = torch.addcmul(ctx.dims - square_sum / (n * v), v, grad_shift, value=2 / n)
-            grad_noise = (noise_unit * grad).to(noise_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_noise = (noise_direction * grad).to(noise_dtype)
         return (grad_pred, grad_target, grad_noise, *[None] * (len(ctx.needs_input_grad) - 3))
 
 
@@ -187,7 +195,8 @@ class _ScalarBalancedMSE(_BalancedMSENode):
         square_sum = torch.dot(diff, diff)
         if any(ctx.needs_input_grad[:3]):
             densities, grad_x, grad_shift = mixture_logpdf_with_grads_unchecked(flat, *components)
-            _BalancedMSENode._save(ctx, pred, target, noise_var, diff, square_sum, v, grad_x, grad_shift.sum(), 1)
+            directions = _BalancedMSENode._directions(ctx, diff, square_sum, v, grad_x, grad_shift.sum(), 1)
+            _BalancedMSENode._save(ctx, pred, target, noise_var, diff, *directions)
         else:
             densities = mixture_logpdf_unchecked(flat, *components)
         return _BalancedMSENode._loss(densities, square_sum, v, diff.numel(), 1)
@@ -224,7 +233,8 @@ class _MixtureBalancedMSE(_BalancedMSENode):
             grad_x = -(y * r[:, None]).sum(0).T
             trace = inverse.square().sum((1, 2))  # tr((S_k + v I)^-1)
             grad_shift = 0.5 * (r * ((y * y).sum(1) - trace[:, None])).sum()
-            _BalancedMSENode._save(ctx, pred, target, noise_var, diff, square_sum, v, grad_x, grad_shift, dims)
+            directions = _BalancedMSENode._directions(ctx, diff, square_sum, v, grad_x, grad_shift, dims)
+            _BalancedMSENode._save(ctx, pred, target, noise_var, diff, *directions)
         return _BalancedMSENode._loss(densities, square_sum, v, n, dims)
 
 
@@ -233,8 +243,9 @@ class _BatchBalancedMSE(_BalancedMSENode):
     the whole prior (``[rows, M]`` in memory, not the matrix form's ``[N, M, d]``): with ``D_ij =
     |pred_i - prior_j|^2``, the published cross-entropy over the logits ``-D_ij / (2 v)`` (row
     i's own target its class) is this loss with the balancing term ``log sum_j exp(-D_ij / (2 v))
-    - d log(v) / 2``; its gradients, from each row's softmax ``r``: ``(sum_j r_ij prior_j -
-    pred_i) / v`` in pred and ``sum_j r_ij D_ij / (2 v^2) - d / (2 v)`` in v. The prior gets no
+    - d log(v) / 2``. From each row's softmax ``r``, the gradients for an upstream 1 are formed
+    directly, without the cancellations of the general form: ``(2 / n) (sum_j r_ij prior_j -
+    target_i)`` in pred and ``sum_i (sum_j r_ij D_ij - D_ii) / (n v)`` in v. The prior gets no
     gradient.
     """
 
@@ -245,22 +256,21 @@ class _BatchBalancedMSE(_BalancedMSENode):
         v = noise_var.to(pred.dtype)
         wanted = any(ctx.needs_input_grad[:3])
         rows = max(1, _BLOCK_ELEMENTS // (prior.shape[0] * dims))
-        lse, grad_x, weighted = [], [], 0
+        lse, pred_direction, weighted = [], [], 0
         for start in range(0, n, rows):
-            part = pred[start:start + rows]
-            distance = (part[:, None] - prior[None]).square_().sum(-1)  # [rows, M]
+            part = slice(start, start + rows)
+            distance = (pred[part, None] - prior[None]).square_().sum(-1)  # [rows, M]
             logits = distance / (-2 * v)
             lse.append(torch.logsumexp(logits, 1))
             if wanted:
                 r = torch.exp(logits - lse[-1][:, None])
-                grad_x.append((r @ prior - part) / v)
+                pred_direction.append(r @ prior - target[part])
                 weighted = weighted + (r * distance).sum()
         densities = torch.cat(lse) - 0.5 * dims * torch.log(v)
         square_sum = (diff * diff).sum()
         if wanted:
-            grad_shift = weighted / (2 * v * v) - n * dims / (2 * v)
-            _BalancedMSENode._save(ctx, pred, target, noise_var, diff, square_sum, v, torch.cat(grad_x), grad_shift,
-                                   dims)
+            noise_direction = (weighted - square_sum) / (n * v) if ctx.needs_input_grad[2] else None
+            _BalancedMSENode._save(ctx, pred, target, noise_var, diff, torch.cat(pred_direction), noise_direction)
         return _BalancedMSENode._loss(densities, square_sum, v, n, dims)
 
 
@@ -296,7 +306,8 @@ def bmc_loss(pred, target, noise_var, *, all_ranks: bool = False, process_group=
         # noise_var), without the matrix: its log-sum-exp is a mixture of M equal-weight components
         # at the prior (as BNI's at its bucket centres), and the target gets no gradient.
         means = prior.reshape(-1)
-        return _ScalarBalancedMSE.apply(pred_rows, target_rows.detach(), noise_var, means, None, torch.zeros_like(means))
+        log_weights = torch.zeros_like(means)
+        return _ScalarBalancedMSE.apply(pred_rows, target_rows.detach(), noise_var, means, None, log_weights)
     return _BatchBalancedMSE.apply(pred_rows, target_rows.detach(), noise_var, prior)
 
 
