@@ -472,8 +472,7 @@ class FDS(nn.Module):
         """
         running_mean, running_var = self.running_mean_last_epoch, self.running_var_last_epoch
         smoothed_mean, smoothed_var = self.smoothed_mean_last_epoch, self.smoothed_var_last_epoch
-        scale, _ = scale_shift(running_mean, running_var, smoothed_mean, smoothed_var,
-                                         self.clip_min, self.clip_max)
+        scale, _ = scale_shift(running_mean, running_var, smoothed_mean, smoothed_var, self.clip_min, self.clip_max)
         scale = scale.double().cpu()
         table = {"bucket": torch.arange(self.bucket_start, self.bucket_num),
                  "count": self.num_samples_tracked.double().cpu()}

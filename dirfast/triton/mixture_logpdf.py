@@ -113,9 +113,9 @@ def _forward(x: torch.Tensor, m: torch.Tensor, s: torch.Tensor, c: torch.Tensor,
         return outs
     m, s, c = m.contiguous(), s.contiguous(), c.contiguous()
     block, block_k, warps = _sizes(m.numel(), acc)
-    pointers = outs * 3 if not with_grads else outs  # unused ones point at the output: never written
+    pointers = (outs * 3)[:3]  # without gradients all three are the output: the others are never written
     with _common.device_guard(x):
-        _forward_kernel[(_common.cdiv(n, block),)](x.contiguous(), m, s, c, *pointers[:3], n, m.numel(),
+        _forward_kernel[(_common.cdiv(n, block),)](x.contiguous(), m, s, c, *pointers, n, m.numel(),
                                                    ACC=_common.tl_acc(acc), BLOCK=block, BLOCK_K=block_k,
                                                    WITH_GRADS=with_grads, num_warps=warps)
     return outs
