@@ -257,7 +257,9 @@ class _BatchBalancedMSE(_BalancedMSENode):
         wanted = any(ctx.needs_input_grad[:3])
         rows = max(1, _BLOCK_ELEMENTS // (prior.shape[0] * dims))
         lse, pred_direction, weighted = [], [], 0
-        prior64, pred64, diff64 = prior.double(), pred.double(), pred.double() - target.double()
+        if wanted:  # the float64 operands of the pred gradient below
+            prior64, pred64 = prior.double(), pred.double()
+            diff64 = pred64 - target.double()
         for start in range(0, n, rows):
             part = slice(start, start + rows)
             distance = (pred[part, None] - prior[None]).square_().sum(-1)  # [rows, M]
