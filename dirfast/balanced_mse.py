@@ -25,7 +25,7 @@ from . import _validate as validate
 from . import distributed, ops
 from .binning import GridBinning
 from .lds import LDS
-from .mixture import GaussianMixture, fit_gmm
+from .mixture import GaussianMixture, fit_gmm, whiten
 from .ops.mixture_logpdf import mixture_logpdf_unchecked, mixture_logpdf_with_grads_unchecked
 
 __all__ = ["bmc_loss", "bni_loss", "gai_loss", "BMCLoss", "BNILoss", "GAILoss"]
@@ -207,9 +207,8 @@ class _MixtureBalancedMSE(_BalancedMSENode):
     = L_k L_k^T`` and ``z_k = L_k^-1 (pred - mean_k)``, the balancing term is ``log sum_k w_k
     |L_k|^-1 exp(-|z_k|^2 / 2)`` (the published one, which omits 2 pi); its gradients, from ``y_k
     = L_k^-T z_k`` and the responsibilities ``r``: ``-sum_k r_k y_k`` in pred, ``sum_k r_k
-    (|y_k|^2 - tr((S_k + v I)^-1)) / 2`` in v. ``L_k^-1`` once per call, then one product per
-    component with every row a column (tiny solves per row and component, or products with d
-    innermost, ran 5-10x slower). The mixture gets no gradient; pred and target ``[N, d]`` in
+    (|y_k|^2 - tr((S_k + v I)^-1)) / 2`` in v (``z`` and ``L_k^-1`` from
+    :func:`dirfast.mixture.whiten`). The mixture gets no gradient; pred and target ``[N, d]`` in
     the accumulation dtype.
     """
 
@@ -219,11 +218,7 @@ class _MixtureBalancedMSE(_BalancedMSENode):
         diff = pred - target
         v = noise_var.to(pred.dtype)
         eye = torch.eye(dims, dtype=pred.dtype, device=pred.device)
-        chol = torch.linalg.cholesky(covariances + v * eye)
-        inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)  # L_k^-1, [K, d, d]
-        # z_k = L_k^-1 (pred - mean_k) as one product per component with the rows as columns ([K, d, N])
-        z = torch.bmm(inverse, pred.T[None] - means[:, :, None])
-        log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # [K]
+        z, inverse, log_det = whiten(pred, means, covariances + v * eye)  # [K, d, N], [K, d, d], [K]
         terms = (log_weights - 0.5 * log_det)[:, None] - 0.5 * (z * z).sum(1)  # [K, N]
         densities = torch.logsumexp(terms, 0)
         square_sum = (diff * diff).sum()

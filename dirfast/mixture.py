@@ -240,15 +240,23 @@ def _m_step(points, counts, spread, resp, reg_covar, eye):
     return nk / counts.sum(), means, covs
 
 
+def whiten(points, means, covs):
+    """Each point ``[G, d]`` against each component's Gaussian: ``(z, inverse, log_det)`` with
+    ``covs[k] = L_k L_k^T``, ``inverse = L_k^-1`` ``[K, d, d]``, ``z = L_k^-1 (point - mean_k)``
+    ``[K, d, G]`` and ``log_det = log |covs[k]|`` ``[K]`` (differentiable). ``L_k^-1`` once, then
+    one product per component with every point a column (float32, 65,536 points, 8 components
+    in 2 dimensions: 1.5 ms, a triangular solve over the points 3.6, a product with d innermost
+    4 to 6)."""
+    chol = torch.linalg.cholesky(covs)
+    eye = torch.eye(points.shape[1], dtype=points.dtype, device=points.device)
+    inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
+    z = torch.bmm(inverse, points.T[None] - means[:, :, None])
+    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return z, inverse, log_det
+
+
 def log_component_densities(points, weights, means, covs):
     """``log w_k + log N(point; mean_k, cov_k)`` for every point ``[G, d]`` and component: ``[G, K]``
-    (differentiable; in the dtype of its inputs). EM's E-step, the mixture's density and GAI's
-    balancing term in d dimensions."""
-    chol = torch.linalg.cholesky(covs)
-    d = points.shape[1]
-    # one triangular solve per component with every point a right-hand side ([K, d, G]), as torch's
-    # MultivariateNormal batches it: a solve per (point, component) pair is a tiny solve each
-    diff = (points[None] - means[:, None]).transpose(1, 2)
-    z = torch.linalg.solve_triangular(chol, diff, upper=False)  # L^-1 (point - mean)
-    log_det = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    return torch.log(weights) - 0.5 * (log_det + (z ** 2).sum(1).T + d * math.log(2 * math.pi))
+    (differentiable; in the dtype of its inputs): EM's E-step and the mixture's density."""
+    z, _, log_det = whiten(points, means, covs)
+    return torch.log(weights) - 0.5 * (log_det + (z * z).sum(1).T + points.shape[1] * math.log(2 * math.pi))

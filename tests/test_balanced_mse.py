@@ -368,6 +368,17 @@ def test_bni_from_lds_refuses_a_grid():
 
 
 # -- mixtures ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("d", [1, 3])
+def test_log_prob_is_the_mixture_density(d):
+    """GaussianMixture.log_prob (the whitening shared with GAI in d dimensions) against torch's
+    MixtureSameFamily of MultivariateNormal."""
+    gmm = mixture(5, d, 37)
+    x = torch.randn(200, d, generator=gen(38), dtype=torch.float64) * 3
+    oracle = torch.distributions.MixtureSameFamily(torch.distributions.Categorical(gmm["weights"]),
+                                                   torch.distributions.MultivariateNormal(gmm["means"], gmm["variances"]))
+    torch.testing.assert_close(GaussianMixture.from_dict(gmm).log_prob(x), oracle.log_prob(x), rtol=1e-12, atol=1e-12)
+
+
 def test_log_prob_takes_rows_of_the_mixture_dimension():
     """A 2-D mixture at x [4, 3] gave 6 values (the 12 numbers read as rows of 2): refused."""
     gmm = GaussianMixture(torch.zeros(2, 2), torch.ones(2, 2), torch.ones(2), covariance_type="diag")
