@@ -27,13 +27,19 @@
 #endif
 #endif
 
-// A hot loop compiled twice, for x86-64-v3 (AVX2, FMA) and for the baseline, the clone chosen when
-// the library loads (g++ on x86-64 Linux; elsewhere one build). A kernel that uses it turns off the
-// contraction of a * b + c where its bits must not depend on the clone.
-#ifndef DIRFAST_V3_CLONES
+// Hot loops compiled once per instruction set, the clone chosen when the library loads (g++ on
+// x86-64 Linux; elsewhere one build): DIRFAST_V3_CLONES for x86-64-v3 (AVX2, FMA) and the
+// baseline; DIRFAST_V4_CLONES adds x86-64-v4 (AVX-512), for the loops measured faster with it
+// (benchmarks/results/cpu/avx512-clones.md). A kernel that uses them turns off the contraction
+// of a * b + c where its bits must not depend on the clone.
 #if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__) && !defined(__CUDACC__)
-#define DIRFAST_V3_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define DIRFAST_TARGET_CLONES(...) __attribute__((target_clones(__VA_ARGS__)))
 #else
-#define DIRFAST_V3_CLONES
+#define DIRFAST_TARGET_CLONES(...)
 #endif
+#ifndef DIRFAST_V3_CLONES
+#define DIRFAST_V3_CLONES DIRFAST_TARGET_CLONES("arch=x86-64-v3", "default")
+#endif
+#ifndef DIRFAST_V4_CLONES
+#define DIRFAST_V4_CLONES DIRFAST_TARGET_CLONES("arch=x86-64-v4", "arch=x86-64-v3", "default")
 #endif
