@@ -222,6 +222,21 @@ def test_infinite_and_nan_predictions(backend, device, dtype, k):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_density_zero_has_zero_gradient_whatever_the_upstream_one(backend, device):
+    """An element of density 0 gets a zero gradient in x even where the upstream gradient is NaN
+    or infinite; the others get theirs."""
+    x, m, v, lw = mixture_inputs((4,), 3, torch.float32, device, seed=56)
+    x[1], x[2] = INF, -INF
+    x.requires_grad_()
+    with dirfast.use_backend(backend):
+        out = dirfast.ops.mixture_logpdf(x, m, v, lw)
+    upstream = torch.tensor([1.0, NAN, INF, NAN], device=device)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    assert grad[1].item() == 0 and grad[2].item() == 0
+    assert bool(torch.isfinite(grad[0])) and bool(torch.isnan(grad[3]))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_weights_of_zero(backend, device, dtype):
     """A log-weight of -inf leaves its component out (its gradients 0); with every weight 0 each
