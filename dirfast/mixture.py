@@ -245,8 +245,7 @@ def whiten(points, means, covs):
     ``covs[k] = L_k L_k^T``, ``inverse = L_k^-1`` ``[K, d, d]``, ``z = L_k^-1 (point - mean_k)``
     ``[K, d, G]`` and ``log_det = log |covs[k]|`` ``[K]`` (differentiable). ``L_k^-1`` once, then
     one product per component with every point a column (float32, 65,536 points, 8 components
-    in 2 dimensions: 1.5 ms, a triangular solve over the points 3.6, a product with d innermost
-    4 to 6)."""
+    in 2 dimensions, one core: 1.5 ms, where a triangular solve over the points took 3.6)."""
     chol = torch.linalg.cholesky(covs)
     eye = torch.eye(points.shape[1], dtype=points.dtype, device=points.device)
     inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
