@@ -215,8 +215,9 @@ def run(args) -> dict:
 
     info = timing.machine_info(device)
     load_before, _ = timing.load_report(device)
-    print(f"dirfast benchmarks on {device}, {'quick' if quick else 'full'} mode, {info['torch_threads']} torch "
-          f"threads: {len(jobs)} cases, contenders interleaved, median of {rules.repeats} rounds", flush=True)
+    print(f"dirfast benchmarks on {device} ({info['gpu'] or info['cpu'] + ', ' + info['cpu_id']}), "
+          f"{'quick' if quick else 'full'} mode, {info['torch_threads']} torch threads: {len(jobs)} cases, contenders "
+          f"interleaved, median of {rules.repeats} rounds", flush=True)
     print(load_before, flush=True)
     rows = []
     started = time.perf_counter()

@@ -269,6 +269,25 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """What the model name hides and the kernels depend on: the first CPU's x86 family and model
+    ("AMD EPYC" has been Zen 1, Zen 2 and Zen 4 on the hosts here) and the vector instructions
+    torch's own kernels use (``torch.backends.cpu.get_cpu_capability()``, e.g. AVX2, AVX512)."""
+    fields = {}
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
+    except OSError:
+        pass
+    parts = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
+    parts.append(torch.backends.cpu.get_cpu_capability())
+    return ", ".join(parts)
+
+
 def machine_info(device: str = "cpu") -> dict:
     """The machine, the software and the load before the run (for printing and JSON files)."""
     info = {
@@ -276,6 +295,7 @@ def machine_info(device: str = "cpu") -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu": cpu_model(),
+        "cpu_id": cpu_identity(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -296,7 +316,7 @@ def format_machine(info: dict) -> str:
     """The machine and the software in a few lines (the load is :func:`load_report`'s)."""
     lines = [
         f"machine: {info['platform']} ({info['node']}), Python {info['python']}",
-        f"cpu:     {info['cpu']} ({info['cpu_count']} logical cores)",
+        f"cpu:     {info['cpu']} ({info['cpu_id']}; {info['cpu_count']} logical cores)",
         f"torch:   {info['torch']}, torch.get_num_threads() = {info['torch_threads']}",
         f"gpu:     {info['gpu'] or 'none used'}",
         f"dirfast: {info['dirfast']}",
@@ -331,7 +351,8 @@ class Run:
             torch.set_num_threads(args.threads)
         self.args, self.info = args, machine_info(args.device)
         self.machine = (self.info["gpu"] if args.device == "cuda" else
-                        f"{self.info['cpu']}, {self.info['cpu_count']} cores, {self.info['torch_threads']} threads")
+                        f"{self.info['cpu']} ({self.info['cpu_id']}), {self.info['cpu_count']} cores, "
+                        f"{self.info['torch_threads']} threads")
         print(f"{title} on {args.device} ({self.machine}); torch {torch.__version__}", flush=True)
         self.load_before = load_report(args.device)[0]
         print(self.load_before, flush=True)

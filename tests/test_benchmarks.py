@@ -197,6 +197,18 @@ def test_load_report_warns_when_the_machine_is_busy(monkeypatch):
     assert busy and "WARNING: the machine is busy" in line
 
 
+def test_results_name_the_cpu_generation(tmp_path):
+    """'AMD EPYC' alone hid which host a result came from: the first processor's family and
+    model, and torch's vector ISA, go with every result (only the ISA where there is no cpuinfo)."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n\n"
+                       "processor\t: 1\ncpu family\t: 23\nmodel\t\t: 49\n")
+    assert timing.cpu_identity(str(cpuinfo)) == f"family 25 model 17, {capability}"
+    assert timing.cpu_identity(str(tmp_path / "absent")) == capability
+    assert timing.machine_info()["cpu_id"] == timing.cpu_identity()
+
+
 @pytest.mark.parametrize("method", accuracy.METHODS)
 def test_accuracy_method_trains(method):
     """Each method of the accuracy benchmark beats a constant prediction of 5 (test MSE 100 / 12)."""
