@@ -258,24 +258,11 @@ def load_report(device: str = "cpu", running: bool = False):
     return line, busy
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """What the model name hides and the kernels depend on: the first CPU's x86 family and model
-    ("AMD EPYC" has been Zen 1, Zen 2 and Zen 4 on the hosts here) and the vector instructions
-    torch's own kernels use (``torch.backends.cpu.get_cpu_capability()``, e.g. AVX2, AVX512)."""
+def _cpuinfo(path: str = "/proc/cpuinfo") -> dict:
+    """The first processor's fields of ``path`` (lower-case keys), empty where it cannot be read."""
     fields = {}
     try:
-        with open(cpuinfo) as f:
+        with open(path) as f:
             for line in f:
                 if not line.strip():
                     break  # the first processor's block
@@ -283,6 +270,18 @@ def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
                 fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """What the model name hides and the kernels depend on: the first CPU's x86 family and model
+    ("AMD EPYC" has been Zen 1, Zen 2 and Zen 4 on the hosts here) and the vector instructions
+    torch's own kernels use (``torch.backends.cpu.get_cpu_capability()``, e.g. AVX2, AVX512)."""
+    fields = _cpuinfo(cpuinfo)
     parts = [f"family {fields['cpu family']} model {fields['model']}"] if "cpu family" in fields and "model" in fields else []
     parts.append(torch.backends.cpu.get_cpu_capability())
     return ", ".join(parts)

@@ -40,11 +40,7 @@ constexpr int64_t kLanes = 16;  // keys per step of the row pass; the rows are p
 constexpr int64_t kVec = 8;     // float32 lanes of the exponentials: one AVX2 register (16 spill there)
 constexpr double kEps = 1e-12;  // F.normalize's
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
-#define DIRFAST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DIRFAST_CLONES
-#endif
+#define DIRFAST_CLONES DIRFAST_TARGET_CLONES("avx512f", "avx2", "default")
 
 // ---------------------------------------------------------------------------- arguments
 // The op's checks (the Python front end makes the same ones first); returns whether the push

@@ -34,11 +34,7 @@ namespace {
 constexpr double kNormEps = 1e-12;   // F.normalize's eps
 constexpr double kLambdaEps = 1e-8;  // the published backward divides by lambda + 1e-8
 
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__) && !defined(__clang__)
-#define RANKSIM_CLONES __attribute__((target_clones("fma", "default")))
-#else
-#define RANKSIM_CLONES
-#endif
+#define RANKSIM_CLONES DIRFAST_TARGET_CLONES("fma", "default")
 
 // features [m, D] and labels [m, L] floating, keep [m] bool, all on the CPU; lambda_val finite
 // and > 0; 0 <= offset <= m and 0 <= count <= m - offset.
