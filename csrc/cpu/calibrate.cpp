@@ -34,6 +34,14 @@
 #include <immintrin.h>
 #endif
 
+// Whether the AVX2 code (the tables' arithmetic, the planar layout's float32 tiles) is compiled,
+// to be chosen at run time where the CPU has AVX2.
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__)
+#define DIRFAST_CALIBRATE_AVX2 1
+#else
+#define DIRFAST_CALIBRATE_AVX2 0
+#endif
+
 namespace dirfast {
 namespace cpu {
 namespace {
@@ -53,7 +61,14 @@ constexpr int64_t kPlanarTile = 4096;        // pixels per task (planar layout)
 // costs little more than one read in order).
 constexpr int64_t kGroupedTableBytes = int64_t(16) << 20;
 constexpr int64_t kGroupedRowBytes = 512;
-constexpr int64_t kAhead = 2;  // grouped rows: a row is prefetched this many rows before its turn
+constexpr int64_t kAheadBytes = int64_t(8) << 10;  // grouped rows: a row is prefetched this far before its turn
+
+#if DIRFAST_CALIBRATE_AVX2
+inline bool cpu_has_avx2() {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  return avx2;
+}
+#endif
 
 // The bucket of row r: its index when in [0, B), else the identity bucket B.
 template <typename index_t>
@@ -98,12 +113,28 @@ class BucketRows {
   const acc_t* operator()(int64_t k) {
     if (!block_) return data_ + k * bucket_stride_;
     if (k < first_ || k >= first_ + kBlockBuckets) fill(k - k % kBlockBuckets);
+    prefetch_next_block(k);
     return block_.get() + (k - first_) * row_;
   }
 
  private:
+  // Buckets contiguous: the next block's lines are prefetched into L2 a slice of the features at a
+  // time, each bucket k of this block taking its share, so the next fill finds them there (a fill
+  // left to the hardware waited on each feature's lines in turn).
+  void prefetch_next_block(int64_t k) {
+    const int64_t next = first_ + kBlockBuckets;
+    if (bucket_stride_ != 1 || next >= num_bins_) return;
+    const int64_t bytes = std::min(kBlockBuckets, num_bins_ - next) * int64_t(sizeof(acc_t));
+    const int64_t upto = std::min(dim_, (k - first_ + 1) * dim_ / kBlockBuckets + 1);
+    for (; prefetched_ < upto; ++prefetched_) {
+      const char* line = reinterpret_cast<const char*>(data_ + next + prefetched_ * feature_stride_);
+      for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(line + b, 0, 2);
+    }
+  }
+
   void fill(int64_t first) {
     first_ = first;
+    prefetched_ = 0;
     const int64_t n = std::min(kBlockBuckets, num_bins_ - first);
     const acc_t* base = data_ + first * bucket_stride_;
     acc_t* DIRFAST_RESTRICT block = block_.get();
@@ -153,6 +184,7 @@ class BucketRows {
   int64_t bucket_stride_, feature_stride_, num_bins_, dim_, row_;
   std::unique_ptr<acc_t[]> block_;
   int64_t first_ = -kBlockBuckets;  // the block's first bucket (none yet)
+  int64_t prefetched_ = 0;           // features of the next block prefetched
 };
 
 // A [B, D] statistics table in acc_t: its values and strides.
@@ -249,87 +281,126 @@ class BucketStatistics {
   }
 };
 
-// 16-byte vectors of acc_t (4 floats or 2 doubles) for the tables, with their square root: g++
-// keeps std::sqrt a scalar call (errno), and does not vectorise these loops by itself (selects
-// on comparisons that may trap).
-template <typename acc_t>
-struct Vec16 {
-  typedef acc_t v __attribute__((vector_size(16), aligned(alignof(acc_t))));
-  static constexpr int64_t kLanes = 16 / sizeof(acc_t);
+// Vectors of kBytes of acc_t for the tables (16 bytes; 32 where AVX2 runs). g++ keeps std::sqrt a
+// scalar call (errno) and does not vectorise these loops by itself (selects on comparisons that may
+// trap): the square root of a vector is sqrt_lanes, one instruction where the ISA has it.
+template <typename acc_t, int kBytes>
+struct Vec {
+  typedef acc_t v __attribute__((vector_size(kBytes), aligned(alignof(acc_t))));
+  static constexpr int64_t kLanes = kBytes / sizeof(acc_t);
   static v load(const acc_t* p) {
     v r;
     std::memcpy(&r, p, sizeof(r));
     return r;
   }
   static void store(acc_t* p, v r) { std::memcpy(p, &r, sizeof(r)); }
-  static v sqrt(v x) {
-#if defined(__SSE2__)
-    if constexpr (std::is_same_v<acc_t, float>) {
-      return reinterpret_cast<v>(_mm_sqrt_ps(reinterpret_cast<__m128>(x)));
-    } else {
-      return reinterpret_cast<v>(_mm_sqrt_pd(reinterpret_cast<__m128d>(x)));
-    }
-#else
-    for (int64_t i = 0; i < kLanes; ++i) x[i] = std::sqrt(x[i]);
-    return x;
-#endif
-  }
 };
 
+template <typename v>
+inline v sqrt_lanes(v x) {
+  for (int64_t i = 0; i < int64_t(sizeof(v) / sizeof(x[0])); ++i) x[i] = std::sqrt(x[i]);
+  return x;
+}
+#if defined(__SSE2__)
+inline Vec<float, 16>::v sqrt_lanes(Vec<float, 16>::v x) {
+  return reinterpret_cast<Vec<float, 16>::v>(_mm_sqrt_ps(reinterpret_cast<__m128>(x)));
+}
+inline Vec<double, 16>::v sqrt_lanes(Vec<double, 16>::v x) {
+  return reinterpret_cast<Vec<double, 16>::v>(_mm_sqrt_pd(reinterpret_cast<__m128d>(x)));
+}
+#endif
+#if DIRFAST_CALIBRATE_AVX2
+__attribute__((target("avx"))) inline Vec<float, 32>::v sqrt_lanes(Vec<float, 32>::v x) {
+  return reinterpret_cast<Vec<float, 32>::v>(_mm256_sqrt_ps(reinterpret_cast<__m256>(x)));
+}
+__attribute__((target("avx"))) inline Vec<double, 32>::v sqrt_lanes(Vec<double, 32>::v x) {
+  return reinterpret_cast<Vec<double, 32>::v>(_mm256_sqrt_pd(reinterpret_cast<__m256d>(x)));
+}
+#endif
+
 // s and t of one vector of dimensions: calibrate_scale_shift's arithmetic (src/calibrate.h).
-template <typename acc_t>
-inline void scale_shift_lanes(const acc_t* src_mean, typename Vec16<acc_t>::v var, const acc_t* dst_mean,
+template <int kBytes, typename acc_t>
+inline void scale_shift_lanes(const acc_t* src_mean, const acc_t* src_var, const acc_t* dst_mean,
                               const acc_t* dst_var, acc_t lo, acc_t hi, acc_t* s, acc_t* t) {
-  using V = Vec16<acc_t>;
+  using V = Vec<acc_t, kBytes>;
   using v = typename V::v;
-  const v one = v{} + acc_t(1), minus_zero = -v{};
+  const v one = v{} + acc_t(1), minus_zero = -v{}, var = V::load(src_var);
   const auto unchanged = var == acc_t(0);
   v ratio = V::load(dst_var) / (unchanged ? one : var);
   ratio = ratio < lo ? v{} + lo : (ratio > hi ? v{} + hi : ratio);  // clamp_nan
-  const v root = V::sqrt(ratio);
+  const v root = sqrt_lanes(ratio);
   const v shift = V::load(dst_mean) - V::load(src_mean) * root;
   V::store(s, unchanged ? one : root);
   V::store(t, unchanged ? minus_zero : shift);
 }
 
-// s and t of every dimension of bucket k into s[0, D) and t[0, D), a vector at a time, in the
-// same pass as the published bucket-wide rule: a bucket whose src_var sums below 1e-10 is the
-// identity (s = 1, t = -0.0), as is the bucket k = B of rows outside [0, B). The sum goes in a
-// fixed order: four vector partial sums (which do not wait on each other), then they, their lanes
-// and the tail in order.
-template <typename acc_t>
-inline void bucket_scale_shift(BucketStatistics<acc_t>& stats, int64_t k, int64_t num_bins, int64_t dim, acc_t lo,
-                               acc_t hi, acc_t* DIRFAST_RESTRICT s, acc_t* DIRFAST_RESTRICT t) {
-  if (k < num_bins) {
-    const acc_t* DIRFAST_RESTRICT src_var = stats.src_var(k);
-    const acc_t* DIRFAST_RESTRICT src_mean = stats.src_mean(k);
-    const acc_t* DIRFAST_RESTRICT dst_mean = stats.dst_mean(k);
-    const acc_t* DIRFAST_RESTRICT dst_var = stats.dst_var(k);
-    using V = Vec16<acc_t>;
-    constexpr int64_t L = V::kLanes;
-    typename V::v part[4] = {};
-    int64_t d = 0;
-    for (; d + 4 * L <= dim; d += 4 * L) {
-      for (int64_t j = 0; j < 4; ++j) {
-        const int64_t e = d + j * L;
-        const typename V::v var = V::load(src_var + e);
-        part[j] += var;
-        scale_shift_lanes<acc_t>(src_mean + e, var, dst_mean + e, dst_var + e, lo, hi, s + e, t + e);
-      }
-    }
-    const typename V::v lanes = (part[0] + part[1]) + (part[2] + part[3]);
-    acc_t sum = acc_t(0);
-    for (int64_t i = 0; i < L; ++i) sum += lanes[i];
-    for (int64_t e = d; e < dim; ++e) sum += src_var[e];
-    if (!(sum < static_cast<acc_t>(kCalibrateMinVarianceSum))) {
-      for (; d < dim; ++d) {
-        calibrate_scale_shift<acc_t>(src_mean[d], src_var[d], dst_mean[d], dst_var[d], lo, hi, s[d], t[d]);
-      }
-      return;
+// s and t of every dimension of a bucket, from its rows of the four tables, into s[0, D) and
+// t[0, D), in the same pass as the published bucket-wide rule: a bucket whose src_var sums below
+// 1e-10 is the identity (s = 1, t = -0.0). kBytes is the width of the arithmetic (32 where AVX2
+// runs: the divide and the square root take half the time per value of 16-byte vectors on Zen 4;
+// the same bits). The sum's order does not depend on it: four 16-byte partial sums (which do not
+// wait on each other), then they, their lanes and the tail in order.
+template <int kBytes, typename acc_t>
+inline void scale_shift_row(const acc_t* DIRFAST_RESTRICT src_mean, const acc_t* DIRFAST_RESTRICT src_var,
+                            const acc_t* DIRFAST_RESTRICT dst_mean, const acc_t* DIRFAST_RESTRICT dst_var,
+                            int64_t dim, acc_t lo, acc_t hi, acc_t* DIRFAST_RESTRICT s, acc_t* DIRFAST_RESTRICT t) {
+  using V16 = Vec<acc_t, 16>;
+  constexpr int64_t L = V16::kLanes, W = Vec<acc_t, kBytes>::kLanes;
+  typename V16::v part[4] = {};
+  int64_t d = 0;
+  for (; d + 4 * L <= dim; d += 4 * L) {
+    for (int64_t j = 0; j < 4; ++j) part[j] += V16::load(src_var + d + j * L);
+    for (int64_t e = d; e < d + 4 * L; e += W) {
+      scale_shift_lanes<kBytes, acc_t>(src_mean + e, src_var + e, dst_mean + e, dst_var + e, lo, hi, s + e, t + e);
     }
   }
-  std::fill(s, s + dim, acc_t(1));
-  std::fill(t, t + dim, -acc_t(0));
+  const typename V16::v lanes = (part[0] + part[1]) + (part[2] + part[3]);
+  acc_t sum = acc_t(0);
+  for (int64_t i = 0; i < L; ++i) sum += lanes[i];
+  for (int64_t e = d; e < dim; ++e) sum += src_var[e];
+  if (sum < static_cast<acc_t>(kCalibrateMinVarianceSum)) {
+    std::fill(s, s + dim, acc_t(1));
+    std::fill(t, t + dim, -acc_t(0));
+    return;
+  }
+  for (; d < dim; ++d) {
+    calibrate_scale_shift<acc_t>(src_mean[d], src_var[d], dst_mean[d], dst_var[d], lo, hi, s[d], t[d]);
+  }
+}
+
+// scale_shift_row in 16-byte vectors, and in 32-byte ones compiled for AVX2 (flatten: the AVX
+// sqrt_lanes is inlined through the templates between).
+template <typename acc_t>
+DIRFAST_NOINLINE void scale_shift_row_16(const acc_t* src_mean, const acc_t* src_var, const acc_t* dst_mean,
+                                         const acc_t* dst_var, int64_t dim, acc_t lo, acc_t hi, acc_t* s, acc_t* t) {
+  scale_shift_row<16, acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
+}
+#if DIRFAST_CALIBRATE_AVX2
+template <typename acc_t>
+__attribute__((target("avx2"), flatten)) DIRFAST_NOINLINE void scale_shift_row_32(
+    const acc_t* src_mean, const acc_t* src_var, const acc_t* dst_mean, const acc_t* dst_var, int64_t dim, acc_t lo,
+    acc_t hi, acc_t* s, acc_t* t) {
+  scale_shift_row<32, acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
+}
+#endif
+
+// s and t of bucket k in [0, B] (B: the identity, taken by rows whose index is outside [0, B)).
+template <typename acc_t>
+inline void bucket_scale_shift(BucketStatistics<acc_t>& stats, int64_t k, int64_t num_bins, int64_t dim, acc_t lo,
+                               acc_t hi, acc_t* s, acc_t* t) {
+  if (k == num_bins) {
+    std::fill(s, s + dim, acc_t(1));
+    std::fill(t, t + dim, -acc_t(0));
+    return;
+  }
+  const acc_t* src_mean = stats.src_mean(k);
+  const acc_t* src_var = stats.src_var(k);
+  const acc_t* dst_mean = stats.dst_mean(k);
+  const acc_t* dst_var = stats.dst_var(k);
+#if DIRFAST_CALIBRATE_AVX2
+  if (cpu_has_avx2()) return scale_shift_row_32<acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
+#endif
+  scale_shift_row_16<acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
 }
 
 // The s and t of B + 1 buckets, the last the identity (s = 1, t = -0.0: x * 1 + -0.0 is x exactly,
@@ -432,14 +503,15 @@ DIRFAST_NOINLINE void group_rows(const index_t* idx, int64_t rows, int64_t num_b
 
 // Rows layout grouped by bucket: a thread takes pieces of the grouped rows and computes the s and t
 // of each bucket it meets into a buffer of its own (a bucket two pieces share is computed for
-// both, alike). The rows come out of order: each is prefetched kAhead rows before its turn,
-// non-temporally (a row is read and written once; the outer caches are left to the statistics).
+// both, alike). The rows come out of order: each is prefetched into L2 kAheadBytes of rows before
+// its turn (non-temporally into L1 two rows before, the rows took 1.5x as long on Zen 4).
 template <typename T, typename acc_t>
 DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y_stride,
                                    const int64_t* order, const int64_t* first, int64_t rows,
                                    const Statistics& stats, acc_t lo, acc_t hi) {
   const int64_t num_bins = stats.num_bins, dim = stats.dim;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
+  const int64_t ahead = std::max<int64_t>(1, kAheadBytes / (dim * int64_t(sizeof(T))));
   parallel_for_pieces(rows, grain, [&](auto next) {
     std::unique_ptr<acc_t[]> buffer(new acc_t[2 * dim]);
     BucketStatistics<acc_t> reader(stats);
@@ -453,12 +525,10 @@ DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y
         bucket_scale_shift<acc_t>(reader, k, num_bins, dim, lo, hi, s, t);
         for (; p < stop; ++p) {
           const int64_t r = order[p];
-#if defined(__GNUC__)
-          if (p + kAhead < end) {
-            const T* ahead = x + order[p + kAhead] * x_stride;
-            for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(ahead + d, 1, 0);
+          if (p + ahead < end) {
+            const T* later = x + order[p + ahead] * x_stride;
+            for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(later + d, 1, 2);
           }
-#endif
           apply_row(y + r * y_stride, x + r * x_stride, s, t, dim);
         }
       }
@@ -471,9 +541,8 @@ DIRFAST_NOINLINE void apply_groups(const T* x, int64_t x_stride, T* y, int64_t y
 // on a CPU with AVX2.
 template <typename T, typename acc_t>
 bool planar_blocks() {
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__)
-  static const bool avx2 = __builtin_cpu_supports("avx2");
-  return std::is_same_v<T, float> && std::is_same_v<acc_t, float> && avx2;
+#if DIRFAST_CALIBRATE_AVX2
+  return std::is_same_v<T, float> && std::is_same_v<acc_t, float> && cpu_has_avx2();
 #else
   return false;
 #endif
@@ -484,7 +553,7 @@ bool planar_blocks() {
 // 8 channels of 8 pixels (a plane at a time, every value was a gather: 2.3-2.5x an in-place pass).
 // The channels and pixels left over go one value at a time. x * s + t as calibrate_apply (a
 // multiply, then an add): the same bits.
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__)
+#if DIRFAST_CALIBRATE_AVX2
 __attribute__((target("avx2"))) DIRFAST_NOINLINE void apply_tile_f32(float* y, int64_t y_stride, const float* x,
                                                                         int64_t x_stride, const float* st,
                                                                         const int32_t* bucket, int64_t len,
@@ -569,7 +638,7 @@ DIRFAST_NOINLINE void apply_planes(const T* x, const Layout& lx, T* y, const Lay
         }
         const T* xb = x + b * lx.batch_stride + s0;
         T* yb = y + b * ly.batch_stride + s0;
-#if defined(__GNUC__) && defined(__x86_64__) && !defined(__APPLE__)
+#if DIRFAST_CALIBRATE_AVX2
         if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
           if (!feature_major) {
             apply_tile_f32(yb, ly.feature_stride, xb, lx.feature_stride, st, bucket.get(), len, dim);
