@@ -68,11 +68,10 @@ inline int64_t prefetch_rows(int64_t row_bytes) {
 // Welford's mean and M2 of the n >= 1 rows of x listed at `list` (row numbers, rows `stride`
 // apart), into mean and m2, four rows per pass over the accumulators. The list jumps around x:
 // every line of the row `ahead` places further in the list (up to `list_end`) is prefetched into
-// L2 for each row taken, and the first `ahead` rows' too when `warm_up` (a task's first list).
-// (Prefetching a row's first line only and leaving the rest to the hardware, 10,000 random
-// buckets took 1.25x as long on Zen 4; with the rows in order, whole rows cost up to 1.13x.)
-// The prefetches are written out here, not in a helper: g++ finds a function that only
-// prefetches free of side effects and drops it.
+// L2 for each row taken, and the first `ahead` rows' too when `warm_up` (a task's first list):
+// the first line alone, the rest left to the hardware, came too late for rows in random order
+// (benchmarks/results/cpu/grouped-rows-zen4.md). The prefetches are written out here, not in a
+// helper: g++ finds a function that only prefetches free of side effects and drops it.
 template <typename acc_t, typename in_t>
 inline void reduce_list_body(const in_t* x, int64_t stride, int64_t dim, const int64_t* list, int64_t n,
                              const int64_t* list_end, bool warm_up, acc_t* DIRFAST_RESTRICT mean,

@@ -96,10 +96,12 @@ std::vector<int64_t> met_buckets(const index_t* idx, int64_t n, int64_t num_bins
 // table whose features are contiguous is read in place; any other (the published smoothing leaves
 // its tables transposed, [D, B] in memory) is copied 256 bytes of buckets at a time into the
 // task's buffer, four lines per feature per block (16-byte transposes when the buckets are
-// contiguous), left to the hardware prefetcher: at many buckets a contiguous copy of the whole
-// table (fresh pages, written and read again) took longer than the op itself; blocks of 32 or 64
-// bytes, or software prefetches of the next block, took longer than these. The buffer's rows
-// are padded by a line: rows 2 KiB apart would all fall in the same few L1 sets.
+// contiguous), the next block's lines prefetched while this one is used: at many buckets a
+// contiguous copy of the whole table (fresh pages, written and read again) took longer than the
+// op itself; blocks of 32 or 64 bytes took longer than these, and so did prefetches of the next
+// block in an earlier try, where spread over this block's buckets they pay (measured in
+// benchmarks/results/cpu/grouped-rows-zen4.md). The buffer's rows are padded by a line: rows 2 KiB
+// apart would all fall in the same few L1 sets.
 template <typename acc_t>
 class BucketRows {
  public:
@@ -700,8 +702,8 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
           return;
         }
         // Rows layout out of place: x is first copied into the output, then calibrated there in place.
-        // Writing a fresh output while calibrating took longer than the copy: 1.34-1.39x a clone
-        // against 1.19-1.21 at 97 and 1,000 buckets (1 thread, Zen 4), and rows taken in bucket order
+        // Writing a fresh output while calibrating took longer than the copy and the in-place pass
+        // together (benchmarks/results/cpu/grouped-rows-zen4.md), and rows taken in bucket order
         // would fault their pages and read them for ownership out of order.
         if (plan.x.const_data_ptr<T>() != py) {
           Tensor out = plan.out;
