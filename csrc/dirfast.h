@@ -23,6 +23,7 @@
 #include <string>
 #include <type_traits>
 
+#include "convert.h"
 #include "macros.h"
 
 namespace dirfast {
@@ -55,6 +56,26 @@ struct Opmath<c10::BFloat16> {
 };
 template <typename T>
 using opmath_t = typename Opmath<T>::type;
+
+// float16 to and from the accumulation dtype through src/convert.h's masks (c10's conversions,
+// the same bits, but they vectorise for AVX2); a float64 result goes through float, as
+// c10::Half(double) does.
+template <>
+inline float to_acc<float, c10::Half>(c10::Half v) {
+  return half_bits_to_float(v.x);
+}
+template <>
+inline double to_acc<double, c10::Half>(c10::Half v) {
+  return static_cast<double>(half_bits_to_float(v.x));
+}
+template <>
+inline c10::Half from_acc<c10::Half, float>(float v) {
+  return c10::Half(float_to_half_bits(v), c10::Half::from_bits());
+}
+template <>
+inline c10::Half from_acc<c10::Half, double>(double v) {
+  return c10::Half(float_to_half_bits(static_cast<float>(v)), c10::Half::from_bits());
+}
 
 inline bool is_float(ScalarType t) {
   return t == ScalarType::Float || t == ScalarType::Double || t == ScalarType::Half ||

@@ -11,6 +11,7 @@
 // numbers of the same sign, and each Chan increment a square, so M2 never goes negative.
 #pragma once
 
+#include "convert.h"
 #include "macros.h"
 
 #include <cstdint>
@@ -35,7 +36,7 @@ DIRFAST_HOST_DEVICE inline void welford_row_init(acc_t* DIRFAST_RESTRICT mean,
                                                  acc_t* DIRFAST_RESTRICT m2,
                                                  const in_t* DIRFAST_RESTRICT x, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
-    mean[d] = static_cast<acc_t>(x[d]);
+    mean[d] = to_acc<acc_t>(x[d]);
     m2[d] = acc_t(0);
   }
 }
@@ -54,7 +55,7 @@ DIRFAST_HOST_DEVICE inline void welford_row_add(acc_t* DIRFAST_RESTRICT mean,
                                                 acc_t* DIRFAST_RESTRICT m2,
                                                 const in_t* DIRFAST_RESTRICT x, int64_t dim,
                                                 acc_t inv_n) {
-  for (int64_t d = 0; d < dim; ++d) welford_step<acc_t>(mean[d], m2[d], static_cast<acc_t>(x[d]), inv_n);
+  for (int64_t d = 0; d < dim; ++d) welford_step<acc_t>(mean[d], m2[d], to_acc<acc_t>(x[d]), inv_n);
 }
 
 // Samples n+1 .. n+4 of a bucket (n >= 1), rows x0 .. x3, inv[j] = 1 / (n + 1 + j): the four
@@ -72,10 +73,10 @@ DIRFAST_HOST_DEVICE inline void welford_row_add4(acc_t* DIRFAST_RESTRICT mean,
   for (int64_t d = 0; d < dim; ++d) {
     acc_t m = mean[d];
     acc_t q = m2[d];
-    welford_step<acc_t>(m, q, static_cast<acc_t>(x0[d]), i0);
-    welford_step<acc_t>(m, q, static_cast<acc_t>(x1[d]), i1);
-    welford_step<acc_t>(m, q, static_cast<acc_t>(x2[d]), i2);
-    welford_step<acc_t>(m, q, static_cast<acc_t>(x3[d]), i3);
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x0[d]), i0);
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x1[d]), i1);
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x2[d]), i2);
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x3[d]), i3);
     mean[d] = m;
     m2[d] = q;
   }

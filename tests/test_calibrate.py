@@ -288,6 +288,37 @@ def test_cpp_unchanged_values_keep_their_bits(layout):
 
 @pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
                     reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+@pytest.mark.parametrize("layout", ["rows", "dense"])
+def test_cpp_float16_converts_like_torch(layout):
+    """float16 x goes to float32 and back through the C++ kernels' own conversions (src/convert.h):
+    on every one of the 65,536 float16 values, x * s + t rounds to the bits torch gives for
+    (x.float() * s + t).half(), with s in {0.5, 1, 1.5, 2} and t multiples of 1/8 (exact, so the
+    float32 arithmetic is the same on both sides), and rows of no bin give x back; NaN stays NaN."""
+    x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(1024, 64)
+    g = gen(95)
+    idx = torch.randint(-1, 4, (1024,), generator=g)
+    src_mean = torch.randint(-16, 16, (4, 64), generator=g) / 8
+    dst_mean = torch.randint(-16, 16, (4, 64), generator=g) / 8
+    src_var = torch.ones(4, 64)
+    dst_var = torch.tensor([0.25, 1.0, 2.25, 4.0]).repeat_interleave(16).reshape(4, 16).repeat(1, 4)
+    scale = dst_var.sqrt()
+    shift = dst_mean - src_mean * scale
+    rows = idx >= 0
+    expected_rows = x.clone()
+    expected_rows[rows] = (x[rows].float() * scale[idx[rows]] + shift[idx[rows]]).half()
+    if layout == "dense":  # [B, C, H, W] with one bin per pixel: each map of 64 channels x 16 x 64 pixels
+        x_in, idx_in = x.reshape(1, 16, 64, 64).permute(0, 3, 1, 2).contiguous(), idx.reshape(1, 16, 64)
+        got = on("cpp", dirfast.ops.calibrate, x_in, idx_in, src_mean, src_var, dst_mean, dst_var)
+        got = got.permute(0, 2, 3, 1).reshape(1024, 64)
+    else:
+        got = on("cpp", dirfast.ops.calibrate, x, idx, src_mean, src_var, dst_mean, dst_var)
+    nan = expected_rows.isnan()
+    assert torch.equal(got.isnan(), nan)
+    same_bits(got[~nan], expected_rows[~nan])
+
+
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
+                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
 @pytest.mark.parametrize("dtype, table_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float64)],
                          ids=str)
 def test_cpp_many_bins_rows_grouped(dtype, table_dtype):

@@ -246,16 +246,16 @@ class BinStats {
       const scalar_t* s3 = s2 + stride;
       acc_t* dst = buf + c;
       for (int64_t i = 0; i < len; ++i) {
-        dst[i * dim] = static_cast<acc_t>(s0[i]);
-        dst[i * dim + 1] = static_cast<acc_t>(s1[i]);
-        dst[i * dim + 2] = static_cast<acc_t>(s2[i]);
-        dst[i * dim + 3] = static_cast<acc_t>(s3[i]);
+        dst[i * dim] = to_acc<acc_t>(s0[i]);
+        dst[i * dim + 1] = to_acc<acc_t>(s1[i]);
+        dst[i * dim + 2] = to_acc<acc_t>(s2[i]);
+        dst[i * dim + 3] = to_acc<acc_t>(s3[i]);
       }
     }
     for (; c < dim; ++c) {
       const scalar_t* s0 = src + c * stride;
       acc_t* dst = buf + c;
-      for (int64_t i = 0; i < len; ++i) dst[i * dim] = static_cast<acc_t>(s0[i]);
+      for (int64_t i = 0; i < len; ++i) dst[i * dim] = to_acc<acc_t>(s0[i]);
     }
   }
 

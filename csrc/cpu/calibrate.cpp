@@ -446,7 +446,7 @@ template <typename T, typename acc_t>
 inline void apply_row_body(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, const acc_t* DIRFAST_RESTRICT s,
                            const acc_t* DIRFAST_RESTRICT t, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
-    y[d] = static_cast<T>(calibrate_apply<acc_t>(static_cast<acc_t>(x[d]), s[d], t[d]));
+    y[d] = from_acc<T>(calibrate_apply<acc_t>(to_acc<acc_t>(x[d]), s[d], t[d]));
   }
 }
 
@@ -473,7 +473,7 @@ inline void apply_plane(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, cons
                         const acc_t* DIRFAST_RESTRICT t, const int32_t* DIRFAST_RESTRICT bucket, int64_t len) {
   for (int64_t i = 0; i < len; ++i) {
     const int32_t k = bucket[i];
-    y[i] = static_cast<T>(calibrate_apply<acc_t>(static_cast<acc_t>(x[i]), s[k], t[k]));
+    y[i] = from_acc<T>(calibrate_apply<acc_t>(to_acc<acc_t>(x[i]), s[k], t[k]));
   }
 }
 
