@@ -338,13 +338,14 @@ inline void scale_shift_lanes(const acc_t* src_mean, const acc_t* src_var, const
 }
 
 // s and t of every dimension of a bucket, from its rows of the four tables, into s[0, D) and
-// t[0, D), in the same pass as the published bucket-wide rule: a bucket whose src_var sums below
-// 1e-10 is the identity (s = 1, t = -0.0). kBytes is the width of the arithmetic (32 where AVX2
-// runs: the divide and the square root take half the time per value of 16-byte vectors on Zen 4;
-// the same bits). The sum's order does not depend on it: four 16-byte partial sums (which do not
-// wait on each other), then they, their lanes and the tail in order.
+// t[0, D), in the same pass as the published bucket-wide rule: false for a bucket whose src_var
+// sums below 1e-10, which is the identity instead (its s and t left to the caller). kBytes is
+// the width of the arithmetic (32 where AVX2 runs: the divide and the square root take half the
+// time per value of 16-byte vectors on Zen 4; the same bits). The sum's order does not depend on
+// it: four 16-byte partial sums (which do not wait on each other), then they, their lanes and the
+// tail in order.
 template <int kBytes, typename acc_t>
-inline void scale_shift_row(const acc_t* DIRFAST_RESTRICT src_mean, const acc_t* DIRFAST_RESTRICT src_var,
+inline bool scale_shift_row(const acc_t* DIRFAST_RESTRICT src_mean, const acc_t* DIRFAST_RESTRICT src_var,
                             const acc_t* DIRFAST_RESTRICT dst_mean, const acc_t* DIRFAST_RESTRICT dst_var,
                             int64_t dim, acc_t lo, acc_t hi, acc_t* DIRFAST_RESTRICT s, acc_t* DIRFAST_RESTRICT t) {
   using V16 = Vec<acc_t, 16>;
@@ -361,49 +362,48 @@ inline void scale_shift_row(const acc_t* DIRFAST_RESTRICT src_mean, const acc_t*
   acc_t sum = acc_t(0);
   for (int64_t i = 0; i < L; ++i) sum += lanes[i];
   for (int64_t e = d; e < dim; ++e) sum += src_var[e];
-  if (sum < static_cast<acc_t>(kCalibrateMinVarianceSum)) {
-    std::fill(s, s + dim, acc_t(1));
-    std::fill(t, t + dim, -acc_t(0));
-    return;
-  }
+  if (sum < static_cast<acc_t>(kCalibrateMinVarianceSum)) return false;
   for (; d < dim; ++d) {
     calibrate_scale_shift<acc_t>(src_mean[d], src_var[d], dst_mean[d], dst_var[d], lo, hi, s[d], t[d]);
   }
+  return true;
 }
 
 // scale_shift_row in 16-byte vectors, and in 32-byte ones compiled for AVX2 (flatten: the AVX
 // sqrt_lanes is inlined through the templates between).
 template <typename acc_t>
-DIRFAST_NOINLINE void scale_shift_row_16(const acc_t* src_mean, const acc_t* src_var, const acc_t* dst_mean,
+DIRFAST_NOINLINE bool scale_shift_row_16(const acc_t* src_mean, const acc_t* src_var, const acc_t* dst_mean,
                                          const acc_t* dst_var, int64_t dim, acc_t lo, acc_t hi, acc_t* s, acc_t* t) {
-  scale_shift_row<16, acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
+  return scale_shift_row<16, acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
 }
 #if DIRFAST_CALIBRATE_AVX2
 template <typename acc_t>
-__attribute__((target("avx2"), flatten)) DIRFAST_NOINLINE void scale_shift_row_32(
+__attribute__((target("avx2"), flatten)) DIRFAST_NOINLINE bool scale_shift_row_32(
     const acc_t* src_mean, const acc_t* src_var, const acc_t* dst_mean, const acc_t* dst_var, int64_t dim, acc_t lo,
     acc_t hi, acc_t* s, acc_t* t) {
-  scale_shift_row<32, acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
+  return scale_shift_row<32, acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
 }
 #endif
 
-// s and t of bucket k in [0, B] (B: the identity, taken by rows whose index is outside [0, B)).
+// s and t of bucket k in [0, B]: the identity (s = 1, t = -0.0) for the bucket B of rows outside
+// [0, B) and for the buckets the published rule leaves alone.
 template <typename acc_t>
 inline void bucket_scale_shift(BucketStatistics<acc_t>& stats, int64_t k, int64_t num_bins, int64_t dim, acc_t lo,
                                acc_t hi, acc_t* s, acc_t* t) {
-  if (k == num_bins) {
-    std::fill(s, s + dim, acc_t(1));
-    std::fill(t, t + dim, -acc_t(0));
-    return;
-  }
-  const acc_t* src_mean = stats.src_mean(k);
-  const acc_t* src_var = stats.src_var(k);
-  const acc_t* dst_mean = stats.dst_mean(k);
-  const acc_t* dst_var = stats.dst_var(k);
+  if (k < num_bins) {
+    const acc_t* src_mean = stats.src_mean(k);
+    const acc_t* src_var = stats.src_var(k);
+    const acc_t* dst_mean = stats.dst_mean(k);
+    const acc_t* dst_var = stats.dst_var(k);
 #if DIRFAST_CALIBRATE_AVX2
-  if (cpu_has_avx2()) return scale_shift_row_32<acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
+    if (cpu_has_avx2()) {
+      if (scale_shift_row_32<acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t)) return;
+    } else
 #endif
-  scale_shift_row_16<acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
+    if (scale_shift_row_16<acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t)) return;
+  }
+  std::fill(s, s + dim, acc_t(1));
+  std::fill(t, t + dim, -acc_t(0));
 }
 
 // The s and t of B + 1 buckets, the last the identity (s = 1, t = -0.0: x * 1 + -0.0 is x exactly,
@@ -441,21 +441,20 @@ DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, acc_t lo, acc_
   });
 }
 
-// One row: y = x * s + t along the D features (restrict parameters: the loop vectorises).
+// One row in place: y = y * s + t along the D features (restrict parameters: the loop vectorises).
 template <typename T, typename acc_t>
-inline void apply_row_body(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, const acc_t* DIRFAST_RESTRICT s,
-                           const acc_t* DIRFAST_RESTRICT t, int64_t dim) {
+inline void apply_row_body(T* DIRFAST_RESTRICT y, const acc_t* DIRFAST_RESTRICT s, const acc_t* DIRFAST_RESTRICT t,
+                           int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
-    y[d] = from_acc<T>(calibrate_apply<acc_t>(to_acc<acc_t>(x[d]), s[d], t[d]));
+    y[d] = from_acc<T>(calibrate_apply<acc_t>(to_acc<acc_t>(y[d]), s[d], t[d]));
   }
 }
 
 // apply_row_body in the clones, one overload per (x dtype, accumulation dtype) pair (the
 // clones' ifunc is made per function, as in the other kernels, not per template).
-#define DIRFAST_CALIBRATE_APPLY_ROW(T, acc_t)                                                         \
-  DIRFAST_V4_CLONES DIRFAST_NOINLINE void apply_row(T* y, const T* x, const acc_t* s, const acc_t* t, \
-                                                    int64_t dim) {                                    \
-    apply_row_body<T, acc_t>(y, x, s, t, dim);                                                        \
+#define DIRFAST_CALIBRATE_APPLY_ROW(T, acc_t)                                                                 \
+  DIRFAST_V4_CLONES DIRFAST_NOINLINE void apply_row(T* y, const acc_t* s, const acc_t* t, int64_t dim) { \
+    apply_row_body<T, acc_t>(y, s, t, dim);                                                                \
   }
 DIRFAST_CALIBRATE_APPLY_ROW(float, float)
 DIRFAST_CALIBRATE_APPLY_ROW(float, double)
@@ -485,7 +484,7 @@ DIRFAST_NOINLINE void apply_rows(T* y, int64_t stride, const index_t* idx, int64
   parallel_for_ranges(rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* sk = st + 2 * bucket_of(idx, r, num_bins) * dim;
-      apply_row(y + r * stride, y + r * stride, sk, sk + dim, dim);
+      apply_row(y + r * stride, sk, sk + dim, dim);
     }
   });
 }
@@ -530,7 +529,7 @@ DIRFAST_NOINLINE void apply_groups(T* y, int64_t stride, const int64_t* order, c
             const T* later = y + order[p + ahead] * stride;
             for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(later + d, 1, 2);
           }
-          apply_row(y + r * stride, y + r * stride, s, t, dim);
+          apply_row(y + r * stride, s, t, dim);
         }
       }
     }
