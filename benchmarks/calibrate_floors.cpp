@@ -9,10 +9,13 @@
 // rows in order each reading its bucket's s and t from a 40 MB table at random (the table
 // path); the s and t of every bucket streamed from four [B, D] statistics tables (divide,
 // clamp, square root); and a copy of x into fresh memory (what x.clone() does: the pages are
-// faulted in as they are written) and into memory already written. Out-of-place calibrate pays the
-// clone's page faults (fresh minus already written) plus at least the cheaper of the two floors
-// above (in place: an out-of-place kernel also reads its output's lines for ownership), so the last
-// line is a lower bound on out-of-place calibrate / clone with these pages.
+// faulted in as they are written) and into memory already written. A kernel that faults its
+// output's pages one at a time and writes it with plain stores pays the clone's page faults (fresh
+// minus already written) plus at least the cheaper of the two floors above (it also reads its
+// output's lines for ownership), so the last line bounds out-of-place calibrate / clone for such a
+// kernel. The kernel no longer is one: it maps a fresh output's pages in one call (csrc/pages.h)
+// and streams large float32 rows past the cache, below this bound
+// (benchmarks/results/cpu/out-of-place-zen4.md).
 #include <algorithm>
 #include <chrono>
 #include <cmath>

@@ -347,6 +347,25 @@ def test_cpp_many_bins_rows_grouped(dtype, table_dtype):
 
 @pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
                     reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+@pytest.mark.parametrize("num_bins", [97, 2100], ids=["tables", "grouped"])
+def test_cpp_fresh_output_written_as_in_place(num_bins):
+    """A fresh float32 output of more than 16 MiB (its pages mapped first, rows of 4,000 bytes
+    written with non-temporal stores over their whole lines, plain ones at either end): the bits
+    calibrate_ leaves in x, from a strided x, with 1 and 2 threads; the reference's values."""
+    n, d = 4200, 1000
+    stats = calibration_stats(num_bins, d, torch.float32)
+    x = rand_features(n, d + 3, seed=70)[:, 1:d + 1]  # rows 4,012 bytes apart, 4 bytes in
+    idx = rand_bins(n, num_bins + 1, low=-1, seed=71)
+    got = on("cpp", dirfast.ops.calibrate, x, idx, *stats)
+    torch.testing.assert_close(got, reference(x, idx, *stats), **calibrate_tol(torch.float32))
+    inplace = x.clone()
+    on("cpp", dirfast.ops.calibrate_, inplace, idx, *stats)
+    same_bits(got, inplace)
+    same_bits_for_threads(lambda: [on("cpp", dirfast.ops.calibrate, x, idx, *stats)])
+
+
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
+                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
 @pytest.mark.parametrize("channels", [8, 21])
 def test_cpp_dense_float32_channel_blocks(channels):
     """Dense float32 maps on the CPU go 8 channels x 8 pixels at a time where AVX2 runs (the

@@ -3,13 +3,14 @@
 // The per-bucket scale s and shift t (src/calibrate.h, the published zero-variance rules
 // included) are computed once per bucket, for B + 1 buckets: the extra one is the identity
 // (s = 1, t = -0.0, which gives back every value exactly), taken by rows whose index is outside
-// [0, B). The rows layout is calibrated in place (out of place, x is first copied into y), two
-// ways: while the s and t tables of all buckets would stay cached, they are written first and each
-// row reads its bucket's piece; beyond that, the rows are grouped by bucket (a counting sort) and
-// each bucket's s and t are computed into a small buffer just before its rows, so no table goes
-// through memory and each bucket's statistics are read once. The
-// statistics are read in their own strides (BucketRows), not copied, except the met buckets'
-// when a call meets few of many buckets through a transposed table (MetBuckets). The planar
+// [0, B). The rows layout goes two ways: while the s and t tables of all buckets would stay
+// cached, they are written first and each row reads its bucket's piece; beyond that, the rows are
+// grouped by bucket (a counting sort) and each bucket's s and t are computed into a small buffer
+// just before its rows, so no table goes through memory and each bucket's statistics are read
+// once. The statistics are read in their own strides (BucketRows), not copied, except the met
+// buckets' when a call meets few of many buckets through a transposed table (MetBuckets). A fresh
+// output has its pages mapped before it is written (csrc/pages.h), and a large float32 one is
+// written with non-temporal stores (RowWriter). The planar
 // layout goes 8 channels x 8 pixels at a time from the bucket-major table (float32 where AVX2
 // runs), else a plane at a time from a feature-major one. x is read in place in both layouts of
 // csrc/layout.h (others are copied once); calibrate's y has the strides of torch.empty_like(x)
@@ -28,6 +29,7 @@
 #include "calibrate.h"
 #include "checks.h"
 #include "layout.h"
+#include "pages.h"
 #include "parallel.h"
 
 #if defined(__SSE2__)
@@ -62,6 +64,10 @@ constexpr int64_t kPlanarTile = 4096;        // pixels per task (planar layout)
 // costs little more than one read in order).
 constexpr int64_t kGroupedTableBytes = int64_t(16) << 20;
 constexpr int64_t kGroupedRowBytes = 512;
+// A fresh output is written with non-temporal stores when its rows are this long and the whole of
+// it this large (a smaller one may still be in cache when the caller reads it).
+constexpr int64_t kStreamRowBytes = 512;
+constexpr int64_t kStreamOutputBytes = int64_t(16) << 20;
 constexpr int64_t kAheadBytes = int64_t(8) << 10;  // grouped rows: a row is prefetched this far before its turn
 
 #if DIRFAST_CALIBRATE_AVX2
@@ -441,7 +447,8 @@ DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, acc_t lo, acc_
   });
 }
 
-// One row in place: y = y * s + t along the D features (restrict parameters: the loop vectorises).
+// One row: y = x * s + t along the D features, in place (y only) or from x into another row
+// (restrict parameters: the loops vectorise).
 template <typename T, typename acc_t>
 inline void apply_row_body(T* DIRFAST_RESTRICT y, const acc_t* DIRFAST_RESTRICT s, const acc_t* DIRFAST_RESTRICT t,
                            int64_t dim) {
@@ -450,11 +457,23 @@ inline void apply_row_body(T* DIRFAST_RESTRICT y, const acc_t* DIRFAST_RESTRICT 
   }
 }
 
-// apply_row_body in the clones, one overload per (x dtype, accumulation dtype) pair (the
+template <typename T, typename acc_t>
+inline void apply_row_body(const T* DIRFAST_RESTRICT x, T* DIRFAST_RESTRICT y, const acc_t* DIRFAST_RESTRICT s,
+                           const acc_t* DIRFAST_RESTRICT t, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) {
+    y[d] = from_acc<T>(calibrate_apply<acc_t>(to_acc<acc_t>(x[d]), s[d], t[d]));
+  }
+}
+
+// apply_row_body in the clones, one overload per (x dtype, accumulation dtype) pair and way (the
 // clones' ifunc is made per function, as in the other kernels, not per template).
 #define DIRFAST_CALIBRATE_APPLY_ROW(T, acc_t)                                                                 \
   DIRFAST_V4_CLONES DIRFAST_NOINLINE void apply_row(T* y, const acc_t* s, const acc_t* t, int64_t dim) { \
     apply_row_body<T, acc_t>(y, s, t, dim);                                                                \
+  }                                                                                                        \
+  DIRFAST_V4_CLONES DIRFAST_NOINLINE void apply_row(const T* x, T* y, const acc_t* s, const acc_t* t,       \
+                                                    int64_t dim) {                                          \
+    apply_row_body<T, acc_t>(x, y, s, t, dim);                                                             \
   }
 DIRFAST_CALIBRATE_APPLY_ROW(float, float)
 DIRFAST_CALIBRATE_APPLY_ROW(float, double)
@@ -476,16 +495,83 @@ inline void apply_plane(T* DIRFAST_RESTRICT y, const T* DIRFAST_RESTRICT x, cons
   }
 }
 
-// Rows layout with tables, in place: each row reads its bucket's piece.
+// One float32 row from x into a fresh output: the whole 64-byte lines of y written with
+// non-temporal stores (not read for ownership first, nor left in cache), the partial lines at
+// either end with plain ones. x * s + t as calibrate_apply (a multiply, then an add): the same bits.
+#if DIRFAST_CALIBRATE_AVX2
+__attribute__((target("avx2"))) DIRFAST_NOINLINE void stream_row_f32(const float* x, float* y, const float* s,
+                                                                        const float* t, int64_t dim) {
+  const uintptr_t misplaced = reinterpret_cast<uintptr_t>(y) & 63;
+  const int64_t head =
+      misplaced % sizeof(float) ? dim : std::min<int64_t>(dim, ((64 - misplaced) & 63) / sizeof(float));
+  int64_t d = 0;
+  for (; d < head; ++d) y[d] = calibrate_apply<float>(x[d], s[d], t[d]);
+  auto lanes = [&](int64_t i) {
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(s + i)), _mm256_loadu_ps(t + i));
+  };
+  for (; d + 16 <= dim; d += 16) {
+    _mm256_stream_ps(y + d, lanes(d));
+    _mm256_stream_ps(y + d + 8, lanes(d + 8));
+  }
+  for (; d < dim; ++d) y[d] = calibrate_apply<float>(x[d], s[d], t[d]);
+}
+#endif
+
+// How the rows of x go into the rows of y: in place (x is y: calibrate_), from x into a fresh
+// output (calibrate), or, for a large float32 output where AVX2 runs (kStreamOutputBytes), streamed
+// into it: a fresh output's lines need not be read before they are written, and out of place at
+// 65,536 x 512 float32 streaming took 0.83-0.96 clones on 1 thread where copying x first and
+// calibrating in place took 1.16-1.30 (benchmarks/results/cpu/out-of-place-zen4.md). A thread that
+// streamed calls done() before its work is over (the stores are weakly ordered).
+template <typename T, typename acc_t>
+struct RowWriter {
+  const T* x;
+  int64_t x_stride;
+  T* y;
+  int64_t y_stride, dim;
+  bool stream;
+
+  RowWriter(const T* x_, int64_t x_stride_, T* y_, int64_t y_stride_, int64_t rows, int64_t dim_)
+      : x(x_), x_stride(x_stride_), y(y_), y_stride(y_stride_), dim(dim_), stream(false) {
+#if DIRFAST_CALIBRATE_AVX2
+    const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(T));
+    stream = std::is_same_v<T, float> && std::is_same_v<acc_t, float> && x != y && row_bytes >= kStreamRowBytes &&
+             rows * row_bytes >= kStreamOutputBytes && cpu_has_avx2();
+#else
+    (void)rows;
+#endif
+  }
+
+  // Row r: y[r] = x[r] * s + t.
+  void operator()(int64_t r, const acc_t* s, const acc_t* t) const {
+#if DIRFAST_CALIBRATE_AVX2
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<acc_t, float>) {
+      if (stream) return stream_row_f32(x + r * x_stride, y + r * y_stride, s, t, dim);
+    }
+#endif
+    if (x == y) return apply_row(y + r * y_stride, s, t, dim);
+    apply_row(x + r * x_stride, y + r * y_stride, s, t, dim);
+  }
+
+  void done() const {
+#if DIRFAST_CALIBRATE_AVX2
+    if (stream) _mm_sfence();
+#endif
+  }
+};
+
+// Rows layout with tables: each row reads its bucket's piece.
 template <typename T, typename acc_t, typename index_t>
-DIRFAST_NOINLINE void apply_rows(T* y, int64_t stride, const index_t* idx, int64_t rows, int64_t dim,
+DIRFAST_NOINLINE void apply_rows(const RowWriter<T, acc_t>& write, const index_t* idx, int64_t rows,
                                  int64_t num_bins, const acc_t* st) {
+  const int64_t dim = write.dim;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
   parallel_for_ranges(rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const acc_t* sk = st + 2 * bucket_of(idx, r, num_bins) * dim;
-      apply_row(y + r * stride, sk, sk + dim, dim);
+      write(r, sk, sk + dim);
     }
+    write.done();
   });
 }
 
@@ -507,8 +593,8 @@ DIRFAST_NOINLINE void group_rows(const index_t* idx, int64_t rows, int64_t num_b
 // both, alike). The rows come out of order: each is prefetched into L2 kAheadBytes of rows before
 // its turn (non-temporally into L1 two rows before, the rows took 1.5x as long on Zen 4).
 template <typename T, typename acc_t>
-DIRFAST_NOINLINE void apply_groups(T* y, int64_t stride, const int64_t* order, const int64_t* first, int64_t rows,
-                                   const Statistics& stats, acc_t lo, acc_t hi) {
+DIRFAST_NOINLINE void apply_groups(const RowWriter<T, acc_t>& write, const int64_t* order, const int64_t* first,
+                                   int64_t rows, const Statistics& stats, acc_t lo, acc_t hi) {
   const int64_t num_bins = stats.num_bins, dim = stats.dim;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
   const int64_t ahead = std::max<int64_t>(1, kAheadBytes / (dim * int64_t(sizeof(T))));
@@ -526,13 +612,14 @@ DIRFAST_NOINLINE void apply_groups(T* y, int64_t stride, const int64_t* order, c
         for (; p < stop; ++p) {
           const int64_t r = order[p];
           if (p + ahead < end) {
-            const T* later = y + order[p + ahead] * stride;
+            const T* later = write.x + order[p + ahead] * write.x_stride;
             for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(later + d, 1, 2);
           }
-          apply_row(y + r * stride, s, t, dim);
+          write(r, s, t);
         }
       }
     }
+    write.done();
   });
 }
 
@@ -669,6 +756,7 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
   const Tensor m2 = in_dtype(dst_mean, acc), v2 = in_dtype(dst_var, acc);
   if (x.numel() == 0) return;
   const InOut plan = plan_in_out(x, y);
+  if (plan.out.get() != x.get()) populate_output(plan.out);  // a fresh output: calibrate, or odd strides
   const Tensor idx = made_contiguous(bin_idx);
   const int64_t dim = plan.lx.dim;
   const bool planar = plan.lx.kind == Layout::kPlanar;
@@ -700,25 +788,19 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
                                           feature_major);
           return;
         }
-        // Rows layout out of place: x is first copied into the output, then calibrated there in place.
-        // Writing a fresh output while calibrating took longer than the copy and the in-place pass
-        // together (benchmarks/results/cpu/grouped-rows-zen4.md), and rows taken in bucket order
-        // would fault their pages and read them for ownership out of order.
-        if (plan.x.const_data_ptr<T>() != py) {
-          Tensor out = plan.out;
-          torch::stable::copy_(out, plan.x);
-        }
-        const int64_t rows = plan.ly.rows, stride = plan.ly.row_stride;
+        const int64_t rows = plan.ly.rows;
+        const RowWriter<T, acc_t> write(plan.x.const_data_ptr<T>(), plan.lx.row_stride, py, plan.ly.row_stride, rows,
+                                        dim);
         if (entries * static_cast<int64_t>(sizeof(acc_t)) > kGroupedTableBytes &&
             dim * static_cast<int64_t>(sizeof(T)) >= kGroupedRowBytes) {
           std::vector<int64_t> order, first;
           group_rows<index_t>(pi, rows, num_bins, order, first);
-          apply_groups<T, acc_t>(py, stride, order.data(), first.data(), rows, stats, lo, hi);
+          apply_groups<T, acc_t>(write, order.data(), first.data(), rows, stats, lo, hi);
           return;
         }
         std::unique_ptr<acc_t[]> st(new acc_t[entries]);  // left uninitialised: see scale_shift_tables
         scale_shift_tables<acc_t, index_t>(stats, lo, hi, pi, rows, false, st.get());
-        apply_rows<T, acc_t, index_t>(py, stride, pi, rows, dim, num_bins, st.get());
+        apply_rows<T, acc_t, index_t>(write, pi, rows, num_bins, st.get());
       });
     });
   });
