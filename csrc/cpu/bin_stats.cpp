@@ -24,6 +24,7 @@
 #include "bucket_rows.h"
 #include "checks.h"
 #include "layout.h"
+#include "pages.h"
 #include "parallel.h"
 #include "welford.h"
 
@@ -416,6 +417,9 @@ std::tuple<Tensor, Tensor, Tensor> bin_stats_cpu(const Tensor& x, const Tensor& 
   const ScalarType acc = acc_type({x.scalar_type()});
   const std::tuple<Tensor, Tensor, Tensor> outputs = bin_stats_outputs(x, num_bins, acc, op);
   Tensor count = std::get<0>(outputs), mean = std::get<1>(outputs), var = std::get<2>(outputs);
+  // Tables of many buckets are fresh memory where glibc maps them anew (csrc/pages.h).
+  populate_output(mean);
+  populate_output(var);
 
   const Tensor xr = readable(x);  // a copy only for layouts the kernel does not walk
   const Layout layout = classify(xr);
