@@ -37,7 +37,9 @@ inline void populate_output(const Tensor& y) {
 #if defined(__linux__)
   const int64_t bytes = y.numel() * static_cast<int64_t>(y.element_size());
   if (bytes < kPopulateBytes) return;
-  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const long page_size = sysconf(_SC_PAGESIZE);
+  if (page_size <= 0) return;
+  const uintptr_t page = static_cast<uintptr_t>(page_size);
   const uintptr_t begin = reinterpret_cast<uintptr_t>(y.data_ptr());
   const uintptr_t first = (begin + page - 1) & ~(page - 1);
   const uintptr_t last = (begin + static_cast<uintptr_t>(bytes)) & ~(page - 1);
