@@ -44,6 +44,7 @@ constexpr int64_t kPartialShare = 4;                    // chunk tables: at most
 constexpr int64_t kMinPartialBytes = int64_t(1) << 20;  // ... or this much
 constexpr int64_t kTileBytes = int64_t(256) << 10;      // transposed tile buffer (planar)
 constexpr int64_t kScanTableBytes = int64_t(6) << 20;   // largest scanned table (rows)
+constexpr int64_t kScanAheadBytes = int64_t(32) << 10;  // ... a row is prefetched this far before its turn
 constexpr int64_t kMinFinishElements = 1 << 20;         // ... of the final pass over buckets
 
 // Bytes of one dense table: count, mean and M2 of every bucket.
@@ -96,11 +97,18 @@ struct Cursor {
 // bucket k (k_lo <= k < k_lo + cursors) is the i-th of its bucket, i = cursor[k - k_lo].rank,
 // so it belongs to segment first + i / seg, of which it is the (i % seg + 1)-th row. Each
 // segment's rows take Welford's update in row order, into table + s * 2 * dim (D means, D M2s).
+// Each row is prefetched into L2 `ahead` rows before its turn: left to the hardware, the scan
+// waited on memory (97 buckets, 65,536 x 512 float32 on one Zen 4 core: 13.4 -> 9.2 ms).
 template <typename acc_t, typename in_t, typename index_t>
 inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const index_t* idx,
                            int64_t rows, int64_t k_lo, int64_t cursors, Cursor* cursor,
-                           int64_t s0, int64_t s1, int64_t seg, acc_t* table) {
+                           int64_t s0, int64_t s1, int64_t seg, int64_t ahead, acc_t* table) {
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(in_t));
   for (int64_t r = 0; r < rows; ++r) {
+    if (r + ahead < rows) {
+      const char* later = reinterpret_cast<const char*>(x + (r + ahead) * stride);
+      for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(later + b, 0, 2);
+    }
     const uint64_t j = static_cast<uint64_t>(static_cast<int64_t>(idx[r]) - k_lo);
     if (j >= static_cast<uint64_t>(cursors)) continue;  // another task's bucket, or no bucket
     Cursor& c = cursor[j];
@@ -143,9 +151,9 @@ inline void variance_row_body(acc_t* m2, int64_t dim, int64_t n) {
   DIRFAST_V4_CLONES DIRFAST_NOINLINE void scan_rows(                                           \
       const in_t* x, int64_t stride, int64_t dim, const index_t* idx, int64_t rows,            \
       int64_t k_lo, int64_t cursors, Cursor* cursor, int64_t s0, int64_t s1, int64_t seg,      \
-      acc_t* table) {                                                                          \
+      int64_t ahead, acc_t* table) {                                                           \
     scan_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, rows, k_lo, cursors, cursor, s0, \
-                                         s1, seg, table);                                      \
+                                         s1, seg, ahead, table);                               \
   }
 #define DIRFAST_ROW_LOOPS(in_t, acc_t)       \
   DIRFAST_SCATTER_ROWS(in_t, acc_t, int64_t) \
@@ -352,8 +360,10 @@ class BinStats {
         const int64_t cursors = segs.group[s1 - 1] - k_lo + 1;
         std::unique_ptr<Cursor[]> cursor(new Cursor[cursors]);
         for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, segs.first[k_lo + j]};
+        const int64_t row_bytes = std::max<int64_t>(dim, 1) * static_cast<int64_t>(sizeof(scalar_t));
+        const int64_t ahead = std::max<int64_t>(1, kScanAheadBytes / row_bytes);
         scan_rows(x_, layout_.row_stride, dim, idx_, rows, k_lo, cursors, cursor.get(), s0, s1,
-                  seg, table.get());
+                  seg, ahead, table.get());
       }
       // Buckets of one segment are done (while their accumulators are in cache).
       for (int64_t s = s0; s < s1; ++s) {

@@ -68,7 +68,8 @@ constexpr int64_t kGroupedRowBytes = 512;
 // it this large (a smaller one may still be in cache when the caller reads it).
 constexpr int64_t kStreamRowBytes = 512;
 constexpr int64_t kStreamOutputBytes = int64_t(16) << 20;
-constexpr int64_t kAheadBytes = int64_t(8) << 10;  // grouped rows: a row is prefetched this far before its turn
+constexpr int64_t kAheadBytes = int64_t(8) << 10;  // rows: a row is prefetched this far before its turn
+constexpr int64_t kPrefetchRowBytes = 256;          // ... when at least this long (in order; grouped: always)
 
 #if DIRFAST_CALIBRATE_AVX2
 inline bool cpu_has_avx2() {
@@ -560,14 +561,23 @@ struct RowWriter {
   }
 };
 
-// Rows layout with tables: each row reads its bucket's piece.
+// Rows layout with tables: each row reads its bucket's piece. A row of at least kPrefetchRowBytes
+// is prefetched into L2 kAheadBytes of rows before its turn: left to the hardware, calibrate_ at 97
+// buckets took 13.4 ms against 9.3 (65,536 x 512 float32, one Zen 4 core), rows of 256 bytes
+// 1.65x as long; rows of 32 bytes took 1.13x as long with it.
 template <typename T, typename acc_t, typename index_t>
 DIRFAST_NOINLINE void apply_rows(const RowWriter<T, acc_t>& write, const index_t* idx, int64_t rows,
                                  int64_t num_bins, const acc_t* st) {
   const int64_t dim = write.dim;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
+  const int64_t row_bytes = std::max<int64_t>(dim, 1) * static_cast<int64_t>(sizeof(T));
+  const int64_t ahead = row_bytes >= kPrefetchRowBytes ? std::max<int64_t>(1, kAheadBytes / row_bytes) : rows;
   parallel_for_ranges(rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
+      if (r + ahead < end) {
+        const T* later = write.x + (r + ahead) * write.x_stride;
+        for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(later + d, 1, 2);
+      }
       const acc_t* sk = st + 2 * bucket_of(idx, r, num_bins) * dim;
       write(r, sk, sk + dim);
     }
