@@ -97,13 +97,14 @@ struct Cursor {
 // bucket k (k_lo <= k < k_lo + cursors) is the i-th of its bucket, i = cursor[k - k_lo].rank,
 // so it belongs to segment first + i / seg, of which it is the (i % seg + 1)-th row. Each
 // segment's rows take Welford's update in row order, into table + s * 2 * dim (D means, D M2s).
-// Each row is prefetched into L2 `ahead` rows before its turn: left to the hardware, the scan
-// waited on memory (97 buckets, 65,536 x 512 float32 on one Zen 4 core: 13.4 -> 9.2 ms).
+// Each row is prefetched into L2 kScanAheadBytes of rows before its turn: left to the hardware,
+// the scan waited on memory (97 buckets, 65,536 x 512 float32 on one Zen 4 core: 13.4 -> 9.2 ms).
 template <typename acc_t, typename in_t, typename index_t>
 inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const index_t* idx,
                            int64_t rows, int64_t k_lo, int64_t cursors, Cursor* cursor,
-                           int64_t s0, int64_t s1, int64_t seg, int64_t ahead, acc_t* table) {
+                           int64_t s0, int64_t s1, int64_t seg, acc_t* table) {
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(in_t));
+  const int64_t ahead = std::max<int64_t>(1, kScanAheadBytes / std::max<int64_t>(row_bytes, 1));
   for (int64_t r = 0; r < rows; ++r) {
     if (r + ahead < rows) {
       const char* later = reinterpret_cast<const char*>(x + (r + ahead) * stride);
@@ -151,9 +152,9 @@ inline void variance_row_body(acc_t* m2, int64_t dim, int64_t n) {
   DIRFAST_V4_CLONES DIRFAST_NOINLINE void scan_rows(                                           \
       const in_t* x, int64_t stride, int64_t dim, const index_t* idx, int64_t rows,            \
       int64_t k_lo, int64_t cursors, Cursor* cursor, int64_t s0, int64_t s1, int64_t seg,      \
-      int64_t ahead, acc_t* table) {                                                           \
+      acc_t* table) {                                                                          \
     scan_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, rows, k_lo, cursors, cursor, s0, \
-                                         s1, seg, ahead, table);                               \
+                                         s1, seg, table);                                      \
   }
 #define DIRFAST_ROW_LOOPS(in_t, acc_t)       \
   DIRFAST_SCATTER_ROWS(in_t, acc_t, int64_t) \
@@ -360,10 +361,8 @@ class BinStats {
         const int64_t cursors = segs.group[s1 - 1] - k_lo + 1;
         std::unique_ptr<Cursor[]> cursor(new Cursor[cursors]);
         for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, segs.first[k_lo + j]};
-        const int64_t row_bytes = std::max<int64_t>(dim, 1) * static_cast<int64_t>(sizeof(scalar_t));
-        const int64_t ahead = std::max<int64_t>(1, kScanAheadBytes / row_bytes);
         scan_rows(x_, layout_.row_stride, dim, idx_, rows, k_lo, cursors, cursor.get(), s0, s1,
-                  seg, ahead, table.get());
+                  seg, table.get());
       }
       // Buckets of one segment are done (while their accumulators are in cache).
       for (int64_t s = s0; s < s1; ++s) {

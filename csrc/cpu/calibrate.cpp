@@ -789,28 +789,28 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
         }
         const int64_t num_bins = stats.num_bins;
         const int64_t entries = std::max<int64_t>(2 * (num_bins + 1) * dim, 1);
+        const T* px = plan.x.const_data_ptr<T>();
         T* py = plan.out.mutable_data_ptr<T>();
-        if (planar) {
-          std::unique_ptr<acc_t[]> st(new acc_t[entries]);  // left uninitialised: see scale_shift_tables
-          const bool feature_major = !planar_blocks<T, acc_t>();
-          scale_shift_tables<acc_t, index_t>(stats, lo, hi, pi, plan.lx.rows, feature_major, st.get());
-          apply_planes<T, acc_t, index_t>(plan.x.const_data_ptr<T>(), plan.lx, py, plan.ly, pi, num_bins, st.get(),
-                                          feature_major);
-          return;
-        }
-        const int64_t rows = plan.ly.rows;
-        const RowWriter<T, acc_t> write(plan.x.const_data_ptr<T>(), plan.lx.row_stride, py, plan.ly.row_stride, rows,
-                                        dim);
-        if (entries * static_cast<int64_t>(sizeof(acc_t)) > kGroupedTableBytes &&
-            dim * static_cast<int64_t>(sizeof(T)) >= kGroupedRowBytes) {
+        const int64_t rows = plan.lx.rows;
+        auto rows_writer = [&] {
+          return RowWriter<T, acc_t>(px, plan.lx.row_stride, py, plan.ly.row_stride, rows, dim);
+        };
+        const bool grouped = !planar && entries * static_cast<int64_t>(sizeof(acc_t)) > kGroupedTableBytes &&
+                             dim * static_cast<int64_t>(sizeof(T)) >= kGroupedRowBytes;
+        if (grouped) {
           std::vector<int64_t> order, first;
           group_rows<index_t>(pi, rows, num_bins, order, first);
-          apply_groups<T, acc_t>(write, order.data(), first.data(), rows, stats, lo, hi);
+          apply_groups<T, acc_t>(rows_writer(), order.data(), first.data(), rows, stats, lo, hi);
           return;
         }
         std::unique_ptr<acc_t[]> st(new acc_t[entries]);  // left uninitialised: see scale_shift_tables
-        scale_shift_tables<acc_t, index_t>(stats, lo, hi, pi, rows, false, st.get());
-        apply_rows<T, acc_t, index_t>(write, pi, rows, num_bins, st.get());
+        const bool feature_major = planar && !planar_blocks<T, acc_t>();
+        scale_shift_tables<acc_t, index_t>(stats, lo, hi, pi, rows, feature_major, st.get());
+        if (planar) {
+          apply_planes<T, acc_t, index_t>(px, plan.lx, py, plan.ly, pi, num_bins, st.get(), feature_major);
+        } else {
+          apply_rows<T, acc_t, index_t>(rows_writer(), pi, rows, num_bins, st.get());
+        }
       });
     });
   });
