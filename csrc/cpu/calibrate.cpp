@@ -151,15 +151,14 @@ __attribute__((target("avx2"))) DIRFAST_NOINLINE int64_t transpose_block_f32(con
 // A [B, D] statistics table read a bucket at a time, buckets in ascending order, by one task. A
 // table whose features are contiguous is read in place; any other (the published smoothing leaves
 // its tables transposed, [D, B] in memory) is copied 256 bytes of buckets at a time into the
-// task's buffer, four lines per feature per block (when the buckets are contiguous: 8 x 8
-// transposes for float32 where AVX2 runs, calibrate_ at 10,000 buckets 3% faster on one Zen 4 core
-// than with the 16-byte ones; 16-byte transposes otherwise), the next block's lines prefetched
-// while this one is used: at many buckets a
-// contiguous copy of the whole table (fresh pages, written and read again) took longer than the
-// op itself; blocks of 32 or 64 bytes took longer than these, and so did prefetches of the next
-// block in an earlier try, where spread over this block's buckets they pay (measured in
-// benchmarks/results/cpu/grouped-rows-zen4.md). The buffer's rows are padded by a line: rows 2 KiB
-// apart would all fall in the same few L1 sets.
+// task's buffer, four lines per feature per block, the next block's lines prefetched while this
+// one is used: at many buckets a contiguous copy of the whole table (fresh pages, written and read
+// again) took longer than the op itself; blocks of 32 or 64 bytes took longer than these, and so
+// did prefetches of the next block in an earlier try, where spread over this block's buckets they
+// pay (measured in benchmarks/results/cpu/grouped-rows-zen4.md). When the buckets are contiguous
+// the copy goes by transposes: 8 x 8 for float32 where AVX2 runs (calibrate_ at 10,000 buckets
+// 3-8% faster on one Zen 4 core than with 16-byte ones: transposed-fill-zen4.md), else 16 bytes.
+// The buffer's rows are padded by a line: rows 2 KiB apart would all fall in the same few L1 sets.
 template <typename acc_t>
 class BucketRows {
  public:
