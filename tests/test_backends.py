@@ -2,8 +2,9 @@
 selection (``set_backend`` / ``use_backend``), torch's dispatcher picking the compiled kernels,
 dirfast without its extension or without Triton, opcheck of every registered implementation,
 torch.compile through the dispatcher, the backend a backward runs on, the same bits for any
-number of CPU threads, the direction of imports, the Triton kernels compiled for sm_90, the CUDA
-build, and (on a GPU) a CUDA-graph replay.
+number of CPU threads, the direction of imports, the Triton kernels compiled for sm_90, the CPU
+sources built for a newer baseline (clones above it only), the CUDA build, and (on a GPU) a
+CUDA-graph replay.
 
 What each op computes, on every backend, is in tests/test_<op>.py.
 """
@@ -11,6 +12,7 @@ What each op computes, on every backend, is in tests/test_<op>.py.
 from __future__ import annotations
 
 import ast
+import concurrent.futures
 import glob
 import importlib
 import importlib.util
@@ -619,6 +621,69 @@ def test_every_triton_kernel_compiles_for_sm90_within_its_limits(tmp_path):
             assert row["registers"] <= 255, row
             if row["case"].startswith("mixture_logpdf"):
                 assert row["spill_bytes"] == 0, row
+
+
+# =========================================================================== the CPU build
+CXX = shutil.which(os.environ.get("CXX", "c++"))  # the compiler torch's build uses
+
+
+def _gcc_on_x86_64_linux() -> bool:
+    if not (CXX and sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
+        return False
+    return "Free Software Foundation" in subprocess.run([CXX, "--version"], capture_output=True, text=True).stdout
+
+
+X86_64_GXX = _gcc_on_x86_64_linux()
+CPU_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp"))) + glob.glob(
+    os.path.join(ROOT, "csrc", "module.cpp"))
+
+
+def _compile(source: str, march: str, *extra: str) -> subprocess.CompletedProcess:
+    """g++ on one source with setup.py's defines, includes and release flags and ``-march=march``
+    (as ``CFLAGS=-march=...`` adds it to a build), ``extra`` after them."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    includes = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "src"), sysconfig.get_paths()["include"]]
+    includes += cpp_extension.include_paths()
+    command = [CXX, f"-march={march}", "-std=c++20", "-fPIC", "-O3", "-g0", "-fvisibility=hidden", "-Wno-psabi",
+               "-w", "-DTORCH_TARGET_VERSION=0x020a000000000000", "-DPy_LIMITED_API=0x030A0000",
+               *(f"-I{path}" for path in includes), *extra, source]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(not X86_64_GXX, reason="the clones are g++ on x86-64 Linux only")
+@pytest.mark.parametrize("march,v3,v4", [("x86-64", "arch=x86-64-v3", "arch=x86-64-v4"),
+                                         ("x86-64-v3", None, "arch=x86-64-v4"), ("x86-64-v4", None, None)])
+def test_only_instruction_sets_above_the_baseline_are_cloned(march, v3, v4):
+    """src/macros.h clones a hot loop for x86-64-v3 and v4 only where the build's baseline (what
+    ``-march`` the compiler was given) is below them: lower clones could never run."""
+    probe = '#include "macros.h"\nV3 DIRFAST_V3_CLONES\nV4 DIRFAST_V4_CLONES\n'
+    done = subprocess.run([CXX, f"-march={march}", "-I", os.path.join(ROOT, "src"), "-E", "-P", "-x", "c++", "-"],
+                          input=probe, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = {line.split(" ", 1)[0]: line for line in done.stdout.splitlines() if line[:2] in ("V3", "V4")}
+    for level, clone in (("V3", v3), ("V4", v4)):
+        if clone is None:
+            assert "target_clones" not in lines[level], lines[level]
+        else:
+            assert f'"{clone}"' in lines[level] and '"default"' in lines[level], lines[level]
+    assert ('"arch=x86-64-v3"' in lines["V4"]) == (v3 is not None), lines["V4"]
+
+
+@pytest.mark.skipif(not (X86_64_GXX and CPU_SOURCES), reason="needs g++ on x86-64 Linux and the C++ sources")
+def test_cpu_sources_compile_for_an_avx512_baseline(tmp_path):
+    """``CFLAGS=-march=native pip install .`` on an AVX-512 machine: every CPU source compiles
+    with ``-march=x86-64-v4`` (g++ 12 stopped with an internal compiler error on the x86-64-v3
+    clone of rnc_loss' exp while src/macros.h cloned levels below the baseline)."""
+    def compile_one(source):
+        return _compile(source, "x86-64-v4", "-c", "-o", str(tmp_path / (os.path.basename(source) + ".o")))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        runs = dict(zip(CPU_SOURCES, pool.map(compile_one, CPU_SOURCES)))
+    failed = {os.path.basename(source): run.stderr[-2000:] for source, run in runs.items() if run.returncode != 0}
+    assert not failed, failed
 
 
 # =========================================================================== the CUDA build
