@@ -25,6 +25,9 @@
 #include <utility>
 #include <vector>
 
+// No a * b + c is fused: the same bits on every CPU (above the project's headers: their functions too).
+#pragma GCC optimize("fp-contract=off")
+
 #include "bucket_rows.h"
 #include "checks.h"
 #include "layout.h"
@@ -34,9 +37,6 @@
 namespace dirfast {
 namespace cpu {
 namespace {
-
-// No a * b + c is fused: the same bits on every CPU.
-#pragma GCC optimize("fp-contract=off")
 
 constexpr int64_t kCountingSortRows = 4;      // a counting sort while buckets <= this x rows
 constexpr int64_t kCountingSortSlack = 4096;  // ... + this (few buckets: a small array)

@@ -21,6 +21,12 @@
 #include <tuple>
 #include <vector>
 
+// x86-64-v3 (AVX2 + FMA) or the baseline for the row loops, and x86-64-v4 (AVX-512) for the two
+// that read rows in order (scatter_rows, scan_rows: 97 buckets on one Zen 4 core 7-15% faster;
+// reduce_list's gathered rows gained nothing there); no a * b + c is fused, so every clone gives
+// the same bits (above the project's headers: their functions too, whatever the baseline).
+#pragma GCC optimize("fp-contract=off")
+
 #include "bucket_rows.h"
 #include "checks.h"
 #include "layout.h"
@@ -31,12 +37,6 @@
 namespace dirfast {
 namespace cpu {
 namespace {
-
-// x86-64-v3 (AVX2 + FMA) or the baseline for the row loops, and x86-64-v4 (AVX-512) for the two
-// that read rows in order (scatter_rows, scan_rows: 97 buckets on one Zen 4 core 7-15% faster;
-// reduce_list's gathered rows gained nothing there); no a * b + c is fused, so every clone gives
-// the same bits.
-#pragma GCC optimize("fp-contract=off")
 
 constexpr int64_t kMaxChunks = 16;                      // chunks of rows, at most
 constexpr int64_t kMinChunkElements = 1 << 15;          // elements a chunk gets, at least

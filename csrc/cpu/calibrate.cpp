@@ -26,6 +26,12 @@
 #include <type_traits>
 #include <vector>
 
+// The row loop in clones for x86-64-v4 (AVX-512), v3 (AVX2 + FMA) and the baseline: 32-byte loads
+// and stores keep more lines in flight than 16-byte ones; with AVX-512, float16 rows vectorise
+// their conversions (a v3 clone leaves them a value at a time: 8x slower on Zen 4). No x * s + t is
+// fused, so every clone gives the same bits (above the project's headers: theirs too).
+#pragma GCC optimize("fp-contract=off")
+
 #include "calibrate.h"
 #include "checks.h"
 #include "layout.h"
@@ -47,12 +53,6 @@
 namespace dirfast {
 namespace cpu {
 namespace {
-
-// The row loop in clones for x86-64-v4 (AVX-512), v3 (AVX2 + FMA) and the baseline: 32-byte loads
-// and stores keep more lines in flight than 16-byte ones; with AVX-512, float16 rows vectorise
-// their conversions (a v3 clone leaves them a value at a time: 8x slower on Zen 4). No x * s + t is
-// fused, so every clone gives the same bits.
-#pragma GCC optimize("fp-contract=off")
 
 // The least work a thread is given (so small work runs on one thread): elements of x to
 // calibrate, or values of s and t to compute (each a divide and a square root).

@@ -22,13 +22,13 @@
 #include <type_traits>
 #include <vector>
 
+// No a * b + c is fused but by vfma (g++ would fuse others in the AVX2 + FMA and AVX-512 code):
+// every vector width rounds alike (above the project's headers: theirs too).
+#pragma GCC optimize("fp-contract=off")
+
 #include "checks.h"
 #include "parallel.h"
 #include "vexp.h"
-
-// No a * b + c is fused but by vfma (g++ would fuse others in the AVX2 + FMA and AVX-512 code):
-// every vector width rounds alike.
-#pragma GCC optimize("fp-contract=off")
 
 namespace dirfast {
 namespace cpu {

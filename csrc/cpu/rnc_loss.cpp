@@ -25,17 +25,17 @@
 #include <limits>
 #include <vector>
 
+// x86-64-v3 (AVX2 + FMA) or the baseline: the lane-wise fused multiply-adds below become one
+// vfmadd there and libm's fma here, with the same bits. No other a * b + c is fused (g++ would in
+// the x86-64-v3 clone), so both clones round alike (above the project's headers: theirs too).
+#pragma GCC optimize("fp-contract=off")
+
 #include "checks.h"
 #include "parallel.h"
 
 namespace dirfast {
 namespace cpu {
 namespace {
-
-// x86-64-v3 (AVX2 + FMA) or the baseline: the lane-wise fused multiply-adds below become one
-// vfmadd there and libm's fma here, with the same bits. No other a * b + c is fused (g++ would in
-// the x86-64-v3 clone), so both clones round alike.
-#pragma GCC optimize("fp-contract=off")
 
 // ---------------------------------------------------------------------------- checks
 // features [m, D] and labels [m, L >= 1], floating, on the CPU; temperature finite > 0; the

@@ -9,6 +9,9 @@
 #include <memory>
 #include <string_view>
 
+// No a * b + c is fused (g++ would where the build's baseline has FMA): the reference's bits.
+#pragma GCC optimize("fp-contract=off")
+
 #include "checks.h"
 #include "parallel.h"
 #include "smooth.h"
