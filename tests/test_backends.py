@@ -672,18 +672,28 @@ def test_only_instruction_sets_above_the_baseline_are_cloned(march, v3, v4):
     assert ('"arch=x86-64-v3"' in lines["V4"]) == (v3 is not None), lines["V4"]
 
 
+# The kernels that give the same bits on every CPU and fuse no multiply-add of their own.
+UNFUSED_SOURCES = ("accumulate_bin_stats.cpp", "bin_stats.cpp", "calibrate.cpp", "smooth_bins.cpp")
+
+
 @pytest.mark.skipif(not (X86_64_GXX and CPU_SOURCES), reason="needs g++ on x86-64 Linux and the C++ sources")
 def test_cpu_sources_compile_for_an_avx512_baseline(tmp_path):
     """``CFLAGS=-march=native pip install .`` on an AVX-512 machine: every CPU source compiles
     with ``-march=x86-64-v4`` (g++ 12 stopped with an internal compiler error on the x86-64-v3
-    clone of rnc_loss' exp while src/macros.h cloned levels below the baseline)."""
+    clone of rnc_loss' exp while src/macros.h cloned levels below the baseline), and the kernels
+    that promise the same bits everywhere have no fused multiply-add in them (g++ fused their
+    headers' and smooth_bins' a * b + c under an FMA baseline until fp-contract=off came first)."""
     def compile_one(source):
-        return _compile(source, "x86-64-v4", "-c", "-o", str(tmp_path / (os.path.basename(source) + ".o")))
+        return _compile(source, "x86-64-v4", "-S", "-o", str(tmp_path / (os.path.basename(source) + ".s")))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         runs = dict(zip(CPU_SOURCES, pool.map(compile_one, CPU_SOURCES)))
     failed = {os.path.basename(source): run.stderr[-2000:] for source, run in runs.items() if run.returncode != 0}
     assert not failed, failed
+    for name in UNFUSED_SOURCES:
+        assembly = (tmp_path / (name + ".s")).read_text()
+        fused = sorted({word for word in assembly.split() if word.startswith(("vfmadd", "vfmsub", "vfnm"))})
+        assert not fused, (name, fused)
 
 
 # =========================================================================== the CUDA build
