@@ -71,9 +71,11 @@ inline int64_t prefetch_rows(int64_t row_bytes) {
 // L2 for each row taken, and the first `ahead` rows' too when `warm_up` (a task's first list):
 // the first line alone, the rest left to the hardware, came too late for rows in random order
 // (benchmarks/results/cpu/grouped-rows-zen4.md). The prefetches are written out here, not in a
-// helper: g++ finds a function that only prefetches free of side effects and drops it.
+// helper: g++ finds a function that only prefetches free of side effects and drops it. Always
+// inlined: each clone of reduce_list must hold its own copy (left to g++, one file's clones
+// called an out-of-line copy compiled for the baseline, and which file changed with the pragmas).
 template <typename acc_t, typename in_t>
-inline void reduce_list_body(const in_t* x, int64_t stride, int64_t dim, const int64_t* list, int64_t n,
+__attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64_t stride, int64_t dim, const int64_t* list, int64_t n,
                              const int64_t* list_end, bool warm_up, acc_t* DIRFAST_RESTRICT mean,
                              acc_t* DIRFAST_RESTRICT m2) {
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(in_t));
