@@ -72,12 +72,13 @@ inline int64_t prefetch_rows(int64_t row_bytes) {
 // the first line alone, the rest left to the hardware, came too late for rows in random order
 // (benchmarks/results/cpu/grouped-rows-zen4.md). The prefetches are written out here, not in a
 // helper: g++ finds a function that only prefetches free of side effects and drops it. Always
-// inlined: each clone of reduce_list must hold its own copy (left to g++, one file's clones
-// called an out-of-line copy compiled for the baseline, and which file changed with the pragmas).
+// inlined, so each clone of reduce_list holds its own copy: left to g++, the clones of one file or
+// another tail-called a single copy compiled for the baseline (native-baseline-zen4.md).
 template <typename acc_t, typename in_t>
-__attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64_t stride, int64_t dim, const int64_t* list, int64_t n,
-                             const int64_t* list_end, bool warm_up, acc_t* DIRFAST_RESTRICT mean,
-                             acc_t* DIRFAST_RESTRICT m2) {
+__attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64_t stride, int64_t dim,
+                                                            const int64_t* list, int64_t n, const int64_t* list_end,
+                                                            bool warm_up, acc_t* DIRFAST_RESTRICT mean,
+                                                            acc_t* DIRFAST_RESTRICT m2) {
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(in_t));
   const int64_t ahead = prefetch_rows(row_bytes);
   const int64_t* last = list_end - 1;

@@ -622,8 +622,8 @@ struct RowWriter {
 // buckets took 13.4 ms against 9.3 (65,536 x 512 float32, one Zen 4 core), rows of 256 bytes
 // 1.65x as long; rows of 32 bytes took 1.13x as long with it. The rows are written too, yet these
 // (and apply_groups') are read prefetches: built for a baseline with PRFCHW (-march=native), a
-// write prefetch is prefetchw, which fills L1 on Zen 4 and took calibrate_ at 10,000 buckets from
-// 3.7 to 5.1 in-place passes.
+// write prefetch is prefetchw, which fills L1 on Zen 4: calibrate_ at 10,000 buckets took 5.3
+// in-place passes against 4.1 with read prefetches (benchmarks/results/cpu/native-baseline-zen4.md).
 template <typename T, typename acc_t, typename index_t>
 DIRFAST_NOINLINE void apply_rows(const RowWriter<T, acc_t>& write, const index_t* idx, int64_t rows,
                                  int64_t num_bins, const acc_t* st) {
