@@ -31,7 +31,9 @@
 // x86-64 Linux; elsewhere one build): DIRFAST_V3_CLONES for x86-64-v3 (AVX2, FMA) and the
 // baseline; DIRFAST_V4_CLONES adds x86-64-v4 (AVX-512), for the loops measured faster with it
 // (benchmarks/results/cpu/avx512-clones.md). A kernel that uses them turns off the contraction
-// of a * b + c where its bits must not depend on the clone. Only levels above the build's
+// of a * b + c where its bits must not depend on the clone, and marks the body its clones share
+// always_inline, so each clone holds a copy compiled for its level (left to g++, reduce_list's
+// clones tail-called one copy built for the baseline in some files). Only levels above the build's
 // baseline are cloned: built for x86-64-v3 or v4 already (CFLAGS=-march=native, say), the lower
 // clones could never run, and g++ 12 stops with an internal compiler error on an x86-64-v3 clone
 // of rnc_loss' exp under an AVX-512 baseline.

@@ -103,6 +103,7 @@ inline void chan_merge_value(held_t mean_a, held_t m2_a, acc_t mean_b, acc_t m2_
 // (inf * 0 is NaN), in kLanes partial sums (a NaN reaches the total in any order; one sum in order
 // would wait on each add). Computed without storing anything, so a row that fails leaves no trace.
 template <typename acc_t, typename held_t>
+__attribute__((always_inline))
 inline bool merge_row_finite_body(const held_t* DIRFAST_RESTRICT mean_a, const held_t* DIRFAST_RESTRICT m2_a,
                                   const acc_t* DIRFAST_RESTRICT mean_b, const acc_t* DIRFAST_RESTRICT m2_b,
                                   int64_t dim, acc_t share, acc_t cross) {
@@ -124,6 +125,7 @@ inline bool merge_row_finite_body(const held_t* DIRFAST_RESTRICT mean_a, const h
 
 // The merged row written over the running one.
 template <typename acc_t, typename held_t>
+__attribute__((always_inline))
 inline void merge_row_body(held_t* DIRFAST_RESTRICT mean_a, held_t* DIRFAST_RESTRICT m2_a,
                            const acc_t* DIRFAST_RESTRICT mean_b, const acc_t* DIRFAST_RESTRICT m2_b, int64_t dim,
                            acc_t share, acc_t cross) {

@@ -507,6 +507,7 @@ DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, acc_t lo, acc_
 // One row: y = x * s + t along the D features, in place (y only) or from x into another row
 // (restrict parameters: the loops vectorise).
 template <typename T, typename acc_t>
+__attribute__((always_inline))
 inline void apply_row_body(T* DIRFAST_RESTRICT y, const acc_t* DIRFAST_RESTRICT s, const acc_t* DIRFAST_RESTRICT t,
                            int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
@@ -515,6 +516,7 @@ inline void apply_row_body(T* DIRFAST_RESTRICT y, const acc_t* DIRFAST_RESTRICT 
 }
 
 template <typename T, typename acc_t>
+__attribute__((always_inline))
 inline void apply_row_body(const T* DIRFAST_RESTRICT x, T* DIRFAST_RESTRICT y, const acc_t* DIRFAST_RESTRICT s,
                            const acc_t* DIRFAST_RESTRICT t, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {

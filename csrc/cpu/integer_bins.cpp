@@ -26,6 +26,7 @@ constexpr int64_t kMaxBins = int64_t(1) << 24;     // MAX_BINS of dirfast/ops/in
 // It vectorises in both clones: no floor call, the clamped values being at least first >= 0,
 // where the truncating conversion floors.
 template <typename T, typename acc_t>
+__attribute__((always_inline))
 inline void bin_labels_body(const T* DIRFAST_RESTRICT labels, int64_t* DIRFAST_RESTRICT bins, int64_t begin,
                             int64_t end, acc_t scale, bool scaled, acc_t lo, acc_t hi, int64_t first) {
   for (int64_t i = begin; i < end; ++i) {
