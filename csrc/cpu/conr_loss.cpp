@@ -40,7 +40,14 @@ constexpr int64_t kLanes = 16;  // keys per step of the row pass; the rows are p
 constexpr int64_t kVec = 8;     // float32 lanes of the exponentials: one AVX2 register (16 spill there)
 constexpr double kEps = 1e-12;  // F.normalize's
 
+// The row loops cloned for AVX-512F and AVX2, only those above the build's baseline (src/macros.h).
+#if defined(__AVX512F__)
+#define DIRFAST_CLONES
+#elif defined(__AVX2__)
+#define DIRFAST_CLONES DIRFAST_TARGET_CLONES("avx512f", "default")
+#else
 #define DIRFAST_CLONES DIRFAST_TARGET_CLONES("avx512f", "avx2", "default")
+#endif
 
 // ---------------------------------------------------------------------------- arguments
 // The op's checks (the Python front end makes the same ones first); returns whether the push

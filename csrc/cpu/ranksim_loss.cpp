@@ -34,7 +34,12 @@ namespace {
 constexpr double kNormEps = 1e-12;   // F.normalize's eps
 constexpr double kLambdaEps = 1e-8;  // the published backward divides by lambda + 1e-8
 
+// The products cloned for FMA where the build's baseline lacks it (src/macros.h).
+#if defined(__FMA__)
+#define RANKSIM_CLONES
+#else
 #define RANKSIM_CLONES DIRFAST_TARGET_CLONES("fma", "default")
+#endif
 
 // features [m, D] and labels [m, L] floating, keep [m] bool, all on the CPU; lambda_val finite
 // and > 0; 0 <= offset <= m and 0 <= count <= m - offset.
