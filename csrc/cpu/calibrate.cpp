@@ -831,15 +831,13 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
         const T* px = plan.x.const_data_ptr<T>();
         T* py = plan.out.mutable_data_ptr<T>();
         const int64_t rows = plan.lx.rows;
-        auto rows_writer = [&] {
-          return RowWriter<T, acc_t>(px, plan.lx.row_stride, py, plan.ly.row_stride, rows, dim);
-        };
+        const RowWriter<T, acc_t> write(px, plan.lx.row_stride, py, plan.ly.row_stride, rows, dim);  // rows layout
         const bool grouped = !planar && entries * static_cast<int64_t>(sizeof(acc_t)) > kGroupedTableBytes &&
                              dim * static_cast<int64_t>(sizeof(T)) >= kGroupedRowBytes;
         if (grouped) {
           std::vector<int64_t> order, first;
           group_rows<index_t>(pi, rows, num_bins, order, first);
-          apply_groups<T, acc_t>(rows_writer(), order.data(), first.data(), rows, stats, lo, hi);
+          apply_groups<T, acc_t>(write, order.data(), first.data(), rows, stats, lo, hi);
           return;
         }
         std::unique_ptr<acc_t[]> st(new acc_t[entries]);  // left uninitialised: see scale_shift_tables
@@ -848,7 +846,7 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
         if (planar) {
           apply_planes<T, acc_t, index_t>(px, plan.lx, py, plan.ly, pi, num_bins, st.get(), feature_major);
         } else {
-          apply_rows<T, acc_t, index_t>(rows_writer(), pi, rows, num_bins, st.get());
+          apply_rows<T, acc_t, index_t>(write, pi, rows, num_bins, st.get());
         }
       });
     });
