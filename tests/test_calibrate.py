@@ -322,19 +322,23 @@ def test_cpp_float16_converts_like_torch(layout):
                     reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
 @pytest.mark.parametrize("dtype, table_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float64)],
                          ids=str)
-def test_cpp_many_bins_rows_grouped(dtype, table_dtype):
+@pytest.mark.parametrize("d", [1024, 1003])
+def test_cpp_many_bins_rows_grouped(dtype, table_dtype, d):
     """Tables of more than 16 MB and rows of at least 512 bytes: the C++ kernel groups the rows
-    by bin (2 x 2,101 x 1,024 float32 values here, and twice that in float64). The reference's
-    values on padded rows, rows of no bin and the values left alone bit for bit, in place equal
-    to out of place, with transposed tables, and the same bits for 1 and 2 threads."""
-    num_bins, n, d = 2100, 3000, 1024
+    by bin (2 x 2,101 x 1,024 float32 values here, and twice that in float64) and computes the next
+    bin's scale and shift a slice of features per row of this one (1,003 features: a tail after
+    the slices). The reference's values on padded rows, rows of no bin and the values left alone
+    bit for bit, in place equal to out of place, with transposed tables, the bits of rows
+    calibrated a few at a time (each bin's scale and shift computed whole), and the same bits for
+    1 and 2 threads."""
+    num_bins, n = 2100, 3000
     stats = calibration_stats(num_bins, d, table_dtype)
-    x = rand_features(n, d + 8, dtype=dtype, seed=40)[:, :d]  # rows 1,032 apart
+    x = rand_features(n, d + 8, dtype=dtype, seed=40)[:, :d]  # rows d + 8 apart
     idx = rand_bins(n, num_bins + 1, low=-1, seed=41)
     idx[:8] = torch.tensor([0, 1, 2, 3, 4, -1, num_bins, 0])
     got = on("cpp", dirfast.ops.calibrate, x, idx, *stats)
     torch.testing.assert_close(got, reference(x, idx, *stats), **calibrate_tol(dtype))
-    keep = (idx < 0) | (idx >= num_bins) | (idx == 0)  # (bin 1's 1,024 variances of 1e-12 sum above 1e-10)
+    keep = (idx < 0) | (idx >= num_bins) | (idx == 0)  # (bin 1's variances of 1e-12 sum above 1e-10)
     same_bits(got[keep], x[keep])
     same_bits(got[idx == 2][:, ::2], x[idx == 2][:, ::2])
     inplace = x.clone()
@@ -342,6 +346,8 @@ def test_cpp_many_bins_rows_grouped(dtype, table_dtype):
     same_bits(inplace, got)
     transposed = [t.t().contiguous().t() for t in stats]  # read a block of bins at a time
     same_bits(on("cpp", dirfast.ops.calibrate, x, idx, *transposed), got)
+    for rows in (slice(0, 8), slice(1000, 1100)):  # under one index in 16 bins: the met bins compacted
+        same_bits(on("cpp", dirfast.ops.calibrate, x[rows], idx[rows], *transposed), got[rows])
     same_bits_for_threads(lambda: [on("cpp", dirfast.ops.calibrate, x, idx, *stats),
                                    on("cpp", dirfast.ops.calibrate, x, idx, *transposed)])
 

@@ -400,74 +400,135 @@ inline void scale_shift_lanes(const acc_t* src_mean, const acc_t* src_var, const
   V::store(t, unchanged ? minus_zero : shift);
 }
 
-// s and t of every dimension of a bucket, from its rows of the four tables, into s[0, D) and
-// t[0, D), in the same pass as the published bucket-wide rule: false for a bucket whose src_var
-// sums below 1e-10, which is the identity instead (its s and t left to the caller). kBytes is
-// the width of the arithmetic (32 where AVX2 runs: the divide and the square root take half the
-// time per value of 16-byte vectors on Zen 4; the same bits). The sum's order does not depend on
-// it: four 16-byte partial sums (which do not wait on each other), then they, their lanes and the
-// tail in order.
+// One bucket's rows of the four tables, where its s and t go, and the four 16-byte partial sums of
+// its src_var so far (the published bucket-wide rule).
+template <typename acc_t>
+struct ScaleShiftRow {
+  const acc_t* src_mean;
+  const acc_t* src_var;
+  const acc_t* dst_mean;
+  const acc_t* dst_var;
+  acc_t* s;
+  acc_t* t;
+  typename Vec<acc_t, 16>::v part[4];
+};
+
+// s and t of the features [d, stop) of a bucket, stop - d a multiple of four 16-byte vectors, their
+// src_var added to the partial sums (which do not wait on each other). kBytes is the width of the
+// arithmetic (32 where AVX2 runs: the divide and the square root take half the time per value of
+// 16-byte vectors on Zen 4; the same bits).
 template <int kBytes, typename acc_t>
-inline bool scale_shift_row(const acc_t* DIRFAST_RESTRICT src_mean, const acc_t* DIRFAST_RESTRICT src_var,
-                            const acc_t* DIRFAST_RESTRICT dst_mean, const acc_t* DIRFAST_RESTRICT dst_var,
-                            int64_t dim, acc_t lo, acc_t hi, acc_t* DIRFAST_RESTRICT s, acc_t* DIRFAST_RESTRICT t) {
+inline void scale_shift_chunks(ScaleShiftRow<acc_t>& row, int64_t d, int64_t stop, acc_t lo, acc_t hi) {
   using V16 = Vec<acc_t, 16>;
   constexpr int64_t L = V16::kLanes, W = Vec<acc_t, kBytes>::kLanes;
-  typename V16::v part[4] = {};
-  int64_t d = 0;
-  for (; d + 4 * L <= dim; d += 4 * L) {
+  const acc_t* DIRFAST_RESTRICT src_mean = row.src_mean;
+  const acc_t* DIRFAST_RESTRICT src_var = row.src_var;
+  const acc_t* DIRFAST_RESTRICT dst_mean = row.dst_mean;
+  const acc_t* DIRFAST_RESTRICT dst_var = row.dst_var;
+  acc_t* DIRFAST_RESTRICT s = row.s;
+  acc_t* DIRFAST_RESTRICT t = row.t;
+  typename V16::v part[4] = {row.part[0], row.part[1], row.part[2], row.part[3]};
+  for (; d < stop; d += 4 * L) {
     for (int64_t j = 0; j < 4; ++j) part[j] += V16::load(src_var + d + j * L);
     for (int64_t e = d; e < d + 4 * L; e += W) {
       scale_shift_lanes<kBytes, acc_t>(src_mean + e, src_var + e, dst_mean + e, dst_var + e, lo, hi, s + e, t + e);
     }
   }
-  const typename V16::v lanes = (part[0] + part[1]) + (part[2] + part[3]);
-  acc_t sum = acc_t(0);
-  for (int64_t i = 0; i < L; ++i) sum += lanes[i];
-  for (int64_t e = d; e < dim; ++e) sum += src_var[e];
-  if (sum < static_cast<acc_t>(kCalibrateMinVarianceSum)) return false;
-  for (; d < dim; ++d) {
-    calibrate_scale_shift<acc_t>(src_mean[d], src_var[d], dst_mean[d], dst_var[d], lo, hi, s[d], t[d]);
-  }
-  return true;
+  for (int64_t j = 0; j < 4; ++j) row.part[j] = part[j];
 }
 
-// scale_shift_row in 16-byte vectors, and in 32-byte ones compiled for AVX2 (flatten: the AVX
+// scale_shift_chunks in 16-byte vectors, and in 32-byte ones compiled for AVX2 (flatten: the AVX
 // sqrt_lanes is inlined through the templates between).
 template <typename acc_t>
-DIRFAST_NOINLINE bool scale_shift_row_16(const acc_t* src_mean, const acc_t* src_var, const acc_t* dst_mean,
-                                         const acc_t* dst_var, int64_t dim, acc_t lo, acc_t hi, acc_t* s, acc_t* t) {
-  return scale_shift_row<16, acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
+DIRFAST_NOINLINE void scale_shift_chunks_16(ScaleShiftRow<acc_t>& row, int64_t d, int64_t stop, acc_t lo, acc_t hi) {
+  scale_shift_chunks<16, acc_t>(row, d, stop, lo, hi);
 }
 #if DIRFAST_CALIBRATE_AVX2
 template <typename acc_t>
-__attribute__((target("avx2"), flatten)) DIRFAST_NOINLINE bool scale_shift_row_32(
-    const acc_t* src_mean, const acc_t* src_var, const acc_t* dst_mean, const acc_t* dst_var, int64_t dim, acc_t lo,
-    acc_t hi, acc_t* s, acc_t* t) {
-  return scale_shift_row<32, acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t);
+__attribute__((target("avx2"), flatten)) DIRFAST_NOINLINE void scale_shift_chunks_32(ScaleShiftRow<acc_t>& row,
+                                                                                     int64_t d, int64_t stop,
+                                                                                     acc_t lo, acc_t hi) {
+  scale_shift_chunks<32, acc_t>(row, d, stop, lo, hi);
 }
 #endif
 
-// s and t of bucket k in [0, B]: the identity (s = 1, t = -0.0) for the bucket B of rows outside
-// [0, B) and for the buckets the published rule leaves alone.
+// The s and t of one bucket k in [0, B] at a time into s[0, D) and t[0, D), a slice of features at a
+// time if wished: begin, advance any number of times, end. The identity (s = 1, t = -0.0) for the
+// bucket B of rows outside [0, B) and for a bucket whose src_var sums below 1e-10 (the published
+// rule, decided at the end). The sum's order does not depend on the slices or the width: the
+// partial sums, then they, their lanes and the features left over, in order. apply_groups
+// computes the next bucket a slice after each row of this one, so its divides and square roots
+// run while the rows wait on memory.
 template <typename acc_t>
-inline void bucket_scale_shift(BucketStatistics<acc_t>& stats, int64_t k, int64_t num_bins, int64_t dim, acc_t lo,
-                               acc_t hi, acc_t* s, acc_t* t) {
-  if (k < num_bins) {
-    const acc_t* src_mean = stats.src_mean(k);
-    const acc_t* src_var = stats.src_var(k);
-    const acc_t* dst_mean = stats.dst_mean(k);
-    const acc_t* dst_var = stats.dst_var(k);
+class BucketScaleShift {
+ public:
+  static constexpr int64_t kChunk = 4 * Vec<acc_t, 16>::kLanes;  // features
+
+  BucketScaleShift(const Statistics& stats, acc_t lo, acc_t hi)
+      : reader_(stats), num_bins_(stats.num_bins), dim_(stats.dim), chunked_(stats.dim - stats.dim % kChunk),
+        lo_(lo), hi_(hi) {}
+
+  void begin(int64_t k, acc_t* s, acc_t* t) {
+    row_.s = s;
+    row_.t = t;
+    identity_ = k >= num_bins_;
+    done_ = 0;
+    if (identity_) return;
+    row_.src_mean = reader_.src_mean(k);
+    row_.src_var = reader_.src_var(k);
+    row_.dst_mean = reader_.dst_mean(k);
+    row_.dst_var = reader_.dst_var(k);
+    for (auto& p : row_.part) p = typename Vec<acc_t, 16>::v{};
+  }
+
+  // The features before `upto` (down to a whole chunk) computed.
+  void advance(int64_t upto) {
+    upto = std::min(upto, chunked_);
+    upto -= upto % kChunk;
+    if (identity_ || upto <= done_) return;
 #if DIRFAST_CALIBRATE_AVX2
     if (cpu_has_avx2()) {
-      if (scale_shift_row_32<acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t)) return;
+      scale_shift_chunks_32<acc_t>(row_, done_, upto, lo_, hi_);
     } else
 #endif
-    if (scale_shift_row_16<acc_t>(src_mean, src_var, dst_mean, dst_var, dim, lo, hi, s, t)) return;
+      scale_shift_chunks_16<acc_t>(row_, done_, upto, lo_, hi_);
+    done_ = upto;
   }
-  std::fill(s, s + dim, acc_t(1));
-  std::fill(t, t + dim, -acc_t(0));
-}
+
+  void end() {
+    advance(chunked_);
+    if (!identity_) {
+      const typename Vec<acc_t, 16>::v lanes = (row_.part[0] + row_.part[1]) + (row_.part[2] + row_.part[3]);
+      acc_t sum = acc_t(0);
+      for (int64_t i = 0; i < Vec<acc_t, 16>::kLanes; ++i) sum += lanes[i];
+      for (int64_t d = chunked_; d < dim_; ++d) sum += row_.src_var[d];
+      identity_ = sum < static_cast<acc_t>(kCalibrateMinVarianceSum);
+    }
+    if (identity_) {
+      std::fill(row_.s, row_.s + dim_, acc_t(1));
+      std::fill(row_.t, row_.t + dim_, -acc_t(0));
+      return;
+    }
+    for (int64_t d = chunked_; d < dim_; ++d) {
+      calibrate_scale_shift<acc_t>(row_.src_mean[d], row_.src_var[d], row_.dst_mean[d], row_.dst_var[d], lo_, hi_,
+                                   row_.s[d], row_.t[d]);
+    }
+  }
+
+  // Bucket k's s and t in one go.
+  void whole(int64_t k, acc_t* s, acc_t* t) {
+    begin(k, s, t);
+    end();
+  }
+
+ private:
+  BucketStatistics<acc_t> reader_;
+  int64_t num_bins_, dim_, chunked_;  // chunked_: the features in whole chunks
+  acc_t lo_, hi_;
+  ScaleShiftRow<acc_t> row_{};
+  bool identity_ = true;
+  int64_t done_ = 0;  // the features computed so far
+};
 
 // The s and t of B + 1 buckets, the last the identity (s = 1, t = -0.0: x * 1 + -0.0 is x exactly,
 // the sign of a zero included), taken by rows whose index is outside [0, B). Bucket-major
@@ -486,13 +547,13 @@ DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, acc_t lo, acc_
   const int64_t grain = std::max<int64_t>(1, kGrainTableValues / std::max<int64_t>(dim, 1));
   parallel_for_pieces(count, grain, [&](auto next) {
     std::unique_ptr<acc_t[]> buffer(feature_major ? new acc_t[2 * dim] : nullptr);
-    BucketStatistics<acc_t> reader(stats);
+    BucketScaleShift<acc_t> bucket(stats, lo, hi);
     for (int64_t begin, end; next(begin, end);) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t k = listed.empty() ? i : listed[i];
         acc_t* sk = feature_major ? buffer.get() : st + 2 * k * dim;
         acc_t* tk = sk + dim;
-        bucket_scale_shift<acc_t>(reader, k, num_bins, dim, lo, hi, sk, tk);
+        bucket.whole(k, sk, tk);
         if (feature_major) {
           for (int64_t d = 0; d < dim; ++d) {
             st[d * columns + k] = sk[d];
@@ -661,8 +722,12 @@ DIRFAST_NOINLINE void group_rows(const index_t* idx, int64_t rows, int64_t num_b
 
 // Rows layout grouped by bucket: a thread takes pieces of the grouped rows and computes the s and t
 // of each bucket it meets into a buffer of its own (a bucket two pieces share is computed for
-// both, alike). The rows come out of order: each is prefetched into L2 kAheadBytes of rows before
-// its turn (non-temporally into L1 two rows before, the rows took 1.5x as long on Zen 4).
+// both, alike), the next bucket's a slice after each row of this one (BucketScaleShift): computed
+// in one go before its rows, s and t held up the rows' memory traffic (calibrate_ at 10,000
+// buckets 18.4 -> 17.6 ms on one Zen 4 core; sliced before each row, a streamed output's rows were
+// slower: benchmarks/results/cpu/grouped-rows-zen4.md). The rows come out of order: each is
+// prefetched into L2 kAheadBytes of rows before its turn (non-temporally into L1 two rows before,
+// the rows took 1.5x as long on Zen 4).
 template <typename T, typename acc_t>
 DIRFAST_NOINLINE void apply_groups(const RowWriter<T, acc_t>& write, const int64_t* order, const int64_t* first,
                                    int64_t rows, const Statistics& stats, acc_t lo, acc_t hi) {
@@ -670,24 +735,32 @@ DIRFAST_NOINLINE void apply_groups(const RowWriter<T, acc_t>& write, const int64
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
   const int64_t ahead = std::max<int64_t>(1, kAheadBytes / (dim * int64_t(sizeof(T))));
   parallel_for_pieces(rows, grain, [&](auto next) {
-    std::unique_ptr<acc_t[]> buffer(new acc_t[2 * dim]);
-    BucketStatistics<acc_t> reader(stats);
-    acc_t* s = buffer.get();
-    acc_t* t = s + dim;
+    std::unique_ptr<acc_t[]> buffer(new acc_t[4 * dim]);
+    BucketScaleShift<acc_t> bucket(stats, lo, hi);
+    acc_t* now = buffer.get();        // this bucket's s, then t
+    acc_t* coming = now + 2 * dim;    // the next one's
     for (int64_t begin, end; next(begin, end);) {
-      int64_t k = std::upper_bound(first, first + num_bins + 2, begin) - first - 1;
-      for (int64_t p = begin; p < end; ++k) {
-        const int64_t stop = std::min(end, first[k + 1]);
-        if (p == stop) continue;  // an empty bucket
-        bucket_scale_shift<acc_t>(reader, k, num_bins, dim, lo, hi, s, t);
-        for (; p < stop; ++p) {
+      int64_t k = std::upper_bound(first, first + num_bins + 2, begin) - first - 1;  // has row `begin`
+      bucket.whole(k, now, now + dim);
+      for (int64_t p = begin; p < end;) {
+        const int64_t stop = std::min(end, first[k + 1]), count = stop - p;
+        int64_t following = k + 1;  // the next bucket with rows, computed alongside if in this piece
+        while (following <= num_bins && first[following + 1] == first[following]) ++following;
+        const bool overlap = following <= num_bins && first[following] < end;
+        if (overlap) bucket.begin(following, coming, coming + dim);
+        for (int64_t i = 1; p < stop; ++p, ++i) {
           const int64_t r = order[p];
           if (p + ahead < end) {
             const T* later = write.x + order[p + ahead] * write.x_stride;
             for (int64_t d = 0; d < dim; d += 64 / sizeof(T)) __builtin_prefetch(later + d, 0, 2);
           }
-          write(r, s, t);
+          write(r, now, now + dim);
+          if (overlap) bucket.advance(i * dim / count);
         }
+        if (!overlap) break;  // p == end
+        bucket.end();
+        std::swap(now, coming);
+        k = following;
       }
     }
     write.done();
