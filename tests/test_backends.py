@@ -696,6 +696,43 @@ def test_cpu_sources_compile_for_an_avx512_baseline(tmp_path):
         assert not fused, (name, fused)
 
 
+CLONE_SUFFIXES = (".arch_x86_64_v3", ".arch_x86_64_v4", ".default")  # g++'s names for a target_clones clone
+
+
+@pytest.mark.skipif(not (X86_64_GXX and CPU_SOURCES and shutil.which("nm") and shutil.which("objdump")),
+                    reason="needs g++ and binutils on x86-64 Linux and the C++ sources")
+def test_every_clone_holds_its_own_body(tmp_path):
+    """At the default baseline the hot loops are cloned for x86-64-v3 and v4 (src/macros.h), and
+    each clone holds a body compiled for its level: left to g++, some clones were stubs of a jump
+    (14 bytes) into one copy built for the baseline (reduce_list's, in some files), so their AVX2
+    and AVX-512 code never ran. The kernels that promise the same bits fuse no multiply-add in any
+    clone either."""
+    def compile_one(source):
+        return _compile(source, "x86-64", "-c", "-o", str(tmp_path / (os.path.basename(source) + ".o")))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        runs = dict(zip(CPU_SOURCES, pool.map(compile_one, CPU_SOURCES)))
+    failed = {os.path.basename(source): run.stderr[-2000:] for source, run in runs.items() if run.returncode != 0}
+    assert not failed, failed
+    clones = {}
+    for source in CPU_SOURCES:
+        obj = str(tmp_path / (os.path.basename(source) + ".o"))
+        listing = subprocess.run(["nm", "-S", "--defined-only", obj], capture_output=True, text=True, check=True)
+        for line in listing.stdout.splitlines():
+            fields = line.split()
+            if len(fields) == 4 and fields[3].endswith(CLONE_SUFFIXES):
+                clones[(os.path.basename(source), fields[3])] = int(fields[1], 16)
+    cloned = {name for name, _ in clones}
+    assert {"accumulate_bin_stats.cpp", "bin_stats.cpp", "calibrate.cpp", "rnc_loss.cpp"} <= cloned, cloned
+    stubs = {clone: size for clone, size in clones.items() if size < 32}
+    assert not stubs, stubs
+    for name in UNFUSED_SOURCES:
+        code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / (name + ".o"))],
+                              capture_output=True, text=True, check=True).stdout
+        fused = sorted({word for word in code.split() if word.startswith(("vfmadd", "vfmsub", "vfnm"))})
+        assert not fused, (name, fused)
+
+
 # =========================================================================== the CUDA build
 def _nvcc_found() -> bool:
     homes = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
