@@ -653,6 +653,18 @@ def _compile(source: str, march: str, *extra: str) -> subprocess.CompletedProces
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
+def _compile_every_cpu_source(out_dir, march: str, mode: str, suffix: str) -> None:
+    """Each CPU source compiled (``mode``: ``-S`` or ``-c``) into out_dir/<name><suffix>, in parallel;
+    fails with the compiler's messages of any that did not compile."""
+    def compile_one(source):
+        return _compile(source, march, mode, "-o", str(out_dir / (os.path.basename(source) + suffix)))
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        runs = dict(zip(CPU_SOURCES, pool.map(compile_one, CPU_SOURCES)))
+    failed = {os.path.basename(source): run.stderr[-2000:] for source, run in runs.items() if run.returncode != 0}
+    assert not failed, failed
+
+
 @pytest.mark.skipif(not X86_64_GXX, reason="the clones are g++ on x86-64 Linux only")
 @pytest.mark.parametrize("march,v3,v4", [("x86-64", "arch=x86-64-v3", "arch=x86-64-v4"),
                                          ("x86-64-v3", None, "arch=x86-64-v4"), ("x86-64-v4", None, None)])
@@ -683,13 +695,7 @@ def test_cpu_sources_compile_for_an_avx512_baseline(tmp_path):
     clone of rnc_loss' exp while src/macros.h cloned levels below the baseline), and the kernels
     that promise the same bits everywhere have no fused multiply-add in them (g++ fused their
     headers' and smooth_bins' a * b + c under an FMA baseline until fp-contract=off came first)."""
-    def compile_one(source):
-        return _compile(source, "x86-64-v4", "-S", "-o", str(tmp_path / (os.path.basename(source) + ".s")))
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        runs = dict(zip(CPU_SOURCES, pool.map(compile_one, CPU_SOURCES)))
-    failed = {os.path.basename(source): run.stderr[-2000:] for source, run in runs.items() if run.returncode != 0}
-    assert not failed, failed
+    _compile_every_cpu_source(tmp_path, "x86-64-v4", "-S", ".s")
     for name in UNFUSED_SOURCES:
         assembly = (tmp_path / (name + ".s")).read_text()
         fused = sorted({word for word in assembly.split() if word.startswith(("vfmadd", "vfmsub", "vfnm"))})
@@ -707,13 +713,7 @@ def test_every_clone_holds_its_own_body(tmp_path):
     (14 bytes) into one copy built for the baseline (reduce_list's, in some files), so their AVX2
     and AVX-512 code never ran. The kernels that promise the same bits fuse no multiply-add in any
     clone either."""
-    def compile_one(source):
-        return _compile(source, "x86-64", "-c", "-o", str(tmp_path / (os.path.basename(source) + ".o")))
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        runs = dict(zip(CPU_SOURCES, pool.map(compile_one, CPU_SOURCES)))
-    failed = {os.path.basename(source): run.stderr[-2000:] for source, run in runs.items() if run.returncode != 0}
-    assert not failed, failed
+    _compile_every_cpu_source(tmp_path, "x86-64", "-c", ".o")
     clones = {}
     for source in CPU_SOURCES:
         obj = str(tmp_path / (os.path.basename(source) + ".o"))
