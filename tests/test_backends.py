@@ -684,6 +684,11 @@ def test_only_instruction_sets_above_the_baseline_are_cloned(march, v3, v4):
     assert ('"arch=x86-64-v3"' in lines["V4"]) == (v3 is not None), lines["V4"]
 
 
+def _fused_multiply_adds(code: str) -> list:
+    """The x86 fused multiply-add mnemonics (vfmadd*, vfmsub*, vfnm*) in assembly or a disassembly."""
+    return sorted({word for word in code.split() if word.startswith(("vfmadd", "vfmsub", "vfnm"))})
+
+
 # The kernels that give the same bits on every CPU and fuse no multiply-add of their own.
 UNFUSED_SOURCES = ("accumulate_bin_stats.cpp", "bin_stats.cpp", "calibrate.cpp", "smooth_bins.cpp")
 
@@ -697,8 +702,7 @@ def test_cpu_sources_compile_for_an_avx512_baseline(tmp_path):
     headers' and smooth_bins' a * b + c under an FMA baseline until fp-contract=off came first)."""
     _compile_every_cpu_source(tmp_path, "x86-64-v4", "-S", ".s")
     for name in UNFUSED_SOURCES:
-        assembly = (tmp_path / (name + ".s")).read_text()
-        fused = sorted({word for word in assembly.split() if word.startswith(("vfmadd", "vfmsub", "vfnm"))})
+        fused = _fused_multiply_adds((tmp_path / (name + ".s")).read_text())
         assert not fused, (name, fused)
 
 
@@ -729,7 +733,7 @@ def test_every_clone_holds_its_own_body(tmp_path):
     for name in UNFUSED_SOURCES:
         code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / (name + ".o"))],
                               capture_output=True, text=True, check=True).stdout
-        fused = sorted({word for word in code.split() if word.startswith(("vfmadd", "vfmsub", "vfnm"))})
+        fused = _fused_multiply_adds(code)
         assert not fused, (name, fused)
 
 
