@@ -55,7 +55,9 @@ OPS = ("bin_stats", "calibrate", "calibrate_", "fds_epoch", "mixture_logpdf", "d
 # Also available by name (python -m benchmarks.run --ops fds_smooth): FDS.smooth alone, in place.
 EXTRA_OPS = ("fds_smooth",)
 ALL_OPS = OPS + EXTRA_OPS
-BIN_OPS = ("bin_stats", "calibrate", "calibrate_")  # the ops of the bins sweep
+# The ops of the bins sweep; fds_smooth there runs an FDS of `bins` buckets (bucket_start 0, the
+# bin indices as labels): calibrate_ as FDS calls it, on the statistics it holds.
+BIN_OPS = ("bin_stats", "calibrate", "calibrate_", "fds_smooth")
 COMPILED_OPS = tuple(alternatives.FORMULATIONS) + ("fds_smooth",)  # fds_smooth: TorchFDS.smooth compiled
 
 # The default sizes: a training set's features [N, D], a training batch's (FDS.smooth runs on one
@@ -64,7 +66,7 @@ COMPILED_OPS = tuple(alternatives.FORMULATIONS) + ("fds_smooth",)  # fds_smooth:
 # (see parse_size).
 SIZES = ("65536x512", "256x512", "8x64x120x160")
 # Bins of the sweep on [N, D] sizes: 97 are the AgeDB-DIR buckets (ages from that distribution),
-# other counts are drawn uniformly. Dense sizes and the FDS ops keep the 97 buckets.
+# other counts are drawn uniformly. Dense sizes and fds_epoch keep the 97 buckets.
 BINS = (97, 1000, 10000)
 MIXTURE_SIZES = ("8x1x240x320",)  # mixture_logpdf: a depth batch, as benchmarks.balanced_mse
 KS = (10, 100, 1000)  # mixture components
@@ -98,7 +100,8 @@ SEED = 20210706
 BASELINES = ("published", "torch")
 CEILING = "clone"
 # The yardstick each op's times are divided by ("x yardstick"), besides the clone.
-YARDSTICK = {"bin_stats": "read pass", "calibrate_": "in-place pass", "mixture_logpdf": "exp limit"}
+YARDSTICK = {"bin_stats": "read pass", "calibrate_": "in-place pass", "fds_smooth": "in-place pass",
+             "mixture_logpdf": "exp limit"}
 YARDSTICKS = (CEILING,) + tuple(YARDSTICK.values())
 DENSITY_PROVIDERS = ("published", "FFTKDE", "dirfast", "dirfast fit")
 # The strongest alternative without dirfast ("x faster than alternative").
@@ -362,18 +365,26 @@ def _with_backend(f, backend):
     return call
 
 
+def _pass_runner(provider: str, x, device: str):
+    """The clone, read pass and in-place pass of the features ``x``; None for another provider."""
+    if provider == CEILING:
+        return Contender(lambda: x.clone(), None, device)
+    if provider == "read pass":
+        return Contender(lambda: x.sum(), None, device)
+    if provider == "in-place pass":
+        work = x.clone()
+        return Contender(lambda: work.mul_(1), None, device)
+    return None
+
+
 def _op_runner(case: Case, provider: str) -> Contender:
     """bin_stats, calibrate, calibrate_ and mixture_logpdf: the provider's function of the op's
     arguments; the in-place op on a copy of the features restored before each call."""
     args = _args(case)
     x, rest = args[0], args[1:]
-    if provider == CEILING:
-        return Contender(lambda: x.clone(), None, case.device)
-    if provider == "read pass":
-        return Contender(lambda: x.sum(), None, case.device)
-    if provider == "in-place pass":
-        work = x.clone()
-        return Contender(lambda: work.mul_(1), None, case.device)
+    yardstick = _pass_runner(provider, x, case.device)
+    if yardstick is not None:
+        return yardstick
     if provider == "exp limit":
         return Contender(alternatives.ExpLimit(x.numel() * case.k), None, case.device)
     if provider == "published" and case.op == "mixture_logpdf" and x.numel() * case.k > MAX_PUBLISHED_TERMS:
@@ -475,12 +486,20 @@ class _FDSRun:
         return out
 
 
-def _fds_runner(op, provider, t, device, dense):
-    x, labels = t["x"], t["fds_labels"]
+def _fds_runner(case: Case, provider: str) -> Contender:
+    """fds_epoch and fds_smooth: the provider's FDS module on the case's features, with the AgeDB
+    buckets, or in the bins sweep an FDS of ``case.bins`` buckets whose labels are the bin indices."""
+    op, device, dense = case.op, case.device, case.dense
+    t = inputs(case.size, device, case.bins)
+    x = t["x"]
     d = x.shape[1]
-    common = dict(bucket_num=agedb.BUCKET_NUM, bucket_start=agedb.BUCKET_START)
-    if provider == CEILING:
-        return Contender(lambda: x.clone(), None, device)
+    if case.bins == NUM_BINS:
+        labels, common = t["fds_labels"], dict(bucket_num=agedb.BUCKET_NUM, bucket_start=agedb.BUCKET_START)
+    else:
+        labels, common = t["bin_idx"].to(x.dtype), dict(bucket_num=case.bins, bucket_start=0)
+    yardstick = _pass_runner(provider, x, device)
+    if yardstick is not None:
+        return yardstick
     if provider == "published":
         run = _FDSRun(op, PublishedFDS(d, device=device, **common), x, labels, dense_published=dense)
     elif provider in ("torch", "compiled"):
@@ -510,7 +529,7 @@ def runner(case: Case, provider: str) -> Contender:
         if case.op == "density":
             return _density_runner(case, provider)
         if case.op in ("fds_epoch", "fds_smooth"):
-            return _fds_runner(case.op, provider, inputs(case.size, case.device), case.device, case.dense)
+            return _fds_runner(case, provider)
         return _op_runner(case, provider)
     except Unavailable:
         raise

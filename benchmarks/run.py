@@ -2,8 +2,9 @@
 [--threads N] [--json PATH] [--bins 97,1000,10000] [--K 10,100,1000] [--labels 12208,1000000]``.
 
 Runs every case of :mod:`benchmarks.cases` -- bin_stats, calibrate and calibrate_ at 65,536 x 512
-(over 97, 1,000 and 10,000 bins) and dense 8 x 64 x 120 x 160, a full FDS epoch, mixture_logpdf
-on a depth batch for K = 10, 100 and 1,000, and DenseWeight on 12,208 and 1,000,000 labels --
+(over 97, 1,000 and 10,000 bins; fds_smooth too, by name) and dense 8 x 64 x 120 x 160, a full FDS
+epoch, mixture_logpdf on a depth batch for K = 10, 100 and 1,000, and DenseWeight on 12,208 and
+1,000,000 labels --
 for every provider (the published-style loop, plain PyTorch, the same under torch.compile,
 each dirfast backend available here, and the yardsticks), without pytest, timed side by side by
 :mod:`benchmarks.timing`.  Compiled formulations (and FFTKDE's density) are checked against the
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default=",".join(C.SIZES),
                    help=f"comma-separated sizes NxD or BxCxHxW (default: {','.join(C.SIZES)})")
     p.add_argument("--bins", default=",".join(map(str, C.BINS)),
-                   help="comma-separated bin counts of bin_stats, calibrate and calibrate_ on NxD sizes "
+                   help="comma-separated bin counts of bin_stats, calibrate, calibrate_ and fds_smooth on NxD sizes "
                         "(default: %(default)s)")
     p.add_argument("--K", dest="ks", default=",".join(map(str, C.KS)),
                    help="comma-separated mixture component counts of mixture_logpdf (default: %(default)s)")
@@ -100,9 +101,9 @@ def split_skipped(rows):
 COLUMNS = [("x clone", "x_clone"), ("x yardstick", "x_yardstick"), ("x faster than published", "x_published"),
            ("x faster than alternative", "x_alternative")]
 LEGEND = ("x clone: time / x.clone() of the features; x yardstick: time / the op's own yardstick (bin_stats: read "
-          "pass x.sum(); calibrate_: in-place pass x.mul_(1); mixture_logpdf: exp limit, float32 exp of N x K values "
-          "on one thread / threads, its inverse the fraction of the exp limit); x faster than alternative: time of "
-          "torch.compile of the vectorised formulation (density: KDEpy's FFTKDE) / time.")
+          "pass x.sum(); calibrate_, fds_smooth: in-place pass x.mul_(1); mixture_logpdf: exp limit, float32 exp of "
+          "N x K values on one thread / threads, its inverse the fraction of the exp limit); x faster than "
+          "alternative: time of torch.compile of the vectorised formulation (density: KDEpy's FFTKDE) / time.")
 
 
 def format_table(rows) -> str:

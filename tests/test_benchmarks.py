@@ -32,9 +32,9 @@ def test_benchmarks_run():
                      "--sizes", "512x8", "--bins", "97,300", "--check")
     table = out[out.index("case "):]
     for row in ("published", "torch", "compiled", "cpp", "clone", "read pass", "in-place pass", "300 bins",
-                "x yardstick", "x faster than alternative"):
+                "fds_smooth 512x8 300 bins", "x yardstick", "x faster than alternative"):
         assert row in table, row
-    assert table.count("vs reference") == 7, "every compiled formulation is checked before it is timed"
+    assert table.count("vs reference") == 8, "every compiled formulation is checked before it is timed"
     assert "MISMATCH" not in out and "failed" not in out
 
 
