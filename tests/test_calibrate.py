@@ -324,13 +324,13 @@ def test_cpp_float16_converts_like_torch(layout):
                          ids=str)
 @pytest.mark.parametrize("d", [1024, 1003])
 def test_cpp_many_bins_rows_grouped(dtype, table_dtype, d):
-    """Tables of more than 16 MB and rows of at least 512 bytes: the C++ kernel groups the rows
-    by bin (2 x 2,101 x 1,024 float32 values here, and twice that in float64) and computes the next
-    bin's scale and shift a slice of features per row of this one (1,003 features: a tail after
-    the slices). The reference's values on padded rows, rows of no bin and the values left alone
-    bit for bit, in place equal to out of place, with transposed tables, the bits of rows
-    calibrated a few at a time (each bin's scale and shift computed whole), and the same bits for
-    1 and 2 threads."""
+    """Tables of more than 16 MB and rows of at least 512 bytes: the C++ kernel groups the rows by bin
+    (2 x 2,101 x 1,024 or 1,003 float32 values here, the latter just over 16 MiB, and twice that in
+    float64) and computes the next bin's scale and shift a slice of features per row of this one
+    (1,003 features: a tail after the slices). The reference's values on padded rows, rows of no bin
+    and the values left alone bit for bit, in place equal to out of place, with transposed tables,
+    the bits of rows calibrated a few at a time (each bin's scale and shift computed whole), and the
+    same bits for 1 and 2 threads."""
     num_bins, n = 2100, 3000
     stats = calibration_stats(num_bins, d, table_dtype)
     x = rand_features(n, d + 8, dtype=dtype, seed=40)[:, :d]  # rows d + 8 apart
