@@ -54,6 +54,16 @@ void prefetch_row(const float* row) {
   for (long d = 0; d < kDim; d += 16) __builtin_prefetch(row + d, 0, 2);
 }
 
+// The rows 0..kRows-1 listed by key (a stable counting sort over keys 0..count-1).
+template <typename Key>
+std::vector<long> rows_by(long count, Key key) {
+  std::vector<long> order(kRows), first(count + 1, 0);
+  for (long r = 0; r < kRows; ++r) ++first[key(r) + 1];
+  std::partial_sum(first.begin(), first.end(), first.begin());
+  for (long r = 0; r < kRows; ++r) order[first[key(r)]++] = r;
+  return order;
+}
+
 // Bucket k's s and t from its statistics, kDim features apart in each table.
 void scale_shift(const float* m1, const float* v1, const float* m2, const float* v2, float* st) {
   for (long d = 0; d < kDim; ++d) {
@@ -74,10 +84,7 @@ int main() {
   std::vector<long> bucket(kRows);
   for (auto& b : bucket) b = g() % kBuckets;
 
-  std::vector<long> by_bucket(kRows), first(kBuckets + 1, 0);  // the rows by bucket
-  for (long r = 0; r < kRows; ++r) ++first[bucket[r] + 1];
-  std::partial_sum(first.begin(), first.end(), first.begin());
-  for (long r = 0, k; r < kRows; ++r) by_bucket[first[k = bucket[r]]++] = r;
+  const std::vector<long> by_bucket = rows_by(kBuckets, [&](long r) { return bucket[r]; });
 
   const double pass = median_ms([&] {
     for (long r = 0; r < kRows; ++r) apply(&x[r * kDim], st.data(), st.data() + kDim);
@@ -95,15 +102,15 @@ int main() {
     }
   });
   auto ranges = [&](long passes) {
-    std::vector<long> listed(kRows), start(passes + 1, 0);  // the rows by range, in order
-    for (long r = 0; r < kRows; ++r) ++start[bucket[r] * passes / kBuckets + 1];
-    std::partial_sum(start.begin(), start.end(), start.begin());
-    for (long r = 0, q; r < kRows; ++r) listed[start[q = bucket[r] * passes / kBuckets]++] = r;
+    auto range = [&](long r) { return bucket[r] * passes / kBuckets; };
+    const std::vector<long> listed = rows_by(passes, range);  // the rows by range, in order
+    std::vector<long> local(kRows);  // each row's bucket within its range's own table
+    for (long r = 0; r < kRows; ++r) local[r] = bucket[r] - range(r) * kBuckets / passes;
     return median_ms([&] {
       for (long p = 0; p < kRows; ++p) {
         if (p + 4 < kRows) prefetch_row(&x[listed[p + 4] * kDim]);
-        const long r = listed[p], lo = bucket[r] * passes / kBuckets * kBuckets / passes;
-        const float* s = &table[2 * (bucket[r] - lo) * kDim];  // the range's own table
+        const long r = listed[p];
+        const float* s = &table[2 * local[r] * kDim];
         apply(&x[r * kDim], s, s + kDim);
       }
     });
