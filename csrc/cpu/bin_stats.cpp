@@ -45,7 +45,7 @@ constexpr int64_t kMinPartialBytes = int64_t(1) << 20;  // ... or this much
 constexpr int64_t kTileBytes = int64_t(256) << 10;      // transposed tile buffer (planar)
 constexpr int64_t kScanTableBytes = int64_t(6) << 20;   // largest scanned table (rows)
 constexpr int64_t kScanAheadBytes = int64_t(32) << 10;  // ... a row is prefetched this far before its turn
-constexpr int64_t kMinFinishElements = 1 << 20;         // ... of the final pass over buckets
+constexpr int64_t kMinFinishElements = 1 << 17;         // ... of the final pass over buckets
 
 // Bytes of one dense table: count, mean and M2 of every bucket.
 int64_t table_bytes(int64_t num_bins, int64_t dim, int64_t acc_bytes) {
