@@ -57,8 +57,8 @@ namespace {
 // The least work a thread is given (so small work runs on one thread): elements of x to
 // calibrate, or values of s and t to compute (each a divide and a square root). Small enough that
 // a training batch's work is cut into several pieces, which the threads take as they come free:
-// one piece each (2^18 and 2^16), 256 x 512 rows against 1,000 buckets took longer on 2 threads
-// than on 1 whenever one thread ran slow (benchmarks/results/cpu/small-inputs-zen4.md).
+// with one piece each (2^18 and 2^16), 256 x 512 rows against 1,000 buckets waited on whichever
+// thread ran slow, and took longer on 2 threads than on 1 (benchmarks/results/cpu/small-inputs-zen4.md).
 constexpr int64_t kGrainElements = int64_t(1) << 16;
 constexpr int64_t kGrainTableValues = int64_t(1) << 14;
 constexpr int64_t kPlanarTile = 4096;        // pixels per task (planar layout)
