@@ -354,6 +354,31 @@ def test_cpp_many_bins_rows_grouped(dtype, table_dtype, d):
 
 @pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
                     reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_cpp_small_batch_grouped(transposed):
+    """A training batch (at most 2^20 elements, rows of at least 512 bytes, fewer rows than table
+    values) is grouped by bin whatever the size of the tables: the bits its rows get in a call of
+    more than 2^20 elements (tables written first), the reference's values, in place equal to out
+    of place, and the same bits for 1 and 2 threads."""
+    num_bins, n, d = 97, 2100, 512  # 2,100 x 512 is just over 2^20 elements
+    stats = calibration_stats(num_bins, d, torch.float32)
+    if transposed:
+        stats = [t.t().contiguous().t() for t in stats]
+    x = rand_features(n, d, seed=80)
+    idx = rand_bins(n, num_bins + 1, low=-1, seed=81)
+    whole = on("cpp", dirfast.ops.calibrate, x, idx, *stats)
+    for rows in (slice(0, 256), slice(1000, 1003), slice(2099, 2100)):
+        batch = on("cpp", dirfast.ops.calibrate, x[rows], idx[rows], *stats)
+        same_bits(batch, whole[rows])
+        torch.testing.assert_close(batch, reference(x[rows], idx[rows], *stats), **calibrate_tol(torch.float32))
+        inplace = x[rows].clone()
+        on("cpp", dirfast.ops.calibrate_, inplace, idx[rows], *stats)
+        same_bits(inplace, batch)
+    same_bits_for_threads(lambda: [on("cpp", dirfast.ops.calibrate, x[:256], idx[:256], *stats)])
+
+
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
+                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
 @pytest.mark.parametrize("num_bins", [97, 2100], ids=["tables", "grouped"])
 def test_cpp_fresh_output_written_as_in_place(num_bins):
     """A fresh float32 output of more than 16 MiB (its pages mapped first, rows of 4,000 bytes

@@ -3,17 +3,17 @@
 // The per-bucket scale s and shift t (src/calibrate.h, the published zero-variance rules
 // included) are computed once per bucket, for B + 1 buckets: the extra one is the identity
 // (s = 1, t = -0.0, which gives back every value exactly), taken by rows whose index is outside
-// [0, B). The rows layout goes two ways: while the s and t tables of all buckets would stay
-// cached, they are written first and each row reads its bucket's piece; beyond that, the rows are
-// grouped by bucket (a counting sort) and each bucket's s and t are computed into a small buffer
-// just before its rows, so no table goes through memory and each bucket's statistics are read
-// once. The statistics are read in their own strides (BucketRows), not copied, except the met
-// buckets' when a call meets few of many buckets through a transposed table (MetBuckets). A fresh
-// output has its pages mapped before it is written (csrc/pages.h), and a large float32 one is
-// written with non-temporal stores (RowWriter). The planar
-// layout goes 8 channels x 8 pixels at a time from the bucket-major table (float32 where AVX2
-// runs), else a plane at a time from a feature-major one. x is read in place in both layouts of
-// csrc/layout.h (others are copied once); calibrate's y has the strides of torch.empty_like(x)
+// [0, B). The rows layout goes two ways: while the s and t tables of all buckets would stay cached,
+// they are written first and each row reads its bucket's piece; beyond that, and for a small batch,
+// the rows are grouped by bucket (a counting sort) and each bucket's s and t are computed into a
+// small buffer just before its rows, so no table goes through memory, each bucket's statistics are
+// read once, and a thread reads no s and t that another wrote. The statistics are read in their own
+// strides (BucketRows), not copied, except the met buckets' when a call meets few of many buckets
+// through a transposed table (MetBuckets). A fresh output has its pages mapped before it is written
+// (csrc/pages.h), and a large float32 one is written with non-temporal stores (RowWriter). The
+// planar layout goes 8 channels x 8 pixels at a time from the bucket-major table (float32 where
+// AVX2 runs), else a plane at a time from a feature-major one. x is read in place in both layouts
+// of csrc/layout.h (others are copied once); calibrate's y has the strides of torch.empty_like(x)
 // (the fake kernel's), calibrate_ writes into x (each element read before it is written, by the
 // same iteration). Arithmetic in float32, or float64 when x or src_mean is float64, cast back to
 // the dtype of x at the store; elementwise, so the same bits for any number of threads and either
@@ -63,9 +63,13 @@ constexpr int64_t kGrainElements = int64_t(1) << 16;
 constexpr int64_t kGrainTableValues = int64_t(1) << 14;
 constexpr int64_t kPlanarTile = 4096;        // pixels per task (planar layout)
 // Rows are grouped by bucket when the tables would take more than this (they no longer stay in
-// the last-level cache) and a row is at least kGroupedRowBytes long (a row read out of order
-// costs little more than one read in order).
+// the last-level cache), or x has at most kSmallBatchElements and fewer rows than the tables have
+// values (a training batch), and a row is at least kGroupedRowBytes long (a row read out of order
+// costs little more than one read in order). A batch's s and t in a table, written by one thread
+// and read by another, left 256 x 512 rows against 1,000 buckets at 173-397 us on 2 threads
+// (1 thread 257-280); grouped, 154-202 (benchmarks/results/cpu/small-inputs-zen4.md).
 constexpr int64_t kGroupedTableBytes = int64_t(16) << 20;
+constexpr int64_t kSmallBatchElements = int64_t(1) << 20;
 constexpr int64_t kGroupedRowBytes = 512;
 // A fresh output is written with non-temporal stores when its rows are this long and the whole of
 // it this large (a smaller one may still be in cache when the caller reads it).
@@ -735,7 +739,8 @@ template <typename T, typename acc_t>
 DIRFAST_NOINLINE void apply_groups(const RowWriter<T, acc_t>& write, const int64_t* order, const int64_t* first,
                                    int64_t rows, const Statistics& stats, acc_t lo, acc_t hi) {
   const int64_t num_bins = stats.num_bins, dim = stats.dim;
-  const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(dim, 1));
+  // A row may come with its bucket's s and t to compute: the tables' grain.
+  const int64_t grain = std::max<int64_t>(1, kGrainTableValues / std::max<int64_t>(dim, 1));
   const int64_t ahead = std::max<int64_t>(1, kAheadBytes / (dim * int64_t(sizeof(T))));
   parallel_for_pieces(rows, grain, [&](auto next) {
     std::unique_ptr<acc_t[]> buffer(new acc_t[4 * dim]);
@@ -908,7 +913,8 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
         T* py = plan.out.mutable_data_ptr<T>();
         const int64_t rows = plan.lx.rows;
         const RowWriter<T, acc_t> write(px, plan.lx.row_stride, py, plan.ly.row_stride, rows, dim);  // rows layout
-        const bool grouped = !planar && entries * static_cast<int64_t>(sizeof(acc_t)) > kGroupedTableBytes &&
+        const bool batch = rows * dim <= kSmallBatchElements && num_bins * dim > rows;
+        const bool grouped = !planar && (entries * static_cast<int64_t>(sizeof(acc_t)) > kGroupedTableBytes || batch) &&
                              dim * static_cast<int64_t>(sizeof(T)) >= kGroupedRowBytes;
         if (grouped) {
           std::vector<int64_t> order, first;
