@@ -92,6 +92,12 @@ inline int64_t bucket_of(const index_t* idx, int64_t r, int64_t num_bins) {
   return (k >= 0 && k < num_bins) ? k : num_bins;
 }
 
+// Whether a call's rows are fewer than the values of its tables (B x D): then only the buckets
+// some row meets are worth computing s and t for (a training batch against many buckets).
+inline bool tables_exceed_rows(int64_t num_bins, int64_t dim, int64_t rows) {
+  return num_bins * dim > rows;
+}
+
 // The buckets some of the n indices select, ascending; the identity bucket B last, when listed
 // (always with `identity`).
 template <typename index_t>
@@ -548,7 +554,7 @@ DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, acc_t lo, acc_
                                          bool feature_major, acc_t* st) {
   const int64_t num_bins = stats.num_bins, dim = stats.dim;
   std::vector<int64_t> listed;  // the buckets to compute, when not all
-  if (num_bins * dim > rows) listed = met_buckets(idx, rows, num_bins, true);
+  if (tables_exceed_rows(num_bins, dim, rows)) listed = met_buckets(idx, rows, num_bins, true);
   const int64_t count = listed.empty() ? num_bins + 1 : static_cast<int64_t>(listed.size());
   const int64_t columns = num_bins + 1;
   const int64_t grain = std::max<int64_t>(1, kGrainTableValues / std::max<int64_t>(dim, 1));
@@ -913,7 +919,7 @@ void calibrate_into(const char* op, const Tensor& x, Tensor y, const Tensor& bin
         T* py = plan.out.mutable_data_ptr<T>();
         const int64_t rows = plan.lx.rows;
         const RowWriter<T, acc_t> write(px, plan.lx.row_stride, py, plan.ly.row_stride, rows, dim);  // rows layout
-        const bool batch = rows * dim <= kSmallBatchElements && num_bins * dim > rows;
+        const bool batch = rows * dim <= kSmallBatchElements && tables_exceed_rows(num_bins, dim, rows);
         const bool grouped = !planar && (entries * static_cast<int64_t>(sizeof(acc_t)) > kGroupedTableBytes || batch) &&
                              dim * static_cast<int64_t>(sizeof(T)) >= kGroupedRowBytes;
         if (grouped) {
