@@ -163,29 +163,46 @@ __attribute__((target("avx2"))) DIRFAST_NOINLINE int64_t transpose_block_f32(con
 
 // A [B, D] statistics table read a bucket at a time, buckets in ascending order, by one task. A
 // table whose features are contiguous is read in place; any other (the published smoothing leaves
-// its tables transposed, [D, B] in memory) is copied 256 bytes of buckets at a time into the
-// task's buffer, four lines per feature per block, the next block's lines prefetched while this
-// one is used: at many buckets a contiguous copy of the whole table (fresh pages, written and read
-// again) took longer than the op itself; blocks of 32 or 64 bytes took longer than these, and so
-// did prefetches of the next block in an earlier try, where spread over this block's buckets they
-// pay (measured in benchmarks/results/cpu/grouped-rows-zen4.md). When the buckets are contiguous
-// the copy goes by transposes: 8 x 8 for float32 where AVX2 runs (calibrate_ at 10,000 buckets
-// 3-8% faster on one Zen 4 core than with 16-byte ones: transposed-fill-zen4.md), else 16 bytes.
+// its tables transposed, [D, B] in memory) is copied 256 bytes of buckets at a time (of the task's
+// buckets only: within) into the task's buffer, four lines per feature per block, the next block's
+// lines prefetched while this one is used: at many buckets a contiguous copy of the whole table
+// (fresh pages, written and read again) took longer than the op itself; blocks of 32 or 64 bytes
+// took longer than these, and so did prefetches of the next block in an earlier try, where spread
+// over this block's buckets they pay (measured in benchmarks/results/cpu/grouped-rows-zen4.md).
+// When the buckets are contiguous the copy goes by transposes: 8 x 8 for float32 where AVX2 runs
+// (calibrate_ at 10,000 buckets 3-8% faster on one Zen 4 core than with 16-byte ones:
+// transposed-fill-zen4.md), else 16 bytes.
 // The buffer's rows are padded by a line: rows 2 KiB apart would all fall in the same few L1 sets.
 template <typename acc_t>
 class BucketRows {
  public:
   static constexpr int64_t kBlockBuckets = 256 / sizeof(acc_t);
+  // A block starts and ends (but at B) on whole groups of the transposes' buckets: 8 floats or 4
+  // doubles (a bucket left over is copied a value at a time).
+  static constexpr int64_t kGroupBuckets = 32 / sizeof(acc_t);
 
   BucketRows(const acc_t* data, int64_t bucket_stride, int64_t feature_stride, int64_t num_bins, int64_t dim)
       : data_(data), bucket_stride_(bucket_stride), feature_stride_(feature_stride), num_bins_(num_bins),
         dim_(dim), row_(dim + 64 / sizeof(acc_t)),
         block_(feature_stride == 1 ? nullptr : new acc_t[kBlockBuckets * row_]) {}
 
-  // The D values of bucket k in [0, B), contiguous.
+  // The buckets [lower, limit) are this task's until the next call (a piece of the work): a block
+  // is copied from no lower and up to no further, so two threads whose pieces share a block copy
+  // only their own buckets of it (a batch against 97 buckets copied both tables' blocks whole on
+  // each thread, and took as long on 2 threads as on 1).
+  void within(int64_t lower, int64_t limit) {
+    lower_ = lower;
+    limit_ = std::min(limit, num_bins_);
+  }
+
+  // The D values of bucket k, contiguous (k in [lower, limit) or not: then the limit is B).
   const acc_t* operator()(int64_t k) {
     if (!block_) return data_ + k * bucket_stride_;
-    if (k < first_ || k >= first_ + kBlockBuckets) fill(k - k % kBlockBuckets);
+    if (k >= limit_) limit_ = num_bins_;
+    if (k < first_ || k >= end_) {
+      const int64_t first = std::max(k - k % kBlockBuckets, std::min(lower_, k));
+      fill(first - first % kGroupBuckets);
+    }
     prefetch_next_block(k);
     return block_.get() + (k - first_) * row_;
   }
@@ -195,20 +212,23 @@ class BucketRows {
   // time, each bucket k of this block taking its share, so the next fill finds them there (a fill
   // left to the hardware waited on each feature's lines in turn).
   void prefetch_next_block(int64_t k) {
-    const int64_t next = first_ + kBlockBuckets;
-    if (bucket_stride_ != 1 || next >= num_bins_) return;
-    const int64_t bytes = std::min(kBlockBuckets, num_bins_ - next) * int64_t(sizeof(acc_t));
-    const int64_t upto = std::min(dim_, (k - first_ + 1) * dim_ / kBlockBuckets + 1);
+    const int64_t next = end_;
+    if (bucket_stride_ != 1 || next >= limit_) return;
+    const int64_t bytes = std::min(kBlockBuckets, limit_ - next) * int64_t(sizeof(acc_t));
+    const int64_t upto = std::min(dim_, (k - first_ + 1) * dim_ / (end_ - first_) + 1);
     for (; prefetched_ < upto; ++prefetched_) {
       const char* line = reinterpret_cast<const char*>(data_ + next + prefetched_ * feature_stride_);
       for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(line + b, 0, 2);
     }
   }
 
+  // The block of `first` (its 256 bytes of buckets from `first` on, up to the limit's group).
   void fill(int64_t first) {
     first_ = first;
+    const int64_t limit = std::min(num_bins_, limit_ + (kGroupBuckets - limit_ % kGroupBuckets) % kGroupBuckets);
+    end_ = std::min(first - first % kBlockBuckets + kBlockBuckets, limit);
     prefetched_ = 0;
-    const int64_t n = std::min(kBlockBuckets, num_bins_ - first);
+    const int64_t n = end_ - first;
     const acc_t* base = data_ + first * bucket_stride_;
     acc_t* DIRFAST_RESTRICT block = block_.get();
     int64_t d = 0;
@@ -262,8 +282,9 @@ class BucketRows {
   const acc_t* data_;
   int64_t bucket_stride_, feature_stride_, num_bins_, dim_, row_;
   std::unique_ptr<acc_t[]> block_;
-  int64_t first_ = -kBlockBuckets;  // the block's first bucket (none yet)
-  int64_t prefetched_ = 0;           // features of the next block prefetched
+  int64_t lower_ = 0, limit_ = num_bins_;  // the task's buckets (within)
+  int64_t first_ = 0, end_ = 0;             // the block's buckets [first_, end_) (none yet)
+  int64_t prefetched_ = 0;                  // features of the next block prefetched
 };
 
 // A [B, D] statistics table in acc_t: its values and strides.
@@ -351,6 +372,10 @@ class BucketStatistics {
       : src_mean(reader(stats, 0)), src_var(reader(stats, 1)), dst_mean(reader(stats, 2)),
         dst_var(reader(stats, 3)) {}
   BucketRows<acc_t> src_mean, src_var, dst_mean, dst_var;
+
+  void within(int64_t lower, int64_t limit) {
+    for (BucketRows<acc_t>* t : {&src_mean, &src_var, &dst_mean, &dst_var}) t->within(lower, limit);
+  }
 
  private:
   static BucketRows<acc_t> reader(const Statistics& stats, int i) {
@@ -528,6 +553,9 @@ class BucketScaleShift {
     }
   }
 
+  // The buckets [lower, limit) are the task's until the next call (BucketRows::within).
+  void within(int64_t lower, int64_t limit) { reader_.within(lower, limit); }
+
   // Bucket k's s and t in one go.
   void whole(int64_t k, acc_t* s, acc_t* t) {
     begin(k, s, t);
@@ -562,6 +590,7 @@ DIRFAST_NOINLINE void scale_shift_tables(const Statistics& stats, acc_t lo, acc_
     std::unique_ptr<acc_t[]> buffer(feature_major ? new acc_t[2 * dim] : nullptr);
     BucketScaleShift<acc_t> bucket(stats, lo, hi);
     for (int64_t begin, end; next(begin, end);) {
+      bucket.within(listed.empty() ? begin : listed[begin], listed.empty() ? end : listed[end - 1] + 1);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t k = listed.empty() ? i : listed[i];
         acc_t* sk = feature_major ? buffer.get() : st + 2 * k * dim;
@@ -755,6 +784,7 @@ DIRFAST_NOINLINE void apply_groups(const RowWriter<T, acc_t>& write, const int64
     acc_t* coming = now + 2 * dim;    // the next one's
     for (int64_t begin, end; next(begin, end);) {
       int64_t k = std::upper_bound(first, first + num_bins + 2, begin) - first - 1;  // has row `begin`
+      bucket.within(k, std::upper_bound(first, first + num_bins + 2, end - 1) - first);  // up to row end - 1's
       bucket.whole(k, now, now + dim);
       for (int64_t p = begin; p < end;) {
         const int64_t stop = std::min(end, first[k + 1]), count = stop - p;
