@@ -94,6 +94,34 @@ def parse_counts(value: str, what: str) -> list:
         raise ValueError(f"{what} takes comma-separated positive integers, got {value!r}")
     return counts
 
+
+def add_sweep_arguments(parser, sizes=SIZES) -> None:
+    """The options that choose a command's cases: --sizes (default ``sizes``), --bins, --K,
+    --mixture-sizes and --labels; :func:`sweep` reads them."""
+    parser.add_argument("--sizes", default=",".join(sizes),
+                        help="comma-separated sizes NxD or BxCxHxW (default: %(default)s)")
+    parser.add_argument("--bins", default=",".join(map(str, BINS)),
+                        help="comma-separated bin counts of bin_stats, calibrate, calibrate_ and fds_smooth on NxD "
+                             "sizes (default: %(default)s)")
+    parser.add_argument("--K", dest="ks", default=",".join(map(str, KS)),
+                        help="comma-separated mixture component counts of mixture_logpdf (default: %(default)s)")
+    parser.add_argument("--mixture-sizes", default=",".join(MIXTURE_SIZES),
+                        help="comma-separated prediction shapes of mixture_logpdf (default: %(default)s)")
+    parser.add_argument("--labels", default=",".join(map(str, LABEL_COUNTS)),
+                        help="comma-separated label counts of density (default: %(default)s)")
+
+
+def sweep(args) -> dict:
+    """The keyword arguments of :func:`cases` but ``ops`` and ``devs``, from the options of
+    :func:`add_sweep_arguments`; a ValueError names the option at fault."""
+    sizes = [v for v in args.sizes.split(",") if v]
+    mixture_sizes = [v for v in args.mixture_sizes.split(",") if v]
+    for size in sizes + mixture_sizes:
+        parse_size(size)
+    return dict(sizes=sizes, bins=parse_counts(args.bins, "--bins"), ks=parse_counts(args.ks, "--K"),
+                mixture_sizes=mixture_sizes, label_counts=parse_counts(args.labels, "--labels"))
+
+
 NUM_BINS = agedb.NUM_BUCKETS  # 97: ages 3..99 with FDS bucket_num=100, bucket_start=3
 SEED = 20210706
 

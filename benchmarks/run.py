@@ -44,17 +44,7 @@ def parse_args(argv=None):
                    help="write the results as JSON to PATH (a folder: a file named after the machine)")
     p.add_argument("--ops", default=",".join(C.OPS),
                    help=f"comma-separated ops among {','.join(C.ALL_OPS)} (default: {','.join(C.OPS)})")
-    p.add_argument("--sizes", default=",".join(C.SIZES),
-                   help=f"comma-separated sizes NxD or BxCxHxW (default: {','.join(C.SIZES)})")
-    p.add_argument("--bins", default=",".join(map(str, C.BINS)),
-                   help="comma-separated bin counts of bin_stats, calibrate, calibrate_ and fds_smooth on NxD sizes "
-                        "(default: %(default)s)")
-    p.add_argument("--K", dest="ks", default=",".join(map(str, C.KS)),
-                   help="comma-separated mixture component counts of mixture_logpdf (default: %(default)s)")
-    p.add_argument("--mixture-sizes", default=",".join(C.MIXTURE_SIZES),
-                   help="comma-separated prediction shapes of mixture_logpdf (default: %(default)s)")
-    p.add_argument("--labels", default=",".join(map(str, C.LABEL_COUNTS)),
-                   help="comma-separated label counts of density (default: %(default)s)")
+    C.add_sweep_arguments(p)
     p.add_argument("--check", action="store_true",
                    help="compare each provider's first output with the published-style one "
                         "(compiled formulations are always checked against the reference)")
@@ -70,14 +60,6 @@ def _split(value, allowed, what):
     if bad:
         raise SystemExit(f"unknown {what}: {', '.join(bad)} (choose from {', '.join(allowed)})")
     return items
-
-
-def _counts(value, what):
-    """Positive integers from a comma-separated option (cases.parse_counts), or exit saying why."""
-    try:
-        return C.parse_counts(value, what)
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
 
 
 def _fmt_ratio(value):
@@ -201,18 +183,13 @@ def run(args) -> dict:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
     ops = _split(args.ops, C.ALL_OPS, "op")
-    sizes = [v for v in args.sizes.split(",") if v]
-    mixture_sizes = [v for v in args.mixture_sizes.split(",") if v]
-    for size in sizes + mixture_sizes:
-        try:
-            C.parse_size(size)
-        except ValueError as exc:
-            raise SystemExit(str(exc))
-    bins, ks, labels = (_counts(value, what) for value, what in ((args.bins, "--bins"), (args.ks, "--K"),
-                                                                  (args.labels, "--labels")))
+    try:
+        sweep = C.sweep(args)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     wanted = args.providers.split(",") if args.providers else None
     jobs = [(case, [p for p in C.provider_names(case.op, device) if wanted is None or p in wanted])
-            for case in C.cases(ops, sizes, [device], bins, ks, mixture_sizes, labels)]
+            for case in C.cases(ops, devs=[device], **sweep)]
 
     info = timing.machine_info(device)
     load_before, _ = timing.load_report(device)

@@ -60,12 +60,14 @@ def rules(quick: bool) -> Rules:
 
 @dataclass
 class Contender:
-    """One thing to time: ``fn()`` (timed), ``setup()`` (untimed, before each call), and the
-    device whose work ``fn`` launches ("cuda..." is synchronised)."""
+    """One thing to time: ``fn()`` (timed), ``setup()`` (untimed, before each call), the
+    device whose work ``fn`` launches ("cuda..." is synchronised), and the torch threads it runs
+    on (None: the process's; else set for each block, then set back)."""
 
     fn: Callable[[], object]
     setup: Optional[Callable[[], object]] = None
     device: str = "cpu"
+    threads: Optional[int] = None
 
     @property
     def cuda(self) -> bool:
@@ -102,9 +104,12 @@ class Timing:
 
 
 def _block(c: Contender, n: int) -> float:
-    """Seconds taken by ``n`` calls of ``c`` (setups excluded), with the garbage collector off."""
-    enabled = gc.isenabled()
+    """Seconds taken by ``n`` calls of ``c`` (setups excluded), with the garbage collector off
+    and ``c``'s threads."""
+    enabled, threads = gc.isenabled(), torch.get_num_threads()
     gc.disable()
+    if c.threads is not None:
+        torch.set_num_threads(c.threads)
     try:
         if c.cuda:
             return _cuda_block(c, n)
@@ -121,6 +126,7 @@ def _block(c: Contender, n: int) -> float:
             total += time.perf_counter() - start
         return total
     finally:
+        torch.set_num_threads(threads)
         if enabled:
             gc.enable()
 

@@ -1,7 +1,7 @@
 """The benchmark commands run (tiny sizes): benchmarks.run, benchmarks.balanced_mse,
-benchmarks.fds_accumulate, benchmarks.binning, benchmarks.gpu on the CPU, one training run of every method of
-benchmarks.accuracy, benchmarks.density_table, and the rules of their one timer
-(benchmarks.timing). What they measure is not asserted here."""
+benchmarks.fds_accumulate, benchmarks.threads, benchmarks.binning, benchmarks.gpu on the CPU, one
+training run of every method of benchmarks.accuracy, benchmarks.density_table, and the rules of
+their one timer (benchmarks.timing). What they measure is not asserted here."""
 
 import importlib.util
 import os
@@ -186,6 +186,34 @@ def test_timer_blocks_are_long_enough_and_failures_stay_apart():
     assert out["a"].inner > 1 and len(log) >= 3 * out["a"].inner
     with pytest.raises(ValueError, match="at least 3"):
         timing.Rules(repeats=1, min_block_s=0.0, budget_s=0.0)  # never a single sample
+
+
+def test_timer_runs_each_contender_on_its_threads():
+    """A contender with threads runs every call (warm-up, calibration, rounds) on them; the
+    process's threads are set back after each block, and a contender without keeps them."""
+    before = torch.get_num_threads()
+    seen = {1: set(), 2: set(), None: set()}
+    calls = {n: timing.Contender(lambda n=n: seen[n].add(torch.get_num_threads()), threads=n) for n in (1, 2)}
+    calls[None] = timing.Contender(lambda: seen[None].add(torch.get_num_threads()))
+    timing.compare(calls, timing.Rules(repeats=3, min_block_s=0.0, budget_s=0.0))
+    assert seen == {1: {1}, 2: {2}, None: {before}}
+    assert torch.get_num_threads() == before
+
+
+def test_benchmarks_threads():
+    out = run_module("benchmarks.threads", "--quick", "--threads", "1,2", "--sizes", "64x8", "--bins", "97,300",
+                     "--ops", "bin_stats,calibrate_,fds_smooth,mixture_logpdf,density", "--K", "10",
+                     "--mixture-sizes", "16x30", "--labels", "300")
+    table = out[out.index("case "):]
+    for case in ("bin_stats 64x8", "bin_stats 64x8 300 bins", "calibrate_ 64x8 300 bins", "fds_smooth 64x8 300 bins",
+                 "mixture_logpdf 16x30 K=10", "density 300"):
+        for threads in ("1", "2"):  # each case on each thread count, its speed-up over one thread
+            assert any(line.startswith(case + " ") and line.split()[-3] == threads for line in table.splitlines()), \
+                (case, threads)
+    assert "slower than on 1 thread: " in table and "load:" in out
+    for bad in (["--threads", "2"], ["--threads", "2,1"], ["--ops", "fds_epoch"]):
+        result = run_python("-m", "benchmarks.threads", *bad)
+        assert result.returncode == 2 and "error:" in result.stderr, bad
 
 
 def test_load_report_warns_when_the_machine_is_busy(monkeypatch):
