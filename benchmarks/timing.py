@@ -126,7 +126,8 @@ def _block(c: Contender, n: int) -> float:
             total += time.perf_counter() - start
         return total
     finally:
-        torch.set_num_threads(threads)
+        if c.threads is not None:
+            torch.set_num_threads(threads)
         if enabled:
             gc.enable()
 

@@ -216,6 +216,22 @@ def test_benchmarks_threads():
         assert result.returncode == 2 and "error:" in result.stderr, bad
 
 
+def test_benchmarks_threads_skips_a_case_that_cannot_run(monkeypatch, capsys):
+    from benchmarks import cases, threads
+
+    def unavailable(case, provider):
+        raise cases.Unavailable("not built here")
+
+    monkeypatch.setattr(cases, "runner", unavailable)
+    before = torch.get_num_threads()
+    try:
+        threads.main(["--quick", "--ops", "bin_stats", "--sizes", "64x8", "--bins", "97"])
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "bin_stats 64x8: skipped: not built here" in out and "slower than on 1 thread: none" in out
+
+
 def test_load_report_warns_when_the_machine_is_busy(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     line, busy = timing.load_report("cpu")
