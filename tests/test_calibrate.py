@@ -16,8 +16,8 @@ import dirfast
 from dirfast.ops.calibrate import reference
 from test_bin_stats import GPU_LAYOUTS, gpu_layout, loop_rows
 from testing import (FLOAT_DTYPES, LAYOUTS, backend_device_params, backend_devices, dtype_params, features, gen,
-                     interpreted, on, pairwise, rand_bins, rand_features, rand_stats, same_bits, same_bits_for_threads,
-                     stats_dtype, tol)
+                     interpreted, num_threads, on, pairwise, rand_bins, rand_features, rand_stats, same_bits,
+                     same_bits_for_threads, stats_dtype, tol)
 
 BACKEND_DEVICE = list(backend_device_params())
 
@@ -375,6 +375,26 @@ def test_cpp_small_batch_grouped(transposed):
         on("cpp", dirfast.ops.calibrate_, inplace, idx[rows], *stats)
         same_bits(inplace, batch)
     same_bits_for_threads(lambda: [on("cpp", dirfast.ops.calibrate, x[:256], idx[:256], *stats)])
+
+
+@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
+                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("n, d", [(3000, 64), (256, 512)], ids=["tables", "grouped"])
+def test_cpp_transposed_tables_read_in_pieces(n, d, table_dtype):
+    """Each thread's piece copies a transposed table's block for its own bins only, from the
+    group of the piece's first bin to that of its last (8 floats or 4 doubles): pieces that start
+    and end inside blocks, through the s and t tables (rows of 256 bytes) and grouped by bin (a
+    training batch), give the bits of contiguous tables on 1, 2 and 3 threads."""
+    num_bins = 1000
+    stats = calibration_stats(num_bins, d, table_dtype)
+    transposed = [t.t().contiguous().t() for t in stats]
+    x = rand_features(n, d, seed=82)
+    idx = rand_bins(n, num_bins + 1, low=-1, seed=83)
+    expected = on("cpp", dirfast.ops.calibrate, x, idx, *stats)
+    for threads in (1, 2, 3):
+        with num_threads(threads):
+            same_bits(on("cpp", dirfast.ops.calibrate, x, idx, *transposed), expected)
 
 
 @pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
