@@ -12,6 +12,9 @@
 // loop); parallel_for_ranges, for loops with no such state, calls body(begin, end) per piece. For
 // work whose result does not depend on how [0, n) is split. One thread, or a range of one piece:
 // body runs on the caller, its one piece [0, n).
+//
+// The threads are kernel_threads(): torch's, but no more than the cores other processes leave
+// free (csrc/cpu/kernel_threads.cpp).
 #pragma once
 
 #include <algorithm>
@@ -24,10 +27,16 @@ namespace dirfast {
 
 constexpr int64_t kPiecesPerThread = 16;
 
+// The threads a CPU kernel runs on: torch.get_num_threads(), and while free_cores_only is on (the
+// default) no more than the cores of this process's CPUs that other processes leave free.
+int64_t kernel_threads();
+// Turns that limit on or off for the whole process; returns the previous setting.
+bool set_free_cores_only(bool on);
+
 template <typename Body>
 void parallel_for_pieces(int64_t n, int64_t grain, const Body& body) {
   if (n <= 0) return;
-  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const int64_t threads = std::max<int64_t>(1, kernel_threads());
   const int64_t piece = std::max<int64_t>({grain, int64_t(1), (n + threads * kPiecesPerThread - 1) / (threads * kPiecesPerThread)});
   const int64_t pieces = (n + piece - 1) / piece;
   if (threads == 1 || pieces == 1) {

@@ -24,6 +24,13 @@ if not torch.cuda.is_available():
     # Lets the Triton backend run (slowly, on small sizes) on a machine without a GPU.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dirfast  # noqa: E402
+
+# Every test runs the C++ kernels on the threads it asks for: with the default "free", a worker
+# would see the other worker as load and run every multi-threaded path on one thread
+# (tests/test_backends.py checks "free" itself).
+dirfast.set_cpu_threads("all")
+
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_TESTS)
 for _path in (_ROOT, _TESTS):  # `benchmarks` (and `tests`) from the root; `testing`, `oracle` here

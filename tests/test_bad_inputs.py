@@ -607,6 +607,8 @@ API = {
         Bad(f"{name} (unavailable)", lambda v, name=name: name, RuntimeError) for name in UNAVAILABLE) + (
         Bad("numpy array", lambda v: np.array([v]), ValueError),), "reference")},
         named_as={"name": "backend"}),
+    "dirfast.get_cpu_threads": Entry(dirfast.get_cpu_threads),
+    "dirfast.set_cpu_threads": Entry(dirfast.set_cpu_threads, {"policy": (CHOICE, "all")}),
     "dirfast.use_backend": Entry(lambda name: dirfast.use_backend(name).__enter__(), {"name": (CHOICE + (
         Bad("numpy array of two", lambda v: np.array([v, "x"]), ValueError),), "reference")},
                                  named_as={"name": "backend"}),
@@ -842,7 +844,7 @@ API = {
         "w": (NON_NEGATIVE, 1.0), "t": (POSITIVE, 0.07), "e": (REAL, 0.01), "form": (CHOICE, "published")}),
     "dirfast.presets.get": Entry(dirfast.presets.get, {"name": (CHOICE[:3], "AgeDB-DIR")}),
     **{f"dirfast.presets.{name}": CONSTANT for name in ("AGEDB_DIR", "IMDB_WIKI_DIR", "STS_B_DIR", "NYUD2_DIR", "PRESETS")},
-    **{f"dirfast.ops.{name}": CONSTANT for name in ("BACKENDS", "PADDINGS")},
+    **{f"dirfast.ops.{name}": CONSTANT for name in ("BACKENDS", "CPU_THREADS", "PADDINGS")},
     "dirfast.ops.acc_dtype": Entry(lambda dtypes: dirfast.ops.acc_dtype(*dtypes), {"dtypes": ((
         Bad("a string", lambda v: ("float32",), TypeError), Bad("a tensor", lambda v: (torch.zeros(1),), TypeError),
         Bad("None", lambda v: (None,), TypeError)), (torch.float16, torch.float64))}),

@@ -328,7 +328,7 @@ class BinStats {
     // each task gathers its rows through the row numbers sorted by bucket (stable).
     const int64_t stride = 2 * std::max<int64_t>(dim, 1);
     const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(dim, 1));
-    const int64_t tasks = std::min<int64_t>(torch::stable::get_num_threads(), (valid + grain - 1) / grain);
+    const int64_t tasks = std::min<int64_t>(kernel_threads(), (valid + grain - 1) / grain);
     const bool gather = tasks > 1 || segments * stride * static_cast<int64_t>(sizeof(acc_t)) > kScanTableBytes;
     // Scanned: every segment's mean and M2 side by side in `table`. Gathered: a bucket's first
     // segment accumulates into its rows of the outputs, later ones into `table`.
@@ -351,7 +351,7 @@ class BinStats {
       }, order.get());
     }
 
-    parallel_for_ranges(valid, grain, [&](int64_t begin, int64_t end) {
+    parallel_for_ranges(valid, gather ? grain : valid, [&](int64_t begin, int64_t end) {  // scanned: one task
       const auto [s0, s1] = segs.starting_in(begin, end);
       if (s0 == s1) return;  // no segment starts in this piece
       if (gather) {

@@ -11,7 +11,8 @@ same ops when they load; :func:`backends` says what can run here.
 from .. import _ext
 from . import _common
 from ._common import acc_dtype
-from ._dispatch import BACKENDS, backends, get_backend, set_backend, use_backend
+from ._dispatch import (BACKENDS, CPU_THREADS, backends, get_backend, get_cpu_threads, set_backend, set_cpu_threads,
+                        use_backend)
 from .bin_stats import bin_stats
 from .integer_bins import integer_bins
 from .accumulate_bin_stats import accumulate_bin_stats_
@@ -26,7 +27,7 @@ _ext.load()  # after the schemas: the compiled kernels register for them
 _common.register_triton_for_cuda()
 
 __all__ = [
-    "BACKENDS", "PADDINGS", "acc_dtype", "accumulate_bin_stats_", "backends", "bin_stats", "calibrate", "calibrate_",
-    "conr_loss", "get_backend", "integer_bins", "mixture_logpdf", "ranksim_loss", "rnc_loss", "set_backend", "smooth_bins",
-    "use_backend",
+    "BACKENDS", "CPU_THREADS", "PADDINGS", "acc_dtype", "accumulate_bin_stats_", "backends", "bin_stats", "calibrate",
+    "calibrate_", "conr_loss", "get_backend", "get_cpu_threads", "integer_bins", "mixture_logpdf", "ranksim_loss",
+    "rnc_loss", "set_backend", "set_cpu_threads", "smooth_bins", "use_backend",
 ]

@@ -29,6 +29,13 @@ def floating(name: str, value) -> torch.Tensor:
     return value
 
 
+def choice(name: str, value, options) -> str:
+    """One of ``options`` (str): anything else, of any type, is an unknown option, a ValueError."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+    return value
+
+
 def features_and_bins(x, bin_idx) -> int:
     """Check ``x`` ([N, D] or [B, C, *spatial]) against ``bin_idx``; return D."""
     floating("x", x)

@@ -23,6 +23,7 @@ import threading
 import torch
 
 from .. import _ext
+from . import _checks
 from ._common import OPS
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
@@ -120,6 +121,34 @@ def set_backend(name: str) -> None:
 def get_backend() -> str:
     """The backend selected in this thread with :func:`set_backend` or :func:`use_backend`."""
     return _selected()
+
+
+# How many threads the C++ CPU kernels take (set_cpu_threads): the kernels hold the setting, this
+# mirrors it for get_cpu_threads.
+CPU_THREADS = ("free", "all")
+_cpu_threads = "free"
+
+
+def set_cpu_threads(policy: str) -> None:
+    """How many threads dirfast's C++ CPU kernels run on, for the whole process.
+
+    ``"free"`` (the default): ``torch.get_num_threads()``, but no more than the cores that other
+    processes leave free, read from ``/proc/stat`` at most every 100 ms (Linux). A parallel region
+    waits for its slowest thread, and a thread on a core another process holds often waits for
+    the scheduler's next tick: with the other core of two busy, a training batch took up to 6.7x
+    as long on 2 threads as on 1. ``"all"``: ``torch.get_num_threads()`` whatever the load.
+    Results are the same bits either way; torch's own ops are not affected.
+    """
+    global _cpu_threads
+    policy = _checks.choice("policy", policy, CPU_THREADS)
+    if _ext.CPU is not None:
+        _ext.CPU.set_free_cores_only(policy == "free")
+    _cpu_threads = policy
+
+
+def get_cpu_threads() -> str:
+    """The policy of :func:`set_cpu_threads`."""
+    return _cpu_threads
 
 
 @contextlib.contextmanager
