@@ -6,8 +6,9 @@
 // waits for it: on 2 threads with the other core busy, a 256 x 512 training batch took 1.2-6.7x as
 // long as on 1 (benchmarks/results/cpu/threads-zen4.md). The free cores are read from /proc/stat at
 // most every 100 ms: the busy time of the CPUs this process may run on (all but idle and I/O wait),
-// less this process's own CPU time, over the time between two reads, rounded to whole cores. The
-// kernels give the same bits on any number of threads, so the limit changes their speed only.
+// less this process's own CPU time, over the time between two reads (more than kBusyShare of a core
+// makes it busy). The kernels give the same bits on any number of threads, so the limit changes
+// their speed only.
 // Elsewhere than Linux, and until a second read, the threads are torch's.
 #include <algorithm>
 #include <atomic>
@@ -30,6 +31,11 @@ namespace dirfast {
 namespace {
 
 constexpr int64_t kReadEveryNs = 100'000'000;
+// Other processes' time that makes a core busy: more than a quarter of it. What they get is not
+// what they would take: a loop holding one of two cores measured 0.68-0.78 of it while torch's own
+// 2-thread copies ran between this process's calls, their OpenMP worker spinning beside the loop
+// after each (this process then used 1.22-1.32 cores).
+constexpr double kBusyShare = 0.25;
 
 std::atomic<bool> free_cores_only{true};
 std::atomic<int64_t> free_cores{0};      // 0: not known yet
@@ -90,8 +96,8 @@ void read_free_cores(int64_t now) {
   const double own_s = own_cpu_s();
   if (last_ns != 0 && own_s >= last_own_s) {  // (a forked child starts its own CPU time at 0: read again)
     const double others = ((busy_s - last_busy_s) - (own_s - last_own_s)) / (1e-9 * static_cast<double>(now - last_ns));
-    free_cores.store(std::clamp<int64_t>(std::llround(static_cast<double>(cpus) - others), 1, cpus),
-                     std::memory_order_relaxed);
+    const int64_t busy = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(others - kBusyShare)));
+    free_cores.store(std::clamp<int64_t>(cpus - busy, 1, cpus), std::memory_order_relaxed);
   }
   last_busy_s = busy_s;
   last_own_s = own_s;
