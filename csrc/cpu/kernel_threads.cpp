@@ -8,8 +8,7 @@
 // most every 100 ms: the busy time of the CPUs this process may run on (all but idle and I/O wait),
 // less this process's own CPU time, over the time between two reads (more than kBusyShare of a core
 // makes it busy). The kernels give the same bits on any number of threads, so the limit changes
-// their speed only.
-// Elsewhere than Linux, and until a second read, the threads are torch's.
+// their speed only. Elsewhere than Linux, and until a second read, the threads are torch's.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -57,11 +56,12 @@ bool read_busy(double* busy_s, int64_t* cpus) {
   int64_t count = 0;
   char line[512];
   while (std::fgets(line, sizeof(line), stat) != nullptr && std::strncmp(line, "cpu", 3) == 0) {
+    if (line[3] < '0' || line[3] > '9') continue;  // "cpu  ...": all CPUs together
     int cpu;
     unsigned long long user, nice, system, idle, iowait, irq, softirq, steal;
     if (std::sscanf(line + 3, "%d %llu %llu %llu %llu %llu %llu %llu %llu", &cpu, &user, &nice, &system, &idle,
                     &iowait, &irq, &softirq, &steal) != 9) {
-      continue;  // the first line, all CPUs together
+      continue;
     }
     if (cpu >= 0 && cpu < CPU_SETSIZE && CPU_ISSET(cpu, &allowed)) {
       ticks += user + nice + system + irq + softirq + steal;
