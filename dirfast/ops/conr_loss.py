@@ -79,8 +79,7 @@ def conr_loss(features: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
     w = _checks.real("w", w, low=0.0, dtype=acc)
     tau = _checks.real("tau", tau, low=0.0, above=True, dtype=acc, reciprocal=True)
     e = _checks.real("e", e, dtype=acc)
-    if not isinstance(push, str) or push not in PUSHES:
-        raise ValueError(f"push must be one of {PUSHES}, got {push!r}")
+    _checks.choice("push", push, PUSHES)
     exp0_terms = _checks.boolean("exp0_terms", exp0_terms)
     anchor_in_divisor = _checks.boolean("anchor_in_divisor", anchor_in_divisor)
     offset = _checks.integer("offset", offset)

@@ -34,8 +34,7 @@ def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "refle
         raise ValueError(f"window must be 1-D with an odd length, got shape {tuple(window.shape)}")
     if window.is_meta and not stats.is_meta:
         raise ValueError(f"window is on the meta device, which holds no values to read (stats are on {stats.device})")
-    if not isinstance(padding, str) or padding not in PADDINGS:  # any other type is an unknown padding too
-        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    _checks.choice("padding", padding, PADDINGS)
     return _dispatch.call("smooth_bins", stats.device, stats, window.to(stats.device), padding)
 
 
