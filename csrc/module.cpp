@@ -1,8 +1,11 @@
 // The Python module dirfast._C: importing it runs the STABLE_TORCH_LIBRARY_IMPL registrations of
 // the CPU kernels (csrc/cpu/*.cpp) for the dirfast:: ops, whose schemas dirfast/ops defines, and
-// gives Python the kernels' thread limit (csrc/parallel.h: kernel_threads, set_free_cores_only).
+// gives Python the kernels' thread limit (csrc/parallel.h: kernel_threads, set_free_cores_only) and,
+// for tests, the reading behind it (read_busy_cpus) of a /proc/stat under a root of their own.
 // It uses only Python's limited API, so one build serves every CPython from 3.10 (abi3).
 #include <Python.h>
+
+#include <string>
 
 #include "parallel.h"
 
@@ -16,10 +19,22 @@ PyObject* set_free_cores_only(PyObject*, PyObject* on) {
 
 PyObject* kernel_threads(PyObject*, PyObject*) { return PyLong_FromLongLong(dirfast::kernel_threads()); }
 
+PyObject* read_busy_cpus(PyObject*, PyObject* root) {
+  Py_ssize_t size = 0;
+  const char* text = PyUnicode_AsUTF8AndSize(root, &size);
+  if (text == nullptr) return nullptr;
+  double busy_s = 0.0;
+  int64_t cpus = 0;
+  if (!dirfast::read_busy_cpus(std::string(text, static_cast<size_t>(size)), &busy_s, &cpus)) Py_RETURN_NONE;
+  return Py_BuildValue("(dL)", busy_s, static_cast<long long>(cpus));
+}
+
 PyMethodDef methods[] = {
     {"set_free_cores_only", set_free_cores_only, METH_O,
      "Limit the CPU kernels to the cores other processes leave free (True) or not; returns the previous setting."},
     {"kernel_threads", kernel_threads, METH_NOARGS, "The threads a CPU kernel called now would run on."},
+    {"_read_busy_cpus", read_busy_cpus, METH_O,
+     "(busy seconds, CPUs) of this process's CPUs in <root>/proc/stat, or None ('' reads this machine's)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 
 import pytest
 import torch
@@ -121,40 +120,6 @@ def test_use_backend_nests_and_restores():
     with dirfast.use_backend("auto"):
         pass
     assert dirfast.get_backend() == "reference", "restores the previous selection, not the default"
-
-
-@pytest.mark.skipif(_ext.CPU is None, reason=f"cpp unavailable: {_ext.CPU_REASON}")
-def test_cpu_threads_take_only_free_cores():
-    """With "free", the C++ kernels take no more threads than the cores other processes leave
-    free: with a busy process beside this one, fewer than the cores this process may use (read
-    every 100 ms, so within a few tenths of a second). With "all", torch's threads as they are."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if not sys.platform.startswith("linux") or cores < 2:
-        pytest.skip("needs Linux's /proc/stat and two cores")
-    threads = torch.get_num_threads()
-    assert dirfast.get_cpu_threads() == "all"  # tests/conftest.py
-    try:
-        torch.set_num_threads(cores)
-        assert _ext.CPU.kernel_threads() == cores
-        dirfast.set_cpu_threads("free")
-        assert dirfast.get_cpu_threads() == "free" and 1 <= _ext.CPU.kernel_threads() <= cores
-        busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        try:
-            seen = []
-            for _ in range(30):  # the spinning process shows from the second read on
-                time.sleep(0.11)
-                seen.append(_ext.CPU.kernel_threads())
-                if seen[-1] < cores:
-                    break
-            assert seen[-1] < cores, seen
-        finally:
-            busy.kill()
-            busy.wait()
-        dirfast.set_cpu_threads("all")
-        assert _ext.CPU.kernel_threads() == cores
-    finally:
-        dirfast.set_cpu_threads("all")
-        torch.set_num_threads(threads)
 
 
 def test_selection_is_local_to_the_thread():

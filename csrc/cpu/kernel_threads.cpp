@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <string>
 
 #if defined(__linux__)
 #include <sched.h>
@@ -46,11 +47,44 @@ int64_t now_ns() {
 }
 
 #if defined(__linux__)
-// The busy seconds so far of the CPUs in this process's affinity mask, and how many they are.
-bool read_busy(double* busy_s, int64_t* cpus) {
+// This process's CPU seconds so far, all its threads.
+double own_cpu_s() {
+  rusage usage{};
+  getrusage(RUSAGE_SELF, &usage);
+  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
+         1e-6 * static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
+}
+
+// A new read, if none is under way: the free cores since the last one.
+void read_free_cores(int64_t now) {
+  static std::mutex reading;
+  static double last_busy_s = 0.0, last_own_s = 0.0;
+  static int64_t last_ns = 0;
+  std::unique_lock<std::mutex> lock(reading, std::try_to_lock);
+  if (!lock.owns_lock() || now - last_read_ns.load(std::memory_order_relaxed) < kReadEveryNs) return;
+  last_read_ns.store(now, std::memory_order_relaxed);
+  double busy_s;
+  int64_t cpus;
+  if (!read_busy_cpus("", &busy_s, &cpus)) return;
+  const double own_s = own_cpu_s();
+  if (last_ns != 0 && own_s >= last_own_s) {  // (a forked child starts its own CPU time at 0: read again)
+    const double others = ((busy_s - last_busy_s) - (own_s - last_own_s)) / (1e-9 * static_cast<double>(now - last_ns));
+    const int64_t busy = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(others - kBusyShare)));
+    free_cores.store(std::clamp<int64_t>(cpus - busy, 1, cpus), std::memory_order_relaxed);
+  }
+  last_busy_s = busy_s;
+  last_own_s = own_s;
+  last_ns = now;
+}
+#endif
+
+}  // namespace
+
+#if defined(__linux__)
+bool read_busy_cpus(const std::string& root, double* busy_s, int64_t* cpus) {
   cpu_set_t allowed;
   if (sched_getaffinity(0, sizeof(allowed), &allowed) != 0) return false;
-  std::FILE* stat = std::fopen("/proc/stat", "r");
+  std::FILE* stat = std::fopen((root + "/proc/stat").c_str(), "r");
   if (stat == nullptr) return false;
   unsigned long long ticks = 0;
   int64_t count = 0;
@@ -73,39 +107,9 @@ bool read_busy(double* busy_s, int64_t* cpus) {
   *cpus = count;
   return count > 0;
 }
-
-// This process's CPU seconds so far, all its threads.
-double own_cpu_s() {
-  rusage usage{};
-  getrusage(RUSAGE_SELF, &usage);
-  return static_cast<double>(usage.ru_utime.tv_sec + usage.ru_stime.tv_sec) +
-         1e-6 * static_cast<double>(usage.ru_utime.tv_usec + usage.ru_stime.tv_usec);
-}
-
-// A new read, if none is under way: the free cores since the last one.
-void read_free_cores(int64_t now) {
-  static std::mutex reading;
-  static double last_busy_s = 0.0, last_own_s = 0.0;
-  static int64_t last_ns = 0;
-  std::unique_lock<std::mutex> lock(reading, std::try_to_lock);
-  if (!lock.owns_lock() || now - last_read_ns.load(std::memory_order_relaxed) < kReadEveryNs) return;
-  last_read_ns.store(now, std::memory_order_relaxed);
-  double busy_s;
-  int64_t cpus;
-  if (!read_busy(&busy_s, &cpus)) return;
-  const double own_s = own_cpu_s();
-  if (last_ns != 0 && own_s >= last_own_s) {  // (a forked child starts its own CPU time at 0: read again)
-    const double others = ((busy_s - last_busy_s) - (own_s - last_own_s)) / (1e-9 * static_cast<double>(now - last_ns));
-    const int64_t busy = std::max<int64_t>(0, static_cast<int64_t>(std::ceil(others - kBusyShare)));
-    free_cores.store(std::clamp<int64_t>(cpus - busy, 1, cpus), std::memory_order_relaxed);
-  }
-  last_busy_s = busy_s;
-  last_own_s = own_s;
-  last_ns = now;
-}
+#else
+bool read_busy_cpus(const std::string&, double*, int64_t*) { return false; }
 #endif
-
-}  // namespace
 
 int64_t kernel_threads() {
   const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
