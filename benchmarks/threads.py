@@ -1,6 +1,6 @@
 """dirfast on one thread against more, in one process: ``python -m benchmarks.threads
-[--threads 1,2] [--quick] [--ops ...] [--sizes ...] [--bins ...] [--K ...] [--labels ...]
-[--json PATH]``.
+[--threads 1,2] [--cpu-threads free|all] [--quick] [--ops ...] [--sizes ...] [--bins ...] [--K ...]
+[--labels ...] [--json PATH]``.
 
 Two runs of ``benchmarks.run --threads N`` are two processes, and on a shared VM each process can
 run at a speed of its own: a 2-thread run slower than a 1-thread one may be the host, not the
@@ -8,7 +8,8 @@ kernel. Here each case's dirfast op (the ``cpp`` backend; ``DenseWeight.fit`` an
 density) is timed at every thread count side by side, by :func:`benchmarks.timing.compare` with the
 thread count set before each block, so that a change of the machine's speed hits every count
 alike. Prints each case's median per thread count and its speed-up over the fewest threads, then
-names the cases where more threads took longer. CPU only.
+names the cases where more threads took longer. ``--cpu-threads`` is the policy of
+``dirfast.set_cpu_threads`` for the run (left out: dirfast's default, ``"free"``). CPU only.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def format_table(rows, fewest: int) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.threads", description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", default="1,2", help="thread counts, comma-separated, fewest first (default 1,2)")
+    p.add_argument("--cpu-threads", choices=("free", "all"),  # dirfast.ops.CPU_THREADS (imported by the cases)
+                   help="dirfast.set_cpu_threads for the run (default: dirfast's, free)")
     p.add_argument("--quick", action="store_true", help="shorter measurements (benchmarks.timing.QUICK)")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.add_argument("--ops", default=",".join(DEFAULT_OPS), help=f"comma-separated ops among {','.join(C.ALL_OPS)} "
@@ -94,11 +97,15 @@ def main(argv=None) -> None:
     quick = args.quick or C.quick_mode()
     rules = timing.rules(quick)
     torch.set_num_threads(args.threads[-1])  # the load report's cores in use: the most a case takes
+    if args.cpu_threads is not None:
+        import dirfast
+
+        dirfast.set_cpu_threads(args.cpu_threads)
     info = timing.machine_info("cpu")
     jobs = C.cases(args.ops, devs=["cpu"], **args.sweep)
     print(f"dirfast on {', '.join(map(str, args.threads))} threads side by side, on cpu ({info['cpu']}, "
-          f"{info['cpu_id']}, {info['cpu_count']} cores), {'quick' if quick else 'full'} mode: {len(jobs)} cases, "
-          f"median of {rules.repeats} rounds", flush=True)
+          f"{info['cpu_id']}, {info['cpu_count']} cores), cpu threads {args.cpu_threads or 'free'}, "
+          f"{'quick' if quick else 'full'} mode: {len(jobs)} cases, median of {rules.repeats} rounds", flush=True)
     load_before, _ = timing.load_report("cpu")
     print(load_before, flush=True)
     rows, started = [], time.perf_counter()
@@ -121,7 +128,7 @@ def main(argv=None) -> None:
     if args.json:
         info.update(load_average_after=timing.load_average(), busy_after=busy_after)
         with open(args.json, "w") as handle:
-            json.dump({"machine": info, "threads": args.threads, "quick": quick,
+            json.dump({"machine": info, "threads": args.threads, "cpu_threads": args.cpu_threads or "free", "quick": quick,
                        "rules": dataclasses.asdict(rules), "rows": rows}, handle, indent=1)
         print(f"wrote {timing.shown_path(args.json)}")
 

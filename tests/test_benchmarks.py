@@ -201,8 +201,8 @@ def test_timer_runs_each_contender_on_its_threads():
 
 
 def test_benchmarks_threads():
-    out = run_module("benchmarks.threads", "--quick", "--threads", "1,2", "--sizes", "64x8", "--bins", "97,300",
-                     "--ops", "bin_stats,calibrate_,fds_smooth,mixture_logpdf,density", "--K", "10",
+    out = run_module("benchmarks.threads", "--quick", "--threads", "1,2", "--cpu-threads", "all", "--sizes", "64x8",
+                     "--bins", "97,300", "--ops", "bin_stats,calibrate_,fds_smooth,mixture_logpdf,density", "--K", "10",
                      "--mixture-sizes", "16x30", "--labels", "300")
     table = out[out.index("case "):]
     for case in ("bin_stats 64x8", "bin_stats 64x8 300 bins", "calibrate_ 64x8 300 bins", "fds_smooth 64x8 300 bins",
@@ -210,8 +210,8 @@ def test_benchmarks_threads():
         for threads in ("1", "2"):  # each case on each thread count, its speed-up over one thread
             assert any(line.startswith(case + " ") and line.split()[-3] == threads for line in table.splitlines()), \
                 (case, threads)
-    assert "slower than on 1 thread: " in table and "load:" in out
-    for bad in (["--threads", "2"], ["--threads", "2,1"], ["--ops", "fds_epoch"]):
+    assert "slower than on 1 thread: " in table and "load:" in out and "cpu threads all," in out
+    for bad in (["--threads", "2"], ["--threads", "2,1"], ["--ops", "fds_epoch"], ["--cpu-threads", "some"]):
         result = run_python("-m", "benchmarks.threads", *bad)
         assert result.returncode == 2 and "error:" in result.stderr, bad
 
