@@ -29,6 +29,33 @@ inline void store_vec(float* p, VF v) {
   std::memcpy(p, &v, sizeof(v));
 }
 
+// Lane masks (-1 where true, 0 where false) by integer arithmetic that cannot overflow, and a
+// select by bit operations: g++ 12 compiles some float comparisons kept as masks, and ?: on them,
+// lane by lane with a branch per lane in AVX-512 code (mixture_logpdf's forward spent most of its
+// time there at small K). (A signed >> 31 gives -1 for a negative lane: g++ shifts arithmetically.)
+// vzero_mask: x == 0.0f (either sign); vminus_inf_mask: x == -inf; vnan_mask: x is NaN.
+template <typename VF, typename VI>
+__attribute__((always_inline)) inline VI vzero_mask(VF x) {
+  return (((VI)x & 0x7fffffff) - 1) >> 31;  // the magnitude's bits are all 0
+}
+
+template <typename VF, typename VI>
+__attribute__((always_inline)) inline VI vminus_inf_mask(VF x) {
+  const VI diff = (VI)x ^ (VI)(VF{} - std::numeric_limits<float>::infinity());
+  return (((diff & 0x7fffffff) - 1) >> 31) & ~(diff >> 31);  // every bit of diff 0
+}
+
+template <typename VF, typename VI>
+__attribute__((always_inline)) inline VI vnan_mask(VF x) {
+  return (VI{} + 0x7f800000 - ((VI)x & 0x7fffffff)) >> 31;  // magnitude bits above infinity's
+}
+
+// mask ? a : b, lane by lane, for a mask of -1 and 0 lanes.
+template <typename VF, typename VI>
+__attribute__((always_inline)) inline VF vselect(VI mask, VF a, VF b) {
+  return (VF)((mask & (VI)a) | (~mask & (VI)b));
+}
+
 // exp on [-87.3, 88.3]; inputs below give 2^-126 instead of 0, -inf gives 0, NaN stays NaN.
 // VF: the float vector type, VI: the int32 vector of the same lane count.
 template <typename VF, typename VI>

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import re
 import shutil
 import struct
 import subprocess
@@ -735,6 +736,23 @@ def test_every_clone_holds_its_own_body(tmp_path):
                               capture_output=True, text=True, check=True).stdout
         fused = _fused_multiply_adds(code)
         assert not fused, (name, fused)
+
+
+@pytest.mark.skipif(not (X86_64_GXX and shutil.which("objdump")), reason="needs g++ and binutils on x86-64 Linux")
+def test_mixture_vector_code_takes_no_lane_alone(tmp_path):
+    """mixture_logpdf's float32 AVX-512 and AVX2 code does no step lane by lane: g++ 12 compiled
+    its masks (density 0, a term of -inf) as 16 scalar compares, lane extracts and a branch per lane,
+    most of a forward's time at K = 10 (vexp.h's masks by integer arithmetic replaced them)."""
+    obj = tmp_path / "mixture_logpdf.o"
+    done = _compile(os.path.join(ROOT, "csrc", "cpu", "mixture_logpdf.cpp"), "x86-64", "-c", "-o", str(obj))
+    assert done.returncode == 0, done.stderr[-2000:]
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", "-C", str(obj)], capture_output=True, text=True,
+                          check=True).stdout
+    functions = re.findall(r"^[0-9a-f]+ <(.*?)>:\n(.*?)(?=\n\n|\Z)", code, flags=re.M | re.S)
+    vector = {name: body for name, body in functions if re.search(r"_avx(512|2)\b", name)}
+    assert len(vector) >= 4, sorted(vector)  # the forwards and backwards of both widths
+    lane_steps = {name: re.findall(r"\b(v?u?comiss|vpextrd|vpinsrd)\b", body) for name, body in vector.items()}
+    assert not any(lane_steps.values()), {name: len(found) for name, found in lane_steps.items() if found}
 
 
 # =========================================================================== the CUDA build

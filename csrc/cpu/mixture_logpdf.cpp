@@ -86,11 +86,11 @@ __attribute__((always_inline)) inline void add_term(typename FloatVec<W>::f arg,
   using vf = typename FloatVec<W>::f;
   using vi = typename FloatVec<W>::i;
   if constexpr (kGrads) {
-    const vf e = arg == -std::numeric_limits<float>::infinity() ? vf{} : vexp_shifted<vf, vi>(arg);
-    const vi zero = e == 0.0f;
+    const vf e = vselect(vminus_inf_mask<vf, vi>(arg), vf{}, vexp_shifted<vf, vi>(arg));
+    const vi zero = vzero_mask<vf, vi>(e);
     sum += e;
-    along_x += zero ? vf{} : e * z * s;
-    along_v += zero ? vf{} : e * vfma(z, z, vf{} - 1.0f) * (0.5f * s * s);
+    along_x += vselect(zero, vf{}, e * z * s);
+    along_v += vselect(zero, vf{}, e * vfma(z, z, vf{} - 1.0f) * (0.5f * s * s));
   } else {
     sum += vexp_shifted<vf, vi>(arg);
   }
@@ -119,8 +119,10 @@ __attribute__((always_inline)) inline void forward_vector(const float* xs_in, fl
     if (j < buffered) terms[j] = term;
     top = term > top ? term : top;
   }
-  const vi none = top == -inf;
-  const vf shift = none ? vf{} : top;
+  // The masks by vexp.h's integer arithmetic (g++ 12 compiled this function's comparisons kept as
+  // masks lane by lane, with a branch per lane, for AVX-512).
+  const vi none = vminus_inf_mask<vf, vi>(top);  // no max: every term -inf or NaN
+  const vf shift = vselect(none, vf{}, top);
   vf sum = vf{}, along_x = vf{}, along_v = vf{};
   for (int64_t j = 0; j < buffered; ++j) {
     // z is recomputed only where it is used (kGrads); the plain forward's loop stays exp and add
@@ -130,11 +132,11 @@ __attribute__((always_inline)) inline void forward_vector(const float* xs_in, fl
     const vf z = (xs - m[j]) * s[j];
     add_term<W, kGrads>(vfma(-0.5f * z, z, vf{} + c[j]) - shift, z, s[j], sum, along_x, along_v);
   }
-  const vi empty = none & (sum == sum);  // density 0
-  store_vec(out, empty ? vf{} - inf : shift + vlog_normal<vf, vi>(sum));
+  const vi empty = none & ~vnan_mask<vf, vi>(sum);  // density 0
+  store_vec(out, vselect(empty, vf{} - inf, shift + vlog_normal<vf, vi>(sum)));
   if constexpr (kGrads) {
-    store_vec(gx, empty ? vf{} : (vf{} - along_x) / sum);
-    store_vec(gv, empty ? vf{} : along_v / sum);
+    store_vec(gx, vselect(empty, vf{}, (vf{} - along_x) / sum));
+    store_vec(gv, vselect(empty, vf{}, along_v / sum));
   }
 }
 
