@@ -128,8 +128,8 @@ def main(argv=None) -> None:
     if args.json:
         info.update(load_average_after=timing.load_average(), busy_after=busy_after)
         with open(args.json, "w") as handle:
-            json.dump({"machine": info, "threads": args.threads, "cpu_threads": args.cpu_threads or "free", "quick": quick,
-                       "rules": dataclasses.asdict(rules), "rows": rows}, handle, indent=1)
+            json.dump({"machine": info, "threads": args.threads, "cpu_threads": args.cpu_threads or "free",
+                       "quick": quick, "rules": dataclasses.asdict(rules), "rows": rows}, handle, indent=1)
         print(f"wrote {timing.shown_path(args.json)}")
 
 
