@@ -28,7 +28,7 @@ import dirfast  # noqa: E402
 
 # Every test runs the C++ kernels on the threads it asks for: with the default "free", a worker
 # would see the other worker as load and run every multi-threaded path on one thread
-# (tests/test_backends.py checks "free" itself).
+# (tests/test_cpu_threads.py checks "free" itself).
 dirfast.set_cpu_threads("all")
 
 _TESTS = os.path.dirname(os.path.abspath(__file__))
