@@ -33,12 +33,7 @@ inline void store_vec(float* p, VF v) {
 // select by bit operations: g++ 12 compiles some float comparisons kept as masks, and ?: on them,
 // lane by lane with a branch per lane in AVX-512 code (mixture_logpdf's forward spent most of its
 // time there at small K). (A signed >> 31 gives -1 for a negative lane: g++ shifts arithmetically.)
-// vzero_mask: x == 0.0f (either sign); vminus_inf_mask: x == -inf; vnan_mask: x is NaN.
-template <typename VF, typename VI>
-__attribute__((always_inline)) inline VI vzero_mask(VF x) {
-  return (((VI)x & 0x7fffffff) - 1) >> 31;  // the magnitude's bits are all 0
-}
-
+// vminus_inf_mask: x == -inf; vnan_mask: x is NaN.
 template <typename VF, typename VI>
 __attribute__((always_inline)) inline VI vminus_inf_mask(VF x) {
   const VI diff = (VI)x ^ (VI)(VF{} - std::numeric_limits<float>::infinity());

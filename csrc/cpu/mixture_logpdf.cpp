@@ -86,11 +86,11 @@ __attribute__((always_inline)) inline void add_term(typename FloatVec<W>::f arg,
   using vf = typename FloatVec<W>::f;
   using vi = typename FloatVec<W>::i;
   if constexpr (kGrads) {
-    const vf e = vselect(vminus_inf_mask<vf, vi>(arg), vf{}, vexp_shifted<vf, vi>(arg));
-    const vi zero = vzero_mask<vf, vi>(e);
+    const vf e = arg == -std::numeric_limits<float>::infinity() ? vf{} : vexp_shifted<vf, vi>(arg);
+    const vi zero = e == 0.0f;
     sum += e;
-    along_x += vselect(zero, vf{}, e * z * s);
-    along_v += vselect(zero, vf{}, e * vfma(z, z, vf{} - 1.0f) * (0.5f * s * s));
+    along_x += zero ? vf{} : e * z * s;
+    along_v += zero ? vf{} : e * vfma(z, z, vf{} - 1.0f) * (0.5f * s * s);
   } else {
     sum += vexp_shifted<vf, vi>(arg);
   }
