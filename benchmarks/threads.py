@@ -97,14 +97,14 @@ def main(argv=None) -> None:
     quick = args.quick or C.quick_mode()
     rules = timing.rules(quick)
     torch.set_num_threads(args.threads[-1])  # the load report's cores in use: the most a case takes
-    if args.cpu_threads is not None:
-        import dirfast
-
+    dirfast, _ = C._dirfast()  # None where it cannot be imported: every case is then skipped
+    if dirfast is not None and args.cpu_threads is not None:
         dirfast.set_cpu_threads(args.cpu_threads)
+    policy = dirfast.get_cpu_threads() if dirfast is not None else "-"
     info = timing.machine_info("cpu")
     jobs = C.cases(args.ops, devs=["cpu"], **args.sweep)
     print(f"dirfast on {', '.join(map(str, args.threads))} threads side by side, on cpu ({info['cpu']}, "
-          f"{info['cpu_id']}, {info['cpu_count']} cores), cpu threads {args.cpu_threads or 'free'}, "
+          f"{info['cpu_id']}, {info['cpu_count']} cores), cpu threads {policy}, "
           f"{'quick' if quick else 'full'} mode: {len(jobs)} cases, median of {rules.repeats} rounds", flush=True)
     load_before, _ = timing.load_report("cpu")
     print(load_before, flush=True)
@@ -128,7 +128,7 @@ def main(argv=None) -> None:
     if args.json:
         info.update(load_average_after=timing.load_average(), busy_after=busy_after)
         with open(args.json, "w") as handle:
-            json.dump({"machine": info, "threads": args.threads, "cpu_threads": args.cpu_threads or "free",
+            json.dump({"machine": info, "threads": args.threads, "cpu_threads": policy,
                        "quick": quick, "rules": dataclasses.asdict(rules), "rows": rows}, handle, indent=1)
         print(f"wrote {timing.shown_path(args.json)}")
 
