@@ -1,7 +1,7 @@
-// exp and log on a GCC float vector of any lane count, with Cephes' expf and logf polynomials
-// (about 1 ulp). What the float32 kernels that sum many exponentials use (mixture_logpdf,
-// conr_loss) instead of a scalar std::exp or std::log per element. A vector wider than the
-// machine's registers has its comparisons done lane by lane by g++: use the native width.
+// exp, 2^x and log on a GCC float vector of any lane count, with Cephes' expf, exp2f and logf
+// polynomials (about 1 ulp). What the float32 kernels that sum many exponentials use
+// (mixture_logpdf, conr_loss) instead of a scalar std::exp or std::log per element. A vector wider
+// than the machine's registers has its comparisons done lane by lane by g++: use the native width.
 #pragma once
 
 #include <cstdint>
@@ -108,6 +108,35 @@ __attribute__((always_inline)) inline VF vexp_shifted(VF x) {
   return y * (VF)pow2;
 }
 
+// Cephes' exp2f polynomial: 2^f for f in [-1/2, 1/2] as 1 + f (c0 + f (c1 + ... f c5)) by fused
+// multiply-adds, c5 first (exactly 1 at 0).
+constexpr float kExp2Poly[6] = {6.931472028550421e-1f, 2.402264791363012e-1f, 5.550332471162809e-2f,
+                                9.618437357674640e-3f, 1.339887440266574e-3f, 1.535336188319500e-4f};
+
+// 2^t for t <= 0 (-inf and NaN included) as p(f) 2^n, n = t rounded to nearest (even on ties)
+// and f = t - n, both exact, with t below -126 taken as -126: at least 2^-126, a normal number (a
+// subnormal result costs Intel cores a microcode assist per instruction), NaN for NaN: within 0.95
+// ulp of 2^t for every float t in [-126, 0] (measured). The same bits as AVX-512's
+// scalef(p(reduce(t)), t - reduce(t)) on max(-126, t) in mixture_logpdf.cpp.
+template <typename VF, typename VI>
+__attribute__((always_inline)) inline VF vexp2(VF t) {
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: t + kRound has n in its low bits
+  const VF k = VF{};
+  t = t < -126.0f ? k - 126.0f : t;  // NaN stays NaN (the comparison is false)
+  const VF shifted = t + kRound;
+  const VF f = t - (shifted - kRound);
+  VF p = vfma(k + kExp2Poly[5], f, k + kExp2Poly[4]);
+#pragma GCC unroll 4
+  for (int i = 3; i >= 0; --i) p = vfma(p, f, k + kExp2Poly[i]);
+  p = vfma(p, f, k + 1.0f);
+  return p * (VF)(((VI)shifted - (0x4b400000 - 127)) << 23);  // 0x4b400000: kRound's bits
+}
+
+// Cephes' logf polynomial, highest power first (vlog_normal).
+constexpr float kLogPoly[9] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f,
+                               -1.2420140846e-1f, 1.4249322787e-1f,  -1.6668057665e-1f,
+                               2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
+
 // log of positive normal numbers (and NaN, which stays NaN): Cephes' logf by fused
 // multiply-adds, x = 2^e m with m in [sqrt(1/2), sqrt(2)).
 template <typename VF, typename VI>
@@ -120,14 +149,9 @@ __attribute__((always_inline)) inline VF vlog_normal(VF x) {
   e = e + small;                                     // (a true comparison is -1)
   m = m - 1.0f + (small ? m : k);
   const VF z = m * m;
-  VF y = vfma(k + 7.0376836292e-2f, m, k - 1.1514610310e-1f);
-  y = vfma(y, m, k + 1.1676998740e-1f);
-  y = vfma(y, m, k - 1.2420140846e-1f);
-  y = vfma(y, m, k + 1.4249322787e-1f);
-  y = vfma(y, m, k - 1.6668057665e-1f);
-  y = vfma(y, m, k + 2.0000714765e-1f);
-  y = vfma(y, m, k - 2.4999993993e-1f);
-  y = vfma(y, m, k + 3.3333331174e-1f);
+  VF y = vfma(k + kLogPoly[0], m, k + kLogPoly[1]);
+#pragma GCC unroll 7
+  for (int i = 2; i < 9; ++i) y = vfma(y, m, k + kLogPoly[i]);
   y = y * m * z;
   const VF fe = __builtin_convertvector(e, VF);
   y = vfma(fe, k - 2.12194440e-4f, y);

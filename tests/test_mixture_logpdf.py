@@ -332,6 +332,54 @@ def test_cpp_float32_forward_beyond_its_term_buffer(x_dtype):
                                    *on("cpp", mixture_logpdf_with_grads_unchecked, x, m, v, lw)])
 
 
+def _tables_for_widths():
+    """(name, means, variances, log_weights) float32 tables for the width test: K from 1 to 1,100
+    (beyond the two-pass term buffer), weights of 0, all weights 0, an invalid component,
+    subnormal and widely spread variances, a component far above the rest."""
+    g = gen(61)
+    out = []
+    for k in (1, 3, 10, 100, 1100):
+        m = torch.randn(k, generator=g) * 2
+        v = torch.rand(k, generator=g) + 0.05
+        lw = torch.log_softmax(torch.randn(k, generator=g), 0)
+        out.append((f"K={k}", m, v, lw))
+    m, v, lw = out[2][1:]
+    out += [("weights of 0", m, v, torch.where(torch.arange(10) % 3 == 0, -math.inf, lw)),
+            ("all weights 0", m, v, torch.full((10,), -math.inf)),
+            ("NaN weight", m, v, torch.where(torch.arange(10) == 4, math.nan, lw)),
+            ("subnormal variance", m, torch.where(torch.arange(10) == 2, 1e-40, v), lw),
+            ("spread variances", m, torch.logspace(-6, 6, 10), lw),
+            ("one component far above", m, torch.where(torch.arange(10) == 0, 1e-8, v), lw)]
+    return out
+
+
+@pytest.mark.skipif(dirfast._ext.CPU is None, reason=f"cpp unavailable: {dirfast._ext.CPU_REASON}")
+def test_cpp_float32_forward_same_bits_for_every_vector_width():
+    """The C++ float32 forward's AVX-512 (intrinsics), AVX2 and baseline code give the same bits,
+    as it promises: in one pass over the components and in two for the elements whose terms
+    all lie far below the largest component (or that are not finite), in partial last vectors
+    too; the op runs the widest code this machine has, and its values are the float64
+    reference's. Widths the machine lacks are left out (the hook returns None)."""
+    lanes_of = dirfast._ext.CPU._mixture_logpdf_lanes
+    g = gen(62)
+    x = torch.cat([torch.randn(1990, generator=g) * 4, torch.tensor(
+        [math.inf, -math.inf, math.nan, 1e30, -1e30, 0.0, 50.0, -80.0, 1e4, 3e-3, -0.5])])
+    x = x[torch.randperm(x.numel(), generator=g)]
+    for name, m, v, lw in _tables_for_widths():
+        args = [t.float().numpy().tobytes() for t in (m, v, lw)]
+        for n in (x.numel(), 37):
+            xb = x[:n].numpy().tobytes()
+            outs = {lanes: lanes_of(xb, *args, lanes) for lanes in (16, 8, 4)}
+            ran = {lanes: torch.frombuffer(bytearray(o), dtype=torch.float32) for lanes, o in outs.items() if o}
+            assert 4 in ran
+            for lanes, got in ran.items():
+                assert torch.equal(got.view(torch.int32), ran[4].view(torch.int32)), (name, n, lanes)
+            op = on("cpp", dirfast.ops.mixture_logpdf, x[:n], m, v, lw)
+            assert torch.equal(op.view(torch.int32), ran[max(ran)].view(torch.int32)), (name, n)
+            want = reference(x[:n].double(), m.double(), v.double(), lw.double()).float()  # -inf past float32
+            torch.testing.assert_close(op, want, equal_nan=True, rtol=2e-6, atol=2e-6, msg=name)
+
+
 # =========================================================================== the reference's memory
 class PeakLiveBytes(TorchDispatchMode):
     """The peak, over the ops run while active, of the bytes held by the storages those ops

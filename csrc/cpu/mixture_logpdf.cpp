@@ -5,19 +5,21 @@
 // and out = max_k term + log sum_k exp(term_k - max) (the reference's formulation: a subnormal
 // variance keeps a finite s_k). A component with invalid parameters gets c_k = NaN, so every
 // output is NaN (dirfast.ops.mixture_logpdf documents the rule). The float32 forward computes a
-// vector of elements at a time with polynomial exp and log (Cephes, about 1 ulp, by explicit fused
-// multiply-adds) in the machine's vector width: AVX-512, AVX2 + FMA or the baseline (libm's fmaf
-// there), chosen at run time, with the same bits. The float64 forward uses plain loops and
-// std::exp. The backward takes elements kLanes at a time (converted to the arithmetic type in a
-// small buffer; in float32 as kLanes / W vectors of the machine's width W, by fused multiply-adds
-// and vexp_shifted, as term_k - out <= 0: the same bits for every width), recomputes each
-// element's responsibilities r_k = exp(term_k - out) and sums the component gradients per fixed
-// chunk of elements, the chunks then added in order: the same bits for any number of threads.
+// vector of elements at a time with polynomial exp (2^x without gradients) and log (vexp.h, about
+// 1 ulp, by explicit fused multiply-adds) in the machine's vector width: AVX-512 (+ DQ), AVX2 + FMA
+// or the baseline (libm's fmaf there), chosen at run time, with the same bits; without gradients
+// in one pass over the components (ShiftedTerms), with them in two. The float64 forward uses plain
+// loops and std::exp. The backward takes elements kLanes at a time (converted to the arithmetic
+// type in a small buffer; in float32 as kLanes / W vectors of the machine's width W, by fused
+// multiply-adds and vexp_shifted, as term_k - out <= 0: the same bits for every width), recomputes
+// each element's responsibilities r_k = exp(term_k - out) and sums the component gradients per
+// fixed chunk of elements, the chunks then added in order: the same bits for any number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -28,6 +30,7 @@
 
 #include "checks.h"
 #include "parallel.h"
+#include "test_hooks.h"
 #include "vexp.h"
 
 namespace dirfast {
@@ -43,6 +46,9 @@ constexpr int64_t kChunk = int64_t(1) << 14;  // elements per task: fixed, so re
 #else
 #define DIRFAST_MIXTURE_ISAS 0
 #endif
+#if DIRFAST_MIXTURE_ISAS
+#include <immintrin.h>
+#endif
 
 constexpr int64_t kBufferedBytes = 16 << 10;  // float32 forward: terms kept from the max pass per vector
 constexpr int64_t kGrainExps = int64_t(1) << 17;  // the least exponentials a thread is given
@@ -57,10 +63,12 @@ struct Components {
     const Tensor mt = contiguous_as(means, acc);
     const Tensor vt = contiguous_as(variances, acc);
     const Tensor wt = contiguous_as(log_weights, acc);
-    const int64_t k = mt.numel();
-    const acc_t* pm = mt.const_data_ptr<acc_t>();
-    const acc_t* pv = vt.const_data_ptr<acc_t>();
-    const acc_t* pw = wt.const_data_ptr<acc_t>();
+    init(mt.const_data_ptr<acc_t>(), vt.const_data_ptr<acc_t>(), wt.const_data_ptr<acc_t>(), mt.numel());
+  }
+  Components(const acc_t* means, const acc_t* variances, const acc_t* log_weights, int64_t k) {
+    init(means, variances, log_weights, k);
+  }
+  void init(const acc_t* pm, const acc_t* pv, const acc_t* pw, int64_t k) {
     m.assign(pm, pm + k);
     s.resize(k);
     c.resize(k);
@@ -192,13 +200,300 @@ DIRFAST_NOINLINE void forward_range_baseline(const T* px, float* po, float* pgx,
 // The widest of the three the machine has (16, 8 or 4 float32 lanes).
 inline int float_lanes() {
 #if DIRFAST_MIXTURE_ISAS
-  static const int lanes = __builtin_cpu_supports("avx512f")                                   ? 16
+  static const int lanes = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq")) ? 16
                            : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 8
                                                                                                : 4;
   return lanes;
 #else
   return 4;
 #endif
+}
+
+// The float32 forward without gradients in one pass over the components: every term shifted by
+// top = max_k c_k instead of the element's largest term (term_k <= c_k: no exponential overflows),
+// so there is no max pass. In log2 units, t_k = d_k - u^2 with d_k = (c_k - top) log2(e) <= 0 and
+// u = (x - m_k) a_k, a_k = s_k sqrt(log2(e) / 2): 2^t_k = exp(term_k - top), out = top + log sum_k
+// 2^t_k (vexp2: terms below 2^-126 count as 2^-126 to 2^-125). Components of weight 0 (c_k = -inf)
+// are left out. An element whose sum is below kLeastSum (its largest term over 44 nats below top,
+// or x not finite) or NaN is computed again in two passes (forward_vector); from kLeastSum up, the
+// terms raised to 2^-126 change the sum by less than float32 sees, for any K below 2^36.
+constexpr float kLeastSum = 0x1p-64f;
+
+struct ShiftedTerms {
+  std::vector<float> m, a, d;  // the components of c_k > -inf
+  float top = 0;
+
+  // None where a c_k is NaN (every output is NaN) or none is finite: the two passes do those.
+  static std::optional<ShiftedTerms> of(const Components<float>& comp) {
+    constexpr double log2e = 1.4426950408889634;
+    const double half_log2e_root = std::sqrt(log2e / 2);
+    double largest = -std::numeric_limits<double>::infinity();
+    for (float c : comp.c) {
+      if (std::isnan(c)) return std::nullopt;
+      largest = std::max<double>(largest, c);
+    }
+    if (largest == -std::numeric_limits<double>::infinity()) return std::nullopt;
+    ShiftedTerms st;
+    st.top = static_cast<float>(largest);
+    for (int64_t j = 0; j < comp.size(); ++j) {
+      if (comp.c[j] == -std::numeric_limits<float>::infinity()) continue;
+      st.m.push_back(comp.m[j]);
+      st.a.push_back(static_cast<float>(comp.s[j] * half_log2e_root));
+      st.d.push_back(static_cast<float>((double(comp.c[j]) - st.top) * log2e));
+    }
+    return st;
+  }
+  int64_t size() const { return static_cast<int64_t>(m.size()); }
+};
+
+// One pass over full vectors: out for the W-lane vectors x[0, vectors W), NaN in every lane whose
+// sum is below kLeastSum or NaN (left to the two passes); bit v of the result set where vector v
+// has such a lane (vectors <= 64). The baseline's in generic code (vexp2, vlog_normal); AVX2's and
+// AVX-512's in intrinsics with the same bits (g++ 12 compiled the generic code's fused
+// multiply-adds lane by lane in them).
+template <int W>
+__attribute__((always_inline)) inline uint64_t one_pass_vectors(const float* x, float* out, int64_t vectors,
+                                                                const ShiftedTerms& st) {
+  using vf = typename FloatVec<W>::f;
+  using vi = typename FloatVec<W>::i;
+  uint64_t redo = 0;
+  for (int64_t v = 0; v < vectors; ++v) {
+    const vf xs = load_vec<vf>(x + v * W);
+    vf sum = vf{};
+    for (int64_t j = 0; j < st.size(); ++j) {
+      const vf u = (xs - st.m[j]) * st.a[j];
+      sum += vexp2<vf, vi>(vfma(vf{} - u, u, vf{} + st.d[j]));
+    }
+    const vi kept = sum >= kLeastSum;  // false for NaN
+    store_vec(out + v * W, vselect(kept, st.top + vlog_normal<vf, vi>(sum),
+                                   vf{} + std::numeric_limits<float>::quiet_NaN()));
+    for (int l = 0; l < W; ++l) redo |= uint64_t(kept[l] == 0) << v;
+  }
+  return redo;
+}
+
+DIRFAST_NOINLINE uint64_t one_pass_baseline(const float* x, float* out, int64_t vectors, const ShiftedTerms& st) {
+  return one_pass_vectors<4>(x, out, vectors, st);
+}
+
+#if DIRFAST_MIXTURE_ISAS
+// (g++ 12 warns that the unmasked AVX-512 intrinsics' undefined source register "may be used
+// uninitialized")
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// vexp.h's vlog_normal in AVX-512 intrinsics, for positive normal x (the kept sums).
+__attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 vlog_normal_avx512(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  __m512i e = _mm512_sub_epi32(_mm512_srai_epi32(bits, 23), _mm512_set1_epi32(126));
+  __m512 m = _mm512_castsi512_ps(
+      _mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f000000)));
+  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm512_mask_sub_epi32(e, small, e, _mm512_set1_epi32(1));
+  const __m512 less = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
+  m = _mm512_mask_add_ps(less, small, less, m);
+  const __m512 z = _mm512_mul_ps(m, m);
+  __m512 y = _mm512_fmadd_ps(_mm512_set1_ps(kLogPoly[0]), m, _mm512_set1_ps(kLogPoly[1]));
+  for (int i = 2; i < 9; ++i) y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(kLogPoly[i]));
+  y = _mm512_mul_ps(_mm512_mul_ps(y, m), z);
+  const __m512 fe = _mm512_cvtepi32_ps(e);
+  y = _mm512_fmadd_ps(fe, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fmadd_ps(_mm512_set1_ps(-0.5f), z, y);
+  return _mm512_fmadd_ps(fe, _mm512_set1_ps(0.693359375f), _mm512_add_ps(m, y));
+}
+
+// sum_k 2^t_k of the V vectors at x into sums, their terms interleaved (two chains of dependent
+// steps instead of one: 25-30% faster than one vector at a time at K = 10, measured). 2^t as
+// vexp2 (its max(-126, t) first) by scalef(p(f), n), f by one reduce (AVX-512 DQ).
+template <int V>
+__attribute__((target("avx512f,avx512dq"), always_inline)) inline void sums_avx512(const float* x, float* sums,
+                                                                                   const ShiftedTerms& st) {
+  __m512 poly[6];
+  for (int i = 0; i < 6; ++i) poly[i] = _mm512_set1_ps(kExp2Poly[i]);
+  const __m512 one = _mm512_set1_ps(1.0f), least = _mm512_set1_ps(-126.0f);
+  __m512 xs[V], sum[V];
+  for (int v = 0; v < V; ++v) xs[v] = _mm512_loadu_ps(x + v * 16), sum[v] = _mm512_setzero_ps();
+  const float *m = st.m.data(), *a = st.a.data(), *d = st.d.data();
+  for (int64_t j = 0; j < st.size(); ++j) {
+    const __m512 mj = _mm512_set1_ps(m[j]), aj = _mm512_set1_ps(a[j]), dj = _mm512_set1_ps(d[j]);
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) {
+      const __m512 u = _mm512_mul_ps(_mm512_sub_ps(xs[v], mj), aj);
+      const __m512 t = _mm512_max_ps(least, _mm512_fnmadd_ps(u, u, dj));  // NaN stays
+      // f = t - n and n = t - f, n = t rounded to nearest: both exact (reduce toward -inf would round
+      // its f = 1 + t for a t just below 0, otherwise than a subtraction does)
+      const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      __m512 p = _mm512_fmadd_ps(poly[5], f, poly[4]);
+      for (int q = 3; q >= 0; --q) p = _mm512_fmadd_ps(p, f, poly[q]);
+      p = _mm512_fmadd_ps(p, f, one);
+      sum[v] = _mm512_add_ps(sum[v], _mm512_scalef_ps(p, _mm512_sub_ps(t, f)));  // p 2^n
+    }
+  }
+  for (int v = 0; v < V; ++v) _mm512_storeu_ps(sums + v * 16, sum[v]);
+}
+
+// The sums two vectors at a time, then their logs (independent of one another, so they overlap).
+__attribute__((target("avx512f,avx512dq"))) DIRFAST_NOINLINE uint64_t one_pass_avx512(const float* x, float* out,
+                                                                                      int64_t vectors,
+                                                                                      const ShiftedTerms& st) {
+  int64_t v = 0;
+  for (; v + 2 <= vectors; v += 2) sums_avx512<2>(x + v * 16, out + v * 16, st);
+  if (v < vectors) sums_avx512<1>(x + v * 16, out + v * 16, st);
+  uint64_t redo = 0;
+  for (v = 0; v < vectors; ++v) {
+    const __m512 sum = _mm512_loadu_ps(out + v * 16);
+    const __mmask16 kept = _mm512_cmp_ps_mask(sum, _mm512_set1_ps(kLeastSum), _CMP_GE_OQ);  // false for NaN
+    const __m512 result = _mm512_add_ps(_mm512_set1_ps(st.top), vlog_normal_avx512(sum));
+    _mm512_storeu_ps(out + v * 16,
+                     _mm512_mask_blend_ps(kept, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()), result));
+    redo |= uint64_t(kept != 0xffff) << v;
+  }
+  return redo;
+}
+#pragma GCC diagnostic pop
+
+// The same in AVX2 + FMA intrinsics, 2^t by vexp2's steps as written there.
+__attribute__((target("avx2,fma"), always_inline)) inline __m256 vlog_normal_avx2(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  __m256i e = _mm256_sub_epi32(_mm256_srai_epi32(bits, 23), _mm256_set1_epi32(126));
+  __m256 m = _mm256_castsi256_ps(
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_add_epi32(e, _mm256_castps_si256(small));  // (a true comparison is -1)
+  m = _mm256_add_ps(_mm256_sub_ps(m, _mm256_set1_ps(1.0f)), _mm256_and_ps(small, m));
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_fmadd_ps(_mm256_set1_ps(kLogPoly[0]), m, _mm256_set1_ps(kLogPoly[1]));
+  for (int i = 2; i < 9; ++i) y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kLogPoly[i]));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  const __m256 fe = _mm256_cvtepi32_ps(e);
+  y = _mm256_fmadd_ps(fe, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fmadd_ps(_mm256_set1_ps(-0.5f), z, y);
+  return _mm256_fmadd_ps(fe, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+}
+
+template <int V>
+__attribute__((target("avx2,fma"), always_inline)) inline void sums_avx2(const float* x, float* sums,
+                                                                         const ShiftedTerms& st) {
+  constexpr float kRound = 12582912.0f;  // as vexp2
+  __m256 poly[6];
+  for (int i = 0; i < 6; ++i) poly[i] = _mm256_set1_ps(kExp2Poly[i]);
+  const __m256 one = _mm256_set1_ps(1.0f), least = _mm256_set1_ps(-126.0f), round = _mm256_set1_ps(kRound);
+  const __m256i bias = _mm256_set1_epi32(0x4b400000 - 127);
+  __m256 xs[V], sum[V];
+  for (int v = 0; v < V; ++v) xs[v] = _mm256_loadu_ps(x + v * 8), sum[v] = _mm256_setzero_ps();
+  const float *m = st.m.data(), *a = st.a.data(), *d = st.d.data();
+  for (int64_t j = 0; j < st.size(); ++j) {
+    const __m256 mj = _mm256_set1_ps(m[j]), aj = _mm256_set1_ps(a[j]), dj = _mm256_set1_ps(d[j]);
+#pragma GCC unroll 2
+    for (int v = 0; v < V; ++v) {
+      const __m256 u = _mm256_mul_ps(_mm256_sub_ps(xs[v], mj), aj);
+      const __m256 t = _mm256_max_ps(least, _mm256_fnmadd_ps(u, u, dj));  // NaN stays
+      const __m256 shifted = _mm256_add_ps(t, round);
+      const __m256 f = _mm256_sub_ps(t, _mm256_sub_ps(shifted, round));
+      __m256 p = _mm256_fmadd_ps(poly[5], f, poly[4]);
+      for (int q = 3; q >= 0; --q) p = _mm256_fmadd_ps(p, f, poly[q]);
+      p = _mm256_fmadd_ps(p, f, one);
+      const __m256i pow2 = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_castps_si256(shifted), bias), 23);
+      sum[v] = _mm256_add_ps(sum[v], _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
+    }
+  }
+  for (int v = 0; v < V; ++v) _mm256_storeu_ps(sums + v * 8, sum[v]);
+}
+
+__attribute__((target("avx2,fma"))) DIRFAST_NOINLINE uint64_t one_pass_avx2(const float* x, float* out,
+                                                                             int64_t vectors, const ShiftedTerms& st) {
+  int64_t v = 0;
+  for (; v + 2 <= vectors; v += 2) sums_avx2<2>(x + v * 8, out + v * 8, st);
+  if (v < vectors) sums_avx2<1>(x + v * 8, out + v * 8, st);
+  uint64_t redo = 0;
+  for (v = 0; v < vectors; ++v) {
+    const __m256 sum = _mm256_loadu_ps(out + v * 8);
+    const __m256 kept = _mm256_cmp_ps(sum, _mm256_set1_ps(kLeastSum), _CMP_GE_OQ);  // false for NaN
+    const __m256 result = _mm256_add_ps(_mm256_set1_ps(st.top), vlog_normal_avx2(sum));
+    _mm256_storeu_ps(out + v * 8,
+                     _mm256_blendv_ps(_mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), result, kept));
+    redo |= uint64_t(_mm256_movemask_ps(kept) != 0xff) << v;
+  }
+  return redo;
+}
+#endif
+
+// The elements [begin, end) of x in one pass, blocks of up to 64 vectors of W lanes at a time
+// (OnePass: the width's one_pass_*), and again in two (TwoPass: the width's
+// forward_range_*<false, float>) for the lanes it leaves NaN. 16-bit x and a partial last block
+// are copied into a buffer first (float32), the slots past the end repeating the last value.
+template <int W, auto OnePass, auto TwoPass, typename T>
+__attribute__((always_inline)) inline void shifted_range(const T* px, float* po, int64_t begin, int64_t end,
+                                                         const ShiftedTerms& st, const float* m, const float* s,
+                                                         const float* c, int64_t k) {
+  using vf = typename FloatVec<W>::f;
+  using vi = typename FloatVec<W>::i;
+  constexpr int64_t kBlock = 64 * W;
+  float xs[kBlock], outs[kBlock], two[W];
+  for (int64_t i = begin; i < end; i += kBlock) {
+    const int64_t n = std::min(kBlock, end - i), vectors = (n + W - 1) / W;
+    const float* xb = xs;
+    float* ob = outs;
+    if constexpr (std::is_same_v<T, float>) {
+      if (n == vectors * W) xb = px + i, ob = po + i;
+    }
+    if (xb == xs) {
+      for (int64_t t = 0; t < vectors * W; ++t) xs[t] = static_cast<float>(px[i + std::min(t, n - 1)]);
+    }
+    for (uint64_t redo = OnePass(xb, ob, vectors, st); redo != 0; redo &= redo - 1) {
+      const int64_t v = __builtin_ctzll(redo);
+      TwoPass(xb + v * W, two, nullptr, nullptr, 0, W, m, s, c, k);
+      const vf one = load_vec<vf>(ob + v * W);
+      store_vec(ob + v * W, vselect(vnan_mask<vf, vi>(one), load_vec<vf>(two), one));
+    }
+    if (ob == outs) std::copy(outs, outs + n, po + i);
+  }
+}
+
+#if DIRFAST_MIXTURE_ISAS
+template <typename T>
+__attribute__((target("avx512f,avx512dq"))) DIRFAST_NOINLINE void shifted_range_avx512(
+    const T* px, float* po, int64_t begin, int64_t end, const ShiftedTerms& st, const float* m, const float* s,
+    const float* c, int64_t k) {
+  shifted_range<16, one_pass_avx512, forward_range_avx512<false, float>, T>(px, po, begin, end, st, m, s, c, k);
+}
+
+template <typename T>
+__attribute__((target("avx2,fma"))) DIRFAST_NOINLINE void shifted_range_avx2(
+    const T* px, float* po, int64_t begin, int64_t end, const ShiftedTerms& st, const float* m, const float* s,
+    const float* c, int64_t k) {
+  shifted_range<8, one_pass_avx2, forward_range_avx2<false, float>, T>(px, po, begin, end, st, m, s, c, k);
+}
+#endif
+
+template <typename T>
+DIRFAST_NOINLINE void shifted_range_baseline(const T* px, float* po, int64_t begin, int64_t end,
+                                             const ShiftedTerms& st, const float* m, const float* s, const float* c,
+                                             int64_t k) {
+  shifted_range<4, one_pass_baseline, forward_range_baseline<false, float>, T>(px, po, begin, end, st, m, s, c, k);
+}
+
+// The float32 forward of the elements [begin, end) by the code of `lanes` float lanes (16, 8 or 4,
+// which the machine must have): in one pass where shifted is given (no kGrads), else in two.
+template <bool kGrads, typename T>
+void forward_float_range(int lanes, const T* px, float* po, float* pgx, float* pgv, int64_t begin, int64_t end,
+                         const Components<float>& comp, const ShiftedTerms* shifted) {
+  const float *m = comp.m.data(), *s = comp.s.data(), *c = comp.c.data();
+  const int64_t k = comp.size();
+  if constexpr (!kGrads) {
+    if (shifted != nullptr) {
+#if DIRFAST_MIXTURE_ISAS
+      if (lanes == 16) return shifted_range_avx512<T>(px, po, begin, end, *shifted, m, s, c, k);
+      if (lanes == 8) return shifted_range_avx2<T>(px, po, begin, end, *shifted, m, s, c, k);
+#endif
+      return shifted_range_baseline<T>(px, po, begin, end, *shifted, m, s, c, k);
+    }
+  }
+#if DIRFAST_MIXTURE_ISAS
+  if (lanes == 16) return forward_range_avx512<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
+  if (lanes == 8) return forward_range_avx2<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
+#endif
+  forward_range_baseline<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
 }
 
 // float64, kLanes elements: forward_vector's values in plain loops with std::exp and std::log.
@@ -351,13 +646,9 @@ DIRFAST_NOINLINE void forward_all(const T* px, acc_t* po, acc_t* pgx, acc_t* pgv
   const int64_t grain = std::max<int64_t>(kLanes, kGrainExps / comp.size());
   if constexpr (std::is_same_v<acc_t, float>) {
     const int lanes = float_lanes();
-    const float *m = comp.m.data(), *s = comp.s.data(), *c = comp.c.data();
+    const std::optional<ShiftedTerms> shifted = kGrads ? std::nullopt : ShiftedTerms::of(comp);
     parallel_for_ranges(n, grain, [&](int64_t begin, int64_t end) {
-#if DIRFAST_MIXTURE_ISAS
-      if (lanes == 16) return forward_range_avx512<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, comp.size());
-      if (lanes == 8) return forward_range_avx2<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, comp.size());
-#endif
-      forward_range_baseline<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, comp.size());
+      forward_float_range<kGrads, T>(lanes, px, po, pgx, pgv, begin, end, comp, shifted ? &*shifted : nullptr);
     });
   } else {
     parallel_for_pieces(n, grain, [&](auto next) {
@@ -502,6 +793,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixture_logpdf_backward_cpu(
 }
 
 }  // namespace
+
+bool mixture_logpdf_lanes(const float* x, int64_t n, const float* means, const float* variances,
+                          const float* log_weights, int64_t k, int lanes, float* out) {
+  if ((lanes != 16 && lanes != 8 && lanes != 4) || lanes > float_lanes()) return false;
+  const Components<float> comp(means, variances, log_weights, k);
+  const std::optional<ShiftedTerms> shifted = ShiftedTerms::of(comp);
+  forward_float_range<false, float>(lanes, x, out, nullptr, nullptr, 0, n, comp, shifted ? &*shifted : nullptr);
+  return true;
+}
+
 }  // namespace cpu
 }  // namespace dirfast
 

@@ -1,0 +1,17 @@
+// What csrc/module.cpp gives tests beyond the ops and the thread limit: entry points into the
+// kernels' code that the dispatcher does not reach, defined in the kernel files they look into.
+#pragma once
+
+#include <cstdint>
+
+namespace dirfast {
+namespace cpu {
+
+// mixture_logpdf's float32 forward (no gradients) of the n values x into out, on this thread, by
+// the code of `lanes` float lanes (16: AVX-512, 8: AVX2 + FMA, 4: the baseline): tests compare the
+// widths, which promise the same bits. False where this machine cannot run that code.
+bool mixture_logpdf_lanes(const float* x, int64_t n, const float* means, const float* variances,
+                          const float* log_weights, int64_t k, int lanes, float* out);
+
+}  // namespace cpu
+}  // namespace dirfast
