@@ -258,11 +258,12 @@ def test_weights_of_zero(backend, device, dtype):
 @pytest.mark.filterwarnings("ignore:invalid value encountered in reduce:RuntimeWarning")
 def test_subnormal_variances(backend, device, dtype, tiny, step):
     """A positive subnormal variance is a valid, very narrow component, computed in full: near
-    its mean it dominates the density (values far above 0), elsewhere it adds nothing; the
-    gradients in x, the means and the log-weights, and in the other variances, are the oracle's
-    (the subnormal variance's own gradient, of order 1 / v, overflows the dtype and is left
-    out)."""
-    x = torch.tensor([0.0, step, 3 * step, 0.5, -2.0, 4.0], dtype=dtype, device=device)
+    its mean it dominates the density (values far above 0), elsewhere it adds nothing, also where
+    z = (x - m) / sqrt(v) is huge but z^2 finite (0.05: a term of 2^-126 for exp(-5e37) times z s
+    ~ 5e38 once made the gradient in x 10-20); the gradients in x, the means and the log-weights,
+    and in the other variances, are the oracle's (the subnormal variance's own gradient, of order
+    1 / v, overflows the dtype and is left out)."""
+    x = torch.tensor([0.0, step, 3 * step, 0.5, -2.0, 4.0, 0.05], dtype=dtype, device=device)
     m = torch.tensor([0.0, 1.0, -1.0], dtype=dtype, device=device)
     v = torch.tensor([tiny, 0.5, 2.0], dtype=dtype, device=device)
     lw = torch.tensor([-1.0, -0.5, -2.0], dtype=dtype, device=device)
@@ -270,7 +271,12 @@ def test_subnormal_variances(backend, device, dtype, tiny, step):
     out = check_mixture(backend, (x, m, v, lw), grads=(0, 1, 3))
     assert bool((out[:3] > 30).all()) and bool(torch.isfinite(out).all())
     _, grads = run(backend, (x, m, v, lw))
-    torch.testing.assert_close(grads[2][1:].cpu().double(), loop_mixture_logpdf(x, m, v, lw)[1][2][1:], **tol(dtype))
+    _, expected_grads, expected_shift = loop_mixture_logpdf(x, m, v, lw)
+    torch.testing.assert_close(grads[2][1:].cpu().double(), expected_grads[2][1:], **tol(dtype))
+    # off the narrow component the gradients are of order 1 (check_mixture scales them by 1e20)
+    fused = on(backend, mixture_logpdf_with_grads_unchecked, x, m, v, lw)
+    for got, want in ((grads[0], expected_grads[0]), (fused[1], expected_grads[0]), (fused[2], expected_shift)):
+        torch.testing.assert_close(got[3:].cpu().double(), want[3:], **tol(dtype))
 
 
 @functools.lru_cache(maxsize=None)

@@ -86,7 +86,9 @@ struct Components {
 
 // One component's term of a vector of elements, shifted by their max (arg = term - max <= 0 but for
 // rounding), added to the sum of exponentials e and, with kGrads, to the sums of e z s and of
-// e (z^2 - 1) s^2 / 2 (an e of 0 adds nothing to them, not 0 * inf).
+// e (z^2 - 1) s^2 / 2, where arg is -87.3 or more: below, vexp_shifted's 2^-126 is not e, and 2^-126
+// z s is not small where the variance is tiny (it made gx 10-20 off a subnormal variance's mean);
+// the true e adds nothing float32 sees, and an e of 0 nothing at all (not 0 * inf).
 template <int W, bool kGrads>
 __attribute__((always_inline)) inline void add_term(typename FloatVec<W>::f arg, typename FloatVec<W>::f z, float s,
                                                     typename FloatVec<W>::f& sum, typename FloatVec<W>::f& along_x,
@@ -94,8 +96,8 @@ __attribute__((always_inline)) inline void add_term(typename FloatVec<W>::f arg,
   using vf = typename FloatVec<W>::f;
   using vi = typename FloatVec<W>::i;
   if constexpr (kGrads) {
-    const vf e = arg == -std::numeric_limits<float>::infinity() ? vf{} : vexp_shifted<vf, vi>(arg);
-    const vi zero = e == 0.0f;
+    const vf e = vexp_shifted<vf, vi>(arg);
+    const vi zero = arg < -87.3f;
     sum += e;
     along_x += zero ? vf{} : e * z * s;
     along_v += zero ? vf{} : e * vfma(z, z, vf{} - 1.0f) * (0.5f * s * s);
@@ -540,7 +542,8 @@ void forward_lanes(const double* xs, double* out, double* gx, double* gv, const 
 // The backward of kLanes elements, with r_k = g exp(term_k - out): gx[t] = -sum_k r_k z s_k, and per
 // component the sums over the lanes of r_k times (z s_k, (z^2 - 1) s_k^2 / 2, 1) added to gm, gv,
 // gw [k][lane]. An element of density 0 (out = -inf) has no responsibilities, and a zero
-// responsibility adds nothing (not 0 * inf): its gradients are 0. Float32: kLanes / W vectors.
+// responsibility adds nothing (not 0 * inf): its gradients are 0. Float32: kLanes / W vectors, a
+// term - out below -87.3 a responsibility of 0.
 template <int W>
 __attribute__((always_inline)) inline void backward_block(const float* xs_in, const float* out_in, const float* g_in,
                                                           float* gx_out, const float* m, const float* s,
@@ -564,7 +567,7 @@ __attribute__((always_inline)) inline void backward_block(const float* xs_in, co
     for (int v = 0; v < V; ++v) {
       const vf z = (xs[v] - m[j]) * s[j];
       const vf arg = vfma(-0.5f * z, z, c[j] - shift[v]);  // term - out <= 0, but for rounding
-      const vf r = arg == -std::numeric_limits<float>::infinity() ? vf{} : g[v] * vexp_shifted<vf, vi>(arg);
+      const vf r = arg < -87.3f ? vf{} : g[v] * vexp_shifted<vf, vi>(arg);  // (as add_term: not 2^-126)
       const vi zero = r == 0.0f;
       const vf rz = zero ? vf{} : r * z * s[j];
       gx[v] -= rz;
