@@ -32,26 +32,28 @@ PyObject* read_busy_cpus(PyObject*, PyObject* root) {
   return Py_BuildValue("(dL)", busy_s, static_cast<long long>(cpus));
 }
 
-// (x, means, variances, log_weights, lanes): float32 values as bytes in and out; None where this
-// machine has no code of that width.
+// (x, means, variances, log_weights, lanes, grads): float32 values as bytes in, out as bytes (with
+// grads, out, gx and gv one after another); None where this machine has no code of that width.
 PyObject* mixture_logpdf_lanes(PyObject*, PyObject* args) {
   const char *x, *means, *variances, *log_weights;
   Py_ssize_t nx, nm, nv, nw;
-  int lanes;
-  if (!PyArg_ParseTuple(args, "y#y#y#y#i", &x, &nx, &means, &nm, &variances, &nv, &log_weights, &nw, &lanes)) {
+  int lanes, grads;
+  if (!PyArg_ParseTuple(args, "y#y#y#y#ip", &x, &nx, &means, &nm, &variances, &nv, &log_weights, &nw, &lanes,
+                        &grads)) {
     return nullptr;
   }
   if (nx % 4 != 0 || nm % 4 != 0 || nv != nm || nw != nm) {
     PyErr_SetString(PyExc_ValueError, "float32 bytes expected, the three tables of one length");
     return nullptr;
   }
-  std::string out(static_cast<size_t>(nx), '\0');
+  std::string out(static_cast<size_t>(grads ? 3 * nx : nx), '\0');
   const auto f = [](const char* p) { return reinterpret_cast<const float*>(p); };
-  if (!dirfast::cpu::mixture_logpdf_lanes(f(x), nx / 4, f(means), f(variances), f(log_weights), nm / 4, lanes,
-                                          reinterpret_cast<float*>(out.data()))) {
+  float* o = reinterpret_cast<float*>(out.data());
+  if (!dirfast::cpu::mixture_logpdf_lanes(f(x), nx / 4, f(means), f(variances), f(log_weights), nm / 4, lanes, o,
+                                          grads ? o + nx / 4 : nullptr, grads ? o + nx / 2 : nullptr)) {
     Py_RETURN_NONE;
   }
-  return PyBytes_FromStringAndSize(out.data(), nx);
+  return PyBytes_FromStringAndSize(out.data(), static_cast<Py_ssize_t>(out.size()));
 }
 
 PyMethodDef methods[] = {
@@ -61,7 +63,8 @@ PyMethodDef methods[] = {
     {"_read_busy_cpus", read_busy_cpus, METH_O,
      "(busy seconds, CPUs) of this process's CPUs in <root>/proc/stat, or None ('' reads this machine's)."},
     {"_mixture_logpdf_lanes", mixture_logpdf_lanes, METH_VARARGS,
-     "mixture_logpdf's float32 forward of x (bytes) by the code of <lanes> float lanes, or None without it."},
+     "mixture_logpdf's float32 forward of x (bytes; with grads, and its gradients) by the code of <lanes> float "
+     "lanes, or None without it."},
     {nullptr, nullptr, 0, nullptr},
 };
 

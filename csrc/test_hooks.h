@@ -7,11 +7,12 @@
 namespace dirfast {
 namespace cpu {
 
-// mixture_logpdf's float32 forward (no gradients) of the n values x into out, on this thread, by
-// the code of `lanes` float lanes (16: AVX-512, 8: AVX2 + FMA, 4: the baseline): tests compare the
-// widths, which promise the same bits. False where this machine cannot run that code.
+// mixture_logpdf's float32 forward of the n values x into out (and where gx is given, with the
+// gradients, into gx and gv), on this thread, by the code of `lanes` float lanes (16: AVX-512, 8:
+// AVX2 + FMA, 4: the baseline): tests compare the widths, which promise the same bits. False where
+// this machine cannot run that code.
 bool mixture_logpdf_lanes(const float* x, int64_t n, const float* means, const float* variances,
-                          const float* log_weights, int64_t k, int lanes, float* out);
+                          const float* log_weights, int64_t k, int lanes, float* out, float* gx, float* gv);
 
 }  // namespace cpu
 }  // namespace dirfast

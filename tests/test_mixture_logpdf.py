@@ -360,13 +360,17 @@ def _tables_for_widths():
 
 
 @pytest.mark.skipif(dirfast._ext.CPU is None, reason=f"cpp unavailable: {dirfast._ext.CPU_REASON}")
-def test_cpp_float32_forward_same_bits_for_every_vector_width():
-    """The C++ float32 forward's AVX-512 (intrinsics), AVX2 and baseline code give the same bits,
-    as it promises: in one pass over the components and in two for the elements whose terms
-    all lie far below the largest component (or that are not finite), in partial last vectors
-    too; the op runs the widest code this machine has, and its values are the float64
-    reference's. Widths the machine lacks are left out (the hook returns None)."""
+@pytest.mark.parametrize("grads", [False, True], ids=["forward", "with_grads"])
+def test_cpp_float32_forward_same_bits_for_every_vector_width(grads):
+    """The C++ float32 forward (and the one with the element gradients) gives the same bits with
+    its AVX-512 and AVX2 code (intrinsics) and the baseline's, as it promises: in one pass over the
+    components and in two for the elements whose terms all lie far below the largest component
+    (or that are not finite), in partial last vectors too; the op runs the widest code this
+    machine has, and its values are the float64 reference's. Widths the machine lacks are left out
+    (the hook returns None)."""
     lanes_of = dirfast._ext.CPU._mixture_logpdf_lanes
+    op = mixture_logpdf_with_grads_unchecked if grads else dirfast.ops.mixture_logpdf
+    oracle = reference_with_grads if grads else lambda *args: (reference(*args),)
     g = gen(62)
     x = torch.cat([torch.randn(1990, generator=g) * 4, torch.tensor(
         [math.inf, -math.inf, math.nan, 1e30, -1e30, 0.0, 50.0, -80.0, 1e4, 3e-3, -0.5])])
@@ -375,15 +379,19 @@ def test_cpp_float32_forward_same_bits_for_every_vector_width():
         args = [t.float().numpy().tobytes() for t in (m, v, lw)]
         for n in (x.numel(), 37):
             xb = x[:n].numpy().tobytes()
-            outs = {lanes: lanes_of(xb, *args, lanes) for lanes in (16, 8, 4)}
-            ran = {lanes: torch.frombuffer(bytearray(o), dtype=torch.float32) for lanes, o in outs.items() if o}
+            outs = {lanes: lanes_of(xb, *args, lanes, grads) for lanes in (16, 8, 4)}
+            ran = {lanes: torch.frombuffer(bytearray(o), dtype=torch.int32) for lanes, o in outs.items() if o}
             assert 4 in ran
             for lanes, got in ran.items():
-                assert torch.equal(got.view(torch.int32), ran[4].view(torch.int32)), (name, n, lanes)
-            op = on("cpp", dirfast.ops.mixture_logpdf, x[:n], m, v, lw)
-            assert torch.equal(op.view(torch.int32), ran[max(ran)].view(torch.int32)), (name, n)
-            want = reference(x[:n].double(), m.double(), v.double(), lw.double()).float()  # -inf past float32
-            torch.testing.assert_close(op, want, equal_nan=True, rtol=2e-6, atol=2e-6, msg=name)
+                assert torch.equal(got, ran[4]), (name, n, lanes)
+            got = on("cpp", op, x[:n], m, v, lw)
+            got = list(got) if grads else [got]
+            assert torch.equal(torch.cat(got).view(torch.int32), ran[max(ran)]), (name, n)
+            want = [w.float() for w in oracle(x[:n].double(), m.double(), v.double(), lw.double())]  # inf past float32
+            torch.testing.assert_close(got[0], want[0], equal_nan=True, rtol=2e-6, atol=2e-6, msg=name)
+            finite = torch.isfinite(want[0])  # (a density 0 in float32 has gradients 0, not float64's)
+            for g_got, g_want in zip(got[1:], want[1:]):
+                _close_to_largest(g_got[finite], g_want[finite].double(), dict(rtol=1e-5, atol=1e-5))
 
 
 # =========================================================================== the reference's memory

@@ -5,15 +5,16 @@
 // and out = max_k term + log sum_k exp(term_k - max) (the reference's formulation: a subnormal
 // variance keeps a finite s_k). A component with invalid parameters gets c_k = NaN, so every
 // output is NaN (dirfast.ops.mixture_logpdf documents the rule). The float32 forward computes a
-// vector of elements at a time with polynomial exp (2^x without gradients) and log (vexp.h, about
+// vector of elements at a time with polynomial exp (2^x in one pass) and log (vexp.h, about
 // 1 ulp, by explicit fused multiply-adds) in the machine's vector width: AVX-512 (+ DQ), AVX2 + FMA
-// or the baseline (libm's fmaf there), chosen at run time, with the same bits; without gradients
-// in one pass over the components (ShiftedTerms), with them in two. The float64 forward uses plain
-// loops and std::exp. The backward takes elements kLanes at a time (converted to the arithmetic
-// type in a small buffer; in float32 as kLanes / W vectors of the machine's width W, by fused
-// multiply-adds and vexp_shifted, as term_k - out <= 0: the same bits for every width), recomputes
-// each element's responsibilities r_k = exp(term_k - out) and sums the component gradients per
-// fixed chunk of elements, the chunks then added in order: the same bits for any number of threads.
+// or the baseline (libm's fmaf there), chosen at run time, with the same bits, in one pass over
+// the components (ShiftedTerms) and in two for the elements that need them. The float64 forward
+// uses plain loops and std::exp. The backward takes elements kLanes at a time (converted to the
+// arithmetic type in a small buffer; in float32 as kLanes / W vectors of the machine's width W, by
+// fused multiply-adds and vexp_shifted, as term_k - out <= 0: the same bits for every width),
+// recomputes each element's responsibilities r_k = exp(term_k - out) and sums the component
+// gradients per fixed chunk of elements, the chunks then added in order: the same bits for any
+// number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -211,18 +212,21 @@ inline int float_lanes() {
 #endif
 }
 
-// The float32 forward without gradients in one pass over the components: every term shifted by
-// top = max_k c_k instead of the element's largest term (term_k <= c_k: no exponential overflows),
-// so there is no max pass. In log2 units, t_k = d_k - u^2 with d_k = (c_k - top) log2(e) <= 0 and
+// The float32 forward in one pass over the components: every term shifted by top = max_k c_k
+// instead of the element's largest term (term_k <= c_k: no exponential overflows), so there is no
+// max pass. In log2 units, t_k = d_k - u^2 with d_k = (c_k - top) log2(e) <= 0 and
 // u = (x - m_k) a_k, a_k = s_k sqrt(log2(e) / 2): 2^t_k = exp(term_k - top), out = top + log sum_k
 // 2^t_k (vexp2: terms below 2^-126 count as 2^-126 to 2^-125). Components of weight 0 (c_k = -inf)
 // are left out. An element whose sum is below kLeastSum (its largest term over 44 nats below top,
 // or x not finite) or NaN is computed again in two passes (forward_vector); from kLeastSum up, the
-// terms raised to 2^-126 change the sum by less than float32 sees, for any K below 2^36.
+// terms raised to 2^-126 change the sum by less than float32 sees, for any K below 2^36. With
+// gradients, also gx = -sum_k e_k z s_k / sum and gv = sum_k e_k ((z s_k)^2 - s_k^2) / 2 / sum
+// (forward_vector's), over the terms whose t_k is -126 or more (the raised ones add nothing).
 constexpr float kLeastSum = 0x1p-64f;
 
 struct ShiftedTerms {
   std::vector<float> m, a, d;  // the components of c_k > -inf
+  std::vector<float> q, s2;    // with gradients: z s = u q_k, q_k = s_k sqrt(2 / log2(e)); s_k^2
   float top = 0;
 
   // None where a c_k is NaN (every output is NaN) or none is finite: the two passes do those.
@@ -242,40 +246,56 @@ struct ShiftedTerms {
       st.m.push_back(comp.m[j]);
       st.a.push_back(static_cast<float>(comp.s[j] * half_log2e_root));
       st.d.push_back(static_cast<float>((double(comp.c[j]) - st.top) * log2e));
+      st.q.push_back(static_cast<float>(comp.s[j] / half_log2e_root));
+      st.s2.push_back(static_cast<float>(double(comp.s[j]) * comp.s[j]));
     }
     return st;
   }
   int64_t size() const { return static_cast<int64_t>(m.size()); }
 };
 
-// One pass over full vectors: out for the W-lane vectors x[0, vectors W), NaN in every lane whose
-// sum is below kLeastSum or NaN (left to the two passes); bit v of the result set where vector v
-// has such a lane (vectors <= 64). The baseline's in generic code (vexp2, vlog_normal); AVX2's and
-// AVX-512's in intrinsics with the same bits (g++ 12 compiled the generic code's fused
-// multiply-adds lane by lane in them).
-template <int W>
-__attribute__((always_inline)) inline uint64_t one_pass_vectors(const float* x, float* out, int64_t vectors,
-                                                                const ShiftedTerms& st) {
+// One pass over full vectors: out (kGrads: and gx, gv) for the W-lane vectors x[0, vectors W), out
+// NaN in every lane whose sum is below kLeastSum or NaN (left to the two passes); bit v of the
+// result set where vector v has such a lane (vectors <= 64). The baseline's in generic code
+// (vexp2, vlog_normal); AVX2's and AVX-512's in intrinsics with the same bits (g++ 12 compiled the
+// generic code's fused multiply-adds lane by lane in them).
+template <int W, bool kGrads>
+__attribute__((always_inline)) inline uint64_t one_pass_vectors(const float* x, float* out, float* gx, float* gv,
+                                                                int64_t vectors, const ShiftedTerms& st) {
   using vf = typename FloatVec<W>::f;
   using vi = typename FloatVec<W>::i;
   uint64_t redo = 0;
   for (int64_t v = 0; v < vectors; ++v) {
     const vf xs = load_vec<vf>(x + v * W);
-    vf sum = vf{};
+    vf sum = vf{}, along_x = vf{}, along_v = vf{};
     for (int64_t j = 0; j < st.size(); ++j) {
       const vf u = (xs - st.m[j]) * st.a[j];
-      sum += vexp2<vf, vi>(vfma(vf{} - u, u, vf{} + st.d[j]));
+      const vf t = vfma(vf{} - u, u, vf{} + st.d[j]);
+      const vf e = vexp2<vf, vi>(t);
+      sum += e;
+      if constexpr (kGrads) {
+        const vi counted = t >= -126.0f;
+        const vf zs = u * st.q[j];
+        along_x = vselect(counted, vfma(e, zs, along_x), along_x);
+        along_v = vselect(counted, vfma(e, vfma(zs, zs, vf{} - st.s2[j]), along_v), along_v);
+      }
     }
     const vi kept = sum >= kLeastSum;  // false for NaN
     store_vec(out + v * W, vselect(kept, st.top + vlog_normal<vf, vi>(sum),
                                    vf{} + std::numeric_limits<float>::quiet_NaN()));
+    if constexpr (kGrads) {
+      store_vec(gx + v * W, (vf{} - along_x) / sum);
+      store_vec(gv + v * W, along_v * 0.5f / sum);
+    }
     for (int l = 0; l < W; ++l) redo |= uint64_t(kept[l] == 0) << v;
   }
   return redo;
 }
 
-DIRFAST_NOINLINE uint64_t one_pass_baseline(const float* x, float* out, int64_t vectors, const ShiftedTerms& st) {
-  return one_pass_vectors<4>(x, out, vectors, st);
+template <bool kGrads>
+DIRFAST_NOINLINE uint64_t one_pass_baseline(const float* x, float* out, float* gx, float* gv, int64_t vectors,
+                                            const ShiftedTerms& st) {
+  return one_pass_vectors<4, kGrads>(x, out, gx, gv, vectors, st);
 }
 
 #if DIRFAST_MIXTURE_ISAS
@@ -304,43 +324,64 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 vlog_no
   return _mm512_fmadd_ps(fe, _mm512_set1_ps(0.693359375f), _mm512_add_ps(m, y));
 }
 
-// sum_k 2^t_k of the V vectors at x into sums, their terms interleaved (two chains of dependent
-// steps instead of one: 25-30% faster than one vector at a time at K = 10, measured). 2^t as
-// vexp2 (its max(-126, t) first) by scalef(p(f), n), f by one reduce (AVX-512 DQ).
-template <int V>
+// sum_k 2^t_k of the V vectors at x into sums (kGrads: and the gradient sums into gx, gv), their
+// terms interleaved (two chains of dependent steps instead of one: 25-30% faster than one vector
+// at a time at K = 10, measured). 2^t as vexp2 (its max(-126, t) first) by scalef(p(f), n), f by
+// one reduce (AVX-512 DQ).
+template <int V, bool kGrads>
 __attribute__((target("avx512f,avx512dq"), always_inline)) inline void sums_avx512(const float* x, float* sums,
+                                                                                   float* gx, float* gv,
                                                                                    const ShiftedTerms& st) {
   __m512 poly[6];
   for (int i = 0; i < 6; ++i) poly[i] = _mm512_set1_ps(kExp2Poly[i]);
   const __m512 one = _mm512_set1_ps(1.0f), least = _mm512_set1_ps(-126.0f);
-  __m512 xs[V], sum[V];
-  for (int v = 0; v < V; ++v) xs[v] = _mm512_loadu_ps(x + v * 16), sum[v] = _mm512_setzero_ps();
-  const float *m = st.m.data(), *a = st.a.data(), *d = st.d.data();
+  __m512 xs[V], sum[V], along_x[V], along_v[V];
+  for (int v = 0; v < V; ++v) {
+    xs[v] = _mm512_loadu_ps(x + v * 16);
+    sum[v] = along_x[v] = along_v[v] = _mm512_setzero_ps();
+  }
+  const float *m = st.m.data(), *a = st.a.data(), *d = st.d.data(), *q = st.q.data(), *s2 = st.s2.data();
   for (int64_t j = 0; j < st.size(); ++j) {
     const __m512 mj = _mm512_set1_ps(m[j]), aj = _mm512_set1_ps(a[j]), dj = _mm512_set1_ps(d[j]);
 #pragma GCC unroll 2
     for (int v = 0; v < V; ++v) {
       const __m512 u = _mm512_mul_ps(_mm512_sub_ps(xs[v], mj), aj);
-      const __m512 t = _mm512_max_ps(least, _mm512_fnmadd_ps(u, u, dj));  // NaN stays
+      const __m512 raw = _mm512_fnmadd_ps(u, u, dj);
+      const __m512 t = _mm512_max_ps(least, raw);  // NaN stays
       // f = t - n and n = t - f, n = t rounded to nearest: both exact (reduce toward -inf would round
       // its f = 1 + t for a t just below 0, otherwise than a subtraction does)
       const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       __m512 p = _mm512_fmadd_ps(poly[5], f, poly[4]);
-      for (int q = 3; q >= 0; --q) p = _mm512_fmadd_ps(p, f, poly[q]);
+      for (int r = 3; r >= 0; --r) p = _mm512_fmadd_ps(p, f, poly[r]);
       p = _mm512_fmadd_ps(p, f, one);
-      sum[v] = _mm512_add_ps(sum[v], _mm512_scalef_ps(p, _mm512_sub_ps(t, f)));  // p 2^n
+      const __m512 e = _mm512_scalef_ps(p, _mm512_sub_ps(t, f));  // p 2^n
+      sum[v] = _mm512_add_ps(sum[v], e);
+      if constexpr (kGrads) {
+        const __mmask16 counted = _mm512_cmp_ps_mask(raw, least, _CMP_GE_OQ);
+        const __m512 zs = _mm512_mul_ps(u, _mm512_set1_ps(q[j]));
+        along_x[v] = _mm512_mask3_fmadd_ps(e, zs, along_x[v], counted);
+        along_v[v] = _mm512_mask3_fmadd_ps(e, _mm512_fmsub_ps(zs, zs, _mm512_set1_ps(s2[j])), along_v[v], counted);
+      }
     }
   }
-  for (int v = 0; v < V; ++v) _mm512_storeu_ps(sums + v * 16, sum[v]);
+  for (int v = 0; v < V; ++v) {
+    _mm512_storeu_ps(sums + v * 16, sum[v]);
+    if constexpr (kGrads) {
+      _mm512_storeu_ps(gx + v * 16, along_x[v]);
+      _mm512_storeu_ps(gv + v * 16, along_v[v]);
+    }
+  }
 }
 
 // The sums two vectors at a time, then their logs (independent of one another, so they overlap).
+template <bool kGrads>
 __attribute__((target("avx512f,avx512dq"))) DIRFAST_NOINLINE uint64_t one_pass_avx512(const float* x, float* out,
+                                                                                      float* gx, float* gv,
                                                                                       int64_t vectors,
                                                                                       const ShiftedTerms& st) {
   int64_t v = 0;
-  for (; v + 2 <= vectors; v += 2) sums_avx512<2>(x + v * 16, out + v * 16, st);
-  if (v < vectors) sums_avx512<1>(x + v * 16, out + v * 16, st);
+  for (; v + 2 <= vectors; v += 2) sums_avx512<2, kGrads>(x + v * 16, out + v * 16, gx + v * 16, gv + v * 16, st);
+  if (v < vectors) sums_avx512<1, kGrads>(x + v * 16, out + v * 16, gx + v * 16, gv + v * 16, st);
   uint64_t redo = 0;
   for (v = 0; v < vectors; ++v) {
     const __m512 sum = _mm512_loadu_ps(out + v * 16);
@@ -348,6 +389,11 @@ __attribute__((target("avx512f,avx512dq"))) DIRFAST_NOINLINE uint64_t one_pass_a
     const __m512 result = _mm512_add_ps(_mm512_set1_ps(st.top), vlog_normal_avx512(sum));
     _mm512_storeu_ps(out + v * 16,
                      _mm512_mask_blend_ps(kept, _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()), result));
+    if constexpr (kGrads) {
+      const __m512 along_x = _mm512_loadu_ps(gx + v * 16), along_v = _mm512_loadu_ps(gv + v * 16);
+      _mm512_storeu_ps(gx + v * 16, _mm512_div_ps(_mm512_sub_ps(_mm512_setzero_ps(), along_x), sum));
+      _mm512_storeu_ps(gv + v * 16, _mm512_div_ps(_mm512_mul_ps(along_v, _mm512_set1_ps(0.5f)), sum));
+    }
     redo |= uint64_t(kept != 0xffff) << v;
   }
   return redo;
@@ -373,40 +419,60 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 vlog_normal_avx
   return _mm256_fmadd_ps(fe, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
 }
 
-template <int V>
-__attribute__((target("avx2,fma"), always_inline)) inline void sums_avx2(const float* x, float* sums,
-                                                                         const ShiftedTerms& st) {
+template <int V, bool kGrads>
+__attribute__((target("avx2,fma"), always_inline)) inline void sums_avx2(const float* x, float* sums, float* gx,
+                                                                         float* gv, const ShiftedTerms& st) {
   constexpr float kRound = 12582912.0f;  // as vexp2
   __m256 poly[6];
   for (int i = 0; i < 6; ++i) poly[i] = _mm256_set1_ps(kExp2Poly[i]);
   const __m256 one = _mm256_set1_ps(1.0f), least = _mm256_set1_ps(-126.0f), round = _mm256_set1_ps(kRound);
   const __m256i bias = _mm256_set1_epi32(0x4b400000 - 127);
-  __m256 xs[V], sum[V];
-  for (int v = 0; v < V; ++v) xs[v] = _mm256_loadu_ps(x + v * 8), sum[v] = _mm256_setzero_ps();
-  const float *m = st.m.data(), *a = st.a.data(), *d = st.d.data();
+  __m256 xs[V], sum[V], along_x[V], along_v[V];
+  for (int v = 0; v < V; ++v) {
+    xs[v] = _mm256_loadu_ps(x + v * 8);
+    sum[v] = along_x[v] = along_v[v] = _mm256_setzero_ps();
+  }
+  const float *m = st.m.data(), *a = st.a.data(), *d = st.d.data(), *q = st.q.data(), *s2 = st.s2.data();
   for (int64_t j = 0; j < st.size(); ++j) {
     const __m256 mj = _mm256_set1_ps(m[j]), aj = _mm256_set1_ps(a[j]), dj = _mm256_set1_ps(d[j]);
 #pragma GCC unroll 2
     for (int v = 0; v < V; ++v) {
       const __m256 u = _mm256_mul_ps(_mm256_sub_ps(xs[v], mj), aj);
-      const __m256 t = _mm256_max_ps(least, _mm256_fnmadd_ps(u, u, dj));  // NaN stays
+      const __m256 raw = _mm256_fnmadd_ps(u, u, dj);
+      const __m256 t = _mm256_max_ps(least, raw);  // NaN stays
       const __m256 shifted = _mm256_add_ps(t, round);
       const __m256 f = _mm256_sub_ps(t, _mm256_sub_ps(shifted, round));
       __m256 p = _mm256_fmadd_ps(poly[5], f, poly[4]);
-      for (int q = 3; q >= 0; --q) p = _mm256_fmadd_ps(p, f, poly[q]);
+      for (int r = 3; r >= 0; --r) p = _mm256_fmadd_ps(p, f, poly[r]);
       p = _mm256_fmadd_ps(p, f, one);
       const __m256i pow2 = _mm256_slli_epi32(_mm256_sub_epi32(_mm256_castps_si256(shifted), bias), 23);
-      sum[v] = _mm256_add_ps(sum[v], _mm256_mul_ps(p, _mm256_castsi256_ps(pow2)));
+      const __m256 e = _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
+      sum[v] = _mm256_add_ps(sum[v], e);
+      if constexpr (kGrads) {
+        const __m256 counted = _mm256_cmp_ps(raw, least, _CMP_GE_OQ);
+        const __m256 zs = _mm256_mul_ps(u, _mm256_set1_ps(q[j]));
+        along_x[v] = _mm256_blendv_ps(along_x[v], _mm256_fmadd_ps(e, zs, along_x[v]), counted);
+        const __m256 w = _mm256_fmsub_ps(zs, zs, _mm256_set1_ps(s2[j]));
+        along_v[v] = _mm256_blendv_ps(along_v[v], _mm256_fmadd_ps(e, w, along_v[v]), counted);
+      }
     }
   }
-  for (int v = 0; v < V; ++v) _mm256_storeu_ps(sums + v * 8, sum[v]);
+  for (int v = 0; v < V; ++v) {
+    _mm256_storeu_ps(sums + v * 8, sum[v]);
+    if constexpr (kGrads) {
+      _mm256_storeu_ps(gx + v * 8, along_x[v]);
+      _mm256_storeu_ps(gv + v * 8, along_v[v]);
+    }
+  }
 }
 
-__attribute__((target("avx2,fma"))) DIRFAST_NOINLINE uint64_t one_pass_avx2(const float* x, float* out,
-                                                                             int64_t vectors, const ShiftedTerms& st) {
+template <bool kGrads>
+__attribute__((target("avx2,fma"))) DIRFAST_NOINLINE uint64_t one_pass_avx2(const float* x, float* out, float* gx,
+                                                                             float* gv, int64_t vectors,
+                                                                             const ShiftedTerms& st) {
   int64_t v = 0;
-  for (; v + 2 <= vectors; v += 2) sums_avx2<2>(x + v * 8, out + v * 8, st);
-  if (v < vectors) sums_avx2<1>(x + v * 8, out + v * 8, st);
+  for (; v + 2 <= vectors; v += 2) sums_avx2<2, kGrads>(x + v * 8, out + v * 8, gx + v * 8, gv + v * 8, st);
+  if (v < vectors) sums_avx2<1, kGrads>(x + v * 8, out + v * 8, gx + v * 8, gv + v * 8, st);
   uint64_t redo = 0;
   for (v = 0; v < vectors; ++v) {
     const __m256 sum = _mm256_loadu_ps(out + v * 8);
@@ -414,6 +480,11 @@ __attribute__((target("avx2,fma"))) DIRFAST_NOINLINE uint64_t one_pass_avx2(cons
     const __m256 result = _mm256_add_ps(_mm256_set1_ps(st.top), vlog_normal_avx2(sum));
     _mm256_storeu_ps(out + v * 8,
                      _mm256_blendv_ps(_mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), result, kept));
+    if constexpr (kGrads) {
+      const __m256 along_x = _mm256_loadu_ps(gx + v * 8), along_v = _mm256_loadu_ps(gv + v * 8);
+      _mm256_storeu_ps(gx + v * 8, _mm256_div_ps(_mm256_sub_ps(_mm256_setzero_ps(), along_x), sum));
+      _mm256_storeu_ps(gv + v * 8, _mm256_div_ps(_mm256_mul_ps(along_v, _mm256_set1_ps(0.5f)), sum));
+    }
     redo |= uint64_t(_mm256_movemask_ps(kept) != 0xff) << v;
   }
   return redo;
@@ -421,75 +492,85 @@ __attribute__((target("avx2,fma"))) DIRFAST_NOINLINE uint64_t one_pass_avx2(cons
 #endif
 
 // The elements [begin, end) of x in one pass, blocks of up to 64 vectors of W lanes at a time
-// (OnePass: the width's one_pass_*), and again in two (TwoPass: the width's
-// forward_range_*<false, float>) for the lanes it leaves NaN. 16-bit x and a partial last block
+// (OnePass: the width's one_pass_*<kGrads>), and again in two (TwoPass: the width's
+// forward_range_*<kGrads, float>) for the lanes it leaves NaN. 16-bit x and a partial last block
 // are copied into a buffer first (float32), the slots past the end repeating the last value.
-template <int W, auto OnePass, auto TwoPass, typename T>
-__attribute__((always_inline)) inline void shifted_range(const T* px, float* po, int64_t begin, int64_t end,
-                                                         const ShiftedTerms& st, const float* m, const float* s,
-                                                         const float* c, int64_t k) {
+template <int W, bool kGrads, auto OnePass, auto TwoPass, typename T>
+__attribute__((always_inline)) inline void shifted_range(const T* px, float* po, float* pgx, float* pgv,
+                                                         int64_t begin, int64_t end, const ShiftedTerms& st,
+                                                         const float* m, const float* s, const float* c, int64_t k) {
   using vf = typename FloatVec<W>::f;
   using vi = typename FloatVec<W>::i;
   constexpr int64_t kBlock = 64 * W;
-  float xs[kBlock], outs[kBlock], two[W];
+  constexpr int kOuts = kGrads ? 3 : 1;  // out, and with gradients gx and gv
+  float xs[kBlock], buffers[kOuts][kBlock], two[3][W];
   for (int64_t i = begin; i < end; i += kBlock) {
     const int64_t n = std::min(kBlock, end - i), vectors = (n + W - 1) / W;
     const float* xb = xs;
-    float* ob = outs;
+    float* ob[3] = {buffers[0], buffers[kOuts - 1], buffers[kOuts - 1]};  // out, gx, gv (unused without)
+    if constexpr (kGrads) ob[1] = buffers[1];
+    bool direct = false;  // x and the outputs taken in place
     if constexpr (std::is_same_v<T, float>) {
-      if (n == vectors * W) xb = px + i, ob = po + i;
+      direct = n == vectors * W;
+      if (direct) xb = px + i, ob[0] = po + i, ob[1] = pgx + i, ob[2] = pgv + i;
     }
-    if (xb == xs) {
+    if (!direct) {
       for (int64_t t = 0; t < vectors * W; ++t) xs[t] = static_cast<float>(px[i + std::min(t, n - 1)]);
     }
-    for (uint64_t redo = OnePass(xb, ob, vectors, st); redo != 0; redo &= redo - 1) {
+    for (uint64_t redo = OnePass(xb, ob[0], ob[1], ob[2], vectors, st); redo != 0; redo &= redo - 1) {
       const int64_t v = __builtin_ctzll(redo);
-      TwoPass(xb + v * W, two, nullptr, nullptr, 0, W, m, s, c, k);
-      const vf one = load_vec<vf>(ob + v * W);
-      store_vec(ob + v * W, vselect(vnan_mask<vf, vi>(one), load_vec<vf>(two), one));
+      TwoPass(xb + v * W, two[0], two[1], two[2], 0, W, m, s, c, k);
+      const vi again = vnan_mask<vf, vi>(load_vec<vf>(ob[0] + v * W));
+      for (int o = 0; o < kOuts; ++o) {
+        store_vec(ob[o] + v * W, vselect(again, load_vec<vf>(two[o]), load_vec<vf>(ob[o] + v * W)));
+      }
     }
-    if (ob == outs) std::copy(outs, outs + n, po + i);
+    if (!direct) {
+      float* dst[3] = {po, pgx, pgv};
+      for (int o = 0; o < kOuts; ++o) std::copy(ob[o], ob[o] + n, dst[o] + i);
+    }
   }
 }
 
 #if DIRFAST_MIXTURE_ISAS
-template <typename T>
+template <bool kGrads, typename T>
 __attribute__((target("avx512f,avx512dq"))) DIRFAST_NOINLINE void shifted_range_avx512(
-    const T* px, float* po, int64_t begin, int64_t end, const ShiftedTerms& st, const float* m, const float* s,
-    const float* c, int64_t k) {
-  shifted_range<16, one_pass_avx512, forward_range_avx512<false, float>, T>(px, po, begin, end, st, m, s, c, k);
+    const T* px, float* po, float* pgx, float* pgv, int64_t begin, int64_t end, const ShiftedTerms& st,
+    const float* m, const float* s, const float* c, int64_t k) {
+  shifted_range<16, kGrads, one_pass_avx512<kGrads>, forward_range_avx512<kGrads, float>, T>(
+      px, po, pgx, pgv, begin, end, st, m, s, c, k);
 }
 
-template <typename T>
+template <bool kGrads, typename T>
 __attribute__((target("avx2,fma"))) DIRFAST_NOINLINE void shifted_range_avx2(
-    const T* px, float* po, int64_t begin, int64_t end, const ShiftedTerms& st, const float* m, const float* s,
-    const float* c, int64_t k) {
-  shifted_range<8, one_pass_avx2, forward_range_avx2<false, float>, T>(px, po, begin, end, st, m, s, c, k);
+    const T* px, float* po, float* pgx, float* pgv, int64_t begin, int64_t end, const ShiftedTerms& st,
+    const float* m, const float* s, const float* c, int64_t k) {
+  shifted_range<8, kGrads, one_pass_avx2<kGrads>, forward_range_avx2<kGrads, float>, T>(
+      px, po, pgx, pgv, begin, end, st, m, s, c, k);
 }
 #endif
 
-template <typename T>
-DIRFAST_NOINLINE void shifted_range_baseline(const T* px, float* po, int64_t begin, int64_t end,
-                                             const ShiftedTerms& st, const float* m, const float* s, const float* c,
-                                             int64_t k) {
-  shifted_range<4, one_pass_baseline, forward_range_baseline<false, float>, T>(px, po, begin, end, st, m, s, c, k);
+template <bool kGrads, typename T>
+DIRFAST_NOINLINE void shifted_range_baseline(const T* px, float* po, float* pgx, float* pgv, int64_t begin,
+                                             int64_t end, const ShiftedTerms& st, const float* m, const float* s,
+                                             const float* c, int64_t k) {
+  shifted_range<4, kGrads, one_pass_baseline<kGrads>, forward_range_baseline<kGrads, float>, T>(
+      px, po, pgx, pgv, begin, end, st, m, s, c, k);
 }
 
 // The float32 forward of the elements [begin, end) by the code of `lanes` float lanes (16, 8 or 4,
-// which the machine must have): in one pass where shifted is given (no kGrads), else in two.
+// which the machine must have): in one pass where shifted is given, else in two.
 template <bool kGrads, typename T>
 void forward_float_range(int lanes, const T* px, float* po, float* pgx, float* pgv, int64_t begin, int64_t end,
                          const Components<float>& comp, const ShiftedTerms* shifted) {
   const float *m = comp.m.data(), *s = comp.s.data(), *c = comp.c.data();
   const int64_t k = comp.size();
-  if constexpr (!kGrads) {
-    if (shifted != nullptr) {
+  if (shifted != nullptr) {
 #if DIRFAST_MIXTURE_ISAS
-      if (lanes == 16) return shifted_range_avx512<T>(px, po, begin, end, *shifted, m, s, c, k);
-      if (lanes == 8) return shifted_range_avx2<T>(px, po, begin, end, *shifted, m, s, c, k);
+    if (lanes == 16) return shifted_range_avx512<kGrads, T>(px, po, pgx, pgv, begin, end, *shifted, m, s, c, k);
+    if (lanes == 8) return shifted_range_avx2<kGrads, T>(px, po, pgx, pgv, begin, end, *shifted, m, s, c, k);
 #endif
-      return shifted_range_baseline<T>(px, po, begin, end, *shifted, m, s, c, k);
-    }
+    return shifted_range_baseline<kGrads, T>(px, po, pgx, pgv, begin, end, *shifted, m, s, c, k);
   }
 #if DIRFAST_MIXTURE_ISAS
   if (lanes == 16) return forward_range_avx512<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
@@ -649,7 +730,7 @@ DIRFAST_NOINLINE void forward_all(const T* px, acc_t* po, acc_t* pgx, acc_t* pgv
   const int64_t grain = std::max<int64_t>(kLanes, kGrainExps / comp.size());
   if constexpr (std::is_same_v<acc_t, float>) {
     const int lanes = float_lanes();
-    const std::optional<ShiftedTerms> shifted = kGrads ? std::nullopt : ShiftedTerms::of(comp);
+    const std::optional<ShiftedTerms> shifted = ShiftedTerms::of(comp);
     parallel_for_ranges(n, grain, [&](int64_t begin, int64_t end) {
       forward_float_range<kGrads, T>(lanes, px, po, pgx, pgv, begin, end, comp, shifted ? &*shifted : nullptr);
     });
@@ -798,11 +879,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> mixture_logpdf_backward_cpu(
 }  // namespace
 
 bool mixture_logpdf_lanes(const float* x, int64_t n, const float* means, const float* variances,
-                          const float* log_weights, int64_t k, int lanes, float* out) {
+                          const float* log_weights, int64_t k, int lanes, float* out, float* gx, float* gv) {
   if ((lanes != 16 && lanes != 8 && lanes != 4) || lanes > float_lanes()) return false;
   const Components<float> comp(means, variances, log_weights, k);
   const std::optional<ShiftedTerms> shifted = ShiftedTerms::of(comp);
-  forward_float_range<false, float>(lanes, x, out, nullptr, nullptr, 0, n, comp, shifted ? &*shifted : nullptr);
+  const ShiftedTerms* st = shifted ? &*shifted : nullptr;
+  if (gx != nullptr) {
+    forward_float_range<true, float>(lanes, x, out, gx, gv, 0, n, comp, st);
+  } else {
+    forward_float_range<false, float>(lanes, x, out, nullptr, nullptr, 0, n, comp, st);
+  }
   return true;
 }
 
