@@ -151,22 +151,20 @@ __attribute__((always_inline)) inline void forward_vector(const float* xs_in, fl
   }
 }
 
-// Elements [begin, end) of x, W at a time (16-bit x converted first; the slots past the end
-// repeat the last value, computed and dropped). kGrads: also gx and gv, as forward_vector.
-template <int W, bool kGrads, typename T>
-__attribute__((always_inline)) inline void forward_range(const T* px, float* po, float* pgx, float* pgv, int64_t begin,
-                                                         int64_t end, const float* m, const float* s, const float* c,
-                                                         int64_t k) {
+// Elements [begin, end) of x, W at a time (a partial last vector through a buffer whose slots past
+// the end repeat the last value, computed and dropped). kGrads: also gx and gv, as forward_vector.
+template <int W, bool kGrads>
+__attribute__((always_inline)) inline void forward_range(const float* px, float* po, float* pgx, float* pgv,
+                                                         int64_t begin, int64_t end, const float* m, const float* s,
+                                                         const float* c, int64_t k) {
   int64_t i = begin;
-  if constexpr (std::is_same_v<T, float>) {
-    for (; i + W <= end; i += W) {
-      forward_vector<W, kGrads>(px + i, po + i, kGrads ? pgx + i : nullptr, kGrads ? pgv + i : nullptr, m, s, c, k);
-    }
+  for (; i + W <= end; i += W) {
+    forward_vector<W, kGrads>(px + i, po + i, kGrads ? pgx + i : nullptr, kGrads ? pgv + i : nullptr, m, s, c, k);
   }
-  float xs[W], lanes[3][W];
-  for (; i < end; i += W) {
-    const int64_t n = std::min<int64_t>(W, end - i);
-    for (int64_t t = 0; t < W; ++t) xs[t] = static_cast<float>(px[i + std::min(t, n - 1)]);
+  if (i < end) {
+    const int64_t n = end - i;
+    float xs[W], lanes[3][W];
+    for (int64_t t = 0; t < W; ++t) xs[t] = px[i + std::min(t, n - 1)];
     forward_vector<W, kGrads>(xs, lanes[0], lanes[1], lanes[2], m, s, c, k);
     std::copy(lanes[0], lanes[0] + n, po + i);
     if constexpr (kGrads) {
@@ -177,27 +175,27 @@ __attribute__((always_inline)) inline void forward_range(const T* px, float* po,
 }
 
 #if DIRFAST_MIXTURE_ISAS
-template <bool kGrads, typename T>
-__attribute__((target("avx512f"))) DIRFAST_NOINLINE void forward_range_avx512(const T* px, float* po, float* pgx,
+template <bool kGrads>
+__attribute__((target("avx512f"))) DIRFAST_NOINLINE void forward_range_avx512(const float* px, float* po, float* pgx,
                                                                                float* pgv, int64_t begin, int64_t end,
                                                                                const float* m, const float* s,
                                                                                const float* c, int64_t k) {
-  forward_range<16, kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
+  forward_range<16, kGrads>(px, po, pgx, pgv, begin, end, m, s, c, k);
 }
 
-template <bool kGrads, typename T>
-__attribute__((target("avx2,fma"))) DIRFAST_NOINLINE void forward_range_avx2(const T* px, float* po, float* pgx,
+template <bool kGrads>
+__attribute__((target("avx2,fma"))) DIRFAST_NOINLINE void forward_range_avx2(const float* px, float* po, float* pgx,
                                                                               float* pgv, int64_t begin, int64_t end,
                                                                               const float* m, const float* s,
                                                                               const float* c, int64_t k) {
-  forward_range<8, kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
+  forward_range<8, kGrads>(px, po, pgx, pgv, begin, end, m, s, c, k);
 }
 #endif
 
-template <bool kGrads, typename T>
-DIRFAST_NOINLINE void forward_range_baseline(const T* px, float* po, float* pgx, float* pgv, int64_t begin,
+template <bool kGrads>
+DIRFAST_NOINLINE void forward_range_baseline(const float* px, float* po, float* pgx, float* pgv, int64_t begin,
                                              int64_t end, const float* m, const float* s, const float* c, int64_t k) {
-  forward_range<4, kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
+  forward_range<4, kGrads>(px, po, pgx, pgv, begin, end, m, s, c, k);
 }
 
 // The widest of the three the machine has (16, 8 or 4 float32 lanes).
@@ -493,7 +491,7 @@ __attribute__((target("avx2,fma"))) DIRFAST_NOINLINE uint64_t one_pass_avx2(cons
 
 // The elements [begin, end) of x in one pass, blocks of up to 64 vectors of W lanes at a time
 // (OnePass: the width's one_pass_*<kGrads>), and again in two (TwoPass: the width's
-// forward_range_*<kGrads, float>) for the lanes it leaves NaN. 16-bit x and a partial last block
+// forward_range_*<kGrads>) for the lanes it leaves NaN. 16-bit x and a partial last block
 // are copied into a buffer first (float32), the slots past the end repeating the last value.
 template <int W, bool kGrads, auto OnePass, auto TwoPass, typename T>
 __attribute__((always_inline)) inline void shifted_range(const T* px, float* po, float* pgx, float* pgv,
@@ -537,7 +535,7 @@ template <bool kGrads, typename T>
 __attribute__((target("avx512f,avx512dq"))) DIRFAST_NOINLINE void shifted_range_avx512(
     const T* px, float* po, float* pgx, float* pgv, int64_t begin, int64_t end, const ShiftedTerms& st,
     const float* m, const float* s, const float* c, int64_t k) {
-  shifted_range<16, kGrads, one_pass_avx512<kGrads>, forward_range_avx512<kGrads, float>, T>(
+  shifted_range<16, kGrads, one_pass_avx512<kGrads>, forward_range_avx512<kGrads>, T>(
       px, po, pgx, pgv, begin, end, st, m, s, c, k);
 }
 
@@ -545,7 +543,7 @@ template <bool kGrads, typename T>
 __attribute__((target("avx2,fma"))) DIRFAST_NOINLINE void shifted_range_avx2(
     const T* px, float* po, float* pgx, float* pgv, int64_t begin, int64_t end, const ShiftedTerms& st,
     const float* m, const float* s, const float* c, int64_t k) {
-  shifted_range<8, kGrads, one_pass_avx2<kGrads>, forward_range_avx2<kGrads, float>, T>(
+  shifted_range<8, kGrads, one_pass_avx2<kGrads>, forward_range_avx2<kGrads>, T>(
       px, po, pgx, pgv, begin, end, st, m, s, c, k);
 }
 #endif
@@ -554,12 +552,13 @@ template <bool kGrads, typename T>
 DIRFAST_NOINLINE void shifted_range_baseline(const T* px, float* po, float* pgx, float* pgv, int64_t begin,
                                              int64_t end, const ShiftedTerms& st, const float* m, const float* s,
                                              const float* c, int64_t k) {
-  shifted_range<4, kGrads, one_pass_baseline<kGrads>, forward_range_baseline<kGrads, float>, T>(
+  shifted_range<4, kGrads, one_pass_baseline<kGrads>, forward_range_baseline<kGrads>, T>(
       px, po, pgx, pgv, begin, end, st, m, s, c, k);
 }
 
 // The float32 forward of the elements [begin, end) by the code of `lanes` float lanes (16, 8 or 4,
-// which the machine must have): in one pass where shifted is given, else in two.
+// which the machine must have): in one pass where shifted is given, else in two (16-bit x
+// converted to float32 a block at a time first).
 template <bool kGrads, typename T>
 void forward_float_range(int lanes, const T* px, float* po, float* pgx, float* pgv, int64_t begin, int64_t end,
                          const Components<float>& comp, const ShiftedTerms* shifted) {
@@ -572,11 +571,22 @@ void forward_float_range(int lanes, const T* px, float* po, float* pgx, float* p
 #endif
     return shifted_range_baseline<kGrads, T>(px, po, pgx, pgv, begin, end, *shifted, m, s, c, k);
   }
+  if constexpr (!std::is_same_v<T, float>) {
+    constexpr int64_t kBlock = 1024;
+    float xs[kBlock];
+    for (int64_t i = begin; i < end; i += kBlock) {
+      const int64_t n = std::min(kBlock, end - i);
+      for (int64_t t = 0; t < n; ++t) xs[t] = static_cast<float>(px[i + t]);
+      forward_float_range<kGrads, float>(lanes, xs, po + i, kGrads ? pgx + i : nullptr, kGrads ? pgv + i : nullptr,
+                                         0, n, comp, nullptr);
+    }
+  } else {
 #if DIRFAST_MIXTURE_ISAS
-  if (lanes == 16) return forward_range_avx512<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
-  if (lanes == 8) return forward_range_avx2<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
+    if (lanes == 16) return forward_range_avx512<kGrads>(px, po, pgx, pgv, begin, end, m, s, c, k);
+    if (lanes == 8) return forward_range_avx2<kGrads>(px, po, pgx, pgv, begin, end, m, s, c, k);
 #endif
-  forward_range_baseline<kGrads, T>(px, po, pgx, pgv, begin, end, m, s, c, k);
+    forward_range_baseline<kGrads>(px, po, pgx, pgv, begin, end, m, s, c, k);
+  }
 }
 
 // float64, kLanes elements: forward_vector's values in plain loops with std::exp and std::log.
