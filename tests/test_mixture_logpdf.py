@@ -3,8 +3,8 @@ float64 loop oracle that writes out the documented non-finite rules (or the floa
 for inputs too large for it): values and the four gradients, layouts and dtypes, weights of 0,
 invalid components, infinite and NaN predictions, subnormal variances; the same cases for
 ``mixture_logpdf_with_grads`` (the value with each element's gradients in x and in a variance
-added to every component, in one pass); and the reference's memory, O(N + K) forward and
-backward.
+added to every component, in one pass); the C++ float32 code's vector widths, bit for bit; and the
+reference's memory, O(N + K) forward and backward.
 
 Bad arguments are in test_bad_inputs.py; opcheck, torch.compile and the backend a backward runs
 on in test_backends.py.
