@@ -340,8 +340,9 @@ def test_cpp_float32_forward_beyond_its_term_buffer(x_dtype):
 
 def _tables_for_widths():
     """(name, means, variances, log_weights) float32 tables for the width test: K from 1 to 1,100
-    (beyond the two-pass term buffer), weights of 0, all weights 0, an invalid component,
-    subnormal and widely spread variances, a component far above the rest."""
+    (beyond the two-pass term buffer), weights of 0, all weights 0, an invalid component, a
+    subnormal variance (its c_k 46 nats above the rest: the other elements take the two passes),
+    widely spread variances, a narrow component."""
     g = gen(61)
     out = []
     for k in (1, 3, 10, 100, 1100):
@@ -355,7 +356,7 @@ def _tables_for_widths():
             ("NaN weight", m, v, torch.where(torch.arange(10) == 4, math.nan, lw)),
             ("subnormal variance", m, torch.where(torch.arange(10) == 2, 1e-40, v), lw),
             ("spread variances", m, torch.logspace(-6, 6, 10), lw),
-            ("one component far above", m, torch.where(torch.arange(10) == 0, 1e-8, v), lw)]
+            ("one narrow component", m, torch.where(torch.arange(10) == 0, 1e-8, v), lw)]
     return out
 
 
