@@ -1,8 +1,8 @@
 // The Python module dirfast._C: importing it runs the STABLE_TORCH_LIBRARY_IMPL registrations of
 // the CPU kernels (csrc/cpu/*.cpp) for the dirfast:: ops, whose schemas dirfast/ops defines, and
 // gives Python the kernels' thread limit (csrc/parallel.h: kernel_threads, set_free_cores_only) and,
-// for tests, the reading behind it (read_busy_cpus) of a /proc/stat under a root of their own and
-// mixture_logpdf's forward at a chosen vector width (csrc/test_hooks.h).
+// for tests (csrc/test_hooks.h), the reading behind it (read_busy_cpus) of a /proc/stat under a root
+// of their own and mixture_logpdf's forward at a chosen vector width.
 // It uses only Python's limited API, so one build serves every CPython from 3.10 (abi3).
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

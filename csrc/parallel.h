@@ -20,7 +20,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <string>
 
 #include <torch/csrc/stable/ops.h>
 
@@ -33,10 +32,6 @@ constexpr int64_t kPiecesPerThread = 16;
 int64_t kernel_threads();
 // Turns that limit on or off for the whole process; returns the previous setting.
 bool set_free_cores_only(bool on);
-// What that limit reads (Linux; elsewhere false): the busy seconds so far (all but idle and I/O
-// wait) of the CPUs in this process's affinity mask that <root>/proc/stat lists, and how many those
-// CPUs are; false where none can be read. root: "" in use, a directory laid out like / in tests.
-bool read_busy_cpus(const std::string& root, double* busy_s, int64_t* cpus);
 
 template <typename Body>
 void parallel_for_pieces(int64_t n, int64_t grain, const Body& body) {

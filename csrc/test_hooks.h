@@ -3,8 +3,16 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace dirfast {
+
+// What kernel_threads' free-cores limit reads (csrc/cpu/kernel_threads.cpp; Linux, elsewhere false):
+// the busy seconds so far (all but idle and I/O wait) of the CPUs in this process's affinity mask
+// that <root>/proc/stat lists, and how many those CPUs are; false where none can be read. root: ""
+// in use, a directory laid out like / in tests.
+bool read_busy_cpus(const std::string& root, double* busy_s, int64_t* cpus);
+
 namespace cpu {
 
 // mixture_logpdf's float32 forward of the n values x into out (and where gx is given, with the

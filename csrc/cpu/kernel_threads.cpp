@@ -26,6 +26,7 @@
 #endif
 
 #include "../parallel.h"
+#include "../test_hooks.h"
 
 namespace dirfast {
 namespace {
