@@ -51,12 +51,16 @@ __attribute__((always_inline)) inline VF vselect(VI mask, VF a, VF b) {
   return (VF)((mask & (VI)a) | (~mask & (VI)b));
 }
 
+// The least argument vexp and vexp_shifted compute: below it they give about 2^-126 instead of a
+// smaller number (a subnormal one or 0).
+constexpr float kExpLeast = -87.3f;
+
 // exp on [-87.3, 88.3]; inputs below give 2^-126 instead of 0, -inf gives 0, NaN stays NaN.
 // VF: the float vector type, VI: the int32 vector of the same lane count.
 template <typename VF, typename VI>
 __attribute__((always_inline)) inline VF vexp(VF x) {
   const VI minus_inf = x == -std::numeric_limits<float>::infinity();
-  x = x < -87.3f ? VF{} - 87.3f : x;
+  x = x < kExpLeast ? VF{} + kExpLeast : x;
   x = x > 88.3f ? VF{} + 88.3f : x;
   const VF fx = x * 1.44269504088896341f + 0.5f;
   VF n = __builtin_convertvector(__builtin_convertvector(fx, VI), VF);  // floor(fx) for any sign:
@@ -85,17 +89,22 @@ __attribute__((always_inline)) inline VF vfma(VF a, VF b, VF c) {
   return r;
 }
 
+// 1.5 * 2^23: for |x| < 2^22, x + kRoundWhole holds x rounded to a whole number n (to even on ties)
+// in its low mantissa bits, (bits of the sum) - kRoundWholeBits = n; what vexp_shifted and vexp2
+// round their exponents by.
+constexpr float kRoundWhole = 12582912.0f;
+constexpr int32_t kRoundWholeBits = 0x4b400000;
+
 // exp of a log-sum-exp term after its max shift (x <= 0, or a little above by rounding, or NaN),
 // with vexp's polynomial evaluated by fused multiply-adds: inputs below -87.3 (-inf included)
 // give at least 2^-126 instead of 0, which a sum that has the max term's 1 in it does not feel;
-// NaN stays NaN. n is rounded to nearest by adding 1.5 * 2^23, whose low bits are then n.
+// NaN stays NaN. n is rounded to nearest by adding kRoundWhole.
 template <typename VF, typename VI>
 __attribute__((always_inline)) inline VF vexp_shifted(VF x) {
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
   const VF k = VF{};
-  x = x < -87.3f ? k - 87.3f : x;
-  const VF shifted = vfma(x, k + 1.44269504088896341f, k + kRound);
-  const VF n = shifted - kRound;
+  x = x < kExpLeast ? k + kExpLeast : x;
+  const VF shifted = vfma(x, k + 1.44269504088896341f, k + kRoundWhole);
+  const VF n = shifted - kRoundWhole;
   x = vfma(n, k - 0.693359375f, x);
   x = vfma(n, k + 2.12194440e-4f, x);
   VF y = vfma(k + 1.9875691500e-4f, x, k + 1.3981999507e-3f);
@@ -104,7 +113,7 @@ __attribute__((always_inline)) inline VF vexp_shifted(VF x) {
   y = vfma(y, x, k + 1.6666665459e-1f);
   y = vfma(y, x, k + 5.0000001201e-1f);
   y = vfma(y, x * x, x) + 1.0f;  // in [0.7, 1.5), at least 1 where n = -126: y 2^n is normal
-  const VI pow2 = ((VI)shifted - (0x4b400000 - 127)) << 23;  // 0x4b400000: the bits of kRound
+  const VI pow2 = ((VI)shifted - (kRoundWholeBits - 127)) << 23;
   return y * (VF)pow2;
 }
 
@@ -113,6 +122,9 @@ __attribute__((always_inline)) inline VF vexp_shifted(VF x) {
 constexpr float kExp2Poly[6] = {6.931472028550421e-1f, 2.402264791363012e-1f, 5.550332471162809e-2f,
                                 9.618437357674640e-3f, 1.339887440266574e-3f, 1.535336188319500e-4f};
 
+// vexp2's least exponent: 2^t stays a normal number.
+constexpr float kExp2Least = -126.0f;
+
 // 2^t for t <= 0 (-inf and NaN included) as p(f) 2^n, n = t rounded to nearest (even on ties)
 // and f = t - n, both exact, with t below -126 taken as -126: at least 2^-126, a normal number (a
 // subnormal result costs Intel cores a microcode assist per instruction), NaN for NaN: within 0.95
@@ -120,16 +132,15 @@ constexpr float kExp2Poly[6] = {6.931472028550421e-1f, 2.402264791363012e-1f, 5.
 // scalef(p(reduce(t)), t - reduce(t)) on max(-126, t) in mixture_logpdf.cpp.
 template <typename VF, typename VI>
 __attribute__((always_inline)) inline VF vexp2(VF t) {
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: t + kRound has n in its low bits
   const VF k = VF{};
-  t = t < -126.0f ? k - 126.0f : t;  // NaN stays NaN (the comparison is false)
-  const VF shifted = t + kRound;
-  const VF f = t - (shifted - kRound);
+  t = t < kExp2Least ? k + kExp2Least : t;  // NaN stays NaN (the comparison is false)
+  const VF shifted = t + kRoundWhole;
+  const VF f = t - (shifted - kRoundWhole);
   VF p = vfma(k + kExp2Poly[5], f, k + kExp2Poly[4]);
 #pragma GCC unroll 4
   for (int i = 3; i >= 0; --i) p = vfma(p, f, k + kExp2Poly[i]);
   p = vfma(p, f, k + 1.0f);
-  return p * (VF)(((VI)shifted - (0x4b400000 - 127)) << 23);  // 0x4b400000: kRound's bits
+  return p * (VF)(((VI)shifted - (kRoundWholeBits - 127)) << 23);
 }
 
 // Cephes' logf polynomial, highest power first (vlog_normal).

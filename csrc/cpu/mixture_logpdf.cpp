@@ -98,7 +98,7 @@ __attribute__((always_inline)) inline void add_term(typename FloatVec<W>::f arg,
   using vi = typename FloatVec<W>::i;
   if constexpr (kGrads) {
     const vf e = vexp_shifted<vf, vi>(arg);
-    const vi zero = arg < -87.3f;
+    const vi zero = arg < kExpLeast;
     sum += e;
     along_x += zero ? vf{} : e * z * s;
     along_v += zero ? vf{} : e * vfma(z, z, vf{} - 1.0f) * (0.5f * s * s);
@@ -272,7 +272,7 @@ __attribute__((always_inline)) inline uint64_t one_pass_vectors(const float* x, 
       const vf e = vexp2<vf, vi>(t);
       sum += e;
       if constexpr (kGrads) {
-        const vi counted = t >= -126.0f;
+        const vi counted = t >= kExp2Least;
         const vf zs = u * st.q[j];
         along_x = vselect(counted, vfma(e, zs, along_x), along_x);
         along_v = vselect(counted, vfma(e, vfma(zs, zs, vf{} - st.s2[j]), along_v), along_v);
@@ -332,7 +332,7 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline void sums_avx5
                                                                                    const ShiftedTerms& st) {
   __m512 poly[6];
   for (int i = 0; i < 6; ++i) poly[i] = _mm512_set1_ps(kExp2Poly[i]);
-  const __m512 one = _mm512_set1_ps(1.0f), least = _mm512_set1_ps(-126.0f);
+  const __m512 one = _mm512_set1_ps(1.0f), least = _mm512_set1_ps(kExp2Least);
   __m512 xs[V], sum[V], along_x[V], along_v[V];
   for (int v = 0; v < V; ++v) {
     xs[v] = _mm512_loadu_ps(x + v * 16);
@@ -420,11 +420,11 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 vlog_normal_avx
 template <int V, bool kGrads>
 __attribute__((target("avx2,fma"), always_inline)) inline void sums_avx2(const float* x, float* sums, float* gx,
                                                                          float* gv, const ShiftedTerms& st) {
-  constexpr float kRound = 12582912.0f;  // as vexp2
   __m256 poly[6];
   for (int i = 0; i < 6; ++i) poly[i] = _mm256_set1_ps(kExp2Poly[i]);
-  const __m256 one = _mm256_set1_ps(1.0f), least = _mm256_set1_ps(-126.0f), round = _mm256_set1_ps(kRound);
-  const __m256i bias = _mm256_set1_epi32(0x4b400000 - 127);
+  const __m256 one = _mm256_set1_ps(1.0f), least = _mm256_set1_ps(kExp2Least);
+  const __m256 round = _mm256_set1_ps(kRoundWhole);
+  const __m256i bias = _mm256_set1_epi32(kRoundWholeBits - 127);
   __m256 xs[V], sum[V], along_x[V], along_v[V];
   for (int v = 0; v < V; ++v) {
     xs[v] = _mm256_loadu_ps(x + v * 8);
@@ -501,12 +501,11 @@ __attribute__((always_inline)) inline void shifted_range(const T* px, float* po,
   using vi = typename FloatVec<W>::i;
   constexpr int64_t kBlock = 64 * W;
   constexpr int kOuts = kGrads ? 3 : 1;  // out, and with gradients gx and gv
-  float xs[kBlock], buffers[kOuts][kBlock], two[3][W];
+  float xs[kBlock], buffers[3][kBlock], two[3][W];
   for (int64_t i = begin; i < end; i += kBlock) {
     const int64_t n = std::min(kBlock, end - i), vectors = (n + W - 1) / W;
     const float* xb = xs;
-    float* ob[3] = {buffers[0], buffers[kOuts - 1], buffers[kOuts - 1]};  // out, gx, gv (unused without)
-    if constexpr (kGrads) ob[1] = buffers[1];
+    float* ob[3] = {buffers[0], buffers[1], buffers[2]};  // out, gx, gv (the last two unused without)
     bool direct = false;  // x and the outputs taken in place
     if constexpr (std::is_same_v<T, float>) {
       direct = n == vectors * W;
@@ -658,7 +657,7 @@ __attribute__((always_inline)) inline void backward_block(const float* xs_in, co
     for (int v = 0; v < V; ++v) {
       const vf z = (xs[v] - m[j]) * s[j];
       const vf arg = vfma(-0.5f * z, z, c[j] - shift[v]);  // term - out <= 0, but for rounding
-      const vf r = arg < -87.3f ? vf{} : g[v] * vexp_shifted<vf, vi>(arg);  // (as add_term: not 2^-126)
+      const vf r = arg < kExpLeast ? vf{} : g[v] * vexp_shifted<vf, vi>(arg);  // (as add_term: not 2^-126)
       const vi zero = r == 0.0f;
       const vf rz = zero ? vf{} : r * z * s[j];
       gx[v] -= rz;
