@@ -119,6 +119,18 @@ def test_the_exp_limit_is_scaled_to_the_whole_work():
     assert timed.median_ms == pytest.approx(2e3 * limit.factor)
 
 
+def test_the_in_place_pass_is_timed_as_calibrate_is():
+    from benchmarks import cases
+
+    case = next(c for c in cases.cases(("calibrate_",), ["64x4"], ["cpu"], [97], [5], ["2x1x3x3"], [100]))
+    op, yardstick = cases.runner(case, "reference"), cases.runner(case, "in-place pass")
+    assert op.setup is not None and yardstick.setup is not None, "both restore their copy before each call"
+    work = yardstick.fn()
+    work.add_(1)
+    yardstick.setup()
+    assert torch.equal(work, cases.inputs("64x4", "cpu")["x"]), "the pass's copy is x again before each call"
+
+
 def test_the_sweeps_name_their_cases():
     from benchmarks import cases
 
