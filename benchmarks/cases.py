@@ -15,8 +15,8 @@ A *case* is an op at a size (and a number of bins, or of mixture components K) o
 * yardsticks: ``"clone"`` -- ``x.clone()`` of the same features, one read and one write of every
   byte; ``"read pass"`` -- ``x.sum()``, one read (bin_stats); ``"in-place pass"`` --
   ``x.mul_(1)``, one read and one write in place (calibrate_), on a copy restored before each
-  call as the in-place ops are; ``"exp limit"`` -- float32
-  ``exp`` of N x K values on one thread, divided by the threads (mixture_logpdf).
+  call as the in-place ops are; ``"exp limit"`` -- float32 ``exp`` of N x K values on one
+  thread, divided by the threads (mixture_logpdf).
 
 ``density`` (DenseWeight on ``n`` labels) has its own providers: the denseweight package,
 ``"FFTKDE"`` (KDEpy, used as a user would, :mod:`benchmarks.alternatives`), ``"dirfast"``
@@ -401,9 +401,9 @@ def _pass_runner(provider: str, x, device: str):
     if provider == "read pass":
         return Contender(lambda: x.sum(), None, device)
     if provider == "in-place pass":
-        # Timed as calibrate_ and FDS.smooth are: on a copy restored before each call, so the pass
-        # meets the memory the op meets (back to back, a host whose last-level cache holds x passed
-        # over it there, up to 1.3x faster: benchmarks/results/cpu/in-place-yardstick-xeon.md).
+        # Timed as calibrate_ and FDS.smooth are, on a copy restored before each call, so that the
+        # pass meets the memory the op meets. Back to back, on a host whose last-level cache holds
+        # x, it ran in that cache, 1.1-2x faster (benchmarks/results/cpu/in-place-yardstick-xeon.md).
         return _in_place(lambda work: work.mul_(1), x)
     return None
 
