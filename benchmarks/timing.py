@@ -247,18 +247,53 @@ def load_average():
     return tuple(round(v, 2) for v in os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 
+def _cpu_jiffies(path: str = "/proc/stat"):
+    """(busy, total) time of all CPUs since boot, in jiffies, from ``path``; None where it cannot
+    be read. Idle and I/O wait are not busy; time the hypervisor gave to other machines (steal) is."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+        values = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    if fields[:1] != ["cpu"] or len(values) < 5:
+        return None
+    return sum(values) - values[3] - values[4], sum(values)
+
+
+def others_busy(window_s: float = 1.0) -> Optional[float]:
+    """Cores that other work kept busy while this process slept for ``window_s`` (its own CPU
+    time in that window, such as spinning worker threads, taken off); None without /proc/stat."""
+    first, own = _cpu_jiffies(), time.process_time()
+    if first is None:
+        return None
+    time.sleep(window_s)
+    second, own = _cpu_jiffies(), time.process_time() - own
+    if second is None or second[1] <= first[1]:
+        return None
+    share = (second[0] - first[0]) / (second[1] - first[1])
+    return max(0.0, share * (os.cpu_count() or 1) - own / window_s)
+
+
 def load_report(device: str = "cpu", running: bool = False):
     """(line, busy): the load average, and whether other work shares the cores.
 
     Busy when the 1-minute load, less this benchmark's own cores when ``running`` (at the end
-    of a run), exceeds by half a core the cores the benchmark leaves free."""
+    of a run), exceeds by half a core the cores the benchmark leaves free, and the cores other
+    work holds over one second now (:func:`others_busy`, where it can be measured) do too: the
+    load average still counts the run before for a minute after it, and warned of a busy machine
+    with nothing else running."""
     load, cores, used = load_average(), os.cpu_count() or 1, cores_used(device)
     if load is None:
         return "load:    unknown on this platform", False
     others = load[0] - (used if running else 0)
-    busy = others > max(cores - used, 0) + 0.5
+    allowed = max(cores - used, 0) + 0.5  # the cores left free, and half a core
+    measured = others_busy() if others > allowed else None
+    others = others if measured is None else measured
+    busy = others > allowed
     line = (f"load:    {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min, {'after' if running else 'before'} "
-            f"the run; {cores} cores, {used} used here)")
+            f"the run; {cores} cores, {used} used here")
+    line += ")" if measured is None else f"; other work {measured:.1f} cores over the last second)"
     if busy:
         line += ("\nWARNING: the machine is busy (other work holds about "
                  f"{max(others, 0):.1f} cores): these timings are skewed, compare them with care")

@@ -246,11 +246,28 @@ def test_benchmarks_threads_skips_a_case_that_cannot_run(monkeypatch, capsys):
 
 def test_load_report_warns_when_the_machine_is_busy(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    monkeypatch.setattr(timing, "others_busy", lambda: pytest.fail("a quiet load average is not checked again"))
     line, busy = timing.load_report("cpu")
     assert line.startswith("load:") and not busy and "WARNING" not in line
     monkeypatch.setattr(os, "getloadavg", lambda: (os.cpu_count() + 1.0, 1.0, 1.0))
-    line, busy = timing.load_report("cpu")
-    assert busy and "WARNING: the machine is busy" in line
+    for measured, expected in ((os.cpu_count() + 1.0, True), (None, True), (0.1, False)):
+        monkeypatch.setattr(timing, "others_busy", lambda: measured)
+        line, busy = timing.load_report("cpu")
+        assert busy == expected and ("WARNING: the machine is busy" in line) == expected, measured
+
+
+def test_others_busy_counts_the_cores_other_work_used(monkeypatch, tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 1 20 300 40 5 6 7 0 0\ncpu0 1 1 1 1 1 1 1 1 0 0\n")
+    assert timing._cpu_jiffies(str(stat)) == (49, 389), "idle and I/O wait are not busy; steal is"
+    assert timing._cpu_jiffies(os.devnull) is None
+    # 2 of 4 cores busy over the window (busy, total jiffies); then /proc/stat unreadable.
+    readings = iter([(1000, 4000), (1200, 4400)])
+    monkeypatch.setattr(timing, "_cpu_jiffies", lambda: next(readings))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert timing.others_busy(0.01) == pytest.approx(2.0, abs=0.5)
+    monkeypatch.setattr(timing, "_cpu_jiffies", lambda: None)
+    assert timing.others_busy(0.01) is None
 
 
 def test_results_name_the_cpu_generation(tmp_path):
