@@ -55,6 +55,11 @@ __attribute__((always_inline)) inline VF vselect(VI mask, VF a, VF b) {
 // smaller number (a subnormal one or 0).
 constexpr float kExpLeast = -87.3f;
 
+// ln 2 in two parts (Cephes): kLn2Hi has 9 significant bits, so n kLn2Hi is exact for any exponent
+// n here, and kLn2Lo is the rest. exp reduces its argument by them; log adds its exponent back.
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+
 // exp on [-87.3, 88.3]; inputs below give 2^-126 instead of 0, -inf gives 0, NaN stays NaN.
 // VF: the float vector type, VI: the int32 vector of the same lane count.
 template <typename VF, typename VI>
@@ -65,8 +70,8 @@ __attribute__((always_inline)) inline VF vexp(VF x) {
   const VF fx = x * 1.44269504088896341f + 0.5f;
   VF n = __builtin_convertvector(__builtin_convertvector(fx, VI), VF);  // floor(fx) for any sign:
   n = n > fx ? n - 1.0f : n;                                             // truncation, corrected
-  x = x - n * 0.693359375f;
-  x = x - n * -2.12194440e-4f;
+  x = x - n * kLn2Hi;
+  x = x - n * kLn2Lo;
   VF y = VF{} + 1.9875691500e-4f;
   y = y * x + 1.3981999507e-3f;
   y = y * x + 8.3334519073e-3f;
@@ -105,8 +110,8 @@ __attribute__((always_inline)) inline VF vexp_shifted(VF x) {
   x = x < kExpLeast ? k + kExpLeast : x;
   const VF shifted = vfma(x, k + 1.44269504088896341f, k + kRoundWhole);
   const VF n = shifted - kRoundWhole;
-  x = vfma(n, k - 0.693359375f, x);
-  x = vfma(n, k + 2.12194440e-4f, x);
+  x = vfma(n, k - kLn2Hi, x);
+  x = vfma(n, k - kLn2Lo, x);
   VF y = vfma(k + 1.9875691500e-4f, x, k + 1.3981999507e-3f);
   y = vfma(y, x, k + 8.3334519073e-3f);
   y = vfma(y, x, k + 4.1665795894e-2f);
@@ -143,10 +148,15 @@ __attribute__((always_inline)) inline VF vexp2(VF t) {
   return p * (VF)(((VI)shifted - (kRoundWholeBits - 127)) << 23);
 }
 
-// Cephes' logf polynomial, highest power first (vlog_normal).
+// Cephes' logf polynomial, highest power first, and its split of x = 2^e m: m's mantissa bits
+// with the exponent bits of 0.5 (m in [0.5, 1)), taken times 2 below sqrt(1/2) (vlog_normal and
+// mixture_logpdf's AVX-512 and AVX2 logs).
 constexpr float kLogPoly[9] = {7.0376836292e-2f,  -1.1514610310e-1f, 1.1676998740e-1f,
                                -1.2420140846e-1f, 1.4249322787e-1f,  -1.6668057665e-1f,
                                2.0000714765e-1f,  -2.4999993993e-1f, 3.3333331174e-1f};
+constexpr int32_t kMantissaMask = 0x007fffff;
+constexpr int32_t kHalfExponentBits = 0x3f000000;
+constexpr float kSqrtHalf = 0.707106781186547524f;
 
 // log of positive normal numbers (and NaN, which stays NaN): Cephes' logf by fused
 // multiply-adds, x = 2^e m with m in [sqrt(1/2), sqrt(2)).
@@ -155,8 +165,8 @@ __attribute__((always_inline)) inline VF vlog_normal(VF x) {
   const VF k = VF{};
   const VI bits = (VI)x;
   VI e = (bits >> 23) - 126;                         // x = 2^e m, m in [0.5, 1)
-  VF m = (VF)((bits & 0x007fffff) | 0x3f000000);
-  const VI small = m < 0.707106781186547524f;
+  VF m = (VF)((bits & kMantissaMask) | kHalfExponentBits);
+  const VI small = m < kSqrtHalf;
   e = e + small;                                     // (a true comparison is -1)
   m = m - 1.0f + (small ? m : k);
   const VF z = m * m;
@@ -165,9 +175,9 @@ __attribute__((always_inline)) inline VF vlog_normal(VF x) {
   for (int i = 2; i < 9; ++i) y = vfma(y, m, k + kLogPoly[i]);
   y = y * m * z;
   const VF fe = __builtin_convertvector(e, VF);
-  y = vfma(fe, k - 2.12194440e-4f, y);
+  y = vfma(fe, k + kLn2Lo, y);
   y = vfma(k - 0.5f, z, y);
-  const VF result = vfma(fe, k + 0.693359375f, m + y);
+  const VF result = vfma(fe, k + kLn2Hi, m + y);
   return x == x ? result : x;
 }
 

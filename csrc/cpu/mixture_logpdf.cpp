@@ -307,8 +307,8 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 vlog_no
   const __m512i bits = _mm512_castps_si512(x);
   __m512i e = _mm512_sub_epi32(_mm512_srai_epi32(bits, 23), _mm512_set1_epi32(126));
   __m512 m = _mm512_castsi512_ps(
-      _mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0x007fffff)), _mm512_set1_epi32(0x3f000000)));
-  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+      _mm512_or_si512(_mm512_and_si512(bits, _mm512_set1_epi32(kMantissaMask)), _mm512_set1_epi32(kHalfExponentBits)));
+  const __mmask16 small = _mm512_cmp_ps_mask(m, _mm512_set1_ps(kSqrtHalf), _CMP_LT_OQ);
   e = _mm512_mask_sub_epi32(e, small, e, _mm512_set1_epi32(1));
   const __m512 less = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
   m = _mm512_mask_add_ps(less, small, less, m);
@@ -317,9 +317,9 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 vlog_no
   for (int i = 2; i < 9; ++i) y = _mm512_fmadd_ps(y, m, _mm512_set1_ps(kLogPoly[i]));
   y = _mm512_mul_ps(_mm512_mul_ps(y, m), z);
   const __m512 fe = _mm512_cvtepi32_ps(e);
-  y = _mm512_fmadd_ps(fe, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fmadd_ps(fe, _mm512_set1_ps(kLn2Lo), y);
   y = _mm512_fmadd_ps(_mm512_set1_ps(-0.5f), z, y);
-  return _mm512_fmadd_ps(fe, _mm512_set1_ps(0.693359375f), _mm512_add_ps(m, y));
+  return _mm512_fmadd_ps(fe, _mm512_set1_ps(kLn2Hi), _mm512_add_ps(m, y));
 }
 
 // sum_k 2^t_k of the V vectors at x into sums (kGrads: and the gradient sums into gx, gv), their
@@ -403,8 +403,8 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 vlog_normal_avx
   const __m256i bits = _mm256_castps_si256(x);
   __m256i e = _mm256_sub_epi32(_mm256_srai_epi32(bits, 23), _mm256_set1_epi32(126));
   __m256 m = _mm256_castsi256_ps(
-      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
-  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+      _mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(kMantissaMask)), _mm256_set1_epi32(kHalfExponentBits)));
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(kSqrtHalf), _CMP_LT_OQ);
   e = _mm256_add_epi32(e, _mm256_castps_si256(small));  // (a true comparison is -1)
   m = _mm256_add_ps(_mm256_sub_ps(m, _mm256_set1_ps(1.0f)), _mm256_and_ps(small, m));
   const __m256 z = _mm256_mul_ps(m, m);
@@ -412,9 +412,9 @@ __attribute__((target("avx2,fma"), always_inline)) inline __m256 vlog_normal_avx
   for (int i = 2; i < 9; ++i) y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(kLogPoly[i]));
   y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
   const __m256 fe = _mm256_cvtepi32_ps(e);
-  y = _mm256_fmadd_ps(fe, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fmadd_ps(fe, _mm256_set1_ps(kLn2Lo), y);
   y = _mm256_fmadd_ps(_mm256_set1_ps(-0.5f), z, y);
-  return _mm256_fmadd_ps(fe, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+  return _mm256_fmadd_ps(fe, _mm256_set1_ps(kLn2Hi), _mm256_add_ps(m, y));
 }
 
 template <int V, bool kGrads>
