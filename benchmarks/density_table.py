@@ -130,7 +130,8 @@ def main(argv=None) -> int:
               "1e-4 of the exact Gaussian KDE (tests/test_density.py). Near the densest labels the weight "
               "1 - alpha p' is close to 0, so a small difference in p' is a large relative one there.", ""]
     if package_class is not None:
-        info, load_before = timing.machine_info(), timing.load_report()[0]
+        load_before, busy = timing.load_report()
+        info = timing.machine_info(busy=busy)
         rows = [timing_row("AgeDB-DIR ages", ages, package_class, rules),
                 timing_row("STS-B-DIR scores", scores, package_class, rules)]
         lines += [f"### Time: median of {rules.repeats} interleaved rounds, ms ({info['cpu']}, "

@@ -349,11 +349,11 @@ def main(argv=None) -> None:
         raise SystemExit("benchmarks.gpu needs a CUDA GPU")
     if args.profile and where.device != "cuda":
         raise SystemExit("benchmarks.gpu: --profile needs the GPU")
-    info = timing.machine_info(where.device)
+    load_before, busy = timing.load_report(where.device)
+    info = timing.machine_info(where.device, busy)
     name = info["gpu"] or f"{info['cpu']} (smoke test, rows / {where.scale})"
     print(f"{'GPU' if info['gpu'] else 'CPU'}: {name}; torch {torch.__version__}; backends: {where.backends()}",
           flush=True)
-    load_before = timing.load_report(where.device)[0]
     print(load_before, flush=True)
     rows: list = []
     failed = []

@@ -191,8 +191,8 @@ def run(args) -> dict:
     jobs = [(case, [p for p in C.provider_names(case.op, device) if wanted is None or p in wanted])
             for case in C.cases(ops, devs=[device], **sweep)]
 
-    info = timing.machine_info(device)
-    load_before, _ = timing.load_report(device)
+    load_before, busy = timing.load_report(device)
+    info = timing.machine_info(device, busy)
     print(f"dirfast benchmarks on {device} ({info['gpu'] or info['cpu'] + ', ' + info['cpu_id']}), "
           f"{'quick' if quick else 'full'} mode, {info['torch_threads']} torch threads: {len(jobs)} cases, contenders "
           f"interleaved, median of {rules.repeats} rounds", flush=True)

@@ -101,12 +101,12 @@ def main(argv=None) -> None:
     if dirfast is not None and args.cpu_threads is not None:
         dirfast.set_cpu_threads(args.cpu_threads)
     policy = dirfast.get_cpu_threads() if dirfast is not None else "-"
-    info = timing.machine_info("cpu")
+    load_before, busy = timing.load_report("cpu")
+    info = timing.machine_info("cpu", busy)
     jobs = C.cases(args.ops, devs=["cpu"], **args.sweep)
     print(f"dirfast on {', '.join(map(str, args.threads))} threads side by side, on cpu ({info['cpu']}, "
           f"{info['cpu_id']}, {info['cpu_count']} cores), cpu threads {policy}, "
           f"{'quick' if quick else 'full'} mode: {len(jobs)} cases, median of {rules.repeats} rounds", flush=True)
-    load_before, _ = timing.load_report("cpu")
     print(load_before, flush=True)
     rows, started = [], time.perf_counter()
     for i, case in enumerate(jobs, 1):

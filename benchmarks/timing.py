@@ -329,8 +329,9 @@ def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> str:
     return ", ".join(parts)
 
 
-def machine_info(device: str = "cpu") -> dict:
-    """The machine, the software and the load before the run (for printing and JSON files)."""
+def machine_info(device: str = "cpu", busy: Optional[bool] = None) -> dict:
+    """The machine, the software and the load before the run (for printing and JSON files);
+    ``busy``: the verdict of the caller's :func:`load_report`, so that it is not taken twice."""
     info = {
         "node": platform.node(),
         "platform": platform.platform(),
@@ -341,7 +342,7 @@ def machine_info(device: str = "cpu") -> dict:
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "load_average": load_average(),
-        "busy": load_report(device)[1],
+        "busy": load_report(device)[1] if busy is None else busy,
         "gpu": torch.cuda.get_device_name() if str(device).startswith("cuda") and torch.cuda.is_available() else None,
     }
     try:
@@ -390,12 +391,12 @@ class Run:
     def __init__(self, args, title: str) -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
-        self.args, self.info = args, machine_info(args.device)
+        self.load_before, busy = load_report(args.device)
+        self.args, self.info = args, machine_info(args.device, busy)
         self.machine = (self.info["gpu"] if args.device == "cuda" else
                         f"{self.info['cpu']} ({self.info['cpu_id']}), {self.info['cpu_count']} cores, "
                         f"{self.info['torch_threads']} threads")
         print(f"{title} on {args.device} ({self.machine}); torch {torch.__version__}", flush=True)
-        self.load_before = load_report(args.device)[0]
         print(self.load_before, flush=True)
 
     def finish(self, table: str, rows: list, **extra) -> None:
