@@ -1,7 +1,8 @@
 // exp, 2^x and log on a GCC float vector of any lane count, with Cephes' expf, exp2f and logf
 // polynomials (about 1 ulp). What the float32 kernels that sum many exponentials use
-// (mixture_logpdf, conr_loss) instead of a scalar std::exp or std::log per element. A vector wider
-// than the machine's registers has its comparisons done lane by lane by g++: use the native width.
+// (mixture_logpdf, conr_loss) instead of a scalar std::exp or std::log per element; rnc_loss's
+// own exp, of a wider range, takes its constants. A vector wider than the machine's registers has
+// its comparisons done lane by lane by g++: use the native width.
 #pragma once
 
 #include <cstdint>
@@ -59,6 +60,11 @@ constexpr float kExpLeast = -87.3f;
 // n here, and kLn2Lo is the rest. exp reduces its argument by them; log adds its exponent back.
 constexpr float kLn2Hi = 0.693359375f;
 constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kLog2e = 1.44269504088896341f;  // 1 / ln 2: x kLog2e is x's exponent of 2
+
+// Cephes' expf polynomial, highest power first: exp(r) = 1 + r + r^2 p(r) for the reduced r.
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
 
 // exp on [-87.3, 88.3]; inputs below give 2^-126 instead of 0, -inf gives 0, NaN stays NaN.
 // VF: the float vector type, VI: the int32 vector of the same lane count.
@@ -67,17 +73,17 @@ __attribute__((always_inline)) inline VF vexp(VF x) {
   const VI minus_inf = x == -std::numeric_limits<float>::infinity();
   x = x < kExpLeast ? VF{} + kExpLeast : x;
   x = x > 88.3f ? VF{} + 88.3f : x;
-  const VF fx = x * 1.44269504088896341f + 0.5f;
+  const VF fx = x * kLog2e + 0.5f;
   VF n = __builtin_convertvector(__builtin_convertvector(fx, VI), VF);  // floor(fx) for any sign:
   n = n > fx ? n - 1.0f : n;                                             // truncation, corrected
   x = x - n * kLn2Hi;
   x = x - n * kLn2Lo;
-  VF y = VF{} + 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
+  VF y = VF{} + kExpPoly[0];
+  y = y * x + kExpPoly[1];
+  y = y * x + kExpPoly[2];
+  y = y * x + kExpPoly[3];
+  y = y * x + kExpPoly[4];
+  y = y * x + kExpPoly[5];
   y = y * (x * x) + x + 1.0f;
   const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
   const VF result = y * (VF)bits;  // a cast between vector types reinterprets the bits
@@ -108,15 +114,15 @@ template <typename VF, typename VI>
 __attribute__((always_inline)) inline VF vexp_shifted(VF x) {
   const VF k = VF{};
   x = x < kExpLeast ? k + kExpLeast : x;
-  const VF shifted = vfma(x, k + 1.44269504088896341f, k + kRoundWhole);
+  const VF shifted = vfma(x, k + kLog2e, k + kRoundWhole);
   const VF n = shifted - kRoundWhole;
   x = vfma(n, k - kLn2Hi, x);
   x = vfma(n, k - kLn2Lo, x);
-  VF y = vfma(k + 1.9875691500e-4f, x, k + 1.3981999507e-3f);
-  y = vfma(y, x, k + 8.3334519073e-3f);
-  y = vfma(y, x, k + 4.1665795894e-2f);
-  y = vfma(y, x, k + 1.6666665459e-1f);
-  y = vfma(y, x, k + 5.0000001201e-1f);
+  VF y = vfma(k + kExpPoly[0], x, k + kExpPoly[1]);
+  y = vfma(y, x, k + kExpPoly[2]);
+  y = vfma(y, x, k + kExpPoly[3]);
+  y = vfma(y, x, k + kExpPoly[4]);
+  y = vfma(y, x, k + kExpPoly[5]);
   y = vfma(y, x * x, x) + 1.0f;  // in [0.7, 1.5), at least 1 where n = -126: y 2^n is normal
   const VI pow2 = ((VI)shifted - (kRoundWholeBits - 127)) << 23;
   return y * (VF)pow2;

@@ -32,6 +32,7 @@
 
 #include "checks.h"
 #include "parallel.h"
+#include "vexp.h"
 
 namespace dirfast {
 namespace cpu {
@@ -276,15 +277,15 @@ __attribute__((always_inline)) inline void exp_body<float>(const float* x, float
     const V v = load(x + p);
     V c = v < splat(-103.0f) ? splat(-103.0f) : v;
     c = c > splat(88.72f) ? splat(88.72f) : c;
-    const V big = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-    const V k = (c * splat(1.44269504088896341f) + big) - big;
-    const V r = (c - k * splat(0.693359375f)) - k * splat(-2.12194440e-4f);
-    V q = splat(1.9875691500e-4f);
-    q = q * r + splat(1.3981999507e-3f);
-    q = q * r + splat(8.3334519073e-3f);
-    q = q * r + splat(4.1665795894e-2f);
-    q = q * r + splat(1.6666665459e-1f);
-    q = q * r + splat(5.0000001201e-1f);
+    const V big = splat(kRoundWhole);  // adding it rounds to a whole number
+    const V k = (c * splat(kLog2e) + big) - big;
+    const V r = (c - k * splat(kLn2Hi)) - k * splat(kLn2Lo);
+    V q = splat(kExpPoly[0]);
+    q = q * r + splat(kExpPoly[1]);
+    q = q * r + splat(kExpPoly[2]);
+    q = q * r + splat(kExpPoly[3]);
+    q = q * r + splat(kExpPoly[4]);
+    q = q * r + splat(kExpPoly[5]);
     const V e = q * (r * r) + r + splat(1.0f);
     const I n = __builtin_convertvector(k, I), half = n >> 1;  // -149 <= n <= 128: 2^n in two factors
     V y = (e * pow2(half)) * pow2(n - half);
