@@ -127,9 +127,11 @@ class Binning:
     def integer(cls, num_bins: int, scale: float = 1.0) -> "Binning":
         """Bins ``0 .. num_bins - 1`` of ``int(label * scale)`` (truncated toward zero), clamped
         into range: ``Binning.integer(121)`` is the published age binning, and
-        ``Binning.integer(100, scale=10)`` the NYUD2-DIR depth buckets of 0.1 m."""
+        ``Binning.integer(100, scale=10)`` the NYUD2-DIR depth buckets of 0.1 m. ``scale`` must be
+        finite in float32, where labels are scaled (as :func:`dirfast.ops.integer_bins`)."""
         num_bins = validate.integer("num_bins", num_bins, 1, MAX_BINS)
-        scale = validate.positive("scale", scale)
+        # beyond float32, label * scale is inf or NaN there, and the bins depend on the backend
+        scale = validate.in_dtype("scale", validate.positive("scale", scale), torch.float32)
         binning = cls.__new__(cls)
         binning._setup(_checked_edges(np.arange(num_bins + 1, dtype=np.float64) / scale), "integer", scale=scale)
         return binning
@@ -262,7 +264,12 @@ class Binning:
         FDS.smooth's binning, and its binary search 40-60 ns a label; on few labels the search's
         fewer ops win (benchmarks/results/cpu/binning-ops.txt)."""
         cmp = self._compare_dtype(labels.dtype, precision)
-        values = labels if labels.dtype == cmp else labels.to(cmp)  # (a no-op .to costs a few us)
+        values = labels
+        if self._kind == "integer" and labels.dtype == torch.float64 and cmp == torch.float32:
+            # finite labels beyond float32 would become inf there (no bin): clamped first, they join
+            # the edge bins as with the searched edges; NaN and inf stay as they are
+            values = torch.where(labels.isinf(), labels, labels.clamp(-validate.FLOAT32_MAX, validate.FLOAT32_MAX))
+        values = values if values.dtype == cmp else values.to(cmp)  # (a no-op .to costs a few us)
         last = self.num_bins - 1
         if self._kind == "integer":  # int(label * scale): one pass (the integer_bins op)
             return integer_bins_unchecked(values, self.num_bins, self._scale, first)
@@ -406,11 +413,16 @@ class GridBinning:
         return self(labels, precision=precision, check=check)
 
     def unravel(self, index: torch.Tensor) -> torch.Tensor:
-        """The per-dimension bin numbers ``[..., d]`` of grid indices ``index`` (an integer tensor)."""
+        """The per-dimension bin numbers ``[..., d]`` (int64) of grid indices ``index`` (an integer
+        tensor); an index outside ``[0, num_bins)``, such as the -1 of a label with no bin, gets -1
+        in every dimension rather than wrapping into a real bin."""
         validate.tensor("index", index)
         if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
             raise TypeError(f"index must be an integer tensor, got {index.dtype}")
-        return torch.stack([(index // stride) % n for stride, n in zip(self._strides, self.shape)], dim=-1)
+        index = index.long()  # int64 as every bin number: an unsigned dtype cannot hold -1
+        outside = ((index < 0) | (index >= self.num_bins)).unsqueeze(-1)
+        bins = torch.stack([(index // stride) % n for stride, n in zip(self._strides, self.shape)], dim=-1)
+        return bins.masked_fill_(outside, -1)
 
     def along_each_axis(self, table: torch.Tensor, smooth) -> torch.Tensor:
         """``table`` (``[num_bins, ...]``, one row per grid bin) with ``smooth`` (a 1-D smoothing
@@ -425,5 +437,13 @@ class GridBinning:
         grid = table.reshape(self.shape + tuple(table.shape[1:]))
         for axis, length in enumerate(self.shape):
             moved = grid.movedim(axis, 0)
-            grid = smooth(moved.reshape(length, -1)).reshape(moved.shape).movedim(0, axis)
+            rows = moved.reshape(length, -1)
+            smoothed = smooth(rows)
+            if not isinstance(smoothed, torch.Tensor):
+                raise TypeError(f"smooth must return a tensor (the smoothed [n, M] table), got "
+                                f"{type(smoothed).__name__}")
+            if smoothed.shape != rows.shape:
+                raise ValueError(f"smooth must return a table of the shape it is given, {tuple(rows.shape)}, "
+                                 f"got {tuple(smoothed.shape)}")
+            grid = smoothed.reshape(moved.shape).movedim(0, axis)
         return grid.reshape(table.shape)

@@ -155,6 +155,7 @@ def _balanced_error(preds, labels, binning, power: int) -> float:
     if not isinstance(binning, (Binning, GridBinning)):
         raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
     labels, errors = _samples(preds, labels, binning)
+    # the labels are finite (_samples), so each has a bin: no -1, which bincount refuses
     bins = binning(labels, precision="float32").numpy()
     total = np.bincount(bins, weights=np.abs(errors) ** power, minlength=binning.num_bins)
     count = np.bincount(bins, minlength=binning.num_bins)

@@ -14,7 +14,7 @@ import torch
 import dirfast
 from benchmarks import published
 from dirfast import binning as binning_module
-from testing import DEVICES, gen
+from testing import DEVICES, backend_params, gen
 
 BINNINGS = {
     "stsb": lambda: dirfast.Binning.uniform(0, 5, 50),
@@ -164,6 +164,35 @@ def test_non_finite_labels():
         got = binning(labels, check=False)
         assert got[1:4].tolist() == [-1, -1, -1]
         assert got[0] >= 0 and got[4] >= 0
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_float64_labels_beyond_float32_join_the_edge_bins(backend):
+    """Integer binning with precision="float32": finite float64 labels beyond float32's range join
+    the edge bins, as with precision="labels" and with searched edges (cast as they are, they would
+    be inf: no bin), on every backend; NaN and infinite labels still get -1."""
+    big = float(torch.finfo(torch.float32).max)
+    labels = torch.tensor([1e39, -1e39, 1e300, big * (1 + 2 ** -40), 0.7, float("nan"), float("inf"),
+                           -float("inf")], dtype=torch.float64)
+    with dirfast.use_backend(backend):
+        for binning, want in ((dirfast.Binning.integer(10), [9, 0, 9, 9, 0, -1, -1, -1]),
+                              (dirfast.Binning.integer(10, scale=10), [9, 0, 9, 9, 7, -1, -1, -1])):
+            got = binning(labels, precision="float32", check=False)
+            assert got.tolist() == want
+            assert torch.equal(got, binning(labels, check=False))
+            from_2 = [max(b, 2) - 2 if b >= 0 else -1 for b in want]  # FDS's bucket_start
+            assert binning._bins_from(labels, "float32", False, 2).tolist() == from_2
+            assert binning(labels[:4], precision="float32").tolist() == want[:4]  # checked: finite, accepted
+
+
+def test_integer_scale_must_be_finite_in_float32():
+    """Labels are scaled in float32 (dirfast.ops.integer_bins refuses such a scale too): beyond it,
+    0 * inf would make the bins depend on the backend."""
+    with pytest.raises(ValueError, match="scale must be .*float32"):
+        dirfast.Binning.integer(10, scale=1e39)
+    with pytest.raises(ValueError, match="scale"):
+        dirfast.ops.integer_bins(torch.zeros(2), 10, 1e39)
+    assert dirfast.Binning.integer(10, scale=3e38)(torch.tensor([0.0, 1.0])).tolist() == [0, 9]
 
 
 @pytest.mark.parametrize("name", BINNINGS)

@@ -62,6 +62,46 @@ def test_grid_bins_are_row_major(device, n):
         grid(nan)
 
 
+def test_integer_axes_take_float64_labels_beyond_float32():
+    """An integer axis binned in float32 puts finite float64 coordinates beyond float32's range in
+    its edge bins, as the 1-D Binning does (cast first, they were inf: no grid bin); NaN and
+    infinite coordinates still give -1."""
+    grid = GridBinning(Binning.integer(4), Binning.uniform(0, 1, 3))
+    y = torch.tensor([[1e39, 0.5], [-1e39, 0.5], [2.0, 0.5], [float("inf"), 0.5], [float("nan"), 0.5]],
+                     dtype=torch.float64)
+    want = [3 * 3 + 1, 1, 2 * 3 + 1, -1, -1]
+    assert grid(y, precision="float32", check=False).tolist() == want
+    assert grid(y, check=False).tolist() == want
+    assert grid(y[:3], precision="float32").tolist() == want[:3]
+
+
+def test_unravel_gives_minus_one_outside_the_grid():
+    """-1 (a label of no bin) and indices past the last bin have no bin in any dimension: -1 in
+    each, where they wrapped into real bins (-1 was the last bin, num_bins the first)."""
+    grid = GridBinning(Binning.integer(4), Binning.integer(3))
+    index = torch.tensor([[-1, 0, 5], [11, 12, -13]])
+    want = [[[-1, -1], [0, 0], [1, 2]], [[3, 2], [-1, -1], [-1, -1]]]
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        got = grid.unravel(index.to(dtype))
+        assert got.dtype == torch.int64 and got.tolist() == want
+    assert grid.unravel(torch.tensor([11, 200], dtype=torch.uint8)).tolist() == [[3, 2], [-1, -1]]
+    nan = grid(torch.tensor([[float("nan"), 1.0], [2.0, 1.0]]), check=False)
+    assert grid.unravel(nan).tolist() == [[-1, -1], [2, 1]]
+
+
+def test_along_each_axis_checks_what_smooth_returns():
+    """``smooth`` must return a tensor of the shape it is given: None or another shape is refused,
+    naming ``smooth``, instead of failing on a reshape."""
+    grid = GridBinning(Binning.integer(4), Binning.integer(3))
+    table = torch.arange(24.0).reshape(12, 2)
+    assert torch.equal(grid.along_each_axis(table, lambda rows: rows * 2), table * 4)
+    for smooth, error in ((lambda rows: None, TypeError), (lambda rows: rows.tolist(), TypeError),
+                          (lambda rows: rows[:-1], ValueError), (lambda rows: rows.reshape(-1), ValueError),
+                          (lambda rows: rows.T, ValueError)):
+        with pytest.raises(error, match="smooth must return"):
+            grid.along_each_axis(table, smooth)
+
+
 # -- LDS ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("reweight, lds, padding", [("sqrt_inv", True, "constant"), ("inverse", True, "symmetric"),
                                                     ("inverse", False, "constant"), ("none", False, "constant")])

@@ -139,6 +139,25 @@ def test_shot_metrics_unlisted_bins_are_few_shot():
     assert got["low"]["l1"] == pytest.approx(3.5)  # bins 5 and 7, unlisted
 
 
+def test_labels_beyond_float32_join_the_edge_bins():
+    """Finite float64 labels beyond float32's range are binned (in float32, as the published
+    evaluators) into the edge bins: they raised numpy's bincount error in the balanced errors
+    (bin -1) and took the last bin's region in shot_metrics."""
+    binning = dirfast.Binning.integer(10)
+    labels = np.array([1e39, 9.0, 5.0, -1e39])
+    preds = labels + np.array([0.0, 3.0, 2.0, 0.0])
+    # bins 9 (errors 0 and 3), 5 (2) and 0 (0), each weighing the same
+    assert dirfast.metrics.balanced_mae(preds, labels, binning) == pytest.approx((1.5 + 2.0 + 0.0) / 3)
+    assert dirfast.metrics.balanced_mse(preds, labels, binning) == pytest.approx((4.5 + 4.0 + 0.0) / 3)
+    grid = dirfast.GridBinning(binning)
+    assert dirfast.metrics.balanced_mae(preds[:, None], labels[:, None], grid) == pytest.approx(3.5 / 3)
+    got = dirfast.metrics.shot_metrics(preds, labels, binning=binning, regions={"many": [9], "median": [5]})
+    assert got["many"]["l1"] == 1.5 and got["median"]["l1"] == 2.0 and got["low"]["l1"] == 0.0
+    train = np.array([9.0] * 3 + [0.0] * 200)
+    got = dirfast.metrics.shot_metrics(preds, labels, train, binning=binning)
+    assert got["many"]["l1"] == 0.0 and got["low"]["l1"] == pytest.approx(5.0 / 3)
+
+
 def test_shot_metrics_exact_error():
     """exact_error replaces the zero errors of exact predictions in the geometric mean only."""
     train = np.array([10.0] * 150 + [11.0] * 50)
