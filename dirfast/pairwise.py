@@ -136,11 +136,14 @@ class RnCLoss(nn.Module):
 # ------------------------------------------------------------------------------ ConR
 def _per_sample(name: str, value, n: int, device, dtype, dense: bool) -> torch.Tensor:
     """``value`` as one number per sample, ``[n, L]``: [n] or [n, L]; with ``dense`` (NYUD2) any
-    [n, *] averaged per sample."""
+    [n, *] averaged per sample, each map holding at least one value (the mean of none is NaN)."""
     if dense:
         validate.floating(name, value)
         if value.dim() < 1 or value.shape[0] != n:
             raise ValueError(f"{name} must be [{n}, *] (one map per image), got shape {tuple(value.shape)}")
+        if 0 in value.shape[1:]:
+            raise ValueError(f"{name} must not be empty: each of its {n} maps needs at least one value, got shape "
+                             f"{tuple(value.shape)}")
         if value.device != device:
             raise ValueError(f"{name} is on {value.device} but features are on {device}")
         return value.reshape(n, -1).mean(1, keepdim=True)
@@ -182,7 +185,8 @@ def conr_loss(features, targets, preds, w=1.0, weights=1.0, t=0.07, e=0.01, *, f
         features: ``[N, D]`` (NYUD2: ``[N, *]``, flattened per image). Training passes both
             views concatenated, as published.
         targets, preds: ``[N]``, ``[N, 1]`` or ``[N, L]`` (L1 distance); ``preds`` get no
-            gradient (the published code detaches them). NYUD2: any ``[N, *]``, averaged per image.
+            gradient (the published code detaches them). NYUD2: any ``[N, *]``, averaged per image
+            (each image's map not empty).
         w: the label (and prediction) window. weights: a number (>= 0) or the per-sample LDS
             weights (>= 0; their values are not read).
         t: the temperature. The published AgeDB-DIR function ignores its ``t`` (default 0.2) and

@@ -150,6 +150,23 @@ def test_conr_matches_published_nyud2():
                      lambda f: published.conr_loss_nyud2(f, depth, output, weights, t=0.2), features)  # train.py's t
 
 
+def test_conr_nyud2_refuses_empty_maps():
+    """NYUD2's per-image maps are averaged: a map of no values has a NaN mean, which paired with
+    nothing (loss 0) or made the loss NaN (weights). Each is refused, naming its argument."""
+    features = torch.randn(4, 3, generator=gen(7), dtype=torch.float64)
+    maps = torch.rand(4, 1, 2, 2, generator=gen(8), dtype=torch.float64)
+    assert torch.isfinite(conr_loss(features, maps, maps, weights=maps, form="nyud2"))
+    for name, empty in (("targets", torch.ones(4, 0)), ("preds", torch.ones(4, 1, 0, 2)),
+                        ("weights", torch.ones(4, 0))):
+        args = dict(targets=maps, preds=maps, weights=maps, form="nyud2")
+        args[name] = empty.double()
+        with pytest.raises(ValueError, match=f"{name} must not be empty"):
+            conr_loss(features, **args)
+        with pytest.raises(ValueError, match=f"{name} must not be empty"):
+            ConRLoss(form="nyud2")(features, args["targets"], args["preds"], args["weights"])
+    assert torch.isfinite(conr_loss(features, maps[:, 0, 0, 0], maps[:, 0, 0, 0], form="nyud2"))  # [N]: one value each
+
+
 def test_conr_sample_without_positives_adds_zero():
     """The published code divides 0 by 0 (NaN) for an anchor with no positive; dirfast adds 0.
     A lonely sample far from every other in label and prediction is nobody's partner, so in the
