@@ -25,7 +25,7 @@ def loop_rows(x: torch.Tensor, bin_idx: torch.Tensor):
     """``[N, D]`` rows and ``[N]`` indices; dense ``[B, C, *S]`` becomes ``[B * prod(S), C]``."""
     if x.dim() == 2:
         return x, bin_idx.reshape(-1)
-    return x.movedim(1, -1).reshape(-1, x.shape[1]), bin_idx.reshape(-1)
+    return x.movedim(1, -1).flatten(0, -2), bin_idx.reshape(-1)
 
 
 def loop_bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
@@ -120,6 +120,23 @@ def test_special_bins(backend, device):
     assert count.tolist() == [0] * 4 and mean.shape == (4, 4) and torch.all(mean == 0) and torch.all(var == 0)
     count, mean, var = on(backend, dirfast.ops.bin_stats, x[:, :0], idx, 9)
     assert count.tolist() == [0, 0, 1, 0, 0, 4, 0, 2, 0] and mean.shape == (9, 0) and var.shape == (9, 0)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("shape", [(2, 0, 3), (3, 0, 2, 2)])
+def test_dense_input_without_channels(backend, device, shape):
+    """Dense ``x`` of C = 0 channels: every backend counts each bin's rows and gives ``[B, 0]``
+    tables (the reference reshaped them to (-1, 0), which torch refuses), and so does
+    accumulate_bin_stats_, which takes its statistics from bin_stats."""
+    x = torch.zeros(shape, device=device)
+    idx = rand_bins((shape[0],) + shape[2:], 3, low=-1, device=device, seed=3)
+    count, mean, var = on(backend, dirfast.ops.bin_stats, x, idx, 3)
+    check_bin_stats((count, mean, var), x, idx, 3)
+    assert count.tolist() == [int((idx == b).sum()) for b in range(3)] and mean.shape == var.shape == (3, 0)
+    running = (torch.ones(3, dtype=torch.float64, device=device), torch.zeros(3, 0, device=device),
+               torch.zeros(3, 0, device=device))
+    left_out = on(backend, dirfast.ops.accumulate_bin_stats_, *running, x, idx)
+    assert running[0].tolist() == [1 + n for n in count.tolist()] and int(left_out) == int((idx < 0).sum())
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)

@@ -38,8 +38,9 @@ def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
 
 
 def rows(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``[rows, D]`` (dense input moved to channels-last: a copy unless it already is)."""
-    return x if x.dim() == 2 else x.movedim(1, -1).reshape(-1, x.shape[1])
+    """``x`` as ``[rows, D]`` (dense input moved to channels-last: a copy unless it already is);
+    flattened, not reshaped to ``(-1, D)``, which is ambiguous when D is 0."""
+    return x if x.dim() == 2 else x.movedim(1, -1).flatten(0, -2)
 
 
 def bin_rows(bin_idx: torch.Tensor, num_bins: int) -> torch.Tensor:
