@@ -2,7 +2,8 @@
 
 - **TypeError for a wrong type**: a str or None where a number belongs, a float or a bool where
   an int belongs, a list where a tensor belongs, a tensor or array whose dtype is of the wrong
-  kind (integer, bool or complex where real floating values belong).
+  kind (integer, bool or complex where real floating values belong; a float8, which no
+  computation here takes, where float16, bfloat16, float32 or float64 values belong).
 - **ValueError for a wrong value or shape**: NaN or infinite, out of range, empty, the wrong
   number of dimensions or elements, a tensor on another device (or on the meta device where
   its values must be read), and an option that is not among those offered, whatever its type
@@ -23,6 +24,8 @@ from typing import Mapping
 
 import numpy as np
 import torch
+
+from .ops import FLOAT_DTYPES
 
 REAL_TYPES = (int, float, np.integer, np.floating)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -108,9 +111,10 @@ def tensor(name: str, value) -> torch.Tensor:
 
 
 def floating(name: str, value) -> torch.Tensor:
-    """A tensor of floating-point values."""
-    if not tensor(name, value).is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    """A tensor of float16, bfloat16, float32 or float64 values, the floating dtypes dirfast
+    computes in (a float8 tensor would fail deep inside an op)."""
+    if tensor(name, value).dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {value.dtype}")
     return value
 
 
@@ -152,7 +156,9 @@ def readable(name: str, value: torch.Tensor) -> torch.Tensor:
 def real_tensor(name: str, value) -> torch.Tensor:
     """``value`` (a tensor, NumPy array or sequence of real numbers) as a real-valued tensor,
     keeping the dtype of a tensor or array (their precision decides the published bins); lists
-    become float64 or int64."""
+    become float64 or int64. Host values become a CPU tensor whatever torch's default device
+    (under ``with torch.device("meta")`` they would hold nothing); floating values must be
+    float16, bfloat16, float32 or float64 (not float8, see :func:`floating`)."""
     if not isinstance(value, torch.Tensor):
         try:
             array = np.asarray(value)
@@ -163,9 +169,13 @@ def real_tensor(name: str, value) -> torch.Tensor:
         if array.dtype.kind == "f" and array.dtype.itemsize > 8:  # torch has no longdouble
             raise TypeError(f"{name} must be float16, float32 or float64 values, got an array of {array.dtype} "
                             "(convert it with .astype(np.float64))")
-        value = torch.tensor(array.astype(array.dtype.newbyteorder("="), copy=False))
+        # One copy, in native byte order and without the negative strides torch refuses (a[::-1]);
+        # from_numpy keeps it on the CPU whatever the default device.
+        value = torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), order="C"))
     if value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must be real numbers, got {value.dtype}")
+    if value.is_floating_point() and value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be integers or float16, bfloat16, float32 or float64 values, got {value.dtype}")
     return value
 
 

@@ -72,6 +72,12 @@ class FDS(nn.Module):
     Features are ``[N, D]`` with labels ``[N]`` or ``[N, 1]``, or dense ``[B, D, *spatial]`` with
     labels ``[B, 1, *spatial]`` or ``[B, *spatial]``; float32, float16 or bfloat16 (statistics
     are float32). Works on any device the module is moved to.
+
+    Built under ``with torch.device("meta")`` (deferred init), it holds shapes only, and the calls
+    that read its statistics on the host raise ValueError. ``to_empty(device=...)`` then
+    ``load_state_dict`` (or a load with ``assign=True``) materialise it: the load also rebuilds
+    the kernel window (not in the state_dict, as published), restarts ``num_samples_skipped`` and
+    clears the accumulators a checkpoint lacks; ``reset`` rebuilds the window too.
     """
 
     def __init__(self, feature_dim: int, bucket_num: int = 100, bucket_start: int = 3,
@@ -184,7 +190,20 @@ class FDS(nn.Module):
         return labels
 
     def _epoch(self) -> int:
+        self._check_readable()
         return int(self.epoch.item())
+
+    def _check_readable(self) -> None:
+        """Refuse a call that reads the statistics on the host while the module holds none."""
+        if any(buffer.is_meta for buffer in self.buffers(recurse=False)):
+            raise ValueError("this FDS is on the meta device, which holds no values to read: materialise it first "
+                             "(fds.to_empty(device=...), then fds.load_state_dict(checkpoint))")
+
+    def _window(self, device) -> torch.Tensor:
+        """The smoothing window built on ``device``, whatever torch's default device (a load under
+        ``with torch.device("meta")`` must not give a window without values)."""
+        with torch.device(device):
+            return kernel_window(self.kernel, self.ks, self.sigma, normalize="sum").float()
 
     @staticmethod
     def _check_epoch(epoch) -> int:
@@ -192,8 +211,10 @@ class FDS(nn.Module):
 
     # -- the published methods -----------------------------------------------------------------
     def reset(self) -> None:
-        """Statistics back to their initial values, streaming accumulators cleared (the epoch
-        counter is kept, as published)."""
+        """Statistics back to their initial values, streaming accumulators cleared, the kernel
+        window rebuilt (after ``to_empty`` it holds no window); the epoch counter is kept, as
+        published."""
+        self.kernel_window.copy_(self._window(self.kernel_window.device))
         for name in _BUFFERS:
             getattr(self, name).fill_(1.0 if "var" in name else 0.0)
         self.num_samples_tracked.zero_()
@@ -273,6 +294,7 @@ class FDS(nn.Module):
         epoch = self._check_epoch(epoch)
         if (features is None) != (labels is None):
             raise ValueError("pass both features and labels, or neither (to apply what accumulate() gathered)")
+        current = self._epoch()
         if features is not None:
             buckets = self._buckets(features, labels, check=True)  # every row in a bucket, or an error
             count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
@@ -285,7 +307,7 @@ class FDS(nn.Module):
                     raise ValueError("features must be finite: found NaN or infinite values (nothing was updated)")
                 raise ValueError("the features' statistics overflow float32 (features of magnitude near "
                                  "1e19 or more); nothing was updated")
-        if epoch < self._epoch():
+        if epoch < current:
             return
         if features is None:
             count = self.accumulated_count.round().long()
@@ -365,14 +387,26 @@ class FDS(nn.Module):
             setattr(self, alias, getattr(self, name).clone())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
-        for name in self._ACCUMULATORS:
-            key = prefix + name
-            if key not in state_dict:
-                continue
-            if key in unexpected_keys:  # nn.Module only knows parameters and buffers
-                unexpected_keys.remove(key)
-            with torch.no_grad():
-                getattr(self, name).copy_(state_dict[key])
+        # What the state_dict does not hold is written here: after to_empty (deferred init on the
+        # meta device) it is uninitialised memory, and a load with assign=True leaves it on meta
+        # (then it gets new tensors on the statistics' device; else it is written in place, as DDP
+        # keeps the buffers it broadcasts). The window is rebuilt, the count of skipped rows
+        # restarts, and accumulators a checkpoint lacks (a published one) are cleared.
+        device = self.running_mean.device
+        for name in ("kernel_window", "num_samples_skipped") + self._ACCUMULATORS:
+            if getattr(self, name).device != device:
+                setattr(self, name, torch.empty_like(getattr(self, name), device=device))
+        with torch.no_grad():
+            self.kernel_window.copy_(self._window(device))
+            self.num_samples_skipped.zero_()
+            for name in self._ACCUMULATORS:
+                key = prefix + name
+                if key in unexpected_keys:  # nn.Module only knows parameters and buffers
+                    unexpected_keys.remove(key)
+                if key in state_dict:
+                    getattr(self, name).copy_(state_dict[key])
+                else:
+                    getattr(self, name).zero_()
 
     @staticmethod
     def _value_errors(state_dict, prefix: str, current: dict) -> list:
@@ -433,9 +467,10 @@ class FDS(nn.Module):
         running (``m1, v1``) and smoothed (``m2, v2``) statistics, the published zero-variance
         rules included. Gradients flow to the features. In place, they must not be a tensor
         autograd saved for its backward -- the output of a ReLU, sigmoid or tanh is one, and is
-        refused with a RuntimeError before anything is written -- nor a leaf that requires grad;
-        ``inplace=False`` takes any features. Labels are not checked on the host here (that would
-        wait on the GPU every step): a row with a NaN or infinite label is returned unchanged.
+        refused with a RuntimeError before anything is written -- nor a leaf that requires grad,
+        nor an expanded tensor (rows sharing memory); ``inplace=False`` takes any features.
+        Labels are not checked on the host here (that would wait on the GPU every step): a row
+        with a NaN or infinite label is returned unchanged.
         """
         validate.boolean("inplace", inplace)
         epoch = self._check_epoch(epoch)
@@ -447,6 +482,10 @@ class FDS(nn.Module):
                  self.smoothed_var_last_epoch, self.clip_min, self.clip_max)
         if not inplace:
             return calibrate_unchecked(features, buckets, *stats)
+        if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(features) == 1:
+            raise RuntimeError("FDS.smooth cannot calibrate features in place: features has elements that share "
+                               "memory (an expanded tensor). Call smooth(features, labels, epoch, inplace=False) to "
+                               "calibrate into a new tensor")
         refusal = in_place_refusal("features", features)
         if refusal is not None:
             raise RuntimeError(f"FDS.smooth cannot calibrate features in place: {refusal}. Call smooth(features, "
@@ -470,6 +509,7 @@ class FDS(nn.Module):
         zero-variance rules leave a feature alone), summarised over the features. Values are
         float64. Large distances and factors far from 1 show the buckets that smoothing moves.
         """
+        self._check_readable()
         running_mean, running_var = self.running_mean_last_epoch, self.running_var_last_epoch
         smoothed_mean, smoothed_var = self.smoothed_mean_last_epoch, self.smoothed_var_last_epoch
         scale, _ = scale_shift(running_mean, running_var, smoothed_mean, smoothed_var, self.clip_min, self.clip_max)

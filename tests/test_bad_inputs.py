@@ -161,6 +161,13 @@ def _set_first(value, number):
     return bad
 
 
+def _negative_strides(value):
+    """The same values as a NumPy array with a negative stride, as ``a[::-1]`` or ``np.flip`` give."""
+    array = np.ascontiguousarray(torch.as_tensor(value).numpy()[::-1])[::-1]
+    assert array.strides[0] < 0
+    return array
+
+
 def _strided(value):
     """The same values, not contiguous."""
     value = torch.as_tensor(value)
@@ -201,18 +208,21 @@ PAIR = (Bad("scalar", lambda v: 5, TypeError), Bad("one value", lambda v: (5,), 
         Bad("None inside", lambda v: (None, v[1]), TypeError))
 NOT_A_TENSOR = (Bad("list", lambda v: torch.as_tensor(v).tolist(), TypeError), Bad("None", lambda v: None, TypeError),
                 Bad("str", lambda v: "abc", TypeError))
+# A floating dtype that torch barely computes in: refused as a wrong type, as integers are.
+FLOAT8 = Bad("float8", lambda v: torch.as_tensor(v).to(torch.float8_e4m3fn), TypeError)
 WRONG_DTYPE = (Bad("int64", lambda v: torch.as_tensor(v).long(), TypeError),
                Bad("complex", lambda v: torch.as_tensor(v).to(torch.complex64), TypeError),
-               Bad("bool", lambda v: torch.as_tensor(v) != 0, TypeError))
+               Bad("bool", lambda v: torch.as_tensor(v) != 0, TypeError), FLOAT8)
 NOT_REAL = (Bad("str", lambda v: "abc", TypeError), Bad("None", lambda v: None, TypeError),
             Bad("ragged", lambda v: [[1.0], [1.0, 2.0]], TypeError),
             Bad("complex", lambda v: torch.as_tensor(v).to(torch.complex64), TypeError),
-            Bad("bool", lambda v: torch.as_tensor(v) != 0, TypeError))
+            Bad("bool", lambda v: torch.as_tensor(v) != 0, TypeError), FLOAT8)
 NON_FINITE = (Bad("NaN", lambda v: _set_first(v, NAN), ValueError), Bad("inf", lambda v: _set_first(v, INF), ValueError),
               Bad("-inf", lambda v: _set_first(v, -INF), ValueError))
 LOW_PRECISION = (Bad("float16", lambda v: torch.as_tensor(v).half(), SAME),
                  Bad("bfloat16", lambda v: torch.as_tensor(v).bfloat16(), SAME))
-LAYOUTS = (Bad("non-contiguous", _strided, SAME), Bad("numpy", lambda v: torch.as_tensor(v).numpy(), SAME))
+LAYOUTS = (Bad("non-contiguous", _strided, SAME), Bad("numpy", lambda v: torch.as_tensor(v).numpy(), SAME),
+           Bad("numpy, negative strides", _negative_strides, SAME))
 
 # Labels read on the host (a fit over the whole training set): NaN, inf and no labels are errors.
 FIT_LABELS = NOT_REAL + NON_FINITE + LOW_PRECISION + LAYOUTS + (
@@ -243,7 +253,8 @@ FEATURES = NOT_A_TENSOR + WRONG_DTYPE + (
 FDS_LABELS = (Bad("list", lambda v: v.tolist(), TypeError), Bad("None", lambda v: None, TypeError),
               Bad("complex", lambda v: v.to(torch.complex64), TypeError), Bad("fewer", lambda v: v[:-1], ValueError),
               Bad("[N, 2]", lambda v: torch.stack([v, v], 1), ValueError), Bad("non-contiguous", _strided, SAME),
-              Bad("meta", lambda v: v.to("meta"), ValueError), Bad("NaN", lambda v: _set_first(v, NAN), ValueError))
+              Bad("meta", lambda v: v.to("meta"), ValueError), Bad("NaN", lambda v: _set_first(v, NAN), ValueError),
+              FLOAT8)
 INDEX_TENSOR = NOT_A_TENSOR + (
     Bad("float", lambda v: v.float(), TypeError), Bad("fewer", lambda v: v[:-1], ValueError),
     Bad("[N, 1]", lambda v: v[:, None], ValueError), Bad("non-contiguous", _strided, SAME),
@@ -270,7 +281,7 @@ WEIGHTS = (Bad("numpy", lambda v: v.numpy(), TypeError), Bad("list", lambda v: v
 HISTOGRAM = NOT_REAL + NON_FINITE + (
     Bad("2-D", lambda v: torch.as_tensor(v)[:, None], ValueError), Bad("empty", lambda v: torch.as_tensor(v)[:0], ValueError),
     Bad("fewer", lambda v: torch.as_tensor(v)[:-1], ValueError), Bad("meta", lambda v: torch.as_tensor(v).to("meta"), ValueError),
-    Bad("numpy", lambda v: torch.as_tensor(v).numpy(), SAME))
+    Bad("numpy", lambda v: torch.as_tensor(v).numpy(), SAME), Bad("numpy, negative strides", _negative_strides, SAME))
 HISTOGRAM_WEIGHTS = HISTOGRAM + (Bad("negative", lambda v: _set_first(v, -1.0), ValueError),
                                  Bad("all 0", lambda v: torch.zeros_like(torch.as_tensor(v)), ValueError))
 NOISE_VAR = REAL[:3] + REAL[4:] + (Bad("0", lambda v: 0.0, ValueError), Bad("negative", lambda v: -1.0, ValueError),
@@ -278,7 +289,7 @@ NOISE_VAR = REAL[:3] + REAL[4:] + (Bad("0", lambda v: 0.0, ValueError), Bad("neg
                     Bad("1e-50 (underflows float32)", lambda v: 1e-50, ValueError),
                     Bad("tensor [2]", lambda v: torch.ones(2), ValueError),
                     Bad("tensor (learnable)", lambda v: torch.tensor(v), SAME),
-                    Bad("int tensor", lambda v: torch.tensor(1), TypeError))
+                    Bad("int tensor", lambda v: torch.tensor(1), TypeError), FLOAT8)
 NOISE_SIGMA = POSITIVE + (Bad("1e20 (its square overflows float32)", lambda v: 1e20, ValueError),
                           Bad("1e-25 (its square underflows float32)", lambda v: 1e-25, ValueError))
 GMM = (Bad("path", lambda v: "gmm.pkl", TypeError), Bad("list", lambda v: [1.0], TypeError),
@@ -440,6 +451,7 @@ CONR_EXPECT = {**PAIRWISE_EXPECT, ("targets", "NaN"): FINITE, ("preds", "NaN"): 
 CONR_WEIGHTS = (Bad("str", lambda v: "w", TypeError), Bad("None", lambda v: None, TypeError),
                 Bad("bool", lambda v: True, TypeError), Bad("NaN", lambda v: NAN, ValueError),
                 Bad("int tensor", lambda v: torch.ones(8, dtype=torch.long), TypeError),
+                Bad("float8 tensor", lambda v: torch.ones(8).to(torch.float8_e4m3fn), TypeError),
                 Bad("[N, 2]", lambda v: torch.ones(8, 2), ValueError), Bad("fewer", lambda v: torch.ones(7), ValueError),
                 Bad("tensor [N]", lambda v: torch.rand(8, generator=gen(18)) + 0.5, FINITE))
 GENERATOR = (Bad("int", lambda v: 3, TypeError), Bad("str", lambda v: "seed", TypeError))
@@ -574,8 +586,8 @@ API = {
         ("features", "NaN"): Outcome("the bucket's batch left out and counted",
                                      lambda got, good: None), ("labels", "NaN"): FINITE}),
     "dirfast.FDS.smooth": method("smooth", trained_fds, {
-        "features": (FEATURES + (Bad("a leaf requiring grad", lambda v: v.clone().requires_grad_(), RuntimeError),),
-                     X8),
+        "features": (FEATURES + (Bad("a leaf requiring grad", lambda v: v.clone().requires_grad_(), RuntimeError),
+                                 Bad("expanded (written in place)", lambda v: v[:1].expand_as(v), RuntimeError)), X8),
         "labels": (FDS_LABELS, Y8), "epoch": (EPOCH, 2), "inplace": (BOOL, True)}, expect={
         ("features", "NaN"): NAN_OUT, ("labels", "NaN"): FINITE}),
     # Before start_smooth the features come back untouched, their type and shape checked all the same.
@@ -1091,6 +1103,23 @@ def test_ops_behaviour_on_bad_values(backend):
         x[0, 0] = NAN
         _, mean, _ = ops.bin_stats(x, torch.zeros(8, dtype=torch.long), 3)
         assert torch.isnan(mean[0, 0]) and torch.isfinite(mean[0, 1:]).all()
+
+
+def test_host_values_under_the_meta_device():
+    """Under ``with torch.device("meta")`` (a large model's deferred init), lists and arrays are
+    read on the CPU, not made meta tensors without values: the constructors that take them work
+    (they refused "edges"/"bucket_centers" the caller never passed), with the values built outside."""
+    gmm = {name: value.numpy() for name, value in GMM2.items()}
+    with torch.device("meta"):
+        binnings = [dirfast.Binning.integer(121), dirfast.Binning.uniform(0, 10, 10), dirfast.Binning([0.0, 1.0, 2.5])]
+        fds, lds = dirfast.FDS(4, bucket_num=20, bucket_start=2), dirfast.LDS(dirfast.Binning.integer(121))
+        bni, gai = BNILoss(0.8, CENTERS.numpy(), COUNTS.numpy()), GAILoss(0.8, gmm)
+    for got, expected in zip(binnings, [INT121, U10, dirfast.Binning([0.0, 1.0, 2.5])]):
+        assert_same(got, expected)
+    assert fds.running_mean.is_meta and lds.binning.num_bins == 121
+    for module, built in ((bni, BNILoss(0.8, CENTERS.numpy(), COUNTS.numpy())), (gai, GAILoss(0.8, gmm))):
+        for name, value in built.named_buffers():
+            assert_same(getattr(module, name), value, path=name)
 
 
 def test_failed_calibrate_inplace_writes_nothing():

@@ -586,6 +586,68 @@ def test_fds_reset():
         torch.testing.assert_close(getattr(fds, name), getattr(fresh, name), rtol=0, atol=0, msg=name)
 
 
+
+# =========================================================================== deferred init (meta device)
+@pytest.mark.parametrize("route", ["to_empty", "assign"])
+@pytest.mark.parametrize("checkpoint", ["dirfast", "published (no accumulators)"])
+def test_fds_deferred_init_on_meta(route, checkpoint):
+    """Built under ``with torch.device("meta")`` (a large model's deferred init), then materialised
+    by ``to_empty`` and ``load_state_dict`` (or by ``load_state_dict(assign=True)``), an FDS is
+    the one its checkpoint was saved from: the window and the count of skipped rows (not in the
+    state_dict) are rebuilt, and accumulators the checkpoint lacks are cleared, where to_empty
+    leaves uninitialised memory (NaN here, so the test does not depend on what it held)."""
+    g = torch.Generator().manual_seed(70)
+    source = dirfast.FDS(4, bucket_num=20, bucket_start=2)
+    source.update_running_stats(torch.randn(64, 4, generator=g), torch.randint(0, 22, (64,), generator=g).float(), 0)
+    source.accumulate(torch.randn(16, 4, generator=g), torch.randint(0, 22, (16,), generator=g).float())
+    state = {name: value for name, value in source.state_dict().items()
+             if checkpoint == "dirfast" or not name.startswith("accumulated_")}
+    expected = copy.deepcopy(source)
+    if checkpoint != "dirfast":
+        expected.clear_accumulated()
+    with torch.device("meta"):
+        fds = dirfast.FDS(4, bucket_num=20, bucket_start=2)
+    assert fds.running_mean.is_meta and fds.kernel_window.is_meta
+    if route == "to_empty":
+        fds.to_empty(device="cpu")
+        for name in ("kernel_window", "num_samples_skipped", "accumulated_count", "accumulated_mean", "accumulated_m2"):
+            getattr(fds, name).fill_(float("nan"))
+    fds.load_state_dict(state, assign=route == "assign")
+    assert torch.equal(fds.kernel_window, source.kernel_window) and float(fds.num_samples_skipped) == 0
+    x, y = torch.randn(32, 4, generator=g), torch.randint(0, 22, (32,), generator=g).float()
+    for module in (fds, expected):
+        module.update_last_epoch_stats(1)
+        module.update_running_stats(epoch=1)
+    for name, value in expected.state_dict().items():
+        assert torch.equal(fds.state_dict()[name], value), name
+    assert torch.equal(fds.smooth(x.clone(), y, 1), expected.smooth(x.clone(), y, 1))
+
+
+def test_fds_reset_rebuilds_the_window():
+    """reset() after to_empty: the window, kept out of the state_dict, is rebuilt with the statistics."""
+    with torch.device("meta"):
+        fds = dirfast.FDS(4, bucket_num=20, bucket_start=2, kernel="laplace", ks=7, sigma=1.5)
+    fds.to_empty(device="cpu")
+    fds.kernel_window.fill_(float("nan"))
+    fds.reset()
+    assert torch.equal(fds.kernel_window, dirfast.FDS(4, bucket_num=20, bucket_start=2, kernel="laplace", ks=7,
+                                                      sigma=1.5).kernel_window)
+
+
+def test_fds_on_meta_refuses_to_read_its_statistics():
+    """A module on the meta device holds shapes only: the calls that read its statistics on the
+    host raise ValueError saying so (not torch's error about .item()); smooth and accumulate,
+    which read nothing on the host, go through with meta tensors."""
+    fds = dirfast.FDS(4, bucket_num=20, bucket_start=2).to("meta")
+    x, y = torch.randn(8, 4, device="meta"), torch.ones(8, device="meta")
+    for call in (lambda: fds.update_last_epoch_stats(1), lambda: fds.update_running_stats(epoch=1),
+                 lambda: fds.update_running_stats(x, y, 1), fds.diagnostics):
+        with pytest.raises(ValueError, match="this FDS is on the meta device"):
+            call()
+    assert fds.smooth(x, y, 2, inplace=False).is_meta
+    fds.accumulate(x, y)
+
+
 # =========================================================================== streaming
 @pytest.mark.parametrize("momentum", [0.9, None])
 @pytest.mark.parametrize("dense", [False, True])
