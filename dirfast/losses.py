@@ -30,9 +30,14 @@ def _reduce(loss: torch.Tensor, weights) -> torch.Tensor:
 def _focal(diff: torch.Tensor, activate: str, beta: float, gamma: float) -> torch.Tensor:
     beta, gamma = validate.positive("beta", beta), validate.real("gamma", gamma, 0.0)
     validate.choice("activate", activate, ("sigmoid", "tanh"))
-    if activate == "tanh":
-        return torch.tanh(beta * torch.abs(diff)) ** gamma
-    return (2 * torch.sigmoid(beta * torch.abs(diff)) - 1) ** gamma
+    scaled = beta * torch.abs(diff)
+    base = torch.tanh(scaled) if activate == "tanh" else 2 * torch.sigmoid(scaled) - 1
+    if 0 < gamma < 1:
+        # base ** gamma has an infinite slope at base 0 (an exact prediction), and autograd's
+        # inf * 0 there is NaN; the loss's gradient is 0 there. Same values, a finite slope.
+        zero = base == 0
+        return torch.where(zero, 0.0, torch.where(zero, 1.0, base) ** gamma)
+    return base ** gamma
 
 
 def weighted_mse_loss(inputs, targets, weights=None):

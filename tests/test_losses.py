@@ -46,6 +46,29 @@ def test_focal_loss_options(name, activate, beta, gamma):
     torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("name", ["weighted_focal_mse_loss", "weighted_focal_l1_loss"])
+@pytest.mark.parametrize("activate", ["sigmoid", "tanh"])
+@pytest.mark.parametrize("gamma", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_focal_gradient_at_an_exact_prediction_is_zero(name, activate, gamma, dtype):
+    """With 0 < gamma < 1 the focal factor's slope is infinite where it is 0, and autograd gave a
+    NaN gradient at an exact prediction (and at a float32 one whose factor rounds to 0): it is 0
+    there, finite; the loss and every other gradient are the published formula's."""
+    pred, target, weights = inputs((30, 1), seed=13, dtype=dtype)
+    target[::3] = pred[::3]
+    pred[1], target[1] = 1e-7, 0.0  # 2 sigmoid(2e-8) - 1 rounds to 0 in float32
+    a, b = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+    got = getattr(dirfast.losses, name)(a, target, weights=weights, activate=activate, gamma=gamma)
+    expected = getattr(oracle, name)(b, target, weights=weights, activate=activate, gamma=gamma)
+    got.backward()
+    expected.backward()
+    assert torch.equal(got, expected)
+    finite = torch.isfinite(b.grad)
+    assert not finite[::3].any()  # the published formula's autograd
+    assert torch.equal(a.grad[~finite], torch.zeros_like(a.grad[~finite]))
+    assert torch.equal(a.grad[finite], b.grad[finite])
+
+
 @pytest.mark.parametrize("beta", [1.0, 0.5, 2.0])
 def test_huber_loss_options_and_boundary(beta):
     pred = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
