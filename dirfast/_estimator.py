@@ -5,6 +5,7 @@ value in it has been checked."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import _validate as validate
@@ -62,12 +63,16 @@ class FittedEstimator:
             if key in state and _differs(state[key], getattr(self, key)):
                 raise ValueError(f"state_dict {key!r} is {state[key]!r}, this {owner} has {getattr(self, key)!r}")
         fitted = state.get("fitted", True)
-        if not isinstance(fitted, bool):
+        if not isinstance(fitted, (bool, np.bool_)):
             raise ValueError(f"state_dict 'fitted' must be a bool, got {fitted!r}")
-        self._set_fit(self._fit_from_state(state, fitted))
+        self._set_fit(self._fit_from_state(state, bool(fitted)))
 
 
 def _differs(saved, setting) -> bool:
+    """Whether a saved setting is not this one's: a list and a tuple of equal values are equal
+    (a JSON or YAML round trip turns tuples into lists), as a NumPy scalar and its number."""
+    if isinstance(saved, (list, tuple)) and isinstance(setting, (list, tuple)):
+        return len(saved) != len(setting) or any(map(_differs, saved, setting))
     try:
         return bool(saved != setting)
     except (TypeError, ValueError, RuntimeError):  # a tensor or an array saved in its place

@@ -44,9 +44,10 @@ class LDS(FittedEstimator):
     As the published code, with ``"inverse"`` the smoothed base is truncated toward zero (the
     code convolves an integer array); ``"sqrt_inv"`` is not truncated. Weights are
     ``1 / effective[bin]`` in float32, scaled so that they average 1 over the fitted labels.
-    A bin whose effective value is 0 (possible only for labels the fit never saw) gets the
-    weight of the sparsest non-empty bin rather than an infinite one. Labels are binned with
-    ``precision="labels"``, as the published ``np.histogram`` calls do.
+    A bin whose weight would be infinite (possible only for labels the fit never saw: effective
+    value 0, or one so small that its weight overflows float32, as next to a full bin under a
+    narrow Laplace window) gets the weight of the sparsest bin whose weight is finite. Labels
+    are binned with ``precision="labels"``, as the published ``np.histogram`` calls do.
 
     Example::
 
@@ -77,7 +78,7 @@ class LDS(FittedEstimator):
         self.inverse_clip = None if inverse_clip is None else validate.pair("inverse_clip", inverse_clip)
         self.kernel, self.ks, self.sigma = kernel, ks, sigma
         self.padding, self.bucket_start = padding, bucket_start
-        self._derived = None  # (effective, float32 weight per bin, scale), derived from the counts
+        self._derived = None  # (effective, float32 weight per bin), derived from the counts
 
     # -- fitting -------------------------------------------------------------------------------
     def _bins(self, labels, check: bool) -> torch.Tensor:
@@ -146,12 +147,13 @@ class LDS(FittedEstimator):
                 if self.reweight == "inverse":
                     effective = effective.trunc()  # the published integer-array quirk
             # Written without data-dependent branches, so that it also traces under torch.compile.
-            floor = torch.where(effective > 0, effective, torch.inf).amin()
-            floor = torch.where(torch.isinf(floor), torch.ones_like(floor), floor)
-            per_bin = (1.0 / torch.where(effective > 0, effective, floor)).float()
+            # The floor rule twice: on 1 / effective (inf where effective is 0 or so small that
+            # its inverse overflows float32), so that every fitted bin counts in the scale and an
+            # unseen one adds 0 to it, not 0 * inf; then on the scaled weights, which can overflow.
+            per_bin = _floored((1.0 / effective).float())
             total = (self._counts * per_bin.double()).sum()
             scale = torch.where(total > 0, self._counts.sum() / total, torch.ones_like(total))
-            self._derived = (effective, per_bin, scale)
+            self._derived = (effective, _floored((per_bin.double() * scale).float()))
         return self._derived
 
     def _smooth(self, table: torch.Tensor) -> torch.Tensor:
@@ -163,8 +165,7 @@ class LDS(FittedEstimator):
 
     def _bin_weights(self) -> torch.Tensor:
         """The float32 weight of a label in each bin (CPU), with the fitted scale."""
-        _, per_bin, scale = self._tables()
-        weights = (per_bin.double() * scale).float()
+        weights = self._tables()[1]
         return torch.ones_like(weights) if self.reweight == "none" else weights
 
     def _label_shape(self, labels: torch.Tensor) -> tuple:
@@ -248,6 +249,25 @@ class LDS(FittedEstimator):
                 "effective_density": effective / effective.sum(), "weight": self._bin_weights().double()}
 
 
+def _floored(values: torch.Tensor) -> torch.Tensor:
+    """``values`` with each one that is not finite replaced by the largest finite one (1 when
+    none is): the inverse or weight of the sparsest bin that has a finite one."""
+    finite = torch.isfinite(values)
+    top = torch.where(finite, values, -torch.inf).amax()
+    return torch.where(finite, values, torch.where(torch.isinf(top), torch.ones_like(top), top))
+
+
+def refuse_sync(caller: str, options) -> None:
+    """TypeError for ``sync`` or ``process_group`` among ``options``: ``caller`` fits the labels
+    it is given alone, so that their weights average 1 (LDS's ``sync=True`` would add the
+    counts of other ranks)."""
+    for name in ("sync", "process_group"):
+        if name in options:
+            raise TypeError(f"{caller}() takes no {name!r}: it fits the labels it is given, the whole training "
+                            "set, on this rank alone; to sum the counts of every rank's shard, use "
+                            "LDS(binning, ...).fit(labels).weights(labels)")
+
+
 def _same_edges(saved, edges) -> bool:
     if isinstance(edges, list):
         return (isinstance(saved, (list, tuple)) and len(saved) == len(edges)
@@ -267,8 +287,10 @@ def lds_weights(labels, binning: Binning, reweight: str = "sqrt_inv", lds: bool 
     With the defaults and ``Binning.integer(121)`` this reproduces the AgeDB-DIR /
     IMDB-WIKI-DIR weights; ``Binning.uniform(0, 5, 50)`` with ``inverse_clip=None`` reproduces
     STS-B-DIR for labels of the same dtype as the published run's. See :class:`LDS` for the
-    arguments (``padding``, ``bucket_start`` are keyword options).
+    arguments (``padding``, ``bucket_start`` are keyword options; ``sync`` and ``process_group``
+    are not, as the labels are the whole set).
     """
+    refuse_sync("lds_weights", options)
     estimator = LDS(binning, reweight=reweight, lds=lds, kernel=kernel, ks=ks, sigma=sigma,
                     inverse_clip=inverse_clip, sync=False, **options)  # it is given the whole label set
     tensor = validate.real_tensor("labels", labels)

@@ -17,7 +17,7 @@ import torch
 
 from .binning import Binning
 from .fds import FDS
-from .lds import LDS
+from .lds import LDS, refuse_sync
 from .metrics import shot_metrics
 from .pairwise import ConRLoss
 
@@ -88,7 +88,8 @@ class Preset:
 
     def lds_weights(self, labels, **overrides):
         """The published per-sample LDS weights of the training ``labels`` (see
-        :func:`dirfast.lds_weights`)."""
+        :func:`dirfast.lds_weights`; no ``sync`` or ``process_group``)."""
+        refuse_sync("Preset.lds_weights", overrides)
         estimator = self.lds(sync=False, **overrides).fit(labels)
         weights = estimator.weights(labels)
         return weights if isinstance(labels, torch.Tensor) else weights.numpy()

@@ -1,5 +1,7 @@
 """LDS: dirfast.lds_weights and dirfast.LDS against the published _prepare_weights."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -81,6 +83,14 @@ def test_lds_weights_device_and_shape(device):
     assert got.device == labels.device and got.shape == (labels.numel(), 1) and got.dtype == torch.float32
     expected = published.published_lds_weights_integer(labels.cpu().numpy(), "sqrt_inv", 121, True)
     np.testing.assert_allclose(got.cpu().numpy().reshape(-1), expected, rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize("name, value", [("sync", True), ("sync", False), ("process_group", None)])
+def test_lds_weights_takes_no_sync(name, value):
+    """lds_weights fits the labels it is given alone (their weights average 1): sync=True raised
+    Python's duplicate-keyword TypeError; sync and process_group are refused by name."""
+    with pytest.raises(TypeError, match=rf"lds_weights\(\) takes no '{name}'"):
+        dirfast.lds_weights([1.0, 2.0], dirfast.Binning.integer(10), **{name: value})
 
 
 def test_lds_inverse_truncation_quirk():
@@ -206,6 +216,24 @@ def test_bins_the_fit_never_saw_weigh_as_the_sparsest_bin():
         assert weights[0] == weights[1] and weights[1] > weights[2], reweight
 
 
+@pytest.mark.parametrize("labels, sigma", [([0.0, 0, 1, 1, 1, 5, 5, 9], 0.01),
+                                           ([0.0] * 10000 + [5.0], 0.011)])
+def test_bins_whose_weight_overflows_weigh_as_the_sparsest_bin(labels, sigma):
+    """A narrow Laplace window leaves an empty bin beside a full one an effective value of 1e-40
+    or less: its inverse overflowed float32 to inf, the scale went NaN and then 1 (the fitted
+    weights averaged 0.695), and with 10000 labels in the full bin the scaled weight of a bin
+    whose inverse is finite overflowed too. The fitted weights average 1, and every such bin
+    weighs as the sparsest bin whose weight is finite (the fitted bin 9, then 5)."""
+    labels = torch.tensor(labels)
+    est = dirfast.LDS(dirfast.Binning.integer(10), kernel="laplace", sigma=sigma).fit(labels)
+    unseen = [b for b in range(10) if b not in labels.tolist()]
+    assert (est.effective[unseen] < 1e-37).all() and (est.effective[unseen] > 0).any()
+    assert float(est.weights(labels).double().mean()) == pytest.approx(1.0, rel=1e-6)
+    weights = est.weights(torch.tensor(unseen + [labels.max()], dtype=torch.float32))
+    assert torch.equal(weights, weights[-1].expand(len(weights)))
+    assert torch.equal(est.diagnostics()["weight"].float()[unseen], weights[:-1])
+
+
 def test_state_dict_keeps_the_settings_of_the_fit():
     """A state carries every setting its counts were smoothed with: a symmetric-padded LDS's
     state does not load into a constant-padded one (its weights differ at the edges)."""
@@ -219,6 +247,29 @@ def test_state_dict_keeps_the_settings_of_the_fit():
         constant.load_state_dict(state)
     with pytest.raises(RuntimeError, match="fit"):  # still unfitted
         constant.weights(labels)
+
+
+def test_load_takes_a_json_round_trip_and_numpy_scalars():
+    """A JSON (or YAML) round trip turns the inverse_clip tuple into a list, and a state built
+    with NumPy holds np.bool_ and NumPy numbers: both were refused as differing settings; equal
+    values load, different ones are still refused."""
+    def make():
+        return dirfast.LDS(dirfast.Binning.integer(121), reweight="inverse")
+
+    labels = age_labels(400, seed=15)
+    est = make().fit(labels)
+    state = est.state_dict()
+    loaded = json.loads(json.dumps({key: value.tolist() if isinstance(value, torch.Tensor) else value
+                                    for key, value in state.items()}))
+    assert loaded["inverse_clip"] == [5, 1000]
+    numpy_state = dict(state, fitted=np.bool_(True), lds=np.bool_(True), ks=np.int64(5), sigma=np.float64(2))
+    for saved in (loaded, numpy_state):
+        other = make()
+        other.load_state_dict(saved)
+        assert torch.equal(other.weights(labels), est.weights(labels))
+    for key, value in (("inverse_clip", [5, 999]), ("inverse_clip", [5, 1000, 1]), ("fitted", np.bool_(False))):
+        with pytest.raises(ValueError, match=key if key == "inverse_clip" else "'fitted' is False"):
+            make().load_state_dict(dict(loaded, **{key: value}))
 
 
 def test_load_refuses_a_state_fitted_on_nothing():

@@ -66,6 +66,14 @@ def test_agedb_lds_weights():
     np.testing.assert_allclose(AGEDB_DIR.lds_weights(ages), expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("name, value", [("sync", True), ("process_group", None)])
+def test_lds_weights_takes_no_sync(name, value):
+    """Preset.lds_weights fits the labels it is given alone: sync=True raised Python's
+    duplicate-keyword TypeError; sync and process_group are refused by name."""
+    with pytest.raises(TypeError, match=rf"Preset\.lds_weights\(\) takes no '{name}'"):
+        AGEDB_DIR.lds_weights(np.arange(10.0), **{name: value})
+
+
 def nyud2_depths(counts):
     """Depths with ``counts[b]`` pixels in each 0.1 m bucket b (at the bucket's centre)."""
     return torch.cat([torch.full((int(c),), (b + 0.5) / 10) for b, c in enumerate(counts) if c])
