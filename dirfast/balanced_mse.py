@@ -396,6 +396,21 @@ class _BalancedMSE(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"noise_sigma={float(self.noise_sigma.detach()):.4g}, learn_noise={self.noise_sigma.requires_grad}"
 
+    def _apply(self, fn, recurse=True):
+        """Moves apply to the prior's buffers (BNI's histogram, GAI's mixture), dtype casts do not
+        (``.half()`` would flush small histogram weights to 0, a -inf loss, and round the centres):
+        they stay float64, as FDS's statistics keep their dtype, and the loss is computed in the
+        predictions' accumulation dtype whatever theirs. ``noise_sigma`` follows both."""
+        buffers = {id(t) for t in self._buffers.values() if t is not None}
+
+        def apply(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in buffers:
+                return fn(t)
+            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+            return fn(t) if target.dtype == t.dtype else t.to(device=target.device)
+
+        return super()._apply(apply, recurse)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """Every entry is checked, values too, before any is copied: a failed load changes nothing.

@@ -195,6 +195,31 @@ def test_modules_learn_the_noise_scale(name):
     assert module.double().noise_sigma.dtype == torch.float64
 
 
+@pytest.mark.parametrize("name", ["bni", "gai"])
+def test_dtype_casts_move_the_prior_but_keep_its_dtype(name):
+    """model.half() with the criterion inside cast the prior's buffers: weights of 1e-9 flushed to
+    0 in float16 (a -inf loss) and the centres and means were rounded. Casts leave them float64
+    (noise_sigma is cast), the loss is the float32 module's for float16 and float32 predictions,
+    and moves still move them."""
+    pred, target = batch((32, 1), seed=72, device="cpu", dtype=torch.float32)
+    pred = pred.detach()
+    make = {"bni": lambda: BNILoss(1.0, torch.linspace(-3, 3, 10) + 0.01, torch.full((10,), 1e-9)),
+            "gai": lambda: GAILoss(1.0, mixture(3, 1, seed=73))}[name]
+    reference, module = make(), make().half()
+    assert module.noise_sigma.dtype == torch.float16
+    expected = dict(reference.named_buffers())
+    for key, value in module.named_buffers():
+        assert value.dtype == torch.float64 and torch.equal(value, expected[key]), key
+    for dtype in (torch.float16, torch.float32):
+        p, t = pred.to(dtype), target.to(dtype)
+        loss = module(p, t)
+        assert torch.isfinite(loss)
+        torch.testing.assert_close(loss, reference(p.float(), t.float()))
+    module.to("meta", torch.bfloat16)
+    assert module.noise_sigma.device.type == "meta" and module.noise_sigma.dtype == torch.bfloat16
+    assert all(buffer.device.type == "meta" and buffer.dtype == torch.float64 for buffer in module.buffers())
+
+
 def test_noise_scale_converges_on_its_own_gradient():
     """With the predictions fixed at the targets plus N(0, 0.5^2) noise and a flat prior, the
     learned noise_sigma approaches the true noise scale (the point of learning it)."""
