@@ -3,6 +3,8 @@
 // front end (dirfast/ops) makes the same checks first, with Python's exception types.
 #pragma once
 
+#include <cmath>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -88,6 +90,12 @@ inline void check_calibrate_args(const Tensor& x, const Tensor& bin_idx, const T
   }
   STD_TORCH_CHECK(clip_min >= 0 && clip_min <= clip_max, op,
                   ": clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, got ",
+                  clip_min, " and ", clip_max);
+  // The ratio is clamped in float32 for float32 x: a bound beyond its range would be inf there
+  // (clip_max = inf is no upper clamp; an infinite clip_min makes every s inf).
+  constexpr double float32_max = std::numeric_limits<float>::max();
+  STD_TORCH_CHECK(clip_min <= float32_max && (clip_max <= float32_max || std::isinf(clip_max)), op,
+                  ": clip_min and clip_max must be at most ", float32_max, " (float32), clip_max may be inf; got ",
                   clip_min, " and ", clip_max);
 }
 

@@ -54,6 +54,12 @@ void check_rnc_args(const Tensor& features, const Tensor& labels, double tempera
                   shape_of(labels));
   STD_TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
                   ": temperature must be a finite number > 0, got ", temperature);
+  // The logits divide by it in the accumulation dtype: it and 1 / temperature must be finite there.
+  const double big = acc_type({features.scalar_type(), labels.scalar_type()}) == ScalarType::Float
+                         ? std::numeric_limits<float>::max()
+                         : std::numeric_limits<double>::max();
+  STD_TORCH_CHECK(temperature <= big && temperature >= 1.0 / big, op, ": temperature must be in [", 1.0 / big, ", ",
+                  big, "] (it and 1/temperature finite in the dtype the op computes in), got ", temperature);
   STD_TORCH_CHECK(offset >= 0 && offset <= m, op, ": offset must be in [0, ", m, "] (the rows of features), got ",
                   offset);
   STD_TORCH_CHECK(count >= 0 && count <= m - offset, op, ": count must be in [0, ", m - offset,
