@@ -68,7 +68,8 @@ class LDS(FittedEstimator):
         bucket_start = validate.integer("bucket_start", bucket_start, 0, binning.num_bins - 1)
         if isinstance(binning, GridBinning) and bucket_start:
             raise ValueError("bucket_start must be 0 with a GridBinning (there is no first bin to merge into)")
-        window = kernel_window(kernel, ks, sigma, normalize="max")  # checks the settings, also unused ones
+        with torch.device("cpu"):  # the counts' device, whatever the default (meta holds no values)
+            window = kernel_window(kernel, ks, sigma, normalize="max")  # checks the settings, also unused ones
         super().__init__()
         self.window = window if lds else None
         self.binning = binning

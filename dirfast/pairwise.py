@@ -38,9 +38,7 @@ CONR_FORMS = {
 def _labels(name: str, value, rows: int, device, features_dtype) -> torch.Tensor:
     """Labels of a batch as [rows, L]: a tensor of real numbers, [rows] or [rows, L]; integer
     labels take the arithmetic dtype of the features (the ops take floating labels)."""
-    validate.tensor(name, value)
-    if value.is_complex() or value.dtype == torch.bool:
-        raise TypeError(f"{name} must be real numbers, got {value.dtype}")
+    validate.real_tensor(name, validate.tensor(name, value))
     if value.dim() not in (1, 2) or value.shape[0] != rows or (value.dim() == 2 and value.shape[1] == 0):
         raise ValueError(f"{name} must be [{rows}] or [{rows}, L], one label per sample of features (whose first "
                          f"dimension is {rows}), got shape {tuple(value.shape)}")

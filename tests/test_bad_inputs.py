@@ -441,7 +441,7 @@ NO_PAIRS = Outcome("a NaN label or prediction: its row in no (negative) pair, an
 PAIRWISE_FEATURES = (Bad("no samples", lambda v: v[:0], ValueError),)
 PAIRWISE_LABELS = NOT_A_TENSOR + (
     Bad("int64", lambda v: v.long(), FINITE), Bad("complex", lambda v: v.to(torch.complex64), TypeError),
-    Bad("bool", lambda v: v != 0, TypeError), Bad("NaN", lambda v: _set_first(v, NAN), FINITE),
+    Bad("bool", lambda v: v != 0, TypeError), FLOAT8, Bad("NaN", lambda v: _set_first(v, NAN), FINITE),
     Bad("non-contiguous", _strided, SAME), Bad("fewer", lambda v: v[:-1], ValueError),
     Bad("0-d", lambda v: v.reshape(-1)[0], ValueError), Bad("3-D", lambda v: v[None], ValueError),
     Bad("meta", lambda v: v.to("meta"), ValueError))
@@ -463,7 +463,8 @@ API = {
         Bad("one edge", lambda v: v[:1], ValueError), Bad("0-d", lambda v: v[0], ValueError),
         Bad("2-D", lambda v: v[None], ValueError), Bad("meta", lambda v: v.to("meta"), ValueError)),
         torch.tensor([0.0, 1.0, 2.5]))}),
-    "dirfast.Binning.integer": Entry(dirfast.Binning.integer, {"num_bins": (BIN_COUNT, 121), "scale": (POSITIVE, 10.0)}),
+    "dirfast.Binning.integer": Entry(dirfast.Binning.integer, {"num_bins": (BIN_COUNT, 121), "scale": (POSITIVE + (
+        Bad("beyond float32", lambda v: 1e39, ValueError),), 10.0)}),
     "dirfast.Binning.uniform": Entry(dirfast.Binning.uniform, {
         "low": (REAL + (Bad("above high", lambda v: 6.0, ValueError), Bad("equal to high", lambda v: 5.0, ValueError),
                         Bad("too close to high for float64", lambda v: 5.0 - 1e-15, ValueError)), 0.0),
@@ -493,7 +494,8 @@ API = {
     "dirfast.GridBinning.along_each_axis": method("along_each_axis", lambda: GRID, {
         "table": (NOT_A_TENSOR + (Bad("fewer rows", lambda v: v[:-1], ValueError), Bad("0-d", lambda v: v[0], ValueError)),
                   torch.arange(40.0)),
-        "smooth": ((Bad("not callable", lambda v: 3, TypeError),), lambda rows: rows * 2)}),
+        "smooth": ((Bad("not callable", lambda v: 3, TypeError), Bad("returns None", lambda v: lambda rows: None, TypeError),
+                    Bad("returns another shape", lambda v: lambda rows: rows[:-1], ValueError)), lambda rows: rows * 2)}),
     "dirfast.get_lds_kernel_window": Entry(dirfast.get_lds_kernel_window, {
         "kernel": (CHOICE, "gaussian"), "ks": (COUNT + (Bad("even", lambda v: 4, ValueError),
                                                         Bad("2^40", lambda v: 2 ** 40 + 1, ValueError)), 5),
@@ -1122,6 +1124,8 @@ def test_host_values_under_the_meta_device():
     for got, expected in zip(binnings, [INT121, U10, dirfast.Binning([0.0, 1.0, 2.5])]):
         assert_same(got, expected)
     assert fds.running_mean.is_meta and lds.binning.num_bins == 121
+    labels = torch.cat([torch.arange(100.0), torch.arange(30.0)])
+    assert torch.equal(lds.fit(labels).weights(labels), dirfast.LDS(dirfast.Binning.integer(121)).fit(labels).weights(labels))
     for module, built in ((bni, BNILoss(0.8, CENTERS.numpy(), COUNTS.numpy())), (gai, GAILoss(0.8, gmm))):
         for name, value in built.named_buffers():
             assert_same(getattr(module, name), value, path=name)
