@@ -1,11 +1,13 @@
 """Mapping labels to bins, as the published DIR code does in each of its paths.
 
 The published code bins a label differently depending on where it is binned: the STS-B-DIR LDS
-weights (``tasks.py``) use ``np.histogram`` on the labels as they are (float64 labels against
-float64 edges), while its FDS module (``fds.py``) and evaluator (``util.py``) cast every label
-to float32 and compare it with float32 edges; the two disagree on some scores (0.6 is bin 5 for
-the weights and bin 6 for FDS). :class:`Binning` reproduces both: ``precision="labels"`` (the
-default, used by LDS) and ``precision="float32"`` (used by FDS and the shot metrics).
+weights (``tasks.py``) use ``np.histogram`` on the labels in their own dtype (float64 labels
+against float64 edges), while its FDS module (``fds.py``) and evaluator (``util.py``) cast every
+label to float32 and compare it with float32 edges; for float64 scores the two disagree on some
+(0.6 is bin 5 for the weights and bin 6 for FDS). ``tasks.py`` itself reads its scores as
+float32 (``targ_fn=np.float32``), where the two agree. :class:`Binning` reproduces both:
+``precision="labels"`` (the default, used by LDS) and ``precision="float32"`` (used by FDS and
+the shot metrics).
 """
 
 from __future__ import annotations
