@@ -480,8 +480,11 @@ class BNILoss(_BalancedMSE):
                  learn_noise: bool = True) -> "BNILoss":
         """The prior of a fitted LDS, as the published ``get_bucket_info``: its label counts
         (the published default), or with ``smoothed=True`` its effective distribution (with
-        ``reweight="inverse"``, the truncated smoothed counts of the published ``--lds``),
-        normalised, without empty bins.
+        ``reweight="inverse", inverse_clip=None``, the truncated smoothed counts of the published
+        ``--lds``; the presets' LDS clip or take square roots), normalised, without empty bins.
+        The published IMDB-WIKI-DIR script counts ages 0 to 199 (``max_target=200``, older ones
+        left out): fit the LDS over ``Binning.integer(200)`` for its prior (``Binning.integer(121)``
+        merges ages from 120 on into one bin).
 
         The centres are the bins' integers for ``Binning.integer(n)`` (ages, as the IMDB-WIKI-DIR
         code) and the bin midpoints otherwise (0.05, 0.15, ... for NYUD2-DIR depths). Bins below
