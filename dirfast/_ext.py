@@ -39,7 +39,8 @@ def load() -> None:
         return
     CPU, CPU_REASON = _import("_C")
     if CPU is None and CPU_REASON.endswith("is not built"):
-        CPU_REASON += " (installed without a compiler, or with DIRFAST_NO_EXT=1): reinstall dirfast to build it"
+        CPU_REASON += (" (installed with DIRFAST_NO_EXT=1, or a source checkout not built yet): reinstall dirfast, or "
+                       "run python setup.py build_ext --inplace in the checkout")
     if torch.version.cuda is None:
         CUDA, CUDA_REASON = None, "the installed torch has no CUDA"
     else:
