@@ -494,8 +494,10 @@ API = {
     "dirfast.GridBinning.along_each_axis": method("along_each_axis", lambda: GRID, {
         "table": (NOT_A_TENSOR + (Bad("fewer rows", lambda v: v[:-1], ValueError), Bad("0-d", lambda v: v[0], ValueError)),
                   torch.arange(40.0)),
-        "smooth": ((Bad("not callable", lambda v: 3, TypeError), Bad("returns None", lambda v: lambda rows: None, TypeError),
-                    Bad("returns another shape", lambda v: lambda rows: rows[:-1], ValueError)), lambda rows: rows * 2)}),
+        "smooth": ((Bad("not callable", lambda v: 3, TypeError),
+                    Bad("returns None", lambda v: lambda rows: None, TypeError),
+                    Bad("returns another shape", lambda v: lambda rows: rows[:-1], ValueError)),
+                   lambda rows: rows * 2)}),
     "dirfast.get_lds_kernel_window": Entry(dirfast.get_lds_kernel_window, {
         "kernel": (CHOICE, "gaussian"), "ks": (COUNT + (Bad("even", lambda v: 4, ValueError),
                                                         Bad("2^40", lambda v: 2 ** 40 + 1, ValueError)), 5),
@@ -1125,7 +1127,8 @@ def test_host_values_under_the_meta_device():
         assert_same(got, expected)
     assert fds.running_mean.is_meta and lds.binning.num_bins == 121
     labels = torch.cat([torch.arange(100.0), torch.arange(30.0)])
-    assert torch.equal(lds.fit(labels).weights(labels), dirfast.LDS(dirfast.Binning.integer(121)).fit(labels).weights(labels))
+    built_outside = dirfast.LDS(dirfast.Binning.integer(121)).fit(labels)
+    assert torch.equal(lds.fit(labels).weights(labels), built_outside.weights(labels))
     for module, built in ((bni, BNILoss(0.8, CENTERS.numpy(), COUNTS.numpy())), (gai, GAILoss(0.8, gmm))):
         for name, value in built.named_buffers():
             assert_same(getattr(module, name), value, path=name)

@@ -586,7 +586,6 @@ def test_fds_reset():
         torch.testing.assert_close(getattr(fds, name), getattr(fresh, name), rtol=0, atol=0, msg=name)
 
 
-
 # =========================================================================== deferred init (meta device)
 @pytest.mark.parametrize("route", ["to_empty", "assign"])
 @pytest.mark.parametrize("checkpoint", ["dirfast", "published (no accumulators)"])
