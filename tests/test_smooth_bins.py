@@ -158,6 +158,23 @@ def test_window_moves_to_the_stats_device_but_meta_holds_no_values():
     assert out.is_meta and out.shape == stats.shape
 
 
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_reference_memory_does_not_grow_with_the_window(padding):
+    """The reference reads one tap of every bin at a time: a window far wider than the bins (LDS
+    allows ks up to 2^20 - 1 over any bins) needed a [B, ks] table (27 GB at 1,000 bins). Its
+    largest allocation (torch's CPU allocator, as the profiler records it) stays a few [B, D]
+    rows, and its result is the loop oracle's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    stats = torch.randn(16, 64, generator=gen(11), dtype=torch.float64)
+    w = window(513, seed=12, symmetric=True)  # a [B, ks] table: 4 MiB
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = reference(stats, w, padding)
+    largest = max(event.cpu_memory_usage for event in prof.events() if event.name.startswith("aten::"))
+    assert 0 < largest <= 4 * stats.numel() * 8, f"largest allocation {largest} bytes"
+    torch.testing.assert_close(got, loop_smooth_bins(stats, w, padding), rtol=1e-12, atol=1e-12)
+
+
 # =========================================================================== compiled kernels only
 COMPILED = [p for p in backend_device_params(include_auto=False) if p.values[0] in ("cpp", "cuda")]
 

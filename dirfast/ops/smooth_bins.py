@@ -38,16 +38,16 @@ def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "refle
     return _dispatch.call("smooth_bins", stats.device, stats, window.to(stats.device), padding)
 
 
-def padded_indices(num_bins: int, ks: int, padding: str, device=None):
-    """``[num_bins, ks]`` source bins of each window tap, and whether the tap is inside.
+def source_bins(num_bins: int, offset: int, padding: str, device=None):
+    """The bin each output bin's tap at ``offset`` reads (``[num_bins]``), and whether it is inside.
 
-    Tap ``k`` of output bin ``b`` reads bin ``b + k - h``. Outside the range: ``"reflect"``
-    mirrors without repeating the edge, as often as needed when the window is wider than the
-    bins; ``"symmetric"`` mirrors repeating the edge; ``"replicate"`` repeats the edge;
-    ``"constant"`` reads zero.
+    Output bin ``b`` reads bin ``b + offset``. Outside the range: ``"reflect"`` mirrors without
+    repeating the edge, as often as needed when the window is wider than the bins;
+    ``"symmetric"`` mirrors repeating the edge; ``"replicate"`` repeats the edge; ``"constant"``
+    reads zero. One tap at a time: a window far wider than the bins (ks 2^20 - 1) needs no
+    ``[num_bins, ks]`` table.
     """
-    h = (ks - 1) // 2
-    j = torch.arange(num_bins, device=device).unsqueeze(1) + torch.arange(ks, device=device) - h
+    j = torch.arange(num_bins, device=device) + offset
     inside = (j >= 0) & (j < num_bins)
     if padding == "reflect":
         if num_bins == 1:
@@ -79,17 +79,19 @@ def reference(stats: torch.Tensor, window: torch.Tensor, padding: str = "reflect
     num_bins, ks = stats.shape[0], window.shape[0]
     h = (ks - 1) // 2
     w = window.to(device=stats.device, dtype=stats.dtype)
-    src, inside = padded_indices(num_bins, ks, padding, stats.device)
-    taps = stats[src]  # [B, ks] or [B, ks, D]
-    if padding == "constant":
-        mask = inside if stats.dim() == 1 else inside.unsqueeze(-1)
-        taps = torch.where(mask, taps, torch.zeros((), dtype=stats.dtype, device=stats.device))
+    # "constant" reads a row of zeros appended after the last bin where a tap falls outside
+    padded = torch.cat([stats, stats.new_zeros((1,) + stats.shape[1:])]) if padding == "constant" else stats
+
+    def tap(offset: int) -> torch.Tensor:  # [B] or [B, D]: what each bin's tap at offset reads
+        src, inside = source_bins(num_bins, offset, padding, stats.device)
+        return padded[src] if padding != "constant" else padded[torch.where(inside, src, num_bins)]
+
     # scipy treats the window as symmetric where mirrored taps differ by at most DBL_EPSILON.
     w64 = window.to(device=stats.device, dtype=torch.float64)
     symmetric = (w64[:h].flip(0) - w64[h + 1:]).abs() <= 2.0 ** -52
-    out = taps[:, h] * w[h]
+    out = tap(0) * w[h]
     for j in range(h, 0, -1):  # a loop over window taps (a handful), never over bins
-        left, right = taps[:, h - j], taps[:, h + j]
+        left, right = tap(-j), tap(j)
         paired = (left + right) * w[h + j]
         separate = left * w[h - j] + right * w[h + j]
         out = out + torch.where(symmetric[j - 1], paired, separate)
