@@ -162,7 +162,7 @@ def _set_first(value, number):
 
 
 def _negative_strides(value):
-    """The same values as a NumPy array with a negative stride, as ``a[::-1]`` or ``np.flip`` give."""
+    """The same values as a NumPy array with a negative stride (as ``a[::-1]`` or ``np.flip``)."""
     array = np.ascontiguousarray(torch.as_tensor(value).numpy()[::-1])[::-1]
     assert array.strides[0] < 0
     return array
@@ -1117,7 +1117,8 @@ def test_ops_behaviour_on_bad_values(backend):
 def test_host_values_under_the_meta_device():
     """Under ``with torch.device("meta")`` (a large model's deferred init), lists and arrays are
     read on the CPU, not made meta tensors without values: the constructors that take them work
-    (they refused "edges"/"bucket_centers" the caller never passed), with the values built outside."""
+    (they refused "edges"/"bucket_centers" the caller never passed), with the values built
+    outside."""
     gmm = {name: value.numpy() for name, value in GMM2.items()}
     with torch.device("meta"):
         binnings = [dirfast.Binning.integer(121), dirfast.Binning.uniform(0, 10, 10), dirfast.Binning([0.0, 1.0, 2.5])]

@@ -623,7 +623,7 @@ def test_fds_deferred_init_on_meta(route, checkpoint):
 
 
 def test_fds_reset_rebuilds_the_window():
-    """reset() after to_empty: the window, kept out of the state_dict, is rebuilt with the statistics."""
+    """reset() after to_empty: the window, kept out of the state_dict, is rebuilt too."""
     with torch.device("meta"):
         fds = dirfast.FDS(4, bucket_num=20, bucket_start=2, kernel="laplace", ks=7, sigma=1.5)
     fds.to_empty(device="cpu")
