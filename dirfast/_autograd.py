@@ -7,8 +7,13 @@ import torch
 
 def in_place_refusal(name: str, tensor: torch.Tensor):
     """Why writing ``tensor`` in place would fail, now or in the backward pass (None when it
-    would not): a leaf that requires grad (or a view of one), or a tensor autograd saved."""
-    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and tensor.requires_grad):
+    would not): elements that share memory (an expanded tensor), a leaf that requires grad (or a
+    view of one), or a tensor autograd saved."""
+    if torch.compiler.is_compiling():
+        return None
+    if torch._debug_has_internal_overlap(tensor) == 1:
+        return f"{name} has elements that share memory (an expanded tensor)"
+    if not (torch.is_grad_enabled() and tensor.requires_grad):
         return None
     base = tensor._base if tensor._is_view() else tensor
     if base.is_leaf:

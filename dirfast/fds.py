@@ -482,15 +482,11 @@ class FDS(nn.Module):
                  self.smoothed_var_last_epoch, self.clip_min, self.clip_max)
         if not inplace:
             return calibrate_unchecked(features, buckets, *stats)
-        if not torch.compiler.is_compiling() and torch._debug_has_internal_overlap(features) == 1:
-            raise RuntimeError("FDS.smooth cannot calibrate features in place: features has elements that share "
-                               "memory (an expanded tensor). Call smooth(features, labels, epoch, inplace=False) to "
-                               "calibrate into a new tensor")
         refusal = in_place_refusal("features", features)
         if refusal is not None:
             raise RuntimeError(f"FDS.smooth cannot calibrate features in place: {refusal}. Call smooth(features, "
-                               f"labels, epoch, inplace=False) to calibrate into a new tensor, or smooth before "
-                               f"that activation")
+                               f"labels, epoch, inplace=False) to calibrate into a new tensor, or, for an "
+                               f"activation's output, smooth before that activation")
         return calibrate_unchecked_(features, buckets, *stats)
 
     # -- diagnostics ---------------------------------------------------------------------------
