@@ -23,6 +23,7 @@ import torch
 
 from . import _validate as validate
 from . import distributed, ops
+from ._state import move_only
 from .binning import GridBinning
 from .lds import LDS
 from .mixture import GaussianMixture, fit_gmm, whiten
@@ -401,15 +402,8 @@ class _BalancedMSE(torch.nn.Module):
         (``.half()`` would flush small histogram weights to 0, a -inf loss, and round the centres):
         they stay float64, as FDS's statistics keep their dtype, and the loss is computed in the
         predictions' accumulation dtype whatever theirs. ``noise_sigma`` follows both."""
-        buffers = {id(t) for t in self._buffers.values() if t is not None}
-
-        def apply(t: torch.Tensor) -> torch.Tensor:
-            if id(t) not in buffers:
-                return fn(t)
-            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
-            return fn(t) if target.dtype == t.dtype else t.to(device=target.device)
-
-        return super()._apply(apply, recurse)
+        buffers, move = {id(t) for t in self._buffers.values() if t is not None}, move_only(fn)
+        return super()._apply(lambda t: move(t) if id(t) in buffers else fn(t), recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

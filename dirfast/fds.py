@@ -10,6 +10,7 @@ from torch import nn
 from . import _validate as validate
 from . import distributed, ops
 from ._autograd import in_place_refusal
+from ._state import move_only
 from .ops.accumulate_bin_stats import accumulate_bin_stats_unchecked_, var_from_m2
 from .ops.calibrate import calibrate_unchecked, calibrate_unchecked_, scale_shift
 from .binning import MAX_BINS, Binning, GridBinning
@@ -346,12 +347,7 @@ class FDS(nn.Module):
         """Moves apply to every statistic; dtype casts do not (``.half()`` must not turn float64
         counters into float16 ones): the statistics keep their own precision, as BatchNorm's
         counter does. The published snapshot aliasing survives the move."""
-        aliased = self._aliased()
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            target = fn(torch.empty(0, dtype=t.dtype, device=t.device))
-            return fn(t) if target.dtype == t.dtype else t.to(device=target.device)
-
+        aliased, move = self._aliased(), move_only(fn)
         super()._apply(move, recurse)
         for name in self._ACCUMULATORS + ("num_samples_skipped",):
             setattr(self, name, move(getattr(self, name)))
