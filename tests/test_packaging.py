@@ -27,8 +27,8 @@ def _sources() -> set:
 def test_the_sdist_carries_every_source_and_no_tests(tmp_path):
     # From a copy of the sources alone (as a fresh clone has them), with no extension configured
     # (DIRFAST_NO_EXT=1): MANIFEST.in, not the extensions' source lists, must bring every file.
-    tree = tmp_path / "tree"
-    for name in _sources() | {"tests/conftest.py"}:
+    tree, sources = tmp_path / "tree", _sources()
+    for name in sources | {"tests/conftest.py"}:
         (tree / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, tree / name)
     env = dict(os.environ, DIRFAST_NO_EXT="1")
@@ -37,5 +37,5 @@ def test_the_sdist_carries_every_source_and_no_tests(tmp_path):
     (archive,) = (tmp_path / "dist").glob("dirfast-*.tar.gz")
     with tarfile.open(archive) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    assert _sources() - names == set()
+    assert sources - names == set()
     assert not any(name.startswith("tests/") for name in names)
