@@ -280,11 +280,11 @@ class FDS(nn.Module):
 
         ``update_running_stats(features, labels, epoch)`` as published (the whole training set's
         features), or ``update_running_stats(epoch=epoch)`` to apply what :meth:`accumulate`
-        gathered during the epoch (then cleared). Ignored when ``epoch < self.epoch``. For each
-        bucket with ``n`` samples: mean and variance (unbiased, 0 when ``n == 1``),
-        ``running = (1 - f) * batch + f * running`` with ``f = momentum`` (or ``1 - n / tracked``
-        when momentum is None; 0 at ``start_update``). Buckets without samples keep their values
-        (or are filled, with ``fill_empty``).
+        gathered during the epoch (then cleared). Ignored when ``epoch < self.epoch`` (what was
+        accumulated is cleared then too). For each bucket with ``n`` samples: mean and variance
+        (unbiased, 0 when ``n == 1``), ``running = (1 - f) * batch + f * running`` with
+        ``f = momentum`` (or ``1 - n / tracked`` when momentum is None; 0 at ``start_update``).
+        Buckets without samples keep their values (or are filled, with ``fill_empty``).
 
         With features (the published call, which reads them on the host anyway), NaN or
         infinite features or labels, and statistics that overflow, raise ValueError and change
@@ -309,6 +309,8 @@ class FDS(nn.Module):
                 raise ValueError("the features' statistics overflow float32 (features of magnitude near "
                                  "1e19 or more); nothing was updated")
         if epoch < current:
+            if features is None:
+                self.clear_accumulated()  # the ignored epoch's batches must not join the next one's
             return
         if features is None:
             count = self.accumulated_count.round().long()

@@ -650,9 +650,11 @@ def test_fds_on_meta_refuses_to_read_its_statistics():
 # =========================================================================== streaming
 @pytest.mark.parametrize("momentum", [0.9, None])
 @pytest.mark.parametrize("dense", [False, True])
-def test_accumulate_equals_one_call_on_all_features(momentum, dense):
+@pytest.mark.parametrize("start_update", [0, 2])
+def test_accumulate_equals_one_call_on_all_features(momentum, dense, start_update):
     """accumulate() per batch, then update_running_stats(epoch=...), equals the published
-    recipe's one call on the concatenated features (within float tolerance), epoch after epoch."""
+    recipe's one call on the concatenated features (within float tolerance), epoch after epoch;
+    an epoch before ``start_update`` is ignored, and so is what was accumulated in it."""
     g = torch.Generator().manual_seed(61)
     if dense:
         x = torch.randn(6, 4, 5, 3, generator=g) * 2 + 50
@@ -662,11 +664,13 @@ def test_accumulate_equals_one_call_on_all_features(momentum, dense):
         x = torch.randn(300, 4, generator=g) * 2 + 50  # mean 25x the std: merges must be careful
         labels = torch.randint(0, 12, (300,), generator=g).float()
         batches = [(x[i:i + 37], labels[i:i + 37]) for i in range(0, 300, 37)]
-    one, streamed = (dirfast.FDS(4, bucket_num=12, bucket_start=2, momentum=momentum) for _ in range(2))
-    for epoch in range(3):
-        one.update_running_stats(x, labels, epoch)
+    one, streamed = (dirfast.FDS(4, bucket_num=12, bucket_start=2, momentum=momentum, start_update=start_update)
+                     for _ in range(2))
+    for epoch in range(4):
+        shift = 10 * epoch  # each epoch's features differ, so one leaking into the next shows
+        one.update_running_stats(x + shift, labels, epoch)
         for xb, yb in batches:
-            streamed.accumulate(xb, yb)
+            streamed.accumulate(xb + shift, yb)
         streamed.update_running_stats(epoch=epoch)
         assert float(streamed.accumulated_count.sum()) == 0  # cleared
         for m in (one, streamed):
