@@ -23,7 +23,7 @@ template <typename acc_t>
 DIRFAST_HOST_DEVICE inline acc_t welford_variance(int64_t n, acc_t m2) {
   if (n <= 1) return acc_t(0);
   const acc_t var = m2 / static_cast<acc_t>(n - 1);
-  return var > acc_t(0) ? var : acc_t(0);
+  return var < acc_t(0) ? acc_t(0) : var;  // a NaN (from a NaN or infinite feature) stays
 }
 
 // ------------------------------------------------------------------------------ rows of D

@@ -123,6 +123,25 @@ def test_special_bins(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_non_finite_features(backend, device, dtype):
+    """A NaN or an infinity in a feature makes that feature's variance NaN in a bin of two or
+    more rows, as the reference has it (not 0, which calibrate would read as "no spread"); its
+    bin's other features and the other bins are untouched; a bin of one row keeps variance 0."""
+    x = rand_features(9, 3, device=device, seed=7).to(dtype)
+    x[0, 0], x[3, 1], x[6, 2], x[8, 0] = float("nan"), float("inf"), float("-inf"), float("nan")
+    idx = torch.tensor([0, 0, 0, 1, 1, 2, 3, 3, 4], device=device)  # bin 4: row 8 alone
+    count, mean, var = on(backend, dirfast.ops.bin_stats, x, idx, 5)
+    e_count, e_mean, e_var = reference(x.cpu().double(), idx.cpu(), 5)
+    assert torch.equal(count.cpu(), e_count)
+    assert torch.isnan(var[0, 0]) and torch.isnan(var[1, 1]) and torch.isnan(var[3, 2]) and var[4, 0] == 0
+    torch.testing.assert_close(var.cpu().double(), e_var, equal_nan=True, **tol(var.dtype))
+    finite = torch.isfinite(e_mean)
+    torch.testing.assert_close(mean.cpu().double()[finite], e_mean[finite], **tol(mean.dtype))
+    assert not torch.isfinite(mean.cpu()[~finite]).any()
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 @pytest.mark.parametrize("shape", [(2, 0, 3), (3, 0, 2, 2)])
 def test_dense_input_without_channels(backend, device, shape):
     """Dense ``x`` of C = 0 channels: every backend counts each bin's rows and gives ``[B, 0]``

@@ -129,7 +129,7 @@ inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const ind
   }
 }
 
-// M2 of n >= 1 rows turned into the unbiased variance in place (welford_variance).
+// M2 of n >= 1 rows turned into the unbiased variance in place (welford_variance: a NaN stays).
 template <typename acc_t>
 __attribute__((always_inline))
 inline void variance_row_body(acc_t* m2, int64_t dim, int64_t n) {
@@ -140,7 +140,7 @@ inline void variance_row_body(acc_t* m2, int64_t dim, int64_t n) {
   const acc_t denominator = static_cast<acc_t>(n - 1);
   for (int64_t d = 0; d < dim; ++d) {
     const acc_t var = m2[d] / denominator;
-    m2[d] = var > acc_t(0) ? var : acc_t(0);
+    m2[d] = var < acc_t(0) ? acc_t(0) : var;
   }
 }
 

@@ -26,7 +26,8 @@ def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
     Returns:
         ``(count, mean, var)``: int64 ``[B]``, and ``[B, D]`` in float32 (float64 for float64
         ``x``). The variance is unbiased, and 0 where a bin holds fewer than two rows; the mean
-        is 0 in an empty bin.
+        is 0 in an empty bin. A NaN or an infinity in a feature of a bin's rows makes that
+        feature's mean NaN or infinite and, in a bin of two or more rows, its variance NaN.
 
     On a GPU the sums use float atomics (the last bits vary from run to run) unless
     ``torch.use_deterministic_algorithms(True)`` is set, which selects a variant without them.

@@ -245,7 +245,7 @@ def _finalize_kernel(x_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
         mean = shift + s1 / n1
         var = (s2 - s1 * s1 / n1) / n2
     mean = tl.where(nf > 0, mean, 0.0)
-    var = tl.where(nf > 1, tl.maximum(var, 0.0), 0.0)
+    var = tl.where(nf > 1, tl.where(var < 0.0, 0.0, var), 0.0)  # a NaN stays (tl.maximum drops it on GPUs)
     out = (b * D)[:, None] + c[None, :]
     tl.store(mean_ptr + out, mean, mask=m)
     tl.store(var_ptr + out, var, mask=m)
