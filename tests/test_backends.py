@@ -346,6 +346,33 @@ def test_opcheck(device):
     opcheck_every_op(device)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_ops_step_out_of_autocast(device, compiled):
+    """Inside torch.autocast an op computes as outside it, to the bit, and so does its backward
+    (run inside too): a kernel that calls an ATen GEMM (the pairwise ops) gets the product in its
+    own dtype, where the C++ ConR kernel had read autocast's bfloat16 product as float32 and raised."""
+    features, labels, preds, weights = conr_inputs(24, 8, 1, torch.float32, device, seed=3)
+    idx = rand_bins(24, 5, device=device, seed=3)
+    stats = calibration_stats(5, 8, torch.float32, device)
+    calls = {"conr_loss": lambda z: dirfast.ops.conr_loss(z, labels, preds, weights),
+             "rnc_loss": lambda z: dirfast.ops.rnc_loss(z, labels),
+             "ranksim_loss": lambda z: dirfast.ops.ranksim_loss(z, labels),
+             "calibrate": lambda z: dirfast.ops.calibrate(z, idx, *stats)}
+    low = torch.bfloat16 if device == "cpu" else torch.float16
+    for name, call in calls.items():
+        run = torch.compile(call, backend="aot_eager", fullgraph=True) if compiled else call
+        results = []
+        for enabled in (False, True):
+            leaf = features.clone().requires_grad_()
+            with torch.autocast(torch.device(device).type, dtype=low, enabled=enabled):
+                out = run(leaf)
+                out.sum().backward()
+            results.append((out.detach(), leaf.grad))
+        for plain, autocast in zip(*results):
+            assert plain.dtype == autocast.dtype == torch.float32 and torch.equal(plain, autocast), name
+
+
 COMPILE_CASES = [p for p in backend_device_params() if p.values[0] in ("auto", "cpp", "cuda")]
 
 

@@ -61,8 +61,33 @@ def define(schema: str, reference: Callable, fake: Callable, triton: Callable | 
     LIBRARY.define(schema)
     LIBRARY.impl(name, reference, "CompositeExplicitAutograd")
     torch.library.register_fake(f"{NAMESPACE}::{name}", fake, lib=LIBRARY)
-    OPS[name] = Op(name, reference, triton, getattr(getattr(torch.ops, NAMESPACE), name).default)
+    overload = getattr(getattr(torch.ops, NAMESPACE), name).default
+    for device_type in AUTOCAST_DEVICES:
+        _register_without_autocast(name, overload, device_type)
+    OPS[name] = Op(name, reference, triton, overload)
     return OPS[name]
+
+
+# The devices whose autocast the ops step out of (_register_without_autocast).
+AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _register_without_autocast(name: str, overload, device_type: str) -> None:
+    """Run ``overload`` with ``device_type``'s autocast off for everything it calls, its inputs
+    as they are: each op computes in the dtype :func:`acc_dtype` gives, and a kernel that calls an
+    ATen op (the pairwise ops' GEMMs) gets that op's result in that dtype, not autocast's (a
+    custom op otherwise falls through the Autocast key with autocast still on inside it). As
+    ``torch.library.register_autocast`` does, less its casts; a kernel for the Python dispatcher
+    too, which torch.compile traces with. Only runs inside an enabled autocast region."""
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    key = getattr(torch._C.DispatchKey, key_name)
+
+    def without_autocast(*args, **kwargs):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return overload(*args, **kwargs)
+
+    overload.py_impl(key)(without_autocast)
+    LIBRARY.impl(name, lambda _keys, *args, **kwargs: without_autocast(*args, **kwargs), key_name, with_keyset=True)
 
 
 def register_triton_for_cuda() -> None:
