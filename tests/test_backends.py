@@ -373,6 +373,31 @@ def test_ops_step_out_of_autocast(device, compiled):
             assert plain.dtype == autocast.dtype == torch.float32 and torch.equal(plain, autocast), name
 
 
+@pytest.mark.parametrize("op", ["rnc_loss", "conr_loss", "ranksim_loss"])
+def test_compiled_pairwise_ops_keep_the_batch_size_dynamic(op):
+    """The anchors' offset and count are SymInts in the pairwise ops' schemas, so a batch size
+    (and a count derived from it) stays symbolic: twelve batch sizes compile two graphs (the
+    first, then a dynamic one), not one each until torch's recompile limit fails a fullgraph
+    compile; every value is eager's."""
+    calls = {"rnc_loss": lambda z, y: dirfast.ops.rnc_loss(z, y, 2.0, 1, z.shape[0] - 1),
+             "conr_loss": lambda z, y: dirfast.ops.conr_loss(z, y, y + 0.1, torch.ones(z.shape[0]), offset=1,
+                                                             count=z.shape[0] - 1),
+             "ranksim_loss": lambda z, y: dirfast.ops.ranksim_loss(z, y, None, 2.0, 1, z.shape[0] - 1)}
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(calls[op], backend=counting, fullgraph=True)
+    g = gen(8)
+    for m in range(4, 16):
+        z, y = torch.randn(m, 4, generator=g), torch.randint(0, 3, (m, 1), generator=g).float()
+        torch.testing.assert_close(compiled(z, y), calls[op](z, y), rtol=0, atol=0)
+    assert len(graphs) == 2
+
+
 COMPILE_CASES = [p for p in backend_device_params() if p.values[0] in ("auto", "cpp", "cuda")]
 
 

@@ -22,7 +22,7 @@ from . import _checks, _common, _dispatch
 PUSHES = ("exp", "linear")
 
 _ARGS = ("Tensor features, Tensor labels, Tensor preds, Tensor weights, float w, float tau, float e, str push, "
-         "bool exp0_terms, bool anchor_in_divisor, int offset, int count")
+         "bool exp0_terms, bool anchor_in_divisor, SymInt offset, SymInt count")
 SCHEMA = f"conr_loss({_ARGS}) -> Tensor"
 SCHEMA_BACKWARD = f"conr_loss_backward(Tensor grad, {_ARGS}) -> Tensor"
 

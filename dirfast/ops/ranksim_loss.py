@@ -19,7 +19,7 @@ import torch
 
 from . import _checks, _common, _dispatch
 
-_ARGS = "Tensor features, Tensor labels, Tensor keep, float lambda_val, int offset, int count"
+_ARGS = "Tensor features, Tensor labels, Tensor keep, float lambda_val, SymInt offset, SymInt count"
 SCHEMA = f"ranksim_loss({_ARGS}) -> Tensor"
 SCHEMA_BACKWARD = f"ranksim_loss_backward(Tensor grad, {_ARGS}) -> Tensor"
 LAMBDA_EPS = 1e-8    # the published backward divides by lambda + 1e-8

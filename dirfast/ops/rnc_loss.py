@@ -20,7 +20,7 @@ import torch
 
 from . import _checks, _common, _dispatch
 
-_ARGS = "Tensor features, Tensor labels, float temperature, int offset, int count"
+_ARGS = "Tensor features, Tensor labels, float temperature, SymInt offset, SymInt count"
 SCHEMA = f"rnc_loss({_ARGS}) -> Tensor"
 SCHEMA_BACKWARD = f"rnc_loss_backward(Tensor grad, {_ARGS}) -> Tensor"
 
