@@ -164,7 +164,8 @@ def test_layouts(backend, device):
 def test_far_predictions_and_no_elements(backend, device):
     """Predictions far from every component (terms of -1e6) stay finite (the log-sum-exp is
     max-shifted), in float64 to the oracle's precision and in float32 to its rounding of such
-    terms; no elements, no work."""
+    terms; up to 1e6 standard deviations away, the gradients of one component are exact; no
+    elements, no work."""
     _, m, v, _ = mixture_inputs((1,), 6, torch.float64, device, seed=52)
     far = torch.tensor([-3000.0, 0.0, 2500.0], dtype=torch.float64, device=device)
     check_mixture(backend, (far, m, v, torch.zeros_like(m)))
@@ -172,6 +173,15 @@ def test_far_predictions_and_no_elements(backend, device):
     out, grads = run(backend, (far32, m.float(), v.float(), torch.zeros_like(m).float()))
     torch.testing.assert_close(out.double().cpu(), loop_mixture_logpdf(far, m, v, torch.zeros_like(m))[0], rtol=1e-6, atol=0)
     assert all(bool(torch.isfinite(g).all()) for g in grads)
+    # One component and float32 predictions 1e4 to 1e6 standard deviations from it (terms to
+    # -5e11): each element's whole responsibility is that component's, so its gradient in x is
+    # -x, and each adds 1 to the log-weight's (the C++ backward had rounded them to 0 past 1e5).
+    x = torch.tensor([1e4, 1e5, 1e6, -1e6], device=device)
+    one = torch.zeros(1, device=device), torch.ones(1, device=device), torch.zeros(1, device=device)
+    _, (grad_x, grad_m, _, grad_w) = run(backend, (x, *one))
+    torch.testing.assert_close(grad_x, -x, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_m, x.sum().reshape(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_w, torch.full_like(grad_w, 4.0), rtol=1e-6, atol=0)
     empty = on(backend, dirfast.ops.mixture_logpdf, far32[:0], m.float(), v.float(), m.float())
     assert empty.shape == (0,) and empty.dtype == torch.float32
 

@@ -656,7 +656,9 @@ __attribute__((always_inline)) inline void backward_block(const float* xs_in, co
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
       const vf z = (xs[v] - m[j]) * s[j];
-      const vf arg = vfma(-0.5f * z, z, c[j] - shift[v]);  // term - out <= 0, but for rounding
+      // term - out <= 0, but for rounding; the term rounded first, as the forward has it: far from
+      // the component (|term| ~ 1e11) c - out rounded first lost the term - out of about 0
+      const vf arg = vfma(-0.5f * z, z, vf{} + c[j]) - shift[v];
       const vf r = arg < kExpLeast ? vf{} : g[v] * vexp_shifted<vf, vi>(arg);  // (as add_term: not 2^-126)
       const vi zero = r == 0.0f;
       const vf rz = zero ? vf{} : r * z * s[j];
