@@ -53,7 +53,9 @@ def real(name: str, value, low: float | None = None, high: float | None = None, 
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, REAL_TYPES):
         raise TypeError(f"{name} must be a real number, got {_type_name(value)}")
     value = float(value)
-    if math.isnan(value) or (finite and math.isinf(value)):
+    # NaN and inf by comparisons, not math.isnan / math.isinf, which torch.compile cannot take
+    # where dynamic=True makes the number symbolic
+    if value != value or (finite and abs(value) == math.inf):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if above else value < low):
         raise ValueError(f"{name} must be {'>' if above else '>='} {low}, got {value!r}")

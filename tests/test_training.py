@@ -117,3 +117,26 @@ def test_depth_maps_match_the_flattened_published_module(device):
     got = fds.smooth(feats.clone(), depth, 2)
     expected = published.smooth(flat(feats), binning(depth).reshape(-1, 1).float(), 2)
     torch.testing.assert_close(flat(got), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["focal_l1", "focal_mse", "huber", "rnc", "conr", "calibrate"])
+def test_float_arguments_compile_with_dynamic_shapes(name):
+    """Under torch.compile(dynamic=True) a float argument left at its default (beta, a
+    temperature, a clip) is symbolic: its checks take it (NaN and inf found by comparisons, not math.isnan), the call
+    compiles with fullgraph=True and gives eager's values at every batch size."""
+    from dirfast import losses
+
+    stats = (torch.zeros(4, 3), torch.ones(4, 3), torch.ones(4, 3), torch.full((4, 3), 2.0))
+    calls = {"focal_l1": lambda p, y, f: losses.weighted_focal_l1_loss(p, y),
+             "focal_mse": lambda p, y, f: losses.weighted_focal_mse_loss(p, y),
+             "huber": lambda p, y, f: losses.weighted_huber_loss(p, y),
+             "rnc": lambda p, y, f: losses.rnc_loss(torch.stack([f, f], 1), y),
+             "conr": lambda p, y, f: losses.conr_loss(f, y, p),
+             "calibrate": lambda p, y, f: dirfast.ops.calibrate(f, y[:, 0].long() % 4, *stats)}
+    torch._dynamo.reset()
+    compiled = torch.compile(calls[name], fullgraph=True, dynamic=True, backend="eager")
+    g = torch.Generator().manual_seed(3)
+    for n in (32, 20, 7):
+        p, y, f = torch.randn(n, 1, generator=g), torch.randint(0, 8, (n, 1), generator=g).float(), \
+            torch.randn(n, 3, generator=g)
+        torch.testing.assert_close(compiled(p, y, f), calls[name](p, y, f), rtol=0, atol=0)

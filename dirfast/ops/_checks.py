@@ -72,7 +72,7 @@ def clips(clip_min, clip_max) -> tuple:
     for name, value in (("clip_min", clip_min), ("clip_max", clip_max)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if math.isnan(clip_min) or math.isnan(clip_max) or not 0 <= clip_min <= clip_max:
+    if clip_min != clip_min or clip_max != clip_max or not 0 <= clip_min <= clip_max:  # NaN: as in real()
         raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, "
                          f"got {clip_min} and {clip_max}")
     if clip_min > FLOAT32_MAX or (FLOAT32_MAX < clip_max < math.inf):
@@ -158,7 +158,7 @@ def real(name: str, value, low: float | None = None, above: bool = False, *, dty
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not math.isfinite(value):
+    if value != value or abs(value) == math.inf:  # comparisons: torch.compile's symbolic floats take them
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if above else value < low):
         raise ValueError(f"{name} must be {'>' if above else '>='} {low}, got {value!r}")
