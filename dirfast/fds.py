@@ -68,7 +68,10 @@ class FDS(nn.Module):
         clip_min, clip_max: the clamp of the variance ratio in the calibration.
         sync, process_group: when ``torch.distributed`` runs more than one process, every update
             combines the statistics of all ranks (in ``process_group``, default the world), so
-            each rank holds those of the whole training set; ``sync=False`` keeps them per rank.
+            each rank holds those of the whole training set; ``sync=False`` keeps them per rank
+            (inside a ``DistributedDataParallel`` model, give it ``broadcast_buffers=False``: by
+            default it copies rank 0's buffers, these statistics among them, to every rank at
+            each forward).
 
     Features are ``[N, D]`` with labels ``[N]`` or ``[N, 1]``, or dense ``[B, D, *spatial]`` with
     labels ``[B, 1, *spatial]`` or ``[B, *spatial]``; float32, float16 or bfloat16 (statistics

@@ -153,7 +153,8 @@ def fit_gmm(labels, num_components: int = 8, *, max_iter: int = 100, tol: float 
             such as ages, are fitted exactly); Sheppard's correction is not needed for that reason.
 
     Starts from the label quantiles (means of K equal-count groups), so the same labels give the
-    same mixture on every run.
+    same mixture on every run. Under ``torch.distributed`` it fits the labels given only: pass the
+    whole training set's labels on every rank.
     """
     num_components = validate.integer("num_components", num_components, 1)
     max_iter = validate.integer("max_iter", max_iter, 1)
