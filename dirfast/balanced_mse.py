@@ -493,7 +493,7 @@ class BNILoss(_BalancedMSE):
             raise RuntimeError("BNILoss.from_lds needs a fitted LDS: call lds.fit(train_labels) first")
         binning = lds.binning
         unit = binning.is_integer and np.array_equal(binning.edges, np.arange(binning.num_bins + 1))
-        centers = torch.as_tensor(binning.edges[:-1] if unit else binning.centers)
+        centers = torch.as_tensor(binning.edges[:-1] if unit else binning.centers, device="cpu")  # as the LDS's counts
         weights = lds.effective if smoothed else lds.empirical
         weights = torch.cat([weights[:1].expand(lds.bucket_start), weights])
         keep = weights > 0

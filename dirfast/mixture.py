@@ -165,17 +165,19 @@ def fit_gmm(labels, num_components: int = 8, *, max_iter: int = 100, tol: float 
     if float(values.abs().max()) > _LARGEST_LABEL:
         raise ValueError(f"labels must lie within +-{_LARGEST_LABEL:g}, got {float(values.abs().max()):g}: EM squares "
                          "them, which would overflow float64; rescale them")
-    if labels.dim() == 2 and labels.shape[1] > 1:
-        points = values.reshape(labels.shape).cpu()
-        counts = torch.ones(points.shape[0], dtype=torch.float64)
-        spread = None
-    else:
-        points, counts, spread = _histogram(values, num_bins)
+    with torch.device("cpu"):  # EM is host work, under a meta default device (deferred init) too
+        if labels.dim() == 2 and labels.shape[1] > 1:
+            points = values.reshape(labels.shape).cpu()
+            counts = torch.ones(points.shape[0], dtype=torch.float64)
+            spread = None
+        else:
+            points, counts, spread = _histogram(values, num_bins)
     if counts.sum() < num_components:
         raise ValueError(f"num_components ({num_components}) must not exceed the number of labels "
                          f"({int(counts.sum())})")
     try:
-        return _em(points, counts, spread, num_components, max_iter, tol, reg_covar)
+        with torch.device("cpu"):
+            return _em(points, counts, spread, num_components, max_iter, tol, reg_covar)
     except torch.linalg.LinAlgError:
         shape = "are all equal" if points.shape[1] == 1 else "are all equal or lie on a line or plane"
         raise ValueError(f"a component's covariance is singular (the labels it holds {shape}) and "

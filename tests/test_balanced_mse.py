@@ -220,6 +220,25 @@ def test_dtype_casts_move_the_prior_but_keep_its_dtype(name):
     assert all(buffer.device.type == "meta" and buffer.dtype == torch.float64 for buffer in module.buffers())
 
 
+@pytest.mark.parametrize("name", ["bni", "gai"])
+def test_priors_fitted_under_a_meta_default_device(name):
+    """A model built under ``torch.device("meta")`` (deferred init) can hold the criterion: the
+    prior is fitted on the host as without the context, noise_sigma follows the context, and
+    after to_empty and a load the loss is the one built without it."""
+    ages = torch.randint(0, 50, (512,), generator=gen(74)).float()
+    make = {"bni": lambda: BNILoss.from_lds(dirfast.LDS(dirfast.Binning.integer(60)).fit(ages)),
+            "gai": lambda: GAILoss.from_labels(ages, 3)}[name]
+    reference = make()
+    with torch.device("meta"):
+        module = make()
+    assert module.noise_sigma.is_meta
+    for key, value in reference.named_buffers():
+        assert torch.equal(dict(module.named_buffers())[key], value), key
+    module.to_empty(device="cpu").load_state_dict(reference.state_dict())
+    pred, target = batch((32, 1), seed=75, device="cpu", dtype=torch.float32)
+    assert torch.equal(module(pred, target), reference(pred, target))
+
+
 def test_noise_scale_converges_on_its_own_gradient():
     """With the predictions fixed at the targets plus N(0, 0.5^2) noise and a flat prior, the
     learned noise_sigma approaches the true noise scale (the point of learning it)."""
