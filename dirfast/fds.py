@@ -27,6 +27,7 @@ _BUFFERS = ("running_mean", "running_var", "running_mean_last_epoch", "running_v
             "smoothed_mean_last_epoch", "smoothed_var_last_epoch")
 _ALIASES = (("running_mean_last_epoch", "running_mean"), ("running_var_last_epoch", "running_var"))
 # Checkpoint entries that are variances, sums of squared deviations or counts: never negative.
+_COUNTS = ("num_samples_tracked", "accumulated_count")  # whole numbers of samples
 _NON_NEGATIVE = ("running_var", "running_var_last_epoch", "smoothed_var_last_epoch", "num_samples_tracked",
                  "accumulated_count", "accumulated_m2")
 
@@ -412,8 +413,9 @@ class FDS(nn.Module):
     @staticmethod
     def _value_errors(state_dict, prefix: str, current: dict) -> list:
         """What checkpoint_errors does not check: values beyond the range of this module's dtype
-        (a float64 1e39 is inf once copied), negative variances or counts, an epoch that is not a
-        whole number in ``[-2**24, 2**24]``. Entries it reports (or missing) are skipped."""
+        (a float64 1e39 is inf once copied), negative variances or counts, counts or an epoch that
+        are not whole numbers (the epoch in ``[-2**24, 2**24]``). Entries it reports (or missing)
+        are skipped."""
         errors = []
         for name, mine in current.items():
             key = prefix + name
@@ -426,6 +428,8 @@ class FDS(nn.Module):
                 errors.append(f"{key}: the checkpoint holds values beyond the range of {mine.dtype}.")
             elif name in _NON_NEGATIVE and bool((value < 0).any()):
                 errors.append(f"{key}: the checkpoint holds negative values (a variance or count is never negative).")
+            elif name in _COUNTS and not bool((value == value.round()).all()):
+                errors.append(f"{key}: the checkpoint holds counts that are not whole numbers.")
             elif name == "epoch" and not bool(((value == value.round()) & (value.abs() <= EPOCH_LIMIT)).all()):
                 errors.append(f"{key}: the checkpoint's epoch must be a whole number in [-{EPOCH_LIMIT}, {EPOCH_LIMIT}], "
                               f"got {saved.tolist()}.")

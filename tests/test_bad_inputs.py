@@ -612,6 +612,10 @@ API = {
                 v["num_samples_tracked"], -1.0)), RuntimeError),
             Bad("negative accumulated_count", lambda v: dict(v, accumulated_count=_set_first(
                 v["accumulated_count"], -1.0)), RuntimeError),
+            Bad("fractional num_samples_tracked", lambda v: dict(v, num_samples_tracked=_set_first(
+                v["num_samples_tracked"], 0.5)), RuntimeError),
+            Bad("fractional accumulated_count", lambda v: dict(v, accumulated_count=_set_first(
+                v["accumulated_count"], 0.5)), RuntimeError),
             Bad("fractional epoch", lambda v: dict(v, epoch=v["epoch"] + 0.5), RuntimeError),
             Bad("epoch beyond 2^24", lambda v: dict(v, epoch=torch.full((1,), 2.0 ** 25)), RuntimeError)),
             trained_fds(seed=20).state_dict())},
