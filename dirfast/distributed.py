@@ -14,12 +14,31 @@ import torch.distributed as dist
 
 from .ops.accumulate_bin_stats import chan_merge, m2_from_var, var_from_m2
 
-__all__ = ["is_distributed", "all_gather_rows", "all_reduce_bin_stats", "all_reduce_sum"]
+__all__ = ["is_distributed", "all_gather_rows", "all_reduce_bin_stats", "all_reduce_sum", "checked_on_every_rank"]
 
 
 def is_distributed(process_group=None) -> bool:
     """Whether ``torch.distributed`` is initialised with more than one process in the group."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+
+
+def checked_on_every_rank(check, process_group=None):
+    """``check()`` (the checks of a rank's own data, which may raise ValueError or TypeError),
+    then one all-reduce of whether it raised on any rank of the group: a rank whose data was
+    refused raises its error, and every other rank a ValueError saying so, instead of waiting in
+    the collective that follows until the process group times out. Returns what check returned."""
+    try:
+        result, error = check(), None
+    except (ValueError, TypeError) as exc:
+        result, error = None, exc
+    device = "cuda" if dist.get_backend(process_group) == "nccl" else "cpu"
+    refused = torch.tensor([error is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(refused, op=dist.ReduceOp.MAX, group=process_group)
+    if error is not None:
+        raise error
+    if bool(refused):
+        raise ValueError("another rank's data was refused (its error says why): nothing was updated on any rank")
+    return result
 
 
 def all_reduce_sum(tensor: torch.Tensor, process_group=None) -> torch.Tensor:

@@ -301,17 +301,11 @@ class FDS(nn.Module):
             raise ValueError("pass both features and labels, or neither (to apply what accumulate() gathered)")
         current = self._epoch()
         if features is not None:
-            buckets = self._buckets(features, labels, check=True)  # every row in a bucket, or an error
-            count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
-            # A NaN or infinite feature makes its bucket's statistics non-finite (as does one
-            # beyond what the running statistics' float32 holds): the features themselves are
-            # read again only to say which of the two errors it is.
-            held = self.running_mean.dtype
-            if not bool(torch.isfinite(mean.to(held)).all() & torch.isfinite(var.to(held)).all()):
-                if not bool(torch.isfinite(features).all()):
-                    raise ValueError("features must be finite: found NaN or infinite values (nothing was updated)")
-                raise ValueError("the features' statistics overflow float32 (features of magnitude near "
-                                 "1e19 or more); nothing was updated")
+            if self._syncing():  # a batch refused on one rank raises on every rank
+                count, mean, var = distributed.checked_on_every_rank(lambda: self._batch_stats(features, labels),
+                                                                     self.process_group)
+            else:
+                count, mean, var = self._batch_stats(features, labels)
         if epoch < current:
             if features is None:
                 self.clear_accumulated()  # the ignored epoch's batches must not join the next one's
@@ -324,6 +318,22 @@ class FDS(nn.Module):
         if features is None:
             self.clear_accumulated()
         self._apply_epoch_stats(*stats, epoch)
+
+    def _batch_stats(self, features, labels):
+        """Count, mean and variance of each bucket's rows of a batch; ValueError for a label or
+        feature that is NaN or infinite, or statistics beyond float32."""
+        buckets = self._buckets(features, labels, check=True)  # every row in a bucket, or an error
+        count, mean, var = ops.bin_stats(features.detach(), buckets, self.running_mean.shape[0])
+        # A NaN or infinite feature makes its bucket's statistics non-finite (as does one beyond
+        # what the running statistics' float32 holds): the features themselves are read again
+        # only to say which of the two errors it is.
+        held = self.running_mean.dtype
+        if not bool(torch.isfinite(mean.to(held)).all() & torch.isfinite(var.to(held)).all()):
+            if not bool(torch.isfinite(features).all()):
+                raise ValueError("features must be finite: found NaN or infinite values (nothing was updated)")
+            raise ValueError("the features' statistics overflow float32 (features of magnitude near "
+                             "1e19 or more); nothing was updated")
+        return count, mean, var
 
     def _apply_epoch_stats(self, count, mean, var, epoch: int) -> None:
         n = count.to(self.num_samples_tracked.dtype)
@@ -435,9 +445,13 @@ class FDS(nn.Module):
                               f"got {saved.tolist()}.")
         return errors
 
+    def _syncing(self) -> bool:
+        """Whether updates combine the ranks' statistics (``sync``, running distributed)."""
+        return self.sync and distributed.is_distributed(self.process_group)
+
     def _synced(self, count, mean, var):
-        """The statistics of all ranks' rows, when running distributed with ``sync``."""
-        if self.sync and distributed.is_distributed(self.process_group):
+        """The statistics of all ranks' rows, when :meth:`_syncing`."""
+        if self._syncing():
             return distributed.all_reduce_bin_stats(count, mean, var, self.process_group)
         return count, mean, var
 

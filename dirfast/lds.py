@@ -92,7 +92,15 @@ class LDS(FittedEstimator):
         return self
 
     def _fit_labels(self, labels) -> torch.Tensor:
-        """The count of ``labels`` in each row of the tables; ValueError for NaN, infinite or no labels."""
+        """The count of ``labels`` in each row of the tables (of every rank's, with ``sync``);
+        ValueError for NaN, infinite or no labels (on any rank: then on every rank)."""
+        if not (self.sync and distributed.is_distributed(self.process_group)):
+            return self._count_labels(labels).cpu()
+        count = distributed.checked_on_every_rank(lambda: self._count_labels(labels), self.process_group)
+        return distributed.all_reduce_sum(count, self.process_group).cpu()
+
+    def _count_labels(self, labels) -> torch.Tensor:
+        """This rank's count of ``labels`` in each row of the tables (float64, on their device)."""
         labels = validate.real_tensor("labels", labels)
         if labels.numel() == 0:
             raise ValueError("labels must not be empty")
@@ -100,10 +108,7 @@ class LDS(FittedEstimator):
         # bin_stats counts the rows of each bin on the labels' device, with the fused kernels.
         ones = torch.ones(bins.shape[0], 1, dtype=torch.float32, device=bins.device)
         count, _, _ = ops.bin_stats(ones, bins, self._num_rows)
-        count = count.to(torch.float64)
-        if self.sync and distributed.is_distributed(self.process_group):
-            distributed.all_reduce_sum(count, self.process_group)
-        return count.cpu()
+        return count.to(torch.float64)
 
     def _set_fit(self, counts) -> None:
         super()._set_fit(counts)

@@ -143,3 +143,46 @@ def test_two_processes_match_one():
     for name in ("running_mean", "running_var", "streamed_mean", "ddp_mean"):
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     assert float(ranks[0]["local_tracked"].sum()) == N // WORLD
+
+
+def _refusing_worker(rank, init_file, out_dir):
+    """Rank 1's data holds a NaN label; rank 0's is fine."""
+    import datetime
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))  # a rank left waiting fails the test, not CI
+    try:
+        x, y = _data()
+        y = y[:60].clone()
+        if rank == 1:
+            y[7] = float("nan")
+        errors = {}
+        fds = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)
+        before = {key: value.clone() for key, value in fds.state_dict().items()}
+        lds = dirfast.LDS(dirfast.Binning.integer(BUCKETS))
+        for name, call in (("fds", lambda: fds.update_running_stats(x[:60], y, 0)), ("lds", lambda: lds.fit(y))):
+            try:
+                call()
+                errors[name] = None
+            except ValueError as exc:
+                errors[name] = str(exc)
+        errors["fds_unchanged"] = all(torch.equal(value, before[key]) for key, value in fds.state_dict().items())
+        errors["lds_unfitted"] = lds._fit is None
+        torch.save(errors, os.path.join(out_dir, f"refused{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_refused_on_one_rank_raises_on_every_rank():
+    """A NaN label on one rank: FDS.update_running_stats and LDS.fit raise there with their
+    usual message, and on the other rank a ValueError saying so -- before, that rank waited in
+    the next collective until the process group timed out -- and neither changes anything."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_refusing_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"refused{r}.pt")) for r in range(WORLD)]
+    for name in ("fds", "lds"):
+        assert "another rank's data was refused" in ranks[0][name], ranks[0][name]
+        assert "NaN" in ranks[1][name], ranks[1][name]
+    for got in ranks:
+        assert got["fds_unchanged"] and got["lds_unfitted"]
