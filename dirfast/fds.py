@@ -65,7 +65,8 @@ class FDS(nn.Module):
             next to it is filled (the mean of its two neighbours, the one below unchanged).
         copy_snapshot: ``False`` (published behaviour) makes ``running_*_last_epoch`` the same
             tensors as ``running_*`` at each epoch snapshot, so they follow later updates;
-            ``True`` takes a real copy.
+            ``True`` takes a real copy. A ``load_state_dict`` ends the sharing (as published)
+            until the next snapshot.
         clip_min, clip_max: the clamp of the variance ratio in the calibration.
         sync, process_group: when ``torch.distributed`` runs more than one process, every update
             combines the statistics of all ranks (in ``process_group``, default the world), so
@@ -227,7 +228,10 @@ class FDS(nn.Module):
 
     def update_last_epoch_stats(self, epoch: int) -> None:
         """At the first call of each new epoch (``epoch == self.epoch + 1``), snapshot the running
-        statistics and smooth them across buckets (reflect padding, sum-normalised window)."""
+        statistics and smooth them across buckets (reflect padding, sum-normalised window).
+
+        Once per epoch, outside the compiled step: it reads the epoch on the host, which
+        ``torch.compile(fullgraph=True)`` refuses (compiled with graph breaks, it works)."""
         epoch = self._check_epoch(epoch)
         if epoch != self._epoch() + 1:
             return

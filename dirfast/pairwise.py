@@ -317,7 +317,8 @@ def ranksim_loss(features, targets, lambda_val=2.0, generator: torch.Generator |
         targets: ``[N]`` or ``[N, L]`` (L1 label distance).
         lambda_val: > 0, finite in the dtype the loss is computed in (float32, float64 for
             float64 inputs): at most 3.4e38 in float32.
-        generator: a ``torch.Generator`` on the features' device for the subsample.
+        generator: a ``torch.Generator`` on the features' device for the subsample (leave it
+            None under ``torch.compile(fullgraph=True)``, which cannot take a generator).
         all_ranks: rank against the rows of every rank (torch.distributed); each rank's loss is
             the sum over its own kept rows.
     """
