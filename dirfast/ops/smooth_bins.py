@@ -23,8 +23,10 @@ def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "refle
     than the bins; ``"constant"`` is zero, as ``scipy.ndimage.convolve1d(mode="constant")``
     (LDS); ``"symmetric"`` mirrors repeating the edge bin, as scipy.ndimage's ``"reflect"``
     (the NYUD2-DIR LDS); ``"replicate"`` repeats the edge bin. The result has the dtype of
-    ``stats``. ``window`` is moved to the device of ``stats``; a window on the meta device,
-    which holds no values, is refused unless ``stats`` is there too.
+    ``stats`` and is computed in it, unlike the other ops (float16 and bfloat16 round after every
+    operation, as torch's arithmetic in them: LDS and FDS smooth float64 and float32 tables).
+    ``window`` is moved to the device of ``stats``; a window on the meta device, which holds no
+    values, is refused unless ``stats`` is there too.
     """
     _checks.floating("stats", stats)
     _checks.floating("window", window)

@@ -8,7 +8,8 @@ launch reading each value ``ks`` times from L1/L2.
 The taps are summed in the order of :func:`dirfast.ops.smooth_bins.reference` (scipy's: centre
 first, then mirrored pairs from the outside in, a symmetric pair added before it is weighted)
 with fused multiply-adds disabled, so float32 and float64 results equal the reference's bit for
-bit (LDS relies on scipy's rounding). float16/bfloat16 statistics are smoothed in float32.
+bit (LDS relies on scipy's rounding). float16/bfloat16 statistics are computed in float32 and
+rounded to their dtype after every operation, as the reference's arithmetic in that dtype is.
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ def _source(j, B, PADDING: tl.constexpr):
 
 
 @triton.jit
+def _rounded(x, DT: tl.constexpr):
+    """``x`` (in ACC) rounded to the statistics' dtype DT when that is float16 or bfloat16, to
+    nearest even as torch rounds. bfloat16 by the bits of the float32 (Triton's interpreter
+    truncates in ``.to(tl.bfloat16)``); a NaN stays NaN."""
+    if DT == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    elif DT == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x
+
+
+@triton.jit
 def _tap(stats_ptr, b, d, mask, B, s_b, s_d, j_off, PADDING: tl.constexpr, ACC: tl.constexpr):
     j = b + j_off
     src = _source(j, B, PADDING)
@@ -61,8 +76,9 @@ def _smooth_kernel(stats_ptr, w_ptr, out_ptr, B, D, s_b, s_d, s_w, o_b, o_d, h,
     d = tl.program_id(1).to(tl.int64) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = (b < B)[:, None] & (d < D)[None, :]
 
-    w_h = tl.load(w_ptr + h * s_w).to(ACC)
-    out = _tap(stats_ptr, b, d, mask, B, s_b, s_d, 0, PADDING, ACC) * w_h
+    DT: tl.constexpr = stats_ptr.dtype.element_ty
+    w_h = _rounded(tl.load(w_ptr + h * s_w).to(ACC), DT)  # the window in the statistics' dtype, as the reference
+    out = _rounded(_tap(stats_ptr, b, d, mask, B, s_b, s_d, 0, PADDING, ACC) * w_h, DT)
     for i in range(0, h):
         j = h - i  # from the outermost pair inwards, as scipy.ndimage.correlate1d
         w_left = tl.load(w_ptr + (h - j) * s_w)
@@ -71,12 +87,12 @@ def _smooth_kernel(stats_ptr, w_ptr, out_ptr, B, D, s_b, s_d, s_w, o_b, o_d, h,
         symmetric = tl.abs(w_left.to(tl.float64) - w_right.to(tl.float64)) <= 2.220446049250313e-16
         left = _tap(stats_ptr, b, d, mask, B, s_b, s_d, -j, PADDING, ACC)
         right = _tap(stats_ptr, b, d, mask, B, s_b, s_d, j, PADDING, ACC)
-        wl = w_left.to(ACC)
-        wr = w_right.to(ACC)
-        paired = (left + right) * wr
-        separate = left * wl + right * wr
-        out = out + tl.where(symmetric, paired, separate)
-    tl.store(out_ptr + b[:, None] * o_b + d[None, :] * o_d, out.to(out_ptr.dtype.element_ty), mask=mask)
+        wl = _rounded(w_left.to(ACC), DT)
+        wr = _rounded(w_right.to(ACC), DT)
+        paired = _rounded(_rounded(left + right, DT) * wr, DT)
+        separate = _rounded(_rounded(left * wl, DT) + _rounded(right * wr, DT), DT)
+        out = _rounded(out + tl.where(symmetric, paired, separate), DT)
+    tl.store(out_ptr + b[:, None] * o_b + d[None, :] * o_d, out.to(out_ptr.dtype.element_ty), mask=mask)  # exact: already rounded
 
 
 def _blocks(num_bins: int, dim: int):
