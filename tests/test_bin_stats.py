@@ -142,6 +142,18 @@ def test_non_finite_features(backend, device, dtype):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+def test_variance_beyond_float32_is_inf(backend, device, scale):
+    """Finite float32 features whose variance float32 cannot hold: +inf on every backend (the
+    shifted sums' S2 - S1^2 / n had given inf - inf = NaN for some data), the mean finite."""
+    x = rand_features(10, 3, device=device, seed=9) * scale
+    idx = torch.tensor([0, 1] * 5, device=device)
+    count, mean, var = on(backend, dirfast.ops.bin_stats, x, idx, 2)
+    assert count.tolist() == [5, 5] and bool(torch.isfinite(mean).all())
+    assert bool(torch.isposinf(var).all()), var
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 @pytest.mark.parametrize("shape", [(2, 0, 3), (3, 0, 2, 2)])
 def test_dense_input_without_channels(backend, device, shape):
     """Dense ``x`` of C = 0 channels: every backend counts each bin's rows and gives ``[B, 0]``

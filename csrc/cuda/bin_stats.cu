@@ -364,7 +364,7 @@ __global__ void finalize_kernel(const ull* __restrict__ count, const acc_t* __re
     const acc_t s2 = sums[total + i];
     const acc_t nn = static_cast<acc_t>(n);
     mean[i] = ref[i] + s1 / nn;
-    var[i] = welford_variance<acc_t>(n, s2 - s1 * s1 / nn);  // 0 for n == 1, never negative
+    var[i] = shifted_sums_variance<acc_t>(n, s1, s2);  // 0 for n == 1, never negative
   }
 }
 
@@ -400,7 +400,7 @@ __global__ void sorted_kernel(const T* __restrict__ x, Addressing at, int64_t di
     }
     const acc_t nn = static_cast<acc_t>(n);
     mean[k * dim + f] = shift + s1 / nn;
-    var[k * dim + f] = welford_variance<acc_t>(n, s2 - s1 * s1 / nn);
+    var[k * dim + f] = shifted_sums_variance<acc_t>(n, s1, s2);
   }
 }
 

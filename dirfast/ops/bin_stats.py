@@ -75,6 +75,7 @@ def reference(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int, determinist
 
     mean = mean0 + s1 / n.clamp(min=1)
     var = ((s2 - s1 * s1 / n.clamp(min=1)) / (n - 1).clamp(min=1)).clamp(min=0)
+    var = torch.where(torch.isposinf(s2) & torch.isfinite(s1), s2, var)  # a spread beyond acc: inf, not inf - inf
     var = torch.where(n > 1, var, torch.zeros_like(var))
     return count[:num_bins], mean[:num_bins], var[:num_bins]
 

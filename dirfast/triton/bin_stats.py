@@ -244,6 +244,7 @@ def _finalize_kernel(x_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
     else:
         mean = shift + s1 / n1
         var = (s2 - s1 * s1 / n1) / n2
+    var = tl.where((s2 == float("inf")) & (tl.abs(s1) < float("inf")), s2, var)  # a spread beyond ACC: inf
     mean = tl.where(nf > 0, mean, 0.0)
     var = tl.where(nf > 1, tl.where(var < 0.0, 0.0, var), 0.0)  # a NaN stays (tl.maximum drops it on GPUs)
     out = (b * D)[:, None] + c[None, :]
