@@ -24,7 +24,8 @@ def calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float 
 
     For a row in bin ``b``: ``(x - src_mean[b]) * sqrt(clamp(dst_var[b] / src_var[b], clip_min,
     clip_max)) + dst_mean[b]``, with the published zero-variance rules: a bin whose ``src_var``
-    sums below 1e-10 leaves its rows unchanged, and dimensions where ``src_var == 0`` are left
+    sums below 1e-10 leaves its rows unchanged (a sum within rounding of 1e-10 may go either way:
+    each backend adds in its own order), and dimensions where ``src_var == 0`` are left
     unchanged. Rows whose index is outside ``[0, B)`` are returned unchanged. The statistics are
     ``[B, D]`` tensors in any strides; the arithmetic is float32 (float64 for float64 statistics)
     and the result has the dtype and shape of ``x``. Differentiable in ``x``.
