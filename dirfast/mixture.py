@@ -172,17 +172,16 @@ def fit_gmm(labels, num_components: int = 8, *, max_iter: int = 100, tol: float 
             spread = None
         else:
             points, counts, spread = _histogram(values, num_bins)
-    if counts.sum() < num_components:
-        raise ValueError(f"num_components ({num_components}) must not exceed the number of labels "
-                         f"({int(counts.sum())})")
-    try:
-        with torch.device("cpu"):
+        if counts.sum() < num_components:
+            raise ValueError(f"num_components ({num_components}) must not exceed the number of labels "
+                             f"({int(counts.sum())})")
+        try:
             return _em(points, counts, spread, num_components, max_iter, tol, reg_covar)
-    except torch.linalg.LinAlgError:
-        shape = "are all equal" if points.shape[1] == 1 else "are all equal or lie on a line or plane"
-        raise ValueError(f"a component's covariance is singular (the labels it holds {shape}) and "
-                         f"reg_covar={reg_covar:g} does not lift it: pass reg_covar > 0 (scikit-learn's default "
-                         f"is 1e-6)") from None
+        except torch.linalg.LinAlgError:
+            shape = "are all equal" if points.shape[1] == 1 else "are all equal or lie on a line or plane"
+            raise ValueError(f"a component's covariance is singular (the labels it holds {shape}) and "
+                             f"reg_covar={reg_covar:g} does not lift it: pass reg_covar > 0 (scikit-learn's "
+                             f"default is 1e-6)") from None
 
 
 _LARGEST_LABEL = 1e150  # squared, and summed over many labels, still finite in float64

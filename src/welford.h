@@ -1,7 +1,8 @@
 // Welford's running (count, mean, M2) and Chan's merge of two such partials.
 //
 // Torch-free and header-only (every function DIRFAST_HOST_DEVICE): the CPU kernel
-// (csrc/cpu/bin_stats.cpp) uses all of it, the CUDA kernels (csrc/cuda/bin_stats.cu) welford_variance.
+// (csrc/cpu/bin_stats.cpp) uses all of it but shifted_sums_variance, which the CUDA kernels
+// (csrc/cuda/bin_stats.cu) use.
 // M2 is the sum of squared deviations from the mean; the unbiased variance is M2 / (n - 1). Accumulate in float (float16, bfloat16 and
 // float32 inputs) or double (float64 inputs): `acc_t` below.
 //

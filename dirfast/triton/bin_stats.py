@@ -246,7 +246,7 @@ def _finalize_kernel(x_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
         var = (s2 - s1 * s1 / n1) / n2
     var = tl.where((s2 == float("inf")) & (tl.abs(s1) < float("inf")), s2, var)  # a spread beyond ACC: inf
     mean = tl.where(nf > 0, mean, 0.0)
-    var = tl.where(nf > 1, tl.where(var < 0.0, 0.0, var), 0.0)  # a NaN stays (tl.maximum drops it on GPUs)
+    var = tl.where(nf > 1, tl.where(var < 0.0, 0.0, var), 0.0)  # a NaN stays (tl.maximum may drop it on a GPU)
     out = (b * D)[:, None] + c[None, :]
     tl.store(mean_ptr + out, mean, mask=m)
     tl.store(var_ptr + out, var, mask=m)

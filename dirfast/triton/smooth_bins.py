@@ -92,7 +92,8 @@ def _smooth_kernel(stats_ptr, w_ptr, out_ptr, B, D, s_b, s_d, s_w, o_b, o_d, h,
         paired = _rounded(_rounded(left + right, DT) * wr, DT)
         separate = _rounded(_rounded(left * wl, DT) + _rounded(right * wr, DT), DT)
         out = _rounded(out + tl.where(symmetric, paired, separate), DT)
-    tl.store(out_ptr + b[:, None] * o_b + d[None, :] * o_d, out.to(out_ptr.dtype.element_ty), mask=mask)  # exact: already rounded
+    # out is in the statistics' dtype already (rounded), so the store's conversion is exact
+    tl.store(out_ptr + b[:, None] * o_b + d[None, :] * o_d, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _blocks(num_bins: int, dim: int):
