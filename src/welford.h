@@ -28,13 +28,14 @@ DIRFAST_HOST_DEVICE inline acc_t welford_variance(int64_t n, acc_t m2) {
 }
 
 // The unbiased variance of n samples from their shifted sums S1 = sum(x - K) and S2 =
-// sum((x - K)^2) (the CUDA kernels): +inf where S2 overflowed but S1 did not (a spread beyond
-// acc_t, where S2 - S1^2 / n would be inf - inf), as the Welford loops of the CPU give.
+// sum((x - K)^2) (the CUDA kernels), as S2 - S1 (S1 / n): S1 ~ n (mean - K) can square beyond
+// acc_t where the variance does not. +inf where S2 overflowed but S1 did not (a spread beyond
+// acc_t, where the difference would be inf - inf), as the Welford loops of the CPU give.
 template <typename acc_t>
 DIRFAST_HOST_DEVICE inline acc_t shifted_sums_variance(int64_t n, acc_t s1, acc_t s2) {
   const bool overflowed = s2 == s2 && s2 - s2 != acc_t(0) && s1 - s1 == acc_t(0);  // S2 inf, S1 finite
   if (overflowed) return n <= 1 ? acc_t(0) : s2;
-  return welford_variance<acc_t>(n, s2 - s1 * s1 / static_cast<acc_t>(n));
+  return welford_variance<acc_t>(n, s2 - s1 * (s1 / static_cast<acc_t>(n)));
 }
 
 // ------------------------------------------------------------------------------ rows of D

@@ -154,6 +154,18 @@ def test_variance_beyond_float32_is_inf(backend, device, scale):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_sums_that_square_beyond_float32(backend, device):
+    """100,000 float32 rows alternating 0 and 2e15 in one bin: the variance, 1e30, fits float32,
+    but a sum of the rows' distances to one of them (about 1e20) does not square in it; the GPU
+    kernels' shifted sums had returned 0."""
+    x = torch.tensor([0.0, 2e15], device=device).repeat(50_000).unsqueeze(1)
+    count, mean, var = on(backend, dirfast.ops.bin_stats, x, torch.zeros(100_000, dtype=torch.int64, device=device), 1)
+    expected = x.double().var(0)
+    torch.testing.assert_close(var.double(), expected.reshape(1, 1), rtol=1e-3, atol=0)
+    torch.testing.assert_close(mean.double(), x.double().mean(0).reshape(1, 1), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 @pytest.mark.parametrize("shape", [(2, 0, 3), (3, 0, 2, 2)])
 def test_dense_input_without_channels(backend, device, shape):
     """Dense ``x`` of C = 0 channels: every backend counts each bin's rows and gives ``[B, 0]``

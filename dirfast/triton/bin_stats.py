@@ -238,12 +238,15 @@ def _finalize_kernel(x_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
     nf = n.to(ACC)[:, None]
     n1 = tl.maximum(nf, 1.0)
     n2 = tl.maximum(nf - 1.0, 1.0)
+    # S1 * (S1 / n), not S1^2 / n: S1 ~ n (mean - shift) can square beyond ACC where the variance does not
     if ACC == tl.float32:  # correctly rounded (plain float32 `/` is approximate on NVIDIA GPUs)
-        mean = shift + tl.div_rn(s1, n1)
-        var = tl.div_rn(s2 - tl.div_rn(s1 * s1, n1), n2)
+        q = tl.div_rn(s1, n1)
+        mean = shift + q
+        var = tl.div_rn(s2 - s1 * q, n2)
     else:
-        mean = shift + s1 / n1
-        var = (s2 - s1 * s1 / n1) / n2
+        q = s1 / n1
+        mean = shift + q
+        var = (s2 - s1 * q) / n2
     var = tl.where((s2 == float("inf")) & (tl.abs(s1) < float("inf")), s2, var)  # a spread beyond ACC: inf
     mean = tl.where(nf > 0, mean, 0.0)
     var = tl.where(nf > 1, tl.where(var < 0.0, 0.0, var), 0.0)  # a NaN stays (tl.maximum may drop it on a GPU)
