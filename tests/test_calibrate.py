@@ -264,21 +264,20 @@ def test_gradient_is_the_scale(backend, device, dtype):
     torch.testing.assert_close(x.grad.cpu().double(), expected, **tol(dtype))
 
 
-# =========================================================================== C++ only
-@pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
-                    reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 @pytest.mark.parametrize("layout", ["rows", "dense"])
-def test_cpp_unchanged_values_keep_their_bits(layout):
+def test_unchanged_values_keep_their_bits(backend, device, layout):
     """Rows outside [0, B), bins whose src_var sums below 1e-10 and dims with src_var == 0 are
-    copied (x * 1 + -0.0): the sign of -0.0 included."""
-    x, idx = features(layout, torch.float32, num_bins=6, n=96, d=4, low=-2, high=8, seed=7)
+    copied (x * 1 + -0.0): the sign of -0.0 included (the reference and Triton had added +0.0)."""
+    x, idx = features(layout, torch.float32, device, num_bins=6, n=96, d=4, low=-2, high=8, seed=7)
     if layout == "rows":
         x[:20] = -0.0
     else:
         x[:, :, 0] = -0.0
-    stats = list(rand_stats(6, 4))
+    stats = [t.to(device) for t in rand_stats(6, 4)]
     stats[1][0], stats[1][1], stats[1][2, ::2] = 0, 1e-12, 0
-    got = on("cpp", dirfast.ops.calibrate, x, idx, *stats)
+    got = on(backend, dirfast.ops.calibrate, x, idx, *stats).cpu()
+    x, idx = x.cpu(), idx.cpu()
     (gx, flat), (xx, _) = loop_rows(got, idx), loop_rows(x, idx)
     keep = (flat < 0) | (flat >= 6) | (flat == 0) | (flat == 1)
     assert keep.any() and (xx[keep] == 0).any()
@@ -287,6 +286,7 @@ def test_cpp_unchanged_values_keep_their_bits(layout):
     assert not torch.equal(gx[flat == 4], xx[flat == 4])
 
 
+# =========================================================================== C++ only
 @pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
                     reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")
 @pytest.mark.parametrize("layout", ["rows", "dense"])

@@ -90,15 +90,15 @@ def scale_shift(src_mean, src_var, dst_mean, dst_var, clip_min: float, clip_max:
     """Per-bin ``(s, t)`` with ``calibrate(x) = x * s + t``, the published rules included.
 
     ``s = sqrt(clamp(dst_var / src_var, clip_min, clip_max))`` and ``t = dst_mean - src_mean * s``;
-    a bin whose ``src_var`` sums below 1e-10 is left alone (``s = 1, t = 0``), and so is every
-    dimension where ``src_var == 0``.
+    a bin whose ``src_var`` sums below 1e-10 is left alone (``s = 1, t = -0.0``: ``x * 1 - 0.0``
+    is ``x``, the sign of a zero included), and so is every dimension where ``src_var == 0``.
     """
     acc = acc or _common.acc_dtype(src_mean.dtype)
     src_mean, src_var, dst_mean, dst_var = (t.to(acc) for t in (src_mean, src_var, dst_mean, dst_var))
     keep = (src_var.sum(dim=1, keepdim=True) < 1e-10) | (src_var == 0)
     s = torch.sqrt(torch.clamp(dst_var / torch.where(keep, torch.ones_like(src_var), src_var), clip_min, clip_max))
     s = torch.where(keep, torch.ones_like(s), s)
-    t = torch.where(keep, torch.zeros_like(src_mean), dst_mean - src_mean * s)
+    t = torch.where(keep, torch.full_like(src_mean, -0.0), dst_mean - src_mean * s)
     return s, t
 
 
@@ -110,7 +110,7 @@ def reference(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float 
     s, t = scale_shift(src_mean, src_var, dst_mean, dst_var, clip_min, clip_max, acc)
     # One identity row for indices outside [0, num_bins).
     s = torch.cat([s, torch.ones_like(s[:1])])
-    t = torch.cat([t, torch.zeros_like(t[:1])])
+    t = torch.cat([t, torch.full_like(t[:1], -0.0)])
     idx = bin_rows(bin_idx, num_bins).reshape(bin_idx.shape)
     if x.dim() == 2:
         s_rows, t_rows = s[idx], t[idx]

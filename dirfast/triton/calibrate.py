@@ -72,7 +72,9 @@ def _tables_kernel(src_mean_ptr, src_var_ptr, dst_mean_ptr, dst_var_ptr, s_ptr, 
         else:
             scale = tl.sqrt(ratio)
         scale = tl.where(keep, 1.0, scale)
-        shift = tl.where(keep, 0.0, dst_mean - src_mean * scale)
+        # -0.0 where kept: x * 1 - 0.0 is x, a -0.0 too. Made by a product: Triton turns a -0.0
+        # literal into +0.0.
+        shift = tl.where(keep, tl.zeros_like(scale) * -1.0, dst_mean - src_mean * scale)
         dst = (b * t_b)[:, None] + (d * t_d)[None, :]
         tl.store(s_ptr + dst, scale, mask=m)
         tl.store(t_ptr + dst, shift, mask=m)
