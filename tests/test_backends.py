@@ -641,9 +641,10 @@ def test_imports_point_one_way():
 def test_every_triton_kernel_compiles_for_sm90_within_its_limits(tmp_path):
     """tests/triton_compile.py: every Triton kernel, at the launch sizes the ops choose on a GPU
     (which the interpreter runs never use), compiled -- not run -- for sm_90 by the installed
-    Triton, in every dtype and strategy: it must compile, and fit one H100/H200 block (227 KiB of
+    Triton, in every dtype and strategy: it must compile, fit one H100/H200 block (227 KiB of
     shared memory, 255 registers, no spills in the mixture kernels, whose tiles are sized not to
-    spill)."""
+    spill), and take no approximate square root (``tl.sqrt`` is ``sqrt.approx.ftz`` in float32,
+    which the interpreter's numpy never shows: RnC's distances had taken it)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
     shards = 2  # processes side by side, half the cases each: compiling is most of this test's time
@@ -669,7 +670,7 @@ def test_every_triton_kernel_compiles_for_sm90_within_its_limits(tmp_path):
     expected |= {("rnc_loss_backward", name) for name in ("_pairs_kernel", "_suffix_kernel", "_weights_kernel")}
     assert compiled == expected
     for row in rows:
-        assert row["shared_bytes"] <= 227 * 1024, row
+        assert row["shared_bytes"] <= 227 * 1024 and row["approximate_sqrt"] == 0, row
         if row.get("registers") is not None:  # ptxas comes with Triton's NVIDIA backend
             assert row["registers"] <= 255, row
             if row["case"].startswith("mixture_logpdf"):

@@ -157,7 +157,9 @@ def compile_all(arch: int = 90, only=None, shard=(0, 1)) -> list:
 
     def record(kernel, warps, compiled):
         rows.append({"case": case_name[0], "kernel": kernel, "num_warps": warps,
-                     "shared_bytes": compiled.metadata.shared, **_ptxas_report(compiled.asm["ptx"], arch)})
+                     "shared_bytes": compiled.metadata.shared,
+                     "approximate_sqrt": compiled.asm["ptx"].count("sqrt.approx"),
+                     **_ptxas_report(compiled.asm["ptx"], arch)})
 
     for module in (bin_stats, calibrate, conr_loss, mixture_logpdf, ranksim_loss, rnc_loss, smooth_bins):
         for name, value in list(vars(module).items()):

@@ -45,7 +45,11 @@ def _pairs_kernel(z_ptr, y_ptr, r_ptr, d_ptr, m, D, L, offset, count, szm, szd, 
         yi = tl.load(y_ptr + i * sym + l * syl, mask=live_a, other=0.0).to(ACC)
         yk = tl.load(y_ptr + k * sym + l * syl, mask=live_k, other=0.0).to(ACC)
         d += tl.abs(yi[:, None] - yk[None, :])
-    r = tl.where(d != d, float("nan"), tl.sqrt(total))  # a NaN label: NaN pairs, NaN losses
+    if ACC == tl.float32:  # correctly rounded, as torch (tl.sqrt is sqrt.approx.ftz on NVIDIA GPUs)
+        r = tl.sqrt_rn(total)
+    else:
+        r = tl.sqrt(total)
+    r = tl.where(d != d, float("nan"), r)  # a NaN label: NaN pairs, NaN losses
     d = tl.where(i[:, None] == k[None, :], float("-inf"), d)
     out = a[:, None] * m + k[None, :]
     live = live_a[:, None] & live_k[None, :]
