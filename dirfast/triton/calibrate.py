@@ -46,7 +46,7 @@ def _tables_kernel(src_mean_ptr, src_var_ptr, dst_mean_ptr, dst_var_ptr, s_ptr, 
     bins_m = (b < B)[:, None]
     total = tl.zeros([BLOCK_B, BLOCK_D], dtype=ACC)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+        d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)  # times a feature stride (B when transposed): past int32
         m = bins_m & (d < D)[None, :]
         total += tl.load(src_var_ptr + (b * sv_b)[:, None] + (d * sv_d)[None, :], mask=m, other=0.0).to(ACC)
     # the threshold in the arithmetic dtype (a plain literal is a float32 constant)
@@ -54,7 +54,7 @@ def _tables_kernel(src_mean_ptr, src_var_ptr, dst_mean_ptr, dst_var_ptr, s_ptr, 
     clip_lo = tl.cast(lo_hi, ACC) + tl.cast(lo_lo, ACC)
     clip_up = tl.cast(up_hi, ACC) + tl.cast(up_lo, ACC)
     for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
+        d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         m = bins_m & (d < D)[None, :]
         src_mean = tl.load(src_mean_ptr + (b * sm_b)[:, None] + (d * sm_d)[None, :], mask=m, other=0.0).to(ACC)
         src_var = tl.load(src_var_ptr + (b * sv_b)[:, None] + (d * sv_d)[None, :], mask=m, other=1.0).to(ACC)

@@ -93,7 +93,10 @@ def _backward_kernel(grad_ptr, x_ptr, out_ptr, m_ptr, s_ptr, c_ptr, grad_x_ptr, 
         gv = tl.where(zero, 0.0, 0.5 * r * (z * z - 1.0) * (s[None, :] * s[None, :]))
         tl.store(base + K, tl.sum(gv, 0), mask=live)
         tl.store(base + 2 * K, tl.sum(r, 0), mask=live)
-    tl.store(grad_x_ptr + offs, grad_x.to(grad_x_ptr.dtype.element_ty), mask=rows)
+    OUT: tl.constexpr = grad_x_ptr.dtype.element_ty
+    if OUT == tl.float16 or OUT == tl.bfloat16:  # float64 to 16 bits through float32, as torch (c10) converts
+        grad_x = grad_x.to(tl.float32)
+    tl.store(grad_x_ptr + offs, grad_x.to(OUT), mask=rows)
 
 
 def _sizes(k: int, acc: torch.dtype):

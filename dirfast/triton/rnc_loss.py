@@ -32,7 +32,7 @@ def _pairs_kernel(z_ptr, y_ptr, r_ptr, d_ptr, m, D, L, offset, count, szm, szd, 
     i = offset + a
     total = tl.zeros([BLOCK_A, BLOCK_K], ACC)
     for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
+        dd = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)  # times a feature stride (m when column-major): past int32
         live_d = dd < D
         zi = tl.load(z_ptr + i[:, None] * szm + dd[None, :] * szd, mask=live_a[:, None] & live_d[None, :],
                      other=0.0).to(ACC)
