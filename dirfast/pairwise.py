@@ -182,11 +182,12 @@ def conr_loss(features, targets, preds, w=1.0, weights=1.0, t=0.07, e=0.01, *, f
     Args:
         features: ``[N, D]`` (NYUD2: ``[N, *]``, flattened per image). Training passes both
             views concatenated, as published.
-        targets, preds: ``[N]``, ``[N, 1]`` or ``[N, L]`` (L1 distance); ``preds`` get no
-            gradient (the published code detaches them). NYUD2: any ``[N, *]``, averaged per image
-            (each image's map not empty).
+        targets, preds: ``[N]``, ``[N, 1]`` or ``[N, L]`` (L1 distance). NYUD2: any ``[N, *]``,
+            averaged per image (each image's map not empty).
         w: the label (and prediction) window. weights: a number (>= 0) or the per-sample LDS
-            weights (>= 0; their values are not read).
+            weights (>= 0; their values are not read). Only ``features`` get a gradient:
+            ``targets``, ``preds`` (which the published code detaches) and ``weights`` are
+            constants, as labels and LDS weights are.
         t: the temperature. The published AgeDB-DIR function ignores its ``t`` (default 0.2) and
             uses 0.07, the default here; ``dirfast.presets.AGEDB_DIR.conr`` says so.
         e: the pushing strength (>= 0 for ``"nyud2"``, whose linear push ``weights_i * e * l_ij``
@@ -219,9 +220,10 @@ def conr_loss(features, targets, preds, w=1.0, weights=1.0, t=0.07, e=0.01, *, f
     acc = ops.acc_dtype(z.dtype, y.dtype, p.dtype)
     validate.in_dtype("t", t, acc, reciprocal=True)
     validate.in_dtype("e", e, acc)
-    weight = _sample_weights(weights, n, z.device, ops.acc_dtype(z.dtype, y.dtype), dense)
+    # constants, all of them: a gradient through the outer weights_i only would be half of one
+    y, weight = y.detach(), _sample_weights(weights, n, z.device, ops.acc_dtype(z.dtype, y.dtype), dense).detach()
     keys, first = _keys(z, all_ranks, process_group)
-    others = [_keys(value, all_ranks, process_group)[0] for value in (y, p, weight.detach())]
+    others = [_keys(value, all_ranks, process_group)[0] for value in (y, p, weight)]
     loss = ops.conr_loss(keys, *others, w=w, tau=t, e=e, push=push, exp0_terms=exp0_terms,
                          anchor_in_divisor=anchor_in_divisor, offset=first, count=n)
     return (weight * loss).mean() if weighted else loss.mean()

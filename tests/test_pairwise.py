@@ -135,6 +135,18 @@ def test_conr_paper_form_drops_the_exp0_terms():
     torch.testing.assert_close(conr_loss(features, targets, preds, w, weights, t, e, form="paper"), total / n, **F64)
 
 
+@pytest.mark.parametrize("form", ["published", "nyud2"])
+def test_conr_gradient_is_the_features_only(form):
+    """Targets, predictions and weights that require grad get none (constants, documented), not
+    the part of one that the outer ``weights_i * loss_i`` factor alone would give."""
+    features, targets, preds, weights = _conr_batch()
+    targets, weights = targets.clone().requires_grad_(), weights.clone().requires_grad_()
+    leaf = features.clone().requires_grad_()
+    conr_loss(leaf, targets, preds, 1.0, weights, 0.07, 0.2, form=form).backward()
+    assert leaf.grad is not None and bool(leaf.grad.abs().sum() > 0)
+    assert targets.grad is None and weights.grad is None
+
+
 def test_conr_matches_published_nyud2():
     """Per-image labels, predictions and weights from depth maps; linear pushing; the anchor in the divisor."""
     g = gen(7)
