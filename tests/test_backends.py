@@ -1,10 +1,11 @@
 """The backends of the ops, and what every op shares through them: the ``backends()`` report, the
 selection (``set_backend`` / ``use_backend``), torch's dispatcher picking the compiled kernels,
 dirfast without its extension or without Triton, opcheck of every registered implementation,
-torch.compile through the dispatcher, the backend a backward runs on, the same bits for any
-number of CPU threads, the direction of imports, the Triton kernels compiled for sm_90, the CPU
-sources built for a newer baseline (clones above it only), the mixture's vector code, the CUDA
-build, and (on a GPU) a CUDA-graph replay.
+the ops inside autocast, torch.compile through the dispatcher (a batch size kept dynamic), the
+backend a backward runs on, the same bits for any number of CPU threads, the direction of
+imports, the Triton kernels compiled for sm_90, the CPU sources built for a newer baseline
+(clones above it only), the mixture's vector code, the CUDA build, and (on a GPU) a CUDA-graph
+replay.
 
 What each op computes, on every backend, is in tests/test_<op>.py.
 """

@@ -2,6 +2,7 @@
 every rank, equal to the single-process result, also inside DistributedDataParallel; BMC's
 prior gathered from both ranks."""
 
+import datetime
 import gc
 import os
 import tempfile
@@ -147,8 +148,6 @@ def test_two_processes_match_one():
 
 def _refusing_worker(rank, init_file, out_dir):
     """Rank 1's data holds a NaN label; rank 0's is fine."""
-    import datetime
-
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))  # a rank left waiting fails the test, not CI
     try:
@@ -156,19 +155,19 @@ def _refusing_worker(rank, init_file, out_dir):
         y = y[:60].clone()
         if rank == 1:
             y[7] = float("nan")
-        errors = {}
+        result = {}
         fds = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)
         before = {key: value.clone() for key, value in fds.state_dict().items()}
         lds = dirfast.LDS(dirfast.Binning.integer(BUCKETS))
         for name, call in (("fds", lambda: fds.update_running_stats(x[:60], y, 0)), ("lds", lambda: lds.fit(y))):
             try:
                 call()
-                errors[name] = None
+                result[name] = None
             except ValueError as exc:
-                errors[name] = str(exc)
-        errors["fds_unchanged"] = all(torch.equal(value, before[key]) for key, value in fds.state_dict().items())
-        errors["lds_unfitted"] = lds._fit is None
-        torch.save(errors, os.path.join(out_dir, f"refused{rank}.pt"))
+                result[name] = str(exc)
+        result["fds_unchanged"] = all(torch.equal(value, before[key]) for key, value in fds.state_dict().items())
+        result["lds_unfitted"] = lds._fit is None
+        torch.save(result, os.path.join(out_dir, f"refused{rank}.pt"))
         dist.barrier()
     finally:
         dist.destroy_process_group()
