@@ -220,8 +220,9 @@ def conr_loss(features, targets, preds, w=1.0, weights=1.0, t=0.07, e=0.01, *, f
     acc = ops.acc_dtype(z.dtype, y.dtype, p.dtype)
     validate.in_dtype("t", t, acc, reciprocal=True)
     validate.in_dtype("e", e, acc)
-    # constants, all of them: a gradient through the outer weights_i only would be half of one
-    y, weight = y.detach(), _sample_weights(weights, n, z.device, ops.acc_dtype(z.dtype, y.dtype), dense).detach()
+    # a constant, as inside the op (which differentiates features only): a gradient through the
+    # outer weights_i alone would be half of one
+    weight = _sample_weights(weights, n, z.device, ops.acc_dtype(z.dtype, y.dtype), dense).detach()
     keys, first = _keys(z, all_ranks, process_group)
     others = [_keys(value, all_ranks, process_group)[0] for value in (y, p, weight)]
     loss = ops.conr_loss(keys, *others, w=w, tau=t, e=e, push=push, exp0_terms=exp0_terms,
