@@ -1,6 +1,7 @@
 """Every README block that starts with "# example:" runs, as a script, to completion and without
-a warning."""
+a warning; every results file the READMEs quote exists."""
 
+import glob
 import os
 import re
 import subprocess
@@ -36,3 +37,25 @@ def test_readme_example_runs(code, tmp_path):
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Warning" not in result.stderr, f"the example prints a warning:\n{result.stderr}"
+
+
+def _named_results(text):
+    """The files a README names in backquotes (`a.md`, `cpu/b-{1,2}thread.txt`, `c-*.txt`), braces
+    expanded."""
+    def expand(name):
+        braces = re.search(r"\{([^}]*)\}", name)
+        if not braces:
+            return [name]
+        return [full for alternative in braces.group(1).split(",")
+                for full in expand(name[:braces.start()] + alternative + name[braces.end():])]
+    return sorted({full for name in re.findall(r"`([\w./*{},-]+\.(?:md|txt|json))`", text) for full in expand(name)})
+
+
+@pytest.mark.parametrize("readme", ["README.md", os.path.join("benchmarks", "results", "README.md")])
+def test_readme_names_only_files_that_exist(readme):
+    """A results file a README quotes is there: under the root, benchmarks/results/ or its cpu/."""
+    with open(os.path.join(ROOT, readme)) as handle:
+        names = _named_results(handle.read())
+    bases = [ROOT] + [os.path.join(ROOT, "benchmarks", "results", *sub) for sub in ([], ["cpu"])]
+    missing = [name for name in names if not any(glob.glob(os.path.join(base, name)) for base in bases)]
+    assert len(names) > 10 and not missing, missing
