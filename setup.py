@@ -26,6 +26,7 @@ import subprocess
 import sys
 
 from setuptools import setup
+from setuptools.command.build import build
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TORCH_TARGET = "0x020a000000000000"  # torch 2.10: the oldest torch the compiled kernels run on
@@ -80,10 +81,21 @@ def _matching_toolkit(home, torch_cuda):
     return None
 
 
+class FreshBuild(build):
+    """``build`` into an emptied ``build/lib*/dirfast``: pip builds in the checkout, and setuptools
+    puts everything it finds there into the wheel, so the CUDA kernels of an earlier build against a
+    CUDA torch, or a module since removed, would go into a later wheel (the sources' compiled
+    objects stay, so a rebuild only links)."""
+
+    def run(self):
+        shutil.rmtree(os.path.join(self.build_lib, "dirfast"), ignore_errors=True)
+        super().run()
+
+
 def _extensions():
     if _flag("DIRFAST_NO_EXT"):
         _say("DIRFAST_NO_EXT set: pure Python, no compiled kernels")
-        return {}
+        return {"cmdclass": {"build": FreshBuild}}
     cuda_home = _cuda_home()
     if cuda_home:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
@@ -117,7 +129,7 @@ def _extensions():
             **dict(common, define_macros=stable + [("USE_CUDA", "1")])))
         _say(f"building the CUDA kernels with {os.path.join(cuda_home, 'bin', 'nvcc')} for "
              f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
-    return {"ext_modules": modules, "cmdclass": {"build_ext": BuildExtension},
+    return {"ext_modules": modules, "cmdclass": {"build": FreshBuild, "build_ext": BuildExtension},
             "options": {"bdist_wheel": {"py_limited_api": "cp310"}}}
 
 

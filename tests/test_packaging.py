@@ -1,4 +1,5 @@
-"""What the source distribution carries: everything a build from it compiles."""
+"""What the source distribution carries (everything a build from it compiles) and what a wheel
+carries (nothing an earlier build left behind)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,3 +41,24 @@ def test_the_sdist_carries_every_source_and_no_tests(tmp_path):
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     assert sources - names == set()
     assert not any(name.startswith("tests/") for name in names)
+
+
+def test_a_wheel_carries_nothing_an_earlier_build_left(tmp_path):
+    # pip builds in the checkout and setuptools packs all of build/lib*/: a CUDA kernels' library
+    # from a build against a CUDA torch, or a module since removed, must not reach a later wheel.
+    # Pure Python (DIRFAST_NO_EXT=1) builds in seconds; a build with the kernels goes the same way.
+    tree = tmp_path / "tree"
+    for name in _sources():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, tree / name)
+    left = tree / "build" / "lib" / "dirfast"
+    left.mkdir(parents=True)
+    (left / "_C_cuda.abi3.so").write_text("a library of an earlier build")
+    (left / "removed_module.py").write_text("x = 1")
+    env = dict(os.environ, DIRFAST_NO_EXT="1")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "-q",
+                    "--wheel-dir", str(tmp_path / "dist")], cwd=tree, env=env, check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("dirfast-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert "dirfast/__init__.py" in names and "dirfast/ops/bin_stats.py" in names, sorted(names)
+    assert not {"dirfast/_C_cuda.abi3.so", "dirfast/removed_module.py"} & names, sorted(names)
