@@ -389,6 +389,24 @@ class _BalancedMSE(torch.nn.Module):
         init_noise_sigma = _noise_sigma("init_noise_sigma", init_noise_sigma, torch.float32)
         learn_noise = validate.boolean("learn_noise", learn_noise)
         self.noise_sigma = torch.nn.Parameter(torch.tensor(init_noise_sigma), requires_grad=learn_noise)
+        # What reset_parameters restores: the initial noise scale, and the prior as built (CPU
+        # float64 copies, by buffer name; the subclasses register their buffers with _prior).
+        self._initial_noise_sigma, self._initial_prior = init_noise_sigma, {}
+
+    def _prior(self, name: str, value: torch.Tensor) -> None:
+        """Register ``value`` (CPU float64) as the buffer ``name`` of the prior, and keep a copy."""
+        self.register_buffer(name, value)
+        self._initial_prior[name] = value.clone()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """``noise_sigma`` back to ``init_noise_sigma`` and the prior to the one the loss was built
+        with. torch's name for initialising a module's state: FSDP calls it on a module it
+        materialises from the meta device, as do init loops over ``model.modules()``."""
+        self.noise_sigma.fill_(self._initial_noise_sigma)
+        for name, value in self._initial_prior.items():
+            getattr(self, name).copy_(value)
+        self._loaded(self._initial_prior)
 
     @property
     def noise_var(self) -> torch.Tensor:
@@ -465,8 +483,8 @@ class BNILoss(_BalancedMSE):
     def __init__(self, init_noise_sigma: float, bucket_centers, bucket_weights, *, learn_noise: bool = True) -> None:
         centers, weights = (t.to("cpu", torch.float64, copy=True) for t in _histogram(bucket_centers, bucket_weights))
         super().__init__(init_noise_sigma, learn_noise)
-        self.register_buffer("bucket_centers", centers)
-        self.register_buffer("bucket_weights", weights)
+        self._prior("bucket_centers", centers)
+        self._prior("bucket_weights", weights)
         self._loaded({"bucket_centers": centers})
 
     @classmethod
@@ -528,9 +546,9 @@ class GAILoss(_BalancedMSE):
     def __init__(self, init_noise_sigma: float, gmm, *, learn_noise: bool = True) -> None:
         super().__init__(init_noise_sigma, learn_noise)
         gmm = _mixture(gmm)
-        self.register_buffer("gmm_means", gmm.means.clone())
-        self.register_buffer("gmm_variances", gmm.variances.clone())
-        self.register_buffer("gmm_weights", gmm.weights.clone())
+        self._prior("gmm_means", gmm.means.clone())
+        self._prior("gmm_variances", gmm.variances.clone())
+        self._prior("gmm_weights", gmm.weights.clone())
         self._loaded({"gmm_means": gmm.means, "gmm_variances": gmm.variances})
 
     @property

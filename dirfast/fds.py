@@ -83,7 +83,9 @@ class FDS(nn.Module):
     that read its statistics on the host raise ValueError. ``to_empty(device=...)`` then
     ``load_state_dict`` (or a load with ``assign=True``) materialise it: the load also rebuilds
     the kernel window (not in the state_dict, as published), restarts ``num_samples_skipped`` and
-    clears the accumulators a checkpoint lacks; ``reset`` rebuilds the window too.
+    clears the accumulators a checkpoint lacks; ``reset`` rebuilds the window too. Without a
+    checkpoint, ``reset_parameters`` gives it its state at construction (FSDP calls it when it
+    materialises a module from the meta device).
     """
 
     def __init__(self, feature_dim: int, bucket_num: int = 100, bucket_start: int = 3,
@@ -225,6 +227,16 @@ class FDS(nn.Module):
             getattr(self, name).fill_(1.0 if "var" in name else 0.0)
         self.num_samples_tracked.zero_()
         self.clear_accumulated()
+
+    def reset_parameters(self) -> None:
+        """The whole state as at construction: :meth:`reset`, the epoch counter back to
+        ``start_update``, and each statistic its own tensor again (ending the published snapshot
+        sharing). torch's name for initialising a module's state: FSDP calls it on a module it
+        materialises from the meta device, as do init loops over ``model.modules()``."""
+        for alias, name in self._aliased():
+            setattr(self, alias, getattr(self, name).clone())
+        self.reset()
+        self.epoch.fill_(self.start_update)
 
     def update_last_epoch_stats(self, epoch: int) -> None:
         """At the first call of each new epoch (``epoch == self.epoch + 1``), snapshot the running

@@ -379,7 +379,7 @@ def method(name: str, obj: Callable, args=None, expect=None, **options) -> Entry
 
 
 def loss_module_methods() -> dict:
-    """forward, extra_repr and load_state_dict of each Balanced MSE module."""
+    """forward, extra_repr, load_state_dict and reset_parameters of each Balanced MSE module."""
     modules = {BMCLoss: lambda: BMCLoss(0.8), BNILoss: lambda: BNILoss(0.8, CENTERS, COUNTS),
                GAILoss: lambda: GAILoss(0.8, GMM2)}
     bad_values = {
@@ -405,6 +405,7 @@ def loss_module_methods() -> dict:
         path = f"dirfast.losses.{cls.__name__}"
         entries[f"{path}.forward"] = method("forward", make, pair)
         entries[f"{path}.extra_repr"] = method("extra_repr", make)
+        entries[f"{path}.reset_parameters"] = method("reset_parameters", make)
         entries[f"{path}.load_state_dict"] = method("load_state_dict", make, {
             "state_dict": (STATE + noise + bad_values[cls], other_state[cls])})
     return entries
@@ -600,6 +601,7 @@ API = {
         expect={("features", "NaN"): NAN_OUT, ("labels", "NaN"): SAME}),
     "dirfast.FDS.update_last_epoch_stats": method("update_last_epoch_stats", trained_fds, {"epoch": (EPOCH, 2)}),
     "dirfast.FDS.reset": method("reset", trained_fds),
+    "dirfast.FDS.reset_parameters": method("reset_parameters", trained_fds),
     "dirfast.FDS.clear_accumulated": method("clear_accumulated", trained_fds),
     "dirfast.FDS.diagnostics": method("diagnostics", trained_fds),
     "dirfast.FDS.extra_repr": method("extra_repr", trained_fds),

@@ -239,6 +239,42 @@ def test_priors_fitted_under_a_meta_default_device(name):
     assert torch.equal(module(pred, target), reference(pred, target))
 
 
+@pytest.mark.parametrize("name", ["bmc", "bni", "gai"])
+def test_reset_parameters_gives_the_loss_as_built(name):
+    """reset_parameters(), which FSDP and init loops call: after noise_sigma moved and a load
+    replaced the prior, and after to_empty from the meta device (every value NaN), the
+    module is the one built: the same state, and the same loss and gradients."""
+    ages = torch.randint(0, 50, (512,), generator=gen(78)).float()
+    other = torch.randint(10, 60, (512,), generator=gen(79)).float()
+    make = {"bmc": lambda labels: BMCLoss(0.8),
+            "bni": lambda labels: BNILoss.from_lds(dirfast.LDS(dirfast.Binning.integer(60)).fit(labels), 0.8),
+            "gai": lambda labels: GAILoss.from_labels(labels, 3, 0.8)}[name]
+    built, trained = make(ages), make(ages)
+    pred, target = batch((32, 1), seed=80, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        trained.noise_sigma.mul_(1.5)  # as training moves it
+    trained.load_state_dict({**make(other).state_dict(), "noise_sigma": trained.noise_sigma.detach()})
+    assert any(not torch.equal(value, built.state_dict()[key]) for key, value in trained.state_dict().items())
+    with torch.device("meta"):
+        deferred = make(ages)
+    deferred.to_empty(device="cpu")
+    with torch.no_grad():
+        for tensor in list(deferred.parameters()) + list(deferred.buffers()):
+            tensor.fill_(float("nan"))
+    for module in (trained, deferred):
+        module.reset_parameters()
+        for key, value in built.state_dict().items():
+            assert torch.equal(module.state_dict()[key], value), key
+        assert module.noise_sigma.requires_grad
+        p = pred.detach().requires_grad_()
+        loss = module(p, target)
+        loss.backward()
+        q = pred.detach().requires_grad_()
+        want = built(q, target)
+        want.backward()
+        assert torch.equal(loss, want) and torch.equal(p.grad, q.grad)
+
+
 def test_noise_scale_converges_on_its_own_gradient():
     """With the predictions fixed at the targets plus N(0, 0.5^2) noise and a flat prior, the
     learned noise_sigma approaches the true noise scale (the point of learning it)."""

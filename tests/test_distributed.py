@@ -1,6 +1,6 @@
 """Two processes (gloo, CPU): FDS statistics and LDS counts of the whole training set on
 every rank, equal to the single-process result, also inside DistributedDataParallel; BMC's
-prior gathered from both ranks."""
+prior gathered from both ranks; an FDS that FSDP materialises from the meta device."""
 
 import datetime
 import gc
@@ -185,3 +185,36 @@ def test_data_refused_on_one_rank_raises_on_every_rank():
         assert "NaN" in ranks[1][name], ranks[1][name]
     for got in ranks:
         assert got["fds_unchanged"] and got["lds_unfitted"]
+
+
+def _fsdp_worker(rank, init_file, out_dir):
+    """A model built on the meta device, materialised by FullyShardedDataParallel."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        with torch.device("meta"):
+            model = _Model()
+        wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+        fds = wrapped.module.fds
+        torch.save({**fds.state_dict(), "kernel_window": fds.kernel_window}, os.path.join(out_dir, f"fsdp{rank}.pt"))
+        del wrapped, model
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_materialises_an_fds_from_the_meta_device():
+    """FSDP calls reset_parameters() on each module it materialises from the meta device (before
+    FDS had one, the wrap raised AttributeError): every rank's FDS is a new one."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_fsdp_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"fsdp{r}.pt")) for r in range(WORLD)]
+    fresh = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)
+    expected = {**fresh.state_dict(), "kernel_window": fresh.kernel_window}
+    for got in ranks:
+        assert got.keys() == expected.keys()
+        for name, value in expected.items():
+            assert torch.equal(got[name], value), name

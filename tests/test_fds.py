@@ -633,6 +633,42 @@ def test_fds_reset_rebuilds_the_window():
                                                       sigma=1.5).kernel_window)
 
 
+def test_fds_reset_parameters_gives_the_state_at_construction():
+    """reset_parameters(), which FSDP and init loops call, after training (the published snapshot
+    sharing the running tensors, rows skipped) and after to_empty from the meta device (every
+    value NaN): the state of a new FDS, the epoch counter included (reset() keeps it), each
+    statistic its own tensor, the window rebuilt; the next epochs then go as in a new one."""
+    kw = dict(bucket_num=20, bucket_start=2, start_update=1, kernel="laplace", ks=7, sigma=1.5)
+    g = torch.Generator().manual_seed(77)
+    data = [(torch.randn(64, 4, generator=g), torch.randint(0, 22, (64,), generator=g).float()) for _ in range(2)]
+    trained = dirfast.FDS(4, **kw)
+    trained.update_running_stats(*data[0], 1)
+    trained.update_last_epoch_stats(2)
+    trained.accumulate(data[1][0], torch.where(torch.arange(64) == 5, float("nan"), data[1][1]))
+    assert trained._aliased() and float(trained.num_samples_skipped) == 1 and trained.epoch.item() == 2
+    with torch.device("meta"):
+        deferred = dirfast.FDS(4, **kw)
+    deferred.to_empty(device="cpu")
+    for name in ("kernel_window", "num_samples_skipped") + deferred._ACCUMULATORS:
+        getattr(deferred, name).fill_(float("nan"))
+    for buffer in deferred.buffers():
+        buffer.fill_(float("nan"))
+    fresh = dirfast.FDS(4, **kw)
+    for fds in (trained, deferred):
+        fds.reset_parameters()
+        assert not fds._aliased() and float(fds.num_samples_skipped) == 0
+        assert torch.equal(fds.kernel_window, fresh.kernel_window)
+        for name, value in fresh.state_dict().items():
+            assert torch.equal(fds.state_dict()[name], value), name
+    for fds in (trained, deferred, fresh):
+        fds.update_running_stats(*data[0], 1)
+        fds.update_last_epoch_stats(2)
+        fds.update_running_stats(*data[1], 2)
+    for fds in (trained, deferred):
+        for name, value in fresh.state_dict().items():
+            assert torch.equal(fds.state_dict()[name], value), name
+
+
 def test_fds_on_meta_refuses_to_read_its_statistics():
     """A module on the meta device holds shapes only: the calls that read its statistics on the
     host raise ValueError saying so (not torch's error about .item()); smooth and accumulate,
