@@ -1,4 +1,5 @@
-"""Whether autograd allows an in-place write to a tensor, asked before anything is written."""
+"""What autograd allows now: an in-place write to a tensor (asked before anything is written), and
+whether a forward runs again inside a backward pass (activation checkpointing)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,10 @@ def saved_for_backward_by(tensor: torch.Tensor):
             if isinstance(saved, torch.Tensor) and saved.data_ptr() == t.data_ptr() and saved.shape == t.shape:
                 return type(node).__name__
     return None
+
+
+def recomputing_in_backward() -> bool:
+    """Whether the code runs inside a backward pass: where ``torch.utils.checkpoint`` runs a
+    checkpointed forward again (either flavour), and a forward's updates of running state would
+    count a batch twice. Not asked under torch.compile (its traced forward is not run again)."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import _validate as validate
 from . import distributed, ops
-from ._autograd import in_place_refusal
+from ._autograd import in_place_refusal, recomputing_in_backward
 from ._state import move_only
 from .ops.accumulate_bin_stats import accumulate_bin_stats_unchecked_, var_from_m2
 from .ops.calibrate import calibrate_unchecked, calibrate_unchecked_, scale_shift
@@ -279,8 +279,12 @@ class FDS(nn.Module):
 
         Nothing is read on the host, so bad values are not raised here: a row with a NaN or
         infinite label is left out, and so is a bucket's whole batch when its statistics are not
-        finite (a NaN or infinite feature); ``num_samples_skipped`` counts those rows.
+        finite (a NaN or infinite feature); ``num_samples_skipped`` counts those rows. A call in a
+        backward pass adds nothing: that is activation checkpointing (``torch.utils.checkpoint``)
+        running the forward again, which would count each batch twice.
         """
+        if recomputing_in_backward():
+            return
         buckets = self._buckets(features, labels, check=False)
         skipped = accumulate_bin_stats_unchecked_(self.accumulated_count, self.accumulated_mean,
                                                   self.accumulated_m2, features, buckets)

@@ -716,6 +716,33 @@ def test_accumulate_equals_one_call_on_all_features(momentum, dense, start_updat
         torch.testing.assert_close(streamed.running_var, one.running_var, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_accumulate_counts_a_checkpointed_batch_once(use_reentrant):
+    """Under activation checkpointing (torch.utils.checkpoint, both flavours) the backward pass
+    runs the forward again; accumulate() there adds nothing, so the epoch's statistics and the
+    gradients are those of the same steps without checkpointing (a batch had counted twice)."""
+    g = torch.Generator().manual_seed(81)
+    batches = [(torch.randn(40, 4, generator=g), torch.randint(0, 12, (40, 1), generator=g).float()) for _ in range(3)]
+    torch.manual_seed(82)
+    plain_encoder = torch.nn.Linear(4, 4)
+    checkpointed_encoder = copy.deepcopy(plain_encoder)
+    plain, checkpointed = (dirfast.FDS(4, bucket_num=12, bucket_start=2) for _ in range(2))
+    for x, y in batches:
+        for encoder, fds, wrap in ((plain_encoder, plain, False), (checkpointed_encoder, checkpointed, True)):
+            def block(x, y, encoder=encoder, fds=fds):
+                features = fds.smooth(encoder(x), y, 0, inplace=False)
+                fds.accumulate(features, y)
+                return features.relu()
+            x = x.detach().requires_grad_()  # the reentrant flavour needs an input that requires grad
+            out = torch.utils.checkpoint.checkpoint(block, x, y, use_reentrant=use_reentrant) if wrap else block(x, y)
+            out.pow(2).mean().backward()
+    assert float(checkpointed.accumulated_count.sum()) == 120
+    for name in ("accumulated_count", "accumulated_mean", "accumulated_m2"):
+        assert torch.equal(getattr(checkpointed, name), getattr(plain, name)), name
+    for got, want in zip(checkpointed_encoder.parameters(), plain_encoder.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
+
+
 def test_accumulating_smoothed_features_is_the_published_recipe():
     """The README loop (smooth each batch, then accumulate what it returns) gathers the statistics
     of the published end-of-epoch pass, which runs the model in training mode and so collects
