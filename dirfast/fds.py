@@ -25,7 +25,6 @@ MAX_TABLE = 1 << 31
 
 _BUFFERS = ("running_mean", "running_var", "running_mean_last_epoch", "running_var_last_epoch",
             "smoothed_mean_last_epoch", "smoothed_var_last_epoch")
-_ALIASES = (("running_mean_last_epoch", "running_mean"), ("running_var_last_epoch", "running_var"))
 # Checkpoint entries that are variances, sums of squared deviations or counts: never negative.
 _COUNTS = ("num_samples_tracked", "accumulated_count")  # whole numbers of samples
 _NON_NEGATIVE = ("running_var", "running_var_last_epoch", "smoothed_var_last_epoch", "num_samples_tracked",
@@ -63,10 +62,12 @@ class FDS(nn.Module):
             that got samples in this update or was just filled: an update without data changes
             nothing, and of a run of empty buckets before the first one with data, only the one
             next to it is filled (the mean of its two neighbours, the one below unchanged).
-        copy_snapshot: ``False`` (published behaviour) makes ``running_*_last_epoch`` the same
-            tensors as ``running_*`` at each epoch snapshot, so they follow later updates;
-            ``True`` takes a real copy. A ``load_state_dict`` ends the sharing (as published)
-            until the next snapshot.
+        copy_snapshot: ``False`` (published behaviour): from each epoch snapshot on,
+            ``running_*_last_epoch`` follow every later update of ``running_*`` (the published
+            module makes them the same tensors; here they stay buffers of their own that take the
+            same values, so weight averaging and DDP, which pair buffers by position, see a fixed
+            set). ``True`` takes a real copy. A ``load_state_dict`` ends the following (as
+            published) until the next snapshot.
         clip_min, clip_max: the clamp of the variance ratio in the calibration.
         sync, process_group: when ``torch.distributed`` runs more than one process, every update
             combines the statistics of all ranks (in ``process_group``, default the world), so
@@ -132,6 +133,9 @@ class FDS(nn.Module):
         self.start_update, self.start_smooth, self.momentum = start_update, start_smooth, momentum
         self.kernel, self.ks, self.sigma, self.half_ks = kernel, ks, sigma, (ks - 1) // 2
         self.binning, self.fill_empty, self.copy_snapshot = binning, fill_empty, copy_snapshot
+        # Whether running_*_last_epoch follow the running statistics (the published snapshot
+        # sharing, copy_snapshot=False): set by each snapshot, ended by a load.
+        self._snapshot_follows = False
         self.clip_min, self.clip_max = clip_min, clip_max
         self.sync, self.process_group = sync, process_group
 
@@ -230,11 +234,10 @@ class FDS(nn.Module):
 
     def reset_parameters(self) -> None:
         """The whole state as at construction: :meth:`reset`, the epoch counter back to
-        ``start_update``, and each statistic its own tensor again (ending the published snapshot
-        sharing). torch's name for initialising a module's state: FSDP calls it on a module it
-        materialises from the meta device, as do init loops over ``model.modules()``."""
-        for alias, name in self._aliased():
-            setattr(self, alias, getattr(self, name).clone())
+        ``start_update``, and the published snapshot sharing ended. torch's name for initialising a
+        module's state: FSDP calls it on a module it materialises from the meta device, as do init
+        loops over ``model.modules()``."""
+        self._snapshot_follows = False
         self.reset()
         self.epoch.fill_(self.start_update)
 
@@ -248,12 +251,8 @@ class FDS(nn.Module):
         if epoch != self._epoch() + 1:
             return
         self.epoch += 1
-        if self.copy_snapshot:
-            self.running_mean_last_epoch.copy_(self.running_mean)
-            self.running_var_last_epoch.copy_(self.running_var)
-        else:  # published: the "last epoch" names now share the running tensors
-            self.running_mean_last_epoch = self.running_mean
-            self.running_var_last_epoch = self.running_var
+        self._snapshot_follows = not self.copy_snapshot  # published: they share the running tensors
+        self._follow_running(snapshot=True)
         self.smoothed_mean_last_epoch.copy_(self._smooth(self.running_mean))
         self.smoothed_var_last_epoch.copy_(self._smooth(self.running_var))
 
@@ -372,23 +371,26 @@ class FDS(nn.Module):
             running.copy_(torch.where(seen, updated, running))
         if self.fill_empty:
             self._fill_empty_buckets(count)
+        self._follow_running()
+
+    def _follow_running(self, snapshot: bool = False) -> None:
+        """The running statistics copied into ``running_*_last_epoch`` at a snapshot, and after
+        each update while they follow (the published sharing, see ``copy_snapshot``)."""
+        if snapshot or self._snapshot_follows:
+            self.running_mean_last_epoch.copy_(self.running_mean)
+            self.running_var_last_epoch.copy_(self.running_var)
 
     _ACCUMULATORS = ("accumulated_count", "accumulated_mean", "accumulated_m2")
 
     # -- module state: moves, checkpoints ------------------------------------------------------
-    def _aliased(self) -> list:
-        return [(alias, name) for alias, name in _ALIASES if getattr(self, alias) is getattr(self, name)]
-
     def _apply(self, fn, recurse=True):
         """Moves apply to every statistic; dtype casts do not (``.half()`` must not turn float64
         counters into float16 ones): the statistics keep their own precision, as BatchNorm's
-        counter does. The published snapshot aliasing survives the move."""
-        aliased, move = self._aliased(), move_only(fn)
+        counter does."""
+        move = move_only(fn)
         super()._apply(move, recurse)
         for name in self._ACCUMULATORS + ("num_samples_skipped",):
             setattr(self, name, move(getattr(self, name)))
-        for alias, name in aliased:
-            setattr(self, alias, getattr(self, name))
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -415,8 +417,7 @@ class FDS(nn.Module):
             unexpected_keys.extend(key for key in state_dict  # what super() would report, had it run
                                    if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] not in current)
             return
-        for alias, name in self._aliased():  # each statistic gets its own tensor back
-            setattr(self, alias, getattr(self, name).clone())
+        self._snapshot_follows = False  # as published: loaded statistics are separate tensors
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         # What the state_dict does not hold is written here: after to_empty (deferred init on the

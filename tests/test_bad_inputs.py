@@ -68,7 +68,7 @@ def plain(value):
         state = {key: plain(v) for key, v in value.state_dict().items()}
         state.update({f"buffer {key}": plain(v) for key, v in value.named_buffers()})
         if isinstance(value, dirfast.FDS):
-            state["aliased"] = value.running_mean_last_epoch is value.running_mean
+            state["snapshot follows"] = value._snapshot_follows
             state.update({name: plain(getattr(value, name)) for name in ("accumulated_count", "num_samples_skipped")})
         return state
     if hasattr(value, "state_dict"):
@@ -1188,7 +1188,7 @@ def test_fds_statistics_keep_their_dtype(cast):
     fds = trained_fds()
     getattr(fds, cast)()
     assert fds.running_mean.dtype == torch.float32 and fds.accumulated_count.dtype == torch.float64
-    assert fds.running_mean_last_epoch is fds.running_mean  # the published aliasing survives
+    assert fds._snapshot_follows  # the published snapshot sharing survives
     dtype = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}[cast]
     fds.accumulate(torch.randn(160000, 4, generator=gen(11)).to(dtype), torch.full((160000,), 5.0))
     fds.update_running_stats(epoch=2)

@@ -519,9 +519,9 @@ class FDSNet(torch.nn.Module):
 
 
 def fds_snapshot(fds):
-    """Every statistic of ``fds`` (the accumulators too) and its snapshot aliasing."""
+    """Every statistic of ``fds`` (the accumulators too) and its snapshot sharing."""
     state = {name: value.clone() for name, value in fds.state_dict().items()}
-    return state, fds.running_mean_last_epoch is fds.running_mean
+    return state, fds._snapshot_follows
 
 
 @pytest.mark.parametrize("strict", [False, True])
@@ -635,9 +635,9 @@ def test_fds_reset_rebuilds_the_window():
 
 def test_fds_reset_parameters_gives_the_state_at_construction():
     """reset_parameters(), which FSDP and init loops call, after training (the published snapshot
-    sharing the running tensors, rows skipped) and after to_empty from the meta device (every
-    value NaN): the state of a new FDS, the epoch counter included (reset() keeps it), each
-    statistic its own tensor, the window rebuilt; the next epochs then go as in a new one."""
+    sharing on, rows skipped) and after to_empty from the meta device (every value NaN): the
+    state of a new FDS, the epoch counter included (reset() keeps it), the sharing ended, the
+    window rebuilt; the next epochs then go as in a new one."""
     kw = dict(bucket_num=20, bucket_start=2, start_update=1, kernel="laplace", ks=7, sigma=1.5)
     g = torch.Generator().manual_seed(77)
     data = [(torch.randn(64, 4, generator=g), torch.randint(0, 22, (64,), generator=g).float()) for _ in range(2)]
@@ -645,7 +645,7 @@ def test_fds_reset_parameters_gives_the_state_at_construction():
     trained.update_running_stats(*data[0], 1)
     trained.update_last_epoch_stats(2)
     trained.accumulate(data[1][0], torch.where(torch.arange(64) == 5, float("nan"), data[1][1]))
-    assert trained._aliased() and float(trained.num_samples_skipped) == 1 and trained.epoch.item() == 2
+    assert trained._snapshot_follows and float(trained.num_samples_skipped) == 1 and trained.epoch.item() == 2
     with torch.device("meta"):
         deferred = dirfast.FDS(4, **kw)
     deferred.to_empty(device="cpu")
@@ -656,7 +656,7 @@ def test_fds_reset_parameters_gives_the_state_at_construction():
     fresh = dirfast.FDS(4, **kw)
     for fds in (trained, deferred):
         fds.reset_parameters()
-        assert not fds._aliased() and float(fds.num_samples_skipped) == 0
+        assert not fds._snapshot_follows and float(fds.num_samples_skipped) == 0
         assert torch.equal(fds.kernel_window, fresh.kernel_window)
         for name, value in fresh.state_dict().items():
             assert torch.equal(fds.state_dict()[name], value), name
@@ -667,6 +667,48 @@ def test_fds_reset_parameters_gives_the_state_at_construction():
     for fds in (trained, deferred):
         for name, value in fresh.state_dict().items():
             assert torch.equal(fds.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_weight_averaging_pairs_the_buffers(use_buffers):
+    """torch.optim.swa_utils.AveragedModel (SWA; EMA with get_ema_multi_avg_fn) pairs the model's
+    parameters and buffers with its average's by position. The published snapshot sharing, done
+    by making running_*_last_epoch the running tensors, took two buffers out of the model's list
+    at the first snapshot: an average taken before it met the wrong buffers (a shape error, or
+    with as many features as buckets a silent mix-up). The FDS keeps a fixed set of buffers: the
+    average is the EMA of each, by name, epoch after epoch."""
+    torch.manual_seed(83)
+    model = torch.nn.ModuleDict({"encoder": torch.nn.Linear(4, 8),
+                                 "fds": dirfast.FDS(8, bucket_num=8, bucket_start=0),
+                                 "norm": torch.nn.BatchNorm1d(8)})
+    average = torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9), use_buffers=use_buffers)
+    tracked = dict(model.named_parameters(), **(dict(model.named_buffers()) if use_buffers else {}))
+    tracked = {name: value for name, value in tracked.items() if value.is_floating_point()}  # torch's rule for the rest
+    expected = {name: value.detach().clone() for name, value in tracked.items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    g = torch.Generator().manual_seed(84)
+    for epoch in range(3):
+        model["fds"].update_last_epoch_stats(epoch)
+        for _ in range(2):
+            x, y = torch.randn(32, 4, generator=g), torch.randint(0, 8, (32,), generator=g).float()
+            features = model["fds"].smooth(model["encoder"](x), y, epoch, inplace=False)
+            model["fds"].accumulate(features, y)
+            optimizer.zero_grad()
+            model["norm"](features).pow(2).mean().backward()
+            optimizer.step()
+            first = int(average.n_averaged) == 0  # the first update copies
+            average.update_parameters(model)
+            for name, value in tracked.items():
+                if first:
+                    expected[name].copy_(value)
+                else:
+                    expected[name].lerp_(value.detach(), 0.1)
+        model["fds"].update_running_stats(epoch=epoch)
+    averaged = dict(average.module.named_parameters(), **dict(average.module.named_buffers()))
+    assert len(list(model["fds"].buffers())) == 9
+    for name, value in expected.items():
+        torch.testing.assert_close(averaged[name], value, rtol=1e-6, atol=1e-6, msg=name)
 
 
 def test_fds_on_meta_refuses_to_read_its_statistics():
