@@ -161,8 +161,11 @@ class _BalancedMSENode(torch.autograd.Function):
                          alpha=1 / n)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True
+            raise NotImplementedError(
+                "the Balanced MSE losses give first derivatives only: a backward with create_graph=True (a "
+                "gradient penalty, a Hessian, double backward) would need their second derivatives")
         diff, pred_direction, noise_direction = ctx.saved_tensors
         unit = grad * (2 / diff.shape[0])
         pred_dtype, target_dtype, noise_dtype = ctx.dtypes

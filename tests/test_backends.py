@@ -289,6 +289,39 @@ def test_import_without_triton():
     assert "3.5.1 is too old" in result["old"] and MIN_TRITON in result["old"]
 
 
+# =========================================================================== second derivatives
+@pytest.mark.parametrize("backend, device", backend_device_params())
+def test_double_backward_raises_without_second_derivatives(backend, device):
+    """A backward that builds its own graph (create_graph=True: a gradient penalty, a Hessian)
+    through an op whose backward kernels have no derivative raises NotImplementedError naming
+    the op, on every backend (torch counted their derivative as 0: a Hessian of 0, silently).
+    calibrate's backward is calibrate itself: through the dispatcher's ops its second derivatives
+    are right (gradgradcheck); a selected backend's own kernels have none, and it raises."""
+    g = gen(86)
+    z = torch.randn(12, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    y = torch.randint(0, 4, (12, 1), generator=g).double().to(device)
+    x, m, v, lw = mixture_inputs((7,), 3, torch.float64, device, seed=87)
+    x.requires_grad_()
+    losses = {"rnc_loss": lambda: dirfast.ops.rnc_loss(z, y),
+              "conr_loss": lambda: dirfast.ops.conr_loss(z, y, y + 0.5, torch.ones_like(y[:, 0])),
+              "ranksim_loss": lambda: dirfast.ops.ranksim_loss(z, y),
+              "mixture_logpdf": lambda: dirfast.ops.mixture_logpdf(x, m, v, lw)}
+    with dirfast.use_backend(backend):
+        for op, loss in losses.items():
+            inputs = x if op == "mixture_logpdf" else z
+            (first,) = torch.autograd.grad(loss().sum(), inputs)  # first derivatives as ever
+            assert torch.isfinite(first).all()
+            with pytest.raises(NotImplementedError, match=f"dirfast.ops.{op} gives first derivatives only"):
+                torch.autograd.grad(loss().sum(), inputs, create_graph=True)
+        stats = calibration_stats(4, 4, torch.float64, device)
+        rows = torch.randint(0, 4, (12,), generator=g).to(device)
+        if backend in ("auto", "cpp", "cuda"):
+            assert torch.autograd.gradgradcheck(lambda t: dirfast.ops.calibrate(t, rows, *stats).pow(2), (z,))
+        else:
+            with pytest.raises(NotImplementedError, match="dirfast.ops.calibrate gives first derivatives only"):
+                torch.autograd.grad(dirfast.ops.calibrate(z, rows, *stats).pow(2).sum(), z, create_graph=True)
+
+
 # =========================================================================== opcheck, compile
 def opcheck_every_op(device: str) -> None:
     """torch.library.opcheck (schema, fake kernel, autograd registration, aliasing) of every

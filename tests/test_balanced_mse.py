@@ -240,6 +240,21 @@ def test_priors_fitted_under_a_meta_default_device(name):
 
 
 @pytest.mark.parametrize("name", ["bmc", "bni", "gai"])
+def test_double_backward_raises(name):
+    """A backward that builds its own graph (create_graph=True: a gradient penalty, a Hessian)
+    raises NotImplementedError: each loss forms its first derivatives only (a gradient penalty's
+    gradient had come back wrong, and a Hessian 0, silently). First derivatives as ever."""
+    pred, target = batch((16, 1), seed=88, device="cpu", dtype=torch.float64)
+    loss = {"bmc": lambda p: bmc_loss(p, target, 0.7),
+            "bni": lambda p: bni_loss(p, target, 0.7, torch.linspace(-2, 2, 9), torch.full((9,), 1 / 9)),
+            "gai": lambda p: gai_loss(p, target, mixture(3, 1, seed=89), 0.7)}[name]
+    (first,) = torch.autograd.grad(loss(pred), pred)
+    assert torch.isfinite(first).all()
+    with pytest.raises(NotImplementedError, match="the Balanced MSE losses give first derivatives only"):
+        torch.autograd.grad(loss(pred), pred, create_graph=True)
+
+
+@pytest.mark.parametrize("name", ["bmc", "bni", "gai"])
 def test_reset_parameters_gives_the_loss_as_built(name):
     """reset_parameters(), which FSDP and init loops call: after noise_sigma moved and a load
     replaced the prior, and after to_empty from the meta device (every value NaN), the

@@ -190,6 +190,7 @@ def kernels(device: torch.device, name: str | None = None):
             return OPS[op].reference
         return OPS[op].triton
 
+    kernel.dispatched = name in _DISPATCHED  # its ops carry their own autograd
     return kernel
 
 
@@ -200,16 +201,34 @@ def kernels(device: torch.device, name: str | None = None):
 _AUTOGRAD: dict = {}  # op name -> (setup_context, backward)
 
 
-def register_autograd(op: str, setup_context, backward) -> None:
+def register_autograd(op: str, setup_context, backward, *, twice: bool = False) -> None:
     """Make ``dirfast::<op>`` differentiable: ``setup_context(ctx, inputs, output)`` saves what
-    ``backward(ctx, *grads)`` needs; the backward calls kernels through ``ctx.kernel(name)``."""
-    _AUTOGRAD[op] = (setup_context, backward)
+    ``backward(ctx, *grads)`` needs; the backward calls kernels through ``ctx.kernel(name)``.
+    ``twice``: the backward is made of the dispatcher's differentiable ops (see
+    :func:`check_second_order`)."""
+
+    def checked(ctx, *grads):
+        check_second_order(op, ctx, twice)
+        return backward(ctx, *grads)
+
+    _AUTOGRAD[op] = (setup_context, checked)
 
     def setup(ctx, inputs, output):
         setup_context(ctx, inputs, output)
         ctx.kernel = kernels(inputs[0].device, "auto")
 
-    torch.library.register_autograd(OPS[op].qualname, backward, setup_context=setup)
+    torch.library.register_autograd(OPS[op].qualname, checked, setup_context=setup)
+
+
+def check_second_order(op: str, ctx, twice: bool = False) -> None:
+    """Raise where a backward is asked to build its own graph (``create_graph=True``: a gradient
+    penalty, a Hessian) and cannot: its kernels have no derivative, and torch would count theirs
+    as 0, silently. Only a ``twice`` backward run by the dispatcher's ops (which carry their own
+    autograd) has second derivatives."""
+    if torch.is_grad_enabled() and not (twice and ctx.kernel.dispatched):
+        raise NotImplementedError(
+            f"dirfast.ops.{op} gives first derivatives only here: a backward with create_graph=True (a "
+            f"gradient penalty, a Hessian, double backward) would need its second derivatives")
 
 
 class _OnBackend(torch.autograd.Function):

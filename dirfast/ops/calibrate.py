@@ -171,7 +171,7 @@ def _backward(ctx, grad):
     return (_grad_x(ctx, grad),) + (None,) * 7
 
 
-_dispatch.register_autograd("calibrate", lambda ctx, inputs, output: _save(ctx, inputs), _backward)
+_dispatch.register_autograd("calibrate", lambda ctx, inputs, output: _save(ctx, inputs), _backward, twice=True)
 
 
 class _CalibrateInPlace(torch.autograd.Function):
@@ -190,4 +190,5 @@ class _CalibrateInPlace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        _dispatch.check_second_order("calibrate_", ctx, twice=True)
         return (None, _grad_x(ctx, grad)) + (None,) * 7
