@@ -27,6 +27,9 @@ _BUFFERS = ("running_mean", "running_var", "running_mean_last_epoch", "running_v
             "smoothed_mean_last_epoch", "smoothed_var_last_epoch")
 # Checkpoint entries that are variances, sums of squared deviations or counts: never negative.
 _COUNTS = ("num_samples_tracked", "accumulated_count")  # whole numbers of samples
+# Where a fractional epoch or count comes from in practice, and what to do.
+_AVERAGED = (" A weight average of checkpoints (EMA, SWA with use_buffers=True) averages these too: load this FDS's "
+             "entries from the trained model's state_dict instead.")
 _NON_NEGATIVE = ("running_var", "running_var_last_epoch", "smoothed_var_last_epoch", "num_samples_tracked",
                  "accumulated_count", "accumulated_m2")
 
@@ -460,10 +463,10 @@ class FDS(nn.Module):
             elif name in _NON_NEGATIVE and bool((value < 0).any()):
                 errors.append(f"{key}: the checkpoint holds negative values (a variance or count is never negative).")
             elif name in _COUNTS and not bool((value == value.round()).all()):
-                errors.append(f"{key}: the checkpoint holds counts that are not whole numbers.")
+                errors.append(f"{key}: the checkpoint holds counts that are not whole numbers.{_AVERAGED}")
             elif name == "epoch" and not bool(((value == value.round()) & (value.abs() <= EPOCH_LIMIT)).all()):
                 errors.append(f"{key}: the checkpoint's epoch must be a whole number in [-{EPOCH_LIMIT}, {EPOCH_LIMIT}], "
-                              f"got {saved.tolist()}.")
+                              f"got {saved.tolist()}.{_AVERAGED if bool((value.abs() <= EPOCH_LIMIT).all()) else ''}")
         return errors
 
     def _syncing(self) -> bool:

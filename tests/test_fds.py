@@ -711,6 +711,26 @@ def test_weight_averaging_pairs_the_buffers(use_buffers):
         torch.testing.assert_close(averaged[name], value, rtol=1e-6, atol=1e-6, msg=name)
 
 
+def test_an_averaged_checkpoint_is_refused_with_its_remedy():
+    """An EMA of checkpoints averages the epoch and the counts as well (float32, as published):
+    the load refuses the fractional ones, changes nothing, and says where they come from and
+    what to load instead."""
+    fds = dirfast.FDS(4, bucket_num=10, bucket_start=0)
+    g = torch.Generator().manual_seed(90)
+    fds.update_running_stats(torch.randn(40, 4, generator=g), torch.randint(0, 10, (40,), generator=g).float(), 0)
+    before = {name: value.clone() for name, value in fds.state_dict().items()}
+    later = copy.deepcopy(fds)
+    later.update_last_epoch_stats(1)
+    later.update_running_stats(torch.randn(40, 4, generator=g), torch.randint(0, 10, (40,), generator=g).float(), 1)
+    ema = {name: torch.lerp(value.float(), later.state_dict()[name].float(), 0.1).to(value.dtype)
+           for name, value in before.items()}
+    with pytest.raises(RuntimeError, match="A weight average of checkpoints") as info:
+        fds.load_state_dict(ema)
+    assert "epoch" in str(info.value) and "num_samples_tracked" in str(info.value)
+    for name, value in before.items():
+        assert torch.equal(fds.state_dict()[name], value), name
+
+
 def test_fds_on_meta_refuses_to_read_its_statistics():
     """A module on the meta device holds shapes only: the calls that read its statistics on the
     host raise ValueError saying so (not torch's error about .item()); smooth and accumulate,
