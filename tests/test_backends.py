@@ -322,6 +322,33 @@ def test_double_backward_raises_without_second_derivatives(backend, device):
                 torch.autograd.grad(dirfast.ops.calibrate(z, rows, *stats).pow(2).sum(), z, create_graph=True)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func.jvp's own
+@pytest.mark.parametrize("backend, device", backend_device_params())
+def test_forward_mode_raises(backend, device):
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) through a differentiable op,
+    calibrate_ in place included, raises NotImplementedError naming the op: the ops have no
+    forward-mode derivative, and torch gave a tangent of 0 (or none), silently."""
+    g = gen(91)
+    z = torch.randn(12, 4, generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, 4, (12, 1), generator=g).double().to(device)
+    x, m, v, lw = mixture_inputs((7,), 3, torch.float64, device, seed=92)
+    stats = calibration_stats(4, 4, torch.float64, device)
+    rows = torch.randint(0, 4, (12,), generator=g).to(device)
+    calls = {"rnc_loss": (lambda t: dirfast.ops.rnc_loss(t, y), z),
+             "conr_loss": (lambda t: dirfast.ops.conr_loss(t, y, y + 0.5, torch.ones_like(y[:, 0])), z),
+             "ranksim_loss": (lambda t: dirfast.ops.ranksim_loss(t, y), z),
+             "mixture_logpdf": (lambda t: dirfast.ops.mixture_logpdf(t, m, v, lw), x),
+             "calibrate": (lambda t: dirfast.ops.calibrate(t, rows, *stats), z),
+             "calibrate_": (lambda t: dirfast.ops.calibrate_(t * 1, rows, *stats), z)}
+    with dirfast.use_backend(backend):
+        for op, (f, primal) in calls.items():
+            with pytest.raises(NotImplementedError, match=f"dirfast.ops.{op} has no forward-mode derivative"):
+                torch.func.jvp(f, (primal,), (torch.ones_like(primal),))
+            with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match=f"ops.{op} has no"):
+                f(torch.autograd.forward_ad.make_dual(primal, torch.ones_like(primal)))
+            f(primal)  # without a tangent, as ever
+
+
 # =========================================================================== opcheck, compile
 def opcheck_every_op(device: str) -> None:
     """torch.library.opcheck (schema, fake kernel, autograd registration, aliasing) of every

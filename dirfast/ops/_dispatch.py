@@ -246,12 +246,23 @@ class _OnBackend(torch.autograd.Function):
         return (None, None) + tuple(_AUTOGRAD[ctx.op][1](ctx, *grads))
 
 
+def refuse_forward_ad(op: str, args) -> None:
+    """Raise when an argument carries a forward-mode tangent (``torch.func.jvp``, ``jacfwd``,
+    ``torch.autograd.forward_ad``): the ops have no forward-mode derivative, and torch would give
+    a tangent of 0 (or none), silently."""
+    if torch.autograd.forward_ad._current_level >= 0 and any(
+            isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args):
+        raise NotImplementedError(f"dirfast.ops.{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+                                  f"torch.autograd.forward_ad): use reverse mode (backward, torch.func.grad, jacrev)")
+
+
 def call(op: str, device: torch.device, *args):
     """Run ``op`` on ``args`` (on ``device``) with this thread's backend."""
     name = _selected()
     kernel = kernels(device, name)
     if op not in _AUTOGRAD:
         return kernel(op)(*args)
+    refuse_forward_ad(op, args)
     needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     if name not in _DISPATCHED:
         return _OnBackend.apply(op, kernel, *args) if needs_grad else kernel(op)(*args)
