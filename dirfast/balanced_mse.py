@@ -20,6 +20,7 @@ import math
 
 import numpy as np
 import torch
+from torch.nn.utils import parametrize
 
 from . import _validate as validate
 from . import distributed, ops
@@ -406,7 +407,10 @@ class _BalancedMSE(torch.nn.Module):
         """``noise_sigma`` back to ``init_noise_sigma`` and the prior to the one the loss was built
         with. torch's name for initialising a module's state: FSDP calls it on a module it
         materialises from the meta device, as do init loops over ``model.modules()``."""
-        self.noise_sigma.fill_(self._initial_noise_sigma)
+        if parametrize.is_parametrized(self, "noise_sigma"):  # set through its parametrization's inverse
+            self.noise_sigma = torch.full_like(self.noise_sigma, self._initial_noise_sigma)
+        else:
+            self.noise_sigma.fill_(self._initial_noise_sigma)
         for name, value in self._initial_prior.items():
             getattr(self, name).copy_(value)
         self._loaded(self._initial_prior)
@@ -456,7 +460,10 @@ class _BalancedMSE(torch.nn.Module):
         """Called after a load with the loaded values (float64 CPU copies, by name)."""
 
     def _value_errors(self, values: dict, prefix: str) -> list:
-        """What is wrong with the values a load would give (float64 CPU copies, by name)."""
+        """What is wrong with the values a load would give (float64 CPU copies, by name). A
+        parametrized noise_sigma (torch.nn.utils.parametrize) is its parametrization's to load."""
+        if "noise_sigma" not in values:
+            return []
         try:
             _noise_sigma(prefix + "noise_sigma", float(values["noise_sigma"]), self.noise_sigma.dtype)
         except ValueError as exc:

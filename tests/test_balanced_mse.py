@@ -290,6 +290,33 @@ def test_reset_parameters_gives_the_loss_as_built(name):
         assert torch.equal(loss, want) and torch.equal(p.grad, q.grad)
 
 
+@pytest.mark.parametrize("name", ["bmc", "bni", "gai"])
+def test_a_parametrized_noise_scale_loads_and_resets(name):
+    """noise_sigma under torch.nn.utils.parametrize (say, learned as its log): the state_dict
+    round trip loads (the parametrization holds the entry) and reset_parameters sets
+    init_noise_sigma through the parametrization's inverse (a load raised KeyError, and a reset
+    wrote into the computed value, silently)."""
+    class Exp(torch.nn.Module):
+        def forward(self, log_sigma):
+            return log_sigma.exp()
+
+        def right_inverse(self, sigma):
+            return sigma.log()
+
+    module = {"bmc": lambda: BMCLoss(0.8), "bni": lambda: BNILoss(0.8, torch.arange(4.0), torch.full((4,), 0.25)),
+              "gai": lambda: GAILoss(0.8, mixture(2, 1, seed=93))}[name]()
+    torch.nn.utils.parametrize.register_parametrization(module, "noise_sigma", Exp())
+    state = {key: value.clone() for key, value in module.state_dict().items()}
+    with torch.no_grad():
+        module.parametrizations.noise_sigma.original.fill_(0.3)
+    module.load_state_dict(state)
+    torch.testing.assert_close(module.noise_sigma.detach(), torch.tensor(0.8))
+    with torch.no_grad():
+        module.parametrizations.noise_sigma.original.fill_(0.3)
+    module.reset_parameters()
+    torch.testing.assert_close(module.noise_sigma.detach(), torch.tensor(0.8))
+
+
 def test_noise_scale_converges_on_its_own_gradient():
     """With the predictions fixed at the targets plus N(0, 0.5^2) noise and a flat prior, the
     learned noise_sigma approaches the true noise scale (the point of learning it)."""
