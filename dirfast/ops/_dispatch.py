@@ -253,7 +253,7 @@ def refuse_forward_ad(op: str, args) -> None:
     if torch.autograd.forward_ad._current_level >= 0 and any(
             isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args):
         raise NotImplementedError(f"dirfast.ops.{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
-                                  f"torch.autograd.forward_ad): use reverse mode (backward, torch.func.grad, jacrev)")
+                                  f"torch.autograd.forward_ad): take gradients in reverse mode (backward, torch.autograd.grad)")
 
 
 def call(op: str, device: torch.device, *args):
