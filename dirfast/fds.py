@@ -25,6 +25,15 @@ MAX_TABLE = 1 << 31
 
 _BUFFERS = ("running_mean", "running_var", "running_mean_last_epoch", "running_var_last_epoch",
             "smoothed_mean_last_epoch", "smoothed_var_last_epoch")
+# The statistics the published snapshot sharing ties (copy_snapshot=False), and the state_dict
+# metadata entry that says whether they follow (a dirfast checkpoint's tensors never share).
+_SHARED = (("running_mean_last_epoch", "running_mean"), ("running_var_last_epoch", "running_var"))
+_FOLLOWS = "snapshot_follows"
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return not (a.is_meta or b.is_meta) and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
 # Checkpoint entries that are variances, sums of squared deviations or counts: never negative.
 _COUNTS = ("num_samples_tracked", "accumulated_count")  # whole numbers of samples
 # Where a fractional epoch or count comes from in practice, and what to do.
@@ -69,8 +78,10 @@ class FDS(nn.Module):
             ``running_*_last_epoch`` follow every later update of ``running_*`` (the published
             module makes them the same tensors; here they stay buffers of their own that take the
             same values, so weight averaging and DDP, which pair buffers by position, see a fixed
-            set). ``True`` takes a real copy. A ``load_state_dict`` ends the following (as
-            published) until the next snapshot.
+            set). ``True`` takes a real copy. Through ``load_state_dict`` it goes as the published
+            sharing does: a module that follows keeps following (the checkpoint's last-epoch values
+            in both); one that does not, does not, unless loaded with ``assign=True`` from a
+            checkpoint taken while following (its metadata, or a published one's shared tensors).
         clip_min, clip_max: the clamp of the variance ratio in the calibration.
         sync, process_group: when ``torch.distributed`` runs more than one process, every update
             combines the statistics of all ranks (in ``process_group``, default the world), so
@@ -139,6 +150,7 @@ class FDS(nn.Module):
         # Whether running_*_last_epoch follow the running statistics (the published snapshot
         # sharing, copy_snapshot=False): set by each snapshot, ended by a load.
         self._snapshot_follows = False
+        self.register_state_dict_post_hook(FDS._save_follows)
         self.clip_min, self.clip_max = clip_min, clip_max
         self.sync, self.process_group = sync, process_group
 
@@ -396,6 +408,11 @@ class FDS(nn.Module):
             setattr(self, name, move(getattr(self, name)))
         return self
 
+    @staticmethod
+    def _save_follows(module, state_dict, prefix, local_metadata) -> None:
+        """state_dict post-hook: the snapshot sharing goes into the checkpoint's metadata."""
+        local_metadata[_FOLLOWS] = module._snapshot_follows
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name in self._ACCUMULATORS:
@@ -420,9 +437,21 @@ class FDS(nn.Module):
             unexpected_keys.extend(key for key in state_dict  # what super() would report, had it run
                                    if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] not in current)
             return
-        self._snapshot_follows = False  # as published: loaded statistics are separate tensors
+        # The published sharing through a load: copied into a module that shares, the statistics
+        # still share (the checkpoint's last-epoch values, copied last, in both); assigned
+        # (assign=True), they share as the checkpoint's tensors do (a published checkpoint's
+        # share storage; dirfast's say so in their metadata) -- here as buffers of their own.
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        follows = self._snapshot_follows if not assign else bool(local_metadata.get(_FOLLOWS, False)) or all(
+            _same_storage(state_dict[prefix + alias], state_dict[prefix + name]) for alias, name in _SHARED)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        for alias, name in _SHARED:
+            if _same_storage(getattr(self, alias), getattr(self, name)):
+                setattr(self, alias, getattr(self, alias).clone())  # assigned one storage: a buffer each
+            if follows and not assign:
+                getattr(self, name).copy_(getattr(self, alias))
+        self._snapshot_follows = follows
         # What the state_dict does not hold is written here: after to_empty (deferred init on the
         # meta device) it is uninitialised memory, and a load with assign=True leaves it on meta
         # (then it gets new tensors on the statistics' device; else it is written in place, as DDP

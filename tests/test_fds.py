@@ -163,6 +163,40 @@ def test_fds_snapshot_aliasing_default():
     assert_same_state(fds, pub)
 
 
+@pytest.mark.parametrize("route", ["into a new module", "into a module that shares", "assign, its own checkpoint",
+                                   "assign, a published checkpoint"])
+def test_loads_keep_the_published_sharing(route):
+    """A load goes as the published module's shared tensors do, then an update before the next
+    snapshot tells: copied into a new module, the statistics no longer share; copied into one
+    that shares, they share on (a checkpoint's last-epoch values, copied last, in both); assigned,
+    they share as the checkpoint's tensors do (a published checkpoint's share storage, a dirfast
+    checkpoint's metadata says so). The FDS keeps its nine buffers throughout."""
+    labels = labels_with_edges(60, 0, 8, seed=1)
+    pub, fds = PublishedFDS(3, bucket_num=8, bucket_start=0), dirfast.FDS(3, bucket_num=8, bucket_start=0)
+    checkpoints = []
+    for module in (pub, fds):
+        module.update_running_stats(features(60, 3, 1), labels, 0)
+        module.update_last_epoch_stats(1)
+        checkpoints.append(copy.deepcopy(module.state_dict()))  # as torch.save and torch.load leave it
+        module.update_running_stats(features(60, 3, 2, scale=2.0), labels, 1)
+    if route == "into a module that shares":  # a checkpoint whose running statistics differ
+        for state in checkpoints:
+            state["running_mean"] = state["running_mean"] + 1.0
+    else:
+        pub, fds = PublishedFDS(3, bucket_num=8, bucket_start=0), dirfast.FDS(3, bucket_num=8, bucket_start=0)
+        if route == "assign, a published checkpoint":
+            checkpoints[1] = copy.deepcopy(checkpoints[0])
+    for module, state in zip((pub, fds), checkpoints):
+        module.load_state_dict(state, assign=route.startswith("assign"))
+    assert_same_state(fds, pub)
+    for module in (pub, fds):
+        module.update_running_stats(features(60, 3, 3, scale=3.0), labels, 1)
+    assert_same_state(fds, pub)
+    x, y = features(16, 3, 4), labels[:16].unsqueeze(1)
+    torch.testing.assert_close(fds.smooth(x.clone(), y, 1), pub.smooth(x.clone(), y, 1))
+    assert len(list(fds.buffers())) == 9
+
+
 def test_fds_copy_snapshot():
     fds = dirfast.FDS(3, bucket_num=8, bucket_start=0, copy_snapshot=True)
     labels = labels_with_edges(60, 0, 8, seed=1)
