@@ -110,6 +110,24 @@ MUTATIONS = [
     M("use-backend-no-restore", "use_backend not restoring the previous selection",
       (("dirfast/ops/_dispatch.py", "        _selection.name = previous\n", "        pass\n"),),
       ("test_backends.py", "test_api.py")),
+    # The training tools' round (fifteenth session).
+    M("fds-not-following-updates", "the published snapshot sharing copied at the snapshot only, not after updates",
+      (("dirfast/fds.py", "            self._fill_empty_buckets(count)\n        self._follow_running()\n",
+        "            self._fill_empty_buckets(count)\n"),),
+      ("test_fds.py",)),
+    M("fds-load-ends-sharing", "every load ends the published snapshot sharing",
+      (("dirfast/fds.py", "        self._snapshot_follows = follows\n", "        self._snapshot_follows = False\n"),),
+      ("test_fds.py",)),
+    M("accumulate-in-backward", "FDS.accumulate counting a checkpointed batch again in the backward pass",
+      (("dirfast/fds.py", "        if recomputing_in_backward():\n            return\n", ""),),
+      ("test_fds.py",)),
+    M("reset-parameters-keeps-epoch", "FDS.reset_parameters keeping the epoch counter, as reset() does",
+      (("dirfast/fds.py", "        self.epoch.fill_(self.start_update)\n", ""),),
+      ("test_fds.py",)),
+    M("second-order-unchecked", "a backward with create_graph=True through kernels without derivatives let through",
+      (("dirfast/ops/_dispatch.py", "    if torch.is_grad_enabled() and not (twice and ctx.kernel.dispatched):",
+        "    if False:"),),
+      ("test_backends.py",)),
 ]
 
 
