@@ -52,5 +52,6 @@ def saved_for_backward_by(tensor: torch.Tensor):
 def recomputing_in_backward() -> bool:
     """Whether the code runs inside a backward pass: where ``torch.utils.checkpoint`` runs a
     checkpointed forward again (either flavour), and a forward's updates of running state would
-    count a batch twice. Not asked under torch.compile (its traced forward is not run again)."""
+    count a batch twice. Not asked while torch.compile traces: a compiled graph inside an eager
+    checkpoint is replayed whole, so this check cannot stop it there."""
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1

@@ -31,8 +31,10 @@ _SHARED = (("running_mean_last_epoch", "running_mean"), ("running_var_last_epoch
 _FOLLOWS = "snapshot_follows"
 
 
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return not (a.is_meta or b.is_meta) and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are the same values in memory (as the published shared tensors are)."""
+    return (not (a.is_meta or b.is_meta) and a.data_ptr() != 0 and a.data_ptr() == b.data_ptr()
+            and a.shape == b.shape and a.stride() == b.stride())
 
 # Checkpoint entries that are variances, sums of squared deviations or counts: never negative.
 _COUNTS = ("num_samples_tracked", "accumulated_count")  # whole numbers of samples
@@ -295,7 +297,9 @@ class FDS(nn.Module):
         infinite label is left out, and so is a bucket's whole batch when its statistics are not
         finite (a NaN or infinite feature); ``num_samples_skipped`` counts those rows. A call in a
         backward pass adds nothing: that is activation checkpointing (``torch.utils.checkpoint``)
-        running the forward again, which would count each batch twice.
+        running the forward again, which would count each batch twice. (A block compiled with
+        torch.compile inside an eager checkpoint replays its graph, accumulate included: put the
+        checkpoint inside the compiled region, or accumulate outside the checkpoint.)
         """
         if recomputing_in_backward():
             return
@@ -442,12 +446,17 @@ class FDS(nn.Module):
         # (assign=True), they share as the checkpoint's tensors do (a published checkpoint's
         # share storage; dirfast's say so in their metadata) -- here as buffers of their own.
         assign = bool(local_metadata.get("assign_to_params_buffers", False))
-        follows = self._snapshot_follows if not assign else bool(local_metadata.get(_FOLLOWS, False)) or all(
-            _same_storage(state_dict[prefix + alias], state_dict[prefix + name]) for alias, name in _SHARED)
+        if not assign:
+            follows = self._snapshot_follows
+        elif _FOLLOWS in local_metadata:
+            follows = bool(local_metadata[_FOLLOWS]) and not self.copy_snapshot
+        else:
+            follows = not self.copy_snapshot and all(_same_tensor(state_dict[prefix + alias], state_dict[prefix + name])
+                                                     for alias, name in _SHARED)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         for alias, name in _SHARED:
-            if _same_storage(getattr(self, alias), getattr(self, name)):
+            if _same_tensor(getattr(self, alias), getattr(self, name)):
                 setattr(self, alias, getattr(self, alias).clone())  # assigned one storage: a buffer each
             if follows and not assign:
                 getattr(self, name).copy_(getattr(self, alias))

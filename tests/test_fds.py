@@ -197,6 +197,33 @@ def test_loads_keep_the_published_sharing(route):
     assert len(list(fds.buffers())) == 9
 
 
+def test_an_assigned_load_follows_only_where_the_checkpoint_says():
+    """An assign=True load follows only where the checkpoint's metadata says it was taken while
+    following (views of one flat buffer are not shared statistics), and never with
+    copy_snapshot=True, whose last-epoch statistics are a real copy."""
+    labels = labels_with_edges(60, 0, 8, seed=1)
+    source = dirfast.FDS(3, bucket_num=8, bucket_start=0)
+    source.update_running_stats(features(60, 3, 1), labels, 0)
+    source.update_last_epoch_stats(1)
+    following = source.state_dict()
+    flat = torch.cat([following[name].reshape(-1) for name in BUFFERS])  # one storage, as some loaders give
+    views, start = {}, 0
+    for name in BUFFERS:
+        views[name] = flat[start:start + following[name].numel()].view_as(following[name])
+        start += following[name].numel()
+    in_views = type(following)(following, **views)  # an OrderedDict whose metadata says "not following"
+    in_views._metadata = {"": dict(following._metadata[""], snapshot_follows=False)}
+    cases = ((dirfast.FDS(3, bucket_num=8, bucket_start=0, copy_snapshot=True), following, False),
+             (dirfast.FDS(3, bucket_num=8, bucket_start=0), in_views, False),
+             (dirfast.FDS(3, bucket_num=8, bucket_start=0), following, True))
+    for fds, state, follows in cases:
+        fds.load_state_dict(state, assign=True)
+        before = fds.running_mean_last_epoch.clone()
+        fds.update_running_stats(features(60, 3, 2, scale=2.0), labels, 1)
+        assert fds._snapshot_follows == follows
+        assert torch.equal(fds.running_mean_last_epoch, fds.running_mean if follows else before)
+
+
 def test_fds_copy_snapshot():
     fds = dirfast.FDS(3, bucket_num=8, bucket_start=0, copy_snapshot=True)
     labels = labels_with_edges(60, 0, 8, seed=1)
