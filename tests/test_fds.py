@@ -217,7 +217,7 @@ def test_an_assigned_load_follows_only_where_the_checkpoint_says():
              (dirfast.FDS(3, bucket_num=8, bucket_start=0), in_views, False),
              (dirfast.FDS(3, bucket_num=8, bucket_start=0), following, True))
     for fds, state, follows in cases:
-        fds.load_state_dict(state, assign=True)
+        fds.load_state_dict(copy.deepcopy(state), assign=True)  # assigned tensors become the module's
         before = fds.running_mean_last_epoch.clone()
         fds.update_running_stats(features(60, 3, 2, scale=2.0), labels, 1)
         assert fds._snapshot_follows == follows
