@@ -290,6 +290,22 @@ def test_import_without_triton():
 
 
 # =========================================================================== second derivatives
+def differentiable_op_calls(device, seed):
+    """Each differentiable op as a function of one float64 input, with that input: op -> (f, x)."""
+    g = gen(seed)
+    z = torch.randn(12, 4, generator=g, dtype=torch.float64).to(device)
+    y = torch.randint(0, 4, (12, 1), generator=g).double().to(device)
+    x, m, v, lw = mixture_inputs((7,), 3, torch.float64, device, seed=seed + 1)
+    stats = calibration_stats(4, 4, torch.float64, device)
+    rows = torch.randint(0, 4, (12,), generator=g).to(device)
+    return {"rnc_loss": (lambda t: dirfast.ops.rnc_loss(t, y), z),
+            "conr_loss": (lambda t: dirfast.ops.conr_loss(t, y, y + 0.5, torch.ones_like(y[:, 0])), z),
+            "ranksim_loss": (lambda t: dirfast.ops.ranksim_loss(t, y), z),
+            "mixture_logpdf": (lambda t: dirfast.ops.mixture_logpdf(t, m, v, lw), x),
+            "calibrate": (lambda t: dirfast.ops.calibrate(t, rows, *stats), z),
+            "calibrate_": (lambda t: dirfast.ops.calibrate_(t * 1, rows, *stats), z)}
+
+
 @pytest.mark.parametrize("backend, device", backend_device_params())
 def test_double_backward_raises_without_second_derivatives(backend, device):
     """A backward that builds its own graph (create_graph=True: a gradient penalty, a Hessian)
@@ -297,29 +313,22 @@ def test_double_backward_raises_without_second_derivatives(backend, device):
     the op, on every backend (torch counted their derivative as 0: a Hessian of 0, silently).
     calibrate's backward is calibrate itself: through the dispatcher's ops its second derivatives
     are right (gradgradcheck); a selected backend's own kernels have none, and it raises."""
-    g = gen(86)
-    z = torch.randn(12, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
-    y = torch.randint(0, 4, (12, 1), generator=g).double().to(device)
-    x, m, v, lw = mixture_inputs((7,), 3, torch.float64, device, seed=87)
-    x.requires_grad_()
-    losses = {"rnc_loss": lambda: dirfast.ops.rnc_loss(z, y),
-              "conr_loss": lambda: dirfast.ops.conr_loss(z, y, y + 0.5, torch.ones_like(y[:, 0])),
-              "ranksim_loss": lambda: dirfast.ops.ranksim_loss(z, y),
-              "mixture_logpdf": lambda: dirfast.ops.mixture_logpdf(x, m, v, lw)}
+    calls = differentiable_op_calls(device, 86)
     with dirfast.use_backend(backend):
-        for op, loss in losses.items():
-            inputs = x if op == "mixture_logpdf" else z
-            (first,) = torch.autograd.grad(loss().sum(), inputs)  # first derivatives as ever
+        for op in ("rnc_loss", "conr_loss", "ranksim_loss", "mixture_logpdf"):
+            f, primal = calls[op]
+            inputs = primal.clone().requires_grad_()
+            (first,) = torch.autograd.grad(f(inputs).sum(), inputs)  # first derivatives as ever
             assert torch.isfinite(first).all()
             with pytest.raises(NotImplementedError, match=f"dirfast.ops.{op} gives first derivatives only"):
-                torch.autograd.grad(loss().sum(), inputs, create_graph=True)
-        stats = calibration_stats(4, 4, torch.float64, device)
-        rows = torch.randint(0, 4, (12,), generator=g).to(device)
+                torch.autograd.grad(f(inputs).sum(), inputs, create_graph=True)
+        f, primal = calls["calibrate"]
+        z = primal.clone().requires_grad_()
         if backend in ("auto", "cpp", "cuda"):
-            assert torch.autograd.gradgradcheck(lambda t: dirfast.ops.calibrate(t, rows, *stats).pow(2), (z,))
+            assert torch.autograd.gradgradcheck(lambda t: f(t).pow(2), (z,))
         else:
             with pytest.raises(NotImplementedError, match="dirfast.ops.calibrate gives first derivatives only"):
-                torch.autograd.grad(dirfast.ops.calibrate(z, rows, *stats).pow(2).sum(), z, create_graph=True)
+                torch.autograd.grad(f(z).pow(2).sum(), z, create_graph=True)
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func.jvp's own
@@ -328,20 +337,8 @@ def test_forward_mode_raises(backend, device):
     """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) through a differentiable op,
     calibrate_ in place included, raises NotImplementedError naming the op: the ops have no
     forward-mode derivative, and torch gave a tangent of 0 (or none), silently."""
-    g = gen(91)
-    z = torch.randn(12, 4, generator=g, dtype=torch.float64).to(device)
-    y = torch.randint(0, 4, (12, 1), generator=g).double().to(device)
-    x, m, v, lw = mixture_inputs((7,), 3, torch.float64, device, seed=92)
-    stats = calibration_stats(4, 4, torch.float64, device)
-    rows = torch.randint(0, 4, (12,), generator=g).to(device)
-    calls = {"rnc_loss": (lambda t: dirfast.ops.rnc_loss(t, y), z),
-             "conr_loss": (lambda t: dirfast.ops.conr_loss(t, y, y + 0.5, torch.ones_like(y[:, 0])), z),
-             "ranksim_loss": (lambda t: dirfast.ops.ranksim_loss(t, y), z),
-             "mixture_logpdf": (lambda t: dirfast.ops.mixture_logpdf(t, m, v, lw), x),
-             "calibrate": (lambda t: dirfast.ops.calibrate(t, rows, *stats), z),
-             "calibrate_": (lambda t: dirfast.ops.calibrate_(t * 1, rows, *stats), z)}
     with dirfast.use_backend(backend):
-        for op, (f, primal) in calls.items():
+        for op, (f, primal) in differentiable_op_calls(device, 91).items():
             with pytest.raises(NotImplementedError, match=f"dirfast.ops.{op} has no forward-mode derivative"):
                 torch.func.jvp(f, (primal,), (torch.ones_like(primal),))
             with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match=f"ops.{op} has no"):
