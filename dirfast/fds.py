@@ -29,20 +29,19 @@ _BUFFERS = ("running_mean", "running_var", "running_mean_last_epoch", "running_v
 # metadata entry that says whether they follow (a dirfast checkpoint's tensors never share).
 _SHARED = (("running_mean_last_epoch", "running_mean"), ("running_var_last_epoch", "running_var"))
 _FOLLOWS = "snapshot_follows"
+_COUNTS = ("num_samples_tracked", "accumulated_count")  # whole numbers of samples
+# Where a fractional epoch or count comes from in practice, and what to do.
+_AVERAGED = (" A weight average of checkpoints (EMA, SWA with use_buffers=True) averages these too: load this FDS's "
+             "entries from the trained model's state_dict instead.")
+# Checkpoint entries that are variances, sums of squared deviations or counts: never negative.
+_NON_NEGATIVE = ("running_var", "running_var_last_epoch", "smoothed_var_last_epoch", "num_samples_tracked",
+                 "accumulated_count", "accumulated_m2")
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` are the same values in memory (as the published shared tensors are)."""
     return (not (a.is_meta or b.is_meta) and a.data_ptr() != 0 and a.data_ptr() == b.data_ptr()
             and a.shape == b.shape and a.stride() == b.stride())
-
-# Checkpoint entries that are variances, sums of squared deviations or counts: never negative.
-_COUNTS = ("num_samples_tracked", "accumulated_count")  # whole numbers of samples
-# Where a fractional epoch or count comes from in practice, and what to do.
-_AVERAGED = (" A weight average of checkpoints (EMA, SWA with use_buffers=True) averages these too: load this FDS's "
-             "entries from the trained model's state_dict instead.")
-_NON_NEGATIVE = ("running_var", "running_var_last_epoch", "smoothed_var_last_epoch", "num_samples_tracked",
-                 "accumulated_count", "accumulated_m2")
 
 
 class FDS(nn.Module):
@@ -269,7 +268,7 @@ class FDS(nn.Module):
             return
         self.epoch += 1
         self._snapshot_follows = not self.copy_snapshot  # published: they share the running tensors
-        self._follow_running(snapshot=True)
+        self._copy_running_to_last_epoch()
         self.smoothed_mean_last_epoch.copy_(self._smooth(self.running_mean))
         self.smoothed_var_last_epoch.copy_(self._smooth(self.running_var))
 
@@ -390,14 +389,14 @@ class FDS(nn.Module):
             running.copy_(torch.where(seen, updated, running))
         if self.fill_empty:
             self._fill_empty_buckets(count)
-        self._follow_running()
+        if self._snapshot_follows:  # the published sharing, see copy_snapshot
+            self._copy_running_to_last_epoch()
 
-    def _follow_running(self, snapshot: bool = False) -> None:
-        """The running statistics copied into ``running_*_last_epoch`` at a snapshot, and after
-        each update while they follow (the published sharing, see ``copy_snapshot``)."""
-        if snapshot or self._snapshot_follows:
-            self.running_mean_last_epoch.copy_(self.running_mean)
-            self.running_var_last_epoch.copy_(self.running_var)
+    def _copy_running_to_last_epoch(self) -> None:
+        """``running_*_last_epoch`` take the running statistics' values: at a snapshot, and after
+        each update while they follow."""
+        for alias, name in _SHARED:
+            getattr(self, alias).copy_(getattr(self, name))
 
     _ACCUMULATORS = ("accumulated_count", "accumulated_mean", "accumulated_m2")
 
