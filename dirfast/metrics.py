@@ -33,9 +33,10 @@ def _rows(name: str, values: np.ndarray, dim: int) -> np.ndarray:
 
 
 def _samples(preds, labels, binning):
-    """``(labels, errors)`` of one set of samples, checked: the labels as ``[N, d]`` rows for a
-    GridBinning (flat otherwise), and one error per sample (``pred - label`` on one dimension,
-    the Euclidean distance over a grid of several); no samples at all is an error."""
+    """``(preds, labels, errors)`` of one set of samples, checked: the predictions and labels as
+    ``[N, d]`` rows for a GridBinning (flat otherwise), and one error per sample (``pred - label``
+    on one dimension, the Euclidean distance over a grid of several); no samples at all is an
+    error."""
     preds, labels = _values("preds", preds), _values("labels", labels)
     if not isinstance(binning, GridBinning):
         preds, labels = preds.reshape(-1), labels.reshape(-1)
@@ -44,23 +45,54 @@ def _samples(preds, labels, binning):
                              f"{labels.size}")
         if labels.size == 0:
             raise ValueError("preds and labels must not be empty")
-        return labels, preds - labels
+        return preds, labels, preds - labels
     preds, labels = _rows("preds", preds, binning.ndim), _rows("labels", labels, binning.ndim)
     if preds.shape != labels.shape:
         raise ValueError(f"preds and labels must have the same shape, got {preds.shape} and {labels.shape}")
     if labels.shape[0] == 0:
         raise ValueError("preds and labels must not be empty")
     errors = preds - labels
-    return labels, errors[:, 0] if binning.ndim == 1 else np.sqrt(np.sum(errors ** 2, axis=1))
+    return preds, labels, errors[:, 0] if binning.ndim == 1 else np.sqrt(np.sum(errors ** 2, axis=1))
 
 
-def _region(errors: np.ndarray, exact_error: float) -> dict:
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson's r of two float64 vectors, NaN with fewer than two values or a constant one (as
+    scipy.stats.pearsonr, which warns there)."""
+    if a.size < 2:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
+    if norm_a == 0 or norm_b == 0:
+        return float("nan")
+    return float(np.clip(np.dot(a / norm_a, b / norm_b), -1.0, 1.0))
+
+
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """The ranks 1..N of ``values``, tied values given the mean of their ranks (as
+    scipy.stats.rankdata's default, what spearmanr ranks by)."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    ends = np.append(starts[1:], values.size)
+    ranks = np.empty(values.size)
+    ranks[order] = np.repeat((starts + ends + 1) / 2, ends - starts)
+    return ranks
+
+
+def _region(errors: np.ndarray, exact_error: float, pairs=None) -> dict:
+    """One region's errors; with ``pairs`` (its flat predictions and labels), their correlations."""
     if errors.size == 0:
-        return {"mse": float("nan"), "l1": float("nan"), "gmean": float("nan")}
-    absolute = np.abs(errors)
-    with np.errstate(divide="ignore"):  # with exact_error 0, an exact prediction makes the geometric mean 0
-        gmean = float(np.exp(np.mean(np.log(np.where(absolute == 0, exact_error, absolute)))))
-    return {"mse": float(np.mean(errors ** 2)), "l1": float(np.mean(absolute)), "gmean": gmean}
+        result = {"mse": float("nan"), "l1": float("nan"), "gmean": float("nan")}
+    else:
+        absolute = np.abs(errors)
+        with np.errstate(divide="ignore"):  # with exact_error 0, an exact prediction makes the geometric mean 0
+            gmean = float(np.exp(np.mean(np.log(np.where(absolute == 0, exact_error, absolute)))))
+        result = {"mse": float(np.mean(errors ** 2)), "l1": float(np.mean(absolute)), "gmean": gmean}
+    if pairs is not None:
+        preds, labels = pairs
+        result["pearson"] = _pearson(preds, labels)
+        result["spearman"] = _pearson(_average_ranks(preds), _average_ranks(labels))
+    return result
 
 
 REGIONS = ("many", "median", "low")
@@ -89,7 +121,7 @@ def _region_of_bins(regions, num_bins: int) -> np.ndarray:
 
 
 def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low_shot_thr: int = 20,
-                 binning=None, *, regions=None, exact_error: float = 0.0) -> dict:
+                 binning=None, *, regions=None, exact_error: float = 0.0, correlations: bool = False) -> dict:
     """MSE, L1 and geometric-mean error over the many-, medium- and few-shot test labels.
 
     As the published code: each distinct test label is many-shot when the training set holds
@@ -115,12 +147,22 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
     IMDB-WIKI-DIR evaluators; the STS-B-DIR evaluator counts it as 1e-10 (``STS_B_DIR`` does).
     MSE and L1 are not affected.
 
-    Returns ``{"many" | "median" | "low" | "overall": {"mse", "l1", "gmean"}}`` of floats.
+    ``correlations=True`` adds each region's Pearson's r (``"pearson"``) and Spearman's rho
+    (``"spearman"``, tied values ranked by their mean rank) of the predictions against the labels,
+    as the STS-B-DIR evaluator reports them (scipy's ``pearsonr`` and ``spearmanr``); NaN for a
+    region of fewer than two samples or with constant predictions or labels (the published
+    evaluator gives 0 for a region of one sample or none). Labels of one dimension only.
+
+    Returns ``{"many" | "median" | "low" | "overall": {"mse", "l1", "gmean"}}`` of floats (and
+    ``"pearson"``, ``"spearman"`` with ``correlations``).
     """
     if binning is not None and not isinstance(binning, (Binning, GridBinning)):
         raise TypeError(f"binning must be None or a dirfast.Binning or GridBinning, got {type(binning).__name__}")
     exact_error = validate.real("exact_error", exact_error, 0)
-    labels, errors = _samples(preds, labels, binning)
+    correlations = validate.boolean("correlations", correlations)
+    if correlations and isinstance(binning, GridBinning) and binning.ndim > 1:
+        raise ValueError(f"correlations are of labels of one dimension: the grid has {binning.ndim}")
+    preds, labels, errors = _samples(preds, labels, binning)
     if regions is not None:
         if binning is None:
             raise ValueError("regions are bin lists: pass the binning they refer to")
@@ -145,8 +187,11 @@ def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low
         train_count = np.searchsorted(sorted_train, keys, side="right") - np.searchsorted(sorted_train, keys, side="left")
         count = train_count[inverse.reshape(-1)]
         region = np.where(count > many, 0, np.where(count < low, 2, 1))
-    result = {name: _region(errors[region == index], exact_error) for index, name in enumerate(REGIONS)}
-    result["overall"] = _region(errors, exact_error)
+    pairs = (preds.reshape(-1), labels.reshape(-1)) if correlations else None
+    result = {name: _region(errors[region == index], exact_error,
+                            None if pairs is None else (pairs[0][region == index], pairs[1][region == index]))
+              for index, name in enumerate(REGIONS)}
+    result["overall"] = _region(errors, exact_error, pairs)
     return result
 
 
@@ -154,7 +199,7 @@ def _balanced_error(preds, labels, binning, power: int) -> float:
     """The mean over the bins holding test labels of each bin's mean ``error ** power``."""
     if not isinstance(binning, (Binning, GridBinning)):
         raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
-    labels, errors = _samples(preds, labels, binning)
+    _, labels, errors = _samples(preds, labels, binning)
     # the labels are finite (_samples), so each has a bin: no -1, which bincount refuses
     bins = binning(labels, precision="float32").numpy()
     total = np.bincount(bins, weights=np.abs(errors) ** power, minlength=binning.num_bins)

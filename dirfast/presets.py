@@ -75,6 +75,7 @@ class Preset:
     low_shot_thr: float = 20
     shot_regions: dict | None = field(default=None, hash=False)
     exact_error: float = 0.0         # an exact prediction's error in the G-mean (shot_metrics)
+    correlations: bool = False       # shot_metrics gives Pearson's and Spearman's correlations too
     # ConR (Keramati et al., ICLR 2024): None where it published no setting
     conr_setting: ConRSetting | None = None
 
@@ -115,9 +116,10 @@ class Preset:
         """Many-, medium- and few-shot errors as this dataset's published evaluation defines them."""
         if self.shot_regions is not None:
             return shot_metrics(preds, labels, binning=self.fds_binning, regions=self.shot_regions,
-                                exact_error=self.exact_error)
+                                exact_error=self.exact_error, correlations=self.correlations)
         return shot_metrics(preds, labels, train_labels, self.many_shot_thr, self.low_shot_thr,
-                            binning=self.fds_binning if self.bin_shots else None, exact_error=self.exact_error)
+                            binning=self.fds_binning if self.bin_shots else None, exact_error=self.exact_error,
+                            correlations=self.correlations)
 
 
 # agedb-dir: datasets.py (_prepare_weights: max_target=121, int(label), clip 5..1000),
@@ -143,12 +145,12 @@ IMDB_WIKI_DIR = Preset(
 # train.py (bucket_num=50, bucket_start=0, fds_mmt=0.9), fds.py (float32 histogram edges,
 # the fill of empty buckets), util.py (calibrate_mean_var clip_min=0.5, clip_max=2; the shot
 # lists of STSShotAverage, which are the bins with more than 100 / fewer than 30 training
-# scores under the float32 binning: the same regions).
+# scores under the float32 binning: the same regions; its metrics, Pearson and Spearman too).
 STS_B_DIR = Preset(
     name="STS-B-DIR", lds_binning=Binning.uniform(0.0, 5.0, 50), fds_binning=Binning.uniform(0.0, 5.0, 50),
     reweight="inverse", lds_kernel="gaussian", lds_ks=5, lds_sigma=2.0, inverse_clip=None,
     bucket_num=50, bucket_start=0, clip_min=0.5, clip_max=2.0, fill_empty=True,
-    bin_shots=True, many_shot_thr=100, low_shot_thr=30, exact_error=1e-10)
+    bin_shots=True, many_shot_thr=100, low_shot_thr=30, exact_error=1e-10, correlations=True)
 
 # nyud2-dir: util.py and loaddata.py (bin = int(depth * float32(10)), 100 bins; the shot lists
 # of Evaluator), loaddata.py (_get_bucket_weights: the counts from bucket_start=7 on, smoothed

@@ -9,6 +9,7 @@ as NumPy or pandas would (float64), since the published bins depend on that.
 import numpy as np
 import pytest
 import torch
+from scipy.stats import pearsonr, spearmanr
 
 import dirfast
 from benchmarks import published
@@ -133,7 +134,8 @@ def test_stsb_fds_buckets(dtype):
 
 def test_stsb_shot_regions_are_the_published_lists():
     """Bins with more than 100 / fewer than 30 training scores (float32 binning) are exactly
-    the many / few lists of the published STSShotAverage, so the evaluation regions agree."""
+    the many / few lists of the published STSShotAverage, so the evaluation regions agree, and
+    STS_B_DIR.shot_metrics gives its metrics in each (Pearson and Spearman included)."""
     train, test = stsb_scores("train"), stsb_scores("test")
     counts = np.bincount(STS_B_DIR.fds_binning(train, precision="float32").numpy(), minlength=50)
     assert [b for b in range(50) if counts[b] > 100] == published.STSB_SHOT_BINS["many"]
@@ -149,3 +151,6 @@ def test_stsb_shot_regions_are_the_published_lists():
         assert got[region]["mse"] == pytest.approx(np.mean((p - t) ** 2), rel=1e-9)
         assert got[region]["l1"] == pytest.approx(np.mean(np.abs(p - t)), rel=1e-9)
         assert got[region]["gmean"] == pytest.approx(published.published_stsb_gmean(p, t), rel=1e-9)
+        # the evaluator's pearsonr and spearmanr (scipy's), in every region of the real scores
+        assert got[region]["pearson"] == pytest.approx(pearsonr(p, t)[0], rel=1e-9)
+        assert got[region]["spearman"] == pytest.approx(spearmanr(p, t)[0], rel=1e-9)

@@ -182,3 +182,40 @@ def test_shot_metrics_exact_prediction_gmean_zero():
     with np.errstate(divide="ignore"):
         expected = published.shot_metrics(preds, test, train)
     assert_same_metrics(got, expected)
+
+
+def test_shot_metrics_correlations_match_scipy():
+    """correlations=True: each region's Pearson's r and Spearman's rho (tied values at their mean
+    rank) are scipy's pearsonr and spearmanr of the region's samples, NaN where those are
+    undefined (one sample, constant predictions); the errors are those without it."""
+    from scipy.stats import pearsonr, spearmanr
+
+    rng = np.random.default_rng(7)
+    train = np.repeat(np.arange(10.0), [150] * 4 + [50] * 3 + [5] * 3)  # many 0-3, median 4-6, low 7-9
+    test = rng.integers(0, 10, 3000).astype(np.float64)
+    preds = np.round(test + rng.normal(0, 2, test.size), 1)  # ties in the ranks of both sides
+    got = dirfast.metrics.shot_metrics(preds, test, train, correlations=True)
+    plain = dirfast.metrics.shot_metrics(preds, test, train)
+    masks = {"many": test <= 3, "median": (test >= 4) & (test <= 6), "low": test >= 7,
+             "overall": np.ones(test.size, bool)}
+    for region, mask in masks.items():
+        assert set(got[region]) == set(METRICS) | {"pearson", "spearman"}
+        assert got[region]["pearson"] == pytest.approx(pearsonr(preds[mask], test[mask])[0], rel=1e-12)
+        assert got[region]["spearman"] == pytest.approx(spearmanr(preds[mask], test[mask])[0], rel=1e-12)
+        assert {k: got[region][k] for k in METRICS} == plain[region]
+
+    # by bin with fixed regions, and a one-dimensional grid: the same
+    binning = dirfast.Binning.integer(10)
+    regions = {"many": [0, 1, 2, 3], "median": [4, 5, 6]}
+    by_bin = dirfast.metrics.shot_metrics(preds, test, binning=binning, regions=regions, correlations=True)
+    assert by_bin == got
+    grid = dirfast.GridBinning(binning)
+    assert dirfast.metrics.shot_metrics(preds[:, None], test[:, None], binning=grid, regions=regions,
+                                        correlations=True) == got
+
+    # undefined: a region of one sample (many), constant predictions (median), no sample (low)
+    few = dirfast.metrics.shot_metrics([1.0, 2.0, 2.0, 5.0], [1.0, 4.0, 5.0, 6.0], binning=binning,
+                                       regions={"many": [1], "median": [4, 5], "low": [9]}, correlations=True)
+    for region in ("many", "median", "low"):
+        assert math.isnan(few[region]["pearson"]) and math.isnan(few[region]["spearman"]), region
+    assert few["overall"]["pearson"] == pytest.approx(pearsonr([1.0, 2.0, 2.0, 5.0], [1.0, 4.0, 5.0, 6.0])[0])
