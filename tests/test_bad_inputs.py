@@ -771,7 +771,8 @@ API = {
     "dirfast.metrics.shot_metrics over a grid": Entry(dirfast.metrics.shot_metrics, {
         "preds": (GRID_VALUES, GRID_Y + 0.1), "labels": (GRID_VALUES, GRID_Y),
         "train_labels": (GRID_VALUES + (Bad("[N, 3]", lambda v: torch.cat([v, v[:, :1]], 1), ValueError),), GRID_Y),
-        "binning": (BINNING, GRID), "correlations": ((Bad("over two dimensions", lambda v: True, ValueError),), False)}),
+        "binning": (BINNING, GRID),
+        "correlations": ((Bad("over two dimensions", lambda v: True, ValueError),), False)}),
     **{f"dirfast.metrics.{name}": Entry(getattr(dirfast.metrics, name), {
         "preds": (EVAL_VALUES + (Bad("fewer", lambda v: v[:-1], ValueError),), TEST + 0.5),
         "labels": (EVAL_VALUES + (Bad("empty", lambda v: torch.as_tensor(v)[:0], ValueError),), TEST),
