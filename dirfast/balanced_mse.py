@@ -17,6 +17,8 @@ prior is the batch's targets (BMC), a label histogram (BNI) or a Gaussian mixtur
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +27,7 @@ from torch.nn.utils import parametrize
 from . import _validate as validate
 from . import distributed, ops
 from ._state import move_only
+from ._types import ArrayLike, ProcessGroup
 from .binning import GridBinning
 from .lds import LDS
 from .mixture import GaussianMixture, fit_gmm, whiten
@@ -283,7 +286,8 @@ class _BatchBalancedMSE(_BalancedMSENode):
 
 
 # -- functional --------------------------------------------------------------------------------
-def bmc_loss(pred, target, noise_var, *, all_ranks: bool = False, process_group=None) -> torch.Tensor:
+def bmc_loss(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor | float, *, all_ranks: bool = False,
+             process_group: ProcessGroup | None = None) -> torch.Tensor:
     """Batch-based Monte-Carlo Balanced MSE: the batch's targets are the label prior.
 
     Args:
@@ -319,7 +323,8 @@ def bmc_loss(pred, target, noise_var, *, all_ranks: bool = False, process_group=
     return _BatchBalancedMSE.apply(pred_rows, target_rows.detach(), noise_var, prior)
 
 
-def bni_loss(pred, target, noise_var, bucket_centers, bucket_weights) -> torch.Tensor:
+def bni_loss(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor | float, bucket_centers: ArrayLike,
+             bucket_weights: ArrayLike) -> torch.Tensor:
     """Bin-based numerical integration Balanced MSE: a label histogram is the prior.
 
     Args:
@@ -349,7 +354,8 @@ def _bni(pred, target, noise_var, centers, weights) -> torch.Tensor:
     return _ScalarBalancedMSE.apply(pred, target, noise_var, centers, None, log_weights)
 
 
-def gai_loss(pred, target, gmm, noise_var) -> torch.Tensor:
+def gai_loss(pred: torch.Tensor, target: torch.Tensor, gmm: GaussianMixture | Mapping[str, Any],
+             noise_var: torch.Tensor | float) -> torch.Tensor:
     """Gaussian-mixture analytic integration Balanced MSE: a Gaussian mixture is the prior.
 
     Args:
@@ -477,7 +483,7 @@ class BMCLoss(_BalancedMSE):
     [criterion.noise_sigma], "lr": 1e-2})``; ``learn_noise=False`` keeps it fixed."""
 
     def __init__(self, init_noise_sigma: float = 1.0, *, learn_noise: bool = True, all_ranks: bool = False,
-                 process_group=None) -> None:
+                 process_group: ProcessGroup | None = None) -> None:
         super().__init__(init_noise_sigma, learn_noise)
         validate.boolean("all_ranks", all_ranks)
         self.all_ranks, self.process_group = all_ranks, process_group
@@ -490,7 +496,8 @@ class BNILoss(_BalancedMSE):
     """:func:`bni_loss` with a learnable noise scale; the histogram is kept as buffers (they move
     with ``.to(device)``). :meth:`from_lds` takes it from a fitted :class:`~dirfast.LDS`."""
 
-    def __init__(self, init_noise_sigma: float, bucket_centers, bucket_weights, *, learn_noise: bool = True) -> None:
+    def __init__(self, init_noise_sigma: float, bucket_centers: ArrayLike, bucket_weights: ArrayLike, *,
+                 learn_noise: bool = True) -> None:
         centers, weights = (t.to("cpu", torch.float64, copy=True) for t in _histogram(bucket_centers, bucket_weights))
         super().__init__(init_noise_sigma, learn_noise)
         self._prior("bucket_centers", centers)
@@ -553,7 +560,8 @@ class GAILoss(_BalancedMSE):
     :class:`~dirfast.mixture.GaussianMixture` or the published pickle's dict (load it with
     ``joblib.load``); :meth:`from_labels` fits one from the training labels."""
 
-    def __init__(self, init_noise_sigma: float, gmm, *, learn_noise: bool = True) -> None:
+    def __init__(self, init_noise_sigma: float, gmm: GaussianMixture | Mapping[str, Any], *,
+                 learn_noise: bool = True) -> None:
         super().__init__(init_noise_sigma, learn_noise)
         gmm = _mixture(gmm)
         self._prior("gmm_means", gmm.means.clone())
@@ -567,8 +575,8 @@ class GAILoss(_BalancedMSE):
         return GaussianMixture(self.gmm_means, self.gmm_variances, self.gmm_weights)
 
     @classmethod
-    def from_labels(cls, labels, num_components: int = 8, init_noise_sigma: float = 1.0, *,
-                    learn_noise: bool = True, **fit_options) -> "GAILoss":
+    def from_labels(cls, labels: ArrayLike, num_components: int = 8, init_noise_sigma: float = 1.0, *,
+                    learn_noise: bool = True, **fit_options: Any) -> "GAILoss":
         """Fit the mixture with :func:`dirfast.mixture.fit_gmm` (K = 8 as the published age code)."""
         return cls(init_noise_sigma, fit_gmm(labels, num_components, **fit_options), learn_noise=learn_noise)
 

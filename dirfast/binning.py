@@ -13,12 +13,14 @@ the shot metrics).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 import warnings
 
 import numpy as np
 import torch
 
 from . import _validate as validate
+from ._types import ArrayLike
 from .bandwidth import BIN_WIDTH_RULES, rule_width
 # MAX_BINS: bins are computed in float32, exact up to there
 from .ops.integer_bins import MAX_BINS, integer_bins_unchecked
@@ -113,7 +115,7 @@ class Binning:
         tensor([  0,  30, 120])
     """
 
-    def __init__(self, edges) -> None:
+    def __init__(self, edges: ArrayLike) -> None:
         self._setup(_checked_edges(edges), "edges")
 
     def _setup(self, edges: np.ndarray, kind: str, scale: float = 1.0, range_=None) -> None:
@@ -293,7 +295,7 @@ class Binning:
             bins.add_(labels, alpha=0)
         return bins
 
-    def warn_if_fractional(self, labels) -> None:
+    def warn_if_fractional(self, labels: ArrayLike) -> None:
         """Warn when an integer binning (``scale=1``) is given labels with fractional parts:
         it truncates them, which is rarely what continuous labels (scores in [0, 5]) need.
         Reads the labels on the host."""
@@ -312,7 +314,7 @@ class Binning:
                 "(dirfast.presets.STS_B_DIR for scores in [0, 5])", UserWarning, stacklevel=3)
 
     @classmethod
-    def auto(cls, labels, rule: str = "fd", max_bins: int = 1000) -> "Binning":
+    def auto(cls, labels: ArrayLike, rule: str = "fd", max_bins: int = 1000) -> "Binning":
         """Equal bins over ``[min, max]`` of ``labels``, as many as the width from ``rule`` needs.
 
         ``rule``: ``"fd"`` (Freedman–Diaconis, ``2 IQR n^(-1/3)``, as
@@ -426,7 +428,7 @@ class GridBinning:
         bins = torch.stack([(index // stride) % n for stride, n in zip(self._strides, self.shape)], dim=-1)
         return bins.masked_fill_(outside, -1)
 
-    def along_each_axis(self, table: torch.Tensor, smooth) -> torch.Tensor:
+    def along_each_axis(self, table: torch.Tensor, smooth: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """``table`` (``[num_bins, ...]``, one row per grid bin) with ``smooth`` (a 1-D smoothing
         along dim 0 of ``[n, M]``) applied along each grid axis in turn: the separable smoothing
         LDS and FDS use over a grid."""

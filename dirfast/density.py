@@ -18,6 +18,7 @@ import torch
 from . import _validate as validate
 from . import ops
 from ._estimator import FittedEstimator
+from ._types import ArrayLike
 from .bandwidth import BANDWIDTH_RULES, rule_width
 
 __all__ = ["DenseWeight", "density_weights", "BANDWIDTH_RULES"]
@@ -169,7 +170,8 @@ class DenseWeight(FittedEstimator):
         loss = weighted_mse_loss(pred, target, dense.weights(target))
     """
 
-    def __init__(self, alpha: float = 1.0, eps: float = 1e-6, bandwidth="silverman", *, grid_size: int = 4096):
+    def __init__(self, alpha: float = 1.0, eps: float = 1e-6, bandwidth: str | float = "silverman", *,
+                 grid_size: int = 4096) -> None:
         alpha, eps = validate.real("alpha", alpha, 0.0), validate.real("eps", eps, 0.0, 1.0, above=True)
         bandwidth = _bandwidth(bandwidth)
         grid_size = validate.integer("grid_size", grid_size, MIN_GRID, MAX_GRID)
@@ -216,12 +218,12 @@ class DenseWeight(FittedEstimator):
         labels = validate.real_tensor("labels", labels).detach()  # weights are constants of the loss, as LDS's
         return _interpolate(self._table_on(labels.device), fit["low"], fit["step"], labels.to(torch.float64))
 
-    def density(self, labels) -> torch.Tensor:
+    def density(self, labels: ArrayLike) -> torch.Tensor:
         """The scaled density ``p'`` in ``[0, 1]`` at each label (float32, same shape and device):
         0 outside the grid, NaN at a NaN or infinite label."""
         return self._scaled_density(labels, "density").float()
 
-    def weights(self, labels) -> torch.Tensor:
+    def weights(self, labels: ArrayLike) -> torch.Tensor:
         """Float32 weight of each label (same shape, same device), with the fitted scale.
 
         The weights of the fitted labels average 1 and equal :func:`density_weights`. Nothing is
@@ -273,8 +275,8 @@ class DenseWeight(FittedEstimator):
                 f"grid_size={self.grid_size}, {fitted})")
 
 
-def density_weights(labels, alpha: float = 1.0, eps: float = 1e-6, bandwidth="silverman", *,
-                    grid_size: int = 4096):
+def density_weights(labels: ArrayLike, alpha: float = 1.0, eps: float = 1e-6, bandwidth: str | float = "silverman", *,
+                    grid_size: int = 4096) -> torch.Tensor | np.ndarray:
     """DenseWeight loss weights of the training ``labels`` (see :class:`DenseWeight`).
 
     Returns float32 weights averaging 1, one per label: a tensor on the labels' device, or a

@@ -9,20 +9,26 @@ bit for bit, on every rank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.distributed as dist
 
+from ._types import ProcessGroup
 from .ops.accumulate_bin_stats import chan_merge, m2_from_var, var_from_m2
 
 __all__ = ["is_distributed", "all_gather_rows", "all_reduce_bin_stats", "all_reduce_sum", "checked_on_every_rank"]
 
+T = TypeVar("T")
 
-def is_distributed(process_group=None) -> bool:
+
+def is_distributed(process_group: ProcessGroup | None = None) -> bool:
     """Whether ``torch.distributed`` is initialised with more than one process in the group."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
-def checked_on_every_rank(check, process_group=None):
+def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | None = None) -> T:
     """``check()`` (the checks of a rank's own data, which may raise ValueError or TypeError),
     then one all-reduce of whether it raised on any rank of the group: a rank whose data was
     refused raises its error, and every other rank a ValueError saying so, instead of waiting in
@@ -41,13 +47,14 @@ def checked_on_every_rank(check, process_group=None):
     return result
 
 
-def all_reduce_sum(tensor: torch.Tensor, process_group=None) -> torch.Tensor:
+def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup | None = None) -> torch.Tensor:
     """``tensor`` summed over the ranks of the group (in place, and returned)."""
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
     return tensor
 
 
-def all_reduce_bin_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, process_group=None):
+def all_reduce_bin_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                         process_group: ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-bucket ``(count, mean, unbiased var)`` of every rank's rows, from each rank's own:
     one all-gather of each rank's count, mean and M2, merged in float64."""
     n = count.to(torch.float64)
@@ -62,7 +69,7 @@ def all_reduce_bin_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Ten
     return total.round().long(), merged_mean.to(mean.dtype), var_from_m2(total, merged_m2).to(var.dtype)
 
 
-def all_gather_rows(tensor: torch.Tensor, process_group=None):
+def all_gather_rows(tensor: torch.Tensor, process_group: ProcessGroup | None = None) -> tuple[torch.Tensor, int]:
     """The rows of ``tensor`` from every rank, concatenated in rank order (ranks may hold
     different numbers of rows), and the index of this rank's first row in the result.
 

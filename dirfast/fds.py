@@ -11,6 +11,7 @@ from . import _validate as validate
 from . import distributed, ops
 from ._autograd import in_place_refusal, recomputing_in_backward
 from ._state import move_only
+from ._types import ProcessGroup
 from .ops.accumulate_bin_stats import accumulate_bin_stats_unchecked_, var_from_m2
 from .ops.calibrate import calibrate_unchecked, calibrate_unchecked_, scale_shift
 from .binning import MAX_BINS, Binning, GridBinning
@@ -106,9 +107,9 @@ class FDS(nn.Module):
 
     def __init__(self, feature_dim: int, bucket_num: int = 100, bucket_start: int = 3,
                  start_update: int = 0, start_smooth: int = 1, kernel: str = "gaussian", ks: int = 5,
-                 sigma: float = 2, momentum=0.9, *, binning: Binning | None = None,
+                 sigma: float = 2, momentum: float | None = 0.9, *, binning: Binning | GridBinning | None = None,
                  fill_empty: bool = False, copy_snapshot: bool = False, clip_min: float = 0.1,
-                 clip_max: float = 10.0, sync: bool = True, process_group=None):
+                 clip_max: float = 10.0, sync: bool = True, process_group: ProcessGroup | None = None) -> None:
         super().__init__()
         feature_dim = validate.integer("feature_dim", feature_dim, 1, MAX_TABLE)
         bucket_num = validate.integer("bucket_num", bucket_num, 1, MAX_BINS)

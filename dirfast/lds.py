@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
 from . import _validate as validate
 from . import distributed, ops
 from ._estimator import FittedEstimator
+from ._types import ArrayLike, ProcessGroup
 from .binning import Binning, GridBinning
 from .ops.smooth_bins import reference as smooth_reference
 from .windows import kernel_window
@@ -56,8 +59,9 @@ class LDS(FittedEstimator):
     """
 
     def __init__(self, binning: Binning, reweight: str = "sqrt_inv", lds: bool = True,
-                 kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, inverse_clip=(5, 1000),
-                 *, padding: str = "constant", bucket_start: int = 0, sync: bool = True, process_group=None):
+                 kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
+                 inverse_clip: tuple[float, float] | None = (5, 1000), *, padding: str = "constant",
+                 bucket_start: int = 0, sync: bool = True, process_group: ProcessGroup | None = None) -> None:
         if not isinstance(binning, (Binning, GridBinning)):
             raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
         validate.choice("reweight", reweight, REWEIGHTS)
@@ -86,7 +90,7 @@ class LDS(FittedEstimator):
         """Each label's row of the tables (-1 for a NaN or infinite label when not checked)."""
         return self.binning._bins_from(labels, "labels", check, self.bucket_start).reshape(-1)
 
-    def update(self, labels) -> "LDS":
+    def update(self, labels: ArrayLike) -> "LDS":
         """Add ``labels`` to the counts (for label streams); returns ``self``."""
         self._set_fit(self._counts + self._fit_labels(labels))
         return self
@@ -179,7 +183,7 @@ class LDS(FittedEstimator):
         return tuple(labels.shape[:-1]) if isinstance(self.binning, GridBinning) else tuple(labels.shape)
 
     # -- weights -------------------------------------------------------------------------------
-    def weights(self, labels) -> torch.Tensor:
+    def weights(self, labels: ArrayLike) -> torch.Tensor:
         """Float32 weight of each label (same shape, same device), with the fitted scale.
 
         The weights of the fitted labels average 1 and equal :func:`lds_weights`. Nothing is
@@ -284,8 +288,9 @@ def _same_edges(saved, edges) -> bool:
         return False
 
 
-def lds_weights(labels, binning: Binning, reweight: str = "sqrt_inv", lds: bool = True,
-                kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, inverse_clip=(5, 1000), **options):
+def lds_weights(labels: ArrayLike, binning: Binning | GridBinning, reweight: str = "sqrt_inv", lds: bool = True,
+                kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
+                inverse_clip: tuple[float, float] | None = (5, 1000), **options: Any) -> torch.Tensor | np.ndarray:
     """Per-sample LDS loss weights of the training ``labels``, as the published code computes.
 
     Returns float32 weights averaging 1, one per label: a tensor on the labels' device, or a

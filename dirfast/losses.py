@@ -40,19 +40,20 @@ def _focal(diff: torch.Tensor, activate: str, beta: float, gamma: float) -> torc
     return base ** gamma
 
 
-def weighted_mse_loss(inputs, targets, weights=None):
+def weighted_mse_loss(inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of ``weights * (inputs - targets) ** 2`` (weights broadcast to the loss)."""
     validate.prediction_pair("inputs", inputs, "targets", targets)
     return _reduce((inputs - targets) ** 2, weights)
 
 
-def weighted_l1_loss(inputs, targets, weights=None):
+def weighted_l1_loss(inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of ``weights * |inputs - targets|``."""
     validate.prediction_pair("inputs", inputs, "targets", targets)
     return _reduce(F.l1_loss(inputs, targets, reduction="none"), weights)
 
 
-def weighted_focal_mse_loss(inputs, targets, weights=None, activate="sigmoid", beta=0.2, gamma=1):
+def weighted_focal_mse_loss(inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
+                            activate: str = "sigmoid", beta: float = 0.2, gamma: float = 1) -> torch.Tensor:
     """Focal MSE: the squared error times ``(2 sigmoid(beta |d|) - 1) ** gamma`` (or
     ``tanh(beta |d|) ** gamma`` with ``activate="tanh"``), weighted, then the mean.
     ``beta > 0`` and ``gamma >= 0``."""
@@ -61,14 +62,16 @@ def weighted_focal_mse_loss(inputs, targets, weights=None, activate="sigmoid", b
     return _reduce(diff ** 2 * _focal(diff, activate, beta, gamma), weights)
 
 
-def weighted_focal_l1_loss(inputs, targets, weights=None, activate="sigmoid", beta=0.2, gamma=1):
+def weighted_focal_l1_loss(inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
+                           activate: str = "sigmoid", beta: float = 0.2, gamma: float = 1) -> torch.Tensor:
     """Focal L1: the absolute error times the focal factor of :func:`weighted_focal_mse_loss`."""
     validate.prediction_pair("inputs", inputs, "targets", targets)
     diff = inputs - targets
     return _reduce(F.l1_loss(inputs, targets, reduction="none") * _focal(diff, activate, beta, gamma), weights)
 
 
-def weighted_huber_loss(inputs, targets, weights=None, beta=1.0):
+def weighted_huber_loss(inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None,
+                        beta: float = 1.0) -> torch.Tensor:
     """Huber: ``0.5 d**2 / beta`` where ``d = |inputs - targets| < beta``, else ``d - 0.5 beta``.
 
     ``beta=0`` (or a ``beta`` that rounds to 0 in the inputs' dtype) is the L1 loss (as

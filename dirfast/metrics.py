@@ -3,12 +3,13 @@ bin-uniform ("balanced") errors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import torch
 
 from . import _validate as validate
+from ._types import ArrayLike
 from .binning import Binning, GridBinning
 
 __all__ = ["REGIONS", "shot_metrics", "balanced_mae", "balanced_mse"]
@@ -120,8 +121,10 @@ def _region_of_bins(regions, num_bins: int) -> np.ndarray:
     return of_bin
 
 
-def shot_metrics(preds, labels, train_labels=None, many_shot_thr: int = 100, low_shot_thr: int = 20,
-                 binning=None, *, regions=None, exact_error: float = 0.0, correlations: bool = False) -> dict:
+def shot_metrics(preds: ArrayLike, labels: ArrayLike, train_labels: ArrayLike | None = None,
+                 many_shot_thr: float = 100, low_shot_thr: float = 20, binning: Binning | GridBinning | None = None, *,
+                 regions: Mapping[str, Iterable[int]] | None = None, exact_error: float = 0.0,
+                 correlations: bool = False) -> dict[str, dict[str, float]]:
     """MSE, L1 and geometric-mean error over the many-, medium- and few-shot test labels.
 
     As the published code: each distinct test label is many-shot when the training set holds
@@ -208,7 +211,7 @@ def _balanced_error(preds, labels, binning, power: int) -> float:
     return float(np.mean(total[seen] / count[seen]))
 
 
-def balanced_mae(preds, labels, binning) -> float:
+def balanced_mae(preds: ArrayLike, labels: ArrayLike, binning: Binning | GridBinning) -> float:
     """Bin-uniform ("balanced") mean absolute error: every bin that holds test ``labels`` weighs
     the same, whatever its number of samples, as on a test set with uniform labels.
 
@@ -220,7 +223,7 @@ def balanced_mae(preds, labels, binning) -> float:
     return _balanced_error(preds, labels, binning, 1)
 
 
-def balanced_mse(preds, labels, binning) -> float:
+def balanced_mse(preds: ArrayLike, labels: ArrayLike, binning: Binning | GridBinning) -> float:
     """Bin-uniform ("balanced") mean squared error: :func:`balanced_mae` with each bin's mean
     squared error."""
     return _balanced_error(preds, labels, binning, 2)

@@ -16,6 +16,7 @@ import torch
 
 from . import _validate as validate
 from . import ops
+from ._types import ArrayLike
 from .binning import MAX_BINS, Binning
 
 __all__ = ["GaussianMixture", "fit_gmm", "COVARIANCE_TYPES"]
@@ -32,7 +33,8 @@ class GaussianMixture:
     ``covariances_`` of any covariance type).
     """
 
-    def __init__(self, means, variances, weights, *, covariance_type: str | None = None) -> None:
+    def __init__(self, means: ArrayLike, variances: ArrayLike, weights: ArrayLike, *,
+                 covariance_type: str | None = None) -> None:
         def table(name, value):
             value = validate.readable(name, validate.real_tensor(name, value))
             return value.detach().cpu().to(torch.float64).clone()
@@ -96,7 +98,7 @@ class GaussianMixture:
     def dim(self) -> int:
         return self.means.shape[1]
 
-    def log_prob(self, x) -> torch.Tensor:
+    def log_prob(self, x: ArrayLike) -> torch.Tensor:
         """The mixture's log density (float64, CPU) at each row of ``x``: ``[N, d]``; for d = 1
         any shape, every element a point."""
         x = validate.readable("x", validate.real_tensor("x", x)).detach().cpu().to(torch.float64)
@@ -139,7 +141,7 @@ def _covariances(variances: torch.Tensor, k: int, d: int, covariance_type: str |
     return variances
 
 
-def fit_gmm(labels, num_components: int = 8, *, max_iter: int = 100, tol: float = 1e-3,
+def fit_gmm(labels: ArrayLike, num_components: int = 8, *, max_iter: int = 100, tol: float = 1e-3,
             reg_covar: float = 1e-6, num_bins: int = 4096) -> GaussianMixture:
     """Fit a Gaussian mixture to the training ``labels`` by EM (deterministic; no scikit-learn).
 

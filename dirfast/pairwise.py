@@ -22,6 +22,7 @@ from torch import nn
 
 from . import _validate as validate
 from . import distributed, ops
+from ._types import ProcessGroup
 
 __all__ = ["rnc_loss", "conr_loss", "ranksim_loss", "RnCLoss", "ConRLoss", "RankSimLoss", "CONR_FORMS"]
 
@@ -75,7 +76,8 @@ def _keys(local: torch.Tensor, all_ranks: bool, process_group) -> tuple:
 
 
 # ------------------------------------------------------------------------------ Rank-N-Contrast
-def rnc_loss(features, labels, temperature=2.0, *, all_ranks: bool = False, process_group=None) -> torch.Tensor:
+def rnc_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0, *, all_ranks: bool = False,
+             process_group: ProcessGroup | None = None) -> torch.Tensor:
     """Rank-N-Contrast (Zha et al., NeurIPS 2023): ``RnCLoss(temperature)(features, labels)``.
 
     Args:
@@ -114,8 +116,8 @@ class RnCLoss(nn.Module):
     ``temperature`` is refused here when no dtype can compute with it (float64), in ``forward``
     when the batch's dtype cannot (as :func:`rnc_loss`)."""
 
-    def __init__(self, temperature=2, label_diff="l1", feature_sim="l2", *, all_ranks: bool = False,
-                 process_group=None):
+    def __init__(self, temperature: float = 2, label_diff: str = "l1", feature_sim: str = "l2", *,
+                 all_ranks: bool = False, process_group: ProcessGroup | None = None) -> None:
         super().__init__()
         temperature = validate.positive("temperature", temperature)
         self.temperature = validate.in_dtype("temperature", temperature, torch.float64, reciprocal=True)
@@ -123,7 +125,7 @@ class RnCLoss(nn.Module):
         self.feature_sim = validate.choice("feature_sim", feature_sim, ("l2",))
         self.all_ranks, self.process_group = validate.boolean("all_ranks", all_ranks), process_group
 
-    def forward(self, features, labels):
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return rnc_loss(features, labels, self.temperature, all_ranks=self.all_ranks,
                         process_group=self.process_group)
 
@@ -171,8 +173,9 @@ def _push_strength(e, push: str) -> float:
     return validate.real("e", e, 0.0 if push == "linear" else None)
 
 
-def conr_loss(features, targets, preds, w=1.0, weights=1.0, t=0.07, e=0.01, *, form: str = "published",
-              all_ranks: bool = False, process_group=None) -> torch.Tensor:
+def conr_loss(features: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor, w: float = 1.0,
+              weights: torch.Tensor | float = 1.0, t: float = 0.07, e: float = 0.01, *, form: str = "published",
+              all_ranks: bool = False, process_group: ProcessGroup | None = None) -> torch.Tensor:
     """ConR (Keramati, Meng, Evans, ICLR 2024), the contrastive regulariser of the published
     ``ConR(features, targets, preds, w, weights, t, e)``.
 
@@ -236,8 +239,8 @@ class ConRLoss(nn.Module):
     the published setting of each dataset). ``t`` and ``e`` are refused here when no dtype can
     compute with them (float64), in ``forward`` when the batch's dtype cannot (as :func:`conr_loss`)."""
 
-    def __init__(self, w=1.0, t=0.07, e=0.01, form: str = "published", *, all_ranks: bool = False,
-                 process_group=None):
+    def __init__(self, w: float = 1.0, t: float = 0.07, e: float = 0.01, form: str = "published", *,
+                 all_ranks: bool = False, process_group: ProcessGroup | None = None) -> None:
         super().__init__()
         form = validate.choice("form", form, tuple(CONR_FORMS))
         w, t, e = validate.real("w", w, 0.0), validate.positive("t", t), _push_strength(e, CONR_FORMS[form][0])
@@ -245,7 +248,8 @@ class ConRLoss(nn.Module):
         self.e, self.form = e, form
         self.all_ranks, self.process_group = validate.boolean("all_ranks", all_ranks), process_group
 
-    def forward(self, features, targets, preds, weights=1.0):
+    def forward(self, features: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
+                weights: torch.Tensor | float = 1.0) -> torch.Tensor:
         return conr_loss(features, targets, preds, self.w, weights, self.t, self.e, form=self.form,
                          all_ranks=self.all_ranks, process_group=self.process_group)
 
@@ -301,8 +305,9 @@ def _published_order(z, y, keep):
     return z[order], y[order], keep[order]
 
 
-def ranksim_loss(features, targets, lambda_val=2.0, generator: torch.Generator | None = None, *,
-                 all_ranks: bool = False, process_group=None) -> torch.Tensor:
+def ranksim_loss(features: torch.Tensor, targets: torch.Tensor, lambda_val: float = 2.0,
+                 generator: torch.Generator | None = None, *, all_ranks: bool = False,
+                 process_group: ProcessGroup | None = None) -> torch.Tensor:
     """RankSim (Gong, Mori, Tung, ICML 2022): the published ``batchwise_ranking_regularizer``.
 
     Where a label occurs more than once, one sample per distinct label is kept, drawn on the
@@ -354,12 +359,14 @@ class RankSimLoss(nn.Module):
     (see :func:`ranksim_loss`). Training adds ``gamma * loss``; the RankSim README trains with
     gamma = 100 and lambda = 2."""
 
-    def __init__(self, lambda_val=2.0, *, all_ranks: bool = False, process_group=None):
+    def __init__(self, lambda_val: float = 2.0, *, all_ranks: bool = False,
+                 process_group: ProcessGroup | None = None) -> None:
         super().__init__()
         self.lambda_val = validate.positive("lambda_val", lambda_val)
         self.all_ranks, self.process_group = validate.boolean("all_ranks", all_ranks), process_group
 
-    def forward(self, features, targets, generator: torch.Generator | None = None):
+    def forward(self, features: torch.Tensor, targets: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         return ranksim_loss(features, targets, self.lambda_val, generator, all_ranks=self.all_ranks,
                             process_group=self.process_group)
 

@@ -13,9 +13,15 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from .binning import GridBinning
 from .fds import FDS
 from .lds import LDS
+
+if TYPE_CHECKING:  # matplotlib is optional: imported when a function draws
+    from matplotlib.axes import Axes
 
 __all__ = ["plot_label_distribution", "plot_grid_distribution", "plot_fds_diagnostics", "FDS_PANELS", "GRID_PANELS"]
 
@@ -40,7 +46,7 @@ def _check_axes(name: str, value) -> None:
         raise TypeError(f"{name} must be a matplotlib Axes, got {type(value).__name__}")
 
 
-def plot_label_distribution(lds: LDS, ax=None):
+def plot_label_distribution(lds: LDS, ax: Axes | None = None) -> tuple[Axes, Axes]:
     """Draw a fitted LDS: bars of the empirical label density, a line of the effective
     (smoothed) density, and the per-bin weights on a second, logarithmic y axis (the weights of
     rare bins are orders of magnitude above the common ones').
@@ -85,7 +91,7 @@ def _check_axes_list(value, count: int) -> list:
     return list(value)
 
 
-def plot_grid_distribution(lds: LDS, axes=None):
+def plot_grid_distribution(lds: LDS, axes: Sequence[Axes] | None = None) -> list[Axes]:
     """Draw a fitted LDS over a :class:`~dirfast.GridBinning` of two dimensions as three maps
     (:data:`GRID_PANELS`): the empirical label density, the effective density and the weights
     (logarithmic colours), dimension 0 across and dimension 1 up, over the bins' edges.
@@ -118,7 +124,7 @@ def plot_grid_distribution(lds: LDS, axes=None):
     return axes
 
 
-def plot_fds_diagnostics(fds: FDS, axes=None):
+def plot_fds_diagnostics(fds: FDS, axes: Sequence[Axes] | None = None) -> list[Axes]:
     """Draw :meth:`FDS.diagnostics` per bucket, in four panels (:data:`FDS_PANELS`): the samples
     tracked, the cosine similarity and the L2 distance between the running and smoothed mean
     and variance vectors, and the calibration's scale factor (its mean over the features, with

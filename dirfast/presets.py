@@ -12,9 +12,13 @@ defaults of some train.py differ.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
 
 import torch
 
+from ._types import ArrayLike
 from .binning import Binning
 from .fds import FDS
 from .lds import LDS, refuse_sync
@@ -79,7 +83,7 @@ class Preset:
     # ConR (Keramati et al., ICLR 2024): None where it published no setting
     conr_setting: ConRSetting | None = None
 
-    def lds(self, **overrides) -> LDS:
+    def lds(self, **overrides: Any) -> LDS:
         """An (unfitted) :class:`~dirfast.LDS` with this dataset's settings."""
         settings = dict(reweight=self.reweight, lds=True, kernel=self.lds_kernel, ks=self.lds_ks,
                         sigma=self.lds_sigma, inverse_clip=self.inverse_clip, padding=self.lds_padding,
@@ -87,7 +91,7 @@ class Preset:
         settings.update(overrides)
         return LDS(self.lds_binning, **settings)
 
-    def lds_weights(self, labels, **overrides):
+    def lds_weights(self, labels: ArrayLike, **overrides: Any) -> torch.Tensor | np.ndarray:
         """The published per-sample LDS weights of the training ``labels`` (see
         :func:`dirfast.lds_weights`; no ``sync`` or ``process_group``)."""
         refuse_sync("Preset.lds_weights", overrides)
@@ -95,7 +99,7 @@ class Preset:
         weights = estimator.weights(labels)
         return weights if isinstance(labels, torch.Tensor) else weights.numpy()
 
-    def fds(self, feature_dim: int, **overrides) -> FDS:
+    def fds(self, feature_dim: int, **overrides: Any) -> FDS:
         """An :class:`~dirfast.FDS` module with this dataset's settings."""
         settings = dict(bucket_num=self.bucket_num, bucket_start=self.bucket_start, start_update=self.start_update,
                         start_smooth=self.start_smooth, kernel=self.fds_kernel, ks=self.fds_ks, sigma=self.fds_sigma,
@@ -104,7 +108,7 @@ class Preset:
         settings.update(overrides)
         return FDS(feature_dim, **settings)
 
-    def conr(self, **overrides) -> ConRLoss:
+    def conr(self, **overrides: Any) -> ConRLoss:
         """A :class:`~dirfast.losses.ConRLoss` with this dataset's published ConR arguments."""
         if self.conr_setting is None:
             raise ValueError(f"ConR published no setting for {self.name}: build dirfast.losses.ConRLoss directly")
@@ -112,7 +116,8 @@ class Preset:
         settings.update(overrides)
         return ConRLoss(**settings)
 
-    def shot_metrics(self, preds, labels, train_labels=None) -> dict:
+    def shot_metrics(self, preds: ArrayLike, labels: ArrayLike,
+                     train_labels: ArrayLike | None = None) -> dict[str, dict[str, float]]:
         """Many-, medium- and few-shot errors as this dataset's published evaluation defines them."""
         if self.shot_regions is not None:
             return shot_metrics(preds, labels, binning=self.fds_binning, regions=self.shot_regions,

@@ -1,5 +1,6 @@
 """What the source distribution carries (everything a build from it compiles) and what a wheel
-carries (nothing an earlier build left behind)."""
+carries (every file of the package, its py.typed marker included, and nothing an earlier build
+left behind)."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def test_the_sdist_carries_every_source_and_no_tests(tmp_path):
     assert not any(name.startswith("tests/") for name in names)
 
 
-def test_a_wheel_carries_nothing_an_earlier_build_left(tmp_path):
+def test_a_wheel_carries_the_package_and_nothing_an_earlier_build_left(tmp_path):
     # pip builds in the checkout and setuptools packs all of build/lib*/: a CUDA kernels' library
     # from a build against a CUDA torch, or a module since removed, must not reach a later wheel.
     # Pure Python (DIRFAST_NO_EXT=1) builds in seconds; a build with the kernels goes the same way.
@@ -60,5 +61,6 @@ def test_a_wheel_carries_nothing_an_earlier_build_left(tmp_path):
                     "--wheel-dir", str(tmp_path / "dist")], cwd=tree, env=env, check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("dirfast-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert "dirfast/__init__.py" in names and "dirfast/ops/bin_stats.py" in names, sorted(names)
+    package = {name for name in _sources() if name.startswith("dirfast/")}
+    assert "dirfast/py.typed" in package and package - names == set(), sorted(package - names)
     assert not {"dirfast/_C_cuda.abi3.so", "dirfast/removed_module.py"} & names, sorted(names)

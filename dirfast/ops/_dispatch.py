@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Iterator
 
 import torch
 
@@ -152,7 +153,7 @@ def get_cpu_threads() -> str:
 
 
 @contextlib.contextmanager
-def use_backend(name: str):
+def use_backend(name: str) -> Iterator[str]:
     """Context manager: run the enclosed code (in this thread) with backend ``name``, then
     restore the previous selection, also when the block raises."""
     previous, _selection.name = _selected(), _check_name(name)

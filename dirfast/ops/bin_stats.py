@@ -13,7 +13,7 @@ from . import _checks, _common, _dispatch
 SCHEMA = "bin_stats(Tensor x, Tensor bin_idx, int num_bins, bool deterministic=False) -> (Tensor, Tensor, Tensor)"
 
 
-def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int):
+def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Count, mean and unbiased variance of the rows of ``x`` in each of ``num_bins`` bins.
 
     Args:

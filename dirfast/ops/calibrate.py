@@ -18,7 +18,9 @@ SCHEMA = f"calibrate(Tensor x, {_ARGS}) -> Tensor"
 SCHEMA_INPLACE = f"calibrate_(Tensor(a!) x, {_ARGS}) -> ()"  # FDS.smooth calibrates in place
 
 
-def calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float = 0.1, clip_max: float = 10.0):
+def calibrate(x: torch.Tensor, bin_idx: torch.Tensor, src_mean: torch.Tensor, src_var: torch.Tensor,
+              dst_mean: torch.Tensor, dst_var: torch.Tensor, clip_min: float = 0.1,
+              clip_max: float = 10.0) -> torch.Tensor:
     """Whiten each row with its bin's ``(src_mean, src_var)`` and re-colour it with
     ``(dst_mean, dst_var)``.
 
@@ -38,7 +40,9 @@ def calibrate(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float 
     return calibrate_unchecked(x, bin_idx, src_mean, src_var, dst_mean, dst_var, *clips)
 
 
-def calibrate_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float = 0.1, clip_max: float = 10.0):
+def calibrate_(x: torch.Tensor, bin_idx: torch.Tensor, src_mean: torch.Tensor, src_var: torch.Tensor,
+               dst_mean: torch.Tensor, dst_var: torch.Tensor, clip_min: float = 0.1,
+               clip_max: float = 10.0) -> torch.Tensor:
     """:func:`calibrate` written into ``x``, which is returned (one pass, no new tensor).
 
     Differentiable in ``x`` like any in-place op: ``x`` must not be a leaf that requires grad

@@ -1,0 +1,21 @@
+"""The types of the public signatures' arguments, named once (annotations for readers and type
+checkers: the functions check their arguments themselves, with dirfast._validate)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+
+try:
+    from torch.distributed import ProcessGroup
+except ImportError:  # a torch built without distributed support
+    ProcessGroup = Any
+
+__all__ = ["ArrayLike", "ProcessGroup"]
+
+#: Values read as a tensor (labels, predictions, tables): a tensor, a NumPy array, or a (nested)
+#: sequence of numbers.
+ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[Any]]
