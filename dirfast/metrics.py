@@ -62,10 +62,11 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     if a.size < 2:
         return float("nan")
     a, b = a - a.mean(), b - b.mean()
-    norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
-    if norm_a == 0 or norm_b == 0:
+    scale_a, scale_b = np.abs(a).max(), np.abs(b).max()
+    if scale_a == 0 or scale_b == 0:
         return float("nan")
-    return float(np.clip(np.dot(a / norm_a, b / norm_b), -1.0, 1.0))
+    a, b = a / scale_a, b / scale_b  # so the norms of values near float64's limits neither overflow nor underflow
+    return float(np.clip(np.dot(a / np.linalg.norm(a), b / np.linalg.norm(b)), -1.0, 1.0))
 
 
 def _average_ranks(values: np.ndarray) -> np.ndarray:

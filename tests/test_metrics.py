@@ -212,6 +212,9 @@ def test_shot_metrics_correlations_match_scipy():
     grid = dirfast.GridBinning(binning)
     assert dirfast.metrics.shot_metrics(preds[:, None], test[:, None], binning=grid, regions=regions,
                                         correlations=True) == got
+    # predictions whose squares are below float64's range: the same correlations
+    tiny = dirfast.metrics.shot_metrics(preds * 1e-170, test, binning=binning, regions=regions, correlations=True)
+    assert tiny["overall"]["pearson"] == pytest.approx(got["overall"]["pearson"], rel=1e-12)
 
     # undefined: a region of one sample (many), constant predictions (median), no sample (low)
     few = dirfast.metrics.shot_metrics([1.0, 2.0, 2.0, 5.0], [1.0, 4.0, 5.0, 6.0], binning=binning,
