@@ -58,7 +58,7 @@ class LDS(FittedEstimator):
         loss = weighted_mse_loss(pred, target, lds.weights(target))
     """
 
-    def __init__(self, binning: Binning, reweight: str = "sqrt_inv", lds: bool = True,
+    def __init__(self, binning: Binning | GridBinning, reweight: str = "sqrt_inv", lds: bool = True,
                  kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
                  inverse_clip: tuple[float, float] | None = (5, 1000), *, padding: str = "constant",
                  bucket_start: int = 0, sync: bool = True, process_group: ProcessGroup | None = None) -> None:

@@ -79,6 +79,8 @@ GOOD = """
     binning: dirfast.Binning = dirfast.Binning.uniform(0.0, 5.0, 50)
     weights: torch.Tensor | np.ndarray = dirfast.lds_weights(labels, binning, reweight="inverse")
     lds: dirfast.LDS = dirfast.LDS(binning).fit(labels)
+    grid = dirfast.GridBinning(binning, dirfast.Binning.integer(4))
+    grid_weights: torch.Tensor = dirfast.LDS(grid).fit(np.stack([labels, labels], 1)).weights(np.stack([labels, labels], 1))
     per_sample: torch.Tensor = lds.weights(torch.from_numpy(labels))
     fds = dirfast.FDS(8, bucket_num=50, bucket_start=0, momentum=None)
     features = torch.randn(256, 8)
