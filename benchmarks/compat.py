@@ -1,14 +1,16 @@
-"""Whether one built wheel works with other torch releases: the stable-ABI promise, checked.
+"""Whether one built wheel works under other torch releases and Pythons: the stable ABI and abi3.
 
 Builds the dirfast wheel once (against the torch installed here) and repairs it to a manylinux
 tag with auditwheel (torch's own libraries excluded: the wheel uses the torch it is installed
-with), then for each torch release asked for: a fresh virtualenv, that torch (from the package
-registry: several GB each), the wheel, and the op-contract tests run against the installed
-package; then a build of this checkout from source against that torch's headers (no build
-isolation), whose compiled module must load. Prints a Markdown table (and writes it with
+with), then for each Python interpreter and torch release asked for: a fresh virtualenv of that
+interpreter, that torch (from the package registry: several GB each), the wheel, and the
+op-contract tests run against the installed package (with the checkout's sources beside them, for
+the tests that read them); then a build of this checkout from source against that torch's headers
+(no build isolation), whose compiled module must load. Prints a Markdown table (and writes it with
 ``--out``). Not part of CI: the installs are large and slow.
 
-    python -m benchmarks.compat --torch 2.10.0 2.14.1 [--out benchmarks/results/compat.md]
+    python -m benchmarks.compat --torch 2.10.0 2.14.1 [--python python3.10 python3.13]
+        [--out benchmarks/results/compat.md]
 """
 
 from __future__ import annotations
@@ -64,15 +66,27 @@ def repair(wheel: str, work: str):
     return glob.glob(os.path.join(out, "*.whl"))[0], shown
 
 
-def check(torch_version: str, wheel: str, work: str) -> dict:
-    """Install ``torch_version`` and the wheel in a fresh virtualenv; run the contract tests."""
-    venv = os.path.join(work, f"venv-{torch_version}")
+def python_version(interpreter: str) -> str:
+    """The version of a Python interpreter (a command or a path), e.g. 3.12.1."""
+    done = run([interpreter, "-c", "import platform; print(platform.python_version())"])
+    if done.returncode:
+        sys.exit(f"cannot run the interpreter {interpreter!r}:\n{done.stderr[-1000:]}")
+    return done.stdout.strip()
+
+
+def check(interpreter: str, torch_version: str, wheel: str, work: str) -> dict:
+    """Install ``torch_version`` and the wheel in a fresh virtualenv of ``interpreter``; run the
+    contract tests."""
+    version = python_version(interpreter)
+    name = f"{version}-{torch_version}"
+    venv = os.path.join(work, f"venv-{name}")
     python = os.path.join(venv, "bin", "python")
-    row = {"torch": torch_version, "install": "", "cpp backend": "", "tests": "", "source build": "", "seconds": 0.0}
+    row = {"python": version, "torch": torch_version, "install": "", "cpp backend": "", "tests": "",
+           "source build": "", "seconds": 0.0}
     start = time.perf_counter()
-    run([sys.executable, "-m", "venv", venv])
+    run([interpreter, "-m", "venv", venv])
     # Pin this torch for every later install too (the registry may cap or offer others).
-    constraint = os.path.join(work, f"constraint-{torch_version}.txt")
+    constraint = os.path.join(work, f"constraint-{name}.txt")
     with open(constraint, "w") as handle:
         handle.write(f"torch=={torch_version}\n")
     env = dict(os.environ, PIP_CONSTRAINT=constraint)
@@ -84,9 +98,12 @@ def check(torch_version: str, wheel: str, work: str) -> dict:
     probe = run([python, "-c", "import dirfast, torch; b = dirfast.backends()['cpp']; "
                  "print(torch.__version__, b['available'], b['reason'])"], cwd=work)
     row["cpp backend"] = probe.stdout.strip() or probe.stderr.strip().splitlines()[-1][:200]
-    # The tests run from a copy outside the checkout, so `import dirfast` is the installed wheel.
-    tests = os.path.join(work, f"checkout-{torch_version}", "tests")
-    shutil.copytree(os.path.join(ROOT, "tests"), tests)
+    # The tests run from a copy outside the checkout, so `import dirfast` is the installed wheel; the
+    # sources go beside them for the tests that read them (the clones the build makes, for one).
+    checkout = os.path.join(work, f"checkout-{name}")
+    for folder in ("tests", "src", "csrc"):
+        shutil.copytree(os.path.join(ROOT, folder), os.path.join(checkout, folder))
+    tests = os.path.join(checkout, "tests")
     # Not the Triton cases (Triton's interpreter is slow), nor the check that a build made here has
     # the CUDA kernels when this machine could compile them (the wheel was built elsewhere).
     done = run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
@@ -94,15 +111,15 @@ def check(torch_version: str, wheel: str, work: str) -> dict:
                cwd=tests, env=dict(os.environ, PYTHONPATH=""))
     summary = [line for line in done.stdout.splitlines() if re.search(r"\d+ (passed|failed|error)", line)]
     row["tests"] = summary[-1].strip("= ") if summary else f"exit {done.returncode}: {done.stdout[-300:]}"
-    row["source build"] = source_build(python, torch_version, work)
+    row["source build"] = source_build(python, name, work)
     row["seconds"] = time.perf_counter() - start
     return row
 
 
-def source_build(python: str, torch_version: str, work: str) -> str:
-    """This checkout built from source in the virtualenv of ``torch_version`` (a copy, so the
+def source_build(python: str, name: str, work: str) -> str:
+    """This checkout built from source by the virtualenv's ``python`` (a copy named ``name``, so the
     checkout's own build folder is left alone), installed over the wheel, its C++ kernels loaded."""
-    source = os.path.join(work, f"source-{torch_version}")
+    source = os.path.join(work, f"source-{name}")
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "build", "*.so", "__pycache__", "*.egg-info"))
     start = time.perf_counter()
     done = run([python, "-m", "pip", "install", "-q", "setuptools>=77", "wheel"])
@@ -123,20 +140,23 @@ def table(rows, wheel: str, shown: str) -> str:
 
     size = os.path.getsize(wheel) / 2**20
     lines = [f"Wheel `{os.path.basename(wheel)}` ({size:.2f} MiB), built against torch {torch.__version__} "
-             f"and repaired by auditwheel (`python -m benchmarks.compat`). `auditwheel show` of the built wheel:", "",
+             f"(Python {sys.version.split()[0]}) and repaired by auditwheel (`python -m benchmarks.compat`). "
+             "`auditwheel show` of the built wheel:", "",
              "```", shown, "```", "",
-             "| torch | install | `backends()['cpp']` (torch, available, reason) | op-contract tests | "
+             "| Python | torch | install | `backends()['cpp']` (torch, available, reason) | op-contract tests | "
              "built from source (`backends()['cpp']`) | seconds |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['torch']} | {row['install']} | {row['cpp backend']} | {row['tests']} | "
-                     f"{row['source build']} | {row['seconds']:.0f} |")
+        lines.append(f"| {row['python']} | {row['torch']} | {row['install']} | {row['cpp backend']} | "
+                     f"{row['tests']} | {row['source build']} | {row['seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--torch", nargs="+", required=True, help="torch releases to check, e.g. 2.10.0 2.14.1")
+    parser.add_argument("--python", nargs="+", default=[sys.executable],
+                        help="Python interpreters to check each torch under (default: this one)")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     parser.add_argument("--keep", action="store_true", help="keep the virtualenvs (in the printed folder)")
     args = parser.parse_args(argv)
@@ -144,7 +164,13 @@ def main(argv=None) -> int:
     print("working in", work, flush=True)
     try:
         wheel, shown = repair(build_wheel(work), work)
-        rows = [check(version, wheel, work) for version in args.torch]
+        rows = []
+        for interpreter in args.python:
+            for version in args.torch:
+                rows.append(check(interpreter, version, wheel, work))
+                if not args.keep:  # several GB each
+                    for folder in glob.glob(os.path.join(work, f"*-{rows[-1]['python']}-{version}")):
+                        shutil.rmtree(folder, ignore_errors=True)
         text = table(rows, wheel, shown)
     finally:
         if not args.keep:
