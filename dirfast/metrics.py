@@ -59,13 +59,10 @@ def _samples(preds, labels, binning):
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson's r of two float64 vectors, NaN with fewer than two values or a constant one (as
     scipy.stats.pearsonr, which warns there)."""
-    if a.size < 2:
+    if a.size < 2 or np.all(a == a[0]) or np.all(b == b[0]):  # on the values: a centred constant may not be 0
         return float("nan")
     a, b = a - a.mean(), b - b.mean()
-    scale_a, scale_b = np.abs(a).max(), np.abs(b).max()
-    if scale_a == 0 or scale_b == 0:
-        return float("nan")
-    a, b = a / scale_a, b / scale_b  # so the norms of values near float64's limits neither overflow nor underflow
+    a, b = a / np.abs(a).max(), b / np.abs(b).max()  # norms near float64's limits neither overflow nor underflow
     return float(np.clip(np.dot(a / np.linalg.norm(a), b / np.linalg.norm(b)), -1.0, 1.0))
 
 

@@ -221,4 +221,8 @@ def test_shot_metrics_correlations_match_scipy():
                                        regions={"many": [1], "median": [4, 5], "low": [9]}, correlations=True)
     for region in ("many", "median", "low"):
         assert math.isnan(few[region]["pearson"]) and math.isnan(few[region]["spearman"]), region
+    # constant labels whose float64 mean is not exactly their value (3 x 0.1): still undefined
+    constant = dirfast.metrics.shot_metrics([0.3, 0.2, 0.5], [0.1, 0.1, 0.1], binning=dirfast.Binning.uniform(0, 1, 10),
+                                            regions={"many": [1]}, correlations=True)
+    assert math.isnan(constant["many"]["pearson"]) and math.isnan(constant["overall"]["spearman"])
     assert few["overall"]["pearson"] == pytest.approx(pearsonr([1.0, 2.0, 2.0, 5.0], [1.0, 4.0, 5.0, 6.0])[0])
