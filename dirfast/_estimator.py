@@ -5,10 +5,16 @@ value in it has been checked."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
 import numpy as np
 import torch
 
 from . import _validate as validate
+from ._types import ArrayLike
+
+Estimator = TypeVar("Estimator", bound="FittedEstimator")  # fit() returns the estimator it was called on
 
 
 class FittedEstimator:
@@ -26,7 +32,7 @@ class FittedEstimator:
         self._fit = None
         self._tables_on = {}  # device -> the table there, so no call copies it from the host again
 
-    def fit(self, labels):
+    def fit(self: Estimator, labels: ArrayLike) -> Estimator:
         """Fit ``labels`` (the whole training set; any shape) from scratch; returns ``self``.
         A failed fit leaves the previous one as it was."""
         self._set_fit(self._fit_labels(labels))
@@ -54,7 +60,7 @@ class FittedEstimator:
         state.update(self._fit_state())
         return state
 
-    def load_state_dict(self, state) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a fit saved by :meth:`state_dict`; its settings must be this object's. Every
         value is checked before anything changes: a failed load leaves the object as it was."""
         owner = type(self).__name__

@@ -16,6 +16,6 @@ except ImportError:  # a torch built without distributed support
 
 __all__ = ["ArrayLike", "ProcessGroup"]
 
-#: Values read as a tensor (labels, predictions, tables): a tensor, a NumPy array, or a (nested)
-#: sequence of numbers.
-ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[Any]]
+#: Values read as a tensor (labels, predictions, tables): a tensor, a NumPy array, a (nested)
+#: sequence of numbers, or one number (a 0-d tensor).
+ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[Any], float, np.number]

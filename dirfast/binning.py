@@ -230,7 +230,7 @@ class Binning:
             return torch.float64 if dtype == torch.float64 else torch.float32
         return torch.float64  # explicit float64 edges: np.histogram promotes the labels
 
-    def __call__(self, labels, *, precision: str = "labels", check: bool = True) -> torch.Tensor:
+    def __call__(self, labels: ArrayLike, *, precision: str = "labels", check: bool = True) -> torch.Tensor:
         """Bin indices (int64, on the labels' device, the labels' shape) of ``labels``.
 
         With ``check`` (the default) NaN or infinite labels raise ValueError, and fractional
@@ -394,7 +394,7 @@ class GridBinning:
 
     __hash__ = None
 
-    def __call__(self, labels, *, precision: str = "labels", check: bool = True) -> torch.Tensor:
+    def __call__(self, labels: ArrayLike, *, precision: str = "labels", check: bool = True) -> torch.Tensor:
         """Row-major grid indices of ``labels`` ``[..., d]``, each coordinate binned by its
         dimension's ``Binning`` (same ``precision`` and ``check`` rules)."""
         labels = validate.real_tensor("labels", labels)

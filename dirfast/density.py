@@ -233,7 +233,7 @@ class DenseWeight(FittedEstimator):
         return weights.clamp_(min=self.eps).mul_(self._fit["scale"]).nan_to_num_(nan=0.0).float()
 
     @property
-    def fitted_bandwidth(self):
+    def fitted_bandwidth(self) -> float | None:
         """The bandwidth of the fit in label units (None before :meth:`fit`)."""
         return None if self._fit is None else self._fit["fitted_bandwidth"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,7 @@ class LDS(FittedEstimator):
 
     def __init__(self, binning: Binning | GridBinning, reweight: str = "sqrt_inv", lds: bool = True,
                  kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
-                 inverse_clip: tuple[float, float] | None = (5, 1000), *, padding: str = "constant",
+                 inverse_clip: Sequence[float] | np.ndarray | None = (5, 1000), *, padding: str = "constant",
                  bucket_start: int = 0, sync: bool = True, process_group: ProcessGroup | None = None) -> None:
         if not isinstance(binning, (Binning, GridBinning)):
             raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
@@ -290,7 +291,8 @@ def _same_edges(saved, edges) -> bool:
 
 def lds_weights(labels: ArrayLike, binning: Binning | GridBinning, reweight: str = "sqrt_inv", lds: bool = True,
                 kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
-                inverse_clip: tuple[float, float] | None = (5, 1000), **options: Any) -> torch.Tensor | np.ndarray:
+                inverse_clip: Sequence[float] | np.ndarray | None = (5, 1000),
+                **options: Any) -> torch.Tensor | np.ndarray:
     """Per-sample LDS loss weights of the training ``labels``, as the published code computes.
 
     Returns float32 weights averaging 1, one per label: a tensor on the labels' device, or a

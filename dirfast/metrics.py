@@ -3,7 +3,7 @@ bin-uniform ("balanced") errors."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -121,7 +121,7 @@ def _region_of_bins(regions, num_bins: int) -> np.ndarray:
 
 def shot_metrics(preds: ArrayLike, labels: ArrayLike, train_labels: ArrayLike | None = None,
                  many_shot_thr: float = 100, low_shot_thr: float = 20, binning: Binning | GridBinning | None = None, *,
-                 regions: Mapping[str, Iterable[int]] | None = None, exact_error: float = 0.0,
+                 regions: dict[str, Iterable[int]] | None = None, exact_error: float = 0.0,
                  correlations: bool = False) -> dict[str, dict[str, float]]:
     """MSE, L1 and geometric-mean error over the many-, medium- and few-shot test labels.
 
