@@ -68,7 +68,10 @@ def repair(wheel: str, work: str):
 
 def python_version(interpreter: str) -> str:
     """The version of a Python interpreter (a command or a path), e.g. 3.12.1."""
-    done = run([interpreter, "-c", "import platform; print(platform.python_version())"])
+    try:
+        done = run([interpreter, "-c", "import platform; print(platform.python_version())"])
+    except OSError as exc:
+        sys.exit(f"cannot run the interpreter {interpreter!r}: {exc}")
     if done.returncode:
         sys.exit(f"cannot run the interpreter {interpreter!r}:\n{done.stderr[-1000:]}")
     return done.stdout.strip()
@@ -160,6 +163,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="also write the Markdown table to this file")
     parser.add_argument("--keep", action="store_true", help="keep the virtualenvs (in the printed folder)")
     args = parser.parse_args(argv)
+    for interpreter in args.python:  # a mistyped one stops the run here, not after an hour of rows
+        python_version(interpreter)
     work = tempfile.mkdtemp(prefix="dirfast-compat-")
     print("working in", work, flush=True)
     try:
