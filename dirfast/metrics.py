@@ -189,9 +189,11 @@ def shot_metrics(preds: ArrayLike, labels: ArrayLike, train_labels: ArrayLike | 
         count = train_count[inverse.reshape(-1)]
         region = np.where(count > many, 0, np.where(count < low, 2, 1))
     pairs = (preds.reshape(-1), labels.reshape(-1)) if correlations else None
-    result = {name: _region(errors[region == index], exact_error,
-                            None if pairs is None else (pairs[0][region == index], pairs[1][region == index]))
-              for index, name in enumerate(REGIONS)}
+    result = {}
+    for index, name in enumerate(REGIONS):
+        inside = region == index
+        result[name] = _region(errors[inside], exact_error,
+                               None if pairs is None else (pairs[0][inside], pairs[1][inside]))
     result["overall"] = _region(errors, exact_error, pairs)
     return result
 
