@@ -77,10 +77,9 @@ def python_version(interpreter: str) -> str:
     return done.stdout.strip()
 
 
-def check(interpreter: str, torch_version: str, wheel: str, work: str) -> dict:
-    """Install ``torch_version`` and the wheel in a fresh virtualenv of ``interpreter``; run the
-    contract tests."""
-    version = python_version(interpreter)
+def check(interpreter: str, version: str, torch_version: str, wheel: str, work: str) -> dict:
+    """Install ``torch_version`` and the wheel in a fresh virtualenv of ``interpreter`` (Python
+    ``version``); run the contract tests."""
     name = f"{version}-{torch_version}"
     venv = os.path.join(work, f"venv-{name}")
     python = os.path.join(venv, "bin", "python")
@@ -163,18 +162,18 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="also write the Markdown table to this file")
     parser.add_argument("--keep", action="store_true", help="keep the virtualenvs (in the printed folder)")
     args = parser.parse_args(argv)
-    for interpreter in args.python:  # a mistyped one stops the run here, not after an hour of rows
-        python_version(interpreter)
+    # A mistyped interpreter stops the run here, not after an hour of rows.
+    versions = {interpreter: python_version(interpreter) for interpreter in args.python}
     work = tempfile.mkdtemp(prefix="dirfast-compat-")
     print("working in", work, flush=True)
     try:
         wheel, shown = repair(build_wheel(work), work)
         rows = []
-        for interpreter in args.python:
-            for version in args.torch:
-                rows.append(check(interpreter, version, wheel, work))
+        for interpreter, version in versions.items():
+            for torch_version in args.torch:
+                rows.append(check(interpreter, version, torch_version, wheel, work))
                 if not args.keep:  # several GB each
-                    for folder in glob.glob(os.path.join(work, f"*-{rows[-1]['python']}-{version}")):
+                    for folder in glob.glob(os.path.join(work, f"*-{version}-{torch_version}")):
                         shutil.rmtree(folder, ignore_errors=True)
         text = table(rows, wheel, shown)
     finally:
