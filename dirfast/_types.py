@@ -14,8 +14,12 @@ try:
 except ImportError:  # a torch built without distributed support
     ProcessGroup = Any
 
-__all__ = ["ArrayLike", "ProcessGroup"]
+__all__ = ["ArrayLike", "NotTensor", "ProcessGroup"]
+
+#: ArrayLike less a tensor: labels for which the per-sample weight functions return a NumPy array
+#: (they return a tensor for a tensor; overloads say so to type checkers).
+NotTensor = Union[np.ndarray, Sequence[Any], float, np.number]
 
 #: Values read as a tensor (labels, predictions, tables): a tensor, a NumPy array, a (nested)
 #: sequence of numbers, or one number (a 0-d tensor).
-ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[Any], float, np.number]
+ArrayLike = Union[torch.Tensor, NotTensor]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import overload
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ import torch
 from . import _validate as validate
 from . import ops
 from ._estimator import FittedEstimator
-from ._types import ArrayLike
+from ._types import ArrayLike, NotTensor
 from .bandwidth import BANDWIDTH_RULES, rule_width
 
 __all__ = ["DenseWeight", "density_weights", "BANDWIDTH_RULES"]
@@ -275,6 +276,12 @@ class DenseWeight(FittedEstimator):
                 f"grid_size={self.grid_size}, {fitted})")
 
 
+@overload
+def density_weights(labels: torch.Tensor, alpha: float = ..., eps: float = ..., bandwidth: str | float = ..., *,
+                    grid_size: int = ...) -> torch.Tensor: ...
+@overload
+def density_weights(labels: NotTensor, alpha: float = ..., eps: float = ..., bandwidth: str | float = ..., *,
+                    grid_size: int = ...) -> np.ndarray: ...
 def density_weights(labels: ArrayLike, alpha: float = 1.0, eps: float = 1e-6, bandwidth: str | float = "silverman", *,
                     grid_size: int = 4096) -> torch.Tensor | np.ndarray:
     """DenseWeight loss weights of the training ``labels`` (see :class:`DenseWeight`).

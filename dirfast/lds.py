@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ import torch
 from . import _validate as validate
 from . import distributed, ops
 from ._estimator import FittedEstimator
-from ._types import ArrayLike, ProcessGroup
+from ._types import ArrayLike, NotTensor, ProcessGroup
 from .binning import Binning, GridBinning
 from .ops.smooth_bins import reference as smooth_reference
 from .windows import kernel_window
@@ -289,6 +289,14 @@ def _same_edges(saved, edges) -> bool:
         return False
 
 
+@overload
+def lds_weights(labels: torch.Tensor, binning: Binning | GridBinning, reweight: str = ..., lds: bool = ...,
+                kernel: str = ..., ks: int = ..., sigma: float = ...,
+                inverse_clip: Sequence[float] | np.ndarray | None = ..., **options: Any) -> torch.Tensor: ...
+@overload
+def lds_weights(labels: NotTensor, binning: Binning | GridBinning, reweight: str = ..., lds: bool = ...,
+                kernel: str = ..., ks: int = ..., sigma: float = ...,
+                inverse_clip: Sequence[float] | np.ndarray | None = ..., **options: Any) -> np.ndarray: ...
 def lds_weights(labels: ArrayLike, binning: Binning | GridBinning, reweight: str = "sqrt_inv", lds: bool = True,
                 kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
                 inverse_clip: Sequence[float] | np.ndarray | None = (5, 1000),

@@ -12,12 +12,12 @@ defaults of some train.py differ.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
 
-from ._types import ArrayLike
+from ._types import ArrayLike, NotTensor
 from .binning import Binning
 from .fds import FDS
 from .lds import LDS, refuse_sync
@@ -90,6 +90,10 @@ class Preset:
         settings.update(overrides)
         return LDS(self.lds_binning, **settings)
 
+    @overload
+    def lds_weights(self, labels: torch.Tensor, **overrides: Any) -> torch.Tensor: ...
+    @overload
+    def lds_weights(self, labels: NotTensor, **overrides: Any) -> np.ndarray: ...
     def lds_weights(self, labels: ArrayLike, **overrides: Any) -> torch.Tensor | np.ndarray:
         """The published per-sample LDS weights of the training ``labels`` (see
         :func:`dirfast.lds_weights`; no ``sync`` or ``process_group``)."""

@@ -85,7 +85,10 @@ GOOD = """
 
     labels = np.random.default_rng(0).uniform(0, 5, 256).astype(np.float32)
     binning: dirfast.Binning = dirfast.Binning.uniform(0.0, 5.0, 50)
-    weights: torch.Tensor | np.ndarray = dirfast.lds_weights(labels, binning, inverse_clip=[5, 1000])
+    weights: np.ndarray = dirfast.lds_weights(labels, binning, inverse_clip=[5, 1000])
+    tensor_weights: torch.Tensor = dirfast.lds_weights(torch.from_numpy(labels), binning)
+    preset_weights: torch.Tensor = STS_B_DIR.lds_weights(torch.from_numpy(labels))
+    density: np.ndarray = dirfast.density_weights(labels, grid_size=512)
     lds: dirfast.LDS = dirfast.LDS(binning).fit(labels)
     one_weight: torch.Tensor = lds.weights(2.5)
     bandwidth: float | None = dirfast.DenseWeight().fit(labels).fitted_bandwidth
@@ -122,9 +125,9 @@ BAD = """
 
 def test_a_type_checker_reads_the_signatures(tmp_path):
     """mypy on user code, dirfast's own bodies not reported (``--follow-imports=silent``): code
-    that calls the API as documented passes, and each misuse in BAD is found on its line (a
-    feature dimension as a string; lds_weights' NumPy-or-tensor result taken as a tensor; a
-    region's dict taken as a float)."""
+    that calls the API as documented passes (the weight functions give a tensor for a tensor, else
+    an array), and each misuse in BAD is found on its line (a feature dimension as a string;
+    lds_weights' array, for a list, taken as a tensor; a region's dict taken as a float)."""
     (tmp_path / "good.py").write_text(textwrap.dedent(GOOD).lstrip())
     (tmp_path / "bad.py").write_text(textwrap.dedent(BAD).lstrip())  # BAD's first line is line 1
     env = dict(os.environ, MYPYPATH=ROOT)
