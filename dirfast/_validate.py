@@ -94,8 +94,8 @@ def choice(name: str, value, options):
     return value
 
 
-def pair(name: str, value) -> tuple:
-    """``(low, high)``: a tuple, list or 1-D array of two finite real numbers with
+def pair(name: str, value) -> tuple[float, float]:
+    """``(low, high)`` as two floats: a tuple, list or 1-D array of two finite real numbers with
     ``0 <= low <= high`` (a dict or a set, which have no order of their own, is not one)."""
     if not (isinstance(value, (tuple, list)) or (isinstance(value, np.ndarray) and value.ndim == 1)) \
             or len(value) != 2:
@@ -103,7 +103,7 @@ def pair(name: str, value) -> tuple:
     low, high = (real(name, v) for v in value)
     if not 0 <= low <= high:
         raise ValueError(f"{name} must satisfy 0 <= low <= high, got {tuple(value)!r}")
-    return tuple(value)
+    return low, high
 
 
 def tensor(name: str, value) -> torch.Tensor:

@@ -82,7 +82,9 @@ class LDS(FittedEstimator):
         self.reweight = reweight
         self.lds = lds
         self.inverse_clip = None if inverse_clip is None else validate.pair("inverse_clip", inverse_clip)
-        self.kernel, self.ks, self.sigma = kernel, ks, sigma
+        # Python numbers (kernel_window checked them): a NumPy scalar in the state dict would not load
+        # under torch.load's default weights_only=True
+        self.kernel, self.ks, self.sigma = kernel, int(ks), float(sigma)
         self.padding, self.bucket_start = padding, bucket_start
         self._derived = None  # (effective, float32 weight per bin), derived from the counts
 

@@ -192,12 +192,16 @@ def test_lds_update_accumulates():
 
 @pytest.mark.parametrize("reweight", ["sqrt_inv", "inverse"])
 def test_lds_state_dict_round_trip(reweight, tmp_path):
+    """Through torch.save and torch.load (weights_only=True, its default), with the settings given
+    as NumPy values: the state holds them as Python numbers, which that load takes."""
     labels = age_labels(900, seed=12)
-    est = dirfast.LDS(dirfast.Binning.integer(121), reweight=reweight, kernel="laplace", ks=7, sigma=3).fit(labels)
+    settings = dict(reweight=reweight, kernel="laplace", ks=np.int64(7), sigma=np.float64(3.0),
+                    inverse_clip=np.array([5, 1000]))
+    est = dirfast.LDS(dirfast.Binning.integer(121), **settings).fit(labels)
     path = tmp_path / "lds.pt"
     torch.save(est.state_dict(), path)
     other = dirfast.LDS(dirfast.Binning.integer(121), reweight=reweight, kernel="laplace", ks=7, sigma=3)
-    other.load_state_dict(torch.load(path, weights_only=False))
+    other.load_state_dict(torch.load(path, weights_only=True))
     torch.testing.assert_close(other.empirical, est.empirical, rtol=0, atol=0)
     torch.testing.assert_close(other.effective, est.effective, rtol=0, atol=0)
     torch.testing.assert_close(other.weights(labels), est.weights(labels), rtol=0, atol=0)
