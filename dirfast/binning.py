@@ -187,7 +187,8 @@ class Binning:
         return (isinstance(other, Binning) and self._kind == other._kind and self._scale == other._scale
                 and np.array_equal(self._edges, other._edges))
 
-    __hash__ = None
+    def __hash__(self) -> int:  # equal binnings hash alike: -0.0 edges as 0.0 (immutable: edges is a copy)
+        return hash((self._kind, self._scale, (self._edges + 0.0).tobytes()))
 
     # -- binning -------------------------------------------------------------------------------
     def _host_table(self, dtype: torch.dtype):
@@ -392,7 +393,8 @@ class GridBinning:
     def __eq__(self, other) -> bool:
         return isinstance(other, GridBinning) and self.binnings == other.binnings
 
-    __hash__ = None
+    def __hash__(self) -> int:
+        return hash(self.binnings)
 
     def __call__(self, labels: ArrayLike, *, precision: str = "labels", check: bool = True) -> torch.Tensor:
         """Row-major grid indices of ``labels`` ``[..., d]``, each coordinate binned by its

@@ -234,6 +234,18 @@ def test_centers_and_repr():
     assert dirfast.Binning.uniform(0, 5, 50) == dirfast.Binning.uniform(0, 5, 50)
 
 
+def test_equal_binnings_hash_alike():
+    """A Binning (and a GridBinning) can key a dict or sit in a set, as the frozen presets that
+    hold them: equal ones hash alike, edges of -0.0 and 0.0 included."""
+    table = {dirfast.Binning.uniform(0, 5, 50): "sts-b", dirfast.Binning([-0.0, 1.0]): "signed zero",
+             dirfast.GridBinning(dirfast.Binning.integer(3), dirfast.Binning.integer(4)): "grid"}
+    assert table[dirfast.Binning.uniform(0.0, 5.0, 50)] == "sts-b"
+    assert table[dirfast.Binning([0.0, 1.0])] == "signed zero"
+    assert table[dirfast.GridBinning([dirfast.Binning.integer(3), dirfast.Binning.integer(4)])] == "grid"
+    assert len({dirfast.Binning.integer(10), dirfast.Binning([float(i) for i in range(11)])}) == 2
+    assert len({preset: name for name, preset in dirfast.presets.PRESETS.items()}) == 4
+
+
 def test_depth_buckets_match_the_published_rule():
     """NYUD2-DIR: min(int(depth * float32(10)), 99) on float32 depths (util.py, loaddata.py)."""
     depth = (torch.rand(5000, generator=gen(7), dtype=torch.float64) * 11).float()
