@@ -500,6 +500,8 @@ class _FDSRun:
             flat = self.fds.smooth(self._flat(w), self.labels.reshape(-1, 1), e)
             return flat.view(w.shape[0], *w.shape[2:], w.shape[1]).permute(0, w.dim() - 1, *range(1, w.dim() - 1))
         labels = self.labels.unsqueeze(1) if self.labels.dim() == 1 else self.labels
+        if self.backend is not None:  # dirfast's: in place for dense features too (its default copies them)
+            return self.fds.smooth(self.work, labels, e, inplace=True)
         return self.fds.smooth(self.work, labels, e)
 
     def setup(self):

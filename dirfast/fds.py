@@ -538,9 +538,14 @@ class FDS(nn.Module):
                 else:
                     running[k] = (running[k - 1] + running[k + 1]) / 2.0
 
-    def smooth(self, features: torch.Tensor, labels: torch.Tensor, epoch: int, *, inplace: bool = True) -> torch.Tensor:
-        """Calibrate ``features`` with last epoch's statistics: in place (the default, as published)
-        and return them, or with ``inplace=False`` into a new tensor.
+    def smooth(self, features: torch.Tensor, labels: torch.Tensor, epoch: int, *,
+               inplace: bool | None = None) -> torch.Tensor:
+        """Calibrate ``features`` with last epoch's statistics: in place and return them
+        (``inplace=True``), or into a new tensor (``inplace=False``). The default does as the
+        published module for these features: ``[N, D]`` rows in place (the AgeDB-DIR, IMDB-WIKI-DIR
+        and STS-B-DIR modules write into them), dense ``[B, D, *spatial]`` maps into a new tensor
+        (the NYUD2-DIR module calibrates a copy, and its model returns the features it smoothed,
+        unchanged, for the next statistics).
 
         Returns ``features`` untouched before ``start_smooth`` (their type, shape and device, and
         the labels', are checked at every epoch). Otherwise each row becomes
@@ -553,11 +558,14 @@ class FDS(nn.Module):
         Labels are not checked on the host here (that would wait on the GPU every step): a row
         with a NaN or infinite label is returned unchanged.
         """
-        validate.boolean("inplace", inplace)
+        if inplace is not None:
+            validate.boolean("inplace", inplace)
         epoch = self._check_epoch(epoch)
         labels = self._check_batch(features, labels)  # at every epoch: a mistake shows before start_smooth
         if epoch < self.start_smooth:
             return features
+        if inplace is None:
+            inplace = features.dim() == 2
         buckets = self._bin(labels, check=False)
         stats = (self.running_mean_last_epoch, self.running_var_last_epoch, self.smoothed_mean_last_epoch,
                  self.smoothed_var_last_epoch, self.clip_min, self.clip_max)

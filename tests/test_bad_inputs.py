@@ -594,11 +594,12 @@ API = {
         "features": (FEATURES + (Bad("a leaf requiring grad", lambda v: v.clone().requires_grad_(), RuntimeError),
                                  Bad("expanded (written in place)", lambda v: v[:1].expand_as(v), RuntimeError)), X8),
         "labels": (FDS_LABELS, Y8), "epoch": (EPOCH, 2), "inplace": (BOOL, True)}, expect={
-        ("features", "NaN"): NAN_OUT, ("labels", "NaN"): FINITE}),
+        ("features", "NaN"): NAN_OUT, ("labels", "NaN"): FINITE,
+        ("inplace", "None"): SAME}),  # None: as published for the features' layout, in place for rows
     # Before start_smooth the features come back untouched, their type and shape checked all the same.
     "dirfast.FDS.smooth over an epoch before start_smooth": method("smooth", trained_fds, {
         "features": (FEATURES, X8), "labels": (FDS_LABELS, Y8), "epoch": (EPOCH, 0), "inplace": (BOOL, True)},
-        expect={("features", "NaN"): NAN_OUT, ("labels", "NaN"): SAME}),
+        expect={("features", "NaN"): NAN_OUT, ("labels", "NaN"): SAME, ("inplace", "None"): SAME}),
     "dirfast.FDS.update_last_epoch_stats": method("update_last_epoch_stats", trained_fds, {"epoch": (EPOCH, 2)}),
     "dirfast.FDS.reset": method("reset", trained_fds),
     "dirfast.FDS.reset_parameters": method("reset_parameters", trained_fds),

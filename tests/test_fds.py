@@ -9,6 +9,7 @@ import dirfast
 
 from benchmarks import published
 from benchmarks.published import PublishedFDS
+from dirfast.presets import NYUD2_DIR
 from test_bin_stats import loop_bin_stats
 from test_calibrate import loop_calibrate, loop_calibrate_scale
 from test_smooth_bins import fds_smooth_conv1d, loop_smooth_bins
@@ -338,6 +339,26 @@ def test_fds_smooth_out_of_place_follows_a_relu(device):
         assert fds.smooth(relu_out.detach(), labels, 1) is not None
 
 
+def test_fds_dense_smooth_takes_the_published_nyud2_model():
+    """The published NYUD2-DIR model smooths a ReLU's output and returns that output, unchanged,
+    for the next statistics (models/modules.py, R.forward): dirfast's default gives the
+    calibrated maps as a new tensor, so the backward runs and the returned features are the
+    ReLU's own. In place, the call is refused as for rows."""
+    fds = NYUD2_DIR.fds(feature_dim=4)
+    depth = torch.rand(2, 1, 6, 5, generator=gen(1)) * 10
+    fds.update_running_stats(torch.randn(2, 4, 6, 5, generator=gen(2)), depth, 0)
+    fds.update_last_epoch_stats(1)
+    conv = torch.nn.Conv2d(3, 4, 1)
+    x1 = torch.relu(conv(torch.randn(2, 3, 6, 5, generator=gen(3))))
+    before = x1.detach().clone()
+    x1_s = fds.smooth(x1, depth, 1)
+    x1_s.square().sum().backward()
+    assert torch.equal(x1.detach(), before) and not torch.equal(x1_s.detach(), before)
+    assert conv.weight.grad is not None
+    with pytest.raises(RuntimeError, match="inplace=False"):
+        fds.smooth(torch.relu(conv(torch.randn(2, 3, 6, 5))), depth, 1, inplace=True)
+
+
 def test_fds_smooth_before_start_smooth_is_identity():
     fds = dirfast.FDS(3, bucket_num=6, bucket_start=0, start_smooth=2)
     labels = labels_with_edges(30, 0, 6, seed=5)
@@ -492,7 +513,9 @@ def test_fds_continuous_labels_integer_binning():
 @pytest.mark.parametrize("memory", ["contiguous", "channels_last"])
 def test_fds_dense(label_layout, memory):
     """Depth maps: features [B, C, H, W], labels [B, 1, H, W] or [B, H, W]; same statistics as
-    the published module on the flattened pixels."""
+    the published module on the flattened pixels. smooth gives a new tensor and leaves the
+    features as they were, as the published NYUD2-DIR module (it calibrates a copy); with
+    inplace=True it writes the same values into them."""
     b, c, h, w = 2, 3, 5, 6
     kw = dict(bucket_num=9, bucket_start=2)
     fds, pub = dirfast.FDS(c, **kw), PublishedFDS(c, **kw)
@@ -510,9 +533,11 @@ def test_fds_dense(label_layout, memory):
             x = x.contiguous(memory_format=torch.channels_last)
         if epoch:
             expected = pub.smooth(flat(x).clone(), flat_labels.unsqueeze(1), epoch)
+            before = x.clone()
             got = fds.smooth(x, lab, epoch)
-            assert got is x and got.shape == (b, c, h, w)
+            assert got is not x and got.shape == (b, c, h, w) and torch.equal(x, before)
             torch.testing.assert_close(flat(got), expected, **smooth_tol(torch.float32))
+            assert fds.smooth(x, lab, epoch, inplace=True) is x and torch.equal(x, got)
         for m in (fds, pub):
             m.update_last_epoch_stats(epoch)
         y = torch.randn(b, c, h, w, generator=gen(epoch + 20))
