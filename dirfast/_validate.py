@@ -24,6 +24,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .ops import FLOAT_DTYPES
 
@@ -104,6 +105,13 @@ def pair(name: str, value) -> tuple[float, float]:
     if not 0 <= low <= high:
         raise ValueError(f"{name} must satisfy 0 <= low <= high, got {tuple(value)!r}")
     return low, high
+
+
+def process_group(name: str, value):
+    """None (the default group, the world) or a ``torch.distributed`` ProcessGroup."""
+    if value is not None and not (dist.is_available() and isinstance(value, dist.ProcessGroup)):
+        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {_type_name(value)}")
+    return value
 
 
 def tensor(name: str, value) -> torch.Tensor:

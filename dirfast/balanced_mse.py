@@ -306,6 +306,7 @@ def bmc_loss(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor |
     """
     validate.prediction_pair("pred", pred, "target", target)
     validate.boolean("all_ranks", all_ranks)
+    validate.process_group("process_group", process_group)
     pred_rows, target_rows = _rows("pred", pred), _rows("target", target)
     noise_var = _noise_var(noise_var, pred)
     acc = _acc(pred)
@@ -486,6 +487,7 @@ class BMCLoss(_BalancedMSE):
                  process_group: ProcessGroup | None = None) -> None:
         super().__init__(init_noise_sigma, learn_noise)
         validate.boolean("all_ranks", all_ranks)
+        validate.process_group("process_group", process_group)
         self.all_ranks, self.process_group = all_ranks, process_group
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -2,14 +2,17 @@
 
 :class:`dirfast.DenseWeight` takes its default bandwidth from here and
 :meth:`dirfast.Binning.auto` its bin width; both import this module, which imports neither.
-Every rule takes a non-empty 1-D float64 tensor of finite labels (the callers check) and returns
-a 0-D float64 tensor on the labels' device.
+Each public function takes labels of any shape (a tensor, a NumPy array or a sequence of numbers),
+checks them as those estimators do (finite, not empty), and returns a 0-D float64 tensor on their
+device; the estimators, whose labels are checked already, call :func:`rule_width_unchecked`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import _validate as validate
+from ._types import ArrayLike
 from ._validate import chunks
 
 __all__ = ["BANDWIDTH_RULES", "BIN_WIDTH_RULES", "silverman", "scott", "freedman_diaconis", "rule_width"]
@@ -28,15 +31,39 @@ def _std(values: torch.Tensor, correction: int) -> torch.Tensor:
     return (m2 / (values.numel() - correction)).sqrt()
 
 
-def silverman(values: torch.Tensor) -> torch.Tensor:
+def silverman(values: ArrayLike) -> torch.Tensor:
     """``1.06 * std * n^(-1/5)`` with the population standard deviation: Silverman's
     normal-reference rule (1986, eq. 3.28), the bandwidth the denseweight package uses by default."""
+    return _silverman(validate.finite_values("values", values))
+
+
+def scott(values: ArrayLike) -> torch.Tensor:
+    """``std * n^(-1/5)`` with the sample standard deviation: Scott's rule as
+    ``scipy.stats.gaussian_kde(bw_method="scott")`` applies it (0 for a single label)."""
+    return _scott(validate.finite_values("values", values))
+
+
+def freedman_diaconis(values: ArrayLike) -> torch.Tensor:
+    """``2 * IQR * n^(-1/3)``: the Freedman–Diaconis bin width, as ``numpy.histogram_bin_edges(bins="fd")``."""
+    return _freedman_diaconis(validate.finite_values("values", values))
+
+
+def rule_width(values: ArrayLike, rule: str) -> torch.Tensor:
+    """The width ``rule`` (one of :data:`BIN_WIDTH_RULES`) gives for ``values``."""
+    validate.choice("rule", rule, BIN_WIDTH_RULES)
+    return rule_width_unchecked(validate.finite_values("values", values), rule)
+
+
+def rule_width_unchecked(values: torch.Tensor, rule: str) -> torch.Tensor:
+    """:func:`rule_width` of a non-empty 1-D float64 tensor of finite values and a known rule."""
+    return _RULES[rule](values)
+
+
+def _silverman(values: torch.Tensor) -> torch.Tensor:
     return 1.06 * _std(values, 0) * values.numel() ** -0.2
 
 
-def scott(values: torch.Tensor) -> torch.Tensor:
-    """``std * n^(-1/5)`` with the sample standard deviation: Scott's rule as
-    ``scipy.stats.gaussian_kde(bw_method="scott")`` applies it (0 for a single label)."""
+def _scott(values: torch.Tensor) -> torch.Tensor:
     if values.numel() < 2:
         return values.new_zeros(())
     return _std(values, 1) * values.numel() ** -0.2
@@ -50,17 +77,9 @@ def _quantile(ordered: torch.Tensor, q: float) -> torch.Tensor:
     return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
-def freedman_diaconis(values: torch.Tensor) -> torch.Tensor:
-    """``2 * IQR * n^(-1/3)``: the Freedman–Diaconis bin width, as ``numpy.histogram_bin_edges(bins="fd")``."""
+def _freedman_diaconis(values: torch.Tensor) -> torch.Tensor:
     ordered = values.sort().values
     return 2.0 * (_quantile(ordered, 0.75) - _quantile(ordered, 0.25)) * values.numel() ** (-1.0 / 3.0)
 
 
-_RULES = {"silverman": silverman, "scott": scott, "fd": freedman_diaconis}
-
-
-def rule_width(values: torch.Tensor, rule: str) -> torch.Tensor:
-    """The width ``rule`` (one of :data:`BIN_WIDTH_RULES`) gives for ``values``."""
-    if not isinstance(rule, str) or rule not in _RULES:
-        raise ValueError(f"rule must be one of {BIN_WIDTH_RULES}, got {rule!r}")
-    return _RULES[rule](values)
+_RULES = {"silverman": _silverman, "scott": _scott, "fd": _freedman_diaconis}

@@ -21,7 +21,7 @@ import torch
 
 from . import _validate as validate
 from ._types import ArrayLike
-from .bandwidth import BIN_WIDTH_RULES, rule_width
+from .bandwidth import BIN_WIDTH_RULES, rule_width_unchecked
 # MAX_BINS: bins are computed in float32, exact up to there
 from .ops.integer_bins import MAX_BINS, integer_bins_unchecked
 
@@ -332,7 +332,7 @@ class Binning:
         if low == high:
             pad = max(0.5, 4 * math.ulp(low))
             return cls.uniform(low - pad, high + pad, 1)
-        width = float(rule_width(values, rule))
+        width = float(rule_width_unchecked(values, rule))
         if not width > 0:
             return cls.uniform(low, high, 1)
         bins_needed = (high - low) / width  # inf for a subnormal width

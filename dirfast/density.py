@@ -20,7 +20,7 @@ from . import _validate as validate
 from . import ops
 from ._estimator import FittedEstimator
 from ._types import ArrayLike, NotTensor
-from .bandwidth import BANDWIDTH_RULES, rule_width
+from .bandwidth import BANDWIDTH_RULES, rule_width_unchecked
 
 __all__ = ["DenseWeight", "density_weights", "BANDWIDTH_RULES"]
 
@@ -185,7 +185,7 @@ class DenseWeight(FittedEstimator):
         gives bandwidth 0 (all labels equal)."""
         values, smallest, largest = validate.finite_values_and_span("labels", labels)
         if isinstance(self.bandwidth, str):
-            bandwidth = float(rule_width(values, self.bandwidth))
+            bandwidth = float(rule_width_unchecked(values, self.bandwidth))
             if not bandwidth > 0:
                 raise ValueError(f"labels are all equal, so the {self.bandwidth!r} bandwidth is 0: "
                                  "pass a positive bandwidth")

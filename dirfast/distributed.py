@@ -15,6 +15,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from . import _validate as validate
 from ._types import ProcessGroup
 from .ops.accumulate_bin_stats import chan_merge, m2_from_var, var_from_m2
 
@@ -25,6 +26,7 @@ T = TypeVar("T")
 
 def is_distributed(process_group: ProcessGroup | None = None) -> bool:
     """Whether ``torch.distributed`` is initialised with more than one process in the group."""
+    validate.process_group("process_group", process_group)
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
@@ -33,6 +35,9 @@ def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | 
     then one all-reduce of whether it raised on any rank of the group: a rank whose data was
     refused raises its error, and every other rank a ValueError saying so, instead of waiting in
     the collective that follows until the process group times out. Returns what check returned."""
+    if not callable(check):
+        raise TypeError(f"check must be a callable (of no arguments), got {type(check).__name__}")
+    validate.process_group("process_group", process_group)
     try:
         result, error = check(), None
     except (ValueError, TypeError) as exc:
@@ -49,6 +54,8 @@ def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | 
 
 def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup | None = None) -> torch.Tensor:
     """``tensor`` summed over the ranks of the group (in place, and returned)."""
+    validate.readable("tensor", validate.tensor("tensor", tensor))
+    validate.process_group("process_group", process_group)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
     return tensor
 
@@ -56,7 +63,10 @@ def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup | None = No
 def all_reduce_bin_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
                          process_group: ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-bucket ``(count, mean, unbiased var)`` of every rank's rows, from each rank's own:
-    one all-gather of each rank's count, mean and M2, merged in float64."""
+    one all-gather of each rank's count, mean and M2, merged in float64. ``count`` ``[B]``, ``mean``
+    and ``var`` ``[B, D]`` floating, on one device (each rank's of the same shape)."""
+    _check_bin_stats(count, mean, var)
+    validate.process_group("process_group", process_group)
     n = count.to(torch.float64)
     packed = torch.cat([n.unsqueeze(1), mean.double(), m2_from_var(n, var.double())], dim=1)
     parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(process_group))]
@@ -75,6 +85,9 @@ def all_gather_rows(tensor: torch.Tensor, process_group: ProcessGroup | None = N
 
     Not differentiable: the result is for a prior (Balanced MSE's BMC targets), not for a loss
     term that needs the other ranks' gradients."""
+    if validate.readable("tensor", validate.tensor("tensor", tensor)).dim() == 0:
+        raise ValueError("tensor must have rows (at least one dimension), got a 0-d tensor")
+    validate.process_group("process_group", process_group)
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     rows = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
     sizes = [torch.zeros_like(rows) for _ in range(world)]
@@ -85,3 +98,19 @@ def all_gather_rows(tensor: torch.Tensor, process_group: ProcessGroup | None = N
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=process_group)
     return torch.cat([part[:size] for part, size in zip(parts, sizes)]), sum(sizes[:rank])
+
+
+def _check_bin_stats(count, mean, var) -> None:
+    validate.tensor("count", count)
+    if count.dtype.is_complex or count.dtype == torch.bool:
+        raise TypeError(f"count must be a tensor of real numbers, got {count.dtype}")
+    validate.floating("mean", mean)
+    validate.floating("var", var)
+    for name, table in (("count", count), ("mean", mean), ("var", var)):
+        validate.readable(name, table)
+    if count.dim() != 1 or mean.dim() != 2 or mean.shape[0] != count.shape[0] or var.shape != mean.shape:
+        raise ValueError(f"count must be [B] and mean and var [B, D], got shapes {tuple(count.shape)}, "
+                         f"{tuple(mean.shape)} and {tuple(var.shape)}")
+    if not count.device == mean.device == var.device:
+        raise ValueError(f"count, mean and var must be on one device, got {count.device}, {mean.device} and "
+                         f"{var.device}")

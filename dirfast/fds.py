@@ -133,6 +133,7 @@ class FDS(nn.Module):
         fill_empty, copy_snapshot = validate.boolean("fill_empty", fill_empty), \
             validate.boolean("copy_snapshot", copy_snapshot)
         sync = validate.boolean("sync", sync)
+        validate.process_group("process_group", process_group)
         binning = Binning.integer(bucket_num) if binning is None else binning
         if not isinstance(binning, (Binning, GridBinning)):
             raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")

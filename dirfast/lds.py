@@ -78,7 +78,8 @@ class LDS(FittedEstimator):
         super().__init__()
         self.window = window if lds else None
         self.binning = binning
-        self.sync, self.process_group = validate.boolean("sync", sync), process_group
+        self.sync = validate.boolean("sync", sync)
+        self.process_group = validate.process_group("process_group", process_group)
         self.reweight = reweight
         self.lds = lds
         self.inverse_clip = None if inverse_clip is None else validate.pair("inverse_clip", inverse_clip)

@@ -97,6 +97,7 @@ def rnc_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 
     features = _features(features, "views")
     temperature = validate.positive("temperature", temperature)
     all_ranks = validate.boolean("all_ranks", all_ranks)
+    validate.process_group("process_group", process_group)
     bs, views = features.shape[0], features.shape[1]
     if views == 0:
         raise ValueError("features must hold at least one view: [bs, views, D] with views >= 1")
@@ -123,7 +124,8 @@ class RnCLoss(nn.Module):
         self.temperature = validate.in_dtype("temperature", temperature, torch.float64, reciprocal=True)
         self.label_diff = validate.choice("label_diff", label_diff, ("l1",))
         self.feature_sim = validate.choice("feature_sim", feature_sim, ("l2",))
-        self.all_ranks, self.process_group = validate.boolean("all_ranks", all_ranks), process_group
+        self.all_ranks = validate.boolean("all_ranks", all_ranks)
+        self.process_group = validate.process_group("process_group", process_group)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return rnc_loss(features, labels, self.temperature, all_ranks=self.all_ranks,
@@ -214,6 +216,7 @@ def conr_loss(features: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor
     features = _features(features, "flat" if dense else "rows")
     w, t, e = validate.real("w", w, 0.0), validate.positive("t", t), _push_strength(e, push)
     all_ranks = validate.boolean("all_ranks", all_ranks)
+    validate.process_group("process_group", process_group)
     n = features.shape[0]
     z = features.reshape(n, -1)
     y = _per_sample("targets", targets, n, z.device, z.dtype, dense)
@@ -246,7 +249,8 @@ class ConRLoss(nn.Module):
         w, t, e = validate.real("w", w, 0.0), validate.positive("t", t), _push_strength(e, CONR_FORMS[form][0])
         self.w, self.t = w, validate.in_dtype("t", t, torch.float64, reciprocal=True)
         self.e, self.form = e, form
-        self.all_ranks, self.process_group = validate.boolean("all_ranks", all_ranks), process_group
+        self.all_ranks = validate.boolean("all_ranks", all_ranks)
+        self.process_group = validate.process_group("process_group", process_group)
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor,
                 weights: torch.Tensor | float = 1.0) -> torch.Tensor:
@@ -333,6 +337,7 @@ def ranksim_loss(features: torch.Tensor, targets: torch.Tensor, lambda_val: floa
     features = _features(features, "flat")
     lambda_val = validate.positive("lambda_val", lambda_val)
     all_ranks = validate.boolean("all_ranks", all_ranks)
+    validate.process_group("process_group", process_group)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     n = features.shape[0]
@@ -363,7 +368,8 @@ class RankSimLoss(nn.Module):
                  process_group: ProcessGroup | None = None) -> None:
         super().__init__()
         self.lambda_val = validate.positive("lambda_val", lambda_val)
-        self.all_ranks, self.process_group = validate.boolean("all_ranks", all_ranks), process_group
+        self.all_ranks = validate.boolean("all_ranks", all_ranks)
+        self.process_group = validate.process_group("process_group", process_group)
 
     def forward(self, features: torch.Tensor, targets: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:

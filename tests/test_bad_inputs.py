@@ -32,7 +32,7 @@ from dirfast import ops
 from dirfast.losses import BMCLoss, BNILoss, GAILoss
 from dirfast.mixture import GaussianMixture
 from dirfast.presets import AGEDB_DIR, STS_B_DIR
-from testing import BACKEND_NAMES, gen
+from testing import BACKEND_NAMES, gen, public_modules
 
 matplotlib = pytest.importorskip("matplotlib", reason="matplotlib (requirements-dev.txt) is not installed")
 matplotlib.use("Agg")
@@ -456,6 +456,28 @@ CONR_WEIGHTS = (Bad("str", lambda v: "w", TypeError), Bad("None", lambda v: None
                 Bad("[N, 2]", lambda v: torch.ones(8, 2), ValueError), Bad("fewer", lambda v: torch.ones(7), ValueError),
                 Bad("tensor [N]", lambda v: torch.rand(8, generator=gen(18)) + 0.5, FINITE))
 GENERATOR = (Bad("int", lambda v: 3, TypeError), Bad("str", lambda v: "seed", TypeError))
+PROCESS_GROUP = (Bad("str", lambda v: "world", TypeError), Bad("int", lambda v: 0, TypeError))
+A_CALLABLE = (Bad("int", lambda v: 1, TypeError), Bad("None", lambda v: None, TypeError))
+SUMMED = NOT_A_TENSOR + (Bad("meta", lambda v: v.to("meta"), ValueError), Bad("non-contiguous", _strided, SAME))
+ROWS = SUMMED + (Bad("0-d", lambda v: v.reshape(-1)[0], ValueError),)
+BUCKET_COUNTS = NOT_A_TENSOR + (Bad("complex", lambda v: v.to(torch.complex64), TypeError),
+                                Bad("bool", lambda v: v != 0, TypeError), Bad("fewer", lambda v: v[:-1], ValueError),
+                                Bad("2-D", lambda v: v[:, None], ValueError),
+                                Bad("meta", lambda v: v.to("meta"), ValueError),
+                                Bad("float64", lambda v: v.double(), SAME))
+
+
+def in_one_process_group(function: Callable) -> Callable:
+    """``function`` called in a torch.distributed group of this process alone (gloo), which the
+    collectives need; the group is taken down after the call."""
+    def call(**kwargs):
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+        try:
+            return function(**kwargs)
+        finally:
+            torch.distributed.destroy_process_group()
+    return call
+
 
 API = {
     # ----------------------------------------------------------------------- binning, windows
@@ -514,7 +536,8 @@ API = {
             Bad("dict", lambda v: {v[0]: "a", v[1]: "b"}, TypeError), Bad("set", lambda v: set(v), TypeError)), (5, 1000)),
         "padding": (CHOICE, "constant"),
         "bucket_start": (NON_NEGATIVE_INT + (Bad("past the bins", lambda v: 121, ValueError),), 3),
-        "sync": (BOOL, True)}),
+        "sync": (BOOL, True),
+        "process_group": (PROCESS_GROUP, None)}),
     "dirfast.LDS.fit": method("fit", lambda: dirfast.LDS(INT121), {"labels": (FIT_LABELS, AGES)}),
     "dirfast.LDS.update": method("update", fitted_lds, {"labels": (FIT_LABELS, AGES)}),
     "dirfast.LDS.weights": method("weights", fitted_lds, {"labels": (BATCH_LABELS, BATCH)}),
@@ -580,7 +603,8 @@ API = {
                                                                                       ValueError),
                                           Bad("beyond float32", lambda v: 1e39, ValueError),
                                           Bad("inf (no upper clamp)", lambda v: INF, FINITE)), 10.0),
-        "sync": (BOOL, True)}, expect={("momentum", "None"): FINITE}),
+        "sync": (BOOL, True),
+        "process_group": (PROCESS_GROUP, None)}, expect={("momentum", "None"): FINITE}),
     "dirfast.FDS.update_running_stats": method("update_running_stats", trained_fds, {
         "features": (FEATURES + (Bad("overflowing float32 statistics", lambda v: v * 1e30, ValueError),
                                  Bad("float64, statistics beyond float32", lambda v: v.double() * 1e30, ValueError)), X8),
@@ -632,6 +656,29 @@ API = {
         named_as={"name": "backend"}),
     "dirfast.get_cpu_threads": Entry(dirfast.get_cpu_threads),
     "dirfast.set_cpu_threads": Entry(dirfast.set_cpu_threads, {"policy": (CHOICE, "all")}),
+    # ----------------------------------------------------------------------- options, beside their modules
+    **{f"dirfast.{path}": CONSTANT for path in ("bandwidth.BANDWIDTH_RULES", "bandwidth.BIN_WIDTH_RULES",
+                                                "binning.PRECISIONS", "lds.REWEIGHTS", "pairwise.CONR_FORMS",
+                                                "windows.KERNELS")},
+    # ----------------------------------------------------------------------- width rules
+    **{f"dirfast.bandwidth.{name}": Entry(getattr(dirfast.bandwidth, name), {"values": (FIT_LABELS, AGES)})
+       for name in ("silverman", "scott", "freedman_diaconis")},
+    "dirfast.bandwidth.rule_width": Entry(dirfast.bandwidth.rule_width, {
+        "values": (FIT_LABELS, AGES), "rule": (CHOICE, "fd")}),
+    # ----------------------------------------------------------------------- collectives (a group of one process)
+    "dirfast.distributed.is_distributed": Entry(dirfast.distributed.is_distributed, {
+        "process_group": (PROCESS_GROUP, None)}),
+    "dirfast.distributed.checked_on_every_rank": Entry(in_one_process_group(
+        dirfast.distributed.checked_on_every_rank), {
+        "check": (A_CALLABLE, lambda: 1), "process_group": (PROCESS_GROUP, None)}),
+    "dirfast.distributed.all_reduce_sum": Entry(in_one_process_group(dirfast.distributed.all_reduce_sum), {
+        "tensor": (SUMMED, torch.arange(3.0)), "process_group": (PROCESS_GROUP, None)}),
+    "dirfast.distributed.all_reduce_bin_stats": Entry(in_one_process_group(dirfast.distributed.all_reduce_bin_stats), {
+        "count": (BUCKET_COUNTS, torch.tensor([2, 0, 3])), "mean": (BIN_TABLE, RUNNING[1]),
+        "var": (BIN_TABLE, RUNNING[2]),
+        "process_group": (PROCESS_GROUP, None)}),
+    "dirfast.distributed.all_gather_rows": Entry(in_one_process_group(dirfast.distributed.all_gather_rows), {
+        "tensor": (ROWS, X8), "process_group": (PROCESS_GROUP, None)}),
     "dirfast.use_backend": Entry(lambda name: dirfast.use_backend(name).__enter__(), {"name": (CHOICE + (
         Bad("numpy array of two", lambda v: np.array([v, "x"]), ValueError),), "reference")},
                                  named_as={"name": "backend"}),
@@ -725,7 +772,8 @@ API = {
     "dirfast.losses.bmc_loss": Entry(dirfast.losses.bmc_loss, {
         "pred": (FLOAT_TENSOR + (Bad("[N] against [N, 1]", lambda v: v[:, 0], ValueError),
                                  Bad("empty", lambda v: v[:0], ValueError)), PRED),
-        "target": (FLOAT_TENSOR, TARGET), "noise_var": (NOISE_VAR, 0.7), "all_ranks": (BOOL, False)},
+        "target": (FLOAT_TENSOR, TARGET), "noise_var": (NOISE_VAR, 0.7), "all_ranks": (BOOL, False),
+        "process_group": (PROCESS_GROUP, None)},
         expect={("pred", "0-d"): ValueError}),
     "dirfast.losses.bni_loss": Entry(dirfast.losses.bni_loss, {
         "pred": (FLOAT_TENSOR[:-3] + (Bad("[N] against [N, 1]", lambda v: v[:, 0], ValueError),
@@ -742,7 +790,8 @@ API = {
                            lambda v: dict(v, variances=_set_first(v["variances"].double(), 1e39)),
                            ValueError),), GMM2)}),
     "dirfast.losses.BMCLoss": Entry(BMCLoss, {
-        "init_noise_sigma": (NOISE_SIGMA, 1.0), "learn_noise": (BOOL, True), "all_ranks": (BOOL, False)}),
+        "init_noise_sigma": (NOISE_SIGMA, 1.0), "learn_noise": (BOOL, True), "all_ranks": (BOOL, False),
+        "process_group": (PROCESS_GROUP, None)}),
     "dirfast.losses.BNILoss": Entry(BNILoss, {
         "init_noise_sigma": (NOISE_SIGMA, 1.0), "bucket_centers": (HISTOGRAM, CENTERS),
         "bucket_weights": (HISTOGRAM_WEIGHTS, COUNTS), "learn_noise": (BOOL, True)}),
@@ -824,7 +873,8 @@ API = {
                      torch.randn(4, 2, 3, generator=gen(17))),
         "labels": (PAIRWISE_LABELS, torch.tensor([[1.0], [2.0], [2.0], [5.0]])),
         "temperature": (POSITIVE + (Bad("1e-39 (1/temperature beyond float32)", lambda v: 1e-39, ValueError),), 2.0),
-        "all_ranks": (BOOL, False)}, expect=PAIRWISE_EXPECT),
+        "all_ranks": (BOOL, False),
+        "process_group": (PROCESS_GROUP, None)}, expect=PAIRWISE_EXPECT),
     "dirfast.losses.conr_loss": Entry(dirfast.losses.conr_loss, {
         "features": (FLOAT_TENSOR + PAIRWISE_FEATURES, X8), "targets": (PAIRWISE_LABELS, CONR_LABELS),
         "preds": (PAIRWISE_LABELS + (Bad("[N, 2]", lambda v: torch.cat([v, v], 1), ValueError),), CONR_LABELS * 0.3),
@@ -833,22 +883,27 @@ API = {
                                     Bad("1e300 (beyond float32)", lambda v: 1e300, ValueError)), 1.0),
         "t": (POSITIVE + (Bad("1e-40 (1/t beyond float32)", lambda v: 1e-40, ValueError),), 0.07),
         "e": (REAL + (Bad("1e300 (beyond float32)", lambda v: 1e300, ValueError),), 0.01),
-        "form": (CHOICE, "published"), "all_ranks": (BOOL, False)},
+        "form": (CHOICE, "published"), "all_ranks": (BOOL, False),
+        "process_group": (PROCESS_GROUP, None)},
         expect=CONR_EXPECT),
     "dirfast.losses.ranksim_loss": Entry(dirfast.losses.ranksim_loss, {
         "features": (FLOAT_TENSOR + PAIRWISE_FEATURES, X8), "targets": (PAIRWISE_LABELS, CONR_LABELS),
         "lambda_val": (POSITIVE + (Bad("1e300 (beyond float32)", lambda v: 1e300, ValueError),), 2.0),
-        "generator": (GENERATOR, None), "all_ranks": (BOOL, False)},
+        "generator": (GENERATOR, None), "all_ranks": (BOOL, False),
+        "process_group": (PROCESS_GROUP, None)},
         expect=PAIRWISE_EXPECT),
     "dirfast.losses.RnCLoss": Entry(dirfast.losses.RnCLoss, {
         "temperature": (POSITIVE + (Bad("1e-320 (1/temperature beyond float64)", lambda v: 1e-320, ValueError),), 2.0), "label_diff": (CHOICE, "l1"), "feature_sim": (CHOICE, "l2"),
-        "all_ranks": (BOOL, False)}),
+        "all_ranks": (BOOL, False),
+        "process_group": (PROCESS_GROUP, None)}),
     "dirfast.losses.ConRLoss": Entry(dirfast.losses.ConRLoss, {
         "w": (NON_NEGATIVE, 1.0), "t": (POSITIVE + (Bad("1e-320 (1/t beyond float64)", lambda v: 1e-320, ValueError),), 0.07),
         "e": (REAL, 0.01), "form": (CHOICE, "paper"),
-        "all_ranks": (BOOL, False)}),
+        "all_ranks": (BOOL, False),
+        "process_group": (PROCESS_GROUP, None)}),
     "dirfast.losses.RankSimLoss": Entry(dirfast.losses.RankSimLoss, {"lambda_val": (POSITIVE, 2.0),
-                                                                     "all_ranks": (BOOL, False)}),
+                                                                     "all_ranks": (BOOL, False),
+                                                                     "process_group": (PROCESS_GROUP, None)}),
     **pairwise_module_methods(),
     # ----------------------------------------------------------------------- presets
     "dirfast.presets.Preset": Entry(lambda **kw: dataclasses.replace(AGEDB_DIR, **kw).lds(), {
@@ -895,8 +950,9 @@ SPREAD = {"overrides"}
 # =========================================================================== discovery
 def public_names() -> dict:
     """Every public callable and method: {first public path: object}, each object once."""
-    modules = [dirfast] + [getattr(dirfast, name) for name in dirfast.__all__ if inspect.ismodule(getattr(dirfast, name))]
-    modules.append(dirfast.plot)
+    # the modules dirfast names first (their paths are the ones listed), then the others
+    first = [dirfast] + [getattr(dirfast, name) for name in dirfast.__all__ if inspect.ismodule(getattr(dirfast, name))]
+    modules = first + [dirfast.plot] + [m for m in public_modules() if m not in first and m is not dirfast.plot]
     found, seen = {}, set()
     for module in modules:
         for name in module.__all__:

@@ -5,29 +5,15 @@ from __future__ import annotations
 
 import inspect
 import os
-import pkgutil
 import subprocess
 import sys
 import textwrap
 
 import dirfast
 
+from testing import public_modules
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _public_modules() -> list:
-    """dirfast and each of its modules with an ``__all__`` whose name has no leading underscore
-    (the Triton kernels are a backend, not an API: they have none)."""
-    import importlib
-
-    modules = [dirfast]
-    for info in pkgutil.walk_packages(dirfast.__path__, "dirfast."):
-        private = any(part.startswith("_") for part in info.name.split("."))
-        if not private and not info.name.startswith("dirfast.triton"):
-            module = importlib.import_module(info.name)
-            if hasattr(module, "__all__"):
-                modules.append(module)
-    return modules
 
 
 def _public_callables():
@@ -35,7 +21,7 @@ def _public_callables():
     ``__call__``, public methods and property getters that dirfast defines (inherited ones
     included: ``LDS.fit`` is ``FittedEstimator.fit``)."""
     seen = set()
-    for module in _public_modules():
+    for module in public_modules():
         for name in module.__all__:
             value = getattr(module, name)
             if inspect.isclass(value):

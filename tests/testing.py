@@ -9,7 +9,9 @@ without edits. Nothing here touches CUDA beyond ``torch.cuda.is_available()``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
+import pkgutil
 
 import pytest
 import torch
@@ -25,6 +27,19 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # Every backend dirfast knows of, in a fixed order; later issues only make more of them available.
 BACKEND_NAMES = list(dirfast.ops.BACKENDS)
+
+
+def public_modules() -> list:
+    """dirfast and each of its modules with an ``__all__`` and no leading underscore in its name
+    (the Triton kernels are a backend, not an API: they have none)."""
+    modules = [dirfast]
+    for info in pkgutil.walk_packages(dirfast.__path__, "dirfast."):
+        private = any(part.startswith("_") for part in info.name.split("."))
+        if not private and not info.name.startswith("dirfast.triton"):
+            module = importlib.import_module(info.name)
+            if hasattr(module, "__all__"):
+                modules.append(module)
+    return modules
 
 
 def _skip_reason(name: str):
