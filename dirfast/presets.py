@@ -121,7 +121,9 @@ class Preset:
 
     def shot_metrics(self, preds: ArrayLike, labels: ArrayLike,
                      train_labels: ArrayLike | None = None) -> dict[str, dict[str, float]]:
-        """Many-, medium- and few-shot errors as this dataset's published evaluation defines them."""
+        """Many-, medium- and few-shot errors as this dataset's published evaluation defines them.
+        Predictions in label units: the published STS-B-DIR model predicts score / 5 (its targets
+        are divided by 5), and its scorer multiplies the predictions by 5 first; do the same."""
         if self.shot_regions is not None:
             return shot_metrics(preds, labels, binning=self.fds_binning, regions=self.shot_regions,
                                 exact_error=self.exact_error, correlations=self.correlations)
