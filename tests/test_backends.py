@@ -346,6 +346,20 @@ def test_forward_mode_raises(backend, device):
             f(primal)  # without a tangent, as ever
 
 
+@pytest.mark.parametrize("backend, device", backend_device_params())
+def test_torch_func_gradients_raise(backend, device):
+    """torch.func's gradient transforms (grad, vjp, jacrev) through a differentiable op raise
+    NotImplementedError naming the op and the way that works (torch's own error spoke of an
+    autograd.Function's setup_context)."""
+    with dirfast.use_backend(backend):
+        for op, (f, primal) in differentiable_op_calls(device, 92).items():
+            for transform in (torch.func.grad, torch.func.jacrev):
+                with pytest.raises(NotImplementedError, match=f"dirfast.ops.{op} cannot be differentiated by torch.func"):
+                    transform(lambda t: f(t).sum())(primal.clone())
+            with pytest.raises(NotImplementedError, match=f"dirfast.ops.{op} cannot be"):
+                torch.func.vjp(f, primal.clone())
+
+
 # =========================================================================== opcheck, compile
 def opcheck_every_op(device: str) -> None:
     """torch.library.opcheck (schema, fake kernel, autograd registration, aliasing) of every

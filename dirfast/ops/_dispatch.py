@@ -247,14 +247,20 @@ class _OnBackend(torch.autograd.Function):
         return (None, None) + tuple(_AUTOGRAD[ctx.op][1](ctx, *grads))
 
 
-def refuse_forward_ad(op: str, args) -> None:
-    """Raise when an argument carries a forward-mode tangent (``torch.func.jvp``, ``jacfwd``,
-    ``torch.autograd.forward_ad``): the ops have no forward-mode derivative, and torch would give
-    a tangent of 0 (or none), silently."""
+def refuse_unsupported_derivatives(op: str, args) -> None:
+    """Raise where an argument asks for a derivative the op does not give: a forward-mode tangent
+    (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``: the ops have none, and torch
+    would give a tangent of 0, or none, silently), or a ``torch.func`` gradient transform (``grad``,
+    ``vjp``, ``jacrev``, ``hessian``: the derivatives are registered with torch.autograd, and torch's
+    own error there speaks of an autograd.Function's setup_context)."""
     if torch.autograd.forward_ad._current_level >= 0 and any(
             isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args):
         raise NotImplementedError(f"dirfast.ops.{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
                                   f"torch.autograd.forward_ad): take gradients in reverse mode (backward, torch.autograd.grad)")
+    if torch._C._functorch.maybe_current_level() is not None and any(
+            isinstance(a, torch.Tensor) and torch._C._functorch.is_gradtrackingtensor(a) for a in args):
+        raise NotImplementedError(f"dirfast.ops.{op} cannot be differentiated by torch.func's transforms (grad, vjp, "
+                                  f"jacrev, hessian): take gradients with backward() or torch.autograd.grad")
 
 
 def call(op: str, device: torch.device, *args):
@@ -263,7 +269,7 @@ def call(op: str, device: torch.device, *args):
     kernel = kernels(device, name)
     if op not in _AUTOGRAD:
         return kernel(op)(*args)
-    refuse_forward_ad(op, args)
+    refuse_unsupported_derivatives(op, args)
     needs_grad = torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     if name not in _DISPATCHED:
         return _OnBackend.apply(op, kernel, *args) if needs_grad else kernel(op)(*args)

@@ -67,7 +67,7 @@ def calibrate_unchecked_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_
     _checks.writable_in_place("x", x)
     kernel = _dispatch.kernels(x.device)
     args = (x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max)
-    _dispatch.refuse_forward_ad("calibrate_", args)
+    _dispatch.refuse_unsupported_derivatives("calibrate_", args)
     if torch.is_grad_enabled() and x.requires_grad:
         if torch.compiler.is_compiling():
             # Traced, an in-place op is made functional and written back anyway: the functional op
