@@ -107,11 +107,18 @@ def pair(name: str, value) -> tuple[float, float]:
     return low, high
 
 
-def process_group(name: str, value):
-    """None (the default group, the world) or a ``torch.distributed`` ProcessGroup."""
-    if value is not None and not (dist.is_available() and isinstance(value, dist.ProcessGroup)):
-        raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {_type_name(value)}")
-    return value
+def process_group(name: str, value, *, member: bool = False):
+    """None (the default group, the world) or a ``torch.distributed`` ProcessGroup, or the value
+    ``new_group`` gives a rank outside the group (``GroupMember.NON_GROUP_MEMBER``: a module's
+    calls then stay local, as torch's collectives skip it). ``member``: a collective of
+    dirfast.distributed, which runs on the group's ranks only, refuses that value (ValueError)."""
+    outside = dist.is_available() and type(value) is int and value == dist.GroupMember.NON_GROUP_MEMBER
+    if outside and member:
+        raise ValueError(f"{name} is GroupMember.NON_GROUP_MEMBER (this rank is outside the group): call the "
+                         "collective on the group's ranks only")
+    if value is None or outside or (dist.is_available() and isinstance(value, dist.ProcessGroup)):
+        return value
+    raise TypeError(f"{name} must be a torch.distributed ProcessGroup or None, got {_type_name(value)}")
 
 
 def tensor(name: str, value) -> torch.Tensor:

@@ -37,7 +37,7 @@ def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | 
     the collective that follows until the process group times out. Returns what check returned."""
     if not callable(check):
         raise TypeError(f"check must be a callable (of no arguments), got {type(check).__name__}")
-    validate.process_group("process_group", process_group)
+    validate.process_group("process_group", process_group, member=True)
     try:
         result, error = check(), None
     except (ValueError, TypeError) as exc:
@@ -55,7 +55,7 @@ def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | 
 def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup | None = None) -> torch.Tensor:
     """``tensor`` summed over the ranks of the group (in place, and returned)."""
     validate.readable("tensor", validate.tensor("tensor", tensor))
-    validate.process_group("process_group", process_group)
+    validate.process_group("process_group", process_group, member=True)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
     return tensor
 
@@ -66,7 +66,7 @@ def all_reduce_bin_stats(count: torch.Tensor, mean: torch.Tensor, var: torch.Ten
     one all-gather of each rank's count, mean and M2, merged in float64. ``count`` ``[B]``, ``mean``
     and ``var`` ``[B, D]`` floating, on one device (each rank's of the same shape)."""
     _check_bin_stats(count, mean, var)
-    validate.process_group("process_group", process_group)
+    validate.process_group("process_group", process_group, member=True)
     n = count.to(torch.float64)
     packed = torch.cat([n.unsqueeze(1), mean.double(), m2_from_var(n, var.double())], dim=1)
     parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(process_group))]
@@ -87,7 +87,7 @@ def all_gather_rows(tensor: torch.Tensor, process_group: ProcessGroup | None = N
     term that needs the other ranks' gradients."""
     if validate.readable("tensor", validate.tensor("tensor", tensor)).dim() == 0:
         raise ValueError("tensor must have rows (at least one dimension), got a 0-d tensor")
-    validate.process_group("process_group", process_group)
+    validate.process_group("process_group", process_group, member=True)
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     rows = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
     sizes = [torch.zeros_like(rows) for _ in range(world)]

@@ -456,7 +456,12 @@ CONR_WEIGHTS = (Bad("str", lambda v: "w", TypeError), Bad("None", lambda v: None
                 Bad("[N, 2]", lambda v: torch.ones(8, 2), ValueError), Bad("fewer", lambda v: torch.ones(7), ValueError),
                 Bad("tensor [N]", lambda v: torch.rand(8, generator=gen(18)) + 0.5, FINITE))
 GENERATOR = (Bad("int", lambda v: 3, TypeError), Bad("str", lambda v: "seed", TypeError))
-PROCESS_GROUP = (Bad("str", lambda v: "world", TypeError), Bad("int", lambda v: 0, TypeError))
+# The group of a module or a loss; a rank outside a group (new_group's NON_GROUP_MEMBER) stays local.
+PROCESS_GROUP = (Bad("str", lambda v: "world", TypeError), Bad("int", lambda v: 0, TypeError),
+                 Bad("this rank outside it", lambda v: torch.distributed.GroupMember.NON_GROUP_MEMBER, SAME))
+# The group of a collective, which runs on the group's ranks only.
+MEMBER_GROUP = PROCESS_GROUP[:2] + (
+    Bad("this rank outside it", lambda v: torch.distributed.GroupMember.NON_GROUP_MEMBER, ValueError),)
 A_CALLABLE = (Bad("int", lambda v: 1, TypeError), Bad("None", lambda v: None, TypeError))
 SUMMED = NOT_A_TENSOR + (Bad("meta", lambda v: v.to("meta"), ValueError), Bad("non-contiguous", _strided, SAME))
 ROWS = SUMMED + (Bad("0-d", lambda v: v.reshape(-1)[0], ValueError),)
@@ -670,15 +675,15 @@ API = {
         "process_group": (PROCESS_GROUP, None)}),
     "dirfast.distributed.checked_on_every_rank": Entry(in_one_process_group(
         dirfast.distributed.checked_on_every_rank), {
-        "check": (A_CALLABLE, lambda: 1), "process_group": (PROCESS_GROUP, None)}),
+        "check": (A_CALLABLE, lambda: 1), "process_group": (MEMBER_GROUP, None)}),
     "dirfast.distributed.all_reduce_sum": Entry(in_one_process_group(dirfast.distributed.all_reduce_sum), {
-        "tensor": (SUMMED, torch.arange(3.0)), "process_group": (PROCESS_GROUP, None)}),
+        "tensor": (SUMMED, torch.arange(3.0)), "process_group": (MEMBER_GROUP, None)}),
     "dirfast.distributed.all_reduce_bin_stats": Entry(in_one_process_group(dirfast.distributed.all_reduce_bin_stats), {
         "count": (BUCKET_COUNTS, torch.tensor([2, 0, 3])), "mean": (BIN_TABLE, RUNNING[1]),
         "var": (BIN_TABLE, RUNNING[2]),
-        "process_group": (PROCESS_GROUP, None)}),
+        "process_group": (MEMBER_GROUP, None)}),
     "dirfast.distributed.all_gather_rows": Entry(in_one_process_group(dirfast.distributed.all_gather_rows), {
-        "tensor": (ROWS, X8), "process_group": (PROCESS_GROUP, None)}),
+        "tensor": (ROWS, X8), "process_group": (MEMBER_GROUP, None)}),
     "dirfast.use_backend": Entry(lambda name: dirfast.use_backend(name).__enter__(), {"name": (CHOICE + (
         Bad("numpy array of two", lambda v: np.array([v, "x"]), ValueError),), "reference")},
                                  named_as={"name": "backend"}),

@@ -103,6 +103,16 @@ def _worker(rank, init_file, out_dir):
         loss.backward()
         alone = dirfast.losses.bmc_loss(pred[rows], target[rows], 0.7)  # all_ranks off: the local prior
         result.update(bmc_loss=loss.detach(), bmc_grad=local_pred.grad, bmc_noise_grad=noise_var.grad, bmc_alone=alone)
+        # 7. groups given: the world's, a new group of both ranks, and one of rank 0 alone (new_group
+        # gives rank 1 GroupMember.NON_GROUP_MEMBER: its calls stay local, as torch's collectives do)
+        pair, solo = dist.new_group([0, 1]), dist.new_group([0])  # every rank calls new_group
+        for key, group in (("world", dist.group.WORLD), ("pair", pair), ("solo", solo)):
+            grouped = dirfast.LDS(dirfast.Binning.integer(BUCKETS), reweight="inverse", inverse_clip=None,
+                                  process_group=group)
+            result[f"lds_counts_{key}"] = grouped.fit(ys).empirical
+        paired = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2, process_group=pair)
+        paired.update_running_stats(xs, ys, 0)
+        result.update(pair_mean=paired.running_mean, pair_var=paired.running_var)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         del model  # DDP sits in a reference cycle: collect it while its process group lives
         gc.collect()  # (collected at interpreter exit, it aborts the worker now and then)
@@ -122,6 +132,10 @@ def test_two_processes_match_one():
         torch.testing.assert_close(got["streamed_mean"], expected["running_mean"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["streamed_var"], expected["running_var"], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got["lds_counts"], expected["lds_counts"], rtol=0, atol=0)
+        for key in ("world", "pair"):
+            torch.testing.assert_close(got[f"lds_counts_{key}"], expected["lds_counts"], rtol=0, atol=0)
+        torch.testing.assert_close(got["pair_mean"], expected["running_mean"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["pair_var"], expected["running_var"], rtol=1e-5, atol=1e-5)
         # DDP: the statistics of the encoder's features of all the data, on every rank
         whole = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)
         whole.update_running_stats(got["ddp_features"], _data()[1], 0)
@@ -144,6 +158,8 @@ def test_two_processes_match_one():
     for name in ("running_mean", "running_var", "streamed_mean", "ddp_mean"):
         assert torch.equal(ranks[0][name], ranks[1][name]), name
     assert float(ranks[0]["local_tracked"].sum()) == N // WORLD
+    for rank in range(WORLD):  # a group of rank 0 alone: each rank's counts are its own shard's
+        assert float(ranks[rank]["lds_counts_solo"].sum()) == N // WORLD
 
 
 def _refusing_worker(rank, init_file, out_dir):
