@@ -88,11 +88,11 @@ def boolean(name: str, value) -> bool:
     return bool(value)
 
 
-def choice(name: str, value, options):
-    """One of ``options`` (str): anything else is an unknown option, a ValueError."""
+def choice(name: str, value, options) -> str:
+    """One of ``options`` (str), as a str: anything else is an unknown option, a ValueError."""
     if not isinstance(value, str) or value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
-    return value
+    return str(value)  # a NumPy string as a str: a state dict holding one would not load with weights_only
 
 
 def pair(name: str, value) -> tuple[float, float]:

@@ -65,11 +65,11 @@ class LDS(FittedEstimator):
                  bucket_start: int = 0, sync: bool = True, process_group: ProcessGroup | None = None) -> None:
         if not isinstance(binning, (Binning, GridBinning)):
             raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
-        validate.choice("reweight", reweight, REWEIGHTS)
+        reweight = validate.choice("reweight", reweight, REWEIGHTS)
         lds = validate.boolean("lds", lds)
         if lds and reweight == "none":
             raise ValueError("reweight='none' cannot be combined with lds=True (there is no base to smooth)")
-        validate.choice("padding", padding, ops.PADDINGS)
+        padding = validate.choice("padding", padding, ops.PADDINGS)
         bucket_start = validate.integer("bucket_start", bucket_start, 0, binning.num_bins - 1)
         if isinstance(binning, GridBinning) and bucket_start:
             raise ValueError("bucket_start must be 0 with a GridBinning (there is no first bin to merge into)")
@@ -83,9 +83,9 @@ class LDS(FittedEstimator):
         self.reweight = reweight
         self.lds = lds
         self.inverse_clip = None if inverse_clip is None else validate.pair("inverse_clip", inverse_clip)
-        # Python numbers (kernel_window checked them): a NumPy scalar in the state dict would not load
-        # under torch.load's default weights_only=True
-        self.kernel, self.ks, self.sigma = kernel, int(ks), float(sigma)
+        # Python values (kernel_window checked them): a NumPy scalar or string in the state dict would
+        # not load under torch.load's default weights_only=True
+        self.kernel, self.ks, self.sigma = str(kernel), int(ks), float(sigma)
         self.padding, self.bucket_start = padding, bucket_start
         self._derived = None  # (effective, float32 weight per bin), derived from the counts
 

@@ -62,7 +62,7 @@ MUTATIONS = [
       (("dirfast/fds.py", "inplace = features.dim() == 2", "inplace = True"),),
       ("test_fds.py",)),
     M("lds-numpy-settings", "LDS keeping ks and sigma as given (a NumPy scalar fails torch.load's weights_only)",
-      (("dirfast/lds.py", "kernel, int(ks), float(sigma)", "kernel, ks, sigma"),),
+      (("dirfast/lds.py", "str(kernel), int(ks), float(sigma)", "kernel, ks, sigma"),),
       ("test_lds.py",)),
     M("bandwidth-unchecked", "dirfast.bandwidth.silverman computing on its labels unchecked",
       (("dirfast/bandwidth.py", 'return _silverman(validate.finite_values("values", values))',

@@ -288,7 +288,7 @@ def test_a_fit_in_chunks_is_the_fit_in_one(name, monkeypatch):
 
 def test_refit_replaces_and_state_dict_round_trips():
     first, second = torch.from_numpy(LABELS["normal"]), torch.from_numpy(LABELS["integers"])
-    estimator = dirfast.DenseWeight(alpha=0.7, bandwidth="scott").fit(first)
+    estimator = dirfast.DenseWeight(alpha=np.float64(0.7), bandwidth=np.str_("scott")).fit(first)  # NumPy values
     fresh = dirfast.DenseWeight(alpha=0.7, bandwidth="scott").fit(second)
     estimator.fit(second)
     assert torch.equal(estimator.weights(second), fresh.weights(second)), "fit starts from scratch"

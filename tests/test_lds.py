@@ -193,10 +193,10 @@ def test_lds_update_accumulates():
 @pytest.mark.parametrize("reweight", ["sqrt_inv", "inverse"])
 def test_lds_state_dict_round_trip(reweight, tmp_path):
     """Through torch.save and torch.load (weights_only=True, its default), with the settings given
-    as NumPy values: the state holds them as Python numbers, which that load takes."""
+    as NumPy values: the state holds them as Python values, which that load takes."""
     labels = age_labels(900, seed=12)
-    settings = dict(reweight=reweight, kernel="laplace", ks=np.int64(7), sigma=np.float64(3.0),
-                    inverse_clip=np.array([5, 1000]))
+    settings = dict(reweight=np.str_(reweight), kernel=np.str_("laplace"), ks=np.int64(7), sigma=np.float64(3.0),
+                    inverse_clip=np.array([5, 1000]), padding=np.str_("constant"))
     est = dirfast.LDS(dirfast.Binning.integer(121), **settings).fit(labels)
     path = tmp_path / "lds.pt"
     torch.save(est.state_dict(), path)
