@@ -101,6 +101,8 @@ def all_gather_rows(tensor: torch.Tensor, process_group: ProcessGroup | None = N
 
 
 def _check_bin_stats(count, mean, var) -> None:
+    """all_reduce_bin_stats' arguments: a count per bucket ``[B]`` of real numbers, floating
+    ``mean`` and ``var`` ``[B, D]``, with values to read, on one device."""
     validate.tensor("count", count)
     if count.dtype.is_complex or count.dtype == torch.bool:
         raise TypeError(f"count must be a tensor of real numbers, got {count.dtype}")
