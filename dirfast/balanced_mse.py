@@ -243,7 +243,8 @@ class _MixtureBalancedMSE(_BalancedMSENode):
 
 class _BatchBalancedMSE(_BalancedMSENode):
     """BMC on targets of d > 1 dimensions in one autograd node, a block of rows at a time against
-    the whole prior (``[rows, M]`` in memory, not the matrix form's ``[N, M, d]``): with ``D_ij =
+    the whole prior (``[rows, M]`` in memory, not the matrix form's ``[N, M, d]``; under
+    torch.compile all N rows in one block, so one graph serves every batch size): with ``D_ij =
     |pred_i - prior_j|^2``, the published cross-entropy over the logits ``-D_ij / (2 v)`` (row
     i's own target its class) is this loss with the balancing term ``log sum_j exp(-D_ij / (2 v))
     - d log(v) / 2``. From each row's softmax ``r``, the gradients for an upstream 1 are formed
@@ -258,13 +259,16 @@ class _BatchBalancedMSE(_BalancedMSENode):
         diff = pred - target
         v = noise_var.to(pred.dtype)
         wanted = any(ctx.needs_input_grad[:3])
-        rows = max(1, _BLOCK_ELEMENTS // (prior.shape[0] * dims))
+        if torch.compiler.is_compiling():  # one block: a loop over the rows would fix n, and recompile for each batch
+            blocks = [slice(None)]
+        else:
+            rows = max(1, _BLOCK_ELEMENTS // (prior.shape[0] * dims))
+            blocks = [slice(start, start + rows) for start in range(0, n, rows)]
         lse, pred_direction, weighted = [], [], 0
         if wanted:  # the float64 operands of the pred gradient below
             prior64, pred64 = prior.double(), pred.double()
             diff64 = pred64 - target.double()
-        for start in range(0, n, rows):
-            part = slice(start, start + rows)
+        for part in blocks:
             distance = (pred[part, None] - prior[None]).square_().sum(-1)  # [rows, M]
             logits = distance / (-2 * v)
             lse.append(torch.logsumexp(logits, 1))

@@ -432,6 +432,30 @@ def test_modules_compile_fullgraph(name):
         torch.testing.assert_close(a, b)
 
 
+def test_bmc_on_several_dimensions_compiles_once_for_every_batch_size():
+    """Traced with dynamic shapes, BMC on [N, d] targets is one graph for any batch size, and its
+    loss and gradients are eager's (its loop over blocks of rows fixed N: a graph per batch size,
+    until torch's recompile limit sent it back to eager)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    module = BMCLoss()
+    step = torch.compile(lambda p, t: module(p, t), backend=counter, dynamic=True)
+    for n in (10, 13, 17, 24):
+        pred, target = batch((n, 2), seed=n, device="cpu", dtype=torch.float32)
+        results = []
+        for fn in (step, lambda p, t: module(p, t)):
+            p = pred.detach().clone().requires_grad_()
+            module.zero_grad()
+            loss = fn(p, target)
+            loss.backward()
+            results.append((loss.detach(), p.grad, module.noise_sigma.grad.clone()))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1
+
+
 # -- the functions check what the modules check ---------------------------------------------------
 @pytest.mark.parametrize("name, centers, weights", [
     ("negative weight", [0.0, 1.0, 2.0], [1.0, -1.0, 1.0]), ("NaN weight", [0.0, 1.0, 2.0], [1.0, float("nan"), 1.0]),
