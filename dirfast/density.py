@@ -161,9 +161,12 @@ class DenseWeight(FittedEstimator):
     ``p'`` is the kernel density scaled to ``[0, 1]`` by its minimum and maximum over the grid,
     as the denseweight package does (the grid minimum is 0: the grid reaches past the 4-sigma
     window); between grid points it is interpolated linearly. Weights are float32 and average 1
-    over the fitted labels. Fitting reads the labels on the host; :meth:`weights` does not. Under
-    ``torch.distributed`` a fit is of the labels given only (unlike LDS, which sums the ranks'
-    counts): pass the whole training set's labels on every rank.
+    over the fitted labels. The density is of one dimension: every element of the labels is a
+    label (a depth map's pixels), so ``[N, d]`` targets would be pooled into one density; for
+    those, use :class:`~dirfast.LDS` over a :class:`~dirfast.GridBinning`. Fitting reads the
+    labels on the host; :meth:`weights` does not. Under ``torch.distributed`` a fit is of the
+    labels given only (unlike LDS, which sums the ranks' counts): pass the whole training set's
+    labels on every rank.
 
     Example::
 
