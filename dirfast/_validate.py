@@ -242,6 +242,28 @@ def state_mapping(value, owner: str) -> Mapping:
     return value
 
 
+def state_values(key: str, value) -> torch.Tensor:
+    """An estimator's state dict entry ``key`` (LDS, DenseWeight) as a float64 CPU tensor: a
+    ValueError naming it unless it holds real numbers (complex parts, bools and float8 roundings
+    would load silently)."""
+    if isinstance(value, torch.Tensor):
+        wrong = value.is_complex() or value.dtype == torch.bool or (
+            value.is_floating_point() and value.dtype not in FLOAT_DTYPES)
+        kind = str(value.dtype)
+    else:
+        try:
+            kind = np.asarray(value).dtype
+        except Exception:  # ragged lists and the like: refused below
+            kind = np.dtype(object)
+        wrong = kind.kind not in "iuf"
+    if wrong:
+        raise ValueError(f"state_dict {key!r} must hold real numbers, got {kind}")
+    try:
+        return torch.as_tensor(value, dtype=torch.float64).cpu()
+    except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
+        raise ValueError(f"state_dict {key!r} is not a tensor of numbers ({exc})") from None
+
+
 def checkpoint_errors(state_dict: Mapping, prefix: str, current: Mapping, strict: bool, owner: str,
                       optional=()) -> list:
     """What is wrong with a module's entries of ``state_dict`` (``current``: name -> tensor),
@@ -264,6 +286,8 @@ def checkpoint_errors(state_dict: Mapping, prefix: str, current: Mapping, strict
                           f"checkpoint, the shape in current model is {tuple(mine.shape)}.")
         elif saved.is_complex() or saved.dtype == torch.bool:
             errors.append(f"{key}: expected real numbers, got {saved.dtype}.")
+        elif saved.is_floating_point() and saved.dtype not in FLOAT_DTYPES:  # a float8: no isfinite, and rounded
+            errors.append(f"{key}: expected float16, bfloat16, float32 or float64 values, got {saved.dtype}.")
         elif saved.is_meta:
             errors.append(f"{key}: the checkpoint holds a meta tensor, without values.")
         elif saved.is_floating_point() and not bool(torch.isfinite(saved).all()):

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from . import _validate as validate
 from . import distributed, ops
-from ._state import move_only
+from ._state import CheckedLoad, move_only
 from ._types import ArrayLike, ProcessGroup
 from .binning import GridBinning
 from .lds import LDS
@@ -396,7 +396,7 @@ def _gai(pred, target, means, covariances, weights, noise_var) -> torch.Tensor:
 
 
 # -- modules -----------------------------------------------------------------------------------
-class _BalancedMSE(torch.nn.Module):
+class _BalancedMSE(CheckedLoad):
     """A learnable noise scale ``noise_sigma`` (a 0-dim float32 parameter, as published)."""
 
     def __init__(self, init_noise_sigma: float, learn_noise: bool) -> None:

@@ -254,13 +254,16 @@ class DenseWeight(FittedEstimator):
     def _fit_from_state(self, state, fitted: bool):
         if not fitted:
             return None
-        try:
-            density = torch.as_tensor(state["density"], dtype=torch.float64).cpu()
-            numbers = {key: float(state[key]) for key in ("low", "step", "scale", "fitted_bandwidth")}
-        except KeyError as exc:
-            raise ValueError(f"state_dict has no {exc.args[0]!r}") from None
-        except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
-            raise ValueError(f"state_dict holds a value that is not a number ({exc})") from None
+        missing = [key for key in ("density", "low", "step", "scale", "fitted_bandwidth") if key not in state]
+        if missing:
+            raise ValueError(f"state_dict has no {missing[0]!r}")
+        density = validate.state_values("density", state["density"])
+        numbers = {}
+        for key in ("low", "step", "scale", "fitted_bandwidth"):
+            value = validate.state_values(key, state[key])
+            if value.numel() != 1:
+                raise ValueError(f"state_dict {key!r} must be one number, got shape {tuple(value.shape)}")
+            numbers[key] = float(value)
         if density.shape != (self.grid_size,):
             raise ValueError(f"state_dict 'density' has shape {tuple(density.shape)}, "
                              f"this DenseWeight expects ({self.grid_size},)")
@@ -271,6 +274,8 @@ class DenseWeight(FittedEstimator):
                 and all(math.isfinite(value) for value in numbers.values())):
             raise ValueError("state_dict 'low' must be finite and 'step', 'scale', 'fitted_bandwidth' positive and "
                              "finite, with a grid float64 holds")
+        if numbers["scale"] > validate.FLOAT32_MAX:  # the largest weight is the scale, in float32
+            raise ValueError(f"state_dict 'scale' must be finite in float32 (the weights' dtype), got {numbers['scale']!r}")
         return dict(numbers, density=density.clone())
 
     def __repr__(self) -> str:

@@ -10,7 +10,7 @@ from torch import nn
 from . import _validate as validate
 from . import distributed, ops
 from ._autograd import in_place_refusal, recomputing_in_backward
-from ._state import move_only
+from ._state import CheckedLoad, move_only
 from ._types import ProcessGroup
 from .ops.accumulate_bin_stats import accumulate_bin_stats_unchecked_, var_from_m2
 from .ops.calibrate import calibrate_unchecked, calibrate_unchecked_, scale_shift
@@ -45,7 +45,7 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.shape == b.shape and a.stride() == b.stride())
 
 
-class FDS(nn.Module):
+class FDS(CheckedLoad):
     """Feature distribution smoothing (Yang et al., ICML 2021), vectorised over buckets.
 
     Keeps a running mean and variance of the features in each of the buckets
@@ -435,7 +435,7 @@ class FDS(nn.Module):
         current = {name: getattr(self, name) for name in names}
         missing = [prefix + name for name in names if name not in self._ACCUMULATORS and prefix + name not in state_dict]
         errors = validate.checkpoint_errors(state_dict, prefix, current, False, "FDS")
-        errors += self._value_errors(state_dict, prefix, current)
+        errors = errors or self._value_errors(state_dict, prefix, current)  # of entries of the right kind
         if missing or errors:
             missing_keys.extend(missing)
             error_msgs.extend(errors)

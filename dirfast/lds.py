@@ -214,10 +214,7 @@ class LDS(FittedEstimator):
     def _fit_from_state(self, state, fitted: bool):
         if "counts" not in state:
             raise ValueError("state must be a dict from LDS.state_dict() (it has no 'counts')")
-        try:
-            counts = torch.as_tensor(state["counts"], dtype=torch.float64).cpu()
-        except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
-            raise ValueError(f"state_dict 'counts' is not a tensor of numbers ({exc})") from None
+        counts = validate.state_values("counts", state["counts"])
         if counts.shape != (self._num_rows,):
             raise ValueError(f"state_dict 'counts' has shape {tuple(counts.shape)}, this LDS expects "
                              f"({self._num_rows},)")
@@ -283,12 +280,14 @@ def refuse_sync(caller: str, options) -> None:
 
 
 def _same_edges(saved, edges) -> bool:
+    """Whether saved edges (real numbers: complex ones are not edges) are ``edges``."""
     if isinstance(edges, list):
         return (isinstance(saved, (list, tuple)) and len(saved) == len(edges)
-                and all(np.array_equal(np.asarray(a), b.numpy()) for a, b in zip(saved, edges)))
+                and all(_same_edges(a, b) for a, b in zip(saved, edges)))
     try:
-        return np.array_equal(np.asarray(saved), edges.numpy())
-    except (TypeError, ValueError):
+        saved = np.asarray(saved)
+        return saved.dtype.kind in "iuf" and np.array_equal(saved, edges.numpy())
+    except (TypeError, ValueError, RuntimeError):
         return False
 
 

@@ -302,8 +302,11 @@ GMM = (Bad("path", lambda v: "gmm.pkl", TypeError), Bad("list", lambda v: [1.0],
 # (LDS, DenseWeight) or nn.Module's RuntimeError (modules). Each entry is corrupted in turn.
 STATE = (Bad("not a dict", lambda v: "state", TypeError), Bad("empty", lambda v: {}, None),
          Bad("each entry missing", lambda v: v, "missing"), Bad("each entry NaN", lambda v: v, "nan"),
-         Bad("each entry of another shape", lambda v: v, "shape"), Bad("each entry on meta", lambda v: v, "meta"))
+         Bad("each entry of another shape", lambda v: v, "shape"), Bad("each entry on meta", lambda v: v, "meta"),
+         Bad("each entry float8", lambda v: v, "float8"), Bad("each entry complex", lambda v: v, "complex"))
 AXES = (Bad("str", lambda v: "ax", TypeError), Bad("int", lambda v: 1, TypeError))
+# A module's strict load: a key it does not have is refused before any entry is copied.
+EXTRA_KEY = Bad("an extra key", lambda v: dict(v, bogus=torch.ones(1)), RuntimeError)
 
 
 # =========================================================================== good values
@@ -396,7 +399,7 @@ def loss_module_methods() -> dict:
     other_state = {BMCLoss: BMCLoss(1.3).state_dict(), BNILoss: BNILoss(1.3, CENTERS + 1, COUNTS * 2).state_dict(),
                    GAILoss: GAILoss(1.3, dict(GMM2, means=GMM2["means"] * 2, variances=GMM2["variances"] * 3,
                                               weights=torch.tensor([0.2, 0.8]))).state_dict()}
-    noise = (Bad("noise_sigma 0", lambda v: dict(v, noise_sigma=torch.tensor(0.0)), RuntimeError),
+    noise = (EXTRA_KEY, Bad("noise_sigma 0", lambda v: dict(v, noise_sigma=torch.tensor(0.0)), RuntimeError),
              Bad("noise_sigma 1e20", lambda v: dict(v, noise_sigma=torch.tensor(1e20)), RuntimeError))
     pair = {"pred": (FLOAT_TENSOR[:-3] + (Bad("[N] against [N, 1]", lambda v: v[:, 0], ValueError),), PRED),
             "target": (FLOAT_TENSOR[:-3], TARGET)}
@@ -580,6 +583,8 @@ API = {
         "state": (STATE + (Bad("density above 1", lambda v: dict(v, density=v["density"] + 1), ValueError),
                            Bad("negative step", lambda v: dict(v, step=-1.0), ValueError),
                            Bad("step a str", lambda v: dict(v, step="x"), ValueError),
+                           Bad("low of two values", lambda v: dict(v, low=torch.zeros(2)), ValueError),
+                           Bad("scale beyond float32", lambda v: dict(v, scale=1e300), ValueError),
                            Bad("infinite low", lambda v: dict(v, low=INF), ValueError),
                            Bad("grid beyond float64", lambda v: dict(v, step=1e307), ValueError),
                            Bad("other alpha", lambda v: dict(v, alpha=1.0), ValueError),
@@ -636,7 +641,7 @@ API = {
     "dirfast.FDS.diagnostics": method("diagnostics", trained_fds),
     "dirfast.FDS.extra_repr": method("extra_repr", trained_fds),
     "dirfast.FDS.load_state_dict": method("load_state_dict", trained_fds, {
-        "state_dict": (STATE + (
+        "state_dict": (STATE + (EXTRA_KEY,
             Bad("float64 beyond float32", lambda v: dict(v, running_mean=_set_first(v["running_mean"].double(), 1e39)),
                 RuntimeError),
             Bad("negative running_var", lambda v: dict(v, running_var=_set_first(v["running_var"], -1.0)), RuntimeError),
@@ -1000,7 +1005,7 @@ def _corrupted_states(state, how, optional=()):
     """``state`` with each of its tensor entries corrupted in turn (``how``); a load may do
     without the ``optional`` ones."""
     for key, value in state.items():
-        if not isinstance(value, torch.Tensor) or (how == "nan" and not value.is_floating_point()):
+        if not isinstance(value, torch.Tensor) or (how in ("nan", "float8") and not value.is_floating_point()):
             continue
         if how == "missing" and key in optional:
             continue
@@ -1011,6 +1016,8 @@ def _corrupted_states(state, how, optional=()):
             bad[key] = torch.full_like(value, NAN)
         elif how == "shape":
             bad[key] = torch.cat([value.reshape(-1), value.reshape(-1)[:1]])
+        elif how in ("float8", "complex"):
+            bad[key] = value.to(torch.float8_e4m3fn if how == "float8" else torch.complex128)
         else:
             bad[key] = value.to("meta")
         yield key, bad
