@@ -108,7 +108,8 @@ def _region_of_bins(regions, num_bins: int) -> np.ndarray:
     listed = set()
     for index, name in enumerate(REGIONS):
         bins = regions.get(name, ())
-        if isinstance(bins, (str, bytes, dict)) or not isinstance(bins, Iterable):
+        if isinstance(bins, (str, bytes, dict)) or not isinstance(bins, Iterable) or (
+                isinstance(bins, (np.ndarray, torch.Tensor)) and bins.ndim != 1):
             raise TypeError(f"regions[{name!r}] must be a list of bins, got {type(bins).__name__}")
         for b in bins:
             b = validate.integer(f"regions[{name!r}]", b, 0, num_bins - 1)
@@ -163,19 +164,20 @@ def shot_metrics(preds: ArrayLike, labels: ArrayLike, train_labels: ArrayLike | 
     correlations = validate.boolean("correlations", correlations)
     if correlations and isinstance(binning, GridBinning) and binning.ndim > 1:
         raise ValueError(f"correlations are of labels of one dimension: the grid has {binning.ndim}")
+    many, low = validate.real("many_shot_thr", many_shot_thr), validate.real("low_shot_thr", low_shot_thr)
+    if low > many:
+        raise ValueError(f"low_shot_thr ({low_shot_thr}) must not exceed many_shot_thr ({many_shot_thr}): "
+                         "the regions would overlap")
     preds, labels, errors = _samples(preds, labels, binning)
+    # checked whenever given (with regions they are not needed)
+    train = None if train_labels is None else _values("train_labels", train_labels)
     if regions is not None:
         if binning is None:
             raise ValueError("regions are bin lists: pass the binning they refer to")
         region = _region_of_bins(regions, binning.num_bins)[binning(labels, precision="float32").numpy()]
     else:
-        if train_labels is None:
+        if train is None:
             raise TypeError("shot_metrics() needs train_labels (or regions)")
-        many, low = validate.real("many_shot_thr", many_shot_thr), validate.real("low_shot_thr", low_shot_thr)
-        if low > many:
-            raise ValueError(f"low_shot_thr ({low_shot_thr}) must not exceed many_shot_thr ({many_shot_thr}): "
-                             "the regions would overlap")
-        train = _values("train_labels", train_labels)
         train = _rows("train_labels", train, binning.ndim) if isinstance(binning, GridBinning) else train.reshape(-1)
         if binning is None:
             test_keys, train_keys = labels, train.astype(int)

@@ -826,8 +826,15 @@ API = {
                      Bad("bin past the bins", lambda v: {"many": [100]}, ValueError),
                      Bad("bin a float", lambda v: {"many": [1.5]}, TypeError),
                      Bad("a bin, not a list", lambda v: {"many": 5}, TypeError),
-                     Bad("bin in two regions", lambda v: {"many": [1], "low": [1]}, ValueError)), None),
+                     Bad("bin in two regions", lambda v: {"many": [1], "low": [1]}, ValueError),
+                     Bad("a 0-d array of bins", lambda v: {"many": np.array(3)}, TypeError)), None),
         "exact_error": (NON_NEGATIVE, 0.0), "correlations": (BOOL, True)}),
+    # With regions the training labels and thresholds are not needed, but checked when given.
+    "dirfast.metrics.shot_metrics over regions": Entry(dirfast.metrics.shot_metrics, {
+        "preds": (EVAL_VALUES[:1], TEST + 0.5), "labels": (EVAL_VALUES[:1], TEST), "train_labels": (NOT_REAL, TRAIN),
+        "many_shot_thr": (REAL + (Bad("below low_shot_thr", lambda v: 10, ValueError),), 100),
+        "low_shot_thr": (REAL, 20), "binning": (BINNING, INT100), "regions": ((), {"many": [1, 2], "low": [3]})},
+        expect={("train_labels", "None"): SAME}),
     "dirfast.metrics.shot_metrics over a grid": Entry(dirfast.metrics.shot_metrics, {
         "preds": (GRID_VALUES, GRID_Y + 0.1), "labels": (GRID_VALUES, GRID_Y),
         "train_labels": (GRID_VALUES + (Bad("[N, 3]", lambda v: torch.cat([v, v[:, :1]], 1), ValueError),), GRID_Y),
