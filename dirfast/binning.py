@@ -135,7 +135,7 @@ class Binning:
         finite in float32, where labels are scaled (as :func:`dirfast.ops.integer_bins`)."""
         num_bins = validate.integer("num_bins", num_bins, 1, MAX_BINS)
         # beyond float32, label * scale is inf or NaN there, and the bins depend on the backend
-        scale = validate.in_dtype("scale", validate.positive("scale", scale), torch.float32)
+        scale = validate.in_dtype("scale", validate.positive("scale", scale), torch.float32, reciprocal=True)
         binning = cls.__new__(cls)
         binning._setup(_checked_edges(np.arange(num_bins + 1, dtype=np.float64) / scale), "integer", scale=scale)
         return binning
@@ -168,7 +168,7 @@ class Binning:
     @property
     def centers(self) -> np.ndarray:
         """The midpoint of each bin (float64 NumPy array of ``num_bins`` values)."""
-        return (self._edges[:-1] + self._edges[1:]) / 2
+        return self._edges[:-1] / 2 + self._edges[1:] / 2  # halves first: the sum of two large edges overflows
 
     @property
     def is_integer(self) -> bool:
@@ -331,6 +331,8 @@ class Binning:
         values, low, high = validate.finite_values_and_span("labels", labels)
         if low == high:
             pad = max(0.5, 4 * math.ulp(low))
+            if not math.isfinite(low - pad) or not math.isfinite(high + pad):
+                raise ValueError(f"labels are all {low!r}: a bin around them would reach beyond float64")
             return cls.uniform(low - pad, high + pad, 1)
         width = float(rule_width_unchecked(values, rule))
         if not width > 0:

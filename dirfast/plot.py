@@ -84,10 +84,12 @@ def plot_label_distribution(lds: LDS, ax: Axes | None = None) -> tuple[Axes, Axe
 
 
 def _check_axes_list(value, count: int) -> list:
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != count:
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
         raise TypeError(f"axes must be None or a sequence of {count} matplotlib Axes, got {value!r}")
     for index, ax in enumerate(value):
         _check_axes(f"axes[{index}]", ax)
+    if len(value) != count:
+        raise ValueError(f"axes must hold {count} matplotlib Axes, got {len(value)}")
     return list(value)
 
 

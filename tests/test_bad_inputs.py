@@ -183,7 +183,7 @@ def scalars(good_type: type, **extra) -> tuple:
     if good_type is int:
         wrong += [Bad("float", lambda v: float(v) + 0.5, TypeError), Bad("numpy int", lambda v: np.int64(v), SAME)]
     else:
-        wrong += [Bad("numpy float", lambda v: np.float64(v), SAME)]
+        wrong += [Bad("numpy float", lambda v: np.float64(v), SAME), Bad("numpy float32", lambda v: np.float32(v), CLOSE)]
     return tuple(wrong) + tuple(Bad(name, (lambda v, bad=bad: bad), error) for name, (bad, error) in extra.items())
 
 
@@ -305,6 +305,8 @@ STATE = (Bad("not a dict", lambda v: "state", TypeError), Bad("empty", lambda v:
          Bad("each entry of another shape", lambda v: v, "shape"), Bad("each entry on meta", lambda v: v, "meta"),
          Bad("each entry float8", lambda v: v, "float8"), Bad("each entry complex", lambda v: v, "complex"))
 AXES = (Bad("str", lambda v: "ax", TypeError), Bad("int", lambda v: 1, TypeError))
+# A scale whose inverse is beyond float32 (float32 rounds it to 0 or a subnormal: every label in bin 0).
+TINY_SCALE = Bad("1e-320 (1 / scale beyond float32)", lambda v: 1e-320, ValueError)
 # A module's strict load: a key it does not have is refused before any entry is copied.
 EXTRA_KEY = Bad("an extra key", lambda v: dict(v, bogus=torch.ones(1)), RuntimeError)
 
@@ -495,7 +497,7 @@ API = {
         Bad("2-D", lambda v: v[None], ValueError), Bad("meta", lambda v: v.to("meta"), ValueError)),
         torch.tensor([0.0, 1.0, 2.5]))}),
     "dirfast.Binning.integer": Entry(dirfast.Binning.integer, {"num_bins": (BIN_COUNT, 121), "scale": (POSITIVE + (
-        Bad("beyond float32", lambda v: 1e39, ValueError),), 10.0)}),
+        Bad("beyond float32", lambda v: 1e39, ValueError), TINY_SCALE), 10.0)}),
     "dirfast.Binning.uniform": Entry(dirfast.Binning.uniform, {
         "low": (REAL + (Bad("above high", lambda v: 6.0, ValueError), Bad("equal to high", lambda v: 5.0, ValueError),
                         Bad("too close to high for float64", lambda v: 5.0 - 1e-15, ValueError)), 0.0),
@@ -503,7 +505,10 @@ API = {
         "num_bins": (BIN_COUNT, 50)}),
     "dirfast.Binning.auto": Entry(dirfast.Binning.auto, {
         "labels": (FIT_LABELS + (Bad("spanning +-1e308", lambda v: torch.tensor([-1e308, 0.0, 1e308], dtype=torch.float64),
-                                     ValueError),), AGES),
+                                     ValueError),
+                                 Bad("all float64's largest", lambda v: torch.full((3,), 1.7976931348623157e308,
+                                                                                    dtype=torch.float64), ValueError)),
+                   AGES),
         "rule": (CHOICE, "fd"), "max_bins": (BIN_COUNT, 1000)}),
     "dirfast.Binning.__call__": method("__call__", lambda: INT121, {
         "labels": (NOT_REAL + NON_FINITE + LOW_PRECISION + LAYOUTS + (
@@ -710,7 +715,7 @@ API = {
             Bad("non-contiguous", _strided, SAME), Bad("float16", lambda v: v.half(), SAME),
             Bad("bfloat16", lambda v: v.bfloat16(), SAME), Bad("meta", lambda v: v.to("meta"), META)), EXACT_LABELS),
         "num_bins": (COUNT + (Bad("2^24 + 1", lambda v: 2 ** 24 + 1, ValueError),), 12),
-        "scale": (POSITIVE + (Bad("beyond float32", lambda v: 1e39, ValueError),), 0.5),
+        "scale": (POSITIVE + (Bad("beyond float32", lambda v: 1e39, ValueError), TINY_SCALE), 0.5),
         "first": (NON_NEGATIVE_INT + (Bad("num_bins", lambda v: 12, ValueError),), 2)}),
     "dirfast.ops.smooth_bins": Entry(ops.smooth_bins, {
         "stats": (FLOAT_TENSOR, STAT[1]),
@@ -954,7 +959,8 @@ API = {
                 grid_lds()), "axes": (AXES + (Bad("two Axes", lambda v: [1, 2], TypeError),), None)},
         named_as={"lds": "lds|LDS"}),
     "dirfast.plot.plot_fds_diagnostics": Entry(dirfast.plot.plot_fds_diagnostics, {
-        "fds": ((Bad("not an FDS", lambda v: fitted_lds(), TypeError),), trained_fds()), "axes": (AXES, None)}),
+        "fds": ((Bad("not an FDS", lambda v: fitted_lds(), TypeError),), trained_fds()),
+        "axes": (AXES + (Bad("three Axes for four panels", lambda v: list(plt.subplots(1, 3)[1]), ValueError),), None)}),
     **{f"dirfast.plot.{name}": CONSTANT for name in ("FDS_PANELS", "GRID_PANELS")},
 }
 

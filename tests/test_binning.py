@@ -232,6 +232,7 @@ def test_centers_and_repr():
     assert eval(repr(wide), {"Binning": dirfast.Binning}) == wide
     assert dirfast.Binning.integer(10) != dirfast.Binning([float(i) for i in range(11)])
     assert dirfast.Binning.uniform(0, 5, 50) == dirfast.Binning.uniform(0, 5, 50)
+    np.testing.assert_array_equal(dirfast.Binning([0.0, 1e308, 1.7e308]).centers, [5e307, 1.35e308])  # no overflow
 
 
 def test_equal_binnings_hash_alike():

@@ -141,10 +141,13 @@ def test_the_plots_reject_a_grid_lds_and_wrong_axes():
     cube = dirfast.GridBinning(*[dirfast.Binning.integer(2)] * 3)
     with pytest.raises(ValueError, match="two dimensions"):
         dirfast.plot.plot_grid_distribution(dirfast.LDS(cube).fit(torch.zeros(4, 3)))
-    with pytest.raises(TypeError, match="axes must be None or a sequence of 3"):
+    # a wrong number of Axes is a wrong value (ValueError, the validators' rule), a wrong kind a TypeError
+    with pytest.raises(ValueError, match="axes must hold 3 matplotlib Axes, got 2"):
         dirfast.plot.plot_grid_distribution(lds, axes=plt.subplots(1, 2)[1])
-    with pytest.raises(TypeError, match="axes"):
+    with pytest.raises(ValueError, match="axes must hold 4"):
         dirfast.plot.plot_fds_diagnostics(trained_fds(), axes=plt.subplots(1, 3)[1])
+    with pytest.raises(TypeError, match="axes"):
+        dirfast.plot.plot_fds_diagnostics(trained_fds(), axes="axes")
 
 
 @pytest.mark.parametrize("call, match", [

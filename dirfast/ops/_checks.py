@@ -70,8 +70,9 @@ def clips(clip_min, clip_max) -> tuple:
     """The clamp bounds of calibrate's variance ratio, as floats with 0 <= clip_min <= clip_max;
     both within float32's range (the arithmetic's), clip_max possibly infinite (no upper clamp)."""
     for name, value in (("clip_min", clip_min), ("clip_max", clip_max)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    clip_min, clip_max = float(clip_min), float(clip_max)
     if clip_min != clip_min or clip_max != clip_max or not 0 <= clip_min <= clip_max:  # NaN: as in real()
         raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, "
                          f"got {clip_min} and {clip_max}")

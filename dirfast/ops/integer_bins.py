@@ -28,7 +28,8 @@ def integer_bins(labels: torch.Tensor, num_bins: int, scale: float = 1.0, first:
     num_bins = _checks.integer("num_bins", num_bins)
     if not 1 <= num_bins <= MAX_BINS:
         raise ValueError(f"num_bins must be in [1, {MAX_BINS}], got {num_bins}")
-    scale = _checks.real("scale", scale, 0.0, above=True, dtype=_common.acc_dtype(labels.dtype))
+    # 1 / scale finite too: a scale that rounds to 0 there would put every label in bin 0
+    scale = _checks.real("scale", scale, 0.0, above=True, dtype=_common.acc_dtype(labels.dtype), reciprocal=True)
     first = _checks.integer("first", first)
     if not 0 <= first < num_bins:
         raise ValueError(f"first must be in [0, {num_bins}) (num_bins), got {first}")
