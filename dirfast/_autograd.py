@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .ops import may_overlap
+
 
 def in_place_refusal(name: str, tensor: torch.Tensor):
     """Why writing ``tensor`` in place would fail, now or in the backward pass (None when it
@@ -12,8 +14,9 @@ def in_place_refusal(name: str, tensor: torch.Tensor):
     view of one), or a tensor autograd saved."""
     if torch.compiler.is_compiling():
         return None
-    if torch._debug_has_internal_overlap(tensor) == 1:
-        return f"{name} has elements that share memory (an expanded tensor)"
+    overlap = torch._debug_has_internal_overlap(tensor)  # 1: it does; 2: torch cannot tell
+    if overlap == 1 or (overlap == 2 and may_overlap(tensor)):
+        return f"{name} has elements that share memory (an expanded tensor, or strides that overlap)"
     if not (torch.is_grad_enabled() and tensor.requires_grad):
         return None
     base = tensor._base if tensor._is_view() else tensor

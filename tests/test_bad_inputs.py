@@ -305,6 +305,9 @@ STATE = (Bad("not a dict", lambda v: "state", TypeError), Bad("empty", lambda v:
          Bad("each entry of another shape", lambda v: v, "shape"), Bad("each entry on meta", lambda v: v, "meta"),
          Bad("each entry float8", lambda v: v, "float8"), Bad("each entry complex", lambda v: v, "complex"))
 AXES = (Bad("str", lambda v: "ax", TypeError), Bad("int", lambda v: 1, TypeError))
+# Rows whose strides overlap (not an expanded tensor: torch cannot tell), written in place.
+OVERLAPPING_ROWS = Bad("rows with overlapping strides", lambda v: v.clone().reshape(-1).as_strided(v.shape, (2, 1)),
+                       RuntimeError)
 # A scale whose inverse is beyond float32 (float32 rounds it to 0 or a subnormal: every label in bin 0).
 TINY_SCALE = Bad("1e-320 (1 / scale beyond float32)", lambda v: 1e-320, ValueError)
 # A module's strict load: a key it does not have is refused before any entry is copied.
@@ -631,7 +634,8 @@ API = {
                                      lambda got, good: None), ("labels", "NaN"): FINITE}),
     "dirfast.FDS.smooth": method("smooth", trained_fds, {
         "features": (FEATURES + (Bad("a leaf requiring grad", lambda v: v.clone().requires_grad_(), RuntimeError),
-                                 Bad("expanded (written in place)", lambda v: v[:1].expand_as(v), RuntimeError)), X8),
+                                 Bad("expanded (written in place)", lambda v: v[:1].expand_as(v), RuntimeError),
+                                 OVERLAPPING_ROWS), X8),
         "labels": (FDS_LABELS, Y8), "epoch": (EPOCH, 2), "inplace": (BOOL, True)}, expect={
         ("features", "NaN"): NAN_OUT, ("labels", "NaN"): FINITE,
         ("inplace", "None"): SAME}),  # None: as published for the features' layout, in place for rows
@@ -730,7 +734,7 @@ API = {
                                          Bad("beyond float32", lambda v: 1e39, ValueError)), 10.0)},
         named_as={name: "src_mean|src_var" for name in ("src_mean", "src_var")}),
     "dirfast.ops.calibrate_": Entry(ops.calibrate_, {
-        "x": (FLOAT_TENSOR[:-1] + (Bad("expanded", lambda v: v[:1].expand_as(v), RuntimeError),
+        "x": (FLOAT_TENSOR[:-1] + (Bad("expanded", lambda v: v[:1].expand_as(v), RuntimeError), OVERLAPPING_ROWS,
                                    Bad("a leaf requiring grad", lambda v: v.clone().requires_grad_(), RuntimeError)), X8),
         "bin_idx": (INDEX_TENSOR, IDX), "src_mean": (BIN_TABLE, STAT[0]), "src_var": (BIN_TABLE, STAT[1]),
         "dst_mean": (BIN_TABLE, STAT[2]), "dst_var": (BIN_TABLE, STAT[3])},

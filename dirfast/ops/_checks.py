@@ -88,15 +88,28 @@ def writable_in_place(name: str, value: torch.Tensor) -> None:
     requires grad, or a view of one). Under torch.compile, torch makes these checks itself."""
     if torch.compiler.is_compiling():
         return
-    if torch._debug_has_internal_overlap(value) == 1:
-        raise RuntimeError(f"{name} has elements that share memory (an expanded tensor): it cannot be "
-                           "written in place; use the out-of-place op")
+    overlap = torch._debug_has_internal_overlap(value)  # 1: it does; 2: torch cannot tell
+    if overlap == 1 or (overlap == 2 and may_overlap(value)):
+        raise RuntimeError(f"{name} has elements that share memory (an expanded tensor, or strides that "
+                           "overlap): it cannot be written in place; use the out-of-place op")
     if torch.is_grad_enabled() and value.requires_grad:
         base = value._base if value._is_view() else value
         if base.is_leaf and base.requires_grad:
             what = "a view of a leaf tensor" if base is not value else "a leaf tensor"
             raise RuntimeError(f"{name} is {what} that requires grad: autograd forbids writing it in "
                                "place; pass a copy (or a non-leaf tensor), or use the out-of-place op")
+
+
+def may_overlap(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory: False when each dimension (by increasing
+    stride) steps past every element the smaller ones reach, as any layout a view of distinct
+    elements makes (transposed, sliced, strided); True for rows given overlapping strides."""
+    reach = 0  # the largest offset the dimensions so far reach
+    for stride, size in sorted((abs(s), n) for s, n in zip(t.stride(), t.shape) if n > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
 
 
 def _span(t: torch.Tensor) -> tuple:
