@@ -83,6 +83,8 @@ class LDS(FittedEstimator):
         self.reweight = reweight
         self.lds = lds
         self.inverse_clip = None if inverse_clip is None else validate.pair("inverse_clip", inverse_clip)
+        if self.inverse_clip is not None:  # beyond float32 the smoothed counts overflow and every weight is 0
+            validate.in_dtype("inverse_clip", self.inverse_clip[1], torch.float32)
         # Python values (kernel_window checked them): a NumPy scalar or string in the state dict would
         # not load under torch.load's default weights_only=True
         self.kernel, self.ks, self.sigma = str(kernel), int(ks), float(sigma)

@@ -549,7 +549,8 @@ API = {
         "binning": (BINNING + (Bad("None", lambda v: None, TypeError),), INT121), "reweight": (CHOICE, "sqrt_inv"),
         "lds": (BOOL, True), "kernel": (CHOICE, "gaussian"), "ks": (COUNT + (Bad("even", lambda v: 4, ValueError),), 5),
         "sigma": (POSITIVE, 2.0), "inverse_clip": (PAIR + (
-            Bad("dict", lambda v: {v[0]: "a", v[1]: "b"}, TypeError), Bad("set", lambda v: set(v), TypeError)), (5, 1000)),
+            Bad("dict", lambda v: {v[0]: "a", v[1]: "b"}, TypeError), Bad("set", lambda v: set(v), TypeError),
+            Bad("beyond float32", lambda v: (1e308, 1e308), ValueError)), (5, 1000)),
         "padding": (CHOICE, "constant"),
         "bucket_start": (NON_NEGATIVE_INT + (Bad("past the bins", lambda v: 121, ValueError),), 3),
         "sync": (BOOL, True),
