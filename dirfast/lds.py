@@ -222,6 +222,8 @@ class LDS(FittedEstimator):
                              f"({self._num_rows},)")
         if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
             raise ValueError("state_dict 'counts' must be finite and non-negative")
+        if bool((counts > validate.FLOAT32_MAX).any()):  # as inverse_clip: smoothed, they would overflow
+            raise ValueError(f"state_dict 'counts' must be at most {validate.FLOAT32_MAX:.4g} (float32)")
         if fitted != bool(counts.sum() > 0):
             raise ValueError("state_dict 'counts' are all 0 but 'fitted' is True: nothing was fitted" if fitted
                              else "state_dict 'fitted' is False but 'counts' are not all 0")

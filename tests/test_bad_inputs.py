@@ -564,6 +564,7 @@ API = {
         "state": (STATE + (Bad("all counts 0", lambda v: dict(v, counts=torch.zeros(121, dtype=torch.float64)),
                                ValueError),
                            Bad("negative counts", lambda v: dict(v, counts=-v["counts"]), ValueError),
+                           Bad("counts beyond float32", lambda v: dict(v, counts=v["counts"] * 1e307), ValueError),
                            Bad("fitted not a bool", lambda v: dict(v, fitted="yes"), ValueError),
                            Bad("other padding", lambda v: dict(v, padding="symmetric"), ValueError),
                            Bad("other edges", lambda v: dict(v, edges=torch.arange(5.0)), ValueError)),
