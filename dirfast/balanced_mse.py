@@ -313,6 +313,7 @@ def bmc_loss(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor |
     validate.process_group("process_group", process_group)
     pred_rows, target_rows = _rows("pred", pred), _rows("target", target)
     noise_var = _noise_var(noise_var, pred)
+    ops.refuse_unsupported_derivatives("bmc_loss", (pred, target, noise_var), name="dirfast.losses.bmc_loss")
     acc = _acc(pred)
     pred_rows, target_rows = pred_rows.to(acc), target_rows.to(acc)  # float16 would overflow
     prior = target_rows.detach()
@@ -353,6 +354,7 @@ def _bni(pred, target, noise_var, centers, weights) -> torch.Tensor:
     """bni_loss with a checked histogram (computed in the accumulation dtype; the weights' log
     is taken in the wider of theirs and that one, so float64 weights beyond float32's range are
     exact and narrow weights lose nothing)."""
+    ops.refuse_unsupported_derivatives("bni_loss", (pred, target, noise_var), name="dirfast.losses.bni_loss")
     acc = _acc(pred)
     log_weights = torch.log(weights.to(pred.device, torch.promote_types(weights.dtype, acc))).to(acc)
     centers = centers.to(pred.device, acc)
@@ -383,6 +385,7 @@ def gai_loss(pred: torch.Tensor, target: torch.Tensor, gmm: GaussianMixture | Ma
 def _gai(pred, target, means, covariances, weights, noise_var) -> torch.Tensor:
     """gai_loss with the mixture as tensors on pred's device: means [K, d], covariances [K, d, d]
     (computed in the accumulation dtype)."""
+    ops.refuse_unsupported_derivatives("gai_loss", (pred, target, noise_var), name="dirfast.losses.gai_loss")
     acc = _acc(pred)
     pred, target = pred.to(acc), target.to(acc)
     log_weights = torch.log(weights).to(acc)

@@ -432,6 +432,25 @@ def test_modules_compile_fullgraph(name):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func.jvp's own
+def test_torch_func_transforms_raise_naming_the_loss():
+    """torch.func's gradient transforms and forward mode through a Balanced MSE loss raise
+    NotImplementedError naming it (torch's own errors spoke of an autograd.Function's
+    setup_context and jvp); torch.autograd.grad gives the gradient as ever."""
+    pred, target = batch((8, 1), seed=31, device="cpu", dtype=torch.float32)
+    losses = {"bmc_loss": lambda p: bmc_loss(p, target, 0.5),
+              "bni_loss": lambda p: bni_loss(p, target, 0.5, torch.linspace(-2, 2, 5), torch.ones(5)),
+              "gai_loss": lambda p: gai_loss(p, target, mixture(2, 1, seed=32), 0.5)}
+    for name, loss in losses.items():
+        for transform in (torch.func.grad, torch.func.jacrev):
+            with pytest.raises(NotImplementedError, match=f"dirfast.losses.{name} cannot be differentiated by"):
+                transform(loss)(pred.clone())
+        with pytest.raises(NotImplementedError, match=f"dirfast.losses.{name} has no forward-mode derivative"):
+            torch.func.jvp(loss, (pred.clone(),), (torch.ones_like(pred),))
+        p = pred.clone().requires_grad_()
+        assert torch.isfinite(torch.autograd.grad(loss(p), p)[0]).all()
+
+
 def test_bmc_on_several_dimensions_compiles_once_for_every_batch_size():
     """Traced with dynamic shapes, BMC on [N, d] targets is one graph for any batch size, and its
     loss and gradients are eager's (its loop over blocks of rows fixed N: a graph per batch size,

@@ -12,6 +12,7 @@ from .. import _ext
 from . import _common
 from ._checks import FLOAT_DTYPES  # the dtypes the ops compute in, for dirfast._validate
 from ._checks import may_overlap  # for dirfast._autograd's in-place checks
+from ._dispatch import refuse_unsupported_derivatives  # for the Balanced MSE losses' own autograd nodes
 from ._common import acc_dtype
 from ._dispatch import (BACKENDS, CPU_THREADS, backends, get_backend, get_cpu_threads, set_backend, set_cpu_threads,
                         use_backend)

@@ -247,19 +247,21 @@ class _OnBackend(torch.autograd.Function):
         return (None, None) + tuple(_AUTOGRAD[ctx.op][1](ctx, *grads))
 
 
-def refuse_unsupported_derivatives(op: str, args) -> None:
+def refuse_unsupported_derivatives(op: str, args, *, name: str | None = None) -> None:
     """Raise where an argument asks for a derivative the op does not give: a forward-mode tangent
     (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``: the ops have none, and torch
     would give a tangent of 0, or none, silently), or a ``torch.func`` gradient transform (``grad``,
     ``vjp``, ``jacrev``, ``hessian``: the derivatives are registered with torch.autograd, and torch's
-    own error there speaks of an autograd.Function's setup_context)."""
+    own error there speaks of an autograd.Function's setup_context). ``name``: what the messages
+    call the function (default ``dirfast.ops.<op>``)."""
+    name = f"dirfast.ops.{op}" if name is None else name
     if torch.autograd.forward_ad._current_level >= 0 and any(
             isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args):
-        raise NotImplementedError(f"dirfast.ops.{op} has no forward-mode derivative (torch.func.jvp, jacfwd, "
+        raise NotImplementedError(f"{name} has no forward-mode derivative (torch.func.jvp, jacfwd, "
                                   f"torch.autograd.forward_ad): take gradients in reverse mode (backward, torch.autograd.grad)")
     if torch._C._functorch.maybe_current_level() is not None and any(
             isinstance(a, torch.Tensor) and torch._C._functorch.is_gradtrackingtensor(a) for a in args):
-        raise NotImplementedError(f"dirfast.ops.{op} cannot be differentiated by torch.func's transforms (grad, vjp, "
+        raise NotImplementedError(f"{name} cannot be differentiated by torch.func's transforms (grad, vjp, "
                                   f"jacrev, hessian): take gradients with backward() or torch.autograd.grad")
 
 
