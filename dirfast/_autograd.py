@@ -14,8 +14,7 @@ def in_place_refusal(name: str, tensor: torch.Tensor):
     view of one), or a tensor autograd saved."""
     if torch.compiler.is_compiling():
         return None
-    overlap = torch._debug_has_internal_overlap(tensor)  # 1: it does; 2: torch cannot tell
-    if overlap == 1 or (overlap == 2 and may_overlap(tensor)):
+    if may_overlap(tensor):
         return f"{name} has elements that share memory (an expanded tensor, or strides that overlap)"
     if not (torch.is_grad_enabled() and tensor.requires_grad):
         return None

@@ -88,8 +88,7 @@ def writable_in_place(name: str, value: torch.Tensor) -> None:
     requires grad, or a view of one). Under torch.compile, torch makes these checks itself."""
     if torch.compiler.is_compiling():
         return
-    overlap = torch._debug_has_internal_overlap(value)  # 1: it does; 2: torch cannot tell
-    if overlap == 1 or (overlap == 2 and may_overlap(value)):
+    if may_overlap(value):
         raise RuntimeError(f"{name} has elements that share memory (an expanded tensor, or strides that "
                            "overlap): it cannot be written in place; use the out-of-place op")
     if torch.is_grad_enabled() and value.requires_grad:
@@ -101,9 +100,13 @@ def writable_in_place(name: str, value: torch.Tensor) -> None:
 
 
 def may_overlap(t: torch.Tensor) -> bool:
-    """Whether two elements of ``t`` may share memory: False when each dimension (by increasing
-    stride) steps past every element the smaller ones reach, as any layout a view of distinct
-    elements makes (transposed, sliced, strided); True for rows given overlapping strides."""
+    """Whether two elements of ``t`` may share memory: torch's answer (an expanded tensor), and
+    where torch cannot tell, the strides': False when each dimension (by increasing stride) steps
+    past every element the smaller ones reach, as any layout a view of distinct elements makes
+    (transposed, sliced, strided); True for rows given overlapping strides."""
+    overlap = torch._debug_has_internal_overlap(t)  # 0: it does not; 1: it does; 2: torch cannot tell
+    if overlap != 2:
+        return overlap == 1
     reach = 0  # the largest offset the dimensions so far reach
     for stride, size in sorted((abs(s), n) for s, n in zip(t.stride(), t.shape) if n > 1):
         if stride <= reach:
