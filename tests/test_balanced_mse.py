@@ -421,8 +421,13 @@ def test_modules_compile_fullgraph(name):
     module = {"bmc": lambda: BMCLoss(), "bni": lambda: BNILoss(1.0, torch.linspace(-3, 5, 17), torch.rand(17) + 0.1),
               "gai": lambda: GAILoss(1.0, mixture(3, 1, seed=25)),
               "gai-2d": lambda: GAILoss(1.0, mixture(3, 2, seed=25))}[name]()
+    assert_compiled_matches_eager(module, torch.compile(module, backend="aot_eager", fullgraph=True), pred, target)
+
+
+def assert_compiled_matches_eager(module, compiled, pred, target):
+    """The loss and its gradients (in pred and in the noise) of ``compiled`` are ``module``'s."""
     results = []
-    for fn in (torch.compile(module, backend="aot_eager", fullgraph=True), module):
+    for fn in (compiled, module):
         p = pred.detach().clone().requires_grad_()
         module.zero_grad()
         loss = fn(p, target)
@@ -463,15 +468,7 @@ def test_bmc_on_several_dimensions_compiles_once_for_every_batch_size():
     step = torch.compile(lambda p, t: module(p, t), backend=counter, dynamic=True)
     for n in (10, 13, 17, 24):
         pred, target = batch((n, 2), seed=n, device="cpu", dtype=torch.float32)
-        results = []
-        for fn in (step, lambda p, t: module(p, t)):
-            p = pred.detach().clone().requires_grad_()
-            module.zero_grad()
-            loss = fn(p, target)
-            loss.backward()
-            results.append((loss.detach(), p.grad, module.noise_sigma.grad.clone()))
-        for a, b in zip(*results):
-            torch.testing.assert_close(a, b)
+        assert_compiled_matches_eager(module, step, pred, target)
     assert counter.frame_count == 1
 
 
