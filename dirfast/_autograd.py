@@ -5,22 +5,15 @@ from __future__ import annotations
 
 import torch
 
-from .ops import may_overlap
+from .ops import in_place_problem
 
 
 def in_place_refusal(name: str, tensor: torch.Tensor):
     """Why writing ``tensor`` in place would fail, now or in the backward pass (None when it
-    would not): elements that share memory (an expanded tensor), a leaf that requires grad (or a
-    view of one), or a tensor autograd saved."""
-    if torch.compiler.is_compiling():
-        return None
-    if may_overlap(tensor):
-        return f"{name} has elements that share memory (an expanded tensor, or strides that overlap)"
-    if not (torch.is_grad_enabled() and tensor.requires_grad):
-        return None
-    base = tensor._base if tensor._is_view() else tensor
-    if base.is_leaf:
-        return f"{name} is a leaf tensor that requires grad (or a view of one): autograd forbids writing it in place"
+    would not): torch's refusals (``ops.in_place_problem``), or a tensor autograd saved."""
+    problem = in_place_problem(name, tensor)
+    if problem is not None:
+        return problem
     producer = saved_for_backward_by(tensor)
     if producer is not None:
         return (f"{name} was saved by autograd for the backward of {producer} (the output of a ReLU, sigmoid, "

@@ -263,11 +263,14 @@ INDEX_TENSOR = NOT_A_TENSOR + (
 BIN_TABLE = NOT_A_TENSOR + WRONG_DTYPE + (
     Bad("fewer bins", lambda v: v[:-1], ValueError), Bad("1-D", lambda v: v[:, 0], ValueError),
     Bad("meta", lambda v: v.to("meta"), ValueError), Bad("non-contiguous", _strided, SAME))
+# What autograd forbids writing in place: a leaf that requires grad, also a view made to require grad
+# (of a base that does not).
+LEAVES = (Bad("a leaf requiring grad", lambda v: v.clone().requires_grad_(), RuntimeError),
+          Bad("a view made to require grad", lambda v: v.clone()[:].requires_grad_(), RuntimeError))
 # The running tables of accumulate_bin_stats_, written in place.
 TABLE_IN_PLACE = (
     Bad("fewer bins", lambda v: v[:-1], ValueError), Bad("meta", lambda v: v.to("meta"), ValueError),
-    Bad("non-contiguous", _strided, SAME), Bad("expanded", lambda v: v[:1].expand_as(v), RuntimeError),
-    Bad("a leaf requiring grad", lambda v: v.clone().requires_grad_(), RuntimeError))
+    Bad("non-contiguous", _strided, SAME), Bad("expanded", lambda v: v[:1].expand_as(v), RuntimeError)) + LEAVES
 RUNNING_TABLE = NOT_A_TENSOR + WRONG_DTYPE + (Bad("float16", lambda v: v.half(), TypeError),) + TABLE_IN_PLACE
 COMPONENTS = NOT_A_TENSOR + WRONG_DTYPE + (
     Bad("fewer", lambda v: v[:-1], ValueError), Bad("2-D", lambda v: v[:, None], ValueError),
@@ -635,9 +638,8 @@ API = {
         ("features", "NaN"): Outcome("the bucket's batch left out and counted",
                                      lambda got, good: None), ("labels", "NaN"): FINITE}),
     "dirfast.FDS.smooth": method("smooth", trained_fds, {
-        "features": (FEATURES + (Bad("a leaf requiring grad", lambda v: v.clone().requires_grad_(), RuntimeError),
-                                 Bad("expanded (written in place)", lambda v: v[:1].expand_as(v), RuntimeError),
-                                 OVERLAPPING_ROWS), X8),
+        "features": (FEATURES + LEAVES + (
+            Bad("expanded (written in place)", lambda v: v[:1].expand_as(v), RuntimeError), OVERLAPPING_ROWS), X8),
         "labels": (FDS_LABELS, Y8), "epoch": (EPOCH, 2), "inplace": (BOOL, True)}, expect={
         ("features", "NaN"): NAN_OUT, ("labels", "NaN"): FINITE,
         ("inplace", "None"): SAME}),  # None: as published for the features' layout, in place for rows
@@ -736,8 +738,8 @@ API = {
                                          Bad("beyond float32", lambda v: 1e39, ValueError)), 10.0)},
         named_as={name: "src_mean|src_var" for name in ("src_mean", "src_var")}),
     "dirfast.ops.calibrate_": Entry(ops.calibrate_, {
-        "x": (FLOAT_TENSOR[:-1] + (Bad("expanded", lambda v: v[:1].expand_as(v), RuntimeError), OVERLAPPING_ROWS,
-                                   Bad("a leaf requiring grad", lambda v: v.clone().requires_grad_(), RuntimeError)), X8),
+        "x": (FLOAT_TENSOR[:-1] + (Bad("expanded", lambda v: v[:1].expand_as(v), RuntimeError), OVERLAPPING_ROWS)
+              + LEAVES, X8),
         "bin_idx": (INDEX_TENSOR, IDX), "src_mean": (BIN_TABLE, STAT[0]), "src_var": (BIN_TABLE, STAT[1]),
         "dst_mean": (BIN_TABLE, STAT[2]), "dst_var": (BIN_TABLE, STAT[3])},
         named_as={name: "src_mean|src_var" for name in ("src_mean", "src_var")}),

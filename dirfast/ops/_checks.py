@@ -82,21 +82,27 @@ def clips(clip_min, clip_max) -> tuple:
     return float(clip_min), float(clip_max)
 
 
-def writable_in_place(name: str, value: torch.Tensor) -> None:
-    """Refuse, before anything is written, an in-place update that torch would reject after:
-    a tensor whose elements share memory, or one autograd forbids writing (a leaf that
-    requires grad, or a view of one). Under torch.compile, torch makes these checks itself."""
+def in_place_problem(name: str, value: torch.Tensor) -> str | None:
+    """Why torch would reject writing ``value`` in place (None when it would not): elements that
+    share memory, or autograd's rule (a leaf that requires grad, or a view of a leaf, whether the
+    view or its base asked for grad). Under torch.compile, torch makes these checks itself."""
     if torch.compiler.is_compiling():
-        return
+        return None
     if may_overlap(value):
-        raise RuntimeError(f"{name} has elements that share memory (an expanded tensor, or strides that "
-                           "overlap): it cannot be written in place; use the out-of-place op")
+        return f"{name} has elements that share memory (an expanded tensor, or strides that overlap)"
     if torch.is_grad_enabled() and value.requires_grad:
         base = value._base if value._is_view() else value
-        if base.is_leaf and base.requires_grad:
+        if base.is_leaf:
             what = "a view of a leaf tensor" if base is not value else "a leaf tensor"
-            raise RuntimeError(f"{name} is {what} that requires grad: autograd forbids writing it in "
-                               "place; pass a copy (or a non-leaf tensor), or use the out-of-place op")
+            return f"{name} is {what} and requires grad: autograd forbids writing it in place"
+    return None
+
+
+def writable_in_place(name: str, value: torch.Tensor) -> None:
+    """Refuse, before anything is written, an in-place update that torch would reject after."""
+    problem = in_place_problem(name, value)
+    if problem is not None:
+        raise RuntimeError(f"{problem}; pass a copy (or a non-leaf tensor), or use the out-of-place op")
 
 
 def may_overlap(t: torch.Tensor) -> bool:
