@@ -402,6 +402,10 @@ def _gai(pred, target, means, covariances, weights, noise_var) -> torch.Tensor:
 class _BalancedMSE(CheckedLoad):
     """A learnable noise scale ``noise_sigma`` (a 0-dim float32 parameter, as published)."""
 
+    # A Parameter, or the parametrized value (a tensor) when a parametrization is registered on it.
+    noise_sigma: torch.Tensor
+    _initial_prior: dict[str, torch.Tensor]  # buffer name -> its value as built
+
     def __init__(self, init_noise_sigma: float, learn_noise: bool) -> None:
         super().__init__()
         init_noise_sigma = _noise_sigma("init_noise_sigma", init_noise_sigma, torch.float32)
@@ -505,6 +509,10 @@ class BNILoss(_BalancedMSE):
     """:func:`bni_loss` with a learnable noise scale; the histogram is kept as buffers (they move
     with ``.to(device)``). :meth:`from_lds` takes it from a fitted :class:`~dirfast.LDS`."""
 
+    # The buffers __init__ registers (with _prior), declared for type checkers.
+    bucket_centers: torch.Tensor
+    bucket_weights: torch.Tensor
+
     def __init__(self, init_noise_sigma: float, bucket_centers: ArrayLike, bucket_weights: ArrayLike, *,
                  learn_noise: bool = True) -> None:
         centers, weights = (t.to("cpu", torch.float64, copy=True) for t in _histogram(bucket_centers, bucket_weights))
@@ -568,6 +576,11 @@ class GAILoss(_BalancedMSE):
     """:func:`gai_loss` with a learnable noise scale. ``gmm`` is a
     :class:`~dirfast.mixture.GaussianMixture` or the published pickle's dict (load it with
     ``joblib.load``); :meth:`from_labels` fits one from the training labels."""
+
+    # The buffers __init__ registers (with _prior), declared for type checkers.
+    gmm_means: torch.Tensor
+    gmm_variances: torch.Tensor
+    gmm_weights: torch.Tensor
 
     def __init__(self, init_noise_sigma: float, gmm: GaussianMixture | Mapping[str, Any], *,
                  learn_noise: bool = True) -> None:

@@ -105,6 +105,17 @@ class FDS(CheckedLoad):
     materialises a module from the meta device).
     """
 
+    # The buffers __init__ registers, declared for type checkers (as torch declares its modules' own).
+    kernel_window: torch.Tensor
+    epoch: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    running_mean_last_epoch: torch.Tensor
+    running_var_last_epoch: torch.Tensor
+    smoothed_mean_last_epoch: torch.Tensor
+    smoothed_var_last_epoch: torch.Tensor
+    num_samples_tracked: torch.Tensor
+
     def __init__(self, feature_dim: int, bucket_num: int = 100, bucket_start: int = 3,
                  start_update: int = 0, start_smooth: int = 1, kernel: str = "gaussian", ks: int = 5,
                  sigma: float = 2, momentum: float | None = 0.9, *, binning: Binning | GridBinning | None = None,
@@ -204,7 +215,7 @@ class FDS(CheckedLoad):
                              f"this FDS was built with feature_dim={self.feature_dim}")
         validate.real_tensor("labels", validate.tensor("labels", labels))  # a tensor of real numbers
         if isinstance(self.binning, GridBinning):
-            expected = (features.shape[0], self.binning.ndim)
+            expected: tuple[int, ...] = (features.shape[0], self.binning.ndim)
             if features.dim() != 2 or tuple(labels.shape) != expected:
                 raise ValueError(f"with a GridBinning, features must be [N, D] and labels [N, {self.binning.ndim}]; "
                                  f"got features {tuple(features.shape)} and labels {tuple(labels.shape)}")
@@ -512,7 +523,7 @@ class FDS(CheckedLoad):
         """Whether updates combine the ranks' statistics (``sync``, running distributed)."""
         return self.sync and distributed.is_distributed(self.process_group)
 
-    def _synced(self, count, mean, var):
+    def _synced(self, count, mean, var) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The statistics of all ranks' rows, when :meth:`_syncing`."""
         if self._syncing():
             return distributed.all_reduce_bin_stats(count, mean, var, self.process_group)
