@@ -35,7 +35,7 @@ class GaussianMixture:
 
     def __init__(self, means: ArrayLike, variances: ArrayLike, weights: ArrayLike, *,
                  covariance_type: str | None = None) -> None:
-        def table(name, value):
+        def table(name: str, value: ArrayLike) -> torch.Tensor:
             value = validate.readable(name, validate.real_tensor(name, value))
             return value.detach().cpu().to(torch.float64).clone()
 
