@@ -5,7 +5,7 @@ value in it has been checked."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import numpy as np
@@ -27,6 +27,13 @@ class FittedEstimator:
     """
 
     _SETTINGS: tuple = ()
+    _fit: Any  # the subclass's fit (a tensor for LDS, a dict for DenseWeight); None before fit()
+    _tables_on: dict[Any, torch.Tensor]  # device -> the table there
+    # The subclass's hooks (see above), declared for type checkers.
+    _fit_labels: Callable[[Any], Any]
+    _table: Callable[[], torch.Tensor]
+    _fit_state: Callable[[], dict]
+    _fit_from_state: Callable[[Mapping[str, Any], bool], Any]
 
     def __init__(self) -> None:
         self._fit = None

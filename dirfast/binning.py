@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 import warnings
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -118,14 +119,15 @@ class Binning:
     def __init__(self, edges: ArrayLike) -> None:
         self._setup(_checked_edges(edges), "edges")
 
-    def _setup(self, edges: np.ndarray, kind: str, scale: float = 1.0, range_=None) -> None:
+    def _setup(self, edges: np.ndarray, kind: str, scale: float = 1.0,
+               range_: tuple[float, float] | None = None) -> None:
         self._edges, self._kind, self._scale, self._range = edges, kind, scale, range_
         # The edges each label dtype is compared with, built here: built inside torch.compile's
         # tracing, they would break the graph. Then one copy per device, so binning never copies
         # from the host again.
         dtypes = () if kind == "integer" else _TABLE_DTYPES if kind == "uniform" else (torch.float32, torch.float64)
         self._host_tables = {dtype: self._host_table(dtype) for dtype in dtypes}
-        self._tables = {}  # (device, dtype) -> (edges there, arithmetic guess)
+        self._tables: dict[tuple[Any, torch.dtype], tuple] = {}  # (device, dtype) -> (edges there, arithmetic guess)
 
     @classmethod
     def integer(cls, num_bins: int, scale: float = 1.0) -> "Binning":
@@ -180,7 +182,8 @@ class Binning:
             scale = "" if self._scale == 1.0 else f", scale={_number(self._scale)}"
             return f"Binning.integer({self.num_bins}{scale})"
         if self._kind == "uniform":
-            return f"Binning.uniform({_number(self._range[0])}, {_number(self._range[1])}, {self.num_bins})"
+            low, high = cast("tuple[float, float]", self._range)  # set by uniform()
+            return f"Binning.uniform({_number(low)}, {_number(high)}, {self.num_bins})"
         return f"Binning(edges of {self.num_bins} bins over [{_number(self._edges[0])}, {_number(self._edges[-1])}])"
 
     def __eq__(self, other) -> bool:
@@ -197,7 +200,8 @@ class Binning:
         needed); or, where that dtype cannot hold the edges, the message to raise."""
         if self._kind == "uniform" and dtype in (torch.float16, torch.float32):  # np.histogram's edges for such
             try:  # data (float64's are the binning's own)
-                table = torch.from_numpy(_uniform_edges(*self._range, self.num_bins, _NUMPY_OF[dtype]))
+                low, high = cast("tuple[float, float]", self._range)  # set by uniform()
+                table = torch.from_numpy(_uniform_edges(low, high, self.num_bins, _NUMPY_OF[dtype]))
             except ValueError:
                 table = None
         else:
@@ -413,7 +417,7 @@ class GridBinning:
             if stride != 1:
                 bins.mul_(stride)
             index = bins if index is None else index + bins
-        return index.nan_to_num_(nan=-1.0).long()
+        return cast(torch.Tensor, index).nan_to_num_(nan=-1.0).long()  # set: a grid has at least one axis
 
     def _bins_from(self, labels, precision: str, check: bool, first: int) -> torch.Tensor:
         """``__call__``, for FDS and LDS as Binning._bins_from: with a grid their ``bucket_start``,

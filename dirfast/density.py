@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import overload
+from typing import cast, overload
 
 import numpy as np
 import torch
@@ -76,7 +76,7 @@ def _interpolate(table: torch.Tensor, low: float, step: float, labels: torch.Ten
     return value.add_(labels - labels)  # + NaN at a NaN or infinite label, + 0 elsewhere (isfinite is 4 ops)
 
 
-def _linear_binning(values: torch.Tensor, low: float, step: float, grid_size: int):
+def _linear_binning(values: torch.Tensor, low: float, step: float, grid_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per grid cell, the labels in it and the sum of their shares of the point above (float64,
     ``grid_size - 1`` each), a chunk of labels at a time (see :func:`~dirfast._validate.chunks`):
     nothing label-sized is kept."""
@@ -85,7 +85,8 @@ def _linear_binning(values: torch.Tensor, low: float, step: float, grid_size: in
         cell, share = _split(_grid_position(part, low, step), grid_size)
         counts.append(torch.bincount(cell, minlength=grid_size - 1))
         rights.append(torch.bincount(cell, weights=share, minlength=grid_size - 1))
-    return sum(counts).to(torch.float64), sum(rights)
+    # sums of tensors (values are not empty: there is at least one chunk)
+    return cast(torch.Tensor, sum(counts)).to(torch.float64), cast(torch.Tensor, sum(rights))
 
 
 def _kde(count: torch.Tensor, right: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, overload
+from typing import Any, cast, overload
 
 import numpy as np
 import torch
@@ -175,9 +175,10 @@ class LDS(FittedEstimator):
     def _smooth(self, table: torch.Tensor) -> torch.Tensor:
         """The window along the bins, or along each axis of a grid in turn (on one axis, the
         very call of the 1-D case)."""
+        window = cast(torch.Tensor, self.window)  # not None: called only with lds on
         if not isinstance(self.binning, GridBinning):
-            return smooth_reference(table, self.window, self.padding)
-        return self.binning.along_each_axis(table, lambda rows: smooth_reference(rows, self.window, self.padding))
+            return smooth_reference(table, window, self.padding)
+        return self.binning.along_each_axis(table, lambda rows: smooth_reference(rows, window, self.padding))
 
     def _bin_weights(self) -> torch.Tensor:
         """The float32 weight of a label in each bin (CPU), with the fitted scale."""
