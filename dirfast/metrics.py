@@ -33,7 +33,7 @@ def _rows(name: str, values: np.ndarray, dim: int) -> np.ndarray:
     raise ValueError(f"{name} must be [N, {dim}] for a grid of {dim} dimensions, got shape {values.shape}")
 
 
-def _samples(preds, labels, binning):
+def _samples(preds, labels, binning) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(preds, labels, errors)`` of one set of samples, checked: the predictions and labels as
     ``[N, d]`` rows for a GridBinning (flat otherwise), and one error per sample (``pred - label``
     on one dimension, the Euclidean distance over a grid of several); no samples at all is an

@@ -230,9 +230,9 @@ def conr_loss(features: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor
     # outer weights_i alone would be half of one
     weight = _sample_weights(weights, n, z.device, ops.acc_dtype(z.dtype, y.dtype), dense).detach()
     keys, first = _keys(z, all_ranks, process_group)
-    others = [_keys(value, all_ranks, process_group)[0] for value in (y, p, weight)]
-    loss = ops.conr_loss(keys, *others, w=w, tau=t, e=e, push=push, exp0_terms=exp0_terms,
-                         anchor_in_divisor=anchor_in_divisor, offset=first, count=n)
+    y_keys, p_keys, weight_keys = [_keys(value, all_ranks, process_group)[0] for value in (y, p, weight)]
+    loss = ops.conr_loss(keys, y_keys, p_keys, weight_keys, w=w, tau=t, e=e, push=push,
+                         exp0_terms=exp0_terms, anchor_in_divisor=anchor_in_divisor, offset=first, count=n)
     return (weight * loss).mean() if weighted else loss.mean()
 
 

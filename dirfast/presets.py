@@ -84,6 +84,7 @@ class Preset:
 
     def lds(self, **overrides: Any) -> LDS:
         """An (unfitted) :class:`~dirfast.LDS` with this dataset's settings."""
+        settings: dict[str, Any]  # keyword arguments of several types
         settings = dict(reweight=self.reweight, lds=True, kernel=self.lds_kernel, ks=self.lds_ks,
                         sigma=self.lds_sigma, inverse_clip=self.inverse_clip, padding=self.lds_padding,
                         bucket_start=self.lds_bucket_start)
@@ -104,6 +105,7 @@ class Preset:
 
     def fds(self, feature_dim: int, **overrides: Any) -> FDS:
         """An :class:`~dirfast.FDS` module with this dataset's settings."""
+        settings: dict[str, Any]  # keyword arguments of several types
         settings = dict(bucket_num=self.bucket_num, bucket_start=self.bucket_start, start_update=self.start_update,
                         start_smooth=self.start_smooth, kernel=self.fds_kernel, ks=self.fds_ks, sigma=self.fds_sigma,
                         momentum=self.momentum, binning=self.fds_binning, fill_empty=self.fill_empty,
@@ -115,6 +117,7 @@ class Preset:
         """A :class:`~dirfast.losses.ConRLoss` with this dataset's published ConR arguments."""
         if self.conr_setting is None:
             raise ValueError(f"ConR published no setting for {self.name}: build dirfast.losses.ConRLoss directly")
+        settings: dict[str, Any]  # keyword arguments of several types
         settings = dict(w=self.conr_setting.w, t=self.conr_setting.t, e=self.conr_setting.e, form=self.conr_setting.form)
         settings.update(overrides)
         return ConRLoss(**settings)
