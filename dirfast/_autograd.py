@@ -32,6 +32,7 @@ def saved_for_backward_by(tensor: torch.Tensor):
         node = getattr(t, "grad_fn", None)
         if node is None:
             continue
+        assert t is not None  # None has no grad_fn
         for name in dir(node):
             if not name.startswith("_saved_"):
                 continue

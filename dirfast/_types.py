@@ -4,15 +4,18 @@ checkers: the functions check their arguments themselves, with dirfast._validate
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
 
-try:
+if TYPE_CHECKING:  # the stubs always have it
     from torch.distributed import ProcessGroup
-except ImportError:  # a torch built without distributed support
-    ProcessGroup = Any
+else:
+    try:
+        from torch.distributed import ProcessGroup
+    except ImportError:  # a torch built without distributed support
+        ProcessGroup = Any
 
 __all__ = ["ArrayLike", "NotTensor", "ProcessGroup"]
 

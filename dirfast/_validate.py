@@ -249,7 +249,7 @@ def state_values(key: str, value) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         wrong = value.is_complex() or value.dtype == torch.bool or (
             value.is_floating_point() and value.dtype not in FLOAT_DTYPES)
-        kind = str(value.dtype)
+        kind: str | np.dtype = str(value.dtype)
     else:
         try:
             kind = np.asarray(value).dtype

@@ -10,7 +10,7 @@ bit for bit, on every rank.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -49,7 +49,7 @@ def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | 
         raise error
     if bool(refused):
         raise ValueError("another rank's data was refused (its error says why): nothing was updated on any rank")
-    return result
+    return cast(T, result)  # check() returned it: error is None
 
 
 def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup | None = None) -> torch.Tensor:
@@ -90,9 +90,9 @@ def all_gather_rows(tensor: torch.Tensor, process_group: ProcessGroup | None = N
     validate.process_group("process_group", process_group, member=True)
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
     rows = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
-    sizes = [torch.zeros_like(rows) for _ in range(world)]
-    dist.all_gather(sizes, rows, group=process_group)
-    sizes = [int(size) for size in sizes]
+    gathered = [torch.zeros_like(rows) for _ in range(world)]
+    dist.all_gather(gathered, rows, group=process_group)
+    sizes = [int(size) for size in gathered]
     padded = tensor.new_zeros((max(sizes),) + tuple(tensor.shape[1:]))
     padded[: tensor.shape[0]] = tensor.detach()
     parts = [torch.empty_like(padded) for _ in range(world)]

@@ -7,6 +7,7 @@ synchronisation and run unchanged under ``torch.compile``.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -91,7 +92,7 @@ def in_place_problem(name: str, value: torch.Tensor) -> str | None:
     if may_overlap(value):
         return f"{name} has elements that share memory (an expanded tensor, or strides that overlap)"
     if torch.is_grad_enabled() and value.requires_grad:
-        base = value._base if value._is_view() else value
+        base = cast(torch.Tensor, value._base) if value._is_view() else value  # a view has a base
         if base.is_leaf:
             what = "a view of a leaf tensor" if base is not value else "a leaf tensor"
             return f"{name} is {what} and requires grad: autograd forbids writing it in place"

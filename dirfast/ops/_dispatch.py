@@ -191,7 +191,9 @@ def kernels(device: torch.device, name: str | None = None):
             return OPS[op].reference
         return OPS[op].triton
 
-    kernel.dispatched = name in _DISPATCHED  # its ops carry their own autograd
+    # Its ops carry their own autograd. (A function attribute, which mypy does not model; set on the
+    # function directly: through typing.cast, torch.compile's fullgraph tracing cannot set it.)
+    kernel.dispatched = name in _DISPATCHED  # type: ignore[attr-defined]
     return kernel
 
 
