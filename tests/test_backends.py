@@ -78,7 +78,7 @@ def test_public_api_names():
 
 def test_backends_report():
     """Every backend says whether it is available and, when not, why; the reference always is;
-    each lists the ops it has kernels for; cuda says whether its kernels were compiled."""
+    each lists the ops it runs; cuda says whether its kernels were compiled."""
     report = dirfast.backends()
     assert list(report) == list(_dispatch.BACKENDS)
     for name, info in report.items():
@@ -88,6 +88,8 @@ def test_backends_report():
     assert report["reference"]["available"] and set(report["reference"]["ops"]) == set(PUBLIC_OPS)
     assert set(report["cpp"]["ops"]) == set(report["triton"]["ops"]) == set(PUBLIC_OPS)
     assert "mixture_logpdf" not in report["cuda"]["ops"]  # on a GPU the dispatcher runs it on Triton
+    # "cuda" runs the ops composed of others too, so FDS (its bins, its accumulated statistics) runs whole
+    assert set(report["cuda"]["ops"]) == set(_dispatch.CUDA_OPS) | {"integer_bins", "accumulate_bin_stats_"}
     assert report["cuda"]["compiled"] == (_ext.CUDA is not None)
     assert report["cpp"]["available"] == (_ext.CPU is not None)
     if not GPU:
@@ -200,10 +202,13 @@ def test_each_backend_runs_its_own_kernels(backend, device, spies):
 
 @pytest.mark.skipif(not backend_available("cuda"), reason=f"cuda: {dirfast.backends()['cuda']['reason']}")
 def test_cuda_backend_checks_device_and_op():
-    """The compiled-kernel overrides run only on their device, and "cuda" only the ops it has."""
+    """The compiled-kernel overrides run only on their device, and "cuda" only the ops it has (and
+    those composed of others)."""
     x = torch.randn(3, device="cuda")
     with pytest.raises(RuntimeError, match="no kernel for mixture_logpdf"):
         on("cuda", dirfast.ops.mixture_logpdf, x, x, x.abs() + 1, x)
+    ages = torch.tensor([3.0, 7.5, 40.0], device="cuda")
+    assert on("cuda", dirfast.ops.integer_bins, ages, 10).tolist() == [3, 7, 9]
     with pytest.raises(RuntimeError, match="CUDA tensors"):
         on("cuda", dirfast.ops.smooth_bins, x.cpu(), x.cpu())
 

@@ -14,7 +14,7 @@ import torch
 import dirfast
 from benchmarks import published
 from dirfast import binning as binning_module
-from testing import DEVICES, backend_params, gen
+from testing import DEVICES, backend_device_params, gen
 
 BINNINGS = {
     "stsb": lambda: dirfast.Binning.uniform(0, 5, 50),
@@ -166,14 +166,14 @@ def test_non_finite_labels():
         assert got[0] >= 0 and got[4] >= 0
 
 
-@pytest.mark.parametrize("backend", backend_params())
-def test_float64_labels_beyond_float32_join_the_edge_bins(backend):
+@pytest.mark.parametrize("backend, device", list(backend_device_params()))
+def test_float64_labels_beyond_float32_join_the_edge_bins(backend, device):
     """Integer binning with precision="float32": finite float64 labels beyond float32's range join
     the edge bins, as with precision="labels" and with searched edges (cast as they are, they would
     be inf: no bin), on every backend; NaN and infinite labels still get -1."""
     big = float(torch.finfo(torch.float32).max)
     labels = torch.tensor([1e39, -1e39, 1e300, big * (1 + 2 ** -40), 0.7, float("nan"), float("inf"),
-                           -float("inf")], dtype=torch.float64)
+                           -float("inf")], dtype=torch.float64, device=device)
     with dirfast.use_backend(backend):
         for binning, want in ((dirfast.Binning.integer(10), [9, 0, 9, 9, 0, -1, -1, -1]),
                               (dirfast.Binning.integer(10, scale=10), [9, 0, 9, 9, 7, -1, -1, -1])):

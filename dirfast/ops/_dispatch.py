@@ -31,6 +31,13 @@ BACKENDS = ("reference", "cpp", "triton", "cuda")
 # The ops with a compiled CUDA kernel (on a GPU the others run on Triton).
 CUDA_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_")
 
+
+def _cuda_backend_ops() -> tuple:
+    """What the "cuda" backend runs: the ops with a CUDA kernel, and those composed of others
+    (integer_bins, accumulate_bin_stats_: their reference is their entry on every backend), so that
+    FDS runs whole on it."""
+    return tuple(name for name, op in OPS.items() if name in CUDA_OPS or op.triton is op.reference)
+
 # The selection belongs to the current thread: a use_backend() block in one thread never changes
 # the ops of another, and new threads start at "auto". (A threading.local, which torch.compile
 # traces and guards on.)
@@ -87,14 +94,14 @@ def backends() -> dict:
 
     Returns a dict from backend name (``"reference"``, ``"cpp"``, ``"triton"``, ``"cuda"``) to a
     dict with ``available`` (usable now), ``reason`` (why not, ``""`` when available) and ``ops``
-    (the ``dirfast.ops`` it has kernels for); the ``"cuda"`` entry also has ``compiled`` (the CUDA
+    (the ``dirfast.ops`` it runs); the ``"cuda"`` entry also has ``compiled`` (the CUDA
     kernels were built and load with this torch).
     """
     report = {}
     for name in BACKENDS:
         reason = _reason(name)
         report[name] = {"available": not reason, "reason": reason,
-                        "ops": CUDA_OPS if name == "cuda" else _public_ops()}
+                        "ops": _cuda_backend_ops() if name == "cuda" else _public_ops()}
     report["cuda"]["compiled"] = _ext.CUDA is not None
     return report
 
@@ -168,7 +175,7 @@ def _allowed(name: str, op: str, device: torch.device) -> None:
         raise RuntimeError(f"dirfast backend 'cpp' runs on CPU tensors, got a tensor on {device}")
     if name == "cuda" and device.type != "cuda":
         raise RuntimeError(f"dirfast backend 'cuda' runs on CUDA tensors, got a tensor on {device}")
-    if name == "cuda" and op not in CUDA_OPS:
+    if name == "cuda" and op not in _cuda_backend_ops():
         raise RuntimeError(f"dirfast backend 'cuda' has no kernel for {op} (on a GPU, the 'auto' and 'triton' "
                            "backends run it)")
 
