@@ -14,12 +14,16 @@
 - RuntimeError only for a call the object's state does not allow yet (weights before a fit).
 
 Every message names the argument and says what it must be. A check runs before anything
-changes, so a failed call leaves every object as it was.
+changes, so a failed call leaves every object as it was. An argument that is allowed but likely a
+mistake gets a warning (:func:`warn`) at the user's line.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 from typing import Mapping
 
 import numpy as np
@@ -30,6 +34,19 @@ from .ops import FLOAT_DTYPES
 
 REAL_TYPES = (int, float, np.integer, np.floating)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+# dirfast's files, and torch's, which call into dirfast (nn.Module.__call__, torch.no_grad's wrapper)
+_NOT_THE_CALLER = tuple(os.path.dirname(os.path.abspath(path)) + os.sep for path in (__file__, torch.__file__))
+
+
+def warn(message: str) -> None:
+    """A UserWarning attributed to the first caller outside dirfast and torch (as Python 3.12's
+    ``skip_file_prefixes`` does), however deep in dirfast it is raised: the user's line."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_NOT_THE_CALLER):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _type_name(value) -> str:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-import warnings
 from typing import Any, cast
 
 import numpy as np
@@ -313,10 +312,10 @@ class Binning:
         fractional = finite != finite.trunc()
         if bool(fractional.any()):
             example = float(finite[fractional][0])
-            warnings.warn(
+            validate.warn(
                 f"{self!r} truncates labels to integers, but some have fractional parts (e.g. {example:g}): "
                 "continuous labels need Binning.uniform(low, high, num_bins) or a preset of dirfast.presets "
-                "(dirfast.presets.STS_B_DIR for scores in [0, 5])", UserWarning, stacklevel=3)
+                "(dirfast.presets.STS_B_DIR for scores in [0, 5])")
 
     @classmethod
     def auto(cls, labels: ArrayLike, rule: str = "fd", max_bins: int = 1000) -> "Binning":

@@ -10,7 +10,6 @@ label's weight is ``max(1 - alpha * p'(y), eps)``, divided by the mean over the 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import cast, overload
 
 import numpy as np
@@ -203,8 +202,8 @@ class DenseWeight(FittedEstimator):
             raise ValueError(f"labels span [{smallest:g}, {largest:g}]: with bandwidth "
                              f"{bandwidth:g} the density grid overflows float64; rescale the labels")
         if sigma < MIN_STEPS_PER_BANDWIDTH:
-            warnings.warn(f"the bandwidth {bandwidth:g} spans only {sigma:.2g} grid steps of {step:g}: the density "
-                          "is coarse; raise grid_size or the bandwidth", UserWarning, stacklevel=3)
+            validate.warn(f"the bandwidth {bandwidth:g} spans only {sigma:.2g} grid steps of {step:g}: the density "
+                          "is coarse; raise grid_size or the bandwidth")
         binned = _linear_binning(values, low, step, self.grid_size)
         density = _kde(*binned, sigma)
         bottom, top = torch.aminmax(density)

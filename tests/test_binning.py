@@ -214,8 +214,14 @@ def test_bins_counted_from_a_first_bin_as_fds_buckets_them(name, dtype):
 
 
 def test_integer_binning_warns_about_fractional_labels():
-    with pytest.warns(UserWarning, match="Binning.uniform"):
-        dirfast.Binning.integer(50)(torch.tensor([0.143, 2.0, 4.6]))
+    """The warning points at the caller's line, however the labels reach the binning."""
+    labels = torch.tensor([0.143, 2.0, 4.6])
+    for call in (lambda: dirfast.Binning.integer(50)(labels),
+                 lambda: dirfast.lds_weights(labels, dirfast.Binning.integer(50)),
+                 lambda: dirfast.FDS(3, bucket_num=50).update_running_stats(torch.ones(3, 3), labels, 0)):
+        with pytest.warns(UserWarning, match="Binning.uniform") as record:
+            call()
+        assert [w.filename for w in record] == [__file__]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dirfast.Binning.integer(50)(torch.tensor([1.0, 2.0]))  # integer-valued floats: no warning

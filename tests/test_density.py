@@ -177,8 +177,11 @@ def test_all_equal_labels_with_a_bandwidth():
 
 def test_coarse_grid_warns():
     labels = torch.tensor([0.0, 1.0, 1000.0])
-    with pytest.warns(UserWarning, match="grid_size"):
-        dirfast.DenseWeight(bandwidth=0.5, grid_size=64).fit(labels)
+    for call in (lambda: dirfast.DenseWeight(bandwidth=0.5, grid_size=64).fit(labels),
+                 lambda: dirfast.density_weights(labels, bandwidth=0.5, grid_size=64)):
+        with pytest.warns(UserWarning, match="grid_size") as record:
+            call()
+        assert [w.filename for w in record] == [__file__]  # the caller's line
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dirfast.DenseWeight(bandwidth=0.5).fit(torch.tensor([0.0, 1.0, 10.0]))
