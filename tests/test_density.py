@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy.ndimage import gaussian_filter1d
 from scipy.stats import gaussian_kde
 
 import dirfast
@@ -185,6 +186,19 @@ def test_coarse_grid_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dirfast.DenseWeight(bandwidth=0.5).fit(torch.tensor([0.0, 1.0, 10.0]))
+
+
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 2.6, 12.5, 40.0])
+def test_gaussian_window_is_scipys(sigma):
+    """The KDE's window (which binned_fit and the FFT test below take as given) is scipy's
+    gaussian_filter1d kernel: its response to one unit of mass, radius int(4 sigma + 0.5)."""
+    window = density_module._gaussian_window(sigma, "cpu")
+    radius = int(4 * sigma + 0.5)
+    impulse = np.zeros(2 * radius + 1)
+    impulse[radius] = 1.0
+    assert window.dtype == torch.float64 and window.numel() == 2 * radius + 1
+    np.testing.assert_allclose(window.numpy(), gaussian_filter1d(impulse, sigma, mode="constant"), rtol=1e-13,
+                               atol=1e-300)
 
 
 def binned_fit(labels: torch.Tensor, estimator) -> tuple:
