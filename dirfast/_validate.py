@@ -11,7 +11,10 @@
 - A state dict that is not a mapping is a TypeError; a wrong entry in one (a missing key, a
   tensor of another shape, a NaN, a setting that differs) is a ValueError, or the RuntimeError
   of ``nn.Module.load_state_dict`` for a module.
-- RuntimeError only for a call the object's state does not allow yet (weights before a fit).
+- RuntimeError only for a call the object's state does not allow yet (weights before a fit), and
+  where torch itself refuses: an in-place write that autograd or the tensor's memory forbids (a
+  leaf that requires grad, an expanded tensor), a tensor on a device the selected backend does
+  not run on.
 
 Every message names the argument and says what it must be. A check runs before anything
 changes, so a failed call leaves every object as it was. An argument that is allowed but likely a
@@ -115,9 +118,10 @@ def choice(name: str, value, options) -> str:
 def pair(name: str, value) -> tuple[float, float]:
     """``(low, high)`` as two floats: a tuple, list or 1-D array of two finite real numbers with
     ``0 <= low <= high`` (a dict or a set, which have no order of their own, is not one)."""
-    if not (isinstance(value, (tuple, list)) or (isinstance(value, np.ndarray) and value.ndim == 1)) \
-            or len(value) != 2:
+    if not (isinstance(value, (tuple, list)) or (isinstance(value, np.ndarray) and value.ndim > 0)):
         raise TypeError(f"{name} must be a pair (low, high): a tuple, list or array of two numbers, got {value!r}")
+    if (isinstance(value, np.ndarray) and value.ndim != 1) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair (low, high) of two numbers, got {value!r}")
     low, high = (real(name, v) for v in value)
     if not 0 <= low <= high:
         raise ValueError(f"{name} must satisfy 0 <= low <= high, got {tuple(value)!r}")

@@ -109,8 +109,10 @@ def _region_of_bins(regions, num_bins: int) -> np.ndarray:
     for index, name in enumerate(REGIONS):
         bins = regions.get(name, ())
         if isinstance(bins, (str, bytes, dict)) or not isinstance(bins, Iterable) or (
-                isinstance(bins, (np.ndarray, torch.Tensor)) and bins.ndim != 1):
+                isinstance(bins, (np.ndarray, torch.Tensor)) and bins.ndim == 0):
             raise TypeError(f"regions[{name!r}] must be a list of bins, got {type(bins).__name__}")
+        if isinstance(bins, (np.ndarray, torch.Tensor)) and bins.ndim != 1:
+            raise ValueError(f"regions[{name!r}] must be a 1-D list of bins, got {bins.ndim} dimensions")
         for b in bins:
             b = validate.integer(f"regions[{name!r}]", b, 0, num_bins - 1)
             if b in listed:

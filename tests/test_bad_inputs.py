@@ -205,7 +205,9 @@ CHOICE = (Bad("unknown", lambda v: "bogus", ValueError), Bad("None", lambda v: N
           Bad("int", lambda v: 3, ValueError), Bad("upper case", lambda v: v.upper(), ValueError))
 BINNING = (Bad("int", lambda v: 121, TypeError), Bad("str", lambda v: "integer", TypeError),
            Bad("edges list", lambda v: [0.0, 1.0, 2.0], TypeError))
-PAIR = (Bad("scalar", lambda v: 5, TypeError), Bad("one value", lambda v: (5,), TypeError),
+PAIR = (Bad("scalar", lambda v: 5, TypeError), Bad("one value", lambda v: (5,), ValueError),
+        Bad("three values", lambda v: (*v, v[1]), ValueError), Bad("0-d array", lambda v: np.array(5.0), TypeError),
+        Bad("2-D array", lambda v: np.array([v, v]), ValueError),
         Bad("str", lambda v: "ab", TypeError), Bad("reversed", lambda v: (v[1], v[0]), ValueError),
         Bad("negative", lambda v: (-1, v[1]), ValueError), Bad("NaN", lambda v: (NAN, v[1]), ValueError),
         Bad("None inside", lambda v: (None, v[1]), TypeError))
@@ -843,7 +845,8 @@ API = {
                      Bad("bin a float", lambda v: {"many": [1.5]}, TypeError),
                      Bad("a bin, not a list", lambda v: {"many": 5}, TypeError),
                      Bad("bin in two regions", lambda v: {"many": [1], "low": [1]}, ValueError),
-                     Bad("a 0-d array of bins", lambda v: {"many": np.array(3)}, TypeError)), None),
+                     Bad("a 0-d array of bins", lambda v: {"many": np.array(3)}, TypeError),
+                     Bad("a 2-D array of bins", lambda v: {"many": np.array([[1, 2]])}, ValueError)), None),
         "exact_error": (NON_NEGATIVE, 0.0), "correlations": (BOOL, True)}),
     # With regions the training labels and thresholds are not needed, but checked when given.
     "dirfast.metrics.shot_metrics over regions": Entry(dirfast.metrics.shot_metrics, {
