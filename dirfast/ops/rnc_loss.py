@@ -71,9 +71,7 @@ def _rows(features, labels, temperature, offset, count):
         a1 = min(count, a0 + chunk)
         za, ya = z[offset + a0:offset + a1], y[offset + a0:offset + a1]
         dist = torch.cdist(za, z, compute_mode="donot_use_mm_for_euclid_dist")
-        d = (ya[:, None, 0] - y[None, :, 0]).abs()
-        for k in range(1, y.shape[1]):  # in label order, as every kernel: ties are exact ties
-            d = d + (ya[:, None, k] - y[None, :, k]).abs()
+        d = _common.l1_distances(y, ya)  # in label order, as every kernel: ties are exact ties
         rows = torch.arange(offset + a0, offset + a1, device=z.device)
         is_self = torch.arange(m, device=z.device)[None, :] == rows[:, None]
         dist = torch.where(torch.isnan(d), math.nan, dist)  # a NaN label: NaN pairs, NaN losses

@@ -10,8 +10,6 @@ them can be captured in a CUDA graph.
 
 from __future__ import annotations
 
-import os
-
 MIN_TRITON = "3.6"
 
 
@@ -28,9 +26,10 @@ def unavailable_reason() -> str:
     if TorchVersion(version) < MIN_TRITON:
         return f"triton {version} is too old: dirfast needs triton >= {MIN_TRITON}"
     try:
-        from . import bin_stats, calibrate, conr_loss, mixture_logpdf, ranksim_loss, rnc_loss, smooth_bins  # noqa: F401
+        from . import (_common, bin_stats, calibrate, conr_loss, mixture_logpdf, ranksim_loss,  # noqa: F401
+                       rnc_loss, smooth_bins)
     except Exception as exc:  # noqa: BLE001 - dirfast must import whatever Triton does
         return f"the Triton kernels failed to load ({type(exc).__name__}: {exc})"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+    if not torch.cuda.is_available() and not _common.INTERPRET:
         return "no CUDA GPU is visible to torch (set TRITON_INTERPRET=1 to run the Triton kernels on CPU)"
     return ""
