@@ -267,11 +267,14 @@ def _one_per_label(labels: torch.Tensor, generator) -> torch.Tensor:
     ``generator`` (on the labels' device; None: torch's default) without reading the labels on
     the host: each row gets a random priority, and a row is kept when no row of the same label
     has a higher one (ties in priority go to the lower index)."""
-    n = labels.shape[0]
-    # uniform_ rather than torch.rand(n, generator=...): the same numbers, and torch 2.11's
-    # rand.generator cannot trace a symbolic n under torch.compile.
-    priority = torch.empty(n, device=labels.device, dtype=torch.float64).uniform_(generator=generator)
-    return _highest_priority(labels, priority)
+    return _highest_priority(labels, _priorities(labels.shape[0], labels.device, generator))
+
+
+def _priorities(n: int, device: torch.device, generator) -> torch.Tensor:
+    """n float64 priorities, uniform in [0, 1), from ``generator`` (None: torch's default).
+    uniform_ rather than torch.rand(n, generator=...): the same numbers, and torch 2.11's
+    rand.generator cannot trace a symbolic n under torch.compile."""
+    return torch.empty(n, device=device, dtype=torch.float64).uniform_(generator=generator)
 
 
 def _highest_priority(labels: torch.Tensor, priority: torch.Tensor) -> torch.Tensor:
@@ -353,7 +356,7 @@ def ranksim_loss(features: torch.Tensor, targets: torch.Tensor, lambda_val: floa
         if y.shape[1] == 1:  # the published subset lists its rows by label (torch.unique), which decides ties
             keys, key_labels, keep = _published_order(keys, key_labels, keep)
     else:  # every rank draws its own priorities; all ranks then agree on the kept rows
-        priority = torch.rand(n, generator=generator, device=z.device, dtype=torch.float64)
+        priority = _priorities(n, z.device, generator)
         key_labels, _ = _keys(y, True, process_group)
         keep = _highest_priority(key_labels, _keys(priority, True, process_group)[0])
     return ops.ranksim_loss(keys, key_labels, keep, lambda_val, first, n).sum()
