@@ -23,6 +23,7 @@ from . import _validate as validate
 from ._types import ArrayLike
 from .bandwidth import BIN_WIDTH_RULES, rule_width_unchecked
 # MAX_BINS: bins are computed in float32, exact up to there
+from .ops import FLOAT_DTYPES
 from .ops.integer_bins import MAX_BINS, integer_bins_unchecked
 
 __all__ = ["Binning", "GridBinning", "PRECISIONS"]
@@ -30,7 +31,6 @@ __all__ = ["Binning", "GridBinning", "PRECISIONS"]
 PRECISIONS = ("labels", "float32")
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
-_TABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the dtypes labels are compared in
 # Labels from which a CPU binning guesses bins by arithmetic (_arithmetic_guess): its dozen torch
 # ops cost more than the search below 2,000-4,000 labels on this 2-core host, and are 3-4x faster
 # from 16,384 (benchmarks/results/cpu/binning-ops.txt). On a GPU the search stays (not measured).
@@ -124,7 +124,7 @@ class Binning:
         # The edges each label dtype is compared with, built here: built inside torch.compile's
         # tracing, they would break the graph. Then one copy per device, so binning never copies
         # from the host again.
-        dtypes = () if kind == "integer" else _TABLE_DTYPES if kind == "uniform" else (torch.float32, torch.float64)
+        dtypes = () if kind == "integer" else FLOAT_DTYPES if kind == "uniform" else (torch.float32, torch.float64)
         self._host_tables = {dtype: self._host_table(dtype) for dtype in dtypes}
         self._tables: dict[tuple[Any, torch.dtype], tuple] = {}  # (device, dtype) -> (edges there, arithmetic guess)
 
@@ -458,3 +458,12 @@ class GridBinning:
                                  f"got {tuple(smoothed.shape)}")
             grid = smoothed.reshape(moved.shape).movedim(0, axis)
         return grid.reshape(table.shape)
+
+
+def check_binning(name: str, value, optional: bool = False):
+    """``value`` when it is a :class:`Binning` or :class:`GridBinning` (or None, where ``optional``);
+    TypeError naming ``name`` otherwise."""
+    if not (isinstance(value, (Binning, GridBinning)) or (optional and value is None)):
+        kinds = "None or a dirfast.Binning or GridBinning" if optional else "a dirfast.Binning or GridBinning"
+        raise TypeError(f"{name} must be {kinds}, got {type(value).__name__}")
+    return value

@@ -14,7 +14,7 @@ from ._state import CheckedLoad, move_only
 from ._types import ProcessGroup
 from .ops.accumulate_bin_stats import accumulate_bin_stats_unchecked_, var_from_m2
 from .ops.calibrate import calibrate_unchecked, calibrate_unchecked_, scale_shift
-from .binning import MAX_BINS, Binning, GridBinning
+from .binning import MAX_BINS, Binning, GridBinning, check_binning
 from .windows import kernel_window
 
 __all__ = ["FDS"]
@@ -146,8 +146,7 @@ class FDS(CheckedLoad):
         sync = validate.boolean("sync", sync)
         validate.process_group("process_group", process_group)
         binning = Binning.integer(bucket_num) if binning is None else binning
-        if not isinstance(binning, (Binning, GridBinning)):
-            raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
+        check_binning("binning", binning)
         if binning.num_bins != bucket_num:
             raise ValueError(f"binning must have bucket_num={bucket_num} bins, got {binning!r}"
                              + (f" (pass bucket_num={binning.num_bins})" if isinstance(binning, GridBinning) else ""))

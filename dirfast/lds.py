@@ -12,7 +12,7 @@ from . import _validate as validate
 from . import distributed, ops
 from ._estimator import FittedEstimator
 from ._types import ArrayLike, NotTensor, ProcessGroup
-from .binning import Binning, GridBinning
+from .binning import Binning, GridBinning, check_binning
 from .ops.smooth_bins import reference as smooth_reference
 from .windows import kernel_window
 
@@ -63,8 +63,7 @@ class LDS(FittedEstimator):
                  kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
                  inverse_clip: Sequence[float] | np.ndarray | None = (5, 1000), *, padding: str = "constant",
                  bucket_start: int = 0, sync: bool = True, process_group: ProcessGroup | None = None) -> None:
-        if not isinstance(binning, (Binning, GridBinning)):
-            raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
+        check_binning("binning", binning)
         reweight = validate.choice("reweight", reweight, REWEIGHTS)
         lds = validate.boolean("lds", lds)
         if lds and reweight == "none":

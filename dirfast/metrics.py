@@ -10,7 +10,7 @@ import torch
 
 from . import _validate as validate
 from ._types import ArrayLike
-from .binning import Binning, GridBinning
+from .binning import Binning, GridBinning, check_binning
 
 __all__ = ["REGIONS", "shot_metrics", "balanced_mae", "balanced_mse"]
 
@@ -160,8 +160,7 @@ def shot_metrics(preds: ArrayLike, labels: ArrayLike, train_labels: ArrayLike | 
     Returns ``{"many" | "median" | "low" | "overall": {"mse", "l1", "gmean"}}`` of floats (and
     ``"pearson"``, ``"spearman"`` with ``correlations``).
     """
-    if binning is not None and not isinstance(binning, (Binning, GridBinning)):
-        raise TypeError(f"binning must be None or a dirfast.Binning or GridBinning, got {type(binning).__name__}")
+    check_binning("binning", binning, optional=True)
     exact_error = validate.real("exact_error", exact_error, 0)
     correlations = validate.boolean("correlations", correlations)
     if correlations and isinstance(binning, GridBinning) and binning.ndim > 1:
@@ -204,8 +203,7 @@ def shot_metrics(preds: ArrayLike, labels: ArrayLike, train_labels: ArrayLike | 
 
 def _balanced_error(preds, labels, binning, power: int) -> float:
     """The mean over the bins holding test labels of each bin's mean ``error ** power``."""
-    if not isinstance(binning, (Binning, GridBinning)):
-        raise TypeError(f"binning must be a dirfast.Binning or GridBinning, got {type(binning).__name__}")
+    check_binning("binning", binning)
     _, labels, errors = _samples(preds, labels, binning)
     # the labels are finite (_samples), so each has a bin: no -1, which bincount refuses
     bins = binning(labels, precision="float32").numpy()
