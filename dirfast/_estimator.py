@@ -23,7 +23,8 @@ class FittedEstimator:
     A subclass names its settings in ``_SETTINGS`` and implements ``_fit_labels(labels)`` (the
     fit of the training labels, checked), ``_table()`` (the CPU table its per-sample values
     are read from), ``_fit_state()`` and ``_fit_from_state(state, fitted)`` (the fit as state
-    dict entries, and back, checked: ValueError naming the key at fault; None when not fitted).
+    dict entries, and back, checked: ValueError naming the key at fault; None when not fitted),
+    and ``weights(labels)``.
     """
 
     _SETTINGS: tuple = ()
@@ -34,6 +35,7 @@ class FittedEstimator:
     _table: Callable[[], torch.Tensor]
     _fit_state: Callable[[], dict]
     _fit_from_state: Callable[[Mapping[str, Any], bool], Any]
+    weights: Callable[[ArrayLike], torch.Tensor]
 
     def __init__(self) -> None:
         self._fit = None
@@ -44,6 +46,13 @@ class FittedEstimator:
         A failed fit leaves the previous one as it was."""
         self._set_fit(self._fit_labels(labels))
         return self
+
+    def _fit_weights(self, labels: ArrayLike) -> torch.Tensor | np.ndarray:
+        """Fit ``labels`` and give their weights (the one-call functions): a tensor for a tensor,
+        else a NumPy array."""
+        tensor = validate.real_tensor("labels", labels)
+        weights = self.fit(tensor).weights(tensor)
+        return weights if isinstance(labels, torch.Tensor) else weights.numpy()
 
     def _set_fit(self, fit) -> None:
         self._fit, self._tables_on = fit, {}

@@ -297,7 +297,4 @@ def density_weights(labels: ArrayLike, alpha: float = 1.0, eps: float = 1e-6, ba
     Returns float32 weights averaging 1, one per label: a tensor on the labels' device, or a
     NumPy array when ``labels`` is not a tensor (usable as scikit-learn's ``sample_weight``).
     """
-    estimator = DenseWeight(alpha, eps, bandwidth, grid_size=grid_size)
-    tensor = validate.real_tensor("labels", labels)
-    weights = estimator.fit(tensor).weights(tensor)
-    return weights if isinstance(labels, torch.Tensor) else weights.numpy()
+    return DenseWeight(alpha, eps, bandwidth, grid_size=grid_size)._fit_weights(labels)

@@ -320,6 +320,4 @@ def lds_weights(labels: ArrayLike, binning: Binning | GridBinning, reweight: str
     refuse_sync("lds_weights", options)
     estimator = LDS(binning, reweight=reweight, lds=lds, kernel=kernel, ks=ks, sigma=sigma,
                     inverse_clip=inverse_clip, sync=False, **options)  # it is given the whole label set
-    tensor = validate.real_tensor("labels", labels)
-    weights = estimator.fit(tensor).weights(tensor)
-    return weights if isinstance(labels, torch.Tensor) else weights.numpy()
+    return estimator._fit_weights(labels)

@@ -99,9 +99,7 @@ class Preset:
         """The published per-sample LDS weights of the training ``labels`` (see
         :func:`dirfast.lds_weights`; no ``sync`` or ``process_group``)."""
         refuse_sync("Preset.lds_weights", overrides)
-        estimator = self.lds(sync=False, **overrides).fit(labels)
-        weights = estimator.weights(labels)
-        return weights if isinstance(labels, torch.Tensor) else weights.numpy()
+        return self.lds(sync=False, **overrides)._fit_weights(labels)
 
     def fds(self, feature_dim: int, **overrides: Any) -> FDS:
         """An :class:`~dirfast.FDS` module with this dataset's settings."""
