@@ -173,7 +173,8 @@ def prediction_pair(pred_name: str, pred, target_name: str, target) -> None:
 def weights_for(name: str, weights, loss: torch.Tensor) -> torch.Tensor:
     """Floating ``weights`` on ``loss``'s device that broadcast to its shape without enlarging it
     (each of their trailing dimensions 1 or ``loss``'s); a shape check in Python, as
-    ``torch.broadcast_shapes`` took 30 us, as long as a small loss itself."""
+    ``torch.broadcast_shapes`` costs about as much as a small loss itself
+    (benchmarks/results/cpu/losses-weights-check.txt, design-constants.md)."""
     floating(name, weights)
     if weights.device != loss.device:
         raise ValueError(f"{name} is on {weights.device} but inputs are on {loss.device}")

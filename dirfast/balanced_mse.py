@@ -187,9 +187,10 @@ class _ScalarBalancedMSE(_BalancedMSENode):
     """The 1-D losses in one autograd node, the balancing term ``mixture_logpdf(pred; means,
     variances + v, log_weights)``: BNI (variances None: 0, the histogram), GAI (the mixture's)
     and BMC (variances None, the batch's targets at weight 1) are this loss, as the published
-    terms rearranged. One node instead of a dozen small ones (on a batch of 256, the per-op costs
-    of autograd were most of the step); the fused op gives each element's gradients in the
-    forward's pass over the components. The tables get no gradient; pred any shape.
+    terms rearranged. One node instead of a dozen small ones (on a small batch, autograd's per-op
+    costs would be most of the step: benchmarks/results/cpu/design-constants.md); the fused op
+    gives each element's gradients in the forward's pass over the components. The tables get no
+    gradient; pred any shape.
     """
 
     @staticmethod
@@ -276,7 +277,8 @@ class _BatchBalancedMSE(_BalancedMSENode):
                 r = torch.exp(logits - lse[-1][:, None])
                 # sum_j r_ij (prior_j - pred_i) + pred_i - target_i, in float64 and without using
                 # sum_j r_ij = 1: each r_ij's rounding then weighs a difference, as in the published
-                # gradient, not a label (float32 here was off by 3e-5 of the largest gradient)
+                # gradient, not a label (float32 here is far less accurate than the published
+                # gradient: benchmarks/results/cpu/design-constants.md)
                 r64 = r.double()
                 pred_direction.append((r64 @ prior64 - pred64[part] * r64.sum(1, keepdim=True) + diff64[part])
                                       .to(pred.dtype))

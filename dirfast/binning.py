@@ -32,8 +32,9 @@ PRECISIONS = ("labels", "float32")
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
 # Labels from which a CPU binning guesses bins by arithmetic (_arithmetic_guess): its dozen torch
-# ops cost more than the search below 2,000-4,000 labels on this 2-core host, and are 3-4x faster
-# from 16,384 (benchmarks/results/cpu/binning-ops.txt). On a GPU the search stays (not measured).
+# ops cost more than the search on few labels and pay on many; this is about where the two cross
+# (benchmarks/results/cpu/binning-ops.txt, design-constants.md). On a GPU the search stays (not
+# measured).
 _GUESS_FROM = 4096
 
 
@@ -268,16 +269,17 @@ class Binning:
         guessed, whole numbers in a float tensor (float32 or float64: exact, bins are below 2**24)
         with NaN there, for the caller's one conversion.
 
-        Floating point where it pays: torch's int64 clamps, comparisons and selects took most of
-        FDS.smooth's binning, and its binary search 40-60 ns a label; on few labels the search's
-        fewer ops win (benchmarks/results/cpu/binning-ops.txt)."""
+        Floating point where it pays: torch's int64 clamps, comparisons and selects would be most of
+        FDS.smooth's binning, and its binary search costs more a label than the arithmetic guess;
+        on few labels the search's fewer ops win (benchmarks/results/cpu/binning-ops.txt,
+        design-constants.md)."""
         cmp = self._compare_dtype(labels.dtype, precision)
         values = labels
         if self._kind == "integer" and labels.dtype == torch.float64 and cmp == torch.float32:
             # finite labels beyond float32 would become inf there (no bin): clamped first, they join
             # the edge bins as with the searched edges; NaN and inf stay as they are
             values = torch.where(labels.isinf(), labels, labels.clamp(-validate.FLOAT32_MAX, validate.FLOAT32_MAX))
-        values = values if values.dtype == cmp else values.to(cmp)  # (a no-op .to costs a few us)
+        values = values if values.dtype == cmp else values.to(cmp)  # (a no-op .to still costs a call)
         last = self.num_bins - 1
         if self._kind == "integer":  # int(label * scale): one pass (the integer_bins op)
             return integer_bins_unchecked(values, self.num_bins, self._scale, first)

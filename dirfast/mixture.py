@@ -248,8 +248,8 @@ def whiten(points, means, covs):
     """Each point ``[G, d]`` against each component's Gaussian: ``(z, inverse, log_det)`` with
     ``covs[k] = L_k L_k^T``, ``inverse = L_k^-1`` ``[K, d, d]``, ``z = L_k^-1 (point - mean_k)``
     ``[K, d, G]`` and ``log_det = log |covs[k]|`` ``[K]`` (differentiable). ``L_k^-1`` once, then
-    one product per component with every point a column (float32, 65,536 points, 8 components
-    in 2 dimensions, one core: 1.5 ms, where a triangular solve over the points took 3.6)."""
+    one product per component with every point a column: faster than a triangular solve over
+    the points (benchmarks/results/cpu/design-constants.md)."""
     chol = torch.linalg.cholesky(covs)
     eye = torch.eye(points.shape[1], dtype=points.dtype, device=points.device)
     inverse = torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)

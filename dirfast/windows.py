@@ -49,7 +49,8 @@ def _gaussian_filter1d_of_delta(ks: int, sigma: float, dtype) -> np.ndarray:
     # Every tap j = radius..1 (the order scipy adds them) meets the delta at two outputs,
     # (half + j) % ks and (half - j) % ks, the same one (the centre, weight doubled) when j is a
     # multiple of ks. np.add.at adds in index order, so each output sums its taps in scipy's
-    # order: O(ks + radius), where a [ks, radius] table took minutes for wide filters.
+    # order: O(ks + radius), where a [ks, radius] table is far too slow for wide filters
+    # (benchmarks/results/cpu/design-constants.md).
     j = np.arange(radius, 0, -1)
     weight = phi[radius - j]
     left, right = (half + j) % ks, (half - j) % ks

@@ -143,8 +143,9 @@ def set_cpu_threads(policy: str) -> None:
     ``"free"`` (the default): ``torch.get_num_threads()``, but no more than the cores that other
     processes leave free, read from ``/proc/stat`` at most every 100 ms (Linux). A parallel region
     waits for its slowest thread, and a thread on a core another process holds often waits for
-    the scheduler's next tick: with the other core of two busy, a training batch took up to 6.7x
-    as long on 2 threads as on 1. ``"all"``: ``torch.get_num_threads()`` whatever the load.
+    the scheduler's next tick, so with a core busy a training batch can run several times slower
+    on 2 threads than on 1 (``benchmarks/results/cpu/threads-zen4.md``). ``"all"``:
+    ``torch.get_num_threads()`` whatever the load.
     Results are the same bits either way; torch's own ops are not affected.
     """
     global _cpu_threads
@@ -286,8 +287,8 @@ def call(op: str, device: torch.device, *args):
         return _OnBackend.apply(op, kernel, *args) if needs_grad else kernel(op)(*args)
     if needs_grad or torch.compiler.is_compiling():
         return kernel(op)(*args)
-    # The dispatcher's autograd kernel of a differentiable op is Python (torch.library's), about
-    # 20 us a call even where no gradient is needed; it then only runs the kernel below autograd,
-    # which is done here directly.
+    # The dispatcher's autograd kernel of a differentiable op is Python (torch.library's), a cost
+    # on every call even where no gradient is needed (benchmarks/results/cpu/design-constants.md);
+    # it then only runs the kernel below autograd, which is done here directly.
     with torch._C._AutoDispatchBelowAutograd():
         return kernel(op)(*args)

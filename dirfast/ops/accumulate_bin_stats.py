@@ -46,8 +46,9 @@ def accumulate_bin_stats_(count: torch.Tensor, mean: torch.Tensor, m2: torch.Ten
 
 def accumulate_bin_stats_unchecked_(count, mean, m2, x, bin_idx) -> torch.Tensor:
     """:func:`accumulate_bin_stats_` for a caller that has checked its arguments (FDS.accumulate:
-    its batch, the bins of its binning, its own tables): the Python checks, a tenth of a 256 x 512
-    step, are not made twice. The compiled kernels check them all the same."""
+    its batch, the bins of its binning, its own tables): the Python checks, a noticeable part of a
+    training batch's step (benchmarks/results/cpu/design-constants.md), are not made twice. The
+    compiled kernels check them all the same."""
     return _dispatch.call("accumulate_bin_stats_", x.device, count, mean, m2, x.detach(), bin_idx)
 
 
@@ -58,8 +59,8 @@ def accumulate_bin_stats_unchecked_(count, mean, m2, x, bin_idx) -> torch.Tensor
 def rows_finite(t: torch.Tensor) -> torch.Tensor:
     """Whether each row of the 2-D ``t`` is free of NaN and infinite values. ``t * 0`` sums to 0
     exactly then (``inf * 0`` is NaN): a multiply and a row sum, where ``isfinite(t).all(1)`` takes
-    four passes and a boolean reduction, each slow on CPU (256 x 512 float64, 1 thread: 0.12-0.25
-    against 0.61-0.74 ms, benchmarks/results/cpu/fds-accumulate-met-buckets.txt)."""
+    four passes and a boolean reduction, each slow on CPU
+    (benchmarks/results/cpu/fds-accumulate-met-buckets.txt)."""
     return (t * 0).sum(1) == 0
 
 

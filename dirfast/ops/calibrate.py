@@ -54,8 +54,9 @@ def calibrate_(x: torch.Tensor, bin_idx: torch.Tensor, src_mean: torch.Tensor, s
 
 
 # For a caller that has checked the arguments (FDS.smooth: its batch, the bins of its binning, its
-# own statistics and clips): the Python checks, an eighth of a 256 x 512 step, are not made twice.
-# The compiled kernels check them all the same.
+# own statistics and clips): the Python checks, a noticeable part of a training batch's step
+# (benchmarks/results/cpu/design-constants.md), are not made twice. The compiled kernels check
+# them all the same.
 def calibrate_unchecked(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float, clip_max: float):
     """:func:`calibrate` without its argument checks."""
     return _dispatch.call("calibrate", x.device, x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max)

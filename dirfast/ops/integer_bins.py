@@ -38,8 +38,9 @@ def integer_bins(labels: torch.Tensor, num_bins: int, scale: float = 1.0, first:
 
 def integer_bins_unchecked(labels: torch.Tensor, num_bins: int, scale: float, first: int) -> torch.Tensor:
     """:func:`integer_bins` for a caller that has checked its arguments (a Binning, at its
-    construction and on each call's labels): the Python checks, a third of its time on a batch of
-    256 labels, are not made twice. The compiled kernels check them all the same."""
+    construction and on each call's labels): the Python checks, a large part of its time on a
+    training batch's labels (benchmarks/results/cpu/design-constants.md), are not made twice. The
+    compiled kernels check them all the same."""
     return _dispatch.call("integer_bins", labels.device, labels, num_bins, scale, first)
 
 
