@@ -69,11 +69,12 @@ inline int64_t prefetch_rows(int64_t row_bytes) {
 // apart), into mean and m2, four rows per pass over the accumulators. The list jumps around x:
 // every line of the row `ahead` places further in the list (up to `list_end`) is prefetched into
 // L2 for each row taken, and the first `ahead` rows' too when `warm_up` (a task's first list):
-// the first line alone, the rest left to the hardware, came too late for rows in random order
+// the first line alone, the rest left to the hardware, comes too late for rows in random order
 // (benchmarks/results/cpu/grouped-rows-zen4.md). The prefetches are written out here, not in a
 // helper: g++ finds a function that only prefetches free of side effects and drops it. Always
 // inlined, so each clone of reduce_list holds its own copy: left to g++, the clones of one file or
-// another tail-called a single copy compiled for the baseline (native-baseline-zen4.md).
+// another tail-call a single copy compiled for the baseline
+// (benchmarks/results/cpu/native-baseline-zen4.md).
 template <typename acc_t, typename in_t>
 __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64_t stride, int64_t dim,
                                                             const int64_t* list, int64_t n, const int64_t* list_end,

@@ -202,8 +202,9 @@ inline Tensor empty_sized_like(const Tensor& like, ScalarType dtype) {
 }
 
 // t in `dtype`, t contiguous, or both: t itself when it already is. torch::stable::to and
-// contiguous are dispatcher calls, a few microseconds each even when they return t, so they are
-// called only for a tensor they change (calibrate's five took 5 of its 26 us on 512 x 8 rows).
+// contiguous are dispatcher calls, a cost even when they return t (a noticeable part of a small
+// calibrate call: benchmarks/results/cpu/design-constants.md), so they are called only for a
+// tensor they change.
 inline Tensor in_dtype(const Tensor& t, ScalarType dtype) {
   return t.scalar_type() == dtype ? t : torch::stable::to(t, dtype);
 }

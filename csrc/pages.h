@@ -1,11 +1,13 @@
 // A fresh CPU output's pages mapped before a kernel writes it, in one call per piece.
 //
 // A new tensor's memory is mapped on its first write, a page fault per 4 KiB page: on this
-// project's VMs about 1.8 us a page, most of what a clone of 128 MiB costs. MADV_POPULATE_WRITE
-// (Linux 5.14) maps a range in the kernel's own loop, without a fault per page; threads take
-// pieces of it. Only for memory nobody has touched: its first page is asked with mincore, since
-// populating pages already mapped walks them again for nothing (0.2-0.35 us a page). The pages are
-// the allocator's ordinary ones (huge pages were tried and taken out: benchmarks/huge_pages.py).
+// project's VMs most of what a large clone costs. MADV_POPULATE_WRITE (Linux 5.14) maps a range in
+// the kernel's own loop, without a fault per page; threads take pieces of it. Only for memory
+// nobody has touched: its first page is asked with mincore, since populating pages already mapped
+// walks them again for nothing (benchmarks/results/cpu/out-of-place-zen4.md, design-constants.md).
+// The pages are the allocator's ordinary ones: huge pages for an output can cost more on VMs that
+// hand free memory back to their host (benchmarks/huge_pages.py,
+// benchmarks/results/cpu/huge-pages.txt).
 // Changes no value; refused (an older kernel, no memory left) or off Linux, it does nothing and
 // the pages fault as they are written.
 #pragma once

@@ -139,8 +139,9 @@ constexpr float kExp2Least = -126.0f;
 // 2^t for t <= 0 (-inf and NaN included) as p(f) 2^n, n = t rounded to nearest (even on ties)
 // and f = t - n, both exact, with t below -126 taken as -126: at least 2^-126, a normal number (a
 // subnormal result costs Intel cores a microcode assist per instruction), NaN for NaN: within 0.95
-// ulp of 2^t for every float t in [-126, 0] (measured). The same bits as AVX-512's
-// scalef(p(reduce(t)), t - reduce(t)) on max(-126, t) in mixture_logpdf.cpp.
+// ulp of 2^t for every float t in [-126, 0] (benchmarks/results/cpu/mixture-one-pass-xeon.md).
+// The same bits as AVX-512's scalef(p(reduce(t)), t - reduce(t)) on max(-126, t) in
+// mixture_logpdf.cpp.
 template <typename VF, typename VI>
 __attribute__((always_inline)) inline VF vexp2(VF t) {
   const VF k = VF{};

@@ -4,8 +4,8 @@
 // c10::Half with half_bits_to_float and float_to_half_bits below: c10's own IEEE binary16
 // arithmetic (torch/headeronly/util/Half.h, the code it runs when not built for F16C) with its
 // selects written as bit masks. c10's selects compile to branches that g++ does not vectorise for
-// AVX2, so a float16 row was converted a value at a time in the x86-64-v3 clones; these give the
-// same bits (every binary16 value, every float32 value) and vectorise.
+// AVX2, so a float16 row would be converted a value at a time in the x86-64-v3 clones; these give
+// the same bits (every binary16 value, every float32 value) and vectorise.
 #pragma once
 
 #include "macros.h"

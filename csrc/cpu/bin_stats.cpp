@@ -22,9 +22,10 @@
 #include <vector>
 
 // x86-64-v3 (AVX2 + FMA) or the baseline for the row loops, and x86-64-v4 (AVX-512) for the two
-// that read rows in order (scatter_rows, scan_rows: 97 buckets on one Zen 4 core 7-15% faster;
-// reduce_list's gathered rows gained nothing there); no a * b + c is fused, so every clone gives
-// the same bits (above the project's headers: their functions too, whatever the baseline).
+// that read rows in order (scatter_rows, scan_rows: faster with it on Zen 4, where reduce_list's
+// gathered rows gained nothing: benchmarks/results/cpu/avx512-clones.md); no a * b + c is fused,
+// so every clone gives the same bits (above the project's headers: their functions too, whatever
+// the baseline).
 #pragma GCC optimize("fp-contract=off")
 
 #include "bucket_rows.h"
@@ -99,7 +100,7 @@ struct Cursor {
 // so it belongs to segment first + i / seg, of which it is the (i % seg + 1)-th row. Each
 // segment's rows take Welford's update in row order, into table + s * 2 * dim (D means, D M2s).
 // Each row is prefetched into L2 kScanAheadBytes of rows before its turn: left to the hardware,
-// the scan waited on memory (97 buckets, 65,536 x 512 float32 on one Zen 4 core: 13.4 -> 9.2 ms).
+// the scan waits on memory (benchmarks/results/cpu/row-prefetch-zen4.md).
 template <typename acc_t, typename in_t, typename index_t>
 __attribute__((always_inline))
 inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const index_t* idx,

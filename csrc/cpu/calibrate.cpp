@@ -27,9 +27,10 @@
 #include <vector>
 
 // The row loop in clones for x86-64-v4 (AVX-512), v3 (AVX2 + FMA) and the baseline: 32-byte loads
-// and stores keep more lines in flight than 16-byte ones; with AVX-512, float16 rows vectorise
-// their conversions (a v3 clone leaves them a value at a time: 8x slower on Zen 4). No x * s + t is
-// fused, so every clone gives the same bits (above the project's headers: theirs too).
+// and stores keep more lines in flight than 16-byte ones; with AVX-512, float16 rows convert in
+// wider vectors, faster than in the v3 clone (benchmarks/results/cpu/grouped-rows-zen4.md, float16;
+// design-constants.md). No x * s + t is fused, so every clone gives the same bits (above the
+// project's headers: theirs too).
 #pragma GCC optimize("fp-contract=off")
 
 #include "calibrate.h"
@@ -56,9 +57,9 @@ namespace {
 
 // The least work a thread is given (so small work runs on one thread): elements of x to
 // calibrate, or values of s and t to compute (each a divide and a square root). Small enough that
-// a training batch's work is cut into several pieces, which the threads take as they come free:
-// with one piece each (2^18 and 2^16), 256 x 512 rows against 1,000 buckets waited on whichever
-// thread ran slow, and took longer on 2 threads than on 1 (benchmarks/results/cpu/small-inputs-zen4.md).
+// a training batch's work is cut into several pieces, which the threads take as they come free: a
+// single piece per thread waits on whichever thread runs slow, so a small batch ran slower on 2
+// threads than on 1 (benchmarks/results/cpu/small-inputs-zen4.md, "Pieces, not halves").
 constexpr int64_t kGrainElements = int64_t(1) << 16;
 constexpr int64_t kGrainTableValues = int64_t(1) << 14;
 constexpr int64_t kPlanarTile = 4096;        // pixels per task (planar layout)
@@ -66,8 +67,9 @@ constexpr int64_t kPlanarTile = 4096;        // pixels per task (planar layout)
 // the last-level cache), or x has at most kSmallBatchElements and fewer rows than the tables have
 // values (a training batch), and a row is at least kGroupedRowBytes long (a row read out of order
 // costs little more than one read in order). A batch's s and t in a table, written by one thread
-// and read by another, left 256 x 512 rows against 1,000 buckets at 173-397 us on 2 threads
-// (1 thread 257-280); grouped, 154-202 (benchmarks/results/cpu/small-inputs-zen4.md).
+// and read by another, often made 2 threads slower than 1; grouped, no thread reads what another
+// wrote, and 2 threads stay ahead (benchmarks/results/cpu/small-inputs-zen4.md, "A batch grouped
+// by bucket").
 constexpr int64_t kGroupedTableBytes = int64_t(16) << 20;
 constexpr int64_t kSmallBatchElements = int64_t(1) << 20;
 constexpr int64_t kGroupedRowBytes = 512;
@@ -166,12 +168,11 @@ __attribute__((target("avx2"))) DIRFAST_NOINLINE int64_t transpose_block_f32(con
 // its tables transposed, [D, B] in memory) is copied 256 bytes of buckets at a time (of the task's
 // buckets only: within) into the task's buffer, four lines per feature per block, the next block's
 // lines prefetched while this one is used: at many buckets a contiguous copy of the whole table
-// (fresh pages, written and read again) took longer than the op itself; blocks of 32 or 64 bytes
-// took longer than these, and so did prefetches of the next block in an earlier try, where spread
-// over this block's buckets they pay (measured in benchmarks/results/cpu/grouped-rows-zen4.md).
-// When the buckets are contiguous the copy goes by transposes: 8 x 8 for float32 where AVX2 runs
-// (calibrate_ at 10,000 buckets 3-8% faster on one Zen 4 core than with 16-byte ones:
-// transposed-fill-zen4.md), else 16 bytes.
+// (fresh pages, written and read again) takes longer than the op itself; blocks of 32 or 64 bytes
+// take longer than these, and the next block's prefetches pay only spread over this block's buckets
+// (benchmarks/results/cpu/grouped-rows-zen4.md). When the buckets are contiguous the copy goes by
+// transposes: 8 x 8 for float32 where AVX2 runs (faster than 16-byte ones at many buckets:
+// transposed-fill-zen4.md, design-constants.md), else 16 bytes.
 // The buffer's rows are padded by a line: rows 2 KiB apart would all fall in the same few L1 sets.
 template <typename acc_t>
 class BucketRows {
@@ -188,8 +189,9 @@ class BucketRows {
 
   // The buckets [lower, limit) are this task's until the next call (a piece of the work): a block
   // is copied from no lower and up to no further, so two threads whose pieces share a block copy
-  // only their own buckets of it (a batch against 97 buckets copied both tables' blocks whole on
-  // each thread, and took as long on 2 threads as on 1).
+  // only their own buckets of it (copying the shared blocks whole on each thread left a batch
+  // against few buckets no faster on 2 threads than on 1:
+  // benchmarks/results/cpu/small-inputs-zen4.md, "Each task copies its own buckets").
   void within(int64_t lower, int64_t limit) {
     lower_ = lower;
     limit_ = std::min(limit, num_bins_);
@@ -305,10 +307,11 @@ struct Statistics {
 // published smoothing leaves its tables transposed): each table's met buckets copied into a
 // contiguous [U, D] table, a line of features at a time, and the indices renumbered to them (U,
 // the identity, for no bucket). Read in blocks of 64 buckets (BucketRows), a met bucket costs its
-// block's lines of every feature, most of them for buckets no row uses: 256 x 512 rows against
-// 10,000 buckets took 7.0-7.1 ms on 1 thread, 3.1 ms compacted (0.7-0.8 ms with contiguous
-// tables); at one index in 8 buckets compacting took up to 1.3x longer on 2 threads. The values,
-// and each bucket's arithmetic, are those of the full tables: the same bits.
+// block's lines of every feature, most of them for buckets no row uses, so a training batch against
+// many buckets takes less than half the time compacted; at one index in 8 buckets compacting could
+// take longer on 2 threads, hence one in 16
+// (benchmarks/results/cpu/ahead-of-compile-before-after.md, seventh sitting; design-constants.md).
+// The values, and each bucket's arithmetic, are those of the full tables: the same bits.
 template <typename acc_t, typename index_t>
 class MetBuckets {
  public:
@@ -453,8 +456,9 @@ struct ScaleShiftRow {
 
 // s and t of the features [d, stop) of a bucket, stop - d a multiple of four 16-byte vectors, their
 // src_var added to the partial sums (which do not wait on each other). kBytes is the width of the
-// arithmetic (32 where AVX2 runs: the divide and the square root take half the time per value of
-// 16-byte vectors on Zen 4; the same bits).
+// arithmetic (32 where AVX2 runs: the divide and the square root go through more values per unit
+// of time than in 16-byte vectors on Zen 4, benchmarks/results/cpu/grouped-rows-zen4.md; the same
+// bits).
 template <int kBytes, typename acc_t>
 inline void scale_shift_chunks(ScaleShiftRow<acc_t>& row, int64_t d, int64_t stop, acc_t lo, acc_t hi) {
   using V16 = Vec<acc_t, 16>;
@@ -681,10 +685,10 @@ __attribute__((target("avx2"))) DIRFAST_NOINLINE void stream_row_f32(const float
 
 // How the rows of x go into the rows of y: in place (x is y: calibrate_), from x into a fresh
 // output (calibrate), or, for a large float32 output where AVX2 runs (kStreamOutputBytes), streamed
-// into it: a fresh output's lines need not be read before they are written, and out of place at
-// 65,536 x 512 float32 streaming took 0.83-0.96 clones on 1 thread where copying x first and
-// calibrating in place took 1.16-1.30 (benchmarks/results/cpu/out-of-place-zen4.md). A thread that
-// streamed calls done() before its work is over (the stores are weakly ordered).
+// into it: a fresh output's lines need not be read before they are written, and streaming each row
+// from x is faster than copying x first and calibrating in place
+// (benchmarks/results/cpu/out-of-place-zen4.md). A thread that streamed calls done() before its
+// work is over (the stores are weakly ordered).
 template <typename T, typename acc_t>
 struct RowWriter {
   const T* x;
@@ -723,12 +727,12 @@ struct RowWriter {
 };
 
 // Rows layout with tables: each row reads its bucket's piece. A row of at least kPrefetchRowBytes
-// is prefetched into L2 kAheadBytes of rows before its turn: left to the hardware, calibrate_ at 97
-// buckets took 13.4 ms against 9.3 (65,536 x 512 float32, one Zen 4 core), rows of 256 bytes
-// 1.65x as long; rows of 32 bytes took 1.13x as long with it. The rows are written too, yet these
-// (and apply_groups') are read prefetches: built for a baseline with PRFCHW (-march=native), a
-// write prefetch is prefetchw, which fills L1 on Zen 4: calibrate_ at 10,000 buckets took 5.3
-// in-place passes against 4.1 with read prefetches (benchmarks/results/cpu/native-baseline-zen4.md).
+// is prefetched into L2 kAheadBytes of rows before its turn: left to the hardware, the rows wait on
+// memory, while shorter rows run slower with the prefetch
+// (benchmarks/results/cpu/row-prefetch-zen4.md). The rows are written too, yet these (and
+// apply_groups') are read prefetches: built for a baseline with PRFCHW (-march=native), a write
+// prefetch is prefetchw, which fills L1 on Zen 4 and makes calibrate_ at many buckets much slower
+// (benchmarks/results/cpu/native-baseline-zen4.md).
 template <typename T, typename acc_t, typename index_t>
 DIRFAST_NOINLINE void apply_rows(const RowWriter<T, acc_t>& write, const index_t* idx, int64_t rows,
                                  int64_t num_bins, const acc_t* st) {
@@ -765,11 +769,10 @@ DIRFAST_NOINLINE void group_rows(const index_t* idx, int64_t rows, int64_t num_b
 // Rows layout grouped by bucket: a thread takes pieces of the grouped rows and computes the s and t
 // of each bucket it meets into a buffer of its own (a bucket two pieces share is computed for
 // both, alike), the next bucket's a slice after each row of this one (BucketScaleShift): computed
-// in one go before its rows, s and t held up the rows' memory traffic (calibrate_ at 10,000
-// buckets 18.4 -> 17.6 ms on one Zen 4 core; sliced before each row, a streamed output's rows were
-// slower: benchmarks/results/cpu/grouped-rows-zen4.md). The rows come out of order: each is
-// prefetched into L2 kAheadBytes of rows before its turn (non-temporally into L1 two rows before,
-// the rows took 1.5x as long on Zen 4).
+// in one go before its rows, s and t hold up the rows' memory traffic, and sliced before each row
+// they slow a streamed output's rows (benchmarks/results/cpu/grouped-rows-zen4.md). The rows come
+// out of order: each is prefetched into L2 kAheadBytes of rows before its turn (non-temporal
+// prefetches into L1 two rows before are much slower on Zen 4: same file).
 template <typename T, typename acc_t>
 DIRFAST_NOINLINE void apply_groups(const RowWriter<T, acc_t>& write, const int64_t* order, const int64_t* first,
                                    int64_t rows, const Statistics& stats, acc_t lo, acc_t hi) {
@@ -825,7 +828,8 @@ bool planar_blocks() {
 
 // One float32 tile of the planar layout, 8 channels x 8 pixels at a time: each pixel's s (and t)
 // of 8 channels is one 32-byte load from its bucket's row of the bucket-major table, transposed to
-// 8 channels of 8 pixels (a plane at a time, every value was a gather: 2.3-2.5x an in-place pass).
+// 8 channels of 8 pixels (a plane at a time, every value is a gather, far slower:
+// benchmarks/results/cpu/design-constants.md).
 // The channels and pixels left over go one value at a time. x * s + t as calibrate_apply (a
 // multiply, then an add): the same bits.
 #if DIRFAST_CALIBRATE_AVX2

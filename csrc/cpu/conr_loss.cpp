@@ -745,11 +745,10 @@ inline Tensor mm(const Tensor& a, const Tensor& b) {
 }
 
 // The path, chosen by the members' share of the count x m pairs (counted in one pass over the
-// masks): the sparse path at most kSparseDensity, the GEMM path above. Measured on a 2-core EPYC
-// (2 threads, float32, forward + backward, m = 512 .. 1024, D = 128 .. 512, all rows or a
-// quarter as anchors), the two cost the same at about 24% members: one dot product and two
-// gradient sums per member against three GEMMs over all pairs. The margin keeps the GEMM path
-// where they are close. (Published ConR batches, integer ages and w = 1, have about 5%.)
+// masks): the sparse path at most kSparseDensity, the GEMM path above. The two cost the same a
+// little above it (benchmarks/results/cpu/design-constants.md): one dot product and two gradient
+// sums per member against three GEMMs over all pairs. The margin keeps the GEMM path where they
+// are close. (Published ConR batches, integer ages and w = 1, have few members.)
 constexpr double kSparseDensity = 0.2;
 
 // The normalised rows (acc, [m, D]), their norms ([m]), the transposed labels and predictions

@@ -2,13 +2,14 @@
 // leave free.
 //
 // A parallel region ends when its last thread does. Where another process holds a core, the thread
-// that lands on it often runs only at the scheduler's next tick (4 ms at 250 Hz), and every region
-// waits for it: on 2 threads with the other core busy, a 256 x 512 training batch took 1.2-6.7x as
-// long as on 1 (benchmarks/results/cpu/threads-zen4.md). The free cores are read from /proc/stat at
-// most every 100 ms: the busy time of the CPUs this process may run on (all but idle and I/O wait),
-// less this process's own CPU time, over the time between two reads (more than kBusyShare of a core
-// makes it busy). The kernels give the same bits on any number of threads, so the limit changes
-// their speed only. Elsewhere than Linux, and until a second read, the threads are torch's.
+// that lands on it often runs only at the scheduler's next tick, and every region waits for it: on
+// 2 threads with the other core busy, a training batch ran several times slower than on 1
+// (benchmarks/results/cpu/threads-zen4.md, pairwise-busy-core.md). The free cores are read from
+// /proc/stat at most every 100 ms: the busy time of the CPUs this process may run on (all but idle
+// and I/O wait), less this process's own CPU time, over the time between two reads (more than
+// kBusyShare of a core makes it busy). The kernels give the same bits on any number of threads, so
+// the limit changes their speed only. Elsewhere than Linux, and until a second read, the threads
+// are torch's.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -33,9 +34,9 @@ namespace {
 
 constexpr int64_t kReadEveryNs = 100'000'000;
 // Other processes' time that makes a core busy: more than a quarter of it. What they get is not
-// what they would take: a loop holding one of two cores measured 0.68-0.78 of it while torch's own
+// what they would take: a loop holding one of two cores got only part of it while torch's own
 // 2-thread copies ran between this process's calls, their OpenMP worker spinning beside the loop
-// after each (this process then used 1.22-1.32 cores).
+// after each (benchmarks/results/cpu/threads-zen4.md).
 constexpr double kBusyShare = 0.25;
 
 std::atomic<bool> free_cores_only{true};

@@ -323,9 +323,9 @@ __attribute__((target("avx512f,avx512dq"), always_inline)) inline __m512 vlog_no
 }
 
 // sum_k 2^t_k of the V vectors at x into sums (kGrads: and the gradient sums into gx, gv), their
-// terms interleaved (two chains of dependent steps instead of one: 25-30% faster than one vector
-// at a time at K = 10, measured). 2^t as vexp2 (its max(-126, t) first) by scalef(p(f), n), f by
-// one reduce (AVX-512 DQ).
+// terms interleaved (two chains of dependent steps instead of one: faster than one vector at a
+// time, benchmarks/results/cpu/mixture-one-pass-xeon.md). 2^t as vexp2 (its max(-126, t) first) by
+// scalef(p(f), n), f by one reduce (AVX-512 DQ).
 template <int V, bool kGrads>
 __attribute__((target("avx512f,avx512dq"), always_inline)) inline void sums_avx512(const float* x, float* sums,
                                                                                    float* gx, float* gv,

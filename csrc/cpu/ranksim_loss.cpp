@@ -169,7 +169,7 @@ inline int64_t round_up(int64_t n, int64_t k) { return (n + k - 1) / k * k; }
 
 // An allocator whose value-less construct() leaves the element uninitialised: Buffer<T>(n) is
 // a vector of n values to be written, not zeroed first (the large buffers below are written
-// whole; zeroing them was a serial memset of ~2 MB per call, while the other threads wait).
+// whole; zeroing them would be a serial memset of ~2 MB per call, while the other threads wait).
 template <typename T>
 struct NoInit : std::allocator<T> {
   template <typename U>
@@ -400,7 +400,7 @@ struct Problem {
     d_pad = round_up(d, kPad);
     keys.resize(size * d);
     // The normalising and the gather of the keys, row by row in one parallel region (each row's
-    // values are computed the same way on any thread): serial, they were a good part of a call
+    // values are computed the same way on any thread): serial, they would be a good part of a call
     // at M = 256, D = 512 on 2 threads.
     parallel_for_ranges(m, std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(1, d)), [&](int64_t first, int64_t last) {
       for (int64_t r = first; r < last; ++r) {
@@ -542,7 +542,8 @@ DIRFAST_NOINLINE Buffer<acc_t> similarity_matrix(const Problem<acc_t>& pb) {
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   // Tasks of one tile of kTileRows rows by one column block on or above the diagonal, all about
   // the same cost: a piece is a contiguous range of tasks, and tasks of a whole row block (fewer to
-  // the right) had left the first thread with ~60% of the work on 2 threads.
+  // the right) would leave the first thread with most of the work on 2 threads
+  // (benchmarks/results/cpu/design-constants.md).
   std::vector<std::pair<int64_t, int64_t>> tasks;  // (first row of the tile, column block), column >= row
   for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
     for (int64_t cb = t0 / kBlock; cb < blocks; ++cb) tasks.emplace_back(t0, cb);
