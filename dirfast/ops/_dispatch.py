@@ -30,13 +30,14 @@ from ._common import OPS
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 # The ops with a compiled CUDA kernel (on a GPU the others run on Triton).
 CUDA_OPS = ("bin_stats", "smooth_bins", "calibrate", "calibrate_")
+# The ops whose reference is their kernel on a GPU (torch ops, or other dirfast ops on the selected
+# backend): the "cuda" backend runs them too, so that FDS runs whole on it.
+COMPOSED_OPS = ("integer_bins", "accumulate_bin_stats_")
 
 
 def _cuda_backend_ops() -> tuple:
-    """What the "cuda" backend runs: the ops with a CUDA kernel, and those composed of others
-    (integer_bins, accumulate_bin_stats_: their reference is their entry on every backend), so that
-    FDS runs whole on it."""
-    return tuple(name for name, op in OPS.items() if name in CUDA_OPS or op.triton is op.reference)
+    """What the "cuda" backend runs, in the ops' order."""
+    return tuple(name for name in OPS if name in CUDA_OPS + COMPOSED_OPS)
 
 # The selection belongs to the current thread: a use_backend() block in one thread never changes
 # the ops of another, and new threads start at "auto". (A threading.local, which torch.compile
