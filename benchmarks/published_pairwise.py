@@ -77,16 +77,19 @@ def _conr_rows(similarity, positive, negative, push, divisor):
     """loss_i = -1/divisor_i sum_{j in P(i)} (prod_ij - log(pos_i + neg_i)), 0 where Q(i) is
     empty. QUIRK: pos_i sums exp over the whole row with non-positives masked to 0, so each
     adds exp(0) = 1."""
-    exp_positive = (similarity * positive).exp()
+    # As published, the positive exponentials are computed twice (numerator and denominator),
+    # which is part of the cost this baseline keeps.
     neg_sum = (push * (similarity * negative).exp() * negative).sum(1)
-    share = exp_positive / (exp_positive.sum(1) + neg_sum)[:, None]  # the published softmax form
+    denominator = (similarity * positive).exp().sum(1) + neg_sum
+    share = (similarity * positive).exp() / denominator[:, None]  # the published softmax form
     per_pair = -share.log() * positive
     return per_pair.sum(1) / divisor * negative.any(1)
 
 
 def _conr(features, targets, preds, w, weights, tau, e):
-    unit = F.normalize(features, dim=1)
-    similarity = unit @ unit.T / tau
+    # the queries and keys normalised apart, as published (the same values, twice the cost)
+    queries, keys = F.normalize(features, dim=1), F.normalize(features, dim=1)
+    similarity = queries @ keys.T / tau
     label_gap, _, positive, negative = _pairs(targets, preds, w)
     push = weights * (label_gap * e).exp()
     loss = _conr_rows(similarity, positive, negative, push, positive.sum(1))
@@ -97,14 +100,14 @@ def conr_loss_nyud2(feature, depth, output, weights, w=0.2, t=0.07, e=0.2):
     """The NYUD2-DIR ConR: one sample per image (label the mean depth, prediction the mean
     output, weight the mean weight), tau = t, a linear pushing weight ``l * weights * e``, a
     divisor that counts the anchor itself, and an unweighted mean."""
-    n = feature.shape[0]
-    targets = depth.reshape(n, -1).mean(1, keepdim=True)
-    preds = output.reshape(n, -1).mean(1, keepdim=True)
-    weights = weights.reshape(n, -1).mean(1, keepdim=True)
-    unit = F.normalize(feature.reshape(n, -1), dim=1)
+    def per_image(maps):
+        return maps.flatten(1).mean(dim=1).unsqueeze(1)
+
+    targets, preds, image_weights = per_image(depth), per_image(output), per_image(weights)
+    unit = F.normalize(feature.flatten(1), dim=1)
     similarity = unit @ unit.T / t
     label_gap, near, positive, negative = _pairs(targets, preds, w)
-    loss = _conr_rows(similarity, positive, negative, label_gap * weights * e, near.sum(1))
+    loss = _conr_rows(similarity, positive, negative, label_gap * image_weights * e, near.sum(1))
     return loss.mean()
 
 
