@@ -22,7 +22,8 @@ stamp() { echo "== $1 ($(date +%T), ${SECONDS}s)"; }
 
 stamp environment
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
-  $PY -c "import sys, torch, triton, setuptools; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__, '| setuptools', setuptools.__version__, '(the build needs >= 77) |', torch.cuda.get_device_name(0))"
+  $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda, '| triton', triton.__version__, '|', torch.cuda.get_device_name(0))"
+  $PY -c "import setuptools; print('setuptools', setuptools.__version__, '(the build needs >= 77)')"
   command -v nvcc >/dev/null && nvcc --version | tail -n 1
 } 2>&1 | tee "$OUT/environment.txt"
 

@@ -99,11 +99,12 @@ def in_place_problem(name: str, value: torch.Tensor) -> str | None:
     return None
 
 
-def writable_in_place(name: str, value: torch.Tensor) -> None:
-    """Refuse, before anything is written, an in-place update that torch would reject after."""
+def writable_in_place(name: str, value: torch.Tensor, alternative: str = "") -> None:
+    """Refuse, before anything is written, an in-place update that torch would reject after;
+    ``alternative``: what else the caller can do, for the message."""
     problem = in_place_problem(name, value)
     if problem is not None:
-        raise RuntimeError(f"{problem}; pass a copy (or a non-leaf tensor), or use the out-of-place op")
+        raise RuntimeError(f"{problem}; pass a tensor of its own (a copy){alternative}")
 
 
 def may_overlap(t: torch.Tensor) -> bool:

@@ -39,6 +39,7 @@ def _cuda_backend_ops() -> tuple:
     """What the "cuda" backend runs, in the ops' order."""
     return tuple(name for name in OPS if name in CUDA_OPS + COMPOSED_OPS)
 
+
 # The selection belongs to the current thread: a use_backend() block in one thread never changes
 # the ops of another, and new threads start at "auto". (A threading.local, which torch.compile
 # traces and guards on.)

@@ -65,7 +65,7 @@ def calibrate_unchecked(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_m
 def calibrate_unchecked_(x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min: float, clip_max: float):
     """:func:`calibrate_` without its argument checks (x is still refused if torch could not write
     it in place)."""
-    _checks.writable_in_place("x", x)
+    _checks.writable_in_place("x", x, ", or use the out-of-place calibrate")
     kernel = _dispatch.kernels(x.device)
     args = (x, bin_idx, src_mean, src_var, dst_mean, dst_var, clip_min, clip_max)
     _dispatch.refuse_unsupported_derivatives("calibrate_", args)
