@@ -38,7 +38,7 @@ from dirfast.ops._common import OPS
 from test_calibrate import calibration_stats
 from test_conr_loss import conr_inputs
 from test_mixture_logpdf import mixture_inputs
-from testing import (BACKEND_NAMES, DEVICES, GPU, backend_device_params, backend_params, gen, on,
+from testing import (BACKEND_NAMES, DEVICES, GPU, backend_device_params, backend_params, gen, on, runs,
                      rand_bins, rand_features, same_bits_for_threads)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -346,8 +346,8 @@ def test_forward_mode_raises(backend, device):
     forward-mode derivative, and torch gave a tangent of 0 (or none), silently."""
     with dirfast.use_backend(backend):
         for op, (f, primal) in differentiable_op_calls(device, 91).items():
-            if backend != "auto" and op not in dirfast.backends()[backend]["ops"]:
-                continue  # "cuda" has no kernel for it: on a GPU "auto" and "triton" run it
+            if not runs(backend, op):
+                continue
             with pytest.raises(NotImplementedError, match=f"dirfast.ops.{op} has no forward-mode derivative"):
                 torch.func.jvp(f, (primal,), (torch.ones_like(primal),))
             with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match=f"ops.{op} has no"):

@@ -23,8 +23,7 @@ from dirfast.ops.mixture_logpdf import (mixture_logpdf_with_grads_unchecked, ref
                                         reference_with_grads)
 from testing import backend_device_params, gen, interpreted, on, same_bits_for_threads, stats_dtype, tol
 
-BACKEND_DEVICE = [p for p in backend_device_params()
-                  if p.values[0] == "auto" or "mixture_logpdf" in dirfast.backends()[p.values[0]]["ops"]]
+BACKEND_DEVICE = list(backend_device_params(op="mixture_logpdf"))
 
 
 # =========================================================================== the oracle

@@ -20,8 +20,7 @@ import dirfast
 from dirfast.ops.rnc_loss import reference, reference_backward
 from testing import backend_device_params, gen, interpreted, same_bits_for_threads, stats_dtype, tol
 
-BACKEND_DEVICE = [p for p in backend_device_params()  # "cuda" has no kernel for it: on a GPU it runs on Triton
-                  if p.values[0] == "auto" or "rnc_loss" in dirfast.backends()[p.values[0]]["ops"]]
+BACKEND_DEVICE = list(backend_device_params(op="rnc_loss"))
 NOT_INTERPRETED = [p for p in BACKEND_DEVICE if not interpreted(*p.values)]
 
 

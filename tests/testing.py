@@ -66,14 +66,23 @@ def backend_devices(name: str) -> list:
     return {"cpp": ["cpu"], "cuda": ["cuda"], "triton": ["cuda" if GPU else "cpu"]}.get(name, DEVICES)
 
 
-def backend_device_params(include_auto=True):
+def runs(backend: str, op: str) -> bool:
+    """Whether ``backend`` runs ``op`` ("auto" runs every op; "cuda" has no kernel for some: on a
+    GPU "auto" and "triton" run them)."""
+    return backend == "auto" or op in dirfast.backends()[backend]["ops"]
+
+
+def backend_device_params(include_auto=True, op=None):
     """``(backend, device)`` pairs: every backend on every device of this machine it supports;
     unavailable backends appear once, skipped with their reason. ``"auto"`` (the default
-    selection: torch's dispatcher) is included on every device."""
+    selection: torch's dispatcher) is included on every device. ``op``: only the backends that
+    run it."""
     if include_auto:
         for device in DEVICES:
             yield pytest.param("auto", device, id=f"auto-{device}")
     for name in BACKEND_NAMES:
+        if op is not None and not runs(name, op):
+            continue
         reason = _skip_reason(name)
         if reason:
             yield pytest.param(name, "cpu", id=f"{name}-na", marks=[pytest.mark.skip(reason=reason)])
