@@ -178,7 +178,7 @@ def _allowed(name: str, op: str, device: torch.device) -> None:
         raise RuntimeError(f"dirfast backend 'cpp' runs on CPU tensors, got a tensor on {device}")
     if name == "cuda" and device.type != "cuda":
         raise RuntimeError(f"dirfast backend 'cuda' runs on CUDA tensors, got a tensor on {device}")
-    if name == "cuda" and op not in _cuda_backend_ops():
+    if name == "cuda" and op not in CUDA_OPS + COMPOSED_OPS:
         raise RuntimeError(f"dirfast backend 'cuda' has no kernel for {op} (on a GPU, the 'auto' and 'triton' "
                            "backends run it)")
 
