@@ -309,7 +309,9 @@ def differentiable_op_calls(device, seed):
             "ranksim_loss": (lambda t: dirfast.ops.ranksim_loss(t, y), z),
             "mixture_logpdf": (lambda t: dirfast.ops.mixture_logpdf(t, m, v, lw), x),
             "calibrate": (lambda t: dirfast.ops.calibrate(t, rows, *stats), z),
-            "calibrate_": (lambda t: dirfast.ops.calibrate_(t * 1, rows, *stats), z)}
+            "calibrate_": (lambda t: dirfast.ops.calibrate_(t * 1, rows, *stats), z),
+            "bin_stats": (lambda t: dirfast.ops.bin_stats(t, rows, 4)[2], z),
+            "smooth_bins": (lambda t: dirfast.ops.smooth_bins(t, torch.full((3,), 0.3, dtype=t.dtype)), z)}
 
 
 # "cuda" runs none of the ops below (on a GPU "auto" and "triton" run them)
@@ -322,7 +324,7 @@ def test_double_backward_raises_without_second_derivatives(backend, device):
     are right (gradgradcheck); a selected backend's own kernels have none, and it raises."""
     calls = differentiable_op_calls(device, 86)
     with dirfast.use_backend(backend):
-        for op in ("rnc_loss", "conr_loss", "ranksim_loss", "mixture_logpdf"):
+        for op in ("rnc_loss", "conr_loss", "ranksim_loss", "mixture_logpdf", "bin_stats", "smooth_bins"):
             f, primal = calls[op]
             inputs = primal.clone().requires_grad_()
             (first,) = torch.autograd.grad(f(inputs).sum(), inputs)  # first derivatives as ever
@@ -336,6 +338,35 @@ def test_double_backward_raises_without_second_derivatives(backend, device):
         else:
             with pytest.raises(NotImplementedError, match="dirfast.ops.calibrate gives first derivatives only"):
                 torch.autograd.grad(f(z).pow(2).sum(), z, create_graph=True)
+
+
+@pytest.mark.parametrize("backend, device", list(backend_device_params()))
+def test_arguments_without_derivative_are_refused(backend, device):
+    """A tensor that requires grad where the op has a derivative it does not compute (calibrate's
+    statistics, ConR's weights) raises NotImplementedError naming it, before anything is written
+    (torch left its gradient None, silently); under torch.no_grad the op runs."""
+    g = gen(93)
+    z = torch.randn(12, 4, generator=g, dtype=torch.float64).to(device)
+    rows = torch.randint(0, 4, (12,), generator=g).to(device)
+    stats = calibration_stats(4, 4, torch.float64, device)
+    y = torch.randint(0, 4, (12, 1), generator=g).double().to(device)
+    with dirfast.use_backend(backend):
+        for i, name in enumerate(("src_mean", "src_var", "dst_mean", "dst_var")):
+            asking = [t.clone().requires_grad_(j == i) for j, t in enumerate(stats)]
+            for op in ("calibrate", "calibrate_"):
+                if not runs(backend, op):
+                    continue
+                x = z.clone()
+                with pytest.raises(NotImplementedError, match=f"dirfast.ops.{op} has no derivative in {name}, "):
+                    getattr(dirfast.ops, op)(x, rows, *asking)
+                assert torch.equal(x, z)
+                with torch.no_grad():
+                    getattr(dirfast.ops, op)(x, rows, *asking)
+        if runs(backend, "conr_loss"):
+            weights = torch.ones(12, dtype=torch.float64, device=device, requires_grad=True)
+            with pytest.raises(NotImplementedError, match="dirfast.ops.conr_loss has no derivative in weights, "):
+                dirfast.ops.conr_loss(z.clone().requires_grad_(), y, y + 0.5, weights)
+            dirfast.ops.conr_loss(z.clone().requires_grad_(), y, y + 0.5, weights.detach()).sum().backward()
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func.jvp's own

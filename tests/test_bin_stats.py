@@ -280,6 +280,29 @@ def test_deterministic_mode_is_bitwise_reproducible(backend, device, layout):
     check_bin_stats(first, x, idx, 60, against=against)
 
 
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("layout", ["rows", "rows_column_major", "dense", "dense_channels_last"])
+def test_gradients(backend, device, layout):
+    """``mean`` and ``var`` are differentiable in ``x`` (float64 gradcheck; a bin of one row, whose
+    variance is 0 whatever its row, and rows of no bin among them), on the backend of the forward;
+    an infinite feature in a row of no bin gives no NaN gradient."""
+    x, idx = features(layout, torch.float64, device, num_bins=4, n=13, d=3, seed=31)
+    idx = idx.clone()
+    idx.view(-1)[:3] = torch.tensor([3, -1, 4])  # bin 3 holds one row; -1 and 4 select none
+    idx.masked_fill_(idx == 3, 0)
+    idx.view(-1)[0] = 3
+    x = x.detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: on(backend, dirfast.ops.bin_stats, t, idx, 4)[1:], (x,),
+                                    fast_mode=interpreted(backend, device))
+    outside = (idx < 0) | (idx >= 4)
+    spread = x.detach().clone().movedim(1, -1)
+    spread[outside] = float("inf")
+    spread = spread.movedim(-1, 1).requires_grad_()
+    _, mean, var = on(backend, dirfast.ops.bin_stats, spread, idx, 4)
+    (grad,) = torch.autograd.grad(mean.sum() + var.sum(), spread)
+    assert torch.isfinite(grad).all() and (grad.movedim(1, -1)[outside] == 0).all()
+
+
 # =========================================================================== C++ kernel only
 needs_cpp = pytest.mark.skipif(not dirfast.backends()["cpp"]["available"],
                                reason=f"cpp unavailable: {dirfast.backends()['cpp']['reason']}")

@@ -130,6 +130,19 @@ def test_values_and_bits(backend, device, dtype, padding, case):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("padding", PADDINGS)
+@pytest.mark.parametrize("num_bins, dim, width", [(9, 3, 5), (7, None, 3), (3, 2, 9)], ids=["rows", "1d", "wide"])
+def test_gradients(backend, device, padding, num_bins, dim, width):
+    """Differentiable in ``stats`` and ``window`` (float64 gradcheck, a window wider than the bins
+    included), on the backend of the forward."""
+    g = gen(32)
+    stats = torch.randn((num_bins,) if dim is None else (num_bins, dim), generator=g, dtype=torch.float64)
+    window = torch.rand(width, generator=g, dtype=torch.float64)
+    inputs = (stats.to(device).requires_grad_(), window.to(device).requires_grad_())
+    assert torch.autograd.gradcheck(lambda s, w: on(backend, dirfast.ops.smooth_bins, s, w, padding), inputs)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 def test_scipy_where_scipy_is_the_definition(backend, device):
     """padding="constant" is the LDS convolution, scipy.ndimage.convolve1d(mode="constant"), and
     "symmetric" its mode="reflect" (the NYUD2-DIR LDS), to the bit in float64; the window may be

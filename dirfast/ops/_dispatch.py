@@ -259,14 +259,32 @@ class _OnBackend(torch.autograd.Function):
         return (None, None) + tuple(_AUTOGRAD[ctx.op][1](ctx, *grads))
 
 
+_WITHOUT_DERIVATIVE: dict = {}  # op name -> ((argument position, name), ...)
+
+
+def without_derivative(op: str, *names: str) -> None:
+    """Declare arguments of ``dirfast::<op>`` (by their schema names) whose derivative is not zero
+    but not computed: :func:`refuse_unsupported_derivatives` refuses one that requires grad."""
+    schema = [argument.name for argument in OPS[op].overload._schema.arguments]
+    _WITHOUT_DERIVATIVE[op] = tuple((schema.index(name), name) for name in names)
+
+
 def refuse_unsupported_derivatives(op: str, args, *, name: str | None = None) -> None:
-    """Raise where an argument asks for a derivative the op does not give: a forward-mode tangent
-    (``torch.func.jvp``, ``jacfwd``, ``torch.autograd.forward_ad``: the ops have none, and torch
-    would give a tangent of 0, or none, silently), or a ``torch.func`` gradient transform (``grad``,
-    ``vjp``, ``jacrev``, ``hessian``: the derivatives are registered with torch.autograd, and torch's
-    own error there speaks of an autograd.Function's setup_context). ``name``: what the messages
-    call the function (default ``dirfast.ops.<op>``)."""
+    """Raise where an argument asks for a derivative the op does not give: a gradient (grad mode
+    on) in an argument declared by :func:`without_derivative` (torch would leave it None,
+    silently); a forward-mode tangent (``torch.func.jvp``, ``jacfwd``,
+    ``torch.autograd.forward_ad``: the ops have none, and torch would give a tangent of 0, or none,
+    silently); or a ``torch.func`` gradient transform (``grad``, ``vjp``, ``jacrev``, ``hessian``:
+    the derivatives are registered with torch.autograd, and torch's own error there speaks of an
+    autograd.Function's setup_context). ``name``: what the messages call the function (default
+    ``dirfast.ops.<op>``)."""
     name = f"dirfast.ops.{op}" if name is None else name
+    if torch.is_grad_enabled():
+        for i, argument in _WITHOUT_DERIVATIVE.get(op, ()):
+            if isinstance(args[i], torch.Tensor) and args[i].requires_grad:
+                raise NotImplementedError(
+                    f"{name} has no derivative in {argument}, which requires grad: pass {argument}.detach() (torch "
+                    f"would leave its gradient None, silently)")
     if torch.autograd.forward_ad._current_level >= 0 and any(
             isinstance(a, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(a).tangent is not None for a in args):
         raise NotImplementedError(f"{name} has no forward-mode derivative (torch.func.jvp, jacfwd, "

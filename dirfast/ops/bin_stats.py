@@ -28,6 +28,7 @@ def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int) -> tuple[to
         ``x``). The variance is unbiased, and 0 where a bin holds fewer than two rows; the mean
         is 0 in an empty bin. A NaN or an infinity in a feature of a bin's rows makes that
         feature's mean NaN or infinite and, in a bin of two or more rows, its variance NaN.
+        ``mean`` and ``var`` are differentiable in ``x`` (first derivatives).
 
     On a GPU the sums use float atomics (the last bits vary from run to run) unless
     ``torch.use_deterministic_algorithms(True)`` is set, which selects a variant without them.
@@ -94,3 +95,34 @@ def _triton(x, bin_idx, num_bins, deterministic=False):
 
 
 _common.define(SCHEMA, reference, _fake, _triton)
+
+
+# -------------------------------------------------------------------------------- autograd
+# For the rows i of bin b: d mean_b / d x_i = 1 / n_b, and d var_b / d x_i = 2 (x_i - mean_b) /
+# (n_b - 1) (0 in a bin of one row, whose variance is 0 by definition); rows of no bin get 0. In
+# PyTorch: the same on every backend, O(N D) like the forward.
+def _save(ctx, inputs, output) -> None:
+    x, bin_idx, num_bins, _ = inputs
+    count, mean, _ = output
+    ctx.save_for_backward(x, bin_idx, count, mean)
+    ctx.num_bins = num_bins
+
+
+def _backward(ctx, grad_count, grad_mean, grad_var):
+    x, bin_idx, count, mean = ctx.saved_tensors
+    n = count.to(mean.dtype).unsqueeze(1)
+    spare = mean.new_zeros((1, mean.shape[1]))  # the bin of rows of no bin
+    per_bin = grad_mean / n.clamp(min=1) if grad_mean is not None else torch.zeros_like(mean)
+    per_deviation = (torch.where(n > 1, 2 * grad_var / (n - 1).clamp(min=1), 0.0) if grad_var is not None
+                     else torch.zeros_like(mean))
+    idx = bin_rows(bin_idx, ctx.num_bins)
+    slope = torch.cat([per_deviation, spare])[idx]
+    deviation = rows(x).to(mean.dtype) - torch.cat([mean, spare])[idx]
+    grad = torch.cat([per_bin, spare])[idx] + torch.where(slope != 0, slope * deviation, 0.0)
+    if x.dim() > 2:  # rows in channels-last order, back to [B, C, *spatial]
+        grad = grad.reshape((x.shape[0],) + tuple(x.shape[2:]) + (x.shape[1],)).movedim(-1, 1)
+    return grad.to(x.dtype), None, None, None
+
+
+_dispatch.register_autograd("bin_stats", _save, _backward)
+

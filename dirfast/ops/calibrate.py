@@ -30,7 +30,8 @@ def calibrate(x: torch.Tensor, bin_idx: torch.Tensor, src_mean: torch.Tensor, sr
     each backend adds in its own order), and dimensions where ``src_var == 0`` are left
     unchanged. Rows whose index is outside ``[0, B)`` are returned unchanged. The statistics are
     ``[B, D]`` tensors in any strides; the arithmetic is float32 (float64 for float64 statistics)
-    and the result has the dtype and shape of ``x``. Differentiable in ``x``.
+    and the result has the dtype and shape of ``x``. Differentiable in ``x``, not in the
+    statistics (buffers): one that requires grad raises NotImplementedError.
 
     At thousands of bins, contiguous statistics are read fastest: the published FDS leaves its
     smoothed ones transposed, so make them ``.contiguous()`` once per epoch (``dirfast.FDS`` keeps
@@ -159,8 +160,8 @@ _common.define(SCHEMA_INPLACE, reference_, _fake_, _triton_)
 
 # -------------------------------------------------------------------------------- autograd
 # y = x * s[b] + t[b], so dy/dx = s[b]: calibrate with both means at zero multiplies by s alone,
-# with the same rules for rows and dimensions left unchanged. The statistics are buffers and get
-# no gradient.
+# with the same rules for rows and dimensions left unchanged. The statistics are buffers: no
+# derivative in them is computed, and a table that requires grad is refused.
 def _save(ctx, inputs) -> None:
     _, bin_idx, _, src_var, _, dst_var, clip_min, clip_max = inputs
     ctx.save_for_backward(bin_idx, src_var, dst_var)  # the means do not enter dy/dx
@@ -178,6 +179,8 @@ def _backward(ctx, grad):
 
 
 _dispatch.register_autograd("calibrate", lambda ctx, inputs, output: _save(ctx, inputs), _backward, twice=True)
+for _op in ("calibrate", "calibrate_"):
+    _dispatch.without_derivative(_op, "src_mean", "src_var", "dst_mean", "dst_var")
 
 
 class _CalibrateInPlace(torch.autograd.Function):

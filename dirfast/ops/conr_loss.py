@@ -55,7 +55,8 @@ def conr_loss(features: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
 
     Returns:
         ``[count]`` per-anchor losses, float32 (float64 when an input is float64); only
-        ``features`` gets a gradient (the masks depend on labels and predictions only).
+        ``features`` gets a gradient (the masks depend on labels and predictions only; ``weights``
+        that require grad are refused, NotImplementedError: their derivative is not computed).
 
     An anchor with no negatives gives 0 (as published); one with no positives gives 0 too (the
     published code would give 0/0 = NaN). ``log(pos + neg)`` is computed shifted by the largest
@@ -190,3 +191,4 @@ def _backward(ctx, grad):
 
 
 _dispatch.register_autograd("conr_loss", _save, _backward)
+_dispatch.without_derivative("conr_loss", "weights")

@@ -26,7 +26,8 @@ def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "refle
     ``stats`` and is computed in it, unlike the other ops (float16 and bfloat16 round after every
     operation, as torch's arithmetic in them: LDS and FDS smooth float64 and float32 tables).
     ``window`` is moved to the device of ``stats``; a window on the meta device, which holds no
-    values, is refused unless ``stats`` is there too.
+    values, is refused unless ``stats`` is there too. Differentiable in ``stats`` and ``window``
+    (first derivatives).
     """
     _checks.floating("stats", stats)
     _checks.floating("window", window)
@@ -111,3 +112,33 @@ def _triton(stats, window, padding="reflect"):
 
 
 _common.define(SCHEMA, reference, _fake, _triton)
+
+
+# -------------------------------------------------------------------------------- autograd
+# out[b] = sum_k window[k] * stats[src_k(b)] (0 where a "constant" tap falls outside), so the
+# gradient in stats adds window[k] * grad[b] into src_k(b), and the gradient in window[k] is
+# sum_b stats[src_k(b)] * grad[b]: one tap at a time, as the reference. In PyTorch, in float32
+# (float64 for float64 inputs), the same on every backend.
+def _save(ctx, inputs, output) -> None:
+    stats, window, padding = inputs
+    ctx.save_for_backward(stats, window)
+    ctx.padding = padding
+
+
+def _backward(ctx, grad):
+    stats, window = ctx.saved_tensors
+    acc = _common.acc_dtype(stats.dtype, window.dtype)
+    num_bins, h = stats.shape[0], (window.shape[0] - 1) // 2
+    values, grad, weights = stats.to(acc), grad.to(acc), window.to(device=stats.device, dtype=acc)
+    grad_stats = torch.zeros_like(values)
+    grad_window = []
+    for k in range(window.shape[0]):
+        src, inside = source_bins(num_bins, k - h, ctx.padding, stats.device)
+        reads = grad if ctx.padding != "constant" else grad * inside.view((-1,) + (1,) * (grad.dim() - 1))
+        grad_stats.index_add_(0, src, reads * weights[k])
+        grad_window.append((values[src] * reads).sum())
+    return grad_stats.to(stats.dtype), torch.stack(grad_window).to(window.dtype), None
+
+
+_dispatch.register_autograd("smooth_bins", _save, _backward)
+
