@@ -67,13 +67,21 @@ def integer(name: str, value, low: int | None = None, high: int | None = None) -
     return int(value)
 
 
+def _float(name: str, value) -> float:
+    """``float(value)``; an int beyond float64's range is a ValueError naming the argument."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got an int of {int(value).bit_length()} bits") from None
+
+
 def real(name: str, value, low: float | None = None, high: float | None = None, *,
          above: bool = False, finite: bool = True) -> float:
     """A real number (a bool is not one), not NaN, finite unless ``finite=False``, at least
     ``low`` (above it with ``above``) and at most ``high``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, REAL_TYPES):
         raise TypeError(f"{name} must be a real number, got {_type_name(value)}")
-    value = float(value)
+    value = _float(name, value)
     # NaN and inf by comparisons, not math.isnan / math.isinf, which torch.compile cannot take
     # where dynamic=True makes the number symbolic
     if value != value or (finite and abs(value) == math.inf):
@@ -143,8 +151,11 @@ def process_group(name: str, value, *, member: bool = False):
 
 
 def tensor(name: str, value) -> torch.Tensor:
+    """A dense (strided) tensor: a sparse one would fail deep inside torch's ops."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {_type_name(value)}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     return value
 
 
@@ -211,6 +222,7 @@ def real_tensor(name: str, value) -> torch.Tensor:
         # One copy, in native byte order and without the negative strides torch refuses (a[::-1]);
         # from_numpy keeps it on the CPU whatever the default device.
         value = torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), order="C"))
+    tensor(name, value)  # dense
     if value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must be real numbers, got {value.dtype}")
     if value.is_floating_point() and value.dtype not in FLOAT_DTYPES:

@@ -158,7 +158,7 @@ def fit_gmm(labels: ArrayLike, num_components: int = 8, *, max_iter: int = 100, 
     same mixture on every run. Under ``torch.distributed`` it fits the labels given only: pass the
     whole training set's labels on every rank.
     """
-    num_components = validate.integer("num_components", num_components, 1)
+    num_components = validate.integer("num_components", num_components, 1, MAX_BINS)
     max_iter = validate.integer("max_iter", max_iter, 1)
     num_bins = validate.integer("num_bins", num_bins, 1, MAX_BINS)
     tol, reg_covar = validate.real("tol", tol, 0.0), validate.real("reg_covar", reg_covar, 0.0)

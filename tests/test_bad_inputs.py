@@ -179,6 +179,12 @@ def _strided(value):
     return out
 
 
+def _inference_copy(v: torch.Tensor) -> torch.Tensor:
+    """A copy of ``v`` made under torch.inference_mode (torch forbids writing it outside)."""
+    with torch.inference_mode():
+        return v.clone()
+
+
 def scalars(good_type: type, **extra) -> tuple:
     """Wrong types of a number; ``extra`` adds the kind's wrong values."""
     wrong = [Bad("str", lambda v: str(v), TypeError), Bad("None", lambda v: None, TypeError),
@@ -186,7 +192,8 @@ def scalars(good_type: type, **extra) -> tuple:
     if good_type is int:
         wrong += [Bad("float", lambda v: float(v) + 0.5, TypeError), Bad("numpy int", lambda v: np.int64(v), SAME)]
     else:
-        wrong += [Bad("numpy float", lambda v: np.float64(v), SAME), Bad("numpy float32", lambda v: np.float32(v), CLOSE)]
+        wrong += [Bad("numpy float", lambda v: np.float64(v), SAME), Bad("numpy float32", lambda v: np.float32(v), CLOSE),
+                  Bad("int beyond float64", lambda v: 10 ** 400, ValueError)]
     return tuple(wrong) + tuple(Bad(name, (lambda v, bad=bad: bad), error) for name, (bad, error) in extra.items())
 
 
@@ -211,8 +218,9 @@ PAIR = (Bad("scalar", lambda v: 5, TypeError), Bad("one value", lambda v: (5,), 
         Bad("str", lambda v: "ab", TypeError), Bad("reversed", lambda v: (v[1], v[0]), ValueError),
         Bad("negative", lambda v: (-1, v[1]), ValueError), Bad("NaN", lambda v: (NAN, v[1]), ValueError),
         Bad("None inside", lambda v: (None, v[1]), TypeError))
+SPARSE = Bad("sparse", lambda v: torch.as_tensor(v).to_sparse(), TypeError)
 NOT_A_TENSOR = (Bad("list", lambda v: torch.as_tensor(v).tolist(), TypeError), Bad("None", lambda v: None, TypeError),
-                Bad("str", lambda v: "abc", TypeError))
+                Bad("str", lambda v: "abc", TypeError), SPARSE)
 # A floating dtype that torch barely computes in: refused as a wrong type, as integers are.
 FLOAT8 = Bad("float8", lambda v: torch.as_tensor(v).to(torch.float8_e4m3fn), TypeError)
 WRONG_DTYPE = (Bad("int64", lambda v: torch.as_tensor(v).long(), TypeError),
@@ -221,7 +229,7 @@ WRONG_DTYPE = (Bad("int64", lambda v: torch.as_tensor(v).long(), TypeError),
 NOT_REAL = (Bad("str", lambda v: "abc", TypeError), Bad("None", lambda v: None, TypeError),
             Bad("ragged", lambda v: [[1.0], [1.0, 2.0]], TypeError),
             Bad("complex", lambda v: torch.as_tensor(v).to(torch.complex64), TypeError),
-            Bad("bool", lambda v: torch.as_tensor(v) != 0, TypeError), FLOAT8)
+            Bad("bool", lambda v: torch.as_tensor(v) != 0, TypeError), FLOAT8, SPARSE)
 NON_FINITE = (Bad("NaN", lambda v: _set_first(v, NAN), ValueError), Bad("inf", lambda v: _set_first(v, INF), ValueError),
               Bad("-inf", lambda v: _set_first(v, -INF), ValueError))
 LOW_PRECISION = (Bad("float16", lambda v: torch.as_tensor(v).half(), SAME),
@@ -268,10 +276,11 @@ INDEX_TENSOR = NOT_A_TENSOR + (
 BIN_TABLE = NOT_A_TENSOR + WRONG_DTYPE + (
     Bad("fewer bins", lambda v: v[:-1], ValueError), Bad("1-D", lambda v: v[:, 0], ValueError),
     Bad("meta", lambda v: v.to("meta"), ValueError), Bad("non-contiguous", _strided, SAME))
-# What autograd forbids writing in place: a leaf that requires grad, also a view made to require grad
-# (of a base that does not).
+# What torch forbids writing in place: a leaf that requires grad, also a view made to require grad
+# (of a base that does not), and an inference tensor outside inference mode.
 LEAVES = (Bad("a leaf requiring grad", lambda v: v.clone().requires_grad_(), RuntimeError),
-          Bad("a view made to require grad", lambda v: v.clone()[:].requires_grad_(), RuntimeError))
+          Bad("a view made to require grad", lambda v: v.clone()[:].requires_grad_(), RuntimeError),
+          Bad("an inference tensor", lambda v: _inference_copy(v), RuntimeError))
 # The running tables of accumulate_bin_stats_, written in place.
 TABLE_IN_PLACE = (
     Bad("fewer bins", lambda v: v[:-1], ValueError), Bad("meta", lambda v: v.to("meta"), ValueError),
@@ -339,7 +348,7 @@ RUNNING = torch.tensor([0.0, 2.0, 5.0], dtype=torch.float64), torch.randn(3, 4, 
 def accumulate_bin_stats_(count, mean, m2, x, bin_idx):
     """ops.accumulate_bin_stats_, returning the tables it writes with the rows it left out; a call
     that fails must leave every table it was given as it was."""
-    tables = [t for t in (count, mean, m2) if isinstance(t, torch.Tensor) and not t.is_meta]
+    tables = [t for t in (count, mean, m2) if isinstance(t, torch.Tensor) and not t.is_meta and not t.is_sparse]
     before = [t.detach().clone() for t in tables]
     try:
         return ops.accumulate_bin_stats_(count, mean, m2, x, bin_idx), count, mean, m2

@@ -18,8 +18,11 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 
 
 def tensor(name: str, value) -> torch.Tensor:
+    """A dense (strided) tensor: a sparse one would fail deep inside torch's ops."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {value.layout}")
     return value
 
 
@@ -67,13 +70,21 @@ def num_bins(value) -> int:
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+def _float(name: str, value) -> float:
+    """``float(value)``; an int beyond float64's range is a ValueError naming the argument."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number, got an int of {int(value).bit_length()} bits") from None
+
+
 def clips(clip_min, clip_max) -> tuple:
     """The clamp bounds of calibrate's variance ratio, as floats with 0 <= clip_min <= clip_max;
     both within float32's range (the arithmetic's), clip_max possibly infinite (no upper clamp)."""
     for name, value in (("clip_min", clip_min), ("clip_max", clip_max)):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    clip_min, clip_max = float(clip_min), float(clip_max)
+    clip_min, clip_max = _float("clip_min", clip_min), _float("clip_max", clip_max)
     if clip_min != clip_min or clip_max != clip_max or not 0 <= clip_min <= clip_max:  # NaN: as in real()
         raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, "
                          f"got {clip_min} and {clip_max}")
@@ -84,11 +95,14 @@ def clips(clip_min, clip_max) -> tuple:
 
 
 def in_place_problem(name: str, value: torch.Tensor) -> str | None:
-    """Why torch would reject writing ``value`` in place (None when it would not): elements that
-    share memory, or autograd's rule (a leaf that requires grad, or a view of a leaf, whether the
-    view or its base asked for grad). Under torch.compile, torch makes these checks itself."""
+    """Why torch would reject writing ``value`` in place (None when it would not): an inference
+    tensor outside inference mode, elements that share memory, or autograd's rule (a leaf that
+    requires grad, or a view of a leaf, whether the view or its base asked for grad). Under
+    torch.compile, torch makes these checks itself."""
     if torch.compiler.is_compiling():
         return None
+    if value.is_inference() and not torch.is_inference_mode_enabled():
+        return f"{name} is an inference tensor (made under torch.inference_mode), which torch forbids writing outside it"
     if may_overlap(value):
         return f"{name} has elements that share memory (an expanded tensor, or strides that overlap)"
     if torch.is_grad_enabled() and value.requires_grad:
@@ -182,7 +196,7 @@ def real(name: str, value, low: float | None = None, above: bool = False, *, dty
     ``reciprocal``: beyond that range it would be inf in the kernel, and the loss NaN."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    value = _float(name, value)
     if value != value or abs(value) == math.inf:  # comparisons: torch.compile's symbolic floats take them
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if above else value < low):
