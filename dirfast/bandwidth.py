@@ -24,11 +24,19 @@ BIN_WIDTH_RULES = ("fd",) + BANDWIDTH_RULES
 def _std(values: torch.Tensor, correction: int) -> torch.Tensor:
     """``values.std(correction=...)`` in two passes over its :func:`chunks
     <dirfast._validate.chunks>` (the mean, then the squared deviations from it): the same bits for
-    any thread count, which torch's std, split between threads from 32768 values on, is not."""
-    parts = chunks(values)
-    mean = sum(part.sum() for part in parts) / values.numel()
+    any thread count, which torch's std, split between threads from 32768 values on, is not.
+    Labels whose sum or squared deviations pass float64's range (beyond about 1e154) are summed
+    again, divided by their count or by the largest deviation, so the result stays finite."""
+    parts, n = chunks(values), values.numel()
+    mean = sum(part.sum() for part in parts) / n
+    if not bool(torch.isfinite(mean)):
+        mean = sum((part / n).sum() for part in parts)
     m2 = sum((part - mean).square_().sum() for part in parts)
-    return (m2 / (values.numel() - correction)).sqrt()
+    if bool(torch.isfinite(m2)):
+        return (m2 / (n - correction)).sqrt()
+    scale = max(float((part - mean).abs().max()) for part in parts)
+    m2 = sum(((part - mean) / scale).square_().sum() for part in parts)
+    return (m2 / (n - correction)).sqrt() * scale
 
 
 def silverman(values: ArrayLike) -> torch.Tensor:

@@ -349,6 +349,17 @@ def test_rules_against_their_formulas(name):
     assert float(bandwidth.scott(values[:1])) == 0.0, "one label: no spread"
 
 
+@pytest.mark.parametrize("scale", [1e160, 8e307])
+def test_rules_of_labels_whose_squares_pass_float64(scale):
+    """Labels whose squared deviations (1e160) or sum (8e307) pass float64's range keep finite
+    rules (the formulas on the labels scaled down), and Binning.auto its bins."""
+    y = np.array([0.0, 1.0, 2.0, 0.5])
+    values = torch.from_numpy(y * scale)
+    assert float(bandwidth.silverman(values)) == pytest.approx(1.06 * np.std(y) * 4 ** -0.2 * scale, rel=1e-12)
+    assert float(bandwidth.scott(values)) == pytest.approx(np.std(y, ddof=1) * 4 ** -0.2 * scale, rel=1e-12)
+    assert dirfast.Binning.auto(values, rule="scott").num_bins == math.ceil(2 / (np.std(y, ddof=1) * 4 ** -0.2))
+
+
 @pytest.mark.parametrize("name", list(LABELS))
 def test_auto_fd_is_numpys(name):
     labels = LABELS[name]
