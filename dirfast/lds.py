@@ -162,13 +162,17 @@ class LDS(FittedEstimator):
                 if self.reweight == "inverse":
                     effective = effective.trunc()  # the published integer-array quirk
             # Written without data-dependent branches, so that it also traces under torch.compile.
-            # The floor rule twice: on 1 / effective (inf where effective is 0 or so small that
-            # its inverse overflows float32), so that every fitted bin counts in the scale and an
-            # unseen one adds 0 to it, not 0 * inf; then on the scaled weights, which can overflow.
-            per_bin = _floored((1.0 / effective).float())
-            total = (self._counts * per_bin.double()).sum()
+            # In float64, rounded once, as the published NYUD2-DIR code: scale / effective with
+            # scale = N / sum(counts / effective). The floor rule twice: a bin whose inverse does
+            # not fit float32 (effective 0 or tiny) takes the sparsest fitting bin's effective,
+            # so that every fitted bin counts in the scale and an unseen one adds 0 to it, not
+            # 0 * inf; then on the weights, which can overflow.
+            fits = 1.0 / effective <= validate.FLOAT32_MAX
+            sparsest = torch.where(fits, effective, torch.inf).amin()
+            base = torch.where(fits, effective, torch.where(torch.isinf(sparsest), 1.0, sparsest))
+            total = (self._counts / base).sum()
             scale = torch.where(total > 0, self._counts.sum() / total, torch.ones_like(total))
-            self._derived = (effective, _floored((per_bin.double() * scale).float()))
+            self._derived = (effective, _floored((scale / base).float()))
         return self._derived
 
     def _smooth(self, table: torch.Tensor) -> torch.Tensor:
@@ -192,7 +196,8 @@ class LDS(FittedEstimator):
     def weights(self, labels: ArrayLike) -> torch.Tensor:
         """Float32 weight of each label (same shape, same device), with the fitted scale.
 
-        The weights of the fitted labels average 1 and equal :func:`lds_weights`. Nothing is
+        The weights of the fitted labels average 1 and equal :func:`lds_weights` to float32
+        rounding (it scales as the published scripts, in the labels' order). Nothing is
         read on the host (call it in the training step): a NaN or infinite label gets weight 0.
         Raises RuntimeError before :meth:`fit`.
         """
@@ -201,6 +206,29 @@ class LDS(FittedEstimator):
         table = self._table_on(labels.device)
         bins = self._bins(labels, check=False)
         return table[bins].reshape(self._label_shape(labels))  # bin -1: the table's last row
+
+    def _fit_weights(self, labels: ArrayLike, scale: str = "samples") -> torch.Tensor | np.ndarray:
+        """Fit ``labels`` and give their weights (the one-call functions), scaled as the published
+        scripts scale theirs: ``"samples"`` (AgeDB-DIR, IMDB-WIKI-DIR, STS-B-DIR) sums each label's
+        float32 ``1 / effective`` in the labels' order by NumPy (its pairwise float32 sum), then
+        takes ``N / sum`` and each product in float32; ``"counts"`` (NYUD2-DIR) is :meth:`weights`,
+        scaled from the counts. :meth:`weights` cannot keep the labels' order: the two are 1-2
+        float32 ulps apart. Where the sample scale would not be finite, :meth:`weights`."""
+        validate.choice("scale", scale, LDS_SCALES)
+        tensor = validate.real_tensor("labels", labels)
+        weights = self.fit(tensor).weights(tensor)
+        if scale == "samples" and self.reweight != "none":
+            weights = self._scaled_in_sample_order(tensor, weights)
+        return weights if isinstance(labels, torch.Tensor) else weights.numpy()
+
+    def _scaled_in_sample_order(self, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        unscaled = _floored((1.0 / self._tables()[0]).float())[self._bins(labels.cpu(), check=False)].numpy()
+        with np.errstate(all="ignore"):
+            scale = np.float32(unscaled.size) / unscaled.sum()  # a float32 sum, a float32 quotient
+            scaled = scale * unscaled
+        if not (np.isfinite(scaled).all() and scale > 0):  # weights() floors what would not be finite
+            return weights
+        return torch.from_numpy(scaled).reshape(weights.shape).to(weights.device)
 
     def _table(self) -> torch.Tensor:
         """The weight of each row, then 0 (the weight of a NaN or infinite label)."""
@@ -264,6 +292,10 @@ class LDS(FittedEstimator):
                 "effective_density": effective / effective.sum(), "weight": self._bin_weights().double()}
 
 
+# How the published scripts scale their per-sample weights to average 1 (LDS._fit_weights).
+LDS_SCALES = ("samples", "counts")
+
+
 def _floored(values: torch.Tensor) -> torch.Tensor:
     """``values`` with each one that is not finite replaced by the largest finite one (1 when
     none is): the inverse or weight of the sparsest bin that has a finite one."""
@@ -310,7 +342,9 @@ def lds_weights(labels: ArrayLike, binning: Binning | GridBinning, reweight: str
     """Per-sample LDS loss weights of the training ``labels``, as the published code computes.
 
     Returns float32 weights averaging 1, one per label: a tensor on the labels' device, or a
-    NumPy array when ``labels`` is not a tensor (usable as scikit-learn's ``sample_weight``).
+    NumPy array when ``labels`` is not a tensor (usable as scikit-learn's ``sample_weight``);
+    scaled as the published scripts scale them (a float32 sum in the labels' order), so the
+    published weights come out bit for bit.
     With the defaults and ``Binning.integer(121)`` this reproduces the AgeDB-DIR /
     IMDB-WIKI-DIR weights; ``Binning.uniform(0, 5, 50)`` with ``inverse_clip=None`` reproduces
     STS-B-DIR for labels of the same dtype as the published run's. See :class:`LDS` for the

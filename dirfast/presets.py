@@ -20,7 +20,8 @@ import torch
 from ._types import ArrayLike, NotTensor
 from .binning import Binning
 from .fds import FDS
-from .lds import LDS, refuse_sync
+from . import _validate as validate
+from .lds import LDS, LDS_SCALES, refuse_sync
 from .metrics import shot_metrics
 from .pairwise import ConRLoss
 
@@ -60,6 +61,7 @@ class Preset:
     inverse_clip: tuple | None
     lds_padding: str = "constant"
     lds_bucket_start: int = 0
+    lds_scale: str = "samples"       # lds_weights' scale: a float32 sum over the samples, or from the counts
     # FDS
     bucket_num: int = 100
     bucket_start: int = 0
@@ -82,6 +84,9 @@ class Preset:
     # ConR (Keramati et al., ICLR 2024): None where it published no setting
     conr_setting: ConRSetting | None = None
 
+    def __post_init__(self):
+        validate.choice("lds_scale", self.lds_scale, LDS_SCALES)
+
     def lds(self, **overrides: Any) -> LDS:
         """An (unfitted) :class:`~dirfast.LDS` with this dataset's settings."""
         settings: dict[str, Any]  # keyword arguments of several types
@@ -99,7 +104,7 @@ class Preset:
         """The published per-sample LDS weights of the training ``labels`` (see
         :func:`dirfast.lds_weights`; no ``sync`` or ``process_group``)."""
         refuse_sync("Preset.lds_weights", overrides)
-        return self.lds(sync=False, **overrides)._fit_weights(labels)
+        return self.lds(sync=False, **overrides)._fit_weights(labels, self.lds_scale)
 
     def fds(self, feature_dim: int, **overrides: Any) -> FDS:
         """An :class:`~dirfast.FDS` module with this dataset's settings."""
@@ -174,7 +179,7 @@ STS_B_DIR = Preset(
 NYUD2_DIR = Preset(
     name="NYUD2-DIR", lds_binning=Binning.integer(100, scale=10.0), fds_binning=Binning.integer(100, scale=10.0),
     reweight="inverse", lds_kernel="gaussian", lds_ks=5, lds_sigma=2.0, inverse_clip=None,
-    lds_padding="symmetric", lds_bucket_start=7,
+    lds_padding="symmetric", lds_bucket_start=7, lds_scale="counts",
     bucket_num=100, bucket_start=7, clip_min=0.2, clip_max=5.0,
     conr_setting=ConRSetting(w=0.2, t=0.2, e=0.2, form="nyud2"),
     bin_shots=True, shot_regions={

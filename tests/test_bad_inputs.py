@@ -953,7 +953,7 @@ API = {
     # ----------------------------------------------------------------------- presets
     "dirfast.presets.Preset": Entry(lambda **kw: dataclasses.replace(AGEDB_DIR, **kw).lds(), {
         "lds_binning": (BINNING, INT121), "reweight": (CHOICE, "sqrt_inv"), "lds_ks": (COUNT, 5),
-        "lds_padding": (CHOICE, "constant"), "lds_bucket_start": (NON_NEGATIVE_INT, 0)},
+        "lds_padding": (CHOICE, "constant"), "lds_bucket_start": (NON_NEGATIVE_INT, 0), "lds_scale": (CHOICE, "samples")},
         named_as={"lds_binning": "binning", "lds_ks": "ks", "lds_padding": "padding", "lds_bucket_start": "bucket_start"}),
     "dirfast.presets.Preset.lds": method("lds", lambda: AGEDB_DIR, {"overrides": ((
         Bad("unknown setting", lambda v: {"bogus": 1}, TypeError), Bad("bad ks", lambda v: {"ks": 4}, ValueError)), {})}),

@@ -63,7 +63,7 @@ def test_agedb_lds_weights():
     bin 0, not at FDS's bucket_start of 3, so ages 0 to 2 keep bins of their own."""
     ages = np.concatenate([np.random.default_rng(9).integers(0, 101, 2000), [0, 1, 1, 2]]).astype(np.float32)
     expected = published.published_lds_weights_integer(ages, "sqrt_inv", lds=True)
-    np.testing.assert_allclose(AGEDB_DIR.lds_weights(ages), expected, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(AGEDB_DIR.lds_weights(ages), expected)
 
 
 @pytest.mark.parametrize("name, value", [("sync", True), ("process_group", None)])
@@ -82,15 +82,20 @@ def nyud2_depths(counts):
 @pytest.mark.parametrize("reweight, lds", [("inverse", True), ("sqrt_inv", True), ("inverse", False), ("sqrt_inv", False)])
 def test_nyud2_lds_weights(reweight, lds):
     """loaddata.py _get_bucket_weights: counts from bucket 7 on, smoothed with scipy's reflect
-    mode, no clip, buckets below 7 weighted as 7; each pixel's weight is its bucket's."""
+    mode, no clip, buckets below 7 weighted as 7; each pixel's weight is its bucket's, the same
+    bits (scaled in float64, rounded once, as published)."""
     counts = np.concatenate([np.zeros(7, dtype=np.int64), np.random.default_rng(3).integers(1, 60, 93)])
     expected = published.published_nyud2_bucket_weights(counts, reweight, lds)
     est = NYUD2_DIR.lds(reweight=reweight, lds=lds).fit(nyud2_depths(counts))
     centres = (torch.arange(100, dtype=torch.float32) + 0.5) / 10
-    np.testing.assert_allclose(est.weights(centres).numpy(), expected, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(est.weights(centres).numpy(), expected)
     depth_map = torch.rand(2, 1, 8, 9, generator=gen(4)) * 11  # [B, 1, H, W]: weights of the same shape
     bins = [published.published_nyud2_bin(np.float32(v)) for v in depth_map.reshape(-1).tolist()]
-    np.testing.assert_allclose(est.weights(depth_map).reshape(-1).numpy(), np.array(expected)[bins], rtol=1e-6)
+    np.testing.assert_array_equal(est.weights(depth_map).reshape(-1).numpy(), np.array(expected)[bins])
+    depths = nyud2_depths(counts)  # the one-call form scales from the counts too (lds_scale="counts")
+    bins = [published.published_nyud2_bin(np.float32(v)) for v in depths.tolist()]
+    np.testing.assert_array_equal(NYUD2_DIR.lds_weights(depths, reweight=reweight, lds=lds).numpy(),
+                                  np.array(expected)[bins])
 
 
 def test_nyud2_fds_buckets():
