@@ -491,7 +491,7 @@ class _BalancedMSE(CheckedLoad):
         return []
 
 
-class BMCLoss(_BalancedMSE):
+class BMCLoss(distributed.SharesProcessGroup, _BalancedMSE):
     """:func:`bmc_loss` with a learnable noise scale. The published training gives
     ``noise_sigma`` its own learning rate: ``optimizer.add_param_group({"params":
     [criterion.noise_sigma], "lr": 1e-2})``; ``learn_noise=False`` keeps it fixed."""

@@ -9,6 +9,7 @@ bit for bit, on every rank.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TypeVar, cast
 
@@ -22,6 +23,21 @@ from .ops.accumulate_bin_stats import chan_merge, m2_from_var, var_from_m2
 __all__ = ["is_distributed", "all_gather_rows", "all_reduce_bin_stats", "all_reduce_sum", "checked_on_every_rank"]
 
 T = TypeVar("T")
+
+
+class SharesProcessGroup:
+    """For the classes that hold a ``process_group``: ``copy.deepcopy`` (an EMA copy of a model,
+    ``torch.optim.swa_utils.AveragedModel``) gives a copy that shares the group, a handle on the
+    running processes that cannot be copied; everything else is copied as ever."""
+
+    def __deepcopy__(self, memo):
+        group = getattr(self, "process_group", None)
+        if group is not None:
+            memo[id(group)] = group
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
 
 
 def is_distributed(process_group: ProcessGroup | None = None) -> bool:
@@ -50,6 +66,19 @@ def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | 
     if bool(refused):
         raise ValueError("another rank's data was refused (its error says why): nothing was updated on any rank")
     return cast(T, result)  # check() returned it: error is None
+
+
+def agreed_on_every_rank(flag: bool, what: str, process_group: ProcessGroup | None = None) -> bool:
+    """``flag``, when every rank of the group has the same (one all-reduce); else a ValueError on
+    every rank saying on how many ``what`` holds, instead of some ranks waiting in a collective
+    the others skip until the process group times out."""
+    device = "cuda" if dist.get_backend(process_group) == "nccl" else "cpu"
+    votes = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.SUM, group=process_group)
+    holding, ranks = int(votes.item()), dist.get_world_size(process_group)
+    if 0 < holding < ranks:
+        raise ValueError(f"{what} on {holding} of {ranks} ranks, not on the others: nothing was updated on any rank")
+    return flag
 
 
 def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup | None = None) -> torch.Tensor:

@@ -44,7 +44,7 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
             and a.shape == b.shape and a.stride() == b.stride())
 
 
-class FDS(CheckedLoad):
+class FDS(distributed.SharesProcessGroup, CheckedLoad):
     """Feature distribution smoothing (Yang et al., ICML 2021), vectorised over buckets.
 
     Keeps a running mean and variance of the features in each of the buckets
@@ -86,14 +86,16 @@ class FDS(CheckedLoad):
         clip_min, clip_max: the clamp of the variance ratio in the calibration.
         sync, process_group: when ``torch.distributed`` runs more than one process, every update
             combines the statistics of all ranks (in ``process_group``, default the world), so
-            each rank holds those of the whole training set; ``sync=False`` keeps them per rank
-            (inside a ``DistributedDataParallel`` model, give it ``broadcast_buffers=False``: by
+            each rank holds those of the whole training set, and :meth:`update_running_stats` is
+            a collective (call it on every rank, with the same epoch); ``sync=False`` keeps them
+            per rank (inside a ``DistributedDataParallel`` model, give it
+            ``forward_sync_buffers=False``, before torch 2.13 ``broadcast_buffers=False``: by
             default it copies rank 0's buffers, these statistics among them, to every rank at
             each forward).
 
     Features are ``[N, D]`` with labels ``[N]`` or ``[N, 1]``, or dense ``[B, D, *spatial]`` with
-    labels ``[B, 1, *spatial]`` or ``[B, *spatial]``; float32, float16 or bfloat16 (statistics
-    are float32). Works on any device the module is moved to.
+    labels ``[B, 1, *spatial]`` or ``[B, *spatial]``; float32, float64, float16 or bfloat16
+    (statistics are float32). Works on any device the module is moved to.
 
     Built under ``with torch.device("meta")`` (deferred init), it holds shapes only, and the calls
     that read its statistics on the host raise ValueError. ``to_empty(device=...)`` then
@@ -348,13 +350,18 @@ class FDS(CheckedLoad):
         if (features is None) != (labels is None):
             raise ValueError("pass both features and labels, or neither (to apply what accumulate() gathered)")
         current = self._epoch()
+        ignored = epoch < current
+        if self._syncing():  # one rank ignoring the epoch would leave the others in the collectives below
+            ignored = distributed.agreed_on_every_rank(
+                ignored, f"update_running_stats(epoch={epoch}) is ignored (an epoch behind the module's: call "
+                "it with the same epoch on every rank, whose modules must hold the same epoch)", self.process_group)
         if features is not None:
             if self._syncing():  # a batch refused on one rank raises on every rank
                 count, mean, var = distributed.checked_on_every_rank(lambda: self._batch_stats(features, labels),
                                                                      self.process_group)
             else:
                 count, mean, var = self._batch_stats(features, labels)
-        if epoch < current:
+        if ignored:
             if features is None:
                 self.clear_accumulated()  # the ignored epoch's batches must not join the next one's
             return

@@ -21,7 +21,7 @@ __all__ = ["LDS", "lds_weights", "REWEIGHTS"]
 REWEIGHTS = ("none", "inverse", "sqrt_inv")
 
 
-class LDS(FittedEstimator):
+class LDS(distributed.SharesProcessGroup, FittedEstimator):
     """Label distribution smoothing, fitted on the training labels, applied to any batch.
 
     Args:
@@ -43,7 +43,8 @@ class LDS(FittedEstimator):
             ``bucket_start``) and smoothing starts there, as the NYUD2-DIR code does with 7.
         sync, process_group: when ``torch.distributed`` runs more than one process, the counts of
             :meth:`fit` and :meth:`update` are summed over the ranks (each rank passes its own
-            shard of the labels); ``sync=False`` when every rank passes the whole label set.
+            shard of the labels; they are collectives: call them on every rank);
+            ``sync=False`` when every rank passes the whole label set, as the published scripts do.
 
     As the published code, with ``"inverse"`` the smoothed base is truncated toward zero (the
     code convolves an integer array); ``"sqrt_inv"`` is not truncated. Weights are

@@ -110,7 +110,7 @@ def rnc_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 
     return ops.rnc_loss(keys, key_labels, temperature, first, z.shape[0]).mean()
 
 
-class RnCLoss(nn.Module):
+class RnCLoss(distributed.SharesProcessGroup, nn.Module):
     """Rank-N-Contrast as the published module: ``RnCLoss(temperature=2, label_diff="l1",
     feature_sim="l2")(features, labels)`` (see :func:`rnc_loss`). Only the published label
     distance (``"l1"``) and feature similarity (``"l2"``: negative Euclidean distance) exist.
@@ -236,7 +236,7 @@ def conr_loss(features: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor
     return (weight * loss).mean() if weighted else loss.mean()
 
 
-class ConRLoss(nn.Module):
+class ConRLoss(distributed.SharesProcessGroup, nn.Module):
     """ConR as a module: ``ConRLoss(w=1.0, t=0.07, e=0.01, form="published")(features, targets,
     preds, weights=1.0)`` (see :func:`conr_loss`; ``dirfast.presets.<DATASET>.conr()`` builds
     the published setting of each dataset). ``t`` and ``e`` are refused here when no dtype can
@@ -362,7 +362,7 @@ def ranksim_loss(features: torch.Tensor, targets: torch.Tensor, lambda_val: floa
     return ops.ranksim_loss(keys, key_labels, keep, lambda_val, first, n).sum()
 
 
-class RankSimLoss(nn.Module):
+class RankSimLoss(distributed.SharesProcessGroup, nn.Module):
     """RankSim as a module: ``RankSimLoss(lambda_val=2.0)(features, targets, generator=None)``
     (see :func:`ranksim_loss`). Training adds ``gamma * loss``; the RankSim README trains with
     gamma = 100 and lambda = 2."""

@@ -88,7 +88,9 @@ class Preset:
         validate.choice("lds_scale", self.lds_scale, LDS_SCALES)
 
     def lds(self, **overrides: Any) -> LDS:
-        """An (unfitted) :class:`~dirfast.LDS` with this dataset's settings."""
+        """An (unfitted) :class:`~dirfast.LDS` with this dataset's settings. Under
+        ``torch.distributed`` its fit sums the ranks' counts: where every rank holds the whole
+        training set, as the published scripts do, pass ``sync=False`` (or use :meth:`lds_weights`)."""
         settings: dict[str, Any]  # keyword arguments of several types
         settings = dict(reweight=self.reweight, lds=True, kernel=self.lds_kernel, ks=self.lds_ks,
                         sigma=self.lds_sigma, inverse_clip=self.inverse_clip, padding=self.lds_padding,

@@ -1,7 +1,9 @@
 """Two processes (gloo, CPU): FDS statistics and LDS counts of the whole training set on
 every rank, equal to the single-process result, also inside DistributedDataParallel; BMC's
-prior gathered from both ranks; an FDS that FSDP materialises from the meta device."""
+prior gathered from both ranks; deep copies that share their process group; an FDS that FSDP
+materialises from the meta device."""
 
+import copy
 import datetime
 import gc
 import os
@@ -113,6 +115,15 @@ def _worker(rank, init_file, out_dir):
         paired = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2, process_group=pair)
         paired.update_running_stats(xs, ys, 0)
         result.update(pair_mean=paired.running_mean, pair_var=paired.running_var)
+        # 8. a deep copy (an EMA or AveragedModel of the model) shares the group; the copy's FDS syncs
+        losses = dirfast.losses
+        holders = [paired, grouped, losses.BMCLoss(process_group=pair), losses.RnCLoss(process_group=pair),
+                   losses.ConRLoss(process_group=pair), losses.RankSimLoss(process_group=pair)]
+        copies = [copy.deepcopy(holder) for holder in holders]
+        result["copies_share_the_group"] = [c.process_group is h.process_group for c, h in zip(copies, holders)]
+        averaged = torch.optim.swa_utils.AveragedModel(torch.nn.ModuleDict({"fds": paired}))
+        averaged.module["fds"].update_running_stats(xs, ys, 1)
+        result.update(copy_mean=averaged.module["fds"].running_mean, original_mean=paired.running_mean.clone())
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
         del model  # DDP sits in a reference cycle: collect it while its process group lives
         gc.collect()  # (collected at interpreter exit, it aborts the worker now and then)
@@ -136,6 +147,9 @@ def test_two_processes_match_one():
             torch.testing.assert_close(got[f"lds_counts_{key}"], expected["lds_counts"], rtol=0, atol=0)
         torch.testing.assert_close(got["pair_mean"], expected["running_mean"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got["pair_var"], expected["running_var"], rtol=1e-5, atol=1e-5)
+        assert all(got["copies_share_the_group"]), got["copies_share_the_group"]  # deepcopy raised before
+        torch.testing.assert_close(got["copy_mean"], expected["running_mean"], rtol=1e-5, atol=1e-5)  # synced
+        torch.testing.assert_close(got["original_mean"], got["pair_mean"], rtol=0, atol=0)
         # DDP: the statistics of the encoder's features of all the data, on every rank
         whole = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)
         whole.update_running_stats(got["ddp_features"], _data()[1], 0)
@@ -162,6 +176,15 @@ def test_two_processes_match_one():
         assert float(ranks[rank]["lds_counts_solo"].sum()) == N // WORLD
 
 
+def _refusal(call):
+    """The message of the ValueError ``call()`` raises, or None."""
+    try:
+        call()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _refusing_worker(rank, init_file, out_dir):
     """Rank 1's data holds a NaN label; rank 0's is fine."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
@@ -175,14 +198,18 @@ def _refusing_worker(rank, init_file, out_dir):
         fds = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)
         before = {key: value.clone() for key, value in fds.state_dict().items()}
         lds = dirfast.LDS(dirfast.Binning.integer(BUCKETS))
-        for name, call in (("fds", lambda: fds.update_running_stats(x[:60], y, 0)), ("lds", lambda: lds.fit(y))):
-            try:
-                call()
-                result[name] = None
-            except ValueError as exc:
-                result[name] = str(exc)
+        result["fds"] = _refusal(lambda: fds.update_running_stats(x[:60], y, 0))
+        result["lds"] = _refusal(lambda: lds.fit(y))
         result["fds_unchanged"] = all(torch.equal(value, before[key]) for key, value in fds.state_dict().items())
         result["lds_unfitted"] = lds._fit is None
+        behind = dirfast.FDS(D, bucket_num=BUCKETS, bucket_start=2)  # rank 1's resumed at epoch 2: 1 is ignored there
+        if rank == 1:
+            behind.epoch.fill_(2)
+        before = {key: value.clone() for key, value in behind.state_dict().items()}
+        clean = _data()[1][:60]
+        result["ignored_streamed"] = _refusal(lambda: behind.update_running_stats(epoch=1))
+        result["ignored_batch"] = _refusal(lambda: behind.update_running_stats(x[:60], clean, 1))
+        result["behind_unchanged"] = all(torch.equal(v, before[k]) for k, v in behind.state_dict().items())
         torch.save(result, os.path.join(out_dir, f"refused{rank}.pt"))
         dist.barrier()
     finally:
@@ -192,7 +219,8 @@ def _refusing_worker(rank, init_file, out_dir):
 def test_data_refused_on_one_rank_raises_on_every_rank():
     """A NaN label on one rank: FDS.update_running_stats and LDS.fit raise there with their
     usual message, and on the other rank a ValueError saying so -- before, that rank waited in
-    the next collective until the process group timed out -- and neither changes anything."""
+    the next collective until the process group timed out -- and neither changes anything. An
+    epoch that one rank's FDS ignores (it is ahead) raises on every rank too."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_refusing_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
         ranks = [torch.load(os.path.join(out_dir, f"refused{r}.pt")) for r in range(WORLD)]
@@ -200,7 +228,9 @@ def test_data_refused_on_one_rank_raises_on_every_rank():
         assert "another rank's data was refused" in ranks[0][name], ranks[0][name]
         assert "NaN" in ranks[1][name], ranks[1][name]
     for got in ranks:
-        assert got["fds_unchanged"] and got["lds_unfitted"]
+        assert got["fds_unchanged"] and got["lds_unfitted"] and got["behind_unchanged"]
+        for name in ("ignored_streamed", "ignored_batch"):  # before: the ranks that did not ignore it waited
+            assert "update_running_stats(epoch=1) is ignored" in got[name] and "on 1 of 2 ranks" in got[name], got[name]
 
 
 def _fsdp_worker(rank, init_file, out_dir):
