@@ -38,6 +38,14 @@ _NON_NEGATIVE = ("running_var", "running_var_last_epoch", "smoothed_var_last_epo
                  "accumulated_count", "accumulated_m2")
 
 
+def _own(saved: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A checkpoint's tensor to assign as a statistic: as it is, or converted to ``dtype``,
+    detached, contiguous (not expanded: every update writes it in place)."""
+    if saved.dtype == dtype and saved.is_contiguous() and not saved.requires_grad:
+        return saved
+    return saved.detach().to(dtype).contiguous()
+
+
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` are the same values in memory (as the published shared tensors are)."""
     return (not (a.is_meta or b.is_meta) and a.data_ptr() != 0 and a.data_ptr() == b.data_ptr()
@@ -470,6 +478,9 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         else:
             follows = not self.copy_snapshot and all(_same_tensor(state_dict[prefix + alias], state_dict[prefix + name])
                                                      for alias, name in _SHARED)
+        if assign:  # assigned, the statistics keep this module's dtypes, and memory of their own
+            state_dict = {**state_dict, **{prefix + name: _own(state_dict[prefix + name], mine.dtype)
+                                           for name, mine in current.items() if prefix + name in state_dict}}
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         for alias, name in _SHARED:

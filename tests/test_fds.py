@@ -198,6 +198,28 @@ def test_loads_keep_the_published_sharing(route):
     assert len(list(fds.buffers())) == 9
 
 
+def test_an_assigned_load_keeps_the_module_dtypes_and_memory_of_its_own():
+    """assign=True with a checkpoint converted to float16, expanded, or requiring grad: the module
+    keeps its dtypes (a float16 sample count saturated at 65504, and momentum=None then froze the
+    statistics) and buffers it can update; the values are the checkpoint's."""
+    labels = labels_with_edges(60, 0, 8, seed=1)
+    source = dirfast.FDS(3, bucket_num=8, bucket_start=0, momentum=None)
+    source.update_running_stats(features(60, 3, 1), labels, 0)
+    dtypes = {name: value.dtype for name, value in source.state_dict().items()}
+    changes = {"float16": lambda v: v.half(), "expanded": lambda v: v.reshape(-1)[:1].expand_as(v) if v.numel() else v,
+               "requires grad": lambda v: v.clone().requires_grad_() if v.is_floating_point() else v}
+    for how, change in changes.items():
+        state = {name: change(value) for name, value in source.state_dict().items()}
+        fds = dirfast.FDS(3, bucket_num=8, bucket_start=0, momentum=None)
+        fds.load_state_dict(state, assign=True)
+        for name, value in fds.state_dict().items():
+            assert value.dtype == dtypes[name] and not value.requires_grad, (how, name)
+            torch.testing.assert_close(value, state[name].detach().to(value.dtype), rtol=0, atol=0)
+        tracked = fds.num_samples_tracked.clone()
+        fds.update_running_stats(features(60, 3, 2), labels, 1)  # expanded or a grad leaf: the write raised
+        assert fds.num_samples_tracked.sum() == tracked.sum() + 60, how
+
+
 def test_an_assigned_load_follows_only_where_the_checkpoint_says():
     """An assign=True load follows only where the checkpoint's metadata says it was taken while
     following (views of one flat buffer are not shared statistics), and never with
