@@ -13,7 +13,9 @@ Keep it faithful: do not "fix" or vectorise anything here.  The departures from 
 code: a ``device`` argument instead of the hard-coded ``.cuda()``, the clip of
 ``calibrate_mean_var`` (which each dataset's utils.py sets) as arguments, the kernel window
 following the statistics' device, no logging, and the label dtype left to the caller.  Nothing
-here imports dirfast.
+here imports dirfast.  Like the published code, its NumPy arithmetic follows the installed NumPy:
+the LDS weights' scale ``len(weights) / np.sum(weights)`` is float32 under NumPy 2 (NEP 50) and
+float64 under NumPy 1, and its float32 sum's last bits may differ between versions.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from .binning import Binning, GridBinning, check_binning
 from .ops.smooth_bins import reference as smooth_reference
 from .windows import kernel_window
 
-__all__ = ["LDS", "lds_weights", "REWEIGHTS"]
+__all__ = ["LDS", "lds_weights", "REWEIGHTS", "LDS_SCALES"]
 
 REWEIGHTS = ("none", "inverse", "sqrt_inv")
 
@@ -210,11 +210,12 @@ class LDS(distributed.SharesProcessGroup, FittedEstimator):
 
     def _fit_weights(self, labels: ArrayLike, scale: str = "samples") -> torch.Tensor | np.ndarray:
         """Fit ``labels`` and give their weights (the one-call functions), scaled as the published
-        scripts scale theirs: ``"samples"`` (AgeDB-DIR, IMDB-WIKI-DIR, STS-B-DIR) sums each label's
-        float32 ``1 / effective`` in the labels' order by NumPy (its pairwise float32 sum), then
-        takes ``N / sum`` and each product in float32; ``"counts"`` (NYUD2-DIR) is :meth:`weights`,
-        scaled from the counts. :meth:`weights` cannot keep the labels' order: the two are 1-2
-        float32 ulps apart. Where the sample scale would not be finite, :meth:`weights`."""
+        scripts scale theirs: ``"samples"`` (AgeDB-DIR, IMDB-WIKI-DIR, STS-B-DIR) is their
+        ``len(w) / np.sum(w)`` times each ``w``, with ``w`` each label's float32 ``1 / effective``
+        in the labels' order, computed by the installed NumPy as they compute it (in float32 under
+        NumPy 2, in float64 rounded once under NumPy 1); ``"counts"`` (NYUD2-DIR) is
+        :meth:`weights`, scaled from the counts. :meth:`weights` cannot keep the labels' order: the
+        two are 1-2 float32 ulps apart. Where the sample scale would not be finite, :meth:`weights`."""
         validate.choice("scale", scale, LDS_SCALES)
         tensor = validate.real_tensor("labels", labels)
         weights = self.fit(tensor).weights(tensor)
@@ -225,8 +226,9 @@ class LDS(distributed.SharesProcessGroup, FittedEstimator):
     def _scaled_in_sample_order(self, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         unscaled = _floored((1.0 / self._tables()[0]).float())[self._bins(labels.cpu(), check=False)].numpy()
         with np.errstate(all="ignore"):
-            scale = np.float32(unscaled.size) / unscaled.sum()  # a float32 sum, a float32 quotient
-            scaled = scale * unscaled
+            scale = unscaled.size / unscaled.sum()  # an int over a np.float32, as published
+            product = (scale * unscaled[0]).dtype  # the published scalar products' dtype (NumPy's promotion)
+            scaled = (np.asarray(scale, product) * unscaled.astype(product)).astype(np.float32)
         if not (np.isfinite(scaled).all() and scale > 0):  # weights() floors what would not be finite
             return weights
         return torch.from_numpy(scaled).reshape(weights.shape).to(weights.device)
@@ -344,8 +346,9 @@ def lds_weights(labels: ArrayLike, binning: Binning | GridBinning, reweight: str
 
     Returns float32 weights averaging 1, one per label: a tensor on the labels' device, or a
     NumPy array when ``labels`` is not a tensor (usable as scikit-learn's ``sample_weight``);
-    scaled as the published scripts scale them (a float32 sum in the labels' order), so the
-    published weights come out bit for bit.
+    scaled as the AgeDB-DIR and STS-B-DIR scripts scale them (their NumPy arithmetic over the
+    labels in order, float32 under NumPy 2 and float64 under NumPy 1), so their weights come out
+    bit for bit (``NYUD2_DIR.lds_weights`` scales from the counts, as NYUD2-DIR does).
     With the defaults and ``Binning.integer(121)`` this reproduces the AgeDB-DIR /
     IMDB-WIKI-DIR weights; ``Binning.uniform(0, 5, 50)`` with ``inverse_clip=None`` reproduces
     STS-B-DIR for labels of the same dtype as the published run's. See :class:`LDS` for the

@@ -192,7 +192,8 @@ def scalars(good_type: type, **extra) -> tuple:
     if good_type is int:
         wrong += [Bad("float", lambda v: float(v) + 0.5, TypeError), Bad("numpy int", lambda v: np.int64(v), SAME)]
     else:
-        wrong += [Bad("numpy float", lambda v: np.float64(v), SAME), Bad("numpy float32", lambda v: np.float32(v), CLOSE),
+        wrong += [Bad("numpy float", lambda v: np.float64(v), SAME),
+                  Bad("numpy float32", lambda v: np.float32(v), CLOSE),
                   Bad("int beyond float64", lambda v: 10 ** 400, ValueError)]
     return tuple(wrong) + tuple(Bad(name, (lambda v, bad=bad: bad), error) for name, (bad, error) in extra.items())
 
@@ -695,7 +696,7 @@ API = {
     "dirfast.set_cpu_threads": Entry(dirfast.set_cpu_threads, {"policy": (CHOICE, "all")}),
     # ----------------------------------------------------------------------- options, beside their modules
     **{f"dirfast.{path}": CONSTANT for path in ("bandwidth.BANDWIDTH_RULES", "bandwidth.BIN_WIDTH_RULES",
-                                                "binning.PRECISIONS", "lds.REWEIGHTS", "pairwise.CONR_FORMS",
+                                                "binning.PRECISIONS", "lds.REWEIGHTS", "lds.LDS_SCALES", "pairwise.CONR_FORMS",
                                                 "windows.KERNELS")},
     # ----------------------------------------------------------------------- width rules
     **{f"dirfast.bandwidth.{name}": Entry(getattr(dirfast.bandwidth, name), {"values": (FIT_LABELS, AGES)})
