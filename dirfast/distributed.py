@@ -68,7 +68,7 @@ def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | 
     return cast(T, result)  # check() returned it: error is None
 
 
-def agreed_on_every_rank(flag: bool, what: str, process_group: ProcessGroup | None = None) -> bool:
+def _agreed_on_every_rank(flag: bool, what: str, process_group: ProcessGroup | None = None) -> bool:
     """``flag``, when every rank of the group has the same (one all-reduce); else a ValueError on
     every rank saying on how many ``what`` holds, instead of some ranks waiting in a collective
     the others skip until the process group times out."""

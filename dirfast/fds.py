@@ -29,6 +29,8 @@ _BUFFERS = ("running_mean", "running_var", "running_mean_last_epoch", "running_v
 # metadata entry that says whether they follow (a dirfast checkpoint's tensors never share).
 _SHARED = (("running_mean_last_epoch", "running_mean"), ("running_var_last_epoch", "running_var"))
 _FOLLOWS = "snapshot_follows"
+# accumulate's tables, made (and loaded, by copy) together: the first stands for them all
+_STREAMED = ("accumulated_count",)
 _COUNTS = ("num_samples_tracked", "accumulated_count")  # whole numbers of samples
 # Where a fractional epoch or count comes from in practice, and what to do.
 _AVERAGED = (" A weight average of checkpoints (EMA, SWA with use_buffers=True) averages these too: load this FDS's "
@@ -39,11 +41,11 @@ _NON_NEGATIVE = ("running_var", "running_var_last_epoch", "smoothed_var_last_epo
 
 
 def _own(saved: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A checkpoint's tensor to assign as a statistic: as it is, or converted to ``dtype``,
-    detached, contiguous (not expanded: every update writes it in place)."""
-    if saved.dtype == dtype and saved.is_contiguous() and not saved.requires_grad:
+    """A checkpoint's tensor to assign as a statistic: as it is, or a copy in ``dtype``, detached,
+    contiguous, not an inference tensor (every update writes it in place)."""
+    if saved.dtype == dtype and saved.is_contiguous() and not saved.requires_grad and not saved.is_inference():
         return saved
-    return saved.detach().to(dtype).contiguous()
+    return saved.detach().to(dtype, copy=True).contiguous()
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -248,6 +250,18 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
             raise ValueError("this FDS is on the meta device, which holds no values to read: materialise it first "
                              "(fds.to_empty(device=...), then fds.load_state_dict(checkpoint))")
 
+    def _check_writable(self, names: tuple | None = None) -> None:
+        """Refuse, before anything is written, an update of state made under torch.inference_mode
+        (torch forbids writing it outside, and says so after the first write): the buffers
+        ``names``, or all of them."""
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+            return
+        buffers = self.named_buffers(recurse=False) if names is None else ((n, getattr(self, n)) for n in names)
+        for name, buffer in buffers:
+            if buffer.is_inference():
+                raise RuntimeError(f"this FDS's {name} was made under torch.inference_mode, which torch forbids "
+                                   "updating outside it: build the FDS outside inference mode (and load its state_dict into that one)")
+
     def _window(self, device) -> torch.Tensor:
         """The smoothing window built on ``device``, whatever torch's default device (a load under
         ``with torch.device("meta")`` must not give a window without values)."""
@@ -263,6 +277,7 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         """Statistics back to their initial values, streaming accumulators cleared, the kernel
         window rebuilt (after ``to_empty`` it holds no window); the epoch counter is kept, as
         published."""
+        self._check_writable()
         self.kernel_window.copy_(self._window(self.kernel_window.device))
         for name in _BUFFERS:
             getattr(self, name).fill_(1.0 if "var" in name else 0.0)
@@ -274,6 +289,7 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         ``start_update``, and the published snapshot sharing ended. torch's name for initialising a
         module's state: FSDP calls it on a module it materialises from the meta device, as do init
         loops over ``model.modules()``."""
+        self._check_writable()
         self._snapshot_follows = False
         self.reset()
         self.epoch.fill_(self.start_update)
@@ -287,6 +303,7 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         epoch = self._check_epoch(epoch)
         if epoch != self._epoch() + 1:
             return
+        self._check_writable()
         self.epoch += 1
         self._snapshot_follows = not self.copy_snapshot  # published: they share the running tensors
         self._copy_running_to_last_epoch()
@@ -323,6 +340,7 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         """
         if recomputing_in_backward():
             return
+        self._check_writable(_STREAMED)
         buckets = self._buckets(features, labels, check=False)
         skipped = accumulate_bin_stats_unchecked_(self.accumulated_count, self.accumulated_mean,
                                                   self.accumulated_m2, features, buckets)
@@ -330,6 +348,7 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
 
     def clear_accumulated(self) -> None:
         """Drop what :meth:`accumulate` gathered since the last update."""
+        self._check_writable(_STREAMED)
         self.accumulated_count.zero_()
         self.accumulated_mean.zero_()
         self.accumulated_m2.zero_()
@@ -355,12 +374,13 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         if epoch is None:
             raise TypeError("update_running_stats() needs epoch")
         epoch = self._check_epoch(epoch)
+        self._check_writable()
         if (features is None) != (labels is None):
             raise ValueError("pass both features and labels, or neither (to apply what accumulate() gathered)")
         current = self._epoch()
         ignored = epoch < current
         if self._syncing():  # one rank ignoring the epoch would leave the others in the collectives below
-            ignored = distributed.agreed_on_every_rank(
+            ignored = distributed._agreed_on_every_rank(
                 ignored, f"update_running_stats(epoch={epoch}) is ignored (an epoch behind the module's: call "
                 "it with the same epoch on every rank, whose modules must hold the same epoch)", self.process_group)
         if features is not None:

@@ -198,6 +198,34 @@ def test_loads_keep_the_published_sharing(route):
     assert len(list(fds.buffers())) == 9
 
 
+def _made_in_inference_mode(make):
+    with torch.inference_mode():
+        return make()
+
+
+def test_state_made_in_inference_mode_is_refused_before_anything_is_written():
+    """An FDS built under torch.inference_mode: every update outside it raises a RuntimeError
+    saying so, with nothing written (torch refused after the first write, leaving the module
+    half-updated); inside inference mode it works."""
+    labels = labels_with_edges(60, 0, 8, seed=1)
+    fds = _made_in_inference_mode(lambda: dirfast.FDS(3, bucket_num=8, bucket_start=0))
+    before = {name: value.clone() for name, value in fds.state_dict().items()}
+    calls = {"accumulate": lambda: fds.accumulate(features(60, 3, 1), labels),
+             "update_running_stats": lambda: fds.update_running_stats(features(60, 3, 1), labels, 0),
+             "update_running_stats(epoch)": lambda: fds.update_running_stats(epoch=0),
+             "update_last_epoch_stats": lambda: fds.update_last_epoch_stats(1), "reset": fds.reset,
+             "reset_parameters": fds.reset_parameters, "clear_accumulated": fds.clear_accumulated}
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match="made under torch.inference_mode"):
+            call()
+        for key, value in fds.state_dict().items():
+            assert torch.equal(value, before[key]), (name, key)
+    with torch.inference_mode():
+        fds.accumulate(features(60, 3, 1), labels)
+        fds.update_running_stats(epoch=0)
+    assert fds.num_samples_tracked.sum() == 60
+
+
 def test_an_assigned_load_keeps_the_module_dtypes_and_memory_of_its_own():
     """assign=True with a checkpoint converted to float16, expanded, or requiring grad: the module
     keeps its dtypes (a float16 sample count saturated at 65504, and momentum=None then froze the
@@ -207,7 +235,8 @@ def test_an_assigned_load_keeps_the_module_dtypes_and_memory_of_its_own():
     source.update_running_stats(features(60, 3, 1), labels, 0)
     dtypes = {name: value.dtype for name, value in source.state_dict().items()}
     changes = {"float16": lambda v: v.half(), "expanded": lambda v: v.reshape(-1)[:1].expand_as(v) if v.numel() else v,
-               "requires grad": lambda v: v.clone().requires_grad_() if v.is_floating_point() else v}
+               "requires grad": lambda v: v.clone().requires_grad_() if v.is_floating_point() else v,
+               "inference": lambda v: _made_in_inference_mode(lambda: v.clone())}
     for how, change in changes.items():
         state = {name: change(value) for name, value in source.state_dict().items()}
         fds = dirfast.FDS(3, bucket_num=8, bucket_start=0, momentum=None)
