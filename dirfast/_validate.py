@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .ops import FLOAT_DTYPES
+from .ops import FLOAT_DTYPES, as_float
 
 REAL_TYPES = (int, float, np.integer, np.floating)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -67,21 +67,13 @@ def integer(name: str, value, low: int | None = None, high: int | None = None) -
     return int(value)
 
 
-def _float(name: str, value) -> float:
-    """``float(value)``; an int beyond float64's range is a ValueError naming the argument."""
-    try:
-        return float(value)
-    except OverflowError:
-        raise ValueError(f"{name} must be a finite number, got an int of {int(value).bit_length()} bits") from None
-
-
 def real(name: str, value, low: float | None = None, high: float | None = None, *,
          above: bool = False, finite: bool = True) -> float:
     """A real number (a bool is not one), not NaN, finite unless ``finite=False``, at least
     ``low`` (above it with ``above``) and at most ``high``."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, REAL_TYPES):
         raise TypeError(f"{name} must be a real number, got {_type_name(value)}")
-    value = _float(name, value)
+    value = as_float(name, value)
     # NaN and inf by comparisons, not math.isnan / math.isinf, which torch.compile cannot take
     # where dynamic=True makes the number symbolic
     if value != value or (finite and abs(value) == math.inf):

@@ -11,7 +11,7 @@ same ops when they load; :func:`backends` says what can run here.
 from .. import _ext
 from . import _common
 from ._checks import FLOAT_DTYPES  # the dtypes the ops compute in, for dirfast._validate
-from ._checks import in_place_problem  # for dirfast._autograd's in-place checks
+from ._checks import as_float, in_place_problem  # for dirfast._validate's numbers, dirfast._autograd's in-place checks
 from ._dispatch import refuse_unsupported_derivatives  # for the Balanced MSE losses' own autograd nodes
 from ._common import acc_dtype
 from ._dispatch import (BACKENDS, CPU_THREADS, backends, get_backend, get_cpu_threads, set_backend, set_cpu_threads,

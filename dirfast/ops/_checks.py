@@ -70,7 +70,7 @@ def num_bins(value) -> int:
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _float(name: str, value) -> float:
+def as_float(name: str, value) -> float:
     """``float(value)``; an int beyond float64's range is a ValueError naming the argument."""
     try:
         return float(value)
@@ -84,7 +84,7 @@ def clips(clip_min, clip_max) -> tuple:
     for name, value in (("clip_min", clip_min), ("clip_max", clip_max)):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
             raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    clip_min, clip_max = _float("clip_min", clip_min), _float("clip_max", clip_max)
+    clip_min, clip_max = as_float("clip_min", clip_min), as_float("clip_max", clip_max)
     if clip_min != clip_min or clip_max != clip_max or not 0 <= clip_min <= clip_max:  # NaN: as in real()
         raise ValueError(f"clip_min and clip_max must satisfy 0 <= clip_min <= clip_max, "
                          f"got {clip_min} and {clip_max}")
@@ -196,7 +196,7 @@ def real(name: str, value, low: float | None = None, above: bool = False, *, dty
     ``reciprocal``: beyond that range it would be inf in the kernel, and the loss NaN."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = _float(name, value)
+    value = as_float(name, value)
     if value != value or abs(value) == math.inf:  # comparisons: torch.compile's symbolic floats take them
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if low is not None and (value <= low if above else value < low):

@@ -179,8 +179,8 @@ def _backward(ctx, grad):
 
 
 _dispatch.register_autograd("calibrate", lambda ctx, inputs, output: _save(ctx, inputs), _backward, twice=True)
-for _op in ("calibrate", "calibrate_"):
-    _dispatch.without_derivative(_op, "src_mean", "src_var", "dst_mean", "dst_var")
+_dispatch.without_derivative("calibrate", "src_mean", "src_var", "dst_mean", "dst_var")
+_dispatch.without_derivative("calibrate_", "src_mean", "src_var", "dst_mean", "dst_var")
 
 
 class _CalibrateInPlace(torch.autograd.Function):
