@@ -63,11 +63,13 @@ def same_as_reference(fn, inputs, dtype):
 # tiles ("direct") into a per-program histogram up to 256 bins and into global memory beyond.
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, num_bins, exact", [
-    pytest.param((1100, 5), 7, False, id="rows-csr-3-chunks"),
+    pytest.param((1100, 5), 7, False, id="rows-csr"),
+    pytest.param((2600, 5), 2, False, id="rows-csr-3-chunks-a-bin"),
+    pytest.param((2600, 5), 2, True, id="rows-deterministic-3-chunks-a-bin"),
     pytest.param((1100, 5), 300, False, id="rows-direct-global-bins"),
     pytest.param((1100, 5), 300, True, id="rows-deterministic-many-bins"),
     pytest.param((1100, 130), 7, True, id="rows-deterministic-two-feature-blocks"),
-    pytest.param((2, 5, 24, 24), 9, False, id="dense-direct"),
+    pytest.param((2, 5, 40, 40), 9, False, id="dense-direct-2-tiles-an-image"),
     pytest.param((1500, 3), 30, False, id="rows-direct-histogram"),
 ])
 def test_bin_stats(shape, num_bins, exact, dtype):
