@@ -260,7 +260,8 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         for name, buffer in buffers:
             if buffer.is_inference():
                 raise RuntimeError(f"this FDS's {name} was made under torch.inference_mode, which torch forbids "
-                                   "updating outside it: build the FDS outside inference mode (and load its state_dict into that one)")
+                                   "updating outside it: build the FDS outside inference mode (and load its "
+                                   "state_dict into that one)")
 
     def _window(self, device) -> torch.Tensor:
         """The smoothing window built on ``device``, whatever torch's default device (a load under

@@ -696,8 +696,8 @@ API = {
     "dirfast.set_cpu_threads": Entry(dirfast.set_cpu_threads, {"policy": (CHOICE, "all")}),
     # ----------------------------------------------------------------------- options, beside their modules
     **{f"dirfast.{path}": CONSTANT for path in ("bandwidth.BANDWIDTH_RULES", "bandwidth.BIN_WIDTH_RULES",
-                                                "binning.PRECISIONS", "lds.REWEIGHTS", "lds.LDS_SCALES", "pairwise.CONR_FORMS",
-                                                "windows.KERNELS")},
+                                                "binning.PRECISIONS", "lds.REWEIGHTS", "lds.LDS_SCALES",
+                                                "pairwise.CONR_FORMS", "windows.KERNELS")},
     # ----------------------------------------------------------------------- width rules
     **{f"dirfast.bandwidth.{name}": Entry(getattr(dirfast.bandwidth, name), {"values": (FIT_LABELS, AGES)})
        for name in ("silverman", "scott", "freedman_diaconis")},
@@ -954,7 +954,8 @@ API = {
     # ----------------------------------------------------------------------- presets
     "dirfast.presets.Preset": Entry(lambda **kw: dataclasses.replace(AGEDB_DIR, **kw).lds(), {
         "lds_binning": (BINNING, INT121), "reweight": (CHOICE, "sqrt_inv"), "lds_ks": (COUNT, 5),
-        "lds_padding": (CHOICE, "constant"), "lds_bucket_start": (NON_NEGATIVE_INT, 0), "lds_scale": (CHOICE, "samples")},
+        "lds_padding": (CHOICE, "constant"), "lds_bucket_start": (NON_NEGATIVE_INT, 0),
+        "lds_scale": (CHOICE, "samples")},
         named_as={"lds_binning": "binning", "lds_ks": "ks", "lds_padding": "padding", "lds_bucket_start": "bucket_start"}),
     "dirfast.presets.Preset.lds": method("lds", lambda: AGEDB_DIR, {"overrides": ((
         Bad("unknown setting", lambda v: {"bogus": 1}, TypeError), Bad("bad ks", lambda v: {"ks": 4}, ValueError)), {})}),

@@ -102,7 +102,8 @@ def in_place_problem(name: str, value: torch.Tensor) -> str | None:
     if torch.compiler.is_compiling():
         return None
     if value.is_inference() and not torch.is_inference_mode_enabled():
-        return f"{name} is an inference tensor (made under torch.inference_mode), which torch forbids writing outside it"
+        return (f"{name} is an inference tensor (made under torch.inference_mode), which torch forbids writing "
+                "outside it")
     if may_overlap(value):
         return f"{name} has elements that share memory (an expanded tensor, or strides that overlap)"
     if torch.is_grad_enabled() and value.requires_grad:
