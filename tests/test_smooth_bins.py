@@ -143,6 +143,23 @@ def test_gradients(backend, device, padding, num_bins, dim, width):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_constant_padding_passes_no_gradient_through_the_zeros(backend, device):
+    """With "constant" padding a tap outside the bins reads a zero: an infinite statistic or a NaN
+    tap there adds nothing to the gradients (the products with the zeros were NaN)."""
+    stats = torch.tensor([1.0, 2.0, float("inf")], dtype=torch.float64, device=device, requires_grad=True)
+    window = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64, device=device, requires_grad=True)
+    grad_stats, grad_window = torch.autograd.grad(on(backend, dirfast.ops.smooth_bins, stats, window, "constant").sum(),
+                                                  (stats, window))
+    assert grad_window.tolist() == [3.0, float("inf"), float("inf")] and grad_stats.tolist() == [0.75, 1.0, 0.75]
+    wide = torch.full((9,), 0.1, dtype=torch.float64, device=device)
+    wide[0] = float("nan")  # reads 4 bins to the left: only zeros, for 2 bins
+    stats = torch.tensor([1.0, 2.0], dtype=torch.float64, device=device, requires_grad=True)
+    (grad_stats,) = torch.autograd.grad(on(backend, dirfast.ops.smooth_bins, stats, wide.requires_grad_(), "constant")
+                                        .nan_to_num().sum(), (stats,))
+    assert torch.isfinite(grad_stats).all()
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 def test_scipy_where_scipy_is_the_definition(backend, device):
     """padding="constant" is the LDS convolution, scipy.ndimage.convolve1d(mode="constant"), and
     "symmetric" its mode="reflect" (the NYUD2-DIR LDS), to the bit in float64; the window may be

@@ -28,7 +28,9 @@ def bin_stats(x: torch.Tensor, bin_idx: torch.Tensor, num_bins: int) -> tuple[to
         ``x``). The variance is unbiased, and 0 where a bin holds fewer than two rows; the mean
         is 0 in an empty bin. A NaN or an infinity in a feature of a bin's rows makes that
         feature's mean NaN or infinite and, in a bin of two or more rows, its variance NaN.
-        ``mean`` and ``var`` are differentiable in ``x`` (first derivatives).
+        ``mean`` and ``var`` are differentiable in ``x`` (first derivatives). In float32 the C++
+        kernels' variance loses accuracy when a bin's mean is over 1000 standard deviations from
+        zero (7e-4 relative at 10,000; README, "Reproducibility"): centre such features.
 
     On a GPU the sums use float atomics (the last bits vary from run to run) unless
     ``torch.use_deterministic_algorithms(True)`` is set, which selects a variant without them.
@@ -99,8 +101,10 @@ _common.define(SCHEMA, reference, _fake, _triton)
 
 # -------------------------------------------------------------------------------- autograd
 # For the rows i of bin b: d mean_b / d x_i = 1 / n_b, and d var_b / d x_i = 2 (x_i - mean_b) /
-# (n_b - 1) (0 in a bin of one row, whose variance is 0 by definition); rows of no bin get 0. In
-# PyTorch: the same on every backend, O(N D) like the forward.
+# (n_b - 1) (0 in a bin of one row, whose variance is 0 by definition); rows of no bin get 0. The
+# deviations from the saved (rounded) mean are corrected by their own mean, as the forward's
+# second pass corrects its first: a float32 mean 1e4 standard deviations from zero would
+# otherwise cost the gradient 1e-4 of its accuracy. In PyTorch: the same on every backend, O(N D).
 def _save(ctx, inputs, output) -> None:
     x, bin_idx, num_bins, _ = inputs
     count, mean, _ = output
@@ -118,6 +122,8 @@ def _backward(ctx, grad_count, grad_mean, grad_var):
     idx = bin_rows(bin_idx, ctx.num_bins)
     slope = torch.cat([per_deviation, spare])[idx]
     deviation = rows(x).to(mean.dtype) - torch.cat([mean, spare])[idx]
+    drift = torch.zeros_like(torch.cat([mean, spare])).index_add_(0, idx, deviation)  # n (true mean - mean)
+    deviation = deviation - (drift / torch.cat([n, n.new_ones(1, 1)]).clamp(min=1))[idx]
     grad = torch.cat([per_bin, spare])[idx] + torch.where(slope != 0, slope * deviation, 0.0)
     if x.dim() > 2:  # rows in channels-last order, back to [B, C, *spatial]
         grad = grad.reshape((x.shape[0],) + tuple(x.shape[2:]) + (x.shape[1],)).movedim(-1, 1)

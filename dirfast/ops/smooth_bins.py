@@ -134,9 +134,12 @@ def _backward(ctx, grad):
     grad_window = []
     for k in range(window.shape[0]):
         src, inside = source_bins(num_bins, k - h, ctx.padding, stats.device)
-        reads = grad if ctx.padding != "constant" else grad * inside.view((-1,) + (1,) * (grad.dim() - 1))
-        grad_stats.index_add_(0, src, reads * weights[k])
-        grad_window.append((values[src] * reads).sum())
+        to_stats, to_window = grad * weights[k], values[src] * grad
+        if ctx.padding == "constant":  # a tap outside reads a zero: it passes no gradient, whatever it holds
+            inside = inside.view((-1,) + (1,) * (grad.dim() - 1))
+            to_stats, to_window = torch.where(inside, to_stats, 0.0), torch.where(inside, to_window, 0.0)
+        grad_stats.index_add_(0, src, to_stats)
+        grad_window.append(to_window.sum())
     return grad_stats.to(stats.dtype), torch.stack(grad_window).to(window.dtype), None
 
 
