@@ -197,8 +197,8 @@ class LDS(distributed.SharesProcessGroup, FittedEstimator):
     def weights(self, labels: ArrayLike) -> torch.Tensor:
         """Float32 weight of each label (same shape, same device), with the fitted scale.
 
-        The weights of the fitted labels average 1 and equal :func:`lds_weights` to float32
-        rounding (it scales as the published scripts, in the labels' order). Nothing is
+        The weights of the fitted labels average 1 and equal :func:`lds_weights` to a few float32
+        ulps (it scales as the published scripts, in the labels' order). Nothing is
         read on the host (call it in the training step): a NaN or infinite label gets weight 0.
         Raises RuntimeError before :meth:`fit`.
         """
@@ -215,7 +215,8 @@ class LDS(distributed.SharesProcessGroup, FittedEstimator):
         in the labels' order, computed by the installed NumPy as they compute it (in float32 under
         NumPy 2, in float64 rounded once under NumPy 1); ``"counts"`` (NYUD2-DIR) is
         :meth:`weights`, scaled from the counts. :meth:`weights` cannot keep the labels' order: the
-        two are 1-2 float32 ulps apart. Where the sample scale would not be finite, :meth:`weights`."""
+        two are a few float32 ulps apart (the rounding of the float32 sum, which grows with the
+        number of labels). Where the sample scale would not be finite, :meth:`weights`."""
         validate.choice("scale", scale, LDS_SCALES)
         tensor = validate.real_tensor("labels", labels)
         weights = self.fit(tensor).weights(tensor)
@@ -253,8 +254,8 @@ class LDS(distributed.SharesProcessGroup, FittedEstimator):
                              f"({self._num_rows},)")
         if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
             raise ValueError("state_dict 'counts' must be finite and non-negative")
-        if bool((counts > validate.FLOAT32_MAX).any()):  # as inverse_clip: smoothed, they would overflow
-            raise ValueError(f"state_dict 'counts' must be at most {validate.FLOAT32_MAX:.4g} (float32)")
+        if bool(counts.sum() > validate.FLOAT32_MAX):  # as inverse_clip: smoothed, they would overflow
+            raise ValueError(f"state_dict 'counts' must sum to at most {validate.FLOAT32_MAX:.4g} (float32)")
         if fitted != bool(counts.sum() > 0):
             raise ValueError("state_dict 'counts' are all 0 but 'fitted' is True: nothing was fitted" if fitted
                              else "state_dict 'fitted' is False but 'counts' are not all 0")

@@ -285,3 +285,15 @@ def test_load_refuses_a_state_fitted_on_nothing():
         est.load_state_dict(dict(before, counts=torch.zeros(121, dtype=torch.float64)))
     assert torch.equal(est.empirical, before["counts"])
     assert all(torch.isfinite(column).all() for column in est.diagnostics().values())
+
+
+def test_load_refuses_counts_that_sum_beyond_float32():
+    """Counts each within float32 but summing beyond it: the fitted bins' weights overflowed, were
+    floored, and no longer averaged 1. Refused, the LDS keeps its fit."""
+    est = dirfast.LDS(dirfast.Binning.integer(121), reweight="inverse", inverse_clip=None).fit(age_labels(300, seed=14))
+    before = est.state_dict()
+    counts = torch.zeros(121, dtype=torch.float64)
+    counts[10:20], counts[100] = 3.4e38, 1.0
+    with pytest.raises(ValueError, match="'counts' must sum to at most"):
+        est.load_state_dict(dict(before, counts=counts))
+    assert torch.equal(est.empirical, before["counts"])
