@@ -50,16 +50,33 @@ def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | 
     """``check()`` (the checks of a rank's own data, which may raise ValueError or TypeError),
     then one all-reduce of whether it raised on any rank of the group: a rank whose data was
     refused raises its error, and every other rank a ValueError saying so, instead of waiting in
-    the collective that follows until the process group times out. Returns what check returned."""
+    the collective that follows until the process group times out. Returns what check returned.
+    Under NCCL the vote goes through the current CUDA device."""
     if not callable(check):
         raise TypeError(f"check must be a callable (of no arguments), got {type(check).__name__}")
     validate.process_group("process_group", process_group, member=True)
+    return _checked_on_every_rank(check, process_group)
+
+
+def _vote_device(process_group: ProcessGroup | None, device: torch.device | None) -> torch.device:
+    """Where a vote's one number goes: the CPU under gloo; under NCCL the CUDA device of the data
+    it guards (a rank that never called torch.cuda.set_device is still on its own GPU), else the
+    current one."""
+    if dist.get_backend(process_group) != "nccl":
+        return torch.device("cpu")
+    if device is not None and device.type == "cuda":
+        return device
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | None = None,
+                           device: torch.device | None = None) -> T:
+    """:func:`checked_on_every_rank`, its arguments valid, the vote on ``device`` under NCCL."""
     try:
         result, error = check(), None
     except (ValueError, TypeError) as exc:
         result, error = None, exc
-    device = "cuda" if dist.get_backend(process_group) == "nccl" else "cpu"
-    refused = torch.tensor([error is not None], dtype=torch.int32, device=device)
+    refused = torch.tensor([error is not None], dtype=torch.int32, device=_vote_device(process_group, device))
     dist.all_reduce(refused, op=dist.ReduceOp.MAX, group=process_group)
     if error is not None:
         raise error
@@ -68,12 +85,12 @@ def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | 
     return cast(T, result)  # check() returned it: error is None
 
 
-def _agreed_on_every_rank(flag: bool, what: str, process_group: ProcessGroup | None = None) -> bool:
-    """``flag``, when every rank of the group has the same (one all-reduce); else a ValueError on
-    every rank saying on how many ``what`` holds, instead of some ranks waiting in a collective
-    the others skip until the process group times out."""
-    device = "cuda" if dist.get_backend(process_group) == "nccl" else "cpu"
-    votes = torch.tensor([int(flag)], dtype=torch.int32, device=device)
+def _agreed_on_every_rank(flag: bool, what: str, process_group: ProcessGroup | None = None,
+                          device: torch.device | None = None) -> bool:
+    """``flag``, when every rank of the group has the same (one all-reduce, on ``device`` under
+    NCCL); else a ValueError on every rank saying on how many ``what`` holds, instead of some
+    ranks waiting in a collective the others skip until the process group times out."""
+    votes = torch.tensor([int(flag)], dtype=torch.int32, device=_vote_device(process_group, device))
     dist.all_reduce(votes, op=dist.ReduceOp.SUM, group=process_group)
     holding, ranks = int(votes.item()), dist.get_world_size(process_group)
     if 0 < holding < ranks:

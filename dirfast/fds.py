@@ -383,11 +383,12 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         if self._syncing():  # one rank ignoring the epoch would leave the others in the collectives below
             ignored = distributed._agreed_on_every_rank(
                 ignored, f"update_running_stats(epoch={epoch}) is ignored (an epoch behind the module's: call "
-                "it with the same epoch on every rank, whose modules must hold the same epoch)", self.process_group)
+                "it with the same epoch on every rank, whose modules must hold the same epoch)", self.process_group,
+                self.running_mean.device)
         if features is not None:
             if self._syncing():  # a batch refused on one rank raises on every rank
-                count, mean, var = distributed.checked_on_every_rank(lambda: self._batch_stats(features, labels),
-                                                                     self.process_group)
+                count, mean, var = distributed._checked_on_every_rank(lambda: self._batch_stats(features, labels),
+                                                                      self.process_group, self.running_mean.device)
             else:
                 count, mean, var = self._batch_stats(features, labels)
         if ignored:

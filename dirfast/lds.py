@@ -106,7 +106,8 @@ class LDS(distributed.SharesProcessGroup, FittedEstimator):
         ValueError for NaN, infinite or no labels (on any rank: then on every rank)."""
         if not (self.sync and distributed.is_distributed(self.process_group)):
             return self._count_labels(labels).cpu()
-        count = distributed.checked_on_every_rank(lambda: self._count_labels(labels), self.process_group)
+        device = labels.device if isinstance(labels, torch.Tensor) else None  # of the counts, and the vote
+        count = distributed._checked_on_every_rank(lambda: self._count_labels(labels), self.process_group, device)
         return distributed.all_reduce_sum(count, self.process_group).cpu()
 
     def _count_labels(self, labels) -> torch.Tensor:

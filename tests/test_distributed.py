@@ -264,3 +264,19 @@ def test_fsdp_materialises_an_fds_from_the_meta_device():
         assert got.keys() == expected.keys()
         for name, value in expected.items():
             assert torch.equal(got[name], value), name
+
+
+def test_votes_under_nccl_go_to_the_data_device(monkeypatch):
+    """The one-number votes before FDS and LDS collectives: under NCCL on the CUDA device of the
+    data they guard (a rank that never called torch.cuda.set_device votes on its own GPU, not on
+    cuda:0 with every other rank), else the current CUDA device; under gloo on the CPU. (No GPU
+    here: the backend and the current device are stood in for.)"""
+    from dirfast.distributed import _vote_device
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert _vote_device(None, torch.device("cuda", 3)) == torch.device("cuda", 3)
+    assert _vote_device(None, torch.device("cpu")) == torch.device("cuda", 0)
+    assert _vote_device(None, None) == torch.device("cuda", 0)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert _vote_device(None, torch.device("cuda", 3)) == torch.device("cpu")
