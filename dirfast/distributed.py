@@ -59,9 +59,9 @@ def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | 
 
 
 def _vote_device(process_group: ProcessGroup | None, device: torch.device | None) -> torch.device:
-    """Where a vote's one number goes: the CPU under gloo; under NCCL the CUDA device of the data
-    it guards (a rank that never called torch.cuda.set_device is still on its own GPU), else the
-    current one."""
+    """Where a small collective's tensor goes (a vote, LDS's counts): the CPU under gloo; under
+    NCCL, which reduces CUDA tensors only, the CUDA device of the data it concerns (a rank that
+    never called torch.cuda.set_device is still on its own GPU), else the current one."""
     if dist.get_backend(process_group) != "nccl":
         return torch.device("cpu")
     if device is not None and device.type == "cuda":

@@ -108,6 +108,8 @@ class LDS(distributed.SharesProcessGroup, FittedEstimator):
             return self._count_labels(labels).cpu()
         device = labels.device if isinstance(labels, torch.Tensor) else None  # of the counts, and the vote
         count = distributed._checked_on_every_rank(lambda: self._count_labels(labels), self.process_group, device)
+        # NCCL reduces CUDA tensors only: the counts of labels given on the host (NumPy, as published) go there
+        count = count.to(distributed._vote_device(self.process_group, count.device))
         return distributed.all_reduce_sum(count, self.process_group).cpu()
 
     def _count_labels(self, labels) -> torch.Tensor:
