@@ -47,12 +47,17 @@ class FittedEstimator:
         self._set_fit(self._fit_labels(labels))
         return self
 
-    def _fit_weights(self, labels: ArrayLike) -> torch.Tensor | np.ndarray:
+    def _fit_weights(self, labels: ArrayLike, **options: Any) -> torch.Tensor | np.ndarray:
         """Fit ``labels`` and give their weights (the one-call functions): a tensor for a tensor,
-        else a NumPy array."""
+        else a NumPy array; ``options`` go to :meth:`_fitted_weights`."""
         tensor = validate.real_tensor("labels", labels)
-        weights = self.fit(tensor).weights(tensor)
+        weights = self.fit(tensor)._fitted_weights(tensor, **options)
         return weights if isinstance(labels, torch.Tensor) else weights.numpy()
+
+    def _fitted_weights(self, labels: torch.Tensor) -> torch.Tensor:
+        """The weights of the labels just fitted (a subclass may scale them as its published code
+        does)."""
+        return self.weights(labels)
 
     def _set_fit(self, fit) -> None:
         self._fit, self._tables_on = fit, {}

@@ -211,31 +211,25 @@ class LDS(distributed.SharesProcessGroup, FittedEstimator):
         bins = self._bins(labels, check=False)
         return table[bins].reshape(self._label_shape(labels))  # bin -1: the table's last row
 
-    def _fit_weights(self, labels: ArrayLike, scale: str = "samples") -> torch.Tensor | np.ndarray:
-        """Fit ``labels`` and give their weights (the one-call functions), scaled as the published
-        scripts scale theirs: ``"samples"`` (AgeDB-DIR, IMDB-WIKI-DIR, STS-B-DIR) is their
+    def _fitted_weights(self, labels: torch.Tensor, scale: str = "samples") -> torch.Tensor:
+        """The weights of the labels just fitted (the one-call functions), scaled as the published
+        scripts scale theirs (``scale``, one of :data:`LDS_SCALES`): ``"samples"`` (AgeDB-DIR,
+        IMDB-WIKI-DIR, STS-B-DIR) is their
         ``len(w) / np.sum(w)`` times each ``w``, with ``w`` each label's float32 ``1 / effective``
         in the labels' order, computed by the installed NumPy as they compute it (in float32 under
         NumPy 2, in float64 rounded once under NumPy 1); ``"counts"`` (NYUD2-DIR) is
         :meth:`weights`, scaled from the counts. :meth:`weights` cannot keep the labels' order: the
         two are a few float32 ulps apart (the rounding of the float32 sum, which grows with the
         number of labels). Where the sample scale would not be finite, :meth:`weights`."""
-        validate.choice("scale", scale, LDS_SCALES)
-        tensor = validate.real_tensor("labels", labels)
-        weights = self.fit(tensor).weights(tensor)
         if scale == "samples" and self.reweight != "none":
-            weights = self._scaled_in_sample_order(tensor, weights)
-        return weights if isinstance(labels, torch.Tensor) else weights.numpy()
-
-    def _scaled_in_sample_order(self, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        unscaled = _floored((1.0 / self._tables()[0]).float())[self._bins(labels.cpu(), check=False)].numpy()
-        with np.errstate(all="ignore"):
-            scale = unscaled.size / unscaled.sum()  # an int over a np.float32, as published
-            product = (scale * unscaled[0]).dtype  # the published scalar products' dtype (NumPy's promotion)
-            scaled = (np.asarray(scale, product) * unscaled.astype(product)).astype(np.float32)
-        if not (np.isfinite(scaled).all() and scale > 0):  # weights() floors what would not be finite
-            return weights
-        return torch.from_numpy(scaled).reshape(weights.shape).to(weights.device)
+            unscaled = _floored((1.0 / self._tables()[0]).float())[self._bins(labels.cpu(), check=False)].numpy()
+            with np.errstate(all="ignore"):
+                factor = unscaled.size / unscaled.sum()  # an int over a np.float32, as published
+                product = (factor * unscaled[0]).dtype  # the published scalar products' dtype (NumPy's promotion)
+                scaled = (np.asarray(factor, product) * unscaled.astype(product)).astype(np.float32)
+            if np.isfinite(scaled).all() and factor > 0:  # else weights(), which floors what is not finite
+                return torch.from_numpy(scaled).reshape(self._label_shape(labels)).to(labels.device)
+        return self.weights(labels)
 
     def _table(self) -> torch.Tensor:
         """The weight of each row, then 0 (the weight of a NaN or infinite label)."""
@@ -299,7 +293,7 @@ class LDS(distributed.SharesProcessGroup, FittedEstimator):
                 "effective_density": effective / effective.sum(), "weight": self._bin_weights().double()}
 
 
-# How the published scripts scale their per-sample weights to average 1 (LDS._fit_weights).
+# How the published scripts scale their per-sample weights to average 1 (LDS._fitted_weights).
 LDS_SCALES = ("samples", "counts")
 
 

@@ -17,10 +17,10 @@ from typing import Any, overload
 import numpy as np
 import torch
 
+from . import _validate as validate
 from ._types import ArrayLike, NotTensor
 from .binning import Binning
 from .fds import FDS
-from . import _validate as validate
 from .lds import LDS, LDS_SCALES, refuse_sync
 from .metrics import shot_metrics
 from .pairwise import ConRLoss
@@ -106,7 +106,7 @@ class Preset:
         """The published per-sample LDS weights of the training ``labels`` (see
         :func:`dirfast.lds_weights`; no ``sync`` or ``process_group``)."""
         refuse_sync("Preset.lds_weights", overrides)
-        return self.lds(sync=False, **overrides)._fit_weights(labels, self.lds_scale)
+        return self.lds(sync=False, **overrides)._fit_weights(labels, scale=self.lds_scale)
 
     def fds(self, feature_dim: int, **overrides: Any) -> FDS:
         """An :class:`~dirfast.FDS` module with this dataset's settings."""
