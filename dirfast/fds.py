@@ -290,9 +290,8 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         ``start_update``, and the published snapshot sharing ended. torch's name for initialising a
         module's state: FSDP calls it on a module it materialises from the meta device, as do init
         loops over ``model.modules()``."""
-        self._check_writable()
+        self.reset()  # refuses first what it cannot write
         self._snapshot_follows = False
-        self.reset()
         self.epoch.fill_(self.start_update)
 
     def update_last_epoch_stats(self, epoch: int) -> None:
