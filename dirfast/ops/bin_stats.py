@@ -115,20 +115,23 @@ def _save(ctx, inputs, output) -> None:
 def _backward(ctx, grad_count, grad_mean, grad_var):
     x, bin_idx, count, mean = ctx.saved_tensors
     n = count.to(mean.dtype).unsqueeze(1)
-    spare = mean.new_zeros((1, mean.shape[1]))  # the bin of rows of no bin
+
+    def per_row(table):  # each row's entry of a [B, D] table, 0 for rows of no bin (index B)
+        return torch.cat([table, table.new_zeros((1, table.shape[1]))])[idx]
+
     per_bin = grad_mean / n.clamp(min=1) if grad_mean is not None else torch.zeros_like(mean)
     per_deviation = (torch.where(n > 1, 2 * grad_var / (n - 1).clamp(min=1), 0.0) if grad_var is not None
                      else torch.zeros_like(mean))
     idx = bin_rows(bin_idx, ctx.num_bins)
-    slope = torch.cat([per_deviation, spare])[idx]
-    deviation = rows(x).to(mean.dtype) - torch.cat([mean, spare])[idx]
-    drift = torch.zeros_like(torch.cat([mean, spare])).index_add_(0, idx, deviation)  # n (true mean - mean)
-    deviation = deviation - (drift / torch.cat([n, n.new_ones(1, 1)]).clamp(min=1))[idx]
-    grad = torch.cat([per_bin, spare])[idx] + torch.where(slope != 0, slope * deviation, 0.0)
+    slope = per_row(per_deviation)
+    deviation = rows(x).to(mean.dtype) - per_row(mean)
+    drift = torch.zeros((mean.shape[0] + 1, mean.shape[1]), dtype=mean.dtype, device=mean.device)
+    drift.index_add_(0, idx, deviation)  # n (true mean - mean), and the rows of no bin's at index B
+    deviation = deviation - per_row(drift[:-1] / n.clamp(min=1))
+    grad = per_row(per_bin) + torch.where(slope != 0, slope * deviation, 0.0)
     if x.dim() > 2:  # rows in channels-last order, back to [B, C, *spatial]
         grad = grad.reshape((x.shape[0],) + tuple(x.shape[2:]) + (x.shape[1],)).movedim(-1, 1)
     return grad.to(x.dtype), None, None, None
 
 
 _dispatch.register_autograd("bin_stats", _save, _backward)
-

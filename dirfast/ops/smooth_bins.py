@@ -144,4 +144,3 @@ def _backward(ctx, grad):
 
 
 _dispatch.register_autograd("smooth_bins", _save, _backward)
-
