@@ -66,7 +66,8 @@ inline int64_t prefetch_rows(int64_t row_bytes) {
 }
 
 // Welford's mean and M2 of the n >= 1 rows of x listed at `list` (row numbers, rows `stride`
-// apart), into mean and m2, four rows per pass over the accumulators. The list jumps around x:
+// apart), the mean of their differences from `shift` (a row of x), into mean and m2, four rows
+// per pass over the accumulators. The list jumps around x:
 // every line of the row `ahead` places further in the list (up to `list_end`) is prefetched into
 // L2 for each row taken, and the first `ahead` rows' too when `warm_up` (a task's first list):
 // the first line alone, the rest left to the hardware, comes too late for rows in random order
@@ -78,7 +79,8 @@ inline int64_t prefetch_rows(int64_t row_bytes) {
 template <typename acc_t, typename in_t>
 __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64_t stride, int64_t dim,
                                                             const int64_t* list, int64_t n, const int64_t* list_end,
-                                                            bool warm_up, acc_t* DIRFAST_RESTRICT mean,
+                                                            bool warm_up, const in_t* DIRFAST_RESTRICT shift,
+                                                            acc_t* DIRFAST_RESTRICT mean,
                                                             acc_t* DIRFAST_RESTRICT m2) {
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(in_t));
   const int64_t ahead = prefetch_rows(row_bytes);
@@ -87,7 +89,7 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
     const char* row = reinterpret_cast<const char*>(x + *std::min(list + i, last) * stride);
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
   }
-  welford_row_init<acc_t, in_t>(mean, m2, x + list[0] * stride, dim);
+  welford_row_init<acc_t, in_t, in_t>(mean, m2, x + list[0] * stride, shift, dim);
   int64_t i = 1;
   for (; i + 4 <= n; i += 4) {
     for (int64_t j = 0; j < 4; ++j) {
@@ -96,25 +98,31 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
     }
     const acc_t inv[4] = {acc_t(1) / static_cast<acc_t>(i + 1), acc_t(1) / static_cast<acc_t>(i + 2),
                           acc_t(1) / static_cast<acc_t>(i + 3), acc_t(1) / static_cast<acc_t>(i + 4)};
-    welford_row_add4<acc_t, in_t>(mean, m2, x + list[i] * stride, x + list[i + 1] * stride, x + list[i + 2] * stride,
-                                  x + list[i + 3] * stride, dim, inv);
+    welford_row_add4<acc_t, in_t, in_t>(mean, m2, x + list[i] * stride, x + list[i + 1] * stride,
+                                        x + list[i + 2] * stride, x + list[i + 3] * stride, shift, dim, inv);
   }
   for (; i < n; ++i) {
     const char* row = reinterpret_cast<const char*>(x + *std::min(list + i + ahead, last) * stride);
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
-    welford_row_add<acc_t, in_t>(mean, m2, x + list[i] * stride, dim, acc_t(1) / static_cast<acc_t>(i + 1));
+    welford_row_add<acc_t, in_t, in_t>(mean, m2, x + list[i] * stride, shift, dim,
+                                       acc_t(1) / static_cast<acc_t>(i + 1));
   }
 }
 
 }  // namespace cpu
 }  // namespace dirfast
 
-// reduce_list(...) for rows of in_t and accumulators of acc_t, in both clones: expanded in the
-// kernel's file (inside its namespace) for each type pair it reads.
+// reduce_list(...) for rows of in_t and accumulators of acc_t, and unshift_row(...) (welford.h's
+// welford_row_unshift: the mean of a bucket from its differences' mean), in both clones: expanded
+// in the kernel's file (inside its namespace) for each type pair it reads.
 #define DIRFAST_REDUCE_LIST(in_t, acc_t)                                                                 \
+  DIRFAST_V3_CLONES DIRFAST_NOINLINE void unshift_row(acc_t* DIRFAST_RESTRICT mean,                      \
+                                                      const in_t* DIRFAST_RESTRICT shift, int64_t dim) { \
+    welford_row_unshift<acc_t, in_t>(mean, shift, dim);                                                  \
+  }                                                                                                      \
   DIRFAST_V3_CLONES DIRFAST_NOINLINE void reduce_list(const in_t* x, int64_t stride, int64_t dim,        \
                                                       const int64_t* list, int64_t n,                    \
-                                                      const int64_t* list_end, bool warm_up, acc_t* mean, \
-                                                      acc_t* m2) {                                       \
-    reduce_list_body<acc_t, in_t>(x, stride, dim, list, n, list_end, warm_up, mean, m2);                 \
+                                                      const int64_t* list_end, bool warm_up,             \
+                                                      const in_t* shift, acc_t* mean, acc_t* m2) {       \
+    reduce_list_body<acc_t, in_t>(x, stride, dim, list, n, list_end, warm_up, shift, mean, m2);          \
   }

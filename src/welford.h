@@ -1,15 +1,20 @@
 // Welford's running (count, mean, M2) and Chan's merge of two such partials.
 //
-// Torch-free and header-only (every function DIRFAST_HOST_DEVICE): the CPU kernel
-// (csrc/cpu/bin_stats.cpp) uses all of it but shifted_sums_variance, which the CUDA kernels
-// (csrc/cuda/bin_stats.cu) use.
-// M2 is the sum of squared deviations from the mean; the unbiased variance is M2 / (n - 1). Accumulate in float (float16, bfloat16 and
-// float32 inputs) or double (float64 inputs): `acc_t` below.
+// Torch-free and header-only (every function DIRFAST_HOST_DEVICE): the CPU kernels
+// (csrc/cpu/bin_stats.cpp, accumulate_bin_stats.cpp, through csrc/bucket_rows.h) use the row
+// functions and Chan's merge, the CUDA kernels (csrc/cuda/bin_stats.cu) shifted_sums_variance and
+// shifted_sums_mean. M2 is the sum of squared deviations from the mean; the unbiased variance is
+// M2 / (n - 1). Accumulate in float (float16, bfloat16 and float32 inputs) or double (float64
+// inputs): `acc_t` below.
 //
-// Numerics: Welford's update never forms sum(x^2) - n*mean^2, so a float32 variance keeps its
-// relative accuracy when the mean is thousands of standard deviations from zero (the test is
-// mean/std = 1000, relative error < 1e-4 against float64). Each M2 increment is a product of two
-// numbers of the same sign, and each Chan increment a square, so M2 never goes negative.
+// Numerics: the rows' updates take x - shift, where the shift is one row of the bucket (each
+// caller picks the same row for every thread count), and the running mean is the mean of those
+// differences. A running mean of x itself rounds to x's scale: 1e4 standard deviations from zero,
+// its float32 rounding cost the variance 2e-3 of its accuracy. The differences are exact (Sterbenz)
+// where the rows are close to the shift, so the mean and the variance stay near float32's
+// rounding wherever the bucket is (tested at mean/std = 10,000 against float64). Welford's update
+// never forms sum(x^2) - n*mean^2; each M2 increment is a product of two numbers of the same sign
+// and each Chan increment a square, so M2 never goes negative.
 #pragma once
 
 #include "convert.h"
@@ -38,17 +43,29 @@ DIRFAST_HOST_DEVICE inline acc_t shifted_sums_variance(int64_t n, acc_t s1, acc_
   return welford_variance<acc_t>(n, s2 - s1 * (s1 / static_cast<acc_t>(n)));
 }
 
+// The mean of n >= 1 samples from their shift K (one of them) and S1 = sum(x - K) (the CUDA
+// kernels): K + S1 / n, or NaN where a feature was not finite (K or the variance var is then NaN
+// or infinite), as the CPU kernel and the reference give whichever row holds it.
+template <typename acc_t>
+DIRFAST_HOST_DEVICE inline acc_t shifted_sums_mean(int64_t n, acc_t shift, acc_t s1, acc_t var) {
+  const acc_t mean = shift + s1 / static_cast<acc_t>(n);
+  const bool finite_shift = shift - shift == acc_t(0);
+  return finite_shift && var == var ? mean : shift - shift + var;  // the NaN of either
+}
+
 // ------------------------------------------------------------------------------ rows of D
 // Welford's update and Chan's merge on a row of D features at once (the CPU kernel): the loops
 // have no dependence between features and take restrict pointers, so the compiler vectorises them.
 
-// First sample of a bucket: mean = x, m2 = 0.
-template <typename acc_t, typename in_t>
+// First sample of a bucket (or of a piece of it): mean = x - shift, m2 = 0. The shift is a row
+// of acc_t (a table) or of in_t (a row of x).
+template <typename acc_t, typename in_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_init(acc_t* DIRFAST_RESTRICT mean,
                                                  acc_t* DIRFAST_RESTRICT m2,
-                                                 const in_t* DIRFAST_RESTRICT x, int64_t dim) {
+                                                 const in_t* DIRFAST_RESTRICT x,
+                                                 const shift_t* DIRFAST_RESTRICT shift, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
-    mean[d] = to_acc<acc_t>(x[d]);
+    mean[d] = to_acc<acc_t>(x[d]) - to_acc<acc_t>(shift[d]);
     m2[d] = acc_t(0);
   }
 }
@@ -62,36 +79,51 @@ DIRFAST_HOST_DEVICE inline void welford_step(acc_t& mean, acc_t& m2, acc_t x, ac
 }
 
 // The n-th sample (n >= 2) of a bucket, inv_n = 1 / n.
-template <typename acc_t, typename in_t>
+template <typename acc_t, typename in_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_add(acc_t* DIRFAST_RESTRICT mean,
                                                 acc_t* DIRFAST_RESTRICT m2,
-                                                const in_t* DIRFAST_RESTRICT x, int64_t dim,
+                                                const in_t* DIRFAST_RESTRICT x,
+                                                const shift_t* DIRFAST_RESTRICT shift, int64_t dim,
                                                 acc_t inv_n) {
-  for (int64_t d = 0; d < dim; ++d) welford_step<acc_t>(mean[d], m2[d], to_acc<acc_t>(x[d]), inv_n);
+  for (int64_t d = 0; d < dim; ++d) {
+    welford_step<acc_t>(mean[d], m2[d], to_acc<acc_t>(x[d]) - to_acc<acc_t>(shift[d]), inv_n);
+  }
 }
 
 // Samples n+1 .. n+4 of a bucket (n >= 1), rows x0 .. x3, inv[j] = 1 / (n + 1 + j): the four
 // updates of welford_row_add in turn, with the same bits, but mean and m2 are loaded and stored
 // once per four rows instead of once per row.
-template <typename acc_t, typename in_t>
+template <typename acc_t, typename in_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_add4(acc_t* DIRFAST_RESTRICT mean,
                                                  acc_t* DIRFAST_RESTRICT m2,
                                                  const in_t* DIRFAST_RESTRICT x0,
                                                  const in_t* DIRFAST_RESTRICT x1,
                                                  const in_t* DIRFAST_RESTRICT x2,
-                                                 const in_t* DIRFAST_RESTRICT x3, int64_t dim,
+                                                 const in_t* DIRFAST_RESTRICT x3,
+                                                 const shift_t* DIRFAST_RESTRICT shift, int64_t dim,
                                                  const acc_t* DIRFAST_RESTRICT inv) {
   const acc_t i0 = inv[0], i1 = inv[1], i2 = inv[2], i3 = inv[3];
   for (int64_t d = 0; d < dim; ++d) {
     acc_t m = mean[d];
     acc_t q = m2[d];
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x0[d]), i0);
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x1[d]), i1);
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x2[d]), i2);
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x3[d]), i3);
+    const acc_t k = to_acc<acc_t>(shift[d]);
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x0[d]) - k, i0);
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x1[d]) - k, i1);
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x2[d]) - k, i2);
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x3[d]) - k, i3);
     mean[d] = m;
     m2[d] = q;
   }
+}
+
+// The mean of a bucket from the mean of its rows' differences from the shift, in place: shift +
+// mean, made NaN where that mean is not finite (a NaN or an infinite feature met: x - shift or the
+// update made a NaN or an infinity), so a non-finite feature gives a NaN mean whichever row holds
+// it, as in the reference. Arithmetic, not a select (mean - mean is 0 or NaN): the loop vectorises.
+template <typename acc_t, typename shift_t>
+DIRFAST_HOST_DEVICE inline void welford_row_unshift(acc_t* DIRFAST_RESTRICT mean,
+                                                    const shift_t* DIRFAST_RESTRICT shift, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) mean[d] = (mean[d] + to_acc<acc_t>(shift[d])) + (mean[d] - mean[d]);
 }
 
 // The two weights of Chan's merge of partial a (na samples) with partial b (nb samples):
@@ -112,7 +144,8 @@ DIRFAST_HOST_DEVICE inline ChanWeights<acc_t> chan_weights(int64_t na, int64_t n
   return w;
 }
 
-// Partial b (nb samples) merged into partial a (na samples, both at least one), D features:
+// Partial b (nb samples) merged into partial a (na samples, both at least one), both of the
+// differences from the same shift, D features:
 // Chan, Golub and LeVeque,
 //   delta = mean_b - mean_a;  mean = mean_a + delta * nb / n;
 //   M2 = M2_a + M2_b + delta^2 * na * nb / n.

@@ -206,6 +206,8 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
   }
   std::unique_ptr<acc_t[]> table(new acc_t[std::max<int64_t>(stored * 2 * d1, 1)]);
   std::atomic<int64_t> skipped{rows - valid};
+  // Met bucket j's first row: the shift of its rows' updates (src/welford.h), in every segment.
+  auto shift_of = [&](int64_t j) { return x + g.order[g.start[j]] * stride; };
 
   // Each task takes the segments that start in its range of sorted positions.
   const int64_t grain = std::max<int64_t>(1, kMinTaskElements / d1);
@@ -217,11 +219,12 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
       for (int64_t s = s0; s < s1; ++s) {
         const int64_t n = segs.rows(s);
         acc_t* mean = slot[s] < 0 ? moments.get() : table.get() + slot[s] * 2 * d1;
-        reduce_list(x, stride, dim, g.order.data() + segs.start[s], n, g.order.data() + valid, s == s0, mean,
-                    mean + d1);
-        if (slot[s] < 0 && !merge_bucket<acc_t, held_t>(run, g.met[segs.group[s]], n, mean, mean + d1)) {
-          left_out += n;
-        }
+        const int64_t j = segs.group[s];
+        reduce_list(x, stride, dim, g.order.data() + segs.start[s], n, g.order.data() + valid, s == s0,
+                    shift_of(j), mean, mean + d1);
+        if (slot[s] >= 0) continue;  // merged with the bucket's other segments below
+        unshift_row(mean, shift_of(j), dim);
+        if (!merge_bucket<acc_t, held_t>(run, g.met[j], n, mean, mean + d1)) left_out += n;
       }
     }
     skipped += left_out;
@@ -247,6 +250,7 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
           chan_merge_row<acc_t>(mean, mean + d1, other, other + d1, dim, chan_weights<acc_t>(n, nb));
           n += nb;
         }
+        unshift_row(mean, shift_of(j), dim);
         if (!merge_bucket<acc_t, held_t>(run, g.met[j], n, mean, mean + d1)) left_out += n;
       }
     }

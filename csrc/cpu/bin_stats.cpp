@@ -2,7 +2,9 @@
 //
 // Every bucket's rows take Welford's update in row order, in pieces cut at points fixed by the
 // shapes and bin_idx, never by the thread count, and the pieces are merged with Chan's formula
-// in a fixed order: the same bits for 1 thread or 64, run after run.
+// in a fixed order: the same bits for 1 thread or 64, run after run. Each update takes the row's
+// difference from the bucket's first row (src/welford.h: the variance keeps float32's accuracy
+// however far the bucket is from zero), which every piece of the bucket shares.
 //   Long rows ([N, D] or channels-last, rows of 256 bytes or more): a bucket's rows are cut by
 //     rank into segments of at most `seg` rows, so that one large bucket still splits over
 //     threads; a task takes a range of segments, bucket by bucket. One task alone scans x in
@@ -69,30 +71,32 @@ int64_t chunk_count(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_byt
 // ------------------------------------------------------------------------------ row loops
 // Welford's update of a dense table (count, mean, M2: `dim` accumulators per bucket) with the n
 // rows of x (`stride` apart: the transposed tiles of the planar layout) whose buckets are
-// idx[0 .. n); rows of no bucket are skipped.
+// idx[0 .. n), shifted by the buckets' rows of `shift`; rows of no bucket are skipped.
 template <typename acc_t, typename in_t, typename index_t>
 __attribute__((always_inline))
 inline void scatter_rows_body(const in_t* x, int64_t stride, int64_t dim, const index_t* idx,
-                              int64_t n, int64_t num_bins, int64_t* count, acc_t* mean,
-                              acc_t* m2) {
+                              int64_t n, int64_t num_bins, const acc_t* shift, int64_t* count,
+                              acc_t* mean, acc_t* m2) {
   for (int64_t r = 0; r < n; ++r) {
     const int64_t k = static_cast<int64_t>(idx[r]);
     if (k < 0 || k >= num_bins) continue;  // selects no bucket
     const in_t* row = x + r * stride;
     const int64_t c = ++count[k];
     if (c == 1) {
-      welford_row_init<acc_t, in_t>(mean + k * dim, m2 + k * dim, row, dim);
+      welford_row_init<acc_t, in_t, acc_t>(mean + k * dim, m2 + k * dim, row, shift + k * dim, dim);
     } else {
-      welford_row_add<acc_t, in_t>(mean + k * dim, m2 + k * dim, row, dim,
-                                   acc_t(1) / static_cast<acc_t>(c));
+      welford_row_add<acc_t, in_t, acc_t>(mean + k * dim, m2 + k * dim, row, shift + k * dim, dim,
+                                          acc_t(1) / static_cast<acc_t>(c));
     }
   }
 }
 
-// A bucket as a scan meets its rows: how many it met so far, and its first segment.
+// A bucket as a scan meets its rows: how many it met so far, its first segment, and its first
+// row (the shift of its updates).
 struct Cursor {
   int64_t rank;
   int64_t first;
+  int64_t shift_row;
 };
 
 // The rows of segments [s0, s1), found by reading all `rows` rows of x in order: a row of
@@ -121,19 +125,23 @@ inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const ind
     if (s < s0 || s >= s1) continue;  // another task's segment of the bucket
     const int64_t n = (i < seg ? i : i % seg) + 1;
     const in_t* row = x + r * stride;
+    const in_t* shift = x + c.shift_row * stride;
     acc_t* mean = table + s * 2 * dim;
     if (n == 1) {
-      welford_row_init<acc_t, in_t>(mean, mean + dim, row, dim);
+      welford_row_init<acc_t, in_t, in_t>(mean, mean + dim, row, shift, dim);
     } else {
-      welford_row_add<acc_t, in_t>(mean, mean + dim, row, dim, acc_t(1) / static_cast<acc_t>(n));
+      welford_row_add<acc_t, in_t, in_t>(mean, mean + dim, row, shift, dim, acc_t(1) / static_cast<acc_t>(n));
     }
   }
 }
 
-// M2 of n >= 1 rows turned into the unbiased variance in place (welford_variance: a NaN stays).
+// M2 of n >= 1 rows turned into the unbiased variance in place (welford_variance: a NaN stays),
+// NaN where the bucket's mean is (a non-finite feature: M2 may be infinite when the infinite row
+// began a chunk) in a bucket of two or more rows.
 template <typename acc_t>
 __attribute__((always_inline))
-inline void variance_row_body(acc_t* m2, int64_t dim, int64_t n) {
+inline void variance_row_body(acc_t* DIRFAST_RESTRICT m2, const acc_t* DIRFAST_RESTRICT mean, int64_t dim,
+                              int64_t n) {
   if (n <= 1) {
     std::fill(m2, m2 + dim, acc_t(0));
     return;
@@ -141,7 +149,7 @@ inline void variance_row_body(acc_t* m2, int64_t dim, int64_t n) {
   const acc_t denominator = static_cast<acc_t>(n - 1);
   for (int64_t d = 0; d < dim; ++d) {
     const acc_t var = m2[d] / denominator;
-    m2[d] = var < acc_t(0) ? acc_t(0) : var;
+    m2[d] = (var < acc_t(0) ? acc_t(0) : var) + (mean[d] - mean[d]);
   }
 }
 
@@ -149,8 +157,9 @@ inline void variance_row_body(acc_t* m2, int64_t dim, int64_t n) {
 #define DIRFAST_SCATTER_ROWS(in_t, acc_t, index_t)                                              \
   DIRFAST_V4_CLONES DIRFAST_NOINLINE void scatter_rows(                                         \
       const in_t* x, int64_t stride, int64_t dim, const index_t* idx, int64_t n,                \
-      int64_t num_bins, int64_t* count, acc_t* mean, acc_t* m2) {                               \
-    scatter_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, n, num_bins, count, mean, m2); \
+      int64_t num_bins, const acc_t* shift, int64_t* count, acc_t* mean, acc_t* m2) {           \
+    scatter_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, n, num_bins, shift, count,     \
+                                            mean, m2);                                          \
   }
 #define DIRFAST_SCAN_ROWS(in_t, acc_t, index_t)                                                \
   DIRFAST_V4_CLONES DIRFAST_NOINLINE void scan_rows(                                           \
@@ -170,11 +179,11 @@ DIRFAST_ROW_LOOPS(float, float)
 DIRFAST_ROW_LOOPS(double, double)
 DIRFAST_ROW_LOOPS(c10::Half, float)
 DIRFAST_ROW_LOOPS(c10::BFloat16, float)
-DIRFAST_V3_CLONES DIRFAST_NOINLINE void variance_row(float* m2, int64_t dim, int64_t n) {
-  variance_row_body(m2, dim, n);
+DIRFAST_V3_CLONES DIRFAST_NOINLINE void variance_row(float* m2, const float* mean, int64_t dim, int64_t n) {
+  variance_row_body(m2, mean, dim, n);
 }
-DIRFAST_V3_CLONES DIRFAST_NOINLINE void variance_row(double* m2, int64_t dim, int64_t n) {
-  variance_row_body(m2, dim, n);
+DIRFAST_V3_CLONES DIRFAST_NOINLINE void variance_row(double* m2, const double* mean, int64_t dim, int64_t n) {
+  variance_row_body(m2, mean, dim, n);
 }
 #undef DIRFAST_ROW_LOOPS
 #undef DIRFAST_SCAN_ROWS
@@ -206,6 +215,7 @@ class BinStats {
     const int64_t dim = dim_;
     const int64_t bins = num_bins_;
     const int64_t chunks = chunk_count(rows, dim, bins, sizeof(acc_t));
+    const std::unique_ptr<acc_t[]> shift = first_rows();
     // Chunk c's table: counts[c], and mean / M2 in the outputs (c = 0) or in `extra` (written
     // only where the chunk has rows: untouched pages cost no memory).
     std::unique_ptr<int64_t[]> counts(new int64_t[chunks * bins]());
@@ -216,7 +226,7 @@ class BinStats {
     auto m2_of = [&](int64_t c) { return c == 0 ? var_out : mean_of(c) + bins * dim; };
     parallel_for_ranges(chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        reduce_chunk(rows * c / chunks, rows * (c + 1) / chunks, counts.get() + c * bins,
+        reduce_chunk(rows * c / chunks, rows * (c + 1) / chunks, shift.get(), counts.get() + c * bins,
                      mean_of(c), m2_of(c));
       }
     });
@@ -243,9 +253,33 @@ class BinStats {
           n += nb;
         }
         count_out[k] = n;
-        finish(k, n, mean, m2, mean_out, var_out);
+        finish(k, n, shift.get() + k * dim, mean, m2, mean_out, var_out);
       }
     });
+  }
+
+  // The first row of each bucket that has one (the shift of its rows' updates), as a table of
+  // [num_bins, dim] acc_t, read in one pass over bin_idx that stops when every bucket is found.
+  std::unique_ptr<acc_t[]> first_rows() const {
+    const int64_t bins = num_bins_, dim = dim_;
+    std::unique_ptr<acc_t[]> shift(new acc_t[std::max<int64_t>(bins * dim, 1)]);
+    std::vector<bool> found(bins, false);
+    for (int64_t r = 0, left = bins; r < layout_.rows && left > 0; ++r) {
+      const int64_t k = static_cast<int64_t>(idx_[r]);
+      if (k < 0 || k >= bins || found[k]) continue;
+      found[k] = true;
+      --left;
+      acc_t* out = shift.get() + k * dim;
+      if (layout_.kind == Layout::kRows) {
+        const scalar_t* row = x_ + r * layout_.row_stride;
+        for (int64_t d = 0; d < dim; ++d) out[d] = to_acc<acc_t>(row[d]);
+      } else {
+        const int64_t b = r / layout_.inner;
+        const scalar_t* pixel = x_ + b * layout_.batch_stride + (r - b * layout_.inner);
+        for (int64_t d = 0; d < dim; ++d) out[d] = to_acc<acc_t>(pixel[d * layout_.feature_stride]);
+      }
+    }
+    return shift;
   }
 
   // buf[i * dim + c] = src[c * stride + i] for the len pixels of a tile: each channel plane is
@@ -277,13 +311,13 @@ class BinStats {
   // Planar layout: a tile of pixels is read channel plane by channel plane (four planes at a
   // time), contiguously along the spatial axis, and transposed into a small buffer ([tile, C],
   // 256 KiB: L2-resident), whose rows then take the same update.
-  DIRFAST_NOINLINE void reduce_chunk(int64_t row_begin, int64_t row_end, int64_t* count,
-                                     acc_t* mean, acc_t* m2) {
+  DIRFAST_NOINLINE void reduce_chunk(int64_t row_begin, int64_t row_end, const acc_t* shift,
+                                     int64_t* count, acc_t* mean, acc_t* m2) {
     const int64_t dim = dim_;
     if (layout_.kind == Layout::kRows) {
       const int64_t stride = layout_.row_stride;
       scatter_rows(x_ + row_begin * stride, stride, dim, idx_ + row_begin, row_end - row_begin,
-                   num_bins_, count, mean, m2);
+                   num_bins_, shift, count, mean, m2);
       return;
     }
     const int64_t inner = layout_.inner;
@@ -297,8 +331,8 @@ class BinStats {
       const int64_t s = r - b * inner;
       const int64_t len = std::min<int64_t>({tile, inner - s, row_end - r});
       transpose_tile(buf, x_ + b * layout_.batch_stride + s, layout_.feature_stride, dim, len);
-      scatter_rows(static_cast<const acc_t*>(buf), dim, dim, idx_ + r, len, num_bins_, count, mean,
-                   m2);
+      scatter_rows(static_cast<const acc_t*>(buf), dim, dim, idx_ + r, len, num_bins_, shift, count,
+                   mean, m2);
       r += len;
     }
   }
@@ -309,10 +343,12 @@ class BinStats {
     const int64_t dim = dim_;
     const int64_t bins = num_bins_;
     std::fill(count_out, count_out + bins, int64_t(0));
+    std::vector<int64_t> first_row(bins);  // each bucket's first row: the shift of its updates
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t k = static_cast<int64_t>(idx_[r]);
-      if (k >= 0 && k < bins) ++count_out[k];
+      if (k >= 0 && k < bins && count_out[k]++ == 0) first_row[k] = r;
     }
+    auto shift_of = [&](int64_t k) { return x_ + first_row[k] * layout_.row_stride; };
     // Bucket k's rows, in row order, take positions [start[k], start[k + 1]) of the sorted order
     // and are cut every `seg` rows into segments (segs.group[s] is the bucket of segment s).
     std::vector<int64_t> start(bins + 1);
@@ -355,22 +391,26 @@ class BinStats {
     parallel_for_ranges(valid, gather ? grain : valid, [&](int64_t begin, int64_t end) {  // scanned: one task
       const auto [s0, s1] = segs.starting_in(begin, end);
       if (s0 == s1) return;  // no segment starts in this piece
+      // A bucket of one segment is done as soon as its rows are (its accumulators and its first
+      // row in cache: after the whole piece, the first rows had left it).
+      auto finish_whole = [&](int64_t s) {
+        const int64_t k = segs.group[s];
+        if (segs.whole(s)) finish(k, count_out[k], shift_of(k), seg_mean[s], seg_m2[s], mean_out, var_out);
+      };
       if (gather) {
         for (int64_t s = s0; s < s1; ++s) {
           reduce_list(x_, layout_.row_stride, dim, order.get() + segs.start[s], segs.rows(s), order.get() + valid,
-                      s == s0, seg_mean[s], seg_m2[s]);
+                      s == s0, shift_of(segs.group[s]), seg_mean[s], seg_m2[s]);
+          finish_whole(s);
         }
       } else {
         const int64_t k_lo = segs.group[s0];
         const int64_t cursors = segs.group[s1 - 1] - k_lo + 1;
         std::unique_ptr<Cursor[]> cursor(new Cursor[cursors]);
-        for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, segs.first[k_lo + j]};
+        for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, segs.first[k_lo + j], first_row[k_lo + j]};
         scan_rows(x_, layout_.row_stride, dim, idx_, rows, k_lo, cursors, cursor.get(), s0, s1,
                   seg, table.get());
-      }
-      // Buckets of one segment are done (while their accumulators are in cache).
-      for (int64_t s = s0; s < s1; ++s) {
-        if (segs.whole(s)) finish(segs.group[s], count_out[segs.group[s]], seg_mean[s], seg_m2[s], mean_out, var_out);
+        for (int64_t s = s0; s < s1; ++s) finish_whole(s);
       }
     });
 
@@ -394,15 +434,16 @@ class BinStats {
           chan_merge_row<acc_t>(mean, m2, seg_mean[s], seg_m2[s], dim, chan_weights<acc_t>(n, nb));
           n += nb;
         }
-        finish(k, n, mean, m2, mean_out, var_out);
+        finish(k, n, shift_of(k), mean, m2, mean_out, var_out);
       }
     });
   }
 
-  // Bucket k of n rows, whose mean and M2 are at mean and m2: its mean and unbiased variance in
-  // the outputs (both 0 when the bucket is empty).
-  void finish(int64_t k, int64_t n, const acc_t* mean, const acc_t* m2, acc_t* mean_out,
-              acc_t* var_out) const {
+  // Bucket k of n rows, whose mean (of the differences from `shift`) and M2 are at mean and m2: its
+  // mean and unbiased variance in the outputs (both 0 when the bucket is empty).
+  template <typename shift_t>
+  void finish(int64_t k, int64_t n, const shift_t* shift, const acc_t* mean, const acc_t* m2,
+              acc_t* mean_out, acc_t* var_out) const {
     acc_t* mean_k = mean_out + k * dim_;
     acc_t* var_k = var_out + k * dim_;
     if (n == 0) {
@@ -412,7 +453,8 @@ class BinStats {
     }
     if (mean != mean_k) std::copy(mean, mean + dim_, mean_k);
     if (m2 != var_k) std::copy(m2, m2 + dim_, var_k);
-    variance_row(var_k, dim_, n);
+    unshift_row(mean_k, shift, dim_);
+    variance_row(var_k, mean_k, dim_, n);
   }
 
   const scalar_t* x_;

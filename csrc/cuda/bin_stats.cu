@@ -362,9 +362,8 @@ __global__ void finalize_kernel(const ull* __restrict__ count, const acc_t* __re
     }
     const acc_t s1 = sums[i];
     const acc_t s2 = sums[total + i];
-    const acc_t nn = static_cast<acc_t>(n);
-    mean[i] = ref[i] + s1 / nn;
     var[i] = shifted_sums_variance<acc_t>(n, s1, s2);  // 0 for n == 1, never negative
+    mean[i] = shifted_sums_mean<acc_t>(n, ref[i], s1, var[i]);
   }
 }
 
@@ -398,9 +397,9 @@ __global__ void sorted_kernel(const T* __restrict__ x, Addressing at, int64_t di
       s1 = t;
       s2 += d * d;
     }
-    const acc_t nn = static_cast<acc_t>(n);
-    mean[k * dim + f] = shift + s1 / nn;
-    var[k * dim + f] = shifted_sums_variance<acc_t>(n, s1, s2);
+    const acc_t v = shifted_sums_variance<acc_t>(n, s1, s2);
+    mean[k * dim + f] = shifted_sums_mean<acc_t>(n, shift, s1, v);
+    var[k * dim + f] = v;
   }
 }
 

@@ -248,6 +248,9 @@ def _finalize_kernel(x_ptr, ws_ptr, sums_ptr, sums_off, slots_ptr,
         mean = shift + q
         var = (s2 - s1 * q) / n2
     var = tl.where((s2 == float("inf")) & (tl.abs(s1) < float("inf")), s2, var)  # a spread beyond ACC: inf
+    # A feature not finite: a NaN mean, whichever row holds it (an infinite row after the shift
+    # leaves K + S1 / n infinite, and the variance NaN)
+    mean = tl.where((var == var) & (shift - shift == 0.0), mean, float("nan"))
     mean = tl.where(nf > 0, mean, 0.0)
     var = tl.where(nf > 1, tl.where(var < 0.0, 0.0, var), 0.0)  # a NaN stays (tl.maximum may drop it on a GPU)
     out = (b * D)[:, None] + c[None, :]
