@@ -66,8 +66,8 @@ inline int64_t prefetch_rows(int64_t row_bytes) {
 }
 
 // Welford's mean and M2 of the n >= 1 rows of x listed at `list` (row numbers, rows `stride`
-// apart), the mean of their differences from `shift` (a row of x), into mean and m2, four rows
-// per pass over the accumulators. The list jumps around x:
+// apart), into mean and m2, four rows per pass over the accumulators: shifted updates (welford.h)
+// by `shift` (a row of x), or plain ones where it is null. The list jumps around x:
 // every line of the row `ahead` places further in the list (up to `list_end`) is prefetched into
 // L2 for each row taken, and the first `ahead` rows' too when `warm_up` (a task's first list):
 // the first line alone, the rest left to the hardware, comes too late for rows in random order
@@ -89,7 +89,11 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
     const char* row = reinterpret_cast<const char*>(x + *std::min(list + i, last) * stride);
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
   }
-  welford_row_init<acc_t, in_t, in_t>(mean, m2, x + list[0] * stride, shift, dim);
+  if (shift) {
+    welford_row_init<acc_t, in_t, in_t>(mean, m2, x + list[0] * stride, shift, dim);
+  } else {
+    welford_row_init<acc_t, in_t>(mean, m2, x + list[0] * stride, dim);
+  }
   int64_t i = 1;
   for (; i + 4 <= n; i += 4) {
     for (int64_t j = 0; j < 4; ++j) {
@@ -98,14 +102,25 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
     }
     const acc_t inv[4] = {acc_t(1) / static_cast<acc_t>(i + 1), acc_t(1) / static_cast<acc_t>(i + 2),
                           acc_t(1) / static_cast<acc_t>(i + 3), acc_t(1) / static_cast<acc_t>(i + 4)};
-    welford_row_add4<acc_t, in_t, in_t>(mean, m2, x + list[i] * stride, x + list[i + 1] * stride,
-                                        x + list[i + 2] * stride, x + list[i + 3] * stride, shift, dim, inv);
+    const in_t* r0 = x + list[i] * stride;
+    const in_t* r1 = x + list[i + 1] * stride;
+    const in_t* r2 = x + list[i + 2] * stride;
+    const in_t* r3 = x + list[i + 3] * stride;
+    if (shift) {
+      welford_row_add4<acc_t, in_t, in_t>(mean, m2, r0, r1, r2, r3, shift, dim, inv);
+    } else {
+      welford_row_add4<acc_t, in_t>(mean, m2, r0, r1, r2, r3, dim, inv);
+    }
   }
   for (; i < n; ++i) {
     const char* row = reinterpret_cast<const char*>(x + *std::min(list + i + ahead, last) * stride);
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
-    welford_row_add<acc_t, in_t, in_t>(mean, m2, x + list[i] * stride, shift, dim,
-                                       acc_t(1) / static_cast<acc_t>(i + 1));
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(i + 1);
+    if (shift) {
+      welford_row_add<acc_t, in_t, in_t>(mean, m2, x + list[i] * stride, shift, dim, inv);
+    } else {
+      welford_row_add<acc_t, in_t>(mean, m2, x + list[i] * stride, dim, inv);
+    }
   }
 }
 
@@ -113,8 +128,8 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
 }  // namespace dirfast
 
 // reduce_list(...) for rows of in_t and accumulators of acc_t, and unshift_row(...) (welford.h's
-// welford_row_unshift: the mean of a bucket from its differences' mean), in both clones: expanded
-// in the kernel's file (inside its namespace) for each type pair it reads.
+// welford_row_unshift: a bucket's mean from its running mean), in both clones: expanded in the
+// kernel's file (inside its namespace) for each type pair it reads.
 #define DIRFAST_REDUCE_LIST(in_t, acc_t)                                                                 \
   DIRFAST_V3_CLONES DIRFAST_NOINLINE void unshift_row(acc_t* DIRFAST_RESTRICT mean,                      \
                                                       const in_t* DIRFAST_RESTRICT shift, int64_t dim) { \

@@ -7,14 +7,15 @@
 // M2 / (n - 1). Accumulate in float (float16, bfloat16 and float32 inputs) or double (float64
 // inputs): `acc_t` below.
 //
-// Numerics: the rows' updates take x - shift, where the shift is one row of the bucket (each
-// caller picks the same row for every thread count), and the running mean is the mean of those
-// differences. A running mean of x itself rounds to x's scale: 1e4 standard deviations from zero,
-// its float32 rounding cost the variance 2e-3 of its accuracy. The differences are exact (Sterbenz)
-// where the rows are close to the shift, so the mean and the variance stay near float32's
-// rounding wherever the bucket is (tested at mean/std = 10,000 against float64). Welford's update
-// never forms sum(x^2) - n*mean^2; each M2 increment is a product of two numbers of the same sign
-// and each Chan increment a square, so M2 never goes negative.
+// Numerics: a running mean of x itself rounds at x's scale, and its error reaches M2: relative to
+// the variance, about 1e-7 times mean/std in float32 (1e-4 at 1,000 standard deviations from zero,
+// 2e-3 at 10,000). Shifted updates take each row's difference from one row of its bucket, exact
+// (Sterbenz) where the rows are close to it, and the running mean is the mean of those
+// differences, so the variance stays near float32's rounding wherever the bucket is (tested at
+// mean/std = 10,000 against float64). Plain updates cost one subtraction less per value; the
+// kernels say which a bucket takes (csrc/cpu/bin_stats.cpp). Welford's update never forms
+// sum(x^2) - n*mean^2; each M2 increment is a product of two numbers of the same sign and each
+// Chan increment a square, so M2 never goes negative.
 #pragma once
 
 #include "convert.h"
@@ -57,8 +58,19 @@ DIRFAST_HOST_DEVICE inline acc_t shifted_sums_mean(int64_t n, acc_t shift, acc_t
 // Welford's update and Chan's merge on a row of D features at once (the CPU kernel): the loops
 // have no dependence between features and take restrict pointers, so the compiler vectorises them.
 
-// First sample of a bucket (or of a piece of it): mean = x - shift, m2 = 0. The shift is a row
-// of acc_t (a table) or of in_t (a row of x).
+// First sample of a bucket (or of a piece of it), plain: mean = x, m2 = 0.
+template <typename acc_t, typename in_t>
+DIRFAST_HOST_DEVICE inline void welford_row_init(acc_t* DIRFAST_RESTRICT mean,
+                                                 acc_t* DIRFAST_RESTRICT m2,
+                                                 const in_t* DIRFAST_RESTRICT x, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) {
+    mean[d] = to_acc<acc_t>(x[d]);
+    m2[d] = acc_t(0);
+  }
+}
+
+// The same, shifted: mean = x - shift, m2 = 0. The shift is a row of acc_t (a table) or of in_t
+// (a row of x).
 template <typename acc_t, typename in_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_init(acc_t* DIRFAST_RESTRICT mean,
                                                  acc_t* DIRFAST_RESTRICT m2,
@@ -78,7 +90,15 @@ DIRFAST_HOST_DEVICE inline void welford_step(acc_t& mean, acc_t& m2, acc_t x, ac
   m2 += delta * (x - mean);
 }
 
-// The n-th sample (n >= 2) of a bucket, inv_n = 1 / n.
+// The n-th sample (n >= 2) of a bucket, inv_n = 1 / n: plain, and shifted.
+template <typename acc_t, typename in_t>
+DIRFAST_HOST_DEVICE inline void welford_row_add(acc_t* DIRFAST_RESTRICT mean,
+                                                acc_t* DIRFAST_RESTRICT m2,
+                                                const in_t* DIRFAST_RESTRICT x, int64_t dim,
+                                                acc_t inv_n) {
+  for (int64_t d = 0; d < dim; ++d) welford_step<acc_t>(mean[d], m2[d], to_acc<acc_t>(x[d]), inv_n);
+}
+
 template <typename acc_t, typename in_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_add(acc_t* DIRFAST_RESTRICT mean,
                                                 acc_t* DIRFAST_RESTRICT m2,
@@ -92,7 +112,28 @@ DIRFAST_HOST_DEVICE inline void welford_row_add(acc_t* DIRFAST_RESTRICT mean,
 
 // Samples n+1 .. n+4 of a bucket (n >= 1), rows x0 .. x3, inv[j] = 1 / (n + 1 + j): the four
 // updates of welford_row_add in turn, with the same bits, but mean and m2 are loaded and stored
-// once per four rows instead of once per row.
+// once per four rows instead of once per row. Plain, and shifted.
+template <typename acc_t, typename in_t>
+DIRFAST_HOST_DEVICE inline void welford_row_add4(acc_t* DIRFAST_RESTRICT mean,
+                                                 acc_t* DIRFAST_RESTRICT m2,
+                                                 const in_t* DIRFAST_RESTRICT x0,
+                                                 const in_t* DIRFAST_RESTRICT x1,
+                                                 const in_t* DIRFAST_RESTRICT x2,
+                                                 const in_t* DIRFAST_RESTRICT x3, int64_t dim,
+                                                 const acc_t* DIRFAST_RESTRICT inv) {
+  const acc_t i0 = inv[0], i1 = inv[1], i2 = inv[2], i3 = inv[3];
+  for (int64_t d = 0; d < dim; ++d) {
+    acc_t m = mean[d];
+    acc_t q = m2[d];
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x0[d]), i0);
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x1[d]), i1);
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x2[d]), i2);
+    welford_step<acc_t>(m, q, to_acc<acc_t>(x3[d]), i3);
+    mean[d] = m;
+    m2[d] = q;
+  }
+}
+
 template <typename acc_t, typename in_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_add4(acc_t* DIRFAST_RESTRICT mean,
                                                  acc_t* DIRFAST_RESTRICT m2,
@@ -116,13 +157,18 @@ DIRFAST_HOST_DEVICE inline void welford_row_add4(acc_t* DIRFAST_RESTRICT mean,
   }
 }
 
-// The mean of a bucket from the mean of its rows' differences from the shift, in place: shift +
-// mean, made NaN where that mean is not finite (a NaN or an infinite feature met: x - shift or the
-// update made a NaN or an infinity), so a non-finite feature gives a NaN mean whichever row holds
-// it, as in the reference. Arithmetic, not a select (mean - mean is 0 or NaN): the loop vectorises.
+// The mean of a bucket from its running mean, in place: shift + mean for shifted updates (shift
+// null: plain ones), made NaN where the running mean is not finite (a NaN or an infinite feature
+// met: x - shift or the update made a NaN or an infinity), so a non-finite feature gives a NaN
+// mean whichever row holds it, as in the reference. Arithmetic, not a select (mean - mean is 0 or
+// NaN): the loops vectorise.
 template <typename acc_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_unshift(acc_t* DIRFAST_RESTRICT mean,
                                                     const shift_t* DIRFAST_RESTRICT shift, int64_t dim) {
+  if (shift == nullptr) {
+    for (int64_t d = 0; d < dim; ++d) mean[d] = mean[d] + (mean[d] - mean[d]);
+    return;
+  }
   for (int64_t d = 0; d < dim; ++d) mean[d] = (mean[d] + to_acc<acc_t>(shift[d])) + (mean[d] - mean[d]);
 }
 

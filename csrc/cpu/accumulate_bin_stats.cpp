@@ -220,10 +220,11 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
         const int64_t n = segs.rows(s);
         acc_t* mean = slot[s] < 0 ? moments.get() : table.get() + slot[s] * 2 * d1;
         const int64_t j = segs.group[s];
-        reduce_list(x, stride, dim, g.order.data() + segs.start[s], n, g.order.data() + valid, s == s0,
-                    shift_of(j), mean, mean + d1);
+        const scalar_t* shift = shift_of(j);
+        reduce_list(x, stride, dim, g.order.data() + segs.start[s], n, g.order.data() + valid, s == s0, shift,
+                    mean, mean + d1);
         if (slot[s] >= 0) continue;  // merged with the bucket's other segments below
-        unshift_row(mean, shift_of(j), dim);
+        unshift_row(mean, shift, dim);
         if (!merge_bucket<acc_t, held_t>(run, g.met[j], n, mean, mean + d1)) left_out += n;
       }
     }

@@ -2,9 +2,13 @@
 //
 // Every bucket's rows take Welford's update in row order, in pieces cut at points fixed by the
 // shapes and bin_idx, never by the thread count, and the pieces are merged with Chan's formula
-// in a fixed order: the same bits for 1 thread or 64, run after run. Each update takes the row's
-// difference from the bucket's first row (src/welford.h: the variance keeps float32's accuracy
-// however far the bucket is from zero), which every piece of the bucket shares.
+// in a fixed order: the same bits for 1 thread or 64, run after run. The updates are plain, and
+// where the result says a bucket's mean is over 20 standard deviations from zero (the plain
+// updates' error may pass 2e-6 of the variance there: src/welford.h) the work is done again with
+// shifted updates (each row's difference from its bucket's first row), which keep a float32
+// variance accurate however far the bucket is, but cost up to a fifth more time: long rows redo
+// those buckets, short rows and planes the whole pass. The choice follows the data, never the
+// threads.
 //   Long rows ([N, D] or channels-last, rows of 256 bytes or more): a bucket's rows are cut by
 //     rank into segments of at most `seg` rows, so that one large bucket still splits over
 //     threads; a task takes a range of segments, bucket by bucket. One task alone scans x in
@@ -71,7 +75,8 @@ int64_t chunk_count(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_byt
 // ------------------------------------------------------------------------------ row loops
 // Welford's update of a dense table (count, mean, M2: `dim` accumulators per bucket) with the n
 // rows of x (`stride` apart: the transposed tiles of the planar layout) whose buckets are
-// idx[0 .. n), shifted by the buckets' rows of `shift`; rows of no bucket are skipped.
+// idx[0 .. n), shifted by the buckets' rows of `shift` (plain where it is null); rows of no bucket
+// are skipped.
 template <typename acc_t, typename in_t, typename index_t>
 __attribute__((always_inline))
 inline void scatter_rows_body(const in_t* x, int64_t stride, int64_t dim, const index_t* idx,
@@ -82,7 +87,13 @@ inline void scatter_rows_body(const in_t* x, int64_t stride, int64_t dim, const 
     if (k < 0 || k >= num_bins) continue;  // selects no bucket
     const in_t* row = x + r * stride;
     const int64_t c = ++count[k];
-    if (c == 1) {
+    if (shift == nullptr) {
+      if (c == 1) {
+        welford_row_init<acc_t, in_t>(mean + k * dim, m2 + k * dim, row, dim);
+      } else {
+        welford_row_add<acc_t, in_t>(mean + k * dim, m2 + k * dim, row, dim, acc_t(1) / static_cast<acc_t>(c));
+      }
+    } else if (c == 1) {
       welford_row_init<acc_t, in_t, acc_t>(mean + k * dim, m2 + k * dim, row, shift + k * dim, dim);
     } else {
       welford_row_add<acc_t, in_t, acc_t>(mean + k * dim, m2 + k * dim, row, shift + k * dim, dim,
@@ -91,12 +102,10 @@ inline void scatter_rows_body(const in_t* x, int64_t stride, int64_t dim, const 
   }
 }
 
-// A bucket as a scan meets its rows: how many it met so far, its first segment, and its first
-// row (the shift of its updates).
+// A bucket as a scan meets its rows: how many it met so far, and its first segment.
 struct Cursor {
   int64_t rank;
   int64_t first;
-  int64_t shift_row;
 };
 
 // The rows of segments [s0, s1), found by reading all `rows` rows of x in order: a row of
@@ -125,32 +134,41 @@ inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const ind
     if (s < s0 || s >= s1) continue;  // another task's segment of the bucket
     const int64_t n = (i < seg ? i : i % seg) + 1;
     const in_t* row = x + r * stride;
-    const in_t* shift = x + c.shift_row * stride;
     acc_t* mean = table + s * 2 * dim;
     if (n == 1) {
-      welford_row_init<acc_t, in_t, in_t>(mean, mean + dim, row, shift, dim);
+      welford_row_init<acc_t, in_t>(mean, mean + dim, row, dim);
     } else {
-      welford_row_add<acc_t, in_t, in_t>(mean, mean + dim, row, shift, dim, acc_t(1) / static_cast<acc_t>(n));
+      welford_row_add<acc_t, in_t>(mean, mean + dim, row, dim, acc_t(1) / static_cast<acc_t>(n));
     }
   }
 }
 
+// (mean / std)^2 beyond which a bucket's plain updates are redone shifted: 20^2 in float32 (their
+// error, about 1e-7 mean / std of the variance, may pass 2e-6), 1e6^2 in float64.
+template <typename acc_t>
+constexpr acc_t kFarSquared = sizeof(acc_t) == 4 ? acc_t(400) : acc_t(1e12);
+
 // M2 of n >= 1 rows turned into the unbiased variance in place (welford_variance: a NaN stays),
 // NaN where the bucket's mean is (a non-finite feature: M2 may be infinite when the infinite row
-// began a chunk) in a bucket of two or more rows.
+// began a chunk) in a bucket of two or more rows. Returns whether a feature's mean is further from
+// zero than kFarSquared allows plain updates (its variance positive).
 template <typename acc_t>
 __attribute__((always_inline))
-inline void variance_row_body(acc_t* DIRFAST_RESTRICT m2, const acc_t* DIRFAST_RESTRICT mean, int64_t dim,
+inline bool variance_row_body(acc_t* DIRFAST_RESTRICT m2, const acc_t* DIRFAST_RESTRICT mean, int64_t dim,
                               int64_t n) {
   if (n <= 1) {
     std::fill(m2, m2 + dim, acc_t(0));
-    return;
+    return false;
   }
   const acc_t denominator = static_cast<acc_t>(n - 1);
+  int far = 0;  // an int and `&`, not a bool and `&&`: the loop vectorises
   for (int64_t d = 0; d < dim; ++d) {
     const acc_t var = m2[d] / denominator;
-    m2[d] = (var < acc_t(0) ? acc_t(0) : var) + (mean[d] - mean[d]);
+    const acc_t v = (var < acc_t(0) ? acc_t(0) : var) + (mean[d] - mean[d]);
+    m2[d] = v;
+    far |= static_cast<int>(v > acc_t(0)) & static_cast<int>(mean[d] * mean[d] > kFarSquared<acc_t> * v);
   }
+  return far != 0;
 }
 
 // The compiled loops: one overload per (input, accumulator, index) type, each with its clones.
@@ -179,11 +197,11 @@ DIRFAST_ROW_LOOPS(float, float)
 DIRFAST_ROW_LOOPS(double, double)
 DIRFAST_ROW_LOOPS(c10::Half, float)
 DIRFAST_ROW_LOOPS(c10::BFloat16, float)
-DIRFAST_V3_CLONES DIRFAST_NOINLINE void variance_row(float* m2, const float* mean, int64_t dim, int64_t n) {
-  variance_row_body(m2, mean, dim, n);
+DIRFAST_V3_CLONES DIRFAST_NOINLINE bool variance_row(float* m2, const float* mean, int64_t dim, int64_t n) {
+  return variance_row_body(m2, mean, dim, n);
 }
-DIRFAST_V3_CLONES DIRFAST_NOINLINE void variance_row(double* m2, const double* mean, int64_t dim, int64_t n) {
-  variance_row_body(m2, mean, dim, n);
+DIRFAST_V3_CLONES DIRFAST_NOINLINE bool variance_row(double* m2, const double* mean, int64_t dim, int64_t n) {
+  return variance_row_body(m2, mean, dim, n);
 }
 #undef DIRFAST_ROW_LOOPS
 #undef DIRFAST_SCAN_ROWS
@@ -203,19 +221,21 @@ class BinStats {
     const int64_t row_bytes = dim_ * static_cast<int64_t>(sizeof(scalar_t));
     if (layout_.kind == Layout::kRows && row_bytes >= kLongRowBytes) {
       run_rows(count_out, mean_out, var_out);
-    } else {
-      run_chunked(count_out, mean_out, var_out);
+    } else if (run_chunked(count_out, mean_out, var_out, false)) {
+      run_chunked(count_out, mean_out, var_out, true);  // a bucket far from zero: the pass again, shifted
     }
   }
 
  private:
   // ---------------------------------------------------------------------------- chunked
-  DIRFAST_NOINLINE void run_chunked(int64_t* count_out, acc_t* mean_out, acc_t* var_out) {
+  // The pass with plain or shifted updates; returns whether plain ones left a bucket far from zero.
+  DIRFAST_NOINLINE bool run_chunked(int64_t* count_out, acc_t* mean_out, acc_t* var_out, bool shifted) {
     const int64_t rows = layout_.rows;
     const int64_t dim = dim_;
     const int64_t bins = num_bins_;
     const int64_t chunks = chunk_count(rows, dim, bins, sizeof(acc_t));
-    const std::unique_ptr<acc_t[]> shift = first_rows();
+    const std::unique_ptr<acc_t[]> shift = shifted ? first_rows() : nullptr;
+    std::vector<uint8_t> far(bins, 0);  // each written by one task
     // Chunk c's table: counts[c], and mean / M2 in the outputs (c = 0) or in `extra` (written
     // only where the chunk has rows: untouched pages cost no memory).
     std::unique_ptr<int64_t[]> counts(new int64_t[chunks * bins]());
@@ -253,9 +273,10 @@ class BinStats {
           n += nb;
         }
         count_out[k] = n;
-        finish(k, n, shift.get() + k * dim, mean, m2, mean_out, var_out);
+        far[k] = finish<acc_t>(k, n, shifted ? shift.get() + k * dim : nullptr, mean, m2, mean_out, var_out);
       }
     });
+    return !shifted && std::find(far.begin(), far.end(), uint8_t(1)) != far.end();
   }
 
   // The first row of each bucket that has one (the shift of its rows' updates), as a table of
@@ -343,12 +364,10 @@ class BinStats {
     const int64_t dim = dim_;
     const int64_t bins = num_bins_;
     std::fill(count_out, count_out + bins, int64_t(0));
-    std::vector<int64_t> first_row(bins);  // each bucket's first row: the shift of its updates
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t k = static_cast<int64_t>(idx_[r]);
-      if (k >= 0 && k < bins && count_out[k]++ == 0) first_row[k] = r;
+      if (k >= 0 && k < bins) ++count_out[k];
     }
-    auto shift_of = [&](int64_t k) { return x_ + first_row[k] * layout_.row_stride; };
     // Bucket k's rows, in row order, take positions [start[k], start[k + 1]) of the sorted order
     // and are cut every `seg` rows into segments (segs.group[s] is the bucket of segment s).
     std::vector<int64_t> start(bins + 1);
@@ -380,13 +399,15 @@ class BinStats {
       seg_m2[s] = in_outputs(s) ? var_out + k * dim : seg_mean[s] + dim;
     }
     std::unique_ptr<int64_t[]> order;
-    if (gather) {
+    auto list_rows = [&] {
       order.reset(new int64_t[std::max<int64_t>(valid, 1)]);
       list_rows_by_bucket(rows, start.data(), bins, [&](int64_t r) {
         const int64_t k = static_cast<int64_t>(idx_[r]);
         return k >= 0 && k < bins ? k : int64_t(-1);
       }, order.get());
-    }
+    };
+    if (gather) list_rows();
+    std::vector<uint8_t> far(bins, 0);  // buckets to redo shifted (each written by one task)
 
     parallel_for_ranges(valid, gather ? grain : valid, [&](int64_t begin, int64_t end) {  // scanned: one task
       const auto [s0, s1] = segs.starting_in(begin, end);
@@ -395,19 +416,19 @@ class BinStats {
       // row in cache: after the whole piece, the first rows had left it).
       auto finish_whole = [&](int64_t s) {
         const int64_t k = segs.group[s];
-        if (segs.whole(s)) finish(k, count_out[k], shift_of(k), seg_mean[s], seg_m2[s], mean_out, var_out);
+        if (segs.whole(s)) far[k] = finish<scalar_t>(k, count_out[k], nullptr, seg_mean[s], seg_m2[s], mean_out, var_out);
       };
       if (gather) {
         for (int64_t s = s0; s < s1; ++s) {
           reduce_list(x_, layout_.row_stride, dim, order.get() + segs.start[s], segs.rows(s), order.get() + valid,
-                      s == s0, shift_of(segs.group[s]), seg_mean[s], seg_m2[s]);
+                      s == s0, nullptr, seg_mean[s], seg_m2[s]);
           finish_whole(s);
         }
       } else {
         const int64_t k_lo = segs.group[s0];
         const int64_t cursors = segs.group[s1 - 1] - k_lo + 1;
         std::unique_ptr<Cursor[]> cursor(new Cursor[cursors]);
-        for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, segs.first[k_lo + j], first_row[k_lo + j]};
+        for (int64_t j = 0; j < cursors; ++j) cursor[j] = Cursor{0, segs.first[k_lo + j]};
         scan_rows(x_, layout_.row_stride, dim, idx_, rows, k_lo, cursors, cursor.get(), s0, s1,
                   seg, table.get());
         for (int64_t s = s0; s < s1; ++s) finish_whole(s);
@@ -434,27 +455,56 @@ class BinStats {
           chan_merge_row<acc_t>(mean, m2, seg_mean[s], seg_m2[s], dim, chan_weights<acc_t>(n, nb));
           n += nb;
         }
-        finish(k, n, shift_of(k), mean, m2, mean_out, var_out);
+        far[k] = finish<scalar_t>(k, n, nullptr, mean, m2, mean_out, var_out);
+      }
+    });
+
+    // Buckets far from zero, again with shifted updates by their first row: segment by segment,
+    // merged in order, as above.
+    std::vector<int64_t> redo;
+    for (int64_t k = 0; k < bins; ++k) {
+      if (far[k]) redo.push_back(k);
+    }
+    if (redo.empty()) return;
+    if (!order) list_rows();
+    parallel_for_ranges(static_cast<int64_t>(redo.size()), 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<acc_t[]> other(new acc_t[stride]);
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t k = redo[i];
+        acc_t* mean = mean_out + k * dim;
+        acc_t* m2 = var_out + k * dim;
+        const scalar_t* shift = x_ + order[start[k]] * layout_.row_stride;
+        int64_t n = 0;
+        for (int64_t s = segs.first[k]; s < segs.first[k + 1]; ++s) {
+          const int64_t nb = segs.rows(s);
+          const bool first = n == 0;
+          reduce_list(x_, layout_.row_stride, dim, order.get() + segs.start[s], nb, order.get() + valid, first,
+                      shift, first ? mean : other.get(), first ? m2 : other.get() + dim);
+          if (!first) chan_merge_row<acc_t>(mean, m2, other.get(), other.get() + dim, dim, chan_weights<acc_t>(n, nb));
+          n += nb;
+        }
+        finish(k, n, shift, mean, m2, mean_out, var_out);
       }
     });
   }
 
-  // Bucket k of n rows, whose mean (of the differences from `shift`) and M2 are at mean and m2: its
-  // mean and unbiased variance in the outputs (both 0 when the bucket is empty).
+  // Bucket k of n rows, whose running mean (shifted updates by `shift`, or plain ones where it is
+  // null) and M2 are at mean and m2: its mean and unbiased variance in the outputs (both 0 when the
+  // bucket is empty). Returns whether plain updates would lose accuracy there (variance_row).
   template <typename shift_t>
-  void finish(int64_t k, int64_t n, const shift_t* shift, const acc_t* mean, const acc_t* m2,
+  bool finish(int64_t k, int64_t n, const shift_t* shift, const acc_t* mean, const acc_t* m2,
               acc_t* mean_out, acc_t* var_out) const {
     acc_t* mean_k = mean_out + k * dim_;
     acc_t* var_k = var_out + k * dim_;
     if (n == 0) {
       std::fill(mean_k, mean_k + dim_, acc_t(0));
       std::fill(var_k, var_k + dim_, acc_t(0));
-      return;
+      return false;
     }
     if (mean != mean_k) std::copy(mean, mean + dim_, mean_k);
     if (m2 != var_k) std::copy(m2, m2 + dim_, var_k);
     unshift_row(mean_k, shift, dim_);
-    variance_row(var_k, mean_k, dim_, n);
+    return variance_row(var_k, mean_k, dim_, n);
   }
 
   const scalar_t* x_;
