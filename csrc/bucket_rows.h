@@ -92,7 +92,7 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
   if (shift) {
     welford_row_init<acc_t, in_t, in_t>(mean, m2, x + list[0] * stride, shift, dim);
   } else {
-    welford_row_init<acc_t, in_t>(mean, m2, x + list[0] * stride, dim);
+    welford_row_init<acc_t, in_t, NoShift>(mean, m2, x + list[0] * stride, nullptr, dim);
   }
   int64_t i = 1;
   for (; i + 4 <= n; i += 4) {
@@ -109,7 +109,7 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
     if (shift) {
       welford_row_add4<acc_t, in_t, in_t>(mean, m2, r0, r1, r2, r3, shift, dim, inv);
     } else {
-      welford_row_add4<acc_t, in_t>(mean, m2, r0, r1, r2, r3, dim, inv);
+      welford_row_add4<acc_t, in_t, NoShift>(mean, m2, r0, r1, r2, r3, nullptr, dim, inv);
     }
   }
   for (; i < n; ++i) {
@@ -119,7 +119,7 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
     if (shift) {
       welford_row_add<acc_t, in_t, in_t>(mean, m2, x + list[i] * stride, shift, dim, inv);
     } else {
-      welford_row_add<acc_t, in_t>(mean, m2, x + list[i] * stride, dim, inv);
+      welford_row_add<acc_t, in_t, NoShift>(mean, m2, x + list[i] * stride, nullptr, dim, inv);
     }
   }
 }

@@ -22,6 +22,7 @@
 #include "macros.h"
 
 #include <cstdint>
+#include <type_traits>
 
 namespace dirfast {
 
@@ -58,26 +59,28 @@ DIRFAST_HOST_DEVICE inline acc_t shifted_sums_mean(int64_t n, acc_t shift, acc_t
 // Welford's update and Chan's merge on a row of D features at once (the CPU kernel): the loops
 // have no dependence between features and take restrict pointers, so the compiler vectorises them.
 
-// First sample of a bucket (or of a piece of it), plain: mean = x, m2 = 0.
-template <typename acc_t, typename in_t>
-DIRFAST_HOST_DEVICE inline void welford_row_init(acc_t* DIRFAST_RESTRICT mean,
-                                                 acc_t* DIRFAST_RESTRICT m2,
-                                                 const in_t* DIRFAST_RESTRICT x, int64_t dim) {
-  for (int64_t d = 0; d < dim; ++d) {
-    mean[d] = to_acc<acc_t>(x[d]);
-    m2[d] = acc_t(0);
+// The shift of plain updates: none. The row updates below take a row of shift_t: NoShift for
+// plain updates, acc_t (a table) or in_t (a row of x) for shifted ones.
+struct NoShift {};
+
+// x less the shift's feature d (x itself for plain updates).
+template <typename acc_t, typename shift_t>
+DIRFAST_HOST_DEVICE inline acc_t less_shift(acc_t x, const shift_t* DIRFAST_RESTRICT shift, int64_t d) {
+  if constexpr (std::is_same_v<shift_t, NoShift>) {
+    return x;
+  } else {
+    return x - to_acc<acc_t>(shift[d]);
   }
 }
 
-// The same, shifted: mean = x - shift, m2 = 0. The shift is a row of acc_t (a table) or of in_t
-// (a row of x).
+// First sample of a bucket (or of a piece of it): mean = x - shift, m2 = 0.
 template <typename acc_t, typename in_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_init(acc_t* DIRFAST_RESTRICT mean,
                                                  acc_t* DIRFAST_RESTRICT m2,
                                                  const in_t* DIRFAST_RESTRICT x,
                                                  const shift_t* DIRFAST_RESTRICT shift, int64_t dim) {
   for (int64_t d = 0; d < dim; ++d) {
-    mean[d] = to_acc<acc_t>(x[d]) - to_acc<acc_t>(shift[d]);
+    mean[d] = less_shift<acc_t, shift_t>(to_acc<acc_t>(x[d]), shift, d);
     m2[d] = acc_t(0);
   }
 }
@@ -90,15 +93,7 @@ DIRFAST_HOST_DEVICE inline void welford_step(acc_t& mean, acc_t& m2, acc_t x, ac
   m2 += delta * (x - mean);
 }
 
-// The n-th sample (n >= 2) of a bucket, inv_n = 1 / n: plain, and shifted.
-template <typename acc_t, typename in_t>
-DIRFAST_HOST_DEVICE inline void welford_row_add(acc_t* DIRFAST_RESTRICT mean,
-                                                acc_t* DIRFAST_RESTRICT m2,
-                                                const in_t* DIRFAST_RESTRICT x, int64_t dim,
-                                                acc_t inv_n) {
-  for (int64_t d = 0; d < dim; ++d) welford_step<acc_t>(mean[d], m2[d], to_acc<acc_t>(x[d]), inv_n);
-}
-
+// The n-th sample (n >= 2) of a bucket, inv_n = 1 / n.
 template <typename acc_t, typename in_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_add(acc_t* DIRFAST_RESTRICT mean,
                                                 acc_t* DIRFAST_RESTRICT m2,
@@ -106,34 +101,13 @@ DIRFAST_HOST_DEVICE inline void welford_row_add(acc_t* DIRFAST_RESTRICT mean,
                                                 const shift_t* DIRFAST_RESTRICT shift, int64_t dim,
                                                 acc_t inv_n) {
   for (int64_t d = 0; d < dim; ++d) {
-    welford_step<acc_t>(mean[d], m2[d], to_acc<acc_t>(x[d]) - to_acc<acc_t>(shift[d]), inv_n);
+    welford_step<acc_t>(mean[d], m2[d], less_shift<acc_t, shift_t>(to_acc<acc_t>(x[d]), shift, d), inv_n);
   }
 }
 
 // Samples n+1 .. n+4 of a bucket (n >= 1), rows x0 .. x3, inv[j] = 1 / (n + 1 + j): the four
 // updates of welford_row_add in turn, with the same bits, but mean and m2 are loaded and stored
-// once per four rows instead of once per row. Plain, and shifted.
-template <typename acc_t, typename in_t>
-DIRFAST_HOST_DEVICE inline void welford_row_add4(acc_t* DIRFAST_RESTRICT mean,
-                                                 acc_t* DIRFAST_RESTRICT m2,
-                                                 const in_t* DIRFAST_RESTRICT x0,
-                                                 const in_t* DIRFAST_RESTRICT x1,
-                                                 const in_t* DIRFAST_RESTRICT x2,
-                                                 const in_t* DIRFAST_RESTRICT x3, int64_t dim,
-                                                 const acc_t* DIRFAST_RESTRICT inv) {
-  const acc_t i0 = inv[0], i1 = inv[1], i2 = inv[2], i3 = inv[3];
-  for (int64_t d = 0; d < dim; ++d) {
-    acc_t m = mean[d];
-    acc_t q = m2[d];
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x0[d]), i0);
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x1[d]), i1);
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x2[d]), i2);
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x3[d]), i3);
-    mean[d] = m;
-    m2[d] = q;
-  }
-}
-
+// once per four rows instead of once per row.
 template <typename acc_t, typename in_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_add4(acc_t* DIRFAST_RESTRICT mean,
                                                  acc_t* DIRFAST_RESTRICT m2,
@@ -147,11 +121,10 @@ DIRFAST_HOST_DEVICE inline void welford_row_add4(acc_t* DIRFAST_RESTRICT mean,
   for (int64_t d = 0; d < dim; ++d) {
     acc_t m = mean[d];
     acc_t q = m2[d];
-    const acc_t k = to_acc<acc_t>(shift[d]);
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x0[d]) - k, i0);
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x1[d]) - k, i1);
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x2[d]) - k, i2);
-    welford_step<acc_t>(m, q, to_acc<acc_t>(x3[d]) - k, i3);
+    welford_step<acc_t>(m, q, less_shift<acc_t, shift_t>(to_acc<acc_t>(x0[d]), shift, d), i0);
+    welford_step<acc_t>(m, q, less_shift<acc_t, shift_t>(to_acc<acc_t>(x1[d]), shift, d), i1);
+    welford_step<acc_t>(m, q, less_shift<acc_t, shift_t>(to_acc<acc_t>(x2[d]), shift, d), i2);
+    welford_step<acc_t>(m, q, less_shift<acc_t, shift_t>(to_acc<acc_t>(x3[d]), shift, d), i3);
     mean[d] = m;
     m2[d] = q;
   }

@@ -89,9 +89,10 @@ inline void scatter_rows_body(const in_t* x, int64_t stride, int64_t dim, const 
     const int64_t c = ++count[k];
     if (shift == nullptr) {
       if (c == 1) {
-        welford_row_init<acc_t, in_t>(mean + k * dim, m2 + k * dim, row, dim);
+        welford_row_init<acc_t, in_t, NoShift>(mean + k * dim, m2 + k * dim, row, nullptr, dim);
       } else {
-        welford_row_add<acc_t, in_t>(mean + k * dim, m2 + k * dim, row, dim, acc_t(1) / static_cast<acc_t>(c));
+        welford_row_add<acc_t, in_t, NoShift>(mean + k * dim, m2 + k * dim, row, nullptr, dim,
+                                              acc_t(1) / static_cast<acc_t>(c));
       }
     } else if (c == 1) {
       welford_row_init<acc_t, in_t, acc_t>(mean + k * dim, m2 + k * dim, row, shift + k * dim, dim);
@@ -136,9 +137,9 @@ inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const ind
     const in_t* row = x + r * stride;
     acc_t* mean = table + s * 2 * dim;
     if (n == 1) {
-      welford_row_init<acc_t, in_t>(mean, mean + dim, row, dim);
+      welford_row_init<acc_t, in_t, NoShift>(mean, mean + dim, row, nullptr, dim);
     } else {
-      welford_row_add<acc_t, in_t>(mean, mean + dim, row, dim, acc_t(1) / static_cast<acc_t>(n));
+      welford_row_add<acc_t, in_t, NoShift>(mean, mean + dim, row, nullptr, dim, acc_t(1) / static_cast<acc_t>(n));
     }
   }
 }
