@@ -371,12 +371,20 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         infinite features or labels, and statistics that overflow, raise ValueError and change
         nothing; integer binning warns about fractional labels.
         """
-        if epoch is None:
-            raise TypeError("update_running_stats() needs epoch")
-        epoch = self._check_epoch(epoch)
-        self._check_writable()
-        if (features is None) != (labels is None):
-            raise ValueError("pass both features and labels, or neither (to apply what accumulate() gathered)")
+        def arguments() -> int:
+            if epoch is None:
+                raise TypeError("update_running_stats() needs epoch")
+            checked = self._check_epoch(epoch)
+            self._check_writable()
+            if (features is None) != (labels is None):
+                raise ValueError("pass both features and labels, or neither (to apply what accumulate() gathered)")
+            return checked
+
+        # Refused on one rank, they are refused on every rank (the others would wait in the vote below).
+        if self._syncing():
+            epoch = distributed._checked_on_every_rank(arguments, self.process_group, self.running_mean.device)
+        else:
+            epoch = arguments()
         current = self._epoch()
         ignored = epoch < current
         if self._syncing():  # one rank ignoring the epoch would leave the others in the collectives below

@@ -210,6 +210,10 @@ def _refusing_worker(rank, init_file, out_dir):
         result["ignored_streamed"] = _refusal(lambda: behind.update_running_stats(epoch=1))
         result["ignored_batch"] = _refusal(lambda: behind.update_running_stats(x[:60], clean, 1))
         result["behind_unchanged"] = all(torch.equal(v, before[k]) for k, v in behind.state_dict().items())
+        try:  # rank 1 alone passes an epoch of the wrong type
+            fds.update_running_stats(epoch="1" if rank == 1 else 1)
+        except (TypeError, ValueError) as exc:
+            result["bad_epoch"] = f"{type(exc).__name__}: {exc}"
         torch.save(result, os.path.join(out_dir, f"refused{rank}.pt"))
         dist.barrier()
     finally:
@@ -220,7 +224,8 @@ def test_data_refused_on_one_rank_raises_on_every_rank():
     """A NaN label on one rank: FDS.update_running_stats and LDS.fit raise there with their
     usual message, and on the other rank a ValueError saying so -- before, that rank waited in
     the next collective until the process group timed out -- and neither changes anything. An
-    epoch that one rank's FDS ignores (it is ahead) raises on every rank too."""
+    epoch that one rank's FDS ignores (it is ahead), and an epoch of the wrong type on one rank,
+    raise on every rank too."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_refusing_worker, args=(os.path.join(out_dir, "init"), out_dir), nprocs=WORLD, join=True)
         ranks = [torch.load(os.path.join(out_dir, f"refused{r}.pt")) for r in range(WORLD)]
@@ -231,6 +236,8 @@ def test_data_refused_on_one_rank_raises_on_every_rank():
         assert got["fds_unchanged"] and got["lds_unfitted"] and got["behind_unchanged"]
         for name in ("ignored_streamed", "ignored_batch"):  # before: the ranks that did not ignore it waited
             assert "update_running_stats(epoch=1) is ignored" in got[name] and "on 1 of 2 ranks" in got[name], got[name]
+    assert ranks[1]["bad_epoch"].startswith("TypeError") and "epoch" in ranks[1]["bad_epoch"], ranks[1]["bad_epoch"]
+    assert "another rank's data was refused" in ranks[0]["bad_epoch"], ranks[0]["bad_epoch"]  # it had waited
 
 
 def _fsdp_worker(rank, init_file, out_dir):
