@@ -46,13 +46,33 @@ DIRFAST_HOST_DEVICE inline acc_t shifted_sums_variance(int64_t n, acc_t s1, acc_
 }
 
 // The mean of n >= 1 samples from their shift K (one of them) and S1 = sum(x - K) (the CUDA
-// kernels): K + S1 / n, or NaN where a feature was not finite (K or the variance var is then NaN
-// or infinite), as the CPU kernel and the reference give whichever row holds it.
+// kernels): K + S1 / n, or NaN where a feature was not finite (K is then not finite, or the
+// variance var NaN), as the CPU kernel and the reference give whichever row holds it.
 template <typename acc_t>
 DIRFAST_HOST_DEVICE inline acc_t shifted_sums_mean(int64_t n, acc_t shift, acc_t s1, acc_t var) {
   const acc_t mean = shift + s1 / static_cast<acc_t>(n);
   const bool finite_shift = shift - shift == acc_t(0);
   return finite_shift && var == var ? mean : shift - shift + var;  // the NaN of either
+}
+
+// Whether a bucket's plain updates may have lost the accuracy of its variance var (>= 0, from
+// them) in a feature of mean `mean`: var > 0 and |mean| over 20 standard deviations in float32
+// (their error, about 1e-7 mean / std of the variance, may pass 2e-6 there), 1e6 in float64. As
+// an int (0 or 1), so that a loop or-ing it over features vectorises; the mean scaled down before
+// it is squared overflows only where it is far indeed.
+template <typename acc_t>
+DIRFAST_HOST_DEVICE inline int welford_far(acc_t mean, acc_t var) {
+  const acc_t scaled = mean * (sizeof(acc_t) == 4 ? acc_t(0.05) : acc_t(1e-6));
+  return static_cast<int>(var > acc_t(0)) & static_cast<int>(scaled * scaled > var);
+}
+
+// The variance a bucket of n >= 2 rows reports from its M2 (denominator n - 1): never negative,
+// and NaN where its mean is not finite (a non-finite feature: M2 may be infinite when the
+// infinite row began a chunk).
+template <typename acc_t>
+DIRFAST_HOST_DEVICE inline acc_t welford_reported_variance(acc_t m2, acc_t mean, acc_t denominator) {
+  const acc_t var = m2 / denominator;
+  return (var < acc_t(0) ? acc_t(0) : var) + (mean - mean);
 }
 
 // ------------------------------------------------------------------------------ rows of D
@@ -161,6 +181,20 @@ DIRFAST_HOST_DEVICE inline ChanWeights<acc_t> chan_weights(int64_t na, int64_t n
   w.frac_b = static_cast<acc_t>(static_cast<double>(nb) / n);
   w.cross = static_cast<acc_t>(static_cast<double>(na) * static_cast<double>(nb) / n);
   return w;
+}
+
+// Whether a bucket of n rows, mean and M2 from plain updates, is redone with shifted ones: in some
+// feature welford_far of its mean and reported variance (n >= 2).
+template <typename acc_t>
+DIRFAST_HOST_DEVICE inline bool welford_row_far(const acc_t* DIRFAST_RESTRICT mean, const acc_t* DIRFAST_RESTRICT m2,
+                                                int64_t n, int64_t dim) {
+  if (n <= 1) return false;
+  const acc_t denominator = static_cast<acc_t>(n - 1);
+  int far = 0;
+  for (int64_t d = 0; d < dim; ++d) {
+    far |= welford_far<acc_t>(mean[d], welford_reported_variance<acc_t>(m2[d], mean[d], denominator));
+  }
+  return far != 0;
 }
 
 // Partial b (nb samples) merged into partial a (na samples, both at least one), both of the

@@ -14,8 +14,8 @@ import torch
 import dirfast
 from dirfast.ops.bin_stats import reference
 from testing import (FLOAT_DTYPES, GPU, LAYOUTS, backend_device_params, backend_devices, deterministic, dtype_params,
-                     features, gen, interpreted, on, pairwise, rand_bins, rand_features, same_bits, same_bits_for_threads,
-                     stats_dtype, tol)
+                     features, gen, interpreted, num_threads, on, pairwise, rand_bins, rand_features, same_bits,
+                     same_bits_for_threads, stats_dtype, tol)
 
 BACKEND_DEVICE = list(backend_device_params())
 
@@ -360,6 +360,26 @@ def test_cpp_rows_ways(way, dtype):
     same_bits_for_threads(lambda: on("cpp", dirfast.ops.bin_stats, x, idx.int(), num_bins), (1, 2, 3))
     for a, b in zip(result, on("cpp", dirfast.ops.bin_stats, x, idx.int(), num_bins)):
         same_bits(a, b)
+
+
+@needs_cpp
+@pytest.mark.parametrize("way", ["gathered", "either", "chunked"])
+def test_cpp_a_far_bucket_changes_no_other(way):
+    """A bucket moved far from zero is redone with shifted updates; every other bucket keeps the
+    bits it had (the chunked way had redone the whole pass), on 1 and 2 threads."""
+    x, idx, num_bins, _ = _cpp_rows_case(way, torch.float32)
+    x = x - torch.where(idx % 2 == 1, 1e4, 0.0)[:, None]  # every bucket near zero
+    moved = x.clone()
+    moved[idx == 3] += 1e4
+    for threads in (1, 2):
+        with num_threads(threads):
+            before = on("cpp", dirfast.ops.bin_stats, x, idx, num_bins)
+            after = on("cpp", dirfast.ops.bin_stats, moved, idx, num_bins)
+        others = torch.arange(num_bins) != 3
+        for a, b in zip(before, after):
+            same_bits(a[others], b[others])
+        expected = reference(moved.double(), idx, num_bins)
+        torch.testing.assert_close(after[2][3].double(), expected[2][3], **tol(torch.float32))
 
 
 @needs_cpp

@@ -206,8 +206,13 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
   }
   std::unique_ptr<acc_t[]> table(new acc_t[std::max<int64_t>(stored * 2 * d1, 1)]);
   std::atomic<int64_t> skipped{rows - valid};
-  // Met bucket j's first row: the shift of its rows' updates (src/welford.h), in every segment.
+  // Plain updates, as bin_stats runs them; a bucket far from zero (welford_row_far, as bin_stats
+  // decides it) again with shifted ones by its first row, in every segment (src/welford.h).
   auto shift_of = [&](int64_t j) { return x + g.order[g.start[j]] * stride; };
+  auto reduce_segment = [&](int64_t s, bool warm_up, const scalar_t* shift, acc_t* mean) {
+    reduce_list(x, stride, dim, g.order.data() + segs.start[s], segs.rows(s), g.order.data() + valid, warm_up,
+                shift, mean, mean + d1);
+  };
 
   // Each task takes the segments that start in its range of sorted positions.
   const int64_t grain = std::max<int64_t>(1, kMinTaskElements / d1);
@@ -220,10 +225,10 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
         const int64_t n = segs.rows(s);
         acc_t* mean = slot[s] < 0 ? moments.get() : table.get() + slot[s] * 2 * d1;
         const int64_t j = segs.group[s];
-        const scalar_t* shift = shift_of(j);
-        reduce_list(x, stride, dim, g.order.data() + segs.start[s], n, g.order.data() + valid, s == s0, shift,
-                    mean, mean + d1);
+        reduce_segment(s, s == s0, nullptr, mean);
         if (slot[s] >= 0) continue;  // merged with the bucket's other segments below
+        const scalar_t* shift = welford_row_far<acc_t>(mean, mean + d1, n, dim) ? shift_of(j) : nullptr;
+        if (shift != nullptr) reduce_segment(s, false, shift, mean);
         unshift_row(mean, shift, dim);
         if (!merge_bucket<acc_t, held_t>(run, g.met[j], n, mean, mean + d1)) left_out += n;
       }
@@ -244,14 +249,23 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
         const int64_t j = split[i];
         const int64_t s0 = segs.first[j], s1 = segs.first[j + 1];
         acc_t* mean = table.get() + slot[s0] * 2 * d1;
-        int64_t n = segs.rows(s0);
-        for (int64_t s = s0 + 1; s < s1; ++s) {
-          const int64_t nb = segs.rows(s);
-          const acc_t* other = table.get() + slot[s] * 2 * d1;
-          chan_merge_row<acc_t>(mean, mean + d1, other, other + d1, dim, chan_weights<acc_t>(n, nb));
-          n += nb;
+        auto merge_segments = [&] {
+          int64_t n = segs.rows(s0);
+          for (int64_t s = s0 + 1; s < s1; ++s) {
+            const int64_t nb = segs.rows(s);
+            const acc_t* other = table.get() + slot[s] * 2 * d1;
+            chan_merge_row<acc_t>(mean, mean + d1, other, other + d1, dim, chan_weights<acc_t>(n, nb));
+            n += nb;
+          }
+          return n;
+        };
+        const int64_t n = merge_segments();
+        const scalar_t* shift = welford_row_far<acc_t>(mean, mean + d1, n, dim) ? shift_of(j) : nullptr;
+        if (shift != nullptr) {
+          for (int64_t s = s0; s < s1; ++s) reduce_segment(s, s == s0, shift, table.get() + slot[s] * 2 * d1);
+          merge_segments();
         }
-        unshift_row(mean, shift_of(j), dim);
+        unshift_row(mean, shift, dim);
         if (!merge_bucket<acc_t, held_t>(run, g.met[j], n, mean, mean + d1)) left_out += n;
       }
     }

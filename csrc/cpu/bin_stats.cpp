@@ -4,11 +4,11 @@
 // shapes and bin_idx, never by the thread count, and the pieces are merged with Chan's formula
 // in a fixed order: the same bits for 1 thread or 64, run after run. The updates are plain, and
 // where the result says a bucket's mean is over 20 standard deviations from zero (the plain
-// updates' error may pass 2e-6 of the variance there: src/welford.h) the work is done again with
-// shifted updates (each row's difference from its bucket's first row), which keep a float32
-// variance accurate however far the bucket is, but cost up to a fifth more time: long rows redo
-// those buckets, short rows and planes the whole pass. The choice follows the data, never the
-// threads.
+// updates' error may pass 2e-6 of the variance there: src/welford.h, welford_far) that bucket is
+// done again with shifted updates (each row's difference from its bucket's first row), which keep
+// a float32 variance accurate however far the bucket is: such data takes about twice the time,
+// the rest none (benchmarks/results/cpu/far-from-zero-xeon.md). Every bucket's result depends on
+// its own rows only, and the choice on the data, never the threads.
 //   Long rows ([N, D] or channels-last, rows of 256 bytes or more): a bucket's rows are cut by
 //     rank into segments of at most `seg` rows, so that one large bucket still splits over
 //     threads; a task takes a range of segments, bucket by bucket. One task alone scans x in
@@ -75,16 +75,17 @@ int64_t chunk_count(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_byt
 // ------------------------------------------------------------------------------ row loops
 // Welford's update of a dense table (count, mean, M2: `dim` accumulators per bucket) with the n
 // rows of x (`stride` apart: the transposed tiles of the planar layout) whose buckets are
-// idx[0 .. n), shifted by the buckets' rows of `shift` (plain where it is null); rows of no bucket
-// are skipped.
+// idx[0 .. n): plain updates (shift null), or shifted by the buckets' rows of `shift` for the
+// buckets `only` marks; rows of no bucket, or of a bucket `only` leaves out, are skipped.
 template <typename acc_t, typename in_t, typename index_t>
 __attribute__((always_inline))
 inline void scatter_rows_body(const in_t* x, int64_t stride, int64_t dim, const index_t* idx,
-                              int64_t n, int64_t num_bins, const acc_t* shift, int64_t* count,
-                              acc_t* mean, acc_t* m2) {
+                              int64_t n, int64_t num_bins, const acc_t* shift, const uint8_t* only,
+                              int64_t* count, acc_t* mean, acc_t* m2) {
   for (int64_t r = 0; r < n; ++r) {
     const int64_t k = static_cast<int64_t>(idx[r]);
     if (k < 0 || k >= num_bins) continue;  // selects no bucket
+    if (only != nullptr && !only[k]) continue;
     const in_t* row = x + r * stride;
     const int64_t c = ++count[k];
     if (shift == nullptr) {
@@ -144,15 +145,9 @@ inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const ind
   }
 }
 
-// (mean / std)^2 beyond which a bucket's plain updates are redone shifted: 20^2 in float32 (their
-// error, about 1e-7 mean / std of the variance, may pass 2e-6), 1e6^2 in float64.
-template <typename acc_t>
-constexpr acc_t kFarSquared = sizeof(acc_t) == 4 ? acc_t(400) : acc_t(1e12);
-
-// M2 of n >= 1 rows turned into the unbiased variance in place (welford_variance: a NaN stays),
-// NaN where the bucket's mean is (a non-finite feature: M2 may be infinite when the infinite row
-// began a chunk) in a bucket of two or more rows. Returns whether a feature's mean is further from
-// zero than kFarSquared allows plain updates (its variance positive).
+// M2 of n >= 1 rows turned into the variance the bucket reports, in place (0 for one row,
+// welford_reported_variance otherwise). Returns whether plain updates may have lost the accuracy
+// of a feature's variance (welford_far; welford_row_far decides the same from M2).
 template <typename acc_t>
 __attribute__((always_inline))
 inline bool variance_row_body(acc_t* DIRFAST_RESTRICT m2, const acc_t* DIRFAST_RESTRICT mean, int64_t dim,
@@ -164,10 +159,9 @@ inline bool variance_row_body(acc_t* DIRFAST_RESTRICT m2, const acc_t* DIRFAST_R
   const acc_t denominator = static_cast<acc_t>(n - 1);
   int far = 0;  // an int and `&`, not a bool and `&&`: the loop vectorises
   for (int64_t d = 0; d < dim; ++d) {
-    const acc_t var = m2[d] / denominator;
-    const acc_t v = (var < acc_t(0) ? acc_t(0) : var) + (mean[d] - mean[d]);
+    const acc_t v = welford_reported_variance<acc_t>(m2[d], mean[d], denominator);
     m2[d] = v;
-    far |= static_cast<int>(v > acc_t(0)) & static_cast<int>(mean[d] * mean[d] > kFarSquared<acc_t> * v);
+    far |= welford_far<acc_t>(mean[d], v);
   }
   return far != 0;
 }
@@ -176,9 +170,10 @@ inline bool variance_row_body(acc_t* DIRFAST_RESTRICT m2, const acc_t* DIRFAST_R
 #define DIRFAST_SCATTER_ROWS(in_t, acc_t, index_t)                                              \
   DIRFAST_V4_CLONES DIRFAST_NOINLINE void scatter_rows(                                         \
       const in_t* x, int64_t stride, int64_t dim, const index_t* idx, int64_t n,                \
-      int64_t num_bins, const acc_t* shift, int64_t* count, acc_t* mean, acc_t* m2) {           \
-    scatter_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, n, num_bins, shift, count,     \
-                                            mean, m2);                                          \
+      int64_t num_bins, const acc_t* shift, const uint8_t* only, int64_t* count, acc_t* mean,   \
+      acc_t* m2) {                                                                              \
+    scatter_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, n, num_bins, shift, only,      \
+                                            count, mean, m2);                                   \
   }
 #define DIRFAST_SCAN_ROWS(in_t, acc_t, index_t)                                                \
   DIRFAST_V4_CLONES DIRFAST_NOINLINE void scan_rows(                                           \
@@ -222,20 +217,26 @@ class BinStats {
     const int64_t row_bytes = dim_ * static_cast<int64_t>(sizeof(scalar_t));
     if (layout_.kind == Layout::kRows && row_bytes >= kLongRowBytes) {
       run_rows(count_out, mean_out, var_out);
-    } else if (run_chunked(count_out, mean_out, var_out, false)) {
-      run_chunked(count_out, mean_out, var_out, true);  // a bucket far from zero: the pass again, shifted
+    } else {
+      const std::vector<uint8_t> far = run_chunked(count_out, mean_out, var_out, nullptr);
+      if (std::find(far.begin(), far.end(), uint8_t(1)) != far.end()) {
+        run_chunked(count_out, mean_out, var_out, far.data());  // those buckets again, shifted
+      }
     }
   }
 
  private:
   // ---------------------------------------------------------------------------- chunked
-  // The pass with plain or shifted updates; returns whether plain ones left a bucket far from zero.
-  DIRFAST_NOINLINE bool run_chunked(int64_t* count_out, acc_t* mean_out, acc_t* var_out, bool shifted) {
+  // The pass with plain updates (redo null), or with shifted ones for the buckets `redo` marks
+  // (the other buckets' rows skipped, their results kept). Returns the buckets whose plain updates
+  // may have lost accuracy (welford_far).
+  DIRFAST_NOINLINE std::vector<uint8_t> run_chunked(int64_t* count_out, acc_t* mean_out, acc_t* var_out,
+                                                    const uint8_t* redo) {
     const int64_t rows = layout_.rows;
     const int64_t dim = dim_;
     const int64_t bins = num_bins_;
     const int64_t chunks = chunk_count(rows, dim, bins, sizeof(acc_t));
-    const std::unique_ptr<acc_t[]> shift = shifted ? first_rows() : nullptr;
+    const std::unique_ptr<acc_t[]> shift = redo ? first_rows(redo) : nullptr;
     std::vector<uint8_t> far(bins, 0);  // each written by one task
     // Chunk c's table: counts[c], and mean / M2 in the outputs (c = 0) or in `extra` (written
     // only where the chunk has rows: untouched pages cost no memory).
@@ -247,13 +248,14 @@ class BinStats {
     auto m2_of = [&](int64_t c) { return c == 0 ? var_out : mean_of(c) + bins * dim; };
     parallel_for_ranges(chunks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        reduce_chunk(rows * c / chunks, rows * (c + 1) / chunks, shift.get(), counts.get() + c * bins,
+        reduce_chunk(rows * c / chunks, rows * (c + 1) / chunks, shift.get(), redo, counts.get() + c * bins,
                      mean_of(c), m2_of(c));
       }
     });
     const int64_t grain = std::max<int64_t>(1, kMinFinishElements / (std::max<int64_t>(dim, 1) * chunks));
     parallel_for_ranges(bins, grain, [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
+        if (redo != nullptr && !redo[k]) continue;
         acc_t* mean = mean_out + k * dim;
         acc_t* m2 = var_out + k * dim;  // holds M2 until the end
         int64_t n = 0;
@@ -274,21 +276,24 @@ class BinStats {
           n += nb;
         }
         count_out[k] = n;
-        far[k] = finish<acc_t>(k, n, shifted ? shift.get() + k * dim : nullptr, mean, m2, mean_out, var_out);
+        far[k] = finish<acc_t>(k, n, redo ? shift.get() + k * dim : nullptr, mean, m2, mean_out, var_out);
       }
     });
-    return !shifted && std::find(far.begin(), far.end(), uint8_t(1)) != far.end();
+    if (redo != nullptr) std::fill(far.begin(), far.end(), uint8_t(0));
+    return far;
   }
 
-  // The first row of each bucket that has one (the shift of its rows' updates), as a table of
-  // [num_bins, dim] acc_t, read in one pass over bin_idx that stops when every bucket is found.
-  std::unique_ptr<acc_t[]> first_rows() const {
+  // The first row of each bucket `wanted` marks (the shift of its rows' updates), as a table of
+  // [num_bins, dim] acc_t, read in one pass over bin_idx that stops when every one is found.
+  std::unique_ptr<acc_t[]> first_rows(const uint8_t* wanted) const {
     const int64_t bins = num_bins_, dim = dim_;
     std::unique_ptr<acc_t[]> shift(new acc_t[std::max<int64_t>(bins * dim, 1)]);
     std::vector<bool> found(bins, false);
-    for (int64_t r = 0, left = bins; r < layout_.rows && left > 0; ++r) {
+    int64_t left = 0;
+    for (int64_t k = 0; k < bins; ++k) left += wanted[k] != 0;
+    for (int64_t r = 0; r < layout_.rows && left > 0; ++r) {
       const int64_t k = static_cast<int64_t>(idx_[r]);
-      if (k < 0 || k >= bins || found[k]) continue;
+      if (k < 0 || k >= bins || !wanted[k] || found[k]) continue;
       found[k] = true;
       --left;
       acc_t* out = shift.get() + k * dim;
@@ -334,12 +339,12 @@ class BinStats {
   // time), contiguously along the spatial axis, and transposed into a small buffer ([tile, C],
   // 256 KiB: L2-resident), whose rows then take the same update.
   DIRFAST_NOINLINE void reduce_chunk(int64_t row_begin, int64_t row_end, const acc_t* shift,
-                                     int64_t* count, acc_t* mean, acc_t* m2) {
+                                     const uint8_t* only, int64_t* count, acc_t* mean, acc_t* m2) {
     const int64_t dim = dim_;
     if (layout_.kind == Layout::kRows) {
       const int64_t stride = layout_.row_stride;
       scatter_rows(x_ + row_begin * stride, stride, dim, idx_ + row_begin, row_end - row_begin,
-                   num_bins_, shift, count, mean, m2);
+                   num_bins_, shift, only, count, mean, m2);
       return;
     }
     const int64_t inner = layout_.inner;
@@ -353,7 +358,7 @@ class BinStats {
       const int64_t s = r - b * inner;
       const int64_t len = std::min<int64_t>({tile, inner - s, row_end - r});
       transpose_tile(buf, x_ + b * layout_.batch_stride + s, layout_.feature_stride, dim, len);
-      scatter_rows(static_cast<const acc_t*>(buf), dim, dim, idx_ + r, len, num_bins_, shift, count,
+      scatter_rows(static_cast<const acc_t*>(buf), dim, dim, idx_ + r, len, num_bins_, shift, only, count,
                    mean, m2);
       r += len;
     }
@@ -413,8 +418,8 @@ class BinStats {
     parallel_for_ranges(valid, gather ? grain : valid, [&](int64_t begin, int64_t end) {  // scanned: one task
       const auto [s0, s1] = segs.starting_in(begin, end);
       if (s0 == s1) return;  // no segment starts in this piece
-      // A bucket of one segment is done as soon as its rows are (its accumulators and its first
-      // row in cache: after the whole piece, the first rows had left it).
+      // A bucket of one segment is done as soon as its rows are (gathered: its accumulators still
+      // in cache; after the task's whole range they had left it).
       auto finish_whole = [&](int64_t s) {
         const int64_t k = segs.group[s];
         if (segs.whole(s)) far[k] = finish<scalar_t>(k, count_out[k], nullptr, seg_mean[s], seg_m2[s], mean_out, var_out);
@@ -460,31 +465,42 @@ class BinStats {
       }
     });
 
-    // Buckets far from zero, again with shifted updates by their first row: segment by segment,
-    // merged in order, as above.
-    std::vector<int64_t> redo;
+    // Buckets far from zero, again with shifted updates by their first row: their segments (in
+    // parallel: one large bucket still splits over threads) into the same places as above, then
+    // merged in order.
+    std::vector<int64_t> redo, redo_segments;
     for (int64_t k = 0; k < bins; ++k) {
-      if (far[k]) redo.push_back(k);
+      if (!far[k]) continue;
+      redo.push_back(k);
+      for (int64_t s = segs.first[k]; s < segs.first[k + 1]; ++s) redo_segments.push_back(s);
     }
     if (redo.empty()) return;
     if (!order) list_rows();
+    auto shift_of = [&](int64_t k) { return x_ + order[start[k]] * layout_.row_stride; };
+    parallel_for_ranges(static_cast<int64_t>(redo_segments.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t s = redo_segments[i];
+        reduce_list(x_, layout_.row_stride, dim, order.get() + segs.start[s], segs.rows(s), order.get() + valid,
+                    i == begin, shift_of(segs.group[s]), seg_mean[s], seg_m2[s]);
+      }
+    });
     parallel_for_ranges(static_cast<int64_t>(redo.size()), 1, [&](int64_t begin, int64_t end) {
-      std::unique_ptr<acc_t[]> other(new acc_t[stride]);
       for (int64_t i = begin; i < end; ++i) {
         const int64_t k = redo[i];
+        const int64_t s0 = segs.first[k], s1 = segs.first[k + 1];
         acc_t* mean = mean_out + k * dim;
         acc_t* m2 = var_out + k * dim;
-        const scalar_t* shift = x_ + order[start[k]] * layout_.row_stride;
-        int64_t n = 0;
-        for (int64_t s = segs.first[k]; s < segs.first[k + 1]; ++s) {
+        if (seg_mean[s0] != mean) {
+          std::copy(seg_mean[s0], seg_mean[s0] + dim, mean);
+          std::copy(seg_m2[s0], seg_m2[s0] + dim, m2);
+        }
+        int64_t n = segs.rows(s0);
+        for (int64_t s = s0 + 1; s < s1; ++s) {
           const int64_t nb = segs.rows(s);
-          const bool first = n == 0;
-          reduce_list(x_, layout_.row_stride, dim, order.get() + segs.start[s], nb, order.get() + valid, first,
-                      shift, first ? mean : other.get(), first ? m2 : other.get() + dim);
-          if (!first) chan_merge_row<acc_t>(mean, m2, other.get(), other.get() + dim, dim, chan_weights<acc_t>(n, nb));
+          chan_merge_row<acc_t>(mean, m2, seg_mean[s], seg_m2[s], dim, chan_weights<acc_t>(n, nb));
           n += nb;
         }
-        finish(k, n, shift, mean, m2, mean_out, var_out);
+        finish(k, n, shift_of(k), mean, m2, mean_out, var_out);
       }
     });
   }
