@@ -422,7 +422,8 @@ class BinStats {
       // in cache; after the task's whole range they had left it).
       auto finish_whole = [&](int64_t s) {
         const int64_t k = segs.group[s];
-        if (segs.whole(s)) far[k] = finish<scalar_t>(k, count_out[k], nullptr, seg_mean[s], seg_m2[s], mean_out, var_out);
+        if (!segs.whole(s)) return;
+        far[k] = finish<scalar_t>(k, count_out[k], nullptr, seg_mean[s], seg_m2[s], mean_out, var_out);
       };
       if (gather) {
         for (int64_t s = s0; s < s1; ++s) {
