@@ -145,15 +145,17 @@ inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const ind
   }
 }
 
-// M2 of n >= 1 rows turned into the variance the bucket reports, in place (0 for one row,
-// welford_reported_variance otherwise). Returns whether plain updates may have lost the accuracy
-// of a feature's variance (welford_far; welford_row_far decides the same from M2).
+// M2 and mean of n >= 1 rows turned into what the bucket reports, in place: the variance (0 for
+// one row, welford_reported_variance otherwise), and the mean made NaN where it is not finite (a
+// non-finite feature; welford_row_unshift's rule, in the same pass). Returns whether plain updates
+// may have lost the accuracy of a feature's variance (welford_far; welford_row_far decides the
+// same from M2).
 template <typename acc_t>
 __attribute__((always_inline))
-inline bool variance_row_body(acc_t* DIRFAST_RESTRICT m2, const acc_t* DIRFAST_RESTRICT mean, int64_t dim,
-                              int64_t n) {
+inline bool variance_row_body(acc_t* DIRFAST_RESTRICT m2, acc_t* DIRFAST_RESTRICT mean, int64_t dim, int64_t n) {
   if (n <= 1) {
     std::fill(m2, m2 + dim, acc_t(0));
+    for (int64_t d = 0; d < dim; ++d) mean[d] = mean[d] + (mean[d] - mean[d]);
     return false;
   }
   const acc_t denominator = static_cast<acc_t>(n - 1);
@@ -162,6 +164,7 @@ inline bool variance_row_body(acc_t* DIRFAST_RESTRICT m2, const acc_t* DIRFAST_R
     const acc_t v = welford_reported_variance<acc_t>(m2[d], mean[d], denominator);
     m2[d] = v;
     far |= welford_far<acc_t>(mean[d], v);
+    mean[d] = mean[d] + (mean[d] - mean[d]);
   }
   return far != 0;
 }
@@ -193,10 +196,10 @@ DIRFAST_ROW_LOOPS(float, float)
 DIRFAST_ROW_LOOPS(double, double)
 DIRFAST_ROW_LOOPS(c10::Half, float)
 DIRFAST_ROW_LOOPS(c10::BFloat16, float)
-DIRFAST_V3_CLONES DIRFAST_NOINLINE bool variance_row(float* m2, const float* mean, int64_t dim, int64_t n) {
+DIRFAST_V3_CLONES DIRFAST_NOINLINE bool variance_row(float* m2, float* mean, int64_t dim, int64_t n) {
   return variance_row_body(m2, mean, dim, n);
 }
-DIRFAST_V3_CLONES DIRFAST_NOINLINE bool variance_row(double* m2, const double* mean, int64_t dim, int64_t n) {
+DIRFAST_V3_CLONES DIRFAST_NOINLINE bool variance_row(double* m2, double* mean, int64_t dim, int64_t n) {
   return variance_row_body(m2, mean, dim, n);
 }
 #undef DIRFAST_ROW_LOOPS
@@ -521,7 +524,7 @@ class BinStats {
     }
     if (mean != mean_k) std::copy(mean, mean + dim_, mean_k);
     if (m2 != var_k) std::copy(m2, m2 + dim_, var_k);
-    unshift_row(mean_k, shift, dim_);
+    if (shift != nullptr) unshift_row(mean_k, shift, dim_);  // plain: variance_row's pass makes a NaN
     return variance_row(var_k, mean_k, dim_, n);
   }
 
