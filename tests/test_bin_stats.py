@@ -335,8 +335,8 @@ def _cpp_rows_case(way: str, dtype: torch.dtype):
     of rows into tables merged in order). In each, one bucket holds most rows, so that it is cut
     into several segments (N / 16 rows each) or spans every chunk, split between 2 and 3 threads;
     indices -1 and B select no bucket. In float32 and float64 the odd buckets (7 among them) are
-    5,000 standard deviations from zero (the kernel redoes them, or the pass, with shifted
-    updates: src/welford.h), the even ones 2.5; in float16 and bfloat16 all are 2.5."""
+    5,000 standard deviations from zero (the kernel redoes them with shifted updates:
+    src/welford.h), the even ones 2.5; in float16 and bfloat16 all are 2.5."""
     g = gen(60)
     n, d, num_bins = {"gathered": (16000, 512, 4000), "either": (8000, 128, 10), "chunked": (20000, 24, 10)}[way]
     idx = torch.randint(-1, num_bins + 1, (n,), generator=g)
