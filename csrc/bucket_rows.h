@@ -76,10 +76,10 @@ inline int64_t prefetch_rows(int64_t row_bytes) {
 // inlined, so each clone of reduce_list holds its own copy: left to g++, the clones of one file or
 // another tail-call a single copy compiled for the baseline
 // (benchmarks/results/cpu/native-baseline-zen4.md).
-template <typename acc_t, typename in_t>
+template <typename acc_t, typename in_t, typename shift_t>
 __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64_t stride, int64_t dim,
                                                             const int64_t* list, int64_t n, const int64_t* list_end,
-                                                            bool warm_up, const in_t* DIRFAST_RESTRICT shift,
+                                                            bool warm_up, const shift_t* DIRFAST_RESTRICT shift,
                                                             acc_t* DIRFAST_RESTRICT mean,
                                                             acc_t* DIRFAST_RESTRICT m2) {
   const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(in_t));
@@ -89,11 +89,7 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
     const char* row = reinterpret_cast<const char*>(x + *std::min(list + i, last) * stride);
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
   }
-  if (shift) {
-    welford_row_init<acc_t, in_t, in_t>(mean, m2, x + list[0] * stride, shift, dim);
-  } else {
-    welford_row_init<acc_t, in_t, NoShift>(mean, m2, x + list[0] * stride, nullptr, dim);
-  }
+  welford_row_init<acc_t, in_t, shift_t>(mean, m2, x + list[0] * stride, shift, dim);
   int64_t i = 1;
   for (; i + 4 <= n; i += 4) {
     for (int64_t j = 0; j < 4; ++j) {
@@ -102,25 +98,14 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
     }
     const acc_t inv[4] = {acc_t(1) / static_cast<acc_t>(i + 1), acc_t(1) / static_cast<acc_t>(i + 2),
                           acc_t(1) / static_cast<acc_t>(i + 3), acc_t(1) / static_cast<acc_t>(i + 4)};
-    const in_t* r0 = x + list[i] * stride;
-    const in_t* r1 = x + list[i + 1] * stride;
-    const in_t* r2 = x + list[i + 2] * stride;
-    const in_t* r3 = x + list[i + 3] * stride;
-    if (shift) {
-      welford_row_add4<acc_t, in_t, in_t>(mean, m2, r0, r1, r2, r3, shift, dim, inv);
-    } else {
-      welford_row_add4<acc_t, in_t, NoShift>(mean, m2, r0, r1, r2, r3, nullptr, dim, inv);
-    }
+    welford_row_add4<acc_t, in_t, shift_t>(mean, m2, x + list[i] * stride, x + list[i + 1] * stride,
+                                           x + list[i + 2] * stride, x + list[i + 3] * stride, shift, dim, inv);
   }
   for (; i < n; ++i) {
     const char* row = reinterpret_cast<const char*>(x + *std::min(list + i + ahead, last) * stride);
     for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(row + b, 0, 2);
-    const acc_t inv = acc_t(1) / static_cast<acc_t>(i + 1);
-    if (shift) {
-      welford_row_add<acc_t, in_t, in_t>(mean, m2, x + list[i] * stride, shift, dim, inv);
-    } else {
-      welford_row_add<acc_t, in_t, NoShift>(mean, m2, x + list[i] * stride, nullptr, dim, inv);
-    }
+    welford_row_add<acc_t, in_t, shift_t>(mean, m2, x + list[i] * stride, shift, dim,
+                                          acc_t(1) / static_cast<acc_t>(i + 1));
   }
 }
 
@@ -139,5 +124,9 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
                                                       const int64_t* list, int64_t n,                    \
                                                       const int64_t* list_end, bool warm_up,             \
                                                       const in_t* shift, acc_t* mean, acc_t* m2) {       \
-    reduce_list_body<acc_t, in_t>(x, stride, dim, list, n, list_end, warm_up, shift, mean, m2);          \
+    if (shift == nullptr) {                                                                              \
+      reduce_list_body<acc_t, in_t, NoShift>(x, stride, dim, list, n, list_end, warm_up, nullptr, mean, m2); \
+    } else {                                                                                             \
+      reduce_list_body<acc_t, in_t, in_t>(x, stride, dim, list, n, list_end, warm_up, shift, mean, m2);  \
+    }                                                                                                    \
   }

@@ -93,6 +93,16 @@ DIRFAST_HOST_DEVICE inline acc_t less_shift(acc_t x, const shift_t* DIRFAST_REST
   }
 }
 
+// Row `offset` of a table of shifts (nothing for plain updates).
+template <typename shift_t>
+DIRFAST_HOST_DEVICE inline const shift_t* shift_row(const shift_t* table, int64_t offset) {
+  if constexpr (std::is_same_v<shift_t, NoShift>) {
+    return table;
+  } else {
+    return table + offset;
+  }
+}
+
 // First sample of a bucket (or of a piece of it): mean = x - shift, m2 = 0.
 template <typename acc_t, typename in_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_init(acc_t* DIRFAST_RESTRICT mean,
@@ -150,19 +160,21 @@ DIRFAST_HOST_DEVICE inline void welford_row_add4(acc_t* DIRFAST_RESTRICT mean,
   }
 }
 
-// The mean of a bucket from its running mean, in place: shift + mean for shifted updates (shift
-// null: plain ones), made NaN where the running mean is not finite (a NaN or an infinite feature
-// met: x - shift or the update made a NaN or an infinity), so a non-finite feature gives a NaN
-// mean whichever row holds it, as in the reference. Arithmetic, not a select (mean - mean is 0 or
-// NaN): the loops vectorise.
+// The mean a bucket reports from its running mean m (plain updates; shifted ones: m + shift):
+// NaN where m is not finite (a NaN or an infinite feature met: x - shift or the update made a
+// NaN or an infinity), so a non-finite feature gives a NaN mean whichever row holds it, as in
+// the reference. Arithmetic, not a select (m - m is 0 or NaN): the loops vectorise.
+template <typename acc_t>
+DIRFAST_HOST_DEVICE inline acc_t welford_reported_mean(acc_t m, acc_t shift = acc_t(0)) {
+  return (m + shift) + (m - m);
+}
+
+// The mean of a bucket of shifted updates from its running mean, in place
+// (welford_reported_mean).
 template <typename acc_t, typename shift_t>
 DIRFAST_HOST_DEVICE inline void welford_row_unshift(acc_t* DIRFAST_RESTRICT mean,
                                                     const shift_t* DIRFAST_RESTRICT shift, int64_t dim) {
-  if (shift == nullptr) {
-    for (int64_t d = 0; d < dim; ++d) mean[d] = mean[d] + (mean[d] - mean[d]);
-    return;
-  }
-  for (int64_t d = 0; d < dim; ++d) mean[d] = (mean[d] + to_acc<acc_t>(shift[d])) + (mean[d] - mean[d]);
+  for (int64_t d = 0; d < dim; ++d) mean[d] = welford_reported_mean<acc_t>(mean[d], to_acc<acc_t>(shift[d]));
 }
 
 // The two weights of Chan's merge of partial a (na samples) with partial b (nb samples):

@@ -228,8 +228,10 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
         reduce_segment(s, s == s0, nullptr, mean);
         if (slot[s] >= 0) continue;  // merged with the bucket's other segments below
         const scalar_t* shift = welford_row_far<acc_t>(mean, mean + d1, n, dim) ? shift_of(j) : nullptr;
-        if (shift != nullptr) reduce_segment(s, false, shift, mean);
-        unshift_row(mean, shift, dim);
+        if (shift != nullptr) {  // plain: a non-finite mean is refused by merge_bucket as it is
+          reduce_segment(s, false, shift, mean);
+          unshift_row(mean, shift, dim);
+        }
         if (!merge_bucket<acc_t, held_t>(run, g.met[j], n, mean, mean + d1)) left_out += n;
       }
     }
@@ -264,8 +266,8 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
         if (shift != nullptr) {
           for (int64_t s = s0; s < s1; ++s) reduce_segment(s, s == s0, shift, table.get() + slot[s] * 2 * d1);
           merge_segments();
+          unshift_row(mean, shift, dim);
         }
-        unshift_row(mean, shift, dim);
         if (!merge_bucket<acc_t, held_t>(run, g.met[j], n, mean, mean + d1)) left_out += n;
       }
     }

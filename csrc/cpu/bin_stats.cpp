@@ -77,10 +77,10 @@ int64_t chunk_count(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_byt
 // rows of x (`stride` apart: the transposed tiles of the planar layout) whose buckets are
 // idx[0 .. n): plain updates (shift null), or shifted by the buckets' rows of `shift` for the
 // buckets `only` marks; rows of no bucket, or of a bucket `only` leaves out, are skipped.
-template <typename acc_t, typename in_t, typename index_t>
+template <typename acc_t, typename in_t, typename index_t, typename shift_t>
 __attribute__((always_inline))
 inline void scatter_rows_body(const in_t* x, int64_t stride, int64_t dim, const index_t* idx,
-                              int64_t n, int64_t num_bins, const acc_t* shift, const uint8_t* only,
+                              int64_t n, int64_t num_bins, const shift_t* shift, const uint8_t* only,
                               int64_t* count, acc_t* mean, acc_t* m2) {
   for (int64_t r = 0; r < n; ++r) {
     const int64_t k = static_cast<int64_t>(idx[r]);
@@ -88,18 +88,12 @@ inline void scatter_rows_body(const in_t* x, int64_t stride, int64_t dim, const 
     if (only != nullptr && !only[k]) continue;
     const in_t* row = x + r * stride;
     const int64_t c = ++count[k];
-    if (shift == nullptr) {
-      if (c == 1) {
-        welford_row_init<acc_t, in_t, NoShift>(mean + k * dim, m2 + k * dim, row, nullptr, dim);
-      } else {
-        welford_row_add<acc_t, in_t, NoShift>(mean + k * dim, m2 + k * dim, row, nullptr, dim,
-                                              acc_t(1) / static_cast<acc_t>(c));
-      }
-    } else if (c == 1) {
-      welford_row_init<acc_t, in_t, acc_t>(mean + k * dim, m2 + k * dim, row, shift + k * dim, dim);
+    const shift_t* shift_k = shift_row<shift_t>(shift, k * dim);
+    if (c == 1) {
+      welford_row_init<acc_t, in_t, shift_t>(mean + k * dim, m2 + k * dim, row, shift_k, dim);
     } else {
-      welford_row_add<acc_t, in_t, acc_t>(mean + k * dim, m2 + k * dim, row, shift + k * dim, dim,
-                                          acc_t(1) / static_cast<acc_t>(c));
+      welford_row_add<acc_t, in_t, shift_t>(mean + k * dim, m2 + k * dim, row, shift_k, dim,
+                                            acc_t(1) / static_cast<acc_t>(c));
     }
   }
 }
@@ -147,7 +141,7 @@ inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const ind
 
 // M2 and mean of n >= 1 rows turned into what the bucket reports, in place: the variance (0 for
 // one row, welford_reported_variance otherwise), and the mean made NaN where it is not finite (a
-// non-finite feature; welford_row_unshift's rule, in the same pass). Returns whether plain updates
+// non-finite feature: welford_reported_mean, in the same pass). Returns whether plain updates
 // may have lost the accuracy of a feature's variance (welford_far; welford_row_far decides the
 // same from M2).
 template <typename acc_t>
@@ -155,7 +149,7 @@ __attribute__((always_inline))
 inline bool variance_row_body(acc_t* DIRFAST_RESTRICT m2, acc_t* DIRFAST_RESTRICT mean, int64_t dim, int64_t n) {
   if (n <= 1) {
     std::fill(m2, m2 + dim, acc_t(0));
-    for (int64_t d = 0; d < dim; ++d) mean[d] = mean[d] + (mean[d] - mean[d]);
+    for (int64_t d = 0; d < dim; ++d) mean[d] = welford_reported_mean<acc_t>(mean[d]);
     return false;
   }
   const acc_t denominator = static_cast<acc_t>(n - 1);
@@ -164,7 +158,7 @@ inline bool variance_row_body(acc_t* DIRFAST_RESTRICT m2, acc_t* DIRFAST_RESTRIC
     const acc_t v = welford_reported_variance<acc_t>(m2[d], mean[d], denominator);
     m2[d] = v;
     far |= welford_far<acc_t>(mean[d], v);
-    mean[d] = mean[d] + (mean[d] - mean[d]);
+    mean[d] = welford_reported_mean<acc_t>(mean[d]);
   }
   return far != 0;
 }
@@ -175,8 +169,13 @@ inline bool variance_row_body(acc_t* DIRFAST_RESTRICT m2, acc_t* DIRFAST_RESTRIC
       const in_t* x, int64_t stride, int64_t dim, const index_t* idx, int64_t n,                \
       int64_t num_bins, const acc_t* shift, const uint8_t* only, int64_t* count, acc_t* mean,   \
       acc_t* m2) {                                                                              \
-    scatter_rows_body<acc_t, in_t, index_t>(x, stride, dim, idx, n, num_bins, shift, only,      \
-                                            count, mean, m2);                                   \
+    if (shift == nullptr) {                                                                     \
+      scatter_rows_body<acc_t, in_t, index_t, NoShift>(x, stride, dim, idx, n, num_bins,        \
+                                                       nullptr, only, count, mean, m2);         \
+    } else {                                                                                    \
+      scatter_rows_body<acc_t, in_t, index_t, acc_t>(x, stride, dim, idx, n, num_bins, shift,   \
+                                                     only, count, mean, m2);                    \
+    }                                                                                           \
   }
 #define DIRFAST_SCAN_ROWS(in_t, acc_t, index_t)                                                \
   DIRFAST_V4_CLONES DIRFAST_NOINLINE void scan_rows(                                           \
