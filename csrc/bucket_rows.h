@@ -67,7 +67,7 @@ inline int64_t prefetch_rows(int64_t row_bytes) {
 
 // Welford's mean and M2 of the n >= 1 rows of x listed at `list` (row numbers, rows `stride`
 // apart), into mean and m2, four rows per pass over the accumulators: shifted updates (welford.h)
-// by `shift` (a row of x), or plain ones where it is null. The list jumps around x:
+// by `shift` (a row of D shifts), or plain ones where it is null. The list jumps around x:
 // every line of the row `ahead` places further in the list (up to `list_end`) is prefetched into
 // L2 for each row taken, and the first `ahead` rows' too when `warm_up` (a task's first list):
 // the first line alone, the rest left to the hardware, comes too late for rows in random order
@@ -112,21 +112,24 @@ __attribute__((always_inline)) inline void reduce_list_body(const in_t* x, int64
 }  // namespace cpu
 }  // namespace dirfast
 
-// reduce_list(...) for rows of in_t and accumulators of acc_t, and unshift_row(...) (welford.h's
-// welford_row_unshift: a bucket's mean from its running mean), in both clones: expanded in the
+// reduce_list(...) for rows of in_t and accumulators of acc_t, in both clones: expanded in the
 // kernel's file (inside its namespace) for each type pair it reads.
 #define DIRFAST_REDUCE_LIST(in_t, acc_t)                                                                 \
-  DIRFAST_V3_CLONES DIRFAST_NOINLINE void unshift_row(acc_t* DIRFAST_RESTRICT mean,                      \
-                                                      const in_t* DIRFAST_RESTRICT shift, int64_t dim) { \
-    welford_row_unshift<acc_t, in_t>(mean, shift, dim);                                                  \
-  }                                                                                                      \
   DIRFAST_V3_CLONES DIRFAST_NOINLINE void reduce_list(const in_t* x, int64_t stride, int64_t dim,        \
                                                       const int64_t* list, int64_t n,                    \
                                                       const int64_t* list_end, bool warm_up,             \
-                                                      const in_t* shift, acc_t* mean, acc_t* m2) {       \
+                                                      const acc_t* shift, acc_t* mean, acc_t* m2) {      \
     if (shift == nullptr) {                                                                              \
       reduce_list_body<acc_t, in_t, NoShift>(x, stride, dim, list, n, list_end, warm_up, nullptr, mean, m2); \
     } else {                                                                                             \
-      reduce_list_body<acc_t, in_t, in_t>(x, stride, dim, list, n, list_end, warm_up, shift, mean, m2);  \
+      reduce_list_body<acc_t, in_t, acc_t>(x, stride, dim, list, n, list_end, warm_up, shift, mean, m2); \
     }                                                                                                    \
+  }
+
+// unshift_row(...) for accumulators of acc_t (welford.h's welford_row_unshift: a bucket's mean from
+// the running mean of its shifted updates), in both clones: expanded in the kernel's file as above.
+#define DIRFAST_UNSHIFT_ROW(acc_t)                                                                       \
+  DIRFAST_V3_CLONES DIRFAST_NOINLINE void unshift_row(acc_t* DIRFAST_RESTRICT mean,                      \
+                                                      const acc_t* DIRFAST_RESTRICT shift, int64_t dim) { \
+    welford_row_unshift<acc_t>(mean, shift, dim);                                                        \
   }

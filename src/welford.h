@@ -9,13 +9,14 @@
 //
 // Numerics: a running mean of x itself rounds at x's scale, and its error reaches M2: relative to
 // the variance, about 1e-7 times mean/std in float32 (1e-4 at 1,000 standard deviations from zero,
-// 2e-3 at 10,000). Shifted updates take each row's difference from one row of its bucket, exact
-// (Sterbenz) where the rows are close to it, and the running mean is the mean of those
-// differences, so the variance stays near float32's rounding wherever the bucket is (tested at
-// mean/std = 10,000 against float64). Plain updates cost one subtraction less per value; the
-// kernels say which a bucket takes (csrc/cpu/bin_stats.cpp). Welford's update never forms
-// sum(x^2) - n*mean^2; each M2 increment is a product of two numbers of the same sign and each
-// Chan increment a square, so M2 never goes negative.
+// 2e-3 at 10,000). Shifted updates take each row's difference from a shift close to the rows,
+// exact (Sterbenz) where they are within a factor 2 of it, and the running mean is the mean of
+// those differences, so the variance stays near float32's rounding wherever the bucket is (tested
+// at mean/std = 10,000 against float64). The CPU kernels run plain updates, which cost one
+// subtraction less per value, and redo a bucket shifted where they may have lost accuracy
+// (welford_shift; csrc/cpu/bin_stats.cpp); the CUDA kernels shift every bucket by its first row.
+// Welford's update never forms sum(x^2) - n*mean^2; each M2 increment is a product of two numbers
+// of the same sign and each Chan increment a square, so M2 never goes negative.
 #pragma once
 
 #include "convert.h"
@@ -80,7 +81,7 @@ DIRFAST_HOST_DEVICE inline acc_t welford_reported_variance(acc_t m2, acc_t mean,
 // have no dependence between features and take restrict pointers, so the compiler vectorises them.
 
 // The shift of plain updates: none. The row updates below take a row of shift_t: NoShift for
-// plain updates, acc_t (a table) or in_t (a row of x) for shifted ones.
+// plain updates, acc_t (a bucket's welford_shift) for shifted ones.
 struct NoShift {};
 
 // x less the shift's feature d (x itself for plain updates).
@@ -171,10 +172,10 @@ DIRFAST_HOST_DEVICE inline acc_t welford_reported_mean(acc_t m, acc_t shift = ac
 
 // The mean of a bucket of shifted updates from its running mean, in place
 // (welford_reported_mean).
-template <typename acc_t, typename shift_t>
+template <typename acc_t>
 DIRFAST_HOST_DEVICE inline void welford_row_unshift(acc_t* DIRFAST_RESTRICT mean,
-                                                    const shift_t* DIRFAST_RESTRICT shift, int64_t dim) {
-  for (int64_t d = 0; d < dim; ++d) mean[d] = welford_reported_mean<acc_t>(mean[d], to_acc<acc_t>(shift[d]));
+                                                    const acc_t* DIRFAST_RESTRICT shift, int64_t dim) {
+  for (int64_t d = 0; d < dim; ++d) mean[d] = welford_reported_mean<acc_t>(mean[d], shift[d]);
 }
 
 // The two weights of Chan's merge of partial a (na samples) with partial b (nb samples):
@@ -195,16 +196,27 @@ DIRFAST_HOST_DEVICE inline ChanWeights<acc_t> chan_weights(int64_t na, int64_t n
   return w;
 }
 
-// Whether a bucket of n rows, mean and M2 from plain updates, is redone with shifted ones: in some
-// feature welford_far of its mean and reported variance (n >= 2).
+// The shift of a feature's shifted updates, from its plain updates' mean and variance (>= 0):
+// the mean where welford_far (the rows lie within a factor 2 of it, bar outliers), 0 elsewhere,
+// which keeps the plain updates' bits there; never a row far from the others, whose difference
+// from a spread near acc_t's limit would overflow.
 template <typename acc_t>
-DIRFAST_HOST_DEVICE inline bool welford_row_far(const acc_t* DIRFAST_RESTRICT mean, const acc_t* DIRFAST_RESTRICT m2,
-                                                int64_t n, int64_t dim) {
+DIRFAST_HOST_DEVICE inline acc_t welford_shift(acc_t mean, acc_t var) {
+  return welford_far<acc_t>(mean, var) ? mean : acc_t(0);
+}
+
+// The shifts (welford_shift) of a bucket of n rows, mean and M2 from plain updates, into shift;
+// returns whether the bucket is redone with shifted updates: n >= 2 and some feature welford_far.
+template <typename acc_t>
+DIRFAST_HOST_DEVICE inline bool welford_row_shift(acc_t* DIRFAST_RESTRICT shift, const acc_t* DIRFAST_RESTRICT mean,
+                                                  const acc_t* DIRFAST_RESTRICT m2, int64_t n, int64_t dim) {
   if (n <= 1) return false;
   const acc_t denominator = static_cast<acc_t>(n - 1);
   int far = 0;
   for (int64_t d = 0; d < dim; ++d) {
-    far |= welford_far<acc_t>(mean[d], welford_reported_variance<acc_t>(m2[d], mean[d], denominator));
+    const acc_t var = welford_reported_variance<acc_t>(m2[d], mean[d], denominator);
+    far |= welford_far<acc_t>(mean[d], var);
+    shift[d] = welford_shift<acc_t>(mean[d], var);
   }
   return far != 0;
 }

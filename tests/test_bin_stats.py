@@ -403,6 +403,28 @@ def test_cpp_non_finite_feature_in_a_later_piece(way, far):
     torch.testing.assert_close(var.double(), e_var, equal_nan=True, **tol(var.dtype))
 
 
+@needs_cpp
+@pytest.mark.parametrize("way", ["gathered", "either", "chunked"])
+def test_cpp_far_bucket_with_a_spread_beyond_float32(way):
+    """Bucket 7 (far from zero: redone with shifted updates) with a feature that spans more than
+    float32's range (its first row 0.9 of the largest float32, its last -0.6 of it): that feature
+    keeps its plain updates, so its mean is finite and its variance infinite, as in the reference
+    (a shift by the first row had overflowed the last row's difference into a NaN mean); the
+    far features keep their accuracy."""
+    x, idx, num_bins, _ = _cpp_rows_case(way, torch.float32)
+    x = x.clone()
+    rows = (idx == 7).nonzero().flatten()
+    big = torch.finfo(torch.float32).max
+    x[rows[0], 1], x[rows[-1], 1] = 0.9 * big, -0.6 * big
+    count, mean, var = on("cpp", dirfast.ops.bin_stats, x, idx, num_bins)
+    e_count, e_mean, e_var = reference(x.double(), idx, num_bins)
+    assert torch.isfinite(mean[7, 1]) and var[7, 1] == float("inf")
+    torch.testing.assert_close(mean.double(), e_mean, **tol(torch.float32))
+    others = torch.ones_like(var, dtype=torch.bool)
+    others[7, 1] = False
+    torch.testing.assert_close(var.double()[others], e_var[others], **tol(torch.float32))
+
+
 # =========================================================================== Triton only
 needs_triton = pytest.mark.skipif(not dirfast.backends()["triton"]["available"],
                                   reason=f"triton unavailable: {dirfast.backends()['triton']['reason']}")

@@ -153,6 +153,8 @@ DIRFAST_REDUCE_LIST(c10::Half, float)
 DIRFAST_REDUCE_LIST(c10::Half, double)
 DIRFAST_REDUCE_LIST(c10::BFloat16, float)
 DIRFAST_REDUCE_LIST(c10::BFloat16, double)
+DIRFAST_UNSHIFT_ROW(float)
+DIRFAST_UNSHIFT_ROW(double)
 DIRFAST_MERGE_ROW(float, float)
 DIRFAST_MERGE_ROW(double, float)
 DIRFAST_MERGE_ROW(double, double)
@@ -206,10 +208,9 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
   }
   std::unique_ptr<acc_t[]> table(new acc_t[std::max<int64_t>(stored * 2 * d1, 1)]);
   std::atomic<int64_t> skipped{rows - valid};
-  // Plain updates, as bin_stats runs them; a bucket far from zero (welford_row_far, as bin_stats
-  // decides it) again with shifted ones by its first row, in every segment (src/welford.h).
-  auto shift_of = [&](int64_t j) { return x + g.order[g.start[j]] * stride; };
-  auto reduce_segment = [&](int64_t s, bool warm_up, const scalar_t* shift, acc_t* mean) {
+  // Plain updates, as bin_stats runs them; a bucket far from zero again with shifted ones, in every
+  // segment, by the shifts bin_stats takes (welford_row_shift, from the plain mean and M2).
+  auto reduce_segment = [&](int64_t s, bool warm_up, const acc_t* shift, acc_t* mean) {
     reduce_list(x, stride, dim, g.order.data() + segs.start[s], segs.rows(s), g.order.data() + valid, warm_up,
                 shift, mean, mean + d1);
   };
@@ -217,7 +218,7 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
   // Each task takes the segments that start in its range of sorted positions.
   const int64_t grain = std::max<int64_t>(1, kMinTaskElements / d1);
   parallel_for_pieces(valid, grain, [&](auto next) {
-    std::unique_ptr<acc_t[]> moments(new acc_t[2 * d1]);
+    std::unique_ptr<acc_t[]> moments(new acc_t[2 * d1]), shift(new acc_t[d1]);
     int64_t left_out = 0;
     for (int64_t begin, end; next(begin, end);) {
       const auto [s0, s1] = segs.starting_in(begin, end);
@@ -227,10 +228,10 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
         const int64_t j = segs.group[s];
         reduce_segment(s, s == s0, nullptr, mean);
         if (slot[s] >= 0) continue;  // merged with the bucket's other segments below
-        const scalar_t* shift = welford_row_far<acc_t>(mean, mean + d1, n, dim) ? shift_of(j) : nullptr;
-        if (shift != nullptr) {  // plain: a non-finite mean is refused by merge_bucket as it is
-          reduce_segment(s, false, shift, mean);
-          unshift_row(mean, shift, dim);
+        // Not redone: a non-finite plain mean is refused by merge_bucket as it is.
+        if (welford_row_shift<acc_t>(shift.get(), mean, mean + d1, n, dim)) {
+          reduce_segment(s, false, shift.get(), mean);
+          unshift_row(mean, shift.get(), dim);
         }
         if (!merge_bucket<acc_t, held_t>(run, g.met[j], n, mean, mean + d1)) left_out += n;
       }
@@ -245,6 +246,7 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
     if (segs.first[j + 1] - segs.first[j] > 1) split.push_back(j);
   }
   parallel_for_pieces(static_cast<int64_t>(split.size()), 1, [&](auto next) {
+    std::unique_ptr<acc_t[]> shift(new acc_t[d1]);
     int64_t left_out = 0;
     for (int64_t begin, end; next(begin, end);) {
       for (int64_t i = begin; i < end; ++i) {
@@ -262,11 +264,10 @@ int64_t accumulate_grouped(const scalar_t* x, int64_t stride, int64_t rows, cons
           return n;
         };
         const int64_t n = merge_segments();
-        const scalar_t* shift = welford_row_far<acc_t>(mean, mean + d1, n, dim) ? shift_of(j) : nullptr;
-        if (shift != nullptr) {
-          for (int64_t s = s0; s < s1; ++s) reduce_segment(s, s == s0, shift, table.get() + slot[s] * 2 * d1);
+        if (welford_row_shift<acc_t>(shift.get(), mean, mean + d1, n, dim)) {
+          for (int64_t s = s0; s < s1; ++s) reduce_segment(s, s == s0, shift.get(), table.get() + slot[s] * 2 * d1);
           merge_segments();
-          unshift_row(mean, shift, dim);
+          unshift_row(mean, shift.get(), dim);
         }
         if (!merge_bucket<acc_t, held_t>(run, g.met[j], n, mean, mean + d1)) left_out += n;
       }

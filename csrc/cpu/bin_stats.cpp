@@ -5,8 +5,9 @@
 // in a fixed order: the same bits for 1 thread or 64, run after run. The updates are plain, and
 // where the result says a bucket's mean is over 20 standard deviations from zero (the plain
 // updates' error may pass 2e-6 of the variance there: src/welford.h, welford_far) that bucket is
-// done again with shifted updates (each row's difference from its bucket's first row), which keep
-// a float32 variance accurate however far the bucket is: such data takes about twice the time,
+// done again with shifted updates (each row's difference from the plain mean, in the features
+// that are far: src/welford.h, welford_shift), which keep a float32 variance accurate however far
+// the bucket is: such data takes about twice the time,
 // the rest none (benchmarks/results/cpu/far-from-zero-xeon.md). Every bucket's result depends on
 // its own rows only, and the choice on the data, never the threads.
 //   Long rows ([N, D] or channels-last, rows of 256 bytes or more): a bucket's rows are cut by
@@ -75,8 +76,8 @@ int64_t chunk_count(int64_t rows, int64_t dim, int64_t num_bins, int64_t acc_byt
 // ------------------------------------------------------------------------------ row loops
 // Welford's update of a dense table (count, mean, M2: `dim` accumulators per bucket) with the n
 // rows of x (`stride` apart: the transposed tiles of the planar layout) whose buckets are
-// idx[0 .. n): plain updates (shift null), or shifted by the buckets' rows of `shift` for the
-// buckets `only` marks; rows of no bucket, or of a bucket `only` leaves out, are skipped.
+// idx[0 .. n): plain updates (shift null), or shifted by the buckets' rows of the table `shift`
+// for the buckets `only` marks; rows of no bucket, or of a bucket `only` leaves out, are skipped.
 template <typename acc_t, typename in_t, typename index_t, typename shift_t>
 __attribute__((always_inline))
 inline void scatter_rows_body(const in_t* x, int64_t stride, int64_t dim, const index_t* idx,
@@ -142,7 +143,7 @@ inline void scan_rows_body(const in_t* x, int64_t stride, int64_t dim, const ind
 // M2 and mean of n >= 1 rows turned into what the bucket reports, in place: the variance (0 for
 // one row, welford_reported_variance otherwise), and the mean made NaN where it is not finite (a
 // non-finite feature: welford_reported_mean, in the same pass). Returns whether plain updates
-// may have lost the accuracy of a feature's variance (welford_far; welford_row_far decides the
+// may have lost the accuracy of a feature's variance (welford_far; welford_row_shift decides the
 // same from M2).
 template <typename acc_t>
 __attribute__((always_inline))
@@ -195,6 +196,8 @@ DIRFAST_ROW_LOOPS(float, float)
 DIRFAST_ROW_LOOPS(double, double)
 DIRFAST_ROW_LOOPS(c10::Half, float)
 DIRFAST_ROW_LOOPS(c10::BFloat16, float)
+DIRFAST_UNSHIFT_ROW(float)
+DIRFAST_UNSHIFT_ROW(double)
 DIRFAST_V3_CLONES DIRFAST_NOINLINE bool variance_row(float* m2, float* mean, int64_t dim, int64_t n) {
   return variance_row_body(m2, mean, dim, n);
 }
@@ -238,7 +241,7 @@ class BinStats {
     const int64_t dim = dim_;
     const int64_t bins = num_bins_;
     const int64_t chunks = chunk_count(rows, dim, bins, sizeof(acc_t));
-    const std::unique_ptr<acc_t[]> shift = redo ? first_rows(redo) : nullptr;
+    const std::unique_ptr<acc_t[]> shift = redo ? far_shifts(redo, mean_out, var_out) : nullptr;
     std::vector<uint8_t> far(bins, 0);  // each written by one task
     // Chunk c's table: counts[c], and mean / M2 in the outputs (c = 0) or in `extra` (written
     // only where the chunk has rows: untouched pages cost no memory).
@@ -278,35 +281,21 @@ class BinStats {
           n += nb;
         }
         count_out[k] = n;
-        far[k] = finish<acc_t>(k, n, redo ? shift.get() + k * dim : nullptr, mean, m2, mean_out, var_out);
+        far[k] = finish(k, n, redo ? shift.get() + k * dim : nullptr, mean, m2, mean_out, var_out);
       }
     });
     if (redo != nullptr) std::fill(far.begin(), far.end(), uint8_t(0));
     return far;
   }
 
-  // The first row of each bucket `wanted` marks (the shift of its rows' updates), as a table of
-  // [num_bins, dim] acc_t, read in one pass over bin_idx that stops when every one is found.
-  std::unique_ptr<acc_t[]> first_rows(const uint8_t* wanted) const {
-    const int64_t bins = num_bins_, dim = dim_;
-    std::unique_ptr<acc_t[]> shift(new acc_t[std::max<int64_t>(bins * dim, 1)]);
-    std::vector<bool> found(bins, false);
-    int64_t left = 0;
-    for (int64_t k = 0; k < bins; ++k) left += wanted[k] != 0;
-    for (int64_t r = 0; r < layout_.rows && left > 0; ++r) {
-      const int64_t k = static_cast<int64_t>(idx_[r]);
-      if (k < 0 || k >= bins || !wanted[k] || found[k]) continue;
-      found[k] = true;
-      --left;
-      acc_t* out = shift.get() + k * dim;
-      if (layout_.kind == Layout::kRows) {
-        const scalar_t* row = x_ + r * layout_.row_stride;
-        for (int64_t d = 0; d < dim; ++d) out[d] = to_acc<acc_t>(row[d]);
-      } else {
-        const int64_t b = r / layout_.inner;
-        const scalar_t* pixel = x_ + b * layout_.batch_stride + (r - b * layout_.inner);
-        for (int64_t d = 0; d < dim; ++d) out[d] = to_acc<acc_t>(pixel[d * layout_.feature_stride]);
-      }
+  // The shifts of the buckets `far` marks (welford_shift of their plain updates' mean and variance,
+  // at mean_out and var_out), as a table of [num_bins, dim] acc_t whose other rows are left unset.
+  std::unique_ptr<acc_t[]> far_shifts(const uint8_t* far, const acc_t* mean_out, const acc_t* var_out) const {
+    const int64_t dim = dim_;
+    std::unique_ptr<acc_t[]> shift(new acc_t[std::max<int64_t>(num_bins_ * dim, 1)]);
+    for (int64_t k = 0; k < num_bins_; ++k) {
+      if (!far[k]) continue;
+      for (int64_t d = k * dim; d < (k + 1) * dim; ++d) shift[d] = welford_shift<acc_t>(mean_out[d], var_out[d]);
     }
     return shift;
   }
@@ -425,7 +414,7 @@ class BinStats {
       auto finish_whole = [&](int64_t s) {
         const int64_t k = segs.group[s];
         if (!segs.whole(s)) return;
-        far[k] = finish<scalar_t>(k, count_out[k], nullptr, seg_mean[s], seg_m2[s], mean_out, var_out);
+        far[k] = finish(k, count_out[k], nullptr, seg_mean[s], seg_m2[s], mean_out, var_out);
       };
       if (gather) {
         for (int64_t s = s0; s < s1; ++s) {
@@ -464,13 +453,13 @@ class BinStats {
           chan_merge_row<acc_t>(mean, m2, seg_mean[s], seg_m2[s], dim, chan_weights<acc_t>(n, nb));
           n += nb;
         }
-        far[k] = finish<scalar_t>(k, n, nullptr, mean, m2, mean_out, var_out);
+        far[k] = finish(k, n, nullptr, mean, m2, mean_out, var_out);
       }
     });
 
-    // Buckets far from zero, again with shifted updates by their first row: their segments (in
-    // parallel: one large bucket still splits over threads) into the same places as above, then
-    // merged in order.
+    // Buckets far from zero, again with shifted updates (far_shifts, taken before the plain results
+    // are overwritten): their segments (in parallel: one large bucket still splits over threads)
+    // into the same places as above, then merged in order.
     std::vector<int64_t> redo, redo_segments;
     for (int64_t k = 0; k < bins; ++k) {
       if (!far[k]) continue;
@@ -479,7 +468,8 @@ class BinStats {
     }
     if (redo.empty()) return;
     if (!order) list_rows();
-    auto shift_of = [&](int64_t k) { return x_ + order[start[k]] * layout_.row_stride; };
+    const std::unique_ptr<acc_t[]> shift = far_shifts(far.data(), mean_out, var_out);
+    auto shift_of = [&](int64_t k) -> const acc_t* { return shift.get() + k * dim; };
     parallel_for_ranges(static_cast<int64_t>(redo_segments.size()), 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t s = redo_segments[i];
@@ -511,8 +501,7 @@ class BinStats {
   // Bucket k of n rows, whose running mean (shifted updates by `shift`, or plain ones where it is
   // null) and M2 are at mean and m2: its mean and unbiased variance in the outputs (both 0 when the
   // bucket is empty). Returns whether plain updates would lose accuracy there (variance_row).
-  template <typename shift_t>
-  bool finish(int64_t k, int64_t n, const shift_t* shift, const acc_t* mean, const acc_t* m2,
+  bool finish(int64_t k, int64_t n, const acc_t* shift, const acc_t* mean, const acc_t* m2,
               acc_t* mean_out, acc_t* var_out) const {
     acc_t* mean_k = mean_out + k * dim_;
     acc_t* var_k = var_out + k * dim_;
