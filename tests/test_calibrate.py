@@ -157,6 +157,25 @@ def test_clips(backend, device, clip_min, clip_max):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_an_infinite_scale_is_no_number(backend, device):
+    """No upper clamp and a ratio beyond float32 (1e20 / 1e-20): the scale is infinite and x * s + t
+    is NaN or infinite in that dimension of the bin's rows, as the reference has it (the docstring's
+    rule); the other dimensions are calibrated."""
+    x = rand_features(6, 3, dtype=torch.float32, device=device, seed=5)
+    idx = torch.tensor([0, 0, 1, 1, 1, 1], device=device)
+    m1, m2 = torch.full((2, 3), 0.5, device=device), torch.zeros(2, 3, device=device)
+    v1, v2 = torch.ones(2, 3, device=device), torch.ones(2, 3, device=device)
+    v1[1, 0], v2[1, 0] = 1e-20, 1e20
+    x[2:, 0] = torch.tensor([-2.0, -0.5, 0.5, 2.0])
+    stats = (m1, v1, m2, v2)
+    got = on(backend, dirfast.ops.calibrate, x, idx, *stats, clip_min=0.0, clip_max=math.inf)
+    assert not torch.isfinite(got[2:, 0]).any()
+    torch.testing.assert_close(got, reference(x, idx, *stats, clip_min=0.0, clip_max=math.inf), equal_nan=True)
+    torch.testing.assert_close(got[:, 1:], x[:, 1:] - 0.5)
+    torch.testing.assert_close(got[:2, 0], x[:2, 0] - 0.5)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 @pytest.mark.parametrize("x_dtype, table_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float64),
                                                   (torch.float32, torch.float64), (torch.float64, torch.float32),
                                                   (torch.float32, torch.float16)], ids=str)

@@ -33,6 +33,11 @@ def calibrate(x: torch.Tensor, bin_idx: torch.Tensor, src_mean: torch.Tensor, sr
     and the result has the dtype and shape of ``x``. Differentiable in ``x``, not in the
     statistics (buffers): one that requires grad raises NotImplementedError.
 
+    The map is computed as ``x * s + t`` (:func:`scale_shift`), the same on every backend. With
+    ``clip_max=inf``, a ratio beyond the arithmetic's range makes ``s`` infinite and that
+    dimension of the bin's rows NaN or +-inf, where the formula above gives +-inf (NaN where ``x``
+    equals ``src_mean``): either way no usable feature; a finite ``clip_max`` avoids both.
+
     At thousands of bins, contiguous statistics are read fastest: the published FDS leaves its
     smoothed ones transposed, so make them ``.contiguous()`` once per epoch (``dirfast.FDS`` keeps
     its own contiguous).
