@@ -7,9 +7,9 @@
 // updates' error may pass 2e-6 of the variance there: src/welford.h, welford_far) that bucket is
 // done again with shifted updates (each row's difference from the plain mean, in the features
 // that are far: src/welford.h, welford_shift), which keep a float32 variance accurate however far
-// the bucket is: such data takes about twice the time,
-// the rest none (benchmarks/results/cpu/far-from-zero-xeon.md). Every bucket's result depends on
-// its own rows only, and the choice on the data, never the threads.
+// the bucket is: such data takes about twice the time, the rest none
+// (benchmarks/results/cpu/far-from-zero-xeon.md). Every bucket's result depends on its own rows
+// only, and the choice on the data, never the threads.
 //   Long rows ([N, D] or channels-last, rows of 256 bytes or more): a bucket's rows are cut by
 //     rank into segments of at most `seg` rows, so that one large bucket still splits over
 //     threads; a task takes a range of segments, bucket by bucket. One task alone scans x in
