@@ -6,6 +6,7 @@ Bad arguments are in test_bad_inputs.py; opcheck and torch.compile in test_backe
 """
 
 import functools
+import importlib
 
 import numpy as np
 import pytest
@@ -140,6 +141,18 @@ def test_gradients(backend, device, padding, num_bins, dim, width):
     window = torch.rand(width, generator=g, dtype=torch.float64)
     inputs = (stats.to(device).requires_grad_(), window.to(device).requires_grad_())
     assert torch.autograd.gradcheck(lambda s, w: on(backend, dirfast.ops.smooth_bins, s, w, padding), inputs)
+
+
+@pytest.mark.parametrize("padding", PADDINGS)
+def test_backward_in_blocks_of_taps(padding, monkeypatch):
+    """The backward takes the window's taps in blocks of a bounded size: blocks of 2 taps here (7
+    taps over 5 bins, the last block of one) give the float64 gradcheck's gradients."""
+    module = importlib.import_module("dirfast.ops.smooth_bins")
+    monkeypatch.setattr(module, "_BACKWARD_ELEMENTS", 2 * 5 * 3)
+    g = gen(33)
+    inputs = (torch.randn(5, 3, generator=g, dtype=torch.float64).requires_grad_(),
+              torch.rand(7, generator=g, dtype=torch.float64).requires_grad_())
+    assert torch.autograd.gradcheck(lambda s, w: dirfast.ops.smooth_bins(s, w, padding), inputs)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)

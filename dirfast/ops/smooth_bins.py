@@ -41,8 +41,9 @@ def smooth_bins(stats: torch.Tensor, window: torch.Tensor, padding: str = "refle
     return _dispatch.call("smooth_bins", stats.device, stats, window.to(stats.device), padding)
 
 
-def source_bins(num_bins: int, offset: int, padding: str, device=None):
-    """The bin each output bin's tap at ``offset`` reads (``[num_bins]``), and whether it is inside.
+def source_bins(num_bins: int, offset: int | torch.Tensor, padding: str, device=None):
+    """The bin each output bin's tap at ``offset`` reads (``[num_bins]``), and whether it is inside;
+    ``offset`` may be a ``[taps, 1]`` tensor of offsets, for ``[taps, num_bins]`` results.
 
     Output bin ``b`` reads bin ``b + offset``. Outside the range: ``"reflect"`` mirrors without
     repeating the edge, as often as needed when the window is wider than the bins;
@@ -117,8 +118,13 @@ _common.define(SCHEMA, reference, _fake, _triton)
 # -------------------------------------------------------------------------------- autograd
 # out[b] = sum_k window[k] * stats[src_k(b)] (0 where a "constant" tap falls outside), so the
 # gradient in stats adds window[k] * grad[b] into src_k(b), and the gradient in window[k] is
-# sum_b stats[src_k(b)] * grad[b]: one tap at a time, as the reference. In PyTorch, in float32
-# (float64 for float64 inputs), the same on every backend.
+# sum_b stats[src_k(b)] * grad[b]. In PyTorch, in float32 (float64 for float64 inputs), the same
+# on every backend: the taps in blocks of at most _BACKWARD_ELEMENTS products (one tap at a time
+# where a tap alone has more), so a window of thousands of taps is not a Python loop over them,
+# nor a [B, ks, D] table (benchmarks/results/cpu/smooth-bins-backward-xeon.md).
+_BACKWARD_ELEMENTS = 1 << 18
+
+
 def _save(ctx, inputs, output) -> None:
     stats, window, padding = inputs
     ctx.save_for_backward(stats, window)
@@ -128,19 +134,25 @@ def _save(ctx, inputs, output) -> None:
 def _backward(ctx, grad):
     stats, window = ctx.saved_tensors
     acc = _common.acc_dtype(stats.dtype, window.dtype)
-    num_bins, h = stats.shape[0], (window.shape[0] - 1) // 2
-    values, grad, weights = stats.to(acc), grad.to(acc), window.to(device=stats.device, dtype=acc)
+    num_bins, ks = stats.shape[0], window.shape[0]
+    h = (ks - 1) // 2
+    values = stats.to(acc).reshape(num_bins, -1)  # [B, D], D = 1 for [B] statistics
+    grad = grad.to(acc).reshape(num_bins, -1)
+    weights = window.to(device=stats.device, dtype=acc)
     grad_stats = torch.zeros_like(values)
-    grad_window = []
-    for k in range(window.shape[0]):
-        src, inside = source_bins(num_bins, k - h, ctx.padding, stats.device)
-        to_stats, to_window = grad * weights[k], values[src] * grad
+    grad_window = torch.empty(ks, dtype=acc, device=stats.device)
+    block = max(1, _BACKWARD_ELEMENTS // values.numel())
+    for k0 in range(0, ks, block):
+        k1 = min(ks, k0 + block)
+        offsets = torch.arange(k0 - h, k1 - h, device=stats.device).unsqueeze(1)
+        src, inside = source_bins(num_bins, offsets, ctx.padding, stats.device)  # [taps, B]
+        to_stats, to_window = weights[k0:k1, None, None] * grad, values[src] * grad  # [taps, B, D]
         if ctx.padding == "constant":  # a tap outside reads a zero: it passes no gradient, whatever it holds
-            inside = inside.view((-1,) + (1,) * (grad.dim() - 1))
-            to_stats, to_window = torch.where(inside, to_stats, 0.0), torch.where(inside, to_window, 0.0)
-        grad_stats.index_add_(0, src, to_stats)
-        grad_window.append(to_window.sum())
-    return grad_stats.to(stats.dtype), torch.stack(grad_window).to(window.dtype), None
+            to_stats = torch.where(inside.unsqueeze(2), to_stats, 0.0)
+            to_window = torch.where(inside.unsqueeze(2), to_window, 0.0)
+        grad_stats.index_add_(0, src.reshape(-1), to_stats.reshape(-1, values.shape[1]))
+        grad_window[k0:k1] = to_window.sum(dim=(1, 2))
+    return grad_stats.reshape(stats.shape).to(stats.dtype), grad_window.to(window.dtype), None
 
 
 _dispatch.register_autograd("smooth_bins", _save, _backward)
