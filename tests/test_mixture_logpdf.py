@@ -186,6 +186,34 @@ def test_far_predictions_and_no_elements(backend, device):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_far_predictions_shared_by_components(backend, device):
+    """Float32 predictions 100 to 100,000 standard deviations from six components 1 / distance
+    apart, whose terms (to -1e10) stay within a few units of one another, so each element's
+    responsibility is shared: the gradient in x, the fused op's two, and the sums over the
+    components of the others (the gradients of a shift of every mean, variance and log-weight)
+    are the float64 oracle's to 1e-5, although the float32 log density there rounds by 2^-11
+    to 2^9 (responsibilities exp(term - out) had put grad x 4e-4 off at 100 standard
+    deviations, 5% at 1,000 and 500% at 100,000). Each component's own gradient is not
+    checked: half an ulp of an input moves it by 2% at 1,000 standard deviations."""
+    g = gen(57)
+    for distance in (1e2, 1e3, 1e4, 1e5):
+        x = distance * (1 + 0.5 * torch.rand(8, generator=g, dtype=torch.float64))
+        m = torch.arange(6, dtype=torch.float64) / distance
+        lw = torch.log_softmax(torch.randn(6, generator=g, dtype=torch.float64), 0)
+        inputs = tuple(t.to(device, torch.float32) for t in (x, m, torch.ones(6), lw))
+        expected, expected_grads, expected_shift = loop_mixture_logpdf(*inputs)
+        out, grads = run(backend, inputs)
+        fused = on(backend, mixture_logpdf_with_grads_unchecked, *inputs)
+        close = dict(rtol=1e-5, atol=0)
+        torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grads[0].cpu().double(), expected_grads[0], **close)
+        for i in (1, 2, 3):  # a shift of every mean (-sum of grad x), variance, log-weight (the elements)
+            torch.testing.assert_close(grads[i].sum().cpu().double(), expected_grads[i].sum(), **close)
+        torch.testing.assert_close(fused[1].cpu().double(), expected_grads[0], **close)
+        torch.testing.assert_close(fused[2].cpu().double(), expected_shift, **close)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 def test_gradcheck(backend, device):
     """The four gradients in float64, by finite differences (under Triton's interpreter in
     gradcheck's fast mode, a random projection of the Jacobian)."""

@@ -11,10 +11,10 @@
 // the components (ShiftedTerms) and in two for the elements that need them. The float64 forward
 // uses plain loops and std::exp. The backward takes elements kLanes at a time (converted to the
 // arithmetic type in a small buffer; in float32 as kLanes / W vectors of the machine's width W, by
-// fused multiply-adds and vexp_shifted, as term_k - out <= 0: the same bits for every width),
-// recomputes each element's responsibilities r_k = exp(term_k - out) and sums the component
-// gradients per fixed chunk of elements, the chunks then added in order: the same bits for any
-// number of threads.
+// fused multiply-adds and vexp_shifted: the same bits for every width), recomputes each element's
+// responsibilities, the softmax of its terms (out says only where the density is 0), and sums the
+// component gradients per fixed chunk of elements, the chunks then added in order: the same bits
+// for any number of threads.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -629,41 +629,67 @@ void forward_lanes(const double* xs, double* out, double* gx, double* gv, const 
   }
 }
 
-// The backward of kLanes elements, with r_k = g exp(term_k - out): gx[t] = -sum_k r_k z s_k, and per
-// component the sums over the lanes of r_k times (z s_k, (z^2 - 1) s_k^2 / 2, 1) added to gm, gv,
-// gw [k][lane]. An element of density 0 (out = -inf) has no responsibilities, and a zero
-// responsibility adds nothing (not 0 * inf): its gradients are 0. Float32: kLanes / W vectors, a
-// term - out below -87.3 a responsibility of 0.
+// The backward of kLanes elements, with r_k = g exp(term_k - top) / sum_j exp(term_j - top), the
+// softmax of the element's terms recomputed, top its largest (exp(term_k - out) took the rounding
+// of the float32 log density, ulp(z^2 / 2): 2^-5 at 1,000 standard deviations, 2^9 at 100,000, and
+// summed to 1 no more): gx[t] = -sum_k r_k z s_k, and per component the sums over the lanes of r_k
+// times (z s_k, (z^2 - 1) s_k^2 / 2, 1) added to gm, gv, gw [k][lane]. Three passes over the
+// components: the terms and their max, the exponentials and their sum, the responsibilities;
+// `kept` [k][lane] holds the terms, then the exponentials, for the next pass. An element of density
+// 0 (out = -inf, or every term -inf) has no responsibilities, and a zero responsibility adds
+// nothing (not 0 * inf): its gradients are 0; a NaN term makes the sum NaN, and every
+// responsibility. Float32: kLanes / W vectors, a term - top below -87.3 an exponential of 0 (as
+// add_term: not 2^-126).
 template <int W>
 __attribute__((always_inline)) inline void backward_block(const float* xs_in, const float* out_in, const float* g_in,
                                                           float* gx_out, const float* m, const float* s,
-                                                          const float* c, int64_t k, float* gm, float* gv, float* gw) {
+                                                          const float* c, int64_t k, float* gm, float* gv, float* gw,
+                                                          float* kept) {
   using vf = typename FloatVec<W>::f;
   using vi = typename FloatVec<W>::i;
   constexpr int V = kLanes / W;  // vectors of W lanes
-  vf xs[V], g[V], shift[V], gx[V];
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  vf xs[V], g[V], top[V], sum[V], scale[V], gx[V];
 #pragma GCC unroll 4
   for (int v = 0; v < V; ++v) {
     xs[v] = load_vec<vf>(xs_in + v * W);
-    const vf out = load_vec<vf>(out_in + v * W);
-    const vi none = out == -std::numeric_limits<float>::infinity();
+    const vi none = load_vec<vf>(out_in + v * W) == -inf;
     g[v] = none ? vf{} : load_vec<vf>(g_in + v * W);
-    shift[v] = none ? vf{} : out;
-    gx[v] = vf{};
+    top[v] = vf{} - inf;
+    sum[v] = gx[v] = vf{};
   }
+  for (int64_t j = 0; j < k; ++j) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const vf z = (xs[v] - m[j]) * s[j];
+      const vf term = vfma(-0.5f * z, z, vf{} + c[j]);  // as the forward rounds it
+      store_vec(kept + j * kLanes + v * W, term);
+      top[v] = term > top[v] ? term : top[v];
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) top[v] = top[v] == -inf ? vf{} : top[v];  // every term -inf (or NaN)
+  for (int64_t j = 0; j < k; ++j) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const vf arg = load_vec<vf>(kept + j * kLanes + v * W) - top[v];  // <= 0
+      const vf e = arg < kExpLeast ? vf{} : vexp_shifted<vf, vi>(arg);
+      store_vec(kept + j * kLanes + v * W, e);
+      sum[v] += e;
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < V; ++v) scale[v] = sum[v] == 0.0f ? vf{} : g[v] / sum[v];  // a sum of 0: density 0
   for (int64_t j = 0; j < k; ++j) {
     const float half_s2 = 0.5f * s[j] * s[j];
 #pragma GCC unroll 4
     for (int v = 0; v < V; ++v) {
+      const int64_t o = j * kLanes + v * W;
       const vf z = (xs[v] - m[j]) * s[j];
-      // term - out <= 0, but for rounding; the term rounded first, as the forward has it: far from
-      // the component (|term| ~ 1e11) c - out rounded first lost the term - out of about 0
-      const vf arg = vfma(-0.5f * z, z, vf{} + c[j]) - shift[v];
-      const vf r = arg < kExpLeast ? vf{} : g[v] * vexp_shifted<vf, vi>(arg);  // (as add_term: not 2^-126)
+      const vf r = scale[v] * load_vec<vf>(kept + o);
       const vi zero = r == 0.0f;
       const vf rz = zero ? vf{} : r * z * s[j];
       gx[v] -= rz;
-      const int64_t o = j * kLanes + v * W;
       store_vec(gm + o, load_vec<vf>(gm + o) + rz);
       store_vec(gv + o, load_vec<vf>(gv + o) + (zero ? vf{} : r * vfma(z, z, vf{} - 1.0f) * half_s2));
       store_vec(gw + o, load_vec<vf>(gw + o) + r);
@@ -676,46 +702,66 @@ __attribute__((always_inline)) inline void backward_block(const float* xs_in, co
 #if DIRFAST_MIXTURE_ISAS
 __attribute__((target("avx512f"))) DIRFAST_NOINLINE void backward_lanes_avx512(
     const float* xs, const float* out, const float* g, float* gx, const float* m, const float* s, const float* c,
-    int64_t k, float* gm, float* gv, float* gw) {
-  backward_block<16>(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+    int64_t k, float* gm, float* gv, float* gw, float* kept) {
+  backward_block<16>(xs, out, g, gx, m, s, c, k, gm, gv, gw, kept);
 }
 
 __attribute__((target("avx2,fma"))) DIRFAST_NOINLINE void backward_lanes_avx2(
     const float* xs, const float* out, const float* g, float* gx, const float* m, const float* s, const float* c,
-    int64_t k, float* gm, float* gv, float* gw) {
-  backward_block<8>(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+    int64_t k, float* gm, float* gv, float* gw, float* kept) {
+  backward_block<8>(xs, out, g, gx, m, s, c, k, gm, gv, gw, kept);
 }
 #endif
 
 DIRFAST_NOINLINE void backward_lanes_baseline(const float* xs, const float* out, const float* g, float* gx,
                                               const float* m, const float* s, const float* c, int64_t k, float* gm,
-                                              float* gv, float* gw) {
-  backward_block<4>(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+                                              float* gv, float* gw, float* kept) {
+  backward_block<4>(xs, out, g, gx, m, s, c, k, gm, gv, gw, kept);
 }
 
 void backward_lanes(const float* xs, const float* out, const float* g, float* gx, const float* m, const float* s,
-                    const float* c, int64_t k, float* gm, float* gv, float* gw) {
+                    const float* c, int64_t k, float* gm, float* gv, float* gw, float* kept) {
 #if DIRFAST_MIXTURE_ISAS
   const int lanes = float_lanes();
-  if (lanes == 16) return backward_lanes_avx512(xs, out, g, gx, m, s, c, k, gm, gv, gw);
-  if (lanes == 8) return backward_lanes_avx2(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+  if (lanes == 16) return backward_lanes_avx512(xs, out, g, gx, m, s, c, k, gm, gv, gw, kept);
+  if (lanes == 8) return backward_lanes_avx2(xs, out, g, gx, m, s, c, k, gm, gv, gw, kept);
 #endif
-  backward_lanes_baseline(xs, out, g, gx, m, s, c, k, gm, gv, gw);
+  backward_lanes_baseline(xs, out, g, gx, m, s, c, k, gm, gv, gw, kept);
 }
 
+// float64: backward_block's passes in plain loops with std::exp.
 void backward_lanes(const double* xs, const double* out, const double* g, double* gx, const double* m,
-                    const double* s, const double* c, int64_t k, double* gm, double* gv, double* gw) {
-  double gs[kLanes], os[kLanes];
+                    const double* s, const double* c, int64_t k, double* gm, double* gv, double* gw, double* kept) {
+  constexpr double inf = std::numeric_limits<double>::infinity();
+  double top[kLanes], sum[kLanes], scale[kLanes];
   for (int64_t t = 0; t < kLanes; ++t) {
-    gx[t] = 0.0;
-    const bool none = out[t] == -std::numeric_limits<double>::infinity();
-    gs[t] = none ? 0.0 : g[t];
-    os[t] = none ? 0.0 : out[t];
+    gx[t] = sum[t] = 0.0;
+    top[t] = -inf;
   }
   for (int64_t j = 0; j < k; ++j) {
     for (int64_t t = 0; t < kLanes; ++t) {
       const double z = (xs[t] - m[j]) * s[j];
-      const double r = gs[t] * std::exp(c[j] - 0.5 * z * z - os[t]);
+      const double term = c[j] - 0.5 * z * z;
+      kept[j * kLanes + t] = term;
+      top[t] = term > top[t] ? term : top[t];
+    }
+  }
+  for (int64_t t = 0; t < kLanes; ++t) top[t] = top[t] == -inf ? 0.0 : top[t];
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t t = 0; t < kLanes; ++t) {
+      const double e = std::exp(kept[j * kLanes + t] - top[t]);
+      kept[j * kLanes + t] = e;
+      sum[t] += e;
+    }
+  }
+  for (int64_t t = 0; t < kLanes; ++t) {
+    const double gs = out[t] == -inf ? 0.0 : g[t];
+    scale[t] = sum[t] == 0.0 ? 0.0 : gs / sum[t];
+  }
+  for (int64_t j = 0; j < k; ++j) {
+    for (int64_t t = 0; t < kLanes; ++t) {
+      const double z = (xs[t] - m[j]) * s[j];
+      const double r = scale[t] * kept[j * kLanes + t];
       const bool zero = r == 0.0;
       const double rz = zero ? 0.0 : r * z * s[j];
       gx[t] -= rz;
@@ -772,7 +818,7 @@ DIRFAST_NOINLINE void backward_all(const T* px, const acc_t* po, const acc_t* pg
   const int64_t k = comp.size();
   const int64_t grain = std::max<int64_t>(1, kGrainExps / (kChunk * k));  // in chunks
   parallel_for_pieces((n + kChunk - 1) / kChunk, grain, [&](auto next) {
-    std::vector<acc_t> sums(3 * k * kLanes);
+    std::vector<acc_t> sums(3 * k * kLanes), kept(k * kLanes);
     acc_t xs[kLanes], os[kLanes], gs[kLanes], gx[kLanes];
     for (int64_t first, last; next(first, last);) {
       for (int64_t chunk = first; chunk < last; ++chunk) {
@@ -787,7 +833,7 @@ DIRFAST_NOINLINE void backward_all(const T* px, const acc_t* po, const acc_t* pg
           load_lanes(po, i, stop, os);
           load_lanes(pg, i, stop, gs);
           for (int64_t t = stop - i; t < kLanes; ++t) gs[t] = acc_t(0);  // the repeated slots add nothing
-          backward_lanes(xs, os, gs, gx, comp.m.data(), comp.s.data(), comp.c.data(), k, gm, gv, gw);
+          backward_lanes(xs, os, gs, gx, comp.m.data(), comp.s.data(), comp.c.data(), k, gm, gv, gw, kept.data());
           std::copy(gx, gx + (stop - i), pgx + i);
         }
         double* dst = partials + chunk * 3 * k;

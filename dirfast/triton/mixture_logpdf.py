@@ -5,10 +5,11 @@ A program takes BLOCK elements and walks the K components BLOCK_K at a time with
 maximum (an online log-sum-exp), so nothing of size N x K exists. The components come in the
 arithmetic dtype as ``dirfast.ops.mixture_logpdf.components`` gives them (``m``,
 ``s = 1 / sqrt(v)``, ``c``, NaN for an invalid one), so every backend has the same non-finite
-rules. The backward recomputes
-each element's responsibilities from the saved output; the components' gradients are summed per
-program into a [programs, 3, K] buffer that a final sum reduces in a fixed order (no float
-atomics: the same bits on every run). No host synchronisation: CUDA-graph capturable.
+rules. The backward recomputes each element's responsibilities as the softmax of its terms (a
+first pass over the components for their max and sum; the saved output says only where the
+density is 0); the components' gradients are summed per program into a [programs, 3, K] buffer
+that a final sum reduces in a fixed order (no float atomics: the same bits on every run). No host
+synchronisation: CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -77,13 +78,24 @@ def _backward_kernel(grad_ptr, x_ptr, out_ptr, m_ptr, s_ptr, c_ptr, grad_x_ptr, 
     x = tl.load(x_ptr + offs, mask=rows, other=0.0).to(ACC)
     out = tl.load(out_ptr + offs, mask=rows, other=0.0).to(ACC)
     g = tl.load(grad_ptr + offs, mask=rows, other=0.0).to(ACC)  # 0 past the end: adds nothing
-    none = out == float("-inf")  # density 0: no responsibilities, zero gradients
-    g = tl.where(none, 0.0, g)
-    out = tl.where(none, 0.0, out)
+    g = tl.where(out == float("-inf"), 0.0, g)  # density 0: no responsibilities, zero gradients
+    # r_k = g exp(t_k - top) / sum_j exp(t_j - top), the softmax of the terms recomputed (the
+    # forward's online log-sum-exp, kept in two parts): exp(t_k - out) took out's rounding, 2^-5
+    # in float32 at 1,000 standard deviations
+    top = tl.full([BLOCK], float("-inf"), ACC)
+    total = tl.zeros([BLOCK], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        t, z, s, kk, live = _terms(x, m_ptr, s_ptr, c_ptr, k0, K, BLOCK_K)
+        new_top = tl.maximum(top, tl.max(t, 1))
+        safe = tl.where(new_top == float("-inf"), 0.0, new_top)  # no -inf - -inf
+        total = total * tl.exp(top - safe) + tl.sum(tl.exp(t - safe[:, None]), 1)
+        top = new_top
+    top = tl.where(top == float("-inf"), 0.0, top)
+    scale = tl.where(total == 0.0, 0.0, g / total)  # a NaN term has made total NaN
     grad_x = tl.zeros([BLOCK], ACC)
     for k0 in range(0, K, BLOCK_K):
         t, z, s, kk, live = _terms(x, m_ptr, s_ptr, c_ptr, k0, K, BLOCK_K)
-        r = g[:, None] * tl.exp(t - out[:, None])
+        r = scale[:, None] * tl.exp(t - top[:, None])
         r = tl.where(live[None, :] & rows[:, None], r, 0.0)
         zero = r == 0.0  # a zero responsibility adds nothing, also where z is infinite
         rz = tl.where(zero, 0.0, r * z * s[None, :])
