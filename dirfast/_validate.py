@@ -284,8 +284,8 @@ def state_values(key: str, value) -> torch.Tensor:
         wrong = kind.kind not in "iuf"
     if wrong:
         raise ValueError(f"state_dict {key!r} must hold real numbers, got {kind}")
-    try:
-        return torch.as_tensor(value, dtype=torch.float64).cpu()
+    try:  # detached: a checkpoint's tensor that requires grad must not tie the estimator's weights to its graph
+        return torch.as_tensor(value, dtype=torch.float64).detach().cpu()
     except (TypeError, ValueError, RuntimeError, NotImplementedError) as exc:
         raise ValueError(f"state_dict {key!r} is not a tensor of numbers ({exc})") from None
 

@@ -322,7 +322,7 @@ def _same_edges(saved, edges) -> bool:
         return (isinstance(saved, (list, tuple)) and len(saved) == len(edges)
                 and all(_same_edges(a, b) for a, b in zip(saved, edges)))
     try:
-        saved = np.asarray(saved)
+        saved = np.asarray(saved.detach().cpu() if isinstance(saved, torch.Tensor) else saved)  # one requiring grad too
         return saved.dtype.kind in "iuf" and np.array_equal(saved, edges.numpy())
     except (TypeError, ValueError, RuntimeError):
         return False

@@ -1252,6 +1252,24 @@ def test_host_values_under_the_meta_device():
             assert_same(getattr(module, name), value, path=name)
 
 
+@pytest.mark.parametrize("make", [fitted_lds, fitted_dense], ids=["LDS", "DenseWeight"])
+def test_a_loaded_state_that_requires_grad_leaves_no_graph(make):
+    """A state dict whose tensors require grad (built by hand from parameters, say) loads as
+    values: the weights are constants of the loss, as after a fit. Its graph was kept: the
+    weights required grad, the first backward freed the graph of the cached weight table and
+    the second step raised "Trying to backward through the graph a second time"."""
+    state = {key: value.clone().requires_grad_() if isinstance(value, torch.Tensor) and value.is_floating_point()
+             else value for key, value in make().state_dict().items()}
+    estimator = make()
+    estimator.load_state_dict(state)
+    assert not any(value.requires_grad for value in estimator.state_dict().values() if isinstance(value, torch.Tensor))
+    pred = torch.zeros(4, requires_grad=True)
+    for _ in range(2):  # two training steps
+        weights = estimator.weights(BATCH)
+        assert not weights.requires_grad
+        (weights * (pred - BATCH) ** 2).mean().backward()
+
+
 def test_failed_calibrate_inplace_writes_nothing():
     for make in (lambda: X.clone().requires_grad_(), lambda: torch.zeros(1, 3).expand(8, 3)):
         x = make()
