@@ -153,7 +153,8 @@ class DenseWeight(FittedEstimator):
 
     Args:
         alpha: how strongly dense labels are down-weighted (0: every weight 1).
-        eps: the floor of ``1 - alpha * p'`` (positive), so that no weight is 0.
+        eps: the floor of ``1 - alpha * p'`` (in ``(0, 1]``), so that no weight is 0; at least
+            ``1 / 3.4e38`` (float32's largest), as the weights, up to ``1 / eps``, are float32.
         bandwidth: ``"silverman"`` (``1.06 * std * n^(-1/5)``, the denseweight package's default),
             ``"scott"`` (``std * n^(-1/5)``, scipy's) or a positive number in label units.
         grid_size: points of the density grid, which spans the labels plus 5 bandwidths each side.
@@ -177,6 +178,8 @@ class DenseWeight(FittedEstimator):
     def __init__(self, alpha: float = 1.0, eps: float = 1e-6, bandwidth: str | float = "silverman", *,
                  grid_size: int = 4096) -> None:
         alpha, eps = validate.real("alpha", alpha, 0.0), validate.real("eps", eps, 0.0, 1.0, above=True)
+        # the weights' scale is at most 1 / eps: beyond float32 a weight would be inf
+        validate.in_dtype("eps", eps, torch.float32, reciprocal=True)
         bandwidth = _bandwidth(bandwidth)
         grid_size = validate.integer("grid_size", grid_size, MIN_GRID, MAX_GRID)
         super().__init__()  # the fit: dict(low, step, density, scale, fitted_bandwidth)

@@ -328,6 +328,8 @@ OVERLAPPING_ROWS = Bad("rows with overlapping strides", lambda v: v.clone().resh
                        RuntimeError)
 # A scale whose inverse is beyond float32 (float32 rounds it to 0 or a subnormal: every label in bin 0).
 TINY_SCALE = Bad("1e-320 (1 / scale beyond float32)", lambda v: 1e-320, ValueError)
+# DenseWeight's floor whose inverse, the largest weight scale, is beyond float32: infinite weights.
+TINY_EPS = Bad("1e-320 (1 / eps beyond float32)", lambda v: 1e-320, ValueError)
 # A module's strict load: a key it does not have is refused before any entry is copied.
 EXTRA_KEY = Bad("an extra key", lambda v: dict(v, bogus=torch.ones(1)), RuntimeError)
 
@@ -594,7 +596,7 @@ API = {
         "inverse_clip": (PAIR, (5, 1000))}),
     # ----------------------------------------------------------------------- DenseWeight
     "dirfast.DenseWeight": Entry(dirfast.DenseWeight, {
-        "alpha": (NON_NEGATIVE, 1.0), "eps": (POSITIVE + (Bad("above 1", lambda v: 2.0, ValueError),), 1e-6),
+        "alpha": (NON_NEGATIVE, 1.0), "eps": (POSITIVE + (Bad("above 1", lambda v: 2.0, ValueError), TINY_EPS), 1e-6),
         "bandwidth": (POSITIVE + (Bad("unknown rule", lambda v: "isj", ValueError), Bad("list", lambda v: [1.0], TypeError)),
                       0.5),
         "grid_size": (COUNT + (Bad("below 16", lambda v: 8, ValueError), Bad("above 2^16", lambda v: 1 << 20, ValueError)),
@@ -619,7 +621,7 @@ API = {
                            Bad("fitted not a bool", lambda v: dict(v, fitted=1), ValueError)),
                   dirfast.DenseWeight(alpha=0.5).fit(AGES[:100]).state_dict())}),
     "dirfast.density_weights": Entry(dirfast.density_weights, {
-        "labels": (FIT_LABELS, AGES), "alpha": (NON_NEGATIVE, 0.5), "eps": (POSITIVE, 0.1),
+        "labels": (FIT_LABELS, AGES), "alpha": (NON_NEGATIVE, 0.5), "eps": (POSITIVE + (TINY_EPS,), 0.1),
         "bandwidth": (CHOICE[:1] + (Bad("zero", lambda v: 0.0, ValueError), Bad("None", lambda v: None, TypeError)),
                       "scott"),
         "grid_size": (COUNT + (Bad("below 16", lambda v: 8, ValueError),), 1024)}),
