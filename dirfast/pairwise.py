@@ -349,6 +349,8 @@ def ranksim_loss(features: torch.Tensor, targets: torch.Tensor, lambda_val: floa
     validate.in_dtype("lambda_val", lambda_val, ops.acc_dtype(z.dtype, y.dtype))
     if generator is not None and generator.device.type != z.device.type:
         raise ValueError(f"generator is on {generator.device} but features are on {z.device}")
+    # before the subsample is drawn: a call the op refuses must leave the generators as they were
+    ops.refuse_unsupported_derivatives("ranksim_loss", (z, y), name="dirfast.losses.ranksim_loss")
     keys, first = _keys(z, all_ranks, process_group)
     if keys is z:
         keep = _one_per_label(y, generator)

@@ -272,6 +272,23 @@ def test_ranksim_subsample_keeps_one_row_per_label_reproducibly():
     assert len(kept) > 1
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # torch.func.jvp's own
+def test_ranksim_refused_derivative_draws_nothing():
+    """A call refused for a derivative the op has not (forward mode, torch.func's transforms)
+    changes nothing: it draws no subsample, from ``generator`` nor from torch's default one,
+    and names the function called. The draw came first, so the error left both advanced."""
+    features, targets = torch.randn(8, 4, generator=gen(12)), torch.tensor([1.0, 1, 2, 2, 3, 3, 4, 4])
+    calls = {"jvp": lambda f: torch.func.jvp(f, (features,), (torch.ones_like(features),)),
+             "grad": lambda f: torch.func.grad(f)(features)}
+    for name, call in calls.items():
+        for generator in (None, torch.Generator().manual_seed(3)):
+            default, own = torch.get_rng_state(), None if generator is None else generator.get_state()
+            with pytest.raises(NotImplementedError, match="dirfast.losses.ranksim_loss"):
+                call(lambda f: ranksim_loss(f, targets, generator=generator))
+            assert torch.equal(torch.get_rng_state(), default), name
+            assert generator is None or torch.equal(generator.get_state(), own), name
+
+
 # =========================================================================== torch.compile
 def test_losses_compile_fullgraph():
     """No host read in any of the three (a graph break would fail fullgraph)."""
