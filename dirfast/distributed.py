@@ -47,8 +47,9 @@ def is_distributed(process_group: ProcessGroup | None = None) -> bool:
 
 
 def checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup | None = None) -> T:
-    """``check()`` (the checks of a rank's own data, which may raise ValueError, TypeError or
-    RuntimeError), then one all-reduce of whether it raised on any rank of the group: a rank whose data was
+    """``check()`` (the checks of a rank's own data, which may raise ValueError, TypeError,
+    RuntimeError, or any other exception: a warning that ``-W error`` turns into one), then one
+    all-reduce of whether it raised on any rank of the group: a rank whose data was
     refused raises its error, and every other rank a ValueError saying so, instead of waiting in
     the collective that follows until the process group times out. Returns what check returned.
     Under NCCL the vote goes through the current CUDA device."""
@@ -74,7 +75,7 @@ def _checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup |
     """:func:`checked_on_every_rank`, its arguments valid, the vote on ``device`` under NCCL."""
     try:
         result, error = check(), None
-    except (ValueError, TypeError, RuntimeError) as exc:
+    except Exception as exc:  # any: a warning turned into an error (-W error) too, else the other ranks wait in the vote
         result, error = None, exc
     refused = torch.tensor([error is not None], dtype=torch.int32, device=_vote_device(process_group, device))
     dist.all_reduce(refused, op=dist.ReduceOp.MAX, group=process_group)

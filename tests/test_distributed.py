@@ -8,6 +8,7 @@ import datetime
 import gc
 import os
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -214,6 +215,17 @@ def _refusing_worker(rank, init_file, out_dir):
             fds.update_running_stats(epoch="1" if rank == 1 else 1)
         except (TypeError, ValueError) as exc:
             result["bad_epoch"] = f"{type(exc).__name__}: {exc}"
+        # Warnings as errors (python -W error, pytest's filterwarnings): rank 1 alone has fractional labels for
+        # an integer binning, whose warning is then an exception of its own type, not a ValueError
+        fractional = clean + (0.5 if rank == 1 else 0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for name, call in (("fds_warning", lambda: fds.update_running_stats(x[:60], fractional, 0)),
+                               ("lds_warning", lambda: lds.fit(fractional))):
+                try:
+                    call()
+                except (UserWarning, ValueError) as exc:
+                    result[name] = f"{type(exc).__name__}: {exc}"
         torch.save(result, os.path.join(out_dir, f"refused{rank}.pt"))
         dist.barrier()
     finally:
@@ -238,6 +250,9 @@ def test_data_refused_on_one_rank_raises_on_every_rank():
             assert "update_running_stats(epoch=1) is ignored" in got[name] and "on 1 of 2 ranks" in got[name], got[name]
     assert ranks[1]["bad_epoch"].startswith("TypeError") and "epoch" in ranks[1]["bad_epoch"], ranks[1]["bad_epoch"]
     assert "another rank's data was refused" in ranks[0]["bad_epoch"], ranks[0]["bad_epoch"]  # it had waited
+    for name in ("fds_warning", "lds_warning"):  # before: rank 1 raised past the vote, rank 0 waited in it
+        assert ranks[1][name].startswith("UserWarning") and "fractional" in ranks[1][name], ranks[1][name]
+        assert "another rank's data was refused" in ranks[0][name], ranks[0][name]
 
 
 def _fsdp_worker(rank, init_file, out_dir):
