@@ -85,7 +85,15 @@ class Preset:
     conr_setting: ConRSetting | None = None
 
     def __post_init__(self):
+        if not isinstance(self.name, str):
+            raise TypeError(f"name must be a str, got {type(self.name).__name__}")
         validate.choice("lds_scale", self.lds_scale, LDS_SCALES)
+        # read here and nowhere else (fill_empty also by FDS): a str or None would be taken for its truth value
+        for name in ("fill_empty", "bin_shots", "correlations"):
+            validate.boolean(name, getattr(self, name))
+        if self.conr_setting is not None and not isinstance(self.conr_setting, ConRSetting):
+            raise TypeError(f"conr_setting must be a dirfast.presets.ConRSetting or None, got "
+                            f"{type(self.conr_setting).__name__}")
 
     def lds(self, **overrides: Any) -> LDS:
         """An (unfitted) :class:`~dirfast.LDS` with this dataset's settings. Under
@@ -132,8 +140,8 @@ class Preset:
         """Many-, medium- and few-shot errors as this dataset's published evaluation defines them.
         Predictions in label units: the published STS-B-DIR model predicts score / 5 (its targets
         are divided by 5), and its scorer multiplies the predictions by 5 first; do the same."""
-        if self.shot_regions is not None:
-            return shot_metrics(preds, labels, binning=self.fds_binning, regions=self.shot_regions,
+        if self.shot_regions is not None:  # train_labels are not needed, but checked when given (as shot_metrics)
+            return shot_metrics(preds, labels, train_labels, binning=self.fds_binning, regions=self.shot_regions,
                                 exact_error=self.exact_error, correlations=self.correlations)
         return shot_metrics(preds, labels, train_labels, self.many_shot_thr, self.low_shot_thr,
                             binning=self.fds_binning if self.bin_shots else None, exact_error=self.exact_error,

@@ -32,7 +32,7 @@ import dirfast.plot
 from dirfast import ops
 from dirfast.losses import BMCLoss, BNILoss, GAILoss
 from dirfast.mixture import GaussianMixture
-from dirfast.presets import AGEDB_DIR, STS_B_DIR
+from dirfast.presets import AGEDB_DIR, NYUD2_DIR, STS_B_DIR
 from testing import BACKEND_NAMES, gen, public_modules
 
 try:  # optional (requirements-dev.txt): without it the plot entries skip, every other entry runs
@@ -957,7 +957,10 @@ API = {
     "dirfast.presets.Preset": Entry(lambda **kw: dataclasses.replace(AGEDB_DIR, **kw).lds(), {
         "lds_binning": (BINNING, INT121), "reweight": (CHOICE, "sqrt_inv"), "lds_ks": (COUNT, 5),
         "lds_padding": (CHOICE, "constant"), "lds_bucket_start": (NON_NEGATIVE_INT, 0),
-        "lds_scale": (CHOICE, "samples")},
+        "lds_scale": (CHOICE, "samples"), "name": ((Bad("int", lambda v: 3, TypeError),), "AgeDB-DIR"),
+        "bin_shots": (BOOL, False), "correlations": (BOOL, False), "fill_empty": (BOOL, False),
+        "conr_setting": ((Bad("a dict", lambda v: dataclasses.asdict(v), TypeError),
+                          Bad("a tuple", lambda v: dataclasses.astuple(v), TypeError)), AGEDB_DIR.conr_setting)},
         named_as={"lds_binning": "binning", "lds_ks": "ks", "lds_padding": "padding", "lds_bucket_start": "bucket_start"}),
     "dirfast.presets.Preset.lds": method("lds", lambda: AGEDB_DIR, {"overrides": ((
         Bad("unknown setting", lambda v: {"bogus": 1}, TypeError), Bad("bad ks", lambda v: {"ks": 4}, ValueError)), {})}),
@@ -965,6 +968,10 @@ API = {
     "dirfast.presets.Preset.fds": method("fds", lambda: STS_B_DIR, {"feature_dim": (COUNT, 4)}),
     "dirfast.presets.Preset.shot_metrics": method("shot_metrics", lambda: STS_B_DIR, {
         "preds": (EVAL_VALUES, TEST / 10), "labels": (EVAL_VALUES, TEST / 10), "train_labels": (EVAL_VALUES, TRAIN / 10)}),
+    # Regions fixed by the preset: the training labels are not needed, but checked when given (as shot_metrics).
+    "dirfast.presets.Preset.shot_metrics over regions": method("shot_metrics", lambda: NYUD2_DIR, {
+        "preds": (EVAL_VALUES[:1], TEST / 10), "labels": (EVAL_VALUES[:1], TEST / 10),
+        "train_labels": (EVAL_VALUES, TRAIN / 10)}, expect={("train_labels", "None"): SAME}),
     "dirfast.presets.Preset.conr": method("conr", lambda: AGEDB_DIR, {"overrides": ((
         Bad("unknown setting", lambda v: {"bogus": 1}, TypeError), Bad("t 0", lambda v: {"t": 0.0}, ValueError)), {})},
         named_as={"overrides": "bogus|t"}),
