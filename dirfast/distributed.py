@@ -75,7 +75,7 @@ def _checked_on_every_rank(check: Callable[[], T], process_group: ProcessGroup |
     """:func:`checked_on_every_rank`, its arguments valid, the vote on ``device`` under NCCL."""
     try:
         result, error = check(), None
-    except Exception as exc:  # any: a warning turned into an error (-W error) too, else the other ranks wait in the vote
+    except Exception as exc:  # any, a warning made an error (-W error) too: else the other ranks wait in the vote
         result, error = None, exc
     refused = torch.tensor([error is not None], dtype=torch.int32, device=_vote_device(process_group, device))
     dist.all_reduce(refused, op=dist.ReduceOp.MAX, group=process_group)
