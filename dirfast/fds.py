@@ -656,7 +656,7 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         smoothed_mean, smoothed_var = self.smoothed_mean_last_epoch, self.smoothed_var_last_epoch
         scale, _ = scale_shift(running_mean, running_var, smoothed_mean, smoothed_var, self.clip_min, self.clip_max)
         scale = scale.double().cpu()
-        table = {"bucket": torch.arange(self.bucket_start, self.bucket_num),
+        table = {"bucket": torch.arange(self.bucket_start, self.bucket_num, device="cpu"),
                  "count": self.num_samples_tracked.double().cpu()}
         for name, running, smoothed in (("mean", running_mean, smoothed_mean), ("var", running_var, smoothed_var)):
             running, smoothed = running.double().cpu(), smoothed.double().cpu()

@@ -134,7 +134,7 @@ class LDS(distributed.SharesProcessGroup, FittedEstimator):
     @property
     def _counts(self) -> torch.Tensor:
         """The label count of each row (0 before a fit)."""
-        return self._fit if self._fit is not None else torch.zeros(self._num_rows, dtype=torch.float64)
+        return self._fit if self._fit is not None else torch.zeros(self._num_rows, dtype=torch.float64, device="cpu")
 
     # -- distributions -------------------------------------------------------------------------
     @property
@@ -287,7 +287,7 @@ class LDS(distributed.SharesProcessGroup, FittedEstimator):
         self._require_fit("diagnostics")
         effective = self._tables()[0]
         counts = self._counts.clone()
-        return {"bin": torch.arange(self.bucket_start, self.binning.num_bins),
+        return {"bin": torch.arange(self.bucket_start, self.binning.num_bins, device="cpu"),
                 "center": torch.from_numpy(self.binning.centers[self.bucket_start:]),
                 "count": counts, "empirical_density": counts / counts.sum(),
                 "effective_density": effective / effective.sum(), "weight": self._bin_weights().double()}

@@ -135,7 +135,7 @@ def _covariances(variances: torch.Tensor, k: int, d: int, covariance_type: str |
     if covariance_type == "diag":
         return torch.diag_embed(variances)
     if covariance_type == "spherical":
-        return variances[:, None, None] * torch.eye(d, dtype=torch.float64)
+        return variances[:, None, None] * torch.eye(d, dtype=torch.float64, device=variances.device)
     if covariance_type == "tied":
         return variances.expand(k, d, d).clone()
     return variances

@@ -1259,6 +1259,22 @@ def test_host_values_under_the_meta_device():
     for module, built in ((bni, BNILoss(0.8, CENTERS.numpy(), COUNTS.numpy())), (gai, GAILoss(0.8, gmm))):
         for name, value in built.named_buffers():
             assert_same(getattr(module, name), value, path=name)
+    # What the estimators make themselves is on the CPU too: spherical ([K]) variances were multiplied
+    # by a meta identity (RuntimeError), an unfitted LDS's zero counts were meta (update() raised
+    # RuntimeError, a state_dict held no values) and the diagnostics' bin column was meta.
+    spherical = {"means": [-1.0, 1.0], "variances": [1.0, 2.0], "weights": [0.5, 0.5]}
+    trained = trained_fds()
+    with torch.device("meta"):
+        mixture, spherical_gai = GaussianMixture(**spherical), GAILoss(0.8, spherical)
+        streamed = dirfast.LDS(dirfast.Binning.integer(121))
+        unfitted_state = streamed.state_dict()
+        streamed.update(labels)
+        tables = {"LDS": built_outside.diagnostics(), "FDS": trained.diagnostics()}
+    assert_same(mixture.variances, GaussianMixture(**spherical).variances)
+    assert_same(spherical_gai.gmm_variances, GAILoss(0.8, spherical).gmm_variances)
+    assert not unfitted_state["counts"].is_meta and torch.equal(streamed.weights(labels), built_outside.weights(labels))
+    for owner, table in tables.items():
+        assert all(value.device.type == "cpu" for value in table.values()), owner
 
 
 @pytest.mark.parametrize("make", [fitted_lds, fitted_dense], ids=["LDS", "DenseWeight"])
