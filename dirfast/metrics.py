@@ -113,6 +113,8 @@ def _region_of_bins(regions, num_bins: int) -> np.ndarray:
             raise TypeError(f"regions[{name!r}] must be a list of bins, got {type(bins).__name__}")
         if isinstance(bins, (np.ndarray, torch.Tensor)) and bins.ndim != 1:
             raise ValueError(f"regions[{name!r}] must be a 1-D list of bins, got {bins.ndim} dimensions")
+        if isinstance(bins, torch.Tensor):  # its elements as Python numbers (a 0-d tensor is not an int)
+            bins = validate.readable(f"regions[{name!r}]", bins).tolist()
         for b in bins:
             b = validate.integer(f"regions[{name!r}]", b, 0, num_bins - 1)
             if b in listed:

@@ -864,7 +864,10 @@ API = {
     "dirfast.metrics.shot_metrics over regions": Entry(dirfast.metrics.shot_metrics, {
         "preds": (EVAL_VALUES[:1], TEST + 0.5), "labels": (EVAL_VALUES[:1], TEST), "train_labels": (NOT_REAL, TRAIN),
         "many_shot_thr": (REAL + (Bad("below low_shot_thr", lambda v: 10, ValueError),), 100),
-        "low_shot_thr": (REAL, 20), "binning": (BINNING, INT100), "regions": ((), {"many": [1, 2], "low": [3]})},
+        "low_shot_thr": (REAL, 20), "binning": (BINNING, INT100), "regions": ((
+            Bad("1-D tensors of bins", lambda v: {key: torch.tensor(bins) for key, bins in v.items()}, SAME),
+            Bad("a float tensor of bins", lambda v: dict(v, many=torch.tensor([1.0, 2.0])), TypeError)),
+            {"many": [1, 2], "low": [3]})},
         expect={("train_labels", "None"): SAME}),
     "dirfast.metrics.shot_metrics over a grid": Entry(dirfast.metrics.shot_metrics, {
         "preds": (GRID_VALUES, GRID_Y + 0.1), "labels": (GRID_VALUES, GRID_Y),
