@@ -461,6 +461,12 @@ class _BalancedMSE(CheckedLoad):
         if not errors and not missing:
             values = {name: state_dict[prefix + name].detach().cpu().double() for name in current}
             errors = self._value_errors(values, prefix)
+        if not errors and not missing and not local_metadata.get("assign_to_params_buffers", False) and not (
+                torch.compiler.is_compiling() or torch.is_inference_mode_enabled()):
+            # copied in place: torch would copy some entries, then refuse the others
+            errors = [f"{prefix}{name}: this loss's {name} was made under torch.inference_mode, which torch forbids "
+                      "updating outside it: build the loss outside inference mode and load into that one (or load "
+                      "with assign=True)." for name, value in current.items() if value.is_inference()][:1]
         if errors:
             error_msgs.extend(errors)
             return

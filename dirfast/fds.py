@@ -489,6 +489,9 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         missing = [prefix + name for name in names if name not in self._ACCUMULATORS and prefix + name not in state_dict]
         errors = validate.checkpoint_errors(state_dict, prefix, current, False, "FDS")
         errors = errors or self._value_errors(state_dict, prefix, current)  # of entries of the right kind
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        if not (errors or assign):  # copied in place: torch would copy some, then refuse the others
+            errors = self._inference_errors(prefix)
         if missing or errors:
             missing_keys.extend(missing)
             error_msgs.extend(errors)
@@ -499,7 +502,6 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         # still share (the checkpoint's last-epoch values, copied last, in both); assigned
         # (assign=True), they share as the checkpoint's tensors do (a published checkpoint's
         # share storage; dirfast's say so in their metadata) -- here as buffers of their own.
-        assign = bool(local_metadata.get("assign_to_params_buffers", False))
         if not assign:
             follows = self._snapshot_follows
         elif _FOLLOWS in local_metadata:
@@ -525,8 +527,9 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
         # restarts, and accumulators a checkpoint lacks (a published one) are cleared.
         device = self.running_mean.device
         for name in ("kernel_window", "num_samples_skipped") + self._ACCUMULATORS:
-            if getattr(self, name).device != device:
-                setattr(self, name, torch.empty_like(getattr(self, name), device=device))
+            old = getattr(self, name)  # also one made under inference mode, which an assigned load replaces
+            if old.device != device or (old.is_inference() and not torch.is_inference_mode_enabled()):
+                setattr(self, name, torch.empty_like(old, device=device))
         with torch.no_grad():
             self.kernel_window.copy_(self._window(device))
             self.num_samples_skipped.zero_()
@@ -538,6 +541,17 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
                     getattr(self, name).copy_(state_dict[key])
                 else:
                     getattr(self, name).zero_()
+
+    def _inference_errors(self, prefix: str) -> list:
+        """The statistics a load would copy into in place that were made under torch.inference_mode
+        (torch forbids writing them outside it), in the words of :meth:`_check_writable`."""
+        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+            return []
+        tensors = [(name, buffer) for name, buffer in self.named_buffers(recurse=False)]
+        tensors += [(name, getattr(self, name)) for name in self._ACCUMULATORS + ("num_samples_skipped",)]
+        return [f"{prefix}{name}: this FDS's {name} was made under torch.inference_mode, which torch forbids "
+                "updating outside it: build the FDS outside inference mode and load into that one (or load with "
+                "assign=True)." for name, tensor in tensors if tensor.is_inference()][:1]
 
     @staticmethod
     def _value_errors(state_dict, prefix: str, current: dict) -> list:

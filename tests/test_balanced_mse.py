@@ -627,6 +627,24 @@ def test_missing_keys_are_reported_not_loaded(name):
     assert result.missing_keys == [f"loss.{k}" for k in before] and not model.head.weight.any()
 
 
+@pytest.mark.parametrize("name", list(MODULES))
+def test_a_load_into_a_loss_made_in_inference_mode_is_refused_whole(name):
+    """A loss built under torch.inference_mode, loaded outside it: torch copied the buffers in
+    place, then refused the parameter (or the reverse), leaving a half-loaded loss; the load is
+    refused before any copy, naming the cause. Assigned (assign=True), it loads."""
+    with torch.inference_mode():
+        loss = MODULES[name]()
+    before = {k: v.clone() for k, v in loss.state_dict().items()}
+    other = {k: v + 1 if k != "noise_sigma" else v * 2 for k, v in before.items()}
+    with pytest.raises(RuntimeError, match="made under torch.inference_mode"):
+        loss.load_state_dict(other)
+    for key, value in loss.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    loss.load_state_dict(other, assign=True)
+    for key, value in loss.state_dict().items():
+        assert torch.equal(value, other[key]), key
+
+
 def test_modules_copy_the_callers_prior():
     """A load writes into the module's buffers, never into the caller's tensors or mixture."""
     centers, weights = torch.linspace(-3, 3, 10, dtype=torch.float64), torch.ones(10, dtype=torch.float64)

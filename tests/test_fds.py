@@ -214,7 +214,11 @@ def test_state_made_in_inference_mode_is_refused_before_anything_is_written():
              "update_running_stats": lambda: fds.update_running_stats(features(60, 3, 1), labels, 0),
              "update_running_stats(epoch)": lambda: fds.update_running_stats(epoch=0),
              "update_last_epoch_stats": lambda: fds.update_last_epoch_stats(1), "reset": fds.reset,
-             "reset_parameters": fds.reset_parameters, "clear_accumulated": fds.clear_accumulated}
+             "reset_parameters": fds.reset_parameters, "clear_accumulated": fds.clear_accumulated,
+             # copied in place (torch copied the buffers, then the window raised: a half-made load)
+             "load_state_dict": lambda: fds.load_state_dict(trained.state_dict())}
+    trained = dirfast.FDS(3, bucket_num=8, bucket_start=0)
+    trained.update_running_stats(features(60, 3, 1), labels, 0)
     for name, call in calls.items():
         with pytest.raises(RuntimeError, match="made under torch.inference_mode"):
             call()
@@ -224,6 +228,12 @@ def test_state_made_in_inference_mode_is_refused_before_anything_is_written():
         fds.accumulate(features(60, 3, 1), labels)
         fds.update_running_stats(epoch=0)
     assert fds.num_samples_tracked.sum() == 60
+    # assigned, the statistics are the checkpoint's (copies of their own), and the rest is rebuilt outside it
+    fds = _made_in_inference_mode(lambda: dirfast.FDS(3, bucket_num=8, bucket_start=0))
+    fds.load_state_dict(trained.state_dict(), assign=True)
+    fds.accumulate(features(60, 3, 2), labels)
+    fds.update_running_stats(epoch=1)
+    assert fds.num_samples_tracked.sum() == 120
 
 
 def test_an_assigned_load_keeps_the_module_dtypes_and_memory_of_its_own():
