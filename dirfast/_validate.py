@@ -11,6 +11,9 @@
 - A state dict that is not a mapping is a TypeError; a wrong entry in one (a missing key, a
   tensor of another shape, a NaN, a setting that differs) is a ValueError, or the RuntimeError
   of ``nn.Module.load_state_dict`` for a module.
+- NotImplementedError for a derivative asked where none is computed: a tensor that requires grad
+  where the function takes it as a constant (:func:`constant`), as the ops do (README, "First
+  derivatives, or an error").
 - RuntimeError only for a call the object's state does not allow yet (weights before a fit), and
   where torch itself refuses: an in-place write that autograd or the tensor's memory forbids (a
   leaf that requires grad, an expanded tensor), a tensor on a device the selected backend does
@@ -186,6 +189,14 @@ def weights_for(name: str, weights, loss: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{name} of shape {tuple(shape)} must broadcast to the loss shape {tuple(target)} (that of "
                          f"inputs) without enlarging it")
     return weights
+
+
+def constant(name: str, value, function: str) -> None:
+    """Refuse a tensor ``value`` that requires grad (grad mode on) where ``function`` takes it as a
+    constant: NotImplementedError, where torch would leave its gradient None, silently."""
+    if isinstance(value, torch.Tensor) and value.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError(f"{function} has no derivative in {name}, which requires grad: pass "
+                                  f"{name}.detach() (torch would leave its gradient None, silently)")
 
 
 def readable(name: str, value: torch.Tensor) -> torch.Tensor:

@@ -342,10 +342,13 @@ def bni_loss(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor |
         bucket_centers, bucket_weights: the histogram, ``[K]`` each (weights need not sum to 1:
             that only shifts the loss by a constant; a weight of 0 drops its bin). Checked on the
             host, as :class:`BNILoss` checks them once; finite centres, non-negative weights.
+            Constants: a tensor that requires grad is refused (NotImplementedError).
 
     The balancing term runs in :func:`dirfast.ops.mixture_logpdf`, without an N x K matrix.
     """
     validate.prediction_pair("pred", pred, "target", target)
+    for name, value in (("bucket_centers", bucket_centers), ("bucket_weights", bucket_weights)):
+        validate.constant(name, value, "dirfast.losses.bni_loss")
     noise_var = _noise_var(noise_var, pred)
     centers, weights = _histogram(bucket_centers, bucket_weights)
     _check_fits("bucket_centers", _magnitude(centers.to(torch.float64)), _acc(pred))
@@ -371,13 +374,17 @@ def gai_loss(pred: torch.Tensor, target: torch.Tensor, gmm: GaussianMixture | Ma
         pred, target: for a mixture of scalar labels, any one shape (every element a sample);
             for a mixture in d > 1 dimensions, ``[N, d]``.
         gmm: a :class:`dirfast.mixture.GaussianMixture` (:func:`dirfast.mixture.fit_gmm`), or a
-            dict with ``means``, ``variances`` and ``weights`` (the published pickle's contents).
+            dict with ``means``, ``variances`` and ``weights`` (the published pickle's contents):
+            constants, a tensor that requires grad is refused (NotImplementedError).
         noise_var: the noise variance, a positive number or a one-element tensor (learnable).
 
     Scalar labels use :func:`dirfast.ops.mixture_logpdf` (no N x K matrix); in d dimensions the
     mixture's covariances plus ``noise_var * I`` are factorised once per call.
     """
     validate.prediction_pair("pred", pred, "target", target)
+    if isinstance(gmm, Mapping):
+        for key, value in gmm.items():
+            validate.constant(f"gmm[{key!r}]", value, "dirfast.losses.gai_loss")
     gmm = _mixture(gmm)
     _check_fits("gmm means and variances", _magnitude(gmm.means, gmm.variances), _acc(pred))
     tables = (gmm.means.to(pred.device), gmm.variances.to(pred.device), gmm.weights.to(pred.device))

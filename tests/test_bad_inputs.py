@@ -296,6 +296,8 @@ WINDOW = NOT_A_TENSOR + WRONG_DTYPE + (
 WEIGHTS = (Bad("numpy", lambda v: v.numpy(), TypeError), Bad("list", lambda v: v.tolist(), TypeError),
            Bad("too long", lambda v: torch.cat([v, v]), ValueError), Bad("[N, N]", lambda v: torch.ones(8, 8), ValueError),
            Bad("[N]", lambda v: v.reshape(-1), ValueError), Bad("NaN", lambda v: _set_first(v, NAN), NAN_OUT))
+# A tensor a loss takes as a constant (no derivative computed): refused where it requires grad.
+CONSTANT_REQUIRING_GRAD = Bad("requiring grad", lambda v: torch.as_tensor(v).clone().requires_grad_(), NotImplementedError)
 HISTOGRAM = NOT_REAL + NON_FINITE + (
     Bad("2-D", lambda v: torch.as_tensor(v)[:, None], ValueError), Bad("empty", lambda v: torch.as_tensor(v)[:0], ValueError),
     Bad("fewer", lambda v: torch.as_tensor(v)[:-1], ValueError), Bad("meta", lambda v: torch.as_tensor(v).to("meta"), ValueError),
@@ -820,15 +822,17 @@ API = {
                                       Bad("meta", lambda v: v.to("meta"), ValueError)), PRED),
         "target": (FLOAT_TENSOR[:-3], TARGET), "noise_var": (NOISE_VAR, 0.7),
         "bucket_centers": (HISTOGRAM + (Bad("float64 1e39 (beyond float32)", lambda v: _set_first(v.double(), 1e39),
-                                            ValueError),), CENTERS),
+                                            ValueError), CONSTANT_REQUIRING_GRAD), CENTERS),
         "bucket_weights": (HISTOGRAM_WEIGHTS + (Bad("float64 1e39 (its log fits)", lambda v: _set_first(v.double(), 1e39),
-                                                    FINITE),), COUNTS)}),
+                                                    FINITE), CONSTANT_REQUIRING_GRAD), COUNTS)}),
     "dirfast.losses.gai_loss": Entry(dirfast.losses.gai_loss, {
         "pred": (FLOAT_TENSOR[:-3] + (Bad("[N] against [N, 1]", lambda v: v[:, 0], ValueError),), PRED),
         "target": (FLOAT_TENSOR[:-3], TARGET), "noise_var": (NOISE_VAR, 0.7),
         "gmm": (GMM + (Bad("float64 variance 1e39 (beyond float32)",
                            lambda v: dict(v, variances=_set_first(v["variances"].double(), 1e39)),
-                           ValueError),), GMM2)}),
+                           ValueError),
+                       Bad("means requiring grad", lambda v: dict(v, means=v["means"].clone().requires_grad_()),
+                           NotImplementedError)), GMM2)}),
     "dirfast.losses.BMCLoss": Entry(BMCLoss, {
         "init_noise_sigma": (NOISE_SIGMA, 1.0), "learn_noise": (BOOL, True), "all_ranks": (BOOL, False),
         "process_group": (PROCESS_GROUP, None)}),
