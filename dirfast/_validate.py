@@ -154,6 +154,22 @@ def tensor(name: str, value) -> torch.Tensor:
     return value
 
 
+# The dtypes whose sums and gathers every torch.distributed backend takes (gloo has no int16, no
+# unsigned type above uint8, no float8).
+COLLECTIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool, torch.uint8, torch.int8,
+                     torch.int32, torch.int64)
+
+
+def collective(name: str, value) -> torch.Tensor:
+    """A tensor for a torch.distributed collective: dense, holding values (not meta), of a dtype
+    every backend takes (:data:`COLLECTIVE_DTYPES`; gloo's own error names no argument)."""
+    readable(name, tensor(name, value))
+    if value.dtype not in COLLECTIVE_DTYPES:
+        raise TypeError(f"{name} must be a float16, bfloat16, float32, float64, bool, uint8, int8, int32 or int64 "
+                        f"tensor (what every torch.distributed backend sums and gathers), got {value.dtype}")
+    return value
+
+
 def floating(name: str, value) -> torch.Tensor:
     """A tensor of float16, bfloat16, float32 or float64 values, the floating dtypes dirfast
     computes in (a float8 tensor would fail deep inside an op)."""

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from . import _validate as validate
+from ._autograd import in_place_refusal
 from ._types import ProcessGroup
 from .ops.accumulate_bin_stats import chan_merge, m2_from_var, var_from_m2
 
@@ -100,8 +101,13 @@ def _agreed_on_every_rank(flag: bool, what: str, process_group: ProcessGroup | N
 
 
 def all_reduce_sum(tensor: torch.Tensor, process_group: ProcessGroup | None = None) -> torch.Tensor:
-    """``tensor`` summed over the ranks of the group (in place, and returned)."""
-    validate.readable("tensor", validate.tensor("tensor", tensor))
+    """``tensor`` summed over the ranks of the group (in place, and returned): a tensor torch would
+    not let be written in place (a leaf that requires grad, an inference tensor, an expanded one)
+    is refused first, as dirfast's in-place ops refuse it."""
+    validate.collective("tensor", tensor)
+    problem = in_place_refusal("tensor", tensor)
+    if problem is not None:
+        raise RuntimeError(f"{problem}; pass a tensor of its own (a copy)")
     validate.process_group("process_group", process_group, member=True)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
     return tensor
@@ -132,7 +138,7 @@ def all_gather_rows(tensor: torch.Tensor, process_group: ProcessGroup | None = N
 
     Not differentiable: the result is for a prior (Balanced MSE's BMC targets), not for a loss
     term that needs the other ranks' gradients."""
-    if validate.readable("tensor", validate.tensor("tensor", tensor)).dim() == 0:
+    if validate.collective("tensor", tensor).dim() == 0:
         raise ValueError("tensor must have rows (at least one dimension), got a 0-d tensor")
     validate.process_group("process_group", process_group, member=True)
     world, rank = dist.get_world_size(process_group), dist.get_rank(process_group)

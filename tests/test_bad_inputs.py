@@ -493,8 +493,12 @@ PROCESS_GROUP = (Bad("str", lambda v: "world", TypeError), Bad("int", lambda v: 
 MEMBER_GROUP = PROCESS_GROUP[:2] + (
     Bad("this rank outside it", lambda v: torch.distributed.GroupMember.NON_GROUP_MEMBER, ValueError),)
 A_CALLABLE = (Bad("int", lambda v: 1, TypeError), Bad("None", lambda v: None, TypeError))
-SUMMED = NOT_A_TENSOR + (Bad("meta", lambda v: v.to("meta"), ValueError), Bad("non-contiguous", _strided, SAME))
-ROWS = SUMMED + (Bad("0-d", lambda v: v.reshape(-1)[0], ValueError),)
+# A tensor of a collective: dtypes a torch.distributed backend refuses (gloo: int16, uint16, float8).
+COLLECTED = NOT_A_TENSOR + (Bad("meta", lambda v: v.to("meta"), ValueError), Bad("non-contiguous", _strided, SAME),
+                            Bad("int16", lambda v: v.to(torch.int16), TypeError),
+                            Bad("uint16", lambda v: v.to(torch.uint16), TypeError), FLOAT8)
+SUMMED = COLLECTED + LEAVES + (Bad("expanded", lambda v: v[:1].expand_as(v), RuntimeError),)  # summed in place
+ROWS = COLLECTED + (Bad("0-d", lambda v: v.reshape(-1)[0], ValueError),)
 BUCKET_COUNTS = NOT_A_TENSOR + (Bad("complex", lambda v: v.to(torch.complex64), TypeError),
                                 Bad("bool", lambda v: v != 0, TypeError), Bad("fewer", lambda v: v[:-1], ValueError),
                                 Bad("2-D", lambda v: v[:, None], ValueError),
