@@ -233,14 +233,18 @@ def real_tensor(name: str, value) -> torch.Tensor:
             array = np.asarray(value)
         except Exception as exc:  # ragged lists and the like
             raise TypeError(f"{name} must be a tensor or an array of real numbers ({exc})") from None
+        if array.dtype.kind == "O" and array.size and all(type(v) in (int, float) for v in array.flat):
+            # Python numbers NumPy could not hold: integers beyond 64 bits (among them, floats too)
+            raise ValueError(f"{name} holds integers too large for 64 bits")
         if array.dtype.kind not in "iuf":
             raise TypeError(f"{name} must be real numbers, got an array of {array.dtype}")
         if array.dtype.kind == "f" and array.dtype.itemsize > 8:  # torch has no longdouble
             raise TypeError(f"{name} must be float16, float32 or float64 values, got an array of {array.dtype} "
                             "(convert it with .astype(np.float64))")
         # One copy, in native byte order and without the negative strides torch refuses (a[::-1]);
-        # from_numpy keeps it on the CPU whatever the default device.
-        value = torch.from_numpy(np.array(array, dtype=array.dtype.newbyteorder("="), order="C"))
+        # from_numpy keeps it on the CPU whatever the default device. The dtype goes by its kind
+        # and size: NumPy's ulonglong (a list's integers beyond int64) is a uint64 torch knows not.
+        value = torch.from_numpy(array.astype(np.dtype(array.dtype.str).newbyteorder("="), order="C", copy=True))
     tensor(name, value)  # dense
     if value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must be real numbers, got {value.dtype}")

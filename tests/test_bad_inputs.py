@@ -241,6 +241,7 @@ LAYOUTS = (Bad("non-contiguous", _strided, SAME), Bad("numpy", lambda v: torch.a
 # Labels read on the host (a fit over the whole training set): NaN, inf and no labels are errors.
 FIT_LABELS = NOT_REAL + NON_FINITE + LOW_PRECISION + LAYOUTS + (
     Bad("empty", lambda v: torch.as_tensor(v)[:0], ValueError),
+    Bad("integers beyond 64 bits", lambda v: [2 ** 70, 3], ValueError),
     Bad("meta", lambda v: torch.as_tensor(v).to("meta"), ValueError))
 # Labels of a batch on the training path: nothing is read on the host, a NaN label has no bin.
 BATCH_LABELS = NOT_REAL + LOW_PRECISION + LAYOUTS + (
@@ -1286,6 +1287,15 @@ def test_host_values_under_the_meta_device():
     assert not unfitted_state["counts"].is_meta and torch.equal(streamed.weights(labels), built_outside.weights(labels))
     for owner, table in tables.items():
         assert all(value.device.type == "cpu" for value in table.values()), owner
+
+
+def test_integers_of_64_bits_in_a_list():
+    """A list of integers up to 2^64 - 1 is taken as a uint64 array of them is (NumPy makes it a
+    ulonglong, which torch.from_numpy refused by that name); beyond 64 bits is a ValueError."""
+    big = [2 ** 64 - 1, 2 ** 63]
+    assert torch.equal(dirfast.bandwidth.silverman(big), dirfast.bandwidth.silverman(np.array(big, dtype=np.uint64)))
+    with pytest.raises(ValueError, match="values holds integers too large for 64 bits"):
+        dirfast.bandwidth.silverman([2 ** 64, 1])
 
 
 @pytest.mark.parametrize("make", [fitted_lds, fitted_dense], ids=["LDS", "DenseWeight"])
