@@ -183,6 +183,9 @@ def shot_metrics(preds: ArrayLike, labels: ArrayLike, train_labels: ArrayLike | 
             raise TypeError("shot_metrics() needs train_labels (or regions)")
         train = _rows("train_labels", train, binning.ndim) if isinstance(binning, GridBinning) else train.reshape(-1)
         if binning is None:
+            if train.size and not np.abs(train).max() < 2.0 ** 63:  # astype(int) would wrap silently
+                raise ValueError("train_labels must be within int64's range without a binning (their keys are "
+                                 f"int(label), as published), got {np.abs(train).max():g}")
             test_keys, train_keys = labels, train.astype(int)
         else:
             test_keys = binning(labels, precision="float32").numpy()

@@ -76,6 +76,8 @@ def test_shot_metrics_train_labels_cast_to_int():
     assert got["many"]["mse"] == pytest.approx((1 + 1.5**2) / 2)
     assert got["median"]["l1"] == pytest.approx(1.0)
     assert got["low"]["gmean"] == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="train_labels must be within int64's range"):  # int() would wrap
+        dirfast.metrics.shot_metrics(preds, test, np.append(train, 1e20))
 
 
 def test_shot_metrics_empty_region_is_nan():
