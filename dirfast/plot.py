@@ -44,6 +44,8 @@ def _check_axes(name: str, value) -> None:
 
     if not isinstance(value, Axes):
         raise TypeError(f"{name} must be a matplotlib Axes, got {type(value).__name__}")
+    if value.name != "rectilinear":  # a 3-D or polar Axes took the bars, then failed at twinx or imshow
+        raise ValueError(f"{name} must be a plain 2-D matplotlib Axes, got a {value.name!r} projection")
 
 
 def plot_label_distribution(lds: LDS, ax: Axes | None = None) -> tuple[Axes, Axes]:

@@ -998,11 +998,14 @@ API = {
     # ----------------------------------------------------------------------- plots
     "dirfast.plot.plot_label_distribution": Entry(dirfast.plot.plot_label_distribution, {
         "lds": ((Bad("not an LDS", lambda v: "lds", TypeError), Bad("unfitted", lambda v: dirfast.LDS(INT121), RuntimeError),
-                 Bad("over a grid", lambda v: grid_lds(), ValueError)), fitted_lds()), "ax": (AXES, None)},
+                 Bad("over a grid", lambda v: grid_lds(), ValueError)), fitted_lds()),
+        "ax": (AXES + (Bad("a 3-D Axes", lambda v: plt.figure().add_subplot(projection="3d"), ValueError),), None)},
         named_as={"lds": "lds|LDS"}),
     "dirfast.plot.plot_grid_distribution": Entry(dirfast.plot.plot_grid_distribution, {
         "lds": ((Bad("not an LDS", lambda v: 3, TypeError), Bad("over a Binning", lambda v: fitted_lds(), ValueError)),
-                grid_lds()), "axes": (AXES + (Bad("two Axes", lambda v: [1, 2], TypeError),), None)},
+                grid_lds()), "axes": (AXES + (Bad("two Axes", lambda v: [1, 2], TypeError),
+                                              Bad("polar Axes", lambda v: list(plt.subplots(1, 3, subplot_kw={
+                                                  "projection": "polar"})[1]), ValueError)), None)},
         named_as={"lds": "lds|LDS"}),
     "dirfast.plot.plot_fds_diagnostics": Entry(dirfast.plot.plot_fds_diagnostics, {
         "fds": ((Bad("not an FDS", lambda v: fitted_lds(), TypeError),), trained_fds()),
