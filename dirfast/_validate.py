@@ -95,13 +95,15 @@ def positive(name: str, value) -> float:
 
 def in_dtype(name: str, value: float, dtype: torch.dtype, *, reciprocal: bool = False) -> float:
     """``value`` (a float :func:`real` returned) finite in ``dtype``, the dtype a computation
-    runs in, and ``1 / value`` too with ``reciprocal``: beyond them it would be inf there, and
-    the result NaN."""
-    big = float(torch.finfo(dtype).max)
-    if abs(value) > big or (reciprocal and abs(value) < 1.0 / big):
-        bound = f"in [{1.0 / big:.4g}, {big:.4g}] (it and 1/{name}" if reciprocal else \
-            f"at most {big:.4g} in magnitude (it"
-        raise ValueError(f"{name} must be {bound} finite in {dtype}, the dtype of the computation), got {value!r}")
+    runs in, and with ``reciprocal`` a normal number there (``1 / value`` finite too; the subnormal
+    ``1 / finfo.max`` rounds so that its reciprocal is inf, and is 0 where denormals are flushed):
+    beyond them it would be inf there, and the result NaN."""
+    big, tiny = float(torch.finfo(dtype).max), float(torch.finfo(dtype).tiny)
+    if abs(value) > big or (reciprocal and abs(value) < tiny):
+        bound = f"in [{tiny:.4g}, {big:.4g}] (a normal number in {dtype}, the dtype of the computation: it " \
+            f"and 1/{name} finite there)" if reciprocal else \
+            f"at most {big:.4g} in magnitude (it finite in {dtype}, the dtype of the computation)"
+        raise ValueError(f"{name} must be {bound}, got {value!r}")
     return value
 
 

@@ -84,9 +84,9 @@ def rnc_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 
         features: ``[bs, 2, D]``, two augmented views of each sample (any number of views
             works: they are stacked, ``n = views * bs`` rows).
         labels: ``[bs]`` or ``[bs, label_dim]``; the label distance is L1.
-        temperature: of the logits ``-||z_i - z_j|| / temperature``; it and ``1 / temperature``
-            must be finite in the dtype the loss is computed in (float32, float64 for float64
-            inputs): ``temperature >= 2.94e-39`` in float32.
+        temperature: of the logits ``-||z_i - z_j|| / temperature``; a normal number in the
+            dtype the loss is computed in (float32, float64 for float64 inputs), so that it and
+            ``1 / temperature`` are finite there: ``temperature >= 1.18e-38`` in float32.
         all_ranks: pair this rank's rows with the rows of every rank (torch.distributed).
 
     Returns the mean over anchors ``i`` and partners ``j != i`` of ``-(s_ij - log S_ij)``, where
@@ -203,9 +203,9 @@ def conr_loss(features: torch.Tensor, targets: torch.Tensor, preds: torch.Tensor
             linear pushing weight ``weights_i * e * l_ij``; a divisor that counts the anchor;
             an unweighted mean).
 
-    ``t`` and ``1 / t`` (the logits are cosines over ``t``), ``e`` and a number ``weights`` must
-    be finite in the dtype the loss is computed in (float32, float64 for float64 inputs): in
-    float32, ``t >= 2.94e-39`` and ``|e|, weights <= 3.4e38``.
+    ``t`` (the logits are cosines over ``t``) must be a normal number, and ``1 / t``, ``e`` and a
+    number ``weights`` finite, in the dtype the loss is computed in (float32, float64 for float64
+    inputs): in float32, ``t >= 1.18e-38`` and ``|e|, weights <= 3.4e38``.
 
     Returns the mean over anchors of ``weights_i * loss_i`` (``"nyud2"``: of ``loss_i``). An anchor
     without negatives adds 0, as published; one without positives adds 0 too, where the

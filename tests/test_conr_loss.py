@@ -1,8 +1,9 @@
 """``dirfast::conr_loss``: the reference against a float64 loop oracle written from the definition
 (values and gradients, every published variant), then every backend against the reference:
 sizes, anchor subsets, ties, identical and zero rows, the four dtypes, layouts, a small
-temperature, NaN and empty cases; gradcheck, opcheck, torch.compile, the C++ kernels' bits for
-any number of threads, and the memory of the reference and the C++ kernels (no [m, m, D]).
+temperature and the smallest accepted one, NaN and empty cases; gradcheck, opcheck,
+torch.compile, the C++ kernels' bits for any number of threads, and the memory of the reference
+and the C++ kernels (no [m, m, D]).
 
 Bad arguments are in test_bad_inputs.py; the backend a backward runs on in test_backends.py.
 """
@@ -245,6 +246,27 @@ def test_small_temperature_does_not_overflow(backend, device):
     torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-3)
     scale = float(want_grad.abs().max())
     torch.testing.assert_close(grad.double() / scale, want_grad / scale, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_smallest_temperature_stays_finite(backend, device):
+    """tau = 1.18e-38, float32's smallest normal and the smallest accepted: losses up to 2 / tau
+    (1.7e38) and coefficients of grad / tau are the float64 reference's to float32 rounding.
+    |P| log(pos + neg) and the positives' summed products (each near |P| / tau) pass float32's
+    range there, as does grad |P| / tau in the backward (they gave inf - inf: NaN losses and
+    gradients from |P| = 4)."""
+    m = 12 if interpreted(backend, device) else 48
+    tiny = float(torch.finfo(torch.float32).tiny)
+    features, *rest = conr_inputs(m, 6, 1, torch.float32, device, seed=12)
+    tensors = (features * 4.0, *rest)  # norms of about 10: the gradient, grad_q / norm, well inside float32
+    options = (1.0, tiny, 0.01, "exp", True, False, 0, m)
+    want, want_grad = expected(tuple(t.double() for t in tensors), options)
+    assert float(want.max()) > 1e37 and float(want.max()) < 3e38
+    out, grad = run(backend, tensors, options)
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
+    scale = float(want_grad.abs().max())
+    torch.testing.assert_close(grad.double() / scale, want_grad / scale, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)

@@ -1,7 +1,8 @@
 """``dirfast::rnc_loss``: the reference against a float64 loop oracle written from the definition
 (values and gradients), then every backend against the reference: row counts down to 1 and 2,
 anchor subsets (offset, count, count = 0), one or several labels, ties in label distance,
-identical feature rows, the four dtypes, non-contiguous inputs, small temperatures, NaN input;
+identical feature rows, the four dtypes, non-contiguous inputs, small temperatures down to the
+smallest accepted one (against a second oracle, each sum shifted by its largest term), NaN input;
 gradcheck, torch.compile, the same bits for any number of CPU threads, and memory without an
 [m, m, D] tensor.
 
@@ -21,6 +22,7 @@ from dirfast.ops.rnc_loss import reference, reference_backward
 from testing import backend_device_params, gen, interpreted, same_bits_for_threads, stats_dtype, tol
 
 BACKEND_DEVICE = list(backend_device_params(op="rnc_loss"))
+TINY32 = float(torch.finfo(torch.float32).tiny)  # 1.18e-38, the smallest temperature float32 takes
 NOT_INTERPRETED = [p for p in BACKEND_DEVICE if not interpreted(*p.values)]
 
 
@@ -46,6 +48,28 @@ def loop_rnc(z, y, temperature, offset=0, count=None):
                 total = total + s[j] - torch.log(sum(torch.exp(s[k]) for k in range(m) if k != i and d[k] >= d[j]))
         out.append(-total / (m - 1))
     return torch.stack(out) if out else z[:0, 0] * 0
+
+
+def loop_rnc_shifted(z, y, temperature):
+    """:func:`loop_rnc` with each sum taken relative to its largest term: ``s_ij - log S_ij =
+    (low - r_ij) / t - log sum_{k in S_ij} exp((low - r_ik) / t)``, ``low`` the smallest distance
+    in ``S_ij`` -- every exponent <= 0, so float64 holds it at any temperature, where loop_rnc's
+    plain exps underflow to 0 (a log of 0) once the distances over t pass about 700."""
+    m = z.shape[0]
+    labels = y.double().tolist()
+    out = []
+    for i in range(m):
+        d = [sum(abs(a - b) for a, b in zip(labels[i], labels[j])) for j in range(m)]
+        r = [torch.linalg.vector_norm(z[i] - z[j]) for j in range(m)]
+        total = z.new_zeros(())
+        for j in range(m):
+            if j != i:
+                suffix = [k for k in range(m) if k != i and d[k] >= d[j]]
+                low = torch.stack([r[k] for k in suffix]).min()
+                total = total + (low - r[j]) / temperature - torch.log(
+                    sum(torch.exp((low - r[k]) / temperature) for k in suffix))
+        out.append(-total / (m - 1))
+    return torch.stack(out)
 
 
 def rnc_inputs(m, D, L, dtype=torch.float32, seed=0, labels="integer", duplicate=True):
@@ -200,6 +224,41 @@ def test_small_temperatures_stay_finite(backend, device, dtype, temperature, gra
     out, grad = check(backend, z, y, temperature, value_tol=value_tol, grad_tol=grad_tol)
     assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(grad).all())
     assert float(out.min()) > 1.0  # far from 0: the logits differ by hundreds
+
+
+@pytest.mark.parametrize("temperature", [1.5, 1e-3, 1e-20, 1e-300], ids=str)
+def test_reference_at_any_temperature(temperature):
+    """The float64 reference is the shifted oracle at any temperature down to 1e-300 (values and
+    gradients; ties in label distance, identical rows): its sums keep the scale, a distance, apart
+    from the sum of exps. (As log-sum-exps of -r / t they lost log(tie group size) once r / t
+    passed 1e16, and the gradients were wrong by factors.)"""
+    z, y = rnc_inputs(9, 4, 1, torch.float64, seed=31)
+    leaf = z.clone().requires_grad_()
+    want = loop_rnc_shifted(leaf, y, temperature)
+    upstream = torch.rand(9, generator=gen(9), dtype=torch.float64)
+    want_grad, = torch.autograd.grad((want * upstream).sum(), leaf)
+    torch.testing.assert_close(reference(z, y, temperature, 0, 9), want.detach(), rtol=1e-12, atol=0)
+    scale = float(want_grad.abs().max())
+    torch.testing.assert_close(reference_backward(upstream, z, y, temperature, 0, 9) / scale, want_grad / scale,
+                               rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+@pytest.mark.parametrize("temperature", [1e-6, 1e-20, TINY32], ids=["1e-6", "1e-20", "tiny"])
+def test_float32_down_to_the_smallest_temperature(backend, device, temperature):
+    """In float32, from 1e-6 down to the smallest accepted temperature (float32's smallest normal,
+    losses near 1e38): losses and gradients are the float64 reference's to float32 rounding, with
+    ties in label distance and identical rows. The logits -r / t pass float32's range there (they
+    were -inf: NaN losses), and log S = -low / t + log(total) rounded log(total) away from about
+    t = 1e-6 (gradients wrong by factors); the per-pair weights dL/ds / (r t) overflowed too."""
+    z, y = rnc_inputs(12, 8, 1, seed=32)
+    if temperature == TINY32:
+        distances = torch.cdist(z.double(), z.double())
+        assert float(distances.max()) / temperature > float(torch.finfo(torch.float32).max)
+        assert float(reference(z.double(), y.double(), temperature, 0, 12).max()) < 3e38  # float32 has it
+    out, grad = check(backend, z.to(device), y.to(device), temperature, value_tol=dict(rtol=1e-5, atol=0),
+                      grad_tol=dict(rtol=0, atol=1e-5))
+    assert bool(torch.isfinite(out).all()) and bool(torch.isfinite(grad).all())
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)

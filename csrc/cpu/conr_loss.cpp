@@ -74,6 +74,14 @@ bool check_conr_args(const Tensor& features, const Tensor& labels, const Tensor&
                   "] (one weight per row of features), got ", shape_of(weights));
   STD_TORCH_CHECK(std::isfinite(w) && w >= 0, op, ": w must be a finite number >= 0, got ", w);
   STD_TORCH_CHECK(std::isfinite(tau) && tau > 0, op, ": tau must be a finite number > 0, got ", tau);
+  // prod = cos / tau in the accumulation dtype: a normal number there (its reciprocal finite; a
+  // subnormal one may round so that 1 / tau is inf, and is 0 where denormals are flushed).
+  const bool is_float = acc_type({features.scalar_type(), labels.scalar_type(), preds.scalar_type(),
+                                  weights.scalar_type()}) == ScalarType::Float;
+  const double big = is_float ? std::numeric_limits<float>::max() : std::numeric_limits<double>::max();
+  const double tiny = is_float ? std::numeric_limits<float>::min() : std::numeric_limits<double>::min();
+  STD_TORCH_CHECK(tau <= big && tau >= tiny, op, ": tau must be in [", tiny, ", ", big,
+                  "] (a normal number in the dtype the op computes in: it and 1/tau finite there), got ", tau);
   STD_TORCH_CHECK(std::isfinite(e), op, ": e must be a finite number, got ", e);
   STD_TORCH_CHECK(push == "exp" || push == "linear", op, ": push must be one of 'exp', 'linear', got '",
                   std::string(push), "'");
@@ -152,12 +160,15 @@ struct Scratch {
         pos(padded, acc_t(0)), terms(padded) {}
 };
 
+// An anchor's sums: out = |P| / div (log(total) + top - mean_P prod), the mean product taken as
+// the positives' mean cosine over tau: |P| log(...) and the sum of their products would each pass
+// float32's range at a small tau (|P| / tau) and leave inf - inf where the loss is below 2 / tau.
 template <typename acc_t>
 struct Anchor {
-  acc_t top, total, sum_prod, n_pos, div;
+  acc_t top, total, sum_cos, n_pos, div;
   bool valid;
-  acc_t loss() const {
-    return valid ? (n_pos * (top + std::log(total)) - sum_prod) / div : acc_t(0);
+  acc_t loss(acc_t tau) const {
+    return valid ? n_pos / div * ((top + std::log(total)) - sum_cos / n_pos / tau) : acc_t(0);
   }
 };
 
@@ -174,10 +185,10 @@ DIRFAST_NOINLINE void l1_row(const acc_t* DIRFAST_RESTRICT values_t, int64_t num
 }
 
 // Per-lane running sums of an anchor's row: the shift (largest exponent), the sum of the
-// positives' products, and the numbers of positives and negatives (exact in acc_t: m < 2^24).
+// positives' cosines, and the numbers of positives and negatives (exact in acc_t: m < 2^24).
 template <typename acc_t>
 struct Lanes {
-  acc_t top[kLanes], sum_prod[kLanes], n_pos[kLanes], n_neg[kLanes];
+  acc_t top[kLanes], sum_cos[kLanes], n_pos[kLanes], n_neg[kLanes];
 };
 
 // Keys [j0, j0 + n) of anchor i (n <= kLanes, lane t = j - j0): each exponent, coefficient and
@@ -188,7 +199,7 @@ template <bool kExpPush, typename acc_t>
 inline __attribute__((always_inline)) void classify_keys(
     const acc_t* DIRFAST_RESTRICT cosine, const acc_t* DIRFAST_RESTRICT dl, const acc_t* DIRFAST_RESTRICT dp,
     acc_t* DIRFAST_RESTRICT x, acc_t* DIRFAST_RESTRICT coef, acc_t* DIRFAST_RESTRICT pos, int64_t n, acc_t inv_tau,
-    acc_t w, acc_t e, acc_t weight, acc_t* DIRFAST_RESTRICT top, acc_t* DIRFAST_RESTRICT sum_prod,
+    acc_t w, acc_t e, acc_t weight, acc_t* DIRFAST_RESTRICT top, acc_t* DIRFAST_RESTRICT sum_cos,
     acc_t* DIRFAST_RESTRICT n_pos, acc_t* DIRFAST_RESTRICT n_neg) {
   const acc_t minus_inf = -std::numeric_limits<acc_t>::infinity();
   for (int64_t t = 0; t < n; ++t) {
@@ -205,7 +216,7 @@ inline __attribute__((always_inline)) void classify_keys(
     coef[t] = is_pos ? acc_t(1) : (member_neg ? coef_neg : acc_t(0));
     pos[t] = p;
     top[t] = xj > top[t] ? xj : top[t];
-    sum_prod[t] += is_pos ? prod : acc_t(0);
+    sum_cos[t] += is_pos ? cosine[t] : acc_t(0);
     n_pos[t] += p;
     n_neg[t] += is_neg ? acc_t(1) : acc_t(0);
   }
@@ -215,21 +226,21 @@ template <bool kExpPush, typename acc_t>
 inline __attribute__((always_inline)) void classify_row(const acc_t* cosine, const acc_t* dl, const acc_t* dp,
                                                         acc_t* x, acc_t* coef, acc_t* pos, int64_t m, acc_t inv_tau,
                                                         acc_t w, acc_t e, acc_t weight, Lanes<acc_t>& lanes) {
-  acc_t top[kLanes], sum_prod[kLanes], n_pos[kLanes], n_neg[kLanes];
+  acc_t top[kLanes], sum_cos[kLanes], n_pos[kLanes], n_neg[kLanes];
   for (int64_t t = 0; t < kLanes; ++t) {
     top[t] = -std::numeric_limits<acc_t>::infinity();
-    sum_prod[t] = n_pos[t] = n_neg[t] = acc_t(0);
+    sum_cos[t] = n_pos[t] = n_neg[t] = acc_t(0);
   }
   int64_t j0 = 0;
   for (; j0 + kLanes <= m; j0 += kLanes) {
     classify_keys<kExpPush>(cosine + j0, dl + j0, dp + j0, x + j0, coef + j0, pos + j0, kLanes, inv_tau, w, e, weight,
-                            top, sum_prod, n_pos, n_neg);
+                            top, sum_cos, n_pos, n_neg);
   }
   classify_keys<kExpPush>(cosine + j0, dl + j0, dp + j0, x + j0, coef + j0, pos + j0, m - j0, inv_tau, w, e, weight,
-                          top, sum_prod, n_pos, n_neg);
+                          top, sum_cos, n_pos, n_neg);
   for (int64_t t = 0; t < kLanes; ++t) {
     lanes.top[t] = top[t];
-    lanes.sum_prod[t] = sum_prod[t];
+    lanes.sum_cos[t] = sum_cos[t];
     lanes.n_pos[t] = n_pos[t];
     lanes.n_neg[t] = n_neg[t];
   }
@@ -241,11 +252,11 @@ inline __attribute__((always_inline)) void classify_row_vf(const float* cosine, 
                                                            float* x, float* coef, float* pos, int64_t m, float inv_tau,
                                                            float w, float e, float weight, Lanes<float>& lanes) {
   const float minus_inf = -std::numeric_limits<float>::infinity();
-  vf top = splat(minus_inf), sum_prod = splat(0.0f), n_pos = splat(0.0f), n_neg = splat(0.0f);
+  vf top = splat(minus_inf), sum_cos = splat(0.0f), n_pos = splat(0.0f), n_neg = splat(0.0f);
   const vf one = splat(1.0f), zero = splat(0.0f), none = splat(minus_inf);
   int64_t j0 = 0;
   for (; j0 + kVec <= m; j0 += kVec) {
-    const vf prod = load_vf(cosine + j0) * inv_tau;
+    const vf cos = load_vf(cosine + j0), prod = cos * inv_tau;
     const vf l = load_vf(dl + j0);
     const vi is_pos = l <= w;
     const vi is_neg = (l > w) & (load_vf(dp + j0) <= w);
@@ -258,7 +269,7 @@ inline __attribute__((always_inline)) void classify_row_vf(const float* cosine, 
     store_vf(coef + j0, is_pos ? one : (member_neg ? coef_neg : zero));
     store_vf(pos + j0, p);
     top = xj > top ? xj : top;
-    sum_prod += is_pos ? prod : zero;
+    sum_cos += is_pos ? cos : zero;
     n_pos += p;
     n_neg += is_neg ? one : zero;
   }
@@ -268,14 +279,14 @@ inline __attribute__((always_inline)) void classify_row_vf(const float* cosine, 
     lane_sum[t] = lane_pos[t] = lane_neg[t] = 0.0f;
   }
   store_vf(lane_top, top);
-  store_vf(lane_sum, sum_prod);
+  store_vf(lane_sum, sum_cos);
   store_vf(lane_pos, n_pos);
   store_vf(lane_neg, n_neg);
   classify_keys<kExpPush>(cosine + j0, dl + j0, dp + j0, x + j0, coef + j0, pos + j0, m - j0, inv_tau, w, e, weight,
                           lane_top, lane_sum, lane_pos, lane_neg);
   for (int64_t t = 0; t < kLanes; ++t) {
     lanes.top[t] = lane_top[t];
-    lanes.sum_prod[t] = lane_sum[t];
+    lanes.sum_cos[t] = lane_sum[t];
     lanes.n_pos[t] = lane_pos[t];
     lanes.n_neg[t] = lane_neg[t];
   }
@@ -308,11 +319,11 @@ Anchor<acc_t> anchor_pass(const Problem<acc_t>& pb, int64_t a, Scratch<acc_t>& s
            acc_t(1) / pb.tau, pb.w, pb.e, pb.weights[i], lanes);
   Anchor<acc_t> r{};
   r.top = -std::numeric_limits<acc_t>::infinity();
-  r.sum_prod = acc_t(0);
+  r.sum_cos = acc_t(0);
   acc_t pos_count = 0, neg_count = 0;
   for (int64_t t = 0; t < kLanes; ++t) {
     r.top = lanes.top[t] > r.top ? lanes.top[t] : r.top;
-    r.sum_prod += lanes.sum_prod[t];
+    r.sum_cos += lanes.sum_cos[t];
     pos_count += lanes.n_pos[t];
     neg_count += lanes.n_neg[t];
   }
@@ -334,7 +345,7 @@ DIRFAST_NOINLINE void forward_rows(const Problem<acc_t>& pb, int64_t count, acc_
   parallel_for_pieces(count, grain_rows(pb.m), [&](auto next) {
     Scratch<acc_t> s(pb.padded);
     for (int64_t begin, end; next(begin, end);) {
-      for (int64_t a = begin; a < end; ++a) out[a] = anchor_pass(pb, a, s).loss();
+      for (int64_t a = begin; a < end; ++a) out[a] = anchor_pass(pb, a, s).loss(pb.tau);
     }
   });
 }
@@ -352,8 +363,9 @@ DIRFAST_NOINLINE void backward_rows(const Problem<acc_t>& pb, int64_t count, con
           std::fill(row, row + pb.m, acc_t(0));
           continue;
         }
-        const acc_t g = grad[a] / pb.tau;
-        write_coefficients(s.terms.data(), s.pos.data(), g * r.n_pos / (r.div * r.total), g / r.div, pb.m, row);
+        // grad / tau last: grad |P| / tau may pass float32's range where the coefficients do not
+        const acc_t scale = grad[a] * (r.n_pos / (r.div * r.total)) / pb.tau, minus = grad[a] / r.div / pb.tau;
+        write_coefficients(s.terms.data(), s.pos.data(), scale, minus, pb.m, row);
       }
     }
   });
@@ -561,9 +573,9 @@ Anchor<acc_t> sparse_anchor_pass(const Problem<acc_t>& pb, int64_t a, SparseScra
   dot_keys(pb.q + i * pb.d, pb.q, pb.d, s.idx.data(), k, s.x.data());
   Anchor<acc_t> r{};
   r.top = -std::numeric_limits<acc_t>::infinity();
-  r.sum_prod = acc_t(0);
+  r.sum_cos = acc_t(0);
   for (int64_t t = 0; t < k; ++t) {
-    const acc_t prod = s.x[t] * inv_tau;
+    const acc_t cos = s.x[t], prod = cos * inv_tau;
     const acc_t l = s.ml[t];
     const bool is_pos = l <= w;
     const acc_t xt = is_pos ? prod : (pb.exp_push ? prod + e * l : prod);
@@ -571,7 +583,7 @@ Anchor<acc_t> sparse_anchor_pass(const Problem<acc_t>& pb, int64_t a, SparseScra
     s.coef[t] = is_pos ? acc_t(1) : (pb.exp_push ? weight : weight * (e * l));
     s.pos[t] = is_pos ? acc_t(1) : acc_t(0);
     r.top = xt > r.top ? xt : r.top;
-    r.sum_prod += is_pos ? prod : acc_t(0);
+    r.sum_cos += is_pos ? cos : acc_t(0);
   }
   const int64_t padded = (k + kLanes - 1) / kLanes * kLanes;
   for (int64_t t = k; t < padded; ++t) {
@@ -594,7 +606,7 @@ DIRFAST_NOINLINE void sparse_forward_rows(const Problem<acc_t>& pb, int64_t coun
     SparseScratch<acc_t> s(pb.padded);
     int64_t k;
     for (int64_t begin, end; next(begin, end);) {
-      for (int64_t a = begin; a < end; ++a) out[a] = sparse_anchor_pass(pb, a, s, k).loss();
+      for (int64_t a = begin; a < end; ++a) out[a] = sparse_anchor_pass(pb, a, s, k).loss(pb.tau);
     }
   });
 }
@@ -622,9 +634,8 @@ DIRFAST_NOINLINE void sparse_backward(const Problem<acc_t>& pb, int64_t count, c
           std::fill(values.data() + o, values.data() + o + n, acc_t(0));
           continue;
         }
-        const acc_t g = grad[a] / pb.tau;
-        write_coefficients(s.terms.data(), s.pos.data(), g * r.n_pos / (r.div * r.total), g / r.div, n,
-                           values.data() + o);
+        const acc_t scale = grad[a] * (r.n_pos / (r.div * r.total)) / pb.tau, minus = grad[a] / r.div / pb.tau;
+        write_coefficients(s.terms.data(), s.pos.data(), scale, minus, n, values.data() + o);
       }
     }
   });

@@ -5,17 +5,21 @@
 // anchors x 32 keys, 2 x 4 pairs at a time in registers (exact difference norms, the squares
 // accumulated by FMA in 32-byte vectors, so identical rows are exactly 0 apart); a pair of two
 // anchors is computed once and written to both rows (it is the same bits either way).
-// Then per anchor i (one task each): logits s_k = -r_k / t, the L1 label distances d_k, and the
-// keys k != i in order of d_k (with one finite label, a merge outwards from i in the rows' label
-// order, sorted once; else a sort by (d_k, k)). log S of each tie group is a suffix log-sum-exp:
-// the terms exp(s_k - M_k), M_k the running maximum from the end, vectorised, then summed from
-// the end (rescaled where the maximum grows: no temperature overflows or underflows it);
-// out = -1/(m-1) sum_k (s_k - log S_k).
-// The backward walks the groups from the start with a running log-sum-exp of -log S (the prefix
-// sums sum_{j: d_j <= d_k} 1 / S_j), giving dL/ds_k = c (exp(s_k) P_k - 1) with c = grad / (m - 1),
-// and the weights w_k = dL/ds_k / (t r_k) (0 where r_k = 0) into a [count, m] matrix. A second
-// pass adds to each row r, in the order of p, b_rp (z_p - z_r) with b_rp = w[r][p] + w[p][r] (the
-// anchor's and the keys' shares), 3 rows x 2 vectors in registers per partner.
+// Then per anchor i (one task each): the L1 label distances d_k and the keys k != i in order of
+// d_k (with one finite label, a merge outwards from i in the rows' label order, sorted once; else
+// a sort by (d_k, k)). The logits s_k = -r_k / t are never formed (r / t overflows float32 long
+// before the loss does, and log S = -low / t + log total rounds log total away once r / t is
+// large): S of each tie group is kept in distance units, S = exp(-low / t) total, low the smallest
+// distance from the group to the end and total = sum exp((low - r_k) / t) >= 1; the terms
+// exp((L_k - r_k) / t), L_k the running minimum from the end, vectorised, then summed from the
+// end (rescaled where the minimum falls); out = sum (r_k - low_k) / (m-1) / t + sum log total_k / (m-1).
+// The backward walks the groups from the start with the prefix sums sum_{j: d_j <= d_k} 1 / S_j
+// as A exp(low / t), A rescaled where low grows, giving dL/ds_k = c (A exp((low_k - r_k) / t) - 1)
+// with c = grad / (m - 1), and the weights w_k = dL/ds_k / r_k (0 where r_k = 0) into a
+// [count, m] matrix. A second pass adds to each row r, in the order of p, b_rp (z_p - z_r) with
+// b_rp = w[r][p] + w[p][r] (the anchor's and the keys' shares), 3 rows x 2 vectors in registers per
+// partner, and divides the row by t last (dL/ds / (r t) itself passes float32's range for pairs
+// 0.1 apart at t = 1e-38, where the gradient does not).
 // Every sum has an order fixed by the inputs and every clone computes the same bits (FMA is
 // std::fma lane by lane where the CPU has none), so the bits do not depend on threads or CPU.
 #include <algorithm>
@@ -54,12 +58,14 @@ void check_rnc_args(const Tensor& features, const Tensor& labels, double tempera
                   shape_of(labels));
   STD_TORCH_CHECK(std::isfinite(temperature) && temperature > 0, op,
                   ": temperature must be a finite number > 0, got ", temperature);
-  // The logits divide by it in the accumulation dtype: it and 1 / temperature must be finite there.
-  const double big = acc_type({features.scalar_type(), labels.scalar_type()}) == ScalarType::Float
-                         ? std::numeric_limits<float>::max()
-                         : std::numeric_limits<double>::max();
-  STD_TORCH_CHECK(temperature <= big && temperature >= 1.0 / big, op, ": temperature must be in [", 1.0 / big, ", ",
-                  big, "] (it and 1/temperature finite in the dtype the op computes in), got ", temperature);
+  // The kernel divides by it in the accumulation dtype: a normal number there (a subnormal one has
+  // lost bits, its reciprocal may round to inf, and it is 0 where denormals are flushed), finite.
+  const bool is_float = acc_type({features.scalar_type(), labels.scalar_type()}) == ScalarType::Float;
+  const double big = is_float ? std::numeric_limits<float>::max() : std::numeric_limits<double>::max();
+  const double tiny = is_float ? std::numeric_limits<float>::min() : std::numeric_limits<double>::min();
+  STD_TORCH_CHECK(temperature <= big && temperature >= tiny, op, ": temperature must be in [", tiny, ", ", big,
+                  "] (a normal number in the dtype the op computes in: it and 1/temperature finite there), got ",
+                  temperature);
   STD_TORCH_CHECK(offset >= 0 && offset <= m, op, ": offset must be in [0, ", m, "] (the rows of features), got ",
                   offset);
   STD_TORCH_CHECK(count >= 0 && count <= m - offset, op, ": count must be in [0, ", m - offset,
@@ -359,29 +365,14 @@ struct Problem {
   }
 };
 
-// The scratch of one thread, for rows of m keys; the arrays are in the keys' sorted order.
+// The scratch of one thread, for rows of m keys; the arrays are in the keys' sorted order: the
+// distances r, the running minimum from the end, exponents and their exps, and per key its tie
+// group's S as (low, total, log total).
 template <typename acc_t>
 struct Row {
-  std::vector<acc_t> r, s, top, x, e, log_s;
+  std::vector<acc_t> r, run_low, x, e, low, total, log_total;
   std::vector<Key<acc_t>> keys;
-  explicit Row(int64_t m) : r(m), s(m), top(m), x(m), e(m), log_s(m), keys(m) {}
-};
-
-// A running log-sum-exp: value = top + log(sum). add(v) keeps sum's terms <= 1 (rescaled when
-// the maximum grows), so nothing overflows or underflows; -inf adds nothing, NaN makes it NaN.
-template <typename acc_t>
-struct RunningLse {
-  acc_t top = -std::numeric_limits<acc_t>::infinity();
-  acc_t sum = 0;
-  void add(acc_t v, acc_t times) {
-    if (v > top) {
-      sum = sum * std::exp(top - v) + times;
-      top = v;
-    } else if (!(v == -std::numeric_limits<acc_t>::infinity())) {
-      sum += times * std::exp(v - top);  // NaN v (or top) gives NaN
-    }
-  }
-  acc_t value() const { return top + std::log(sum); }
+  explicit Row(int64_t m) : r(m), run_low(m), x(m), e(m), low(m), total(m), log_total(m), keys(m) {}
 };
 
 // The keys k != i of anchor i in order of label distance d_k = sum_l |y_il - y_kl| (summed in label
@@ -428,9 +419,9 @@ void sort_keys(const Problem<acc_t>& pb, int64_t i, const acc_t* r, Key<acc_t>* 
 }
 
 // For anchor row i with distances r (its row of R): the keys sorted by label distance, their
-// distances r and logits s (sorted) and log S of each sorted key (shared by its tie group). A pair whose label
-// distance is NaN gets a NaN distance, so a NaN label makes every loss it reaches NaN. Returns the
-// number of keys, m - 1.
+// distances r (sorted) and S of each sorted key as (low, total, log total), shared by its tie
+// group. A pair whose label distance is NaN gets a NaN distance, so a NaN label makes every loss
+// it reaches NaN. Returns the number of keys, m - 1.
 template <typename acc_t>
 DIRFAST_NOINLINE int64_t sorted_row(const Problem<acc_t>& pb, int64_t i, const acc_t* r, Row<acc_t>& row) {
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
@@ -440,34 +431,37 @@ DIRFAST_NOINLINE int64_t sorted_row(const Problem<acc_t>& pb, int64_t i, const a
   for (int64_t p = n - 1; p >= 0 && std::isnan(row.keys[p].d); --p) {  // a NaN label: the pair's distance is NaN
     rk[p] = std::numeric_limits<acc_t>::quiet_NaN();
   }
-  acc_t* s = row.s.data();
-  acc_t* top = row.top.data();
+  const acc_t t = pb.temperature;
+  acc_t* low = row.run_low.data();
   acc_t* x = row.x.data();
-  for (int64_t p = 0; p < n; ++p) s[p] = -rk[p] / pb.temperature;
-  // top[p]: the largest logit from p to the end (NaN logits skipped); x[p] = s[p] - top[p] <= 0.
-  acc_t running = -inf;
+  // low[p]: the smallest distance from p to the end (NaN skipped); x[p] = (low[p] - r[p]) / t <= 0.
+  acc_t running = inf;
   for (int64_t p = n - 1; p >= 0; --p) {
-    running = s[p] > running ? s[p] : running;
-    top[p] = running;
+    running = rk[p] < running ? rk[p] : running;
+    low[p] = running;
   }
-  for (int64_t p = 0; p < n; ++p) x[p] = s[p] == -inf ? -inf : s[p] - top[p];
+  for (int64_t p = 0; p < n; ++p) x[p] = rk[p] == inf ? -inf : (low[p] - rk[p]) / t;
   exp_of(x, row.e.data(), n);
   // From the end, a tie group at a time: S of a group is the sum over it and every key after it,
-  // kept as exp(level) * sum, the level the largest logit so far.
+  // kept as exp(-level / t) * sum, the level the smallest distance so far.
   const acc_t* e = row.e.data();
-  acc_t level = -inf, sum = 0;
+  acc_t level = inf, sum = 0;
   for (int64_t end = n; end > 0;) {
     int64_t start = end - 1;
     while (start > 0 && row.keys[start - 1].d == row.keys[end - 1].d) --start;
     for (int64_t p = end - 1; p >= start; --p) {
-      if (top[p] != level) {  // a new maximum (top only grows towards the start)
-        if (level != -inf) sum *= std::exp(level - top[p]);
-        level = top[p];
+      if (low[p] != level) {  // a new minimum (low only falls towards the start)
+        if (level != inf) sum *= std::exp((low[p] - level) / t);
+        level = low[p];
       }
       sum += e[p];
     }
-    const acc_t log_s = level + std::log(sum);
-    for (int64_t p = start; p < end; ++p) row.log_s[p] = log_s;
+    const acc_t log_sum = std::log(sum);
+    for (int64_t p = start; p < end; ++p) {
+      row.low[p] = level;
+      row.total[p] = sum;
+      row.log_total[p] = log_sum;
+    }
     end = start;
   }
   return n;
@@ -481,19 +475,25 @@ DIRFAST_NOINLINE void forward_rows(const Problem<acc_t>& pb, acc_t* R, acc_t* ou
     for (int64_t first, last; next(first, last);) {
       for (int64_t a = first; a < last; ++a) {
         const int64_t n = sorted_row(pb, offset + a, R + a * pb.m, row);
-        acc_t total = 0;
-        for (int64_t p = 0; p < n; ++p) total += row.s[p] - row.log_s[p];
-        out[a] = total / -acc_t(n);
+        acc_t spread = 0, logs = 0;  // both sums >= 0: nothing cancels, and t divides last
+        for (int64_t p = 0; p < n; ++p) {
+          spread += row.r[p] - row.low[p];
+          logs += row.log_total[p];
+        }
+        out[a] = spread / acc_t(n) / pb.temperature + logs / acc_t(n);
       }
     }
   });
 }
 
-// Phase 1 of the backward: w[a][k] = dL/ds_k / (t r_k) for anchor a (0 for the anchor itself and
-// where r_k = 0), with dL/ds_k = c (exp(s_k) sum_{j: d_j <= d_k} 1 / S_j - 1), c = grad[a] / (m - 1).
+// Phase 1 of the backward: w[a][k] = dL/ds_k / r_k for anchor a (0 for the anchor itself and
+// where r_k = 0), with dL/ds_k = c (exp(s_k) sum_{j: d_j <= d_k} 1 / S_j - 1), c = grad[a] / (m - 1):
+// exp(s_k) sum_j 1 / S_j = A exp((low_k - r_k) / t), A = sum_j exp((low_j - low_k) / t) / total_j
+// (low grows along the row, so every exponent is <= 0).
 template <typename acc_t>
 DIRFAST_NOINLINE void backward_weights(const Problem<acc_t>& pb, acc_t* R, const acc_t* grad, acc_t* w,
                                        int64_t offset, int64_t count, int64_t grain) {
+  constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   const int64_t m = pb.m;
   parallel_for_pieces(count, grain, [&](auto next) {
     Row<acc_t> row(m);
@@ -501,22 +501,27 @@ DIRFAST_NOINLINE void backward_weights(const Problem<acc_t>& pb, acc_t* R, const
       for (int64_t a = first; a < last; ++a) {
         const int64_t i = offset + a;
         const int64_t n = sorted_row(pb, i, R + a * m, row);
-        const acc_t c = grad[a] / acc_t(n);
+        const acc_t c = grad[a] / acc_t(n), t = pb.temperature;
         acc_t* wa = w + a * m;
         wa[i] = 0;
-        RunningLse<acc_t> prefix;  // log sum of 1 / S_j over the groups so far
+        acc_t level = 0, prefix = 0;  // A over the groups so far, at the last group's low
         for (int64_t start = 0; start < n;) {
           int64_t end = start + 1;
           while (end < n && row.keys[end].d == row.keys[start].d) ++end;
-          prefix.add(-row.log_s[start], acc_t(end - start));  // one S for the whole group
-          const acc_t log_p = prefix.value();
-          for (int64_t p = start; p < end; ++p) row.x[p] = row.s[p] + log_p;
+          const acc_t low = row.low[start];
+          if (start > 0 && low != level) prefix *= std::exp((level - low) / t);
+          level = low;
+          prefix += acc_t(end - start) / row.total[start];  // one S for the whole group
+          for (int64_t p = start; p < end; ++p) {
+            row.x[p] = row.r[p] == inf ? -inf : (low - row.r[p]) / t;
+            row.run_low[p] = prefix;  // A of the group, in place of the running minimum
+          }
           start = end;
         }
         exp_of(row.x.data(), row.e.data(), n);
         for (int64_t p = 0; p < n; ++p) {  // in place of x: w in the sorted order
-          const acc_t ds = c * (row.e[p] - acc_t(1)), rk = row.r[p];
-          row.x[p] = rk == 0 ? acc_t(0) : ds / (pb.temperature * rk);
+          const acc_t ds = c * (row.run_low[p] * row.e[p] - acc_t(1)), rk = row.r[p];
+          row.x[p] = rk == 0 ? acc_t(0) : ds / rk;  // over t in backward_rows, once per element
         }
         for (int64_t p = 0; p < n; ++p) wa[row.keys[p].k] = row.x[p];
       }
@@ -613,10 +618,10 @@ DIRFAST_V3_CLONES DIRFAST_NOINLINE void add_pairs(const double* Z, const double*
 
 // Blocks of up to 32 rows, each of anchors only or of other rows only (the partners p where b_rp
 // may be nonzero: every row for an anchor, the anchors for the others); per block b in a
-// thread's buffer (w's columns read 32 at a time), then the partners 64 at a time.
+// thread's buffer (w's columns read 32 at a time), then the partners 64 at a time, then / t.
 template <typename acc_t>
 DIRFAST_NOINLINE void backward_rows(const acc_t* Z, const acc_t* w, acc_t* grad, int64_t m, int64_t D,
-                                    int64_t offset, int64_t count) {
+                                    int64_t offset, int64_t count, acc_t temperature) {
   constexpr int64_t B = 32, P = 64;
   std::vector<std::pair<int64_t, int64_t>> blocks;
   for (const auto& [lo, hi] : {std::pair<int64_t, int64_t>{0, offset}, {offset, offset + count},
@@ -644,6 +649,7 @@ DIRFAST_NOINLINE void backward_rows(const acc_t* Z, const acc_t* w, acc_t* grad,
         }
         std::fill(grad + r0 * D, grad + r1 * D, acc_t(0));
         for (int64_t p0 = lo; p0 < hi; p0 += P) add_pairs(Z, b.data(), ldb, r0, r1, p0, std::min(p0 + P, hi), grad, D);
+        for (acc_t* g = grad + r0 * D; g < grad + r1 * D; ++g) *g /= temperature;
       }
     }
   });
@@ -693,7 +699,8 @@ Tensor rnc_loss_backward_cpu(const Tensor& grad, const Tensor& features, const T
     fill_distances(pz, m, D, offset, count, r.mutable_data_ptr<acc_t>());
     backward_weights<acc_t>(pb, r.mutable_data_ptr<acc_t>(), g.const_data_ptr<acc_t>(), w.mutable_data_ptr<acc_t>(),
                             offset, count, grain_for(m));
-    backward_rows<acc_t>(pz, w.const_data_ptr<acc_t>(), total.mutable_data_ptr<acc_t>(), m, D, offset, count);
+    backward_rows<acc_t>(pz, w.const_data_ptr<acc_t>(), total.mutable_data_ptr<acc_t>(), m, D, offset, count,
+                         pb.temperature);
   });
   return torch::stable::to(total, features.scalar_type());
 }

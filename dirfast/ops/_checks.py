@@ -193,8 +193,10 @@ def bin_table(name: str, value, shape, device) -> torch.Tensor:
 def real(name: str, value, low: float | None = None, above: bool = False, *, dtype: torch.dtype | None = None,
          reciprocal: bool = False) -> float:
     """A finite real number (a bool is not one), at least ``low`` (above it with ``above``); with
-    ``dtype`` (the dtype the op computes in), finite there too, and ``1 / value`` with
-    ``reciprocal``: beyond that range it would be inf in the kernel, and the loss NaN."""
+    ``dtype`` (the dtype the op computes in), finite there too, and with ``reciprocal`` a normal
+    number there (at least its smallest normal, ``finfo.tiny``): beyond that range it would be inf
+    in the kernel, and the loss NaN. (``1 / finfo.max`` itself is subnormal in float32: it rounds
+    so that its reciprocal is inf, and it is 0 where denormals are flushed.)"""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = as_float(name, value)
@@ -203,10 +205,12 @@ def real(name: str, value, low: float | None = None, above: bool = False, *, dty
     if low is not None and (value <= low if above else value < low):
         raise ValueError(f"{name} must be {'>' if above else '>='} {low}, got {value!r}")
     if dtype is not None:
-        big = float(torch.finfo(dtype).max)
-        if abs(value) > big or (reciprocal and abs(value) < 1.0 / big):
-            held = f"it and 1/{name}" if reciprocal else "it"
-            raise ValueError(f"{name} must leave {held} finite in {dtype}, the dtype the op computes in, got {value!r}")
+        big, tiny = float(torch.finfo(dtype).max), float(torch.finfo(dtype).tiny)
+        if abs(value) > big or (reciprocal and abs(value) < tiny):
+            if reciprocal:
+                raise ValueError(f"{name} must be in [{tiny:.4g}, {big:.4g}] (a normal number in {dtype}, the dtype "
+                                 f"the op computes in: it and 1/{name} finite there), got {value!r}")
+            raise ValueError(f"{name} must leave it finite in {dtype}, the dtype the op computes in, got {value!r}")
     return value
 
 

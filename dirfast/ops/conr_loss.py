@@ -48,7 +48,8 @@ def conr_loss(features: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
         features: ``[m, D]`` floating, any strides.
         labels, preds: ``[m, L]`` floating (one shape), on the device of ``features``.
         weights: ``[m]`` floating, the per-row (LDS) weights.
-        w: the label and prediction threshold, finite, >= 0. tau: the temperature, finite, > 0.
+        w: the label and prediction threshold, finite, >= 0. tau: the temperature, > 0, a normal
+            number in the dtype the op computes in (at least 1.18e-38 in float32).
         e: the pushing strength, finite. push: ``"exp"`` or ``"linear"``.
         exp0_terms, anchor_in_divisor: the published variants above (bools).
         offset, count: the anchors (``count=None``: up to the last row).
@@ -62,8 +63,11 @@ def conr_loss(features: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
     published code would give 0/0 = NaN). ``log(pos + neg)`` is computed shifted by the largest
     exponent among its terms (``prod``, ``prod + e l`` for an exp push, and 0 for the exp(0)
     terms), a negative term counting only when its push is not 0, so a small ``tau`` does not
-    overflow. Values are not checked: a NaN feature gives NaN in every anchor whose pairs it is
-    in; a NaN label puts its row in no pair, a NaN prediction in no negative pair.
+    overflow; and ``out_i = |P(i)| / div_i * (log(pos_i + neg_i) - mean_{P(i)} cos / tau)``, the
+    positives' mean cosine divided by tau last: ``|P(i)| log(...)`` and ``sum_{P(i)} prod`` would
+    each pass float32's range at a small tau (inf - inf) where the loss, below ``2 / tau`` plus
+    logs, does not. Values are not checked: a NaN feature gives NaN in every anchor whose pairs it
+    is in; a NaN label puts its row in no pair, a NaN prediction in no negative pair.
     """
     m = _checks.features_and_labels(features, labels)
     _checks.floating("preds", preds)
@@ -91,14 +95,15 @@ def conr_loss(features: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
 
 # -------------------------------------------------------------------------------- reference
 def _rows(features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor, offset, count):
-    """The [count, m] pieces of the anchors' losses: the normalised rows and their norms,
-    ``prod``, the positives, each term's exponent ``x`` (-inf outside the sum) and coefficient,
+    """The [count, m] pieces of the anchors' losses: the normalised rows and their norms, the
+    cosines, the positives, each term's exponent ``x`` (-inf outside the sum) and coefficient,
     the shifted terms and, per anchor, |P|, the divisor, the log of the sum, and validity."""
     acc = _common.acc_dtype(features.dtype, labels.dtype, preds.dtype, weights.dtype)
     m, device = features.shape[0], features.device
     q, norms = _common.normalize_rows(features, acc)
     qa = q[offset:offset + count]
-    prod = (qa @ q.T) / tau
+    cosine = qa @ q.T
+    prod = cosine / tau
     y, p = labels.to(acc), preds.to(acc)
     l = _common.l1_distances(y, y[offset:offset + count])
     d = _common.l1_distances(p, p[offset:offset + count])
@@ -122,15 +127,16 @@ def _rows(features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_
     log_total = top + torch.log(total)
     div = n_pos + (1.0 if anchor_in_divisor else 0.0)
     valid = (n_pos > 0) & (n_neg > 0)
-    return q, norms, prod, pos, terms, total, n_pos, div, log_total, valid
+    return q, norms, cosine, pos, terms, total, n_pos, div, log_total, valid
 
 
 def reference(features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor, offset, count):
-    """The definition (see :func:`conr_loss`), on [count, m] matrices."""
-    _, _, prod, pos, _, _, n_pos, div, log_total, valid = _rows(
+    """The definition (see :func:`conr_loss`), on [count, m] matrices: ``|P| / div * (log of the
+    sum - mean_P prod)``, the positives' mean product as their mean cosine over tau."""
+    _, _, cosine, pos, _, _, n_pos, div, log_total, valid = _rows(
         features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor, offset, count)
-    sum_prod = torch.where(pos, prod, 0.0).sum(1)
-    return torch.where(valid, (n_pos * log_total - sum_prod) / div, 0.0)
+    mean_prod = torch.where(pos, cosine, 0.0).sum(1) / n_pos.clamp_min(1.0) / tau
+    return torch.where(valid, n_pos / div * (log_total - mean_prod), 0.0)
 
 
 def reference_backward(grad, features, labels, preds, weights, w, tau, e, push, exp0_terms, anchor_in_divisor,

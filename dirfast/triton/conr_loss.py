@@ -23,15 +23,16 @@ from . import _common
 
 @triton.jit
 def _pairs(cos_row, y_ptr, p_ptr, cols, i, m, L, wi, w, tau, e, PUSH_EXP: tl.constexpr):
-    """Keys ``cols``: prod, each term's exponent (-inf outside the sum) and coefficient (0
-    outside), and the positive and negative masks."""
+    """Keys ``cols``: the cosine, prod, each term's exponent (-inf outside the sum) and coefficient
+    (0 outside), and the positive and negative masks."""
     live = cols < m
     dl = tl.zeros(cols.shape, tau.dtype)
     dp = tl.zeros(cols.shape, tau.dtype)
     for k in range(0, L):  # labels and predictions are [L, m], contiguous
         dl += tl.abs(tl.load(y_ptr + k * m + i) - tl.load(y_ptr + k * m + cols, mask=live, other=0.0))
         dp += tl.abs(tl.load(p_ptr + k * m + i) - tl.load(p_ptr + k * m + cols, mask=live, other=0.0))
-    prod = tl.load(cos_row + cols, mask=live, other=0.0) / tau
+    cos = tl.load(cos_row + cols, mask=live, other=0.0)
+    prod = cos / tau
     pos = live & (dl <= w) & (cols != i)
     neg = live & (dl > w) & (dp <= w)
     if PUSH_EXP:
@@ -43,7 +44,7 @@ def _pairs(cos_row, y_ptr, p_ptr, cols, i, m, L, wi, w, tau, e, PUSH_EXP: tl.con
     member = pos | (neg & (coef_neg != 0.0))
     x = tl.where(pos, prod, tl.where(member, x_neg, float("-inf")))
     coef = tl.where(pos, 1.0, tl.where(member, coef_neg, 0.0))
-    return prod, x, coef, pos, neg
+    return cos, prod, x, coef, pos, neg
 
 
 @triton.jit
@@ -61,13 +62,13 @@ def _conr_kernel(cos_ptr, y_ptr, p_ptr, wt_ptr, par_ptr, out_ptr, grad_ptr, m, L
     cos_row = cos_ptr + a * m
     base = tl.arange(0, BLOCK)
     top = tl.full([BLOCK], float("-inf"), tau.dtype)
-    sum_prod = tl.zeros([BLOCK], tau.dtype)
+    sum_cos = tl.zeros([BLOCK], tau.dtype)
     n_pos = tl.zeros([BLOCK], tl.int32)
     n_neg = tl.zeros([BLOCK], tl.int32)
     for j0 in range(0, m, BLOCK):
-        prod, x, coef, pos, neg = _pairs(cos_row, y_ptr, p_ptr, j0 + base, i, m, L, wi, w, tau, e, PUSH_EXP)
+        cos, prod, x, coef, pos, neg = _pairs(cos_row, y_ptr, p_ptr, j0 + base, i, m, L, wi, w, tau, e, PUSH_EXP)
         top = tl.maximum(top, x)
-        sum_prod += tl.where(pos, prod, 0.0)
+        sum_cos += tl.where(pos, cos, 0.0)
         n_pos += pos.to(tl.int32)
         n_neg += neg.to(tl.int32)
     shift = tl.max(top, 0)
@@ -76,7 +77,7 @@ def _conr_kernel(cos_ptr, y_ptr, p_ptr, wt_ptr, par_ptr, out_ptr, grad_ptr, m, L
     shift = tl.where(shift == float("-inf"), 0.0, shift)
     total = tl.zeros([BLOCK], tau.dtype)
     for j0 in range(0, m, BLOCK):
-        prod, x, coef, pos, neg = _pairs(cos_row, y_ptr, p_ptr, j0 + base, i, m, L, wi, w, tau, e, PUSH_EXP)
+        cos, prod, x, coef, pos, neg = _pairs(cos_row, y_ptr, p_ptr, j0 + base, i, m, L, wi, w, tau, e, PUSH_EXP)
         total += coef * tl.exp(x - shift)
     positives = tl.sum(n_pos, 0)
     total_sum = tl.sum(total, 0)
@@ -86,16 +87,18 @@ def _conr_kernel(cos_ptr, y_ptr, p_ptr, wt_ptr, par_ptr, out_ptr, grad_ptr, m, L
     valid = (positives > 0) & (tl.sum(n_neg, 0) > 0)
     div = tl.where(valid, n + ANCHOR_DIV, 1.0)  # an anchor without pairs gives 0: no 0 / 0 computed
     if BACKWARD:
-        g = tl.load(grad_ptr + a).to(tau.dtype) / tau
-        scale = g * n / (div * tl.where(valid, total_sum, 1.0))
-        minus = g / div
+        g = tl.load(grad_ptr + a).to(tau.dtype)  # over tau last: g |P| / tau may pass float32's range
+        scale = g * (n / (div * tl.where(valid, total_sum, 1.0))) / tau
+        minus = g / div / tau
         for j0 in range(0, m, BLOCK):
             cols = j0 + base
-            prod, x, coef, pos, neg = _pairs(cos_row, y_ptr, p_ptr, cols, i, m, L, wi, w, tau, e, PUSH_EXP)
+            cos, prod, x, coef, pos, neg = _pairs(cos_row, y_ptr, p_ptr, cols, i, m, L, wi, w, tau, e, PUSH_EXP)
             value = scale * coef * tl.exp(x - shift) - tl.where(pos, minus, 0.0)
             tl.store(out_ptr + a * m + cols, tl.where(valid, value, 0.0), mask=cols < m)
     else:
-        loss = (n * (shift + tl.log(total_sum)) - tl.sum(sum_prod, 0)) / div
+        # |P| / div (log of the sum - the positives' mean cosine / tau): no |P| / tau formed
+        mean_prod = tl.sum(sum_cos, 0) / tl.where(valid, n, 1.0) / tau
+        loss = n / div * ((shift + tl.log(total_sum)) - mean_prod)
         tl.store(out_ptr + a, tl.where(valid, loss, 0.0))
 
 
