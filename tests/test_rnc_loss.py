@@ -262,6 +262,16 @@ def test_float32_down_to_the_smallest_temperature(backend, device, temperature):
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
+def test_rows_far_from_the_origin(backend, device):
+    """Float32 rows 1,000 from the origin and about 0.01 from one another: the gradients are the
+    float64 reference's to float32 rounding. The reference and Triton backwards took the sums of
+    row differences as products of the rows themselves, which cancelled (3e-2 off)."""
+    z, y = rnc_inputs(12, 8, 1, seed=33)
+    z = (1000.0 + 0.01 * z.double()).float()
+    check(backend, z.to(device), y.to(device), 0.5, grad_tol=dict(rtol=0, atol=1e-5))
+
+
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICE)
 def test_nan_input_gives_nan(backend, device):
     """Values are not checked: a NaN feature, or a NaN label, makes every loss and gradient NaN
     (each anchor's sums reach that row), without an error or a hang."""

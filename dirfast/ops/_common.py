@@ -118,6 +118,13 @@ def normalize_rows_backward(grad_q: torch.Tensor, q: torch.Tensor, norms: torch.
     return torch.where(norms >= NORMALIZE_EPS, (grad_q - q * along) / norms, grad_q / NORMALIZE_EPS)
 
 
+def centred_rows(z: torch.Tensor) -> torch.Tensor:
+    """The rows of ``z`` less their mean: for sums of row differences taken as products
+    (``w @ z - w.sum() * z_i``, RnC's backward), whose terms are then of the rows' spread and do
+    not cancel where the rows share an offset far larger than it."""
+    return z - z.mean(0, keepdim=True)
+
+
 def l1_distances(values: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """``[count, m]`` L1 distances of the anchor rows to every row of ``values``, summed over the
     label columns in order (as every kernel sums them)."""

@@ -142,14 +142,19 @@ def reference_backward(grad, features, labels, temperature, offset, count):
     prefix scan to the end of k's tie group; ``low`` only grows along the row), then through the
     distances: ``w_k = dL/ds_k / r_k`` (0 where ``r_k = 0``), the anchor gets
     ``sum_k w_k (z_k - z_i) / t`` and each key ``w_k (z_i - z_k) / t`` (t divides last: per pair,
-    ``dL/ds / (r t)`` passes float32's range for pairs 0.1 apart at t = 1e-38)."""
+    ``dL/ds / (r t)`` passes float32's range for pairs 0.1 apart at t = 1e-38). Those sums are
+    products of the rows less their mean (``_common.centred_rows``): of the rows themselves, they
+    cancel where the rows share an offset far larger than their spread."""
     acc = _common.acc_dtype(features.dtype, labels.dtype)
     m = features.shape[0]
     total = torch.zeros(features.shape, dtype=acc, device=features.device)
     if m < 2:
         return total.to(features.dtype)
     g = grad.to(acc) / (m - 1)
+    zc = None
     for a0, a1, z, za, dist, r_sorted, order, d_sorted, keep in _rows(features, labels, temperature, offset, count):
+        zc = _common.centred_rows(z) if zc is None else zc
+        za = zc[offset + a0:offset + a1]
         low, sums = _suffix(r_sorted, keep, d_sorted, temperature)
         _, prefix = _scan(-low, torch.where(keep, 1 / sums, 0), temperature)
         last = torch.searchsorted(d_sorted, d_sorted, side="right") - 1
@@ -157,8 +162,8 @@ def reference_backward(grad, features, labels, temperature, offset, count):
         g_sorted = torch.where(keep, g[a0:a1, None] * (weight - 1), 0)
         g_s = torch.zeros_like(g_sorted).scatter_(1, order, g_sorted)
         w = torch.where(dist == 0, 0, g_s / dist)  # NaN distances stay NaN
-        total[offset + a0:offset + a1] += w @ z - w.sum(1, keepdim=True) * za
-        total += w.t() @ za - w.sum(0)[:, None] * z
+        total[offset + a0:offset + a1] += w @ zc - w.sum(1, keepdim=True) * za
+        total += w.t() @ za - w.sum(0)[:, None] * zc
     return (total / temperature).to(features.dtype)
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 import triton.language as tl
 
-from ..ops._common import acc_dtype
+from ..ops._common import acc_dtype, centred_rows
 
 
 def interpret() -> bool:

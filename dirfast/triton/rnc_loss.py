@@ -219,8 +219,9 @@ def rnc_loss_backward(grad: torch.Tensor, features: torch.Tensor, labels: torch.
     with _common.device_guard(features):
         _weights_kernel[(count,)](r, order, start, end, *suffix, t, grad.to(acc).contiguous(), w, m, offset,
                                   ACC=_common.tl_acc(acc), BLOCK=block, num_warps=warps)
-    # the anchors get sum_k w_k (z_k - z_i) / t, each key w_k (z_i - z_k) / t
-    z = features.to(acc)
+    # the anchors get sum_k w_k (z_k - z_i) / t, each key w_k (z_i - z_k) / t: of centred rows (the
+    # reference's), which the products' sums do not cancel
+    z = _common.centred_rows(features.to(acc))
     za = z[offset:offset + count]
     total = torch.mm(w.t(), za) - w.sum(0)[:, None] * z
     total[offset:offset + count] += torch.mm(w, z) - w.sum(1)[:, None] * za
