@@ -29,6 +29,9 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     for dtype in dtypes:
         if not isinstance(dtype, torch.dtype):
             raise TypeError(f"dtypes must be torch.dtype values, got {type(dtype).__name__}")
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise TypeError(f"dtypes must be float16, bfloat16, float32 or float64 (what the ops compute from), "
+                            f"got {dtype}")
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
