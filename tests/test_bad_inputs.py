@@ -999,7 +999,8 @@ API = {
     "dirfast.ops.acc_dtype": Entry(lambda dtypes: dirfast.ops.acc_dtype(*dtypes), {"dtypes": ((
         Bad("a string", lambda v: ("float32",), TypeError), Bad("a tensor", lambda v: (torch.zeros(1),), TypeError),
         Bad("None", lambda v: (None,), TypeError), Bad("int64", lambda v: (torch.float32, torch.int64), TypeError),
-        Bad("complex", lambda v: (torch.complex64,), TypeError), Bad("float8", lambda v: (torch.float8_e4m3fn,), TypeError)),
+        Bad("complex", lambda v: (torch.complex64,), TypeError),
+        Bad("float8", lambda v: (torch.float8_e4m3fn,), TypeError)),
         (torch.float16, torch.float64))}),
     # ----------------------------------------------------------------------- plots
     "dirfast.plot.plot_label_distribution": Entry(dirfast.plot.plot_label_distribution, {
