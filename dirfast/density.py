@@ -154,7 +154,8 @@ class DenseWeight(FittedEstimator):
     Args:
         alpha: how strongly dense labels are down-weighted (0: every weight 1).
         eps: the floor of ``1 - alpha * p'`` (in ``(0, 1]``), so that no weight is 0; at least
-            ``1 / 3.4e38`` (float32's largest), as the weights, up to ``1 / eps``, are float32.
+            1.18e-38 (float32's smallest normal number), as the weights, up to ``1 / eps``, are
+            float32.
         bandwidth: ``"silverman"`` (``1.06 * std * n^(-1/5)``, the denseweight package's default),
             ``"scott"`` (``std * n^(-1/5)``, scipy's) or a positive number in label units.
         grid_size: points of the density grid, which spans the labels plus 5 bandwidths each side.
