@@ -153,6 +153,9 @@ def test_backward_in_blocks_of_taps(padding, monkeypatch):
     inputs = (torch.randn(5, 3, generator=g, dtype=torch.float64).requires_grad_(),
               torch.rand(7, generator=g, dtype=torch.float64).requires_grad_())
     assert torch.autograd.gradcheck(lambda s, w: dirfast.ops.smooth_bins(s, w, padding), inputs)
+    empty = torch.zeros(5, 0, dtype=torch.float64, requires_grad=True)  # no products: zero gradients
+    grads = torch.autograd.grad(dirfast.ops.smooth_bins(empty, inputs[1], padding).sum(), (empty, inputs[1]))
+    assert grads[0].shape == (5, 0) and torch.equal(grads[1], torch.zeros_like(inputs[1]))
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)

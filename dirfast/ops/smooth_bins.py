@@ -48,8 +48,8 @@ def source_bins(num_bins: int, offset: int | torch.Tensor, padding: str, device=
     Output bin ``b`` reads bin ``b + offset``. Outside the range: ``"reflect"`` mirrors without
     repeating the edge, as often as needed when the window is wider than the bins;
     ``"symmetric"`` mirrors repeating the edge; ``"replicate"`` repeats the edge; ``"constant"``
-    reads zero. One tap at a time: a window far wider than the bins (ks 2^20 - 1) needs no
-    ``[num_bins, ks]`` table.
+    reads zero. A tap, or a block of taps, at a time: a window far wider than the bins (ks 2^20 -
+    1) needs no ``[num_bins, ks]`` table.
     """
     j = torch.arange(num_bins, device=device) + offset
     inside = (j >= 0) & (j < num_bins)
@@ -141,7 +141,7 @@ def _backward(ctx, grad):
     weights = window.to(device=stats.device, dtype=acc)
     grad_stats = torch.zeros_like(values)
     grad_window = torch.empty(ks, dtype=acc, device=stats.device)
-    block = max(1, _BACKWARD_ELEMENTS // values.numel())
+    block = max(1, _BACKWARD_ELEMENTS // max(values.numel(), 1))  # [B, 0] statistics: one block
     for k0 in range(0, ks, block):
         k1 = min(ks, k0 + block)
         offsets = torch.arange(k0 - h, k1 - h, device=stats.device).unsqueeze(1)
@@ -150,7 +150,7 @@ def _backward(ctx, grad):
         if ctx.padding == "constant":  # a tap outside reads a zero: it passes no gradient, whatever it holds
             to_stats = torch.where(inside.unsqueeze(2), to_stats, 0.0)
             to_window = torch.where(inside.unsqueeze(2), to_window, 0.0)
-        grad_stats.index_add_(0, src.reshape(-1), to_stats.reshape(-1, values.shape[1]))
+        grad_stats.index_add_(0, src.reshape(-1), to_stats.reshape(src.numel(), values.shape[1]))
         grad_window[k0:k1] = to_window.sum(dim=(1, 2))
     return grad_stats.reshape(stats.shape).to(stats.dtype), grad_window.to(window.dtype), None
 
