@@ -235,9 +235,8 @@ def real_tensor(name: str, value) -> torch.Tensor:
             array = np.asarray(value)
         except Exception as exc:  # ragged lists and the like
             raise TypeError(f"{name} must be a tensor or an array of real numbers ({exc})") from None
-        if array.dtype.kind == "O" and array.size and all(type(v) in (int, float) for v in array.flat):
-            # Python numbers NumPy could not hold: integers beyond 64 bits (among them, floats too)
-            raise ValueError(f"{name} holds integers too large for 64 bits")
+        if array.dtype.kind == "O" and any(type(v) is int and not -2 ** 63 <= v < 2 ** 64 for v in array.flat):
+            raise ValueError(f"{name} holds integers too large for 64 bits")  # numbers, out of range
         if array.dtype.kind not in "iuf":
             raise TypeError(f"{name} must be real numbers, got an array of {array.dtype}")
         if array.dtype.kind == "f" and array.dtype.itemsize > 8:  # torch has no longdouble

@@ -1310,6 +1310,8 @@ def test_integers_of_64_bits_in_a_list():
     assert torch.equal(dirfast.bandwidth.silverman(big), dirfast.bandwidth.silverman(np.array(big, dtype=np.uint64)))
     with pytest.raises(ValueError, match="values holds integers too large for 64 bits"):
         dirfast.bandwidth.silverman([2 ** 64, 1])
+    with pytest.raises(TypeError, match="values must be real numbers, got an array of object"):  # not too large
+        dirfast.bandwidth.silverman(np.array([1.5, 2.5], dtype=object))
 
 
 @pytest.mark.parametrize("make", [fitted_lds, fitted_dense], ids=["LDS", "DenseWeight"])
