@@ -267,6 +267,19 @@ def test_smallest_temperature_stays_finite(backend, device):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
     scale = float(want_grad.abs().max())
     torch.testing.assert_close(grad.double() / scale, want_grad / scale, rtol=0, atol=1e-5)
+    # An anchor whose largest term is a pushed negative of weight 0.05 (its sum below 1): the
+    # coefficients take each term's share of the sum before tau (grad |P| / total / tau was inf,
+    # and the gradient NaN, on the C++ and Triton kernels)
+    tensors = (torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.1]], device=device), torch.tensor([[0.0], [0.5], [5.0]],
+               device=device), torch.tensor([[0.0], [0.0], [0.5]], device=device),
+               torch.tensor([0.05, 1.0, 1.0], device=device))
+    options = (1.0, tiny, 0.1, "exp", False, False, 0, 1)
+    want, want_grad = expected(tuple(t.double() for t in tensors), options)
+    out, grad = run(backend, tensors, options)
+    assert bool(torch.isfinite(grad).all())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=0)
+    scale = float(want_grad.abs().max())
+    torch.testing.assert_close(grad.double() / scale, want_grad / scale, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend, device", BACKEND_DEVICE)

@@ -128,11 +128,15 @@ double sum_terms(const double* x, const double* coef, double top, int64_t n, dou
   return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
 }
 
-// g[j] = scale terms[j] - minus pos[j] over the first m entries.
+// An anchor's coefficients over the first m entries, g[j] = (share terms[j] / total - minus pos[j])
+// / tau, share = grad |P| / div and minus = grad / div: each term's share of the sum first (at most
+// 1) and tau last, so that nothing passes acc_t's range where g does not (share / total / tau
+// overflows at the smallest tau where the largest term, a pushed negative, is below 1).
 template <typename acc_t>
 DIRFAST_NOINLINE void write_coefficients(const acc_t* DIRFAST_RESTRICT terms, const acc_t* DIRFAST_RESTRICT pos,
-                                         acc_t scale, acc_t minus, int64_t m, acc_t* DIRFAST_RESTRICT g) {
-  for (int64_t j = 0; j < m; ++j) g[j] = scale * terms[j] - minus * pos[j];
+                                         acc_t share, acc_t minus, acc_t total, acc_t tau, int64_t m,
+                                         acc_t* DIRFAST_RESTRICT g) {
+  for (int64_t j = 0; j < m; ++j) g[j] = (share * (terms[j] / total) - minus * pos[j]) / tau;
 }
 
 // ---------------------------------------------------------------------------- one anchor
@@ -363,9 +367,8 @@ DIRFAST_NOINLINE void backward_rows(const Problem<acc_t>& pb, int64_t count, con
           std::fill(row, row + pb.m, acc_t(0));
           continue;
         }
-        // grad / tau last: grad |P| / tau may pass float32's range where the coefficients do not
-        const acc_t scale = grad[a] * (r.n_pos / (r.div * r.total)) / pb.tau, minus = grad[a] / r.div / pb.tau;
-        write_coefficients(s.terms.data(), s.pos.data(), scale, minus, pb.m, row);
+        const acc_t share = grad[a] * (r.n_pos / r.div), minus = grad[a] / r.div;
+        write_coefficients(s.terms.data(), s.pos.data(), share, minus, r.total, pb.tau, pb.m, row);
       }
     }
   });
@@ -634,8 +637,8 @@ DIRFAST_NOINLINE void sparse_backward(const Problem<acc_t>& pb, int64_t count, c
           std::fill(values.data() + o, values.data() + o + n, acc_t(0));
           continue;
         }
-        const acc_t scale = grad[a] * (r.n_pos / (r.div * r.total)) / pb.tau, minus = grad[a] / r.div / pb.tau;
-        write_coefficients(s.terms.data(), s.pos.data(), scale, minus, n, values.data() + o);
+        const acc_t share = grad[a] * (r.n_pos / r.div), minus = grad[a] / r.div;
+        write_coefficients(s.terms.data(), s.pos.data(), share, minus, r.total, pb.tau, n, values.data() + o);
       }
     }
   });

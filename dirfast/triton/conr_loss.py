@@ -87,13 +87,16 @@ def _conr_kernel(cos_ptr, y_ptr, p_ptr, wt_ptr, par_ptr, out_ptr, grad_ptr, m, L
     valid = (positives > 0) & (tl.sum(n_neg, 0) > 0)
     div = tl.where(valid, n + ANCHOR_DIV, 1.0)  # an anchor without pairs gives 0: no 0 / 0 computed
     if BACKWARD:
-        g = tl.load(grad_ptr + a).to(tau.dtype)  # over tau last: g |P| / tau may pass float32's range
-        scale = g * (n / (div * tl.where(valid, total_sum, 1.0))) / tau
-        minus = g / div / tau
+        # (share term / total - minus pos) / tau: each term's share of the sum first (at most 1), tau
+        # last (g |P| / total / tau passes float32's range at the smallest tau where total < 1)
+        g = tl.load(grad_ptr + a).to(tau.dtype)
+        share = g * (n / div)
+        minus = g / div
+        safe_total = tl.where(valid, total_sum, 1.0)
         for j0 in range(0, m, BLOCK):
             cols = j0 + base
             cos, prod, x, coef, pos, neg = _pairs(cos_row, y_ptr, p_ptr, cols, i, m, L, wi, w, tau, e, PUSH_EXP)
-            value = scale * coef * tl.exp(x - shift) - tl.where(pos, minus, 0.0)
+            value = (share * (coef * tl.exp(x - shift) / safe_total) - tl.where(pos, minus, 0.0)) / tau
             tl.store(out_ptr + a * m + cols, tl.where(valid, value, 0.0), mask=cols < m)
     else:
         # |P| / div (log of the sum - the positives' mean cosine / tau): no |P| / tau formed
