@@ -80,7 +80,7 @@ def conr_loss(features: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor,
     for name, value in (("preds", preds), ("weights", weights)):
         if value.device != features.device:
             raise ValueError(f"{name} is on {value.device} but features is on {features.device}")
-    acc = _common.acc_dtype(features.dtype, labels.dtype, preds.dtype)
+    acc = _common.acc_dtype(features.dtype, labels.dtype, preds.dtype, weights.dtype)  # the kernels' (and C++ check's)
     w = _checks.real("w", w, low=0.0, dtype=acc)
     tau = _checks.real("tau", tau, low=0.0, above=True, dtype=acc, reciprocal=True)
     e = _checks.real("e", e, dtype=acc)
