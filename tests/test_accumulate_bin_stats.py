@@ -122,7 +122,9 @@ def test_fewer_rows_than_bins_gives_the_bits_of_the_whole_tables(backend, device
     """The composite takes a batch of fewer rows than bins over the bins it meets; the same batch
     padded with rows of no bin past the bin count takes the whole tables: the same bits (repeated
     bins, a bin left out as not finite, rows of no bin), batch after batch, near zero and 15
-    standard deviations from it (where the C++ kernels redo some buckets with shifted updates)."""
+    standard deviations from it (where the C++ kernels redo some buckets with shifted updates).
+    The batch's buckets hold one to three rows: for larger ones the C++ paths' M2 differ by
+    rounding (the grouped path merges its M2, the whole-table path bin_stats' var * (n - 1))."""
     g = gen(37)
     small, padded = (running_tables(50, 4, torch.float32, device, seed=38, shift=offset)[0] for _ in range(2))
     for step in range(3):
