@@ -88,7 +88,8 @@ class Preset:
         if not isinstance(self.name, str):
             raise TypeError(f"name must be a str, got {type(self.name).__name__}")
         validate.choice("lds_scale", self.lds_scale, LDS_SCALES)
-        # read here and nowhere else (fill_empty also by FDS): a str or None would be taken for its truth value
+        # read here and nowhere else (fill_empty also by FDS): a str or None would be taken for its
+        # truth value
         for name in ("fill_empty", "bin_shots", "correlations"):
             validate.boolean(name, getattr(self, name))
         if self.conr_setting is not None and not isinstance(self.conr_setting, ConRSetting):

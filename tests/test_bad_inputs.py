@@ -298,7 +298,8 @@ WEIGHTS = (Bad("numpy", lambda v: v.numpy(), TypeError), Bad("list", lambda v: v
            Bad("too long", lambda v: torch.cat([v, v]), ValueError), Bad("[N, N]", lambda v: torch.ones(8, 8), ValueError),
            Bad("[N]", lambda v: v.reshape(-1), ValueError), Bad("NaN", lambda v: _set_first(v, NAN), NAN_OUT))
 # A tensor a loss takes as a constant (no derivative computed): refused where it requires grad.
-CONSTANT_REQUIRING_GRAD = Bad("requiring grad", lambda v: torch.as_tensor(v).clone().requires_grad_(), NotImplementedError)
+CONSTANT_REQUIRING_GRAD = Bad("requiring grad", lambda v: torch.as_tensor(v).clone().requires_grad_(),
+                              NotImplementedError)
 HISTOGRAM = NOT_REAL + NON_FINITE + (
     Bad("2-D", lambda v: torch.as_tensor(v)[:, None], ValueError), Bad("empty", lambda v: torch.as_tensor(v)[:0], ValueError),
     Bad("fewer", lambda v: torch.as_tensor(v)[:-1], ValueError), Bad("meta", lambda v: torch.as_tensor(v).to("meta"), ValueError),
@@ -984,7 +985,8 @@ API = {
     "dirfast.presets.Preset.fds": method("fds", lambda: STS_B_DIR, {"feature_dim": (COUNT, 4)}),
     "dirfast.presets.Preset.shot_metrics": method("shot_metrics", lambda: STS_B_DIR, {
         "preds": (EVAL_VALUES, TEST / 10), "labels": (EVAL_VALUES, TEST / 10), "train_labels": (EVAL_VALUES, TRAIN / 10)}),
-    # Regions fixed by the preset: the training labels are not needed, but checked when given (as shot_metrics).
+    # Regions fixed by the preset: the training labels are not needed, but checked when given (as
+    # shot_metrics).
     "dirfast.presets.Preset.shot_metrics over regions": method("shot_metrics", lambda: NYUD2_DIR, {
         "preds": (EVAL_VALUES[:1], TEST / 10), "labels": (EVAL_VALUES[:1], TEST / 10),
         "train_labels": (EVAL_VALUES, TRAIN / 10)}, expect={("train_labels", "None"): SAME}),

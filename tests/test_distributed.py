@@ -215,8 +215,9 @@ def _refusing_worker(rank, init_file, out_dir):
             fds.update_running_stats(epoch="1" if rank == 1 else 1)
         except (TypeError, ValueError) as exc:
             result["bad_epoch"] = f"{type(exc).__name__}: {exc}"
-        # Warnings as errors (python -W error, pytest's filterwarnings): rank 1 alone has fractional labels for
-        # an integer binning, whose warning is then an exception of its own type, not a ValueError
+        # Warnings as errors (python -W error, pytest's filterwarnings): rank 1 alone has fractional
+        # labels for an integer binning, whose warning is then an exception of its own type, not a
+        # ValueError
         fractional = clean + (0.5 if rank == 1 else 0.0)
         with warnings.catch_warnings():
             warnings.simplefilter("error")

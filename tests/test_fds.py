@@ -228,7 +228,8 @@ def test_state_made_in_inference_mode_is_refused_before_anything_is_written():
         fds.accumulate(features(60, 3, 1), labels)
         fds.update_running_stats(epoch=0)
     assert fds.num_samples_tracked.sum() == 60
-    # assigned, the statistics are the checkpoint's (copies of their own), and the rest is rebuilt outside it
+    # assigned, the statistics are the checkpoint's (copies of their own), and the rest is rebuilt
+    # outside it
     fds = _made_in_inference_mode(lambda: dirfast.FDS(3, bucket_num=8, bucket_start=0))
     fds.load_state_dict(trained.state_dict(), assign=True)
     fds.accumulate(features(60, 3, 2), labels)
