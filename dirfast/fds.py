@@ -250,18 +250,23 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
             raise ValueError("this FDS is on the meta device, which holds no values to read: materialise it first "
                              "(fds.to_empty(device=...), then fds.load_state_dict(checkpoint))")
 
-    def _check_writable(self, names: tuple | None = None) -> None:
-        """Refuse, before anything is written, an update of state made under torch.inference_mode
-        (torch forbids writing it outside, and says so after the first write): the buffers
-        ``names``, or all of them."""
+    def _made_in_inference(self, names: tuple | None = None) -> str | None:
+        """The first of the tensors ``names`` (default: every buffer) made under
+        torch.inference_mode, which torch forbids updating outside it (and says so after the first
+        write); None when there is none, or inside inference mode or a trace, where they may be."""
         if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
-            return
-        buffers = self.named_buffers(recurse=False) if names is None else ((n, getattr(self, n)) for n in names)
-        for name, buffer in buffers:
-            if buffer.is_inference():
-                raise RuntimeError(f"this FDS's {name} was made under torch.inference_mode, which torch forbids "
-                                   "updating outside it: build the FDS outside inference mode (and load its "
-                                   "state_dict into that one)")
+            return None
+        names = tuple(name for name, _ in self.named_buffers(recurse=False)) if names is None else names
+        return next((name for name in names if getattr(self, name).is_inference()), None)
+
+    def _check_writable(self, names: tuple | None = None) -> None:
+        """Refuse, before anything is written, an update of state made under torch.inference_mode:
+        the buffers ``names``, or all of them (:meth:`_made_in_inference`)."""
+        name = self._made_in_inference(names)
+        if name is not None:
+            raise RuntimeError(f"this FDS's {name} was made under torch.inference_mode, which torch forbids "
+                               "updating outside it: build the FDS outside inference mode (and load its "
+                               "state_dict into that one)")
 
     def _window(self, device) -> torch.Tensor:
         """The smoothing window built on ``device``, whatever torch's default device (a load under
@@ -543,15 +548,13 @@ class FDS(distributed.SharesProcessGroup, CheckedLoad):
                     getattr(self, name).zero_()
 
     def _inference_errors(self, prefix: str) -> list:
-        """The statistics a load would copy into in place that were made under torch.inference_mode
-        (torch forbids writing them outside it), in the words of :meth:`_check_writable`."""
-        if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
-            return []
-        tensors = [(name, buffer) for name, buffer in self.named_buffers(recurse=False)]
-        tensors += [(name, getattr(self, name)) for name in self._ACCUMULATORS + ("num_samples_skipped",)]
-        return [f"{prefix}{name}: this FDS's {name} was made under torch.inference_mode, which torch forbids "
-                "updating outside it: build the FDS outside inference mode and load into that one (or load with "
-                "assign=True)." for name, tensor in tensors if tensor.is_inference()][:1]
+        """The statistics a load would copy into in place (every buffer, the accumulators and the
+        skip count) that were made under torch.inference_mode (:meth:`_made_in_inference`)."""
+        buffers = tuple(name for name, _ in self.named_buffers(recurse=False))
+        name = self._made_in_inference(buffers + self._ACCUMULATORS + ("num_samples_skipped",))
+        return [] if name is None else [
+            f"{prefix}{name}: this FDS's {name} was made under torch.inference_mode, which torch forbids updating "
+            "outside it: build the FDS outside inference mode and load into that one (or load with assign=True)."]
 
     @staticmethod
     def _value_errors(state_dict, prefix: str, current: dict) -> list:
