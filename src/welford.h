@@ -90,7 +90,7 @@ DIRFAST_HOST_DEVICE inline acc_t less_shift(acc_t x, const shift_t* DIRFAST_REST
   if constexpr (std::is_same_v<shift_t, NoShift>) {
     return x;
   } else {
-    return x - to_acc<acc_t>(shift[d]);
+    return x - shift[d];
   }
 }
 
